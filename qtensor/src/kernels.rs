@@ -1,0 +1,325 @@
+//! Quantize, dequantize and requantize on flat slices: the loops under [`crate::QTensor`],
+//! public so that other crates (kernels, observers) can convert buffers without building a
+//! tensor.
+//!
+//! Each loop has a scalar reference (the `*_scalar` functions, which spell out PyTorch's
+//! formula) and, for `u8` / `i8`, an AVX2 version selected at run time ([`crate::isa`]); the
+//! test suite checks them bit for bit against each other on random data. Slices longer than
+//! [`PARALLEL_MIN_LEN`] are split across the rayon thread pool; every element is independent,
+//! so the result does not depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::isa::Isa;
+use crate::{DType, QElement, QError, QuantRange, Result};
+
+/// Slices at least this long are processed in parallel chunks.
+pub const PARALLEL_MIN_LEN: usize = 1 << 16;
+/// Elements per parallel chunk (a multiple of every vector width).
+pub(crate) const CHUNK: usize = 1 << 14;
+
+/// Quantizes one value: PyTorch's `fbgemm::Quantize` formula, the scalar reference.
+///
+/// `q = clamp(zero_point + round_half_even(x * inv_scale), qmin, qmax)`, where the sum is
+/// computed in `f32` (as FBGEMM does) and the clamp in `f64`. `inv_scale` must be
+/// `1.0f32 / scale`: multiplying by the reciprocal, not dividing, is what PyTorch does, and the
+/// two differ on some inputs. NaN maps to 0 here; callers reject NaN before trusting a result.
+#[inline(always)]
+pub fn quantize_scalar(x: f32, inv_scale: f32, zero_point: i32, qmin: i32, qmax: i32) -> i32 {
+    let rounded = (x * inv_scale).round_ties_even();
+    let shifted = zero_point as f32 + rounded;
+    (shifted as f64).clamp(qmin as f64, qmax as f64) as i32
+}
+
+/// Dequantizes one value: `scale * (q - zero_point)`, one `f32` rounding.
+#[inline(always)]
+pub fn dequantize_scalar(q: i32, scale: f32, zero_point: i32) -> f32 {
+    scale * ((q as i64 - zero_point as i64) as f32)
+}
+
+fn len_check(op: &'static str, src: usize, dst: usize) -> Result<()> {
+    if src == dst {
+        Ok(())
+    } else {
+        Err(QError::ShapeMismatch {
+            op,
+            expected: vec![src],
+            actual: vec![dst],
+            hint: "the output slice must have as many elements as the input",
+        })
+    }
+}
+
+/// Runs `f(block_index, src_block, dst_block)` over matching blocks of `block` elements (the
+/// last may be shorter), in parallel when the slices are long; ORs the flags `f` returns.
+pub(crate) fn for_blocks<A: Sync, B: Send>(
+    src: &[A],
+    dst: &mut [B],
+    block: usize,
+    f: impl Fn(usize, &[A], &mut [B]) -> bool + Sync,
+) -> bool {
+    let block = block.max(1);
+    if src.len() < PARALLEL_MIN_LEN {
+        src.chunks(block).zip(dst.chunks_mut(block)).enumerate().fold(false, |acc, (b, (s, d))| f(b, s, d) | acc)
+    } else {
+        src.par_chunks(block)
+            .zip(dst.par_chunks_mut(block))
+            .enumerate()
+            .with_min_len(CHUNK.div_ceil(block))
+            .map(|(b, (s, d))| f(b, s, d))
+            .reduce(|| false, |a, b| a | b)
+    }
+}
+
+/// Quantizes `src` into `dst` with one scale and zero point, clamping to `range`, using the
+/// instruction set of [`crate::isa::selected`].
+///
+/// ```
+/// use qtensor::{kernels, DType, QuantRange};
+/// let mut q = [0u8; 4];
+/// kernels::quantize_slice(&[-1.0, 0.0, 0.25, 100.0], &mut q, 0.5, 10, QuantRange::full(DType::U8))?;
+/// assert_eq!(q, [8, 10, 10, 210]); // 0.25 / 0.5 = 0.5 rounds half to even: 0
+/// # Ok::<(), qtensor::QError>(())
+/// ```
+///
+/// # Errors
+/// [`QError::ShapeMismatch`] for slices of different lengths, [`QError::InvalidScale`],
+/// [`QError::ZeroPointOutOfRange`], a range of another dtype ([`QError::Unsupported`]), and
+/// [`QError::NanInput`] if `src` holds a NaN (then `dst` holds unspecified values).
+pub fn quantize_slice<T: QElement>(src: &[f32], dst: &mut [T], scale: f32, zero_point: i32, range: QuantRange) -> Result<()> {
+    quantize_slice_with(crate::isa::selected(), src, dst, scale, zero_point, range)
+}
+
+/// [`quantize_slice`] with an explicit instruction set (capped to what the CPU supports), for
+/// conformance tests and benchmarks.
+///
+/// # Errors
+/// As [`quantize_slice`].
+pub fn quantize_slice_with<T: QElement>(
+    isa: Isa,
+    src: &[f32],
+    dst: &mut [T],
+    scale: f32,
+    zero_point: i32,
+    range: QuantRange,
+) -> Result<()> {
+    const OP: &str = "quantize_slice";
+    len_check(OP, src.len(), dst.len())?;
+    let params = crate::QParams::PerTensor { scale, zero_point };
+    check_range_dtype::<T>(OP, &range)?;
+    params.validate(OP, &[src.len()], &range)?;
+    let isa = isa.capped_to_supported();
+    let inv = 1.0f32 / scale;
+    let nan = for_blocks(src, dst, CHUNK, |_, s, d| quantize_block(isa, s, d, inv, zero_point, range.qmin(), range.qmax()));
+    if nan {
+        return Err(nan_error(OP, src, &[src.len()]));
+    }
+    Ok(())
+}
+
+/// Dequantizes `src` into `dst`: `dst[i] = scale * (src[i] - zero_point)`.
+///
+/// # Errors
+/// [`QError::ShapeMismatch`] for slices of different lengths, [`QError::InvalidScale`].
+pub fn dequantize_slice<T: QElement>(src: &[T], dst: &mut [f32], scale: f32, zero_point: i32) -> Result<()> {
+    dequantize_slice_with(crate::isa::selected(), src, dst, scale, zero_point)
+}
+
+/// [`dequantize_slice`] with an explicit instruction set.
+///
+/// # Errors
+/// As [`dequantize_slice`].
+pub fn dequantize_slice_with<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32], scale: f32, zero_point: i32) -> Result<()> {
+    const OP: &str = "dequantize_slice";
+    len_check(OP, src.len(), dst.len())?;
+    crate::params::check_scale(OP, scale, None)?;
+    let isa = isa.capped_to_supported();
+    for_blocks(src, dst, CHUNK, |_, s, d| {
+        dequantize_block(isa, s, d, scale, zero_point);
+        false
+    });
+    Ok(())
+}
+
+pub(crate) fn check_range_dtype<T: QElement>(op: &'static str, range: &QuantRange) -> Result<()> {
+    if range.dtype() == T::DTYPE {
+        Ok(())
+    } else {
+        Err(QError::Unsupported {
+            op,
+            reason: format!(
+                "the quantization range is for {} but the values are {}; build the range for \
+                 the element type (QuantRange::full({:?}))",
+                range.dtype(),
+                T::DTYPE,
+                T::DTYPE
+            ),
+        })
+    }
+}
+
+pub(crate) fn nan_error(op: &'static str, src: &[f32], shape: &[usize]) -> QError {
+    let index = src.iter().position(|x| x.is_nan()).unwrap_or(0);
+    QError::NanInput { op, index, shape: shape.to_vec() }
+}
+
+/// Quantizes a block with per-tensor parameters already validated; returns whether any input
+/// was NaN.
+pub(crate) fn quantize_block<T: QElement>(isa: Isa, src: &[f32], dst: &mut [T], inv: f32, zp: i32, qmin: i32, qmax: i32) -> bool {
+    debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        match T::DTYPE {
+            DType::U8 => {
+                let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+                // SAFETY: `isa` was capped to what the CPU supports, so AVX2 is available.
+                return unsafe { x86::quantize8_avx2::<false>(src, dst, inv, zp, qmin, qmax) };
+            }
+            DType::I8 => {
+                let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+                // SAFETY: as above.
+                return unsafe { x86::quantize8_avx2::<true>(src, dst, inv, zp, qmin, qmax) };
+            }
+            DType::I32 => {}
+        }
+    }
+    let _ = isa;
+    quantize_block_scalar(src, dst, inv, zp, qmin, qmax)
+}
+
+/// The scalar twin of [`quantize_block`].
+pub(crate) fn quantize_block_scalar<T: QElement>(src: &[f32], dst: &mut [T], inv: f32, zp: i32, qmin: i32, qmax: i32) -> bool {
+    let mut nan = false;
+    for (x, y) in src.iter().zip(dst.iter_mut()) {
+        nan |= x.is_nan();
+        *y = T::from_i32_clamped(quantize_scalar(*x, inv, zp, qmin, qmax));
+    }
+    nan
+}
+
+/// Dequantizes a block with a validated scale.
+pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
+    debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        match T::DTYPE {
+            DType::U8 => {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                // SAFETY: `isa` was capped to what the CPU supports, so AVX2 is available.
+                return unsafe { x86::dequantize8_avx2::<false>(src, dst, scale, zp) };
+            }
+            DType::I8 => {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                // SAFETY: as above.
+                return unsafe { x86::dequantize8_avx2::<true>(src, dst, scale, zp) };
+            }
+            DType::I32 => {}
+        }
+    }
+    let _ = isa;
+    dequantize_block_scalar(src, dst, scale, zp);
+}
+
+/// The scalar twin of [`dequantize_block`].
+pub(crate) fn dequantize_block_scalar<T: QElement>(src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
+    for (q, y) in src.iter().zip(dst.iter_mut()) {
+        *y = dequantize_scalar(q.to_i32(), scale, zp);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Largest magnitude the vector path converts to an integer: every value beyond it
+    /// saturates to a range end anyway, and 2^24 is exact in f32 and far from i32 overflow.
+    const LIMIT: f32 = 16_777_216.0;
+
+    /// AVX2 twin of `quantize_block_scalar` for 8-bit outputs (`SIGNED` selects i8).
+    ///
+    /// Equal to the scalar formula bit for bit: for |x * inv| <= 2^24, `cvtps_epi32` rounds
+    /// half to even exactly like `round_ties_even`, and adding the zero point in i32 equals the
+    /// f32 sum whenever the result can land inside an 8-bit range; beyond 2^24 both paths
+    /// clamp to the same range end. The epi32 clamp to [qmin, qmax] makes the saturating
+    /// packs lossless.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `src` and `dst` must have equal lengths.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize8_avx2<const SIGNED: bool>(
+        src: &[f32],
+        dst: &mut [u8],
+        inv: f32,
+        zp: i32,
+        qmin: i32,
+        qmax: i32,
+    ) -> bool {
+        let n = src.len().min(dst.len());
+        let vinv = _mm256_set1_ps(inv);
+        let hi = _mm256_set1_ps(LIMIT);
+        let lo = _mm256_set1_ps(-LIMIT);
+        let vzp = _mm256_set1_epi32(zp);
+        let vmin = _mm256_set1_epi32(qmin);
+        let vmax = _mm256_set1_epi32(qmax);
+        // packs interleave 128-bit lanes; this puts the 8 groups of 4 bytes back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let mut nan = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 32 <= n {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (j, qj) in q.iter_mut().enumerate() {
+                // SAFETY: i + 8j + 8 <= i + 32 <= n = src.len(): the 8 floats are in bounds.
+                let x = unsafe { _mm256_loadu_ps(src.as_ptr().add(i + 8 * j)) };
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                let t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, vinv), lo), hi);
+                // Rounds half to even: Rust code never changes MXCSR from its default.
+                let r = _mm256_add_epi32(_mm256_cvtps_epi32(t), vzp);
+                *qj = _mm256_max_epi32(_mm256_min_epi32(r, vmax), vmin);
+            }
+            let w0 = _mm256_packs_epi32(q[0], q[1]);
+            let w1 = _mm256_packs_epi32(q[2], q[3]);
+            let b = if SIGNED { _mm256_packs_epi16(w0, w1) } else { _mm256_packus_epi16(w0, w1) };
+            let b = _mm256_permutevar8x32_epi32(b, order);
+            // SAFETY: i + 32 <= n = dst.len(): the 32 bytes are in bounds; storeu needs no alignment.
+            unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), b) };
+            i += 32;
+        }
+        let mut any_nan = _mm256_movemask_ps(nan) != 0;
+        for k in i..n {
+            let x = src[k];
+            any_nan |= x.is_nan();
+            let q = super::quantize_scalar(x, inv, zp, qmin, qmax);
+            dst[k] = if SIGNED { q as i8 as u8 } else { q as u8 };
+        }
+        any_nan
+    }
+
+    /// AVX2 twin of `dequantize_block_scalar` for 8-bit inputs (`SIGNED` selects i8): the
+    /// difference `q - zp` is exact in i32 and in f32, then one f32 multiply, as in the scalar.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `src` and `dst` must have equal lengths.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dequantize8_avx2<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
+        let n = src.len().min(dst.len());
+        let vscale = _mm256_set1_ps(scale);
+        let vzp = _mm256_set1_epi32(zp);
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n = src.len(): the 16 bytes are in bounds.
+            let b = unsafe { _mm_loadu_si128(src.as_ptr().add(i).cast()) };
+            let halves = [b, _mm_srli_si128::<8>(b)];
+            for (j, h) in halves.into_iter().enumerate() {
+                let w = if SIGNED { _mm256_cvtepi8_epi32(h) } else { _mm256_cvtepu8_epi32(h) };
+                let y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(w, vzp)), vscale);
+                // SAFETY: i + 8j + 8 <= i + 16 <= n = dst.len(): the 8 floats are in bounds.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i + 8 * j), y) };
+            }
+            i += 16;
+        }
+        for k in i..n {
+            let q = if SIGNED { src[k] as i8 as i32 } else { src[k] as i32 };
+            dst[k] = super::dequantize_scalar(q, scale, zp);
+        }
+    }
+}

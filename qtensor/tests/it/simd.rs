@@ -1,0 +1,143 @@
+//! Every SIMD path equals the scalar reference bit for bit.
+
+use proptest::prelude::*;
+use qtensor::isa::Isa;
+use qtensor::kernels::{dequantize_slice_with, quantize_slice_with, PARALLEL_MIN_LEN};
+use qtensor::{DType, QElement, QParams, QTensor, QuantRange};
+
+use crate::{isas_under_test, XorShift};
+
+/// Finite values of every magnitude, plus the specials that stress the vector path.
+fn value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        8 => -300.0f32..300.0,
+        2 => proptest::num::f32::NORMAL | proptest::num::f32::SUBNORMAL | proptest::num::f32::ZERO,
+        1 => prop::sample::select(vec![f32::INFINITY, f32::NEG_INFINITY, 16_777_216.0, -16_777_217.0, 0.5, -0.5, 2.5, -1.5, -0.0]),
+    ]
+}
+
+fn scale() -> impl Strategy<Value = f32> {
+    prop_oneof![(-20.0f32..10.0).prop_map(|e| e.exp2()), prop::sample::select(vec![0.5f32, 0.1, 1.0 / 3.0, 0.002_148_548_6])]
+}
+
+fn range(dtype: DType) -> impl Strategy<Value = QuantRange> {
+    let (lo, hi) = (dtype.min_value(), dtype.max_value());
+    prop_oneof![
+        Just(QuantRange::full(dtype)),
+        Just(QuantRange::reduced(dtype)),
+        (lo..=0i64, 0i64..=hi).prop_filter_map("empty", move |(a, b)| QuantRange::custom(dtype, a, b).ok()),
+    ]
+}
+
+fn check_quantize<T: QElement>(xs: &[f32], scale: f32, zp_frac: f64, range: QuantRange) -> Result<(), TestCaseError> {
+    let span = (range.qmax() as i64 - range.qmin() as i64) as f64;
+    let zp = (range.qmin() as f64 + (zp_frac * span).floor()) as i32;
+    let mut reference = vec![T::default(); xs.len()];
+    let ref_result = quantize_slice_with(Isa::Scalar, xs, &mut reference, scale, zp, range);
+    for isa in isas_under_test() {
+        let mut got = vec![T::default(); xs.len()];
+        let result = quantize_slice_with(isa, xs, &mut got, scale, zp, range);
+        prop_assert_eq!(&result, &ref_result, "{} result differs", isa);
+        if ref_result.is_ok() {
+            prop_assert_eq!(&got, &reference, "{} quantize differs from scalar", isa);
+        }
+        let mut back = vec![0.0f32; xs.len()];
+        let mut back_ref = vec![0.0f32; xs.len()];
+        dequantize_slice_with(isa, &reference, &mut back, scale, zp).unwrap();
+        dequantize_slice_with(Isa::Scalar, &reference, &mut back_ref, scale, zp).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&back), bits(&back_ref), "{} dequantize differs from scalar", isa);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(192))]
+
+    #[test]
+    fn u8_simd_equals_scalar(xs in prop::collection::vec(value(), 0..200), s in scale(), z in 0.0f64..1.0, r in range(DType::U8)) {
+        check_quantize::<u8>(&xs, s, z, r)?;
+    }
+
+    #[test]
+    fn i8_simd_equals_scalar(xs in prop::collection::vec(value(), 0..200), s in scale(), z in 0.0f64..1.0, r in range(DType::I8)) {
+        check_quantize::<i8>(&xs, s, z, r)?;
+    }
+
+    #[test]
+    fn i32_simd_equals_scalar(xs in prop::collection::vec(value(), 0..80), s in scale(), z in 0.0f64..1.0, r in range(DType::I32)) {
+        check_quantize::<i32>(&xs, s, z, r)?;
+    }
+
+    #[test]
+    fn nan_is_reported_by_every_isa(mut xs in prop::collection::vec(-10.0f32..10.0, 1..100), at in any::<prop::sample::Index>()) {
+        let i = at.index(xs.len());
+        xs[i] = f32::NAN;
+        for isa in isas_under_test() {
+            let mut q = vec![0u8; xs.len()];
+            let err = quantize_slice_with(isa, &xs, &mut q, 0.1, 3, QuantRange::full(DType::U8)).unwrap_err();
+            prop_assert_eq!(err, qtensor::QError::NanInput { op: "quantize_slice", index: i, shape: vec![xs.len()] });
+        }
+    }
+}
+
+/// Above the parallel threshold the result is the same as element-by-element scalar code,
+/// whatever the chunking and the instruction set.
+#[test]
+fn parallel_quantize_equals_serial_scalar() {
+    let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+    let n = PARALLEL_MIN_LEN * 3 + 17;
+    let xs: Vec<f32> = (0..n).map(|_| rng.unit() * 40.0).collect();
+    let (scale, zp) = (0.137f32, 77);
+    let expected: Vec<u8> =
+        xs.iter().map(|&x| qtensor::kernels::quantize_scalar(x, 1.0 / scale, zp, 0, 255) as u8).collect();
+    for isa in isas_under_test() {
+        let mut got = vec![0u8; n];
+        quantize_slice_with(isa, &xs, &mut got, scale, zp, QuantRange::full(DType::U8)).unwrap();
+        assert_eq!(got, expected, "{isa}");
+        let t = QTensor::<u8>::quantize_with(isa, &ndarray::Array1::from(xs.clone()), QParams::per_tensor(scale, zp).unwrap(), QuantRange::full(DType::U8)).unwrap();
+        assert_eq!(t.as_slice(), &expected[..], "{isa} QTensor");
+        let back = t.dequantize_with(isa);
+        let expected_back: Vec<f32> = expected.iter().map(|&q| scale * (q as i32 - zp) as f32).collect();
+        assert_eq!(back.as_slice().unwrap(), &expected_back[..], "{isa} dequantize");
+    }
+}
+
+/// A large per-channel tensor (parallel blocks) equals the same tensor quantized with each
+/// instruction set, and equals per-channel scalar math.
+#[test]
+fn parallel_per_channel_equals_scalar() {
+    let mut rng = XorShift(42);
+    let shape = [4usize, 64, 300];
+    let n: usize = shape.iter().product();
+    let xs = ndarray::Array::from_shape_fn(shape, |_| rng.unit() * 5.0);
+    let scales: Vec<f32> = (0..64).map(|c| 0.01 + c as f32 * 0.003).collect();
+    let zps: Vec<i32> = (0..64).map(|c| (c * 7 % 255) - 128).collect();
+    let p = QParams::per_channel(scales.clone(), zps.clone(), 1).unwrap();
+    assert!(n >= PARALLEL_MIN_LEN);
+    let reference = QTensor::<i8>::quantize_with(Isa::Scalar, &xs, p.clone(), QuantRange::full(DType::I8)).unwrap();
+    for ((idx, &x), &q) in xs.indexed_iter().zip(reference.as_slice()) {
+        let c = idx.1;
+        assert_eq!(q as i32, qtensor::kernels::quantize_scalar(x, 1.0 / scales[c], zps[c], -128, 127));
+    }
+    for isa in isas_under_test() {
+        let t = QTensor::<i8>::quantize_with(isa, &xs, p.clone(), QuantRange::full(DType::I8)).unwrap();
+        assert_eq!(t, reference, "{isa}");
+        assert_eq!(t.dequantize_with(isa), reference.dequantize_with(Isa::Scalar), "{isa}");
+    }
+}
+
+#[test]
+fn isa_selection_from_environment_values() {
+    use qtensor::isa::resolve;
+    assert_eq!(resolve(None, false), Ok(Isa::best_supported()));
+    assert_eq!(resolve(Some("auto"), true), Ok(Isa::best_supported()));
+    assert_eq!(resolve(Some("scalar"), true), Ok(Isa::Scalar));
+    assert_eq!(resolve(Some("AVX2"), false), Ok(Isa::Avx2.capped_to_supported()));
+    let err = resolve(Some("sse9"), false).unwrap_err();
+    assert!(err.contains("auto, scalar, avx2, avx512vnni"), "{err}");
+    if !Isa::Avx512Vnni.is_supported() {
+        let err = resolve(Some("avx512vnni"), true).unwrap_err();
+        assert!(err.contains("lacks avx512vnni"), "{err}");
+    }
+}
