@@ -134,7 +134,11 @@ macro_rules! impl_qelement {
 
             #[inline(always)]
             fn from_i32_clamped(v: i32) -> Self {
-                debug_assert!((<Self as QElement>::MIN..=<Self as QElement>::MAX).contains(&v), "{v} outside {}", Self::DTYPE);
+                debug_assert!(
+                    (<Self as QElement>::MIN..=<Self as QElement>::MAX).contains(&v),
+                    "{v} outside {}",
+                    Self::DTYPE
+                );
                 v as $t
             }
         }

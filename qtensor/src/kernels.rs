@@ -60,7 +60,10 @@ pub(crate) fn for_blocks<A: Sync, B: Send>(
 ) -> bool {
     let block = block.max(1);
     if src.len() < PARALLEL_MIN_LEN {
-        src.chunks(block).zip(dst.chunks_mut(block)).enumerate().fold(false, |acc, (b, (s, d))| f(b, s, d) | acc)
+        src.chunks(block)
+            .zip(dst.chunks_mut(block))
+            .enumerate()
+            .fold(false, |acc, (b, (s, d))| f(b, s, d) | acc)
     } else {
         src.par_chunks(block)
             .zip(dst.par_chunks_mut(block))
@@ -86,7 +89,13 @@ pub(crate) fn for_blocks<A: Sync, B: Send>(
 /// [`QError::ShapeMismatch`] for slices of different lengths, [`QError::InvalidScale`],
 /// [`QError::ZeroPointOutOfRange`], a range of another dtype ([`QError::Unsupported`]), and
 /// [`QError::NanInput`] if `src` holds a NaN (then `dst` holds unspecified values).
-pub fn quantize_slice<T: QElement>(src: &[f32], dst: &mut [T], scale: f32, zero_point: i32, range: QuantRange) -> Result<()> {
+pub fn quantize_slice<T: QElement>(
+    src: &[f32],
+    dst: &mut [T],
+    scale: f32,
+    zero_point: i32,
+    range: QuantRange,
+) -> Result<()> {
     quantize_slice_with(crate::isa::selected(), src, dst, scale, zero_point, range)
 }
 
@@ -110,7 +119,9 @@ pub fn quantize_slice_with<T: QElement>(
     params.validate(OP, &[src.len()], &range)?;
     let isa = isa.capped_to_supported();
     let inv = 1.0f32 / scale;
-    let nan = for_blocks(src, dst, CHUNK, |_, s, d| quantize_block(isa, s, d, inv, zero_point, range.qmin(), range.qmax()));
+    let nan = for_blocks(src, dst, CHUNK, |_, s, d| {
+        quantize_block(isa, s, d, inv, zero_point, range.qmin(), range.qmax())
+    });
     if nan {
         return Err(nan_error(OP, src, &[src.len()]));
     }
@@ -121,7 +132,12 @@ pub fn quantize_slice_with<T: QElement>(
 ///
 /// # Errors
 /// [`QError::ShapeMismatch`] for slices of different lengths, [`QError::InvalidScale`].
-pub fn dequantize_slice<T: QElement>(src: &[T], dst: &mut [f32], scale: f32, zero_point: i32) -> Result<()> {
+pub fn dequantize_slice<T: QElement>(
+    src: &[T],
+    dst: &mut [f32],
+    scale: f32,
+    zero_point: i32,
+) -> Result<()> {
     dequantize_slice_with(crate::isa::selected(), src, dst, scale, zero_point)
 }
 
@@ -129,7 +145,13 @@ pub fn dequantize_slice<T: QElement>(src: &[T], dst: &mut [f32], scale: f32, zer
 ///
 /// # Errors
 /// As [`dequantize_slice`].
-pub fn dequantize_slice_with<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32], scale: f32, zero_point: i32) -> Result<()> {
+pub fn dequantize_slice_with<T: QElement>(
+    isa: Isa,
+    src: &[T],
+    dst: &mut [f32],
+    scale: f32,
+    zero_point: i32,
+) -> Result<()> {
     const OP: &str = "dequantize_slice";
     len_check(OP, src.len(), dst.len())?;
     crate::params::check_scale(OP, scale, None)?;
@@ -160,13 +182,41 @@ pub(crate) fn check_range_dtype<T: QElement>(op: &'static str, range: &QuantRang
 
 pub(crate) fn nan_error(op: &'static str, src: &[f32], shape: &[usize]) -> QError {
     let index = src.iter().position(|x| x.is_nan()).unwrap_or(0);
-    QError::NanInput { op, index, shape: shape.to_vec() }
+    QError::NanInput {
+        op,
+        index,
+        shape: shape.to_vec(),
+    }
 }
 
 /// Quantizes a block with per-tensor parameters already validated; returns whether any input
 /// was NaN.
-pub(crate) fn quantize_block<T: QElement>(isa: Isa, src: &[f32], dst: &mut [T], inv: f32, zp: i32, qmin: i32, qmax: i32) -> bool {
+pub(crate) fn quantize_block<T: QElement>(
+    isa: Isa,
+    src: &[f32],
+    dst: &mut [T],
+    inv: f32,
+    zp: i32,
+    qmin: i32,
+    qmax: i32,
+) -> bool {
     debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        match T::DTYPE {
+            DType::U8 => {
+                let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+                // SAFETY: `isa` was capped to what the CPU supports, so AVX-512 F/BW are available.
+                return unsafe { x86::quantize8_avx512::<false>(src, dst, inv, zp, qmin, qmax) };
+            }
+            DType::I8 => {
+                let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+                // SAFETY: as above.
+                return unsafe { x86::quantize8_avx512::<true>(src, dst, inv, zp, qmin, qmax) };
+            }
+            DType::I32 => {}
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         match T::DTYPE {
@@ -188,7 +238,14 @@ pub(crate) fn quantize_block<T: QElement>(isa: Isa, src: &[f32], dst: &mut [T], 
 }
 
 /// The scalar twin of [`quantize_block`].
-pub(crate) fn quantize_block_scalar<T: QElement>(src: &[f32], dst: &mut [T], inv: f32, zp: i32, qmin: i32, qmax: i32) -> bool {
+pub(crate) fn quantize_block_scalar<T: QElement>(
+    src: &[f32],
+    dst: &mut [T],
+    inv: f32,
+    zp: i32,
+    qmin: i32,
+    qmax: i32,
+) -> bool {
     let mut nan = false;
     for (x, y) in src.iter().zip(dst.iter_mut()) {
         nan |= x.is_nan();
@@ -198,8 +255,30 @@ pub(crate) fn quantize_block_scalar<T: QElement>(src: &[f32], dst: &mut [T], inv
 }
 
 /// Dequantizes a block with a validated scale.
-pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
+pub(crate) fn dequantize_block<T: QElement>(
+    isa: Isa,
+    src: &[T],
+    dst: &mut [f32],
+    scale: f32,
+    zp: i32,
+) {
     debug_assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Vnni {
+        match T::DTYPE {
+            DType::U8 => {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                // SAFETY: `isa` was capped to what the CPU supports, so AVX-512 F/BW are available.
+                return unsafe { x86::dequantize8_avx512::<false>(src, dst, scale, zp) };
+            }
+            DType::I8 => {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                // SAFETY: as above.
+                return unsafe { x86::dequantize8_avx512::<true>(src, dst, scale, zp) };
+            }
+            DType::I32 => {}
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         match T::DTYPE {
@@ -221,7 +300,12 @@ pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32]
 }
 
 /// The scalar twin of [`dequantize_block`].
-pub(crate) fn dequantize_block_scalar<T: QElement>(src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
+pub(crate) fn dequantize_block_scalar<T: QElement>(
+    src: &[T],
+    dst: &mut [f32],
+    scale: f32,
+    zp: i32,
+) {
     for (q, y) in src.iter().zip(dst.iter_mut()) {
         *y = dequantize_scalar(q.to_i32(), scale, zp);
     }
@@ -278,7 +362,11 @@ mod x86 {
             }
             let w0 = _mm256_packs_epi32(q[0], q[1]);
             let w1 = _mm256_packs_epi32(q[2], q[3]);
-            let b = if SIGNED { _mm256_packs_epi16(w0, w1) } else { _mm256_packus_epi16(w0, w1) };
+            let b = if SIGNED {
+                _mm256_packs_epi16(w0, w1)
+            } else {
+                _mm256_packus_epi16(w0, w1)
+            };
             let b = _mm256_permutevar8x32_epi32(b, order);
             // SAFETY: i + 32 <= n = dst.len(): the 32 bytes are in bounds; storeu needs no alignment.
             unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), b) };
@@ -300,7 +388,12 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2; `src` and `dst` must have equal lengths.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dequantize8_avx2<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
+    pub(super) unsafe fn dequantize8_avx2<const SIGNED: bool>(
+        src: &[u8],
+        dst: &mut [f32],
+        scale: f32,
+        zp: i32,
+    ) {
         let n = src.len().min(dst.len());
         let vscale = _mm256_set1_ps(scale);
         let vzp = _mm256_set1_epi32(zp);
@@ -310,7 +403,11 @@ mod x86 {
             let b = unsafe { _mm_loadu_si128(src.as_ptr().add(i).cast()) };
             let halves = [b, _mm_srli_si128::<8>(b)];
             for (j, h) in halves.into_iter().enumerate() {
-                let w = if SIGNED { _mm256_cvtepi8_epi32(h) } else { _mm256_cvtepu8_epi32(h) };
+                let w = if SIGNED {
+                    _mm256_cvtepi8_epi32(h)
+                } else {
+                    _mm256_cvtepu8_epi32(h)
+                };
                 let y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(w, vzp)), vscale);
                 // SAFETY: i + 8j + 8 <= i + 16 <= n = dst.len(): the 8 floats are in bounds.
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i + 8 * j), y) };
@@ -318,7 +415,104 @@ mod x86 {
             i += 16;
         }
         for k in i..n {
-            let q = if SIGNED { src[k] as i8 as i32 } else { src[k] as i32 };
+            let q = if SIGNED {
+                src[k] as i8 as i32
+            } else {
+                src[k] as i32
+            };
+            dst[k] = super::dequantize_scalar(q, scale, zp);
+        }
+    }
+
+    /// AVX-512 twin of `quantize_block_scalar` for 8-bit outputs; the same argument as for
+    /// [`quantize8_avx2`] makes it exact. After the epi32 clamp every lane fits the output
+    /// type, so the saturating down-conversions (`vpmovusdb` / `vpmovsdb`) are lossless.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and BW; `src` and `dst` must have equal lengths.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize8_avx512<const SIGNED: bool>(
+        src: &[f32],
+        dst: &mut [u8],
+        inv: f32,
+        zp: i32,
+        qmin: i32,
+        qmax: i32,
+    ) -> bool {
+        let n = src.len().min(dst.len());
+        let vinv = _mm512_set1_ps(inv);
+        let hi = _mm512_set1_ps(LIMIT);
+        let lo = _mm512_set1_ps(-LIMIT);
+        let vzp = _mm512_set1_epi32(zp);
+        let vmin = _mm512_set1_epi32(qmin);
+        let vmax = _mm512_set1_epi32(qmax);
+        let mut nan: __mmask16 = 0;
+        let mut i = 0;
+        while i + 64 <= n {
+            for j in 0..4 {
+                // SAFETY: i + 16j + 16 <= i + 64 <= n = src.len(): the 16 floats are in bounds.
+                let x = unsafe { _mm512_loadu_ps(src.as_ptr().add(i + 16 * j)) };
+                nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, vinv), lo), hi);
+                // Rounds half to even: Rust code never changes MXCSR from its default.
+                let r = _mm512_add_epi32(_mm512_cvtps_epi32(t), vzp);
+                let r = _mm512_max_epi32(_mm512_min_epi32(r, vmax), vmin);
+                let b = if SIGNED {
+                    _mm512_cvtsepi32_epi8(r)
+                } else {
+                    _mm512_cvtusepi32_epi8(r)
+                };
+                // SAFETY: i + 16j + 16 <= n = dst.len(): the 16 bytes are in bounds; no alignment needed.
+                unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(i + 16 * j).cast(), b) };
+            }
+            i += 64;
+        }
+        let mut any_nan = nan != 0;
+        for k in i..n {
+            let x = src[k];
+            any_nan |= x.is_nan();
+            let q = super::quantize_scalar(x, inv, zp, qmin, qmax);
+            dst[k] = if SIGNED { q as i8 as u8 } else { q as u8 };
+        }
+        any_nan
+    }
+
+    /// AVX-512 twin of `dequantize_block_scalar` for 8-bit inputs.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and BW; `src` and `dst` must have equal lengths.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dequantize8_avx512<const SIGNED: bool>(
+        src: &[u8],
+        dst: &mut [f32],
+        scale: f32,
+        zp: i32,
+    ) {
+        let n = src.len().min(dst.len());
+        let vscale = _mm512_set1_ps(scale);
+        let vzp = _mm512_set1_epi32(zp);
+        let mut i = 0;
+        while i + 64 <= n {
+            for j in 0..4 {
+                // SAFETY: i + 16j + 16 <= i + 64 <= n = src.len(): the 16 bytes are in bounds.
+                let b = unsafe { _mm_loadu_si128(src.as_ptr().add(i + 16 * j).cast()) };
+                let w = if SIGNED {
+                    _mm512_cvtepi8_epi32(b)
+                } else {
+                    _mm512_cvtepu8_epi32(b)
+                };
+                let y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(w, vzp)), vscale);
+                // SAFETY: i + 16j + 16 <= n = dst.len(): the 16 floats are in bounds.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i + 16 * j), y) };
+            }
+            i += 64;
+        }
+        for k in i..n {
+            let q = if SIGNED {
+                src[k] as i8 as i32
+            } else {
+                src[k] as i32
+            };
             dst[k] = super::dequantize_scalar(q, scale, zp);
         }
     }

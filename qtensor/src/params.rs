@@ -60,7 +60,12 @@ impl QuantRange {
             DType::I8 => (-64, 63),
             DType::I32 => (i32::MIN, i32::MAX),
         };
-        QuantRange { dtype, qmin, qmax, kind: RangeKind::Reduced }
+        QuantRange {
+            dtype,
+            qmin,
+            qmax,
+            kind: RangeKind::Reduced,
+        }
     }
 
     /// A custom range, e.g. `(-127, 127)` for symmetric weights or `(0, 15)` for 4-bit values
@@ -70,7 +75,13 @@ impl QuantRange {
     /// [`QError::InvalidRange`] unless `qmin <= 0 <= qmax`, `qmin < qmax` and both fit `dtype`.
     pub fn custom(dtype: DType, qmin: i64, qmax: i64) -> Result<Self> {
         const OP: &str = "QuantRange::custom";
-        let bad = |reason: String| QError::InvalidRange { op: OP, qmin, qmax, dtype, reason };
+        let bad = |reason: String| QError::InvalidRange {
+            op: OP,
+            qmin,
+            qmax,
+            dtype,
+            reason,
+        };
         if qmin >= qmax {
             return Err(bad("qmin must be strictly less than qmax".into()));
         }
@@ -87,7 +98,12 @@ impl QuantRange {
                 dtype.max_value()
             )));
         }
-        Ok(QuantRange { dtype, qmin: qmin as i32, qmax: qmax as i32, kind: RangeKind::Custom })
+        Ok(QuantRange {
+            dtype,
+            qmin: qmin as i32,
+            qmax: qmax as i32,
+            kind: RangeKind::Custom,
+        })
     }
 
     /// The range PyTorch's observers use (`calculate_qmin_qmax`): a custom range if given, else
@@ -96,7 +112,11 @@ impl QuantRange {
     ///
     /// # Errors
     /// As [`QuantRange::custom`] for an invalid custom range.
-    pub fn for_observer(dtype: DType, custom: Option<(i64, i64)>, reduce_range: bool) -> Result<Self> {
+    pub fn for_observer(
+        dtype: DType,
+        custom: Option<(i64, i64)>,
+        reduce_range: bool,
+    ) -> Result<Self> {
         match (custom, reduce_range) {
             (None, false) => Ok(Self::full(dtype)),
             (None, true) => Ok(Self::reduced(dtype)),
@@ -225,7 +245,11 @@ impl QParams {
         for (c, &s) in scales.iter().enumerate() {
             check_scale(OP, s, Some(c))?;
         }
-        Ok(QParams::PerChannel(PerChannel { scales, zero_points, axis }))
+        Ok(QParams::PerChannel(PerChannel {
+            scales,
+            zero_points,
+            axis,
+        }))
     }
 
     /// The channel axis, or `None` for per-tensor parameters.
@@ -282,7 +306,11 @@ impl QParams {
             }
             QParams::PerChannel(pc) => {
                 if pc.axis >= shape.len() {
-                    return Err(QError::AxisOutOfRange { op, axis: pc.axis, shape: shape.to_vec() });
+                    return Err(QError::AxisOutOfRange {
+                        op,
+                        axis: pc.axis,
+                        shape: shape.to_vec(),
+                    });
                 }
                 if shape[pc.axis] != pc.len() {
                     return Err(QError::ChannelCountMismatch {

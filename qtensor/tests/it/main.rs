@@ -13,7 +13,10 @@ pub fn isas_under_test() -> Vec<qtensor::isa::Isa> {
     let all = Isa::ALL.to_vec();
     if require {
         for isa in &all {
-            assert!(isa.is_supported(), "{REQUIRE_ENV}=1 but this CPU lacks {isa}");
+            assert!(
+                isa.is_supported(),
+                "{REQUIRE_ENV}=1 but this CPU lacks {isa}"
+            );
         }
     }
     all.into_iter().filter(|i| i.is_supported()).collect()
