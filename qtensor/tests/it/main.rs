@@ -5,21 +5,15 @@ mod golden;
 mod props;
 mod simd;
 
-/// Every instruction set this CPU supports. With `QUANT_REQUIRE_ISA=1` the run fails if any
-/// tier is missing, so CI cannot pass while silently skipping a SIMD path.
+/// Every instruction set this CPU supports; conformance tests run each of them explicitly.
+/// Under `QUANT_REQUIRE_ISA=1` the tier forced by `QUANT_FORCE_ISA` must exist (selection
+/// panics otherwise), so a CI run cannot pass while silently skipping a SIMD path.
 pub fn isas_under_test() -> Vec<qtensor::isa::Isa> {
-    use qtensor::isa::{Isa, REQUIRE_ENV};
-    let require = std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1");
-    let all = Isa::ALL.to_vec();
-    if require {
-        for isa in &all {
-            assert!(
-                isa.is_supported(),
-                "{REQUIRE_ENV}=1 but this CPU lacks {isa}"
-            );
-        }
-    }
-    all.into_iter().filter(|i| i.is_supported()).collect()
+    use qtensor::isa::{self, Isa};
+    let selected = isa::selected();
+    let all: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.is_supported()).collect();
+    assert!(all.contains(&selected));
+    all
 }
 
 /// A small deterministic generator for bulk test data (proptest drives the shapes).
