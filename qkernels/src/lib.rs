@@ -1,11 +1,20 @@
 //! # qkernels: int8 CPU kernels
 //!
-//! **Status: created, not yet filled.** This crate will hold the packed int8 GEMM, linear and
-//! conv2d (including depthwise), elementwise, pooling and activation kernels, each with a
-//! scalar reference twin and runtime-dispatched SIMD paths. It builds on [`qtensor`] and
-//! already shares its ISA selection ([`qtensor::isa`]), so that one environment variable
-//! forces one instruction set for the whole workspace.
+//! Packed int8 GEMM with a fused requantization epilogue, and the layers built on it
+//! (linear, conv2d). Activations are `u8` with a zero point, weights `i8` (per-tensor or
+//! per-channel, symmetric or not), accumulation exact in `i32`, output `u8` requantized
+//! exactly as PyTorch's FBGEMM does it (or `i32` / `f32` on request).
 //!
-//! Until the kernels land, nothing here is public API.
+//! Every kernel has a scalar twin; the SIMD versions (AVX-512 VNNI, AVX2) are chosen at run
+//! time through [`qtensor::isa`] and tested bit for bit against the scalar one.
 
+mod gemm;
+mod pack;
+pub mod peak;
+mod threads;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use gemm::{gemm, requantize_scalar, Activation, GemmOutput, OutputQuant, QMatrix};
+pub use pack::{PackedWeights, MAX_K};
 pub use qtensor::isa;

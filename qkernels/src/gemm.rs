@@ -1,0 +1,533 @@
+//! The int8 GEMM: `u8` activations times packed `i8` weights, int32 accumulation, and a fused
+//! epilogue (zero-point corrections, bias, requantization, clamp) that writes `u8`, `i32` or
+//! `f32` straight to the output.
+
+use rayon::prelude::*;
+
+use qtensor::isa::Isa;
+use qtensor::{QError, Result};
+
+use crate::pack::{Packed, PackedWeights, AVX2_LANES, VNNI_LANES};
+
+/// A matrix of `u8` activations: `m` rows of `k` values, row `i` starting at `i * lda`.
+#[derive(Clone, Copy, Debug)]
+pub struct QMatrix<'a> {
+    /// The values.
+    pub data: &'a [u8],
+    /// Rows.
+    pub m: usize,
+    /// Columns (the reduction length).
+    pub k: usize,
+    /// Distance between row starts, `>= k`.
+    pub lda: usize,
+    /// Activation scale.
+    pub scale: f32,
+    /// Activation zero point.
+    pub zero_point: i32,
+}
+
+/// What a layer applies after requantization, as a clamp in the integer domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// Clamp to the output type only.
+    #[default]
+    None,
+    /// `max(x, 0)`: clamp below at the output zero point (PyTorch's fused ReLU).
+    Relu,
+    /// `min(max(x, 0), 6)`: also clamp above at the quantized value of 6.0.
+    Relu6,
+}
+
+/// Output quantization of a layer that writes `u8`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OutputQuant {
+    /// Output scale.
+    pub scale: f32,
+    /// Output zero point, in `0..=255`.
+    pub zero_point: i32,
+    /// Fused activation.
+    pub activation: Activation,
+}
+
+impl OutputQuant {
+    /// The `u8` clamp bounds this output implies.
+    pub fn bounds(&self) -> (i32, i32) {
+        let hi = match self.activation {
+            Activation::Relu6 => {
+                let six = qtensor::kernels::quantize_scalar(
+                    6.0,
+                    1.0 / self.scale,
+                    self.zero_point,
+                    0,
+                    255,
+                );
+                six.max(self.zero_point)
+            }
+            _ => 255,
+        };
+        let lo = if self.activation == Activation::None {
+            0
+        } else {
+            self.zero_point
+        };
+        (lo, hi)
+    }
+}
+
+/// Where a GEMM writes: row `i`, column `j` goes to `data[i * ldc + j]`.
+#[derive(Debug)]
+pub enum GemmOutput<'a> {
+    /// Requantized `u8` (the normal case between int8 layers).
+    U8 {
+        /// Destination.
+        data: &'a mut [u8],
+        /// Row stride.
+        ldc: usize,
+        /// Output quantization.
+        quant: OutputQuant,
+    },
+    /// The exact int32 sums `Σ (a - za)(w - zw)` (bias ignored).
+    I32 {
+        /// Destination.
+        data: &'a mut [i32],
+        /// Row stride.
+        ldc: usize,
+    },
+    /// Dequantized: `raw * (sa * sw[j]) + bias[j]` in `f32`.
+    F32 {
+        /// Destination.
+        data: &'a mut [f32],
+        /// Row stride.
+        ldc: usize,
+    },
+}
+
+/// Rows of the tile buffer a micro-kernel fills (the largest MR of any tier).
+pub(crate) const TILE_ROWS: usize = 6;
+/// Columns of the tile buffer (the largest NR of any tier).
+pub(crate) const TILE_COLS: usize = 64;
+pub(crate) type Tile = [[i32; TILE_COLS]; TILE_ROWS];
+
+/// Magnitude beyond which every requantized value clamps anyway; keeps the float-to-int
+/// conversion far from overflow (where x86 returns INT_MIN) in every path.
+pub(crate) const REQUANT_LIMIT: f32 = 16_777_216.0;
+
+/// Per-column constants of the epilogue, computed once per call.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// `za * col_offsets[j]`.
+    pub colterm: Vec<i32>,
+    /// Weight zero points (all zero for symmetric weights).
+    pub zw: Vec<i32>,
+    pub has_zw: bool,
+    /// `bias[j] / (sa * sw[j])`, added to the raw sum in float.
+    pub bias_term: Vec<f32>,
+    /// `(sa * sw[j]) / s_out`.
+    pub mult: Vec<f32>,
+    /// `sa * sw[j]` (for f32 output).
+    pub ab_scale: Vec<f32>,
+    /// Raw bias (for f32 output).
+    pub bias: Vec<f32>,
+    pub zo: i32,
+    pub lo: i32,
+    pub hi: i32,
+}
+
+/// Requantizes one raw sum: PyTorch's FBGEMM formula, the scalar reference.
+/// `round_half_even((raw + bias_term) * mult) + zo`, clamped to `[lo, hi]`; all in f32, the
+/// add and the multiply rounded separately (no FMA).
+#[inline(always)]
+pub fn requantize_scalar(raw: i32, bias_term: f32, mult: f32, zo: i32, lo: i32, hi: i32) -> i32 {
+    let f = (raw as f32 + bias_term) * mult;
+    let r = f.clamp(-REQUANT_LIMIT, REQUANT_LIMIT).round_ties_even() as i32;
+    (r + zo).clamp(lo, hi)
+}
+
+impl Plan {
+    fn new(
+        a: &QMatrix<'_>,
+        w: &PackedWeights,
+        bias: Option<&[f32]>,
+        out_quant: Option<OutputQuant>,
+    ) -> Self {
+        let n = w.n;
+        let ab_scale: Vec<f32> = w.scales.iter().map(|&sw| a.scale * sw).collect();
+        let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
+        let bias_term = bias.iter().zip(&ab_scale).map(|(&b, &s)| b / s).collect();
+        let (mult, zo, lo, hi) = match out_quant {
+            Some(q) => {
+                let (lo, hi) = q.bounds();
+                (
+                    ab_scale.iter().map(|&s| s / q.scale).collect(),
+                    q.zero_point,
+                    lo,
+                    hi,
+                )
+            }
+            None => (vec![0.0; n], 0, 0, 0),
+        };
+        Plan {
+            colterm: w
+                .col_offsets
+                .iter()
+                .map(|&c| a.zero_point.wrapping_mul(c))
+                .collect(),
+            zw: w.zero_points.clone(),
+            has_zw: !w.is_symmetric(),
+            bias_term,
+            mult,
+            ab_scale,
+            bias,
+            zo,
+            lo,
+            hi,
+        }
+    }
+}
+
+fn check(
+    a: &QMatrix<'_>,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    out_len: usize,
+    ldc: usize,
+) -> Result<()> {
+    const OP: &str = "qkernels::gemm";
+    if a.k != w.k {
+        return Err(QError::ShapeMismatch {
+            op: OP,
+            expected: vec![a.m, w.k],
+            actual: vec![a.m, a.k],
+            hint: "the activations' row length must equal the weights' K (in_features)",
+        });
+    }
+    if a.lda < a.k || (a.m > 0 && a.data.len() < (a.m - 1) * a.lda + a.k) {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!(
+                "activation buffer of {} bytes cannot hold {} rows of {} with row stride {}",
+                a.data.len(),
+                a.m,
+                a.k,
+                a.lda
+            ),
+        });
+    }
+    if ldc < w.n || (a.m > 0 && out_len < (a.m - 1) * ldc + w.n) {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!(
+                "output buffer of {out_len} elements cannot hold {} rows of {} with row stride {ldc}",
+                a.m, w.n
+            ),
+        });
+    }
+    if let Some(b) = bias {
+        if b.len() != w.n {
+            return Err(QError::ShapeMismatch {
+                op: OP,
+                expected: vec![w.n],
+                actual: vec![b.len()],
+                hint: "give one bias value per output channel",
+            });
+        }
+        if let Some(j) = b.iter().position(|v| !v.is_finite()) {
+            return Err(QError::Unsupported {
+                op: OP,
+                reason: format!("bias[{j}] = {} is not finite", b[j]),
+            });
+        }
+    }
+    qtensor::QParams::per_tensor(a.scale, a.zero_point).map_err(|_| QError::InvalidScale {
+        op: OP,
+        scale: a.scale,
+        channel: None,
+    })?;
+    if !(0..=255).contains(&a.zero_point) {
+        return Err(QError::ZeroPointOutOfRange {
+            op: OP,
+            zero_point: a.zero_point as i64,
+            channel: None,
+            qmin: 0,
+            qmax: 255,
+            dtype: qtensor::DType::U8,
+        });
+    }
+    Ok(())
+}
+
+/// `out = epilogue(a · wᵀ)`: the int8 GEMM behind linear and convolution layers.
+///
+/// `a` is `m x k` `u8`, `w` is `n x k` packed `i8`; the result is `m x n`. `threads` sets
+/// how many threads share the work (1 runs on the calling thread); results are bit-identical
+/// for every thread count and every instruction set.
+///
+/// # Errors
+/// Shapes or buffers that do not match, a non-finite bias, invalid scales or zero points.
+pub fn gemm(
+    a: &QMatrix<'_>,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    out: GemmOutput<'_>,
+    threads: usize,
+) -> Result<()> {
+    let (len, ldc) = match &out {
+        GemmOutput::U8 { data, ldc, quant } => {
+            qtensor::QParams::per_tensor(quant.scale, quant.zero_point)?;
+            if !(0..=255).contains(&quant.zero_point) {
+                return Err(QError::ZeroPointOutOfRange {
+                    op: "qkernels::gemm",
+                    zero_point: quant.zero_point as i64,
+                    channel: None,
+                    qmin: 0,
+                    qmax: 255,
+                    dtype: qtensor::DType::U8,
+                });
+            }
+            (data.len(), *ldc)
+        }
+        GemmOutput::I32 { data, ldc } => (data.len(), *ldc),
+        GemmOutput::F32 { data, ldc } => (data.len(), *ldc),
+    };
+    check(a, w, bias, len, ldc)?;
+    if a.m == 0 {
+        return Ok(());
+    }
+    let quant = match &out {
+        GemmOutput::U8 { quant, .. } => Some(*quant),
+        _ => None,
+    };
+    let plan = Plan::new(a, w, bias, quant);
+    let rowsums: Vec<i32> = if plan.has_zw {
+        (0..a.m)
+            .map(|i| {
+                a.data[i * a.lda..i * a.lda + a.k]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let sink = Sink::new(out);
+    crate::threads::run_with(threads, || drive(a, w, &plan, &rowsums, &sink, threads > 1));
+    Ok(())
+}
+
+/// Raw output pointer shared by the tasks; each task writes a disjoint set of elements.
+struct Sink {
+    kind: SinkKind,
+    ptr: usize,
+    ldc: usize,
+}
+
+#[derive(Clone, Copy)]
+enum SinkKind {
+    U8,
+    I32,
+    F32,
+}
+
+impl Sink {
+    fn new(out: GemmOutput<'_>) -> Self {
+        match out {
+            GemmOutput::U8 { data, ldc, .. } => Sink {
+                kind: SinkKind::U8,
+                ptr: data.as_mut_ptr() as usize,
+                ldc,
+            },
+            GemmOutput::I32 { data, ldc } => Sink {
+                kind: SinkKind::I32,
+                ptr: data.as_mut_ptr() as usize,
+                ldc,
+            },
+            GemmOutput::F32 { data, ldc } => Sink {
+                kind: SinkKind::F32,
+                ptr: data.as_mut_ptr() as usize,
+                ldc,
+            },
+        }
+    }
+}
+
+/// Rows per task block.
+const MC: usize = 48;
+/// Columns per task block.
+const NC: usize = 64;
+
+fn drive(
+    a: &QMatrix<'_>,
+    w: &PackedWeights,
+    plan: &Plan,
+    rowsums: &[i32],
+    sink: &Sink,
+    parallel: bool,
+) {
+    let mblocks = a.m.div_ceil(MC);
+    let nblocks = w.n.div_ceil(NC);
+    let task = |t: usize| {
+        let (nb, mb) = (t / mblocks, t % mblocks);
+        let rows = mb * MC..((mb + 1) * MC).min(a.m);
+        let cols = nb * NC..((nb + 1) * NC).min(w.n);
+        block(a, w, plan, rowsums, sink, rows, cols);
+    };
+    if parallel {
+        (0..mblocks * nblocks).into_par_iter().for_each(task);
+    } else {
+        (0..mblocks * nblocks).for_each(task);
+    }
+}
+
+/// Computes the output rows × cols (cols within one NC block).
+fn block(
+    a: &QMatrix<'_>,
+    w: &PackedWeights,
+    plan: &Plan,
+    rowsums: &[i32],
+    sink: &Sink,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    let mut tile: Tile = [[0; TILE_COLS]; TILE_ROWS];
+    let mr_max = match w.isa {
+        Isa::Avx512Vnni => 6,
+        Isa::Avx2 => 4,
+        Isa::Scalar => TILE_ROWS,
+    };
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let mr = mr_max.min(rows.end - r0);
+        match &w.packed {
+            #[cfg(target_arch = "x86_64")]
+            Packed::Vnni(p) => {
+                // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at
+                // packing); rows r0..r0+mr and columns `cols` lie inside `a`, `p` and the
+                // tile, as `check` established.
+                unsafe {
+                    crate::x86::vnni_tile(
+                        a,
+                        r0,
+                        mr,
+                        p,
+                        w.k,
+                        cols.start / VNNI_LANES,
+                        cols.len(),
+                        &mut tile,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Packed::Avx2(p) => {
+                // SAFETY: as above, for AVX2.
+                unsafe {
+                    crate::x86::avx2_tile(
+                        a,
+                        r0,
+                        mr,
+                        p,
+                        w.k,
+                        cols.start / AVX2_LANES,
+                        cols.len(),
+                        &mut tile,
+                    )
+                }
+            }
+            _ => scalar_tile(a, r0, mr, w, cols.clone(), &mut tile),
+        }
+        let simd = w.isa >= Isa::Avx2;
+        for r in 0..mr {
+            let i = r0 + r;
+            let rowsum = if plan.has_zw { rowsums[i] } else { 0 };
+            let acc = &tile[r][..cols.len()];
+            epilogue_row(simd, plan, acc, rowsum, cols.start, sink, i);
+        }
+        r0 += mr;
+    }
+}
+
+/// The scalar micro-kernel: plain dot products from the row-major weights.
+fn scalar_tile(
+    a: &QMatrix<'_>,
+    r0: usize,
+    mr: usize,
+    w: &PackedWeights,
+    cols: std::ops::Range<usize>,
+    tile: &mut Tile,
+) {
+    for r in 0..mr {
+        let row = &a.data[(r0 + r) * a.lda..(r0 + r) * a.lda + a.k];
+        for (c, j) in cols.clone().enumerate() {
+            let wr = &w.raw[j * w.k..(j + 1) * w.k];
+            tile[r][c] = row
+                .iter()
+                .zip(wr)
+                .fold(0i32, |s, (&x, &y)| s.wrapping_add(x as i32 * y as i32));
+        }
+    }
+}
+
+fn epilogue_row(
+    simd: bool,
+    plan: &Plan,
+    acc: &[i32],
+    rowsum: i32,
+    j0: usize,
+    sink: &Sink,
+    i: usize,
+) {
+    let n = acc.len();
+    let base = i * sink.ldc + j0;
+    match sink.kind {
+        SinkKind::U8 => {
+            // SAFETY: the task owning row i and columns j0..j0+n is the only writer of these
+            // n elements, which `check` proved lie inside the output buffer.
+            let out = unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut u8).add(base), n) };
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is set only for weights packed for AVX2 or better, which
+                // packing allowed only on a CPU that has AVX2.
+                done = unsafe { crate::x86::epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
+            }
+            let _ = simd;
+            for c in done..n {
+                let j = j0 + c;
+                let raw = acc[c]
+                    .wrapping_sub(plan.colterm[j])
+                    .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
+                out[c] = requantize_scalar(
+                    raw,
+                    plan.bias_term[j],
+                    plan.mult[j],
+                    plan.zo,
+                    plan.lo,
+                    plan.hi,
+                ) as u8;
+            }
+        }
+        SinkKind::I32 => {
+            // SAFETY: as for U8.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut i32).add(base), n) };
+            for c in 0..n {
+                let j = j0 + c;
+                out[c] = acc[c]
+                    .wrapping_sub(plan.colterm[j])
+                    .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
+            }
+        }
+        SinkKind::F32 => {
+            // SAFETY: as for U8.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut f32).add(base), n) };
+            for c in 0..n {
+                let j = j0 + c;
+                let raw = acc[c]
+                    .wrapping_sub(plan.colterm[j])
+                    .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
+                out[c] = raw as f32 * plan.ab_scale[j] + plan.bias[j];
+            }
+        }
+    }
+}

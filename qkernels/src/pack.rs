@@ -1,0 +1,198 @@
+//! Weight pre-packing: done once, when a model is converted.
+
+use qtensor::isa::Isa;
+use qtensor::{QError, QParams, QTensor, Result};
+
+/// Largest reduction length K for which every int32 sum is exact: with u8 activations and i8
+/// weights, `|Σ (a - za)(w - zw)| <= K * 255 * 255`, which fits in i32 for K <= 33025.
+/// Intermediate sums may wrap; the final one cannot, so wrapping i32 arithmetic is exact.
+pub const MAX_K: usize = (i32::MAX as usize) / (255 * 255);
+
+/// Output channels per VNNI panel (one zmm of i32 lanes).
+pub(crate) const VNNI_LANES: usize = 16;
+/// Output channels per AVX2 panel (one ymm of i32 lanes).
+pub(crate) const AVX2_LANES: usize = 8;
+
+/// Int8 weights of a linear layer (or a convolution seen as one), `N` outputs by `K` inputs,
+/// with their quantization parameters, pre-packed for the instruction set that will run them.
+///
+/// Built once at conversion; immutable and `Sync`, so one packed layer serves every thread.
+#[derive(Clone, Debug)]
+pub struct PackedWeights {
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) isa: Isa,
+    /// Per output channel (one entry repeated for per-tensor weights).
+    pub(crate) scales: Vec<f32>,
+    pub(crate) zero_points: Vec<i32>,
+    pub(crate) per_channel: bool,
+    /// `Σ_k w[j][k] - zw[j] * K`: FBGEMM's column offsets, for the activation zero point.
+    pub(crate) col_offsets: Vec<i32>,
+    /// Row-major `N x K`: the scalar kernel's layout, and the source of truth.
+    pub(crate) raw: Vec<i8>,
+    /// ISA-specific layout (empty for the scalar tier).
+    pub(crate) packed: Packed,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Packed {
+    None,
+    /// Panels of 16 columns; within a panel, for each group of 4 k: 16 x 4 bytes.
+    Vnni(Vec<i8>),
+    /// Panels of 8 columns; within a panel, for each pair of k: 8 x 2 i16.
+    Avx2(Vec<i16>),
+}
+
+impl PackedWeights {
+    /// Packs `weights` (shape `[N, K]`, or any shape `[N, ...]` flattened to `[N, K]`, e.g. a
+    /// conv weight in OHWI order) for the instruction set [`qtensor::isa::selected`] picks.
+    ///
+    /// # Errors
+    /// Weights that are not per-tensor or per-channel along axis 0, `N` or `K` zero, or
+    /// `K > MAX_K`.
+    pub fn new(weights: &QTensor<i8>) -> Result<Self> {
+        Self::with_isa(qtensor::isa::selected(), weights)
+    }
+
+    /// [`PackedWeights::new`] for an explicit instruction set (capped to what the CPU has).
+    ///
+    /// # Errors
+    /// As [`PackedWeights::new`].
+    pub fn with_isa(isa: Isa, weights: &QTensor<i8>) -> Result<Self> {
+        const OP: &str = "PackedWeights::new";
+        let shape = weights.shape();
+        if shape.len() < 2 || shape[0] == 0 || shape[1..].iter().product::<usize>() == 0 {
+            return Err(QError::Unsupported {
+                op: OP,
+                reason: format!(
+                    "weights of shape {shape:?} cannot be packed: expected [out_channels, ...] \
+                     with at least one output and one input element"
+                ),
+            });
+        }
+        let n = shape[0];
+        let k: usize = shape[1..].iter().product();
+        if k > MAX_K {
+            return Err(QError::Unsupported {
+                op: OP,
+                reason: format!(
+                    "reduction length K = {k} (weights {shape:?}) exceeds {MAX_K}, beyond which \
+                     int32 accumulation could overflow; split the layer along its inputs"
+                ),
+            });
+        }
+        let (scales, zero_points, per_channel) = match weights.params() {
+            QParams::PerTensor { scale, zero_point } => {
+                (vec![*scale; n], vec![*zero_point; n], false)
+            }
+            QParams::PerChannel(pc) if pc.axis() == 0 => {
+                (pc.scales().to_vec(), pc.zero_points().to_vec(), true)
+            }
+            QParams::PerChannel(pc) => {
+                return Err(QError::Unsupported {
+                    op: OP,
+                    reason: format!(
+                        "per-channel weights must be quantized along axis 0 (output channels), \
+                         these are along axis {} of shape {shape:?}",
+                        pc.axis()
+                    ),
+                })
+            }
+        };
+        let raw = weights.as_slice().to_vec();
+        let col_offsets = (0..n)
+            .map(|j| {
+                let s: i32 = raw[j * k..(j + 1) * k].iter().map(|&w| w as i32).sum();
+                s.wrapping_sub(zero_points[j].wrapping_mul(k as i32))
+            })
+            .collect();
+        let isa = isa.capped_to_supported();
+        let packed = match isa {
+            Isa::Scalar => Packed::None,
+            Isa::Avx2 => Packed::Avx2(pack_avx2(&raw, n, k)),
+            Isa::Avx512Vnni => Packed::Vnni(pack_vnni(&raw, n, k)),
+        };
+        Ok(PackedWeights {
+            n,
+            k,
+            isa,
+            scales,
+            zero_points,
+            per_channel,
+            col_offsets,
+            raw,
+            packed,
+        })
+    }
+
+    /// Output channels.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Reduction length.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// The instruction set the weights are packed for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    /// Whether the weights carry one scale per output channel.
+    pub fn is_per_channel(&self) -> bool {
+        self.per_channel
+    }
+    /// Per-output-channel scales.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    /// Per-output-channel zero points.
+    pub fn zero_points(&self) -> &[i32] {
+        &self.zero_points
+    }
+    /// The weights, row-major `N x K`.
+    pub fn raw(&self) -> &[i8] {
+        &self.raw
+    }
+    /// Whether every weight zero point is 0 (symmetric weights need no activation row sums).
+    pub fn is_symmetric(&self) -> bool {
+        self.zero_points.iter().all(|&z| z == 0)
+    }
+}
+
+pub(crate) fn vnni_panel_len(k: usize) -> usize {
+    k.div_ceil(4) * 4 * VNNI_LANES
+}
+
+fn pack_vnni(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+    let groups = k.div_ceil(4);
+    let panels = n.div_ceil(VNNI_LANES);
+    let mut out = vec![0i8; panels * vnni_panel_len(k)];
+    for j in 0..n {
+        let (p, lane) = (j / VNNI_LANES, j % VNNI_LANES);
+        let base = p * vnni_panel_len(k);
+        for kk in 0..k {
+            let (g, byte) = (kk / 4, kk % 4);
+            out[base + g * 4 * VNNI_LANES + lane * 4 + byte] = raw[j * k + kk];
+        }
+    }
+    debug_assert_eq!(out.len(), panels * groups * 4 * VNNI_LANES);
+    out
+}
+
+pub(crate) fn avx2_panel_len(k: usize) -> usize {
+    k.div_ceil(2) * 2 * AVX2_LANES
+}
+
+fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Vec<i16> {
+    let panels = n.div_ceil(AVX2_LANES);
+    let mut out = vec![0i16; panels * avx2_panel_len(k)];
+    for j in 0..n {
+        let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
+        let base = p * avx2_panel_len(k);
+        for kk in 0..k {
+            let (g, half) = (kk / 2, kk % 2);
+            out[base + g * 2 * AVX2_LANES + lane * 2 + half] = raw[j * k + kk] as i16;
+        }
+    }
+    out
+}

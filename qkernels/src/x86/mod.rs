@@ -1,0 +1,268 @@
+//! x86-64 micro-kernels: AVX-512 VNNI and AVX2, each the twin of the scalar kernel in
+//! `gemm.rs`, and the AVX2 requantization epilogue.
+//!
+//! Callers reach these only through `gemm`, after packing checked the CPU: every function
+//! here is `unsafe` with the CPU feature as its precondition.
+
+use std::arch::x86_64::*;
+use std::ptr;
+
+use crate::gemm::{Plan, QMatrix, Tile, REQUANT_LIMIT};
+use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
+
+/// Four consecutive activation bytes of row `row` from column `k0`, zero beyond `k`.
+///
+/// # Safety
+/// `row` starts a row of at least `k` readable bytes; `k0 < k`.
+#[inline(always)]
+unsafe fn a_quad(row: *const u8, k0: usize, k: usize) -> i32 {
+    if k0 + 4 <= k {
+        // SAFETY: k0 + 4 <= k bytes of the row are readable (caller's precondition).
+        unsafe { ptr::read_unaligned(row.add(k0).cast::<i32>()) }
+    } else {
+        let mut w = 0u32;
+        for t in 0..k - k0 {
+            // SAFETY: k0 + t < k.
+            w |= (unsafe { *row.add(k0 + t) } as u32) << (8 * t);
+        }
+        w as i32
+    }
+}
+
+/// MR rows x NV vectors of 16 columns, full K, with `vpdpbusd`: exact int32 sums of u8 x i8
+/// products (no 16-bit intermediate, unlike `vpmaddubsw`).
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI available; `a` holds rows r0..r0+MR; `b` points at panel `p0` of a VNNI
+/// packing of this K with at least NV panels from there; MR <= 6 and NV <= 4.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni_kernel<const MR: usize, const NV: usize>(
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i8,
+    tile: &mut Tile,
+) {
+    let panel = vnni_panel_len(k);
+    let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+    let full = k / 4;
+    // One k-group: load NV weight vectors, then one broadcast and NV dot products per row.
+    macro_rules! group {
+        ($g:expr, $quad:expr) => {{
+            let g = $g;
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, bvv) in bv.iter_mut().enumerate() {
+                // SAFETY: panel v holds ceil(k/4) groups of 64 bytes and g < ceil(k/4).
+                *bvv = unsafe { _mm512_loadu_si512(b.add(v * panel + g * 4 * VNNI_LANES).cast()) };
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_epi32($quad(r, g));
+                for v in 0..NV {
+                    accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
+                }
+            }
+        }};
+    }
+    for g in 0..full {
+        // SAFETY: 4g + 4 <= k bytes of row r are readable.
+        group!(g, |r: usize, g: usize| unsafe {
+            ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
+        });
+    }
+    if k % 4 != 0 {
+        // SAFETY: row r holds k readable bytes and 4 * full < k.
+        group!(full, |r: usize, g: usize| unsafe {
+            a_quad(a.add(r * lda), 4 * g, k)
+        });
+    }
+    for r in 0..MR {
+        for v in 0..NV {
+            // SAFETY: tile rows hold 64 i32; v < 4 so 16v + 16 <= 64.
+            unsafe {
+                _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v])
+            };
+        }
+    }
+}
+
+macro_rules! dispatch_tile {
+    ($kernel:ident, $mr:expr, $nv:expr, $args:tt; $( ($m:literal, $v:literal) ),* ) => {
+        match ($mr, $nv) {
+            $( ($m, $v) => $kernel::<$m, $v> $args, )*
+            _ => unreachable!("tile {}x{} outside the kernel table", $mr, $nv),
+        }
+    };
+}
+
+/// Fills `tile` with rows r0..r0+mr of `a` times `ncols` columns of the packed weights from
+/// panel `panel0`.
+///
+/// # Safety
+/// The CPU supports AVX-512 VNNI; `packed` is the VNNI packing of weights with this `k`;
+/// the rows exist in `a`; `ncols <= 64` columns exist from panel `panel0`; `mr <= 6`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn vnni_tile(
+    a: &QMatrix<'_>,
+    r0: usize,
+    mr: usize,
+    packed: &[i8],
+    k: usize,
+    panel0: usize,
+    ncols: usize,
+    tile: &mut Tile,
+) {
+    let nv = ncols.div_ceil(VNNI_LANES);
+    let ap = a.data[r0 * a.lda..].as_ptr();
+    let bp = packed[panel0 * vnni_panel_len(k)..].as_ptr();
+    // SAFETY: forwarded preconditions; the table covers every (mr, nv) with mr <= 6, nv <= 4.
+    unsafe {
+        dispatch_tile!(vnni_kernel, mr, nv, (ap, a.lda, k, bp, tile);
+            (1,1),(1,2),(1,3),(1,4),(2,1),(2,2),(2,3),(2,4),(3,1),(3,2),(3,3),(3,4),
+            (4,1),(4,2),(4,3),(4,4),(5,1),(5,2),(5,3),(5,4),(6,1),(6,2),(6,3),(6,4))
+    }
+}
+
+/// MR rows x NV vectors of 8 columns with `vpmaddwd` on i16 pairs: exact (each pair sum is at
+/// most 2 * 255 * 128, far inside i32).
+///
+/// # Safety
+/// AVX2 available; as for [`vnni_kernel`] with the AVX2 packing; MR <= 4 and NV <= 3.
+#[target_feature(enable = "avx2")]
+unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i16,
+    tile: &mut Tile,
+) {
+    let panel = avx2_panel_len(k);
+    let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+    let pairs = k.div_ceil(2);
+    for g in 0..pairs {
+        let mut bv = [_mm256_setzero_si256(); NV];
+        for (v, bvv) in bv.iter_mut().enumerate() {
+            // SAFETY: panel v holds `pairs` groups of 8 x 2 i16.
+            *bvv = unsafe { _mm256_loadu_si256(b.add(v * panel + g * 2 * AVX2_LANES).cast()) };
+        }
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let row = a.wrapping_add(r * lda);
+            // SAFETY: 2g < k, and 2g + 1 is read only when it is < k.
+            let (lo, hi) = unsafe {
+                (
+                    *row.add(2 * g) as i32,
+                    if 2 * g + 1 < k {
+                        *row.add(2 * g + 1) as i32
+                    } else {
+                        0
+                    },
+                )
+            };
+            let av = _mm256_set1_epi32(lo | (hi << 16));
+            for v in 0..NV {
+                accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(av, bv[v]));
+            }
+        }
+    }
+    for r in 0..MR {
+        for v in 0..NV {
+            // SAFETY: 8v + 8 <= 24 <= 64.
+            unsafe {
+                _mm256_storeu_si256(tile[r].as_mut_ptr().add(v * AVX2_LANES).cast(), acc[r][v])
+            };
+        }
+    }
+}
+
+/// AVX2 counterpart of [`vnni_tile`]; `ncols <= 64` is processed in strips of 24 columns.
+///
+/// # Safety
+/// The CPU supports AVX2; `packed` is the AVX2 packing of weights with this `k`; the rows
+/// exist; `ncols` columns exist from panel `panel0`; `mr <= 4`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn avx2_tile(
+    a: &QMatrix<'_>,
+    r0: usize,
+    mr: usize,
+    packed: &[i16],
+    k: usize,
+    panel0: usize,
+    ncols: usize,
+    tile: &mut Tile,
+) {
+    let ap = a.data[r0 * a.lda..].as_ptr();
+    let mut c0 = 0;
+    while c0 < ncols {
+        let nv = (ncols - c0).div_ceil(AVX2_LANES).min(3);
+        let bp = packed[(panel0 + c0 / AVX2_LANES) * avx2_panel_len(k)..].as_ptr();
+        let mut strip: Tile = [[0; 64]; 6];
+        // SAFETY: forwarded preconditions; the table covers mr <= 4, nv <= 3.
+        unsafe {
+            dispatch_tile!(avx2_kernel, mr, nv, (ap, a.lda, k, bp, &mut strip);
+                (1,1),(1,2),(1,3),(2,1),(2,2),(2,3),(3,1),(3,2),(3,3),(4,1),(4,2),(4,3))
+        }
+        for r in 0..mr {
+            let w = (nv * AVX2_LANES).min(64 - c0);
+            tile[r][c0..c0 + w].copy_from_slice(&strip[r][..w]);
+        }
+        c0 += nv * AVX2_LANES;
+    }
+}
+
+/// Requantizes one row of raw sums to u8, 8 columns at a time; returns how many columns it
+/// wrote (a multiple of 8), leaving the tail to the scalar reference. Bit-identical to
+/// `requantize_scalar`: the same f32 add, then multiply (no FMA), then round half to even
+/// (`cvtps_epi32` under the default MXCSR), clamp.
+///
+/// # Safety
+/// AVX2 available; `acc.len() == out.len()`; the plan covers columns j0..j0+acc.len().
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn epilogue_u8_avx2(
+    plan: &Plan,
+    acc: &[i32],
+    rowsum: i32,
+    j0: usize,
+    out: &mut [u8],
+) -> usize {
+    let n = acc.len().min(out.len());
+    let vrow = _mm256_set1_epi32(rowsum);
+    let vzo = _mm256_set1_epi32(plan.zo);
+    let vlo = _mm256_set1_epi32(plan.lo);
+    let vhi = _mm256_set1_epi32(plan.hi);
+    let lim = _mm256_set1_ps(REQUANT_LIMIT);
+    let nlim = _mm256_set1_ps(-REQUANT_LIMIT);
+    // Byte 0 of each i32 lane, gathered into the low 4 bytes of each 128-bit half.
+    let gather = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, -1,
+    );
+    let mut c = 0;
+    while c + 8 <= n {
+        let j = j0 + c;
+        // SAFETY: c + 8 <= n <= acc.len(); the plan's vectors have at least j0 + n entries.
+        let (x, colterm, bias, mult) = unsafe {
+            (
+                _mm256_loadu_si256(acc.as_ptr().add(c).cast()),
+                _mm256_loadu_si256(plan.colterm.as_ptr().add(j).cast()),
+                _mm256_loadu_ps(plan.bias_term.as_ptr().add(j)),
+                _mm256_loadu_ps(plan.mult.as_ptr().add(j)),
+            )
+        };
+        let mut raw = _mm256_sub_epi32(x, colterm);
+        if plan.has_zw {
+            // SAFETY: as above.
+            let zw = unsafe { _mm256_loadu_si256(plan.zw.as_ptr().add(j).cast()) };
+            raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(vrow, zw));
+        }
+        let f = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(raw), bias), mult);
+        let f = _mm256_min_ps(_mm256_max_ps(f, nlim), lim);
+        let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), vzo);
+        let q = _mm256_min_epi32(_mm256_max_epi32(q, vlo), vhi);
+        let bytes = _mm256_shuffle_epi8(q, gather);
+        let lo = _mm256_cvtsi256_si32(bytes) as u32 as u64;
+        let hi = _mm256_extract_epi32::<4>(bytes) as u32 as u64;
+        // SAFETY: c + 8 <= n <= out.len().
+        unsafe { ptr::write_unaligned(out.as_mut_ptr().add(c).cast::<u64>(), lo | (hi << 32)) };
+        c += 8;
+    }
+    c
+}

@@ -1,0 +1,229 @@
+//! The GEMM on every instruction set and thread count equals a naive i64 reference.
+
+use proptest::prelude::*;
+use qkernels::{gemm, Activation, GemmOutput, OutputQuant, PackedWeights, QMatrix};
+use qtensor::{QParams, QTensor, QuantRange};
+
+#[derive(Debug, Clone)]
+struct Case {
+    m: usize,
+    k: usize,
+    n: usize,
+    lda_pad: usize,
+    a: Vec<u8>,
+    w: Vec<i8>,
+    za: i32,
+    per_channel: bool,
+    zw: Vec<i32>,
+    sw: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    out: OutputQuant,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        1usize..20,
+        prop_oneof![1usize..70, 60usize..300],
+        prop_oneof![1usize..40, 60usize..140],
+        0usize..5,
+        any::<bool>(),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(m, k, n, lda_pad, per_channel, symmetric, seed)| {
+            let mut s = seed | 1;
+            let mut next = move || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s
+            };
+            let lda = k + lda_pad;
+            let a: Vec<u8> = (0..m * lda).map(|_| next() as u8).collect();
+            let w: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
+            let za = (next() % 256) as i32;
+            let chans = if per_channel { n } else { 1 };
+            let zw: Vec<i32> = (0..chans)
+                .map(|_| {
+                    if symmetric {
+                        0
+                    } else {
+                        (next() % 256) as i32 - 128
+                    }
+                })
+                .collect();
+            let sw: Vec<f32> = (0..chans)
+                .map(|_| 0.001 + (next() % 1000) as f32 * 1e-4)
+                .collect();
+            let bias = (next() % 3 != 0).then(|| {
+                (0..n)
+                    .map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3)
+                    .collect()
+            });
+            let activation =
+                [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize];
+            // An output scale that puts typical outputs across the u8 range.
+            let typical = (k as f32).sqrt() * 128.0 * 80.0 * 0.02 * 0.05;
+            let out = OutputQuant {
+                scale: typical / 100.0 * (0.5 + (next() % 100) as f32 / 100.0),
+                zero_point: (next() % 256) as i32,
+                activation,
+            };
+            Case {
+                m,
+                k,
+                n,
+                lda_pad,
+                a,
+                w,
+                za,
+                per_channel,
+                zw,
+                sw,
+                bias,
+                out,
+            }
+        })
+}
+
+fn weights(c: &Case) -> QTensor<i8> {
+    let params = if c.per_channel {
+        QParams::per_channel(c.sw.clone(), c.zw.clone(), 0).unwrap()
+    } else {
+        QParams::per_tensor(c.sw[0], c.zw[0]).unwrap()
+    };
+    QTensor::from_int_repr(
+        ndarray::Array2::from_shape_vec((c.n, c.k), c.w.clone()).unwrap(),
+        params,
+        QuantRange::full(qtensor::DType::I8),
+    )
+    .unwrap()
+}
+
+/// Σ (a - za)(w - zw) in i64: the definition.
+fn naive_raw(c: &Case) -> Vec<i64> {
+    let lda = c.k + c.lda_pad;
+    let mut out = vec![0i64; c.m * c.n];
+    for i in 0..c.m {
+        for j in 0..c.n {
+            let zw = c.zw[if c.per_channel { j } else { 0 }] as i64;
+            out[i * c.n + j] = (0..c.k)
+                .map(|kk| {
+                    (c.a[i * lda + kk] as i64 - c.za as i64) * (c.w[j * c.k + kk] as i64 - zw)
+                })
+                .sum();
+        }
+    }
+    out
+}
+
+fn run_u8(c: &Case, isa: qtensor::isa::Isa, threads: usize) -> Vec<u8> {
+    let packed = PackedWeights::with_isa(isa, &weights(c)).unwrap();
+    let a = QMatrix {
+        data: &c.a,
+        m: c.m,
+        k: c.k,
+        lda: c.k + c.lda_pad,
+        scale: 0.02,
+        zero_point: c.za,
+    };
+    let mut out = vec![0u8; c.m * c.n];
+    gemm(
+        &a,
+        &packed,
+        c.bias.as_deref(),
+        GemmOutput::U8 {
+            data: &mut out,
+            ldc: c.n,
+            quant: c.out,
+        },
+        threads,
+    )
+    .unwrap();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn every_isa_and_thread_count_matches_the_reference(c in case()) {
+        let raw = naive_raw(&c);
+        let (lo, hi) = c.out.bounds();
+        let expected: Vec<u8> = (0..c.m * c.n).map(|idx| {
+            let j = idx % c.n;
+            let sw = c.sw[if c.per_channel { j } else { 0 }];
+            let ab = 0.02f32 * sw;
+            let bias_term = c.bias.as_ref().map_or(0.0, |b| b[j] / ab);
+            qkernels::requantize_scalar(raw[idx] as i32, bias_term, ab / c.out.scale, c.out.zero_point, lo, hi) as u8
+        }).collect();
+        for isa in crate::isas_under_test() {
+            for threads in 1..=3 {
+                let got = run_u8(&c, isa, threads);
+                prop_assert_eq!(&got, &expected, "{} threads={}", isa, threads);
+            }
+            let packed = PackedWeights::with_isa(isa, &weights(&c)).unwrap();
+            let a = QMatrix { data: &c.a, m: c.m, k: c.k, lda: c.k + c.lda_pad, scale: 0.02, zero_point: c.za };
+            let mut out = vec![0i32; c.m * c.n];
+            gemm(&a, &packed, None, GemmOutput::I32 { data: &mut out, ldc: c.n }, 1).unwrap();
+            prop_assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw.clone(), "{} i32", isa);
+        }
+    }
+}
+
+#[test]
+fn the_largest_k_is_exact_and_beyond_it_is_an_error() {
+    let k = qkernels::MAX_K;
+    // Worst case: every product is (255 - 0) * (-128 - 127) in magnitude terms.
+    let c = Case {
+        m: 1,
+        k,
+        n: 2,
+        lda_pad: 0,
+        a: vec![255; k],
+        w: vec![-128; 2 * k],
+        za: 0,
+        per_channel: false,
+        zw: vec![127],
+        sw: vec![0.01],
+        bias: None,
+        out: OutputQuant {
+            scale: 1.0,
+            zero_point: 0,
+            activation: Activation::None,
+        },
+    };
+    let expected = naive_raw(&c);
+    assert!(expected[0].abs() <= i32::MAX as i64 && expected[0].abs() > i32::MAX as i64 - 65025);
+    for isa in crate::isas_under_test() {
+        let packed = PackedWeights::with_isa(isa, &weights(&c)).unwrap();
+        let a = QMatrix {
+            data: &c.a,
+            m: 1,
+            k,
+            lda: k,
+            scale: 0.02,
+            zero_point: 0,
+        };
+        let mut out = vec![0i32; 2];
+        gemm(
+            &a,
+            &packed,
+            None,
+            GemmOutput::I32 {
+                data: &mut out,
+                ldc: 2,
+            },
+            1,
+        )
+        .unwrap();
+        assert_eq!(out[0] as i64, expected[0], "{isa}");
+    }
+    let too_big = QTensor::<i8>::quantize(
+        &ndarray::Array2::<f32>::zeros((1, k + 1)),
+        QParams::per_tensor(1.0, 0).unwrap(),
+    )
+    .unwrap();
+    let err = PackedWeights::new(&too_big).unwrap_err().to_string();
+    assert!(err.contains("K = 33026") && err.contains("33025"), "{err}");
+}
