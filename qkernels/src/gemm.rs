@@ -144,14 +144,15 @@ pub fn requantize_scalar(raw: i32, bias_term: f32, mult: f32, zo: i32, lo: i32, 
 }
 
 impl Plan {
-    fn new(
-        a: &QMatrix<'_>,
+    pub(crate) fn new(
+        a_scale: f32,
+        a_zp: i32,
         w: &PackedWeights,
         bias: Option<&[f32]>,
         out_quant: Option<OutputQuant>,
     ) -> Self {
         let n = w.n;
-        let ab_scale: Vec<f32> = w.scales.iter().map(|&sw| a.scale * sw).collect();
+        let ab_scale: Vec<f32> = w.scales.iter().map(|&sw| a_scale * sw).collect();
         let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
         let bias_term = bias.iter().zip(&ab_scale).map(|(&b, &s)| b / s).collect();
         let (mult, zo, lo, hi) = match out_quant {
@@ -170,7 +171,7 @@ impl Plan {
             colterm: w
                 .col_offsets
                 .iter()
-                .map(|&c| a.zero_point.wrapping_mul(c))
+                .map(|&c| a_zp.wrapping_mul(c))
                 .collect(),
             zw: w.zero_points.clone(),
             has_zw: !w.is_symmetric(),
@@ -297,7 +298,7 @@ pub fn gemm(
         GemmOutput::U8 { quant, .. } => Some(*quant),
         _ => None,
     };
-    let plan = Plan::new(a, w, bias, quant);
+    let plan = Plan::new(a.scale, a.zero_point, w, bias, quant);
     let rowsums: Vec<i32> = if plan.has_zw {
         (0..a.m)
             .map(|i| {
@@ -467,6 +468,41 @@ fn scalar_tile(
     }
 }
 
+/// Requantizes raw sums `acc` of output columns `j0..j0 + acc.len()` (one row) into `out`,
+/// with AVX2 when `simd` (the caller has checked the CPU) and the scalar reference otherwise.
+pub(crate) fn requantize_row_u8(
+    simd: bool,
+    plan: &Plan,
+    acc: &[i32],
+    rowsum: i32,
+    j0: usize,
+    out: &mut [u8],
+) {
+    let n = acc.len();
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: callers set `simd` only for weights packed for AVX2 or better, which
+        // packing allowed only on a CPU that has AVX2.
+        done = unsafe { crate::x86::epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
+    }
+    let _ = simd;
+    for c in done..n {
+        let j = j0 + c;
+        let raw = acc[c]
+            .wrapping_sub(plan.colterm[j])
+            .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
+        out[c] = requantize_scalar(
+            raw,
+            plan.bias_term[j],
+            plan.mult[j],
+            plan.zo,
+            plan.lo,
+            plan.hi,
+        ) as u8;
+    }
+}
+
 fn epilogue_row(
     simd: bool,
     plan: &Plan,
@@ -483,28 +519,7 @@ fn epilogue_row(
             // SAFETY: the task owning row i and columns j0..j0+n is the only writer of these
             // n elements, which `check` proved lie inside the output buffer.
             let out = unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut u8).add(base), n) };
-            let mut done = 0;
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is set only for weights packed for AVX2 or better, which
-                // packing allowed only on a CPU that has AVX2.
-                done = unsafe { crate::x86::epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
-            }
-            let _ = simd;
-            for c in done..n {
-                let j = j0 + c;
-                let raw = acc[c]
-                    .wrapping_sub(plan.colterm[j])
-                    .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
-                out[c] = requantize_scalar(
-                    raw,
-                    plan.bias_term[j],
-                    plan.mult[j],
-                    plan.zo,
-                    plan.lo,
-                    plan.hi,
-                ) as u8;
-            }
+            requantize_row_u8(simd, plan, acc, rowsum, j0, out);
         }
         SinkKind::I32 => {
             // SAFETY: as for U8.

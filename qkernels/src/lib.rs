@@ -8,6 +8,7 @@
 //! Every kernel has a scalar twin; the SIMD versions (AVX-512 VNNI, AVX2) are chosen at run
 //! time through [`qtensor::isa`] and tested bit for bit against the scalar one.
 
+mod conv;
 mod gemm;
 mod pack;
 pub mod peak;
@@ -15,6 +16,7 @@ mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
 pub use gemm::{gemm, requantize_scalar, Activation, GemmOutput, OutputQuant, QMatrix};
 pub use pack::{PackedWeights, MAX_K};
 pub use qtensor::isa;

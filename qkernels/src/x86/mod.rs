@@ -266,3 +266,75 @@ pub(crate) unsafe fn epilogue_u8_avx2(
     }
     c
 }
+
+/// One output pixel of a depthwise convolution with symmetric weights: for every channel,
+/// `acc[c] = Σ_t x_t[c] * w_t[c]` over the taps (padding taps point at a row of zero points,
+/// so the epilogue's `za * Σ_t w_t` correction makes them count as real zeros).
+///
+/// Channels go 64 at a time; taps 4 at a time. Byte unpacks interleave four taps' 64
+/// channels into four vectors whose 32-bit lanes hold one channel's four tap values, in the
+/// order `16l + 4q + d` (vector q, 128-bit lane l, dword d); `vpdpbusd` then does four taps
+/// of sixteen channels per instruction; a 4 x 4 transpose of 128-bit lanes restores channel
+/// order before the store.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI available; each `taps[i]` holds at least `c` bytes; `acc` holds `c`
+/// rounded up to 64; `packed` is `pack_depthwise_vnni` of these weights (c channels,
+/// `taps.len()` taps).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn depthwise_vnni_pixel(
+    taps: &[&[u8]],
+    c: usize,
+    packed: &[i8],
+    acc: &mut [i32],
+) {
+    let t = taps.len();
+    let groups = t.div_ceil(4);
+    let blocks = c.div_ceil(64);
+    for b in 0..blocks {
+        let valid = (c - 64 * b).min(64);
+        let mask: __mmask64 = if valid == 64 { !0 } else { (1u64 << valid) - 1 };
+        let mut r = [_mm512_setzero_si512(); 4];
+        for g in 0..groups {
+            let mut x = [_mm512_setzero_si512(); 4];
+            for (i, xi) in x.iter_mut().enumerate() {
+                let tap = (4 * g + i).min(t - 1); // past the last tap the weights are 0
+                                                  // SAFETY: the masked load reads only the `valid` bytes 64b..64b+valid < c
+                                                  // of a tap slice that holds c bytes.
+                *xi =
+                    unsafe { _mm512_maskz_loadu_epi8(mask, taps[tap].as_ptr().add(64 * b).cast()) };
+            }
+            let lo01 = _mm512_unpacklo_epi8(x[0], x[1]);
+            let hi01 = _mm512_unpackhi_epi8(x[0], x[1]);
+            let lo23 = _mm512_unpacklo_epi8(x[2], x[3]);
+            let hi23 = _mm512_unpackhi_epi8(x[2], x[3]);
+            let quads = [
+                _mm512_unpacklo_epi16(lo01, lo23),
+                _mm512_unpackhi_epi16(lo01, lo23),
+                _mm512_unpacklo_epi16(hi01, hi23),
+                _mm512_unpackhi_epi16(hi01, hi23),
+            ];
+            let wbase = (b * groups + g) * 256;
+            for q in 0..4 {
+                // SAFETY: the packing holds blocks * groups * 256 bytes.
+                let w = unsafe { _mm512_loadu_si512(packed.as_ptr().add(wbase + 64 * q).cast()) };
+                r[q] = _mm512_dpbusd_epi32(r[q], quads[q], w);
+            }
+        }
+        // r[q] lane l = channels 16l + 4q .. +3; transpose the 4 x 4 grid of 128-bit lanes.
+        let t0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[0], r[1]);
+        let t1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[0], r[1]);
+        let t2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[2], r[3]);
+        let t3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[2], r[3]);
+        let v = [
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t2),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t2),
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(t1, t3),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(t1, t3),
+        ];
+        for (l, vl) in v.into_iter().enumerate() {
+            // SAFETY: acc holds c rounded up to 64 >= 64b + 16l + 16 entries.
+            unsafe { _mm512_storeu_si512(acc.as_mut_ptr().add(64 * b + 16 * l).cast(), vl) };
+        }
+    }
+}

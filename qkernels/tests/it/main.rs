@@ -1,5 +1,6 @@
 //! qkernels' integration tests: one binary, one module per concern.
 
+mod conv;
 mod gemm;
 
 /// Every instruction set this CPU supports (conformance tests run each explicitly). Under

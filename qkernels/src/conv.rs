@@ -1,0 +1,589 @@
+//! Int8 conv2d on NHWC activations: 1x1 convolutions as a plain GEMM over the input (no
+//! copy), k x k convolutions through a chunked im2col into a reused per-thread buffer, and
+//! depthwise convolutions through their own kernel.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use qtensor::isa::Isa;
+use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
+
+use crate::gemm::{
+    gemm, requantize_row_u8, requantize_scalar, GemmOutput, OutputQuant, Plan, QMatrix,
+};
+use crate::pack::PackedWeights;
+
+/// `u8` activations in NHWC layout (batch, height, width, channels), with their quantization.
+#[derive(Clone, Copy, Debug)]
+pub struct QImage<'a> {
+    /// `n * h * w * c` values, channels fastest.
+    pub data: &'a [u8],
+    /// Batch.
+    pub n: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// Channels.
+    pub c: usize,
+    /// Scale.
+    pub scale: f32,
+    /// Zero point, `0..=255`.
+    pub zero_point: i32,
+}
+
+/// Stride, padding, dilation (each as `[height, width]`) and groups of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    /// Step between output pixels.
+    pub stride: [usize; 2],
+    /// Implicit zero padding on each side.
+    pub padding: [usize; 2],
+    /// Spacing between kernel taps.
+    pub dilation: [usize; 2],
+    /// Channel groups (`groups == channels` is a depthwise convolution).
+    pub groups: usize,
+}
+
+impl Default for Conv2dGeometry {
+    fn default() -> Self {
+        Conv2dGeometry {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+/// A convolution's weights, packed once, and its bias.
+#[derive(Clone, Debug)]
+pub struct PackedConv2d {
+    oc: usize,
+    ic: usize,
+    kh: usize,
+    kw: usize,
+    geom: Conv2dGeometry,
+    bias: Option<Vec<f32>>,
+    kind: ConvKind,
+}
+
+#[derive(Clone, Debug)]
+enum ConvKind {
+    /// One packed GEMM operand per group, `[oc / groups, kh * kw * ic / groups]`.
+    Gemm(Vec<PackedWeights>),
+    /// `taps` is `[c, kh * kw]` (scalar layout); `vnni` the interleaved layout of the
+    /// AVX-512 kernel when the weights are symmetric and the CPU has VNNI.
+    Depthwise {
+        taps: PackedWeights,
+        vnni: Option<Vec<i8>>,
+    },
+}
+
+const OP: &str = "qkernels::conv2d";
+
+impl PackedConv2d {
+    /// Packs OHWI weights (`[out_channels, kh, kw, in_channels / groups]`, per-tensor or
+    /// per-channel along axis 0) and an optional `f32` bias for the instruction set
+    /// [`qtensor::isa::selected`] picks.
+    ///
+    /// # Errors
+    /// Weights that are not 4-D, channels not divisible by `groups`, a zero stride or
+    /// dilation, a bias of the wrong length or with non-finite values.
+    pub fn new(weights: &QTensor<i8>, bias: Option<&[f32]>, geom: Conv2dGeometry) -> Result<Self> {
+        Self::with_isa(qtensor::isa::selected(), weights, bias, geom)
+    }
+
+    /// [`PackedConv2d::new`] for an explicit instruction set (capped to what the CPU has).
+    ///
+    /// # Errors
+    /// As [`PackedConv2d::new`].
+    pub fn with_isa(
+        isa: Isa,
+        weights: &QTensor<i8>,
+        bias: Option<&[f32]>,
+        geom: Conv2dGeometry,
+    ) -> Result<Self> {
+        let shape = weights.shape();
+        let bad = |reason: String| QError::Unsupported { op: OP, reason };
+        if shape.len() != 4 {
+            return Err(bad(format!(
+                "conv weights must be 4-D [out_channels, kh, kw, in_channels/groups] (OHWI), got shape {shape:?}"
+            )));
+        }
+        let (oc, kh, kw, icg) = (shape[0], shape[1], shape[2], shape[3]);
+        let g = geom.groups;
+        if g == 0 || oc % g != 0 || oc == 0 || kh == 0 || kw == 0 || icg == 0 {
+            return Err(bad(format!(
+                "weights {shape:?} with groups = {g}: out_channels must be a non-zero multiple of groups"
+            )));
+        }
+        if geom.stride.contains(&0) || geom.dilation.contains(&0) {
+            return Err(bad(format!(
+                "stride {:?} and dilation {:?} must be >= 1",
+                geom.stride, geom.dilation
+            )));
+        }
+        if let Some(b) = bias {
+            if b.len() != oc {
+                return Err(QError::ShapeMismatch {
+                    op: OP,
+                    expected: vec![oc],
+                    actual: vec![b.len()],
+                    hint: "give one bias value per output channel",
+                });
+            }
+            if let Some(j) = b.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!("bias[{j}] = {} is not finite", b[j])));
+            }
+        }
+        let ic = icg * g;
+        let ocg = oc / g;
+        let isa = isa.capped_to_supported();
+        let kind = if g == ic && g == oc && icg == 1 {
+            let taps = QTensor::from_int_repr(
+                ndarray::Array2::from_shape_vec((oc, kh * kw), weights.as_slice().to_vec())
+                    .expect("OHWI with I = 1"),
+                weights.params().clone(),
+                weights.range(),
+            )?;
+            let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
+            let vnni =
+                (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
+            ConvKind::Depthwise { taps, vnni }
+        } else {
+            let k = kh * kw * icg;
+            let mut groups = Vec::with_capacity(g);
+            for gi in 0..g {
+                let rows = &weights.as_slice()[gi * ocg * k..(gi + 1) * ocg * k];
+                let params = match weights.params() {
+                    QParams::PerTensor { .. } => weights.params().clone(),
+                    QParams::PerChannel(pc) => QParams::per_channel(
+                        pc.scales()[gi * ocg..(gi + 1) * ocg].to_vec(),
+                        pc.zero_points()[gi * ocg..(gi + 1) * ocg].to_vec(),
+                        0,
+                    )?,
+                };
+                let t = QTensor::from_int_repr(
+                    ndarray::Array2::from_shape_vec((ocg, k), rows.to_vec()).expect("group slice"),
+                    params,
+                    weights.range(),
+                )?;
+                groups.push(PackedWeights::with_isa(isa, &t)?);
+            }
+            ConvKind::Gemm(groups)
+        };
+        Ok(PackedConv2d {
+            oc,
+            ic,
+            kh,
+            kw,
+            geom,
+            bias: bias.map(<[f32]>::to_vec),
+            kind,
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.oc
+    }
+    /// Input channels.
+    pub fn in_channels(&self) -> usize {
+        self.ic
+    }
+    /// Whether the depthwise kernel runs this convolution.
+    pub fn is_depthwise(&self) -> bool {
+        matches!(self.kind, ConvKind::Depthwise { .. })
+    }
+
+    /// Output height and width for an input of `h x w`.
+    ///
+    /// # Errors
+    /// When the (padded) input is smaller than the dilated kernel.
+    pub fn output_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let dim = |inp: usize, k: usize, s: usize, p: usize, d: usize| {
+            let span = d * (k - 1) + 1;
+            (inp + 2 * p >= span).then(|| (inp + 2 * p - span) / s + 1)
+        };
+        let g = &self.geom;
+        match (dim(h, self.kh, g.stride[0], g.padding[0], g.dilation[0]), dim(w, self.kw, g.stride[1], g.padding[1], g.dilation[1])) {
+            (Some(oh), Some(ow)) => Ok((oh, ow)),
+            _ => Err(QError::Unsupported {
+                op: OP,
+                reason: format!(
+                    "input {h}x{w} with padding {:?} is smaller than the {}x{} kernel dilated by {:?}; \
+                     use a larger input or more padding",
+                    g.padding, self.kh, self.kw, g.dilation
+                ),
+            }),
+        }
+    }
+
+    /// Runs the convolution, writing requantized `u8` NHWC output (`n * oh * ow * oc`).
+    /// `threads` threads share the work; the result is bit-identical for every count.
+    ///
+    /// # Errors
+    /// An input whose channels or buffer do not match, an output buffer of the wrong length,
+    /// invalid scales or zero points.
+    pub fn forward_u8(
+        &self,
+        x: &QImage<'_>,
+        quant: OutputQuant,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        if x.c != self.ic {
+            return Err(QError::ShapeMismatch {
+                op: OP,
+                expected: vec![x.n, x.h, x.w, self.ic],
+                actual: vec![x.n, x.h, x.w, x.c],
+                hint: "the input's channel count (NHWC, last) must equal the layer's in_channels",
+            });
+        }
+        if x.data.len() != x.n * x.h * x.w * x.c {
+            return Err(QError::ShapeMismatch {
+                op: OP,
+                expected: vec![x.n * x.h * x.w * x.c],
+                actual: vec![x.data.len()],
+                hint: "the input buffer must hold exactly n * h * w * c values",
+            });
+        }
+        let (oh, ow) = self.output_hw(x.h, x.w)?;
+        if out.len() != x.n * oh * ow * self.oc {
+            return Err(QError::ShapeMismatch {
+                op: OP,
+                expected: vec![x.n, oh, ow, self.oc],
+                actual: vec![out.len()],
+                hint: "the output buffer must hold n * oh * ow * out_channels values",
+            });
+        }
+        qtensor::QParams::per_tensor(x.scale, x.zero_point)?;
+        qtensor::QParams::per_tensor(quant.scale, quant.zero_point)?;
+        for (zp, what) in [(x.zero_point, "input"), (quant.zero_point, "output")] {
+            if !(0..=255).contains(&zp) {
+                return Err(QError::Unsupported {
+                    op: OP,
+                    reason: format!("{what} zero point {zp} is outside 0..=255 (u8)"),
+                });
+            }
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        match &self.kind {
+            ConvKind::Gemm(groups) => self.forward_gemm(groups, x, quant, out, oh, ow, threads),
+            ConvKind::Depthwise { taps, vnni } => {
+                let plan = Plan::new(
+                    x.scale,
+                    x.zero_point,
+                    taps,
+                    self.bias.as_deref(),
+                    Some(quant),
+                );
+                crate::threads::run_with(threads, || {
+                    self.forward_depthwise(
+                        taps,
+                        vnni.as_deref(),
+                        &plan,
+                        x,
+                        out,
+                        oh,
+                        ow,
+                        threads > 1,
+                    )
+                });
+                Ok(())
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_gemm(
+        &self,
+        groups: &[PackedWeights],
+        x: &QImage<'_>,
+        quant: OutputQuant,
+        out: &mut [u8],
+        oh: usize,
+        ow: usize,
+        threads: usize,
+    ) -> Result<()> {
+        let g = &self.geom;
+        let ng = groups.len();
+        let (icg, ocg) = (self.ic / ng, self.oc / ng);
+        let rows = x.n * oh * ow;
+        let bias = |gi: usize| self.bias.as_ref().map(|b| &b[gi * ocg..(gi + 1) * ocg]);
+        let pointwise = self.kh == 1 && self.kw == 1 && g.stride == [1, 1] && g.padding == [0, 0];
+        if pointwise {
+            for (gi, w) in groups.iter().enumerate() {
+                let a = QMatrix {
+                    data: &x.data[gi * icg..],
+                    m: rows,
+                    k: icg,
+                    lda: x.c,
+                    scale: x.scale,
+                    zero_point: x.zero_point,
+                };
+                gemm(
+                    &a,
+                    w,
+                    bias(gi),
+                    GemmOutput::U8 {
+                        data: &mut out[gi * ocg..],
+                        ldc: self.oc,
+                        quant,
+                    },
+                    threads,
+                )?;
+            }
+            return Ok(());
+        }
+        let k = self.kh * self.kw * icg;
+        // About 128 KiB of im2col rows per chunk: produced and consumed while in L2.
+        let chunk = (131_072 / k).clamp(16, 4096).min(rows);
+        let nchunks = rows.div_ceil(chunk);
+        let run_chunk = |ci: usize, out_chunk: &mut [u8], gemm_threads: usize| -> Result<()> {
+            let r0 = ci * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            SCRATCH.with(|s| {
+                let mut buf = s.borrow_mut();
+                for (gi, w) in groups.iter().enumerate() {
+                    buf.clear();
+                    buf.resize((r1 - r0) * k, 0);
+                    self.im2col(x, gi * icg, icg, oh, ow, r0..r1, &mut buf);
+                    let a = QMatrix {
+                        data: &buf,
+                        m: r1 - r0,
+                        k,
+                        lda: k,
+                        scale: x.scale,
+                        zero_point: x.zero_point,
+                    };
+                    gemm(
+                        &a,
+                        w,
+                        bias(gi),
+                        GemmOutput::U8 {
+                            data: &mut out_chunk[gi * ocg..],
+                            ldc: self.oc,
+                            quant,
+                        },
+                        gemm_threads,
+                    )?;
+                }
+                Ok(())
+            })
+        };
+        if threads > 1 && nchunks >= 2 * threads {
+            crate::threads::run_with(threads, || {
+                out.par_chunks_mut(chunk * self.oc)
+                    .enumerate()
+                    .try_for_each(|(ci, oc)| run_chunk(ci, oc, 1))
+            })
+        } else {
+            out.chunks_mut(chunk * self.oc)
+                .enumerate()
+                .try_for_each(|(ci, oc)| run_chunk(ci, oc, threads))
+        }
+    }
+
+    /// Writes the im2col rows `rows` (output pixels, batch-major) for input channels
+    /// `c0..c0 + icg` into `buf` (`rows.len() x kh*kw*icg`), padding with the zero point so
+    /// that padding stands for real 0.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col(
+        &self,
+        x: &QImage<'_>,
+        c0: usize,
+        icg: usize,
+        oh: usize,
+        ow: usize,
+        rows: std::ops::Range<usize>,
+        buf: &mut [u8],
+    ) {
+        let g = &self.geom;
+        let zp = x.zero_point as u8;
+        let k = self.kh * self.kw * icg;
+        let contiguous_taps = g.dilation[1] == 1 && icg == x.c;
+        for (r, row) in rows.zip(buf.chunks_exact_mut(k)) {
+            let (b, rem) = (r / (oh * ow), r % (oh * ow));
+            let (oy, ox) = (rem / ow, rem % ow);
+            let img = &x.data[b * x.h * x.w * x.c..(b + 1) * x.h * x.w * x.c];
+            let mut dst = row.chunks_exact_mut(self.kw * icg);
+            for ky in 0..self.kh {
+                let seg = dst.next().expect("kh segments");
+                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                if iy < 0 || iy >= x.h as isize {
+                    seg.fill(zp);
+                    continue;
+                }
+                let ix0 = (ox * g.stride[1]) as isize - g.padding[1] as isize;
+                let ix_last = ix0 + ((self.kw - 1) * g.dilation[1]) as isize;
+                let line = &img[iy as usize * x.w * x.c..(iy as usize + 1) * x.w * x.c];
+                if contiguous_taps && ix0 >= 0 && ix_last < x.w as isize {
+                    let start = ix0 as usize * x.c;
+                    seg.copy_from_slice(&line[start..start + self.kw * x.c]);
+                    continue;
+                }
+                for (kx, tap) in seg.chunks_exact_mut(icg).enumerate() {
+                    let ix = ix0 + (kx * g.dilation[1]) as isize;
+                    if ix < 0 || ix >= x.w as isize {
+                        tap.fill(zp);
+                    } else {
+                        let start = ix as usize * x.c + c0;
+                        tap.copy_from_slice(&line[start..start + icg]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_depthwise(
+        &self,
+        taps: &PackedWeights,
+        vnni: Option<&[i8]>,
+        plan: &Plan,
+        x: &QImage<'_>,
+        out: &mut [u8],
+        oh: usize,
+        ow: usize,
+        parallel: bool,
+    ) {
+        let c = x.c;
+        let t = self.kh * self.kw;
+        let zp_row = vec![x.zero_point as u8; c.next_multiple_of(64)];
+        let g = &self.geom;
+        let row = |(orow, out_row): (usize, &mut [u8])| {
+            let (b, oy) = (orow / oh, orow % oh);
+            let img = &x.data[b * x.h * x.w * c..(b + 1) * x.h * x.w * c];
+            let mut ptrs: Vec<&[u8]> = Vec::with_capacity(t);
+            let mut acc = vec![0i32; c.next_multiple_of(64)];
+            for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
+                ptrs.clear();
+                for ky in 0..self.kh {
+                    let iy =
+                        (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                    for kx in 0..self.kw {
+                        let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                            - g.padding[1] as isize;
+                        if iy < 0 || iy >= x.h as isize || ix < 0 || ix >= x.w as isize {
+                            ptrs.push(&zp_row);
+                        } else {
+                            let p = (iy as usize * x.w + ix as usize) * c;
+                            ptrs.push(&img[p..p + c]);
+                        }
+                    }
+                }
+                match vnni {
+                    #[cfg(target_arch = "x86_64")]
+                    Some(packed) => {
+                        // SAFETY: `vnni` is Some only when packing found AVX-512 VNNI on this
+                        // CPU; every tap slice holds `c` readable bytes; `acc` holds c rounded
+                        // up to 64; `packed` is this layer's interleaved layout for (c, t).
+                        unsafe { crate::x86::depthwise_vnni_pixel(&ptrs, c, packed, &mut acc) };
+                        requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
+                    }
+                    _ => depthwise_scalar_pixel(&ptrs, taps, x.zero_point, plan, px),
+                }
+            }
+        };
+        let ow_c = ow * c;
+        if parallel {
+            out.par_chunks_mut(ow_c).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(ow_c).enumerate().for_each(row);
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The depthwise reference: `Σ_t (x_t - za)(w_t - zw)` per channel, then the FBGEMM
+/// requantization.
+fn depthwise_scalar_pixel(
+    ptrs: &[&[u8]],
+    taps: &PackedWeights,
+    za: i32,
+    plan: &Plan,
+    out: &mut [u8],
+) {
+    let t = ptrs.len();
+    for (ch, o) in out.iter_mut().enumerate() {
+        let zw = taps.zero_points[ch];
+        let w = &taps.raw[ch * t..(ch + 1) * t];
+        let raw = ptrs.iter().zip(w).fold(0i32, |s, (p, &wt)| {
+            s + (p[ch] as i32 - za) * (wt as i32 - zw)
+        });
+        *o = requantize_scalar(
+            raw,
+            plan.bias_term[ch],
+            plan.mult[ch],
+            plan.zo,
+            plan.lo,
+            plan.hi,
+        ) as u8;
+    }
+}
+
+/// Weight layout of the VNNI depthwise kernel: per block of 64 channels, per group of 4 taps,
+/// four 64-byte vectors `q`; byte `4 * (4l + d) + t` of vector `q` is the weight of channel
+/// `64b + 16l + 4q + d` at tap `4g + t` (0 past the last channel or tap). That is the order
+/// in which byte unpacks leave the activations (see `x86::depthwise_vnni_pixel`).
+fn pack_depthwise_vnni(taps: &PackedWeights) -> Vec<i8> {
+    let (c, t) = (taps.n, taps.k);
+    let (blocks, groups) = (c.div_ceil(64), t.div_ceil(4));
+    let mut out = vec![0i8; blocks * groups * 256];
+    for b in 0..blocks {
+        for g in 0..groups {
+            for q in 0..4 {
+                for l in 0..4 {
+                    for d in 0..4 {
+                        let ch = 64 * b + 16 * l + 4 * q + d;
+                        for tt in 0..4 {
+                            let tap = 4 * g + tt;
+                            if ch < c && tap < t {
+                                out[((b * groups + g) * 4 + q) * 64 + 4 * (4 * l + d) + tt] =
+                                    taps.raw[ch * t + tap];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Quantizes OHWI `f32` conv weights per output channel, symmetric `i8`, as PyTorch's
+/// default per-channel weight observer does: a convenience for tests and benchmarks.
+///
+/// # Errors
+/// As [`qtensor::choose_qparams_per_channel`].
+pub fn quantize_weights_per_channel(w: &ndarray::ArrayViewD<'_, f32>) -> Result<QTensor<i8>> {
+    let oc = w.shape()[0];
+    let per = w.len() / oc.max(1);
+    let data = w.as_standard_layout();
+    let flat = data.as_slice().expect("standard layout");
+    let (mut mins, mut maxs) = (vec![0.0f32; oc], vec![0.0f32; oc]);
+    for o in 0..oc {
+        let row = &flat[o * per..(o + 1) * per];
+        mins[o] = row.iter().copied().fold(f32::INFINITY, f32::min);
+        maxs[o] = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    }
+    let range = QuantRange::full(DType::I8);
+    let params = qtensor::choose_qparams_per_channel(
+        &mins,
+        &maxs,
+        0,
+        DType::I8,
+        qtensor::QScheme::Symmetric,
+        range,
+        qtensor::DEFAULT_EPS,
+    )?;
+    QTensor::quantize_in_range(w, params, range)
+}

@@ -1,0 +1,252 @@
+//! conv2d on every instruction set and thread count equals a naive reference, on random
+//! shapes: odd spatial sizes, strides, padding, dilation, groups, depthwise, fused ReLU.
+
+use proptest::prelude::*;
+use qkernels::{requantize_scalar, Activation, Conv2dGeometry, OutputQuant, PackedConv2d, QImage};
+use qtensor::{QParams, QTensor, QuantRange};
+
+#[derive(Debug, Clone)]
+pub struct ConvCase {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub oc: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub geom: Conv2dGeometry,
+    pub x: Vec<u8>,
+    pub za: i32,
+    pub sa: f32,
+    pub wt: Vec<i8>,
+    pub sw: Vec<f32>,
+    pub zw: Vec<i32>,
+    pub bias: Option<Vec<f32>>,
+    pub out: OutputQuant,
+}
+
+impl ConvCase {
+    pub fn weights(&self) -> QTensor<i8> {
+        let icg = self.c / self.geom.groups;
+        let params = if self.sw.len() == 1 {
+            QParams::per_tensor(self.sw[0], self.zw[0]).unwrap()
+        } else {
+            QParams::per_channel(self.sw.clone(), self.zw.clone(), 0).unwrap()
+        };
+        let arr =
+            ndarray::Array4::from_shape_vec((self.oc, self.kh, self.kw, icg), self.wt.clone())
+                .unwrap();
+        QTensor::from_int_repr(arr, params, QuantRange::full(qtensor::DType::I8)).unwrap()
+    }
+
+    pub fn image(&self) -> QImage<'_> {
+        QImage {
+            data: &self.x,
+            n: self.n,
+            h: self.h,
+            w: self.w,
+            c: self.c,
+            scale: self.sa,
+            zero_point: self.za,
+        }
+    }
+
+    /// Direct convolution in i64 over NHWC / OHWI, padding as real zeros, then the FBGEMM
+    /// requantization.
+    pub fn reference(&self) -> Option<Vec<u8>> {
+        let g = &self.geom;
+        let span = |k: usize, d: usize| d * (k - 1) + 1;
+        if self.h + 2 * g.padding[0] < span(self.kh, g.dilation[0])
+            || self.w + 2 * g.padding[1] < span(self.kw, g.dilation[1])
+        {
+            return None;
+        }
+        let oh = (self.h + 2 * g.padding[0] - span(self.kh, g.dilation[0])) / g.stride[0] + 1;
+        let ow = (self.w + 2 * g.padding[1] - span(self.kw, g.dilation[1])) / g.stride[1] + 1;
+        let (icg, ocg) = (self.c / g.groups, self.oc / g.groups);
+        let (lo, hi) = self.out.bounds();
+        let mut out = vec![0u8; self.n * oh * ow * self.oc];
+        for b in 0..self.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for o in 0..self.oc {
+                        let gi = o / ocg;
+                        let pc = if self.sw.len() == 1 { 0 } else { o };
+                        let mut raw = 0i64;
+                        for ky in 0..self.kh {
+                            for kx in 0..self.kw {
+                                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
+                                    - g.padding[0] as isize;
+                                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
+                                    - g.padding[1] as isize;
+                                if iy < 0
+                                    || ix < 0
+                                    || iy >= self.h as isize
+                                    || ix >= self.w as isize
+                                {
+                                    continue;
+                                }
+                                for ci in 0..icg {
+                                    let xv = self.x[((b * self.h + iy as usize) * self.w
+                                        + ix as usize)
+                                        * self.c
+                                        + gi * icg
+                                        + ci] as i64;
+                                    let wv = self.wt[((o * self.kh + ky) * self.kw + kx) * icg + ci]
+                                        as i64;
+                                    raw += (xv - self.za as i64) * (wv - self.zw[pc] as i64);
+                                }
+                            }
+                        }
+                        let ab = self.sa * self.sw[pc];
+                        let bias_term = self.bias.as_ref().map_or(0.0, |bb| bb[o] / ab);
+                        out[((b * oh + oy) * ow + ox) * self.oc + o] = requantize_scalar(
+                            raw as i32,
+                            bias_term,
+                            ab / self.out.scale,
+                            self.out.zero_point,
+                            lo,
+                            hi,
+                        )
+                            as u8;
+                    }
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+fn conv_case() -> impl Strategy<Value = ConvCase> {
+    let kind = prop_oneof![
+        Just("dense"),
+        Just("grouped"),
+        Just("depthwise"),
+        Just("pointwise")
+    ];
+    (
+        kind,
+        1usize..3,
+        1usize..10,
+        1usize..10,
+        1usize..4,
+        0usize..3,
+        1usize..3,
+        any::<bool>(),
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(kind, n, h, w, stride, pad, dil, per_channel, symmetric, seed)| {
+                let mut s = seed | 1;
+                let mut next = move || {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    s
+                };
+                let (c, oc, groups, k) = match kind {
+                    "dense" => (
+                        1 + (next() % 20) as usize,
+                        1 + (next() % 40) as usize,
+                        1,
+                        1 + (next() % 4) as usize,
+                    ),
+                    "grouped" => {
+                        let g = 2 + (next() % 3) as usize;
+                        (
+                            g * (1 + (next() % 5) as usize),
+                            g * (1 + (next() % 6) as usize),
+                            g,
+                            1 + (next() % 3) as usize,
+                        )
+                    }
+                    "depthwise" => {
+                        let c = 1 + (next() % 150) as usize;
+                        (c, c, c, 1 + (next() % 5) as usize)
+                    }
+                    _ => (1 + (next() % 70) as usize, 1 + (next() % 70) as usize, 1, 1),
+                };
+                let (kh, kw) = (
+                    k,
+                    if next() % 3 == 0 {
+                        1 + (next() % 3) as usize
+                    } else {
+                        k
+                    },
+                );
+                let pad = if kind == "pointwise" { 0 } else { pad };
+                let geom = Conv2dGeometry {
+                    stride: [stride, 1 + (stride % 2)],
+                    padding: [pad, pad],
+                    dilation: [dil, dil],
+                    groups,
+                };
+                let icg = c / groups;
+                let chans = if per_channel { oc } else { 1 };
+                let zw: Vec<i32> = (0..chans)
+                    .map(|_| {
+                        if symmetric {
+                            0
+                        } else {
+                            (next() % 41) as i32 - 20
+                        }
+                    })
+                    .collect();
+                let sw: Vec<f32> = (0..chans)
+                    .map(|_| 0.002 + (next() % 100) as f32 * 1e-4)
+                    .collect();
+                let activation =
+                    [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize];
+                let typical = ((kh * kw * icg) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01;
+                ConvCase {
+                    n,
+                    h,
+                    w,
+                    c,
+                    oc,
+                    kh,
+                    kw,
+                    geom,
+                    x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+                    za: (next() % 256) as i32,
+                    sa: 0.02,
+                    wt: (0..oc * kh * kw * icg).map(|_| next() as i8).collect(),
+                    sw,
+                    zw,
+                    bias: (next() % 2 == 0).then(|| {
+                        (0..oc)
+                            .map(|_| ((next() % 201) as f32 - 100.0) * 1e-2)
+                            .collect()
+                    }),
+                    out: OutputQuant {
+                        scale: typical * (0.2 + (next() % 100) as f32 / 100.0),
+                        zero_point: (next() % 256) as i32,
+                        activation,
+                    },
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn conv2d_matches_reference_on_every_isa_and_thread_count(case in conv_case()) {
+        let Some(expected) = case.reference() else {
+            // The kernel must say so too.
+            let p = PackedConv2d::new(&case.weights(), case.bias.as_deref(), case.geom).unwrap();
+            prop_assert!(p.output_hw(case.h, case.w).is_err());
+            return Ok(());
+        };
+        for isa in crate::isas_under_test() {
+            let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+            for threads in 1..=3 {
+                let mut out = vec![0u8; expected.len()];
+                packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+                prop_assert_eq!(&out, &expected, "{} threads={} depthwise={}", isa, threads, packed.is_depthwise());
+            }
+        }
+    }
+}
