@@ -9,6 +9,7 @@
 //! time through [`qtensor::isa`] and tested bit for bit against the scalar one.
 
 mod conv;
+mod float;
 mod gemm;
 mod pack;
 pub mod peak;
@@ -17,6 +18,7 @@ mod threads;
 mod x86;
 
 pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
+pub use float::{conv2d_f32, linear_f32};
 pub use gemm::{gemm, requantize_scalar, Activation, GemmOutput, OutputQuant, QMatrix};
 pub use pack::{PackedWeights, MAX_K};
 pub use qtensor::isa;

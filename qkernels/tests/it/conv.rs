@@ -117,7 +117,7 @@ impl ConvCase {
     }
 }
 
-fn conv_case() -> impl Strategy<Value = ConvCase> {
+pub fn conv_case() -> impl Strategy<Value = ConvCase> {
     let kind = prop_oneof![
         Just("dense"),
         Just("grouped"),

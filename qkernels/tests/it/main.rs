@@ -1,6 +1,7 @@
 //! qkernels' integration tests: one binary, one module per concern.
 
 mod conv;
+mod float;
 mod gemm;
 
 /// Every instruction set this CPU supports (conformance tests run each explicitly). Under

@@ -1,0 +1,238 @@
+//! `f32` linear and conv2d: the float baseline and the float path of `qnn` (layers that stay
+//! in float). GEMMs go to `matrixmultiply::sgemm`; k x k convolutions through im2col.
+
+use qtensor::{QError, Result};
+
+use crate::conv::Conv2dGeometry;
+
+const OP: &str = "qkernels::float";
+
+fn shape_err(expected: Vec<usize>, actual: Vec<usize>, hint: &'static str) -> QError {
+    QError::ShapeMismatch {
+        op: OP,
+        expected,
+        actual,
+        hint,
+    }
+}
+
+/// `out[m x n] = x[m x k] · w[n x k]ᵀ + bias`, all row-major.
+///
+/// # Errors
+/// Buffers whose lengths do not match `m`, `k`, `n`.
+pub fn linear_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    if x.len() != m * k {
+        return Err(shape_err(vec![m, k], vec![x.len()], "x must be m x k"));
+    }
+    if w.len() != n * k {
+        return Err(shape_err(
+            vec![n, k],
+            vec![w.len()],
+            "weights must be out_features x in_features",
+        ));
+    }
+    if out.len() != m * n {
+        return Err(shape_err(vec![m, n], vec![out.len()], "out must be m x n"));
+    }
+    if let Some(b) = bias {
+        if b.len() != n {
+            return Err(shape_err(vec![n], vec![b.len()], "one bias per output"));
+        }
+    }
+    gemm_f32(x, m, k, k, w, n, bias, out, n);
+    Ok(())
+}
+
+/// `c[i*ldc + j] = Σ_k a[i*lda + k] * w[j*k + k'] + bias[j]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        a.len() >= (m - 1) * lda + k && w.len() >= n * k && c.len() >= (m - 1) * ldc + n,
+        "gemm_f32 bounds"
+    );
+    for i in 0..m {
+        let row = &mut c[i * ldc..i * ldc + n];
+        match bias {
+            Some(b) => row.copy_from_slice(b),
+            None => row.fill(0.0),
+        }
+    }
+    // SAFETY: the assert above shows every element addressed through these strides lies in
+    // its slice: A is m x k with row stride lda, B = wᵀ is k x n with strides (1, k), C is
+    // m x n with row stride ldc; C does not alias A or B (distinct borrows).
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            lda as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            1.0,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
+    }
+}
+
+/// `f32` conv2d on NHWC input with OHWI weights (`[oc, kh, kw, c / groups]`), NHWC output.
+///
+/// # Errors
+/// Shapes that do not agree, or an input smaller than the dilated kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_f32(
+    x: &[f32],
+    (n, h, w, c): (usize, usize, usize, usize),
+    weights: &[f32],
+    (oc, kh, kw): (usize, usize, usize),
+    bias: Option<&[f32]>,
+    geom: Conv2dGeometry,
+    out: &mut [f32],
+) -> Result<()> {
+    let g = geom.groups.max(1);
+    if x.len() != n * h * w * c {
+        return Err(shape_err(
+            vec![n, h, w, c],
+            vec![x.len()],
+            "input must be n * h * w * c (NHWC)",
+        ));
+    }
+    if c % g != 0 || oc % g != 0 || geom.stride.contains(&0) || geom.dilation.contains(&0) {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!(
+                "channels {c} -> {oc} with groups {g}, stride {:?}, dilation {:?}",
+                geom.stride, geom.dilation
+            ),
+        });
+    }
+    let (icg, ocg) = (c / g, oc / g);
+    if weights.len() != oc * kh * kw * icg {
+        return Err(shape_err(
+            vec![oc, kh, kw, icg],
+            vec![weights.len()],
+            "weights must be OHWI",
+        ));
+    }
+    if let Some(b) = bias {
+        if b.len() != oc {
+            return Err(shape_err(
+                vec![oc],
+                vec![b.len()],
+                "one bias per output channel",
+            ));
+        }
+    }
+    let span = |k: usize, d: usize| d * (k - 1) + 1;
+    let (sh, sw) = (span(kh, geom.dilation[0]), span(kw, geom.dilation[1]));
+    if h + 2 * geom.padding[0] < sh || w + 2 * geom.padding[1] < sw {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!("input {h}x{w} is smaller than the dilated kernel {sh}x{sw}"),
+        });
+    }
+    let oh = (h + 2 * geom.padding[0] - sh) / geom.stride[0] + 1;
+    let ow = (w + 2 * geom.padding[1] - sw) / geom.stride[1] + 1;
+    if out.len() != n * oh * ow * oc {
+        return Err(shape_err(
+            vec![n, oh, ow, oc],
+            vec![out.len()],
+            "output must be n * oh * ow * oc",
+        ));
+    }
+    let tap = |b: usize, oy: usize, ox: usize, ky: usize, kx: usize| -> Option<usize> {
+        let iy = (oy * geom.stride[0] + ky * geom.dilation[0]) as isize - geom.padding[0] as isize;
+        let ix = (ox * geom.stride[1] + kx * geom.dilation[1]) as isize - geom.padding[1] as isize;
+        (iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize)
+            .then(|| ((b * h + iy as usize) * w + ix as usize) * c)
+    };
+    if g == c && g == oc {
+        // Depthwise: a direct loop over taps, channels innermost (vectorises).
+        for b in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let o = &mut out[((b * oh + oy) * ow + ox) * oc..][..oc];
+                    match bias {
+                        Some(bb) => o.copy_from_slice(bb),
+                        None => o.fill(0.0),
+                    }
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            if let Some(p) = tap(b, oy, ox, ky, kx) {
+                                let xs = &x[p..p + c];
+                                for (ch, (acc, xv)) in o.iter_mut().zip(xs).enumerate() {
+                                    *acc += xv * weights[(ch * kh + ky) * kw + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
+    let k = kh * kw * icg;
+    let rows = n * oh * ow;
+    let pointwise = kh == 1 && kw == 1 && geom.stride == [1, 1] && geom.padding == [0, 0] && g == 1;
+    if pointwise {
+        gemm_f32(x, rows, k, c, weights, oc, bias, out, oc);
+        return Ok(());
+    }
+    let chunk = (65_536 / k).clamp(16, 4096).min(rows);
+    let mut buf = vec![0.0f32; chunk * k];
+    for r0 in (0..rows).step_by(chunk) {
+        let r1 = (r0 + chunk).min(rows);
+        for gi in 0..g {
+            for (r, row) in (r0..r1).zip(buf.chunks_exact_mut(k)) {
+                let (b, rem) = (r / (oh * ow), r % (oh * ow));
+                let (oy, ox) = (rem / ow, rem % ow);
+                for (t, dst) in row.chunks_exact_mut(icg).enumerate() {
+                    match tap(b, oy, ox, t / kw, t % kw) {
+                        Some(p) => dst.copy_from_slice(&x[p + gi * icg..p + (gi + 1) * icg]),
+                        None => dst.fill(0.0),
+                    }
+                }
+            }
+            let wg = &weights[gi * ocg * k..(gi + 1) * ocg * k];
+            let bg = bias.map(|b| &b[gi * ocg..(gi + 1) * ocg]);
+            gemm_f32(
+                &buf,
+                r1 - r0,
+                k,
+                k,
+                wg,
+                ocg,
+                bg,
+                &mut out[r0 * oc + gi * ocg..],
+                oc,
+            );
+        }
+    }
+    Ok(())
+}
