@@ -8,21 +8,12 @@ use qtensor::isa::Isa;
 use qtensor::{QParams, QTensor};
 
 fn weights(n: usize, k: usize) -> QTensor<i8> {
-    let w = ndarray::Array2::from_shape_fn((n, k), |(i, j)| {
-        (((i * 31 + j * 17) % 255) as f32 - 127.0) * 0.01
-    });
-    QTensor::quantize(
-        &w,
-        QParams::per_channel(vec![0.01; n], vec![0; n], 0).unwrap(),
-    )
-    .unwrap()
+    let w = ndarray::Array2::from_shape_fn((n, k), |(i, j)| (((i * 31 + j * 17) % 255) as f32 - 127.0) * 0.01);
+    QTensor::quantize(&w, QParams::per_channel(vec![0.01; n], vec![0; n], 0).unwrap()).unwrap()
 }
 
 fn bench_gemm(c: &mut Criterion) {
-    let threads: usize = std::env::var("QK_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let threads: usize = std::env::var("QK_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let mut group = c.benchmark_group("gemm");
     for (name, m, k, n) in [
         ("linear_512x512x512", 512, 512, 512),
@@ -33,39 +24,14 @@ fn bench_gemm(c: &mut Criterion) {
         let a: Vec<u8> = (0..m * k).map(|i| (i * 7 % 251) as u8).collect();
         let w = weights(n, k);
         group.throughput(Throughput::Elements((m * k * n) as u64));
-        for isa in Isa::ALL
-            .into_iter()
-            .filter(|i| i.is_supported() && *i != Isa::Scalar)
-        {
+        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported() && *i != Isa::Scalar) {
             let packed = PackedWeights::with_isa(isa, &w).unwrap();
             let mut out = vec![0u8; m * n];
             group.bench_function(BenchmarkId::new(isa.name(), name), |b| {
                 b.iter(|| {
-                    let a = QMatrix {
-                        data: &a,
-                        m,
-                        k,
-                        lda: k,
-                        scale: 0.02,
-                        zero_point: 3,
-                    };
-                    let quant = OutputQuant {
-                        scale: 0.5,
-                        zero_point: 10,
-                        activation: Activation::Relu,
-                    };
-                    gemm(
-                        &a,
-                        &packed,
-                        None,
-                        GemmOutput::U8 {
-                            data: &mut out,
-                            ldc: n,
-                            quant,
-                        },
-                        threads,
-                    )
-                    .unwrap()
+                    let a = QMatrix { data: &a, m, k, lda: k, scale: 0.02, zero_point: 3 };
+                    let quant = OutputQuant { scale: 0.5, zero_point: 10, activation: Activation::Relu };
+                    gemm(&a, &packed, None, GemmOutput::U8 { data: &mut out, ldc: n, quant }, threads).unwrap()
                 })
             });
         }

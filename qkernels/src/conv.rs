@@ -9,9 +9,7 @@ use rayon::prelude::*;
 use qtensor::isa::Isa;
 use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
 
-use crate::gemm::{
-    gemm, requantize_row_u8, requantize_scalar, GemmOutput, OutputQuant, Plan, QMatrix,
-};
+use crate::gemm::{gemm, requantize_row_u8, requantize_scalar, GemmOutput, OutputQuant, Plan, QMatrix};
 use crate::pack::PackedWeights;
 
 /// `u8` activations in NHWC layout (batch, height, width, channels), with their quantization.
@@ -48,12 +46,7 @@ pub struct Conv2dGeometry {
 
 impl Default for Conv2dGeometry {
     fn default() -> Self {
-        Conv2dGeometry {
-            stride: [1, 1],
-            padding: [0, 0],
-            dilation: [1, 1],
-            groups: 1,
-        }
+        Conv2dGeometry { stride: [1, 1], padding: [0, 0], dilation: [1, 1], groups: 1 }
     }
 }
 
@@ -78,6 +71,8 @@ enum ConvKind {
     Depthwise {
         taps: PackedWeights,
         vnni: Option<Vec<i8>>,
+        /// The flat-row layout, for stride 1 along the width.
+        flat: Option<Vec<i8>>,
     },
 }
 
@@ -99,12 +94,7 @@ impl PackedConv2d {
     ///
     /// # Errors
     /// As [`PackedConv2d::new`].
-    pub fn with_isa(
-        isa: Isa,
-        weights: &QTensor<i8>,
-        bias: Option<&[f32]>,
-        geom: Conv2dGeometry,
-    ) -> Result<Self> {
+    pub fn with_isa(isa: Isa, weights: &QTensor<i8>, bias: Option<&[f32]>, geom: Conv2dGeometry) -> Result<Self> {
         let shape = weights.shape();
         let bad = |reason: String| QError::Unsupported { op: OP, reason };
         if shape.len() != 4 {
@@ -120,10 +110,7 @@ impl PackedConv2d {
             )));
         }
         if geom.stride.contains(&0) || geom.dilation.contains(&0) {
-            return Err(bad(format!(
-                "stride {:?} and dilation {:?} must be >= 1",
-                geom.stride, geom.dilation
-            )));
+            return Err(bad(format!("stride {:?} and dilation {:?} must be >= 1", geom.stride, geom.dilation)));
         }
         if let Some(b) = bias {
             if b.len() != oc {
@@ -143,15 +130,14 @@ impl PackedConv2d {
         let isa = isa.capped_to_supported();
         let kind = if g == ic && g == oc && icg == 1 {
             let taps = QTensor::from_int_repr(
-                ndarray::Array2::from_shape_vec((oc, kh * kw), weights.as_slice().to_vec())
-                    .expect("OHWI with I = 1"),
+                ndarray::Array2::from_shape_vec((oc, kh * kw), weights.as_slice().to_vec()).expect("OHWI with I = 1"),
                 weights.params().clone(),
                 weights.range(),
             )?;
             let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
-            let vnni =
-                (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
-            ConvKind::Depthwise { taps, vnni }
+            let vnni = (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
+            let flat = (vnni.is_some() && geom.stride[1] == 1).then(|| pack_depthwise_flat(&taps));
+            ConvKind::Depthwise { taps, vnni, flat }
         } else {
             let k = kh * kw * icg;
             let mut groups = Vec::with_capacity(g);
@@ -174,15 +160,7 @@ impl PackedConv2d {
             }
             ConvKind::Gemm(groups)
         };
-        Ok(PackedConv2d {
-            oc,
-            ic,
-            kh,
-            kw,
-            geom,
-            bias: bias.map(<[f32]>::to_vec),
-            kind,
-        })
+        Ok(PackedConv2d { oc, ic, kh, kw, geom, bias: bias.map(<[f32]>::to_vec), kind })
     }
 
     /// Output channels.
@@ -208,7 +186,10 @@ impl PackedConv2d {
             (inp + 2 * p >= span).then(|| (inp + 2 * p - span) / s + 1)
         };
         let g = &self.geom;
-        match (dim(h, self.kh, g.stride[0], g.padding[0], g.dilation[0]), dim(w, self.kw, g.stride[1], g.padding[1], g.dilation[1])) {
+        match (
+            dim(h, self.kh, g.stride[0], g.padding[0], g.dilation[0]),
+            dim(w, self.kw, g.stride[1], g.padding[1], g.dilation[1]),
+        ) {
             (Some(oh), Some(ow)) => Ok((oh, ow)),
             _ => Err(QError::Unsupported {
                 op: OP,
@@ -227,13 +208,7 @@ impl PackedConv2d {
     /// # Errors
     /// An input whose channels or buffer do not match, an output buffer of the wrong length,
     /// invalid scales or zero points.
-    pub fn forward_u8(
-        &self,
-        x: &QImage<'_>,
-        quant: OutputQuant,
-        out: &mut [u8],
-        threads: usize,
-    ) -> Result<()> {
+    pub fn forward_u8(&self, x: &QImage<'_>, quant: OutputQuant, out: &mut [u8], threads: usize) -> Result<()> {
         if x.c != self.ic {
             return Err(QError::ShapeMismatch {
                 op: OP,
@@ -274,26 +249,17 @@ impl PackedConv2d {
         }
         match &self.kind {
             ConvKind::Gemm(groups) => self.forward_gemm(groups, x, quant, out, oh, ow, threads),
-            ConvKind::Depthwise { taps, vnni } => {
-                let plan = Plan::new(
-                    x.scale,
-                    x.zero_point,
-                    taps,
-                    self.bias.as_deref(),
-                    Some(quant),
-                );
-                crate::threads::run_with(threads, || {
-                    self.forward_depthwise(
-                        taps,
-                        vnni.as_deref(),
-                        &plan,
-                        x,
-                        out,
-                        oh,
-                        ow,
-                        threads > 1,
-                    )
-                });
+            ConvKind::Depthwise { taps, vnni, flat } => {
+                let plan = Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant));
+                match flat {
+                    #[cfg(target_arch = "x86_64")]
+                    Some(weights) => crate::threads::run_with(threads, || {
+                        self.forward_depthwise_flat(weights, &plan, x, out, oh, ow, threads > 1)
+                    }),
+                    _ => crate::threads::run_with(threads, || {
+                        self.forward_depthwise(taps, vnni.as_deref(), &plan, x, out, oh, ow, threads > 1)
+                    }),
+                }
                 Ok(())
             }
         }
@@ -326,17 +292,7 @@ impl PackedConv2d {
                     scale: x.scale,
                     zero_point: x.zero_point,
                 };
-                gemm(
-                    &a,
-                    w,
-                    bias(gi),
-                    GemmOutput::U8 {
-                        data: &mut out[gi * ocg..],
-                        ldc: self.oc,
-                        quant,
-                    },
-                    threads,
-                )?;
+                gemm(&a, w, bias(gi), GemmOutput::U8 { data: &mut out[gi * ocg..], ldc: self.oc, quant }, threads)?;
             }
             return Ok(());
         }
@@ -353,23 +309,12 @@ impl PackedConv2d {
                     buf.clear();
                     buf.resize((r1 - r0) * k, 0);
                     self.im2col(x, gi * icg, icg, oh, ow, r0..r1, &mut buf);
-                    let a = QMatrix {
-                        data: &buf,
-                        m: r1 - r0,
-                        k,
-                        lda: k,
-                        scale: x.scale,
-                        zero_point: x.zero_point,
-                    };
+                    let a = QMatrix { data: &buf, m: r1 - r0, k, lda: k, scale: x.scale, zero_point: x.zero_point };
                     gemm(
                         &a,
                         w,
                         bias(gi),
-                        GemmOutput::U8 {
-                            data: &mut out_chunk[gi * ocg..],
-                            ldc: self.oc,
-                            quant,
-                        },
+                        GemmOutput::U8 { data: &mut out_chunk[gi * ocg..], ldc: self.oc, quant },
                         gemm_threads,
                     )?;
                 }
@@ -378,14 +323,10 @@ impl PackedConv2d {
         };
         if threads > 1 && nchunks >= 2 * threads {
             crate::threads::run_with(threads, || {
-                out.par_chunks_mut(chunk * self.oc)
-                    .enumerate()
-                    .try_for_each(|(ci, oc)| run_chunk(ci, oc, 1))
+                out.par_chunks_mut(chunk * self.oc).enumerate().try_for_each(|(ci, oc)| run_chunk(ci, oc, 1))
             })
         } else {
-            out.chunks_mut(chunk * self.oc)
-                .enumerate()
-                .try_for_each(|(ci, oc)| run_chunk(ci, oc, threads))
+            out.chunks_mut(chunk * self.oc).enumerate().try_for_each(|(ci, oc)| run_chunk(ci, oc, threads))
         }
     }
 
@@ -464,11 +405,9 @@ impl PackedConv2d {
             for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
                 ptrs.clear();
                 for ky in 0..self.kh {
-                    let iy =
-                        (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                    let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
                     for kx in 0..self.kw {
-                        let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
-                            - g.padding[1] as isize;
+                        let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.padding[1] as isize;
                         if iy < 0 || iy >= x.h as isize || ix < 0 || ix >= x.w as isize {
                             ptrs.push(&zp_row);
                         } else {
@@ -499,34 +438,125 @@ impl PackedConv2d {
     }
 }
 
+impl PackedConv2d {
+    /// The stride-1 depthwise path: pad the whole input once (zero point around it), then run
+    /// the flat-row kernel on every output row.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_depthwise_flat(
+        &self,
+        weights: &[i8],
+        plan: &Plan,
+        x: &QImage<'_>,
+        out: &mut [u8],
+        oh: usize,
+        ow: usize,
+        parallel: bool,
+    ) {
+        let (c, g) = (x.c, &self.geom);
+        let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
+        let row_bytes = wp * c;
+        let classes = c / crate::x86::gcd(c, 64);
+        let lane_ch = |cl: usize, i: usize| (cl * crate::x86::gcd(c, 64) + i) % c;
+        let consts = crate::x86::FlatConsts {
+            colterm: (0..classes * 64).map(|e| plan.colterm[lane_ch(e / 64, e % 64)]).collect(),
+            bias_term: (0..classes * 64).map(|e| plan.bias_term[lane_ch(e / 64, e % 64)]).collect(),
+            mult: (0..classes * 64).map(|e| plan.mult[lane_ch(e / 64, e % 64)]).collect(),
+            zo: plan.zo,
+            lo: plan.lo,
+            hi: plan.hi,
+        };
+        SCRATCH.with(|s| {
+            let mut buf = s.borrow_mut();
+            buf.clear();
+            // 64 bytes of slack: the last chunk of a row may read past the row's end.
+            buf.resize(x.n * hp * row_bytes + 64, x.zero_point as u8);
+            for b in 0..x.n {
+                for y in 0..x.h {
+                    let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+                    let dst = ((b * hp + y + g.padding[0]) * wp + g.padding[1]) * c;
+                    buf[dst..dst + x.w * c].copy_from_slice(src);
+                }
+            }
+            let padded: &[u8] = &buf;
+            let row = |(orow, out_row): (usize, &mut [u8])| {
+                let (b, oy) = (orow / oh, orow % oh);
+                let mut rows = [std::ptr::null::<u8>(); 16];
+                let kh = self.kh.min(16);
+                for (ky, r) in rows.iter_mut().enumerate().take(kh) {
+                    let iy = oy * g.stride[0] + ky * g.dilation[0];
+                    *r = padded[(b * hp + iy) * row_bytes..].as_ptr();
+                }
+                // SAFETY: `flat` weights exist only when packing found AVX-512 VNNI on this
+                // CPU; each row pointer starts a padded input row, and from it
+                // (kw - 1) * dilation * c + (ow * c rounded up to 64) bytes lie inside the
+                // padded image plus its 64 bytes of slack, because ow + (kw - 1) * dilation
+                // <= wp; `out_row` holds ow * c bytes.
+                unsafe {
+                    crate::x86::depthwise_vnni_flat_row(
+                        &rows[..kh],
+                        self.kw,
+                        g.dilation[1] * c,
+                        c,
+                        weights,
+                        &consts,
+                        ow * c,
+                        out_row.as_mut_ptr(),
+                    )
+                }
+            };
+            if parallel {
+                out.par_chunks_mut(ow * c).enumerate().for_each(row);
+            } else {
+                out.chunks_mut(ow * c).enumerate().for_each(row);
+            }
+        });
+    }
+}
+
+/// Weights of the flat depthwise kernel: for each class `cl` (chunk start `e0` with
+/// `e0 % c == cl * gcd(c, 64)`), each group of 4 taps, four 64-byte vectors `q` in the
+/// interleaved order of `pack_depthwise_vnni`, lane `16l + 4q + d` standing for channel
+/// `(cl * gcd + 16l + 4q + d) % c`.
+fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
+    let (c, t) = (taps.n, taps.k);
+    let g = c.min(64);
+    let g = (1..=g).rev().find(|d| c % d == 0 && 64 % d == 0).unwrap_or(1);
+    let (classes, groups) = (c / g, t.div_ceil(4));
+    let mut out = vec![0i8; classes * groups * 256];
+    for cl in 0..classes {
+        for grp in 0..groups {
+            for q in 0..4 {
+                for l in 0..4 {
+                    for d in 0..4 {
+                        let ch = (cl * g + 16 * l + 4 * q + d) % c;
+                        for tt in 0..4 {
+                            let tap = 4 * grp + tt;
+                            if tap < t {
+                                out[((cl * groups + grp) * 4 + q) * 64 + 4 * (4 * l + d) + tt] = taps.raw[ch * t + tap];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The depthwise reference: `Σ_t (x_t - za)(w_t - zw)` per channel, then the FBGEMM
 /// requantization.
-fn depthwise_scalar_pixel(
-    ptrs: &[&[u8]],
-    taps: &PackedWeights,
-    za: i32,
-    plan: &Plan,
-    out: &mut [u8],
-) {
+fn depthwise_scalar_pixel(ptrs: &[&[u8]], taps: &PackedWeights, za: i32, plan: &Plan, out: &mut [u8]) {
     let t = ptrs.len();
     for (ch, o) in out.iter_mut().enumerate() {
         let zw = taps.zero_points[ch];
         let w = &taps.raw[ch * t..(ch + 1) * t];
-        let raw = ptrs.iter().zip(w).fold(0i32, |s, (p, &wt)| {
-            s + (p[ch] as i32 - za) * (wt as i32 - zw)
-        });
-        *o = requantize_scalar(
-            raw,
-            plan.bias_term[ch],
-            plan.mult[ch],
-            plan.zo,
-            plan.lo,
-            plan.hi,
-        ) as u8;
+        let raw = ptrs.iter().zip(w).fold(0i32, |s, (p, &wt)| s + (p[ch] as i32 - za) * (wt as i32 - zw));
+        *o = requantize_scalar(raw, plan.bias_term[ch], plan.mult[ch], plan.zo, plan.lo, plan.hi) as u8;
     }
 }
 
@@ -547,8 +577,7 @@ fn pack_depthwise_vnni(taps: &PackedWeights) -> Vec<i8> {
                         for tt in 0..4 {
                             let tap = 4 * g + tt;
                             if ch < c && tap < t {
-                                out[((b * groups + g) * 4 + q) * 64 + 4 * (4 * l + d) + tt] =
-                                    taps.raw[ch * t + tap];
+                                out[((b * groups + g) * 4 + q) * 64 + 4 * (4 * l + d) + tt] = taps.raw[ch * t + tap];
                             }
                         }
                     }

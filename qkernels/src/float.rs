@@ -8,12 +8,7 @@ use crate::conv::Conv2dGeometry;
 const OP: &str = "qkernels::float";
 
 fn shape_err(expected: Vec<usize>, actual: Vec<usize>, hint: &'static str) -> QError {
-    QError::ShapeMismatch {
-        op: OP,
-        expected,
-        actual,
-        hint,
-    }
+    QError::ShapeMismatch { op: OP, expected, actual, hint }
 }
 
 /// `out[m x n] = x[m x k] · w[n x k]ᵀ + bias`, all row-major.
@@ -33,11 +28,7 @@ pub fn linear_f32(
         return Err(shape_err(vec![m, k], vec![x.len()], "x must be m x k"));
     }
     if w.len() != n * k {
-        return Err(shape_err(
-            vec![n, k],
-            vec![w.len()],
-            "weights must be out_features x in_features",
-        ));
+        return Err(shape_err(vec![n, k], vec![w.len()], "weights must be out_features x in_features"));
     }
     if out.len() != m * n {
         return Err(shape_err(vec![m, n], vec![out.len()], "out must be m x n"));
@@ -67,10 +58,7 @@ fn gemm_f32(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        a.len() >= (m - 1) * lda + k && w.len() >= n * k && c.len() >= (m - 1) * ldc + n,
-        "gemm_f32 bounds"
-    );
+    assert!(a.len() >= (m - 1) * lda + k && w.len() >= n * k && c.len() >= (m - 1) * ldc + n, "gemm_f32 bounds");
     for i in 0..m {
         let row = &mut c[i * ldc..i * ldc + n];
         match bias {
@@ -117,11 +105,7 @@ pub fn conv2d_f32(
 ) -> Result<()> {
     let g = geom.groups.max(1);
     if x.len() != n * h * w * c {
-        return Err(shape_err(
-            vec![n, h, w, c],
-            vec![x.len()],
-            "input must be n * h * w * c (NHWC)",
-        ));
+        return Err(shape_err(vec![n, h, w, c], vec![x.len()], "input must be n * h * w * c (NHWC)"));
     }
     if c % g != 0 || oc % g != 0 || geom.stride.contains(&0) || geom.dilation.contains(&0) {
         return Err(QError::Unsupported {
@@ -134,19 +118,11 @@ pub fn conv2d_f32(
     }
     let (icg, ocg) = (c / g, oc / g);
     if weights.len() != oc * kh * kw * icg {
-        return Err(shape_err(
-            vec![oc, kh, kw, icg],
-            vec![weights.len()],
-            "weights must be OHWI",
-        ));
+        return Err(shape_err(vec![oc, kh, kw, icg], vec![weights.len()], "weights must be OHWI"));
     }
     if let Some(b) = bias {
         if b.len() != oc {
-            return Err(shape_err(
-                vec![oc],
-                vec![b.len()],
-                "one bias per output channel",
-            ));
+            return Err(shape_err(vec![oc], vec![b.len()], "one bias per output channel"));
         }
     }
     let span = |k: usize, d: usize| d * (k - 1) + 1;
@@ -160,11 +136,7 @@ pub fn conv2d_f32(
     let oh = (h + 2 * geom.padding[0] - sh) / geom.stride[0] + 1;
     let ow = (w + 2 * geom.padding[1] - sw) / geom.stride[1] + 1;
     if out.len() != n * oh * ow * oc {
-        return Err(shape_err(
-            vec![n, oh, ow, oc],
-            vec![out.len()],
-            "output must be n * oh * ow * oc",
-        ));
+        return Err(shape_err(vec![n, oh, ow, oc], vec![out.len()], "output must be n * oh * ow * oc"));
     }
     let tap = |b: usize, oy: usize, ox: usize, ky: usize, kx: usize| -> Option<usize> {
         let iy = (oy * geom.stride[0] + ky * geom.dilation[0]) as isize - geom.padding[0] as isize;
@@ -221,17 +193,7 @@ pub fn conv2d_f32(
             }
             let wg = &weights[gi * ocg * k..(gi + 1) * ocg * k];
             let bg = bias.map(|b| &b[gi * ocg..(gi + 1) * ocg]);
-            gemm_f32(
-                &buf,
-                r1 - r0,
-                k,
-                k,
-                wg,
-                ocg,
-                bg,
-                &mut out[r0 * oc + gi * ocg..],
-                oc,
-            );
+            gemm_f32(&buf, r1 - r0, k, k, wg, ocg, bg, &mut out[r0 * oc + gi * ocg..], oc);
         }
     }
     Ok(())

@@ -54,22 +54,12 @@ impl OutputQuant {
     pub fn bounds(&self) -> (i32, i32) {
         let hi = match self.activation {
             Activation::Relu6 => {
-                let six = qtensor::kernels::quantize_scalar(
-                    6.0,
-                    1.0 / self.scale,
-                    self.zero_point,
-                    0,
-                    255,
-                );
+                let six = qtensor::kernels::quantize_scalar(6.0, 1.0 / self.scale, self.zero_point, 0, 255);
                 six.max(self.zero_point)
             }
             _ => 255,
         };
-        let lo = if self.activation == Activation::None {
-            0
-        } else {
-            self.zero_point
-        };
+        let lo = if self.activation == Activation::None { 0 } else { self.zero_point };
         (lo, hi)
     }
 }
@@ -158,21 +148,12 @@ impl Plan {
         let (mult, zo, lo, hi) = match out_quant {
             Some(q) => {
                 let (lo, hi) = q.bounds();
-                (
-                    ab_scale.iter().map(|&s| s / q.scale).collect(),
-                    q.zero_point,
-                    lo,
-                    hi,
-                )
+                (ab_scale.iter().map(|&s| s / q.scale).collect(), q.zero_point, lo, hi)
             }
             None => (vec![0.0; n], 0, 0, 0),
         };
         Plan {
-            colterm: w
-                .col_offsets
-                .iter()
-                .map(|&c| a_zp.wrapping_mul(c))
-                .collect(),
+            colterm: w.col_offsets.iter().map(|&c| a_zp.wrapping_mul(c)).collect(),
             zw: w.zero_points.clone(),
             has_zw: !w.is_symmetric(),
             bias_term,
@@ -186,13 +167,7 @@ impl Plan {
     }
 }
 
-fn check(
-    a: &QMatrix<'_>,
-    w: &PackedWeights,
-    bias: Option<&[f32]>,
-    out_len: usize,
-    ldc: usize,
-) -> Result<()> {
+fn check(a: &QMatrix<'_>, w: &PackedWeights, bias: Option<&[f32]>, out_len: usize, ldc: usize) -> Result<()> {
     const OP: &str = "qkernels::gemm";
     if a.k != w.k {
         return Err(QError::ShapeMismatch {
@@ -233,10 +208,7 @@ fn check(
             });
         }
         if let Some(j) = b.iter().position(|v| !v.is_finite()) {
-            return Err(QError::Unsupported {
-                op: OP,
-                reason: format!("bias[{j}] = {} is not finite", b[j]),
-            });
+            return Err(QError::Unsupported { op: OP, reason: format!("bias[{j}] = {} is not finite", b[j]) });
         }
     }
     qtensor::QParams::per_tensor(a.scale, a.zero_point).map_err(|_| QError::InvalidScale {
@@ -300,14 +272,7 @@ pub fn gemm(
     };
     let plan = Plan::new(a.scale, a.zero_point, w, bias, quant);
     let rowsums: Vec<i32> = if plan.has_zw {
-        (0..a.m)
-            .map(|i| {
-                a.data[i * a.lda..i * a.lda + a.k]
-                    .iter()
-                    .map(|&v| v as i32)
-                    .sum()
-            })
-            .collect()
+        (0..a.m).map(|i| a.data[i * a.lda..i * a.lda + a.k].iter().map(|&v| v as i32).sum()).collect()
     } else {
         Vec::new()
     };
@@ -333,21 +298,9 @@ enum SinkKind {
 impl Sink {
     fn new(out: GemmOutput<'_>) -> Self {
         match out {
-            GemmOutput::U8 { data, ldc, .. } => Sink {
-                kind: SinkKind::U8,
-                ptr: data.as_mut_ptr() as usize,
-                ldc,
-            },
-            GemmOutput::I32 { data, ldc } => Sink {
-                kind: SinkKind::I32,
-                ptr: data.as_mut_ptr() as usize,
-                ldc,
-            },
-            GemmOutput::F32 { data, ldc } => Sink {
-                kind: SinkKind::F32,
-                ptr: data.as_mut_ptr() as usize,
-                ldc,
-            },
+            GemmOutput::U8 { data, ldc, .. } => Sink { kind: SinkKind::U8, ptr: data.as_mut_ptr() as usize, ldc },
+            GemmOutput::I32 { data, ldc } => Sink { kind: SinkKind::I32, ptr: data.as_mut_ptr() as usize, ldc },
+            GemmOutput::F32 { data, ldc } => Sink { kind: SinkKind::F32, ptr: data.as_mut_ptr() as usize, ldc },
         }
     }
 }
@@ -357,14 +310,7 @@ const MC: usize = 48;
 /// Columns per task block.
 const NC: usize = 64;
 
-fn drive(
-    a: &QMatrix<'_>,
-    w: &PackedWeights,
-    plan: &Plan,
-    rowsums: &[i32],
-    sink: &Sink,
-    parallel: bool,
-) {
+fn drive(a: &QMatrix<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink, parallel: bool) {
     let mblocks = a.m.div_ceil(MC);
     let nblocks = w.n.div_ceil(NC);
     let task = |t: usize| {
@@ -402,11 +348,22 @@ fn block(
         match &w.packed {
             #[cfg(target_arch = "x86_64")]
             Packed::Vnni(p) => {
+                let fused = matches!(sink.kind, SinkKind::U8).then(|| crate::x86::FusedU8 {
+                    plan,
+                    rowsums,
+                    out: sink.ptr as *mut u8,
+                    ldc: sink.ldc,
+                    r0,
+                    j0: cols.start,
+                    ncols: cols.len(),
+                });
                 // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at
-                // packing); rows r0..r0+mr and columns `cols` lie inside `a`, `p` and the
-                // tile, as `check` established.
+                // packing); rows r0..r0+mr and columns `cols` lie inside `a`, `p`, the tile
+                // and (fused) the output, as `check` established; this task is the only
+                // writer of those output elements.
                 unsafe {
                     crate::x86::vnni_tile(
+                        fused.as_ref(),
                         a,
                         r0,
                         mr,
@@ -417,22 +374,15 @@ fn block(
                         &mut tile,
                     )
                 }
+                if fused.is_some() {
+                    r0 += mr;
+                    continue;
+                }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Avx2(p) => {
                 // SAFETY: as above, for AVX2.
-                unsafe {
-                    crate::x86::avx2_tile(
-                        a,
-                        r0,
-                        mr,
-                        p,
-                        w.k,
-                        cols.start / AVX2_LANES,
-                        cols.len(),
-                        &mut tile,
-                    )
-                }
+                unsafe { crate::x86::avx2_tile(a, r0, mr, p, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
             }
             _ => scalar_tile(a, r0, mr, w, cols.clone(), &mut tile),
         }
@@ -460,24 +410,14 @@ fn scalar_tile(
         let row = &a.data[(r0 + r) * a.lda..(r0 + r) * a.lda + a.k];
         for (c, j) in cols.clone().enumerate() {
             let wr = &w.raw[j * w.k..(j + 1) * w.k];
-            tile[r][c] = row
-                .iter()
-                .zip(wr)
-                .fold(0i32, |s, (&x, &y)| s.wrapping_add(x as i32 * y as i32));
+            tile[r][c] = row.iter().zip(wr).fold(0i32, |s, (&x, &y)| s.wrapping_add(x as i32 * y as i32));
         }
     }
 }
 
 /// Requantizes raw sums `acc` of output columns `j0..j0 + acc.len()` (one row) into `out`,
 /// with AVX2 when `simd` (the caller has checked the CPU) and the scalar reference otherwise.
-pub(crate) fn requantize_row_u8(
-    simd: bool,
-    plan: &Plan,
-    acc: &[i32],
-    rowsum: i32,
-    j0: usize,
-    out: &mut [u8],
-) {
+pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, out: &mut [u8]) {
     let n = acc.len();
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
@@ -489,29 +429,12 @@ pub(crate) fn requantize_row_u8(
     let _ = simd;
     for c in done..n {
         let j = j0 + c;
-        let raw = acc[c]
-            .wrapping_sub(plan.colterm[j])
-            .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
-        out[c] = requantize_scalar(
-            raw,
-            plan.bias_term[j],
-            plan.mult[j],
-            plan.zo,
-            plan.lo,
-            plan.hi,
-        ) as u8;
+        let raw = acc[c].wrapping_sub(plan.colterm[j]).wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
+        out[c] = requantize_scalar(raw, plan.bias_term[j], plan.mult[j], plan.zo, plan.lo, plan.hi) as u8;
     }
 }
 
-fn epilogue_row(
-    simd: bool,
-    plan: &Plan,
-    acc: &[i32],
-    rowsum: i32,
-    j0: usize,
-    sink: &Sink,
-    i: usize,
-) {
+fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, sink: &Sink, i: usize) {
     let n = acc.len();
     let base = i * sink.ldc + j0;
     match sink.kind {
@@ -523,24 +446,18 @@ fn epilogue_row(
         }
         SinkKind::I32 => {
             // SAFETY: as for U8.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut i32).add(base), n) };
+            let out = unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut i32).add(base), n) };
             for c in 0..n {
                 let j = j0 + c;
-                out[c] = acc[c]
-                    .wrapping_sub(plan.colterm[j])
-                    .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
+                out[c] = acc[c].wrapping_sub(plan.colterm[j]).wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
             }
         }
         SinkKind::F32 => {
             // SAFETY: as for U8.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut f32).add(base), n) };
+            let out = unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut f32).add(base), n) };
             for c in 0..n {
                 let j = j0 + c;
-                let raw = acc[c]
-                    .wrapping_sub(plan.colterm[j])
-                    .wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
+                let raw = acc[c].wrapping_sub(plan.colterm[j]).wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
                 out[c] = raw as f32 * plan.ab_scale[j] + plan.bias[j];
             }
         }

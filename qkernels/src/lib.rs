@@ -8,6 +8,10 @@
 //! Every kernel has a scalar twin; the SIMD versions (AVX-512 VNNI, AVX2) are chosen at run
 //! time through [`qtensor::isa`] and tested bit for bit against the scalar one.
 
+// Kernels index several parallel arrays (rows x vectors) by the same counters; iterator
+// chains would hide the tile structure the loops spell out.
+#![allow(clippy::needless_range_loop)]
+
 mod conv;
 mod float;
 mod gemm;

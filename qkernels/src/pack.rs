@@ -82,12 +82,8 @@ impl PackedWeights {
             });
         }
         let (scales, zero_points, per_channel) = match weights.params() {
-            QParams::PerTensor { scale, zero_point } => {
-                (vec![*scale; n], vec![*zero_point; n], false)
-            }
-            QParams::PerChannel(pc) if pc.axis() == 0 => {
-                (pc.scales().to_vec(), pc.zero_points().to_vec(), true)
-            }
+            QParams::PerTensor { scale, zero_point } => (vec![*scale; n], vec![*zero_point; n], false),
+            QParams::PerChannel(pc) if pc.axis() == 0 => (pc.scales().to_vec(), pc.zero_points().to_vec(), true),
             QParams::PerChannel(pc) => {
                 return Err(QError::Unsupported {
                     op: OP,
@@ -112,17 +108,7 @@ impl PackedWeights {
             Isa::Avx2 => Packed::Avx2(pack_avx2(&raw, n, k)),
             Isa::Avx512Vnni => Packed::Vnni(pack_vnni(&raw, n, k)),
         };
-        Ok(PackedWeights {
-            n,
-            k,
-            isa,
-            scales,
-            zero_points,
-            per_channel,
-            col_offsets,
-            raw,
-            packed,
-        })
+        Ok(PackedWeights { n, k, isa, scales, zero_points, per_channel, col_offsets, raw, packed })
     }
 
     /// Output channels.

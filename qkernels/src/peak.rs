@@ -23,10 +23,7 @@ pub fn measure() -> Option<Peak> {
         let int8 = best(&|| unsafe { probe::int8() });
         // SAFETY: as above.
         let f32 = best(&|| unsafe { probe::f32() });
-        return Some(Peak {
-            int8_gmacs: int8,
-            f32_gmacs: f32,
-        });
+        return Some(Peak { int8_gmacs: int8, f32_gmacs: f32 });
     }
     None
 }

@@ -11,10 +11,7 @@ pub(crate) fn run_with<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) ->
     }
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
     let pool = {
-        let mut pools = POOLS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
         pools
             .entry(threads)
             .or_insert_with(|| {

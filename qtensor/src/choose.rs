@@ -99,12 +99,7 @@ pub fn choose_qparams_per_channel(
     QParams::per_channel(scales, zero_points, axis)
 }
 
-fn check_options(
-    op: &'static str,
-    dtype: DType,
-    scheme: QScheme,
-    range: &QuantRange,
-) -> Result<()> {
+fn check_options(op: &'static str, dtype: DType, scheme: QScheme, range: &QuantRange) -> Result<()> {
     if range.dtype() != dtype {
         return Err(QError::Unsupported {
             op,
@@ -136,29 +131,17 @@ fn qparams_one(
     eps: f32,
     channel: Option<usize>,
 ) -> Result<(f32, i32)> {
-    let bad = |reason| QError::InvalidMinMax {
-        op,
-        min,
-        max,
-        channel,
-        reason,
-    };
+    let bad = |reason| QError::InvalidMinMax { op, min, max, channel, reason };
     if min == f32::INFINITY && max == f32::NEG_INFINITY {
-        return Err(bad(
-            "nothing was observed (min = +inf, max = -inf); run calibration data \
-                        through the observer before asking for qparams",
-        ));
+        return Err(bad("nothing was observed (min = +inf, max = -inf); run calibration data \
+                        through the observer before asking for qparams"));
     }
     if min.is_nan() || max.is_nan() {
-        return Err(bad(
-            "NaN bounds: the calibration data contained NaN; clean it first",
-        ));
+        return Err(bad("NaN bounds: the calibration data contained NaN; clean it first"));
     }
     if !min.is_finite() || !max.is_finite() {
-        return Err(bad(
-            "infinite bounds: the calibration data contained +-inf; clip or drop \
-                        those values first",
-        ));
+        return Err(bad("infinite bounds: the calibration data contained +-inf; clip or drop \
+                        those values first"));
     }
     if min > max {
         return Err(bad("min > max; pass the observed minimum first"));
@@ -174,9 +157,7 @@ fn qparams_one(
             let amax = (-min_neg).max(max_pos);
             let scale = (amax / (steps / 2.0) as f32).max(eps);
             let zp = match range.dtype() {
-                DType::U8 if matches!(range.kind(), RangeKind::Custom) => {
-                    (qmin as i64 + qmax as i64).div_euclid(2)
-                }
+                DType::U8 if matches!(range.kind(), RangeKind::Custom) => (qmin as i64 + qmax as i64).div_euclid(2),
                 DType::U8 => 128,
                 _ => 0,
             };

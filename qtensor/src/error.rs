@@ -155,7 +155,5 @@ pub enum QError {
 }
 
 fn channel_suffix(channel: Option<usize>) -> String {
-    channel
-        .map(|c| format!(" (channel {c})"))
-        .unwrap_or_default()
+    channel.map(|c| format!(" (channel {c})")).unwrap_or_default()
 }

@@ -47,9 +47,7 @@ impl Isa {
 
     /// Parses a `QUANT_FORCE_ISA` name (case-insensitive).
     pub fn parse(s: &str) -> Option<Isa> {
-        Isa::ALL
-            .into_iter()
-            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+        Isa::ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(s.trim()))
     }
 
     /// Whether this CPU can run the tier.
@@ -73,20 +71,12 @@ impl Isa {
 
     /// The best tier this CPU supports.
     pub fn best_supported() -> Isa {
-        Isa::ALL
-            .into_iter()
-            .rev()
-            .find(|i| i.is_supported())
-            .unwrap_or(Isa::Scalar)
+        Isa::ALL.into_iter().rev().find(|i| i.is_supported()).unwrap_or(Isa::Scalar)
     }
 
     /// The best supported tier that is not above `self`.
     pub fn capped_to_supported(self) -> Isa {
-        Isa::ALL
-            .into_iter()
-            .rev()
-            .find(|i| *i <= self && i.is_supported())
-            .unwrap_or(Isa::Scalar)
+        Isa::ALL.into_iter().rev().find(|i| *i <= self && i.is_supported()).unwrap_or(Isa::Scalar)
     }
 }
 
@@ -105,8 +95,7 @@ pub fn selected() -> Isa {
     static SELECTED: OnceLock<Isa> = OnceLock::new();
     *SELECTED.get_or_init(|| {
         let forced = std::env::var(FORCE_ENV).ok();
-        let require =
-            std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        let require = std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         match resolve(forced.as_deref(), require) {
             Ok(isa) => isa,
             Err(msg) if require => panic!("{msg}"),
@@ -125,9 +114,7 @@ pub fn selected() -> Isa {
 /// A message naming the problem when `forced` is not a tier name, or (with `require`) names
 /// a tier this CPU lacks.
 pub fn resolve(forced: Option<&str>, require: bool) -> Result<Isa, String> {
-    let Some(name) =
-        forced.filter(|s| !s.trim().is_empty() && !s.trim().eq_ignore_ascii_case("auto"))
-    else {
+    let Some(name) = forced.filter(|s| !s.trim().is_empty() && !s.trim().eq_ignore_ascii_case("auto")) else {
         return Ok(Isa::best_supported());
     };
     let Some(isa) = Isa::parse(name) else {

@@ -60,10 +60,7 @@ pub(crate) fn for_blocks<A: Sync, B: Send>(
 ) -> bool {
     let block = block.max(1);
     if src.len() < PARALLEL_MIN_LEN {
-        src.chunks(block)
-            .zip(dst.chunks_mut(block))
-            .enumerate()
-            .fold(false, |acc, (b, (s, d))| f(b, s, d) | acc)
+        src.chunks(block).zip(dst.chunks_mut(block)).enumerate().fold(false, |acc, (b, (s, d))| f(b, s, d) | acc)
     } else {
         src.par_chunks(block)
             .zip(dst.par_chunks_mut(block))
@@ -119,9 +116,8 @@ pub fn quantize_slice_with<T: QElement>(
     params.validate(OP, &[src.len()], &range)?;
     let isa = isa.capped_to_supported();
     let inv = 1.0f32 / scale;
-    let nan = for_blocks(src, dst, CHUNK, |_, s, d| {
-        quantize_block(isa, s, d, inv, zero_point, range.qmin(), range.qmax())
-    });
+    let nan =
+        for_blocks(src, dst, CHUNK, |_, s, d| quantize_block(isa, s, d, inv, zero_point, range.qmin(), range.qmax()));
     if nan {
         return Err(nan_error(OP, src, &[src.len()]));
     }
@@ -132,12 +128,7 @@ pub fn quantize_slice_with<T: QElement>(
 ///
 /// # Errors
 /// [`QError::ShapeMismatch`] for slices of different lengths, [`QError::InvalidScale`].
-pub fn dequantize_slice<T: QElement>(
-    src: &[T],
-    dst: &mut [f32],
-    scale: f32,
-    zero_point: i32,
-) -> Result<()> {
+pub fn dequantize_slice<T: QElement>(src: &[T], dst: &mut [f32], scale: f32, zero_point: i32) -> Result<()> {
     dequantize_slice_with(crate::isa::selected(), src, dst, scale, zero_point)
 }
 
@@ -182,11 +173,7 @@ pub(crate) fn check_range_dtype<T: QElement>(op: &'static str, range: &QuantRang
 
 pub(crate) fn nan_error(op: &'static str, src: &[f32], shape: &[usize]) -> QError {
     let index = src.iter().position(|x| x.is_nan()).unwrap_or(0);
-    QError::NanInput {
-        op,
-        index,
-        shape: shape.to_vec(),
-    }
+    QError::NanInput { op, index, shape: shape.to_vec() }
 }
 
 /// Quantizes a block with per-tensor parameters already validated; returns whether any input
@@ -255,13 +242,7 @@ pub(crate) fn quantize_block_scalar<T: QElement>(
 }
 
 /// Dequantizes a block with a validated scale.
-pub(crate) fn dequantize_block<T: QElement>(
-    isa: Isa,
-    src: &[T],
-    dst: &mut [f32],
-    scale: f32,
-    zp: i32,
-) {
+pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
     debug_assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Vnni {
@@ -300,12 +281,7 @@ pub(crate) fn dequantize_block<T: QElement>(
 }
 
 /// The scalar twin of [`dequantize_block`].
-pub(crate) fn dequantize_block_scalar<T: QElement>(
-    src: &[T],
-    dst: &mut [f32],
-    scale: f32,
-    zp: i32,
-) {
+pub(crate) fn dequantize_block_scalar<T: QElement>(src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
     for (q, y) in src.iter().zip(dst.iter_mut()) {
         *y = dequantize_scalar(q.to_i32(), scale, zp);
     }
@@ -362,11 +338,7 @@ mod x86 {
             }
             let w0 = _mm256_packs_epi32(q[0], q[1]);
             let w1 = _mm256_packs_epi32(q[2], q[3]);
-            let b = if SIGNED {
-                _mm256_packs_epi16(w0, w1)
-            } else {
-                _mm256_packus_epi16(w0, w1)
-            };
+            let b = if SIGNED { _mm256_packs_epi16(w0, w1) } else { _mm256_packus_epi16(w0, w1) };
             let b = _mm256_permutevar8x32_epi32(b, order);
             // SAFETY: i + 32 <= n = dst.len(): the 32 bytes are in bounds; storeu needs no alignment.
             unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), b) };
@@ -388,12 +360,7 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX2; `src` and `dst` must have equal lengths.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dequantize8_avx2<const SIGNED: bool>(
-        src: &[u8],
-        dst: &mut [f32],
-        scale: f32,
-        zp: i32,
-    ) {
+    pub(super) unsafe fn dequantize8_avx2<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
         let n = src.len().min(dst.len());
         let vscale = _mm256_set1_ps(scale);
         let vzp = _mm256_set1_epi32(zp);
@@ -403,11 +370,7 @@ mod x86 {
             let b = unsafe { _mm_loadu_si128(src.as_ptr().add(i).cast()) };
             let halves = [b, _mm_srli_si128::<8>(b)];
             for (j, h) in halves.into_iter().enumerate() {
-                let w = if SIGNED {
-                    _mm256_cvtepi8_epi32(h)
-                } else {
-                    _mm256_cvtepu8_epi32(h)
-                };
+                let w = if SIGNED { _mm256_cvtepi8_epi32(h) } else { _mm256_cvtepu8_epi32(h) };
                 let y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(w, vzp)), vscale);
                 // SAFETY: i + 8j + 8 <= i + 16 <= n = dst.len(): the 8 floats are in bounds.
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(i + 8 * j), y) };
@@ -415,11 +378,7 @@ mod x86 {
             i += 16;
         }
         for k in i..n {
-            let q = if SIGNED {
-                src[k] as i8 as i32
-            } else {
-                src[k] as i32
-            };
+            let q = if SIGNED { src[k] as i8 as i32 } else { src[k] as i32 };
             dst[k] = super::dequantize_scalar(q, scale, zp);
         }
     }
@@ -457,11 +416,7 @@ mod x86 {
                 // Rounds half to even: Rust code never changes MXCSR from its default.
                 let r = _mm512_add_epi32(_mm512_cvtps_epi32(t), vzp);
                 let r = _mm512_max_epi32(_mm512_min_epi32(r, vmax), vmin);
-                let b = if SIGNED {
-                    _mm512_cvtsepi32_epi8(r)
-                } else {
-                    _mm512_cvtusepi32_epi8(r)
-                };
+                let b = if SIGNED { _mm512_cvtsepi32_epi8(r) } else { _mm512_cvtusepi32_epi8(r) };
                 // SAFETY: i + 16j + 16 <= n = dst.len(): the 16 bytes are in bounds; no alignment needed.
                 unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(i + 16 * j).cast(), b) };
             }
@@ -482,12 +437,7 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX-512 F and BW; `src` and `dst` must have equal lengths.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn dequantize8_avx512<const SIGNED: bool>(
-        src: &[u8],
-        dst: &mut [f32],
-        scale: f32,
-        zp: i32,
-    ) {
+    pub(super) unsafe fn dequantize8_avx512<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
         let n = src.len().min(dst.len());
         let vscale = _mm512_set1_ps(scale);
         let vzp = _mm512_set1_epi32(zp);
@@ -496,11 +446,7 @@ mod x86 {
             for j in 0..4 {
                 // SAFETY: i + 16j + 16 <= i + 64 <= n = src.len(): the 16 bytes are in bounds.
                 let b = unsafe { _mm_loadu_si128(src.as_ptr().add(i + 16 * j).cast()) };
-                let w = if SIGNED {
-                    _mm512_cvtepi8_epi32(b)
-                } else {
-                    _mm512_cvtepu8_epi32(b)
-                };
+                let w = if SIGNED { _mm512_cvtepi8_epi32(b) } else { _mm512_cvtepu8_epi32(b) };
                 let y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(w, vzp)), vscale);
                 // SAFETY: i + 16j + 16 <= n = dst.len(): the 16 floats are in bounds.
                 unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i + 16 * j), y) };
@@ -508,11 +454,7 @@ mod x86 {
             i += 64;
         }
         for k in i..n {
-            let q = if SIGNED {
-                src[k] as i8 as i32
-            } else {
-                src[k] as i32
-            };
+            let q = if SIGNED { src[k] as i8 as i32 } else { src[k] as i32 };
             dst[k] = super::dequantize_scalar(q, scale, zp);
         }
     }

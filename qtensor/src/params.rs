@@ -44,12 +44,7 @@ pub struct QuantRange {
 impl QuantRange {
     /// The whole range of `dtype` (PyTorch's default).
     pub const fn full(dtype: DType) -> Self {
-        QuantRange {
-            dtype,
-            qmin: dtype.min_value() as i32,
-            qmax: dtype.max_value() as i32,
-            kind: RangeKind::Full,
-        }
+        QuantRange { dtype, qmin: dtype.min_value() as i32, qmax: dtype.max_value() as i32, kind: RangeKind::Full }
     }
 
     /// PyTorch's `reduce_range=True`: `u8` 0..=127, `i8` -64..=63. `i32` keeps its full range,
@@ -60,12 +55,7 @@ impl QuantRange {
             DType::I8 => (-64, 63),
             DType::I32 => (i32::MIN, i32::MAX),
         };
-        QuantRange {
-            dtype,
-            qmin,
-            qmax,
-            kind: RangeKind::Reduced,
-        }
+        QuantRange { dtype, qmin, qmax, kind: RangeKind::Reduced }
     }
 
     /// A custom range, e.g. `(-127, 127)` for symmetric weights or `(0, 15)` for 4-bit values
@@ -75,20 +65,12 @@ impl QuantRange {
     /// [`QError::InvalidRange`] unless `qmin <= 0 <= qmax`, `qmin < qmax` and both fit `dtype`.
     pub fn custom(dtype: DType, qmin: i64, qmax: i64) -> Result<Self> {
         const OP: &str = "QuantRange::custom";
-        let bad = |reason: String| QError::InvalidRange {
-            op: OP,
-            qmin,
-            qmax,
-            dtype,
-            reason,
-        };
+        let bad = |reason: String| QError::InvalidRange { op: OP, qmin, qmax, dtype, reason };
         if qmin >= qmax {
             return Err(bad("qmin must be strictly less than qmax".into()));
         }
         if qmin > 0 || qmax < 0 {
-            return Err(bad(
-                "the range must include 0 so that 0.0 is exactly representable; widen it".into(),
-            ));
+            return Err(bad("the range must include 0 so that 0.0 is exactly representable; widen it".into()));
         }
         if qmin < dtype.min_value() || qmax > dtype.max_value() {
             return Err(bad(format!(
@@ -98,12 +80,7 @@ impl QuantRange {
                 dtype.max_value()
             )));
         }
-        Ok(QuantRange {
-            dtype,
-            qmin: qmin as i32,
-            qmax: qmax as i32,
-            kind: RangeKind::Custom,
-        })
+        Ok(QuantRange { dtype, qmin: qmin as i32, qmax: qmax as i32, kind: RangeKind::Custom })
     }
 
     /// The range PyTorch's observers use (`calculate_qmin_qmax`): a custom range if given, else
@@ -112,11 +89,7 @@ impl QuantRange {
     ///
     /// # Errors
     /// As [`QuantRange::custom`] for an invalid custom range.
-    pub fn for_observer(
-        dtype: DType,
-        custom: Option<(i64, i64)>,
-        reduce_range: bool,
-    ) -> Result<Self> {
+    pub fn for_observer(dtype: DType, custom: Option<(i64, i64)>, reduce_range: bool) -> Result<Self> {
         match (custom, reduce_range) {
             (None, false) => Ok(Self::full(dtype)),
             (None, true) => Ok(Self::reduced(dtype)),
@@ -245,11 +218,7 @@ impl QParams {
         for (c, &s) in scales.iter().enumerate() {
             check_scale(OP, s, Some(c))?;
         }
-        Ok(QParams::PerChannel(PerChannel {
-            scales,
-            zero_points,
-            axis,
-        }))
+        Ok(QParams::PerChannel(PerChannel { scales, zero_points, axis }))
     }
 
     /// The channel axis, or `None` for per-tensor parameters.
@@ -306,11 +275,7 @@ impl QParams {
             }
             QParams::PerChannel(pc) => {
                 if pc.axis >= shape.len() {
-                    return Err(QError::AxisOutOfRange {
-                        op,
-                        axis: pc.axis,
-                        shape: shape.to_vec(),
-                    });
+                    return Err(QError::AxisOutOfRange { op, axis: pc.axis, shape: shape.to_vec() });
                 }
                 if shape[pc.axis] != pc.len() {
                     return Err(QError::ChannelCountMismatch {

@@ -3,9 +3,7 @@
 use ndarray::{Array, ArrayBase, ArrayD, ArrayViewD, Data, Dimension, IxDyn};
 
 use crate::isa::{self, Isa};
-use crate::kernels::{
-    check_range_dtype, dequantize_block, for_blocks, nan_error, quantize_block, CHUNK,
-};
+use crate::kernels::{check_range_dtype, dequantize_block, for_blocks, nan_error, quantize_block, CHUNK};
 use crate::{QElement, QError, QParams, QuantRange, Result};
 
 /// A quantized tensor: integers of type `T` (`u8`, `i8` or `i32`), their [`QParams`] and the
@@ -49,9 +47,7 @@ fn quantize_flat<T: QElement>(
     match params {
         QParams::PerTensor { scale, zero_point } => {
             let inv = 1.0f32 / scale;
-            for_blocks(src, dst, CHUNK, |_, s, d| {
-                quantize_block(isa, s, d, inv, *zero_point, qmin, qmax)
-            })
+            for_blocks(src, dst, CHUNK, |_, s, d| quantize_block(isa, s, d, inv, *zero_point, qmin, qmax))
         }
         QParams::PerChannel(pc) => {
             let (channels, inner) = split_at_axis(shape, pc.axis());
@@ -66,13 +62,7 @@ fn quantize_flat<T: QElement>(
 }
 
 /// Dequantizes a row-major slice of `shape` with validated parameters.
-fn dequantize_flat<T: QElement>(
-    isa: Isa,
-    src: &[T],
-    shape: &[usize],
-    dst: &mut [f32],
-    params: &QParams,
-) {
+fn dequantize_flat<T: QElement>(isa: Isa, src: &[T], shape: &[usize], dst: &mut [f32], params: &QParams) {
     match params {
         QParams::PerTensor { scale, zero_point } => {
             for_blocks(src, dst, CHUNK, |_, s, d| {
@@ -113,11 +103,7 @@ impl<T: QElement> QTensor<T> {
     ///
     /// # Errors
     /// As [`QTensor::quantize`], and [`QError::Unsupported`] for a range of another dtype.
-    pub fn quantize_in_range<S, D>(
-        x: &ArrayBase<S, D>,
-        params: QParams,
-        range: QuantRange,
-    ) -> Result<Self>
+    pub fn quantize_in_range<S, D>(x: &ArrayBase<S, D>, params: QParams, range: QuantRange) -> Result<Self>
     where
         S: Data<Elem = f32>,
         D: Dimension,
@@ -130,12 +116,7 @@ impl<T: QElement> QTensor<T> {
     ///
     /// # Errors
     /// As [`QTensor::quantize_in_range`].
-    pub fn quantize_with<S, D>(
-        isa: Isa,
-        x: &ArrayBase<S, D>,
-        params: QParams,
-        range: QuantRange,
-    ) -> Result<Self>
+    pub fn quantize_with<S, D>(isa: Isa, x: &ArrayBase<S, D>, params: QParams, range: QuantRange) -> Result<Self>
     where
         S: Data<Elem = f32>,
         D: Dimension,
@@ -150,13 +131,8 @@ impl<T: QElement> QTensor<T> {
         if quantize_flat(isa, src, x.shape(), &mut out, &params, &range) {
             return Err(nan_error(OP, src, x.shape()));
         }
-        let data = ArrayD::from_shape_vec(IxDyn(x.shape()), out)
-            .expect("length equals the shape's product");
-        Ok(QTensor {
-            data,
-            params,
-            range,
-        })
+        let data = ArrayD::from_shape_vec(IxDyn(x.shape()), out).expect("length equals the shape's product");
+        Ok(QTensor { data, params, range })
     }
 
     /// Wraps existing integer data (e.g. loaded from a file) with its parameters.
@@ -164,19 +140,11 @@ impl<T: QElement> QTensor<T> {
     /// # Errors
     /// Invalid parameters for the data's shape, a range of another dtype, or a value outside
     /// `range` ([`QError::InvalidRange`], naming the first such value).
-    pub fn from_int_repr<D: Dimension>(
-        data: Array<T, D>,
-        params: QParams,
-        range: QuantRange,
-    ) -> Result<Self> {
+    pub fn from_int_repr<D: Dimension>(data: Array<T, D>, params: QParams, range: QuantRange) -> Result<Self> {
         const OP: &str = "QTensor::from_int_repr";
         check_range_dtype::<T>(OP, &range)?;
         params.validate(OP, data.shape(), &range)?;
-        if let Some((i, v)) = data
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !range.contains(v.to_i32() as i64))
-        {
+        if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !range.contains(v.to_i32() as i64)) {
             return Err(QError::InvalidRange {
                 op: OP,
                 qmin: range.qmin() as i64,
@@ -189,11 +157,7 @@ impl<T: QElement> QTensor<T> {
             });
         }
         let data = data.into_dyn().as_standard_layout().into_owned();
-        Ok(QTensor {
-            data,
-            params,
-            range,
-        })
+        Ok(QTensor { data, params, range })
     }
 
     /// Real values: `scale[c] * (q - zero_point[c])`, one `f32` rounding per element.
@@ -203,18 +167,9 @@ impl<T: QElement> QTensor<T> {
 
     /// [`QTensor::dequantize`] with an explicit instruction set.
     pub fn dequantize_with(&self, isa: Isa) -> ArrayD<f32> {
-        let src = self
-            .data
-            .as_slice()
-            .expect("QTensor data is always standard layout");
+        let src = self.data.as_slice().expect("QTensor data is always standard layout");
         let mut out = vec![0.0f32; src.len()];
-        dequantize_flat(
-            isa.capped_to_supported(),
-            src,
-            self.data.shape(),
-            &mut out,
-            &self.params,
-        );
+        dequantize_flat(isa.capped_to_supported(), src, self.data.shape(), &mut out, &self.params);
         ArrayD::from_shape_vec(self.data.raw_dim(), out).expect("length equals the shape's product")
     }
 
@@ -232,11 +187,7 @@ impl<T: QElement> QTensor<T> {
     ///
     /// # Errors
     /// Invalid `params` for this tensor's shape, or a range of another dtype.
-    pub fn requantize_in_range<U: QElement>(
-        &self,
-        params: QParams,
-        range: QuantRange,
-    ) -> Result<QTensor<U>> {
+    pub fn requantize_in_range<U: QElement>(&self, params: QParams, range: QuantRange) -> Result<QTensor<U>> {
         const OP: &str = "QTensor::requantize";
         check_range_dtype::<U>(OP, &range)?;
         params.validate(OP, self.shape(), &range)?;
@@ -250,9 +201,7 @@ impl<T: QElement> QTensor<T> {
 
     /// The integer values as a flat row-major slice.
     pub fn as_slice(&self) -> &[T] {
-        self.data
-            .as_slice()
-            .expect("QTensor data is always standard layout")
+        self.data.as_slice().expect("QTensor data is always standard layout")
     }
 
     /// Takes the integer values out.
@@ -307,11 +256,7 @@ impl<T: QElement> QTensor<T> {
 ///
 /// # Errors
 /// As [`QTensor::quantize_in_range`].
-pub fn fake_quantize<T, S, D>(
-    x: &ArrayBase<S, D>,
-    params: &QParams,
-    range: QuantRange,
-) -> Result<Array<f32, D>>
+pub fn fake_quantize<T, S, D>(x: &ArrayBase<S, D>, params: &QParams, range: QuantRange) -> Result<Array<f32, D>>
 where
     T: QElement,
     S: Data<Elem = f32>,
@@ -319,6 +264,5 @@ where
 {
     let q = QTensor::<T>::quantize_in_range(x, params.clone(), range)?;
     let y = q.dequantize();
-    Ok(y.into_dimensionality::<D>()
-        .expect("dequantize keeps the input's shape"))
+    Ok(y.into_dimensionality::<D>().expect("dequantize keeps the input's shape"))
 }

@@ -4,6 +4,10 @@
 //! - `demo`: the main job, README's first command. Until `qnn` runs a model it shows the
 //!   most complete thing that exists: qtensor quantizing a synthetic layer's weights and
 //!   activations under each quantization scheme, with the error each scheme costs.
+//! - `bench`: kernel benchmarks on real layer shapes (int8, f32, % of the measured peak),
+//!   with `--peers` PyTorch's quantized ops in the same run, `--json PATH` for records.
+
+mod bench;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -11,8 +15,8 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use ndarray::{Array2, ArrayView2, Axis};
 use qtensor::{
-    choose_qparams, choose_qparams_per_channel, isa, DType, QElement, QParams, QScheme, QTensor,
-    QuantRange, DEFAULT_EPS,
+    choose_qparams, choose_qparams_per_channel, isa, DType, QElement, QParams, QScheme, QTensor, QuantRange,
+    DEFAULT_EPS,
 };
 
 #[derive(Parser)]
@@ -30,12 +34,35 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Kernel benchmarks: int8 vs f32 vs this machine's peak, optionally vs PyTorch.
+    Bench {
+        /// Thread counts to run, comma-separated (the f32 baseline always runs one thread).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        threads: Vec<usize>,
+        /// Also time PyTorch's quantized ops on the same shapes (needs a Python with torch:
+        /// `$QRUST_PYTHON` or `python3`).
+        #[arg(long)]
+        peers: bool,
+        /// Only shapes whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Write the results as JSON records here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { seed } => demo(seed),
+        Command::Demo { seed } => demo(seed).map_err(|e| e.to_string()),
+        Command::Bench { threads, peers, filter, json } => {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("xtask sits in the workspace")
+                .to_path_buf();
+            bench::run(&root, &threads, peers, filter.as_deref(), json.as_ref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,18 +92,12 @@ impl Rng {
 /// Signal-to-quantization-noise ratio in dB, as PyTorch's Numeric Suite computes it.
 fn sqnr_db(reference: &[f32], approx: &[f32]) -> f64 {
     let signal: f64 = reference.iter().map(|&x| (x as f64).powi(2)).sum();
-    let noise: f64 = reference
-        .iter()
-        .zip(approx)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
+    let noise: f64 = reference.iter().zip(approx).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
     10.0 * (signal / noise.max(f64::MIN_POSITIVE)).log10()
 }
 
 fn min_max(x: ArrayView2<'_, f32>) -> (f32, f32) {
-    x.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-        (lo.min(v), hi.max(v))
-    })
+    x.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
 struct Row {
@@ -98,10 +119,7 @@ fn measure<T: QElement>(
     let describe = match &params {
         QParams::PerTensor { scale, zero_point } => format!("scale {scale:.3e}, zp {zero_point}"),
         QParams::PerChannel(pc) => {
-            let (lo, hi) = pc
-                .scales()
-                .iter()
-                .fold((f32::MAX, 0.0f32), |(a, b), &s| (a.min(s), b.max(s)));
+            let (lo, hi) = pc.scales().iter().fold((f32::MAX, 0.0f32), |(a, b), &s| (a.min(s), b.max(s)));
             format!("{} scales {lo:.2e}..{hi:.2e}", pc.len())
         }
     };
@@ -111,11 +129,7 @@ fn measure<T: QElement>(
     let back = q.dequantize();
     let xs = x.as_slice().expect("standard layout");
     let ys = back.as_slice().expect("standard layout");
-    let max_err = xs
-        .iter()
-        .zip(ys)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
+    let max_err = xs.iter().zip(ys).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     Ok(Row {
         tensor,
         scheme: format!("{scheme} ({})", T::DTYPE),
@@ -131,9 +145,7 @@ fn demo(seed: u64) -> qtensor::Result<()> {
     // A linear layer's weights, 256 outputs x 1024 inputs, whose rows differ in magnitude by
     // 100x (as after batch-norm folding), and post-ReLU activations with a long tail.
     let (out_ch, in_ch, batch) = (256usize, 1024usize, 256usize);
-    let row_gain: Vec<f32> = (0..out_ch)
-        .map(|o| 0.002 * 100f32.powf(o as f32 / out_ch as f32))
-        .collect();
+    let row_gain: Vec<f32> = (0..out_ch).map(|o| 0.002 * 100f32.powf(o as f32 / out_ch as f32)).collect();
     let w = Array2::from_shape_fn((out_ch, in_ch), |(o, _)| rng.normal() * row_gain[o]);
     let act = Array2::from_shape_fn((batch, in_ch), |_| (rng.normal() * 1.5).max(0.0).powf(1.5));
 
@@ -146,10 +158,7 @@ fn demo(seed: u64) -> qtensor::Result<()> {
 
     let (wmin, wmax) = min_max(w.view());
     let (amin, amax) = min_max(act.view());
-    let row_stats: Vec<(f32, f32)> = w
-        .axis_iter(Axis(0))
-        .map(|r| min_max(r.insert_axis(Axis(0))))
-        .collect();
+    let row_stats: Vec<(f32, f32)> = w.axis_iter(Axis(0)).map(|r| min_max(r.insert_axis(Axis(0)))).collect();
     let (mins, maxs): (Vec<f32>, Vec<f32>) = row_stats.into_iter().unzip();
     let i8_full = QuantRange::full(DType::I8);
     let u8_full = QuantRange::full(DType::U8);
@@ -167,58 +176,28 @@ fn demo(seed: u64) -> qtensor::Result<()> {
             "activations",
             "per-tensor affine, reduce_range",
             &act,
-            choose_qparams(
-                amin,
-                amax,
-                DType::U8,
-                QScheme::Affine,
-                u8_reduced,
-                DEFAULT_EPS,
-            )?,
+            choose_qparams(amin, amax, DType::U8, QScheme::Affine, u8_reduced, DEFAULT_EPS)?,
             u8_reduced,
         )?,
         measure::<i8>(
             "weights",
             "per-tensor symmetric",
             &w,
-            choose_qparams(
-                wmin,
-                wmax,
-                DType::I8,
-                QScheme::Symmetric,
-                i8_full,
-                DEFAULT_EPS,
-            )?,
+            choose_qparams(wmin, wmax, DType::I8, QScheme::Symmetric, i8_full, DEFAULT_EPS)?,
             i8_full,
         )?,
         measure::<i8>(
             "weights",
             "per-channel symmetric",
             &w,
-            choose_qparams_per_channel(
-                &mins,
-                &maxs,
-                0,
-                DType::I8,
-                QScheme::Symmetric,
-                i8_full,
-                DEFAULT_EPS,
-            )?,
+            choose_qparams_per_channel(&mins, &maxs, 0, DType::I8, QScheme::Symmetric, i8_full, DEFAULT_EPS)?,
             i8_full,
         )?,
         measure::<i8>(
             "weights",
             "per-channel affine",
             &w,
-            choose_qparams_per_channel(
-                &mins,
-                &maxs,
-                0,
-                DType::I8,
-                QScheme::Affine,
-                i8_full,
-                DEFAULT_EPS,
-            )?,
+            choose_qparams_per_channel(&mins, &maxs, 0, DType::I8, QScheme::Affine, i8_full, DEFAULT_EPS)?,
             i8_full,
         )?,
     ];
@@ -235,7 +214,10 @@ fn demo(seed: u64) -> qtensor::Result<()> {
     }
     let gain = rows[3].sqnr - rows[2].sqnr;
     println!("\nper-channel weights gain {gain:.1} dB over per-tensor here: the largest rows no longer set the step of every row.");
-    println!("reduce_range costs {:.1} dB on activations (PyTorch's x86 default pays it to dodge int16 saturation).", rows[0].sqnr - rows[1].sqnr);
+    println!(
+        "reduce_range costs {:.1} dB on activations (PyTorch's x86 default pays it to dodge int16 saturation).",
+        rows[0].sqnr - rows[1].sqnr
+    );
 
     let mut bad = act.clone();
     bad[[3, 5]] = f32::NAN;

@@ -8,6 +8,20 @@ use std::arch::x86_64::*;
 use std::ptr;
 
 use crate::gemm::{Plan, QMatrix, Tile, REQUANT_LIMIT};
+
+/// Where a VNNI tile writes requantized `u8` directly from its accumulators, skipping the
+/// tile buffer: the output base pointer, its row stride, and the tile's place in it.
+#[derive(Debug)]
+pub(crate) struct FusedU8<'p> {
+    pub plan: &'p Plan,
+    /// Activation row sums by global row (empty when the weights are symmetric).
+    pub rowsums: &'p [i32],
+    pub out: *mut u8,
+    pub ldc: usize,
+    pub r0: usize,
+    pub j0: usize,
+    pub ncols: usize,
+}
 use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
 
 /// Four consecutive activation bytes of row `row` from column `k0`, zero beyond `k`.
@@ -35,13 +49,14 @@ unsafe fn a_quad(row: *const u8, k0: usize, k: usize) -> i32 {
 /// # Safety
 /// AVX-512 F/BW/VNNI available; `a` holds rows r0..r0+MR; `b` points at panel `p0` of a VNNI
 /// packing of this K with at least NV panels from there; MR <= 6 and NV <= 4.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn vnni_kernel<const MR: usize, const NV: usize>(
     a: *const u8,
     lda: usize,
     k: usize,
     b: *const i8,
     tile: &mut Tile,
+    fused: Option<&FusedU8<'_>>,
 ) {
     let panel = vnni_panel_len(k);
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
@@ -65,22 +80,64 @@ unsafe fn vnni_kernel<const MR: usize, const NV: usize>(
     }
     for g in 0..full {
         // SAFETY: 4g + 4 <= k bytes of row r are readable.
-        group!(g, |r: usize, g: usize| unsafe {
-            ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
-        });
+        group!(g, |r: usize, g: usize| unsafe { ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>()) });
     }
-    if k % 4 != 0 {
+    if !k.is_multiple_of(4) {
         // SAFETY: row r holds k readable bytes and 4 * full < k.
-        group!(full, |r: usize, g: usize| unsafe {
-            a_quad(a.add(r * lda), 4 * g, k)
-        });
+        group!(full, |r: usize, g: usize| unsafe { a_quad(a.add(r * lda), 4 * g, k) });
+    }
+    if let Some(f) = fused {
+        // SAFETY: forwarded: the fused target covers rows r0..r0+MR and columns j0..j0+ncols.
+        unsafe { vnni_store_u8::<MR, NV>(&acc, f) };
+        return;
     }
     for r in 0..MR {
         for v in 0..NV {
             // SAFETY: tile rows hold 64 i32; v < 4 so 16v + 16 <= 64.
-            unsafe {
-                _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v])
-            };
+            unsafe { _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v]) };
+        }
+    }
+}
+
+/// The requantization epilogue on accumulators still in registers, 16 columns per vector,
+/// masked at the right edge. The same f32 operations in the same order as
+/// `requantize_scalar`, so the same bits.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; `f.out` points at an output with row stride `f.ldc` holding
+/// rows `f.r0..f.r0 + MR` and columns `f.j0..f.j0 + f.ncols`; `f.ncols > 16 * (NV - 1)`;
+/// the plan covers those columns and `f.rowsums` those rows (when the weights have zero points).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
+    let plan = f.plan;
+    let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
+    let (zo, lo, hi) = (_mm512_set1_epi32(plan.zo), _mm512_set1_epi32(plan.lo), _mm512_set1_epi32(plan.hi));
+    for v in 0..NV {
+        let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
+        let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+        let j = f.j0 + VNNI_LANES * v;
+        // SAFETY: masked loads touch only columns j..j+valid, which the plan covers.
+        let (colterm, bias, mult, zw) = unsafe {
+            (
+                _mm512_maskz_loadu_epi32(m, plan.colterm.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j)),
+                _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j)),
+            )
+        };
+        for (r, accr) in acc.iter().enumerate() {
+            let mut raw = _mm512_sub_epi32(accr[v], colterm);
+            if plan.has_zw {
+                raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(f.rowsums[f.r0 + r]), zw));
+            }
+            let x = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
+            let x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+            // Rounds half to even: Rust code never changes MXCSR from its default.
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(x), zo);
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            let bytes = _mm512_cvtusepi32_epi8(q);
+            // SAFETY: row r0 + r, columns j..j+valid are inside the output (precondition).
+            unsafe { _mm_mask_storeu_epi8(f.out.add((f.r0 + r) * f.ldc + j).cast(), m, bytes) };
         }
     }
 }
@@ -102,6 +159,7 @@ macro_rules! dispatch_tile {
 /// the rows exist in `a`; `ncols <= 64` columns exist from panel `panel0`; `mr <= 6`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn vnni_tile(
+    fused: Option<&FusedU8<'_>>,
     a: &QMatrix<'_>,
     r0: usize,
     mr: usize,
@@ -116,7 +174,7 @@ pub(crate) unsafe fn vnni_tile(
     let bp = packed[panel0 * vnni_panel_len(k)..].as_ptr();
     // SAFETY: forwarded preconditions; the table covers every (mr, nv) with mr <= 6, nv <= 4.
     unsafe {
-        dispatch_tile!(vnni_kernel, mr, nv, (ap, a.lda, k, bp, tile);
+        dispatch_tile!(vnni_kernel, mr, nv, (ap, a.lda, k, bp, tile, fused);
             (1,1),(1,2),(1,3),(1,4),(2,1),(2,2),(2,3),(2,4),(3,1),(3,2),(3,3),(3,4),
             (4,1),(4,2),(4,3),(4,4),(5,1),(5,2),(5,3),(5,4),(6,1),(6,2),(6,3),(6,4))
     }
@@ -147,16 +205,8 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
         for (r, accr) in acc.iter_mut().enumerate() {
             let row = a.wrapping_add(r * lda);
             // SAFETY: 2g < k, and 2g + 1 is read only when it is < k.
-            let (lo, hi) = unsafe {
-                (
-                    *row.add(2 * g) as i32,
-                    if 2 * g + 1 < k {
-                        *row.add(2 * g + 1) as i32
-                    } else {
-                        0
-                    },
-                )
-            };
+            let (lo, hi) =
+                unsafe { (*row.add(2 * g) as i32, if 2 * g + 1 < k { *row.add(2 * g + 1) as i32 } else { 0 }) };
             let av = _mm256_set1_epi32(lo | (hi << 16));
             for v in 0..NV {
                 accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(av, bv[v]));
@@ -166,9 +216,7 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     for r in 0..MR {
         for v in 0..NV {
             // SAFETY: 8v + 8 <= 24 <= 64.
-            unsafe {
-                _mm256_storeu_si256(tile[r].as_mut_ptr().add(v * AVX2_LANES).cast(), acc[r][v])
-            };
+            unsafe { _mm256_storeu_si256(tile[r].as_mut_ptr().add(v * AVX2_LANES).cast(), acc[r][v]) };
         }
     }
 }
@@ -216,13 +264,7 @@ pub(crate) unsafe fn avx2_tile(
 /// # Safety
 /// AVX2 available; `acc.len() == out.len()`; the plan covers columns j0..j0+acc.len().
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn epilogue_u8_avx2(
-    plan: &Plan,
-    acc: &[i32],
-    rowsum: i32,
-    j0: usize,
-    out: &mut [u8],
-) -> usize {
+pub(crate) unsafe fn epilogue_u8_avx2(plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, out: &mut [u8]) -> usize {
     let n = acc.len().min(out.len());
     let vrow = _mm256_set1_epi32(rowsum);
     let vzo = _mm256_set1_epi32(plan.zo);
@@ -232,8 +274,8 @@ pub(crate) unsafe fn epilogue_u8_avx2(
     let nlim = _mm256_set1_ps(-REQUANT_LIMIT);
     // Byte 0 of each i32 lane, gathered into the low 4 bytes of each 128-bit half.
     let gather = _mm256_setr_epi8(
-        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1,
-        -1, -1, -1, -1, -1, -1, -1, -1,
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1,
     );
     let mut c = 0;
     while c + 8 <= n {
@@ -282,12 +324,7 @@ pub(crate) unsafe fn epilogue_u8_avx2(
 /// rounded up to 64; `packed` is `pack_depthwise_vnni` of these weights (c channels,
 /// `taps.len()` taps).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(crate) unsafe fn depthwise_vnni_pixel(
-    taps: &[&[u8]],
-    c: usize,
-    packed: &[i8],
-    acc: &mut [i32],
-) {
+pub(crate) unsafe fn depthwise_vnni_pixel(taps: &[&[u8]], c: usize, packed: &[i8], acc: &mut [i32]) {
     let t = taps.len();
     let groups = t.div_ceil(4);
     let blocks = c.div_ceil(64);
@@ -301,8 +338,7 @@ pub(crate) unsafe fn depthwise_vnni_pixel(
                 let tap = (4 * g + i).min(t - 1); // past the last tap the weights are 0
                                                   // SAFETY: the masked load reads only the `valid` bytes 64b..64b+valid < c
                                                   // of a tap slice that holds c bytes.
-                *xi =
-                    unsafe { _mm512_maskz_loadu_epi8(mask, taps[tap].as_ptr().add(64 * b).cast()) };
+                *xi = unsafe { _mm512_maskz_loadu_epi8(mask, taps[tap].as_ptr().add(64 * b).cast()) };
             }
             let lo01 = _mm512_unpacklo_epi8(x[0], x[1]);
             let hi01 = _mm512_unpackhi_epi8(x[0], x[1]);
@@ -336,5 +372,123 @@ pub(crate) unsafe fn depthwise_vnni_pixel(
             // SAFETY: acc holds c rounded up to 64 >= 64b + 16l + 16 entries.
             unsafe { _mm512_storeu_si512(acc.as_mut_ptr().add(64 * b + 16 * l).cast(), vl) };
         }
+    }
+}
+
+/// Per-call epilogue constants of the flat depthwise kernel, by channel class: lane `i` of
+/// class `cl` is channel `(cl * gcd(c, 64) + i) % c`.
+#[derive(Debug)]
+pub(crate) struct FlatConsts {
+    pub colterm: Vec<i32>,
+    pub bias_term: Vec<f32>,
+    pub mult: Vec<f32>,
+    pub zo: i32,
+    pub lo: i32,
+    pub hi: i32,
+}
+
+/// One output row of a stride-1 (along the width) depthwise convolution, as a 1-D
+/// correlation over the row flattened to `ow * c` bytes: output byte `e` (pixel `e / c`,
+/// channel `e % c`) sums tap `(ky, kx)` at byte `e + kx * dw_bytes` of padded input row `ky`.
+/// So 64 consecutive output bytes read 64 consecutive bytes per tap, whatever `c` is, and no
+/// lane is wasted on small channel counts. The weights for a 64-byte chunk depend only on
+/// `e % c` (its "class"); they are pre-interleaved per class like the per-pixel kernel's.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; each `rows[ky]` points into a padded image with at least
+/// `(kw - 1) * dw_bytes + len.next_multiple_of(64)` readable bytes from it; `weights` and
+/// `consts` are this layer's for `c` channels and `rows.len() * kw` taps; `out` has `len`
+/// writable bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn depthwise_vnni_flat_row(
+    rows: &[*const u8],
+    kw: usize,
+    dw_bytes: usize,
+    c: usize,
+    weights: &[i8],
+    consts: &FlatConsts,
+    len: usize,
+    out: *mut u8,
+) {
+    let t = rows.len() * kw;
+    let groups = t.div_ceil(4);
+    let g = gcd(c, 64);
+    let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
+    let (zo, lo, hi) = (_mm512_set1_epi32(consts.zo), _mm512_set1_epi32(consts.lo), _mm512_set1_epi32(consts.hi));
+    let mut e0 = 0;
+    while e0 < len {
+        let class = (e0 % c) / g;
+        let mut r = [_mm512_setzero_si512(); 4];
+        for grp in 0..groups {
+            let mut x = [_mm512_setzero_si512(); 4];
+            for (i, xi) in x.iter_mut().enumerate() {
+                let tap = (4 * grp + i).min(t - 1); // past the last tap the weights are 0
+                let (ky, kx) = (tap / kw, tap % kw);
+                // SAFETY: kx * dw_bytes + e0 + 64 <= (kw - 1) * dw_bytes + len rounded up to
+                // 64: readable (precondition).
+                *xi = unsafe { _mm512_loadu_si512(rows[ky].add(kx * dw_bytes + e0).cast()) };
+            }
+            let lo01 = _mm512_unpacklo_epi8(x[0], x[1]);
+            let hi01 = _mm512_unpackhi_epi8(x[0], x[1]);
+            let lo23 = _mm512_unpacklo_epi8(x[2], x[3]);
+            let hi23 = _mm512_unpackhi_epi8(x[2], x[3]);
+            let quads = [
+                _mm512_unpacklo_epi16(lo01, lo23),
+                _mm512_unpackhi_epi16(lo01, lo23),
+                _mm512_unpacklo_epi16(hi01, hi23),
+                _mm512_unpackhi_epi16(hi01, hi23),
+            ];
+            let wbase = (class * groups + grp) * 256;
+            for q in 0..4 {
+                // SAFETY: the weights hold classes * groups * 256 bytes.
+                let w = unsafe { _mm512_loadu_si512(weights.as_ptr().add(wbase + 64 * q).cast()) };
+                r[q] = _mm512_dpbusd_epi32(r[q], quads[q], w);
+            }
+        }
+        let t0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[0], r[1]);
+        let t1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[0], r[1]);
+        let t2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[2], r[3]);
+        let t3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[2], r[3]);
+        let v = [
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t2),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t2),
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(t1, t3),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(t1, t3),
+        ];
+        let cbase = class * 64;
+        for (l, acc) in v.into_iter().enumerate() {
+            let start = e0 + 16 * l;
+            if start >= len {
+                break;
+            }
+            let valid = (len - start).min(16);
+            let m: __mmask16 = if valid == 16 { 0xFFFF } else { (1u16 << valid) - 1 };
+            // SAFETY: the constants hold classes * 64 entries; cbase + 16l + 16 <= that.
+            let (colterm, bias, mult) = unsafe {
+                (
+                    _mm512_loadu_si512(consts.colterm.as_ptr().add(cbase + 16 * l).cast()),
+                    _mm512_loadu_ps(consts.bias_term.as_ptr().add(cbase + 16 * l)),
+                    _mm512_loadu_ps(consts.mult.as_ptr().add(cbase + 16 * l)),
+                )
+            };
+            let raw = _mm512_sub_epi32(acc, colterm);
+            let f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
+            let f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
+            // Rounds half to even: Rust code never changes MXCSR from its default.
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), zo);
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            // SAFETY: bytes start..start+valid < len are writable (precondition).
+            unsafe { _mm_mask_storeu_epi8(out.add(start).cast(), m, _mm512_cvtusepi32_epi8(q)) };
+        }
+        e0 += 64;
+    }
+}
+
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }

@@ -33,22 +33,12 @@ impl ConvCase {
         } else {
             QParams::per_channel(self.sw.clone(), self.zw.clone(), 0).unwrap()
         };
-        let arr =
-            ndarray::Array4::from_shape_vec((self.oc, self.kh, self.kw, icg), self.wt.clone())
-                .unwrap();
+        let arr = ndarray::Array4::from_shape_vec((self.oc, self.kh, self.kw, icg), self.wt.clone()).unwrap();
         QTensor::from_int_repr(arr, params, QuantRange::full(qtensor::DType::I8)).unwrap()
     }
 
     pub fn image(&self) -> QImage<'_> {
-        QImage {
-            data: &self.x,
-            n: self.n,
-            h: self.h,
-            w: self.w,
-            c: self.c,
-            scale: self.sa,
-            zero_point: self.za,
-        }
+        QImage { data: &self.x, n: self.n, h: self.h, w: self.w, c: self.c, scale: self.sa, zero_point: self.za }
     }
 
     /// Direct convolution in i64 over NHWC / OHWI, padding as real zeros, then the FBGEMM
@@ -75,40 +65,25 @@ impl ConvCase {
                         let mut raw = 0i64;
                         for ky in 0..self.kh {
                             for kx in 0..self.kw {
-                                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize
-                                    - g.padding[0] as isize;
-                                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize
-                                    - g.padding[1] as isize;
-                                if iy < 0
-                                    || ix < 0
-                                    || iy >= self.h as isize
-                                    || ix >= self.w as isize
-                                {
+                                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                                let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.padding[1] as isize;
+                                if iy < 0 || ix < 0 || iy >= self.h as isize || ix >= self.w as isize {
                                     continue;
                                 }
                                 for ci in 0..icg {
-                                    let xv = self.x[((b * self.h + iy as usize) * self.w
-                                        + ix as usize)
-                                        * self.c
-                                        + gi * icg
-                                        + ci] as i64;
-                                    let wv = self.wt[((o * self.kh + ky) * self.kw + kx) * icg + ci]
+                                    let xv = self.x
+                                        [((b * self.h + iy as usize) * self.w + ix as usize) * self.c + gi * icg + ci]
                                         as i64;
+                                    let wv = self.wt[((o * self.kh + ky) * self.kw + kx) * icg + ci] as i64;
                                     raw += (xv - self.za as i64) * (wv - self.zw[pc] as i64);
                                 }
                             }
                         }
                         let ab = self.sa * self.sw[pc];
                         let bias_term = self.bias.as_ref().map_or(0.0, |bb| bb[o] / ab);
-                        out[((b * oh + oy) * ow + ox) * self.oc + o] = requantize_scalar(
-                            raw as i32,
-                            bias_term,
-                            ab / self.out.scale,
-                            self.out.zero_point,
-                            lo,
-                            hi,
-                        )
-                            as u8;
+                        out[((b * oh + oy) * ow + ox) * self.oc + o] =
+                            requantize_scalar(raw as i32, bias_term, ab / self.out.scale, self.out.zero_point, lo, hi)
+                                as u8;
                     }
                 }
             }
@@ -118,12 +93,7 @@ impl ConvCase {
 }
 
 pub fn conv_case() -> impl Strategy<Value = ConvCase> {
-    let kind = prop_oneof![
-        Just("dense"),
-        Just("grouped"),
-        Just("depthwise"),
-        Just("pointwise")
-    ];
+    let kind = prop_oneof![Just("dense"), Just("grouped"), Just("depthwise"), Just("pointwise")];
     (
         kind,
         1usize..3,
@@ -136,97 +106,63 @@ pub fn conv_case() -> impl Strategy<Value = ConvCase> {
         any::<bool>(),
         any::<u64>(),
     )
-        .prop_map(
-            |(kind, n, h, w, stride, pad, dil, per_channel, symmetric, seed)| {
-                let mut s = seed | 1;
-                let mut next = move || {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    s
-                };
-                let (c, oc, groups, k) = match kind {
-                    "dense" => (
-                        1 + (next() % 20) as usize,
-                        1 + (next() % 40) as usize,
-                        1,
-                        1 + (next() % 4) as usize,
-                    ),
-                    "grouped" => {
-                        let g = 2 + (next() % 3) as usize;
-                        (
-                            g * (1 + (next() % 5) as usize),
-                            g * (1 + (next() % 6) as usize),
-                            g,
-                            1 + (next() % 3) as usize,
-                        )
-                    }
-                    "depthwise" => {
-                        let c = 1 + (next() % 150) as usize;
-                        (c, c, c, 1 + (next() % 5) as usize)
-                    }
-                    _ => (1 + (next() % 70) as usize, 1 + (next() % 70) as usize, 1, 1),
-                };
-                let (kh, kw) = (
-                    k,
-                    if next() % 3 == 0 {
-                        1 + (next() % 3) as usize
-                    } else {
-                        k
-                    },
-                );
-                let pad = if kind == "pointwise" { 0 } else { pad };
-                let geom = Conv2dGeometry {
-                    stride: [stride, 1 + (stride % 2)],
-                    padding: [pad, pad],
-                    dilation: [dil, dil],
-                    groups,
-                };
-                let icg = c / groups;
-                let chans = if per_channel { oc } else { 1 };
-                let zw: Vec<i32> = (0..chans)
-                    .map(|_| {
-                        if symmetric {
-                            0
-                        } else {
-                            (next() % 41) as i32 - 20
-                        }
-                    })
-                    .collect();
-                let sw: Vec<f32> = (0..chans)
-                    .map(|_| 0.002 + (next() % 100) as f32 * 1e-4)
-                    .collect();
-                let activation =
-                    [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize];
-                let typical = ((kh * kw * icg) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01;
-                ConvCase {
-                    n,
-                    h,
-                    w,
-                    c,
-                    oc,
-                    kh,
-                    kw,
-                    geom,
-                    x: (0..n * h * w * c).map(|_| next() as u8).collect(),
-                    za: (next() % 256) as i32,
-                    sa: 0.02,
-                    wt: (0..oc * kh * kw * icg).map(|_| next() as i8).collect(),
-                    sw,
-                    zw,
-                    bias: (next() % 2 == 0).then(|| {
-                        (0..oc)
-                            .map(|_| ((next() % 201) as f32 - 100.0) * 1e-2)
-                            .collect()
-                    }),
-                    out: OutputQuant {
-                        scale: typical * (0.2 + (next() % 100) as f32 / 100.0),
-                        zero_point: (next() % 256) as i32,
-                        activation,
-                    },
+        .prop_map(|(kind, n, h, w, stride, pad, dil, per_channel, symmetric, seed)| {
+            let mut s = seed | 1;
+            let mut next = move || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s
+            };
+            let (c, oc, groups, k) = match kind {
+                "dense" => (1 + (next() % 20) as usize, 1 + (next() % 40) as usize, 1, 1 + (next() % 4) as usize),
+                "grouped" => {
+                    let g = 2 + (next() % 3) as usize;
+                    (g * (1 + (next() % 5) as usize), g * (1 + (next() % 6) as usize), g, 1 + (next() % 3) as usize)
                 }
-            },
-        )
+                "depthwise" => {
+                    let c = 1 + (next() % 150) as usize;
+                    (c, c, c, 1 + (next() % 5) as usize)
+                }
+                _ => (1 + (next() % 70) as usize, 1 + (next() % 70) as usize, 1, 1),
+            };
+            let (kh, kw) = (k, if next() % 3 == 0 { 1 + (next() % 3) as usize } else { k });
+            let pad = if kind == "pointwise" { 0 } else { pad };
+            let geom = Conv2dGeometry {
+                stride: [stride, 1 + (stride % 2)],
+                padding: [pad, pad],
+                dilation: [dil, dil],
+                groups,
+            };
+            let icg = c / groups;
+            let chans = if per_channel { oc } else { 1 };
+            let zw: Vec<i32> = (0..chans).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect();
+            let sw: Vec<f32> = (0..chans).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect();
+            let activation = [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize];
+            let typical = ((kh * kw * icg) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01;
+            ConvCase {
+                n,
+                h,
+                w,
+                c,
+                oc,
+                kh,
+                kw,
+                geom,
+                x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+                za: (next() % 256) as i32,
+                sa: 0.02,
+                wt: (0..oc * kh * kw * icg).map(|_| next() as i8).collect(),
+                sw,
+                zw,
+                bias: (next() % 2 == 0).then(|| (0..oc).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+                out: OutputQuant {
+                    scale: typical * (0.2 + (next() % 100) as f32 / 100.0),
+                    zero_point: (next() % 256) as i32,
+                    activation,
+                },
+            }
+        })
 }
 
 proptest! {

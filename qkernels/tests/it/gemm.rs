@@ -43,25 +43,10 @@ fn case() -> impl Strategy<Value = Case> {
             let w: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
             let za = (next() % 256) as i32;
             let chans = if per_channel { n } else { 1 };
-            let zw: Vec<i32> = (0..chans)
-                .map(|_| {
-                    if symmetric {
-                        0
-                    } else {
-                        (next() % 256) as i32 - 128
-                    }
-                })
-                .collect();
-            let sw: Vec<f32> = (0..chans)
-                .map(|_| 0.001 + (next() % 1000) as f32 * 1e-4)
-                .collect();
-            let bias = (next() % 3 != 0).then(|| {
-                (0..n)
-                    .map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3)
-                    .collect()
-            });
-            let activation =
-                [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize];
+            let zw: Vec<i32> = (0..chans).map(|_| if symmetric { 0 } else { (next() % 256) as i32 - 128 }).collect();
+            let sw: Vec<f32> = (0..chans).map(|_| 0.001 + (next() % 1000) as f32 * 1e-4).collect();
+            let bias = (next() % 3 != 0).then(|| (0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect());
+            let activation = [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize];
             // An output scale that puts typical outputs across the u8 range.
             let typical = (k as f32).sqrt() * 128.0 * 80.0 * 0.02 * 0.05;
             let out = OutputQuant {
@@ -69,20 +54,7 @@ fn case() -> impl Strategy<Value = Case> {
                 zero_point: (next() % 256) as i32,
                 activation,
             };
-            Case {
-                m,
-                k,
-                n,
-                lda_pad,
-                a,
-                w,
-                za,
-                per_channel,
-                zw,
-                sw,
-                bias,
-                out,
-            }
+            Case { m, k, n, lda_pad, a, w, za, per_channel, zw, sw, bias, out }
         })
 }
 
@@ -107,11 +79,8 @@ fn naive_raw(c: &Case) -> Vec<i64> {
     for i in 0..c.m {
         for j in 0..c.n {
             let zw = c.zw[if c.per_channel { j } else { 0 }] as i64;
-            out[i * c.n + j] = (0..c.k)
-                .map(|kk| {
-                    (c.a[i * lda + kk] as i64 - c.za as i64) * (c.w[j * c.k + kk] as i64 - zw)
-                })
-                .sum();
+            out[i * c.n + j] =
+                (0..c.k).map(|kk| (c.a[i * lda + kk] as i64 - c.za as i64) * (c.w[j * c.k + kk] as i64 - zw)).sum();
         }
     }
     out
@@ -119,27 +88,9 @@ fn naive_raw(c: &Case) -> Vec<i64> {
 
 fn run_u8(c: &Case, isa: qtensor::isa::Isa, threads: usize) -> Vec<u8> {
     let packed = PackedWeights::with_isa(isa, &weights(c)).unwrap();
-    let a = QMatrix {
-        data: &c.a,
-        m: c.m,
-        k: c.k,
-        lda: c.k + c.lda_pad,
-        scale: 0.02,
-        zero_point: c.za,
-    };
+    let a = QMatrix { data: &c.a, m: c.m, k: c.k, lda: c.k + c.lda_pad, scale: 0.02, zero_point: c.za };
     let mut out = vec![0u8; c.m * c.n];
-    gemm(
-        &a,
-        &packed,
-        c.bias.as_deref(),
-        GemmOutput::U8 {
-            data: &mut out,
-            ldc: c.n,
-            quant: c.out,
-        },
-        threads,
-    )
-    .unwrap();
+    gemm(&a, &packed, c.bias.as_deref(), GemmOutput::U8 { data: &mut out, ldc: c.n, quant: c.out }, threads).unwrap();
     out
 }
 
@@ -187,43 +138,20 @@ fn the_largest_k_is_exact_and_beyond_it_is_an_error() {
         zw: vec![127],
         sw: vec![0.01],
         bias: None,
-        out: OutputQuant {
-            scale: 1.0,
-            zero_point: 0,
-            activation: Activation::None,
-        },
+        out: OutputQuant { scale: 1.0, zero_point: 0, activation: Activation::None },
     };
     let expected = naive_raw(&c);
     assert!(expected[0].abs() <= i32::MAX as i64 && expected[0].abs() > i32::MAX as i64 - 65025);
     for isa in crate::isas_under_test() {
         let packed = PackedWeights::with_isa(isa, &weights(&c)).unwrap();
-        let a = QMatrix {
-            data: &c.a,
-            m: 1,
-            k,
-            lda: k,
-            scale: 0.02,
-            zero_point: 0,
-        };
+        let a = QMatrix { data: &c.a, m: 1, k, lda: k, scale: 0.02, zero_point: 0 };
         let mut out = vec![0i32; 2];
-        gemm(
-            &a,
-            &packed,
-            None,
-            GemmOutput::I32 {
-                data: &mut out,
-                ldc: 2,
-            },
-            1,
-        )
-        .unwrap();
+        gemm(&a, &packed, None, GemmOutput::I32 { data: &mut out, ldc: 2 }, 1).unwrap();
         assert_eq!(out[0] as i64, expected[0], "{isa}");
     }
-    let too_big = QTensor::<i8>::quantize(
-        &ndarray::Array2::<f32>::zeros((1, k + 1)),
-        QParams::per_tensor(1.0, 0).unwrap(),
-    )
-    .unwrap();
+    let too_big =
+        QTensor::<i8>::quantize(&ndarray::Array2::<f32>::zeros((1, k + 1)), QParams::per_tensor(1.0, 0).unwrap())
+            .unwrap();
     let err = PackedWeights::new(&too_big).unwrap_err().to_string();
     assert!(err.contains("K = 33026") && err.contains("33025"), "{err}");
 }

@@ -8,10 +8,7 @@ mod gemm;
 /// `QUANT_REQUIRE_ISA=1` the forced tier must exist: selection panics otherwise.
 pub fn isas_under_test() -> Vec<qtensor::isa::Isa> {
     let selected = qtensor::isa::selected();
-    let all: Vec<_> = qtensor::isa::Isa::ALL
-        .into_iter()
-        .filter(|i| i.is_supported())
-        .collect();
+    let all: Vec<_> = qtensor::isa::Isa::ALL.into_iter().filter(|i| i.is_supported()).collect();
     assert!(all.contains(&selected));
     all
 }

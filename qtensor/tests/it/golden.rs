@@ -17,9 +17,7 @@
 //! `qmax`. We compute the zero point in i64 and clamp. The test checks each such case the same
 //! way: PyTorch's value equals the wrapping rule, ours the clamped one.
 
-use qtensor::{
-    choose_qparams, choose_qparams_per_channel, DType, QParams, QScheme, QTensor, QuantRange,
-};
+use qtensor::{choose_qparams, choose_qparams_per_channel, DType, QParams, QScheme, QTensor, QuantRange};
 use serde::Deserialize;
 
 const QUANTIZE: &str = include_str!("../golden/quantize.json");
@@ -67,32 +65,18 @@ struct PerChannelCase {
     output: Vec<i64>,
 }
 
-fn quantize_as(
-    dtype: DType,
-    x: &ndarray::ArrayD<f32>,
-    params: QParams,
-    isa: qtensor::isa::Isa,
-) -> Vec<i64> {
+fn quantize_as(dtype: DType, x: &ndarray::ArrayD<f32>, params: QParams, isa: qtensor::isa::Isa) -> Vec<i64> {
     let r = QuantRange::full(dtype);
     match dtype {
-        DType::U8 => QTensor::<u8>::quantize_with(isa, x, params, r)
-            .unwrap()
-            .as_slice()
-            .iter()
-            .map(|&v| v as i64)
-            .collect(),
-        DType::I8 => QTensor::<i8>::quantize_with(isa, x, params, r)
-            .unwrap()
-            .as_slice()
-            .iter()
-            .map(|&v| v as i64)
-            .collect(),
-        DType::I32 => QTensor::<i32>::quantize_with(isa, x, params, r)
-            .unwrap()
-            .as_slice()
-            .iter()
-            .map(|&v| v as i64)
-            .collect(),
+        DType::U8 => {
+            QTensor::<u8>::quantize_with(isa, x, params, r).unwrap().as_slice().iter().map(|&v| v as i64).collect()
+        }
+        DType::I8 => {
+            QTensor::<i8>::quantize_with(isa, x, params, r).unwrap().as_slice().iter().map(|&v| v as i64).collect()
+        }
+        DType::I32 => {
+            QTensor::<i32>::quantize_with(isa, x, params, r).unwrap().as_slice().iter().map(|&v| v as i64).collect()
+        }
         _ => unreachable!(),
     }
 }
@@ -101,32 +85,21 @@ fn quantize_as(
 fn torch_vectorised_8bit(x: f32, inv: f32, zp: i32, dtype: DType) -> i64 {
     let p = (x * inv).min(2_147_483_520.0);
     let r = p.round_ties_even();
-    let r = if (-2_147_483_648.0..2_147_483_648.0).contains(&r) {
-        r as i32
-    } else {
-        i32::MIN
-    };
+    let r = if (-2_147_483_648.0..2_147_483_648.0).contains(&r) { r as i32 } else { i32::MIN };
     (r.wrapping_add(zp) as i64).clamp(dtype.min_value(), dtype.max_value())
 }
 
 #[test]
 fn quantize_matches_pytorch_bit_for_bit() {
     let file: QuantizeFile = serde_json::from_str(QUANTIZE).unwrap();
-    assert!(
-        file.torch_version.starts_with('2'),
-        "fixtures from torch {}",
-        file.torch_version
-    );
+    assert!(file.torch_version.starts_with('2'), "fixtures from torch {}", file.torch_version);
     let (mut compared, mut overflow_divergences) = (0usize, 0usize);
     for case in &file.per_tensor {
         let dt = dtype(&case.dtype);
         let scale = f(case.scale);
         let zp = case.zero_point as i32;
-        let x = ndarray::ArrayD::from_shape_vec(
-            vec![case.input.len()],
-            case.input.iter().map(|&b| f(b)).collect(),
-        )
-        .unwrap();
+        let x = ndarray::ArrayD::from_shape_vec(vec![case.input.len()], case.input.iter().map(|&b| f(b)).collect())
+            .unwrap();
         for isa in crate::isas_under_test() {
             let ours = quantize_as(dt, &x, QParams::per_tensor(scale, zp).unwrap(), isa);
             for (i, (&got, &want)) in ours.iter().zip(&case.output).enumerate() {
@@ -136,16 +109,10 @@ fn quantize_matches_pytorch_bit_for_bit() {
                 }
                 let xi = x[i];
                 let inv = 1.0f32 / scale;
-                let saturated = if xi * inv > 0.0 {
-                    dt.max_value()
-                } else {
-                    dt.min_value()
-                };
+                let saturated = if xi * inv > 0.0 { dt.max_value() } else { dt.min_value() };
                 let overflowing = dt != DType::I32 && (xi * inv).abs() >= 2_147_483_520.0;
                 assert!(
-                    overflowing
-                        && want == torch_vectorised_8bit(xi, inv, zp, dt)
-                        && got == saturated,
+                    overflowing && want == torch_vectorised_8bit(xi, inv, zp, dt) && got == saturated,
                     "{} [{isa}] element {i}: x = {xi:e} ({:#010x}): ours {got}, PyTorch {want}",
                     case.name,
                     case.input[i]
@@ -156,11 +123,8 @@ fn quantize_matches_pytorch_bit_for_bit() {
     }
     for case in &file.per_channel {
         let dt = dtype(&case.dtype);
-        let x = ndarray::ArrayD::from_shape_vec(
-            case.shape.clone(),
-            case.input.iter().map(|&b| f(b)).collect(),
-        )
-        .unwrap();
+        let x =
+            ndarray::ArrayD::from_shape_vec(case.shape.clone(), case.input.iter().map(|&b| f(b)).collect()).unwrap();
         let params = QParams::per_channel(
             case.scales.iter().map(|&b| f(b)).collect(),
             case.zero_points.iter().map(|&z| z as i32).collect(),
@@ -209,16 +173,9 @@ struct QParamsCase {
 /// Per-channel (or whole-tensor) min and max over all batches, as PyTorch's observers keep them.
 fn observe(case: &QParamsCase, axis: Option<usize>) -> (Vec<f32>, Vec<f32>) {
     let channels = axis.map_or(1, |a| case.shape[a]);
-    let (mut mins, mut maxs) = (
-        vec![f32::INFINITY; channels],
-        vec![f32::NEG_INFINITY; channels],
-    );
+    let (mut mins, mut maxs) = (vec![f32::INFINITY; channels], vec![f32::NEG_INFINITY; channels]);
     for batch in &case.batches {
-        let x = ndarray::ArrayD::from_shape_vec(
-            case.shape.clone(),
-            batch.iter().map(|&b| f(b)).collect(),
-        )
-        .unwrap();
+        let x = ndarray::ArrayD::from_shape_vec(case.shape.clone(), batch.iter().map(|&b| f(b)).collect()).unwrap();
         for (idx, &v) in x.indexed_iter() {
             let c = axis.map_or(0, |a| idx[a]);
             mins[c] = mins[c].min(v);
@@ -231,17 +188,11 @@ fn observe(case: &QParamsCase, axis: Option<usize>) -> (Vec<f32>, Vec<f32>) {
 #[test]
 fn qparams_match_pytorch_observers_bit_for_bit() {
     let file: QParamsFile = serde_json::from_str(QPARAMS).unwrap();
-    let (mut exact, mut both_reject, mut stricter, mut not_applicable, mut int32_zp_overflows) =
-        (0, 0, 0, 0, 0);
+    let (mut exact, mut both_reject, mut stricter, mut not_applicable, mut int32_zp_overflows) = (0, 0, 0, 0, 0);
     for case in &file.cases {
         let per_channel = case.observer == "PerChannelMinMaxObserver";
         let scheme_per_channel = case.qscheme.starts_with("per_channel");
-        if per_channel != scheme_per_channel
-            || case
-                .error
-                .as_deref()
-                .is_some_and(|e| e.starts_with("IndexError"))
-        {
+        if per_channel != scheme_per_channel || case.error.as_deref().is_some_and(|e| e.starts_with("IndexError")) {
             // A per-tensor observer asked for per-channel qparams (or the reverse), or an
             // observer fed a tensor without its channel axis: these are observer-level
             // mistakes (qobserve's business) that qtensor's two functions cannot express.
@@ -249,11 +200,7 @@ fn qparams_match_pytorch_observers_bit_for_bit() {
             continue;
         }
         let dt = dtype(&case.dtype);
-        let scheme = if case.qscheme.ends_with("symmetric") {
-            QScheme::Symmetric
-        } else {
-            QScheme::Affine
-        };
+        let scheme = if case.qscheme.ends_with("symmetric") { QScheme::Symmetric } else { QScheme::Affine };
         // PyTorch ignores a custom range unless both ends are given.
         let custom = case.quant_min.zip(case.quant_max);
         let range = QuantRange::for_observer(dt, custom, case.reduce_range);
@@ -273,9 +220,7 @@ fn qparams_match_pytorch_observers_bit_for_bit() {
             }
             let eps = f(case.eps);
             match axis {
-                Some(a) => {
-                    choose_qparams_per_channel(&mins, &maxs, a, dt, scheme, r, eps).map(|p| (r, p))
-                }
+                Some(a) => choose_qparams_per_channel(&mins, &maxs, a, dt, scheme, r, eps).map(|p| (r, p)),
                 None => choose_qparams(mins[0], maxs[0], dt, scheme, r, eps).map(|p| (r, p)),
             }
         });
@@ -306,15 +251,11 @@ fn qparams_match_pytorch_observers_bit_for_bit() {
                         let (mins, _) = observe(case, axis);
                         let shift = (mins[c].min(0.0) / p.scale(c)).round_ties_even();
                         let shift_overflows = !(-2_147_483_648.0..2_147_483_648.0).contains(&shift);
-                        let torch_rule = (r.qmin().wrapping_sub(i32::MIN) as i64)
-                            .clamp(r.qmin() as i64, r.qmax() as i64);
-                        let proper = (r.qmin() as i64 - shift as i64)
-                            .clamp(r.qmin() as i64, r.qmax() as i64);
+                        let torch_rule =
+                            (r.qmin().wrapping_sub(i32::MIN) as i64).clamp(r.qmin() as i64, r.qmax() as i64);
+                        let proper = (r.qmin() as i64 - shift as i64).clamp(r.qmin() as i64, r.qmax() as i64);
                         assert!(
-                            dt == DType::I32
-                                && shift_overflows
-                                && zps[c] == torch_rule
-                                && ours == proper,
+                            dt == DType::I32 && shift_overflows && zps[c] == torch_rule && ours == proper,
                             "{}: zero_point[{c}]: ours {ours}, PyTorch {}",
                             case.name,
                             zps[c]
@@ -332,17 +273,9 @@ fn qparams_match_pytorch_observers_bit_for_bit() {
                 // Where we are stricter than PyTorch, on purpose: a custom range outside the
                 // dtype (PyTorch accepts quint8 (0, 511) and clamps later), or an infinite
                 // scale (a range of ±3e38: PyTorch returns scale = inf).
-                let torch_scale_inf = case
-                    .scale
-                    .as_ref()
-                    .is_some_and(|s| s.iter().any(|&b| !f(b).is_finite()));
-                let range_outside_dtype =
-                    case.qmin.unwrap() < dt.min_value() || case.qmax.unwrap() > dt.max_value();
-                assert!(
-                    torch_scale_inf || range_outside_dtype,
-                    "{}: we reject what PyTorch accepts: {e}",
-                    case.name
-                );
+                let torch_scale_inf = case.scale.as_ref().is_some_and(|s| s.iter().any(|&b| !f(b).is_finite()));
+                let range_outside_dtype = case.qmin.unwrap() < dt.min_value() || case.qmax.unwrap() > dt.max_value();
+                assert!(torch_scale_inf || range_outside_dtype, "{}: we reject what PyTorch accepts: {e}", case.name);
                 stricter += 1;
             }
         }
@@ -351,13 +284,7 @@ fn qparams_match_pytorch_observers_bit_for_bit() {
         "qparams golden: {exact} exact, {both_reject} rejected by both, {stricter} stricter here, \
          {int32_zp_overflows} int32 zero-point overflows in PyTorch, {not_applicable} n/a"
     );
-    assert!(
-        int32_zp_overflows <= 4,
-        "{int32_zp_overflows} qint32 zero-point divergences"
-    );
+    assert!(int32_zp_overflows <= 4, "{int32_zp_overflows} qint32 zero-point divergences");
     assert!(exact >= 280, "only {exact} cases compared exactly");
-    assert!(
-        stricter <= 12,
-        "{stricter} cases rejected here but accepted by PyTorch"
-    );
+    assert!(stricter <= 12, "{stricter} cases rejected here but accepted by PyTorch");
 }

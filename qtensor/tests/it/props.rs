@@ -4,8 +4,8 @@
 use ndarray::{ArrayD, Axis, IxDyn};
 use proptest::prelude::*;
 use qtensor::{
-    choose_qparams, choose_qparams_per_channel, fake_quantize, DType, QElement, QParams, QScheme,
-    QTensor, QuantRange, DEFAULT_EPS,
+    choose_qparams, choose_qparams_per_channel, fake_quantize, DType, QElement, QParams, QScheme, QTensor, QuantRange,
+    DEFAULT_EPS,
 };
 
 /// Slack on the `scale / 2` round-trip bound: `x * (1/scale)` and `scale * (q - zp)` are each
@@ -19,27 +19,18 @@ fn dtype() -> impl Strategy<Value = DType> {
 }
 
 fn params_for(dtype: DType) -> impl Strategy<Value = (f32, i32)> {
-    let (lo, hi) = (
-        dtype.min_value().max(-100_000),
-        dtype.max_value().min(100_000),
-    );
+    let (lo, hi) = (dtype.min_value().max(-100_000), dtype.max_value().min(100_000));
     ((-12.0f32..6.0).prop_map(f32::exp2), lo..=hi).prop_map(|(s, z)| (s, z as i32))
 }
 
 fn roundtrip<T: QElement>(scale: f32, zp: i32, fracs: &[f64]) -> Result<(), TestCaseError> {
     let (lo, hi) = (T::MIN as f64, T::MAX as f64);
     // Values inside the representable interval [scale*(qmin-zp), scale*(qmax-zp)].
-    let xs: Vec<f32> = fracs
-        .iter()
-        .map(|f| (scale as f64 * ((lo - zp as f64) + f * (hi - lo))) as f32)
-        .collect();
+    let xs: Vec<f32> = fracs.iter().map(|f| (scale as f64 * ((lo - zp as f64) + f * (hi - lo))) as f32).collect();
     let x = ndarray::Array1::from(xs);
     let q = QTensor::<T>::quantize(&x, QParams::per_tensor(scale, zp).unwrap()).unwrap();
     for (a, b) in q.dequantize().iter().zip(x.iter()) {
-        prop_assert!(
-            (a - b).abs() <= scale / 2.0 + roundtrip_slack(*b, scale),
-            "x {b} -> {a}, scale {scale} zp {zp}"
-        );
+        prop_assert!((a - b).abs() <= scale / 2.0 + roundtrip_slack(*b, scale), "x {b} -> {a}, scale {scale} zp {zp}");
     }
     Ok(())
 }
@@ -163,33 +154,18 @@ proptest! {
 
 #[test]
 fn infinities_saturate_and_zero_is_exact() {
-    let x = ndarray::array![
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        0.0,
-        -0.0,
-        f32::MAX,
-        f32::MIN
-    ];
+    let x = ndarray::array![f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, f32::MAX, f32::MIN];
     let q = QTensor::<u8>::quantize(&x, QParams::per_tensor(0.1, 7).unwrap()).unwrap();
     assert_eq!(q.as_slice(), &[255, 0, 7, 7, 255, 0]);
     let q = QTensor::<i32>::quantize(&x, QParams::per_tensor(0.1, -3).unwrap()).unwrap();
-    assert_eq!(
-        q.as_slice(),
-        &[i32::MAX, i32::MIN, -3, -3, i32::MAX, i32::MIN]
-    );
+    assert_eq!(q.as_slice(), &[i32::MAX, i32::MIN, -3, -3, i32::MAX, i32::MIN]);
 }
 
 #[test]
 fn non_contiguous_views_quantize_like_their_copies() {
     let x = ndarray::Array2::from_shape_fn((5, 7), |(i, j)| i as f32 * 0.3 - j as f32 * 0.11);
     let t = x.t();
-    let p = QParams::per_channel(
-        vec![0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07],
-        vec![0, 1, 2, 3, 4, 5, 6],
-        0,
-    )
-    .unwrap();
+    let p = QParams::per_channel(vec![0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07], vec![0, 1, 2, 3, 4, 5, 6], 0).unwrap();
     let a = QTensor::<u8>::quantize(&t, p.clone()).unwrap();
     let b = QTensor::<u8>::quantize(&t.to_owned(), p).unwrap();
     assert_eq!(a, b);
@@ -198,11 +174,7 @@ fn non_contiguous_views_quantize_like_their_copies() {
 #[test]
 fn empty_tensors_are_fine() {
     let x = ndarray::Array2::<f32>::zeros((0, 3));
-    let q = QTensor::<i8>::quantize(
-        &x,
-        QParams::per_channel(vec![1.0; 3], vec![0; 3], 1).unwrap(),
-    )
-    .unwrap();
+    let q = QTensor::<i8>::quantize(&x, QParams::per_channel(vec![1.0; 3], vec![0; 3], 1).unwrap()).unwrap();
     assert!(q.is_empty());
     assert_eq!(q.shape(), &[0, 3]);
     assert_eq!(q.dequantize().shape(), &[0, 3]);

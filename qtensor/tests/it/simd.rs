@@ -28,17 +28,11 @@ fn range(dtype: DType) -> impl Strategy<Value = QuantRange> {
     prop_oneof![
         Just(QuantRange::full(dtype)),
         Just(QuantRange::reduced(dtype)),
-        (lo..=0i64, 0i64..=hi)
-            .prop_filter_map("empty", move |(a, b)| QuantRange::custom(dtype, a, b).ok()),
+        (lo..=0i64, 0i64..=hi).prop_filter_map("empty", move |(a, b)| QuantRange::custom(dtype, a, b).ok()),
     ]
 }
 
-fn check_quantize<T: QElement>(
-    xs: &[f32],
-    scale: f32,
-    zp_frac: f64,
-    range: QuantRange,
-) -> Result<(), TestCaseError> {
+fn check_quantize<T: QElement>(xs: &[f32], scale: f32, zp_frac: f64, range: QuantRange) -> Result<(), TestCaseError> {
     let span = (range.qmax() as i64 - range.qmin() as i64) as f64;
     let zp = (range.qmin() as f64 + (zp_frac * span).floor()) as i32;
     let mut reference = vec![T::default(); xs.len()];
@@ -55,12 +49,7 @@ fn check_quantize<T: QElement>(
         dequantize_slice_with(isa, &reference, &mut back, scale, zp).unwrap();
         dequantize_slice_with(Isa::Scalar, &reference, &mut back_ref, scale, zp).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        prop_assert_eq!(
-            bits(&back),
-            bits(&back_ref),
-            "{} dequantize differs from scalar",
-            isa
-        );
+        prop_assert_eq!(bits(&back), bits(&back_ref), "{} dequantize differs from scalar", isa);
     }
     Ok(())
 }
@@ -103,10 +92,8 @@ fn parallel_quantize_equals_serial_scalar() {
     let n = PARALLEL_MIN_LEN * 3 + 17;
     let xs: Vec<f32> = (0..n).map(|_| rng.unit() * 40.0).collect();
     let (scale, zp) = (0.137f32, 77);
-    let expected: Vec<u8> = xs
-        .iter()
-        .map(|&x| qtensor::kernels::quantize_scalar(x, 1.0 / scale, zp, 0, 255) as u8)
-        .collect();
+    let expected: Vec<u8> =
+        xs.iter().map(|&x| qtensor::kernels::quantize_scalar(x, 1.0 / scale, zp, 0, 255) as u8).collect();
     for isa in isas_under_test() {
         let mut got = vec![0u8; n];
         quantize_slice_with(isa, &xs, &mut got, scale, zp, QuantRange::full(DType::U8)).unwrap();
@@ -120,15 +107,8 @@ fn parallel_quantize_equals_serial_scalar() {
         .unwrap();
         assert_eq!(t.as_slice(), &expected[..], "{isa} QTensor");
         let back = t.dequantize_with(isa);
-        let expected_back: Vec<f32> = expected
-            .iter()
-            .map(|&q| scale * (q as i32 - zp) as f32)
-            .collect();
-        assert_eq!(
-            back.as_slice().unwrap(),
-            &expected_back[..],
-            "{isa} dequantize"
-        );
+        let expected_back: Vec<f32> = expected.iter().map(|&q| scale * (q as i32 - zp) as f32).collect();
+        assert_eq!(back.as_slice().unwrap(), &expected_back[..], "{isa} dequantize");
     }
 }
 
@@ -144,25 +124,15 @@ fn parallel_per_channel_equals_scalar() {
     let zps: Vec<i32> = (0..64).map(|c| (c * 7 % 255) - 128).collect();
     let p = QParams::per_channel(scales.clone(), zps.clone(), 1).unwrap();
     assert!(n >= PARALLEL_MIN_LEN);
-    let reference =
-        QTensor::<i8>::quantize_with(Isa::Scalar, &xs, p.clone(), QuantRange::full(DType::I8))
-            .unwrap();
+    let reference = QTensor::<i8>::quantize_with(Isa::Scalar, &xs, p.clone(), QuantRange::full(DType::I8)).unwrap();
     for ((idx, &x), &q) in xs.indexed_iter().zip(reference.as_slice()) {
         let c = idx.1;
-        assert_eq!(
-            q as i32,
-            qtensor::kernels::quantize_scalar(x, 1.0 / scales[c], zps[c], -128, 127)
-        );
+        assert_eq!(q as i32, qtensor::kernels::quantize_scalar(x, 1.0 / scales[c], zps[c], -128, 127));
     }
     for isa in isas_under_test() {
-        let t =
-            QTensor::<i8>::quantize_with(isa, &xs, p.clone(), QuantRange::full(DType::I8)).unwrap();
+        let t = QTensor::<i8>::quantize_with(isa, &xs, p.clone(), QuantRange::full(DType::I8)).unwrap();
         assert_eq!(t, reference, "{isa}");
-        assert_eq!(
-            t.dequantize_with(isa),
-            reference.dequantize_with(Isa::Scalar),
-            "{isa}"
-        );
+        assert_eq!(t.dequantize_with(isa), reference.dequantize_with(Isa::Scalar), "{isa}");
     }
 }
 
@@ -172,10 +142,7 @@ fn isa_selection_from_environment_values() {
     assert_eq!(resolve(None, false), Ok(Isa::best_supported()));
     assert_eq!(resolve(Some("auto"), true), Ok(Isa::best_supported()));
     assert_eq!(resolve(Some("scalar"), true), Ok(Isa::Scalar));
-    assert_eq!(
-        resolve(Some("AVX2"), false),
-        Ok(Isa::Avx2.capped_to_supported())
-    );
+    assert_eq!(resolve(Some("AVX2"), false), Ok(Isa::Avx2.capped_to_supported()));
     let err = resolve(Some("sse9"), false).unwrap_err();
     assert!(err.contains("auto, scalar, avx2, avx512vnni"), "{err}");
     if !Isa::Avx512Vnni.is_supported() {

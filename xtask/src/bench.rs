@@ -1,0 +1,350 @@
+//! `cargo xtask bench`: kernel throughput on real layer shapes, int8 against our own f32 and
+//! against this machine's measured peak, and (with `--peers`) against PyTorch in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use qkernels::{
+    conv2d_f32, gemm, linear_f32, Activation, Conv2dGeometry, GemmOutput, OutputQuant, PackedConv2d, PackedWeights,
+    QImage, QMatrix,
+};
+use serde::Serialize;
+
+/// One benchmarked shape.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind_of_op", rename_all = "snake_case")]
+pub enum Shape {
+    Linear {
+        name: String,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+    Conv {
+        name: String,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        oc: usize,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+        groups: usize,
+    },
+}
+
+impl Shape {
+    fn name(&self) -> &str {
+        match self {
+            Shape::Linear { name, .. } | Shape::Conv { name, .. } => name,
+        }
+    }
+
+    fn conv_out(&self) -> (usize, usize) {
+        match *self {
+            Shape::Conv { h, w, kh, kw, stride, padding, dilation, .. } => (
+                (h + 2 * padding - dilation * (kh - 1) - 1) / stride + 1,
+                (w + 2 * padding - dilation * (kw - 1) - 1) / stride + 1,
+            ),
+            Shape::Linear { .. } => (1, 1),
+        }
+    }
+
+    /// Multiply-accumulates of the padded problem (the usual convention).
+    fn macs(&self) -> f64 {
+        match *self {
+            Shape::Linear { m, k, n, .. } => (m * k * n) as f64,
+            Shape::Conv { n, c, oc, kh, kw, groups, .. } => {
+                let (oh, ow) = self.conv_out();
+                (n * oh * ow * oc * kh * kw * (c / groups)) as f64
+            }
+        }
+    }
+
+    /// The JSON PyTorch's timing script reads.
+    fn peer_spec(&self) -> serde_json::Value {
+        match self {
+            Shape::Linear { name, m, k, n } => {
+                serde_json::json!({"name": name, "kind": "linear", "m": m, "k": k, "n": n})
+            }
+            Shape::Conv { name, n, h, w, c, oc, kh, kw, stride, padding, dilation, groups } => serde_json::json!({
+                "name": name, "kind": "conv", "n": n, "h": h, "w": w, "c": c, "oc": oc, "kh": kh, "kw": kw,
+                "stride": stride, "padding": padding, "dilation": dilation, "groups": groups
+            }),
+        }
+    }
+}
+
+fn conv(name: &str, c: usize, oc: usize, hw: usize, k: usize, stride: usize, groups: usize) -> Shape {
+    Shape::Conv {
+        name: name.into(),
+        n: 1,
+        h: hw,
+        w: hw,
+        c,
+        oc,
+        kh: k,
+        kw: k,
+        stride,
+        padding: k / 2,
+        dilation: 1,
+        groups,
+    }
+}
+
+/// The shapes of issue 3: large GEMMs, ResNet-18 and MobileNetV2 layers.
+pub fn kernel_shapes() -> Vec<Shape> {
+    vec![
+        Shape::Linear { name: "linear_512x512x512".into(), m: 512, k: 512, n: 512 },
+        Shape::Linear { name: "linear_1024x1024x1024".into(), m: 1024, k: 1024, n: 1024 },
+        Shape::Linear { name: "linear_3136x576x64".into(), m: 3136, k: 576, n: 64 },
+        Shape::Linear { name: "linear_196x2304x256".into(), m: 196, k: 2304, n: 256 },
+        conv("resnet18_conv1_7x7s2", 3, 64, 224, 7, 2, 1),
+        conv("resnet18_layer1_3x3", 64, 64, 56, 3, 1, 1),
+        conv("resnet18_layer2_3x3", 128, 128, 28, 3, 1, 1),
+        conv("resnet18_layer3_3x3", 256, 256, 14, 3, 1, 1),
+        conv("resnet18_layer4_3x3", 512, 512, 7, 3, 1, 1),
+        conv("resnet18_downsample_1x1s2", 64, 128, 56, 1, 2, 1),
+        conv("mobilenetv2_dw3x3_112x32", 32, 32, 112, 3, 1, 32),
+        conv("mobilenetv2_dw3x3_56x144", 144, 144, 56, 3, 1, 144),
+        conv("mobilenetv2_dw3x3_14x384", 384, 384, 14, 3, 1, 384),
+        conv("mobilenetv2_pw1x1_56x24to144", 24, 144, 56, 1, 1, 1),
+    ]
+}
+
+/// Median wall time of `f` in milliseconds: 3 warm-up calls, then at least `min_reps` calls
+/// and at least 0.25 s.
+pub fn median_ms(min_reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_reps || start.elapsed().as_secs_f64() < 0.25 {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if times.len() >= 2000 {
+            break;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) as u32
+    }
+    fn unit(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 31) as f32 - 0.5
+    }
+}
+
+/// (int8 median ms, f32 median ms) for one shape.
+fn run_shape(shape: &Shape, threads: usize) -> Result<(f64, f64), String> {
+    let mut rng = Lcg(0x5eed);
+    let quant = OutputQuant { scale: 0.05, zero_point: 0, activation: Activation::Relu };
+    match *shape {
+        Shape::Linear { m, k, n, .. } => {
+            let wf = ndarray::Array2::from_shape_fn((n, k), |_| rng.unit() * 0.2);
+            let wq = qkernels::quantize_weights_per_channel(&wf.view().into_dyn()).map_err(|e| e.to_string())?;
+            let packed = PackedWeights::new(&wq).map_err(|e| e.to_string())?;
+            let a: Vec<u8> = (0..m * k).map(|_| rng.next() as u8).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
+            let mut out = vec![0u8; m * n];
+            let int8 = median_ms(10, || {
+                let am = QMatrix { data: &a, m, k, lda: k, scale: 1.0 / 255.0, zero_point: 0 };
+                gemm(&am, &packed, Some(&bias), GemmOutput::U8 { data: &mut out, ldc: n, quant }, threads)
+                    .expect("gemm");
+            });
+            let xf: Vec<f32> = a.iter().map(|&v| v as f32 / 255.0).collect();
+            let wf = wf.into_raw_vec_and_offset().0;
+            let mut of = vec![0.0f32; m * n];
+            let f32ms = median_ms(5, || linear_f32(&xf, m, k, &wf, n, Some(&bias), &mut of).expect("linear_f32"));
+            Ok((int8, f32ms))
+        }
+        Shape::Conv { n, h, w, c, oc, kh, kw, stride, padding, dilation, groups, .. } => {
+            let geom = Conv2dGeometry { stride: [stride; 2], padding: [padding; 2], dilation: [dilation; 2], groups };
+            let wf = ndarray::Array4::from_shape_fn((oc, kh, kw, c / groups), |_| rng.unit() * 0.2);
+            let wq = qkernels::quantize_weights_per_channel(&wf.view().into_dyn()).map_err(|e| e.to_string())?;
+            let bias: Vec<f32> = (0..oc).map(|_| rng.unit()).collect();
+            let packed = PackedConv2d::new(&wq, Some(&bias), geom).map_err(|e| e.to_string())?;
+            let x: Vec<u8> = (0..n * h * w * c).map(|_| rng.next() as u8).collect();
+            let (oh, ow) = packed.output_hw(h, w).map_err(|e| e.to_string())?;
+            let mut out = vec![0u8; n * oh * ow * oc];
+            let img = QImage { data: &x, n, h, w, c, scale: 1.0 / 255.0, zero_point: 0 };
+            let int8 = median_ms(10, || packed.forward_u8(&img, quant, &mut out, threads).expect("conv"));
+            let xf: Vec<f32> = x.iter().map(|&v| v as f32 / 255.0).collect();
+            let wf = wf.into_raw_vec_and_offset().0;
+            let mut of = vec![0.0f32; out.len()];
+            let f32ms = median_ms(5, || {
+                conv2d_f32(&xf, (n, h, w, c), &wf, (oc, kh, kw), Some(&bias), geom, &mut of).expect("conv f32")
+            });
+            Ok((int8, f32ms))
+        }
+    }
+}
+
+/// One JSON record.
+#[derive(Debug, Serialize)]
+pub struct Record {
+    pub name: String,
+    pub kind: &'static str,
+    pub dtype: &'static str,
+    pub threads: usize,
+    pub median_ms: f64,
+    pub gmacs_per_s: f64,
+    pub pct_of_peak: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_median_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_vs_peer: Option<f64>,
+}
+
+/// Finds a Python that can `import torch`: `$QRUST_PYTHON`, then `python3`.
+fn find_torch_python() -> Option<String> {
+    let candidates = std::env::var("QRUST_PYTHON").ok().into_iter().chain(["python3".to_string()]);
+    for py in candidates {
+        let ok = Command::new(&py)
+            .args(["-c", "import torch"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(py);
+        }
+    }
+    None
+}
+
+fn peer_timings(root: &Path, shapes: &[Shape], threads: usize) -> Result<Vec<(String, f64)>, String> {
+    let Some(py) = find_torch_python() else {
+        return Err("no Python with torch found (tried $QRUST_PYTHON and python3). Get one with:\n  \
+             python3 -m venv ~/qrust-venv && ~/qrust-venv/bin/pip install torch numpy\n  \
+             QRUST_PYTHON=~/qrust-venv/bin/python cargo xtask bench --peers"
+            .into());
+    };
+    let script = root.join("scripts/peers/torch_kernels.py");
+    let spec = serde_json::Value::Array(shapes.iter().map(Shape::peer_spec).collect()).to_string();
+    let mut child = Command::new(&py)
+        .arg(&script)
+        .args(["--threads", &threads.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("running {py} {}: {e}", script.display()))?;
+    use std::io::Write;
+    child.stdin.take().expect("piped stdin").write_all(spec.as_bytes()).map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("{} failed ({})", script.display(), out.status));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("peer output is not JSON: {e}"))?;
+    Ok(v.as_array()
+        .map(|a| a.iter().filter_map(|r| Some((r["name"].as_str()?.to_string(), r["median_ms"].as_f64()?))).collect())
+        .unwrap_or_default())
+}
+
+/// Runs the benchmark and prints a table; returns the records.
+pub fn run(
+    root: &Path,
+    threads_list: &[usize],
+    peers: bool,
+    filter: Option<&str>,
+    json: Option<&PathBuf>,
+) -> Result<(), String> {
+    let peak = qkernels::peak::measure();
+    match peak {
+        Some(p) => println!(
+            "machine ceilings, one core (independent vpdpbusd / FMA loops): int8 {:.0} GMAC/s, f32 {:.0} GMAC/s; kernels: {}",
+            p.int8_gmacs,
+            p.f32_gmacs,
+            qtensor::isa::selected()
+        ),
+        None => println!("no AVX-512 VNNI: peak probe skipped; kernels: {}", qtensor::isa::selected()),
+    }
+    let shapes: Vec<Shape> =
+        kernel_shapes().into_iter().filter(|s| filter.is_none_or(|f| s.name().contains(f))).collect();
+    let mut records = Vec::new();
+    for &threads in threads_list {
+        let peer = if peers {
+            match peer_timings(root, &shapes, threads) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("--peers: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        println!("\n{threads} thread(s)");
+        println!(
+            "{:<34} {:>9} {:>8} {:>7} {:>9} {:>8} {:>9} {:>10} {:>9}",
+            "shape", "int8 ms", "GMAC/s", "% peak", "f32 ms", "GMAC/s", "int8/f32", "torch ms", "ours/torch"
+        );
+        for shape in &shapes {
+            let (i8ms, f32ms) = run_shape(shape, threads)?;
+            let macs = shape.macs();
+            let gi = macs / i8ms / 1e6;
+            let gf = macs / f32ms / 1e6;
+            let pct = peak.map(|p| 100.0 * gi / (p.int8_gmacs * threads as f64));
+            let pct_f = peak.map(|p| 100.0 * gf / p.f32_gmacs);
+            let pm = peer.as_ref().and_then(|p| p.iter().find(|(n, _)| n == shape.name()).map(|(_, ms)| *ms));
+            println!(
+                "{:<34} {:>9.3} {:>8.1} {:>6.0}% {:>9.3} {:>8.1} {:>8.2}x {:>10} {:>9}",
+                shape.name(),
+                i8ms,
+                gi,
+                pct.unwrap_or(f64::NAN),
+                f32ms,
+                gf,
+                f32ms / i8ms,
+                pm.map_or("-".into(), |m| format!("{m:.3}")),
+                pm.map_or("-".into(), |m| format!("{:.2}", i8ms / m)),
+            );
+            records.push(Record {
+                name: shape.name().into(),
+                kind: "kernel",
+                dtype: "int8",
+                threads,
+                median_ms: i8ms,
+                gmacs_per_s: gi,
+                pct_of_peak: pct,
+                peer: pm.map(|_| "pytorch"),
+                peer_median_ms: pm,
+                ratio_vs_peer: pm.map(|m| i8ms / m),
+            });
+            records.push(Record {
+                name: shape.name().into(),
+                kind: "kernel",
+                dtype: "f32",
+                threads: 1,
+                median_ms: f32ms,
+                gmacs_per_s: gf,
+                pct_of_peak: pct_f,
+                peer: None,
+                peer_median_ms: None,
+                ratio_vs_peer: None,
+            });
+        }
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("\nwrote {} records to {}", records.len(), path.display());
+    }
+    Ok(())
+}
