@@ -1,19 +1,28 @@
-//! Kernel throughput on real layer shapes, in GMAC/s (criterion reports elements/s = MAC/s).
+//! Kernel throughput on real layer shapes. Criterion's "elements" are multiply-accumulates,
+//! so its Gelem/s reads as GMAC/s. One thread unless `QK_BENCH_THREADS` says otherwise.
 //!
-//! `cargo bench -p qkernels`. One thread unless `QK_BENCH_THREADS` says otherwise.
+//! `cargo bench -p qkernels`; `cargo xtask bench` runs the same shapes with f32 and PyTorch
+//! beside them.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qkernels::{gemm, Activation, GemmOutput, OutputQuant, PackedWeights, QMatrix};
+use qkernels::{
+    gemm, quantize_weights_per_channel, Activation, Conv2dGeometry, GemmOutput, OutputQuant, PackedConv2d,
+    PackedWeights, QImage, QMatrix,
+};
 use qtensor::isa::Isa;
-use qtensor::{QParams, QTensor};
 
-fn weights(n: usize, k: usize) -> QTensor<i8> {
-    let w = ndarray::Array2::from_shape_fn((n, k), |(i, j)| (((i * 31 + j * 17) % 255) as f32 - 127.0) * 0.01);
-    QTensor::quantize(&w, QParams::per_channel(vec![0.01; n], vec![0; n], 0).unwrap()).unwrap()
+const QUANT: OutputQuant = OutputQuant { scale: 0.5, zero_point: 10, activation: Activation::Relu };
+
+fn threads() -> usize {
+    std::env::var("QK_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
+fn weights(shape: &[usize]) -> qtensor::QTensor<i8> {
+    let w = ndarray::ArrayD::from_shape_fn(shape, |i| ((i.as_array_view().sum() * 31 % 255) as f32 - 127.0) * 0.01);
+    quantize_weights_per_channel(&w.view()).unwrap()
 }
 
 fn bench_gemm(c: &mut Criterion) {
-    let threads: usize = std::env::var("QK_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let mut group = c.benchmark_group("gemm");
     for (name, m, k, n) in [
         ("linear_512x512x512", 512, 512, 512),
@@ -22,7 +31,7 @@ fn bench_gemm(c: &mut Criterion) {
         ("linear_m1_k512_n1000", 1, 512, 1000),
     ] {
         let a: Vec<u8> = (0..m * k).map(|i| (i * 7 % 251) as u8).collect();
-        let w = weights(n, k);
+        let w = weights(&[n, k]);
         group.throughput(Throughput::Elements((m * k * n) as u64));
         for isa in Isa::ALL.into_iter().filter(|i| i.is_supported() && *i != Isa::Scalar) {
             let packed = PackedWeights::with_isa(isa, &w).unwrap();
@@ -30,9 +39,38 @@ fn bench_gemm(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new(isa.name(), name), |b| {
                 b.iter(|| {
                     let a = QMatrix { data: &a, m, k, lda: k, scale: 0.02, zero_point: 3 };
-                    let quant = OutputQuant { scale: 0.5, zero_point: 10, activation: Activation::Relu };
-                    gemm(&a, &packed, None, GemmOutput::U8 { data: &mut out, ldc: n, quant }, threads).unwrap()
+                    gemm(&a, &packed, None, GemmOutput::U8 { data: &mut out, ldc: n, quant: QUANT }, threads()).unwrap()
                 })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn bench_conv(c: &mut Criterion) {
+    let mut group = c.benchmark_group("conv2d");
+    // name, c, oc, hw, k, stride, groups
+    for (name, ch, oc, hw, k, s, g) in [
+        ("resnet18_conv1_7x7s2", 3, 64, 224, 7, 2, 1),
+        ("resnet18_layer1_3x3", 64, 64, 56, 3, 1, 1),
+        ("resnet18_layer4_3x3", 512, 512, 7, 3, 1, 1),
+        ("resnet18_downsample_1x1s2", 64, 128, 56, 1, 2, 1),
+        ("mobilenetv2_dw3x3_112x32", 32, 32, 112, 3, 1, 32),
+        ("mobilenetv2_dw3x3_56x144", 144, 144, 56, 3, 1, 144),
+        ("mobilenetv2_dw3x3s2_56x144", 144, 144, 56, 3, 2, 144),
+        ("mobilenetv2_pw1x1_56x24to144", 24, 144, 56, 1, 1, 1),
+    ] {
+        let geom = Conv2dGeometry { stride: [s, s], padding: [k / 2, k / 2], dilation: [1, 1], groups: g };
+        let x: Vec<u8> = (0..hw * hw * ch).map(|i| (i * 13 % 251) as u8).collect();
+        let img = QImage { data: &x, n: 1, h: hw, w: hw, c: ch, scale: 0.02, zero_point: 5 };
+        let w = weights(&[oc, k, k, ch / g]);
+        for isa in Isa::ALL.into_iter().filter(|i| i.is_supported() && *i != Isa::Scalar) {
+            let conv = PackedConv2d::with_isa(isa, &w, Some(&vec![0.1; oc]), geom).unwrap();
+            let (oh, ow) = conv.output_hw(hw, hw).unwrap();
+            group.throughput(Throughput::Elements((oh * ow * oc * k * k * (ch / g)) as u64));
+            let mut out = vec![0u8; oh * ow * oc];
+            group.bench_function(BenchmarkId::new(isa.name(), name), |b| {
+                b.iter(|| conv.forward_u8(&img, QUANT, &mut out, threads()).unwrap())
             });
         }
     }
@@ -41,8 +79,8 @@ fn bench_gemm(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500))
-        .measurement_time(std::time::Duration::from_secs(2));
-    targets = bench_gemm
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(1));
+    targets = bench_gemm, bench_conv
 }
 criterion_main!(benches);

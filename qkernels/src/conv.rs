@@ -113,17 +113,7 @@ impl PackedConv2d {
             return Err(bad(format!("stride {:?} and dilation {:?} must be >= 1", geom.stride, geom.dilation)));
         }
         if let Some(b) = bias {
-            if b.len() != oc {
-                return Err(QError::ShapeMismatch {
-                    op: OP,
-                    expected: vec![oc],
-                    actual: vec![b.len()],
-                    hint: "give one bias value per output channel",
-                });
-            }
-            if let Some(j) = b.iter().position(|v| !v.is_finite()) {
-                return Err(bad(format!("bias[{j}] = {} is not finite", b[j])));
-            }
+            crate::gemm::check_bias(OP, b, oc)?;
         }
         let ic = icg * g;
         let ocg = oc / g;
@@ -465,6 +455,7 @@ impl PackedConv2d {
             zo: plan.zo,
             lo: plan.lo,
             hi: plan.hi,
+            clamp_free: plan.clamp_free,
         };
         SCRATCH.with(|s| {
             let mut buf = s.borrow_mut();

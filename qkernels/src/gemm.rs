@@ -121,6 +121,13 @@ pub(crate) struct Plan {
     pub zo: i32,
     pub lo: i32,
     pub hi: i32,
+    /// No raw sum can push `(raw + bias_term) * mult` near [`REQUANT_LIMIT`], so vector
+    /// epilogues may skip that clamp (it could not change a result).
+    pub clamp_free: bool,
+}
+
+fn bias_term_ref<'a>(bias: &'a [f32], ab_scale: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
+    bias.iter().zip(ab_scale).map(|(&b, &s)| b / s)
 }
 
 /// Requantizes one raw sum: PyTorch's FBGEMM formula, the scalar reference.
@@ -144,7 +151,7 @@ impl Plan {
         let n = w.n;
         let ab_scale: Vec<f32> = w.scales.iter().map(|&sw| a_scale * sw).collect();
         let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
-        let bias_term = bias.iter().zip(&ab_scale).map(|(&b, &s)| b / s).collect();
+        let bias_term: Vec<f32> = bias_term_ref(&bias, &ab_scale).collect();
         let (mult, zo, lo, hi) = match out_quant {
             Some(q) => {
                 let (lo, hi) = q.bounds();
@@ -152,7 +159,14 @@ impl Plan {
             }
             None => (vec![0.0; n], 0, 0, 0),
         };
+        // |raw| <= K * 255 * 255 whatever the zero points; a factor 2 of margin covers the
+        // rounding of this bound itself.
+        let max_raw = w.k as f32 * 65025.0;
+        let clamp_free = bias_term_ref(&bias, &ab_scale)
+            .zip(&mult)
+            .all(|(bt, m): (f32, &f32)| (max_raw + bt.abs()) * m.abs() < REQUANT_LIMIT / 2.0);
         Plan {
+            clamp_free,
             colterm: w.col_offsets.iter().map(|&c| a_zp.wrapping_mul(c)).collect(),
             zw: w.zero_points.clone(),
             has_zw: !w.is_symmetric(),
@@ -165,6 +179,25 @@ impl Plan {
             hi,
         }
     }
+}
+
+/// One finite bias value per output channel.
+pub(crate) fn check_bias(op: &'static str, b: &[f32], n: usize) -> Result<()> {
+    if b.len() != n {
+        return Err(QError::ShapeMismatch {
+            op,
+            expected: vec![n],
+            actual: vec![b.len()],
+            hint: "give one bias value per output channel",
+        });
+    }
+    if let Some(j) = b.iter().position(|v| !v.is_finite()) {
+        return Err(QError::Unsupported {
+            op,
+            reason: format!("bias[{j}] = {} is not finite; fix the float model", b[j]),
+        });
+    }
+    Ok(())
 }
 
 fn check(a: &QMatrix<'_>, w: &PackedWeights, bias: Option<&[f32]>, out_len: usize, ldc: usize) -> Result<()> {
@@ -199,17 +232,7 @@ fn check(a: &QMatrix<'_>, w: &PackedWeights, bias: Option<&[f32]>, out_len: usiz
         });
     }
     if let Some(b) = bias {
-        if b.len() != w.n {
-            return Err(QError::ShapeMismatch {
-                op: OP,
-                expected: vec![w.n],
-                actual: vec![b.len()],
-                hint: "give one bias value per output channel",
-            });
-        }
-        if let Some(j) = b.iter().position(|v| !v.is_finite()) {
-            return Err(QError::Unsupported { op: OP, reason: format!("bias[{j}] = {} is not finite", b[j]) });
-        }
+        check_bias(OP, b, w.n)?;
     }
     qtensor::QParams::per_tensor(a.scale, a.zero_point).map_err(|_| QError::InvalidScale {
         op: OP,

@@ -130,11 +130,16 @@ unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; 
             if plan.has_zw {
                 raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(f.rowsums[f.r0 + r]), zw));
             }
-            let x = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
-            let x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+            let mut x = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
+            if !plan.clamp_free {
+                x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+            }
             // Rounds half to even: Rust code never changes MXCSR from its default.
-            let q = _mm512_add_epi32(_mm512_cvtps_epi32(x), zo);
-            let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            let mut q = _mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), zo), lo);
+            if plan.hi < 255 {
+                // (At 255 the unsigned saturating narrowing below clamps the same way.)
+                q = _mm512_min_epi32(q, hi);
+            }
             let bytes = _mm512_cvtusepi32_epi8(q);
             // SAFETY: row r0 + r, columns j..j+valid are inside the output (precondition).
             unsafe { _mm_mask_storeu_epi8(f.out.add((f.r0 + r) * f.ldc + j).cast(), m, bytes) };
@@ -385,6 +390,7 @@ pub(crate) struct FlatConsts {
     pub zo: i32,
     pub lo: i32,
     pub hi: i32,
+    pub clamp_free: bool,
 }
 
 /// One output row of a stride-1 (along the width) depthwise convolution, as a 1-D
@@ -473,11 +479,15 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
                 )
             };
             let raw = _mm512_sub_epi32(acc, colterm);
-            let f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
-            let f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
+            let mut f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
+            if !consts.clamp_free {
+                f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
+            }
             // Rounds half to even: Rust code never changes MXCSR from its default.
-            let q = _mm512_add_epi32(_mm512_cvtps_epi32(f), zo);
-            let q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            let mut q = _mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(f), zo), lo);
+            if consts.hi < 255 {
+                q = _mm512_min_epi32(q, hi);
+            }
             // SAFETY: bytes start..start+valid < len are writable (precondition).
             unsafe { _mm_mask_storeu_epi8(out.add(start).cast(), m, _mm512_cvtusepi32_epi8(q)) };
         }

@@ -1,6 +1,7 @@
 //! qkernels' integration tests: one binary, one module per concern.
 
 mod conv;
+mod errors;
 mod float;
 mod gemm;
 

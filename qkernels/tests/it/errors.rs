@@ -1,0 +1,67 @@
+//! Bad shapes and parameters are errors that say what to do, never panics.
+
+use qkernels::{
+    gemm, Activation, Conv2dGeometry, GemmOutput, OutputQuant, PackedConv2d, PackedLinear, PackedWeights, QImage,
+    QMatrix,
+};
+use qtensor::{QParams, QTensor};
+
+fn w(n: usize, k: usize) -> QTensor<i8> {
+    QTensor::quantize(&ndarray::Array2::<f32>::zeros((n, k)), QParams::per_tensor(0.1, 0).unwrap()).unwrap()
+}
+
+const Q: OutputQuant = OutputQuant { scale: 0.1, zero_point: 0, activation: Activation::None };
+
+#[test]
+fn gemm_rejects_mismatched_shapes_and_buffers() {
+    let packed = PackedWeights::new(&w(4, 8)).unwrap();
+    let x = [0u8; 14];
+    let a = QMatrix { data: &x, m: 2, k: 7, lda: 7, scale: 0.1, zero_point: 0 };
+    let mut out = [0u8; 8];
+    let e = gemm(&a, &packed, None, GemmOutput::U8 { data: &mut out, ldc: 4, quant: Q }, 1).unwrap_err().to_string();
+    assert!(e.contains("expected [2, 8], got [2, 7]") && e.contains("in_features"), "{e}");
+    let a = QMatrix { data: &x, m: 2, k: 8, lda: 8, scale: 0.1, zero_point: 0 };
+    let e = gemm(&a, &packed, None, GemmOutput::U8 { data: &mut out, ldc: 4, quant: Q }, 1).unwrap_err().to_string();
+    assert!(e.contains("14 bytes cannot hold 2 rows of 8"), "{e}");
+    let x = [0u8; 16];
+    let a = QMatrix { data: &x, m: 2, k: 8, lda: 8, scale: 0.1, zero_point: 0 };
+    let mut small = [0u8; 7];
+    let e = gemm(&a, &packed, None, GemmOutput::U8 { data: &mut small, ldc: 4, quant: Q }, 1).unwrap_err().to_string();
+    assert!(e.contains("output buffer of 7 elements cannot hold 2 rows of 4"), "{e}");
+    let e = gemm(&a, &packed, Some(&[0.0; 3]), GemmOutput::U8 { data: &mut out, ldc: 4, quant: Q }, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected [4], got [3]") && e.contains("bias"), "{e}");
+    let a = QMatrix { data: &x, m: 2, k: 8, lda: 8, scale: 0.1, zero_point: 300 };
+    let e = gemm(&a, &packed, None, GemmOutput::U8 { data: &mut out, ldc: 4, quant: Q }, 1).unwrap_err().to_string();
+    assert!(e.contains("zero point 300"), "{e}");
+    let e = PackedLinear::new(&w(4, 8), Some(&[0.0, f32::NAN, 0.0, 0.0])).unwrap_err().to_string();
+    assert!(e.contains("bias[1] = NaN"), "{e}");
+}
+
+#[test]
+fn conv_rejects_bad_weights_geometry_and_inputs() {
+    let w3 = QTensor::<i8>::quantize(&ndarray::Array3::<f32>::zeros((2, 3, 3)), QParams::per_tensor(0.1, 0).unwrap())
+        .unwrap();
+    let e = PackedConv2d::new(&w3, None, Conv2dGeometry::default()).unwrap_err().to_string();
+    assert!(e.contains("OHWI") && e.contains("[2, 3, 3]"), "{e}");
+    let w4 =
+        QTensor::<i8>::quantize(&ndarray::Array4::<f32>::zeros((6, 3, 3, 2)), QParams::per_tensor(0.1, 0).unwrap())
+            .unwrap();
+    let e = PackedConv2d::new(&w4, None, Conv2dGeometry { groups: 4, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("groups = 4"), "{e}");
+    let conv = PackedConv2d::new(&w4, None, Conv2dGeometry::default()).unwrap();
+    let x = vec![0u8; 5 * 5 * 3];
+    let img = QImage { data: &x, n: 1, h: 5, w: 5, c: 3, scale: 0.1, zero_point: 0 };
+    let mut out = vec![0u8; 9 * 6];
+    let e = conv.forward_u8(&img, Q, &mut out, 1).unwrap_err().to_string();
+    assert!(e.contains("[1, 5, 5, 2]") && e.contains("in_channels"), "{e}");
+    let x = vec![0u8; 2 * 2 * 2];
+    let img = QImage { data: &x, n: 1, h: 2, w: 2, c: 2, scale: 0.1, zero_point: 0 };
+    let e = conv.forward_u8(&img, Q, &mut out, 1).unwrap_err().to_string();
+    assert!(e.contains("smaller than the 3x3 kernel"), "{e}");
+    let x = vec![0u8; 5 * 5 * 2];
+    let img = QImage { data: &x, n: 1, h: 5, w: 5, c: 2, scale: 0.1, zero_point: 0 };
+    let e = conv.forward_u8(&img, Q, &mut out[..10], 1).unwrap_err().to_string();
+    assert!(e.contains("[1, 3, 3, 6]"), "{e}");
+}
