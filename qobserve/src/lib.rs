@@ -1,8 +1,19 @@
 //! # qobserve: calibration observers
 //!
-//! **Status: created, not yet filled.** This crate will hold the `Observer` trait and the
-//! built-in observers (min-max, moving average, per-channel, histogram, percentile, entropy,
-//! MSE, fixed qparams). Every observer ends in [`qtensor::choose_qparams`], which already
-//! reproduces PyTorch's `_calculate_qparams` bit for bit.
+//! (Manual in progress.)
 
+mod error;
+mod fixed;
+mod histogram;
+mod minmax;
+mod observer;
+mod qconfig;
+mod scan;
+
+pub use error::{ObserveError, Result};
+pub use fixed::FixedQParamsObserver;
+pub use histogram::{EntropyObserver, HistogramCollector, HistogramObserver, MseObserver, PercentileObserver};
+pub use minmax::{MinMaxObserver, PerChannelMinMaxObserver};
+pub use observer::{NonFinite, Observer, ObserverFactory, QuantSpec};
+pub use qconfig::{ObserverSpec, QConfig};
 pub use qtensor::{choose_qparams, choose_qparams_per_channel};
