@@ -23,7 +23,12 @@ impl FixedQParamsObserver {
     /// # Errors
     /// An invalid scale or a zero point outside `0..=255`.
     pub fn new(scale: f32, zero_point: i32) -> Result<Self> {
-        let spec = QuantSpec { dtype: DType::U8, scheme: QScheme::Affine, range: QuantRange::full(DType::U8), eps: DEFAULT_EPS };
+        let spec = QuantSpec {
+            dtype: DType::U8,
+            scheme: QScheme::Affine,
+            range: QuantRange::full(DType::U8),
+            eps: DEFAULT_EPS,
+        };
         QParams::per_tensor(scale, zero_point)?.validate("FixedQParamsObserver::new", &[1], &spec.range)?;
         Ok(FixedQParamsObserver { scale, zero_point, spec })
     }

@@ -29,36 +29,53 @@ pub struct HistogramCollector {
     max: f32,
 }
 
-/// The bin of `x` in `torch.histc(.., bins, lo, hi)`: `((x - lo) * bins) / (hi - lo)` in `f32`,
-/// truncated; `x == hi` falls in the last bin; values outside `[lo, hi]` in none.
-#[inline(always)]
-fn histc_bin(x: f32, lo: f32, hi: f32, bins: usize) -> Option<usize> {
-    if !(x >= lo && x <= hi) {
-        return None;
-    }
-    let pos = ((x - lo) * bins as f32 / (hi - lo)) as usize;
-    Some(pos.min(bins - 1))
-}
-
-/// `torch.histc(xs, bins, lo, hi)` on CPU in `f32`; PyTorch widens a degenerate range to
-/// `[lo - 1, hi + 1]` (computed in f64, rounded to f32).
+/// `torch.histc(xs, bins, lo, hi)` on CPU in `f32`: the bin of `x` is
+/// `((x - lo) * bins) / (hi - lo)` truncated; `x == hi` falls in the last bin; values outside
+/// `[lo, hi]` in none. PyTorch widens a degenerate range to `[lo - 1, hi + 1]` (in f64,
+/// rounded to f32).
 fn histc(xs: &[f32], bins: usize, lo: f32, hi: f32) -> Vec<f32> {
     let (lo, hi) = if lo == hi { ((lo as f64 - 1.0) as f32, (hi as f64 + 1.0) as f32) } else { (lo, hi) };
     let mut counts = vec![0u32; bins];
     for &x in xs {
-        if let Some(b) = histc_bin(x, lo, hi, bins) {
-            counts[b] += 1;
+        if !(x >= lo && x <= hi) {
+            continue;
         }
+        let pos = ((x - lo) * bins as f32 / (hi - lo)) as usize;
+        counts[pos.min(bins - 1)] += 1;
     }
     counts.into_iter().map(|c| c as f32).collect()
 }
 
-/// `torch.linspace(start, end, steps)` for `f32` on CPU: `start + step * i` for the first half,
-/// `end - step * (steps - 1 - i)` for the second, with `step = (end - start) / (steps - 1)`.
+/// ATen's float vector width with AVX-512 (`Vectorized<float>::size()`), which shapes how
+/// `torch.linspace` rounds (below).
+const ATEN_LANES: usize = 16;
+
+/// `torch.linspace(start, end, steps)` for `f32` as ATen's CPU kernel computes it on one thread
+/// with AVX-512: `step = (end - start) / (steps - 1)`; elements come in vectors of 16, each
+/// vector from a base (`start + step * i0` in the first half, `end - step * (steps - 1 - i0)`
+/// in the second) plus `k * step` for lane `k`; the elements past the last pair of vectors
+/// one at a time from the same two formulas.
 fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let half = steps / 2;
-    (0..steps).map(|i| if i < half { start + step * i as f32 } else { end - step * (steps - 1 - i) as f32 }).collect()
+    let scalar = |i: usize| {
+        if i < half {
+            step.mul_add(i as f32, start)
+        } else {
+            (-step).mul_add((steps - 1 - i) as f32, end)
+        }
+    };
+    let vectorised = steps - steps % (2 * ATEN_LANES);
+    (0..steps)
+        .map(|i| {
+            if i < vectorised {
+                let i0 = i - i % ATEN_LANES;
+                ((i - i0) as f32).mul_add(step, scalar(i0))
+            } else {
+                scalar(i)
+            }
+        })
+        .collect()
 }
 
 /// PyTorch's `div(a, b, rounding_mode="floor")` for floats (`c10::div_floor_floating`).
@@ -161,8 +178,16 @@ impl HistogramCollector {
             return;
         }
         let (new_min, new_max) = (self.min.min(other.min), self.max.max(other.max));
-        let a = if (self.min, self.max) == (new_min, new_max) { self.hist.clone() } else { self.rebinned(new_min, new_max) };
-        let b = if (other.min, other.max) == (new_min, new_max) { other.hist.clone() } else { other.rebinned(new_min, new_max) };
+        let a = if (self.min, self.max) == (new_min, new_max) {
+            self.hist.clone()
+        } else {
+            self.rebinned(new_min, new_max)
+        };
+        let b = if (other.min, other.max) == (new_min, new_max) {
+            other.hist.clone()
+        } else {
+            other.rebinned(new_min, new_max)
+        };
         self.hist = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         self.min = new_min;
         self.max = new_max;
@@ -171,10 +196,13 @@ impl HistogramCollector {
     /// Cumulative counts, accumulated in f64 and stored as f32 (PyTorch's CPU `cumsum`).
     fn cumsum(&self) -> Vec<f32> {
         let mut acc = 0.0f64;
-        self.hist.iter().map(|&h| {
-            acc += h as f64;
-            acc as f32
-        }).collect()
+        self.hist
+            .iter()
+            .map(|&h| {
+                acc += h as f64;
+                acc as f32
+            })
+            .collect()
     }
 
     /// PyTorch's `_compute_quantization_error(start, end)`: the L2 error of quantizing the
@@ -342,9 +370,10 @@ macro_rules! observer_boilerplate {
             $kind
         }
         fn merge(&mut self, other: &dyn Observer) -> Result<()> {
-            let o = other.as_any().downcast_ref::<Self>().ok_or_else(|| ObserveError::Merge {
-                reason: format!("{} with {}", $kind, other.kind()),
-            })?;
+            let o = other
+                .as_any()
+                .downcast_ref::<Self>()
+                .ok_or_else(|| ObserveError::Merge { reason: format!("{} with {}", $kind, other.kind()) })?;
             self.core.merge($kind, &o.core)
         }
         fn spec(&self) -> QuantSpec {
@@ -437,7 +466,9 @@ impl PercentileObserver {
     /// A percentile outside `(50, 100]`, or an invalid spec.
     pub fn new(spec: QuantSpec, percentile: f64) -> Result<Self> {
         if !(percentile > 50.0 && percentile <= 100.0) {
-            return Err(ObserveError::Config { reason: format!("percentile {percentile} must be in (50, 100], e.g. 99.99") });
+            return Err(ObserveError::Config {
+                reason: format!("percentile {percentile} must be in (50, 100], e.g. 99.99"),
+            });
         }
         Ok(PercentileObserver { core: Core::new(spec, 2048)?, percentile })
     }

@@ -55,7 +55,11 @@ pub struct MinMaxObserver {
 impl MinMaxObserver {
     /// Running min and max over every batch.
     pub fn new(spec: QuantSpec) -> Self {
-        MinMaxObserver { spec, policy: NonFinite::default(), run: Running { averaging: None, mins: vec![], maxs: vec![], seen: false } }
+        MinMaxObserver {
+            spec,
+            policy: NonFinite::default(),
+            run: Running { averaging: None, mins: vec![], maxs: vec![], seen: false },
+        }
     }
 
     /// Moving average with constant `c` (PyTorch's default: 0.01).
@@ -80,7 +84,9 @@ fn check_averaging(c: f32) -> Result<()> {
     if c > 0.0 && c <= 1.0 {
         Ok(())
     } else {
-        Err(ObserveError::Config { reason: format!("averaging constant {c} must be in (0, 1]; PyTorch's default is 0.01") })
+        Err(ObserveError::Config {
+            reason: format!("averaging constant {c} must be in (0, 1]; PyTorch's default is 0.01"),
+        })
     }
 }
 
@@ -96,8 +102,7 @@ fn merge_running(kind: &str, a: &mut Running, b: &Running) -> Result<()> {
     if a.seen && a.mins.len() != b.mins.len() {
         return Err(ObserveError::Merge { reason: format!("{kind}: {} channels vs {}", a.mins.len(), b.mins.len()) });
     }
-    let scans: Vec<Scan> =
-        b.mins.iter().zip(&b.maxs).map(|(&min, &max)| Scan { min, max, nonfinite: 0 }).collect();
+    let scans: Vec<Scan> = b.mins.iter().zip(&b.maxs).map(|(&min, &max)| Scan { min, max, nonfinite: 0 }).collect();
     a.update(&scans);
     Ok(())
 }
@@ -132,8 +137,8 @@ impl Observer for MinMaxObserver {
     }
 
     fn merge(&mut self, other: &dyn Observer) -> Result<()> {
-        let o = other.as_any().downcast_ref::<Self>().filter(|o| o.spec == self.spec).ok_or_else(|| ObserveError::Merge {
-            reason: format!("{} with {} of another configuration", self.kind(), other.kind()),
+        let o = other.as_any().downcast_ref::<Self>().filter(|o| o.spec == self.spec).ok_or_else(|| {
+            ObserveError::Merge { reason: format!("{} with {} of another configuration", self.kind(), other.kind()) }
         })?;
         merge_running(self.kind(), &mut self.run, &o.run)
     }
@@ -239,9 +244,12 @@ impl Observer for PerChannelMinMaxObserver {
     }
 
     fn merge(&mut self, other: &dyn Observer) -> Result<()> {
-        let o = other.as_any().downcast_ref::<Self>().filter(|o| o.spec == self.spec && o.axis == self.axis).ok_or_else(
-            || ObserveError::Merge { reason: format!("{} with {} of another configuration", self.kind(), other.kind()) },
-        )?;
+        let o =
+            other.as_any().downcast_ref::<Self>().filter(|o| o.spec == self.spec && o.axis == self.axis).ok_or_else(
+                || ObserveError::Merge {
+                    reason: format!("{} with {} of another configuration", self.kind(), other.kind()),
+                },
+            )?;
         if self.resolved.is_none() {
             self.resolved = o.resolved;
         }

@@ -185,7 +185,8 @@ pub(crate) fn check_finite(policy: NonFinite, kind: &str, x: &ArrayViewD<'_, f32
     if s.nonfinite == 0 || policy == NonFinite::Ignore {
         return Ok(());
     }
-    let (index, first) = x.iter().enumerate().find(|(_, v)| !v.is_finite()).map(|(i, v)| (i, *v)).unwrap_or((0, f32::NAN));
+    let (index, first) =
+        x.iter().enumerate().find(|(_, v)| !v.is_finite()).map(|(i, v)| (i, *v)).unwrap_or((0, f32::NAN));
     Err(ObserveError::NonFiniteInput {
         tensor: kind.to_string(),
         shape: x.shape().to_vec(),

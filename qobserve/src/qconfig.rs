@@ -75,7 +75,9 @@ impl ObserverSpec {
     pub fn create(&self) -> Result<Box<dyn Observer>> {
         Ok(match self {
             ObserverSpec::MinMax(s) => Box::new(MinMaxObserver::new(*s)),
-            ObserverSpec::MovingAverageMinMax { spec, averaging } => Box::new(MinMaxObserver::moving_average(*spec, *averaging)?),
+            ObserverSpec::MovingAverageMinMax { spec, averaging } => {
+                Box::new(MinMaxObserver::moving_average(*spec, *averaging)?)
+            }
             ObserverSpec::PerChannelMinMax { spec, axis } => Box::new(PerChannelMinMaxObserver::new(*spec, *axis)),
             ObserverSpec::MovingAveragePerChannelMinMax { spec, axis, averaging } => {
                 Box::new(PerChannelMinMaxObserver::moving_average(*spec, *axis, *averaging)?)
@@ -84,7 +86,9 @@ impl ObserverSpec {
             ObserverSpec::Percentile { spec, percentile } => Box::new(PercentileObserver::new(*spec, *percentile)?),
             ObserverSpec::Entropy(s) => Box::new(EntropyObserver::new(*s)?),
             ObserverSpec::Mse(s) => Box::new(MseObserver::new(*s)?),
-            ObserverSpec::FixedQParams { scale, zero_point } => Box::new(FixedQParamsObserver::new(*scale, *zero_point)?),
+            ObserverSpec::FixedQParams { scale, zero_point } => {
+                Box::new(FixedQParamsObserver::new(*scale, *zero_point)?)
+            }
             ObserverSpec::Custom(f) => f.create(),
         })
     }

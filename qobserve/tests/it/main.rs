@@ -1,0 +1,4 @@
+//! qobserve's integration tests.
+
+mod golden;
+mod props;
