@@ -1,6 +1,66 @@
 //! # qobserve: calibration observers
 //!
-//! (Manual in progress.)
+//! Observers watch calibration data and decide each tensor's scale and zero point. This
+//! crate has PyTorch's (same statistics, same answers: golden-tested against PyTorch), more
+//! methods than PyTorch ships, and the [`Observer`] trait for your own.
+//!
+//! ## Contents
+//! 1. [Should I use this crate?](#should-i-use-this-crate)
+//! 2. [Example](#example)
+//! 3. [The observers](#the-observers)
+//! 4. [Configurations](#configurations)
+//! 5. [Errors, NaN and parallel calibration](#errors-nan-and-parallel-calibration)
+//!
+//! ## Should I use this crate?
+//! Use it on its own to compute quantization parameters for tensors you quantize yourself
+//! (with [`qtensor`]). `qnn` uses it to calibrate whole models: there you name observers in a
+//! [`QConfig`] instead of creating them.
+//!
+//! ## Example
+//! ```
+//! use qobserve::{HistogramObserver, MinMaxObserver, Observer, QuantSpec};
+//!
+//! // Activations with one outlier: min-max spends the range on it, the histogram clips it.
+//! let mut x: Vec<f32> = (0..10_000).map(|i| (i % 100) as f32 / 100.0).collect();
+//! x[7] = 50.0;
+//! let x = ndarray::ArrayD::from_shape_vec(vec![100, 100], x).unwrap();
+//! let mut minmax = MinMaxObserver::new(QuantSpec::u8_affine());
+//! let mut hist = HistogramObserver::new(QuantSpec::u8_affine())?;
+//! minmax.observe(x.view())?;
+//! hist.observe(x.view())?;
+//! assert!(hist.qparams()?.scale(0) < minmax.qparams()?.scale(0) / 10.0);
+//! # Ok::<(), qobserve::ObserveError>(())
+//! ```
+//!
+//! ## The observers
+//! | observer | statistic | range chosen | PyTorch |
+//! |---|---|---|---|
+//! | [`MinMaxObserver`] | running min, max | min..max | `MinMaxObserver` (bit-exact) |
+//! | [`MinMaxObserver::moving_average`] | moving average of batch min, max | average | `MovingAverageMinMaxObserver` (bit-exact) |
+//! | [`PerChannelMinMaxObserver`] | per-channel min, max (and moving average) | per channel | `PerChannelMinMaxObserver`, `MovingAveragePerChannelMinMaxObserver` (bit-exact) |
+//! | [`HistogramObserver`] | 2048-bin running histogram | L2-error search over 256 levels | `HistogramObserver` (qparams bit-exact on the fixtures) |
+//! | [`PercentileObserver`] | same histogram | the p-th percentile at each end | none |
+//! | [`EntropyObserver`] | histogram of \|x\| | TensorRT's minimum KL divergence | none |
+//! | [`MseObserver`] | same histogram | least expected squared quantization error | none |
+//! | [`FixedQParamsObserver`] | none | fixed (sigmoid 1/256, tanh 2/256) | `FixedQParamsObserver` |
+//!
+//! Each turns its range into parameters through a [`QuantSpec`] (dtype, affine or symmetric,
+//! range, eps) and [`qtensor::choose_qparams`], PyTorch's formula.
+//!
+//! ## Configurations
+//! [`ObserverSpec`] names an observer in a configuration and creates one per tensor;
+//! [`ObserverSpec::Custom`] takes your own [`ObserverFactory`]. A [`QConfig`] pairs an
+//! activation observer with a weight observer; presets: [`QConfig::pytorch_x86`] (PyTorch
+//! parity), [`QConfig::qnnpack`], [`QConfig::pytorch_minmax`], and [`QConfig::default`],
+//! PyTorch's x86 configuration without `reduce_range`, which our exact kernels do not need.
+//!
+//! ## Errors, NaN and parallel calibration
+//! Asking an observer that saw nothing for parameters is [`ObserveError::NoData`] (PyTorch
+//! returns scale 1.0, zero point 0 with a warning); [`ObserveError::for_tensor`] names the
+//! tensor. NaN or ±inf in a batch is [`ObserveError::NonFiniteInput`] unless the observer was
+//! built with [`NonFinite::Ignore`]. Observers that watched different batches on different
+//! threads combine with [`Observer::merge`]: exact for min-max and for histograms of the same
+//! range; moving averages depend on batch order and refuse to merge.
 
 mod error;
 mod fixed;

@@ -56,9 +56,15 @@ engine fbgemm (linear, and every conv):
   NOTE: without bias the three bias variants coincide.
 
 engine x86: linear is the fbgemm kernel (identical output).  conv goes to oneDNN
-when all weight zero points are 0 and groups <= 100 (else it is fbgemm as above):
-acc exact, v = f32(f32(af * f32(x_scale)) * f32(w_scale[j])) (+ bias[j], f32 add),
-z = f32(f32(v * f32(1 / f64(y_scale))) + f32(y_zp)), out = clamp(rne(z), relu ? y_zp : 0, 255).
+when all weight zero points are 0 and groups <= 100 (else it is fbgemm as above).
+oneDNN accumulates exactly (no saturation, also depthwise) and requantizes
+roughly as v = f32(f32(af * f32(x_scale)) * f32(w_scale[j])) (+ bias[j], f32 add),
+z = f32(f32(v * f32(1 / f64(y_scale))) + f32(y_zp)), out = clamp(rne(z), relu ? y_zp : 0, 255)
+(zero point added in f32 BEFORE rounding).  That model matches every fixture
+element but only ~99.998% of ``--stress`` elements (off by 1 LSB at near-ties):
+the order of the scale products depends on the oneDNN kernel picked
+(brg_conv_fwd, jit_int8, brdgmm_dw, ...).  Use ``engine_x86_y`` as data, not as
+a formula to match bit for bit.
 
 How to regenerate (from the repository root, /work/main):
 
@@ -319,7 +325,7 @@ MODELS = {"fbgemm": model_fbgemm, "x86": model_x86}
 def kernel_label(kind, p):
     if kind == "linear":
         return "gemm"
-    if FIXTURE_ENGINE and fbgemm_depthwise_path(p):
+    if fbgemm_depthwise_path(p):
         k = "depthwise"
     elif p["kh"] == 1 and p["kw"] == 1 and list(p["stride"]) == [1, 1] and list(p["padding"]) == [0, 0]:
         k = "pointwise"
@@ -467,8 +473,9 @@ def probe_biases(rng, acc_row, x_scale, w_scales, y_scale, y_zp, relu, prefer, s
         t = rng.integers(-100, 100) + 0.5
         b0 = F32((t / float(mult[j]) - float(acc_row[j])) * float(ats[j]))
         cand = (np.array([b0], dtype=F32).view(np.int32)[0] + steps).astype(np.int32).view(F32)
-        acc_c = np.full((cand.size, 1), acc_row[j], dtype=np.int64)
-        res = {m: requant(acc_c, x_scale, [ws[j]], cand, y_scale, y_zp, relu, m)[:, 0] for m in MODES}
+        acc_c = np.full((1, cand.size), acc_row[j], dtype=np.int64)  # one "channel" per candidate
+        ws_c = np.full(cand.size, ws[j], dtype=F32)
+        res = {m: requant(acc_c, x_scale, ws_c, cand, y_scale, y_zp, relu, m)[0] for m in MODES}
         stack = np.stack([res[m] for m in MODES])
         any_diff = np.any(stack != stack[0], axis=0)
         pref = res[prefer] != res["div"]
@@ -682,10 +689,10 @@ def run_all(kind, cases):
     return {e: [RUNNERS[kind](e, p) for p in cases] for e in CHECK_ENGINES}
 
 
-def check(kind, cases, results, verbose=True):
+def check(kind, cases, results, verbose=True, title=None):
     """Per engine: match against the plain formula and against the engine model."""
     ok = True
-    print(f"\n=== {kind}: {len(cases)} cases, {sum(r.size for r in results[FIXTURE_ENGINE])} output elements ===")
+    print(f"\n=== {title or kind}: {len(cases)} cases, {sum(r.size for r in results[FIXTURE_ENGINE])} output elements ===")
     for eng in CHECK_ENGINES:
         tot = bad_f = bad_m = maxd_f = maxd_m = 0
         rows = []
@@ -699,7 +706,8 @@ def check(kind, cases, results, verbose=True):
             if nf or nm:
                 rows.append(f"    {p['name']:38s} [{kernel_label(kind, p)}] formula: {nf}/{y.size} differ "
                             f"(max {df} LSB); model: {nm} differ")
-        ok &= bad_m == 0
+        if eng == FIXTURE_ENGINE:
+            ok &= bad_m == 0
         print(f"  engine {eng}: plain formula (3.1, exact acc, f32 div): {100.0 * (tot - bad_f) / tot:.3f}% "
               f"identical ({bad_f}/{tot} differ, max {maxd_f} LSB); engine model: "
               f"{100.0 * (tot - bad_m) / tot:.3f}% identical ({bad_m} differ, max {maxd_m} LSB)")
@@ -732,20 +740,19 @@ def spread_report(kind, cases, results):
 # fixture records
 
 
-def common_tail(p, y, y86):
-    rec = {
+def common_tail(p):
+    return {
         "w_scales": f32_bits(p["w_scales"]), "w_zps": ints(p["w_zps"]),
         "bias": None if p["bias"] is None else f32_bits(p["bias"]),
         "y_scale": f32_bits([p["y_scale"]])[0], "y_zp": int(p["y_zp"]), "relu": bool(p["relu"]),
     }
-    return rec
 
 
 def linear_record(p, y, y86):
     rec = {"name": p["name"], "m": p["m"], "k": p["k"], "n": p["n"],
            "x_scale": f32_bits([p["x_scale"]])[0], "x_zp": int(p["x_zp"]), "x": ints(p["x"]),
            "w": ints(p["w"])}
-    rec.update(common_tail(p, y, y86))
+    rec.update(common_tail(p))
     rec["y"] = ints(y)
     if not np.array_equal(y, y86):
         rec["engine_x86_y"] = ints(y86)
@@ -758,7 +765,7 @@ def conv_record(p, y, y86):
            "oc": p["oc"], "kh": p["kh"], "kw": p["kw"], "stride": p["stride"],
            "padding": p["padding"], "dilation": p["dilation"], "groups": p["groups"],
            "weight": ints(p["w"])}
-    rec.update(common_tail(p, y, y86))
+    rec.update(common_tail(p))
     rec.update({"oh": p["oh"], "ow": p["ow"], "y": ints(y)})
     if not np.array_equal(y, y86):
         rec["engine_x86_y"] = ints(y86)
@@ -771,6 +778,7 @@ def main():
     ap.add_argument("--spread", action="store_true", help="print the output spread per case")
     ap.add_argument("--stress", type=int, default=0, metavar="N",
                     help="also check N random linear and N random conv shapes (not written)")
+    ap.add_argument("--verbose-stress", action="store_true", help="list every differing stress case")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -787,9 +795,10 @@ def main():
     if args.stress:
         for k in ("linear", "conv"):
             sc = [MAKERS[k](s) for s in random_specs(k, args.stress, 2024 if k == "linear" else 2025)]
-            ok &= check(k + " (stress)", sc, run_all(k, sc), verbose=True)
+            ok &= check(k, sc, run_all(k, sc), verbose=args.verbose_stress, title=k + " (stress)")
     torch.backends.quantized.engine = FIXTURE_ENGINE
-    print("\nall engine models bit-exact" if ok else "\nSOME ENGINE MODEL MISMATCHES (see above)")
+    print(f"\n{FIXTURE_ENGINE} model bit-exact on every element" if ok
+          else f"\n{FIXTURE_ENGINE.upper()} MODEL MISMATCHES (see above)")
 
     if args.no_write:
         return 0
