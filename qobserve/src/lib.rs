@@ -18,19 +18,24 @@
 //!
 //! ## Example
 //! ```
-//! use qobserve::{HistogramObserver, MinMaxObserver, Observer, QuantSpec};
+//! use qobserve::{MinMaxObserver, Observer, PercentileObserver, QuantSpec};
 //!
-//! // Activations with one outlier: min-max spends the range on it, the histogram clips it.
+//! // Activations in [0, 1) with one outlier: min-max spends the whole range on it; the
+//! // 99.9th percentile clips it and keeps a step 50 times finer for everything else.
 //! let mut x: Vec<f32> = (0..10_000).map(|i| (i % 100) as f32 / 100.0).collect();
 //! x[7] = 50.0;
 //! let x = ndarray::ArrayD::from_shape_vec(vec![100, 100], x).unwrap();
 //! let mut minmax = MinMaxObserver::new(QuantSpec::u8_affine());
-//! let mut hist = HistogramObserver::new(QuantSpec::u8_affine())?;
+//! let mut pct = PercentileObserver::new(QuantSpec::u8_affine(), 99.9)?;
 //! minmax.observe(x.view())?;
-//! hist.observe(x.view())?;
-//! assert!(hist.qparams()?.scale(0) < minmax.qparams()?.scale(0) / 10.0);
+//! pct.observe(x.view())?;
+//! assert_eq!(minmax.qparams()?.scale(0), 50.0 / 255.0);
+//! assert!(pct.qparams()?.scale(0) < 1.01 / 255.0);
 //! # Ok::<(), qobserve::ObserveError>(())
 //! ```
+//! (PyTorch's histogram search keeps that lone outlier too: it trims 1e-5 of the mass per
+//! step and stops at the first step that raises the L2 error. [`HistogramObserver`] does the
+//! same, on purpose.)
 //!
 //! ## The observers
 //! | observer | statistic | range chosen | PyTorch |
