@@ -240,7 +240,7 @@ impl PackedConv2d {
         match &self.kind {
             ConvKind::Gemm(groups) => self.forward_gemm(groups, x, quant, out, oh, ow, threads),
             ConvKind::Depthwise { taps, vnni, flat } => {
-                let plan = Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant));
+                let plan = Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true);
                 match flat {
                     #[cfg(target_arch = "x86_64")]
                     Some(weights) => crate::threads::run_with(threads, || {
@@ -451,6 +451,7 @@ impl PackedConv2d {
         let consts = crate::x86::FlatConsts {
             colterm: (0..classes * 64).map(|e| plan.colterm[lane_ch(e / 64, e % 64)]).collect(),
             bias_term: (0..classes * 64).map(|e| plan.bias_term[lane_ch(e / 64, e % 64)]).collect(),
+            bias_scale: (0..classes * 64).map(|e| plan.bias_scale[lane_ch(e / 64, e % 64)]).collect(),
             mult: (0..classes * 64).map(|e| plan.mult[lane_ch(e / 64, e % 64)]).collect(),
             zo: plan.zo,
             lo: plan.lo,
@@ -547,7 +548,8 @@ fn depthwise_scalar_pixel(ptrs: &[&[u8]], taps: &PackedWeights, za: i32, plan: &
         let zw = taps.zero_points[ch];
         let w = &taps.raw[ch * t..(ch + 1) * t];
         let raw = ptrs.iter().zip(w).fold(0i32, |s, (p, &wt)| s + (p[ch] as i32 - za) * (wt as i32 - zw));
-        *o = requantize_scalar(raw, plan.bias_term[ch], plan.mult[ch], plan.zo, plan.lo, plan.hi) as u8;
+        *o = requantize_scalar(raw, plan.bias_term[ch], plan.bias_scale[ch], plan.mult[ch], plan.zo, plan.lo, plan.hi)
+            as u8;
     }
 }
 

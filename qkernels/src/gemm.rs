@@ -110,8 +110,10 @@ pub(crate) struct Plan {
     /// Weight zero points (all zero for symmetric weights).
     pub zw: Vec<i32>,
     pub has_zw: bool,
-    /// `bias[j] / (sa * sw[j])`, added to the raw sum in float.
+    /// First operand of the bias step `fma(bias_term, bias_scale, raw)` ([`bias_operands`]).
     pub bias_term: Vec<f32>,
+    /// Second operand of the bias step.
+    pub bias_scale: Vec<f32>,
     /// `(sa * sw[j]) / s_out`.
     pub mult: Vec<f32>,
     /// `sa * sw[j]` (for f32 output).
@@ -126,16 +128,36 @@ pub(crate) struct Plan {
     pub clamp_free: bool,
 }
 
-fn bias_term_ref<'a>(bias: &'a [f32], ab_scale: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
-    bias.iter().zip(ab_scale).map(|(&b, &s)| b / s)
+/// How the bias enters the raw sum, following FBGEMM bit for bit: it depends on the weight
+/// granularity and on the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasForm {
+    /// Per-channel weights: `raw + f32(bias / (sa * sw[j]))`.
+    PerChannel,
+    /// Per-tensor weights in the GEMM-based kernels (linear, 1x1, im2col, grouped):
+    /// `fma(bias, rcp, raw)` with `rcp = f32(1 / f64(sa * sw))`, one rounding.
+    PerTensorFused,
+    /// Per-tensor weights in the depthwise kernel: `raw + f32(bias * rcp)`, two roundings.
+    PerTensorDepthwise,
+}
+
+/// The two operands `(x, y)` of the bias step `fma(x, y, raw)` for one output channel.
+/// (`y` is 1.0 where FBGEMM adds a precomputed term: an exact fma then equals the add.)
+pub fn bias_operands(bias: f32, ab_scale: f32, form: BiasForm) -> (f32, f32) {
+    let rcp = (1.0f64 / ab_scale as f64) as f32;
+    match form {
+        BiasForm::PerChannel => (bias / ab_scale, 1.0),
+        BiasForm::PerTensorFused => (bias, rcp),
+        BiasForm::PerTensorDepthwise => (bias * rcp, 1.0),
+    }
 }
 
 /// Requantizes one raw sum: PyTorch's FBGEMM formula, the scalar reference.
-/// `round_half_even((raw + bias_term) * mult) + zo`, clamped to `[lo, hi]`; all in f32, the
-/// add and the multiply rounded separately (no FMA).
+/// `round_half_even(fma(bias_x, bias_y, raw) * mult) + zo`, clamped to `[lo, hi]`, in f32,
+/// with `(bias_x, bias_y)` from [`bias_operands`]; the multiply by `mult` is rounded on its own.
 #[inline(always)]
-pub fn requantize_scalar(raw: i32, bias_term: f32, mult: f32, zo: i32, lo: i32, hi: i32) -> i32 {
-    let f = (raw as f32 + bias_term) * mult;
+pub fn requantize_scalar(raw: i32, bias_x: f32, bias_y: f32, mult: f32, zo: i32, lo: i32, hi: i32) -> i32 {
+    let f = bias_x.mul_add(bias_y, raw as f32) * mult;
     let r = f.clamp(-REQUANT_LIMIT, REQUANT_LIMIT).round_ties_even() as i32;
     (r + zo).clamp(lo, hi)
 }
@@ -147,11 +169,18 @@ impl Plan {
         w: &PackedWeights,
         bias: Option<&[f32]>,
         out_quant: Option<OutputQuant>,
+        depthwise: bool,
     ) -> Self {
         let n = w.n;
         let ab_scale: Vec<f32> = w.scales.iter().map(|&sw| a_scale * sw).collect();
         let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
-        let bias_term: Vec<f32> = bias_term_ref(&bias, &ab_scale).collect();
+        let form = match (w.per_channel, depthwise) {
+            (true, _) => BiasForm::PerChannel,
+            (false, false) => BiasForm::PerTensorFused,
+            (false, true) => BiasForm::PerTensorDepthwise,
+        };
+        let (bias_term, bias_scale): (Vec<f32>, Vec<f32>) =
+            bias.iter().zip(&ab_scale).map(|(&b, &s)| bias_operands(b, s, form)).unzip();
         let (mult, zo, lo, hi) = match out_quant {
             Some(q) => {
                 let (lo, hi) = q.bounds();
@@ -162,15 +191,18 @@ impl Plan {
         // |raw| <= K * 255 * 255 whatever the zero points; a factor 2 of margin covers the
         // rounding of this bound itself.
         let max_raw = w.k as f32 * 65025.0;
-        let clamp_free = bias_term_ref(&bias, &ab_scale)
+        let clamp_free = bias_term
+            .iter()
+            .zip(&bias_scale)
             .zip(&mult)
-            .all(|(bt, m): (f32, &f32)| (max_raw + bt.abs()) * m.abs() < REQUANT_LIMIT / 2.0);
+            .all(|((bt, bs), m)| (max_raw + (bt * bs).abs()) * m.abs() < REQUANT_LIMIT / 2.0);
         Plan {
             clamp_free,
             colterm: w.col_offsets.iter().map(|&c| a_zp.wrapping_mul(c)).collect(),
             zw: w.zero_points.clone(),
             has_zw: !w.is_symmetric(),
             bias_term,
+            bias_scale,
             mult,
             ab_scale,
             bias,
@@ -293,7 +325,7 @@ pub fn gemm(
         GemmOutput::U8 { quant, .. } => Some(*quant),
         _ => None,
     };
-    let plan = Plan::new(a.scale, a.zero_point, w, bias, quant);
+    let plan = Plan::new(a.scale, a.zero_point, w, bias, quant, false);
     let rowsums: Vec<i32> = if plan.has_zw {
         (0..a.m).map(|i| a.data[i * a.lda..i * a.lda + a.k].iter().map(|&v| v as i32).sum()).collect()
     } else {
@@ -453,7 +485,8 @@ pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i3
     for c in done..n {
         let j = j0 + c;
         let raw = acc[c].wrapping_sub(plan.colterm[j]).wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
-        out[c] = requantize_scalar(raw, plan.bias_term[j], plan.mult[j], plan.zo, plan.lo, plan.hi) as u8;
+        out[c] = requantize_scalar(raw, plan.bias_term[j], plan.bias_scale[j], plan.mult[j], plan.zo, plan.lo, plan.hi)
+            as u8;
     }
 }
 

@@ -79,7 +79,7 @@ mod x86;
 
 pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
 pub use float::{conv2d_f32, linear_f32};
-pub use gemm::{gemm, requantize_scalar, Activation, GemmOutput, OutputQuant, QMatrix};
+pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
 pub use linear::PackedLinear;
 pub use pack::{PackedWeights, MAX_K};
 pub use qtensor::isa;

@@ -40,10 +40,12 @@ File layout (one case per line)::
   collapsed) and no ``states`` key.
 
 Determinism: all data comes from ``numpy.random.default_rng`` with fixed
-seeds and ``torch.set_num_threads(1)`` is set.  (The numbers do not depend on
-the thread count, but ``norm.sum()`` inside HistogramObserver's search is a
-SIMD-width-dependent float32 reduction, so the ATen CPU capability is
-recorded at the top level.)
+seeds and ``torch.set_num_threads(1)`` is set (the results were also checked
+not to depend on the thread count).  The ATen CPU capability is recorded at
+the top level because it is visible in HistogramObserver: ``torch.linspace``
+(used when a histogram is re-binned) is FMA-contracted in the AVX2/AVX512
+kernel builds but not in the DEFAULT build.  ``torch.sum`` of float32 uses
+8-lane vectors on every x86 capability (its kernel has no AVX512 variant).
 
 Rerun from the repository root (/work/main):
 
@@ -398,6 +400,16 @@ def histogram_cases():
     # large batch
     LS = [64, 1000]
     add("hist_large_batch", [normal(r, LS)], shape=LS)
+    # large, sparse batch (200k values, 1500 non-zero; zeros are cheap in JSON):
+    # total > 1e5, so the search's quantile step (1e-5 * total) exceeds one sample
+    # and both the start-bin and the end-bin branch of _non_linear_param_search run.
+    SP = [250, 800]
+    rs = rng(2)
+    sp = np.zeros(SP[0] * SP[1], np.float32)
+    idx = rs.choice(sp.size, 1500, replace=False)
+    rs.laplace(0.0, 1.0, 1500)  # (keeps the stream identical to the tuning run)
+    sp[idx] = f32(rs.uniform(-1.0, 2.0, 1500))
+    add("hist_large_sparse_batch", [sp.reshape(SP)], shape=SP)
     # rejected configuration
     add("hist_error_per_channel_affine", [normal(r, S)], qscheme="per_channel_affine")
     return out

@@ -117,10 +117,11 @@ unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; 
         let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
         let j = f.j0 + VNNI_LANES * v;
         // SAFETY: masked loads touch only columns j..j+valid, which the plan covers.
-        let (colterm, bias, mult, zw) = unsafe {
+        let (colterm, bias, bscale, mult, zw) = unsafe {
             (
                 _mm512_maskz_loadu_epi32(m, plan.colterm.as_ptr().add(j)),
                 _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, plan.bias_scale.as_ptr().add(j)),
                 _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j)),
                 _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j)),
             )
@@ -130,7 +131,7 @@ unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; 
             if plan.has_zw {
                 raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(f.rowsums[f.r0 + r]), zw));
             }
-            let mut x = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
+            let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
             if !plan.clamp_free {
                 x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
             }
@@ -268,7 +269,7 @@ pub(crate) unsafe fn avx2_tile(
 ///
 /// # Safety
 /// AVX2 available; `acc.len() == out.len()`; the plan covers columns j0..j0+acc.len().
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn epilogue_u8_avx2(plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, out: &mut [u8]) -> usize {
     let n = acc.len().min(out.len());
     let vrow = _mm256_set1_epi32(rowsum);
@@ -286,11 +287,12 @@ pub(crate) unsafe fn epilogue_u8_avx2(plan: &Plan, acc: &[i32], rowsum: i32, j0:
     while c + 8 <= n {
         let j = j0 + c;
         // SAFETY: c + 8 <= n <= acc.len(); the plan's vectors have at least j0 + n entries.
-        let (x, colterm, bias, mult) = unsafe {
+        let (x, colterm, bias, bscale, mult) = unsafe {
             (
                 _mm256_loadu_si256(acc.as_ptr().add(c).cast()),
                 _mm256_loadu_si256(plan.colterm.as_ptr().add(j).cast()),
                 _mm256_loadu_ps(plan.bias_term.as_ptr().add(j)),
+                _mm256_loadu_ps(plan.bias_scale.as_ptr().add(j)),
                 _mm256_loadu_ps(plan.mult.as_ptr().add(j)),
             )
         };
@@ -300,7 +302,7 @@ pub(crate) unsafe fn epilogue_u8_avx2(plan: &Plan, acc: &[i32], rowsum: i32, j0:
             let zw = unsafe { _mm256_loadu_si256(plan.zw.as_ptr().add(j).cast()) };
             raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(vrow, zw));
         }
-        let f = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(raw), bias), mult);
+        let f = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
         let f = _mm256_min_ps(_mm256_max_ps(f, nlim), lim);
         let q = _mm256_add_epi32(_mm256_cvtps_epi32(f), vzo);
         let q = _mm256_min_epi32(_mm256_max_epi32(q, vlo), vhi);
@@ -386,6 +388,7 @@ pub(crate) unsafe fn depthwise_vnni_pixel(taps: &[&[u8]], c: usize, packed: &[i8
 pub(crate) struct FlatConsts {
     pub colterm: Vec<i32>,
     pub bias_term: Vec<f32>,
+    pub bias_scale: Vec<f32>,
     pub mult: Vec<f32>,
     pub zo: i32,
     pub lo: i32,
@@ -471,15 +474,16 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
             let valid = (len - start).min(16);
             let m: __mmask16 = if valid == 16 { 0xFFFF } else { (1u16 << valid) - 1 };
             // SAFETY: the constants hold classes * 64 entries; cbase + 16l + 16 <= that.
-            let (colterm, bias, mult) = unsafe {
+            let (colterm, bias, bscale, mult) = unsafe {
                 (
                     _mm512_loadu_si512(consts.colterm.as_ptr().add(cbase + 16 * l).cast()),
                     _mm512_loadu_ps(consts.bias_term.as_ptr().add(cbase + 16 * l)),
+                    _mm512_loadu_ps(consts.bias_scale.as_ptr().add(cbase + 16 * l)),
                     _mm512_loadu_ps(consts.mult.as_ptr().add(cbase + 16 * l)),
                 )
             };
             let raw = _mm512_sub_epi32(acc, colterm);
-            let mut f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
+            let mut f = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
             if !consts.clamp_free {
                 f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
             }

@@ -2,7 +2,9 @@
 //! shapes: odd spatial sizes, strides, padding, dilation, groups, depthwise, fused ReLU.
 
 use proptest::prelude::*;
-use qkernels::{requantize_scalar, Activation, Conv2dGeometry, OutputQuant, PackedConv2d, QImage};
+use qkernels::{
+    bias_operands, requantize_scalar, Activation, BiasForm, Conv2dGeometry, OutputQuant, PackedConv2d, QImage,
+};
 use qtensor::{QParams, QTensor, QuantRange};
 
 #[derive(Debug, Clone)]
@@ -80,9 +82,15 @@ impl ConvCase {
                             }
                         }
                         let ab = self.sa * self.sw[pc];
-                        let bias_term = self.bias.as_ref().map_or(0.0, |bb| bb[o] / ab);
+                        let depthwise = g.groups == self.c && g.groups == self.oc;
+                        let form = match (self.sw.len() > 1, depthwise) {
+                            (true, _) => BiasForm::PerChannel,
+                            (false, false) => BiasForm::PerTensorFused,
+                            (false, true) => BiasForm::PerTensorDepthwise,
+                        };
+                        let (bx, by) = bias_operands(self.bias.as_ref().map_or(0.0, |bb| bb[o]), ab, form);
                         out[((b * oh + oy) * ow + ox) * self.oc + o] =
-                            requantize_scalar(raw as i32, bias_term, ab / self.out.scale, self.out.zero_point, lo, hi)
+                            requantize_scalar(raw as i32, bx, by, ab / self.out.scale, self.out.zero_point, lo, hi)
                                 as u8;
                     }
                 }

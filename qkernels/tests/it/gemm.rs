@@ -1,7 +1,7 @@
 //! The GEMM on every instruction set and thread count equals a naive i64 reference.
 
 use proptest::prelude::*;
-use qkernels::{gemm, Activation, GemmOutput, OutputQuant, PackedWeights, QMatrix};
+use qkernels::{bias_operands, gemm, Activation, BiasForm, GemmOutput, OutputQuant, PackedWeights, QMatrix};
 use qtensor::{QParams, QTensor, QuantRange};
 
 #[derive(Debug, Clone)]
@@ -105,8 +105,9 @@ proptest! {
             let j = idx % c.n;
             let sw = c.sw[if c.per_channel { j } else { 0 }];
             let ab = 0.02f32 * sw;
-            let bias_term = c.bias.as_ref().map_or(0.0, |b| b[j] / ab);
-            qkernels::requantize_scalar(raw[idx] as i32, bias_term, ab / c.out.scale, c.out.zero_point, lo, hi) as u8
+            let form = if c.per_channel { BiasForm::PerChannel } else { BiasForm::PerTensorFused };
+            let (bx, by) = bias_operands(c.bias.as_ref().map_or(0.0, |b| b[j]), ab, form);
+            qkernels::requantize_scalar(raw[idx] as i32, bx, by, ab / c.out.scale, c.out.zero_point, lo, hi) as u8
         }).collect();
         for isa in crate::isas_under_test() {
             for threads in 1..=3 {

@@ -4,6 +4,7 @@ mod conv;
 mod errors;
 mod float;
 mod gemm;
+mod golden;
 
 /// Every instruction set this CPU supports (conformance tests run each explicitly). Under
 /// `QUANT_REQUIRE_ISA=1` the forced tier must exist: selection panics otherwise.
