@@ -92,7 +92,7 @@ fn quant(scale: u32, zp: i32, relu: bool) -> OutputQuant {
 fn fbgemm_depthwise_model(c: &ConvCase, saturate: bool) -> Option<Vec<u8>> {
     let eligible = c.groups == c.c
         && (c.oc == c.c || c.oc == 2 * c.c)
-        && c.c % 8 == 0
+        && c.c.is_multiple_of(8)
         && c.kh == c.kw
         && [3, 5, 7].contains(&c.kh)
         && c.stride[0] == c.stride[1]
