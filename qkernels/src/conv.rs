@@ -296,9 +296,13 @@ impl PackedConv2d {
             SCRATCH.with(|s| {
                 let mut buf = s.borrow_mut();
                 for (gi, w) in groups.iter().enumerate() {
-                    buf.clear();
-                    buf.resize((r1 - r0) * k, 0);
-                    self.im2col(x, gi * icg, icg, oh, ow, r0..r1, &mut buf);
+                    // Every byte of the rows is written by im2col; the slack lets it copy short
+                    // segments with whole-vector moves that spill into bytes written later.
+                    let need = (r1 - r0) * k + IM2COL_SLACK;
+                    if buf.len() < need {
+                        buf.resize(need, 0);
+                    }
+                    self.im2col(x, gi * icg, icg, oh, ow, r0..r1, &mut buf[..need]);
                     let a = QMatrix { data: &buf, m: r1 - r0, k, lda: k, scale: x.scale, zero_point: x.zero_point };
                     gemm(
                         &a,
@@ -337,34 +341,33 @@ impl PackedConv2d {
         let g = &self.geom;
         let zp = x.zero_point as u8;
         let k = self.kh * self.kw * icg;
+        let seg_len = self.kw * icg;
         let contiguous_taps = g.dilation[1] == 1 && icg == x.c;
-        for (r, row) in rows.zip(buf.chunks_exact_mut(k)) {
+        for (ri, r) in rows.enumerate() {
             let (b, rem) = (r / (oh * ow), r % (oh * ow));
             let (oy, ox) = (rem / ow, rem % ow);
             let img = &x.data[b * x.h * x.w * x.c..(b + 1) * x.h * x.w * x.c];
-            let mut dst = row.chunks_exact_mut(self.kw * icg);
             for ky in 0..self.kh {
-                let seg = dst.next().expect("kh segments");
+                let at = ri * k + ky * seg_len;
                 let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
                 if iy < 0 || iy >= x.h as isize {
-                    seg.fill(zp);
+                    buf[at..at + seg_len].fill(zp);
                     continue;
                 }
                 let ix0 = (ox * g.stride[1]) as isize - g.padding[1] as isize;
                 let ix_last = ix0 + ((self.kw - 1) * g.dilation[1]) as isize;
-                let line = &img[iy as usize * x.w * x.c..(iy as usize + 1) * x.w * x.c];
+                let line_start = iy as usize * x.w * x.c;
                 if contiguous_taps && ix0 >= 0 && ix_last < x.w as isize {
-                    let start = ix0 as usize * x.c;
-                    seg.copy_from_slice(&line[start..start + self.kw * x.c]);
+                    copy_segment(buf, at, img, line_start + ix0 as usize * x.c, seg_len);
                     continue;
                 }
-                for (kx, tap) in seg.chunks_exact_mut(icg).enumerate() {
+                for kx in 0..self.kw {
                     let ix = ix0 + (kx * g.dilation[1]) as isize;
+                    let tap = at + kx * icg;
                     if ix < 0 || ix >= x.w as isize {
-                        tap.fill(zp);
+                        buf[tap..tap + icg].fill(zp);
                     } else {
-                        let start = ix as usize * x.c + c0;
-                        tap.copy_from_slice(&line[start..start + icg]);
+                        copy_segment(buf, tap, img, line_start + ix as usize * x.c + c0, icg);
                     }
                 }
             }
@@ -534,6 +537,29 @@ fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
         }
     }
     out
+}
+
+/// Bytes past the im2col rows that [`copy_segment`] may spill into.
+const IM2COL_SLACK: usize = 64;
+
+/// Copies `n` bytes from `src[from..]` to `dst[at..]`. Runs up to 1 KiB (im2col segments:
+/// 7 taps x 3 channels = 21 bytes, 3 taps x 64 channels = 192) move as whole 32- or 64-byte
+/// blocks when both sides have room, spilling up to 63 bytes past `n` into bytes the caller
+/// overwrites later (the next segment or row, or the slack); the rest copy exactly.
+#[inline(always)]
+fn copy_segment(dst: &mut [u8], at: usize, src: &[u8], from: usize, n: usize) {
+    if n <= 32 && at + 32 <= dst.len() && from + 32 <= src.len() {
+        dst[at..at + 32].copy_from_slice(&src[from..from + 32]);
+        return;
+    }
+    let span = n.next_multiple_of(64);
+    if n <= 1024 && at + span <= dst.len() && from + span <= src.len() {
+        for o in (0..n).step_by(64) {
+            dst[at + o..at + o + 64].copy_from_slice(&src[from + o..from + o + 64]);
+        }
+    } else {
+        dst[at..at + n].copy_from_slice(&src[from..from + n]);
+    }
 }
 
 thread_local! {

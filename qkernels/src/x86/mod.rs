@@ -423,20 +423,28 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
     let t = rows.len() * kw;
     let groups = t.div_ceil(4);
     let g = gcd(c, 64);
+    // Every tap's start, padded to whole groups of 4 with the last tap (its weights are 0).
+    let mut taps = [std::ptr::null::<u8>(); 64];
+    assert!(groups * 4 <= taps.len(), "kernel of {t} taps exceeds the depthwise kernel's table");
+    for (i, p) in taps.iter_mut().enumerate().take(groups * 4) {
+        let tap = i.min(t - 1);
+        *p = rows[tap / kw].wrapping_add((tap % kw) * dw_bytes);
+    }
     let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
     let (zo, lo, hi) = (_mm512_set1_epi32(consts.zo), _mm512_set1_epi32(consts.lo), _mm512_set1_epi32(consts.hi));
-    let mut e0 = 0;
+    let (clamp_free, clip_hi) = (consts.clamp_free, consts.hi < 255);
+    debug_assert!(consts.bias_scale.iter().all(|&s| s == 1.0), "depthwise bias forms add a precomputed term");
+    let shift = g.trailing_zeros(); // g divides 64: a power of two
+    let (mut e0, mut offset) = (0, 0);
     while e0 < len {
-        let class = (e0 % c) / g;
+        let class = offset >> shift;
         let mut r = [_mm512_setzero_si512(); 4];
         for grp in 0..groups {
             let mut x = [_mm512_setzero_si512(); 4];
             for (i, xi) in x.iter_mut().enumerate() {
-                let tap = (4 * grp + i).min(t - 1); // past the last tap the weights are 0
-                let (ky, kx) = (tap / kw, tap % kw);
-                // SAFETY: kx * dw_bytes + e0 + 64 <= (kw - 1) * dw_bytes + len rounded up to
-                // 64: readable (precondition).
-                *xi = unsafe { _mm512_loadu_si512(rows[ky].add(kx * dw_bytes + e0).cast()) };
+                // SAFETY: tap (ky, kx) starts kx * dw_bytes into row ky, and from there
+                // e0 + 64 <= len rounded up to 64 bytes are readable (precondition).
+                *xi = unsafe { _mm512_loadu_si512(taps[4 * grp + i].add(e0).cast()) };
             }
             let lo01 = _mm512_unpacklo_epi8(x[0], x[1]);
             let hi01 = _mm512_unpackhi_epi8(x[0], x[1]);
@@ -466,36 +474,51 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
             _mm512_shuffle_i32x4::<0b11_01_11_01>(t1, t3),
         ];
         let cbase = class * 64;
-        for (l, acc) in v.into_iter().enumerate() {
-            let start = e0 + 16 * l;
-            if start >= len {
-                break;
-            }
-            let valid = (len - start).min(16);
-            let m: __mmask16 = if valid == 16 { 0xFFFF } else { (1u16 << valid) - 1 };
+        let requant = |l: usize, acc: __m512i| -> __m128i {
             // SAFETY: the constants hold classes * 64 entries; cbase + 16l + 16 <= that.
-            let (colterm, bias, bscale, mult) = unsafe {
+            let (colterm, bias, mult) = unsafe {
                 (
                     _mm512_loadu_si512(consts.colterm.as_ptr().add(cbase + 16 * l).cast()),
                     _mm512_loadu_ps(consts.bias_term.as_ptr().add(cbase + 16 * l)),
-                    _mm512_loadu_ps(consts.bias_scale.as_ptr().add(cbase + 16 * l)),
                     _mm512_loadu_ps(consts.mult.as_ptr().add(cbase + 16 * l)),
                 )
             };
+            // The depthwise bias forms add a precomputed term (`bias_scale` is 1: an exact fma
+            // is this add).
             let raw = _mm512_sub_epi32(acc, colterm);
-            let mut f = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
-            if !consts.clamp_free {
+            let mut f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(raw), bias), mult);
+            if !clamp_free {
                 f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
             }
             // Rounds half to even: Rust code never changes MXCSR from its default.
             let mut q = _mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(f), zo), lo);
-            if consts.hi < 255 {
+            if clip_hi {
                 q = _mm512_min_epi32(q, hi);
             }
-            // SAFETY: bytes start..start+valid < len are writable (precondition).
-            unsafe { _mm_mask_storeu_epi8(out.add(start).cast(), m, _mm512_cvtusepi32_epi8(q)) };
+            _mm512_cvtusepi32_epi8(q)
+        };
+        if e0 + 64 <= len {
+            for (l, acc) in v.into_iter().enumerate() {
+                // SAFETY: bytes e0..e0+64 <= len are writable (precondition).
+                unsafe { _mm_storeu_si128(out.add(e0 + 16 * l).cast(), requant(l, acc)) };
+            }
+        } else {
+            for (l, acc) in v.into_iter().enumerate() {
+                let start = e0 + 16 * l;
+                if start >= len {
+                    break;
+                }
+                let valid = (len - start).min(16);
+                let m: __mmask16 = if valid == 16 { 0xFFFF } else { (1u16 << valid) - 1 };
+                // SAFETY: bytes start..start+valid < len are writable (precondition).
+                unsafe { _mm_mask_storeu_epi8(out.add(start).cast(), m, requant(l, acc)) };
+            }
         }
         e0 += 64;
+        offset += 64;
+        while offset >= c {
+            offset -= c;
+        }
     }
 }
 
