@@ -73,10 +73,35 @@ fn histc_counts(xs: &[f32], bins: usize, lo: f32, hi: f32, counts: &mut [u32]) {
     }
 }
 
+/// AVX-512 twin of [`histc_counts`]: the same f32 operations on 16 lanes (subtract, multiply,
+/// divide, truncate), so the same bins.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `counts` holds `4 * (bins + 1)` entries.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn histc_counts_avx512(xs: &[f32], bins: usize, lo: f32, hi: f32, counts: &mut [u32]) {
-    histc_counts(xs, bins, lo, hi, counts)
+    use std::arch::x86_64::*;
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let (vnb, vspan) = (_mm512_set1_ps(bins as f32), _mm512_set1_ps(hi - lo));
+    let (vlast, vdiscard) = (_mm512_set1_epi32((bins - 1) as i32), _mm512_set1_epi32(bins as i32));
+    let stride = bins + 1;
+    let mut idx = [0u32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        // SAFETY: the chunk holds 16 floats.
+        let x = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+        let inside = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, vlo) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, vhi);
+        let t = _mm512_div_ps(_mm512_mul_ps(_mm512_sub_ps(x, vlo), vnb), vspan);
+        let p = _mm512_min_epu32(_mm512_cvttps_epu32(t), vlast);
+        let p = _mm512_mask_mov_epi32(vdiscard, inside, p);
+        // SAFETY: idx holds 16 u32.
+        unsafe { _mm512_storeu_si512(idx.as_mut_ptr().cast(), p) };
+        for i in 0..16 {
+            counts[(i % 4) * stride + idx[i] as usize] += 1;
+        }
+    }
+    histc_counts(chunks.remainder(), bins, lo, hi, counts);
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -257,6 +257,95 @@ fn peer_timings(root: &Path, shapes: &[Shape], threads: usize) -> Result<Vec<(St
         .unwrap_or_default())
 }
 
+/// A normal(0, 1)-like batch (Box-Muller on a fixed LCG), as `torch.randn`.
+fn randn(seed: u64, shape: &[usize]) -> ndarray::ArrayD<f32> {
+    let mut rng = Lcg(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u, w) = ((rng.next() as f32 + 1.0) / 2_147_483_649.0, rng.next() as f32 / 2_147_483_648.0);
+            (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * w).cos()
+        })
+        .collect();
+    ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(shape), v).expect("shape")
+}
+
+/// Observer throughput on PyTorch's measurement batch (4x64x112x112, 12.8 MB), and the time
+/// to calibrate 32 batches of 1x64x56x56 through a fresh histogram observer; with `--peers`,
+/// PyTorch's `scripts/peers/torch_observers.py` on the same shapes.
+fn run_observers(root: &Path, peers: bool, records: &mut Vec<Record>) -> Result<(), String> {
+    use qobserve::{HistogramObserver, MinMaxObserver, Observer, QuantSpec};
+    let x = randn(1, &[4, 64, 112, 112]);
+    let bytes = (x.len() * 4) as f64;
+    let mut hist = HistogramObserver::new(QuantSpec::u8_affine()).map_err(|e| e.to_string())?;
+    hist.observe(x.view()).map_err(|e| e.to_string())?;
+    let hist_ms = median_ms(10, || hist.observe(x.view()).expect("observe"));
+    let mut mm = MinMaxObserver::new(QuantSpec::u8_affine());
+    let mm_ms = median_ms(10, || mm.observe(x.view()).expect("observe"));
+    let batches: Vec<_> = (0..32).map(|i| randn(100 + i, &[1, 64, 56, 56])).collect();
+    let cal_ms = median_ms(5, || {
+        let mut o = HistogramObserver::new(QuantSpec::u8_affine()).expect("observer");
+        for b in &batches {
+            o.observe(b.view()).expect("observe");
+        }
+        std::hint::black_box(o.qparams().expect("qparams"));
+    });
+    let peer = if peers {
+        match find_torch_python() {
+            Some(py) => {
+                let out = Command::new(&py)
+                    .arg(root.join("scripts/peers/torch_observers.py"))
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .map_err(|e| format!("running {py}: {e}"))?;
+                serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+            }
+            None => {
+                eprintln!("--peers: no Python with torch found (set QRUST_PYTHON)");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let p = |k: &str| peer.as_ref().and_then(|v| v[k].as_f64());
+    let rows = [
+        ("observer_histogram_2048_12.8MB", hist_ms, p("histogram_ms_per_batch")),
+        ("observer_minmax_12.8MB", mm_ms, p("minmax_gbps").map(|g| bytes / g / 1e6)),
+        ("calibrate_32x_1x64x56x56_histogram", cal_ms, p("calibrate_32_ms")),
+    ];
+    println!(
+        "
+observers, 1 thread"
+    );
+    println!("{:<36} {:>9} {:>9} {:>10} {:>10}", "what", "ms", "GB/s", "torch ms", "ours/torch");
+    for (name, ms, pm) in rows {
+        let gbps =
+            if name.starts_with("calibrate") { 32.0 * 64.0 * 56.0 * 56.0 * 4.0 / ms / 1e6 } else { bytes / ms / 1e6 };
+        println!(
+            "{:<36} {:>9.3} {:>9.2} {:>10} {:>10}",
+            name,
+            ms,
+            gbps,
+            pm.map_or("-".into(), |m| format!("{m:.3}")),
+            pm.map_or("-".into(), |m| format!("{:.2}", ms / m))
+        );
+        records.push(Record {
+            name: name.into(),
+            kind: "observer",
+            dtype: "f32",
+            threads: 1,
+            median_ms: ms,
+            gmacs_per_s: 0.0,
+            pct_of_peak: None,
+            peer: pm.map(|_| "pytorch"),
+            peer_median_ms: pm,
+            ratio_vs_peer: pm.map(|m| ms / m),
+        });
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and prints a table; returns the records.
 pub fn run(
     root: &Path,
@@ -340,6 +429,9 @@ pub fn run(
                 ratio_vs_peer: None,
             });
         }
+    }
+    if filter.is_none_or(|f| "observer calibrate".contains(f)) {
+        run_observers(root, peers, &mut records)?;
     }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?)
