@@ -71,8 +71,10 @@ mod conv;
 mod float;
 mod gemm;
 mod linear;
+mod ops;
 mod pack;
 pub mod peak;
+mod pool;
 mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -81,5 +83,9 @@ pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImag
 pub use float::{conv2d_f32, linear_f32};
 pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
 pub use linear::PackedLinear;
+pub use ops::{
+    add, cat_channels, dequantize_nhwc_to_nchw, mul, quantize_nchw_to_nhwc, requantize_from_int, Lut, QuantU8, UnaryOp,
+};
 pub use pack::{PackedWeights, MAX_K};
+pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d, upsample_nearest, Pool2d};
 pub use qtensor::isa;

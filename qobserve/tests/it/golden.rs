@@ -162,6 +162,7 @@ fn observers_match_pytorch() {
         }
     }
     eprintln!("{t:#?}");
-    assert!(t.states > 150, "{t:?}");
+    assert!(t.states > 200 && t.hist_states > 80, "{t:?}");
+    assert_eq!(t.hist_exact, t.hist_states);
     assert!(t.mismatches.is_empty(), "{} mismatches: {:#?}", t.mismatches.len(), t.mismatches);
 }
