@@ -84,7 +84,8 @@ pub use float::{conv2d_f32, linear_f32};
 pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
 pub use linear::PackedLinear;
 pub use ops::{
-    add, cat_channels, dequantize_nhwc_to_nchw, mul, quantize_nchw_to_nhwc, requantize_from_int, Lut, QuantU8, UnaryOp,
+    add, add_isa, cat_channels, dequantize_nhwc_to_nchw, mul, quantize_nchw_to_nhwc, requantize_from_int, Lut, QuantU8,
+    UnaryOp,
 };
 pub use pack::{PackedWeights, MAX_K};
 pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d, upsample_nearest, Pool2d};

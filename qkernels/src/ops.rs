@@ -87,13 +87,70 @@ pub fn add(a: &[u8], qa: QuantU8, b: &[u8], qb: QuantU8, out: &mut [u8], qo: Qua
     for q in [qa, qb, qo] {
         q.check(OP)?;
     }
-    for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
+    add_with(qtensor::isa::selected(), a, qa, b, qb, out, qo, relu);
+    Ok(())
+}
+
+/// [`add`]'s loops with an explicit instruction set (no checks: `add` did them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_with(
+    isa: qtensor::isa::Isa,
+    a: &[u8],
+    qa: QuantU8,
+    b: &[u8],
+    qb: QuantU8,
+    out: &mut [u8],
+    qo: QuantU8,
+    relu: bool,
+) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa.capped_to_supported() >= qtensor::isa::Isa::Avx512Vnni {
+        // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW are; lengths were checked.
+        done = unsafe {
+            crate::x86::add_u8_avx512(
+                a,
+                (qa.scale, qa.zero_point),
+                b,
+                (qb.scale, qb.zero_point),
+                out,
+                (qo.scale, qo.zero_point),
+                relu,
+            )
+        };
+    }
+    let _ = isa;
+    for ((x, y), o) in a[done..].iter().zip(&b[done..]).zip(out[done..].iter_mut()) {
         let mut c = qa.dequantize(*x) + qb.dequantize(*y);
         if relu {
             c = c.max(0.0);
         }
         *o = qo.quantize(c);
     }
+}
+
+/// [`add`] with an explicit instruction set, for conformance tests.
+///
+/// # Errors
+/// As [`add`].
+#[allow(clippy::too_many_arguments)]
+pub fn add_isa(
+    isa: qtensor::isa::Isa,
+    a: &[u8],
+    qa: QuantU8,
+    b: &[u8],
+    qb: QuantU8,
+    out: &mut [u8],
+    qo: QuantU8,
+    relu: bool,
+) -> Result<()> {
+    const OP: &str = "qkernels::add";
+    same_len(OP, a.len(), b.len(), "both operands must have the same number of elements (no broadcasting)")?;
+    same_len(OP, a.len(), out.len(), "the output must have as many elements as the inputs")?;
+    for q in [qa, qb, qo] {
+        q.check(OP)?;
+    }
+    add_with(isa, a, qa, b, qb, out, qo, relu);
     Ok(())
 }
 

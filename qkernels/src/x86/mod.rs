@@ -554,3 +554,52 @@ pub(crate) unsafe fn lut_avx512vbmi(table: &[u8; 256], x: &[u8], out: &mut [u8])
     }
     i
 }
+
+/// AVX-512 twin of the scalar loop of `ops::add`: the same dequantize (`fma(s, q, s * -z)`),
+/// add, optional `max(.., 0)`, and quantize (`zo + round_half_even(c * (1 / so))`, clamped), 16
+/// values at a time. Returns how many it did (a multiple of 64).
+///
+/// # Safety
+/// AVX-512 F/BW available; the three slices have equal lengths.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn add_u8_avx512(
+    a: &[u8],
+    (sa, za): (f32, i32),
+    b: &[u8],
+    (sb, zb): (f32, i32),
+    out: &mut [u8],
+    (so, zo): (f32, i32),
+    relu: bool,
+) -> usize {
+    let n = a.len().min(b.len()).min(out.len());
+    let (vsa, vpa) = (_mm512_set1_ps(sa), _mm512_set1_ps(sa * -(za as f32)));
+    let (vsb, vpb) = (_mm512_set1_ps(sb), _mm512_set1_ps(sb * -(zb as f32)));
+    let inv = _mm512_set1_ps(1.0 / so);
+    let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
+    let (vzo, v0, v255) = (_mm512_set1_epi32(zo), _mm512_setzero_si512(), _mm512_set1_epi32(255));
+    let zero = _mm512_setzero_ps();
+    let mut i = 0;
+    while i + 64 <= n {
+        for j in 0..4 {
+            let k = i + 16 * j;
+            // SAFETY: k + 16 <= n: 16 bytes of each input are in bounds.
+            let (xa, xb) =
+                unsafe { (_mm_loadu_si128(a.as_ptr().add(k).cast()), _mm_loadu_si128(b.as_ptr().add(k).cast())) };
+            let fa = _mm512_fmadd_ps(vsa, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(xa)), vpa);
+            let fb = _mm512_fmadd_ps(vsb, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(xb)), vpb);
+            let mut c = _mm512_add_ps(fa, fb);
+            if relu {
+                c = _mm512_max_ps(c, zero);
+            }
+            let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(c, inv), nlim), lim);
+            // Rounds half to even: Rust code never changes MXCSR from its default.
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(t), vzo);
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, v0), v255);
+            // SAFETY: k + 16 <= n = out.len() bounds.
+            unsafe { _mm_storeu_si128(out.as_mut_ptr().add(k).cast(), _mm512_cvtusepi32_epi8(q)) };
+        }
+        i += 64;
+    }
+    i
+}

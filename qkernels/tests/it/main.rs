@@ -5,6 +5,7 @@ mod errors;
 mod float;
 mod gemm;
 mod golden;
+mod ops;
 
 /// Every instruction set this CPU supports (conformance tests run each explicitly). Under
 /// `QUANT_REQUIRE_ISA=1` the forced tier must exist: selection panics otherwise.

@@ -1,0 +1,113 @@
+//! Elementwise ops, lookup tables and pooling: every vector path equals the scalar one, and
+//! the scalar one equals the written-out formula.
+
+use proptest::prelude::*;
+use qkernels::{
+    adaptive_avg_pool2d, add_isa, avg_pool2d, cat_channels, max_pool2d, Lut, Pool2d, QImage, QuantU8, UnaryOp,
+};
+
+fn quant() -> impl Strategy<Value = QuantU8> {
+    ((-9.0f32..2.0).prop_map(f32::exp2), 0i32..=255).prop_map(|(s, z)| QuantU8 { scale: s, zero_point: z })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn add_on_every_isa_equals_the_formula(
+        a in prop::collection::vec(any::<u8>(), 0..300), qa in quant(), qb in quant(), qo in quant(), relu in any::<bool>(), seed in any::<u8>(),
+    ) {
+        let b: Vec<u8> = a.iter().map(|v| v.wrapping_mul(31).wrapping_add(seed)).collect();
+        let expected: Vec<u8> = a.iter().zip(&b).map(|(&x, &y)| {
+            let dq = |q: u8, p: QuantU8| p.scale.mul_add(q as f32, p.scale * -(p.zero_point as f32));
+            let c = dq(x, qa) + dq(y, qb);
+            let c = if relu { c.max(0.0) } else { c };
+            qtensor::kernels::quantize_scalar(c, 1.0 / qo.scale, qo.zero_point, 0, 255) as u8
+        }).collect();
+        for isa in crate::isas_under_test() {
+            let mut out = vec![0u8; a.len()];
+            add_isa(isa, &a, qa, &b, qb, &mut out, qo, relu).unwrap();
+            prop_assert_eq!(&out, &expected, "{}", isa);
+        }
+    }
+
+    #[test]
+    fn lut_vector_path_equals_scalar(x in prop::collection::vec(any::<u8>(), 0..500), seed in any::<u64>()) {
+        let table: [u8; 256] = std::array::from_fn(|i| ((i as u64).wrapping_mul(seed | 1) >> 7) as u8);
+        let lut = Lut::from_table(table);
+        let (mut v, mut s) = (vec![0u8; x.len()], vec![0u8; x.len()]);
+        lut.apply(&x, &mut v).unwrap();
+        lut.apply_scalar(&x, &mut s).unwrap();
+        prop_assert_eq!(&v, &s);
+        prop_assert!(x.iter().zip(&v).all(|(i, o)| table[*i as usize] == *o));
+    }
+
+    #[test]
+    fn activation_tables_apply_the_float_function(qi in quant(), qo in quant()) {
+        for op in [UnaryOp::Hardswish, UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::LeakyRelu(0.1), UnaryOp::Gelu, UnaryOp::Silu] {
+            let lut = op.lut(qi, qo);
+            for q in 0..=255u8 {
+                prop_assert_eq!(lut.table()[q as usize], qo.quantize(op.eval(qi.dequantize(q))));
+            }
+        }
+        let relu = UnaryOp::Relu.lut(qi, qi);
+        prop_assert!((0..=255u8).all(|q| relu.table()[q as usize] as i32 == (q as i32).max(qi.zero_point)));
+    }
+
+    #[test]
+    fn pooling_matches_naive_windows(
+        h in 1usize..9, w in 1usize..9, c in 1usize..20, k in 1usize..4, s in 1usize..3, pad in 0usize..2,
+        ceil in any::<bool>(), include_pad in any::<bool>(), seed in any::<u32>(),
+    ) {
+        let x: Vec<u8> = (0..h * w * c).map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as u8).collect();
+        let img = QImage { data: &x, n: 1, h, w, c, scale: 0.05, zero_point: 7 };
+        let p = Pool2d { kernel: [k, k], stride: [s, s], padding: [pad, pad], dilation: [1, 1], ceil_mode: ceil, count_include_pad: include_pad, divisor_override: None };
+        let Ok((oh, ow)) = p.output_hw(h, w) else { return Ok(()) };
+        let mut out = vec![0u8; oh * ow * c];
+        max_pool2d(&img, &p, &mut out).unwrap();
+        let qo = QuantU8 { scale: 0.05, zero_point: 7 };
+        let mut avg = vec![0u8; oh * ow * c];
+        avg_pool2d(&img, &p, qo, &mut avg).unwrap();
+        for oy in 0..oh { for ox in 0..ow { for ch in 0..c {
+            let mut best = 0u8;
+            let (mut sum, mut n) = (0i32, 0i32);
+            for ky in 0..k { for kx in 0..k {
+                let (iy, ix) = ((oy * s + ky) as isize - pad as isize, (ox * s + kx) as isize - pad as isize);
+                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                    let v = x[(iy as usize * w + ix as usize) * c + ch];
+                    best = best.max(v);
+                    sum += v as i32 - 7;
+                    n += 1;
+                }
+            }}
+            prop_assert_eq!(out[(oy * ow + ox) * c + ch], best);
+            // Same scales in and out: the average of (q - zp), rounded half to even, plus zp.
+            let ys = (oy * s) as isize - pad as isize;
+            let xs = (ox * s) as isize - pad as isize;
+            let pool = ((ys + k as isize).min((h + pad) as isize) - ys) * ((xs + k as isize).min((w + pad) as isize) - xs);
+            let div = if include_pad { pool as f32 } else { n as f32 };
+            let want = qtensor::kernels::quantize_scalar(sum as f32, 1.0 / (1.0 / (1.0 / div)), 7, 0, 255) as u8;
+            prop_assert_eq!(avg[(oy * ow + ox) * c + ch], want);
+        }}}
+    }
+}
+
+#[test]
+fn global_average_pool_and_cat() {
+    let x: Vec<u8> = (0..2 * 3 * 5).map(|i| (i * 9 % 256) as u8).collect();
+    let img = QImage { data: &x, n: 1, h: 2, w: 3, c: 5, scale: 0.1, zero_point: 3 };
+    let mut g = vec![0u8; 5];
+    adaptive_avg_pool2d(&img, (1, 1), QuantU8 { scale: 0.1, zero_point: 3 }, &mut g).unwrap();
+    for ch in 0..5 {
+        let mean = (0..6).map(|p| x[p * 5 + ch] as f64).sum::<f64>() / 6.0;
+        assert!((g[ch] as f64 - mean).abs() <= 0.5 + 1e-9, "channel {ch}: {} vs {mean}", g[ch]);
+    }
+    let other: Vec<u8> = vec![10; 2 * 3 * 2];
+    let img2 = QImage { data: &other, n: 1, h: 2, w: 3, c: 2, scale: 0.2, zero_point: 0 };
+    let mut out = vec![0u8; 2 * 3 * 7];
+    cat_channels(&[img, img2], &mut out, QuantU8 { scale: 0.1, zero_point: 3 }).unwrap();
+    assert_eq!(&out[..5], &x[..5]); // same parameters: copied
+    assert_eq!(&out[5..7], &[23, 23]); // 0.2 * 10 = 2.0 -> 3 + 20
+    let e = cat_channels(&[img, QImage { h: 1, ..img2 }], &mut out, QuantU8 { scale: 0.1, zero_point: 3 }).unwrap_err();
+    assert!(e.to_string().contains("height"), "{e}");
+}
