@@ -68,6 +68,10 @@ enum ConvKind {
     Gemm(Vec<PackedWeights>),
     /// `taps` is `[c, kh * kw]` (scalar layout); `vnni` the interleaved layout of the
     /// AVX-512 kernel when the weights are symmetric and the CPU has VNNI.
+    /// Dense, symmetric weights on AVX-512 VNNI: implicit im2col over the padded input. Each
+    /// kernel row's `kw * c` weights are padded with zeros to `seg`, a multiple of 4; the
+    /// kernel then also reads the (zero-weighted) bytes that follow each segment.
+    Implicit { w: PackedWeights, seg: usize },
     Depthwise {
         taps: PackedWeights,
         vnni: Option<Vec<i8>>,
@@ -128,6 +132,8 @@ impl PackedConv2d {
             let vnni = (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
             let flat = (vnni.is_some() && geom.stride[1] == 1).then(|| pack_depthwise_flat(&taps));
             ConvKind::Depthwise { taps, vnni, flat }
+        } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
+            kind
         } else {
             let k = kh * kw * icg;
             let mut groups = Vec::with_capacity(g);
@@ -151,6 +157,37 @@ impl PackedConv2d {
             ConvKind::Gemm(groups)
         };
         Ok(PackedConv2d { oc, ic, kh, kw, geom, bias: bias.map(<[f32]>::to_vec), kind })
+    }
+
+    /// The implicit-im2col layout, when it applies: one group, symmetric weights, AVX-512 VNNI,
+    /// no horizontal dilation, and not a plain 1x1 (which needs no im2col at all). Kernel rows
+    /// are padded with zero weights to a multiple of 4 bytes when that costs at most a third
+    /// more work (a 7x7 RGB input layer: 21 -> 24).
+    fn implicit_kind(isa: Isa, weights: &QTensor<i8>, geom: Conv2dGeometry) -> Result<Option<ConvKind>> {
+        let shape = weights.shape();
+        let (oc, kh, kw, ic) = (shape[0], shape[1], shape[2], shape[3]);
+        let pointwise = kh == 1 && kw == 1 && geom.stride == [1, 1] && geom.padding == [0, 0];
+        let symmetric = match weights.params() {
+            QParams::PerTensor { zero_point, .. } => *zero_point == 0,
+            QParams::PerChannel(pc) => pc.zero_points().iter().all(|&z| z == 0),
+        };
+        if geom.groups != 1 || pointwise || !symmetric || isa < Isa::Avx512Vnni || geom.dilation[1] != 1 {
+            return Ok(None);
+        }
+        let (row, seg) = (kw * ic, (kw * ic).next_multiple_of(4));
+        if 3 * seg > 4 * row {
+            return Ok(None);
+        }
+        let mut data = vec![0i8; oc * kh * seg];
+        for (r, src) in weights.as_slice().chunks_exact(row).enumerate() {
+            data[r * seg..r * seg + row].copy_from_slice(src);
+        }
+        let t = QTensor::from_int_repr(
+            ndarray::Array2::from_shape_vec((oc, kh * seg), data).expect("padded weights"),
+            weights.params().clone(),
+            weights.range(),
+        )?;
+        Ok(Some(ConvKind::Implicit { w: PackedWeights::with_isa(isa, &t)?, seg }))
     }
 
     /// Output channels.
@@ -239,6 +276,13 @@ impl PackedConv2d {
         }
         match &self.kind {
             ConvKind::Gemm(groups) => self.forward_gemm(groups, x, quant, out, oh, ow, threads),
+            #[cfg(target_arch = "x86_64")]
+            ConvKind::Implicit { w, seg } => {
+                self.forward_implicit(w, *seg, x, quant, out, oh, ow, threads);
+                Ok(())
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            ConvKind::Implicit { .. } => unreachable!("implicit im2col is packed only on x86-64 with VNNI"),
             ConvKind::Depthwise { taps, vnni, flat } => {
                 let plan = Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true);
                 match flat {
@@ -432,6 +476,69 @@ impl PackedConv2d {
 }
 
 impl PackedConv2d {
+    /// Dense convolutions on AVX-512 VNNI without im2col: pad the input once with its zero
+    /// point, then let the micro-kernel read each output pixel's `kh` row segments in place.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_implicit(
+        &self,
+        w: &PackedWeights,
+        seg: usize,
+        x: &QImage<'_>,
+        quant: OutputQuant,
+        out: &mut [u8],
+        oh: usize,
+        ow: usize,
+        threads: usize,
+    ) {
+        let (c, g) = (x.c, &self.geom);
+        let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
+        let mut run = |padded: &[u8]| {
+            let rows = crate::gemm::ConvRows {
+                padded,
+                c,
+                hp,
+                wp,
+                oh,
+                ow,
+                stride: g.stride,
+                dil_h: g.dilation[0],
+                kh: self.kh,
+                seg,
+                m: x.n * oh * ow,
+            };
+            crate::gemm::gemm_conv_vnni(
+                &rows,
+                x.scale,
+                x.zero_point,
+                w,
+                self.bias.as_deref(),
+                quant,
+                out,
+                self.oc,
+                threads,
+            );
+        };
+        // Segments padded past `kw * c` read up to 3 bytes beyond the image: give it slack.
+        let slack = seg - self.kw * c;
+        if g.padding == [0, 0] && slack == 0 {
+            return run(x.data);
+        }
+        SCRATCH.with(|s| {
+            let mut buf = s.borrow_mut();
+            buf.clear();
+            buf.resize(x.n * hp * wp * c + slack, x.zero_point as u8);
+            for b in 0..x.n {
+                for y in 0..x.h {
+                    let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+                    let dst = ((b * hp + y + g.padding[0]) * wp + g.padding[1]) * c;
+                    buf[dst..dst + x.w * c].copy_from_slice(src);
+                }
+            }
+            run(&buf);
+        });
+    }
+
     /// The stride-1 depthwise path: pad the whole input once (zero point around it), then run
     /// the flat-row kernel on every output row.
     #[cfg(target_arch = "x86_64")]

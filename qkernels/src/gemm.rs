@@ -332,7 +332,7 @@ pub fn gemm(
         Vec::new()
     };
     let sink = Sink::new(out);
-    crate::threads::run_with(threads, || drive(a, w, &plan, &rowsums, &sink, threads > 1));
+    crate::threads::run_with(threads, || drive(Rows::Dense(a), w, &plan, &rowsums, &sink, threads > 1));
     Ok(())
 }
 
@@ -365,12 +365,88 @@ const MC: usize = 48;
 /// Columns per task block.
 const NC: usize = 64;
 
-fn drive(a: &QMatrix<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink, parallel: bool) {
-    let mblocks = a.m.div_ceil(MC);
+/// Where the rows of A come from: a matrix, or (for convolutions on AVX-512 VNNI) the padded
+/// input image itself, read through per-row base offsets (implicit im2col).
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    Dense(&'a QMatrix<'a>),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Conv(&'a ConvRows<'a>),
+}
+
+impl Rows<'_> {
+    fn m(&self) -> usize {
+        match self {
+            Rows::Dense(a) => a.m,
+            Rows::Conv(c) => c.m,
+        }
+    }
+}
+
+/// A convolution's A matrix without im2col: row `r` (output pixel `b, oy, ox`) is `kh`
+/// segments of `seg = kw * c` contiguous bytes of the zero-point-padded NHWC image, the
+/// first at [`ConvRows::base`], the next ones `row_step` bytes apart.
+#[derive(Debug)]
+pub(crate) struct ConvRows<'a> {
+    pub padded: &'a [u8],
+    pub c: usize,
+    pub hp: usize,
+    pub wp: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub stride: [usize; 2],
+    pub dil_h: usize,
+    pub kh: usize,
+    pub seg: usize,
+    pub m: usize,
+}
+
+impl ConvRows<'_> {
+    /// Offset of row `r`'s first segment in `padded`.
+    pub fn base(&self, r: usize) -> usize {
+        let (b, rem) = (r / (self.oh * self.ow), r % (self.oh * self.ow));
+        let (oy, ox) = (rem / self.ow, rem % self.ow);
+        ((b * self.hp + oy * self.stride[0]) * self.wp + ox * self.stride[1]) * self.c
+    }
+
+    /// Distance between a row's segments.
+    pub fn row_step(&self) -> usize {
+        self.dil_h * self.wp * self.c
+    }
+}
+
+/// The implicit-im2col GEMM for a convolution with symmetric weights packed for VNNI, writing
+/// requantized `u8` with row stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_conv_vnni(
+    rows: &ConvRows<'_>,
+    a_scale: f32,
+    a_zp: i32,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    quant: OutputQuant,
+    out: &mut [u8],
+    ldc: usize,
+    threads: usize,
+) {
+    assert!(
+        matches!(w.packed, Packed::Vnni(_)) && w.is_symmetric() && w.k == rows.kh * rows.seg && rows.seg % 4 == 0,
+        "gemm_conv_vnni: caller must pass symmetric VNNI-packed weights matching the rows"
+    );
+    assert!(rows.m == 0 || out.len() >= (rows.m - 1) * ldc + w.n, "gemm_conv_vnni: output too small");
+    let plan = Plan::new(a_scale, a_zp, w, bias, Some(quant), false);
+    let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc };
+    crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, &plan, &[], &sink, threads > 1));
+}
+
+fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink, parallel: bool) {
+    let m = a.m();
+    let mblocks = m.div_ceil(MC);
     let nblocks = w.n.div_ceil(NC);
     let task = |t: usize| {
         let (nb, mb) = (t / mblocks, t % mblocks);
-        let rows = mb * MC..((mb + 1) * MC).min(a.m);
+        let rows = mb * MC..((mb + 1) * MC).min(m);
         let cols = nb * NC..((nb + 1) * NC).min(w.n);
         block(a, w, plan, rowsums, sink, rows, cols);
     };
@@ -383,7 +459,7 @@ fn drive(a: &QMatrix<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink:
 
 /// Computes the output rows × cols (cols within one NC block).
 fn block(
-    a: &QMatrix<'_>,
+    src: Rows<'_>,
     w: &PackedWeights,
     plan: &Plan,
     rowsums: &[i32],
@@ -412,22 +488,48 @@ fn block(
                     j0: cols.start,
                     ncols: cols.len(),
                 });
-                // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at
-                // packing); rows r0..r0+mr and columns `cols` lie inside `a`, `p`, the tile
-                // and (fused) the output, as `check` established; this task is the only
-                // writer of those output elements.
-                unsafe {
-                    crate::x86::vnni_tile(
-                        fused.as_ref(),
-                        a,
-                        r0,
-                        mr,
-                        p,
-                        w.k,
-                        cols.start / VNNI_LANES,
-                        cols.len(),
-                        &mut tile,
-                    )
+                match src {
+                    // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at
+                    // packing); rows r0..r0+mr and columns `cols` lie inside `a`, `p`, the tile
+                    // and (fused) the output, as `check` established; this task is the only
+                    // writer of those output elements.
+                    Rows::Dense(a) => unsafe {
+                        crate::x86::vnni_tile(
+                            fused.as_ref(),
+                            a,
+                            r0,
+                            mr,
+                            p,
+                            w.k,
+                            cols.start / VNNI_LANES,
+                            cols.len(),
+                            &mut tile,
+                        )
+                    },
+                    Rows::Conv(conv) => {
+                        let mut bases = [std::ptr::null::<u8>(); 6];
+                        for (i, b) in bases.iter_mut().enumerate().take(mr) {
+                            *b = conv.padded[conv.base(r0 + i)..].as_ptr();
+                        }
+                        // SAFETY: as above; every row's kh segments of `seg` bytes, `row_step`
+                        // apart from its base, lie inside the padded image (the output size was
+                        // derived from it), and `gemm_conv_vnni` checked the layout.
+                        unsafe {
+                            crate::x86::vnni_conv_tile(
+                                fused.as_ref(),
+                                &bases,
+                                mr,
+                                conv.kh,
+                                conv.seg,
+                                conv.row_step(),
+                                p,
+                                w.k,
+                                cols.start / VNNI_LANES,
+                                cols.len(),
+                                &mut tile,
+                            )
+                        }
+                    }
                 }
                 if fused.is_some() {
                     r0 += mr;
@@ -436,10 +538,14 @@ fn block(
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Avx2(p) => {
+                let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
                 // SAFETY: as above, for AVX2.
                 unsafe { crate::x86::avx2_tile(a, r0, mr, p, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
             }
-            _ => scalar_tile(a, r0, mr, w, cols.clone(), &mut tile),
+            _ => {
+                let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
+                scalar_tile(a, r0, mr, w, cols.clone(), &mut tile)
+            }
         }
         let simd = w.isa >= Isa::Avx2;
         for r in 0..mr {

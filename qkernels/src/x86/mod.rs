@@ -603,3 +603,84 @@ pub(crate) unsafe fn add_u8_avx512(
     }
     i
 }
+
+/// The VNNI micro-kernel reading A straight from a padded NHWC image (implicit im2col): row
+/// `r`'s K values are `kh` segments of `seg` bytes (a multiple of 4), segment `ky` at
+/// `bases[r] + ky * row_step`. Otherwise the same as `vnni_kernel`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI available; for every row `r < MR` and `ky < kh`, `seg` bytes are
+/// readable at `bases[r] + ky * row_step`; `b` as for `vnni_kernel` with `K = kh * seg`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn vnni_conv_kernel<const MR: usize, const NV: usize>(
+    bases: &[*const u8; 6],
+    kh: usize,
+    seg: usize,
+    row_step: usize,
+    b: *const i8,
+    k: usize,
+    tile: &mut Tile,
+    fused: Option<&FusedU8<'_>>,
+) {
+    let panel = vnni_panel_len(k);
+    let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+    let groups_per_seg = seg / 4;
+    for ky in 0..kh {
+        let rows: [*const u8; MR] = std::array::from_fn(|r| bases[r].wrapping_add(ky * row_step));
+        let g0 = ky * groups_per_seg;
+        for g in 0..groups_per_seg {
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, bvv) in bv.iter_mut().enumerate() {
+                // SAFETY: panel v holds k / 4 groups of 64 bytes and g0 + g < k / 4.
+                *bvv = unsafe { _mm512_loadu_si512(b.add(v * panel + (g0 + g) * 4 * VNNI_LANES).cast()) };
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                // SAFETY: 4g + 4 <= seg bytes are readable from this row's segment.
+                let av = _mm512_set1_epi32(unsafe { ptr::read_unaligned(rows[r].add(4 * g).cast::<i32>()) });
+                for v in 0..NV {
+                    accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
+                }
+            }
+        }
+    }
+    if let Some(f) = fused {
+        // SAFETY: forwarded: the fused target covers rows r0..r0+MR and columns j0..j0+ncols.
+        unsafe { vnni_store_u8::<MR, NV>(&acc, f) };
+        return;
+    }
+    for r in 0..MR {
+        for v in 0..NV {
+            // SAFETY: tile rows hold 64 i32; v < 4 so 16v + 16 <= 64.
+            unsafe { _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v]) };
+        }
+    }
+}
+
+/// [`vnni_tile`] for implicit-im2col rows.
+///
+/// # Safety
+/// As [`vnni_conv_kernel`] for `mr <= 6` rows, `ncols <= 64` columns from panel `panel0`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn vnni_conv_tile(
+    fused: Option<&FusedU8<'_>>,
+    bases: &[*const u8; 6],
+    mr: usize,
+    kh: usize,
+    seg: usize,
+    row_step: usize,
+    packed: &[i8],
+    k: usize,
+    panel0: usize,
+    ncols: usize,
+    tile: &mut Tile,
+) {
+    let nv = ncols.div_ceil(VNNI_LANES);
+    let bp = packed[panel0 * vnni_panel_len(k)..].as_ptr();
+    // SAFETY: forwarded preconditions; the table covers every (mr, nv) with mr <= 6, nv <= 4.
+    unsafe {
+        dispatch_tile!(vnni_conv_kernel, mr, nv, (bases, kh, seg, row_step, bp, k, tile, fused);
+            (1,1),(1,2),(1,3),(1,4),(2,1),(2,2),(2,3),(2,4),(3,1),(3,2),(3,3),(3,4),
+            (4,1),(4,2),(4,3),(4,4),(5,1),(5,2),(5,3),(5,4),(6,1),(6,2),(6,3),(6,4))
+    }
+}

@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""The bundled "digits model" and its golden PyTorch eager-mode PTQ outputs, for `qnn`.
+
+What it writes (into ``qnn/data/``, created if missing), all safetensors:
+
+* ``digits_model.safetensors``: float ``state_dict()`` of ``DigitsNet`` (below),
+  trained here on scikit-learn's bundled handwritten digits (``load_digits``:
+  1797 8x8 images, pixel values 0..16, no download).  f32 tensors as-is,
+  BatchNorm ``running_mean``/``running_var`` and ``num_batches_tracked`` (i64)
+  included.
+* ``digits_test.safetensors``: ``images`` f32 [500, 1, 8, 8] (NCHW, pixels / 16,
+  so in [0, 1]) and ``labels`` i64 [500]: the held-out test split.
+* ``calib.safetensors``: ``images`` f32 [128, 1, 8, 8], the first 128 training
+  images (in split order): the calibration set.
+* ``digits_golden.safetensors``: PyTorch eager-mode post-training static
+  quantization of the trained model (see "PTQ flow"), run on the 500 test images:
+  ``logits_int8`` u8 [500, 10] (the quantized fc2 output ``int_repr()``, before
+  the DeQuantStub), ``logits_scale`` f32 [1], ``logits_zero_point`` i64 [1],
+  ``logits_f32`` f32 [500, 10] (float model, eval mode), and for every module
+  that carries quantization parameters in the converted model (names relative
+  to the float model, i.e. without the wrapper's ``model.`` prefix):
+  ``<m>.scale`` f32 [1], ``<m>.zero_point`` i64 [1] (output qparams; ``quant``
+  is the input QuantStub), and for the weighted ones (``conv1``, ``conv2``,
+  ``fc1``, ``fc2``) ``<m>.weight_int8`` i8 (PyTorch layout: OIHW for conv,
+  [out, in] for linear), ``<m>.weight_scales`` f32 [out] (per output channel,
+  symmetric: every weight zero point is 0, asserted) and ``<m>.bias`` f32 [out]
+  (the BN-folded float bias).
+* ``resblock_model.safetensors``: float ``state_dict()`` of ``ResBlock`` (random
+  weights, random BatchNorm affine parameters and running statistics).
+* ``resblock_io.safetensors``: ``calib`` f32 [16, 8, 6, 6], ``input`` f32
+  [4, 8, 6, 6] (both random normal), ``output_f32`` (float model on ``input``),
+  ``output_int8`` u8 [4, 8, 6, 6] (quantized block output ``int_repr()``),
+  ``output_scale`` f32 [1], ``output_zero_point`` i64 [1], plus the per-module
+  entries as above (``quant``, ``conv1``, ``conv2``, ``skip_add``).
+
+DigitsNet: conv1(1->16, 3x3, pad 1) -> bn1 -> relu1 -> conv2(16->32, 3x3,
+stride 2, pad 1; 8x8 -> 4x4) -> bn2 -> relu2 -> AdaptiveAvgPool2d((2, 2)) ->
+Flatten -> fc1(128->64) -> relu3 -> fc2(64->10).  Trained on CPU with Adam
+(lr 3e-3, batch 64, 40 epochs, cross-entropy), BatchNorm in train mode, then
+``eval()``.  Split: ``train_test_split(test_size=500, stratify=labels,
+random_state=0)`` -> 1297 train / 500 test.
+
+PTQ flow (both models), engine ``torch.backends.quantized.engine = "x86"``:
+deep copy of the eval-mode float model, wrapped as ``quant -> model -> dequant``
+(QuantStub / DeQuantStub); ``torch.ao.quantization.fuse_modules`` in eval mode
+(DigitsNet: [conv1, bn1, relu1], [conv2, bn2, relu2], [fc1, relu3]; ResBlock:
+[conv1, bn1, relu1], [conv2, bn2]); qconfig = activation
+``MinMaxObserver(dtype=quint8, per_tensor_affine, reduce_range=False)``, weight
+``PerChannelMinMaxObserver(dtype=qint8, per_channel_symmetric)``; ``prepare``;
+calibration = ONE forward pass of ONE batch (DigitsNet: the 128 calibration
+images; ResBlock: the 16 ``calib`` inputs); ``convert``.
+
+ResBlock: y = relu1(bn1(conv1(x))); y = bn2(conv2(y)); y = skip_add.add(y, x)
+(``torch.ao.nn.quantized.FloatFunctional``, its own output observer, i.e. the
+add requantizes both operands to ``skip_add.scale/zero_point``); y = relu2(y)
+(a plain ``nn.ReLU`` that, after convert, runs on the quint8 tensor and keeps
+its qparams: output qparams == ``skip_add``'s).  Both convs 8->8, 3x3, pad 1.
+
+Determinism: ``torch.manual_seed``, ``numpy`` seed, ``torch.set_num_threads(1)``;
+reruns are byte-identical on the same machine/torch build.
+
+Rerun from the repository root (/work/main):
+
+    /work/venv/bin/python scripts/models/digits.py
+"""
+
+import copy
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.ao.quantization import (
+    DeQuantStub,
+    QConfig,
+    QuantStub,
+    convert,
+    fuse_modules,
+    prepare,
+)
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+OUT_DIR = os.path.join(ROOT, "qnn", "data")
+
+SEED = 0
+EPOCHS = 40
+BATCH = 64
+LR = 3e-3
+N_TEST = 500
+N_CALIB = 128
+
+QCONFIG = QConfig(
+    activation=MinMaxObserver.with_args(
+        dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False
+    ),
+    weight=PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+    ),
+)
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- models
+
+
+class DigitsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)  # 8x8 -> 4x4
+        self.bn2 = nn.BatchNorm2d(32)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d((2, 2))  # 4x4 -> 2x2
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(32 * 2 * 2, 64)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.flatten(self.pool(x))
+        x = self.relu3(self.fc1(x))
+        return self.fc2(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.skip_add = torch.ao.nn.quantized.FloatFunctional()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu1(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y = self.skip_add.add(y, x)
+        return self.relu2(y)
+
+
+class QuantWrapped(nn.Module):
+    """quant -> model -> dequant (what the golden int8 output is read inside of)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.quant = QuantStub()
+        self.model = model
+        self.dequant = DeQuantStub()
+
+    def forward(self, x):
+        return self.dequant(self.model(self.quant(x)))
+
+    def forward_q(self, x):
+        """The quantized output of the inner model (before DeQuantStub)."""
+        return self.model(self.quant(x))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def ptq(float_model, fuse_groups, calib):
+    """Eager-mode PTQ of an eval-mode float model; calibration = one batch."""
+    m = QuantWrapped(copy.deepcopy(float_model)).eval()
+    fuse_modules(m.model, fuse_groups, inplace=True)
+    m.qconfig = QCONFIG
+    prepare(m, inplace=True)
+    with torch.no_grad():
+        m(calib)  # ONE forward pass over the whole calibration batch
+    convert(m, inplace=True)
+    return m
+
+
+def qparams_entries(qm):
+    """Per-module scale / zero point / int8 weight / folded bias of a converted model."""
+    out = {}
+    for name, mod in qm.named_modules():
+        if not hasattr(mod, "scale") or not hasattr(mod, "zero_point"):
+            continue
+        key = name[len("model."):] if name.startswith("model.") else name
+        out[f"{key}.scale"] = torch.tensor([float(mod.scale)], dtype=torch.float32)
+        out[f"{key}.zero_point"] = torch.tensor([int(mod.zero_point)], dtype=torch.int64)
+        if hasattr(mod, "weight") and callable(mod.weight):
+            w = mod.weight()
+            assert w.qscheme() == torch.per_channel_symmetric or w.qscheme() in (
+                torch.per_channel_affine,
+            ), (name, w.qscheme())
+            assert w.q_per_channel_axis() == 0, name
+            assert torch.all(w.q_per_channel_zero_points() == 0), name
+            out[f"{key}.weight_int8"] = w.int_repr().contiguous()
+            out[f"{key}.weight_scales"] = w.q_per_channel_scales().to(torch.float32).contiguous()
+            b = mod.bias()
+            out[f"{key}.bias"] = b.detach().to(torch.float32).contiguous()
+    return out
+
+
+def sqnr_db(f, q):
+    f = f.double()
+    q = q.double()
+    return float(20.0 * torch.log10(f.norm() / (f - q).norm()))
+
+
+def write(path, tensors):
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_file(tensors, path)
+
+
+def describe_run(qm, x):
+    """Which leaf modules see / produce quantized tensors (for the report)."""
+    rows = []
+    hooks = []
+    for name, mod in qm.named_modules():
+        if len(list(mod.children())) > 0:
+            continue
+
+        def hook(mod, inp, out, name=name):
+            i = inp[0] if inp else None
+            o = out
+            rows.append((
+                name,
+                type(mod).__module__ + "." + type(mod).__name__,
+                "q" if (i is not None and i.is_quantized) else "f",
+                "q" if o.is_quantized else "f",
+                (o.q_scale(), o.q_zero_point()) if o.is_quantized else None,
+            ))
+
+        hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        qm(x)
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+# ---------------------------------------------------------------- digits
+
+
+def load_split():
+    d = load_digits()
+    x = (d.images.astype(np.float32) / np.float32(16.0))[:, None, :, :]
+    y = d.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=N_TEST, stratify=y, random_state=SEED, shuffle=True
+    )
+    assert x_tr.shape == (1297, 1, 8, 8) and x_te.shape == (500, 1, 8, 8)
+    return (torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr),
+            torch.from_numpy(np.ascontiguousarray(x_te)), torch.from_numpy(y_te))
+
+
+def train(x_tr, y_tr):
+    seed_all(SEED)
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    g = torch.Generator().manual_seed(SEED)
+    n = x_tr.shape[0]
+    model.train()
+    for _epoch in range(EPOCHS):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, BATCH):
+            idx = perm[i:i + BATCH]
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def accuracy(logits, labels):
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def digits():
+    x_tr, y_tr, x_te, y_te = load_split()
+    model = train(x_tr, y_tr)
+    calib = x_tr[:N_CALIB].clone()
+
+    with torch.no_grad():
+        logits_f32 = model(x_te)
+    acc_f = accuracy(logits_f32, y_te)
+
+    qm = ptq(model, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"], ["fc1", "relu3"]],
+             calib)
+    with torch.no_grad():
+        q_out = qm.forward_q(x_te)
+        deq = qm(x_te)
+    assert q_out.is_quantized and q_out.dtype == torch.quint8
+    assert torch.equal(q_out.dequantize(), deq)
+    acc_q = accuracy(deq, y_te)
+    sq = sqnr_db(logits_f32, deq)
+
+    golden = {
+        "logits_int8": q_out.int_repr(),
+        "logits_scale": torch.tensor([q_out.q_scale()], dtype=torch.float32),
+        "logits_zero_point": torch.tensor([q_out.q_zero_point()], dtype=torch.int64),
+        "logits_f32": logits_f32,
+    }
+    golden.update(qparams_entries(qm))
+    assert float(golden["fc2.scale"][0]) == float(golden["logits_scale"][0])
+    assert int(golden["fc2.zero_point"][0]) == int(golden["logits_zero_point"][0])
+
+    write(os.path.join(OUT_DIR, "digits_model.safetensors"), model.state_dict())
+    write(os.path.join(OUT_DIR, "digits_test.safetensors"), {"images": x_te, "labels": y_te})
+    write(os.path.join(OUT_DIR, "calib.safetensors"), {"images": calib})
+    write(os.path.join(OUT_DIR, "digits_golden.safetensors"), golden)
+
+    print(f"digits: train {x_tr.shape[0]}, test {x_te.shape[0]}, calib {calib.shape[0]} "
+          f"(one batch of {calib.shape[0]})")
+    print(f"digits: float test accuracy {acc_f:.4f} ({int(round(acc_f * N_TEST))}/{N_TEST})")
+    print(f"digits: int8  test accuracy {acc_q:.4f} ({int(round(acc_q * N_TEST))}/{N_TEST})")
+    print(f"digits: argmax agreement int8 vs float "
+          f"{int((deq.argmax(1) == logits_f32.argmax(1)).sum())}/{N_TEST}")
+    print(f"digits: SQNR(dequantized int8 logits vs float logits) = {sq:.2f} dB")
+    print("digits: converted model:")
+    print(qm)
+    print("digits: per leaf module (input q/f, output q/f, output qparams):")
+    for r in describe_run(qm, x_te[:2]):
+        print("   ", r)
+    return model, qm, x_te
+
+
+# ---------------------------------------------------------------- resblock
+
+
+def resblock():
+    seed_all(SEED + 1)
+    model = ResBlock(8)
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.3)
+            bn.running_mean.normal_(0.0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    calib = torch.randn(16, 8, 6, 6)
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        out_f = model(x)
+
+    qm = ptq(model, [["conv1", "bn1", "relu1"], ["conv2", "bn2"]], calib)
+    with torch.no_grad():
+        q_out = qm.forward_q(x)
+        deq = qm(x)
+    assert q_out.is_quantized and q_out.dtype == torch.quint8
+    sq = sqnr_db(out_f, deq)
+
+    io = {
+        "calib": calib,
+        "input": x,
+        "output_int8": q_out.int_repr(),
+        "output_scale": torch.tensor([q_out.q_scale()], dtype=torch.float32),
+        "output_zero_point": torch.tensor([q_out.q_zero_point()], dtype=torch.int64),
+        "output_f32": out_f,
+    }
+    io.update(qparams_entries(qm))
+    write(os.path.join(OUT_DIR, "resblock_model.safetensors"), model.state_dict())
+    write(os.path.join(OUT_DIR, "resblock_io.safetensors"), io)
+
+    print(f"resblock: SQNR(dequantized int8 output vs float output) = {sq:.2f} dB")
+    print(f"resblock: calib range [{float(calib.min()):.3f}, {float(calib.max()):.3f}], "
+          f"input range [{float(x.min()):.3f}, {float(x.max()):.3f}]")
+    print("resblock: converted model:")
+    print(qm)
+    print("resblock: per leaf module (input q/f, output q/f, output qparams):")
+    for r in describe_run(qm, x):
+        print("   ", r)
+
+
+# ---------------------------------------------------------------- verify
+
+
+def verify():
+    print("reloaded files:")
+    for fn in sorted(os.listdir(OUT_DIR)):
+        if not fn.endswith(".safetensors"):
+            continue
+        p = os.path.join(OUT_DIR, fn)
+        t = load_file(p)
+        print(f"  {fn}: {os.path.getsize(p)} bytes, {len(t)} tensors")
+        for k, v in t.items():
+            print(f"    {k}: {str(v.dtype).replace('torch.', '')} {list(v.shape)}")
+
+
+def main():
+    torch.set_num_threads(1)
+    torch.backends.quantized.engine = "x86"
+    os.makedirs(OUT_DIR, exist_ok=True)
+    print(f"torch {torch.__version__}, engine {torch.backends.quantized.engine}, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    digits()
+    resblock()
+    verify()
+
+
+if __name__ == "__main__":
+    main()
