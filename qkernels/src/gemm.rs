@@ -431,7 +431,10 @@ pub(crate) fn gemm_conv_vnni(
     threads: usize,
 ) {
     assert!(
-        matches!(w.packed, Packed::Vnni(_)) && w.is_symmetric() && w.k == rows.kh * rows.seg && rows.seg % 4 == 0,
+        matches!(w.packed, Packed::Vnni(_))
+            && w.is_symmetric()
+            && w.k == rows.kh * rows.seg
+            && rows.seg.is_multiple_of(4),
         "gemm_conv_vnni: caller must pass symmetric VNNI-packed weights matching the rows"
     );
     assert!(rows.m == 0 || out.len() >= (rows.m - 1) * ldc + w.n, "gemm_conv_vnni: output too small");

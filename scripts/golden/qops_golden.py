@@ -338,7 +338,7 @@ def run_torch(p):
         return d.permute(0, 2, 3, 1).contiguous().numpy(), None, None
     else:
         raise ValueError(op)
-    assert cl_ok(y), (p["name"], "output not channels_last")
+    p["torch_out_channels_last"] = cl_ok(y)
     return from_q(y)
 
 
@@ -776,3 +776,521 @@ MODELS = {
     "quantize_nchw_to_nhwc": model_quantize,
     "dequantize": model_dequantize,
 }
+
+
+# --------------------------------------------------------------------------
+# case generators: gen_<op>(name, rng, shape, **overrides) -> case dict
+
+
+def pick_zp(rng):
+    return int(rng.choice([0, 128, int(rng.integers(0, 128)) * 2 + 1, 255, int(rng.integers(0, 256))]))
+
+
+def fit_qparams(lo, hi, rng, slack=(0.7, 1.15)):
+    """Output qparams roughly covering [lo, hi] (some saturation allowed)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    s = float(F32(max(hi - lo, 1e-3) / 255.0 * rng.uniform(*slack)))
+    z = int(np.clip(round(-lo / s), 0, 255))
+    return s, z
+
+
+def probe_values(rng, q_all, vec_out, sca_out, shape):
+    """Data that prefers inputs whose vector-path and scalar-path results differ."""
+    diff = np.nonzero(vec_out != sca_out)[0]
+    data = rand_u8(rng, shape).reshape(-1)
+    if diff.size:
+        pick = rng.random(data.size) < 0.5
+        data[pick] = q_all[diff][rng.integers(0, diff.size, int(pick.sum()))]
+    return data.reshape(shape)
+
+
+def gen_add(name, rng, shape, op="add", qa=None, qb=None, out=None, probe=False):
+    for _ in range(400 if probe else 1):
+        sa, za = qa or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
+        sb, zb = qb or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
+        if out:
+            s, z = out
+        else:
+            lo = -za * sa - zb * sb
+            hi = (255 - za) * sa + (255 - zb) * sb
+            s, z = fit_qparams(lo, hi, rng)
+        a, b = rand_u8(rng, shape), rand_u8(rng, shape)
+        p = mk(name, op, {}, [qin(a, sa, za), qin(b, sb, zb)], out_scale=s, out_zp=z)
+        if not probe:
+            return p
+        # all 65536 pairs: where do the vector (fma) and scalar dequantize disagree?
+        ga, gb = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+        ga, gb = ga.reshape(-1), gb.reshape(-1)
+        res = []
+        for vec in (True, False):
+            da = dq_vector(ga, sa, za) if vec else dq_scalar(ga, sa, za)
+            db = dq_vector(gb, sb, zb) if vec else dq_scalar(gb, sb, zb)
+            c = (da + db).astype(F32)
+            if op == "add_relu":
+                c = np.maximum(c, F32(0))
+            res.append(quant(c, inv_f32(s), z))
+        diff = np.nonzero(res[0] != res[1])[0]
+        if diff.size:
+            n = int(np.prod(shape))
+            pick = rng.random(n) < 0.5
+            fa, fb = a.reshape(-1), b.reshape(-1)
+            sel = diff[rng.integers(0, diff.size, int(pick.sum()))]
+            fa[pick], fb[pick] = ga[sel], gb[sel]
+            p["inputs"] = [qin(fa.reshape(shape), sa, za), qin(fb.reshape(shape), sb, zb)]
+            return p
+    return p
+
+
+def gen_mul(name, rng, shape, qa=None, qb=None, out=None):
+    sa, za = qa or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
+    sb, zb = qb or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
+    a, b = rand_u8(rng, shape), rand_u8(rng, shape)
+    if out:
+        s, z = out
+    else:
+        da = (np.array([0, 255]) - za) * sa
+        db = (np.array([0, 255]) - zb) * sb
+        prods = np.outer(da, db)
+        s, z = fit_qparams(prods.min() * 0.6, prods.max() * 0.6, rng)
+    return mk(name, "mul", {}, [qin(a, sa, za), qin(b, sb, zb)], out_scale=s, out_zp=z)
+
+
+def gen_add_scalar(name, rng, shape, qa=None, scalar=None):
+    s, z = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    c = float(F32(scalar if scalar is not None else rng.uniform(-300, 300) * s))
+    return mk(name, "add_scalar", {"scalar": c}, [qin(rand_u8(rng, shape), s, z)])
+
+
+def gen_mul_scalar(name, rng, shape, qa=None, scalar=None):
+    s, z = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    c = float(F32(scalar if scalar is not None else rng.choice([-1, 1]) * rng.uniform(0.1, 4)))
+    return mk(name, "mul_scalar", {"scalar": c}, [qin(rand_u8(rng, shape), s, z)])
+
+
+def gen_cat(name, rng, shape, c2, qa=None, qb=None, out=None, probe=False):
+    shape2 = tuple(shape[:3]) + (c2,)
+    sa, za = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    sb, zb = qb or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    s, z = out or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    ins = []
+    for shp, sc, zp in ((shape, sa, za), (shape2, sb, zb)):
+        data = rand_u8(rng, shp)
+        if probe:
+            q_all = np.arange(256)
+            data = probe_values(rng, q_all, quant(dq_vector(q_all, sc, zp), inv_f32(s), z),
+                                quant(dq_scalar(q_all, sc, zp), inv_f32(s), z), shp)
+        ins.append(qin(data, sc, zp))
+    return mk(name, "cat", {"dim": 1}, ins, out_scale=s, out_zp=z)
+
+
+UNARY_VEC_SCA = {
+    # op -> (vector f, scalar f, fixed output qparams or None)
+    "hardswish": (hswish_f, hswish_f),
+    "hardsigmoid": (hsig_f, hsig_f),
+    "tanh": (tanh_f, tanh_f),
+}
+
+
+def gen_unary(name, rng, shape, op, qa=None, out=None, params=None, probe=False, lo_hi=(-8.0, 8.0)):
+    params = dict(params or {})
+    for attempt in range(300 if probe else 1):
+        if qa:
+            s, z = qa
+        else:
+            lo, hi = lo_hi
+            s = rand_scale(rng, (hi - lo) / 255 * 0.6, (hi - lo) / 255 * 1.6)
+            z = int(np.clip(round(-lo / s) + rng.integers(-20, 21), 0, 255))
+        x_lo, x_hi = -z * s, (255 - z) * s
+        if op == "hardswish":
+            o = out or fit_qparams(-0.375, x_hi, rng)
+        elif op == "leaky_relu":
+            o = out or fit_qparams(x_lo * params["negative_slope"], x_hi, rng)
+        elif op == "elu":
+            o = out or fit_qparams(-params["alpha"], x_hi, rng)
+        else:
+            o = (None, None)
+        p = mk(name, op, params, [qin(rand_u8(rng, shape), s, z)], out_scale=o[0], out_zp=o[1])
+        if not probe:
+            return p
+        q_all = np.arange(256, dtype=np.uint8).reshape(1, 1, 1, 256)
+        # evaluate the exact model with every value once in the vector region and once in the tail
+        tp = dict(p, inputs=[qin(np.tile(q_all, (1, 1, 1, 1)), s, z)])
+        full = np.concatenate([q_all, q_all, q_all[:, :, :, :17]], axis=-1)  # 529: 512 vector + 17 tail
+        tp["inputs"] = [qin(full, s, z)]
+        y = MODELS[op](tp)[0].reshape(-1)
+        vec_out, sca_out = y[:256], np.concatenate([y[256:256], np.zeros(0)])
+        # scalar results for all 256 values
+        tp2 = dict(p, inputs=[qin(q_all[:, :, :, :127], s, z)])
+        tp3 = dict(p, inputs=[qin(q_all[:, :, :, 127:], s, z)])
+        sca_out = np.concatenate([MODELS[op](tp2)[0].reshape(-1), MODELS[op](tp3)[0].reshape(-1)])
+        if np.any(vec_out != sca_out):
+            p["inputs"] = [qin(probe_values(rng, np.arange(256), vec_out, sca_out, shape), s, z)]
+            return p
+    return p
+
+
+def pool_case(name, rng, shape, op, params, qa=None):
+    s, z = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    return mk(name, op, params, [qin(rand_u8(rng, shape), s, z)])
+
+
+def gen_bn(name, rng, shape, qa=None):
+    C = shape[-1]
+    s, z = qa or (rand_scale(rng, 0.01, 0.1), pick_zp(rng))
+    x_lo, x_hi = -z * s, (255 - z) * s
+    w = f32(rng.uniform(0.3, 2.0, C) * rng.choice([-1, 1], C))
+    b = f32(rng.uniform(-1, 1, C))
+    m = f32(rng.uniform(x_lo, x_hi, C) * 0.5)
+    v = f32(rng.uniform(0.05, 4.0, C) * ((x_hi - x_lo) / 8) ** 2)
+    eps = float(F32(1e-5))
+    y = (np.array([x_lo, x_hi])[:, None] - m) / np.sqrt(v + eps) * w + b
+    os_, oz = fit_qparams(float(y.min()) * 0.7, float(y.max()) * 0.7, rng)
+    params = {"weight": w, "bias": b, "mean": m, "var": v, "eps": eps}
+    return mk(name, "batch_norm2d", params, [qin(rand_u8(rng, shape), s, z)], out_scale=os_, out_zp=oz)
+
+
+def gen_ln(name, rng, shape, qa=None, out=None, narrow=False):
+    C = shape[-1]
+    s, z = qa or (rand_scale(rng, 0.01, 0.1), pick_zp(rng))
+    lo, hi = (100, 160) if narrow else (0, 255)
+    g = f32(rng.uniform(0.5, 1.5, C))
+    b = f32(rng.uniform(-0.5, 0.5, C))
+    os_, oz = out or fit_qparams(-3.5, 3.5, rng)
+    params = {"normalized_shape": [C], "weight": g, "bias": b, "eps": float(F32(1e-5))}
+    return mk(name, "layer_norm", params, [qin(rand_u8(rng, shape, lo, hi), s, z)], out_scale=os_, out_zp=oz)
+
+
+def gen_quantize(name, rng, shape_nhwc, out=None, kind="normal"):
+    n, h, w, c = shape_nhwc
+    s, z = out or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    lo, hi = -z * s, (255 - z) * s
+    x = rng.uniform(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo), (n, c, h, w))
+    if kind == "ties":
+        # values whose x * (1/s) lands on (or next to) a .5 in f32
+        k = rng.integers(-z - 3, 258 - z, (n, c, h, w)) + 0.5
+        x = k * s
+        x = np.where(rng.random(x.shape) < 0.3, np.nextafter(f32(x), F32(np.inf)), f32(x))
+    return mk(name, "quantize_nchw_to_nhwc", {}, [{"f32_nchw": f32(x)}], out_scale=s, out_zp=z)
+
+
+# --------------------------------------------------------------------------
+# fixture list
+
+S_ = [(1, 1, 1, 1), (1, 1, 1, 3), (1, 5, 7, 13), (1, 8, 8, 17), (2, 5, 7, 3), (1, 5, 7, 64),
+      (1, 8, 8, 70), (1, 1, 1, 64), (1, 1, 1, 70), (2, 8, 8, 13), (1, 5, 7, 17)]
+
+
+def fixture_cases():
+    cases = []
+
+    def add(name, fn, *a, **k):
+        cases.append(fn(name, case_rng(name), *a, **k))
+
+    # add / add_relu
+    add("add_1x1x1x1", gen_add, (1, 1, 1, 1))
+    add("add_5x7x3_zp0_128", gen_add, (1, 5, 7, 3), qa=(0.0234375, 0), qb=(0.05, 128))
+    add("add_8x8x17", gen_add, (1, 8, 8, 17))
+    add("add_n2_5x7x13", gen_add, (2, 5, 7, 13))
+    add("add_8x8x64_probe", gen_add, (1, 8, 8, 64), probe=True)
+    add("add_5x7x70_probe", gen_add, (1, 5, 7, 70), probe=True)
+    add("add_8x8x17_probe", gen_add, (1, 8, 8, 17), probe=True)
+    add("add_relu_5x7x13", gen_add, (1, 5, 7, 13), op="add_relu")
+    add("add_relu_8x8x70_probe", gen_add, (1, 8, 8, 70), op="add_relu", probe=True)
+    add("add_relu_1x1x3_zp255", gen_add, (1, 1, 1, 3), op="add_relu", out=(0.03125, 255))
+    add("add_relu_8x8x17_probe", gen_add, (1, 8, 8, 17), op="add_relu", probe=True)
+    # mul
+    add("mul_1x1x1x1", gen_mul, (1, 1, 1, 1))
+    add("mul_5x7x3", gen_mul, (1, 5, 7, 3))
+    add("mul_8x8x17_zp128", gen_mul, (1, 8, 8, 17), qa=(0.03125, 128), qb=(0.0625, 128))
+    add("mul_5x7x70", gen_mul, (1, 5, 7, 70))
+    add("mul_n2_8x8x13", gen_mul, (2, 8, 8, 13))
+    # add_scalar
+    add("add_scalar_in_range_pos", gen_add_scalar, (1, 5, 7, 13), qa=(0.05, 100), scalar=1.5)
+    add("add_scalar_in_range_neg", gen_add_scalar, (1, 8, 8, 17), qa=(0.02, 37), scalar=-0.7)
+    add("add_scalar_in_range_round", gen_add_scalar, (1, 1, 1, 3), qa=(0.1, 200), scalar=0.25)
+    add("add_scalar_below_qmin", gen_add_scalar, (1, 5, 7, 13), qa=(0.05, 20), scalar=3.3)
+    add("add_scalar_above_qmax", gen_add_scalar, (1, 8, 8, 70), qa=(0.03, 240), scalar=-2.2)
+    add("add_scalar_below_qmin_zp0", gen_add_scalar, (2, 5, 7, 17), qa=(0.0078125, 0), scalar=0.9)
+    add("add_scalar_above_qmax_zp255", gen_add_scalar, (1, 5, 7, 3), qa=(0.0625, 255), scalar=-5.0)
+    # mul_scalar
+    add("mul_scalar_pos", gen_mul_scalar, (1, 5, 7, 13), qa=(0.05, 100), scalar=1.7)
+    add("mul_scalar_neg", gen_mul_scalar, (1, 8, 8, 17), qa=(0.0234375, 31), scalar=-0.3)
+    add("mul_scalar_zero", gen_mul_scalar, (1, 1, 1, 3), qa=(0.1, 200), scalar=0.0)
+    add("mul_scalar_neg_zp0", gen_mul_scalar, (1, 5, 7, 3), qa=(0.0625, 0), scalar=-2.0)
+    # cat
+    add("cat_same_qparams_13_17", gen_cat, (1, 5, 7, 13), 17, qa=(0.05, 100), qb=(0.05, 100), out=(0.05, 100))
+    add("cat_diff_qparams_17_13", gen_cat, (1, 8, 8, 17), 13)
+    add("cat_diff_qparams_70_64_probe", gen_cat, (1, 5, 7, 70), 64, probe=True)
+    add("cat_first_same_3_70_probe", gen_cat, (1, 8, 8, 3), 70, qa=(0.04, 7), out=(0.04, 7), probe=True)
+    add("cat_diff_qparams_1_1", gen_cat, (2, 1, 1, 1), 1)
+    add("cat_diff_qparams_33_95_probe", gen_cat, (1, 5, 7, 33), 95, probe=True)
+    # relu / relu6
+    add("relu_5x7x13", gen_unary, (1, 5, 7, 13), "relu")
+    add("relu_8x8x70_zp0", gen_unary, (1, 8, 8, 70), "relu", qa=(0.05, 0))
+    add("relu_1x1x3_zp255", gen_unary, (1, 1, 1, 3), "relu", qa=(0.05, 255))
+    add("relu6_5x7x17", gen_unary, (1, 5, 7, 17), "relu6", qa=(0.05, 100))
+    add("relu6_8x8x13_q6_sat", gen_unary, (1, 8, 8, 13), "relu6", qa=(0.03125, 128))
+    add("relu6_8x8x64_tie", gen_unary, (1, 8, 8, 64), "relu6", qa=(0.0625, 3))
+    add("relu6_1x1x3", gen_unary, (1, 1, 1, 3), "relu6", qa=(0.25, 128))
+    # hardswish
+    for shp, tag in (((1, 5, 7, 13), "5x7x13"), ((1, 8, 8, 17), "8x8x17"), ((1, 8, 8, 70), "8x8x70")):
+        add(f"hardswish_{tag}", gen_unary, shp, "hardswish")
+        add(f"hardswish_{tag}_probe", gen_unary, shp, "hardswish", probe=True)
+    add("hardswish_1x1x1", gen_unary, (1, 1, 1, 1), "hardswish")
+    # hardsigmoid
+    add("hardsigmoid_5x7x13", gen_unary, (1, 5, 7, 13), "hardsigmoid")
+    add("hardsigmoid_8x8x70_probe", gen_unary, (1, 8, 8, 70), "hardsigmoid", probe=True)
+    add("hardsigmoid_8x8x17_probe", gen_unary, (1, 8, 8, 17), "hardsigmoid", probe=True)
+    add("hardsigmoid_1x1x3_zp0", gen_unary, (1, 1, 1, 3), "hardsigmoid", qa=(0.05, 0))
+    # sigmoid / tanh
+    add("sigmoid_5x7x13", gen_unary, (1, 5, 7, 13), "sigmoid")
+    add("sigmoid_8x8x70", gen_unary, (1, 8, 8, 70), "sigmoid")
+    add("sigmoid_n2_8x8x17_wide", gen_unary, (2, 8, 8, 17), "sigmoid", lo_hi=(-20.0, 20.0))
+    add("sigmoid_1x1x3", gen_unary, (1, 1, 1, 3), "sigmoid")
+    add("tanh_5x7x13", gen_unary, (1, 5, 7, 13), "tanh", lo_hi=(-4.0, 4.0))
+    add("tanh_8x8x70_probe", gen_unary, (1, 8, 8, 70), "tanh", lo_hi=(-4.0, 4.0), probe=True)
+    add("tanh_8x8x17_probe", gen_unary, (1, 8, 8, 17), "tanh", lo_hi=(-4.0, 4.0), probe=True)
+    add("tanh_1x1x1", gen_unary, (1, 1, 1, 1), "tanh")
+    # leaky_relu
+    add("leaky_relu_5x7x13", gen_unary, (1, 5, 7, 13), "leaky_relu", params={"negative_slope": float(F32(0.01))})
+    add("leaky_relu_8x8x70_probe", gen_unary, (1, 8, 8, 70), "leaky_relu",
+        params={"negative_slope": float(F32(0.1))}, probe=True)
+    add("leaky_relu_8x8x17_probe", gen_unary, (1, 8, 8, 17), "leaky_relu",
+        params={"negative_slope": float(F32(0.2))}, probe=True)
+    add("leaky_relu_1x1x3", gen_unary, (1, 1, 1, 3), "leaky_relu", params={"negative_slope": float(F32(0.3))})
+    # gelu
+    add("gelu_5x7x13", gen_unary, (1, 5, 7, 13), "gelu", params={"approximate": "none"}, lo_hi=(-5.0, 5.0))
+    add("gelu_8x8x70", gen_unary, (1, 8, 8, 70), "gelu", params={"approximate": "none"}, lo_hi=(-5.0, 5.0))
+    add("gelu_8x8x17_probe", gen_unary, (1, 8, 8, 17), "gelu", params={"approximate": "none"},
+        lo_hi=(-5.0, 5.0), probe=True)
+    add("gelu_tanh_8x8x17", gen_unary, (1, 8, 8, 17), "gelu", params={"approximate": "tanh"}, lo_hi=(-5.0, 5.0))
+    add("gelu_1x1x3", gen_unary, (1, 1, 1, 3), "gelu", params={"approximate": "none"})
+    # elu
+    add("elu_5x7x13", gen_unary, (1, 5, 7, 13), "elu", params={"alpha": 1.0}, lo_hi=(-6.0, 4.0))
+    add("elu_8x8x70_probe", gen_unary, (1, 8, 8, 70), "elu", params={"alpha": float(F32(0.5))},
+        lo_hi=(-6.0, 4.0), probe=True)
+    add("elu_8x8x17", gen_unary, (1, 8, 8, 17), "elu", params={"alpha": float(F32(1.5))}, lo_hi=(-4.0, 4.0))
+    # max_pool2d
+    mp = lambda k, s, pd, d=(1, 1), ceil=False: {"kernel": list(k), "stride": list(s), "padding": list(pd),
+                                                  "dilation": list(d), "ceil_mode": ceil}
+    add("max_pool2d_k2s2_8x8x17", pool_case, (1, 8, 8, 17), "max_pool2d", mp((2, 2), (2, 2), (0, 0)))
+    add("max_pool2d_k3s2p1_5x7x70", pool_case, (1, 5, 7, 70), "max_pool2d", mp((3, 3), (2, 2), (1, 1)))
+    add("max_pool2d_k3s2_ceil_5x7x13", pool_case, (1, 5, 7, 13), "max_pool2d", mp((3, 3), (2, 2), (0, 0), ceil=True))
+    add("max_pool2d_k2s2p1_ceil_5x7x3", pool_case, (2, 5, 7, 3), "max_pool2d", mp((2, 2), (2, 2), (1, 1), ceil=True))
+    add("max_pool2d_k3d2p2_8x8x64", pool_case, (1, 8, 8, 64), "max_pool2d", mp((3, 3), (1, 1), (1, 1), d=(2, 2)))
+    add("max_pool2d_k2x3_s1x2_8x8x1", pool_case, (1, 8, 8, 1), "max_pool2d", mp((2, 3), (1, 2), (1, 1)))
+    add("max_pool2d_k1_1x1x3", pool_case, (1, 1, 1, 3), "max_pool2d", mp((1, 1), (1, 1), (0, 0)))
+    # avg_pool2d
+    ap = lambda k, s, pd, ceil=False, cip=True, div=None: {"kernel": list(k), "stride": list(s), "padding": list(pd),
+                                                           "ceil_mode": ceil, "count_include_pad": cip,
+                                                           "divisor_override": div}
+    add("avg_pool2d_k2s2_8x8x17", pool_case, (1, 8, 8, 17), "avg_pool2d", ap((2, 2), (2, 2), (0, 0)))
+    add("avg_pool2d_k3s2p1_cip_5x7x70", pool_case, (1, 5, 7, 70), "avg_pool2d", ap((3, 3), (2, 2), (1, 1)))
+    add("avg_pool2d_k3s2p1_nocip_5x7x70", pool_case, (1, 5, 7, 70), "avg_pool2d", ap((3, 3), (2, 2), (1, 1), cip=False))
+    add("avg_pool2d_k3s2_ceil_5x7x13", pool_case, (1, 5, 7, 13), "avg_pool2d", ap((3, 3), (2, 2), (0, 0), ceil=True))
+    add("avg_pool2d_k3s2p1_ceil_nocip_8x8x17", pool_case, (1, 8, 8, 17), "avg_pool2d",
+        ap((3, 3), (2, 2), (1, 1), ceil=True, cip=False))
+    add("avg_pool2d_k3s1p1_div5_8x8x64", pool_case, (1, 8, 8, 64), "avg_pool2d", ap((3, 3), (1, 1), (1, 1), div=5))
+    add("avg_pool2d_k3x2_s1x2_5x7x3", pool_case, (2, 5, 7, 3), "avg_pool2d", ap((3, 2), (1, 2), (0, 0)))
+    add("avg_pool2d_k3s3_div7_8x8x70", pool_case, (1, 8, 8, 70), "avg_pool2d", ap((3, 3), (3, 3), (0, 0), div=7))
+    add("avg_pool2d_k5s1p2_5x7x33", pool_case, (1, 5, 7, 33), "avg_pool2d", ap((5, 5), (1, 1), (2, 2)))
+    add("avg_pool2d_k1_1x1x1", pool_case, (1, 1, 1, 1), "avg_pool2d", ap((1, 1), (1, 1), (0, 0)))
+    # adaptive_avg_pool2d
+    aap = lambda o: {"output_size": list(o)}
+    add("adaptive_avg_pool2d_global_5x7x70", pool_case, (1, 5, 7, 70), "adaptive_avg_pool2d", aap((1, 1)))
+    add("adaptive_avg_pool2d_global_8x8x17", pool_case, (2, 8, 8, 17), "adaptive_avg_pool2d", aap((1, 1)))
+    add("adaptive_avg_pool2d_7x7_to_3x3_x13", pool_case, (1, 7, 7, 13), "adaptive_avg_pool2d", aap((3, 3)))
+    add("adaptive_avg_pool2d_5x7_to_2x3_x64", pool_case, (1, 5, 7, 64), "adaptive_avg_pool2d", aap((2, 3)))
+    add("adaptive_avg_pool2d_8x8_to_4x4_x3", pool_case, (1, 8, 8, 3), "adaptive_avg_pool2d", aap((4, 4)))
+    add("adaptive_avg_pool2d_8x8_to_3x5_x70", pool_case, (1, 8, 8, 70), "adaptive_avg_pool2d", aap((3, 5)))
+    add("adaptive_avg_pool2d_1x1_to_1x1_x1", pool_case, (1, 1, 1, 1), "adaptive_avg_pool2d", aap((1, 1)))
+    # upsample_nearest2d
+    add("upsample_nearest2d_x2_5x7x13", pool_case, (1, 5, 7, 13), "upsample_nearest2d", {"scale_factor": 2.0})
+    add("upsample_nearest2d_x2_1x1x70", pool_case, (1, 1, 1, 70), "upsample_nearest2d", {"scale_factor": 2.0})
+    add("upsample_nearest2d_x2_n2_8x8x3", pool_case, (2, 8, 8, 3), "upsample_nearest2d", {"scale_factor": 2.0})
+    add("upsample_nearest2d_size_5x7_to_8x11", pool_case, (1, 5, 7, 17), "upsample_nearest2d", {"size": [8, 11]})
+    add("upsample_nearest2d_size_8x8_to_5x3", pool_case, (1, 8, 8, 3), "upsample_nearest2d", {"size": [5, 3]})
+    # quantize / dequantize
+    add("quantize_5x7x13", gen_quantize, (1, 5, 7, 13))
+    add("quantize_8x8x17_zp128_ties", gen_quantize, (1, 8, 8, 17), out=(0.0234375, 128), kind="ties")
+    add("quantize_5x7x70_odd_ties", gen_quantize, (1, 5, 7, 70), kind="ties")
+    add("quantize_1x1x3_zp0", gen_quantize, (1, 1, 1, 3), out=(0.1, 0))
+    add("dequantize_5x7x13", pool_case, (1, 5, 7, 13), "dequantize", {})
+    add("dequantize_8x8x70_zp128", pool_case, (1, 8, 8, 70), "dequantize", {}, qa=(0.0123, 128))
+    add("dequantize_1x1x1", pool_case, (1, 1, 1, 1), "dequantize", {})
+    # batch_norm2d
+    add("batch_norm2d_5x7x13", gen_bn, (1, 5, 7, 13))
+    add("batch_norm2d_8x8x64", gen_bn, (1, 8, 8, 64))
+    add("batch_norm2d_5x7x70", gen_bn, (1, 5, 7, 70))
+    add("batch_norm2d_n2_8x8x17", gen_bn, (2, 8, 8, 17))
+    add("batch_norm2d_1x1x3", gen_bn, (1, 1, 1, 3))
+    # layer_norm (over C of NHWC data)
+    add("layer_norm_5x7x13", gen_ln, (1, 5, 7, 13))
+    add("layer_norm_8x8x64", gen_ln, (1, 8, 8, 64))
+    add("layer_norm_5x7x70", gen_ln, (1, 5, 7, 70))
+    add("layer_norm_8x8x17_narrow", gen_ln, (1, 8, 8, 17), narrow=True)
+    add("layer_norm_1x1x3", gen_ln, (1, 1, 1, 3))
+    return cases
+
+
+# --------------------------------------------------------------------------
+# stress: random cases per op (not written)
+
+
+def stress_cases(count, seed=12345):
+    rng = np.random.default_rng(seed)
+    out = []
+    shapes = S_ + [(1, 3, 9, 29), (1, 4, 4, 100), (1, 2, 3, 129), (1, 7, 7, 48)]
+    for k in range(count):
+        shp = tuple(shapes[rng.integers(len(shapes))])
+        nm = f"stress{k}"
+        r = np.random.default_rng(rng.integers(1 << 62))
+        out.append(gen_add(nm + "_add", r, shp))
+        out.append(gen_add(nm + "_add_relu", r, shp, op="add_relu"))
+        out.append(gen_mul(nm + "_mul", r, shp))
+        out.append(gen_add_scalar(nm + "_adds", r, shp))
+        out.append(gen_mul_scalar(nm + "_muls", r, shp))
+        out.append(gen_cat(nm + "_cat", r, shp, int(r.integers(1, 100))))
+        for op in ("relu", "relu6", "hardswish", "hardsigmoid", "sigmoid", "tanh"):
+            out.append(gen_unary(f"{nm}_{op}", r, shp, op))
+        out.append(gen_unary(nm + "_lrelu", r, shp, "leaky_relu",
+                             params={"negative_slope": float(F32(r.uniform(0.01, 0.5)))}))
+        out.append(gen_unary(nm + "_gelu", r, shp, "gelu", params={"approximate": "none"}, lo_hi=(-5.0, 5.0)))
+        out.append(gen_unary(nm + "_gelut", r, shp, "gelu", params={"approximate": "tanh"}, lo_hi=(-5.0, 5.0)))
+        out.append(gen_unary(nm + "_elu", r, shp, "elu", params={"alpha": float(F32(r.uniform(0.2, 2.0)))},
+                             lo_hi=(-6.0, 4.0)))
+        n, h, w, c = shp
+        kh, kw = int(r.integers(1, min(h, 3) + 1)), int(r.integers(1, min(w, 3) + 1))
+        ph, pw = int(r.integers(0, kh // 2 + 1)), int(r.integers(0, kw // 2 + 1))
+        sh, sw = int(r.integers(1, 3)), int(r.integers(1, 3))
+        ceil = bool(r.integers(0, 2))
+        out.append(pool_case(nm + "_maxp", r, shp, "max_pool2d",
+                             {"kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw], "dilation": [1, 1],
+                              "ceil_mode": ceil}))
+        out.append(pool_case(nm + "_avgp", r, shp, "avg_pool2d",
+                             {"kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw], "ceil_mode": ceil,
+                              "count_include_pad": bool(r.integers(0, 2)),
+                              "divisor_override": int(r.integers(1, 12)) if r.random() < 0.3 else None}))
+        out.append(pool_case(nm + "_aavgp", r, shp, "adaptive_avg_pool2d",
+                             {"output_size": [int(r.integers(1, h + 1)), int(r.integers(1, w + 1))]}))
+        out.append(gen_quantize(nm + "_quant", r, shp, kind="ties" if r.random() < 0.5 else "normal"))
+        out.append(pool_case(nm + "_deq", r, shp, "dequantize", {}))
+        out.append(gen_bn(nm + "_bn", r, shp))
+        out.append(gen_ln(nm + "_ln", r, shp))
+    return out
+
+
+# --------------------------------------------------------------------------
+# checking
+
+
+def compare(p, res):
+    """-> (n_elems, exact_ok, plain_ok, qparams_ok, detail)"""
+    y, ys, yz = res
+    fn = MODELS[p["op"]]
+    me, mse, mze = fn(p, exact=True)
+    mp_, _, _ = fn(p, exact=False)
+    if p["op"] == "dequantize":
+        yb = np.asarray(y, F32).view(np.uint32).reshape(-1)
+        eb = np.asarray(me, F32).view(np.uint32).reshape(-1)
+        return yb.size, int((yb == eb).sum()), int((yb == eb).sum()), True, ""
+    y = np.asarray(y).reshape(-1).astype(np.int64)
+    me = np.asarray(me).reshape(-1)
+    mp_ = np.asarray(mp_).reshape(-1)
+    if me.shape != y.shape:
+        return y.size, 0, 0, False, f"shape {me.shape} vs {y.shape}"
+    qok = (ys == float(mse)) and (yz == mze)
+    detail = "" if qok else f"qparams torch ({ys!r},{yz}) model ({float(mse)!r},{mze})"
+    return y.size, int((me == y).sum()), int((mp_ == y).sum()), qok, detail
+
+
+def check(cases, title, verbose=False):
+    stats = {}
+    bad = []
+    results = []
+    for p in cases:
+        res = run_torch(p)
+        results.append(res)
+        n, ok_e, ok_p, qok, detail = compare(p, res)
+        st = stats.setdefault(p["op"], [0, 0, 0, 0, 0])
+        st[0] += 1
+        st[1] += n
+        st[2] += ok_e
+        st[3] += ok_p
+        st[4] += 0 if qok else 1
+        if ok_e != n or not qok:
+            bad.append((p["name"], n - ok_e, n, detail))
+    print(f"== {title}: {len(cases)} cases")
+    print(f"{'op':24s} {'cases':>5s} {'elems':>8s} {'exact model':>12s} {'plain':>9s} {'qp_bad':>6s}")
+    for op, (nc, n, e, pl, qb) in stats.items():
+        print(f"{op:24s} {nc:5d} {n:8d} {100.0 * e / n:11.4f}% {100.0 * pl / n:8.3f}% {qb:6d}")
+    for b in bad[:40]:
+        print("  MISMATCH", b)
+    return results, stats, bad
+
+
+# --------------------------------------------------------------------------
+# JSON records
+
+
+def qrec(data, scale, zp, scale64=None):
+    r = {"shape_nhwc": list(np.asarray(data).shape), "scale": f32_bit(scale), "zero_point": int(zp),
+         "data": ints(data)}
+    if scale64 is not None:
+        r["scale_f64_bits"] = f64_bit(scale64)
+    return r
+
+
+def jparams(p):
+    out = {}
+    for k, v in p["params"].items():
+        if isinstance(v, np.ndarray):
+            out[k] = f32_bits(v)
+        elif isinstance(v, float) and k not in ("scale_factor",):
+            out[k] = f32_bit(v)
+        else:
+            out[k] = v
+    return out
+
+
+def record(p, res):
+    y, ys, yz = res
+    rec = {"name": p["name"], "op": p["op"], "params": jparams(p)}
+    if p["op"] == "quantize_nchw_to_nhwc":
+        x = p["inputs"][0]["f32_nchw"]
+        rec["inputs"] = [{"shape_nchw": list(x.shape), "data_f32_nchw": f32_bits(x)}]
+    else:
+        rec["inputs"] = [qrec(i["data"], i["scale"], i["zp"]) for i in p["inputs"]]
+    if p["op"] == "dequantize":
+        rec["output"] = {"shape_nhwc": list(y.shape), "data_f32_nhwc": f32_bits(y)}
+    else:
+        assert float(F32(ys)) == ys or p["op"] in ("add_scalar", "mul_scalar"), (p["name"], ys)
+        rec["output"] = qrec(y, ys, yz, scale64=ys)
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--stress", type=int, default=0, help="also check N random cases per op (not written)")
+    args = ap.parse_args()
+    torch.backends.quantized.engine = ENGINE
+    torch.set_num_threads(1)
+    print("torch", torch.__version__, "engine", ENGINE, "cpu", torch.backends.cpu.get_cpu_capability())
+    cases = fixture_cases()
+    names = [c["name"] for c in cases]
+    assert len(set(names)) == len(names)
+    results, _, _ = check(cases, "fixtures")
+    if args.stress:
+        check(stress_cases(args.stress), f"stress x{args.stress}")
+    if not args.no_write:
+        top = {"torch_version": torch.__version__, "engine": ENGINE, "num_threads": 1,
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "cases": [record(p, r) for p, r in zip(cases, results)]}
+        os.makedirs(os.path.dirname(OUT_PATH), exist_ok=True)
+        write_json(OUT_PATH, top)
+        print("wrote", os.path.normpath(OUT_PATH), os.path.getsize(OUT_PATH), "bytes")
+
+
+if __name__ == "__main__":
+    main()
