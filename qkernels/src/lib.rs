@@ -71,6 +71,7 @@ mod conv;
 mod float;
 mod gemm;
 mod linear;
+mod multiversion;
 mod ops;
 mod pack;
 pub mod peak;
@@ -88,5 +89,8 @@ pub use ops::{
     UnaryOp,
 };
 pub use pack::{PackedWeights, MAX_K};
-pub use pool::{adaptive_avg_pool2d, avg_pool2d, max_pool2d, upsample_nearest, Pool2d};
+pub use pool::{
+    adaptive_avg_pool2d, adaptive_avg_pool2d_with, avg_pool2d, avg_pool2d_with, max_pool2d, max_pool2d_with,
+    upsample_nearest, Pool2d,
+};
 pub use qtensor::isa;

@@ -6,6 +6,7 @@
 use qtensor::{QError, Result};
 
 use crate::conv::QImage;
+use crate::multiversion::multiversion;
 use crate::ops::QuantU8;
 
 /// Window, stride, padding and dilation (each `[height, width]`) of a pooling layer, with
@@ -103,34 +104,48 @@ fn check_out(op: &'static str, x: &QImage<'_>, oh: usize, ow: usize, out: &[u8])
 /// # Errors
 /// Invalid window or buffers of the wrong size.
 pub fn max_pool2d(x: &QImage<'_>, p: &Pool2d, out: &mut [u8]) -> Result<()> {
+    max_pool2d_with(qtensor::isa::selected(), x, p, out)
+}
+
+/// [`max_pool2d`] with an explicit instruction set, for conformance tests.
+///
+/// # Errors
+/// As [`max_pool2d`].
+pub fn max_pool2d_with(isa: qtensor::isa::Isa, x: &QImage<'_>, p: &Pool2d, out: &mut [u8]) -> Result<()> {
     let (oh, ow) = p.output_hw(x.h, x.w)?;
     check_out("qkernels::max_pool2d", x, oh, ow, out)?;
-    let c = x.c;
-    for b in 0..x.n {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let o = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
-                o.fill(0);
-                for ky in 0..p.kernel[0] {
-                    let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize;
-                    if iy < 0 || iy >= x.h as isize {
-                        continue;
-                    }
-                    for kx in 0..p.kernel[1] {
-                        let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize;
-                        if ix < 0 || ix >= x.w as isize {
+    max_pool_core(isa, x, p, oh, ow, out);
+    Ok(())
+}
+
+multiversion! {
+    fn max_pool_core(x: &QImage<'_>, p: &Pool2d, oh: usize, ow: usize, out: &mut [u8]) {
+        let c = x.c;
+        for b in 0..x.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let o = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
+                    o.fill(0);
+                    for ky in 0..p.kernel[0] {
+                        let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize;
+                        if iy < 0 || iy >= x.h as isize {
                             continue;
                         }
-                        let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
-                        for (d, s) in o.iter_mut().zip(src) {
-                            *d = (*d).max(*s);
+                        for kx in 0..p.kernel[1] {
+                            let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize;
+                            if ix < 0 || ix >= x.w as isize {
+                                continue;
+                            }
+                            let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
+                            for (d, s) in o.iter_mut().zip(src) {
+                                *d = (*d).max(*s);
+                            }
                         }
                     }
                 }
             }
         }
     }
-    Ok(())
 }
 
 /// Requantizes a window sum: `zo + round_half_even(acc * (1 / (1 / multiplier)))`, clamped
@@ -148,6 +163,14 @@ fn requant_window(acc: i32, multiplier: f32, zo: i32) -> u8 {
 /// # Errors
 /// Invalid window, divisor 0, invalid output parameters, buffers of the wrong size.
 pub fn avg_pool2d(x: &QImage<'_>, p: &Pool2d, qo: QuantU8, out: &mut [u8]) -> Result<()> {
+    avg_pool2d_with(qtensor::isa::selected(), x, p, qo, out)
+}
+
+/// [`avg_pool2d`] with an explicit instruction set, for conformance tests.
+///
+/// # Errors
+/// As [`avg_pool2d`].
+pub fn avg_pool2d_with(isa: qtensor::isa::Isa, x: &QImage<'_>, p: &Pool2d, qo: QuantU8, out: &mut [u8]) -> Result<()> {
     const OP: &str = "qkernels::avg_pool2d";
     let (oh, ow) = p.output_hw(x.h, x.w)?;
     check_out(OP, x, oh, ow, out)?;
@@ -155,42 +178,48 @@ pub fn avg_pool2d(x: &QImage<'_>, p: &Pool2d, qo: QuantU8, out: &mut [u8]) -> Re
     if p.divisor_override == Some(0) {
         return Err(QError::Unsupported { op: OP, reason: "divisor_override must be non-zero".into() });
     }
-    let c = x.c;
-    let mut acc = vec![0i32; c];
-    for b in 0..x.n {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let hs = (oy * p.stride[0]) as isize - p.padding[0] as isize;
-                let ws = (ox * p.stride[1]) as isize - p.padding[1] as isize;
-                let he = (hs + p.kernel[0] as isize).min((x.h + p.padding[0]) as isize);
-                let we = (ws + p.kernel[1] as isize).min((x.w + p.padding[1]) as isize);
-                let pool_size = ((he - hs) * (we - ws)) as i32;
-                let (hs, ws) = (hs.max(0) as usize, ws.max(0) as usize);
-                let (he, we) = (he.min(x.h as isize) as usize, we.min(x.w as isize) as usize);
-                let size = (he.saturating_sub(hs) * we.saturating_sub(ws)) as i32;
-                let divisor = match p.divisor_override {
-                    Some(d) => d as i32,
-                    None if p.count_include_pad => pool_size,
-                    None => size,
-                };
-                acc.fill(-x.zero_point * size);
-                for iy in hs..he {
-                    for ix in ws..we {
-                        let src = &x.data[((b * x.h + iy) * x.w + ix) * c..][..c];
-                        for (a, s) in acc.iter_mut().zip(src) {
-                            *a += *s as i32;
+    avg_pool_core(isa, x, p, qo, oh, ow, out);
+    Ok(())
+}
+
+multiversion! {
+    fn avg_pool_core(x: &QImage<'_>, p: &Pool2d, qo: QuantU8, oh: usize, ow: usize, out: &mut [u8]) {
+        let c = x.c;
+        let mut acc = vec![0i32; c];
+        for b in 0..x.n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let hs = (oy * p.stride[0]) as isize - p.padding[0] as isize;
+                    let ws = (ox * p.stride[1]) as isize - p.padding[1] as isize;
+                    let he = (hs + p.kernel[0] as isize).min((x.h + p.padding[0]) as isize);
+                    let we = (ws + p.kernel[1] as isize).min((x.w + p.padding[1]) as isize);
+                    let pool_size = ((he - hs) * (we - ws)) as i32;
+                    let (hs, ws) = (hs.max(0) as usize, ws.max(0) as usize);
+                    let (he, we) = (he.min(x.h as isize) as usize, we.min(x.w as isize) as usize);
+                    let size = (he.saturating_sub(hs) * we.saturating_sub(ws)) as i32;
+                    let divisor = match p.divisor_override {
+                        Some(d) => d as i32,
+                        None if p.count_include_pad => pool_size,
+                        None => size,
+                    };
+                    acc.fill(-x.zero_point * size);
+                    for iy in hs..he {
+                        for ix in ws..we {
+                            let src = &x.data[((b * x.h + iy) * x.w + ix) * c..][..c];
+                            for (a, s) in acc.iter_mut().zip(src) {
+                                *a += *s as i32;
+                            }
                         }
                     }
-                }
-                let multiplier = x.scale / qo.scale / divisor as f32;
-                let o = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
-                for (d, a) in o.iter_mut().zip(&acc) {
-                    *d = requant_window(*a, multiplier, qo.zero_point);
+                    let multiplier = x.scale / qo.scale / divisor as f32;
+                    let o = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
+                    for (d, a) in o.iter_mut().zip(&acc) {
+                        *d = requant_window(*a, multiplier, qo.zero_point);
+                    }
                 }
             }
         }
     }
-    Ok(())
 }
 
 /// Adaptive average pooling to `out_h x out_w` (PyTorch's windows
@@ -200,40 +229,60 @@ pub fn avg_pool2d(x: &QImage<'_>, p: &Pool2d, qo: QuantU8, out: &mut [u8]) -> Re
 /// # Errors
 /// A zero output size, invalid output parameters, buffers of the wrong size.
 pub fn adaptive_avg_pool2d(x: &QImage<'_>, (oh, ow): (usize, usize), qo: QuantU8, out: &mut [u8]) -> Result<()> {
+    adaptive_avg_pool2d_with(qtensor::isa::selected(), x, (oh, ow), qo, out)
+}
+
+/// [`adaptive_avg_pool2d`] with an explicit instruction set, for conformance tests.
+///
+/// # Errors
+/// As [`adaptive_avg_pool2d`].
+pub fn adaptive_avg_pool2d_with(
+    isa: qtensor::isa::Isa,
+    x: &QImage<'_>,
+    (oh, ow): (usize, usize),
+    qo: QuantU8,
+    out: &mut [u8],
+) -> Result<()> {
     const OP: &str = "qkernels::adaptive_avg_pool2d";
     if oh == 0 || ow == 0 {
         return Err(QError::Unsupported { op: OP, reason: format!("output size {oh}x{ow} must be at least 1x1") });
     }
     check_out(OP, x, oh, ow, out)?;
     qo.check(OP)?;
-    let c = x.c;
-    let mut acc = vec![0i32; c];
-    let start = |o: usize, i: usize, n: usize| (o * i) / n;
-    let end = |o: usize, i: usize, n: usize| ((o + 1) * i).div_ceil(n);
-    for b in 0..x.n {
-        for oy in 0..oh {
-            let (hs, he) = (start(oy, x.h, oh), end(oy, x.h, oh));
-            for ox in 0..ow {
-                let (ws, we) = (start(ox, x.w, ow), end(ox, x.w, ow));
-                let size = ((he - hs) * (we - ws)) as i32;
-                acc.fill(-x.zero_point * size);
-                for iy in hs..he {
-                    let row = &x.data[((b * x.h + iy) * x.w + ws) * c..((b * x.h + iy) * x.w + we) * c];
-                    for px in row.chunks_exact(c) {
-                        for (a, s) in acc.iter_mut().zip(px) {
-                            *a += *s as i32;
+    adaptive_core(isa, x, oh, ow, qo, out);
+    Ok(())
+}
+
+multiversion! {
+    fn adaptive_core(x: &QImage<'_>, oh: usize, ow: usize, qo: QuantU8, out: &mut [u8]) {
+        let c = x.c;
+        let mut acc = vec![0i32; c];
+        let start = |o: usize, i: usize, n: usize| (o * i) / n;
+        let end = |o: usize, i: usize, n: usize| ((o + 1) * i).div_ceil(n);
+        for b in 0..x.n {
+            for oy in 0..oh {
+                let (hs, he) = (start(oy, x.h, oh), end(oy, x.h, oh));
+                for ox in 0..ow {
+                    let (ws, we) = (start(ox, x.w, ow), end(ox, x.w, ow));
+                    let size = ((he - hs) * (we - ws)) as i32;
+                    acc.fill(-x.zero_point * size);
+                    for iy in hs..he {
+                        let row = &x.data[((b * x.h + iy) * x.w + ws) * c..((b * x.h + iy) * x.w + we) * c];
+                        for px in row.chunks_exact(c) {
+                            for (a, s) in acc.iter_mut().zip(px) {
+                                *a += *s as i32;
+                            }
                         }
                     }
-                }
-                let multiplier = x.scale / qo.scale / size as f32;
-                let o = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
-                for (d, a) in o.iter_mut().zip(&acc) {
-                    *d = requant_window(*a, multiplier, qo.zero_point);
+                    let multiplier = x.scale / qo.scale / size as f32;
+                    let o = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
+                    for (d, a) in o.iter_mut().zip(&acc) {
+                        *d = requant_window(*a, multiplier, qo.zero_point);
+                    }
                 }
             }
         }
     }
-    Ok(())
 }
 
 /// Nearest-neighbour upsampling by integer factors: `out[y][x] = in[y / fy][x / fx]`;

@@ -327,7 +327,8 @@ def run_torch(p):
         w = torch.from_numpy(np.asarray(pr["weight"], F32))
         b = torch.from_numpy(np.asarray(pr["bias"], F32))
         y = torch.ops.quantized.layer_norm(qn, [qn.shape[-1]], w, b, pr["eps"], p["out_scale"], p["out_zp"])
-        return from_q(y)
+        assert y.is_contiguous()
+        return y.int_repr().numpy(), float(y.q_scale()), int(y.q_zero_point())  # already NHWC
     elif op == "quantize_nchw_to_nhwc":
         x = torch.from_numpy(np.ascontiguousarray(ins[0]["f32_nchw"]))
         y = torch.quantize_per_tensor(x, p["out_scale"], p["out_zp"], torch.quint8)

@@ -67,6 +67,7 @@ Rerun from the repository root (/work/main):
 import copy
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -227,7 +228,7 @@ def describe_run(qm, x):
     rows = []
     hooks = []
     for name, mod in qm.named_modules():
-        if len(list(mod.children())) > 0:
+        if name in ("", "model") or name.endswith("_packed_params"):
             continue
 
         def hook(mod, inp, out, name=name):
@@ -260,8 +261,22 @@ def load_split():
         x, y, test_size=N_TEST, stratify=y, random_state=SEED, shuffle=True
     )
     assert x_tr.shape == (1297, 1, 8, 8) and x_te.shape == (500, 1, 8, 8)
-    return (torch.from_numpy(np.ascontiguousarray(x_tr)), torch.from_numpy(y_tr),
-            torch.from_numpy(np.ascontiguousarray(x_te)), torch.from_numpy(y_te))
+    return nchw(x_tr), torch.from_numpy(y_tr).clone(), nchw(x_te), torch.from_numpy(y_te).clone()
+
+
+def nchw(a):
+    """numpy [N, 1, H, W] -> torch tensor with the standard NCHW strides.
+
+    numpy gives the size-1 channel axis a stride of 0, which PyTorch reads as
+    channels_last; its float conv then takes the NHWC path, whose different
+    summation order moves some outputs by an ulp, and with them observer
+    min/max and the chosen scales.  Everything here uses the strides a tensor
+    loaded from the safetensors files has, so the files reproduce the goldens.
+    """
+    t = torch.from_numpy(a).clone(memory_format=torch.contiguous_format)
+    n, c, h, w = t.shape
+    assert t.stride() == (c * h * w, h * w, w, 1), t.stride()
+    return t
 
 
 def train(x_tr, y_tr):
@@ -398,7 +413,40 @@ def verify():
             print(f"    {k}: {str(v.dtype).replace('torch.', '')} {list(v.shape)}")
 
 
+def check_from_files():
+    """Redo both PTQ flows from the written files alone; the goldens must match exactly."""
+    ld = lambda fn: load_file(os.path.join(OUT_DIR, fn))  # noqa: E731
+
+    model = DigitsNet()
+    model.load_state_dict(ld("digits_model.safetensors"))
+    model.eval()
+    test, calib, golden = ld("digits_test.safetensors"), ld("calib.safetensors"), ld(
+        "digits_golden.safetensors")
+    qm = ptq(model, [["conv1", "bn1", "relu1"], ["conv2", "bn2", "relu2"], ["fc1", "relu3"]],
+             calib["images"])
+    with torch.no_grad():
+        redo = {"logits_int8": qm.forward_q(test["images"]).int_repr(),
+                "logits_f32": model(test["images"])}
+    redo.update(qparams_entries(qm))
+    for k, v in redo.items():
+        assert torch.equal(v, golden[k]), f"digits golden {k} not reproduced from the files"
+
+    rb = ResBlock(8)
+    rb.load_state_dict(ld("resblock_model.safetensors"))
+    rb.eval()
+    io = ld("resblock_io.safetensors")
+    qm = ptq(rb, [["conv1", "bn1", "relu1"], ["conv2", "bn2"]], io["calib"])
+    with torch.no_grad():
+        redo = {"output_int8": qm.forward_q(io["input"]).int_repr(), "output_f32": rb(io["input"])}
+    redo.update(qparams_entries(qm))
+    for k, v in redo.items():
+        assert torch.equal(v, io[k]), f"resblock golden {k} not reproduced from the files"
+    print("check: both goldens reproduced exactly from the written files alone")
+
+
 def main():
+    warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+    warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
     torch.set_num_threads(1)
     torch.backends.quantized.engine = "x86"
     os.makedirs(OUT_DIR, exist_ok=True)
@@ -407,6 +455,7 @@ def main():
     digits()
     resblock()
     verify()
+    check_from_files()
 
 
 if __name__ == "__main__":

@@ -68,6 +68,15 @@ proptest! {
         let qo = QuantU8 { scale: 0.05, zero_point: 7 };
         let mut avg = vec![0u8; oh * ow * c];
         avg_pool2d(&img, &p, qo, &mut avg).unwrap();
+        let mut ad = vec![0u8; 2 * 3 * c];
+        adaptive_avg_pool2d(&img, (2, 3), qo, &mut ad).unwrap();
+        for isa in crate::isas_under_test() {
+            let (mut m2, mut a2, mut d2) = (vec![0u8; out.len()], vec![0u8; avg.len()], vec![0u8; ad.len()]);
+            max_pool2d_with(isa, &img, &p, &mut m2).unwrap();
+            avg_pool2d_with(isa, &img, &p, qo, &mut a2).unwrap();
+            adaptive_avg_pool2d_with(isa, &img, (2, 3), qo, &mut d2).unwrap();
+            prop_assert_eq!((&m2, &a2, &d2), (&out, &avg, &ad), "{}", isa);
+        }
         for oy in 0..oh { for ox in 0..ow { for ch in 0..c {
             let mut best = 0u8;
             let (mut sum, mut n) = (0i32, 0i32);
