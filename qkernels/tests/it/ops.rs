@@ -3,7 +3,8 @@
 
 use proptest::prelude::*;
 use qkernels::{
-    adaptive_avg_pool2d, add_isa, avg_pool2d, cat_channels, max_pool2d, Lut, Pool2d, QImage, QuantU8, UnaryOp,
+    adaptive_avg_pool2d, adaptive_avg_pool2d_with, add_isa, avg_pool2d, avg_pool2d_with, cat_channels, max_pool2d,
+    max_pool2d_with, Lut, Pool2d, QImage, QuantU8, UnaryOp,
 };
 
 fn quant() -> impl Strategy<Value = QuantU8> {
