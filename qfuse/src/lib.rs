@@ -1,5 +1,160 @@
 //! # qfuse: float-to-float rewrites before quantization
 //!
-//! **Status: created, not yet filled.** This crate will fold batch-norm into the preceding
-//! convolution or linear layer (equal to PyTorch's `fuse_conv_bn_weights`) and fuse ReLU into
-//! its producer. It depends only on [`qtensor`]; it knows nothing of observers or kernels.
+//! Folding a batch-norm into the convolution or linear layer before it, so the pair becomes
+//! one layer (and one int8 kernel) computing the same function. The arithmetic is PyTorch's
+//! `fuse_conv_bn_weights` / `fuse_linear_bn_weights` operation for operation in `f32`, so the
+//! folded weights, and the int8 weights quantized from them, are the ones PyTorch produces
+//! (golden-tested on a model PyTorch trained and quantized).
+//!
+//! Fusing ReLU into its producer needs no arithmetic: it is the clamp at the output zero
+//! point of the int8 kernels (`qkernels::Activation::Relu`).
+//!
+//! ```
+//! use qfuse::{fuse_conv_bn, BatchNorm};
+//! // A 1x1 conv with 2 output channels, then a batch-norm that doubles channel 1.
+//! let w = ndarray::Array4::from_shape_vec((2, 1, 1, 1), vec![1.0f32, 3.0]).unwrap().into_dyn();
+//! let bn = BatchNorm { weight: Some(vec![1.0, 2.0]), bias: Some(vec![0.0, 1.0]),
+//!                      running_mean: vec![0.0, 0.5], running_var: vec![1.0, 1.0], eps: 0.0 };
+//! let (fw, fb) = fuse_conv_bn(w.view(), Some(&[0.0, 0.5]), &bn)?;
+//! assert_eq!(fw.as_slice().unwrap(), &[1.0, 6.0]);
+//! assert_eq!(fb, vec![0.0, 1.0]); // (0.5 - 0.5) * 1 * 2 + 1
+//! # Ok::<(), qtensor::QError>(())
+//! ```
+//!
+//! `qfuse` depends on `qtensor` only (for its error type); it knows nothing of observers or
+//! kernels.
+
+use ndarray::{ArrayD, ArrayViewD, Axis};
+use qtensor::{QError, Result};
+
+/// An inference-mode batch-norm: `y = (x - mean) / sqrt(var + eps) * weight + bias`, per
+/// channel. `weight` and `bias` are `None` for PyTorch's `affine=False`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNorm {
+    /// Per-channel scale (gamma).
+    pub weight: Option<Vec<f32>>,
+    /// Per-channel shift (beta).
+    pub bias: Option<Vec<f32>>,
+    /// Running mean.
+    pub running_mean: Vec<f32>,
+    /// Running variance.
+    pub running_var: Vec<f32>,
+    /// Added to the variance (PyTorch: 1e-5).
+    pub eps: f32,
+}
+
+impl BatchNorm {
+    /// Number of channels.
+    pub fn channels(&self) -> usize {
+        self.running_mean.len()
+    }
+
+    fn check(&self, op: &'static str, channels: usize, shape: &[usize]) -> Result<()> {
+        let lens = [
+            Some(self.running_mean.len()),
+            Some(self.running_var.len()),
+            self.weight.as_ref().map(Vec::len),
+            self.bias.as_ref().map(Vec::len),
+        ];
+        if let Some(bad) = lens.into_iter().flatten().find(|&l| l != channels) {
+            return Err(QError::ShapeMismatch {
+                op,
+                expected: vec![channels],
+                actual: vec![bad],
+                hint: "the batch-norm must have one mean, variance, weight and bias per output channel of the layer before it",
+            });
+        }
+        if let Some(c) = self.running_var.iter().position(|&v| !(v + self.eps > 0.0) || !v.is_finite()) {
+            return Err(QError::Unsupported {
+                op,
+                reason: format!(
+                    "batch-norm channel {c} has running_var {} (+ eps {}) <= 0 or non-finite, for a layer of \
+                     shape {shape:?}; the statistics are broken: recompute them or drop the batch-norm",
+                    self.running_var[c], self.eps
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `1 / sqrt(var + eps)` per channel, in f32, as PyTorch's `rsqrt` (a correctly rounded
+    /// square root, then a division).
+    fn inv_std(&self) -> Vec<f32> {
+        self.running_var.iter().map(|&v| 1.0 / (v + self.eps).sqrt()).collect()
+    }
+}
+
+fn bias_or_zeros(bias: Option<&[f32]>, n: usize) -> Vec<f32> {
+    bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec)
+}
+
+/// Folds `bn` into a convolution with weights `w` (`[out_channels, ...]`, any layout with
+/// output channels first: OIHW or OHWI) and optional bias. Returns the new weights and bias.
+///
+/// PyTorch's `fuse_conv_bn_weights`: `w' = w * (gamma * rsqrt(var + eps))`,
+/// `b' = ((b - mean) * rsqrt(var + eps)) * gamma + beta`, in that order, in f32.
+///
+/// # Errors
+/// A batch-norm whose channel count differs from the weights' first dimension, or whose
+/// variance plus eps is not positive.
+pub fn fuse_conv_bn(w: ArrayViewD<'_, f32>, bias: Option<&[f32]>, bn: &BatchNorm) -> Result<(ArrayD<f32>, Vec<f32>)> {
+    const OP: &str = "qfuse::fuse_conv_bn";
+    let oc = check_weights(OP, &w, bias)?;
+    bn.check(OP, oc, w.shape())?;
+    let inv = bn.inv_std();
+    let gamma = bn.weight.clone().unwrap_or_else(|| vec![1.0; oc]);
+    let beta = bn.bias.clone().unwrap_or_else(|| vec![0.0; oc]);
+    let factor: Vec<f32> = gamma.iter().zip(&inv).map(|(g, i)| g * i).collect();
+    let mut fw = w.to_owned();
+    for (o, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
+        row.mapv_inplace(|v| v * factor[o]);
+    }
+    let b = bias_or_zeros(bias, oc);
+    let fb = (0..oc).map(|o| ((b[o] - bn.running_mean[o]) * inv[o]) * gamma[o] + beta[o]).collect();
+    Ok((fw, fb))
+}
+
+/// Folds `bn` into a linear layer (`[out_features, in_features]`) and optional bias.
+///
+/// PyTorch's `fuse_linear_bn_weights`: `s = gamma * rsqrt(var + eps)`, `w' = w * s`,
+/// `b' = (b - mean) * s + beta` (note: a different order from the convolution's bias).
+///
+/// # Errors
+/// As [`fuse_conv_bn`].
+pub fn fuse_linear_bn(w: ArrayViewD<'_, f32>, bias: Option<&[f32]>, bn: &BatchNorm) -> Result<(ArrayD<f32>, Vec<f32>)> {
+    const OP: &str = "qfuse::fuse_linear_bn";
+    let oc = check_weights(OP, &w, bias)?;
+    if w.ndim() != 2 {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!("linear weights must be 2-D [out_features, in_features], got shape {:?}", w.shape()),
+        });
+    }
+    bn.check(OP, oc, w.shape())?;
+    let inv = bn.inv_std();
+    let s: Vec<f32> = (0..oc).map(|o| bn.weight.as_ref().map_or(1.0, |g| g[o]) * inv[o]).collect();
+    let mut fw = w.to_owned();
+    for (o, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
+        row.mapv_inplace(|v| v * s[o]);
+    }
+    let b = bias_or_zeros(bias, oc);
+    let fb = (0..oc).map(|o| (b[o] - bn.running_mean[o]) * s[o] + bn.bias.as_ref().map_or(0.0, |x| x[o])).collect();
+    Ok((fw, fb))
+}
+
+fn check_weights(op: &'static str, w: &ArrayViewD<'_, f32>, bias: Option<&[f32]>) -> Result<usize> {
+    let Some(&oc) = w.shape().first() else {
+        return Err(QError::Unsupported { op, reason: "weights must have an output-channel dimension".into() });
+    };
+    if let Some(b) = bias {
+        if b.len() != oc {
+            return Err(QError::ShapeMismatch {
+                op,
+                expected: vec![oc],
+                actual: vec![b.len()],
+                hint: "the layer's bias must have one value per output channel",
+            });
+        }
+    }
+    Ok(oc)
+}
