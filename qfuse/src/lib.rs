@@ -64,7 +64,9 @@ impl BatchNorm {
                 hint: "the batch-norm must have one mean, variance, weight and bias per output channel of the layer before it",
             });
         }
-        if let Some(c) = self.running_var.iter().position(|&v| !(v + self.eps > 0.0) || !v.is_finite()) {
+        if let Some(c) =
+            self.running_var.iter().position(|&v| (v + self.eps).is_nan() || v + self.eps <= 0.0 || !v.is_finite())
+        {
             return Err(QError::Unsupported {
                 op,
                 reason: format!(
