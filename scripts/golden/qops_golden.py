@@ -88,9 +88,14 @@ warnings.filterwarnings("ignore")
 ENGINE = "x86"
 F32 = np.float32
 F64 = np.float64
-VEC_U8 = 64  # Vectorized<quint8>::size() with CPU_CAPABILITY_AVX512
-TI_BLOCK = 2 * VEC_U8  # cpu_kernel_vec processes 2 vectors per step
-VEC_F = 16  # Vectorized<float>::size()
+# Most quantized kernels are registered with REGISTER_DISPATCH, which leaves the
+# AVX-512 slot empty, so on an AVX-512 machine they run their AVX2 build:
+VEC_U8 = 32  # Vectorized<quint8>::size() (AVX2)
+TI_BLOCK = 2 * VEC_U8  # cpu_kernel_vec processes 2 vectors per step -> 64
+VEC_F = 8  # Vectorized<float>::size() (AVX2)
+# Only qavg_pool2d_nhwc (ALSO_REGISTER_AVX512_DISPATCH) runs the AVX-512 build:
+AVGPOOL_VEC = 16  # Vectorized<quint8>::size() / 4 with AVX-512
+FORCE = [None]  # testing hook: "vector" / "scalar" forces the path of every element
 OUT_PATH = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "qkernels", "tests", "golden", "qops.json"
 )
@@ -193,6 +198,8 @@ def vec_mask(n):
     """cpu_kernel_vec: the first floor(n/128)*128 flat elements take the vector lambda."""
     m = np.zeros(n, bool)
     m[: n // TI_BLOCK * TI_BLOCK] = True
+    if FORCE[0] is not None:
+        m[:] = FORCE[0] == "vector"
     return m
 
 
@@ -422,8 +429,10 @@ def model_cat(p, exact=True):
         if exact:
             nv = C // VEC_U8 * VEC_U8
             rem = C - nv
-            nv += rem // VEC_F * VEC_F  # the 16..63 channel "AVX2-width" block, also fma
+            nv += rem // VEC_F * VEC_F  # the 8..31 remainder block (VLEN == 4*kVLEN), also fma
             vm = np.broadcast_to(np.arange(C) < nv, q.shape)
+            if FORCE[0] is not None:
+                vm = np.full(q.shape, FORCE[0] == "vector")
         else:
             vm = np.zeros(q.shape, bool)
         d = np.where(vm, dq_vector(q, inp["scale"], inp["zp"]), dq_scalar(q, inp["scale"], inp["zp"]))
@@ -443,12 +452,14 @@ def model_relu6(p, exact=True):
     return q, a["scale"], a["zp"]
 
 
-def _unary_float(p, exact, fvec, fsca, out_scale, out_zp, inv, dq_vec_kind="fma"):
+def _unary_float(p, exact, fvec, fsca, out_scale, out_zp, inv, dq_vec_kind="fma", all_scalar=False):
     """dequantize -> f -> quantize, split between vector and scalar lambdas."""
     a = p["inputs"][0]
     q = a["data"].reshape(-1).astype(np.int64)
     n = q.size
     vm = vec_mask(n) if exact else np.zeros(n, bool)
+    if all_scalar and FORCE[0] is None:
+        vm[:] = False
     xs = dq_scalar(q, a["scale"], a["zp"])
     if dq_vec_kind == "fma":
         xv = dq_vector(q, a["scale"], a["zp"])
@@ -526,10 +537,16 @@ K_BETA = math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5
 K_KAPPA = 0.044715
 
 
+GELU_TANH_FMA = [True]
+
+
 def gelu_tanh_vec(x):
     x = np.asarray(x, F32)
     cube = x * x * x
-    inner = F32(K_BETA) * (x + F32(K_KAPPA) * cube)
+    if GELU_TANH_FMA[0]:  # value + kKappa * cube, contracted to one fma by the compiler
+        inner = F32(K_BETA) * fma32(F32(K_KAPPA), cube, x)
+    else:
+        inner = F32(K_BETA) * (x + F32(K_KAPPA) * cube)
     return (F32(0.5) * x * (F32(1) + f32_fn(np.tanh, inner))).astype(F32)
 
 
@@ -563,7 +580,13 @@ def model_elu(p, exact=True):
         neg = f32_fn(np.expm1, x) * alpha
         return np.where(x >= 0, x, neg).astype(F32)
 
-    return _unary_float(p, exact, fv, fs, p["out_scale"], p["out_zp"], inv_f32(p["out_scale"]))
+    # quantized::elu allocates a *contiguous* (NCHW) output: with a channels_last
+    # input TensorIterator's inner loop is strided for the input, so every element
+    # takes the scalar lambda (unless C == 1 or H*W == 1, where both layouts agree).
+    n_, h_, w_, c_ = p["inputs"][0]["data"].shape
+    mixed = c_ > 1 and h_ * w_ > 1
+    return _unary_float(p, exact, fv, fs, p["out_scale"], p["out_zp"], inv_f32(p["out_scale"]),
+                        all_scalar=mixed)
 
 
 def pool_out_size(inp, k, pad, stride, dil, ceil):
@@ -607,7 +630,9 @@ def model_avg_pool2d(p, exact=True):
     ow = pool_out_size(W, kw, pw, sw, 1, pr["ceil_mode"])
     s, z = a["scale"], a["zp"]
     ratio = F32(s) / F32(s)  # input_scale / output_scale (same qparams)
-    cvec = C // VEC_F * VEC_F if exact else 0
+    cvec = C // AVGPOOL_VEC * AVGPOOL_VEC if exact else 0
+    if FORCE[0] is not None:
+        cvec = C if FORCE[0] == "vector" else 0
     out = np.zeros((N, oh, ow, C), np.int64)
     for i in range(oh):
         for j in range(ow):
@@ -680,18 +705,23 @@ def model_upsample_nearest2d(p, exact=True):
     return x[:, hi][:, :, wi].astype(np.int64), a["scale"], a["zp"]
 
 
+def fused_params(w, b, m, v, eps, in_scale, out_scale):
+    """compute_fused_params (Normalization.cpp): float/double mix as in the C++."""
+    w, b, m, v = (np.asarray(t, F32) for t in (w, b, m, v))
+    inv_sigma = f32(1.0 / np.sqrt(v + F32(eps)).astype(F64))  # sqrtf(float), 1.0 / (double)
+    ratio = F64(in_scale) / F64(out_scale)
+    alpha = f32((inv_sigma * w).astype(F64) * ratio)
+    beta = f32((b - (m * inv_sigma) * w).astype(F64) / F64(out_scale))
+    return alpha, beta
+
+
 def bn_params(p):
     pr = p["params"]
-    a = p["inputs"][0]
-    w = np.asarray(pr["weight"], F32)
-    b = np.asarray(pr["bias"], F32)
-    m = np.asarray(pr["mean"], F32)
-    v = np.asarray(pr["var"], F32)
-    inv_sigma = f32(1.0 / np.sqrt(v + F32(pr["eps"])).astype(F64))  # sqrtf, then 1.0 / (double)
-    ratio = F64(a["scale"]) / F64(p["out_scale"])
-    alpha = f32((inv_sigma * w).astype(F64) * ratio)
-    beta = f32((b - m * inv_sigma * w).astype(F64) / F64(p["out_scale"]))
-    return alpha, beta
+    return fused_params(pr["weight"], pr["bias"], pr["mean"], pr["var"], pr["eps"],
+                        p["inputs"][0]["scale"], p["out_scale"])
+
+
+BN_SCALAR_FMA = [True]
 
 
 def model_batch_norm2d(p, exact=True):
@@ -700,50 +730,81 @@ def model_batch_norm2d(p, exact=True):
     C = x.shape[-1]
     alpha, beta = bn_params(p)
     d = (x - a["zp"]).astype(F32)
-    yv = fma32(alpha, d, beta)  # vector: _mm512_fmadd_ps(alpha, x - zp, beta)
-    ys = (alpha * d + beta).astype(F32) if not exact else fma32(alpha, d, beta)
-    cvec = C // VEC_U8 * VEC_U8
+    yv = fma32(alpha, d, beta)  # vector: fmadd(alpha, x - zp, beta)
+    ys = fma32(alpha, d, beta) if BN_SCALAR_FMA[0] else (alpha * d + beta).astype(F32)
+    lanes = 4 * VEC_F  # 32
+    cvec = C // lanes * lanes
+    cvec += (C - cvec) // VEC_F * VEC_F  # lanes == 32 -> 8-wide remainder block
+    if FORCE[0] is not None:
+        cvec = C if FORCE[0] == "vector" else 0
+    if not exact:  # plain: alpha * (q - zp) + beta with two roundings everywhere
+        yv = ys = (alpha * d + beta).astype(F32)
     y = np.where(np.arange(C) < cvec, yv, ys)
     return np.clip(rne(y).astype(np.int64) + p["out_zp"], 0, 255), p["out_scale"], p["out_zp"]
 
 
-def model_layer_norm(p, exact=True):
+LN_FMA = {"var": True, "y_vec": True, "y_sca": True}
+
+
+def ln_rows(p, exact=True):
+    """Per pixel (row of C): t = (q - zp - mean') * (x_scale / std) as the kernel computes it."""
     a = p["inputs"][0]
-    pr = p["params"]
     x = a["data"].astype(np.int64)
-    shp = x.shape
-    C = shp[-1]
+    C = x.shape[-1]
     rows = x.reshape(-1, C)
-    g = np.asarray(pr["weight"], F32)
-    b = np.asarray(pr["bias"], F32)
-    eps = F64(pr["eps"])
+    eps = F64(p["params"]["eps"])
     xs = F32(a["scale"])
-    out = np.zeros_like(rows)
-    cvec = C // VEC_U8 * VEC_U8
-    yinv = inv_f32(p["out_scale"])
+    ts = np.zeros(rows.shape, F32)
     for r in range(rows.shape[0]):
         row = rows[r]
-        ssum, ssq = int(row.sum()), int((row * row).sum())
-        ms = F32(ssum) / F32(C)
+        ssum, ssq = int(row.sum()), int((row * row).sum())  # hsum / hsum_sq, exact
+        ms = F32(ssum) / F32(C)  # float(sum) / N
         mean = ms - F32(a["zp"])
-        if exact:
+        if exact and LN_FMA["var"]:  # sumsq/N - ms*ms is contracted to an fma
             var = max(F32(fma32(-ms, ms, F32(ssq) / F32(C))), F32(0))
         else:
             var = max(F32(F32(ssq) / F32(C) - ms * ms), F32(0))
-        sstd = F32(F64(xs) / math.sqrt(F64(var * xs * xs) + eps))
-        d = (row - a["zp"]).astype(F32)
-        t = ((d - mean) * sstd).astype(F32)
-        if exact:
-            y = fma32(t, g, b)
-        else:
-            y = (t * g + b).astype(F32)
-        out[r] = quant(y, yinv, p["out_zp"])
+        sstd = F32(F64(xs) / math.sqrt(F64(var * xs * xs) + eps))  # double sqrt / divide
+        d = (row - a["zp"]).astype(F32)  # dequantize with fake scale 1.0 (exact)
+        ts[r] = ((d - mean) * sstd).astype(F32)
+    return ts
+
+
+def model_layer_norm(p, exact=True):
+    """quantized_normalize_kernel (affine_per_channel=False), one row of C per pixel."""
+    a = p["inputs"][0]
+    pr = p["params"]
+    shp = a["data"].shape
+    C = shp[-1]
+    g = np.asarray(pr["weight"], F32)
+    b = np.asarray(pr["bias"], F32)
+    t = ln_rows(p, exact)
+    vec = np.arange(C) < C // VEC_U8 * VEC_U8  # kIntVLen = 32 channel blocks, rest scalar
+    y_f = fma32(t, g, b)
+    y_n = (t * g + b).astype(F32)
+    yv = y_f if (exact and LN_FMA["y_vec"]) else y_n
+    ys = y_f if (exact and LN_FMA["y_sca"]) else y_n
+    out = quant(np.where(vec, yv, ys), inv_f32(p["out_scale"]), p["out_zp"])
     return out.reshape(shp), p["out_scale"], p["out_zp"]
+
+
+def quant_fbgemm(x, inv, zp):
+    """fbgemm QuantizeAvx2 incl. non-finite / huge inputs: t = min(x*inv, 2147483520f)
+    (NaN -> 2147483520 because minps returns its 2nd operand), cvtps RNE (out of range
+    -> INT32_MIN), + zp with int32 wrap-around, clamp to [0, 255].  So +inf/NaN/huge give
+    255 when zp <= 127 but 0 when zp >= 128 (the add overflows)."""
+    t = np.asarray(x, F32) * F32(inv)
+    t = np.where(np.isnan(t) | (t > F32(2147483520.0)), F32(2147483520.0), t)
+    ok = t >= F32(-2147483648.0)
+    i = np.where(ok, rne(np.where(ok, t, 0)).astype(np.int64), -(2 ** 31))
+    i = (i + int(zp) + 2 ** 31) % 2 ** 32 - 2 ** 31
+    return np.clip(i, 0, 255)
 
 
 def model_quantize(p, exact=True):
     x = p["inputs"][0]["f32_nchw"]
-    q = quant(x, inv_f32(p["out_scale"]), p["out_zp"])
+    q = quant_fbgemm(x, inv_f32(p["out_scale"]), p["out_zp"]) if exact else \
+        quant(np.nan_to_num(x), inv_f32(p["out_scale"]), p["out_zp"])
     return q.transpose(0, 2, 3, 1), p["out_scale"], p["out_zp"]
 
 
@@ -842,24 +903,55 @@ def gen_add(name, rng, shape, op="add", qa=None, qb=None, out=None, probe=False)
     return p
 
 
-def gen_mul(name, rng, shape, qa=None, qb=None, out=None):
-    sa, za = qa or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
-    sb, zb = qb or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
-    a, b = rand_u8(rng, shape), rand_u8(rng, shape)
-    if out:
-        s, z = out
-    else:
-        da = (np.array([0, 255]) - za) * sa
-        db = (np.array([0, 255]) - zb) * sb
-        prods = np.outer(da, db)
-        s, z = fit_qparams(prods.min() * 0.6, prods.max() * 0.6, rng)
-    return mk(name, "mul", {}, [qin(a, sa, za), qin(b, sb, zb)], out_scale=s, out_zp=z)
+def gen_mul(name, rng, shape, qa=None, qb=None, out=None, probe=False):
+    for _ in range(2000 if probe else 1):
+        sa, za = qa or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
+        sb, zb = qb or (rand_scale(rng, 0.003, 0.1), pick_zp(rng))
+        a, b = rand_u8(rng, shape), rand_u8(rng, shape)
+        if out:
+            s, z = out
+        else:
+            da = (np.array([0, 255]) - za) * sa
+            db = (np.array([0, 255]) - zb) * sb
+            prods = np.outer(da, db)
+            s, z = fit_qparams(prods.min() * 0.6, prods.max() * 0.6, rng)
+        p = mk(name, "mul", {}, [qin(a, sa, za), qin(b, sb, zb)], out_scale=s, out_zp=z)
+        if not probe:
+            return p
+        # pairs where the f32 multiplier (sa*sb)*(1/s) and the double one round differently
+        ga, gb = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+        ga, gb = ga.reshape(-1), gb.reshape(-1)
+        tp = dict(p, inputs=[qin(ga.reshape(1, 1, 1, -1), sa, za), qin(gb.reshape(1, 1, 1, -1), sb, zb)])
+        diff = np.nonzero(model_mul(tp)[0].reshape(-1) != model_mul(tp, exact=False)[0].reshape(-1))[0]
+        if diff.size:
+            fa, fb = a.reshape(-1), b.reshape(-1)
+            pick = rng.random(fa.size) < 0.5
+            sel = diff[rng.integers(0, diff.size, int(pick.sum()))]
+            fa[pick], fb[pick] = ga[sel], gb[sel]
+            p["inputs"] = [qin(fa.reshape(shape), sa, za), qin(fb.reshape(shape), sb, zb)]
+            return p
+    return p
 
 
-def gen_add_scalar(name, rng, shape, qa=None, scalar=None):
-    s, z = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
-    c = float(F32(scalar if scalar is not None else rng.uniform(-300, 300) * s))
-    return mk(name, "add_scalar", {"scalar": c}, [qin(rand_u8(rng, shape), s, z)])
+def gen_add_scalar(name, rng, shape, qa=None, scalar=None, probe=False):
+    for _ in range(5000 if probe else 1):
+        s, z = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+        if probe:  # qa = (None, z) fixed zp, scalar = shift in units of s
+            s = rand_scale(rng, 0.005, 0.1)
+            z = qa[1]
+            c = float(F32(scalar * s * rng.uniform(0.9, 1.1)))
+        else:
+            c = float(F32(scalar if scalar is not None else rng.uniform(-300, 300) * s))
+        p = mk(name, "add_scalar", {"scalar": c}, [qin(rand_u8(rng, shape), s, z)])
+        if not probe:
+            return p
+        q_all = np.arange(256, dtype=np.uint8).reshape(1, 1, 1, 256)
+        tp = dict(p, inputs=[qin(q_all, s, z)])
+        e, pl = model_add_scalar(tp)[0].reshape(-1), model_add_scalar(tp, exact=False)[0].reshape(-1)
+        if np.any(e != pl):
+            p["inputs"] = [qin(probe_values(rng, np.arange(256), e, pl, shape), s, z)]
+            return p
+    return p
 
 
 def gen_mul_scalar(name, rng, shape, qa=None, scalar=None):
@@ -873,6 +965,8 @@ def gen_cat(name, rng, shape, c2, qa=None, qb=None, out=None, probe=False):
     sa, za = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
     sb, zb = qb or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
     s, z = out or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
+    if probe and not out:  # ties: output scale = 2 x the first input's scale
+        s, z = float(F32(2 * sa)), int(rng.integers(0, 256))
     ins = []
     for shp, sc, zp in ((shape, sa, za), (shape2, sb, zb)):
         data = rand_u8(rng, shp)
@@ -892,9 +986,10 @@ UNARY_VEC_SCA = {
 }
 
 
-def gen_unary(name, rng, shape, op, qa=None, out=None, params=None, probe=False, lo_hi=(-8.0, 8.0)):
+def gen_unary(name, rng, shape, op, qa=None, out=None, params=None, probe=False, lo_hi=(-8.0, 8.0),
+              probe_models=None):
     params = dict(params or {})
-    for attempt in range(300 if probe else 1):
+    for attempt in range(4000 if probe else 1):
         if qa:
             s, z = qa
         else:
@@ -902,7 +997,11 @@ def gen_unary(name, rng, shape, op, qa=None, out=None, params=None, probe=False,
             s = rand_scale(rng, (hi - lo) / 255 * 0.6, (hi - lo) / 255 * 1.6)
             z = int(np.clip(round(-lo / s) + rng.integers(-20, 21), 0, 255))
         x_lo, x_hi = -z * s, (255 - z) * s
-        if op == "hardswish":
+        if probe and op in ("hardswish", "leaky_relu", "elu") and out is None:
+            # output scale 2*s puts many results on a .5 tie, so a 1-ulp
+            # difference between the two dequantize formulas decides the rounding
+            o = (float(F32(2 * s)), int(np.clip(z // 2 + rng.integers(-3, 4), 0, 255)))
+        elif op == "hardswish":
             o = out or fit_qparams(-0.375, x_hi, rng)
         elif op == "leaky_relu":
             o = out or fit_qparams(x_lo * params["negative_slope"], x_hi, rng)
@@ -914,28 +1013,29 @@ def gen_unary(name, rng, shape, op, qa=None, out=None, params=None, probe=False,
         if not probe:
             return p
         q_all = np.arange(256, dtype=np.uint8).reshape(1, 1, 1, 256)
-        # evaluate the exact model with every value once in the vector region and once in the tail
-        tp = dict(p, inputs=[qin(np.tile(q_all, (1, 1, 1, 1)), s, z)])
-        full = np.concatenate([q_all, q_all, q_all[:, :, :, :17]], axis=-1)  # 529: 512 vector + 17 tail
-        tp["inputs"] = [qin(full, s, z)]
-        y = MODELS[op](tp)[0].reshape(-1)
-        vec_out, sca_out = y[:256], np.concatenate([y[256:256], np.zeros(0)])
-        # scalar results for all 256 values
-        tp2 = dict(p, inputs=[qin(q_all[:, :, :, :127], s, z)])
-        tp3 = dict(p, inputs=[qin(q_all[:, :, :, 127:], s, z)])
-        sca_out = np.concatenate([MODELS[op](tp2)[0].reshape(-1), MODELS[op](tp3)[0].reshape(-1)])
-        if np.any(vec_out != sca_out):
-            p["inputs"] = [qin(probe_values(rng, np.arange(256), vec_out, sca_out, shape), s, z)]
+        tp = dict(p, inputs=[qin(q_all, s, z)])
+        outs = []
+        if probe_models:
+            outs = [f(tp).reshape(-1) for f in probe_models]
+        for path in () if probe_models else ("vector", "scalar"):
+            FORCE[0] = path
+            try:
+                outs.append(MODELS[op](tp)[0].reshape(-1))
+            finally:
+                FORCE[0] = None
+        if np.any(outs[0] != outs[1]):
+            p["inputs"] = [qin(probe_values(rng, np.arange(256), outs[0], outs[1], shape), s, z)]
+            p["probe_hits"] = int((outs[0] != outs[1]).sum())
             return p
     return p
 
 
-def pool_case(name, rng, shape, op, params, qa=None):
+def pool_case(name, rng, shape, op, params, qa=None, data_range=(0, 255)):
     s, z = qa or (rand_scale(rng, 0.005, 0.1), pick_zp(rng))
-    return mk(name, op, params, [qin(rand_u8(rng, shape), s, z)])
+    return mk(name, op, params, [qin(rand_u8(rng, shape, *data_range), s, z)])
 
 
-def gen_bn(name, rng, shape, qa=None):
+def gen_bn(name, rng, shape, qa=None, probe=False):
     C = shape[-1]
     s, z = qa or (rand_scale(rng, 0.01, 0.1), pick_zp(rng))
     x_lo, x_hi = -z * s, (255 - z) * s
@@ -946,19 +1046,54 @@ def gen_bn(name, rng, shape, qa=None):
     eps = float(F32(1e-5))
     y = (np.array([x_lo, x_hi])[:, None] - m) / np.sqrt(v + eps) * w + b
     os_, oz = fit_qparams(float(y.min()) * 0.7, float(y.max()) * 0.7, rng)
+    data = rand_u8(rng, shape)
+    if probe:
+        # per channel: search biases so that fma(alpha, d, beta) and alpha*d + beta
+        # (two roundings) round to different integers for some inputs
+        d_all = (np.arange(256) - z).astype(F32)
+        flat = data.reshape(-1, C)
+        for ch in range(C):
+            cand_b = f32(b[ch] + rng.uniform(-0.5, 0.5, 4096))
+            al, be = fused_params(w[ch], cand_b, m[ch], v[ch], eps, s, os_)
+            al = np.broadcast_to(al, be.shape)
+            y1 = rne(fma32(al[:, None], d_all[None, :], be[:, None]))
+            y2 = rne((al[:, None] * d_all[None, :] + be[:, None]).astype(F32))
+            hit = np.nonzero((y1 != y2).any(axis=1))[0]
+            if hit.size:
+                j = hit[0]
+                b[ch] = cand_b[j]
+                qs = np.nonzero(y1[j] != y2[j])[0]
+                pick = rng.random(flat.shape[0]) < 0.5
+                flat[pick, ch] = qs[rng.integers(0, qs.size, int(pick.sum()))]
+        data = flat.reshape(shape)
     params = {"weight": w, "bias": b, "mean": m, "var": v, "eps": eps}
-    return mk(name, "batch_norm2d", params, [qin(rand_u8(rng, shape), s, z)], out_scale=os_, out_zp=oz)
+    return mk(name, "batch_norm2d", params, [qin(data, s, z)], out_scale=os_, out_zp=oz)
 
 
-def gen_ln(name, rng, shape, qa=None, out=None, narrow=False):
+def gen_ln(name, rng, shape, qa=None, out=None, narrow=False, probe=False):
     C = shape[-1]
     s, z = qa or (rand_scale(rng, 0.01, 0.1), pick_zp(rng))
     lo, hi = (100, 160) if narrow else (0, 255)
     g = f32(rng.uniform(0.5, 1.5, C))
     b = f32(rng.uniform(-0.5, 0.5, C))
     os_, oz = out or fit_qparams(-3.5, 3.5, rng)
+    if probe:
+        os_, oz = float(F32(rng.uniform(0.012, 0.02))), 128
     params = {"normalized_shape": [C], "weight": g, "bias": b, "eps": float(F32(1e-5))}
-    return mk(name, "layer_norm", params, [qin(rand_u8(rng, shape, lo, hi), s, z)], out_scale=os_, out_zp=oz)
+    p = mk(name, "layer_norm", params, [qin(rand_u8(rng, shape, lo, hi), s, z)], out_scale=os_, out_zp=oz)
+    if probe:
+        # per channel: search gamma/beta so that fma(t, g, b) and t*g + b quantize differently
+        t = ln_rows(p)
+        inv = inv_f32(os_)
+        for ch in range(C):
+            cg = f32(g[ch] * (1 + rng.uniform(-0.05, 0.05, 2048)))
+            cb = f32(b[ch] + rng.uniform(-0.05, 0.05, 2048))
+            yf = quant(fma32(t[None, :, ch], cg[:, None], cb[:, None]), inv, oz)
+            yn = quant((t[None, :, ch] * cg[:, None] + cb[:, None]).astype(F32), inv, oz)
+            hit = np.nonzero((yf != yn).any(axis=1))[0]
+            if hit.size:
+                g[ch], b[ch] = cg[hit[0]], cb[hit[0]]
+    return p
 
 
 def gen_quantize(name, rng, shape_nhwc, out=None, kind="normal"):
@@ -971,6 +1106,10 @@ def gen_quantize(name, rng, shape_nhwc, out=None, kind="normal"):
         k = rng.integers(-z - 3, 258 - z, (n, c, h, w)) + 0.5
         x = k * s
         x = np.where(rng.random(x.shape) < 0.3, np.nextafter(f32(x), F32(np.inf)), f32(x))
+    if kind == "special":  # non-finite / huge / tiny values (NCHW flat order)
+        sp = [np.nan, np.inf, -np.inf, 3e9, -3e9, 1e30, -0.0, 1e-45, 134217730.0, -1e-30, 7.96875, -6.25]
+        flat = x.reshape(-1)
+        flat[: len(sp)] = sp
     return mk(name, "quantize_nchw_to_nhwc", {}, [{"f32_nchw": f32(x)}], out_scale=s, out_zp=z)
 
 
@@ -1005,6 +1144,8 @@ def fixture_cases():
     add("mul_8x8x17_zp128", gen_mul, (1, 8, 8, 17), qa=(0.03125, 128), qb=(0.0625, 128))
     add("mul_5x7x70", gen_mul, (1, 5, 7, 70))
     add("mul_n2_8x8x13", gen_mul, (2, 8, 8, 13))
+    add("mul_8x8x17_probe", gen_mul, (1, 8, 8, 17), probe=True)
+    add("mul_5x7x70_probe", gen_mul, (1, 5, 7, 70), probe=True)
     # add_scalar
     add("add_scalar_in_range_pos", gen_add_scalar, (1, 5, 7, 13), qa=(0.05, 100), scalar=1.5)
     add("add_scalar_in_range_neg", gen_add_scalar, (1, 8, 8, 17), qa=(0.02, 37), scalar=-0.7)
@@ -1013,6 +1154,8 @@ def fixture_cases():
     add("add_scalar_above_qmax", gen_add_scalar, (1, 8, 8, 70), qa=(0.03, 240), scalar=-2.2)
     add("add_scalar_below_qmin_zp0", gen_add_scalar, (2, 5, 7, 17), qa=(0.0078125, 0), scalar=0.9)
     add("add_scalar_above_qmax_zp255", gen_add_scalar, (1, 5, 7, 3), qa=(0.0625, 255), scalar=-5.0)
+    add("add_scalar_below_qmin_probe", gen_add_scalar, (1, 8, 8, 17), qa=(None, 30), scalar=100.0, probe=True)
+    add("add_scalar_above_qmax_probe", gen_add_scalar, (1, 5, 7, 13), qa=(None, 211), scalar=-90.0, probe=True)
     # mul_scalar
     add("mul_scalar_pos", gen_mul_scalar, (1, 5, 7, 13), qa=(0.05, 100), scalar=1.7)
     add("mul_scalar_neg", gen_mul_scalar, (1, 8, 8, 17), qa=(0.0234375, 31), scalar=-0.3)
@@ -1022,7 +1165,8 @@ def fixture_cases():
     add("cat_same_qparams_13_17", gen_cat, (1, 5, 7, 13), 17, qa=(0.05, 100), qb=(0.05, 100), out=(0.05, 100))
     add("cat_diff_qparams_17_13", gen_cat, (1, 8, 8, 17), 13)
     add("cat_diff_qparams_70_64_probe", gen_cat, (1, 5, 7, 70), 64, probe=True)
-    add("cat_first_same_3_70_probe", gen_cat, (1, 8, 8, 3), 70, qa=(0.04, 7), out=(0.04, 7), probe=True)
+    add("cat_first_same_3_70_probe", gen_cat, (1, 8, 8, 3), 70, qa=(0.04, 7), qb=(0.02, 5), out=(0.04, 7),
+        probe=True)
     add("cat_diff_qparams_1_1", gen_cat, (2, 1, 1, 1), 1)
     add("cat_diff_qparams_33_95_probe", gen_cat, (1, 5, 7, 33), 95, probe=True)
     # relu / relu6
@@ -1045,7 +1189,8 @@ def fixture_cases():
     add("hardsigmoid_1x1x3_zp0", gen_unary, (1, 1, 1, 3), "hardsigmoid", qa=(0.05, 0))
     # sigmoid / tanh
     add("sigmoid_5x7x13", gen_unary, (1, 5, 7, 13), "sigmoid")
-    add("sigmoid_8x8x70", gen_unary, (1, 8, 8, 70), "sigmoid")
+    add("sigmoid_8x8x70_probe", gen_unary, (1, 8, 8, 70), "sigmoid", probe=True)
+    add("sigmoid_8x8x17_probe", gen_unary, (1, 8, 8, 17), "sigmoid", probe=True)
     add("sigmoid_n2_8x8x17_wide", gen_unary, (2, 8, 8, 17), "sigmoid", lo_hi=(-20.0, 20.0))
     add("sigmoid_1x1x3", gen_unary, (1, 1, 1, 3), "sigmoid")
     add("tanh_5x7x13", gen_unary, (1, 5, 7, 13), "tanh", lo_hi=(-4.0, 4.0))
@@ -1065,11 +1210,23 @@ def fixture_cases():
     add("gelu_8x8x17_probe", gen_unary, (1, 8, 8, 17), "gelu", params={"approximate": "none"},
         lo_hi=(-5.0, 5.0), probe=True)
     add("gelu_tanh_8x8x17", gen_unary, (1, 8, 8, 17), "gelu", params={"approximate": "tanh"}, lo_hi=(-5.0, 5.0))
+    # (s, z, q) found by bisecting gelu_tanh(s*(q-z))/s onto k + 0.5: here x + k*x^3 with and
+    # without fma contraction gives outputs one apart
+    def gelu_tanh_probe(name, rng, shape, s, z, qv):
+        p = gen_unary(name, rng, shape, "gelu", qa=(s, z), params={"approximate": "tanh"})
+        d = p["inputs"][0]["data"].reshape(-1)
+        d[rng.random(d.size) < 0.3] = qv
+        return p
+
+    add("gelu_tanh_8x8x17_probe", gelu_tanh_probe, (1, 8, 8, 17), 0.018260419368743896, 128, 29)
+    add("gelu_tanh_5x7x13_probe", gelu_tanh_probe, (1, 5, 7, 13), 0.010231330059468746, 128, 30)
     add("gelu_1x1x3", gen_unary, (1, 1, 1, 3), "gelu", params={"approximate": "none"})
     # elu
     add("elu_5x7x13", gen_unary, (1, 5, 7, 13), "elu", params={"alpha": 1.0}, lo_hi=(-6.0, 4.0))
     add("elu_8x8x70_probe", gen_unary, (1, 8, 8, 70), "elu", params={"alpha": float(F32(0.5))},
         lo_hi=(-6.0, 4.0), probe=True)
+    add("elu_1x1x70_probe", gen_unary, (1, 1, 1, 70), "elu", params={"alpha": 1.0}, lo_hi=(-6.0, 4.0), probe=True)
+    add("elu_8x8x1_probe", gen_unary, (1, 8, 8, 1), "elu", params={"alpha": 1.0}, lo_hi=(-6.0, 4.0), probe=True)
     add("elu_8x8x17", gen_unary, (1, 8, 8, 17), "elu", params={"alpha": float(F32(1.5))}, lo_hi=(-4.0, 4.0))
     # max_pool2d
     mp = lambda k, s, pd, d=(1, 1), ceil=False: {"kernel": list(k), "stride": list(s), "padding": list(pd),
@@ -1096,6 +1253,13 @@ def fixture_cases():
     add("avg_pool2d_k3s3_div7_8x8x70", pool_case, (1, 8, 8, 70), "avg_pool2d", ap((3, 3), (3, 3), (0, 0), div=7))
     add("avg_pool2d_k5s1p2_5x7x33", pool_case, (1, 5, 7, 33), "avg_pool2d", ap((5, 5), (1, 1), (2, 2)))
     add("avg_pool2d_k1_1x1x1", pool_case, (1, 1, 1, 1), "avg_pool2d", ap((1, 1), (1, 1), (0, 0)))
+    # near-tie probes: acc / divisor = +-254.5 where f32(acc * f32(1/d)) rounds away from the exact tie
+    add("avg_pool2d_k2x7_div14_hi_probe", pool_case, (1, 5, 7, 17), "avg_pool2d", ap((2, 7), (1, 1), (0, 0)),
+        qa=(0.05, 0), data_range=(254, 255))
+    add("avg_pool2d_k5x6_div30_lo_probe", pool_case, (2, 5, 7, 70), "avg_pool2d", ap((5, 6), (1, 1), (0, 0)),
+        qa=(0.05, 255), data_range=(0, 1))
+    add("avg_pool2d_k3_div26_hi_probe", pool_case, (1, 8, 8, 33), "avg_pool2d",
+        ap((3, 3), (1, 1), (1, 1), cip=True, div=26), qa=(0.05, 0), data_range=(254, 255))
     # adaptive_avg_pool2d
     aap = lambda o: {"output_size": list(o)}
     add("adaptive_avg_pool2d_global_5x7x70", pool_case, (1, 5, 7, 70), "adaptive_avg_pool2d", aap((1, 1)))
@@ -1105,6 +1269,10 @@ def fixture_cases():
     add("adaptive_avg_pool2d_8x8_to_4x4_x3", pool_case, (1, 8, 8, 3), "adaptive_avg_pool2d", aap((4, 4)))
     add("adaptive_avg_pool2d_8x8_to_3x5_x70", pool_case, (1, 8, 8, 70), "adaptive_avg_pool2d", aap((3, 5)))
     add("adaptive_avg_pool2d_1x1_to_1x1_x1", pool_case, (1, 1, 1, 1), "adaptive_avg_pool2d", aap((1, 1)))
+    add("adaptive_avg_pool2d_8x7_to_4x1_size14_probe", pool_case, (1, 8, 7, 17), "adaptive_avg_pool2d", aap((4, 1)),
+        qa=(0.05, 0), data_range=(254, 255))
+    add("adaptive_avg_pool2d_5x6_global_size30_probe", pool_case, (2, 5, 6, 13), "adaptive_avg_pool2d", aap((1, 1)),
+        qa=(0.05, 255), data_range=(0, 1))
     # upsample_nearest2d
     add("upsample_nearest2d_x2_5x7x13", pool_case, (1, 5, 7, 13), "upsample_nearest2d", {"scale_factor": 2.0})
     add("upsample_nearest2d_x2_1x1x70", pool_case, (1, 1, 1, 70), "upsample_nearest2d", {"scale_factor": 2.0})
@@ -1116,6 +1284,8 @@ def fixture_cases():
     add("quantize_8x8x17_zp128_ties", gen_quantize, (1, 8, 8, 17), out=(0.0234375, 128), kind="ties")
     add("quantize_5x7x70_odd_ties", gen_quantize, (1, 5, 7, 70), kind="ties")
     add("quantize_1x1x3_zp0", gen_quantize, (1, 1, 1, 3), out=(0.1, 0))
+    add("quantize_special_zp100", gen_quantize, (1, 2, 3, 4), out=(0.0625, 100), kind="special")
+    add("quantize_special_zp200", gen_quantize, (1, 2, 3, 4), out=(0.0625, 200), kind="special")
     add("dequantize_5x7x13", pool_case, (1, 5, 7, 13), "dequantize", {})
     add("dequantize_8x8x70_zp128", pool_case, (1, 8, 8, 70), "dequantize", {}, qa=(0.0123, 128))
     add("dequantize_1x1x1", pool_case, (1, 1, 1, 1), "dequantize", {})
@@ -1125,12 +1295,17 @@ def fixture_cases():
     add("batch_norm2d_5x7x70", gen_bn, (1, 5, 7, 70))
     add("batch_norm2d_n2_8x8x17", gen_bn, (2, 8, 8, 17))
     add("batch_norm2d_1x1x3", gen_bn, (1, 1, 1, 3))
+    add("batch_norm2d_8x8x13_probe", gen_bn, (1, 8, 8, 13), probe=True)
+    add("batch_norm2d_5x7x70_probe", gen_bn, (1, 5, 7, 70), probe=True)
+    add("batch_norm2d_8x8x3_probe", gen_bn, (1, 8, 8, 3), probe=True)
     # layer_norm (over C of NHWC data)
     add("layer_norm_5x7x13", gen_ln, (1, 5, 7, 13))
     add("layer_norm_8x8x64", gen_ln, (1, 8, 8, 64))
     add("layer_norm_5x7x70", gen_ln, (1, 5, 7, 70))
     add("layer_norm_8x8x17_narrow", gen_ln, (1, 8, 8, 17), narrow=True)
     add("layer_norm_1x1x3", gen_ln, (1, 1, 1, 3))
+    add("layer_norm_8x8x70_probe", gen_ln, (1, 8, 8, 70), probe=True)
+    add("layer_norm_8x8x13_probe", gen_ln, (1, 8, 8, 13), probe=True)
     return cases
 
 
@@ -1185,46 +1360,163 @@ def stress_cases(count, seed=12345):
 # checking
 
 
+def _with_flag_model(flag_dict, key, value, fn):
+    """Like _with_flag but keeps the model's (data, scale, zp) return."""
+    def run(p, exact=True):
+        old = flag_dict[key]
+        flag_dict[key] = value
+        try:
+            return fn(p, exact)
+        finally:
+            flag_dict[key] = old
+    return run
+
+
+def _with_flag(flag_dict, key, value, fn):
+    def run(p):
+        old = flag_dict[key]
+        flag_dict[key] = value
+        try:
+            return fn(p)[0]
+        finally:
+            flag_dict[key] = old
+    return run
+
+
+def _avg_variant(p, kind):
+    """Alternative avg-pool roundings: 'rational' = rne(acc / divisor) exactly;
+    'zp_before' = rne(f32(acc * m) + zp) (zero point added before rounding)."""
+    a = p["inputs"][0]
+    x = a["data"].astype(np.int64)
+    N, H, W, C = x.shape
+    pr = p["params"]
+    z = a["zp"]
+    if p["op"] == "adaptive_avg_pool2d":
+        oh, ow = pr["output_size"]
+        wins = [((hs, he), (ws, we), (he - hs) * (we - ws))
+                for (hs, he) in adaptive_ranges(H, oh) for (ws, we) in adaptive_ranges(W, ow)]
+    else:
+        (kh, kw), (sh, sw), (ph, pw) = pr["kernel"], pr["stride"], pr["padding"]
+        oh = pool_out_size(H, kh, ph, sh, 1, pr["ceil_mode"])
+        ow = pool_out_size(W, kw, pw, sw, 1, pr["ceil_mode"])
+        wins = []
+        for i in range(oh):
+            for j in range(ow):
+                hs, ws = i * sh - ph, j * sw - pw
+                he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)
+                pool = (he - hs) * (we - ws)
+                hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, H), min(we, W)
+                size = (he - hs) * (we - ws)
+                wins.append(((hs, he), (ws, we), pr["divisor_override"] or (pool if pr["count_include_pad"] else size)))
+    out = np.zeros((N, len(wins), C), np.int64)
+    for k, ((hs, he), (ws, we), div) in enumerate(wins):
+        size = (he - hs) * (we - ws)
+        acc = x[:, hs:he, ws:we, :].sum(axis=(1, 2)) - z * size
+        if kind == "rational":
+            # round half to even of acc / div, exactly
+            fl = np.floor_divide(acc, div)
+            rem2 = 2 * (acc - fl * div)
+            up = (rem2 > div) | ((rem2 == div) & (fl % 2 == 1))
+            r = fl + up
+        else:
+            r = rne(acc.astype(F32) * (F32(1) / F32(div)) + F32(z)) - z
+        out[:, k, :] = np.clip(r + z, 0, 255)
+    return out
+
+
+def _quant_variant(p, kind):
+    x = p["inputs"][0]["f32_nchw"].astype(F32)
+    s, z = F32(p["out_scale"]), p["out_zp"]
+    if kind == "divide":
+        q = rne(x / s) + z
+    else:  # legacy fbgemm: rne(zp + x * inv)
+        q = rne(F32(z) + x * inv_f32(s))
+    return np.clip(q, 0, 255).astype(np.int64).transpose(0, 2, 3, 1)
+
+
+ALTS = {
+    "batch_norm2d": [("scalar tail alpha*d+beta without fma", _with_flag(BN_SCALAR_FMA, 0, False, model_batch_norm2d))],
+    "layer_norm": [("var without fma", _with_flag(LN_FMA, "var", False, model_layer_norm)),
+                   ("vector y = t*g+b without fma", _with_flag(LN_FMA, "y_vec", False, model_layer_norm)),
+                   ("scalar y = t*g+b without fma", _with_flag(LN_FMA, "y_sca", False, model_layer_norm))],
+    "avg_pool2d": [("rational rne(acc/div)", lambda p: _avg_variant(p, "rational")),
+                   ("zp added before rounding", lambda p: _avg_variant(p, "zp_before"))],
+    "adaptive_avg_pool2d": [("rational rne(acc/size)", lambda p: _avg_variant(p, "rational")),
+                            ("zp added before rounding", lambda p: _avg_variant(p, "zp_before"))],
+    "quantize_nchw_to_nhwc": [("x / s (divide)", lambda p: _quant_variant(p, "divide")),
+                              ("rne(zp + x*inv) (legacy)", lambda p: _quant_variant(p, "legacy"))],
+    "dequantize": [("fma(s, q, s*-z)", lambda p: dq_vector(p["inputs"][0]["data"], p["inputs"][0]["scale"],
+                                                         p["inputs"][0]["zp"]))],
+    "sigmoid": [("all elements vector path", _with_flag(FORCE, 0, "vector", model_sigmoid))],
+    "gelu": [("all elements vector path", _with_flag(FORCE, 0, "vector", model_gelu)),
+             ("tanh-gelu vector: x + k*cube without fma", _with_flag(GELU_TANH_FMA, 0, False, model_gelu))],
+    "add": [("all elements vector path", _with_flag(FORCE, 0, "vector", MODELS["add"]))],
+    "cat": [("all channels vector path", _with_flag(FORCE, 0, "vector", model_cat))],
+    "hardswish": [("all elements vector path", _with_flag(FORCE, 0, "vector", model_hardswish))],
+    "elu": [("flat vector/scalar split as for channels_last outputs",
+             lambda p: _unary_float(p, True, *ELU_FNS(p), p["out_scale"], p["out_zp"],
+                                    inv_f32(p["out_scale"]))[0])],
+}
+
+
+def ELU_FNS(p):
+    alpha = F32(p["params"]["alpha"])
+    fv = lambda x: np.where(x > 0, x, f32_fn(np.expm1, x) * alpha).astype(F32)
+    fs = lambda x: np.where(x >= 0, x, f32_fn(np.expm1, x) * alpha).astype(F32)
+    return fv, fs
+
+
+def same(a, b, op):
+    if op == "dequantize":
+        return (np.asarray(a, F32).view(np.uint32).reshape(-1) == np.asarray(b, F32).view(np.uint32).reshape(-1))
+    return np.asarray(a).reshape(-1).astype(np.int64) == np.asarray(b).reshape(-1).astype(np.int64)
+
+
 def compare(p, res):
-    """-> (n_elems, exact_ok, plain_ok, qparams_ok, detail)"""
+    """-> (n_elems, exact_ok, plain_ok, qparams_ok, detail, {alt_label: ok})"""
     y, ys, yz = res
-    fn = MODELS[p["op"]]
+    op = p["op"]
+    fn = MODELS[op]
     me, mse, mze = fn(p, exact=True)
-    mp_, _, _ = fn(p, exact=False)
-    if p["op"] == "dequantize":
-        yb = np.asarray(y, F32).view(np.uint32).reshape(-1)
-        eb = np.asarray(me, F32).view(np.uint32).reshape(-1)
-        return yb.size, int((yb == eb).sum()), int((yb == eb).sum()), True, ""
-    y = np.asarray(y).reshape(-1).astype(np.int64)
-    me = np.asarray(me).reshape(-1)
-    mp_ = np.asarray(mp_).reshape(-1)
-    if me.shape != y.shape:
-        return y.size, 0, 0, False, f"shape {me.shape} vs {y.shape}"
-    qok = (ys == float(mse)) and (yz == mze)
-    detail = "" if qok else f"qparams torch ({ys!r},{yz}) model ({float(mse)!r},{mze})"
-    return y.size, int((me == y).sum()), int((mp_ == y).sum()), qok, detail
+    mp_ = fn(p, exact=False)[0]
+    n = np.asarray(y).size
+    if np.asarray(me).size != n:
+        return n, 0, 0, False, f"shape {np.asarray(me).shape} vs {np.asarray(y).shape}", {}
+    alts = {label: int(same(f(p), y, op).sum()) for label, f in ALTS.get(op, [])}
+    if op == "dequantize":
+        qok, detail = True, ""
+    else:
+        qok = (ys == float(mse)) and (yz == mze)
+        detail = "" if qok else f"qparams torch ({ys!r},{yz}) model ({float(mse)!r},{mze})"
+    return n, int(same(me, y, op).sum()), int(same(mp_, y, op).sum()), qok, detail, alts
 
 
-def check(cases, title, verbose=False):
+def check(cases, title):
     stats = {}
     bad = []
     results = []
     for p in cases:
         res = run_torch(p)
         results.append(res)
-        n, ok_e, ok_p, qok, detail = compare(p, res)
-        st = stats.setdefault(p["op"], [0, 0, 0, 0, 0])
-        st[0] += 1
-        st[1] += n
-        st[2] += ok_e
-        st[3] += ok_p
-        st[4] += 0 if qok else 1
+        n, ok_e, ok_p, qok, detail, alts = compare(p, res)
+        st = stats.setdefault(p["op"], {"cases": 0, "n": 0, "exact": 0, "plain": 0, "qbad": 0, "alts": {}})
+        st["cases"] += 1
+        st["n"] += n
+        st["exact"] += ok_e
+        st["plain"] += ok_p
+        st["qbad"] += 0 if qok else 1
+        for k, v in alts.items():
+            st["alts"][k] = st["alts"].get(k, 0) + v
         if ok_e != n or not qok:
             bad.append((p["name"], n - ok_e, n, detail))
     print(f"== {title}: {len(cases)} cases")
     print(f"{'op':24s} {'cases':>5s} {'elems':>8s} {'exact model':>12s} {'plain':>9s} {'qp_bad':>6s}")
-    for op, (nc, n, e, pl, qb) in stats.items():
-        print(f"{op:24s} {nc:5d} {n:8d} {100.0 * e / n:11.4f}% {100.0 * pl / n:8.3f}% {qb:6d}")
+    for op, st in stats.items():
+        n = st["n"]
+        print(f"{op:24s} {st['cases']:5d} {n:8d} {100.0 * st['exact'] / n:11.4f}% "
+              f"{100.0 * st['plain'] / n:8.3f}% {st['qbad']:6d}")
+        for k, v in st["alts"].items():
+            print(f"{'':24s}   alt: {k:52s} {100.0 * v / n:9.4f}%")
     for b in bad[:40]:
         print("  MISMATCH", b)
     return results, stats, bad

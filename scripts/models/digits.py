@@ -56,6 +56,23 @@ add requantizes both operands to ``skip_add.scale/zero_point``); y = relu2(y)
 (a plain ``nn.ReLU`` that, after convert, runs on the quint8 tensor and keeps
 its qparams: output qparams == ``skip_add``'s).  Both convs 8->8, 3x3, pad 1.
 
+What PyTorch does here (torch 2.15.0, engine x86, AVX-512 CPU):
+
+* Quantized ops: the input QuantStub, conv1 / conv2 (QuantizedConvReLU2d),
+  fc1 (QuantizedLinearReLU), fc2 (QuantizedLinear); bn*/relu* fused away
+  (Identity).  ``AdaptiveAvgPool2d`` and ``Flatten`` are NOT swapped: the float
+  modules run on the quint8 tensor, get no observer, and keep the input qparams
+  (pool output scale/zp == conv2's).  The pool (4x4 -> 2x2, NHWC kernel) equals
+  round-half-to-even(sum of the 4 int values / 4) with zp 0 here.
+* Weights: ``per_channel_symmetric`` qint8 gives scale = amax / 127.5 per output
+  channel, so -128 occurs; the stored quantized weight reports qscheme
+  ``per_channel_affine`` with all zero points 0.
+* ``fuse_modules`` needs eval mode (train mode: "AssertionError: Fusion only for
+  eval!").
+* Engine "onednn" gives the same logits as "x86"; "fbgemm" and "qnnpack" differ
+  by 1 in a few elements.
+* Tensor strides matter at the ulp level: see ``nchw``.
+
 Determinism: ``torch.manual_seed``, ``numpy`` seed, ``torch.set_num_threads(1)``;
 reruns are byte-identical on the same machine/torch build.
 
@@ -221,6 +238,7 @@ def sqnr_db(f, q):
 def write(path, tensors):
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(tensors, path)
+    os.chmod(path, 0o644)  # safetensors creates files 0600
 
 
 def describe_run(qm, x):
