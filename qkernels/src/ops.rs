@@ -3,7 +3,11 @@
 //! float boundaries (quantize NCHW f32 to u8 NHWC, dequantize back).
 //!
 //! Each op follows PyTorch's `quantized::*` kernel (x86 engine) and is tested against
-//! fixtures PyTorch wrote.
+//! fixtures PyTorch wrote, bit for bit. One PyTorch detail shapes several ops: its elementwise
+//! kernels run a vector loop over the first `n - n % 64` elements of the flat buffer and a
+//! scalar loop over the rest, and the two dequantize differently (`fma(s, q, s * -z)` against
+//! `s * (q - z)`), so an element's result can depend on its position. We reproduce that
+//! ([`vector_prefix`]), so results are identical, not merely within one step.
 
 use qtensor::{QError, Result};
 
@@ -53,11 +57,17 @@ impl QuantU8 {
         QuantU8 { scale: x.scale, zero_point: x.zero_point }
     }
 
-    /// `q -> real`, as PyTorch's vectorised elementwise kernels dequantize:
-    /// `fma(scale, q, scale * -zero_point)` with the product `scale * -zp` rounded first.
+    /// `q -> real` as PyTorch's vector loops dequantize: `fma(scale, q, scale * -zero_point)`,
+    /// the product `scale * -zp` rounded first.
+    #[inline(always)]
+    pub fn dequantize_vec(&self, q: u8) -> f32 {
+        self.scale.mul_add(q as f32, self.scale * -(self.zero_point as f32))
+    }
+
+    /// `q -> real` as PyTorch's scalar loops (and `Tensor::dequantize`) do: `scale * (q - zp)`.
     #[inline(always)]
     pub fn dequantize(&self, q: u8) -> f32 {
-        self.scale.mul_add(q as f32, self.scale * -(self.zero_point as f32))
+        self.scale * (q as i32 - self.zero_point) as f32
     }
 
     /// `real -> q`: `clamp(zp + round_half_even(x * (1 / scale)), 0, 255)`.
@@ -65,6 +75,12 @@ impl QuantU8 {
     pub fn quantize(&self, x: f32) -> u8 {
         qtensor::kernels::quantize_scalar(x, 1.0 / self.scale, self.zero_point, 0, 255) as u8
     }
+}
+
+/// How many leading elements of a flat buffer of `n` PyTorch's elementwise kernels process in
+/// their vector loop (64 bytes at a time); the rest go through the scalar loop.
+pub fn vector_prefix(n: usize) -> usize {
+    n - n % 64
 }
 
 fn same_len(op: &'static str, a: usize, b: usize, what: &'static str) -> Result<()> {
@@ -76,7 +92,8 @@ fn same_len(op: &'static str, a: usize, b: usize, what: &'static str) -> Result<
 }
 
 /// Elementwise `out = Q_out(dq_a(a) + dq_b(b))` (with `relu`: `max(.., 0)` before
-/// quantizing): PyTorch's `quantized::add` / `add_relu`. Shapes must match (no broadcast).
+/// quantizing): PyTorch's `quantized::add` / `add_relu`, dequantizing as PyTorch does at each
+/// position ([`vector_prefix`]). Shapes must match (no broadcast).
 ///
 /// # Errors
 /// Lengths that differ; invalid quantization parameters.
@@ -120,12 +137,17 @@ pub(crate) fn add_with(
         };
     }
     let _ = isa;
-    for ((x, y), o) in a[done..].iter().zip(&b[done..]).zip(out[done..].iter_mut()) {
-        let mut c = qa.dequantize(*x) + qb.dequantize(*y);
+    let split = vector_prefix(a.len());
+    for i in done..a.len() {
+        let mut c = if i < split {
+            qa.dequantize_vec(a[i]) + qb.dequantize_vec(b[i])
+        } else {
+            qa.dequantize(a[i]) + qb.dequantize(b[i])
+        };
         if relu {
             c = c.max(0.0);
         }
-        *o = qo.quantize(c);
+        out[i] = qo.quantize(c);
     }
 }
 
@@ -154,8 +176,8 @@ pub fn add_isa(
     Ok(())
 }
 
-/// Elementwise `out = zo + round((a - za)(b - zb) * (sa * sb / so))` in integers then f32
-/// (PyTorch's `quantized::mul`), clamped to `u8`.
+/// Elementwise `out = zo + round((a - za)(b - zb) * m)`, `m = f32(sa * sb) * f32(1 / so)`,
+/// the product exact in integers (PyTorch's `quantized::mul`), clamped to `u8`.
 ///
 /// # Errors
 /// As [`add`].
@@ -166,7 +188,8 @@ pub fn mul(a: &[u8], qa: QuantU8, b: &[u8], qb: QuantU8, out: &mut [u8], qo: Qua
     for q in [qa, qb, qo] {
         q.check(OP)?;
     }
-    let multiplier = qa.scale * qb.scale / qo.scale;
+    // PyTorch: f32(sa * sb) times the f32 reciprocal of the output scale.
+    let multiplier = (qa.scale * qb.scale) * (1.0 / qo.scale);
     for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
         let prod = (*x as i32 - qa.zero_point) * (*y as i32 - qb.zero_point);
         *o = requantize_from_int(prod, multiplier, qo.zero_point);
@@ -182,8 +205,12 @@ pub fn requantize_from_int(src: i32, multiplier: f32, zp: i32) -> u8 {
     (r + zp).clamp(0, 255) as u8
 }
 
+/// Requantization tables of one `cat` input: for its vector channels, for the rest, and how
+/// many channels are vector channels.
+type CatTables = ([u8; 256], [u8; 256], usize);
+
 /// Concatenation along channels of NHWC inputs with the same batch and spatial size, into
-/// `out` with quantization `qo`: inputs with `qo`'s parameters are copied, the others
+/// `out` with quantization `qo`: inputs with exactly `qo`'s parameters are copied, the others
 /// requantized (`Q_out(dq_in(q))`), as PyTorch's `quantized::cat` on channels-last tensors.
 ///
 /// # Errors
@@ -208,11 +235,20 @@ pub fn cat_channels(inputs: &[QImage<'_>], out: &mut [u8], qo: QuantU8) -> Resul
     }
     let c_total: usize = inputs.iter().map(|x| x.c).sum();
     same_len(OP, n * h * w * c_total, out.len(), "the output must hold n * h * w * (sum of channels)")?;
-    let tables: Vec<Option<[u8; 256]>> = inputs
+    // PyTorch's NHWC cat requantizes each pixel's channels with its vector loops (32, then 8
+    // at a time: fma dequantize) and the last `c % 8` with its scalar loop.
+    let tables: Vec<Option<CatTables>> = inputs
         .iter()
         .map(|x| {
             let qi = QuantU8::of(x);
-            (qi != qo).then(|| std::array::from_fn(|q| qo.quantize(qi.dequantize(q as u8))))
+            let vector_channels = x.c / 32 * 32 + (x.c % 32) / 8 * 8;
+            (qi != qo).then(|| {
+                (
+                    std::array::from_fn(|q| qo.quantize(qi.dequantize_vec(q as u8))),
+                    std::array::from_fn(|q| qo.quantize(qi.dequantize(q as u8))),
+                    vector_channels,
+                )
+            })
         })
         .collect();
     for (p, dst) in out.chunks_exact_mut(c_total).enumerate() {
@@ -221,9 +257,9 @@ pub fn cat_channels(inputs: &[QImage<'_>], out: &mut [u8], qo: QuantU8) -> Resul
             let src = &x.data[p * x.c..(p + 1) * x.c];
             match t {
                 None => dst[off..off + x.c].copy_from_slice(src),
-                Some(t) => {
-                    for (d, s) in dst[off..off + x.c].iter_mut().zip(src) {
-                        *d = t[*s as usize];
+                Some((tv, ts, nv)) => {
+                    for (ch, (d, s)) in dst[off..off + x.c].iter_mut().zip(src).enumerate() {
+                        *d = if ch < *nv { tv[*s as usize] } else { ts[*s as usize] };
                     }
                 }
             }
@@ -242,7 +278,7 @@ pub struct Lut {
 }
 
 impl Lut {
-    /// The table of `q -> Q_out(f(dq_in(q)))`.
+    /// The table of `q -> Q_out(f(dq_in(q)))`, dequantizing as `scale * (q - zp)`.
     pub fn from_fn(qin: QuantU8, qout: QuantU8, f: impl Fn(f32) -> f32) -> Self {
         Lut { table: std::array::from_fn(|q| qout.quantize(f(qin.dequantize(q as u8)))) }
     }
@@ -300,7 +336,8 @@ impl Lut {
 }
 
 /// The unary activations PyTorch quantizes, with the output parameters PyTorch uses when
-/// they are fixed (sigmoid, hardsigmoid: 1/256, 0; tanh: 2/256, 128; relu, relu6: the input's).
+/// they are fixed (sigmoid, hardsigmoid: 1/256, 0; tanh: 1/128, 128; relu, relu6, gelu: the
+/// input's).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UnaryOp {
     /// `max(x, 0)`.
@@ -317,32 +354,61 @@ pub enum UnaryOp {
     Tanh,
     /// `x` if positive, else `slope * x`.
     LeakyRelu(f32),
-    /// `x * Φ(x)` (exact erf form).
+    /// `x * Φ(x)`, the exact (erf) form.
     Gelu,
-    /// `x * sigmoid(x)`.
-    Silu,
+    /// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
+    GeluTanh,
+    /// `x` if `x >= 0`, else `alpha * (e^x - 1)`.
+    Elu(f32),
+}
+
+/// `sqrt(2 / pi)`, as PyTorch spells it: `M_SQRT2 * M_2_SQRTPI * 0.5`.
+const GELU_BETA: f64 = std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5;
+
+/// `e^x` for f32, correctly rounded (through f64), as the vector libraries PyTorch uses give it
+/// on these inputs.
+fn expf(x: f32) -> f32 {
+    (x as f64).exp() as f32
+}
+
+/// Abramowitz-Stegun 7.1.26 with fused multiply-adds and `expf`: the erf of PyTorch's
+/// vectorised gelu.
+fn erf_vec(x: f32) -> f32 {
+    let ax = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(ax, 1.0);
+    let mut r = 1.061_405_4f32.mul_add(t, -1.453_152);
+    r = r.mul_add(t, 1.421_413_8);
+    r = r.mul_add(t, -0.284_496_74);
+    r = r.mul_add(t, 0.254_829_6);
+    let e = expf(-(x * x));
+    let y = (-e * t).mul_add(r, 1.0);
+    if x.is_sign_negative() {
+        -y
+    } else {
+        y
+    }
 }
 
 impl UnaryOp {
     /// The output parameters PyTorch fixes for this activation, if it does.
     pub fn fixed_output(&self, input: QuantU8) -> Option<QuantU8> {
         match self {
-            UnaryOp::Relu | UnaryOp::Relu6 => Some(input),
+            UnaryOp::Relu | UnaryOp::Relu6 | UnaryOp::Gelu | UnaryOp::GeluTanh => Some(input),
             UnaryOp::Sigmoid | UnaryOp::Hardsigmoid => Some(QuantU8 { scale: 1.0 / 256.0, zero_point: 0 }),
-            UnaryOp::Tanh => Some(QuantU8 { scale: 2.0 / 256.0, zero_point: 128 }),
+            UnaryOp::Tanh => Some(QuantU8 { scale: 1.0 / 128.0, zero_point: 128 }),
             _ => None,
         }
     }
 
-    /// The float function.
-    pub fn eval(&self, x: f32) -> f32 {
+    /// The float function as PyTorch's vector loop computes it.
+    pub fn eval_vec(&self, x: f32) -> f32 {
         match *self {
             UnaryOp::Relu => x.max(0.0),
             UnaryOp::Relu6 => x.clamp(0.0, 6.0),
             UnaryOp::Hardswish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
             UnaryOp::Hardsigmoid => (x + 3.0).clamp(0.0, 6.0) / 6.0,
-            UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Sigmoid => 1.0 / (1.0 + expf(-x)),
+            UnaryOp::Tanh => (x as f64).tanh() as f32,
             UnaryOp::LeakyRelu(s) => {
                 if x > 0.0 {
                     x
@@ -350,20 +416,244 @@ impl UnaryOp {
                     x * s
                 }
             }
-            UnaryOp::Gelu => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
-            UnaryOp::Silu => x / (1.0 + (-x).exp()),
+            UnaryOp::Gelu => (x * 0.5) * (1.0 + erf_vec(x * std::f32::consts::FRAC_1_SQRT_2)),
+            UnaryOp::GeluTanh => {
+                let cube = x * x * x;
+                let inner = GELU_BETA as f32 * 0.044_715f32.mul_add(cube, x);
+                (0.5 * x) * (1.0 + (inner as f64).tanh() as f32)
+            }
+            UnaryOp::Elu(a) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    ((x as f64).exp_m1() as f32) * a
+                }
+            }
         }
     }
 
-    /// The lookup table from `input` to `output` parameters (relu and relu6 stay in the
-    /// integer domain, as in PyTorch, when the parameters are the same).
-    pub fn lut(&self, input: QuantU8, output: QuantU8) -> Lut {
-        match self {
-            UnaryOp::Relu if input == output => Lut::relu(input),
-            UnaryOp::Relu6 if input == output => Lut::relu6(input),
-            _ => Lut::from_fn(input, output, |x| self.eval(x)),
+    /// The float function as PyTorch's scalar loop computes it (some in f64).
+    pub fn eval(&self, x: f32) -> f32 {
+        match *self {
+            UnaryOp::Sigmoid => (1.0 / (1.0 + expf(-x) as f64)) as f32,
+            UnaryOp::Gelu => {
+                let xd = x as f64;
+                (xd * 0.5 * (1.0 + libm::erf(xd * std::f64::consts::FRAC_1_SQRT_2))) as f32
+            }
+            UnaryOp::GeluTanh => {
+                let cube = (x * x * x) as f64;
+                let xd = x as f64;
+                (0.5 * xd * (1.0 + (GELU_BETA * (xd + 0.044_715 * cube)).tanh())) as f32
+            }
+            UnaryOp::Elu(a) => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    ((x as f64).exp_m1() as f32) * a
+                }
+            }
+            _ => self.eval_vec(x),
         }
     }
+
+    /// The tables from `input` to `output` parameters, for both of PyTorch's loops. ReLU and
+    /// ReLU6 with unchanged parameters stay in the integer domain, as in PyTorch.
+    pub fn tables(&self, input: QuantU8, output: QuantU8) -> UnaryTables {
+        let lut = |f: &dyn Fn(u8) -> f32| Lut { table: std::array::from_fn(|q| output.quantize(f(q as u8))) };
+        match self {
+            UnaryOp::Relu if input == output => UnaryTables::same(Lut::relu(input)),
+            UnaryOp::Relu6 if input == output => UnaryTables::same(Lut::relu6(input)),
+            // Sigmoid dequantizes as `(q - z) * s` in both loops.
+            UnaryOp::Sigmoid => UnaryTables {
+                vector: lut(&|q| self.eval_vec(input.dequantize(q))),
+                tail: lut(&|q| self.eval(input.dequantize(q))),
+            },
+            // PyTorch's quantized elu writes an NCHW-contiguous result, so for channels-last
+            // inputs (with more than one channel and one pixel) every element takes its scalar
+            // loop; we always do.
+            UnaryOp::Elu(_) => UnaryTables::same(lut(&|q| self.eval(input.dequantize(q)))),
+            _ => UnaryTables {
+                vector: lut(&|q| self.eval_vec(input.dequantize_vec(q))),
+                tail: lut(&|q| self.eval(input.dequantize(q))),
+            },
+        }
+    }
+}
+
+/// An activation as two lookup tables: one for the elements PyTorch's vector loop handles,
+/// one for its scalar tail ([`vector_prefix`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnaryTables {
+    /// For the first [`vector_prefix`] elements.
+    pub vector: Lut,
+    /// For the rest.
+    pub tail: Lut,
+}
+
+impl UnaryTables {
+    fn same(l: Lut) -> Self {
+        UnaryTables { vector: l.clone(), tail: l }
+    }
+
+    /// Applies the activation to a flat `u8` buffer.
+    ///
+    /// # Errors
+    /// Lengths that differ.
+    pub fn apply(&self, x: &[u8], out: &mut [u8]) -> Result<()> {
+        same_len("UnaryTables::apply", x.len(), out.len(), "the output must have as many elements as the input")?;
+        let split = vector_prefix(x.len());
+        self.vector.apply(&x[..split], &mut out[..split])?;
+        self.tail.apply(&x[split..], &mut out[split..])
+    }
+}
+
+/// Adds a float scalar to a `u8` tensor as PyTorch's `quantized::add_scalar` does: by moving
+/// the zero point when that stays in range (the data is copied), else by clamping the zero
+/// point to the range end and rescaling (the data is requantized). Returns the output's
+/// parameters (PyTorch keeps the new scale in f64; this is its f32 rounding, which is what
+/// every kernel uses).
+///
+/// # Errors
+/// Lengths that differ, invalid parameters, a non-finite scalar.
+pub fn add_scalar(x: &[u8], q: QuantU8, c: f32, out: &mut [u8]) -> Result<QuantU8> {
+    const OP: &str = "qkernels::add_scalar";
+    q.check(OP)?;
+    same_len(OP, x.len(), out.len(), "the output must have as many elements as the input")?;
+    if !c.is_finite() {
+        return Err(QError::Unsupported { op: OP, reason: format!("scalar {c} is not finite") });
+    }
+    let (s, z) = (q.scale as f64, q.zero_point as i64);
+    let cq = (c as f64 / s).round_ties_even() as i64;
+    let shifted = z - cq;
+    if (0..=255).contains(&shifted) {
+        out.copy_from_slice(x);
+        return Ok(QuantU8 { scale: q.scale, zero_point: shifted as i32 });
+    }
+    let (s2, z2) =
+        if shifted < 0 { ((255 - shifted) as f64 / 255.0 * s, 0) } else { (shifted as f64 / 255.0 * s, 255) };
+    let s2f = s2 as f32;
+    let m = q.scale * (1.0 / s2f);
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = requantize_from_int((*v as i64 - z + cq) as i32, m, z2);
+    }
+    Ok(QuantU8 { scale: s2f, zero_point: z2 })
+}
+
+/// Multiplies a `u8` tensor by a float scalar as PyTorch's `quantized::mul_scalar`: only the
+/// parameters change for `c > 0`; `c < 0` mirrors the data (`255 - q`); `c == 0` gives zeros
+/// with scale 1. Returns the output's parameters (the scale rounded to f32).
+///
+/// # Errors
+/// Lengths that differ, invalid parameters, a non-finite scalar.
+pub fn mul_scalar(x: &[u8], q: QuantU8, c: f32, out: &mut [u8]) -> Result<QuantU8> {
+    const OP: &str = "qkernels::mul_scalar";
+    q.check(OP)?;
+    same_len(OP, x.len(), out.len(), "the output must have as many elements as the input")?;
+    if !c.is_finite() {
+        return Err(QError::Unsupported { op: OP, reason: format!("scalar {c} is not finite") });
+    }
+    let scale = ((c as f64).abs() * q.scale as f64) as f32;
+    if c > 0.0 {
+        out.copy_from_slice(x);
+        Ok(QuantU8 { scale, zero_point: q.zero_point })
+    } else if c == 0.0 {
+        out.fill(0);
+        Ok(QuantU8 { scale: 1.0, zero_point: 0 })
+    } else {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = 255 - v;
+        }
+        Ok(QuantU8 { scale, zero_point: 255 - q.zero_point })
+    }
+}
+
+/// A batch-norm on `u8` NHWC input that could not be folded into a layer (PyTorch's
+/// `quantized::batch_norm2d`): per channel `y = alpha * (q - z_in) + beta` in one fused
+/// multiply-add, with PyTorch's f32/f64 steps for alpha and beta, requantized to `qo`.
+///
+/// # Errors
+/// Parameter lists whose length is not the channel count, a variance plus eps that is not
+/// positive, buffers of the wrong size.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm2d(
+    x: &QImage<'_>,
+    weight: &[f32],
+    bias: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+    qo: QuantU8,
+    out: &mut [u8],
+) -> Result<()> {
+    const OP: &str = "qkernels::batch_norm2d";
+    let c = x.c;
+    for (v, what) in [(weight, "weight"), (bias, "bias"), (mean, "running_mean"), (var, "running_var")] {
+        if v.len() != c {
+            return Err(QError::ShapeMismatch { op: OP, expected: vec![c], actual: vec![v.len()], hint: what });
+        }
+    }
+    if let Some(i) = var.iter().position(|v| (v + eps).partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!("channel {i}: running_var {} + eps {eps} is not positive; fix the statistics", var[i]),
+        });
+    }
+    qo.check(OP)?;
+    QuantU8::of(x).check(OP)?;
+    same_len(OP, x.n * x.h * x.w * c, x.data.len(), "the input must hold n * h * w * c values (NHWC)")?;
+    same_len(OP, x.data.len(), out.len(), "the output must have as many elements as the input")?;
+    let ratio = x.scale as f64 / qo.scale as f64;
+    let (alpha, beta): (Vec<f32>, Vec<f32>) = (0..c)
+        .map(|i| {
+            let inv_sigma = (1.0 / ((var[i] + eps).sqrt() as f64)) as f32;
+            let alpha = ((inv_sigma * weight[i]) as f64 * ratio) as f32;
+            let beta = ((bias[i] - (mean[i] * inv_sigma) * weight[i]) as f64 / qo.scale as f64) as f32;
+            (alpha, beta)
+        })
+        .unzip();
+    for (px, o) in x.data.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        for ch in 0..c {
+            let y = alpha[ch].mul_add((px[ch] as i32 - x.zero_point) as f32, beta[ch]);
+            o[ch] = (qo.zero_point + y.clamp(-16_777_216.0, 16_777_216.0).round_ties_even() as i32).clamp(0, 255) as u8;
+        }
+    }
+    Ok(())
+}
+
+/// Layer normalization over the channels of each pixel of a `u8` NHWC tensor, computed in f32
+/// from exact integer sums (PyTorch's `quantized::layer_norm` with `normalized_shape = [C]`),
+/// requantized to `qo`.
+///
+/// # Errors
+/// `gamma` / `beta` not of the channel count, buffers of the wrong size.
+pub fn layer_norm(x: &QImage<'_>, gamma: &[f32], beta: &[f32], eps: f32, qo: QuantU8, out: &mut [u8]) -> Result<()> {
+    const OP: &str = "qkernels::layer_norm";
+    let c = x.c;
+    for (v, what) in [(gamma, "weight (gamma)"), (beta, "bias (beta)")] {
+        if v.len() != c {
+            return Err(QError::ShapeMismatch { op: OP, expected: vec![c], actual: vec![v.len()], hint: what });
+        }
+    }
+    qo.check(OP)?;
+    QuantU8::of(x).check(OP)?;
+    same_len(OP, x.n * x.h * x.w * c, x.data.len(), "the input must hold n * h * w * c values (NHWC)")?;
+    same_len(OP, x.data.len(), out.len(), "the output must have as many elements as the input")?;
+    let (s, z) = (x.scale, x.zero_point);
+    let inv_o = 1.0 / qo.scale;
+    for (px, o) in x.data.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let sum: i64 = px.iter().map(|&v| v as i64).sum();
+        let sumsq: i64 = px.iter().map(|&v| (v as i64) * (v as i64)).sum();
+        let ms = sum as f32 / c as f32;
+        let mean = ms - z as f32;
+        let var = (-ms).mul_add(ms, sumsq as f32 / c as f32).max(0.0);
+        let sstd = (s as f64 / (((var * s) * s) as f64 + eps as f64).sqrt()) as f32;
+        for ch in 0..c {
+            let t = ((px[ch] as i32 - z) as f32 - mean) * sstd;
+            let y = t.mul_add(gamma[ch], beta[ch]);
+            o[ch] = qtensor::kernels::quantize_scalar(y, inv_o, qo.zero_point, 0, 255) as u8;
+        }
+    }
+    Ok(())
 }
 
 /// Quantizes an NCHW `f32` tensor straight into NHWC `u8` in one pass (the model input

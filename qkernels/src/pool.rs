@@ -285,25 +285,41 @@ multiversion! {
     }
 }
 
-/// Nearest-neighbour upsampling by integer factors: `out[y][x] = in[y / fy][x / fx]`;
-/// parameters unchanged.
+/// Nearest-neighbour resizing to `oh x ow` (PyTorch's `upsample_nearest2d`): output row `o`
+/// copies input row `o` when the size is unchanged, `o / 2` when doubled, and otherwise
+/// `min(floor(f32(o) * sc), in - 1)` with `sc = f32(1 / scale_factor)` when a scale factor was
+/// given, else `f32(in) / f32(out)`. Parameters unchanged.
 ///
 /// # Errors
-/// A zero factor or buffers of the wrong size.
-pub fn upsample_nearest(x: &QImage<'_>, (fy, fx): (usize, usize), out: &mut [u8]) -> Result<()> {
-    if fy == 0 || fx == 0 {
-        return Err(QError::Unsupported {
-            op: "qkernels::upsample_nearest",
-            reason: "scale factors must be >= 1".into(),
-        });
+/// A zero output size or buffers of the wrong size.
+pub fn upsample_nearest(
+    x: &QImage<'_>,
+    (oh, ow): (usize, usize),
+    scale_factor: Option<[f32; 2]>,
+    out: &mut [u8],
+) -> Result<()> {
+    const OP: &str = "qkernels::upsample_nearest";
+    if oh == 0 || ow == 0 {
+        return Err(QError::Unsupported { op: OP, reason: format!("output size {oh}x{ow} must be at least 1x1") });
     }
-    let (oh, ow) = (x.h * fy, x.w * fx);
-    check_out("qkernels::upsample_nearest", x, oh, ow, out)?;
+    check_out(OP, x, oh, ow, out)?;
+    let index = |o: usize, i: usize, n: usize, sf: Option<f32>| -> usize {
+        if n == i {
+            o
+        } else if n == 2 * i {
+            o >> 1
+        } else {
+            let sc = sf.map_or(i as f32 / n as f32, |f| 1.0 / f);
+            ((o as f32 * sc).floor() as usize).min(i - 1)
+        }
+    };
     let c = x.c;
     for b in 0..x.n {
         for oy in 0..oh {
+            let iy = index(oy, x.h, oh, scale_factor.map(|f| f[0]));
             for ox in 0..ow {
-                let src = &x.data[((b * x.h + oy / fy) * x.w + ox / fx) * c..][..c];
+                let ix = index(ox, x.w, ow, scale_factor.map(|f| f[1]));
+                let src = &x.data[((b * x.h + iy) * x.w + ix) * c..][..c];
                 out[((b * oh + oy) * ow + ox) * c..][..c].copy_from_slice(src);
             }
         }

@@ -5,6 +5,7 @@ mod errors;
 mod float;
 mod gemm;
 mod golden;
+mod golden_ops;
 mod ops;
 
 /// Every instruction set this CPU supports (conformance tests run each explicitly). Under
