@@ -79,10 +79,34 @@ fn bench_conv(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_ops(c: &mut Criterion) {
+    use qkernels::{adaptive_avg_pool2d, add, max_pool2d, Pool2d, QuantU8, UnaryOp};
+    let mut group = c.benchmark_group("ops");
+    let q = QuantU8 { scale: 0.05, zero_point: 3 };
+    // ResNet-18 layer1 residual add and MobileNetV2-sized activations (56x56x144).
+    let n = 56 * 56 * 144;
+    let a: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+    let b: Vec<u8> = (0..n).map(|i| (i * 13 % 251) as u8).collect();
+    let mut out = vec![0u8; n];
+    group.throughput(Throughput::Bytes(n as u64));
+    group.bench_function("add_relu_56x56x144", |bch| bch.iter(|| add(&a, q, &b, q, &mut out, q, true).unwrap()));
+    let hswish = UnaryOp::Hardswish.tables(q, q);
+    group.bench_function("hardswish_lut_56x56x144", |bch| bch.iter(|| hswish.apply(&a, &mut out).unwrap()));
+    let img = QImage { data: &a, n: 1, h: 56, w: 56, c: 144, scale: 0.05, zero_point: 3 };
+    let pool = Pool2d { kernel: [3, 3], stride: [2, 2], padding: [1, 1], ..Pool2d::square(3) };
+    let mut pooled = vec![0u8; 28 * 28 * 144];
+    group.bench_function("max_pool3x3s2_56x56x144", |bch| bch.iter(|| max_pool2d(&img, &pool, &mut pooled).unwrap()));
+    let mut gap = vec![0u8; 144];
+    group.bench_function("global_avg_pool_56x56x144", |bch| {
+        bch.iter(|| adaptive_avg_pool2d(&img, (1, 1), q, &mut gap).unwrap())
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1));
-    targets = bench_gemm, bench_conv
+    targets = bench_gemm, bench_conv, bench_ops
 }
 criterion_main!(benches);

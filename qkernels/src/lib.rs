@@ -85,8 +85,8 @@ pub use float::{conv2d_f32, linear_f32};
 pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
 pub use linear::PackedLinear;
 pub use ops::{
-    add, add_isa, add_scalar, batch_norm2d, cat_channels, dequantize_nhwc_to_nchw, layer_norm, mul, mul_scalar,
-    quantize_nchw_to_nhwc, requantize_from_int, vector_prefix, Lut, QuantU8, UnaryOp, UnaryTables,
+    add, add_isa, add_scalar, batch_norm2d, cat_channels, dequantize_nhwc_to_nchw, flatten_nchw_order, layer_norm, mul,
+    mul_scalar, quantize_nchw_to_nhwc, requantize_from_int, vector_prefix, Lut, QuantU8, UnaryOp, UnaryTables,
 };
 pub use pack::{PackedWeights, MAX_K};
 pub use pool::{

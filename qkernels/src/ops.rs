@@ -12,6 +12,7 @@
 use qtensor::{QError, Result};
 
 use crate::conv::QImage;
+use crate::multiversion::multiversion;
 
 /// Scale and zero point of a `u8` tensor.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -190,11 +191,16 @@ pub fn mul(a: &[u8], qa: QuantU8, b: &[u8], qb: QuantU8, out: &mut [u8], qo: Qua
     }
     // PyTorch: f32(sa * sb) times the f32 reciprocal of the output scale.
     let multiplier = (qa.scale * qb.scale) * (1.0 / qo.scale);
-    for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
-        let prod = (*x as i32 - qa.zero_point) * (*y as i32 - qb.zero_point);
-        *o = requantize_from_int(prod, multiplier, qo.zero_point);
-    }
+    mul_core(qtensor::isa::selected(), a, qa.zero_point, b, qb.zero_point, out, multiplier, qo.zero_point);
     Ok(())
+}
+
+multiversion! {
+    fn mul_core(a: &[u8], za: i32, b: &[u8], zb: i32, out: &mut [u8], multiplier: f32, zo: i32) {
+        for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
+            *o = requantize_from_int((*x as i32 - za) * (*y as i32 - zb), multiplier, zo);
+        }
+    }
 }
 
 /// PyTorch's `requantize_from_int`: `clamp(zp + round_half_even(src * multiplier), 0, 255)`
@@ -611,13 +617,20 @@ pub fn batch_norm2d(
             (alpha, beta)
         })
         .unzip();
-    for (px, o) in x.data.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-        for ch in 0..c {
-            let y = alpha[ch].mul_add((px[ch] as i32 - x.zero_point) as f32, beta[ch]);
-            o[ch] = (qo.zero_point + y.clamp(-16_777_216.0, 16_777_216.0).round_ties_even() as i32).clamp(0, 255) as u8;
+    bn_core(qtensor::isa::selected(), x.data, x.zero_point, &alpha, &beta, qo.zero_point, out);
+    Ok(())
+}
+
+multiversion! {
+    fn bn_core(x: &[u8], zi: i32, alpha: &[f32], beta: &[f32], zo: i32, out: &mut [u8]) {
+        let c = alpha.len();
+        for (px, o) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+            for ch in 0..c {
+                let y = alpha[ch].mul_add((px[ch] as i32 - zi) as f32, beta[ch]);
+                o[ch] = (zo + y.clamp(-16_777_216.0, 16_777_216.0).round_ties_even() as i32).clamp(0, 255) as u8;
+            }
         }
     }
-    Ok(())
 }
 
 /// Layer normalization over the channels of each pixel of a `u8` NHWC tensor, computed in f32
@@ -651,6 +664,31 @@ pub fn layer_norm(x: &QImage<'_>, gamma: &[f32], beta: &[f32], eps: f32, qo: Qua
             let t = ((px[ch] as i32 - z) as f32 - mean) * sstd;
             let y = t.mul_add(gamma[ch], beta[ch]);
             o[ch] = qtensor::kernels::quantize_scalar(y, inv_o, qo.zero_point, 0, 255) as u8;
+        }
+    }
+    Ok(())
+}
+
+/// Flattens NHWC `u8` activations per image in PyTorch's order (`C, H, W`, as `nn.Flatten` on
+/// an NCHW tensor), so a following linear layer sees its features where PyTorch put them.
+/// `out` is `n x (c * h * w)`; parameters unchanged. (With `h = w = 1` this is a copy.)
+///
+/// # Errors
+/// Buffers of the wrong size.
+pub fn flatten_nchw_order(x: &QImage<'_>, out: &mut [u8]) -> Result<()> {
+    const OP: &str = "qkernels::flatten_nchw_order";
+    same_len(OP, x.n * x.h * x.w * x.c, x.data.len(), "the input must hold n * h * w * c values (NHWC)")?;
+    same_len(OP, x.data.len(), out.len(), "the output must hold n * c * h * w values")?;
+    let (c, hw) = (x.c, x.h * x.w);
+    for (src, dst) in x.data.chunks_exact(hw * c).zip(out.chunks_exact_mut(hw * c)) {
+        if hw == 1 {
+            dst.copy_from_slice(src);
+            continue;
+        }
+        for (p, px) in src.chunks_exact(c).enumerate() {
+            for (ch, &v) in px.iter().enumerate() {
+                dst[ch * hw + p] = v;
+            }
         }
     }
     Ok(())

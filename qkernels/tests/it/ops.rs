@@ -146,3 +146,24 @@ fn global_average_pool_and_cat() {
     let e = cat_channels(&[img, QImage { h: 1, ..img2 }], &mut out, QuantU8 { scale: 0.1, zero_point: 3 }).unwrap_err();
     assert!(e.to_string().contains("height"), "{e}");
 }
+
+#[test]
+fn flatten_follows_pytorch_order_and_errors_name_shapes() {
+    // 1 image, 2x2 pixels, 3 channels: NHWC value = 10 * pixel + channel.
+    let x: Vec<u8> = (0..4).flat_map(|p| (0..3).map(move |c| 10 * p + c)).collect();
+    let img = QImage { data: &x, n: 1, h: 2, w: 2, c: 3, scale: 1.0, zero_point: 0 };
+    let mut out = vec![0u8; 12];
+    qkernels::flatten_nchw_order(&img, &mut out).unwrap();
+    assert_eq!(out, vec![0, 10, 20, 30, 1, 11, 21, 31, 2, 12, 22, 32]);
+    let q = QuantU8 { scale: 0.1, zero_point: 0 };
+    let e = qkernels::add(&[1, 2], q, &[1], q, &mut [0, 0], q, false).unwrap_err().to_string();
+    assert!(e.contains("expected [2], got [1]") && e.contains("broadcasting"), "{e}");
+    let e = qkernels::mul(&[1], q, &[1], QuantU8 { scale: 0.0, zero_point: 0 }, &mut [0], q).unwrap_err().to_string();
+    assert!(e.contains("scale 0e0"), "{e}");
+    let e = qkernels::max_pool2d(&img, &Pool2d::square(3), &mut out).unwrap_err().to_string();
+    assert!(e.contains("smaller than the window"), "{e}");
+    let e = qkernels::batch_norm2d(&img, &[1.0; 2], &[0.0; 3], &[0.0; 3], &[1.0; 3], 1e-5, q, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expected [3], got [2]") && e.contains("weight"), "{e}");
+}
