@@ -8,6 +8,7 @@
 /// runs `body` compiled for the best of `isa` and the CPU's tiers.
 macro_rules! multiversion {
     ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name(isa: qtensor::isa::Isa, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn generic($($arg: $ty),*) $(-> $ret)? $body
