@@ -526,15 +526,7 @@ impl PackedConv2d {
         }
         SCRATCH.with(|s| {
             let mut buf = s.borrow_mut();
-            buf.clear();
-            buf.resize(x.n * hp * wp * c + slack, x.zero_point as u8);
-            for b in 0..x.n {
-                for y in 0..x.h {
-                    let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
-                    let dst = ((b * hp + y + g.padding[0]) * wp + g.padding[1]) * c;
-                    buf[dst..dst + x.w * c].copy_from_slice(src);
-                }
-            }
+            pad_image(x, g.padding, slack, &mut buf);
             run(&buf);
         });
     }
@@ -570,16 +562,8 @@ impl PackedConv2d {
         };
         SCRATCH.with(|s| {
             let mut buf = s.borrow_mut();
-            buf.clear();
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            buf.resize(x.n * hp * row_bytes + 64, x.zero_point as u8);
-            for b in 0..x.n {
-                for y in 0..x.h {
-                    let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
-                    let dst = ((b * hp + y + g.padding[0]) * wp + g.padding[1]) * c;
-                    buf[dst..dst + x.w * c].copy_from_slice(src);
-                }
-            }
+            pad_image(x, g.padding, 64, &mut buf);
             let padded: &[u8] = &buf;
             let row = |(orow, out_row): (usize, &mut [u8])| {
                 let (b, oy) = (orow / oh, orow % oh);
@@ -644,6 +628,23 @@ fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
         }
     }
     out
+}
+
+/// Writes `x` into `buf` surrounded by `padding` rows and columns of its zero point (which
+/// stand for real zeros), followed by `slack` more bytes of it; layout NHWC with the padded
+/// height and width.
+fn pad_image(x: &QImage<'_>, padding: [usize; 2], slack: usize, buf: &mut Vec<u8>) {
+    let c = x.c;
+    let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
+    buf.clear();
+    buf.resize(x.n * hp * wp * c + slack, x.zero_point as u8);
+    for b in 0..x.n {
+        for y in 0..x.h {
+            let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+            let dst = ((b * hp + y + padding[0]) * wp + padding[1]) * c;
+            buf[dst..dst + x.w * c].copy_from_slice(src);
+        }
+    }
 }
 
 /// Bytes past the im2col rows that [`copy_segment`] may spill into.

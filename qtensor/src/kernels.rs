@@ -295,6 +295,32 @@ mod x86 {
     /// saturates to a range end anyway, and 2^24 is exact in f32 and far from i32 overflow.
     const LIMIT: f32 = 16_777_216.0;
 
+    /// The scalar tail of the 8-bit vector loops (bytes stored as `u8`; `SIGNED` for i8).
+    fn quantize8_tail<const SIGNED: bool>(
+        src: &[f32],
+        dst: &mut [u8],
+        inv: f32,
+        zp: i32,
+        qmin: i32,
+        qmax: i32,
+    ) -> bool {
+        let mut any_nan = false;
+        for (x, d) in src.iter().zip(dst.iter_mut()) {
+            any_nan |= x.is_nan();
+            let q = super::quantize_scalar(*x, inv, zp, qmin, qmax);
+            *d = if SIGNED { q as i8 as u8 } else { q as u8 };
+        }
+        any_nan
+    }
+
+    /// The scalar tail of the 8-bit dequantize loops.
+    fn dequantize8_tail<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
+        for (s, d) in src.iter().zip(dst.iter_mut()) {
+            let q = if SIGNED { *s as i8 as i32 } else { *s as i32 };
+            *d = super::dequantize_scalar(q, scale, zp);
+        }
+    }
+
     /// AVX2 twin of `quantize_block_scalar` for 8-bit outputs (`SIGNED` selects i8).
     ///
     /// Equal to the scalar formula bit for bit: for |x * inv| <= 2^24, `cvtps_epi32` rounds
@@ -344,14 +370,8 @@ mod x86 {
             unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), b) };
             i += 32;
         }
-        let mut any_nan = _mm256_movemask_ps(nan) != 0;
-        for k in i..n {
-            let x = src[k];
-            any_nan |= x.is_nan();
-            let q = super::quantize_scalar(x, inv, zp, qmin, qmax);
-            dst[k] = if SIGNED { q as i8 as u8 } else { q as u8 };
-        }
-        any_nan
+        let any_nan = _mm256_movemask_ps(nan) != 0;
+        quantize8_tail::<SIGNED>(&src[i..n], &mut dst[i..n], inv, zp, qmin, qmax) | any_nan
     }
 
     /// AVX2 twin of `dequantize_block_scalar` for 8-bit inputs (`SIGNED` selects i8): the
@@ -377,10 +397,7 @@ mod x86 {
             }
             i += 16;
         }
-        for k in i..n {
-            let q = if SIGNED { src[k] as i8 as i32 } else { src[k] as i32 };
-            dst[k] = super::dequantize_scalar(q, scale, zp);
-        }
+        dequantize8_tail::<SIGNED>(&src[i..n], &mut dst[i..n], scale, zp);
     }
 
     /// AVX-512 twin of `quantize_block_scalar` for 8-bit outputs; the same argument as for
@@ -422,14 +439,7 @@ mod x86 {
             }
             i += 64;
         }
-        let mut any_nan = nan != 0;
-        for k in i..n {
-            let x = src[k];
-            any_nan |= x.is_nan();
-            let q = super::quantize_scalar(x, inv, zp, qmin, qmax);
-            dst[k] = if SIGNED { q as i8 as u8 } else { q as u8 };
-        }
-        any_nan
+        quantize8_tail::<SIGNED>(&src[i..n], &mut dst[i..n], inv, zp, qmin, qmax) | (nan != 0)
     }
 
     /// AVX-512 twin of `dequantize_block_scalar` for 8-bit inputs.
@@ -453,9 +463,6 @@ mod x86 {
             }
             i += 64;
         }
-        for k in i..n {
-            let q = if SIGNED { src[k] as i8 as i32 } else { src[k] as i32 };
-            dst[k] = super::dequantize_scalar(q, scale, zp);
-        }
+        dequantize8_tail::<SIGNED>(&src[i..n], &mut dst[i..n], scale, zp);
     }
 }

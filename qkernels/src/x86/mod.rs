@@ -316,6 +316,41 @@ pub(crate) unsafe fn epilogue_u8_avx2(plan: &Plan, acc: &[i32], rowsum: i32, j0:
     c
 }
 
+/// Interleaves four taps' 64 channels so that each 32-bit lane holds one channel's four tap
+/// bytes: vector `q`, 128-bit lane `l`, dword `d` is channel `16l + 4q + d` (byte unpacks
+/// stay within 128-bit lanes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn interleave_taps(x: [__m512i; 4]) -> [__m512i; 4] {
+    let lo01 = _mm512_unpacklo_epi8(x[0], x[1]);
+    let hi01 = _mm512_unpackhi_epi8(x[0], x[1]);
+    let lo23 = _mm512_unpacklo_epi8(x[2], x[3]);
+    let hi23 = _mm512_unpackhi_epi8(x[2], x[3]);
+    [
+        _mm512_unpacklo_epi16(lo01, lo23),
+        _mm512_unpackhi_epi16(lo01, lo23),
+        _mm512_unpacklo_epi16(hi01, hi23),
+        _mm512_unpackhi_epi16(hi01, hi23),
+    ]
+}
+
+/// Undoes [`interleave_taps`]' channel order on i32 accumulators: a 4 x 4 transpose of 128-bit
+/// lanes, after which vector `l` holds channels `16l .. 16l + 16` in order.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose_lanes(r: [__m512i; 4]) -> [__m512i; 4] {
+    let t0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[0], r[1]);
+    let t1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[0], r[1]);
+    let t2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[2], r[3]);
+    let t3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[2], r[3]);
+    [
+        _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t2),
+        _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t2),
+        _mm512_shuffle_i32x4::<0b10_00_10_00>(t1, t3),
+        _mm512_shuffle_i32x4::<0b11_01_11_01>(t1, t3),
+    ]
+}
+
 /// One output pixel of a depthwise convolution with symmetric weights: for every channel,
 /// `acc[c] = Σ_t x_t[c] * w_t[c]` over the taps (padding taps point at a row of zero points,
 /// so the epilogue's `za * Σ_t w_t` correction makes them count as real zeros).
@@ -347,16 +382,7 @@ pub(crate) unsafe fn depthwise_vnni_pixel(taps: &[&[u8]], c: usize, packed: &[i8
                                                   // of a tap slice that holds c bytes.
                 *xi = unsafe { _mm512_maskz_loadu_epi8(mask, taps[tap].as_ptr().add(64 * b).cast()) };
             }
-            let lo01 = _mm512_unpacklo_epi8(x[0], x[1]);
-            let hi01 = _mm512_unpackhi_epi8(x[0], x[1]);
-            let lo23 = _mm512_unpacklo_epi8(x[2], x[3]);
-            let hi23 = _mm512_unpackhi_epi8(x[2], x[3]);
-            let quads = [
-                _mm512_unpacklo_epi16(lo01, lo23),
-                _mm512_unpackhi_epi16(lo01, lo23),
-                _mm512_unpacklo_epi16(hi01, hi23),
-                _mm512_unpackhi_epi16(hi01, hi23),
-            ];
+            let quads = interleave_taps(x);
             let wbase = (b * groups + g) * 256;
             for q in 0..4 {
                 // SAFETY: the packing holds blocks * groups * 256 bytes.
@@ -365,16 +391,7 @@ pub(crate) unsafe fn depthwise_vnni_pixel(taps: &[&[u8]], c: usize, packed: &[i8
             }
         }
         // r[q] lane l = channels 16l + 4q .. +3; transpose the 4 x 4 grid of 128-bit lanes.
-        let t0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[0], r[1]);
-        let t1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[0], r[1]);
-        let t2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[2], r[3]);
-        let t3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[2], r[3]);
-        let v = [
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t2),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t2),
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(t1, t3),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(t1, t3),
-        ];
+        let v = transpose_lanes(r);
         for (l, vl) in v.into_iter().enumerate() {
             // SAFETY: acc holds c rounded up to 64 >= 64b + 16l + 16 entries.
             unsafe { _mm512_storeu_si512(acc.as_mut_ptr().add(64 * b + 16 * l).cast(), vl) };
@@ -446,16 +463,7 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
                 // e0 + 64 <= len rounded up to 64 bytes are readable (precondition).
                 *xi = unsafe { _mm512_loadu_si512(taps[4 * grp + i].add(e0).cast()) };
             }
-            let lo01 = _mm512_unpacklo_epi8(x[0], x[1]);
-            let hi01 = _mm512_unpackhi_epi8(x[0], x[1]);
-            let lo23 = _mm512_unpacklo_epi8(x[2], x[3]);
-            let hi23 = _mm512_unpackhi_epi8(x[2], x[3]);
-            let quads = [
-                _mm512_unpacklo_epi16(lo01, lo23),
-                _mm512_unpackhi_epi16(lo01, lo23),
-                _mm512_unpacklo_epi16(hi01, hi23),
-                _mm512_unpackhi_epi16(hi01, hi23),
-            ];
+            let quads = interleave_taps(x);
             let wbase = (class * groups + grp) * 256;
             for q in 0..4 {
                 // SAFETY: the weights hold classes * groups * 256 bytes.
@@ -463,16 +471,7 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
                 r[q] = _mm512_dpbusd_epi32(r[q], quads[q], w);
             }
         }
-        let t0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[0], r[1]);
-        let t1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[0], r[1]);
-        let t2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(r[2], r[3]);
-        let t3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(r[2], r[3]);
-        let v = [
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t2),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t2),
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(t1, t3),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(t1, t3),
-        ];
+        let v = transpose_lanes(r);
         let cbase = class * 64;
         let requant = |l: usize, acc: __m512i| -> __m128i {
             // SAFETY: the constants hold classes * 64 entries; cbase + 16l + 16 <= that.
