@@ -1,8 +1,30 @@
 //! # qnn: write a float model once, quantize it by configuration
 //!
-//! **Status: created, not yet filled.** This crate will hold the float module API, the
-//! fuse / prepare / calibrate / convert workflow and the numeric report. It is the only crate
-//! that sees the others together: it depends on [`qtensor`], [`qkernels`], [`qobserve`] and
-//! [`qfuse`], and none of them depends on it.
+//! **Status: the float side.** Models are trees of [`Module`]s (layers and named
+//! [`Sequential`] containers) run in `f32` on NCHW tensors, with PyTorch's parameter names,
+//! so a `state_dict` saved from PyTorch as safetensors loads unchanged
+//! ([`load_safetensors`]), and every load mismatch is reported at once. The quantization
+//! workflow (fuse, prepare, calibrate, convert, report) builds on this tree next.
+//!
+//! ```
+//! use qnn::{zoo, Module};
+//! let mut model = zoo::digits();
+//! qnn::load_safetensors(&mut model, concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors"))?;
+//! let logits = model.forward(&ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 1, 8, 8])))?;
+//! assert_eq!(logits.shape(), &[1, 10]);
+//! # Ok::<(), qnn::NnError>(())
+//! ```
+//!
+//! It depends on [`qtensor`], [`qkernels`], [`qobserve`] and [`qfuse`]; none of them depends
+//! on it.
 
+mod error;
+pub mod layers;
+mod module;
+mod state;
+pub mod zoo;
+
+pub use error::{NnError, Result};
+pub use module::{walk, Module, Sequential};
+pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes};
 pub use {qfuse, qkernels, qobserve, qtensor};

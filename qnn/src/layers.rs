@@ -1,0 +1,411 @@
+//! The float layers, with PyTorch's parameter names and shapes so `state_dict`s load
+//! unchanged: `Conv2d`, `BatchNorm2d`, `Linear`, activations, pooling, `Flatten`, `Identity`.
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use qkernels::{conv2d_f32, linear_f32, Conv2dGeometry};
+
+use crate::error::{NnError, Result};
+use crate::module::Module;
+
+fn shape_err(kind: &'static str, expected: String, x: &ArrayD<f32>) -> NnError {
+    NnError::Shape { module: String::new(), kind, expected, got: x.shape().to_vec() }
+}
+
+fn op_err(e: qtensor::QError) -> NnError {
+    NnError::Op { module: String::new(), source: e }
+}
+
+/// NCHW `[n, c, h, w]` of a 4-D input, or a shape error.
+fn nchw(kind: &'static str, x: &ArrayD<f32>, what: &str) -> Result<[usize; 4]> {
+    match *x.shape() {
+        [n, c, h, w] => Ok([n, c, h, w]),
+        _ => Err(shape_err(kind, format!("a 4-D NCHW tensor {what}"), x)),
+    }
+}
+
+/// NCHW -> NHWC, contiguous.
+pub(crate) fn to_nhwc(x: &ArrayD<f32>) -> Vec<f32> {
+    x.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned().into_raw_vec_and_offset().0
+}
+
+/// NHWC data of `[n, h, w, c]` -> NCHW array.
+pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32> {
+    let a = ArrayD::from_shape_vec(IxDyn(&[n, h, w, c]), data).expect("length matches the shape");
+    a.permuted_axes(IxDyn(&[0, 3, 1, 2])).as_standard_layout().into_owned()
+}
+
+/// `nn.Conv2d`: weight `[out, in / groups, kh, kw]` (OIHW), optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Weights, OIHW.
+    pub weight: ArrayD<f32>,
+    /// Bias.
+    pub bias: Option<ArrayD<f32>>,
+    /// Stride, padding, dilation, groups.
+    pub geom: Conv2dGeometry,
+}
+
+impl Conv2d {
+    /// Zero weights of shape `[out, in / groups, k, k]`, a zero bias, stride 1, no padding.
+    pub fn new(in_channels: usize, out_channels: usize, k: usize) -> Self {
+        Conv2d {
+            weight: ArrayD::zeros(IxDyn(&[out_channels, in_channels, k, k])),
+            bias: Some(ArrayD::zeros(IxDyn(&[out_channels]))),
+            geom: Conv2dGeometry::default(),
+        }
+    }
+    /// With a stride.
+    pub fn stride(mut self, s: usize) -> Self {
+        self.geom.stride = [s, s];
+        self
+    }
+    /// With padding.
+    pub fn padding(mut self, p: usize) -> Self {
+        self.geom.padding = [p, p];
+        self
+    }
+    /// With dilation.
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.geom.dilation = [d, d];
+        self
+    }
+    /// With groups (the weight's input dimension shrinks accordingly).
+    pub fn groups(mut self, g: usize) -> Self {
+        let s = self.weight.shape().to_vec();
+        self.geom.groups = g;
+        self.weight = ArrayD::zeros(IxDyn(&[s[0], s[1] / g.max(1), s[2], s[3]]));
+        self
+    }
+    /// Without a bias.
+    pub fn no_bias(mut self) -> Self {
+        self.bias = None;
+        self
+    }
+    /// The weights as OHWI, the kernels' layout.
+    pub fn weight_ohwi(&self) -> ArrayD<f32> {
+        self.weight.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned()
+    }
+}
+
+impl Module for Conv2d {
+    fn kind(&self) -> &'static str {
+        "Conv2d"
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("Conv2d", x, "[batch, channels, height, width]")?;
+        let ws = self.weight.shape();
+        let (oc, icg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+        if c != icg * self.geom.groups {
+            return Err(shape_err(
+                "Conv2d",
+                format!(
+                    "{} input channels (weight {ws:?}, groups {}); check the previous layer's output channels",
+                    icg * self.geom.groups,
+                    self.geom.groups
+                ),
+                x,
+            ));
+        }
+        let g = &self.geom;
+        let span = |k: usize, d: usize| d * (k - 1) + 1;
+        if h + 2 * g.padding[0] < span(kh, g.dilation[0]) || w + 2 * g.padding[1] < span(kw, g.dilation[1]) {
+            return Err(shape_err(
+                "Conv2d",
+                format!("an input of at least {kh}x{kw} (with padding {:?})", g.padding),
+                x,
+            ));
+        }
+        let oh = (h + 2 * g.padding[0] - span(kh, g.dilation[0])) / g.stride[0] + 1;
+        let ow = (w + 2 * g.padding[1] - span(kw, g.dilation[1])) / g.stride[1] + 1;
+        let mut out = vec![0.0f32; n * oh * ow * oc];
+        let wt = self.weight_ohwi();
+        let bias = self.bias.as_ref().map(|b| b.as_slice().expect("contiguous bias").to_vec());
+        conv2d_f32(
+            &to_nhwc(x),
+            (n, h, w, c),
+            wt.as_slice().expect("standard layout"),
+            (oc, kh, kw),
+            bias.as_deref(),
+            *g,
+            &mut out,
+        )
+        .map_err(op_err)?;
+        Ok(from_nhwc(out, [n, oh, ow, oc]))
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        let mut v = vec![("weight", &self.weight)];
+        if let Some(b) = &self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        let mut v = vec![("weight", &mut self.weight)];
+        if let Some(b) = &mut self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `nn.BatchNorm2d` in inference mode (running statistics).
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    /// Gamma.
+    pub weight: ArrayD<f32>,
+    /// Beta.
+    pub bias: ArrayD<f32>,
+    /// Running mean.
+    pub running_mean: ArrayD<f32>,
+    /// Running variance.
+    pub running_var: ArrayD<f32>,
+    /// Added to the variance (PyTorch: 1e-5).
+    pub eps: f32,
+}
+
+impl BatchNorm2d {
+    /// The identity normalization over `c` channels (weight 1, bias 0, mean 0, var 1).
+    pub fn new(c: usize) -> Self {
+        BatchNorm2d {
+            weight: ArrayD::ones(IxDyn(&[c])),
+            bias: ArrayD::zeros(IxDyn(&[c])),
+            running_mean: ArrayD::zeros(IxDyn(&[c])),
+            running_var: ArrayD::ones(IxDyn(&[c])),
+            eps: 1e-5,
+        }
+    }
+
+    /// The statistics as `qfuse` takes them.
+    pub fn to_fuse(&self) -> qfuse::BatchNorm {
+        let v = |a: &ArrayD<f32>| a.iter().copied().collect::<Vec<_>>();
+        qfuse::BatchNorm {
+            weight: Some(v(&self.weight)),
+            bias: Some(v(&self.bias)),
+            running_mean: v(&self.running_mean),
+            running_var: v(&self.running_var),
+            eps: self.eps,
+        }
+    }
+}
+
+impl Module for BatchNorm2d {
+    fn kind(&self) -> &'static str {
+        "BatchNorm2d"
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [_, c, _, _] = nchw("BatchNorm2d", x, "[batch, channels, height, width]")?;
+        if c != self.running_mean.len() {
+            return Err(shape_err("BatchNorm2d", format!("{} channels", self.running_mean.len()), x));
+        }
+        let mut y = x.clone();
+        for (ch, mut plane) in y.axis_iter_mut(ndarray::Axis(1)).enumerate() {
+            let inv = 1.0 / (self.running_var[ch] + self.eps).sqrt();
+            let alpha = self.weight[ch] * inv;
+            let beta = self.bias[ch] - self.running_mean[ch] * alpha;
+            plane.mapv_inplace(|v| v * alpha + beta);
+        }
+        Ok(y)
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        vec![
+            ("weight", &self.weight),
+            ("bias", &self.bias),
+            ("running_mean", &self.running_mean),
+            ("running_var", &self.running_var),
+        ]
+    }
+
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        vec![
+            ("weight", &mut self.weight),
+            ("bias", &mut self.bias),
+            ("running_mean", &mut self.running_mean),
+            ("running_var", &mut self.running_var),
+        ]
+    }
+
+    fn ignored_tensors(&self) -> &'static [&'static str] {
+        &["num_batches_tracked"]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`; input `[batch, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Weights.
+    pub weight: ArrayD<f32>,
+    /// Bias.
+    pub bias: Option<ArrayD<f32>>,
+}
+
+impl Linear {
+    /// Zero weights `[out, in]` and bias.
+    pub fn new(in_features: usize, out_features: usize) -> Self {
+        Linear {
+            weight: ArrayD::zeros(IxDyn(&[out_features, in_features])),
+            bias: Some(ArrayD::zeros(IxDyn(&[out_features]))),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn kind(&self) -> &'static str {
+        "Linear"
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let (n, k) = (self.weight.shape()[0], self.weight.shape()[1]);
+        let [m, kin] = *x.shape() else {
+            return Err(shape_err("Linear", format!("a 2-D [batch, {k}] input; put a Flatten before it"), x));
+        };
+        if kin != k {
+            return Err(shape_err("Linear", format!("[batch, {k}] (in_features {k})"), x));
+        }
+        let mut out = vec![0.0f32; m * n];
+        let xs = x.as_standard_layout();
+        let bias = self.bias.as_ref().map(|b| b.iter().copied().collect::<Vec<_>>());
+        linear_f32(
+            xs.as_slice().expect("standard"),
+            m,
+            k,
+            self.weight.as_slice().expect("standard"),
+            n,
+            bias.as_deref(),
+            &mut out,
+        )
+        .map_err(op_err)?;
+        Ok(ArrayD::from_shape_vec(IxDyn(&[m, n]), out).expect("m x n"))
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        let mut v = vec![("weight", &self.weight)];
+        if let Some(b) = &self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        let mut v = vec![("weight", &mut self.weight)];
+        if let Some(b) = &mut self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+macro_rules! elementwise {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $f:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $name;
+
+        impl Module for $name {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+            fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+                let f: fn(f32) -> f32 = $f;
+                Ok(x.mapv(f))
+            }
+            fn as_any(&self) -> &dyn Any {
+                self
+            }
+        }
+    };
+}
+
+elementwise!(
+    /// `nn.ReLU`.
+    ReLU, "ReLU", |v| v.max(0.0)
+);
+elementwise!(
+    /// `nn.ReLU6`.
+    ReLU6, "ReLU6", |v| v.clamp(0.0, 6.0)
+);
+elementwise!(
+    /// `nn.Hardswish`.
+    Hardswish, "Hardswish", |v| v * (v + 3.0).clamp(0.0, 6.0) / 6.0
+);
+elementwise!(
+    /// `nn.Sigmoid`.
+    Sigmoid, "Sigmoid", |v| 1.0 / (1.0 + (-v).exp())
+);
+elementwise!(
+    /// `nn.Identity` (and `nn.Dropout` at inference).
+    Identity, "Identity", |v| v
+);
+
+/// `nn.Flatten()`: `[n, c, h, w] -> [n, c * h * w]` (PyTorch's order).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Flatten;
+
+impl Module for Flatten {
+    fn kind(&self) -> &'static str {
+        "Flatten"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let n = *x.shape().first().ok_or_else(|| shape_err("Flatten", "at least one dimension".into(), x))?;
+        let rest = x.len() / n.max(1);
+        Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&[n, rest])).expect("same length"))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `nn.AdaptiveAvgPool2d(output_size)`: PyTorch's windows
+/// `[floor(o * in / out), ceil((o + 1) * in / out))`.
+#[derive(Debug, Clone, Copy)]
+pub struct AdaptiveAvgPool2d(pub usize, pub usize);
+
+impl Module for AdaptiveAvgPool2d {
+    fn kind(&self) -> &'static str {
+        "AdaptiveAvgPool2d"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("AdaptiveAvgPool2d", x, "[batch, channels, height, width]")?;
+        let (oh, ow) = (self.0, self.1);
+        let mut y = ArrayD::zeros(IxDyn(&[n, c, oh, ow]));
+        for b in 0..n {
+            for ch in 0..c {
+                for oy in 0..oh {
+                    let (hs, he) = (oy * h / oh, ((oy + 1) * h).div_ceil(oh));
+                    for ox in 0..ow {
+                        let (ws, we) = (ox * w / ow, ((ox + 1) * w).div_ceil(ow));
+                        let mut s = 0.0f32;
+                        for iy in hs..he {
+                            for ix in ws..we {
+                                s += x[[b, ch, iy, ix]];
+                            }
+                        }
+                        y[[b, ch, oy, ox]] = s / ((he - hs) * (we - ws)) as f32;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

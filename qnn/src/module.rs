@@ -1,0 +1,128 @@
+//! The float model: the [`Module`] trait, and [`Sequential`], the container that names its
+//! children as PyTorch does (`layer1.0.conv1`).
+
+use std::any::Any;
+use std::fmt::Debug;
+
+use ndarray::ArrayD;
+
+use crate::error::Result;
+
+/// A layer or a container of layers, run in `f32` on NCHW tensors (PyTorch's layout).
+///
+/// Implement it for your own layers: `forward` is the float computation; `tensors` /
+/// `tensors_mut` expose the parameters under their state-dict names (`"weight"`, `"bias"`),
+/// so weights saved from PyTorch load into them.
+pub trait Module: Send + Sync + Debug {
+    /// The type's name, as PyTorch's class name (`"Conv2d"`), for messages and reports.
+    fn kind(&self) -> &'static str;
+
+    /// The float forward pass.
+    ///
+    /// # Errors
+    /// An input this module cannot take; the message names the module and the shapes.
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>>;
+
+    /// Named sub-modules, in order (containers only).
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        Vec::new()
+    }
+
+    /// Named sub-modules, mutably.
+    fn children_mut(&mut self) -> Vec<(&str, &mut dyn Module)> {
+        Vec::new()
+    }
+
+    /// This module's own parameters and buffers, by state-dict name.
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        Vec::new()
+    }
+
+    /// The same, mutably (for loading).
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        Vec::new()
+    }
+
+    /// State-dict entries PyTorch saves that this module accepts and ignores
+    /// (`num_batches_tracked`).
+    fn ignored_tensors(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// For downcasting to the concrete layer.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Visits every module of the tree depth first with its hierarchical name.
+pub fn walk<'a>(m: &'a dyn Module, prefix: &str, f: &mut dyn FnMut(&str, &'a dyn Module)) {
+    f(prefix, m);
+    for (name, child) in m.children() {
+        let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        walk(child, &path, f);
+    }
+}
+
+/// Joins a module path and a tensor name.
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Layers run one after another, each with a name (PyTorch's `nn.Sequential` with an
+/// `OrderedDict`, or a module whose `forward` calls its children in order).
+#[derive(Debug, Default)]
+pub struct Sequential {
+    layers: Vec<(String, Box<dyn Module>)>,
+}
+
+impl Sequential {
+    /// An empty container.
+    pub fn new() -> Self {
+        Sequential::default()
+    }
+
+    /// Appends a named layer.
+    pub fn add(mut self, name: impl Into<String>, m: impl Module + 'static) -> Self {
+        self.layers.push((name.into(), Box::new(m)));
+        self
+    }
+
+    /// Appends a boxed layer.
+    pub fn push(&mut self, name: impl Into<String>, m: Box<dyn Module>) {
+        self.layers.push((name.into(), m));
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[(String, Box<dyn Module>)] {
+        &self.layers
+    }
+}
+
+impl Module for Sequential {
+    fn kind(&self) -> &'static str {
+        "Sequential"
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let mut cur = x.clone();
+        for (name, m) in &self.layers {
+            cur = m.forward(&cur).map_err(|e| e.within(name))?;
+        }
+        Ok(cur)
+    }
+
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        self.layers.iter().map(|(n, m)| (n.as_str(), m.as_ref())).collect()
+    }
+
+    fn children_mut(&mut self) -> Vec<(&str, &mut dyn Module)> {
+        self.layers.iter_mut().map(|(n, m)| (n.as_str(), m.as_mut() as &mut dyn Module)).collect()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,110 @@
+//! Loading PyTorch `state_dict`s saved as safetensors.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{NnError, Result};
+use crate::module::{join, Module};
+
+/// Every parameter of the tree with its full name and shape.
+pub fn parameter_shapes(m: &dyn Module) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    collect(m, "", &mut out, &mut Vec::new());
+    out
+}
+
+fn collect(m: &dyn Module, prefix: &str, out: &mut Vec<(String, Vec<usize>)>, ignored: &mut Vec<String>) {
+    for (name, t) in m.tensors() {
+        out.push((join(prefix, name), t.shape().to_vec()));
+    }
+    for name in m.ignored_tensors() {
+        ignored.push(join(prefix, name));
+    }
+    for (name, child) in m.children() {
+        collect(child, &join(prefix, name), out, ignored);
+    }
+}
+
+fn assign(m: &mut dyn Module, prefix: &str, values: &mut BTreeMap<String, ArrayD<f32>>) {
+    for (name, t) in m.tensors_mut() {
+        if let Some(v) = values.remove(&join(prefix, name)) {
+            *t = v;
+        }
+    }
+    for (name, child) in m.children_mut() {
+        let p = join(prefix, name);
+        assign(child, &p, values);
+    }
+}
+
+/// Loads the weights of `model` from a safetensors file written from a PyTorch `state_dict`
+/// (`safetensors.torch.save_file(model.state_dict(), path)`): every parameter must be present
+/// with its shape, and every tensor in the file must belong to the model (or be a buffer it
+/// accepts and ignores, like `num_batches_tracked`).
+///
+/// Nothing is changed unless everything matches.
+///
+/// # Errors
+/// [`NnError::Load`] listing every missing, unexpected and mis-shaped tensor at once;
+/// [`NnError::File`] for an unreadable file or a parameter stored in a dtype other than f32.
+pub fn load_safetensors(model: &mut dyn Module, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| NnError::File { file: file.clone(), reason: e.to_string() })?;
+    load_safetensors_bytes(model, &bytes, &file)
+}
+
+/// [`load_safetensors`] from bytes in memory; `name` is used in messages.
+///
+/// # Errors
+/// As [`load_safetensors`].
+pub fn load_safetensors_bytes(model: &mut dyn Module, bytes: &[u8], name: &str) -> Result<()> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| NnError::File {
+        file: name.to_string(),
+        reason: format!("not a valid safetensors file ({e}); write it with safetensors.torch.save_file"),
+    })?;
+    let mut params = Vec::new();
+    let mut ignored = Vec::new();
+    collect(model, "", &mut params, &mut ignored);
+    let (mut missing, mut mismatched) = (Vec::new(), Vec::new());
+    let mut values = BTreeMap::new();
+    for (pname, shape) in &params {
+        match st.tensor(pname) {
+            Err(_) => missing.push((pname.clone(), shape.clone())),
+            Ok(t) if t.shape() != shape.as_slice() => {
+                mismatched.push((pname.clone(), shape.clone(), t.shape().to_vec()))
+            }
+            Ok(t) if t.dtype() != Dtype::F32 => {
+                return Err(NnError::File {
+                    file: name.to_string(),
+                    reason: format!(
+                        "{pname} is stored as {:?}; parameters must be float32 (convert with .float())",
+                        t.dtype()
+                    ),
+                })
+            }
+            Ok(t) => {
+                let data: Vec<f32> =
+                    t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                values.insert(pname.clone(), ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape checked"));
+            }
+        }
+    }
+    let known: std::collections::HashSet<&str> =
+        params.iter().map(|(n, _)| n.as_str()).chain(ignored.iter().map(String::as_str)).collect();
+    let mut unexpected: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !known.contains(n.as_str()))
+        .map(|(n, t)| (n, t.shape().to_vec()))
+        .collect();
+    unexpected.sort();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        return Err(NnError::Load { file: name.to_string(), missing, unexpected, mismatched });
+    }
+    assign(model, "", &mut values);
+    Ok(())
+}
