@@ -41,6 +41,29 @@ pub enum NnError {
         /// The input's shape.
         got: Vec<usize>,
     },
+    /// A module name that does not exist in the model.
+    #[error(
+        "no module '{name}' in this model{}; modules are named by their path from the root, \
+         e.g. 'layer1.0.conv1'",
+        if suggestions.is_empty() { String::new() } else { format!("; did you mean {}?", suggestions.join(", ")) }
+    )]
+    UnknownModule {
+        /// The name asked for.
+        name: String,
+        /// The closest existing names.
+        suggestions: Vec<String>,
+    },
+    /// A fusion that cannot be done, with the reason.
+    #[error("cannot fuse {modules:?}: {reason}")]
+    Fusion {
+        /// The modules named.
+        modules: Vec<String>,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// Calibration or configuration problems reported by an observer.
+    #[error("{0}")]
+    Observe(#[from] qobserve::ObserveError),
     /// An error from a kernel or tensor operation inside a module.
     #[error("{module}: {source}")]
     Op {

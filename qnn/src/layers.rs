@@ -36,6 +36,38 @@ pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32>
     a.permuted_axes(IxDyn(&[0, 3, 1, 2])).as_standard_layout().into_owned()
 }
 
+/// An activation fused into the layer before it (by [`crate::fuse`]): applied to its output,
+/// in float as in int8 (where it is a clamp at the output zero point).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FusedAct {
+    /// None.
+    #[default]
+    None,
+    /// ReLU.
+    Relu,
+    /// ReLU6.
+    Relu6,
+}
+
+impl FusedAct {
+    pub(crate) fn apply(self, x: &mut ArrayD<f32>) {
+        match self {
+            FusedAct::None => {}
+            FusedAct::Relu => x.mapv_inplace(|v| v.max(0.0)),
+            FusedAct::Relu6 => x.mapv_inplace(|v| v.clamp(0.0, 6.0)),
+        }
+    }
+
+    /// The kernels' fused clamp.
+    pub fn kernel(self) -> qkernels::Activation {
+        match self {
+            FusedAct::None => qkernels::Activation::None,
+            FusedAct::Relu => qkernels::Activation::Relu,
+            FusedAct::Relu6 => qkernels::Activation::Relu6,
+        }
+    }
+}
+
 /// `nn.Conv2d`: weight `[out, in / groups, kh, kw]` (OIHW), optional bias `[out]`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -45,6 +77,8 @@ pub struct Conv2d {
     pub bias: Option<ArrayD<f32>>,
     /// Stride, padding, dilation, groups.
     pub geom: Conv2dGeometry,
+    /// Activation fused into this layer.
+    pub activation: FusedAct,
 }
 
 impl Conv2d {
@@ -54,6 +88,7 @@ impl Conv2d {
             weight: ArrayD::zeros(IxDyn(&[out_channels, in_channels, k, k])),
             bias: Some(ArrayD::zeros(IxDyn(&[out_channels]))),
             geom: Conv2dGeometry::default(),
+            activation: FusedAct::None,
         }
     }
     /// With a stride.
@@ -133,7 +168,9 @@ impl Module for Conv2d {
             &mut out,
         )
         .map_err(op_err)?;
-        Ok(from_nhwc(out, [n, oh, ow, oc]))
+        let mut y = from_nhwc(out, [n, oh, ow, oc]);
+        self.activation.apply(&mut y);
+        Ok(y)
     }
 
     fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
@@ -153,6 +190,10 @@ impl Module for Conv2d {
     }
 
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }
@@ -242,6 +283,10 @@ impl Module for BatchNorm2d {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 /// `nn.Linear`: weight `[out, in]`, optional bias `[out]`; input `[batch, in]`.
@@ -251,6 +296,8 @@ pub struct Linear {
     pub weight: ArrayD<f32>,
     /// Bias.
     pub bias: Option<ArrayD<f32>>,
+    /// Activation fused into this layer.
+    pub activation: FusedAct,
 }
 
 impl Linear {
@@ -259,6 +306,7 @@ impl Linear {
         Linear {
             weight: ArrayD::zeros(IxDyn(&[out_features, in_features])),
             bias: Some(ArrayD::zeros(IxDyn(&[out_features]))),
+            activation: FusedAct::None,
         }
     }
 }
@@ -289,7 +337,9 @@ impl Module for Linear {
             &mut out,
         )
         .map_err(op_err)?;
-        Ok(ArrayD::from_shape_vec(IxDyn(&[m, n]), out).expect("m x n"))
+        let mut y = ArrayD::from_shape_vec(IxDyn(&[m, n]), out).expect("m x n");
+        self.activation.apply(&mut y);
+        Ok(y)
     }
 
     fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
@@ -311,6 +361,10 @@ impl Module for Linear {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 macro_rules! elementwise {
@@ -328,6 +382,9 @@ macro_rules! elementwise {
                 Ok(x.mapv(f))
             }
             fn as_any(&self) -> &dyn Any {
+                self
+            }
+            fn as_any_mut(&mut self) -> &mut dyn Any {
                 self
             }
         }
@@ -371,6 +428,10 @@ impl Module for Flatten {
     fn as_any(&self) -> &dyn Any {
         self
     }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 /// `nn.AdaptiveAvgPool2d(output_size)`: PyTorch's windows
@@ -406,6 +467,10 @@ impl Module for AdaptiveAvgPool2d {
         Ok(y)
     }
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }

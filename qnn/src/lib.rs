@@ -19,12 +19,14 @@
 //! on it.
 
 mod error;
+pub mod fuse;
 pub mod layers;
 mod module;
 mod state;
 pub mod zoo;
 
 pub use error::{NnError, Result};
+pub use fuse::{fuse, fuse_modules, Fused};
 pub use module::{walk, Module, Sequential};
 pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes};
 pub use {qfuse, qkernels, qobserve, qtensor};

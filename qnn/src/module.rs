@@ -51,6 +51,9 @@ pub trait Module: Send + Sync + Debug {
 
     /// For downcasting to the concrete layer.
     fn as_any(&self) -> &dyn Any;
+
+    /// For rewriting the concrete layer (fusion).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 /// Visits every module of the tree depth first with its hierarchical name.
@@ -99,6 +102,11 @@ impl Sequential {
     pub fn layers(&self) -> &[(String, Box<dyn Module>)] {
         &self.layers
     }
+
+    /// The layers, mutably (for rewrites such as fusion).
+    pub fn layers_mut(&mut self) -> &mut [(String, Box<dyn Module>)] {
+        &mut self.layers
+    }
 }
 
 impl Module for Sequential {
@@ -123,6 +131,10 @@ impl Module for Sequential {
     }
 
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }

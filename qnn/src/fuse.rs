@@ -1,0 +1,200 @@
+//! Fusion: conv + batch-norm (+ ReLU), conv + ReLU, linear + ReLU, found automatically in
+//! every [`Sequential`] or named explicitly. The batch-norm is folded into the convolution's
+//! weights and bias ([`qfuse::fuse_conv_bn`], PyTorch's arithmetic); the ReLU becomes the
+//! layer's fused activation; the absorbed modules become `Identity`, keeping their names.
+
+use crate::error::{NnError, Result};
+use crate::layers::{BatchNorm2d, Conv2d, FusedAct, Identity, Linear, ReLU, ReLU6};
+use crate::module::{join, walk, Module, Sequential};
+
+/// One fusion that was done: the full names of the modules merged (the first keeps the
+/// result) and the pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fused {
+    /// Full module names, first to last.
+    pub modules: Vec<String>,
+    /// E.g. `"Conv2d+BatchNorm2d+ReLU"`.
+    pub pattern: String,
+}
+
+fn act_of(m: &dyn Module) -> Option<FusedAct> {
+    if m.as_any().is::<ReLU>() {
+        Some(FusedAct::Relu)
+    } else if m.as_any().is::<ReLU6>() {
+        Some(FusedAct::Relu6)
+    } else {
+        None
+    }
+}
+
+/// How many modules starting at `i` form a fusable pattern (0 if none).
+fn pattern_len(layers: &[(String, Box<dyn Module>)], i: usize) -> usize {
+    let at = |j: usize| layers.get(j).map(|(_, m)| m.as_ref());
+    let Some(first) = at(i) else { return 0 };
+    let free_conv = first.as_any().downcast_ref::<Conv2d>().is_some_and(|c| c.activation == FusedAct::None);
+    let free_linear = first.as_any().downcast_ref::<Linear>().is_some_and(|l| l.activation == FusedAct::None);
+    if free_conv {
+        let bn = at(i + 1).is_some_and(|m| m.as_any().is::<BatchNorm2d>());
+        let after = if bn { i + 2 } else { i + 1 };
+        let act = at(after).and_then(act_of).is_some();
+        return match (bn, act) {
+            (true, true) => 3,
+            (true, false) | (false, true) => 2,
+            (false, false) => 0,
+        };
+    }
+    if free_linear && at(i + 1).and_then(act_of).is_some() {
+        return 2;
+    }
+    0
+}
+
+/// Fuses `layers[i..i + len]` (a pattern from [`pattern_len`]) in place.
+fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefix: &str) -> Result<Fused> {
+    let names: Vec<String> = layers[i..i + len].iter().map(|(n, _)| join(prefix, n)).collect();
+    let kinds: Vec<&str> = layers[i..i + len].iter().map(|(_, m)| m.kind()).collect();
+    let pattern = kinds.join("+");
+    let bn = layers.get(i + 1).and_then(|(_, m)| m.as_any().downcast_ref::<BatchNorm2d>()).map(BatchNorm2d::to_fuse);
+    let act = layers[i + 1..i + len].iter().find_map(|(_, m)| act_of(m.as_ref())).unwrap_or_default();
+    let head = layers[i].1.as_any_mut();
+    if let Some(conv) = head.downcast_mut::<Conv2d>() {
+        if let Some(bn) = &bn {
+            let bias: Option<Vec<f32>> = conv.bias.as_ref().map(|b| b.iter().copied().collect());
+            let (w, b) = qfuse::fuse_conv_bn(conv.weight.view(), bias.as_deref(), bn)
+                .map_err(|e| NnError::Fusion { modules: names.clone(), reason: e.to_string() })?;
+            conv.weight = w;
+            conv.bias = Some(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[b.len()]), b).expect("one per channel"));
+        }
+        conv.activation = act;
+    } else if let Some(lin) = head.downcast_mut::<Linear>() {
+        lin.activation = act;
+    }
+    for (_, m) in &mut layers[i + 1..i + len] {
+        *m = Box::new(Identity);
+    }
+    Ok(Fused { modules: names, pattern })
+}
+
+/// Finds and fuses every conv + batch-norm (+ ReLU / ReLU6), conv + ReLU and linear + ReLU
+/// run of adjacent layers, in every `Sequential` of the model. Returns what it fused.
+///
+/// # Errors
+/// A batch-norm whose statistics cannot be folded (wrong channel count, variance <= 0).
+pub fn fuse(model: &mut Sequential) -> Result<Vec<Fused>> {
+    let mut done = Vec::new();
+    fuse_rec(model, "", &mut done)?;
+    Ok(done)
+}
+
+fn fuse_rec(seq: &mut Sequential, prefix: &str, done: &mut Vec<Fused>) -> Result<()> {
+    let mut i = 0;
+    while i < seq.layers().len() {
+        let len = pattern_len(seq.layers(), i);
+        if len > 0 {
+            done.push(fuse_at(seq.layers_mut(), i, len, prefix)?);
+            i += len;
+        } else {
+            let name = join(prefix, &seq.layers()[i].0);
+            if let Some(inner) = seq.layers_mut()[i].1.as_any_mut().downcast_mut::<Sequential>() {
+                fuse_rec(inner, &name, done)?;
+            }
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Every module's full name (for messages).
+pub fn module_names(model: &dyn Module) -> Vec<String> {
+    let mut names = Vec::new();
+    walk(model, "", &mut |p, _| {
+        if !p.is_empty() {
+            names.push(p.to_string());
+        }
+    });
+    names
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The existing names closest to `name` (for "did you mean" messages).
+pub(crate) fn nearest(name: &str, names: &[String]) -> Vec<String> {
+    let mut scored: Vec<(usize, &String)> = names.iter().map(|n| (edit_distance(name, n), n)).collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, n)| n.clone()).collect()
+}
+
+/// Fuses exactly the listed groups of modules (full names, adjacent in one `Sequential`), as
+/// PyTorch's `fuse_modules(model, [["conv1", "bn1", "relu1"], ...])`.
+///
+/// # Errors
+/// [`NnError::UnknownModule`] for a name the model lacks (with the nearest names);
+/// [`NnError::Fusion`] for modules that are not adjacent in one container or do not form a
+/// supported pattern.
+pub fn fuse_modules(model: &mut Sequential, groups: &[&[&str]]) -> Result<Vec<Fused>> {
+    let all = module_names(model);
+    for group in groups {
+        for name in *group {
+            if !all.iter().any(|n| n == name) {
+                return Err(NnError::UnknownModule { name: name.to_string(), suggestions: nearest(name, &all) });
+            }
+        }
+    }
+    let mut done = Vec::new();
+    for group in groups {
+        let names: Vec<String> = group.iter().map(|s| s.to_string()).collect();
+        let (parent, first) = match names[0].rsplit_once('.') {
+            Some((p, f)) => (p.to_string(), f.to_string()),
+            None => (String::new(), names[0].clone()),
+        };
+        let seq = find_seq(model, &parent).ok_or_else(|| NnError::Fusion {
+            modules: names.clone(),
+            reason: format!("'{parent}' is not a Sequential container"),
+        })?;
+        let i = seq.layers().iter().position(|(n, _)| *n == first).expect("name checked above");
+        let adjacent = names
+            .iter()
+            .enumerate()
+            .all(|(k, n)| seq.layers().get(i + k).is_some_and(|(ln, _)| join(&parent, ln) == *n));
+        if !adjacent {
+            return Err(NnError::Fusion {
+                modules: names,
+                reason: "the modules must be adjacent, in order, in the same container".into(),
+            });
+        }
+        if pattern_len(seq.layers(), i) != names.len() {
+            let kinds: Vec<&str> = seq.layers()[i..i + names.len()].iter().map(|(_, m)| m.kind()).collect();
+            return Err(NnError::Fusion {
+                modules: names,
+                reason: format!(
+                    "{} is not a fusable pattern; supported: Conv2d+BatchNorm2d(+ReLU|ReLU6), Conv2d+ReLU|ReLU6, \
+                     Linear+ReLU|ReLU6 (or call qnn::fuse to find them all)",
+                    kinds.join("+")
+                ),
+            });
+        }
+        done.push(fuse_at(seq.layers_mut(), i, names.len(), &parent)?);
+    }
+    Ok(done)
+}
+
+fn find_seq<'a>(model: &'a mut Sequential, path: &str) -> Option<&'a mut Sequential> {
+    if path.is_empty() {
+        return Some(model);
+    }
+    let (head, rest) = path.split_once('.').unwrap_or((path, ""));
+    let child = model.layers_mut().iter_mut().find(|(n, _)| n == head)?;
+    let inner = child.1.as_any_mut().downcast_mut::<Sequential>()?;
+    find_seq(inner, rest)
+}
