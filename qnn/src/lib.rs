@@ -18,15 +18,19 @@
 //! It depends on [`qtensor`], [`qkernels`], [`qobserve`] and [`qfuse`]; none of them depends
 //! on it.
 
+mod config;
 mod error;
 pub mod fuse;
 pub mod layers;
 mod module;
+mod quant;
 mod state;
 pub mod zoo;
 
+pub use config::QConfigMapping;
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_modules, Fused};
 pub use module::{walk, Module, Sequential};
+pub use quant::{prepare, Mode, PlanEntry, Prepared, QuantizedModel, Value};
 pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes};
 pub use {qfuse, qkernels, qobserve, qtensor};

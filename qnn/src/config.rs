@@ -1,0 +1,121 @@
+//! Choosing, per module, whether and how it is quantized.
+
+use qobserve::QConfig;
+
+/// How a name pattern matches a module's full name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pattern {
+    /// The name itself, or any module below it (`layer1` matches `layer1.0.conv1`).
+    Path(String),
+    /// `*` matches any run of characters, dots included (`*.downsample.*`).
+    Glob(String),
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Self {
+        if s.contains('*') {
+            Pattern::Glob(s.to_string())
+        } else {
+            Pattern::Path(s.to_string())
+        }
+    }
+
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Pattern::Path(p) => name == p || name.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('.')),
+            Pattern::Glob(g) => glob(g.as_bytes(), name.as_bytes()),
+        }
+    }
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
+/// Which [`QConfig`] each module gets: a global one, overridden per module type
+/// (`"Conv2d"`), overridden per name (exact path, path prefix, or glob with `*`); `None`
+/// keeps a module in float. Later overrides of the same kind win; names beat types beat the
+/// global setting.
+///
+/// ```
+/// use qnn::QConfigMapping;
+/// use qobserve::QConfig;
+/// let m = QConfigMapping::new(QConfig::default())
+///     .skip_name("fc2")                       // keep the classifier in float
+///     .set_kind("Linear", QConfig::pytorch_x86())
+///     .skip_name("*.downsample.*");
+/// assert!(m.resolve("fc2", "Linear").is_none());
+/// assert!(m.resolve("fc1", "Linear").is_some());
+/// assert!(m.resolve("layer1.0.downsample.0", "Conv2d").is_none());
+/// ```
+#[derive(Clone, Debug)]
+pub struct QConfigMapping {
+    global: Option<QConfig>,
+    kinds: Vec<(String, Option<QConfig>)>,
+    names: Vec<(Pattern, Option<QConfig>)>,
+}
+
+impl QConfigMapping {
+    /// Every module quantized with `global` unless overridden.
+    pub fn new(global: QConfig) -> Self {
+        QConfigMapping { global: Some(global), kinds: Vec::new(), names: Vec::new() }
+    }
+
+    /// Nothing quantized unless a type or name override says so.
+    pub fn float() -> Self {
+        QConfigMapping { global: None, kinds: Vec::new(), names: Vec::new() }
+    }
+
+    /// Quantize modules of this type (`"Conv2d"`, `"Linear"`, ...) with `q`.
+    pub fn set_kind(mut self, kind: &str, q: QConfig) -> Self {
+        self.kinds.push((kind.to_string(), Some(q)));
+        self
+    }
+
+    /// Keep modules of this type in float.
+    pub fn skip_kind(mut self, kind: &str) -> Self {
+        self.kinds.push((kind.to_string(), None));
+        self
+    }
+
+    /// Quantize the modules matching `pattern` with `q`.
+    pub fn set_name(mut self, pattern: &str, q: QConfig) -> Self {
+        self.names.push((Pattern::parse(pattern), Some(q)));
+        self
+    }
+
+    /// Keep the modules matching `pattern` in float.
+    pub fn skip_name(mut self, pattern: &str) -> Self {
+        self.names.push((Pattern::parse(pattern), None));
+        self
+    }
+
+    /// The configuration of module `name` of type `kind` (`None`: float).
+    pub fn resolve(&self, name: &str, kind: &str) -> Option<&QConfig> {
+        if let Some((_, q)) = self.names.iter().rev().find(|(p, _)| p.matches(name)) {
+            return q.as_ref();
+        }
+        if let Some((_, q)) = self.kinds.iter().rev().find(|(k, _)| k == kind) {
+            return q.as_ref();
+        }
+        self.global.as_ref()
+    }
+
+    /// The name patterns, for checking them against a model.
+    pub(crate) fn name_patterns(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.names.iter().map(|(p, _)| match p {
+            Pattern::Path(s) => (s.as_str(), false),
+            Pattern::Glob(s) => (s.as_str(), true),
+        })
+    }
+
+    /// Whether any module name matches.
+    pub(crate) fn pattern_matches_any(pattern: &str, glob_pattern: bool, names: &[String]) -> bool {
+        let p = if glob_pattern { Pattern::Glob(pattern.into()) } else { Pattern::Path(pattern.into()) };
+        names.iter().any(|n| p.matches(n))
+    }
+}
