@@ -173,8 +173,8 @@ fn to_u8(p: QParams) -> QuantU8 {
 /// One step of the int8 model.
 #[derive(Debug)]
 enum Op {
-    Conv { packed: PackedConv2d, out: OutputQuant },
-    Linear { packed: PackedLinear, out: OutputQuant },
+    Conv { packed: Box<PackedConv2d>, out: OutputQuant },
+    Linear { packed: Box<PackedLinear>, out: OutputQuant },
     Lut { op: UnaryOp, out_q: QuantU8, tables: std::sync::OnceLock<(QuantU8, UnaryTables)> },
     SameParams(Box<dyn Module>),
     Passthrough,
@@ -204,7 +204,7 @@ fn build_op(name: &str, m: Box<dyn Module>, mode: &Mode, out_q: Option<QuantU8>,
                 let ohwi = wq.int_repr().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
                 let wq = QTensor::from_int_repr(ohwi, wq.params().clone(), wq.range()).map_err(op_err)?;
                 let bias: Option<Vec<f32>> = conv.bias.as_ref().map(|b| b.iter().copied().collect());
-                let packed = PackedConv2d::new(&wq, bias.as_deref(), conv.geom).map_err(op_err)?;
+                let packed = Box::new(PackedConv2d::new(&wq, bias.as_deref(), conv.geom).map_err(op_err)?);
                 Op::Conv {
                     packed,
                     out: OutputQuant {
@@ -216,7 +216,7 @@ fn build_op(name: &str, m: Box<dyn Module>, mode: &Mode, out_q: Option<QuantU8>,
             } else if let Some(lin) = a.downcast_ref::<Linear>() {
                 let wq = quantize_weights(name, &lin.weight, cfg)?;
                 let bias: Option<Vec<f32>> = lin.bias.as_ref().map(|b| b.iter().copied().collect());
-                let packed = PackedLinear::new(&wq, bias.as_deref()).map_err(op_err)?;
+                let packed = Box::new(PackedLinear::new(&wq, bias.as_deref()).map_err(op_err)?);
                 Op::Linear {
                     packed,
                     out: OutputQuant {
