@@ -156,7 +156,7 @@ impl Prepared {
                 }
                 None => None,
             };
-            let op = build_op(&name, m, &entry.mode, out_q, cfg.as_ref())?;
+            let op = build_op(&name, m, &entry.mode, last_q, out_q, cfg.as_ref())?;
             ops.push((name, last_q, op));
             if let Some(q) = out_q {
                 last_q = q;
@@ -175,7 +175,7 @@ fn to_u8(p: QParams) -> QuantU8 {
 enum Op {
     Conv { packed: Box<PackedConv2d>, out: OutputQuant },
     Linear { packed: Box<PackedLinear>, out: OutputQuant },
-    Lut { op: UnaryOp, out_q: QuantU8, tables: std::sync::OnceLock<(QuantU8, UnaryTables)> },
+    Lut { op: UnaryOp, in_q: QuantU8, out_q: QuantU8, tables: Box<UnaryTables> },
     SameParams(Box<dyn Module>),
     Passthrough,
     Float(Box<dyn Module>),
@@ -189,7 +189,14 @@ fn quantize_weights(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<QTenso
     QTensor::quantize_in_range(w, p, spec.range).map_err(|e| NnError::Op { module: name.into(), source: e })
 }
 
-fn build_op(name: &str, m: Box<dyn Module>, mode: &Mode, out_q: Option<QuantU8>, cfg: Option<&QConfig>) -> Result<Op> {
+fn build_op(
+    name: &str,
+    m: Box<dyn Module>,
+    mode: &Mode,
+    in_q: QuantU8,
+    out_q: Option<QuantU8>,
+    cfg: Option<&QConfig>,
+) -> Result<Op> {
     let op_err = |e| NnError::Op { module: name.to_string(), source: e };
     Ok(match mode {
         Mode::Passthrough => Op::Passthrough,
@@ -225,11 +232,13 @@ fn build_op(name: &str, m: Box<dyn Module>, mode: &Mode, out_q: Option<QuantU8>,
                         activation: lin.activation.kernel(),
                     },
                 }
-            } else if a.is::<Hardswish>() {
-                Op::Lut { op: UnaryOp::Hardswish, out_q: oq, tables: Default::default() }
             } else {
-                let fixed = UnaryOp::Sigmoid.fixed_output(oq).expect("sigmoid's output is fixed");
-                Op::Lut { op: UnaryOp::Sigmoid, out_q: fixed, tables: Default::default() }
+                let (op, out_q) = if a.is::<Hardswish>() {
+                    (UnaryOp::Hardswish, oq)
+                } else {
+                    (UnaryOp::Sigmoid, UnaryOp::Sigmoid.fixed_output(oq).expect("sigmoid's output is fixed"))
+                };
+                Op::Lut { op, in_q, out_q, tables: Box::new(op.tables(in_q, out_q)) }
             }
         }
     })
@@ -398,12 +407,14 @@ impl QuantizedModel {
                 packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: *out }, 1).map_err(op_err)?;
                 Value::U8 { data: y, shape: vec![m, n], q: QuantU8 { scale: out.scale, zero_point: out.zero_point } }
             }
-            Op::Lut { op, out_q, tables } => {
+            Op::Lut { op, in_q: table_q, out_q, tables } => {
                 let (data, shape, q) = Self::quantized(cur, in_q)?;
-                let (tq, t) = tables.get_or_init(|| (q, op.tables(q, *out_q)));
-                let t = if *tq == q { t.clone() } else { op.tables(q, *out_q) };
                 let mut y = vec![0u8; data.len()];
-                t.apply(&data, &mut y).map_err(op_err)?;
+                if q == *table_q {
+                    tables.apply(&data, &mut y).map_err(op_err)?;
+                } else {
+                    op.tables(q, *out_q).apply(&data, &mut y).map_err(op_err)?;
+                }
                 Value::U8 { data: y, shape, q: *out_q }
             }
             Op::SameParams(m) => match cur {
