@@ -303,6 +303,42 @@ impl Value {
     }
 }
 
+/// One module's line of [`QuantizedModel::report`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerReport {
+    /// Full name.
+    pub name: String,
+    /// Type.
+    pub kind: &'static str,
+    /// How it runs.
+    pub mode: Mode,
+    /// Signal-to-quantization-noise ratio of its output against the float model's, in dB
+    /// (PyTorch's Numeric Suite definition, `20 log10(|f| / |f - q|)`), errors accumulated
+    /// from the input; `None` for modules that compute nothing.
+    pub sqnr_db: Option<f64>,
+}
+
+/// `20 log10(|f| / |f - q|)`, infinite for identical tensors.
+pub fn sqnr_db(f: &ArrayD<f32>, q: &ArrayD<f32>) -> f64 {
+    let signal: f64 = f.iter().map(|&v| (v as f64).powi(2)).sum();
+    let noise: f64 = f.iter().zip(q.iter()).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    if noise == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (signal / noise).log10()
+    }
+}
+
+fn leaves<'a>(seq: &'a Sequential, prefix: &str, out: &mut Vec<(String, &'a dyn Module)>) {
+    for (name, m) in seq.layers() {
+        let path = join(prefix, name);
+        match m.as_any().downcast_ref::<Sequential>() {
+            Some(inner) => leaves(inner, &path, out),
+            None => out.push((path, m.as_ref())),
+        }
+    }
+}
+
 /// The int8 model: immutable, `Send + Sync`, one instance serves every thread.
 #[derive(Debug)]
 pub struct QuantizedModel {
@@ -335,6 +371,33 @@ impl QuantizedModel {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Runs the int8 model and `float` (the same model, fused the same way, in float) side by
+    /// side on `x` and reports, per module, how it ran and how far its output is from the
+    /// float one (PyTorch's Numeric Suite, `compare_model_outputs`).
+    ///
+    /// # Errors
+    /// A float model whose modules do not match this one's, or an input neither can take.
+    pub fn report(&self, float: &Sequential, x: &ArrayD<f32>) -> Result<Vec<LayerReport>> {
+        let mut fl = Vec::new();
+        leaves(float, "", &mut fl);
+        let names_match = fl.len() == self.ops.len() && fl.iter().zip(&self.ops).all(|((a, _), (b, _, _))| a == b);
+        if !names_match {
+            return Err(NnError::Fusion {
+                modules: fl.iter().map(|(n, _)| n.clone()).collect(),
+                reason: "the float model passed to report() must be the converted model's float original, fused the same way".into(),
+            });
+        }
+        let (mut fcur, mut qcur) = (x.clone(), Value::F32(x.clone()));
+        let mut out = Vec::new();
+        for (((name, fm), (_, in_q, op)), entry) in fl.into_iter().zip(&self.ops).zip(&self.plan) {
+            fcur = fm.forward(&fcur).map_err(|e| e.within(&name))?;
+            qcur = Self::step(op, *in_q, qcur).map_err(|e| e.within(&name))?;
+            let sqnr = (entry.mode != Mode::Passthrough).then(|| sqnr_db(&fcur, &qcur.to_f32()));
+            out.push(LayerReport { name, kind: entry.kind, mode: entry.mode.clone(), sqnr_db: sqnr });
+        }
+        Ok(out)
     }
 
     /// Runs the int8 model and returns its last value (quantized logits for a model that

@@ -1,13 +1,14 @@
 //! Project chores as Rust code: `cargo xtask <command>` (the alias lives in
 //! `.cargo/config.toml`).
 //!
-//! - `demo`: the main job, README's first command. Until `qnn` runs a model it shows the
-//!   most complete thing that exists: qtensor quantizing a synthetic layer's weights and
-//!   activations under each quantization scheme, with the error each scheme costs.
+//! - `demo`: the main job, README's first command: the bundled digits model fused,
+//!   calibrated, converted to int8 and evaluated against its float self.
+//! - `schemes`: qtensor alone, quantizing a synthetic layer under each scheme.
 //! - `bench`: kernel benchmarks on real layer shapes (int8, f32, % of the measured peak),
 //!   with `--peers` PyTorch's quantized ops in the same run, `--json PATH` for records.
 
 mod bench;
+mod demo;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -28,8 +29,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: quantize the bundled digits model and compare it with its float self.
+    Demo,
     /// Quantize a synthetic layer under every scheme and report the error each one costs.
-    Demo {
+    Schemes {
         /// Seed of the synthetic data.
         #[arg(long, default_value_t = 7)]
         seed: u64,
@@ -52,16 +55,17 @@ enum Command {
     },
 }
 
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { seed } => demo(seed).map_err(|e| e.to_string()),
+        Command::Demo => demo::run(&workspace_root()),
+        Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
         Command::Bench { threads, peers, filter, json } => {
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("xtask sits in the workspace")
-                .to_path_buf();
-            bench::run(&root, &threads, peers, filter.as_deref(), json.as_ref())
+            bench::run(&workspace_root(), &threads, peers, filter.as_deref(), json.as_ref())
         }
     };
     match result {
