@@ -1,0 +1,128 @@
+//! PyTorch's worst quantization errors, each with the message that says what to do instead.
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use qnn::layers::{Conv2d, Flatten, Linear, ReLU};
+use qnn::{fuse, load_safetensors, prepare, zoo, Mode, Module, NnError, QConfigMapping, QuantizedModel, Sequential};
+use qobserve::QConfig;
+
+fn digits() -> Sequential {
+    let mut m = zoo::digits();
+    load_safetensors(&mut m, concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors")).unwrap();
+    m
+}
+
+fn inputs(n: usize) -> ArrayD<f32> {
+    ArrayD::from_shape_fn(IxDyn(&[n, 1, 8, 8]), |i| ((i[0] * 7 + i[2] * 8 + i[3]) % 17) as f32 / 16.0)
+}
+
+fn calibrated(model: Sequential, mapping: &QConfigMapping) -> QuantizedModel {
+    let mut p = prepare(model, mapping).unwrap();
+    p.calibrate(&inputs(16)).unwrap();
+    p.convert().unwrap()
+}
+
+/// PyTorch: "No function is registered for ... QuantizedCPU" when a BatchNorm was not fused.
+/// Here it runs in float between automatic boundaries, and the plan says why.
+#[test]
+fn an_unfused_batch_norm_runs_in_float_and_is_reported() {
+    let model = digits(); // not fused
+    let q = calibrated(model, &QConfigMapping::new(QConfig::default()));
+    let bn = q.plan().iter().find(|e| e.name == "bn1").unwrap();
+    let Mode::Float(why) = &bn.mode else { panic!("{bn:?}") };
+    assert!(why.contains("not fused") && why.contains("fuse first"), "{why}");
+    let y = q.forward(&inputs(2)).unwrap();
+    assert_eq!(y.shape(), &[2, 10]);
+}
+
+/// A user's layer with no int8 implementation: runs in float, reported, the rest in int8.
+#[derive(Debug)]
+struct Scale2x;
+
+impl Module for Scale2x {
+    fn kind(&self) -> &'static str {
+        "Scale2x"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> qnn::Result<ArrayD<f32>> {
+        Ok(x * 2.0)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+#[test]
+fn a_custom_layer_without_int8_runs_in_float() {
+    let mut model = Sequential::new()
+        .add("conv", Conv2d::new(1, 4, 3).padding(1))
+        .add("relu", ReLU)
+        .add("scale", Scale2x)
+        .add("flatten", Flatten)
+        .add("fc", Linear::new(4 * 8 * 8, 3));
+    fuse(&mut model).unwrap();
+    let q = calibrated(model, &QConfigMapping::new(QConfig::default()));
+    let modes: Vec<(&str, &Mode)> = q.plan().iter().map(|e| (e.name.as_str(), &e.mode)).collect();
+    assert_eq!(modes[0], ("conv", &Mode::Int8));
+    assert!(matches!(modes[2].1, Mode::Float(w) if w.contains("no int8 implementation for Scale2x")), "{modes:?}");
+    assert_eq!(modes[4], ("fc", &Mode::Int8));
+    assert_eq!(q.forward(&inputs(1)).unwrap().shape(), &[1, 3]);
+}
+
+/// PyTorch silently uses scale 1.0, zero point 0 for an observer that saw nothing.
+#[test]
+fn converting_without_calibration_is_an_error() {
+    let p = prepare(digits(), &QConfigMapping::new(QConfig::default())).unwrap();
+    let e = p.convert().unwrap_err().to_string();
+    assert!(e.contains("observer for model input saw no data: did calibration run"), "{e}");
+}
+
+/// PyTorch: "'Sequential' object has no attribute 'conv_1'".
+#[test]
+fn a_configuration_naming_a_missing_module_is_an_error() {
+    let e = prepare(digits(), &QConfigMapping::new(QConfig::default()).skip_name("fc_2")).unwrap_err();
+    assert!(matches!(e, NnError::UnknownModule { .. }));
+    assert!(e.to_string().contains("did you mean fc2"), "{e}");
+}
+
+#[test]
+fn a_wrongly_shaped_input_names_the_module_and_shapes() {
+    let mut model = digits();
+    fuse(&mut model).unwrap();
+    let q = calibrated(model, &QConfigMapping::new(QConfig::default()));
+    let e = q.forward(&ArrayD::zeros(IxDyn(&[1, 3, 8, 8]))).unwrap_err().to_string();
+    assert!(e.starts_with("conv1:") && e.contains("[1, 8, 8, 1]") && e.contains("[1, 8, 8, 3]"), "{e}");
+}
+
+#[test]
+fn skipping_by_name_keeps_a_module_in_float() {
+    let mut model = digits();
+    fuse(&mut model).unwrap();
+    let q = calibrated(model, &QConfigMapping::new(QConfig::default()).skip_name("fc2"));
+    let fc2 = q.plan().iter().find(|e| e.name == "fc2").unwrap();
+    assert!(matches!(&fc2.mode, Mode::Float(w) if w.contains("configuration")));
+    assert_eq!(q.forward(&inputs(3)).unwrap().shape(), &[3, 10]);
+}
+
+#[test]
+fn the_converted_model_is_shared_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<QuantizedModel>();
+    let mut model = digits();
+    fuse(&mut model).unwrap();
+    let q = calibrated(model, &QConfigMapping::new(QConfig::default()));
+    let x = inputs(4);
+    let reference = q.forward_value(&x).unwrap().to_f32();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    assert_eq!(q.forward_value(&x).unwrap().to_f32(), reference);
+                }
+            });
+        }
+    });
+}
