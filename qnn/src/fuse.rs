@@ -5,7 +5,7 @@
 
 use crate::error::{NnError, Result};
 use crate::layers::{BatchNorm2d, Conv2d, FusedAct, Identity, Linear, ReLU, ReLU6};
-use crate::module::{join, walk, Module, Sequential};
+use crate::module::{join, walk, Module, Residual, Sequential};
 
 /// One fusion that was done: the full names of the modules merged (the first keeps the
 /// result) and the pattern.
@@ -95,8 +95,15 @@ fn fuse_rec(seq: &mut Sequential, prefix: &str, done: &mut Vec<Fused>) -> Result
             i += len;
         } else {
             let name = join(prefix, &seq.layers()[i].0);
-            if let Some(inner) = seq.layers_mut()[i].1.as_any_mut().downcast_mut::<Sequential>() {
+            let child = seq.layers_mut()[i].1.as_any_mut();
+            if let Some(inner) = child.downcast_mut::<Sequential>() {
                 fuse_rec(inner, &name, done)?;
+            } else if let Some(res) = child.downcast_mut::<Residual>() {
+                // The body's layers are named directly under the block.
+                fuse_rec(&mut res.body, &name, done)?;
+                if let Some((sname, s)) = &mut res.shortcut {
+                    fuse_rec(s, &join(&name, sname), done)?;
+                }
             }
             i += 1;
         }

@@ -138,3 +138,76 @@ impl Module for Sequential {
         self
     }
 }
+
+/// A residual block: `y = body(x) + shortcut(x)` (the identity when there is no shortcut),
+/// then an optional ReLU, as PyTorch's quantizable blocks write it with
+/// `FloatFunctional().add`. The body's layers are named directly under the block
+/// (`conv1`, `bn1`, ...), the shortcut under its own name (`downsample`), so torchvision's and
+/// PyTorch's `state_dict` names match.
+#[derive(Debug)]
+pub struct Residual {
+    /// The main branch.
+    pub body: Sequential,
+    /// The shortcut branch and its name; `None` for the identity.
+    pub shortcut: Option<(String, Sequential)>,
+    /// The name of the addition (PyTorch: the `FloatFunctional`'s, e.g. `skip_add`): the
+    /// quantized model observes its output under this name.
+    pub add_name: String,
+    /// The name of a ReLU applied after the addition, if any (it keeps the addition's
+    /// quantization parameters, as in PyTorch).
+    pub relu: Option<String>,
+}
+
+impl Module for Residual {
+    fn kind(&self) -> &'static str {
+        "Residual"
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let y = self.body.forward(x)?;
+        let s = match &self.shortcut {
+            Some((name, s)) => s.forward(x).map_err(|e| e.within(name))?,
+            None => x.clone(),
+        };
+        if y.shape() != s.shape() {
+            return Err(crate::error::NnError::Shape {
+                module: self.add_name.clone(),
+                kind: "Residual add",
+                expected: format!(
+                    "the shortcut's shape {:?} (add a downsample branch when the body changes the shape)",
+                    s.shape()
+                ),
+                got: y.shape().to_vec(),
+            });
+        }
+        let mut out = y + s;
+        if self.relu.is_some() {
+            out.mapv_inplace(|v| v.max(0.0));
+        }
+        Ok(out)
+    }
+
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        let mut c = self.body.children();
+        if let Some((name, s)) = &self.shortcut {
+            c.push((name.as_str(), s as &dyn Module));
+        }
+        c
+    }
+
+    fn children_mut(&mut self) -> Vec<(&str, &mut dyn Module)> {
+        let mut c = self.body.children_mut();
+        if let Some((name, s)) = &mut self.shortcut {
+            c.push((name.as_str(), s as &mut dyn Module));
+        }
+        c
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

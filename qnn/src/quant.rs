@@ -15,7 +15,7 @@ use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::{module_names, nearest};
 use crate::layers::{AdaptiveAvgPool2d, Conv2d, Flatten, Hardswish, Identity, Linear, ReLU, ReLU6, Sigmoid};
-use crate::module::{join, Module, Sequential};
+use crate::module::{join, Module, Residual, Sequential};
 
 /// How one module runs in the converted model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,32 +58,131 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     }
 }
 
-/// Moves the leaves out of a `Sequential` tree, in execution order, with full names.
-fn take_leaves(seq: &mut Sequential, prefix: &str, out: &mut Vec<(String, Box<dyn Module>)>) {
+/// A node of the prepared model: a leaf module, or a residual block whose two branches are
+/// node lists of their own.
+#[derive(Debug)]
+enum PNode {
+    Leaf {
+        name: String,
+        module: Box<dyn Module>,
+        mode: Mode,
+        cfg: Option<QConfig>,
+        obs: Option<Box<dyn Observer>>,
+    },
+    Residual {
+        name: String,
+        body: Vec<PNode>,
+        shortcut: Option<Vec<PNode>>,
+        relu: bool,
+        obs: Box<dyn Observer>,
+        int8: bool,
+    },
+}
+
+/// Moves the modules out of a model tree into nodes, in execution order, with full names,
+/// attaching observers as `mapping` says and recording the plan.
+fn build_nodes(
+    seq: &mut Sequential,
+    prefix: &str,
+    mapping: &QConfigMapping,
+    plan: &mut Vec<PlanEntry>,
+) -> Result<Vec<PNode>> {
+    let mut nodes = Vec::new();
     for (name, m) in seq.layers_mut() {
         let path = join(prefix, name);
         if let Some(inner) = m.as_any_mut().downcast_mut::<Sequential>() {
-            take_leaves(inner, &path, out);
+            nodes.extend(build_nodes(inner, &path, mapping, plan)?);
+        } else if let Some(res) = m.as_any_mut().downcast_mut::<Residual>() {
+            let body = build_nodes(&mut res.body, &path, mapping, plan)?;
+            let shortcut = match &mut res.shortcut {
+                Some((sname, s)) => Some(build_nodes(s, &join(&path, sname), mapping, plan)?),
+                None => None,
+            };
+            let add_name = join(&path, &res.add_name);
+            let cfg = mapping.resolve(&add_name, "add").cloned();
+            let mode =
+                if cfg.is_some() { Mode::Int8 } else { Mode::Float("kept in float by the configuration".into()) };
+            plan.push(PlanEntry { name: add_name.clone(), kind: "add", mode: mode.clone() });
+            if let Some(r) = &res.relu {
+                let relu_mode = if cfg.is_some() { Mode::Int8SameParams } else { mode.clone() };
+                plan.push(PlanEntry { name: join(&path, r), kind: "ReLU", mode: relu_mode });
+            }
+            let spec = cfg.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
+            nodes.push(PNode::Residual {
+                name: add_name,
+                body,
+                shortcut,
+                relu: res.relu.is_some(),
+                obs: spec.create()?,
+                int8: cfg.is_some(),
+            });
         } else {
-            out.push((path, std::mem::replace(m, Box::new(Identity))));
+            let q = mapping.resolve(&path, m.kind()).cloned();
+            let mode = mode_of(m.as_ref(), q.as_ref());
+            let needs_observer = matches!(mode, Mode::Int8 | Mode::Float(_));
+            let spec = q.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
+            let obs = if needs_observer { Some(spec.create()?) } else { None };
+            plan.push(PlanEntry { name: path.clone(), kind: m.kind(), mode: mode.clone() });
+            nodes.push(PNode::Leaf { name: path, module: std::mem::replace(m, Box::new(Identity)), mode, cfg: q, obs });
         }
     }
+    Ok(nodes)
+}
+
+fn observe(obs: &mut dyn Observer, name: &str, y: &ArrayD<f32>) -> Result<()> {
+    obs.observe(y.view()).map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} output"))))
+}
+
+/// The float forward pass over prepared nodes, feeding the observers.
+fn calibrate_nodes(nodes: &mut [PNode], x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    let mut cur = x.clone();
+    for node in nodes {
+        cur = match node {
+            PNode::Leaf { name, module, obs, .. } => {
+                let y = module.forward(&cur).map_err(|e| e.within(name))?;
+                if let Some(o) = obs {
+                    observe(o.as_mut(), name, &y)?;
+                }
+                y
+            }
+            PNode::Residual { name, body, shortcut, relu, obs, .. } => {
+                let b = calibrate_nodes(body, &cur)?;
+                let s = match shortcut {
+                    Some(sc) => calibrate_nodes(sc, &cur)?,
+                    None => cur.clone(),
+                };
+                if b.shape() != s.shape() {
+                    return Err(NnError::Shape {
+                        module: name.clone(),
+                        kind: "Residual add",
+                        expected: format!("the shortcut's shape {:?}", s.shape()),
+                        got: b.shape().to_vec(),
+                    });
+                }
+                let mut y = b + s;
+                observe(obs.as_mut(), name, &y)?;
+                if *relu {
+                    y.mapv_inplace(|v| v.max(0.0));
+                }
+                y
+            }
+        };
+    }
+    Ok(cur)
 }
 
 /// A model with observers attached, ready for calibration.
 #[derive(Debug)]
 pub struct Prepared {
-    leaves: Vec<(String, Box<dyn Module>)>,
+    nodes: Vec<PNode>,
     plan: Vec<PlanEntry>,
-    configs: Vec<Option<QConfig>>,
     input_obs: Box<dyn Observer>,
-    obs: Vec<Option<Box<dyn Observer>>>,
     batches: usize,
 }
 
-/// Attaches observers to `model` (fused or not) as `mapping` says: one on the model input and
+/// Attaches observers to `model` (fused or not) as `mapping` says: one on the model input,
 /// one on the output of every module whose int8 output needs parameters of its own (and of
-/// every float module, which may feed an int8 one).
+/// every float module, which may feed an int8 one), one on every residual addition.
 ///
 /// # Errors
 /// A name override in `mapping` that matches no module (with the nearest names), or an
@@ -95,22 +194,10 @@ pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepar
             return Err(NnError::UnknownModule { name: pattern.to_string(), suggestions: nearest(pattern, &names) });
         }
     }
-    let mut leaves = Vec::new();
-    take_leaves(&mut model, "", &mut leaves);
     let mut plan = Vec::new();
-    let mut configs = Vec::new();
-    let mut obs = Vec::new();
-    for (name, m) in &leaves {
-        let q = mapping.resolve(name, m.kind()).cloned();
-        let mode = mode_of(m.as_ref(), q.as_ref());
-        let needs_observer = matches!(mode, Mode::Int8 | Mode::Float(_));
-        let spec = q.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-        obs.push(if needs_observer { Some(spec.create()?) } else { None });
-        plan.push(PlanEntry { name: name.clone(), kind: m.kind(), mode });
-        configs.push(q);
-    }
+    let nodes = build_nodes(&mut model, "", mapping, &mut plan)?;
     let input_spec = mapping.resolve("", "").map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-    Ok(Prepared { leaves, plan, configs, input_obs: input_spec.create()?, obs, batches: 0 })
+    Ok(Prepared { nodes, plan, input_obs: input_spec.create()?, batches: 0 })
 }
 
 impl Prepared {
@@ -125,13 +212,7 @@ impl Prepared {
     /// A batch the model cannot take, or non-finite values (the message names the tensor).
     pub fn calibrate(&mut self, x: &ArrayD<f32>) -> Result<()> {
         self.input_obs.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
-        let mut cur = x.clone();
-        for ((name, m), ob) in self.leaves.iter().zip(self.obs.iter_mut()) {
-            cur = m.forward(&cur).map_err(|e| e.within(name))?;
-            if let Some(ob) = ob {
-                ob.observe(cur.view()).map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} output"))))?;
-            }
-        }
+        calibrate_nodes(&mut self.nodes, x)?;
         self.batches += 1;
         Ok(())
     }
@@ -143,27 +224,71 @@ impl Prepared {
     /// run?"), or weights that cannot be packed.
     pub fn convert(self) -> Result<QuantizedModel> {
         let input_q = to_u8(self.input_obs.qparams().map_err(|e| NnError::Observe(e.for_tensor("model input")))?);
-        let mut ops = Vec::new();
-        // The parameters of the most recently observed tensor: what a float value entering an
-        // int8 op is quantized with.
         let mut last_q = input_q;
-        for (((name, m), entry), (ob, cfg)) in
-            self.leaves.into_iter().zip(self.plan.iter()).zip(self.obs.into_iter().zip(self.configs))
-        {
-            let out_q = match &ob {
-                Some(o) => {
-                    Some(to_u8(o.qparams().map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} output"))))?))
-                }
-                None => None,
-            };
-            let op = build_op(&name, m, &entry.mode, last_q, out_q, cfg.as_ref())?;
-            ops.push((name, last_q, op));
-            if let Some(q) = out_q {
-                last_q = q;
-            }
-        }
-        Ok(QuantizedModel { input_q, ops, plan: self.plan })
+        let nodes = convert_nodes(self.nodes, &mut last_q)?;
+        Ok(QuantizedModel { input_q, nodes, plan: self.plan })
     }
+}
+
+fn observed(obs: &dyn Observer, name: &str) -> Result<QuantU8> {
+    Ok(to_u8(obs.qparams().map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} output"))))?))
+}
+
+/// Converts nodes; `last_q` is the parameters of the most recently observed tensor (what a
+/// float value entering an int8 op is quantized with), updated as nodes are converted.
+fn convert_nodes(nodes: Vec<PNode>, last_q: &mut QuantU8) -> Result<Vec<QNode>> {
+    let mut out = Vec::new();
+    for node in nodes {
+        out.push(match node {
+            PNode::Leaf { name, module, mode, cfg, obs } => {
+                let out_q = match &obs {
+                    Some(o) => Some(observed(o.as_ref(), &name)?),
+                    None => None,
+                };
+                let op = build_op(&name, module, &mode, *last_q, out_q, cfg.as_ref())?;
+                let in_q = *last_q;
+                if let Some(q) = out_q {
+                    *last_q = q;
+                }
+                QNode::Op { name, in_q, op }
+            }
+            PNode::Residual { name, body, shortcut, relu, obs, int8 } => {
+                let x_q = *last_q;
+                let mut body_q = x_q;
+                let body = convert_nodes(body, &mut body_q)?;
+                let mut short_q = x_q;
+                let shortcut = match shortcut {
+                    Some(sc) => Some(convert_nodes(sc, &mut short_q)?),
+                    None => None,
+                };
+                let add_q = observed(obs.as_ref(), &name)?;
+                *last_q = add_q;
+                QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 }
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// A node of the int8 model.
+#[derive(Debug)]
+enum QNode {
+    Op {
+        name: String,
+        in_q: QuantU8,
+        op: Op,
+    },
+    Residual {
+        name: String,
+        body: Vec<QNode>,
+        shortcut: Option<Vec<QNode>>,
+        /// Parameters a float body (or shortcut) output is quantized with.
+        body_q: QuantU8,
+        short_q: QuantU8,
+        add_q: QuantU8,
+        relu: bool,
+        int8: bool,
+    },
 }
 
 fn to_u8(p: QParams) -> QuantU8 {
@@ -329,23 +454,58 @@ pub fn sqnr_db(f: &ArrayD<f32>, q: &ArrayD<f32>) -> f64 {
     }
 }
 
-fn leaves<'a>(seq: &'a Sequential, prefix: &str, out: &mut Vec<(String, &'a dyn Module)>) {
+/// The float model's modules in the shape of the int8 model's nodes (for reports).
+enum FNode<'a> {
+    Leaf(String, &'a dyn Module),
+    Residual { body: Vec<FNode<'a>>, shortcut: Option<Vec<FNode<'a>>>, relu: bool },
+}
+
+fn float_nodes<'a>(seq: &'a Sequential, prefix: &str) -> Vec<FNode<'a>> {
+    let mut out = Vec::new();
     for (name, m) in seq.layers() {
         let path = join(prefix, name);
-        match m.as_any().downcast_ref::<Sequential>() {
-            Some(inner) => leaves(inner, &path, out),
-            None => out.push((path, m.as_ref())),
+        if let Some(inner) = m.as_any().downcast_ref::<Sequential>() {
+            out.extend(float_nodes(inner, &path));
+        } else if let Some(r) = m.as_any().downcast_ref::<Residual>() {
+            out.push(FNode::Residual {
+                body: float_nodes(&r.body, &path),
+                shortcut: r.shortcut.as_ref().map(|(sn, s)| float_nodes(s, &join(&path, sn))),
+                relu: r.relu.is_some(),
+            });
+        } else {
+            out.push(FNode::Leaf(path, m.as_ref()));
         }
     }
+    out
 }
 
 /// The int8 model: immutable, `Send + Sync`, one instance serves every thread.
 #[derive(Debug)]
 pub struct QuantizedModel {
     input_q: QuantU8,
-    /// Each op with the parameters a float input to it is quantized with.
-    ops: Vec<(String, QuantU8, Op)>,
+    nodes: Vec<QNode>,
     plan: Vec<PlanEntry>,
+}
+
+fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
+    for n in nodes {
+        match n {
+            QNode::Op { name, op, .. } => match op {
+                Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
+                    out.push((name.as_str(), QuantU8 { scale: o.scale, zero_point: o.zero_point }))
+                }
+                Op::Lut { out_q, .. } => out.push((name.as_str(), *out_q)),
+                _ => {}
+            },
+            QNode::Residual { name, body, shortcut, add_q, .. } => {
+                collect_quants(body, out);
+                if let Some(s) = shortcut {
+                    collect_quants(s, out);
+                }
+                out.push((name.as_str(), *add_q));
+            }
+        }
+    }
 }
 
 impl QuantizedModel {
@@ -359,18 +519,11 @@ impl QuantizedModel {
         self.input_q
     }
 
-    /// The output parameters of every int8 layer that chooses its own, by module name.
+    /// The output parameters of every int8 layer and addition that chooses its own, by name.
     pub fn output_quants(&self) -> Vec<(&str, QuantU8)> {
-        self.ops
-            .iter()
-            .filter_map(|(name, _, op)| match op {
-                Op::Conv { out, .. } | Op::Linear { out, .. } => {
-                    Some((name.as_str(), QuantU8 { scale: out.scale, zero_point: out.zero_point }))
-                }
-                Op::Lut { out_q, .. } => Some((name.as_str(), *out_q)),
-                _ => None,
-            })
-            .collect()
+        let mut out = Vec::new();
+        collect_quants(&self.nodes, &mut out);
+        out
     }
 
     /// Runs the int8 model and `float` (the same model, fused the same way, in float) side by
@@ -380,22 +533,13 @@ impl QuantizedModel {
     /// # Errors
     /// A float model whose modules do not match this one's, or an input neither can take.
     pub fn report(&self, float: &Sequential, x: &ArrayD<f32>) -> Result<Vec<LayerReport>> {
-        let mut fl = Vec::new();
-        leaves(float, "", &mut fl);
-        let names_match = fl.len() == self.ops.len() && fl.iter().zip(&self.ops).all(|((a, _), (b, _, _))| a == b);
-        if !names_match {
-            return Err(NnError::Fusion {
-                modules: fl.iter().map(|(n, _)| n.clone()).collect(),
-                reason: "the float model passed to report() must be the converted model's float original, fused the same way".into(),
-            });
-        }
-        let (mut fcur, mut qcur) = (x.clone(), Value::F32(x.clone()));
+        let fl = float_nodes(float, "");
         let mut out = Vec::new();
-        for (((name, fm), (_, in_q, op)), entry) in fl.into_iter().zip(&self.ops).zip(&self.plan) {
-            fcur = fm.forward(&fcur).map_err(|e| e.within(&name))?;
-            qcur = Self::step(op, *in_q, qcur).map_err(|e| e.within(&name))?;
-            let sqnr = (entry.mode != Mode::Passthrough).then(|| sqnr_db(&fcur, &qcur.to_f32()));
-            out.push(LayerReport { name, kind: entry.kind, mode: entry.mode.clone(), sqnr_db: sqnr });
+        report_nodes(&fl, &self.nodes, x.clone(), Value::F32(x.clone()), &mut out)?;
+        for (r, entry) in out.iter_mut().zip(&self.plan) {
+            r.name.clone_from(&entry.name);
+            r.mode = entry.mode.clone();
+            r.kind = entry.kind;
         }
         Ok(out)
     }
@@ -406,11 +550,7 @@ impl QuantizedModel {
     /// # Errors
     /// An input the model cannot take (the message names the module and the shapes).
     pub fn forward_value(&self, x: &ArrayD<f32>) -> Result<Value> {
-        let mut cur = Value::F32(x.clone());
-        for (name, in_q, op) in &self.ops {
-            cur = Self::step(op, *in_q, cur).map_err(|e| e.within(name))?;
-        }
-        Ok(cur)
+        eval_nodes(&self.nodes, Value::F32(x.clone()))
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
@@ -510,4 +650,121 @@ impl QuantizedModel {
             },
         })
     }
+}
+
+fn mismatch(name: &str) -> NnError {
+    NnError::Fusion {
+        modules: vec![name.to_string()],
+        reason: "the float model passed to report() must be the converted model's float original, fused the same way"
+            .into(),
+    }
+}
+
+/// Adds two values in int8 (each quantized with its branch's parameters if it is float), or
+/// in float for a residual kept in float.
+fn residual_add(
+    b: Value,
+    s: Value,
+    body_q: QuantU8,
+    short_q: QuantU8,
+    add_q: QuantU8,
+    relu: bool,
+    int8: bool,
+) -> Result<Value> {
+    if !int8 {
+        let mut y = b.to_f32() + s.to_f32();
+        if relu {
+            y.mapv_inplace(|v| v.max(0.0));
+        }
+        return Ok(Value::F32(y));
+    }
+    let (bd, bs, bq) = QuantizedModel::quantized(b, body_q)?;
+    let (sd, ss, sq) = QuantizedModel::quantized(s, short_q)?;
+    if bs != ss {
+        return Err(NnError::Shape {
+            module: String::new(),
+            kind: "Residual add",
+            expected: format!("the shortcut's shape {ss:?}"),
+            got: bs,
+        });
+    }
+    let mut y = vec![0u8; bd.len()];
+    // ReLU after the addition keeps its parameters: Q(max(c, 0)) = max(Q(c), zp).
+    qkernels::add(&bd, bq, &sd, sq, &mut y, add_q, relu)
+        .map_err(|e| NnError::Op { module: String::new(), source: e })?;
+    Ok(Value::U8 { data: y, shape: bs, q: add_q })
+}
+
+fn eval_nodes(nodes: &[QNode], x: Value) -> Result<Value> {
+    let mut cur = x;
+    for n in nodes {
+        cur = match n {
+            QNode::Op { name, in_q, op } => QuantizedModel::step(op, *in_q, cur).map_err(|e| e.within(name))?,
+            QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 } => {
+                let b = eval_nodes(body, cur.clone())?;
+                let s = match shortcut {
+                    Some(sc) => eval_nodes(sc, cur)?,
+                    None => cur,
+                };
+                residual_add(b, s, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?
+            }
+        };
+    }
+    Ok(cur)
+}
+
+fn report_nodes(
+    fl: &[FNode<'_>],
+    nodes: &[QNode],
+    x: ArrayD<f32>,
+    q: Value,
+    out: &mut Vec<LayerReport>,
+) -> Result<(ArrayD<f32>, Value)> {
+    if fl.len() != nodes.len() {
+        return Err(mismatch("(model)"));
+    }
+    let (mut fcur, mut qcur) = (x, q);
+    for (f, n) in fl.iter().zip(nodes) {
+        match (f, n) {
+            (FNode::Leaf(fname, fm), QNode::Op { name, in_q, op }) if fname == name => {
+                fcur = fm.forward(&fcur).map_err(|e| e.within(name))?;
+                qcur = QuantizedModel::step(op, *in_q, qcur).map_err(|e| e.within(name))?;
+                let sqnr = (!matches!(op, Op::Passthrough)).then(|| sqnr_db(&fcur, &qcur.to_f32()));
+                out.push(LayerReport { name: name.clone(), kind: fm.kind(), mode: Mode::Passthrough, sqnr_db: sqnr });
+            }
+            (
+                FNode::Residual { body: fb, shortcut: fs, relu: frelu },
+                QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 },
+            ) => {
+                let (bf, bq) = report_nodes(fb, body, fcur.clone(), qcur.clone(), out)?;
+                let (sf, sq) = match (fs, shortcut) {
+                    (Some(fs), Some(s)) => report_nodes(fs, s, fcur.clone(), qcur.clone(), out)?,
+                    (None, None) => (fcur.clone(), qcur.clone()),
+                    _ => return Err(mismatch(name)),
+                };
+                let mut y = bf + sf;
+                qcur = residual_add(bq, sq, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?;
+                if *frelu {
+                    y.mapv_inplace(|v| v.max(0.0));
+                }
+                let sqnr = sqnr_db(&y, &qcur.to_f32());
+                out.push(LayerReport { name: name.clone(), kind: "add", mode: Mode::Passthrough, sqnr_db: Some(sqnr) });
+                if *relu {
+                    out.push(LayerReport {
+                        name: format!("{name} relu"),
+                        kind: "ReLU",
+                        mode: Mode::Passthrough,
+                        sqnr_db: Some(sqnr),
+                    });
+                }
+                fcur = y;
+            }
+            _ => {
+                return Err(mismatch(&match n {
+                    QNode::Op { name, .. } | QNode::Residual { name, .. } => name.clone(),
+                }))
+            }
+        }
+    }
+    Ok((fcur, qcur))
 }

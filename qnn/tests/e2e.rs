@@ -3,7 +3,7 @@
 //! here gives PyTorch eager mode's int8 logits.
 
 use ndarray::{ArrayD, Axis, IxDyn};
-use qnn::{fuse, load_safetensors, prepare, zoo, Mode, QConfigMapping, Value};
+use qnn::{fuse, load_safetensors, prepare, zoo, Mode, Module, QConfigMapping, Value};
 use qobserve::{ObserverSpec, QConfig, QuantSpec};
 use safetensors::SafeTensors;
 
@@ -91,4 +91,62 @@ fn digits_int8_logits_match_pytorch() {
         .filter(|(row, &l)| row.iter().enumerate().max_by_key(|(i, v)| (**v, usize::MAX - i)).unwrap().0 as i64 == l)
         .count();
     assert!(correct >= 493, "int8 accuracy {correct}/500");
+}
+
+/// A residual block (conv-bn-relu, conv-bn, `FloatFunctional().add` with the block input,
+/// ReLU), quantized by PyTorch eager mode with the same configuration and calibration batch.
+#[test]
+fn resblock_int8_output_matches_pytorch() {
+    use qnn::layers::{BatchNorm2d, Conv2d, ReLU};
+    use qnn::{Residual, Sequential};
+    let body = Sequential::new()
+        .add("conv1", Conv2d::new(8, 8, 3).padding(1))
+        .add("bn1", BatchNorm2d::new(8))
+        .add("relu1", ReLU)
+        .add("conv2", Conv2d::new(8, 8, 3).padding(1))
+        .add("bn2", BatchNorm2d::new(8));
+    let block = Residual { body, shortcut: None, add_name: "skip_add".into(), relu: Some("relu2".into()) };
+    let mut model = Sequential::new().add("", block);
+    load_safetensors(
+        &mut model,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/resblock_model.safetensors"),
+    )
+    .unwrap();
+    let io = data("resblock_io.safetensors");
+    let io = SafeTensors::deserialize(&io).unwrap();
+    let float_out = model.forward(&f32s(&io, "input")).unwrap();
+    let want_f = f32s(&io, "output_f32");
+    let worst = float_out.iter().zip(want_f.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "float block differs from PyTorch by {worst}");
+
+    let fused = fuse(&mut model).unwrap();
+    assert_eq!(fused.len(), 2);
+    let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    prepared.calibrate(&f32s(&io, "calib")).unwrap();
+    let q = prepared.convert().unwrap();
+    for (name, oq) in q.output_quants() {
+        let zp = i64::from_le_bytes(io.tensor(&format!("{name}.zero_point")).unwrap().data().try_into().unwrap());
+        assert_eq!(
+            (oq.scale.to_bits(), oq.zero_point as i64),
+            (f32s(&io, &format!("{name}.scale"))[0].to_bits(), zp),
+            "{name}"
+        );
+    }
+    let Value::U8 { data: ours, shape, q: oq } = q.forward_value(&f32s(&io, "input")).unwrap() else { panic!() };
+    assert_eq!(shape, vec![4, 8, 6, 6]);
+    assert_eq!(oq.scale.to_bits(), f32s(&io, "output_scale")[0].to_bits());
+    let want = io.tensor("output_int8").unwrap().data().to_vec(); // NCHW
+    let (mut same, mut worst) = (0, 0);
+    for b in 0..4 {
+        for c in 0..8 {
+            for p in 0..36 {
+                let (o, w) = (ours[(b * 36 + p) * 8 + c], want[(b * 8 + c) * 36 + p]);
+                same += usize::from(o == w);
+                worst = worst.max((o as i32 - w as i32).abs());
+            }
+        }
+    }
+    eprintln!("resblock int8 output: {same}/{} identical to PyTorch, max {worst} LSB", want.len());
+    // As for the digits model: PyTorch's x86 engine runs these convolutions on oneDNN.
+    assert!(same * 100 >= want.len() * 99 && worst <= 1, "{same} of {}, worst {worst}", want.len());
 }
