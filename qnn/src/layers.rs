@@ -474,3 +474,52 @@ impl Module for AdaptiveAvgPool2d {
         self
     }
 }
+
+/// `nn.MaxPool2d(kernel, stride, padding)` (PyTorch's output-size rule, padding never counted).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool2d(pub qkernels::Pool2d);
+
+impl MaxPool2d {
+    /// A `k x k` window with the given stride and padding.
+    pub fn new(k: usize, stride: usize, padding: usize) -> Self {
+        MaxPool2d(qkernels::Pool2d { stride: [stride; 2], padding: [padding; 2], ..qkernels::Pool2d::square(k) })
+    }
+}
+
+impl Module for MaxPool2d {
+    fn kind(&self) -> &'static str {
+        "MaxPool2d"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("MaxPool2d", x, "[batch, channels, height, width]")?;
+        let p = &self.0;
+        let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
+        let mut y = ArrayD::from_elem(IxDyn(&[n, c, oh, ow]), f32::NEG_INFINITY);
+        for b in 0..n {
+            for ch in 0..c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut m = f32::NEG_INFINITY;
+                        for ky in 0..p.kernel[0] {
+                            let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize;
+                            for kx in 0..p.kernel[1] {
+                                let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    m = m.max(x[[b, ch, iy as usize, ix as usize]]);
+                                }
+                            }
+                        }
+                        y[[b, ch, oy, ox]] = m;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

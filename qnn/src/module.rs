@@ -103,6 +103,11 @@ impl Sequential {
         &self.layers
     }
 
+    /// Takes the layers out.
+    pub fn into_layers(self) -> Vec<(String, Box<dyn Module>)> {
+        self.layers
+    }
+
     /// The layers, mutably (for rewrites such as fusion).
     pub fn layers_mut(&mut self) -> &mut [(String, Box<dyn Module>)] {
         &mut self.layers

@@ -14,7 +14,7 @@ use qtensor::{QParams, QTensor, QuantRange};
 use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::{module_names, nearest};
-use crate::layers::{AdaptiveAvgPool2d, Conv2d, Flatten, Hardswish, Identity, Linear, ReLU, ReLU6, Sigmoid};
+use crate::layers::{AdaptiveAvgPool2d, Conv2d, Flatten, Hardswish, Identity, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid};
 use crate::module::{join, Module, Residual, Sequential};
 
 /// How one module runs in the converted model.
@@ -49,7 +49,12 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     let Some(_) = q else { return Mode::Float("kept in float by the configuration".into()) };
     if a.is::<Conv2d>() || a.is::<Linear>() || a.is::<Hardswish>() || a.is::<Sigmoid>() {
         Mode::Int8
-    } else if a.is::<AdaptiveAvgPool2d>() || a.is::<Flatten>() || a.is::<ReLU>() || a.is::<ReLU6>() {
+    } else if a.is::<AdaptiveAvgPool2d>()
+        || a.is::<MaxPool2d>()
+        || a.is::<Flatten>()
+        || a.is::<ReLU>()
+        || a.is::<ReLU6>()
+    {
         Mode::Int8SameParams
     } else if m.kind() == "BatchNorm2d" {
         Mode::Float("a BatchNorm2d that was not fused into a convolution (fuse first, or keep it in float)".into())
@@ -632,6 +637,14 @@ impl QuantizedModel {
                         adaptive_avg_pool2d(&Value::image(&data, &[n, c, h, w], q), (p.0, p.1), q, &mut y)
                             .map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, p.0, p.1], q }
+                    } else if let Some(mp) = a.downcast_ref::<MaxPool2d>() {
+                        let [n, c, h, w] = shape[..] else {
+                            return Err(shape_err("MaxPool2d", "a 4-D NCHW input", &shape));
+                        };
+                        let (oh, ow) = mp.0.output_hw(h, w).map_err(op_err)?;
+                        let mut y = vec![0u8; n * oh * ow * c];
+                        qkernels::max_pool2d(&Value::image(&data, &[n, c, h, w], q), &mp.0, &mut y).map_err(op_err)?;
+                        Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
                     } else if a.is::<Flatten>() {
                         if let [n, c, h, w] = shape[..] {
                             let mut y = vec![0u8; data.len()];

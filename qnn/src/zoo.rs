@@ -1,8 +1,8 @@
 //! Models with torchvision's (or the bundled scripts') module names and shapes, so their
 //! PyTorch `state_dict`s load unchanged.
 
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Flatten, Linear, ReLU};
-use crate::module::Sequential;
+use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Flatten, Identity, Linear, MaxPool2d, ReLU, ReLU6};
+use crate::module::{Residual, Sequential};
 
 /// The bundled digits classifier (`scripts/models/digits.py`): 1x8x8 images of handwritten
 /// digits (scikit-learn's), 10 classes. Weights: `qnn/data/digits_model.safetensors`.
@@ -19,4 +19,166 @@ pub fn digits() -> Sequential {
         .add("fc1", Linear::new(32 * 2 * 2, 64))
         .add("relu3", ReLU)
         .add("fc2", Linear::new(64, 10))
+}
+
+fn conv_bn(
+    name_conv: &str,
+    name_bn: &str,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+) -> Sequential {
+    Sequential::new()
+        .add(name_conv, Conv2d::new(cin, cout, k).stride(stride).padding(k / 2).groups(groups).no_bias())
+        .add(name_bn, BatchNorm2d::new(cout))
+}
+
+/// torchvision's `BasicBlock`: conv3x3-bn-relu, conv3x3-bn, + shortcut, relu.
+fn basic_block(cin: usize, planes: usize, stride: usize) -> Residual {
+    let mut body = conv_bn("conv1", "bn1", cin, planes, 3, stride, 1);
+    body.push("relu", Box::new(ReLU));
+    for (n, m) in conv_bn("conv2", "bn2", planes, planes, 3, 1, 1).into_layers() {
+        body.push(n, m);
+    }
+    let shortcut = (stride != 1 || cin != planes)
+        .then(|| ("downsample".to_string(), conv_bn("0", "1", cin, planes, 1, stride, 1)));
+    Residual { body, shortcut, add_name: "add".into(), relu: Some("relu".into()) }
+}
+
+/// torchvision's `Bottleneck` (v1.5: the stride on the 3x3): 1x1-bn-relu, 3x3-bn-relu,
+/// 1x1-bn, + shortcut, relu; 4x expansion.
+fn bottleneck(cin: usize, planes: usize, stride: usize) -> Residual {
+    let out = planes * 4;
+    let mut body = Sequential::new();
+    for (i, (cn, bn, a, b, k, s)) in [
+        ("conv1", "bn1", cin, planes, 1, 1),
+        ("conv2", "bn2", planes, planes, 3, stride),
+        ("conv3", "bn3", planes, out, 1, 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (n, m) in conv_bn(cn, bn, a, b, k, s, 1).into_layers() {
+            body.push(n, m);
+        }
+        if i < 2 {
+            body.push("relu", Box::new(ReLU));
+        }
+    }
+    let shortcut =
+        (stride != 1 || cin != out).then(|| ("downsample".to_string(), conv_bn("0", "1", cin, out, 1, stride, 1)));
+    Residual { body, shortcut, add_name: "add".into(), relu: Some("relu".into()) }
+}
+
+fn resnet(blocks: [usize; 4], bottlenecks: bool, classes: usize) -> Sequential {
+    let mut m = Sequential::new()
+        .add("conv1", Conv2d::new(3, 64, 7).stride(2).padding(3).no_bias())
+        .add("bn1", BatchNorm2d::new(64))
+        .add("relu", ReLU)
+        .add("maxpool", MaxPool2d::new(3, 2, 1));
+    let expansion = if bottlenecks { 4 } else { 1 };
+    let mut cin = 64;
+    for (li, (&n, planes)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
+        let mut layer = Sequential::new();
+        for b in 0..n {
+            let stride = if b == 0 && li > 0 { 2 } else { 1 };
+            let block = if bottlenecks { bottleneck(cin, planes, stride) } else { basic_block(cin, planes, stride) };
+            layer.push(b.to_string(), Box::new(block));
+            cin = planes * expansion;
+        }
+        m.push(format!("layer{}", li + 1), Box::new(layer));
+    }
+    m.add("avgpool", AdaptiveAvgPool2d(1, 1)).add("flatten", Flatten).add("fc", Linear::new(512 * expansion, classes))
+}
+
+/// torchvision's ResNet-18 (`torchvision.models.resnet18`), state-dict compatible.
+pub fn resnet18(classes: usize) -> Sequential {
+    resnet([2, 2, 2, 2], false, classes)
+}
+
+/// torchvision's ResNet-50 (`torchvision.models.resnet50`), state-dict compatible.
+pub fn resnet50(classes: usize) -> Sequential {
+    resnet([3, 4, 6, 3], true, classes)
+}
+
+/// torchvision's `Conv2dNormActivation` with ReLU6: conv (no bias), bn, relu6, named 0, 1, 2.
+fn cna(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Sequential {
+    let mut s = conv_bn("0", "1", cin, cout, k, stride, groups);
+    s.push("2", Box::new(ReLU6));
+    s
+}
+
+/// torchvision's MobileNetV2 (`torchvision.models.mobilenet_v2`), state-dict compatible.
+pub fn mobilenet_v2(classes: usize) -> Sequential {
+    let mut features = Sequential::new().add("0", cna(3, 32, 3, 2, 1));
+    let mut cin = 32;
+    let mut idx = 1;
+    for (t, c, n, s) in
+        [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    {
+        for i in 0..n {
+            let stride = if i == 0 { s } else { 1 };
+            let hidden = cin * t;
+            let mut conv = Sequential::new();
+            let mut k = 0;
+            if t != 1 {
+                conv.push(k.to_string(), Box::new(cna(cin, hidden, 1, 1, 1)));
+                k += 1;
+            }
+            conv.push(k.to_string(), Box::new(cna(hidden, hidden, 3, stride, hidden)));
+            conv.push((k + 1).to_string(), Box::new(Conv2d::new(hidden, c, 1).no_bias()));
+            conv.push((k + 2).to_string(), Box::new(BatchNorm2d::new(c)));
+            let body = Sequential::new().add("conv", conv);
+            if stride == 1 && cin == c {
+                features.push(
+                    idx.to_string(),
+                    Box::new(Residual { body, shortcut: None, add_name: "add".into(), relu: None }),
+                );
+            } else {
+                features.push(idx.to_string(), Box::new(body));
+            }
+            cin = c;
+            idx += 1;
+        }
+    }
+    features.push(idx.to_string(), Box::new(cna(cin, 1280, 1, 1, 1)));
+    Sequential::new()
+        .add("features", features)
+        .add("avgpool", AdaptiveAvgPool2d(1, 1))
+        .add("flatten", Flatten)
+        .add("classifier", Sequential::new().add("0", Identity).add("1", Linear::new(1280, classes)))
+}
+
+/// Fills every parameter of `model` with deterministic pseudo-random values of a trained
+/// network's magnitude (weights uniform in +-sqrt(3 / fan_in), batch-norm statistics near
+/// 1 and 0), for benchmarks and tests without downloaded weights.
+pub fn randomize(model: &mut dyn crate::Module, seed: u64) {
+    fn rec(m: &mut dyn crate::Module, state: &mut u64) {
+        let mut next = move |s: &mut u64| {
+            *s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let is_bn = m.kind() == "BatchNorm2d";
+        for (name, t) in m.tensors_mut() {
+            let fan_in: usize = t.shape().iter().skip(1).product::<usize>().max(1);
+            let bound = (3.0 / fan_in as f32).sqrt();
+            t.mapv_inplace(|_| {
+                let u = next(state);
+                match (is_bn, name) {
+                    (true, "weight") => 1.0 + 0.2 * u,
+                    (true, "running_var") => 1.0 + 0.5 * u,
+                    (true, _) => 0.1 * u,
+                    (false, "bias") => 0.05 * u,
+                    (false, _) => bound * u,
+                }
+            });
+        }
+        for (_, c) in m.children_mut() {
+            rec(c, state);
+        }
+    }
+    let mut state = seed | 1;
+    rec(model, &mut state);
 }
