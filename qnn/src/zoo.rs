@@ -156,7 +156,7 @@ pub fn mobilenet_v2(classes: usize) -> Sequential {
 /// 1 and 0), for benchmarks and tests without downloaded weights.
 pub fn randomize(model: &mut dyn crate::Module, seed: u64) {
     fn rec(m: &mut dyn crate::Module, state: &mut u64) {
-        let mut next = move |s: &mut u64| {
+        let next = move |s: &mut u64| {
             *s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
