@@ -39,3 +39,33 @@ fn resnet18_quantizes_end_to_end() {
 fn mobilenet_v2_quantizes_end_to_end() {
     check("mobilenet_v2", zoo::mobilenet_v2(10), 36.0);
 }
+
+/// The zoo's parameter names and shapes are torchvision's, so torchvision `state_dict`s load
+/// (`qnn/data/torchvision_shapes.json`, written by `scripts/models/torchvision_shapes.py`).
+#[test]
+fn zoo_state_dicts_match_torchvision() {
+    let json: serde_json::Value =
+        serde_json::from_str(include_str!("../data/torchvision_shapes.json")).expect("valid JSON");
+    for (name, model) in [
+        ("resnet18", zoo::resnet18(1000)),
+        ("resnet50", zoo::resnet50(1000)),
+        ("mobilenet_v2", zoo::mobilenet_v2(1000)),
+    ] {
+        let mut theirs: Vec<(String, Vec<usize>)> = json["models"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e[2] == "float32")
+            .map(|e| {
+                (
+                    e[0].as_str().unwrap().to_string(),
+                    e[1].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect(),
+                )
+            })
+            .collect();
+        let mut ours = qnn::parameter_shapes(&model);
+        theirs.sort();
+        ours.sort();
+        assert_eq!(ours, theirs, "{name}");
+    }
+}
