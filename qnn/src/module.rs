@@ -49,11 +49,34 @@ pub trait Module: Send + Sync + Debug {
         &[]
     }
 
+    /// Whether [`Module::int8`] gives an int8 implementation (custom layers: override both).
+    fn has_int8(&self) -> bool {
+        false
+    }
+
+    /// The int8 implementation of this layer for input parameters `q_in` and output
+    /// parameters `q_out` (the latter chosen by the layer's output observer). Layers without
+    /// one run in float between an automatic dequantize and quantize, and are reported.
+    fn int8(&self, _q_in: qkernels::QuantU8, _q_out: qkernels::QuantU8) -> Option<Box<dyn Int8Layer>> {
+        None
+    }
+
     /// For downcasting to the concrete layer.
     fn as_any(&self) -> &dyn Any;
 
     /// For rewriting the concrete layer (fusion).
     fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// A layer's int8 computation, for custom layers ([`Module::int8`]).
+pub trait Int8Layer: Send + Sync + Debug {
+    /// Computes the layer on `u8` values quantized with the `q_in` it was built for: data in
+    /// NHWC order for 4-D tensors (`shape` is the logical NCHW shape), row-major otherwise.
+    /// Returns the output values, quantized with its `q_out`, and their logical shape.
+    ///
+    /// # Errors
+    /// An input it cannot take.
+    fn forward_u8(&self, x: &[u8], shape: &[usize]) -> Result<(Vec<u8>, Vec<usize>)>;
 }
 
 /// Visits every module of the tree depth first with its hierarchical name.

@@ -56,6 +56,8 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
         || a.is::<ReLU6>()
     {
         Mode::Int8SameParams
+    } else if m.has_int8() {
+        Mode::Int8
     } else if m.kind() == "BatchNorm2d" {
         Mode::Float("a BatchNorm2d that was not fused into a convolution (fuse first, or keep it in float)".into())
     } else {
@@ -307,6 +309,7 @@ enum Op {
     Linear { packed: Box<PackedLinear>, out: OutputQuant },
     Lut { op: UnaryOp, in_q: QuantU8, out_q: QuantU8, tables: Box<UnaryTables> },
     SameParams(Box<dyn Module>),
+    Custom { layer: Box<dyn crate::module::Int8Layer>, out_q: QuantU8 },
     Passthrough,
     Float(Box<dyn Module>),
 }
@@ -362,6 +365,12 @@ fn build_op(
                         activation: lin.activation.kernel(),
                     },
                 }
+            } else if m.has_int8() {
+                let layer = m.int8(in_q, oq).ok_or_else(|| NnError::Fusion {
+                    modules: vec![name.to_string()],
+                    reason: format!("{} says it has an int8 implementation but int8() returned none", m.kind()),
+                })?;
+                Op::Custom { layer, out_q: oq }
             } else {
                 let (op, out_q) = if a.is::<Hardswish>() {
                     (UnaryOp::Hardswish, oq)
@@ -499,7 +508,7 @@ fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
                 Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
                     out.push((name.as_str(), QuantU8 { scale: o.scale, zero_point: o.zero_point }))
                 }
-                Op::Lut { out_q, .. } => out.push((name.as_str(), *out_q)),
+                Op::Lut { out_q, .. } | Op::Custom { out_q, .. } => out.push((name.as_str(), *out_q)),
                 _ => {}
             },
             QNode::Residual { name, body, shortcut, add_q, .. } => {
@@ -623,6 +632,11 @@ impl QuantizedModel {
                 } else {
                     op.tables(q, *out_q).apply(&data, &mut y).map_err(op_err)?;
                 }
+                Value::U8 { data: y, shape, q: *out_q }
+            }
+            Op::Custom { layer, out_q } => {
+                let (data, shape, _) = Self::quantized(cur, in_q)?;
+                let (y, shape) = layer.forward_u8(&data, &shape)?;
                 Value::U8 { data: y, shape, q: *out_q }
             }
             Op::SameParams(m) => match cur {

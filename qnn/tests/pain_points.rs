@@ -126,3 +126,59 @@ fn the_converted_model_is_shared_between_threads() {
         }
     });
 }
+
+/// The same layer with its own int8 implementation (a lookup table): it runs in int8.
+#[derive(Debug)]
+struct Scale2xInt8;
+
+#[derive(Debug)]
+struct Scale2xTable(qkernels::Lut);
+
+impl qnn::Int8Layer for Scale2xTable {
+    fn forward_u8(&self, x: &[u8], shape: &[usize]) -> qnn::Result<(Vec<u8>, Vec<usize>)> {
+        let mut y = vec![0u8; x.len()];
+        self.0.apply(x, &mut y).map_err(|e| NnError::Op { module: String::new(), source: e })?;
+        Ok((y, shape.to_vec()))
+    }
+}
+
+impl Module for Scale2xInt8 {
+    fn kind(&self) -> &'static str {
+        "Scale2x"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> qnn::Result<ArrayD<f32>> {
+        Ok(x * 2.0)
+    }
+    fn has_int8(&self) -> bool {
+        true
+    }
+    fn int8(&self, q_in: qkernels::QuantU8, q_out: qkernels::QuantU8) -> Option<Box<dyn qnn::Int8Layer>> {
+        Some(Box::new(Scale2xTable(qkernels::Lut::from_fn(q_in, q_out, |v| 2.0 * v))))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+#[test]
+fn a_custom_layer_with_its_own_int8_runs_in_int8() {
+    let build = |custom: Box<dyn Module>| {
+        let mut model = Sequential::new().add("conv", Conv2d::new(1, 4, 3).padding(1)).add("relu", ReLU);
+        model.push("scale", custom);
+        let mut model = model.add("flatten", Flatten).add("fc", Linear::new(4 * 8 * 8, 3));
+        qnn::zoo::randomize(&mut model, 3);
+        model
+    };
+    let float = build(Box::new(Scale2xInt8));
+    let want = float.forward(&inputs(2)).unwrap();
+    let mut model = build(Box::new(Scale2xInt8));
+    fuse(&mut model).unwrap();
+    let q = calibrated(model, &QConfigMapping::new(QConfig::default()));
+    let scale = q.plan().iter().find(|e| e.name == "scale").unwrap();
+    assert_eq!(scale.mode, Mode::Int8);
+    let got = q.forward(&inputs(2)).unwrap();
+    assert!(qnn::sqnr_db(&want, &got) > 25.0, "SQNR {}", qnn::sqnr_db(&want, &got));
+}
