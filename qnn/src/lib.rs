@@ -24,6 +24,7 @@ pub mod fuse;
 pub mod layers;
 mod module;
 mod quant;
+mod saved;
 mod state;
 pub mod zoo;
 

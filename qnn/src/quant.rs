@@ -279,7 +279,7 @@ fn convert_nodes(nodes: Vec<PNode>, last_q: &mut QuantU8) -> Result<Vec<QNode>> 
 
 /// A node of the int8 model.
 #[derive(Debug)]
-enum QNode {
+pub(crate) enum QNode {
     Op {
         name: String,
         in_q: QuantU8,
@@ -304,14 +304,23 @@ fn to_u8(p: QParams) -> QuantU8 {
 
 /// One step of the int8 model.
 #[derive(Debug)]
-enum Op {
-    Conv { packed: Box<PackedConv2d>, out: OutputQuant },
+pub(crate) enum Op {
+    Conv { packed: Box<PackedConv2d>, src: Box<ConvSource>, out: OutputQuant },
     Linear { packed: Box<PackedLinear>, out: OutputQuant },
     Lut { op: UnaryOp, in_q: QuantU8, out_q: QuantU8, tables: Box<UnaryTables> },
     SameParams(Box<dyn Module>),
     Custom { layer: Box<dyn crate::module::Int8Layer>, out_q: QuantU8 },
     Passthrough,
     Float(Box<dyn Module>),
+}
+
+/// What a packed convolution was built from (kept so the model can be saved).
+#[derive(Debug)]
+pub(crate) struct ConvSource {
+    /// OHWI int8 weights with their parameters.
+    pub weights: QTensor<i8>,
+    pub bias: Option<Vec<f32>>,
+    pub geom: qkernels::Conv2dGeometry,
 }
 
 fn quantize_weights(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<QTensor<i8>> {
@@ -347,6 +356,7 @@ fn build_op(
                 let packed = Box::new(PackedConv2d::new(&wq, bias.as_deref(), conv.geom).map_err(op_err)?);
                 Op::Conv {
                     packed,
+                    src: Box::new(ConvSource { weights: wq, bias, geom: conv.geom }),
                     out: OutputQuant {
                         scale: oq.scale,
                         zero_point: oq.zero_point,
@@ -496,9 +506,9 @@ fn float_nodes<'a>(seq: &'a Sequential, prefix: &str) -> Vec<FNode<'a>> {
 /// The int8 model: immutable, `Send + Sync`, one instance serves every thread.
 #[derive(Debug)]
 pub struct QuantizedModel {
-    input_q: QuantU8,
-    nodes: Vec<QNode>,
-    plan: Vec<PlanEntry>,
+    pub(crate) input_q: QuantU8,
+    pub(crate) nodes: Vec<QNode>,
+    pub(crate) plan: Vec<PlanEntry>,
 }
 
 fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
@@ -600,7 +610,7 @@ impl QuantizedModel {
             // Float stays float: the next int8 op quantizes it with this module's observed
             // parameters (its `in_q`), and consecutive float modules lose nothing.
             Op::Float(module) => Value::F32(module.forward(&cur.to_f32())?),
-            Op::Conv { packed, out } => {
+            Op::Conv { packed, out, .. } => {
                 let (data, shape, q) = Self::quantized(cur, in_q)?;
                 let [n, c, h, w] = shape[..] else { return Err(shape_err("Conv2d", "a 4-D NCHW input", &shape)) };
                 let (oh, ow) = packed.output_hw(h, w).map_err(op_err)?;

@@ -1,0 +1,70 @@
+//! A converted model saved and loaded gives the same bits; damaged files are errors.
+
+use ndarray::{ArrayD, IxDyn};
+use qnn::{fuse, load_safetensors, prepare, zoo, Module, QConfigMapping, QuantizedModel};
+use qobserve::QConfig;
+
+fn x(n: usize, c: usize, hw: usize) -> ArrayD<f32> {
+    ArrayD::from_shape_fn(IxDyn(&[n, c, hw, hw]), |i| {
+        ((i[0] * 5 + i[1] * 11 + i[2] * 7 + i[3]) % 23) as f32 / 11.0 - 1.0
+    })
+}
+
+fn convert(mut m: qnn::Sequential, input: &ArrayD<f32>) -> QuantizedModel {
+    fuse(&mut m).unwrap();
+    let mut p = prepare(m, &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(input).unwrap();
+    p.convert().unwrap()
+}
+
+#[test]
+fn saved_models_load_and_run_identically() {
+    let mut digits = zoo::digits();
+    load_safetensors(&mut digits, concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors")).unwrap();
+    let mut r18 = zoo::resnet18(10);
+    zoo::randomize(&mut r18, 5);
+    let mut mbv2 = zoo::mobilenet_v2(10);
+    zoo::randomize(&mut mbv2, 6);
+    for (name, model, input) in
+        [("digits", digits, x(3, 1, 8)), ("resnet18", r18, x(1, 3, 32)), ("mobilenet_v2", mbv2, x(1, 3, 32))]
+    {
+        let q = convert(model, &input);
+        let dir = std::env::temp_dir().join(format!("qrust-saved-{}-{name}.safetensors", std::process::id()));
+        q.save(&dir).unwrap();
+        let back = QuantizedModel::load(&dir).unwrap();
+        std::fs::remove_file(&dir).ok();
+        assert_eq!(back.plan(), q.plan(), "{name}");
+        let (a, b) = (q.forward_value(&input).unwrap(), back.forward_value(&input).unwrap());
+        let (qnn::Value::U8 { data: da, q: qa, .. }, qnn::Value::U8 { data: db, q: qb, .. }) = (a, b) else { panic!() };
+        assert_eq!((da, qa), (db, qb), "{name}");
+    }
+}
+
+#[test]
+fn the_int8_file_is_about_a_quarter_of_the_float_one() {
+    let mut m = zoo::resnet18(1000);
+    zoo::randomize(&mut m, 1);
+    let f32_bytes: usize = qnn::parameter_shapes(&m).iter().map(|(_, s)| s.iter().product::<usize>() * 4).sum();
+    let q = convert(m, &x(1, 3, 32));
+    let int8_bytes = q.to_bytes().unwrap().len();
+    let ratio = int8_bytes as f64 / f32_bytes as f64;
+    eprintln!("resnet18: f32 parameters {f32_bytes} bytes, int8 file {int8_bytes} bytes ({:.1}%)", ratio * 100.0);
+    assert!(ratio <= 0.26, "{ratio}");
+}
+
+#[test]
+fn damaged_files_are_errors_not_panics() {
+    let q = convert(zoo::digits(), &x(2, 1, 8));
+    let bytes = q.to_bytes().unwrap();
+    for cut in [0, 7, 8, 100, bytes.len() / 2, bytes.len() - 1] {
+        assert!(QuantizedModel::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut}");
+    }
+    let e = QuantizedModel::from_bytes(b"not a model at all, definitely not").unwrap_err().to_string();
+    assert!(e.contains("not a safetensors file"), "{e}");
+    // A valid safetensors file that is not a model.
+    let plain = safetensors::serialize(Vec::<(String, safetensors::tensor::TensorView<'_>)>::new(), None).unwrap();
+    let e = QuantizedModel::from_bytes(&plain).unwrap_err().to_string();
+    assert!(e.contains("no qrust.model metadata"), "{e}");
+    let e = QuantizedModel::load("/nonexistent/model.safetensors").unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/model.safetensors"), "{e}");
+}
