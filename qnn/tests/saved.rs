@@ -1,7 +1,7 @@
 //! A converted model saved and loaded gives the same bits; damaged files are errors.
 
 use ndarray::{ArrayD, IxDyn};
-use qnn::{fuse, load_safetensors, prepare, zoo, Module, QConfigMapping, QuantizedModel};
+use qnn::{fuse, load_safetensors, prepare, zoo, QConfigMapping, QuantizedModel};
 use qobserve::QConfig;
 
 fn x(n: usize, c: usize, hw: usize) -> ArrayD<f32> {
