@@ -1,10 +1,11 @@
-//! Fusion: conv + batch-norm (+ ReLU), conv + ReLU, linear + ReLU, found automatically in
+//! Fusion: conv + batch-norm (+ ReLU), conv + ReLU, linear + batch-norm (+ ReLU), linear +
+//! ReLU, found automatically in
 //! every [`Sequential`] or named explicitly. The batch-norm is folded into the convolution's
 //! weights and bias ([`qfuse::fuse_conv_bn`], PyTorch's arithmetic); the ReLU becomes the
 //! layer's fused activation; the absorbed modules become `Identity`, keeping their names.
 
 use crate::error::{NnError, Result};
-use crate::layers::{BatchNorm2d, Conv2d, FusedAct, Identity, Linear, ReLU, ReLU6};
+use crate::layers::{BatchNorm1d, BatchNorm2d, Conv2d, FusedAct, Identity, Linear, ReLU, ReLU6};
 use crate::module::{join, walk, Module, Residual, Sequential};
 
 /// One fusion that was done: the full names of the modules merged (the first keeps the
@@ -43,8 +44,11 @@ fn pattern_len(layers: &[(String, Box<dyn Module>)], i: usize) -> usize {
             (false, false) => 0,
         };
     }
-    if free_linear && at(i + 1).and_then(act_of).is_some() {
-        return 2;
+    if free_linear {
+        let bn = at(i + 1).is_some_and(|m| m.as_any().is::<BatchNorm1d>());
+        let after = if bn { i + 2 } else { i + 1 };
+        let act = at(after).and_then(act_of).is_some();
+        return usize::from(bn) + usize::from(act) + usize::from(bn || act);
     }
     0
 }
@@ -54,7 +58,12 @@ fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefi
     let names: Vec<String> = layers[i..i + len].iter().map(|(n, _)| join(prefix, n)).collect();
     let kinds: Vec<&str> = layers[i..i + len].iter().map(|(_, m)| m.kind()).collect();
     let pattern = kinds.join("+");
-    let bn = layers.get(i + 1).and_then(|(_, m)| m.as_any().downcast_ref::<BatchNorm2d>()).map(BatchNorm2d::to_fuse);
+    let bn = layers.get(i + 1).and_then(|(_, m)| {
+        let a = m.as_any();
+        a.downcast_ref::<BatchNorm2d>()
+            .or_else(|| a.downcast_ref::<BatchNorm1d>().map(|b| &b.0))
+            .map(BatchNorm2d::to_fuse)
+    });
     let act = layers[i + 1..i + len].iter().find_map(|(_, m)| act_of(m.as_ref())).unwrap_or_default();
     let head = layers[i].1.as_any_mut();
     if let Some(conv) = head.downcast_mut::<Conv2d>() {
@@ -67,6 +76,13 @@ fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefi
         }
         conv.activation = act;
     } else if let Some(lin) = head.downcast_mut::<Linear>() {
+        if let Some(bn) = &bn {
+            let bias: Option<Vec<f32>> = lin.bias.as_ref().map(|b| b.iter().copied().collect());
+            let (w, b) = qfuse::fuse_linear_bn(lin.weight.view(), bias.as_deref(), bn)
+                .map_err(|e| NnError::Fusion { modules: names.clone(), reason: e.to_string() })?;
+            lin.weight = w;
+            lin.bias = Some(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[b.len()]), b).expect("one per feature"));
+        }
         lin.activation = act;
     }
     for (_, m) in &mut layers[i + 1..i + len] {
@@ -186,7 +202,7 @@ pub fn fuse_modules(model: &mut Sequential, groups: &[&[&str]]) -> Result<Vec<Fu
                 modules: names,
                 reason: format!(
                     "{} is not a fusable pattern; supported: Conv2d+BatchNorm2d(+ReLU|ReLU6), Conv2d+ReLU|ReLU6, \
-                     Linear+ReLU|ReLU6 (or call qnn::fuse to find them all)",
+                     Linear+BatchNorm1d(+ReLU|ReLU6), Linear+ReLU|ReLU6 (or call qnn::fuse to find them all)",
                     kinds.join("+")
                 ),
             });

@@ -523,3 +523,115 @@ impl Module for MaxPool2d {
         self
     }
 }
+
+/// `nn.AvgPool2d(kernel, stride, padding)` with PyTorch's options (`ceil_mode`,
+/// `count_include_pad`, `divisor_override` in the [`qkernels::Pool2d`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AvgPool2d(pub qkernels::Pool2d);
+
+impl AvgPool2d {
+    /// A `k x k` window with the given stride and padding, counting padding (PyTorch's default).
+    pub fn new(k: usize, stride: usize, padding: usize) -> Self {
+        AvgPool2d(qkernels::Pool2d { stride: [stride; 2], padding: [padding; 2], ..qkernels::Pool2d::square(k) })
+    }
+}
+
+impl Module for AvgPool2d {
+    fn kind(&self) -> &'static str {
+        "AvgPool2d"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("AvgPool2d", x, "[batch, channels, height, width]")?;
+        let p = &self.0;
+        let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
+        let mut y = ArrayD::zeros(IxDyn(&[n, c, oh, ow]));
+        for b in 0..n {
+            for ch in 0..c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let hs = (oy * p.stride[0]) as isize - p.padding[0] as isize;
+                        let ws = (ox * p.stride[1]) as isize - p.padding[1] as isize;
+                        let he = (hs + p.kernel[0] as isize).min((h + p.padding[0]) as isize);
+                        let we = (ws + p.kernel[1] as isize).min((w + p.padding[1]) as isize);
+                        let pool = ((he - hs) * (we - ws)) as f32;
+                        let (hs, ws, he, we) = (
+                            hs.max(0) as usize,
+                            ws.max(0) as usize,
+                            he.min(h as isize) as usize,
+                            we.min(w as isize) as usize,
+                        );
+                        let mut s = 0.0f32;
+                        for iy in hs..he {
+                            for ix in ws..we {
+                                s += x[[b, ch, iy, ix]];
+                            }
+                        }
+                        let div = match p.divisor_override {
+                            Some(d) => d as f32,
+                            None if p.count_include_pad => pool,
+                            None => ((he - hs) * (we - ws)) as f32,
+                        };
+                        y[[b, ch, oy, ox]] = s / div;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// `nn.BatchNorm1d` in inference mode on `[batch, features]` input (after a linear layer,
+/// where [`crate::fuse`] folds it).
+#[derive(Debug, Clone)]
+pub struct BatchNorm1d(pub BatchNorm2d);
+
+impl BatchNorm1d {
+    /// The identity normalization over `c` features.
+    pub fn new(c: usize) -> Self {
+        BatchNorm1d(BatchNorm2d::new(c))
+    }
+}
+
+impl Module for BatchNorm1d {
+    fn kind(&self) -> &'static str {
+        "BatchNorm1d"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [_, c] = *x.shape() else {
+            return Err(shape_err("BatchNorm1d", "a 2-D [batch, features] input".into(), x));
+        };
+        let bn = &self.0;
+        if c != bn.running_mean.len() {
+            return Err(shape_err("BatchNorm1d", format!("{} features", bn.running_mean.len()), x));
+        }
+        let mut y = x.clone();
+        for (f, mut col) in y.axis_iter_mut(ndarray::Axis(1)).enumerate() {
+            let inv = 1.0 / (bn.running_var[f] + bn.eps).sqrt();
+            let alpha = bn.weight[f] * inv;
+            let beta = bn.bias[f] - bn.running_mean[f] * alpha;
+            col.mapv_inplace(|v| v * alpha + beta);
+        }
+        Ok(y)
+    }
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        self.0.tensors()
+    }
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        self.0.tensors_mut()
+    }
+    fn ignored_tensors(&self) -> &'static [&'static str] {
+        &["num_batches_tracked"]
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -14,7 +14,9 @@ use qtensor::{QParams, QTensor, QuantRange};
 use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::{module_names, nearest};
-use crate::layers::{AdaptiveAvgPool2d, Conv2d, Flatten, Hardswish, Identity, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid};
+use crate::layers::{
+    AdaptiveAvgPool2d, AvgPool2d, Conv2d, Flatten, Hardswish, Identity, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid,
+};
 use crate::module::{join, Module, Residual, Sequential};
 
 /// How one module runs in the converted model.
@@ -58,8 +60,11 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
         Mode::Int8SameParams
     } else if m.has_int8() {
         Mode::Int8
-    } else if m.kind() == "BatchNorm2d" {
-        Mode::Float("a BatchNorm2d that was not fused into a convolution (fuse first, or keep it in float)".into())
+    } else if m.kind() == "BatchNorm2d" || m.kind() == "BatchNorm1d" {
+        Mode::Float(format!(
+            "a {} that was not fused into the layer before it (fuse first, or keep it in float)",
+            m.kind()
+        ))
     } else {
         Mode::Float(format!("no int8 implementation for {} (custom layer)", m.kind()))
     }
@@ -668,6 +673,15 @@ impl QuantizedModel {
                         let (oh, ow) = mp.0.output_hw(h, w).map_err(op_err)?;
                         let mut y = vec![0u8; n * oh * ow * c];
                         qkernels::max_pool2d(&Value::image(&data, &[n, c, h, w], q), &mp.0, &mut y).map_err(op_err)?;
+                        Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
+                    } else if let Some(ap) = a.downcast_ref::<AvgPool2d>() {
+                        let [n, c, h, w] = shape[..] else {
+                            return Err(shape_err("AvgPool2d", "a 4-D NCHW input", &shape));
+                        };
+                        let (oh, ow) = ap.0.output_hw(h, w).map_err(op_err)?;
+                        let mut y = vec![0u8; n * oh * ow * c];
+                        qkernels::avg_pool2d(&Value::image(&data, &[n, c, h, w], q), &ap.0, q, &mut y)
+                            .map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
                     } else if a.is::<Flatten>() {
                         if let [n, c, h, w] = shape[..] {

@@ -14,7 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value as J};
 
 use crate::error::{NnError, Result};
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Flatten, MaxPool2d, ReLU, ReLU6};
+use crate::layers::{AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Flatten, MaxPool2d, ReLU, ReLU6};
 use crate::quant::{ConvSource, Mode, Op, PlanEntry, QNode, QuantizedModel};
 
 const FORMAT: &str = "qrust-int8-v1";
@@ -118,6 +118,12 @@ fn op_json(w: &mut Writer, name: &str, op: &Op) -> Result<J> {
             } else if let Some(p) = a.downcast_ref::<MaxPool2d>() {
                 let p = p.0;
                 json!({"k": "same", "layer": "MaxPool2d", "pool": [p.kernel, p.stride, p.padding, p.dilation], "ceil": p.ceil_mode})
+            } else if let Some(p) = a.downcast_ref::<AvgPool2d>() {
+                let p = p.0;
+                json!({
+                    "k": "same", "layer": "AvgPool2d", "pool": [p.kernel, p.stride, p.padding, p.dilation], "ceil": p.ceil_mode,
+                    "include_pad": p.count_include_pad, "divisor": p.divisor_override,
+                })
             } else {
                 json!({"k": "same", "layer": m.kind()})
             }
@@ -384,18 +390,26 @@ impl Reader<'_> {
                     let [h, w] = self.pair(&j["size"], "pool size")?;
                     Box::new(AdaptiveAvgPool2d(h, w))
                 }
-                Some("MaxPool2d") => {
+                Some(layer @ ("MaxPool2d" | "AvgPool2d")) => {
                     let p = &j["pool"];
+                    let divisor_override = match &j["divisor"] {
+                        J::Null => None,
+                        d => Some(self.usize(d, "divisor")?),
+                    };
                     let pool = Pool2d {
                         kernel: self.pair(&p[0], "kernel")?,
                         stride: self.pair(&p[1], "stride")?,
                         padding: self.pair(&p[2], "padding")?,
                         dilation: self.pair(&p[3], "dilation")?,
                         ceil_mode: j["ceil"] == true,
-                        count_include_pad: true,
-                        divisor_override: None,
+                        count_include_pad: j["include_pad"] != false,
+                        divisor_override,
                     };
-                    Box::new(MaxPool2d(pool))
+                    if layer == "MaxPool2d" {
+                        Box::new(MaxPool2d(pool))
+                    } else {
+                        Box::new(AvgPool2d(pool))
+                    }
                 }
                 Some("Flatten") => Box::new(Flatten),
                 Some("ReLU") => Box::new(ReLU),

@@ -160,7 +160,7 @@ pub fn randomize(model: &mut dyn crate::Module, seed: u64) {
             *s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        let is_bn = m.kind() == "BatchNorm2d";
+        let is_bn = m.kind().starts_with("BatchNorm");
         for (name, t) in m.tensors_mut() {
             let fan_in: usize = t.shape().iter().skip(1).product::<usize>().max(1);
             let bound = (3.0 / fan_in as f32).sqrt();

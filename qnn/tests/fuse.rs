@@ -40,3 +40,32 @@ fn explicit_fusion_and_its_errors() {
     let msg = fuse_modules(&mut model, &[&["bn1", "relu1"]]).unwrap_err().to_string();
     assert!(msg.contains("BatchNorm2d+ReLU is not a fusable pattern"), "{msg}");
 }
+
+#[test]
+fn linear_batch_norm_relu_fuse_and_avg_pool_runs_in_int8() {
+    use qnn::layers::{AvgPool2d, BatchNorm1d, Conv2d, Flatten, Linear, ReLU};
+    let mut model = qnn::Sequential::new()
+        .add("conv", Conv2d::new(1, 8, 3).padding(1))
+        .add("relu0", ReLU)
+        .add("pool", AvgPool2d::new(2, 2, 0))
+        .add("flatten", Flatten)
+        .add("fc1", Linear::new(8 * 4 * 4, 16))
+        .add("bn", BatchNorm1d::new(16))
+        .add("relu", ReLU)
+        .add("fc2", Linear::new(16, 5));
+    zoo::randomize(&mut model, 9);
+    let x = ArrayD::from_shape_fn(IxDyn(&[6, 1, 8, 8]), |i| ((i[0] * 3 + i[2] * 8 + i[3]) % 13) as f32 / 6.0 - 1.0);
+    let want = model.forward(&x).unwrap();
+    let fused = fuse(&mut model).unwrap();
+    assert_eq!(fused[1].pattern, "Linear+BatchNorm1d+ReLU");
+    let after = model.forward(&x).unwrap();
+    assert!(qnn::sqnr_db(&want, &after) > 80.0);
+    let mut p = qnn::prepare(model, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap();
+    assert_eq!(p.plan()[2].mode, qnn::Mode::Int8SameParams, "{:?}", p.plan()[2]);
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap();
+    let got = q.forward(&x).unwrap();
+    assert!(qnn::sqnr_db(&want, &got) > 25.0, "{}", qnn::sqnr_db(&want, &got));
+    let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), got);
+}
