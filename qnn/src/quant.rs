@@ -53,6 +53,7 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
         Mode::Int8
     } else if a.is::<AdaptiveAvgPool2d>()
         || a.is::<MaxPool2d>()
+        || a.is::<AvgPool2d>()
         || a.is::<Flatten>()
         || a.is::<ReLU>()
         || a.is::<ReLU6>()
