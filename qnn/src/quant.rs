@@ -72,43 +72,31 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
 }
 
 /// A node of the prepared model: a leaf module, or a residual block whose two branches are
-/// node lists of their own.
+/// node lists of their own. Observers live in [`Prepared`]'s list; nodes hold indices.
 #[derive(Debug)]
 enum PNode {
-    Leaf {
-        name: String,
-        module: Box<dyn Module>,
-        mode: Mode,
-        cfg: Option<QConfig>,
-        obs: Option<Box<dyn Observer>>,
-    },
-    Residual {
-        name: String,
-        body: Vec<PNode>,
-        shortcut: Option<Vec<PNode>>,
-        relu: bool,
-        obs: Box<dyn Observer>,
-        int8: bool,
-    },
+    Leaf { name: String, module: Box<dyn Module>, mode: Mode, cfg: Option<QConfig>, obs: Option<usize> },
+    Residual { name: String, body: Vec<PNode>, shortcut: Option<Vec<PNode>>, relu: bool, obs: usize, int8: bool },
 }
 
 /// Moves the modules out of a model tree into nodes, in execution order, with full names,
-/// attaching observers as `mapping` says and recording the plan.
+/// creating observers (into `obs`) as `mapping` says and recording the plan.
 fn build_nodes(
     seq: &mut Sequential,
     prefix: &str,
     mapping: &QConfigMapping,
     plan: &mut Vec<PlanEntry>,
+    obs: &mut Vec<Box<dyn Observer>>,
 ) -> Result<Vec<PNode>> {
     let mut nodes = Vec::new();
     for (name, m) in seq.layers_mut() {
         let path = join(prefix, name);
         if let Some(inner) = m.as_any_mut().downcast_mut::<Sequential>() {
-            nodes.extend(build_nodes(inner, &path, mapping, plan)?);
+            nodes.extend(build_nodes(inner, &path, mapping, plan, obs)?);
         } else if let Some(res) = m.as_any_mut().downcast_mut::<Residual>() {
-            let body = build_nodes(&mut res.body, &path, mapping, plan)?;
+            let body = build_nodes(&mut res.body, &path, mapping, plan, obs)?;
             let shortcut = match &mut res.shortcut {
-                Some((sname, s)) => Some(build_nodes(s, &join(&path, sname), mapping, plan)?),
+                Some((sname, s)) => Some(build_nodes(s, &join(&path, sname), mapping, plan, obs)?),
                 None => None,
             };
             let add_name = join(&path, &res.add_name);
@@ -121,22 +109,33 @@ fn build_nodes(
                 plan.push(PlanEntry { name: join(&path, r), kind: "ReLU", mode: relu_mode });
             }
             let spec = cfg.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
+            obs.push(spec.create()?);
             nodes.push(PNode::Residual {
                 name: add_name,
                 body,
                 shortcut,
                 relu: res.relu.is_some(),
-                obs: spec.create()?,
+                obs: obs.len() - 1,
                 int8: cfg.is_some(),
             });
         } else {
             let q = mapping.resolve(&path, m.kind()).cloned();
             let mode = mode_of(m.as_ref(), q.as_ref());
-            let needs_observer = matches!(mode, Mode::Int8 | Mode::Float(_));
-            let spec = q.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-            let obs = if needs_observer { Some(spec.create()?) } else { None };
+            let index = if matches!(mode, Mode::Int8 | Mode::Float(_)) {
+                let spec = q.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
+                obs.push(spec.create()?);
+                Some(obs.len() - 1)
+            } else {
+                None
+            };
             plan.push(PlanEntry { name: path.clone(), kind: m.kind(), mode: mode.clone() });
-            nodes.push(PNode::Leaf { name: path, module: std::mem::replace(m, Box::new(Identity)), mode, cfg: q, obs });
+            nodes.push(PNode::Leaf {
+                name: path,
+                module: std::mem::replace(m, Box::new(Identity)),
+                mode,
+                cfg: q,
+                obs: index,
+            });
         }
     }
     Ok(nodes)
@@ -146,22 +145,22 @@ fn observe(obs: &mut dyn Observer, name: &str, y: &ArrayD<f32>) -> Result<()> {
     obs.observe(y.view()).map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} output"))))
 }
 
-/// The float forward pass over prepared nodes, feeding the observers.
-fn calibrate_nodes(nodes: &mut [PNode], x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+/// The float forward pass over prepared nodes, feeding `obs` (indexed as the nodes say).
+fn calibrate_nodes(nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<ArrayD<f32>> {
     let mut cur = x.clone();
     for node in nodes {
         cur = match node {
-            PNode::Leaf { name, module, obs, .. } => {
+            PNode::Leaf { name, module, obs: index, .. } => {
                 let y = module.forward(&cur).map_err(|e| e.within(name))?;
-                if let Some(o) = obs {
-                    observe(o.as_mut(), name, &y)?;
+                if let Some(i) = index {
+                    observe(obs[*i].as_mut(), name, &y)?;
                 }
                 y
             }
-            PNode::Residual { name, body, shortcut, relu, obs, .. } => {
-                let b = calibrate_nodes(body, &cur)?;
+            PNode::Residual { name, body, shortcut, relu, obs: index, .. } => {
+                let b = calibrate_nodes(body, &cur, obs)?;
                 let s = match shortcut {
-                    Some(sc) => calibrate_nodes(sc, &cur)?,
+                    Some(sc) => calibrate_nodes(sc, &cur, obs)?,
                     None => cur.clone(),
                 };
                 if b.shape() != s.shape() {
@@ -173,7 +172,7 @@ fn calibrate_nodes(nodes: &mut [PNode], x: &ArrayD<f32>) -> Result<ArrayD<f32>> 
                     });
                 }
                 let mut y = b + s;
-                observe(obs.as_mut(), name, &y)?;
+                observe(obs[*index].as_mut(), name, &y)?;
                 if *relu {
                     y.mapv_inplace(|v| v.max(0.0));
                 }
@@ -189,7 +188,10 @@ fn calibrate_nodes(nodes: &mut [PNode], x: &ArrayD<f32>) -> Result<ArrayD<f32>> 
 pub struct Prepared {
     nodes: Vec<PNode>,
     plan: Vec<PlanEntry>,
-    input_obs: Box<dyn Observer>,
+    /// Observer 0 watches the model input; the others as the nodes' indices say.
+    obs: Vec<Box<dyn Observer>>,
+    /// Untouched copies of the observers, to start parallel workers from.
+    fresh: Vec<Box<dyn Observer>>,
     batches: usize,
 }
 
@@ -207,10 +209,18 @@ pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepar
             return Err(NnError::UnknownModule { name: pattern.to_string(), suggestions: nearest(pattern, &names) });
         }
     }
-    let mut plan = Vec::new();
-    let nodes = build_nodes(&mut model, "", mapping, &mut plan)?;
     let input_spec = mapping.resolve("", "").map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-    Ok(Prepared { nodes, plan, input_obs: input_spec.create()?, batches: 0 })
+    let mut obs = vec![input_spec.create()?];
+    let mut plan = Vec::new();
+    let nodes = build_nodes(&mut model, "", mapping, &mut plan, &mut obs)?;
+    let fresh = obs.iter().map(|o| o.clone_box()).collect();
+    Ok(Prepared { nodes, plan, obs, fresh, batches: 0 })
+}
+
+fn run_batch(nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<()> {
+    obs[0].observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
+    calibrate_nodes(nodes, x, obs)?;
+    Ok(())
 }
 
 impl Prepared {
@@ -219,14 +229,78 @@ impl Prepared {
         &self.plan
     }
 
+    /// How many batches were observed.
+    pub fn batches_seen(&self) -> usize {
+        self.batches
+    }
+
     /// Runs one calibration batch through the float model, feeding every observer.
     ///
     /// # Errors
     /// A batch the model cannot take, or non-finite values (the message names the tensor).
     pub fn calibrate(&mut self, x: &ArrayD<f32>) -> Result<()> {
-        self.input_obs.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
-        calibrate_nodes(&mut self.nodes, x)?;
+        run_batch(&self.nodes, x, &mut self.obs)?;
         self.batches += 1;
+        Ok(())
+    }
+
+    /// Calibrates on many batches, on `threads` threads (each with its own observers, merged
+    /// in batch order at the end), with a progress bar on a terminal. Min-max observers give
+    /// exactly the one-thread result; histogram observers re-bin when merging ranges that
+    /// differ; moving averages depend on order and refuse: calibrate them with `threads = 1`.
+    ///
+    /// # Errors
+    /// As [`Prepared::calibrate`], or observers that cannot merge.
+    pub fn calibrate_batches(&mut self, batches: &[ArrayD<f32>], threads: usize) -> Result<()> {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(batches.len() as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("calibrating {bar:40} {pos}/{len} batches ({elapsed})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        let threads = threads.clamp(1, batches.len().max(1));
+        if threads == 1 {
+            for x in batches {
+                self.calibrate(x)?;
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
+            }
+        } else {
+            let per = batches.len().div_ceil(threads);
+            let nodes = &self.nodes;
+            let results: Vec<Result<Vec<Box<dyn Observer>>>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = batches
+                    .chunks(per)
+                    .map(|chunk| {
+                        let mut obs: Vec<Box<dyn Observer>> = self.fresh.iter().map(|o| o.clone_box()).collect();
+                        let bar = bar.clone();
+                        sc.spawn(move || -> Result<Vec<Box<dyn Observer>>> {
+                            for x in chunk {
+                                run_batch(nodes, x, &mut obs)?;
+                                if let Some(b) = &bar {
+                                    b.inc(1);
+                                }
+                            }
+                            Ok(obs)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("calibration worker panicked")).collect()
+            });
+            for worker in results {
+                for (mine, theirs) in self.obs.iter_mut().zip(worker?) {
+                    mine.merge(theirs.as_ref())?;
+                }
+            }
+            self.batches += batches.len();
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
         Ok(())
     }
 
@@ -236,9 +310,9 @@ impl Prepared {
     /// An observer that saw no data ("observer for conv1 output saw no data: did calibration
     /// run?"), or weights that cannot be packed.
     pub fn convert(self) -> Result<QuantizedModel> {
-        let input_q = to_u8(self.input_obs.qparams().map_err(|e| NnError::Observe(e.for_tensor("model input")))?);
+        let input_q = to_u8(self.obs[0].qparams().map_err(|e| NnError::Observe(e.for_tensor("model input")))?);
         let mut last_q = input_q;
-        let nodes = convert_nodes(self.nodes, &mut last_q)?;
+        let nodes = convert_nodes(self.nodes, &self.obs, &mut last_q)?;
         Ok(QuantizedModel { input_q, nodes, plan: self.plan })
     }
 }
@@ -249,13 +323,13 @@ fn observed(obs: &dyn Observer, name: &str) -> Result<QuantU8> {
 
 /// Converts nodes; `last_q` is the parameters of the most recently observed tensor (what a
 /// float value entering an int8 op is quantized with), updated as nodes are converted.
-fn convert_nodes(nodes: Vec<PNode>, last_q: &mut QuantU8) -> Result<Vec<QNode>> {
+fn convert_nodes(nodes: Vec<PNode>, obs: &[Box<dyn Observer>], last_q: &mut QuantU8) -> Result<Vec<QNode>> {
     let mut out = Vec::new();
     for node in nodes {
         out.push(match node {
-            PNode::Leaf { name, module, mode, cfg, obs } => {
-                let out_q = match &obs {
-                    Some(o) => Some(observed(o.as_ref(), &name)?),
+            PNode::Leaf { name, module, mode, cfg, obs: index } => {
+                let out_q = match index {
+                    Some(i) => Some(observed(obs[i].as_ref(), &name)?),
                     None => None,
                 };
                 let op = build_op(&name, module, &mode, *last_q, out_q, cfg.as_ref())?;
@@ -265,16 +339,16 @@ fn convert_nodes(nodes: Vec<PNode>, last_q: &mut QuantU8) -> Result<Vec<QNode>> 
                 }
                 QNode::Op { name, in_q, op }
             }
-            PNode::Residual { name, body, shortcut, relu, obs, int8 } => {
+            PNode::Residual { name, body, shortcut, relu, obs: index, int8 } => {
                 let x_q = *last_q;
                 let mut body_q = x_q;
-                let body = convert_nodes(body, &mut body_q)?;
+                let body = convert_nodes(body, obs, &mut body_q)?;
                 let mut short_q = x_q;
                 let shortcut = match shortcut {
-                    Some(sc) => Some(convert_nodes(sc, &mut short_q)?),
+                    Some(sc) => Some(convert_nodes(sc, obs, &mut short_q)?),
                     None => None,
                 };
-                let add_q = observed(obs.as_ref(), &name)?;
+                let add_q = observed(obs[index].as_ref(), &name)?;
                 *last_q = add_q;
                 QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 }
             }

@@ -150,3 +150,40 @@ fn resblock_int8_output_matches_pytorch() {
     // As for the digits model: PyTorch's x86 engine runs these convolutions on oneDNN.
     assert!(same * 100 >= want.len() * 99 && worst <= 1, "{same} of {}, worst {worst}", want.len());
 }
+
+#[test]
+fn parallel_calibration_equals_sequential_for_min_max() {
+    let load = || {
+        let mut m = zoo::digits();
+        load_safetensors(
+            &mut m,
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits_model.safetensors"),
+        )
+        .unwrap();
+        fuse(&mut m).unwrap();
+        m
+    };
+    let calib = data("calib.safetensors");
+    let calib = SafeTensors::deserialize(&calib).unwrap();
+    let images = f32s(&calib, "images");
+    let batches: Vec<ArrayD<f32>> = images.axis_chunks_iter(Axis(0), 16).map(|b| b.to_owned()).collect();
+    let mapping = QConfigMapping::new(pytorch_minmax_qconfig());
+    let mut seq = prepare(load(), &mapping).unwrap();
+    seq.calibrate_batches(&batches, 1).unwrap();
+    let mut par = prepare(load(), &mapping).unwrap();
+    par.calibrate_batches(&batches, 3).unwrap();
+    assert_eq!(par.batches_seen(), batches.len());
+    let (seq, par) = (seq.convert().unwrap(), par.convert().unwrap());
+    assert_eq!(seq.output_quants(), par.output_quants());
+    let x = f32s(&calib, "images");
+    assert_eq!(seq.forward(&x).unwrap(), par.forward(&x).unwrap());
+
+    // Moving averages depend on batch order: they refuse to merge, with the reason.
+    let moving = QConfig {
+        activation: ObserverSpec::MovingAverageMinMax { spec: QuantSpec::u8_affine(), averaging: 0.01 },
+        weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+    };
+    let mut p = prepare(load(), &QConfigMapping::new(moving)).unwrap();
+    let e = p.calibrate_batches(&batches, 2).unwrap_err().to_string();
+    assert!(e.contains("order of batches"), "{e}");
+}

@@ -70,12 +70,14 @@ pub fn run(root: &Path) -> Result<(), String> {
 
     let mut prepared = prepare(model, &QConfigMapping::new(QConfig::default())).map_err(|e| e.to_string())?;
     let t = Instant::now();
-    for b in calib.axis_chunks_iter(Axis(0), 32) {
-        prepared.calibrate(&b.to_owned()).map_err(|e| e.to_string())?;
-    }
+    let batches: Vec<ArrayD<f32>> = calib.axis_chunks_iter(Axis(0), 32).map(|b| b.to_owned()).collect();
+    prepared.calibrate_batches(&batches, 2).map_err(|e| e.to_string())?;
     let cal_ms = t.elapsed().as_secs_f64() * 1e3;
     let q = prepared.convert().map_err(|e| e.to_string())?;
-    println!("calibrated on {} images (histogram observers, full u8 range) in {cal_ms:.1} ms\n", calib.shape()[0]);
+    println!(
+        "calibrated on {} images, 2 threads (histogram observers, full u8 range) in {cal_ms:.1} ms\n",
+        calib.shape()[0]
+    );
 
     let int8_logits = q.forward(&images).map_err(|e| e.to_string())?;
     let acc =
