@@ -545,6 +545,50 @@ pub struct LayerReport {
     /// (PyTorch's Numeric Suite definition, `20 log10(|f| / |f - q|)`), errors accumulated
     /// from the input; `None` for modules that compute nothing.
     pub sqnr_db: Option<f64>,
+    /// SQNR of its int8 weights against the float ones (convolutions and linear layers).
+    pub weight_sqnr_db: Option<f64>,
+}
+
+/// The report as JSON: a list of `{name, kind, mode, float_reason, sqnr_db, weight_sqnr_db}`.
+pub fn report_json(report: &[LayerReport]) -> String {
+    let rows: Vec<serde_json::Value> = report
+        .iter()
+        .map(|r| {
+            let (mode, why) = match &r.mode {
+                Mode::Int8 => ("int8", None),
+                Mode::Int8SameParams => ("int8-same-params", None),
+                Mode::Passthrough => ("passthrough", None),
+                Mode::Float(w) => ("float", Some(w.clone())),
+            };
+            let num =
+                |v: Option<f64>| v.filter(|x| x.is_finite()).map_or(serde_json::Value::Null, serde_json::Value::from);
+            serde_json::json!({
+                "name": r.name, "kind": r.kind, "mode": mode, "float_reason": why,
+                "sqnr_db": num(r.sqnr_db), "weight_sqnr_db": num(r.weight_sqnr_db),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+/// SQNR of an op's int8 weights against the float layer's.
+fn weight_sqnr(fm: &dyn Module, op: &Op) -> Option<f64> {
+    match op {
+        Op::Conv { src, .. } => {
+            let float = fm.as_any().downcast_ref::<Conv2d>()?.weight_ohwi();
+            Some(sqnr_db(&float, &src.weights.dequantize()))
+        }
+        Op::Linear { packed, .. } => {
+            let lin = fm.as_any().downcast_ref::<Linear>()?;
+            let pw = packed.weights();
+            let (n, k) = (pw.n(), pw.k());
+            let deq: Vec<f32> = (0..n * k)
+                .map(|i| pw.scales()[i / k] * (pw.raw()[i] as i32 - pw.zero_points()[i / k]) as f32)
+                .collect();
+            Some(sqnr_db(&lin.weight, &ArrayD::from_shape_vec(IxDyn(&[n, k]), deq).ok()?))
+        }
+        _ => None,
+    }
 }
 
 /// `20 log10(|f| / |f - q|)`, infinite for identical tensors.
@@ -856,7 +900,13 @@ fn report_nodes(
                 fcur = fm.forward(&fcur).map_err(|e| e.within(name))?;
                 qcur = QuantizedModel::step(op, *in_q, qcur).map_err(|e| e.within(name))?;
                 let sqnr = (!matches!(op, Op::Passthrough)).then(|| sqnr_db(&fcur, &qcur.to_f32()));
-                out.push(LayerReport { name: name.clone(), kind: fm.kind(), mode: Mode::Passthrough, sqnr_db: sqnr });
+                out.push(LayerReport {
+                    name: name.clone(),
+                    kind: fm.kind(),
+                    mode: Mode::Passthrough,
+                    sqnr_db: sqnr,
+                    weight_sqnr_db: weight_sqnr(*fm, op),
+                });
             }
             (
                 FNode::Residual { body: fb, shortcut: fs, relu: frelu },
@@ -874,13 +924,20 @@ fn report_nodes(
                     y.mapv_inplace(|v| v.max(0.0));
                 }
                 let sqnr = sqnr_db(&y, &qcur.to_f32());
-                out.push(LayerReport { name: name.clone(), kind: "add", mode: Mode::Passthrough, sqnr_db: Some(sqnr) });
+                out.push(LayerReport {
+                    name: name.clone(),
+                    kind: "add",
+                    mode: Mode::Passthrough,
+                    sqnr_db: Some(sqnr),
+                    weight_sqnr_db: None,
+                });
                 if *relu {
                     out.push(LayerReport {
                         name: format!("{name} relu"),
                         kind: "ReLU",
                         mode: Mode::Passthrough,
                         sqnr_db: Some(sqnr),
+                        weight_sqnr_db: None,
                     });
                 }
                 fcur = y;

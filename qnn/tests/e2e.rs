@@ -187,3 +187,43 @@ fn parallel_calibration_equals_sequential_for_min_max() {
     let e = p.calibrate_batches(&batches, 2).unwrap_err().to_string();
     assert!(e.contains("order of batches"), "{e}");
 }
+
+#[test]
+fn report_names_every_module_with_output_and_weight_sqnr() {
+    let load = || {
+        let mut m = zoo::digits();
+        load_safetensors(
+            &mut m,
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits_model.safetensors"),
+        )
+        .unwrap();
+        fuse(&mut m).unwrap();
+        m
+    };
+    let calib = data("calib.safetensors");
+    let images = f32s(&SafeTensors::deserialize(&calib).unwrap(), "images");
+    let mut prepared = prepare(load(), &QConfigMapping::new(QConfig::default())).unwrap();
+    prepared.calibrate(&images).unwrap();
+    let q = prepared.convert().unwrap();
+    let reference = load();
+    let report = q.report(&reference, &images).unwrap();
+    let names: Vec<&str> = report.iter().map(|r| r.name.as_str()).collect();
+    let plan: Vec<&str> = q.plan().iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, plan);
+    for r in &report {
+        let has_weight = matches!(r.kind, "Conv2d" | "Linear");
+        assert_eq!(r.weight_sqnr_db.is_some(), has_weight, "{}", r.name);
+        if let Some(w) = r.weight_sqnr_db {
+            // 8-bit weights: about 6 dB per bit, less for heavy-tailed weights.
+            assert!(w > 35.0, "{}: weight SQNR {w}", r.name);
+        }
+        if matches!(r.mode, Mode::Int8) {
+            assert!(r.sqnr_db.unwrap() > 25.0, "{}: output SQNR {:?}", r.name, r.sqnr_db);
+        }
+    }
+    let json: serde_json::Value = serde_json::from_str(&qnn::report_json(&report)).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), report.len());
+    assert_eq!(rows[0]["name"], "conv1");
+    assert_eq!(rows[0]["mode"], "int8");
+}

@@ -118,7 +118,7 @@ pub fn run(root: &Path) -> Result<(), String> {
     });
     println!("latency, one image, median of 201: f32 {f_us:.1} us, int8 {q_us:.1} us\n");
 
-    println!("{:<10} {:<18} {:<12} {:>9}", "module", "type", "runs as", "SQNR dB");
+    println!("{:<10} {:<18} {:<12} {:>14} {:>16}", "module", "type", "runs as", "output SQNR dB", "weight SQNR dB");
     for r in q.report(&reference, &images).map_err(|e| e.to_string())? {
         let mode = match &r.mode {
             Mode::Int8 => "int8".to_string(),
@@ -126,8 +126,8 @@ pub fn run(root: &Path) -> Result<(), String> {
             Mode::Passthrough => "fused away".to_string(),
             Mode::Float(why) => format!("float: {why}"),
         };
-        let sqnr = r.sqnr_db.map_or("-".into(), |s| format!("{s:.1}"));
-        println!("{:<10} {:<18} {:<12} {:>9}", r.name, r.kind, mode, sqnr);
+        let db = |v: Option<f64>| v.map_or("-".into(), |s| format!("{s:.1}"));
+        println!("{:<10} {:<18} {:<12} {:>14} {:>16}", r.name, r.kind, mode, db(r.sqnr_db), db(r.weight_sqnr_db));
     }
     if let Ok(Value::U8 { q: out_q, .. }) = q.forward_value(&one) {
         println!("\nlogits are int8 with scale {:.6}, zero point {}", out_q.scale, out_q.zero_point);
