@@ -1,5 +1,5 @@
 //! Fusion: conv + batch-norm (+ ReLU), conv + ReLU, linear + batch-norm (+ ReLU), linear +
-//! ReLU, found automatically in
+//! ReLU, batch-norm + ReLU, found automatically in
 //! every [`Sequential`] or named explicitly. The batch-norm is folded into the convolution's
 //! weights and bias ([`qfuse::fuse_conv_bn`], PyTorch's arithmetic); the ReLU becomes the
 //! layer's fused activation; the absorbed modules become `Identity`, keeping their names.
@@ -50,7 +50,17 @@ fn pattern_len(layers: &[(String, Box<dyn Module>)], i: usize) -> usize {
         let act = at(after).and_then(act_of).is_some();
         return usize::from(bn) + usize::from(act) + usize::from(bn || act);
     }
+    let free_bn = bn_of(first).is_some_and(|b| b.activation == FusedAct::None);
+    if free_bn && at(i + 1).and_then(act_of).is_some() {
+        return 2;
+    }
     0
+}
+
+/// The batch-norm inside a `BatchNorm2d` or `BatchNorm1d`.
+fn bn_of(m: &dyn Module) -> Option<&BatchNorm2d> {
+    let a = m.as_any();
+    a.downcast_ref::<BatchNorm2d>().or_else(|| a.downcast_ref::<BatchNorm1d>().map(|b| &b.0))
 }
 
 /// Fuses `layers[i..i + len]` (a pattern from [`pattern_len`]) in place.
@@ -58,12 +68,7 @@ fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefi
     let names: Vec<String> = layers[i..i + len].iter().map(|(n, _)| join(prefix, n)).collect();
     let kinds: Vec<&str> = layers[i..i + len].iter().map(|(_, m)| m.kind()).collect();
     let pattern = kinds.join("+");
-    let bn = layers.get(i + 1).and_then(|(_, m)| {
-        let a = m.as_any();
-        a.downcast_ref::<BatchNorm2d>()
-            .or_else(|| a.downcast_ref::<BatchNorm1d>().map(|b| &b.0))
-            .map(BatchNorm2d::to_fuse)
-    });
+    let bn = layers.get(i + 1).and_then(|(_, m)| bn_of(m.as_ref()).map(BatchNorm2d::to_fuse));
     let act = layers[i + 1..i + len].iter().find_map(|(_, m)| act_of(m.as_ref())).unwrap_or_default();
     let head = layers[i].1.as_any_mut();
     if let Some(conv) = head.downcast_mut::<Conv2d>() {
@@ -84,6 +89,12 @@ fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefi
             lin.bias = Some(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[b.len()]), b).expect("one per feature"));
         }
         lin.activation = act;
+    } else if let Some(bn) = head.downcast_mut::<BatchNorm2d>() {
+        // Batch-norm + ReLU with no layer before it to fold into: one module (PyTorch's
+        // `BNReLU2d`), which still runs in float after conversion.
+        bn.activation = act;
+    } else if let Some(bn) = head.downcast_mut::<BatchNorm1d>() {
+        bn.0.activation = act;
     }
     for (_, m) in &mut layers[i + 1..i + len] {
         *m = Box::new(Identity);
@@ -91,8 +102,8 @@ fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefi
     Ok(Fused { modules: names, pattern })
 }
 
-/// Finds and fuses every conv + batch-norm (+ ReLU / ReLU6), conv + ReLU and linear + ReLU
-/// run of adjacent layers, in every `Sequential` of the model. Returns what it fused.
+/// Finds and fuses every conv + batch-norm (+ ReLU / ReLU6), conv + ReLU, linear +
+/// batch-norm (+ ReLU), linear + ReLU and batch-norm + ReLU run of adjacent layers, in every `Sequential` of the model. Returns what it fused.
 ///
 /// # Errors
 /// A batch-norm whose statistics cannot be folded (wrong channel count, variance <= 0).
@@ -202,7 +213,8 @@ pub fn fuse_modules(model: &mut Sequential, groups: &[&[&str]]) -> Result<Vec<Fu
                 modules: names,
                 reason: format!(
                     "{} is not a fusable pattern; supported: Conv2d+BatchNorm2d(+ReLU|ReLU6), Conv2d+ReLU|ReLU6, \
-                     Linear+BatchNorm1d(+ReLU|ReLU6), Linear+ReLU|ReLU6 (or call qnn::fuse to find them all)",
+                     Linear+BatchNorm1d(+ReLU|ReLU6), Linear+ReLU|ReLU6, \
+                     BatchNorm2d|BatchNorm1d+ReLU|ReLU6 (or call qnn::fuse to find them all)",
                     kinds.join("+")
                 ),
             });

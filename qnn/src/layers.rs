@@ -211,6 +211,8 @@ pub struct BatchNorm2d {
     pub running_var: ArrayD<f32>,
     /// Added to the variance (PyTorch: 1e-5).
     pub eps: f32,
+    /// A ReLU / ReLU6 fused after it by [`crate::fuse`] (PyTorch's `BNReLU2d`).
+    pub activation: FusedAct,
 }
 
 impl BatchNorm2d {
@@ -222,6 +224,7 @@ impl BatchNorm2d {
             running_mean: ArrayD::zeros(IxDyn(&[c])),
             running_var: ArrayD::ones(IxDyn(&[c])),
             eps: 1e-5,
+            activation: FusedAct::None,
         }
     }
 
@@ -255,6 +258,7 @@ impl Module for BatchNorm2d {
             let beta = self.bias[ch] - self.running_mean[ch] * alpha;
             plane.mapv_inplace(|v| v * alpha + beta);
         }
+        self.activation.apply(&mut y);
         Ok(y)
     }
 
@@ -411,6 +415,26 @@ elementwise!(
     /// `nn.Identity` (and `nn.Dropout` at inference).
     Identity, "Identity", |v| v
 );
+
+/// `nn.Dropout(p)` at inference: passes its input through. Kept as its own type so the
+/// model prints and reports like the PyTorch one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Dropout(pub f32);
+
+impl Module for Dropout {
+    fn kind(&self) -> &'static str {
+        "Dropout"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(x.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
 
 /// `nn.Flatten()`: `[n, c, h, w] -> [n, c * h * w]` (PyTorch's order).
 #[derive(Debug, Clone, Copy, Default)]
@@ -617,6 +641,7 @@ impl Module for BatchNorm1d {
             let beta = bn.bias[f] - bn.running_mean[f] * alpha;
             col.mapv_inplace(|v| v * alpha + beta);
         }
+        bn.activation.apply(&mut y);
         Ok(y)
     }
     fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {

@@ -15,7 +15,8 @@ use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::{module_names, nearest};
 use crate::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, Conv2d, Flatten, Hardswish, Identity, Linear, MaxPool2d, ReLU, ReLU6, Sigmoid,
+    AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Hardswish, Identity, Linear, MaxPool2d, ReLU, ReLU6,
+    Sigmoid,
 };
 use crate::module::{join, Module, Residual, Sequential};
 
@@ -45,7 +46,7 @@ pub struct PlanEntry {
 
 fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     let a = m.as_any();
-    if a.is::<Identity>() {
+    if a.is::<Identity>() || a.is::<Dropout>() {
         return Mode::Passthrough;
     }
     let Some(_) = q else { return Mode::Float("kept in float by the configuration".into()) };

@@ -14,7 +14,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value as J};
 
 use crate::error::{NnError, Result};
-use crate::layers::{AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Flatten, MaxPool2d, ReLU, ReLU6};
+use crate::layers::{
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Flatten, FusedAct, MaxPool2d, ReLU, ReLU6,
+};
 use crate::quant::{ConvSource, Mode, Op, PlanEntry, QNode, QuantizedModel};
 
 const FORMAT: &str = "qrust-int8-v1";
@@ -128,11 +130,17 @@ fn op_json(w: &mut Writer, name: &str, op: &Op) -> Result<J> {
                 json!({"k": "same", "layer": m.kind()})
             }
         }
-        Op::Float(m) => match m.as_any().downcast_ref::<BatchNorm2d>() {
-            Some(bn) => {
+        Op::Float(m) => match m
+            .as_any()
+            .downcast_ref::<BatchNorm2d>()
+            .map(|b| (b, "BatchNorm2d"))
+            .or_else(|| m.as_any().downcast_ref::<BatchNorm1d>().map(|b| (&b.0, "BatchNorm1d")))
+        {
+            Some((bn, layer)) => {
                 let v = |a: &ArrayD<f32>| a.iter().copied().collect::<Vec<_>>();
                 json!({
-                    "k": "float", "layer": "BatchNorm2d", "eps": bn.eps.to_bits(),
+                    "k": "float", "layer": layer, "eps": bn.eps.to_bits(),
+                    "act": act_name(bn.activation.kernel()),
                     "weight": w.f32s(format!("{name}.bn_weight"), &v(&bn.weight)),
                     "bias": w.f32s(format!("{name}.bn_bias"), &v(&bn.bias)),
                     "mean": w.f32s(format!("{name}.bn_mean"), &v(&bn.running_mean)),
@@ -416,18 +424,34 @@ impl Reader<'_> {
                 Some("ReLU6") => Box::new(ReLU6),
                 other => return Err(bad(format!("{name}: unknown layer {other:?}"))),
             }),
-            Some("float") if j["layer"] == "BatchNorm2d" => {
+            Some("float") if j["layer"] == "BatchNorm2d" || j["layer"] == "BatchNorm1d" => {
                 let arr = |k: &str| -> Result<ArrayD<f32>> {
                     let v = self.f32_vec(&j[k])?;
                     Ok(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).expect("1-D"))
                 };
-                Op::Float(Box::new(BatchNorm2d {
+                let activation = match j["act"].as_str() {
+                    Some("none") | None => FusedAct::None,
+                    Some("relu") => FusedAct::Relu,
+                    Some("relu6") => FusedAct::Relu6,
+                    other => return Err(bad(format!("{name}: unknown activation {other:?}"))),
+                };
+                let bn = BatchNorm2d {
                     weight: arr("weight")?,
                     bias: arr("bias")?,
                     running_mean: arr("mean")?,
                     running_var: arr("var")?,
                     eps: self.f32_bits(&j["eps"], "eps")?,
-                }))
+                    activation,
+                };
+                let c = bn.running_mean.len();
+                if [&bn.weight, &bn.bias, &bn.running_var].iter().any(|a| a.len() != c) {
+                    return Err(bad(format!("{name}: batch-norm statistics of different lengths")));
+                }
+                if j["layer"] == "BatchNorm1d" {
+                    Op::Float(Box::new(BatchNorm1d(bn)))
+                } else {
+                    Op::Float(Box::new(bn))
+                }
             }
             other => return Err(bad(format!("{name}: unknown op {other:?}"))),
         })

@@ -37,8 +37,8 @@ fn explicit_fusion_and_its_errors() {
     assert!(msg.contains("no module 'conv_1'") && msg.contains("did you mean conv1"), "{msg}");
     let msg = fuse_modules(&mut model, &[&["conv1", "relu1"]]).unwrap_err().to_string();
     assert!(msg.contains("adjacent"), "{msg}");
-    let msg = fuse_modules(&mut model, &[&["bn1", "relu1"]]).unwrap_err().to_string();
-    assert!(msg.contains("BatchNorm2d+ReLU is not a fusable pattern"), "{msg}");
+    let msg = fuse_modules(&mut model, &[&["relu1", "conv2"]]).unwrap_err().to_string();
+    assert!(msg.contains("ReLU+Conv2d is not a fusable pattern"), "{msg}");
 }
 
 #[test]
@@ -64,6 +64,44 @@ fn linear_batch_norm_relu_fuse_and_avg_pool_runs_in_int8() {
     assert_eq!(p.plan()[2].mode, qnn::Mode::Int8SameParams, "{:?}", p.plan()[2]);
     p.calibrate(&x).unwrap();
     let q = p.convert().unwrap();
+    let got = q.forward(&x).unwrap();
+    assert!(qnn::sqnr_db(&want, &got) > 25.0, "{}", qnn::sqnr_db(&want, &got));
+    let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), got);
+}
+
+/// A batch-norm with no layer before it to fold into (here after a pooling layer) fuses with
+/// its ReLU into one module, which runs in float between automatic boundaries, is reported,
+/// and survives saving.
+#[test]
+fn batch_norm_relu_fuses_into_one_float_module() {
+    use qnn::layers::{BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU};
+    let mut model = qnn::Sequential::new()
+        .add("conv", Conv2d::new(1, 8, 3).padding(1))
+        .add("pool", MaxPool2d::new(2, 2, 0))
+        .add("bn", BatchNorm2d::new(8))
+        .add("relu", ReLU)
+        .add("flatten", Flatten)
+        .add("drop", Dropout(0.5))
+        .add("fc", Linear::new(8 * 4 * 4, 5));
+    zoo::randomize(&mut model, 3);
+    let x = ArrayD::from_shape_fn(IxDyn(&[4, 1, 8, 8]), |i| ((i[0] * 5 + i[2] * 8 + i[3]) % 11) as f32 / 5.0 - 1.0);
+    let want = model.forward(&x).unwrap();
+    let fused = fuse(&mut model).unwrap();
+    assert_eq!(fused.len(), 1, "{fused:?}");
+    assert_eq!(fused[0].pattern, "BatchNorm2d+ReLU");
+    assert_eq!(fused[0].modules, vec!["bn", "relu"]);
+    let after = model.forward(&x).unwrap();
+    assert_eq!(after, want, "folding the ReLU into the batch-norm is exact");
+    assert!(after.iter().any(|v| *v != 0.0));
+
+    let mut p = qnn::prepare(model, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap();
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap();
+    let modes: Vec<(&str, &qnn::Mode)> = q.plan().iter().map(|e| (e.name.as_str(), &e.mode)).collect();
+    assert!(matches!(modes[2], ("bn", qnn::Mode::Float(_))), "{modes:?}");
+    assert!(matches!(modes[3], ("relu", qnn::Mode::Passthrough)), "{modes:?}");
+    assert!(matches!(modes[5], ("drop", qnn::Mode::Passthrough)), "{modes:?}");
     let got = q.forward(&x).unwrap();
     assert!(qnn::sqnr_db(&want, &got) > 25.0, "{}", qnn::sqnr_db(&want, &got));
     let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
