@@ -6,7 +6,7 @@
 
 use crate::error::{NnError, Result};
 use crate::layers::{BatchNorm1d, BatchNorm2d, Conv2d, FusedAct, Identity, Linear, ReLU, ReLU6};
-use crate::module::{join, walk, Module, Residual, Sequential};
+use crate::module::{join, walk, Concat, Module, Residual, Sequential};
 
 /// One fusion that was done: the full names of the modules merged (the first keeps the
 /// result) and the pattern.
@@ -125,6 +125,10 @@ fn fuse_rec(seq: &mut Sequential, prefix: &str, done: &mut Vec<Fused>) -> Result
             let child = seq.layers_mut()[i].1.as_any_mut();
             if let Some(inner) = child.downcast_mut::<Sequential>() {
                 fuse_rec(inner, &name, done)?;
+            } else if let Some(cat) = child.downcast_mut::<Concat>() {
+                for (bname, b) in &mut cat.branches {
+                    fuse_rec(b, &join(&name, bname), done)?;
+                }
             } else if let Some(res) = child.downcast_mut::<Residual>() {
                 // The body's layers are named directly under the block.
                 fuse_rec(&mut res.body, &name, done)?;

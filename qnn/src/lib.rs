@@ -31,7 +31,7 @@ pub mod zoo;
 pub use config::QConfigMapping;
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_modules, Fused};
-pub use module::{walk, Int8Layer, Module, Residual, Sequential};
+pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
 pub use quant::{prepare, report_json, sqnr_db, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value};
 pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes};
 pub use {qfuse, qkernels, qobserve, qtensor};

@@ -239,3 +239,90 @@ impl Module for Residual {
         self
     }
 }
+
+/// Branches run on the same input, their outputs concatenated along channels (dimension 1):
+/// Inception-style blocks, PyTorch's `FloatFunctional().cat(..., dim=1)`. Each branch is
+/// named under the block (`branch1.conv`); the concatenation has its own name, under which
+/// the quantized model observes its output.
+#[derive(Debug)]
+pub struct Concat {
+    /// The branches, with their names.
+    pub branches: Vec<(String, Sequential)>,
+    /// The name of the concatenation (PyTorch: the `FloatFunctional`'s, e.g. `cat`).
+    pub cat_name: String,
+}
+
+impl Concat {
+    /// A concatenation named `cat_name`, with no branches yet.
+    pub fn new(cat_name: impl Into<String>) -> Self {
+        Concat { branches: Vec::new(), cat_name: cat_name.into() }
+    }
+
+    /// Adds a branch.
+    pub fn branch(mut self, name: impl Into<String>, body: Sequential) -> Self {
+        self.branches.push((name.into(), body));
+        self
+    }
+}
+
+/// Concatenates float tensors along dimension 1 (`[n, c, h, w]` or `[n, features]`),
+/// checking that the other dimensions agree.
+pub(crate) fn cat_dim1(parts: &[ArrayD<f32>], name: &str) -> Result<ArrayD<f32>> {
+    let Some(first) = parts.first() else {
+        return Err(crate::error::NnError::Shape {
+            module: name.to_string(),
+            kind: "Concat",
+            expected: "at least one branch".into(),
+            got: Vec::new(),
+        });
+    };
+    for p in parts {
+        let same_rest = p.ndim() == first.ndim()
+            && p.ndim() >= 2
+            && p.shape().iter().zip(first.shape()).enumerate().all(|(i, (a, b))| i == 1 || a == b);
+        if !same_rest {
+            return Err(crate::error::NnError::Shape {
+                module: name.to_string(),
+                kind: "Concat",
+                expected: format!(
+                    "branch outputs that differ only in dimension 1 (channels); the first branch gave {:?}",
+                    first.shape()
+                ),
+                got: p.shape().to_vec(),
+            });
+        }
+    }
+    let views: Vec<_> = parts.iter().map(ArrayD::view).collect();
+    Ok(ndarray::concatenate(ndarray::Axis(1), &views).expect("shapes checked above"))
+}
+
+impl Module for Concat {
+    fn kind(&self) -> &'static str {
+        "Concat"
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let parts = self
+            .branches
+            .iter()
+            .map(|(name, b)| b.forward(x).map_err(|e| e.within(name)))
+            .collect::<Result<Vec<_>>>()?;
+        cat_dim1(&parts, &self.cat_name)
+    }
+
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        self.branches.iter().map(|(n, b)| (n.as_str(), b as &dyn Module)).collect()
+    }
+
+    fn children_mut(&mut self) -> Vec<(&str, &mut dyn Module)> {
+        self.branches.iter_mut().map(|(n, b)| (n.as_str(), b as &mut dyn Module)).collect()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -18,7 +18,7 @@ use crate::layers::{
     AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Hardswish, Identity, Linear, MaxPool2d, ReLU, ReLU6,
     Sigmoid,
 };
-use crate::module::{join, Module, Residual, Sequential};
+use crate::module::{cat_dim1, join, Concat, Module, Residual, Sequential};
 
 /// How one module runs in the converted model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +78,7 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
 enum PNode {
     Leaf { name: String, module: Box<dyn Module>, mode: Mode, cfg: Option<QConfig>, obs: Option<usize> },
     Residual { name: String, body: Vec<PNode>, shortcut: Option<Vec<PNode>>, relu: bool, obs: usize, int8: bool },
+    Concat { name: String, branches: Vec<Vec<PNode>>, obs: usize, int8: bool },
 }
 
 /// Moves the modules out of a model tree into nodes, in execution order, with full names,
@@ -94,6 +95,19 @@ fn build_nodes(
         let path = join(prefix, name);
         if let Some(inner) = m.as_any_mut().downcast_mut::<Sequential>() {
             nodes.extend(build_nodes(inner, &path, mapping, plan, obs)?);
+        } else if let Some(cat) = m.as_any_mut().downcast_mut::<Concat>() {
+            let mut branches = Vec::new();
+            for (bname, b) in &mut cat.branches {
+                branches.push(build_nodes(b, &join(&path, bname), mapping, plan, obs)?);
+            }
+            let cat_name = join(&path, &cat.cat_name);
+            let cfg = mapping.resolve(&cat_name, "cat").cloned();
+            let mode =
+                if cfg.is_some() { Mode::Int8 } else { Mode::Float("kept in float by the configuration".into()) };
+            plan.push(PlanEntry { name: cat_name.clone(), kind: "cat", mode });
+            let spec = cfg.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
+            obs.push(spec.create()?);
+            nodes.push(PNode::Concat { name: cat_name, branches, obs: obs.len() - 1, int8: cfg.is_some() });
         } else if let Some(res) = m.as_any_mut().downcast_mut::<Residual>() {
             let body = build_nodes(&mut res.body, &path, mapping, plan, obs)?;
             let shortcut = match &mut res.shortcut {
@@ -179,6 +193,12 @@ fn calibrate_nodes(nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer
                 }
                 y
             }
+            PNode::Concat { name, branches, obs: index, .. } => {
+                let parts = branches.iter().map(|b| calibrate_nodes(b, &cur, obs)).collect::<Result<Vec<_>>>()?;
+                let y = cat_dim1(&parts, name)?;
+                observe(obs[*index].as_mut(), name, &y)?;
+                y
+            }
         };
     }
     Ok(cur)
@@ -204,16 +224,18 @@ pub struct Prepared {
 /// A name override in `mapping` that matches no module (with the nearest names), or an
 /// invalid observer configuration.
 pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepared> {
-    let names = module_names(&model);
+    let mut names = module_names(&model);
+    let input_spec = mapping.resolve("", "").map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
+    let mut obs = vec![input_spec.create()?];
+    let mut plan = Vec::new();
+    let nodes = build_nodes(&mut model, "", mapping, &mut plan, &mut obs)?;
+    // Additions and concatenations are named in the plan, not as modules: both are valid.
+    names.extend(plan.iter().map(|e| e.name.clone()).filter(|n| !n.contains(' ')));
     for (pattern, is_glob) in mapping.name_patterns() {
         if !QConfigMapping::pattern_matches_any(pattern, is_glob, &names) {
             return Err(NnError::UnknownModule { name: pattern.to_string(), suggestions: nearest(pattern, &names) });
         }
     }
-    let input_spec = mapping.resolve("", "").map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-    let mut obs = vec![input_spec.create()?];
-    let mut plan = Vec::new();
-    let nodes = build_nodes(&mut model, "", mapping, &mut plan, &mut obs)?;
     let fresh = obs.iter().map(|o| o.clone_box()).collect();
     Ok(Prepared { nodes, plan, obs, fresh, batches: 0 })
 }
@@ -353,6 +375,19 @@ fn convert_nodes(nodes: Vec<PNode>, obs: &[Box<dyn Observer>], last_q: &mut Quan
                 *last_q = add_q;
                 QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 }
             }
+            PNode::Concat { name, branches, obs: index, int8 } => {
+                let x_q = *last_q;
+                let mut qbranches = Vec::new();
+                let mut branch_q = Vec::new();
+                for b in branches {
+                    let mut bq = x_q;
+                    qbranches.push(convert_nodes(b, obs, &mut bq)?);
+                    branch_q.push(bq);
+                }
+                let out_q = observed(obs[index].as_ref(), &name)?;
+                *last_q = out_q;
+                QNode::Concat { name, branches: qbranches, branch_q, out_q, int8 }
+            }
         });
     }
     Ok(out)
@@ -375,6 +410,14 @@ pub(crate) enum QNode {
         short_q: QuantU8,
         add_q: QuantU8,
         relu: bool,
+        int8: bool,
+    },
+    Concat {
+        name: String,
+        branches: Vec<Vec<QNode>>,
+        /// Parameters each branch's output has (or is quantized with, if float).
+        branch_q: Vec<QuantU8>,
+        out_q: QuantU8,
         int8: bool,
     },
 }
@@ -607,6 +650,7 @@ pub fn sqnr_db(f: &ArrayD<f32>, q: &ArrayD<f32>) -> f64 {
 enum FNode<'a> {
     Leaf(String, &'a dyn Module),
     Residual { body: Vec<FNode<'a>>, shortcut: Option<Vec<FNode<'a>>>, relu: bool },
+    Concat { branches: Vec<Vec<FNode<'a>>> },
 }
 
 fn float_nodes<'a>(seq: &'a Sequential, prefix: &str) -> Vec<FNode<'a>> {
@@ -615,6 +659,10 @@ fn float_nodes<'a>(seq: &'a Sequential, prefix: &str) -> Vec<FNode<'a>> {
         let path = join(prefix, name);
         if let Some(inner) = m.as_any().downcast_ref::<Sequential>() {
             out.extend(float_nodes(inner, &path));
+        } else if let Some(c) = m.as_any().downcast_ref::<Concat>() {
+            out.push(FNode::Concat {
+                branches: c.branches.iter().map(|(bn, b)| float_nodes(b, &join(&path, bn))).collect(),
+            });
         } else if let Some(r) = m.as_any().downcast_ref::<Residual>() {
             out.push(FNode::Residual {
                 body: float_nodes(&r.body, &path),
@@ -652,6 +700,12 @@ fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
                     collect_quants(s, out);
                 }
                 out.push((name.as_str(), *add_q));
+            }
+            QNode::Concat { name, branches, out_q, .. } => {
+                for b in branches {
+                    collect_quants(b, out);
+                }
+                out.push((name.as_str(), *out_q));
             }
         }
     }
@@ -866,6 +920,59 @@ fn residual_add(
     Ok(Value::U8 { data: y, shape: bs, q: add_q })
 }
 
+/// Concatenates branch outputs along channels in int8 (requantizing to `out_q`; a float
+/// branch output is first quantized with its observed parameters), or in float for a
+/// concatenation kept in float.
+fn concat_values(parts: Vec<Value>, branch_q: &[QuantU8], out_q: QuantU8, int8: bool, name: &str) -> Result<Value> {
+    if !int8 {
+        let parts: Vec<ArrayD<f32>> = parts.iter().map(Value::to_f32).collect();
+        return Ok(Value::F32(cat_dim1(&parts, name)?));
+    }
+    let mut quantized = Vec::with_capacity(parts.len());
+    for (v, q) in parts.into_iter().zip(branch_q) {
+        quantized.push(QuantizedModel::quantized(v, *q)?);
+    }
+    let dims = |s: &[usize]| match *s {
+        [n, c, h, w] => Some((n, h, w, c)),
+        [n, c] => Some((n, 1, 1, c)),
+        _ => None,
+    };
+    let first = &quantized[0].1;
+    let Some((n, h, w, _)) = dims(first) else {
+        return Err(NnError::Shape {
+            module: name.to_string(),
+            kind: "Concat",
+            expected: "4-D [batch, channels, height, width] or 2-D [batch, features] branch outputs".into(),
+            got: first.clone(),
+        });
+    };
+    let mut images = Vec::with_capacity(quantized.len());
+    let mut channels = 0;
+    for (data, shape, q) in &quantized {
+        match dims(shape) {
+            Some((bn, bh, bw, c)) if (bn, bh, bw) == (n, h, w) && shape.len() == first.len() => {
+                channels += c;
+                images.push(qkernels::QImage { data, n, h, w, c, scale: q.scale, zero_point: q.zero_point });
+            }
+            _ => {
+                return Err(NnError::Shape {
+                    module: name.to_string(),
+                    kind: "Concat",
+                    expected: format!(
+                        "branch outputs that differ only in dimension 1 (channels); the first branch gave {first:?}"
+                    ),
+                    got: shape.clone(),
+                })
+            }
+        }
+    }
+    let mut out = vec![0u8; n * h * w * channels];
+    qkernels::cat_channels(&images, &mut out, out_q)
+        .map_err(|e| NnError::Op { module: name.to_string(), source: e })?;
+    let shape = if first.len() == 4 { vec![n, channels, h, w] } else { vec![n, channels] };
+    Ok(Value::U8 { data: out, shape, q: out_q })
+}
+
 fn eval_nodes(nodes: &[QNode], x: Value) -> Result<Value> {
     let mut cur = x;
     for n in nodes {
@@ -878,6 +985,10 @@ fn eval_nodes(nodes: &[QNode], x: Value) -> Result<Value> {
                     None => cur,
                 };
                 residual_add(b, s, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?
+            }
+            QNode::Concat { name, branches, branch_q, out_q, int8 } => {
+                let parts = branches.iter().map(|b| eval_nodes(b, cur.clone())).collect::<Result<Vec<_>>>()?;
+                concat_values(parts, branch_q, *out_q, *int8, name)?
             }
         };
     }
@@ -943,9 +1054,28 @@ fn report_nodes(
                 }
                 fcur = y;
             }
+            (FNode::Concat { branches: fb }, QNode::Concat { name, branches, branch_q, out_q, int8 })
+                if fb.len() == branches.len() =>
+            {
+                let (mut fparts, mut qparts) = (Vec::new(), Vec::new());
+                for (f, q) in fb.iter().zip(branches) {
+                    let (fy, qy) = report_nodes(f, q, fcur.clone(), qcur.clone(), out)?;
+                    fparts.push(fy);
+                    qparts.push(qy);
+                }
+                fcur = cat_dim1(&fparts, name)?;
+                qcur = concat_values(qparts, branch_q, *out_q, *int8, name)?;
+                out.push(LayerReport {
+                    name: name.clone(),
+                    kind: "cat",
+                    mode: Mode::Passthrough,
+                    sqnr_db: Some(sqnr_db(&fcur, &qcur.to_f32())),
+                    weight_sqnr_db: None,
+                });
+            }
             _ => {
                 return Err(mismatch(&match n {
-                    QNode::Op { name, .. } | QNode::Residual { name, .. } => name.clone(),
+                    QNode::Op { name, .. } | QNode::Residual { name, .. } | QNode::Concat { name, .. } => name.clone(),
                 }))
             }
         }

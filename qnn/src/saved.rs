@@ -168,6 +168,12 @@ fn nodes_json(w: &mut Writer, nodes: &[QNode]) -> Result<Vec<J>> {
                     "body_q": q_json(*body_q), "short_q": q_json(*short_q), "add_q": q_json(*add_q),
                     "relu": relu, "int8": int8,
                 }),
+                QNode::Concat { name, branches, branch_q, out_q, int8 } => json!({
+                    "t": "cat", "name": name,
+                    "branches": branches.iter().map(|b| nodes_json(w, b).map(J::Array)).collect::<Result<Vec<_>>>()?,
+                    "branch_q": branch_q.iter().map(|q| q_json(*q)).collect::<Vec<_>>(),
+                    "out_q": q_json(*out_q), "int8": int8,
+                }),
             })
         })
         .collect()
@@ -269,7 +275,12 @@ fn bad(reason: String) -> NnError {
     NnError::File { file: "(bytes)".into(), reason }
 }
 
-const KINDS: [&str; 15] = [
+const KINDS: [&str; 20] = [
+    "AvgPool2d",
+    "BatchNorm1d",
+    "cat",
+    "Concat",
+    "Module",
     "Conv2d",
     "Linear",
     "ReLU",
@@ -473,6 +484,15 @@ impl Reader<'_> {
                         int8: n["int8"] == true,
                         name,
                     },
+                    Some("cat") => {
+                        let list = |k: &str| n[k].as_array().ok_or_else(|| bad(format!("{name}: {k} is not a list")));
+                        let branches = list("branches")?.iter().map(|b| self.nodes(b)).collect::<Result<Vec<_>>>()?;
+                        let branch_q = list("branch_q")?.iter().map(|q| self.q(q)).collect::<Result<Vec<_>>>()?;
+                        if branches.is_empty() || branches.len() != branch_q.len() {
+                            return Err(bad(format!("{name}: a concatenation needs one parameter pair per branch")));
+                        }
+                        QNode::Concat { branches, branch_q, out_q: self.q(&n["out_q"])?, int8: n["int8"] == true, name }
+                    }
                     other => return Err(bad(format!("unknown node type {other:?}"))),
                 })
             })

@@ -227,3 +227,98 @@ fn report_names_every_module_with_output_and_weight_sqnr() {
     assert_eq!(rows[0]["name"], "conv1");
     assert_eq!(rows[0]["mode"], "int8");
 }
+
+/// An Inception-style block: three branches (conv-bn-relu 1x1, conv-bn-relu 3x3, max-pool)
+/// concatenated along channels by `FloatFunctional().cat`, quantized by PyTorch eager mode.
+#[test]
+fn concat_block_int8_output_matches_pytorch() {
+    use qnn::layers::{BatchNorm2d, Conv2d, MaxPool2d, ReLU};
+    use qnn::{Concat, Sequential};
+    let block = Concat::new("cat")
+        .branch(
+            "branch1",
+            Sequential::new().add("0", Conv2d::new(8, 6, 1)).add("1", BatchNorm2d::new(6)).add("2", ReLU),
+        )
+        .branch(
+            "branch2",
+            Sequential::new().add("0", Conv2d::new(8, 4, 3).padding(1)).add("1", BatchNorm2d::new(4)).add("2", ReLU),
+        )
+        .branch("branch3", Sequential::new().add("0", MaxPool2d::new(3, 1, 1)));
+    let mut model = Sequential::new().add("", block);
+    load_safetensors(
+        &mut model,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/catblock_model.safetensors"),
+    )
+    .unwrap();
+    let io = data("catblock_io.safetensors");
+    let io = SafeTensors::deserialize(&io).unwrap();
+    let float_out = model.forward(&f32s(&io, "input")).unwrap();
+    let want_f = f32s(&io, "output_f32");
+    assert_eq!(float_out.shape(), want_f.shape());
+    let worst = float_out.iter().zip(want_f.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "float block differs from PyTorch by {worst}");
+
+    let fused = fuse(&mut model).unwrap();
+    let groups: Vec<Vec<String>> = fused.iter().map(|f| f.modules.clone()).collect();
+    assert_eq!(groups, vec![vec!["branch1.0", "branch1.1", "branch1.2"], vec!["branch2.0", "branch2.1", "branch2.2"]]);
+    let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    prepared.calibrate(&f32s(&io, "calib")).unwrap();
+    let q = prepared.convert().unwrap();
+    let quants = q.output_quants();
+    let names: Vec<&str> = quants.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, vec!["branch1.0", "branch2.0", "cat"]);
+    assert_eq!(q.input_quant().scale.to_bits(), f32s(&io, "quant.scale")[0].to_bits());
+    for (name, oq) in quants {
+        let zp = i64::from_le_bytes(io.tensor(&format!("{name}.zero_point")).unwrap().data().try_into().unwrap());
+        assert_eq!(
+            (oq.scale.to_bits(), oq.zero_point as i64),
+            (f32s(&io, &format!("{name}.scale"))[0].to_bits(), zp),
+            "{name}"
+        );
+    }
+    let x = f32s(&io, "input");
+    let Value::U8 { data: ours, shape, .. } = q.forward_value(&x).unwrap() else { panic!() };
+    assert_eq!(shape, vec![4, 18, 6, 6]);
+    let want = io.tensor("output_int8").unwrap().data().to_vec(); // NCHW
+    let (mut same, mut worst) = (0, 0);
+    for b in 0..4 {
+        for c in 0..18 {
+            for p in 0..36 {
+                let (o, w) = (ours[(b * 36 + p) * 18 + c], want[(b * 18 + c) * 36 + p]);
+                same += usize::from(o == w);
+                worst = worst.max((o as i32 - w as i32).abs());
+            }
+        }
+    }
+    eprintln!("concat block int8 output: {same}/{} identical to PyTorch, max {worst} LSB", want.len());
+    assert!(same * 100 >= want.len() * 99 && worst <= 1, "{same} of {}, worst {worst}", want.len());
+
+    // Saved and loaded: the same bits. Kept in float by name: the same function, in float.
+    let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.plan(), q.plan());
+    assert_eq!(back.forward(&x).unwrap(), q.forward(&x).unwrap());
+    let small = || {
+        let mut m = Sequential::new().add(
+            "",
+            Concat::new("cat")
+                .branch("a", Sequential::new().add("conv", Conv2d::new(8, 3, 1)))
+                .branch("b", Sequential::new().add("pool", MaxPool2d::new(3, 1, 1))),
+        );
+        zoo::randomize(&mut m, 4);
+        m
+    };
+    let (model, reference) = (small(), small());
+    let want = model.forward(&x).unwrap();
+    let mut p = prepare(model, &QConfigMapping::new(QConfig::default()).skip_name("cat")).unwrap();
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap();
+    let cat = q.plan().iter().find(|e| e.name == "cat").unwrap();
+    assert!(matches!(cat.mode, Mode::Float(_)), "{cat:?}");
+    let got = q.forward_value(&x).unwrap();
+    assert!(matches!(got, Value::F32(_)), "a float concatenation gives float output");
+    assert!(qnn::sqnr_db(&want, &got.to_f32()) > 30.0);
+    let report = q.report(&reference, &x).unwrap();
+    let rows: Vec<(&str, &str)> = report.iter().map(|r| (r.name.as_str(), r.kind)).collect();
+    assert_eq!(rows, vec![("a.conv", "Conv2d"), ("b.pool", "MaxPool2d"), ("cat", "cat")]);
+    assert!(report[2].sqnr_db.unwrap() > 30.0, "{:?}", report[2]);
+}

@@ -33,6 +33,12 @@ What it writes (into ``qnn/data/``, created if missing), all safetensors:
   ``output_scale`` f32 [1], ``output_zero_point`` i64 [1], plus the per-module
   entries as above (``quant``, ``conv1``, ``conv2``, ``skip_add``).
 
+* ``catblock_model.safetensors`` / ``catblock_io.safetensors``: the same for
+  ``CatBlock`` (three branches concatenated along channels by a
+  ``FloatFunctional`` named ``cat``), entries ``quant``, ``branch1.0``,
+  ``branch2.0`` and ``cat``.  ``python scripts/models/digits.py --only catblock``
+  writes just these two files and leaves the others untouched.
+
 DigitsNet: conv1(1->16, 3x3, pad 1) -> bn1 -> relu1 -> conv2(16->32, 3x3,
 stride 2, pad 1; 8x8 -> 4x4) -> bn2 -> relu2 -> AdaptiveAvgPool2d((2, 2)) ->
 Flatten -> fc1(128->64) -> relu3 -> fc2(64->10).  Trained on CPU with Adam
@@ -83,6 +89,7 @@ Rerun from the repository root (/work/main):
 
 import copy
 import os
+import sys
 import random
 import warnings
 
@@ -172,6 +179,22 @@ class ResBlock(nn.Module):
         y = self.bn2(self.conv2(y))
         y = self.skip_add.add(y, x)
         return self.relu2(y)
+
+
+class CatBlock(nn.Module):
+    """Inception-style: branch1 = conv 1x1 (8->6) + bn + relu, branch2 = conv 3x3 (8->4,
+    pad 1) + bn + relu, branch3 = max-pool 3x3 (stride 1, pad 1), concatenated along
+    channels (18 channels out) by ``cat`` (a FloatFunctional with its own observer)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.branch1 = nn.Sequential(nn.Conv2d(c, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.branch2 = nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.branch3 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1))
+        self.cat = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        return self.cat.cat([self.branch1(x), self.branch2(x), self.branch3(x)], dim=1)
 
 
 class QuantWrapped(nn.Module):
@@ -416,6 +439,54 @@ def resblock():
         print("   ", r)
 
 
+# ---------------------------------------------------------------- catblock
+
+CAT_FUSE = [["branch1.0", "branch1.1", "branch1.2"], ["branch2.0", "branch2.1", "branch2.2"]]
+
+
+def catblock():
+    seed_all(SEED + 2)
+    model = CatBlock(8)
+    with torch.no_grad():
+        for bn in (model.branch1[1], model.branch2[1]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.3)
+            bn.running_mean.normal_(0.0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    calib = torch.randn(16, 8, 6, 6)
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        out_f = model(x)
+    qm = ptq(model, CAT_FUSE, calib)
+    with torch.no_grad():
+        q_out = qm.forward_q(x)
+        deq = qm(x)
+    assert q_out.is_quantized and q_out.dtype == torch.quint8
+    io = {
+        "calib": calib,
+        "input": x,
+        "output_int8": q_out.int_repr(),
+        "output_scale": torch.tensor([q_out.q_scale()], dtype=torch.float32),
+        "output_zero_point": torch.tensor([q_out.q_zero_point()], dtype=torch.int64),
+        "output_f32": out_f,
+    }
+    io.update(qparams_entries(qm))
+    write(os.path.join(OUT_DIR, "catblock_model.safetensors"), model.state_dict())
+    write(os.path.join(OUT_DIR, "catblock_io.safetensors"), io)
+    print(f"catblock: SQNR(dequantized int8 output vs float output) = {sqnr_db(out_f, deq):.2f} dB")
+    print("catblock: per leaf module (input q/f, output q/f, output qparams):")
+    for r in describe_run(qm, x):
+        print("   ", r)
+    # Reproduce from the files alone.
+    cb = CatBlock(8)
+    cb.load_state_dict(load_file(os.path.join(OUT_DIR, "catblock_model.safetensors")))
+    cb.eval()
+    again = ptq(cb, CAT_FUSE, calib)
+    with torch.no_grad():
+        assert torch.equal(again.forward_q(x).int_repr(), io["output_int8"])
+
+
 # ---------------------------------------------------------------- verify
 
 
@@ -468,10 +539,14 @@ def main():
     torch.set_num_threads(1)
     torch.backends.quantized.engine = "x86"
     os.makedirs(OUT_DIR, exist_ok=True)
+    if sys.argv[1:] == ["--only", "catblock"]:
+        catblock()
+        return
     print(f"torch {torch.__version__}, engine {torch.backends.quantized.engine}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     digits()
     resblock()
+    catblock()
     verify()
     check_from_files()
 
