@@ -9,7 +9,9 @@ use rayon::prelude::*;
 use qtensor::isa::Isa;
 use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
 
-use crate::gemm::{gemm, requantize_row_u8, requantize_scalar, GemmOutput, OutputQuant, Plan, QMatrix};
+use crate::gemm::{
+    gemm_planned, requantize_row_u8, requantize_scalar, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey, QMatrix,
+};
 use crate::pack::PackedWeights;
 
 /// `u8` activations in NHWC layout (batch, height, width, channels), with their quantization.
@@ -60,6 +62,7 @@ pub struct PackedConv2d {
     geom: Conv2dGeometry,
     bias: Option<Vec<f32>>,
     kind: ConvKind,
+    plans: PlanCache,
 }
 
 #[derive(Clone, Debug)]
@@ -156,7 +159,7 @@ impl PackedConv2d {
             }
             ConvKind::Gemm(groups)
         };
-        Ok(PackedConv2d { oc, ic, kh, kw, geom, bias: bias.map(<[f32]>::to_vec), kind })
+        Ok(PackedConv2d { oc, ic, kh, kw, geom, bias: bias.map(<[f32]>::to_vec), kind, plans: PlanCache::default() })
     }
 
     /// The implicit-im2col layout, when it applies: one group, symmetric weights, AVX-512 VNNI,
@@ -275,7 +278,19 @@ impl PackedConv2d {
             return Ok(());
         }
         match &self.kind {
-            ConvKind::Gemm(groups) => self.forward_gemm(groups, x, quant, out, oh, ow, threads),
+            ConvKind::Gemm(groups) => {
+                let ocg = self.oc / groups.len();
+                let key = PlanKey::new(x.scale, x.zero_point, Some(quant));
+                let build = || {
+                    let bias = |gi: usize| self.bias.as_ref().map(|b| &b[gi * ocg..(gi + 1) * ocg]);
+                    groups
+                        .iter()
+                        .enumerate()
+                        .map(|(gi, w)| Plan::new(x.scale, x.zero_point, w, bias(gi), Some(quant), false))
+                        .collect()
+                };
+                self.plans.with(key, build, |plans| self.forward_gemm(groups, plans, x, quant, out, oh, ow, threads))
+            }
             #[cfg(target_arch = "x86_64")]
             ConvKind::Implicit { w, seg } => {
                 self.forward_implicit(w, *seg, x, quant, out, oh, ow, threads);
@@ -284,16 +299,20 @@ impl PackedConv2d {
             #[cfg(not(target_arch = "x86_64"))]
             ConvKind::Implicit { .. } => unreachable!("implicit im2col is packed only on x86-64 with VNNI"),
             ConvKind::Depthwise { taps, vnni, flat } => {
-                let plan = Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true);
-                match flat {
-                    #[cfg(target_arch = "x86_64")]
-                    Some(weights) => crate::threads::run_with(threads, || {
-                        self.forward_depthwise_flat(weights, &plan, x, out, oh, ow, threads > 1)
-                    }),
-                    _ => crate::threads::run_with(threads, || {
-                        self.forward_depthwise(taps, vnni.as_deref(), &plan, x, out, oh, ow, threads > 1)
-                    }),
-                }
+                let key = PlanKey::new(x.scale, x.zero_point, Some(quant));
+                let build = || vec![Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true)];
+                self.plans.with(key, build, |plans| {
+                    let plan = &plans[0];
+                    match flat {
+                        #[cfg(target_arch = "x86_64")]
+                        Some(weights) => crate::threads::run_with(threads, || {
+                            self.forward_depthwise_flat(weights, plan, x, out, oh, ow, threads > 1)
+                        }),
+                        _ => crate::threads::run_with(threads, || {
+                            self.forward_depthwise(taps, vnni.as_deref(), plan, x, out, oh, ow, threads > 1)
+                        }),
+                    }
+                });
                 Ok(())
             }
         }
@@ -303,6 +322,7 @@ impl PackedConv2d {
     fn forward_gemm(
         &self,
         groups: &[PackedWeights],
+        plans: &[Plan],
         x: &QImage<'_>,
         quant: OutputQuant,
         out: &mut [u8],
@@ -326,7 +346,8 @@ impl PackedConv2d {
                     scale: x.scale,
                     zero_point: x.zero_point,
                 };
-                gemm(&a, w, bias(gi), GemmOutput::U8 { data: &mut out[gi * ocg..], ldc: self.oc, quant }, threads)?;
+                let out = GemmOutput::U8 { data: &mut out[gi * ocg..], ldc: self.oc, quant };
+                gemm_planned(&a, w, bias(gi), Some(&plans[gi]), out, threads)?;
             }
             return Ok(());
         }
@@ -348,10 +369,11 @@ impl PackedConv2d {
                     }
                     self.im2col(x, gi * icg, icg, oh, ow, r0..r1, &mut buf[..need]);
                     let a = QMatrix { data: &buf, m: r1 - r0, k, lda: k, scale: x.scale, zero_point: x.zero_point };
-                    gemm(
+                    gemm_planned(
                         &a,
                         w,
                         bias(gi),
+                        Some(&plans[gi]),
                         GemmOutput::U8 { data: &mut out_chunk[gi * ocg..], ldc: self.oc, quant },
                         gemm_threads,
                     )?;
@@ -507,16 +529,10 @@ impl PackedConv2d {
                 seg,
                 m: x.n * oh * ow,
             };
-            crate::gemm::gemm_conv_vnni(
-                &rows,
-                x.scale,
-                x.zero_point,
-                w,
-                self.bias.as_deref(),
-                quant,
-                out,
-                self.oc,
-                threads,
+            self.plans.with(
+                PlanKey::new(x.scale, x.zero_point, Some(quant)),
+                || vec![Plan::new(x.scale, x.zero_point, w, self.bias.as_deref(), Some(quant), false)],
+                |plans| crate::gemm::gemm_conv_vnni(&rows, w, &plans[0], out, self.oc, threads),
             );
         };
         // Segments padded past `kw * c` read up to 3 bytes beyond the image: give it slack.

@@ -102,8 +102,42 @@ pub(crate) type Tile = [[i32; TILE_COLS]; TILE_ROWS];
 /// conversion far from overflow (where x86 returns INT_MIN) in every path.
 pub(crate) const REQUANT_LIMIT: f32 = 16_777_216.0;
 
-/// Per-column constants of the epilogue, computed once per call.
-#[derive(Debug)]
+/// What a [`Plan`] depends on besides the weights and bias: the input's parameters and the
+/// output's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct PlanKey {
+    a_scale: u32,
+    a_zp: i32,
+    quant: Option<OutputQuant>,
+}
+
+impl PlanKey {
+    pub(crate) fn new(a_scale: f32, a_zp: i32, quant: Option<OutputQuant>) -> Self {
+        PlanKey { a_scale: a_scale.to_bits(), a_zp, quant }
+    }
+}
+
+/// The plans of a layer that owns its weights and bias (one per group), kept for the first
+/// input and output parameters it runs with: a converted model runs every layer with the same
+/// parameters on every call, so after the first call no plan is rebuilt (or allocated).
+/// Other parameters get plans built for that call. Lock-free once set; shared by threads.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PlanCache(std::sync::OnceLock<(PlanKey, Vec<Plan>)>);
+
+impl PlanCache {
+    /// Runs `f` on the plans for `key`, cached or built by `build`.
+    pub(crate) fn with<R>(&self, key: PlanKey, build: impl Fn() -> Vec<Plan>, f: impl FnOnce(&[Plan]) -> R) -> R {
+        let (k, plans) = self.0.get_or_init(|| (key, build()));
+        if *k == key {
+            f(plans)
+        } else {
+            f(&build())
+        }
+    }
+}
+
+/// Per-column constants of the epilogue.
+#[derive(Clone, Debug)]
 pub(crate) struct Plan {
     /// `za * col_offsets[j]`.
     pub colterm: Vec<i32>,
@@ -299,6 +333,19 @@ pub fn gemm(
     out: GemmOutput<'_>,
     threads: usize,
 ) -> Result<()> {
+    gemm_planned(a, w, bias, None, out, threads)
+}
+
+/// [`gemm`] with the plan given (`Plan::new(a.scale, a.zero_point, w, bias, quant, false)` for
+/// this call's output quantization, which the caller guarantees) or built here.
+pub(crate) fn gemm_planned(
+    a: &QMatrix<'_>,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    plan: Option<&Plan>,
+    out: GemmOutput<'_>,
+    threads: usize,
+) -> Result<()> {
     let (len, ldc) = match &out {
         GemmOutput::U8 { data, ldc, quant } => {
             qtensor::QParams::per_tensor(quant.scale, quant.zero_point)?;
@@ -325,14 +372,21 @@ pub fn gemm(
         GemmOutput::U8 { quant, .. } => Some(*quant),
         _ => None,
     };
-    let plan = Plan::new(a.scale, a.zero_point, w, bias, quant, false);
+    let built;
+    let plan = match plan {
+        Some(p) => p,
+        None => {
+            built = Plan::new(a.scale, a.zero_point, w, bias, quant, false);
+            &built
+        }
+    };
     let rowsums: Vec<i32> = if plan.has_zw {
         (0..a.m).map(|i| a.data[i * a.lda..i * a.lda + a.k].iter().map(|&v| v as i32).sum()).collect()
     } else {
         Vec::new()
     };
     let sink = Sink::new(out);
-    crate::threads::run_with(threads, || drive(Rows::Dense(a), w, &plan, &rowsums, &sink, threads > 1));
+    crate::threads::run_with(threads, || drive(Rows::Dense(a), w, plan, &rowsums, &sink, threads > 1));
     Ok(())
 }
 
@@ -421,11 +475,8 @@ impl ConvRows<'_> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_conv_vnni(
     rows: &ConvRows<'_>,
-    a_scale: f32,
-    a_zp: i32,
     w: &PackedWeights,
-    bias: Option<&[f32]>,
-    quant: OutputQuant,
+    plan: &Plan,
     out: &mut [u8],
     ldc: usize,
     threads: usize,
@@ -438,9 +489,8 @@ pub(crate) fn gemm_conv_vnni(
         "gemm_conv_vnni: caller must pass symmetric VNNI-packed weights matching the rows"
     );
     assert!(rows.m == 0 || out.len() >= (rows.m - 1) * ldc + w.n, "gemm_conv_vnni: output too small");
-    let plan = Plan::new(a_scale, a_zp, w, bias, Some(quant), false);
     let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc };
-    crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, &plan, &[], &sink, threads > 1));
+    crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &sink, threads > 1));
 }
 
 fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink, parallel: bool) {

@@ -2,7 +2,7 @@
 
 use qtensor::{QTensor, Result};
 
-use crate::gemm::{gemm, GemmOutput, QMatrix};
+use crate::gemm::{GemmOutput, QMatrix};
 use crate::pack::PackedWeights;
 
 /// A linear layer's weights (`[out_features, in_features]`, `i8`) packed once, with its bias.
@@ -27,6 +27,7 @@ use crate::pack::PackedWeights;
 pub struct PackedLinear {
     weights: PackedWeights,
     bias: Option<Vec<f32>>,
+    plans: crate::gemm::PlanCache,
 }
 
 impl PackedLinear {
@@ -48,16 +49,25 @@ impl PackedLinear {
         if let Some(b) = bias {
             crate::gemm::check_bias("PackedLinear::new", b, weights.n())?;
         }
-        Ok(PackedLinear { weights, bias: bias.map(<[f32]>::to_vec) })
+        Ok(PackedLinear { weights, bias: bias.map(<[f32]>::to_vec), plans: Default::default() })
     }
 
     /// `out = x · Wᵀ + bias`, requantized (or `i32` / `f32`, see [`GemmOutput`]), for any
     /// number of rows (the batch).
     ///
     /// # Errors
-    /// As [`gemm`].
+    /// As [`gemm`](crate::gemm::gemm).
     pub fn forward(&self, x: &QMatrix<'_>, out: GemmOutput<'_>, threads: usize) -> Result<()> {
-        gemm(x, &self.weights, self.bias.as_deref(), out, threads)
+        let quant = match &out {
+            GemmOutput::U8 { quant, .. } => Some(*quant),
+            _ => None,
+        };
+        let bias = self.bias.as_deref();
+        self.plans.with(
+            crate::gemm::PlanKey::new(x.scale, x.zero_point, quant),
+            || vec![crate::gemm::Plan::new(x.scale, x.zero_point, &self.weights, bias, quant, false)],
+            |plans| crate::gemm::gemm_planned(x, &self.weights, bias, Some(&plans[0]), out, threads),
+        )
     }
 
     /// The packed weights.

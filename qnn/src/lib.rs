@@ -25,6 +25,7 @@ pub mod layers;
 mod module;
 mod quant;
 mod saved;
+mod scratch;
 mod state;
 pub mod zoo;
 

@@ -19,6 +19,7 @@ use crate::layers::{
     Sigmoid,
 };
 use crate::module::{cat_dim1, join, Concat, Module, Residual, Sequential};
+use crate::scratch::{self, Input};
 
 /// How one module runs in the converted model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -539,7 +540,7 @@ impl Value {
         let shape = x.shape().to_vec();
         let xs = x.as_standard_layout();
         let src = xs.as_slice().expect("standard layout");
-        let mut data = vec![0u8; src.len()];
+        let mut data = scratch::take(src.len());
         if let [n, c, h, w] = shape[..] {
             qkernels::quantize_nchw_to_nhwc(src, (n, c, h, w), q, &mut data)?;
         } else {
@@ -753,7 +754,19 @@ impl QuantizedModel {
     /// # Errors
     /// An input the model cannot take (the message names the module and the shapes).
     pub fn forward_value(&self, x: &ArrayD<f32>) -> Result<Value> {
-        eval_nodes(&self.nodes, Value::F32(x.clone()))
+        // A first layer that runs in int8 would quantize the input with the input's
+        // parameters anyway: do it here, straight from the caller's array (no float copy).
+        let starts_int8 = matches!(
+            self.nodes.first(),
+            Some(QNode::Op { op: Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Custom { .. }, in_q, .. })
+                if *in_q == self.input_q
+        );
+        let input = if starts_int8 {
+            Value::quantize(x, self.input_q).map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
+        } else {
+            Value::F32(x.clone())
+        };
+        eval_nodes(&self.nodes, input)
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
@@ -761,7 +774,12 @@ impl QuantizedModel {
     /// # Errors
     /// As [`QuantizedModel::forward_value`].
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        Ok(self.forward_value(x)?.to_f32())
+        let v = self.forward_value(x)?;
+        let out = v.to_f32();
+        if let Value::U8 { data, .. } = v {
+            scratch::give(data);
+        }
+        Ok(out)
     }
 
     fn quantized(v: Value, q_if_float: QuantU8) -> Result<(Vec<u8>, Vec<usize>, QuantU8)> {
@@ -791,10 +809,11 @@ impl QuantizedModel {
             Op::Float(module) => Value::F32(module.forward(&cur.to_f32())?),
             Op::Conv { packed, out, .. } => {
                 let (data, shape, q) = Self::quantized(cur, in_q)?;
+                let data = Input::new(data);
                 let [n, c, h, w] = shape[..] else { return Err(shape_err("Conv2d", "a 4-D NCHW input", &shape)) };
                 let (oh, ow) = packed.output_hw(h, w).map_err(op_err)?;
                 let oc = packed.out_channels();
-                let mut y = vec![0u8; n * oh * ow * oc];
+                let mut y = scratch::take(n * oh * ow * oc);
                 packed.forward_u8(&Value::image(&data, &[n, c, h, w], q), *out, &mut y, 1).map_err(op_err)?;
                 Value::U8 {
                     data: y,
@@ -804,18 +823,20 @@ impl QuantizedModel {
             }
             Op::Linear { packed, out } => {
                 let (data, shape, q) = Self::quantized(cur, in_q)?;
+                let data = Input::new(data);
                 let [m, k] = shape[..] else {
                     return Err(shape_err("Linear", "a 2-D [batch, features] input", &shape));
                 };
                 let n = packed.weights().n();
-                let mut y = vec![0u8; m * n];
+                let mut y = scratch::take(m * n);
                 let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
                 packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: *out }, 1).map_err(op_err)?;
                 Value::U8 { data: y, shape: vec![m, n], q: QuantU8 { scale: out.scale, zero_point: out.zero_point } }
             }
             Op::Lut { op, in_q: table_q, out_q, tables } => {
                 let (data, shape, q) = Self::quantized(cur, in_q)?;
-                let mut y = vec![0u8; data.len()];
+                let data = Input::new(data);
+                let mut y = scratch::take(data.len());
                 if q == *table_q {
                     tables.apply(&data, &mut y).map_err(op_err)?;
                 } else {
@@ -825,18 +846,20 @@ impl QuantizedModel {
             }
             Op::Custom { layer, out_q } => {
                 let (data, shape, _) = Self::quantized(cur, in_q)?;
+                let data = Input::new(data);
                 let (y, shape) = layer.forward_u8(&data, &shape)?;
                 Value::U8 { data: y, shape, q: *out_q }
             }
             Op::SameParams(m) => match cur {
                 Value::F32(a) => Value::F32(m.forward(&a)?),
                 Value::U8 { data, shape, q } => {
+                    let data = Input::new(data);
                     let a = m.as_any();
                     if let Some(p) = a.downcast_ref::<AdaptiveAvgPool2d>() {
                         let [n, c, h, w] = shape[..] else {
                             return Err(shape_err("AdaptiveAvgPool2d", "a 4-D NCHW input", &shape));
                         };
-                        let mut y = vec![0u8; n * p.0 * p.1 * c];
+                        let mut y = scratch::take(n * p.0 * p.1 * c);
                         adaptive_avg_pool2d(&Value::image(&data, &[n, c, h, w], q), (p.0, p.1), q, &mut y)
                             .map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, p.0, p.1], q }
@@ -845,7 +868,7 @@ impl QuantizedModel {
                             return Err(shape_err("MaxPool2d", "a 4-D NCHW input", &shape));
                         };
                         let (oh, ow) = mp.0.output_hw(h, w).map_err(op_err)?;
-                        let mut y = vec![0u8; n * oh * ow * c];
+                        let mut y = scratch::take(n * oh * ow * c);
                         qkernels::max_pool2d(&Value::image(&data, &[n, c, h, w], q), &mp.0, &mut y).map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
                     } else if let Some(ap) = a.downcast_ref::<AvgPool2d>() {
@@ -853,21 +876,21 @@ impl QuantizedModel {
                             return Err(shape_err("AvgPool2d", "a 4-D NCHW input", &shape));
                         };
                         let (oh, ow) = ap.0.output_hw(h, w).map_err(op_err)?;
-                        let mut y = vec![0u8; n * oh * ow * c];
+                        let mut y = scratch::take(n * oh * ow * c);
                         qkernels::avg_pool2d(&Value::image(&data, &[n, c, h, w], q), &ap.0, q, &mut y)
                             .map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
                     } else if a.is::<Flatten>() {
                         if let [n, c, h, w] = shape[..] {
-                            let mut y = vec![0u8; data.len()];
+                            let mut y = scratch::take(data.len());
                             flatten_nchw_order(&Value::image(&data, &[n, c, h, w], q), &mut y).map_err(op_err)?;
                             Value::U8 { data: y, shape: vec![n, c * h * w], q }
                         } else {
-                            Value::U8 { data, shape, q }
+                            Value::U8 { data: data.into_inner(), shape, q }
                         }
                     } else {
                         let op = if a.is::<ReLU6>() { UnaryOp::Relu6 } else { UnaryOp::Relu };
-                        let mut y = vec![0u8; data.len()];
+                        let mut y = scratch::take(data.len());
                         op.tables(q, q).apply(&data, &mut y).map_err(op_err)?;
                         Value::U8 { data: y, shape, q }
                     }
@@ -913,7 +936,8 @@ fn residual_add(
             got: bs,
         });
     }
-    let mut y = vec![0u8; bd.len()];
+    let (bd, sd) = (Input::new(bd), Input::new(sd));
+    let mut y = scratch::take(bd.len());
     // ReLU after the addition keeps its parameters: Q(max(c, 0)) = max(Q(c), zp).
     qkernels::add(&bd, bq, &sd, sq, &mut y, add_q, relu)
         .map_err(|e| NnError::Op { module: String::new(), source: e })?;
@@ -966,11 +990,27 @@ fn concat_values(parts: Vec<Value>, branch_q: &[QuantU8], out_q: QuantU8, int8: 
             }
         }
     }
-    let mut out = vec![0u8; n * h * w * channels];
+    let mut out = scratch::take(n * h * w * channels);
     qkernels::cat_channels(&images, &mut out, out_q)
         .map_err(|e| NnError::Op { module: name.to_string(), source: e })?;
     let shape = if first.len() == 4 { vec![n, channels, h, w] } else { vec![n, channels] };
+    drop(images);
+    for (data, _, _) in quantized {
+        scratch::give(data);
+    }
     Ok(Value::U8 { data: out, shape, q: out_q })
+}
+
+/// A copy of `v` in a pooled buffer (for the branches that share an input).
+fn pooled_copy(v: &Value) -> Value {
+    match v {
+        Value::F32(a) => Value::F32(a.clone()),
+        Value::U8 { data, shape, q } => {
+            let mut d = scratch::take(data.len());
+            d.copy_from_slice(data);
+            Value::U8 { data: d, shape: shape.clone(), q: *q }
+        }
+    }
 }
 
 fn eval_nodes(nodes: &[QNode], x: Value) -> Result<Value> {
@@ -979,7 +1019,7 @@ fn eval_nodes(nodes: &[QNode], x: Value) -> Result<Value> {
         cur = match n {
             QNode::Op { name, in_q, op } => QuantizedModel::step(op, *in_q, cur).map_err(|e| e.within(name))?,
             QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 } => {
-                let b = eval_nodes(body, cur.clone())?;
+                let b = eval_nodes(body, pooled_copy(&cur))?;
                 let s = match shortcut {
                     Some(sc) => eval_nodes(sc, cur)?,
                     None => cur,
@@ -987,7 +1027,10 @@ fn eval_nodes(nodes: &[QNode], x: Value) -> Result<Value> {
                 residual_add(b, s, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?
             }
             QNode::Concat { name, branches, branch_q, out_q, int8 } => {
-                let parts = branches.iter().map(|b| eval_nodes(b, cur.clone())).collect::<Result<Vec<_>>>()?;
+                let parts = branches.iter().map(|b| eval_nodes(b, pooled_copy(&cur))).collect::<Result<Vec<_>>>()?;
+                if let Value::U8 { data, .. } = cur {
+                    scratch::give(data);
+                }
                 concat_values(parts, branch_q, *out_q, *int8, name)?
             }
         };

@@ -346,6 +346,102 @@ observers, 1 thread"
     Ok(())
 }
 
+/// Whole models at batch 1, 1x3x224x224, random weights (seeded): float and int8 (fused,
+/// default qconfig, histogram observers calibrated on 8 random images, converted), one
+/// thread; with `--peers`, torchvision's quantizable models through PyTorch eager PTQ
+/// (`scripts/peers/torch_models.py`) in the same run.
+fn run_models(root: &Path, peers: bool, filter: Option<&str>, records: &mut Vec<Record>) -> Result<(), String> {
+    use qnn::Module;
+    type Ctor = fn(usize) -> qnn::Sequential;
+    let models: Vec<(&str, Ctor, f64)> = vec![
+        ("resnet18", qnn::zoo::resnet18, 1.814),
+        ("mobilenet_v2", qnn::zoo::mobilenet_v2, 0.301),
+        ("resnet50", qnn::zoo::resnet50, 4.089),
+    ];
+    let models: Vec<_> =
+        models.into_iter().filter(|(n, _, _)| filter.is_none_or(|f| n.contains(f) || "models".contains(f))).collect();
+    if models.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = models.iter().map(|m| m.0).collect();
+    let peer: Option<serde_json::Value> = if peers {
+        match find_torch_python() {
+            Some(py) => {
+                let out = Command::new(&py)
+                    .arg(root.join("scripts/peers/torch_models.py"))
+                    .args(["--models", &names.join(",")])
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .map_err(|e| format!("running {py}: {e}"))?;
+                serde_json::from_slice(&out.stdout).ok()
+            }
+            None => {
+                eprintln!("--peers: no Python with torch found (set QRUST_PYTHON)");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let peer_ms = |name: &str, key: &str| {
+        peer.as_ref()?.as_array()?.iter().find(|r| r["name"] == name).and_then(|r| r[key].as_f64())
+    };
+    println!("\nmodels, batch 1, 3x224x224, 1 thread");
+    println!(
+        "{:<14} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11} {:>11}",
+        "model", "f32 ms", "int8 ms", "GMAC/s", "f32/int8", "SQNR dB", "torch f32", "torch int8", "ours/torch"
+    );
+    let x = randn(7, &[1, 3, 224, 224]);
+    for (name, ctor, gmac) in models {
+        let mut model = ctor(1000);
+        qnn::zoo::randomize(&mut model, 11);
+        qnn::fuse(&mut model).map_err(|e| e.to_string())?;
+        let f32_ms = median_ms(5, || {
+            std::hint::black_box(model.forward(&x).expect("float forward"));
+        });
+        let reference_out = model.forward(&x).map_err(|e| e.to_string())?;
+        let mut p =
+            qnn::prepare(model, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
+        for i in 0..8 {
+            p.calibrate(&randn(200 + i, &[1, 3, 224, 224])).map_err(|e| e.to_string())?;
+        }
+        let q = p.convert().map_err(|e| e.to_string())?;
+        let i8_ms = median_ms(10, || {
+            std::hint::black_box(q.forward(&x).expect("int8 forward"));
+        });
+        let sqnr = qnn::sqnr_db(&reference_out, &q.forward(&x).map_err(|e| e.to_string())?);
+        let (pf, pi) = (peer_ms(name, "f32_ms"), peer_ms(name, "int8_ms"));
+        let opt = |v: Option<f64>| v.map_or("-".into(), |m| format!("{m:.2}"));
+        println!(
+            "{:<14} {:>9.2} {:>9.2} {:>9.1} {:>7.2}x {:>10.1} {:>10} {:>11} {:>11}",
+            name,
+            f32_ms,
+            i8_ms,
+            gmac * 1e3 / i8_ms,
+            f32_ms / i8_ms,
+            sqnr,
+            opt(pf),
+            opt(pi),
+            pi.map_or("-".into(), |m| format!("{:.2}", i8_ms / m)),
+        );
+        for (dtype, ms, pm) in [("int8", i8_ms, pi), ("f32", f32_ms, pf)] {
+            records.push(Record {
+                name: format!("model_{name}"),
+                kind: "model",
+                dtype,
+                threads: 1,
+                median_ms: ms,
+                gmacs_per_s: gmac * 1e3 / ms,
+                pct_of_peak: None,
+                peer: pm.map(|_| "pytorch"),
+                peer_median_ms: pm,
+                ratio_vs_peer: pm.map(|m| ms / m),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and prints a table; returns the records.
 pub fn run(
     root: &Path,
@@ -433,6 +529,7 @@ pub fn run(
     if filter.is_none_or(|f| "observer calibrate".contains(f)) {
         run_observers(root, peers, &mut records)?;
     }
+    run_models(root, peers, filter, &mut records)?;
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?)
             .map_err(|e| format!("writing {}: {e}", path.display()))?;

@@ -1,0 +1,103 @@
+//! Activation buffers reused between layers and between calls: one small pool per thread,
+//! so a converted model shared by many threads never locks, and a thread that runs it again
+//! finds its buffers from the last call instead of asking the allocator for every layer.
+
+use std::cell::RefCell;
+use std::ops::Deref;
+
+/// Buffers kept per thread (a chain of layers needs two at a time; branches a few more).
+const MAX_POOLED: usize = 8;
+
+thread_local! {
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A zeroed buffer of `len` bytes: the smallest pooled buffer that fits, else the largest
+/// one grown, else a new one.
+pub(crate) fn take(len: usize) -> Vec<u8> {
+    let reused = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let fit = p.iter().enumerate().filter(|(_, b)| b.capacity() >= len).min_by_key(|(_, b)| b.capacity());
+        let i = fit.or_else(|| p.iter().enumerate().max_by_key(|(_, b)| b.capacity())).map(|(i, _)| i)?;
+        Some(p.swap_remove(i))
+    });
+    let mut v = reused.unwrap_or_default();
+    v.clear();
+    v.resize(len, 0);
+    v
+}
+
+/// Returns a buffer to this thread's pool (when full, it replaces a smaller one).
+pub(crate) fn give(v: Vec<u8>) {
+    if v.capacity() == 0 {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < MAX_POOLED {
+            p.push(v);
+        } else if let Some((i, _)) = p.iter().enumerate().min_by_key(|(_, b)| b.capacity()) {
+            if p[i].capacity() < v.capacity() {
+                p[i] = v;
+            }
+        }
+    });
+}
+
+/// Bytes held by this thread's pool (for tests).
+#[cfg(test)]
+pub(crate) fn pooled_bytes() -> usize {
+    POOL.with(|p| p.borrow().iter().map(Vec::capacity).sum())
+}
+
+/// A layer's input, returned to the pool when the layer is done with it.
+pub(crate) struct Input(Vec<u8>);
+
+impl Input {
+    pub(crate) fn new(v: Vec<u8>) -> Self {
+        Input(v)
+    }
+
+    /// The buffer itself, for a layer that passes its input on unchanged.
+    pub(crate) fn into_inner(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Deref for Input {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Input {
+    fn drop(&mut self) {
+        give(std::mem::take(&mut self.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_zeroed_and_are_reused() {
+        let mut a = take(1000);
+        let ptr = a.as_ptr();
+        a.iter_mut().for_each(|v| *v = 7);
+        give(a);
+        assert!(pooled_bytes() >= 1000);
+        let b = take(600);
+        assert_eq!(b.as_ptr(), ptr, "the pooled buffer is reused");
+        assert_eq!(b.len(), 600);
+        assert!(b.iter().all(|&v| v == 0));
+        drop(Input::new(b));
+        let c = take(5000); // grows the pooled buffer
+        assert_eq!(c.len(), 5000);
+        assert!(c.iter().all(|&v| v == 0));
+        let kept = Input::new(c).into_inner();
+        assert_eq!(kept.len(), 5000);
+        assert_eq!(pooled_bytes(), 0, "into_inner keeps the buffer out of the pool");
+    }
+}
