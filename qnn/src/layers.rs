@@ -436,6 +436,47 @@ impl Module for Dropout {
     }
 }
 
+/// PyTorch's `QuantStub`: where a quantized region starts, with its own output observer.
+/// Never required here (boundaries are placed automatically); accepted so models written
+/// with stubs port unchanged. In float it passes its input through.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuantStub;
+
+impl Module for QuantStub {
+    fn kind(&self) -> &'static str {
+        "QuantStub"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(x.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// PyTorch's `DeQuantStub`: where a quantized region ends; its output is float. Modules after
+/// it still follow the configuration (skip them to keep them in float).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeQuantStub;
+
+impl Module for DeQuantStub {
+    fn kind(&self) -> &'static str {
+        "DeQuantStub"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(x.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 /// `nn.Flatten()`: `[n, c, h, w] -> [n, c * h * w]` (PyTorch's order).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Flatten;

@@ -15,8 +15,8 @@ use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::{module_names, nearest};
 use crate::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, Conv2d, Dropout, Flatten, Hardswish, Identity, Linear, MaxPool2d, ReLU, ReLU6,
-    Sigmoid,
+    AdaptiveAvgPool2d, AvgPool2d, Conv2d, DeQuantStub, Dropout, Flatten, Hardswish, Identity, Linear, MaxPool2d,
+    QuantStub, ReLU, ReLU6, Sigmoid,
 };
 use crate::module::{cat_dim1, join, Concat, Module, Residual, Sequential};
 use crate::scratch::{self, Input};
@@ -50,7 +50,13 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     if a.is::<Identity>() || a.is::<Dropout>() {
         return Mode::Passthrough;
     }
+    if a.is::<DeQuantStub>() {
+        return Mode::Float("DeQuantStub: the quantized region ends here".into());
+    }
     let Some(_) = q else { return Mode::Float("kept in float by the configuration".into()) };
+    if a.is::<QuantStub>() {
+        return Mode::Int8;
+    }
     if a.is::<Conv2d>() || a.is::<Linear>() || a.is::<Hardswish>() || a.is::<Sigmoid>() {
         Mode::Int8
     } else if a.is::<AdaptiveAvgPool2d>()
@@ -430,11 +436,30 @@ fn to_u8(p: QParams) -> QuantU8 {
 /// One step of the int8 model.
 #[derive(Debug)]
 pub(crate) enum Op {
-    Conv { packed: Box<PackedConv2d>, src: Box<ConvSource>, out: OutputQuant },
-    Linear { packed: Box<PackedLinear>, out: OutputQuant },
-    Lut { op: UnaryOp, in_q: QuantU8, out_q: QuantU8, tables: Box<UnaryTables> },
+    Conv {
+        packed: Box<PackedConv2d>,
+        src: Box<ConvSource>,
+        out: OutputQuant,
+    },
+    Linear {
+        packed: Box<PackedLinear>,
+        out: OutputQuant,
+    },
+    Lut {
+        op: UnaryOp,
+        in_q: QuantU8,
+        out_q: QuantU8,
+        tables: Box<UnaryTables>,
+    },
     SameParams(Box<dyn Module>),
-    Custom { layer: Box<dyn crate::module::Int8Layer>, out_q: QuantU8 },
+    Custom {
+        layer: Box<dyn crate::module::Int8Layer>,
+        out_q: QuantU8,
+    },
+    /// Quantizes (or requantizes) to the observed parameters: a `QuantStub`.
+    Quantize {
+        out_q: QuantU8,
+    },
     Passthrough,
     Float(Box<dyn Module>),
 }
@@ -473,7 +498,9 @@ fn build_op(
             let cfg = cfg.expect("int8 modules have a configuration");
             let oq = out_q.expect("int8 modules are observed");
             let a = m.as_any();
-            if let Some(conv) = a.downcast_ref::<Conv2d>() {
+            if a.is::<QuantStub>() {
+                Op::Quantize { out_q: oq }
+            } else if let Some(conv) = a.downcast_ref::<Conv2d>() {
                 let wq = quantize_weights(name, &conv.weight, cfg)?;
                 let ohwi = wq.int_repr().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
                 let wq = QTensor::from_int_repr(ohwi, wq.params().clone(), wq.range()).map_err(op_err)?;
@@ -692,7 +719,9 @@ fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
                 Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
                     out.push((name.as_str(), QuantU8 { scale: o.scale, zero_point: o.zero_point }))
                 }
-                Op::Lut { out_q, .. } | Op::Custom { out_q, .. } => out.push((name.as_str(), *out_q)),
+                Op::Lut { out_q, .. } | Op::Custom { out_q, .. } | Op::Quantize { out_q } => {
+                    out.push((name.as_str(), *out_q))
+                }
                 _ => {}
             },
             QNode::Residual { name, body, shortcut, add_q, .. } => {
@@ -804,6 +833,16 @@ impl QuantizedModel {
         };
         Ok(match op {
             Op::Passthrough => cur,
+            Op::Quantize { out_q } => match cur {
+                Value::U8 { q, .. } if q == *out_q => cur,
+                other => {
+                    let f = other.to_f32();
+                    if let Value::U8 { data, .. } = other {
+                        scratch::give(data);
+                    }
+                    Value::quantize(&f, *out_q).map_err(op_err)?
+                }
+            },
             // Float stays float: the next int8 op quantizes it with this module's observed
             // parameters (its `in_q`), and consecutive float modules lose nothing.
             Op::Float(module) => Value::F32(module.forward(&cur.to_f32())?),

@@ -15,7 +15,7 @@ use serde_json::{json, Value as J};
 
 use crate::error::{NnError, Result};
 use crate::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Flatten, FusedAct, MaxPool2d, ReLU, ReLU6,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, DeQuantStub, Flatten, FusedAct, MaxPool2d, ReLU, ReLU6,
 };
 use crate::quant::{ConvSource, Mode, Op, PlanEntry, QNode, QuantizedModel};
 
@@ -147,8 +147,10 @@ fn op_json(w: &mut Writer, name: &str, op: &Op) -> Result<J> {
                     "var": w.f32s(format!("{name}.bn_var"), &v(&bn.running_var)),
                 })
             }
+            None if m.as_any().is::<DeQuantStub>() => json!({"k": "float", "layer": "DeQuantStub"}),
             None => return Err(unsupported(&format!("a float {} (custom layer)", m.kind()))),
         },
+        Op::Quantize { out_q } => json!({"k": "quantize", "out_q": q_json(*out_q)}),
         Op::Custom { .. } => return Err(unsupported("a custom int8 layer")),
     })
 }
@@ -275,7 +277,9 @@ fn bad(reason: String) -> NnError {
     NnError::File { file: "(bytes)".into(), reason }
 }
 
-const KINDS: [&str; 20] = [
+const KINDS: [&str; 22] = [
+    "QuantStub",
+    "DeQuantStub",
     "AvgPool2d",
     "BatchNorm1d",
     "cat",
@@ -435,6 +439,8 @@ impl Reader<'_> {
                 Some("ReLU6") => Box::new(ReLU6),
                 other => return Err(bad(format!("{name}: unknown layer {other:?}"))),
             }),
+            Some("quantize") => Op::Quantize { out_q: self.q(&j["out_q"])? },
+            Some("float") if j["layer"] == "DeQuantStub" => Op::Float(Box::new(DeQuantStub)),
             Some("float") if j["layer"] == "BatchNorm2d" || j["layer"] == "BatchNorm1d" => {
                 let arr = |k: &str| -> Result<ArrayD<f32>> {
                     let v = self.f32_vec(&j[k])?;

@@ -322,3 +322,44 @@ fn concat_block_int8_output_matches_pytorch() {
     assert_eq!(rows, vec![("a.conv", "Conv2d"), ("b.pool", "MaxPool2d"), ("cat", "cat")]);
     assert!(report[2].sqnr_db.unwrap() > 30.0, "{:?}", report[2]);
 }
+
+/// PyTorch's stubs are accepted, never required: the digits model wrapped as
+/// `quant -> model -> dequant` gives exactly the outputs of the unwrapped one, and saves.
+#[test]
+fn explicit_stubs_give_the_same_model() {
+    use qnn::layers::{DeQuantStub, QuantStub};
+    let load = || {
+        let mut m = zoo::digits();
+        load_safetensors(
+            &mut m,
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/digits_model.safetensors"),
+        )
+        .unwrap();
+        fuse(&mut m).unwrap();
+        m
+    };
+    let calib = data("calib.safetensors");
+    let images = f32s(&SafeTensors::deserialize(&calib).unwrap(), "images");
+    let convert = |m: qnn::Sequential| {
+        let mut p = prepare(m, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+        p.calibrate(&images).unwrap();
+        p.convert().unwrap()
+    };
+    let plain = convert(load());
+    let wrapped =
+        convert(qnn::Sequential::new().add("quant", QuantStub).add("model", load()).add("dequant", DeQuantStub));
+    let modes: Vec<(&str, &Mode)> = wrapped.plan().iter().map(|e| (e.name.as_str(), &e.mode)).collect();
+    assert_eq!(modes[0], ("quant", &Mode::Int8));
+    assert_eq!(modes[1].0, "model.conv1");
+    assert!(matches!(modes.last().unwrap(), ("dequant", Mode::Float(why)) if why.contains("DeQuantStub")), "{modes:?}");
+    let quant = wrapped.output_quants()[0];
+    assert_eq!(quant, ("quant", plain.input_quant()));
+    let Value::U8 { data: want, .. } = plain.forward_value(&images).unwrap() else { panic!() };
+    let got = wrapped.forward_value(&images).unwrap();
+    assert!(matches!(got, Value::F32(_)), "DeQuantStub makes the output float");
+    assert_eq!(got.to_f32(), plain.forward(&images).unwrap());
+    assert_eq!(want.len(), 128 * 10);
+    let back = qnn::QuantizedModel::from_bytes(&wrapped.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.plan(), wrapped.plan());
+    assert_eq!(back.forward(&images).unwrap(), got.to_f32());
+}
