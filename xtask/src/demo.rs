@@ -42,7 +42,7 @@ fn float_model(root: &Path) -> Result<qnn::Sequential, String> {
     Ok(m)
 }
 
-pub fn run(root: &Path) -> Result<(), String> {
+pub fn run(root: &Path, report_json: Option<&Path>) -> Result<(), String> {
     let (test, calib) = (read(root, "digits_test.safetensors")?, read(root, "calib.safetensors")?);
     let (test, calib) = (
         SafeTensors::deserialize(&test).map_err(|e| e.to_string())?,
@@ -119,7 +119,11 @@ pub fn run(root: &Path) -> Result<(), String> {
     println!("latency, one image, median of 201: f32 {f_us:.1} us, int8 {q_us:.1} us\n");
 
     println!("{:<10} {:<18} {:<12} {:>14} {:>16}", "module", "type", "runs as", "output SQNR dB", "weight SQNR dB");
-    for r in q.report(&reference, &images).map_err(|e| e.to_string())? {
+    let report = q.report(&reference, &images).map_err(|e| e.to_string())?;
+    if let Some(path) = report_json {
+        std::fs::write(path, qnn::report_json(&report)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    for r in &report {
         let mode = match &r.mode {
             Mode::Int8 => "int8".to_string(),
             Mode::Int8SameParams => "int8 (same q)".to_string(),

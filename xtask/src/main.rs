@@ -30,7 +30,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The main job: quantize the bundled digits model and compare it with its float self.
-    Demo,
+    Demo {
+        /// Also write the per-module report as JSON to this file.
+        #[arg(long)]
+        report_json: Option<std::path::PathBuf>,
+    },
     /// Quantize a synthetic layer under every scheme and report the error each one costs.
     Schemes {
         /// Seed of the synthetic data.
@@ -62,7 +66,7 @@ fn workspace_root() -> std::path::PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo => demo::run(&workspace_root()),
+        Command::Demo { report_json } => demo::run(&workspace_root(), report_json.as_deref()),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
         Command::Bench { threads, peers, filter, json } => {
             bench::run(&workspace_root(), &threads, peers, filter.as_deref(), json.as_ref())
