@@ -36,7 +36,7 @@ pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32>
     a.permuted_axes(IxDyn(&[0, 3, 1, 2])).as_standard_layout().into_owned()
 }
 
-/// An activation fused into the layer before it (by [`crate::fuse`]): applied to its output,
+/// An activation fused into the layer before it (by [`crate::fuse()`]): applied to its output,
 /// in float as in int8 (where it is a clamp at the output zero point).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FusedAct {
@@ -211,7 +211,7 @@ pub struct BatchNorm2d {
     pub running_var: ArrayD<f32>,
     /// Added to the variance (PyTorch: 1e-5).
     pub eps: f32,
-    /// A ReLU / ReLU6 fused after it by [`crate::fuse`] (PyTorch's `BNReLU2d`).
+    /// A ReLU / ReLU6 fused after it by [`crate::fuse()`] (PyTorch's `BNReLU2d`).
     pub activation: FusedAct,
 }
 
@@ -652,7 +652,7 @@ impl Module for AvgPool2d {
 }
 
 /// `nn.BatchNorm1d` in inference mode on `[batch, features]` input (after a linear layer,
-/// where [`crate::fuse`] folds it).
+/// where [`crate::fuse()`] folds it).
 #[derive(Debug, Clone)]
 pub struct BatchNorm1d(pub BatchNorm2d);
 

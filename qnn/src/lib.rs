@@ -1,17 +1,44 @@
 //! # qnn: write a float model once, quantize it by configuration
 //!
-//! **Status: the float side.** Models are trees of [`Module`]s (layers and named
-//! [`Sequential`] containers) run in `f32` on NCHW tensors, with PyTorch's parameter names,
-//! so a `state_dict` saved from PyTorch as safetensors loads unchanged
-//! ([`load_safetensors`]), and every load mismatch is reported at once. The quantization
-//! workflow (fuse, prepare, calibrate, convert, report) builds on this tree next.
+//! Models are trees of [`Module`]s run in `f32` on NCHW tensors: layers
+//! ([`layers`]), named [`Sequential`] containers, [`Residual`] blocks (`body + shortcut`,
+//! PyTorch's `FloatFunctional().add`) and [`Concat`] blocks (branches concatenated along
+//! channels), with PyTorch's parameter names, so a `state_dict` saved as safetensors loads
+//! unchanged ([`load_safetensors`]; every mismatch is listed at once). [`zoo`] has
+//! ResNet-18/50 and MobileNetV2 with torchvision's names, and the bundled digits model.
+//!
+//! Quantization is a transformation of that float model, in PyTorch eager mode's steps:
+//!
+//! 1. [`fuse()`] folds conv / linear + batch-norm (+ ReLU), conv / linear + ReLU and
+//!    batch-norm + ReLU, found by itself ([`fuse_modules`] takes explicit names; a wrong
+//!    name is an error listing the nearest ones).
+//! 2. [`prepare`] attaches observers as a [`QConfigMapping`] says: a global
+//!    [`qobserve::QConfig`], overrides per module type and per name (exact, prefix or glob),
+//!    and "skip". Quantize / dequantize boundaries are placed automatically
+//!    (`QuantStub` / `DeQuantStub` are accepted, never required).
+//! 3. [`Prepared::calibrate`] runs float batches through it (in parallel over batches when
+//!    the observers merge, with a progress bar on a terminal).
+//! 4. [`Prepared::convert`] gives a [`QuantizedModel`]: packed int8 weights, fused
+//!    requantization, and float fallback (behind automatic boundaries) for whatever has no
+//!    int8 kernel: an unfused batch-norm, a custom layer without [`Module::int8`]. Its
+//!    [`QuantizedModel::plan`] says how every module runs and why.
+//!
+//! The converted model is immutable and `Send + Sync` (one instance serves many threads),
+//! reuses its activation buffers between calls, saves to one safetensors file
+//! ([`QuantizedModel::save`]), and reports per module the SQNR of its output and weights
+//! against the float model ([`QuantizedModel::report`], [`report_json`]).
 //!
 //! ```
-//! use qnn::{zoo, Module};
+//! use qnn::{fuse, prepare, zoo, Module, QConfigMapping};
+//! use qobserve::QConfig;
 //! let mut model = zoo::digits();
 //! qnn::load_safetensors(&mut model, concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors"))?;
-//! let logits = model.forward(&ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 1, 8, 8])))?;
-//! assert_eq!(logits.shape(), &[1, 10]);
+//! fuse(&mut model)?;
+//! let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[4, 1, 8, 8]), |i| (i[2] * 8 + i[3]) as f32 / 64.0);
+//! let mut prepared = prepare(model, &QConfigMapping::new(QConfig::default()))?;
+//! prepared.calibrate(&x)?;
+//! let int8 = prepared.convert()?;
+//! assert_eq!(int8.forward(&x)?.shape(), &[4, 10]);
 //! # Ok::<(), qnn::NnError>(())
 //! ```
 //!
