@@ -336,17 +336,9 @@ pub fn gemm(
     gemm_planned(a, w, bias, None, out, threads)
 }
 
-/// [`gemm`] with the plan given (`Plan::new(a.scale, a.zero_point, w, bias, quant, false)` for
-/// this call's output quantization, which the caller guarantees) or built here.
-pub(crate) fn gemm_planned(
-    a: &QMatrix<'_>,
-    w: &PackedWeights,
-    bias: Option<&[f32]>,
-    plan: Option<&Plan>,
-    out: GemmOutput<'_>,
-    threads: usize,
-) -> Result<()> {
-    let (len, ldc) = match &out {
+/// Every check [`gemm`] makes on its operands, before any work (or plan) is done.
+pub(crate) fn validate(a: &QMatrix<'_>, w: &PackedWeights, bias: Option<&[f32]>, out: &GemmOutput<'_>) -> Result<()> {
+    let (len, ldc) = match out {
         GemmOutput::U8 { data, ldc, quant } => {
             qtensor::QParams::per_tensor(quant.scale, quant.zero_point)?;
             if !(0..=255).contains(&quant.zero_point) {
@@ -364,7 +356,20 @@ pub(crate) fn gemm_planned(
         GemmOutput::I32 { data, ldc } => (data.len(), *ldc),
         GemmOutput::F32 { data, ldc } => (data.len(), *ldc),
     };
-    check(a, w, bias, len, ldc)?;
+    check(a, w, bias, len, ldc)
+}
+
+/// [`gemm`] with the plan given (`Plan::new(a.scale, a.zero_point, w, bias, quant, false)` for
+/// this call's output quantization, which the caller guarantees) or built here.
+pub(crate) fn gemm_planned(
+    a: &QMatrix<'_>,
+    w: &PackedWeights,
+    bias: Option<&[f32]>,
+    plan: Option<&Plan>,
+    out: GemmOutput<'_>,
+    threads: usize,
+) -> Result<()> {
+    validate(a, w, bias, &out)?;
     if a.m == 0 {
         return Ok(());
     }

@@ -63,6 +63,8 @@ impl PackedLinear {
             _ => None,
         };
         let bias = self.bias.as_deref();
+        // Checked before a plan is cached, so a bad first call cannot claim the cache.
+        crate::gemm::validate(x, &self.weights, bias, &out)?;
         self.plans.with(
             crate::gemm::PlanKey::new(x.scale, x.zero_point, quant),
             || vec![crate::gemm::Plan::new(x.scale, x.zero_point, &self.weights, bias, quant, false)],

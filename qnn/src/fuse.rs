@@ -34,10 +34,13 @@ fn pattern_len(layers: &[(String, Box<dyn Module>)], i: usize) -> usize {
     let Some(first) = at(i) else { return 0 };
     let free_conv = first.as_any().downcast_ref::<Conv2d>().is_some_and(|c| c.activation == FusedAct::None);
     let free_linear = first.as_any().downcast_ref::<Linear>().is_some_and(|l| l.activation == FusedAct::None);
+    // A batch-norm already fused with its ReLU brings the ReLU along; otherwise a ReLU may
+    // follow it.
     if free_conv {
-        let bn = at(i + 1).is_some_and(|m| m.as_any().is::<BatchNorm2d>());
+        let bn_act = at(i + 1).and_then(|m| m.as_any().downcast_ref::<BatchNorm2d>()).map(|b| b.activation);
+        let bn = bn_act.is_some();
         let after = if bn { i + 2 } else { i + 1 };
-        let act = at(after).and_then(act_of).is_some();
+        let act = bn_act.is_none_or(|a| a == FusedAct::None) && at(after).and_then(act_of).is_some();
         return match (bn, act) {
             (true, true) => 3,
             (true, false) | (false, true) => 2,
@@ -45,9 +48,10 @@ fn pattern_len(layers: &[(String, Box<dyn Module>)], i: usize) -> usize {
         };
     }
     if free_linear {
-        let bn = at(i + 1).is_some_and(|m| m.as_any().is::<BatchNorm1d>());
+        let bn_act = at(i + 1).and_then(|m| m.as_any().downcast_ref::<BatchNorm1d>()).map(|b| b.0.activation);
+        let bn = bn_act.is_some();
         let after = if bn { i + 2 } else { i + 1 };
-        let act = at(after).and_then(act_of).is_some();
+        let act = bn_act.is_none_or(|a| a == FusedAct::None) && at(after).and_then(act_of).is_some();
         return usize::from(bn) + usize::from(act) + usize::from(bn || act);
     }
     let free_bn = bn_of(first).is_some_and(|b| b.activation == FusedAct::None);
@@ -69,7 +73,12 @@ fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefi
     let kinds: Vec<&str> = layers[i..i + len].iter().map(|(_, m)| m.kind()).collect();
     let pattern = kinds.join("+");
     let bn = layers.get(i + 1).and_then(|(_, m)| bn_of(m.as_ref()).map(BatchNorm2d::to_fuse));
-    let act = layers[i + 1..i + len].iter().find_map(|(_, m)| act_of(m.as_ref())).unwrap_or_default();
+    let bn_act = layers.get(i + 1).and_then(|(_, m)| bn_of(m.as_ref())).map(|b| b.activation);
+    let act = layers[i + 1..i + len]
+        .iter()
+        .find_map(|(_, m)| act_of(m.as_ref()))
+        .or(bn_act.filter(|a| *a != FusedAct::None))
+        .unwrap_or_default();
     let head = layers[i].1.as_any_mut();
     if let Some(conv) = head.downcast_mut::<Conv2d>() {
         if let Some(bn) = &bn {
@@ -234,6 +243,21 @@ fn find_seq<'a>(model: &'a mut Sequential, path: &str) -> Option<&'a mut Sequent
     }
     let (head, rest) = path.split_once('.').unwrap_or((path, ""));
     let child = model.layers_mut().iter_mut().find(|(n, _)| n == head)?;
-    let inner = child.1.as_any_mut().downcast_mut::<Sequential>()?;
-    find_seq(inner, rest)
+    let any = child.1.as_any_mut();
+    if any.is::<Sequential>() {
+        return find_seq(any.downcast_mut::<Sequential>().expect("checked"), rest);
+    }
+    if any.is::<Residual>() {
+        let res = any.downcast_mut::<Residual>().expect("checked");
+        // The body's layers are named directly under the block, the shortcut under its name.
+        let next = rest.split_once('.').map_or(rest, |(h, _)| h);
+        return match &mut res.shortcut {
+            Some((sname, s)) if sname == next => find_seq(s, rest.split_once('.').map_or("", |(_, r)| r)),
+            _ => find_seq(&mut res.body, rest),
+        };
+    }
+    let cat = any.downcast_mut::<Concat>()?;
+    let (branch, rest) = rest.split_once('.').unwrap_or((rest, ""));
+    let (_, b) = cat.branches.iter_mut().find(|(n, _)| n == branch)?;
+    find_seq(b, rest)
 }

@@ -61,5 +61,6 @@ pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_modules, Fused};
 pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
 pub use quant::{prepare, report_json, sqnr_db, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value};
+pub use scratch::release_thread_buffers;
 pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes};
 pub use {qfuse, qkernels, qobserve, qtensor};

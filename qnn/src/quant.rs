@@ -53,6 +53,9 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     if a.is::<DeQuantStub>() {
         return Mode::Float("DeQuantStub: the quantized region ends here".into());
     }
+    if a.is::<QuantStub>() && q.is_none() {
+        return Mode::Passthrough;
+    }
     let Some(_) = q else { return Mode::Float("kept in float by the configuration".into()) };
     if a.is::<QuantStub>() {
         return Mode::Int8;
@@ -990,6 +993,18 @@ fn concat_values(parts: Vec<Value>, branch_q: &[QuantU8], out_q: QuantU8, int8: 
     if !int8 {
         let parts: Vec<ArrayD<f32>> = parts.iter().map(Value::to_f32).collect();
         return Ok(Value::F32(cat_dim1(&parts, name)?));
+    }
+    if parts.iter().all(|p| matches!(p, Value::U8 { shape, .. } if shape.len() == 2)) {
+        // PyTorch's `quantized::cat` off its channels-last path: dequantize, concatenate,
+        // quantize.
+        let floats: Vec<ArrayD<f32>> = parts.iter().map(Value::to_f32).collect();
+        for p in parts {
+            if let Value::U8 { data, .. } = p {
+                scratch::give(data);
+            }
+        }
+        let y = cat_dim1(&floats, name)?;
+        return Value::quantize(&y, out_q).map_err(|e| NnError::Op { module: name.to_string(), source: e });
     }
     let mut quantized = Vec::with_capacity(parts.len());
     for (v, q) in parts.into_iter().zip(branch_q) {

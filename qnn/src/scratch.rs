@@ -7,6 +7,8 @@ use std::ops::Deref;
 
 /// Buffers kept per thread (a chain of layers needs two at a time; branches a few more).
 const MAX_POOLED: usize = 8;
+/// Bytes kept per thread at most: larger activations go back to the allocator.
+const MAX_POOLED_BYTES: usize = 256 << 20;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
@@ -34,6 +36,10 @@ pub(crate) fn give(v: Vec<u8>) {
     }
     POOL.with(|p| {
         let mut p = p.borrow_mut();
+        let held: usize = p.iter().map(Vec::capacity).sum();
+        if held + v.capacity() > MAX_POOLED_BYTES {
+            return;
+        }
         if p.len() < MAX_POOLED {
             p.push(v);
         } else if let Some((i, _)) = p.iter().enumerate().min_by_key(|(_, b)| b.capacity()) {
@@ -42,6 +48,12 @@ pub(crate) fn give(v: Vec<u8>) {
             }
         }
     });
+}
+
+/// Frees the calling thread's pooled activation buffers (they are otherwise kept for the
+/// thread's next call to a converted model, at most 8 buffers and 256 MiB per thread).
+pub fn release_thread_buffers() {
+    POOL.with(|p| p.borrow_mut().clear());
 }
 
 /// Bytes held by this thread's pool (for tests).
@@ -99,5 +111,10 @@ mod tests {
         let kept = Input::new(c).into_inner();
         assert_eq!(kept.len(), 5000);
         assert_eq!(pooled_bytes(), 0, "into_inner keeps the buffer out of the pool");
+        give(vec![0; 100]);
+        give(Vec::with_capacity(MAX_POOLED_BYTES)); // over the cap with the first: not kept
+        assert_eq!(pooled_bytes(), 100);
+        release_thread_buffers();
+        assert_eq!(pooled_bytes(), 0);
     }
 }

@@ -363,3 +363,56 @@ fn explicit_stubs_give_the_same_model() {
     assert_eq!(back.plan(), wrapped.plan());
     assert_eq!(back.forward(&images).unwrap(), got.to_f32());
 }
+
+/// Concatenating `[batch, features]` branches (two linear heads): PyTorch's quantized
+/// `cat` off its channels-last path (dequantize, concatenate, quantize), fixture by
+/// `scripts/models/digits.py --only catheads`.
+#[test]
+fn concat_of_linear_heads_matches_pytorch() {
+    use qnn::layers::{Flatten, Linear, ReLU};
+    use qnn::{Concat, Sequential};
+    let mut model = Sequential::new().add("flatten", Flatten).add(
+        "heads",
+        Concat::new("cat")
+            .branch("a", Sequential::new().add("0", Linear::new(64, 6)).add("1", ReLU))
+            .branch("b", Sequential::new().add("0", Linear::new(64, 3))),
+    );
+    load_safetensors(
+        &mut model,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/catheads_model.safetensors"),
+    )
+    .unwrap();
+    let io = data("catheads_io.safetensors");
+    let io = SafeTensors::deserialize(&io).unwrap();
+    let x = f32s(&io, "input");
+    let want_f = f32s(&io, "output_f32");
+    let worst = model.forward(&x).unwrap().iter().zip(want_f.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-5, "float model differs from PyTorch by {worst}");
+    let bits_equal =
+        model.forward(&x).unwrap().iter().zip(want_f.iter()).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+    eprintln!("float heads: {bits_equal}/{} bit-identical to PyTorch", want_f.len());
+    fuse(&mut model).unwrap();
+    let mut p = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    p.calibrate(&f32s(&io, "calib")).unwrap();
+    let q = p.convert().unwrap();
+    let names: Vec<&str> = q.output_quants().iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, vec!["heads.a.0", "heads.b.0", "heads.cat"]);
+    // Our f32 linear sums in a different order from PyTorch's (32 of the 72 float outputs
+    // above are bit-identical, the rest one or two ulps apart), so an observed maximum, and
+    // the scale derived from it, may differ in the last bit; the zero points are equal.
+    for (name, oq) in q.output_quants() {
+        let zp = i64::from_le_bytes(io.tensor(&format!("{name}.zero_point")).unwrap().data().try_into().unwrap());
+        let scale = f32s(&io, &format!("{name}.scale"))[0];
+        assert_eq!(oq.zero_point as i64, zp, "{name}");
+        assert!(oq.scale.to_bits().abs_diff(scale.to_bits()) <= 1, "{name}: scale {} vs PyTorch {scale}", oq.scale);
+    }
+    let Value::U8 { data: ours, shape, .. } = q.forward_value(&x).unwrap() else { panic!("int8 output expected") };
+    assert_eq!(shape, vec![8, 9]);
+    let want = io.tensor("output_int8").unwrap().data().to_vec();
+    let same = ours.iter().zip(&want).filter(|(a, b)| a == b).count();
+    let worst = ours.iter().zip(&want).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+    eprintln!("linear heads concat: {same}/{} identical to PyTorch, max {worst} LSB", want.len());
+    assert!(same * 100 >= want.len() * 99 && worst <= 1, "{same} of {}, worst {worst}", want.len());
+    let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), q.forward(&x).unwrap());
+}

@@ -107,3 +107,50 @@ fn batch_norm_relu_fuses_into_one_float_module() {
     let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
     assert_eq!(back.forward(&x).unwrap(), got);
 }
+
+/// Explicit names reach into residual blocks (body and shortcut) and concat branches, as
+/// automatic fusion does; fusing a batch-norm with its ReLU first and its conv later keeps
+/// the ReLU.
+#[test]
+fn explicit_fusion_inside_blocks_and_in_two_steps() {
+    use qnn::layers::{BatchNorm2d, Conv2d, ReLU};
+    use qnn::{Concat, Sequential};
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 3, 32, 32]), |i| ((i[1] * 5 + i[2] * 3 + i[3]) % 13) as f32 / 6.0 - 1.0);
+    let mut r18 = zoo::resnet18(10);
+    zoo::randomize(&mut r18, 8);
+    let want = r18.forward(&x).unwrap();
+    let done = fuse_modules(
+        &mut r18,
+        &[&["layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu"], &["layer2.0.downsample.0", "layer2.0.downsample.1"]],
+    )
+    .unwrap();
+    assert_eq!(done[1].pattern, "Conv2d+BatchNorm2d");
+    let got = r18.forward(&x).unwrap();
+    assert!(qnn::sqnr_db(&want, &got) > 80.0);
+
+    let mut cat = Sequential::new().add(
+        "block",
+        Concat::new("cat")
+            .branch(
+                "b1",
+                Sequential::new()
+                    .add("conv", Conv2d::new(3, 4, 3).padding(1))
+                    .add("bn", BatchNorm2d::new(4))
+                    .add("relu", ReLU),
+            )
+            .branch("b2", Sequential::new().add("conv", Conv2d::new(3, 2, 1))),
+    );
+    zoo::randomize(&mut cat, 9);
+    let want = cat.forward(&x).unwrap();
+    assert!(want.iter().any(|v| *v < 0.0), "branch b2 has negative outputs");
+    // Batch-norm + ReLU first, then the conv: the ReLU must survive the second fusion.
+    fuse_modules(&mut cat, &[&["block.b1.bn", "block.b1.relu"]]).unwrap();
+    let again = fuse_modules(&mut cat, &[&["block.b1.conv", "block.b1.bn"]]).unwrap();
+    assert_eq!(again[0].pattern, "Conv2d+BatchNorm2d");
+    let got = cat.forward(&x).unwrap();
+    assert!(qnn::sqnr_db(&want, &got) > 80.0, "{}", qnn::sqnr_db(&want, &got));
+    let b1 = got.slice(ndarray::s![.., 0..4, .., ..]);
+    assert!(b1.iter().all(|v| *v >= 0.0), "the ReLU was lost");
+    let msg = fuse_modules(&mut cat, &[&["block.b3.conv"]]).unwrap_err().to_string();
+    assert!(msg.contains("block.b3.conv") && msg.contains("did you mean"), "{msg}");
+}

@@ -38,6 +38,10 @@ What it writes (into ``qnn/data/``, created if missing), all safetensors:
   ``FloatFunctional`` named ``cat``), entries ``quant``, ``branch1.0``,
   ``branch2.0`` and ``cat``.  ``python scripts/models/digits.py --only catblock``
   writes just these two files and leaves the others untouched.
+* ``catheads_model.safetensors`` / ``catheads_io.safetensors``: ``CatHeads``, two
+  linear heads (``heads.a`` = Linear(64, 6) + ReLU, ``heads.b`` = Linear(64, 3)) on the
+  flattened 8x8 input, concatenated along features by ``heads.cat``: the 2-D path of
+  PyTorch's quantized ``cat`` (``--only catheads``).
 
 DigitsNet: conv1(1->16, 3x3, pad 1) -> bn1 -> relu1 -> conv2(16->32, 3x3,
 stride 2, pad 1; 8x8 -> 4x4) -> bn2 -> relu2 -> AdaptiveAvgPool2d((2, 2)) ->
@@ -487,6 +491,52 @@ def catblock():
         assert torch.equal(again.forward_q(x).int_repr(), io["output_int8"])
 
 
+# ---------------------------------------------------------------- catheads
+
+
+class Heads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(64, 6), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(64, 3))
+        self.cat = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        return self.cat.cat([self.a(x), self.b(x)], dim=1)
+
+
+class CatHeads(nn.Module):
+    """flatten -> two linear heads concatenated along features (2-D, [batch, 9])."""
+
+    def __init__(self):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.heads = Heads()
+
+    def forward(self, x):
+        return self.heads(self.flatten(x))
+
+
+def catheads():
+    seed_all(SEED + 3)
+    model = CatHeads().eval()
+    calib = torch.randn(32, 1, 8, 8)
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        out_f = model(x)
+    qm = ptq(model, [["heads.a.0", "heads.a.1"]], calib)
+    with torch.no_grad():
+        q_out = qm.forward_q(x)
+    assert q_out.is_quantized and q_out.dim() == 2
+    io = {"calib": calib, "input": x, "output_int8": q_out.int_repr(), "output_f32": out_f,
+          "output_scale": torch.tensor([q_out.q_scale()], dtype=torch.float32),
+          "output_zero_point": torch.tensor([q_out.q_zero_point()], dtype=torch.int64)}
+    io.update(qparams_entries(qm))
+    write(os.path.join(OUT_DIR, "catheads_model.safetensors"), model.state_dict())
+    write(os.path.join(OUT_DIR, "catheads_io.safetensors"), io)
+    print("catheads:", {k: list(v.shape) for k, v in io.items()})
+
+
 # ---------------------------------------------------------------- verify
 
 
@@ -539,14 +589,16 @@ def main():
     torch.set_num_threads(1)
     torch.backends.quantized.engine = "x86"
     os.makedirs(OUT_DIR, exist_ok=True)
-    if sys.argv[1:] == ["--only", "catblock"]:
-        catblock()
+    if sys.argv[1:2] == ["--only"]:
+        for name in sys.argv[2:]:
+            {"catblock": catblock, "catheads": catheads}[name]()
         return
     print(f"torch {torch.__version__}, engine {torch.backends.quantized.engine}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     digits()
     resblock()
     catblock()
+    catheads()
     verify()
     check_from_files()
 
