@@ -9,18 +9,18 @@ use qnn::{fuse, load_safetensors, prepare, zoo, Mode, Module, QConfigMapping, Va
 use qobserve::QConfig;
 use safetensors::SafeTensors;
 
-fn read(root: &Path, name: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn read(root: &Path, name: &str) -> Result<Vec<u8>, String> {
     let p = root.join("qnn/data").join(name);
     std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-fn f32s(st: &SafeTensors<'_>, key: &str) -> Result<ArrayD<f32>, String> {
+pub(crate) fn f32s(st: &SafeTensors<'_>, key: &str) -> Result<ArrayD<f32>, String> {
     let t = st.tensor(key).map_err(|e| format!("{key}: {e}"))?;
     let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     ArrayD::from_shape_vec(IxDyn(t.shape()), v).map_err(|e| e.to_string())
 }
 
-fn argmax_rows(x: &ArrayD<f32>) -> Vec<usize> {
+pub(crate) fn argmax_rows(x: &ArrayD<f32>) -> Vec<usize> {
     x.axis_iter(Axis(0)).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)).collect()
 }
 
@@ -36,7 +36,7 @@ fn median_us(mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
-fn float_model(root: &Path) -> Result<qnn::Sequential, String> {
+pub(crate) fn float_model(root: &Path) -> Result<qnn::Sequential, String> {
     let mut m = zoo::digits();
     load_safetensors(&mut m, root.join("qnn/data/digits_model.safetensors")).map_err(|e| e.to_string())?;
     Ok(m)

@@ -6,7 +6,10 @@
 //! - `schemes`: qtensor alone, quantizing a synthetic layer under each scheme.
 //! - `bench`: kernel benchmarks on real layer shapes (int8, f32, % of the measured peak),
 //!   with `--peers` PyTorch's quantized ops in the same run, `--json PATH` for records.
+//! - `accuracy`: the digits model under every qconfig preset and observer, against the
+//!   thresholds in `xtask/accuracy-thresholds.json` (non-zero exit below them).
 
+mod accuracy;
 mod bench;
 mod demo;
 
@@ -41,6 +44,13 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// The digits model under every qconfig preset and observer; fails below the committed
+    /// thresholds (`xtask/accuracy-thresholds.json`).
+    Accuracy {
+        /// Measure and (re)write the thresholds instead of checking them.
+        #[arg(long)]
+        write_thresholds: bool,
+    },
     /// Kernel benchmarks: int8 vs f32 vs this machine's peak, optionally vs PyTorch.
     Bench {
         /// Thread counts to run, comma-separated (the f32 baseline always runs one thread).
@@ -67,6 +77,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { report_json } => demo::run(&workspace_root(), report_json.as_deref()),
+        Command::Accuracy { write_thresholds } => accuracy::run(&workspace_root(), write_thresholds),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
         Command::Bench { threads, peers, filter, json } => {
             bench::run(&workspace_root(), &threads, peers, filter.as_deref(), json.as_ref())

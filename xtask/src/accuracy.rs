@@ -1,0 +1,138 @@
+//! `cargo xtask accuracy`: the bundled digits model under every qconfig preset and every
+//! activation observer: held-out accuracy, SQNR of the int8 logits against the float ones,
+//! top-1 agreement with the float model. Exits non-zero when a result falls below the
+//! thresholds committed in `xtask/accuracy-thresholds.json` (CI's accuracy regression gate).
+
+use std::path::Path;
+
+use ndarray::{ArrayD, Axis};
+use qnn::{fuse, prepare, Module, QConfigMapping};
+use qobserve::{ObserverSpec, QConfig, QuantSpec};
+use safetensors::SafeTensors;
+
+use crate::demo::{argmax_rows, f32s, float_model, read};
+
+/// The configurations measured, by name.
+fn configs() -> Vec<(&'static str, QConfig)> {
+    let act = |activation: ObserverSpec| QConfig { activation, ..QConfig::default() };
+    let u8 = QuantSpec::u8_affine();
+    vec![
+        ("default", QConfig::default()),
+        ("pytorch_x86", QConfig::pytorch_x86()),
+        ("qnnpack", QConfig::qnnpack()),
+        ("pytorch_minmax", QConfig::pytorch_minmax()),
+        ("minmax", act(ObserverSpec::MinMax(u8))),
+        ("moving_average", act(ObserverSpec::MovingAverageMinMax { spec: u8, averaging: 0.01 })),
+        ("percentile_99.99", act(ObserverSpec::Percentile { spec: u8, percentile: 99.99 })),
+        ("entropy", act(ObserverSpec::Entropy(u8))),
+        ("mse", act(ObserverSpec::Mse(u8))),
+        (
+            "per_tensor_weights",
+            QConfig { weight: ObserverSpec::MinMax(QuantSpec::i8_symmetric()), ..QConfig::default() },
+        ),
+    ]
+}
+
+struct Row {
+    accuracy: f64,
+    sqnr_db: f64,
+    agreement: f64,
+}
+
+pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
+    let (test, calib) = (read(root, "digits_test.safetensors")?, read(root, "calib.safetensors")?);
+    let (test, calib) = (
+        SafeTensors::deserialize(&test).map_err(|e| e.to_string())?,
+        SafeTensors::deserialize(&calib).map_err(|e| e.to_string())?,
+    );
+    let images = f32s(&test, "images")?;
+    let labels: Vec<usize> = test
+        .tensor("labels")
+        .map_err(|e| e.to_string())?
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .collect();
+    // Calibration in batches of 16, so moving-average observers average over something.
+    let batches: Vec<ArrayD<f32>> =
+        f32s(&calib, "images")?.axis_chunks_iter(Axis(0), 16).map(|b| b.to_owned()).collect();
+    let float_logits = float_model(root)?.forward(&images).map_err(|e| e.to_string())?;
+    let fp = argmax_rows(&float_logits);
+    let f_acc = fp.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / labels.len() as f64;
+    println!("digits, {} held-out images; f32 accuracy {:.1}%\n", labels.len(), f_acc * 100.0);
+
+    let path = root.join("xtask/accuracy-thresholds.json");
+    let thresholds: serde_json::Value = if write_thresholds {
+        serde_json::Value::Null
+    } else {
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    println!(
+        "{:<20} {:>9} {:>9} {:>10}   {:<}",
+        "qconfig", "accuracy", "SQNR dB", "agreement", "thresholds (accuracy, SQNR, agreement)"
+    );
+    let (mut failures, mut written) = (Vec::new(), serde_json::Map::new());
+    for (name, cfg) in configs() {
+        let mut model = float_model(root)?;
+        fuse(&mut model).map_err(|e| e.to_string())?;
+        let mut prepared = prepare(model, &QConfigMapping::new(cfg)).map_err(|e| e.to_string())?;
+        for b in &batches {
+            prepared.calibrate(b).map_err(|e| format!("{name}: {e}"))?;
+        }
+        let q = prepared.convert().map_err(|e| format!("{name}: {e}"))?;
+        let logits = q.forward(&images).map_err(|e| format!("{name}: {e}"))?;
+        let ip = argmax_rows(&logits);
+        let n = labels.len() as f64;
+        let row = Row {
+            accuracy: ip.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / n,
+            sqnr_db: qnn::sqnr_db(&float_logits, &logits),
+            agreement: ip.iter().zip(&fp).filter(|(a, b)| a == b).count() as f64 / n,
+        };
+        let t = &thresholds[name];
+        let limits = (t["min_accuracy"].as_f64(), t["min_sqnr_db"].as_f64(), t["min_agreement"].as_f64());
+        let shown = match limits {
+            (Some(a), Some(s), Some(g)) => format!(">= {:.1}%, {s:.1}, {:.1}%", a * 100.0, g * 100.0),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<20} {:>8.1}% {:>9.1} {:>9.1}%   {shown}",
+            name,
+            row.accuracy * 100.0,
+            row.sqnr_db,
+            row.agreement * 100.0
+        );
+        if write_thresholds {
+            // Half a point of accuracy and agreement, 1.5 dB of SQNR below what was measured.
+            written.insert(
+                name.to_string(),
+                serde_json::json!({
+                    "min_accuracy": ((row.accuracy - 0.005) * 1000.0).floor() / 1000.0,
+                    "min_sqnr_db": ((row.sqnr_db - 1.5) * 10.0).floor() / 10.0,
+                    "min_agreement": ((row.agreement - 0.005) * 1000.0).floor() / 1000.0,
+                }),
+            );
+            continue;
+        }
+        match limits {
+            (Some(a), Some(s), Some(g)) => {
+                if row.accuracy < a || row.sqnr_db < s || row.agreement < g {
+                    failures.push(format!("{name}: below its thresholds"));
+                }
+            }
+            _ => failures.push(format!("{name}: no thresholds in {} (run with --write-thresholds)", path.display())),
+        }
+    }
+    if write_thresholds {
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(written)).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("\nwrote {}", path.display());
+        return Ok(());
+    }
+    if failures.is_empty() {
+        println!("\nevery configuration meets its thresholds");
+        Ok(())
+    } else {
+        Err(format!("accuracy regression:\n  {}", failures.join("\n  ")))
+    }
+}
