@@ -346,7 +346,7 @@ impl Prepared {
         let input_q = to_u8(self.obs[0].qparams().map_err(|e| NnError::Observe(e.for_tensor("model input")))?);
         let mut last_q = input_q;
         let nodes = convert_nodes(self.nodes, &self.obs, &mut last_q)?;
-        Ok(QuantizedModel { input_q, nodes, plan: self.plan })
+        Ok(QuantizedModel { input_q, nodes, plan: self.plan, threads: 1 })
     }
 }
 
@@ -713,6 +713,7 @@ pub struct QuantizedModel {
     pub(crate) input_q: QuantU8,
     pub(crate) nodes: Vec<QNode>,
     pub(crate) plan: Vec<PlanEntry>,
+    pub(crate) threads: usize,
 }
 
 fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
@@ -745,6 +746,18 @@ fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
 }
 
 impl QuantizedModel {
+    /// Threads each convolution and linear layer splits its work over (default 1: one call,
+    /// one core; serve concurrent requests from several threads instead, or raise this for
+    /// the lowest latency of a single call). Results are identical for every count.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// See [`QuantizedModel::set_threads`].
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
     /// How every module runs (int8, float and why).
     pub fn plan(&self) -> &[PlanEntry] {
         &self.plan
@@ -798,7 +811,7 @@ impl QuantizedModel {
         } else {
             Value::F32(x.clone())
         };
-        eval_nodes(&self.nodes, input)
+        eval_nodes(&self.nodes, input, self.threads)
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
@@ -826,7 +839,7 @@ impl QuantizedModel {
         }
     }
 
-    fn step(op: &Op, in_q: QuantU8, cur: Value) -> Result<Value> {
+    fn step(op: &Op, in_q: QuantU8, cur: Value, threads: usize) -> Result<Value> {
         let op_err = |e| NnError::Op { module: String::new(), source: e };
         let shape_err = |kind: &'static str, expected: &str, got: &[usize]| NnError::Shape {
             module: String::new(),
@@ -856,7 +869,7 @@ impl QuantizedModel {
                 let (oh, ow) = packed.output_hw(h, w).map_err(op_err)?;
                 let oc = packed.out_channels();
                 let mut y = scratch::take(n * oh * ow * oc);
-                packed.forward_u8(&Value::image(&data, &[n, c, h, w], q), *out, &mut y, 1).map_err(op_err)?;
+                packed.forward_u8(&Value::image(&data, &[n, c, h, w], q), *out, &mut y, threads).map_err(op_err)?;
                 Value::U8 {
                     data: y,
                     shape: vec![n, oc, oh, ow],
@@ -872,7 +885,7 @@ impl QuantizedModel {
                 let n = packed.weights().n();
                 let mut y = scratch::take(m * n);
                 let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
-                packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: *out }, 1).map_err(op_err)?;
+                packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: *out }, threads).map_err(op_err)?;
                 Value::U8 { data: y, shape: vec![m, n], q: QuantU8 { scale: out.scale, zero_point: out.zero_point } }
             }
             Op::Lut { op, in_q: table_q, out_q, tables } => {
@@ -1067,21 +1080,24 @@ fn pooled_copy(v: &Value) -> Value {
     }
 }
 
-fn eval_nodes(nodes: &[QNode], x: Value) -> Result<Value> {
+fn eval_nodes(nodes: &[QNode], x: Value, threads: usize) -> Result<Value> {
     let mut cur = x;
     for n in nodes {
         cur = match n {
-            QNode::Op { name, in_q, op } => QuantizedModel::step(op, *in_q, cur).map_err(|e| e.within(name))?,
+            QNode::Op { name, in_q, op } => {
+                QuantizedModel::step(op, *in_q, cur, threads).map_err(|e| e.within(name))?
+            }
             QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 } => {
-                let b = eval_nodes(body, pooled_copy(&cur))?;
+                let b = eval_nodes(body, pooled_copy(&cur), threads)?;
                 let s = match shortcut {
-                    Some(sc) => eval_nodes(sc, cur)?,
+                    Some(sc) => eval_nodes(sc, cur, threads)?,
                     None => cur,
                 };
                 residual_add(b, s, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?
             }
             QNode::Concat { name, branches, branch_q, out_q, int8 } => {
-                let parts = branches.iter().map(|b| eval_nodes(b, pooled_copy(&cur))).collect::<Result<Vec<_>>>()?;
+                let parts =
+                    branches.iter().map(|b| eval_nodes(b, pooled_copy(&cur), threads)).collect::<Result<Vec<_>>>()?;
                 if let Value::U8 { data, .. } = cur {
                     scratch::give(data);
                 }
@@ -1107,7 +1123,7 @@ fn report_nodes(
         match (f, n) {
             (FNode::Leaf(fname, fm), QNode::Op { name, in_q, op }) if fname == name => {
                 fcur = fm.forward(&fcur).map_err(|e| e.within(name))?;
-                qcur = QuantizedModel::step(op, *in_q, qcur).map_err(|e| e.within(name))?;
+                qcur = QuantizedModel::step(op, *in_q, qcur, 1).map_err(|e| e.within(name))?;
                 let sqnr = (!matches!(op, Op::Passthrough)).then(|| sqnr_db(&fcur, &qcur.to_f32()));
                 out.push(LayerReport {
                     name: name.clone(),

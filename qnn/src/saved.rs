@@ -265,7 +265,7 @@ impl QuantizedModel {
             .iter()
             .map(|e| r.plan_entry(e))
             .collect::<Result<Vec<_>>>()?;
-        Ok(QuantizedModel { input_q, nodes, plan })
+        Ok(QuantizedModel { input_q, nodes, plan, threads: 1 })
     }
 }
 

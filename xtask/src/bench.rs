@@ -350,7 +350,13 @@ observers, 1 thread"
 /// default qconfig, histogram observers calibrated on 8 random images, converted), one
 /// thread; with `--peers`, torchvision's quantizable models through PyTorch eager PTQ
 /// (`scripts/peers/torch_models.py`) in the same run.
-fn run_models(root: &Path, peers: bool, filter: Option<&str>, records: &mut Vec<Record>) -> Result<(), String> {
+fn run_models(
+    root: &Path,
+    threads_list: &[usize],
+    peers: bool,
+    filter: Option<&str>,
+    records: &mut Vec<Record>,
+) -> Result<(), String> {
     use qnn::Module;
     type Ctor = fn(usize) -> qnn::Sequential;
     let models: Vec<(&str, Ctor, f64)> = vec![
@@ -364,32 +370,41 @@ fn run_models(root: &Path, peers: bool, filter: Option<&str>, records: &mut Vec<
         return Ok(());
     }
     let names: Vec<&str> = models.iter().map(|m| m.0).collect();
-    let peer: Option<serde_json::Value> = if peers {
-        match find_torch_python() {
-            Some(py) => {
-                let out = Command::new(&py)
-                    .arg(root.join("scripts/peers/torch_models.py"))
-                    .args(["--models", &names.join(",")])
-                    .stderr(Stdio::inherit())
-                    .output()
-                    .map_err(|e| format!("running {py}: {e}"))?;
-                serde_json::from_slice(&out.stdout).ok()
-            }
-            None => {
-                eprintln!("--peers: no Python with torch found (set QRUST_PYTHON)");
-                None
+    let python = if peers { find_torch_python() } else { None };
+    if peers && python.is_none() {
+        eprintln!("--peers: no Python with torch and torchvision found (set QRUST_PYTHON)");
+    }
+    let mut peer: Vec<(usize, serde_json::Value)> = Vec::new();
+    for &t in threads_list {
+        if let Some(py) = &python {
+            let out = Command::new(py)
+                .arg(root.join("scripts/peers/torch_models.py"))
+                .args(["--models", &names.join(","), "--threads", &t.to_string()])
+                .stderr(Stdio::inherit())
+                .output()
+                .map_err(|e| format!("running {py}: {e}"))?;
+            if let Ok(v) = serde_json::from_slice(&out.stdout) {
+                peer.push((t, v));
             }
         }
-    } else {
-        None
+    }
+    let peer_ms = |name: &str, key: &str, threads: usize| {
+        let (_, v) = peer.iter().find(|(t, _)| *t == threads)?;
+        v.as_array()?.iter().find(|r| r["name"] == name).and_then(|r| r[key].as_f64())
     };
-    let peer_ms = |name: &str, key: &str| {
-        peer.as_ref()?.as_array()?.iter().find(|r| r["name"] == name).and_then(|r| r[key].as_f64())
-    };
-    println!("\nmodels, batch 1, 3x224x224, 1 thread");
+    println!("\nmodels, batch 1, 3x224x224 (f32: 1 thread; int8 and PyTorch: the thread count shown)");
     println!(
-        "{:<14} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11} {:>11}",
-        "model", "f32 ms", "int8 ms", "GMAC/s", "f32/int8", "SQNR dB", "torch f32", "torch int8", "ours/torch"
+        "{:<14} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11} {:>11}",
+        "model",
+        "threads",
+        "f32 ms",
+        "int8 ms",
+        "GMAC/s",
+        "f32/int8",
+        "SQNR dB",
+        "torch f32",
+        "torch int8",
+        "ours/torch"
     );
     let x = randn(7, &[1, 3, 224, 224]);
     for (name, ctor, gmac) in models {
@@ -405,38 +420,54 @@ fn run_models(root: &Path, peers: bool, filter: Option<&str>, records: &mut Vec<
         for i in 0..8 {
             p.calibrate(&randn(200 + i, &[1, 3, 224, 224])).map_err(|e| e.to_string())?;
         }
-        let q = p.convert().map_err(|e| e.to_string())?;
-        let i8_ms = median_ms(10, || {
-            std::hint::black_box(q.forward(&x).expect("int8 forward"));
-        });
+        let mut q = p.convert().map_err(|e| e.to_string())?;
         let sqnr = qnn::sqnr_db(&reference_out, &q.forward(&x).map_err(|e| e.to_string())?);
-        let (pf, pi) = (peer_ms(name, "f32_ms"), peer_ms(name, "int8_ms"));
-        let opt = |v: Option<f64>| v.map_or("-".into(), |m| format!("{m:.2}"));
-        println!(
-            "{:<14} {:>9.2} {:>9.2} {:>9.1} {:>7.2}x {:>10.1} {:>10} {:>11} {:>11}",
-            name,
-            f32_ms,
-            i8_ms,
-            gmac * 1e3 / i8_ms,
-            f32_ms / i8_ms,
-            sqnr,
-            opt(pf),
-            opt(pi),
-            pi.map_or("-".into(), |m| format!("{:.2}", i8_ms / m)),
-        );
-        for (dtype, ms, pm) in [("int8", i8_ms, pi), ("f32", f32_ms, pf)] {
+        for &threads in threads_list {
+            q.set_threads(threads);
+            let i8_ms = median_ms(10, || {
+                std::hint::black_box(q.forward(&x).expect("int8 forward"));
+            });
+            let (pf, pi) = (peer_ms(name, "f32_ms", threads), peer_ms(name, "int8_ms", threads));
+            let opt = |v: Option<f64>| v.map_or("-".into(), |m| format!("{m:.2}"));
+            println!(
+                "{:<14} {:>7} {:>9.2} {:>9.2} {:>9.1} {:>7.2}x {:>10.1} {:>10} {:>11} {:>11}",
+                name,
+                threads,
+                f32_ms,
+                i8_ms,
+                gmac * 1e3 / i8_ms,
+                f32_ms / i8_ms,
+                sqnr,
+                opt(pf),
+                opt(pi),
+                pi.map_or("-".into(), |m| format!("{:.2}", i8_ms / m)),
+            );
             records.push(Record {
                 name: format!("model_{name}"),
                 kind: "model",
-                dtype,
-                threads: 1,
-                median_ms: ms,
-                gmacs_per_s: gmac * 1e3 / ms,
+                dtype: "int8",
+                threads,
+                median_ms: i8_ms,
+                gmacs_per_s: gmac * 1e3 / i8_ms,
                 pct_of_peak: None,
-                peer: pm.map(|_| "pytorch"),
-                peer_median_ms: pm,
-                ratio_vs_peer: pm.map(|m| ms / m),
+                peer: pi.map(|_| "pytorch"),
+                peer_median_ms: pi,
+                ratio_vs_peer: pi.map(|m| i8_ms / m),
             });
+            if threads == 1 {
+                records.push(Record {
+                    name: format!("model_{name}"),
+                    kind: "model",
+                    dtype: "f32",
+                    threads: 1,
+                    median_ms: f32_ms,
+                    gmacs_per_s: gmac * 1e3 / f32_ms,
+                    pct_of_peak: None,
+                    peer: pf.map(|_| "pytorch"),
+                    peer_median_ms: pf,
+                    ratio_vs_peer: pf.map(|m| f32_ms / m),
+                });
+            }
         }
     }
     Ok(())
@@ -529,7 +560,7 @@ pub fn run(
     if filter.is_none_or(|f| "observer calibrate".contains(f)) {
         run_observers(root, peers, &mut records)?;
     }
-    run_models(root, peers, filter, &mut records)?;
+    run_models(root, threads_list, peers, filter, &mut records)?;
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?)
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
