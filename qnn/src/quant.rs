@@ -337,6 +337,37 @@ impl Prepared {
         Ok(())
     }
 
+    /// Every activation observer with the name of the output it watches (`"model input"`,
+    /// module names, addition and concatenation names), in execution order: to inspect
+    /// calibration (e.g. a [`qobserve::HistogramObserver`]'s histogram, through
+    /// [`qobserve::Observer::as_any`]) before converting.
+    pub fn observers(&self) -> Vec<(String, &dyn Observer)> {
+        fn walk<'a>(nodes: &[PNode], obs: &'a [Box<dyn Observer>], out: &mut Vec<(String, &'a dyn Observer)>) {
+            for n in nodes {
+                match n {
+                    PNode::Leaf { name, obs: Some(i), .. } => out.push((name.clone(), obs[*i].as_ref())),
+                    PNode::Leaf { .. } => {}
+                    PNode::Residual { name, body, shortcut, obs: i, .. } => {
+                        walk(body, obs, out);
+                        if let Some(s) = shortcut {
+                            walk(s, obs, out);
+                        }
+                        out.push((name.clone(), obs[*i].as_ref()));
+                    }
+                    PNode::Concat { name, branches, obs: i, .. } => {
+                        for b in branches {
+                            walk(b, obs, out);
+                        }
+                        out.push((name.clone(), obs[*i].as_ref()));
+                    }
+                }
+            }
+        }
+        let mut out = vec![("model input".to_string(), self.obs[0].as_ref())];
+        walk(&self.nodes, &self.obs, &mut out);
+        out
+    }
+
     /// Builds the int8 model from what the observers saw.
     ///
     /// # Errors

@@ -42,7 +42,7 @@ pub(crate) fn float_model(root: &Path) -> Result<qnn::Sequential, String> {
     Ok(m)
 }
 
-pub fn run(root: &Path, report_json: Option<&Path>) -> Result<(), String> {
+pub fn run(root: &Path, report_json: Option<&Path>, plots: Option<&Path>) -> Result<(), String> {
     let (test, calib) = (read(root, "digits_test.safetensors")?, read(root, "calib.safetensors")?);
     let (test, calib) = (
         SafeTensors::deserialize(&test).map_err(|e| e.to_string())?,
@@ -73,6 +73,14 @@ pub fn run(root: &Path, report_json: Option<&Path>) -> Result<(), String> {
     let batches: Vec<ArrayD<f32>> = calib.axis_chunks_iter(Axis(0), 32).map(|b| b.to_owned()).collect();
     prepared.calibrate_batches(&batches, 2).map_err(|e| e.to_string())?;
     let cal_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut pictures: Vec<(String, String)> = Vec::new();
+    if plots.is_some() {
+        for (name, obs) in prepared.observers() {
+            if let Some(svg) = crate::plots::histogram_chart(&name, obs) {
+                pictures.push((format!("hist-{}.svg", name.replace([' ', '/'], "_")), svg));
+            }
+        }
+    }
     let q = prepared.convert().map_err(|e| e.to_string())?;
     println!(
         "calibrated on {} images, 2 threads (histogram observers, full u8 range) in {cal_ms:.1} ms\n",
@@ -120,6 +128,12 @@ pub fn run(root: &Path, report_json: Option<&Path>) -> Result<(), String> {
 
     println!("{:<10} {:<18} {:<12} {:>14} {:>16}", "module", "type", "runs as", "output SQNR dB", "weight SQNR dB");
     let report = q.report(&reference, &images).map_err(|e| e.to_string())?;
+    if let Some(dir) = plots {
+        let rows: Vec<_> = report.iter().map(|r| (r.name.clone(), r.sqnr_db, r.weight_sqnr_db)).collect();
+        pictures.push(("sqnr.svg".into(), crate::plots::sqnr_chart(&rows)));
+        crate::plots::write_files(dir, &pictures)?;
+        println!("wrote {} SVG pictures to {}\n", pictures.len(), dir.display());
+    }
     if let Some(path) = report_json {
         std::fs::write(path, qnn::report_json(&report)).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }

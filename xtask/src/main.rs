@@ -12,6 +12,7 @@
 mod accuracy;
 mod bench;
 mod demo;
+mod plots;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -37,6 +38,10 @@ enum Command {
         /// Also write the per-module report as JSON to this file.
         #[arg(long)]
         report_json: Option<std::path::PathBuf>,
+        /// Also draw SVG pictures into this directory: per-module SQNR, and each
+        /// activation's calibration histogram with the range int8 keeps.
+        #[arg(long)]
+        plots: Option<std::path::PathBuf>,
     },
     /// Quantize a synthetic layer under every scheme and report the error each one costs.
     Schemes {
@@ -76,7 +81,7 @@ fn workspace_root() -> std::path::PathBuf {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { report_json } => demo::run(&workspace_root(), report_json.as_deref()),
+        Command::Demo { report_json, plots } => demo::run(&workspace_root(), report_json.as_deref(), plots.as_deref()),
         Command::Accuracy { write_thresholds } => accuracy::run(&workspace_root(), write_thresholds),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
         Command::Bench { threads, peers, filter, json } => {
