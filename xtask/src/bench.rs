@@ -208,14 +208,30 @@ pub struct Record {
     pub peer_median_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_vs_peer: Option<f64>,
+    /// Every peer measured on this row (models: PyTorch and ONNX Runtime).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerRecord>,
+}
+
+/// One peer's time for a record.
+#[derive(Debug, Serialize)]
+pub struct PeerRecord {
+    pub peer: &'static str,
+    pub peer_median_ms: f64,
+    pub ratio_vs_peer: f64,
 }
 
 /// Finds a Python that can `import torch`: `$QRUST_PYTHON`, then `python3`.
 fn find_torch_python() -> Option<String> {
+    find_python_with("torch")
+}
+
+/// `$QRUST_PYTHON`, else `python3`, if it can import `modules` (comma-separated).
+fn find_python_with(modules: &str) -> Option<String> {
     let candidates = std::env::var("QRUST_PYTHON").ok().into_iter().chain(["python3".to_string()]);
     for py in candidates {
         let ok = Command::new(&py)
-            .args(["-c", "import torch"])
+            .args(["-c", &format!("import {modules}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -341,6 +357,7 @@ observers, 1 thread"
             peer: pm.map(|_| "pytorch"),
             peer_median_ms: pm,
             ratio_vs_peer: pm.map(|m| ms / m),
+            peers: Vec::new(),
         });
     }
     Ok(())
@@ -370,31 +387,43 @@ fn run_models(
         return Ok(());
     }
     let names: Vec<&str> = models.iter().map(|m| m.0).collect();
-    let python = if peers { find_torch_python() } else { None };
-    if peers && python.is_none() {
-        eprintln!("--peers: no Python with torch and torchvision found (set QRUST_PYTHON)");
-    }
-    let mut peer: Vec<(usize, serde_json::Value)> = Vec::new();
-    for &t in threads_list {
-        if let Some(py) = &python {
-            let out = Command::new(py)
-                .arg(root.join("scripts/peers/torch_models.py"))
+    // (peer, script, modules its Python needs)
+    let peer_scripts = [
+        ("pytorch", "torch_models.py", "torch, torchvision"),
+        ("onnxruntime", "ort_models.py", "torch, torchvision, onnx, onnxruntime"),
+    ];
+    let mut peer: Vec<(&str, usize, serde_json::Value)> = Vec::new();
+    for (who, script, modules) in peer_scripts.iter().filter(|_| peers) {
+        let Some(py) = find_python_with(modules) else {
+            eprintln!(
+                "--peers: no Python with {modules} found for {who}; get one with\n  \
+                 python3 -m venv ~/qrust-venv && ~/qrust-venv/bin/pip install {}\n  \
+                 QRUST_PYTHON=~/qrust-venv/bin/python cargo xtask bench --peers",
+                modules.replace(',', "")
+            );
+            continue;
+        };
+        for &t in threads_list {
+            let out = Command::new(&py)
+                .arg(root.join("scripts/peers").join(script))
                 .args(["--models", &names.join(","), "--threads", &t.to_string()])
-                .stderr(Stdio::inherit())
+                .stderr(Stdio::null())
                 .output()
                 .map_err(|e| format!("running {py}: {e}"))?;
-            if let Ok(v) = serde_json::from_slice(&out.stdout) {
-                peer.push((t, v));
+            match serde_json::from_slice(&out.stdout) {
+                Ok(v) => peer.push((who, t, v)),
+                Err(_) => eprintln!("--peers: {script} failed ({})", out.status),
             }
         }
     }
-    let peer_ms = |name: &str, key: &str, threads: usize| {
-        let (_, v) = peer.iter().find(|(t, _)| *t == threads)?;
+    let peer_of = |who: &str, name: &str, key: &str, threads: usize| {
+        let (_, _, v) = peer.iter().find(|(w, t, _)| *w == who && *t == threads)?;
         v.as_array()?.iter().find(|r| r["name"] == name).and_then(|r| r[key].as_f64())
     };
+    let peer_ms = |name: &str, key: &str, threads: usize| peer_of("pytorch", name, key, threads);
     println!("\nmodels, batch 1, 3x224x224 (f32: 1 thread; int8 and PyTorch: the thread count shown)");
     println!(
-        "{:<14} {:>7} {:>9} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11} {:>11}",
+        "{:<14} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10} {:>11} {:>11} {:>9} {:>9}",
         "model",
         "threads",
         "f32 ms",
@@ -404,7 +433,9 @@ fn run_models(
         "SQNR dB",
         "torch f32",
         "torch int8",
-        "ours/torch"
+        "ours/torch",
+        "ort int8",
+        "ours/ort"
     );
     let x = randn(7, &[1, 3, 224, 224]);
     for (name, ctor, gmac) in models {
@@ -428,9 +459,10 @@ fn run_models(
                 std::hint::black_box(q.forward(&x).expect("int8 forward"));
             });
             let (pf, pi) = (peer_ms(name, "f32_ms", threads), peer_ms(name, "int8_ms", threads));
+            let oi = peer_of("onnxruntime", name, "int8_ms", threads);
             let opt = |v: Option<f64>| v.map_or("-".into(), |m| format!("{m:.2}"));
             println!(
-                "{:<14} {:>7} {:>9.2} {:>9.2} {:>9.1} {:>7.2}x {:>10.1} {:>10} {:>11} {:>11}",
+                "{:<14} {:>7} {:>9.2} {:>9.2} {:>9.1} {:>7.2}x {:>8.1} {:>10} {:>11} {:>11} {:>9} {:>9}",
                 name,
                 threads,
                 f32_ms,
@@ -441,7 +473,18 @@ fn run_models(
                 opt(pf),
                 opt(pi),
                 pi.map_or("-".into(), |m| format!("{:.2}", i8_ms / m)),
+                opt(oi),
+                oi.map_or("-".into(), |m| format!("{:.2}", i8_ms / m)),
             );
+            let peers_of = |ms: f64, key: &str| -> Vec<PeerRecord> {
+                ["pytorch", "onnxruntime"]
+                    .into_iter()
+                    .filter_map(|who| {
+                        let p = peer_of(who, name, key, threads)?;
+                        Some(PeerRecord { peer: who, peer_median_ms: p, ratio_vs_peer: ms / p })
+                    })
+                    .collect()
+            };
             records.push(Record {
                 name: format!("model_{name}"),
                 kind: "model",
@@ -453,6 +496,7 @@ fn run_models(
                 peer: pi.map(|_| "pytorch"),
                 peer_median_ms: pi,
                 ratio_vs_peer: pi.map(|m| i8_ms / m),
+                peers: peers_of(i8_ms, "int8_ms"),
             });
             if threads == 1 {
                 records.push(Record {
@@ -466,6 +510,7 @@ fn run_models(
                     peer: pf.map(|_| "pytorch"),
                     peer_median_ms: pf,
                     ratio_vs_peer: pf.map(|m| f32_ms / m),
+                    peers: peers_of(f32_ms, "f32_ms"),
                 });
             }
         }
@@ -542,6 +587,7 @@ pub fn run(
                 peer: pm.map(|_| "pytorch"),
                 peer_median_ms: pm,
                 ratio_vs_peer: pm.map(|m| i8ms / m),
+                peers: Vec::new(),
             });
             records.push(Record {
                 name: shape.name().into(),
@@ -554,6 +600,7 @@ pub fn run(
                 peer: None,
                 peer_median_ms: None,
                 ratio_vs_peer: None,
+                peers: Vec::new(),
             });
         }
     }
