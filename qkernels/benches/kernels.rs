@@ -80,7 +80,11 @@ fn bench_conv(c: &mut Criterion) {
 }
 
 fn bench_ops(c: &mut Criterion) {
-    use qkernels::{adaptive_avg_pool2d, add, max_pool2d, Pool2d, QuantU8, UnaryOp};
+    use qkernels::{
+        adaptive_avg_pool2d, add, add_scalar, avg_pool2d, batch_norm2d, cat_channels, dequantize_nhwc_to_nchw,
+        flatten_nchw_order, layer_norm, max_pool2d, mul, mul_scalar, quantize_nchw_to_nhwc, upsample_nearest, Pool2d,
+        QuantU8, UnaryOp,
+    };
     let mut group = c.benchmark_group("ops");
     let q = QuantU8 { scale: 0.05, zero_point: 3 };
     // ResNet-18 layer1 residual add and MobileNetV2-sized activations (56x56x144).
@@ -99,6 +103,40 @@ fn bench_ops(c: &mut Criterion) {
     let mut gap = vec![0u8; 144];
     group.bench_function("global_avg_pool_56x56x144", |bch| {
         bch.iter(|| adaptive_avg_pool2d(&img, (1, 1), q, &mut gap).unwrap())
+    });
+    let qb = QuantU8 { scale: 0.07, zero_point: 9 };
+    group.bench_function("mul_56x56x144", |bch| bch.iter(|| mul(&a, q, &b, qb, &mut out, q).unwrap()));
+    group.bench_function("add_scalar_56x56x144", |bch| bch.iter(|| add_scalar(&a, q, 0.3, &mut out).unwrap()));
+    group.bench_function("mul_scalar_56x56x144", |bch| bch.iter(|| mul_scalar(&a, q, 1.7, &mut out).unwrap()));
+    let avg = Pool2d { stride: [1, 1], padding: [1, 1], ..Pool2d::square(3) };
+    group.bench_function("avg_pool3x3s1_56x56x144", |bch| bch.iter(|| avg_pool2d(&img, &avg, q, &mut out).unwrap()));
+    let ch: Vec<f32> = (0..144).map(|i| 0.5 + i as f32 / 144.0).collect();
+    group.bench_function("batch_norm2d_56x56x144", |bch| {
+        bch.iter(|| batch_norm2d(&img, &ch, &ch, &ch, &ch, 1e-5, q, &mut out).unwrap())
+    });
+    group.bench_function("layer_norm_56x56x144", |bch| {
+        bch.iter(|| layer_norm(&img, &ch, &ch, 1e-5, q, &mut out).unwrap())
+    });
+    group
+        .bench_function("flatten_nchw_order_56x56x144", |bch| bch.iter(|| flatten_nchw_order(&img, &mut out).unwrap()));
+    // Two 72-channel halves, one needing requantization.
+    let half = 56 * 56 * 72;
+    let (l, r) = (
+        QImage { data: &a[..half], n: 1, h: 56, w: 56, c: 72, scale: 0.05, zero_point: 3 },
+        QImage { data: &b[..half], n: 1, h: 56, w: 56, c: 72, scale: 0.07, zero_point: 9 },
+    );
+    group.bench_function("cat_channels_2x72_56x56", |bch| bch.iter(|| cat_channels(&[l, r], &mut out, q).unwrap()));
+    let small = QImage { data: &a[..28 * 28 * 144], n: 1, h: 28, w: 28, c: 144, scale: 0.05, zero_point: 3 };
+    group.bench_function("upsample_nearest_2x_28x28x144", |bch| {
+        bch.iter(|| upsample_nearest(&small, (56, 56), None, &mut out).unwrap())
+    });
+    let f: Vec<f32> = (0..n).map(|i| ((i * 7 % 251) as f32 - 125.0) * 0.01).collect();
+    let mut back = vec![0f32; n];
+    group.bench_function("quantize_nchw_to_nhwc_144x56x56", |bch| {
+        bch.iter(|| quantize_nchw_to_nhwc(&f, (1, 144, 56, 56), q, &mut out).unwrap())
+    });
+    group.bench_function("dequantize_nhwc_to_nchw_56x56x144", |bch| {
+        bch.iter(|| dequantize_nhwc_to_nchw(&a, (1, 56, 56, 144), q, &mut back).unwrap())
     });
     group.finish();
 }

@@ -416,66 +416,46 @@ elementwise!(
     Identity, "Identity", |v| v
 );
 
-/// `nn.Dropout(p)` at inference: passes its input through. Kept as its own type so the
-/// model prints and reports like the PyTorch one.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Dropout(pub f32);
+/// A layer that passes its input through in float (its meaning is for quantization).
+macro_rules! pass_through {
+    ($(#[$doc:meta])* $name:ident $(($field:ty))?, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct $name$((pub $field))?;
 
-impl Module for Dropout {
-    fn kind(&self) -> &'static str {
-        "Dropout"
-    }
-    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        Ok(x.clone())
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+        impl Module for $name {
+            fn kind(&self) -> &'static str {
+                $kind
+            }
+            fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+                Ok(x.clone())
+            }
+            fn as_any(&self) -> &dyn Any {
+                self
+            }
+            fn as_any_mut(&mut self) -> &mut dyn Any {
+                self
+            }
+        }
+    };
 }
 
-/// PyTorch's `QuantStub`: where a quantized region starts, with its own output observer.
-/// Never required here (boundaries are placed automatically); accepted so models written
-/// with stubs port unchanged. In float it passes its input through.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QuantStub;
-
-impl Module for QuantStub {
-    fn kind(&self) -> &'static str {
-        "QuantStub"
-    }
-    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        Ok(x.clone())
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-}
-
-/// PyTorch's `DeQuantStub`: where a quantized region ends; its output is float. Modules after
-/// it still follow the configuration (skip them to keep them in float).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DeQuantStub;
-
-impl Module for DeQuantStub {
-    fn kind(&self) -> &'static str {
-        "DeQuantStub"
-    }
-    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        Ok(x.clone())
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-}
+pass_through!(
+    /// `nn.Dropout(p)` at inference: passes its input through. Kept as its own type so the
+    /// model prints and reports like the PyTorch one.
+    Dropout(f32), "Dropout"
+);
+pass_through!(
+    /// PyTorch's `QuantStub`: where a quantized region starts, with its own output observer.
+    /// Never required here (boundaries are placed automatically); accepted so models written
+    /// with stubs port unchanged. In float it passes its input through.
+    QuantStub, "QuantStub"
+);
+pass_through!(
+    /// PyTorch's `DeQuantStub`: where a quantized region ends; its output is float. Modules
+    /// after it still follow the configuration (skip them to keep them in float).
+    DeQuantStub, "DeQuantStub"
+);
 
 /// `nn.Flatten()`: `[n, c, h, w] -> [n, c * h * w]` (PyTorch's order).
 #[derive(Debug, Clone, Copy, Default)]

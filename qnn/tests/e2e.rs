@@ -24,6 +24,35 @@ fn pytorch_minmax_qconfig() -> QConfig {
     }
 }
 
+/// Asserts every layer's observed output parameters equal the fixture's `<name>.scale` /
+/// `<name>.zero_point` (PyTorch's), bit for bit.
+fn assert_quants_are_pytorchs(q: &qnn::QuantizedModel, fixture: &SafeTensors<'_>) {
+    for (name, oq) in q.output_quants() {
+        let zp = i64::from_le_bytes(fixture.tensor(&format!("{name}.zero_point")).unwrap().data().try_into().unwrap());
+        assert_eq!(
+            (oq.scale.to_bits(), oq.zero_point as i64),
+            (f32s(fixture, &format!("{name}.scale"))[0].to_bits(), zp),
+            "{name}"
+        );
+    }
+}
+
+/// Compares our NHWC `u8` output with PyTorch's NCHW one: (identical values, largest
+/// difference in steps).
+fn compare_nhwc_to_nchw(ours: &[u8], want: &[u8], [n, c, h, w]: [usize; 4]) -> (usize, i32) {
+    let (mut same, mut worst) = (0, 0);
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                let (o, t) = (ours[(b * h * w + p) * c + ch], want[(b * c + ch) * h * w + p]);
+                same += usize::from(o == t);
+                worst = worst.max((o as i32 - t as i32).abs());
+            }
+        }
+    }
+    (same, worst)
+}
+
 #[test]
 fn digits_int8_logits_match_pytorch() {
     let mut model = zoo::digits();
@@ -47,14 +76,7 @@ fn digits_int8_logits_match_pytorch() {
     let q = prepared.convert().unwrap();
     assert_eq!(q.input_quant().scale.to_bits(), f32s(&golden, "quant.scale")[0].to_bits(), "input scale");
     // Every layer's observed output parameters are PyTorch's, bit for bit.
-    for (name, oq) in q.output_quants() {
-        let zp = i64::from_le_bytes(golden.tensor(&format!("{name}.zero_point")).unwrap().data().try_into().unwrap());
-        assert_eq!(
-            (oq.scale.to_bits(), oq.zero_point as i64),
-            (f32s(&golden, &format!("{name}.scale"))[0].to_bits(), zp),
-            "{name}"
-        );
-    }
+    assert_quants_are_pytorchs(&q, &golden);
 
     let images = f32s(&test, "images");
     let Value::U8 { data, shape, q: out_q } = q.forward_value(&images).unwrap() else { panic!("int8 logits expected") };
@@ -124,28 +146,12 @@ fn resblock_int8_output_matches_pytorch() {
     let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
     prepared.calibrate(&f32s(&io, "calib")).unwrap();
     let q = prepared.convert().unwrap();
-    for (name, oq) in q.output_quants() {
-        let zp = i64::from_le_bytes(io.tensor(&format!("{name}.zero_point")).unwrap().data().try_into().unwrap());
-        assert_eq!(
-            (oq.scale.to_bits(), oq.zero_point as i64),
-            (f32s(&io, &format!("{name}.scale"))[0].to_bits(), zp),
-            "{name}"
-        );
-    }
+    assert_quants_are_pytorchs(&q, &io);
     let Value::U8 { data: ours, shape, q: oq } = q.forward_value(&f32s(&io, "input")).unwrap() else { panic!() };
     assert_eq!(shape, vec![4, 8, 6, 6]);
     assert_eq!(oq.scale.to_bits(), f32s(&io, "output_scale")[0].to_bits());
     let want = io.tensor("output_int8").unwrap().data().to_vec(); // NCHW
-    let (mut same, mut worst) = (0, 0);
-    for b in 0..4 {
-        for c in 0..8 {
-            for p in 0..36 {
-                let (o, w) = (ours[(b * 36 + p) * 8 + c], want[(b * 8 + c) * 36 + p]);
-                same += usize::from(o == w);
-                worst = worst.max((o as i32 - w as i32).abs());
-            }
-        }
-    }
+    let (same, worst) = compare_nhwc_to_nchw(&ours, &want, [4, 8, 6, 6]);
     eprintln!("resblock int8 output: {same}/{} identical to PyTorch, max {worst} LSB", want.len());
     // As for the digits model: PyTorch's x86 engine runs these convolutions on oneDNN.
     assert!(same * 100 >= want.len() * 99 && worst <= 1, "{same} of {}, worst {worst}", want.len());
@@ -268,28 +274,12 @@ fn concat_block_int8_output_matches_pytorch() {
     let names: Vec<&str> = quants.iter().map(|(n, _)| *n).collect();
     assert_eq!(names, vec!["branch1.0", "branch2.0", "cat"]);
     assert_eq!(q.input_quant().scale.to_bits(), f32s(&io, "quant.scale")[0].to_bits());
-    for (name, oq) in quants {
-        let zp = i64::from_le_bytes(io.tensor(&format!("{name}.zero_point")).unwrap().data().try_into().unwrap());
-        assert_eq!(
-            (oq.scale.to_bits(), oq.zero_point as i64),
-            (f32s(&io, &format!("{name}.scale"))[0].to_bits(), zp),
-            "{name}"
-        );
-    }
+    assert_quants_are_pytorchs(&q, &io);
     let x = f32s(&io, "input");
     let Value::U8 { data: ours, shape, .. } = q.forward_value(&x).unwrap() else { panic!() };
     assert_eq!(shape, vec![4, 18, 6, 6]);
     let want = io.tensor("output_int8").unwrap().data().to_vec(); // NCHW
-    let (mut same, mut worst) = (0, 0);
-    for b in 0..4 {
-        for c in 0..18 {
-            for p in 0..36 {
-                let (o, w) = (ours[(b * 36 + p) * 18 + c], want[(b * 18 + c) * 36 + p]);
-                same += usize::from(o == w);
-                worst = worst.max((o as i32 - w as i32).abs());
-            }
-        }
-    }
+    let (same, worst) = compare_nhwc_to_nchw(&ours, &want, [4, 18, 6, 6]);
     eprintln!("concat block int8 output: {same}/{} identical to PyTorch, max {worst} LSB", want.len());
     assert!(same * 100 >= want.len() * 99 && worst <= 1, "{same} of {}, worst {worst}", want.len());
 

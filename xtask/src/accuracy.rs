@@ -8,9 +8,8 @@ use std::path::Path;
 use ndarray::{ArrayD, Axis};
 use qnn::{fuse, prepare, Module, QConfigMapping};
 use qobserve::{ObserverSpec, QConfig, QuantSpec};
-use safetensors::SafeTensors;
 
-use crate::demo::{argmax_rows, f32s, float_model, read};
+use crate::demo::{argmax_rows, digits_data, float_model};
 
 /// The configurations measured, by name.
 fn configs() -> Vec<(&'static str, QConfig)> {
@@ -40,22 +39,9 @@ struct Row {
 }
 
 pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
-    let (test, calib) = (read(root, "digits_test.safetensors")?, read(root, "calib.safetensors")?);
-    let (test, calib) = (
-        SafeTensors::deserialize(&test).map_err(|e| e.to_string())?,
-        SafeTensors::deserialize(&calib).map_err(|e| e.to_string())?,
-    );
-    let images = f32s(&test, "images")?;
-    let labels: Vec<usize> = test
-        .tensor("labels")
-        .map_err(|e| e.to_string())?
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .collect();
+    let (images, labels, calib) = digits_data(root)?;
     // Calibration in batches of 16, so moving-average observers average over something.
-    let batches: Vec<ArrayD<f32>> =
-        f32s(&calib, "images")?.axis_chunks_iter(Axis(0), 16).map(|b| b.to_owned()).collect();
+    let batches: Vec<ArrayD<f32>> = calib.axis_chunks_iter(Axis(0), 16).map(|b| b.to_owned()).collect();
     let float_logits = float_model(root)?.forward(&images).map_err(|e| e.to_string())?;
     let fp = argmax_rows(&float_logits);
     let f_acc = fp.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / labels.len() as f64;

@@ -9,7 +9,7 @@ use qnn::{fuse, load_safetensors, prepare, zoo, Mode, Module, QConfigMapping, Va
 use qobserve::QConfig;
 use safetensors::SafeTensors;
 
-pub(crate) fn read(root: &Path, name: &str) -> Result<Vec<u8>, String> {
+fn read(root: &Path, name: &str) -> Result<Vec<u8>, String> {
     let p = root.join("qnn/data").join(name);
     std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))
 }
@@ -42,21 +42,28 @@ pub(crate) fn float_model(root: &Path) -> Result<qnn::Sequential, String> {
     Ok(m)
 }
 
-pub fn run(root: &Path, report_json: Option<&Path>, plots: Option<&Path>) -> Result<(), String> {
+/// The bundled digits data: held-out images, their labels, calibration images.
+pub(crate) type DigitsData = (ArrayD<f32>, Vec<usize>, ArrayD<f32>);
+
+/// Reads [`DigitsData`] from `qnn/data/`.
+pub(crate) fn digits_data(root: &Path) -> Result<DigitsData, String> {
     let (test, calib) = (read(root, "digits_test.safetensors")?, read(root, "calib.safetensors")?);
     let (test, calib) = (
         SafeTensors::deserialize(&test).map_err(|e| e.to_string())?,
         SafeTensors::deserialize(&calib).map_err(|e| e.to_string())?,
     );
-    let images = f32s(&test, "images")?;
     let labels: Vec<usize> = test
         .tensor("labels")
         .map_err(|e| e.to_string())?
         .data()
         .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as usize)
+        .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunks")) as usize)
         .collect();
-    let calib = f32s(&calib, "images")?;
+    Ok((f32s(&test, "images")?, labels, f32s(&calib, "images")?))
+}
+
+pub fn run(root: &Path, report_json: Option<&Path>, plots: Option<&Path>) -> Result<(), String> {
+    let (images, labels, calib) = digits_data(root)?;
 
     println!("qrust demo: the bundled digits model (scikit-learn's 8x8 handwritten digits, trained in PyTorch)");
     println!("kernels: {} (set QUANT_FORCE_ISA=scalar or avx2 to compare)\n", qtensor::isa::selected());
