@@ -9,7 +9,7 @@
 //! `s * (q - z)`), so an element's result can depend on its position. We reproduce that
 //! ([`vector_prefix`]), so results are identical, not merely within one step.
 
-use qtensor::{QError, Result};
+use qtensor::{DType, QError, QuantRange, Result};
 
 use crate::conv::QImage;
 use crate::multiversion::multiversion;
@@ -539,8 +539,10 @@ pub fn add_scalar(x: &[u8], q: QuantU8, c: f32, out: &mut [u8]) -> Result<QuantU
         if shifted < 0 { ((255 - shifted) as f64 / 255.0 * s, 0) } else { (shifted as f64 / 255.0 * s, 255) };
     let s2f = s2 as f32;
     let m = q.scale * (1.0 / s2f);
+    // 256 possible inputs: requantize each once, then look the data up.
+    let table: [u8; 256] = std::array::from_fn(|v| requantize_from_int((v as i64 - z + cq) as i32, m, z2));
     for (o, v) in out.iter_mut().zip(x) {
-        *o = requantize_from_int((*v as i64 - z + cq) as i32, m, z2);
+        *o = table[*v as usize];
     }
     Ok(QuantU8 { scale: s2f, zero_point: z2 })
 }
@@ -712,15 +714,20 @@ pub fn quantize_nchw_to_nhwc(
     if let Some(i) = x.iter().position(|v| v.is_nan()) {
         return Err(QError::NanInput { op: OP, index: i, shape: vec![n, c, h, w] });
     }
-    let inv = 1.0 / q.scale;
     let hw = h * w;
+    if hw == 0 || c == 0 {
+        return Ok(());
+    }
+    // Quantize planes with the vectorised kernel (the same values as `quantize_scalar`),
+    // then interleave the bytes.
+    let mut planes = vec![0u8; c * hw];
     for b in 0..n {
         let src = &x[b * c * hw..(b + 1) * c * hw];
+        qtensor::kernels::quantize_slice(src, &mut planes, q.scale, q.zero_point, QuantRange::full(DType::U8))?;
         let dst = &mut out[b * c * hw..(b + 1) * c * hw];
-        for ch in 0..c {
-            let plane = &src[ch * hw..(ch + 1) * hw];
+        for (ch, plane) in planes.chunks_exact(hw).enumerate() {
             for (p, &v) in plane.iter().enumerate() {
-                dst[p * c + ch] = qtensor::kernels::quantize_scalar(v, inv, q.zero_point, 0, 255) as u8;
+                dst[p * c + ch] = v;
             }
         }
     }
