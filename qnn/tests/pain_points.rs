@@ -182,3 +182,33 @@ fn a_custom_layer_with_its_own_int8_runs_in_int8() {
     let got = q.forward(&inputs(2)).unwrap();
     assert!(qnn::sqnr_db(&want, &got) > 25.0, "SQNR {}", qnn::sqnr_db(&want, &got));
 }
+
+/// The same for a model with residual blocks, pooled buffers, cached plans and layers that
+/// split their work over two threads each: every call from every thread gives the bits of a
+/// single-threaded call.
+#[test]
+fn a_residual_model_with_split_layers_is_shared_between_threads() {
+    let mut model = zoo::resnet18(10);
+    zoo::randomize(&mut model, 21);
+    fuse(&mut model).unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 32, 32]), |i| {
+        ((i[0] * 3 + i[1] * 5 + i[2] * 7 + i[3]) % 29) as f32 / 14.0 - 1.0
+    });
+    let mut p = prepare(model, &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(&x).unwrap();
+    let mut q = p.convert().unwrap();
+    let qnn::Value::U8 { data: reference, .. } = q.forward_value(&x).unwrap() else { panic!() };
+    q.set_threads(2);
+    let q = &q;
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (x, reference) = (&x, &reference);
+            s.spawn(move || {
+                for call in 0..5 {
+                    let qnn::Value::U8 { data, .. } = q.forward_value(x).unwrap() else { panic!() };
+                    assert!(data == *reference, "thread {t}, call {call}");
+                }
+            });
+        }
+    });
+}
