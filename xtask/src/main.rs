@@ -6,11 +6,13 @@
 //! - `schemes`: qtensor alone, quantizing a synthetic layer under each scheme.
 //! - `bench`: kernel benchmarks on real layer shapes (int8, f32, % of the measured peak),
 //!   with `--peers` PyTorch's quantized ops in the same run, `--json PATH` for records.
+//! - `conformance`: the kernel tests once per forced instruction set.
 //! - `accuracy`: the digits model under every qconfig preset and observer, against the
 //!   thresholds in `xtask/accuracy-thresholds.json` (non-zero exit below them).
 
 mod accuracy;
 mod bench;
+mod conformance;
 mod demo;
 mod plots;
 
@@ -56,6 +58,8 @@ enum Command {
         #[arg(long)]
         write_thresholds: bool,
     },
+    /// The kernel crates' tests once per forced instruction set (scalar, AVX2, AVX-512 VNNI).
+    Conformance,
     /// Kernel benchmarks: int8 vs f32 vs this machine's peak, optionally vs PyTorch.
     Bench {
         /// Thread counts to run, comma-separated (the f32 baseline always runs one thread).
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { report_json, plots } => demo::run(&workspace_root(), report_json.as_deref(), plots.as_deref()),
+        Command::Conformance => conformance::run(&workspace_root()),
         Command::Accuracy { write_thresholds } => accuracy::run(&workspace_root(), write_thresholds),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
         Command::Bench { threads, peers, filter, json } => {
