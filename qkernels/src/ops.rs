@@ -718,16 +718,21 @@ pub fn quantize_nchw_to_nhwc(
     if hw == 0 || c == 0 {
         return Ok(());
     }
-    // Quantize planes with the vectorised kernel (the same values as `quantize_scalar`),
-    // then interleave the bytes.
-    let mut planes = vec![0u8; c * hw];
+    // Quantize each plane a block at a time with the vectorised kernel (the same values as
+    // `quantize_scalar`) into a stack buffer, then interleave the bytes: no allocation.
+    const BLOCK: usize = 1024;
+    let mut block = [0u8; BLOCK];
+    let range = QuantRange::full(DType::U8);
     for b in 0..n {
-        let src = &x[b * c * hw..(b + 1) * c * hw];
-        qtensor::kernels::quantize_slice(src, &mut planes, q.scale, q.zero_point, QuantRange::full(DType::U8))?;
         let dst = &mut out[b * c * hw..(b + 1) * c * hw];
-        for (ch, plane) in planes.chunks_exact(hw).enumerate() {
-            for (p, &v) in plane.iter().enumerate() {
-                dst[p * c + ch] = v;
+        for ch in 0..c {
+            let plane = &x[(b * c + ch) * hw..(b * c + ch + 1) * hw];
+            for (i, src) in plane.chunks(BLOCK).enumerate() {
+                let q8 = &mut block[..src.len()];
+                qtensor::kernels::quantize_slice(src, q8, q.scale, q.zero_point, range)?;
+                for (k, &v) in q8.iter().enumerate() {
+                    dst[(i * BLOCK + k) * c + ch] = v;
+                }
             }
         }
     }

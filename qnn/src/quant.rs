@@ -616,6 +616,21 @@ impl Value {
         Ok(Value::U8 { data, shape, q })
     }
 
+    /// [`Value::to_f32`] that consumes the value: a float one is moved, not copied, and a
+    /// quantized one's buffer goes back to the thread's pool.
+    pub(crate) fn into_f32(self) -> ArrayD<f32> {
+        match self {
+            Value::F32(a) => a,
+            u8_value => {
+                let out = u8_value.to_f32();
+                if let Value::U8 { data, .. } = u8_value {
+                    scratch::give(data);
+                }
+                out
+            }
+        }
+    }
+
     /// Float values (dequantizing if needed), in PyTorch's layout.
     pub fn to_f32(&self) -> ArrayD<f32> {
         match self {
@@ -850,12 +865,7 @@ impl QuantizedModel {
     /// # Errors
     /// As [`QuantizedModel::forward_value`].
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let v = self.forward_value(x)?;
-        let out = v.to_f32();
-        if let Value::U8 { data, .. } = v {
-            scratch::give(data);
-        }
-        Ok(out)
+        Ok(self.forward_value(x)?.into_f32())
     }
 
     fn quantized(v: Value, q_if_float: QuantU8) -> Result<(Vec<u8>, Vec<usize>, QuantU8)> {
@@ -882,17 +892,11 @@ impl QuantizedModel {
             Op::Passthrough => cur,
             Op::Quantize { out_q } => match cur {
                 Value::U8 { q, .. } if q == *out_q => cur,
-                other => {
-                    let f = other.to_f32();
-                    if let Value::U8 { data, .. } = other {
-                        scratch::give(data);
-                    }
-                    Value::quantize(&f, *out_q).map_err(op_err)?
-                }
+                other => Value::quantize(&other.into_f32(), *out_q).map_err(op_err)?,
             },
             // Float stays float: the next int8 op quantizes it with this module's observed
             // parameters (its `in_q`), and consecutive float modules lose nothing.
-            Op::Float(module) => Value::F32(module.forward(&cur.to_f32())?),
+            Op::Float(module) => Value::F32(module.forward(&cur.into_f32())?),
             Op::Conv { packed, out, .. } => {
                 let (data, shape, q) = Self::quantized(cur, in_q)?;
                 let data = Input::new(data);
@@ -1006,7 +1010,7 @@ fn residual_add(
     int8: bool,
 ) -> Result<Value> {
     if !int8 {
-        let mut y = b.to_f32() + s.to_f32();
+        let mut y = b.into_f32() + s.into_f32();
         if relu {
             y.mapv_inplace(|v| v.max(0.0));
         }
@@ -1035,18 +1039,13 @@ fn residual_add(
 /// concatenation kept in float.
 fn concat_values(parts: Vec<Value>, branch_q: &[QuantU8], out_q: QuantU8, int8: bool, name: &str) -> Result<Value> {
     if !int8 {
-        let parts: Vec<ArrayD<f32>> = parts.iter().map(Value::to_f32).collect();
+        let parts: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
         return Ok(Value::F32(cat_dim1(&parts, name)?));
     }
     if parts.iter().all(|p| matches!(p, Value::U8 { shape, .. } if shape.len() == 2)) {
         // PyTorch's `quantized::cat` off its channels-last path: dequantize, concatenate,
         // quantize.
-        let floats: Vec<ArrayD<f32>> = parts.iter().map(Value::to_f32).collect();
-        for p in parts {
-            if let Value::U8 { data, .. } = p {
-                scratch::give(data);
-            }
-        }
+        let floats: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
         let y = cat_dim1(&floats, name)?;
         return Value::quantize(&y, out_q).map_err(|e| NnError::Op { module: name.to_string(), source: e });
     }
