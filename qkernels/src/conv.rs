@@ -78,7 +78,10 @@ enum ConvKind {
     Depthwise {
         taps: PackedWeights,
         vnni: Option<Vec<i8>>,
-        /// The flat-row layout, for stride 1 along the width.
+        /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width,
+        /// kernels at most 5 x 4 and channel counts that divide 64.
+        rows: Option<Vec<i8>>,
+        /// The flat-row layout, for stride 1 along the width (wider kernels).
         flat: Option<Vec<i8>>,
     },
 }
@@ -133,8 +136,11 @@ impl PackedConv2d {
             )?;
             let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
             let vnni = (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
-            let flat = (vnni.is_some() && geom.stride[1] == 1).then(|| pack_depthwise_flat(&taps));
-            ConvKind::Depthwise { taps, vnni, flat }
+            let unit_w = vnni.is_some() && geom.stride[1] == 1;
+            let rows = (unit_w && 64usize.is_multiple_of(oc) && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
+                .then(|| pack_depthwise_rows(&taps, kh, kw));
+            let flat = (unit_w && rows.is_none()).then(|| pack_depthwise_flat(&taps));
+            ConvKind::Depthwise { taps, vnni, rows, flat }
         } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
             kind
         } else {
@@ -298,14 +304,18 @@ impl PackedConv2d {
             }
             #[cfg(not(target_arch = "x86_64"))]
             ConvKind::Implicit { .. } => unreachable!("implicit im2col is packed only on x86-64 with VNNI"),
-            ConvKind::Depthwise { taps, vnni, flat } => {
+            ConvKind::Depthwise { taps, vnni, rows, flat } => {
                 let key = PlanKey::new(x.scale, x.zero_point, Some(quant));
                 let build = || vec![Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true)];
                 self.plans.with(key, build, |plans| {
                     let plan = &plans[0];
-                    match flat {
+                    match (rows, flat) {
                         #[cfg(target_arch = "x86_64")]
-                        Some(weights) => crate::threads::run_with(threads, || {
+                        (Some(weights), _) => crate::threads::run_with(threads, || {
+                            self.forward_depthwise_rows(weights, plan, x, out, oh, ow, threads)
+                        }),
+                        #[cfg(target_arch = "x86_64")]
+                        (None, Some(weights)) => crate::threads::run_with(threads, || {
                             self.forward_depthwise_flat(weights, plan, x, out, oh, ow, threads > 1)
                         }),
                         _ => crate::threads::run_with(threads, || {
@@ -547,6 +557,132 @@ impl PackedConv2d {
         });
     }
 
+    /// The depthwise path for stride 1 along the width and kernels at most 4 wide: pad the
+    /// input once; each band of output rows (one per thread) keeps the kx-interleaved form of
+    /// the input rows its current output row reads in a ring of `kh * dilation` slots, built
+    /// once per input row and read by every output row that uses it.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_depthwise_rows(
+        &self,
+        weights: &[i8],
+        plan: &Plan,
+        x: &QImage<'_>,
+        out: &mut [u8],
+        oh: usize,
+        ow: usize,
+        threads: usize,
+    ) {
+        let (c, g) = (x.c, &self.geom);
+        let (kh, kw) = (self.kh, self.kw);
+        let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
+        let (row_bytes, len) = (wp * c, ow * c);
+        let gc = crate::x86::gcd(c, 64);
+        let classes = c / gc;
+        // Entry 64cl + 16q + 4l + d is output byte 16l + 4q + d of a chunk of class cl.
+        let lane_ch = |e: usize| {
+            let (cl, i) = (e / 64, e % 64);
+            let (q, l, d) = (i / 16, (i % 16) / 4, i % 4);
+            (cl * gc + 16 * l + 4 * q + d) % c
+        };
+        debug_assert!((0..=255).contains(&plan.lo) && (plan.lo..=255).contains(&plan.hi));
+        let consts = crate::x86::RowConsts {
+            neg_colterm: (0..classes * 64).map(|e| plan.colterm[lane_ch(e)].wrapping_neg()).collect(),
+            bias_term: (0..classes * 64).map(|e| plan.bias_term[lane_ch(e)]).collect(),
+            mult: (0..classes * 64).map(|e| plan.mult[lane_ch(e)]).collect(),
+            zo: plan.zo,
+            lo: plan.lo.clamp(0, 255) as u8,
+            hi: plan.hi.clamp(0, 255) as u8,
+            clamp_free: plan.clamp_free,
+        };
+        let slots = kh * g.dilation[0];
+        // Column tiles keep the ring (slots x 4 x TILE bytes) in L1 for 3x3 kernels.
+        const TILE: usize = 512;
+        let x4_len = 4 * TILE.min(len.next_multiple_of(64));
+        let total = x.n * oh;
+        let bands = threads.clamp(1, total.max(1));
+        let per = total.div_ceil(bands).max(1);
+        SCRATCH.with(|s| {
+            let mut buf = s.borrow_mut();
+            // 64 bytes of slack: the last chunk of a row may read past the row's end.
+            pad_image(x, g.padding, 64, &mut buf);
+            let padded: &[u8] = &buf;
+            let band = |(bi, out_band): (usize, &mut [u8])| {
+                ROWS.with(|r| {
+                    let mut ring = r.borrow_mut();
+                    ring.resize(slots * x4_len, 0);
+                    // One pointer for the whole ring: slots are written and read through it.
+                    let base = ring.as_mut_ptr();
+                    for start in (0..len).step_by(TILE) {
+                        let tile = TILE.min(len - start);
+                        let mut held = [usize::MAX; 32];
+                        for (i, out_row) in out_band.chunks_mut(len).enumerate() {
+                            let orow = bi * per + i;
+                            let (b, oy) = (orow / oh, orow % oh);
+                            let mut rows = [std::ptr::null::<u8>(); 5];
+                            for (ky, p) in rows.iter_mut().enumerate().take(kh) {
+                                let iy = oy * g.stride[0] + ky * g.dilation[0];
+                                // The rows one output row reads span (kh - 1) * dilation + 1 <=
+                                // slots consecutive indices: their slots differ.
+                                let slot = iy % slots;
+                                // SAFETY: (slot + 1) * x4_len <= the ring's length.
+                                let at = unsafe { base.add(slot * x4_len) };
+                                if held[slot] != b * hp + iy {
+                                    // SAFETY: AVX-512 BW was found when these weights were
+                                    // packed; from byte `start` of the input row, the padded
+                                    // image with its 64 bytes of slack holds
+                                    // (kw - 1) * dilation * c + tile rounded up to 64 bytes
+                                    // (ow + (kw - 1) * dilation <= wp; start is a multiple of
+                                    // 64); the slot holds 4 * (tile rounded up to 64) bytes.
+                                    unsafe {
+                                        crate::x86::depthwise_rows_build(
+                                            padded[(b * hp + iy) * row_bytes + start..].as_ptr(),
+                                            kw,
+                                            g.dilation[1] * c,
+                                            tile,
+                                            at,
+                                        )
+                                    };
+                                    held[slot] = b * hp + iy;
+                                }
+                                *p = at;
+                            }
+                            let out_tile = out_row[start..].as_mut_ptr();
+                            // SAFETY: the weights exist only when packing found AVX-512 VNNI;
+                            // each row pointer starts a slot built above for this tile; the
+                            // weights and constants are this layer's for kh rows; `out_tile`
+                            // has tile bytes.
+                            unsafe {
+                                use crate::x86::depthwise_rows_compute as k;
+                                let (w, cs) = (weights, &consts);
+                                match kh {
+                                    1 => k::<1>(&[rows[0]], c, w, cs, start, tile, out_tile),
+                                    2 => k::<2>(&[rows[0], rows[1]], c, w, cs, start, tile, out_tile),
+                                    3 => k::<3>(&[rows[0], rows[1], rows[2]], c, w, cs, start, tile, out_tile),
+                                    4 => k::<4>(&[rows[0], rows[1], rows[2], rows[3]], c, w, cs, start, tile, out_tile),
+                                    _ => k::<5>(
+                                        &[rows[0], rows[1], rows[2], rows[3], rows[4]],
+                                        c,
+                                        w,
+                                        cs,
+                                        start,
+                                        tile,
+                                        out_tile,
+                                    ),
+                                }
+                            };
+                        }
+                    }
+                })
+            };
+            if bands > 1 {
+                out.par_chunks_mut(per * len).enumerate().for_each(band);
+            } else {
+                band((0, out));
+            }
+        });
+    }
+
     /// The stride-1 depthwise path: pad the whole input once (zero point around it), then run
     /// the flat-row kernel on every output row.
     #[cfg(target_arch = "x86_64")]
@@ -614,6 +750,33 @@ impl PackedConv2d {
             }
         });
     }
+}
+
+/// Weights of the row-interleaved depthwise kernel: for each class `cl` (chunk start `e0`
+/// with `e0 % c == cl * gcd(c, 64)`) and kernel row `ky`, four 64-byte vectors `q`; dword
+/// `(l, d)` of vector `q` stands for channel `(cl * gcd + 16l + 4q + d) % c` and holds its
+/// taps `(ky, 0..4)`, zero past `kw`.
+fn pack_depthwise_rows(taps: &PackedWeights, kh: usize, kw: usize) -> Vec<i8> {
+    let c = taps.n;
+    let g = (1..=c.min(64)).rev().find(|&d| c.is_multiple_of(d) && 64usize.is_multiple_of(d)).unwrap_or(1);
+    let classes = c / g;
+    let mut out = vec![0i8; classes * kh * 256];
+    for cl in 0..classes {
+        for ky in 0..kh {
+            for q in 0..4 {
+                for l in 0..4 {
+                    for d in 0..4 {
+                        let ch = (cl * g + 16 * l + 4 * q + d) % c;
+                        for j in 0..kw {
+                            out[((cl * kh + ky) * 4 + q) * 64 + 4 * (4 * l + d) + j] =
+                                taps.raw[ch * kh * kw + ky * kw + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Weights of the flat depthwise kernel: for each class `cl` (chunk start `e0` with
@@ -688,6 +851,9 @@ fn copy_segment(dst: &mut [u8], at: usize, src: &[u8], from: usize, n: usize) {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The ring of kx-interleaved input rows of `forward_depthwise_rows` (per thread: a band
+    /// may run on the calling thread while it holds `SCRATCH`).
+    static ROWS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The depthwise reference: `Σ_t (x_t - za)(w_t - zw)` per channel, then the FBGEMM

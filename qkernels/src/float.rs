@@ -107,11 +107,11 @@ pub fn conv2d_f32(
     if x.len() != n * h * w * c {
         return Err(shape_err(vec![n, h, w, c], vec![x.len()], "input must be n * h * w * c (NHWC)"));
     }
-    if c % g != 0 || oc % g != 0 || geom.stride.contains(&0) || geom.dilation.contains(&0) {
+    if c % g != 0 || oc % g != 0 || geom.stride.contains(&0) || geom.dilation.contains(&0) || kh == 0 || kw == 0 {
         return Err(QError::Unsupported {
             op: OP,
             reason: format!(
-                "channels {c} -> {oc} with groups {g}, stride {:?}, dilation {:?}",
+                "channels {c} -> {oc} with groups {g}, kernel {kh}x{kw}, stride {:?}, dilation {:?}",
                 geom.stride, geom.dilation
             ),
         });
@@ -171,6 +171,16 @@ pub fn conv2d_f32(
     }
     let k = kh * kw * icg;
     let rows = n * oh * ow;
+    if rows == 0 || k == 0 {
+        // Nothing to compute (an empty batch), or only the bias to write.
+        for o in out.chunks_exact_mut(oc.max(1)) {
+            match bias {
+                Some(bb) => o.copy_from_slice(bb),
+                None => o.fill(0.0),
+            }
+        }
+        return Ok(());
+    }
     let pointwise = kh == 1 && kw == 1 && geom.stride == [1, 1] && geom.padding == [0, 0] && g == 1;
     if pointwise {
         gemm_f32(x, rows, k, c, weights, oc, bias, out, oc);

@@ -64,6 +64,15 @@ pub enum NnError {
     /// Calibration or configuration problems reported by an observer.
     #[error("{0}")]
     Observe(#[from] qobserve::ObserveError),
+    /// A layer whose output would exceed the model's activation limit
+    /// ([`crate::QuantizedModel::set_max_activation_bytes`]).
+    #[error("{module}: {reason}")]
+    Limit {
+        /// Hierarchical name of the module.
+        module: String,
+        /// The shape asked for, the limit, and how to raise it.
+        reason: String,
+    },
     /// An error from a kernel or tensor operation inside a module.
     #[error("{module}: {source}")]
     Op {
@@ -112,7 +121,7 @@ pub type Result<T, E = NnError> = std::result::Result<T, E>;
 impl NnError {
     /// Prefixes the module path (`parent` + `.` + the module's own name) in errors that carry one.
     pub(crate) fn within(mut self, parent: &str) -> Self {
-        if let NnError::Shape { module, .. } | NnError::Op { module, .. } = &mut self {
+        if let NnError::Shape { module, .. } | NnError::Op { module, .. } | NnError::Limit { module, .. } = &mut self {
             *module = if module.is_empty() { parent.to_string() } else { format!("{parent}.{module}") };
         }
         self

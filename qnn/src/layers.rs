@@ -467,7 +467,7 @@ impl Module for Flatten {
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let n = *x.shape().first().ok_or_else(|| shape_err("Flatten", "at least one dimension".into(), x))?;
-        let rest = x.len() / n.max(1);
+        let rest = x.shape()[1..].iter().product();
         Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&[n, rest])).expect("same length"))
     }
     fn as_any(&self) -> &dyn Any {

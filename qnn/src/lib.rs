@@ -48,6 +48,8 @@
 mod config;
 mod error;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layers;
 mod module;
 mod quant;
@@ -60,7 +62,10 @@ pub use config::QConfigMapping;
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_modules, Fused};
 pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
-pub use quant::{prepare, report_json, sqnr_db, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value};
+pub use quant::{
+    prepare, report_json, sqnr_db, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value,
+    DEFAULT_MAX_ACTIVATION_BYTES,
+};
 pub use scratch::release_thread_buffers;
 pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes};
 pub use {qfuse, qkernels, qobserve, qtensor};

@@ -272,6 +272,7 @@ impl Prepared {
     /// # Errors
     /// A batch the model cannot take, or non-finite values (the message names the tensor).
     pub fn calibrate(&mut self, x: &ArrayD<f32>) -> Result<()> {
+        non_empty(x)?;
         run_batch(&self.nodes, x, &mut self.obs)?;
         self.batches += 1;
         Ok(())
@@ -294,6 +295,7 @@ impl Prepared {
             );
             b
         });
+        batches.iter().try_for_each(non_empty)?;
         let threads = threads.clamp(1, batches.len().max(1));
         if threads == 1 {
             for x in batches {
@@ -377,7 +379,7 @@ impl Prepared {
         let input_q = to_u8(self.obs[0].qparams().map_err(|e| NnError::Observe(e.for_tensor("model input")))?);
         let mut last_q = input_q;
         let nodes = convert_nodes(self.nodes, &self.obs, &mut last_q)?;
-        Ok(QuantizedModel { input_q, nodes, plan: self.plan, threads: 1 })
+        Ok(QuantizedModel::assemble(input_q, nodes, self.plan))
     }
 }
 
@@ -759,7 +761,50 @@ pub struct QuantizedModel {
     pub(crate) input_q: QuantU8,
     pub(crate) nodes: Vec<QNode>,
     pub(crate) plan: Vec<PlanEntry>,
+    pub(crate) run: Run,
+}
+
+/// Calibration batches must hold values: an empty one would teach the observers nothing
+/// (PyTorch's observers skip it silently).
+fn non_empty(x: &ArrayD<f32>) -> Result<()> {
+    if x.is_empty() {
+        return Err(NnError::Shape {
+            module: "(model input)".into(),
+            kind: "calibrate",
+            expected: "a calibration batch with at least one value (an empty batch teaches the observers nothing)"
+                .into(),
+            got: x.shape().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// How a converted model runs: threads per layer, and the largest activation it may allocate.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Run {
     pub(crate) threads: usize,
+    pub(crate) max_activation_bytes: usize,
+}
+
+/// The default of [`QuantizedModel::set_max_activation_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_ACTIVATION_BYTES: usize = 1 << 30;
+
+/// The element count of an activation of shape `dims`, refused when it would exceed the
+/// model's activation budget (or overflow): a hostile saved model (padding of 2^32, say) must
+/// not be able to make a forward pass allocate without bound.
+fn budget(dims: &[usize], elem_bytes: usize, run: Run, kind: &str) -> Result<usize> {
+    let len = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    match len.map(|l| (l, l.checked_mul(elem_bytes))) {
+        Some((len, Some(bytes))) if bytes <= run.max_activation_bytes => Ok(len),
+        _ => Err(NnError::Limit {
+            module: String::new(),
+            reason: format!(
+                "{kind} output of shape {dims:?} ({elem_bytes}-byte elements) exceeds the activation limit of {} \
+                 bytes; raise it with QuantizedModel::set_max_activation_bytes if the model is trusted",
+                run.max_activation_bytes
+            ),
+        }),
+    }
 }
 
 fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
@@ -791,17 +836,40 @@ fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
     }
 }
 
+/// A pooled `u8` output buffer of shape `dims`, within the budget.
+fn out_buf(dims: &[usize], run: Run, kind: &str) -> Result<Vec<u8>> {
+    Ok(scratch::take(budget(dims, 1, run, kind)?))
+}
+
 impl QuantizedModel {
     /// Threads each convolution and linear layer splits its work over (default 1: one call,
     /// one core; serve concurrent requests from several threads instead, or raise this for
     /// the lowest latency of a single call). Results are identical for every count.
     pub fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
+        self.run.threads = threads.max(1);
     }
 
     /// See [`QuantizedModel::set_threads`].
     pub fn threads(&self) -> usize {
-        self.threads
+        self.run.threads
+    }
+
+    /// The largest activation one layer may produce, in bytes (default
+    /// [`DEFAULT_MAX_ACTIVATION_BYTES`], 1 GiB). A layer whose output would be larger fails
+    /// with [`NnError::Limit`] before allocating: a server running models from files it does
+    /// not trust sets this to its per-request memory budget.
+    pub fn set_max_activation_bytes(&mut self, bytes: usize) {
+        self.run.max_activation_bytes = bytes;
+    }
+
+    /// See [`QuantizedModel::set_max_activation_bytes`].
+    pub fn max_activation_bytes(&self) -> usize {
+        self.run.max_activation_bytes
+    }
+
+    pub(crate) fn assemble(input_q: QuantU8, nodes: Vec<QNode>, plan: Vec<PlanEntry>) -> QuantizedModel {
+        let run = Run { threads: 1, max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES };
+        QuantizedModel { input_q, nodes, plan, run }
     }
 
     /// How every module runs (int8, float and why).
@@ -857,7 +925,7 @@ impl QuantizedModel {
         } else {
             Value::F32(x.clone())
         };
-        eval_nodes(&self.nodes, input, self.threads)
+        eval_nodes(&self.nodes, input, self.run)
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
@@ -880,7 +948,8 @@ impl QuantizedModel {
         }
     }
 
-    fn step(op: &Op, in_q: QuantU8, cur: Value, threads: usize) -> Result<Value> {
+    fn step(op: &Op, in_q: QuantU8, cur: Value, run: Run) -> Result<Value> {
+        let threads = run.threads;
         let op_err = |e| NnError::Op { module: String::new(), source: e };
         let shape_err = |kind: &'static str, expected: &str, got: &[usize]| NnError::Shape {
             module: String::new(),
@@ -903,7 +972,7 @@ impl QuantizedModel {
                 let [n, c, h, w] = shape[..] else { return Err(shape_err("Conv2d", "a 4-D NCHW input", &shape)) };
                 let (oh, ow) = packed.output_hw(h, w).map_err(op_err)?;
                 let oc = packed.out_channels();
-                let mut y = scratch::take(n * oh * ow * oc);
+                let mut y = out_buf(&[n, oh, ow, oc], run, "Conv2d")?;
                 packed.forward_u8(&Value::image(&data, &[n, c, h, w], q), *out, &mut y, threads).map_err(op_err)?;
                 Value::U8 {
                     data: y,
@@ -918,7 +987,7 @@ impl QuantizedModel {
                     return Err(shape_err("Linear", "a 2-D [batch, features] input", &shape));
                 };
                 let n = packed.weights().n();
-                let mut y = scratch::take(m * n);
+                let mut y = out_buf(&[m, n], run, "Linear")?;
                 let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
                 packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: *out }, threads).map_err(op_err)?;
                 Value::U8 { data: y, shape: vec![m, n], q: QuantU8 { scale: out.scale, zero_point: out.zero_point } }
@@ -941,7 +1010,12 @@ impl QuantizedModel {
                 Value::U8 { data: y, shape, q: *out_q }
             }
             Op::SameParams(m) => match cur {
-                Value::F32(a) => Value::F32(m.forward(&a)?),
+                Value::F32(a) => {
+                    if let (Some(p), [n, c, ..]) = (m.as_any().downcast_ref::<AdaptiveAvgPool2d>(), a.shape()) {
+                        budget(&[*n, *c, p.0, p.1], 4, run, "AdaptiveAvgPool2d")?;
+                    }
+                    Value::F32(m.forward(&a)?)
+                }
                 Value::U8 { data, shape, q } => {
                     let data = Input::new(data);
                     let a = m.as_any();
@@ -949,7 +1023,7 @@ impl QuantizedModel {
                         let [n, c, h, w] = shape[..] else {
                             return Err(shape_err("AdaptiveAvgPool2d", "a 4-D NCHW input", &shape));
                         };
-                        let mut y = scratch::take(n * p.0 * p.1 * c);
+                        let mut y = out_buf(&[n, p.0, p.1, c], run, "AdaptiveAvgPool2d")?;
                         adaptive_avg_pool2d(&Value::image(&data, &[n, c, h, w], q), (p.0, p.1), q, &mut y)
                             .map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, p.0, p.1], q }
@@ -958,7 +1032,7 @@ impl QuantizedModel {
                             return Err(shape_err("MaxPool2d", "a 4-D NCHW input", &shape));
                         };
                         let (oh, ow) = mp.0.output_hw(h, w).map_err(op_err)?;
-                        let mut y = scratch::take(n * oh * ow * c);
+                        let mut y = out_buf(&[n, oh, ow, c], run, "MaxPool2d")?;
                         qkernels::max_pool2d(&Value::image(&data, &[n, c, h, w], q), &mp.0, &mut y).map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
                     } else if let Some(ap) = a.downcast_ref::<AvgPool2d>() {
@@ -966,7 +1040,7 @@ impl QuantizedModel {
                             return Err(shape_err("AvgPool2d", "a 4-D NCHW input", &shape));
                         };
                         let (oh, ow) = ap.0.output_hw(h, w).map_err(op_err)?;
-                        let mut y = scratch::take(n * oh * ow * c);
+                        let mut y = out_buf(&[n, oh, ow, c], run, "AvgPool2d")?;
                         qkernels::avg_pool2d(&Value::image(&data, &[n, c, h, w], q), &ap.0, q, &mut y)
                             .map_err(op_err)?;
                         Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
@@ -1110,24 +1184,22 @@ fn pooled_copy(v: &Value) -> Value {
     }
 }
 
-fn eval_nodes(nodes: &[QNode], x: Value, threads: usize) -> Result<Value> {
+fn eval_nodes(nodes: &[QNode], x: Value, run: Run) -> Result<Value> {
     let mut cur = x;
     for n in nodes {
         cur = match n {
-            QNode::Op { name, in_q, op } => {
-                QuantizedModel::step(op, *in_q, cur, threads).map_err(|e| e.within(name))?
-            }
+            QNode::Op { name, in_q, op } => QuantizedModel::step(op, *in_q, cur, run).map_err(|e| e.within(name))?,
             QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 } => {
-                let b = eval_nodes(body, pooled_copy(&cur), threads)?;
+                let b = eval_nodes(body, pooled_copy(&cur), run)?;
                 let s = match shortcut {
-                    Some(sc) => eval_nodes(sc, cur, threads)?,
+                    Some(sc) => eval_nodes(sc, cur, run)?,
                     None => cur,
                 };
                 residual_add(b, s, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?
             }
             QNode::Concat { name, branches, branch_q, out_q, int8 } => {
                 let parts =
-                    branches.iter().map(|b| eval_nodes(b, pooled_copy(&cur), threads)).collect::<Result<Vec<_>>>()?;
+                    branches.iter().map(|b| eval_nodes(b, pooled_copy(&cur), run)).collect::<Result<Vec<_>>>()?;
                 if let Value::U8 { data, .. } = cur {
                     scratch::give(data);
                 }
@@ -1153,7 +1225,8 @@ fn report_nodes(
         match (f, n) {
             (FNode::Leaf(fname, fm), QNode::Op { name, in_q, op }) if fname == name => {
                 fcur = fm.forward(&fcur).map_err(|e| e.within(name))?;
-                qcur = QuantizedModel::step(op, *in_q, qcur, 1).map_err(|e| e.within(name))?;
+                qcur = QuantizedModel::step(op, *in_q, qcur, Run { threads: 1, max_activation_bytes: usize::MAX })
+                    .map_err(|e| e.within(name))?;
                 let sqnr = (!matches!(op, Op::Passthrough)).then(|| sqnr_db(&fcur, &qcur.to_f32()));
                 out.push(LayerReport {
                     name: name.clone(),

@@ -213,6 +213,13 @@ impl QuantizedModel {
         let plan: Vec<J> =
             self.plan.iter().map(|e| json!({"name": e.name, "kind": e.kind, "mode": mode_json(&e.mode)})).collect();
         let desc = json!({"format": FORMAT, "input_q": q_json(self.input_q), "plan": plan, "nodes": nodes});
+        let mut keys = std::collections::HashSet::new();
+        if let Some((dup, ..)) = w.tensors.iter().find(|t| !keys.insert(t.0.as_str())) {
+            return Err(NnError::File {
+                file: String::new(),
+                reason: format!("two tensors would be named '{dup}': give every module a unique name"),
+            });
+        }
         let views: Vec<(String, TensorView<'_>)> = w
             .tensors
             .iter()
@@ -259,14 +266,38 @@ impl QuantizedModel {
         let r = Reader { st: &st };
         let input_q = r.q(&desc["input_q"])?;
         let nodes = r.nodes(&desc["nodes"])?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = node_names(&nodes).into_iter().find(|n| !seen.insert(*n)) {
+            return Err(bad(format!("two nodes are named '{dup}': names are module paths and unique")));
+        }
         let plan = desc["plan"]
             .as_array()
             .ok_or_else(|| bad("plan is not a list".into()))?
             .iter()
             .map(|e| r.plan_entry(e))
             .collect::<Result<Vec<_>>>()?;
-        Ok(QuantizedModel { input_q, nodes, plan, threads: 1 })
+        Ok(QuantizedModel::assemble(input_q, nodes, plan))
     }
+}
+
+/// Every node's name, depth first.
+fn node_names(nodes: &[QNode]) -> Vec<&str> {
+    let mut out = Vec::new();
+    for n in nodes {
+        match n {
+            QNode::Op { name, .. } => out.push(name.as_str()),
+            QNode::Residual { name, body, shortcut, .. } => {
+                out.push(name.as_str());
+                out.extend(node_names(body));
+                out.extend(shortcut.as_deref().map(node_names).unwrap_or_default());
+            }
+            QNode::Concat { name, branches, .. } => {
+                out.push(name.as_str());
+                out.extend(branches.iter().flat_map(|b| node_names(b)));
+            }
+        }
+    }
+    out
 }
 
 struct Reader<'a> {

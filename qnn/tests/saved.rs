@@ -73,3 +73,72 @@ fn damaged_files_are_errors_not_panics() {
     let e = QuantizedModel::load("/nonexistent/model.safetensors").unwrap_err().to_string();
     assert!(e.contains("/nonexistent/model.safetensors"), "{e}");
 }
+
+/// `bytes` with its model description passed through `edit` (the tensors unchanged).
+fn edited(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let mut desc: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["qrust.model"]).unwrap();
+    edit(&mut desc);
+    let meta: std::collections::HashMap<String, String> = [("qrust.model".to_string(), desc.to_string())].into();
+    safetensors::serialize(st.tensors(), Some(meta)).unwrap()
+}
+
+#[test]
+fn hostile_geometry_is_refused_before_allocating() {
+    let q = convert(zoo::digits(), &x(2, 1, 8));
+    let bytes = q.to_bytes().unwrap();
+    let input = x(1, 1, 8);
+    // Padding of 2^31 on the first convolution: a 2^32 x 2^32 output (the product would also
+    // overflow usize with enough channels).
+    let huge = edited(&bytes, |d| d["nodes"][0]["op"]["geom"][1] = serde_json::json!([1u64 << 31, 1u64 << 31]));
+    let model = QuantizedModel::from_bytes(&huge).unwrap();
+    let e = model.forward(&input).unwrap_err();
+    assert!(matches!(e, qnn::NnError::Limit { .. }), "{e:?}");
+    let e = e.to_string();
+    assert!(
+        e.contains("conv1") && e.contains("Conv2d output of shape") && e.contains("set_max_activation_bytes"),
+        "{e}"
+    );
+    // Within the default budget but above a server's own: refused too; the model itself runs.
+    let mut model = QuantizedModel::from_bytes(&bytes).unwrap();
+    model.set_max_activation_bytes(1000);
+    let e = model.forward(&input).unwrap_err().to_string();
+    assert!(e.contains("conv1") && e.contains("[1, 8, 8, 16]") && e.contains("1000 bytes"), "{e}");
+    model.set_max_activation_bytes(qnn::DEFAULT_MAX_ACTIVATION_BYTES);
+    assert_eq!(model.forward(&input).unwrap(), q.forward(&input).unwrap());
+    // A pool output of 2^20 x 2^20: refused.
+    let pool = edited(&bytes, |d| {
+        let nodes = d["nodes"].as_array_mut().unwrap();
+        let p = nodes.iter_mut().find(|n| n["name"] == "pool").unwrap();
+        p["op"]["size"] = serde_json::json!([1u64 << 20, 1u64 << 20]);
+    });
+    let e = QuantizedModel::from_bytes(&pool).unwrap().forward(&input).unwrap_err().to_string();
+    assert!(e.contains("pool") && e.contains("AdaptiveAvgPool2d output"), "{e}");
+}
+
+#[test]
+fn fuzz_regressions_replay() {
+    // Inputs the fuzzers (`cargo xtask fuzz`) once failed on, and the seeds' shapes: each must
+    // give an answer or an error through the very code the fuzz targets run.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions");
+    let mut n = 0;
+    for (target, run) in
+        [("load_model", qnn::fuzzing::saved_model as fn(&[u8])), ("load_state_dict", qnn::fuzzing::state_dict)]
+    {
+        let Ok(entries) = std::fs::read_dir(dir.join(target)) else { continue };
+        for e in entries {
+            let path = e.unwrap().path();
+            eprintln!("replaying {}", path.display());
+            run(&std::fs::read(&path).unwrap());
+            n += 1;
+        }
+    }
+    // The committed seeds themselves go through the same code.
+    let q = convert(zoo::digits(), &x(2, 1, 8));
+    qnn::fuzzing::saved_model(&q.to_bytes().unwrap());
+    qnn::fuzzing::state_dict(
+        &std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors")).unwrap(),
+    );
+    eprintln!("{n} regression inputs replayed");
+}

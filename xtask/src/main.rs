@@ -7,6 +7,8 @@
 //! - `bench`: kernel benchmarks on real layer shapes (int8, f32, % of the measured peak),
 //!   with `--peers` PyTorch's quantized ops in the same run, `--json PATH` for records.
 //! - `conformance`: the kernel tests once per forced instruction set.
+//! - `sanitize`: the unsafe-code crates under AddressSanitizer (every tier) or Miri.
+//! - `fuzz`: the loaders under cargo-fuzz, from seeds of every saved node kind.
 //! - `accuracy`: the digits model under every qconfig preset and observer, against the
 //!   thresholds in `xtask/accuracy-thresholds.json` (non-zero exit below them).
 
@@ -14,7 +16,9 @@ mod accuracy;
 mod bench;
 mod conformance;
 mod demo;
+mod fuzz;
 mod plots;
+mod sanitize;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -60,6 +64,26 @@ enum Command {
     },
     /// The kernel crates' tests once per forced instruction set (scalar, AVX2, AVX-512 VNNI).
     Conformance,
+    /// The crates with unsafe code under AddressSanitizer for every instruction set, or under
+    /// Miri (scalar tier) with `--miri`; needs the nightly toolchain.
+    Sanitize {
+        /// Run Miri instead of AddressSanitizer.
+        #[arg(long)]
+        miri: bool,
+    },
+    /// Fuzz the model and weight loaders (`cargo +nightly fuzz`, from `cargo install
+    /// cargo-fuzz`), starting from seeds of every saved node kind.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (load_model, load_state_dict).
+        #[arg(long)]
+        target: Option<String>,
+        /// Only write the seed corpus (fuzz/corpus/<target>/).
+        #[arg(long)]
+        seeds_only: bool,
+    },
     /// Kernel benchmarks: int8 vs f32 vs this machine's peak, optionally vs PyTorch.
     Bench {
         /// Thread counts to run, comma-separated (the f32 baseline always runs one thread).
@@ -87,6 +111,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo { report_json, plots } => demo::run(&workspace_root(), report_json.as_deref(), plots.as_deref()),
         Command::Conformance => conformance::run(&workspace_root()),
+        Command::Sanitize { miri } => sanitize::run(&workspace_root(), miri),
+        Command::Fuzz { seconds, target, seeds_only } => {
+            fuzz::run(&workspace_root(), seconds, target.as_deref(), seeds_only)
+        }
         Command::Accuracy { write_thresholds } => accuracy::run(&workspace_root(), write_thresholds),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
         Command::Bench { threads, peers, filter, json } => {

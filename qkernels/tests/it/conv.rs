@@ -137,7 +137,7 @@ pub fn conv_case() -> impl Strategy<Value = ConvCase> {
             let (kh, kw) = (k, if next() % 3 == 0 { 1 + (next() % 3) as usize } else { k });
             let pad = if kind == "pointwise" { 0 } else { pad };
             let geom = Conv2dGeometry {
-                stride: [stride, 1 + (stride % 2)],
+                stride: [stride, [1, 2, 1][(next() % 3) as usize]],
                 padding: [pad, pad],
                 dilation: [dil, dil],
                 groups,
@@ -174,7 +174,7 @@ pub fn conv_case() -> impl Strategy<Value = ConvCase> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(128))]
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(128)))]
 
     #[test]
     fn conv2d_matches_reference_on_every_isa_and_thread_count(case in conv_case()) {
@@ -193,4 +193,62 @@ proptest! {
             }
         }
     }
+}
+
+/// Depthwise convolutions with stride 1 along the width (the row-interleaved and flat AVX-512
+/// kernels, the per-pixel kernel otherwise) on channel counts that do and do not divide 64,
+/// kernels up to 5 wide, both vertical strides and dilations, every ISA and 1-3 threads.
+#[test]
+fn depthwise_unit_stride_shapes_match_the_reference() {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let channels: &[usize] = if cfg!(miri) { &[3, 16] } else { &[1, 3, 16, 24, 32, 48, 96, 144, 150] };
+    let mut checked = 0;
+    for &c in channels {
+        for (kh, kw) in [(3, 3), (1, 1), (3, 1), (2, 4), (5, 3), (3, 5)] {
+            for (sh, dil) in [(1, 1), (2, 1), (1, 2)] {
+                let symmetric = next() % 4 != 0;
+                let (n, h, w) = (2, 4 + (next() % 6) as usize, 4 + (next() % 9) as usize);
+                let case = ConvCase {
+                    n,
+                    h,
+                    w,
+                    c,
+                    oc: c,
+                    kh,
+                    kw,
+                    geom: Conv2dGeometry { stride: [sh, 1], padding: [1, kw / 2], dilation: [dil, dil], groups: c },
+                    x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+                    za: (next() % 256) as i32,
+                    sa: 0.02,
+                    wt: (0..c * kh * kw).map(|_| next() as i8).collect(),
+                    sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+                    zw: (0..c).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect(),
+                    bias: (next() % 2 == 0).then(|| (0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+                    out: OutputQuant {
+                        scale: ((kh * kw) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
+                        zero_point: (next() % 256) as i32,
+                        activation: [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize],
+                    },
+                };
+                let Some(expected) = case.reference() else { continue };
+                for isa in crate::isas_under_test() {
+                    let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+                    assert!(packed.is_depthwise());
+                    for threads in 1..=3 {
+                        let mut out = vec![0u8; expected.len()];
+                        packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+                        assert_eq!(out, expected, "{isa} threads={threads} c={c} k={kh}x{kw} stride={sh} dil={dil}");
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > channels.len() * 12, "{checked}");
 }

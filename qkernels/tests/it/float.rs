@@ -9,7 +9,7 @@ fn close(a: f32, b: f64, k: usize, scale: f64) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(64)))]
 
     #[test]
     fn conv2d_f32_matches_naive(case in crate::conv::conv_case()) {

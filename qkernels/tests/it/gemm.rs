@@ -95,7 +95,7 @@ fn run_u8(c: &Case, isa: qtensor::isa::Isa, threads: usize) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(96)))]
 
     #[test]
     fn every_isa_and_thread_count_matches_the_reference(c in case()) {

@@ -176,6 +176,7 @@ impl Tally {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "golden fixtures are large; the same kernels run under Miri in the property tests")]
 fn linear_and_conv_match_pytorch_fbgemm() {
     let mut t = Tally::default();
     let linear: File<LinearCase> = serde_json::from_str(LINEAR).unwrap();

@@ -16,3 +16,13 @@ pub fn isas_under_test() -> Vec<qtensor::isa::Isa> {
     assert!(all.contains(&selected));
     all
 }
+
+/// Proptest cases: `n`, or a handful under Miri (`cargo xtask miri`), where every case costs
+/// an interpreter's time.
+pub const fn cases(n: u32) -> u32 {
+    if cfg!(miri) {
+        3
+    } else {
+        n
+    }
+}

@@ -12,7 +12,7 @@ fn quant() -> impl Strategy<Value = QuantU8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(96)))]
 
     #[test]
     fn add_on_every_isa_equals_the_formula(

@@ -90,6 +90,7 @@ fn torch_vectorised_8bit(x: f32, inv: f32, zp: i32, dtype: DType) -> i64 {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "golden fixtures are large; the same kernels run under Miri in the property tests")]
 fn quantize_matches_pytorch_bit_for_bit() {
     let file: QuantizeFile = serde_json::from_str(QUANTIZE).unwrap();
     assert!(file.torch_version.starts_with('2'), "fixtures from torch {}", file.torch_version);
@@ -186,6 +187,7 @@ fn observe(case: &QParamsCase, axis: Option<usize>) -> (Vec<f32>, Vec<f32>) {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "golden fixtures are large; the same kernels run under Miri in the property tests")]
 fn qparams_match_pytorch_observers_bit_for_bit() {
     let file: QParamsFile = serde_json::from_str(QPARAMS).unwrap();
     let (mut exact, mut both_reject, mut stricter, mut not_applicable, mut int32_zp_overflows) = (0, 0, 0, 0, 0);

@@ -34,3 +34,13 @@ impl XorShift {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 }
+
+/// Proptest cases: `n`, or a handful under Miri (`cargo xtask miri`), where every case costs
+/// an interpreter's time.
+pub const fn cases(n: u32) -> u32 {
+    if cfg!(miri) {
+        3
+    } else {
+        n
+    }
+}

@@ -36,7 +36,7 @@ fn roundtrip<T: QElement>(scale: f32, zp: i32, fracs: &[f64]) -> Result<(), Test
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(160))]
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(160)))]
 
     #[test]
     fn roundtrip_error_is_at_most_half_a_step(

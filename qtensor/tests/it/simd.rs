@@ -55,7 +55,7 @@ fn check_quantize<T: QElement>(xs: &[f32], scale: f32, zp_frac: f64, range: Quan
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(192))]
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(192)))]
 
     #[test]
     fn u8_simd_equals_scalar(xs in prop::collection::vec(value(), 0..200), s in scale(), z in 0.0f64..1.0, r in range(DType::U8)) {

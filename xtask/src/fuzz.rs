@@ -1,0 +1,111 @@
+//! `cargo xtask fuzz`: writes seed inputs for the fuzz targets in `fuzz/` (saved models and
+//! weight files of the bundled architectures, covering every node and op kind the saved
+//! format has), then runs each target under `cargo +nightly fuzz` for a while. Crashes land in
+//! `fuzz/artifacts/<target>/`; copy each into `fuzz/regressions/<target>/` so the ordinary
+//! test suite (`qnn/tests/fuzz_regressions.rs`) replays it on stable.
+
+use std::path::Path;
+use std::process::Command;
+
+use ndarray::{ArrayD, IxDyn};
+use qkernels::Pool2d;
+use qnn::layers::{
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, DeQuantStub, Dropout, Flatten, Hardswish, Linear, MaxPool2d,
+    QuantStub, ReLU, ReLU6, Sigmoid,
+};
+use qnn::{fuse, prepare, zoo, Concat, QConfigMapping, Residual, Sequential};
+use qobserve::QConfig;
+
+pub const TARGETS: [&str; 2] = ["load_model", "load_state_dict"];
+
+fn input(shape: &[usize]) -> ArrayD<f32> {
+    let n = shape.iter().product();
+    ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|k: usize| ((k * 7) % 13) as f32 / 6.0 - 1.0).collect())
+        .expect("shape")
+}
+
+/// Every saved node and op kind in one small model: stubs, convolution with batch-norm and
+/// ReLU6, a residual block, a concatenation of pools, lookup-table activations, a float
+/// batch-norm left unfused, flatten and linear.
+fn every_kind() -> Sequential {
+    let pool = |k| Pool2d { padding: [1, 1], stride: [1, 1], ..Pool2d::square(k) };
+    let body = Sequential::new().add("conv", Conv2d::new(4, 4, 3).padding(1)).add("bn", BatchNorm2d::new(4));
+    Sequential::new()
+        .add("quant", QuantStub)
+        .add("stem", Conv2d::new(1, 4, 3).padding(1))
+        .add("stem_bn", BatchNorm2d::new(4))
+        .add("stem_act", ReLU6)
+        .add("res", Residual { body, shortcut: None, add_name: "add".into(), relu: Some("relu".into()) })
+        .add(
+            "cat",
+            Concat::new("cat")
+                .branch("max", Sequential::new().add("pool", MaxPool2d(pool(3))))
+                .branch("avg", Sequential::new().add("pool", AvgPool2d(pool(3)))),
+        )
+        .add("hs", Hardswish)
+        .add("pool", AdaptiveAvgPool2d(2, 2))
+        .add("lone_bn", BatchNorm2d::new(8))
+        .add("drop", Dropout(0.1))
+        .add("flat", Flatten)
+        .add("fc", Linear::new(32, 6))
+        .add("act", ReLU)
+        .add("head", Linear::new(6, 3))
+        .add("sig", Sigmoid)
+        .add("dequant", DeQuantStub)
+}
+
+fn saved(mut model: Sequential, x: &ArrayD<f32>) -> Result<Vec<u8>, String> {
+    fuse(&mut model).map_err(|e| e.to_string())?;
+    let mut p = prepare(model, &QConfigMapping::new(QConfig::default())).map_err(|e| e.to_string())?;
+    p.calibrate(x).map_err(|e| e.to_string())?;
+    p.convert().map_err(|e| e.to_string())?.to_bytes().map_err(|e| e.to_string())
+}
+
+/// Writes the seed inputs of every target under `dir/<target>/`.
+pub fn write_seeds(root: &Path, dir: &Path) -> Result<(), String> {
+    let mut digits = zoo::digits();
+    qnn::load_safetensors(&mut digits, root.join("qnn/data/digits_model.safetensors")).map_err(|e| e.to_string())?;
+    let mut kinds = every_kind();
+    zoo::randomize(&mut kinds, 3);
+    let models = [
+        ("digits.qmodel", saved(digits, &input(&[4, 1, 8, 8]))?),
+        ("every_kind.qmodel", saved(kinds, &input(&[2, 1, 8, 8]))?),
+    ];
+    let weights = std::fs::read(root.join("qnn/data/digits_model.safetensors")).map_err(|e| e.to_string())?;
+    for (target, files) in [("load_model", &models[..]), ("load_state_dict", &[("digits.safetensors", weights)][..])] {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        for (name, bytes) in files {
+            std::fs::write(d.join(name), bytes).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+pub fn run(root: &Path, seconds: u64, only: Option<&str>, seeds_only: bool) -> Result<(), String> {
+    let corpus = root.join("fuzz/corpus");
+    write_seeds(root, &corpus)?;
+    if seeds_only {
+        println!("seeds written to {}", corpus.display());
+        return Ok(());
+    }
+    for target in TARGETS.iter().filter(|t| only.is_none_or(|o| o == **t)) {
+        println!("fuzzing {target} for {seconds} s (corpus fuzz/corpus/{target}, crashes in fuzz/artifacts/{target})");
+        let status = Command::new("cargo")
+            .current_dir(root.join("fuzz"))
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .args(["-rss_limit_mb=2048", "-malloc_limit_mb=512", "-timeout=10"])
+            .status()
+            .map_err(|e| {
+                format!("cannot run cargo fuzz ({e}); install it with `cargo install cargo-fuzz` (needs a nightly toolchain)")
+            })?;
+        if !status.success() {
+            return Err(format!(
+                "{target} found a failure: the input is in fuzz/artifacts/{target}/; copy it into \
+                 fuzz/regressions/{target}/ and fix it"
+            ));
+        }
+    }
+    Ok(())
+}
