@@ -557,8 +557,8 @@ impl PackedConv2d {
         });
     }
 
-    /// The depthwise path for stride 1 along the width and kernels at most 4 wide: pad the
-    /// input once; each band of output rows (one per thread) keeps the kx-interleaved form of
+    /// The depthwise path for stride 1 along the width, channel counts that divide 64 and
+    /// kernels up to 5 x 4: pad the input once; each band of output rows (one per thread) keeps the kx-interleaved form of
     /// the input rows its current output row reads in a ring of `kh * dilation` slots, built
     /// once per input row and read by every output row that uses it.
     #[cfg(target_arch = "x86_64")]

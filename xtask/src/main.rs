@@ -80,7 +80,7 @@ enum Command {
         /// Only this target (load_model, load_state_dict).
         #[arg(long)]
         target: Option<String>,
-        /// Only write the seed corpus (fuzz/corpus/<target>/).
+        /// Only write the seed corpus (`fuzz/corpus/<target>/`).
         #[arg(long)]
         seeds_only: bool,
     },
