@@ -78,8 +78,8 @@ enum ConvKind {
     Depthwise {
         taps: PackedWeights,
         vnni: Option<Vec<i8>>,
-        /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width,
-        /// kernels at most 5 x 4 and channel counts that divide 64.
+        /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width
+        /// and kernels up to 5 x 4.
         rows: Option<Vec<i8>>,
         /// The flat-row layout, for stride 1 along the width (wider kernels).
         flat: Option<Vec<i8>>,
@@ -137,7 +137,7 @@ impl PackedConv2d {
             let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
             let vnni = (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
-            let rows = (unit_w && 64usize.is_multiple_of(oc) && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
+            let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
                 .then(|| pack_depthwise_rows(&taps, kh, kw));
             let flat = (unit_w && rows.is_none()).then(|| pack_depthwise_flat(&taps));
             ConvKind::Depthwise { taps, vnni, rows, flat }
@@ -368,8 +368,7 @@ impl PackedConv2d {
         let run_chunk = |ci: usize, out_chunk: &mut [u8], gemm_threads: usize| -> Result<()> {
             let r0 = ci * chunk;
             let r1 = (r0 + chunk).min(rows);
-            SCRATCH.with(|s| {
-                let mut buf = s.borrow_mut();
+            with_scratch(&SCRATCH, |buf| {
                 for (gi, w) in groups.iter().enumerate() {
                     // Every byte of the rows is written by im2col; the slack lets it copy short
                     // segments with whole-vector moves that spill into bytes written later.
@@ -378,7 +377,7 @@ impl PackedConv2d {
                         buf.resize(need, 0);
                     }
                     self.im2col(x, gi * icg, icg, oh, ow, r0..r1, &mut buf[..need]);
-                    let a = QMatrix { data: &buf, m: r1 - r0, k, lda: k, scale: x.scale, zero_point: x.zero_point };
+                    let a = QMatrix { data: buf, m: r1 - r0, k, lda: k, scale: x.scale, zero_point: x.zero_point };
                     gemm_planned(
                         &a,
                         w,
@@ -550,17 +549,18 @@ impl PackedConv2d {
         if g.padding == [0, 0] && slack == 0 {
             return run(x.data);
         }
-        SCRATCH.with(|s| {
-            let mut buf = s.borrow_mut();
-            pad_image(x, g.padding, slack, &mut buf);
-            run(&buf);
+        with_scratch(&SCRATCH, |buf| {
+            pad_image(x, g.padding, slack, buf);
+            run(buf);
         });
     }
 
-    /// The depthwise path for stride 1 along the width, channel counts that divide 64 and
-    /// kernels up to 5 x 4: pad the input once; each band of output rows (one per thread) keeps the kx-interleaved form of
-    /// the input rows its current output row reads in a ring of `kh * dilation` slots, built
-    /// once per input row and read by every output row that uses it.
+    /// The depthwise path for stride 1 along the width and kernels up to 5 x 4: pad the
+    /// input once. Each band of output rows (one per thread) goes through the row's 64-byte
+    /// chunks class by class (chunks `classes` apart cover the same channels), a tile of them
+    /// at a time, keeping the kx-interleaved form of the input rows that the current output
+    /// row reads in a ring of `kh * dilation` slots: built once per input row and tile, read
+    /// by every output row that uses it.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn forward_depthwise_rows(
@@ -596,81 +596,91 @@ impl PackedConv2d {
             clamp_free: plan.clamp_free,
         };
         let slots = kh * g.dilation[0];
-        // Column tiles keep the ring (slots x 4 x TILE bytes) in L1 for 3x3 kernels.
-        const TILE: usize = 512;
-        let x4_len = 4 * TILE.min(len.next_multiple_of(64));
+        // Chunks of one class (every `classes`-th chunk of a row) are done together, TILE at
+        // a time: the class's weights stay in registers and the ring (slots x 256 x TILE
+        // bytes) in L1 for 3x3 kernels.
+        const TILE: usize = 16;
+        let chunks = len.div_ceil(64);
+        let slot_len = 256 * TILE.min(chunks);
         let total = x.n * oh;
         let bands = threads.clamp(1, total.max(1));
         let per = total.div_ceil(bands).max(1);
-        SCRATCH.with(|s| {
-            let mut buf = s.borrow_mut();
+        with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, 64, &mut buf);
-            let padded: &[u8] = &buf;
+            pad_image(x, g.padding, 64, buf);
+            let padded: &[u8] = buf;
             let band = |(bi, out_band): (usize, &mut [u8])| {
-                ROWS.with(|r| {
-                    let mut ring = r.borrow_mut();
-                    ring.resize(slots * x4_len, 0);
+                with_scratch(&ROWS, |ring| {
+                    ring.resize(slots * slot_len, 0);
                     // One pointer for the whole ring: slots are written and read through it.
                     let base = ring.as_mut_ptr();
-                    for start in (0..len).step_by(TILE) {
-                        let tile = TILE.min(len - start);
-                        let mut held = [usize::MAX; 32];
-                        for (i, out_row) in out_band.chunks_mut(len).enumerate() {
-                            let orow = bi * per + i;
-                            let (b, oy) = (orow / oh, orow % oh);
-                            let mut rows = [std::ptr::null::<u8>(); 5];
-                            for (ky, p) in rows.iter_mut().enumerate().take(kh) {
-                                let iy = oy * g.stride[0] + ky * g.dilation[0];
-                                // The rows one output row reads span (kh - 1) * dilation + 1 <=
-                                // slots consecutive indices: their slots differ.
-                                let slot = iy % slots;
-                                // SAFETY: (slot + 1) * x4_len <= the ring's length.
-                                let at = unsafe { base.add(slot * x4_len) };
-                                if held[slot] != b * hp + iy {
-                                    // SAFETY: AVX-512 BW was found when these weights were
-                                    // packed; from byte `start` of the input row, the padded
-                                    // image with its 64 bytes of slack holds
-                                    // (kw - 1) * dilation * c + tile rounded up to 64 bytes
-                                    // (ow + (kw - 1) * dilation <= wp; start is a multiple of
-                                    // 64); the slot holds 4 * (tile rounded up to 64) bytes.
-                                    unsafe {
-                                        crate::x86::depthwise_rows_build(
-                                            padded[(b * hp + iy) * row_bytes + start..].as_ptr(),
-                                            kw,
-                                            g.dilation[1] * c,
-                                            tile,
-                                            at,
-                                        )
-                                    };
-                                    held[slot] = b * hp + iy;
+                    for first in 0..classes.min(chunks) {
+                        let class = ((64 * first) % c) / gc;
+                        for tile0 in (first..chunks).step_by(classes * TILE) {
+                            let count = (chunks - tile0).div_ceil(classes).min(TILE);
+                            let end = 64 * (tile0 + (count - 1) * classes);
+                            let last = (len - end).min(64);
+                            let mut held = [usize::MAX; 32];
+                            for (i, out_row) in out_band.chunks_mut(len).enumerate() {
+                                let orow = bi * per + i;
+                                let (b, oy) = (orow / oh, orow % oh);
+                                let mut rows = [std::ptr::null::<u8>(); 5];
+                                for (ky, p) in rows.iter_mut().enumerate().take(kh) {
+                                    let iy = oy * g.stride[0] + ky * g.dilation[0];
+                                    // The rows one output row reads span (kh - 1) * dilation + 1
+                                    // <= slots consecutive indices: their slots differ.
+                                    let slot = iy % slots;
+                                    // SAFETY: (slot + 1) * slot_len <= the ring's length.
+                                    let at = unsafe { base.add(slot * slot_len) };
+                                    if held[slot] != b * hp + iy {
+                                        // SAFETY: AVX-512 BW was found when these weights were
+                                        // packed; every chunk starts below len in the input row,
+                                        // and the padded image with its 64 bytes of slack holds
+                                        // (kw - 1) * dilation * c + len rounded up to 64 bytes
+                                        // from the row's start (ow + (kw - 1) * dilation <= wp);
+                                        // the slot holds 256 * count bytes.
+                                        unsafe {
+                                            crate::x86::depthwise_rows_build(
+                                                padded[(b * hp + iy) * row_bytes + 64 * tile0..].as_ptr(),
+                                                kw,
+                                                g.dilation[1] * c,
+                                                count,
+                                                64 * classes,
+                                                at,
+                                            )
+                                        };
+                                        held[slot] = b * hp + iy;
+                                    }
+                                    *p = at;
                                 }
-                                *p = at;
+                                let out_tile = out_row[64 * tile0..].as_mut_ptr();
+                                // SAFETY: the weights exist only when packing found AVX-512
+                                // VNNI; each row pointer starts a slot built above for these
+                                // chunks; the weights and constants are this layer's for kh
+                                // rows and every class; the chunks lie in `out_row`, the last
+                                // with `last` bytes.
+                                unsafe {
+                                    use crate::x86::depthwise_rows_compute as k;
+                                    let (w, cs, st) = (weights, &consts, 64 * classes);
+                                    let r = &rows;
+                                    match kh {
+                                        1 => k::<1>(&[r[0]], w, cs, class, count, st, last, out_tile),
+                                        2 => k::<2>(&[r[0], r[1]], w, cs, class, count, st, last, out_tile),
+                                        3 => k::<3>(&[r[0], r[1], r[2]], w, cs, class, count, st, last, out_tile),
+                                        4 => k::<4>(&[r[0], r[1], r[2], r[3]], w, cs, class, count, st, last, out_tile),
+                                        _ => k::<5>(
+                                            &[r[0], r[1], r[2], r[3], r[4]],
+                                            w,
+                                            cs,
+                                            class,
+                                            count,
+                                            st,
+                                            last,
+                                            out_tile,
+                                        ),
+                                    }
+                                };
                             }
-                            let out_tile = out_row[start..].as_mut_ptr();
-                            // SAFETY: the weights exist only when packing found AVX-512 VNNI;
-                            // each row pointer starts a slot built above for this tile; the
-                            // weights and constants are this layer's for kh rows; `out_tile`
-                            // has tile bytes.
-                            unsafe {
-                                use crate::x86::depthwise_rows_compute as k;
-                                let (w, cs) = (weights, &consts);
-                                match kh {
-                                    1 => k::<1>(&[rows[0]], c, w, cs, start, tile, out_tile),
-                                    2 => k::<2>(&[rows[0], rows[1]], c, w, cs, start, tile, out_tile),
-                                    3 => k::<3>(&[rows[0], rows[1], rows[2]], c, w, cs, start, tile, out_tile),
-                                    4 => k::<4>(&[rows[0], rows[1], rows[2], rows[3]], c, w, cs, start, tile, out_tile),
-                                    _ => k::<5>(
-                                        &[rows[0], rows[1], rows[2], rows[3], rows[4]],
-                                        c,
-                                        w,
-                                        cs,
-                                        start,
-                                        tile,
-                                        out_tile,
-                                    ),
-                                }
-                            };
                         }
                     }
                 })
@@ -712,11 +722,10 @@ impl PackedConv2d {
             hi: plan.hi,
             clamp_free: plan.clamp_free,
         };
-        SCRATCH.with(|s| {
-            let mut buf = s.borrow_mut();
+        with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, 64, &mut buf);
-            let padded: &[u8] = &buf;
+            pad_image(x, g.padding, 64, buf);
+            let padded: &[u8] = buf;
             let row = |(orow, out_row): (usize, &mut [u8])| {
                 let (b, oy) = (orow / oh, orow % oh);
                 let mut rows = [std::ptr::null::<u8>(); 16];
@@ -815,15 +824,26 @@ fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
 fn pad_image(x: &QImage<'_>, padding: [usize; 2], slack: usize, buf: &mut Vec<u8>) {
     let c = x.c;
     let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
-    buf.clear();
-    buf.resize(x.n * hp * wp * c + slack, x.zero_point as u8);
+    let zp = x.zero_point as u8;
+    // Every byte is written once below: no fill of the whole buffer first.
+    buf.resize(x.n * hp * wp * c + slack, 0);
+    let (row, side) = (wp * c, padding[1] * c);
+    let mut rows = buf.chunks_exact_mut(row.max(1));
     for b in 0..x.n {
-        for y in 0..x.h {
-            let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
-            let dst = ((b * hp + y + padding[0]) * wp + padding[1]) * c;
-            buf[dst..dst + x.w * c].copy_from_slice(src);
+        for py in 0..hp {
+            let dst = rows.next().expect("n * hp rows");
+            match py.checked_sub(padding[0]).filter(|&y| y < x.h) {
+                Some(y) => {
+                    let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+                    dst[..side].fill(zp);
+                    dst[side..side + x.w * c].copy_from_slice(src);
+                    dst[side + x.w * c..].fill(zp);
+                }
+                None => dst.fill(zp),
+            }
         }
     }
+    buf[x.n * hp * row..].fill(zp);
 }
 
 /// Bytes past the im2col rows that [`copy_segment`] may spill into.
@@ -847,6 +867,23 @@ fn copy_segment(dst: &mut [u8], at: usize, src: &[u8], from: usize, n: usize) {
     } else {
         dst[at..at + n].copy_from_slice(&src[from..from + n]);
     }
+}
+
+/// Runs `f` with this thread's buffer from `slot`, taken out of it for the duration. A
+/// rayon worker waiting inside `f` on parallel work may run another layer's job (another
+/// model's, on another caller's thread, sharing the pool): that job finds the slot empty and
+/// uses a fresh buffer, where holding a `RefCell` borrow across the wait would panic. The
+/// larger buffer goes back into the slot.
+fn with_scratch<R>(slot: &'static std::thread::LocalKey<RefCell<Vec<u8>>>, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let mut buf = slot.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let r = f(&mut buf);
+    slot.with(|s| {
+        let mut cur = s.borrow_mut();
+        if cur.capacity() < buf.capacity() {
+            *cur = buf;
+        }
+    });
+    r
 }
 
 thread_local! {

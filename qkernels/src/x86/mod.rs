@@ -535,114 +535,112 @@ pub(crate) struct RowConsts {
     pub clamp_free: bool,
 }
 
-/// The kx-interleaved form of one padded input row for the row-interleaved depthwise kernel:
-/// for each 64-byte chunk at `e0` of the `len` bytes an output row spans, four vectors `q`
-/// whose dword `(l, d)` holds the bytes at `e0 + 16l + 4q + d + j * dw_bytes` for taps
-/// `j = 0..4` (taps past `kw` repeat the last one; their weights are 0).
+/// The kx-interleaved form of `count` 64-byte chunks of one padded input row, `step` bytes
+/// apart from `row`, for the row-interleaved depthwise kernel: per chunk at `e0`, four
+/// vectors `q` (256 bytes, stored one chunk after another) whose dword `(l, d)` holds the
+/// bytes at `e0 + 16l + 4q + d + j * dw_bytes` for taps `j = 0..4` (taps past `kw` repeat the
+/// last one; their weights are 0).
 ///
 /// # Safety
-/// AVX-512 F/BW available; from `row`, `(kw - 1) * dw_bytes + len.next_multiple_of(64)` bytes
-/// are readable; `out` has `4 * len.next_multiple_of(64)` writable bytes; `1 <= kw <= 4`.
+/// AVX-512 F/BW available; `1 <= kw <= 4`; from `row + i * step` (`i < count`),
+/// `(kw - 1) * dw_bytes + 64` bytes are readable; `out` has `256 * count` writable bytes.
 #[target_feature(enable = "avx512f,avx512bw")]
-pub(crate) unsafe fn depthwise_rows_build(row: *const u8, kw: usize, dw_bytes: usize, len: usize, out: *mut u8) {
+pub(crate) unsafe fn depthwise_rows_build(
+    row: *const u8,
+    kw: usize,
+    dw_bytes: usize,
+    count: usize,
+    step: usize,
+    out: *mut u8,
+) {
     let offs = [0, 1, 2, 3].map(|j: usize| j.min(kw - 1) * dw_bytes);
-    let mut e0 = 0;
-    while e0 < len {
-        // e0 + 64 <= len rounded up to 64, and each offset <= (kw - 1) * dw_bytes: within the
-        // readable span (precondition).
+    for i in 0..count {
         let mut x = [_mm512_setzero_si512(); 4];
         for (xj, o) in x.iter_mut().zip(offs) {
-            // SAFETY: see above.
-            *xj = unsafe { _mm512_loadu_si512(row.add(e0 + o).cast()) };
+            // SAFETY: o <= (kw - 1) * dw_bytes: 64 readable bytes from row + i * step + o.
+            *xj = unsafe { _mm512_loadu_si512(row.add(i * step + o).cast()) };
         }
         for (q, v) in interleave_taps(x).into_iter().enumerate() {
-            // SAFETY: 4 * e0 + 64q + 64 <= 4 * (len rounded up to 64) writable bytes.
-            unsafe { _mm512_storeu_si512(out.add(4 * e0 + 64 * q).cast(), v) };
+            // SAFETY: 256i + 64q + 64 <= 256 * count writable bytes.
+            unsafe { _mm512_storeu_si512(out.add(256 * i + 64 * q).cast(), v) };
         }
-        e0 += 64;
     }
 }
 
-/// `len` bytes of one output row of a depthwise convolution with stride 1 along the width,
-/// from byte `start` (a multiple of 64) of the row, out of the kx-interleaved rows
-/// ([`depthwise_rows_build`], built from the same `start`) of its `KH` kernel rows: per 64
-/// output bytes, one `vpdpbusd` per kernel row and vector does all `kw <= 4` taps of 16
+/// `count` chunks of 64 output bytes of one output row of a depthwise convolution with
+/// stride 1 along the width, all of channel class `class` (so `step` bytes apart), from the
+/// kx-interleaved rows ([`depthwise_rows_build`] of the same chunks) of its `KH` kernel
+/// rows. Per chunk, one `vpdpbusd` per kernel row and vector does all `kw <= 4` taps of 16
 /// outputs, with no shuffles; the accumulators come out in the order that two saturating
-/// packs turn back into byte order, which also clamps to `0..=255`. `c` divides 64, so every
-/// chunk covers the same channels and the weights and constants are loaded once per call.
-/// (For other channel counts, reloading them per chunk made this slower than the flat-row
-/// kernel: measured, 56x56x144.)
+/// packs turn back into byte order, which also clamps to `0..=255`. The class's weights and
+/// constants stay in registers for all `count` chunks: loads bound this kernel.
 ///
 /// # Safety
-/// AVX-512 F/BW/VNNI available; `c` divides 64; each `x4[ky]` holds
-/// `4 * len.next_multiple_of(64)` bytes; `weights` (`pack_depthwise_rows`) and `consts` are
-/// this layer's for `c` channels and `KH` kernel rows; `out` has `len` writable bytes.
+/// AVX-512 F/BW/VNNI available; each `x4[ky]` holds `256 * count` bytes; `weights`
+/// (`pack_depthwise_rows`) and `consts` are this layer's for `KH` kernel rows and hold class
+/// `class`; `out + i * step` has 64 writable bytes for `i < count - 1`, and `last` (1..=64)
+/// for the last chunk.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn depthwise_rows_compute<const KH: usize>(
     x4: &[*const u8; KH],
-    c: usize,
     weights: &[i8],
     consts: &RowConsts,
-    start: usize,
-    len: usize,
+    class: usize,
+    count: usize,
+    step: usize,
+    last: usize,
     out: *mut u8,
 ) {
-    debug_assert!(64usize.is_multiple_of(c) && start.is_multiple_of(c), "one channel class: c divides 64");
     let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
     let zo = _mm512_set1_epi32(consts.zo);
     let (lo, hi) = (_mm512_set1_epi8(consts.lo as i8), _mm512_set1_epi8(consts.hi as i8));
-    let chunks = len.div_ceil(64);
-    // Every chunk covers the same channels: the weights and constants stay in registers.
+    let cb = 64 * class;
     let mut w = [[_mm512_setzero_si512(); 4]; KH];
     let (mut bias, mut mult, mut colterm) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4], [zo; 4]);
     for q in 0..4 {
         for (ky, wk) in w.iter_mut().enumerate() {
-            // SAFETY: the weights hold KH * 256 bytes.
-            wk[q] = unsafe { _mm512_loadu_si512(weights.as_ptr().add(ky * 256 + 64 * q).cast()) };
+            // SAFETY: the weights hold (class + 1) * KH * 256 bytes or more.
+            wk[q] = unsafe { _mm512_loadu_si512(weights.as_ptr().add((class * KH + ky) * 256 + 64 * q).cast()) };
         }
-        // SAFETY: the constants hold 64 entries.
+        // SAFETY: the constants hold (class + 1) * 64 entries or more.
         unsafe {
-            bias[q] = _mm512_loadu_ps(consts.bias_term.as_ptr().add(16 * q));
-            mult[q] = _mm512_loadu_ps(consts.mult.as_ptr().add(16 * q));
-            colterm[q] = _mm512_loadu_si512(consts.neg_colterm.as_ptr().add(16 * q).cast());
+            bias[q] = _mm512_loadu_ps(consts.bias_term.as_ptr().add(cb + 16 * q));
+            mult[q] = _mm512_loadu_ps(consts.mult.as_ptr().add(cb + 16 * q));
+            colterm[q] = _mm512_loadu_si512(consts.neg_colterm.as_ptr().add(cb + 16 * q).cast());
         }
     }
-    {
-        for chunk in 0..chunks {
-            let e0 = 64 * chunk;
-            let mut r = colterm;
-            for (row, wk) in x4.iter().zip(&w) {
-                for q in 0..4 {
-                    // SAFETY: 4 * e0 + 64q + 64 <= 4 * (len rounded up to 64) bytes of the row
-                    // (precondition).
-                    let x = unsafe { _mm512_loadu_si512(row.add(4 * e0 + 64 * q).cast()) };
-                    r[q] = _mm512_dpbusd_epi32(r[q], x, wk[q]);
-                }
-            }
-            let mut v = [zo; 4];
+    for i in 0..count {
+        let mut r = colterm;
+        for (row, wk) in x4.iter().zip(&w) {
             for q in 0..4 {
-                // The depthwise bias forms add a precomputed term (FBGEMM's order, no fma).
-                let mut f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(r[q]), bias[q]), mult[q]);
-                if !consts.clamp_free {
-                    f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
-                }
-                // Rounds half to even: Rust code never changes MXCSR from its default.
-                v[q] = _mm512_add_epi32(_mm512_cvtps_epi32(f), zo);
+                // SAFETY: 256i + 64q + 64 <= 256 * count bytes of the row (precondition).
+                let x = unsafe { _mm512_loadu_si512(row.add(256 * i + 64 * q).cast()) };
+                r[q] = _mm512_dpbusd_epi32(r[q], x, wk[q]);
             }
-            // Per 128-bit lane l the packs put vector q's dword d at byte 4q + d: output byte
-            // 16l + 4q + d, in order. Signed saturation to i16 then unsigned to u8 is a clamp
-            // to 0..=255; lo and hi (within it) clamp the bytes.
-            let bytes = _mm512_packus_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
-            let bytes = _mm512_min_epu8(_mm512_max_epu8(bytes, lo), hi);
-            if e0 + 64 <= len {
-                // SAFETY: bytes e0..e0+64 <= len are writable (precondition).
-                unsafe { _mm512_storeu_si512(out.add(e0).cast(), bytes) };
-            } else {
-                let m: __mmask64 = (1u64 << (len - e0)) - 1;
-                // SAFETY: only bytes e0..len are written (precondition).
-                unsafe { _mm512_mask_storeu_epi8(out.add(e0).cast(), m, bytes) };
+        }
+        let mut v = [zo; 4];
+        for q in 0..4 {
+            // The depthwise bias forms add a precomputed term (FBGEMM's order, no fma).
+            let mut f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(r[q]), bias[q]), mult[q]);
+            if !consts.clamp_free {
+                f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
             }
+            // Rounds half to even: Rust code never changes MXCSR from its default.
+            v[q] = _mm512_add_epi32(_mm512_cvtps_epi32(f), zo);
+        }
+        // Per 128-bit lane l the packs put vector q's dword d at byte 4q + d: output byte
+        // 16l + 4q + d, in order. Signed saturation to i16 then unsigned to u8 is a clamp to
+        // 0..=255; lo and hi (within it) clamp the bytes.
+        let bytes = _mm512_packus_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
+        let bytes = _mm512_min_epu8(_mm512_max_epu8(bytes, lo), hi);
+        if i + 1 < count || last == 64 {
+            // SAFETY: 64 writable bytes at out + i * step (precondition).
+            unsafe { _mm512_storeu_si512(out.add(i * step).cast(), bytes) };
+        } else {
+            let m: __mmask64 = (1u64 << last) - 1;
+            // SAFETY: `last` writable bytes at the last chunk (precondition).
+            unsafe { _mm512_mask_storeu_epi8(out.add(i * step).cast(), m, bytes) };
         }
     }
 }

@@ -252,3 +252,62 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
     }
     assert!(checked > channels.len() * 12, "{checked}");
 }
+
+/// Layers split over the same cached thread pool, called at once from several threads: a pool
+/// worker waiting on one layer's parallel work runs another's jobs, so no per-thread buffer may
+/// stay borrowed across that wait (this once panicked with "RefCell already borrowed").
+#[test]
+fn concurrent_callers_sharing_a_pool_get_the_single_threaded_bits() {
+    let mk = |c: usize, oc: usize, groups: usize, k: usize, symmetric: bool, seed: u64| {
+        let mut s = seed;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let (n, h, w) = (2, 23, 19);
+        ConvCase {
+            n,
+            h,
+            w,
+            c,
+            oc,
+            kh: k,
+            kw: k,
+            geom: Conv2dGeometry { stride: [1, 1], padding: [k / 2, k / 2], dilation: [1, 1], groups },
+            x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+            za: 7,
+            sa: 0.02,
+            wt: (0..oc * k * k * (c / groups)).map(|_| next() as i8).collect(),
+            sw: vec![0.004; oc],
+            zw: vec![if symmetric { 0 } else { 3 }; oc],
+            bias: None,
+            out: OutputQuant { scale: 0.5, zero_point: 9, activation: Activation::Relu },
+        }
+    };
+    // Depthwise (row-interleaved and flat), implicit im2col and chunked im2col.
+    let cases = [
+        mk(32, 32, 32, 3, true, 1),
+        mk(117, 117, 117, 5, true, 2),
+        mk(16, 24, 1, 3, true, 3),
+        mk(16, 24, 1, 3, false, 4),
+    ];
+    let expected: Vec<Vec<u8>> = cases.iter().map(|c| c.reference().unwrap()).collect();
+    let layers: Vec<PackedConv2d> =
+        cases.iter().map(|c| PackedConv2d::new(&c.weights(), c.bias.as_deref(), c.geom).unwrap()).collect();
+    let rounds = if cfg!(miri) { 1 } else { 40 };
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (cases, layers, expected) = (&cases, &layers, &expected);
+            s.spawn(move || {
+                for r in 0..rounds {
+                    let i = (t + r) % cases.len();
+                    let mut out = vec![0u8; expected[i].len()];
+                    layers[i].forward_u8(&cases[i].image(), cases[i].out, &mut out, 3).unwrap();
+                    assert_eq!(out, expected[i], "caller {t}, round {r}, layer {i}");
+                }
+            });
+        }
+    });
+}
