@@ -112,6 +112,11 @@ unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; 
     let plan = f.plan;
     let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
     let (zo, lo, hi) = (_mm512_set1_epi32(plan.zo), _mm512_set1_epi32(plan.lo), _mm512_set1_epi32(plan.hi));
+    if NV == 4 && f.ncols == 4 * VNNI_LANES {
+        // SAFETY: forwarded preconditions, with 64 columns.
+        unsafe { vnni_store_u8_64::<MR, NV>(acc, f) };
+        return;
+    }
     for v in 0..NV {
         let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
         let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
@@ -145,6 +150,66 @@ unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; 
             // SAFETY: row r0 + r, columns j..j+valid are inside the output (precondition).
             unsafe { _mm_mask_storeu_epi8(f.out.add((f.r0 + r) * f.ldc + j).cast(), m, bytes) };
         }
+    }
+}
+
+/// [`vnni_store_u8`] for a full tile of 64 columns: the same f32 operations per vector, then
+/// the four vectors of a row narrow together (two saturating packs and a dword permutation:
+/// one 64-byte store, and the clamp to `lo..=hi` on bytes) instead of one by one.
+///
+/// # Safety
+/// As [`vnni_store_u8`], with `NV == 4` and `f.ncols == 64`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn vnni_store_u8_64<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
+    let plan = f.plan;
+    let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
+    let zo = _mm512_set1_epi32(plan.zo);
+    debug_assert!(0 <= plan.lo && plan.lo <= plan.hi && plan.hi <= 255);
+    let (lo, hi) = (_mm512_set1_epi8(plan.lo as u8 as i8), _mm512_set1_epi8(plan.hi as u8 as i8));
+    // After the packs, dword 4l + j of the result holds columns 16j + 4l .. + 4: put it at
+    // dword 4j + l.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let j0 = f.j0;
+    let mut consts = [[_mm512_setzero_ps(); 3]; 4];
+    let mut colterm = [_mm512_setzero_si512(); 4];
+    let mut zw = [_mm512_setzero_si512(); 4];
+    for v in 0..4 {
+        let j = j0 + VNNI_LANES * v;
+        // SAFETY: the plan covers columns j0..j0 + 64.
+        unsafe {
+            colterm[v] = _mm512_loadu_si512(plan.colterm.as_ptr().add(j).cast());
+            if plan.has_zw {
+                zw[v] = _mm512_loadu_si512(plan.zw.as_ptr().add(j).cast());
+            }
+            consts[v] = [
+                _mm512_loadu_ps(plan.bias_term.as_ptr().add(j)),
+                _mm512_loadu_ps(plan.bias_scale.as_ptr().add(j)),
+                _mm512_loadu_ps(plan.mult.as_ptr().add(j)),
+            ];
+        }
+    }
+    for (r, accr) in acc.iter().enumerate() {
+        let mut q = [zo; 4];
+        for v in 0..4 {
+            let mut raw = _mm512_sub_epi32(accr[v], colterm[v]);
+            if plan.has_zw {
+                raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(f.rowsums[f.r0 + r]), zw[v]));
+            }
+            let [bias, bscale, mult] = consts[v];
+            let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
+            if !plan.clamp_free {
+                x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+            }
+            // Rounds half to even: Rust code never changes MXCSR from its default.
+            q[v] = _mm512_add_epi32(_mm512_cvtps_epi32(x), zo);
+        }
+        // Signed saturation to i16, then unsigned to u8: a clamp to 0..=255, within which
+        // lo and hi clamp the bytes exactly as they would the i32 values.
+        let packed = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+        let bytes = _mm512_permutexvar_epi32(order, packed);
+        let bytes = _mm512_min_epu8(_mm512_max_epu8(bytes, lo), hi);
+        // SAFETY: row r0 + r, columns j0..j0 + 64 are inside the output (precondition).
+        unsafe { _mm512_storeu_si512(f.out.add((f.r0 + r) * f.ldc + j0).cast(), bytes) };
     }
 }
 
