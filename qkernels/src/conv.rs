@@ -599,7 +599,7 @@ impl PackedConv2d {
         // Chunks of one class (every `classes`-th chunk of a row) are done together, TILE at
         // a time: the class's weights stay in registers and the ring (slots x 256 x TILE
         // bytes) in L1 for 3x3 kernels.
-        const TILE: usize = 16;
+        const TILE: usize = 32;
         let chunks = len.div_ceil(64);
         let slot_len = 256 * TILE.min(chunks);
         let total = x.n * oh;

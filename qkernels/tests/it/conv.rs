@@ -251,6 +251,38 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
         }
     }
     assert!(checked > channels.len() * 12, "{checked}");
+    // Rows long enough for several tiles of chunks per channel class (the kernel takes 32
+    // chunks of a class at a time).
+    for (c, w) in [(8, 300), (48, 300), (144, 90)] {
+        let (n, h, k) = (1, 3, 3);
+        let case = ConvCase {
+            n,
+            h,
+            w,
+            c,
+            oc: c,
+            kh: k,
+            kw: k,
+            geom: Conv2dGeometry { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: c },
+            x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+            za: 100,
+            sa: 0.02,
+            wt: (0..c * k * k).map(|_| next() as i8).collect(),
+            sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+            zw: vec![0; c],
+            bias: Some((0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+            out: OutputQuant { scale: 0.2, zero_point: 120, activation: Activation::Relu6 },
+        };
+        let expected = case.reference().unwrap();
+        for isa in crate::isas_under_test() {
+            let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+            for threads in [1, 2] {
+                let mut out = vec![0u8; expected.len()];
+                packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+                assert_eq!(out, expected, "{isa} threads={threads} c={c} w={w}");
+            }
+        }
+    }
 }
 
 /// Layers split over the same cached thread pool, called at once from several threads: a pool
