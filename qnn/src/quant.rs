@@ -287,6 +287,7 @@ impl Prepared {
     /// As [`Prepared::calibrate`], or observers that cannot merge.
     pub fn calibrate_batches(&mut self, batches: &[ArrayD<f32>], threads: usize) -> Result<()> {
         use std::io::IsTerminal;
+        batches.iter().try_for_each(non_empty)?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(batches.len() as u64);
             b.set_style(
@@ -295,7 +296,6 @@ impl Prepared {
             );
             b
         });
-        batches.iter().try_for_each(non_empty)?;
         let threads = threads.clamp(1, batches.len().max(1));
         if threads == 1 {
             for x in batches {
