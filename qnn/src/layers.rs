@@ -479,6 +479,39 @@ impl Module for Flatten {
     }
 }
 
+/// An `[n, c, oh, ow]` output whose element `(b, ch, oy, ox)` is `f(plane, oy, ox)`, `plane`
+/// being input plane `(b, ch)`: the loop the float pools share.
+fn per_window(
+    x: &ArrayD<f32>,
+    [n, c, oh, ow]: [usize; 4],
+    f: impl Fn(ndarray::ArrayView2<'_, f32>, usize, usize) -> f32,
+) -> ArrayD<f32> {
+    let x = x.view().into_dimensionality::<ndarray::Ix4>().expect("checked 4-D");
+    let mut y = ArrayD::zeros(IxDyn(&[n, c, oh, ow]));
+    for b in 0..n {
+        for ch in 0..c {
+            let plane = x.slice(ndarray::s![b, ch, .., ..]);
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    y[[b, ch, oy, ox]] = f(plane, oy, ox);
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The sum of `plane[rows, cols]`, row by row, left to right (PyTorch's order).
+fn sum_rows(plane: ndarray::ArrayView2<'_, f32>, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> f32 {
+    let mut s = 0.0f32;
+    for iy in rows {
+        for ix in cols.clone() {
+            s += plane[[iy, ix]];
+        }
+    }
+    s
+}
+
 /// `nn.AdaptiveAvgPool2d(output_size)`: PyTorch's windows
 /// `[floor(o * in / out), ceil((o + 1) * in / out))`.
 #[derive(Debug, Clone, Copy)]
@@ -491,25 +524,11 @@ impl Module for AdaptiveAvgPool2d {
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let [n, c, h, w] = nchw("AdaptiveAvgPool2d", x, "[batch, channels, height, width]")?;
         let (oh, ow) = (self.0, self.1);
-        let mut y = ArrayD::zeros(IxDyn(&[n, c, oh, ow]));
-        for b in 0..n {
-            for ch in 0..c {
-                for oy in 0..oh {
-                    let (hs, he) = (oy * h / oh, ((oy + 1) * h).div_ceil(oh));
-                    for ox in 0..ow {
-                        let (ws, we) = (ox * w / ow, ((ox + 1) * w).div_ceil(ow));
-                        let mut s = 0.0f32;
-                        for iy in hs..he {
-                            for ix in ws..we {
-                                s += x[[b, ch, iy, ix]];
-                            }
-                        }
-                        y[[b, ch, oy, ox]] = s / ((he - hs) * (we - ws)) as f32;
-                    }
-                }
-            }
-        }
-        Ok(y)
+        Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
+            let (hs, he) = (oy * h / oh, ((oy + 1) * h).div_ceil(oh));
+            let (ws, we) = (ox * w / ow, ((ox + 1) * w).div_ceil(ow));
+            sum_rows(plane, hs..he, ws..we) / ((he - hs) * (we - ws)) as f32
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -539,27 +558,17 @@ impl Module for MaxPool2d {
         let [n, c, h, w] = nchw("MaxPool2d", x, "[batch, channels, height, width]")?;
         let p = &self.0;
         let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
-        let mut y = ArrayD::from_elem(IxDyn(&[n, c, oh, ow]), f32::NEG_INFINITY);
-        for b in 0..n {
-            for ch in 0..c {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let mut m = f32::NEG_INFINITY;
-                        for ky in 0..p.kernel[0] {
-                            let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize;
-                            for kx in 0..p.kernel[1] {
-                                let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize;
-                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                    m = m.max(x[[b, ch, iy as usize, ix as usize]]);
-                                }
-                            }
-                        }
-                        y[[b, ch, oy, ox]] = m;
-                    }
+        // Dilated windows: each tap on its own, padding never counted.
+        let tap = |o: usize, k: usize, d: usize| (o * p.stride[d] + k * p.dilation[d]).checked_sub(p.padding[d]);
+        Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
+            let mut m = f32::NEG_INFINITY;
+            for iy in (0..p.kernel[0]).filter_map(|ky| tap(oy, ky, 0)).filter(|&iy| iy < h) {
+                for ix in (0..p.kernel[1]).filter_map(|kx| tap(ox, kx, 1)).filter(|&ix| ix < w) {
+                    m = m.max(plane[[iy, ix]]);
                 }
             }
-        }
-        Ok(y)
+            m
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -589,39 +598,23 @@ impl Module for AvgPool2d {
         let [n, c, h, w] = nchw("AvgPool2d", x, "[batch, channels, height, width]")?;
         let p = &self.0;
         let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
-        let mut y = ArrayD::zeros(IxDyn(&[n, c, oh, ow]));
-        for b in 0..n {
-            for ch in 0..c {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let hs = (oy * p.stride[0]) as isize - p.padding[0] as isize;
-                        let ws = (ox * p.stride[1]) as isize - p.padding[1] as isize;
-                        let he = (hs + p.kernel[0] as isize).min((h + p.padding[0]) as isize);
-                        let we = (ws + p.kernel[1] as isize).min((w + p.padding[1]) as isize);
-                        let pool = ((he - hs) * (we - ws)) as f32;
-                        let (hs, ws, he, we) = (
-                            hs.max(0) as usize,
-                            ws.max(0) as usize,
-                            he.min(h as isize) as usize,
-                            we.min(w as isize) as usize,
-                        );
-                        let mut s = 0.0f32;
-                        for iy in hs..he {
-                            for ix in ws..we {
-                                s += x[[b, ch, iy, ix]];
-                            }
-                        }
-                        let div = match p.divisor_override {
-                            Some(d) => d as f32,
-                            None if p.count_include_pad => pool,
-                            None => ((he - hs) * (we - ws)) as f32,
-                        };
-                        y[[b, ch, oy, ox]] = s / div;
-                    }
-                }
-            }
-        }
-        Ok(y)
+        Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
+            // The window in padded coordinates (clipped to the padded input), then to the input.
+            let hs = (oy * p.stride[0]) as isize - p.padding[0] as isize;
+            let ws = (ox * p.stride[1]) as isize - p.padding[1] as isize;
+            let he = (hs + p.kernel[0] as isize).min((h + p.padding[0]) as isize);
+            let we = (ws + p.kernel[1] as isize).min((w + p.padding[1]) as isize);
+            let pool = ((he - hs) * (we - ws)) as f32;
+            let (hs, ws) = (hs.max(0) as usize, ws.max(0) as usize);
+            let (he, we) = (he.min(h as isize) as usize, we.min(w as isize) as usize);
+            let s = sum_rows(plane, hs..he, ws..we);
+            let div = match p.divisor_override {
+                Some(d) => d as f32,
+                None if p.count_include_pad => pool,
+                None => ((he - hs) * (we - ws)) as f32,
+            };
+            s / div
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self
