@@ -81,7 +81,8 @@ enum ConvKind {
         /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width
         /// and kernels up to 5 x 4.
         rows: Option<Vec<i8>>,
-        /// The flat-row layout, for stride 1 along the width (wider kernels).
+        /// The flat-row layout, for stride 1 along the width, kernels wider than 4 (up to 16
+        /// rows and 64 taps).
         flat: Option<Vec<i8>>,
     },
 }
@@ -139,7 +140,9 @@ impl PackedConv2d {
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
                 .then(|| pack_depthwise_rows(&taps, kh, kw));
-            let flat = (unit_w && rows.is_none()).then(|| pack_depthwise_flat(&taps));
+            // The flat kernel keeps 16 row pointers and a table of 64 taps; larger kernels go
+            // through the per-pixel one.
+            let flat = (unit_w && rows.is_none() && kh <= 16 && kh * kw <= 64).then(|| pack_depthwise_flat(&taps));
             ConvKind::Depthwise { taps, vnni, rows, flat }
         } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
             kind
@@ -729,7 +732,7 @@ impl PackedConv2d {
             let row = |(orow, out_row): (usize, &mut [u8])| {
                 let (b, oy) = (orow / oh, orow % oh);
                 let mut rows = [std::ptr::null::<u8>(); 16];
-                let kh = self.kh.min(16);
+                let kh = self.kh; // <= 16: packing checked
                 for (ky, r) in rows.iter_mut().enumerate().take(kh) {
                     let iy = oy * g.stride[0] + ky * g.dilation[0];
                     *r = padded[(b * hp + iy) * row_bytes..].as_ptr();

@@ -442,9 +442,10 @@ pub(crate) unsafe fn depthwise_vnni_pixel(taps: &[&[u8]], c: usize, packed: &[i8
         for g in 0..groups {
             let mut x = [_mm512_setzero_si512(); 4];
             for (i, xi) in x.iter_mut().enumerate() {
-                let tap = (4 * g + i).min(t - 1); // past the last tap the weights are 0
-                                                  // SAFETY: the masked load reads only the `valid` bytes 64b..64b+valid < c
-                                                  // of a tap slice that holds c bytes.
+                // Past the last tap the weights are 0.
+                let tap = (4 * g + i).min(t - 1);
+                // SAFETY: the masked load reads only the `valid` bytes 64b..64b+valid < c of a
+                // tap slice that holds c bytes.
                 *xi = unsafe { _mm512_maskz_loadu_epi8(mask, taps[tap].as_ptr().add(64 * b).cast()) };
             }
             let quads = interleave_taps(x);

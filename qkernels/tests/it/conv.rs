@@ -252,22 +252,23 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
     }
     assert!(checked > channels.len() * 12, "{checked}");
     // Rows long enough for several tiles of chunks per channel class (the kernel takes 32
-    // chunks of a class at a time).
-    for (c, w) in [(8, 300), (48, 300), (144, 90)] {
-        let (n, h, k) = (1, 3, 3);
+    // chunks of a class at a time); and kernels taller or larger than the row-interleaved and
+    // flat kernels take (17 rows, 81 taps), which must fall back, not truncate or panic.
+    for (c, w, kh, kw) in [(8, 300, 3, 3), (48, 300, 3, 3), (144, 90, 3, 3), (24, 20, 17, 1), (16, 12, 9, 9)] {
+        let (n, h) = (1, kh + 2);
         let case = ConvCase {
             n,
             h,
             w,
             c,
             oc: c,
-            kh: k,
-            kw: k,
-            geom: Conv2dGeometry { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: c },
+            kh,
+            kw,
+            geom: Conv2dGeometry { stride: [1, 1], padding: [1, kw / 2], dilation: [1, 1], groups: c },
             x: (0..n * h * w * c).map(|_| next() as u8).collect(),
             za: 100,
             sa: 0.02,
-            wt: (0..c * k * k).map(|_| next() as i8).collect(),
+            wt: (0..c * kh * kw).map(|_| next() as i8).collect(),
             sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
             zw: vec![0; c],
             bias: Some((0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
@@ -279,7 +280,7 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
             for threads in [1, 2] {
                 let mut out = vec![0u8; expected.len()];
                 packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
-                assert_eq!(out, expected, "{isa} threads={threads} c={c} w={w}");
+                assert_eq!(out, expected, "{isa} threads={threads} c={c} w={w} k={kh}x{kw}");
             }
         }
     }
