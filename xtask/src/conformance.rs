@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-const TIERS: [&str; 3] = ["scalar", "avx2", "avx512vnni"];
+pub const TIERS: [&str; 3] = ["scalar", "avx2", "avx512vnni"];
 
 pub fn run(root: &Path) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -8,8 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::conformance::TIERS;
+
 const CRATES: [&str; 6] = ["-p", "qtensor", "-p", "qkernels", "-p", "qobserve"];
-const TIERS: [&str; 3] = ["scalar", "avx2", "avx512vnni"];
 const HOST: &str = "x86_64-unknown-linux-gnu";
 
 fn status(cmd: &mut Command, what: &str) -> Result<bool, String> {
