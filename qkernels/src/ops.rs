@@ -711,9 +711,6 @@ pub fn quantize_nchw_to_nhwc(
     q.check(OP)?;
     same_len(OP, n * c * h * w, x.len(), "the input must hold n * c * h * w values (NCHW)")?;
     same_len(OP, x.len(), out.len(), "the output must hold n * h * w * c values (NHWC)")?;
-    if let Some(i) = x.iter().position(|v| v.is_nan()) {
-        return Err(QError::NanInput { op: OP, index: i, shape: vec![n, c, h, w] });
-    }
     let hw = h * w;
     if hw == 0 || c == 0 {
         return Ok(());
@@ -729,7 +726,15 @@ pub fn quantize_nchw_to_nhwc(
             let plane = &x[(b * c + ch) * hw..(b * c + ch + 1) * hw];
             for (i, src) in plane.chunks(BLOCK).enumerate() {
                 let q8 = &mut block[..src.len()];
-                qtensor::kernels::quantize_slice(src, q8, q.scale, q.zero_point, range)?;
+                // NaN is found by the quantization itself: report it at its place in x.
+                qtensor::kernels::quantize_slice(src, q8, q.scale, q.zero_point, range).map_err(|e| match e {
+                    QError::NanInput { index, .. } => QError::NanInput {
+                        op: OP,
+                        index: (b * c + ch) * hw + i * BLOCK + index,
+                        shape: vec![n, c, h, w],
+                    },
+                    other => other,
+                })?;
                 for (k, &v) in q8.iter().enumerate() {
                     dst[(i * BLOCK + k) * c + ch] = v;
                 }

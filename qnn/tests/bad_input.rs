@@ -56,7 +56,8 @@ fn nan_at_inference_names_the_input_and_the_index() {
     let mut input = x(&[1, 1, 8, 8]);
     input[[0, 0, 2, 5]] = f32::NAN;
     let e = q.forward(&input).unwrap_err().to_string();
-    contains_all(&e, &["(model input)", "NaN"]);
+    // Flat NCHW index of [0, 0, 2, 5] in a 1x1x8x8 input: 21.
+    contains_all(&e, &["(model input)", "NaN", "index 21"]);
     // Infinities are not errors at inference: like PyTorch, they saturate.
     input[[0, 0, 2, 5]] = f32::INFINITY;
     assert!(q.forward(&input).is_ok());

@@ -4,7 +4,7 @@ use qkernels::{
     gemm, Activation, Conv2dGeometry, GemmOutput, OutputQuant, PackedConv2d, PackedLinear, PackedWeights, QImage,
     QMatrix,
 };
-use qtensor::{QParams, QTensor};
+use qtensor::{QError, QParams, QTensor};
 
 fn w(n: usize, k: usize) -> QTensor<i8> {
     QTensor::quantize(&ndarray::Array2::<f32>::zeros((n, k)), QParams::per_tensor(0.1, 0).unwrap()).unwrap()
@@ -64,4 +64,20 @@ fn conv_rejects_bad_weights_geometry_and_inputs() {
     let img = QImage { data: &x, n: 1, h: 5, w: 5, c: 2, scale: 0.1, zero_point: 0 };
     let e = conv.forward_u8(&img, Q, &mut out[..10], 1).unwrap_err().to_string();
     assert!(e.contains("[1, 3, 3, 6]"), "{e}");
+}
+
+#[test]
+fn quantize_boundary_reports_nan_at_its_nchw_index() {
+    // Planes longer than the kernel's 1024-value blocks: the index must count whole planes
+    // and blocks before the one holding the NaN.
+    let (n, c, h, w) = (2, 3, 40, 40);
+    let mut x = vec![0.25f32; n * c * h * w];
+    let at = (3 + 2) * h * w + 1500;
+    x[at] = f32::NAN;
+    x[at + 7] = f32::NAN;
+    let mut out = vec![0u8; x.len()];
+    let q = qkernels::QuantU8 { scale: 0.1, zero_point: 3 };
+    let e = qkernels::quantize_nchw_to_nhwc(&x, (n, c, h, w), q, &mut out).unwrap_err();
+    assert!(matches!(e, QError::NanInput { index, .. } if index == at), "{e}");
+    assert!(e.to_string().contains("[2, 3, 40, 40]"), "{e}");
 }
