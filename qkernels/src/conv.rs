@@ -80,11 +80,56 @@ enum ConvKind {
         vnni: Option<Vec<i8>>,
         /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width
         /// and kernels up to 5 x 4.
-        rows: Option<Vec<i8>>,
+        rows: Option<Box<DwKernel<RowConsts>>>,
         /// The flat-row layout, for stride 1 along the width, kernels wider than 4 (up to 16
         /// rows and 64 taps).
-        flat: Option<Vec<i8>>,
+        flat: Option<Box<DwKernel<FlatConsts>>>,
     },
+}
+
+/// Epilogue constants of the flat depthwise kernel, by channel class: lane `i` of class `cl`
+/// is channel `(cl * gcd(c, 64) + i) % c`.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct FlatConsts {
+    pub colterm: Vec<i32>,
+    pub bias_term: Vec<f32>,
+    pub bias_scale: Vec<f32>,
+    pub mult: Vec<f32>,
+    pub zo: i32,
+    pub lo: i32,
+    pub hi: i32,
+    pub clamp_free: bool,
+}
+
+/// Epilogue constants of the row-interleaved depthwise kernel, by channel class
+/// (as [`FlatConsts`]) and in the kernel's lane order: entry `64cl + 16q + 4l + d` is for
+/// output byte `16l + 4q + d` of a chunk of class `cl`. `neg_colterm` starts the accumulators.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct RowConsts {
+    pub neg_colterm: Vec<i32>,
+    pub bias_term: Vec<f32>,
+    pub mult: Vec<f32>,
+    pub zo: i32,
+    pub lo: u8,
+    pub hi: u8,
+    pub clamp_free: bool,
+}
+
+/// The packed weights of one AVX-512 depthwise kernel, and its epilogue constants in that
+/// kernel's lane order: derived from the plan once per input and output parameters, not on
+/// every call.
+#[derive(Clone, Debug)]
+struct DwKernel<C> {
+    weights: Vec<i8>,
+    consts: PlanCache<C>,
+}
+
+impl<C> DwKernel<C> {
+    fn new(weights: Vec<i8>) -> Box<Self> {
+        Box::new(DwKernel { weights, consts: PlanCache::default() })
+    }
 }
 
 const OP: &str = "qkernels::conv2d";
@@ -139,10 +184,11 @@ impl PackedConv2d {
             let vnni = (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
-                .then(|| pack_depthwise_rows(&taps, kh, kw));
+                .then(|| DwKernel::new(pack_depthwise_rows(&taps, kh, kw)));
             // The flat kernel keeps 16 row pointers and a table of 64 taps; larger kernels go
             // through the per-pixel one.
-            let flat = (unit_w && rows.is_none() && kh <= 16 && kh * kw <= 64).then(|| pack_depthwise_flat(&taps));
+            let flat = (unit_w && rows.is_none() && kh <= 16 && kh * kw <= 64)
+                .then(|| DwKernel::new(pack_depthwise_flat(&taps)));
             ConvKind::Depthwise { taps, vnni, rows, flat }
         } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
             kind
@@ -314,13 +360,25 @@ impl PackedConv2d {
                     let plan = &plans[0];
                     match (rows, flat) {
                         #[cfg(target_arch = "x86_64")]
-                        (Some(weights), _) => crate::threads::run_with(threads, || {
-                            self.forward_depthwise_rows(weights, plan, x, out, oh, ow, threads)
-                        }),
+                        (Some(k), _) => k.consts.with(
+                            key,
+                            || row_consts(plan, self.oc),
+                            |consts| {
+                                crate::threads::run_with(threads, || {
+                                    self.forward_depthwise_rows(&k.weights, consts, x, out, oh, ow, threads)
+                                })
+                            },
+                        ),
                         #[cfg(target_arch = "x86_64")]
-                        (None, Some(weights)) => crate::threads::run_with(threads, || {
-                            self.forward_depthwise_flat(weights, plan, x, out, oh, ow, threads > 1)
-                        }),
+                        (None, Some(k)) => k.consts.with(
+                            key,
+                            || flat_consts(plan, self.oc),
+                            |consts| {
+                                crate::threads::run_with(threads, || {
+                                    self.forward_depthwise_flat(&k.weights, consts, x, out, oh, ow, threads > 1)
+                                })
+                            },
+                        ),
                         _ => crate::threads::run_with(threads, || {
                             self.forward_depthwise(taps, vnni.as_deref(), plan, x, out, oh, ow, threads > 1)
                         }),
@@ -569,7 +627,7 @@ impl PackedConv2d {
     fn forward_depthwise_rows(
         &self,
         weights: &[i8],
-        plan: &Plan,
+        consts: &RowConsts,
         x: &QImage<'_>,
         out: &mut [u8],
         oh: usize,
@@ -582,22 +640,6 @@ impl PackedConv2d {
         let (row_bytes, len) = (wp * c, ow * c);
         let gc = crate::x86::gcd(c, 64);
         let classes = c / gc;
-        // Entry 64cl + 16q + 4l + d is output byte 16l + 4q + d of a chunk of class cl.
-        let lane_ch = |e: usize| {
-            let (cl, i) = (e / 64, e % 64);
-            let (q, l, d) = (i / 16, (i % 16) / 4, i % 4);
-            (cl * gc + 16 * l + 4 * q + d) % c
-        };
-        debug_assert!((0..=255).contains(&plan.lo) && (plan.lo..=255).contains(&plan.hi));
-        let consts = crate::x86::RowConsts {
-            neg_colterm: (0..classes * 64).map(|e| plan.colterm[lane_ch(e)].wrapping_neg()).collect(),
-            bias_term: (0..classes * 64).map(|e| plan.bias_term[lane_ch(e)]).collect(),
-            mult: (0..classes * 64).map(|e| plan.mult[lane_ch(e)]).collect(),
-            zo: plan.zo,
-            lo: plan.lo.clamp(0, 255) as u8,
-            hi: plan.hi.clamp(0, 255) as u8,
-            clamp_free: plan.clamp_free,
-        };
         let slots = kh * g.dilation[0];
         // Chunks of one class (every `classes`-th chunk of a row) are done together, TILE at
         // a time: the class's weights stay in registers and the ring (slots x 256 x TILE
@@ -664,7 +706,7 @@ impl PackedConv2d {
                                 // with `last` bytes.
                                 unsafe {
                                     use crate::x86::depthwise_rows_compute as k;
-                                    let (w, cs, st) = (weights, &consts, 64 * classes);
+                                    let (w, cs, st) = (weights, consts, 64 * classes);
                                     let r = &rows;
                                     match kh {
                                         1 => k::<1>(&[r[0]], w, cs, class, count, st, last, out_tile),
@@ -703,7 +745,7 @@ impl PackedConv2d {
     fn forward_depthwise_flat(
         &self,
         weights: &[i8],
-        plan: &Plan,
+        consts: &FlatConsts,
         x: &QImage<'_>,
         out: &mut [u8],
         oh: usize,
@@ -713,18 +755,6 @@ impl PackedConv2d {
         let (c, g) = (x.c, &self.geom);
         let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
         let row_bytes = wp * c;
-        let classes = c / crate::x86::gcd(c, 64);
-        let lane_ch = |cl: usize, i: usize| (cl * crate::x86::gcd(c, 64) + i) % c;
-        let consts = crate::x86::FlatConsts {
-            colterm: (0..classes * 64).map(|e| plan.colterm[lane_ch(e / 64, e % 64)]).collect(),
-            bias_term: (0..classes * 64).map(|e| plan.bias_term[lane_ch(e / 64, e % 64)]).collect(),
-            bias_scale: (0..classes * 64).map(|e| plan.bias_scale[lane_ch(e / 64, e % 64)]).collect(),
-            mult: (0..classes * 64).map(|e| plan.mult[lane_ch(e / 64, e % 64)]).collect(),
-            zo: plan.zo,
-            lo: plan.lo,
-            hi: plan.hi,
-            clamp_free: plan.clamp_free,
-        };
         with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
             pad_image(x, g.padding, 64, buf);
@@ -749,7 +779,7 @@ impl PackedConv2d {
                         g.dilation[1] * c,
                         c,
                         weights,
-                        &consts,
+                        consts,
                         ow * c,
                         out_row.as_mut_ptr(),
                     )
@@ -761,6 +791,48 @@ impl PackedConv2d {
                 out.chunks_mut(ow * c).enumerate().for_each(row);
             }
         });
+    }
+}
+
+/// [`RowConsts`] of a plan over `c` channels: entry `64cl + 16q + 4l + d` is output byte
+/// `16l + 4q + d` of a chunk of class `cl`.
+#[cfg(target_arch = "x86_64")]
+fn row_consts(plan: &Plan, c: usize) -> RowConsts {
+    let gc = crate::x86::gcd(c, 64);
+    let classes = c / gc;
+    let lane_ch = |e: usize| {
+        let (cl, i) = (e / 64, e % 64);
+        let (q, l, d) = (i / 16, (i % 16) / 4, i % 4);
+        (cl * gc + 16 * l + 4 * q + d) % c
+    };
+    debug_assert!((0..=255).contains(&plan.lo) && (plan.lo..=255).contains(&plan.hi));
+    RowConsts {
+        neg_colterm: (0..classes * 64).map(|e| plan.colterm[lane_ch(e)].wrapping_neg()).collect(),
+        bias_term: (0..classes * 64).map(|e| plan.bias_term[lane_ch(e)]).collect(),
+        mult: (0..classes * 64).map(|e| plan.mult[lane_ch(e)]).collect(),
+        zo: plan.zo,
+        lo: plan.lo.clamp(0, 255) as u8,
+        hi: plan.hi.clamp(0, 255) as u8,
+        clamp_free: plan.clamp_free,
+    }
+}
+
+/// [`FlatConsts`] of a plan over `c` channels: lane `i` of class `cl` is channel
+/// `(cl * gcd(c, 64) + i) % c`.
+#[cfg(target_arch = "x86_64")]
+fn flat_consts(plan: &Plan, c: usize) -> FlatConsts {
+    let gc = crate::x86::gcd(c, 64);
+    let lane = |e: usize| (e / 64 * gc + e % 64) % c;
+    let n = c / gc * 64;
+    FlatConsts {
+        colterm: (0..n).map(|e| plan.colterm[lane(e)]).collect(),
+        bias_term: (0..n).map(|e| plan.bias_term[lane(e)]).collect(),
+        bias_scale: (0..n).map(|e| plan.bias_scale[lane(e)]).collect(),
+        mult: (0..n).map(|e| plan.mult[lane(e)]).collect(),
+        zo: plan.zo,
+        lo: plan.lo,
+        hi: plan.hi,
+        clamp_free: plan.clamp_free,
     }
 }
 

@@ -117,19 +117,26 @@ impl PlanKey {
     }
 }
 
-/// The plans of a layer that owns its weights and bias (one per group), kept for the first
-/// input and output parameters it runs with: a converted model runs every layer with the same
-/// parameters on every call, so after the first call no plan is rebuilt (or allocated).
-/// Other parameters get plans built for that call. Lock-free once set; shared by threads.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct PlanCache(std::sync::OnceLock<(PlanKey, Vec<Plan>)>);
+/// The plans of a layer that owns its weights and bias (one per group), or anything else
+/// derived from them and the parameters, kept for the first input and output parameters it
+/// runs with: a converted model runs every layer with the same parameters on every call, so
+/// after the first call nothing is rebuilt (or allocated). Other parameters get a value built
+/// for that call. Lock-free once set; shared by threads.
+#[derive(Clone, Debug)]
+pub(crate) struct PlanCache<T = Vec<Plan>>(std::sync::OnceLock<(PlanKey, T)>);
 
-impl PlanCache {
-    /// Runs `f` on the plans for `key`, cached or built by `build`.
-    pub(crate) fn with<R>(&self, key: PlanKey, build: impl Fn() -> Vec<Plan>, f: impl FnOnce(&[Plan]) -> R) -> R {
-        let (k, plans) = self.0.get_or_init(|| (key, build()));
+impl<T> Default for PlanCache<T> {
+    fn default() -> Self {
+        PlanCache(std::sync::OnceLock::new())
+    }
+}
+
+impl<T> PlanCache<T> {
+    /// Runs `f` on the value for `key`, cached or built by `build`.
+    pub(crate) fn with<R>(&self, key: PlanKey, build: impl Fn() -> T, f: impl FnOnce(&T) -> R) -> R {
+        let (k, value) = self.0.get_or_init(|| (key, build()));
         if *k == key {
-            f(plans)
+            f(value)
         } else {
             f(&build())
         }

@@ -1,13 +1,15 @@
 //! x86-64 micro-kernels: AVX-512 VNNI and AVX2, each the twin of the scalar kernel in
 //! `gemm.rs`, and the AVX2 requantization epilogue.
 //!
-//! Callers reach these only through `gemm`, after packing checked the CPU: every function
+//! Callers reach these only through `gemm` and `conv`, after packing checked the CPU: every function
 //! here is `unsafe` with the CPU feature as its precondition.
 
 use std::arch::x86_64::*;
 use std::ptr;
 
+use crate::conv::{FlatConsts, RowConsts};
 use crate::gemm::{Plan, QMatrix, Tile, REQUANT_LIMIT};
+use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
 
 /// Where a VNNI tile writes requantized `u8` directly from its accumulators, skipping the
 /// tile buffer: the output base pointer, its row stride, and the tile's place in it.
@@ -22,7 +24,6 @@ pub(crate) struct FusedU8<'p> {
     pub j0: usize,
     pub ncols: usize,
 }
-use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
 
 /// Four consecutive activation bytes of row `row` from column `k0`, zero beyond `k`.
 ///
@@ -465,20 +466,6 @@ pub(crate) unsafe fn depthwise_vnni_pixel(taps: &[&[u8]], c: usize, packed: &[i8
     }
 }
 
-/// Per-call epilogue constants of the flat depthwise kernel, by channel class: lane `i` of
-/// class `cl` is channel `(cl * gcd(c, 64) + i) % c`.
-#[derive(Debug)]
-pub(crate) struct FlatConsts {
-    pub colterm: Vec<i32>,
-    pub bias_term: Vec<f32>,
-    pub bias_scale: Vec<f32>,
-    pub mult: Vec<f32>,
-    pub zo: i32,
-    pub lo: i32,
-    pub hi: i32,
-    pub clamp_free: bool,
-}
-
 /// One output row of a stride-1 (along the width) depthwise convolution, as a 1-D
 /// correlation over the row flattened to `ow * c` bytes: output byte `e` (pixel `e / c`,
 /// channel `e % c`) sums tap `(ky, kx)` at byte `e + kx * dw_bytes` of padded input row `ky`.
@@ -585,20 +572,6 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
             offset -= c;
         }
     }
-}
-
-/// Per-call epilogue constants of the row-interleaved depthwise kernel, by channel class
-/// (as [`FlatConsts`]) and in the kernel's lane order: entry `64cl + 16q + 4l + d` is for
-/// output byte `16l + 4q + d` of a chunk of class `cl`. `neg_colterm` starts the accumulators.
-#[derive(Debug)]
-pub(crate) struct RowConsts {
-    pub neg_colterm: Vec<i32>,
-    pub bias_term: Vec<f32>,
-    pub mult: Vec<f32>,
-    pub zo: i32,
-    pub lo: u8,
-    pub hi: u8,
-    pub clamp_free: bool,
 }
 
 /// The kx-interleaved form of `count` 64-byte chunks of one padded input row, `step` bytes
