@@ -526,11 +526,15 @@ impl PackedConv2d {
         let t = self.kh * self.kw;
         let zp_row = vec![x.zero_point as u8; c.next_multiple_of(64)];
         let g = &self.geom;
-        let row = |(orow, out_row): (usize, &mut [u8])| {
+        // Per thread (not per row): the tap pointers and the accumulators.
+        let state = || (Vec::<&[u8]>::with_capacity(t), vec![0i32; c.next_multiple_of(64)]);
+        // Names the tap slices' lifetime, which a closure's own annotation cannot.
+        fn per_row<'a, F: Fn(&mut (Vec<&'a [u8]>, Vec<i32>), (usize, &mut [u8])) + Sync>(f: F) -> F {
+            f
+        }
+        let row = per_row(|(ptrs, acc), (orow, out_row)| {
             let (b, oy) = (orow / oh, orow % oh);
             let img = &x.data[b * x.h * x.w * c..(b + 1) * x.h * x.w * c];
-            let mut ptrs: Vec<&[u8]> = Vec::with_capacity(t);
-            let mut acc = vec![0i32; c.next_multiple_of(64)];
             for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
                 ptrs.clear();
                 for ky in 0..self.kh {
@@ -551,18 +555,19 @@ impl PackedConv2d {
                         // SAFETY: `vnni` is Some only when packing found AVX-512 VNNI on this
                         // CPU; every tap slice holds `c` readable bytes; `acc` holds c rounded
                         // up to 64; `packed` is this layer's interleaved layout for (c, t).
-                        unsafe { crate::x86::depthwise_vnni_pixel(&ptrs, c, packed, &mut acc) };
+                        unsafe { crate::x86::depthwise_vnni_pixel(ptrs, c, packed, acc) };
                         requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
                     }
-                    _ => depthwise_scalar_pixel(&ptrs, taps, x.zero_point, plan, px),
+                    _ => depthwise_scalar_pixel(ptrs, taps, x.zero_point, plan, px),
                 }
             }
-        };
+        });
         let ow_c = ow * c;
         if parallel {
-            out.par_chunks_mut(ow_c).enumerate().for_each(row);
+            out.par_chunks_mut(ow_c).enumerate().for_each_init(state, row);
         } else {
-            out.chunks_mut(ow_c).enumerate().for_each(row);
+            let mut st = state();
+            out.chunks_mut(ow_c).enumerate().for_each(|r| row(&mut st, r));
         }
     }
 }
