@@ -69,12 +69,14 @@ pub struct PackedConv2d {
 enum ConvKind {
     /// One packed GEMM operand per group, `[oc / groups, kh * kw * ic / groups]`.
     Gemm(Vec<PackedWeights>),
+    /// Dense, symmetric weights on AVX-512 VNNI: implicit im2col over the padded input, with
+    /// the layout of [`implicit_layout`]: each kernel row's first `seg` bytes (a multiple of
+    /// 4) read in place as quads, then every row's last `tail` bytes gathered into shared
+    /// quads. When `tail` is 0 and `seg > kw * c`, the segment is padded with zero weights
+    /// and the kernel also reads the bytes that follow it.
+    Implicit { w: PackedWeights, seg: usize, tail: usize },
     /// `taps` is `[c, kh * kw]` (scalar layout); `vnni` the interleaved layout of the
     /// AVX-512 kernel when the weights are symmetric and the CPU has VNNI.
-    /// Dense, symmetric weights on AVX-512 VNNI: implicit im2col over the padded input. Each
-    /// kernel row's `kw * c` weights are padded with zeros to `seg`, a multiple of 4; the
-    /// kernel then also reads the (zero-weighted) bytes that follow each segment.
-    Implicit { w: PackedWeights, seg: usize },
     Depthwise {
         taps: PackedWeights,
         vnni: Option<Vec<i8>>,
@@ -219,8 +221,7 @@ impl PackedConv2d {
 
     /// The implicit-im2col layout, when it applies: one group, symmetric weights, AVX-512 VNNI,
     /// no horizontal dilation, and not a plain 1x1 (which needs no im2col at all). Kernel rows
-    /// are padded with zero weights to a multiple of 4 bytes when that costs at most a third
-    /// more work (a 7x7 RGB input layer: 21 -> 24).
+    /// are read as [`implicit_layout`] says, when its padding costs at most a third more work.
     fn implicit_kind(isa: Isa, weights: &QTensor<i8>, geom: Conv2dGeometry) -> Result<Option<ConvKind>> {
         let shape = weights.shape();
         let (oc, kh, kw, ic) = (shape[0], shape[1], shape[2], shape[3]);
@@ -232,20 +233,27 @@ impl PackedConv2d {
         if geom.groups != 1 || pointwise || !symmetric || isa < Isa::Avx512Vnni || geom.dilation[1] != 1 {
             return Ok(None);
         }
-        let (row, seg) = (kw * ic, (kw * ic).next_multiple_of(4));
-        if 3 * seg > 4 * row {
+        let row = kw * ic;
+        let (seg, tail) = implicit_layout(kh, row);
+        let k = kh * seg + crate::gemm::tail_k(kh, tail);
+        if 3 * k > 4 * kh * row {
             return Ok(None);
         }
-        let mut data = vec![0i8; oc * kh * seg];
-        for (r, src) in weights.as_slice().chunks_exact(row).enumerate() {
-            data[r * seg..r * seg + row].copy_from_slice(src);
+        let mut data = vec![0i8; oc * k];
+        for (dst, src) in data.chunks_exact_mut(k).zip(weights.as_slice().chunks_exact(kh * row)) {
+            let (body, tails) = dst.split_at_mut(kh * seg);
+            for (ky, w) in src.chunks_exact(row).enumerate() {
+                let n = seg.min(row);
+                body[ky * seg..ky * seg + n].copy_from_slice(&w[..n]);
+                tails[ky * tail..(ky + 1) * tail].copy_from_slice(&w[n..n + tail]);
+            }
         }
         let t = QTensor::from_int_repr(
-            ndarray::Array2::from_shape_vec((oc, kh * seg), data).expect("padded weights"),
+            ndarray::Array2::from_shape_vec((oc, k), data).expect("implicit weights"),
             weights.params().clone(),
             weights.range(),
         )?;
-        Ok(Some(ConvKind::Implicit { w: PackedWeights::with_isa(isa, &t)?, seg }))
+        Ok(Some(ConvKind::Implicit { w: PackedWeights::with_isa(isa, &t)?, seg, tail }))
     }
 
     /// Output channels.
@@ -347,8 +355,8 @@ impl PackedConv2d {
                 self.plans.with(key, build, |plans| self.forward_gemm(groups, plans, x, quant, out, oh, ow, threads))
             }
             #[cfg(target_arch = "x86_64")]
-            ConvKind::Implicit { w, seg } => {
-                self.forward_implicit(w, *seg, x, quant, out, oh, ow, threads);
+            ConvKind::Implicit { w, seg, tail } => {
+                self.forward_implicit(w, *seg, *tail, x, quant, out, oh, ow, threads);
                 Ok(())
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -581,6 +589,7 @@ impl PackedConv2d {
         &self,
         w: &PackedWeights,
         seg: usize,
+        tail: usize,
         x: &QImage<'_>,
         quant: OutputQuant,
         out: &mut [u8],
@@ -602,6 +611,7 @@ impl PackedConv2d {
                 dil_h: g.dilation[0],
                 kh: self.kh,
                 seg,
+                tail,
                 m: x.n * oh * ow,
             };
             self.plans.with(
@@ -611,7 +621,7 @@ impl PackedConv2d {
             );
         };
         // Segments padded past `kw * c` read up to 3 bytes beyond the image: give it slack.
-        let slack = seg - self.kw * c;
+        let slack = (seg + tail).saturating_sub(self.kw * c);
         if g.padding == [0, 0] && slack == 0 {
             return run(x.data);
         }
@@ -1041,4 +1051,21 @@ pub fn quantize_weights_per_channel(w: &ndarray::ArrayViewD<'_, f32>) -> Result<
         qtensor::DEFAULT_EPS,
     )?;
     QTensor::quantize_in_range(w, params, range)
+}
+
+/// How implicit im2col reads the `kh` kernel rows of `row = kw * c` bytes: `(seg, tail)`, the
+/// first `seg` bytes (a multiple of 4) of each row read in place as quads, the last `tail`
+/// bytes gathered with the other rows' tails into shared quads (see
+/// [`crate::gemm::ConvRows`]). A row of 21 bytes (a 7x7 RGB input layer) is 5 quads and a
+/// 1-byte tail: 7 rows take 37 quads instead of the 42 of rows padded to 24 bytes. A 3-byte
+/// tail gains nothing from sharing, and the kernel gathers at most
+/// [`MAX_TAIL_QUADS`](crate::gemm::MAX_TAIL_QUADS) quads: otherwise each row is padded with zero
+/// weights to a whole quad instead (`tail = 0`).
+fn implicit_layout(kh: usize, row: usize) -> (usize, usize) {
+    let t = row % 4;
+    if (t == 1 || t == 2) && crate::gemm::tail_k(kh, t) <= 4 * crate::gemm::MAX_TAIL_QUADS {
+        (row - t, t)
+    } else {
+        (row.next_multiple_of(4), 0)
+    }
 }

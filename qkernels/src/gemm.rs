@@ -449,9 +449,12 @@ impl Rows<'_> {
     }
 }
 
-/// A convolution's A matrix without im2col: row `r` (output pixel `b, oy, ox`) is `kh`
-/// segments of `seg = kw * c` contiguous bytes of the zero-point-padded NHWC image, the
-/// first at [`ConvRows::base`], the next ones `row_step` bytes apart.
+/// A convolution's A matrix without im2col: row `r` (output pixel `b, oy, ox`) reads `kh`
+/// segments of `kw * c` contiguous bytes of the zero-point-padded NHWC image, the first at
+/// [`ConvRows::base`], the next ones `row_step` bytes apart. Its K values are the first `seg`
+/// bytes (a multiple of 4) of every segment, in order, then the `tail` bytes after them of
+/// every segment, concatenated and zero-padded to whole quads ([`tail_k`] values): `tail` is
+/// 0, 1 or 2, so two or four segments share a quad.
 #[derive(Debug)]
 pub(crate) struct ConvRows<'a> {
     pub padded: &'a [u8],
@@ -464,7 +467,16 @@ pub(crate) struct ConvRows<'a> {
     pub dil_h: usize,
     pub kh: usize,
     pub seg: usize,
+    pub tail: usize,
     pub m: usize,
+}
+
+/// Most quads of gathered segment tails the implicit-im2col kernel takes.
+pub(crate) const MAX_TAIL_QUADS: usize = 4;
+
+/// K values taken by `kh` segment tails of `tail` bytes each, in whole quads.
+pub(crate) fn tail_k(kh: usize, tail: usize) -> usize {
+    (kh * tail).next_multiple_of(4)
 }
 
 impl ConvRows<'_> {
@@ -473,6 +485,27 @@ impl ConvRows<'_> {
         let (b, rem) = (r / (self.oh * self.ow), r % (self.oh * self.ow));
         let (oy, ox) = (rem / self.ow, rem % self.ow);
         ((b * self.hp + oy * self.stride[0]) * self.wp + ox * self.stride[1]) * self.c
+    }
+
+    /// Pointers to the first segments of rows `r0..r0 + n` (`n <= 6`; null past `n`): one
+    /// division for the first, then a step along the output row, recomputed where it wraps.
+    pub fn bases(&self, r0: usize, n: usize) -> [*const u8; 6] {
+        let mut out = [std::ptr::null::<u8>(); 6];
+        let (step, mut ox) = (self.stride[1] * self.c, r0 % self.ow);
+        let mut at = self.base(r0);
+        for (i, p) in out.iter_mut().enumerate().take(n) {
+            if i > 0 {
+                ox += 1;
+                if ox == self.ow {
+                    ox = 0;
+                    at = self.base(r0 + i);
+                } else {
+                    at += step;
+                }
+            }
+            *p = self.padded[at..].as_ptr();
+        }
+        out
     }
 
     /// Distance between a row's segments.
@@ -496,8 +529,9 @@ pub(crate) fn gemm_conv_vnni(
     assert!(
         matches!(w.packed, Packed::Vnni(_))
             && w.is_symmetric()
-            && w.k == rows.kh * rows.seg
-            && rows.seg.is_multiple_of(4),
+            && w.k == rows.kh * rows.seg + tail_k(rows.kh, rows.tail)
+            && rows.seg.is_multiple_of(4)
+            && rows.tail <= 2,
         "gemm_conv_vnni: caller must pass symmetric VNNI-packed weights matching the rows"
     );
     assert!(rows.m == 0 || out.len() >= (rows.m - 1) * ldc + w.n, "gemm_conv_vnni: output too small");
@@ -508,11 +542,15 @@ pub(crate) fn gemm_conv_vnni(
 fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink, parallel: bool) {
     let m = a.m();
     let mblocks = m.div_ceil(MC);
-    let nblocks = w.n.div_ceil(NC);
+    // Columns split evenly in whole 16-column panels, at most NC per block: 144 columns
+    // make three blocks of 48 rather than 64 + 64 + 16, whose last tile would run at a third
+    // of the others' efficiency.
+    let nc = w.n.div_ceil(w.n.div_ceil(NC).max(1)).next_multiple_of(VNNI_LANES).clamp(VNNI_LANES, NC);
+    let nblocks = w.n.div_ceil(nc);
     let task = |t: usize| {
         let (nb, mb) = (t / mblocks, t % mblocks);
         let rows = mb * MC..((mb + 1) * MC).min(m);
-        let cols = nb * NC..((nb + 1) * NC).min(w.n);
+        let cols = nb * nc..((nb + 1) * nc).min(w.n);
         block(a, w, plan, rowsums, sink, rows, cols);
     };
     if parallel {
@@ -532,7 +570,8 @@ fn block(
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    let mut tile: Tile = [[0; TILE_COLS]; TILE_ROWS];
+    // The raw int32 tile, zeroed on first use: a fused VNNI block never needs it.
+    let mut tile_slot: Option<Tile> = None;
     let mr_max = match w.isa {
         Isa::Avx512Vnni => 6,
         Isa::Avx2 => 4,
@@ -541,77 +580,73 @@ fn block(
     let mut r0 = rows.start;
     while r0 < rows.end {
         let mr = mr_max.min(rows.end - r0);
-        match &w.packed {
+        let tile: &Tile = match &w.packed {
             #[cfg(target_arch = "x86_64")]
             Packed::Vnni(p) => {
-                let fused = matches!(sink.kind, SinkKind::U8).then(|| crate::x86::FusedU8 {
-                    plan,
-                    rowsums,
-                    out: sink.ptr as *mut u8,
-                    ldc: sink.ldc,
-                    r0,
-                    j0: cols.start,
-                    ncols: cols.len(),
-                });
-                match src {
+                use crate::x86::Dest;
+                let vnni = |dest: Dest<'_, '_>| match src {
                     // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at
                     // packing); rows r0..r0+mr and columns `cols` lie inside `a`, `p`, the tile
                     // and (fused) the output, as `check` established; this task is the only
                     // writer of those output elements.
                     Rows::Dense(a) => unsafe {
-                        crate::x86::vnni_tile(
-                            fused.as_ref(),
-                            a,
-                            r0,
-                            mr,
-                            p,
-                            w.k,
-                            cols.start / VNNI_LANES,
-                            cols.len(),
-                            &mut tile,
-                        )
+                        crate::x86::vnni_tile(dest, a, r0, mr, p, w.k, cols.start / VNNI_LANES, cols.len())
                     },
                     Rows::Conv(conv) => {
-                        let mut bases = [std::ptr::null::<u8>(); 6];
-                        for (i, b) in bases.iter_mut().enumerate().take(mr) {
-                            *b = conv.padded[conv.base(r0 + i)..].as_ptr();
-                        }
+                        let bases = conv.bases(r0, mr);
                         // SAFETY: as above; every row's kh segments of `seg` bytes, `row_step`
                         // apart from its base, lie inside the padded image (the output size was
                         // derived from it), and `gemm_conv_vnni` checked the layout.
                         unsafe {
                             crate::x86::vnni_conv_tile(
-                                fused.as_ref(),
+                                dest,
                                 &bases,
                                 mr,
                                 conv.kh,
                                 conv.seg,
+                                conv.tail,
                                 conv.row_step(),
                                 p,
                                 w.k,
                                 cols.start / VNNI_LANES,
                                 cols.len(),
-                                &mut tile,
                             )
                         }
                     }
-                }
-                if fused.is_some() {
+                };
+                if matches!(sink.kind, SinkKind::U8) {
+                    let fused = crate::x86::FusedU8 {
+                        plan,
+                        rowsums,
+                        out: sink.ptr as *mut u8,
+                        ldc: sink.ldc,
+                        r0,
+                        j0: cols.start,
+                        ncols: cols.len(),
+                    };
+                    vnni(Dest::U8(&fused));
                     r0 += mr;
                     continue;
                 }
+                let tile = tile_slot.get_or_insert_with(zero_tile);
+                vnni(Dest::Tile(tile));
+                tile
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Avx2(p) => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
+                let tile = tile_slot.get_or_insert_with(zero_tile);
                 // SAFETY: as above, for AVX2.
-                unsafe { crate::x86::avx2_tile(a, r0, mr, p, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
+                unsafe { crate::x86::avx2_tile(a, r0, mr, p, w.k, cols.start / AVX2_LANES, cols.len(), tile) }
+                tile
             }
             _ => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
-                scalar_tile(a, r0, mr, w, cols.clone(), &mut tile)
+                let tile = tile_slot.get_or_insert_with(zero_tile);
+                scalar_tile(a, r0, mr, w, cols.clone(), tile);
+                tile
             }
-        }
+        };
         let simd = w.isa >= Isa::Avx2;
         for r in 0..mr {
             let i = r0 + r;
@@ -621,6 +656,12 @@ fn block(
         }
         r0 += mr;
     }
+}
+
+/// A zeroed tile (a function, so that an `Option`'s `get_or_insert_with` builds it only when
+/// empty).
+fn zero_tile() -> Tile {
+    [[0; TILE_COLS]; TILE_ROWS]
 }
 
 /// The scalar micro-kernel: plain dot products from the row-major weights.

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use std::ptr;
 
 use crate::conv::{FlatConsts, RowConsts};
-use crate::gemm::{Plan, QMatrix, Tile, REQUANT_LIMIT};
+use crate::gemm::{Plan, QMatrix, Tile, MAX_TAIL_QUADS, REQUANT_LIMIT};
 use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
 
 /// Where a VNNI tile writes requantized `u8` directly from its accumulators, skipping the
@@ -23,6 +23,39 @@ pub(crate) struct FusedU8<'p> {
     pub r0: usize,
     pub j0: usize,
     pub ncols: usize,
+}
+
+/// Where a VNNI micro-kernel puts its sums: the raw int32 tile for a later epilogue, or
+/// requantized `u8` straight into the output.
+#[derive(Debug)]
+pub(crate) enum Dest<'a, 'p> {
+    Tile(&'a mut Tile),
+    U8(&'a FusedU8<'p>),
+}
+
+/// The accumulators' starting values: zero for a raw tile; for a fused tile, minus the
+/// zero-point column term of each column (`a_zp * Σw`), which folds the epilogue's first
+/// subtraction into the sums. `vpdpbusd` wraps, so the sums equal `acc - colterm` modulo
+/// 2^32, bit for bit: the same i32 the epilogue computed before.
+///
+/// # Safety
+/// AVX-512 F available (the caller's target features); the plan covers the fused columns.
+#[inline(always)]
+unsafe fn acc_start<const MR: usize, const NV: usize>(dest: &Dest<'_, '_>) -> [[__m512i; NV]; MR] {
+    // SAFETY: AVX-512 F is the caller's precondition; the masked loads read only columns
+    // j0..j0 + ncols, which the plan covers.
+    unsafe {
+        let mut init = [_mm512_setzero_si512(); NV];
+        if let Dest::U8(f) = dest {
+            for (v, iv) in init.iter_mut().enumerate() {
+                let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
+                let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+                let colterm = _mm512_maskz_loadu_epi32(m, f.plan.colterm.as_ptr().add(f.j0 + VNNI_LANES * v));
+                *iv = _mm512_sub_epi32(_mm512_setzero_si512(), colterm);
+            }
+        }
+        [init; MR]
+    }
 }
 
 /// Four consecutive activation bytes of row `row` from column `k0`, zero beyond `k`.
@@ -56,11 +89,11 @@ unsafe fn vnni_kernel<const MR: usize, const NV: usize>(
     lda: usize,
     k: usize,
     b: *const i8,
-    tile: &mut Tile,
-    fused: Option<&FusedU8<'_>>,
+    dest: Dest<'_, '_>,
 ) {
     let panel = vnni_panel_len(k);
-    let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+    // SAFETY: this function's target features; the fused columns are the plan's.
+    let mut acc = unsafe { acc_start::<MR, NV>(&dest) };
     let full = k / 4;
     // One k-group: load NV weight vectors, then one broadcast and NV dot products per row.
     macro_rules! group {
@@ -87,130 +120,167 @@ unsafe fn vnni_kernel<const MR: usize, const NV: usize>(
         // SAFETY: row r holds k readable bytes and 4 * full < k.
         group!(full, |r: usize, g: usize| unsafe { a_quad(a.add(r * lda), 4 * g, k) });
     }
-    if let Some(f) = fused {
-        // SAFETY: forwarded: the fused target covers rows r0..r0+MR and columns j0..j0+ncols.
-        unsafe { vnni_store_u8::<MR, NV>(&acc, f) };
-        return;
-    }
-    for r in 0..MR {
-        for v in 0..NV {
-            // SAFETY: tile rows hold 64 i32; v < 4 so 16v + 16 <= 64.
-            unsafe { _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v]) };
+    // SAFETY: forwarded: a fused target covers rows r0..r0+MR and columns j0..j0+ncols.
+    unsafe { vnni_finish::<MR, NV>(acc, dest) }
+}
+
+/// Hands a finished tile of accumulators to its destination: stored raw, or requantized.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; as [`vnni_store_u8`] for a fused destination.
+#[inline(always)]
+unsafe fn vnni_finish<const MR: usize, const NV: usize>(acc: [[__m512i; NV]; MR], dest: Dest<'_, '_>) {
+    match dest {
+        // SAFETY: forwarded.
+        Dest::U8(f) => unsafe { vnni_store_u8::<MR, NV>(&acc, f) },
+        Dest::Tile(tile) => {
+            for r in 0..MR {
+                for v in 0..NV {
+                    // SAFETY: AVX-512 F (precondition); tile rows hold 64 i32 and v < 4, so
+                    // 16v + 16 <= 64.
+                    unsafe { _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v]) };
+                }
+            }
         }
     }
 }
 
-/// The requantization epilogue on accumulators still in registers, 16 columns per vector,
-/// masked at the right edge. The same f32 operations in the same order as
-/// `requantize_scalar`, so the same bits.
+/// The requantization epilogue on accumulators still in registers (which already hold
+/// `acc - colterm`, see [`acc_start`]), 16 columns per vector, masked at the right edge. The
+/// same f32 operations in the same order as `requantize_scalar`, so the same bits.
+///
+/// Always inlined, without target features of its own, so that it lives in the micro-kernel
+/// that calls it and the accumulators never leave the registers.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL available; `f.out` points at an output with row stride `f.ldc` holding
 /// rows `f.r0..f.r0 + MR` and columns `f.j0..f.j0 + f.ncols`; `f.ncols > 16 * (NV - 1)`;
 /// the plan covers those columns and `f.rowsums` those rows (when the weights have zero points).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline(always)]
 unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
-    let plan = f.plan;
-    let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
-    let (zo, lo, hi) = (_mm512_set1_epi32(plan.zo), _mm512_set1_epi32(plan.lo), _mm512_set1_epi32(plan.hi));
-    if NV == 4 && f.ncols == 4 * VNNI_LANES {
-        // SAFETY: forwarded preconditions, with 64 columns.
-        unsafe { vnni_store_u8_64::<MR, NV>(acc, f) };
+    if NV >= 2 {
+        // SAFETY: forwarded preconditions.
+        unsafe { vnni_store_u8_packed::<MR, NV>(acc, f) };
         return;
     }
-    for v in 0..NV {
-        let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
-        let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
-        let j = f.j0 + VNNI_LANES * v;
-        // SAFETY: masked loads touch only columns j..j+valid, which the plan covers.
-        let (colterm, bias, bscale, mult, zw) = unsafe {
-            (
-                _mm512_maskz_loadu_epi32(m, plan.colterm.as_ptr().add(j)),
-                _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j)),
-                _mm512_maskz_loadu_ps(m, plan.bias_scale.as_ptr().add(j)),
-                _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j)),
-                _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j)),
-            )
-        };
-        for (r, accr) in acc.iter().enumerate() {
-            let mut raw = _mm512_sub_epi32(accr[v], colterm);
-            if plan.has_zw {
-                raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(f.rowsums[f.r0 + r]), zw));
+    let plan = f.plan;
+    // Locals, not fields: the byte stores below may alias anything as far as the compiler
+    // knows, and would otherwise make it reload every field for every row.
+    let (has_zw, clamp_free, clip_hi) = (plan.has_zw, plan.clamp_free, plan.hi < 255);
+    let (out, ldc, r0, rowsums) = (f.out, f.ldc, f.r0, f.rowsums);
+    // SAFETY: AVX-512 F/BW/VL (precondition). Masked loads touch only columns j..j+valid,
+    // which the plan covers; the masked stores write row r0 + r, columns j..j+valid, inside
+    // the output (precondition).
+    unsafe {
+        let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
+        let (zo, lo, hi) = (_mm512_set1_epi32(plan.zo), _mm512_set1_epi32(plan.lo), _mm512_set1_epi32(plan.hi));
+        for v in 0..NV {
+            let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
+            let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+            let j = f.j0 + VNNI_LANES * v;
+            let bias = _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j));
+            let bscale = _mm512_maskz_loadu_ps(m, plan.bias_scale.as_ptr().add(j));
+            let mult = _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j));
+            let zw = _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j));
+            for (r, accr) in acc.iter().enumerate() {
+                let mut raw = accr[v];
+                if has_zw {
+                    raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(rowsums[r0 + r]), zw));
+                }
+                let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
+                if !clamp_free {
+                    x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+                }
+                // Rounds half to even: Rust code never changes MXCSR from its default.
+                let mut q = _mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), zo), lo);
+                if clip_hi {
+                    // (At 255 the unsigned saturating narrowing below clamps the same way.)
+                    q = _mm512_min_epi32(q, hi);
+                }
+                let bytes = _mm512_cvtusepi32_epi8(q);
+                _mm_mask_storeu_epi8(out.add((r0 + r) * ldc + j).cast(), m, bytes);
             }
-            let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
-            if !plan.clamp_free {
-                x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
-            }
-            // Rounds half to even: Rust code never changes MXCSR from its default.
-            let mut q = _mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), zo), lo);
-            if plan.hi < 255 {
-                // (At 255 the unsigned saturating narrowing below clamps the same way.)
-                q = _mm512_min_epi32(q, hi);
-            }
-            let bytes = _mm512_cvtusepi32_epi8(q);
-            // SAFETY: row r0 + r, columns j..j+valid are inside the output (precondition).
-            unsafe { _mm_mask_storeu_epi8(f.out.add((f.r0 + r) * f.ldc + j).cast(), m, bytes) };
         }
     }
 }
 
-/// [`vnni_store_u8`] for a full tile of 64 columns: the same f32 operations per vector, then
-/// the four vectors of a row narrow together (two saturating packs and a dword permutation:
-/// one 64-byte store, and the clamp to `lo..=hi` on bytes) instead of one by one.
+/// [`vnni_store_u8`] for tiles of two to four vectors: the same f32 operations per vector,
+/// then a row's vectors narrow together (two saturating packs, the output zero point added on
+/// 16-bit lanes, a saturating pack to bytes and a dword permutation: one store of up to 64
+/// bytes, masked at the right edge, and the clamp to `lo..=hi` on bytes) instead of one by one.
+///
+/// Adding the zero point after the first pack gives the same bytes: with `0 <= zo <= 255`,
+/// `sat_u8(sat_i16(sat_i16(c) + zo)) == clamp(c + zo, 0, 255)` for every i32 `c` (when `c`
+/// saturates to i16, `c + zo` is far outside 0..=255 on the same side).
 ///
 /// # Safety
-/// As [`vnni_store_u8`], with `NV == 4` and `f.ncols == 64`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn vnni_store_u8_64<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
+/// As [`vnni_store_u8`], with `2 <= NV <= 4`.
+#[inline(always)]
+unsafe fn vnni_store_u8_packed<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
     let plan = f.plan;
-    let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
-    let zo = _mm512_set1_epi32(plan.zo);
+    debug_assert!((2..=4).contains(&NV) && f.ncols > VNNI_LANES * (NV - 1) && f.ncols <= VNNI_LANES * NV);
     debug_assert!(0 <= plan.lo && plan.lo <= plan.hi && plan.hi <= 255);
-    let (lo, hi) = (_mm512_set1_epi8(plan.lo as u8 as i8), _mm512_set1_epi8(plan.hi as u8 as i8));
-    // After the packs, dword 4l + j of the result holds columns 16j + 4l .. + 4: put it at
-    // dword 4j + l.
-    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    let j0 = f.j0;
-    let mut consts = [[_mm512_setzero_ps(); 3]; 4];
-    let mut colterm = [_mm512_setzero_si512(); 4];
-    let mut zw = [_mm512_setzero_si512(); 4];
-    for v in 0..4 {
-        let j = j0 + VNNI_LANES * v;
-        // SAFETY: the plan covers columns j0..j0 + 64.
-        unsafe {
-            colterm[v] = _mm512_loadu_si512(plan.colterm.as_ptr().add(j).cast());
-            if plan.has_zw {
-                zw[v] = _mm512_loadu_si512(plan.zw.as_ptr().add(j).cast());
+    debug_assert!((0..=255).contains(&plan.zo));
+    // Locals, not fields: the stores below may alias anything as far as the compiler knows.
+    let (has_zw, clamp_free, clip) = (plan.has_zw, plan.clamp_free, plan.lo > 0 || plan.hi < 255);
+    let (out, ldc, r0, j0, rowsums) = (f.out, f.ldc, f.r0, f.j0, f.rowsums);
+    let store_mask: __mmask64 = if f.ncols == 64 { !0 } else { (1u64 << f.ncols) - 1 };
+    // SAFETY: AVX-512 F/BW/VL (precondition). The masked loads read only columns
+    // j0..j0 + ncols, which the plan covers; the masked store writes row r0 + r, columns
+    // j0..j0 + ncols, inside the output (precondition).
+    unsafe {
+        let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
+        let zo = _mm512_set1_epi16(plan.zo as i16);
+        let (lo, hi) = (_mm512_set1_epi8(plan.lo as u8 as i8), _mm512_set1_epi8(plan.hi as u8 as i8));
+        // After the packs, dword 4l + j of the result holds columns 16j + 4l .. + 4: put it at
+        // dword 4j + l.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let mut consts = [[_mm512_setzero_ps(); 3]; NV];
+        let mut zw = [_mm512_setzero_si512(); NV];
+        for v in 0..NV {
+            let j = j0 + VNNI_LANES * v;
+            let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
+            let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+            if has_zw {
+                zw[v] = _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j));
             }
             consts[v] = [
-                _mm512_loadu_ps(plan.bias_term.as_ptr().add(j)),
-                _mm512_loadu_ps(plan.bias_scale.as_ptr().add(j)),
-                _mm512_loadu_ps(plan.mult.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, plan.bias_scale.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j)),
             ];
         }
-    }
-    for (r, accr) in acc.iter().enumerate() {
-        let mut q = [zo; 4];
-        for v in 0..4 {
-            let mut raw = _mm512_sub_epi32(accr[v], colterm[v]);
-            if plan.has_zw {
-                raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(f.rowsums[f.r0 + r]), zw[v]));
+        for (r, accr) in acc.iter().enumerate() {
+            let mut q = [_mm512_setzero_si512(); 4];
+            for v in 0..NV {
+                let mut raw = accr[v];
+                if has_zw {
+                    raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(rowsums[r0 + r]), zw[v]));
+                }
+                let [bias, bscale, mult] = consts[v];
+                let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
+                if !clamp_free {
+                    x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+                }
+                // Rounds half to even: Rust code never changes MXCSR from its default.
+                q[v] = _mm512_cvtps_epi32(x);
             }
-            let [bias, bscale, mult] = consts[v];
-            let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
-            if !plan.clamp_free {
-                x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+            // Signed saturation to i16, the zero point, then unsigned saturation to u8: a
+            // clamp to 0..=255, within which lo and hi clamp the bytes exactly as they would
+            // the i32 values. (Vectors past NV are zeros whose bytes are not stored.)
+            let lo_half = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), zo);
+            let hi_half = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), zo);
+            let mut bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo_half, hi_half));
+            if clip {
+                bytes = _mm512_min_epu8(_mm512_max_epu8(bytes, lo), hi);
             }
-            // Rounds half to even: Rust code never changes MXCSR from its default.
-            q[v] = _mm512_add_epi32(_mm512_cvtps_epi32(x), zo);
+            let dst = out.add((r0 + r) * ldc + j0);
+            if store_mask == !0 {
+                _mm512_storeu_si512(dst.cast(), bytes);
+            } else {
+                _mm512_mask_storeu_epi8(dst.cast(), store_mask, bytes);
+            }
         }
-        // Signed saturation to i16, then unsigned to u8: a clamp to 0..=255, within which
-        // lo and hi clamp the bytes exactly as they would the i32 values.
-        let packed = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
-        let bytes = _mm512_permutexvar_epi32(order, packed);
-        let bytes = _mm512_min_epu8(_mm512_max_epu8(bytes, lo), hi);
-        // SAFETY: row r0 + r, columns j0..j0 + 64 are inside the output (precondition).
-        unsafe { _mm512_storeu_si512(f.out.add((f.r0 + r) * f.ldc + j0).cast(), bytes) };
     }
 }
 
@@ -231,7 +301,7 @@ macro_rules! dispatch_tile {
 /// the rows exist in `a`; `ncols <= 64` columns exist from panel `panel0`; `mr <= 6`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn vnni_tile(
-    fused: Option<&FusedU8<'_>>,
+    dest: Dest<'_, '_>,
     a: &QMatrix<'_>,
     r0: usize,
     mr: usize,
@@ -239,14 +309,13 @@ pub(crate) unsafe fn vnni_tile(
     k: usize,
     panel0: usize,
     ncols: usize,
-    tile: &mut Tile,
 ) {
     let nv = ncols.div_ceil(VNNI_LANES);
     let ap = a.data[r0 * a.lda..].as_ptr();
     let bp = packed[panel0 * vnni_panel_len(k)..].as_ptr();
     // SAFETY: forwarded preconditions; the table covers every (mr, nv) with mr <= 6, nv <= 4.
     unsafe {
-        dispatch_tile!(vnni_kernel, mr, nv, (ap, a.lda, k, bp, tile, fused);
+        dispatch_tile!(vnni_kernel, mr, nv, (ap, a.lda, k, bp, dest);
             (1,1),(1,2),(1,3),(1,4),(2,1),(2,2),(2,3),(2,4),(3,1),(3,2),(3,3),(3,4),
             (4,1),(4,2),(4,3),(4,4),(5,1),(5,2),(5,3),(5,4),(6,1),(6,2),(6,3),(6,4))
     }
@@ -768,25 +837,81 @@ pub(crate) unsafe fn add_u8_avx512(
 
 /// The VNNI micro-kernel reading A straight from a padded NHWC image (implicit im2col): row
 /// `r`'s K values are `kh` segments of `seg` bytes (a multiple of 4), segment `ky` at
-/// `bases[r] + ky * row_step`. Otherwise the same as `vnni_kernel`.
+/// `bases[r] + ky * row_step`, then the `tail` bytes (0, 1 or 2) that follow each segment,
+/// gathered `4 / tail` segments to a quad (`ConvRows`). Otherwise the same as `vnni_kernel`.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; for every row `r < MR` and `ky < kh`, `seg` bytes are
-/// readable at `bases[r] + ky * row_step`; `b` as for `vnni_kernel` with `K = kh * seg`.
+/// AVX-512 F/BW/VL/VNNI available; for every row `r < MR` and `ky < kh`, `seg + tail` bytes
+/// are readable at `bases[r] + ky * row_step`; `b` as for `vnni_kernel` with
+/// `K = kh * seg + tail_k(kh, tail)`; `tail <= 2` and `tail_k(kh, tail) <= 4 * MAX_TAIL_QUADS`.
+/// The first `quads` quads of the `kh` segment tails of `TAIL` bytes, the first at `p`, the
+/// next ones `row_step` apart, packed `4 / TAIL` to a quad in segment order.
+///
+/// # Safety
+/// `TAIL` bytes are readable at `p + ky * row_step` for every `ky < kh`;
+/// `quads <= MAX_TAIL_QUADS`.
+#[inline(always)]
+unsafe fn gather_tails<const TAIL: usize>(
+    p: *const u8,
+    kh: usize,
+    row_step: usize,
+    quads: usize,
+) -> [u32; MAX_TAIL_QUADS] {
+    let per = 4 / TAIL;
+    let mut out = [0u32; MAX_TAIL_QUADS];
+    for (t, q) in out.iter_mut().enumerate() {
+        if t == quads {
+            break;
+        }
+        for i in 0..per {
+            let ky = t * per + i;
+            if ky < kh {
+                let at = p.wrapping_add(ky * row_step);
+                // SAFETY: segment ky's tail is readable (precondition).
+                let bytes = unsafe {
+                    if TAIL == 1 {
+                        u32::from(*at)
+                    } else {
+                        u32::from(ptr::read_unaligned(at.cast::<u16>()))
+                    }
+                };
+                *q |= bytes << (8 * TAIL * i);
+            }
+        }
+    }
+    out
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn vnni_conv_kernel<const MR: usize, const NV: usize>(
     bases: &[*const u8; 6],
     kh: usize,
     seg: usize,
+    tail: usize,
     row_step: usize,
     b: *const i8,
     k: usize,
-    tile: &mut Tile,
-    fused: Option<&FusedU8<'_>>,
+    dest: Dest<'_, '_>,
 ) {
     let panel = vnni_panel_len(k);
-    let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+    // The segments' tails, gathered into quads before the accumulators go live.
+    let tail_quads = crate::gemm::tail_k(kh, tail) / 4;
+    debug_assert!(tail_quads <= MAX_TAIL_QUADS);
+    let mut tails = [[0u32; MAX_TAIL_QUADS]; MR];
+    for (base, tq) in bases.iter().zip(&mut tails) {
+        let seg0 = base.wrapping_add(seg);
+        // SAFETY: forwarded: the tail bytes of every segment are readable.
+        *tq = unsafe {
+            match tail {
+                1 => gather_tails::<1>(seg0, kh, row_step, tail_quads),
+                2 => gather_tails::<2>(seg0, kh, row_step, tail_quads),
+                _ => continue,
+            }
+        };
+    }
+    // SAFETY: this function's target features; the fused columns are the plan's.
+    let mut acc = unsafe { acc_start::<MR, NV>(&dest) };
     let groups_per_seg = seg / 4;
     for ky in 0..kh {
         let rows: [*const u8; MR] = std::array::from_fn(|r| bases[r].wrapping_add(ky * row_step));
@@ -806,17 +931,22 @@ unsafe fn vnni_conv_kernel<const MR: usize, const NV: usize>(
             }
         }
     }
-    if let Some(f) = fused {
-        // SAFETY: forwarded: the fused target covers rows r0..r0+MR and columns j0..j0+ncols.
-        unsafe { vnni_store_u8::<MR, NV>(&acc, f) };
-        return;
-    }
-    for r in 0..MR {
-        for v in 0..NV {
-            // SAFETY: tile rows hold 64 i32; v < 4 so 16v + 16 <= 64.
-            unsafe { _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v]) };
+    for t in 0..tail_quads {
+        let g = kh * groups_per_seg + t;
+        let mut bv = [_mm512_setzero_si512(); NV];
+        for (v, bvv) in bv.iter_mut().enumerate() {
+            // SAFETY: panel v holds k / 4 groups of 64 bytes and g < k / 4.
+            *bvv = unsafe { _mm512_loadu_si512(b.add(v * panel + g * 4 * VNNI_LANES).cast()) };
+        }
+        for (accr, tq) in acc.iter_mut().zip(&tails) {
+            let av = _mm512_set1_epi32(tq[t] as i32);
+            for v in 0..NV {
+                accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
+            }
         }
     }
+    // SAFETY: forwarded: a fused target covers rows r0..r0+MR and columns j0..j0+ncols.
+    unsafe { vnni_finish::<MR, NV>(acc, dest) }
 }
 
 /// [`vnni_tile`] for implicit-im2col rows.
@@ -825,23 +955,23 @@ unsafe fn vnni_conv_kernel<const MR: usize, const NV: usize>(
 /// As [`vnni_conv_kernel`] for `mr <= 6` rows, `ncols <= 64` columns from panel `panel0`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn vnni_conv_tile(
-    fused: Option<&FusedU8<'_>>,
+    dest: Dest<'_, '_>,
     bases: &[*const u8; 6],
     mr: usize,
     kh: usize,
     seg: usize,
+    tail: usize,
     row_step: usize,
     packed: &[i8],
     k: usize,
     panel0: usize,
     ncols: usize,
-    tile: &mut Tile,
 ) {
     let nv = ncols.div_ceil(VNNI_LANES);
     let bp = packed[panel0 * vnni_panel_len(k)..].as_ptr();
     // SAFETY: forwarded preconditions; the table covers every (mr, nv) with mr <= 6, nv <= 4.
     unsafe {
-        dispatch_tile!(vnni_conv_kernel, mr, nv, (bases, kh, seg, row_step, bp, k, tile, fused);
+        dispatch_tile!(vnni_conv_kernel, mr, nv, (bases, kh, seg, tail, row_step, bp, k, dest);
             (1,1),(1,2),(1,3),(1,4),(2,1),(2,2),(2,3),(2,4),(3,1),(3,2),(3,3),(3,4),
             (4,1),(4,2),(4,3),(4,4),(5,1),(5,2),(5,3),(5,4),(6,1),(6,2),(6,3),(6,4))
     }

@@ -286,6 +286,67 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
     }
 }
 
+/// Dense convolutions whose kernel rows (`kw * c` bytes) are not whole quads: the implicit
+/// im2col kernel reads 1- and 2-byte row tails gathered into shared quads (a 7x7 RGB input
+/// layer among them), rows with no whole quad at all, and the padded layouts it falls back to
+/// for 3-byte tails and for more tails than it gathers. Every ISA, 1-3 threads, batch 2, both
+/// vertical dilations.
+#[test]
+fn dense_rows_with_tails_match_the_reference() {
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    // (c, kh, kw, stride, padding, vertical dilation)
+    let shapes = [
+        (3, 7, 7, 2, 3, 1),  // ResNet's first layer: 21-byte rows, 1-byte tails, 2 tail quads
+        (1, 3, 1, 1, 1, 1),  // 1-byte rows: tails only
+        (6, 3, 3, 1, 1, 2),  // 18-byte rows: 2-byte tails, dilated
+        (5, 5, 2, 2, 2, 1),  // 10-byte rows: 2-byte tails over 3 quads
+        (1, 16, 1, 1, 0, 1), // 16 tails of 1 byte: the most the kernel gathers
+        (1, 17, 1, 1, 0, 1), // one more: padded rows instead
+        (2, 9, 2, 1, 1, 1),  // 4-byte rows, no tail
+        (1, 3, 3, 1, 1, 1),  // 3-byte rows: padded to a quad
+    ];
+    for (c, kh, kw, stride, pad, dil) in shapes {
+        let (n, h, w, oc) = (2, kh * dil + 3, 11, 70);
+        let case = ConvCase {
+            n,
+            h,
+            w,
+            c,
+            oc,
+            kh,
+            kw,
+            geom: Conv2dGeometry { stride: [stride, stride], padding: [pad, pad], dilation: [dil, 1], groups: 1 },
+            x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+            za: 37,
+            sa: 0.02,
+            wt: (0..oc * kh * kw * c).map(|_| next() as i8).collect(),
+            sw: (0..oc).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+            zw: vec![0; oc],
+            bias: Some((0..oc).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+            out: OutputQuant {
+                scale: ((kh * kw * c) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
+                zero_point: 90,
+                activation: Activation::Relu,
+            },
+        };
+        let expected = case.reference().unwrap();
+        for isa in crate::isas_under_test() {
+            let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+            for threads in 1..=3 {
+                let mut out = vec![0u8; expected.len()];
+                packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+                assert_eq!(out, expected, "{isa} threads={threads} c={c} k={kh}x{kw} stride={stride} dil={dil}");
+            }
+        }
+    }
+}
+
 /// Layers split over the same cached thread pool, called at once from several threads: a pool
 /// worker waiting on one layer's parallel work runs another's jobs, so no per-thread buffer may
 /// stay borrowed across that wait (this once panicked with "RefCell already borrowed").
