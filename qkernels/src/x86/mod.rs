@@ -146,121 +146,125 @@ unsafe fn vnni_finish<const MR: usize, const NV: usize>(acc: [[__m512i; NV]; MR]
 }
 
 /// The requantization epilogue on accumulators still in registers (which already hold
-/// `acc - colterm`, see [`acc_start`]), 16 columns per vector, masked at the right edge. The
-/// same f32 operations in the same order as `requantize_scalar`, so the same bits.
+/// `acc - colterm`, see [`acc_start`]): [`Requant`] for the tile's columns, then row by row.
 ///
 /// Always inlined, without target features of its own, so that it lives in the micro-kernel
 /// that calls it and the accumulators never leave the registers.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL available; `f.out` points at an output with row stride `f.ldc` holding
-/// rows `f.r0..f.r0 + MR` and columns `f.j0..f.j0 + f.ncols`; `f.ncols > 16 * (NV - 1)`;
-/// the plan covers those columns and `f.rowsums` those rows (when the weights have zero points).
+/// rows `f.r0..f.r0 + MR` and columns `f.j0..f.j0 + f.ncols`; `16 * (NV - 1) < f.ncols <=
+/// 16 * NV`; the plan covers those columns and `f.rowsums` those rows (when the weights have
+/// zero points).
 #[inline(always)]
 unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
-    if NV >= 2 {
-        // SAFETY: forwarded preconditions.
-        unsafe { vnni_store_u8_packed::<MR, NV>(acc, f) };
-        return;
-    }
-    let plan = f.plan;
-    // Locals, not fields: the byte stores below may alias anything as far as the compiler
-    // knows, and would otherwise make it reload every field for every row.
-    let (has_zw, clamp_free, clip_hi) = (plan.has_zw, plan.clamp_free, plan.hi < 255);
-    let (out, ldc, r0, rowsums) = (f.out, f.ldc, f.r0, f.rowsums);
-    // SAFETY: AVX-512 F/BW/VL (precondition). Masked loads touch only columns j..j+valid,
-    // which the plan covers; the masked stores write row r0 + r, columns j..j+valid, inside
-    // the output (precondition).
+    // Locals, not fields: the stores below may alias anything as far as the compiler knows.
+    let (out, ldc, r0, j0, rowsums) = (f.out, f.ldc, f.r0, f.j0, f.rowsums);
+    // SAFETY: forwarded preconditions.
     unsafe {
-        let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
-        let (zo, lo, hi) = (_mm512_set1_epi32(plan.zo), _mm512_set1_epi32(plan.lo), _mm512_set1_epi32(plan.hi));
-        for v in 0..NV {
-            let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
-            let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
-            let j = f.j0 + VNNI_LANES * v;
-            let bias = _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j));
-            let bscale = _mm512_maskz_loadu_ps(m, plan.bias_scale.as_ptr().add(j));
-            let mult = _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j));
-            let zw = _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j));
-            for (r, accr) in acc.iter().enumerate() {
-                let mut raw = accr[v];
-                if has_zw {
-                    raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(rowsums[r0 + r]), zw));
-                }
-                let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
-                if !clamp_free {
-                    x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
-                }
-                // Rounds half to even: Rust code never changes MXCSR from its default.
-                let mut q = _mm512_max_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(x), zo), lo);
-                if clip_hi {
-                    // (At 255 the unsigned saturating narrowing below clamps the same way.)
-                    q = _mm512_min_epi32(q, hi);
-                }
-                let bytes = _mm512_cvtusepi32_epi8(q);
-                _mm_mask_storeu_epi8(out.add((r0 + r) * ldc + j).cast(), m, bytes);
-            }
+        let rq = Requant::<NV>::new(f.plan, j0, f.ncols);
+        for (r, accr) in acc.iter().enumerate() {
+            let rowsum = if rq.has_zw { rowsums[r0 + r] } else { 0 };
+            rq.row(accr, rowsum, out.add((r0 + r) * ldc + j0));
         }
     }
 }
 
-/// [`vnni_store_u8`] for tiles of two to four vectors: the same f32 operations per vector,
-/// then a row's vectors narrow together (two saturating packs, the output zero point added on
-/// 16-bit lanes, a saturating pack to bytes and a dword permutation: one store of up to 64
-/// bytes, masked at the right edge, and the clamp to `lo..=hi` on bytes) instead of one by one.
+/// The requantization constants of up to four 16-column vectors of output, in registers:
+/// FBGEMM's f32 steps per vector, then a row's vectors narrow together (two saturating packs,
+/// the output zero point added on 16-bit lanes, a saturating pack to bytes and a dword
+/// permutation: one store of up to 64 bytes, masked at the right edge, and the clamp to
+/// `lo..=hi` on bytes). The same f32 operations in the same order as `requantize_scalar`, so
+/// the same bits.
 ///
 /// Adding the zero point after the first pack gives the same bytes: with `0 <= zo <= 255`,
 /// `sat_u8(sat_i16(sat_i16(c) + zo)) == clamp(c + zo, 0, 255)` for every i32 `c` (when `c`
 /// saturates to i16, `c + zo` is far outside 0..=255 on the same side).
-///
-/// # Safety
-/// As [`vnni_store_u8`], with `2 <= NV <= 4`.
-#[inline(always)]
-unsafe fn vnni_store_u8_packed<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
-    let plan = f.plan;
-    debug_assert!((2..=4).contains(&NV) && f.ncols > VNNI_LANES * (NV - 1) && f.ncols <= VNNI_LANES * NV);
-    debug_assert!(0 <= plan.lo && plan.lo <= plan.hi && plan.hi <= 255);
-    debug_assert!((0..=255).contains(&plan.zo));
-    // Locals, not fields: the stores below may alias anything as far as the compiler knows.
-    let (has_zw, clamp_free, clip) = (plan.has_zw, plan.clamp_free, plan.lo > 0 || plan.hi < 255);
-    let (out, ldc, r0, j0, rowsums) = (f.out, f.ldc, f.r0, f.j0, f.rowsums);
-    let store_mask: __mmask64 = if f.ncols == 64 { !0 } else { (1u64 << f.ncols) - 1 };
-    // SAFETY: AVX-512 F/BW/VL (precondition). The masked loads read only columns
-    // j0..j0 + ncols, which the plan covers; the masked store writes row r0 + r, columns
-    // j0..j0 + ncols, inside the output (precondition).
-    unsafe {
-        let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
-        let zo = _mm512_set1_epi16(plan.zo as i16);
-        let (lo, hi) = (_mm512_set1_epi8(plan.lo as u8 as i8), _mm512_set1_epi8(plan.hi as u8 as i8));
-        // After the packs, dword 4l + j of the result holds columns 16j + 4l .. + 4: put it at
-        // dword 4j + l.
-        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-        let mut consts = [[_mm512_setzero_ps(); 3]; NV];
-        let mut zw = [_mm512_setzero_si512(); NV];
-        for v in 0..NV {
-            let j = j0 + VNNI_LANES * v;
-            let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
-            let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
-            if has_zw {
-                zw[v] = _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j));
+struct Requant<const NV: usize> {
+    /// Per vector: bias operands and multiplier (zero past the last column).
+    consts: [[__m512; 3]; NV],
+    zw: [__m512i; NV],
+    lim: __m512,
+    nlim: __m512,
+    zo: __m512i,
+    lo: __m512i,
+    hi: __m512i,
+    order: __m512i,
+    store_mask: __mmask64,
+    has_zw: bool,
+    clamp_free: bool,
+    clip_lo: bool,
+    clip_hi: bool,
+}
+
+impl<const NV: usize> Requant<NV> {
+    /// The constants of columns `j0..j0 + ncols`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW available; `1 <= NV <= 4`; `16 * (NV - 1) < ncols <= 16 * NV`; the plan
+    /// covers the columns.
+    #[inline(always)]
+    unsafe fn new(plan: &Plan, j0: usize, ncols: usize) -> Self {
+        debug_assert!((1..=4).contains(&NV) && ncols > VNNI_LANES * (NV - 1) && ncols <= VNNI_LANES * NV);
+        debug_assert!(0 <= plan.lo && plan.lo <= plan.hi && plan.hi <= 255);
+        debug_assert!((0..=255).contains(&plan.zo));
+        // SAFETY: AVX-512 F/BW (precondition); the masked loads read only columns
+        // j0..j0 + ncols, which the plan covers.
+        unsafe {
+            let mut consts = [[_mm512_setzero_ps(); 3]; NV];
+            let mut zw = [_mm512_setzero_si512(); NV];
+            for v in 0..NV {
+                let j = j0 + VNNI_LANES * v;
+                let valid = (ncols - VNNI_LANES * v).min(VNNI_LANES);
+                let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+                if plan.has_zw {
+                    zw[v] = _mm512_maskz_loadu_epi32(m, plan.zw.as_ptr().add(j));
+                }
+                consts[v] = [
+                    _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j)),
+                    _mm512_maskz_loadu_ps(m, plan.bias_scale.as_ptr().add(j)),
+                    _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j)),
+                ];
             }
-            consts[v] = [
-                _mm512_maskz_loadu_ps(m, plan.bias_term.as_ptr().add(j)),
-                _mm512_maskz_loadu_ps(m, plan.bias_scale.as_ptr().add(j)),
-                _mm512_maskz_loadu_ps(m, plan.mult.as_ptr().add(j)),
-            ];
+            Requant {
+                consts,
+                zw,
+                lim: _mm512_set1_ps(REQUANT_LIMIT),
+                nlim: _mm512_set1_ps(-REQUANT_LIMIT),
+                zo: _mm512_set1_epi16(plan.zo as i16),
+                lo: _mm512_set1_epi8(plan.lo as u8 as i8),
+                hi: _mm512_set1_epi8(plan.hi as u8 as i8),
+                // After the packs, dword 4l + j holds columns 16j + 4l .. + 4: put it at
+                // dword 4j + l.
+                order: _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+                store_mask: if ncols == 64 { !0 } else { (1u64 << ncols) - 1 },
+                has_zw: plan.has_zw,
+                clamp_free: plan.clamp_free,
+                clip_lo: plan.lo > 0,
+                clip_hi: plan.hi < 255,
+            }
         }
-        for (r, accr) in acc.iter().enumerate() {
+    }
+
+    /// Requantizes one row of accumulators (`acc - colterm`) and stores its bytes at `dst`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW available; `ncols` bytes are writable at `dst`; `rowsum` is the row's
+    /// activation sum when the weights have zero points.
+    #[inline(always)]
+    unsafe fn row(&self, acc: &[__m512i; NV], rowsum: i32, dst: *mut u8) {
+        // SAFETY: AVX-512 F/BW (precondition); the masked store writes the ncols bytes at dst.
+        unsafe {
             let mut q = [_mm512_setzero_si512(); 4];
             for v in 0..NV {
-                let mut raw = accr[v];
-                if has_zw {
-                    raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(rowsums[r0 + r]), zw[v]));
+                let mut raw = acc[v];
+                if self.has_zw {
+                    raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(_mm512_set1_epi32(rowsum), self.zw[v]));
                 }
-                let [bias, bscale, mult] = consts[v];
+                let [bias, bscale, mult] = self.consts[v];
                 let mut x = _mm512_mul_ps(_mm512_fmadd_ps(bias, bscale, _mm512_cvtepi32_ps(raw)), mult);
-                if !clamp_free {
-                    x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
+                if !self.clamp_free {
+                    x = _mm512_min_ps(_mm512_max_ps(x, self.nlim), self.lim);
                 }
                 // Rounds half to even: Rust code never changes MXCSR from its default.
                 q[v] = _mm512_cvtps_epi32(x);
@@ -268,17 +272,23 @@ unsafe fn vnni_store_u8_packed<const MR: usize, const NV: usize>(acc: &[[__m512i
             // Signed saturation to i16, the zero point, then unsigned saturation to u8: a
             // clamp to 0..=255, within which lo and hi clamp the bytes exactly as they would
             // the i32 values. (Vectors past NV are zeros whose bytes are not stored.)
-            let lo_half = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), zo);
-            let hi_half = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), zo);
-            let mut bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo_half, hi_half));
-            if clip {
-                bytes = _mm512_min_epu8(_mm512_max_epu8(bytes, lo), hi);
+            let lo_half = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), self.zo);
+            let hi_half = if NV > 2 {
+                _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), self.zo)
+            } else {
+                _mm512_setzero_si512()
+            };
+            let mut bytes = _mm512_permutexvar_epi32(self.order, _mm512_packus_epi16(lo_half, hi_half));
+            if self.clip_lo {
+                bytes = _mm512_max_epu8(bytes, self.lo);
             }
-            let dst = out.add((r0 + r) * ldc + j0);
-            if store_mask == !0 {
+            if self.clip_hi {
+                bytes = _mm512_min_epu8(bytes, self.hi);
+            }
+            if self.store_mask == !0 {
                 _mm512_storeu_si512(dst.cast(), bytes);
             } else {
-                _mm512_mask_storeu_epi8(dst.cast(), store_mask, bytes);
+                _mm512_mask_storeu_epi8(dst.cast(), self.store_mask, bytes);
             }
         }
     }
