@@ -711,11 +711,15 @@ pub(crate) unsafe fn depthwise_rows_compute<const KH: usize>(
     out: *mut u8,
 ) {
     let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
-    let zo = _mm512_set1_epi32(consts.zo);
+    debug_assert!((0..=255).contains(&consts.zo) && consts.lo <= consts.hi);
+    let zo = _mm512_set1_epi16(consts.zo as i16);
     let (lo, hi) = (_mm512_set1_epi8(consts.lo as i8), _mm512_set1_epi8(consts.hi as i8));
+    // Locals: the stores below may alias the constants as far as the compiler knows.
+    let (clamp_free, clip_lo, clip_hi) = (consts.clamp_free, consts.lo > 0, consts.hi < 255);
     let cb = 64 * class;
     let mut w = [[_mm512_setzero_si512(); 4]; KH];
-    let (mut bias, mut mult, mut colterm) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4], [zo; 4]);
+    let (mut bias, mut mult, mut colterm) =
+        ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4], [_mm512_setzero_si512(); 4]);
     for q in 0..4 {
         for (ky, wk) in w.iter_mut().enumerate() {
             // SAFETY: the weights hold (class + 1) * KH * 256 bytes or more.
@@ -737,21 +741,29 @@ pub(crate) unsafe fn depthwise_rows_compute<const KH: usize>(
                 r[q] = _mm512_dpbusd_epi32(r[q], x, wk[q]);
             }
         }
-        let mut v = [zo; 4];
+        let mut v = [_mm512_setzero_si512(); 4];
         for q in 0..4 {
             // The depthwise bias forms add a precomputed term (FBGEMM's order, no fma).
             let mut f = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(r[q]), bias[q]), mult[q]);
-            if !consts.clamp_free {
+            if !clamp_free {
                 f = _mm512_min_ps(_mm512_max_ps(f, nlim), lim);
             }
             // Rounds half to even: Rust code never changes MXCSR from its default.
-            v[q] = _mm512_add_epi32(_mm512_cvtps_epi32(f), zo);
+            v[q] = _mm512_cvtps_epi32(f);
         }
         // Per 128-bit lane l the packs put vector q's dword d at byte 4q + d: output byte
-        // 16l + 4q + d, in order. Signed saturation to i16 then unsigned to u8 is a clamp to
-        // 0..=255; lo and hi (within it) clamp the bytes.
-        let bytes = _mm512_packus_epi16(_mm512_packs_epi32(v[0], v[1]), _mm512_packs_epi32(v[2], v[3]));
-        let bytes = _mm512_min_epu8(_mm512_max_epu8(bytes, lo), hi);
+        // 16l + 4q + d, in order. Signed saturation to i16, the zero point added there (the
+        // same bytes as adding it before: see `Requant`), then unsigned saturation to u8 is a
+        // clamp to 0..=255; lo and hi (within it) clamp the bytes.
+        let lo_half = _mm512_adds_epi16(_mm512_packs_epi32(v[0], v[1]), zo);
+        let hi_half = _mm512_adds_epi16(_mm512_packs_epi32(v[2], v[3]), zo);
+        let mut bytes = _mm512_packus_epi16(lo_half, hi_half);
+        if clip_lo {
+            bytes = _mm512_max_epu8(bytes, lo);
+        }
+        if clip_hi {
+            bytes = _mm512_min_epu8(bytes, hi);
+        }
         if i + 1 < count || last == 64 {
             // SAFETY: 64 writable bytes at out + i * step (precondition).
             unsafe { _mm512_storeu_si512(out.add(i * step).cast(), bytes) };
