@@ -94,3 +94,4 @@ pub use pool::{
     upsample_nearest, Pool2d,
 };
 pub use qtensor::isa;
+pub use threads::with_threads;

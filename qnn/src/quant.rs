@@ -844,7 +844,8 @@ fn out_buf(dims: &[usize], run: Run, kind: &str) -> Result<Vec<u8>> {
 impl QuantizedModel {
     /// Threads each convolution and linear layer splits its work over (default 1: one call,
     /// one core; serve concurrent requests from several threads instead, or raise this for
-    /// the lowest latency of a single call). Results are identical for every count.
+    /// the lowest latency of a single call). A forward pass runs on a pool of this many
+    /// threads, entered once per call. Results are identical for every count.
     pub fn set_threads(&mut self, threads: usize) {
         self.run.threads = threads.max(1);
     }
@@ -920,12 +921,17 @@ impl QuantizedModel {
             Some(QNode::Op { op: Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Custom { .. }, in_q, .. })
                 if *in_q == self.input_q
         );
-        let input = if starts_int8 {
-            Value::quantize(x, self.input_q).map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
-        } else {
-            Value::F32(x.clone())
-        };
-        eval_nodes(&self.nodes, input, self.run)
+        // One entry into the kernels' thread pool for the whole pass: the layers' parallel
+        // kernels then run in place on the pool, not handed over (and waited for) one by one.
+        qkernels::with_threads(self.run.threads, || {
+            let input = if starts_int8 {
+                Value::quantize(x, self.input_q)
+                    .map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
+            } else {
+                Value::F32(x.clone())
+            };
+            eval_nodes(&self.nodes, input, self.run)
+        })
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
