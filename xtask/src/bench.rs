@@ -159,10 +159,13 @@ fn run_shape(shape: &Shape, threads: usize) -> Result<(f64, f64), String> {
             let a: Vec<u8> = (0..m * k).map(|_| rng.next() as u8).collect();
             let bias: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
             let mut out = vec![0u8; m * n];
-            let int8 = median_ms(10, || {
-                let am = QMatrix { data: &a, m, k, lda: k, scale: 1.0 / 255.0, zero_point: 0 };
-                gemm(&am, &packed, Some(&bias), GemmOutput::U8 { data: &mut out, ldc: n, quant }, threads)
-                    .expect("gemm");
+            // Inside the kernels' pool, as a model's layers run (see `qkernels::with_threads`).
+            let int8 = qkernels::with_threads(threads, || {
+                median_ms(10, || {
+                    let am = QMatrix { data: &a, m, k, lda: k, scale: 1.0 / 255.0, zero_point: 0 };
+                    gemm(&am, &packed, Some(&bias), GemmOutput::U8 { data: &mut out, ldc: n, quant }, threads)
+                        .expect("gemm");
+                })
             });
             let xf: Vec<f32> = a.iter().map(|&v| v as f32 / 255.0).collect();
             let wf = wf.into_raw_vec_and_offset().0;
@@ -180,7 +183,9 @@ fn run_shape(shape: &Shape, threads: usize) -> Result<(f64, f64), String> {
             let (oh, ow) = packed.output_hw(h, w).map_err(|e| e.to_string())?;
             let mut out = vec![0u8; n * oh * ow * oc];
             let img = QImage { data: &x, n, h, w, c, scale: 1.0 / 255.0, zero_point: 0 };
-            let int8 = median_ms(10, || packed.forward_u8(&img, quant, &mut out, threads).expect("conv"));
+            let int8 = qkernels::with_threads(threads, || {
+                median_ms(10, || packed.forward_u8(&img, quant, &mut out, threads).expect("conv"))
+            });
             let xf: Vec<f32> = x.iter().map(|&v| v as f32 / 255.0).collect();
             let wf = wf.into_raw_vec_and_offset().0;
             let mut of = vec![0.0f32; out.len()];
@@ -536,6 +541,7 @@ pub fn run(
         ),
         None => println!("no AVX-512 VNNI: peak probe skipped; kernels: {}", qtensor::isa::selected()),
     }
+    println!("int8 kernels are timed inside their thread pool, as a model's layers run (qkernels::with_threads)");
     let shapes: Vec<Shape> =
         kernel_shapes().into_iter().filter(|s| filter.is_none_or(|f| s.name().contains(f))).collect();
     let mut records = Vec::new();
