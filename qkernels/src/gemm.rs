@@ -594,9 +594,10 @@ fn block(
                     },
                     Rows::Conv(conv) => {
                         let bases = conv.bases(r0, mr);
-                        // SAFETY: as above; every row's kh segments of `seg` bytes, `row_step`
-                        // apart from its base, lie inside the padded image (the output size was
-                        // derived from it), and `gemm_conv_vnni` checked the layout.
+                        // SAFETY: as above; every row's kh segments of `seg + tail` bytes,
+                        // `row_step` apart from its base, lie inside the padded image (the output
+                        // size was derived from it, and a padded segment's slack is part of it),
+                        // and `gemm_conv_vnni` checked the layout.
                         unsafe {
                             crate::x86::vnni_conv_tile(
                                 dest,
