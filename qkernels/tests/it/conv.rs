@@ -115,13 +115,7 @@ pub fn conv_case() -> impl Strategy<Value = ConvCase> {
         any::<u64>(),
     )
         .prop_map(|(kind, n, h, w, stride, pad, dil, per_channel, symmetric, seed)| {
-            let mut s = seed | 1;
-            let mut next = move || {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s
-            };
+            let mut next = crate::xorshift(seed | 1);
             let (c, oc, groups, k) = match kind {
                 "dense" => (1 + (next() % 20) as usize, 1 + (next() % 40) as usize, 1, 1 + (next() % 4) as usize),
                 "grouped" => {
@@ -134,7 +128,7 @@ pub fn conv_case() -> impl Strategy<Value = ConvCase> {
                 }
                 _ => (1 + (next() % 70) as usize, 1 + (next() % 70) as usize, 1, 1),
             };
-            let (kh, kw) = (k, if next() % 3 == 0 { 1 + (next() % 3) as usize } else { k });
+            let (kh, kw) = (k, if next().is_multiple_of(3) { 1 + (next() % 3) as usize } else { k });
             let pad = if kind == "pointwise" { 0 } else { pad };
             let geom = Conv2dGeometry {
                 stride: [stride, [1, 2, 1][(next() % 3) as usize]],
@@ -163,7 +157,8 @@ pub fn conv_case() -> impl Strategy<Value = ConvCase> {
                 wt: (0..oc * kh * kw * icg).map(|_| next() as i8).collect(),
                 sw,
                 zw,
-                bias: (next() % 2 == 0).then(|| (0..oc).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+                bias: (next().is_multiple_of(2))
+                    .then(|| (0..oc).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
                 out: OutputQuant {
                     scale: typical * (0.2 + (next() % 100) as f32 / 100.0),
                     zero_point: (next() % 256) as i32,
@@ -200,19 +195,13 @@ proptest! {
 /// kernels up to 5 wide, both vertical strides and dilations, every ISA and 1-3 threads.
 #[test]
 fn depthwise_unit_stride_shapes_match_the_reference() {
-    let mut s = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
+    let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
     let channels: &[usize] = if cfg!(miri) { &[3, 16] } else { &[1, 3, 16, 24, 32, 48, 96, 144, 150] };
     let mut checked = 0;
     for &c in channels {
         for (kh, kw) in [(3, 3), (1, 1), (3, 1), (2, 4), (5, 3), (3, 5)] {
             for (sh, dil) in [(1, 1), (2, 1), (1, 2)] {
-                let symmetric = next() % 4 != 0;
+                let symmetric = !next().is_multiple_of(4);
                 let (n, h, w) = (2, 4 + (next() % 6) as usize, 4 + (next() % 9) as usize);
                 let case = ConvCase {
                     n,
@@ -229,7 +218,8 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
                     wt: (0..c * kh * kw).map(|_| next() as i8).collect(),
                     sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
                     zw: (0..c).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect(),
-                    bias: (next() % 2 == 0).then(|| (0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+                    bias: (next().is_multiple_of(2))
+                        .then(|| (0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
                     out: OutputQuant {
                         scale: ((kh * kw) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
                         zero_point: (next() % 256) as i32,
@@ -293,13 +283,7 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
 /// vertical dilations.
 #[test]
 fn dense_rows_with_tails_match_the_reference() {
-    let mut s = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
+    let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
     // (c, kh, kw, stride, padding, vertical dilation)
     let shapes = [
         (3, 7, 7, 2, 3, 1),  // ResNet's first layer: 21-byte rows, 1-byte tails, 2 tail quads
@@ -353,13 +337,7 @@ fn dense_rows_with_tails_match_the_reference() {
 #[test]
 fn concurrent_callers_sharing_a_pool_get_the_single_threaded_bits() {
     let mk = |c: usize, oc: usize, groups: usize, k: usize, symmetric: bool, seed: u64| {
-        let mut s = seed;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut next = crate::xorshift(seed);
         let (n, h, w) = (2, 23, 19);
         ConvCase {
             n,

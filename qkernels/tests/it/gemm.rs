@@ -31,13 +31,7 @@ fn case() -> impl Strategy<Value = Case> {
         any::<u64>(),
     )
         .prop_map(|(m, k, n, lda_pad, per_channel, symmetric, seed)| {
-            let mut s = seed | 1;
-            let mut next = move || {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s
-            };
+            let mut next = crate::xorshift(seed | 1);
             let lda = k + lda_pad;
             let a: Vec<u8> = (0..m * lda).map(|_| next() as u8).collect();
             let w: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
@@ -45,7 +39,8 @@ fn case() -> impl Strategy<Value = Case> {
             let chans = if per_channel { n } else { 1 };
             let zw: Vec<i32> = (0..chans).map(|_| if symmetric { 0 } else { (next() % 256) as i32 - 128 }).collect();
             let sw: Vec<f32> = (0..chans).map(|_| 0.001 + (next() % 1000) as f32 * 1e-4).collect();
-            let bias = (next() % 3 != 0).then(|| (0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect());
+            let bias =
+                (!next().is_multiple_of(3)).then(|| (0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect());
             let activation = [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize];
             // An output scale that puts typical outputs across the u8 range.
             let typical = (k as f32).sqrt() * 128.0 * 80.0 * 0.02 * 0.05;

@@ -26,3 +26,15 @@ pub const fn cases(n: u32) -> u32 {
         n
     }
 }
+
+/// A xorshift64 generator from `seed` (which must not be 0): the tests' source of random
+/// shapes and values, reproducible from the seed.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    }
+}
