@@ -487,13 +487,12 @@ impl ConvRows<'_> {
         ((b * self.hp + oy * self.stride[0]) * self.wp + ox * self.stride[1]) * self.c
     }
 
-    /// Pointers to the first segments of rows `r0..r0 + n` (`n <= 6`; null past `n`): one
+    /// Fills `out` with pointers to the first segments of rows `r0..r0 + out.len()`: one
     /// division for the first, then a step along the output row, recomputed where it wraps.
-    pub fn bases(&self, r0: usize, n: usize) -> [*const u8; 6] {
-        let mut out = [std::ptr::null::<u8>(); 6];
+    pub fn bases_into(&self, r0: usize, out: &mut [*const u8]) {
         let (step, mut ox) = (self.stride[1] * self.c, r0 % self.ow);
         let mut at = self.base(r0);
-        for (i, p) in out.iter_mut().enumerate().take(n) {
+        for (i, p) in out.iter_mut().enumerate() {
             if i > 0 {
                 ox += 1;
                 if ox == self.ow {
@@ -505,7 +504,6 @@ impl ConvRows<'_> {
             }
             *p = self.padded[at..].as_ptr();
         }
-        out
     }
 
     /// Distance between a row's segments.
@@ -577,60 +575,60 @@ fn block(
         Isa::Avx2 => 4,
         Isa::Scalar => TILE_ROWS,
     };
+    // Requantized u8 on AVX-512 VNNI: all the block's rows in one call, straight from the
+    // accumulators.
+    #[cfg(target_arch = "x86_64")]
+    if let (Packed::Vnni(p), SinkKind::U8) = (&w.packed, sink.kind) {
+        let fused = crate::x86::FusedU8 {
+            plan,
+            rowsums,
+            out: sink.ptr as *mut u8,
+            ldc: sink.ldc,
+            r0: rows.start,
+            j0: cols.start,
+            ncols: cols.len(),
+        };
+        let panel0 = cols.start / VNNI_LANES;
+        match src {
+            // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at packing);
+            // rows `rows` and columns `cols` lie inside `a`, `p` and the output, as `check`
+            // established; this task is the only writer of those output elements.
+            Rows::Dense(a) => unsafe { crate::x86::vnni_dense_rows(&fused, a, rows.len(), p, w.k, panel0) },
+            Rows::Conv(conv) => {
+                let mut bases = [std::ptr::null::<u8>(); MC];
+                let bases = &mut bases[..rows.len()];
+                conv.bases_into(rows.start, bases);
+                // SAFETY: as above; every row's kh segments of `seg + tail` bytes, `row_step`
+                // apart from its base, lie inside the padded image (the output size was
+                // derived from it, and a padded segment's slack is part of it), and
+                // `gemm_conv_vnni` checked the layout.
+                unsafe {
+                    crate::x86::vnni_conv_rows(
+                        &fused,
+                        bases,
+                        conv.kh,
+                        conv.seg,
+                        conv.tail,
+                        conv.row_step(),
+                        p,
+                        w.k,
+                        panel0,
+                    )
+                }
+            }
+        }
+        return;
+    }
     let mut r0 = rows.start;
     while r0 < rows.end {
         let mr = mr_max.min(rows.end - r0);
         let tile: &Tile = match &w.packed {
             #[cfg(target_arch = "x86_64")]
             Packed::Vnni(p) => {
-                use crate::x86::Dest;
-                let vnni = |dest: Dest<'_, '_>| match src {
-                    // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at
-                    // packing); rows r0..r0+mr and columns `cols` lie inside `a`, `p`, the tile
-                    // and (fused) the output, as `check` established; this task is the only
-                    // writer of those output elements.
-                    Rows::Dense(a) => unsafe {
-                        crate::x86::vnni_tile(dest, a, r0, mr, p, w.k, cols.start / VNNI_LANES, cols.len())
-                    },
-                    Rows::Conv(conv) => {
-                        let bases = conv.bases(r0, mr);
-                        // SAFETY: as above; every row's kh segments of `seg + tail` bytes,
-                        // `row_step` apart from its base, lie inside the padded image (the output
-                        // size was derived from it, and a padded segment's slack is part of it),
-                        // and `gemm_conv_vnni` checked the layout.
-                        unsafe {
-                            crate::x86::vnni_conv_tile(
-                                dest,
-                                &bases,
-                                mr,
-                                conv.kh,
-                                conv.seg,
-                                conv.tail,
-                                conv.row_step(),
-                                p,
-                                w.k,
-                                cols.start / VNNI_LANES,
-                                cols.len(),
-                            )
-                        }
-                    }
-                };
-                if matches!(sink.kind, SinkKind::U8) {
-                    let fused = crate::x86::FusedU8 {
-                        plan,
-                        rowsums,
-                        out: sink.ptr as *mut u8,
-                        ldc: sink.ldc,
-                        r0,
-                        j0: cols.start,
-                        ncols: cols.len(),
-                    };
-                    vnni(Dest::U8(&fused));
-                    r0 += mr;
-                    continue;
-                }
+                let Rows::Dense(a) = src else { unreachable!("implicit im2col writes u8 only") };
                 let tile = tile_slot.get_or_insert_with(zero_tile);
-                vnni(Dest::Tile(tile));
+                // SAFETY: as above, for raw sums into the tile.
+                unsafe { crate::x86::vnni_tile(a, r0, mr, p, w.k, cols.start / VNNI_LANES, cols.len(), tile) }
                 tile
             }
             #[cfg(target_arch = "x86_64")]

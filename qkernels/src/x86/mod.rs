@@ -25,36 +25,27 @@ pub(crate) struct FusedU8<'p> {
     pub ncols: usize,
 }
 
-/// Where a VNNI micro-kernel puts its sums: the raw int32 tile for a later epilogue, or
-/// requantized `u8` straight into the output.
-#[derive(Debug)]
-pub(crate) enum Dest<'a, 'p> {
-    Tile(&'a mut Tile),
-    U8(&'a FusedU8<'p>),
-}
-
-/// The accumulators' starting values: zero for a raw tile; for a fused tile, minus the
-/// zero-point column term of each column (`a_zp * Σw`), which folds the epilogue's first
-/// subtraction into the sums. `vpdpbusd` wraps, so the sums equal `acc - colterm` modulo
-/// 2^32, bit for bit: the same i32 the epilogue computed before.
+/// The accumulators' starting values for a fused tile: minus the zero-point column term of
+/// each column (`a_zp * Σw`), which folds the epilogue's first subtraction into the sums.
+/// `vpdpbusd` wraps, so the sums equal `acc - colterm` modulo 2^32, bit for bit: the same i32
+/// that a subtraction after the dot products gives.
 ///
 /// # Safety
-/// AVX-512 F available (the caller's target features); the plan covers the fused columns.
+/// AVX-512 F available (the caller's target features); `1 <= NV <= 4`;
+/// `16 * (NV - 1) < f.ncols <= 16 * NV`; the plan covers the fused columns.
 #[inline(always)]
-unsafe fn acc_start<const MR: usize, const NV: usize>(dest: &Dest<'_, '_>) -> [[__m512i; NV]; MR] {
+unsafe fn neg_colterm<const NV: usize>(f: &FusedU8<'_>) -> [__m512i; NV] {
     // SAFETY: AVX-512 F is the caller's precondition; the masked loads read only columns
     // j0..j0 + ncols, which the plan covers.
     unsafe {
         let mut init = [_mm512_setzero_si512(); NV];
-        if let Dest::U8(f) = dest {
-            for (v, iv) in init.iter_mut().enumerate() {
-                let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
-                let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
-                let colterm = _mm512_maskz_loadu_epi32(m, f.plan.colterm.as_ptr().add(f.j0 + VNNI_LANES * v));
-                *iv = _mm512_sub_epi32(_mm512_setzero_si512(), colterm);
-            }
+        for (v, iv) in init.iter_mut().enumerate() {
+            let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
+            let m: __mmask16 = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+            let colterm = _mm512_maskz_loadu_epi32(m, f.plan.colterm.as_ptr().add(f.j0 + VNNI_LANES * v));
+            *iv = _mm512_sub_epi32(_mm512_setzero_si512(), colterm);
         }
-        [init; MR]
+        init
     }
 }
 
@@ -77,95 +68,176 @@ unsafe fn a_quad(row: *const u8, k0: usize, k: usize) -> i32 {
     }
 }
 
-/// MR rows x NV vectors of 16 columns, full K, with `vpdpbusd`: exact int32 sums of u8 x i8
-/// products (no 16-bit intermediate, unlike `vpmaddubsw`).
+/// Where the rows of a VNNI tile come from: MR rows of A times NV panels of 16 columns, full
+/// K, summed with `vpdpbusd` (exact int32 sums of u8 x i8 products: no 16-bit intermediate,
+/// unlike `vpmaddubsw`) from starting values `init`.
+trait TileRows {
+    /// The sums of rows `first..first + MR`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI available (the caller's target features); the rows exist; NV panels
+    /// exist from the source's first.
+    unsafe fn sums<const MR: usize, const NV: usize>(&self, first: usize, init: [__m512i; NV]) -> [[__m512i; NV]; MR];
+}
+
+/// Rows of a dense A: row `r` at `a + r * lda`, `k` bytes; the weights from panel `b`.
+struct DenseRows {
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i8,
+}
+
+impl TileRows for DenseRows {
+    #[inline(always)]
+    unsafe fn sums<const MR: usize, const NV: usize>(&self, first: usize, init: [__m512i; NV]) -> [[__m512i; NV]; MR] {
+        let (a, lda, k, b) = (self.a.wrapping_add(first * self.lda), self.lda, self.k, self.b);
+        let panel = vnni_panel_len(k);
+        let full = k / 4;
+        // SAFETY: AVX-512 F/BW/VNNI (precondition); row r of the tile holds k readable bytes,
+        // and panel v holds ceil(k/4) groups of 64 bytes.
+        unsafe {
+            let mut acc = [init; MR];
+            // One k-group: load NV weight vectors, then one broadcast and NV dot products per row.
+            macro_rules! group {
+                ($g:expr, $quad:expr) => {{
+                    let g = $g;
+                    let mut bv = [_mm512_setzero_si512(); NV];
+                    for (v, bvv) in bv.iter_mut().enumerate() {
+                        *bvv = _mm512_loadu_si512(b.add(v * panel + g * 4 * VNNI_LANES).cast());
+                    }
+                    for (r, accr) in acc.iter_mut().enumerate() {
+                        let av = _mm512_set1_epi32($quad(r, g));
+                        for v in 0..NV {
+                            accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
+                        }
+                    }
+                }};
+            }
+            for g in 0..full {
+                // 4g + 4 <= k bytes of row r are readable.
+                group!(g, |r: usize, g: usize| ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>()));
+            }
+            if !k.is_multiple_of(4) {
+                // Row r holds k readable bytes and 4 * full < k.
+                group!(full, |r: usize, g: usize| a_quad(a.add(r * lda), 4 * g, k));
+            }
+            acc
+        }
+    }
+}
+
+/// MR rows x NV vectors of raw sums into `tile`, for an epilogue that is not the fused `u8`
+/// one.
 ///
 /// # Safety
-/// AVX-512 F/BW/VNNI available; `a` holds rows r0..r0+MR; `b` points at panel `p0` of a VNNI
-/// packing of this K with at least NV panels from there; MR <= 6 and NV <= 4.
+/// AVX-512 F/BW/VNNI available; `a` holds rows r0..r0+MR of `k` bytes, `lda` apart; `b`
+/// points at panel `p0` of a VNNI packing of this K with at least NV panels from there;
+/// MR <= 6 and NV <= 4.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn vnni_kernel<const MR: usize, const NV: usize>(
     a: *const u8,
     lda: usize,
     k: usize,
     b: *const i8,
-    dest: Dest<'_, '_>,
+    tile: &mut Tile,
 ) {
-    let panel = vnni_panel_len(k);
-    // SAFETY: this function's target features; the fused columns are the plan's.
-    let mut acc = unsafe { acc_start::<MR, NV>(&dest) };
-    let full = k / 4;
-    // One k-group: load NV weight vectors, then one broadcast and NV dot products per row.
-    macro_rules! group {
-        ($g:expr, $quad:expr) => {{
-            let g = $g;
-            let mut bv = [_mm512_setzero_si512(); NV];
-            for (v, bvv) in bv.iter_mut().enumerate() {
-                // SAFETY: panel v holds ceil(k/4) groups of 64 bytes and g < ceil(k/4).
-                *bvv = unsafe { _mm512_loadu_si512(b.add(v * panel + g * 4 * VNNI_LANES).cast()) };
-            }
-            for (r, accr) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_epi32($quad(r, g));
-                for v in 0..NV {
-                    accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
-                }
-            }
-        }};
-    }
-    for g in 0..full {
-        // SAFETY: 4g + 4 <= k bytes of row r are readable.
-        group!(g, |r: usize, g: usize| unsafe { ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>()) });
-    }
-    if !k.is_multiple_of(4) {
-        // SAFETY: row r holds k readable bytes and 4 * full < k.
-        group!(full, |r: usize, g: usize| unsafe { a_quad(a.add(r * lda), 4 * g, k) });
-    }
-    // SAFETY: forwarded: a fused target covers rows r0..r0+MR and columns j0..j0+ncols.
-    unsafe { vnni_finish::<MR, NV>(acc, dest) }
-}
-
-/// Hands a finished tile of accumulators to its destination: stored raw, or requantized.
-///
-/// # Safety
-/// AVX-512 F/BW/VL available; as [`vnni_store_u8`] for a fused destination.
-#[inline(always)]
-unsafe fn vnni_finish<const MR: usize, const NV: usize>(acc: [[__m512i; NV]; MR], dest: Dest<'_, '_>) {
-    match dest {
-        // SAFETY: forwarded.
-        Dest::U8(f) => unsafe { vnni_store_u8::<MR, NV>(&acc, f) },
-        Dest::Tile(tile) => {
-            for r in 0..MR {
-                for v in 0..NV {
-                    // SAFETY: AVX-512 F (precondition); tile rows hold 64 i32 and v < 4, so
-                    // 16v + 16 <= 64.
-                    unsafe { _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v]) };
-                }
+    // SAFETY: this function's target features; forwarded preconditions; tile rows hold 64
+    // i32 and v < 4, so 16v + 16 <= 64.
+    unsafe {
+        let acc = DenseRows { a, lda, k, b }.sums::<MR, NV>(0, [_mm512_setzero_si512(); NV]);
+        for r in 0..MR {
+            for v in 0..NV {
+                _mm512_storeu_si512(tile[r].as_mut_ptr().add(v * VNNI_LANES).cast(), acc[r][v]);
             }
         }
     }
 }
 
-/// The requantization epilogue on accumulators still in registers (which already hold
-/// `acc - colterm`, see [`acc_start`]): [`Requant`] for the tile's columns, then row by row.
-///
-/// Always inlined, without target features of its own, so that it lives in the micro-kernel
-/// that calls it and the accumulators never leave the registers.
+/// Rows `f.r0..f.r0 + m` of `src` times one tile of up to 64 columns, requantized to `u8`:
+/// six rows at a time (the last tile as many as remain), from accumulators that start at
+/// minus the column term ([`neg_colterm`]) to bytes without leaving the registers, with the
+/// requantization constants ([`Requant`]) set up once for all the rows.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL available; `f.out` points at an output with row stride `f.ldc` holding
-/// rows `f.r0..f.r0 + MR` and columns `f.j0..f.j0 + f.ncols`; `16 * (NV - 1) < f.ncols <=
-/// 16 * NV`; the plan covers those columns and `f.rowsums` those rows (when the weights have
-/// zero points).
+/// AVX-512 F/BW/VL/VNNI available (the caller's target features); `src` holds the rows
+/// `0..m` (its rows are the fused target's from `f.r0`); `f.out` points at an output with row
+/// stride `f.ldc` holding rows `f.r0..f.r0 + m` and columns `f.j0..f.j0 + f.ncols`;
+/// `16 * (NV - 1) < f.ncols <= 16 * NV`; the plan covers those columns and `f.rowsums` those
+/// rows (when the weights have zero points).
 #[inline(always)]
-unsafe fn vnni_store_u8<const MR: usize, const NV: usize>(acc: &[[__m512i; NV]; MR], f: &FusedU8<'_>) {
+unsafe fn fused_rows<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU8<'_>) {
     // Locals, not fields: the stores below may alias anything as far as the compiler knows.
     let (out, ldc, r0, j0, rowsums) = (f.out, f.ldc, f.r0, f.j0, f.rowsums);
     // SAFETY: forwarded preconditions.
     unsafe {
         let rq = Requant::<NV>::new(f.plan, j0, f.ncols);
-        for (r, accr) in acc.iter().enumerate() {
-            let rowsum = if rq.has_zw { rowsums[r0 + r] } else { 0 };
-            rq.row(accr, rowsum, out.add((r0 + r) * ldc + j0));
+        let init = neg_colterm::<NV>(f);
+        macro_rules! tile {
+            ($mr:literal, $first:expr) => {{
+                let acc = src.sums::<$mr, NV>($first, init);
+                for (i, accr) in acc.iter().enumerate() {
+                    let r = r0 + $first + i;
+                    let rowsum = if rq.has_zw { rowsums[r] } else { 0 };
+                    rq.row(accr, rowsum, out.add(r * ldc + j0));
+                }
+            }};
+        }
+        let mut first = 0;
+        while first < m {
+            let n = (m - first).min(6);
+            match n {
+                6 => tile!(6, first),
+                5 => tile!(5, first),
+                4 => tile!(4, first),
+                3 => tile!(3, first),
+                2 => tile!(2, first),
+                _ => tile!(1, first),
+            }
+            first += n;
+        }
+    }
+}
+
+/// [`fused_rows`] over dense rows, for one NV.
+///
+/// # Safety
+/// As [`fused_rows`], with the CPU supporting AVX-512 VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn vnni_dense_fused<const NV: usize>(src: &DenseRows, m: usize, f: &FusedU8<'_>) {
+    // SAFETY: this function's target features; forwarded preconditions.
+    unsafe { fused_rows::<DenseRows, NV>(src, m, f) }
+}
+
+/// Rows `f.r0..f.r0 + m` of `a` times `f.ncols <= 64` columns of the packed weights from
+/// panel `panel0`, requantized into the fused target ([`fused_rows`]).
+///
+/// # Safety
+/// The CPU supports AVX-512 VNNI; `packed` is the VNNI packing of weights with this `k`;
+/// the rows exist in `a`; the columns exist from panel `panel0`; the fused target covers
+/// the rows and columns.
+pub(crate) unsafe fn vnni_dense_rows(
+    f: &FusedU8<'_>,
+    a: &QMatrix<'_>,
+    m: usize,
+    packed: &[i8],
+    k: usize,
+    panel0: usize,
+) {
+    let src = DenseRows {
+        a: a.data[f.r0 * a.lda..].as_ptr(),
+        lda: a.lda,
+        k,
+        b: packed[panel0 * vnni_panel_len(k)..].as_ptr(),
+    };
+    // SAFETY: forwarded preconditions, for the NV that covers ncols.
+    unsafe {
+        match f.ncols.div_ceil(VNNI_LANES) {
+            1 => vnni_dense_fused::<1>(&src, m, f),
+            2 => vnni_dense_fused::<2>(&src, m, f),
+            3 => vnni_dense_fused::<3>(&src, m, f),
+            4 => vnni_dense_fused::<4>(&src, m, f),
+            nv => unreachable!("{nv} vectors of columns in one tile"),
         }
     }
 }
@@ -304,14 +376,13 @@ macro_rules! dispatch_tile {
 }
 
 /// Fills `tile` with rows r0..r0+mr of `a` times `ncols` columns of the packed weights from
-/// panel `panel0`.
+/// panel `panel0`: raw sums, for the epilogues other than the fused `u8` one.
 ///
 /// # Safety
 /// The CPU supports AVX-512 VNNI; `packed` is the VNNI packing of weights with this `k`;
 /// the rows exist in `a`; `ncols <= 64` columns exist from panel `panel0`; `mr <= 6`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn vnni_tile(
-    dest: Dest<'_, '_>,
     a: &QMatrix<'_>,
     r0: usize,
     mr: usize,
@@ -319,13 +390,14 @@ pub(crate) unsafe fn vnni_tile(
     k: usize,
     panel0: usize,
     ncols: usize,
+    tile: &mut Tile,
 ) {
     let nv = ncols.div_ceil(VNNI_LANES);
     let ap = a.data[r0 * a.lda..].as_ptr();
     let bp = packed[panel0 * vnni_panel_len(k)..].as_ptr();
     // SAFETY: forwarded preconditions; the table covers every (mr, nv) with mr <= 6, nv <= 4.
     unsafe {
-        dispatch_tile!(vnni_kernel, mr, nv, (ap, a.lda, k, bp, dest);
+        dispatch_tile!(vnni_kernel, mr, nv, (ap, a.lda, k, bp, tile);
             (1,1),(1,2),(1,3),(1,4),(2,1),(2,2),(2,3),(2,4),(3,1),(3,2),(3,3),(3,4),
             (4,1),(4,2),(4,3),(4,4),(5,1),(5,2),(5,3),(5,4),(6,1),(6,2),(6,3),(6,4))
     }
@@ -857,15 +929,6 @@ pub(crate) unsafe fn add_u8_avx512(
     i
 }
 
-/// The VNNI micro-kernel reading A straight from a padded NHWC image (implicit im2col): row
-/// `r`'s K values are `kh` segments of `seg` bytes (a multiple of 4), segment `ky` at
-/// `bases[r] + ky * row_step`, then the `tail` bytes (0, 1 or 2) that follow each segment,
-/// gathered `4 / tail` segments to a quad (`ConvRows`). Otherwise the same as `vnni_kernel`.
-///
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI available; for every row `r < MR` and `ky < kh`, `seg + tail` bytes
-/// are readable at `bases[r] + ky * row_step`; `b` as for `vnni_kernel` with
-/// `K = kh * seg + tail_k(kh, tail)`; `tail <= 2` and `tail_k(kh, tail) <= 4 * MAX_TAIL_QUADS`.
 /// The first `quads` quads of the `kh` segment tails of `TAIL` bytes, the first at `p`, the
 /// next ones `row_step` apart, packed `4 / TAIL` to a quad in segment order.
 ///
@@ -904,82 +967,105 @@ unsafe fn gather_tails<const TAIL: usize>(
     out
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn vnni_conv_kernel<const MR: usize, const NV: usize>(
-    bases: &[*const u8; 6],
+/// Rows read straight from a padded NHWC image (implicit im2col): row `r`'s K values are `kh`
+/// segments of `seg` bytes (a multiple of 4), segment `ky` at `bases[r] + ky * row_step`,
+/// then the `tail` bytes (0, 1 or 2) that follow each segment, gathered `4 / tail` segments
+/// to a quad (`ConvRows`); the weights from panel `b` of a packing with K =
+/// `kh * seg + tail_k(kh, tail)`.
+struct ConvSegments<'a> {
+    /// Each row's first segment.
+    bases: &'a [*const u8],
     kh: usize,
     seg: usize,
     tail: usize,
     row_step: usize,
     b: *const i8,
-    k: usize,
-    dest: Dest<'_, '_>,
-) {
-    let panel = vnni_panel_len(k);
-    // The segments' tails, gathered into quads before the accumulators go live.
-    let tail_quads = crate::gemm::tail_k(kh, tail) / 4;
-    debug_assert!(tail_quads <= MAX_TAIL_QUADS);
-    let mut tails = [[0u32; MAX_TAIL_QUADS]; MR];
-    for (base, tq) in bases.iter().zip(&mut tails) {
-        let seg0 = base.wrapping_add(seg);
-        // SAFETY: forwarded: the tail bytes of every segment are readable.
-        *tq = unsafe {
-            match tail {
-                1 => gather_tails::<1>(seg0, kh, row_step, tail_quads),
-                2 => gather_tails::<2>(seg0, kh, row_step, tail_quads),
-                _ => continue,
-            }
-        };
-    }
-    // SAFETY: this function's target features; the fused columns are the plan's.
-    let mut acc = unsafe { acc_start::<MR, NV>(&dest) };
-    let groups_per_seg = seg / 4;
-    for ky in 0..kh {
-        let rows: [*const u8; MR] = std::array::from_fn(|r| bases[r].wrapping_add(ky * row_step));
-        let g0 = ky * groups_per_seg;
-        for g in 0..groups_per_seg {
-            let mut bv = [_mm512_setzero_si512(); NV];
-            for (v, bvv) in bv.iter_mut().enumerate() {
-                // SAFETY: panel v holds k / 4 groups of 64 bytes and g0 + g < k / 4.
-                *bvv = unsafe { _mm512_loadu_si512(b.add(v * panel + (g0 + g) * 4 * VNNI_LANES).cast()) };
-            }
-            for (r, accr) in acc.iter_mut().enumerate() {
-                // SAFETY: 4g + 4 <= seg bytes are readable from this row's segment.
-                let av = _mm512_set1_epi32(unsafe { ptr::read_unaligned(rows[r].add(4 * g).cast::<i32>()) });
-                for v in 0..NV {
-                    accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
-                }
-            }
-        }
-    }
-    for t in 0..tail_quads {
-        let g = kh * groups_per_seg + t;
-        let mut bv = [_mm512_setzero_si512(); NV];
-        for (v, bvv) in bv.iter_mut().enumerate() {
-            // SAFETY: panel v holds k / 4 groups of 64 bytes and g < k / 4.
-            *bvv = unsafe { _mm512_loadu_si512(b.add(v * panel + g * 4 * VNNI_LANES).cast()) };
-        }
-        for (accr, tq) in acc.iter_mut().zip(&tails) {
-            let av = _mm512_set1_epi32(tq[t] as i32);
-            for v in 0..NV {
-                accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
-            }
-        }
-    }
-    // SAFETY: forwarded: a fused target covers rows r0..r0+MR and columns j0..j0+ncols.
-    unsafe { vnni_finish::<MR, NV>(acc, dest) }
+    panel: usize,
 }
 
-/// [`vnni_tile`] for implicit-im2col rows.
+impl TileRows for ConvSegments<'_> {
+    #[inline(always)]
+    unsafe fn sums<const MR: usize, const NV: usize>(&self, first: usize, init: [__m512i; NV]) -> [[__m512i; NV]; MR] {
+        let bases: [*const u8; MR] = std::array::from_fn(|i| self.bases[first + i]);
+        let (kh, seg, tail, row_step, b, panel) = (self.kh, self.seg, self.tail, self.row_step, self.b, self.panel);
+        // SAFETY: AVX-512 F/BW/VNNI (precondition: the caller's target features); every read is
+        // of a row's segments and tails, or of the K groups of the NV panels, as commented.
+        unsafe {
+            // The segments' tails, gathered into quads before the accumulators go live.
+            let tail_quads = crate::gemm::tail_k(kh, tail) / 4;
+            debug_assert!(tail_quads <= MAX_TAIL_QUADS);
+            let mut tails = [[0u32; MAX_TAIL_QUADS]; MR];
+            for (base, tq) in bases.iter().zip(&mut tails) {
+                let seg0 = base.wrapping_add(seg);
+                // The tail bytes of every segment are readable (precondition).
+                *tq = match tail {
+                    1 => gather_tails::<1>(seg0, kh, row_step, tail_quads),
+                    2 => gather_tails::<2>(seg0, kh, row_step, tail_quads),
+                    _ => continue,
+                };
+            }
+            let mut acc = [init; MR];
+            let groups_per_seg = seg / 4;
+            for ky in 0..kh {
+                let rows: [*const u8; MR] = std::array::from_fn(|r| bases[r].wrapping_add(ky * row_step));
+                let g0 = ky * groups_per_seg;
+                for g in 0..groups_per_seg {
+                    let mut bv = [_mm512_setzero_si512(); NV];
+                    for (v, bvv) in bv.iter_mut().enumerate() {
+                        // Panel v holds k / 4 groups of 64 bytes and g0 + g < k / 4.
+                        *bvv = _mm512_loadu_si512(b.add(v * panel + (g0 + g) * 4 * VNNI_LANES).cast());
+                    }
+                    for (r, accr) in acc.iter_mut().enumerate() {
+                        // 4g + 4 <= seg bytes are readable from this row's segment.
+                        let av = _mm512_set1_epi32(ptr::read_unaligned(rows[r].add(4 * g).cast::<i32>()));
+                        for v in 0..NV {
+                            accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
+                        }
+                    }
+                }
+            }
+            for t in 0..tail_quads {
+                let g = kh * groups_per_seg + t;
+                let mut bv = [_mm512_setzero_si512(); NV];
+                for (v, bvv) in bv.iter_mut().enumerate() {
+                    // Panel v holds k / 4 groups of 64 bytes and g < k / 4.
+                    *bvv = _mm512_loadu_si512(b.add(v * panel + g * 4 * VNNI_LANES).cast());
+                }
+                for (accr, tq) in acc.iter_mut().zip(&tails) {
+                    let av = _mm512_set1_epi32(tq[t] as i32);
+                    for v in 0..NV {
+                        accr[v] = _mm512_dpbusd_epi32(accr[v], av, bv[v]);
+                    }
+                }
+            }
+            acc
+        }
+    }
+}
+
+/// [`fused_rows`] over implicit-im2col rows, for one NV.
 ///
 /// # Safety
-/// As [`vnni_conv_kernel`] for `mr <= 6` rows, `ncols <= 64` columns from panel `panel0`.
+/// As [`fused_rows`], with the CPU supporting AVX-512 VNNI.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn vnni_conv_fused<const NV: usize>(src: &ConvSegments<'_>, m: usize, f: &FusedU8<'_>) {
+    // SAFETY: this function's target features; forwarded preconditions.
+    unsafe { fused_rows::<ConvSegments<'_>, NV>(src, m, f) }
+}
+
+/// Rows `f.r0..f.r0 + bases.len()` of an implicit-im2col convolution (`bases[i]` is row
+/// `f.r0 + i`'s first segment, see [`ConvSegments`]) times `f.ncols <= 64` columns of the
+/// packed weights from panel `panel0`, requantized into the fused target ([`fused_rows`]).
+///
+/// # Safety
+/// The CPU supports AVX-512 VNNI; for every row and `ky < kh`, `seg + tail` bytes are
+/// readable at `bases[i] + ky * row_step`; `packed` is the VNNI packing of weights with
+/// `k = kh * seg + tail_k(kh, tail)`, `tail <= 2` and `tail_k(kh, tail) <= 4 * MAX_TAIL_QUADS`,
+/// holding the columns from panel `panel0`; the fused target covers the rows and columns.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn vnni_conv_tile(
-    dest: Dest<'_, '_>,
-    bases: &[*const u8; 6],
-    mr: usize,
+pub(crate) unsafe fn vnni_conv_rows(
+    f: &FusedU8<'_>,
+    bases: &[*const u8],
     kh: usize,
     seg: usize,
     tail: usize,
@@ -987,14 +1073,18 @@ pub(crate) unsafe fn vnni_conv_tile(
     packed: &[i8],
     k: usize,
     panel0: usize,
-    ncols: usize,
 ) {
-    let nv = ncols.div_ceil(VNNI_LANES);
-    let bp = packed[panel0 * vnni_panel_len(k)..].as_ptr();
-    // SAFETY: forwarded preconditions; the table covers every (mr, nv) with mr <= 6, nv <= 4.
+    let panel = vnni_panel_len(k);
+    let src = ConvSegments { bases, kh, seg, tail, row_step, b: packed[panel0 * panel..].as_ptr(), panel };
+    let m = bases.len();
+    // SAFETY: forwarded preconditions, for the NV that covers ncols.
     unsafe {
-        dispatch_tile!(vnni_conv_kernel, mr, nv, (bases, kh, seg, tail, row_step, bp, k, dest);
-            (1,1),(1,2),(1,3),(1,4),(2,1),(2,2),(2,3),(2,4),(3,1),(3,2),(3,3),(3,4),
-            (4,1),(4,2),(4,3),(4,4),(5,1),(5,2),(5,3),(5,4),(6,1),(6,2),(6,3),(6,4))
+        match f.ncols.div_ceil(VNNI_LANES) {
+            1 => vnni_conv_fused::<1>(&src, m, f),
+            2 => vnni_conv_fused::<2>(&src, m, f),
+            3 => vnni_conv_fused::<3>(&src, m, f),
+            4 => vnni_conv_fused::<4>(&src, m, f),
+            nv => unreachable!("{nv} vectors of columns in one tile"),
+        }
     }
 }
