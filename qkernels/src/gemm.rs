@@ -427,7 +427,7 @@ impl Sink {
 }
 
 /// Rows per task block.
-const MC: usize = 48;
+const MC: usize = 96;
 /// Columns per task block.
 const NC: usize = 64;
 
