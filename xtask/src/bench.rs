@@ -553,9 +553,8 @@ pub fn run(
     let shapes: Vec<Shape> =
         kernel_shapes().into_iter().filter(|s| filter.is_none_or(|f| s.name().contains(f))).collect();
     let mut records = Vec::new();
-    // Ours first, at every thread count, then the peers: a machine just freed from PyTorch's
-    // processes ran our small two-thread kernels up to 2.6x slower than the same kernels
-    // measured alone.
+    // Ours first, at every thread count, then the peers: neither side runs in the wake of the
+    // other's processes.
     let mut ours_all = Vec::new();
     for &threads in threads_list {
         ours_all.push(shapes.iter().map(|shape| run_shape(shape, threads)).collect::<Result<Vec<_>, _>>()?);
