@@ -199,14 +199,31 @@ unsafe fn fused_rows<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU
     }
 }
 
-/// [`fused_rows`] over dense rows, for one NV.
+/// [`fused_rows`] compiled for AVX-512 VNNI, for one source and one NV.
 ///
 /// # Safety
 /// As [`fused_rows`], with the CPU supporting AVX-512 VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn vnni_dense_fused<const NV: usize>(src: &DenseRows, m: usize, f: &FusedU8<'_>) {
+unsafe fn vnni_fused<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU8<'_>) {
     // SAFETY: this function's target features; forwarded preconditions.
-    unsafe { fused_rows::<DenseRows, NV>(src, m, f) }
+    unsafe { fused_rows::<S, NV>(src, m, f) }
+}
+
+/// [`vnni_fused`] for the NV that covers `f.ncols`.
+///
+/// # Safety
+/// As [`vnni_fused`], with `1 <= f.ncols <= 64`.
+unsafe fn vnni_fused_any<S: TileRows>(src: &S, m: usize, f: &FusedU8<'_>) {
+    // SAFETY: forwarded preconditions, with 16 * (NV - 1) < ncols <= 16 * NV.
+    unsafe {
+        match f.ncols.div_ceil(VNNI_LANES) {
+            1 => vnni_fused::<S, 1>(src, m, f),
+            2 => vnni_fused::<S, 2>(src, m, f),
+            3 => vnni_fused::<S, 3>(src, m, f),
+            4 => vnni_fused::<S, 4>(src, m, f),
+            nv => unreachable!("{nv} vectors of columns in one tile"),
+        }
+    }
 }
 
 /// Rows `f.r0..f.r0 + m` of `a` times `f.ncols <= 64` columns of the packed weights from
@@ -230,16 +247,8 @@ pub(crate) unsafe fn vnni_dense_rows(
         k,
         b: packed[panel0 * vnni_panel_len(k)..].as_ptr(),
     };
-    // SAFETY: forwarded preconditions, for the NV that covers ncols.
-    unsafe {
-        match f.ncols.div_ceil(VNNI_LANES) {
-            1 => vnni_dense_fused::<1>(&src, m, f),
-            2 => vnni_dense_fused::<2>(&src, m, f),
-            3 => vnni_dense_fused::<3>(&src, m, f),
-            4 => vnni_dense_fused::<4>(&src, m, f),
-            nv => unreachable!("{nv} vectors of columns in one tile"),
-        }
-    }
+    // SAFETY: forwarded preconditions.
+    unsafe { vnni_fused_any(&src, m, f) }
 }
 
 /// The requantization constants of up to four 16-column vectors of output, in registers:
@@ -1043,16 +1052,6 @@ impl TileRows for ConvSegments<'_> {
     }
 }
 
-/// [`fused_rows`] over implicit-im2col rows, for one NV.
-///
-/// # Safety
-/// As [`fused_rows`], with the CPU supporting AVX-512 VNNI.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn vnni_conv_fused<const NV: usize>(src: &ConvSegments<'_>, m: usize, f: &FusedU8<'_>) {
-    // SAFETY: this function's target features; forwarded preconditions.
-    unsafe { fused_rows::<ConvSegments<'_>, NV>(src, m, f) }
-}
-
 /// Rows `f.r0..f.r0 + bases.len()` of an implicit-im2col convolution (`bases[i]` is row
 /// `f.r0 + i`'s first segment, see [`ConvSegments`]) times `f.ncols <= 64` columns of the
 /// packed weights from panel `panel0`, requantized into the fused target ([`fused_rows`]).
@@ -1076,15 +1075,6 @@ pub(crate) unsafe fn vnni_conv_rows(
 ) {
     let panel = vnni_panel_len(k);
     let src = ConvSegments { bases, kh, seg, tail, row_step, b: packed[panel0 * panel..].as_ptr(), panel };
-    let m = bases.len();
-    // SAFETY: forwarded preconditions, for the NV that covers ncols.
-    unsafe {
-        match f.ncols.div_ceil(VNNI_LANES) {
-            1 => vnni_conv_fused::<1>(&src, m, f),
-            2 => vnni_conv_fused::<2>(&src, m, f),
-            3 => vnni_conv_fused::<3>(&src, m, f),
-            4 => vnni_conv_fused::<4>(&src, m, f),
-            nv => unreachable!("{nv} vectors of columns in one tile"),
-        }
-    }
+    // SAFETY: forwarded preconditions.
+    unsafe { vnni_fused_any(&src, bases.len(), f) }
 }
