@@ -568,13 +568,6 @@ fn block(
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    // The raw int32 tile, zeroed on first use: a fused VNNI block never needs it.
-    let mut tile_slot: Option<Tile> = None;
-    let mr_max = match w.isa {
-        Isa::Avx512Vnni => 6,
-        Isa::Avx2 => 4,
-        Isa::Scalar => TILE_ROWS,
-    };
     // Requantized u8 on AVX-512 VNNI: all the block's rows in one call, straight from the
     // accumulators.
     #[cfg(target_arch = "x86_64")]
@@ -619,33 +612,34 @@ fn block(
         }
         return;
     }
+    // Otherwise raw int32 tiles, then the epilogue for the sink.
+    let mut tile: Tile = [[0; TILE_COLS]; TILE_ROWS];
+    let mr_max = match w.isa {
+        Isa::Avx512Vnni => 6,
+        Isa::Avx2 => 4,
+        Isa::Scalar => TILE_ROWS,
+    };
     let mut r0 = rows.start;
     while r0 < rows.end {
         let mr = mr_max.min(rows.end - r0);
-        let tile: &Tile = match &w.packed {
+        match &w.packed {
             #[cfg(target_arch = "x86_64")]
             Packed::Vnni(p) => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col writes u8 only") };
-                let tile = tile_slot.get_or_insert_with(zero_tile);
                 // SAFETY: as above, for raw sums into the tile.
-                unsafe { crate::x86::vnni_tile(a, r0, mr, p, w.k, cols.start / VNNI_LANES, cols.len(), tile) }
-                tile
+                unsafe { crate::x86::vnni_tile(a, r0, mr, p, w.k, cols.start / VNNI_LANES, cols.len(), &mut tile) }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Avx2(p) => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
-                let tile = tile_slot.get_or_insert_with(zero_tile);
                 // SAFETY: as above, for AVX2.
-                unsafe { crate::x86::avx2_tile(a, r0, mr, p, w.k, cols.start / AVX2_LANES, cols.len(), tile) }
-                tile
+                unsafe { crate::x86::avx2_tile(a, r0, mr, p, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
             }
             _ => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
-                let tile = tile_slot.get_or_insert_with(zero_tile);
-                scalar_tile(a, r0, mr, w, cols.clone(), tile);
-                tile
+                scalar_tile(a, r0, mr, w, cols.clone(), &mut tile);
             }
-        };
+        }
         let simd = w.isa >= Isa::Avx2;
         for r in 0..mr {
             let i = r0 + r;
@@ -655,12 +649,6 @@ fn block(
         }
         r0 += mr;
     }
-}
-
-/// A zeroed tile (a function, so that an `Option`'s `get_or_insert_with` builds it only when
-/// empty).
-fn zero_tile() -> Tile {
-    [[0; TILE_COLS]; TILE_ROWS]
 }
 
 /// The scalar micro-kernel: plain dot products from the row-major weights.

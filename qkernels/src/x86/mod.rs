@@ -11,8 +11,8 @@ use crate::conv::{FlatConsts, RowConsts};
 use crate::gemm::{Plan, QMatrix, Tile, MAX_TAIL_QUADS, REQUANT_LIMIT};
 use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
 
-/// Where a VNNI tile writes requantized `u8` directly from its accumulators, skipping the
-/// tile buffer: the output base pointer, its row stride, and the tile's place in it.
+/// Where a VNNI kernel writes requantized `u8` directly from its accumulators, with no tile
+/// buffer: the output base pointer, its row stride, the first row and the columns.
 #[derive(Debug)]
 pub(crate) struct FusedU8<'p> {
     pub plan: &'p Plan,
