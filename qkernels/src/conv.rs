@@ -95,8 +95,9 @@ enum ConvKind {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct FlatConsts {
     pub colterm: Vec<i32>,
+    /// Added to the raw sum: the depthwise bias forms have a precomputed term (their
+    /// `bias_scale` is 1, so FBGEMM's fma is this add).
     pub bias_term: Vec<f32>,
-    pub bias_scale: Vec<f32>,
     pub mult: Vec<f32>,
     pub zo: i32,
     pub lo: i32,
@@ -653,7 +654,7 @@ impl PackedConv2d {
         let (kh, kw) = (self.kh, self.kw);
         let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
         let (row_bytes, len) = (wp * c, ow * c);
-        let gc = crate::x86::gcd(c, 64);
+        let gc = gcd(c, 64);
         let classes = c / gc;
         let slots = kh * g.dilation[0];
         // Chunks of one class (every `classes`-th chunk of a row) are done together, TILE at
@@ -813,7 +814,7 @@ impl PackedConv2d {
 /// `16l + 4q + d` of a chunk of class `cl`.
 #[cfg(target_arch = "x86_64")]
 fn row_consts(plan: &Plan, c: usize) -> RowConsts {
-    let gc = crate::x86::gcd(c, 64);
+    let gc = gcd(c, 64);
     let classes = c / gc;
     let lane_ch = |e: usize| {
         let (cl, i) = (e / 64, e % 64);
@@ -836,13 +837,13 @@ fn row_consts(plan: &Plan, c: usize) -> RowConsts {
 /// `(cl * gcd(c, 64) + i) % c`.
 #[cfg(target_arch = "x86_64")]
 fn flat_consts(plan: &Plan, c: usize) -> FlatConsts {
-    let gc = crate::x86::gcd(c, 64);
+    debug_assert!(plan.bias_scale.iter().all(|&s| s == 1.0), "depthwise bias forms add a precomputed term");
+    let gc = gcd(c, 64);
     let lane = |e: usize| (e / 64 * gc + e % 64) % c;
     let n = c / gc * 64;
     FlatConsts {
         colterm: (0..n).map(|e| plan.colterm[lane(e)]).collect(),
         bias_term: (0..n).map(|e| plan.bias_term[lane(e)]).collect(),
-        bias_scale: (0..n).map(|e| plan.bias_scale[lane(e)]).collect(),
         mult: (0..n).map(|e| plan.mult[lane(e)]).collect(),
         zo: plan.zo,
         lo: plan.lo,
@@ -857,7 +858,7 @@ fn flat_consts(plan: &Plan, c: usize) -> FlatConsts {
 /// taps `(ky, 0..4)`, zero past `kw`.
 fn pack_depthwise_rows(taps: &PackedWeights, kh: usize, kw: usize) -> Vec<i8> {
     let c = taps.n;
-    let g = (1..=c.min(64)).rev().find(|&d| c.is_multiple_of(d) && 64usize.is_multiple_of(d)).unwrap_or(1);
+    let g = gcd(c, 64);
     let classes = c / g;
     let mut out = vec![0i8; classes * kh * 256];
     for cl in 0..classes {
@@ -884,8 +885,7 @@ fn pack_depthwise_rows(taps: &PackedWeights, kh: usize, kw: usize) -> Vec<i8> {
 /// `(cl * gcd + 16l + 4q + d) % c`.
 fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
     let (c, t) = (taps.n, taps.k);
-    let g = c.min(64);
-    let g = (1..=g).rev().find(|d| c % d == 0 && 64 % d == 0).unwrap_or(1);
+    let g = gcd(c, 64);
     let (classes, groups) = (c / g, t.div_ceil(4));
     let mut out = vec![0i8; classes * groups * 256];
     for cl in 0..classes {
@@ -1067,5 +1067,15 @@ fn implicit_layout(kh: usize, row: usize) -> (usize, usize) {
         (row - t, t)
     } else {
         (row.next_multiple_of(4), 0)
+    }
+}
+
+/// Greatest common divisor: `gcd(c, 64)` channels make one class of a depthwise layer's
+/// 64-byte chunks.
+pub(crate) fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }

@@ -652,7 +652,7 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
 ) {
     let t = rows.len() * kw;
     let groups = t.div_ceil(4);
-    let g = gcd(c, 64);
+    let g = crate::conv::gcd(c, 64);
     // Every tap's start, padded to whole groups of 4 with the last tap (its weights are 0).
     let mut taps = [std::ptr::null::<u8>(); 64];
     assert!(groups * 4 <= taps.len(), "kernel of {t} taps exceeds the depthwise kernel's table");
@@ -663,7 +663,6 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
     let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
     let (zo, lo, hi) = (_mm512_set1_epi32(consts.zo), _mm512_set1_epi32(consts.lo), _mm512_set1_epi32(consts.hi));
     let (clamp_free, clip_hi) = (consts.clamp_free, consts.hi < 255);
-    debug_assert!(consts.bias_scale.iter().all(|&s| s == 1.0), "depthwise bias forms add a precomputed term");
     let shift = g.trailing_zeros(); // g divides 64: a power of two
     let (mut e0, mut offset) = (0, 0);
     while e0 < len {
@@ -853,14 +852,6 @@ pub(crate) unsafe fn depthwise_rows_compute<const KH: usize>(
             // SAFETY: `last` writable bytes at the last chunk (precondition).
             unsafe { _mm512_mask_storeu_epi8(out.add(i * step).cast(), m, bytes) };
         }
-    }
-}
-
-pub(crate) fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
     }
 }
 
