@@ -498,33 +498,23 @@ fn run_models(
                     })
                     .collect()
             };
-            records.push(Record {
+            // One record per dtype: its time, PyTorch's, and every peer's under `key`.
+            let record = |dtype: &'static str, ms: f64, torch: Option<f64>, key: &str| Record {
                 name: format!("model_{name}"),
                 kind: "model",
-                dtype: "int8",
+                dtype,
                 threads,
-                median_ms: i8_ms,
-                gmacs_per_s: gmac * 1e3 / i8_ms,
+                median_ms: ms,
+                gmacs_per_s: gmac * 1e3 / ms,
                 pct_of_peak: None,
-                peer: pi.map(|_| "pytorch"),
-                peer_median_ms: pi,
-                ratio_vs_peer: pi.map(|m| i8_ms / m),
-                peers: peers_of(i8_ms, "int8_ms"),
-            });
+                peer: torch.map(|_| "pytorch"),
+                peer_median_ms: torch,
+                ratio_vs_peer: torch.map(|m| ms / m),
+                peers: peers_of(ms, key),
+            };
+            records.push(record("int8", i8_ms, pi, "int8_ms"));
             if threads == 1 {
-                records.push(Record {
-                    name: format!("model_{name}"),
-                    kind: "model",
-                    dtype: "f32",
-                    threads: 1,
-                    median_ms: f32_ms,
-                    gmacs_per_s: gmac * 1e3 / f32_ms,
-                    pct_of_peak: None,
-                    peer: pf.map(|_| "pytorch"),
-                    peer_median_ms: pf,
-                    ratio_vs_peer: pf.map(|m| f32_ms / m),
-                    peers: peers_of(f32_ms, "f32_ms"),
-                });
+                records.push(record("f32", f32_ms, pf, "f32_ms"));
             }
         }
     }
