@@ -67,5 +67,5 @@ pub use quant::{
     DEFAULT_MAX_ACTIVATION_BYTES,
 };
 pub use scratch::release_thread_buffers;
-pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes};
+pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes, save_safetensors, state_dict_bytes};
 pub use {qfuse, qkernels, qobserve, qtensor};

@@ -1,9 +1,11 @@
-//! Loading PyTorch `state_dict`s saved as safetensors.
+//! PyTorch `state_dict`s as safetensors: loading them into a model, and writing a model's
+//! parameters in the same form.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{NnError, Result};
@@ -107,4 +109,52 @@ pub fn load_safetensors_bytes(model: &mut dyn Module, bytes: &[u8], name: &str) 
     }
     assign(model, "", &mut values);
     Ok(())
+}
+
+/// The model's parameters as a safetensors `state_dict` with PyTorch's names, in memory: what
+/// [`save_safetensors`] writes.
+///
+/// # Errors
+/// [`NnError::File`] when two parameters would share a name (two children with one name).
+pub fn state_dict_bytes(model: &dyn Module) -> Result<Vec<u8>> {
+    let mut tensors: Vec<(String, &ArrayD<f32>)> = Vec::new();
+    fn gather<'a>(m: &'a dyn Module, prefix: &str, out: &mut Vec<(String, &'a ArrayD<f32>)>) {
+        for (name, t) in m.tensors() {
+            out.push((join(prefix, name), t));
+        }
+        for (name, child) in m.children() {
+            gather(child, &join(prefix, name), out);
+        }
+    }
+    gather(model, "", &mut tensors);
+    let mut seen = std::collections::HashSet::new();
+    if let Some((dup, _)) = tensors.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+        return Err(NnError::File {
+            file: String::new(),
+            reason: format!("two parameters would be named '{dup}': give every child module a unique name"),
+        });
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec(), t.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, shape, b)| TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| NnError::File { file: String::new(), reason: format!("building the file: {e}") })?;
+    safetensors::serialize(views, None).map_err(|e| NnError::File { file: String::new(), reason: e.to_string() })
+}
+
+/// Writes the model's parameters (and batch-norm statistics) as a safetensors `state_dict`
+/// under PyTorch's names, which `model.load_state_dict(safetensors.torch.load_file(path),
+/// strict=False)` takes in PyTorch (`num_batches_tracked`, which the model does not keep, is
+/// the only key it reports missing), and [`load_safetensors`] loads back unchanged.
+///
+/// # Errors
+/// As [`state_dict_bytes`], or [`NnError::File`] when the file cannot be written.
+pub fn save_safetensors(model: &dyn Module, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = state_dict_bytes(model)?;
+    std::fs::write(path, bytes).map_err(|e| NnError::File { file: path.display().to_string(), reason: e.to_string() })
 }

@@ -101,3 +101,23 @@ fn shape_errors_name_the_module() {
     let err = model.forward(&ArrayD::zeros(IxDyn(&[8, 8]))).unwrap_err().to_string();
     assert!(err.contains("4-D NCHW"), "{err}");
 }
+
+#[test]
+fn a_saved_state_dict_loads_back_unchanged() {
+    let mut model = zoo::resnet18(10);
+    zoo::randomize(&mut model, 3);
+    let bytes = qnn::state_dict_bytes(&model).unwrap();
+    // PyTorch's names, and every parameter and batch-norm statistic.
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names = st.names();
+    names.sort();
+    let mut want: Vec<String> = qnn::parameter_shapes(&model).into_iter().map(|(n, _)| n).collect();
+    want.sort();
+    assert_eq!(names.iter().map(|s| s.to_string()).collect::<Vec<_>>(), want);
+    assert!(names.contains(&"layer1.0.bn1.running_var"));
+    assert_eq!(st.tensor("layer2.0.downsample.0.weight").unwrap().shape(), &[128, 64, 1, 1]);
+    let mut other = zoo::resnet18(10);
+    load_safetensors_bytes(&mut other, &bytes, "saved").unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 3, 32, 32]), |i| ((i[1] * 7 + i[2] * 3 + i[3]) % 11) as f32 / 5.0 - 1.0);
+    assert_eq!(model.forward(&x).unwrap(), other.forward(&x).unwrap());
+}

@@ -1,40 +1,46 @@
 #!/usr/bin/env python3
-"""Peer timing: whole models in ONNX Runtime, float and static int8, batch 1, 1x3x224x224.
+"""Peer timing: whole models in ONNX Runtime static int8, served to ``cargo xtask bench``.
 
-For each torchvision model (random weights, seed 0): export to ONNX (opset 17, input
-``x``), quantize with ``onnxruntime.quantization.quantize_static`` (QDQ format, per-channel
-``QInt8`` weights, ``QUInt8`` activations, MinMax calibration on ``--calib`` random images),
-then time ``session.run`` on the CPU execution provider with ``intra_op_num_threads =
---threads``: 3 warm-up runs, then the median of at least ``--reps`` runs (and 0.25 s).
+For each model, torchvision's architecture gets the weights ``cargo xtask bench`` wrote
+(``peer_server.py`` describes the files and the protocol: non-zero biases and batch-norm
+statistics, as a trained model has; with torchvision's all-zero initial biases the exporter
+shares one zero initializer through ``Identity`` nodes, ``quantize_static`` then cannot see
+the biases as initializers and ONNX Runtime runs its int8 convolutions unfused, 3-4x slower).
+The model is exported to ONNX (opset 17, input ``x`` with a dynamic batch), run through
+``quant_pre_process`` (shape inference and graph optimisation, as ONNX Runtime's
+documentation asks before quantizing), then ``quantize_static`` (QDQ format, per-channel
+``QInt8`` weights, ``QUInt8`` activations, MinMax calibration on the same images as ours).
+Sessions run on the CPU execution provider with ``intra_op_num_threads = threads``.
 
-Prints one JSON list: [{"name", "f32_ms", "int8_ms", "sqnr_db"}].
-
-    /work/venv/bin/python scripts/peers/ort_models.py [--threads 1] [--models resnet18,...]
-(needs ``pip install torch torchvision onnx onnxruntime``)
+    QRUST_PYTHON=~/qrust-venv/bin/python cargo xtask bench --peers
+(needs ``pip install torch torchvision onnx onnxruntime safetensors numpy``)
 """
 
-import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
-import time
-import warnings
 
-import numpy as np
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
 from torchvision.models import mobilenet_v2, resnet18, resnet50
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_server  # noqa: E402
 
 CTORS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "resnet50": resnet50}
 
 
-class RandomImages(CalibrationDataReader):
-    def __init__(self, n):
-        rng = np.random.default_rng(1)
-        self.batches = iter([{"x": rng.standard_normal((1, 3, 224, 224), dtype=np.float32)} for _ in range(n)])
+class Images(CalibrationDataReader):
+    def __init__(self, calib):
+        self.batches = iter([{"x": img[None].copy()} for img in calib])
 
     def get_next(self):
         return next(self.batches, None)
@@ -47,46 +53,43 @@ def session(path, threads):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def median_ms(sess, x, reps):
-    for _ in range(3):
-        sess.run(None, {"x": x})
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < 0.25:
-        t0 = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+class OnnxRuntime:
+    NAME = "onnxruntime"
 
+    def __init__(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.files = {}
+        self.sessions = {}
 
-def main():
-    warnings.filterwarnings("ignore")
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--models", default="resnet18,mobilenet_v2,resnet50")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--calib", type=int, default=8)
-    a = ap.parse_args()
-    out = []
-    with tempfile.TemporaryDirectory() as d:
-        for name in a.models.split(","):
-            torch.manual_seed(0)
-            m = CTORS[name](weights=None).eval()
-            f = os.path.join(d, name + ".onnx")
-            q = os.path.join(d, name + ".int8.onnx")
-            torch.onnx.export(m, torch.randn(1, 3, 224, 224), f, input_names=["x"], opset_version=17, dynamo=False)
-            quantize_static(f, q, RandomImages(a.calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
-            x = np.random.default_rng(2).standard_normal((1, 3, 224, 224), dtype=np.float32)
-            fs, qs = session(f, a.threads), session(q, a.threads)
-            f32, i8 = median_ms(fs, x, a.reps), median_ms(qs, x, a.reps)
-            ref, got = fs.run(None, {"x": x})[0], qs.run(None, {"x": x})[0]
-            sqnr = float(10 * np.log10((ref ** 2).mean() / ((ref - got) ** 2).mean()))
-            out.append({"name": name, "f32_ms": f32, "int8_ms": i8, "sqnr_db": sqnr})
-            print(f"onnxruntime {name}: f32 {f32:.2f} ms, int8 {i8:.2f} ms", file=sys.stderr, flush=True)
-    print(json.dumps(out))
+    def prepare(self, name, directory, inputs):
+        m = CTORS[name](weights=None).eval()
+        peer_server.load_state_dict(m, directory, name)
+        d = self.tmp.name
+        f, pre, q = (os.path.join(d, f"{name}{s}.onnx") for s in ("", ".pre", ".int8"))
+        torch.onnx.export(m, torch.from_numpy(inputs["x1"]), f, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+        quant_pre_process(f, pre)
+        quantize_static(pre, q, Images(inputs["calib"]), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        self.files[name] = q
+        x = inputs["x1"]
+        fs = session(f, 1)
+        f32_ms = peer_server.median_ms(lambda: fs.run(None, {"x": x}), 5)
+        ref = fs.run(None, {"x": x})[0]
+        got = self.session(name, 1).run(None, {"x": x})[0]
+        return peer_server.sqnr_db(ref, got), f32_ms
+
+    def session(self, name, threads):
+        key = (name, threads)
+        if key not in self.sessions:
+            self.sessions[key] = session(self.files[name], threads)
+        return self.sessions[key]
+
+    def int8_runner(self, name, threads, x):
+        s = self.session(name, threads)
+        return lambda: s.run(None, {"x": x})
 
 
 if __name__ == "__main__":
-    main()
+    peer_server.serve(OnnxRuntime())

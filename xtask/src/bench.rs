@@ -198,21 +198,39 @@ fn run_shape(shape: &Shape, threads: usize) -> Result<(f64, f64), String> {
 }
 
 /// One JSON record.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Record {
     pub name: String,
     pub kind: &'static str,
     pub dtype: &'static str,
     pub threads: usize,
+    /// Images per call (models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
     pub median_ms: f64,
     pub gmacs_per_s: f64,
+    /// Of the probe's int8 peak times the thread count.
     pub pct_of_peak: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images_per_s: Option<f64>,
+    /// Our 1-thread time over this one (models at more than one thread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speedup_vs_1_thread: Option<f64>,
+    /// int8 output against our f32 output on the same input (models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqnr_db: Option<f64>,
+    /// The peer this row is judged against: PyTorch for kernels and observers, the faster of
+    /// the peers for models.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_median_ms: Option<f64>,
+    /// Ours / the peer's time (models: the median of the rounds' ratios).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_vs_peer: Option<f64>,
+    /// The lowest and highest of the rounds' ratios.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_spread: Option<[f64; 2]>,
     /// Every peer measured on this row (models: PyTorch and ONNX Runtime).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerRecord>,
@@ -223,7 +241,16 @@ pub struct Record {
 pub struct PeerRecord {
     pub peer: &'static str,
     pub peer_median_ms: f64,
+    /// Ours / the peer's time (models: the median of the rounds' ratios).
     pub ratio_vs_peer: f64,
+    /// The lowest and highest of the rounds' ratios.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_spread: Option<[f64; 2]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub images_per_s: Option<f64>,
+    /// The peer's int8 output against its own f32 output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqnr_db: Option<f64>,
 }
 
 /// Finds a Python that can `import torch`: `$QRUST_PYTHON`, then `python3`.
@@ -232,7 +259,7 @@ fn find_torch_python() -> Option<String> {
 }
 
 /// `$QRUST_PYTHON`, else `python3`, if it can import `modules` (comma-separated).
-fn find_python_with(modules: &str) -> Option<String> {
+pub(crate) fn find_python_with(modules: &str) -> Option<String> {
     let candidates = std::env::var("QRUST_PYTHON").ok().into_iter().chain(["python3".to_string()]);
     for py in candidates {
         let ok = Command::new(&py)
@@ -279,7 +306,7 @@ fn peer_timings(root: &Path, shapes: &[Shape], threads: usize) -> Result<Vec<(St
 }
 
 /// A normal(0, 1)-like batch (Box-Muller on a fixed LCG), as `torch.randn`.
-fn randn(seed: u64, shape: &[usize]) -> ndarray::ArrayD<f32> {
+pub(crate) fn randn(seed: u64, shape: &[usize]) -> ndarray::ArrayD<f32> {
     let mut rng = Lcg(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
@@ -362,169 +389,19 @@ observers, 1 thread"
             peer: pm.map(|_| "pytorch"),
             peer_median_ms: pm,
             ratio_vs_peer: pm.map(|m| ms / m),
-            peers: Vec::new(),
+            ..Record::default()
         });
-    }
-    Ok(())
-}
-
-/// Whole models at batch 1, 1x3x224x224, random weights (seeded): float and int8 (fused,
-/// default qconfig, histogram observers calibrated on 8 random images, converted), one
-/// thread; with `--peers`, torchvision's quantizable models through PyTorch eager PTQ
-/// (`scripts/peers/torch_models.py`) in the same run.
-fn run_models(
-    root: &Path,
-    threads_list: &[usize],
-    peers: bool,
-    filter: Option<&str>,
-    records: &mut Vec<Record>,
-) -> Result<(), String> {
-    use qnn::Module;
-    type Ctor = fn(usize) -> qnn::Sequential;
-    let models: Vec<(&str, Ctor, f64)> = vec![
-        ("resnet18", qnn::zoo::resnet18, 1.814),
-        ("mobilenet_v2", qnn::zoo::mobilenet_v2, 0.301),
-        ("resnet50", qnn::zoo::resnet50, 4.089),
-    ];
-    let models: Vec<_> =
-        models.into_iter().filter(|(n, _, _)| filter.is_none_or(|f| n.contains(f) || "models".contains(f))).collect();
-    if models.is_empty() {
-        return Ok(());
-    }
-    // Ours first, then the peers (see `run`).
-    let x = randn(7, &[1, 3, 224, 224]);
-    let mut ours = Vec::new();
-    for (name, ctor, gmac) in models {
-        let mut model = ctor(1000);
-        qnn::zoo::randomize(&mut model, 11);
-        qnn::fuse(&mut model).map_err(|e| e.to_string())?;
-        let f32_ms = median_ms(5, || {
-            std::hint::black_box(model.forward(&x).expect("float forward"));
-        });
-        let reference_out = model.forward(&x).map_err(|e| e.to_string())?;
-        let mut p =
-            qnn::prepare(model, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
-        for i in 0..8 {
-            p.calibrate(&randn(200 + i, &[1, 3, 224, 224])).map_err(|e| e.to_string())?;
-        }
-        let mut q = p.convert().map_err(|e| e.to_string())?;
-        let sqnr = qnn::sqnr_db(&reference_out, &q.forward(&x).map_err(|e| e.to_string())?);
-        let mut i8 = Vec::new();
-        for &threads in threads_list {
-            q.set_threads(threads);
-            i8.push(median_ms(10, || {
-                std::hint::black_box(q.forward(&x).expect("int8 forward"));
-            }));
-        }
-        ours.push((name, gmac, f32_ms, sqnr, i8));
-    }
-    let names: Vec<&str> = ours.iter().map(|m| m.0).collect();
-    // (peer, script, modules its Python needs)
-    let peer_scripts = [
-        ("pytorch", "torch_models.py", "torch, torchvision"),
-        ("onnxruntime", "ort_models.py", "torch, torchvision, onnx, onnxruntime"),
-    ];
-    let mut peer: Vec<(&str, usize, serde_json::Value)> = Vec::new();
-    for (who, script, modules) in peer_scripts.iter().filter(|_| peers) {
-        let Some(py) = find_python_with(modules) else {
-            eprintln!(
-                "--peers: no Python with {modules} found for {who}; get one with\n  \
-                 python3 -m venv ~/qrust-venv && ~/qrust-venv/bin/pip install {}\n  \
-                 QRUST_PYTHON=~/qrust-venv/bin/python cargo xtask bench --peers",
-                modules.replace(',', "")
-            );
-            continue;
-        };
-        for &t in threads_list {
-            let out = Command::new(&py)
-                .arg(root.join("scripts/peers").join(script))
-                .args(["--models", &names.join(","), "--threads", &t.to_string()])
-                .stderr(Stdio::null())
-                .output()
-                .map_err(|e| format!("running {py}: {e}"))?;
-            match serde_json::from_slice(&out.stdout) {
-                Ok(v) => peer.push((who, t, v)),
-                Err(_) => eprintln!("--peers: {script} failed ({})", out.status),
-            }
-        }
-    }
-    let peer_of = |who: &str, name: &str, key: &str, threads: usize| {
-        let (_, _, v) = peer.iter().find(|(w, t, _)| *w == who && *t == threads)?;
-        v.as_array()?.iter().find(|r| r["name"] == name).and_then(|r| r[key].as_f64())
-    };
-    let peer_ms = |name: &str, key: &str, threads: usize| peer_of("pytorch", name, key, threads);
-    println!("\nmodels, batch 1, 3x224x224 (f32: 1 thread; int8 and PyTorch: the thread count shown)");
-    println!(
-        "{:<14} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10} {:>11} {:>11} {:>9} {:>9}",
-        "model",
-        "threads",
-        "f32 ms",
-        "int8 ms",
-        "GMAC/s",
-        "f32/int8",
-        "SQNR dB",
-        "torch f32",
-        "torch int8",
-        "ours/torch",
-        "ort int8",
-        "ours/ort"
-    );
-    for &(name, gmac, f32_ms, sqnr, ref i8) in &ours {
-        for (&threads, &i8_ms) in threads_list.iter().zip(i8) {
-            let (pf, pi) = (peer_ms(name, "f32_ms", threads), peer_ms(name, "int8_ms", threads));
-            let oi = peer_of("onnxruntime", name, "int8_ms", threads);
-            let opt = |v: Option<f64>| v.map_or("-".into(), |m| format!("{m:.2}"));
-            println!(
-                "{:<14} {:>7} {:>9.2} {:>9.2} {:>9.1} {:>7.2}x {:>8.1} {:>10} {:>11} {:>11} {:>9} {:>9}",
-                name,
-                threads,
-                f32_ms,
-                i8_ms,
-                gmac * 1e3 / i8_ms,
-                f32_ms / i8_ms,
-                sqnr,
-                opt(pf),
-                opt(pi),
-                pi.map_or("-".into(), |m| format!("{:.2}", i8_ms / m)),
-                opt(oi),
-                oi.map_or("-".into(), |m| format!("{:.2}", i8_ms / m)),
-            );
-            let peers_of = |ms: f64, key: &str| -> Vec<PeerRecord> {
-                ["pytorch", "onnxruntime"]
-                    .into_iter()
-                    .filter_map(|who| {
-                        let p = peer_of(who, name, key, threads)?;
-                        Some(PeerRecord { peer: who, peer_median_ms: p, ratio_vs_peer: ms / p })
-                    })
-                    .collect()
-            };
-            // One record per dtype: its time, PyTorch's, and every peer's under `key`.
-            let record = |dtype: &'static str, ms: f64, torch: Option<f64>, key: &str| Record {
-                name: format!("model_{name}"),
-                kind: "model",
-                dtype,
-                threads,
-                median_ms: ms,
-                gmacs_per_s: gmac * 1e3 / ms,
-                pct_of_peak: None,
-                peer: torch.map(|_| "pytorch"),
-                peer_median_ms: torch,
-                ratio_vs_peer: torch.map(|m| ms / m),
-                peers: peers_of(ms, key),
-            };
-            records.push(record("int8", i8_ms, pi, "int8_ms"));
-            if threads == 1 {
-                records.push(record("f32", f32_ms, pf, "f32_ms"));
-            }
-        }
     }
     Ok(())
 }
 
 /// Runs the benchmark and prints a table; returns the records.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     root: &Path,
     threads_list: &[usize],
+    batches: &[usize],
+    rounds: usize,
     peers: bool,
     filter: Option<&str>,
     json: Option<&PathBuf>,
@@ -549,7 +426,7 @@ pub fn run(
     for &threads in threads_list {
         ours_all.push(shapes.iter().map(|shape| run_shape(shape, threads)).collect::<Result<Vec<_>, _>>()?);
     }
-    for (&threads, ours) in threads_list.iter().zip(&ours_all) {
+    for (&threads, ours) in threads_list.iter().zip(&ours_all).filter(|_| !shapes.is_empty()) {
         let peer = if peers {
             match peer_timings(root, &shapes, threads) {
                 Ok(p) => Some(p),
@@ -596,7 +473,7 @@ pub fn run(
                 peer: pm.map(|_| "pytorch"),
                 peer_median_ms: pm,
                 ratio_vs_peer: pm.map(|m| i8ms / m),
-                peers: Vec::new(),
+                ..Record::default()
             });
             records.push(Record {
                 name: shape.name().into(),
@@ -606,17 +483,22 @@ pub fn run(
                 median_ms: f32ms,
                 gmacs_per_s: gf,
                 pct_of_peak: pct_f,
-                peer: None,
-                peer_median_ms: None,
-                ratio_vs_peer: None,
-                peers: Vec::new(),
+                ..Record::default()
             });
         }
     }
     if filter.is_none_or(|f| "observer calibrate".contains(f)) {
         run_observers(root, peers, &mut records)?;
     }
-    run_models(root, threads_list, peers, filter, &mut records)?;
+    let options = crate::bench_models::Options {
+        threads: threads_list,
+        batches,
+        rounds,
+        peers,
+        filter,
+        peak_int8_gmacs: peak.map(|p| p.int8_gmacs),
+    };
+    crate::bench_models::run(root, &options, &mut records)?;
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?)
             .map_err(|e| format!("writing {}: {e}", path.display()))?;

@@ -14,6 +14,7 @@
 
 mod accuracy;
 mod bench;
+mod bench_models;
 mod conformance;
 mod demo;
 mod fuzz;
@@ -93,6 +94,13 @@ enum Command {
         /// `$QRUST_PYTHON` or `python3`).
         #[arg(long)]
         peers: bool,
+        /// Batch sizes for the whole models, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batches: Vec<usize>,
+        /// With --peers: rounds of ours-then-peers timings per model configuration (ratios
+        /// are the median of the rounds').
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Only shapes whose name contains this.
         #[arg(long)]
         filter: Option<String>,
@@ -117,8 +125,8 @@ fn main() -> ExitCode {
         }
         Command::Accuracy { write_thresholds } => accuracy::run(&workspace_root(), write_thresholds),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
-        Command::Bench { threads, peers, filter, json } => {
-            bench::run(&workspace_root(), &threads, peers, filter.as_deref(), json.as_ref())
+        Command::Bench { threads, batches, rounds, peers, filter, json } => {
+            bench::run(&workspace_root(), &threads, &batches, rounds, peers, filter.as_deref(), json.as_ref())
         }
     };
     match result {

@@ -1,0 +1,363 @@
+//! Whole models in `cargo xtask bench`: ours and, with `--peers`, PyTorch and ONNX Runtime on
+//! the same weights and inputs, alternated over several rounds.
+//!
+//! The weights (random, seeded, with non-zero biases and batch-norm statistics as a trained
+//! model has) and the inputs are written once to `target/bench-models/` as safetensors; the
+//! peer scripts (`scripts/peers/{torch,ort}_models.py`, protocol in `peer_server.py`) load
+//! the same files, quantize the same model on the same calibration images, and then wait for
+//! timing requests. Each round times every configuration (model x batch x threads) on our
+//! side and then on each peer's; a record keeps the median of the rounds' times and, per
+//! peer, the median and the range of the rounds' ratios, so one noisy minute cannot decide a
+//! ratio.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use ndarray::{ArrayD, Axis};
+use serde_json::Value as J;
+
+use crate::bench::{find_python_with, median_ms, randn, PeerRecord, Record};
+
+/// A model of the bench: name, constructor, GMAC per image at 224x224.
+type Entry = (&'static str, fn(usize) -> qnn::Sequential, f64);
+
+const MODELS: [Entry; 3] = [
+    ("resnet18", qnn::zoo::resnet18, 1.814),
+    ("mobilenet_v2", qnn::zoo::mobilenet_v2, 0.301),
+    ("resnet50", qnn::zoo::resnet50, 4.089),
+];
+
+/// Calibration images (one per batch, for us and the peers alike).
+const CALIBRATION_IMAGES: u64 = 8;
+
+/// Pause after a peer's timing before ours: its idle worker threads spin for a while before
+/// they sleep, and would take our second core.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// One peer script running as a timing server.
+struct PeerServer {
+    who: &'static str,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    log: PathBuf,
+    /// Per model: `{"sqnr_db", "f32_ms"}`.
+    ready: J,
+}
+
+impl PeerServer {
+    fn start(py: &str, script: &Path, who: &'static str, dir: &Path, models: &[&str]) -> Result<Self, String> {
+        let log = dir.join(format!("{who}.log"));
+        let err = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        let mut child = Command::new(py)
+            .arg(script)
+            .arg("--dir")
+            .arg(dir)
+            .args(["--models", &models.join(",")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("running {py} {}: {e}", script.display()))?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Ok(PeerServer { who, child, stdin, stdout, log, ready: J::Null })
+    }
+
+    fn read_line(&mut self) -> Result<J, String> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        serde_json::from_str(&line)
+            .map_err(|_| format!("{} stopped answering; its log is {}", self.who, self.log.display()))
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        self.ready = self.read_line()?["ready"].clone();
+        Ok(())
+    }
+
+    fn time(&mut self, model: &str, threads: usize, batch: usize) -> Result<f64, String> {
+        let req = serde_json::json!({"model": model, "threads": threads, "batch": batch});
+        let stdin = self.stdin.as_mut().expect("open until drop");
+        writeln!(stdin, "{req}").and_then(|()| stdin.flush()).map_err(|e| format!("{}: {e}", self.who))?;
+        let reply = self.read_line()?;
+        reply["int8_ms"].as_f64().ok_or_else(|| format!("{}: no int8_ms in {reply}", self.who))
+    }
+
+    fn ready_of(&self, model: &str, key: &str) -> Option<f64> {
+        self.ready[model][key].as_f64()
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `tensors` as a safetensors file.
+fn write_tensors(path: &Path, tensors: &[(&str, &ArrayD<f32>)]) -> Result<(), String> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.shape().to_vec(), t.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).map(|v| (n, v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Per-round medians of one configuration.
+#[derive(Default)]
+struct Series {
+    ours: Vec<f64>,
+    /// Per peer, in `peers` order.
+    peers: Vec<Vec<f64>>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// The options of the model bench.
+pub struct Options<'a> {
+    pub threads: &'a [usize],
+    pub batches: &'a [usize],
+    pub rounds: usize,
+    pub peers: bool,
+    pub filter: Option<&'a str>,
+    pub peak_int8_gmacs: Option<f64>,
+}
+
+/// Runs the model bench; appends records.
+pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<(), String> {
+    use qnn::Module;
+    let models: Vec<Entry> =
+        MODELS.into_iter().filter(|(n, _, _)| o.filter.is_none_or(|f| n.contains(f) || "models".contains(f))).collect();
+    if models.is_empty() {
+        return Ok(());
+    }
+    let dir = root.join("target/bench-models");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let calib: Vec<ArrayD<f32>> = (0..CALIBRATION_IMAGES).map(|i| randn(200 + i, &[1, 3, 224, 224])).collect();
+    let calib_all = ndarray::concatenate(Axis(0), &calib.iter().map(ArrayD::view).collect::<Vec<_>>())
+        .map_err(|e| e.to_string())?;
+    let inputs: Vec<(usize, ArrayD<f32>)> =
+        o.batches.iter().map(|&b| (b, randn(7 + b as u64, &[b, 3, 224, 224]))).collect();
+    let x1 = inputs.iter().find(|(b, _)| *b == 1).map_or_else(|| randn(8, &[1, 3, 224, 224]), |(_, x)| x.clone());
+    let mut files: Vec<(String, &ArrayD<f32>)> = vec![("calib".into(), &calib_all), ("x1".into(), &x1)];
+    files.extend(inputs.iter().filter(|(b, _)| *b != 1).map(|(b, x)| (format!("x{b}"), x)));
+    write_tensors(&dir.join("inputs.safetensors"), &files.iter().map(|(n, t)| (n.as_str(), *t)).collect::<Vec<_>>())?;
+
+    // Our models: weights written for the peers, float time, int8 conversion, SQNR.
+    struct Ours {
+        name: &'static str,
+        gmac: f64,
+        f32_ms: f64,
+        sqnr: f64,
+        q: qnn::QuantizedModel,
+    }
+    let mut ours = Vec::new();
+    for (name, ctor, gmac) in models {
+        let mut model = ctor(1000);
+        qnn::zoo::randomize(&mut model, 11);
+        qnn::save_safetensors(&model, dir.join(format!("{name}.safetensors"))).map_err(|e| e.to_string())?;
+        qnn::fuse(&mut model).map_err(|e| e.to_string())?;
+        let f32_ms = median_ms(5, || {
+            std::hint::black_box(model.forward(&x1).expect("float forward"));
+        });
+        let reference = model.forward(&x1).map_err(|e| e.to_string())?;
+        let mut p =
+            qnn::prepare(model, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
+        for img in &calib {
+            p.calibrate(img).map_err(|e| e.to_string())?;
+        }
+        let q = p.convert().map_err(|e| e.to_string())?;
+        let sqnr = qnn::sqnr_db(&reference, &q.forward(&x1).map_err(|e| e.to_string())?);
+        ours.push(Ours { name, gmac, f32_ms, sqnr, q });
+    }
+    let names: Vec<&str> = ours.iter().map(|m| m.name).collect();
+
+    // The peers build their models side by side (nothing is timed meanwhile).
+    let mut peers: Vec<PeerServer> = Vec::new();
+    let scripts = [
+        ("pytorch", "torch_models.py", "torch, torchvision, safetensors"),
+        ("onnxruntime", "ort_models.py", "torch, torchvision, onnx, onnxruntime, safetensors"),
+    ];
+    for (who, script, modules) in scripts.into_iter().filter(|_| o.peers) {
+        let Some(py) = find_python_with(modules) else {
+            eprintln!(
+                "--peers: no Python with {modules} found for {who}; get one with\n  \
+                 python3 -m venv ~/qrust-venv && ~/qrust-venv/bin/pip install {} numpy\n  \
+                 QRUST_PYTHON=~/qrust-venv/bin/python cargo xtask bench --peers",
+                modules.replace(',', "")
+            );
+            continue;
+        };
+        peers.push(PeerServer::start(&py, &root.join("scripts/peers").join(script), who, &dir, &names)?);
+    }
+    if !peers.is_empty() {
+        eprintln!("peers are quantizing the same models (logs in {})", dir.display());
+    }
+    let mut started = Vec::new();
+    for mut p in peers {
+        match p.wait_ready() {
+            Ok(()) => started.push(p),
+            Err(e) => eprintln!("--peers: {e}"),
+        }
+    }
+    let mut peers = started;
+
+    // Rounds: every configuration, ours then each peer's.
+    let configs: Vec<(usize, usize, usize)> = (0..ours.len())
+        .flat_map(|m| o.batches.iter().flat_map(move |&b| o.threads.iter().map(move |&t| (m, b, t))))
+        .collect();
+    let mut series: Vec<Series> =
+        configs.iter().map(|_| Series { ours: Vec::new(), peers: vec![Vec::new(); peers.len()] }).collect();
+    let rounds = if peers.is_empty() { 1 } else { o.rounds.max(1) };
+    for round in 0..rounds {
+        eprintln!("models: round {} of {rounds}", round + 1);
+        for (&(m, b, t), s) in configs.iter().zip(&mut series) {
+            let x = &inputs.iter().find(|(bb, _)| *bb == b).expect("an input per batch size").1;
+            let q = &mut ours[m].q;
+            q.set_threads(t);
+            s.ours.push(median_ms(10, || {
+                std::hint::black_box(q.forward(x).expect("int8 forward"));
+            }));
+            for (p, times) in peers.iter_mut().zip(&mut s.peers) {
+                times.push(p.time(ours[m].name, t, b)?);
+                std::thread::sleep(SETTLE);
+            }
+        }
+    }
+
+    println!(
+        "\nmodels, 3x224x224, same weights and inputs for every side; int8 medians of {rounds} round(s), \
+         ratios ours/peer as the median [range] of the rounds' ratios"
+    );
+    let peer_cols: String =
+        peers.iter().map(|p| format!(" {:>11} {:>19}", format!("{} ms", short(p.who)), "ours/peer")).collect();
+    println!(
+        "{:<14} {:>5} {:>7} {:>9} {:>8} {:>7} {:>9}{peer_cols}",
+        "model", "batch", "threads", "int8 ms", "img/s", "% peak", "speed-up"
+    );
+    for (&(m, b, t), s) in configs.iter().zip(&series) {
+        let om = &ours[m];
+        let ms = median(&s.ours);
+        let gmacs = om.gmac * b as f64 * 1e3 / ms;
+        let pct = o.peak_int8_gmacs.map(|p| 100.0 * gmacs / (p * t as f64));
+        let one_thread = configs.iter().zip(&series).find(|(&(m1, b1, t1), _)| (m1, b1, t1) == (m, b, 1));
+        let speedup = (t > 1).then_some(one_thread).flatten().map(|(_, s1)| median(&s1.ours) / ms);
+        let mut peer_records = Vec::new();
+        let mut cols = String::new();
+        for (p, times) in peers.iter().zip(&s.peers) {
+            let ratios: Vec<f64> = s.ours.iter().zip(times).map(|(a, b)| a / b).collect();
+            let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+            let pm = median(times);
+            let ratio = median(&ratios);
+            cols += &format!(" {:>11.2} {:>19}", pm, format!("{ratio:.2} [{lo:.2}-{hi:.2}]"));
+            peer_records.push(PeerRecord {
+                peer: p.who,
+                peer_median_ms: pm,
+                ratio_vs_peer: ratio,
+                ratio_spread: Some([lo, hi]),
+                images_per_s: Some(b as f64 * 1e3 / pm),
+                sqnr_db: if b == 1 && t == 1 { p.ready_of(om.name, "sqnr_db") } else { None },
+            });
+        }
+        println!(
+            "{:<14} {:>5} {:>7} {:>9.2} {:>8.1} {:>7} {:>9}{cols}",
+            om.name,
+            b,
+            t,
+            ms,
+            b as f64 * 1e3 / ms,
+            pct.map_or("-".into(), |p| format!("{p:.0}%")),
+            speedup.map_or("-".into(), |s| format!("{s:.2}x")),
+        );
+        let faster = peer_records.iter().min_by(|a, b| a.peer_median_ms.total_cmp(&b.peer_median_ms));
+        records.push(Record {
+            name: if b == 1 { format!("model_{}", om.name) } else { format!("model_{}_b{b}", om.name) },
+            kind: "model",
+            dtype: "int8",
+            threads: t,
+            batch: Some(b),
+            median_ms: ms,
+            gmacs_per_s: gmacs,
+            pct_of_peak: pct,
+            images_per_s: Some(b as f64 * 1e3 / ms),
+            speedup_vs_1_thread: speedup,
+            sqnr_db: (b == 1 && t == 1).then_some(om.sqnr),
+            peer: faster.map(|p| p.peer),
+            peer_median_ms: faster.map(|p| p.peer_median_ms),
+            ratio_vs_peer: faster.map(|p| p.ratio_vs_peer),
+            ratio_spread: faster.and_then(|p| p.ratio_spread),
+            peers: peer_records,
+        });
+    }
+    println!("\nfloat (1 thread, batch 1) and int8 accuracy (int8 output vs the same side's f32, SQNR on x1)");
+    let peer_cols: String = peers
+        .iter()
+        .map(|p| format!(" {:>14} {:>14}", format!("{} f32 ms", short(p.who)), format!("{} SQNR", short(p.who))))
+        .collect();
+    println!("{:<14} {:>9} {:>9}{peer_cols}", "model", "f32 ms", "SQNR dB");
+    for om in &ours {
+        let mut cols = String::new();
+        let mut peer_records = Vec::new();
+        for p in &peers {
+            let (pf, ps) = (p.ready_of(om.name, "f32_ms"), p.ready_of(om.name, "sqnr_db"));
+            let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+            cols += &format!(" {:>14} {:>14}", opt(pf), opt(ps));
+            if let Some(pf) = pf {
+                peer_records.push(PeerRecord {
+                    peer: p.who,
+                    peer_median_ms: pf,
+                    ratio_vs_peer: om.f32_ms / pf,
+                    ratio_spread: None,
+                    images_per_s: None,
+                    sqnr_db: None,
+                });
+            }
+        }
+        println!("{:<14} {:>9.2} {:>9.1}{cols}", om.name, om.f32_ms, om.sqnr);
+        let faster = peer_records.iter().min_by(|a, b| a.peer_median_ms.total_cmp(&b.peer_median_ms));
+        records.push(Record {
+            name: format!("model_{}", om.name),
+            kind: "model",
+            dtype: "f32",
+            threads: 1,
+            batch: Some(1),
+            median_ms: om.f32_ms,
+            gmacs_per_s: om.gmac * 1e3 / om.f32_ms,
+            pct_of_peak: None,
+            images_per_s: Some(1e3 / om.f32_ms),
+            speedup_vs_1_thread: None,
+            sqnr_db: None,
+            peer: faster.map(|p| p.peer),
+            peer_median_ms: faster.map(|p| p.peer_median_ms),
+            ratio_vs_peer: faster.map(|p| p.ratio_vs_peer),
+            ratio_spread: None,
+            peers: peer_records,
+        });
+    }
+    Ok(())
+}
+
+fn short(who: &str) -> &str {
+    match who {
+        "pytorch" => "torch",
+        "onnxruntime" => "ort",
+        other => other,
+    }
+}
