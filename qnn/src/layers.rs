@@ -457,6 +457,28 @@ pass_through!(
     DeQuantStub, "DeQuantStub"
 );
 
+/// Whether `m` is one of this crate's layers, every one of which computes each image of a
+/// batch (index 0 of its input and output) on its own. A custom layer may not.
+pub(crate) fn computes_images_apart(m: &dyn Module) -> bool {
+    let a = m.as_any();
+    a.is::<Conv2d>()
+        || a.is::<BatchNorm2d>()
+        || a.is::<BatchNorm1d>()
+        || a.is::<Linear>()
+        || a.is::<Flatten>()
+        || a.is::<AdaptiveAvgPool2d>()
+        || a.is::<MaxPool2d>()
+        || a.is::<AvgPool2d>()
+        || a.is::<ReLU>()
+        || a.is::<ReLU6>()
+        || a.is::<Hardswish>()
+        || a.is::<Sigmoid>()
+        || a.is::<Identity>()
+        || a.is::<Dropout>()
+        || a.is::<QuantStub>()
+        || a.is::<DeQuantStub>()
+}
+
 /// `nn.Flatten()`: `[n, c, h, w] -> [n, c * h * w]` (PyTorch's order).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Flatten;

@@ -599,7 +599,7 @@ pub enum Value {
 }
 
 impl Value {
-    fn quantize(x: &ArrayD<f32>, q: QuantU8) -> qtensor::Result<Value> {
+    fn quantize(x: ndarray::ArrayViewD<'_, f32>, q: QuantU8) -> qtensor::Result<Value> {
         let shape = x.shape().to_vec();
         let xs = x.as_standard_layout();
         let src = xs.as_slice().expect("standard layout");
@@ -762,6 +762,46 @@ pub struct QuantizedModel {
     pub(crate) nodes: Vec<QNode>,
     pub(crate) plan: Vec<PlanEntry>,
     pub(crate) run: Run,
+    /// Every node computes each image of a batch on its own (no custom layers), so a batch
+    /// can be split between threads.
+    images_apart: bool,
+}
+
+/// Whether every node computes each image of a batch on its own: true of every built-in op;
+/// a custom layer (int8 or float) may mix images, so its model is never split by batch.
+fn images_apart(nodes: &[QNode]) -> bool {
+    nodes.iter().all(|n| match n {
+        QNode::Op { op, .. } => match op {
+            Op::Custom { .. } => false,
+            Op::Float(m) | Op::SameParams(m) => crate::layers::computes_images_apart(m.as_ref()),
+            Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Quantize { .. } | Op::Passthrough => true,
+        },
+        QNode::Residual { body, shortcut, .. } => images_apart(body) && shortcut.as_deref().is_none_or(images_apart),
+        QNode::Concat { branches, .. } => branches.iter().all(|b| images_apart(b)),
+    })
+}
+
+/// Joins the outputs of consecutive parts of a batch along dimension 0.
+fn join_batch(parts: Vec<Value>) -> Value {
+    if parts.iter().all(|p| matches!(p, Value::F32(_))) {
+        let arrays: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
+        let views: Vec<_> = arrays.iter().map(ArrayD::view).collect();
+        return Value::F32(ndarray::concatenate(ndarray::Axis(0), &views).expect("parts of one batch"));
+    }
+    let mut iter = parts.into_iter();
+    let Some(Value::U8 { mut data, mut shape, q }) = iter.next() else {
+        unreachable!("every op of a model gives every image the same kind of value")
+    };
+    for p in iter {
+        let Value::U8 { data: d, shape: s, q: pq } = p else {
+            unreachable!("every op of a model gives every image the same kind of value")
+        };
+        debug_assert!(pq == q && s[1..] == shape[1..], "parts of one batch");
+        data.extend_from_slice(&d);
+        shape[0] += s[0];
+        scratch::give(d);
+    }
+    Value::U8 { data, shape, q }
 }
 
 /// Calibration batches must hold values: an empty one would teach the observers nothing
@@ -842,10 +882,13 @@ fn out_buf(dims: &[usize], run: Run, kind: &str) -> Result<Vec<u8>> {
 }
 
 impl QuantizedModel {
-    /// Threads each convolution and linear layer splits its work over (default 1: one call,
-    /// one core; serve concurrent requests from several threads instead, or raise this for
-    /// the lowest latency of a single call). A forward pass runs on a pool of this many
-    /// threads, entered once per call. Results are identical for every count.
+    /// Threads one call runs on (default 1: one call, one core; serve concurrent requests
+    /// from several threads instead, or raise this for the lowest latency of a single call).
+    /// A forward pass runs on a pool of this many threads, entered once per call. A batch of
+    /// at least as many images as threads is split between them, each running the whole
+    /// model on its share (unless the model holds a custom layer, which may mix images);
+    /// otherwise each convolution and linear layer splits its own work. Results are
+    /// identical for every count.
     pub fn set_threads(&mut self, threads: usize) {
         self.run.threads = threads.max(1);
     }
@@ -870,7 +913,8 @@ impl QuantizedModel {
 
     pub(crate) fn assemble(input_q: QuantU8, nodes: Vec<QNode>, plan: Vec<PlanEntry>) -> QuantizedModel {
         let run = Run { threads: 1, max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES };
-        QuantizedModel { input_q, nodes, plan, run }
+        let images_apart = images_apart(&nodes);
+        QuantizedModel { input_q, nodes, plan, run, images_apart }
     }
 
     /// How every module runs (int8, float and why).
@@ -914,6 +958,32 @@ impl QuantizedModel {
     /// # Errors
     /// An input the model cannot take (the message names the module and the shapes).
     pub fn forward_value(&self, x: &ArrayD<f32>) -> Result<Value> {
+        let threads = self.run.threads;
+        let images = if x.ndim() >= 2 { x.shape()[0] } else { 0 };
+        // One entry into the kernels' thread pool for the whole pass: the layers' parallel
+        // kernels then run in place on the pool, not handed over (and waited for) one by one.
+        qkernels::with_threads(threads, || {
+            if threads > 1 && images >= threads && self.images_apart {
+                // Whole-model work per thread: no per-layer splits and joins at all.
+                use rayon::prelude::*;
+                let per = images.div_ceil(threads);
+                let one = Run { threads: 1, ..self.run };
+                let parts: Vec<usize> = (0..images).step_by(per).collect();
+                let outs = parts
+                    .into_par_iter()
+                    .map(|start| {
+                        let part = x.slice_axis(ndarray::Axis(0), (start..(start + per).min(images)).into());
+                        self.eval_input(part, one)
+                    })
+                    .collect::<Result<Vec<Value>>>()?;
+                Ok(join_batch(outs))
+            } else {
+                self.eval_input(x.view(), self.run)
+            }
+        })
+    }
+
+    fn eval_input(&self, x: ndarray::ArrayViewD<'_, f32>, run: Run) -> Result<Value> {
         // A first layer that runs in int8 would quantize the input with the input's
         // parameters anyway: do it here, straight from the caller's array (no float copy).
         let starts_int8 = matches!(
@@ -921,17 +991,12 @@ impl QuantizedModel {
             Some(QNode::Op { op: Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Custom { .. }, in_q, .. })
                 if *in_q == self.input_q
         );
-        // One entry into the kernels' thread pool for the whole pass: the layers' parallel
-        // kernels then run in place on the pool, not handed over (and waited for) one by one.
-        qkernels::with_threads(self.run.threads, || {
-            let input = if starts_int8 {
-                Value::quantize(x, self.input_q)
-                    .map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
-            } else {
-                Value::F32(x.clone())
-            };
-            eval_nodes(&self.nodes, input, self.run)
-        })
+        let input = if starts_int8 {
+            Value::quantize(x, self.input_q).map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
+        } else {
+            Value::F32(x.to_owned())
+        };
+        eval_nodes(&self.nodes, input, run)
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
@@ -946,7 +1011,9 @@ impl QuantizedModel {
         match v {
             Value::U8 { data, shape, q } => Ok((data, shape, q)),
             Value::F32(a) => {
-                match Value::quantize(&a, q_if_float).map_err(|e| NnError::Op { module: String::new(), source: e })? {
+                match Value::quantize(a.view(), q_if_float)
+                    .map_err(|e| NnError::Op { module: String::new(), source: e })?
+                {
                     Value::U8 { data, shape, q } => Ok((data, shape, q)),
                     Value::F32(_) => unreachable!("quantize returns U8"),
                 }
@@ -967,7 +1034,7 @@ impl QuantizedModel {
             Op::Passthrough => cur,
             Op::Quantize { out_q } => match cur {
                 Value::U8 { q, .. } if q == *out_q => cur,
-                other => Value::quantize(&other.into_f32(), *out_q).map_err(op_err)?,
+                other => Value::quantize(other.into_f32().view(), *out_q).map_err(op_err)?,
             },
             // Float stays float: the next int8 op quantizes it with this module's observed
             // parameters (its `in_q`), and consecutive float modules lose nothing.
@@ -1127,7 +1194,7 @@ fn concat_values(parts: Vec<Value>, branch_q: &[QuantU8], out_q: QuantU8, int8: 
         // quantize.
         let floats: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
         let y = cat_dim1(&floats, name)?;
-        return Value::quantize(&y, out_q).map_err(|e| NnError::Op { module: name.to_string(), source: e });
+        return Value::quantize(y.view(), out_q).map_err(|e| NnError::Op { module: name.to_string(), source: e });
     }
     let mut quantized = Vec::with_capacity(parts.len());
     for (v, q) in parts.into_iter().zip(branch_q) {

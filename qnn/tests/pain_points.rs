@@ -212,3 +212,68 @@ fn a_residual_model_with_split_layers_is_shared_between_threads() {
         }
     });
 }
+
+/// A batch of at least as many images as threads is split between them, each thread running
+/// the whole model on its share (shares may be uneven): the bits of one thread, for a model
+/// ending in int8 and one ending in float, and each image's output is what it gets alone.
+#[test]
+fn a_batch_split_between_threads_gives_the_bits_of_one_thread() {
+    for keep_classifier_float in [false, true] {
+        let mut model = zoo::mobilenet_v2(10);
+        zoo::randomize(&mut model, 4);
+        fuse(&mut model).unwrap();
+        let x = ArrayD::from_shape_fn(IxDyn(&[5, 3, 32, 32]), |i| {
+            ((i[0] * 13 + i[1] * 5 + i[2] * 7 + i[3]) % 31) as f32 / 15.0 - 1.0
+        });
+        let mut mapping = QConfigMapping::new(QConfig::default());
+        if keep_classifier_float {
+            mapping = mapping.skip_name("classifier.1");
+        }
+        let mut p = prepare(model, &mapping).unwrap();
+        p.calibrate(&x).unwrap();
+        let mut q = p.convert().unwrap();
+        let one = q.forward(&x).unwrap();
+        for i in 0..5 {
+            let alone = q.forward(&x.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned().into_dyn()).unwrap();
+            assert_eq!(alone, one.slice(ndarray::s![i..i + 1, ..]).into_dyn(), "image {i}");
+        }
+        for threads in [2, 3, 5, 8] {
+            q.set_threads(threads);
+            assert_eq!(q.forward(&x).unwrap(), one, "{threads} threads, float classifier: {keep_classifier_float}");
+        }
+    }
+}
+
+/// A custom layer may mix the images of a batch (this one subtracts the batch mean), so a
+/// model holding one is never split by batch: every thread count gives one thread's result.
+#[test]
+fn a_model_with_a_custom_layer_is_not_split_by_batch() {
+    #[derive(Debug)]
+    struct MinusBatchMean;
+    impl Module for MinusBatchMean {
+        fn kind(&self) -> &'static str {
+            "MinusBatchMean"
+        }
+        fn forward(&self, x: &ArrayD<f32>) -> qnn::Result<ArrayD<f32>> {
+            let mean = x.mean_axis(ndarray::Axis(0)).unwrap();
+            Ok(x - &mean)
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+    let mut model = Sequential::new()
+        .add("conv", Conv2d::new(1, 4, 3).padding(1))
+        .add("center", MinusBatchMean)
+        .add("relu", ReLU)
+        .add("flatten", Flatten)
+        .add("fc", Linear::new(4 * 8 * 8, 3));
+    zoo::randomize(&mut model, 9);
+    let mut q = calibrated(model, &QConfigMapping::new(QConfig::default()));
+    let one = q.forward(&inputs(4)).unwrap();
+    q.set_threads(2);
+    assert_eq!(q.forward(&inputs(4)).unwrap(), one);
+}
