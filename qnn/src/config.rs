@@ -114,6 +114,11 @@ impl QConfigMapping {
     }
 
     /// Whether any module name matches.
+    /// The kinds named by [`QConfigMapping::set_kind`] and [`QConfigMapping::skip_kind`].
+    pub(crate) fn kind_names(&self) -> impl Iterator<Item = &str> {
+        self.kinds.iter().map(|(k, _)| k.as_str())
+    }
+
     pub(crate) fn pattern_matches_any(pattern: &str, glob_pattern: bool, names: &[String]) -> bool {
         let p = if glob_pattern { Pattern::Glob(pattern.into()) } else { Pattern::Path(pattern.into()) };
         names.iter().any(|n| p.matches(n))

@@ -73,6 +73,14 @@ pub enum NnError {
         /// The shape asked for, the limit, and how to raise it.
         reason: String,
     },
+    /// A configuration the library cannot honour for a module (never silently approximated).
+    #[error("{module}: {reason}")]
+    Config {
+        /// Hierarchical name of the module (or tensor) it concerns.
+        module: String,
+        /// What cannot be honoured, and what to do instead.
+        reason: String,
+    },
     /// An error from a kernel or tensor operation inside a module.
     #[error("{module}: {source}")]
     Op {

@@ -9,7 +9,7 @@ use qkernels::{
     QuantU8, UnaryOp, UnaryTables,
 };
 use qobserve::{Observer, QConfig};
-use qtensor::{QParams, QTensor, QuantRange};
+use qtensor::{QTensor, QuantRange};
 
 use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
@@ -82,6 +82,26 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     }
 }
 
+/// The observer for the output of `name` (or the model input), as `cfg` says (the default
+/// activation observer for modules kept in float, whose output may feed an int8 one).
+///
+/// # Errors
+/// A per-channel activation observer: every int8 kernel takes its activations with one scale
+/// and zero point, so per-channel parameters could only be used by dropping all but one.
+fn activation_observer(cfg: Option<&QConfig>, name: &str) -> Result<Box<dyn Observer>> {
+    let spec = cfg.map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
+    if spec.is_per_channel() {
+        return Err(NnError::Config {
+            module: name.to_string(),
+            reason: "its activation observer is per channel, but int8 kernels take activations with one scale \
+                     and zero point per tensor; give QConfig::activation a per-tensor observer (e.g. \
+                     ObserverSpec::Histogram or MinMax) and keep per-channel observers for QConfig::weight"
+                .into(),
+        });
+    }
+    Ok(spec.create()?)
+}
+
 /// A node of the prepared model: a leaf module, or a residual block whose two branches are
 /// node lists of their own. Observers live in [`Prepared`]'s list; nodes hold indices.
 #[derive(Debug)]
@@ -115,8 +135,7 @@ fn build_nodes(
             let mode =
                 if cfg.is_some() { Mode::Int8 } else { Mode::Float("kept in float by the configuration".into()) };
             plan.push(PlanEntry { name: cat_name.clone(), kind: "cat", mode });
-            let spec = cfg.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-            obs.push(spec.create()?);
+            obs.push(activation_observer(cfg.as_ref(), &cat_name)?);
             nodes.push(PNode::Concat { name: cat_name, branches, obs: obs.len() - 1, int8: cfg.is_some() });
         } else if let Some(res) = m.as_any_mut().downcast_mut::<Residual>() {
             let body = build_nodes(&mut res.body, &path, mapping, plan, obs)?;
@@ -133,8 +152,7 @@ fn build_nodes(
                 let relu_mode = if cfg.is_some() { Mode::Int8SameParams } else { mode.clone() };
                 plan.push(PlanEntry { name: join(&path, r), kind: "ReLU", mode: relu_mode });
             }
-            let spec = cfg.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-            obs.push(spec.create()?);
+            obs.push(activation_observer(cfg.as_ref(), &add_name)?);
             nodes.push(PNode::Residual {
                 name: add_name,
                 body,
@@ -147,8 +165,7 @@ fn build_nodes(
             let q = mapping.resolve(&path, m.kind()).cloned();
             let mode = mode_of(m.as_ref(), q.as_ref());
             let index = if matches!(mode, Mode::Int8 | Mode::Float(_)) {
-                let spec = q.as_ref().map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-                obs.push(spec.create()?);
+                obs.push(activation_observer(q.as_ref(), &path)?);
                 Some(obs.len() - 1)
             } else {
                 None
@@ -235,8 +252,7 @@ pub struct Prepared {
 /// invalid observer configuration.
 pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepared> {
     let mut names = module_names(&model);
-    let input_spec = mapping.resolve("", "").map_or_else(|| QConfig::default().activation, |q| q.activation.clone());
-    let mut obs = vec![input_spec.create()?];
+    let mut obs = vec![activation_observer(mapping.resolve("", ""), "(model input)")?];
     let mut plan = Vec::new();
     let nodes = build_nodes(&mut model, "", mapping, &mut plan, &mut obs)?;
     // Additions and concatenations are named in the plan, not as modules: both are valid.
@@ -245,6 +261,23 @@ pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepar
         if !QConfigMapping::pattern_matches_any(pattern, is_glob, &names) {
             return Err(NnError::UnknownModule { name: pattern.to_string(), suggestions: nearest(pattern, &names) });
         }
+    }
+    let mut kinds: Vec<&str> = plan.iter().map(|e| e.kind).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    if let Some(unknown) = mapping.kind_names().find(|k| !kinds.contains(k)) {
+        return Err(NnError::Config {
+            module: "(configuration)".into(),
+            reason: format!(
+                "set_kind / skip_kind name the kind '{unknown}', which no module of this model has{}; kinds are \
+                 type names as PyTorch spells its classes (case-sensitive), and \"add\" and \"cat\" for \
+                 residual additions and concatenations; this model has {}",
+                nearest(unknown, &kinds.iter().map(|k| k.to_string()).collect::<Vec<_>>())
+                    .first()
+                    .map_or(String::new(), |k| format!(" (did you mean '{k}'?)")),
+                kinds.join(", ")
+            ),
+        });
     }
     let fresh = obs.iter().map(|o| o.clone_box()).collect();
     Ok(Prepared { nodes, plan, obs, fresh, batches: 0 })
@@ -376,7 +409,7 @@ impl Prepared {
     /// An observer that saw no data ("observer for conv1 output saw no data: did calibration
     /// run?"), or weights that cannot be packed.
     pub fn convert(self) -> Result<QuantizedModel> {
-        let input_q = to_u8(self.obs[0].qparams().map_err(|e| NnError::Observe(e.for_tensor("model input")))?);
+        let input_q = activation_quant(self.obs[0].as_ref(), "model input")?;
         let mut last_q = input_q;
         let nodes = convert_nodes(self.nodes, &self.obs, &mut last_q)?;
         Ok(QuantizedModel::assemble(input_q, nodes, self.plan))
@@ -384,7 +417,35 @@ impl Prepared {
 }
 
 fn observed(obs: &dyn Observer, name: &str) -> Result<QuantU8> {
-    Ok(to_u8(obs.qparams().map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} output"))))?))
+    activation_quant(obs, &format!("{name} output"))
+}
+
+/// The `u8` parameters the int8 kernels run an activation with, from its observer's choice.
+/// Signed 8-bit parameters become the same grid in `u8` (`q + 128`, zero point + 128): every
+/// value, rounding and clamp is the same.
+///
+/// # Errors
+/// An observer that saw no data, per-channel parameters (a custom observer's: the built-in
+/// per-channel ones are refused by `prepare`), or a 32-bit target.
+fn activation_quant(obs: &dyn Observer, tensor: &str) -> Result<QuantU8> {
+    let p = obs.qparams().map_err(|e| NnError::Observe(e.for_tensor(tensor)))?;
+    let refuse = |reason: String| Err(NnError::Config { module: tensor.to_string(), reason });
+    if p.axis().is_some() {
+        return refuse(format!(
+            "the {} observer chose per-channel parameters, but int8 kernels take activations with one scale and \
+             zero point per tensor; observe activations per tensor",
+            obs.kind()
+        ));
+    }
+    let (scale, zero_point) = (p.scale(0), p.zero_point(0));
+    match obs.spec().dtype {
+        qtensor::DType::U8 => Ok(QuantU8 { scale, zero_point }),
+        qtensor::DType::I8 => Ok(QuantU8 { scale, zero_point: zero_point + 128 }),
+        other => refuse(format!(
+            "the {} observer targets {other:?}; activations run in 8 bits: use a u8 or i8 QuantSpec",
+            obs.kind()
+        )),
+    }
 }
 
 /// Converts nodes; `last_q` is the parameters of the most recently observed tensor (what a
@@ -463,10 +524,6 @@ pub(crate) enum QNode {
         out_q: QuantU8,
         int8: bool,
     },
-}
-
-fn to_u8(p: QParams) -> QuantU8 {
-    QuantU8 { scale: p.scale(0), zero_point: p.zero_point(0) }
 }
 
 /// One step of the int8 model.

@@ -1,0 +1,103 @@
+//! Settings are honoured exactly or refused with an error that says what to do: never
+//! silently approximated.
+
+use std::sync::Arc;
+
+use ndarray::{ArrayD, IxDyn};
+use qnn::{fuse, load_safetensors, prepare, sqnr_db, zoo, Module, NnError, QConfigMapping, Sequential};
+use qobserve::{Observer, ObserverFactory, ObserverSpec, PerChannelMinMaxObserver, QConfig, QuantSpec};
+use qtensor::{DType, QScheme, QuantRange, DEFAULT_EPS};
+
+fn digits() -> Sequential {
+    let mut m = zoo::digits();
+    load_safetensors(&mut m, concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors")).unwrap();
+    fuse(&mut m).unwrap();
+    m
+}
+
+fn images(n: usize) -> ArrayD<f32> {
+    ArrayD::from_shape_fn(IxDyn(&[n, 1, 8, 8]), |i| ((i[0] * 5 + i[2] * 3 + i[3] * 7) % 17) as f32 / 16.0)
+}
+
+fn with_activations(spec: QuantSpec) -> QConfig {
+    QConfig { activation: ObserverSpec::MinMax(spec), ..QConfig::default() }
+}
+
+/// Signed symmetric activations run as `u8` with zero point 128 and the same scale: the same
+/// grid, so the model equals one calibrated with `u8` symmetric observers bit for bit, and
+/// keeps the float model's accuracy.
+#[test]
+fn i8_symmetric_activations_run_as_u8_with_zero_point_128() {
+    let i8_sym = QuantSpec {
+        dtype: DType::I8,
+        scheme: QScheme::Symmetric,
+        range: QuantRange::full(DType::I8),
+        eps: DEFAULT_EPS,
+    };
+    let u8_sym = QuantSpec {
+        dtype: DType::U8,
+        scheme: QScheme::Symmetric,
+        range: QuantRange::full(DType::U8),
+        eps: DEFAULT_EPS,
+    };
+    let x = images(32);
+    let float = digits().forward(&x).unwrap();
+    let convert = |spec| {
+        let mut p = prepare(digits(), &QConfigMapping::new(with_activations(spec))).unwrap();
+        p.calibrate(&x).unwrap();
+        p.convert().unwrap()
+    };
+    let (signed, unsigned) = (convert(i8_sym), convert(u8_sym));
+    assert_eq!(signed.input_quant().zero_point, 128);
+    assert!(signed.output_quants().iter().all(|(_, q)| q.zero_point == 128), "{:?}", signed.output_quants());
+    assert_eq!(signed.output_quants(), unsigned.output_quants());
+    let out = signed.forward(&x).unwrap();
+    assert_eq!(out, unsigned.forward(&x).unwrap());
+    let sqnr = sqnr_db(&float, &out);
+    assert!(sqnr > 25.0, "int8 with signed activations: {sqnr:.1} dB");
+}
+
+/// A per-channel observer on activations is refused when preparing, naming the module.
+#[test]
+fn a_per_channel_activation_observer_is_refused() {
+    let per_channel = QConfig {
+        activation: ObserverSpec::PerChannelMinMax { spec: QuantSpec::u8_affine(), axis: 1 },
+        ..QConfig::default()
+    };
+    let err = prepare(digits(), &QConfigMapping::new(QConfig::default()).set_name("conv2", per_channel)).unwrap_err();
+    let NnError::Config { module, reason } = &err else { panic!("{err}") };
+    assert_eq!(module, "conv2");
+    assert!(reason.contains("per channel") && reason.contains("QConfig::weight"), "{err}");
+}
+
+/// A custom observer that returns per-channel parameters for an activation is refused at
+/// conversion (its kind is named), not reduced to its first channel.
+#[test]
+fn per_channel_parameters_from_a_custom_activation_observer_are_refused() {
+    #[derive(Debug)]
+    struct PerChannelFactory;
+    impl ObserverFactory for PerChannelFactory {
+        fn create(&self) -> Box<dyn Observer> {
+            Box::new(PerChannelMinMaxObserver::new(QuantSpec::u8_affine(), 1))
+        }
+    }
+    let cfg = QConfig { activation: ObserverSpec::Custom(Arc::new(PerChannelFactory)), ..QConfig::default() };
+    let mut p = prepare(digits(), &QConfigMapping::new(QConfig::default()).set_name("conv1", cfg)).unwrap();
+    p.calibrate(&images(4)).unwrap();
+    let err = p.convert().unwrap_err();
+    let NnError::Config { module, reason } = &err else { panic!("{err}") };
+    assert_eq!(module, "conv1 output");
+    assert!(reason.contains("PerChannelMinMax") && reason.contains("per tensor"), "{err}");
+}
+
+/// A kind that no module has (PyTorch's class names are case-sensitive) is an error listing
+/// the kinds the model has.
+#[test]
+fn an_unknown_kind_in_the_configuration_is_an_error() {
+    let err = prepare(digits(), &QConfigMapping::new(QConfig::default()).skip_kind("conv2d")).unwrap_err();
+    let NnError::Config { reason, .. } = &err else { panic!("{err}") };
+    assert!(reason.contains("'conv2d'") && reason.contains("did you mean 'Conv2d'"), "{err}");
+    assert!(reason.contains("Linear") && reason.contains("AdaptiveAvgPool2d"), "{err}");
+    // The right spelling is accepted.
+    prepare(digits(), &QConfigMapping::new(QConfig::default()).skip_kind("Conv2d")).unwrap();
+}
