@@ -149,3 +149,46 @@ fn presets_create_their_observers() {
     assert!(QConfig::default().weight.is_per_channel());
     assert!(ObserverSpec::MovingAverageMinMax { spec: QuantSpec::u8_affine(), averaging: 0.0 }.create().is_err());
 }
+
+/// A ReLU output of normal data: half exact zeros, half a half-normal up to about 4. Zero is
+/// represented exactly at any threshold, so the entropy search must not clip to keep the
+/// zeros' spike in a narrow first group (binned with the rest, it picked 1.5 here).
+#[test]
+fn entropy_calibration_is_not_pulled_down_by_exact_zeros() {
+    let n = 20_000;
+    let mut v = vec![0.0f32; n];
+    v.extend((0..n).map(|i| {
+        // Box-Muller on a deterministic low-discrepancy pair.
+        let (u1, u2) = ((i as f64 + 0.5) / n as f64, (i as f64 * 0.618_033_988_75).fract());
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()).abs() as f32
+    }));
+    let amax = v.iter().copied().fold(0.0f32, f32::max);
+    let mut o = EntropyObserver::new(QuantSpec::u8_affine()).unwrap();
+    o.observe(arr(&v).view()).unwrap();
+    let t = o.threshold().unwrap();
+    assert!(t > 0.8 * amax, "threshold {t} of a range up to {amax}");
+    // Signed data keeps its symmetric range; only zeros are left out.
+    let signed: Vec<f32> = v.iter().enumerate().map(|(i, &x)| if i % 2 == 0 { x } else { -x }).collect();
+    let mut s = EntropyObserver::new(QuantSpec::u8_affine()).unwrap();
+    s.observe(arr(&signed).view()).unwrap();
+    // [-t, t] in u8: the zero point is 255 / 2, rounded.
+    assert!((127..=128).contains(&s.qparams().unwrap().zero_point(0)));
+    // All zeros: a threshold of 0, not "no data".
+    let mut z = EntropyObserver::new(QuantSpec::u8_affine()).unwrap();
+    z.observe(arr(&[0.0; 8]).view()).unwrap();
+    assert_eq!(z.threshold().unwrap(), 0.0);
+    z.qparams().unwrap();
+    assert!(EntropyObserver::new(QuantSpec::u8_affine()).unwrap().threshold().is_err());
+}
+
+/// Observers calibrated apart and merged know what either saw: a negative value seen by one
+/// makes the merged entropy range symmetric.
+#[test]
+fn merged_entropy_observers_keep_the_sign() {
+    let spec = QuantSpec::u8_affine();
+    let (mut a, mut b) = (EntropyObserver::new(spec).unwrap(), EntropyObserver::new(spec).unwrap());
+    a.observe(arr(&[0.5, 1.0, 2.0]).view()).unwrap();
+    b.observe(arr(&[-1.0, 0.25]).view()).unwrap();
+    a.merge(&b).unwrap();
+    assert!((127..=128).contains(&a.qparams().unwrap().zero_point(0)));
+}
