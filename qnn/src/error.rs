@@ -73,6 +73,13 @@ pub enum NnError {
         /// The shape asked for, the limit, and how to raise it.
         reason: String,
     },
+    /// A graph that is not well formed (a name used twice, a value read before it is
+    /// computed, no output), built or loaded.
+    #[error("graph: {reason}")]
+    Graph {
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// A configuration the library cannot honour for a module (never silently approximated).
     #[error("{module}: {reason}")]
     Config {

@@ -50,6 +50,7 @@ mod error;
 pub mod fuse;
 #[doc(hidden)]
 pub mod fuzzing;
+mod graph;
 pub mod layers;
 mod module;
 mod quant;
@@ -61,6 +62,7 @@ pub mod zoo;
 pub use config::QConfigMapping;
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_modules, Fused};
+pub use graph::{Graph, GraphBuilder, Tensor};
 pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
 pub use quant::{
     prepare, report_json, sqnr_db, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value,

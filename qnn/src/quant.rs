@@ -13,12 +13,13 @@ use qtensor::{QTensor, QuantRange};
 
 use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
-use crate::fuse::{module_names, nearest};
+use crate::fuse::nearest;
+use crate::graph::{readers, AsModule, Graph, Node, NodeOp, Tensor};
 use crate::layers::{
     AdaptiveAvgPool2d, AvgPool2d, Conv2d, DeQuantStub, Dropout, Flatten, Hardswish, Identity, Linear, MaxPool2d,
     QuantStub, ReLU, ReLU6, Sigmoid,
 };
-use crate::module::{cat_dim1, join, Concat, Module, Residual, Sequential};
+use crate::module::{cat_dim1, Module, Sequential};
 use crate::scratch::{self, Input};
 
 /// How one module runs in the converted model.
@@ -102,161 +103,76 @@ fn activation_observer(cfg: Option<&QConfig>, name: &str) -> Result<Box<dyn Obse
     Ok(spec.create()?)
 }
 
-/// A node of the prepared model: a leaf module, or a residual block whose two branches are
-/// node lists of their own. Observers live in [`Prepared`]'s list; nodes hold indices.
-#[derive(Debug)]
-enum PNode {
-    Leaf { name: String, module: Box<dyn Module>, mode: Mode, cfg: Option<QConfig>, obs: Option<usize> },
-    Residual { name: String, body: Vec<PNode>, shortcut: Option<Vec<PNode>>, relu: bool, obs: usize, int8: bool },
-    Concat { name: String, branches: Vec<Vec<PNode>>, obs: usize, int8: bool },
-}
-
-/// Moves the modules out of a model tree into nodes, in execution order, with full names,
-/// creating observers (into `obs`) as `mapping` says and recording the plan.
-fn build_nodes(
-    seq: &mut Sequential,
-    prefix: &str,
-    mapping: &QConfigMapping,
-    plan: &mut Vec<PlanEntry>,
-    obs: &mut Vec<Box<dyn Observer>>,
-) -> Result<Vec<PNode>> {
-    let mut nodes = Vec::new();
-    for (name, m) in seq.layers_mut() {
-        let path = join(prefix, name);
-        if let Some(inner) = m.as_any_mut().downcast_mut::<Sequential>() {
-            nodes.extend(build_nodes(inner, &path, mapping, plan, obs)?);
-        } else if let Some(cat) = m.as_any_mut().downcast_mut::<Concat>() {
-            let mut branches = Vec::new();
-            for (bname, b) in &mut cat.branches {
-                branches.push(build_nodes(b, &join(&path, bname), mapping, plan, obs)?);
-            }
-            let cat_name = join(&path, &cat.cat_name);
-            let cfg = mapping.resolve(&cat_name, "cat").cloned();
-            let mode =
-                if cfg.is_some() { Mode::Int8 } else { Mode::Float("kept in float by the configuration".into()) };
-            plan.push(PlanEntry { name: cat_name.clone(), kind: "cat", mode });
-            obs.push(activation_observer(cfg.as_ref(), &cat_name)?);
-            nodes.push(PNode::Concat { name: cat_name, branches, obs: obs.len() - 1, int8: cfg.is_some() });
-        } else if let Some(res) = m.as_any_mut().downcast_mut::<Residual>() {
-            let body = build_nodes(&mut res.body, &path, mapping, plan, obs)?;
-            let shortcut = match &mut res.shortcut {
-                Some((sname, s)) => Some(build_nodes(s, &join(&path, sname), mapping, plan, obs)?),
-                None => None,
-            };
-            let add_name = join(&path, &res.add_name);
-            let cfg = mapping.resolve(&add_name, "add").cloned();
-            let mode =
-                if cfg.is_some() { Mode::Int8 } else { Mode::Float("kept in float by the configuration".into()) };
-            plan.push(PlanEntry { name: add_name.clone(), kind: "add", mode: mode.clone() });
-            if let Some(r) = &res.relu {
-                let relu_mode = if cfg.is_some() { Mode::Int8SameParams } else { mode.clone() };
-                plan.push(PlanEntry { name: join(&path, r), kind: "ReLU", mode: relu_mode });
-            }
-            obs.push(activation_observer(cfg.as_ref(), &add_name)?);
-            nodes.push(PNode::Residual {
-                name: add_name,
-                body,
-                shortcut,
-                relu: res.relu.is_some(),
-                obs: obs.len() - 1,
-                int8: cfg.is_some(),
-            });
-        } else {
-            let q = mapping.resolve(&path, m.kind()).cloned();
-            let mode = mode_of(m.as_ref(), q.as_ref());
-            let index = if matches!(mode, Mode::Int8 | Mode::Float(_)) {
-                obs.push(activation_observer(q.as_ref(), &path)?);
-                Some(obs.len() - 1)
-            } else {
-                None
-            };
-            plan.push(PlanEntry { name: path.clone(), kind: m.kind(), mode: mode.clone() });
-            nodes.push(PNode::Leaf {
-                name: path,
-                module: std::mem::replace(m, Box::new(Identity)),
-                mode,
-                cfg: q,
-                obs: index,
-            });
-        }
-    }
-    Ok(nodes)
-}
-
 fn observe(obs: &mut dyn Observer, name: &str, y: &ArrayD<f32>) -> Result<()> {
     obs.observe(y.view()).map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} output"))))
 }
 
-/// The float forward pass over prepared nodes, feeding `obs` (indexed as the nodes say).
-fn calibrate_nodes(nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<ArrayD<f32>> {
-    let mut cur = x.clone();
-    for node in nodes {
-        cur = match node {
-            PNode::Leaf { name, module, obs: index, .. } => {
-                let y = module.forward(&cur).map_err(|e| e.within(name))?;
-                if let Some(i) = index {
-                    observe(obs[*i].as_mut(), name, &y)?;
-                }
-                y
-            }
-            PNode::Residual { name, body, shortcut, relu, obs: index, .. } => {
-                let b = calibrate_nodes(body, &cur, obs)?;
-                let s = match shortcut {
-                    Some(sc) => calibrate_nodes(sc, &cur, obs)?,
-                    None => cur.clone(),
-                };
-                if b.shape() != s.shape() {
-                    return Err(NnError::Shape {
-                        module: name.clone(),
-                        kind: "Residual add",
-                        expected: format!("the shortcut's shape {:?}", s.shape()),
-                        got: b.shape().to_vec(),
-                    });
-                }
-                let mut y = b + s;
-                observe(obs[*index].as_mut(), name, &y)?;
-                if *relu {
-                    y.mapv_inplace(|v| v.max(0.0));
-                }
-                y
-            }
-            PNode::Concat { name, branches, obs: index, .. } => {
-                let parts = branches.iter().map(|b| calibrate_nodes(b, &cur, obs)).collect::<Result<Vec<_>>>()?;
-                let y = cat_dim1(&parts, name)?;
-                observe(obs[*index].as_mut(), name, &y)?;
-                y
-            }
-        };
-    }
-    Ok(cur)
+/// What `prepare` decided for one node: how it runs, its configuration, its observer.
+#[derive(Debug)]
+struct PNode {
+    mode: Mode,
+    cfg: Option<QConfig>,
+    /// Index in [`Prepared`]'s observer list.
+    obs: Option<usize>,
 }
 
 /// A model with observers attached, ready for calibration.
 #[derive(Debug)]
 pub struct Prepared {
+    graph: Graph,
+    /// One per graph node.
     nodes: Vec<PNode>,
     plan: Vec<PlanEntry>,
-    /// Observer 0 watches the model input; the others as the nodes' indices say.
+    /// The graph inputs' observers first, then the nodes' as their indices say.
     obs: Vec<Box<dyn Observer>>,
     /// Untouched copies of the observers, to start parallel workers from.
     fresh: Vec<Box<dyn Observer>>,
     batches: usize,
 }
 
-/// Attaches observers to `model` (fused or not) as `mapping` says: one on the model input,
-/// one on the output of every module whose int8 output needs parameters of its own (and of
-/// every float module, which may feed an int8 one), one on every residual addition.
+/// How a node that is not a layer runs: in int8 where configured (additions and
+/// concatenations), else in float.
+fn join_mode(op: &NodeOp<Box<dyn Module>>, cfg: Option<&QConfig>) -> Mode {
+    match (op, cfg) {
+        (_, None) => Mode::Float("kept in float by the configuration".into()),
+        (NodeOp::Mul, Some(_)) => Mode::Float("no int8 kernel for mul yet".into()),
+        _ => Mode::Int8,
+    }
+}
+
+/// Attaches observers to `model` (a container tree, fused or not, or a [`Graph`]) as
+/// `mapping` says: one on every model input, one on the output of every module whose int8
+/// output needs parameters of its own (and of every float module, which may feed an int8
+/// one), one on every addition, product and concatenation.
 ///
 /// # Errors
-/// A name override in `mapping` that matches no module (with the nearest names), or an
-/// invalid observer configuration.
-pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepared> {
-    let mut names = module_names(&model);
-    let mut obs = vec![activation_observer(mapping.resolve("", ""), "(model input)")?];
-    let mut plan = Vec::new();
-    let nodes = build_nodes(&mut model, "", mapping, &mut plan, &mut obs)?;
-    // Additions and concatenations are named in the plan, not as modules: both are valid.
-    names.extend(plan.iter().map(|e| e.name.clone()).filter(|n| !n.contains(' ')));
+/// A name override in `mapping` that matches no module (with the nearest names), a kind no
+/// module has, or an invalid observer configuration.
+pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prepared> {
+    let graph: Graph = model.into();
+    let mut obs = Vec::new();
+    for _ in &graph.inputs {
+        obs.push(activation_observer(mapping.resolve("", ""), "(model input)")?);
+    }
+    let (mut nodes, mut plan) = (Vec::new(), Vec::new());
+    for n in &graph.nodes {
+        let kind = n.op.kind_with(|m| m.kind());
+        let cfg = mapping.resolve(crate::graph::module_path(&n.name), kind).cloned();
+        let mode = match &n.op {
+            NodeOp::Layer(m) => mode_of(m.as_ref(), cfg.as_ref()),
+            join => join_mode(join, cfg.as_ref()),
+        };
+        let index = if matches!(mode, Mode::Int8 | Mode::Float(_)) {
+            obs.push(activation_observer(cfg.as_ref(), &n.name)?);
+            Some(obs.len() - 1)
+        } else {
+            None
+        };
+        plan.push(PlanEntry { name: n.name.clone(), kind, mode: mode.clone() });
+        nodes.push(PNode { mode, cfg, obs: index });
+    }
+    // Container names are prefixes of their layers' names: patterns naming them match.
+    let names: Vec<String> = plan.iter().map(|e| crate::graph::module_path(&e.name).to_string()).collect();
     for (pattern, is_glob) in mapping.name_patterns() {
         if !QConfigMapping::pattern_matches_any(pattern, is_glob, &names) {
             return Err(NnError::UnknownModule { name: pattern.to_string(), suggestions: nearest(pattern, &names) });
@@ -270,8 +186,8 @@ pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepar
             module: "(configuration)".into(),
             reason: format!(
                 "set_kind / skip_kind name the kind '{unknown}', which no module of this model has{}; kinds are \
-                 type names as PyTorch spells its classes (case-sensitive), and \"add\" and \"cat\" for \
-                 residual additions and concatenations; this model has {}",
+                 type names as PyTorch spells its classes (case-sensitive), and \"add\", \"mul\" and \"cat\" \
+                 for additions, products and concatenations; this model has {}",
                 nearest(unknown, &kinds.iter().map(|k| k.to_string()).collect::<Vec<_>>())
                     .first()
                     .map_or(String::new(), |k| format!(" (did you mean '{k}'?)")),
@@ -280,12 +196,32 @@ pub fn prepare(mut model: Sequential, mapping: &QConfigMapping) -> Result<Prepar
         });
     }
     let fresh = obs.iter().map(|o| o.clone_box()).collect();
-    Ok(Prepared { nodes, plan, obs, fresh, batches: 0 })
+    Ok(Prepared { graph, nodes, plan, obs, fresh, batches: 0 })
 }
 
-fn run_batch(nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<()> {
-    obs[0].observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
-    calibrate_nodes(nodes, x, obs)?;
+fn run_batch(graph: &Graph, nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<()> {
+    if graph.inputs.len() != 1 {
+        return Err(NnError::Shape {
+            module: "(model input)".into(),
+            kind: "calibrate",
+            expected: format!(
+                "{} inputs: calibrate a graph of several inputs with calibrate_inputs",
+                graph.inputs.len()
+            ),
+            got: x.shape().to_vec(),
+        });
+    }
+    run_batch_inputs(graph, nodes, std::slice::from_ref(x), obs)
+}
+
+fn run_batch_inputs(graph: &Graph, nodes: &[PNode], xs: &[ArrayD<f32>], obs: &mut [Box<dyn Observer>]) -> Result<()> {
+    for (o, x) in obs.iter_mut().zip(xs) {
+        o.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
+    }
+    graph.run_f32(xs, |i, y| match nodes[i].obs {
+        Some(k) => observe(obs[k].as_mut(), &graph.nodes[i].name, y),
+        None => Ok(()),
+    })?;
     Ok(())
 }
 
@@ -306,7 +242,19 @@ impl Prepared {
     /// A batch the model cannot take, or non-finite values (the message names the tensor).
     pub fn calibrate(&mut self, x: &ArrayD<f32>) -> Result<()> {
         non_empty(x)?;
-        run_batch(&self.nodes, x, &mut self.obs)?;
+        run_batch(&self.graph, &self.nodes, x, &mut self.obs)?;
+        self.batches += 1;
+        Ok(())
+    }
+
+    /// Runs one calibration batch through a graph of several inputs (one array per input,
+    /// in the order they were declared).
+    ///
+    /// # Errors
+    /// As [`Prepared::calibrate`], or a wrong number of inputs.
+    pub fn calibrate_inputs(&mut self, xs: &[ArrayD<f32>]) -> Result<()> {
+        xs.iter().try_for_each(non_empty)?;
+        run_batch_inputs(&self.graph, &self.nodes, xs, &mut self.obs)?;
         self.batches += 1;
         Ok(())
     }
@@ -339,7 +287,7 @@ impl Prepared {
             }
         } else {
             let per = batches.len().div_ceil(threads);
-            let nodes = &self.nodes;
+            let (graph, nodes) = (&self.graph, &self.nodes);
             let results: Vec<Result<Vec<Box<dyn Observer>>>> = std::thread::scope(|sc| {
                 let handles: Vec<_> = batches
                     .chunks(per)
@@ -348,7 +296,7 @@ impl Prepared {
                         let bar = bar.clone();
                         sc.spawn(move || -> Result<Vec<Box<dyn Observer>>> {
                             for x in chunk {
-                                run_batch(nodes, x, &mut obs)?;
+                                run_batch(graph, nodes, x, &mut obs)?;
                                 if let Some(b) = &bar {
                                     b.inc(1);
                                 }
@@ -377,29 +325,14 @@ impl Prepared {
     /// calibration (e.g. a [`qobserve::HistogramObserver`]'s histogram, through
     /// [`qobserve::Observer::as_any`]) before converting.
     pub fn observers(&self) -> Vec<(String, &dyn Observer)> {
-        fn walk<'a>(nodes: &[PNode], obs: &'a [Box<dyn Observer>], out: &mut Vec<(String, &'a dyn Observer)>) {
-            for n in nodes {
-                match n {
-                    PNode::Leaf { name, obs: Some(i), .. } => out.push((name.clone(), obs[*i].as_ref())),
-                    PNode::Leaf { .. } => {}
-                    PNode::Residual { name, body, shortcut, obs: i, .. } => {
-                        walk(body, obs, out);
-                        if let Some(s) = shortcut {
-                            walk(s, obs, out);
-                        }
-                        out.push((name.clone(), obs[*i].as_ref()));
-                    }
-                    PNode::Concat { name, branches, obs: i, .. } => {
-                        for b in branches {
-                            walk(b, obs, out);
-                        }
-                        out.push((name.clone(), obs[*i].as_ref()));
-                    }
-                }
+        let inputs = self.graph.inputs.len();
+        let mut out: Vec<(String, &dyn Observer)> =
+            self.obs[..inputs].iter().map(|o| ("model input".to_string(), o.as_ref())).collect();
+        for (n, p) in self.graph.nodes.iter().zip(&self.nodes) {
+            if let Some(k) = p.obs {
+                out.push((n.name.clone(), self.obs[k].as_ref()));
             }
         }
-        let mut out = vec![("model input".to_string(), self.obs[0].as_ref())];
-        walk(&self.nodes, &self.obs, &mut out);
         out
     }
 
@@ -409,10 +342,74 @@ impl Prepared {
     /// An observer that saw no data ("observer for conv1 output saw no data: did calibration
     /// run?"), or weights that cannot be packed.
     pub fn convert(self) -> Result<QuantizedModel> {
-        let input_q = activation_quant(self.obs[0].as_ref(), "model input")?;
-        let mut last_q = input_q;
-        let nodes = convert_nodes(self.nodes, &self.obs, &mut last_q)?;
-        Ok(QuantizedModel::assemble(input_q, nodes, self.plan))
+        let Prepared { graph, nodes, plan, obs, .. } = self;
+        // The parameters each value has (int8) or is quantized with when an int8 op reads it
+        // (float): its producer's observed ones, or its input's for ops that keep them.
+        let mut vq: Vec<Option<QuantU8>> = vec![None; graph.values];
+        for (k, t) in graph.inputs.iter().enumerate() {
+            vq[t.0] = Some(activation_quant(obs[k].as_ref(), "model input")?);
+        }
+        let q_of = |vq: &[Option<QuantU8>], t: Tensor| vq[t.0].expect("values are computed before they are read");
+        let mut qnodes = Vec::with_capacity(graph.nodes.len());
+        for (n, p) in graph.nodes.into_iter().zip(nodes) {
+            let out_q = match p.obs {
+                Some(k) => Some(observed(obs[k].as_ref(), &n.name)?),
+                None => None,
+            };
+            let in_q = q_of(&vq, n.inputs[0]);
+            let int8 = p.mode == Mode::Int8;
+            let qs: Vec<QuantU8> = n.inputs.iter().map(|&t| q_of(&vq, t)).collect();
+            let op = match n.op {
+                NodeOp::Layer(m) => build_op(&n.name, m, &p.mode, in_q, out_q, p.cfg.as_ref())?,
+                NodeOp::Add => {
+                    Op::Add { qs: [qs[0], qs[1]], out_q: out_q.expect("joins are observed"), relu: false, int8 }
+                }
+                NodeOp::Mul => Op::Mul { out_q: out_q.expect("joins are observed") },
+                NodeOp::Cat => Op::Cat { qs, out_q: out_q.expect("joins are observed"), int8 },
+            };
+            vq[n.output.0] = Some(out_q.unwrap_or(in_q));
+            qnodes.push(Node {
+                name: n.name,
+                op: NodeOp::Layer(QStep { in_q, op }),
+                inputs: n.inputs,
+                output: n.output,
+            });
+        }
+        let mut g = Graph { values: graph.values, nodes: qnodes, inputs: graph.inputs, outputs: graph.outputs };
+        fuse_add_relu(&mut g);
+        let input_q = graph_input_q(&vq, &g);
+        Ok(QuantizedModel::assemble(input_q, g, plan))
+    }
+}
+
+/// The parameters of each graph input.
+fn graph_input_q(vq: &[Option<QuantU8>], g: &QGraph) -> Vec<QuantU8> {
+    g.inputs.iter().map(|t| vq[t.0].expect("inputs are observed")).collect()
+}
+
+/// An int8 addition whose only reader is an int8 ReLU (a residual block's) applies the ReLU
+/// itself, `Q(max(c, 0)) = max(Q(c), zp)`, and the ReLU passes its input through: the same
+/// bits without a second pass over the sum.
+fn fuse_add_relu(g: &mut QGraph) {
+    let readers = readers(g);
+    for i in 0..g.nodes.len() {
+        let NodeOp::Layer(QStep { op: Op::Add { int8: true, .. }, .. }) = &g.nodes[i].op else { continue };
+        let out = g.nodes[i].output;
+        if readers[out.0] != 1 {
+            continue;
+        }
+        let Some(j) = g.nodes.iter().position(|n| n.inputs.contains(&out)) else { continue };
+        let is_relu =
+            matches!(&g.nodes[j].op, NodeOp::Layer(QStep { op: Op::SameParams(m), .. }) if m.as_any().is::<ReLU>());
+        if !is_relu {
+            continue;
+        }
+        if let NodeOp::Layer(QStep { op: Op::Add { relu, .. }, .. }) = &mut g.nodes[i].op {
+            *relu = true;
+        }
+        if let NodeOp::Layer(step) = &mut g.nodes[j].op {
+            step.op = Op::Passthrough;
+        }
     }
 }
 
@@ -448,83 +445,15 @@ fn activation_quant(obs: &dyn Observer, tensor: &str) -> Result<QuantU8> {
     }
 }
 
-/// Converts nodes; `last_q` is the parameters of the most recently observed tensor (what a
-/// float value entering an int8 op is quantized with), updated as nodes are converted.
-fn convert_nodes(nodes: Vec<PNode>, obs: &[Box<dyn Observer>], last_q: &mut QuantU8) -> Result<Vec<QNode>> {
-    let mut out = Vec::new();
-    for node in nodes {
-        out.push(match node {
-            PNode::Leaf { name, module, mode, cfg, obs: index } => {
-                let out_q = match index {
-                    Some(i) => Some(observed(obs[i].as_ref(), &name)?),
-                    None => None,
-                };
-                let op = build_op(&name, module, &mode, *last_q, out_q, cfg.as_ref())?;
-                let in_q = *last_q;
-                if let Some(q) = out_q {
-                    *last_q = q;
-                }
-                QNode::Op { name, in_q, op }
-            }
-            PNode::Residual { name, body, shortcut, relu, obs: index, int8 } => {
-                let x_q = *last_q;
-                let mut body_q = x_q;
-                let body = convert_nodes(body, obs, &mut body_q)?;
-                let mut short_q = x_q;
-                let shortcut = match shortcut {
-                    Some(sc) => Some(convert_nodes(sc, obs, &mut short_q)?),
-                    None => None,
-                };
-                let add_q = observed(obs[index].as_ref(), &name)?;
-                *last_q = add_q;
-                QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 }
-            }
-            PNode::Concat { name, branches, obs: index, int8 } => {
-                let x_q = *last_q;
-                let mut qbranches = Vec::new();
-                let mut branch_q = Vec::new();
-                for b in branches {
-                    let mut bq = x_q;
-                    qbranches.push(convert_nodes(b, obs, &mut bq)?);
-                    branch_q.push(bq);
-                }
-                let out_q = observed(obs[index].as_ref(), &name)?;
-                *last_q = out_q;
-                QNode::Concat { name, branches: qbranches, branch_q, out_q, int8 }
-            }
-        });
-    }
-    Ok(out)
+/// One step of the int8 model: an op and the parameters its (first) input arrives with.
+#[derive(Debug)]
+pub(crate) struct QStep {
+    pub(crate) in_q: QuantU8,
+    pub(crate) op: Op,
 }
 
-/// A node of the int8 model.
-#[derive(Debug)]
-pub(crate) enum QNode {
-    Op {
-        name: String,
-        in_q: QuantU8,
-        op: Op,
-    },
-    Residual {
-        name: String,
-        body: Vec<QNode>,
-        shortcut: Option<Vec<QNode>>,
-        /// Parameters a float body (or shortcut) output is quantized with.
-        body_q: QuantU8,
-        short_q: QuantU8,
-        add_q: QuantU8,
-        relu: bool,
-        int8: bool,
-    },
-    Concat {
-        name: String,
-        branches: Vec<Vec<QNode>>,
-        /// Parameters each branch's output has (or is quantized with, if float).
-        branch_q: Vec<QuantU8>,
-        out_q: QuantU8,
-        int8: bool,
-    },
-}
+/// The int8 model's graph: every node a [`QStep`].
+pub(crate) type QGraph = Graph<QStep>;
 
 /// One step of the int8 model.
 #[derive(Debug)]
@@ -555,6 +484,25 @@ pub(crate) enum Op {
     },
     Passthrough,
     Float(Box<dyn Module>),
+    /// Two values added, each quantized with its parameters if it is float (`qs`), into
+    /// `out_q` (ReLU after it when `relu`); in float when not `int8`.
+    Add {
+        qs: [QuantU8; 2],
+        out_q: QuantU8,
+        relu: bool,
+        int8: bool,
+    },
+    /// Two values multiplied in float; `out_q` is what an int8 reader quantizes it with.
+    Mul {
+        out_q: QuantU8,
+    },
+    /// Values concatenated along dimension 1 into `out_q` (each quantized with its `qs` if
+    /// float); in float when not `int8`.
+    Cat {
+        qs: Vec<QuantU8>,
+        out_q: QuantU8,
+        int8: bool,
+    },
 }
 
 /// What a packed convolution was built from (kept so the model can be saved).
@@ -782,43 +730,20 @@ pub fn sqnr_db(f: &ArrayD<f32>, q: &ArrayD<f32>) -> f64 {
     }
 }
 
-/// The float model's modules in the shape of the int8 model's nodes (for reports).
-enum FNode<'a> {
-    Leaf(String, &'a dyn Module),
-    Residual { body: Vec<FNode<'a>>, shortcut: Option<Vec<FNode<'a>>>, relu: bool },
-    Concat { branches: Vec<Vec<FNode<'a>>> },
-}
-
-fn float_nodes<'a>(seq: &'a Sequential, prefix: &str) -> Vec<FNode<'a>> {
-    let mut out = Vec::new();
-    for (name, m) in seq.layers() {
-        let path = join(prefix, name);
-        if let Some(inner) = m.as_any().downcast_ref::<Sequential>() {
-            out.extend(float_nodes(inner, &path));
-        } else if let Some(c) = m.as_any().downcast_ref::<Concat>() {
-            out.push(FNode::Concat {
-                branches: c.branches.iter().map(|(bn, b)| float_nodes(b, &join(&path, bn))).collect(),
-            });
-        } else if let Some(r) = m.as_any().downcast_ref::<Residual>() {
-            out.push(FNode::Residual {
-                body: float_nodes(&r.body, &path),
-                shortcut: r.shortcut.as_ref().map(|(sn, s)| float_nodes(s, &join(&path, sn))),
-                relu: r.relu.is_some(),
-            });
-        } else {
-            out.push(FNode::Leaf(path, m.as_ref()));
-        }
-    }
-    out
-}
-
 /// The int8 model: immutable, `Send + Sync`, one instance serves every thread.
 #[derive(Debug)]
 pub struct QuantizedModel {
-    pub(crate) input_q: QuantU8,
-    pub(crate) nodes: Vec<QNode>,
+    /// The parameters of each graph input.
+    pub(crate) input_q: Vec<QuantU8>,
+    pub(crate) graph: QGraph,
     pub(crate) plan: Vec<PlanEntry>,
     pub(crate) run: Run,
+    /// How many nodes (and graph outputs) read each value: a value is moved to its last
+    /// reader and copied for the others.
+    readers: Vec<usize>,
+    /// Per graph input: every reader is an int8 op that quantizes it with the input's
+    /// parameters, so it is quantized once on entry, straight from the caller's array.
+    quantize_on_entry: Vec<bool>,
     /// Every node computes each image of a batch on its own (no custom layers), so a batch
     /// can be split between threads.
     images_apart: bool,
@@ -826,16 +751,38 @@ pub struct QuantizedModel {
 
 /// Whether every node computes each image of a batch on its own: true of every built-in op;
 /// a custom layer (int8 or float) may mix images, so its model is never split by batch.
-fn images_apart(nodes: &[QNode]) -> bool {
-    nodes.iter().all(|n| match n {
-        QNode::Op { op, .. } => match op {
+fn images_apart(g: &QGraph) -> bool {
+    g.nodes.iter().all(|n| {
+        let NodeOp::Layer(step) = &n.op else { unreachable!("int8 graphs hold steps") };
+        match &step.op {
             Op::Custom { .. } => false,
             Op::Float(m) | Op::SameParams(m) => crate::layers::computes_images_apart(m.as_ref()),
-            Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Quantize { .. } | Op::Passthrough => true,
-        },
-        QNode::Residual { body, shortcut, .. } => images_apart(body) && shortcut.as_deref().is_none_or(images_apart),
-        QNode::Concat { branches, .. } => branches.iter().all(|b| images_apart(b)),
+            Op::Conv { .. }
+            | Op::Linear { .. }
+            | Op::Lut { .. }
+            | Op::Quantize { .. }
+            | Op::Passthrough
+            | Op::Add { .. }
+            | Op::Mul { .. }
+            | Op::Cat { .. } => true,
+        }
     })
+}
+
+/// The step of an int8 graph's node.
+fn step_of(n: &Node<QStep>) -> &QStep {
+    let NodeOp::Layer(step) = &n.op else { unreachable!("int8 graphs hold steps") };
+    step
+}
+
+/// Whether `step`, reading value `t` as input `k`, quantizes it with `q` when it is float.
+fn reads_as_int8(step: &QStep, k: usize, q: QuantU8) -> bool {
+    match &step.op {
+        Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Custom { .. } => step.in_q == q,
+        Op::Add { qs, int8: true, .. } => qs[k] == q,
+        Op::Cat { qs, int8: true, .. } => qs[k] == q,
+        _ => false,
+    }
 }
 
 /// Joins the outputs of consecutive parts of a batch along dimension 0.
@@ -904,35 +851,6 @@ fn budget(dims: &[usize], elem_bytes: usize, run: Run, kind: &str) -> Result<usi
     }
 }
 
-fn collect_quants<'a>(nodes: &'a [QNode], out: &mut Vec<(&'a str, QuantU8)>) {
-    for n in nodes {
-        match n {
-            QNode::Op { name, op, .. } => match op {
-                Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
-                    out.push((name.as_str(), QuantU8 { scale: o.scale, zero_point: o.zero_point }))
-                }
-                Op::Lut { out_q, .. } | Op::Custom { out_q, .. } | Op::Quantize { out_q } => {
-                    out.push((name.as_str(), *out_q))
-                }
-                _ => {}
-            },
-            QNode::Residual { name, body, shortcut, add_q, .. } => {
-                collect_quants(body, out);
-                if let Some(s) = shortcut {
-                    collect_quants(s, out);
-                }
-                out.push((name.as_str(), *add_q));
-            }
-            QNode::Concat { name, branches, out_q, .. } => {
-                for b in branches {
-                    collect_quants(b, out);
-                }
-                out.push((name.as_str(), *out_q));
-            }
-        }
-    }
-}
-
 /// A pooled `u8` output buffer of shape `dims`, within the budget.
 fn out_buf(dims: &[usize], run: Run, kind: &str) -> Result<Vec<u8>> {
     Ok(scratch::take(budget(dims, 1, run, kind)?))
@@ -968,10 +886,23 @@ impl QuantizedModel {
         self.run.max_activation_bytes
     }
 
-    pub(crate) fn assemble(input_q: QuantU8, nodes: Vec<QNode>, plan: Vec<PlanEntry>) -> QuantizedModel {
+    pub(crate) fn assemble(input_q: Vec<QuantU8>, graph: QGraph, plan: Vec<PlanEntry>) -> QuantizedModel {
         let run = Run { threads: 1, max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES };
-        let images_apart = images_apart(&nodes);
-        QuantizedModel { input_q, nodes, plan, run, images_apart }
+        let readers = readers(&graph);
+        let quantize_on_entry = graph
+            .inputs
+            .iter()
+            .zip(&input_q)
+            .map(|(t, &q)| {
+                !graph.outputs.contains(t)
+                    && graph
+                        .nodes
+                        .iter()
+                        .all(|n| n.inputs.iter().enumerate().all(|(k, i)| i != t || reads_as_int8(step_of(n), k, q)))
+            })
+            .collect();
+        let images_apart = images_apart(&graph);
+        QuantizedModel { input_q, graph, plan, run, readers, quantize_on_entry, images_apart }
     }
 
     /// How every module runs (int8, float and why).
@@ -979,16 +910,32 @@ impl QuantizedModel {
         &self.plan
     }
 
-    /// The parameters the model input is quantized with.
+    /// The parameters the (first) model input is quantized with.
     pub fn input_quant(&self) -> QuantU8 {
-        self.input_q
+        self.input_q[0]
     }
 
-    /// The output parameters of every int8 layer and addition that chooses its own, by name.
+    /// The output parameters of every int8 layer, addition and concatenation that chooses
+    /// its own, by name, in execution order.
     pub fn output_quants(&self) -> Vec<(&str, QuantU8)> {
-        let mut out = Vec::new();
-        collect_quants(&self.nodes, &mut out);
-        out
+        self.graph
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let q = match &step_of(n).op {
+                    Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
+                        QuantU8 { scale: o.scale, zero_point: o.zero_point }
+                    }
+                    Op::Lut { out_q, .. }
+                    | Op::Custom { out_q, .. }
+                    | Op::Quantize { out_q }
+                    | Op::Add { out_q, .. }
+                    | Op::Cat { out_q, .. } => *out_q,
+                    _ => return None,
+                };
+                Some((n.name.as_str(), q))
+            })
+            .collect()
     }
 
     /// Runs the int8 model and `float` (the same model, fused the same way, in float) side by
@@ -998,29 +945,110 @@ impl QuantizedModel {
     /// # Errors
     /// A float model whose modules do not match this one's, or an input neither can take.
     pub fn report(&self, float: &Sequential, x: &ArrayD<f32>) -> Result<Vec<LayerReport>> {
-        let fl = float_nodes(float, "");
-        let mut out = Vec::new();
-        report_nodes(&fl, &self.nodes, x.clone(), Value::F32(x.clone()), &mut out)?;
-        for (r, entry) in out.iter_mut().zip(&self.plan) {
-            r.name.clone_from(&entry.name);
-            r.mode = entry.mode.clone();
-            r.kind = entry.kind;
+        self.report_view(&crate::graph::view(float), std::slice::from_ref(x))
+    }
+
+    /// [`QuantizedModel::report`] for a model built as a [`Graph`], one array per input.
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::report`].
+    pub fn report_graph(&self, float: &Graph, inputs: &[ArrayD<f32>]) -> Result<Vec<LayerReport>> {
+        self.report_view(float, inputs)
+    }
+
+    fn report_view<M: AsModule>(&self, float: &Graph<M>, inputs: &[ArrayD<f32>]) -> Result<Vec<LayerReport>> {
+        let g = &self.graph;
+        let same = float.nodes.len() == g.nodes.len()
+            && float.inputs.len() == g.inputs.len()
+            && float.nodes.iter().zip(&g.nodes).all(|(f, q)| f.name == q.name && f.inputs == q.inputs);
+        if !same {
+            let at =
+                float.nodes.iter().zip(&g.nodes).find(|(f, q)| f.name != q.name).map_or("(model)", |(_, q)| &q.name);
+            return Err(mismatch(at));
+        }
+        if inputs.len() != g.inputs.len() {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "report",
+                expected: format!("{} inputs", g.inputs.len()),
+                got: vec![inputs.len()],
+            });
+        }
+        let run = Run { threads: 1, max_activation_bytes: usize::MAX };
+        let mut fv: Vec<Option<ArrayD<f32>>> = vec![None; g.values];
+        let mut qv: Vec<Option<Value>> = vec![None; g.values];
+        for (t, x) in g.inputs.iter().zip(inputs) {
+            fv[t.0] = Some(x.clone());
+            qv[t.0] = Some(Value::F32(x.clone()));
+        }
+        let mut out = Vec::with_capacity(g.nodes.len());
+        // Values of additions that apply the ReLU after them themselves.
+        let mut relu_sums = vec![false; g.values];
+        for ((f, n), entry) in float.nodes.iter().zip(&g.nodes).zip(&self.plan) {
+            let fy = {
+                let xs: Vec<&ArrayD<f32>> = f.inputs.iter().map(|t| fv[t.0].as_ref().expect("computed")).collect();
+                crate::graph::node_forward(f, &xs)?
+            };
+            let mut args: Vec<Value> = n.inputs.iter().map(|t| qv[t.0].clone().expect("computed")).collect();
+            let step = step_of(n);
+            let qy = Self::node_step(step, &mut args, run).map_err(|e| e.within(&n.name))?;
+            let fused_relu = matches!(step.op, Op::Add { relu: true, .. });
+            relu_sums[n.output.0] = fused_relu;
+            let sqnr = if fused_relu {
+                Some(sqnr_db(&fy.mapv(|v| v.max(0.0)), &qy.to_f32()))
+            } else if matches!(step.op, Op::Passthrough) {
+                // Nothing computed, unless it is the ReLU its addition applied.
+                relu_sums[n.inputs[0].0].then(|| sqnr_db(&fy, &qy.to_f32()))
+            } else {
+                Some(sqnr_db(&fy, &qy.to_f32()))
+            };
+            let weight = match &f.op {
+                NodeOp::Layer(m) => weight_sqnr(m.module(), &step.op),
+                _ => None,
+            };
+            out.push(LayerReport {
+                name: entry.name.clone(),
+                kind: entry.kind,
+                mode: entry.mode.clone(),
+                sqnr_db: sqnr,
+                weight_sqnr_db: weight,
+            });
+            fv[f.output.0] = Some(fy);
+            qv[n.output.0] = Some(qy);
         }
         Ok(out)
     }
 
-    /// Runs the int8 model and returns its last value (quantized logits for a model that
-    /// ends in an int8 layer).
+    /// Runs the int8 model and returns its (first) output's value (quantized logits for a
+    /// model that ends in an int8 layer).
     ///
     /// # Errors
     /// An input the model cannot take (the message names the module and the shapes).
     pub fn forward_value(&self, x: &ArrayD<f32>) -> Result<Value> {
+        Ok(self.forward_values(std::slice::from_ref(x))?.swap_remove(0))
+    }
+
+    /// Runs the int8 model on one array per graph input; one value per graph output.
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::forward_value`], or a wrong number of inputs.
+    pub fn forward_values(&self, xs: &[ArrayD<f32>]) -> Result<Vec<Value>> {
+        if xs.len() != self.graph.inputs.len() {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "forward",
+                expected: format!("{} input arrays, one per graph input", self.graph.inputs.len()),
+                got: vec![xs.len()],
+            });
+        }
         let threads = self.run.threads;
-        let images = if x.ndim() >= 2 { x.shape()[0] } else { 0 };
+        let batch = |x: &ArrayD<f32>| if x.ndim() >= 2 { x.shape()[0] } else { 0 };
+        let images = batch(&xs[0]);
+        let same_batch = xs.iter().all(|x| batch(x) == images);
         // One entry into the kernels' thread pool for the whole pass: the layers' parallel
         // kernels then run in place on the pool, not handed over (and waited for) one by one.
         qkernels::with_threads(threads, || {
-            if threads > 1 && images >= threads && self.images_apart {
+            if threads > 1 && images >= threads && same_batch && self.images_apart {
                 // Whole-model work per thread: no per-layer splits and joins at all.
                 use rayon::prelude::*;
                 let per = images.div_ceil(threads);
@@ -1029,31 +1057,106 @@ impl QuantizedModel {
                 let outs = parts
                     .into_par_iter()
                     .map(|start| {
-                        let part = x.slice_axis(ndarray::Axis(0), (start..(start + per).min(images)).into());
-                        self.eval_input(part, one)
+                        let range = start..(start + per).min(images);
+                        let views: Vec<_> =
+                            xs.iter().map(|x| x.slice_axis(ndarray::Axis(0), range.clone().into())).collect();
+                        self.eval_inputs(&views, one)
                     })
-                    .collect::<Result<Vec<Value>>>()?;
-                Ok(join_batch(outs))
+                    .collect::<Result<Vec<Vec<Value>>>>()?;
+                let mut outs: Vec<std::vec::IntoIter<Value>> = outs.into_iter().map(Vec::into_iter).collect();
+                Ok((0..self.graph.outputs.len())
+                    .map(|_| join_batch(outs.iter_mut().map(|o| o.next().expect("one per output")).collect()))
+                    .collect())
             } else {
-                self.eval_input(x.view(), self.run)
+                let views: Vec<_> = xs.iter().map(ArrayD::view).collect();
+                self.eval_inputs(&views, self.run)
             }
         })
     }
 
-    fn eval_input(&self, x: ndarray::ArrayViewD<'_, f32>, run: Run) -> Result<Value> {
-        // A first layer that runs in int8 would quantize the input with the input's
-        // parameters anyway: do it here, straight from the caller's array (no float copy).
-        let starts_int8 = matches!(
-            self.nodes.first(),
-            Some(QNode::Op { op: Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Custom { .. }, in_q, .. })
-                if *in_q == self.input_q
-        );
-        let input = if starts_int8 {
-            Value::quantize(x, self.input_q).map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
-        } else {
-            Value::F32(x.to_owned())
-        };
-        eval_nodes(&self.nodes, input, run)
+    /// Runs the int8 model on one array per graph input; float outputs (dequantized).
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::forward_values`].
+    pub fn forward_inputs(&self, xs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+        Ok(self.forward_values(xs)?.into_iter().map(Value::into_f32).collect())
+    }
+
+    fn eval_inputs(&self, xs: &[ndarray::ArrayViewD<'_, f32>], run: Run) -> Result<Vec<Value>> {
+        /// The value table, the readers left and the argument list of a pass.
+        type Tables = (Vec<Option<Value>>, Vec<usize>, Vec<Value>);
+        thread_local! {
+            /// The last pass's tables on this thread: a pass reuses them instead of allocating.
+            static TABLES: std::cell::Cell<Tables> = const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+        }
+        let (mut vals, mut left, mut args) = TABLES.take();
+        let out = self.eval_with(xs, run, &mut vals, &mut left, &mut args);
+        vals.clear();
+        args.clear();
+        TABLES.set((vals, left, args));
+        out
+    }
+
+    fn eval_with(
+        &self,
+        xs: &[ndarray::ArrayViewD<'_, f32>],
+        run: Run,
+        vals: &mut Vec<Option<Value>>,
+        left: &mut Vec<usize>,
+        args: &mut Vec<Value>,
+    ) -> Result<Vec<Value>> {
+        let g = &self.graph;
+        vals.clear();
+        vals.resize(g.values, None);
+        left.clear();
+        left.extend_from_slice(&self.readers);
+        for (k, (t, x)) in g.inputs.iter().zip(xs).enumerate() {
+            vals[t.0] = Some(if self.quantize_on_entry[k] {
+                Value::quantize(x.view(), self.input_q[k])
+                    .map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
+            } else {
+                Value::F32(x.to_owned())
+            });
+        }
+        for n in &g.nodes {
+            args.clear();
+            for t in &n.inputs {
+                left[t.0] -= 1;
+                let v = if left[t.0] == 0 {
+                    vals[t.0].take().expect("computed before read")
+                } else {
+                    pooled_copy(vals[t.0].as_ref().expect("computed before read"))
+                };
+                args.push(v);
+            }
+            vals[n.output.0] = Some(Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))?);
+            debug_assert!(args.is_empty(), "a node consumes its arguments");
+        }
+        let mut outs = Vec::with_capacity(g.outputs.len());
+        for t in &g.outputs {
+            left[t.0] -= 1;
+            let v = vals[t.0].as_ref().expect("outputs are computed");
+            outs.push(if left[t.0] == 0 { vals[t.0].take().expect("present") } else { pooled_copy(v) });
+        }
+        Ok(outs)
+    }
+
+    /// Runs one node on its input values.
+    fn node_step(step: &QStep, args: &mut Vec<Value>, run: Run) -> Result<Value> {
+        match &step.op {
+            Op::Add { qs, out_q, relu, int8 } => {
+                let s = args.pop().expect("two inputs");
+                let b = args.pop().expect("two inputs");
+                residual_add(b, s, qs[0], qs[1], *out_q, *relu, *int8)
+            }
+            Op::Mul { .. } => {
+                let b = args.pop().expect("two inputs").into_f32();
+                let a = args.pop().expect("two inputs").into_f32();
+                Ok(Value::F32(crate::graph::mul_f32(&a, &b, "")?))
+            }
+            Op::Cat { qs, out_q, int8 } => concat_values(std::mem::take(args), qs, *out_q, *int8, ""),
+            op => Self::step(op, step.in_q, args.pop().expect("one input"), run),
+        }
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
@@ -1138,6 +1241,9 @@ impl QuantizedModel {
                 let data = Input::new(data);
                 let (y, shape) = layer.forward_u8(&data, &shape)?;
                 Value::U8 { data: y, shape, q: *out_q }
+            }
+            Op::Add { .. } | Op::Mul { .. } | Op::Cat { .. } => {
+                unreachable!("additions, products and concatenations run in node_step")
             }
             Op::SameParams(m) => match cur {
                 Value::F32(a) => {
@@ -1312,119 +1418,4 @@ fn pooled_copy(v: &Value) -> Value {
             Value::U8 { data: d, shape: shape.clone(), q: *q }
         }
     }
-}
-
-fn eval_nodes(nodes: &[QNode], x: Value, run: Run) -> Result<Value> {
-    let mut cur = x;
-    for n in nodes {
-        cur = match n {
-            QNode::Op { name, in_q, op } => QuantizedModel::step(op, *in_q, cur, run).map_err(|e| e.within(name))?,
-            QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 } => {
-                let b = eval_nodes(body, pooled_copy(&cur), run)?;
-                let s = match shortcut {
-                    Some(sc) => eval_nodes(sc, cur, run)?,
-                    None => cur,
-                };
-                residual_add(b, s, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?
-            }
-            QNode::Concat { name, branches, branch_q, out_q, int8 } => {
-                let parts =
-                    branches.iter().map(|b| eval_nodes(b, pooled_copy(&cur), run)).collect::<Result<Vec<_>>>()?;
-                if let Value::U8 { data, .. } = cur {
-                    scratch::give(data);
-                }
-                concat_values(parts, branch_q, *out_q, *int8, name)?
-            }
-        };
-    }
-    Ok(cur)
-}
-
-fn report_nodes(
-    fl: &[FNode<'_>],
-    nodes: &[QNode],
-    x: ArrayD<f32>,
-    q: Value,
-    out: &mut Vec<LayerReport>,
-) -> Result<(ArrayD<f32>, Value)> {
-    if fl.len() != nodes.len() {
-        return Err(mismatch("(model)"));
-    }
-    let (mut fcur, mut qcur) = (x, q);
-    for (f, n) in fl.iter().zip(nodes) {
-        match (f, n) {
-            (FNode::Leaf(fname, fm), QNode::Op { name, in_q, op }) if fname == name => {
-                fcur = fm.forward(&fcur).map_err(|e| e.within(name))?;
-                qcur = QuantizedModel::step(op, *in_q, qcur, Run { threads: 1, max_activation_bytes: usize::MAX })
-                    .map_err(|e| e.within(name))?;
-                let sqnr = (!matches!(op, Op::Passthrough)).then(|| sqnr_db(&fcur, &qcur.to_f32()));
-                out.push(LayerReport {
-                    name: name.clone(),
-                    kind: fm.kind(),
-                    mode: Mode::Passthrough,
-                    sqnr_db: sqnr,
-                    weight_sqnr_db: weight_sqnr(*fm, op),
-                });
-            }
-            (
-                FNode::Residual { body: fb, shortcut: fs, relu: frelu },
-                QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 },
-            ) => {
-                let (bf, bq) = report_nodes(fb, body, fcur.clone(), qcur.clone(), out)?;
-                let (sf, sq) = match (fs, shortcut) {
-                    (Some(fs), Some(s)) => report_nodes(fs, s, fcur.clone(), qcur.clone(), out)?,
-                    (None, None) => (fcur.clone(), qcur.clone()),
-                    _ => return Err(mismatch(name)),
-                };
-                let mut y = bf + sf;
-                qcur = residual_add(bq, sq, *body_q, *short_q, *add_q, *relu, *int8).map_err(|e| e.within(name))?;
-                if *frelu {
-                    y.mapv_inplace(|v| v.max(0.0));
-                }
-                let sqnr = sqnr_db(&y, &qcur.to_f32());
-                out.push(LayerReport {
-                    name: name.clone(),
-                    kind: "add",
-                    mode: Mode::Passthrough,
-                    sqnr_db: Some(sqnr),
-                    weight_sqnr_db: None,
-                });
-                if *relu {
-                    out.push(LayerReport {
-                        name: format!("{name} relu"),
-                        kind: "ReLU",
-                        mode: Mode::Passthrough,
-                        sqnr_db: Some(sqnr),
-                        weight_sqnr_db: None,
-                    });
-                }
-                fcur = y;
-            }
-            (FNode::Concat { branches: fb }, QNode::Concat { name, branches, branch_q, out_q, int8 })
-                if fb.len() == branches.len() =>
-            {
-                let (mut fparts, mut qparts) = (Vec::new(), Vec::new());
-                for (f, q) in fb.iter().zip(branches) {
-                    let (fy, qy) = report_nodes(f, q, fcur.clone(), qcur.clone(), out)?;
-                    fparts.push(fy);
-                    qparts.push(qy);
-                }
-                fcur = cat_dim1(&fparts, name)?;
-                qcur = concat_values(qparts, branch_q, *out_q, *int8, name)?;
-                out.push(LayerReport {
-                    name: name.clone(),
-                    kind: "cat",
-                    mode: Mode::Passthrough,
-                    sqnr_db: Some(sqnr_db(&fcur, &qcur.to_f32())),
-                    weight_sqnr_db: None,
-                });
-            }
-            _ => {
-                return Err(mismatch(&match n {
-                    QNode::Op { name, .. } | QNode::Residual { name, .. } | QNode::Concat { name, .. } => name.clone(),
-                }))
-            }
-        }
-    }
-    Ok((fcur, qcur))
 }

@@ -14,12 +14,16 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value as J};
 
 use crate::error::{NnError, Result};
+use crate::graph::{check, Graph, Node, NodeOp, Tensor};
 use crate::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, DeQuantStub, Flatten, FusedAct, MaxPool2d, ReLU, ReLU6,
 };
-use crate::quant::{ConvSource, Mode, Op, PlanEntry, QNode, QuantizedModel};
+use crate::quant::{ConvSource, Mode, Op, PlanEntry, QStep, QuantizedModel};
 
-const FORMAT: &str = "qrust-int8-v1";
+/// The format this version writes and reads: the int8 graph.
+const FORMAT: &str = "qrust-graph-v1";
+/// The tree format of earlier versions, recognised to say so.
+const TREE_FORMAT: &str = "qrust-int8-v1";
 
 struct Writer {
     tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
@@ -152,31 +156,28 @@ fn op_json(w: &mut Writer, name: &str, op: &Op) -> Result<J> {
         },
         Op::Quantize { out_q } => json!({"k": "quantize", "out_q": q_json(*out_q)}),
         Op::Custom { .. } => return Err(unsupported("a custom int8 layer")),
+        Op::Add { qs, out_q, relu, int8 } => json!({
+            "k": "add", "qs": [q_json(qs[0]), q_json(qs[1])], "out_q": q_json(*out_q), "relu": relu, "int8": int8,
+        }),
+        Op::Mul { out_q } => json!({"k": "mul", "out_q": q_json(*out_q)}),
+        Op::Cat { qs, out_q, int8 } => json!({
+            "k": "cat", "qs": qs.iter().map(|q| q_json(*q)).collect::<Vec<_>>(), "out_q": q_json(*out_q), "int8": int8,
+        }),
     })
 }
 
-fn nodes_json(w: &mut Writer, nodes: &[QNode]) -> Result<Vec<J>> {
-    nodes
+fn nodes_json(w: &mut Writer, g: &Graph<QStep>) -> Result<Vec<J>> {
+    g.nodes
         .iter()
         .map(|n| {
-            Ok(match n {
-                QNode::Op { name, in_q, op } => {
-                    json!({"t": "op", "name": name, "in_q": q_json(*in_q), "op": op_json(w, name, op)?})
-                }
-                QNode::Residual { name, body, shortcut, body_q, short_q, add_q, relu, int8 } => json!({
-                    "t": "res", "name": name,
-                    "body": nodes_json(w, body)?,
-                    "shortcut": match shortcut { Some(s) => J::Array(nodes_json(w, s)?), None => J::Null },
-                    "body_q": q_json(*body_q), "short_q": q_json(*short_q), "add_q": q_json(*add_q),
-                    "relu": relu, "int8": int8,
-                }),
-                QNode::Concat { name, branches, branch_q, out_q, int8 } => json!({
-                    "t": "cat", "name": name,
-                    "branches": branches.iter().map(|b| nodes_json(w, b).map(J::Array)).collect::<Result<Vec<_>>>()?,
-                    "branch_q": branch_q.iter().map(|q| q_json(*q)).collect::<Vec<_>>(),
-                    "out_q": q_json(*out_q), "int8": int8,
-                }),
-            })
+            let NodeOp::Layer(step) = &n.op else { unreachable!("int8 graphs hold steps") };
+            Ok(json!({
+                "name": n.name,
+                "inputs": n.inputs.iter().map(|t| t.0).collect::<Vec<_>>(),
+                "output": n.output.0,
+                "in_q": q_json(step.in_q),
+                "op": op_json(w, &n.name, &step.op)?,
+            }))
         })
         .collect()
 }
@@ -209,10 +210,19 @@ impl QuantizedModel {
     /// As [`QuantizedModel::save`].
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut w = Writer { tensors: Vec::new() };
-        let nodes = nodes_json(&mut w, &self.nodes)?;
+        let g = &self.graph;
+        let nodes = nodes_json(&mut w, g)?;
         let plan: Vec<J> =
             self.plan.iter().map(|e| json!({"name": e.name, "kind": e.kind, "mode": mode_json(&e.mode)})).collect();
-        let desc = json!({"format": FORMAT, "input_q": q_json(self.input_q), "plan": plan, "nodes": nodes});
+        let desc = json!({
+            "format": FORMAT,
+            "values": g.values,
+            "inputs": g.inputs.iter().map(|t| t.0).collect::<Vec<_>>(),
+            "outputs": g.outputs.iter().map(|t| t.0).collect::<Vec<_>>(),
+            "input_q": self.input_q.iter().map(|q| q_json(*q)).collect::<Vec<_>>(),
+            "plan": plan,
+            "nodes": nodes,
+        });
         let mut keys = std::collections::HashSet::new();
         if let Some((dup, ..)) = w.tensors.iter().find(|t| !keys.insert(t.0.as_str())) {
             return Err(NnError::File {
@@ -260,44 +270,73 @@ impl QuantizedModel {
             .and_then(|m| m.get("qrust.model"))
             .ok_or_else(|| bad("no qrust.model metadata: not a model saved by QuantizedModel::save".into()))?;
         let desc: J = serde_json::from_str(desc).map_err(|e| bad(format!("model description is not JSON: {e}")))?;
+        if desc["format"] == TREE_FORMAT {
+            return Err(bad(format!(
+                "this model was saved in the format {TREE_FORMAT} (a tree of modules) by an earlier version, which \
+                 this one no longer reads: convert the float model again and save it ({FORMAT})"
+            )));
+        }
         if desc["format"] != FORMAT {
             return Err(bad(format!("format {} is not {FORMAT}", desc["format"])));
         }
         let r = Reader { st: &st };
-        let input_q = r.q(&desc["input_q"])?;
-        let nodes = r.nodes(&desc["nodes"])?;
-        let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = node_names(&nodes).into_iter().find(|n| !seen.insert(*n)) {
-            return Err(bad(format!("two nodes are named '{dup}': names are module paths and unique")));
+        let ids = |v: &J, what: &str| -> Result<Vec<Tensor>> {
+            v.as_array()
+                .ok_or_else(|| bad(format!("{what} is not a list")))?
+                .iter()
+                .map(|t| r.usize(t, what).map(Tensor))
+                .collect()
+        };
+        let inputs = ids(&desc["inputs"], "inputs")?;
+        let outputs = ids(&desc["outputs"], "outputs")?;
+        let input_q = desc["input_q"]
+            .as_array()
+            .ok_or_else(|| bad("input_q is not a list".into()))?
+            .iter()
+            .map(|q| r.q(q))
+            .collect::<Result<Vec<_>>>()?;
+        if input_q.len() != inputs.len() {
+            return Err(bad(format!("{} input parameters for {} inputs", input_q.len(), inputs.len())));
         }
+        let list = desc["nodes"].as_array().ok_or_else(|| bad("nodes is not a list".into()))?;
+        let mut nodes = Vec::with_capacity(list.len());
+        for n in list {
+            let name = n["name"].as_str().ok_or_else(|| bad(format!("node without a name: {n}")))?.to_string();
+            let step = QStep { in_q: r.q(&n["in_q"])?, op: r.op(&n["op"], &name)? };
+            let inputs = ids(&n["inputs"], &format!("{name}: inputs"))?;
+            let arity = match &step.op {
+                Op::Add { .. } | Op::Mul { .. } => inputs.len() == 2,
+                Op::Cat { qs, .. } => !inputs.is_empty() && qs.len() == inputs.len(),
+                _ => inputs.len() == 1,
+            };
+            if !arity {
+                return Err(bad(format!("{name}: {} inputs do not fit its op", inputs.len())));
+            }
+            let output = Tensor(r.usize(&n["output"], &format!("{name}: output"))?);
+            nodes.push(Node { name, op: NodeOp::Layer(step), inputs, output });
+        }
+        // Every value is a graph input or one node's output: their count is bounded by the
+        // file's own size.
+        let values = r.usize(&desc["values"], "values")?;
+        if values != inputs.len() + nodes.len() {
+            return Err(bad(format!(
+                "{values} values for {} inputs and {} nodes: every value is an input or one node's output",
+                inputs.len(),
+                nodes.len()
+            )));
+        }
+        check(values, &nodes, &inputs, &outputs).map_err(|e| bad(e.to_string()))?;
         let plan = desc["plan"]
             .as_array()
             .ok_or_else(|| bad("plan is not a list".into()))?
             .iter()
             .map(|e| r.plan_entry(e))
             .collect::<Result<Vec<_>>>()?;
-        Ok(QuantizedModel::assemble(input_q, nodes, plan))
-    }
-}
-
-/// Every node's name, depth first.
-fn node_names(nodes: &[QNode]) -> Vec<&str> {
-    let mut out = Vec::new();
-    for n in nodes {
-        match n {
-            QNode::Op { name, .. } => out.push(name.as_str()),
-            QNode::Residual { name, body, shortcut, .. } => {
-                out.push(name.as_str());
-                out.extend(node_names(body));
-                out.extend(shortcut.as_deref().map(node_names).unwrap_or_default());
-            }
-            QNode::Concat { name, branches, .. } => {
-                out.push(name.as_str());
-                out.extend(branches.iter().flat_map(|b| node_names(b)));
-            }
+        if plan.len() != nodes.len() || plan.iter().zip(&nodes).any(|(e, n)| e.name != n.name) {
+            return Err(bad("the plan does not list the nodes, in order".into()));
         }
+        Ok(QuantizedModel::assemble(input_q, Graph { values, nodes, inputs, outputs }, plan))
     }
-    out
 }
 
 struct Reader<'a> {
@@ -308,7 +347,7 @@ fn bad(reason: String) -> NnError {
     NnError::File { file: "(bytes)".into(), reason }
 }
 
-const KINDS: [&str; 22] = [
+const KINDS: [&str; 23] = [
     "QuantStub",
     "DeQuantStub",
     "AvgPool2d",
@@ -328,6 +367,7 @@ const KINDS: [&str; 22] = [
     "Flatten",
     "BatchNorm2d",
     "add",
+    "mul",
     "Sequential",
     "Residual",
     "Dropout",
@@ -471,6 +511,23 @@ impl Reader<'_> {
                 other => return Err(bad(format!("{name}: unknown layer {other:?}"))),
             }),
             Some("quantize") => Op::Quantize { out_q: self.q(&j["out_q"])? },
+            Some("add") => Op::Add {
+                qs: [self.q(&j["qs"][0])?, self.q(&j["qs"][1])?],
+                out_q: self.q(&j["out_q"])?,
+                relu: j["relu"] == true,
+                int8: j["int8"] == true,
+            },
+            Some("mul") => Op::Mul { out_q: self.q(&j["out_q"])? },
+            Some("cat") => Op::Cat {
+                qs: j["qs"]
+                    .as_array()
+                    .ok_or_else(|| bad(format!("{name}: qs is not a list")))?
+                    .iter()
+                    .map(|q| self.q(q))
+                    .collect::<Result<Vec<_>>>()?,
+                out_q: self.q(&j["out_q"])?,
+                int8: j["int8"] == true,
+            },
             Some("float") if j["layer"] == "DeQuantStub" => Op::Float(Box::new(DeQuantStub)),
             Some("float") if j["layer"] == "BatchNorm2d" || j["layer"] == "BatchNorm1d" => {
                 let arr = |k: &str| -> Result<ArrayD<f32>> {
@@ -503,37 +560,6 @@ impl Reader<'_> {
             }
             other => return Err(bad(format!("{name}: unknown op {other:?}"))),
         })
-    }
-    fn nodes(&self, v: &J) -> Result<Vec<QNode>> {
-        let list = v.as_array().ok_or_else(|| bad("nodes is not a list".into()))?;
-        list.iter()
-            .map(|n| {
-                let name = n["name"].as_str().ok_or_else(|| bad(format!("node without a name: {n}")))?.to_string();
-                Ok(match n["t"].as_str() {
-                    Some("op") => QNode::Op { in_q: self.q(&n["in_q"])?, op: self.op(&n["op"], &name)?, name },
-                    Some("res") => QNode::Residual {
-                        body: self.nodes(&n["body"])?,
-                        shortcut: if n["shortcut"].is_null() { None } else { Some(self.nodes(&n["shortcut"])?) },
-                        body_q: self.q(&n["body_q"])?,
-                        short_q: self.q(&n["short_q"])?,
-                        add_q: self.q(&n["add_q"])?,
-                        relu: n["relu"] == true,
-                        int8: n["int8"] == true,
-                        name,
-                    },
-                    Some("cat") => {
-                        let list = |k: &str| n[k].as_array().ok_or_else(|| bad(format!("{name}: {k} is not a list")));
-                        let branches = list("branches")?.iter().map(|b| self.nodes(b)).collect::<Result<Vec<_>>>()?;
-                        let branch_q = list("branch_q")?.iter().map(|q| self.q(q)).collect::<Result<Vec<_>>>()?;
-                        if branches.is_empty() || branches.len() != branch_q.len() {
-                            return Err(bad(format!("{name}: a concatenation needs one parameter pair per branch")));
-                        }
-                        QNode::Concat { branches, branch_q, out_q: self.q(&n["out_q"])?, int8: n["int8"] == true, name }
-                    }
-                    other => return Err(bad(format!("unknown node type {other:?}"))),
-                })
-            })
-            .collect()
     }
     fn plan_entry(&self, e: &J) -> Result<PlanEntry> {
         let name = e["name"].as_str().ok_or_else(|| bad("plan entry without a name".into()))?.to_string();

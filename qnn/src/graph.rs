@@ -1,0 +1,533 @@
+//! The model as a graph: named values, and nodes in topological order, each computing one
+//! value from others. Every stage (calibration, conversion, int8 execution, reports, saving)
+//! reads this one form.
+//!
+//! Two ways build one:
+//! - the containers ([`Sequential`], [`Residual`], [`Concat`]) lower into it: a container's
+//!   layers become nodes named by their paths, as PyTorch's `state_dict` names them;
+//! - [`GraphBuilder`] writes any dataflow directly: several inputs and outputs, a tensor read
+//!   by any number of nodes, additions, products and concatenations of any two branches.
+//!
+//! ```
+//! use qnn::layers::{Conv2d, ReLU, Sigmoid};
+//! use qnn::{GraphBuilder, Sequential};
+//! let mut g = GraphBuilder::new();
+//! let x = g.input("x");
+//! let y = g.layer("conv", Conv2d::new(3, 8, 3).padding(1), x)?;
+//! let y = g.layer("relu", ReLU, y)?;
+//! let gate = g.layer("gate", Sigmoid, y)?;
+//! let z = g.mul("scale", y, gate)?;
+//! g.output(z);
+//! let graph = g.build()?;
+//! let out = graph.forward(&[ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 3, 4, 4]))])?;
+//! assert_eq!(out[0].shape(), &[1, 8, 4, 4]);
+//! # Ok::<(), qnn::NnError>(())
+//! ```
+
+use std::collections::HashSet;
+
+use ndarray::ArrayD;
+
+use crate::error::{NnError, Result};
+use crate::layers::Identity;
+use crate::module::{cat_dim1, join, Concat, Module, Residual, Sequential};
+
+/// The module path a node name stands for: a node for a module's second (third, ...) call
+/// is named `path:1` (`path:2`, ...).
+pub(crate) fn module_path(node: &str) -> &str {
+    match node.rsplit_once(':') {
+        Some((path, k)) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) => path,
+        _ => node,
+    }
+}
+
+/// A value of the graph: its index in the graph's value list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tensor(pub(crate) usize);
+
+/// What a node computes.
+#[derive(Debug)]
+pub(crate) enum NodeOp<M> {
+    /// A layer on one input.
+    Layer(M),
+    /// The sum of two values of one shape (PyTorch's `FloatFunctional().add`).
+    Add,
+    /// The product of two values; the second may broadcast over the first's height and
+    /// width (`[n, c, 1, 1]` against `[n, c, h, w]`: squeeze-and-excitation).
+    Mul,
+    /// The values concatenated along dimension 1.
+    Cat,
+}
+
+impl<M> NodeOp<M> {
+    /// The kind the configuration and the plan use.
+    pub(crate) fn kind_with(&self, layer: impl FnOnce(&M) -> &'static str) -> &'static str {
+        match self {
+            NodeOp::Layer(m) => layer(m),
+            NodeOp::Add => "add",
+            NodeOp::Mul => "mul",
+            NodeOp::Cat => "cat",
+        }
+    }
+}
+
+/// One node: its name (a module path, unique), what it computes, from which values, into
+/// which value.
+#[derive(Debug)]
+pub(crate) struct Node<M> {
+    pub(crate) name: String,
+    pub(crate) op: NodeOp<M>,
+    pub(crate) inputs: Vec<Tensor>,
+    pub(crate) output: Tensor,
+}
+
+/// A float model as a graph (see the [module docs](self)). `M` is how nodes hold their
+/// layers: owned (`Box<dyn Module>`, the default) or borrowed from containers.
+#[derive(Debug)]
+pub struct Graph<M = Box<dyn Module>> {
+    pub(crate) values: usize,
+    pub(crate) nodes: Vec<Node<M>>,
+    pub(crate) inputs: Vec<Tensor>,
+    pub(crate) outputs: Vec<Tensor>,
+}
+
+/// How many nodes read each value, counting a graph output as one more reader.
+pub(crate) fn readers<M>(g: &Graph<M>) -> Vec<usize> {
+    let mut uses = vec![0usize; g.values];
+    for n in &g.nodes {
+        for i in &n.inputs {
+            uses[i.0] += 1;
+        }
+    }
+    for o in &g.outputs {
+        uses[o.0] += 1;
+    }
+    uses
+}
+
+/// Checks the graph's invariants: every value is produced once (by an input or a node)
+/// before it is read, names are unique and non-empty, and there is at least one output.
+/// Saved models are checked with it too, so the messages name what is wrong (each op's
+/// number of inputs is the builder's and the loader's to check).
+pub(crate) fn check<M>(values: usize, nodes: &[Node<M>], inputs: &[Tensor], outputs: &[Tensor]) -> Result<()> {
+    let bad = |reason: String| NnError::Graph { reason };
+    let mut defined = vec![false; values];
+    for t in inputs {
+        if t.0 >= values || std::mem::replace(&mut defined[t.0], true) {
+            return Err(bad(format!("graph input {} is out of range or given twice", t.0)));
+        }
+    }
+    let mut names = HashSet::new();
+    for n in nodes {
+        if n.name.is_empty() || !names.insert(n.name.as_str()) {
+            return Err(bad(format!("node name '{}' is empty or not unique: names are module paths", n.name)));
+        }
+        if let Some(t) = n.inputs.iter().find(|t| t.0 >= values || !defined[t.0]) {
+            return Err(bad(format!(
+                "node '{}' reads value {} before any node computes it (nodes must be in topological order)",
+                n.name, t.0
+            )));
+        }
+        if n.output.0 >= values || std::mem::replace(&mut defined[n.output.0], true) {
+            return Err(bad(format!(
+                "node '{}' writes value {}, which is out of range or written twice",
+                n.name, n.output.0
+            )));
+        }
+    }
+    if outputs.is_empty() {
+        return Err(bad("the graph has no output: mark one with GraphBuilder::output".into()));
+    }
+    if let Some(t) = outputs.iter().find(|t| t.0 >= values || !defined[t.0]) {
+        return Err(bad(format!("graph output {} is never computed", t.0)));
+    }
+    Ok(())
+}
+
+impl<M> Graph<M> {
+    /// Node names in execution order.
+    pub fn node_names(&self) -> Vec<&str> {
+        self.nodes.iter().map(|n| n.name.as_str()).collect()
+    }
+
+    /// How many inputs the graph takes.
+    pub fn num_inputs(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// How many outputs it gives.
+    pub fn num_outputs(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// The same graph with every layer mapped by `f` (in node order).
+    pub(crate) fn map_layers<N>(self, mut f: impl FnMut(M) -> N) -> Graph<N> {
+        Graph {
+            values: self.values,
+            nodes: self
+                .nodes
+                .into_iter()
+                .map(|n| Node {
+                    name: n.name,
+                    op: match n.op {
+                        NodeOp::Layer(m) => NodeOp::Layer(f(m)),
+                        NodeOp::Add => NodeOp::Add,
+                        NodeOp::Mul => NodeOp::Mul,
+                        NodeOp::Cat => NodeOp::Cat,
+                    },
+                    inputs: n.inputs,
+                    output: n.output,
+                })
+                .collect(),
+            inputs: self.inputs,
+            outputs: self.outputs,
+        }
+    }
+}
+
+/// Anything that runs a layer in float: an owned or a borrowed module.
+pub(crate) trait AsModule {
+    fn module(&self) -> &dyn Module;
+}
+
+impl AsModule for Box<dyn Module> {
+    fn module(&self) -> &dyn Module {
+        self.as_ref()
+    }
+}
+
+/// A layer borrowed from a container tree, or the ReLU a residual block names but holds no
+/// module for.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LayerRef<'a> {
+    Tree(&'a dyn Module),
+    BlockRelu,
+}
+
+impl AsModule for LayerRef<'_> {
+    fn module(&self) -> &dyn Module {
+        match self {
+            LayerRef::Tree(m) => *m,
+            LayerRef::BlockRelu => &crate::layers::ReLU,
+        }
+    }
+}
+
+/// `a + b`, of one shape.
+pub(crate) fn add_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
+    if a.shape() != b.shape() {
+        return Err(NnError::Shape {
+            module: name.to_string(),
+            kind: "add",
+            expected: format!(
+                "the other operand's shape {:?} (add a downsample branch when one branch changes the shape)",
+                b.shape()
+            ),
+            got: a.shape().to_vec(),
+        });
+    }
+    Ok(a + b)
+}
+
+/// Whether `b` multiplies `a` elementwise: the same shape, or `[n, c, 1, 1]` against
+/// `[n, c, h, w]`.
+pub(crate) fn mul_shapes_fit(a: &[usize], b: &[usize]) -> bool {
+    a == b || (a.len() == 4 && b.len() == 4 && a[..2] == b[..2] && b[2] == 1 && b[3] == 1)
+}
+
+/// `a * b`, `b` of `a`'s shape or broadcast over height and width.
+pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
+    if !mul_shapes_fit(a.shape(), b.shape()) {
+        return Err(NnError::Shape {
+            module: name.to_string(),
+            kind: "mul",
+            expected: format!(
+                "a second operand of the first's shape {:?}, or [n, c, 1, 1] to scale each channel",
+                a.shape()
+            ),
+            got: b.shape().to_vec(),
+        });
+    }
+    Ok(a * b)
+}
+
+/// Runs one node in float.
+pub(crate) fn node_forward<M: AsModule>(n: &Node<M>, xs: &[&ArrayD<f32>]) -> Result<ArrayD<f32>> {
+    match &n.op {
+        NodeOp::Layer(m) => m.module().forward(xs[0]).map_err(|e| e.within(&n.name)),
+        NodeOp::Add => add_f32(xs[0], xs[1], &n.name),
+        NodeOp::Mul => mul_f32(xs[0], xs[1], &n.name),
+        NodeOp::Cat => cat_dim1(&xs.iter().map(|x| (*x).clone()).collect::<Vec<_>>(), &n.name),
+    }
+}
+
+#[allow(private_bounds)]
+impl<M: AsModule> Graph<M> {
+    /// Runs the graph in float, calling `seen(node index, output)` after every node; values
+    /// are dropped as soon as their last reader is done.
+    pub(crate) fn run_f32(
+        &self,
+        inputs: &[ArrayD<f32>],
+        mut seen: impl FnMut(usize, &ArrayD<f32>) -> Result<()>,
+    ) -> Result<Vec<ArrayD<f32>>> {
+        if inputs.len() != self.inputs.len() {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "graph",
+                expected: format!("{} input tensors, one per graph input", self.inputs.len()),
+                got: vec![inputs.len()],
+            });
+        }
+        let mut left = readers(self);
+        let mut vals: Vec<Option<ArrayD<f32>>> = (0..self.values).map(|_| None).collect();
+        for (t, x) in self.inputs.iter().zip(inputs) {
+            vals[t.0] = Some(x.clone());
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            let y = {
+                let xs: Vec<&ArrayD<f32>> =
+                    n.inputs.iter().map(|t| vals[t.0].as_ref().expect("checked: computed before read")).collect();
+                node_forward(n, &xs)?
+            };
+            seen(i, &y)?;
+            for t in &n.inputs {
+                left[t.0] -= 1;
+                if left[t.0] == 0 {
+                    vals[t.0] = None;
+                }
+            }
+            vals[n.output.0] = Some(y);
+        }
+        Ok(self.outputs.iter().map(|t| vals[t.0].clone().expect("checked: outputs are computed")).collect())
+    }
+}
+
+impl Graph {
+    /// Runs the graph in float on one array per input; one array per output.
+    ///
+    /// # Errors
+    /// A wrong number of inputs, or an input a node cannot take (the message names it).
+    pub fn forward(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+        self.run_f32(inputs, |_, _| Ok(()))
+    }
+}
+
+/// The layers of a container tree as graph nodes, borrowed, in execution order: the form
+/// every stage reads a [`Sequential`] in.
+pub(crate) fn view(model: &Sequential) -> Graph<LayerRef<'_>> {
+    let mut b = Lowering { values: 1, nodes: Vec::new(), names: HashSet::new() };
+    let out = b.sequential(model, "", Tensor(0));
+    Graph { values: b.values, nodes: b.nodes, inputs: vec![Tensor(0)], outputs: vec![out] }
+}
+
+struct Lowering<'a> {
+    values: usize,
+    nodes: Vec<Node<LayerRef<'a>>>,
+    names: HashSet<String>,
+}
+
+impl<'a> Lowering<'a> {
+    fn node(&mut self, name: String, op: NodeOp<LayerRef<'a>>, inputs: Vec<Tensor>) -> Tensor {
+        // A module a container calls twice (torchvision's basic block applies its `relu`
+        // after the first convolution and after the addition) is one node per call; the
+        // second is `name:1`, and so on, and configurations naming the module reach each.
+        let name = if self.names.contains(&name) {
+            (1..).map(|k| format!("{name}:{k}")).find(|n| !self.names.contains(n)).expect("a free call number")
+        } else {
+            name
+        };
+        self.names.insert(name.clone());
+        let output = Tensor(self.values);
+        self.values += 1;
+        self.nodes.push(Node { name, op, inputs, output });
+        output
+    }
+
+    fn sequential(&mut self, seq: &'a Sequential, prefix: &str, mut x: Tensor) -> Tensor {
+        for (name, m) in seq.layers() {
+            x = self.module(m.as_ref(), &join(prefix, name), x);
+        }
+        x
+    }
+
+    fn module(&mut self, m: &'a dyn Module, path: &str, x: Tensor) -> Tensor {
+        let a = m.as_any();
+        if let Some(inner) = a.downcast_ref::<Sequential>() {
+            self.sequential(inner, path, x)
+        } else if let Some(res) = a.downcast_ref::<Residual>() {
+            // The body's layers are named directly under the block, as torchvision does.
+            let body = self.sequential(&res.body, path, x);
+            let short = match &res.shortcut {
+                Some((sname, s)) => self.sequential(s, &join(path, sname), x),
+                None => x,
+            };
+            let sum = self.node(join(path, &res.add_name), NodeOp::Add, vec![body, short]);
+            match &res.relu {
+                Some(r) => self.node(join(path, r), NodeOp::Layer(LayerRef::BlockRelu), vec![sum]),
+                None => sum,
+            }
+        } else if let Some(cat) = a.downcast_ref::<Concat>() {
+            let parts = cat.branches.iter().map(|(bn, b)| self.sequential(b, &join(path, bn), x)).collect();
+            self.node(join(path, &cat.cat_name), NodeOp::Cat, parts)
+        } else {
+            self.node(path.to_string(), NodeOp::Layer(LayerRef::Tree(m)), vec![x])
+        }
+    }
+}
+
+/// Moves a container tree's layers into an owned graph (the containers keep `Identity`s).
+pub(crate) fn lower(mut model: Sequential) -> Graph {
+    let skeleton = view(&model).map_layers(|m| matches!(m, LayerRef::BlockRelu));
+    let mut owned: Vec<Box<dyn Module>> = Vec::new();
+    take_layers(&mut model, &mut owned);
+    let mut owned = owned.into_iter();
+    skeleton.map_layers(|block_relu| {
+        if block_relu {
+            Box::new(crate::layers::ReLU) as Box<dyn Module>
+        } else {
+            owned.next().expect("one owned layer per borrowed one, in the same order")
+        }
+    })
+}
+
+/// Moves every leaf layer out of the tree, depth first in [`view`]'s order.
+fn take_layers(seq: &mut Sequential, out: &mut Vec<Box<dyn Module>>) {
+    for (_, m) in seq.layers_mut() {
+        let a = m.as_any_mut();
+        if let Some(inner) = a.downcast_mut::<Sequential>() {
+            take_layers(inner, out);
+        } else if let Some(res) = a.downcast_mut::<Residual>() {
+            take_layers(&mut res.body, out);
+            if let Some((_, s)) = &mut res.shortcut {
+                take_layers(s, out);
+            }
+        } else if let Some(cat) = a.downcast_mut::<Concat>() {
+            for (_, b) in &mut cat.branches {
+                take_layers(b, out);
+            }
+        } else {
+            out.push(std::mem::replace(m, Box::new(Identity)));
+        }
+    }
+}
+
+impl From<Sequential> for Graph {
+    fn from(model: Sequential) -> Graph {
+        lower(model)
+    }
+}
+
+/// Writes a graph node by node (see the [module docs](self)). Names are module paths: a
+/// layer's parameters load from `state_dict` entries `<name>.<parameter>`.
+#[derive(Debug, Default)]
+pub struct GraphBuilder {
+    values: usize,
+    nodes: Vec<Node<Box<dyn Module>>>,
+    inputs: Vec<Tensor>,
+    outputs: Vec<Tensor>,
+}
+
+impl GraphBuilder {
+    /// An empty graph.
+    pub fn new() -> Self {
+        GraphBuilder::default()
+    }
+
+    fn value(&mut self) -> Tensor {
+        self.values += 1;
+        Tensor(self.values - 1)
+    }
+
+    /// A new graph input (inputs are passed in the order they were declared).
+    pub fn input(&mut self, _name: &str) -> Tensor {
+        let t = self.value();
+        self.inputs.push(t);
+        t
+    }
+
+    fn push(&mut self, name: &str, op: NodeOp<Box<dyn Module>>, inputs: Vec<Tensor>) -> Result<Tensor> {
+        if let Some(t) = inputs.iter().find(|t| t.0 >= self.values) {
+            return Err(NnError::Graph { reason: format!("node '{name}': tensor {} is not of this graph", t.0) });
+        }
+        if name.is_empty() || self.nodes.iter().any(|n| n.name == name) {
+            return Err(NnError::Graph {
+                reason: format!("node name '{name}' is empty or taken: every node needs its own name"),
+            });
+        }
+        let output = self.value();
+        self.nodes.push(Node { name: name.to_string(), op, inputs, output });
+        Ok(output)
+    }
+
+    /// A layer (any [`Module`], your own included) on `x`.
+    ///
+    /// # Errors
+    /// A name already used, or a tensor of another graph.
+    pub fn layer(&mut self, name: &str, m: impl Module + 'static, x: Tensor) -> Result<Tensor> {
+        self.push(name, NodeOp::Layer(Box::new(m)), vec![x])
+    }
+
+    /// A boxed layer on `x`.
+    ///
+    /// # Errors
+    /// As [`GraphBuilder::layer`].
+    pub fn boxed(&mut self, name: &str, m: Box<dyn Module>, x: Tensor) -> Result<Tensor> {
+        self.push(name, NodeOp::Layer(m), vec![x])
+    }
+
+    /// A container's layers on `x`, named under `prefix` (`""` for none) as in a tree.
+    ///
+    /// # Errors
+    /// A name already used.
+    pub fn sequential(&mut self, prefix: &str, seq: Sequential, x: Tensor) -> Result<Tensor> {
+        let sub = lower(Sequential::new().add(prefix.to_string(), seq));
+        let mut map = vec![x; sub.values];
+        for n in sub.nodes {
+            let inputs = n.inputs.iter().map(|t| map[t.0]).collect();
+            map[n.output.0] = self.push(&n.name, n.op, inputs)?;
+        }
+        Ok(map[sub.outputs[0].0])
+    }
+
+    /// `a + b` (one shape; PyTorch's `FloatFunctional().add`), in int8 where configured.
+    ///
+    /// # Errors
+    /// As [`GraphBuilder::layer`].
+    pub fn add(&mut self, name: &str, a: Tensor, b: Tensor) -> Result<Tensor> {
+        self.push(name, NodeOp::Add, vec![a, b])
+    }
+
+    /// `a * b`: one shape, or `b` of shape `[n, c, 1, 1]` scaling each channel of `a`
+    /// (squeeze-and-excitation).
+    ///
+    /// # Errors
+    /// As [`GraphBuilder::layer`].
+    pub fn mul(&mut self, name: &str, a: Tensor, b: Tensor) -> Result<Tensor> {
+        self.push(name, NodeOp::Mul, vec![a, b])
+    }
+
+    /// The tensors concatenated along dimension 1 (channels, or features).
+    ///
+    /// # Errors
+    /// As [`GraphBuilder::layer`], or no tensors.
+    pub fn cat(&mut self, name: &str, parts: &[Tensor]) -> Result<Tensor> {
+        if parts.is_empty() {
+            return Err(NnError::Graph { reason: format!("node '{name}': cat needs at least one tensor") });
+        }
+        self.push(name, NodeOp::Cat, parts.to_vec())
+    }
+
+    /// Marks `t` as a graph output (outputs are returned in the order they were marked).
+    pub fn output(&mut self, t: Tensor) {
+        self.outputs.push(t);
+    }
+
+    /// The finished graph.
+    ///
+    /// # Errors
+    /// No output marked.
+    pub fn build(self) -> Result<Graph> {
+        check(self.values, &self.nodes, &self.inputs, &self.outputs)?;
+        Ok(Graph { values: self.values, nodes: self.nodes, inputs: self.inputs, outputs: self.outputs })
+    }
+}
