@@ -5,6 +5,7 @@
 //! layer's fused activation; the absorbed modules become `Identity`, keeping their names.
 
 use crate::error::{NnError, Result};
+use crate::graph::{readers, Graph, NodeOp};
 use crate::layers::{BatchNorm1d, BatchNorm2d, Conv2d, FusedAct, Identity, Linear, ReLU, ReLU6};
 use crate::module::{join, walk, Concat, Module, Residual, Sequential};
 
@@ -260,4 +261,54 @@ fn find_seq<'a>(model: &'a mut Sequential, path: &str) -> Option<&'a mut Sequent
     let (branch, rest) = rest.split_once('.').unwrap_or((rest, ""));
     let (_, b) = cat.branches.iter_mut().find(|(n, _)| n == branch)?;
     find_seq(b, rest)
+}
+
+/// [`fuse()`] for a [`Graph`]: every chain of conv or linear, batch-norm and ReLU (or ReLU6),
+/// conv or linear and ReLU, or batch-norm and ReLU, in which each node is the only reader of
+/// the one before it (and no graph output is taken in between), is folded into its first
+/// node; the others become `Identity` and keep their names.
+///
+/// # Errors
+/// As [`fuse()`].
+pub fn fuse_graph(g: &mut Graph) -> Result<Vec<Fused>> {
+    let mut done = Vec::new();
+    let mut i = 0;
+    while i < g.nodes.len() {
+        // The straight chain from node i: each next node the only reader of the previous.
+        let uses = readers(g);
+        let mut chain = vec![i];
+        while chain.len() < 3 {
+            let out = g.nodes[*chain.last().expect("non-empty")].output;
+            if uses[out.0] != 1 {
+                break;
+            }
+            match g.nodes.iter().position(|n| n.inputs == [out] && matches!(n.op, NodeOp::Layer(_))) {
+                Some(j) => chain.push(j),
+                None => break,
+            }
+        }
+        if !chain.iter().all(|&k| matches!(g.nodes[k].op, NodeOp::Layer(_))) {
+            i += 1;
+            continue;
+        }
+        let mut layers: Vec<(String, Box<dyn Module>)> = chain
+            .iter()
+            .map(|&k| {
+                let NodeOp::Layer(m) = std::mem::replace(&mut g.nodes[k].op, NodeOp::Layer(Box::new(Identity))) else {
+                    unreachable!("checked: layers")
+                };
+                (g.nodes[k].name.clone(), m)
+            })
+            .collect();
+        let len = pattern_len(&layers, 0);
+        let fused = if len > 0 { Some(fuse_at(&mut layers, 0, len, "")) } else { None };
+        for (&k, (_, m)) in chain.iter().zip(layers) {
+            g.nodes[k].op = NodeOp::Layer(m);
+        }
+        if let Some(f) = fused {
+            done.push(f?);
+        }
+        i += 1;
+    }
+    Ok(done)
 }

@@ -10,7 +10,7 @@
 //!
 //! ```
 //! use qnn::layers::{Conv2d, ReLU, Sigmoid};
-//! use qnn::{GraphBuilder, Sequential};
+//! use qnn::GraphBuilder;
 //! let mut g = GraphBuilder::new();
 //! let x = g.input("x");
 //! let y = g.layer("conv", Conv2d::new(3, 8, 3).padding(1), x)?;
@@ -19,7 +19,7 @@
 //! let z = g.mul("scale", y, gate)?;
 //! g.output(z);
 //! let graph = g.build()?;
-//! let out = graph.forward(&[ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 3, 4, 4]))])?;
+//! let out = graph.run(&[ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 3, 4, 4]))])?;
 //! assert_eq!(out[0].shape(), &[1, 8, 4, 4]);
 //! # Ok::<(), qnn::NnError>(())
 //! ```
@@ -307,8 +307,61 @@ impl Graph {
     ///
     /// # Errors
     /// A wrong number of inputs, or an input a node cannot take (the message names it).
-    pub fn forward(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+    pub fn run(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
         self.run_f32(inputs, |_, _| Ok(()))
+    }
+}
+
+/// A graph is a module too: its layers are its children under their node names, so
+/// `state_dict`s load into it ([`crate::load_safetensors`]) and write from it; as a layer of a
+/// container it runs as one float module (one input and one output).
+impl Module for Graph {
+    fn kind(&self) -> &'static str {
+        "Graph"
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        if self.inputs.len() != 1 || self.outputs.len() != 1 {
+            return Err(NnError::Shape {
+                module: String::new(),
+                kind: "Graph",
+                expected: format!(
+                    "one input for a graph of one input and one output (this one has {} and {}): use Graph::run",
+                    self.inputs.len(),
+                    self.outputs.len()
+                ),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(self.run(std::slice::from_ref(x))?.swap_remove(0))
+    }
+
+    fn children(&self) -> Vec<(&str, &dyn Module)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| match &n.op {
+                NodeOp::Layer(m) => Some((n.name.as_str(), m.as_ref())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn children_mut(&mut self) -> Vec<(&str, &mut dyn Module)> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| match &mut n.op {
+                NodeOp::Layer(m) => Some((n.name.as_str(), m.as_mut() as &mut dyn Module)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 

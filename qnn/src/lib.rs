@@ -1,23 +1,30 @@
 //! # qnn: write a float model once, quantize it by configuration
 //!
-//! Models are trees of [`Module`]s run in `f32` on NCHW tensors: layers
-//! ([`layers`]), named [`Sequential`] containers, [`Residual`] blocks (`body + shortcut`,
-//! PyTorch's `FloatFunctional().add`) and [`Concat`] blocks (branches concatenated along
-//! channels), with PyTorch's parameter names, so a `state_dict` saved as safetensors loads
+//! A model is a [`Graph`] of layers run in `f32` on NCHW tensors: named values, and nodes in
+//! execution order that compute them, with any number of inputs and outputs. Write it either
+//! way:
+//! - with containers: layers ([`layers`]), named [`Sequential`] containers, [`Residual`]
+//!   blocks (`body + shortcut`, PyTorch's `FloatFunctional().add`) and [`Concat`] blocks
+//!   (branches concatenated along channels), which lower into the graph;
+//! - with [`GraphBuilder`], for any dataflow: `g.mul(x, g.layer("gate", Sigmoid, s)?)`
+//!   (squeeze-and-excitation), skips across stages, several inputs and outputs.
+//!
+//! Nodes carry PyTorch's parameter names, so a `state_dict` saved as safetensors loads
 //! unchanged ([`load_safetensors`]; every mismatch is listed at once). [`zoo`] has
 //! ResNet-18/50 and MobileNetV2 with torchvision's names, and the bundled digits model.
 //!
 //! Quantization is a transformation of that float model, in PyTorch eager mode's steps:
 //!
 //! 1. [`fuse()`] folds conv / linear + batch-norm (+ ReLU), conv / linear + ReLU and
-//!    batch-norm + ReLU, found by itself ([`fuse_modules`] takes explicit names; a wrong
-//!    name is an error listing the nearest ones).
+//!    batch-norm + ReLU, found by itself ([`fuse_graph`] for a graph; [`fuse_modules`]
+//!    takes explicit names; a wrong name is an error listing the nearest ones).
 //! 2. [`prepare`] attaches observers as a [`QConfigMapping`] says: a global
 //!    [`qobserve::QConfig`], overrides per module type and per name (exact, prefix or glob),
 //!    and "skip". Quantize / dequantize boundaries are placed automatically
 //!    (`QuantStub` / `DeQuantStub` are accepted, never required).
 //! 3. [`Prepared::calibrate`] runs float batches through it (in parallel over batches when
-//!    the observers merge, with a progress bar on a terminal).
+//!    the observers merge, with a progress bar on a terminal; [`Prepared::calibrate_inputs`]
+//!    for a graph of several inputs).
 //! 4. [`Prepared::convert`] gives a [`QuantizedModel`]: packed int8 weights, fused
 //!    requantization, and float fallback (behind automatic boundaries) for whatever has no
 //!    int8 kernel: an unfused batch-norm, a custom layer without [`Module::int8`]. Its
@@ -50,7 +57,7 @@ mod error;
 pub mod fuse;
 #[doc(hidden)]
 pub mod fuzzing;
-mod graph;
+pub mod graph;
 pub mod layers;
 mod module;
 mod quant;
@@ -61,7 +68,7 @@ pub mod zoo;
 
 pub use config::QConfigMapping;
 pub use error::{NnError, Result};
-pub use fuse::{fuse, fuse_modules, Fused};
+pub use fuse::{fuse, fuse_graph, fuse_modules, Fused};
 pub use graph::{Graph, GraphBuilder, Tensor};
 pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
 pub use quant::{

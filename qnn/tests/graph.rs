@@ -1,0 +1,220 @@
+//! Models as graphs: any dataflow written with `GraphBuilder` (squeeze-and-excitation, two
+//! inputs and two outputs, skips across stages), quantized and run like a container model.
+
+use ndarray::{ArrayD, IxDyn};
+use qnn::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, ReLU, Sigmoid};
+use qnn::{
+    fuse_graph, prepare, sqnr_db, zoo, Graph, GraphBuilder, Mode, Module, NnError, QConfigMapping, QuantizedModel,
+    Sequential, Value,
+};
+use qobserve::QConfig;
+
+fn images(seed: usize, shape: &[usize]) -> ArrayD<f32> {
+    let n: usize = shape.iter().product();
+    let v = (0..n).map(|k| ((k * 7919 + seed * 104_729) % 41) as f32 / 20.0 - 1.0).collect();
+    ArrayD::from_shape_vec(IxDyn(shape), v).unwrap()
+}
+
+/// `x * sigmoid(conv(relu(conv(pool(x)))))` after a conv + batch-norm + ReLU stem: the
+/// squeeze-and-excitation block that containers cannot express.
+fn se_block() -> Graph {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("stem.conv", Conv2d::new(3, 8, 3).padding(1).no_bias(), x).unwrap();
+    let y = g.layer("stem.bn", BatchNorm2d::new(8), y).unwrap();
+    let y = g.layer("stem.relu", ReLU, y).unwrap();
+    let s = g.layer("se.pool", AdaptiveAvgPool2d(1, 1), y).unwrap();
+    let s = g.layer("se.fc1", Conv2d::new(8, 4, 1), s).unwrap();
+    let s = g.layer("se.relu", ReLU, s).unwrap();
+    let s = g.layer("se.fc2", Conv2d::new(4, 8, 1), s).unwrap();
+    let s = g.layer("se.gate", Sigmoid, s).unwrap();
+    let z = g.mul("se.scale", y, s).unwrap();
+    g.output(z);
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 5);
+    graph
+}
+
+#[test]
+fn a_squeeze_and_excitation_block_quantizes_end_to_end() {
+    let x = images(1, &[2, 3, 10, 10]);
+    let float = se_block().run(std::slice::from_ref(&x)).unwrap().remove(0);
+    assert_eq!(float.shape(), &[2, 8, 10, 10]);
+    let mut graph = se_block();
+    let fused = fuse_graph(&mut graph).unwrap();
+    let patterns: Vec<&str> = fused.iter().map(|f| f.pattern.as_str()).collect();
+    assert_eq!(patterns, ["Conv2d+BatchNorm2d+ReLU", "Conv2d+ReLU"]);
+    let fused_out = graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    assert!(sqnr_db(&float, &fused_out) > 80.0, "fusion changed the function");
+    let twin = {
+        let mut t = se_block();
+        fuse_graph(&mut t).unwrap();
+        t
+    };
+    let mut p = prepare(graph, &QConfigMapping::new(QConfig::default())).unwrap();
+    for s in 0..4 {
+        p.calibrate(&images(10 + s, &[2, 3, 10, 10])).unwrap();
+    }
+    let q = p.convert().unwrap();
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    assert_eq!(mode("stem.conv"), Mode::Int8);
+    assert_eq!(mode("stem.bn"), Mode::Passthrough);
+    assert_eq!(mode("se.gate"), Mode::Int8);
+    assert!(matches!(mode("se.scale"), Mode::Float(why) if why.contains("mul")));
+    let int8 = q.forward(&x).unwrap();
+    let sqnr = sqnr_db(&float, &int8);
+    assert!(sqnr > 25.0, "int8 SQNR {sqnr:.1} dB");
+    // One report row per node, the product's error accumulated from the int8 branches.
+    let report = q.report_graph(&twin, std::slice::from_ref(&x)).unwrap();
+    assert_eq!(report.len(), q.plan().len());
+    let last = report.last().unwrap();
+    assert_eq!((last.name.as_str(), last.kind), ("se.scale", "mul"));
+    // Against the fused float twin, which differs from the unfused model in the last bits.
+    assert!((last.sqnr_db.unwrap() - sqnr).abs() < 0.05, "{:?} vs {sqnr}", last.sqnr_db);
+    // Saved and loaded: the same bits.
+    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), int8);
+}
+
+/// Two inputs, a value read by three nodes, an addition and a concatenation of the same two
+/// branches, two outputs: calibrated, run at 1 and 2 threads (a batch split between them),
+/// saved and loaded, with the same bits every time.
+#[test]
+fn two_inputs_and_two_outputs() {
+    let build = || {
+        let mut g = GraphBuilder::new();
+        let (a, b) = (g.input("a"), g.input("b"));
+        let fa = g.layer("left", Conv2d::new(2, 4, 3).padding(1), a).unwrap();
+        let fb = g.layer("right", Conv2d::new(2, 4, 1), b).unwrap();
+        let sum = g.add("sum", fa, fb).unwrap();
+        let both = g.cat("both", &[fa, fb, sum]).unwrap();
+        g.output(sum);
+        g.output(both);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 9);
+        graph
+    };
+    let xs = [images(2, &[4, 2, 6, 6]), images(3, &[4, 2, 6, 6])];
+    let float = build().run(&xs).unwrap();
+    assert_eq!(float[1].shape(), &[4, 12, 6, 6]);
+    let mut p = prepare(build(), &QConfigMapping::new(QConfig::default())).unwrap();
+    let e = p.calibrate(&xs[0]).unwrap_err().to_string();
+    assert!(e.contains("calibrate_inputs"), "{e}");
+    p.calibrate_inputs(&xs).unwrap();
+    let mut q = p.convert().unwrap();
+    assert!(q.plan().iter().all(|e| e.mode == Mode::Int8), "{:?}", q.plan());
+    let out = q.forward_inputs(&xs).unwrap();
+    for (f, i) in float.iter().zip(&out) {
+        assert!(sqnr_db(f, i) > 30.0, "{:.1} dB", sqnr_db(f, i));
+    }
+    q.set_threads(2);
+    assert_eq!(q.forward_inputs(&xs).unwrap(), out);
+    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward_inputs(&xs).unwrap(), out);
+    let e = q.forward(&xs[0]).unwrap_err().to_string();
+    assert!(e.contains("2 input arrays"), "{e}");
+}
+
+/// A container model written into a graph keeps its names and its results.
+#[test]
+fn containers_embed_in_a_graph_unchanged() {
+    let load = || {
+        let mut m = zoo::digits();
+        qnn::load_safetensors(&mut m, concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors")).unwrap();
+        qnn::fuse(&mut m).unwrap();
+        m
+    };
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.sequential("", load(), x).unwrap();
+    g.output(y);
+    let graph = g.build().unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[8, 1, 8, 8]), |i| ((i[0] * 5 + i[2] * 3 + i[3]) % 17) as f32 / 16.0);
+    assert_eq!(graph.run(std::slice::from_ref(&x)).unwrap()[0], load().forward(&x).unwrap());
+    let convert = |m: Graph| {
+        let mut p = prepare(m, &QConfigMapping::new(QConfig::default())).unwrap();
+        p.calibrate(&x).unwrap();
+        p.convert().unwrap()
+    };
+    let (a, b) = (convert(graph), convert(Graph::from(load())));
+    assert_eq!(a.plan(), b.plan());
+    let (Value::U8 { data: da, .. }, Value::U8 { data: db, .. }) =
+        (a.forward_value(&x).unwrap(), b.forward_value(&x).unwrap())
+    else {
+        panic!()
+    };
+    assert_eq!(da, db);
+}
+
+/// torchvision's basic block calls its `relu` twice: two nodes, the second `relu:1`, and a
+/// configuration naming the module reaches both calls.
+#[test]
+fn a_module_called_twice_is_two_nodes_one_configuration() {
+    let mut m = zoo::resnet18(10);
+    zoo::randomize(&mut m, 1);
+    qnn::fuse(&mut m).unwrap();
+    let p = prepare(m, &QConfigMapping::new(QConfig::default()).skip_name("layer1.0.relu")).unwrap();
+    let calls: Vec<_> = p.plan().iter().filter(|e| e.name.starts_with("layer1.0.relu")).collect();
+    assert_eq!(calls.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["layer1.0.relu", "layer1.0.relu:1"]);
+    // The first call was fused into conv1 (nothing to run); the second runs in float.
+    assert_eq!(calls[0].mode, Mode::Passthrough);
+    assert!(matches!(&calls[1].mode, Mode::Float(why) if why.contains("configuration")));
+}
+
+#[test]
+fn malformed_graphs_are_errors_that_say_what_is_wrong() {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("relu", ReLU, x).unwrap();
+    let e = g.layer("relu", ReLU, y).unwrap_err().to_string();
+    assert!(e.contains("'relu'") && e.contains("taken"), "{e}");
+    let e = GraphBuilder::new().build().unwrap_err().to_string();
+    assert!(e.contains("no output"), "{e}");
+    let mut other = GraphBuilder::new();
+    let (o1, o2) = (other.input("a"), other.input("b"));
+    let _ = (o1, other.layer("r", ReLU, o2).unwrap());
+    let foreign = other.layer("r2", ReLU, o2).unwrap();
+    let e = g.layer("r3", ReLU, foreign).unwrap_err().to_string();
+    assert!(e.contains("not of this graph"), "{e}");
+    g.output(y);
+    let graph = g.build().unwrap();
+    let e = graph.run(&[]).unwrap_err().to_string();
+    assert!(e.contains("1 input tensors"), "{e}");
+    let e = Module::forward(&se_block(), &images(0, &[1, 2, 4, 4])).unwrap_err();
+    assert!(matches!(e, NnError::Shape { .. }), "{e}");
+    let seq_in_graph = Sequential::new().add("g", graph);
+    let out = seq_in_graph.forward(&images(0, &[1, 2, 3, 3])).unwrap();
+    assert!(out.iter().all(|&v| v >= 0.0));
+}
+
+/// `bytes` with its model description passed through `edit`.
+fn edited(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let mut desc: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["qrust.model"]).unwrap();
+    edit(&mut desc);
+    let meta: std::collections::HashMap<String, String> = [("qrust.model".to_string(), desc.to_string())].into();
+    safetensors::serialize(st.tensors(), Some(meta)).unwrap()
+}
+
+#[test]
+fn saved_graphs_are_checked_when_loading() {
+    let mut p = prepare(se_block(), &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(&images(4, &[1, 3, 6, 6])).unwrap();
+    let bytes = p.convert().unwrap().to_bytes().unwrap();
+    let err = |b: Vec<u8>| QuantizedModel::from_bytes(&b).unwrap_err().to_string();
+    let e = err(edited(&bytes, |d| d["format"] = "qrust-int8-v1".into()));
+    assert!(e.contains("earlier version") && e.contains("convert the float model again"), "{e}");
+    let e = err(edited(&bytes, |d| d["values"] = 1000.into()));
+    assert!(e.contains("every value is an input or one node's output"), "{e}");
+    let e = err(edited(&bytes, |d| d["nodes"][0]["inputs"] = serde_json::json!([5])));
+    assert!(e.contains("before any node computes it"), "{e}");
+    let e = err(edited(&bytes, |d| d["nodes"][1]["name"] = d["nodes"][0]["name"].clone()));
+    assert!(e.contains("not unique"), "{e}");
+    let e = err(edited(&bytes, |d| d["outputs"] = serde_json::json!([])));
+    assert!(e.contains("no output"), "{e}");
+    let e = err(edited(&bytes, |d| {
+        d["nodes"].as_array_mut().unwrap().last_mut().unwrap()["inputs"] = serde_json::json!([1])
+    }));
+    assert!(e.contains("inputs do not fit"), "{e}");
+}
