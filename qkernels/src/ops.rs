@@ -203,6 +203,51 @@ multiversion! {
     }
 }
 
+/// [`mul`] with `b` broadcast over the pixels of `a`: `a` is NHWC `[n, pixels, c]`, `b`
+/// `[n, c]` (an `[n, c, 1, 1]` tensor, such as a squeeze-and-excitation gate), and every
+/// element is PyTorch's broadcasting `quantized::mul` of its pair.
+///
+/// # Errors
+/// Sizes that do not fit `(n, pixels, c)`, invalid parameters.
+#[allow(clippy::too_many_arguments)]
+pub fn mul_channels(
+    a: &[u8],
+    qa: QuantU8,
+    (n, pixels, c): (usize, usize, usize),
+    b: &[u8],
+    qb: QuantU8,
+    out: &mut [u8],
+    qo: QuantU8,
+) -> Result<()> {
+    const OP: &str = "qkernels::mul_channels";
+    let len = n.checked_mul(pixels).and_then(|v| v.checked_mul(c));
+    if len != Some(a.len()) || n.checked_mul(c) != Some(b.len()) {
+        return Err(QError::ShapeMismatch {
+            op: OP,
+            expected: vec![n, pixels, c, n * c],
+            actual: vec![a.len(), b.len()],
+            hint: "a holds n x pixels x c values (NHWC) and b n x c, one per image and channel",
+        });
+    }
+    same_len(OP, a.len(), out.len(), "the output must have as many elements as a")?;
+    for q in [qa, qb, qo] {
+        q.check(OP)?;
+    }
+    let multiplier = (qa.scale * qb.scale) * (1.0 / qo.scale);
+    let isa = qtensor::isa::selected();
+    if c == 0 || pixels == 0 {
+        return Ok(());
+    }
+    for ((rows, gate), out_rows) in
+        a.chunks_exact(pixels * c).zip(b.chunks_exact(c)).zip(out.chunks_exact_mut(pixels * c))
+    {
+        for (row, o) in rows.chunks_exact(c).zip(out_rows.chunks_exact_mut(c)) {
+            mul_core(isa, row, qa.zero_point, gate, qb.zero_point, o, multiplier, qo.zero_point);
+        }
+    }
+    Ok(())
+}
+
 /// PyTorch's `requantize_from_int`: `clamp(zp + round_half_even(src * multiplier), 0, 255)`
 /// with the product in f32.
 #[inline(always)]
@@ -366,6 +411,9 @@ pub enum UnaryOp {
     GeluTanh,
     /// `x` if `x >= 0`, else `alpha * (e^x - 1)`.
     Elu(f32),
+    /// `x * sigmoid(x)` (SiLU, swish). PyTorch has no quantized SiLU; both tables compute it
+    /// in f32 as `x / (1 + e^-x)`.
+    Silu,
 }
 
 /// `sqrt(2 / pi)`, as PyTorch spells it: `M_SQRT2 * M_2_SQRTPI * 0.5`.
@@ -414,6 +462,7 @@ impl UnaryOp {
             UnaryOp::Hardswish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
             UnaryOp::Hardsigmoid => (x + 3.0).clamp(0.0, 6.0) / 6.0,
             UnaryOp::Sigmoid => 1.0 / (1.0 + expf(-x)),
+            UnaryOp::Silu => x / (1.0 + expf(-x)),
             UnaryOp::Tanh => (x as f64).tanh() as f32,
             UnaryOp::LeakyRelu(s) => {
                 if x > 0.0 {

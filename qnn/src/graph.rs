@@ -229,20 +229,23 @@ pub(crate) fn add_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<Ar
     Ok(a + b)
 }
 
-/// Whether `b` multiplies `a` elementwise: the same shape, or `[n, c, 1, 1]` against
-/// `[n, c, h, w]`.
+/// Whether `a` and `b` multiply elementwise: the same shape, or one of them `[n, c, 1, 1]`
+/// against the other's `[n, c, h, w]`.
 pub(crate) fn mul_shapes_fit(a: &[usize], b: &[usize]) -> bool {
-    a == b || (a.len() == 4 && b.len() == 4 && a[..2] == b[..2] && b[2] == 1 && b[3] == 1)
+    let gate = |big: &[usize], small: &[usize]| {
+        big.len() == 4 && small.len() == 4 && big[..2] == small[..2] && small[2] == 1 && small[3] == 1
+    };
+    a == b || gate(a, b) || gate(b, a)
 }
 
-/// `a * b`, `b` of `a`'s shape or broadcast over height and width.
+/// `a * b`, of one shape or one of them broadcast over the other's height and width.
 pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
     if !mul_shapes_fit(a.shape(), b.shape()) {
         return Err(NnError::Shape {
             module: name.to_string(),
             kind: "mul",
             expected: format!(
-                "a second operand of the first's shape {:?}, or [n, c, 1, 1] to scale each channel",
+                "a second operand of the first's shape {:?}, or one of them [n, c, 1, 1] to scale each channel",
                 a.shape()
             ),
             got: b.shape().to_vec(),
@@ -550,8 +553,8 @@ impl GraphBuilder {
         self.push(name, NodeOp::Add, vec![a, b])
     }
 
-    /// `a * b`: one shape, or `b` of shape `[n, c, 1, 1]` scaling each channel of `a`
-    /// (squeeze-and-excitation).
+    /// `a * b`: one shape, or one of them of shape `[n, c, 1, 1]` scaling each channel of the
+    /// other (squeeze-and-excitation).
     ///
     /// # Errors
     /// As [`GraphBuilder::layer`].

@@ -412,6 +412,18 @@ elementwise!(
     Sigmoid, "Sigmoid", |v| 1.0 / (1.0 + (-v).exp())
 );
 elementwise!(
+    /// `nn.Hardsigmoid`.
+    HardSigmoid, "Hardsigmoid", |v| (v + 3.0).clamp(0.0, 6.0) / 6.0
+);
+elementwise!(
+    /// `nn.SiLU` (swish): `x * sigmoid(x)`.
+    SiLU, "SiLU", |v| v / (1.0 + (-v).exp())
+);
+elementwise!(
+    /// `nn.Tanh`.
+    Tanh, "Tanh", |v| v.tanh()
+);
+elementwise!(
     /// `nn.Identity` (and `nn.Dropout` at inference).
     Identity, "Identity", |v| v
 );
@@ -473,6 +485,9 @@ pub(crate) fn computes_images_apart(m: &dyn Module) -> bool {
         || a.is::<ReLU6>()
         || a.is::<Hardswish>()
         || a.is::<Sigmoid>()
+        || a.is::<HardSigmoid>()
+        || a.is::<SiLU>()
+        || a.is::<Tanh>()
         || a.is::<Identity>()
         || a.is::<Dropout>()
         || a.is::<QuantStub>()
@@ -694,5 +709,24 @@ impl Module for BatchNorm1d {
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+/// The int8 lookup-table form of an activation layer, if it has one.
+pub(crate) fn lookup_table_op(m: &dyn Module) -> Option<qkernels::UnaryOp> {
+    use qkernels::UnaryOp;
+    let a = m.as_any();
+    if a.is::<Hardswish>() {
+        Some(UnaryOp::Hardswish)
+    } else if a.is::<Sigmoid>() {
+        Some(UnaryOp::Sigmoid)
+    } else if a.is::<HardSigmoid>() {
+        Some(UnaryOp::Hardsigmoid)
+    } else if a.is::<SiLU>() {
+        Some(UnaryOp::Silu)
+    } else if a.is::<Tanh>() {
+        Some(UnaryOp::Tanh)
+    } else {
+        None
     }
 }

@@ -16,8 +16,8 @@ use crate::error::{NnError, Result};
 use crate::fuse::nearest;
 use crate::graph::{readers, AsModule, Graph, Node, NodeOp, Tensor};
 use crate::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, Conv2d, DeQuantStub, Dropout, Flatten, Hardswish, Identity, Linear, MaxPool2d,
-    QuantStub, ReLU, ReLU6, Sigmoid,
+    AdaptiveAvgPool2d, AvgPool2d, Conv2d, DeQuantStub, Dropout, Flatten, Identity, Linear, MaxPool2d, QuantStub, ReLU,
+    ReLU6,
 };
 use crate::module::{cat_dim1, Module, Sequential};
 use crate::scratch::{self, Input};
@@ -61,7 +61,7 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     if a.is::<QuantStub>() {
         return Mode::Int8;
     }
-    if a.is::<Conv2d>() || a.is::<Linear>() || a.is::<Hardswish>() || a.is::<Sigmoid>() {
+    if a.is::<Conv2d>() || a.is::<Linear>() || crate::layers::lookup_table_op(m).is_some() {
         Mode::Int8
     } else if a.is::<AdaptiveAvgPool2d>()
         || a.is::<MaxPool2d>()
@@ -130,13 +130,12 @@ pub struct Prepared {
     batches: usize,
 }
 
-/// How a node that is not a layer runs: in int8 where configured (additions and
-/// concatenations), else in float.
-fn join_mode(op: &NodeOp<Box<dyn Module>>, cfg: Option<&QConfig>) -> Mode {
-    match (op, cfg) {
-        (_, None) => Mode::Float("kept in float by the configuration".into()),
-        (NodeOp::Mul, Some(_)) => Mode::Float("no int8 kernel for mul yet".into()),
-        _ => Mode::Int8,
+/// How a node that is not a layer (an addition, product or concatenation) runs: in int8
+/// where configured, else in float.
+fn join_mode(cfg: Option<&QConfig>) -> Mode {
+    match cfg {
+        None => Mode::Float("kept in float by the configuration".into()),
+        Some(_) => Mode::Int8,
     }
 }
 
@@ -160,7 +159,7 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         let cfg = mapping.resolve(crate::graph::module_path(&n.name), kind).cloned();
         let mode = match &n.op {
             NodeOp::Layer(m) => mode_of(m.as_ref(), cfg.as_ref()),
-            join => join_mode(join, cfg.as_ref()),
+            _ => join_mode(cfg.as_ref()),
         };
         let index = if matches!(mode, Mode::Int8 | Mode::Float(_)) {
             obs.push(activation_observer(cfg.as_ref(), &n.name)?);
@@ -364,10 +363,12 @@ impl Prepared {
                 NodeOp::Add => {
                     Op::Add { qs: [qs[0], qs[1]], out_q: out_q.expect("joins are observed"), relu: false, int8 }
                 }
-                NodeOp::Mul => Op::Mul { out_q: out_q.expect("joins are observed") },
+                NodeOp::Mul => Op::Mul { qs: [qs[0], qs[1]], out_q: out_q.expect("joins are observed"), int8 },
                 NodeOp::Cat => Op::Cat { qs, out_q: out_q.expect("joins are observed"), int8 },
             };
-            vq[n.output.0] = Some(out_q.unwrap_or(in_q));
+            // What the op writes: its own parameters (fixed ones for sigmoid-like tables),
+            // else the observed ones (float ops), else its input's.
+            vq[n.output.0] = Some(own_out_q(&op).or(out_q).unwrap_or(in_q));
             qnodes.push(Node {
                 name: n.name,
                 op: NodeOp::Layer(QStep { in_q, op }),
@@ -492,9 +493,13 @@ pub(crate) enum Op {
         relu: bool,
         int8: bool,
     },
-    /// Two values multiplied in float; `out_q` is what an int8 reader quantizes it with.
+    /// Two values multiplied, each quantized with its parameters if it is float (`qs`),
+    /// into `out_q`; the second may be `[n, c, 1, 1]` against the first's `[n, c, h, w]`, or
+    /// the other way round. In float when not `int8`.
     Mul {
+        qs: [QuantU8; 2],
         out_q: QuantU8,
+        int8: bool,
     },
     /// Values concatenated along dimension 1 into `out_q` (each quantized with its `qs` if
     /// float); in float when not `int8`.
@@ -575,11 +580,9 @@ fn build_op(
                 })?;
                 Op::Custom { layer, out_q: oq }
             } else {
-                let (op, out_q) = if a.is::<Hardswish>() {
-                    (UnaryOp::Hardswish, oq)
-                } else {
-                    (UnaryOp::Sigmoid, UnaryOp::Sigmoid.fixed_output(oq).expect("sigmoid's output is fixed"))
-                };
+                let op = crate::layers::lookup_table_op(m.as_ref()).expect("mode_of gives Int8 to tables only");
+                // Sigmoid, hardsigmoid and tanh have PyTorch's fixed output parameters.
+                let out_q = op.fixed_output(in_q).unwrap_or(oq);
                 Op::Lut { op, in_q, out_q, tables: Box::new(op.tables(in_q, out_q)) }
             }
         }
@@ -769,6 +772,22 @@ fn images_apart(g: &QGraph) -> bool {
     })
 }
 
+/// The parameters an op chooses for its output, if it chooses its own.
+fn own_out_q(op: &Op) -> Option<QuantU8> {
+    match op {
+        Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
+            Some(QuantU8 { scale: o.scale, zero_point: o.zero_point })
+        }
+        Op::Lut { out_q, .. }
+        | Op::Custom { out_q, .. }
+        | Op::Quantize { out_q }
+        | Op::Add { out_q, .. }
+        | Op::Mul { out_q, .. }
+        | Op::Cat { out_q, .. } => Some(*out_q),
+        Op::SameParams(_) | Op::Passthrough | Op::Float(_) => None,
+    }
+}
+
 /// The step of an int8 graph's node.
 fn step_of(n: &Node<QStep>) -> &QStep {
     let NodeOp::Layer(step) = &n.op else { unreachable!("int8 graphs hold steps") };
@@ -779,7 +798,7 @@ fn step_of(n: &Node<QStep>) -> &QStep {
 fn reads_as_int8(step: &QStep, k: usize, q: QuantU8) -> bool {
     match &step.op {
         Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Custom { .. } => step.in_q == q,
-        Op::Add { qs, int8: true, .. } => qs[k] == q,
+        Op::Add { qs, int8: true, .. } | Op::Mul { qs, int8: true, .. } => qs[k] == q,
         Op::Cat { qs, int8: true, .. } => qs[k] == q,
         _ => false,
     }
@@ -918,24 +937,7 @@ impl QuantizedModel {
     /// The output parameters of every int8 layer, addition and concatenation that chooses
     /// its own, by name, in execution order.
     pub fn output_quants(&self) -> Vec<(&str, QuantU8)> {
-        self.graph
-            .nodes
-            .iter()
-            .filter_map(|n| {
-                let q = match &step_of(n).op {
-                    Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
-                        QuantU8 { scale: o.scale, zero_point: o.zero_point }
-                    }
-                    Op::Lut { out_q, .. }
-                    | Op::Custom { out_q, .. }
-                    | Op::Quantize { out_q }
-                    | Op::Add { out_q, .. }
-                    | Op::Cat { out_q, .. } => *out_q,
-                    _ => return None,
-                };
-                Some((n.name.as_str(), q))
-            })
-            .collect()
+        self.graph.nodes.iter().filter_map(|n| Some((n.name.as_str(), own_out_q(&step_of(n).op)?))).collect()
     }
 
     /// Runs the int8 model and `float` (the same model, fused the same way, in float) side by
@@ -1149,10 +1151,10 @@ impl QuantizedModel {
                 let b = args.pop().expect("two inputs");
                 residual_add(b, s, qs[0], qs[1], *out_q, *relu, *int8)
             }
-            Op::Mul { .. } => {
-                let b = args.pop().expect("two inputs").into_f32();
-                let a = args.pop().expect("two inputs").into_f32();
-                Ok(Value::F32(crate::graph::mul_f32(&a, &b, "")?))
+            Op::Mul { qs, out_q, int8 } => {
+                let b = args.pop().expect("two inputs");
+                let a = args.pop().expect("two inputs");
+                mul_values(a, b, qs, *out_q, *int8)
             }
             Op::Cat { qs, out_q, int8 } => concat_values(std::mem::take(args), qs, *out_q, *int8, ""),
             op => Self::step(op, step.in_q, args.pop().expect("one input"), run),
@@ -1342,6 +1344,45 @@ fn residual_add(
     qkernels::add(&bd, bq, &sd, sq, &mut y, add_q, relu)
         .map_err(|e| NnError::Op { module: String::new(), source: e })?;
     Ok(Value::U8 { data: y, shape: bs, q: add_q })
+}
+
+/// Multiplies two values in int8 (each quantized with its parameters if it is float):
+/// elementwise for one shape, or one value per image and channel (`[n, c, 1, 1]`) scaling
+/// every pixel of the other; in float for a product kept in float.
+fn mul_values(a: Value, b: Value, qs: &[QuantU8; 2], out_q: QuantU8, int8: bool) -> Result<Value> {
+    let shape_err = |a: &[usize], b: &[usize]| NnError::Shape {
+        module: String::new(),
+        kind: "mul",
+        expected: format!("a second operand of the first's shape {a:?}, or one of them [n, c, 1, 1]"),
+        got: b.to_vec(),
+    };
+    if !int8 {
+        let (a, b) = (a.into_f32(), b.into_f32());
+        return Ok(Value::F32(crate::graph::mul_f32(&a, &b, "")?));
+    }
+    let op_err = |e| NnError::Op { module: String::new(), source: e };
+    let (ad, ashape, aq) = QuantizedModel::quantized(a, qs[0])?;
+    let (bd, bshape, bq) = QuantizedModel::quantized(b, qs[1])?;
+    let (ad, bd) = (Input::new(ad), Input::new(bd));
+    // The full-size operand first; a gate [n, c, 1, 1] second.
+    let gate = |big: &[usize], small: &[usize]| {
+        big.len() == 4 && small.len() == 4 && big[..2] == small[..2] && small[2] == 1 && small[3] == 1
+    };
+    let (big, bigq, bigshape, small, smallq) = if ashape == bshape || gate(&ashape, &bshape) {
+        (&ad, aq, &ashape, &bd, bq)
+    } else if gate(&bshape, &ashape) {
+        (&bd, bq, &bshape, &ad, aq)
+    } else {
+        return Err(shape_err(&ashape, &bshape));
+    };
+    let mut y = scratch::take(big.len());
+    if ashape == bshape {
+        qkernels::mul(big, bigq, small, smallq, &mut y, out_q).map_err(op_err)?;
+    } else {
+        let [n, c, h, w] = bigshape[..] else { unreachable!("checked: 4-D") };
+        qkernels::mul_channels(big, bigq, (n, h * w, c), small, smallq, &mut y, out_q).map_err(op_err)?;
+    }
+    Ok(Value::U8 { data: y, shape: bigshape.clone(), q: out_q })
 }
 
 /// Concatenates branch outputs along channels in int8 (requantizing to `out_q`; a float

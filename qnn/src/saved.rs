@@ -58,6 +58,9 @@ fn unary_json(op: UnaryOp) -> J {
     match op {
         UnaryOp::Hardswish => json!("hardswish"),
         UnaryOp::Sigmoid => json!("sigmoid"),
+        UnaryOp::Hardsigmoid => json!("hardsigmoid"),
+        UnaryOp::Silu => json!("silu"),
+        UnaryOp::Tanh => json!("tanh"),
         other => json!(format!("{other:?}")),
     }
 }
@@ -159,7 +162,9 @@ fn op_json(w: &mut Writer, name: &str, op: &Op) -> Result<J> {
         Op::Add { qs, out_q, relu, int8 } => json!({
             "k": "add", "qs": [q_json(qs[0]), q_json(qs[1])], "out_q": q_json(*out_q), "relu": relu, "int8": int8,
         }),
-        Op::Mul { out_q } => json!({"k": "mul", "out_q": q_json(*out_q)}),
+        Op::Mul { qs, out_q, int8 } => json!({
+            "k": "mul", "qs": [q_json(qs[0]), q_json(qs[1])], "out_q": q_json(*out_q), "int8": int8,
+        }),
         Op::Cat { qs, out_q, int8 } => json!({
             "k": "cat", "qs": qs.iter().map(|q| q_json(*q)).collect::<Vec<_>>(), "out_q": q_json(*out_q), "int8": int8,
         }),
@@ -347,7 +352,7 @@ fn bad(reason: String) -> NnError {
     NnError::File { file: "(bytes)".into(), reason }
 }
 
-const KINDS: [&str; 23] = [
+const KINDS: [&str; 26] = [
     "QuantStub",
     "DeQuantStub",
     "AvgPool2d",
@@ -361,6 +366,9 @@ const KINDS: [&str; 23] = [
     "ReLU6",
     "Hardswish",
     "Sigmoid",
+    "Hardsigmoid",
+    "SiLU",
+    "Tanh",
     "Identity",
     "AdaptiveAvgPool2d",
     "MaxPool2d",
@@ -474,6 +482,9 @@ impl Reader<'_> {
                 let op = match j["op"].as_str() {
                     Some("hardswish") => UnaryOp::Hardswish,
                     Some("sigmoid") => UnaryOp::Sigmoid,
+                    Some("hardsigmoid") => UnaryOp::Hardsigmoid,
+                    Some("silu") => UnaryOp::Silu,
+                    Some("tanh") => UnaryOp::Tanh,
                     other => return Err(bad(format!("{name}: unknown activation {other:?}"))),
                 };
                 let tables = UnaryTables { vector: table(&j["vector"])?, tail: table(&j["tail"])? };
@@ -517,7 +528,11 @@ impl Reader<'_> {
                 relu: j["relu"] == true,
                 int8: j["int8"] == true,
             },
-            Some("mul") => Op::Mul { out_q: self.q(&j["out_q"])? },
+            Some("mul") => Op::Mul {
+                qs: [self.q(&j["qs"][0])?, self.q(&j["qs"][1])?],
+                out_q: self.q(&j["out_q"])?,
+                int8: j["int8"] == true,
+            },
             Some("cat") => Op::Cat {
                 qs: j["qs"]
                     .as_array()

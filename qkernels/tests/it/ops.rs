@@ -14,6 +14,22 @@ fn quant() -> impl Strategy<Value = QuantU8> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(crate::cases(96)))]
 
+    /// A per-channel gate broadcast over the pixels gives, element by element, `mul` of the
+    /// image and the gate expanded to its shape.
+    #[test]
+    fn mul_channels_is_mul_with_the_gate_expanded(
+        n in 1usize..3, pixels in 0usize..20, c in 1usize..70, qa in quant(), qb in quant(), qo in quant(), seed in any::<u8>()
+    ) {
+        let a: Vec<u8> = (0..n * pixels * c).map(|i| (i as u8).wrapping_mul(97).wrapping_add(seed)).collect();
+        let b: Vec<u8> = (0..n * c).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed ^ 0x5a)).collect();
+        let expanded: Vec<u8> = (0..n * pixels * c).map(|i| b[(i / (pixels * c)) * c + i % c]).collect();
+        let mut want = vec![0u8; a.len()];
+        qkernels::mul(&a, qa, &expanded, qb, &mut want, qo).unwrap();
+        let mut got = vec![0u8; a.len()];
+        qkernels::mul_channels(&a, qa, (n, pixels, c), &b, qb, &mut got, qo).unwrap();
+        prop_assert_eq!(got, want);
+    }
+
     #[test]
     fn add_on_every_isa_equals_the_formula(
         a in prop::collection::vec(any::<u8>(), 0..300), qa in quant(), qb in quant(), qo in quant(), relu in any::<bool>(), seed in any::<u8>(),
@@ -56,10 +72,11 @@ proptest! {
                 UnaryOp::LeakyRelu(s) => if x > 0.0 { x } else { x * s as f64 },
                 UnaryOp::Gelu => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
                 UnaryOp::Elu(a) => if x >= 0.0 { x } else { a as f64 * x.exp_m1() },
+                UnaryOp::Silu => x / (1.0 + (-x).exp()),
                 _ => unreachable!(),
             }
         };
-        for op in [UnaryOp::Hardswish, UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::LeakyRelu(0.1), UnaryOp::Gelu, UnaryOp::Elu(1.0)] {
+        for op in [UnaryOp::Hardswish, UnaryOp::Sigmoid, UnaryOp::Tanh, UnaryOp::LeakyRelu(0.1), UnaryOp::Gelu, UnaryOp::Elu(1.0), UnaryOp::Silu] {
             let t = op.tables(qi, qo);
             for q in 0..=255u8 {
                 let want = qo.quantize(exact(op, qi.dequantize(q) as f64) as f32) as i32;
