@@ -1,8 +1,13 @@
 //! Models with torchvision's (or the bundled scripts') module names and shapes, so their
 //! PyTorch `state_dict`s load unchanged.
 
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Flatten, Identity, Linear, MaxPool2d, ReLU, ReLU6};
-use crate::module::{Residual, Sequential};
+use crate::error::Result;
+use crate::graph::{Graph, GraphBuilder, Tensor};
+use crate::layers::{
+    AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, HardSigmoid, Hardswish, Identity, Linear, MaxPool2d,
+    ReLU, ReLU6, SiLU, Sigmoid,
+};
+use crate::module::{Module, Residual, Sequential};
 
 /// The bundled digits classifier (`scripts/models/digits.py`): 1x8x8 images of handwritten
 /// digits (scikit-learn's), 10 classes. Weights: `qnn/data/digits_model.safetensors`.
@@ -149,6 +154,178 @@ pub fn mobilenet_v2(classes: usize) -> Sequential {
         .add("avgpool", AdaptiveAvgPool2d(1, 1))
         .add("flatten", Flatten)
         .add("classifier", Sequential::new().add("0", Identity).add("1", Linear::new(1280, classes)))
+}
+
+/// torchvision's `_make_divisible(v, 8)`: the nearest multiple of 8, at least 8 and at least
+/// 90% of `v`.
+fn make_divisible(v: f64) -> usize {
+    let d = 8.0;
+    let mut new_v = ((v + d / 2.0) / d).floor() * d;
+    new_v = new_v.max(d);
+    if new_v < 0.9 * v {
+        new_v += d;
+    }
+    new_v as usize
+}
+
+/// torchvision's `Conv2dNormActivation`: conv (no bias) `0`, batch-norm `1` (with `eps`), and
+/// the activation `2` if any.
+fn conv_norm_act(
+    (cin, cout, k, stride, groups): (usize, usize, usize, usize, usize),
+    eps: f32,
+    act: Option<Box<dyn Module>>,
+) -> Sequential {
+    let mut bn = BatchNorm2d::new(cout);
+    bn.eps = eps;
+    let mut s = Sequential::new()
+        .add("0", Conv2d::new(cin, cout, k).stride(stride).padding(k / 2).groups(groups).no_bias())
+        .add("1", bn);
+    if let Some(a) = act {
+        s.push("2", a);
+    }
+    s
+}
+
+/// torchvision's `SqueezeExcitation` on `x` (`c` channels), named under `name`:
+/// `x * gate(fc2(act(fc1(avgpool(x)))))`; the product is `skip_mul`, as in torchvision's
+/// quantizable models.
+#[allow(clippy::too_many_arguments)]
+fn squeeze_excitation(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: Tensor,
+    c: usize,
+    squeeze: usize,
+    act: Box<dyn Module>,
+    gate: Box<dyn Module>,
+) -> Result<Tensor> {
+    let s = g.layer(&format!("{name}.avgpool"), AdaptiveAvgPool2d(1, 1), x)?;
+    let s = g.layer(&format!("{name}.fc1"), Conv2d::new(c, squeeze, 1), s)?;
+    let s = g.boxed(&format!("{name}.activation"), act, s)?;
+    let s = g.layer(&format!("{name}.fc2"), Conv2d::new(squeeze, c, 1), s)?;
+    let s = g.boxed(&format!("{name}.scale_activation"), gate, s)?;
+    g.mul(&format!("{name}.skip_mul"), s, x)
+}
+
+/// One inverted-residual block of MobileNetV3 or EfficientNet, named `name.block.<i>`:
+/// expansion 1x1 (when `exp != cin`), depthwise `k`x`k`, squeeze-and-excitation (when
+/// `squeeze` is given), projection 1x1 without activation; `+ x` (`name.skip_add`) when the
+/// stride is 1 and the channels match.
+#[allow(clippy::too_many_arguments)]
+fn inverted_residual(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: Tensor,
+    (cin, exp, cout, k, stride): (usize, usize, usize, usize, usize),
+    eps: f32,
+    act: &dyn Fn() -> Box<dyn Module>,
+    se: Option<(usize, Box<dyn Module>, Box<dyn Module>)>,
+) -> Result<Tensor> {
+    let mut i = 0;
+    let mut y = x;
+    if exp != cin {
+        y = g.sequential(&format!("{name}.block.{i}"), conv_norm_act((cin, exp, 1, 1, 1), eps, Some(act())), y)?;
+        i += 1;
+    }
+    y = g.sequential(&format!("{name}.block.{i}"), conv_norm_act((exp, exp, k, stride, exp), eps, Some(act())), y)?;
+    i += 1;
+    if let Some((squeeze, se_act, gate)) = se {
+        y = squeeze_excitation(g, &format!("{name}.block.{i}"), y, exp, squeeze, se_act, gate)?;
+        i += 1;
+    }
+    y = g.sequential(&format!("{name}.block.{i}"), conv_norm_act((exp, cout, 1, 1, 1), eps, None), y)?;
+    if stride == 1 && cin == cout {
+        y = g.add(&format!("{name}.skip_add"), y, x)?;
+    }
+    Ok(y)
+}
+
+/// torchvision's MobileNetV3-Large (`torchvision.models.mobilenet_v3_large`), state-dict
+/// compatible: hardswish, and squeeze-and-excitation with a hardsigmoid gate.
+pub fn mobilenet_v3_large(classes: usize) -> Graph {
+    build_mobilenet_v3_large(classes).expect("the architecture's names are unique")
+}
+
+fn build_mobilenet_v3_large(classes: usize) -> Result<Graph> {
+    const EPS: f32 = 1e-3;
+    let hs = || Box::new(Hardswish) as Box<dyn Module>;
+    let re = || Box::new(ReLU) as Box<dyn Module>;
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let mut y = g.sequential("features.0", conv_norm_act((3, 16, 3, 2, 1), EPS, Some(hs())), x)?;
+    // (in, kernel, expanded, out, squeeze-and-excitation, hardswish, stride)
+    let blocks = [
+        (16, 3, 16, 16, false, false, 1),
+        (16, 3, 64, 24, false, false, 2),
+        (24, 3, 72, 24, false, false, 1),
+        (24, 5, 72, 40, true, false, 2),
+        (40, 5, 120, 40, true, false, 1),
+        (40, 5, 120, 40, true, false, 1),
+        (40, 3, 240, 80, false, true, 2),
+        (80, 3, 200, 80, false, true, 1),
+        (80, 3, 184, 80, false, true, 1),
+        (80, 3, 184, 80, false, true, 1),
+        (80, 3, 480, 112, true, true, 1),
+        (112, 3, 672, 112, true, true, 1),
+        (112, 5, 672, 160, true, true, 2),
+        (160, 5, 960, 160, true, true, 1),
+        (160, 5, 960, 160, true, true, 1),
+    ];
+    for (i, &(cin, k, exp, cout, se, use_hs, stride)) in blocks.iter().enumerate() {
+        let act: &dyn Fn() -> Box<dyn Module> = if use_hs { &hs } else { &re };
+        let se = se.then(|| (make_divisible(exp as f64 / 4.0), re(), Box::new(HardSigmoid) as Box<dyn Module>));
+        y = inverted_residual(&mut g, &format!("features.{}", i + 1), y, (cin, exp, cout, k, stride), EPS, act, se)?;
+    }
+    y = g.sequential("features.16", conv_norm_act((160, 960, 1, 1, 1), EPS, Some(hs())), y)?;
+    y = g.layer("avgpool", AdaptiveAvgPool2d(1, 1), y)?;
+    y = g.layer("flatten", Flatten, y)?;
+    y = g.layer("classifier.0", Linear::new(960, 1280), y)?;
+    y = g.layer("classifier.1", Hardswish, y)?;
+    y = g.layer("classifier.2", Dropout(0.2), y)?;
+    y = g.layer("classifier.3", Linear::new(1280, classes), y)?;
+    g.output(y);
+    g.build()
+}
+
+/// torchvision's EfficientNet-B0 (`torchvision.models.efficientnet_b0`), state-dict
+/// compatible: SiLU, and squeeze-and-excitation with a sigmoid gate (stochastic depth is the
+/// identity at inference and has no node).
+pub fn efficientnet_b0(classes: usize) -> Graph {
+    build_efficientnet_b0(classes).expect("the architecture's names are unique")
+}
+
+fn build_efficientnet_b0(classes: usize) -> Result<Graph> {
+    const EPS: f32 = 1e-5;
+    let silu = || Box::new(SiLU) as Box<dyn Module>;
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let mut y = g.sequential("features.0", conv_norm_act((3, 32, 3, 2, 1), EPS, Some(silu())), x)?;
+    // (expand ratio, kernel, stride, in, out, layers)
+    let stages = [
+        (1, 3, 1, 32, 16, 1),
+        (6, 3, 2, 16, 24, 2),
+        (6, 5, 2, 24, 40, 2),
+        (6, 3, 2, 40, 80, 3),
+        (6, 5, 1, 80, 112, 3),
+        (6, 5, 2, 112, 192, 4),
+        (6, 3, 1, 192, 320, 1),
+    ];
+    for (s, &(ratio, k, stride, cin, cout, layers)) in stages.iter().enumerate() {
+        for i in 0..layers {
+            let (cin, stride) = if i == 0 { (cin, stride) } else { (cout, 1) };
+            let exp = make_divisible((cin * ratio) as f64);
+            let se = Some(((cin / 4).max(1), silu(), Box::new(Sigmoid) as Box<dyn Module>));
+            let name = format!("features.{}.{i}", s + 1);
+            y = inverted_residual(&mut g, &name, y, (cin, exp, cout, k, stride), EPS, &silu, se)?;
+        }
+    }
+    y = g.sequential("features.8", conv_norm_act((320, 1280, 1, 1, 1), EPS, Some(silu())), y)?;
+    y = g.layer("avgpool", AdaptiveAvgPool2d(1, 1), y)?;
+    y = g.layer("flatten", Flatten, y)?;
+    y = g.layer("classifier.0", Dropout(0.2), y)?;
+    y = g.layer("classifier.1", Linear::new(1280, classes), y)?;
+    g.output(y);
+    g.build()
 }
 
 /// Fills every parameter of `model` with deterministic pseudo-random values of a trained

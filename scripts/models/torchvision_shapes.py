@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""State-dict layout of three torchvision reference models, for `qnn`.
+"""State-dict layout of the torchvision reference models in `qnn`'s zoo.
 
 What it writes: ``qnn/data/torchvision_shapes.json`` (``qnn/data/`` created if
 missing), listing every ``state_dict()`` entry, in ``state_dict()`` order, of
-``torchvision.models.resnet18()``, ``resnet50()`` and ``mobilenet_v2()``, each
+``torchvision.models.resnet18()``, ``resnet50()``, ``mobilenet_v2()``,
+``mobilenet_v3_large()`` and ``efficientnet_b0()``, each
 built with ``weights=None`` (random init; no pretrained weights are downloaded,
 no network use at all)::
 
     {"torchvision_version": "<torchvision.__version__>",
      "models": {"resnet18":     [[name, [dim, ...], dtype], ...],
                 "resnet50":     [...],
-                "mobilenet_v2": [...]}}
+                "mobilenet_v2": [...], ...}}
 
 ``dtype`` is ``"float32"`` for parameters and BatchNorm running statistics and
 ``"int64"`` for BatchNorm ``num_batches_tracked`` (0-d, shape ``[]``); any other
@@ -20,9 +21,9 @@ is compact: a header line, then one line per model.
 
 How to rerun (from /work/main)::
 
-    /work/venv/bin/python scripts/models/torchvision_shapes.py
+    ~/qrust-venv/bin/python scripts/models/torchvision_shapes.py
 
-Needs torch and torchvision in /work/venv (generated with torch 2.15.0 and
+Needs torch and torchvision in a virtualenv (generated with torch 2.15.0 and
 torchvision 0.29.2, the newest torchvision on PyPI at the time; there is no
 torchvision release paired with torch 2.15 yet).  The output depends only on
 the torchvision version (the architecture), not on the random seed.
@@ -41,6 +42,8 @@ BUILDERS = {
     "resnet18": models.resnet18,
     "resnet50": models.resnet50,
     "mobilenet_v2": models.mobilenet_v2,
+    "mobilenet_v3_large": models.mobilenet_v3_large,
+    "efficientnet_b0": models.efficientnet_b0,
 }
 
 DTYPES = {torch.float32: "float32", torch.int64: "int64"}
