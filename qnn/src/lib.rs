@@ -11,7 +11,8 @@
 //!
 //! Nodes carry PyTorch's parameter names, so a `state_dict` saved as safetensors loads
 //! unchanged ([`load_safetensors`]; every mismatch is listed at once). [`zoo`] has
-//! ResNet-18/50 and MobileNetV2 with torchvision's names, and the bundled digits model.
+//! ResNet-18/50, MobileNetV2, MobileNetV3-Large and EfficientNet-B0 with torchvision's names,
+//! and the bundled digits model.
 //!
 //! Quantization is a transformation of that float model, in PyTorch eager mode's steps:
 //!

@@ -30,12 +30,18 @@ from onnxruntime.quantization import (
     quant_pre_process,
     quantize_static,
 )
-from torchvision.models import mobilenet_v2, resnet18, resnet50
+from torchvision.models import efficientnet_b0, mobilenet_v2, mobilenet_v3_large, resnet18, resnet50
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_server  # noqa: E402
 
-CTORS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "resnet50": resnet50}
+CTORS = {
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "resnet50": resnet50,
+    "mobilenet_v3_large": mobilenet_v3_large,
+    "efficientnet_b0": efficientnet_b0,
+}
 
 
 class Images(CalibrationDataReader):

@@ -8,7 +8,7 @@ non-zero biases and batch-norm statistics, as a trained model has) and the input
 on the same images and are timed on the same inputs.
 
 A peer script builds its models (``Backend.prepare``), prints one JSON line
-``{"ready": {model: {"sqnr_db": .., "f32_ms": ..}}}``, then answers requests on standard input,
+``{"ready": {model: {"sqnr_db": .., "f32_ms": .., "int8": true | false}}}``, then answers requests on standard input,
 one JSON line each, ``{"model": .., "threads": .., "batch": 1 | 8}``, with ``{"int8_ms": ..}``
 (the median of at least ``reps`` runs and 0.25 s, after 3 warm-up runs), until standard
 input closes. Between requests it is idle, so ``cargo xtask bench`` can alternate our
@@ -61,7 +61,8 @@ def sqnr_db(ref, got):
 
 
 def serve(backend, argv=None):
-    """``backend.prepare(name, directory, inputs) -> (sqnr_db, f32_ms_1_thread)`` and
+    """``backend.prepare(name, directory, inputs) -> (sqnr_db or None, f32_ms_1_thread)`` (None:
+    the peer has no int8 form of the model; it is then never asked to time one) and
     ``backend.int8_runner(name, threads, x) -> callable`` (a function running the int8 model
     once on ``x``)."""
     import argparse
@@ -76,8 +77,8 @@ def serve(backend, argv=None):
     ready = {}
     for name in a.models.split(","):
         sqnr, f32_ms = backend.prepare(name, a.dir, inputs)
-        ready[name] = {"sqnr_db": sqnr, "f32_ms": f32_ms}
-        print(f"{backend.NAME} {name}: int8 SQNR {sqnr:.1f} dB, f32 {f32_ms:.2f} ms", file=sys.stderr, flush=True)
+        ready[name] = {"sqnr_db": sqnr, "f32_ms": f32_ms, "int8": sqnr is not None}
+        print(f"{backend.NAME} {name}: int8 SQNR {sqnr} dB, f32 {f32_ms:.2f} ms", file=sys.stderr, flush=True)
     print(json.dumps({"ready": ready}), flush=True)
     while True:
         line = sys.stdin.readline()

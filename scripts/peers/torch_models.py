@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Peer timing: whole models in PyTorch eager-mode int8, served to ``cargo xtask bench``.
 
-For each model, torchvision's quantizable architecture gets the weights ``cargo xtask bench``
-wrote (``peer_server.py`` describes the files and the protocol), is fused with
+For each model, torchvision's quantizable architecture (EfficientNet-B0 has none: it is timed
+in float only, and reported without int8) gets the weights ``cargo xtask bench`` wrote (``peer_server.py`` describes the files and the protocol), is fused with
 ``fuse_model()``, given ``get_default_qconfig("x86")`` (HistogramObserver activations,
 per-channel weights), prepared, calibrated on the same images as ours (one at a time) and
 converted. ``model(x)`` runs under ``torch.inference_mode()`` with
@@ -17,12 +17,19 @@ import sys
 
 import torch
 import torch.ao.quantization as tq
-from torchvision.models.quantization import mobilenet_v2, resnet18, resnet50
+from torchvision.models import efficientnet_b0
+from torchvision.models.quantization import mobilenet_v2, mobilenet_v3_large, resnet18, resnet50
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_server  # noqa: E402
 
-CTORS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "resnet50": resnet50}
+CTORS = {
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "resnet50": resnet50,
+    "mobilenet_v3_large": mobilenet_v3_large,
+}
+FLOAT_ONLY = {"efficientnet_b0": efficientnet_b0}
 
 
 class Torch:
@@ -34,6 +41,12 @@ class Torch:
 
     def prepare(self, name, directory, inputs):
         torch.set_num_threads(1)
+        if name in FLOAT_ONLY:
+            m = FLOAT_ONLY[name](weights=None).eval()
+            peer_server.load_state_dict(m, directory, name)
+            x = torch.from_numpy(inputs["x1"])
+            with torch.inference_mode():
+                return None, peer_server.median_ms(lambda: m(x), 5)
         m = CTORS[name](weights=None, quantize=False).eval()
         peer_server.load_state_dict(m, directory, name)
         x = torch.from_numpy(inputs["x1"])

@@ -19,13 +19,16 @@ use serde_json::Value as J;
 
 use crate::bench::{find_python_with, median_ms, randn, PeerRecord, Record};
 
-/// A model of the bench: name, constructor, GMAC per image at 224x224.
-type Entry = (&'static str, fn(usize) -> qnn::Sequential, f64);
+/// A model of the bench: name, constructor, GMAC per image at 224x224 (torchvision's
+/// figures for the two graph models).
+type Entry = (&'static str, fn(usize) -> qnn::Graph, f64);
 
-const MODELS: [Entry; 3] = [
-    ("resnet18", qnn::zoo::resnet18, 1.814),
-    ("mobilenet_v2", qnn::zoo::mobilenet_v2, 0.301),
-    ("resnet50", qnn::zoo::resnet50, 4.089),
+const MODELS: [Entry; 5] = [
+    ("resnet18", |c| qnn::zoo::resnet18(c).into(), 1.814),
+    ("mobilenet_v2", |c| qnn::zoo::mobilenet_v2(c).into(), 0.301),
+    ("resnet50", |c| qnn::zoo::resnet50(c).into(), 4.089),
+    ("mobilenet_v3_large", qnn::zoo::mobilenet_v3_large, 0.217),
+    ("efficientnet_b0", qnn::zoo::efficientnet_b0, 0.386),
 ];
 
 /// Calibration images (one per batch, for us and the peers alike).
@@ -87,6 +90,12 @@ impl PeerServer {
 
     fn ready_of(&self, model: &str, key: &str) -> Option<f64> {
         self.ready[model][key].as_f64()
+    }
+
+    /// Whether the peer runs `model` in int8 (PyTorch's eager mode has no quantizable
+    /// EfficientNet).
+    fn has_int8(&self, model: &str) -> bool {
+        self.ready[model]["int8"] != false
     }
 }
 
@@ -173,7 +182,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         let mut model = ctor(1000);
         qnn::zoo::randomize(&mut model, 11);
         qnn::save_safetensors(&model, dir.join(format!("{name}.safetensors"))).map_err(|e| e.to_string())?;
-        qnn::fuse(&mut model).map_err(|e| e.to_string())?;
+        qnn::fuse_graph(&mut model).map_err(|e| e.to_string())?;
         let f32_ms = median_ms(5, || {
             std::hint::black_box(model.forward(&x1).expect("float forward"));
         });
@@ -235,7 +244,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             s.ours.push(median_ms(10, || {
                 std::hint::black_box(q.forward(x).expect("int8 forward"));
             }));
-            for (p, times) in peers.iter_mut().zip(&mut s.peers) {
+            for (p, times) in peers.iter_mut().zip(&mut s.peers).filter(|(p, _)| p.has_int8(ours[m].name)) {
                 times.push(p.time(ours[m].name, t, b)?);
                 std::thread::sleep(SETTLE);
             }
@@ -262,6 +271,10 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         let mut peer_records = Vec::new();
         let mut cols = String::new();
         for (p, times) in peers.iter().zip(&s.peers) {
+            if times.is_empty() {
+                cols += &format!(" {:>11} {:>19}", "-", "-");
+                continue;
+            }
             let ratios: Vec<f64> = s.ours.iter().zip(times).map(|(a, b)| a / b).collect();
             let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
             let pm = median(times);
