@@ -207,6 +207,10 @@ fn squeeze_excitation(
     g.mul(&format!("{name}.skip_mul"), s, x)
 }
 
+/// A squeeze-and-excitation: squeezed channels, the activation between the two 1x1
+/// convolutions, the gate.
+struct Se(usize, Box<dyn Module>, Box<dyn Module>);
+
 /// One inverted-residual block of MobileNetV3 or EfficientNet, named `name.block.<i>`:
 /// expansion 1x1 (when `exp != cin`), depthwise `k`x`k`, squeeze-and-excitation (when
 /// `squeeze` is given), projection 1x1 without activation; `+ x` (`name.skip_add`) when the
@@ -219,7 +223,7 @@ fn inverted_residual(
     (cin, exp, cout, k, stride): (usize, usize, usize, usize, usize),
     eps: f32,
     act: &dyn Fn() -> Box<dyn Module>,
-    se: Option<(usize, Box<dyn Module>, Box<dyn Module>)>,
+    se: Option<Se>,
 ) -> Result<Tensor> {
     let mut i = 0;
     let mut y = x;
@@ -229,7 +233,7 @@ fn inverted_residual(
     }
     y = g.sequential(&format!("{name}.block.{i}"), conv_norm_act((exp, exp, k, stride, exp), eps, Some(act())), y)?;
     i += 1;
-    if let Some((squeeze, se_act, gate)) = se {
+    if let Some(Se(squeeze, se_act, gate)) = se {
         y = squeeze_excitation(g, &format!("{name}.block.{i}"), y, exp, squeeze, se_act, gate)?;
         i += 1;
     }
@@ -273,7 +277,7 @@ fn build_mobilenet_v3_large(classes: usize) -> Result<Graph> {
     ];
     for (i, &(cin, k, exp, cout, se, use_hs, stride)) in blocks.iter().enumerate() {
         let act: &dyn Fn() -> Box<dyn Module> = if use_hs { &hs } else { &re };
-        let se = se.then(|| (make_divisible(exp as f64 / 4.0), re(), Box::new(HardSigmoid) as Box<dyn Module>));
+        let se = se.then(|| Se(make_divisible(exp as f64 / 4.0), re(), Box::new(HardSigmoid)));
         y = inverted_residual(&mut g, &format!("features.{}", i + 1), y, (cin, exp, cout, k, stride), EPS, act, se)?;
     }
     y = g.sequential("features.16", conv_norm_act((160, 960, 1, 1, 1), EPS, Some(hs())), y)?;
@@ -314,7 +318,7 @@ fn build_efficientnet_b0(classes: usize) -> Result<Graph> {
         for i in 0..layers {
             let (cin, stride) = if i == 0 { (cin, stride) } else { (cout, 1) };
             let exp = make_divisible((cin * ratio) as f64);
-            let se = Some(((cin / 4).max(1), silu(), Box::new(Sigmoid) as Box<dyn Module>));
+            let se = Some(Se((cin / 4).max(1), silu(), Box::new(Sigmoid)));
             let name = format!("features.{}.{i}", s + 1);
             y = inverted_residual(&mut g, &name, y, (cin, exp, cout, k, stride), EPS, &silu, se)?;
         }
