@@ -406,3 +406,73 @@ fn concat_of_linear_heads_matches_pytorch() {
     let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
     assert_eq!(back.forward(&x).unwrap(), q.forward(&x).unwrap());
 }
+
+/// Float calibration differs from PyTorch's by the rounding of its float sums: one ulp.
+const SCALE_ULPS: u32 = 1;
+
+/// A squeeze-and-excitation block (conv-bn-relu, torchvision's `QuantizableSqueezeExcitation`:
+/// pool, fc1 + ReLU, fc2, hardsigmoid gate, the gate times the features by `skip_mul`), then
+/// hardswish, written as a graph and quantized as PyTorch eager mode quantizes the module.
+#[test]
+fn squeeze_excitation_block_int8_output_matches_pytorch() {
+    use qnn::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, HardSigmoid, Hardswish, ReLU};
+    let mut g = qnn::GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("conv", Conv2d::new(4, 8, 3).padding(1), x).unwrap();
+    let y = g.layer("bn", BatchNorm2d::new(8), y).unwrap();
+    let y = g.layer("relu", ReLU, y).unwrap();
+    let s = g.layer("se.avgpool", AdaptiveAvgPool2d(1, 1), y).unwrap();
+    let s = g.layer("se.fc1", Conv2d::new(8, 8, 1), s).unwrap();
+    let s = g.layer("se.activation", ReLU, s).unwrap();
+    let s = g.layer("se.fc2", Conv2d::new(8, 8, 1), s).unwrap();
+    let s = g.layer("se.scale_activation", HardSigmoid, s).unwrap();
+    let z = g.mul("se.skip_mul", s, y).unwrap();
+    let z = g.layer("act", Hardswish, z).unwrap();
+    g.output(z);
+    let mut model = g.build().unwrap();
+    load_safetensors(
+        &mut model,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/seblock_model.safetensors"),
+    )
+    .unwrap();
+    let io = data("seblock_io.safetensors");
+    let io = SafeTensors::deserialize(&io).unwrap();
+    let input = f32s(&io, "input");
+    let float_out = model.forward(&input).unwrap();
+    let worst = float_out.iter().zip(f32s(&io, "output_f32").iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1e-4, "float block differs from PyTorch by {worst}");
+
+    let fused = qnn::fuse_graph(&mut model).unwrap();
+    assert_eq!(fused.len(), 2);
+    let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    prepared.calibrate(&f32s(&io, "calib")).unwrap();
+    let q = prepared.convert().unwrap();
+    // Every output PyTorch gives its own parameters (the gate's are fixed: 1/256, 0).
+    let mut checked = Vec::new();
+    for (name, oq) in q.output_quants() {
+        let Ok(zp) = io.tensor(&format!("{name}.zero_point")) else {
+            assert_eq!((name, oq.scale, oq.zero_point), ("se.scale_activation", 1.0 / 256.0, 0));
+            continue;
+        };
+        let zp = i64::from_le_bytes(zp.data().try_into().unwrap());
+        let want = f32s(&io, &format!("{name}.scale"))[0].to_bits();
+        // The observers watch float outputs; our f32 1x1 convolutions sum their 8 inputs in
+        // another order than PyTorch's oneDNN, so an observed maximum may differ in its last
+        // bit, and the scale by one ulp. Zero points are exact.
+        assert!(
+            oq.scale.to_bits().abs_diff(want) <= SCALE_ULPS,
+            "{name}: scale {} vs {}",
+            oq.scale,
+            f32::from_bits(want)
+        );
+        assert_eq!(oq.zero_point as i64, zp, "{name}");
+        checked.push(name);
+    }
+    assert_eq!(checked, ["conv", "se.fc1", "se.fc2", "se.skip_mul", "act"]);
+    let Value::U8 { data: ours, shape, .. } = q.forward_value(&input).unwrap() else { panic!() };
+    assert_eq!(shape, vec![4, 8, 6, 6]);
+    let want = io.tensor("output_int8").unwrap().data().to_vec(); // NCHW
+    let (same, worst) = compare_nhwc_to_nchw(&ours, &want, [4, 8, 6, 6]);
+    eprintln!("squeeze-excitation int8 output: {same}/{} identical to PyTorch, max {worst} LSB", want.len());
+    assert!(same * 100 >= want.len() * 99 && worst <= 1, "{same} of {}, worst {worst}", want.len());
+}

@@ -38,6 +38,11 @@ What it writes (into ``qnn/data/``, created if missing), all safetensors:
   ``FloatFunctional`` named ``cat``), entries ``quant``, ``branch1.0``,
   ``branch2.0`` and ``cat``.  ``python scripts/models/digits.py --only catblock``
   writes just these two files and leaves the others untouched.
+* ``seblock_model.safetensors`` / ``seblock_io.safetensors``: ``SEBlock``, conv 3x3
+  (4->8) + bn + relu, torchvision's ``QuantizableSqueezeExcitation(8, 8)`` (avgpool,
+  fc1 + ReLU, fc2, hardsigmoid gate, ``skip_mul``: the gate [n, 8, 1, 1] times the
+  features), then hardswish; entries ``quant``, ``conv``, ``se.fc1``, ``se.fc2``,
+  ``se.skip_mul``, ``act`` (``--only seblock``).
 * ``catheads_model.safetensors`` / ``catheads_io.safetensors``: ``CatHeads``, two
   linear heads (``heads.a`` = Linear(64, 6) + ReLU, ``heads.b`` = Linear(64, 3)) on the
   flattened 8x8 input, concatenated along features by ``heads.cat``: the 2-D path of
@@ -491,6 +496,64 @@ def catblock():
         assert torch.equal(again.forward_q(x).int_repr(), io["output_int8"])
 
 
+# ---------------------------------------------------------------- seblock
+
+
+class SEBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.quantization.mobilenetv3 import QuantizableSqueezeExcitation
+
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.se = QuantizableSqueezeExcitation(8, 8)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(self.se(self.relu(self.bn(self.conv(x)))))
+
+
+SE_FUSE = [["conv", "bn", "relu"], ["se.fc1", "se.activation"]]
+
+
+def seblock():
+    seed_all(SEED + 4)
+    model = SEBlock()
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.normal_(0.0, 0.3)
+        model.bn.running_mean.normal_(0.0, 0.3)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        # A gate that uses its whole range: fc2's bias spreads the hardsigmoid inputs.
+        model.se.fc2.bias.normal_(0.0, 2.0)
+    model.eval()
+    calib = torch.randn(16, 4, 6, 6)
+    x = torch.randn(4, 4, 6, 6)
+    with torch.no_grad():
+        out_f = model(x)
+    qm = ptq(model, SE_FUSE, calib)
+    with torch.no_grad():
+        q_out = qm.forward_q(x)
+        deq = qm(x)
+    assert q_out.is_quantized and q_out.dtype == torch.quint8
+    io = {
+        "calib": calib,
+        "input": x,
+        "output_int8": q_out.int_repr(),
+        "output_scale": torch.tensor([q_out.q_scale()], dtype=torch.float32),
+        "output_zero_point": torch.tensor([q_out.q_zero_point()], dtype=torch.int64),
+        "output_f32": out_f,
+    }
+    io.update(qparams_entries(qm))
+    write(os.path.join(OUT_DIR, "seblock_model.safetensors"), model.state_dict())
+    write(os.path.join(OUT_DIR, "seblock_io.safetensors"), io)
+    print(f"seblock: SQNR(dequantized int8 output vs float output) = {sqnr_db(out_f, deq):.2f} dB")
+    print("seblock: per leaf module (input q/f, output q/f, output qparams):")
+    for r in describe_run(qm, x):
+        print("   ", r)
+
+
 # ---------------------------------------------------------------- catheads
 
 
@@ -591,7 +654,7 @@ def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     if sys.argv[1:2] == ["--only"]:
         for name in sys.argv[2:]:
-            {"catblock": catblock, "catheads": catheads}[name]()
+            {"catblock": catblock, "catheads": catheads, "seblock": seblock}[name]()
         return
     print(f"torch {torch.__version__}, engine {torch.backends.quantized.engine}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
@@ -599,6 +662,7 @@ def main():
     resblock()
     catblock()
     catheads()
+    seblock()
     verify()
     check_from_files()
 
