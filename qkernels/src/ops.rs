@@ -241,11 +241,20 @@ pub fn mul_channels(
     for ((rows, gate), out_rows) in
         a.chunks_exact(pixels * c).zip(b.chunks_exact(c)).zip(out.chunks_exact_mut(pixels * c))
     {
-        for (row, o) in rows.chunks_exact(c).zip(out_rows.chunks_exact_mut(c)) {
-            mul_core(isa, row, qa.zero_point, gate, qb.zero_point, o, multiplier, qo.zero_point);
-        }
+        mul_gate_core(isa, rows, qa.zero_point, gate, qb.zero_point, out_rows, multiplier, qo.zero_point);
     }
     Ok(())
+}
+
+// `mul_core` of every `gate.len()`-element row of `a` with `gate`, in one call.
+multiversion! {
+    fn mul_gate_core(a: &[u8], za: i32, gate: &[u8], zb: i32, out: &mut [u8], multiplier: f32, zo: i32) {
+        for (row, o) in a.chunks_exact(gate.len()).zip(out.chunks_exact_mut(gate.len())) {
+            for ((x, y), o) in row.iter().zip(gate).zip(o.iter_mut()) {
+                *o = requantize_from_int((*x as i32 - za) * (*y as i32 - zb), multiplier, zo);
+            }
+        }
+    }
 }
 
 /// PyTorch's `requantize_from_int`: `clamp(zp + round_half_even(src * multiplier), 0, 255)`
