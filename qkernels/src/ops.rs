@@ -198,7 +198,7 @@ pub fn mul(a: &[u8], qa: QuantU8, b: &[u8], qb: QuantU8, out: &mut [u8], qo: Qua
 multiversion! {
     fn mul_core(a: &[u8], za: i32, b: &[u8], zb: i32, out: &mut [u8], multiplier: f32, zo: i32) {
         for ((x, y), o) in a.iter().zip(b).zip(out.iter_mut()) {
-            *o = requantize_from_int((*x as i32 - za) * (*y as i32 - zb), multiplier, zo);
+            *o = requantize_product((*x as i32 - za) * (*y as i32 - zb), multiplier, zo);
         }
     }
 }
@@ -251,10 +251,25 @@ multiversion! {
     fn mul_gate_core(a: &[u8], za: i32, gate: &[u8], zb: i32, out: &mut [u8], multiplier: f32, zo: i32) {
         for (row, o) in a.chunks_exact(gate.len()).zip(out.chunks_exact_mut(gate.len())) {
             for ((x, y), o) in row.iter().zip(gate).zip(o.iter_mut()) {
-                *o = requantize_from_int((*x as i32 - za) * (*y as i32 - zb), multiplier, zo);
+                *o = requantize_product((*x as i32 - za) * (*y as i32 - zb), multiplier, zo);
             }
         }
     }
+}
+
+/// [`requantize_from_int`] for a zero point in `0..=255`, in operations that vectorise: a
+/// product beyond `2^22` in magnitude saturates the byte either way, so it is clamped there,
+/// and adding `1.5 * 2^23` rounds what is left to an integer, half to even (the default
+/// rounding of the addition; the float spacing there is 1), whose bits give it back.
+/// Equal to [`requantize_from_int`] for every `src` and finite `multiplier` (tested).
+#[doc(hidden)]
+#[inline(always)]
+pub fn requantize_product(src: i32, multiplier: f32, zp: i32) -> u8 {
+    const LIMIT: f32 = 4_194_304.0; // 2^22
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let v = (src as f32 * multiplier).clamp(-LIMIT, LIMIT);
+    let r = (v + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32;
+    (r + zp).clamp(0, 255) as u8
 }
 
 /// PyTorch's `requantize_from_int`: `clamp(zp + round_half_even(src * multiplier), 0, 255)`

@@ -14,6 +14,19 @@ fn quant() -> impl Strategy<Value = QuantU8> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(crate::cases(96)))]
 
+    /// The vectorisable requantization of a product equals PyTorch's formula for every
+    /// product two bytes can make (and beyond), any zero point and multiplier.
+    #[test]
+    fn requantize_product_is_requantize_from_int(m in (-30.0f32..12.0).prop_map(f32::exp2), zp in 0i32..=255) {
+        for src in (-70_000..=70_000).chain([i32::MIN / 2, -(1 << 24), 1 << 24, i32::MAX / 2]) {
+            prop_assert_eq!(
+                qkernels::requantize_product(src, m, zp),
+                qkernels::requantize_from_int(src, m, zp),
+                "src {} multiplier {} zp {}", src, m, zp
+            );
+        }
+    }
+
     /// A per-channel gate broadcast over the pixels gives, element by element, `mul` of the
     /// image and the gate expanded to its shape.
     #[test]
