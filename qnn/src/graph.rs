@@ -31,6 +31,8 @@ use ndarray::ArrayD;
 use crate::error::{NnError, Result};
 use crate::layers::Identity;
 use crate::module::{cat_dim1, join, Concat, Module, Residual, Sequential};
+use crate::ops::add::add_f32;
+use crate::ops::mul::mul_f32;
 
 /// The module path a node name stands for: a node for a module's second (third, ...) call
 /// is named `path:1` (`path:2`, ...).
@@ -211,47 +213,6 @@ impl AsModule for LayerRef<'_> {
             LayerRef::BlockRelu => &crate::layers::ReLU,
         }
     }
-}
-
-/// `a + b`, of one shape.
-pub(crate) fn add_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
-    if a.shape() != b.shape() {
-        return Err(NnError::Shape {
-            module: name.to_string(),
-            kind: "add",
-            expected: format!(
-                "the other operand's shape {:?} (add a downsample branch when one branch changes the shape)",
-                b.shape()
-            ),
-            got: a.shape().to_vec(),
-        });
-    }
-    Ok(a + b)
-}
-
-/// Whether `a` and `b` multiply elementwise: the same shape, or one of them `[n, c, 1, 1]`
-/// against the other's `[n, c, h, w]`.
-pub(crate) fn mul_shapes_fit(a: &[usize], b: &[usize]) -> bool {
-    let gate = |big: &[usize], small: &[usize]| {
-        big.len() == 4 && small.len() == 4 && big[..2] == small[..2] && small[2] == 1 && small[3] == 1
-    };
-    a == b || gate(a, b) || gate(b, a)
-}
-
-/// `a * b`, of one shape or one of them broadcast over the other's height and width.
-pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
-    if !mul_shapes_fit(a.shape(), b.shape()) {
-        return Err(NnError::Shape {
-            module: name.to_string(),
-            kind: "mul",
-            expected: format!(
-                "a second operand of the first's shape {:?}, or one of them [n, c, 1, 1] to scale each channel",
-                a.shape()
-            ),
-            got: b.shape().to_vec(),
-        });
-    }
-    Ok(a * b)
 }
 
 /// Runs one node in float.

@@ -60,6 +60,7 @@ pub mod fuse;
 pub mod fuzzing;
 pub mod graph;
 pub mod layers;
+pub mod ops;
 mod module;
 mod quant;
 mod saved;

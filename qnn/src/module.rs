@@ -7,6 +7,8 @@ use std::fmt::Debug;
 use ndarray::ArrayD;
 
 use crate::error::Result;
+use crate::ops::{LowerCx, OpWriter, QOp};
+use crate::quant::Mode;
 
 /// A layer or a container of layers, run in `f32` on NCHW tensors (PyTorch's layout).
 ///
@@ -61,6 +63,45 @@ pub trait Module: Send + Sync + Debug {
         None
     }
 
+    /// How this layer runs once converted, before any configuration applies: int8 with
+    /// output parameters of its own ([`Mode::Int8`], lowered by [`Module::lower`]), int8
+    /// keeping its input's ([`Mode::Int8SameParams`]), nothing to compute, or float and why.
+    /// The default: int8 when [`Module::has_int8`] says so, else float.
+    fn lowering(&self) -> Mode {
+        if self.has_int8() {
+            Mode::Int8
+        } else {
+            Mode::Float(format!("no int8 implementation for {} (custom layer)", self.kind()))
+        }
+    }
+
+    /// The int8 form of this layer, for the parameters and configuration in `cx` (called
+    /// when [`Module::lowering`] is int8). The default wraps [`Module::int8`].
+    ///
+    /// # Errors
+    /// Weights that cannot be quantized or packed, or an `int8()` that returns none.
+    fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        let layer = self.int8(cx.in_q, cx.out_q()).ok_or_else(|| crate::NnError::Fusion {
+            modules: vec![cx.name.to_string()],
+            reason: format!("{} says it has an int8 implementation but int8() returned none", self.kind()),
+        })?;
+        Ok(crate::ops::fallback::int8_layer_op(self.kind(), layer, cx.out_q()))
+    }
+
+    /// Whether it computes each image of a batch (index 0) on its own, so that a converted
+    /// model may split a batch between threads. `false` unless the layer says so.
+    fn computes_images_apart(&self) -> bool {
+        false
+    }
+
+    /// Its saved form, for a layer that runs in float in a converted model: attributes (its
+    /// tensors go to `w`, under keys that start with `node`). A saved model holding it loads
+    /// once a loader for its kind is registered ([`crate::ops::register_layer`]). `None`:
+    /// it cannot be saved (the default).
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<serde_json::Value>> {
+        None
+    }
+
     /// For downcasting to the concrete layer.
     fn as_any(&self) -> &dyn Any;
 
@@ -77,6 +118,13 @@ pub trait Int8Layer: Send + Sync + Debug {
     /// # Errors
     /// An input it cannot take.
     fn forward_u8(&self, x: &[u8], shape: &[usize]) -> Result<(Vec<u8>, Vec<usize>)>;
+
+    /// Its saved form: attributes (its tensors go to `w`, under keys that start with `node`).
+    /// A saved model holding it loads once a loader for its layer's kind is registered
+    /// ([`crate::ops::register_int8_layer`]). `None`: it cannot be saved (the default).
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<serde_json::Value>> {
+        None
+    }
 }
 
 /// Visits every module of the tree depth first with its hierarchical name.

@@ -4,10 +4,7 @@
 //! automatic dequantize and quantize, and the model says so ([`QuantizedModel::plan`]).
 
 use ndarray::{ArrayD, IxDyn};
-use qkernels::{
-    adaptive_avg_pool2d, flatten_nchw_order, GemmOutput, OutputQuant, PackedConv2d, PackedLinear, QImage, QMatrix,
-    QuantU8, UnaryOp, UnaryTables,
-};
+use qkernels::{QImage, QuantU8};
 use qobserve::{Observer, QConfig};
 use qtensor::{QTensor, QuantRange};
 
@@ -15,12 +12,16 @@ use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::nearest;
 use crate::graph::{readers, AsModule, Graph, Node, NodeOp, Tensor};
-use crate::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, Conv2d, DeQuantStub, Dropout, Flatten, Identity, Linear, MaxPool2d, QuantStub, ReLU,
-    ReLU6,
-};
-use crate::module::{cat_dim1, Module, Sequential};
-use crate::scratch::{self, Input};
+use crate::layers::{DeQuantStub, QuantStub};
+use crate::module::{Module, Sequential};
+use crate::ops::activation::ClampOp;
+use crate::ops::add::AddOp;
+use crate::ops::cat::CatOp;
+use crate::ops::fallback::FloatOp;
+use crate::ops::mul::MulOp;
+use crate::ops::stubs::PassOp;
+use crate::ops::{LowerCx, QOp};
+use crate::scratch;
 
 /// How one module runs in the converted model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,39 +48,15 @@ pub struct PlanEntry {
 }
 
 fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
+    let lowering = m.lowering();
     let a = m.as_any();
-    if a.is::<Identity>() || a.is::<Dropout>() {
-        return Mode::Passthrough;
+    if lowering == Mode::Passthrough || a.is::<DeQuantStub>() {
+        return lowering;
     }
-    if a.is::<DeQuantStub>() {
-        return Mode::Float("DeQuantStub: the quantized region ends here".into());
-    }
-    if a.is::<QuantStub>() && q.is_none() {
-        return Mode::Passthrough;
-    }
-    let Some(_) = q else { return Mode::Float("kept in float by the configuration".into()) };
-    if a.is::<QuantStub>() {
-        return Mode::Int8;
-    }
-    if a.is::<Conv2d>() || a.is::<Linear>() || crate::layers::lookup_table_op(m).is_some() {
-        Mode::Int8
-    } else if a.is::<AdaptiveAvgPool2d>()
-        || a.is::<MaxPool2d>()
-        || a.is::<AvgPool2d>()
-        || a.is::<Flatten>()
-        || a.is::<ReLU>()
-        || a.is::<ReLU6>()
-    {
-        Mode::Int8SameParams
-    } else if m.has_int8() {
-        Mode::Int8
-    } else if m.kind() == "BatchNorm2d" || m.kind() == "BatchNorm1d" {
-        Mode::Float(format!(
-            "a {} that was not fused into the layer before it (fuse first, or keep it in float)",
-            m.kind()
-        ))
-    } else {
-        Mode::Float(format!("no int8 implementation for {} (custom layer)", m.kind()))
+    match q {
+        None if a.is::<QuantStub>() => Mode::Passthrough,
+        None => Mode::Float("kept in float by the configuration".into()),
+        Some(_) => lowering,
     }
 }
 
@@ -358,17 +335,24 @@ impl Prepared {
             let in_q = q_of(&vq, n.inputs[0]);
             let int8 = p.mode == Mode::Int8;
             let qs: Vec<QuantU8> = n.inputs.iter().map(|&t| q_of(&vq, t)).collect();
-            let op = match n.op {
-                NodeOp::Layer(m) => build_op(&n.name, m, &p.mode, in_q, out_q, p.cfg.as_ref())?,
-                NodeOp::Add => {
-                    Op::Add { qs: [qs[0], qs[1]], out_q: out_q.expect("joins are observed"), relu: false, int8 }
-                }
-                NodeOp::Mul => Op::Mul { qs: [qs[0], qs[1]], out_q: out_q.expect("joins are observed"), int8 },
-                NodeOp::Cat => Op::Cat { qs, out_q: out_q.expect("joins are observed"), int8 },
+            let joined = || out_q.expect("joins are observed");
+            let op: Box<dyn QOp> = match n.op {
+                NodeOp::Layer(m) => match &p.mode {
+                    Mode::Passthrough => Box::new(PassOp),
+                    Mode::Float(_) => Box::new(FloatOp(m)),
+                    Mode::Int8 | Mode::Int8SameParams => {
+                        let cfg = p.cfg.as_ref().expect("int8 modules have a configuration");
+                        m.lower(&LowerCx { name: &n.name, cfg, in_q, out_q })
+                            .map_err(|e| e.within(&n.name))?
+                    }
+                },
+                NodeOp::Add => Box::new(AddOp::new([qs[0], qs[1]], joined(), int8)),
+                NodeOp::Mul => Box::new(MulOp::new([qs[0], qs[1]], joined(), int8)),
+                NodeOp::Cat => Box::new(CatOp::new(qs, joined(), int8)),
             };
             // What the op writes: its own parameters (fixed ones for sigmoid-like tables),
             // else the observed ones (float ops), else its input's.
-            vq[n.output.0] = Some(own_out_q(&op).or(out_q).unwrap_or(in_q));
+            vq[n.output.0] = Some(op.out_q().or(out_q).unwrap_or(in_q));
             qnodes.push(Node {
                 name: n.name,
                 op: NodeOp::Layer(QStep { in_q, op }),
@@ -394,22 +378,20 @@ fn graph_input_q(vq: &[Option<QuantU8>], g: &QGraph) -> Vec<QuantU8> {
 fn fuse_add_relu(g: &mut QGraph) {
     let readers = readers(g);
     for i in 0..g.nodes.len() {
-        let NodeOp::Layer(QStep { op: Op::Add { int8: true, .. }, .. }) = &g.nodes[i].op else { continue };
+        let is_int8_add = step_of(&g.nodes[i]).op.as_any().downcast_ref::<AddOp>().is_some_and(|a| a.int8);
         let out = g.nodes[i].output;
-        if readers[out.0] != 1 {
+        if !is_int8_add || readers[out.0] != 1 {
             continue;
         }
         let Some(j) = g.nodes.iter().position(|n| n.inputs.contains(&out)) else { continue };
-        let is_relu =
-            matches!(&g.nodes[j].op, NodeOp::Layer(QStep { op: Op::SameParams(m), .. }) if m.as_any().is::<ReLU>());
-        if !is_relu {
+        if step_of(&g.nodes[j]).op.as_any().downcast_ref::<ClampOp>().is_none_or(|c| c.six) {
             continue;
         }
-        if let NodeOp::Layer(QStep { op: Op::Add { relu, .. }, .. }) = &mut g.nodes[i].op {
-            *relu = true;
+        if let NodeOp::Layer(step) = &mut g.nodes[i].op {
+            step.op.as_any_mut().downcast_mut::<AddOp>().expect("checked: an addition").relu = true;
         }
         if let NodeOp::Layer(step) = &mut g.nodes[j].op {
-            step.op = Op::Passthrough;
+            step.op = Box::new(PassOp);
         }
     }
 }
@@ -450,143 +432,19 @@ fn activation_quant(obs: &dyn Observer, tensor: &str) -> Result<QuantU8> {
 #[derive(Debug)]
 pub(crate) struct QStep {
     pub(crate) in_q: QuantU8,
-    pub(crate) op: Op,
+    pub(crate) op: Box<dyn QOp>,
 }
 
 /// The int8 model's graph: every node a [`QStep`].
 pub(crate) type QGraph = Graph<QStep>;
 
-/// One step of the int8 model.
-#[derive(Debug)]
-pub(crate) enum Op {
-    Conv {
-        packed: Box<PackedConv2d>,
-        src: Box<ConvSource>,
-        out: OutputQuant,
-    },
-    Linear {
-        packed: Box<PackedLinear>,
-        out: OutputQuant,
-    },
-    Lut {
-        op: UnaryOp,
-        in_q: QuantU8,
-        out_q: QuantU8,
-        tables: Box<UnaryTables>,
-    },
-    SameParams(Box<dyn Module>),
-    Custom {
-        layer: Box<dyn crate::module::Int8Layer>,
-        out_q: QuantU8,
-    },
-    /// Quantizes (or requantizes) to the observed parameters: a `QuantStub`.
-    Quantize {
-        out_q: QuantU8,
-    },
-    Passthrough,
-    Float(Box<dyn Module>),
-    /// Two values added, each quantized with its parameters if it is float (`qs`), into
-    /// `out_q` (ReLU after it when `relu`); in float when not `int8`.
-    Add {
-        qs: [QuantU8; 2],
-        out_q: QuantU8,
-        relu: bool,
-        int8: bool,
-    },
-    /// Two values multiplied, each quantized with its parameters if it is float (`qs`),
-    /// into `out_q`; the second may be `[n, c, 1, 1]` against the first's `[n, c, h, w]`, or
-    /// the other way round. In float when not `int8`.
-    Mul {
-        qs: [QuantU8; 2],
-        out_q: QuantU8,
-        int8: bool,
-    },
-    /// Values concatenated along dimension 1 into `out_q` (each quantized with its `qs` if
-    /// float); in float when not `int8`.
-    Cat {
-        qs: Vec<QuantU8>,
-        out_q: QuantU8,
-        int8: bool,
-    },
-}
-
-/// What a packed convolution was built from (kept so the model can be saved).
-#[derive(Debug)]
-pub(crate) struct ConvSource {
-    /// OHWI int8 weights with their parameters.
-    pub weights: QTensor<i8>,
-    pub bias: Option<Vec<f32>>,
-    pub geom: qkernels::Conv2dGeometry,
-}
-
-fn quantize_weights(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<QTensor<i8>> {
+/// Int8 weights as `cfg`'s weight observer chooses them.
+pub(crate) fn quantize_weights(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<QTensor<i8>> {
     let mut ob = cfg.weight.create()?;
     ob.observe(w.view()).map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} weight"))))?;
     let p = ob.qparams().map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} weight"))))?;
     let spec = ob.spec();
     QTensor::quantize_in_range(w, p, spec.range).map_err(|e| NnError::Op { module: name.into(), source: e })
-}
-
-fn build_op(
-    name: &str,
-    m: Box<dyn Module>,
-    mode: &Mode,
-    in_q: QuantU8,
-    out_q: Option<QuantU8>,
-    cfg: Option<&QConfig>,
-) -> Result<Op> {
-    let op_err = |e| NnError::Op { module: name.to_string(), source: e };
-    Ok(match mode {
-        Mode::Passthrough => Op::Passthrough,
-        Mode::Float(_) => Op::Float(m),
-        Mode::Int8SameParams => Op::SameParams(m),
-        Mode::Int8 => {
-            let cfg = cfg.expect("int8 modules have a configuration");
-            let oq = out_q.expect("int8 modules are observed");
-            let a = m.as_any();
-            if a.is::<QuantStub>() {
-                Op::Quantize { out_q: oq }
-            } else if let Some(conv) = a.downcast_ref::<Conv2d>() {
-                let wq = quantize_weights(name, &conv.weight, cfg)?;
-                let ohwi = wq.int_repr().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
-                let wq = QTensor::from_int_repr(ohwi, wq.params().clone(), wq.range()).map_err(op_err)?;
-                let bias: Option<Vec<f32>> = conv.bias.as_ref().map(|b| b.iter().copied().collect());
-                let packed = Box::new(PackedConv2d::new(&wq, bias.as_deref(), conv.geom).map_err(op_err)?);
-                Op::Conv {
-                    packed,
-                    src: Box::new(ConvSource { weights: wq, bias, geom: conv.geom }),
-                    out: OutputQuant {
-                        scale: oq.scale,
-                        zero_point: oq.zero_point,
-                        activation: conv.activation.kernel(),
-                    },
-                }
-            } else if let Some(lin) = a.downcast_ref::<Linear>() {
-                let wq = quantize_weights(name, &lin.weight, cfg)?;
-                let bias: Option<Vec<f32>> = lin.bias.as_ref().map(|b| b.iter().copied().collect());
-                let packed = Box::new(PackedLinear::new(&wq, bias.as_deref()).map_err(op_err)?);
-                Op::Linear {
-                    packed,
-                    out: OutputQuant {
-                        scale: oq.scale,
-                        zero_point: oq.zero_point,
-                        activation: lin.activation.kernel(),
-                    },
-                }
-            } else if m.has_int8() {
-                let layer = m.int8(in_q, oq).ok_or_else(|| NnError::Fusion {
-                    modules: vec![name.to_string()],
-                    reason: format!("{} says it has an int8 implementation but int8() returned none", m.kind()),
-                })?;
-                Op::Custom { layer, out_q: oq }
-            } else {
-                let op = crate::layers::lookup_table_op(m.as_ref()).expect("mode_of gives Int8 to tables only");
-                // Sigmoid, hardsigmoid and tanh have PyTorch's fixed output parameters.
-                let out_q = op.fixed_output(in_q).unwrap_or(oq);
-                Op::Lut { op, in_q, out_q, tables: Box::new(op.tables(in_q, out_q)) }
-            }
-        }
-    })
 }
 
 /// A tensor between two steps of the int8 model: float (NCHW or 2-D) or `u8` (NHWC data for
@@ -607,7 +465,7 @@ pub enum Value {
 }
 
 impl Value {
-    fn quantize(x: ndarray::ArrayViewD<'_, f32>, q: QuantU8) -> qtensor::Result<Value> {
+    pub(crate) fn quantize(x: ndarray::ArrayViewD<'_, f32>, q: QuantU8) -> qtensor::Result<Value> {
         let shape = x.shape().to_vec();
         let xs = x.as_standard_layout();
         let src = xs.as_slice().expect("standard layout");
@@ -658,7 +516,7 @@ impl Value {
         }
     }
 
-    fn image<'a>(data: &'a [u8], shape: &[usize], q: QuantU8) -> QImage<'a> {
+    pub(crate) fn image<'a>(data: &'a [u8], shape: &[usize], q: QuantU8) -> QImage<'a> {
         QImage { data, n: shape[0], h: shape[2], w: shape[3], c: shape[1], scale: q.scale, zero_point: q.zero_point }
     }
 }
@@ -702,26 +560,6 @@ pub fn report_json(report: &[LayerReport]) -> String {
     serde_json::Value::Array(rows).to_string()
 }
 
-/// SQNR of an op's int8 weights against the float layer's.
-fn weight_sqnr(fm: &dyn Module, op: &Op) -> Option<f64> {
-    match op {
-        Op::Conv { src, .. } => {
-            let float = fm.as_any().downcast_ref::<Conv2d>()?.weight_ohwi();
-            Some(sqnr_db(&float, &src.weights.dequantize()))
-        }
-        Op::Linear { packed, .. } => {
-            let lin = fm.as_any().downcast_ref::<Linear>()?;
-            let pw = packed.weights();
-            let (n, k) = (pw.n(), pw.k());
-            let deq: Vec<f32> = (0..n * k)
-                .map(|i| pw.scales()[i / k] * (pw.raw()[i] as i32 - pw.zero_points()[i / k]) as f32)
-                .collect();
-            Some(sqnr_db(&lin.weight, &ArrayD::from_shape_vec(IxDyn(&[n, k]), deq).ok()?))
-        }
-        _ => None,
-    }
-}
-
 /// `20 log10(|f| / |f - q|)`, infinite for identical tensors.
 pub fn sqnr_db(f: &ArrayD<f32>, q: &ArrayD<f32>) -> f64 {
     let signal: f64 = f.iter().map(|&v| (v as f64).powi(2)).sum();
@@ -755,37 +593,7 @@ pub struct QuantizedModel {
 /// Whether every node computes each image of a batch on its own: true of every built-in op;
 /// a custom layer (int8 or float) may mix images, so its model is never split by batch.
 fn images_apart(g: &QGraph) -> bool {
-    g.nodes.iter().all(|n| {
-        let NodeOp::Layer(step) = &n.op else { unreachable!("int8 graphs hold steps") };
-        match &step.op {
-            Op::Custom { .. } => false,
-            Op::Float(m) | Op::SameParams(m) => crate::layers::computes_images_apart(m.as_ref()),
-            Op::Conv { .. }
-            | Op::Linear { .. }
-            | Op::Lut { .. }
-            | Op::Quantize { .. }
-            | Op::Passthrough
-            | Op::Add { .. }
-            | Op::Mul { .. }
-            | Op::Cat { .. } => true,
-        }
-    })
-}
-
-/// The parameters an op chooses for its output, if it chooses its own.
-fn own_out_q(op: &Op) -> Option<QuantU8> {
-    match op {
-        Op::Conv { out: o, .. } | Op::Linear { out: o, .. } => {
-            Some(QuantU8 { scale: o.scale, zero_point: o.zero_point })
-        }
-        Op::Lut { out_q, .. }
-        | Op::Custom { out_q, .. }
-        | Op::Quantize { out_q }
-        | Op::Add { out_q, .. }
-        | Op::Mul { out_q, .. }
-        | Op::Cat { out_q, .. } => Some(*out_q),
-        Op::SameParams(_) | Op::Passthrough | Op::Float(_) => None,
-    }
+    g.nodes.iter().all(|n| step_of(n).op.images_apart())
 }
 
 /// The step of an int8 graph's node.
@@ -796,12 +604,7 @@ fn step_of(n: &Node<QStep>) -> &QStep {
 
 /// Whether `step`, reading value `t` as input `k`, quantizes it with `q` when it is float.
 fn reads_as_int8(step: &QStep, k: usize, q: QuantU8) -> bool {
-    match &step.op {
-        Op::Conv { .. } | Op::Linear { .. } | Op::Lut { .. } | Op::Custom { .. } => step.in_q == q,
-        Op::Add { qs, int8: true, .. } | Op::Mul { qs, int8: true, .. } => qs[k] == q,
-        Op::Cat { qs, int8: true, .. } => qs[k] == q,
-        _ => false,
-    }
+    step.op.quantizes_input(k, step.in_q) == Some(q)
 }
 
 /// Joins the outputs of consecutive parts of a batch along dimension 0.
@@ -844,7 +647,7 @@ fn non_empty(x: &ArrayD<f32>) -> Result<()> {
 
 /// How a converted model runs: threads per layer, and the largest activation it may allocate.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Run {
+pub struct Run {
     pub(crate) threads: usize,
     pub(crate) max_activation_bytes: usize,
 }
@@ -855,7 +658,7 @@ pub const DEFAULT_MAX_ACTIVATION_BYTES: usize = 1 << 30;
 /// The element count of an activation of shape `dims`, refused when it would exceed the
 /// model's activation budget (or overflow): a hostile saved model (padding of 2^32, say) must
 /// not be able to make a forward pass allocate without bound.
-fn budget(dims: &[usize], elem_bytes: usize, run: Run, kind: &str) -> Result<usize> {
+pub(crate) fn budget(dims: &[usize], elem_bytes: usize, run: Run, kind: &str) -> Result<usize> {
     let len = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     match len.map(|l| (l, l.checked_mul(elem_bytes))) {
         Some((len, Some(bytes))) if bytes <= run.max_activation_bytes => Ok(len),
@@ -871,7 +674,7 @@ fn budget(dims: &[usize], elem_bytes: usize, run: Run, kind: &str) -> Result<usi
 }
 
 /// A pooled `u8` output buffer of shape `dims`, within the budget.
-fn out_buf(dims: &[usize], run: Run, kind: &str) -> Result<Vec<u8>> {
+pub(crate) fn out_buf(dims: &[usize], run: Run, kind: &str) -> Result<Vec<u8>> {
     Ok(scratch::take(budget(dims, 1, run, kind)?))
 }
 
@@ -937,7 +740,7 @@ impl QuantizedModel {
     /// The output parameters of every int8 layer, addition and concatenation that chooses
     /// its own, by name, in execution order.
     pub fn output_quants(&self) -> Vec<(&str, QuantU8)> {
-        self.graph.nodes.iter().filter_map(|n| Some((n.name.as_str(), own_out_q(&step_of(n).op)?))).collect()
+        self.graph.nodes.iter().filter_map(|n| Some((n.name.as_str(), step_of(n).op.out_q()?))).collect()
     }
 
     /// Runs the int8 model and `float` (the same model, fused the same way, in float) side by
@@ -994,18 +797,18 @@ impl QuantizedModel {
             let mut args: Vec<Value> = n.inputs.iter().map(|t| qv[t.0].clone().expect("computed")).collect();
             let step = step_of(n);
             let qy = Self::node_step(step, &mut args, run).map_err(|e| e.within(&n.name))?;
-            let fused_relu = matches!(step.op, Op::Add { relu: true, .. });
+            let fused_relu = step.op.as_any().downcast_ref::<AddOp>().is_some_and(|a| a.relu);
             relu_sums[n.output.0] = fused_relu;
             let sqnr = if fused_relu {
                 Some(sqnr_db(&fy.mapv(|v| v.max(0.0)), &qy.to_f32()))
-            } else if matches!(step.op, Op::Passthrough) {
+            } else if step.op.as_any().is::<PassOp>() {
                 // Nothing computed, unless it is the ReLU its addition applied.
                 relu_sums[n.inputs[0].0].then(|| sqnr_db(&fy, &qy.to_f32()))
             } else {
                 Some(sqnr_db(&fy, &qy.to_f32()))
             };
             let weight = match &f.op {
-                NodeOp::Layer(m) => weight_sqnr(m.module(), &step.op),
+                NodeOp::Layer(m) => step.op.weight_sqnr(m.module()),
                 _ => None,
             };
             out.push(LayerReport {
@@ -1145,20 +948,7 @@ impl QuantizedModel {
 
     /// Runs one node on its input values.
     fn node_step(step: &QStep, args: &mut Vec<Value>, run: Run) -> Result<Value> {
-        match &step.op {
-            Op::Add { qs, out_q, relu, int8 } => {
-                let s = args.pop().expect("two inputs");
-                let b = args.pop().expect("two inputs");
-                residual_add(b, s, qs[0], qs[1], *out_q, *relu, *int8)
-            }
-            Op::Mul { qs, out_q, int8 } => {
-                let b = args.pop().expect("two inputs");
-                let a = args.pop().expect("two inputs");
-                mul_values(a, b, qs, *out_q, *int8)
-            }
-            Op::Cat { qs, out_q, int8 } => concat_values(std::mem::take(args), qs, *out_q, *int8, ""),
-            op => Self::step(op, step.in_q, args.pop().expect("one input"), run),
-        }
+        step.op.run(args, step.in_q, run)
     }
 
     /// Runs the int8 model; float output (dequantized at the end).
@@ -1169,137 +959,6 @@ impl QuantizedModel {
         Ok(self.forward_value(x)?.into_f32())
     }
 
-    fn quantized(v: Value, q_if_float: QuantU8) -> Result<(Vec<u8>, Vec<usize>, QuantU8)> {
-        match v {
-            Value::U8 { data, shape, q } => Ok((data, shape, q)),
-            Value::F32(a) => {
-                match Value::quantize(a.view(), q_if_float)
-                    .map_err(|e| NnError::Op { module: String::new(), source: e })?
-                {
-                    Value::U8 { data, shape, q } => Ok((data, shape, q)),
-                    Value::F32(_) => unreachable!("quantize returns U8"),
-                }
-            }
-        }
-    }
-
-    fn step(op: &Op, in_q: QuantU8, cur: Value, run: Run) -> Result<Value> {
-        let threads = run.threads;
-        let op_err = |e| NnError::Op { module: String::new(), source: e };
-        let shape_err = |kind: &'static str, expected: &str, got: &[usize]| NnError::Shape {
-            module: String::new(),
-            kind,
-            expected: expected.to_string(),
-            got: got.to_vec(),
-        };
-        Ok(match op {
-            Op::Passthrough => cur,
-            Op::Quantize { out_q } => match cur {
-                Value::U8 { q, .. } if q == *out_q => cur,
-                other => Value::quantize(other.into_f32().view(), *out_q).map_err(op_err)?,
-            },
-            // Float stays float: the next int8 op quantizes it with this module's observed
-            // parameters (its `in_q`), and consecutive float modules lose nothing.
-            Op::Float(module) => Value::F32(module.forward(&cur.into_f32())?),
-            Op::Conv { packed, out, .. } => {
-                let (data, shape, q) = Self::quantized(cur, in_q)?;
-                let data = Input::new(data);
-                let [n, c, h, w] = shape[..] else { return Err(shape_err("Conv2d", "a 4-D NCHW input", &shape)) };
-                let (oh, ow) = packed.output_hw(h, w).map_err(op_err)?;
-                let oc = packed.out_channels();
-                let mut y = out_buf(&[n, oh, ow, oc], run, "Conv2d")?;
-                packed.forward_u8(&Value::image(&data, &[n, c, h, w], q), *out, &mut y, threads).map_err(op_err)?;
-                Value::U8 {
-                    data: y,
-                    shape: vec![n, oc, oh, ow],
-                    q: QuantU8 { scale: out.scale, zero_point: out.zero_point },
-                }
-            }
-            Op::Linear { packed, out } => {
-                let (data, shape, q) = Self::quantized(cur, in_q)?;
-                let data = Input::new(data);
-                let [m, k] = shape[..] else {
-                    return Err(shape_err("Linear", "a 2-D [batch, features] input", &shape));
-                };
-                let n = packed.weights().n();
-                let mut y = out_buf(&[m, n], run, "Linear")?;
-                let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
-                packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: *out }, threads).map_err(op_err)?;
-                Value::U8 { data: y, shape: vec![m, n], q: QuantU8 { scale: out.scale, zero_point: out.zero_point } }
-            }
-            Op::Lut { op, in_q: table_q, out_q, tables } => {
-                let (data, shape, q) = Self::quantized(cur, in_q)?;
-                let data = Input::new(data);
-                let mut y = scratch::take(data.len());
-                if q == *table_q {
-                    tables.apply(&data, &mut y).map_err(op_err)?;
-                } else {
-                    op.tables(q, *out_q).apply(&data, &mut y).map_err(op_err)?;
-                }
-                Value::U8 { data: y, shape, q: *out_q }
-            }
-            Op::Custom { layer, out_q } => {
-                let (data, shape, _) = Self::quantized(cur, in_q)?;
-                let data = Input::new(data);
-                let (y, shape) = layer.forward_u8(&data, &shape)?;
-                Value::U8 { data: y, shape, q: *out_q }
-            }
-            Op::Add { .. } | Op::Mul { .. } | Op::Cat { .. } => {
-                unreachable!("additions, products and concatenations run in node_step")
-            }
-            Op::SameParams(m) => match cur {
-                Value::F32(a) => {
-                    if let (Some(p), [n, c, ..]) = (m.as_any().downcast_ref::<AdaptiveAvgPool2d>(), a.shape()) {
-                        budget(&[*n, *c, p.0, p.1], 4, run, "AdaptiveAvgPool2d")?;
-                    }
-                    Value::F32(m.forward(&a)?)
-                }
-                Value::U8 { data, shape, q } => {
-                    let data = Input::new(data);
-                    let a = m.as_any();
-                    if let Some(p) = a.downcast_ref::<AdaptiveAvgPool2d>() {
-                        let [n, c, h, w] = shape[..] else {
-                            return Err(shape_err("AdaptiveAvgPool2d", "a 4-D NCHW input", &shape));
-                        };
-                        let mut y = out_buf(&[n, p.0, p.1, c], run, "AdaptiveAvgPool2d")?;
-                        adaptive_avg_pool2d(&Value::image(&data, &[n, c, h, w], q), (p.0, p.1), q, &mut y)
-                            .map_err(op_err)?;
-                        Value::U8 { data: y, shape: vec![n, c, p.0, p.1], q }
-                    } else if let Some(mp) = a.downcast_ref::<MaxPool2d>() {
-                        let [n, c, h, w] = shape[..] else {
-                            return Err(shape_err("MaxPool2d", "a 4-D NCHW input", &shape));
-                        };
-                        let (oh, ow) = mp.0.output_hw(h, w).map_err(op_err)?;
-                        let mut y = out_buf(&[n, oh, ow, c], run, "MaxPool2d")?;
-                        qkernels::max_pool2d(&Value::image(&data, &[n, c, h, w], q), &mp.0, &mut y).map_err(op_err)?;
-                        Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
-                    } else if let Some(ap) = a.downcast_ref::<AvgPool2d>() {
-                        let [n, c, h, w] = shape[..] else {
-                            return Err(shape_err("AvgPool2d", "a 4-D NCHW input", &shape));
-                        };
-                        let (oh, ow) = ap.0.output_hw(h, w).map_err(op_err)?;
-                        let mut y = out_buf(&[n, oh, ow, c], run, "AvgPool2d")?;
-                        qkernels::avg_pool2d(&Value::image(&data, &[n, c, h, w], q), &ap.0, q, &mut y)
-                            .map_err(op_err)?;
-                        Value::U8 { data: y, shape: vec![n, c, oh, ow], q }
-                    } else if a.is::<Flatten>() {
-                        if let [n, c, h, w] = shape[..] {
-                            let mut y = scratch::take(data.len());
-                            flatten_nchw_order(&Value::image(&data, &[n, c, h, w], q), &mut y).map_err(op_err)?;
-                            Value::U8 { data: y, shape: vec![n, c * h * w], q }
-                        } else {
-                            Value::U8 { data: data.into_inner(), shape, q }
-                        }
-                    } else {
-                        let op = if a.is::<ReLU6>() { UnaryOp::Relu6 } else { UnaryOp::Relu };
-                        let mut y = scratch::take(data.len());
-                        op.tables(q, q).apply(&data, &mut y).map_err(op_err)?;
-                        Value::U8 { data: y, shape, q }
-                    }
-                }
-            },
-        })
-    }
 }
 
 fn mismatch(name: &str) -> NnError {
@@ -1310,143 +969,17 @@ fn mismatch(name: &str) -> NnError {
     }
 }
 
-/// Adds two values in int8 (each quantized with its branch's parameters if it is float), or
-/// in float for a residual kept in float.
-fn residual_add(
-    b: Value,
-    s: Value,
-    body_q: QuantU8,
-    short_q: QuantU8,
-    add_q: QuantU8,
-    relu: bool,
-    int8: bool,
-) -> Result<Value> {
-    if !int8 {
-        let mut y = b.into_f32() + s.into_f32();
-        if relu {
-            y.mapv_inplace(|v| v.max(0.0));
-        }
-        return Ok(Value::F32(y));
-    }
-    let (bd, bs, bq) = QuantizedModel::quantized(b, body_q)?;
-    let (sd, ss, sq) = QuantizedModel::quantized(s, short_q)?;
-    if bs != ss {
-        return Err(NnError::Shape {
-            module: String::new(),
-            kind: "Residual add",
-            expected: format!("the shortcut's shape {ss:?}"),
-            got: bs,
-        });
-    }
-    let (bd, sd) = (Input::new(bd), Input::new(sd));
-    let mut y = scratch::take(bd.len());
-    // ReLU after the addition keeps its parameters: Q(max(c, 0)) = max(Q(c), zp).
-    qkernels::add(&bd, bq, &sd, sq, &mut y, add_q, relu)
-        .map_err(|e| NnError::Op { module: String::new(), source: e })?;
-    Ok(Value::U8 { data: y, shape: bs, q: add_q })
-}
-
-/// Multiplies two values in int8 (each quantized with its parameters if it is float):
-/// elementwise for one shape, or one value per image and channel (`[n, c, 1, 1]`) scaling
-/// every pixel of the other; in float for a product kept in float.
-fn mul_values(a: Value, b: Value, qs: &[QuantU8; 2], out_q: QuantU8, int8: bool) -> Result<Value> {
-    let shape_err = |a: &[usize], b: &[usize]| NnError::Shape {
-        module: String::new(),
-        kind: "mul",
-        expected: format!("a second operand of the first's shape {a:?}, or one of them [n, c, 1, 1]"),
-        got: b.to_vec(),
+/// A value's `u8` data, logical shape and parameters: as it is if quantized, else quantized
+/// with `q_if_float`.
+pub(crate) fn quantized(v: Value, q_if_float: QuantU8) -> Result<(Vec<u8>, Vec<usize>, QuantU8)> {
+    let v = match v {
+        Value::F32(a) => Value::quantize(a.view(), q_if_float).map_err(|e| NnError::Op { module: String::new(), source: e })?,
+        v => v,
     };
-    if !int8 {
-        let (a, b) = (a.into_f32(), b.into_f32());
-        return Ok(Value::F32(crate::graph::mul_f32(&a, &b, "")?));
+    match v {
+        Value::U8 { data, shape, q } => Ok((data, shape, q)),
+        Value::F32(_) => unreachable!("quantized above"),
     }
-    let op_err = |e| NnError::Op { module: String::new(), source: e };
-    let (ad, ashape, aq) = QuantizedModel::quantized(a, qs[0])?;
-    let (bd, bshape, bq) = QuantizedModel::quantized(b, qs[1])?;
-    let (ad, bd) = (Input::new(ad), Input::new(bd));
-    // The full-size operand first; a gate [n, c, 1, 1] second.
-    let gate = |big: &[usize], small: &[usize]| {
-        big.len() == 4 && small.len() == 4 && big[..2] == small[..2] && small[2] == 1 && small[3] == 1
-    };
-    let (big, bigq, bigshape, small, smallq) = if ashape == bshape || gate(&ashape, &bshape) {
-        (&ad, aq, &ashape, &bd, bq)
-    } else if gate(&bshape, &ashape) {
-        (&bd, bq, &bshape, &ad, aq)
-    } else {
-        return Err(shape_err(&ashape, &bshape));
-    };
-    let mut y = scratch::take(big.len());
-    if ashape == bshape {
-        qkernels::mul(big, bigq, small, smallq, &mut y, out_q).map_err(op_err)?;
-    } else {
-        let [n, c, h, w] = bigshape[..] else { unreachable!("checked: 4-D") };
-        qkernels::mul_channels(big, bigq, (n, h * w, c), small, smallq, &mut y, out_q).map_err(op_err)?;
-    }
-    Ok(Value::U8 { data: y, shape: bigshape.clone(), q: out_q })
-}
-
-/// Concatenates branch outputs along channels in int8 (requantizing to `out_q`; a float
-/// branch output is first quantized with its observed parameters), or in float for a
-/// concatenation kept in float.
-fn concat_values(parts: Vec<Value>, branch_q: &[QuantU8], out_q: QuantU8, int8: bool, name: &str) -> Result<Value> {
-    if !int8 {
-        let parts: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
-        return Ok(Value::F32(cat_dim1(&parts, name)?));
-    }
-    if parts.iter().all(|p| matches!(p, Value::U8 { shape, .. } if shape.len() == 2)) {
-        // PyTorch's `quantized::cat` off its channels-last path: dequantize, concatenate,
-        // quantize.
-        let floats: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
-        let y = cat_dim1(&floats, name)?;
-        return Value::quantize(y.view(), out_q).map_err(|e| NnError::Op { module: name.to_string(), source: e });
-    }
-    let mut quantized = Vec::with_capacity(parts.len());
-    for (v, q) in parts.into_iter().zip(branch_q) {
-        quantized.push(QuantizedModel::quantized(v, *q)?);
-    }
-    let dims = |s: &[usize]| match *s {
-        [n, c, h, w] => Some((n, h, w, c)),
-        [n, c] => Some((n, 1, 1, c)),
-        _ => None,
-    };
-    let first = &quantized[0].1;
-    let Some((n, h, w, _)) = dims(first) else {
-        return Err(NnError::Shape {
-            module: name.to_string(),
-            kind: "Concat",
-            expected: "4-D [batch, channels, height, width] or 2-D [batch, features] branch outputs".into(),
-            got: first.clone(),
-        });
-    };
-    let mut images = Vec::with_capacity(quantized.len());
-    let mut channels = 0;
-    for (data, shape, q) in &quantized {
-        match dims(shape) {
-            Some((bn, bh, bw, c)) if (bn, bh, bw) == (n, h, w) && shape.len() == first.len() => {
-                channels += c;
-                images.push(qkernels::QImage { data, n, h, w, c, scale: q.scale, zero_point: q.zero_point });
-            }
-            _ => {
-                return Err(NnError::Shape {
-                    module: name.to_string(),
-                    kind: "Concat",
-                    expected: format!(
-                        "branch outputs that differ only in dimension 1 (channels); the first branch gave {first:?}"
-                    ),
-                    got: shape.clone(),
-                })
-            }
-        }
-    }
-    let mut out = scratch::take(n * h * w * channels);
-    qkernels::cat_channels(&images, &mut out, out_q)
-        .map_err(|e| NnError::Op { module: name.to_string(), source: e })?;
-    let shape = if first.len() == 4 { vec![n, channels, h, w] } else { vec![n, channels] };
-    drop(images);
-    for (data, _, _) in quantized {
-        scratch::give(data);
-    }
-    Ok(Value::U8 { data: out, shape, q: out_q })
 }
 
 /// A copy of `v` in a pooled buffer (for the branches that share an input).

@@ -91,7 +91,7 @@ fn hostile_geometry_is_refused_before_allocating() {
     let input = x(1, 1, 8);
     // Padding of 2^31 on the first convolution: a 2^32 x 2^32 output (the product would also
     // overflow usize with enough channels).
-    let huge = edited(&bytes, |d| d["nodes"][0]["op"]["geom"][1] = serde_json::json!([1u64 << 31, 1u64 << 31]));
+    let huge = edited(&bytes, |d| d["nodes"][0]["attrs"]["padding"] = serde_json::json!([1u64 << 31, 1u64 << 31]));
     let model = QuantizedModel::from_bytes(&huge).unwrap();
     let e = model.forward(&input).unwrap_err();
     assert!(matches!(e, qnn::NnError::Limit { .. }), "{e:?}");
@@ -111,7 +111,7 @@ fn hostile_geometry_is_refused_before_allocating() {
     let pool = edited(&bytes, |d| {
         let nodes = d["nodes"].as_array_mut().unwrap();
         let p = nodes.iter_mut().find(|n| n["name"] == "pool").unwrap();
-        p["op"]["size"] = serde_json::json!([1u64 << 20, 1u64 << 20]);
+        p["attrs"] = serde_json::json!([1u64 << 20, 1u64 << 20]);
     });
     let e = QuantizedModel::from_bytes(&pool).unwrap().forward(&input).unwrap_err().to_string();
     assert!(e.contains("pool") && e.contains("AdaptiveAvgPool2d output"), "{e}");

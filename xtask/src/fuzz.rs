@@ -10,10 +10,10 @@ use std::process::Command;
 use ndarray::{ArrayD, IxDyn};
 use qkernels::Pool2d;
 use qnn::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, DeQuantStub, Dropout, Flatten, Hardswish, Linear, MaxPool2d,
-    QuantStub, ReLU, ReLU6, Sigmoid,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, ChannelShuffle, Conv2d, DeQuantStub, Dropout, Flatten, HardSigmoid,
+    Hardswish, Linear, MaxPool2d, Permute, QuantStub, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Softmax, Tanh, GELU,
 };
-use qnn::{fuse, prepare, zoo, Concat, QConfigMapping, Residual, Sequential};
+use qnn::{fuse, prepare, zoo, Concat, Graph, GraphBuilder, QConfigMapping, Residual, Sequential};
 use qobserve::QConfig;
 
 pub const TARGETS: [&str; 2] = ["load_model", "load_state_dict"];
@@ -54,9 +54,41 @@ fn every_kind() -> Sequential {
         .add("dequant", DeQuantStub)
 }
 
+/// The graph ops and the rest of the op files in one graph: a squeeze-and-excitation product,
+/// the other lookup tables, the shape ops, softmax, and a convolution and a linear layer kept
+/// in float (saved with their weights).
+fn every_graph_op() -> Result<Graph, qnn::NnError> {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("stem", Conv2d::new(1, 4, 3).padding(1), x)?;
+    let y = g.layer("silu", SiLU, y)?;
+    let s = g.layer("se.pool", AdaptiveAvgPool2d(1, 1), y)?;
+    let s = g.layer("se.fc", Conv2d::new(4, 4, 1), s)?;
+    let s = g.layer("se.gate", HardSigmoid, s)?;
+    let y = g.mul("se.scale", y, s)?;
+    let y = g.layer("shuffle", ChannelShuffle { groups: 2 }, y)?;
+    let y = g.layer("tanh", Tanh, y)?;
+    let y = g.layer("float_conv", Conv2d::new(4, 4, 1), y)?;
+    let y = g.layer("tokens", Reshape::batch_and(&[4, -1]), y)?;
+    let y = g.layer("swap", Permute { dims: vec![0, 2, 1] }, y)?;
+    let y = g.layer("gelu", GELU { tanh: true }, y)?;
+    let y = g.layer("softmax", Softmax { dim: -1 }, y)?;
+    let y = g.layer("flat", Flatten, y)?;
+    let y = g.layer("float_fc", Linear::new(4 * 64, 3), y)?;
+    g.output(y);
+    let mut graph = g.build()?;
+    zoo::randomize(&mut graph, 4);
+    Ok(graph)
+}
+
 fn saved(mut model: Sequential, x: &ArrayD<f32>) -> Result<Vec<u8>, String> {
     fuse(&mut model).map_err(|e| e.to_string())?;
-    let mut p = prepare(model, &QConfigMapping::new(QConfig::default())).map_err(|e| e.to_string())?;
+    saved_graph(model.into(), &QConfigMapping::new(QConfig::default()), x)
+}
+
+fn saved_graph(mut model: Graph, mapping: &QConfigMapping, x: &ArrayD<f32>) -> Result<Vec<u8>, String> {
+    qnn::fuse_graph(&mut model).map_err(|e| e.to_string())?;
+    let mut p = prepare(model, mapping).map_err(|e| e.to_string())?;
     p.calibrate(x).map_err(|e| e.to_string())?;
     p.convert().map_err(|e| e.to_string())?.to_bytes().map_err(|e| e.to_string())
 }
@@ -70,6 +102,14 @@ pub fn write_seeds(root: &Path, dir: &Path) -> Result<(), String> {
     let models = [
         ("digits.qmodel", saved(digits, &input(&[4, 1, 8, 8]))?),
         ("every_kind.qmodel", saved(kinds, &input(&[2, 1, 8, 8]))?),
+        (
+            "every_graph_op.qmodel",
+            saved_graph(
+                every_graph_op().map_err(|e| e.to_string())?,
+                &QConfigMapping::new(QConfig::default()).skip_name("float_conv").skip_name("float_fc"),
+                &input(&[2, 1, 8, 8]),
+            )?,
+        ),
     ];
     let weights = std::fs::read(root.join("qnn/data/digits_model.safetensors")).map_err(|e| e.to_string())?;
     for (target, files) in [("load_model", &models[..]), ("load_state_dict", &[("digits.safetensors", weights)][..])] {

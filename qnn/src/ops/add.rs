@@ -1,0 +1,112 @@
+//! The sum of two values of one shape (PyTorch's `FloatFunctional().add`, ONNX `Add`): in
+//! float, and in int8 (`qkernels::add`, each input with its parameters, the sum requantized
+//! to the observed ones; a ReLU after it is applied in the same pass when the conversion
+//! fuses it).
+
+use std::any::Any;
+
+use ndarray::ArrayD;
+use qkernels::QuantU8;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, op_err, parse, OpWriter, QOp, SavedQ};
+use crate::error::{NnError, Result};
+use crate::quant::{quantized, Run, Value};
+use crate::scratch::{self, Input};
+
+/// `a + b`, of one shape.
+pub(crate) fn add_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
+    if a.shape() != b.shape() {
+        return Err(NnError::Shape {
+            module: name.to_string(),
+            kind: "add",
+            expected: format!(
+                "the other operand's shape {:?} (add a downsample branch when one branch changes the shape)",
+                b.shape()
+            ),
+            got: a.shape().to_vec(),
+        });
+    }
+    Ok(a + b)
+}
+
+/// The addition in the converted model.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct AddOp {
+    /// The parameters each input is quantized with if it arrives in float.
+    pub(crate) qs: [SavedQ; 2],
+    pub(crate) out_q: SavedQ,
+    /// A ReLU applied to the sum: `Q(max(c, 0)) = max(Q(c), zp)`.
+    pub(crate) relu: bool,
+    /// In int8 (else in float).
+    pub(crate) int8: bool,
+    /// The validated parameters.
+    #[serde(skip)]
+    q: Option<[QuantU8; 3]>,
+}
+
+impl AddOp {
+    pub(crate) fn new(qs: [QuantU8; 2], out_q: QuantU8, int8: bool) -> Self {
+        AddOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), relu: false, int8, q: Some([qs[0], qs[1], out_q]) }
+    }
+    fn params(&self) -> [QuantU8; 3] {
+        self.q.expect("built or loaded with validated parameters")
+    }
+}
+
+pub(crate) const OP: (&str, super::OpLoader) = ("Add", |j, _, node| {
+    let mut op: AddOp = parse(j, node, "Add")?;
+    op.q = Some([op.qs[0].get()?, op.qs[1].get()?, op.out_q.get()?]);
+    Ok(Box::new(op))
+});
+
+impl QOp for AddOp {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        let s = args.pop().expect("two inputs");
+        let b = args.pop().expect("two inputs");
+        if !self.int8 {
+            let mut y = add_f32(&b.into_f32(), &s.into_f32(), "")?;
+            if self.relu {
+                y.mapv_inplace(|v| v.max(0.0));
+            }
+            return Ok(Value::F32(y));
+        }
+        let [body_q, short_q, add_q] = self.params();
+        let (bd, bs, bq) = quantized(b, body_q)?;
+        let (sd, ss, sq) = quantized(s, short_q)?;
+        if bs != ss {
+            return Err(NnError::Shape {
+                module: String::new(),
+                kind: "add",
+                expected: format!("the other operand's shape {ss:?}"),
+                got: bs,
+            });
+        }
+        let (bd, sd) = (Input::new(bd), Input::new(sd));
+        let mut y = scratch::take(bd.len());
+        qkernels::add(&bd, bq, &sd, sq, &mut y, add_q, self.relu).map_err(op_err)?;
+        Ok(Value::U8 { data: y, shape: bs, q: add_q })
+    }
+    fn out_q(&self) -> Option<QuantU8> {
+        Some(self.params()[2])
+    }
+    fn quantizes_input(&self, k: usize, _in_q: QuantU8) -> Option<QuantU8> {
+        self.int8.then(|| self.params()[k])
+    }
+    fn takes_inputs(&self, n: usize) -> bool {
+        n == 2
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

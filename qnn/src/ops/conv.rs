@@ -1,0 +1,362 @@
+//! `Conv2d`: the float layer, and its int8 form (a packed convolution with the
+//! requantization, bias and fused ReLU / ReLU6 in its epilogue).
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use qkernels::{conv2d_f32, Conv2dGeometry, OutputQuant, PackedConv2d, QuantU8};
+use qtensor::{DType, QParams, QTensor, QuantRange};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, bad, nchw_of, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
+use crate::error::Result;
+use crate::layers::{from_nhwc, nchw, shape_err, to_nhwc, FusedAct};
+use crate::module::Module;
+use crate::quant::{out_buf, quantize_weights, quantized, Mode, Run, Value};
+use crate::scratch::Input;
+
+/// `nn.Conv2d`: weight `[out, in / groups, kh, kw]` (OIHW), optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Weights, OIHW.
+    pub weight: ArrayD<f32>,
+    /// Bias.
+    pub bias: Option<ArrayD<f32>>,
+    /// Stride, padding, dilation, groups.
+    pub geom: Conv2dGeometry,
+    /// Activation fused into this layer.
+    pub activation: FusedAct,
+}
+
+impl Conv2d {
+    /// Zero weights of shape `[out, in / groups, k, k]`, a zero bias, stride 1, no padding.
+    pub fn new(in_channels: usize, out_channels: usize, k: usize) -> Self {
+        Conv2d {
+            weight: ArrayD::zeros(IxDyn(&[out_channels, in_channels, k, k])),
+            bias: Some(ArrayD::zeros(IxDyn(&[out_channels]))),
+            geom: Conv2dGeometry::default(),
+            activation: FusedAct::None,
+        }
+    }
+    /// With a stride.
+    pub fn stride(mut self, s: usize) -> Self {
+        self.geom.stride = [s, s];
+        self
+    }
+    /// With padding.
+    pub fn padding(mut self, p: usize) -> Self {
+        self.geom.padding = [p, p];
+        self
+    }
+    /// With dilation.
+    pub fn dilation(mut self, d: usize) -> Self {
+        self.geom.dilation = [d, d];
+        self
+    }
+    /// With groups (the weight's input dimension shrinks accordingly).
+    pub fn groups(mut self, g: usize) -> Self {
+        let s = self.weight.shape().to_vec();
+        self.geom.groups = g;
+        self.weight = ArrayD::zeros(IxDyn(&[s[0], s[1] / g.max(1), s[2], s[3]]));
+        self
+    }
+    /// Without a bias.
+    pub fn no_bias(mut self) -> Self {
+        self.bias = None;
+        self
+    }
+    /// The weights as OHWI, the kernels' layout.
+    pub fn weight_ohwi(&self) -> ArrayD<f32> {
+        self.weight.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned()
+    }
+}
+
+impl Module for Conv2d {
+    fn kind(&self) -> &'static str {
+        "Conv2d"
+    }
+
+    fn lowering(&self) -> Mode {
+        Mode::Int8
+    }
+
+    fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        let op_err = |e| crate::NnError::Op { module: cx.name.to_string(), source: e };
+        let wq = quantize_weights(cx.name, &self.weight, cx.cfg)?;
+        let ohwi = wq.int_repr().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
+        let weights = QTensor::from_int_repr(ohwi, wq.params().clone(), wq.range()).map_err(op_err)?;
+        let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.iter().copied().collect());
+        let packed = Box::new(PackedConv2d::new(&weights, bias.as_deref(), self.geom).map_err(op_err)?);
+        let oq = cx.out_q();
+        let out = OutputQuant { scale: oq.scale, zero_point: oq.zero_point, activation: self.activation.kernel() };
+        Ok(Box::new(ConvOp { packed, weights, bias, geom: self.geom, out, activation: self.activation }))
+    }
+
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+
+    fn save(&self, node: &str, w: &mut OpWriter) -> Option<Result<J>> {
+        Some(Ok(self.save_float(node, w)))
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("Conv2d", x, "[batch, channels, height, width]")?;
+        let ws = self.weight.shape();
+        let (oc, icg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+        if c != icg * self.geom.groups {
+            return Err(shape_err(
+                "Conv2d",
+                format!(
+                    "{} input channels (weight {ws:?}, groups {}); check the previous layer's output channels",
+                    icg * self.geom.groups,
+                    self.geom.groups
+                ),
+                x,
+            ));
+        }
+        let g = &self.geom;
+        let span = |k: usize, d: usize| d * (k - 1) + 1;
+        if h + 2 * g.padding[0] < span(kh, g.dilation[0]) || w + 2 * g.padding[1] < span(kw, g.dilation[1]) {
+            return Err(shape_err(
+                "Conv2d",
+                format!("an input of at least {kh}x{kw} (with padding {:?})", g.padding),
+                x,
+            ));
+        }
+        let oh = (h + 2 * g.padding[0] - span(kh, g.dilation[0])) / g.stride[0] + 1;
+        let ow = (w + 2 * g.padding[1] - span(kw, g.dilation[1])) / g.stride[1] + 1;
+        let mut out = vec![0.0f32; n * oh * ow * oc];
+        let wt = self.weight_ohwi();
+        let bias = self.bias.as_ref().map(|b| b.as_slice().expect("contiguous bias").to_vec());
+        conv2d_f32(
+            &to_nhwc(x),
+            (n, h, w, c),
+            wt.as_slice().expect("standard layout"),
+            (oc, kh, kw),
+            bias.as_deref(),
+            *g,
+            &mut out,
+        )
+        .map_err(op_err)?;
+        let mut y = from_nhwc(out, [n, oh, ow, oc]);
+        self.activation.apply(&mut y);
+        Ok(y)
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        let mut v = vec![("weight", &self.weight)];
+        if let Some(b) = &self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        let mut v = vec![("weight", &mut self.weight)];
+        if let Some(b) = &mut self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The int8 convolution: packed weights (and what they were packed from, to save them).
+#[derive(Debug)]
+pub struct ConvOp {
+    packed: Box<PackedConv2d>,
+    /// OHWI int8 weights with their parameters.
+    weights: QTensor<i8>,
+    bias: Option<Vec<f32>>,
+    geom: Conv2dGeometry,
+    out: OutputQuant,
+    activation: FusedAct,
+}
+
+/// The saved form of a [`ConvOp`] (its tensors are named by the keys).
+#[derive(Serialize, Deserialize)]
+struct ConvAttrs {
+    /// OHWI `i8` weights.
+    weight: String,
+    /// Per output channel (or one) scales and zero points.
+    scales: String,
+    zero_points: String,
+    per_channel: bool,
+    bias: Option<String>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+    out_q: SavedQ,
+    activation: FusedAct,
+}
+
+/// Saves int8 weights' parameters; returns the keys.
+pub(crate) fn save_weight_params(node: &str, params: &QParams, n: usize, w: &mut OpWriter) -> (String, String) {
+    let scales: Vec<f32> = (0..n).map(|c| params.scale(c)).collect();
+    let zps: Vec<i32> = (0..n).map(|c| params.zero_point(c)).collect();
+    (w.f32s(format!("{node}.weight_scales"), vec![n], &scales), w.i32s(format!("{node}.weight_zero_points"), &zps))
+}
+
+/// Loads int8 weights saved with [`save_weight_params`].
+pub(crate) fn load_weights(
+    r: &OpReader<'_>,
+    weight: &str,
+    scales: &str,
+    zero_points: &str,
+    per_channel: bool,
+) -> Result<QTensor<i8>> {
+    let (shape, data) = r.i8s(weight)?;
+    let (_, scales) = r.f32s(scales)?;
+    let zps = r.i32s(zero_points)?;
+    let params = if per_channel {
+        QParams::per_channel(scales, zps, 0)
+    } else {
+        match (scales.first(), zps.first()) {
+            (Some(&s), Some(&z)) => QParams::per_tensor(s, z),
+            _ => return Err(bad(format!("{weight}: weight parameters are empty"))),
+        }
+    }
+    .map_err(|e| bad(format!("{weight}: {e}")))?;
+    let arr = ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| bad(format!("{weight}: {e}")))?;
+    QTensor::from_int_repr(arr, params, QuantRange::full(DType::I8)).map_err(|e| bad(format!("{weight}: {e}")))
+}
+
+pub(crate) const OP: (&str, super::OpLoader) = ("Conv2d", load);
+
+fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
+    let a: ConvAttrs = parse(j, node, "Conv2d")?;
+    let weights = load_weights(r, &a.weight, &a.scales, &a.zero_points, a.per_channel)?;
+    let bias = a.bias.as_deref().map(|k| r.f32s(k).map(|v| v.1)).transpose()?;
+    let geom = Conv2dGeometry { stride: a.stride, padding: a.padding, dilation: a.dilation, groups: a.groups };
+    let packed =
+        Box::new(PackedConv2d::new(&weights, bias.as_deref(), geom).map_err(|e| bad(format!("{node}: {e}")))?);
+    let q = a.out_q.get()?;
+    let out = OutputQuant { scale: q.scale, zero_point: q.zero_point, activation: a.activation.kernel() };
+    Ok(Box::new(ConvOp { packed, weights, bias, geom, out, activation: a.activation }))
+}
+
+impl QOp for ConvOp {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+
+    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
+        let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
+        let data = Input::new(data);
+        let [n, _, h, w] = nchw_of(&shape, "Conv2d")?;
+        let (oh, ow) = self.packed.output_hw(h, w).map_err(op_err)?;
+        let oc = self.packed.out_channels();
+        let mut y = out_buf(&[n, oh, ow, oc], run, "Conv2d")?;
+        self.packed.forward_u8(&Value::image(&data, &shape, q), self.out, &mut y, run.threads).map_err(op_err)?;
+        Ok(Value::U8 {
+            data: y,
+            shape: vec![n, oc, oh, ow],
+            q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point },
+        })
+    }
+
+    fn out_q(&self) -> Option<QuantU8> {
+        Some(QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point })
+    }
+
+    fn quantizes_input(&self, _k: usize, in_q: QuantU8) -> Option<QuantU8> {
+        Some(in_q)
+    }
+
+    fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
+        let shape = self.weights.shape().to_vec();
+        let weight = w.i8s(format!("{node}.weight_int8"), shape.clone(), self.weights.as_slice());
+        let (scales, zero_points) = save_weight_params(node, self.weights.params(), shape[0], w);
+        let bias = self.bias.as_ref().map(|b| w.f32s(format!("{node}.bias"), vec![b.len()], b));
+        let g = self.geom;
+        Ok(attrs(&ConvAttrs {
+            weight,
+            scales,
+            zero_points,
+            per_channel: self.weights.params().axis().is_some(),
+            bias,
+            stride: g.stride,
+            padding: g.padding,
+            dilation: g.dilation,
+            groups: g.groups,
+            out_q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point }.into(),
+            activation: self.activation,
+        }))
+    }
+
+    fn weight_sqnr(&self, float: &dyn Module) -> Option<f64> {
+        let float = float.as_any().downcast_ref::<Conv2d>()?.weight_ohwi();
+        Some(crate::quant::sqnr_db(&float, &self.weights.dequantize()))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The saved form of a float `Conv2d` (kept in float by the configuration).
+#[derive(Serialize, Deserialize)]
+struct FloatConvAttrs {
+    weight: String,
+    bias: Option<String>,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+    activation: FusedAct,
+}
+
+/// Stores a float tensor under `{node}.{name}`; returns the key.
+pub(crate) fn save_f32(node: &str, name: &str, a: &ArrayD<f32>, w: &mut OpWriter) -> String {
+    w.f32s(format!("{node}.{name}"), a.shape().to_vec(), &a.iter().copied().collect::<Vec<_>>())
+}
+
+/// Loads a float tensor stored by [`save_f32`].
+pub(crate) fn load_f32(r: &OpReader<'_>, key: &str) -> Result<ArrayD<f32>> {
+    let (shape, v) = r.f32s(key)?;
+    ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| bad(format!("{key}: {e}")))
+}
+
+impl Conv2d {
+    fn save_float(&self, node: &str, w: &mut OpWriter) -> J {
+        let g = self.geom;
+        attrs(&FloatConvAttrs {
+            weight: save_f32(node, "weight", &self.weight, w),
+            bias: self.bias.as_ref().map(|b| save_f32(node, "bias", b, w)),
+            stride: g.stride,
+            padding: g.padding,
+            dilation: g.dilation,
+            groups: g.groups,
+            activation: self.activation,
+        })
+    }
+}
+
+/// The float layers of this file a saved model's float fallbacks can hold.
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[("Conv2d", |j, r| {
+    let a: FloatConvAttrs = parse(j, "Conv2d", "Conv2d")?;
+    let weight = load_f32(r, &a.weight)?;
+    if weight.ndim() != 4 {
+        return Err(bad(format!("{}: a Conv2d weight is 4-D, not {:?}", a.weight, weight.shape())));
+    }
+    Ok(Box::new(Conv2d {
+        weight,
+        bias: a.bias.as_deref().map(|k| load_f32(r, k)).transpose()?,
+        geom: Conv2dGeometry { stride: a.stride, padding: a.padding, dilation: a.dilation, groups: a.groups },
+        activation: a.activation,
+    }))
+})];

@@ -1,0 +1,136 @@
+//! Layers that run in float in the converted model (no int8 form, an unfused batch-norm, or
+//! kept in float by the configuration), and custom layers' own int8 forms
+//! ([`Module::int8`]). A float layer is saved through its [`Module::save`] and loaded through
+//! the registry by its kind; a custom int8 layer through [`Int8Layer::save`] and
+//! [`super::register_int8_layer`].
+
+use std::any::Any;
+
+use qkernels::QuantU8;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, bad, int8_layer_loader, layer_loader, parse, OpWriter, QOp, SavedQ};
+use crate::error::{NnError, Result};
+use crate::module::{Int8Layer, Module};
+use crate::quant::{quantized, Run, Value};
+use crate::scratch::Input;
+
+/// A float layer between automatic boundaries: a quantized input is dequantized; its output
+/// stays float, and the next int8 op quantizes it with this layer's observed parameters.
+#[derive(Debug)]
+pub struct FloatOp(pub(crate) Box<dyn Module>);
+
+/// The saved form of a float layer: its kind and what its `save` wrote.
+#[derive(Serialize, Deserialize)]
+struct FloatAttrs {
+    layer: String,
+    attrs: J,
+}
+
+pub(crate) const FLOAT: (&str, super::OpLoader) = ("Float", |j, r, node| {
+    let a: FloatAttrs = parse(j, node, "Float")?;
+    let load = layer_loader(&a.layer, node)?;
+    let layer = load(&a.attrs, r).map_err(|e| match e {
+        NnError::File { reason, .. } => bad(format!("{node} ({}): {reason}", a.layer)),
+        other => other,
+    })?;
+    if layer.kind() != a.layer {
+        return Err(bad(format!("{node}: the loader of '{}' built a '{}'", a.layer, layer.kind())));
+    }
+    Ok(Box::new(FloatOp(layer)))
+});
+
+impl QOp for FloatOp {
+    fn op_name(&self) -> &'static str {
+        FLOAT.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        Ok(Value::F32(self.0.forward(&args.pop().expect("one input").into_f32())?))
+    }
+    fn images_apart(&self) -> bool {
+        self.0.computes_images_apart()
+    }
+    fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
+        let kind = self.0.kind();
+        let saved = self.0.save(node, w).ok_or_else(|| NnError::File {
+            file: String::new(),
+            reason: format!(
+                "cannot save '{node}': its layer {kind} runs in float and has no Module::save; implement save \
+                 (and register a loader with qnn::ops::register_layer before loading)"
+            ),
+        })??;
+        Ok(attrs(&FloatAttrs { layer: kind.to_string(), attrs: saved }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// A custom layer's int8 form ([`Module::int8`]).
+#[derive(Debug)]
+pub struct Int8LayerOp {
+    pub(crate) kind: &'static str,
+    pub(crate) layer: Box<dyn Int8Layer>,
+    pub(crate) out_q: QuantU8,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Int8LayerAttrs {
+    layer: String,
+    out_q: SavedQ,
+    attrs: J,
+}
+
+pub(crate) const INT8_LAYER: (&str, super::OpLoader) = ("Int8Layer", |j, r, node| {
+    let a: Int8LayerAttrs = parse(j, node, "Int8Layer")?;
+    let (kind, load) = int8_layer_loader(&a.layer, node)?;
+    let layer = load(&a.attrs, r)?;
+    Ok(Box::new(Int8LayerOp { kind, layer, out_q: a.out_q.get()? }))
+});
+
+/// The op of a custom layer's int8 form.
+pub(crate) fn int8_layer_op(kind: &'static str, layer: Box<dyn Int8Layer>, out_q: QuantU8) -> Box<dyn QOp> {
+    Box::new(Int8LayerOp { kind, layer, out_q })
+}
+
+impl QOp for Int8LayerOp {
+    fn op_name(&self) -> &'static str {
+        INT8_LAYER.0
+    }
+    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, _run: Run) -> Result<Value> {
+        let (data, shape, _) = quantized(args.pop().expect("one input"), in_q)?;
+        let data = Input::new(data);
+        let (y, shape) = self.layer.forward_u8(&data, &shape)?;
+        Ok(Value::U8 { data: y, shape, q: self.out_q })
+    }
+    fn out_q(&self) -> Option<QuantU8> {
+        Some(self.out_q)
+    }
+    fn quantizes_input(&self, _k: usize, in_q: QuantU8) -> Option<QuantU8> {
+        Some(in_q)
+    }
+    fn images_apart(&self) -> bool {
+        false
+    }
+    fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
+        let saved = self.layer.save(node, w).ok_or_else(|| NnError::File {
+            file: String::new(),
+            reason: format!(
+                "cannot save '{node}': its custom int8 layer {} has no Int8Layer::save; implement save (and \
+                 register a loader with qnn::ops::register_int8_layer before loading)",
+                self.kind
+            ),
+        })??;
+        Ok(attrs(&Int8LayerAttrs { layer: self.kind.to_string(), out_q: self.out_q.into(), attrs: saved }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

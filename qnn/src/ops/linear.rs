@@ -1,0 +1,244 @@
+//! `Linear`: the float layer, and its int8 form (a packed GEMM with the requantization, bias
+//! and fused ReLU / ReLU6 in its epilogue).
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use qkernels::{linear_f32, GemmOutput, OutputQuant, PackedLinear, QMatrix, QuantU8};
+use qtensor::QParams;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::conv::{load_weights, save_weight_params};
+use super::{attrs, bad, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
+use crate::error::{NnError, Result};
+use crate::layers::{shape_err, FusedAct};
+use crate::module::Module;
+use crate::quant::{out_buf, quantize_weights, quantized, Mode, Run, Value};
+use crate::scratch::Input;
+
+/// `nn.Linear`: weight `[out, in]`, optional bias `[out]`; input `[batch, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Weights.
+    pub weight: ArrayD<f32>,
+    /// Bias.
+    pub bias: Option<ArrayD<f32>>,
+    /// Activation fused into this layer.
+    pub activation: FusedAct,
+}
+
+impl Linear {
+    /// Zero weights `[out, in]` and bias.
+    pub fn new(in_features: usize, out_features: usize) -> Self {
+        Linear {
+            weight: ArrayD::zeros(IxDyn(&[out_features, in_features])),
+            bias: Some(ArrayD::zeros(IxDyn(&[out_features]))),
+            activation: FusedAct::None,
+        }
+    }
+}
+
+impl Module for Linear {
+    fn kind(&self) -> &'static str {
+        "Linear"
+    }
+
+    fn lowering(&self) -> Mode {
+        Mode::Int8
+    }
+
+    fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        let wq = quantize_weights(cx.name, &self.weight, cx.cfg)?;
+        let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.iter().copied().collect());
+        let packed = PackedLinear::new(&wq, bias.as_deref())
+            .map_err(|e| NnError::Op { module: cx.name.to_string(), source: e })?;
+        let oq = cx.out_q();
+        let out = OutputQuant { scale: oq.scale, zero_point: oq.zero_point, activation: self.activation.kernel() };
+        Ok(Box::new(LinearOp { packed: Box::new(packed), out, activation: self.activation }))
+    }
+
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+
+    fn save(&self, node: &str, w: &mut OpWriter) -> Option<Result<J>> {
+        Some(Ok(attrs(&FloatLinearAttrs {
+            weight: super::conv::save_f32(node, "weight", &self.weight, w),
+            bias: self.bias.as_ref().map(|b| super::conv::save_f32(node, "bias", b, w)),
+            activation: self.activation,
+        })))
+    }
+
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let (n, k) = (self.weight.shape()[0], self.weight.shape()[1]);
+        let [m, kin] = *x.shape() else {
+            return Err(shape_err("Linear", format!("a 2-D [batch, {k}] input; put a Flatten before it"), x));
+        };
+        if kin != k {
+            return Err(shape_err("Linear", format!("[batch, {k}] (in_features {k})"), x));
+        }
+        let mut out = vec![0.0f32; m * n];
+        let xs = x.as_standard_layout();
+        let bias = self.bias.as_ref().map(|b| b.iter().copied().collect::<Vec<_>>());
+        linear_f32(
+            xs.as_slice().expect("standard"),
+            m,
+            k,
+            self.weight.as_slice().expect("standard"),
+            n,
+            bias.as_deref(),
+            &mut out,
+        )
+        .map_err(op_err)?;
+        let mut y = ArrayD::from_shape_vec(IxDyn(&[m, n]), out).expect("m x n");
+        self.activation.apply(&mut y);
+        Ok(y)
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        let mut v = vec![("weight", &self.weight)];
+        if let Some(b) = &self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        let mut v = vec![("weight", &mut self.weight)];
+        if let Some(b) = &mut self.bias {
+            v.push(("bias", b));
+        }
+        v
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The int8 linear layer: packed weights.
+#[derive(Debug)]
+pub struct LinearOp {
+    packed: Box<PackedLinear>,
+    out: OutputQuant,
+    activation: FusedAct,
+}
+
+/// The saved form of a [`LinearOp`].
+#[derive(Serialize, Deserialize)]
+struct LinearAttrs {
+    /// `[out, in]` `i8` weights.
+    weight: String,
+    scales: String,
+    zero_points: String,
+    per_channel: bool,
+    bias: Option<String>,
+    out_q: SavedQ,
+    activation: FusedAct,
+}
+
+pub(crate) const OP: (&str, super::OpLoader) = ("Linear", load);
+
+fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
+    let a: LinearAttrs = parse(j, node, "Linear")?;
+    let weights = load_weights(r, &a.weight, &a.scales, &a.zero_points, a.per_channel)?;
+    let bias = a.bias.as_deref().map(|k| r.f32s(k).map(|v| v.1)).transpose()?;
+    let packed = PackedLinear::new(&weights, bias.as_deref()).map_err(|e| bad(format!("{node}: {e}")))?;
+    let q = a.out_q.get()?;
+    let out = OutputQuant { scale: q.scale, zero_point: q.zero_point, activation: a.activation.kernel() };
+    Ok(Box::new(LinearOp { packed: Box::new(packed), out, activation: a.activation }))
+}
+
+impl QOp for LinearOp {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+
+    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
+        let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
+        let data = Input::new(data);
+        let [m, k] = shape[..] else {
+            return Err(NnError::Shape {
+                module: String::new(),
+                kind: "Linear",
+                expected: "a 2-D [batch, features] input".into(),
+                got: shape,
+            });
+        };
+        let n = self.packed.weights().n();
+        let mut y = out_buf(&[m, n], run, "Linear")?;
+        let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
+        self.packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: self.out }, run.threads).map_err(op_err)?;
+        Ok(Value::U8 { data: y, shape: vec![m, n], q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point } })
+    }
+
+    fn out_q(&self) -> Option<QuantU8> {
+        Some(QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point })
+    }
+
+    fn quantizes_input(&self, _k: usize, in_q: QuantU8) -> Option<QuantU8> {
+        Some(in_q)
+    }
+
+    fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
+        let pw = self.packed.weights();
+        let weight = w.i8s(format!("{node}.weight_int8"), vec![pw.n(), pw.k()], pw.raw());
+        let params = if pw.is_per_channel() {
+            QParams::per_channel(pw.scales().to_vec(), pw.zero_points().to_vec(), 0)
+        } else {
+            QParams::per_tensor(pw.scales()[0], pw.zero_points()[0])
+        }
+        .map_err(|e| NnError::Op { module: node.into(), source: e })?;
+        let (scales, zero_points) = save_weight_params(node, &params, pw.n(), w);
+        let bias = self.packed.bias().map(|b| w.f32s(format!("{node}.bias"), vec![b.len()], b));
+        Ok(attrs(&LinearAttrs {
+            weight,
+            scales,
+            zero_points,
+            per_channel: pw.is_per_channel(),
+            bias,
+            out_q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point }.into(),
+            activation: self.activation,
+        }))
+    }
+
+    fn weight_sqnr(&self, float: &dyn Module) -> Option<f64> {
+        let lin = float.as_any().downcast_ref::<Linear>()?;
+        let pw = self.packed.weights();
+        let (n, k) = (pw.n(), pw.k());
+        let deq: Vec<f32> =
+            (0..n * k).map(|i| pw.scales()[i / k] * (pw.raw()[i] as i32 - pw.zero_points()[i / k]) as f32).collect();
+        Some(crate::quant::sqnr_db(&lin.weight, &ArrayD::from_shape_vec(IxDyn(&[n, k]), deq).ok()?))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The saved form of a float `Linear` (kept in float by the configuration).
+#[derive(Serialize, Deserialize)]
+struct FloatLinearAttrs {
+    weight: String,
+    bias: Option<String>,
+    activation: FusedAct,
+}
+
+/// The float layers of this file a saved model's float fallbacks can hold.
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[("Linear", |j, r| {
+    let a: FloatLinearAttrs = parse(j, "Linear", "Linear")?;
+    let weight = super::conv::load_f32(r, &a.weight)?;
+    if weight.ndim() != 2 {
+        return Err(bad(format!("{}: a Linear weight is 2-D, not {:?}", a.weight, weight.shape())));
+    }
+    Ok(Box::new(Linear { weight, bias: a.bias.as_deref().map(|k| super::conv::load_f32(r, k)).transpose()?, activation: a.activation }))
+})];

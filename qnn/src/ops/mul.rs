@@ -1,0 +1,120 @@
+//! The product of two values (PyTorch's `FloatFunctional().mul`, ONNX `Mul`): of one shape,
+//! or one of them `[n, c, 1, 1]` scaling every pixel of the other's channel
+//! (squeeze-and-excitation). In int8, `qkernels::mul` / `mul_channels`, bit for bit
+//! PyTorch's quantized mul.
+
+use std::any::Any;
+
+use ndarray::ArrayD;
+use qkernels::QuantU8;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, op_err, parse, OpWriter, QOp, SavedQ};
+use crate::error::{NnError, Result};
+use crate::quant::{quantized, Run, Value};
+use crate::scratch::{self, Input};
+
+/// Whether `small` is `[n, c, 1, 1]` against `big`'s `[n, c, h, w]`.
+fn gate(big: &[usize], small: &[usize]) -> bool {
+    big.len() == 4 && small.len() == 4 && big[..2] == small[..2] && small[2] == 1 && small[3] == 1
+}
+
+/// Whether `a` and `b` multiply: the same shape, or one of them a per-channel gate of the
+/// other.
+pub(crate) fn mul_shapes_fit(a: &[usize], b: &[usize]) -> bool {
+    a == b || gate(a, b) || gate(b, a)
+}
+
+fn shape_err(a: &[usize], b: &[usize], name: &str) -> NnError {
+    NnError::Shape {
+        module: name.to_string(),
+        kind: "mul",
+        expected: format!("a second operand of the first's shape {a:?}, or one of them [n, c, 1, 1] to scale each channel"),
+        got: b.to_vec(),
+    }
+}
+
+/// `a * b`, of one shape or one of them broadcast over the other's height and width.
+pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
+    if !mul_shapes_fit(a.shape(), b.shape()) {
+        return Err(shape_err(a.shape(), b.shape(), name));
+    }
+    Ok(a * b)
+}
+
+/// The product in the converted model.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct MulOp {
+    qs: [SavedQ; 2],
+    out_q: SavedQ,
+    int8: bool,
+    #[serde(skip)]
+    q: Option<[QuantU8; 3]>,
+}
+
+impl MulOp {
+    pub(crate) fn new(qs: [QuantU8; 2], out_q: QuantU8, int8: bool) -> Self {
+        MulOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), int8, q: Some([qs[0], qs[1], out_q]) }
+    }
+    fn params(&self) -> [QuantU8; 3] {
+        self.q.expect("built or loaded with validated parameters")
+    }
+}
+
+pub(crate) const OP: (&str, super::OpLoader) = ("Mul", |j, _, node| {
+    let mut op: MulOp = parse(j, node, "Mul")?;
+    op.q = Some([op.qs[0].get()?, op.qs[1].get()?, op.out_q.get()?]);
+    Ok(Box::new(op))
+});
+
+impl QOp for MulOp {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        let b = args.pop().expect("two inputs");
+        let a = args.pop().expect("two inputs");
+        if !self.int8 {
+            return Ok(Value::F32(mul_f32(&a.into_f32(), &b.into_f32(), "")?));
+        }
+        let [qa, qb, out_q] = self.params();
+        let (ad, ashape, aq) = quantized(a, qa)?;
+        let (bd, bshape, bq) = quantized(b, qb)?;
+        let (ad, bd) = (Input::new(ad), Input::new(bd));
+        // The full-size operand first; a gate [n, c, 1, 1] second.
+        let (big, bigq, bigshape, small, smallq) = if ashape == bshape || gate(&ashape, &bshape) {
+            (&ad, aq, &ashape, &bd, bq)
+        } else if gate(&bshape, &ashape) {
+            (&bd, bq, &bshape, &ad, aq)
+        } else {
+            return Err(shape_err(&ashape, &bshape, ""));
+        };
+        let mut y = scratch::take(big.len());
+        if ashape == bshape {
+            qkernels::mul(big, bigq, small, smallq, &mut y, out_q).map_err(op_err)?;
+        } else {
+            let [n, c, h, w] = bigshape[..] else { unreachable!("checked: 4-D") };
+            qkernels::mul_channels(big, bigq, (n, h * w, c), small, smallq, &mut y, out_q).map_err(op_err)?;
+        }
+        Ok(Value::U8 { data: y, shape: bigshape.clone(), q: out_q })
+    }
+    fn out_q(&self) -> Option<QuantU8> {
+        Some(self.params()[2])
+    }
+    fn quantizes_input(&self, k: usize, _in_q: QuantU8) -> Option<QuantU8> {
+        self.int8.then(|| self.params()[k])
+    }
+    fn takes_inputs(&self, n: usize) -> bool {
+        n == 2
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -1,0 +1,358 @@
+//! Pooling: `MaxPool2d`, `AvgPool2d` and `AdaptiveAvgPool2d`. In int8 each keeps its
+//! input's parameters (PyTorch's quantized pools do), and each layer is its own int8 op.
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use qkernels::{adaptive_avg_pool2d, Pool2d, QuantU8};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, nchw_of, op_err, parse, LowerCx, OpWriter, QOp};
+use crate::error::Result;
+use crate::layers::nchw;
+use crate::module::Module;
+use crate::quant::{budget, out_buf, Mode, Run, Value};
+use crate::scratch::Input;
+
+/// A pooling window as saved.
+#[derive(Serialize, Deserialize, Clone, Copy)]
+struct PoolAttrs {
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: Option<usize>,
+}
+
+impl From<Pool2d> for PoolAttrs {
+    fn from(p: Pool2d) -> Self {
+        PoolAttrs {
+            kernel: p.kernel,
+            stride: p.stride,
+            padding: p.padding,
+            dilation: p.dilation,
+            ceil_mode: p.ceil_mode,
+            count_include_pad: p.count_include_pad,
+            divisor_override: p.divisor_override,
+        }
+    }
+}
+
+impl From<PoolAttrs> for Pool2d {
+    fn from(p: PoolAttrs) -> Self {
+        Pool2d {
+            kernel: p.kernel,
+            stride: p.stride,
+            padding: p.padding,
+            dilation: p.dilation,
+            ceil_mode: p.ceil_mode,
+            count_include_pad: p.count_include_pad,
+            divisor_override: p.divisor_override,
+        }
+    }
+}
+
+/// The methods every pool's `Module` impl shares: it runs as itself in int8.
+macro_rules! same_params_layer {
+    () => {
+        fn lowering(&self) -> Mode {
+            Mode::Int8SameParams
+        }
+        fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+            Ok(Box::new(*self))
+        }
+        fn computes_images_apart(&self) -> bool {
+            true
+        }
+        fn save(&self, node: &str, w: &mut OpWriter) -> Option<Result<J>> {
+            Some(QOp::save(self, node, w))
+        }
+    };
+}
+
+/// An `[n, c, oh, ow]` output whose element `(b, ch, oy, ox)` is `f(plane, oy, ox)`, `plane`
+/// being input plane `(b, ch)`: the loop the float pools share.
+fn per_window(
+    x: &ArrayD<f32>,
+    [n, c, oh, ow]: [usize; 4],
+    f: impl Fn(ndarray::ArrayView2<'_, f32>, usize, usize) -> f32,
+) -> ArrayD<f32> {
+    let x = x.view().into_dimensionality::<ndarray::Ix4>().expect("checked 4-D");
+    let mut y = ArrayD::zeros(IxDyn(&[n, c, oh, ow]));
+    for b in 0..n {
+        for ch in 0..c {
+            let plane = x.slice(ndarray::s![b, ch, .., ..]);
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    y[[b, ch, oy, ox]] = f(plane, oy, ox);
+                }
+            }
+        }
+    }
+    y
+}
+
+/// The sum of `plane[rows, cols]`, row by row, left to right (PyTorch's order).
+fn sum_rows(plane: ndarray::ArrayView2<'_, f32>, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> f32 {
+    let mut s = 0.0f32;
+    for iy in rows {
+        for ix in cols.clone() {
+            s += plane[[iy, ix]];
+        }
+    }
+    s
+}
+
+/// `nn.AdaptiveAvgPool2d(output_size)`: PyTorch's windows
+/// `[floor(o * in / out), ceil((o + 1) * in / out))`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct AdaptiveAvgPool2d(pub usize, pub usize);
+
+impl Module for AdaptiveAvgPool2d {
+    fn kind(&self) -> &'static str {
+        "AdaptiveAvgPool2d"
+    }
+    same_params_layer!();
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("AdaptiveAvgPool2d", x, "[batch, channels, height, width]")?;
+        let (oh, ow) = (self.0, self.1);
+        Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
+            let (hs, he) = (oy * h / oh, ((oy + 1) * h).div_ceil(oh));
+            let (ws, we) = (ox * w / ow, ((ox + 1) * w).div_ceil(ow));
+            sum_rows(plane, hs..he, ws..we) / ((he - hs) * (we - ws)) as f32
+        }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// `nn.MaxPool2d(kernel, stride, padding)` (PyTorch's output-size rule, padding never counted).
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool2d(pub qkernels::Pool2d);
+
+impl MaxPool2d {
+    /// A `k x k` window with the given stride and padding.
+    pub fn new(k: usize, stride: usize, padding: usize) -> Self {
+        MaxPool2d(qkernels::Pool2d { stride: [stride; 2], padding: [padding; 2], ..qkernels::Pool2d::square(k) })
+    }
+}
+
+impl Module for MaxPool2d {
+    fn kind(&self) -> &'static str {
+        "MaxPool2d"
+    }
+    same_params_layer!();
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("MaxPool2d", x, "[batch, channels, height, width]")?;
+        let p = &self.0;
+        let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
+        // Dilated windows: each tap on its own, padding never counted.
+        let tap = |o: usize, k: usize, d: usize| (o * p.stride[d] + k * p.dilation[d]).checked_sub(p.padding[d]);
+        Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
+            let mut m = f32::NEG_INFINITY;
+            for iy in (0..p.kernel[0]).filter_map(|ky| tap(oy, ky, 0)).filter(|&iy| iy < h) {
+                for ix in (0..p.kernel[1]).filter_map(|kx| tap(ox, kx, 1)).filter(|&ix| ix < w) {
+                    m = m.max(plane[[iy, ix]]);
+                }
+            }
+            m
+        }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// `nn.AvgPool2d(kernel, stride, padding)` with PyTorch's options (`ceil_mode`,
+/// `count_include_pad`, `divisor_override` in the [`qkernels::Pool2d`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AvgPool2d(pub qkernels::Pool2d);
+
+impl AvgPool2d {
+    /// A `k x k` window with the given stride and padding, counting padding (PyTorch's default).
+    pub fn new(k: usize, stride: usize, padding: usize) -> Self {
+        AvgPool2d(qkernels::Pool2d { stride: [stride; 2], padding: [padding; 2], ..qkernels::Pool2d::square(k) })
+    }
+}
+
+impl Module for AvgPool2d {
+    fn kind(&self) -> &'static str {
+        "AvgPool2d"
+    }
+    same_params_layer!();
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("AvgPool2d", x, "[batch, channels, height, width]")?;
+        let p = &self.0;
+        let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
+        Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
+            // The window in padded coordinates (clipped to the padded input), then to the input.
+            let hs = (oy * p.stride[0]) as isize - p.padding[0] as isize;
+            let ws = (ox * p.stride[1]) as isize - p.padding[1] as isize;
+            let he = (hs + p.kernel[0] as isize).min((h + p.padding[0]) as isize);
+            let we = (ws + p.kernel[1] as isize).min((w + p.padding[1]) as isize);
+            let pool = ((he - hs) * (we - ws)) as f32;
+            let (hs, ws) = (hs.max(0) as usize, ws.max(0) as usize);
+            let (he, we) = (he.min(h as isize) as usize, we.min(w as isize) as usize);
+            let s = sum_rows(plane, hs..he, ws..we);
+            let div = match p.divisor_override {
+                Some(d) => d as f32,
+                None if p.count_include_pad => pool,
+                None => ((he - hs) * (we - ws)) as f32,
+            };
+            s / div
+        }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+pub(crate) const MAX: (&str, super::OpLoader) =
+    ("MaxPool2d", |j, _, node| Ok(Box::new(MaxPool2d(parse::<PoolAttrs>(j, node, "MaxPool2d")?.into()))));
+pub(crate) const AVG: (&str, super::OpLoader) =
+    ("AvgPool2d", |j, _, node| Ok(Box::new(AvgPool2d(parse::<PoolAttrs>(j, node, "AvgPool2d")?.into()))));
+pub(crate) const ADAPTIVE: (&str, super::OpLoader) =
+    ("AdaptiveAvgPool2d", |j, _, node| Ok(Box::new(parse::<AdaptiveAvgPool2d>(j, node, "AdaptiveAvgPool2d")?)));
+
+/// The float layers of this file a saved model's float fallbacks can hold.
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
+    ("MaxPool2d", |j, _| Ok(Box::new(MaxPool2d(parse::<PoolAttrs>(j, "MaxPool2d", "MaxPool2d")?.into())))),
+    ("AvgPool2d", |j, _| Ok(Box::new(AvgPool2d(parse::<PoolAttrs>(j, "AvgPool2d", "AvgPool2d")?.into())))),
+    ("AdaptiveAvgPool2d", |j, _| Ok(Box::new(parse::<AdaptiveAvgPool2d>(j, "AdaptiveAvgPool2d", "AdaptiveAvgPool2d")?))),
+];
+
+/// Runs a same-parameter pool on a value: float in float (within the activation budget),
+/// int8 through `int8(data, [n, c, h, w], q)`, which returns the output data and its NCHW
+/// shape.
+fn pool_value(
+    x: Value,
+    layer: &dyn Module,
+    float_dims: impl Fn([usize; 4]) -> Result<[usize; 4]>,
+    int8: impl FnOnce(&[u8], &[usize], QuantU8) -> Result<(Vec<u8>, Vec<usize>)>,
+    run: Run,
+) -> Result<Value> {
+    match x {
+        Value::F32(a) => {
+            let dims = float_dims(nchw_of(a.shape(), layer.kind())?)?;
+            budget(&dims, 4, run, layer.kind())?;
+            Ok(Value::F32(layer.forward(&a)?))
+        }
+        Value::U8 { data, shape, q } => {
+            let data = Input::new(data);
+            let (y, shape) = int8(&data, &shape, q)?;
+            Ok(Value::U8 { data: y, shape, q })
+        }
+    }
+}
+
+impl QOp for AdaptiveAvgPool2d {
+    fn op_name(&self) -> &'static str {
+        ADAPTIVE.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
+        let &AdaptiveAvgPool2d(oh, ow) = self;
+        pool_value(
+            args.pop().expect("one input"),
+            self,
+            |[n, c, _, _]| Ok([n, c, oh, ow]),
+            |data, shape, q| {
+                let [n, c, _, _] = nchw_of(shape, "AdaptiveAvgPool2d")?;
+                let mut y = out_buf(&[n, oh, ow, c], run, "AdaptiveAvgPool2d")?;
+                adaptive_avg_pool2d(&Value::image(data, shape, q), (oh, ow), q, &mut y).map_err(op_err)?;
+                Ok((y, vec![n, c, oh, ow]))
+            },
+            run,
+        )
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl QOp for MaxPool2d {
+    fn op_name(&self) -> &'static str {
+        MAX.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
+        let p = self.0;
+        let dims = |[n, c, h, w]: [usize; 4]| -> Result<[usize; 4]> {
+            let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
+            Ok([n, c, oh, ow])
+        };
+        pool_value(
+            args.pop().expect("one input"),
+            self,
+            dims,
+            |data, shape, q| {
+                let [n, c, oh, ow] = dims(nchw_of(shape, "MaxPool2d")?)?;
+                let mut y = out_buf(&[n, oh, ow, c], run, "MaxPool2d")?;
+                qkernels::max_pool2d(&Value::image(data, shape, q), &p, &mut y).map_err(op_err)?;
+                Ok((y, vec![n, c, oh, ow]))
+            },
+            run,
+        )
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(&PoolAttrs::from(self.0)))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl QOp for AvgPool2d {
+    fn op_name(&self) -> &'static str {
+        AVG.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
+        let p = self.0;
+        let dims = |[n, c, h, w]: [usize; 4]| -> Result<[usize; 4]> {
+            let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
+            Ok([n, c, oh, ow])
+        };
+        pool_value(
+            args.pop().expect("one input"),
+            self,
+            dims,
+            |data, shape, q| {
+                let [n, c, oh, ow] = dims(nchw_of(shape, "AvgPool2d")?)?;
+                let mut y = out_buf(&[n, oh, ow, c], run, "AvgPool2d")?;
+                qkernels::avg_pool2d(&Value::image(data, shape, q), &p, q, &mut y).map_err(op_err)?;
+                Ok((y, vec![n, c, oh, ow]))
+            },
+            run,
+        )
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(&PoolAttrs::from(self.0)))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

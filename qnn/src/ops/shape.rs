@@ -1,0 +1,419 @@
+//! Shape ops: `Flatten`, `Reshape`, `Permute` (ONNX's `Transpose`) and `ChannelShuffle`.
+//! They move values without computing any, so in int8 they keep their input's parameters;
+//! each layer is its own int8 op. A 4-D `u8` value is stored NHWC (the kernels' layout) and
+//! every other rank row-major: these ops read and write the logical (NCHW) order.
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use qkernels::QuantU8;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, parse, LowerCx, OpWriter, QOp};
+use crate::error::{NnError, Result};
+use crate::module::Module;
+use crate::quant::{budget, Mode, Run, Value};
+use crate::scratch::{self, Input};
+
+fn shape_err(kind: &'static str, expected: String, got: &[usize]) -> NnError {
+    NnError::Shape { module: String::new(), kind, expected, got: got.to_vec() }
+}
+
+/// `src` (row-major `shape`) with its axes permuted by `perm` (output axis `i` is input axis
+/// `perm[i]`), into a pooled buffer.
+fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize]) -> Vec<u8> {
+    let rank = shape.len();
+    let mut strides = vec![1usize; rank];
+    for i in (0..rank.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let out_strides: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+    let mut out = scratch::take(src.len());
+    if src.is_empty() || rank == 0 {
+        out.copy_from_slice(src);
+        return out;
+    }
+    // Walk the output in order with an odometer over its axes; the innermost axis is a
+    // strided copy.
+    let inner = rank - 1;
+    let (len, step) = (out_shape[inner], out_strides[inner]);
+    let mut idx = vec![0usize; rank];
+    let mut base = 0usize;
+    let mut o = 0usize;
+    loop {
+        for (k, dst) in out[o..o + len].iter_mut().enumerate() {
+            *dst = src[base + k * step];
+        }
+        o += len;
+        let mut axis = inner;
+        loop {
+            if axis == 0 {
+                return out;
+            }
+            axis -= 1;
+            idx[axis] += 1;
+            base += out_strides[axis];
+            if idx[axis] < out_shape[axis] {
+                break;
+            }
+            base -= out_strides[axis] * idx[axis];
+            idx[axis] = 0;
+        }
+    }
+}
+
+/// A `u8` value's data in logical row-major order.
+fn logical(data: Input, shape: &[usize]) -> Vec<u8> {
+    match *shape {
+        [n, c, h, w] => permute_bytes(&data, &[n, h, w, c], &[0, 3, 1, 2]),
+        _ => data.into_inner(),
+    }
+}
+
+/// A `u8` value from logical row-major data (stored NHWC when 4-D).
+fn stored(data: Vec<u8>, shape: Vec<usize>, q: QuantU8) -> Value {
+    let data = match shape[..] {
+        [_, _, _, _] => {
+            let d = permute_bytes(&data, &shape, &[0, 2, 3, 1]);
+            scratch::give(data);
+            d
+        }
+        _ => data,
+    };
+    Value::U8 { data, shape, q }
+}
+
+/// Runs a layout op: float through `float`, `u8` on its logical order through `int8` (which
+/// returns the output data and shape).
+fn run_shape_op(
+    x: Value,
+    float: impl FnOnce(&ArrayD<f32>) -> Result<ArrayD<f32>>,
+    int8: impl FnOnce(Vec<u8>, &[usize]) -> Result<(Vec<u8>, Vec<usize>)>,
+) -> Result<Value> {
+    match x {
+        Value::F32(a) => Ok(Value::F32(float(&a)?)),
+        Value::U8 { data, shape, q } => {
+            let (y, out_shape) = int8(logical(Input::new(data), &shape), &shape)?;
+            Ok(stored(y, out_shape, q))
+        }
+    }
+}
+
+macro_rules! same_params_layer {
+    () => {
+        fn lowering(&self) -> Mode {
+            Mode::Int8SameParams
+        }
+        fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+            Ok(Box::new(self.clone()))
+        }
+        fn computes_images_apart(&self) -> bool {
+            self.keeps_batch()
+        }
+        fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
+            Some(Ok(attrs(self)))
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    };
+}
+
+macro_rules! qop_tail {
+    () => {
+        fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+            Ok(attrs(self))
+        }
+        fn images_apart(&self) -> bool {
+            self.keeps_batch()
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    };
+}
+
+/// `nn.Flatten()`: `[n, ...] -> [n, product of the rest]` (PyTorch's order).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Flatten;
+
+impl Flatten {
+    fn keeps_batch(&self) -> bool {
+        true
+    }
+    fn out_shape(shape: &[usize]) -> Result<Vec<usize>> {
+        let n = *shape.first().ok_or_else(|| shape_err("Flatten", "at least one dimension".into(), shape))?;
+        Ok(vec![n, shape[1..].iter().product()])
+    }
+}
+
+impl Module for Flatten {
+    fn kind(&self) -> &'static str {
+        "Flatten"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let s = Flatten::out_shape(x.shape())?;
+        Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&s)).expect("same length"))
+    }
+    same_params_layer!();
+}
+
+pub(crate) const FLATTEN: (&str, super::OpLoader) = ("Flatten", |_, _, _| Ok(Box::new(Flatten)));
+
+impl QOp for Flatten {
+    fn op_name(&self) -> &'static str {
+        FLATTEN.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        run_shape_op(args.pop().expect("one input"), |a| self.forward(a), |d, s| Ok((d, Flatten::out_shape(s)?)))
+    }
+    qop_tail!();
+}
+
+/// `torch.reshape` / ONNX `Reshape`: the same values in a new shape. One entry may be `-1`
+/// (inferred from the others); `0` copies the input's size at that position (ONNX's rule;
+/// PyTorch has no `0` entries in practice). With `keep_batch` the first dimension is the
+/// input's whatever the batch size (`x.reshape(x.shape[0], ...)`): then `shape` gives the
+/// rest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reshape {
+    /// The target shape.
+    pub shape: Vec<i64>,
+    /// The first dimension is the input's, `shape` the rest.
+    pub keep_batch: bool,
+}
+
+impl Reshape {
+    /// `x.reshape(x.shape[0], rest...)`: the batch kept, the rest as given (`-1` inferred).
+    pub fn batch_and(rest: &[i64]) -> Self {
+        Reshape { shape: rest.to_vec(), keep_batch: true }
+    }
+
+    fn keeps_batch(&self) -> bool {
+        self.keep_batch
+    }
+
+    /// The output shape for input shape `s`.
+    fn out_shape(&self, s: &[usize]) -> Result<Vec<usize>> {
+        let err = |why: &str| {
+            shape_err("Reshape", format!("an input that reshapes to {:?}{}: {why}", self.shape, if self.keep_batch { " after the batch" } else { "" }), s)
+        };
+        let (lead, rest_in) = if self.keep_batch {
+            let n = *s.first().ok_or_else(|| err("a batch dimension is needed"))?;
+            (vec![n], &s[1..])
+        } else {
+            (Vec::new(), s)
+        };
+        let total: usize = rest_in.iter().product();
+        let mut out = Vec::with_capacity(self.shape.len());
+        let mut infer = None;
+        for (i, &d) in self.shape.iter().enumerate() {
+            out.push(match d {
+                -1 if infer.is_none() => {
+                    infer = Some(i);
+                    1
+                }
+                -1 => return Err(err("at most one -1")),
+                0 => *rest_in.get(i).ok_or_else(|| err("a 0 entry copies an input dimension that does not exist"))?,
+                d if d > 0 => usize::try_from(d).map_err(|_| err("an entry too large"))?,
+                _ => return Err(err("entries are sizes, -1 or 0")),
+            });
+        }
+        let known = out.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| err("sizes overflow"))?;
+        match infer {
+            Some(i) if known > 0 && total.is_multiple_of(known) => out[i] = total / known,
+            Some(_) => return Err(err(&format!("{total} values cannot fill the other sizes"))),
+            None if known == total => {}
+            None => return Err(err(&format!("{total} values, not {known}"))),
+        }
+        Ok(lead.into_iter().chain(out).collect())
+    }
+}
+
+impl Module for Reshape {
+    fn kind(&self) -> &'static str {
+        "Reshape"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let s = self.out_shape(x.shape())?;
+        Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&s)).expect("same length"))
+    }
+    same_params_layer!();
+}
+
+pub(crate) const RESHAPE: (&str, super::OpLoader) =
+    ("Reshape", |j, _, node| Ok(Box::new(parse::<Reshape>(j, node, "Reshape")?)));
+
+impl QOp for Reshape {
+    fn op_name(&self) -> &'static str {
+        RESHAPE.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        run_shape_op(args.pop().expect("one input"), |a| self.forward(a), |d, s| Ok((d, self.out_shape(s)?)))
+    }
+    qop_tail!();
+}
+
+/// `torch.permute` / ONNX `Transpose`: output axis `i` is input axis `dims[i]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permute {
+    /// The permutation.
+    pub dims: Vec<usize>,
+}
+
+impl Permute {
+    fn keeps_batch(&self) -> bool {
+        self.dims.first() == Some(&0)
+    }
+    fn check(&self, s: &[usize]) -> Result<Vec<usize>> {
+        let mut seen = vec![false; s.len()];
+        let ok = self.dims.len() == s.len()
+            && self.dims.iter().all(|&d| d < s.len() && !std::mem::replace(&mut seen[d], true));
+        if !ok {
+            return Err(shape_err(
+                "Permute",
+                format!("an input of rank {} ({:?} must be a permutation of its axes)", self.dims.len(), self.dims),
+                s,
+            ));
+        }
+        Ok(self.dims.iter().map(|&d| s[d]).collect())
+    }
+}
+
+impl Module for Permute {
+    fn kind(&self) -> &'static str {
+        "Permute"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.check(x.shape())?;
+        Ok(x.view().permuted_axes(IxDyn(&self.dims)).as_standard_layout().into_owned())
+    }
+    same_params_layer!();
+}
+
+pub(crate) const PERMUTE: (&str, super::OpLoader) =
+    ("Permute", |j, _, node| Ok(Box::new(parse::<Permute>(j, node, "Permute")?)));
+
+impl QOp for Permute {
+    fn op_name(&self) -> &'static str {
+        PERMUTE.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        run_shape_op(
+            args.pop().expect("one input"),
+            |a| self.forward(a),
+            |d, s| {
+                let out = self.check(s)?;
+                let y = permute_bytes(&d, s, &self.dims);
+                scratch::give(d);
+                Ok((y, out))
+            },
+        )
+    }
+    qop_tail!();
+}
+
+/// `nn.ChannelShuffle(groups)` (ShuffleNet): `[n, c, h, w]` viewed as `[n, g, c / g, h, w]`,
+/// its group axes swapped: output channel `j` is input channel `(j % g) * (c / g) + j / g`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelShuffle {
+    /// Groups.
+    pub groups: usize,
+}
+
+impl ChannelShuffle {
+    fn keeps_batch(&self) -> bool {
+        true
+    }
+    /// The input channel of each output channel.
+    fn source(&self, shape: &[usize]) -> Result<Vec<usize>> {
+        let g = self.groups;
+        match *shape {
+            [_, c, _, _] if g > 0 && c % g == 0 => Ok((0..c).map(|j| (j % g) * (c / g) + j / g).collect()),
+            _ => Err(shape_err(
+                "ChannelShuffle",
+                format!("a 4-D NCHW input whose channels divide into {g} groups"),
+                shape,
+            )),
+        }
+    }
+}
+
+impl Module for ChannelShuffle {
+    fn kind(&self) -> &'static str {
+        "ChannelShuffle"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let src = self.source(x.shape())?;
+        Ok(x.select(ndarray::Axis(1), &src))
+    }
+    same_params_layer!();
+}
+
+pub(crate) const SHUFFLE: (&str, super::OpLoader) =
+    ("ChannelShuffle", |j, _, node| Ok(Box::new(parse::<ChannelShuffle>(j, node, "ChannelShuffle")?)));
+
+impl QOp for ChannelShuffle {
+    fn op_name(&self) -> &'static str {
+        SHUFFLE.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
+        match args.pop().expect("one input") {
+            Value::F32(a) => Ok(Value::F32(self.forward(&a)?)),
+            Value::U8 { data, shape, q } => {
+                // NHWC: a permutation of the bytes of each pixel.
+                let src = self.source(&shape)?;
+                let data = Input::new(data);
+                let c = src.len();
+                let mut y = scratch::take(budget(&shape, 1, run, "ChannelShuffle")?);
+                for (o, i) in y.chunks_exact_mut(c).zip(data.chunks_exact(c)) {
+                    for (dst, &s) in o.iter_mut().zip(&src) {
+                        *dst = i[s];
+                    }
+                }
+                Ok(Value::U8 { data: y, shape, q })
+            }
+        }
+    }
+    qop_tail!();
+}
+
+/// The float layers of this file a saved model's float fallbacks can hold.
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
+    ("Flatten", |_, _| Ok(Box::new(Flatten))),
+    ("Reshape", |j, _| Ok(Box::new(parse::<Reshape>(j, "Reshape", "Reshape")?))),
+    ("Permute", |j, _| Ok(Box::new(parse::<Permute>(j, "Permute", "Permute")?))),
+    ("ChannelShuffle", |j, _| Ok(Box::new(parse::<ChannelShuffle>(j, "ChannelShuffle", "ChannelShuffle")?))),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::permute_bytes;
+
+    #[test]
+    fn permuting_bytes_matches_index_arithmetic() {
+        let shape = [2, 3, 4, 5];
+        let src: Vec<u8> = (0..120).map(|i| i as u8).collect();
+        let perm = [0, 2, 3, 1];
+        let out = permute_bytes(&src, &shape, &perm);
+        let mut k = 0;
+        for a in 0..2 {
+            for b in 0..4 {
+                for c in 0..5 {
+                    for d in 0..3 {
+                        assert_eq!(out[k], src[((a * 3 + d) * 4 + b) * 5 + c]);
+                        k += 1;
+                    }
+                }
+            }
+        }
+    }
+}

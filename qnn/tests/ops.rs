@@ -1,0 +1,303 @@
+//! The op registry: the shape ops, GELU and softmax in graphs (float and int8), models holding
+//! layers of the application's own saved and loaded once their kinds are registered (and an
+//! error naming the layer otherwise), and layers kept in float saved with their weights.
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use qkernels::QuantU8;
+use qnn::layers::{ChannelShuffle, Conv2d, Flatten, Linear, Permute, ReLU, Reshape, Softmax, GELU};
+use qnn::ops::{register_int8_layer, register_layer, OpReader, OpWriter};
+use qnn::{prepare, sqnr_db, zoo, GraphBuilder, Mode, Module, NnError, QConfigMapping, QuantizedModel, Value};
+use qobserve::QConfig;
+use serde::{Deserialize, Serialize};
+
+fn images(seed: usize, shape: &[usize]) -> ArrayD<f32> {
+    let n: usize = shape.iter().product();
+    let v = (0..n).map(|k| ((k * 7919 + seed * 104_729) % 41) as f32 / 20.0 - 1.0).collect();
+    ArrayD::from_shape_vec(IxDyn(shape), v).unwrap()
+}
+
+fn quantize(graph: qnn::Graph, shape: &[usize]) -> QuantizedModel {
+    let mut p = prepare(graph, &QConfigMapping::new(QConfig::default())).unwrap();
+    for s in 0..3 {
+        p.calibrate(&images(20 + s, shape)).unwrap();
+    }
+    p.convert().unwrap()
+}
+
+fn reload(q: &QuantizedModel) -> QuantizedModel {
+    QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap()
+}
+
+#[test]
+fn channel_shuffle_moves_channels_as_pytorch_does() {
+    // nn.ChannelShuffle(3) on 6 channels: x.view(n, 3, 2, h, w).transpose(1, 2).
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 6, 1, 1]), |i| i[1] as f32);
+    let y = ChannelShuffle { groups: 3 }.forward(&x).unwrap();
+    assert_eq!(y.iter().copied().collect::<Vec<_>>(), [0.0, 2.0, 4.0, 1.0, 3.0, 5.0]);
+    let e = ChannelShuffle { groups: 4 }.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("ChannelShuffle") && e.contains("4 groups") && e.contains("[1, 6, 1, 1]"), "{e}");
+}
+
+#[test]
+fn reshape_and_permute_check_their_shapes() {
+    let x = images(1, &[2, 3, 4, 5]);
+    let y = Reshape::batch_and(&[-1, 5]).forward(&x).unwrap();
+    assert_eq!(y.shape(), &[2, 12, 5]);
+    let y = Reshape { shape: vec![0, 0, 20], keep_batch: false }.forward(&x).unwrap();
+    assert_eq!(y.shape(), &[2, 3, 20]);
+    let e = Reshape { shape: vec![7, -1], keep_batch: false }.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("Reshape") && e.contains("120 values"), "{e}");
+    let y = Permute { dims: vec![0, 2, 3, 1] }.forward(&x).unwrap();
+    assert_eq!(y.shape(), &[2, 4, 5, 3]);
+    assert_eq!(y[[1, 2, 3, 0]], x[[1, 0, 2, 3]]);
+    let e = Permute { dims: vec![0, 1, 1, 2] }.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("Permute") && e.contains("permutation"), "{e}");
+}
+
+/// conv -> shuffle -> conv -> reshape / permute / reshape back -> GELU -> softmax over the
+/// channels -> flatten -> linear: every shape op in int8 keeps its input's parameters and
+/// moves exactly the bytes the float op moves.
+fn shapes_model() -> qnn::Graph {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("conv1", Conv2d::new(3, 6, 3).padding(1), x).unwrap();
+    let y = g.layer("relu1", ReLU, y).unwrap();
+    let y = g.layer("shuffle", ChannelShuffle { groups: 2 }, y).unwrap();
+    let y = g.layer("conv2", Conv2d::new(6, 6, 3).padding(1), y).unwrap();
+    let y = g.layer("to_tokens", Reshape::batch_and(&[6, -1]), y).unwrap();
+    let y = g.layer("swap", Permute { dims: vec![0, 2, 1] }, y).unwrap();
+    let y = g.layer("swap_back", Permute { dims: vec![0, 2, 1] }, y).unwrap();
+    let y = g.layer("to_image", Reshape::batch_and(&[6, 8, 8]), y).unwrap();
+    let y = g.layer("gelu", GELU { tanh: false }, y).unwrap();
+    let y = g.layer("softmax", Softmax { dim: 1 }, y).unwrap();
+    let y = g.layer("flatten", Flatten, y).unwrap();
+    let y = g.layer("fc", Linear::new(6 * 64, 5), y).unwrap();
+    g.output(y);
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 9);
+    graph
+}
+
+#[test]
+fn shape_ops_gelu_and_softmax_run_in_a_quantized_graph() {
+    let x = images(3, &[2, 3, 8, 8]);
+    let float = shapes_model().run(std::slice::from_ref(&x)).unwrap().remove(0);
+    let q = quantize(shapes_model(), &[2, 3, 8, 8]);
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    for name in ["shuffle", "to_tokens", "swap", "swap_back", "to_image", "flatten"] {
+        assert_eq!(mode(name), Mode::Int8SameParams, "{name}");
+    }
+    assert_eq!(mode("gelu"), Mode::Int8);
+    assert!(matches!(mode("softmax"), Mode::Float(why) if why.contains("Softmax")));
+    let got = q.forward(&x).unwrap();
+    let db = sqnr_db(&float, &got);
+    assert!(db > 25.0, "SQNR {db:.1} dB");
+    // GELU keeps its input's parameters, as PyTorch's quantized gelu does.
+    let outs = q.output_quants();
+    let of = |n: &str| outs.iter().find(|(m, _)| *m == n).map(|x| x.1);
+    assert_eq!(of("gelu"), of("conv2"));
+    // Saved and loaded: the same bits.
+    let again = reload(&q);
+    assert_eq!(again.forward(&x).unwrap(), got);
+    // The shape ops move bytes only: the int8 shuffle of conv1's int8 output, dequantized,
+    // is the float shuffle of its dequantized output.
+    let report = q.report_graph(&shapes_model_fused(), std::slice::from_ref(&x)).unwrap();
+    assert_eq!(report.len(), q.plan().len());
+}
+
+fn shapes_model_fused() -> qnn::Graph {
+    let mut g = shapes_model();
+    qnn::fuse_graph(&mut g).unwrap();
+    g
+}
+
+#[test]
+fn int8_shape_ops_move_exactly_the_float_ops_bytes() {
+    // A quantized value through each shape op equals the op applied to its dequantized form.
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("conv", Conv2d::new(4, 8, 1), x).unwrap();
+    let a = g.layer("shuffle", ChannelShuffle { groups: 4 }, y).unwrap();
+    let b = g.layer("permute", Permute { dims: vec![0, 3, 1, 2] }, y).unwrap();
+    let c = g.layer("reshape", Reshape { shape: vec![-1, 2, 5, 3], keep_batch: false }, y).unwrap();
+    for t in [y, a, b, c] {
+        g.output(t);
+    }
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 4);
+    let mut p = prepare(graph, &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(&images(1, &[3, 4, 5, 2])).unwrap();
+    let q = p.convert().unwrap();
+    let outs = q.forward_values(&[images(2, &[3, 4, 5, 2])]).unwrap();
+    let conv = outs[0].to_f32();
+    let want = [
+        ChannelShuffle { groups: 4 }.forward(&conv).unwrap(),
+        Permute { dims: vec![0, 3, 1, 2] }.forward(&conv).unwrap(),
+        Reshape { shape: vec![-1, 2, 5, 3], keep_batch: false }.forward(&conv).unwrap(),
+    ];
+    for (v, w) in outs[1..].iter().zip(&want) {
+        assert!(matches!(v, Value::U8 { .. }), "int8 out");
+        assert_eq!(&v.to_f32(), w);
+    }
+}
+
+/// A float layer of the application's own: `y = x * factor`, saved with its factor.
+#[derive(Debug, Serialize, Deserialize)]
+struct Gain {
+    factor: f32,
+}
+
+impl Module for Gain {
+    fn kind(&self) -> &'static str {
+        "Gain"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> qnn::Result<ArrayD<f32>> {
+        Ok(x * self.factor)
+    }
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<qnn::Result<serde_json::Value>> {
+        Some(Ok(serde_json::to_value(self).unwrap()))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+fn load_gain(j: &serde_json::Value, _: &OpReader<'_>) -> qnn::Result<Box<dyn Module>> {
+    let g: Gain = serde_json::from_value(j.clone())
+        .map_err(|e| NnError::File { file: String::new(), reason: e.to_string() })?;
+    Ok(Box::new(g))
+}
+
+/// An int8 layer of the application's own: a per-byte table, saved as a tensor.
+#[derive(Debug)]
+struct Table(Vec<u8>);
+
+impl qnn::Int8Layer for Table {
+    fn forward_u8(&self, x: &[u8], shape: &[usize]) -> qnn::Result<(Vec<u8>, Vec<usize>)> {
+        Ok((x.iter().map(|&b| self.0[b as usize]).collect(), shape.to_vec()))
+    }
+    fn save(&self, node: &str, w: &mut OpWriter) -> Option<qnn::Result<serde_json::Value>> {
+        Some(Ok(serde_json::json!({ "table": w.u8s(format!("{node}.table"), vec![256], &self.0) })))
+    }
+}
+
+/// `y = |x|`, with an int8 form.
+#[derive(Debug)]
+struct Abs;
+
+impl Module for Abs {
+    fn kind(&self) -> &'static str {
+        "Abs"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> qnn::Result<ArrayD<f32>> {
+        Ok(x.mapv(f32::abs))
+    }
+    fn has_int8(&self) -> bool {
+        true
+    }
+    fn int8(&self, q_in: QuantU8, q_out: QuantU8) -> Option<Box<dyn qnn::Int8Layer>> {
+        let t = qkernels::Lut::from_fn(q_in, q_out, f32::abs);
+        Some(Box::new(Table(t.table().to_vec())))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+fn load_table(j: &serde_json::Value, r: &OpReader<'_>) -> qnn::Result<Box<dyn qnn::Int8Layer>> {
+    let key = j["table"].as_str().unwrap_or_default();
+    let (_, t) = r.u8s(key)?;
+    Ok(Box::new(Table(t.to_vec())))
+}
+
+fn custom_model() -> qnn::Graph {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("conv", Conv2d::new(3, 4, 3).padding(1), x).unwrap();
+    let y = g.layer("gain", Gain { factor: 0.5 }, y).unwrap();
+    let y = g.layer("abs", Abs, y).unwrap();
+    let y = g.layer("flatten", Flatten, y).unwrap();
+    let y = g.layer("fc", Linear::new(4 * 36, 3), y).unwrap();
+    g.output(y);
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 2);
+    graph
+}
+
+#[test]
+fn layers_of_your_own_save_and_load_once_registered() {
+    let x = images(5, &[2, 3, 6, 6]);
+    let q = quantize(custom_model(), &[2, 3, 6, 6]);
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    assert!(matches!(mode("gain"), Mode::Float(_)));
+    assert_eq!(mode("abs"), Mode::Int8);
+    let bytes = q.to_bytes().unwrap();
+    // Unregistered, loading names the layer, the node and the call to make. (This test binary
+    // registers them only below; the two checks run in this one test so no other test
+    // registers them first.)
+    let e = QuantizedModel::from_bytes(&bytes).unwrap_err().to_string();
+    assert!(e.contains("'Gain'") && e.contains("gain") && e.contains("register_layer"), "{e}");
+    register_layer("Gain", load_gain).unwrap();
+    let e = QuantizedModel::from_bytes(&bytes).unwrap_err().to_string();
+    assert!(e.contains("'Abs'") && e.contains("register_int8_layer"), "{e}");
+    register_int8_layer("Abs", load_table).unwrap();
+    let loaded = QuantizedModel::from_bytes(&bytes).unwrap();
+    assert_eq!(loaded.forward(&x).unwrap(), q.forward(&x).unwrap());
+    assert_eq!(loaded.plan(), q.plan());
+    // A built-in kind cannot be taken.
+    let e = register_layer("Conv2d", load_gain).unwrap_err().to_string();
+    assert!(e.contains("built-in"), "{e}");
+}
+
+#[test]
+fn a_layer_without_save_is_refused_by_save_naming_it() {
+    #[derive(Debug)]
+    struct Opaque;
+    impl Module for Opaque {
+        fn kind(&self) -> &'static str {
+            "Opaque"
+        }
+        fn forward(&self, x: &ArrayD<f32>) -> qnn::Result<ArrayD<f32>> {
+            Ok(x.clone())
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("conv", Conv2d::new(3, 4, 1), x).unwrap();
+    let y = g.layer("mystery", Opaque, y).unwrap();
+    g.output(y);
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 1);
+    let q = quantize(graph, &[1, 3, 4, 4]);
+    let e = q.to_bytes().unwrap_err().to_string();
+    assert!(e.contains("mystery") && e.contains("Opaque") && e.contains("Module::save"), "{e}");
+}
+
+#[test]
+fn layers_kept_in_float_are_saved_with_their_weights() {
+    let x = images(7, &[2, 3, 8, 8]);
+    let mapping = QConfigMapping::new(QConfig::default()).skip_kind("Conv2d").skip_name("fc");
+    let mut p = prepare(shapes_model(), &mapping).unwrap();
+    p.calibrate(&images(8, &[2, 3, 8, 8])).unwrap();
+    let q = p.convert().unwrap();
+    assert!(matches!(&q.plan()[0].mode, Mode::Float(_)));
+    let again = reload(&q);
+    assert_eq!(again.forward(&x).unwrap(), q.forward(&x).unwrap());
+}
