@@ -267,6 +267,20 @@ impl<M: AsModule> Graph<M> {
 }
 
 impl Graph {
+    /// Makes node `node`'s output a graph output too (after the existing ones): to read an
+    /// intermediate tensor from the float graph or, once converted, from the int8 model.
+    ///
+    /// # Errors
+    /// No node of that name (with the nearest names).
+    pub fn add_output(&mut self, node: &str) -> Result<()> {
+        let Some(n) = self.nodes.iter().find(|n| n.name == node) else {
+            let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+            return Err(NnError::UnknownModule { name: node.to_string(), suggestions: crate::fuse::nearest(node, &names) });
+        };
+        self.outputs.push(n.output);
+        Ok(())
+    }
+
     /// Runs the graph in float on one array per input; one array per output.
     ///
     /// # Errors

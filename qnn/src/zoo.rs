@@ -247,16 +247,23 @@ fn inverted_residual(
 /// torchvision's MobileNetV3-Large (`torchvision.models.mobilenet_v3_large`), state-dict
 /// compatible: hardswish, and squeeze-and-excitation with a hardsigmoid gate.
 pub fn mobilenet_v3_large(classes: usize) -> Graph {
-    build_mobilenet_v3_large(classes).expect("the architecture's names are unique")
+    mobilenet_v3_large_width(classes, 1.0)
 }
 
-fn build_mobilenet_v3_large(classes: usize) -> Result<Graph> {
+/// MobileNetV3-Large with every channel count scaled by `width_mult` (torchvision's
+/// `mobilenet_v3_large(width_mult=...)`: each count `_make_divisible(c * width_mult, 8)`).
+pub fn mobilenet_v3_large_width(classes: usize, width_mult: f64) -> Graph {
+    build_mobilenet_v3_large(classes, width_mult).expect("the architecture's names are unique")
+}
+
+fn build_mobilenet_v3_large(classes: usize, width_mult: f64) -> Result<Graph> {
     const EPS: f32 = 1e-3;
     let hs = || Box::new(Hardswish) as Box<dyn Module>;
     let re = || Box::new(ReLU) as Box<dyn Module>;
     let mut g = GraphBuilder::new();
     let x = g.input("x");
-    let mut y = g.sequential("features.0", conv_norm_act((3, 16, 3, 2, 1), EPS, Some(hs())), x)?;
+    let adjust = |c: usize| make_divisible(c as f64 * width_mult);
+    let mut y = g.sequential("features.0", conv_norm_act((3, adjust(16), 3, 2, 1), EPS, Some(hs())), x)?;
     // (in, kernel, expanded, out, squeeze-and-excitation, hardswish, stride)
     let blocks = [
         (16, 3, 16, 16, false, false, 1),
@@ -276,17 +283,19 @@ fn build_mobilenet_v3_large(classes: usize) -> Result<Graph> {
         (160, 5, 960, 160, true, true, 1),
     ];
     for (i, &(cin, k, exp, cout, se, use_hs, stride)) in blocks.iter().enumerate() {
+        let (cin, exp, cout) = (adjust(cin), adjust(exp), adjust(cout));
         let act: &dyn Fn() -> Box<dyn Module> = if use_hs { &hs } else { &re };
-        let se = se.then(|| Se(make_divisible(exp as f64 / 4.0), re(), Box::new(HardSigmoid)));
+        let se = se.then(|| Se(make_divisible((exp / 4) as f64), re(), Box::new(HardSigmoid)));
         y = inverted_residual(&mut g, &format!("features.{}", i + 1), y, (cin, exp, cout, k, stride), EPS, act, se)?;
     }
-    y = g.sequential("features.16", conv_norm_act((160, 960, 1, 1, 1), EPS, Some(hs())), y)?;
+    let (last_in, last) = (adjust(160), adjust(1280));
+    y = g.sequential("features.16", conv_norm_act((last_in, 6 * last_in, 1, 1, 1), EPS, Some(hs())), y)?;
     y = g.layer("avgpool", AdaptiveAvgPool2d(1, 1), y)?;
     y = g.layer("flatten", Flatten, y)?;
-    y = g.layer("classifier.0", Linear::new(960, 1280), y)?;
+    y = g.layer("classifier.0", Linear::new(6 * last_in, last), y)?;
     y = g.layer("classifier.1", Hardswish, y)?;
     y = g.layer("classifier.2", Dropout(0.2), y)?;
-    y = g.layer("classifier.3", Linear::new(1280, classes), y)?;
+    y = g.layer("classifier.3", Linear::new(last, classes), y)?;
     g.output(y);
     g.build()
 }

@@ -43,6 +43,17 @@ What it writes (into ``qnn/data/``, created if missing), all safetensors:
   fc1 + ReLU, fc2, hardsigmoid gate, ``skip_mul``: the gate [n, 8, 1, 1] times the
   features), then hardswish; entries ``quant``, ``conv``, ``se.fc1``, ``se.fc2``,
   ``se.skip_mul``, ``act`` (``--only seblock``).
+* ``mbv3_model.safetensors`` / ``mbv3_io.safetensors``: torchvision's quantizable
+  MobileNetV3-Large at ``width_mult=0.25`` (the same blocks as the full model: hardswish,
+  squeeze-and-excitation with a hardsigmoid gate and ``skip_mul``, ``skip_add`` residuals,
+  depthwise convolutions; 300k parameters so the fixture stays small), 10 classes, random
+  weights with random batch-norm statistics; ``model.fuse_model()``, MBV3_QCONFIG (min-max
+  activations with PyTorch's x86 ``reduce_range``, per-channel symmetric weights),
+  calibration on ``calib`` f32 [8, 3, 64, 64], run on ``input`` f32 [2, 3, 64, 64]:
+  ``output_int8`` (the quantized logits before the model's DeQuantStub), ``output_scale``,
+  ``output_zero_point``, ``output_f32``, the quantized outputs of blocks 1, 4, 5, 7, 12
+  and 16 (``features.<n>.output_int8``) and every module's output parameters
+  (``--only mbv3``).
 * ``catheads_model.safetensors`` / ``catheads_io.safetensors``: ``CatHeads``, two
   linear heads (``heads.a`` = Linear(64, 6) + ReLU, ``heads.b`` = Linear(64, 3)) on the
   flattened 8x8 input, concatenated along features by ``heads.cat``: the 2-D path of
@@ -600,6 +611,86 @@ def catheads():
     print("catheads:", {k: list(v.shape) for k, v in io.items()})
 
 
+# ---------------------------------------------------------------- mbv3
+
+
+MBV3_WIDTH = 0.25
+# PyTorch's x86 default range for activations (reduce_range: 0..=127): with the full u8
+# range FBGEMM's depthwise kernels sum u8 x i8 pairs in saturating int16 and PyTorch's own
+# results are off (ours are exact; qkernels' golden tests model the saturation).
+MBV3_QCONFIG = QConfig(
+    activation=MinMaxObserver.with_args(
+        dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=True
+    ),
+    weight=PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+    ),
+)
+# Blocks whose quantized outputs are kept: a residual block, squeeze-and-excitation with and
+# without a residual, the first hardswish block, a late one, the last convolution.
+MBV3_TAPS = (1, 4, 5, 7, 12, 16)
+
+
+def mbv3():
+    from torchvision.models.quantization import mobilenet_v3_large
+
+    seed_all(SEED + 6)
+    model = mobilenet_v3_large(num_classes=10, width_mult=MBV3_WIDTH)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.8, 1.2)
+                mod.bias.normal_(0.0, 0.2)
+                mod.running_mean.normal_(0.0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.randn(8, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out_f = model(x)
+    qm = copy.deepcopy(model).eval()
+    qm.fuse_model(is_qat=False)
+    qm.qconfig = MBV3_QCONFIG
+    prepare(qm, inplace=True)
+    with torch.no_grad():
+        qm(calib)
+    convert(qm, inplace=True)
+    captured = {}
+    hooks = [qm.classifier[3].register_forward_hook(lambda m, i, o: captured.update(out=o))]
+    for n in MBV3_TAPS:
+        hooks.append(qm.features[n].register_forward_hook(lambda m, i, o, n=n: captured.update({n: o})))
+    with torch.no_grad():
+        deq = qm(x)
+    for h in hooks:
+        h.remove()
+    q_out = captured["out"]
+    assert q_out.is_quantized and q_out.dtype == torch.quint8
+    io = {
+        "calib": calib,
+        "input": x,
+        "output_int8": q_out.int_repr(),
+        "output_scale": torch.tensor([q_out.q_scale()], dtype=torch.float32),
+        "output_zero_point": torch.tensor([q_out.q_zero_point()], dtype=torch.int64),
+        "output_f32": out_f,
+    }
+    for n in MBV3_TAPS:
+        t = captured[n]
+        assert t.is_quantized and t.dtype == torch.quint8
+        io[f"features.{n}.output_int8"] = t.int_repr()
+    for k, v in qparams_entries(qm).items():
+        # Blocks without a residual keep an unused skip_add whose observer never ran.
+        parts = k.split(".")
+        if parts[0] == "features" and parts[2] == "skip_add" and not qm.features[int(parts[1])].use_res_connect:
+            continue
+        if k.endswith(".scale") or k.endswith(".zero_point"):
+            io[k] = v
+    write(os.path.join(OUT_DIR, "mbv3_model.safetensors"), state)
+    write(os.path.join(OUT_DIR, "mbv3_io.safetensors"), io)
+    print(f"mbv3: SQNR(dequantized int8 logits vs float logits) = {sqnr_db(out_f, deq):.2f} dB; "
+          f"{len(io)} tensors; logits int8 {q_out.int_repr().tolist()}")
+
+
 # ---------------------------------------------------------------- verify
 
 
@@ -654,7 +745,7 @@ def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     if sys.argv[1:2] == ["--only"]:
         for name in sys.argv[2:]:
-            {"catblock": catblock, "catheads": catheads, "seblock": seblock}[name]()
+            {"catblock": catblock, "catheads": catheads, "seblock": seblock, "mbv3": mbv3}[name]()
         return
     print(f"torch {torch.__version__}, engine {torch.backends.quantized.engine}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
@@ -663,6 +754,7 @@ def main():
     catblock()
     catheads()
     seblock()
+    mbv3()
     verify()
     check_from_files()
 
