@@ -548,6 +548,46 @@ impl GraphBuilder {
         self.push(name, NodeOp::Cat, parts.to_vec())
     }
 
+    /// `torch.chunk(x, chunks, dim)`: one [`crate::layers::Slice`] node per piece, named
+    /// `name.0`, `name.1`, ... (an axis too short for `chunks` pieces is an error when the
+    /// graph runs).
+    ///
+    /// # Errors
+    /// No chunks, or a name in use.
+    pub fn chunk(&mut self, name: &str, x: Tensor, chunks: usize, dim: i64) -> Result<Vec<Tensor>> {
+        if chunks == 0 {
+            return Err(NnError::Graph { reason: format!("node '{name}': chunk needs at least one piece") });
+        }
+        (0..chunks)
+            .map(|index| {
+                let s = crate::layers::Slice { dim, range: crate::layers::SliceRange::Chunk { chunks, index } };
+                self.layer(&format!("{name}.{index}"), s, x)
+            })
+            .collect()
+    }
+
+    /// `torch.split(x, sizes, dim)`: one [`crate::layers::Slice`] node per size, named
+    /// `name.0`, `name.1`, ... (pieces reaching past the axis are an error when the graph
+    /// runs).
+    ///
+    /// # Errors
+    /// No sizes, or a name in use.
+    pub fn split(&mut self, name: &str, x: Tensor, sizes: &[usize], dim: i64) -> Result<Vec<Tensor>> {
+        if sizes.is_empty() {
+            return Err(NnError::Graph { reason: format!("node '{name}': split needs at least one size") });
+        }
+        let mut start = 0usize;
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let s = crate::layers::Slice::narrow(dim, start, len);
+                start += len;
+                self.layer(&format!("{name}.{i}"), s, x)
+            })
+            .collect()
+    }
+
     /// Marks `t` as a graph output (outputs are returned in the order they were marked).
     pub fn output(&mut self, t: Tensor) {
         self.outputs.push(t);

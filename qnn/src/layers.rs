@@ -3,12 +3,15 @@
 //! `Identity` and the stubs. Each is defined, with its int8 form and its saved form, in its
 //! op's file under [`crate::ops`]; this module gathers them.
 
-pub use crate::ops::activation::{HardSigmoid, Hardswish, ReLU, ReLU6, SiLU, Sigmoid, Tanh, GELU};
+pub use crate::ops::activation::{HardSigmoid, Hardswish, Hardtanh, ReLU, ReLU6, SiLU, Sigmoid, Tanh, GELU};
 pub use crate::ops::batchnorm::{BatchNorm1d, BatchNorm2d};
 pub use crate::ops::conv::Conv2d;
 pub use crate::ops::linear::Linear;
 pub use crate::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
+pub use crate::ops::pad::{Pad2d, PadMode};
+pub use crate::ops::resize::{Upsample, UpsampleMode};
 pub use crate::ops::shape::{ChannelShuffle, Flatten, Permute, Reshape};
+pub use crate::ops::slice::{Slice, SliceRange};
 pub use crate::ops::softmax::Softmax;
 pub use crate::ops::stubs::{DeQuantStub, Dropout, Identity, QuantStub};
 

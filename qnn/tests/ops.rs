@@ -301,3 +301,114 @@ fn layers_kept_in_float_are_saved_with_their_weights() {
     let again = reload(&q);
     assert_eq!(again.forward(&x).unwrap(), q.forward(&x).unwrap());
 }
+
+fn golden() -> Vec<u8> {
+    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/data/ops_golden.safetensors")).unwrap()
+}
+
+fn tensor_f32(st: &safetensors::SafeTensors<'_>, key: &str) -> ArrayD<f32> {
+    let t = st.tensor(key).unwrap();
+    let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+}
+
+/// Every op of the golden file, after a quantize with the input's parameters, gives PyTorch's
+/// quantized bytes (and keeps the parameters); in float, PyTorch's float values.
+#[test]
+fn resampling_padding_and_clamps_match_pytorch() {
+    use qnn::layers::{Hardtanh, Pad2d, PadMode, Upsample, UpsampleMode};
+    let bytes = golden();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let x = tensor_f32(&st, "input");
+    let scale = tensor_f32(&st, "scale")[[0]];
+    let zp = i64::from_le_bytes(st.tensor("zero_point").unwrap().data().try_into().unwrap()) as i32;
+    let bilinear = |size: Option<[usize; 2]>, factor: Option<f64>, align_corners| Upsample {
+        size,
+        scale_factor: factor.map(|f| [f; 2]),
+        mode: UpsampleMode::Bilinear { align_corners },
+    };
+    let cases: Vec<(&str, Box<dyn Module>)> = vec![
+        ("nearest2", Box::new(Upsample::nearest(2))),
+        ("nearest_size", Box::new(Upsample { size: Some([9, 11]), scale_factor: None, mode: UpsampleMode::Nearest })),
+        ("bilinear2", Box::new(bilinear(None, Some(2.0), false))),
+        ("bilinear_size_ac", Box::new(bilinear(Some([7, 10]), None, true))),
+        ("bilinear_down", Box::new(bilinear(Some([3, 4]), None, false))),
+        ("pad_zero", Box::new(Pad2d { pads: [1, 2, 0, 1], mode: PadMode::Constant(0.0) })),
+        ("pad_reflect", Box::new(Pad2d { pads: [2, 1, 1, 2], mode: PadMode::Reflect })),
+        ("pad_replicate", Box::new(Pad2d { pads: [1, 3, 2, 0], mode: PadMode::Replicate })),
+        ("hardtanh", Box::new(Hardtanh { min_val: -0.5, max_val: 0.7 })),
+        ("shuffle3", Box::new(ChannelShuffle { groups: 3 })),
+        ("gelu", Box::new(GELU { tanh: false })),
+    ];
+    let fixed = QConfig {
+        activation: qobserve::ObserverSpec::FixedQParams { scale, zero_point: zp },
+        weight: QConfig::default().weight,
+    };
+    for (name, op) in cases {
+        let want_f = tensor_f32(&st, &format!("{name}.f32"));
+        let got_f = op.forward(&x).unwrap();
+        assert_eq!(got_f.shape(), want_f.shape(), "{name}");
+        let worst = got_f.iter().zip(want_f.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "{name}: float differs from PyTorch's by {worst}");
+
+        let mut g = GraphBuilder::new();
+        let input = g.input("x");
+        // Ops that keep their input's parameters take a float input as it is: quantize first.
+        let input = g.layer("quant", qnn::layers::QuantStub, input).unwrap();
+        let y = g.boxed(name, op, input).unwrap();
+        g.output(y);
+        let mut p = prepare(g.build().unwrap(), &QConfigMapping::new(fixed.clone())).unwrap();
+        p.calibrate(&x).unwrap();
+        let q = p.convert().unwrap();
+        let Value::U8 { data, shape, q: out_q } = q.forward_value(&x).unwrap() else { panic!("{name}: int8 out") };
+        assert_eq!(out_q, QuantU8 { scale, zero_point: zp }, "{name} keeps its input's parameters");
+        let want = st.tensor(&format!("{name}.int8")).unwrap();
+        assert_eq!(shape.as_slice(), want.shape(), "{name}");
+        let [n, c, h, w] = shape[..] else { panic!() };
+        let mut same = 0;
+        for b in 0..n {
+            for ch in 0..c {
+                for yy in 0..h {
+                    for xx in 0..w {
+                        let ours = data[((b * h + yy) * w + xx) * c + ch];
+                        same += usize::from(ours == want.data()[((b * c + ch) * h + yy) * w + xx]);
+                    }
+                }
+            }
+        }
+        assert_eq!(same, data.len(), "{name}: {same} of {} bytes equal PyTorch's", data.len());
+    }
+}
+
+#[test]
+fn chunk_and_split_write_one_slice_per_piece() {
+    let x = images(4, &[2, 6, 3, 3]);
+    let mut g = GraphBuilder::new();
+    let input = g.input("x");
+    let y = g.layer("conv", Conv2d::new(6, 6, 1), input).unwrap();
+    let parts = g.chunk("halves", y, 2, 1).unwrap();
+    let thirds = g.split("thirds", y, &[1, 2, 3], 1).unwrap();
+    let back = g.cat("joined", &[parts[1], parts[0]]).unwrap();
+    for t in [back, thirds[2]] {
+        g.output(t);
+    }
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 6);
+    let float = graph.run(std::slice::from_ref(&x)).unwrap();
+    assert_eq!(float[0].shape(), &[2, 6, 3, 3]);
+    assert_eq!(float[1].shape(), &[2, 3, 3, 3]);
+    let names = graph.node_names().iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert!(names.contains(&"halves.1".to_string()) && names.contains(&"thirds.2".to_string()), "{names:?}");
+    let mut p = prepare(graph, &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap();
+    let outs = q.forward_inputs(std::slice::from_ref(&x)).unwrap();
+    assert!(sqnr_db(&float[0], &outs[0]) > 30.0 && sqnr_db(&float[1], &outs[1]) > 30.0);
+    // A piece past the axis is an error naming the node.
+    let mut g = GraphBuilder::new();
+    let input = g.input("x");
+    let parts = g.split("bad", input, &[4, 4], 1).unwrap();
+    g.output(parts[1]);
+    let e = g.build().unwrap().run(&[images(1, &[1, 6, 2, 2])]).unwrap_err().to_string();
+    assert!(e.contains("bad.1") && e.contains("Slice"), "{e}");
+}

@@ -11,7 +11,8 @@ use ndarray::{ArrayD, IxDyn};
 use qkernels::Pool2d;
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, ChannelShuffle, Conv2d, DeQuantStub, Dropout, Flatten, HardSigmoid,
-    Hardswish, Linear, MaxPool2d, Permute, QuantStub, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Softmax, Tanh, GELU,
+    Hardswish, Hardtanh, Linear, MaxPool2d, Pad2d, PadMode, Permute, QuantStub, ReLU, ReLU6, Reshape, SiLU, Sigmoid,
+    Softmax, Tanh, Upsample, GELU,
 };
 use qnn::{fuse, prepare, zoo, Concat, Graph, GraphBuilder, QConfigMapping, Residual, Sequential};
 use qobserve::QConfig;
@@ -55,7 +56,7 @@ fn every_kind() -> Sequential {
 }
 
 /// The graph ops and the rest of the op files in one graph: a squeeze-and-excitation product,
-/// the other lookup tables, the shape ops, softmax, and a convolution and a linear layer kept
+/// the other lookup tables, the shape ops, padding, resizing, chunks, a clamp, softmax, and a convolution and a linear layer kept
 /// in float (saved with their weights).
 fn every_graph_op() -> Result<Graph, qnn::NnError> {
     let mut g = GraphBuilder::new();
@@ -67,6 +68,12 @@ fn every_graph_op() -> Result<Graph, qnn::NnError> {
     let s = g.layer("se.gate", HardSigmoid, s)?;
     let y = g.mul("se.scale", y, s)?;
     let y = g.layer("shuffle", ChannelShuffle { groups: 2 }, y)?;
+    let y = g.layer("pad", Pad2d { pads: [1, 0, 0, 1], mode: PadMode::Reflect }, y)?;
+    let y = g.layer("down", MaxPool2d::new(2, 2, 0), y)?;
+    let y = g.layer("up", Upsample::bilinear(2.0, false), y)?;
+    let halves = g.chunk("halves", y, 2, 1)?;
+    let y = g.cat("rejoin", &[halves[1], halves[0]])?;
+    let y = g.layer("clip", Hardtanh { min_val: -1.0, max_val: 1.0 }, y)?;
     let y = g.layer("tanh", Tanh, y)?;
     let y = g.layer("float_conv", Conv2d::new(4, 4, 1), y)?;
     let y = g.layer("tokens", Reshape::batch_and(&[4, -1]), y)?;

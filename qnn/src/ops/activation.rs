@@ -323,3 +323,95 @@ impl QOp for LutOp {
         self
     }
 }
+
+/// `nn.Hardtanh(min_val, max_val)` (`torch.clamp`, ONNX `Clip`): `min(max(x, min), max)`.
+/// In int8 it keeps its input's parameters and clamps the bytes at the quantized bounds, as
+/// PyTorch's quantized `hardtanh` does.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Hardtanh {
+    /// Lower bound.
+    pub min_val: f32,
+    /// Upper bound.
+    pub max_val: f32,
+}
+
+impl Hardtanh {
+    fn check(&self) -> Result<()> {
+        if self.min_val <= self.max_val {
+            Ok(())
+        } else {
+            Err(crate::NnError::Config {
+                module: String::new(),
+                reason: format!("Hardtanh bounds {} > {}: the lower bound must not exceed the upper", self.min_val, self.max_val),
+            })
+        }
+    }
+}
+
+impl Module for Hardtanh {
+    fn kind(&self) -> &'static str {
+        "Hardtanh"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.check()?;
+        let (lo, hi) = (self.min_val, self.max_val);
+        Ok(x.mapv(|v| v.max(lo).min(hi)))
+    }
+    fn lowering(&self) -> Mode {
+        Mode::Int8SameParams
+    }
+    fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        self.check()?;
+        Ok(Box::new(*self))
+    }
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
+        Some(Ok(attrs(self)))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+pub(crate) const HARDTANH: (&str, super::OpLoader) = ("Hardtanh", |j, _, node| {
+    let h: Hardtanh = parse(j, node, "Hardtanh")?;
+    h.check().map_err(|e| bad(format!("{node}: {e}")))?;
+    Ok(Box::new(h))
+});
+
+/// The float layer of [`Hardtanh`] for saved float fallbacks.
+pub(crate) const HARDTANH_LAYER: &[(&str, super::LayerLoader)] =
+    &[("Hardtanh", |j, _| Ok(Box::new(parse::<Hardtanh>(j, "Hardtanh", "Hardtanh")?)))];
+
+impl QOp for Hardtanh {
+    fn op_name(&self) -> &'static str {
+        HARDTANH.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        match args.pop().expect("one input") {
+            Value::F32(a) => Ok(Value::F32(self.forward(&a)?)),
+            Value::U8 { mut data, shape, q } => {
+                let quant = |v: f32| qtensor::kernels::quantize_scalar(v, 1.0 / q.scale, q.zero_point, 0, 255) as u8;
+                let (lo, hi) = (quant(self.min_val), quant(self.max_val));
+                for b in &mut data {
+                    *b = (*b).clamp(lo, hi);
+                }
+                Ok(Value::U8 { data, shape, q })
+            }
+        }
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -14,9 +14,12 @@
 //! |---|---|---|
 //! | `conv.rs` | `Conv2d` | packed convolution, requantization fused |
 //! | `linear.rs` | `Linear` | packed GEMM, requantization fused |
-//! | `activation.rs` | `ReLU`, `ReLU6`, `Hardswish`, `Sigmoid`, `HardSigmoid`, `SiLU`, `Tanh`, `GELU` | clamp keeping the input's parameters; lookup tables |
+//! | `activation.rs` | `ReLU`, `ReLU6`, `Hardtanh` (clip), `Hardswish`, `Sigmoid`, `HardSigmoid`, `SiLU`, `Tanh`, `GELU` | clamps keeping the input's parameters; lookup tables |
 //! | `pool.rs` | `MaxPool2d`, `AvgPool2d`, `AdaptiveAvgPool2d` | keeping the input's parameters |
 //! | `shape.rs` | `Flatten`, `Reshape`, `Permute`, `ChannelShuffle` | keeping the input's parameters |
+//! | `slice.rs` | `Slice` (ranges, `torch.chunk` pieces) | keeping the input's parameters |
+//! | `pad.rs` | `Pad2d` (constant, reflect, replicate) | keeping the input's parameters |
+//! | `resize.rs` | `Upsample` (nearest, bilinear) | keeping the input's parameters, PyTorch's arithmetic |
 //! | `softmax.rs` | `Softmax` | float only (output in (0, 1), quantized after it) |
 //! | `batchnorm.rs` | `BatchNorm2d`, `BatchNorm1d` | float only, unless fused |
 //! | `stubs.rs` | `Identity`, `Dropout`, `QuantStub`, `DeQuantStub` | nothing, or an explicit quantize |
@@ -46,8 +49,11 @@ pub mod conv;
 pub mod fallback;
 pub mod linear;
 pub mod mul;
+pub mod pad;
 pub mod pool;
+pub mod resize;
 pub mod shape;
+pub mod slice;
 pub mod softmax;
 pub mod stubs;
 
@@ -259,6 +265,7 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     linear::OP,
     activation::RELU,
     activation::LUT,
+    activation::HARDTANH,
     pool::MAX,
     pool::AVG,
     pool::ADAPTIVE,
@@ -266,6 +273,9 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     shape::RESHAPE,
     shape::PERMUTE,
     shape::SHUFFLE,
+    slice::OP,
+    pad::OP,
+    resize::OP,
     stubs::PASS,
     stubs::QUANTIZE,
     add::OP,
@@ -282,8 +292,12 @@ pub(crate) const BUILTIN_LAYERS: &[&[(&str, LayerLoader)]] = &[
     conv::LAYERS,
     linear::LAYERS,
     activation::LAYERS,
+    activation::HARDTANH_LAYER,
     pool::LAYERS,
     shape::LAYERS,
+    slice::LAYERS,
+    pad::LAYERS,
+    resize::LAYERS,
     softmax::LAYERS,
     batchnorm::LAYERS,
     stubs::LAYERS,

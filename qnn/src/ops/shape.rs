@@ -22,7 +22,7 @@ fn shape_err(kind: &'static str, expected: String, got: &[usize]) -> NnError {
 
 /// `src` (row-major `shape`) with its axes permuted by `perm` (output axis `i` is input axis
 /// `perm[i]`), into a pooled buffer.
-fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize]) -> Vec<u8> {
+pub(super) fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize]) -> Vec<u8> {
     let rank = shape.len();
     let mut strides = vec![1usize; rank];
     for i in (0..rank.saturating_sub(1)).rev() {
@@ -65,7 +65,7 @@ fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize]) -> Vec<u8> {
 }
 
 /// A `u8` value's data in logical row-major order.
-fn logical(data: Input, shape: &[usize]) -> Vec<u8> {
+pub(super) fn logical(data: Input, shape: &[usize]) -> Vec<u8> {
     match *shape {
         [n, c, h, w] => permute_bytes(&data, &[n, h, w, c], &[0, 3, 1, 2]),
         _ => data.into_inner(),
@@ -73,7 +73,7 @@ fn logical(data: Input, shape: &[usize]) -> Vec<u8> {
 }
 
 /// A `u8` value from logical row-major data (stored NHWC when 4-D).
-fn stored(data: Vec<u8>, shape: Vec<usize>, q: QuantU8) -> Value {
+pub(super) fn stored(data: Vec<u8>, shape: Vec<usize>, q: QuantU8) -> Value {
     let data = match shape[..] {
         [_, _, _, _] => {
             let d = permute_bytes(&data, &shape, &[0, 2, 3, 1]);
@@ -87,7 +87,7 @@ fn stored(data: Vec<u8>, shape: Vec<usize>, q: QuantU8) -> Value {
 
 /// Runs a layout op: float through `float`, `u8` on its logical order through `int8` (which
 /// returns the output data and shape).
-fn run_shape_op(
+pub(super) fn run_shape_op(
     x: Value,
     float: impl FnOnce(&ArrayD<f32>) -> Result<ArrayD<f32>>,
     int8: impl FnOnce(Vec<u8>, &[usize]) -> Result<(Vec<u8>, Vec<usize>)>,

@@ -1,0 +1,190 @@
+//! `Slice`: a range of one axis (`x[:, a:b:step]`, `torch.narrow`, ONNX `Slice` on one axis),
+//! or one of `torch.chunk`'s pieces. `GraphBuilder::chunk` and `GraphBuilder::split` write
+//! one node per piece. In int8 it keeps the input's parameters and moves bytes.
+
+use std::any::Any;
+
+use ndarray::{ArrayD, Axis, Slice as NdSlice};
+use qkernels::QuantU8;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::shape::run_shape_op;
+use super::{attrs, parse, LowerCx, OpWriter, QOp};
+use crate::error::{NnError, Result};
+use crate::module::Module;
+use crate::quant::{Mode, Run, Value};
+
+/// Which part of the axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SliceRange {
+    /// `start..end` by `step`, Python's rules: negative indices count from the end, and
+    /// both ends are clamped to the axis.
+    Range {
+        /// First index.
+        start: i64,
+        /// One past the last (`i64::MAX`: to the end).
+        end: i64,
+        /// Step (at least 1).
+        step: usize,
+    },
+    /// `len` indices from `start` (`torch.narrow`): past the end is an error.
+    Narrow {
+        /// First index.
+        start: usize,
+        /// How many.
+        len: usize,
+    },
+    /// Piece `index` of `torch.chunk(x, chunks, dim)`: pieces of `ceil(len / chunks)`, the
+    /// last one shorter.
+    Chunk {
+        /// Pieces.
+        chunks: usize,
+        /// This one.
+        index: usize,
+    },
+}
+
+/// A slice of axis `dim` (negative counts from the end; not the batch axis 0 unless you mean
+/// it: slicing the batch mixes images, so such a model is never split between threads by
+/// batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    /// The axis.
+    pub dim: i64,
+    /// The part.
+    pub range: SliceRange,
+}
+
+impl Slice {
+    /// `x.narrow(dim, start, len)`.
+    pub fn narrow(dim: i64, start: usize, len: usize) -> Self {
+        Slice { dim, range: SliceRange::Narrow { start, len } }
+    }
+
+    fn err(&self, why: String, shape: &[usize]) -> NnError {
+        NnError::Shape { module: String::new(), kind: "Slice", expected: why, got: shape.to_vec() }
+    }
+
+    fn axis(&self, shape: &[usize]) -> Result<usize> {
+        let r = shape.len() as i64;
+        let d = if self.dim < 0 { self.dim + r } else { self.dim };
+        usize::try_from(d).ok().filter(|&d| d < shape.len()).ok_or_else(|| self.err(format!("an axis {}", self.dim), shape))
+    }
+
+    /// The axis and the start, end and step along it.
+    fn bounds(&self, shape: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        let axis = self.axis(shape)?;
+        let len = shape[axis];
+        match self.range {
+            SliceRange::Range { start, end, step } => {
+                if step == 0 {
+                    return Err(self.err("a step of at least 1".into(), shape));
+                }
+                let clamp = |i: i64| -> usize {
+                    let i = if i < 0 { i.saturating_add(len as i64) } else { i };
+                    i.clamp(0, len as i64) as usize
+                };
+                let (s, e) = (clamp(start), clamp(end));
+                Ok((axis, s, e.max(s), step))
+            }
+            SliceRange::Narrow { start, len: n } => match start.checked_add(n) {
+                Some(end) if end <= len => Ok((axis, start, end, 1)),
+                _ => Err(self.err(format!("an axis {axis} of at least {start} + {n} indices (narrow)"), shape)),
+            },
+            SliceRange::Chunk { chunks, index } => {
+                if chunks == 0 || index >= chunks {
+                    return Err(self.err(format!("piece {index} of {chunks} chunks"), shape));
+                }
+                let size = len.div_ceil(chunks);
+                let s = (index * size).min(len);
+                let e = (s + size).min(len);
+                if s == e {
+                    return Err(self.err(
+                        format!("an axis {axis} long enough for {chunks} chunks (torch.chunk would return fewer)"),
+                        shape,
+                    ));
+                }
+                Ok((axis, s, e, 1))
+            }
+        }
+    }
+}
+
+impl Module for Slice {
+    fn kind(&self) -> &'static str {
+        "Slice"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let (axis, s, e, step) = self.bounds(x.shape())?;
+        Ok(x.slice_axis(Axis(axis), NdSlice::new(s as isize, Some(e as isize), step as isize)).to_owned())
+    }
+    fn lowering(&self) -> Mode {
+        Mode::Int8SameParams
+    }
+    fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        Ok(Box::new(*self))
+    }
+    fn computes_images_apart(&self) -> bool {
+        self.dim != 0
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
+        Some(Ok(attrs(self)))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+pub(crate) const OP: (&str, super::OpLoader) = ("Slice", |j, _, node| Ok(Box::new(parse::<Slice>(j, node, "Slice")?)));
+
+/// The float layers of this file a saved model's float fallbacks can hold.
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] =
+    &[("Slice", |j, _| Ok(Box::new(parse::<Slice>(j, "Slice", "Slice")?)))];
+
+impl QOp for Slice {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        run_shape_op(
+            args.pop().expect("one input"),
+            |a| self.forward(a),
+            |data, shape| {
+                let (axis, s, e, step) = self.bounds(shape)?;
+                let outer: usize = shape[..axis].iter().product();
+                let inner: usize = shape[axis + 1..].iter().product();
+                let len = shape[axis];
+                let picked: Vec<usize> = (s..e).step_by(step).collect();
+                let mut y = crate::scratch::take(outer * picked.len() * inner);
+                let mut o = 0;
+                for b in 0..outer {
+                    for &i in &picked {
+                        let from = (b * len + i) * inner;
+                        y[o..o + inner].copy_from_slice(&data[from..from + inner]);
+                        o += inner;
+                    }
+                }
+                crate::scratch::give(data);
+                let mut out = shape.to_vec();
+                out[axis] = picked.len();
+                Ok((y, out))
+            },
+        )
+    }
+    fn images_apart(&self) -> bool {
+        self.dim != 0
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
