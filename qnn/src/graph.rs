@@ -91,6 +91,53 @@ pub struct Graph<M = Box<dyn Module>> {
     pub(crate) nodes: Vec<Node<M>>,
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) outputs: Vec<Tensor>,
+    /// The graph inputs' names, one per input.
+    pub(crate) input_names: Vec<String>,
+}
+
+/// How a value's elements lie in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `[n, c, h, w]` in that order (PyTorch's layout; every float image).
+    Nchw,
+    /// The logical `[n, c, h, w]` stored as `[n, h, w, c]` (every int8 image: the kernels'
+    /// layout).
+    Nhwc,
+    /// Row-major in the logical order (every value that is not an image).
+    RowMajor,
+}
+
+/// A value's elements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ElemType {
+    /// `f32`.
+    F32,
+    /// `u8` with these parameters.
+    U8(qkernels::QuantU8),
+}
+
+/// What a value of a graph is: its name (the graph input's, or the node's that computes it),
+/// logical shape, element type and layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueInfo {
+    /// The name.
+    pub name: String,
+    /// The logical shape (NCHW for images).
+    pub shape: Vec<usize>,
+    /// The elements.
+    pub dtype: ElemType,
+    /// The layout in memory.
+    pub layout: Layout,
+}
+
+/// The layout of a value of `shape` holding `dtype`: images are NCHW in float and NHWC in
+/// int8, everything else row-major. Every op reads and writes values in this layout.
+pub(crate) fn layout_of(shape: &[usize], dtype: ElemType) -> Layout {
+    match (shape.len(), dtype) {
+        (4, ElemType::F32) => Layout::Nchw,
+        (4, ElemType::U8(_)) => Layout::Nhwc,
+        _ => Layout::RowMajor,
+    }
 }
 
 /// How many nodes read each value, counting a graph output as one more reader.
@@ -183,6 +230,7 @@ impl<M> Graph<M> {
                 .collect(),
             inputs: self.inputs,
             outputs: self.outputs,
+            input_names: self.input_names,
         }
     }
 }
@@ -211,6 +259,52 @@ impl AsModule for LayerRef<'_> {
         match self {
             LayerRef::Tree(m) => *m,
             LayerRef::BlockRelu => &crate::layers::ReLU,
+        }
+    }
+}
+
+/// The output shape of node `n` for inputs of `shapes`.
+fn node_shape(n: &Node<Box<dyn Module>>, shapes: &[&[usize]]) -> Result<Vec<usize>> {
+    let err = |kind: &'static str, expected: String, got: &[usize]| NnError::Shape {
+        module: String::new(),
+        kind,
+        expected,
+        got: got.to_vec(),
+    };
+    match &n.op {
+        NodeOp::Layer(m) => match m.output_shape(shapes[0]) {
+            Some(s) => s,
+            None => {
+                let y = m.forward(&ArrayD::zeros(ndarray::IxDyn(shapes[0])))?;
+                Ok(y.shape().to_vec())
+            }
+        },
+        NodeOp::Add if shapes[0] == shapes[1] => Ok(shapes[0].to_vec()),
+        NodeOp::Add => Err(err("add", format!("the other operand's shape {:?}", shapes[1]), shapes[0])),
+        NodeOp::Mul if crate::ops::mul::mul_shapes_fit(shapes[0], shapes[1]) => {
+            Ok(if shapes[0].iter().product::<usize>() >= shapes[1].iter().product() { shapes[0] } else { shapes[1] }
+                .to_vec())
+        }
+        NodeOp::Mul => Err(err(
+            "mul",
+            format!("a second operand of the first's shape {:?}, or one of them [n, c, 1, 1]", shapes[0]),
+            shapes[1],
+        )),
+        NodeOp::Cat => {
+            let first = shapes[0];
+            let fits = |s: &[usize]| {
+                s.len() == first.len() && s.len() >= 2 && s[0] == first[0] && s[2..] == first[2..]
+            };
+            match shapes.iter().find(|s| !fits(s)) {
+                Some(bad) => {
+                    Err(err("cat", format!("tensors that differ only in dimension 1; the first is {first:?}"), bad))
+                }
+                None => {
+                    let mut s = first.to_vec();
+                    s[1] = shapes.iter().map(|s| s[1]).sum();
+                    Ok(s)
+                }
+            }
         }
     }
 }
@@ -267,6 +361,43 @@ impl<M: AsModule> Graph<M> {
 }
 
 impl Graph {
+    /// Every value's name, shape, element type (`f32`) and layout for inputs of
+    /// `input_shapes` (shape inference: each layer's [`Module::output_shape`], or a run on zeros
+    /// for a layer that does not say), inputs first, then the nodes' outputs in order.
+    ///
+    /// # Errors
+    /// A wrong number of input shapes, or a shape a node cannot take (the error names it).
+    pub fn value_info(&self, input_shapes: &[&[usize]]) -> Result<Vec<ValueInfo>> {
+        if input_shapes.len() != self.inputs.len() {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "graph",
+                expected: format!("{} input shapes, one per graph input", self.inputs.len()),
+                got: vec![input_shapes.len()],
+            });
+        }
+        let mut shapes: Vec<Option<Vec<usize>>> = vec![None; self.values];
+        let mut out = Vec::with_capacity(self.values);
+        let info = |name: &str, shape: Vec<usize>| ValueInfo {
+            name: name.to_string(),
+            layout: layout_of(&shape, ElemType::F32),
+            shape,
+            dtype: ElemType::F32,
+        };
+        for ((t, s), name) in self.inputs.iter().zip(input_shapes).zip(&self.input_names) {
+            shapes[t.0] = Some(s.to_vec());
+            out.push(info(name, s.to_vec()));
+        }
+        for n in &self.nodes {
+            let ins: Vec<&[usize]> =
+                n.inputs.iter().map(|t| shapes[t.0].as_deref().expect("checked: computed before read")).collect();
+            let s = node_shape(n, &ins).map_err(|e| e.within(&n.name))?;
+            shapes[n.output.0] = Some(s.clone());
+            out.push(info(&n.name, s));
+        }
+        Ok(out)
+    }
+
     /// Makes node `node`'s output a graph output too (after the existing ones): to read an
     /// intermediate tensor from the float graph or, once converted, from the int8 model.
     ///
@@ -348,7 +479,7 @@ impl Module for Graph {
 pub(crate) fn view(model: &Sequential) -> Graph<LayerRef<'_>> {
     let mut b = Lowering { values: 1, nodes: Vec::new(), names: HashSet::new() };
     let out = b.sequential(model, "", Tensor(0));
-    Graph { values: b.values, nodes: b.nodes, inputs: vec![Tensor(0)], outputs: vec![out] }
+    Graph { values: b.values, nodes: b.nodes, inputs: vec![Tensor(0)], outputs: vec![out], input_names: vec!["input".into()] }
 }
 
 struct Lowering<'a> {
@@ -456,6 +587,7 @@ pub struct GraphBuilder {
     nodes: Vec<Node<Box<dyn Module>>>,
     inputs: Vec<Tensor>,
     outputs: Vec<Tensor>,
+    input_names: Vec<String>,
 }
 
 impl GraphBuilder {
@@ -470,9 +602,10 @@ impl GraphBuilder {
     }
 
     /// A new graph input (inputs are passed in the order they were declared).
-    pub fn input(&mut self, _name: &str) -> Tensor {
+    pub fn input(&mut self, name: &str) -> Tensor {
         let t = self.value();
         self.inputs.push(t);
+        self.input_names.push(name.to_string());
         t
     }
 
@@ -599,6 +732,12 @@ impl GraphBuilder {
     /// No output marked.
     pub fn build(self) -> Result<Graph> {
         check(self.values, &self.nodes, &self.inputs, &self.outputs)?;
-        Ok(Graph { values: self.values, nodes: self.nodes, inputs: self.inputs, outputs: self.outputs })
+        Ok(Graph {
+            values: self.values,
+            nodes: self.nodes,
+            inputs: self.inputs,
+            outputs: self.outputs,
+            input_names: self.input_names,
+        })
     }
 }

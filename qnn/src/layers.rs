@@ -20,7 +20,12 @@ use ndarray::{ArrayD, IxDyn};
 use crate::error::{NnError, Result};
 
 pub(crate) fn shape_err(kind: &'static str, expected: String, x: &ArrayD<f32>) -> NnError {
-    NnError::Shape { module: String::new(), kind, expected, got: x.shape().to_vec() }
+    shape_error(kind, expected, x.shape())
+}
+
+/// A shape error for an input of shape `got`.
+pub(crate) fn shape_error(kind: &'static str, expected: String, got: &[usize]) -> NnError {
+    NnError::Shape { module: String::new(), kind, expected, got: got.to_vec() }
 }
 
 /// NCHW `[n, c, h, w]` of a 4-D input, or a shape error.

@@ -71,7 +71,7 @@ pub mod zoo;
 pub use config::QConfigMapping;
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_graph, fuse_modules, Fused};
-pub use graph::{Graph, GraphBuilder, Tensor};
+pub use graph::{ElemType, Graph, GraphBuilder, Layout, Tensor, ValueInfo};
 pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
 pub use quant::{
     prepare, report_json, sqnr_db, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value,

@@ -63,6 +63,14 @@ pub trait Module: Send + Sync + Debug {
         None
     }
 
+    /// The shape of its output for an input of shape `input`, found without computing it
+    /// (shape inference, [`crate::Graph::value_info`]); an input it cannot take is an error
+    /// naming the shapes. `None` (the default): the layer does not say, and the graph runs it
+    /// on zeros of that shape to find out.
+    fn output_shape(&self, _input: &[usize]) -> Option<Result<Vec<usize>>> {
+        None
+    }
+
     /// How this layer runs once converted, before any configuration applies: int8 with
     /// output parameters of its own ([`Mode::Int8`], lowered by [`Module::lower`]), int8
     /// keeping its input's ([`Mode::Int8SameParams`]), nothing to compute, or float and why.

@@ -360,7 +360,13 @@ impl Prepared {
                 output: n.output,
             });
         }
-        let mut g = Graph { values: graph.values, nodes: qnodes, inputs: graph.inputs, outputs: graph.outputs };
+        let mut g = Graph {
+            values: graph.values,
+            nodes: qnodes,
+            inputs: graph.inputs,
+            outputs: graph.outputs,
+            input_names: graph.input_names,
+        };
         fuse_add_relu(&mut g);
         let input_q = graph_input_q(&vq, &g);
         Ok(QuantizedModel::assemble(input_q, g, plan))
@@ -949,6 +955,58 @@ impl QuantizedModel {
     /// Runs one node on its input values.
     fn node_step(step: &QStep, args: &mut Vec<Value>, run: Run) -> Result<Value> {
         step.op.run(args, step.in_q, run)
+    }
+
+    /// Every value's name, logical shape, element type (`u8` with its parameters, or `f32`
+    /// where the model runs in float) and layout, inputs first, then the nodes' outputs in
+    /// order, as the model computes them for inputs of `input_shapes` (it runs once on
+    /// zeros of those shapes to find out).
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::forward_values`].
+    pub fn value_info(&self, input_shapes: &[&[usize]]) -> Result<Vec<crate::graph::ValueInfo>> {
+        let g = &self.graph;
+        if input_shapes.len() != g.inputs.len() {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "value_info",
+                expected: format!("{} input shapes, one per graph input", g.inputs.len()),
+                got: vec![input_shapes.len()],
+            });
+        }
+        let info = |name: &str, v: &Value| {
+            let (shape, dtype) = match v {
+                Value::F32(a) => (a.shape().to_vec(), crate::graph::ElemType::F32),
+                Value::U8 { shape, q, .. } => (shape.clone(), crate::graph::ElemType::U8(*q)),
+            };
+            crate::graph::ValueInfo {
+                name: name.to_string(),
+                layout: crate::graph::layout_of(&shape, dtype),
+                shape,
+                dtype,
+            }
+        };
+        let run = Run { threads: 1, ..self.run };
+        let mut vals: Vec<Option<Value>> = vec![None; g.values];
+        let mut out = Vec::with_capacity(g.values);
+        for (k, (t, s)) in g.inputs.iter().zip(input_shapes).enumerate() {
+            let x = ArrayD::<f32>::zeros(IxDyn(s));
+            let v = if self.quantize_on_entry[k] {
+                Value::quantize(x.view(), self.input_q[k])
+                    .map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
+            } else {
+                Value::F32(x)
+            };
+            out.push(info(&g.input_names[k], &v));
+            vals[t.0] = Some(v);
+        }
+        for n in &g.nodes {
+            let mut args: Vec<Value> = n.inputs.iter().map(|t| vals[t.0].clone().expect("computed")).collect();
+            let y = Self::node_step(step_of(n), &mut args, run).map_err(|e| e.within(&n.name))?;
+            out.push(info(&n.name, &y));
+            vals[n.output.0] = Some(y);
+        }
+        Ok(out)
     }
 
     /// Runs the int8 model; float output (dequantized at the end).

@@ -54,6 +54,8 @@ struct SavedGraph {
     format: String,
     values: usize,
     inputs: Vec<usize>,
+    /// The inputs' names.
+    input_names: Vec<String>,
     outputs: Vec<usize>,
     input_q: Vec<SavedQ>,
     plan: Vec<SavedPlan>,
@@ -118,6 +120,7 @@ impl QuantizedModel {
             format: FORMAT.into(),
             values: g.values,
             inputs: g.inputs.iter().map(|t| t.0).collect(),
+            input_names: g.input_names.clone(),
             outputs: g.outputs.iter().map(|t| t.0).collect(),
             input_q: self.input_q.iter().map(|&q| q.into()).collect(),
             plan: self.plan.iter().map(saved_plan).collect(),
@@ -186,8 +189,13 @@ impl QuantizedModel {
         let ids = |v: Vec<usize>| v.into_iter().map(Tensor).collect::<Vec<_>>();
         let (inputs, outputs) = (ids(desc.inputs), ids(desc.outputs));
         let input_q = desc.input_q.into_iter().map(SavedQ::get).collect::<Result<Vec<_>>>()?;
-        if input_q.len() != inputs.len() {
-            return Err(bad(format!("{} input parameters for {} inputs", input_q.len(), inputs.len())));
+        if input_q.len() != inputs.len() || desc.input_names.len() != inputs.len() {
+            return Err(bad(format!(
+                "{} input parameters and {} input names for {} inputs",
+                input_q.len(),
+                desc.input_names.len(),
+                inputs.len()
+            )));
         }
         let mut nodes = Vec::with_capacity(desc.nodes.len());
         for n in desc.nodes {
@@ -213,6 +221,7 @@ impl QuantizedModel {
         if plan.len() != nodes.len() || plan.iter().zip(&nodes).any(|(e, n)| e.name != n.name) {
             return Err(bad("the plan does not list the nodes, in order".into()));
         }
-        Ok(QuantizedModel::assemble(input_q, Graph { values, nodes, inputs, outputs }, plan))
+        let input_names = desc.input_names;
+        Ok(QuantizedModel::assemble(input_q, Graph { values, nodes, inputs, outputs, input_names }, plan))
     }
 }

@@ -412,3 +412,39 @@ fn chunk_and_split_write_one_slice_per_piece() {
     let e = g.build().unwrap().run(&[images(1, &[1, 6, 2, 2])]).unwrap_err().to_string();
     assert!(e.contains("bad.1") && e.contains("Slice"), "{e}");
 }
+
+/// Shape inference (each op's `output_shape`) against execution: the float graph's inferred
+/// shapes equal, value by value, what the int8 model computes; every value has a name, an
+/// element type and a layout.
+#[test]
+fn values_have_names_shapes_types_and_layouts() {
+    use qnn::{ElemType, Layout};
+    let input: &[usize] = &[2, 3, 8, 8];
+    let graph = shapes_model();
+    let info = graph.value_info(&[input]).unwrap();
+    assert_eq!(info.len(), graph.node_names().len() + 1);
+    assert_eq!((info[0].name.as_str(), info[0].layout), ("x", Layout::Nchw));
+    let find = |v: &[qnn::ValueInfo], n: &str| v.iter().find(|i| i.name == n).unwrap().clone();
+    assert_eq!(find(&info, "to_tokens").shape, [2, 6, 64]);
+    assert_eq!(find(&info, "to_tokens").layout, Layout::RowMajor);
+    assert_eq!(find(&info, "fc").shape, [2, 5]);
+    let q = quantize(shapes_model_fused(), input);
+    let qinfo = q.value_info(&[input]).unwrap();
+    let finfo = shapes_model_fused().value_info(&[input]).unwrap();
+    assert_eq!(qinfo.len(), finfo.len());
+    for (a, b) in qinfo.iter().zip(&finfo) {
+        assert_eq!((&a.name, &a.shape), (&b.name, &b.shape), "inferred and computed shapes differ");
+    }
+    let conv = find(&qinfo, "conv1");
+    assert!(matches!(conv.dtype, ElemType::U8(_)) && conv.layout == Layout::Nhwc, "{conv:?}");
+    let tokens = find(&qinfo, "to_tokens");
+    assert!(matches!(tokens.dtype, ElemType::U8(_)) && tokens.layout == Layout::RowMajor, "{tokens:?}");
+    assert_eq!(find(&qinfo, "softmax").dtype, ElemType::F32);
+    // A shape a node cannot take: the error names it, before anything runs.
+    let e = graph.value_info(&[&[2, 4, 8, 8]]).unwrap_err().to_string();
+    assert!(e.contains("conv1") && e.contains("Conv2d") && e.contains("[2, 4, 8, 8]"), "{e}");
+    // The zoo's graphs infer what they compute.
+    let mbv3 = zoo::mobilenet_v3_large_width(10, 0.25);
+    let last = mbv3.value_info(&[&[1, 3, 64, 64]]).unwrap().pop().unwrap();
+    assert_eq!(last.shape, [1, 10]);
+}

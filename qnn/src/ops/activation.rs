@@ -30,6 +30,9 @@ macro_rules! activation {
                 let f: fn(f32) -> f32 = $f;
                 Ok(x.mapv(f))
             }
+            fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+                Some(Ok(input.to_vec()))
+            }
             fn lowering(&self) -> Mode {
                 Int8Form::mode(&$int8)
             }
@@ -135,6 +138,9 @@ impl Module for GELU {
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let op = self.op();
         Ok(x.mapv(|v| op.eval(v)))
+    }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(Ok(input.to_vec()))
     }
     fn lowering(&self) -> Mode {
         Mode::Int8
@@ -356,6 +362,9 @@ impl Module for Hardtanh {
         self.check()?;
         let (lo, hi) = (self.min_val, self.max_val);
         Ok(x.mapv(|v| v.max(lo).min(hi)))
+    }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(self.check().map(|()| input.to_vec()))
     }
     fn lowering(&self) -> Mode {
         Mode::Int8SameParams

@@ -61,6 +61,19 @@ fn load_bn(j: &J, r: &OpReader<'_>) -> Result<BatchNorm2d> {
     Ok(bn)
 }
 
+/// The input shape a batch-norm over `c` channels takes: `[n, c, h, w]` (2d) or `[n, c]` (1d).
+fn bn_shape(kind: &'static str, s: &[usize], c: usize) -> Result<Vec<usize>> {
+    let ok = match kind {
+        "BatchNorm1d" => s.len() == 2 && s[1] == c,
+        _ => s.len() == 4 && s[1] == c,
+    };
+    if ok {
+        Ok(s.to_vec())
+    } else {
+        Err(crate::layers::shape_error(kind, format!("{} with {c} channels", if kind == "BatchNorm1d" { "[batch, features]" } else { "[batch, channels, height, width]" }), s))
+    }
+}
+
 /// The float layers of this file a saved model's float fallbacks can hold.
 pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
     ("BatchNorm2d", |j, r| Ok(Box::new(load_bn(j, r)?))),
@@ -85,6 +98,10 @@ pub struct BatchNorm2d {
 }
 
 impl BatchNorm2d {
+    fn features(&self) -> usize {
+        self.running_mean.len()
+    }
+
     /// The identity normalization over `c` channels (weight 1, bias 0, mean 0, var 1).
     pub fn new(c: usize) -> Self {
         BatchNorm2d {
@@ -113,6 +130,10 @@ impl BatchNorm2d {
 impl Module for BatchNorm2d {
     fn kind(&self) -> &'static str {
         "BatchNorm2d"
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(bn_shape(self.kind(), input, self.features()))
     }
 
     fn lowering(&self) -> Mode {
@@ -180,6 +201,10 @@ impl Module for BatchNorm2d {
 pub struct BatchNorm1d(pub BatchNorm2d);
 
 impl BatchNorm1d {
+    fn features(&self) -> usize {
+        self.0.running_mean.len()
+    }
+
     /// The identity normalization over `c` features.
     pub fn new(c: usize) -> Self {
         BatchNorm1d(BatchNorm2d::new(c))
@@ -189,6 +214,10 @@ impl BatchNorm1d {
 impl Module for BatchNorm1d {
     fn kind(&self) -> &'static str {
         "BatchNorm1d"
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(bn_shape(self.kind(), input, self.features()))
     }
 
     fn lowering(&self) -> Mode {

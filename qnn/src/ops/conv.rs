@@ -11,7 +11,7 @@ use serde_json::Value as J;
 
 use super::{attrs, bad, nchw_of, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::Result;
-use crate::layers::{from_nhwc, nchw, shape_err, to_nhwc, FusedAct};
+use crate::layers::{from_nhwc, nchw, shape_error, to_nhwc, FusedAct};
 use crate::module::Module;
 use crate::quant::{out_buf, quantize_weights, quantized, Mode, Run, Value};
 use crate::scratch::Input;
@@ -66,6 +66,34 @@ impl Conv2d {
         self.bias = None;
         self
     }
+    /// `[n, out channels, out height, out width]` for an input of shape `s`.
+    fn out_dims(&self, s: &[usize]) -> Result<[usize; 4]> {
+        let [n, c, h, w] = *s else {
+            return Err(shape_error("Conv2d", "a 4-D NCHW tensor [batch, channels, height, width]".into(), s));
+        };
+        let ws = self.weight.shape();
+        let (oc, icg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
+        if c != icg * self.geom.groups {
+            return Err(shape_error(
+                "Conv2d",
+                format!(
+                    "{} input channels (weight {ws:?}, groups {}); check the previous layer's output channels",
+                    icg * self.geom.groups,
+                    self.geom.groups
+                ),
+                s,
+            ));
+        }
+        let g = &self.geom;
+        let span = |k: usize, d: usize| d * (k - 1) + 1;
+        if h + 2 * g.padding[0] < span(kh, g.dilation[0]) || w + 2 * g.padding[1] < span(kw, g.dilation[1]) {
+            return Err(shape_error("Conv2d", format!("an input of at least {kh}x{kw} (with padding {:?})", g.padding), s));
+        }
+        let oh = (h + 2 * g.padding[0] - span(kh, g.dilation[0])) / g.stride[0] + 1;
+        let ow = (w + 2 * g.padding[1] - span(kw, g.dilation[1])) / g.stride[1] + 1;
+        Ok([n, oc, oh, ow])
+    }
+
     /// The weights as OHWI, the kernels' layout.
     pub fn weight_ohwi(&self) -> ArrayD<f32> {
         self.weight.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned()
@@ -75,6 +103,10 @@ impl Conv2d {
 impl Module for Conv2d {
     fn kind(&self) -> &'static str {
         "Conv2d"
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(self.out_dims(input).map(Vec::from))
     }
 
     fn lowering(&self) -> Mode {
@@ -102,31 +134,10 @@ impl Module for Conv2d {
     }
 
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let [n, c, h, w] = nchw("Conv2d", x, "[batch, channels, height, width]")?;
-        let ws = self.weight.shape();
-        let (oc, icg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
-        if c != icg * self.geom.groups {
-            return Err(shape_err(
-                "Conv2d",
-                format!(
-                    "{} input channels (weight {ws:?}, groups {}); check the previous layer's output channels",
-                    icg * self.geom.groups,
-                    self.geom.groups
-                ),
-                x,
-            ));
-        }
+        let [n, oc, oh, ow] = self.out_dims(x.shape())?;
+        let [_, c, h, w] = nchw("Conv2d", x, "[batch, channels, height, width]")?;
+        let (kh, kw) = (self.weight.shape()[2], self.weight.shape()[3]);
         let g = &self.geom;
-        let span = |k: usize, d: usize| d * (k - 1) + 1;
-        if h + 2 * g.padding[0] < span(kh, g.dilation[0]) || w + 2 * g.padding[1] < span(kw, g.dilation[1]) {
-            return Err(shape_err(
-                "Conv2d",
-                format!("an input of at least {kh}x{kw} (with padding {:?})", g.padding),
-                x,
-            ));
-        }
-        let oh = (h + 2 * g.padding[0] - span(kh, g.dilation[0])) / g.stride[0] + 1;
-        let ow = (w + 2 * g.padding[1] - span(kw, g.dilation[1])) / g.stride[1] + 1;
         let mut out = vec![0.0f32; n * oh * ow * oc];
         let wt = self.weight_ohwi();
         let bias = self.bias.as_ref().map(|b| b.as_slice().expect("contiguous bias").to_vec());

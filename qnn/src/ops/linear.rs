@@ -12,7 +12,7 @@ use serde_json::Value as J;
 use super::conv::{load_weights, save_weight_params};
 use super::{attrs, bad, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
-use crate::layers::{shape_err, FusedAct};
+use crate::layers::{shape_error, FusedAct};
 use crate::module::Module;
 use crate::quant::{out_buf, quantize_weights, quantized, Mode, Run, Value};
 use crate::scratch::Input;
@@ -36,6 +36,20 @@ impl Linear {
             bias: Some(ArrayD::zeros(IxDyn(&[out_features]))),
             activation: FusedAct::None,
         }
+    }
+}
+
+impl Linear {
+    /// `(batch, out features)` for an input of shape `s`.
+    fn out_dims(&self, s: &[usize]) -> Result<(usize, usize)> {
+        let (n, k) = (self.weight.shape()[0], self.weight.shape()[1]);
+        let [m, kin] = *s else {
+            return Err(shape_error("Linear", format!("a 2-D [batch, {k}] input; put a Flatten before it"), s));
+        };
+        if kin != k {
+            return Err(shape_error("Linear", format!("[batch, {k}] (in_features {k})"), s));
+        }
+        Ok((m, n))
     }
 }
 
@@ -70,14 +84,13 @@ impl Module for Linear {
         })))
     }
 
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(self.out_dims(input).map(|(m, n)| vec![m, n]))
+    }
+
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let (n, k) = (self.weight.shape()[0], self.weight.shape()[1]);
-        let [m, kin] = *x.shape() else {
-            return Err(shape_err("Linear", format!("a 2-D [batch, {k}] input; put a Flatten before it"), x));
-        };
-        if kin != k {
-            return Err(shape_err("Linear", format!("[batch, {k}] (in_features {k})"), x));
-        }
+        let (m, n) = self.out_dims(x.shape())?;
+        let k = self.weight.shape()[1];
         let mut out = vec![0.0f32; m * n];
         let xs = x.as_standard_layout();
         let bias = self.bias.as_ref().map(|b| b.iter().copied().collect::<Vec<_>>());

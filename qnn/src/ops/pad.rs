@@ -125,6 +125,12 @@ impl Module for Pad2d {
         self.pad(&to_nhwc(x), [n, h, w, c], (oh, ow), self.constant(), &mut out);
         Ok(from_nhwc(out, [n, oh, ow, c]))
     }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(nchw_of(input, "Pad2d").and_then(|[n, c, h, w]| {
+            let (oh, ow) = self.out_hw(h, w, input)?;
+            Ok(vec![n, c, oh, ow])
+        }))
+    }
     fn lowering(&self) -> Mode {
         Mode::Int8SameParams
     }

@@ -58,6 +58,9 @@ impl From<PoolAttrs> for Pool2d {
 /// The methods every pool's `Module` impl shares: it runs as itself in int8.
 macro_rules! same_params_layer {
     () => {
+        fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+            Some(self.out_dims(input).map(Vec::from))
+        }
         fn lowering(&self) -> Mode {
             Mode::Int8SameParams
         }
@@ -218,6 +221,29 @@ impl Module for AvgPool2d {
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+impl AdaptiveAvgPool2d {
+    fn out_dims(&self, s: &[usize]) -> Result<[usize; 4]> {
+        let [n, c, _, _] = nchw_of(s, "AdaptiveAvgPool2d")?;
+        Ok([n, c, self.0, self.1])
+    }
+}
+
+impl MaxPool2d {
+    fn out_dims(&self, s: &[usize]) -> Result<[usize; 4]> {
+        let [n, c, h, w] = nchw_of(s, "MaxPool2d")?;
+        let (oh, ow) = self.0.output_hw(h, w).map_err(op_err)?;
+        Ok([n, c, oh, ow])
+    }
+}
+
+impl AvgPool2d {
+    fn out_dims(&self, s: &[usize]) -> Result<[usize; 4]> {
+        let [n, c, h, w] = nchw_of(s, "AvgPool2d")?;
+        let (oh, ow) = self.0.output_hw(h, w).map_err(op_err)?;
+        Ok([n, c, oh, ow])
     }
 }
 

@@ -180,6 +180,12 @@ impl Module for Upsample {
         });
         Ok(from_nhwc(out, [n, oh, ow, c]))
     }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(nchw_of(input, "Upsample").and_then(|[n, c, h, w]| {
+            let (oh, ow) = self.out_hw(h, w, input)?;
+            Ok(vec![n, c, oh, ow])
+        }))
+    }
     fn lowering(&self) -> Mode {
         Mode::Int8SameParams
     }

@@ -103,6 +103,9 @@ pub(super) fn run_shape_op(
 
 macro_rules! same_params_layer {
     () => {
+        fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+            Some(self.out_dims(input))
+        }
         fn lowering(&self) -> Mode {
             Mode::Int8SameParams
         }
@@ -149,6 +152,9 @@ impl Flatten {
     fn keeps_batch(&self) -> bool {
         true
     }
+    fn out_dims(&self, s: &[usize]) -> Result<Vec<usize>> {
+        Flatten::out_shape(s)
+    }
     fn out_shape(shape: &[usize]) -> Result<Vec<usize>> {
         let n = *shape.first().ok_or_else(|| shape_err("Flatten", "at least one dimension".into(), shape))?;
         Ok(vec![n, shape[1..].iter().product()])
@@ -192,6 +198,10 @@ pub struct Reshape {
 }
 
 impl Reshape {
+    fn out_dims(&self, s: &[usize]) -> Result<Vec<usize>> {
+        self.out_shape(s)
+    }
+
     /// `x.reshape(x.shape[0], rest...)`: the batch kept, the rest as given (`-1` inferred).
     pub fn batch_and(rest: &[i64]) -> Self {
         Reshape { shape: rest.to_vec(), keep_batch: true }
@@ -270,6 +280,9 @@ pub struct Permute {
 }
 
 impl Permute {
+    fn out_dims(&self, s: &[usize]) -> Result<Vec<usize>> {
+        self.check(s)
+    }
     fn keeps_batch(&self) -> bool {
         self.dims.first() == Some(&0)
     }
@@ -332,6 +345,9 @@ pub struct ChannelShuffle {
 impl ChannelShuffle {
     fn keeps_batch(&self) -> bool {
         true
+    }
+    fn out_dims(&self, s: &[usize]) -> Result<Vec<usize>> {
+        self.source(s).map(|_| s.to_vec())
     }
     /// The input channel of each output channel.
     fn source(&self, shape: &[usize]) -> Result<Vec<usize>> {

@@ -119,6 +119,13 @@ impl Module for Slice {
         let (axis, s, e, step) = self.bounds(x.shape())?;
         Ok(x.slice_axis(Axis(axis), NdSlice::new(s as isize, Some(e as isize), step as isize)).to_owned())
     }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(self.bounds(input).map(|(axis, s, e, step)| {
+            let mut out = input.to_vec();
+            out[axis] = (e - s).div_ceil(step);
+            out
+        }))
+    }
     fn lowering(&self) -> Mode {
         Mode::Int8SameParams
     }

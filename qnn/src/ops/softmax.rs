@@ -48,6 +48,17 @@ impl Module for Softmax {
         }
         Ok(y)
     }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(match self.axis(input.len()) {
+            Some(_) => Ok(input.to_vec()),
+            None => Err(NnError::Shape {
+                module: String::new(),
+                kind: "Softmax",
+                expected: format!("an input with an axis {}", self.dim),
+                got: input.to_vec(),
+            }),
+        })
+    }
     fn lowering(&self) -> Mode {
         Mode::Float("Softmax runs in float (no int8 form); its output is quantized after it".into())
     }
