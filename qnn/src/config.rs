@@ -57,23 +57,47 @@ pub struct QConfigMapping {
     global: Option<QConfig>,
     kinds: Vec<(String, Option<QConfig>)>,
     names: Vec<(Pattern, Option<QConfig>)>,
+    pool_outputs: PoolOutputs,
+}
+
+/// The output parameters of average pools (`AvgPool2d`, `AdaptiveAvgPool2d`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PoolOutputs {
+    /// Observed like any layer's, and the pool requantizes to them: an average spans a
+    /// narrower range than its input, and gets the full 8 bits over it (ONNX Runtime's QDQ
+    /// choice; qrust's default).
+    #[default]
+    Observed,
+    /// The input's (PyTorch's eager and FX modes): use it to reproduce PyTorch's results.
+    InputParams,
 }
 
 impl QConfigMapping {
     /// Every module quantized with `global` unless overridden.
     pub fn new(global: QConfig) -> Self {
-        QConfigMapping { global: Some(global), kinds: Vec::new(), names: Vec::new() }
+        QConfigMapping { global: Some(global), kinds: Vec::new(), names: Vec::new(), pool_outputs: PoolOutputs::default() }
     }
 
     /// Nothing quantized unless a type or name override says so.
     pub fn float() -> Self {
-        QConfigMapping { global: None, kinds: Vec::new(), names: Vec::new() }
+        QConfigMapping { global: None, kinds: Vec::new(), names: Vec::new(), pool_outputs: PoolOutputs::default() }
     }
 
     /// Quantize modules of this type (`"Conv2d"`, `"Linear"`, ...) with `q`.
     pub fn set_kind(mut self, kind: &str, q: QConfig) -> Self {
         self.kinds.push((kind.to_string(), Some(q)));
         self
+    }
+
+    /// How average pools choose their output parameters (default [`PoolOutputs::Observed`]).
+    pub fn pool_outputs(mut self, p: PoolOutputs) -> Self {
+        self.pool_outputs = p;
+        self
+    }
+
+    /// See [`QConfigMapping::pool_outputs`].
+    pub fn pool_output_params(&self) -> PoolOutputs {
+        self.pool_outputs
     }
 
     /// Keep modules of this type in float.

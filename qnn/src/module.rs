@@ -83,6 +83,14 @@ pub trait Module: Send + Sync + Debug {
         }
     }
 
+    /// Whether this layer, which keeps its input's parameters ([`Mode::Int8SameParams`]), can
+    /// instead requantize to output parameters of its own when the configuration asks
+    /// ([`crate::QConfigMapping::pool_outputs`]): average pools. Its `lower` then gets them in
+    /// `cx.out_q`.
+    fn may_observe_output(&self) -> bool {
+        false
+    }
+
     /// The int8 form of this layer, for the parameters and configuration in `cx` (called
     /// when [`Module::lowering`] is int8). The default wraps [`Module::int8`].
     ///

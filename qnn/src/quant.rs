@@ -91,6 +91,10 @@ struct PNode {
     cfg: Option<QConfig>,
     /// Index in [`Prepared`]'s observer list.
     obs: Option<usize>,
+    /// An int8 addition whose only reader is an int8 ReLU: it is observed after the ReLU
+    /// (conversion fuses the two, as PyTorch's `add_relu` and ONNX Runtime do), so its
+    /// parameters spend no codes on negative sums the ReLU discards.
+    relu_after: bool,
 }
 
 /// A model with observers attached, ready for calibration.
@@ -135,7 +139,14 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         let kind = n.op.kind_with(|m| m.kind());
         let cfg = mapping.resolve(crate::graph::module_path(&n.name), kind).cloned();
         let mode = match &n.op {
-            NodeOp::Layer(m) => mode_of(m.as_ref(), cfg.as_ref()),
+            NodeOp::Layer(m) => match mode_of(m.as_ref(), cfg.as_ref()) {
+                Mode::Int8SameParams
+                    if m.may_observe_output() && mapping.pool_output_params() == crate::PoolOutputs::Observed =>
+                {
+                    Mode::Int8
+                }
+                mode => mode,
+            },
             _ => join_mode(cfg.as_ref()),
         };
         let index = if matches!(mode, Mode::Int8 | Mode::Float(_)) {
@@ -145,7 +156,17 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
             None
         };
         plan.push(PlanEntry { name: n.name.clone(), kind, mode: mode.clone() });
-        nodes.push(PNode { mode, cfg, obs: index });
+        nodes.push(PNode { mode, cfg, obs: index, relu_after: false });
+    }
+    let readers = readers(&graph);
+    for i in 0..graph.nodes.len() {
+        let out = graph.nodes[i].output;
+        if !matches!(graph.nodes[i].op, NodeOp::Add) || nodes[i].mode != Mode::Int8 || readers[out.0] != 1 {
+            continue;
+        }
+        let Some(j) = graph.nodes.iter().position(|n| n.inputs.contains(&out)) else { continue };
+        let relu = matches!(&graph.nodes[j].op, NodeOp::Layer(m) if m.as_any().is::<crate::layers::ReLU>());
+        nodes[i].relu_after = relu && nodes[j].mode == Mode::Int8SameParams;
     }
     // Container names are prefixes of their layers' names: patterns naming them match.
     let names: Vec<String> = plan.iter().map(|e| crate::graph::module_path(&e.name).to_string()).collect();
@@ -195,6 +216,7 @@ fn run_batch_inputs(graph: &Graph, nodes: &[PNode], xs: &[ArrayD<f32>], obs: &mu
         o.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
     }
     graph.run_f32(xs, |i, y| match nodes[i].obs {
+        Some(k) if nodes[i].relu_after => observe(obs[k].as_mut(), &graph.nodes[i].name, &y.mapv(|v| v.max(0.0))),
         Some(k) => observe(obs[k].as_mut(), &graph.nodes[i].name, y),
         None => Ok(()),
     })?;

@@ -17,6 +17,11 @@ fn f32s(st: &SafeTensors<'_>, key: &str) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
 }
 
+/// PyTorch's semantics: average pools keep their input's parameters.
+fn pytorch_mapping(q: QConfig) -> QConfigMapping {
+    QConfigMapping::new(q).pool_outputs(qnn::PoolOutputs::InputParams)
+}
+
 fn pytorch_minmax_qconfig() -> QConfig {
     QConfig {
         activation: ObserverSpec::MinMax(QuantSpec::u8_affine()),
@@ -62,7 +67,7 @@ fn digits_int8_logits_match_pytorch() {
     )
     .unwrap();
     fuse(&mut model).unwrap();
-    let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    let mut prepared = prepare(model, &pytorch_mapping(pytorch_minmax_qconfig())).unwrap();
     let modes: Vec<(String, Mode)> = prepared.plan().iter().map(|e| (e.name.clone(), e.mode.clone())).collect();
     assert!(modes.iter().all(|(_, m)| !matches!(m, Mode::Float(_))), "{modes:?}");
     let (calib, test, golden) =
@@ -143,7 +148,7 @@ fn resblock_int8_output_matches_pytorch() {
 
     let fused = fuse(&mut model).unwrap();
     assert_eq!(fused.len(), 2);
-    let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    let mut prepared = prepare(model, &pytorch_mapping(pytorch_minmax_qconfig())).unwrap();
     prepared.calibrate(&f32s(&io, "calib")).unwrap();
     let q = prepared.convert().unwrap();
     assert_quants_are_pytorchs(&q, &io);
@@ -173,7 +178,7 @@ fn parallel_calibration_equals_sequential_for_min_max() {
     let calib = SafeTensors::deserialize(&calib).unwrap();
     let images = f32s(&calib, "images");
     let batches: Vec<ArrayD<f32>> = images.axis_chunks_iter(Axis(0), 16).map(|b| b.to_owned()).collect();
-    let mapping = QConfigMapping::new(pytorch_minmax_qconfig());
+    let mapping = pytorch_mapping(pytorch_minmax_qconfig());
     let mut seq = prepare(load(), &mapping).unwrap();
     seq.calibrate_batches(&batches, 1).unwrap();
     let mut par = prepare(load(), &mapping).unwrap();
@@ -267,7 +272,7 @@ fn concat_block_int8_output_matches_pytorch() {
     let fused = fuse(&mut model).unwrap();
     let groups: Vec<Vec<String>> = fused.iter().map(|f| f.modules.clone()).collect();
     assert_eq!(groups, vec![vec!["branch1.0", "branch1.1", "branch1.2"], vec!["branch2.0", "branch2.1", "branch2.2"]]);
-    let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    let mut prepared = prepare(model, &pytorch_mapping(pytorch_minmax_qconfig())).unwrap();
     prepared.calibrate(&f32s(&io, "calib")).unwrap();
     let q = prepared.convert().unwrap();
     let quants = q.output_quants();
@@ -331,7 +336,7 @@ fn explicit_stubs_give_the_same_model() {
     let calib = data("calib.safetensors");
     let images = f32s(&SafeTensors::deserialize(&calib).unwrap(), "images");
     let convert = |m: qnn::Sequential| {
-        let mut p = prepare(m, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+        let mut p = prepare(m, &pytorch_mapping(pytorch_minmax_qconfig())).unwrap();
         p.calibrate(&images).unwrap();
         p.convert().unwrap()
     };
@@ -382,7 +387,7 @@ fn concat_of_linear_heads_matches_pytorch() {
         model.forward(&x).unwrap().iter().zip(want_f.iter()).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
     eprintln!("float heads: {bits_equal}/{} bit-identical to PyTorch", want_f.len());
     fuse(&mut model).unwrap();
-    let mut p = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    let mut p = prepare(model, &pytorch_mapping(pytorch_minmax_qconfig())).unwrap();
     p.calibrate(&f32s(&io, "calib")).unwrap();
     let q = p.convert().unwrap();
     let names: Vec<&str> = q.output_quants().iter().map(|(n, _)| *n).collect();
@@ -444,7 +449,7 @@ fn squeeze_excitation_block_int8_output_matches_pytorch() {
 
     let fused = qnn::fuse_graph(&mut model).unwrap();
     assert_eq!(fused.len(), 2);
-    let mut prepared = prepare(model, &QConfigMapping::new(pytorch_minmax_qconfig())).unwrap();
+    let mut prepared = prepare(model, &pytorch_mapping(pytorch_minmax_qconfig())).unwrap();
     prepared.calibrate(&f32s(&io, "calib")).unwrap();
     let q = prepared.convert().unwrap();
     // Every output PyTorch gives its own parameters (the gate's are fixed: 1/256, 0).
@@ -520,7 +525,7 @@ fn mobilenet_v3_int8_matches_pytorch() {
         let last = names.iter().rev().find(|s| s.starts_with(&format!("features.{n}."))).unwrap();
         model.add_output(last).unwrap();
     }
-    let mut prepared = prepare(model, &QConfigMapping::new(mbv3_qconfig())).unwrap();
+    let mut prepared = prepare(model, &pytorch_mapping(mbv3_qconfig())).unwrap();
     prepared.calibrate(&f32s(&io, "calib")).unwrap();
     let q = prepared.convert().unwrap();
     assert!(q.plan().iter().all(|e| !matches!(e.mode, qnn::Mode::Float(_))), "every node in int8");
@@ -587,7 +592,7 @@ fn mobilenet_v3_int8_matches_pytorch() {
         Some((f32s(&io, &format!("{name}.scale"))[0], i64::from_le_bytes(zp.data().try_into().unwrap()) as i32))
     };
     let (s0, z0) = param("quant").unwrap();
-    let mut mapping = QConfigMapping::new(fixed(s0, z0));
+    let mut mapping = pytorch_mapping(fixed(s0, z0));
     for (name, _) in q.output_quants() {
         if let Some((s, z)) = param(name) {
             mapping = mapping.set_name(name, fixed(s, z));

@@ -111,7 +111,7 @@ fn hostile_geometry_is_refused_before_allocating() {
     let pool = edited(&bytes, |d| {
         let nodes = d["nodes"].as_array_mut().unwrap();
         let p = nodes.iter_mut().find(|n| n["name"] == "pool").unwrap();
-        p["attrs"] = serde_json::json!([1u64 << 20, 1u64 << 20]);
+        p["attrs"]["window"]["Adaptive"] = serde_json::json!([1u64 << 20, 1u64 << 20]);
     });
     let e = QuantizedModel::from_bytes(&pool).unwrap().forward(&input).unwrap_err().to_string();
     assert!(e.contains("pool") && e.contains("AdaptiveAvgPool2d output"), "{e}");

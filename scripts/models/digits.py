@@ -76,11 +76,11 @@ deep copy of the eval-mode float model, wrapped as ``quant -> model -> dequant``
 calibration = ONE forward pass of ONE batch (DigitsNet: the 128 calibration
 images; ResBlock: the 16 ``calib`` inputs); ``convert``.
 
-ResBlock: y = relu1(bn1(conv1(x))); y = bn2(conv2(y)); y = skip_add.add(y, x)
-(``torch.ao.nn.quantized.FloatFunctional``, its own output observer, i.e. the
-add requantizes both operands to ``skip_add.scale/zero_point``); y = relu2(y)
-(a plain ``nn.ReLU`` that, after convert, runs on the quint8 tensor and keeps
-its qparams: output qparams == ``skip_add``'s).  Both convs 8->8, 3x3, pad 1.
+ResBlock: y = relu1(bn1(conv1(x))); y = bn2(conv2(y)); y = skip_add.add_relu(y, x)
+(``torch.ao.nn.quantized.FloatFunctional``, as torchvision's quantizable ResNet blocks
+write it: its output observer sees the sum after the ReLU, and the quantized add
+requantizes both operands to ``skip_add.scale/zero_point`` and clamps at the zero
+point; ``relu2`` is kept as a module but not called).  Both convs 8->8, 3x3, pad 1.
 
 What PyTorch does here (torch 2.15.0, engine x86, AVX-512 CPU):
 
@@ -197,8 +197,9 @@ class ResBlock(nn.Module):
     def forward(self, x):
         y = self.relu1(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        y = self.skip_add.add(y, x)
-        return self.relu2(y)
+        # torchvision's quantizable ResNet blocks: the ReLU applied by the addition, whose
+        # observer sees the sum after it (relu2 stays for the float model's structure).
+        return self.skip_add.add_relu(y, x)
 
 
 class CatBlock(nn.Module):

@@ -269,6 +269,7 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     pool::MAX,
     pool::AVG,
     pool::ADAPTIVE,
+    pool::OBSERVED,
     shape::FLATTEN,
     shape::RESHAPE,
     shape::PERMUTE,

@@ -8,15 +8,15 @@ use qkernels::{adaptive_avg_pool2d, Pool2d, QuantU8};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
-use super::{attrs, nchw_of, op_err, parse, LowerCx, OpWriter, QOp};
+use super::{attrs, nchw_of, op_err, parse, LowerCx, OpWriter, QOp, SavedQ};
 use crate::error::Result;
 use crate::layers::nchw;
 use crate::module::Module;
-use crate::quant::{budget, out_buf, Mode, Run, Value};
+use crate::quant::{budget, out_buf, quantized, Mode, Run, Value};
 use crate::scratch::Input;
 
 /// A pooling window as saved.
-#[derive(Serialize, Deserialize, Clone, Copy)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug)]
 struct PoolAttrs {
     kernel: [usize; 2],
     stride: [usize; 2],
@@ -55,17 +55,24 @@ impl From<PoolAttrs> for Pool2d {
     }
 }
 
-/// The methods every pool's `Module` impl shares: it runs as itself in int8.
+/// The methods every pool's `Module` impl shares: it runs as itself in int8 (an average
+/// pool given output parameters of its own runs as an [`ObservedAvgPool`]).
 macro_rules! same_params_layer {
-    () => {
+    ($avg:expr) => {
+        fn may_observe_output(&self) -> bool {
+            $avg
+        }
         fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
             Some(self.out_dims(input).map(Vec::from))
         }
         fn lowering(&self) -> Mode {
             Mode::Int8SameParams
         }
-        fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-            Ok(Box::new(*self))
+        fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+            match (cx.out_q, AvgWindow::of(self)) {
+                (Some(out_q), Some(window)) => Ok(Box::new(ObservedAvgPool { window, out_q: out_q.into() })),
+                _ => Ok(Box::new(*self)),
+            }
         }
         fn computes_images_apart(&self) -> bool {
             true
@@ -118,7 +125,7 @@ impl Module for AdaptiveAvgPool2d {
     fn kind(&self) -> &'static str {
         "AdaptiveAvgPool2d"
     }
-    same_params_layer!();
+    same_params_layer!(true);
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let [n, c, h, w] = nchw("AdaptiveAvgPool2d", x, "[batch, channels, height, width]")?;
         let (oh, ow) = (self.0, self.1);
@@ -152,7 +159,7 @@ impl Module for MaxPool2d {
     fn kind(&self) -> &'static str {
         "MaxPool2d"
     }
-    same_params_layer!();
+    same_params_layer!(false);
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let [n, c, h, w] = nchw("MaxPool2d", x, "[batch, channels, height, width]")?;
         let p = &self.0;
@@ -193,7 +200,7 @@ impl Module for AvgPool2d {
     fn kind(&self) -> &'static str {
         "AvgPool2d"
     }
-    same_params_layer!();
+    same_params_layer!(true);
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let [n, c, h, w] = nchw("AvgPool2d", x, "[batch, channels, height, width]")?;
         let p = &self.0;
@@ -374,6 +381,82 @@ impl QOp for AvgPool2d {
     }
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(&PoolAttrs::from(self.0)))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// An average pool's window, for [`ObservedAvgPool`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum AvgWindow {
+    /// `AdaptiveAvgPool2d` to this size.
+    Adaptive([usize; 2]),
+    /// `AvgPool2d` with this window.
+    Window(PoolAttrs),
+}
+
+impl AvgWindow {
+    fn of(layer: &dyn Module) -> Option<AvgWindow> {
+        let a = layer.as_any();
+        if let Some(p) = a.downcast_ref::<AdaptiveAvgPool2d>() {
+            Some(AvgWindow::Adaptive([p.0, p.1]))
+        } else {
+            a.downcast_ref::<AvgPool2d>().map(|p| AvgWindow::Window(p.0.into()))
+        }
+    }
+}
+
+/// An average pool in int8 with output parameters of its own (observed): the sum of each
+/// window is requantized straight to them ([`crate::QConfigMapping::pool_outputs`]).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ObservedAvgPool {
+    window: AvgWindow,
+    out_q: SavedQ,
+}
+
+pub(crate) const OBSERVED: (&str, super::OpLoader) = ("AvgPoolObserved", |j, _, node| {
+    let op: ObservedAvgPool = parse(j, node, "AvgPoolObserved")?;
+    op.out_q.get()?;
+    Ok(Box::new(op))
+});
+
+impl QOp for ObservedAvgPool {
+    fn op_name(&self) -> &'static str {
+        OBSERVED.0
+    }
+    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
+        let out_q = self.out_q.get()?;
+        let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
+        let data = Input::new(data);
+        let kind = match self.window {
+            AvgWindow::Adaptive(_) => "AdaptiveAvgPool2d",
+            AvgWindow::Window(_) => "AvgPool2d",
+        };
+        let [n, c, h, w] = nchw_of(&shape, kind)?;
+        let image = Value::image(&data, &shape, q);
+        let (oh, ow) = match self.window {
+            AvgWindow::Adaptive([oh, ow]) => (oh, ow),
+            AvgWindow::Window(p) => Pool2d::from(p).output_hw(h, w).map_err(op_err)?,
+        };
+        let mut y = out_buf(&[n, oh, ow, c], run, kind)?;
+        match self.window {
+            AvgWindow::Adaptive(_) => adaptive_avg_pool2d(&image, (oh, ow), out_q, &mut y).map_err(op_err)?,
+            AvgWindow::Window(p) => qkernels::avg_pool2d(&image, &p.into(), out_q, &mut y).map_err(op_err)?,
+        }
+        Ok(Value::U8 { data: y, shape: vec![n, c, oh, ow], q: out_q })
+    }
+    fn out_q(&self) -> Option<QuantU8> {
+        self.out_q.get().ok()
+    }
+    fn quantizes_input(&self, _k: usize, in_q: QuantU8) -> Option<QuantU8> {
+        Some(in_q)
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
     }
     fn as_any(&self) -> &dyn Any {
         self
