@@ -279,14 +279,12 @@ fn node_shape(n: &Node<Box<dyn Module>>, shapes: &[&[usize]]) -> Result<Vec<usiz
                 Ok(y.shape().to_vec())
             }
         },
-        NodeOp::Add if shapes[0] == shapes[1] => Ok(shapes[0].to_vec()),
-        NodeOp::Add => Err(err("add", format!("the other operand's shape {:?}", shapes[1]), shapes[0])),
-        NodeOp::Mul if crate::ops::mul::mul_shapes_fit(shapes[0], shapes[1]) => {
+        NodeOp::Add | NodeOp::Mul if crate::ops::mul::mul_shapes_fit(shapes[0], shapes[1]) => {
             Ok(if shapes[0].iter().product::<usize>() >= shapes[1].iter().product() { shapes[0] } else { shapes[1] }
                 .to_vec())
         }
-        NodeOp::Mul => Err(err(
-            "mul",
+        NodeOp::Add | NodeOp::Mul => Err(err(
+            if matches!(n.op, NodeOp::Add) { "add" } else { "mul" },
             format!("a second operand of the first's shape {:?}, or one of them [n, c, 1, 1]", shapes[0]),
             shapes[1],
         )),
@@ -653,7 +651,8 @@ impl GraphBuilder {
         Ok(map[sub.outputs[0].0])
     }
 
-    /// `a + b` (one shape; PyTorch's `FloatFunctional().add`), in int8 where configured.
+    /// `a + b` (one shape, or one of them `[n, c, 1, 1]` added to every pixel of the other's
+    /// channel; PyTorch's `FloatFunctional().add`), in int8 where configured.
     ///
     /// # Errors
     /// As [`GraphBuilder::layer`].

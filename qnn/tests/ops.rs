@@ -448,3 +448,34 @@ fn values_have_names_shapes_types_and_layouts() {
     let last = mbv3.value_info(&[&[1, 3, 64, 64]]).unwrap().pop().unwrap();
     assert_eq!(last.shape, [1, 10]);
 }
+
+#[test]
+fn a_per_channel_operand_broadcasts_in_additions() {
+    // x + conv(pool(x)): a [n, c, 1, 1] term added to every pixel, either operand order.
+    let build = || {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x");
+        let y = g.layer("conv", Conv2d::new(3, 4, 3).padding(1), x).unwrap();
+        let s = g.layer("pool", qnn::layers::AdaptiveAvgPool2d(1, 1), y).unwrap();
+        let s = g.layer("fc", Conv2d::new(4, 4, 1), s).unwrap();
+        let a = g.add("shift", y, s).unwrap();
+        let b = g.add("shift_swapped", s, y).unwrap();
+        g.output(a);
+        g.output(b);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 8);
+        graph
+    };
+    let x = images(9, &[2, 3, 5, 5]);
+    let float = build().run(std::slice::from_ref(&x)).unwrap();
+    assert_eq!(float[0].shape(), &[2, 4, 5, 5]);
+    assert_eq!(float[0], float[1]);
+    let q = quantize(build(), &[2, 3, 5, 5]);
+    let got = q.forward_inputs(std::slice::from_ref(&x)).unwrap();
+    for (f, g) in float.iter().zip(&got) {
+        assert!(sqnr_db(f, g) > 30.0, "{}", sqnr_db(f, g));
+    }
+    assert_eq!(got[0], got[1], "the operand order does not change the int8 sum");
+    let e = build().value_info(&[&[2, 3, 5, 5]]).unwrap();
+    assert_eq!(e.last().unwrap().shape, [2, 4, 5, 5]);
+}

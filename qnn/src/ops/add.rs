@@ -1,5 +1,6 @@
-//! The sum of two values of one shape (PyTorch's `FloatFunctional().add`, ONNX `Add`): in
-//! float, and in int8 (`qkernels::add`, each input with its parameters, the sum requantized
+//! The sum of two values of one shape, or one of them `[n, c, 1, 1]` added to every pixel
+//! of the other's channel (PyTorch's `FloatFunctional().add`, ONNX `Add`): in float, and in
+//! int8 (`qkernels::add`, each input with its parameters, the sum requantized
 //! to the observed ones; a ReLU after it is applied in the same pass when the conversion
 //! fuses it).
 
@@ -15,20 +16,35 @@ use crate::error::{NnError, Result};
 use crate::quant::{quantized, Run, Value};
 use crate::scratch::{self, Input};
 
-/// `a + b`, of one shape.
+/// `a + b`, of one shape or one of them broadcast over the other's height and width.
 pub(crate) fn add_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
-    if a.shape() != b.shape() {
+    if !super::mul::mul_shapes_fit(a.shape(), b.shape()) {
         return Err(NnError::Shape {
             module: name.to_string(),
             kind: "add",
             expected: format!(
-                "the other operand's shape {:?} (add a downsample branch when one branch changes the shape)",
+                "the other operand's shape {:?}, or one of them [n, c, 1, 1] (add a downsample branch when one \
+                 branch changes the shape)",
                 b.shape()
             ),
             got: a.shape().to_vec(),
         });
     }
     Ok(a + b)
+}
+
+/// The `[n, c]` bytes of an `[n, c, 1, 1]` value repeated over every pixel of `to`
+/// (`[n, c, h, w]`, NHWC), in a pooled buffer.
+fn spread(small: Vec<u8>, to: &[usize]) -> Vec<u8> {
+    let [n, c, h, w] = to[..] else { unreachable!("checked: a 4-D shape") };
+    let mut out = scratch::take(n * h * w * c);
+    for (image, gate) in out.chunks_exact_mut(h * w * c).zip(small.chunks_exact(c)) {
+        for pixel in image.chunks_exact_mut(c) {
+            pixel.copy_from_slice(gate);
+        }
+    }
+    scratch::give(small);
+    out
 }
 
 /// The addition in the converted model.
@@ -78,14 +94,23 @@ impl QOp for AddOp {
         let [body_q, short_q, add_q] = self.params();
         let (bd, bs, bq) = quantized(b, body_q)?;
         let (sd, ss, sq) = quantized(s, short_q)?;
-        if bs != ss {
+        if !super::mul::mul_shapes_fit(&bs, &ss) {
             return Err(NnError::Shape {
                 module: String::new(),
                 kind: "add",
-                expected: format!("the other operand's shape {ss:?}"),
+                expected: format!("the other operand's shape {ss:?}, or one of them [n, c, 1, 1]"),
                 got: bs,
             });
         }
+        // A per-channel operand is spread over the other's pixels (NHWC: its bytes repeated
+        // per pixel), then added as any two values of one shape.
+        let (bd, bs, sd) = if bs.iter().product::<usize>() < ss.iter().product() {
+            (spread(bd, &ss), ss, sd)
+        } else if bs != ss {
+            (bd, bs.clone(), spread(sd, &bs))
+        } else {
+            (bd, bs, sd)
+        };
         let (bd, sd) = (Input::new(bd), Input::new(sd));
         let mut y = scratch::take(bd.len());
         qkernels::add(&bd, bq, &sd, sq, &mut y, add_q, self.relu).map_err(op_err)?;
