@@ -82,8 +82,9 @@ class OnnxRuntime:
         x = inputs["x1"]
         fs = session(f, 1)
         f32_ms = peer_server.median_ms(lambda: fs.run(None, {"x": x}), 5)
-        ref = fs.run(None, {"x": x})[0]
-        got = self.session(name, 1).run(None, {"x": x})[0]
+        xq = inputs["xq"]
+        ref = fs.run(None, {"x": xq})[0]
+        got = self.session(name, 1).run(None, {"x": xq})[0]
         return peer_server.sqnr_db(ref, got), f32_ms
 
     def session(self, name, threads):

@@ -4,8 +4,9 @@
 ``state_dict`` under torchvision's names (``<model>.safetensors``: random weights with
 non-zero biases and batch-norm statistics, as a trained model has) and the inputs
 (``inputs.safetensors``: ``calib`` [N, 3, 224, 224], calibrated one image at a time, ``x1``
-[1, 3, 224, 224] and ``x8`` [8, 3, 224, 224]). Our side and every peer quantize the same model
-on the same images and are timed on the same inputs.
+[1, 3, 224, 224] and ``x8`` [8, 3, 224, 224], timed, and ``xq`` [16, 3, 224, 224], the
+images whose outputs give the int8 SQNR against the same side's float model). Our side and
+every peer quantize the same model on the same images and are timed on the same inputs.
 
 A peer script builds its models (``Backend.prepare``), prints one JSON line
 ``{"ready": {model: {"sqnr_db": .., "f32_ms": .., "int8": true | false}}}``, then answers requests on standard input,

@@ -50,9 +50,10 @@ class Torch:
         m = CTORS[name](weights=None, quantize=False).eval()
         peer_server.load_state_dict(m, directory, name)
         x = torch.from_numpy(inputs["x1"])
+        xq = torch.from_numpy(inputs["xq"])
         with torch.inference_mode():
             f32_ms = peer_server.median_ms(lambda: m(x), 5)
-            ref = m(x)
+            ref = m(xq)
         q = CTORS[name](weights=None, quantize=False).eval()
         q.load_state_dict(m.state_dict())
         q.fuse_model()
@@ -63,7 +64,7 @@ class Torch:
                 q(torch.from_numpy(img[None].copy()))
         tq.convert(q, inplace=True)
         with torch.inference_mode():
-            got = q(x)
+            got = q(xq)
         self.int8[name] = q
         return peer_server.sqnr_db(ref.numpy(), got.numpy()), f32_ms
 
