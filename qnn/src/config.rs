@@ -75,7 +75,12 @@ pub enum PoolOutputs {
 impl QConfigMapping {
     /// Every module quantized with `global` unless overridden.
     pub fn new(global: QConfig) -> Self {
-        QConfigMapping { global: Some(global), kinds: Vec::new(), names: Vec::new(), pool_outputs: PoolOutputs::default() }
+        QConfigMapping {
+            global: Some(global),
+            kinds: Vec::new(),
+            names: Vec::new(),
+            pool_outputs: PoolOutputs::default(),
+        }
     }
 
     /// Nothing quantized unless a type or name override says so.

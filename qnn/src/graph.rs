@@ -290,9 +290,7 @@ fn node_shape(n: &Node<Box<dyn Module>>, shapes: &[&[usize]]) -> Result<Vec<usiz
         )),
         NodeOp::Cat => {
             let first = shapes[0];
-            let fits = |s: &[usize]| {
-                s.len() == first.len() && s.len() >= 2 && s[0] == first[0] && s[2..] == first[2..]
-            };
+            let fits = |s: &[usize]| s.len() == first.len() && s.len() >= 2 && s[0] == first[0] && s[2..] == first[2..];
             match shapes.iter().find(|s| !fits(s)) {
                 Some(bad) => {
                     Err(err("cat", format!("tensors that differ only in dimension 1; the first is {first:?}"), bad))
@@ -404,7 +402,10 @@ impl Graph {
     pub fn add_output(&mut self, node: &str) -> Result<()> {
         let Some(n) = self.nodes.iter().find(|n| n.name == node) else {
             let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
-            return Err(NnError::UnknownModule { name: node.to_string(), suggestions: crate::fuse::nearest(node, &names) });
+            return Err(NnError::UnknownModule {
+                name: node.to_string(),
+                suggestions: crate::fuse::nearest(node, &names),
+            });
         };
         self.outputs.push(n.output);
         Ok(())
@@ -477,7 +478,13 @@ impl Module for Graph {
 pub(crate) fn view(model: &Sequential) -> Graph<LayerRef<'_>> {
     let mut b = Lowering { values: 1, nodes: Vec::new(), names: HashSet::new() };
     let out = b.sequential(model, "", Tensor(0));
-    Graph { values: b.values, nodes: b.nodes, inputs: vec![Tensor(0)], outputs: vec![out], input_names: vec!["input".into()] }
+    Graph {
+        values: b.values,
+        nodes: b.nodes,
+        inputs: vec![Tensor(0)],
+        outputs: vec![out],
+        input_names: vec!["input".into()],
+    }
 }
 
 struct Lowering<'a> {

@@ -7,8 +7,8 @@ pub use crate::ops::activation::{HardSigmoid, Hardswish, Hardtanh, ReLU, ReLU6, 
 pub use crate::ops::batchnorm::{BatchNorm1d, BatchNorm2d};
 pub use crate::ops::conv::Conv2d;
 pub use crate::ops::linear::Linear;
-pub use crate::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 pub use crate::ops::pad::{Pad2d, PadMode};
+pub use crate::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 pub use crate::ops::resize::{Upsample, UpsampleMode};
 pub use crate::ops::shape::{ChannelShuffle, Flatten, Permute, Reshape};
 pub use crate::ops::slice::{Slice, SliceRange};
@@ -78,4 +78,3 @@ impl FusedAct {
         }
     }
 }
-

@@ -364,8 +364,7 @@ impl Prepared {
                     Mode::Float(_) => Box::new(FloatOp(m)),
                     Mode::Int8 | Mode::Int8SameParams => {
                         let cfg = p.cfg.as_ref().expect("int8 modules have a configuration");
-                        m.lower(&LowerCx { name: &n.name, cfg, in_q, out_q })
-                            .map_err(|e| e.within(&n.name))?
+                        m.lower(&LowerCx { name: &n.name, cfg, in_q, out_q }).map_err(|e| e.within(&n.name))?
                     }
                 },
                 NodeOp::Add => Box::new(AddOp::new([qs[0], qs[1]], joined(), int8)),
@@ -1038,7 +1037,6 @@ impl QuantizedModel {
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         Ok(self.forward_value(x)?.into_f32())
     }
-
 }
 
 fn mismatch(name: &str) -> NnError {
@@ -1053,7 +1051,9 @@ fn mismatch(name: &str) -> NnError {
 /// with `q_if_float`.
 pub(crate) fn quantized(v: Value, q_if_float: QuantU8) -> Result<(Vec<u8>, Vec<usize>, QuantU8)> {
     let v = match v {
-        Value::F32(a) => Value::quantize(a.view(), q_if_float).map_err(|e| NnError::Op { module: String::new(), source: e })?,
+        Value::F32(a) => {
+            Value::quantize(a.view(), q_if_float).map_err(|e| NnError::Op { module: String::new(), source: e })?
+        }
         v => v,
     };
     match v {

@@ -183,8 +183,8 @@ impl QuantizedModel {
         if desc["format"] != FORMAT {
             return Err(bad(format!("format {} is not {FORMAT}", desc["format"])));
         }
-        let desc: SavedGraph =
-            serde_json::from_value(desc).map_err(|e| bad(format!("the model description does not fit {FORMAT}: {e}")))?;
+        let desc: SavedGraph = serde_json::from_value(desc)
+            .map_err(|e| bad(format!("the model description does not fit {FORMAT}: {e}")))?;
         let r = OpReader { st: &st };
         let ids = |v: Vec<usize>| v.into_iter().map(Tensor).collect::<Vec<_>>();
         let (inputs, outputs) = (ids(desc.inputs), ids(desc.outputs));

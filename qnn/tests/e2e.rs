@@ -548,30 +548,32 @@ fn mobilenet_v3_int8_matches_pytorch() {
         assert!((oq.zero_point as i64).abs_diff(zp) <= 1, "{name}: zero point {} vs {zp}", oq.zero_point);
         checked += 1;
     }
-    eprintln!("MobileNetV3: {exact}/{checked} output parameters identical to PyTorch's, scales within {worst_ulps} ulps");
+    eprintln!(
+        "MobileNetV3: {exact}/{checked} output parameters identical to PyTorch's, scales within {worst_ulps} ulps"
+    );
     assert!(checked > 60, "only {checked} outputs compared");
 
     let compare = |q: &qnn::QuantizedModel| {
         let outs = q.forward_values(std::slice::from_ref(&input)).unwrap();
         let mut total = (0, 0);
         let mut worst_all = 0;
-    for (v, key) in outs.iter().zip(
-        std::iter::once("output_int8".to_string()).chain(taps.iter().map(|n| format!("features.{n}.output_int8"))),
-    ) {
-        let Value::U8 { data: ours, shape, .. } = v else { panic!("{key}: int8 output expected") };
-        let want = io.tensor(&key).unwrap();
-        assert_eq!(shape.as_slice(), want.shape(), "{key}");
-        let (same, worst) = match shape[..] {
-            [n, c, h, w] => compare_nhwc_to_nchw(ours, want.data(), [n, c, h, w]),
-            _ => {
-                let same = ours.iter().zip(want.data()).filter(|(a, b)| a == b).count();
-                let worst = ours.iter().zip(want.data()).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
-                (same, worst)
-            }
-        };
-        eprintln!("{key}: {same}/{} identical to PyTorch, max {worst} LSB", want.data().len());
-        total = (total.0 + same, total.1 + want.data().len());
-        worst_all = worst_all.max(worst);
+        for (v, key) in outs.iter().zip(
+            std::iter::once("output_int8".to_string()).chain(taps.iter().map(|n| format!("features.{n}.output_int8"))),
+        ) {
+            let Value::U8 { data: ours, shape, .. } = v else { panic!("{key}: int8 output expected") };
+            let want = io.tensor(&key).unwrap();
+            assert_eq!(shape.as_slice(), want.shape(), "{key}");
+            let (same, worst) = match shape[..] {
+                [n, c, h, w] => compare_nhwc_to_nchw(ours, want.data(), [n, c, h, w]),
+                _ => {
+                    let same = ours.iter().zip(want.data()).filter(|(a, b)| a == b).count();
+                    let worst = ours.iter().zip(want.data()).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+                    (same, worst)
+                }
+            };
+            eprintln!("{key}: {same}/{} identical to PyTorch, max {worst} LSB", want.data().len());
+            total = (total.0 + same, total.1 + want.data().len());
+            worst_all = worst_all.max(worst);
         }
         (total, worst_all)
     };

@@ -171,8 +171,8 @@ impl Module for Gain {
 }
 
 fn load_gain(j: &serde_json::Value, _: &OpReader<'_>) -> qnn::Result<Box<dyn Module>> {
-    let g: Gain = serde_json::from_value(j.clone())
-        .map_err(|e| NnError::File { file: String::new(), reason: e.to_string() })?;
+    let g: Gain =
+        serde_json::from_value(j.clone()).map_err(|e| NnError::File { file: String::new(), reason: e.to_string() })?;
     Ok(Box::new(g))
 }
 

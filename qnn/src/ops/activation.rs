@@ -182,7 +182,8 @@ pub struct ClampOp {
     pub six: bool,
 }
 
-pub(crate) const RELU: (&str, super::OpLoader) = ("ReLU", |j, _, node| Ok(Box::new(parse::<ClampOp>(j, node, "ReLU")?)));
+pub(crate) const RELU: (&str, super::OpLoader) =
+    ("ReLU", |j, _, node| Ok(Box::new(parse::<ClampOp>(j, node, "ReLU")?)));
 
 impl QOp for ClampOp {
     fn op_name(&self) -> &'static str {
@@ -348,7 +349,10 @@ impl Hardtanh {
         } else {
             Err(crate::NnError::Config {
                 module: String::new(),
-                reason: format!("Hardtanh bounds {} > {}: the lower bound must not exceed the upper", self.min_val, self.max_val),
+                reason: format!(
+                    "Hardtanh bounds {} > {}: the lower bound must not exceed the upper",
+                    self.min_val, self.max_val
+                ),
             })
         }
     }

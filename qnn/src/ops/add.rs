@@ -64,7 +64,13 @@ pub struct AddOp {
 
 impl AddOp {
     pub(crate) fn new(qs: [QuantU8; 2], out_q: QuantU8, int8: bool) -> Self {
-        AddOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), relu: false, int8, q: Some([qs[0], qs[1], out_q]) }
+        AddOp {
+            qs: [qs[0].into(), qs[1].into()],
+            out_q: out_q.into(),
+            relu: false,
+            int8,
+            q: Some([qs[0], qs[1], out_q]),
+        }
     }
     fn params(&self) -> [QuantU8; 3] {
         self.q.expect("built or loaded with validated parameters")

@@ -26,9 +26,7 @@ struct BnAttrs {
 }
 
 fn not_fused(kind: &str) -> Mode {
-    Mode::Float(format!(
-        "a {kind} that was not fused into the layer before it (fuse first, or keep it in float)"
-    ))
+    Mode::Float(format!("a {kind} that was not fused into the layer before it (fuse first, or keep it in float)"))
 }
 
 fn save_bn(bn: &BatchNorm2d, node: &str, w: &mut OpWriter) -> J {
@@ -70,7 +68,14 @@ fn bn_shape(kind: &'static str, s: &[usize], c: usize) -> Result<Vec<usize>> {
     if ok {
         Ok(s.to_vec())
     } else {
-        Err(crate::layers::shape_error(kind, format!("{} with {c} channels", if kind == "BatchNorm1d" { "[batch, features]" } else { "[batch, channels, height, width]" }), s))
+        Err(crate::layers::shape_error(
+            kind,
+            format!(
+                "{} with {c} channels",
+                if kind == "BatchNorm1d" { "[batch, features]" } else { "[batch, channels, height, width]" }
+            ),
+            s,
+        ))
     }
 }
 
@@ -265,4 +270,3 @@ impl Module for BatchNorm1d {
         self
     }
 }
-

@@ -87,7 +87,11 @@ impl Conv2d {
         let g = &self.geom;
         let span = |k: usize, d: usize| d * (k - 1) + 1;
         if h + 2 * g.padding[0] < span(kh, g.dilation[0]) || w + 2 * g.padding[1] < span(kw, g.dilation[1]) {
-            return Err(shape_error("Conv2d", format!("an input of at least {kh}x{kw} (with padding {:?})", g.padding), s));
+            return Err(shape_error(
+                "Conv2d",
+                format!("an input of at least {kh}x{kw} (with padding {:?})", g.padding),
+                s,
+            ));
         }
         let oh = (h + 2 * g.padding[0] - span(kh, g.dilation[0])) / g.stride[0] + 1;
         let ow = (w + 2 * g.padding[1] - span(kw, g.dilation[1])) / g.stride[1] + 1;
@@ -249,8 +253,7 @@ fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
     let weights = load_weights(r, &a.weight, &a.scales, &a.zero_points, a.per_channel)?;
     let bias = a.bias.as_deref().map(|k| r.f32s(k).map(|v| v.1)).transpose()?;
     let geom = Conv2dGeometry { stride: a.stride, padding: a.padding, dilation: a.dilation, groups: a.groups };
-    let packed =
-        Box::new(PackedConv2d::new(&weights, bias.as_deref(), geom).map_err(|e| bad(format!("{node}: {e}")))?);
+    let packed = Box::new(PackedConv2d::new(&weights, bias.as_deref(), geom).map_err(|e| bad(format!("{node}: {e}")))?);
     let q = a.out_q.get()?;
     let out = OutputQuant { scale: q.scale, zero_point: q.zero_point, activation: a.activation.kernel() };
     Ok(Box::new(ConvOp { packed, weights, bias, geom, out, activation: a.activation }))

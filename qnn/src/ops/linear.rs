@@ -186,8 +186,14 @@ impl QOp for LinearOp {
         let n = self.packed.weights().n();
         let mut y = out_buf(&[m, n], run, "Linear")?;
         let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
-        self.packed.forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: self.out }, run.threads).map_err(op_err)?;
-        Ok(Value::U8 { data: y, shape: vec![m, n], q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point } })
+        self.packed
+            .forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: self.out }, run.threads)
+            .map_err(op_err)?;
+        Ok(Value::U8 {
+            data: y,
+            shape: vec![m, n],
+            q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point },
+        })
     }
 
     fn out_q(&self) -> Option<QuantU8> {
@@ -253,5 +259,9 @@ pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[("Linear", |j, r| {
     if weight.ndim() != 2 {
         return Err(bad(format!("{}: a Linear weight is 2-D, not {:?}", a.weight, weight.shape())));
     }
-    Ok(Box::new(Linear { weight, bias: a.bias.as_deref().map(|k| super::conv::load_f32(r, k)).transpose()?, activation: a.activation }))
+    Ok(Box::new(Linear {
+        weight,
+        bias: a.bias.as_deref().map(|k| super::conv::load_f32(r, k)).transpose()?,
+        activation: a.activation,
+    }))
 })];

@@ -30,7 +30,9 @@ fn shape_err(a: &[usize], b: &[usize], name: &str) -> NnError {
     NnError::Shape {
         module: name.to_string(),
         kind: "mul",
-        expected: format!("a second operand of the first's shape {a:?}, or one of them [n, c, 1, 1] to scale each channel"),
+        expected: format!(
+            "a second operand of the first's shape {a:?}, or one of them [n, c, 1, 1] to scale each channel"
+        ),
         got: b.to_vec(),
     }
 }

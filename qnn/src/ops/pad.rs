@@ -174,7 +174,8 @@ impl QOp for Pad2d {
                 let [n, c, h, w] = nchw_of(&shape, "Pad2d")?;
                 let (oh, ow) = self.out_hw(h, w, &shape)?;
                 let mut y = out_buf(&[n, oh, ow, c], run, "Pad2d")?;
-                let fill = qtensor::kernels::quantize_scalar(self.constant(), 1.0 / q.scale, q.zero_point, 0, 255) as u8;
+                let fill =
+                    qtensor::kernels::quantize_scalar(self.constant(), 1.0 / q.scale, q.zero_point, 0, 255) as u8;
                 self.pad(&data, [n, h, w, c], (oh, ow), fill, &mut y);
                 Ok(Value::U8 { data: y, shape: vec![n, c, oh, ow], q })
             }

@@ -265,7 +265,9 @@ pub(crate) const ADAPTIVE: (&str, super::OpLoader) =
 pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
     ("MaxPool2d", |j, _| Ok(Box::new(MaxPool2d(parse::<PoolAttrs>(j, "MaxPool2d", "MaxPool2d")?.into())))),
     ("AvgPool2d", |j, _| Ok(Box::new(AvgPool2d(parse::<PoolAttrs>(j, "AvgPool2d", "AvgPool2d")?.into())))),
-    ("AdaptiveAvgPool2d", |j, _| Ok(Box::new(parse::<AdaptiveAvgPool2d>(j, "AdaptiveAvgPool2d", "AdaptiveAvgPool2d")?))),
+    ("AdaptiveAvgPool2d", |j, _| {
+        Ok(Box::new(parse::<AdaptiveAvgPool2d>(j, "AdaptiveAvgPool2d", "AdaptiveAvgPool2d")?))
+    }),
 ];
 
 /// Runs a same-parameter pool on a value: float in float (within the activation budget),

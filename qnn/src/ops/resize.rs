@@ -153,7 +153,8 @@ impl Upsample {
                     for (y, &(iy, dy, h0, h1)) in rows.iter().enumerate() {
                         for (x, &(ix, dx, w0, w1)) in cols.iter().enumerate() {
                             let at = |yy: usize, xx: usize| ((b * h + yy) * w + xx) * c;
-                            let (p00, p01, p10, p11) = (at(iy, ix), at(iy, ix + dx), at(iy + dy, ix), at(iy + dy, ix + dx));
+                            let (p00, p01, p10, p11) =
+                                (at(iy, ix), at(iy, ix + dx), at(iy + dy, ix), at(iy + dy, ix + dx));
                             let d = ((b * oh + y) * ow + x) * c;
                             for k in 0..c {
                                 out[d + k] =
@@ -206,7 +207,8 @@ impl Module for Upsample {
     }
 }
 
-pub(crate) const OP: (&str, super::OpLoader) = ("Upsample", |j, _, node| Ok(Box::new(parse::<Upsample>(j, node, "Upsample")?)));
+pub(crate) const OP: (&str, super::OpLoader) =
+    ("Upsample", |j, _, node| Ok(Box::new(parse::<Upsample>(j, node, "Upsample")?)));
 
 /// The float layers of this file a saved model's float fallbacks can hold.
 pub(crate) const LAYERS: &[(&str, super::LayerLoader)] =

@@ -214,7 +214,15 @@ impl Reshape {
     /// The output shape for input shape `s`.
     fn out_shape(&self, s: &[usize]) -> Result<Vec<usize>> {
         let err = |why: &str| {
-            shape_err("Reshape", format!("an input that reshapes to {:?}{}: {why}", self.shape, if self.keep_batch { " after the batch" } else { "" }), s)
+            shape_err(
+                "Reshape",
+                format!(
+                    "an input that reshapes to {:?}{}: {why}",
+                    self.shape,
+                    if self.keep_batch { " after the batch" } else { "" }
+                ),
+                s,
+            )
         };
         let (lead, rest_in) = if self.keep_batch {
             let n = *s.first().ok_or_else(|| err("a batch dimension is needed"))?;

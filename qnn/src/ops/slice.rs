@@ -69,7 +69,10 @@ impl Slice {
     fn axis(&self, shape: &[usize]) -> Result<usize> {
         let r = shape.len() as i64;
         let d = if self.dim < 0 { self.dim + r } else { self.dim };
-        usize::try_from(d).ok().filter(|&d| d < shape.len()).ok_or_else(|| self.err(format!("an axis {}", self.dim), shape))
+        usize::try_from(d)
+            .ok()
+            .filter(|&d| d < shape.len())
+            .ok_or_else(|| self.err(format!("an axis {}", self.dim), shape))
     }
 
     /// The axis and the start, end and step along it.
