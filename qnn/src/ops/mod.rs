@@ -2,7 +2,7 @@
 //! float layer (forward pass, parameters under PyTorch's names), how it runs once converted
 //! ([`Module::lowering`]: int8 with its own output parameters, int8 keeping its input's, or
 //! float and why), its int8 form (a [`QOp`]), and that form's saved attributes (a
-//! serde-derived struct, stored under the op's name). [`BUILTIN`] lists the files' ops by name
+//! serde-derived struct, stored under the op's name). `BUILTIN` lists the files' ops by name
 //! for loading.
 //!
 //! Layers of your own join the same registry: [`register_layer`] (a float layer, saved by
