@@ -58,6 +58,8 @@ pub struct QConfigMapping {
     kinds: Vec<(String, Option<QConfig>)>,
     names: Vec<(Pattern, Option<QConfig>)>,
     pool_outputs: PoolOutputs,
+    fusion: bool,
+    strict: bool,
 }
 
 /// The output parameters of average pools (`AvgPool2d`, `AdaptiveAvgPool2d`).
@@ -80,12 +82,21 @@ impl QConfigMapping {
             kinds: Vec::new(),
             names: Vec::new(),
             pool_outputs: PoolOutputs::default(),
+            fusion: true,
+            strict: false,
         }
     }
 
     /// Nothing quantized unless a type or name override says so.
     pub fn float() -> Self {
-        QConfigMapping { global: None, kinds: Vec::new(), names: Vec::new(), pool_outputs: PoolOutputs::default() }
+        QConfigMapping {
+            global: None,
+            kinds: Vec::new(),
+            names: Vec::new(),
+            pool_outputs: PoolOutputs::default(),
+            fusion: true,
+            strict: false,
+        }
     }
 
     /// Quantize modules of this type (`"Conv2d"`, `"Linear"`, ...) with `q`.
@@ -103,6 +114,33 @@ impl QConfigMapping {
     /// See [`QConfigMapping::pool_outputs`].
     pub fn pool_output_params(&self) -> PoolOutputs {
         self.pool_outputs
+    }
+
+    /// Whether [`crate::prepare`] fuses the model first ([`crate::fuse_graph`]: conv / linear +
+    /// batch-norm + ReLU / ReLU6, batch-norm + ReLU); on by default, so that a forgotten
+    /// `fuse` costs neither speed nor accuracy. Fusing again a model you fused finds nothing
+    /// more. Off: the model is taken as it is (an unfused batch-norm then runs in float, and
+    /// the plan says so).
+    pub fn fusion(mut self, on: bool) -> Self {
+        self.fusion = on;
+        self
+    }
+
+    /// See [`QConfigMapping::fusion`].
+    pub fn fuses(&self) -> bool {
+        self.fusion
+    }
+
+    /// Strict: [`crate::Prepared::convert`] fails when any module would run in float, listing
+    /// each with its reason, instead of converting with float fallbacks (off by default).
+    pub fn strict(mut self, on: bool) -> Self {
+        self.strict = on;
+        self
+    }
+
+    /// See [`QConfigMapping::strict`].
+    pub fn is_strict(&self) -> bool {
+        self.strict
     }
 
     /// Keep modules of this type in float.

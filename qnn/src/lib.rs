@@ -17,7 +17,8 @@
 //! Quantization is a transformation of that float model, in PyTorch eager mode's steps:
 //!
 //! 1. [`fuse()`] folds conv / linear + batch-norm (+ ReLU), conv / linear + ReLU and
-//!    batch-norm + ReLU, found by itself ([`fuse_graph`] for a graph; [`fuse_modules`]
+//!    batch-norm + ReLU, found by itself (and [`prepare`] does it for you unless
+//!    [`QConfigMapping::fusion`] is off) ([`fuse_graph`] for a graph; [`fuse_modules`]
 //!    takes explicit names; a wrong name is an error listing the nearest ones).
 //! 2. [`prepare`] attaches observers as a [`QConfigMapping`] says: a global
 //!    [`qobserve::QConfig`], overrides per module type and per name (exact, prefix or glob),

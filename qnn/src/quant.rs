@@ -109,6 +109,9 @@ pub struct Prepared {
     /// Untouched copies of the observers, to start parallel workers from.
     fresh: Vec<Box<dyn Observer>>,
     batches: usize,
+    /// What `prepare` fused.
+    fused: Vec<crate::Fused>,
+    strict: bool,
 }
 
 /// How a node that is not a layer (an addition, product or concatenation) runs: in int8
@@ -121,18 +124,22 @@ fn join_mode(cfg: Option<&QConfig>) -> Mode {
 }
 
 /// Attaches observers to `model` (a container tree, fused or not, or a [`Graph`]) as
-/// `mapping` says: one on every model input, one on the output of every module whose int8
-/// output needs parameters of its own (and of every float module, which may feed an int8
-/// one), one on every addition, product and concatenation.
+/// `mapping` says, after fusing it ([`QConfigMapping::fusion`], on by default): one on every
+/// model input (configured by the input's name, or the kind `"input"`), one on the output of
+/// every module whose int8 output needs parameters of its own (and of every float module,
+/// which may feed an int8 one), one on every addition, product and concatenation.
 ///
 /// # Errors
 /// A name override in `mapping` that matches no module (with the nearest names), a kind no
-/// module has, or an invalid observer configuration.
+/// module has, a fusion that fails, or an invalid observer configuration.
 pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prepared> {
-    let graph: Graph = model.into();
+    let mut graph: Graph = model.into();
+    let fused = if mapping.fuses() { crate::fuse::fuse_graph(&mut graph)? } else { Vec::new() };
     let mut obs = Vec::new();
-    for _ in &graph.inputs {
-        obs.push(activation_observer(mapping.resolve("", ""), "(model input)")?);
+    // A model input is configured by its name (`GraphBuilder::input`'s; "input" for a
+    // container model) and the kind "input".
+    for name in &graph.input_names {
+        obs.push(activation_observer(mapping.resolve(name, "input"), &format!("{name} (model input)"))?);
     }
     let (mut nodes, mut plan) = (Vec::new(), Vec::new());
     for n in &graph.nodes {
@@ -169,13 +176,17 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         nodes[i].relu_after = relu && nodes[j].mode == Mode::Int8SameParams;
     }
     // Container names are prefixes of their layers' names: patterns naming them match.
-    let names: Vec<String> = plan.iter().map(|e| crate::graph::module_path(&e.name).to_string()).collect();
+    let names: Vec<String> = plan
+        .iter()
+        .map(|e| crate::graph::module_path(&e.name).to_string())
+        .chain(graph.input_names.iter().cloned())
+        .collect();
     for (pattern, is_glob) in mapping.name_patterns() {
         if !QConfigMapping::pattern_matches_any(pattern, is_glob, &names) {
             return Err(NnError::UnknownModule { name: pattern.to_string(), suggestions: nearest(pattern, &names) });
         }
     }
-    let mut kinds: Vec<&str> = plan.iter().map(|e| e.kind).collect();
+    let mut kinds: Vec<&str> = plan.iter().map(|e| e.kind).chain(["input"]).collect();
     kinds.sort_unstable();
     kinds.dedup();
     if let Some(unknown) = mapping.kind_names().find(|k| !kinds.contains(k)) {
@@ -193,7 +204,7 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         });
     }
     let fresh = obs.iter().map(|o| o.clone_box()).collect();
-    Ok(Prepared { graph, nodes, plan, obs, fresh, batches: 0 })
+    Ok(Prepared { graph, nodes, plan, obs, fresh, batches: 0, fused, strict: mapping.is_strict() })
 }
 
 fn run_batch(graph: &Graph, nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<()> {
@@ -227,6 +238,12 @@ impl Prepared {
     /// How every module will run.
     pub fn plan(&self) -> &[PlanEntry] {
         &self.plan
+    }
+
+    /// What `prepare` fused (nothing when [`QConfigMapping::fusion`] is off or the model
+    /// came fused).
+    pub fn fused(&self) -> &[crate::Fused] {
+        &self.fused
     }
 
     /// How many batches were observed.
@@ -340,6 +357,26 @@ impl Prepared {
     /// An observer that saw no data ("observer for conv1 output saw no data: did calibration
     /// run?"), or weights that cannot be packed.
     pub fn convert(self) -> Result<QuantizedModel> {
+        if self.strict {
+            let floats: Vec<String> = self
+                .plan
+                .iter()
+                .filter_map(|e| match &e.mode {
+                    Mode::Float(why) => Some(format!("{} ({}): {why}", e.name, e.kind)),
+                    _ => None,
+                })
+                .collect();
+            if !floats.is_empty() {
+                return Err(NnError::Config {
+                    module: "(strict)".into(),
+                    reason: format!(
+                        "{} module(s) would run in float: {}; give them an int8 form, fuse them, or leave strict mode",
+                        floats.len(),
+                        floats.join("; ")
+                    ),
+                });
+            }
+        }
         let Prepared { graph, nodes, plan, obs, .. } = self;
         // The parameters each value has (int8) or is quantized with when an int8 op reads it
         // (float): its producer's observed ones, or its input's for ops that keep them.
@@ -797,6 +834,22 @@ impl QuantizedModel {
             let at =
                 float.nodes.iter().zip(&g.nodes).find(|(f, q)| f.name != q.name).map_or("(model)", |(_, q)| &q.name);
             return Err(mismatch(at));
+        }
+        // The same kinds node by node: an unfused twin of a fused model would compare a
+        // convolution's int8 output (batch-norm folded in) with its float output before the
+        // batch-norm.
+        if let Some((f, e)) =
+            float.nodes.iter().zip(&self.plan).find(|(f, e)| f.op.kind_with(|m| m.module().kind()) != e.kind)
+        {
+            return Err(NnError::Fusion {
+                modules: vec![e.name.clone()],
+                reason: format!(
+                    "the float twin passed to report() has a {} where the converted model has a {}: fuse the twin \
+                     as prepare fused the model (qnn::fuse or qnn::fuse_graph; prepare fuses by default)",
+                    f.op.kind_with(|m| m.module().kind()),
+                    e.kind
+                ),
+            });
         }
         if inputs.len() != g.inputs.len() {
             return Err(NnError::Shape {

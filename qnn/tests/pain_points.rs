@@ -24,16 +24,76 @@ fn calibrated(model: Sequential, mapping: &QConfigMapping) -> QuantizedModel {
 }
 
 /// PyTorch: "No function is registered for ... QuantizedCPU" when a BatchNorm was not fused.
-/// Here it runs in float between automatic boundaries, and the plan says why.
+/// Here `prepare` fuses by default: forgetting `fuse` costs nothing.
+#[test]
+fn forgetting_to_fuse_costs_nothing() {
+    let x = inputs(8);
+    let mut fused_by_hand = digits();
+    fuse(&mut fused_by_hand).unwrap();
+    let want = calibrated(fused_by_hand, &QConfigMapping::new(QConfig::default())).forward(&x).unwrap();
+    let mut p = prepare(digits(), &QConfigMapping::new(QConfig::default())).unwrap(); // not fused
+    let patterns: Vec<&str> = p.fused().iter().map(|f| f.pattern.as_str()).collect();
+    assert_eq!(patterns, ["Conv2d+BatchNorm2d+ReLU", "Conv2d+BatchNorm2d+ReLU", "Linear+ReLU"]);
+    assert!(p.plan().iter().all(|e| !matches!(e.mode, Mode::Float(_))), "{:?}", p.plan());
+    p.calibrate(&inputs(16)).unwrap();
+    assert_eq!(p.convert().unwrap().forward(&x).unwrap(), want, "the same model as fused by hand");
+}
+
+/// With fusion turned off, an unfused batch-norm runs in float between automatic boundaries,
+/// and the plan says why; strict mode refuses it, naming it.
 #[test]
 fn an_unfused_batch_norm_runs_in_float_and_is_reported() {
-    let model = digits(); // not fused
-    let q = calibrated(model, &QConfigMapping::new(QConfig::default()));
+    let q = calibrated(digits(), &QConfigMapping::new(QConfig::default()).fusion(false));
     let bn = q.plan().iter().find(|e| e.name == "bn1").unwrap();
     let Mode::Float(why) = &bn.mode else { panic!("{bn:?}") };
     assert!(why.contains("not fused") && why.contains("fuse first"), "{why}");
     let y = q.forward(&inputs(2)).unwrap();
     assert_eq!(y.shape(), &[2, 10]);
+    let mut p = prepare(digits(), &QConfigMapping::new(QConfig::default()).fusion(false).strict(true)).unwrap();
+    p.calibrate(&inputs(4)).unwrap();
+    let e = p.convert().unwrap_err().to_string();
+    assert!(e.contains("bn1 (BatchNorm2d)") && e.contains("bn2 (BatchNorm2d)") && e.contains("not fused"), "{e}");
+    // Strict with nothing in float converts.
+    let mut p = prepare(digits(), &QConfigMapping::new(QConfig::default()).strict(true)).unwrap();
+    p.calibrate(&inputs(4)).unwrap();
+    assert!(p.convert().is_ok());
+}
+
+/// The model input's observer is configured by the input's name (or the kind "input").
+#[test]
+fn the_model_input_is_configured_by_name() {
+    use qobserve::ObserverSpec;
+    let fixed = |scale: f32, zero_point: i32| QConfig {
+        activation: ObserverSpec::FixedQParams { scale, zero_point },
+        weight: QConfig::default().weight,
+    };
+    let q = calibrated(digits(), &QConfigMapping::new(QConfig::default()).set_name("input", fixed(0.5, 3)));
+    assert_eq!((q.input_quant().scale, q.input_quant().zero_point), (0.5, 3));
+    let q = calibrated(digits(), &QConfigMapping::new(QConfig::default()).set_kind("input", fixed(0.25, 7)));
+    assert_eq!((q.input_quant().scale, q.input_quant().zero_point), (0.25, 7));
+    // A graph's inputs by their own names.
+    let mut g = qnn::GraphBuilder::new();
+    let x = g.input("pixels");
+    let y = g.layer("conv", Conv2d::new(1, 2, 1), x).unwrap();
+    g.output(y);
+    let mut p =
+        prepare(g.build().unwrap(), &QConfigMapping::new(QConfig::default()).set_name("pixels", fixed(0.125, 9)))
+            .unwrap();
+    p.calibrate(&inputs(2)).unwrap();
+    let q = p.convert().unwrap();
+    assert_eq!((q.input_quant().scale, q.input_quant().zero_point), (0.125, 9));
+}
+
+/// A report against a float twin that was not fused as the converted model was: an error
+/// naming the first node that differs, not a meaningless SQNR.
+#[test]
+fn report_refuses_an_unfused_twin() {
+    let q = calibrated(digits(), &QConfigMapping::new(QConfig::default()));
+    let e = q.report(&digits(), &inputs(2)).unwrap_err().to_string();
+    assert!(e.contains("bn1") && e.contains("BatchNorm2d") && e.contains("fuse the twin"), "{e}");
+    let mut twin = digits();
+    fuse(&mut twin).unwrap();
+    assert_eq!(q.report(&twin, &inputs(2)).unwrap().len(), q.plan().len());
 }
 
 /// A user's layer with no int8 implementation: runs in float, reported, the rest in int8.
