@@ -3,8 +3,6 @@
 //! table from the input's parameters to the output's: PyTorch's fixed ones for sigmoid,
 //! hardsigmoid and tanh, the input's for GELU, the observed ones otherwise).
 
-use std::any::Any;
-
 use ndarray::ArrayD;
 use qkernels::{QuantU8, UnaryOp, UnaryTables};
 use serde::{Deserialize, Serialize};
@@ -45,12 +43,7 @@ macro_rules! activation {
             fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
                 Some(Ok(J::Null))
             }
-            fn as_any(&self) -> &dyn Any {
-                self
-            }
-            fn as_any_mut(&mut self) -> &mut dyn Any {
-                self
-            }
+            any_methods!();
         }
     };
 }
@@ -154,12 +147,7 @@ impl Module for GELU {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
         Some(Ok(attrs(self)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// The float layers of this file a saved model's float fallbacks can hold.
@@ -205,12 +193,7 @@ impl QOp for ClampOp {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// A lookup-table activation in int8: 256 output bytes per input byte, for the parameters it
@@ -323,12 +306,7 @@ impl QOp for LutOp {
             tail: w.u8s(format!("{node}.lut_tail"), vec![256], self.tables.tail.table()),
         }))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// `nn.Hardtanh(min_val, max_val)` (`torch.clamp`, ONNX `Clip`): `min(max(x, min), max)`.
@@ -383,12 +361,7 @@ impl Module for Hardtanh {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
         Some(Ok(attrs(self)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 pub(crate) const HARDTANH: (&str, super::OpLoader) = ("Hardtanh", |j, _, node| {
@@ -421,10 +394,5 @@ impl QOp for Hardtanh {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

@@ -2,8 +2,6 @@
 //! into the convolution or linear layer before it (`qfuse`); one left unfused runs in float,
 //! and the plan says so.
 
-use std::any::Any;
-
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -191,13 +189,7 @@ impl Module for BatchNorm2d {
         &["num_batches_tracked"]
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// `nn.BatchNorm1d` in inference mode on `[batch, features]` input (after a linear layer,
@@ -263,10 +255,5 @@ impl Module for BatchNorm1d {
     fn ignored_tensors(&self) -> &'static [&'static str] {
         &["num_batches_tracked"]
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

@@ -2,8 +2,6 @@
 //! on channels): in float, and in int8 (`qkernels::cat_channels`, each branch requantized to
 //! the observed output parameters).
 
-use std::any::Any;
-
 use ndarray::ArrayD;
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
@@ -119,10 +117,5 @@ impl QOp for CatOp {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

@@ -1,8 +1,6 @@
 //! `Conv2d`: the float layer, and its int8 form (a packed convolution with the
 //! requantization, bias and fused ReLU / ReLU6 in its epilogue).
 
-use std::any::Any;
-
 use ndarray::{ArrayD, IxDyn};
 use qkernels::{conv2d_f32, Conv2dGeometry, OutputQuant, PackedConv2d, QuantU8};
 use qtensor::{DType, QParams, QTensor, QuantRange};
@@ -176,13 +174,7 @@ impl Module for Conv2d {
         v
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// The int8 convolution: packed weights (and what they were packed from, to save them).
@@ -313,13 +305,7 @@ impl QOp for ConvOp {
         Some(crate::quant::sqnr_db(&float, &self.weights.dequantize()))
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// The saved form of a float `Conv2d` (kept in float by the configuration).

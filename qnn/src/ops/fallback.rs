@@ -4,8 +4,6 @@
 //! the registry by its kind; a custom int8 layer through [`Int8Layer::save`] and
 //! [`super::register_int8_layer`].
 
-use std::any::Any;
-
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -62,12 +60,7 @@ impl QOp for FloatOp {
         })??;
         Ok(attrs(&FloatAttrs { layer: kind.to_string(), attrs: saved }))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// A custom layer's int8 form ([`Module::int8`]).
@@ -127,10 +120,5 @@ impl QOp for Int8LayerOp {
         })??;
         Ok(attrs(&Int8LayerAttrs { layer: self.kind.to_string(), out_q: self.out_q.into(), attrs: saved }))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

@@ -1,8 +1,6 @@
 //! `Linear`: the float layer, and its int8 form (a packed GEMM with the requantization, bias
 //! and fused ReLU / ReLU6 in its epilogue).
 
-use std::any::Any;
-
 use ndarray::{ArrayD, IxDyn};
 use qkernels::{linear_f32, GemmOutput, OutputQuant, PackedLinear, QMatrix, QuantU8};
 use qtensor::QParams;
@@ -125,13 +123,7 @@ impl Module for Linear {
         v
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// The int8 linear layer: packed weights.
@@ -235,13 +227,7 @@ impl QOp for LinearOp {
         Some(crate::quant::sqnr_db(&lin.weight, &ArrayD::from_shape_vec(IxDyn(&[n, k]), deq).ok()?))
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// The saved form of a float `Linear` (kept in float by the configuration).

@@ -41,6 +41,18 @@ use crate::error::{NnError, Result};
 use crate::module::{Int8Layer, Module};
 use crate::quant::{Run, Value};
 
+/// `as_any` and `as_any_mut`, as every layer and op of this folder implements them.
+macro_rules! any_methods {
+    () => {
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    };
+}
+
 pub mod activation;
 pub mod add;
 pub mod batchnorm;

@@ -3,8 +3,6 @@
 //! (squeeze-and-excitation). In int8, `qkernels::mul` / `mul_channels`, bit for bit
 //! PyTorch's quantized mul.
 
-use std::any::Any;
-
 use ndarray::ArrayD;
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
@@ -113,10 +111,5 @@ impl QOp for MulOp {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

@@ -3,8 +3,6 @@
 //! In int8 it keeps the input's parameters (PyTorch's quantized pads do): a constant is the
 //! quantized value of the constant.
 
-use std::any::Any;
-
 use ndarray::ArrayD;
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
@@ -143,12 +141,7 @@ impl Module for Pad2d {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
         Some(Ok(attrs(self)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 pub(crate) const OP: (&str, super::OpLoader) = ("Pad2d", |j, _, node| Ok(Box::new(parse::<Pad2d>(j, node, "Pad2d")?)));
@@ -184,10 +177,5 @@ impl QOp for Pad2d {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

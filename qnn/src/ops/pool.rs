@@ -1,8 +1,6 @@
 //! Pooling: `MaxPool2d`, `AvgPool2d` and `AdaptiveAvgPool2d`. In int8 each keeps its
 //! input's parameters (PyTorch's quantized pools do), and each layer is its own int8 op.
 
-use std::any::Any;
-
 use ndarray::{ArrayD, IxDyn};
 use qkernels::{adaptive_avg_pool2d, Pool2d, QuantU8};
 use serde::{Deserialize, Serialize};
@@ -135,13 +133,7 @@ impl Module for AdaptiveAvgPool2d {
             sum_rows(plane, hs..he, ws..we) / ((he - hs) * (we - ws)) as f32
         }))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// `nn.MaxPool2d(kernel, stride, padding)` (PyTorch's output-size rule, padding never counted).
@@ -176,12 +168,7 @@ impl Module for MaxPool2d {
             m
         }))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// `nn.AvgPool2d(kernel, stride, padding)` with PyTorch's options (`ceil_mode`,
@@ -223,12 +210,7 @@ impl Module for AvgPool2d {
             s / div
         }))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 impl AdaptiveAvgPool2d {
@@ -316,12 +298,7 @@ impl QOp for AdaptiveAvgPool2d {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 impl QOp for MaxPool2d {
@@ -350,12 +327,7 @@ impl QOp for MaxPool2d {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(&PoolAttrs::from(self.0)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 impl QOp for AvgPool2d {
@@ -384,12 +356,7 @@ impl QOp for AvgPool2d {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(&PoolAttrs::from(self.0)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// An average pool's window, for [`ObservedAvgPool`].
@@ -460,10 +427,5 @@ impl QOp for ObservedAvgPool {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

@@ -3,8 +3,6 @@
 //! nearest copies bytes; bilinear weighs the four neighbours' bytes in f32 and rounds half to
 //! even, PyTorch's `upsample_bilinear2d_quantized_cpu` operation for operation.
 
-use std::any::Any;
-
 use ndarray::ArrayD;
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
@@ -199,12 +197,7 @@ impl Module for Upsample {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
         Some(Ok(attrs(self)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 pub(crate) const OP: (&str, super::OpLoader) =
@@ -244,12 +237,7 @@ impl QOp for Upsample {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 #[cfg(test)]

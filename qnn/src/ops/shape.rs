@@ -3,8 +3,6 @@
 //! each layer is its own int8 op. A 4-D `u8` value is stored NHWC (the kernels' layout) and
 //! every other rank row-major: these ops read and write the logical (NCHW) order.
 
-use std::any::Any;
-
 use ndarray::{ArrayD, IxDyn};
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
@@ -118,12 +116,7 @@ macro_rules! same_params_layer {
         fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
             Some(Ok(attrs(self)))
         }
-        fn as_any(&self) -> &dyn Any {
-            self
-        }
-        fn as_any_mut(&mut self) -> &mut dyn Any {
-            self
-        }
+        any_methods!();
     };
 }
 
@@ -135,12 +128,7 @@ macro_rules! qop_tail {
         fn images_apart(&self) -> bool {
             self.keeps_batch()
         }
-        fn as_any(&self) -> &dyn Any {
-            self
-        }
-        fn as_any_mut(&mut self) -> &mut dyn Any {
-            self
-        }
+        any_methods!();
     };
 }
 

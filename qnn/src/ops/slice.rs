@@ -2,8 +2,6 @@
 //! or one of `torch.chunk`'s pieces. `GraphBuilder::chunk` and `GraphBuilder::split` write
 //! one node per piece. In int8 it keeps the input's parameters and moves bytes.
 
-use std::any::Any;
-
 use ndarray::{ArrayD, Axis, Slice as NdSlice};
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
@@ -141,12 +139,7 @@ impl Module for Slice {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
         Some(Ok(attrs(self)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 pub(crate) const OP: (&str, super::OpLoader) = ("Slice", |j, _, node| Ok(Box::new(parse::<Slice>(j, node, "Slice")?)));
@@ -191,10 +184,5 @@ impl QOp for Slice {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }

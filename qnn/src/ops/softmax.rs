@@ -2,8 +2,6 @@
 //! is quantized after it like any float layer's (PyTorch's eager mode has no quantized
 //! softmax module; its FX lowering dequantizes around it too).
 
-use std::any::Any;
-
 use ndarray::{ArrayD, Axis};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -69,12 +67,7 @@ impl Module for Softmax {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
         Some(Ok(attrs(self)))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// The float layers of this file a saved model's float fallbacks can hold.

@@ -3,8 +3,6 @@
 //! converted model a `QuantStub` is an explicit quantize to its observed parameters, a
 //! `DeQuantStub` an explicit dequantize (its output is float).
 
-use std::any::Any;
-
 use ndarray::ArrayD;
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
@@ -43,12 +41,7 @@ macro_rules! no_compute {
             fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
                 Some(Ok(J::Null))
             }
-            fn as_any(&self) -> &dyn Any {
-                self
-            }
-            fn as_any_mut(&mut self) -> &mut dyn Any {
-                self
-            }
+            any_methods!();
         }
     };
 }
@@ -99,12 +92,7 @@ impl QOp for PassOp {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(J::Null)
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// An explicit quantize (or requantize) to fixed parameters.
@@ -138,10 +126,5 @@ impl QOp for QuantizeOp {
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(&QuantizeAttrs { out_q: self.out_q.into() }))
     }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
