@@ -101,3 +101,34 @@ fn an_unknown_kind_in_the_configuration_is_an_error() {
     // The right spelling is accepted.
     prepare(digits(), &QConfigMapping::new(QConfig::default()).skip_kind("Conv2d")).unwrap();
 }
+
+/// NaN in calibration data: refused by default, skipped when the configuration says so.
+#[test]
+fn non_finite_calibration_values_are_skipped_when_configured() {
+    use qobserve::ObserverSpec;
+    let mut x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[4, 1, 8, 8]), |i| (i[2] * 8 + i[3]) as f32 / 64.0);
+    x[[0, 0, 0, 0]] = f32::NAN;
+    let model = || {
+        let mut m = qnn::zoo::digits();
+        qnn::zoo::randomize(&mut m, 3);
+        m
+    };
+    let e = qnn::prepare(model(), &qnn::QConfigMapping::new(qobserve::QConfig::default()))
+        .unwrap()
+        .calibrate(&x)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ObserverSpec::IgnoreNonFinite"), "{e}");
+    let ignore = qobserve::QConfig {
+        activation: ObserverSpec::IgnoreNonFinite(Box::new(qobserve::QConfig::default().activation)),
+        weight: qobserve::QConfig::default().weight,
+    };
+    let mut p = qnn::prepare(model(), &qnn::QConfigMapping::new(ignore)).unwrap();
+    p.calibrate(&x).unwrap();
+    x[[0, 0, 0, 0]] = 0.0;
+    assert_eq!(p.convert().unwrap().forward(&x).unwrap().shape(), &[4, 10]);
+    // Observers that cannot skip say so.
+    let spec = ObserverSpec::IgnoreNonFinite(Box::new(ObserverSpec::Mse(qobserve::QuantSpec::u8_affine())));
+    let e = spec.create().unwrap_err().to_string();
+    assert!(e.contains("IgnoreNonFinite") && e.contains("Mse"), "{e}");
+}

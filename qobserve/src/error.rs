@@ -20,7 +20,8 @@ pub enum ObserveError {
     #[error(
         "observer for {tensor}: calibration batch of shape {shape:?} holds {count} non-finite \
          value(s) (first: {first} at flat index {index}); fix the data or the model producing \
-         it, or construct the observer with NonFinite::Ignore to skip such values"
+         it, or construct the observer with NonFinite::Ignore (in a QConfig: \
+         ObserverSpec::IgnoreNonFinite) to skip such values"
     )]
     NonFiniteInput {
         /// The observed tensor.

@@ -4,11 +4,11 @@ use std::sync::Arc;
 
 use qtensor::{DType, QScheme, QuantRange, DEFAULT_EPS};
 
-use crate::error::Result;
+use crate::error::{ObserveError, Result};
 use crate::fixed::FixedQParamsObserver;
 use crate::histogram::{EntropyObserver, HistogramObserver, MseObserver, PercentileObserver};
 use crate::minmax::{MinMaxObserver, PerChannelMinMaxObserver};
-use crate::observer::{Observer, ObserverFactory, QuantSpec};
+use crate::observer::{NonFinite, Observer, ObserverFactory, QuantSpec};
 
 /// An observer named by configuration; [`ObserverSpec::create`] makes one per observed tensor.
 #[derive(Clone, Debug)]
@@ -65,6 +65,10 @@ pub enum ObserverSpec {
     },
     /// Your own observer.
     Custom(Arc<dyn ObserverFactory>),
+    /// The observer `spec` builds, skipping NaN and ±inf instead of refusing the batch
+    /// ([`NonFinite::Ignore`]); min-max, moving-average, per-channel and histogram observers
+    /// can.
+    IgnoreNonFinite(Box<ObserverSpec>),
 }
 
 impl ObserverSpec {
@@ -90,12 +94,43 @@ impl ObserverSpec {
                 Box::new(FixedQParamsObserver::new(*scale, *zero_point)?)
             }
             ObserverSpec::Custom(f) => f.create(),
+            ObserverSpec::IgnoreNonFinite(inner) => {
+                let ignore = NonFinite::Ignore;
+                match inner.as_ref() {
+                    ObserverSpec::MinMax(s) => Box::new(MinMaxObserver::new(*s).with_non_finite(ignore)),
+                    ObserverSpec::MovingAverageMinMax { spec, averaging } => {
+                        Box::new(MinMaxObserver::moving_average(*spec, *averaging)?.with_non_finite(ignore))
+                    }
+                    ObserverSpec::PerChannelMinMax { spec, axis } => {
+                        Box::new(PerChannelMinMaxObserver::new(*spec, *axis).with_non_finite(ignore))
+                    }
+                    ObserverSpec::MovingAveragePerChannelMinMax { spec, axis, averaging } => Box::new(
+                        PerChannelMinMaxObserver::moving_average(*spec, *axis, *averaging)?.with_non_finite(ignore),
+                    ),
+                    ObserverSpec::Histogram { spec, bins } => {
+                        Box::new(HistogramObserver::with_bins(*spec, *bins)?.with_non_finite(ignore))
+                    }
+                    other => {
+                        return Err(ObserveError::Config {
+                            reason: format!(
+                                "ObserverSpec::IgnoreNonFinite wraps min-max, moving-average, per-channel or \
+                                 histogram observers, not {other:?}: clean the calibration data instead"
+                            ),
+                        })
+                    }
+                }
+            }
         })
     }
 
     /// Whether the observer yields one scale per channel.
     pub fn is_per_channel(&self) -> bool {
-        matches!(self, ObserverSpec::PerChannelMinMax { .. } | ObserverSpec::MovingAveragePerChannelMinMax { .. })
+        match self {
+            ObserverSpec::IgnoreNonFinite(inner) => inner.is_per_channel(),
+            s => {
+                matches!(s, ObserverSpec::PerChannelMinMax { .. } | ObserverSpec::MovingAveragePerChannelMinMax { .. })
+            }
+        }
     }
 }
 
@@ -129,6 +164,35 @@ impl QConfig {
         QConfig {
             activation: ObserverSpec::Histogram { spec: u8_affine(QuantRange::full(DType::U8)), bins: 2048 },
             weight: ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
+        }
+    }
+
+    /// PyTorch's x86 eager configuration with min-max activations
+    /// (`QConfig(MinMaxObserver(reduce_range=True), default_per_channel_weight_observer)`):
+    /// min-max activations over `u8` 0..=127, per-channel symmetric `i8` weights.
+    pub fn pytorch_per_channel_minmax() -> Self {
+        QConfig {
+            activation: ObserverSpec::MinMax(u8_affine(QuantRange::reduced(DType::U8))),
+            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        }
+    }
+
+    /// Activations by the MSE-optimal clipping range of their histogram ([`MseObserver`]) over
+    /// the full `u8` range, per-channel symmetric `i8` weights.
+    pub fn mse() -> Self {
+        QConfig {
+            activation: ObserverSpec::Mse(u8_affine(QuantRange::full(DType::U8))),
+            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        }
+    }
+
+    /// Activations clipped at the `percentile`-th percentile of their magnitudes
+    /// ([`PercentileObserver`], e.g. 99.99) over the full `u8` range, per-channel symmetric
+    /// `i8` weights.
+    pub fn percentile(percentile: f64) -> Self {
+        QConfig {
+            activation: ObserverSpec::Percentile { spec: u8_affine(QuantRange::full(DType::U8)), percentile },
+            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
         }
     }
 
