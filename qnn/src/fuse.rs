@@ -178,9 +178,42 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The existing names closest to `name` (for "did you mean" messages).
 pub(crate) fn nearest(name: &str, names: &[String]) -> Vec<String> {
-    let mut scored: Vec<(usize, &String)> = names.iter().map(|n| (edit_distance(name, n), n)).collect();
+    let items: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "")).collect();
+    nearest_with_kinds(name, &items)
+}
+
+/// The (up to three, distinct) names nearest to `name` among `(name, kind)` items: first
+/// those whose last path component is `name`'s (`conv1` for `layer1.0.conv1`), then those
+/// whose kind `name` spells (`conv2d` for a `Conv2d`), then by edit distance, of the last
+/// component and of the whole name.
+pub(crate) fn nearest_with_kinds(name: &str, items: &[(&str, &str)]) -> Vec<String> {
+    let last = |s: &str| s.rsplit('.').next().unwrap_or(s).to_ascii_lowercase();
+    let wanted = last(name);
+    /// Other last component, other kind, distances of the last components and of the names.
+    type Rank = (bool, bool, usize, usize);
+    let mut scored: Vec<(Rank, &str)> = items
+        .iter()
+        .map(|&(n, kind)| {
+            let key = (
+                last(n) != wanted,
+                !kind.eq_ignore_ascii_case(&wanted),
+                edit_distance(&wanted, &last(n)),
+                edit_distance(name, n),
+            );
+            (key, n)
+        })
+        .collect();
     scored.sort();
-    scored.into_iter().take(3).map(|(_, n)| n.clone()).collect()
+    let mut out: Vec<String> = Vec::new();
+    for (_, n) in scored {
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_string());
+        }
+        if out.len() == 3 {
+            break;
+        }
+    }
+    out
 }
 
 /// Fuses exactly the listed groups of modules (full names, adjacent in one `Sequential`), as
@@ -191,11 +224,20 @@ pub(crate) fn nearest(name: &str, names: &[String]) -> Vec<String> {
 /// [`NnError::Fusion`] for modules that are not adjacent in one container or do not form a
 /// supported pattern.
 pub fn fuse_modules(model: &mut Sequential, groups: &[&[&str]]) -> Result<Vec<Fused>> {
-    let all = module_names(model);
+    let mut all: Vec<(String, &'static str)> = Vec::new();
+    walk(model, "", &mut |p, m| {
+        if !p.is_empty() {
+            all.push((p.to_string(), m.kind()));
+        }
+    });
     for group in groups {
         for name in *group {
-            if !all.iter().any(|n| n == name) {
-                return Err(NnError::UnknownModule { name: name.to_string(), suggestions: nearest(name, &all) });
+            if !all.iter().any(|(n, _)| n == name) {
+                let items: Vec<(&str, &str)> = all.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+                return Err(NnError::UnknownModule {
+                    name: name.to_string(),
+                    suggestions: nearest_with_kinds(name, &items),
+                });
             }
         }
     }
@@ -219,6 +261,23 @@ pub fn fuse_modules(model: &mut Sequential, groups: &[&[&str]]) -> Result<Vec<Fu
             return Err(NnError::Fusion {
                 modules: names,
                 reason: "the modules must be adjacent, in order, in the same container".into(),
+            });
+        }
+        let absorbed: Vec<&str> = seq.layers()[i + 1..i + names.len()]
+            .iter()
+            .zip(&names[1..])
+            .filter(|((_, m), _)| m.as_any().is::<Identity>())
+            .map(|(_, n)| n.as_str())
+            .collect();
+        if !absorbed.is_empty() {
+            return Err(NnError::Fusion {
+                modules: names.clone(),
+                reason: format!(
+                    "already fused: {} became Identity when an earlier fuse (or prepare, which fuses by \
+                     default) folded it into {}; fuse each group once",
+                    absorbed.join(", "),
+                    names[0]
+                ),
             });
         }
         if pattern_len(seq.layers(), i) != names.len() {

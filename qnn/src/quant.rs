@@ -183,7 +183,15 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         .collect();
     for (pattern, is_glob) in mapping.name_patterns() {
         if !QConfigMapping::pattern_matches_any(pattern, is_glob, &names) {
-            return Err(NnError::UnknownModule { name: pattern.to_string(), suggestions: nearest(pattern, &names) });
+            let items: Vec<(&str, &str)> = plan
+                .iter()
+                .map(|e| (crate::graph::module_path(&e.name), e.kind))
+                .chain(graph.input_names.iter().map(|n| (n.as_str(), "input")))
+                .collect();
+            return Err(NnError::UnknownModule {
+                name: pattern.to_string(),
+                suggestions: crate::fuse::nearest_with_kinds(pattern, &items),
+            });
         }
     }
     let mut kinds: Vec<&str> = plan.iter().map(|e| e.kind).chain(["input"]).collect();

@@ -39,6 +39,23 @@ fn explicit_fusion_and_its_errors() {
     assert!(msg.contains("adjacent"), "{msg}");
     let msg = fuse_modules(&mut model, &[&["relu1", "conv2"]]).unwrap_err().to_string();
     assert!(msg.contains("ReLU+Conv2d is not a fusable pattern"), "{msg}");
+    // PyTorch's "object has no attribute conv2d": a kind written as a name suggests the
+    // modules of that kind, each once.
+    let NnError::UnknownModule { suggestions, .. } = fuse_modules(&mut model, &[&["conv2d", "bn1"]]).unwrap_err()
+    else {
+        panic!()
+    };
+    assert_eq!(suggestions[..2], ["conv2", "conv1"]);
+    // A path whose last part exists elsewhere suggests that module first.
+    let NnError::UnknownModule { suggestions, .. } = fuse_modules(&mut model, &[&["block.relu2", "x"]]).unwrap_err()
+    else {
+        panic!()
+    };
+    assert_eq!(suggestions[0], "relu2");
+    // Fusing a group twice says so.
+    fuse_modules(&mut model, &[&["conv2", "bn2", "relu2"]]).unwrap();
+    let msg = fuse_modules(&mut model, &[&["conv2", "bn2", "relu2"]]).unwrap_err().to_string();
+    assert!(msg.contains("already fused") && msg.contains("bn2, relu2"), "{msg}");
 }
 
 #[test]
