@@ -394,6 +394,8 @@ impl Prepared {
         }
         let q_of = |vq: &[Option<QuantU8>], t: Tensor| vq[t.0].expect("values are computed before they are read");
         let mut qnodes = Vec::with_capacity(graph.nodes.len());
+        // Custom integer ranges of node outputs, applied once the graph's own rewrites are done.
+        let mut ranges: Vec<Option<((u8, u8), QuantU8)>> = Vec::with_capacity(graph.nodes.len());
         for (n, p) in graph.nodes.into_iter().zip(nodes) {
             let out_q = match p.obs {
                 Some(k) => Some(observed(obs[k].as_ref(), &n.name)?),
@@ -419,6 +421,10 @@ impl Prepared {
             // What the op writes: its own parameters (fixed ones for sigmoid-like tables),
             // else the observed ones (float ops), else its input's.
             vq[n.output.0] = Some(op.out_q().or(out_q).unwrap_or(in_q));
+            ranges.push(match (p.obs, out_q) {
+                (Some(k), Some(q)) => crate::ops::range::custom_range(&obs[k].spec()).map(|r| (r, q)),
+                _ => None,
+            });
             qnodes.push(Node {
                 name: n.name,
                 op: NodeOp::Layer(QStep { in_q, op }),
@@ -434,8 +440,16 @@ impl Prepared {
             input_names: graph.input_names,
         };
         fuse_add_relu(&mut g);
+        for (n, range) in g.nodes.iter_mut().zip(ranges) {
+            let (Some(((lo, hi), q)), NodeOp::Layer(step)) = (range, &mut n.op) else { continue };
+            let inner = std::mem::replace(&mut step.op, Box::new(PassOp));
+            step.op = Box::new(crate::ops::range::RangeClampOp { inner, lo, hi, q });
+        }
         let input_q = graph_input_q(&vq, &g);
-        Ok(QuantizedModel::assemble(input_q, g, plan))
+        let input_ranges: Vec<Option<[u8; 2]>> = (0..g.inputs.len())
+            .map(|k| crate::ops::range::custom_range(&obs[k].spec()).map(|(lo, hi)| [lo, hi]))
+            .collect();
+        Ok(QuantizedModel::assemble(input_q, input_ranges, g, plan))
     }
 }
 
@@ -648,6 +662,8 @@ pub fn sqnr_db(f: &ArrayD<f32>, q: &ArrayD<f32>) -> f64 {
 pub struct QuantizedModel {
     /// The parameters of each graph input.
     pub(crate) input_q: Vec<QuantU8>,
+    /// Per graph input: the custom integer range its codes are clamped to, if any.
+    pub(crate) input_ranges: Vec<Option<[u8; 2]>>,
     pub(crate) graph: QGraph,
     pub(crate) plan: Vec<PlanEntry>,
     pub(crate) run: Run,
@@ -780,7 +796,12 @@ impl QuantizedModel {
         self.run.max_activation_bytes
     }
 
-    pub(crate) fn assemble(input_q: Vec<QuantU8>, graph: QGraph, plan: Vec<PlanEntry>) -> QuantizedModel {
+    pub(crate) fn assemble(
+        input_q: Vec<QuantU8>,
+        input_ranges: Vec<Option<[u8; 2]>>,
+        graph: QGraph,
+        plan: Vec<PlanEntry>,
+    ) -> QuantizedModel {
         let run = Run { threads: 1, max_activation_bytes: DEFAULT_MAX_ACTIVATION_BYTES };
         let readers = readers(&graph);
         let quantize_on_entry = graph
@@ -796,7 +817,7 @@ impl QuantizedModel {
             })
             .collect();
         let images_apart = images_apart(&graph);
-        QuantizedModel { input_q, graph, plan, run, readers, quantize_on_entry, images_apart }
+        QuantizedModel { input_q, input_ranges, graph, plan, run, readers, quantize_on_entry, images_apart }
     }
 
     /// How every module runs (int8, float and why).
@@ -1004,12 +1025,7 @@ impl QuantizedModel {
         left.clear();
         left.extend_from_slice(&self.readers);
         for (k, (t, x)) in g.inputs.iter().zip(xs).enumerate() {
-            vals[t.0] = Some(if self.quantize_on_entry[k] {
-                Value::quantize(x.view(), self.input_q[k])
-                    .map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
-            } else {
-                Value::F32(x.to_owned())
-            });
+            vals[t.0] = Some(self.entry_value(k, x.view())?);
         }
         for n in &g.nodes {
             args.clear();
@@ -1032,6 +1048,21 @@ impl QuantizedModel {
             outs.push(if left[t.0] == 0 { vals[t.0].take().expect("present") } else { pooled_copy(v) });
         }
         Ok(outs)
+    }
+
+    /// Graph input `k` as the model takes it: quantized on entry when every reader is int8,
+    /// else float; clamped to its custom integer range, if it has one.
+    fn entry_value(&self, k: usize, x: ndarray::ArrayViewD<'_, f32>) -> Result<Value> {
+        let mut v = if self.quantize_on_entry[k] {
+            Value::quantize(x, self.input_q[k])
+                .map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
+        } else {
+            Value::F32(x.to_owned())
+        };
+        if let Some([lo, hi]) = self.input_ranges[k] {
+            crate::ops::range::clamp_value(&mut v, (lo, hi), self.input_q[k]);
+        }
+        Ok(v)
     }
 
     /// Runs one node on its input values.
@@ -1073,12 +1104,7 @@ impl QuantizedModel {
         let mut out = Vec::with_capacity(g.values);
         for (k, (t, s)) in g.inputs.iter().zip(input_shapes).enumerate() {
             let x = ArrayD::<f32>::zeros(IxDyn(s));
-            let v = if self.quantize_on_entry[k] {
-                Value::quantize(x.view(), self.input_q[k])
-                    .map_err(|e| NnError::Op { module: "(model input)".into(), source: e })?
-            } else {
-                Value::F32(x)
-            };
+            let v = self.entry_value(k, x.view())?;
             out.push(info(&g.input_names[k], &v));
             vals[t.0] = Some(v);
         }

@@ -58,6 +58,8 @@ struct SavedGraph {
     input_names: Vec<String>,
     outputs: Vec<usize>,
     input_q: Vec<SavedQ>,
+    /// Per input, the custom integer range its codes are clamped to.
+    input_ranges: Vec<Option<[u8; 2]>>,
     plan: Vec<SavedPlan>,
     nodes: Vec<SavedNode>,
 }
@@ -123,6 +125,7 @@ impl QuantizedModel {
             input_names: g.input_names.clone(),
             outputs: g.outputs.iter().map(|t| t.0).collect(),
             input_q: self.input_q.iter().map(|&q| q.into()).collect(),
+            input_ranges: self.input_ranges.clone(),
             plan: self.plan.iter().map(saved_plan).collect(),
             nodes,
         };
@@ -189,11 +192,16 @@ impl QuantizedModel {
         let ids = |v: Vec<usize>| v.into_iter().map(Tensor).collect::<Vec<_>>();
         let (inputs, outputs) = (ids(desc.inputs), ids(desc.outputs));
         let input_q = desc.input_q.into_iter().map(SavedQ::get).collect::<Result<Vec<_>>>()?;
-        if input_q.len() != inputs.len() || desc.input_names.len() != inputs.len() {
+        if input_q.len() != inputs.len()
+            || desc.input_names.len() != inputs.len()
+            || desc.input_ranges.len() != inputs.len()
+            || desc.input_ranges.iter().flatten().any(|[lo, hi]| lo > hi)
+        {
             return Err(bad(format!(
-                "{} input parameters and {} input names for {} inputs",
+                "{} input parameters, {} input names and {} input ranges for {} inputs (or an empty range)",
                 input_q.len(),
                 desc.input_names.len(),
+                desc.input_ranges.len(),
                 inputs.len()
             )));
         }
@@ -222,6 +230,7 @@ impl QuantizedModel {
             return Err(bad("the plan does not list the nodes, in order".into()));
         }
         let input_names = desc.input_names;
-        Ok(QuantizedModel::assemble(input_q, Graph { values, nodes, inputs, outputs, input_names }, plan))
+        let graph = Graph { values, nodes, inputs, outputs, input_names };
+        Ok(QuantizedModel::assemble(input_q, desc.input_ranges, graph, plan))
     }
 }

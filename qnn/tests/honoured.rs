@@ -132,3 +132,44 @@ fn non_finite_calibration_values_are_skipped_when_configured() {
     let e = spec.create().unwrap_err().to_string();
     assert!(e.contains("IgnoreNonFinite") && e.contains("Mse"), "{e}");
 }
+
+/// A 4-bit activation range (`0..=15`) is honoured in int8 execution: every code of every
+/// int8 value stays inside it, also for inputs wider than the calibration data, also after
+/// saving and loading.
+#[test]
+fn a_custom_activation_range_bounds_every_code() {
+    let four_bit = QuantSpec {
+        dtype: DType::U8,
+        scheme: QScheme::Affine,
+        range: QuantRange::custom(DType::U8, 0, 15).unwrap(),
+        eps: DEFAULT_EPS,
+    };
+    let mut p = prepare(digits(), &QConfigMapping::new(with_activations(four_bit))).unwrap();
+    p.calibrate(&images(8)).unwrap();
+    let q = p.convert().unwrap();
+    // Twice the calibration range: outputs past it would need codes above 15.
+    let x = images(8).mapv(|v| v * 2.0 - 0.5);
+    let mut g = qnn::zoo::digits();
+    load_safetensors(&mut g, concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits_model.safetensors")).unwrap();
+    let mut graph: qnn::Graph = g.into();
+    qnn::fuse_graph(&mut graph).unwrap();
+    let names: Vec<String> = graph.node_names().iter().map(|s| s.to_string()).collect();
+    for n in &names {
+        graph.add_output(n).unwrap();
+    }
+    let mut p = prepare(graph, &QConfigMapping::new(with_activations(four_bit))).unwrap();
+    p.calibrate(&images(8)).unwrap();
+    let all = p.convert().unwrap();
+    let mut seen = 0;
+    for v in all.forward_values(std::slice::from_ref(&x)).unwrap().iter().skip(1) {
+        if let qnn::Value::U8 { data, .. } = v {
+            assert!(data.iter().all(|&b| b <= 15), "a code above 15: {:?}", data.iter().max());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 8, "{seen} int8 values checked");
+    let back = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), q.forward(&x).unwrap());
+    let qnn::Value::U8 { data, .. } = q.forward_value(&x).unwrap() else { panic!("int8 logits") };
+    assert!(data.iter().all(|&b| b <= 15));
+}

@@ -24,6 +24,7 @@
 //! | `batchnorm.rs` | `BatchNorm2d`, `BatchNorm1d` | float only, unless fused |
 //! | `stubs.rs` | `Identity`, `Dropout`, `QuantStub`, `DeQuantStub` | nothing, or an explicit quantize |
 //! | `add.rs`, `mul.rs`, `cat.rs` | graph additions, products, concatenations | int8 |
+//! | `range.rs` | (a wrapper) | clamps an op's output to a custom integer range |
 //! | `fallback.rs` | any layer without an int8 form; custom int8 layers | float between automatic boundaries; the layer's own |
 
 use std::any::Any;
@@ -63,6 +64,7 @@ pub mod linear;
 pub mod mul;
 pub mod pad;
 pub mod pool;
+pub mod range;
 pub mod resize;
 pub mod shape;
 pub mod slice;
@@ -296,6 +298,7 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     cat::OP,
     fallback::FLOAT,
     fallback::INT8_LAYER,
+    range::OP,
 ];
 
 /// The built-in layers by kind, one list per op file: the loaders of the float layers a saved
