@@ -88,6 +88,15 @@ fn every_graph_op() -> Result<Graph, qnn::NnError> {
     Ok(graph)
 }
 
+/// Min-max activations over a custom 4-bit range (its op is saved inside a range clamp).
+fn four_bit() -> Result<QConfig, String> {
+    let range = qtensor::QuantRange::custom(qtensor::DType::U8, 0, 15).map_err(|e| e.to_string())?;
+    Ok(QConfig {
+        activation: qobserve::ObserverSpec::MinMax(qobserve::QuantSpec { range, ..qobserve::QuantSpec::u8_affine() }),
+        ..QConfig::default()
+    })
+}
+
 fn saved(mut model: Sequential, x: &ArrayD<f32>) -> Result<Vec<u8>, String> {
     fuse(&mut model).map_err(|e| e.to_string())?;
     saved_graph(model.into(), &QConfigMapping::new(QConfig::default()), x)
@@ -113,7 +122,10 @@ pub fn write_seeds(root: &Path, dir: &Path) -> Result<(), String> {
             "every_graph_op.qmodel",
             saved_graph(
                 every_graph_op().map_err(|e| e.to_string())?,
-                &QConfigMapping::new(QConfig::default()).skip_name("float_conv").skip_name("float_fc"),
+                &QConfigMapping::new(QConfig::default())
+                    .skip_name("float_conv")
+                    .skip_name("float_fc")
+                    .set_name("tanh", four_bit()?),
                 &input(&[2, 1, 8, 8]),
             )?,
         ),
