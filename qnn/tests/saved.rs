@@ -142,3 +142,41 @@ fn fuzz_regressions_replay() {
     );
     eprintln!("{n} regression inputs replayed");
 }
+
+/// A layer kept in float is saved with its geometry: a hostile one is refused before its
+/// float forward allocates (shape inference against the activation budget), and a degenerate
+/// one is an error, not a panic.
+#[test]
+fn hostile_float_layers_are_refused_before_allocating() {
+    let mut m = zoo::digits();
+    fuse(&mut m).unwrap();
+    let mut p = prepare(m, &QConfigMapping::new(QConfig::default()).skip_name("conv1")).unwrap();
+    p.calibrate(&x(2, 1, 8)).unwrap();
+    let q = p.convert().unwrap();
+    let bytes = q.to_bytes().unwrap();
+    let input = x(1, 1, 8);
+    let conv1 = |d: &mut serde_json::Value| -> serde_json::Value {
+        let n = d["nodes"].as_array().unwrap().iter().position(|n| n["name"] == "conv1").unwrap();
+        assert_eq!(d["nodes"][n]["op"], "Float");
+        serde_json::json!(n)
+    };
+    let huge = edited(&bytes, |d| {
+        let n = conv1(d).as_u64().unwrap() as usize;
+        d["nodes"][n]["attrs"]["attrs"]["padding"] = serde_json::json!([1u64 << 31, 1u64 << 31]);
+    });
+    let e = QuantizedModel::from_bytes(&huge).unwrap().forward(&input).unwrap_err();
+    assert!(matches!(e, qnn::NnError::Limit { .. }), "{e:?}");
+    assert!(e.to_string().contains("conv1"), "{e}");
+    for (field, value) in [
+        ("stride", serde_json::json!([0, 1])),
+        ("dilation", serde_json::json!([1, 0])),
+        ("groups", serde_json::json!(0)),
+    ] {
+        let bad = edited(&bytes, |d| {
+            let n = conv1(d).as_u64().unwrap() as usize;
+            d["nodes"][n]["attrs"]["attrs"][field] = value.clone();
+        });
+        let e = QuantizedModel::from_bytes(&bad).unwrap().forward(&input).unwrap_err().to_string();
+        assert!(e.contains("conv1") && e.contains("Conv2d"), "{field}: {e}");
+    }
+}

@@ -70,8 +70,22 @@ impl Conv2d {
             return Err(shape_error("Conv2d", "a 4-D NCHW tensor [batch, channels, height, width]".into(), s));
         };
         let ws = self.weight.shape();
-        let (oc, icg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
-        if c != icg * self.geom.groups {
+        let &[oc, icg, kh, kw] = ws else {
+            return Err(shape_error("Conv2d", format!("a layer whose weight is 4-D (OIHW), not {ws:?}"), s));
+        };
+        let g = &self.geom;
+        if kh == 0 || kw == 0 || g.groups == 0 || g.stride.contains(&0) || g.dilation.contains(&0) {
+            return Err(shape_error(
+                "Conv2d",
+                format!(
+                    "a layer with a kernel of at least 1x1 and positive stride, dilation and groups, not kernel \
+                     {kh}x{kw}, stride {:?}, dilation {:?}, groups {}",
+                    g.stride, g.dilation, g.groups
+                ),
+                s,
+            ));
+        }
+        if icg.checked_mul(g.groups) != Some(c) {
             return Err(shape_error(
                 "Conv2d",
                 format!(
@@ -82,17 +96,23 @@ impl Conv2d {
                 s,
             ));
         }
-        let g = &self.geom;
-        let span = |k: usize, d: usize| d * (k - 1) + 1;
-        if h + 2 * g.padding[0] < span(kh, g.dilation[0]) || w + 2 * g.padding[1] < span(kw, g.dilation[1]) {
+        // Spans and padded sizes checked for overflow: a saved layer may declare anything.
+        let span = |k: usize, d: usize| d.checked_mul(k - 1).and_then(|v| v.checked_add(1));
+        let padded = |x: usize, p: usize| p.checked_mul(2).and_then(|p2| x.checked_add(p2));
+        let (Some(sh), Some(sw), Some(ph), Some(pw)) =
+            (span(kh, g.dilation[0]), span(kw, g.dilation[1]), padded(h, g.padding[0]), padded(w, g.padding[1]))
+        else {
+            return Err(shape_error("Conv2d", format!("a geometry whose sizes fit in memory, not {g:?}"), s));
+        };
+        if ph < sh || pw < sw {
             return Err(shape_error(
                 "Conv2d",
                 format!("an input of at least {kh}x{kw} (with padding {:?})", g.padding),
                 s,
             ));
         }
-        let oh = (h + 2 * g.padding[0] - span(kh, g.dilation[0])) / g.stride[0] + 1;
-        let ow = (w + 2 * g.padding[1] - span(kw, g.dilation[1])) / g.stride[1] + 1;
+        let oh = (ph - sh) / g.stride[0] + 1;
+        let ow = (pw - sw) / g.stride[1] + 1;
         Ok([n, oc, oh, ow])
     }
 

@@ -11,7 +11,7 @@ use serde_json::Value as J;
 use super::{attrs, bad, int8_layer_loader, layer_loader, parse, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
 use crate::module::{Int8Layer, Module};
-use crate::quant::{quantized, Run, Value};
+use crate::quant::{budget, quantized, Run, Value};
 use crate::scratch::Input;
 
 /// A float layer between automatic boundaries: a quantized input is dequantized; its output
@@ -43,8 +43,14 @@ impl QOp for FloatOp {
     fn op_name(&self) -> &'static str {
         FLOAT.0
     }
-    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
-        Ok(Value::F32(self.0.forward(&args.pop().expect("one input").into_f32())?))
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
+        let x = args.pop().expect("one input").into_f32();
+        // The output's size, by shape inference, within the activation budget before the
+        // layer allocates it (a saved model may declare any geometry).
+        if let Some(shape) = self.0.output_shape(x.shape()) {
+            budget(&shape?, 4, run, self.0.kind())?;
+        }
+        Ok(Value::F32(self.0.forward(&x)?))
     }
     fn images_apart(&self) -> bool {
         self.0.computes_images_apart()
