@@ -191,7 +191,7 @@ impl QuantizedModel {
         let r = OpReader { st: &st };
         let ids = |v: Vec<usize>| v.into_iter().map(Tensor).collect::<Vec<_>>();
         let (inputs, outputs) = (ids(desc.inputs), ids(desc.outputs));
-        let input_q = desc.input_q.into_iter().map(SavedQ::get).collect::<Result<Vec<_>>>()?;
+        let input_q: Vec<_> = desc.input_q.into_iter().map(|q| q.0).collect();
         if input_q.len() != inputs.len()
             || desc.input_names.len() != inputs.len()
             || desc.input_ranges.len() != inputs.len()
@@ -211,7 +211,7 @@ impl QuantizedModel {
             if !op.takes_inputs(n.inputs.len()) {
                 return Err(bad(format!("{}: {} inputs do not fit its {} op", n.name, n.inputs.len(), n.op)));
             }
-            let step = QStep { in_q: n.in_q.get()?, op };
+            let step = QStep { in_q: n.in_q.0, op };
             nodes.push(Node { name: n.name, op: NodeOp::Layer(step), inputs: ids(n.inputs), output: Tensor(n.output) });
         }
         // Every value is a graph input or one node's output: their count is bounded by the

@@ -272,7 +272,7 @@ fn load_lut(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
         Ok(qkernels::Lut::from_table(t))
     };
     let tables = UnaryTables { vector: table(&a.vector)?, tail: table(&a.tail)? };
-    Ok(Box::new(LutOp { op: a.function.op(), in_q: a.in_q.get()?, out_q: a.out_q.get()?, tables: Box::new(tables) }))
+    Ok(Box::new(LutOp { op: a.function.op(), in_q: a.in_q.0, out_q: a.out_q.0, tables: Box::new(tables) }))
 }
 
 impl QOp for LutOp {
@@ -321,6 +321,14 @@ pub struct Hardtanh {
 }
 
 impl Hardtanh {
+    fn keeps_batch(&self) -> bool {
+        true
+    }
+
+    fn out_dims(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.check().map(|()| input.to_vec())
+    }
+
     fn check(&self) -> Result<()> {
         if self.min_val <= self.max_val {
             Ok(())
@@ -345,23 +353,9 @@ impl Module for Hardtanh {
         let (lo, hi) = (self.min_val, self.max_val);
         Ok(x.mapv(|v| v.max(lo).min(hi)))
     }
-    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
-        Some(self.check().map(|()| input.to_vec()))
-    }
-    fn lowering(&self) -> Mode {
-        Mode::Int8SameParams
-    }
-    fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-        self.check()?;
-        Ok(Box::new(*self))
-    }
-    fn computes_images_apart(&self) -> bool {
-        true
-    }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
-        Some(Ok(attrs(self)))
-    }
-    any_methods!();
+    // Bounds are checked by shape inference, the float pass (so before calibration
+    // completes) and loading.
+    same_params_module!();
 }
 
 pub(crate) const HARDTANH: (&str, super::OpLoader) = ("Hardtanh", |j, _, node| {
@@ -381,18 +375,12 @@ impl QOp for Hardtanh {
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
         match args.pop().expect("one input") {
             Value::F32(a) => Ok(Value::F32(self.forward(&a)?)),
-            Value::U8 { mut data, shape, q } => {
+            mut v @ Value::U8 { q, .. } => {
                 let quant = |v: f32| qtensor::kernels::quantize_scalar(v, 1.0 / q.scale, q.zero_point, 0, 255) as u8;
-                let (lo, hi) = (quant(self.min_val), quant(self.max_val));
-                for b in &mut data {
-                    *b = (*b).clamp(lo, hi);
-                }
-                Ok(Value::U8 { data, shape, q })
+                super::range::clamp_value(&mut v, (quant(self.min_val), quant(self.max_val)), q);
+                Ok(v)
             }
         }
     }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
-        Ok(attrs(self))
-    }
-    any_methods!();
+    serde_qop_tail!();
 }

@@ -55,31 +55,18 @@ pub struct AddOp {
     pub(crate) relu: bool,
     /// In int8 (else in float).
     pub(crate) int8: bool,
-    /// The validated parameters.
-    #[serde(skip)]
-    q: Option<[QuantU8; 3]>,
 }
 
 impl AddOp {
     pub(crate) fn new(qs: [QuantU8; 2], out_q: QuantU8, int8: bool) -> Self {
-        AddOp {
-            qs: [qs[0].into(), qs[1].into()],
-            out_q: out_q.into(),
-            relu: false,
-            int8,
-            q: Some([qs[0], qs[1], out_q]),
-        }
+        AddOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), relu: false, int8 }
     }
     fn params(&self) -> [QuantU8; 3] {
-        self.q.expect("built or loaded with validated parameters")
+        [self.qs[0].0, self.qs[1].0, self.out_q.0]
     }
 }
 
-pub(crate) const OP: (&str, super::OpLoader) = ("Add", |j, _, node| {
-    let mut op: AddOp = parse(j, node, "Add")?;
-    op.q = Some([op.qs[0].get()?, op.qs[1].get()?, op.out_q.get()?]);
-    Ok(Box::new(op))
-});
+pub(crate) const OP: (&str, super::OpLoader) = ("Add", |j, _, node| Ok(Box::new(parse::<AddOp>(j, node, "Add")?)));
 
 impl QOp for AddOp {
     fn op_name(&self) -> &'static str {

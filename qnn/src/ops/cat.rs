@@ -19,26 +19,15 @@ pub struct CatOp {
     qs: Vec<SavedQ>,
     out_q: SavedQ,
     int8: bool,
-    #[serde(skip)]
-    q: Option<(Vec<QuantU8>, QuantU8)>,
 }
 
 impl CatOp {
     pub(crate) fn new(qs: Vec<QuantU8>, out_q: QuantU8, int8: bool) -> Self {
-        CatOp { qs: qs.iter().map(|&q| q.into()).collect(), out_q: out_q.into(), int8, q: Some((qs, out_q)) }
-    }
-    fn params(&self) -> (&[QuantU8], QuantU8) {
-        let (qs, out) = self.q.as_ref().expect("built or loaded with validated parameters");
-        (qs, *out)
+        CatOp { qs: qs.into_iter().map(SavedQ).collect(), out_q: out_q.into(), int8 }
     }
 }
 
-pub(crate) const OP: (&str, super::OpLoader) = ("Cat", |j, _, node| {
-    let mut op: CatOp = parse(j, node, "Cat")?;
-    let qs = op.qs.iter().map(|q| q.get()).collect::<Result<Vec<_>>>()?;
-    op.q = Some((qs, op.out_q.get()?));
-    Ok(Box::new(op))
-});
+pub(crate) const OP: (&str, super::OpLoader) = ("Cat", |j, _, node| Ok(Box::new(parse::<CatOp>(j, node, "Cat")?)));
 
 impl QOp for CatOp {
     fn op_name(&self) -> &'static str {
@@ -46,7 +35,7 @@ impl QOp for CatOp {
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
         let parts = std::mem::take(args);
-        let (branch_q, out_q) = self.params();
+        let out_q = self.out_q.0;
         if !self.int8 {
             let parts: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
             return Ok(Value::F32(cat_dim1(&parts, "")?));
@@ -59,8 +48,8 @@ impl QOp for CatOp {
             return Value::quantize(y.view(), out_q).map_err(op_err);
         }
         let mut quantized_parts = Vec::with_capacity(parts.len());
-        for (v, q) in parts.into_iter().zip(branch_q) {
-            quantized_parts.push(quantized(v, *q)?);
+        for (v, q) in parts.into_iter().zip(&self.qs) {
+            quantized_parts.push(quantized(v, q.0)?);
         }
         let dims = |s: &[usize]| match *s {
             [n, c, h, w] => Some((n, h, w, c)),
@@ -106,10 +95,10 @@ impl QOp for CatOp {
         Ok(Value::U8 { data: out, shape, q: out_q })
     }
     fn out_q(&self) -> Option<QuantU8> {
-        Some(self.params().1)
+        Some(self.out_q.0)
     }
     fn quantizes_input(&self, k: usize, _in_q: QuantU8) -> Option<QuantU8> {
-        self.int8.then(|| self.params().0[k])
+        self.int8.then(|| self.qs[k].0)
     }
     fn takes_inputs(&self, n: usize) -> bool {
         n >= 1 && n == self.qs.len()

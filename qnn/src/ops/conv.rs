@@ -266,7 +266,7 @@ fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
     let bias = a.bias.as_deref().map(|k| r.f32s(k).map(|v| v.1)).transpose()?;
     let geom = Conv2dGeometry { stride: a.stride, padding: a.padding, dilation: a.dilation, groups: a.groups };
     let packed = Box::new(PackedConv2d::new(&weights, bias.as_deref(), geom).map_err(|e| bad(format!("{node}: {e}")))?);
-    let q = a.out_q.get()?;
+    let q = a.out_q.0;
     let out = OutputQuant { scale: q.scale, zero_point: q.zero_point, activation: a.activation.kernel() };
     Ok(Box::new(ConvOp { packed, weights, bias, geom, out, activation: a.activation }))
 }

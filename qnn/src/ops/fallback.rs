@@ -11,7 +11,7 @@ use serde_json::Value as J;
 use super::{attrs, bad, int8_layer_loader, layer_loader, parse, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
 use crate::module::{Int8Layer, Module};
-use crate::quant::{budget, quantized, Run, Value};
+use crate::quant::{quantized, Run, Value};
 use crate::scratch::Input;
 
 /// A float layer between automatic boundaries: a quantized input is dequantized; its output
@@ -45,12 +45,7 @@ impl QOp for FloatOp {
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
         let x = args.pop().expect("one input").into_f32();
-        // The output's size, by shape inference, within the activation budget before the
-        // layer allocates it (a saved model may declare any geometry).
-        if let Some(shape) = self.0.output_shape(x.shape()) {
-            budget(&shape?, 4, run, self.0.kind())?;
-        }
-        Ok(Value::F32(self.0.forward(&x)?))
+        Ok(Value::F32(super::float_forward(self.0.as_ref(), &x, run)?))
     }
     fn images_apart(&self) -> bool {
         self.0.computes_images_apart()
@@ -88,7 +83,7 @@ pub(crate) const INT8_LAYER: (&str, super::OpLoader) = ("Int8Layer", |j, r, node
     let a: Int8LayerAttrs = parse(j, node, "Int8Layer")?;
     let (kind, load) = int8_layer_loader(&a.layer, node)?;
     let layer = load(&a.attrs, r)?;
-    Ok(Box::new(Int8LayerOp { kind, layer, out_q: a.out_q.get()? }))
+    Ok(Box::new(Int8LayerOp { kind, layer, out_q: a.out_q.0 }))
 });
 
 /// The op of a custom layer's int8 form.

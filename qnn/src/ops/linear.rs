@@ -154,7 +154,7 @@ fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
     let weights = load_weights(r, &a.weight, &a.scales, &a.zero_points, a.per_channel)?;
     let bias = a.bias.as_deref().map(|k| r.f32s(k).map(|v| v.1)).transpose()?;
     let packed = PackedLinear::new(&weights, bias.as_deref()).map_err(|e| bad(format!("{node}: {e}")))?;
-    let q = a.out_q.get()?;
+    let q = a.out_q.0;
     let out = OutputQuant { scale: q.scale, zero_point: q.zero_point, activation: a.activation.kernel() };
     Ok(Box::new(LinearOp { packed: Box::new(packed), out, activation: a.activation }))
 }

@@ -54,6 +54,44 @@ macro_rules! any_methods {
     };
 }
 
+/// The `Module` methods of a layer that runs as itself in int8, keeping its input's
+/// parameters, and is saved as its serde form. The layer provides `out_dims(&self, shape)`
+/// (shape inference) and `keeps_batch(&self)` (whether it computes images apart).
+macro_rules! same_params_module {
+    () => {
+        fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+            Some(self.out_dims(input))
+        }
+        fn lowering(&self) -> Mode {
+            Mode::Int8SameParams
+        }
+        fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+            Ok(Box::new(self.clone()))
+        }
+        fn computes_images_apart(&self) -> bool {
+            self.keeps_batch()
+        }
+        fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
+            Some(Ok(attrs(self)))
+        }
+        any_methods!();
+    };
+}
+
+/// The rest of the `QOp` impl of such a layer: saved as its serde form, images apart as
+/// `keeps_batch` says.
+macro_rules! serde_qop_tail {
+    () => {
+        fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+            Ok(attrs(self))
+        }
+        fn images_apart(&self) -> bool {
+            self.keeps_batch()
+        }
+        any_methods!();
+    };
+}
+
 pub mod activation;
 pub mod add;
 pub mod batchnorm;
@@ -145,24 +183,30 @@ impl LowerCx<'_> {
     }
 }
 
-/// `u8` parameters as saved: the scale's bits (exact round trip) and the zero point.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug)]
-pub struct SavedQ(pub u32, pub i32);
+/// `u8` parameters in saved attributes, saved as the scale's bits (an exact round trip) and
+/// the zero point, and validated when they are read: invalid ones fail the attributes' parse.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(try_from = "(u32, i32)", into = "(u32, i32)")]
+pub struct SavedQ(pub QuantU8);
 
 impl From<QuantU8> for SavedQ {
     fn from(q: QuantU8) -> Self {
-        SavedQ(q.scale.to_bits(), q.zero_point)
+        SavedQ(q)
     }
 }
 
-impl SavedQ {
-    /// The parameters, validated.
-    ///
-    /// # Errors
-    /// A scale that is not positive and finite, or a zero point outside `0..=255`.
-    pub fn get(self) -> Result<QuantU8> {
-        QuantU8::new(f32::from_bits(self.0), self.1)
-            .map_err(|e| bad(format!("invalid parameters (scale bits {:#x}, zero point {}): {e}", self.0, self.1)))
+impl From<SavedQ> for (u32, i32) {
+    fn from(q: SavedQ) -> Self {
+        (q.0.scale.to_bits(), q.0.zero_point)
+    }
+}
+
+impl TryFrom<(u32, i32)> for SavedQ {
+    type Error = String;
+    fn try_from((bits, zero_point): (u32, i32)) -> std::result::Result<Self, String> {
+        QuantU8::new(f32::from_bits(bits), zero_point)
+            .map(SavedQ)
+            .map_err(|e| format!("invalid parameters (scale bits {bits:#x}, zero point {zero_point}): {e}"))
     }
 }
 
@@ -439,6 +483,38 @@ pub(crate) fn nchw_of(shape: &[usize], kind: &'static str) -> Result<[usize; 4]>
             expected: "a 4-D NCHW input".into(),
             got: shape.to_vec(),
         }),
+    }
+}
+
+/// A layer's float forward pass, its output sized first by its shape inference and held to
+/// the activation budget (a saved model may declare any geometry).
+pub(crate) fn float_forward(layer: &dyn Module, x: &ndarray::ArrayD<f32>, run: Run) -> Result<ndarray::ArrayD<f32>> {
+    if let Some(shape) = layer.output_shape(x.shape()) {
+        crate::quant::budget(&shape?, 4, run, layer.kind())?;
+    }
+    layer.forward(x)
+}
+
+/// Runs an image op that keeps its input's parameters: a float input through the layer
+/// ([`float_forward`]), a `u8` one through `int8(input image, output height and width,
+/// output NHWC buffer)` into an output of the layer's inferred shape, within the budget.
+pub(crate) fn image_op(
+    x: Value,
+    layer: &dyn Module,
+    run: Run,
+    int8: impl FnOnce(&qkernels::QImage<'_>, (usize, usize), &mut [u8]) -> Result<()>,
+) -> Result<Value> {
+    match x {
+        Value::F32(a) => Ok(Value::F32(float_forward(layer, &a, run)?)),
+        Value::U8 { data, shape, q } => {
+            let data = crate::scratch::Input::new(data);
+            nchw_of(&shape, layer.kind())?;
+            let out = layer.output_shape(&shape).expect("image ops infer their output shapes")?;
+            let [n, c, oh, ow] = nchw_of(&out, layer.kind())?;
+            let mut y = crate::quant::out_buf(&[n, oh, ow, c], run, layer.kind())?;
+            int8(&Value::image(&data, &shape, q), (oh, ow), &mut y)?;
+            Ok(Value::U8 { data: y, shape: out, q })
+        }
     }
 }
 

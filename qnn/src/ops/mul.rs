@@ -49,24 +49,18 @@ pub struct MulOp {
     qs: [SavedQ; 2],
     out_q: SavedQ,
     int8: bool,
-    #[serde(skip)]
-    q: Option<[QuantU8; 3]>,
 }
 
 impl MulOp {
     pub(crate) fn new(qs: [QuantU8; 2], out_q: QuantU8, int8: bool) -> Self {
-        MulOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), int8, q: Some([qs[0], qs[1], out_q]) }
+        MulOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), int8 }
     }
     fn params(&self) -> [QuantU8; 3] {
-        self.q.expect("built or loaded with validated parameters")
+        [self.qs[0].0, self.qs[1].0, self.out_q.0]
     }
 }
 
-pub(crate) const OP: (&str, super::OpLoader) = ("Mul", |j, _, node| {
-    let mut op: MulOp = parse(j, node, "Mul")?;
-    op.q = Some([op.qs[0].get()?, op.qs[1].get()?, op.out_q.get()?]);
-    Ok(Box::new(op))
-});
+pub(crate) const OP: (&str, super::OpLoader) = ("Mul", |j, _, node| Ok(Box::new(parse::<MulOp>(j, node, "Mul")?)));
 
 impl QOp for MulOp {
     fn op_name(&self) -> &'static str {

@@ -8,12 +8,11 @@ use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
-use super::{attrs, nchw_of, parse, LowerCx, OpWriter, QOp};
+use super::{attrs, image_op, nchw_of, parse, LowerCx, OpWriter, QOp};
 use crate::error::{NnError, Result};
 use crate::layers::{from_nhwc, nchw, to_nhwc};
 use crate::module::Module;
-use crate::quant::{budget, out_buf, Mode, Run, Value};
-use crate::scratch::Input;
+use crate::quant::{Mode, Run, Value};
 
 /// What fills the border.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -36,6 +35,16 @@ pub struct Pad2d {
 }
 
 impl Pad2d {
+    fn keeps_batch(&self) -> bool {
+        true
+    }
+
+    fn out_dims(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let [n, c, h, w] = nchw_of(input, "Pad2d")?;
+        let (oh, ow) = self.out_hw(h, w, input)?;
+        Ok(vec![n, c, oh, ow])
+    }
+
     /// `nn.ZeroPad2d(p)`.
     pub fn zeros(p: usize) -> Self {
         Pad2d { pads: [p; 4], mode: PadMode::Constant(0.0) }
@@ -123,25 +132,7 @@ impl Module for Pad2d {
         self.pad(&to_nhwc(x), [n, h, w, c], (oh, ow), self.constant(), &mut out);
         Ok(from_nhwc(out, [n, oh, ow, c]))
     }
-    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
-        Some(nchw_of(input, "Pad2d").and_then(|[n, c, h, w]| {
-            let (oh, ow) = self.out_hw(h, w, input)?;
-            Ok(vec![n, c, oh, ow])
-        }))
-    }
-    fn lowering(&self) -> Mode {
-        Mode::Int8SameParams
-    }
-    fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-        Ok(Box::new(*self))
-    }
-    fn computes_images_apart(&self) -> bool {
-        true
-    }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
-        Some(Ok(attrs(self)))
-    }
-    any_methods!();
+    same_params_module!();
 }
 
 pub(crate) const OP: (&str, super::OpLoader) = ("Pad2d", |j, _, node| Ok(Box::new(parse::<Pad2d>(j, node, "Pad2d")?)));
@@ -155,27 +146,11 @@ impl QOp for Pad2d {
         OP.0
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
-        match args.pop().expect("one input") {
-            Value::F32(a) => {
-                let [n, c, h, w] = nchw_of(a.shape(), "Pad2d")?;
-                let (oh, ow) = self.out_hw(h, w, a.shape())?;
-                budget(&[n, c, oh, ow], 4, run, "Pad2d")?;
-                Ok(Value::F32(self.forward(&a)?))
-            }
-            Value::U8 { data, shape, q } => {
-                let data = Input::new(data);
-                let [n, c, h, w] = nchw_of(&shape, "Pad2d")?;
-                let (oh, ow) = self.out_hw(h, w, &shape)?;
-                let mut y = out_buf(&[n, oh, ow, c], run, "Pad2d")?;
-                let fill =
-                    qtensor::kernels::quantize_scalar(self.constant(), 1.0 / q.scale, q.zero_point, 0, 255) as u8;
-                self.pad(&data, [n, h, w, c], (oh, ow), fill, &mut y);
-                Ok(Value::U8 { data: y, shape: vec![n, c, oh, ow], q })
-            }
-        }
+        image_op(args.pop().expect("one input"), self, run, |x, hw, y| {
+            let fill = qtensor::kernels::quantize_scalar(self.constant(), 1.0 / x.scale, x.zero_point, 0, 255) as u8;
+            self.pad(x.data, [x.n, x.h, x.w, x.c], hw, fill, y);
+            Ok(())
+        })
     }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
-        Ok(attrs(self))
-    }
-    any_methods!();
+    serde_qop_tail!();
 }

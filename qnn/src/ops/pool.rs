@@ -6,11 +6,11 @@ use qkernels::{adaptive_avg_pool2d, Pool2d, QuantU8};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
-use super::{attrs, nchw_of, op_err, parse, LowerCx, OpWriter, QOp, SavedQ};
+use super::{attrs, image_op, nchw_of, op_err, parse, LowerCx, OpWriter, QOp, SavedQ};
 use crate::error::Result;
 use crate::layers::nchw;
 use crate::module::Module;
-use crate::quant::{budget, out_buf, quantized, Mode, Run, Value};
+use crate::quant::{out_buf, quantized, Mode, Run, Value};
 use crate::scratch::Input;
 
 /// A pooling window as saved.
@@ -252,28 +252,9 @@ pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
     }),
 ];
 
-/// Runs a same-parameter pool on a value: float in float (within the activation budget),
-/// int8 through `int8(data, [n, c, h, w], q)`, which returns the output data and its NCHW
-/// shape.
-fn pool_value(
-    x: Value,
-    layer: &dyn Module,
-    float_dims: impl Fn([usize; 4]) -> Result<[usize; 4]>,
-    int8: impl FnOnce(&[u8], &[usize], QuantU8) -> Result<(Vec<u8>, Vec<usize>)>,
-    run: Run,
-) -> Result<Value> {
-    match x {
-        Value::F32(a) => {
-            let dims = float_dims(nchw_of(a.shape(), layer.kind())?)?;
-            budget(&dims, 4, run, layer.kind())?;
-            Ok(Value::F32(layer.forward(&a)?))
-        }
-        Value::U8 { data, shape, q } => {
-            let data = Input::new(data);
-            let (y, shape) = int8(&data, &shape, q)?;
-            Ok(Value::U8 { data: y, shape, q })
-        }
-    }
+/// The parameters of an image.
+fn q_of(x: &qkernels::QImage<'_>) -> QuantU8 {
+    QuantU8 { scale: x.scale, zero_point: x.zero_point }
 }
 
 impl QOp for AdaptiveAvgPool2d {
@@ -281,19 +262,9 @@ impl QOp for AdaptiveAvgPool2d {
         ADAPTIVE.0
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
-        let &AdaptiveAvgPool2d(oh, ow) = self;
-        pool_value(
-            args.pop().expect("one input"),
-            self,
-            |[n, c, _, _]| Ok([n, c, oh, ow]),
-            |data, shape, q| {
-                let [n, c, _, _] = nchw_of(shape, "AdaptiveAvgPool2d")?;
-                let mut y = out_buf(&[n, oh, ow, c], run, "AdaptiveAvgPool2d")?;
-                adaptive_avg_pool2d(&Value::image(data, shape, q), (oh, ow), q, &mut y).map_err(op_err)?;
-                Ok((y, vec![n, c, oh, ow]))
-            },
-            run,
-        )
+        image_op(args.pop().expect("one input"), self, run, |x, hw, y| {
+            adaptive_avg_pool2d(x, hw, q_of(x), y).map_err(op_err)
+        })
     }
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
@@ -306,23 +277,9 @@ impl QOp for MaxPool2d {
         MAX.0
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
-        let p = self.0;
-        let dims = |[n, c, h, w]: [usize; 4]| -> Result<[usize; 4]> {
-            let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
-            Ok([n, c, oh, ow])
-        };
-        pool_value(
-            args.pop().expect("one input"),
-            self,
-            dims,
-            |data, shape, q| {
-                let [n, c, oh, ow] = dims(nchw_of(shape, "MaxPool2d")?)?;
-                let mut y = out_buf(&[n, oh, ow, c], run, "MaxPool2d")?;
-                qkernels::max_pool2d(&Value::image(data, shape, q), &p, &mut y).map_err(op_err)?;
-                Ok((y, vec![n, c, oh, ow]))
-            },
-            run,
-        )
+        image_op(args.pop().expect("one input"), self, run, |x, _, y| {
+            qkernels::max_pool2d(x, &self.0, y).map_err(op_err)
+        })
     }
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(&PoolAttrs::from(self.0)))
@@ -335,23 +292,9 @@ impl QOp for AvgPool2d {
         AVG.0
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
-        let p = self.0;
-        let dims = |[n, c, h, w]: [usize; 4]| -> Result<[usize; 4]> {
-            let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
-            Ok([n, c, oh, ow])
-        };
-        pool_value(
-            args.pop().expect("one input"),
-            self,
-            dims,
-            |data, shape, q| {
-                let [n, c, oh, ow] = dims(nchw_of(shape, "AvgPool2d")?)?;
-                let mut y = out_buf(&[n, oh, ow, c], run, "AvgPool2d")?;
-                qkernels::avg_pool2d(&Value::image(data, shape, q), &p, q, &mut y).map_err(op_err)?;
-                Ok((y, vec![n, c, oh, ow]))
-            },
-            run,
-        )
+        image_op(args.pop().expect("one input"), self, run, |x, _, y| {
+            qkernels::avg_pool2d(x, &self.0, q_of(x), y).map_err(op_err)
+        })
     }
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(&PoolAttrs::from(self.0)))
@@ -389,7 +332,6 @@ pub struct ObservedAvgPool {
 
 pub(crate) const OBSERVED: (&str, super::OpLoader) = ("AvgPoolObserved", |j, _, node| {
     let op: ObservedAvgPool = parse(j, node, "AvgPoolObserved")?;
-    op.out_q.get()?;
     Ok(Box::new(op))
 });
 
@@ -398,7 +340,7 @@ impl QOp for ObservedAvgPool {
         OBSERVED.0
     }
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
-        let out_q = self.out_q.get()?;
+        let out_q = self.out_q.0;
         let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
         let data = Input::new(data);
         let kind = match self.window {
@@ -419,7 +361,7 @@ impl QOp for ObservedAvgPool {
         Ok(Value::U8 { data: y, shape: vec![n, c, oh, ow], q: out_q })
     }
     fn out_q(&self) -> Option<QuantU8> {
-        self.out_q.get().ok()
+        Some(self.out_q.0)
     }
     fn quantizes_input(&self, _k: usize, in_q: QuantU8) -> Option<QuantU8> {
         Some(in_q)

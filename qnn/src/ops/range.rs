@@ -66,7 +66,7 @@ pub(crate) const OP: (&str, super::OpLoader) = ("RangeClamp", |j, r, node| {
         return Err(super::bad(format!("{node}: a range clamp of {}..={} around {}", a.lo, a.hi, a.op)));
     }
     let inner = load_op(&a.op, &a.attrs, r, node)?;
-    Ok(Box::new(RangeClampOp { inner, lo: a.lo, hi: a.hi, q: a.q.get()? }))
+    Ok(Box::new(RangeClampOp { inner, lo: a.lo, hi: a.hi, q: a.q.0 }))
 });
 
 impl QOp for RangeClampOp {

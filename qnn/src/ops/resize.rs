@@ -8,12 +8,11 @@ use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
-use super::{attrs, nchw_of, parse, LowerCx, OpWriter, QOp};
+use super::{attrs, image_op, nchw_of, parse, LowerCx, OpWriter, QOp};
 use crate::error::{NnError, Result};
 use crate::layers::{from_nhwc, nchw, to_nhwc};
 use crate::module::Module;
-use crate::quant::{budget, out_buf, Mode, Run, Value};
-use crate::scratch::Input;
+use crate::quant::{Mode, Run, Value};
 
 /// How [`Upsample`] fills its output.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -40,6 +39,16 @@ pub struct Upsample {
 }
 
 impl Upsample {
+    fn keeps_batch(&self) -> bool {
+        true
+    }
+
+    fn out_dims(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let [n, c, h, w] = nchw_of(input, "Upsample")?;
+        let (oh, ow) = self.out_hw(h, w, input)?;
+        Ok(vec![n, c, oh, ow])
+    }
+
     /// Nearest-neighbour upsampling by an integer factor (`nn.Upsample(scale_factor=f)`).
     pub fn nearest(factor: usize) -> Self {
         Upsample { size: None, scale_factor: Some([factor as f64; 2]), mode: UpsampleMode::Nearest }
@@ -179,25 +188,7 @@ impl Module for Upsample {
         });
         Ok(from_nhwc(out, [n, oh, ow, c]))
     }
-    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
-        Some(nchw_of(input, "Upsample").and_then(|[n, c, h, w]| {
-            let (oh, ow) = self.out_hw(h, w, input)?;
-            Ok(vec![n, c, oh, ow])
-        }))
-    }
-    fn lowering(&self) -> Mode {
-        Mode::Int8SameParams
-    }
-    fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-        Ok(Box::new(*self))
-    }
-    fn computes_images_apart(&self) -> bool {
-        true
-    }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
-        Some(Ok(attrs(self)))
-    }
-    any_methods!();
+    same_params_module!();
 }
 
 pub(crate) const OP: (&str, super::OpLoader) =
@@ -212,32 +203,17 @@ impl QOp for Upsample {
         OP.0
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
-        match args.pop().expect("one input") {
-            Value::F32(a) => {
-                let [n, c, h, w] = nchw_of(a.shape(), "Upsample")?;
-                let (oh, ow) = self.out_hw(h, w, a.shape())?;
-                budget(&[n, c, oh, ow], 4, run, "Upsample")?;
-                Ok(Value::F32(self.forward(&a)?))
-            }
-            Value::U8 { data, shape, q } => {
-                let data = Input::new(data);
-                let [n, c, h, w] = nchw_of(&shape, "Upsample")?;
-                let (oh, ow) = self.out_hw(h, w, &shape)?;
-                let mut y = out_buf(&[n, oh, ow, c], run, "Upsample")?;
-                let zp = q.zero_point as f32;
-                self.resize(&data, [n, h, w, c], (oh, ow), &mut y, |p, [h0, h1, w0, w1]| {
-                    let [p00, p01, p10, p11] = p.map(f32::from);
-                    let r = h0 * (w0 * p00 + w1 * p01) + h1 * (w0 * p10 + w1 * p11) - zp;
-                    (r.round_ties_even() + zp).clamp(0.0, 255.0) as u8
-                });
-                Ok(Value::U8 { data: y, shape: vec![n, c, oh, ow], q })
-            }
-        }
+        image_op(args.pop().expect("one input"), self, run, |x, hw, y| {
+            let zp = x.zero_point as f32;
+            self.resize(x.data, [x.n, x.h, x.w, x.c], hw, y, |p, [h0, h1, w0, w1]| {
+                let [p00, p01, p10, p11] = p.map(f32::from);
+                let r = h0 * (w0 * p00 + w1 * p01) + h1 * (w0 * p10 + w1 * p11) - zp;
+                (r.round_ties_even() + zp).clamp(0.0, 255.0) as u8
+            });
+            Ok(())
+        })
     }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
-        Ok(attrs(self))
-    }
-    any_methods!();
+    serde_qop_tail!();
 }
 
 #[cfg(test)]

@@ -99,39 +99,6 @@ pub(super) fn run_shape_op(
     }
 }
 
-macro_rules! same_params_layer {
-    () => {
-        fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
-            Some(self.out_dims(input))
-        }
-        fn lowering(&self) -> Mode {
-            Mode::Int8SameParams
-        }
-        fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-            Ok(Box::new(self.clone()))
-        }
-        fn computes_images_apart(&self) -> bool {
-            self.keeps_batch()
-        }
-        fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
-            Some(Ok(attrs(self)))
-        }
-        any_methods!();
-    };
-}
-
-macro_rules! qop_tail {
-    () => {
-        fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
-            Ok(attrs(self))
-        }
-        fn images_apart(&self) -> bool {
-            self.keeps_batch()
-        }
-        any_methods!();
-    };
-}
-
 /// `nn.Flatten()`: `[n, ...] -> [n, product of the rest]` (PyTorch's order).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Flatten;
@@ -157,7 +124,7 @@ impl Module for Flatten {
         let s = Flatten::out_shape(x.shape())?;
         Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&s)).expect("same length"))
     }
-    same_params_layer!();
+    same_params_module!();
 }
 
 pub(crate) const FLATTEN: (&str, super::OpLoader) = ("Flatten", |_, _, _| Ok(Box::new(Flatten)));
@@ -169,7 +136,7 @@ impl QOp for Flatten {
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
         run_shape_op(args.pop().expect("one input"), |a| self.forward(a), |d, s| Ok((d, Flatten::out_shape(s)?)))
     }
-    qop_tail!();
+    serde_qop_tail!();
 }
 
 /// `torch.reshape` / ONNX `Reshape`: the same values in a new shape. One entry may be `-1`
@@ -252,7 +219,7 @@ impl Module for Reshape {
         let s = self.out_shape(x.shape())?;
         Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&s)).expect("same length"))
     }
-    same_params_layer!();
+    same_params_module!();
 }
 
 pub(crate) const RESHAPE: (&str, super::OpLoader) =
@@ -265,7 +232,7 @@ impl QOp for Reshape {
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
         run_shape_op(args.pop().expect("one input"), |a| self.forward(a), |d, s| Ok((d, self.out_shape(s)?)))
     }
-    qop_tail!();
+    serde_qop_tail!();
 }
 
 /// `torch.permute` / ONNX `Transpose`: output axis `i` is input axis `dims[i]`.
@@ -305,7 +272,7 @@ impl Module for Permute {
         self.check(x.shape())?;
         Ok(x.view().permuted_axes(IxDyn(&self.dims)).as_standard_layout().into_owned())
     }
-    same_params_layer!();
+    same_params_module!();
 }
 
 pub(crate) const PERMUTE: (&str, super::OpLoader) =
@@ -327,7 +294,7 @@ impl QOp for Permute {
             },
         )
     }
-    qop_tail!();
+    serde_qop_tail!();
 }
 
 /// `nn.ChannelShuffle(groups)` (ShuffleNet): `[n, c, h, w]` viewed as `[n, g, c / g, h, w]`,
@@ -367,7 +334,7 @@ impl Module for ChannelShuffle {
         let src = self.source(x.shape())?;
         Ok(x.select(ndarray::Axis(1), &src))
     }
-    same_params_layer!();
+    same_params_module!();
 }
 
 pub(crate) const SHUFFLE: (&str, super::OpLoader) =
@@ -395,7 +362,7 @@ impl QOp for ChannelShuffle {
             }
         }
     }
-    qop_tail!();
+    serde_qop_tail!();
 }
 
 /// The float layers of this file a saved model's float fallbacks can hold.

@@ -60,6 +60,19 @@ impl Slice {
         Slice { dim, range: SliceRange::Narrow { start, len } }
     }
 
+    /// Whether it leaves the batch axis whole (axis 0, or -1 of a rank-1 value, never
+    /// batched, are the only ones that can be it).
+    fn keeps_batch(&self) -> bool {
+        self.dim > 0 || self.dim == -1
+    }
+
+    fn out_dims(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let (axis, s, e, step) = self.bounds(input)?;
+        let mut out = input.to_vec();
+        out[axis] = (e - s).div_ceil(step);
+        Ok(out)
+    }
+
     fn err(&self, why: String, shape: &[usize]) -> NnError {
         NnError::Shape { module: String::new(), kind: "Slice", expected: why, got: shape.to_vec() }
     }
@@ -120,26 +133,7 @@ impl Module for Slice {
         let (axis, s, e, step) = self.bounds(x.shape())?;
         Ok(x.slice_axis(Axis(axis), NdSlice::new(s as isize, Some(e as isize), step as isize)).to_owned())
     }
-    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
-        Some(self.bounds(input).map(|(axis, s, e, step)| {
-            let mut out = input.to_vec();
-            out[axis] = (e - s).div_ceil(step);
-            out
-        }))
-    }
-    fn lowering(&self) -> Mode {
-        Mode::Int8SameParams
-    }
-    fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-        Ok(Box::new(*self))
-    }
-    fn computes_images_apart(&self) -> bool {
-        self.dim != 0
-    }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
-        Some(Ok(attrs(self)))
-    }
-    any_methods!();
+    same_params_module!();
 }
 
 pub(crate) const OP: (&str, super::OpLoader) = ("Slice", |j, _, node| Ok(Box::new(parse::<Slice>(j, node, "Slice")?)));
@@ -178,11 +172,5 @@ impl QOp for Slice {
             },
         )
     }
-    fn images_apart(&self) -> bool {
-        self.dim != 0
-    }
-    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
-        Ok(attrs(self))
-    }
-    any_methods!();
+    serde_qop_tail!();
 }

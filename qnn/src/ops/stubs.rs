@@ -106,9 +106,8 @@ struct QuantizeAttrs {
     out_q: SavedQ,
 }
 
-pub(crate) const QUANTIZE: (&str, super::OpLoader) = ("Quantize", |j, _, node| {
-    Ok(Box::new(QuantizeOp { out_q: parse::<QuantizeAttrs>(j, node, "Quantize")?.out_q.get()? }))
-});
+pub(crate) const QUANTIZE: (&str, super::OpLoader) =
+    ("Quantize", |j, _, node| Ok(Box::new(QuantizeOp { out_q: parse::<QuantizeAttrs>(j, node, "Quantize")?.out_q.0 })));
 
 impl QOp for QuantizeOp {
     fn op_name(&self) -> &'static str {
