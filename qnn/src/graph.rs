@@ -317,12 +317,13 @@ pub(crate) fn node_forward<M: AsModule>(n: &Node<M>, xs: &[&ArrayD<f32>]) -> Res
 
 #[allow(private_bounds)]
 impl<M: AsModule> Graph<M> {
-    /// Runs the graph in float, calling `seen(node index, output)` after every node; values
-    /// are dropped as soon as their last reader is done.
+    /// Runs the graph in float, calling `seen(node index, output)` after every node (which
+    /// may change the output: simulation quantizes it); values are dropped as soon as their
+    /// last reader is done.
     pub(crate) fn run_f32(
         &self,
         inputs: &[ArrayD<f32>],
-        mut seen: impl FnMut(usize, &ArrayD<f32>) -> Result<()>,
+        mut seen: impl FnMut(usize, &mut ArrayD<f32>) -> Result<()>,
     ) -> Result<Vec<ArrayD<f32>>> {
         if inputs.len() != self.inputs.len() {
             return Err(NnError::Shape {
@@ -338,12 +339,12 @@ impl<M: AsModule> Graph<M> {
             vals[t.0] = Some(x.clone());
         }
         for (i, n) in self.nodes.iter().enumerate() {
-            let y = {
+            let mut y = {
                 let xs: Vec<&ArrayD<f32>> =
                     n.inputs.iter().map(|t| vals[t.0].as_ref().expect("checked: computed before read")).collect();
                 node_forward(n, &xs)?
             };
-            seen(i, &y)?;
+            seen(i, &mut y)?;
             for t in &n.inputs {
                 left[t.0] -= 1;
                 if left[t.0] == 0 {

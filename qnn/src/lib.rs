@@ -51,6 +51,32 @@
 //! # Ok::<(), qnn::NnError>(())
 //! ```
 //!
+//! ## Your own method, your own layers
+//! Nothing here asks you to rewrite a layer: the method is configuration.
+//! - **Scale rule:** an observer of your own ([`qobserve::Observer`], named in a
+//!   [`qobserve::QConfig`] by [`qobserve::ObserverSpec::Custom`]).
+//! - **Mapping:** a quantizer ([`qobserve::Quantizer`]) on a configuration's activations or
+//!   weights ([`qobserve::QConfig::with_activation_quantizer`],
+//!   [`qobserve::QConfig::with_weight_quantizer`]), placed per module name or kind by
+//!   [`QConfigMapping`]; model inputs are configured by their name or the kind `"input"`.
+//!   Built in: affine, power-of-two scales, 2- to 8-bit ranges, per-group weights, log2 and
+//!   codebooks ([`qobserve::quantizer`]).
+//! - **Simulation:** [`Prepared::simulate`] runs the float model with every configured
+//!   quantizer applied, custom layers included, to measure any method before converting.
+//!   [`Prepared::convert`] runs int8 wherever the quantizers are affine; layers whose weight
+//!   quantizer is not run in float on their quantized weights
+//!   ([`FloatReason::SimulatedOnly`]); an activation quantizer that is not affine is an
+//!   error naming the tensor.
+//! - **Custom layers:** implement [`Module`]; give it [`Module::int8`] (which gets the
+//!   module's name, configuration and parameters, and quantizes weights as configured through
+//!   [`ops::LowerCx::quantize_weight`]) to run it in int8, or leave it out and it runs in
+//!   float, reported. Register loaders ([`ops::register_layer`],
+//!   [`ops::register_int8_layer`]) to save and load models that hold them.
+//!
+//! `tests/your_method.rs` does all of this on the digits model: a custom layer with and
+//! without an int8 form, power-of-two scales, 4-bit per-group weights, a log2 grid, 4-bit
+//! activations.
+//!
 //! It depends on [`qtensor`], [`qkernels`], [`qobserve`] and [`qfuse`]; none of them depends
 //! on it.
 
@@ -75,7 +101,7 @@ pub use fuse::{fuse, fuse_graph, fuse_modules, Fused};
 pub use graph::{ElemType, Graph, GraphBuilder, Layout, Tensor, ValueInfo};
 pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
 pub use quant::{
-    prepare, report_json, sqnr_db, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value,
+    prepare, report_json, sqnr_db, FloatReason, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value,
     DEFAULT_MAX_ACTIVATION_BYTES,
 };
 pub use scratch::release_thread_buffers;

@@ -56,11 +56,25 @@ pub trait Module: Send + Sync + Debug {
         false
     }
 
-    /// The int8 implementation of this layer for input parameters `q_in` and output
-    /// parameters `q_out` (the latter chosen by the layer's output observer). Layers without
-    /// one run in float between an automatic dequantize and quantize, and are reported.
-    fn int8(&self, _q_in: qkernels::QuantU8, _q_out: qkernels::QuantU8) -> Option<Box<dyn Int8Layer>> {
-        None
+    /// The int8 implementation of this layer (custom layers: override it and
+    /// [`Module::has_int8`]). `cx` says what it is built for: the module's name, its
+    /// [`qobserve::QConfig`] (observers and quantizers), the parameters its input arrives with
+    /// (`cx.in_q`) and those its output observer chose (`cx.out_q()`);
+    /// [`LowerCx::quantize_weight`] quantizes a weight tensor as the configuration says, so
+    /// the layer follows the configured method and simulation matches it. Layers without one
+    /// run in float between an automatic dequantize and quantize, and are reported.
+    ///
+    /// # Errors
+    /// Weights or parameters the layer cannot take; the message should name `cx.name`. The
+    /// default: an error saying the layer has no int8 implementation.
+    fn int8(&self, cx: &LowerCx<'_>) -> Result<Box<dyn Int8Layer>> {
+        Err(crate::NnError::Config {
+            module: cx.name.to_string(),
+            reason: format!(
+                "{} says it has an int8 implementation (has_int8) but does not implement Module::int8",
+                self.kind()
+            ),
+        })
     }
 
     /// The shape of its output for an input of shape `input`, found without computing it
@@ -79,7 +93,7 @@ pub trait Module: Send + Sync + Debug {
         if self.has_int8() {
             Mode::Int8
         } else {
-            Mode::Float(format!("no int8 implementation for {} (custom layer)", self.kind()))
+            Mode::Float(crate::FloatReason::NoInt8 { kind: self.kind().to_string() })
         }
     }
 
@@ -97,10 +111,7 @@ pub trait Module: Send + Sync + Debug {
     /// # Errors
     /// Weights that cannot be quantized or packed, or an `int8()` that returns none.
     fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-        let layer = self.int8(cx.in_q, cx.out_q()).ok_or_else(|| crate::NnError::Fusion {
-            modules: vec![cx.name.to_string()],
-            reason: format!("{} says it has an int8 implementation but int8() returned none", self.kind()),
-        })?;
+        let layer = self.int8(cx)?;
         Ok(crate::ops::fallback::int8_layer_op(self.kind(), layer, cx.out_q()))
     }
 
@@ -127,13 +138,22 @@ pub trait Module: Send + Sync + Debug {
 
 /// A layer's int8 computation, for custom layers ([`Module::int8`]).
 pub trait Int8Layer: Send + Sync + Debug {
-    /// Computes the layer on `u8` values quantized with the `q_in` it was built for: data in
+    /// Computes the layer on `u8` values quantized with the `in_q` it was built for: data in
     /// NHWC order for 4-D tensors (`shape` is the logical NCHW shape), row-major otherwise.
-    /// Returns the output values, quantized with its `q_out`, and their logical shape.
+    /// Returns the output values, quantized with its `out_q`, and their logical shape.
+    /// `threads` is the thread count the model runs with
+    /// ([`crate::QuantizedModel::set_threads`]), for layers that split their work.
     ///
     /// # Errors
     /// An input it cannot take.
-    fn forward_u8(&self, x: &[u8], shape: &[usize]) -> Result<(Vec<u8>, Vec<usize>)>;
+    fn forward_u8(&self, x: &[u8], shape: &[usize], threads: usize) -> Result<(Vec<u8>, Vec<usize>)>;
+
+    /// Its weights as it computes with them, dequantized, under their state-dict names
+    /// (`"weight"`): the report compares them with the float layer's
+    /// ([`crate::LayerReport::weight_sqnr_db`]). Empty by default.
+    fn weights(&self) -> Vec<(&'static str, ArrayD<f32>)> {
+        Vec::new()
+    }
 
     /// Its saved form: attributes (its tensors go to `w`, under keys that start with `node`).
     /// A saved model holding it loads once a loader for its layer's kind is registered

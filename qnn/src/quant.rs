@@ -5,7 +5,9 @@
 
 use ndarray::{ArrayD, IxDyn};
 use qkernels::{QImage, QuantU8};
-use qobserve::{Observer, QConfig};
+use std::sync::Arc;
+
+use qobserve::{Affine, Fitted, Observed, Observer, QConfig};
 use qtensor::{QTensor, QuantRange};
 
 use crate::config::QConfigMapping;
@@ -33,7 +35,59 @@ pub enum Mode {
     /// Nothing to compute (`Identity`, a fused batch-norm or ReLU).
     Passthrough,
     /// Float, between an automatic dequantize and quantize, with the reason.
-    Float(String),
+    Float(FloatReason),
+}
+
+/// Why a module runs in float.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FloatReason {
+    /// The configuration keeps it in float (`skip_name`, `skip_kind`, or no configuration
+    /// reaches it).
+    Configured,
+    /// A layer without an int8 form: a custom layer that does not implement `Module::int8`.
+    NoInt8 {
+        /// Its kind.
+        kind: String,
+    },
+    /// A batch-norm that was not fused into the layer before it.
+    Unfused {
+        /// Its kind.
+        kind: String,
+    },
+    /// An op that runs in float by its nature (e.g. `Softmax`), in its own words.
+    FloatOp {
+        /// Why.
+        why: String,
+    },
+    /// Where the quantized region ends (`DeQuantStub`).
+    RegionEnd,
+    /// Its weights' quantizer is not affine or has no int8 kernel: it runs in float on its
+    /// quantized weights (they are stored dequantized), as simulation computes it.
+    SimulatedOnly {
+        /// The quantizer.
+        quantizer: String,
+        /// Why int8 kernels cannot run it.
+        why: String,
+    },
+}
+
+impl std::fmt::Display for FloatReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FloatReason::Configured => write!(f, "kept in float by the configuration"),
+            FloatReason::NoInt8 { kind } => write!(f, "no int8 implementation for {kind} (custom layer)"),
+            FloatReason::Unfused { kind } => {
+                write!(f, "a {kind} that was not fused into the layer before it (fuse first, or keep it in float)")
+            }
+            FloatReason::FloatOp { why } => write!(f, "{why}"),
+            FloatReason::RegionEnd => write!(f, "DeQuantStub: the quantized region ends here"),
+            FloatReason::SimulatedOnly { quantizer, why } => {
+                write!(f, "simulated only: its weights' quantizer ({quantizer}) has no int8 kernel ({why}); it runs in float on its quantized weights")
+            }
+        }
+    }
 }
 
 /// One module of the plan: its full name, type, and how it runs.
@@ -55,7 +109,7 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     }
     match q {
         None if a.is::<QuantStub>() => Mode::Passthrough,
-        None => Mode::Float("kept in float by the configuration".into()),
+        None => Mode::Float(FloatReason::Configured),
         Some(_) => lowering,
     }
 }
@@ -104,6 +158,8 @@ pub struct Prepared {
     /// One per graph node.
     nodes: Vec<PNode>,
     plan: Vec<PlanEntry>,
+    /// The graph inputs' configurations (by input name or the kind "input").
+    input_cfgs: Vec<Option<QConfig>>,
     /// The graph inputs' observers first, then the nodes' as their indices say.
     obs: Vec<Box<dyn Observer>>,
     /// Untouched copies of the observers, to start parallel workers from.
@@ -112,13 +168,15 @@ pub struct Prepared {
     /// What `prepare` fused.
     fused: Vec<crate::Fused>,
     strict: bool,
+    /// Per node, its weights as simulation runs them (fitted once: weights do not change).
+    sim_weights: Option<Vec<Option<ArrayD<f32>>>>,
 }
 
 /// How a node that is not a layer (an addition, product or concatenation) runs: in int8
 /// where configured, else in float.
 fn join_mode(cfg: Option<&QConfig>) -> Mode {
     match cfg {
-        None => Mode::Float("kept in float by the configuration".into()),
+        None => Mode::Float(FloatReason::Configured),
         Some(_) => Mode::Int8,
     }
 }
@@ -138,8 +196,10 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
     let mut obs = Vec::new();
     // A model input is configured by its name (`GraphBuilder::input`'s; "input" for a
     // container model) and the kind "input".
-    for name in &graph.input_names {
-        obs.push(activation_observer(mapping.resolve(name, "input"), &format!("{name} (model input)"))?);
+    let input_cfgs: Vec<Option<QConfig>> =
+        graph.input_names.iter().map(|name| mapping.resolve(name, "input").cloned()).collect();
+    for (name, cfg) in graph.input_names.iter().zip(&input_cfgs) {
+        obs.push(activation_observer(cfg.as_ref(), &format!("{name} (model input)"))?);
     }
     let (mut nodes, mut plan) = (Vec::new(), Vec::new());
     for n in &graph.nodes {
@@ -151,6 +211,13 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
                     if m.may_observe_output() && mapping.pool_output_params() == crate::PoolOutputs::Observed =>
                 {
                     Mode::Int8
+                }
+                // Weights whose quantizer int8 kernels cannot run: float on the quantized weights.
+                Mode::Int8 if has_weight(m.as_ref()) => {
+                    match cfg.as_ref().and_then(|c| c.weight_quantizer.as_ref()).map(|q| (q.name(), q.int8())) {
+                        Some((quantizer, Err(why))) => Mode::Float(FloatReason::SimulatedOnly { quantizer, why }),
+                        _ => Mode::Int8,
+                    }
                 }
                 mode => mode,
             },
@@ -212,7 +279,18 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         });
     }
     let fresh = obs.iter().map(|o| o.clone_box()).collect();
-    Ok(Prepared { graph, nodes, plan, obs, fresh, batches: 0, fused, strict: mapping.is_strict() })
+    Ok(Prepared {
+        graph,
+        nodes,
+        plan,
+        input_cfgs,
+        obs,
+        fresh,
+        batches: 0,
+        fused,
+        strict: mapping.is_strict(),
+        sim_weights: None,
+    })
 }
 
 fn run_batch(graph: &Graph, nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<()> {
@@ -359,6 +437,114 @@ impl Prepared {
         out
     }
 
+    /// Runs the model as its configuration quantizes it, in float (simulation, or fake
+    /// quantization): every value an int8 op would read or write is quantized and dequantized
+    /// by its activation quantizer fitted to what calibration observed (a value that keeps its
+    /// input's parameters, by its input's), and every layer that runs in int8, or in float on
+    /// quantized weights, computes with its `weight` tensor quantized and dequantized by its
+    /// weight quantizer. Custom layers take part like built-in ones. Methods int8 kernels
+    /// cannot run (a log2 grid, per-group weights) are measured here before anything is
+    /// converted; for affine methods the result tracks the int8 model's closely (the int8
+    /// model accumulates exactly where this rounds in `f32`, and lookup-table activations use
+    /// their fixed output parameters where this uses the observed ones).
+    ///
+    /// # Errors
+    /// Observers that saw no data (calibrate first), a quantizer that cannot fit, or an input
+    /// the model cannot take.
+    pub fn simulate(&mut self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        if self.graph.inputs.len() != 1 {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "simulate",
+                expected: format!(
+                    "{} inputs: simulate a graph of several inputs with simulate_inputs",
+                    self.graph.inputs.len()
+                ),
+                got: x.shape().to_vec(),
+            });
+        }
+        Ok(self.simulate_inputs(std::slice::from_ref(x))?.swap_remove(0))
+    }
+
+    /// [`Prepared::simulate`] for a graph of several inputs; returns every graph output.
+    ///
+    /// # Errors
+    /// As [`Prepared::simulate`].
+    pub fn simulate_inputs(&mut self, xs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+        xs.iter().try_for_each(non_empty)?;
+        let g = &self.graph;
+        // Which values an int8 op reads: those are quantized where a float op produced them.
+        let int8 = |m: &Mode| matches!(m, Mode::Int8 | Mode::Int8SameParams);
+        let mut int8_read = vec![false; g.values];
+        for (n, p) in g.nodes.iter().zip(&self.nodes) {
+            if int8(&p.mode) {
+                n.inputs.iter().for_each(|t| int8_read[t.0] = true);
+            }
+        }
+        let mut value_fit: Vec<Option<Arc<dyn Fitted>>> = vec![None; g.values];
+        for (k, t) in g.inputs.iter().enumerate() {
+            if int8_read[t.0] {
+                let f = activation_fit(self.obs[k].as_ref(), self.input_cfgs[k].as_ref(), "model input")?;
+                value_fit[t.0] = Some(Arc::from(f));
+            }
+        }
+        for (n, p) in g.nodes.iter().zip(&self.nodes) {
+            value_fit[n.output.0] = match (&p.mode, p.obs) {
+                (Mode::Int8SameParams, _) => value_fit[n.inputs[0].0].clone(),
+                (Mode::Int8, Some(k)) | (Mode::Float(_), Some(k)) if int8(&p.mode) || int8_read[n.output.0] => {
+                    let tensor = format!("{} output", n.name);
+                    Some(Arc::from(activation_fit(self.obs[k].as_ref(), p.cfg.as_ref(), &tensor)?))
+                }
+                _ => None,
+            };
+        }
+        if self.sim_weights.is_none() {
+            let mut weights = Vec::with_capacity(g.nodes.len());
+            for (n, p) in g.nodes.iter().zip(&self.nodes) {
+                let quantized = matches!(p.mode, Mode::Int8 | Mode::Float(FloatReason::SimulatedOnly { .. }));
+                weights.push(match (&n.op, p.cfg.as_ref()) {
+                    (NodeOp::Layer(m), Some(cfg)) if quantized && has_weight(m.as_ref()) => {
+                        let w = m.tensors().into_iter().find(|(k, _)| *k == "weight").map(|(_, w)| w.clone());
+                        w.map(|w| fake_weights(&n.name, &w, cfg)).transpose()?
+                    }
+                    _ => None,
+                });
+            }
+            self.sim_weights = Some(weights);
+        }
+        let inputs: Vec<ArrayD<f32>> = xs
+            .iter()
+            .zip(&g.inputs)
+            .map(|(x, t)| match &value_fit[t.0] {
+                Some(f) => f.fake_quantize(x).map_err(|e| NnError::Observe(e.for_tensor("model input"))),
+                None => Ok(x.clone()),
+            })
+            .collect::<Result<_>>()?;
+        // The quantized weights go in for the run and come out after it, whatever it returns.
+        let swap = |graph: &mut Graph, weights: &mut [Option<ArrayD<f32>>]| {
+            for (n, w) in graph.nodes.iter_mut().zip(weights.iter_mut()) {
+                if let (NodeOp::Layer(m), Some(w)) = (&mut n.op, w.as_mut()) {
+                    if let Some((_, t)) = m.tensors_mut().into_iter().find(|(k, _)| *k == "weight") {
+                        std::mem::swap(t, w);
+                    }
+                }
+            }
+        };
+        let mut weights = self.sim_weights.take().expect("fitted above");
+        swap(&mut self.graph, &mut weights);
+        let graph = &self.graph;
+        let out = graph.run_f32(&inputs, |i, y| match &value_fit[graph.nodes[i].output.0] {
+            Some(f) => {
+                *y = f.fake_quantize(y).map_err(|e| NnError::Observe(e.for_tensor(&graph.nodes[i].name)))?;
+                Ok(())
+            }
+            None => Ok(()),
+        });
+        swap(&mut self.graph, &mut weights);
+        self.sim_weights = Some(weights);
+        out
+    }
+
     /// Builds the int8 model from what the observers saw.
     ///
     /// # Errors
@@ -385,21 +571,38 @@ impl Prepared {
                 });
             }
         }
-        let Prepared { graph, nodes, plan, obs, .. } = self;
+        let Prepared { mut graph, nodes, plan, obs, input_cfgs, .. } = self;
         // The parameters each value has (int8) or is quantized with when an int8 op reads it
         // (float): its producer's observed ones, or its input's for ops that keep them.
         let mut vq: Vec<Option<QuantU8>> = vec![None; graph.values];
+        let mut input_ranges: Vec<Option<[u8; 2]>> = Vec::with_capacity(graph.inputs.len());
         for (k, t) in graph.inputs.iter().enumerate() {
-            vq[t.0] = Some(activation_quant(obs[k].as_ref(), "model input")?);
+            let (q, range) = activation_quant(obs[k].as_ref(), input_cfgs[k].as_ref(), "model input")?;
+            vq[t.0] = Some(q);
+            input_ranges.push(range.map(|(lo, hi)| [lo, hi]));
+        }
+        // Layers whose weight quantizer has no int8 kernel run in float on quantized weights.
+        for (n, p) in graph.nodes.iter_mut().zip(&nodes) {
+            if let (NodeOp::Layer(m), Mode::Float(FloatReason::SimulatedOnly { .. }), Some(cfg)) =
+                (&mut n.op, &p.mode, p.cfg.as_ref())
+            {
+                let w = m.tensors().into_iter().find(|(k, _)| *k == "weight").map(|(_, w)| w.clone());
+                if let Some(w) = w {
+                    set_weight(m.as_mut(), fake_weights(&n.name, &w, cfg)?);
+                }
+            }
         }
         let q_of = |vq: &[Option<QuantU8>], t: Tensor| vq[t.0].expect("values are computed before they are read");
         let mut qnodes = Vec::with_capacity(graph.nodes.len());
         // Custom integer ranges of node outputs, applied once the graph's own rewrites are done.
         let mut ranges: Vec<Option<((u8, u8), QuantU8)>> = Vec::with_capacity(graph.nodes.len());
         for (n, p) in graph.nodes.into_iter().zip(nodes) {
-            let out_q = match p.obs {
-                Some(k) => Some(observed(obs[k].as_ref(), &n.name)?),
-                None => None,
+            let (out_q, out_range) = match p.obs {
+                Some(k) => {
+                    let (q, range) = activation_quant(obs[k].as_ref(), p.cfg.as_ref(), &format!("{} output", n.name))?;
+                    (Some(q), range)
+                }
+                None => (None, None),
             };
             let in_q = q_of(&vq, n.inputs[0]);
             let int8 = p.mode == Mode::Int8;
@@ -421,10 +624,7 @@ impl Prepared {
             // What the op writes: its own parameters (fixed ones for sigmoid-like tables),
             // else the observed ones (float ops), else its input's.
             vq[n.output.0] = Some(op.out_q().or(out_q).unwrap_or(in_q));
-            ranges.push(match (p.obs, out_q) {
-                (Some(k), Some(q)) => crate::ops::range::custom_range(&obs[k].spec()).map(|r| (r, q)),
-                _ => None,
-            });
+            ranges.push(out_range.zip(out_q));
             qnodes.push(Node {
                 name: n.name,
                 op: NodeOp::Layer(QStep { in_q, op }),
@@ -446,9 +646,6 @@ impl Prepared {
             step.op = Box::new(crate::ops::range::RangeClampOp { inner, lo, hi, q });
         }
         let input_q = graph_input_q(&vq, &g);
-        let input_ranges: Vec<Option<[u8; 2]>> = (0..g.inputs.len())
-            .map(|k| crate::ops::range::custom_range(&obs[k].spec()).map(|(lo, hi)| [lo, hi]))
-            .collect();
         Ok(QuantizedModel::assemble(input_q, input_ranges, g, plan))
     }
 }
@@ -482,36 +679,56 @@ fn fuse_add_relu(g: &mut QGraph) {
     }
 }
 
-fn observed(obs: &dyn Observer, name: &str) -> Result<QuantU8> {
-    activation_quant(obs, &format!("{name} output"))
+/// The activation quantizer of `cfg` fitted to what `obs` observed of `tensor`.
+fn activation_fit(obs: &dyn Observer, cfg: Option<&QConfig>, tensor: &str) -> Result<Box<dyn Fitted>> {
+    let p = obs.qparams().map_err(|e| NnError::Observe(e.for_tensor(tensor)))?;
+    if p.axis().is_some() {
+        return Err(NnError::Config {
+            module: tensor.to_string(),
+            reason: format!(
+                "the {} observer chose per-channel parameters, but int8 kernels take activations with one scale \
+                 and zero point per tensor; observe activations per tensor",
+                obs.kind()
+            ),
+        });
+    }
+    let quantizer = cfg.and_then(|c| c.activation_quantizer.clone()).unwrap_or_else(|| Arc::new(Affine));
+    quantizer
+        .fit(&Observed { qparams: &p, spec: obs.spec(), values: None })
+        .map_err(|e| NnError::Observe(e.for_tensor(tensor)))
 }
 
-/// The `u8` parameters the int8 kernels run an activation with, from its observer's choice.
-/// Signed 8-bit parameters become the same grid in `u8` (`q + 128`, zero point + 128): every
-/// value, rounding and clamp is the same.
+/// The `u8` parameters the int8 kernels run an activation with, and its custom `u8` code
+/// range if it has one, from its fitted quantizer. Signed 8-bit parameters become the same
+/// grid in `u8` (`q + 128`, zero point + 128): every value, rounding and clamp is the same.
 ///
 /// # Errors
 /// An observer that saw no data, per-channel parameters (a custom observer's: the built-in
-/// per-channel ones are refused by `prepare`), or a 32-bit target.
-fn activation_quant(obs: &dyn Observer, tensor: &str) -> Result<QuantU8> {
-    let p = obs.qparams().map_err(|e| NnError::Observe(e.for_tensor(tensor)))?;
+/// per-channel ones are refused by `prepare`), a 32-bit target, or a quantizer that is not
+/// affine.
+fn activation_quant(obs: &dyn Observer, cfg: Option<&QConfig>, tensor: &str) -> Result<(QuantU8, Option<(u8, u8)>)> {
+    let fitted = activation_fit(obs, cfg, tensor)?;
     let refuse = |reason: String| Err(NnError::Config { module: tensor.to_string(), reason });
-    if p.axis().is_some() {
+    let Some((p, spec)) = fitted.affine() else {
+        let name = cfg.and_then(|c| c.activation_quantizer.as_ref()).map_or("affine".into(), |q| q.name());
+        let why = cfg.and_then(|c| c.activation_quantizer.as_ref()).and_then(|q| q.int8().err()).unwrap_or_default();
         return refuse(format!(
-            "the {} observer chose per-channel parameters, but int8 kernels take activations with one scale and \
-             zero point per tensor; observe activations per tensor",
-            obs.kind()
+            "its activation quantizer ({name}) has no int8 form ({why}); measure the method with \
+             Prepared::simulate, or give this tensor an affine quantizer to convert"
         ));
-    }
+    };
     let (scale, zero_point) = (p.scale(0), p.zero_point(0));
-    match obs.spec().dtype {
-        qtensor::DType::U8 => Ok(QuantU8 { scale, zero_point }),
-        qtensor::DType::I8 => Ok(QuantU8 { scale, zero_point: zero_point + 128 }),
-        other => refuse(format!(
-            "the {} observer targets {other:?}; activations run in 8 bits: use a u8 or i8 QuantSpec",
-            obs.kind()
-        )),
-    }
+    let q = match spec.dtype {
+        qtensor::DType::U8 => QuantU8 { scale, zero_point },
+        qtensor::DType::I8 => QuantU8 { scale, zero_point: zero_point + 128 },
+        other => {
+            return refuse(format!(
+                "the {} observer targets {other:?}; activations run in 8 bits: use a u8 or i8 QuantSpec",
+                obs.kind()
+            ))
+        }
+    };
+    Ok((q, crate::ops::range::custom_range(&spec)))
 }
 
 /// One step of the int8 model: an op and the parameters its (first) input arrives with.
@@ -524,13 +741,56 @@ pub(crate) struct QStep {
 /// The int8 model's graph: every node a [`QStep`].
 pub(crate) type QGraph = Graph<QStep>;
 
-/// Int8 weights as `cfg`'s weight observer chooses them.
-pub(crate) fn quantize_weights(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<QTensor<i8>> {
+/// `cfg`'s weight quantizer fitted to `w` (its weight observer's parameters, then the
+/// quantizer: affine when none is configured).
+pub(crate) fn weight_fit(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<Box<dyn Fitted>> {
+    let tensor = format!("{name} weight");
     let mut ob = cfg.weight.create()?;
-    ob.observe(w.view()).map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} weight"))))?;
-    let p = ob.qparams().map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} weight"))))?;
-    let spec = ob.spec();
+    ob.observe(w.view()).map_err(|e| NnError::Observe(e.for_tensor(&tensor)))?;
+    let p = ob.qparams().map_err(|e| NnError::Observe(e.for_tensor(&tensor)))?;
+    let quantizer = cfg.weight_quantizer.clone().unwrap_or_else(|| Arc::new(Affine));
+    quantizer
+        .fit(&Observed { qparams: &p, spec: ob.spec(), values: Some(w.view()) })
+        .map_err(|e| NnError::Observe(e.for_tensor(&tensor)))
+}
+
+/// Int8 weights as `cfg`'s weight observer and quantizer choose them.
+///
+/// # Errors
+/// A weight quantizer that is not affine (such layers run in float, simulated), or
+/// parameters that do not fit the weights.
+pub(crate) fn quantize_weights(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<QTensor<i8>> {
+    let fitted = weight_fit(name, w, cfg)?;
+    let Some((p, spec)) = fitted.affine() else {
+        return Err(NnError::Config {
+            module: name.to_string(),
+            reason: format!(
+                "its weight quantizer ({}) is not affine, so int8 kernels cannot run its weights; such a layer \
+                 runs in float on its quantized weights (Prepared::simulate measures it)",
+                cfg.weight_quantizer.as_ref().map_or("affine".into(), |q| q.name())
+            ),
+        });
+    };
     QTensor::quantize_in_range(w, p, spec.range).map_err(|e| NnError::Op { module: name.into(), source: e })
+}
+
+/// A layer's weights as its configuration quantizes them, dequantized (simulation, and the
+/// layers whose weight quantizer has no int8 kernel).
+pub(crate) fn fake_weights(name: &str, w: &ArrayD<f32>, cfg: &QConfig) -> Result<ArrayD<f32>> {
+    weight_fit(name, w, cfg)?.fake_quantize(w).map_err(|e| NnError::Observe(e.for_tensor(&format!("{name} weight"))))
+}
+
+/// Whether a layer's weights are quantized where it runs in int8: it is lowered to an int8
+/// op of its own (not one keeping its input's parameters) and has a tensor named `weight`.
+fn has_weight(m: &dyn Module) -> bool {
+    m.tensors().iter().any(|(n, _)| *n == "weight")
+}
+
+/// Replaces a layer's `weight` tensor.
+fn set_weight(m: &mut dyn Module, w: ArrayD<f32>) {
+    if let Some((_, t)) = m.tensors_mut().into_iter().find(|(n, _)| *n == "weight") {
+        *t = w;
+    }
 }
 
 /// A tensor between two steps of the int8 model: float (NCHW or 2-D) or `u8` (NHWC data for
@@ -633,7 +893,7 @@ pub fn report_json(report: &[LayerReport]) -> String {
                 Mode::Int8 => ("int8", None),
                 Mode::Int8SameParams => ("int8-same-params", None),
                 Mode::Passthrough => ("passthrough", None),
-                Mode::Float(w) => ("float", Some(w.clone())),
+                Mode::Float(w) => ("float", Some(w.to_string())),
             };
             let num =
                 |v: Option<f64>| v.filter(|x| x.is_finite()).map_or(serde_json::Value::Null, serde_json::Value::from);

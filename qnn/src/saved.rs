@@ -16,7 +16,7 @@ use serde_json::Value as J;
 use crate::error::{NnError, Result};
 use crate::graph::{check, Graph, Node, NodeOp, Tensor};
 use crate::ops::{bad, load_op, OpReader, OpWriter, SavedQ};
-use crate::quant::{Mode, PlanEntry, QStep, QuantizedModel};
+use crate::quant::{FloatReason, Mode, PlanEntry, QStep, QuantizedModel};
 
 /// The format this version writes and reads: the int8 graph.
 const FORMAT: &str = "qrust-graph-v1";
@@ -45,7 +45,15 @@ struct SavedPlan {
     mode: String,
     /// Why it runs in float.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
+    reason: Option<SavedReason>,
+}
+
+/// A float reason as saved: the enum, or the text files written before it existed carry.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum SavedReason {
+    Reason(FloatReason),
+    Text(String),
 }
 
 /// The model as saved.
@@ -69,7 +77,7 @@ fn saved_plan(e: &PlanEntry) -> SavedPlan {
         Mode::Int8 => ("int8", None),
         Mode::Int8SameParams => ("int8-same", None),
         Mode::Passthrough => ("pass", None),
-        Mode::Float(why) => ("float", Some(why.clone())),
+        Mode::Float(why) => ("float", Some(SavedReason::Reason(why.clone()))),
     };
     SavedPlan { name: e.name.clone(), kind: e.kind.to_string(), mode: mode.into(), reason }
 }
@@ -80,7 +88,9 @@ fn plan_entry(e: SavedPlan) -> Result<PlanEntry> {
         ("int8", _) => Mode::Int8,
         ("int8-same", _) => Mode::Int8SameParams,
         ("pass", _) => Mode::Passthrough,
-        ("float", why) => Mode::Float(why.unwrap_or_default()),
+        ("float", Some(SavedReason::Reason(why))) => Mode::Float(why),
+        ("float", Some(SavedReason::Text(why))) => Mode::Float(FloatReason::FloatOp { why }),
+        ("float", None) => Mode::Float(FloatReason::FloatOp { why: "(no reason saved)".into() }),
         (other, _) => return Err(bad(format!("{}: unknown mode '{other}'", e.name))),
     };
     Ok(PlanEntry { name: e.name, kind, mode })

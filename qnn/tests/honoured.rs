@@ -119,10 +119,10 @@ fn non_finite_calibration_values_are_skipped_when_configured() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("ObserverSpec::IgnoreNonFinite"), "{e}");
-    let ignore = qobserve::QConfig {
-        activation: ObserverSpec::IgnoreNonFinite(Box::new(qobserve::QConfig::default().activation)),
-        weight: qobserve::QConfig::default().weight,
-    };
+    let ignore = qobserve::QConfig::new(
+        ObserverSpec::IgnoreNonFinite(Box::new(qobserve::QConfig::default().activation)),
+        qobserve::QConfig::default().weight,
+    );
     let mut p = qnn::prepare(model(), &qnn::QConfigMapping::new(ignore)).unwrap();
     p.calibrate(&x).unwrap();
     x[[0, 0, 0, 0]] = 0.0;

@@ -90,7 +90,7 @@ fn shape_ops_gelu_and_softmax_run_in_a_quantized_graph() {
         assert_eq!(mode(name), Mode::Int8SameParams, "{name}");
     }
     assert_eq!(mode("gelu"), Mode::Int8);
-    assert!(matches!(mode("softmax"), Mode::Float(why) if why.contains("Softmax")));
+    assert!(matches!(mode("softmax"), Mode::Float(qnn::FloatReason::FloatOp { why }) if why.contains("Softmax")));
     let got = q.forward(&x).unwrap();
     let db = sqnr_db(&float, &got);
     assert!(db > 25.0, "SQNR {db:.1} dB");
@@ -181,7 +181,7 @@ fn load_gain(j: &serde_json::Value, _: &OpReader<'_>) -> qnn::Result<Box<dyn Mod
 struct Table(Vec<u8>);
 
 impl qnn::Int8Layer for Table {
-    fn forward_u8(&self, x: &[u8], shape: &[usize]) -> qnn::Result<(Vec<u8>, Vec<usize>)> {
+    fn forward_u8(&self, x: &[u8], shape: &[usize], _threads: usize) -> qnn::Result<(Vec<u8>, Vec<usize>)> {
         Ok((x.iter().map(|&b| self.0[b as usize]).collect(), shape.to_vec()))
     }
     fn save(&self, node: &str, w: &mut OpWriter) -> Option<qnn::Result<serde_json::Value>> {
@@ -203,9 +203,9 @@ impl Module for Abs {
     fn has_int8(&self) -> bool {
         true
     }
-    fn int8(&self, q_in: QuantU8, q_out: QuantU8) -> Option<Box<dyn qnn::Int8Layer>> {
-        let t = qkernels::Lut::from_fn(q_in, q_out, f32::abs);
-        Some(Box::new(Table(t.table().to_vec())))
+    fn int8(&self, cx: &qnn::ops::LowerCx<'_>) -> qnn::Result<Box<dyn qnn::Int8Layer>> {
+        let t = qkernels::Lut::from_fn(cx.in_q, cx.out_q(), f32::abs);
+        Ok(Box::new(Table(t.table().to_vec())))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -340,10 +340,7 @@ fn resampling_padding_and_clamps_match_pytorch() {
         ("shuffle3", Box::new(ChannelShuffle { groups: 3 })),
         ("gelu", Box::new(GELU { tanh: false })),
     ];
-    let fixed = QConfig {
-        activation: qobserve::ObserverSpec::FixedQParams { scale, zero_point: zp },
-        weight: QConfig::default().weight,
-    };
+    let fixed = QConfig::new(qobserve::ObserverSpec::FixedQParams { scale, zero_point: zp }, QConfig::default().weight);
     for (name, op) in cases {
         let want_f = tensor_f32(&st, &format!("{name}.f32"));
         let got_f = op.forward(&x).unwrap();

@@ -9,7 +9,8 @@
 //! 2. [Example](#example)
 //! 3. [The observers](#the-observers)
 //! 4. [Configurations](#configurations)
-//! 5. [Errors, NaN and parallel calibration](#errors-nan-and-parallel-calibration)
+//! 5. [Quantizers](#quantizers)
+//! 6. [Errors, NaN and parallel calibration](#errors-nan-and-parallel-calibration)
 //!
 //! ## Should I use this crate?
 //! Use it on its own to compute quantization parameters for tensors you quantize yourself
@@ -59,6 +60,13 @@
 //! parity), [`QConfig::qnnpack`], [`QConfig::pytorch_minmax`], and [`QConfig::default`],
 //! PyTorch's x86 configuration without `reduce_range`, which our exact kernels do not need.
 //!
+//! ## Quantizers
+//! An observer proposes affine parameters; a [`Quantizer`] decides the mapping from them
+//! (and, for weights, from the values): [`Affine`] (the default), [`PowerOfTwo`], [`Bits`]
+//! (2 to 8 bits), [`PerGroup`] weights, [`Log2`] and [`Codebook`] (see [`quantizer`] for
+//! which of them int8 kernels can run), or your own. A [`QConfig`] names one for its
+//! activations and one for its weights.
+//!
 //! ## Errors, NaN and parallel calibration
 //! Asking an observer that saw nothing for parameters is [`ObserveError::NoData`] (PyTorch
 //! returns scale 1.0, zero point 0 with a warning); [`ObserveError::for_tensor`] names the
@@ -73,6 +81,7 @@ mod histogram;
 mod minmax;
 mod observer;
 mod qconfig;
+pub mod quantizer;
 mod scan;
 
 pub use error::{ObserveError, Result};
@@ -82,3 +91,4 @@ pub use minmax::{MinMaxObserver, PerChannelMinMaxObserver};
 pub use observer::{NonFinite, Observer, ObserverFactory, QuantSpec};
 pub use qconfig::{ObserverSpec, QConfig};
 pub use qtensor::{choose_qparams, choose_qparams_per_channel};
+pub use quantizer::{Affine, Bits, Codebook, Fitted, Log2, Observed, PerGroup, PowerOfTwo, Quantizer};

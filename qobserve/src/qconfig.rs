@@ -9,6 +9,7 @@ use crate::fixed::FixedQParamsObserver;
 use crate::histogram::{EntropyObserver, HistogramObserver, MseObserver, PercentileObserver};
 use crate::minmax::{MinMaxObserver, PerChannelMinMaxObserver};
 use crate::observer::{NonFinite, Observer, ObserverFactory, QuantSpec};
+use crate::quantizer::Quantizer;
 
 /// An observer named by configuration; [`ObserverSpec::create`] makes one per observed tensor.
 #[derive(Clone, Debug)]
@@ -134,13 +135,26 @@ impl ObserverSpec {
     }
 }
 
-/// The pair of observers for a layer: one for its output activations, one for its weights.
+/// How a layer is quantized: an observer for its output activations and one for its
+/// weights, each followed by a quantizer, the mapping itself ([`Quantizer`]; `None`: the
+/// observer's affine parameters as they are, [`crate::Affine`]).
+///
+/// ```
+/// use qobserve::{PowerOfTwo, QConfig};
+/// // The default observers, with power-of-two scales on activations and weights.
+/// let q = QConfig::default().with_activation_quantizer(PowerOfTwo).with_weight_quantizer(PowerOfTwo);
+/// assert!(q.weight_quantizer.is_some());
+/// ```
 #[derive(Clone, Debug)]
 pub struct QConfig {
     /// Observer of activations (layer outputs, model inputs).
     pub activation: ObserverSpec,
     /// Observer of weights.
     pub weight: ObserverSpec,
+    /// Quantizer of activations, fitted to the activation observer's parameters.
+    pub activation_quantizer: Option<Arc<dyn Quantizer>>,
+    /// Quantizer of weights, fitted to the weight observer's parameters and the weights.
+    pub weight_quantizer: Option<Arc<dyn Quantizer>>,
 }
 
 fn u8_affine(range: QuantRange) -> QuantSpec {
@@ -148,61 +162,78 @@ fn u8_affine(range: QuantRange) -> QuantSpec {
 }
 
 impl QConfig {
+    /// These observers, with affine quantizers.
+    pub fn new(activation: ObserverSpec, weight: ObserverSpec) -> Self {
+        QConfig { activation, weight, activation_quantizer: None, weight_quantizer: None }
+    }
+
+    /// The same configuration with `q` mapping its activations.
+    pub fn with_activation_quantizer(mut self, q: impl Quantizer + 'static) -> Self {
+        self.activation_quantizer = Some(Arc::new(q));
+        self
+    }
+
+    /// The same configuration with `q` mapping its weights.
+    pub fn with_weight_quantizer(mut self, q: impl Quantizer + 'static) -> Self {
+        self.weight_quantizer = Some(Arc::new(q));
+        self
+    }
+
     /// PyTorch's `get_default_qconfig("x86")` (and "fbgemm"): histogram activations in `u8`
     /// with `reduce_range` (0..=127), per-channel symmetric `i8` weights. Use it to reproduce
     /// PyTorch's results.
     pub fn pytorch_x86() -> Self {
-        QConfig {
-            activation: ObserverSpec::Histogram { spec: u8_affine(QuantRange::reduced(DType::U8)), bins: 2048 },
-            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
-        }
+        QConfig::new(
+            ObserverSpec::Histogram { spec: u8_affine(QuantRange::reduced(DType::U8)), bins: 2048 },
+            ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        )
     }
 
     /// PyTorch's `get_default_qconfig("qnnpack")`: histogram activations over the full `u8`
     /// range, per-tensor symmetric `i8` weights.
     pub fn qnnpack() -> Self {
-        QConfig {
-            activation: ObserverSpec::Histogram { spec: u8_affine(QuantRange::full(DType::U8)), bins: 2048 },
-            weight: ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
-        }
+        QConfig::new(
+            ObserverSpec::Histogram { spec: u8_affine(QuantRange::full(DType::U8)), bins: 2048 },
+            ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
+        )
     }
 
     /// PyTorch's x86 eager configuration with min-max activations
     /// (`QConfig(MinMaxObserver(reduce_range=True), default_per_channel_weight_observer)`):
     /// min-max activations over `u8` 0..=127, per-channel symmetric `i8` weights.
     pub fn pytorch_per_channel_minmax() -> Self {
-        QConfig {
-            activation: ObserverSpec::MinMax(u8_affine(QuantRange::reduced(DType::U8))),
-            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
-        }
+        QConfig::new(
+            ObserverSpec::MinMax(u8_affine(QuantRange::reduced(DType::U8))),
+            ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        )
     }
 
     /// Activations by the MSE-optimal clipping range of their histogram ([`MseObserver`]) over
     /// the full `u8` range, per-channel symmetric `i8` weights.
     pub fn mse() -> Self {
-        QConfig {
-            activation: ObserverSpec::Mse(u8_affine(QuantRange::full(DType::U8))),
-            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
-        }
+        QConfig::new(
+            ObserverSpec::Mse(u8_affine(QuantRange::full(DType::U8))),
+            ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        )
     }
 
     /// Activations clipped at the `percentile`-th percentile of their magnitudes
     /// ([`PercentileObserver`], e.g. 99.99) over the full `u8` range, per-channel symmetric
     /// `i8` weights.
     pub fn percentile(percentile: f64) -> Self {
-        QConfig {
-            activation: ObserverSpec::Percentile { spec: u8_affine(QuantRange::full(DType::U8)), percentile },
-            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
-        }
+        QConfig::new(
+            ObserverSpec::Percentile { spec: u8_affine(QuantRange::full(DType::U8)), percentile },
+            ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        )
     }
 
     /// PyTorch's eager `default_qconfig`: min-max activations over `u8` 0..=127, per-tensor
     /// symmetric weights.
     pub fn pytorch_minmax() -> Self {
-        QConfig {
-            activation: ObserverSpec::MinMax(u8_affine(QuantRange::reduced(DType::U8))),
-            weight: ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
-        }
+        QConfig::new(
+            ObserverSpec::MinMax(u8_affine(QuantRange::reduced(DType::U8))),
+            ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
+        )
     }
 }
 
@@ -216,9 +247,9 @@ impl QConfig {
 /// (`cargo xtask demo`).
 impl Default for QConfig {
     fn default() -> Self {
-        QConfig {
-            activation: ObserverSpec::Histogram { spec: u8_affine(QuantRange::full(DType::U8)), bins: 2048 },
-            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
-        }
+        QConfig::new(
+            ObserverSpec::Histogram { spec: u8_affine(QuantRange::full(DType::U8)), bins: 2048 },
+            ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        )
     }
 }

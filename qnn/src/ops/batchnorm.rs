@@ -24,7 +24,7 @@ struct BnAttrs {
 }
 
 fn not_fused(kind: &str) -> Mode {
-    Mode::Float(format!("a {kind} that was not fused into the layer before it (fuse first, or keep it in float)"))
+    Mode::Float(crate::FloatReason::Unfused { kind: kind.to_string() })
 }
 
 fn save_bn(bn: &BatchNorm2d, node: &str, w: &mut OpWriter) -> J {

@@ -50,6 +50,18 @@ impl QOp for FloatOp {
     fn images_apart(&self) -> bool {
         self.0.computes_images_apart()
     }
+    fn weight_sqnr(&self, float: &dyn Module) -> Option<f64> {
+        // A layer whose weights were quantized for it (a weight quantizer without int8
+        // kernels) differs from its float twin there; others hold the same weights.
+        let own: Vec<(&'static str, ndarray::ArrayD<f32>)> =
+            self.0.tensors().into_iter().filter(|(k, _)| *k == "weight").map(|(k, w)| (k, w.clone())).collect();
+        let same = own.iter().all(|(k, w)| float.tensors().iter().any(|(n, f)| n == k && *f == w));
+        if same {
+            None
+        } else {
+            weights_sqnr(float, &own)
+        }
+    }
     fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
         let kind = self.0.kind();
         let saved = self.0.save(node, w).ok_or_else(|| NnError::File {
@@ -62,6 +74,25 @@ impl QOp for FloatOp {
         Ok(attrs(&FloatAttrs { layer: kind.to_string(), attrs: saved }))
     }
     any_methods!();
+}
+
+/// SQNR of `weights` against the float layer's tensors of the same names, over all of them;
+/// `None` when there are none to compare.
+fn weights_sqnr(float: &dyn Module, weights: &[(&'static str, ndarray::ArrayD<f32>)]) -> Option<f64> {
+    let (mut signal, mut noise) = (0.0f64, 0.0f64);
+    let mut any = false;
+    for (name, w) in weights {
+        let f = float.tensors().into_iter().find(|(k, _)| k == name)?.1;
+        if f.shape() != w.shape() {
+            return None;
+        }
+        any = true;
+        for (&a, &b) in f.iter().zip(w.iter()) {
+            signal += (a as f64).powi(2);
+            noise += (a as f64 - b as f64).powi(2);
+        }
+    }
+    any.then(|| if noise == 0.0 { f64::INFINITY } else { 10.0 * (signal / noise).log10() })
 }
 
 /// A custom layer's int8 form ([`Module::int8`]).
@@ -95,10 +126,10 @@ impl QOp for Int8LayerOp {
     fn op_name(&self) -> &'static str {
         INT8_LAYER.0
     }
-    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, _run: Run) -> Result<Value> {
+    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
         let (data, shape, _) = quantized(args.pop().expect("one input"), in_q)?;
         let data = Input::new(data);
-        let (y, shape) = self.layer.forward_u8(&data, &shape)?;
+        let (y, shape) = self.layer.forward_u8(&data, &shape, run.threads)?;
         Ok(Value::U8 { data: y, shape, q: self.out_q })
     }
     fn out_q(&self) -> Option<QuantU8> {
@@ -109,6 +140,9 @@ impl QOp for Int8LayerOp {
     }
     fn images_apart(&self) -> bool {
         false
+    }
+    fn weight_sqnr(&self, float: &dyn Module) -> Option<f64> {
+        weights_sqnr(float, &self.layer.weights())
     }
     fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
         let saved = self.layer.save(node, w).ok_or_else(|| NnError::File {

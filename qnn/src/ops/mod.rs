@@ -177,9 +177,24 @@ pub struct LowerCx<'a> {
 }
 
 impl LowerCx<'_> {
-    /// The observed output parameters of an op that chooses its own.
-    pub(crate) fn out_q(&self) -> QuantU8 {
+    /// The output parameters of an op that chooses its own (as its output observer and
+    /// quantizer chose them).
+    ///
+    /// # Panics
+    /// For an op that keeps its input's parameters ([`crate::Mode::Int8SameParams`]), which has none.
+    pub fn out_q(&self) -> QuantU8 {
         self.out_q.expect("int8 ops with their own output parameters are observed")
+    }
+
+    /// Quantizes weights `w` (axis 0: output channels) as this module's configuration says:
+    /// its weight observer, then its weight quantizer.
+    ///
+    /// # Errors
+    /// A weight quantizer that is not affine (the layer should run in float: its
+    /// `Module::has_int8` is then not consulted, prepare plans it so), or weights the
+    /// observer refuses (NaN).
+    pub fn quantize_weight(&self, w: &ndarray::ArrayD<f32>) -> Result<qtensor::QTensor<i8>> {
+        crate::quant::quantize_weights(self.name, w, self.cfg)
     }
 }
 

@@ -58,7 +58,9 @@ impl Module for Softmax {
         })
     }
     fn lowering(&self) -> Mode {
-        Mode::Float("Softmax runs in float (no int8 form); its output is quantized after it".into())
+        Mode::Float(crate::FloatReason::FloatOp {
+            why: "Softmax runs in float (no int8 form); its output is quantized after it".into(),
+        })
     }
     fn computes_images_apart(&self) -> bool {
         // The batch axis is 0 (or -rank, which -1 never is for rank > 1).

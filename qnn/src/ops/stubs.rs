@@ -65,7 +65,7 @@ no_compute!(
 no_compute!(
     /// PyTorch's `DeQuantStub`: where a quantized region ends; its output is float. Modules
     /// after it still follow the configuration (skip them to keep them in float).
-    DeQuantStub, "DeQuantStub", Mode::Float("DeQuantStub: the quantized region ends here".into())
+    DeQuantStub, "DeQuantStub", Mode::Float(crate::FloatReason::RegionEnd)
 );
 
 /// The float layers of this file a saved model's float fallbacks can hold.

@@ -1,0 +1,599 @@
+//! Quantizers: how a tensor's float values map to integers and back.
+//!
+//! An [`Observer`](crate::Observer) watches data and proposes affine parameters; a
+//! [`Quantizer`] decides the mapping itself from that proposal (and, for weights, from the
+//! values): it is fitted once per tensor ([`Quantizer::fit`]) into a [`Fitted`] quantizer,
+//! which fake-quantizes (float -> integer -> float, for simulation) and says which affine
+//! integers it is, if any, for int8 kernels ([`Fitted::affine`]).
+//!
+//! | quantizer | mapping | int8 kernels |
+//! |---|---|---|
+//! | [`Affine`] | the observer's scale and zero point (the default) | yes |
+//! | [`PowerOfTwo`] | the scale rounded up to a power of two, zero point refitted | yes |
+//! | [`Bits`] | 2- to 8-bit integer range over the observed range | yes, outputs clamped to the range |
+//! | [`PerGroup`] | weights: a symmetric scale per output channel and group of input channels | no: simulated (weights stored dequantized) |
+//! | [`Log2`] | sign and a power of two of the tensor's largest magnitude | no: simulated |
+//! | [`Codebook`] | the nearest of your values, times the largest magnitude | no: simulated |
+//!
+//! Write your own by implementing both traits.
+
+use std::fmt::Debug;
+
+use ndarray::{ArrayD, ArrayViewD, Axis};
+use qtensor::{fake_quantize, DType, QParams, QScheme, QuantRange};
+
+use crate::error::{ObserveError, Result};
+use crate::observer::QuantSpec;
+
+/// What a quantizer is fitted to: the affine parameters the tensor's observer chose, their
+/// target, and the tensor's values where they are known before calibration (weights).
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    /// The observer's parameters (per tensor, or per channel along an axis).
+    pub qparams: &'a QParams,
+    /// Their dtype, scheme and integer range.
+    pub spec: QuantSpec,
+    /// The tensor itself: weights; `None` for activations.
+    pub values: Option<ArrayViewD<'a, f32>>,
+}
+
+impl Observed<'_> {
+    /// The real range `[lo, hi]` the observer's parameters cover, per channel (one entry for
+    /// per-tensor parameters).
+    pub fn ranges(&self) -> Vec<(f32, f32)> {
+        let (qmin, qmax) = (self.spec.range.qmin(), self.spec.range.qmax());
+        (0..channels(self.qparams))
+            .map(|c| {
+                let (s, z) = (self.qparams.scale(c), self.qparams.zero_point(c));
+                ((qmin - z) as f32 * s, (qmax - z) as f32 * s)
+            })
+            .collect()
+    }
+
+    /// The largest magnitude the observer's parameters cover, per channel.
+    pub fn amax(&self) -> Vec<f32> {
+        self.ranges().into_iter().map(|(lo, hi)| lo.abs().max(hi.abs())).collect()
+    }
+}
+
+fn channels(q: &QParams) -> usize {
+    match q {
+        QParams::PerTensor { .. } => 1,
+        QParams::PerChannel(pc) => pc.len(),
+    }
+}
+
+/// A quantization method: fitted once per tensor it is configured on.
+pub trait Quantizer: Send + Sync + Debug {
+    /// A short description for plans and messages (`"power-of-two scale"`).
+    fn name(&self) -> String;
+
+    /// Whether its fitted forms are affine integers that int8 kernels run (`Ok`), or why not
+    /// (then a model can only simulate it).
+    ///
+    /// # Errors
+    /// The reason, e.g. "a non-uniform log2 grid is not affine".
+    fn int8(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    /// Fits to one tensor.
+    ///
+    /// # Errors
+    /// A tensor this method cannot take (e.g. per-group quantization of an activation).
+    fn fit(&self, observed: &Observed<'_>) -> Result<Box<dyn Fitted>>;
+}
+
+/// A quantizer fitted to one tensor.
+pub trait Fitted: Send + Sync + Debug {
+    /// Quantizes and dequantizes `x` (a tensor of the shape it was fitted to; activations:
+    /// any batch size).
+    ///
+    /// # Errors
+    /// A tensor of another shape.
+    fn fake_quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>>;
+
+    /// The affine integers this mapping is (parameters and target, its integer range
+    /// included), for int8 kernels; `None` when it is not affine.
+    fn affine(&self) -> Option<(QParams, QuantSpec)>;
+}
+
+/// Fake quantization with affine parameters, in the spec's dtype and range.
+fn fake_affine(x: &ArrayD<f32>, q: &QParams, spec: &QuantSpec) -> Result<ArrayD<f32>> {
+    Ok(match spec.dtype {
+        DType::U8 => fake_quantize::<u8, _, _>(x, q, spec.range)?,
+        DType::I8 => fake_quantize::<i8, _, _>(x, q, spec.range)?,
+        DType::I32 => fake_quantize::<i32, _, _>(x, q, spec.range)?,
+        other => return Err(ObserveError::Config { reason: format!("no fake quantization for {other:?} targets") }),
+    })
+}
+
+/// Affine parameters as a [`Fitted`] quantizer.
+#[derive(Clone, Debug)]
+struct FittedAffine {
+    q: QParams,
+    spec: QuantSpec,
+}
+
+impl Fitted for FittedAffine {
+    fn fake_quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        fake_affine(x, &self.q, &self.spec)
+    }
+    fn affine(&self) -> Option<(QParams, QuantSpec)> {
+        Some((self.q.clone(), self.spec))
+    }
+}
+
+/// The observer's parameters as they are: today's behaviour, and the default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Affine;
+
+impl Quantizer for Affine {
+    fn name(&self) -> String {
+        "affine".into()
+    }
+    fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
+        Ok(Box::new(FittedAffine { q: o.qparams.clone(), spec: o.spec }))
+    }
+}
+
+/// Affine with every scale rounded up to a power of two (`2^ceil(log2 s)`, so the observed
+/// range stays covered); affine zero points are refitted so that the range's lower end
+/// keeps its place, symmetric ones are kept. Integer arithmetic can then rescale by shifts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PowerOfTwo;
+
+impl Quantizer for PowerOfTwo {
+    fn name(&self) -> String {
+        "power-of-two scale".into()
+    }
+    fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
+        let (qmin, qmax) = (o.spec.range.qmin(), o.spec.range.qmax());
+        let mut scales = Vec::new();
+        let mut zps = Vec::new();
+        for (c, (lo, _)) in o.ranges().into_iter().enumerate() {
+            let s = o.qparams.scale(c);
+            let p = (s as f64).log2().ceil().exp2() as f32;
+            let z = match o.spec.scheme {
+                QScheme::Symmetric => o.qparams.zero_point(c),
+                QScheme::Affine => {
+                    (qmin as f64 - (lo as f64 / p as f64).round()).clamp(qmin as f64, qmax as f64) as i32
+                }
+            };
+            scales.push(p);
+            zps.push(z);
+        }
+        let q = match o.qparams.axis() {
+            None => QParams::per_tensor(scales[0], zps[0])?,
+            Some(axis) => QParams::per_channel(scales, zps, axis)?,
+        };
+        Ok(Box::new(FittedAffine { q, spec: o.spec }))
+    }
+}
+
+/// Affine over an integer range of `bits` bits (2 to 8): `u8` targets get `0..=2^bits - 1`,
+/// `i8` ones `-2^(bits-1)..=2^(bits-1) - 1`; the parameters are chosen again, by the
+/// observer's scheme, for the range its parameters covered. Int8 execution honours the range:
+/// weights are quantized into it, and outputs are clamped to it.
+#[derive(Clone, Copy, Debug)]
+pub struct Bits(u8);
+
+impl Bits {
+    /// `bits` from 2 to 8.
+    ///
+    /// # Errors
+    /// Any other width.
+    pub fn new(bits: u8) -> Result<Self> {
+        if !(2..=8).contains(&bits) {
+            return Err(ObserveError::Config {
+                reason: format!("Bits({bits}): an integer range of 2 to 8 bits; for 8 bits, Affine is the same"),
+            });
+        }
+        Ok(Bits(bits))
+    }
+
+    /// The width.
+    pub fn bits(&self) -> u8 {
+        self.0
+    }
+
+    /// The integer range this width gives `dtype`.
+    ///
+    /// # Errors
+    /// An `i32` target, which this quantizer does not narrow.
+    pub fn range(&self, dtype: DType) -> Result<QuantRange> {
+        let b = self.0 as i64;
+        Ok(match dtype {
+            DType::U8 => QuantRange::custom(dtype, 0, (1 << b) - 1)?,
+            DType::I8 => QuantRange::custom(dtype, -(1 << (b - 1)), (1 << (b - 1)) - 1)?,
+            other => {
+                return Err(ObserveError::Config {
+                    reason: format!(
+                        "Bits({b}) narrows u8 or i8 targets, not {other:?}; quantize that tensor to 8 bits"
+                    ),
+                })
+            }
+        })
+    }
+}
+
+impl Quantizer for Bits {
+    fn name(&self) -> String {
+        format!("{}-bit", self.0)
+    }
+    fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
+        let spec = QuantSpec { range: self.range(o.spec.dtype)?, ..o.spec };
+        let ranges = o.ranges();
+        let q = match o.qparams.axis() {
+            None => spec.qparams(ranges[0].0, ranges[0].1)?,
+            Some(axis) => {
+                let (mins, maxs): (Vec<f32>, Vec<f32>) = ranges.into_iter().unzip();
+                spec.qparams_per_channel(&mins, &maxs, axis)?
+            }
+        };
+        Ok(Box::new(FittedAffine { q, spec }))
+    }
+}
+
+/// Weights with one symmetric scale per output channel (axis 0) and group of `group` input
+/// channels (axis 1, with every element of the kernel window), over `bits` bits: codes in
+/// `-(2^(bits-1) - 1)..=2^(bits-1) - 1`, scale = the group's largest magnitude / the largest
+/// code. A dot product then sums products under several scales, which no int8 kernel does:
+/// a layer with these weights runs in float on the dequantized weights (weight-only
+/// quantization), and the plan says so.
+#[derive(Clone, Copy, Debug)]
+pub struct PerGroup {
+    group: usize,
+    bits: u8,
+}
+
+impl PerGroup {
+    /// Groups of `group` input channels, `bits` from 2 to 8.
+    ///
+    /// # Errors
+    /// A zero group or a width outside 2..=8.
+    pub fn new(group: usize, bits: u8) -> Result<Self> {
+        if group == 0 || !(2..=8).contains(&bits) {
+            return Err(ObserveError::Config {
+                reason: format!("PerGroup(group {group}, {bits} bits): the group needs at least one input channel and the width 2 to 8 bits"),
+            });
+        }
+        Ok(PerGroup { group, bits })
+    }
+}
+
+#[derive(Clone, Debug)]
+struct FittedGroups {
+    shape: Vec<usize>,
+    group: usize,
+    qmax: f32,
+    /// `[out][group]`, row-major.
+    scales: Vec<f32>,
+}
+
+impl FittedGroups {
+    fn groups(&self) -> usize {
+        self.shape[1].div_ceil(self.group)
+    }
+}
+
+impl Fitted for FittedGroups {
+    fn fake_quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        if x.shape() != self.shape.as_slice() {
+            return Err(ObserveError::Shape {
+                tensor: "PerGroup".into(),
+                reason: format!("fitted to weights of shape {:?}, given {:?}", self.shape, x.shape()),
+            });
+        }
+        let inner: usize = self.shape[2..].iter().product();
+        let per_out = self.shape[1] * inner;
+        let groups = self.groups();
+        let mut y = x.as_standard_layout().into_owned();
+        let data = y.as_slice_mut().expect("standard layout");
+        for (o, row) in data.chunks_mut(per_out.max(1)).enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                let s = self.scales[o * groups + (i / inner) / self.group];
+                *v = s * (*v / s).round_ties_even().clamp(-self.qmax, self.qmax);
+            }
+        }
+        Ok(y)
+    }
+    fn affine(&self) -> Option<(QParams, QuantSpec)> {
+        None
+    }
+}
+
+impl Quantizer for PerGroup {
+    fn name(&self) -> String {
+        format!("{}-bit per-group weights (groups of {} input channels)", self.bits, self.group)
+    }
+    fn int8(&self) -> std::result::Result<(), String> {
+        Err(format!(
+            "per-group scales (groups of {} input channels) make each output a sum under several scales, which \
+             no int8 kernel computes",
+            self.group
+        ))
+    }
+    fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
+        let Some(w) = &o.values else {
+            return Err(ObserveError::Config {
+                reason: "PerGroup quantizes weights (groups of input channels); give activations another quantizer"
+                    .into(),
+            });
+        };
+        if w.ndim() < 2 || w.shape().contains(&0) {
+            return Err(ObserveError::Shape {
+                tensor: "PerGroup".into(),
+                reason: format!("weights of shape {:?}: it needs [out, in, ...] with no empty axis", w.shape()),
+            });
+        }
+        let qmax = ((1i32 << (self.bits - 1)) - 1) as f32;
+        let shape = w.shape().to_vec();
+        let groups = shape[1].div_ceil(self.group);
+        let mut scales = Vec::with_capacity(shape[0] * groups);
+        for out in w.axis_iter(Axis(0)) {
+            for g in 0..groups {
+                let hi = ((g + 1) * self.group).min(shape[1]);
+                let part = out.slice_axis(Axis(0), (g * self.group..hi).into());
+                let amax = part.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                if !amax.is_finite() {
+                    return Err(ObserveError::Config { reason: "PerGroup: the weights hold NaN or infinities".into() });
+                }
+                scales.push((amax / qmax).max(o.spec.eps.max(f32::MIN_POSITIVE)));
+            }
+        }
+        Ok(Box::new(FittedGroups { shape, group: self.group, qmax, scales }))
+    }
+}
+
+/// A non-uniform grid: zero, and `±amax · 2^-k` for `k = 0 .. 2^(bits-1) - 2` (one sign bit,
+/// the rest an exponent), `amax` being the largest magnitude the observer's parameters cover
+/// (per channel for per-channel weights). Values round to the nearest level in the log
+/// domain; below half the smallest level they become zero. Not affine: simulated only.
+#[derive(Clone, Copy, Debug)]
+pub struct Log2 {
+    bits: u8,
+}
+
+impl Log2 {
+    /// `bits` from 3 to 8.
+    ///
+    /// # Errors
+    /// Any other width.
+    pub fn new(bits: u8) -> Result<Self> {
+        if !(3..=8).contains(&bits) {
+            return Err(ObserveError::Config {
+                reason: format!("Log2({bits}): 3 to 8 bits (a sign, zero and at least two powers of two)"),
+            });
+        }
+        Ok(Log2 { bits })
+    }
+}
+
+/// Scales per channel along an axis (or one for the whole tensor), applied level by level.
+#[derive(Clone, Debug)]
+struct FittedLevels {
+    amax: Vec<f32>,
+    axis: Option<usize>,
+    /// Nearest level of `|x| / amax` in `[0, 1]`.
+    level: LevelFn,
+}
+
+#[derive(Clone, Debug)]
+enum LevelFn {
+    /// Exponents 0 ..= `max_k`.
+    Log2 { max_k: i32 },
+    /// Sorted levels in `[-1, 1]`.
+    Table(Vec<f32>),
+}
+
+impl LevelFn {
+    fn apply(&self, r: f32) -> f32 {
+        match self {
+            LevelFn::Log2 { max_k } => {
+                let m = r.abs();
+                let smallest = (-(*max_k) as f32).exp2();
+                if m < smallest / 2.0 {
+                    return 0.0;
+                }
+                let k = (-m.log2()).round().clamp(0.0, *max_k as f32);
+                (-k).exp2().copysign(r)
+            }
+            LevelFn::Table(t) => {
+                let i = t.partition_point(|&v| v < r);
+                let below = i.checked_sub(1).map(|j| t[j]);
+                let above = t.get(i).copied();
+                match (below, above) {
+                    (Some(b), Some(a)) => {
+                        if r - b <= a - r {
+                            b
+                        } else {
+                            a
+                        }
+                    }
+                    (Some(b), None) => b,
+                    (None, Some(a)) => a,
+                    (None, None) => 0.0,
+                }
+            }
+        }
+    }
+}
+
+impl Fitted for FittedLevels {
+    fn fake_quantize(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let mut y = x.clone();
+        let one = |v: &mut f32, a: f32| {
+            *v = if a > 0.0 { a * self.level.apply((*v / a).clamp(-1.0, 1.0)) } else { 0.0 };
+        };
+        match self.axis {
+            None => y.iter_mut().for_each(|v| one(v, self.amax[0])),
+            Some(axis) => {
+                if axis >= y.ndim() || y.shape()[axis] != self.amax.len() {
+                    return Err(ObserveError::Shape {
+                        tensor: "non-uniform quantizer".into(),
+                        reason: format!(
+                            "fitted to {} channels along axis {axis}, given shape {:?}",
+                            self.amax.len(),
+                            y.shape()
+                        ),
+                    });
+                }
+                for (mut lane, &a) in y.axis_iter_mut(Axis(axis)).zip(&self.amax) {
+                    lane.iter_mut().for_each(|v| one(v, a));
+                }
+            }
+        }
+        Ok(y)
+    }
+    fn affine(&self) -> Option<(QParams, QuantSpec)> {
+        None
+    }
+}
+
+fn fit_levels(o: &Observed<'_>, level: LevelFn) -> Box<dyn Fitted> {
+    Box::new(FittedLevels { amax: o.amax(), axis: o.qparams.axis(), level })
+}
+
+impl Quantizer for Log2 {
+    fn name(&self) -> String {
+        format!("{}-bit log2 grid", self.bits)
+    }
+    fn int8(&self) -> std::result::Result<(), String> {
+        Err("a log2 grid is not affine: int8 kernels compute on evenly spaced integers".into())
+    }
+    fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
+        Ok(fit_levels(o, LevelFn::Log2 { max_k: (1 << (self.bits - 1)) - 2 }))
+    }
+}
+
+/// Your own levels: each value becomes the nearest of `levels` (given in `[-1, 1]`) times
+/// the largest magnitude the observer's parameters cover. Not affine: simulated only.
+#[derive(Clone, Debug)]
+pub struct Codebook {
+    levels: Vec<f32>,
+}
+
+impl Codebook {
+    /// Levels in `[-1, 1]`, at least two, finite.
+    ///
+    /// # Errors
+    /// Fewer than two levels, or a level outside `[-1, 1]`.
+    pub fn new(levels: &[f32]) -> Result<Self> {
+        if levels.len() < 2 || levels.iter().any(|v| !(-1.0..=1.0).contains(v)) {
+            return Err(ObserveError::Config {
+                reason: format!(
+                    "Codebook {levels:?}: at least two levels, each in [-1, 1] (they are scaled by the tensor's \
+                     largest magnitude)"
+                ),
+            });
+        }
+        let mut levels = levels.to_vec();
+        levels.sort_by(f32::total_cmp);
+        levels.dedup();
+        Ok(Codebook { levels })
+    }
+}
+
+impl Quantizer for Codebook {
+    fn name(&self) -> String {
+        format!("codebook of {} levels", self.levels.len())
+    }
+    fn int8(&self) -> std::result::Result<(), String> {
+        Err("a codebook is not affine: int8 kernels compute on evenly spaced integers".into())
+    }
+    fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
+        Ok(fit_levels(o, LevelFn::Table(self.levels.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, ArrayD, IxDyn};
+
+    fn act(scale: f32, zp: i32) -> (QParams, QuantSpec) {
+        (QParams::per_tensor(scale, zp).unwrap(), QuantSpec::u8_affine())
+    }
+
+    #[test]
+    fn affine_is_the_observers_parameters() {
+        let (q, spec) = act(0.1, 10);
+        let f = Affine.fit(&Observed { qparams: &q, spec, values: None }).unwrap();
+        let x = array![-1.0f32, 0.04, 0.06, 30.0].into_dyn();
+        let y = f.fake_quantize(&x).unwrap();
+        for (a, b) in y.iter().zip([-1.0f32, 0.0, 0.1, 24.5]) {
+            assert!((a - b).abs() < 1e-5, "{y}");
+        }
+        assert_eq!(f.affine().unwrap().0, q);
+    }
+
+    #[test]
+    fn power_of_two_rounds_scales_up_and_keeps_the_range_start() {
+        // Covers [-1.0, 24.5] with scale 0.1: rounded up to 0.125, zero point 8 (-1.0 / 0.125).
+        let (q, spec) = act(0.1, 10);
+        let f = PowerOfTwo.fit(&Observed { qparams: &q, spec, values: None }).unwrap();
+        let (p, _) = f.affine().unwrap();
+        assert_eq!((p.scale(0), p.zero_point(0)), (0.125, 8));
+        // Symmetric per-channel weights keep their zero points.
+        let w = QParams::per_channel(vec![0.3, 0.01], vec![0, 0], 0).unwrap();
+        let f = PowerOfTwo.fit(&Observed { qparams: &w, spec: QuantSpec::i8_symmetric(), values: None }).unwrap();
+        let (p, _) = f.affine().unwrap();
+        assert_eq!((p.scale(0), p.scale(1), p.zero_point(1)), (0.5, 1.0 / 64.0, 0));
+    }
+
+    #[test]
+    fn bits_narrow_the_range_and_refit() {
+        let (q, spec) = act(0.1, 0); // covers [0, 25.5]
+        let f = Bits::new(4).unwrap().fit(&Observed { qparams: &q, spec, values: None }).unwrap();
+        let (p, s) = f.affine().unwrap();
+        assert_eq!((s.range.qmin(), s.range.qmax()), (0, 15));
+        assert!((p.scale(0) - 25.5 / 15.0).abs() < 1e-6);
+        let y = f.fake_quantize(&array![100.0f32].into_dyn()).unwrap();
+        assert!((y[0] - 25.5).abs() < 1e-4, "clamped to 15 codes: {y}");
+        assert!(Bits::new(1).is_err() && Bits::new(9).is_err());
+        let i8r = Bits::new(3).unwrap().range(DType::I8).unwrap();
+        assert_eq!((i8r.qmin(), i8r.qmax()), (-4, 3));
+    }
+
+    #[test]
+    fn per_group_scales_each_group_on_its_own() {
+        // 2 outputs x 4 inputs, groups of 2: [1, 0.6 | 8, -3], [0.1, 0.1 | 0, 0].
+        let w = ArrayD::from_shape_vec(IxDyn(&[2, 4]), vec![1.0f32, 0.6, 8.0, -3.0, 0.1, 0.1, 0.0, 0.0]).unwrap();
+        let q = QParams::per_channel(vec![8.0 / 7.0, 0.1 / 7.0], vec![0, 0], 0).unwrap();
+        let pg = PerGroup::new(2, 4).unwrap();
+        assert!(pg.int8().is_err());
+        let f = pg.fit(&Observed { qparams: &q, spec: QuantSpec::i8_symmetric(), values: Some(w.view()) }).unwrap();
+        assert!(f.affine().is_none());
+        let y = f.fake_quantize(&w).unwrap();
+        // Group [1, 0.6]: scale 1/7; 0.6 -> 4.2 codes -> 4.
+        assert!((y[[0, 0]] - 1.0).abs() < 1e-6 && (y[[0, 1]] - 4.0 / 7.0).abs() < 1e-6, "{y}");
+        // Group [8, -3]: scale 8/7: -3 -> -2.625 codes -> -3 (the first group's scale would give -21).
+        assert!((y[[0, 3]] + 24.0 / 7.0).abs() < 1e-5, "{y}");
+        assert_eq!(y[[1, 2]], 0.0);
+        assert!(pg.fit(&Observed { qparams: &q, spec: QuantSpec::u8_affine(), values: None }).is_err());
+        assert!(f.fake_quantize(&ArrayD::zeros(IxDyn(&[4, 2]))).is_err());
+        assert!(PerGroup::new(0, 4).is_err());
+    }
+
+    #[test]
+    fn log2_rounds_in_the_log_domain_and_flushes_tiny_values() {
+        let (q, spec) = (QParams::per_tensor(1.0 / 32.0, 0).unwrap(), QuantSpec::i8_symmetric()); // amax 4
+        let f = Log2::new(4).unwrap().fit(&Observed { qparams: &q, spec, values: None }).unwrap();
+        // 4 bits: levels 4 * 2^-k, k = 0..=6; smallest 1/16, half of it 1/32.
+        let x = array![4.0f32, 3.0, 2.7, 1.0, -0.7, 0.05, 0.03, 0.0, 100.0].into_dyn();
+        let y = f.fake_quantize(&x).unwrap();
+        assert_eq!(y, array![4.0f32, 4.0, 2.0, 1.0, -0.5, 0.0625, 0.0, 0.0, 4.0].into_dyn());
+        assert!(f.affine().is_none() && Log2::new(2).is_err());
+    }
+
+    #[test]
+    fn codebook_takes_the_nearest_level() {
+        let (q, spec) = (QParams::per_tensor(1.0 / 64.0, 0).unwrap(), QuantSpec::i8_symmetric()); // amax 2
+        let cb = Codebook::new(&[0.0, 0.25, 1.0, -1.0]).unwrap();
+        let f = cb.fit(&Observed { qparams: &q, spec, values: None }).unwrap();
+        let y = f.fake_quantize(&array![0.2f32, 0.3, 1.5, -5.0, 1.2].into_dyn()).unwrap();
+        assert_eq!(y, array![0.0f32, 0.5, 2.0, -2.0, 0.5].into_dyn());
+        assert!(Codebook::new(&[0.5]).is_err() && Codebook::new(&[0.0, 2.0]).is_err());
+    }
+}
