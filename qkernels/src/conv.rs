@@ -83,8 +83,8 @@ enum ConvKind {
         /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width
         /// and kernels up to 5 x 4.
         rows: Option<Box<DwKernel<RowConsts>>>,
-        /// The flat-row layout, for stride 1 along the width, kernels wider than 4 (up to 16
-        /// rows and 64 taps).
+        /// The flat-row layout, for stride 1 along the width and kernels wider than 4, or
+        /// stride 2 without horizontal dilation (up to 16 rows and 64 taps).
         flat: Option<Box<DwKernel<FlatConsts>>>,
     },
 }
@@ -188,9 +188,11 @@ impl PackedConv2d {
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
                 .then(|| DwKernel::new(pack_depthwise_rows(&taps, kh, kw)));
-            // The flat kernel keeps 16 row pointers and a table of 64 taps; larger kernels go
-            // through the per-pixel one.
-            let flat = (unit_w && rows.is_none() && kh <= 16 && kh * kw <= 64)
+            // Stride 2 along the width runs the flat kernel over rows split into even and odd
+            // pixels (`pad_image_phased`). The flat kernel keeps 16 row pointers and a table
+            // of 64 taps; larger kernels go through the per-pixel one.
+            let half_w = vnni.is_some() && geom.stride[1] == 2 && geom.dilation[1] == 1;
+            let flat = ((unit_w || half_w) && rows.is_none() && kh <= 16 && kh * kw <= 64)
                 .then(|| DwKernel::new(pack_depthwise_flat(&taps)));
             ConvKind::Depthwise { taps, vnni, rows, flat }
         } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
@@ -754,8 +756,11 @@ impl PackedConv2d {
         });
     }
 
-    /// The stride-1 depthwise path: pad the whole input once (zero point around it), then run
-    /// the flat-row kernel on every output row.
+    /// The flat depthwise path: pad the whole input once (zero point around it), then run the
+    /// flat-row kernel on every output row. Stride 2 along the width pads each row split into
+    /// its even pixels, then its odd ones: output pixel `ox` reads column `2 ox + kx`, which is
+    /// pixel `ox + kx / 2` of phase `kx % 2`, so every tap again advances `c` bytes per output
+    /// pixel.
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn forward_depthwise_flat(
@@ -771,28 +776,41 @@ impl PackedConv2d {
         let (c, g) = (x.c, &self.geom);
         let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
         let row_bytes = wp * c;
+        let phased = g.stride[1] == 2;
+        // Where tap column kx of output pixel 0 starts within a padded row.
+        let mut cols = [0usize; 64];
+        for (kx, col) in cols.iter_mut().enumerate().take(self.kw) {
+            *col = if phased { (kx % 2) * wp.div_ceil(2) * c + (kx / 2) * c } else { kx * g.dilation[1] * c };
+        }
         with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, 64, buf);
+            if phased {
+                pad_image_phased(x, g.padding, 64, buf);
+            } else {
+                pad_image(x, g.padding, 64, buf);
+            }
             let padded: &[u8] = buf;
             let row = |(orow, out_row): (usize, &mut [u8])| {
                 let (b, oy) = (orow / oh, orow % oh);
-                let mut rows = [std::ptr::null::<u8>(); 16];
-                let kh = self.kh; // <= 16: packing checked
-                for (ky, r) in rows.iter_mut().enumerate().take(kh) {
+                let mut taps = [std::ptr::null::<u8>(); 64];
+                let (kh, kw) = (self.kh, self.kw); // kh * kw <= 64: packing checked
+                for ky in 0..kh {
                     let iy = oy * g.stride[0] + ky * g.dilation[0];
-                    *r = padded[(b * hp + iy) * row_bytes..].as_ptr();
+                    let start = &padded[(b * hp + iy) * row_bytes..];
+                    for kx in 0..kw {
+                        taps[ky * kw + kx] = start[cols[kx]..].as_ptr();
+                    }
                 }
                 // SAFETY: `flat` weights exist only when packing found AVX-512 VNNI on this
-                // CPU; each row pointer starts a padded input row, and from it
-                // (kw - 1) * dilation * c + (ow * c rounded up to 64) bytes lie inside the
-                // padded image plus its 64 bytes of slack, because ow + (kw - 1) * dilation
-                // <= wp; `out_row` holds ow * c bytes.
+                // CPU. Each tap starts inside a padded input row, and from it ow * c bytes
+                // rounded up to 64 lie inside the padded image plus its 64 bytes of slack:
+                // without phases, ow + (kw - 1) * dilation <= wp; with them, pixel
+                // ox + kx / 2 of phase kx % 2 is column 2 ox + kx <= wp - 1 for ox < ow, and
+                // the even phase is followed by the odd one, the odd one by the next row or
+                // the slack. `out_row` holds ow * c bytes.
                 unsafe {
                     crate::x86::depthwise_vnni_flat_row(
-                        &rows[..kh],
-                        self.kw,
-                        g.dilation[1] * c,
+                        &taps[..kh * kw],
                         c,
                         weights,
                         consts,
@@ -930,6 +948,37 @@ fn pad_image(x: &QImage<'_>, padding: [usize; 2], slack: usize, buf: &mut Vec<u8
                     dst[side + x.w * c..].fill(zp);
                 }
                 None => dst.fill(zp),
+            }
+        }
+    }
+    buf[x.n * hp * row..].fill(zp);
+}
+
+/// [`pad_image`] with every padded row split into phases: its even pixels (columns 0, 2,
+/// ...; `wp.div_ceil(2)` of them), then its odd ones, each pixel's `c` bytes kept together.
+#[cfg(target_arch = "x86_64")]
+fn pad_image_phased(x: &QImage<'_>, padding: [usize; 2], slack: usize, buf: &mut Vec<u8>) {
+    let c = x.c;
+    let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
+    let zp = x.zero_point as u8;
+    buf.resize(x.n * hp * wp * c + slack, 0);
+    let row = wp * c;
+    let odd_at = wp.div_ceil(2) * c;
+    let mut rows = buf.chunks_exact_mut(row.max(1));
+    for b in 0..x.n {
+        for py in 0..hp {
+            let dst = rows.next().expect("n * hp rows");
+            let Some(y) = py.checked_sub(padding[0]).filter(|&y| y < x.h) else {
+                dst.fill(zp);
+                continue;
+            };
+            let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+            for px in 0..wp {
+                let at = if px % 2 == 0 { (px / 2) * c } else { odd_at + (px / 2) * c };
+                match px.checked_sub(padding[1]).filter(|&ix| ix < x.w) {
+                    Some(ix) => dst[at..at + c].copy_from_slice(&src[ix * c..(ix + 1) * c]),
+                    None => dst[at..at + c].fill(zp),
+                }
             }
         }
     }

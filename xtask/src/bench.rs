@@ -112,6 +112,8 @@ pub fn kernel_shapes() -> Vec<Shape> {
         conv("mobilenetv2_dw3x3_112x32", 32, 32, 112, 3, 1, 32),
         conv("mobilenetv2_dw3x3_56x144", 144, 144, 56, 3, 1, 144),
         conv("mobilenetv2_dw3x3_14x384", 384, 384, 14, 3, 1, 384),
+        conv("mobilenetv2_dw3x3s2_112x96", 96, 96, 112, 3, 2, 96),
+        conv("efficientnet_dw5x5s2_56x144", 144, 144, 56, 5, 2, 144),
         conv("mobilenetv2_pw1x1_56x24to144", 24, 144, 56, 1, 1, 1),
     ]
 }

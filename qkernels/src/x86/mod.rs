@@ -626,39 +626,35 @@ pub(crate) unsafe fn depthwise_vnni_pixel(taps: &[&[u8]], c: usize, packed: &[i8
     }
 }
 
-/// One output row of a stride-1 (along the width) depthwise convolution, as a 1-D
-/// correlation over the row flattened to `ow * c` bytes: output byte `e` (pixel `e / c`,
-/// channel `e % c`) sums tap `(ky, kx)` at byte `e + kx * dw_bytes` of padded input row `ky`.
-/// So 64 consecutive output bytes read 64 consecutive bytes per tap, whatever `c` is, and no
-/// lane is wasted on small channel counts. The weights for a 64-byte chunk depend only on
-/// `e % c` (its "class"); they are pre-interleaved per class like the per-pixel kernel's.
+/// One output row of a depthwise convolution whose taps advance `c` bytes per output pixel
+/// (stride 1 along the width over a padded row, or stride 2 over a row split into its even
+/// and odd pixels), as a 1-D correlation over the row flattened to `ow * c` bytes: output byte
+/// `e` (pixel `e / c`, channel `e % c`) sums tap `i` at byte `e` from `taps[i]`. So 64
+/// consecutive output bytes read 64 consecutive bytes per tap, whatever `c` is, and no lane
+/// is wasted on small channel counts. The weights for a 64-byte chunk depend only on `e % c`
+/// (its "class"); they are pre-interleaved per class like the per-pixel kernel's.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI available; each `rows[ky]` points into a padded image with at least
-/// `(kw - 1) * dw_bytes + len.next_multiple_of(64)` readable bytes from it; `weights` and
-/// `consts` are this layer's for `c` channels and `rows.len() * kw` taps; `out` has `len`
-/// writable bytes.
+/// AVX-512 F/BW/VL/VNNI available; `1 <= taps.len() <= 64`; from each `taps[i]`,
+/// `len.next_multiple_of(64)` bytes are readable; `weights` and `consts` are this layer's
+/// for `c` channels and `taps.len()` taps; `out` has `len` writable bytes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn depthwise_vnni_flat_row(
-    rows: &[*const u8],
-    kw: usize,
-    dw_bytes: usize,
+    tap_starts: &[*const u8],
     c: usize,
     weights: &[i8],
     consts: &FlatConsts,
     len: usize,
     out: *mut u8,
 ) {
-    let t = rows.len() * kw;
+    let t = tap_starts.len();
     let groups = t.div_ceil(4);
     let g = crate::conv::gcd(c, 64);
     // Every tap's start, padded to whole groups of 4 with the last tap (its weights are 0).
     let mut taps = [std::ptr::null::<u8>(); 64];
-    assert!(groups * 4 <= taps.len(), "kernel of {t} taps exceeds the depthwise kernel's table");
+    assert!((1..=taps.len()).contains(&t), "kernel of {t} taps: the depthwise kernel's table holds 1 to 64");
     for (i, p) in taps.iter_mut().enumerate().take(groups * 4) {
-        let tap = i.min(t - 1);
-        *p = rows[tap / kw].wrapping_add((tap % kw) * dw_bytes);
+        *p = tap_starts[i.min(t - 1)];
     }
     let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
     let (zo, lo, hi) = (_mm512_set1_epi32(consts.zo), _mm512_set1_epi32(consts.lo), _mm512_set1_epi32(consts.hi));
@@ -671,8 +667,8 @@ pub(crate) unsafe fn depthwise_vnni_flat_row(
         for grp in 0..groups {
             let mut x = [_mm512_setzero_si512(); 4];
             for (i, xi) in x.iter_mut().enumerate() {
-                // SAFETY: tap (ky, kx) starts kx * dw_bytes into row ky, and from there
-                // e0 + 64 <= len rounded up to 64 bytes are readable (precondition).
+                // SAFETY: from every tap start, len rounded up to 64 >= e0 + 64 bytes are
+                // readable (precondition).
                 *xi = unsafe { _mm512_loadu_si512(taps[4 * grp + i].add(e0).cast()) };
             }
             let quads = interleave_taps(x);

@@ -190,6 +190,63 @@ proptest! {
     }
 }
 
+/// Depthwise convolutions with stride 2 along the width (the flat AVX-512 kernel over rows
+/// split into even and odd pixels; the per-pixel kernel with horizontal dilation) on channel
+/// counts that do and do not divide 64, kernels up to 5 wide, odd and even widths and
+/// paddings, every ISA and 1-3 threads.
+#[test]
+fn depthwise_stride_two_shapes_match_the_reference() {
+    let mut next = crate::xorshift(0x2545_f491_4f6c_dd1du64);
+    let channels: &[usize] = if cfg!(miri) { &[3, 16] } else { &[1, 3, 16, 24, 40, 96, 144, 150] };
+    let mut checked = 0;
+    for &c in channels {
+        for (kh, kw, pad) in [(3, 3, 1), (5, 5, 2), (3, 3, 0), (1, 2, 0), (3, 4, 1)] {
+            for (sh, dil) in [(2, 1), (1, 1), (2, 2)] {
+                let symmetric = !next().is_multiple_of(4);
+                let (n, h, w) = (2, 5 + (next() % 6) as usize, 5 + (next() % 12) as usize);
+                let case = ConvCase {
+                    n,
+                    h,
+                    w,
+                    c,
+                    oc: c,
+                    kh,
+                    kw,
+                    geom: Conv2dGeometry { stride: [sh, 2], padding: [pad, pad], dilation: [dil, dil], groups: c },
+                    x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+                    za: (next() % 256) as i32,
+                    sa: 0.02,
+                    wt: (0..c * kh * kw).map(|_| next() as i8).collect(),
+                    sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+                    zw: (0..c).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect(),
+                    bias: (next().is_multiple_of(2))
+                        .then(|| (0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+                    out: OutputQuant {
+                        scale: ((kh * kw) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
+                        zero_point: (next() % 256) as i32,
+                        activation: [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize],
+                    },
+                };
+                let Some(expected) = case.reference() else { continue };
+                for isa in crate::isas_under_test() {
+                    let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+                    assert!(packed.is_depthwise());
+                    for threads in 1..=3 {
+                        let mut out = vec![0u8; expected.len()];
+                        packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+                        assert_eq!(
+                            out, expected,
+                            "{isa} threads={threads} c={c} k={kh}x{kw} pad={pad} h={h} w={w} sh={sh} dil={dil}"
+                        );
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > channels.len() * 10, "{checked}");
+}
+
 /// Depthwise convolutions with stride 1 along the width (the row-interleaved and flat AVX-512
 /// kernels, the per-pixel kernel otherwise) on channel counts that do and do not divide 64,
 /// kernels up to 5 wide, both vertical strides and dilations, every ISA and 1-3 threads.
