@@ -1,9 +1,11 @@
 //! `f32` linear and conv2d: the float baseline and the float path of `qnn` (layers that stay
-//! in float). GEMMs go to `matrixmultiply::sgemm`; k x k convolutions through im2col.
+//! in float). GEMMs go to `matrixmultiply::sgemm`; k x k convolutions through im2col;
+//! depthwise ones a direct loop over taps with channels innermost, compiled per tier.
 
 use qtensor::{QError, Result};
 
 use crate::conv::Conv2dGeometry;
+use crate::multiversion::multiversion;
 
 const OP: &str = "qkernels::float";
 
@@ -96,6 +98,26 @@ fn gemm_f32(
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_f32(
     x: &[f32],
+    nhwc: (usize, usize, usize, usize),
+    weights: &[f32],
+    okk: (usize, usize, usize),
+    bias: Option<&[f32]>,
+    geom: Conv2dGeometry,
+    out: &mut [f32],
+) -> Result<()> {
+    conv2d_f32_with(qtensor::isa::selected(), x, nhwc, weights, okk, bias, geom, out)
+}
+
+/// [`conv2d_f32`] with an explicit instruction set, for conformance tests. Every tier gives
+/// bit-identical results: each output is the bias plus the products added tap by tap, in the
+/// same order (no fused multiply-add).
+///
+/// # Errors
+/// As [`conv2d_f32`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_f32_with(
+    isa: qtensor::isa::Isa,
+    x: &[f32],
     (n, h, w, c): (usize, usize, usize, usize),
     weights: &[f32],
     (oc, kh, kw): (usize, usize, usize),
@@ -145,28 +167,17 @@ pub fn conv2d_f32(
             .then(|| ((b * h + iy as usize) * w + ix as usize) * c)
     };
     if g == c && g == oc {
-        // Depthwise: a direct loop over taps, channels innermost (vectorises).
-        for b in 0..n {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let o = &mut out[((b * oh + oy) * ow + ox) * oc..][..oc];
-                    match bias {
-                        Some(bb) => o.copy_from_slice(bb),
-                        None => o.fill(0.0),
-                    }
-                    for ky in 0..kh {
-                        for kx in 0..kw {
-                            if let Some(p) = tap(b, oy, ox, ky, kx) {
-                                let xs = &x[p..p + c];
-                                for (ch, (acc, xv)) in o.iter_mut().zip(xs).enumerate() {
-                                    *acc += xv * weights[(ch * kh + ky) * kw + kx];
-                                }
-                            }
-                        }
-                    }
-                }
+        // Depthwise: weights re-laid as [tap][channel], so every tap is one multiply-add of
+        // two contiguous channel rows into the output pixel.
+        let taps = kh * kw;
+        let mut wt = vec![0.0f32; taps * c];
+        for (ch, wc) in weights.chunks_exact(taps).enumerate() {
+            for (t, &v) in wc.iter().enumerate() {
+                wt[t * c + ch] = v;
             }
         }
+        let dims = DwDims { h, w, c, kh, kw, oh, ow };
+        depthwise_f32_core(isa, x, &wt, bias, &dims, &geom, out);
         return Ok(());
     }
     let k = kh * kw * icg;
@@ -207,4 +218,57 @@ pub fn conv2d_f32(
         }
     }
     Ok(())
+}
+
+/// A depthwise convolution's sizes, checked by [`conv2d_f32_with`].
+struct DwDims {
+    h: usize,
+    w: usize,
+    c: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+multiversion! {
+    fn depthwise_f32_core(
+        x: &[f32],
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        d: &DwDims,
+        geom: &Conv2dGeometry,
+        out: &mut [f32],
+    ) {
+        let c = d.c;
+        if c == 0 {
+            return;
+        }
+        for (p, o) in out.chunks_exact_mut(c).enumerate() {
+            let (b, rem) = (p / (d.oh * d.ow), p % (d.oh * d.ow));
+            let (oy, ox) = (rem / d.ow, rem % d.ow);
+            match bias {
+                Some(bb) => o.copy_from_slice(bb),
+                None => o.fill(0.0),
+            }
+            for ky in 0..d.kh {
+                let iy = (oy * geom.stride[0] + ky * geom.dilation[0]) as isize - geom.padding[0] as isize;
+                if iy < 0 || iy >= d.h as isize {
+                    continue;
+                }
+                let row = (b * d.h + iy as usize) * d.w;
+                for kx in 0..d.kw {
+                    let ix = (ox * geom.stride[1] + kx * geom.dilation[1]) as isize - geom.padding[1] as isize;
+                    if ix < 0 || ix >= d.w as isize {
+                        continue;
+                    }
+                    let xs = &x[(row + ix as usize) * c..][..c];
+                    let ws = &wt[(ky * d.kw + kx) * c..][..c];
+                    for ((acc, &xv), &wv) in o.iter_mut().zip(xs).zip(ws) {
+                        *acc += xv * wv;
+                    }
+                }
+            }
+        }
+    }
 }

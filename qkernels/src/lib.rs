@@ -81,7 +81,7 @@ mod threads;
 mod x86;
 
 pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
-pub use float::{conv2d_f32, linear_f32};
+pub use float::{conv2d_f32, conv2d_f32_with, linear_f32};
 pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
 pub use linear::PackedLinear;
 pub use ops::{

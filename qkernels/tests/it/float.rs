@@ -1,7 +1,7 @@
 //! The f32 kernels against a naive f64 reference.
 
 use proptest::prelude::*;
-use qkernels::{conv2d_f32, linear_f32, Conv2dGeometry};
+use qkernels::{conv2d_f32, conv2d_f32_with, linear_f32, Conv2dGeometry};
 
 /// sgemm sums in a different order than the naive loop: allow float rounding of a K-term sum.
 fn close(a: f32, b: f64, k: usize, scale: f64) -> bool {
@@ -52,6 +52,46 @@ proptest! {
             let s: f64 = bias[j] as f64 + (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum::<f64>();
             prop_assert!(close(out[i * n + j], s, k, 0.25));
         }}
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(48)))]
+
+    /// Depthwise f32 on every tier equals, bit for bit, the bias plus the products added tap
+    /// by tap in row-major tap order: what calibration relies on to be the same everywhere.
+    #[test]
+    fn depthwise_f32_is_the_same_sum_on_every_tier(
+        n in 1usize..3, h in 1usize..12, w in 1usize..12, c in 1usize..70,
+        kh in 1usize..6, kw in 1usize..6, stride in 1usize..3, dilation in 1usize..3,
+        pad in 0usize..3, with_bias in any::<bool>(), seed in any::<u32>(),
+    ) {
+        let span = |k: usize| dilation * (k - 1) + 1;
+        prop_assume!(h + 2 * pad >= span(kh) && w + 2 * pad >= span(kw));
+        let f = |i: usize| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+        let x: Vec<f32> = (0..n * h * w * c).map(f).collect();
+        let wts: Vec<f32> = (0..c * kh * kw).map(|i| f(i + 7919)).collect();
+        let bias: Vec<f32> = (0..c).map(|i| f(i + 104_729)).collect();
+        let bias = with_bias.then_some(&bias[..]);
+        let geom = Conv2dGeometry { stride: [stride; 2], padding: [pad; 2], dilation: [dilation; 2], groups: c };
+        let (oh, ow) = ((h + 2 * pad - span(kh)) / stride + 1, (w + 2 * pad - span(kw)) / stride + 1);
+        let mut want = vec![0.0f32; n * oh * ow * c];
+        for b in 0..n { for oy in 0..oh { for ox in 0..ow { for ch in 0..c {
+            let mut s = bias.map_or(0.0, |bb| bb[ch]);
+            for ky in 0..kh { for kx in 0..kw {
+                let iy = (oy * stride + ky * dilation) as isize - pad as isize;
+                let ix = (ox * stride + kx * dilation) as isize - pad as isize;
+                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize { continue; }
+                s += x[((b * h + iy as usize) * w + ix as usize) * c + ch] * wts[(ch * kh + ky) * kw + kx];
+            }}
+            want[((b * oh + oy) * ow + ox) * c + ch] = s;
+        }}}}
+        for isa in crate::isas_under_test() {
+            let mut out = vec![f32::NAN; want.len()];
+            conv2d_f32_with(isa, &x, (n, h, w, c), &wts, (c, kh, kw), bias, geom, &mut out).unwrap();
+            let same = out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            prop_assert!(same, "{isa:?}: depthwise f32 differs from the in-order sum");
+        }
     }
 }
 
