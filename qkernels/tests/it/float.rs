@@ -95,6 +95,42 @@ proptest! {
     }
 }
 
+/// A reduction long enough that the im2col rows go to sgemm in several chunks (of 28 rows
+/// here), with two groups: every chunk and group lands in its own rows and columns.
+#[test]
+fn conv2d_f32_splits_long_reductions_into_row_chunks() {
+    let (n, h, w, c, oc, k) = (1, 8, 8, 8192, 6, 3);
+    let geom = Conv2dGeometry { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 2 };
+    let f = |i: usize| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+    let x: Vec<f32> = (0..n * h * w * c).map(f).collect();
+    let icg = c / 2;
+    let wts: Vec<f32> = (0..oc * k * k * icg).map(|i| f(i + 7919)).collect();
+    let bias: Vec<f32> = (0..oc).map(|i| i as f32 - 2.5).collect();
+    let mut out = vec![f32::NAN; n * h * w * oc];
+    conv2d_f32(&x, (n, h, w, c), &wts, (oc, k, k), Some(&bias), geom, &mut out).unwrap();
+    for oy in 0..h {
+        for ox in 0..w {
+            for o in 0..oc {
+                let gi = o / (oc / 2);
+                let mut s = bias[o] as f64;
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let (iy, ix) = ((oy + ky) as isize - 1, (ox + kx) as isize - 1);
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            continue;
+                        }
+                        let px = (iy as usize * w + ix as usize) * c + gi * icg;
+                        let wr = ((o * k + ky) * k + kx) * icg;
+                        s += (0..icg).map(|ci| x[px + ci] as f64 * wts[wr + ci] as f64).sum::<f64>();
+                    }
+                }
+                let got = out[(oy * w + ox) * oc + o];
+                assert!(close(got, s, k * k * icg, 0.5), "pixel ({oy}, {ox}) channel {o}: {got} vs {s}");
+            }
+        }
+    }
+}
+
 #[test]
 fn f32_shape_errors_name_the_shapes() {
     let mut out = vec![0.0; 4];
