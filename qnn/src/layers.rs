@@ -38,13 +38,39 @@ pub(crate) fn nchw(kind: &'static str, x: &ArrayD<f32>, what: &str) -> Result<[u
 
 /// NCHW -> NHWC, contiguous.
 pub(crate) fn to_nhwc(x: &ArrayD<f32>) -> Vec<f32> {
-    x.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned().into_raw_vec_and_offset().0
+    match (x.shape(), x.as_slice()) {
+        (&[n, c, h, w], Some(data)) => transpose_batched(data, n, c, h * w),
+        _ => x.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned().into_raw_vec_and_offset().0,
+    }
 }
 
 /// NHWC data of `[n, h, w, c]` -> NCHW array.
 pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32> {
-    let a = ArrayD::from_shape_vec(IxDyn(&[n, h, w, c]), data).expect("length matches the shape");
-    a.permuted_axes(IxDyn(&[0, 3, 1, 2])).as_standard_layout().into_owned()
+    assert_eq!(data.len(), n * h * w * c, "length matches the shape");
+    let t = transpose_batched(&data, n, h * w, c);
+    ArrayD::from_shape_vec(IxDyn(&[n, c, h, w]), t).expect("length matches the shape")
+}
+
+/// `n` row-major `rows x cols` matrices, each transposed: element `(b, i, j)` of `src` lands
+/// at `(b, j, i)`. Tiles of 16 x 16 keep both the reads and the writes within a few cache
+/// lines.
+pub(crate) fn transpose_batched(src: &[f32], n: usize, rows: usize, cols: usize) -> Vec<f32> {
+    const T: usize = 16;
+    let m = rows * cols;
+    assert_eq!(src.len(), n * m, "transpose_batched: {n} x {rows} x {cols}");
+    let mut dst = vec![0.0f32; src.len()];
+    for (s, d) in src.chunks_exact(m.max(1)).zip(dst.chunks_exact_mut(m.max(1))) {
+        for i0 in (0..rows).step_by(T) {
+            for j0 in (0..cols).step_by(T) {
+                for i in i0..(i0 + T).min(rows) {
+                    for j in j0..(j0 + T).min(cols) {
+                        d[j * rows + i] = s[i * cols + j];
+                    }
+                }
+            }
+        }
+    }
+    dst
 }
 
 /// An activation fused into the layer before it (by [`crate::fuse()`]): applied to its output,
@@ -75,6 +101,25 @@ impl FusedAct {
             FusedAct::None => qkernels::Activation::None,
             FusedAct::Relu => qkernels::Activation::Relu,
             FusedAct::Relu6 => qkernels::Activation::Relu6,
+        }
+    }
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    use super::*;
+
+    /// The tiled transposes equal ndarray's permutations, on shapes that leave partial tiles.
+    #[test]
+    fn nchw_and_nhwc_round_trip_as_ndarray_permutes() {
+        for &(n, c, h, w) in &[(1, 1, 1, 1), (2, 3, 5, 7), (1, 17, 4, 9), (3, 40, 6, 5)] {
+            let len = n * c * h * w;
+            let x = ArrayD::from_shape_vec(IxDyn(&[n, c, h, w]), (0..len).map(|v| v as f32 * 0.5 - 3.0).collect())
+                .expect("shape");
+            let nhwc = to_nhwc(&x);
+            let want: Vec<f32> = x.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).iter().copied().collect();
+            assert_eq!(nhwc, want, "{n}x{c}x{h}x{w}");
+            assert_eq!(from_nhwc(nhwc, [n, h, w, c]), x, "{n}x{c}x{h}x{w}");
         }
     }
 }

@@ -118,7 +118,14 @@ impl Conv2d {
 
     /// The weights as OHWI, the kernels' layout.
     pub fn weight_ohwi(&self) -> ArrayD<f32> {
-        self.weight.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned()
+        let s = self.weight.shape();
+        match (s, self.weight.as_slice()) {
+            (&[o, i, kh, kw], Some(w)) => {
+                let t = crate::layers::transpose_batched(w, o, i, kh * kw);
+                ArrayD::from_shape_vec(IxDyn(&[o, kh, kw, i]), t).expect("length matches the shape")
+            }
+            _ => self.weight.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned(),
+        }
     }
 }
 
