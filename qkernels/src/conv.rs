@@ -189,7 +189,7 @@ impl PackedConv2d {
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
                 .then(|| DwKernel::new(pack_depthwise_rows(&taps, kh, kw)));
             // Stride 2 along the width runs the flat kernel over rows split into even and odd
-            // pixels (`pad_image_phased`). The flat kernel keeps 16 row pointers and a table
+            // pixels (`pad_image` with phases). The flat kernel keeps 16 row pointers and a table
             // of 64 taps; larger kernels go through the per-pixel one.
             let half_w = vnni.is_some() && geom.stride[1] == 2 && geom.dilation[1] == 1;
             let flat = ((unit_w || half_w) && rows.is_none() && kh <= 16 && kh * kw <= 64)
@@ -629,7 +629,7 @@ impl PackedConv2d {
             return run(x.data);
         }
         with_scratch(&SCRATCH, |buf| {
-            pad_image(x, g.padding, slack, buf);
+            pad_image(x, g.padding, false, slack, buf);
             run(buf);
         });
     }
@@ -670,7 +670,7 @@ impl PackedConv2d {
         let per = total.div_ceil(bands).max(1);
         with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, 64, buf);
+            pad_image(x, g.padding, false, 64, buf);
             let padded: &[u8] = buf;
             let band = |(bi, out_band): (usize, &mut [u8])| {
                 with_scratch(&ROWS, |ring| {
@@ -784,11 +784,7 @@ impl PackedConv2d {
         }
         with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            if phased {
-                pad_image_phased(x, g.padding, 64, buf);
-            } else {
-                pad_image(x, g.padding, 64, buf);
-            }
+            pad_image(x, g.padding, phased, 64, buf);
             let padded: &[u8] = buf;
             let row = |(orow, out_row): (usize, &mut [u8])| {
                 let (b, oy) = (orow / oh, orow % oh);
@@ -928,41 +924,15 @@ fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
 
 /// Writes `x` into `buf` surrounded by `padding` rows and columns of its zero point (which
 /// stand for real zeros), followed by `slack` more bytes of it; layout NHWC with the padded
-/// height and width.
-fn pad_image(x: &QImage<'_>, padding: [usize; 2], slack: usize, buf: &mut Vec<u8>) {
+/// height and width. With `phased`, every padded row holds its even pixels (columns 0, 2,
+/// ...; `wp.div_ceil(2)` of them) and then its odd ones, each pixel's `c` bytes together.
+fn pad_image(x: &QImage<'_>, padding: [usize; 2], phased: bool, slack: usize, buf: &mut Vec<u8>) {
     let c = x.c;
     let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
     let zp = x.zero_point as u8;
     // Every byte is written once below: no fill of the whole buffer first.
     buf.resize(x.n * hp * wp * c + slack, 0);
     let (row, side) = (wp * c, padding[1] * c);
-    let mut rows = buf.chunks_exact_mut(row.max(1));
-    for b in 0..x.n {
-        for py in 0..hp {
-            let dst = rows.next().expect("n * hp rows");
-            match py.checked_sub(padding[0]).filter(|&y| y < x.h) {
-                Some(y) => {
-                    let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
-                    dst[..side].fill(zp);
-                    dst[side..side + x.w * c].copy_from_slice(src);
-                    dst[side + x.w * c..].fill(zp);
-                }
-                None => dst.fill(zp),
-            }
-        }
-    }
-    buf[x.n * hp * row..].fill(zp);
-}
-
-/// [`pad_image`] with every padded row split into phases: its even pixels (columns 0, 2,
-/// ...; `wp.div_ceil(2)` of them), then its odd ones, each pixel's `c` bytes kept together.
-#[cfg(target_arch = "x86_64")]
-fn pad_image_phased(x: &QImage<'_>, padding: [usize; 2], slack: usize, buf: &mut Vec<u8>) {
-    let c = x.c;
-    let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
-    let zp = x.zero_point as u8;
-    buf.resize(x.n * hp * wp * c + slack, 0);
-    let row = wp * c;
     let odd_at = wp.div_ceil(2) * c;
     let mut rows = buf.chunks_exact_mut(row.max(1));
     for b in 0..x.n {
@@ -973,8 +943,14 @@ fn pad_image_phased(x: &QImage<'_>, padding: [usize; 2], slack: usize, buf: &mut
                 continue;
             };
             let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+            if !phased {
+                dst[..side].fill(zp);
+                dst[side..side + x.w * c].copy_from_slice(src);
+                dst[side + x.w * c..].fill(zp);
+                continue;
+            }
             for px in 0..wp {
-                let at = if px % 2 == 0 { (px / 2) * c } else { odd_at + (px / 2) * c };
+                let at = (px % 2) * odd_at + (px / 2) * c;
                 match px.checked_sub(padding[1]).filter(|&ix| ix < x.w) {
                     Some(ix) => dst[at..at + c].copy_from_slice(&src[ix * c..(ix + 1) * c]),
                     None => dst[at..at + c].fill(zp),

@@ -46,7 +46,6 @@ pub(crate) fn to_nhwc(x: &ArrayD<f32>) -> Vec<f32> {
 
 /// NHWC data of `[n, h, w, c]` -> NCHW array.
 pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32> {
-    assert_eq!(data.len(), n * h * w * c, "length matches the shape");
     let t = transpose_batched(&data, n, h * w, c);
     ArrayD::from_shape_vec(IxDyn(&[n, c, h, w]), t).expect("length matches the shape")
 }

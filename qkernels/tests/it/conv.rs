@@ -190,6 +190,55 @@ proptest! {
     }
 }
 
+/// A depthwise case of random bytes: weights symmetric three times in four, a bias half the
+/// time, an output scale that keeps most sums in range and a random activation.
+fn random_depthwise_case(
+    next: &mut impl FnMut() -> u64,
+    (n, h, w, c): (usize, usize, usize, usize),
+    (kh, kw): (usize, usize),
+    geom: Conv2dGeometry,
+) -> ConvCase {
+    let symmetric = !next().is_multiple_of(4);
+    ConvCase {
+        n,
+        h,
+        w,
+        c,
+        oc: c,
+        kh,
+        kw,
+        geom,
+        x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+        za: (next() % 256) as i32,
+        sa: 0.02,
+        wt: (0..c * kh * kw).map(|_| next() as i8).collect(),
+        sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+        zw: (0..c).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect(),
+        bias: (next().is_multiple_of(2)).then(|| (0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+        out: OutputQuant {
+            scale: ((kh * kw) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
+            zero_point: (next() % 256) as i32,
+            activation: [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize],
+        },
+    }
+}
+
+/// Packs `case` as a depthwise layer on every ISA and runs it on 1-3 threads, asserting the
+/// reference's bytes each time; false when the case has no reference (skipped).
+fn case_matches_on_every_isa(case: &ConvCase, label: &str) -> bool {
+    let Some(expected) = case.reference() else { return false };
+    for isa in crate::isas_under_test() {
+        let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+        assert!(packed.is_depthwise());
+        for threads in 1..=3 {
+            let mut out = vec![0u8; expected.len()];
+            packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+            assert_eq!(out, expected, "{isa} threads={threads} {label}");
+        }
+    }
+    true
+}
+
 /// Depthwise convolutions with stride 2 along the width (the flat AVX-512 kernel over rows
 /// split into even and odd pixels; the per-pixel kernel with horizontal dilation) on channel
 /// counts that do and do not divide 64, kernels up to 5 wide, odd and even widths and
@@ -202,45 +251,15 @@ fn depthwise_stride_two_shapes_match_the_reference() {
     for &c in channels {
         for (kh, kw, pad) in [(3, 3, 1), (5, 5, 2), (3, 3, 0), (1, 2, 0), (3, 4, 1)] {
             for (sh, dil) in [(2, 1), (1, 1), (2, 2)] {
-                let symmetric = !next().is_multiple_of(4);
                 let (n, h, w) = (2, 5 + (next() % 6) as usize, 5 + (next() % 12) as usize);
-                let case = ConvCase {
-                    n,
-                    h,
-                    w,
-                    c,
-                    oc: c,
-                    kh,
-                    kw,
-                    geom: Conv2dGeometry { stride: [sh, 2], padding: [pad, pad], dilation: [dil, dil], groups: c },
-                    x: (0..n * h * w * c).map(|_| next() as u8).collect(),
-                    za: (next() % 256) as i32,
-                    sa: 0.02,
-                    wt: (0..c * kh * kw).map(|_| next() as i8).collect(),
-                    sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
-                    zw: (0..c).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect(),
-                    bias: (next().is_multiple_of(2))
-                        .then(|| (0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
-                    out: OutputQuant {
-                        scale: ((kh * kw) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
-                        zero_point: (next() % 256) as i32,
-                        activation: [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize],
-                    },
-                };
-                let Some(expected) = case.reference() else { continue };
-                for isa in crate::isas_under_test() {
-                    let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
-                    assert!(packed.is_depthwise());
-                    for threads in 1..=3 {
-                        let mut out = vec![0u8; expected.len()];
-                        packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
-                        assert_eq!(
-                            out, expected,
-                            "{isa} threads={threads} c={c} k={kh}x{kw} pad={pad} h={h} w={w} sh={sh} dil={dil}"
-                        );
-                    }
+                let geom = Conv2dGeometry { stride: [sh, 2], padding: [pad, pad], dilation: [dil, dil], groups: c };
+                let case = random_depthwise_case(&mut next, (n, h, w, c), (kh, kw), geom);
+                if case_matches_on_every_isa(
+                    &case,
+                    &format!("c={c} k={kh}x{kw} pad={pad} h={h} w={w} sh={sh} dil={dil}"),
+                ) {
+                    checked += 1;
                 }
-                checked += 1;
             }
         }
     }
@@ -258,42 +277,12 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
     for &c in channels {
         for (kh, kw) in [(3, 3), (1, 1), (3, 1), (2, 4), (5, 3), (3, 5)] {
             for (sh, dil) in [(1, 1), (2, 1), (1, 2)] {
-                let symmetric = !next().is_multiple_of(4);
                 let (n, h, w) = (2, 4 + (next() % 6) as usize, 4 + (next() % 9) as usize);
-                let case = ConvCase {
-                    n,
-                    h,
-                    w,
-                    c,
-                    oc: c,
-                    kh,
-                    kw,
-                    geom: Conv2dGeometry { stride: [sh, 1], padding: [1, kw / 2], dilation: [dil, dil], groups: c },
-                    x: (0..n * h * w * c).map(|_| next() as u8).collect(),
-                    za: (next() % 256) as i32,
-                    sa: 0.02,
-                    wt: (0..c * kh * kw).map(|_| next() as i8).collect(),
-                    sw: (0..c).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
-                    zw: (0..c).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect(),
-                    bias: (next().is_multiple_of(2))
-                        .then(|| (0..c).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
-                    out: OutputQuant {
-                        scale: ((kh * kw) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
-                        zero_point: (next() % 256) as i32,
-                        activation: [Activation::None, Activation::Relu, Activation::Relu6][(next() % 3) as usize],
-                    },
-                };
-                let Some(expected) = case.reference() else { continue };
-                for isa in crate::isas_under_test() {
-                    let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
-                    assert!(packed.is_depthwise());
-                    for threads in 1..=3 {
-                        let mut out = vec![0u8; expected.len()];
-                        packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
-                        assert_eq!(out, expected, "{isa} threads={threads} c={c} k={kh}x{kw} stride={sh} dil={dil}");
-                    }
+                let geom = Conv2dGeometry { stride: [sh, 1], padding: [1, kw / 2], dilation: [dil, dil], groups: c };
+                let case = random_depthwise_case(&mut next, (n, h, w, c), (kh, kw), geom);
+                if case_matches_on_every_isa(&case, &format!("c={c} k={kh}x{kw} stride={sh} dil={dil}")) {
+                    checked += 1;
                 }
-                checked += 1;
             }
         }
     }
