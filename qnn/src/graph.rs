@@ -358,6 +358,12 @@ impl<M: AsModule> Graph<M> {
 }
 
 impl Graph {
+    /// Each node's name and kind (a layer's [`Module::kind`], or `add`, `mul`, `cat`), in
+    /// execution order: the kinds `QConfigMapping::set_kind` matches.
+    pub fn node_kinds(&self) -> Vec<(&str, &'static str)> {
+        self.nodes.iter().map(|n| (n.name.as_str(), n.op.kind_with(|m| m.kind()))).collect()
+    }
+
     /// Every value's name, shape, element type (`f32`) and layout for inputs of
     /// `input_shapes` (shape inference: each layer's [`Module::output_shape`], or a run on zeros
     /// for a layer that does not say), inputs first, then the nodes' outputs in order.

@@ -17,7 +17,7 @@ use qnn::layers::{
 use qnn::{fuse, prepare, zoo, Concat, Graph, GraphBuilder, QConfigMapping, Residual, Sequential};
 use qobserve::QConfig;
 
-pub const TARGETS: [&str; 2] = ["load_model", "load_state_dict"];
+pub const TARGETS: [&str; 3] = ["load_model", "load_state_dict", "load_onnx"];
 
 fn input(shape: &[usize]) -> ArrayD<f32> {
     let n = shape.iter().product();
@@ -136,6 +136,18 @@ pub fn write_seeds(root: &Path, dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
         for (name, bytes) in files {
             std::fs::write(d.join(name), bytes).map_err(|e| e.to_string())?;
+        }
+    }
+    // The ONNX fixtures of qonnx's tests: every op the importer reads, at several opsets.
+    let d = dir.join("load_onnx");
+    std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    let models = root.join("qonnx/tests/data/models");
+    for case in std::fs::read_dir(&models).map_err(|e| format!("{}: {e}", models.display()))? {
+        let case = case.map_err(|e| e.to_string())?.path();
+        let src = case.join("model.onnx");
+        if src.exists() {
+            let name = format!("{}.onnx", case.file_name().and_then(|n| n.to_str()).unwrap_or("model"));
+            std::fs::copy(&src, d.join(name)).map_err(|e| format!("{}: {e}", src.display()))?;
         }
     }
     Ok(())

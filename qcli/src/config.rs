@@ -1,0 +1,236 @@
+//! The `--config` file: TOML that becomes a [`QConfigMapping`].
+//!
+//! ```toml
+//! preset = "default"          # the global configuration (see PRESETS), or "none": float unless a rule says
+//! activation = "histogram"    # optional: the global preset's activation observer replaced
+//! weight = "per-channel"      # optional: its weight observer replaced
+//! strict = false              # true: converting fails instead of falling back to float
+//! fusion = true
+//! pool_outputs = "observed"   # or "input" (PyTorch's choice)
+//!
+//! [[rule]]                    # later rules win; names beat op types and kinds
+//! name = "/features/0/*"      # a node name, a name prefix ("/layer1" matches "/layer1/..."), or a glob
+//! preset = "mse"
+//!
+//! [[rule]]
+//! op = "Gemm"                 # every node imported from this ONNX op type
+//! skip = true                 # keep it in float
+//!
+//! [[rule]]
+//! kind = "Conv2d"             # a qrust layer kind, as the report names them
+//! weight = "minmax"
+//! ```
+
+use std::collections::HashMap;
+
+use qnn::QConfigMapping;
+use qobserve::{ObserverSpec, QConfig, QuantSpec};
+use serde::Deserialize;
+
+/// The preset names.
+pub const PRESETS: &[&str] =
+    &["default", "x86", "qnnpack", "minmax", "per-channel-minmax", "mse", "percentile:<p>", "none"];
+
+/// Activation observer names.
+const ACTIVATIONS: &[&str] = &["minmax", "histogram", "entropy", "mse", "percentile:<p>"];
+/// Weight observer names.
+const WEIGHTS: &[&str] = &["minmax", "per-channel"];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    preset: Option<String>,
+    activation: Option<String>,
+    weight: Option<String>,
+    strict: Option<bool>,
+    fusion: Option<bool>,
+    pool_outputs: Option<String>,
+    #[serde(default)]
+    rule: Vec<Rule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    name: Option<String>,
+    op: Option<String>,
+    kind: Option<String>,
+    preset: Option<String>,
+    activation: Option<String>,
+    weight: Option<String>,
+    #[serde(default)]
+    skip: bool,
+}
+
+fn preset(name: &str) -> Result<Option<QConfig>, String> {
+    Ok(Some(match name {
+        "default" => QConfig::default(),
+        "x86" => QConfig::pytorch_x86(),
+        "qnnpack" => QConfig::qnnpack(),
+        "minmax" => QConfig::pytorch_minmax(),
+        "per-channel-minmax" => QConfig::pytorch_per_channel_minmax(),
+        "mse" => QConfig::mse(),
+        "none" => return Ok(None),
+        p => match p.strip_prefix("percentile:").and_then(|v| v.parse::<f64>().ok()) {
+            Some(v) if v > 0.0 && v <= 100.0 => QConfig::percentile(v),
+            _ => return Err(format!("unknown preset '{name}'; presets: {}", PRESETS.join(", "))),
+        },
+    }))
+}
+
+fn activation(name: &str) -> Result<ObserverSpec, String> {
+    let spec = QConfig::default();
+    let full = match &spec.activation {
+        ObserverSpec::Histogram { spec, .. } => *spec,
+        _ => unreachable!("the default activation observer is a histogram"),
+    };
+    Ok(match name {
+        "minmax" => ObserverSpec::MinMax(full),
+        "histogram" => ObserverSpec::Histogram { spec: full, bins: 2048 },
+        "entropy" => ObserverSpec::Entropy(full),
+        "mse" => ObserverSpec::Mse(full),
+        p => match p.strip_prefix("percentile:").and_then(|v| v.parse::<f64>().ok()) {
+            Some(v) if v > 0.0 && v <= 100.0 => ObserverSpec::Percentile { spec: full, percentile: v },
+            _ => return Err(format!("unknown activation observer '{name}'; observers: {}", ACTIVATIONS.join(", "))),
+        },
+    })
+}
+
+fn weight(name: &str) -> Result<ObserverSpec, String> {
+    Ok(match name {
+        "minmax" => ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
+        "per-channel" => ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        _ => return Err(format!("unknown weight observer '{name}'; observers: {}", WEIGHTS.join(", "))),
+    })
+}
+
+/// A preset with observers replaced; `Ok(None)` keeps float.
+fn qconfig(
+    p: Option<&str>,
+    a: Option<&str>,
+    w: Option<&str>,
+    base: Option<&QConfig>,
+) -> Result<Option<QConfig>, String> {
+    let mut q = match p {
+        Some(p) => preset(p)?,
+        None => Some(base.cloned().unwrap_or_default()),
+    };
+    if let Some(q) = q.as_mut() {
+        if let Some(a) = a {
+            q.activation = activation(a)?;
+        }
+        if let Some(w) = w {
+            q.weight = weight(w)?;
+        }
+    } else if a.is_some() || w.is_some() {
+        return Err("observers are given for preset 'none' (kept in float)".into());
+    }
+    Ok(q)
+}
+
+/// The mapping a configuration file describes. `onnx_nodes` maps each ONNX op type to the
+/// graph node names imported from it (for `op` rules).
+pub fn mapping(
+    text: Option<(&str, &str)>,
+    onnx_nodes: &HashMap<String, Vec<String>>,
+) -> Result<QConfigMapping, String> {
+    let (file, path) = match text {
+        Some((t, path)) => (toml::from_str::<File>(t).map_err(|e| format!("{path}: {e}"))?, path),
+        None => (File::default(), ""),
+    };
+    let at = |e: String| if path.is_empty() { e } else { format!("{path}: {e}") };
+    let global =
+        qconfig(file.preset.as_deref(), file.activation.as_deref(), file.weight.as_deref(), None).map_err(at)?;
+    let mut m = match &global {
+        Some(q) => QConfigMapping::new(q.clone()),
+        None => QConfigMapping::float(),
+    };
+    if let Some(s) = file.strict {
+        m = m.strict(s);
+    }
+    if let Some(f) = file.fusion {
+        m = m.fusion(f);
+    }
+    match file.pool_outputs.as_deref() {
+        None | Some("observed") => {}
+        Some("input") => m = m.pool_outputs(qnn::PoolOutputs::InputParams),
+        Some(o) => return Err(at(format!("pool_outputs '{o}': expected 'observed' or 'input'"))),
+    }
+    for (i, r) in file.rule.iter().enumerate() {
+        let which = [r.name.is_some(), r.op.is_some(), r.kind.is_some()].iter().filter(|&&b| b).count();
+        if which != 1 {
+            return Err(at(format!("rule {}: give exactly one of name, op and kind", i + 1)));
+        }
+        let q = if r.skip {
+            if r.preset.is_some() || r.activation.is_some() || r.weight.is_some() {
+                return Err(at(format!("rule {}: skip = true with a preset or observers", i + 1)));
+            }
+            None
+        } else {
+            qconfig(r.preset.as_deref(), r.activation.as_deref(), r.weight.as_deref(), global.as_ref())
+                .map_err(|e| at(format!("rule {}: {e}", i + 1)))?
+        };
+        let set = |m: QConfigMapping, name: &str| match &q {
+            Some(q) => m.set_name(name, q.clone()),
+            None => m.skip_name(name),
+        };
+        if let Some(n) = &r.name {
+            m = set(m, n);
+        } else if let Some(op) = &r.op {
+            let nodes = onnx_nodes.get(op).ok_or_else(|| {
+                let mut ops: Vec<&String> = onnx_nodes.keys().collect();
+                ops.sort();
+                at(format!("rule {}: the model has no {op} node; its op types: {ops:?}", i + 1))
+            })?;
+            for n in nodes {
+                m = set(m, n);
+            }
+        } else if let Some(k) = &r.kind {
+            m = match &q {
+                Some(q) => m.set_kind(k, q.clone()),
+                None => m.skip_kind(k),
+            };
+        }
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_apply_by_name_op_and_kind() {
+        let nodes: HashMap<String, Vec<String>> = [("Gemm".to_string(), vec!["/fc/Gemm".to_string()])].into();
+        let text = r#"
+            preset = "x86"
+            [[rule]]
+            op = "Gemm"
+            skip = true
+            [[rule]]
+            name = "/layer1/*"
+            preset = "mse"
+            [[rule]]
+            kind = "add"
+            activation = "minmax"
+        "#;
+        let m = mapping(Some((text, "c.toml")), &nodes).unwrap();
+        assert!(m.resolve("/fc/Gemm", "Linear").is_none());
+        assert!(matches!(m.resolve("/layer1/0/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Mse(_)));
+        assert!(matches!(m.resolve("/add", "add").unwrap().activation, ObserverSpec::MinMax(_)));
+        assert!(matches!(m.resolve("/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Histogram { .. }));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let none = HashMap::new();
+        let e = mapping(Some(("preset = \"fast\"", "c.toml")), &none).unwrap_err();
+        assert!(e.contains("unknown preset 'fast'") && e.contains("per-channel-minmax"), "{e}");
+        let e = mapping(Some(("[[rule]]\nop = \"Conv\"\nskip = true", "c.toml")), &none).unwrap_err();
+        assert!(e.contains("no Conv node"), "{e}");
+        let e = mapping(Some(("[[rule]]\nname = \"a\"\nkind = \"b\"", "c.toml")), &none).unwrap_err();
+        assert!(e.contains("exactly one of"), "{e}");
+        let e = mapping(Some(("presets = \"x86\"", "c.toml")), &none).unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+}

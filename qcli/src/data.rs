@@ -1,0 +1,127 @@
+//! Input data: `.npy` / `.npz` arrays, or images (one file or a folder) decoded, resized,
+//! cropped and normalized as torchvision's ImageNet transforms do.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray_npy::{NpzReader, ReadNpyExt};
+
+/// How images become tensors.
+#[derive(Debug, Clone)]
+pub struct ImagePrep {
+    /// The shorter side is resized to this (bilinear), before cropping.
+    pub resize: u32,
+    /// The centre crop's side.
+    pub crop: u32,
+    /// Per-channel mean, on values in [0, 1].
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation.
+    pub std: [f32; 3],
+}
+
+const IMAGE_EXT: &[&str] = &["png", "jpg", "jpeg"];
+
+fn is_image(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXT.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Reads `path` as batches of one model input of `batch` items each (the last may be
+/// smaller): an `.npy` array `[N, ...]`, an `.npz` whose arrays are each `[N, ...]`, an image,
+/// or a folder of images (sorted by name).
+pub fn batches(path: &Path, batch: usize, prep: &ImagePrep) -> Result<Vec<ArrayD<f32>>, String> {
+    let whole = read(path, prep)?;
+    Ok(split(whole, batch.max(1)))
+}
+
+/// Reads `path` as one array (see [`batches`]).
+pub fn read(path: &Path, prep: &ImagePrep) -> Result<ArrayD<f32>, String> {
+    let shown = path.display();
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("{shown}: {e}"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_image(p))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(format!("{shown}: no .png or .jpg images in this folder"));
+        }
+        let bar = ProgressBar::new(files.len() as u64);
+        bar.set_style(ProgressStyle::with_template("decoding {pos}/{len} images {bar:30} {eta}").expect("template"));
+        let mut all = Vec::with_capacity(files.len());
+        for f in &files {
+            all.push(image(f, prep)?);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let views: Vec<_> = all.iter().map(|a| a.view()).collect();
+        return ndarray::concatenate(Axis(0), &views).map_err(|e| format!("{shown}: {e}"));
+    }
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("npy") => {
+            let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+            ArrayD::<f32>::read_npy(f).map_err(|e| format!("{shown}: {e} (qrust reads float32 arrays in C order)"))
+        }
+        Some("npz") => {
+            let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+            let mut z = NpzReader::new(f).map_err(|e| format!("{shown}: {e}"))?;
+            let names = z.names().map_err(|e| format!("{shown}: {e}"))?;
+            let mut arrays = Vec::new();
+            for n in &names {
+                let a: ArrayD<f32> = z.by_name(n).map_err(|e| format!("{shown}: array '{n}': {e}"))?;
+                arrays.push(a);
+            }
+            if arrays.is_empty() {
+                return Err(format!("{shown}: no arrays"));
+            }
+            let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+            ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| format!("{shown}: its arrays differ in shape beyond the first axis ({e})"))
+        }
+        _ if is_image(path) => image(path, prep),
+        _ => Err(format!("{shown}: expected a .npy or .npz file, a .png / .jpg image, or a folder of images")),
+    }
+}
+
+/// Splits along axis 0 into batches.
+fn split(a: ArrayD<f32>, batch: usize) -> Vec<ArrayD<f32>> {
+    let n = a.shape().first().copied().unwrap_or(0);
+    (0..n)
+        .step_by(batch)
+        .map(|s| a.slice_axis(Axis(0), ndarray::Slice::from(s..(s + batch).min(n))).to_owned())
+        .collect()
+}
+
+/// One image as `[1, 3, crop, crop]`.
+fn image(path: &Path, p: &ImagePrep) -> Result<ArrayD<f32>, String> {
+    let shown = path.display();
+    if p.crop == 0 || p.resize < p.crop {
+        return Err(format!("--resize {} must be at least --crop {} (and the crop positive)", p.resize, p.crop));
+    }
+    let img = image::open(path).map_err(|e| format!("{shown}: {e}"))?.to_rgb8();
+    let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return Err(format!("{shown}: an empty image"));
+    }
+    // The shorter side to `resize`, the other in proportion (torchvision's Resize(int)).
+    let (nw, nh) = if w <= h {
+        (p.resize, ((u64::from(h) * u64::from(p.resize)) / u64::from(w)) as u32)
+    } else {
+        (((u64::from(w) * u64::from(p.resize)) / u64::from(h)) as u32, p.resize)
+    };
+    let img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let (x0, y0) = ((nw - p.crop) / 2, (nh - p.crop) / 2);
+    let c = p.crop as usize;
+    Ok(ArrayD::from_shape_fn(IxDyn(&[1, 3, c, c]), |i| {
+        let px = img.get_pixel(x0 + i[3] as u32, y0 + i[2] as u32);
+        (f32::from(px[i[1]]) / 255.0 - p.mean[i[1]]) / p.std[i[1]]
+    }))
+}
+
+/// Writes an array as `.npy`.
+pub fn write_npy(path: &Path, a: &ArrayD<f32>) -> Result<(), String> {
+    use ndarray_npy::WriteNpyExt;
+    let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    a.write_npy(std::io::BufWriter::new(f)).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,417 @@
+//! `qrust`: an ONNX float model quantized to int8, run and reported on, from the command line.
+//!
+//! ```text
+//! qrust inspect  model.onnx
+//! qrust quantize model.onnx --calib images/ -o model.int8.safetensors [--config q.toml]
+//! qrust run      model.int8.safetensors --input cat.jpg --top 5
+//! qrust report   model.onnx model.int8.safetensors --input images/ [--json report.json]
+//! ```
+
+mod config;
+mod data;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use ndarray::ArrayD;
+use qnn::{prepare, Mode, QuantizedModel};
+
+#[derive(Parser, Debug)]
+#[command(name = "qrust", version, about = "Quantize ONNX float models to int8 for the CPU, run them, report on them")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Import an ONNX model and list its inputs, outputs and layers.
+    Inspect {
+        /// The ONNX model.
+        model: PathBuf,
+        #[command(flatten)]
+        shape: ShapeArg,
+    },
+    /// Calibrate an ONNX model on data and save it in int8.
+    Quantize {
+        /// The ONNX float model.
+        model: PathBuf,
+        /// Calibration data: .npy / .npz arrays [N, ...], an image, or a folder of images.
+        #[arg(long)]
+        calib: PathBuf,
+        /// Where the int8 model goes (default: next to the model, `<name>.int8.safetensors`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// A TOML file of quantization rules (presets, per-name / per-op / per-kind rules,
+        /// observers, skips).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Calibration batch size.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Threads for calibration.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[command(flatten)]
+        shape: ShapeArg,
+        #[command(flatten)]
+        images: ImageArgs,
+    },
+    /// Run a model (int8 from `quantize`, or an ONNX float model) on data.
+    Run {
+        /// The int8 model (`.safetensors`), or an ONNX float model (`.onnx`).
+        model: PathBuf,
+        /// The input: .npy / .npz, an image, or a folder of images.
+        #[arg(long)]
+        input: PathBuf,
+        /// Write the output here as .npy.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Print the indices and values of the `top` largest outputs of each item.
+        #[arg(long)]
+        top: Option<usize>,
+        /// Threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[command(flatten)]
+        shape: ShapeArg,
+        #[command(flatten)]
+        images: ImageArgs,
+    },
+    /// Compare the int8 model with its float model layer by layer (SQNR per layer).
+    Report {
+        /// The ONNX float model.
+        model: PathBuf,
+        /// Its int8 model from `quantize`.
+        int8: PathBuf,
+        /// Data to compare on.
+        #[arg(long)]
+        input: PathBuf,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        shape: ShapeArg,
+        #[command(flatten)]
+        images: ImageArgs,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct ShapeArg {
+    /// The input's shape where the model leaves sizes symbolic, e.g. `1,3,224,224` (or
+    /// `name=1,3,224,224` for one input of several).
+    #[arg(long)]
+    input_shape: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ImageArgs {
+    /// Images: the shorter side is resized to this before the centre crop (default: the
+    /// crop x 256 / 224).
+    #[arg(long)]
+    resize: Option<u32>,
+    /// Images: the centre crop's side (default: the model input's height, else 224).
+    #[arg(long)]
+    crop: Option<u32>,
+    /// Images: per-channel mean of [0, 1] values (ImageNet's by default).
+    #[arg(long, value_delimiter = ',', default_value = "0.485,0.456,0.406")]
+    mean: Vec<f32>,
+    /// Images: per-channel standard deviation (ImageNet's by default).
+    #[arg(long, value_delimiter = ',', default_value = "0.229,0.224,0.225")]
+    std: Vec<f32>,
+}
+
+impl ImageArgs {
+    fn prep(&self, input: Option<&[usize]>) -> Result<data::ImagePrep, String> {
+        let three = |v: &[f32], what: &str| -> Result<[f32; 3], String> {
+            v.try_into().map_err(|_| format!("--{what} takes three values (R, G, B), not {}", v.len()))
+        };
+        let from_model = input.and_then(|s| (s.len() == 4 && s[1] == 3).then_some(s[2] as u32));
+        let crop = self.crop.or(from_model).unwrap_or(224);
+        Ok(data::ImagePrep {
+            resize: self.resize.unwrap_or((crop * 256).div_ceil(224)),
+            crop,
+            mean: three(&self.mean, "mean")?,
+            std: three(&self.std, "std")?,
+        })
+    }
+}
+
+fn options(shape: &ShapeArg) -> Result<qonnx::ImportOptions, String> {
+    let mut o = qonnx::ImportOptions::default();
+    for s in &shape.input_shape {
+        let (name, dims) = match s.split_once('=') {
+            Some((n, d)) => (n.to_string(), d),
+            None => (String::new(), s.as_str()),
+        };
+        let dims: Vec<usize> = dims
+            .split(',')
+            .map(|d| {
+                d.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("--input-shape '{s}': sizes are numbers, e.g. 1,3,224,224"))
+            })
+            .collect::<Result<_, _>>()?;
+        o.input_shapes.insert(name, dims);
+    }
+    Ok(o)
+}
+
+/// Imports a model; an unnamed `--input-shape` applies to its first input.
+fn import(path: &Path, shape: &ShapeArg) -> Result<qonnx::Imported, String> {
+    let mut opts = options(shape)?;
+    if let Some(dims) = opts.input_shapes.remove("") {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let m = qonnx::decode_model(&bytes, &path.display().to_string()).map_err(|e| e.to_string())?;
+        let g = m.graph.unwrap_or_default();
+        let inits: Vec<&str> = g.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+        let first = g.input.iter().filter_map(|v| v.name.clone()).find(|n| !inits.contains(&n.as_str()));
+        opts.input_shapes.insert(first.unwrap_or_default(), dims);
+    }
+    qonnx::load(path, &opts).map_err(|e| e.to_string())
+}
+
+fn single_input(m: &qonnx::Imported) -> Result<Vec<usize>, String> {
+    match m.inputs.as_slice() {
+        [one] => Ok(one.shape.clone()),
+        more => Err(format!(
+            "the model has {} inputs ({}); the command line feeds models of one input",
+            more.len(),
+            more.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<(), String> {
+    match cmd {
+        Cmd::Inspect { model, shape } => inspect(&model, &shape),
+        Cmd::Quantize { model, calib, output, config, batch_size, threads, shape, images } => {
+            quantize(&model, &calib, output, config.as_deref(), batch_size, threads, &shape, &images)
+        }
+        Cmd::Run { model, input, output, top, threads, shape, images } => {
+            run_model(&model, &input, output.as_deref(), top, threads, &shape, &images)
+        }
+        Cmd::Report { model, int8, input, json, shape, images } => {
+            report(&model, &int8, &input, json.as_deref(), &shape, &images)
+        }
+    }
+}
+
+fn inspect(path: &Path, shape: &ShapeArg) -> Result<(), String> {
+    let m = import(path, shape)?;
+    println!(
+        "{}: opset {}, written by {}",
+        path.display(),
+        m.opset,
+        if m.producer.is_empty() { "?" } else { &m.producer }
+    );
+    for i in &m.inputs {
+        println!("input  {} {:?}{}", i.name, i.shape, if i.dynamic_batch { " (any batch size)" } else { "" });
+    }
+    for o in &m.outputs {
+        println!("output {o}");
+    }
+    let infos = m
+        .graph
+        .value_info(&m.inputs.iter().map(|i| i.shape.as_slice()).collect::<Vec<_>>())
+        .map_err(|e| e.to_string())?;
+    let shapes: HashMap<&str, &[usize]> = infos.iter().map(|v| (v.name.as_str(), v.shape.as_slice())).collect();
+    println!("{:<48} {:<12} {:<18} output shape", "node", "ONNX op", "layer");
+    let kinds: HashMap<&str, &str> = m.graph.node_kinds().into_iter().collect();
+    for (onnx, op, nodes) in &m.nodes {
+        for n in nodes {
+            let _ = onnx;
+            println!(
+                "{:<48} {:<12} {:<18} {:?}",
+                n,
+                op,
+                kinds.get(n.as_str()).unwrap_or(&"?"),
+                shapes.get(n.as_str()).unwrap_or(&&[][..])
+            );
+        }
+    }
+    Ok(())
+}
+
+fn load_data(path: &Path, input: Option<&[usize]>, images: &ImageArgs) -> Result<ArrayD<f32>, String> {
+    data::read(path, &images.prep(input)?)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn quantize(
+    path: &Path,
+    calib: &Path,
+    output: Option<PathBuf>,
+    config: Option<&Path>,
+    batch_size: usize,
+    threads: usize,
+    shape: &ShapeArg,
+    images: &ImageArgs,
+) -> Result<(), String> {
+    let t0 = Instant::now();
+    let m = import(path, shape)?;
+    let in_shape = single_input(&m)?;
+    let mut by_op: HashMap<String, Vec<String>> = HashMap::new();
+    for (_, op, nodes) in &m.nodes {
+        by_op.entry(op.clone()).or_default().extend(nodes.iter().cloned());
+    }
+    let text = match config {
+        Some(p) => {
+            Some((std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?, p.display().to_string()))
+        }
+        None => None,
+    };
+    let mapping = config::mapping(text.as_ref().map(|(t, p)| (t.as_str(), p.as_str())), &by_op)?;
+    println!(
+        "imported {} ({} layers, opset {}) in {:.2} s",
+        path.display(),
+        m.graph.node_names().len(),
+        m.opset,
+        t0.elapsed().as_secs_f64()
+    );
+    let batches = data::batches(calib, batch_size, &images.prep(Some(&in_shape))?)?;
+    let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
+    if let Some(b) = batches.first() {
+        if b.shape()[1..] != in_shape[1..] {
+            return Err(format!(
+                "calibration data {} has items of shape {:?}; the model's input '{}' is {:?}",
+                calib.display(),
+                &b.shape()[1..],
+                m.inputs[0].name,
+                &in_shape[1..]
+            ));
+        }
+    } else {
+        return Err(format!("{}: no calibration data", calib.display()));
+    }
+    let t1 = Instant::now();
+    let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
+    prepared.calibrate_batches(&batches, threads.max(1)).map_err(|e| e.to_string())?;
+    let q = prepared.convert().map_err(|e| e.to_string())?;
+    println!(
+        "calibrated on {items} items in {} batches, converted in {:.2} s",
+        batches.len(),
+        t1.elapsed().as_secs_f64()
+    );
+    print_plan(&q);
+    let out = output.unwrap_or_else(|| path.with_extension("int8.safetensors"));
+    q.save(&out).map_err(|e| e.to_string())?;
+    println!("saved {}", out.display());
+    Ok(())
+}
+
+fn print_plan(q: &QuantizedModel) {
+    let plan = q.plan();
+    let count = |f: &dyn Fn(&Mode) -> bool| plan.iter().filter(|p| f(&p.mode)).count();
+    let int8 = count(&|m| matches!(m, Mode::Int8 | Mode::Int8SameParams));
+    let pass = count(&|m| matches!(m, Mode::Passthrough));
+    let float: Vec<_> = plan.iter().filter(|p| matches!(p.mode, Mode::Float(_))).collect();
+    println!("plan: {int8} layers in int8, {} in float, {pass} folded away", float.len());
+    for p in float {
+        if let Mode::Float(why) = &p.mode {
+            println!("  float: {} ({}): {why}", p.name, p.kind);
+        }
+    }
+}
+
+fn is_onnx(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()) == Some("onnx")
+}
+
+fn run_model(
+    path: &Path,
+    input: &Path,
+    output: Option<&Path>,
+    top: Option<usize>,
+    threads: usize,
+    shape: &ShapeArg,
+    images: &ImageArgs,
+) -> Result<(), String> {
+    let t0;
+    let y = if is_onnx(path) {
+        let m = import(path, shape)?;
+        let s = single_input(&m)?;
+        let x = load_data(input, Some(&s), images)?;
+        t0 = Instant::now();
+        let ys = qnn::qkernels::with_threads(threads.max(1), || m.graph.run(&[x])).map_err(|e| e.to_string())?;
+        ys.into_iter().next().ok_or("the model has no output")?
+    } else {
+        let mut q = QuantizedModel::load(path).map_err(|e| e.to_string())?;
+        q.set_threads(threads.max(1));
+        let s = q.value_info(&[]).ok().and_then(|v| v.first().map(|i| i.shape.clone()));
+        let x = load_data(input, s.as_deref(), images)?;
+        t0 = Instant::now();
+        q.forward(&x).map_err(|e| e.to_string())?
+    };
+    println!("output {:?} in {:.2} ms", y.shape(), t0.elapsed().as_secs_f64() * 1e3);
+    if let Some(k) = top {
+        let n = y.shape().first().copied().unwrap_or(0);
+        let len = y.len();
+        let flat = y.into_shape_with_order((n, len / n.max(1))).map_err(|e| e.to_string())?;
+        for (i, row) in flat.outer_iter().enumerate() {
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let best: Vec<String> = idx.iter().take(k).map(|&j| format!("{j} ({:.3})", row[j])).collect();
+            println!("item {i}: {}", best.join(", "));
+        }
+        return match output {
+            Some(o) => data::write_npy(o, &flat.into_dyn()),
+            None => Ok(()),
+        };
+    }
+    if let Some(o) = output {
+        data::write_npy(o, &y)?;
+        println!("wrote {}", o.display());
+    }
+    Ok(())
+}
+
+fn report(
+    model: &Path,
+    int8: &Path,
+    input: &Path,
+    json: Option<&Path>,
+    shape: &ShapeArg,
+    images: &ImageArgs,
+) -> Result<(), String> {
+    let m = import(model, shape)?;
+    let s = single_input(&m)?;
+    let q = QuantizedModel::load(int8).map_err(|e| e.to_string())?;
+    let x = load_data(input, Some(&s), images)?;
+    let mut float = m.graph;
+    if q.plan().iter().any(|p| p.name.is_empty()) {
+        return Err("the int8 model has unnamed layers".into());
+    }
+    qnn::fuse_graph(&mut float).map_err(|e| e.to_string())?;
+    let rows = q.report_graph(&float, &[x]).map_err(|e| e.to_string())?;
+    println!("{:<48} {:<18} {:<8} {:>9} {:>10}", "layer", "kind", "mode", "SQNR dB", "weight dB");
+    let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    for r in &rows {
+        let mode = match &r.mode {
+            Mode::Int8 | Mode::Int8SameParams => "int8",
+            Mode::Passthrough => "folded",
+            Mode::Float(_) => "float",
+        };
+        println!("{:<48} {:<18} {:<8} {:>9} {:>10}", r.name, r.kind, mode, num(r.sqnr_db), num(r.weight_sqnr_db));
+    }
+    if let Some(j) = json {
+        std::fs::write(j, qnn::report_json(&rows)).map_err(|e| format!("{}: {e}", j.display()))?;
+        println!("wrote {}", j.display());
+    }
+    Ok(())
+}

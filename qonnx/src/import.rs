@@ -1,0 +1,1491 @@
+//! ONNX graph -> [`qnn::Graph`]: one pass over the nodes in their (topological) order.
+//!
+//! Every ONNX value is either a node of the graph being built (with its shape, tracked as
+//! the graph is written so that shape arithmetic can be folded) or a constant (initializers,
+//! `Constant` nodes, and everything computed from constants alone: the
+//! `Shape`/`Gather`/`Concat`/`Reshape` chains exporters write, folded here). Layers keep the
+//! ONNX node's name, so reports, plans and `QConfigMapping` rules use the names the
+//! exporter wrote.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+use qnn::layers::{
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Flatten, HardSigmoid, Hardswish, Hardtanh, Linear,
+    MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, Sigmoid, Slice, Softmax, Tanh, Upsample, UpsampleMode,
+    GELU,
+};
+use qnn::{Graph, GraphBuilder, Module, Tensor};
+
+use crate::error::{OnnxError, Result};
+use crate::proto::{data_type as dt, AttributeProto, GraphProto, ModelProto, NodeProto};
+use crate::tensor::{decode, Const, Data};
+
+/// The op types of the default domain that import (constant-only ops fold at import).
+pub const SUPPORTED: &[&str] = &[
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "Div (constants)",
+    "Dropout",
+    "Flatten",
+    "Gather (constants)",
+    "Gelu",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "HardSigmoid",
+    "HardSwish",
+    "Identity",
+    "MatMul (constant weight)",
+    "MaxPool",
+    "Mul",
+    "Pad",
+    "ReduceMean (spatial axes)",
+    "Relu",
+    "Reshape",
+    "Resize",
+    "Shape",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Squeeze",
+    "Sub (constants)",
+    "Sum",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+    "Upsample",
+];
+
+/// The opsets of the default domain this importer follows.
+pub const OPSETS: std::ops::RangeInclusive<i64> = 9..=21;
+
+/// How to import.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Shapes for inputs whose declared shape has symbolic or missing sizes, by input name.
+    /// A symbolic first dimension (the batch) needs none: it is taken as 1 while importing,
+    /// and the graph runs at any batch size.
+    pub input_shapes: HashMap<String, Vec<usize>>,
+}
+
+/// One input of an imported model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSpec {
+    /// Its ONNX name.
+    pub name: String,
+    /// The shape it was imported with.
+    pub shape: Vec<usize>,
+    /// Whether its first dimension is symbolic (any batch size).
+    pub dynamic_batch: bool,
+}
+
+/// An imported model: the float graph and what it was made from.
+#[derive(Debug)]
+pub struct Imported {
+    /// The float graph, ready for `qnn::prepare`.
+    pub graph: Graph,
+    /// Its inputs, in order.
+    pub inputs: Vec<InputSpec>,
+    /// The ONNX names of its outputs, in order.
+    pub outputs: Vec<String>,
+    /// The model's opset of the default domain.
+    pub opset: i64,
+    /// Who wrote the file (`producer_name producer_version`).
+    pub producer: String,
+    /// Each ONNX node that became layers, with the graph's node names for it (constant
+    /// folding and passthroughs leave none).
+    pub nodes: Vec<(String, String, Vec<String>)>,
+}
+
+/// A value of the graph being written.
+#[derive(Debug, Clone)]
+struct Node {
+    t: Tensor,
+    shape: Vec<usize>,
+    /// Its first dimension is the batch (it follows the model's first input's).
+    batch: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Val {
+    Node(Node),
+    Const(Const),
+}
+
+struct Cx<'a> {
+    node: &'a NodeProto,
+    name: String,
+    opset: i64,
+}
+
+impl Cx<'_> {
+    fn op(&self) -> &str {
+        self.node.op_type.as_deref().unwrap_or("")
+    }
+    fn err(&self, reason: impl Into<String>) -> OnnxError {
+        OnnxError::Node {
+            node: self.name.clone(),
+            op_type: self.op().to_string(),
+            opset: self.opset,
+            reason: reason.into(),
+        }
+    }
+    fn attr(&self, name: &str) -> Option<&AttributeProto> {
+        self.node.attribute.iter().find(|a| a.name.as_deref() == Some(name))
+    }
+    fn int(&self, name: &str, default: i64) -> i64 {
+        self.attr(name).and_then(|a| a.i).unwrap_or(default)
+    }
+    fn float(&self, name: &str, default: f32) -> f32 {
+        self.attr(name).and_then(|a| a.f).unwrap_or(default)
+    }
+    fn ints(&self, name: &str) -> Option<Vec<i64>> {
+        self.attr(name).map(|a| a.ints.clone())
+    }
+    fn string(&self, name: &str, default: &str) -> String {
+        self.attr(name)
+            .and_then(|a| a.s.as_deref())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .unwrap_or_else(|| default.to_string())
+    }
+    /// Input `i`'s name, `None` when absent or empty (an omitted optional input).
+    fn input(&self, i: usize) -> Option<&str> {
+        self.node.input.get(i).map(String::as_str).filter(|s| !s.is_empty())
+    }
+}
+
+/// Imports a decoded model. `base` is its folder (for external data).
+pub(crate) fn import(model: &ModelProto, base: Option<&Path>, opts: &ImportOptions) -> Result<Imported> {
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain.as_deref(), None | Some("") | Some("ai.onnx")))
+        .and_then(|o| o.version)
+        .ok_or_else(|| OnnxError::Model("the model imports no opset of the default domain (ai.onnx)".into()))?;
+    if !OPSETS.contains(&opset) {
+        return Err(OnnxError::Model(format!(
+            "the model uses opset {opset} of ai.onnx; qonnx imports opsets {}-{} (re-export with \
+             torch.onnx.export(..., opset_version=17), or convert with onnx.version_converter)",
+            OPSETS.start(),
+            OPSETS.end()
+        )));
+    }
+    let g = model.graph.as_ref().ok_or_else(|| OnnxError::Model("the model has no graph".into()))?;
+    let producer =
+        format!("{} {}", model.producer_name.as_deref().unwrap_or(""), model.producer_version.as_deref().unwrap_or(""))
+            .trim()
+            .to_string();
+    let mut im = Importer {
+        b: GraphBuilder::new(),
+        vals: HashMap::new(),
+        names: HashMap::new(),
+        opset,
+        absorbed: HashMap::new(),
+    };
+    im.run(g, base, opts).map(|(inputs, outputs, nodes, graph)| Imported {
+        graph,
+        inputs,
+        outputs,
+        opset,
+        producer,
+        nodes,
+    })
+}
+
+struct Importer {
+    b: GraphBuilder,
+    vals: HashMap<String, Val>,
+    /// Graph node names in use (ONNX names may repeat or be empty).
+    names: HashMap<String, usize>,
+    opset: i64,
+    /// `Add` nodes whose bias a preceding `MatMul` took: output name -> the Linear's output.
+    absorbed: HashMap<String, String>,
+}
+
+type Parts = (Vec<InputSpec>, Vec<String>, Vec<(String, String, Vec<String>)>, Graph);
+
+impl Importer {
+    fn run(&mut self, g: &GraphProto, base: Option<&Path>, opts: &ImportOptions) -> Result<Parts> {
+        if let Some(s) = g.sparse_initializer.first() {
+            let name = s.values.as_ref().and_then(|v| v.name.clone()).unwrap_or_default();
+            return Err(OnnxError::Model(format!(
+                "initializer '{name}' is sparse; qonnx reads dense initializers only (densify it with onnx's tools)"
+            )));
+        }
+        for t in &g.initializer {
+            let name = t.name.clone().unwrap_or_default();
+            if name.is_empty() {
+                return Err(OnnxError::Model("an initializer has no name".into()));
+            }
+            self.vals.insert(name, Val::Const(decode(t, base)?));
+        }
+        let mut inputs = Vec::new();
+        for (i, vi) in g.input.iter().enumerate() {
+            let name = vi.name.clone().unwrap_or_default();
+            // Before IR version 4 initializers were also listed as inputs.
+            if self.vals.contains_key(&name) {
+                continue;
+            }
+            let tt = vi.r#type.as_ref().and_then(|t| t.tensor_type.as_ref());
+            let elem = tt.and_then(|t| t.elem_type).unwrap_or(0);
+            if elem != dt::FLOAT {
+                return Err(OnnxError::Model(format!(
+                    "input '{name}' is {}; qonnx imports models whose inputs are FLOAT tensors",
+                    dt::name(elem)
+                )));
+            }
+            let dims = tt.and_then(|t| t.shape.as_ref()).map(|s| s.dim.clone());
+            let (shape, dynamic_batch) = match (opts.input_shapes.get(&name), dims) {
+                (Some(s), _) => (s.clone(), true),
+                (None, Some(dims)) => {
+                    let mut shape = Vec::new();
+                    let mut dynamic = false;
+                    for (k, d) in dims.iter().enumerate() {
+                        match d.dim_value.filter(|&v| v > 0) {
+                            Some(v) => shape.push(
+                                usize::try_from(v)
+                                    .map_err(|_| OnnxError::Model(format!("input '{name}': size {v}")))?,
+                            ),
+                            None if k == 0 => {
+                                dynamic = true;
+                                shape.push(1)
+                            }
+                            None => {
+                                return Err(OnnxError::Model(format!(
+                                    "input '{name}': dimension {k} is symbolic ('{}'); give its shape \
+                                     (ImportOptions::input_shapes, or the command line's --input-shape)",
+                                    d.dim_param.as_deref().unwrap_or("")
+                                )))
+                            }
+                        }
+                    }
+                    (shape, dynamic)
+                }
+                (None, None) => {
+                    return Err(OnnxError::Model(format!(
+                        "input '{name}' declares no shape; give it (ImportOptions::input_shapes, or --input-shape)"
+                    )))
+                }
+            };
+            if elements(&shape).is_none() {
+                return Err(OnnxError::Model(format!(
+                    "input '{name}' of shape {shape:?} is larger than qonnx computes"
+                )));
+            }
+            let t = self.b.input(&name);
+            self.vals.insert(name.clone(), Val::Node(Node { t, shape: shape.clone(), batch: i == 0 || dynamic_batch }));
+            inputs.push(InputSpec { name, shape, dynamic_batch });
+        }
+        if inputs.is_empty() {
+            return Err(OnnxError::Model("the model has no input that is not an initializer".into()));
+        }
+        let consumers = consumers(g);
+        let mut record = Vec::new();
+        for (i, node) in g.node.iter().enumerate() {
+            let op = node.op_type.clone().unwrap_or_default();
+            let name = match node.name.as_deref() {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => format!("{op}_{i}"),
+            };
+            let cx = Cx { node, name, opset: self.opset };
+            if !matches!(node.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
+                return Err(OnnxError::Unsupported {
+                    node: cx.name,
+                    op_type: op,
+                    domain: node.domain.clone().unwrap_or_default(),
+                    opset: self.opset,
+                });
+            }
+            if let Some(src) = node.output.first().and_then(|o| self.absorbed.get(o)).cloned() {
+                let v = self.vals[&src].clone();
+                self.vals.insert(node.output[0].clone(), v);
+                continue;
+            }
+            let before = self.names.len();
+            let outs = self.node(&cx, g, &consumers)?;
+            if outs.len() < node.output.iter().filter(|o| !o.is_empty()).count() {
+                // Extra outputs (a MaxPool's indices, a Dropout's mask) must be unused.
+                for o in node.output.iter().skip(outs.len()).filter(|o| !o.is_empty()) {
+                    if consumers.get(o.as_str()).is_some_and(|c| !c.is_empty())
+                        || g.output.iter().any(|v| v.name.as_deref() == Some(o))
+                    {
+                        return Err(cx.err(format!(
+                            "its output '{o}' is read, and qonnx computes only the first output of {op}"
+                        )));
+                    }
+                }
+            }
+            for (o, v) in node.output.iter().zip(outs) {
+                self.vals.insert(o.clone(), v);
+            }
+            if self.names.len() > before {
+                let mut made: Vec<(String, usize)> =
+                    self.names.iter().filter(|(_, &k)| k >= before).map(|(n, &k)| (n.clone(), k)).collect();
+                made.sort_by_key(|(_, k)| *k);
+                record.push((cx.name.clone(), op, made.into_iter().map(|(n, _)| n).collect()));
+            }
+        }
+        let mut outputs = Vec::new();
+        for vi in &g.output {
+            let name = vi.name.clone().unwrap_or_default();
+            match self.vals.get(&name) {
+                Some(Val::Node(n)) => self.b.output(n.t),
+                Some(Val::Const(_)) => {
+                    return Err(OnnxError::Model(format!(
+                        "output '{name}' is a constant (it depends on no input); qonnx graphs compute their outputs"
+                    )))
+                }
+                None => return Err(OnnxError::Model(format!("output '{name}' is computed by no node"))),
+            }
+            outputs.push(name);
+        }
+        let b = std::mem::take(&mut self.b);
+        Ok((inputs, outputs, record, b.build()?))
+    }
+
+    fn value(&self, cx: &Cx<'_>, i: usize) -> Result<&Val> {
+        let name = cx.input(i).ok_or_else(|| cx.err(format!("input {i} is missing")))?;
+        self.vals.get(name).ok_or_else(|| cx.err(format!("input '{name}' is computed by no earlier node")))
+    }
+
+    fn graph_in(&self, cx: &Cx<'_>, i: usize) -> Result<Node> {
+        match self.value(cx, i)? {
+            Val::Node(n) => Ok(n.clone()),
+            Val::Const(_) => Err(cx.err(format!(
+                "input {i} ('{}') is a constant; qonnx runs {} on values computed from the model's inputs",
+                cx.input(i).unwrap_or(""),
+                cx.op()
+            ))),
+        }
+    }
+
+    fn konst(&self, cx: &Cx<'_>, i: usize, what: &str) -> Result<Const> {
+        match self.value(cx, i)? {
+            Val::Const(c) => Ok(c.clone()),
+            Val::Node(_) => Err(cx.err(format!(
+                "its {what} (input {i}, '{}') is computed at run time; qonnx needs it constant (an initializer or \
+                 foldable shape arithmetic)",
+                cx.input(i).unwrap_or("")
+            ))),
+        }
+    }
+
+    fn opt_konst(&self, cx: &Cx<'_>, i: usize, what: &str) -> Result<Option<Const>> {
+        match cx.input(i) {
+            None => Ok(None),
+            Some(_) => self.konst(cx, i, what).map(Some),
+        }
+    }
+
+    fn ints_of(&self, cx: &Cx<'_>, i: usize, what: &str) -> Result<Option<Vec<i64>>> {
+        match self.opt_konst(cx, i, what)? {
+            None => Ok(None),
+            Some(c) => {
+                c.as_i64().map(|v| Some(v.to_vec())).ok_or_else(|| cx.err(format!("its {what} must be integers")))
+            }
+        }
+    }
+
+    /// A unique graph node name derived from `base`.
+    fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 1;
+        while self.names.contains_key(&name) {
+            name = format!("{base}:{k}");
+            k += 1;
+        }
+        let next = self.names.len();
+        self.names.insert(name.clone(), next);
+        name
+    }
+
+    /// Adds a layer on `x`, its output shape checked now.
+    fn layer(&mut self, cx: &Cx<'_>, suffix: &str, m: Box<dyn Module>, x: &Node) -> Result<Node> {
+        let shape = m
+            .output_shape(&x.shape)
+            .ok_or_else(|| cx.err(format!("its layer {} does not infer its output shape", m.kind())))?
+            .map_err(|e| cx.err(format!("input of shape {:?}: {e}", x.shape)))?;
+        if elements(&shape).is_none() {
+            return Err(cx.err(format!("an output of shape {shape:?} is larger than qonnx computes (2^34 elements)")));
+        }
+        let keeps = shape.first() == x.shape.first();
+        let name = self.fresh(&format!("{}{suffix}", cx.name));
+        let t = self.b.boxed(&name, m, x.t)?;
+        Ok(Node { t, shape, batch: x.batch && keeps })
+    }
+
+    fn node(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Vec<Val>> {
+        let op = cx.op().to_string();
+        let one = |n: Node| Ok(vec![Val::Node(n)]);
+        match op.as_str() {
+            "Identity" | "Dropout" => {
+                if op == "Dropout" && cx.int("training_mode", 0) != 0 {
+                    return Err(cx.err("training_mode=1; export the model in eval mode"));
+                }
+                Ok(vec![self.value(cx, 0)?.clone()])
+            }
+            "Constant" => {
+                let c = if let Some(t) = cx.attr("value").and_then(|a| a.t.as_ref()) {
+                    decode(t, None)?
+                } else if let Some(a) = cx.attr("value_float").and_then(|a| a.f) {
+                    Const::floats(vec![], vec![a])
+                } else if let Some(a) = cx.attr("value_floats") {
+                    Const::floats(vec![a.floats.len()], a.floats.clone())
+                } else if let Some(a) = cx.attr("value_int").and_then(|a| a.i) {
+                    Const::ints(vec![], vec![a])
+                } else if let Some(a) = cx.attr("value_ints") {
+                    Const::ints(vec![a.ints.len()], a.ints.clone())
+                } else {
+                    return Err(cx.err(
+                        "no value, value_float(s) or value_int(s) attribute (sparse and string constants are not read)",
+                    ));
+                };
+                Ok(vec![Val::Const(c)])
+            }
+            "Conv" => one(self.conv(cx)?),
+            "BatchNormalization" => one(self.batchnorm(cx)?),
+            "Relu" => self.unary(cx, Box::new(ReLU)),
+            "Sigmoid" => self.unary(cx, Box::new(Sigmoid)),
+            "Tanh" => self.unary(cx, Box::new(Tanh)),
+            "HardSwish" => self.unary(cx, Box::new(Hardswish)),
+            "HardSigmoid" => {
+                let (alpha, beta) = (cx.float("alpha", 0.2), cx.float("beta", 0.5));
+                if (alpha - 1.0 / 6.0).abs() > 1e-6 || (beta - 0.5).abs() > 1e-6 {
+                    return Err(cx.err(format!(
+                        "alpha {alpha}, beta {beta}: qonnx computes PyTorch's hardsigmoid (alpha 1/6, beta 0.5) only"
+                    )));
+                }
+                self.unary(cx, Box::new(HardSigmoid))
+            }
+            "Gelu" => {
+                let tanh = match cx.string("approximate", "none").as_str() {
+                    "none" => false,
+                    "tanh" => true,
+                    other => return Err(cx.err(format!("approximate='{other}'; expected 'none' or 'tanh'"))),
+                };
+                self.unary(cx, Box::new(GELU { tanh }))
+            }
+            "Clip" => self.clip(cx),
+            "Add" | "Sum" | "Mul" | "Sub" | "Div" => self.binary(cx),
+            "Concat" => self.concat(cx),
+            "MaxPool" | "AveragePool" => one(self.pool(cx)?),
+            "GlobalAveragePool" => {
+                let x = self.graph_in(cx, 0)?;
+                self.check_rank(cx, &x, 4)?;
+                one(self.layer(cx, "", Box::new(AdaptiveAvgPool2d(1, 1)), &x)?)
+            }
+            "GlobalMaxPool" => {
+                let x = self.graph_in(cx, 0)?;
+                self.check_rank(cx, &x, 4)?;
+                let mut p = qnn::layers::MaxPool2d::new(1, 1, 0);
+                p.0.kernel = [x.shape[2], x.shape[3]];
+                p.0.stride = p.0.kernel;
+                one(self.layer(cx, "", Box::new(p), &x)?)
+            }
+            "ReduceMean" => one(self.reduce_mean(cx)?),
+            "Flatten" => {
+                let axis = cx.int("axis", 1);
+                match self.value(cx, 0)?.clone() {
+                    Val::Const(c) => {
+                        let a = norm_axis(cx, axis, c.shape.len() + 1)?;
+                        let lead: usize = c.shape[..a].iter().product();
+                        Ok(vec![Val::Const(Const { shape: vec![lead, c.len() / lead.max(1)], ..c })])
+                    }
+                    Val::Node(x) => {
+                        let a = norm_axis(cx, axis, x.shape.len() + 1)?;
+                        if a == 1 {
+                            one(self.layer(cx, "", Box::new(Flatten), &x)?)
+                        } else {
+                            let lead: usize = x.shape[..a].iter().product();
+                            let rest: usize = x.shape[a..].iter().product();
+                            one(self.layer(
+                                cx,
+                                "",
+                                Box::new(Reshape { shape: vec![lead as i64, rest as i64], keep_batch: false }),
+                                &x,
+                            )?)
+                        }
+                    }
+                }
+            }
+            "Reshape" => self.reshape(cx),
+            "Squeeze" | "Unsqueeze" => self.squeeze(cx),
+            "Transpose" => self.transpose(cx),
+            "Softmax" => {
+                let x = self.graph_in(cx, 0)?;
+                let rank = x.shape.len() as i64;
+                let axis = cx.int("axis", if self.opset >= 13 { -1 } else { 1 });
+                let a = norm_axis(cx, axis, x.shape.len())?;
+                // Before opset 13 the input is coerced to 2-D at `axis`: the same as a
+                // softmax over one axis only when that axis is the last.
+                if self.opset < 13 && a as i64 != rank - 1 {
+                    return Err(cx.err(format!(
+                        "axis {axis} of a rank-{rank} input: before opset 13 Softmax spans every axis from it on; \
+                         qonnx takes the last axis only (re-export at opset 13 or later)"
+                    )));
+                }
+                one(self.layer(cx, "", Box::new(Softmax { dim: a as i64 }), &x)?)
+            }
+            "Gemm" => one(self.gemm(cx)?),
+            "MatMul" => one(self.matmul(cx, g, consumers)?),
+            "Pad" => one(self.pad(cx)?),
+            "Resize" | "Upsample" => one(self.resize(cx)?),
+            "Split" => self.split(cx),
+            "Slice" => self.slice(cx),
+            "Shape" => {
+                let (shape, batch) = match self.value(cx, 0)? {
+                    Val::Node(n) => (n.shape.clone(), n.batch),
+                    Val::Const(c) => (c.shape.clone(), false),
+                };
+                let r = shape.len() as i64;
+                let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+                let (s, e) = (clampi(cx.int("start", 0)), clampi(cx.int("end", r)));
+                let v: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                let v = if s < e { v[s..e].to_vec() } else { Vec::new() };
+                let flags = (s..s + v.len()).map(|k| batch && k == 0).collect();
+                Ok(vec![Val::Const(Const { shape: vec![v.len()], data: Data::I64 { v, batch: flags } })])
+            }
+            "Gather" => {
+                let c = self.konst(cx, 0, "data")?;
+                let idx = self.konst(cx, 1, "indices")?;
+                let idx = idx.as_i64().ok_or_else(|| cx.err("indices must be integers"))?.to_vec();
+                let ishape = self.konst(cx, 1, "indices")?.shape;
+                let axis = norm_axis(cx, cx.int("axis", 0), c.shape.len())?;
+                Ok(vec![Val::Const(gather(cx, &c, axis, &idx, &ishape)?)])
+            }
+            "Cast" => {
+                let c = self.konst(cx, 0, "input")?;
+                let to = cx.int("to", 0) as i32;
+                let data = match to {
+                    dt::FLOAT | dt::DOUBLE | dt::FLOAT16 => Data::F32(c.to_f32()),
+                    dt::INT64 | dt::INT32 | dt::INT8 | dt::UINT8 => match &c.data {
+                        Data::I64 { .. } => c.data.clone(),
+                        Data::F32(v) => {
+                            Data::I64 { v: v.iter().map(|&x| x as i64).collect(), batch: vec![false; v.len()] }
+                        }
+                    },
+                    dt::BOOL => Data::I64 {
+                        v: c.to_f32().iter().map(|&x| i64::from(x != 0.0)).collect(),
+                        batch: vec![false; c.len()],
+                    },
+                    other => return Err(cx.err(format!("cast to {} is not folded", dt::name(other)))),
+                };
+                Ok(vec![Val::Const(Const { shape: c.shape, data })])
+            }
+            "ConstantOfShape" => {
+                let s = self.ints_of(cx, 0, "shape")?.unwrap_or_default();
+                let shape: Vec<usize> = s
+                    .iter()
+                    .map(|&d| usize::try_from(d).map_err(|_| cx.err(format!("shape {s:?}"))))
+                    .collect::<Result<_>>()?;
+                let n = shape
+                    .iter()
+                    .try_fold(1usize, |a, &d| a.checked_mul(d))
+                    .filter(|&n| n <= 1 << 24)
+                    .ok_or_else(|| cx.err(format!("shape {s:?} is too large to fold")))?;
+                let fill = match cx.attr("value").and_then(|a| a.t.as_ref()) {
+                    Some(t) => decode(t, None)?,
+                    None => Const::floats(vec![1], vec![0.0]),
+                };
+                let data = match &fill.data {
+                    Data::F32(v) => Data::F32(vec![v.first().copied().unwrap_or(0.0); n]),
+                    Data::I64 { v, .. } => {
+                        Data::I64 { v: vec![v.first().copied().unwrap_or(0); n], batch: vec![false; n] }
+                    }
+                };
+                Ok(vec![Val::Const(Const { shape, data })])
+            }
+            _ => Err(OnnxError::Unsupported {
+                node: cx.name.clone(),
+                op_type: op,
+                domain: String::new(),
+                opset: self.opset,
+            }),
+        }
+    }
+
+    fn check_rank(&self, cx: &Cx<'_>, x: &Node, rank: usize) -> Result<()> {
+        if x.shape.len() != rank {
+            return Err(cx.err(format!("input of shape {:?}: qonnx takes rank-{rank} inputs here", x.shape)));
+        }
+        Ok(())
+    }
+
+    fn unary(&mut self, cx: &Cx<'_>, m: Box<dyn Module>) -> Result<Vec<Val>> {
+        let x = self.graph_in(cx, 0)?;
+        Ok(vec![Val::Node(self.layer(cx, "", m, &x)?)])
+    }
+
+    fn clip(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let (lo, hi) = if self.opset < 11 {
+            (cx.float("min", f32::NEG_INFINITY), cx.float("max", f32::INFINITY))
+        } else {
+            let scalar = |c: Option<Const>, default: f32| -> Result<f32> {
+                match c {
+                    None => Ok(default),
+                    Some(c) if c.len() == 1 => Ok(c.to_f32()[0]),
+                    Some(c) => Err(cx.err(format!("min and max must be scalars, not of shape {:?}", c.shape))),
+                }
+            };
+            (
+                scalar(self.opt_konst(cx, 1, "min")?, f32::NEG_INFINITY)?,
+                scalar(self.opt_konst(cx, 2, "max")?, f32::INFINITY)?,
+            )
+        };
+        let m: Box<dyn Module> = match (lo, hi) {
+            (l, h) if l == 0.0 && h == 6.0 => Box::new(ReLU6),
+            (l, h) if l == 0.0 && h == f32::INFINITY => Box::new(ReLU),
+            (l, h) if l.is_finite() && h.is_finite() && l <= h => Box::new(Hardtanh { min_val: l, max_val: h }),
+            (l, h) => {
+                return Err(
+                    cx.err(format!("bounds [{l}, {h}]: qonnx takes [0, inf) (ReLU) or finite bounds min <= max"))
+                )
+            }
+        };
+        self.unary(cx, m)
+    }
+
+    fn conv(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let mut x = self.graph_in(cx, 0)?;
+        let w = self.konst(cx, 1, "weight")?;
+        let b = self.opt_konst(cx, 2, "bias")?;
+        if w.shape.len() != 4 || x.shape.len() != 4 {
+            return Err(cx.err(format!(
+                "input {:?}, weight {:?}: qonnx imports 2-D convolutions (4-D input and weight)",
+                x.shape, w.shape
+            )));
+        }
+        let (kh, kw) = (w.shape[2], w.shape[3]);
+        if let Some(k) = cx.ints("kernel_shape") {
+            if k != [kh as i64, kw as i64] {
+                return Err(cx.err(format!("kernel_shape {k:?} disagrees with the weight's {:?}", w.shape)));
+            }
+        }
+        let two = |name: &str, default: usize| -> Result<[usize; 2]> {
+            match cx.ints(name) {
+                None => Ok([default; 2]),
+                Some(v) if v.len() == 2 && v.iter().all(|&s| s > 0) => Ok([v[0] as usize, v[1] as usize]),
+                Some(v) => Err(cx.err(format!("{name} {v:?}: expected two positive values"))),
+            }
+        };
+        let stride = two("strides", 1)?;
+        let dilation = two("dilations", 1)?;
+        let group = usize::try_from(cx.int("group", 1))
+            .ok()
+            .filter(|&g| g > 0)
+            .ok_or_else(|| cx.err("group must be positive"))?;
+        // pads: [top, left, bottom, right].
+        let pads = self.pads(cx, &x.shape[2..], [kh, kw], stride, dilation)?;
+        let [t, l, bo, r] = pads;
+        let padding = if t == bo && l == r {
+            [t, l]
+        } else {
+            let p = Pad2d { pads: [l, r, t, bo], mode: PadMode::Constant(0.0) };
+            x = self.layer(cx, ":pad", Box::new(p), &x)?;
+            [0, 0]
+        };
+        let oc = w.shape[0];
+        let bias = match b {
+            Some(b) if b.len() == oc => Some(ArrayD::from_shape_vec(IxDyn(&[oc]), b.to_f32()).expect("length checked")),
+            Some(b) => return Err(cx.err(format!("bias of shape {:?} for {oc} output channels", b.shape))),
+            None => None,
+        };
+        let mut conv = Conv2d::new(w.shape[1] * group, oc, kh);
+        conv.weight = w.to_array();
+        conv.bias = bias;
+        conv.geom.stride = stride;
+        conv.geom.padding = padding;
+        conv.geom.dilation = dilation;
+        conv.geom.groups = group;
+        self.layer(cx, "", Box::new(conv), &x)
+    }
+
+    /// A window op's padding `[top, left, bottom, right]`, from `pads` or `auto_pad`.
+    fn pads(
+        &self,
+        cx: &Cx<'_>,
+        hw: &[usize],
+        k: [usize; 2],
+        stride: [usize; 2],
+        dil: [usize; 2],
+    ) -> Result<[usize; 4]> {
+        let auto = cx.string("auto_pad", "NOTSET");
+        match auto.as_str() {
+            "NOTSET" => match cx.ints("pads") {
+                None => Ok([0; 4]),
+                Some(p) if p.len() == 4 && p.iter().all(|&v| v >= 0) => {
+                    Ok([p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize])
+                }
+                Some(p) => Err(cx.err(format!("pads {p:?}: expected four non-negative values"))),
+            },
+            "VALID" => Ok([0; 4]),
+            "SAME_UPPER" | "SAME_LOWER" => {
+                let mut out = [0usize; 4];
+                for a in 0..2 {
+                    let o = hw[a].div_ceil(stride[a]);
+                    let span = dil[a] * (k[a] - 1) + 1;
+                    let total = ((o - 1) * stride[a] + span).saturating_sub(hw[a]);
+                    let (small, big) = (total / 2, total - total / 2);
+                    let (begin, end) = if auto == "SAME_UPPER" { (small, big) } else { (big, small) };
+                    out[a] = begin;
+                    out[a + 2] = end;
+                }
+                Ok(out)
+            }
+            other => Err(cx.err(format!("auto_pad '{other}'"))),
+        }
+    }
+
+    fn batchnorm(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        if cx.int("training_mode", 0) != 0 {
+            return Err(cx.err("training_mode=1; export the model in eval mode"));
+        }
+        if cx.int("spatial", 1) != 1 {
+            return Err(cx.err("spatial=0 (statistics per element, not per channel) is not supported"));
+        }
+        let c = *x.shape.get(1).ok_or_else(|| cx.err(format!("input of shape {:?} has no channel axis", x.shape)))?;
+        let mut bn = BatchNorm2d::new(c);
+        let names = ["scale", "bias", "mean", "variance"];
+        let mut got = Vec::new();
+        for (i, what) in names.iter().enumerate() {
+            let k = self.konst(cx, i + 1, what)?;
+            if k.len() != c {
+                return Err(cx.err(format!("{what} of shape {:?} for {c} channels", k.shape)));
+            }
+            got.push(ArrayD::from_shape_vec(IxDyn(&[c]), k.to_f32()).expect("length checked"));
+        }
+        bn.running_var = got.pop().expect("four");
+        bn.running_mean = got.pop().expect("four");
+        bn.bias = got.pop().expect("four");
+        bn.weight = got.pop().expect("four");
+        bn.eps = cx.float("epsilon", 1e-5);
+        match x.shape.len() {
+            4 => self.layer(cx, "", Box::new(bn), &x),
+            2 => self.layer(cx, "", Box::new(BatchNorm1d(bn)), &x),
+            r => Err(cx.err(format!("a rank-{r} input {:?}: qonnx takes [n, c] or [n, c, h, w]", x.shape))),
+        }
+    }
+
+    fn binary(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let op = cx.op().to_string();
+        let n_in = cx.node.input.len();
+        if n_in != 2 {
+            if op == "Sum" && n_in == 1 {
+                return Ok(vec![self.value(cx, 0)?.clone()]);
+            }
+            return Err(cx.err(format!("{n_in} inputs; qonnx takes two")));
+        }
+        let (a, b) = (self.value(cx, 0)?.clone(), self.value(cx, 1)?.clone());
+        match (a, b) {
+            (Val::Const(a), Val::Const(b)) => Ok(vec![Val::Const(fold_binary(cx, &op, &a, &b)?)]),
+            (Val::Node(a), Val::Node(b)) => {
+                let shape = if a.shape == b.shape {
+                    a.shape.clone()
+                } else if is_channel_vector(&a.shape, &b.shape) {
+                    b.shape.clone()
+                } else if is_channel_vector(&b.shape, &a.shape) {
+                    a.shape.clone()
+                } else {
+                    return Err(cx.err(format!(
+                        "inputs of shapes {:?} and {:?}: qonnx broadcasts equal shapes, or [n, c, 1, 1] against \
+                         [n, c, h, w]",
+                        a.shape, b.shape
+                    )));
+                };
+                let name = self.fresh(&cx.name);
+                let t = match op.as_str() {
+                    "Add" | "Sum" => self.b.add(&name, a.t, b.t)?,
+                    "Mul" => self.b.mul(&name, a.t, b.t)?,
+                    _ => return Err(cx.err("of two computed values is not supported (only Add, Sum and Mul are)")),
+                };
+                Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch })])
+            }
+            _ => Err(cx.err(
+                "one input is a constant and the other computed: qonnx imports a constant operand only as a \
+                 MatMul's bias (MatMul followed by Add)",
+            )),
+        }
+    }
+
+    fn concat(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let vals: Vec<Val> = (0..cx.node.input.len()).map(|i| self.value(cx, i).cloned()).collect::<Result<_>>()?;
+        let axis = cx.int("axis", 1);
+        if vals.iter().all(|v| matches!(v, Val::Const(_))) {
+            let cs: Vec<Const> =
+                vals.into_iter().map(|v| if let Val::Const(c) = v { c } else { unreachable!() }).collect();
+            return Ok(vec![Val::Const(fold_concat(cx, &cs, axis)?)]);
+        }
+        let nodes: Vec<Node> = vals
+            .into_iter()
+            .map(|v| match v {
+                Val::Node(n) => Ok(n),
+                Val::Const(_) => {
+                    Err(cx.err("mixes constants with computed values; qonnx concatenates computed values"))
+                }
+            })
+            .collect::<Result<_>>()?;
+        let rank = nodes[0].shape.len();
+        if norm_axis(cx, axis, rank)? != 1 {
+            return Err(cx.err(format!("axis {axis}: qonnx concatenates along axis 1 (channels or features)")));
+        }
+        let mut shape = nodes[0].shape.clone();
+        shape[1] = 0;
+        for n in &nodes {
+            if n.shape.len() != rank || n.shape[0] != shape[0] || n.shape[2..] != shape[2..] {
+                return Err(cx.err(format!(
+                    "inputs of shapes {:?} differ beyond axis 1",
+                    nodes.iter().map(|n| &n.shape).collect::<Vec<_>>()
+                )));
+            }
+            shape[1] += n.shape[1];
+        }
+        let name = self.fresh(&cx.name);
+        let ts: Vec<Tensor> = nodes.iter().map(|n| n.t).collect();
+        let t = self.b.cat(&name, &ts)?;
+        Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch })])
+    }
+
+    fn pool(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        self.check_rank(cx, &x, 4)?;
+        let k = cx.ints("kernel_shape").unwrap_or_default();
+        if k.len() != 2 || k.iter().any(|&v| v <= 0) {
+            return Err(cx.err(format!("kernel_shape {k:?}: qonnx pools over two axes")));
+        }
+        let k = [k[0] as usize, k[1] as usize];
+        let two = |name: &str, default: [usize; 2]| -> Result<[usize; 2]> {
+            match cx.ints(name) {
+                None => Ok(default),
+                Some(v) if v.len() == 2 && v.iter().all(|&s| s > 0) => Ok([v[0] as usize, v[1] as usize]),
+                Some(v) => Err(cx.err(format!("{name} {v:?}: expected two positive values"))),
+            }
+        };
+        // ONNX's default stride is 1 (PyTorch's is the kernel).
+        let stride = two("strides", [1, 1])?;
+        let dilation = two("dilations", [1, 1])?;
+        let [t, l, b, r] = self.pads(cx, &x.shape[2..], k, stride, dilation)?;
+        let ceil = cx.int("ceil_mode", 0) != 0;
+        if t != b || l != r {
+            return Err(cx.err(format!(
+                "pads [{t}, {l}, {b}, {r}] are not symmetric; qonnx pools with equal padding on both sides"
+            )));
+        }
+        if t * 2 > k[0] || l * 2 > k[1] {
+            return Err(cx.err(format!("pads {:?} exceed half the kernel {k:?}", [t, l])));
+        }
+        let mut p = qnn::layers::MaxPool2d::new(k[0], stride[0], t).0;
+        p.kernel = k;
+        p.stride = stride;
+        p.padding = [t, l];
+        p.ceil_mode = ceil;
+        if cx.op() == "MaxPool" {
+            if cx.int("storage_order", 0) != 0 {
+                return Err(cx.err("storage_order=1 (column-major indices) is not supported"));
+            }
+            p.dilation = dilation;
+            self.layer(cx, "", Box::new(MaxPool2d(p)), &x)
+        } else {
+            if dilation != [1, 1] {
+                return Err(cx.err(format!("dilations {dilation:?}: average pooling without dilation only")));
+            }
+            p.count_include_pad = cx.int("count_include_pad", 0) != 0;
+            self.layer(cx, "", Box::new(AvgPool2d(p)), &x)
+        }
+    }
+
+    fn reduce_mean(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        let axes = if self.opset >= 18 { self.ints_of(cx, 1, "axes")? } else { cx.ints("axes") };
+        let keep = cx.int("keepdims", 1) != 0;
+        let mut axes: Vec<usize> =
+            axes.unwrap_or_default().iter().map(|&a| norm_axis(cx, a, x.shape.len())).collect::<Result<_>>()?;
+        axes.sort_unstable();
+        if x.shape.len() != 4 || axes != [2, 3] {
+            return Err(cx.err(format!(
+                "axes {axes:?} of shape {:?}: qonnx takes the mean over the spatial axes [2, 3] of NCHW (global average pooling)",
+                x.shape
+            )));
+        }
+        let pooled = self.layer(cx, "", Box::new(AdaptiveAvgPool2d(1, 1)), &x)?;
+        if keep {
+            Ok(pooled)
+        } else {
+            self.layer(cx, ":squeeze", Box::new(Flatten), &pooled)
+        }
+    }
+
+    fn reshape(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let target = self.konst(cx, 1, "shape")?;
+        let t = target.as_i64().ok_or_else(|| cx.err("shape must be integers"))?.to_vec();
+        let flags = target.batch_flags();
+        if cx.int("allowzero", 0) != 0 && t.contains(&0) {
+            return Err(cx.err("allowzero=1 with a 0 in the shape (an empty tensor) is not supported"));
+        }
+        match self.value(cx, 0)?.clone() {
+            Val::Const(c) => {
+                let shape = reshape_dims(cx, &c.shape, &t)?;
+                Ok(vec![Val::Const(Const { shape, ..c })])
+            }
+            Val::Node(x) => {
+                let out = reshape_dims(cx, &x.shape, &t)?;
+                let m = self.reshape_layer(&x, &out, &t, &flags);
+                Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)])
+            }
+        }
+    }
+
+    /// A reshape of `x` to `out`, keeping the batch whatever its size when the target's first
+    /// entry is the batch (read off a shape, copied by 0, or inferred by -1 from an unchanged
+    /// rest).
+    fn reshape_layer(&self, x: &Node, out: &[usize], target: &[i64], flags: &[bool]) -> Reshape {
+        let rest_same = !out.is_empty()
+            && !x.shape.is_empty()
+            && out[1..].iter().product::<usize>() == x.shape[1..].iter().product::<usize>();
+        let batch_first = x.batch
+            && out.first() == x.shape.first()
+            && (flags.first() == Some(&true)
+                || target.first() == Some(&0)
+                || (target.first() == Some(&-1) && rest_same));
+        if batch_first && rest_same {
+            Reshape::batch_and(&out[1..].iter().map(|&d| d as i64).collect::<Vec<_>>())
+        } else {
+            Reshape { shape: out.iter().map(|&d| d as i64).collect(), keep_batch: false }
+        }
+    }
+
+    fn squeeze(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let axes = if self.opset >= 13 { self.ints_of(cx, 1, "axes")? } else { cx.ints("axes") };
+        let v = self.value(cx, 0)?.clone();
+        let shape = match &v {
+            Val::Const(c) => c.shape.clone(),
+            Val::Node(n) => n.shape.clone(),
+        };
+        // Whether axis 0 (the batch) is squeezed away or moved by an inserted axis.
+        let touches_batch;
+        let out = if cx.op() == "Unsqueeze" {
+            let axes = axes.ok_or_else(|| cx.err("no axes"))?;
+            let r = shape.len() + axes.len();
+            let mut ax: Vec<usize> = axes.iter().map(|&a| norm_axis(cx, a, r)).collect::<Result<_>>()?;
+            ax.sort_unstable();
+            touches_batch = ax.first() == Some(&0);
+            let mut out = shape.clone();
+            for a in ax {
+                out.insert(a, 1);
+            }
+            out
+        } else {
+            let r = shape.len();
+            let ax: Vec<usize> = match axes {
+                Some(a) => a.iter().map(|&a| norm_axis(cx, a, r)).collect::<Result<_>>()?,
+                None => (0..r).filter(|&k| shape[k] == 1).collect(),
+            };
+            if let Some(&a) = ax.iter().find(|&&a| shape[a] != 1) {
+                return Err(cx.err(format!("axis {a} of shape {shape:?} is not of size 1")));
+            }
+            touches_batch = ax.contains(&0);
+            (0..r).filter(|k| !ax.contains(k)).map(|k| shape[k]).collect()
+        };
+        match v {
+            Val::Const(c) => Ok(vec![Val::Const(Const { shape: out, ..c })]),
+            Val::Node(x) => {
+                let t: Vec<i64> = out.iter().map(|&d| d as i64).collect();
+                let keep = x.batch && !touches_batch && !out.is_empty();
+                let m = if keep { Reshape::batch_and(&t[1..]) } else { Reshape { shape: t, keep_batch: false } };
+                Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)])
+            }
+        }
+    }
+
+    fn transpose(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let v = self.value(cx, 0)?.clone();
+        let rank = match &v {
+            Val::Const(c) => c.shape.len(),
+            Val::Node(n) => n.shape.len(),
+        };
+        let perm: Vec<usize> = match cx.ints("perm") {
+            Some(p) => p.iter().map(|&a| norm_axis(cx, a, rank)).collect::<Result<_>>()?,
+            None => (0..rank).rev().collect(),
+        };
+        match v {
+            Val::Const(c) => {
+                let a = c.to_array();
+                let mut seen = vec![false; rank];
+                if perm.len() != rank || perm.iter().any(|&d| std::mem::replace(&mut seen[d], true)) {
+                    return Err(cx.err(format!("perm {perm:?} is not a permutation of {rank} axes")));
+                }
+                let p = a.permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned();
+                let shape = p.shape().to_vec();
+                let data = match c.data {
+                    Data::F32(_) => Data::F32(p.iter().copied().collect()),
+                    Data::I64 { .. } => {
+                        let v: Vec<i64> = p.iter().map(|&x| x as i64).collect();
+                        let n = v.len();
+                        Data::I64 { v, batch: vec![false; n] }
+                    }
+                };
+                Ok(vec![Val::Const(Const { shape, data })])
+            }
+            Val::Node(x) => Ok(vec![Val::Node(self.layer(cx, "", Box::new(Permute { dims: perm }), &x)?)]),
+        }
+    }
+
+    fn linear(&mut self, cx: &Cx<'_>, x: &Node, weight: ArrayD<f32>, bias: Option<ArrayD<f32>>) -> Result<Node> {
+        if x.shape.len() != 2 {
+            return Err(cx.err(format!(
+                "input of shape {:?}: qonnx imports matrix products on [batch, features] inputs",
+                x.shape
+            )));
+        }
+        let s = weight.shape().to_vec();
+        let mut lin = Linear::new(s[1], s[0]);
+        lin.weight = weight;
+        lin.bias = bias;
+        self.layer(cx, "", Box::new(lin), x)
+    }
+
+    fn gemm(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        if cx.int("transA", 0) != 0 {
+            return Err(cx.err("transA=1: qonnx takes the computed operand untransposed"));
+        }
+        let b = self.konst(cx, 1, "weight (B)")?;
+        if b.shape.len() != 2 {
+            return Err(cx.err(format!("B of shape {:?} is not a matrix", b.shape)));
+        }
+        let (alpha, beta) = (cx.float("alpha", 1.0), cx.float("beta", 1.0));
+        let mut w = b.to_array();
+        if cx.int("transB", 0) == 0 {
+            w = w.reversed_axes().as_standard_layout().into_owned();
+        }
+        if alpha != 1.0 {
+            w.mapv_inplace(|v| v * alpha);
+        }
+        let n = w.shape()[0];
+        let bias = match self.opt_konst(cx, 2, "bias (C)")? {
+            None => None,
+            Some(c) if c.len() == n || c.len() == 1 => {
+                let v = c.to_f32();
+                Some(ArrayD::from_shape_fn(IxDyn(&[n]), |i| beta * v[if v.len() == 1 { 0 } else { i[0] }]))
+            }
+            Some(c) => return Err(cx.err(format!("C of shape {:?}: qonnx takes one bias per output ({n})", c.shape))),
+        };
+        self.linear(cx, &x, w, bias)
+    }
+
+    fn matmul(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        let b = self.konst(cx, 1, "weight")?;
+        if b.shape.len() != 2 {
+            return Err(cx.err(format!("weight of shape {:?}: qonnx takes a constant matrix", b.shape)));
+        }
+        let w = b.to_array().reversed_axes().as_standard_layout().into_owned();
+        let n = w.shape()[0];
+        // MatMul followed by Add of a constant vector (PyTorch's Linear at some opsets, and
+        // other exporters): the Add becomes this layer's bias.
+        let out = cx.node.output.first().cloned().unwrap_or_default();
+        let mut bias = None;
+        if let Some([k]) = consumers.get(out.as_str()).map(Vec::as_slice) {
+            let next = &g.node[*k];
+            if next.op_type.as_deref() == Some("Add") && next.input.len() == 2 && next.output.len() == 1 {
+                let other = if next.input[0] == out { &next.input[1] } else { &next.input[0] };
+                if let Some(Val::Const(c)) = self.vals.get(other) {
+                    if c.len() == n && matches!(c.data, Data::F32(_)) {
+                        bias = Some(ArrayD::from_shape_vec(IxDyn(&[n]), c.to_f32()).expect("length checked"));
+                        self.absorbed.insert(next.output[0].clone(), out.clone());
+                    }
+                }
+            }
+        }
+        self.linear(cx, &x, w, bias)
+    }
+
+    fn pad(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        self.check_rank(cx, &x, 4)?;
+        let (pads, value) = if self.opset < 11 {
+            (cx.ints("pads").unwrap_or_default(), cx.float("value", 0.0))
+        } else {
+            let p = self.ints_of(cx, 1, "pads")?.unwrap_or_default();
+            let v = match self.opt_konst(cx, 2, "constant_value")? {
+                Some(c) if c.len() == 1 => c.to_f32()[0],
+                Some(c) => return Err(cx.err(format!("constant_value of shape {:?} is not a scalar", c.shape))),
+                None => 0.0,
+            };
+            if cx.input(3).is_some() {
+                return Err(cx.err("the axes input is not supported; give pads for all four axes"));
+            }
+            (p, v)
+        };
+        // [n_begin, c_begin, h_begin, w_begin, n_end, c_end, h_end, w_end]
+        if pads.len() != 8
+            || pads[0] != 0
+            || pads[1] != 0
+            || pads[4] != 0
+            || pads[5] != 0
+            || pads.iter().any(|&p| p < 0)
+        {
+            return Err(
+                cx.err(format!("pads {pads:?}: qonnx pads height and width of NCHW by non-negative amounts only"))
+            );
+        }
+        let mode = match cx.string("mode", "constant").as_str() {
+            "constant" => PadMode::Constant(value),
+            "reflect" => PadMode::Reflect,
+            "edge" => PadMode::Replicate,
+            other => return Err(cx.err(format!("mode '{other}': constant, reflect and edge are supported"))),
+        };
+        let p = Pad2d { pads: [pads[3] as usize, pads[7] as usize, pads[2] as usize, pads[6] as usize], mode };
+        self.layer(cx, "", Box::new(p), &x)
+    }
+
+    fn resize(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        self.check_rank(cx, &x, 4)?;
+        let mode = cx.string("mode", "nearest");
+        // Upsample (opset 9): scales is input 1. Resize 10: scales is input 1; 11+: roi,
+        // scales, sizes.
+        let (scales, sizes) = if cx.op() == "Upsample" || self.opset < 11 {
+            (self.opt_konst(cx, 1, "scales")?.map(|c| c.to_f32()), None)
+        } else {
+            (
+                self.opt_konst(cx, 2, "scales")?.map(|c| c.to_f32()).filter(|s| !s.is_empty()),
+                self.ints_of(cx, 3, "sizes")?,
+            )
+        };
+        let [n, c, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+        let factor: [f64; 2] = match (scales, sizes) {
+            (Some(s), _) if s.len() == 4 && s[0] == 1.0 && s[1] == 1.0 => [f64::from(s[2]), f64::from(s[3])],
+            (None, Some(z)) if z.len() == 4 && z[0] == n as i64 && z[1] == c as i64 && h > 0 && w > 0 => {
+                [z[2] as f64 / h as f64, z[3] as f64 / w as f64]
+            }
+            (s, z) => return Err(cx.err(format!("scales {s:?}, sizes {z:?}: qonnx resizes height and width only"))),
+        };
+        let ctm = cx.string(
+            "coordinate_transformation_mode",
+            if cx.op() == "Upsample" || self.opset < 11 { "asymmetric" } else { "half_pixel" },
+        );
+        let m = match mode.as_str() {
+            "nearest" => {
+                let nm = cx.string("nearest_mode", "round_prefer_floor");
+                let exact = ctm == "asymmetric" && (self.opset < 11 || cx.op() == "Upsample" || nm == "floor");
+                if !exact || factor.iter().any(|f| f.fract() != 0.0 || *f < 1.0) {
+                    return Err(cx.err(format!(
+                        "nearest resize with coordinate_transformation_mode '{ctm}', nearest_mode '{nm}', factors \
+                         {factor:?}: qonnx takes PyTorch's nearest upsampling (asymmetric, floor, integer factors)"
+                    )));
+                }
+                Upsample { size: None, scale_factor: Some(factor), mode: UpsampleMode::Nearest }
+            }
+            "linear" | "bilinear" => {
+                let align_corners = match ctm.as_str() {
+                    "align_corners" => true,
+                    "pytorch_half_pixel" | "half_pixel" => false,
+                    other => {
+                        return Err(cx.err(format!(
+                            "linear resize with coordinate_transformation_mode '{other}': align_corners, half_pixel \
+                             and pytorch_half_pixel are supported"
+                        )))
+                    }
+                };
+                Upsample { size: None, scale_factor: Some(factor), mode: UpsampleMode::Bilinear { align_corners } }
+            }
+            other => return Err(cx.err(format!("mode '{other}': nearest and linear are supported"))),
+        };
+        let out = self.layer(cx, "", Box::new(m), &x)?;
+        let want = [(h as f64 * factor[0]).floor() as usize, (w as f64 * factor[1]).floor() as usize];
+        if out.shape[2..] != want {
+            return Err(cx.err(format!("output {:?} differs from ONNX's size {want:?}", out.shape)));
+        }
+        Ok(out)
+    }
+
+    fn split(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let x = self.graph_in(cx, 0)?;
+        let axis = norm_axis(cx, cx.int("axis", 0), x.shape.len())?;
+        let outs = cx.node.output.len();
+        let sizes: Vec<usize> = match if self.opset >= 13 { self.ints_of(cx, 1, "split")? } else { cx.ints("split") } {
+            Some(s) => s
+                .iter()
+                .map(|&v| usize::try_from(v).map_err(|_| cx.err(format!("split {s:?}"))))
+                .collect::<Result<_>>()?,
+            None => {
+                let d = x.shape[axis];
+                let k = outs.max(1);
+                let each = d.div_ceil(k);
+                (0..k).map(|i| each.min(d.saturating_sub(i * each))).collect()
+            }
+        };
+        if sizes.iter().sum::<usize>() != x.shape[axis] || sizes.len() != outs {
+            return Err(
+                cx.err(format!("split sizes {sizes:?} for axis {axis} of shape {:?} and {outs} outputs", x.shape))
+            );
+        }
+        let mut start = 0;
+        let mut res = Vec::new();
+        for (i, &len) in sizes.iter().enumerate() {
+            let s = Slice::narrow(axis as i64, start, len);
+            start += len;
+            res.push(Val::Node(self.layer(cx, &format!(".{i}"), Box::new(s), &x)?));
+        }
+        Ok(res)
+    }
+
+    fn slice(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let v = self.value(cx, 0)?.clone();
+        let shape = match &v {
+            Val::Const(c) => c.shape.clone(),
+            Val::Node(n) => n.shape.clone(),
+        };
+        let (starts, ends, axes, steps) = if self.opset < 10 {
+            (cx.ints("starts").unwrap_or_default(), cx.ints("ends").unwrap_or_default(), cx.ints("axes"), None)
+        } else {
+            (
+                self.ints_of(cx, 1, "starts")?.unwrap_or_default(),
+                self.ints_of(cx, 2, "ends")?.unwrap_or_default(),
+                self.ints_of(cx, 3, "axes")?,
+                self.ints_of(cx, 4, "steps")?,
+            )
+        };
+        let axes: Vec<usize> = match axes {
+            Some(a) => a.iter().map(|&a| norm_axis(cx, a, shape.len())).collect::<Result<_>>()?,
+            None => (0..starts.len()).collect(),
+        };
+        if starts.len() != axes.len()
+            || ends.len() != axes.len()
+            || steps.as_ref().is_some_and(|s| s.len() != axes.len())
+        {
+            return Err(cx.err("starts, ends, axes and steps differ in length"));
+        }
+        // Each axis's [begin, end) with step 1.
+        let mut ranges: Vec<(usize, usize)> = shape.iter().map(|&d| (0, d)).collect();
+        for (k, &a) in axes.iter().enumerate() {
+            if steps.as_ref().is_some_and(|s| s[k] != 1) {
+                return Err(cx.err(format!("steps {:?}: qonnx slices with step 1", steps.as_ref().expect("some"))));
+            }
+            let d = shape[a] as i64;
+            let clampi = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d) as usize;
+            let (s, e) = (clampi(starts[k]), clampi(ends[k]));
+            ranges[a] = (s, e.max(s));
+        }
+        match v {
+            Val::Const(c) => {
+                let a = c.to_array();
+                let flags = c.batch_flags();
+                let sl =
+                    a.slice_each_axis(|ax| ndarray::Slice::from(ranges[ax.axis.index()].0..ranges[ax.axis.index()].1));
+                let out_shape = sl.shape().to_vec();
+                let data = match c.data {
+                    Data::F32(_) => Data::F32(sl.iter().copied().collect()),
+                    Data::I64 { v: ref iv, .. } => {
+                        // Rank-1 integer slices keep their batch flags.
+                        if shape.len() == 1 {
+                            let (s, e) = ranges[0];
+                            Data::I64 { v: iv[s..e].to_vec(), batch: flags[s..e].to_vec() }
+                        } else {
+                            let v: Vec<i64> = sl.iter().map(|&x| x as i64).collect();
+                            let n = v.len();
+                            Data::I64 { v, batch: vec![false; n] }
+                        }
+                    }
+                };
+                Ok(vec![Val::Const(Const { shape: out_shape, data })])
+            }
+            Val::Node(mut x) => {
+                let cut: Vec<usize> = (0..shape.len()).filter(|&a| ranges[a] != (0, shape[a])).collect();
+                if cut.is_empty() {
+                    return Ok(vec![Val::Node(x)]);
+                }
+                for (i, &a) in cut.iter().enumerate() {
+                    let (s, e) = ranges[a];
+                    let suffix = if cut.len() == 1 { String::new() } else { format!(".{i}") };
+                    x = self.layer(cx, &suffix, Box::new(Slice::narrow(a as i64, s, e - s)), &x)?;
+                }
+                Ok(vec![Val::Node(x)])
+            }
+        }
+    }
+}
+
+/// The number of elements of `shape`, if at most 2^34 (so that no shape arithmetic on it
+/// overflows).
+fn elements(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= 1 << 34)
+}
+
+/// For each value name, the indices of the nodes that read it.
+fn consumers(g: &GraphProto) -> HashMap<&str, Vec<usize>> {
+    let mut m: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in g.node.iter().enumerate() {
+        for inp in n.input.iter().filter(|s| !s.is_empty()) {
+            m.entry(inp.as_str()).or_default().push(i);
+        }
+    }
+    m
+}
+
+fn norm_axis(cx: &Cx<'_>, axis: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if (0..r).contains(&a) {
+        Ok(a as usize)
+    } else {
+        Err(cx.err(format!("axis {axis} is outside a rank-{rank} tensor")))
+    }
+}
+
+/// `small` is `[n, c, 1, 1]` against `big`'s `[n, c, h, w]`.
+fn is_channel_vector(small: &[usize], big: &[usize]) -> bool {
+    small.len() == 4 && big.len() == 4 && small[0] == big[0] && small[1] == big[1] && small[2] == 1 && small[3] == 1
+}
+
+fn reshape_dims(cx: &Cx<'_>, input: &[usize], target: &[i64]) -> Result<Vec<usize>> {
+    let total: usize = input.iter().product();
+    let mut out = Vec::with_capacity(target.len());
+    let mut infer = None;
+    for (i, &d) in target.iter().enumerate() {
+        out.push(match d {
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                1
+            }
+            0 => *input
+                .get(i)
+                .ok_or_else(|| cx.err(format!("shape {target:?}: a 0 copies a dimension {input:?} lacks")))?,
+            d if d > 0 => d as usize,
+            _ => return Err(cx.err(format!("shape {target:?} of input {input:?}"))),
+        });
+    }
+    let known: usize = out.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || !total.is_multiple_of(known) {
+            return Err(cx.err(format!("shape {target:?} does not divide input {input:?}")));
+        }
+        out[i] = total / known;
+    }
+    if out.iter().product::<usize>() != total {
+        return Err(cx.err(format!("shape {target:?} does not hold the {total} elements of input {input:?}")));
+    }
+    Ok(out)
+}
+
+fn gather(cx: &Cx<'_>, c: &Const, axis: usize, idx: &[i64], ishape: &[usize]) -> Result<Const> {
+    let d = c.shape[axis] as i64;
+    let idx: Vec<usize> = idx
+        .iter()
+        .map(|&i| {
+            let j = if i < 0 { i + d } else { i };
+            if (0..d).contains(&j) {
+                Ok(j as usize)
+            } else {
+                Err(cx.err(format!("index {i} is outside axis {axis} of size {d}")))
+            }
+        })
+        .collect::<Result<_>>()?;
+    let outer: usize = c.shape[..axis].iter().product();
+    let inner: usize = c.shape[axis + 1..].iter().product();
+    let mut shape = c.shape[..axis].to_vec();
+    shape.extend_from_slice(ishape);
+    shape.extend_from_slice(&c.shape[axis + 1..]);
+    let total = outer.checked_mul(idx.len()).and_then(|v| v.checked_mul(inner)).filter(|&n| n <= 1 << 24);
+    let Some(total) = total else {
+        return Err(cx.err(format!("gathering {} indices from {:?} is too large to fold", idx.len(), c.shape)));
+    };
+    let mut order = Vec::with_capacity(total);
+    for o in 0..outer {
+        for &j in &idx {
+            for k in 0..inner {
+                order.push((o * c.shape[axis] + j) * inner + k);
+            }
+        }
+    }
+    let data = match &c.data {
+        Data::F32(v) => Data::F32(order.iter().map(|&i| v[i]).collect()),
+        Data::I64 { v, batch } => {
+            Data::I64 { v: order.iter().map(|&i| v[i]).collect(), batch: order.iter().map(|&i| batch[i]).collect() }
+        }
+    };
+    Ok(Const { shape, data })
+}
+
+fn fold_concat(cx: &Cx<'_>, cs: &[Const], axis: i64) -> Result<Const> {
+    let rank = cs[0].shape.len();
+    let a = norm_axis(cx, axis, rank.max(1))?;
+    if rank == 1 || cs.iter().all(|c| c.shape.len() <= 1) {
+        let ints = cs.iter().all(|c| c.as_i64().is_some());
+        let n: usize = cs.iter().map(Const::len).sum();
+        return Ok(if ints {
+            let v = cs.iter().flat_map(|c| c.as_i64().expect("ints").to_vec()).collect();
+            let batch = cs.iter().flat_map(|c| c.batch_flags()).collect();
+            Const { shape: vec![n], data: Data::I64 { v, batch } }
+        } else {
+            Const::floats(vec![n], cs.iter().flat_map(|c| c.to_f32()).collect())
+        });
+    }
+    let arrays: Vec<ArrayD<f32>> = cs.iter().map(Const::to_array).collect();
+    let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+    let cat = ndarray::concatenate(ndarray::Axis(a), &views).map_err(|e| cx.err(format!("constant inputs: {e}")))?;
+    let shape = cat.shape().to_vec();
+    let v: Vec<f32> = cat.iter().copied().collect();
+    Ok(if cs.iter().all(|c| c.as_i64().is_some()) {
+        Const::ints(shape, v.iter().map(|&x| x as i64).collect())
+    } else {
+        Const::floats(shape, v)
+    })
+}
+
+fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
+    let (shape, n) = if a.shape == b.shape || b.len() == 1 {
+        (a.shape.clone(), a.len())
+    } else if a.len() == 1 {
+        (b.shape.clone(), b.len())
+    } else {
+        return Err(cx.err(format!(
+            "constant inputs of shapes {:?} and {:?}: folded only for equal shapes or a scalar",
+            a.shape, b.shape
+        )));
+    };
+    let at = |c: &Const, i: usize| if c.len() == 1 { 0 } else { i };
+    match (a.as_i64(), b.as_i64()) {
+        (Some(x), Some(y)) => {
+            let v: Vec<i64> = (0..n)
+                .map(|i| {
+                    let (p, q) = (x[at(a, i)], y[at(b, i)]);
+                    match op {
+                        "Add" | "Sum" => p.checked_add(q),
+                        "Sub" => p.checked_sub(q),
+                        "Mul" => p.checked_mul(q),
+                        _ => p.checked_div(q),
+                    }
+                    .ok_or_else(|| cx.err(format!("{p} {op} {q} overflows or divides by zero")))
+                })
+                .collect::<Result<_>>()?;
+            Ok(Const::ints(shape, v))
+        }
+        _ => {
+            let (x, y) = (a.to_f32(), b.to_f32());
+            let v = (0..n)
+                .map(|i| {
+                    let (p, q) = (x[at(a, i)], y[at(b, i)]);
+                    match op {
+                        "Add" | "Sum" => p + q,
+                        "Sub" => p - q,
+                        "Mul" => p * q,
+                        _ => p / q,
+                    }
+                })
+                .collect();
+            Ok(Const::floats(shape, v))
+        }
+    }
+}

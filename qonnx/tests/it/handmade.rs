@@ -1,0 +1,360 @@
+//! Models built node by node with the proto structs: what each op's attributes do, the
+//! folding of shape arithmetic, and the errors.
+
+use ndarray::{ArrayD, IxDyn};
+use prost::Message;
+use qonnx::proto::{
+    data_type, AttributeProto, Dimension, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, TypeTensor, ValueInfoProto,
+};
+use qonnx::ImportOptions;
+
+fn value(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+    let dim = dims
+        .iter()
+        .map(|d| match d {
+            Some(v) => Dimension { dim_value: Some(*v), ..Default::default() },
+            None => Dimension { dim_param: Some("batch".into()), ..Default::default() },
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeTensor { elem_type: Some(data_type::FLOAT), shape: Some(TensorShapeProto { dim }) }),
+            denotation: None,
+        }),
+        doc_string: None,
+    }
+}
+
+fn floats(name: &str, dims: &[i64], v: Vec<f32>) -> TensorProto {
+    TensorProto {
+        dims: dims.to_vec(),
+        data_type: Some(data_type::FLOAT),
+        float_data: v,
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+fn int64s(name: &str, v: Vec<i64>) -> TensorProto {
+    TensorProto {
+        dims: vec![v.len() as i64],
+        data_type: Some(data_type::INT64),
+        int64_data: v,
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), ints: v.to_vec(), ..Default::default() }
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), i: Some(v), ..Default::default() }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        name: Some(name.into()),
+        op_type: Some(op.into()),
+        attribute,
+        ..Default::default()
+    }
+}
+
+fn model(opset: i64, input: ValueInfoProto, nodes: Vec<NodeProto>, inits: Vec<TensorProto>, out: &str) -> Vec<u8> {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        producer_name: Some("qonnx tests".into()),
+        graph: Some(GraphProto {
+            node: nodes,
+            name: Some("g".into()),
+            initializer: inits,
+            input: vec![input],
+            output: vec![value(out, &[])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn ramp(shape: &[usize]) -> ArrayD<f32> {
+    let n: usize = shape.iter().product();
+    ArrayD::from_shape_vec(IxDyn(shape), (0..n).map(|k| ((k * 7) % 11) as f32 * 0.25 - 1.0).collect()).unwrap()
+}
+
+/// A convolution with asymmetric padding and a bias, then a ReLU, at batch 1 and 3: the
+/// padding becomes a `Pad2d` before the convolution, and values match a direct computation.
+#[test]
+fn conv_with_asymmetric_pads() {
+    let w: Vec<f32> = (0..2 * 3 * 2 * 2).map(|k| (k as f32 - 10.0) * 0.1).collect();
+    let bytes = model(
+        17,
+        value("x", &[None, Some(3), Some(4), Some(5)]),
+        vec![
+            node(
+                "Conv",
+                "conv",
+                &["x", "w", "b"],
+                &["y"],
+                vec![ints("pads", &[0, 1, 1, 0]), ints("kernel_shape", &[2, 2])],
+            ),
+            node("Relu", "relu", &["y"], &["z"], vec![]),
+        ],
+        vec![floats("w", &[2, 3, 2, 2], w.clone()), floats("b", &[2], vec![0.5, -0.25])],
+        "z",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    assert_eq!(m.graph.node_names(), ["conv:pad", "conv", "relu"]);
+    assert!(m.inputs[0].dynamic_batch);
+    for n in [1, 3] {
+        let x = ramp(&[n, 3, 4, 5]);
+        let y = m.graph.run(&[x.clone()]).unwrap().remove(0);
+        // Padded by one row at the bottom and one column on the left: out 4x5.
+        assert_eq!(y.shape(), &[n, 2, 4, 5]);
+        for b in 0..n {
+            for o in 0..2 {
+                for i in 0..4 {
+                    for j in 0..5 {
+                        let mut acc = [0.5f32, -0.25][o];
+                        for c in 0..3 {
+                            for ki in 0..2 {
+                                for kj in 0..2 {
+                                    let (yy, xx) = (i + ki, (j + kj) as isize - 1);
+                                    if yy < 4 && (0..5).contains(&xx) {
+                                        acc += w[((o * 3 + c) * 2 + ki) * 2 + kj] * x[[b, c, yy, xx as usize]];
+                                    }
+                                }
+                            }
+                        }
+                        let got = y[[b, o, i, j]];
+                        assert!((got - acc.max(0.0)).abs() < 1e-5, "{got} vs {}", acc.max(0.0));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `x.view(x.size(0), -1)` as the TorchScript exporter writes it (Shape, Gather, Unsqueeze,
+/// Concat, Reshape), then MatMul + Add: folded at import into a reshape that keeps any batch
+/// size, and one linear layer with a bias.
+#[test]
+fn shape_arithmetic_folds_and_keeps_the_batch() {
+    let w: Vec<f32> = (0..12 * 2).map(|k| k as f32 * 0.05 - 0.5).collect();
+    let bytes = model(
+        13,
+        value("x", &[None, Some(3), Some(2), Some(2)]),
+        vec![
+            node("Shape", "shape", &["x"], &["s"], vec![]),
+            node("Gather", "gather", &["s", "zero"], &["n"], vec![int("axis", 0)]),
+            node("Unsqueeze", "unsq", &["n", "axes0"], &["n1"], vec![]),
+            node("Concat", "cat", &["n1", "minus1"], &["target"], vec![int("axis", 0)]),
+            node("Reshape", "flatten", &["x", "target"], &["f"], vec![]),
+            node("MatMul", "fc", &["f", "w"], &["mm"], vec![]),
+            node("Add", "fc_bias", &["mm", "b"], &["y"], vec![]),
+        ],
+        vec![
+            TensorProto {
+                dims: vec![],
+                data_type: Some(data_type::INT64),
+                int64_data: vec![0],
+                name: Some("zero".into()),
+                ..Default::default()
+            },
+            int64s("axes0", vec![0]),
+            int64s("minus1", vec![-1]),
+            floats("w", &[12, 2], w.clone()),
+            floats("b", &[2], vec![1.0, -1.0]),
+        ],
+        "y",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    assert_eq!(m.graph.node_names(), ["flatten", "fc"], "shape arithmetic folded, the bias absorbed");
+    let x = ramp(&[4, 3, 2, 2]);
+    let y = m.graph.run(&[x.clone()]).unwrap().remove(0);
+    assert_eq!(y.shape(), &[4, 2]);
+    for b in 0..4 {
+        for o in 0..2 {
+            let flat: Vec<f32> = x.index_axis(ndarray::Axis(0), b).iter().copied().collect();
+            let want: f32 = [1.0, -1.0][o] + (0..12).map(|k| flat[k] * w[k * 2 + o]).sum::<f32>();
+            assert!((y[[b, o]] - want).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn unsupported_ops_name_the_node_and_list_what_is() {
+    let bytes = model(
+        17,
+        value("x", &[Some(1), Some(3), Some(4), Some(4)]),
+        vec![node("LRN", "/features/norm1/LRN", &["x"], &["y"], vec![int("size", 3)])],
+        vec![],
+        "y",
+    );
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    for part in ["/features/norm1/LRN", "op LRN", "opset 17", "supported ops", "Conv", "BatchNormalization"] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+    let mut custom = node("Relu", "mine", &["x"], &["y"], vec![]);
+    custom.domain = Some("com.example".into());
+    let bytes = model(17, value("x", &[Some(1), Some(3)]), vec![custom], vec![], "y");
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("'mine'") && e.contains("com.example"), "{e}");
+}
+
+#[test]
+fn opsets_outside_the_range_are_refused() {
+    let relu = || vec![node("Relu", "r", &["x"], &["y"], vec![])];
+    for opset in [7, 22] {
+        let bytes = model(opset, value("x", &[Some(1), Some(3)]), relu(), vec![], "y");
+        let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+        assert!(e.contains(&format!("opset {opset}")) && e.contains("9-21"), "{e}");
+    }
+    for opset in [9, 21] {
+        let bytes = model(opset, value("x", &[Some(1), Some(3)]), relu(), vec![], "y");
+        qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    }
+}
+
+#[test]
+fn settings_we_cannot_honour_are_errors() {
+    let x4 = || value("x", &[Some(1), Some(2), Some(4), Some(4)]);
+    let w = || floats("w", &[2, 2, 1, 1], vec![1.0, 0.0, 0.0, 1.0]);
+    let cases: Vec<(Vec<NodeProto>, Vec<TensorProto>, &[&str])> = vec![
+        (
+            vec![node("Conv", "c", &["x", "w", "b"], &["y"], vec![])],
+            vec![w(), floats("b", &[3], vec![0.0; 3])],
+            &["'c'", "bias of shape [3] for 2 output channels"],
+        ),
+        (
+            vec![node("Conv", "c", &["x", "w"], &["y"], vec![ints("kernel_shape", &[3, 3])])],
+            vec![w()],
+            &["kernel_shape [3, 3] disagrees"],
+        ),
+        (vec![node("HardSigmoid", "hs", &["x"], &["y"], vec![])], vec![], &["alpha 0.2", "PyTorch's hardsigmoid"]),
+        (
+            vec![node(
+                "MaxPool",
+                "p",
+                &["x"],
+                &["y"],
+                vec![ints("kernel_shape", &[2, 2]), ints("pads", &[0, 0, 1, 1])],
+            )],
+            vec![],
+            &["not symmetric"],
+        ),
+        (
+            vec![node("Mul", "scale", &["x", "k"], &["y"], vec![])],
+            vec![floats("k", &[], vec![2.0])],
+            &["'scale'", "constant"],
+        ),
+        (vec![node("Concat", "cat", &["x", "x"], &["y"], vec![int("axis", 2)])], vec![], &["axis 2", "axis 1"]),
+    ];
+    for (nodes, inits, parts) in cases {
+        let bytes = model(17, x4(), nodes, inits, "y");
+        let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+        for p in parts {
+            assert!(e.contains(p), "{p:?} missing from: {e}");
+        }
+    }
+}
+
+#[test]
+fn symbolic_sizes_beyond_the_batch_need_a_shape() {
+    let relu = || vec![node("Relu", "r", &["x"], &["y"], vec![])];
+    let bytes = model(17, value("x", &[None, Some(3), None, None]), relu(), vec![], "y");
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("dimension 2 is symbolic") && e.contains("input_shapes"), "{e}");
+    let mut opts = ImportOptions::default();
+    opts.input_shapes.insert("x".into(), vec![2, 3, 8, 8]);
+    let m = qonnx::from_bytes(&bytes, &opts).unwrap();
+    assert_eq!(m.inputs[0].shape, [2, 3, 8, 8]);
+}
+
+/// Damaged files: every truncation and many random byte changes of a valid model import
+/// or fail with an error, and whatever imports runs a small input or refuses it; never a
+/// panic.
+#[test]
+fn damaged_files_are_errors_not_panics() {
+    let bytes = model(
+        17,
+        value("x", &[None, Some(3), Some(4), Some(5)]),
+        vec![
+            node("Conv", "conv", &["x", "w", "b"], &["y"], vec![ints("pads", &[1, 1, 1, 1]), int("group", 1)]),
+            node("GlobalAveragePool", "gap", &["y"], &["z"], vec![]),
+            node("Flatten", "flat", &["z"], &["f"], vec![]),
+        ],
+        vec![floats("w", &[2, 3, 3, 3], vec![0.1; 54]), floats("b", &[2], vec![0.5, -0.25])],
+        "f",
+    );
+    qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    for cut in 0..bytes.len() {
+        qonnx::fuzzing::onnx_model(&bytes[..cut]);
+    }
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..3000 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + next() % 4 {
+            let i = (next() % b.len() as u64) as usize;
+            b[i] = next() as u8;
+        }
+        qonnx::fuzzing::onnx_model(&b);
+    }
+    // Inputs the fuzzer once failed on.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/load_onnx");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries {
+            qonnx::fuzzing::onnx_model(&std::fs::read(e.unwrap().path()).unwrap());
+        }
+    }
+}
+
+#[test]
+fn external_data_is_read_beside_the_model() {
+    let dir = std::env::temp_dir().join(format!("qonnx-external-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let w: Vec<f32> = vec![2.0, -1.0, 0.5, 3.0];
+    let raw: Vec<u8> = [vec![0u8; 16], w.iter().flat_map(|v| v.to_le_bytes()).collect()].concat();
+    std::fs::write(dir.join("weights.bin"), &raw).unwrap();
+    let entry = |k: &str, v: &str| qonnx::proto::StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+    let t = TensorProto {
+        dims: vec![2, 2],
+        data_type: Some(data_type::FLOAT),
+        name: Some("w".into()),
+        data_location: Some(1),
+        external_data: vec![entry("location", "weights.bin"), entry("offset", "16"), entry("length", "16")],
+        ..Default::default()
+    };
+    let bytes = model(
+        17,
+        value("x", &[None, Some(2)]),
+        vec![node("Gemm", "fc", &["x", "w"], &["y"], vec![int("transB", 1)])],
+        vec![t],
+        "y",
+    );
+    std::fs::write(dir.join("m.onnx"), &bytes).unwrap();
+    let m = qonnx::load(dir.join("m.onnx"), &ImportOptions::default()).unwrap();
+    let y = m.graph.run(&[ArrayD::from_shape_vec(IxDyn(&[1, 2]), vec![1.0, 2.0]).unwrap()]).unwrap().remove(0);
+    assert_eq!(y.as_slice().unwrap(), &[0.0, 6.5]);
+    // From bytes alone the file cannot be found, and the error says what to do.
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("weights.bin") && e.contains("qonnx::load"), "{e}");
+    // A length past the end of the file is an error, not a read of whatever is there.
+    std::fs::write(dir.join("weights.bin"), &raw[..20]).unwrap();
+    let e = qonnx::load(dir.join("m.onnx"), &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("reach past the end"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
