@@ -37,6 +37,9 @@ pub fn batches(path: &Path, batch: usize, prep: &ImagePrep) -> Result<Vec<ArrayD
 /// Reads `path` as one array (see [`batches`]).
 pub fn read(path: &Path, prep: &ImagePrep) -> Result<ArrayD<f32>, String> {
     let shown = path.display();
+    if !path.exists() {
+        return Err(format!("{shown}: no such file or folder"));
+    }
     if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| format!("{shown}: {e}"))?

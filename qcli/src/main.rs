@@ -7,6 +7,16 @@
 //! qrust report   model.onnx model.int8.safetensors --input images/ [--json report.json]
 //! ```
 
+/// `println!` that ends the program quietly when standard output is closed (`qrust ... | head`).
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 mod config;
 mod data;
 
@@ -214,29 +224,24 @@ fn run(cmd: Cmd) -> Result<(), String> {
 
 fn inspect(path: &Path, shape: &ShapeArg) -> Result<(), String> {
     let m = import(path, shape)?;
-    println!(
-        "{}: opset {}, written by {}",
-        path.display(),
-        m.opset,
-        if m.producer.is_empty() { "?" } else { &m.producer }
-    );
+    say!("{}: opset {}, written by {}", path.display(), m.opset, if m.producer.is_empty() { "?" } else { &m.producer });
     for i in &m.inputs {
-        println!("input  {} {:?}{}", i.name, i.shape, if i.dynamic_batch { " (any batch size)" } else { "" });
+        say!("input  {} {:?}{}", i.name, i.shape, if i.dynamic_batch { " (any batch size)" } else { "" });
     }
     for o in &m.outputs {
-        println!("output {o}");
+        say!("output {o}");
     }
     let infos = m
         .graph
         .value_info(&m.inputs.iter().map(|i| i.shape.as_slice()).collect::<Vec<_>>())
         .map_err(|e| e.to_string())?;
     let shapes: HashMap<&str, &[usize]> = infos.iter().map(|v| (v.name.as_str(), v.shape.as_slice())).collect();
-    println!("{:<48} {:<12} {:<18} output shape", "node", "ONNX op", "layer");
+    say!("{:<48} {:<12} {:<18} output shape", "node", "ONNX op", "layer");
     let kinds: HashMap<&str, &str> = m.graph.node_kinds().into_iter().collect();
     for (onnx, op, nodes) in &m.nodes {
         for n in nodes {
             let _ = onnx;
-            println!(
+            say!(
                 "{:<48} {:<12} {:<18} {:?}",
                 n,
                 op,
@@ -277,7 +282,7 @@ fn quantize(
         None => None,
     };
     let mapping = config::mapping(text.as_ref().map(|(t, p)| (t.as_str(), p.as_str())), &by_op)?;
-    println!(
+    say!(
         "imported {} ({} layers, opset {}) in {:.2} s",
         path.display(),
         m.graph.node_names().len(),
@@ -303,15 +308,11 @@ fn quantize(
     let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
     prepared.calibrate_batches(&batches, threads.max(1)).map_err(|e| e.to_string())?;
     let q = prepared.convert().map_err(|e| e.to_string())?;
-    println!(
-        "calibrated on {items} items in {} batches, converted in {:.2} s",
-        batches.len(),
-        t1.elapsed().as_secs_f64()
-    );
+    say!("calibrated on {items} items in {} batches, converted in {:.2} s", batches.len(), t1.elapsed().as_secs_f64());
     print_plan(&q);
     let out = output.unwrap_or_else(|| path.with_extension("int8.safetensors"));
     q.save(&out).map_err(|e| e.to_string())?;
-    println!("saved {}", out.display());
+    say!("saved {}", out.display());
     Ok(())
 }
 
@@ -321,10 +322,10 @@ fn print_plan(q: &QuantizedModel) {
     let int8 = count(&|m| matches!(m, Mode::Int8 | Mode::Int8SameParams));
     let pass = count(&|m| matches!(m, Mode::Passthrough));
     let float: Vec<_> = plan.iter().filter(|p| matches!(p.mode, Mode::Float(_))).collect();
-    println!("plan: {int8} layers in int8, {} in float, {pass} folded away", float.len());
+    say!("plan: {int8} layers in int8, {} in float, {pass} folded away", float.len());
     for p in float {
         if let Mode::Float(why) = &p.mode {
-            println!("  float: {} ({}): {why}", p.name, p.kind);
+            say!("  float: {} ({}): {why}", p.name, p.kind);
         }
     }
 }
@@ -358,7 +359,7 @@ fn run_model(
         t0 = Instant::now();
         q.forward(&x).map_err(|e| e.to_string())?
     };
-    println!("output {:?} in {:.2} ms", y.shape(), t0.elapsed().as_secs_f64() * 1e3);
+    say!("output {:?} in {:.2} ms", y.shape(), t0.elapsed().as_secs_f64() * 1e3);
     if let Some(k) = top {
         let n = y.shape().first().copied().unwrap_or(0);
         let len = y.len();
@@ -367,7 +368,7 @@ fn run_model(
             let mut idx: Vec<usize> = (0..row.len()).collect();
             idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
             let best: Vec<String> = idx.iter().take(k).map(|&j| format!("{j} ({:.3})", row[j])).collect();
-            println!("item {i}: {}", best.join(", "));
+            say!("item {i}: {}", best.join(", "));
         }
         return match output {
             Some(o) => data::write_npy(o, &flat.into_dyn()),
@@ -376,7 +377,7 @@ fn run_model(
     }
     if let Some(o) = output {
         data::write_npy(o, &y)?;
-        println!("wrote {}", o.display());
+        say!("wrote {}", o.display());
     }
     Ok(())
 }
@@ -399,7 +400,7 @@ fn report(
     }
     qnn::fuse_graph(&mut float).map_err(|e| e.to_string())?;
     let rows = q.report_graph(&float, &[x]).map_err(|e| e.to_string())?;
-    println!("{:<48} {:<18} {:<8} {:>9} {:>10}", "layer", "kind", "mode", "SQNR dB", "weight dB");
+    say!("{:<48} {:<18} {:<8} {:>9} {:>10}", "layer", "kind", "mode", "SQNR dB", "weight dB");
     let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in &rows {
         let mode = match &r.mode {
@@ -407,11 +408,11 @@ fn report(
             Mode::Passthrough => "folded",
             Mode::Float(_) => "float",
         };
-        println!("{:<48} {:<18} {:<8} {:>9} {:>10}", r.name, r.kind, mode, num(r.sqnr_db), num(r.weight_sqnr_db));
+        say!("{:<48} {:<18} {:<8} {:>9} {:>10}", r.name, r.kind, mode, num(r.sqnr_db), num(r.weight_sqnr_db));
     }
     if let Some(j) = json {
         std::fs::write(j, qnn::report_json(&rows)).map_err(|e| format!("{}: {e}", j.display()))?;
-        println!("wrote {}", j.display());
+        say!("wrote {}", j.display());
     }
     Ok(())
 }

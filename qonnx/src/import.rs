@@ -13,8 +13,8 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Flatten, HardSigmoid, Hardswish, Hardtanh, Linear,
-    MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, Sigmoid, Slice, Softmax, Tanh, Upsample, UpsampleMode,
-    GELU,
+    MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice, Softmax, Tanh, Upsample,
+    UpsampleMode, GELU,
 };
 use qnn::{Graph, GraphBuilder, Module, Tensor};
 
@@ -455,7 +455,30 @@ impl Importer {
             "Conv" => one(self.conv(cx)?),
             "BatchNormalization" => one(self.batchnorm(cx)?),
             "Relu" => self.unary(cx, Box::new(ReLU)),
-            "Sigmoid" => self.unary(cx, Box::new(Sigmoid)),
+            "Sigmoid" => {
+                // x * sigmoid(x) is SiLU (exporters before opset 22 have no SiLU op): one
+                // table in int8 instead of a table and a product.
+                let x = cx.input(0).unwrap_or_default().to_string();
+                let out = cx.node.output.first().cloned().unwrap_or_default();
+                let silu = match consumers.get(out.as_str()).map(Vec::as_slice) {
+                    Some([k]) => {
+                        let next = &g.node[*k];
+                        let ins = &next.input;
+                        let mul = next.op_type.as_deref() == Some("Mul") && ins.len() == 2 && next.output.len() == 1;
+                        (mul && ((ins[0] == x && ins[1] == out) || (ins[1] == x && ins[0] == out)))
+                            .then(|| next.output[0].clone())
+                    }
+                    _ => None,
+                };
+                match silu {
+                    Some(product) => {
+                        let r = self.unary(cx, Box::new(SiLU))?;
+                        self.absorbed.insert(product, out);
+                        Ok(r)
+                    }
+                    None => self.unary(cx, Box::new(Sigmoid)),
+                }
+            }
             "Tanh" => self.unary(cx, Box::new(Tanh)),
             "HardSwish" => self.unary(cx, Box::new(Hardswish)),
             "HardSigmoid" => {

@@ -6,7 +6,9 @@ For each model, torchvision's architecture gets the weights ``cargo xtask bench`
 statistics, as a trained model has; with torchvision's all-zero initial biases the exporter
 shares one zero initializer through ``Identity`` nodes, ``quantize_static`` then cannot see
 the biases as initializers and ONNX Runtime runs its int8 convolutions unfused, 3-4x slower).
-The model is exported to ONNX (opset 17, input ``x`` with a dynamic batch), run through
+The model is exported to ONNX (opset 17, input ``x`` with a dynamic batch; kept as
+``<model>.onnx`` beside the weights, with ONNX Runtime's fp32 and int8 outputs on ``xq`` as
+``<model>.ort_f32.pb`` and ``<model>.ort_int8.pb``, for the bench's ``onnx_<model>`` rows), run through
 ``quant_pre_process`` (shape inference and graph optimisation, as ONNX Runtime's
 documentation asks before quantizing), then ``quantize_static`` (QDQ format, per-channel
 ``QInt8`` weights, ``QUInt8`` activations, MinMax calibration on the same images as ours).
@@ -21,6 +23,7 @@ import sys
 import tempfile
 
 import onnxruntime as ort
+from onnx import numpy_helper
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -42,6 +45,12 @@ CTORS = {
     "mobilenet_v3_large": mobilenet_v3_large,
     "efficientnet_b0": efficientnet_b0,
 }
+
+
+def save_pb(a, path):
+    """An array as an ONNX TensorProto file (what qonnx::tensor::read_pb reads)."""
+    with open(path, "wb") as fh:
+        fh.write(numpy_helper.from_array(a).SerializeToString())
 
 
 class Images(CalibrationDataReader):
@@ -71,7 +80,10 @@ class OnnxRuntime:
         m = CTORS[name](weights=None).eval()
         peer_server.load_state_dict(m, directory, name)
         d = self.tmp.name
-        f, pre, q = (os.path.join(d, f"{name}{s}.onnx") for s in ("", ".pre", ".int8"))
+        pre, q = (os.path.join(d, f"{name}{s}.onnx") for s in (".pre", ".int8"))
+        # The float model stays beside the weights: the bench imports this very file (qonnx)
+        # for its onnx_<model> rows, and compares its float outputs with ours.
+        f = os.path.join(directory, f"{name}.onnx")
         torch.onnx.export(m, torch.from_numpy(inputs["x1"]), f, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
         quant_pre_process(f, pre)
@@ -85,6 +97,8 @@ class OnnxRuntime:
         xq = inputs["xq"]
         ref = fs.run(None, {"x": xq})[0]
         got = self.session(name, 1).run(None, {"x": xq})[0]
+        save_pb(ref, os.path.join(directory, f"{name}.ort_f32.pb"))
+        save_pb(got, os.path.join(directory, f"{name}.ort_int8.pb"))
         return peer_server.sqnr_db(ref, got), f32_ms
 
     def session(self, name, threads):

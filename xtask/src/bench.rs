@@ -233,6 +233,18 @@ pub struct Record {
     /// The lowest and highest of the rounds' ratios.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_spread: Option<[f64; 2]>,
+    /// The peer's int8 SQNR against its own float model, on the same images (models
+    /// imported from ONNX).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_sqnr_db: Option<f64>,
+    /// This model's time over the same model built in Rust (models imported from ONNX: the
+    /// median of the rounds' ratios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_vs_rust_model: Option<f64>,
+    /// Our float output against ONNX Runtime's fp32 one on the same images: the largest
+    /// absolute difference over the largest absolute value (models imported from ONNX).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub float_rel_err: Option<f64>,
     /// Every peer measured on this row (models: PyTorch and ONNX Runtime).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerRecord>,

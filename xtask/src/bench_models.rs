@@ -204,6 +204,14 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     }
     let names: Vec<&str> = ours.iter().map(|m| m.name).collect();
 
+    // ONNX Runtime's peer exports each model to `<name>.onnx`; files of an earlier run must
+    // not stand in for this run's.
+    for m in &names {
+        for suffix in [".onnx", ".ort_f32.pb", ".ort_int8.pb"] {
+            let _ = std::fs::remove_file(dir.join(format!("{m}{suffix}")));
+        }
+    }
+
     // The peers build their models side by side (nothing is timed meanwhile).
     let mut peers: Vec<PeerServer> = Vec::new();
     let scripts = [
@@ -234,6 +242,21 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     }
     let mut peers = started;
 
+    // The same models imported from the ONNX files ONNX Runtime's peer exported and
+    // quantized (qonnx), calibrated on the same images as ours.
+    let ort = peers.iter().position(|p| p.who == "onnxruntime");
+    let mut imported: Vec<Option<Imported>> = Vec::new();
+    if ort.is_none() {
+        eprintln!(
+            "onnx_<model> rows skipped: they import the ONNX files ONNX Runtime's peer exports (run with --peers and \
+             a Python with torch, torchvision, onnx and onnxruntime)"
+        );
+    } else {
+        for om in &ours {
+            imported.push(Some(import_onnx(&dir, om.name, &calib, &xq)?));
+        }
+    }
+
     // Rounds: every configuration, ours then each peer's.
     let configs: Vec<(usize, usize, usize)> = (0..ours.len())
         .flat_map(|m| o.batches.iter().flat_map(move |&b| o.threads.iter().map(move |&t| (m, b, t))))
@@ -250,6 +273,13 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             s.ours.push(median_ms(10, || {
                 std::hint::black_box(q.forward(x).expect("int8 forward"));
             }));
+            if let Some(Some(im)) = imported.get_mut(m).filter(|_| (b, t) == (1, 1)) {
+                im.q.set_threads(1);
+                let q = &im.q;
+                im.times.push(median_ms(10, || {
+                    std::hint::black_box(q.forward(x).expect("int8 forward"));
+                }));
+            }
             for (p, times) in peers.iter_mut().zip(&mut s.peers).filter(|(p, _)| p.has_int8(ours[m].name)) {
                 times.push(p.time(ours[m].name, t, b)?);
                 std::thread::sleep(SETTLE);
@@ -323,7 +353,12 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             ratio_vs_peer: faster.map(|p| p.ratio_vs_peer),
             ratio_spread: faster.and_then(|p| p.ratio_spread),
             peers: peer_records,
+            ..Record::default()
         });
+    }
+    if let Some(ort) = ort {
+        let view: Vec<(&'static str, f64)> = ours.iter().map(|o| (o.name, o.gmac)).collect();
+        onnx_rows(&configs, &series, &view, &imported, &peers[ort], ort, o.peak_int8_gmacs, records);
     }
     println!("\nfloat (1 thread, batch 1) and int8 accuracy (int8 output vs the same side's f32, SQNR over {SQNR_IMAGES} images)");
     let peer_cols: String = peers
@@ -368,9 +403,119 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             ratio_vs_peer: faster.map(|p| p.ratio_vs_peer),
             ratio_spread: None,
             peers: peer_records,
+            ..Record::default()
         });
     }
     Ok(())
+}
+
+/// A model imported from ONNX Runtime's export of it, converted to int8, with its round times.
+struct Imported {
+    q: qnn::QuantizedModel,
+    /// int8 against our float import of the same file, over the SQNR images.
+    sqnr: f64,
+    /// Our float import against ONNX Runtime's fp32 output on the same images.
+    float_rel_err: Option<f64>,
+    times: Vec<f64>,
+}
+
+/// Imports `<name>.onnx`, checks its float outputs against ONNX Runtime's, and converts it to
+/// int8 with our default configuration on the calibration images.
+fn import_onnx(dir: &Path, name: &str, calib: &[ArrayD<f32>], xq: &ArrayD<f32>) -> Result<Imported, String> {
+    let path = dir.join(format!("{name}.onnx"));
+    let m = qonnx::load(&path, &qonnx::ImportOptions::default()).map_err(|e| e.to_string())?;
+    let reference = m.graph.run(std::slice::from_ref(xq)).map_err(|e| e.to_string())?.remove(0);
+    let float_rel_err = match qonnx::tensor::read_pb(dir.join(format!("{name}.ort_f32.pb"))) {
+        Ok(ort) if ort.shape() == reference.shape() => {
+            let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+            let diff = ort.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            Some(f64::from(diff / scale))
+        }
+        _ => None,
+    };
+    let mut p =
+        qnn::prepare(m.graph, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
+    for img in calib {
+        p.calibrate(img).map_err(|e| e.to_string())?;
+    }
+    let q = p.convert().map_err(|e| e.to_string())?;
+    let sqnr = qnn::sqnr_db(&reference, &q.forward(xq).map_err(|e| e.to_string())?);
+    Ok(Imported { q, sqnr, float_rel_err, times: Vec::new() })
+}
+
+/// Prints and records the `onnx_<model>` rows: one thread, batch 1, against ONNX Runtime's
+/// int8 of the same file (timed in the same rounds) and against the model built in Rust.
+#[allow(clippy::too_many_arguments)]
+fn onnx_rows(
+    configs: &[(usize, usize, usize)],
+    series: &[Series],
+    ours: &[(&'static str, f64)],
+    imported: &[Option<Imported>],
+    ort: &PeerServer,
+    ort_index: usize,
+    peak: Option<f64>,
+    records: &mut Vec<Record>,
+) {
+    println!(
+        "\nmodels imported from ONNX Runtime's ONNX export (qonnx), 1 thread, batch 1: against ONNX Runtime's int8 of \
+         the same file and the same model built in Rust; SQNR of each side's int8 against its own float"
+    );
+    println!(
+        "{:<20} {:>9} {:>16} {:>9} {:>19} {:>9} {:>9} {:>11}",
+        "model", "int8 ms", "/ built in Rust", "ort ms", "ours/ort", "SQNR dB", "ort SQNR", "float err"
+    );
+    for (m, im) in imported.iter().enumerate() {
+        let Some(im) = im else { continue };
+        let Some((_, s)) = configs.iter().zip(series).find(|(&c, _)| c == (m, 1, 1)) else { continue };
+        let (name, gmac) = ours[m];
+        let ms = median(&im.times);
+        let ort_times = &s.peers[ort_index];
+        let ratios: Vec<f64> = im.times.iter().zip(ort_times).map(|(a, b)| a / b).collect();
+        let vs_rust: Vec<f64> = im.times.iter().zip(&s.ours).map(|(a, b)| a / b).collect();
+        let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
+        let (ratio, pm) = (median(&ratios), median(ort_times));
+        let ort_sqnr = ort.ready_of(name, "sqnr_db");
+        println!(
+            "{:<20} {:>9.2} {:>16.3} {:>9.2} {:>19} {:>9.2} {:>9} {:>11}",
+            format!("onnx_{name}"),
+            ms,
+            median(&vs_rust),
+            pm,
+            format!("{ratio:.2} [{lo:.2}-{hi:.2}]"),
+            im.sqnr,
+            ort_sqnr.map_or("-".into(), |v| format!("{v:.2}")),
+            im.float_rel_err.map_or("-".into(), |v| format!("{v:.1e}")),
+        );
+        let gmacs = gmac * 1e3 / ms;
+        records.push(Record {
+            name: format!("onnx_{name}"),
+            kind: "model",
+            dtype: "int8",
+            threads: 1,
+            batch: Some(1),
+            median_ms: ms,
+            gmacs_per_s: gmacs,
+            pct_of_peak: peak.map(|p| 100.0 * gmacs / p),
+            images_per_s: Some(1e3 / ms),
+            sqnr_db: Some(im.sqnr),
+            peer: Some(ort.who),
+            peer_median_ms: Some(pm),
+            ratio_vs_peer: Some(ratio),
+            ratio_spread: Some([lo, hi]),
+            peer_sqnr_db: ort_sqnr,
+            ratio_vs_rust_model: Some(median(&vs_rust)),
+            float_rel_err: im.float_rel_err,
+            peers: vec![PeerRecord {
+                peer: ort.who,
+                peer_median_ms: pm,
+                ratio_vs_peer: ratio,
+                ratio_spread: Some([lo, hi]),
+                images_per_s: Some(1e3 / pm),
+                sqnr_db: ort_sqnr,
+            }],
+            ..Record::default()
+        });
+    }
 }
 
 fn short(who: &str) -> &str {
