@@ -5,6 +5,7 @@
 //! qrust quantize model.onnx --calib images/ -o model.int8.safetensors [--config q.toml]
 //! qrust run      model.int8.safetensors --input cat.jpg --top 5
 //! qrust report   model.onnx model.int8.safetensors --input images/ [--json report.json]
+//! qrust export-qdq model.int8.safetensors -o model.qdq.onnx
 //! ```
 
 /// `println!` that ends the program quietly when standard output is closed (`qrust ... | head`).
@@ -90,6 +91,18 @@ enum Cmd {
         shape: ShapeArg,
         #[command(flatten)]
         images: ImageArgs,
+    },
+    /// Write an int8 model as an ONNX QDQ model (QuantizeLinear / DequantizeLinear with our
+    /// scales and zero points) for ONNX Runtime or TensorRT.
+    ExportQdq {
+        /// The int8 model from `quantize`.
+        int8: PathBuf,
+        /// The ONNX file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The input's shape to declare, e.g. `1,3,224,224` (its batch is written as symbolic).
+        #[arg(long, value_delimiter = ',')]
+        input_shape: Vec<usize>,
     },
     /// Compare the int8 model with its float model layer by layer (SQNR per layer).
     Report {
@@ -215,6 +228,13 @@ fn run(cmd: Cmd) -> Result<(), String> {
         }
         Cmd::Run { model, input, output, top, threads, shape, images } => {
             run_model(&model, &input, output.as_deref(), top, threads, &shape, &images)
+        }
+        Cmd::ExportQdq { int8, output, input_shape } => {
+            let q = QuantizedModel::load(&int8).map_err(|e| e.to_string())?;
+            let shapes = if input_shape.is_empty() { Vec::new() } else { vec![input_shape] };
+            qonnx::save_qdq(&q, &shapes, &output).map_err(|e| e.to_string())?;
+            say!("wrote {} (ONNX opset {}, QDQ)", output.display(), qonnx::EXPORT_OPSET);
+            Ok(())
         }
         Cmd::Report { model, int8, input, json, shape, images } => {
             report(&model, &int8, &input, json.as_deref(), &shape, &images)

@@ -24,6 +24,7 @@
 //! ```
 
 mod error;
+mod export;
 mod import;
 pub mod proto;
 pub mod tensor;
@@ -31,6 +32,7 @@ pub mod tensor;
 use std::path::Path;
 
 pub use error::{OnnxError, Result};
+pub use export::{export_qdq, save_qdq, EXPORT_OPSET};
 pub use import::{ImportOptions, Imported, InputSpec, OPSETS, SUPPORTED};
 
 /// Decodes an ONNX model file's bytes.

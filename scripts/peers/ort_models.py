@@ -107,6 +107,10 @@ class OnnxRuntime:
             self.sessions[key] = session(self.files[name], threads)
         return self.sessions[key]
 
+    def run_file(self, path, x):
+        s = session(path, 1)
+        return s.run(None, {s.get_inputs()[0].name: x})[0]
+
     def int8_runner(self, name, threads, x):
         s = self.session(name, threads)
         return lambda: s.run(None, {"x": x})

@@ -11,8 +11,9 @@ every peer quantize the same model on the same images and are timed on the same 
 A peer script builds its models (``Backend.prepare``), prints one JSON line
 ``{"ready": {model: {"sqnr_db": .., "f32_ms": .., "int8": true | false}}}``, then answers requests on standard input,
 one JSON line each, ``{"model": .., "threads": .., "batch": 1 | 8}``, with ``{"int8_ms": ..}``
-(the median of at least ``reps`` runs and 0.25 s, after 3 warm-up runs), until standard
-input closes. Between requests it is idle, so ``cargo xtask bench`` can alternate our
+(the median of at least ``reps`` runs and 0.25 s, after 3 warm-up runs), or (ONNX Runtime)
+``{"run_file": model.onnx, "input": "xq", "out": file.pb}`` with ``{"done": true}`` after
+running that model on that input and writing its first output, until standard input closes. Between requests it is idle, so ``cargo xtask bench`` can alternate our
 timings with the peers' over several rounds.
 """
 
@@ -86,6 +87,18 @@ def serve(backend, argv=None):
         if not line:
             break
         req = json.loads(line)
+        if "run_file" in req:
+            # Run another ONNX model (our QDQ export) on one of the inputs; write its first output.
+            try:
+                y = backend.run_file(req["run_file"], inputs[req["input"]])
+                from onnx import numpy_helper
+
+                with open(req["out"], "wb") as fh:
+                    fh.write(numpy_helper.from_array(np.ascontiguousarray(y)).SerializeToString())
+                print(json.dumps({"done": True}), flush=True)
+            except Exception as e:  # noqa: BLE001 - reported to the bench, which names the file
+                print(json.dumps({"error": str(e)}), flush=True)
+            continue
         x = inputs["x1" if req["batch"] == 1 else "x8"]
         if x.shape[0] != req["batch"]:
             raise SystemExit(f"no input of batch {req['batch']}")

@@ -245,6 +245,13 @@ pub struct Record {
     /// absolute difference over the largest absolute value (models imported from ONNX).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub float_rel_err: Option<f64>,
+    /// ONNX Runtime running our QDQ export of this model: the share of its outputs identical
+    /// to ours (models imported from ONNX).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qdq_identical_share: Option<f64>,
+    /// The same comparison's largest difference, in steps of the output's scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qdq_max_steps: Option<f64>,
     /// Every peer measured on this row (models: PyTorch and ONNX Runtime).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerRecord>,

@@ -90,6 +90,19 @@ impl PeerServer {
         reply["int8_ms"].as_f64().ok_or_else(|| format!("{}: no int8_ms in {reply}", self.who))
     }
 
+    /// Has the peer run the ONNX model at `model` on input `input` of the inputs file and
+    /// write its first output to `out` (a TensorProto file).
+    fn run_file(&mut self, model: &Path, input: &str, out: &Path) -> Result<(), String> {
+        let req = serde_json::json!({"run_file": model, "input": input, "out": out});
+        let stdin = self.stdin.as_mut().expect("open until drop");
+        writeln!(stdin, "{req}").and_then(|()| stdin.flush()).map_err(|e| format!("{}: {e}", self.who))?;
+        let reply = self.read_line()?;
+        match reply["error"].as_str() {
+            Some(e) => Err(format!("{} could not run {}: {e}", self.who, model.display())),
+            None => Ok(()),
+        }
+    }
+
     fn ready_of(&self, model: &str, key: &str) -> Option<f64> {
         self.ready[model][key].as_f64()
     }
@@ -246,15 +259,17 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     // quantized (qonnx), calibrated on the same images as ours.
     let ort = peers.iter().position(|p| p.who == "onnxruntime");
     let mut imported: Vec<Option<Imported>> = Vec::new();
-    if ort.is_none() {
+    if let Some(ort) = ort {
+        for om in &ours {
+            let mut im = import_onnx(&dir, om.name, &calib, &xq)?;
+            im.qdq = qdq_agreement(&dir, om.name, &im.q, &xq, &mut peers[ort])?;
+            imported.push(Some(im));
+        }
+    } else {
         eprintln!(
             "onnx_<model> rows skipped: they import the ONNX files ONNX Runtime's peer exports (run with --peers and \
              a Python with torch, torchvision, onnx and onnxruntime)"
         );
-    } else {
-        for om in &ours {
-            imported.push(Some(import_onnx(&dir, om.name, &calib, &xq)?));
-        }
     }
 
     // Rounds: every configuration, ours then each peer's.
@@ -417,6 +432,9 @@ struct Imported {
     /// Our float import against ONNX Runtime's fp32 output on the same images.
     float_rel_err: Option<f64>,
     times: Vec<f64>,
+    /// ONNX Runtime running our QDQ export: the share of outputs identical to ours and the
+    /// largest difference in output steps.
+    qdq: Option<(f64, f64)>,
 }
 
 /// Imports `<name>.onnx`, checks its float outputs against ONNX Runtime's, and converts it to
@@ -440,7 +458,36 @@ fn import_onnx(dir: &Path, name: &str, calib: &[ArrayD<f32>], xq: &ArrayD<f32>) 
     }
     let q = p.convert().map_err(|e| e.to_string())?;
     let sqnr = qnn::sqnr_db(&reference, &q.forward(xq).map_err(|e| e.to_string())?);
-    Ok(Imported { q, sqnr, float_rel_err, times: Vec::new() })
+    Ok(Imported { q, sqnr, float_rel_err, times: Vec::new(), qdq: None })
+}
+
+/// Our int8 model exported as ONNX QDQ and run by ONNX Runtime on the SQNR images: the share
+/// of its outputs identical to ours, and the largest difference in steps of the output scale.
+fn qdq_agreement(
+    dir: &Path,
+    name: &str,
+    q: &qnn::QuantizedModel,
+    xq: &ArrayD<f32>,
+    ort: &mut PeerServer,
+) -> Result<Option<(f64, f64)>, String> {
+    let path = dir.join(format!("{name}.qrust_qdq.onnx"));
+    let out = dir.join(format!("{name}.qrust_qdq_out.pb"));
+    let _ = std::fs::remove_file(&out);
+    qonnx::save_qdq(q, &[xq.shape().to_vec()], &path).map_err(|e| e.to_string())?;
+    ort.run_file(&path, "xq", &out)?;
+    let theirs = qonnx::tensor::read_pb(&out).map_err(|e| e.to_string())?;
+    let ours = q.forward(xq).map_err(|e| e.to_string())?;
+    if theirs.shape() != ours.shape() {
+        return Err(format!(
+            "{name}: ONNX Runtime's output of our QDQ export is {:?}, ours {:?}",
+            theirs.shape(),
+            ours.shape()
+        ));
+    }
+    let step = q.output_quants().last().map_or(1.0, |(_, p)| f64::from(p.scale));
+    let same = theirs.iter().zip(&ours).filter(|(a, b)| a == b).count() as f64 / ours.len() as f64;
+    let worst = theirs.iter().zip(&ours).fold(0f64, |m, (a, b)| m.max(f64::from((a - b).abs()))) / step;
+    Ok(Some((same, worst)))
 }
 
 /// Prints and records the `onnx_<model>` rows: one thread, batch 1, against ONNX Runtime's
@@ -461,8 +508,16 @@ fn onnx_rows(
          the same file and the same model built in Rust; SQNR of each side's int8 against its own float"
     );
     println!(
-        "{:<20} {:>9} {:>16} {:>9} {:>19} {:>9} {:>9} {:>11}",
-        "model", "int8 ms", "/ built in Rust", "ort ms", "ours/ort", "SQNR dB", "ort SQNR", "float err"
+        "{:<20} {:>9} {:>16} {:>9} {:>19} {:>9} {:>9} {:>11} {:>22}",
+        "model",
+        "int8 ms",
+        "/ built in Rust",
+        "ort ms",
+        "ours/ort",
+        "SQNR dB",
+        "ort SQNR",
+        "float err",
+        "our QDQ in ort: same"
     );
     for (m, im) in imported.iter().enumerate() {
         let Some(im) = im else { continue };
@@ -476,7 +531,7 @@ fn onnx_rows(
         let (ratio, pm) = (median(&ratios), median(ort_times));
         let ort_sqnr = ort.ready_of(name, "sqnr_db");
         println!(
-            "{:<20} {:>9.2} {:>16.3} {:>9.2} {:>19} {:>9.2} {:>9} {:>11}",
+            "{:<20} {:>9.2} {:>16.3} {:>9.2} {:>19} {:>9.2} {:>9} {:>11} {:>22}",
             format!("onnx_{name}"),
             ms,
             median(&vs_rust),
@@ -485,6 +540,7 @@ fn onnx_rows(
             im.sqnr,
             ort_sqnr.map_or("-".into(), |v| format!("{v:.2}")),
             im.float_rel_err.map_or("-".into(), |v| format!("{v:.1e}")),
+            im.qdq.map_or("-".into(), |(same, worst)| format!("{:.1}%, max {worst:.0} steps", same * 100.0)),
         );
         let gmacs = gmac * 1e3 / ms;
         records.push(Record {
@@ -505,6 +561,8 @@ fn onnx_rows(
             peer_sqnr_db: ort_sqnr,
             ratio_vs_rust_model: Some(median(&vs_rust)),
             float_rel_err: im.float_rel_err,
+            qdq_identical_share: im.qdq.map(|q| q.0),
+            qdq_max_steps: im.qdq.map(|q| q.1),
             peers: vec![PeerRecord {
                 peer: ort.who,
                 peer_median_ms: pm,

@@ -115,7 +115,7 @@ fn conv_with_asymmetric_pads() {
     assert!(m.inputs[0].dynamic_batch);
     for n in [1, 3] {
         let x = ramp(&[n, 3, 4, 5]);
-        let y = m.graph.run(&[x.clone()]).unwrap().remove(0);
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
         // Padded by one row at the bottom and one column on the left: out 4x5.
         assert_eq!(y.shape(), &[n, 2, 4, 5]);
         for b in 0..n {
@@ -178,7 +178,7 @@ fn shape_arithmetic_folds_and_keeps_the_batch() {
     let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
     assert_eq!(m.graph.node_names(), ["flatten", "fc"], "shape arithmetic folded, the bias absorbed");
     let x = ramp(&[4, 3, 2, 2]);
-    let y = m.graph.run(&[x.clone()]).unwrap().remove(0);
+    let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
     assert_eq!(y.shape(), &[4, 2]);
     for b in 0..4 {
         for o in 0..2 {
