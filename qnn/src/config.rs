@@ -58,6 +58,7 @@ pub struct QConfigMapping {
     kinds: Vec<(String, Option<QConfig>)>,
     names: Vec<(Pattern, Option<QConfig>)>,
     pool_outputs: PoolOutputs,
+    table_outputs: TableOutputs,
     fusion: bool,
     strict: bool,
 }
@@ -74,6 +75,19 @@ pub enum PoolOutputs {
     InputParams,
 }
 
+/// The output parameters of the sigmoid, hard-sigmoid and tanh tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TableOutputs {
+    /// Observed like any layer's: the range the outputs span gets the full 8 bits (ONNX
+    /// Runtime's QDQ choice; qrust's default). A tanh whose outputs stay within +-0.3 keeps
+    /// about 10 dB more than with the fixed +-1 grid.
+    #[default]
+    Observed,
+    /// PyTorch's fixed ones: sigmoid and hard sigmoid `1/256` with zero point 0 (`[0, 1)`),
+    /// tanh `1/128` with 128 (`[-1, 1)`). Use it to reproduce PyTorch's results.
+    Fixed,
+}
+
 impl QConfigMapping {
     /// Every module quantized with `global` unless overridden.
     pub fn new(global: QConfig) -> Self {
@@ -82,6 +96,7 @@ impl QConfigMapping {
             kinds: Vec::new(),
             names: Vec::new(),
             pool_outputs: PoolOutputs::default(),
+            table_outputs: TableOutputs::default(),
             fusion: true,
             strict: false,
         }
@@ -94,6 +109,7 @@ impl QConfigMapping {
             kinds: Vec::new(),
             names: Vec::new(),
             pool_outputs: PoolOutputs::default(),
+            table_outputs: TableOutputs::default(),
             fusion: true,
             strict: false,
         }
@@ -114,6 +130,18 @@ impl QConfigMapping {
     /// See [`QConfigMapping::pool_outputs`].
     pub fn pool_output_params(&self) -> PoolOutputs {
         self.pool_outputs
+    }
+
+    /// How sigmoid, hard-sigmoid and tanh tables choose their output parameters (default
+    /// [`TableOutputs::Observed`]).
+    pub fn table_outputs(mut self, t: TableOutputs) -> Self {
+        self.table_outputs = t;
+        self
+    }
+
+    /// See [`QConfigMapping::table_outputs`].
+    pub fn table_output_params(&self) -> TableOutputs {
+        self.table_outputs
     }
 
     /// Whether [`crate::prepare`] fuses the model first ([`crate::fuse_graph`]: conv / linear +

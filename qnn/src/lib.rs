@@ -95,7 +95,7 @@ mod scratch;
 mod state;
 pub mod zoo;
 
-pub use config::{PoolOutputs, QConfigMapping};
+pub use config::{PoolOutputs, QConfigMapping, TableOutputs};
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_graph, fuse_modules, Fused};
 pub use graph::{ElemType, Graph, GraphBuilder, Layout, Tensor, ValueInfo};

@@ -19,7 +19,7 @@ fn f32s(st: &SafeTensors<'_>, key: &str) -> ArrayD<f32> {
 
 /// PyTorch's semantics: average pools keep their input's parameters.
 fn pytorch_mapping(q: QConfig) -> QConfigMapping {
-    QConfigMapping::new(q).pool_outputs(qnn::PoolOutputs::InputParams)
+    QConfigMapping::new(q).pool_outputs(qnn::PoolOutputs::InputParams).table_outputs(qnn::TableOutputs::Fixed)
 }
 
 fn pytorch_minmax_qconfig() -> QConfig {

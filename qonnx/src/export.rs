@@ -627,9 +627,11 @@ impl Writer<'_> {
                 let z = self.activation(name, z, &la["activation"]);
                 self.node("Identity", &format!("{name}/out"), &[&z], y, vec![]);
             }
-            other => return Err(err(format!(
+            other => {
+                return Err(err(format!(
                 "node '{name}' runs in float as a {other}; the export writes float Softmax, Conv2d and Linear layers"
-            ))),
+            )))
+            }
         }
         Ok(())
     }

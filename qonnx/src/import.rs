@@ -13,8 +13,8 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Flatten, HardSigmoid, Hardswish, Hardtanh, Linear,
-    MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice, Softmax, Tanh, Upsample,
-    UpsampleMode, GELU,
+    MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh,
+    Upsample, UpsampleMode, GELU,
 };
 use qnn::{Graph, GraphBuilder, Module, Tensor};
 
@@ -67,7 +67,7 @@ pub const SUPPORTED: &[&str] = &[
 ];
 
 /// The opsets of the default domain this importer follows.
-pub const OPSETS: std::ops::RangeInclusive<i64> = 9..=21;
+pub const OPSETS: std::ops::RangeInclusive<i64> = 6..=21;
 
 /// How to import.
 #[derive(Debug, Clone, Default)]
@@ -777,6 +777,10 @@ impl Importer {
         if cx.int("spatial", 1) != 1 {
             return Err(cx.err("spatial=0 (statistics per element, not per channel) is not supported"));
         }
+        // Before opset 7 an attribute says whether the node is in inference mode.
+        if self.opset < 7 && cx.int("is_test", 0) == 0 {
+            return Err(cx.err("is_test=0 (training mode); export the model in eval mode"));
+        }
         let c = *x.shape.get(1).ok_or_else(|| cx.err(format!("input of shape {:?} has no channel axis", x.shape)))?;
         let mut bn = BatchNorm2d::new(c);
         let names = ["scale", "bias", "mean", "variance"];
@@ -1042,22 +1046,15 @@ impl Importer {
         };
         match v {
             Val::Const(c) => {
-                let a = c.to_array();
                 let mut seen = vec![false; rank];
                 if perm.len() != rank || perm.iter().any(|&d| std::mem::replace(&mut seen[d], true)) {
                     return Err(cx.err(format!("perm {perm:?} is not a permutation of {rank} axes")));
                 }
-                let p = a.permuted_axes(IxDyn(&perm)).as_standard_layout().into_owned();
-                let shape = p.shape().to_vec();
-                let data = match c.data {
-                    Data::F32(_) => Data::F32(p.iter().copied().collect()),
-                    Data::I64 { .. } => {
-                        let v: Vec<i64> = p.iter().map(|&x| x as i64).collect();
-                        let n = v.len();
-                        Data::I64 { v, batch: vec![false; n] }
-                    }
-                };
-                Ok(vec![Val::Const(Const { shape, data })])
+                let strides = row_strides(&c.shape);
+                let out: Vec<usize> = perm.iter().map(|&d| c.shape[d]).collect();
+                let mut order = Vec::with_capacity(c.len());
+                for_each_index(&out, |ix| order.push(ix.iter().zip(&perm).map(|(&i, &d)| i * strides[d]).sum()));
+                Ok(vec![Val::Const(pick(&c, out, &order))])
             }
             Val::Node(x) => Ok(vec![Val::Node(self.layer(cx, "", Box::new(Permute { dims: perm }), &x)?)]),
         }
@@ -1081,6 +1078,14 @@ impl Importer {
         let x = self.graph_in(cx, 0)?;
         if cx.int("transA", 0) != 0 {
             return Err(cx.err("transA=1: qonnx takes the computed operand untransposed"));
+        }
+        // Before opset 7 a C that is not [m, n] needs broadcast=1.
+        if self.opset < 7 && cx.int("broadcast", 0) == 0 && cx.input(2).is_some() {
+            let c = self.konst(cx, 2, "bias (C)")?;
+            let m = self.graph_in(cx, 0)?.shape[0];
+            if c.shape.first() != Some(&m) || c.shape.len() != 2 {
+                return Err(cx.err(format!("C of shape {:?} without broadcast=1 must be [m, n]", c.shape)));
+            }
         }
         let b = self.konst(cx, 1, "weight (B)")?;
         if b.shape.len() != 2 {
@@ -1176,9 +1181,11 @@ impl Importer {
         let x = self.graph_in(cx, 0)?;
         self.check_rank(cx, &x, 4)?;
         let mode = cx.string("mode", "nearest");
-        // Upsample (opset 9): scales is input 1. Resize 10: scales is input 1; 11+: roi,
-        // scales, sizes.
-        let (scales, sizes) = if cx.op() == "Upsample" || self.opset < 11 {
+        // Upsample 7-8: scales is an attribute; Upsample 9: input 1. Resize 10: scales is
+        // input 1; 11+: roi, scales, sizes.
+        let (scales, sizes) = if cx.op() == "Upsample" && self.opset < 9 {
+            (Some(cx.attr("scales").map(|a| a.floats.clone()).unwrap_or_default()), None)
+        } else if cx.op() == "Upsample" || self.opset < 11 {
             (self.opt_konst(cx, 1, "scales")?.map(|c| c.to_f32()), None)
         } else {
             (
@@ -1290,49 +1297,64 @@ impl Importer {
         {
             return Err(cx.err("starts, ends, axes and steps differ in length"));
         }
-        // Each axis's [begin, end) with step 1.
-        let mut ranges: Vec<(usize, usize)> = shape.iter().map(|&d| (0, d)).collect();
+        // Each axis's indices, ONNX's rules: negative starts and ends count from the end; a
+        // positive step runs from start up to end (clamped to [0, d]), a negative one from
+        // start (clamped to [0, d - 1]) down to end (clamped to [-1, d - 1]).
+        let mut picks: Vec<Vec<usize>> = shape.iter().map(|&d| (0..d).collect()).collect();
+        let mut cuts: Vec<(usize, usize, usize, i64)> = Vec::new(); // axis, start, end, step
         for (k, &a) in axes.iter().enumerate() {
-            if steps.as_ref().is_some_and(|s| s[k] != 1) {
-                return Err(cx.err(format!("steps {:?}: qonnx slices with step 1", steps.as_ref().expect("some"))));
-            }
+            let step = steps.as_ref().map_or(1, |s| s[k]);
             let d = shape[a] as i64;
-            let clampi = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d) as usize;
-            let (s, e) = (clampi(starts[k]), clampi(ends[k]));
-            ranges[a] = (s, e.max(s));
+            let norm = |v: i64| if v < 0 { v.saturating_add(d) } else { v };
+            let idx: Vec<usize> = match step {
+                0 => return Err(cx.err("a step of 0")),
+                st if st > 0 => {
+                    let (b, e) = (norm(starts[k]).clamp(0, d), norm(ends[k]).clamp(0, d));
+                    cuts.push((a, b as usize, e.max(b) as usize, st));
+                    (b..e).step_by(usize::try_from(st).unwrap_or(usize::MAX)).map(|i| i as usize).collect()
+                }
+                st => {
+                    let (b, e) = (norm(starts[k]).clamp(0, d - 1), norm(ends[k]).clamp(-1, d - 1));
+                    cuts.push((a, 0, 0, st));
+                    let mut v = Vec::new();
+                    let mut i = b;
+                    while i > e && i >= 0 {
+                        v.push(i as usize);
+                        i = i.saturating_add(st);
+                    }
+                    v
+                }
+            };
+            picks[a] = idx;
         }
         match v {
             Val::Const(c) => {
-                let a = c.to_array();
-                let flags = c.batch_flags();
-                let sl =
-                    a.slice_each_axis(|ax| ndarray::Slice::from(ranges[ax.axis.index()].0..ranges[ax.axis.index()].1));
-                let out_shape = sl.shape().to_vec();
-                let data = match c.data {
-                    Data::F32(_) => Data::F32(sl.iter().copied().collect()),
-                    Data::I64 { v: ref iv, .. } => {
-                        // Rank-1 integer slices keep their batch flags.
-                        if shape.len() == 1 {
-                            let (s, e) = ranges[0];
-                            Data::I64 { v: iv[s..e].to_vec(), batch: flags[s..e].to_vec() }
-                        } else {
-                            let v: Vec<i64> = sl.iter().map(|&x| x as i64).collect();
-                            let n = v.len();
-                            Data::I64 { v, batch: vec![false; n] }
-                        }
-                    }
-                };
-                Ok(vec![Val::Const(Const { shape: out_shape, data })])
+                let out_shape: Vec<usize> = picks.iter().map(Vec::len).collect();
+                let mut order = Vec::with_capacity(out_shape.iter().product());
+                let strides = row_strides(&shape);
+                for_each_index(&out_shape, |ix| {
+                    order.push(ix.iter().zip(&picks).zip(&strides).map(|((&i, p), &st)| p[i] * st).sum());
+                });
+                Ok(vec![Val::Const(pick(&c, out_shape, &order))])
             }
             Val::Node(mut x) => {
-                let cut: Vec<usize> = (0..shape.len()).filter(|&a| ranges[a] != (0, shape[a])).collect();
-                if cut.is_empty() {
-                    return Ok(vec![Val::Node(x)]);
-                }
-                for (i, &a) in cut.iter().enumerate() {
-                    let (s, e) = ranges[a];
+                let cut: Vec<_> = cuts.into_iter().filter(|&(a, b, e, st)| (b, e, st) != (0, shape[a], 1)).collect();
+                for (i, &(a, b, e, st)) in cut.iter().enumerate() {
                     let suffix = if cut.len() == 1 { String::new() } else { format!(".{i}") };
-                    x = self.layer(cx, &suffix, Box::new(Slice::narrow(a as i64, s, e - s)), &x)?;
+                    let s = match st {
+                        1 => Slice::narrow(a as i64, b, e - b),
+                        st if st > 1 => Slice {
+                            dim: a as i64,
+                            range: SliceRange::Range { start: b as i64, end: e as i64, step: st as usize },
+                        },
+                        _ => {
+                            return Err(cx.err(format!(
+                                "steps {:?}: qonnx slices computed values with positive steps",
+                                steps.as_ref().expect("a negative step was given")
+                            )))
+                        }
+                    };
+                    x = self.layer(cx, &suffix, Box::new(s), &x)?;
                 }
                 Ok(vec![Val::Node(x)])
             }
@@ -1344,6 +1366,50 @@ impl Importer {
 /// overflows).
 fn elements(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= 1 << 34)
+}
+
+/// Row-major strides of `shape`.
+fn row_strides(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1; shape.len()];
+    for k in (0..shape.len().saturating_sub(1)).rev() {
+        st[k] = st[k + 1] * shape[k + 1];
+    }
+    st
+}
+
+/// Calls `f` with every index of `shape` in row-major order.
+fn for_each_index(shape: &[usize], mut f: impl FnMut(&[usize])) {
+    if shape.contains(&0) {
+        return;
+    }
+    let mut ix = vec![0; shape.len()];
+    loop {
+        f(&ix);
+        let mut k = shape.len();
+        loop {
+            if k == 0 {
+                return;
+            }
+            k -= 1;
+            ix[k] += 1;
+            if ix[k] < shape[k] {
+                break;
+            }
+            ix[k] = 0;
+        }
+    }
+}
+
+/// The elements of `c` at the flat positions `order`, as a constant of shape `shape`
+/// (integers stay integers, with their batch flags).
+fn pick(c: &Const, shape: Vec<usize>, order: &[usize]) -> Const {
+    let data = match &c.data {
+        Data::F32(v) => Data::F32(order.iter().map(|&i| v[i]).collect()),
+        Data::I64 { v, batch } => {
+            Data::I64 { v: order.iter().map(|&i| v[i]).collect(), batch: order.iter().map(|&i| batch[i]).collect() }
+        }
+    };
+    Const { shape, data }
 }
 
 /// For each value name, the indices of the nodes that read it.
@@ -1442,29 +1508,34 @@ fn gather(cx: &Cx<'_>, c: &Const, axis: usize, idx: &[i64], ishape: &[usize]) ->
 }
 
 fn fold_concat(cx: &Cx<'_>, cs: &[Const], axis: i64) -> Result<Const> {
-    let rank = cs[0].shape.len();
-    let a = norm_axis(cx, axis, rank.max(1))?;
-    if rank == 1 || cs.iter().all(|c| c.shape.len() <= 1) {
-        let ints = cs.iter().all(|c| c.as_i64().is_some());
-        let n: usize = cs.iter().map(Const::len).sum();
-        return Ok(if ints {
-            let v = cs.iter().flat_map(|c| c.as_i64().expect("ints").to_vec()).collect();
-            let batch = cs.iter().flat_map(|c| c.batch_flags()).collect();
-            Const { shape: vec![n], data: Data::I64 { v, batch } }
-        } else {
-            Const::floats(vec![n], cs.iter().flat_map(|c| c.to_f32()).collect())
-        });
+    let rank = cs[0].shape.len().max(1);
+    let a = norm_axis(cx, axis, rank)?;
+    // Scalars count as one-element vectors.
+    let shapes: Vec<Vec<usize>> =
+        cs.iter().map(|c| if c.shape.is_empty() { vec![1] } else { c.shape.clone() }).collect();
+    for s in &shapes {
+        if s.len() != rank || s.iter().enumerate().any(|(k, &d)| k != a && d != shapes[0][k]) {
+            return Err(cx.err(format!("constant inputs of shapes {shapes:?} differ beyond axis {a}")));
+        }
     }
-    let arrays: Vec<ArrayD<f32>> = cs.iter().map(Const::to_array).collect();
-    let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
-    let cat = ndarray::concatenate(ndarray::Axis(a), &views).map_err(|e| cx.err(format!("constant inputs: {e}")))?;
-    let shape = cat.shape().to_vec();
-    let v: Vec<f32> = cat.iter().copied().collect();
-    Ok(if cs.iter().all(|c| c.as_i64().is_some()) {
-        Const::ints(shape, v.iter().map(|&x| x as i64).collect())
-    } else {
-        Const::floats(shape, v)
-    })
+    let outer: usize = shapes[0][..a].iter().product();
+    let mut shape = shapes[0].clone();
+    shape[a] = shapes.iter().map(|s| s[a]).sum();
+    let ints = cs.iter().all(|c| c.as_i64().is_some());
+    let (mut fv, mut iv, mut fl) = (Vec::new(), Vec::new(), Vec::new());
+    for o in 0..outer {
+        for (c, s) in cs.iter().zip(&shapes) {
+            let block: usize = s[a..].iter().product();
+            let range = o * block..(o + 1) * block;
+            if ints {
+                iv.extend_from_slice(&c.as_i64().expect("ints")[range.clone()]);
+                fl.extend_from_slice(&c.batch_flags()[range]);
+            } else {
+                fv.extend_from_slice(&c.to_f32()[range]);
+            }
+        }
+    }
+    Ok(Const { shape, data: if ints { Data::I64 { v: iv, batch: fl } } else { Data::F32(fv) } })
 }
 
 fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {

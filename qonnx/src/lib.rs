@@ -4,7 +4,7 @@
 //! with no Rust to write: then `qnn::prepare`, calibrate, `convert` as for a model written
 //! in Rust.
 //!
-//! - Opsets 9-21 of the default domain; the ops listed in [`SUPPORTED`]. Anything else is an
+//! - Opsets 6-21 of the default domain; the ops listed in [`SUPPORTED`]. Anything else is an
 //!   error naming the node, its op type and the opset.
 //! - Initializers, with their data inline or in external files beside the model.
 //! - Shape arithmetic on constants (`Shape` / `Gather` / `Concat` / `Reshape` chains, as

@@ -1,7 +1,8 @@
 //! Activations: `ReLU` and `ReLU6` (in int8, a clamp that keeps the input's parameters),
 //! and `Hardswish`, `Sigmoid`, `HardSigmoid`, `SiLU`, `Tanh` and `GELU` (in int8, a lookup
-//! table from the input's parameters to the output's: PyTorch's fixed ones for sigmoid,
-//! hardsigmoid and tanh, the input's for GELU, the observed ones otherwise).
+//! table from the input's parameters to the output's: the observed ones, or for sigmoid,
+//! hardsigmoid and tanh PyTorch's fixed ones with `TableOutputs::Fixed`; the input's for
+//! GELU).
 
 use ndarray::ArrayD;
 use qkernels::{QuantU8, UnaryOp, UnaryTables};
@@ -67,9 +68,12 @@ impl Int8Form {
         match *self {
             Int8Form::Clamp { six } => Box::new(ClampOp { six }),
             Int8Form::Table(op) => {
-                // Sigmoid, hardsigmoid and tanh have PyTorch's fixed output parameters, GELU
-                // keeps its input's.
-                let out_q = op.fixed_output(cx.in_q).unwrap_or_else(|| cx.out_q());
+                // GELU keeps its input's parameters; sigmoid, hardsigmoid and tanh take the
+                // observed ones, or PyTorch's fixed ones (`TableOutputs::Fixed`).
+                let fixed = op
+                    .fixed_output(cx.in_q)
+                    .filter(|_| cx.fixed_tables || matches!(op, UnaryOp::Gelu | UnaryOp::GeluTanh));
+                let out_q = fixed.unwrap_or_else(|| cx.out_q());
                 Box::new(LutOp::new(op, cx.in_q, out_q))
             }
         }

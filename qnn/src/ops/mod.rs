@@ -174,6 +174,9 @@ pub struct LowerCx<'a> {
     pub in_q: QuantU8,
     /// The parameters its output observer chose (ops that keep their input's have none).
     pub out_q: Option<QuantU8>,
+    /// Sigmoid-like tables take PyTorch's fixed output parameters instead of `out_q`
+    /// ([`crate::TableOutputs::Fixed`]).
+    pub fixed_tables: bool,
 }
 
 impl LowerCx<'_> {
