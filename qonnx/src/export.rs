@@ -648,8 +648,11 @@ fn value_info(name: &str) -> ValueInfoProto {
     }
 }
 
-/// The converted model as an ONNX QDQ model (see the [module docs](self)). `input_shapes`
-/// are declared on the inputs (their first dimension symbolic: any batch size).
+/// The converted model as an ONNX QDQ model: float ops between `QuantizeLinear` /
+/// `DequantizeLinear` pairs with our scales and zero points, `int8` weights behind
+/// per-channel `DequantizeLinear`, `int32` biases of scale input x weight (the form ONNX
+/// Runtime fuses into its int8 kernels). `input_shapes` are declared on the inputs (their
+/// first dimension symbolic: any batch size).
 ///
 /// # Errors
 /// A node of a kind the export does not write (it names the node and lists what it writes).
