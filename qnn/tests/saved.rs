@@ -180,3 +180,39 @@ fn hostile_float_layers_are_refused_before_allocating() {
         assert!(e.contains("conv1") && e.contains("Conv2d"), "{field}: {e}");
     }
 }
+
+/// A layer norm over the last axis (ConvNeXt's, on channels-last activations) runs in float
+/// between int8 layers, computes PyTorch's formula, and saves and loads with its model.
+#[test]
+fn layer_norm_runs_in_float_and_saves() {
+    use qnn::layers::{Conv2d, LayerNorm, Permute};
+    let mut ln = LayerNorm::new(4);
+    ln.weight = ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 0.5, -1.0, 2.0]).unwrap();
+    ln.bias = ArrayD::from_shape_vec(IxDyn(&[4]), vec![0.0, 0.1, 0.2, -0.3]).unwrap();
+    let input = x(2, 4, 5);
+    // The formula, on one vector.
+    let v = [1.0f32, 2.0, 4.0, -3.0];
+    let y = qnn::Module::forward(&ln, &ArrayD::from_shape_vec(IxDyn(&[1, 4]), v.to_vec()).unwrap()).unwrap();
+    let mean = v.iter().sum::<f32>() / 4.0;
+    let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f32>() / 4.0;
+    for (i, got) in y.iter().enumerate() {
+        let want = (v[i] - mean) / (var + 1e-5).sqrt() * ln.weight[i] + ln.bias[i];
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    }
+    let mut g = qnn::GraphBuilder::new();
+    let t = g.input("x");
+    let t = g.layer("conv", Conv2d::new(4, 4, 3).padding(1), t).unwrap();
+    let t = g.layer("to_nhwc", Permute { dims: vec![0, 2, 3, 1] }, t).unwrap();
+    let t = g.layer("norm", ln, t).unwrap();
+    let t = g.layer("to_nchw", Permute { dims: vec![0, 3, 1, 2] }, t).unwrap();
+    let t = g.layer("conv2", Conv2d::new(4, 4, 1), t).unwrap();
+    g.output(t);
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 3);
+    let mut p = prepare(graph, &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(&input).unwrap();
+    let q = p.convert().unwrap();
+    assert!(matches!(q.plan().iter().find(|e| e.name == "norm").unwrap().mode, qnn::Mode::Float(_)));
+    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&input).unwrap(), q.forward(&input).unwrap());
+}

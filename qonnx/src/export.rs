@@ -455,7 +455,7 @@ impl Writer<'_> {
                 return Err(err(format!(
                     "node '{name}' is a {other}, which the export does not write (it writes convolutions, linear \
                      layers, additions, products, concatenations, pools, tables, clamps, shape ops and float \
-                     Softmax / Conv2d / Linear)"
+                     Softmax / LayerNorm / Conv2d / Linear)"
                 )))
             }
         })
@@ -604,6 +604,12 @@ impl Writer<'_> {
         let la = &a["attrs"];
         match layer {
             "Softmax" => self.node("Softmax", name, &[x], y, vec![attr_i("axis", la["dim"].as_i64().unwrap_or(-1))]),
+            "LayerNorm" => {
+                let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
+                let b = self.float_tensor(name, la["bias"].as_str().unwrap_or(""))?;
+                let eps = la["eps"].as_f64().unwrap_or(1e-5) as f32;
+                self.node("LayerNormalization", name, &[x, &w, &b], y, vec![attr_i("axis", -1), attr_f("epsilon", eps)]);
+            }
             "Conv2d" | "Linear" => {
                 let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
                 let mut ins = vec![x.to_string(), w];
@@ -629,7 +635,7 @@ impl Writer<'_> {
             }
             other => {
                 return Err(err(format!(
-                "node '{name}' runs in float as a {other}; the export writes float Softmax, Conv2d and Linear layers"
+                "node '{name}' runs in float as a {other}; the export writes float Softmax, LayerNorm, Conv2d and Linear layers"
             )))
             }
         }

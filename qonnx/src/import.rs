@@ -12,9 +12,9 @@ use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Flatten, HardSigmoid, Hardswish, Hardtanh, Linear,
-    MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh,
-    Upsample, UpsampleMode, GELU,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Flatten, HardSigmoid, Hardswish, Hardtanh,
+    LayerNorm, Linear, MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice, SliceRange,
+    Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::{Graph, GraphBuilder, Module, Tensor};
 
@@ -33,17 +33,18 @@ pub const SUPPORTED: &[&str] = &[
     "Constant",
     "ConstantOfShape",
     "Conv",
-    "Div (constants)",
+    "Div (by a constant)",
     "Dropout",
     "Flatten",
     "Gather (constants)",
-    "Gelu",
     "Gemm",
+    "Gelu (and its Erf form)",
     "GlobalAveragePool",
     "GlobalMaxPool",
     "HardSigmoid",
     "HardSwish",
     "Identity",
+    "LayerNormalization (last axis)",
     "MatMul (constant weight)",
     "MaxPool",
     "Mul",
@@ -58,7 +59,7 @@ pub const SUPPORTED: &[&str] = &[
     "Softmax",
     "Split",
     "Squeeze",
-    "Sub (constants)",
+    "Sub",
     "Sum",
     "Tanh",
     "Transpose",
@@ -499,7 +500,17 @@ impl Importer {
                 self.unary(cx, Box::new(GELU { tanh }))
             }
             "Clip" => self.clip(cx),
+            "Div" if self.gelu_chain(cx, g, consumers).is_some() => {
+                let end = self.gelu_chain(cx, g, consumers).expect("matched");
+                let r = self.unary(cx, Box::new(GELU { tanh: false }))?;
+                let out = cx.node.output[0].clone();
+                for o in end {
+                    self.absorbed.insert(o, out.clone());
+                }
+                Ok(r)
+            }
             "Add" | "Sum" | "Mul" | "Sub" | "Div" => self.binary(cx),
+            "LayerNormalization" => one(self.layernorm(cx)?),
             "Concat" => self.concat(cx),
             "MaxPool" | "AveragePool" => one(self.pool(cx)?),
             "GlobalAveragePool" => {
@@ -838,11 +849,120 @@ impl Importer {
                 };
                 Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch })])
             }
-            _ => Err(cx.err(
-                "one input is a constant and the other computed: qonnx imports a constant operand only as a \
-                 MatMul's bias (MatMul followed by Add)",
-            )),
+            (Val::Node(x), Val::Const(k)) => Ok(vec![Val::Node(self.affine_const(cx, &op, &x, &k, false)?)]),
+            (Val::Const(k), Val::Node(x)) => Ok(vec![Val::Node(self.affine_const(cx, &op, &x, &k, true)?)]),
         }
+    }
+
+    /// A computed NCHW value and a constant per channel (or one for all): `x * k`, `x + k`,
+    /// `x - k`, `k - x`, `x / k` as a depthwise 1x1 convolution (weight and bias per channel),
+    /// which runs in int8 (ConvNeXt's layer scale, normalization constants).
+    fn affine_const(&mut self, cx: &Cx<'_>, op: &str, x: &Node, k: &Const, const_first: bool) -> Result<Node> {
+        let c = x.shape.get(1).copied().unwrap_or(0);
+        let per_channel = x.shape.len() == 4
+            && (k.len() == 1 || (k.len() == c && matches!(k.shape.as_slice(), [_, 1, 1] | [1, _, 1, 1])));
+        if !per_channel || matches!(k.data, Data::I64 { .. }) {
+            return Err(cx.err(format!(
+                "a computed input of shape {:?} with a constant of shape {:?}: qonnx takes a float constant that \
+                 is one value or one per channel ([c, 1, 1]) of an NCHW value",
+                x.shape, k.shape
+            )));
+        }
+        let v = k.to_f32();
+        let at = |i: usize| v[if v.len() == 1 { 0 } else { i }];
+        let (w, b): (Vec<f32>, Vec<f32>) = match (op, const_first) {
+            ("Mul", _) => ((0..c).map(at).collect(), vec![0.0; c]),
+            ("Add" | "Sum", _) => (vec![1.0; c], (0..c).map(at).collect()),
+            ("Sub", false) => (vec![1.0; c], (0..c).map(|i| -at(i)).collect()),
+            ("Sub", true) => (vec![-1.0; c], (0..c).map(at).collect()),
+            ("Div", false) => ((0..c).map(|i| 1.0 / at(i)).collect(), vec![0.0; c]),
+            _ => return Err(cx.err("a constant divided by a computed value is not supported")),
+        };
+        let mut conv = Conv2d::new(c, c, 1).groups(c);
+        conv.weight = ArrayD::from_shape_vec(IxDyn(&[c, 1, 1, 1]), w).expect("c weights");
+        conv.bias = Some(ArrayD::from_shape_vec(IxDyn(&[c]), b).expect("c biases"));
+        self.layer(cx, "", Box::new(conv), x)
+    }
+
+    /// Whether this `Div` starts the erf form of GELU the exporters write before opset 20,
+    /// `(x * (erf(x / sqrt(2)) + 1)) * 0.5`, each step the only reader of the one before:
+    /// the outputs of the chain's other nodes (the last is the GELU's).
+    fn gelu_chain(&self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Option<Vec<String>> {
+        let x = cx.input(0)?;
+        // A scalar constant, computed already or written by a `Constant` node later in the
+        // list (exporters put each constant just before its reader).
+        let scalar = |name: &str| -> Option<f32> {
+            match self.vals.get(name) {
+                Some(Val::Const(c)) if c.len() == 1 => Some(c.to_f32()[0]),
+                Some(_) => None,
+                None => {
+                    let n = g.node.iter().find(|n| n.output.iter().any(|o| o == name))?;
+                    let t = n.attribute.iter().find(|a| a.name.as_deref() == Some("value"))?.t.as_ref()?;
+                    let c = decode(t, None).ok()?;
+                    (n.op_type.as_deref() == Some("Constant") && c.len() == 1).then(|| c.to_f32()[0])
+                }
+            }
+        };
+        let near = |name: &str, want: f32| scalar(name).is_some_and(|v| (v - want).abs() <= 1e-4 * want.abs());
+        if !matches!(self.vals.get(x), Some(Val::Node(_))) || !near(cx.input(1)?, std::f32::consts::SQRT_2) {
+            return None;
+        }
+        let sole = |out: &str, op: &str| -> Option<&NodeProto> {
+            match consumers.get(out).map(Vec::as_slice) {
+                Some([k]) if g.node[*k].op_type.as_deref() == Some(op) && g.node[*k].output.len() == 1 => {
+                    Some(&g.node[*k])
+                }
+                _ => None,
+            }
+        };
+        let other = |n: &NodeProto, this: &str| -> Option<String> {
+            match n.input.as_slice() {
+                [a, b] if a == this => Some(b.clone()),
+                [a, b] if b == this => Some(a.clone()),
+                _ => None,
+            }
+        };
+        let div = cx.node.output.first()?;
+        let erf = sole(div, "Erf")?;
+        let add = sole(&erf.output[0], "Add")?;
+        if !near(&other(add, &erf.output[0])?, 1.0) {
+            return None;
+        }
+        let mul = sole(&add.output[0], "Mul")?;
+        if other(mul, &add.output[0])? != x {
+            return None;
+        }
+        let half = sole(&mul.output[0], "Mul")?;
+        if !near(&other(half, &mul.output[0])?, 0.5) {
+            return None;
+        }
+        Some(vec![erf.output[0].clone(), add.output[0].clone(), mul.output[0].clone(), half.output[0].clone()])
+    }
+
+    fn layernorm(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        let r = x.shape.len();
+        if norm_axis(cx, cx.int("axis", -1), r)? != r - 1 {
+            return Err(cx.err(format!(
+                "axis {} of a rank-{r} input: qonnx normalizes over the last axis only",
+                cx.int("axis", -1)
+            )));
+        }
+        let c = x.shape[r - 1];
+        let vec_of = |k: Option<Const>, what: &str, default: f32| -> Result<ArrayD<f32>> {
+            match k {
+                None => Ok(ArrayD::from_elem(IxDyn(&[c]), default)),
+                Some(k) if k.len() == c => Ok(ArrayD::from_shape_vec(IxDyn(&[c]), k.to_f32()).expect("c values")),
+                Some(k) => Err(cx.err(format!("{what} of shape {:?} for {c} features", k.shape))),
+            }
+        };
+        let weight = vec_of(Some(self.konst(cx, 1, "scale")?), "scale", 1.0)?;
+        let bias = vec_of(self.opt_konst(cx, 2, "bias")?, "bias", 0.0)?;
+        if cx.node.output.len() > 1 {
+            return Err(cx.err("its mean and inverse standard deviation outputs are not computed"));
+        }
+        let ln = LayerNorm { weight, bias, eps: cx.float("epsilon", 1e-5) };
+        self.layer(cx, "", Box::new(ln), &x)
     }
 
     fn concat(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
@@ -1061,17 +1181,26 @@ impl Importer {
     }
 
     fn linear(&mut self, cx: &Cx<'_>, x: &Node, weight: ArrayD<f32>, bias: Option<ArrayD<f32>>) -> Result<Node> {
-        if x.shape.len() != 2 {
-            return Err(cx.err(format!(
-                "input of shape {:?}: qonnx imports matrix products on [batch, features] inputs",
-                x.shape
-            )));
-        }
         let s = weight.shape().to_vec();
         let mut lin = Linear::new(s[1], s[0]);
         lin.weight = weight;
         lin.bias = bias;
-        self.layer(cx, "", Box::new(lin), x)
+        match x.shape.len() {
+            2 => self.layer(cx, "", Box::new(lin), x),
+            r if r > 2 => {
+                // [.., k] as rows [-1, k] through the layer, then back to [.., n]: the
+                // leading axes (the batch among them) inferred at run time.
+                let rows = Reshape { shape: vec![-1, *x.shape.last().expect("rank > 2") as i64], keep_batch: false };
+                let flat = self.layer(cx, ":rows", Box::new(rows), x)?;
+                let y = self.layer(cx, "", Box::new(lin), &flat)?;
+                let mut back: Vec<i64> = x.shape[1..r - 1].iter().map(|&d| d as i64).collect();
+                back.insert(0, -1);
+                back.push(s[0] as i64);
+                let out = self.layer(cx, ":unrows", Box::new(Reshape { shape: back, keep_batch: false }), &y)?;
+                Ok(Node { batch: x.batch, ..out })
+            }
+            _ => Err(cx.err(format!("input of shape {:?}: a matrix product needs at least 2 axes", x.shape))),
+        }
     }
 
     fn gemm(&mut self, cx: &Cx<'_>) -> Result<Node> {

@@ -133,6 +133,32 @@ class BnExplicit(nn.Module):
         return torch.softmax(self.bn_fc(self.fc(torch.flatten(x, 1))), dim=1)
 
 
+class ConvNextBlock(nn.Module):
+    """ConvNeXt's pieces: a patchify stem with a channels-last LayerNorm (Transpose,
+    LayerNormalization, Transpose), a block (depthwise 7x7, LayerNorm, Linear on NHWC
+    (MatMul on a 4-D input), GELU (the Erf form before opset 20), Linear, layer scale (Mul by
+    a per-channel constant), residual), and a LayerNorm head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.stem_norm = nn.LayerNorm(16)
+        self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.norm = nn.LayerNorm(16)
+        self.pw1 = nn.Linear(16, 64)
+        self.pw2 = nn.Linear(64, 16)
+        self.layer_scale = nn.Parameter(0.5 + torch.rand(16, 1, 1))
+        self.head_norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 7)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.pw2(F.gelu(self.pw1(y))).permute(0, 3, 1, 2)
+        x = x + self.layer_scale * y
+        return self.fc(self.head_norm(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
 class Mlp(nn.Module):
     def __init__(self):
         super().__init__()
@@ -152,6 +178,7 @@ CASES = {
     "shuffle": (Shuffle, (3, 16, 16), 17, "torchscript"),
     "bn_explicit": (BnExplicit, (3, 16, 16), 17, "torchscript"),
     "mlp": (Mlp, (20,), 17, "torchscript"),
+    "convnext_block": (ConvNextBlock, (3, 32, 32), 17, "torchscript"),
     "convnet_dynamo": (ConvNet, (3, 16, 16), 18, "dynamo"),
 }
 
@@ -163,6 +190,9 @@ def trained_like(model, seed):
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
             if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 c = m.num_features
                 m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))

@@ -5,8 +5,9 @@ For each model, torchvision's architecture gets the weights ``cargo xtask bench`
 (``peer_server.py`` describes the files and the protocol: non-zero biases and batch-norm
 statistics, as a trained model has; with torchvision's all-zero initial biases the exporter
 shares one zero initializer through ``Identity`` nodes, ``quantize_static`` then cannot see
-the biases as initializers and ONNX Runtime runs its int8 convolutions unfused, 3-4x slower).
-The model is exported to ONNX (opset 17, input ``x`` with a dynamic batch; kept as
+the biases as initializers and ONNX Runtime runs its int8 convolutions unfused, 3-4x slower);
+ShuffleNetV2 and ConvNeXt-Tiny, which our side only imports from ONNX, get random weights of
+that kind made here (``trained_like``). The model is exported to ONNX (opset 17, input ``x`` with a dynamic batch; kept as
 ``<model>.onnx`` beside the weights, with ONNX Runtime's fp32 and int8 outputs on ``xq`` as
 ``<model>.ort_f32.pb`` and ``<model>.ort_int8.pb``, for the bench's ``onnx_<model>`` rows), run through
 ``quant_pre_process`` (shape inference and graph optimisation, as ONNX Runtime's
@@ -33,7 +34,15 @@ from onnxruntime.quantization import (
     quant_pre_process,
     quantize_static,
 )
-from torchvision.models import efficientnet_b0, mobilenet_v2, mobilenet_v3_large, resnet18, resnet50
+from torchvision.models import (
+    convnext_tiny,
+    efficientnet_b0,
+    mobilenet_v2,
+    mobilenet_v3_large,
+    resnet18,
+    resnet50,
+    shufflenet_v2_x1_0,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_server  # noqa: E402
@@ -44,7 +53,30 @@ CTORS = {
     "resnet50": resnet50,
     "mobilenet_v3_large": mobilenet_v3_large,
     "efficientnet_b0": efficientnet_b0,
+    # Only imported from ONNX on our side (no Rust twin): weights made here.
+    "shufflenet_v2_x1_0": shufflenet_v2_x1_0,
+    "convnext_tiny": convnext_tiny,
 }
+
+
+def trained_like(model, seed):
+    """Random weights of a trained model's kind for a model the bench wrote no weights for:
+    torchvision's initial weights, with non-zero biases, batch-norm statistics and layer
+    scales (ConvNeXt's start at 1e-6, which would make every block an identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("layer_scale"):
+                p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=g))
+            elif p.ndim == 1:  # norm weights
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model
 
 
 def save_pb(a, path):
@@ -78,7 +110,10 @@ class OnnxRuntime:
 
     def prepare(self, name, directory, inputs):
         m = CTORS[name](weights=None).eval()
-        peer_server.load_state_dict(m, directory, name)
+        if os.path.exists(os.path.join(directory, name + ".safetensors")):
+            peer_server.load_state_dict(m, directory, name)
+        else:
+            trained_like(m, 11)
         d = self.tmp.name
         pre, q = (os.path.join(d, f"{name}{s}.onnx") for s in (".pre", ".int8"))
         # The float model stays beside the weights: the bench imports this very file (qonnx)

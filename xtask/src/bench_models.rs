@@ -31,6 +31,11 @@ const MODELS: [Entry; 5] = [
     ("efficientnet_b0", qnn::zoo::efficientnet_b0, 0.386),
 ];
 
+/// Models the bench only imports from ONNX (no Rust twin in the zoo): name, GMAC per image
+/// (torchvision's figures). ONNX Runtime's peer builds them with random weights of a trained
+/// model's kind.
+const ONNX_ONLY: [(&str, f64); 2] = [("shufflenet_v2_x1_0", 0.146), ("convnext_tiny", 4.456)];
+
 /// Calibration images (one per batch, for us and the peers alike).
 const CALIBRATION_IMAGES: u64 = 8;
 /// Images the int8 SQNR is measured over (`xq`), on every side.
@@ -169,7 +174,11 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     use qnn::Module;
     let models: Vec<Entry> =
         MODELS.into_iter().filter(|(n, _, _)| o.filter.is_none_or(|f| n.contains(f) || "models".contains(f))).collect();
-    if models.is_empty() {
+    let onnx_only: Vec<(&'static str, f64)> = ONNX_ONLY
+        .into_iter()
+        .filter(|(n, _)| o.filter.is_none_or(|f| n.contains(f) || "models onnx".contains(f)))
+        .collect();
+    if models.is_empty() && onnx_only.is_empty() {
         return Ok(());
     }
     let dir = root.join("target/bench-models");
@@ -219,7 +228,8 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
 
     // ONNX Runtime's peer exports each model to `<name>.onnx`; files of an earlier run must
     // not stand in for this run's.
-    for m in &names {
+    let ort_names: Vec<&str> = names.iter().copied().chain(onnx_only.iter().map(|m| m.0)).collect();
+    for m in &ort_names {
         for suffix in [".onnx", ".ort_f32.pb", ".ort_int8.pb"] {
             let _ = std::fs::remove_file(dir.join(format!("{m}{suffix}")));
         }
@@ -241,7 +251,11 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             );
             continue;
         };
-        peers.push(PeerServer::start(&py, &root.join("scripts/peers").join(script), who, &dir, &names)?);
+        // The models only imported from ONNX are ONNX Runtime's alone.
+        let list = if who == "onnxruntime" { &ort_names } else { &names };
+        if !list.is_empty() {
+            peers.push(PeerServer::start(&py, &root.join("scripts/peers").join(script), who, &dir, list)?);
+        }
     }
     if !peers.is_empty() {
         eprintln!("peers are quantizing the same models (logs in {})", dir.display());
@@ -258,12 +272,13 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     // The same models imported from the ONNX files ONNX Runtime's peer exported and
     // quantized (qonnx), calibrated on the same images as ours.
     let ort = peers.iter().position(|p| p.who == "onnxruntime");
-    let mut imported: Vec<Option<Imported>> = Vec::new();
+    let mut imported: Vec<Imported> = Vec::new();
     if let Some(ort) = ort {
-        for om in &ours {
-            let mut im = import_onnx(&dir, om.name, &calib, &xq)?;
-            im.qdq = qdq_agreement(&dir, om.name, &im.q, &xq, &mut peers[ort])?;
-            imported.push(Some(im));
+        let all = ours.iter().enumerate().map(|(m, om)| (om.name, om.gmac, Some(m)));
+        for (name, gmac, rust) in all.chain(onnx_only.iter().map(|&(n, g)| (n, g, None))) {
+            let mut im = import_onnx(&dir, name, &calib, &xq)?;
+            im.qdq = qdq_agreement(&dir, name, &im.q, &xq, &mut peers[ort])?;
+            imported.push(Imported { name, gmac, rust, ..im });
         }
     } else {
         eprintln!(
@@ -288,7 +303,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             s.ours.push(median_ms(10, || {
                 std::hint::black_box(q.forward(x).expect("int8 forward"));
             }));
-            if let Some(Some(im)) = imported.get_mut(m).filter(|_| (b, t) == (1, 1)) {
+            if let Some(im) = imported.iter_mut().find(|im| im.rust == Some(m)).filter(|_| (b, t) == (1, 1)) {
                 im.q.set_threads(1);
                 let q = &im.q;
                 im.times.push(median_ms(10, || {
@@ -298,6 +313,28 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             for (p, times) in peers.iter_mut().zip(&mut s.peers).filter(|(p, _)| p.has_int8(ours[m].name)) {
                 times.push(p.time(ours[m].name, t, b)?);
                 std::thread::sleep(SETTLE);
+            }
+        }
+        // The models only imported from ONNX: ours, then ONNX Runtime's, one thread, batch 1.
+        let x1 = &inputs.iter().find(|(b, _)| *b == 1).map(|(_, x)| x);
+        for im in imported.iter_mut().filter(|im| im.rust.is_none()) {
+            let (Some(x), Some(ort)) = (x1, ort) else { break };
+            im.q.set_threads(1);
+            let q = &im.q;
+            im.times.push(median_ms(10, || {
+                std::hint::black_box(q.forward(x).expect("int8 forward"));
+            }));
+            im.ort_times.push(peers[ort].time(im.name, 1, 1)?);
+            std::thread::sleep(SETTLE);
+        }
+    }
+    // The imported twins of our models were timed beside them: ONNX Runtime's and the Rust
+    // model's times of the same rounds.
+    for im in &mut imported {
+        if let (Some(m), Some(ort)) = (im.rust, ort) {
+            if let Some((_, s)) = configs.iter().zip(&series).find(|(&c, _)| c == (m, 1, 1)) {
+                im.ort_times = s.peers[ort].clone();
+                im.rust_times = s.ours.clone();
             }
         }
     }
@@ -372,8 +409,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         });
     }
     if let Some(ort) = ort {
-        let view: Vec<(&'static str, f64)> = ours.iter().map(|o| (o.name, o.gmac)).collect();
-        onnx_rows(&configs, &series, &view, &imported, &peers[ort], ort, o.peak_int8_gmacs, records);
+        onnx_rows(&imported, &peers[ort], o.peak_int8_gmacs, records);
     }
     println!("\nfloat (1 thread, batch 1) and int8 accuracy (int8 output vs the same side's f32, SQNR over {SQNR_IMAGES} images)");
     let peer_cols: String = peers
@@ -426,12 +462,20 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
 
 /// A model imported from ONNX Runtime's export of it, converted to int8, with its round times.
 struct Imported {
+    name: &'static str,
+    gmac: f64,
+    /// Its twin among our Rust-built models.
+    rust: Option<usize>,
     q: qnn::QuantizedModel,
     /// int8 against our float import of the same file, over the SQNR images.
     sqnr: f64,
     /// Our float import against ONNX Runtime's fp32 output on the same images.
     float_rel_err: Option<f64>,
     times: Vec<f64>,
+    /// ONNX Runtime's times of its int8 model of the same file, and the Rust twin's, in the
+    /// same rounds.
+    ort_times: Vec<f64>,
+    rust_times: Vec<f64>,
     /// ONNX Runtime running our QDQ export: the share of outputs identical to ours and the
     /// largest difference in output steps.
     qdq: Option<(f64, f64)>,
@@ -458,7 +502,18 @@ fn import_onnx(dir: &Path, name: &str, calib: &[ArrayD<f32>], xq: &ArrayD<f32>) 
     }
     let q = p.convert().map_err(|e| e.to_string())?;
     let sqnr = qnn::sqnr_db(&reference, &q.forward(xq).map_err(|e| e.to_string())?);
-    Ok(Imported { q, sqnr, float_rel_err, times: Vec::new(), qdq: None })
+    Ok(Imported {
+        name: "",
+        gmac: 0.0,
+        rust: None,
+        q,
+        sqnr,
+        float_rel_err,
+        times: Vec::new(),
+        ort_times: Vec::new(),
+        rust_times: Vec::new(),
+        qdq: None,
+    })
 }
 
 /// Our int8 model exported as ONNX QDQ and run by ONNX Runtime on the SQNR images: the share
@@ -491,24 +546,14 @@ fn qdq_agreement(
 }
 
 /// Prints and records the `onnx_<model>` rows: one thread, batch 1, against ONNX Runtime's
-/// int8 of the same file (timed in the same rounds) and against the model built in Rust.
-#[allow(clippy::too_many_arguments)]
-fn onnx_rows(
-    configs: &[(usize, usize, usize)],
-    series: &[Series],
-    ours: &[(&'static str, f64)],
-    imported: &[Option<Imported>],
-    ort: &PeerServer,
-    ort_index: usize,
-    peak: Option<f64>,
-    records: &mut Vec<Record>,
-) {
+/// int8 of the same file and against the model built in Rust (timed in the same rounds).
+fn onnx_rows(imported: &[Imported], ort: &PeerServer, peak: Option<f64>, records: &mut Vec<Record>) {
     println!(
         "\nmodels imported from ONNX Runtime's ONNX export (qonnx), 1 thread, batch 1: against ONNX Runtime's int8 of \
          the same file and the same model built in Rust; SQNR of each side's int8 against its own float"
     );
     println!(
-        "{:<20} {:>9} {:>16} {:>9} {:>19} {:>9} {:>9} {:>11} {:>22}",
+        "{:<26} {:>9} {:>16} {:>9} {:>19} {:>9} {:>9} {:>11} {:>22}",
         "model",
         "int8 ms",
         "/ built in Rust",
@@ -519,22 +564,19 @@ fn onnx_rows(
         "float err",
         "our QDQ in ort: same"
     );
-    for (m, im) in imported.iter().enumerate() {
-        let Some(im) = im else { continue };
-        let Some((_, s)) = configs.iter().zip(series).find(|(&c, _)| c == (m, 1, 1)) else { continue };
-        let (name, gmac) = ours[m];
+    for im in imported.iter().filter(|im| !im.times.is_empty() && im.ort_times.len() == im.times.len()) {
         let ms = median(&im.times);
-        let ort_times = &s.peers[ort_index];
-        let ratios: Vec<f64> = im.times.iter().zip(ort_times).map(|(a, b)| a / b).collect();
-        let vs_rust: Vec<f64> = im.times.iter().zip(&s.ours).map(|(a, b)| a / b).collect();
+        let ratios: Vec<f64> = im.times.iter().zip(&im.ort_times).map(|(a, b)| a / b).collect();
+        let vs_rust: Vec<f64> = im.times.iter().zip(&im.rust_times).map(|(a, b)| a / b).collect();
+        let vs_rust = (!vs_rust.is_empty()).then(|| median(&vs_rust));
         let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(l, h), &r| (l.min(r), h.max(r)));
-        let (ratio, pm) = (median(&ratios), median(ort_times));
-        let ort_sqnr = ort.ready_of(name, "sqnr_db");
+        let (ratio, pm) = (median(&ratios), median(&im.ort_times));
+        let ort_sqnr = ort.ready_of(im.name, "sqnr_db");
         println!(
-            "{:<20} {:>9.2} {:>16.3} {:>9.2} {:>19} {:>9.2} {:>9} {:>11} {:>22}",
-            format!("onnx_{name}"),
+            "{:<26} {:>9.2} {:>16} {:>9.2} {:>19} {:>9.2} {:>9} {:>11} {:>22}",
+            format!("onnx_{}", im.name),
             ms,
-            median(&vs_rust),
+            vs_rust.map_or("-".into(), |v| format!("{v:.3}")),
             pm,
             format!("{ratio:.2} [{lo:.2}-{hi:.2}]"),
             im.sqnr,
@@ -542,9 +584,9 @@ fn onnx_rows(
             im.float_rel_err.map_or("-".into(), |v| format!("{v:.1e}")),
             im.qdq.map_or("-".into(), |(same, worst)| format!("{:.1}%, max {worst:.0} steps", same * 100.0)),
         );
-        let gmacs = gmac * 1e3 / ms;
+        let gmacs = im.gmac * 1e3 / ms;
         records.push(Record {
-            name: format!("onnx_{name}"),
+            name: format!("onnx_{}", im.name),
             kind: "model",
             dtype: "int8",
             threads: 1,
@@ -559,7 +601,7 @@ fn onnx_rows(
             ratio_vs_peer: Some(ratio),
             ratio_spread: Some([lo, hi]),
             peer_sqnr_db: ort_sqnr,
-            ratio_vs_rust_model: Some(median(&vs_rust)),
+            ratio_vs_rust_model: vs_rust,
             float_rel_err: im.float_rel_err,
             qdq_identical_share: im.qdq.map(|q| q.0),
             qdq_max_steps: im.qdq.map(|q| q.1),

@@ -21,6 +21,7 @@
 //! | `pad.rs` | `Pad2d` (constant, reflect, replicate) | keeping the input's parameters |
 //! | `resize.rs` | `Upsample` (nearest, bilinear) | keeping the input's parameters, PyTorch's arithmetic |
 //! | `softmax.rs` | `Softmax` | float only (output in (0, 1), quantized after it) |
+//! | `layernorm.rs` | `LayerNorm` (last axis) | float only |
 //! | `batchnorm.rs` | `BatchNorm2d`, `BatchNorm1d` | float only, unless fused |
 //! | `stubs.rs` | `Identity`, `Dropout`, `QuantStub`, `DeQuantStub` | nothing, or an explicit quantize |
 //! | `add.rs`, `mul.rs`, `cat.rs` | graph additions, products, concatenations | int8 |
@@ -98,6 +99,7 @@ pub mod batchnorm;
 pub mod cat;
 pub mod conv;
 pub mod fallback;
+pub mod layernorm;
 pub mod linear;
 pub mod mul;
 pub mod pad;
@@ -377,6 +379,7 @@ pub(crate) const BUILTIN_LAYERS: &[&[(&str, LayerLoader)]] = &[
     pad::LAYERS,
     resize::LAYERS,
     softmax::LAYERS,
+    layernorm::LAYERS,
     batchnorm::LAYERS,
     stubs::LAYERS,
 ];

@@ -252,8 +252,8 @@ fn settings_we_cannot_honour_are_errors() {
         ),
         (
             vec![node("Mul", "scale", &["x", "k"], &["y"], vec![])],
-            vec![floats("k", &[], vec![2.0])],
-            &["'scale'", "constant"],
+            vec![floats("k", &[4], vec![2.0; 4])],
+            &["'scale'", "one value or one per channel"],
         ),
         (vec![node("Concat", "cat", &["x", "x"], &["y"], vec![int("axis", 2)])], vec![], &["axis 2", "axis 1"]),
     ];
@@ -357,4 +357,33 @@ fn external_data_is_read_beside_the_model() {
     let e = qonnx::load(dir.join("m.onnx"), &ImportOptions::default()).unwrap_err().to_string();
     assert!(e.contains("reach past the end"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A computed value with a constant per channel (or one for all): multiplied, added,
+/// subtracted either way and divided, each as a depthwise 1x1 convolution.
+#[test]
+fn constants_per_channel_are_depthwise_scales() {
+    let k = floats("k", &[2, 1, 1], vec![2.0, -0.5]);
+    let one = floats("one", &[], vec![4.0]);
+    let bytes = model(
+        17,
+        value("x", &[None, Some(2), Some(3), Some(3)]),
+        vec![
+            node("Mul", "mul", &["x", "k"], &["a"], vec![]),
+            node("Add", "add", &["one", "a"], &["b"], vec![]),
+            node("Sub", "sub", &["k", "b"], &["c"], vec![]),
+            node("Div", "div", &["c", "one"], &["d"], vec![]),
+        ],
+        vec![k, one],
+        "d",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    assert_eq!(m.graph.node_kinds().iter().map(|(_, k)| *k).collect::<Vec<_>>(), ["Conv2d"; 4]);
+    let x = ramp(&[2, 2, 3, 3]);
+    let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    for (i, (&got, &v)) in y.iter().zip(x.iter()).enumerate() {
+        let kc = [2.0f32, -0.5][(i / 9) % 2];
+        let want = (kc - (4.0 + v * kc)) / 4.0;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
 }
