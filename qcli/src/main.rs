@@ -4,7 +4,7 @@
 //! qrust inspect  model.onnx
 //! qrust quantize model.onnx --calib images/ -o model.int8.safetensors [--config q.toml]
 //! qrust run      model.int8.safetensors --input cat.jpg --top 5
-//! qrust report   model.onnx model.int8.safetensors --input images/ [--json report.json]
+//! qrust report   model.onnx model.int8.safetensors --input images/ [--json report.json] [--plots dir/]
 //! qrust export-qdq model.int8.safetensors -o model.qdq.onnx
 //! ```
 
@@ -66,6 +66,10 @@ enum Cmd {
         /// Threads for calibration.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Also draw each activation's calibration histogram, with the range int8 keeps, as
+        /// SVG files in this folder (histogram-based observers).
+        #[arg(long)]
+        plots: Option<PathBuf>,
         #[command(flatten)]
         shape: ShapeArg,
         #[command(flatten)]
@@ -116,6 +120,9 @@ enum Cmd {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also draw the per-layer SQNR as an SVG bar chart (`sqnr.svg`) in this folder.
+        #[arg(long)]
+        plots: Option<PathBuf>,
         #[command(flatten)]
         shape: ShapeArg,
         #[command(flatten)]
@@ -223,8 +230,9 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd) -> Result<(), String> {
     match cmd {
         Cmd::Inspect { model, shape } => inspect(&model, &shape),
-        Cmd::Quantize { model, calib, output, config, batch_size, threads, shape, images } => {
-            quantize(&model, &calib, output, config.as_deref(), batch_size, threads, &shape, &images)
+        Cmd::Quantize { model, calib, output, config, batch_size, threads, plots, shape, images } => {
+            let opts = QuantizeOpts { output, config, batch_size, threads, plots };
+            quantize(&model, &calib, &opts, &shape, &images)
         }
         Cmd::Run { model, input, output, top, threads, shape, images } => {
             run_model(&model, &input, output.as_deref(), top, threads, &shape, &images)
@@ -236,8 +244,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
             say!("wrote {} (ONNX opset {}, QDQ)", output.display(), qonnx::EXPORT_OPSET);
             Ok(())
         }
-        Cmd::Report { model, int8, input, json, shape, images } => {
-            report(&model, &int8, &input, json.as_deref(), &shape, &images)
+        Cmd::Report { model, int8, input, json, plots, shape, images } => {
+            report(&model, &int8, &input, (json.as_deref(), plots.as_deref()), &shape, &images)
         }
     }
 }
@@ -277,17 +285,17 @@ fn load_data(path: &Path, input: Option<&[usize]>, images: &ImageArgs) -> Result
     data::read(path, &images.prep(input)?)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn quantize(
-    path: &Path,
-    calib: &Path,
+/// `quantize`'s options beyond the model and its data.
+struct QuantizeOpts {
     output: Option<PathBuf>,
-    config: Option<&Path>,
+    config: Option<PathBuf>,
     batch_size: usize,
     threads: usize,
-    shape: &ShapeArg,
-    images: &ImageArgs,
-) -> Result<(), String> {
+    plots: Option<PathBuf>,
+}
+
+fn quantize(path: &Path, calib: &Path, o: &QuantizeOpts, shape: &ShapeArg, images: &ImageArgs) -> Result<(), String> {
+    let (output, config, batch_size, threads) = (o.output.clone(), o.config.as_deref(), o.batch_size, o.threads);
     let t0 = Instant::now();
     let m = import(path, shape)?;
     let in_shape = single_input(&m)?;
@@ -327,6 +335,18 @@ fn quantize(
     let t1 = Instant::now();
     let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
     prepared.calibrate_batches(&batches, threads.max(1)).map_err(|e| e.to_string())?;
+    if let Some(dir) = &o.plots {
+        let pictures: Vec<(String, String)> = prepared
+            .observers()
+            .into_iter()
+            .filter_map(|(name, obs)| {
+                let file = format!("hist-{}.svg", name.trim_start_matches('/').replace([' ', '/', ':'], "_"));
+                qnn::plots::histogram_chart(&name, obs).map(|svg| (file, svg))
+            })
+            .collect();
+        qnn::plots::write_files(dir, &pictures).map_err(|e| e.to_string())?;
+        say!("drew {} calibration histograms in {}", pictures.len(), dir.display());
+    }
     let q = prepared.convert().map_err(|e| e.to_string())?;
     say!("calibrated on {items} items in {} batches, converted in {:.2} s", batches.len(), t1.elapsed().as_secs_f64());
     print_plan(&q);
@@ -406,7 +426,7 @@ fn report(
     model: &Path,
     int8: &Path,
     input: &Path,
-    json: Option<&Path>,
+    (json, plots): (Option<&Path>, Option<&Path>),
     shape: &ShapeArg,
     images: &ImageArgs,
 ) -> Result<(), String> {
@@ -433,6 +453,12 @@ fn report(
     if let Some(j) = json {
         std::fs::write(j, qnn::report_json(&rows)).map_err(|e| format!("{}: {e}", j.display()))?;
         say!("wrote {}", j.display());
+    }
+    if let Some(dir) = plots {
+        let bars: Vec<_> = rows.iter().map(|r| (r.name.clone(), r.sqnr_db, r.weight_sqnr_db)).collect();
+        qnn::plots::write_files(dir, &[("sqnr.svg".to_string(), qnn::plots::sqnr_chart(&bars))])
+            .map_err(|e| e.to_string())?;
+        say!("wrote {}", dir.join("sqnr.svg").display());
     }
     Ok(())
 }

@@ -89,6 +89,7 @@ pub mod graph;
 pub mod layers;
 mod module;
 pub mod ops;
+pub mod plots;
 mod quant;
 mod saved;
 mod scratch;

@@ -83,7 +83,7 @@ pub fn run(root: &Path, report_json: Option<&Path>, plots: Option<&Path>) -> Res
     let mut pictures: Vec<(String, String)> = Vec::new();
     if plots.is_some() {
         for (name, obs) in prepared.observers() {
-            if let Some(svg) = crate::plots::histogram_chart(&name, obs) {
+            if let Some(svg) = qnn::plots::histogram_chart(&name, obs) {
                 pictures.push((format!("hist-{}.svg", name.replace([' ', '/'], "_")), svg));
             }
         }
@@ -137,8 +137,8 @@ pub fn run(root: &Path, report_json: Option<&Path>, plots: Option<&Path>) -> Res
     let report = q.report(&reference, &images).map_err(|e| e.to_string())?;
     if let Some(dir) = plots {
         let rows: Vec<_> = report.iter().map(|r| (r.name.clone(), r.sqnr_db, r.weight_sqnr_db)).collect();
-        pictures.push(("sqnr.svg".into(), crate::plots::sqnr_chart(&rows)));
-        crate::plots::write_files(dir, &pictures)?;
+        pictures.push(("sqnr.svg".into(), qnn::plots::sqnr_chart(&rows)));
+        qnn::plots::write_files(dir, &pictures).map_err(|e| e.to_string())?;
         println!("wrote {} SVG pictures to {}\n", pictures.len(), dir.display());
     }
     if let Some(path) = report_json {

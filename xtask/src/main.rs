@@ -18,7 +18,6 @@ mod bench_models;
 mod conformance;
 mod demo;
 mod fuzz;
-mod plots;
 mod sanitize;
 
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
-//! `cargo xtask demo --plots DIR`: SVG pictures of what the demo measured, written by hand
-//! (a few rectangles, lines and labels need no plotting crate): the per-module SQNR as a
-//! bar chart, and every activation's calibration histogram with the range the observer
-//! chose marked.
+//! SVG pictures of a quantization, written by hand (a few rectangles, lines and labels need
+//! no plotting crate): the per-module SQNR of a report as a bar chart, and an activation's
+//! calibration histogram with the range its observer chose marked. `cargo xtask demo --plots`
+//! and the command line's `--plots` draw them.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -157,11 +157,16 @@ pub fn histogram_chart(name: &str, obs: &dyn Observer) -> Option<String> {
 }
 
 /// Writes the named SVG files into `dir` (created if missing).
-pub fn write_files(dir: &Path, files: &[(String, String)]) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+///
+/// # Errors
+/// [`crate::NnError::File`] naming the folder or file that cannot be written.
+pub fn write_files(dir: &Path, files: &[(String, String)]) -> crate::Result<()> {
+    let io =
+        |p: &Path, e: std::io::Error| crate::NnError::File { file: p.display().to_string(), reason: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (file, text) in files {
         let p = dir.join(file);
-        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(&p, text).map_err(|e| io(&p, e))?;
     }
     Ok(())
 }
