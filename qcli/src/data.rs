@@ -1,5 +1,5 @@
-//! Input data: `.npy` / `.npz` arrays, or images (one file or a folder) decoded, resized,
-//! cropped and normalized as torchvision's ImageNet transforms do.
+//! Input data: `.npy` / `.npz` arrays, ONNX TensorProto files (`.pb`), or images (one file or
+//! a folder) decoded, resized, cropped and normalized as torchvision's ImageNet transforms do.
 
 use std::path::{Path, PathBuf};
 
@@ -82,8 +82,13 @@ pub fn read(path: &Path, prep: &ImagePrep) -> Result<ArrayD<f32>, String> {
             ndarray::concatenate(Axis(0), &views)
                 .map_err(|e| format!("{shown}: its arrays differ in shape beyond the first axis ({e})"))
         }
+        // ONNX's test-data form (a TensorProto), as ONNX model zoos ship inputs.
+        Some("pb") => qonnx::tensor::read_pb(path).map_err(|e| e.to_string()),
         _ if is_image(path) => image(path, prep),
-        _ => Err(format!("{shown}: expected a .npy or .npz file, a .png / .jpg image, or a folder of images")),
+        _ => Err(format!(
+            "{shown}: expected a .npy or .npz file, an ONNX TensorProto (.pb), a .png / .jpg image, or a folder of \
+             images"
+        )),
     }
 }
 
