@@ -7,7 +7,7 @@
 //! strict = false              # true: converting fails instead of falling back to float
 //! fusion = true
 //! pool_outputs = "observed"   # or "input" (PyTorch's choice)
-//! table_outputs = "observed"  # or "fixed": sigmoid / hard-sigmoid / tanh on PyTorch's fixed grid
+//! table_outputs = "auto"      # sigmoid / hard-sigmoid / tanh: "observed", "fixed" (PyTorch's grid) or auto
 //!
 //! [[rule]]                    # later rules win; names beat op types and kinds
 //! name = "/features/0/*"      # a node name, a name prefix ("/layer1" matches "/layer1/..."), or a glob
@@ -159,9 +159,10 @@ pub fn mapping(
         Some(o) => return Err(at(format!("pool_outputs '{o}': expected 'observed' or 'input'"))),
     }
     match file.table_outputs.as_deref() {
-        None | Some("observed") => {}
+        None | Some("auto") => {}
+        Some("observed") => m = m.table_outputs(qnn::TableOutputs::Observed),
         Some("fixed") => m = m.table_outputs(qnn::TableOutputs::Fixed),
-        Some(o) => return Err(at(format!("table_outputs '{o}': expected 'observed' or 'fixed'"))),
+        Some(o) => return Err(at(format!("table_outputs '{o}': expected 'auto', 'observed' or 'fixed'"))),
     }
     for (i, r) in file.rule.iter().enumerate() {
         let which = [r.name.is_some(), r.op.is_some(), r.kind.is_some()].iter().filter(|&&b| b).count();

@@ -75,16 +75,19 @@ pub enum PoolOutputs {
     InputParams,
 }
 
-/// The output parameters of the sigmoid, hard-sigmoid and tanh tables.
+/// The output parameters of the sigmoid, hard-sigmoid and tanh tables, whose outputs are
+/// bounded (`[0, 1]`, `[-1, 1]`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TableOutputs {
-    /// Observed like any layer's: the range the outputs span gets the full 8 bits (ONNX
-    /// Runtime's QDQ choice; qrust's default). A tanh whose outputs stay within +-0.3 keeps
-    /// about 10 dB more than with the fixed +-1 grid.
+    /// PyTorch's fixed grid over the whole bound, unless the observed outputs span less than
+    /// half of it: then the observed range, which keeps more bits (a tanh whose outputs stay
+    /// within +-0.3 gains about 10 dB). qrust's default.
     #[default]
+    Auto,
+    /// Always the observed range, like any layer's (ONNX Runtime's QDQ choice).
     Observed,
-    /// PyTorch's fixed ones: sigmoid and hard sigmoid `1/256` with zero point 0 (`[0, 1)`),
-    /// tanh `1/128` with 128 (`[-1, 1)`). Use it to reproduce PyTorch's results.
+    /// Always PyTorch's fixed grid: sigmoid and hard sigmoid `1/256` with zero point 0
+    /// (`[0, 1)`), tanh `1/128` with 128 (`[-1, 1)`). Use it to reproduce PyTorch's results.
     Fixed,
 }
 
@@ -133,7 +136,7 @@ impl QConfigMapping {
     }
 
     /// How sigmoid, hard-sigmoid and tanh tables choose their output parameters (default
-    /// [`TableOutputs::Observed`]).
+    /// [`TableOutputs::Auto`]).
     pub fn table_outputs(mut self, t: TableOutputs) -> Self {
         self.table_outputs = t;
         self

@@ -168,8 +168,8 @@ pub struct Prepared {
     /// What `prepare` fused.
     fused: Vec<crate::Fused>,
     strict: bool,
-    /// Sigmoid-like tables take PyTorch's fixed output parameters (`TableOutputs::Fixed`).
-    fixed_tables: bool,
+    /// How sigmoid-like tables choose their output parameters.
+    tables: crate::TableOutputs,
     /// Per node, its weights as simulation runs them (fitted once: weights do not change).
     sim_weights: Option<Vec<Option<ArrayD<f32>>>>,
 }
@@ -291,7 +291,7 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         batches: 0,
         fused,
         strict: mapping.is_strict(),
-        fixed_tables: mapping.table_output_params() == crate::TableOutputs::Fixed,
+        tables: mapping.table_output_params(),
         sim_weights: None,
     })
 }
@@ -448,8 +448,8 @@ impl Prepared {
     /// weight quantizer. Custom layers take part like built-in ones. Methods int8 kernels
     /// cannot run (a log2 grid, per-group weights) are measured here before anything is
     /// converted; for affine methods the result tracks the int8 model's closely (the int8
-    /// model accumulates exactly where this rounds in `f32`, and with `TableOutputs::Fixed`
-    /// sigmoid-like tables use fixed output parameters where this uses the observed ones).
+    /// model accumulates exactly where this rounds in `f32`, and sigmoid-like tables may use
+    /// PyTorch's fixed output parameters (`TableOutputs`) where this uses the observed ones).
     ///
     /// # Errors
     /// Observers that saw no data (calibrate first), a quantizer that cannot fit, or an input
@@ -574,7 +574,7 @@ impl Prepared {
                 });
             }
         }
-        let Prepared { mut graph, nodes, plan, obs, input_cfgs, fixed_tables, .. } = self;
+        let Prepared { mut graph, nodes, plan, obs, input_cfgs, tables, .. } = self;
         // The parameters each value has (int8) or is quantized with when an int8 op reads it
         // (float): its producer's observed ones, or its input's for ops that keep them.
         let mut vq: Vec<Option<QuantU8>> = vec![None; graph.values];
@@ -617,8 +617,7 @@ impl Prepared {
                     Mode::Float(_) => Box::new(FloatOp(m)),
                     Mode::Int8 | Mode::Int8SameParams => {
                         let cfg = p.cfg.as_ref().expect("int8 modules have a configuration");
-                        m.lower(&LowerCx { name: &n.name, cfg, in_q, out_q, fixed_tables })
-                            .map_err(|e| e.within(&n.name))?
+                        m.lower(&LowerCx { name: &n.name, cfg, in_q, out_q, tables }).map_err(|e| e.within(&n.name))?
                     }
                 },
                 NodeOp::Add => Box::new(AddOp::new([qs[0], qs[1]], joined(), int8)),

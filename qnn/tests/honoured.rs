@@ -173,3 +173,46 @@ fn a_custom_activation_range_bounds_every_code() {
     let qnn::Value::U8 { data, .. } = q.forward_value(&x).unwrap() else { panic!("int8 logits") };
     assert!(data.iter().all(|&b| b <= 15));
 }
+
+/// Sigmoid-like tables: PyTorch's fixed output grid when the outputs fill enough of it, the
+/// observed range when they stay in a corner of it (`TableOutputs::Auto`, the default), or
+/// as configured.
+#[test]
+fn table_outputs_follow_the_mapping() {
+    use qnn::layers::{Linear, Sigmoid, Tanh};
+    use qnn::TableOutputs;
+    let build = || {
+        let mut g = qnn::GraphBuilder::new();
+        let x = g.input("x");
+        let mut small = Linear::new(4, 4);
+        small.weight =
+            ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[4, 4]), |i| if i[0] == i[1] { 0.1 } else { 0.0 });
+        let a = g.layer("small", small, x).unwrap();
+        let t = g.layer("tanh", Tanh, a).unwrap();
+        let mut wide = Linear::new(4, 4);
+        wide.weight = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[4, 4]), |i| if i[0] == i[1] { 8.0 } else { 0.0 });
+        let b = g.layer("wide", wide, t).unwrap();
+        let s = g.layer("sigmoid", Sigmoid, b).unwrap();
+        g.output(s);
+        g.build().unwrap()
+    };
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[64, 4]), |i| ((i[0] * 4 + i[1]) % 17) as f32 / 4.0 - 2.0);
+    let quants = |t: TableOutputs| {
+        let mut p = qnn::prepare(build(), &QConfigMapping::new(QConfig::default()).table_outputs(t)).unwrap();
+        p.calibrate(&x).unwrap();
+        let q = p.convert().unwrap();
+        let get = |n: &str| q.output_quants().into_iter().find(|(name, _)| *name == n).unwrap().1;
+        (get("tanh"), get("sigmoid"))
+    };
+    use qnn::qkernels::QuantU8;
+    let (tanh_fixed, sigmoid_fixed) =
+        (QuantU8 { scale: 1.0 / 128.0, zero_point: 128 }, QuantU8 { scale: 1.0 / 256.0, zero_point: 0 });
+    // tanh(0.1 x) for x in [-2, 2] stays within +-0.2: the observed range; the sigmoid of
+    // +-8 x spans nearly all of [0, 1]: the fixed grid.
+    let (t, s) = quants(TableOutputs::Auto);
+    assert!(t.scale < tanh_fixed.scale / 4.0, "{t:?}");
+    assert_eq!(s, sigmoid_fixed);
+    assert_eq!(quants(TableOutputs::Fixed), (tanh_fixed, sigmoid_fixed));
+    let (t, s) = quants(TableOutputs::Observed);
+    assert!(t.scale < tanh_fixed.scale / 4.0 && s != sigmoid_fixed, "{t:?} {s:?}");
+}

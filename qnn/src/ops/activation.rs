@@ -1,8 +1,8 @@
 //! Activations: `ReLU` and `ReLU6` (in int8, a clamp that keeps the input's parameters),
 //! and `Hardswish`, `Sigmoid`, `HardSigmoid`, `SiLU`, `Tanh` and `GELU` (in int8, a lookup
-//! table from the input's parameters to the output's: the observed ones, or for sigmoid,
-//! hardsigmoid and tanh PyTorch's fixed ones with `TableOutputs::Fixed`; the input's for
-//! GELU).
+//! table from the input's parameters to the output's: the observed ones; for sigmoid,
+//! hardsigmoid and tanh, PyTorch's fixed ones or the observed ones as `TableOutputs` says;
+//! the input's for GELU).
 
 use ndarray::ArrayD;
 use qkernels::{QuantU8, UnaryOp, UnaryTables};
@@ -69,11 +69,24 @@ impl Int8Form {
             Int8Form::Clamp { six } => Box::new(ClampOp { six }),
             Int8Form::Table(op) => {
                 // GELU keeps its input's parameters; sigmoid, hardsigmoid and tanh take the
-                // observed ones, or PyTorch's fixed ones (`TableOutputs::Fixed`).
-                let fixed = op
-                    .fixed_output(cx.in_q)
-                    .filter(|_| cx.fixed_tables || matches!(op, UnaryOp::Gelu | UnaryOp::GeluTanh));
-                let out_q = fixed.unwrap_or_else(|| cx.out_q());
+                // observed ones or PyTorch's fixed grid, as `TableOutputs` says.
+                let out_q = match op.fixed_output(cx.in_q) {
+                    Some(f) if matches!(op, UnaryOp::Gelu | UnaryOp::GeluTanh) => f,
+                    Some(f) => match cx.tables {
+                        crate::TableOutputs::Fixed => f,
+                        crate::TableOutputs::Observed => cx.out_q(),
+                        crate::TableOutputs::Auto => {
+                            // The observed range, if it spans under half of the fixed grid's.
+                            let o = cx.out_q();
+                            if o.scale * 255.0 < 0.5 * f.scale * 256.0 {
+                                o
+                            } else {
+                                f
+                            }
+                        }
+                    },
+                    None => cx.out_q(),
+                };
                 Box::new(LutOp::new(op, cx.in_q, out_q))
             }
         }

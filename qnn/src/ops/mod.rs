@@ -176,9 +176,9 @@ pub struct LowerCx<'a> {
     pub in_q: QuantU8,
     /// The parameters its output observer chose (ops that keep their input's have none).
     pub out_q: Option<QuantU8>,
-    /// Sigmoid-like tables take PyTorch's fixed output parameters instead of `out_q`
-    /// ([`crate::TableOutputs::Fixed`]).
-    pub fixed_tables: bool,
+    /// How sigmoid-like tables choose between `out_q` and PyTorch's fixed output parameters
+    /// ([`crate::TableOutputs`]).
+    pub tables: crate::TableOutputs,
 }
 
 impl LowerCx<'_> {
