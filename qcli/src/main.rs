@@ -91,6 +91,9 @@ enum Cmd {
         /// Threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Run this many times and print the median latency (the first run is not counted).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         #[command(flatten)]
         shape: ShapeArg,
         #[command(flatten)]
@@ -234,8 +237,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
             let opts = QuantizeOpts { output, config, batch_size, threads, plots };
             quantize(&model, &calib, &opts, &shape, &images)
         }
-        Cmd::Run { model, input, output, top, threads, shape, images } => {
-            run_model(&model, &input, output.as_deref(), top, threads, &shape, &images)
+        Cmd::Run { model, input, output, top, threads, repeat, shape, images } => {
+            run_model(&model, &input, output.as_deref(), top, (threads, repeat), &shape, &images)
         }
         Cmd::ExportQdq { int8, output, input_shape } => {
             let q = QuantizedModel::load(&int8).map_err(|e| e.to_string())?;
@@ -379,27 +382,45 @@ fn run_model(
     input: &Path,
     output: Option<&Path>,
     top: Option<usize>,
-    threads: usize,
+    (threads, repeat): (usize, usize),
     shape: &ShapeArg,
     images: &ImageArgs,
 ) -> Result<(), String> {
-    let t0;
-    let y = if is_onnx(path) {
+    // Runs `f` once, then `repeat - 1` more times: the output, and the median time of the
+    // runs after the first (the first alone when there are none).
+    let timed = |f: &mut dyn FnMut() -> Result<ArrayD<f32>, String>| -> Result<(ArrayD<f32>, f64), String> {
+        let t = Instant::now();
+        let y = f()?;
+        let mut times = vec![t.elapsed().as_secs_f64() * 1e3];
+        if repeat > 1 {
+            times.clear();
+            for _ in 1..repeat {
+                let t = Instant::now();
+                std::hint::black_box(f()?);
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((y, times[times.len() / 2]))
+    };
+    let (y, ms) = if is_onnx(path) {
         let m = import(path, shape)?;
         let s = single_input(&m)?;
         let x = load_data(input, Some(&s), images)?;
-        t0 = Instant::now();
-        let ys = qnn::qkernels::with_threads(threads.max(1), || m.graph.run(&[x])).map_err(|e| e.to_string())?;
-        ys.into_iter().next().ok_or("the model has no output")?
+        let xs = [x];
+        timed(&mut || {
+            let ys = qnn::qkernels::with_threads(threads.max(1), || m.graph.run(&xs)).map_err(|e| e.to_string())?;
+            ys.into_iter().next().ok_or_else(|| "the model has no output".to_string())
+        })?
     } else {
         let mut q = QuantizedModel::load(path).map_err(|e| e.to_string())?;
         q.set_threads(threads.max(1));
         let s = q.value_info(&[]).ok().and_then(|v| v.first().map(|i| i.shape.clone()));
         let x = load_data(input, s.as_deref(), images)?;
-        t0 = Instant::now();
-        q.forward(&x).map_err(|e| e.to_string())?
+        timed(&mut || q.forward(&x).map_err(|e| e.to_string()))?
     };
-    say!("output {:?} in {:.2} ms", y.shape(), t0.elapsed().as_secs_f64() * 1e3);
+    let how = if repeat > 1 { format!("median of {} runs", repeat - 1) } else { "one run".to_string() };
+    say!("output {:?} in {ms:.2} ms ({how}, {threads} thread(s))", y.shape());
     if let Some(k) = top {
         let n = y.shape().first().copied().unwrap_or(0);
         let len = y.len();

@@ -12,9 +12,9 @@ use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Flatten, HardSigmoid, Hardswish, Hardtanh,
-    LayerNorm, Linear, MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice, SliceRange,
-    Softmax, Tanh, Upsample, UpsampleMode, GELU,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Flatten, HardSigmoid, Hardswish,
+    Hardtanh, LayerNorm, Linear, MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice,
+    SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::{Graph, GraphBuilder, Module, Tensor};
 
@@ -192,6 +192,7 @@ pub(crate) fn import(model: &ModelProto, base: Option<&Path>, opts: &ImportOptio
         names: HashMap::new(),
         opset,
         absorbed: HashMap::new(),
+        shuffle_checks: HashMap::new(),
     };
     im.run(g, base, opts).map(|(inputs, outputs, nodes, graph)| Imported {
         graph,
@@ -211,6 +212,9 @@ struct Importer {
     opset: i64,
     /// `Add` nodes whose bias a preceding `MatMul` took: output name -> the Linear's output.
     absorbed: HashMap<String, String>,
+    /// Reshapes absorbed into a channel shuffle: output name -> the shape their input has
+    /// and the one they must give (checked when they are reached).
+    shuffle_checks: HashMap<String, (Vec<usize>, Vec<usize>)>,
 }
 
 type Parts = (Vec<InputSpec>, Vec<String>, Vec<(String, String, Vec<String>)>, Graph);
@@ -308,6 +312,15 @@ impl Importer {
                 });
             }
             if let Some(src) = node.output.first().and_then(|o| self.absorbed.get(o)).cloned() {
+                if let Some((from, to)) = self.shuffle_checks.get(&node.output[0]).cloned() {
+                    let target = self.konst(&cx, 1, "shape")?;
+                    let t = target.as_i64().ok_or_else(|| cx.err("shape must be integers"))?;
+                    if reshape_dims(&cx, &from, t)? != to {
+                        return Err(cx.err(format!(
+                            "the channel shuffle this reshape ends should give {to:?}, not {t:?} of {from:?}"
+                        )));
+                    }
+                }
                 let v = self.vals[&src].clone();
                 self.vals.insert(node.output[0].clone(), v);
                 continue;
@@ -552,7 +565,7 @@ impl Importer {
                     }
                 }
             }
-            "Reshape" => self.reshape(cx),
+            "Reshape" => self.reshape(cx, g, consumers),
             "Squeeze" | "Unsqueeze" => self.squeeze(cx),
             "Transpose" => self.transpose(cx),
             "Softmax" => {
@@ -1072,7 +1085,7 @@ impl Importer {
         }
     }
 
-    fn reshape(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+    fn reshape(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Vec<Val>> {
         let target = self.konst(cx, 1, "shape")?;
         let t = target.as_i64().ok_or_else(|| cx.err("shape must be integers"))?.to_vec();
         let flags = target.batch_flags();
@@ -1086,10 +1099,55 @@ impl Importer {
             }
             Val::Node(x) => {
                 let out = reshape_dims(cx, &x.shape, &t)?;
+                if let Some(groups) = self.channel_shuffle(cx, g, consumers, &x, &out) {
+                    let m = ChannelShuffle { groups };
+                    return Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)]);
+                }
                 let m = self.reshape_layer(&x, &out, &t, &flags);
                 Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)])
             }
         }
+    }
+
+    /// ShuffleNet's channel shuffle as exporters write it: this reshape of `[n, c, h, w]` to
+    /// `[n, g, c / g, h, w]`, then `Transpose(0, 2, 1, 3, 4)`, then a reshape back to
+    /// `[n, c, h, w]`, each the only reader of the one before. Returns the groups, with the
+    /// transpose and the second reshape absorbed (the second's target is checked when it is
+    /// reached).
+    fn channel_shuffle(
+        &mut self,
+        cx: &Cx<'_>,
+        g: &GraphProto,
+        consumers: &HashMap<&str, Vec<usize>>,
+        x: &Node,
+        out: &[usize],
+    ) -> Option<usize> {
+        let (&[n, c, h, w], &[n2, groups, cg, h2, w2]) = (x.shape.as_slice(), out) else { return None };
+        if (n2, h2, w2) != (n, h, w) || groups * cg != c || groups < 2 {
+            return None;
+        }
+        let sole = |name: &str, op: &str| -> Option<&NodeProto> {
+            match consumers.get(name).map(Vec::as_slice) {
+                Some([k]) if g.node[*k].op_type.as_deref() == Some(op) && g.node[*k].output.len() == 1 => {
+                    Some(&g.node[*k])
+                }
+                _ => None,
+            }
+        };
+        let first = cx.node.output.first()?;
+        let tr = sole(first, "Transpose")?;
+        let perm = tr.attribute.iter().find(|a| a.name.as_deref() == Some("perm"))?;
+        if perm.ints != [0, 2, 1, 3, 4] {
+            return None;
+        }
+        let back = sole(&tr.output[0], "Reshape")?;
+        if back.input.first() != Some(&tr.output[0]) {
+            return None;
+        }
+        self.absorbed.insert(tr.output[0].clone(), first.clone());
+        self.absorbed.insert(back.output[0].clone(), first.clone());
+        self.shuffle_checks.insert(back.output[0].clone(), (vec![n, cg, groups, h, w], x.shape.clone()));
+        Some(groups)
     }
 
     /// A reshape of `x` to `out`, keeping the batch whatever its size when the target's first

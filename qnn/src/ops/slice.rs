@@ -147,30 +147,61 @@ impl QOp for Slice {
         OP.0
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
-        run_shape_op(
-            args.pop().expect("one input"),
-            |a| self.forward(a),
-            |data, shape| {
-                let (axis, s, e, step) = self.bounds(shape)?;
-                let outer: usize = shape[..axis].iter().product();
-                let inner: usize = shape[axis + 1..].iter().product();
-                let len = shape[axis];
+        match args.pop().expect("one input") {
+            // An image is stored NHWC: slice its stored axes in place (the logical axis
+            // mapped to where it is stored), with no round trip through the logical order.
+            Value::U8 { data, shape, q } if shape.len() == 4 => {
+                let (axis, s, e, step) = self.bounds(&shape)?;
+                let stored = [shape[0], shape[2], shape[3], shape[1]];
                 let picked: Vec<usize> = (s..e).step_by(step).collect();
-                let mut y = crate::scratch::take(outer * picked.len() * inner);
-                let mut o = 0;
-                for b in 0..outer {
-                    for &i in &picked {
-                        let from = (b * len + i) * inner;
-                        y[o..o + inner].copy_from_slice(&data[from..from + inner]);
-                        o += inner;
-                    }
-                }
+                let y = pick_rows(&data, &stored, [0, 3, 1, 2][axis], &picked);
                 crate::scratch::give(data);
-                let mut out = shape.to_vec();
+                let mut out = shape;
                 out[axis] = picked.len();
-                Ok((y, out))
-            },
-        )
+                Ok(Value::U8 { data: y, shape: out, q })
+            }
+            x => run_shape_op(
+                x,
+                |a| self.forward(a),
+                |data, shape| {
+                    let (axis, s, e, step) = self.bounds(shape)?;
+                    let picked: Vec<usize> = (s..e).step_by(step).collect();
+                    let y = pick_rows(&data, shape, axis, &picked);
+                    crate::scratch::give(data);
+                    let mut out = shape.to_vec();
+                    out[axis] = picked.len();
+                    Ok((y, out))
+                },
+            ),
+        }
     }
     serde_qop_tail!();
+}
+
+/// The indices `picked` of axis `axis` of row-major `data` of shape `shape`, into a pooled
+/// buffer.
+fn pick_rows(data: &[u8], shape: &[usize], axis: usize, picked: &[usize]) -> Vec<u8> {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let len = shape[axis];
+    let mut y = crate::scratch::take(outer * picked.len() * inner);
+    // A run of consecutive indices is one block per outer index (channels of a pixel).
+    let run = picked.first().filter(|&&f| picked.iter().enumerate().all(|(k, &i)| i == f + k));
+    if let Some(&first) = run {
+        let block = picked.len() * inner;
+        for (b, dst) in y.chunks_exact_mut(block.max(1)).enumerate().take(outer) {
+            let from = (b * len + first) * inner;
+            dst.copy_from_slice(&data[from..from + block]);
+        }
+        return y;
+    }
+    let mut o = 0;
+    for b in 0..outer {
+        for &i in picked {
+            let from = (b * len + i) * inner;
+            y[o..o + inner].copy_from_slice(&data[from..from + inner]);
+            o += inner;
+        }
+    }
+    y
 }
