@@ -283,16 +283,31 @@ impl QOp for Permute {
         PERMUTE.0
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
-        run_shape_op(
-            args.pop().expect("one input"),
-            |a| self.forward(a),
-            |d, s| {
-                let out = self.check(s)?;
-                let y = permute_bytes(&d, s, &self.dims);
-                scratch::give(d);
-                Ok((y, out))
-            },
-        )
+        match args.pop().expect("one input") {
+            // 4-D to 4-D: both stored NHWC, so one pass with the permutation composed from
+            // stored input axes to stored output axes (not three through the logical order).
+            Value::U8 { data, shape, q } if shape.len() == 4 => {
+                let out = self.check(&shape)?;
+                // Where logical axis `a` of a 4-D value is stored, and the reverse.
+                const STORED_AT: [usize; 4] = [0, 3, 1, 2];
+                const LOGICAL_OF: [usize; 4] = [0, 2, 3, 1];
+                let stored_in = [shape[0], shape[2], shape[3], shape[1]];
+                let perm: Vec<usize> = LOGICAL_OF.iter().map(|&k| STORED_AT[self.dims[k]]).collect();
+                let data = Input::new(data);
+                let y = permute_bytes(&data, &stored_in, &perm);
+                Ok(Value::U8 { data: y, shape: out, q })
+            }
+            x => run_shape_op(
+                x,
+                |a| self.forward(a),
+                |d, s| {
+                    let out = self.check(s)?;
+                    let y = permute_bytes(&d, s, &self.dims);
+                    scratch::give(d);
+                    Ok((y, out))
+                },
+            ),
+        }
     }
     serde_qop_tail!();
 }
