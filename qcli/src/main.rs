@@ -415,8 +415,8 @@ fn run_model(
     } else {
         let mut q = QuantizedModel::load(path).map_err(|e| e.to_string())?;
         q.set_threads(threads.max(1));
-        let s = q.value_info(&[]).ok().and_then(|v| v.first().map(|i| i.shape.clone()));
-        let x = load_data(input, s.as_deref(), images)?;
+        // An int8 model does not declare its input size: images take --crop (224 by default).
+        let x = load_data(input, None, images)?;
         timed(&mut || q.forward(&x).map_err(|e| e.to_string()))?
     };
     let how = if repeat > 1 { format!("median of {} runs", repeat - 1) } else { "one run".to_string() };

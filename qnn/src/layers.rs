@@ -11,7 +11,7 @@ pub use crate::ops::linear::Linear;
 pub use crate::ops::pad::{Pad2d, PadMode};
 pub use crate::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 pub use crate::ops::resize::{Upsample, UpsampleMode};
-pub use crate::ops::shape::{ChannelShuffle, Flatten, Permute, Reshape};
+pub use crate::ops::shape::{ChannelShuffle, Flatten, ImageRows, Permute, Reshape, RowsImage};
 pub use crate::ops::slice::{Slice, SliceRange};
 pub use crate::ops::softmax::Softmax;
 pub use crate::ops::stubs::{DeQuantStub, Dropout, Identity, QuantStub};

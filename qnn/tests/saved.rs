@@ -216,3 +216,46 @@ fn layer_norm_runs_in_float_and_saves() {
     let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
     assert_eq!(back.forward(&input).unwrap(), q.forward(&input).unwrap());
 }
+
+/// An image as rows of channels and back (ConvNeXt's channels-last MLP, as qonnx imports
+/// it): the float layers are `permute(0, 2, 3, 1).reshape(-1, c)` and its inverse, the int8
+/// model keeps the bytes where they are and matches the same graph written with permutes,
+/// and it saves and loads.
+#[test]
+fn image_rows_move_nothing_and_match_permutes() {
+    use qnn::layers::{Conv2d, ImageRows, Linear, Permute, Reshape, RowsImage};
+    let input = x(2, 4, 5);
+    let rows = qnn::Module::forward(&ImageRows, &input).unwrap();
+    let want = input.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
+    assert_eq!(rows.as_slice().unwrap(), want.as_slice().unwrap());
+    assert_eq!(qnn::Module::forward(&RowsImage { h: 5, w: 5 }, &rows).unwrap(), input);
+    let graph = |rows_ops: bool| {
+        let mut g = qnn::GraphBuilder::new();
+        let t = g.input("x");
+        let t = g.layer("conv", Conv2d::new(4, 4, 3).padding(1), t).unwrap();
+        let t = if rows_ops {
+            g.layer("rows", ImageRows, t).unwrap()
+        } else {
+            let t = g.layer("nhwc", Permute { dims: vec![0, 2, 3, 1] }, t).unwrap();
+            g.layer("rows", Reshape { shape: vec![-1, 4], keep_batch: false }, t).unwrap()
+        };
+        let t = g.layer("fc", Linear::new(4, 6), t).unwrap();
+        let t = if rows_ops {
+            g.layer("image", RowsImage { h: 5, w: 5 }, t).unwrap()
+        } else {
+            let t = g.layer("unrows", Reshape { shape: vec![-1, 5, 5, 6], keep_batch: false }, t).unwrap();
+            g.layer("image", Permute { dims: vec![0, 3, 1, 2] }, t).unwrap()
+        };
+        let t = g.layer("conv2", Conv2d::new(6, 3, 1), t).unwrap();
+        g.output(t);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 4);
+        let mut p = prepare(graph, &QConfigMapping::new(QConfig::default())).unwrap();
+        p.calibrate(&input).unwrap();
+        p.convert().unwrap()
+    };
+    let (fast, slow) = (graph(true), graph(false));
+    assert_eq!(fast.forward(&input).unwrap(), slow.forward(&input).unwrap());
+    let back = QuantizedModel::from_bytes(&fast.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&input).unwrap(), fast.forward(&input).unwrap());
+}

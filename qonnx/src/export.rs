@@ -51,6 +51,8 @@ enum Repr {
 
 struct Writer<'a> {
     st: SafeTensors<'a>,
+    /// Each node's output shape, when the input shapes were given.
+    shapes: std::collections::HashMap<String, Vec<usize>>,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
     /// Per qrust value: its ONNX float tensor and how it is held.
@@ -439,7 +441,7 @@ impl Writer<'_> {
             // Ops that keep their input's parameters: the same pair after them (ONNX
             // Runtime's QDQ form for pools and data movement).
             "MaxPool2d" | "AvgPool2d" | "AdaptiveAvgPool2d" | "Flatten" | "Reshape" | "Permute" | "Slice" | "Pad2d"
-            | "Upsample" | "ReLU" | "Hardtanh" => {
+            | "Upsample" | "ReLU" | "Hardtanh" | "ImageRows" | "RowsImage" | "ChannelShuffle" => {
                 let x = self.read(first, Some(in_q), name)?;
                 let y = format!("{name}.y");
                 self.same_params_op(name, op, a, &x, &y)?;
@@ -508,6 +510,37 @@ impl Writer<'_> {
                 self.node("Reshape", name, &[x, &s], y, vec![]);
             }
             "Permute" => self.node("Transpose", name, &[x], y, vec![attr_is("perm", &usizes(&a["dims"], "dims")?)]),
+            // [n, c, h, w] -> [n * h * w, c].
+            "ImageRows" => {
+                let t = format!("{name}.nhwc");
+                self.node("Transpose", &format!("{name}/Transpose"), &[x], &t, vec![attr_is("perm", &[0, 2, 3, 1])]);
+                self.node("Flatten", name, &[&t], y, vec![attr_i("axis", 3)]);
+            }
+            // [n * h * w, c] -> [c, n * h * w] -> [c, n, h, w] -> [n, c, h, w].
+            "RowsImage" => {
+                let (h, w) = (a["h"].as_i64().unwrap_or(1), a["w"].as_i64().unwrap_or(1));
+                let (t, u) = (format!("{name}.cols"), format!("{name}.cnhw"));
+                self.node("Transpose", &format!("{name}/Transpose"), &[x], &t, vec![attr_is("perm", &[1, 0])]);
+                let s = self.ints(format!("{name}.shape"), &[0, -1, h, w]);
+                self.node("Reshape", &format!("{name}/Reshape"), &[&t, &s], &u, vec![]);
+                self.node("Transpose", name, &[&u], y, vec![attr_is("perm", &[1, 0, 2, 3])]);
+            }
+            // Output channel j is input channel (j % g) * (c / g) + j / g: a gather of channels.
+            "ChannelShuffle" => {
+                let g = a["groups"].as_u64().unwrap_or(1) as usize;
+                let c = match self.shapes.get(name).map(Vec::as_slice) {
+                    Some(&[_, c, _, _]) if g > 0 && c % g == 0 => c,
+                    _ => {
+                        return Err(err(format!(
+                            "{name}: a channel shuffle needs the model's input shape to be exported (give it: \
+                             export_qdq's input_shapes, or the command line's --input-shape)"
+                        )))
+                    }
+                };
+                let idx: Vec<i64> = (0..c).map(|j| ((j % g) * (c / g) + j / g) as i64).collect();
+                let i = self.ints(format!("{name}.channels"), &idx);
+                self.node("Gather", name, &[x, &i], y, vec![attr_i("axis", 1)]);
+            }
             "Slice" => {
                 let dim = a["dim"].as_i64().ok_or_else(|| err(format!("{name}: slice without a dim")))?;
                 let r = &a["range"];
@@ -674,7 +707,13 @@ pub fn export_qdq(q: &QuantizedModel, input_shapes: &[Vec<usize>]) -> Result<Mod
     let g: J = serde_json::from_str(&text).map_err(|e| err(format!("the saved graph: {e}")))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| err(format!("reading the saved model: {e}")))?;
     let values = g["values"].as_u64().unwrap_or(0) as usize;
-    let mut w = Writer { st, nodes: Vec::new(), inits: Vec::new(), vals: vec![None; values], counter: 0 };
+    let shapes = if input_shapes.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        let refs: Vec<&[usize]> = input_shapes.iter().map(Vec::as_slice).collect();
+        q.value_info(&refs)?.into_iter().map(|v| (v.name, v.shape)).collect()
+    };
+    let mut w = Writer { st, shapes, nodes: Vec::new(), inits: Vec::new(), vals: vec![None; values], counter: 0 };
     let mut inputs = Vec::new();
     let names = g["input_names"].as_array().cloned().unwrap_or_default();
     let in_values = g["inputs"].as_array().cloned().unwrap_or_default();

@@ -13,8 +13,8 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Flatten, HardSigmoid, Hardswish,
-    Hardtanh, LayerNorm, Linear, MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice,
-    SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
+    Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SiLU,
+    Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::{Graph, GraphBuilder, Module, Tensor};
 
@@ -115,6 +115,11 @@ struct Node {
     shape: Vec<usize>,
     /// Its first dimension is the batch (it follows the model's first input's).
     batch: bool,
+    /// `t` holds this ONNX value (of this shape, with this batch flag) as rows of its last
+    /// axis, `[product of the others, last]`: channels-last layers (LayerNorm, MatMul and
+    /// elementwise tables) run on the rows, and an image becomes them and back without
+    /// moving a byte in int8 (`ImageRows`, `RowsImage`). Other readers get it reshaped.
+    rows_of: Option<(Vec<usize>, bool)>,
 }
 
 #[derive(Debug, Clone)]
@@ -288,7 +293,10 @@ impl Importer {
                 )));
             }
             let t = self.b.input(&name);
-            self.vals.insert(name.clone(), Val::Node(Node { t, shape: shape.clone(), batch: i == 0 || dynamic_batch }));
+            self.vals.insert(
+                name.clone(),
+                Val::Node(Node { t, shape: shape.clone(), batch: i == 0 || dynamic_batch, rows_of: None }),
+            );
             inputs.push(InputSpec { name, shape, dynamic_batch });
         }
         if inputs.is_empty() {
@@ -352,6 +360,7 @@ impl Importer {
         let mut outputs = Vec::new();
         for vi in &g.output {
             let name = vi.name.clone().unwrap_or_default();
+            self.materialize(&name)?;
             match self.vals.get(&name) {
                 Some(Val::Node(n)) => self.b.output(n.t),
                 Some(Val::Const(_)) => {
@@ -381,6 +390,19 @@ impl Importer {
                 cx.op()
             ))),
         }
+    }
+
+    /// Value `name` as itself if it is held as rows (see [`Node::rows_of`]): one reshape,
+    /// which then stands for the value.
+    fn materialize(&mut self, name: &str) -> Result<()> {
+        let Some(Val::Node(n)) = self.vals.get(name).cloned() else { return Ok(()) };
+        let Some((shape, batch)) = n.rows_of.clone() else { return Ok(()) };
+        let mut target: Vec<i64> = shape[1..].iter().map(|&d| d as i64).collect();
+        target.insert(0, -1);
+        let node = self.fresh(&format!("{name}:unrows"));
+        let t = self.b.boxed(&node, Box::new(Reshape { shape: target, keep_batch: false }), n.t)?;
+        self.vals.insert(name.to_string(), Val::Node(Node { t, shape, batch, rows_of: None }));
+        Ok(())
     }
 
     fn konst(&self, cx: &Cx<'_>, i: usize, what: &str) -> Result<Const> {
@@ -435,11 +457,34 @@ impl Importer {
         let keeps = shape.first() == x.shape.first();
         let name = self.fresh(&format!("{}{suffix}", cx.name));
         let t = self.b.boxed(&name, m, x.t)?;
-        Ok(Node { t, shape, batch: x.batch && keeps })
+        Ok(Node { t, shape, batch: x.batch && keeps, rows_of: None })
     }
 
     fn node(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Vec<Val>> {
         let op = cx.op().to_string();
+        // Ops that read a value held as rows take the rows; every other reads it reshaped.
+        const ROWS_AWARE: &[&str] = &[
+            "Identity",
+            "Dropout",
+            "Relu",
+            "Sigmoid",
+            "Tanh",
+            "HardSwish",
+            "HardSigmoid",
+            "Gelu",
+            "Clip",
+            "Div",
+            "LayerNormalization",
+            "MatMul",
+            "Transpose",
+        ];
+        if !ROWS_AWARE.contains(&op.as_str()) {
+            for i in 0..cx.node.input.len() {
+                if let Some(name) = cx.input(i) {
+                    self.materialize(name)?;
+                }
+            }
+        }
         let one = |n: Node| Ok(vec![Val::Node(n)]);
         match op.as_str() {
             "Identity" | "Dropout" => {
@@ -668,9 +713,11 @@ impl Importer {
         Ok(())
     }
 
+    /// An elementwise layer: on rows as on the value itself.
     fn unary(&mut self, cx: &Cx<'_>, m: Box<dyn Module>) -> Result<Vec<Val>> {
         let x = self.graph_in(cx, 0)?;
-        Ok(vec![Val::Node(self.layer(cx, "", m, &x)?)])
+        let y = self.layer(cx, "", m, &x)?;
+        Ok(vec![Val::Node(Node { rows_of: x.rows_of.clone(), ..y })])
     }
 
     fn clip(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
@@ -830,6 +877,11 @@ impl Importer {
 
     fn binary(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
         let op = cx.op().to_string();
+        for i in 0..cx.node.input.len() {
+            if let Some(name) = cx.input(i) {
+                self.materialize(name)?;
+            }
+        }
         let n_in = cx.node.input.len();
         if n_in != 2 {
             if op == "Sum" && n_in == 1 {
@@ -860,7 +912,7 @@ impl Importer {
                     "Mul" => self.b.mul(&name, a.t, b.t)?,
                     _ => return Err(cx.err("of two computed values is not supported (only Add, Sum and Mul are)")),
                 };
-                Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch })])
+                Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch, rows_of: None })])
             }
             (Val::Node(x), Val::Const(k)) => Ok(vec![Val::Node(self.affine_const(cx, &op, &x, &k, false)?)]),
             (Val::Const(k), Val::Node(x)) => Ok(vec![Val::Node(self.affine_const(cx, &op, &x, &k, true)?)]),
@@ -954,14 +1006,15 @@ impl Importer {
 
     fn layernorm(&mut self, cx: &Cx<'_>) -> Result<Node> {
         let x = self.graph_in(cx, 0)?;
-        let r = x.shape.len();
+        // Over the last axis: the rows' last axis is the value's.
+        let r = x.rows_of.as_ref().map_or(x.shape.len(), |(v, _)| v.len());
         if norm_axis(cx, cx.int("axis", -1), r)? != r - 1 {
             return Err(cx.err(format!(
                 "axis {} of a rank-{r} input: qonnx normalizes over the last axis only",
                 cx.int("axis", -1)
             )));
         }
-        let c = x.shape[r - 1];
+        let c = *x.shape.last().expect("rank checked");
         let vec_of = |k: Option<Const>, what: &str, default: f32| -> Result<ArrayD<f32>> {
             match k {
                 None => Ok(ArrayD::from_elem(IxDyn(&[c]), default)),
@@ -975,7 +1028,8 @@ impl Importer {
             return Err(cx.err("its mean and inverse standard deviation outputs are not computed"));
         }
         let ln = LayerNorm { weight, bias, eps: cx.float("epsilon", 1e-5) };
-        self.layer(cx, "", Box::new(ln), &x)
+        let y = self.layer(cx, "", Box::new(ln), &x)?;
+        Ok(Node { rows_of: x.rows_of.clone(), ..y })
     }
 
     fn concat(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
@@ -1013,7 +1067,7 @@ impl Importer {
         let name = self.fresh(&cx.name);
         let ts: Vec<Tensor> = nodes.iter().map(|n| n.t).collect();
         let t = self.b.cat(&name, &ts)?;
-        Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch })])
+        Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch, rows_of: None })])
     }
 
     fn pool(&mut self, cx: &Cx<'_>) -> Result<Node> {
@@ -1216,7 +1270,7 @@ impl Importer {
         let v = self.value(cx, 0)?.clone();
         let rank = match &v {
             Val::Const(c) => c.shape.len(),
-            Val::Node(n) => n.shape.len(),
+            Val::Node(n) => n.rows_of.as_ref().map_or(n.shape.len(), |(v, _)| v.len()),
         };
         let perm: Vec<usize> = match cx.ints("perm") {
             Some(p) => p.iter().map(|&a| norm_axis(cx, a, rank)).collect::<Result<_>>()?,
@@ -1234,7 +1288,26 @@ impl Importer {
                 for_each_index(&out, |ix| order.push(ix.iter().zip(&perm).map(|(&i, &d)| i * strides[d]).sum()));
                 Ok(vec![Val::Const(pick(&c, out, &order))])
             }
-            Val::Node(x) => Ok(vec![Val::Node(self.layer(cx, "", Box::new(Permute { dims: perm }), &x)?)]),
+            Val::Node(x) => {
+                match (&x.rows_of, x.shape.as_slice(), perm.as_slice()) {
+                    // Rows of an NHWC value back to the NCHW image: nothing moves in int8.
+                    (Some((v, batch)), _, [0, 3, 1, 2]) if v.len() == 4 => {
+                        let m = RowsImage { h: v[1], w: v[2] };
+                        let y = self.layer(cx, "", Box::new(m), &x)?;
+                        return Ok(vec![Val::Node(Node { batch: *batch, ..y })]);
+                    }
+                    // An image as NHWC, held as rows of channels: nothing moves in int8.
+                    (None, &[n, c, h, w], [0, 2, 3, 1]) => {
+                        let y = self.layer(cx, "", Box::new(ImageRows), &x)?;
+                        return Ok(vec![Val::Node(Node { rows_of: Some((vec![n, h, w, c], x.batch)), ..y })]);
+                    }
+                    _ => {}
+                }
+                let name = cx.input(0).unwrap_or_default().to_string();
+                self.materialize(&name)?;
+                let x = self.graph_in(cx, 0)?;
+                Ok(vec![Val::Node(self.layer(cx, "", Box::new(Permute { dims: perm }), &x)?)])
+            }
         }
     }
 
@@ -1243,19 +1316,25 @@ impl Importer {
         let mut lin = Linear::new(s[1], s[0]);
         lin.weight = weight;
         lin.bias = bias;
-        match x.shape.len() {
-            2 => self.layer(cx, "", Box::new(lin), x),
-            r if r > 2 => {
-                // [.., k] as rows [-1, k] through the layer, then back to [.., n]: the
-                // leading axes (the batch among them) inferred at run time.
+        let with_last = |v: &[usize]| {
+            let mut v = v.to_vec();
+            *v.last_mut().expect("at least 2 axes") = s[0];
+            v
+        };
+        match (&x.rows_of, x.shape.len()) {
+            // Rows in, rows out.
+            (Some((v, batch)), _) => {
+                let y = self.layer(cx, "", Box::new(lin), x)?;
+                Ok(Node { rows_of: Some((with_last(v), *batch)), ..y })
+            }
+            (None, 2) => self.layer(cx, "", Box::new(lin), x),
+            (None, r) if r > 2 => {
+                // [.., k] as rows [-1, k] through the layer; the output stays rows until a
+                // reader needs it otherwise.
                 let rows = Reshape { shape: vec![-1, *x.shape.last().expect("rank > 2") as i64], keep_batch: false };
                 let flat = self.layer(cx, ":rows", Box::new(rows), x)?;
                 let y = self.layer(cx, "", Box::new(lin), &flat)?;
-                let mut back: Vec<i64> = x.shape[1..r - 1].iter().map(|&d| d as i64).collect();
-                back.insert(0, -1);
-                back.push(s[0] as i64);
-                let out = self.layer(cx, ":unrows", Box::new(Reshape { shape: back, keep_batch: false }), &y)?;
-                Ok(Node { batch: x.batch, ..out })
+                Ok(Node { rows_of: Some((with_last(&x.shape), x.batch)), ..y })
             }
             _ => Err(cx.err(format!("input of shape {:?}: a matrix product needs at least 2 axes", x.shape))),
         }

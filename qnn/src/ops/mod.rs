@@ -16,7 +16,7 @@
 //! | `linear.rs` | `Linear` | packed GEMM, requantization fused |
 //! | `activation.rs` | `ReLU`, `ReLU6`, `Hardtanh` (clip), `Hardswish`, `Sigmoid`, `HardSigmoid`, `SiLU`, `Tanh`, `GELU` | clamps keeping the input's parameters; lookup tables |
 //! | `pool.rs` | `MaxPool2d`, `AvgPool2d`, `AdaptiveAvgPool2d` | keeping the input's parameters |
-//! | `shape.rs` | `Flatten`, `Reshape`, `Permute`, `ChannelShuffle` | keeping the input's parameters |
+//! | `shape.rs` | `Flatten`, `Reshape`, `Permute`, `ChannelShuffle`, `ImageRows`, `RowsImage` | keeping the input's parameters |
 //! | `slice.rs` | `Slice` (ranges, `torch.chunk` pieces) | keeping the input's parameters |
 //! | `pad.rs` | `Pad2d` (constant, reflect, replicate) | keeping the input's parameters |
 //! | `resize.rs` | `Upsample` (nearest, bilinear) | keeping the input's parameters, PyTorch's arithmetic |
@@ -352,6 +352,8 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     shape::RESHAPE,
     shape::PERMUTE,
     shape::SHUFFLE,
+    shape::IMAGE_ROWS,
+    shape::ROWS_IMAGE,
     slice::OP,
     pad::OP,
     resize::OP,

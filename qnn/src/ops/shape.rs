@@ -380,12 +380,112 @@ impl QOp for ChannelShuffle {
     serde_qop_tail!();
 }
 
+/// An NCHW image `[n, c, h, w]` as rows of channels `[n * h * w, c]` (`x.permute(0, 2, 3, 1)
+/// .reshape(-1, c)`): what channels-last layers (ConvNeXt's LayerNorm and Linear) read. In
+/// int8 it moves nothing: an image is stored NHWC, which is these rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRows;
+
+impl ImageRows {
+    fn keeps_batch(&self) -> bool {
+        false
+    }
+    fn out_dims(&self, s: &[usize]) -> Result<Vec<usize>> {
+        match *s {
+            [n, c, h, w] => Ok(vec![n * h * w, c]),
+            _ => Err(shape_err("ImageRows", "a 4-D NCHW image".into(), s)),
+        }
+    }
+}
+
+impl Module for ImageRows {
+    fn kind(&self) -> &'static str {
+        "ImageRows"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let out = self.out_dims(x.shape())?;
+        let y = x.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
+        Ok(y.into_shape_with_order(IxDyn(&out)).expect("same length"))
+    }
+    same_params_module!();
+}
+
+pub(crate) const IMAGE_ROWS: (&str, super::OpLoader) = ("ImageRows", |_, _, _| Ok(Box::new(ImageRows)));
+
+impl QOp for ImageRows {
+    fn op_name(&self) -> &'static str {
+        IMAGE_ROWS.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        match args.pop().expect("one input") {
+            Value::F32(a) => Ok(Value::F32(self.forward(&a)?)),
+            // Stored NHWC: already rows of channels.
+            Value::U8 { data, shape, q } => Ok(Value::U8 { shape: self.out_dims(&shape)?, data, q }),
+        }
+    }
+    serde_qop_tail!();
+}
+
+/// Rows of channels `[n * h * w, c]` back to an NCHW image `[n, c, h, w]` (`h` and `w` given,
+/// `n` inferred): [`ImageRows`] undone. In int8 it moves nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowsImage {
+    /// The image's height.
+    pub h: usize,
+    /// The image's width.
+    pub w: usize,
+}
+
+impl RowsImage {
+    fn keeps_batch(&self) -> bool {
+        false
+    }
+    fn out_dims(&self, s: &[usize]) -> Result<Vec<usize>> {
+        let hw = self.h * self.w;
+        match *s {
+            [m, c] if hw > 0 && m % hw == 0 => Ok(vec![m / hw, c, self.h, self.w]),
+            _ => Err(shape_err("RowsImage", format!("rows [n * {} * {}, c] of an image", self.h, self.w), s)),
+        }
+    }
+}
+
+impl Module for RowsImage {
+    fn kind(&self) -> &'static str {
+        "RowsImage"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let out = self.out_dims(x.shape())?;
+        let nhwc = x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&[out[0], out[2], out[3], out[1]]));
+        let nhwc = nhwc.expect("same length");
+        Ok(nhwc.permuted_axes(IxDyn(&[0, 3, 1, 2])).as_standard_layout().into_owned())
+    }
+    same_params_module!();
+}
+
+pub(crate) const ROWS_IMAGE: (&str, super::OpLoader) =
+    ("RowsImage", |j, _, node| Ok(Box::new(parse::<RowsImage>(j, node, "RowsImage")?)));
+
+impl QOp for RowsImage {
+    fn op_name(&self) -> &'static str {
+        ROWS_IMAGE.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        match args.pop().expect("one input") {
+            Value::F32(a) => Ok(Value::F32(self.forward(&a)?)),
+            Value::U8 { data, shape, q } => Ok(Value::U8 { shape: self.out_dims(&shape)?, data, q }),
+        }
+    }
+    serde_qop_tail!();
+}
+
 /// The float layers of this file a saved model's float fallbacks can hold.
 pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
     ("Flatten", |_, _| Ok(Box::new(Flatten))),
     ("Reshape", |j, _| Ok(Box::new(parse::<Reshape>(j, "Reshape", "Reshape")?))),
     ("Permute", |j, _| Ok(Box::new(parse::<Permute>(j, "Permute", "Permute")?))),
     ("ChannelShuffle", |j, _| Ok(Box::new(parse::<ChannelShuffle>(j, "ChannelShuffle", "ChannelShuffle")?))),
+    ("ImageRows", |_, _| Ok(Box::new(ImageRows))),
+    ("RowsImage", |j, _| Ok(Box::new(parse::<RowsImage>(j, "RowsImage", "RowsImage")?))),
 ];
 
 #[cfg(test)]
