@@ -11,11 +11,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use ndarray::{ArrayD, IxDyn};
+use qnn::layers::FusedAct;
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Flatten, HardSigmoid, Hardswish,
     Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SiLU,
     Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
+use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
 
 use crate::error::{OnnxError, Result};
@@ -760,6 +762,9 @@ impl Importer {
             )));
         }
         let (kh, kw) = (w.shape[2], w.shape[3]);
+        if kh == 0 || kw == 0 || w.shape[0] == 0 || w.shape[1] == 0 {
+            return Err(cx.err(format!("weight of shape {:?}: every dimension must be at least 1", w.shape)));
+        }
         if let Some(k) = cx.ints("kernel_shape") {
             if k != [kh as i64, kw as i64] {
                 return Err(cx.err(format!("kernel_shape {k:?} disagrees with the weight's {:?}", w.shape)));
@@ -794,13 +799,13 @@ impl Importer {
             Some(b) => return Err(cx.err(format!("bias of shape {:?} for {oc} output channels", b.shape))),
             None => None,
         };
-        let mut conv = Conv2d::new(w.shape[1] * group, oc, kh);
-        conv.weight = w.to_array();
-        conv.bias = bias;
-        conv.geom.stride = stride;
-        conv.geom.padding = padding;
-        conv.geom.dilation = dilation;
-        conv.geom.groups = group;
+        // Built from the file's tensors as they are (nothing sized by an attribute alone).
+        let conv = Conv2d {
+            weight: w.to_array(),
+            bias,
+            geom: Conv2dGeometry { stride, padding, dilation, groups: group },
+            activation: FusedAct::None,
+        };
         self.layer(cx, "", Box::new(conv), &x)
     }
 
@@ -827,8 +832,8 @@ impl Importer {
                 let mut out = [0usize; 4];
                 for a in 0..2 {
                     let o = hw[a].div_ceil(stride[a]);
-                    let span = dil[a] * (k[a] - 1) + 1;
-                    let total = ((o - 1) * stride[a] + span).saturating_sub(hw[a]);
+                    let span = dil[a].saturating_mul(k[a].saturating_sub(1)).saturating_add(1);
+                    let total = (o.saturating_sub(1) * stride[a]).saturating_add(span).saturating_sub(hw[a]);
                     let (small, big) = (total / 2, total - total / 2);
                     let (begin, end) = if auto == "SAME_UPPER" { (small, big) } else { (big, small) };
                     out[a] = begin;
@@ -853,7 +858,6 @@ impl Importer {
             return Err(cx.err("is_test=0 (training mode); export the model in eval mode"));
         }
         let c = *x.shape.get(1).ok_or_else(|| cx.err(format!("input of shape {:?} has no channel axis", x.shape)))?;
-        let mut bn = BatchNorm2d::new(c);
         let names = ["scale", "bias", "mean", "variance"];
         let mut got = Vec::new();
         for (i, what) in names.iter().enumerate() {
@@ -863,11 +867,15 @@ impl Importer {
             }
             got.push(ArrayD::from_shape_vec(IxDyn(&[c]), k.to_f32()).expect("length checked"));
         }
-        bn.running_var = got.pop().expect("four");
-        bn.running_mean = got.pop().expect("four");
-        bn.bias = got.pop().expect("four");
-        bn.weight = got.pop().expect("four");
-        bn.eps = cx.float("epsilon", 1e-5);
+        let [weight, bias, running_mean, running_var]: [ArrayD<f32>; 4] = got.try_into().expect("four");
+        let bn = BatchNorm2d {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            eps: cx.float("epsilon", 1e-5),
+            activation: FusedAct::None,
+        };
         match x.shape.len() {
             4 => self.layer(cx, "", Box::new(bn), &x),
             2 => self.layer(cx, "", Box::new(BatchNorm1d(bn)), &x),
@@ -924,8 +932,10 @@ impl Importer {
     /// which runs in int8 (ConvNeXt's layer scale, normalization constants).
     fn affine_const(&mut self, cx: &Cx<'_>, op: &str, x: &Node, k: &Const, const_first: bool) -> Result<Node> {
         let c = x.shape.get(1).copied().unwrap_or(0);
+        // (A scalar is spread over the channels: at most 2^24 of them.)
         let per_channel = x.shape.len() == 4
-            && (k.len() == 1 || (k.len() == c && matches!(k.shape.as_slice(), [_, 1, 1] | [1, _, 1, 1])));
+            && (k.len() == 1 || (k.len() == c && matches!(k.shape.as_slice(), [_, 1, 1] | [1, _, 1, 1])))
+            && c <= 1 << 24;
         if !per_channel || matches!(k.data, Data::I64 { .. }) {
             return Err(cx.err(format!(
                 "a computed input of shape {:?} with a constant of shape {:?}: qonnx takes a float constant that \
@@ -943,9 +953,12 @@ impl Importer {
             ("Div", false) => ((0..c).map(|i| 1.0 / at(i)).collect(), vec![0.0; c]),
             _ => return Err(cx.err("a constant divided by a computed value is not supported")),
         };
-        let mut conv = Conv2d::new(c, c, 1).groups(c);
-        conv.weight = ArrayD::from_shape_vec(IxDyn(&[c, 1, 1, 1]), w).expect("c weights");
-        conv.bias = Some(ArrayD::from_shape_vec(IxDyn(&[c]), b).expect("c biases"));
+        let conv = Conv2d {
+            weight: ArrayD::from_shape_vec(IxDyn(&[c, 1, 1, 1]), w).expect("c weights"),
+            bias: Some(ArrayD::from_shape_vec(IxDyn(&[c]), b).expect("c biases")),
+            geom: Conv2dGeometry { groups: c, ..Conv2dGeometry::default() },
+            activation: FusedAct::None,
+        };
         self.layer(cx, "", Box::new(conv), x)
     }
 
@@ -1566,7 +1579,11 @@ impl Importer {
         // Each axis's indices, ONNX's rules: negative starts and ends count from the end; a
         // positive step runs from start up to end (clamped to [0, d]), a negative one from
         // start (clamped to [0, d - 1]) down to end (clamped to [-1, d - 1]).
-        let mut picks: Vec<Vec<usize>> = shape.iter().map(|&d| (0..d).collect()).collect();
+        // Index lists only for constants (their sizes are the data's); a computed value's
+        // sizes may be anything its input declares, and only its cuts are needed.
+        let is_const = matches!(v, Val::Const(_));
+        let mut picks: Vec<Vec<usize>> =
+            shape.iter().map(|&d| if is_const { (0..d).collect() } else { Vec::new() }).collect();
         let mut cuts: Vec<(usize, usize, usize, i64)> = Vec::new(); // axis, start, end, step
         for (k, &a) in axes.iter().enumerate() {
             let step = steps.as_ref().map_or(1, |s| s[k]);
@@ -1577,7 +1594,14 @@ impl Importer {
                 st if st > 0 => {
                     let (b, e) = (norm(starts[k]).clamp(0, d), norm(ends[k]).clamp(0, d));
                     cuts.push((a, b as usize, e.max(b) as usize, st));
+                    if !is_const {
+                        continue;
+                    }
                     (b..e).step_by(usize::try_from(st).unwrap_or(usize::MAX)).map(|i| i as usize).collect()
+                }
+                _ if !is_const => {
+                    cuts.push((a, 0, 0, step));
+                    continue;
                 }
                 st => {
                     let (b, e) = (norm(starts[k]).clamp(0, d - 1), norm(ends[k]).clamp(-1, d - 1));

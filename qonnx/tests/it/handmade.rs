@@ -51,6 +51,10 @@ fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto { name: Some(name.into()), ints: v.to_vec(), ..Default::default() }
 }
 
+fn attr_s(name: &str, v: &str) -> AttributeProto {
+    AttributeProto { name: Some(name.into()), s: Some(v.as_bytes().to_vec()), ..Default::default() }
+}
+
 fn int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: Some(name.into()), i: Some(v), ..Default::default() }
 }
@@ -238,6 +242,11 @@ fn settings_we_cannot_honour_are_errors() {
             vec![w()],
             &["kernel_shape [3, 3] disagrees"],
         ),
+        (
+            vec![node("Conv", "empty", &["x", "w0"], &["y"], vec![attr_s("auto_pad", "SAME_UPPER")])],
+            vec![floats("w0", &[2, 2, 0, 1], vec![])],
+            &["'empty'", "every dimension must be at least 1"],
+        ),
         (vec![node("HardSigmoid", "hs", &["x"], &["y"], vec![])], vec![], &["alpha 0.2", "PyTorch's hardsigmoid"]),
         (
             vec![node(
@@ -386,4 +395,26 @@ fn constants_per_channel_are_depthwise_scales() {
         let want = (kc - (4.0 + v * kc)) / 4.0;
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     }
+}
+
+/// Sizes a file merely declares (an input of 2^32 elements) allocate nothing at import: the
+/// graph is built and its shapes inferred; only running it would need the memory.
+#[test]
+fn declared_sizes_allocate_nothing_at_import() {
+    let big = 1i64 << 28;
+    let bytes = model(
+        13,
+        value("x", &[Some(1), Some(4), Some(big), Some(4)]),
+        vec![
+            node("Slice", "cut", &["x", "s", "e", "ax"], &["a"], vec![]),
+            node("Mul", "scale", &["a", "k"], &["b"], vec![]),
+            node("GlobalMaxPool", "gmp", &["b"], &["y"], vec![]),
+        ],
+        vec![int64s("s", vec![0]), int64s("e", vec![2]), int64s("ax", vec![3]), floats("k", &[], vec![2.0])],
+        "y",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    let shapes: Vec<&[usize]> = m.inputs.iter().map(|i| i.shape.as_slice()).collect();
+    let info = m.graph.value_info(&shapes).unwrap();
+    assert_eq!(info.last().unwrap().shape, [1, 4, 1, 1]);
 }
