@@ -81,7 +81,7 @@ pub enum PoolOutputs {
 pub enum TableOutputs {
     /// PyTorch's fixed grid over the whole bound, unless the observed outputs span less than
     /// half of it: then the observed range, which keeps more bits (a tanh whose outputs stay
-    /// within +-0.3 gains about 10 dB). qrust's default.
+    /// within +-0.2 gains about 8 dB). qrust's default.
     #[default]
     Auto,
     /// Always the observed range, like any layer's (ONNX Runtime's QDQ choice).
