@@ -3,7 +3,8 @@
 //! ```toml
 //! preset = "default"          # the global configuration (see PRESETS), or "none": float unless a rule says
 //! activation = "histogram"    # optional: the global preset's activation observer replaced
-//! weight = "per-channel"      # optional: its weight observer replaced
+//! weight = "per-channel"      # optional: its weight observer replaced (or "minmax",
+//!                             # "per-channel-restricted": symmetric over [-127, 127])
 //! strict = false              # true: converting fails instead of falling back to float
 //! fusion = true
 //! pool_outputs = "observed"   # or "input" (PyTorch's choice)
@@ -35,7 +36,7 @@ pub const PRESETS: &[&str] =
 /// Activation observer names.
 const ACTIVATIONS: &[&str] = &["minmax", "histogram", "entropy", "mse", "percentile:<p>"];
 /// Weight observer names.
-const WEIGHTS: &[&str] = &["minmax", "per-channel"];
+const WEIGHTS: &[&str] = &["minmax", "per-channel", "per-channel-restricted"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +103,12 @@ fn weight(name: &str) -> Result<ObserverSpec, String> {
     Ok(match name {
         "minmax" => ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
         "per-channel" => ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        // Symmetric over [-127, 127] (ONNX Runtime's and TensorRT's restricted range): the
+        // largest weight of a channel lands on a code instead of half a step past 127.
+        "per-channel-restricted" => {
+            let range = qnn::qtensor::QuantRange::custom(qnn::qtensor::DType::I8, -127, 127).expect("a valid range");
+            ObserverSpec::PerChannelMinMax { spec: QuantSpec { range, ..QuantSpec::i8_symmetric() }, axis: 0 }
+        }
         _ => return Err(format!("unknown weight observer '{name}'; observers: {}", WEIGHTS.join(", "))),
     })
 }
@@ -227,6 +234,17 @@ mod tests {
         assert!(matches!(m.resolve("/layer1/0/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Mse(_)));
         assert!(matches!(m.resolve("/add", "add").unwrap().activation, ObserverSpec::MinMax(_)));
         assert!(matches!(m.resolve("/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Histogram { .. }));
+    }
+
+    #[test]
+    fn restricted_weights_use_127_codes_each_side() {
+        let m = mapping(Some(("weight = \"per-channel-restricted\"", "c.toml")), &HashMap::new()).unwrap();
+        match &m.resolve("/conv1/Conv", "Conv2d").unwrap().weight {
+            ObserverSpec::PerChannelMinMax { spec, axis: 0 } => {
+                assert_eq!((spec.range.qmin(), spec.range.qmax()), (-127, 127));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
