@@ -12,6 +12,8 @@
 //!   entry is the batch keeps the batch whatever its size.
 //! - Graph nodes keep the ONNX node names, so plans, reports and `QConfigMapping` rules use
 //!   them (`"/layer1/layer1.0/conv1/Conv"`, or a glob such as `"/layer4/*"`).
+//! - The other way, [`export_qdq`] writes a converted model as an ONNX QDQ model (our scales
+//!   and zero points on `QuantizeLinear` / `DequantizeLinear` pairs) for ONNX Runtime.
 //!
 //! ```no_run
 //! use qnn::{prepare, QConfigMapping};
