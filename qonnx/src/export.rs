@@ -367,18 +367,7 @@ impl Writer<'_> {
                     ins.push(b);
                 }
                 let y = format!("{name}.y");
-                if op == "Conv2d" {
-                    let p = usizes(&a["padding"], "padding")?;
-                    let attrs = vec![
-                        attr_is("strides", &usizes(&a["stride"], "stride")?),
-                        attr_is("pads", &[p[0], p[1], p[0], p[1]]),
-                        attr_is("dilations", &usizes(&a["dilation"], "dilation")?),
-                        attr_i("group", a["groups"].as_i64().unwrap_or(1)),
-                    ];
-                    self.node("Conv", name, &ins, &y, attrs);
-                } else {
-                    self.node("Gemm", name, &ins, &y, vec![attr_i("transB", 1)]);
-                }
+                self.product(op, name, a, &ins, &y)?;
                 let y = self.activation(name, y, &a["activation"]);
                 let q = own(a)?;
                 (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
@@ -461,6 +450,24 @@ impl Writer<'_> {
                 )))
             }
         })
+    }
+
+    /// A `Conv2d` (its saved geometry) as `Conv`, or a `Linear` as `Gemm`, on `ins` (input,
+    /// weight, optional bias).
+    fn product(&mut self, layer: &str, name: &str, a: &J, ins: &[&str], y: &str) -> Result<()> {
+        if layer == "Conv2d" {
+            let p = usizes(&a["padding"], "padding")?;
+            let attrs = vec![
+                attr_is("strides", &usizes(&a["stride"], "stride")?),
+                attr_is("pads", &[p[0], p[1], p[0], p[1]]),
+                attr_is("dilations", &usizes(&a["dilation"], "dilation")?),
+                attr_i("group", a["groups"].as_i64().unwrap_or(1)),
+            ];
+            self.node("Conv", name, ins, y, attrs);
+        } else {
+            self.node("Gemm", name, ins, y, vec![attr_i("transB", 1)]);
+        }
+        Ok(())
     }
 
     fn avg_pool(&mut self, name: &str, window: &J, x: &str, y: &str) -> Result<()> {
@@ -651,18 +658,7 @@ impl Writer<'_> {
                 }
                 let refs: Vec<&str> = ins.iter().map(String::as_str).collect();
                 let z = format!("{name}.y");
-                if layer == "Conv2d" {
-                    let p = usizes(&la["padding"], "padding")?;
-                    let attrs = vec![
-                        attr_is("strides", &usizes(&la["stride"], "stride")?),
-                        attr_is("pads", &[p[0], p[1], p[0], p[1]]),
-                        attr_is("dilations", &usizes(&la["dilation"], "dilation")?),
-                        attr_i("group", la["groups"].as_i64().unwrap_or(1)),
-                    ];
-                    self.node("Conv", name, &refs, &z, attrs);
-                } else {
-                    self.node("Gemm", name, &refs, &z, vec![attr_i("transB", 1)]);
-                }
+                self.product(layer, name, la, &refs, &z)?;
                 let z = self.activation(name, z, &la["activation"]);
                 self.node("Identity", &format!("{name}/out"), &[&z], y, vec![]);
             }

@@ -521,16 +521,9 @@ impl Importer {
                 // table in int8 instead of a table and a product.
                 let x = cx.input(0).unwrap_or_default().to_string();
                 let out = cx.node.output.first().cloned().unwrap_or_default();
-                let silu = match consumers.get(out.as_str()).map(Vec::as_slice) {
-                    Some([k]) => {
-                        let next = &g.node[*k];
-                        let ins = &next.input;
-                        let mul = next.op_type.as_deref() == Some("Mul") && ins.len() == 2 && next.output.len() == 1;
-                        (mul && ((ins[0] == x && ins[1] == out) || (ins[1] == x && ins[0] == out)))
-                            .then(|| next.output[0].clone())
-                    }
-                    _ => None,
-                };
+                let silu = sole_reader(g, consumers, &out, "Mul")
+                    .filter(|mul| other_input(mul, &out) == Some(x.as_str()))
+                    .map(|mul| mul.output[0].clone());
                 match silu {
                     Some(product) => {
                         let r = self.unary(cx, Box::new(SiLU))?;
@@ -770,15 +763,8 @@ impl Importer {
                 return Err(cx.err(format!("kernel_shape {k:?} disagrees with the weight's {:?}", w.shape)));
             }
         }
-        let two = |name: &str, default: usize| -> Result<[usize; 2]> {
-            match cx.ints(name) {
-                None => Ok([default; 2]),
-                Some(v) if v.len() == 2 && v.iter().all(|&s| s > 0) => Ok([v[0] as usize, v[1] as usize]),
-                Some(v) => Err(cx.err(format!("{name} {v:?}: expected two positive values"))),
-            }
-        };
-        let stride = two("strides", 1)?;
-        let dilation = two("dilations", 1)?;
+        let stride = pair(cx, "strides", [1, 1])?;
+        let dilation = pair(cx, "dilations", [1, 1])?;
         let group = usize::try_from(cx.int("group", 1))
             .ok()
             .filter(|&g| g > 0)
@@ -985,25 +971,12 @@ impl Importer {
         if !matches!(self.vals.get(x), Some(Val::Node(_))) || !near(cx.input(1)?, std::f32::consts::SQRT_2) {
             return None;
         }
-        let sole = |out: &str, op: &str| -> Option<&NodeProto> {
-            match consumers.get(out).map(Vec::as_slice) {
-                Some([k]) if g.node[*k].op_type.as_deref() == Some(op) && g.node[*k].output.len() == 1 => {
-                    Some(&g.node[*k])
-                }
-                _ => None,
-            }
-        };
-        let other = |n: &NodeProto, this: &str| -> Option<String> {
-            match n.input.as_slice() {
-                [a, b] if a == this => Some(b.clone()),
-                [a, b] if b == this => Some(a.clone()),
-                _ => None,
-            }
-        };
+        let sole = |out: &str, op: &str| sole_reader(g, consumers, out, op);
+        let other = other_input;
         let div = cx.node.output.first()?;
         let erf = sole(div, "Erf")?;
         let add = sole(&erf.output[0], "Add")?;
-        if !near(&other(add, &erf.output[0])?, 1.0) {
+        if !near(other(add, &erf.output[0])?, 1.0) {
             return None;
         }
         let mul = sole(&add.output[0], "Mul")?;
@@ -1011,7 +984,7 @@ impl Importer {
             return None;
         }
         let half = sole(&mul.output[0], "Mul")?;
-        if !near(&other(half, &mul.output[0])?, 0.5) {
+        if !near(other(half, &mul.output[0])?, 0.5) {
             return None;
         }
         Some(vec![erf.output[0].clone(), add.output[0].clone(), mul.output[0].clone(), half.output[0].clone()])
@@ -1091,16 +1064,9 @@ impl Importer {
             return Err(cx.err(format!("kernel_shape {k:?}: qonnx pools over two axes")));
         }
         let k = [k[0] as usize, k[1] as usize];
-        let two = |name: &str, default: [usize; 2]| -> Result<[usize; 2]> {
-            match cx.ints(name) {
-                None => Ok(default),
-                Some(v) if v.len() == 2 && v.iter().all(|&s| s > 0) => Ok([v[0] as usize, v[1] as usize]),
-                Some(v) => Err(cx.err(format!("{name} {v:?}: expected two positive values"))),
-            }
-        };
         // ONNX's default stride is 1 (PyTorch's is the kernel).
-        let stride = two("strides", [1, 1])?;
-        let dilation = two("dilations", [1, 1])?;
+        let stride = pair(cx, "strides", [1, 1])?;
+        let dilation = pair(cx, "dilations", [1, 1])?;
         let [t, l, b, r] = self.pads(cx, &x.shape[2..], k, stride, dilation)?;
         let ceil = cx.int("ceil_mode", 0) != 0;
         if t != b || l != r {
@@ -1193,14 +1159,7 @@ impl Importer {
         if (n2, h2, w2) != (n, h, w) || groups * cg != c || groups < 2 {
             return None;
         }
-        let sole = |name: &str, op: &str| -> Option<&NodeProto> {
-            match consumers.get(name).map(Vec::as_slice) {
-                Some([k]) if g.node[*k].op_type.as_deref() == Some(op) && g.node[*k].output.len() == 1 => {
-                    Some(&g.node[*k])
-                }
-                _ => None,
-            }
-        };
+        let sole = |name: &str, op: &str| sole_reader(g, consumers, name, op);
         let first = cx.node.output.first()?;
         let tr = sole(first, "Transpose")?;
         let perm = tr.attribute.iter().find(|a| a.name.as_deref() == Some("perm"))?;
@@ -1402,15 +1361,11 @@ impl Importer {
         // other exporters): the Add becomes this layer's bias.
         let out = cx.node.output.first().cloned().unwrap_or_default();
         let mut bias = None;
-        if let Some([k]) = consumers.get(out.as_str()).map(Vec::as_slice) {
-            let next = &g.node[*k];
-            if next.op_type.as_deref() == Some("Add") && next.input.len() == 2 && next.output.len() == 1 {
-                let other = if next.input[0] == out { &next.input[1] } else { &next.input[0] };
-                if let Some(Val::Const(c)) = self.vals.get(other) {
-                    if c.len() == n && matches!(c.data, Data::F32(_)) {
-                        bias = Some(ArrayD::from_shape_vec(IxDyn(&[n]), c.to_f32()).expect("length checked"));
-                        self.absorbed.insert(next.output[0].clone(), out.clone());
-                    }
+        if let Some(add) = sole_reader(g, consumers, &out, "Add") {
+            if let Some(Val::Const(c)) = other_input(add, &out).and_then(|k| self.vals.get(k)) {
+                if c.len() == n && matches!(c.data, Data::F32(_)) {
+                    bias = Some(ArrayD::from_shape_vec(IxDyn(&[n]), c.to_f32()).expect("length checked"));
+                    self.absorbed.insert(add.output[0].clone(), out.clone());
                 }
             }
         }
@@ -1700,6 +1655,37 @@ fn pick(c: &Const, shape: Vec<usize>, order: &[usize]) -> Const {
         }
     };
     Const { shape, data }
+}
+
+/// The only node reading value `out`, if it is of op type `op` with one output.
+fn sole_reader<'g>(
+    g: &'g GraphProto,
+    consumers: &HashMap<&str, Vec<usize>>,
+    out: &str,
+    op: &str,
+) -> Option<&'g NodeProto> {
+    match consumers.get(out).map(Vec::as_slice) {
+        Some([k]) if g.node[*k].op_type.as_deref() == Some(op) && g.node[*k].output.len() == 1 => Some(&g.node[*k]),
+        _ => None,
+    }
+}
+
+/// A two-input node's input other than `this` (`None` if it has not two, or neither is it).
+fn other_input<'n>(n: &'n NodeProto, this: &str) -> Option<&'n str> {
+    match n.input.as_slice() {
+        [a, b] if a == this => Some(b),
+        [a, b] if b == this => Some(a),
+        _ => None,
+    }
+}
+
+/// Attribute `name` as two positive sizes (`[height, width]`), or `default`.
+fn pair(cx: &Cx<'_>, name: &str, default: [usize; 2]) -> Result<[usize; 2]> {
+    match cx.ints(name) {
+        None => Ok(default),
+        Some(v) if v.len() == 2 && v.iter().all(|&s| s > 0) => Ok([v[0] as usize, v[1] as usize]),
+        Some(v) => Err(cx.err(format!("{name} {v:?}: expected two positive values"))),
+    }
 }
 
 /// For each value name, the indices of the nodes that read it.

@@ -276,9 +276,9 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     if let Some(ort) = ort {
         let all = ours.iter().enumerate().map(|(m, om)| (om.name, om.gmac, Some(m)));
         for (name, gmac, rust) in all.chain(onnx_only.iter().map(|&(n, g)| (n, g, None))) {
-            let mut im = import_onnx(&dir, name, &calib, &xq)?;
+            let mut im = import_onnx(&dir, (name, gmac, rust), &calib, &xq)?;
             im.qdq = qdq_agreement(&dir, name, &im.q, &xq, &mut peers[ort])?;
-            imported.push(Imported { name, gmac, rust, ..im });
+            imported.push(im);
         }
     } else {
         eprintln!(
@@ -483,7 +483,12 @@ struct Imported {
 
 /// Imports `<name>.onnx`, checks its float outputs against ONNX Runtime's, and converts it to
 /// int8 with our default configuration on the calibration images.
-fn import_onnx(dir: &Path, name: &str, calib: &[ArrayD<f32>], xq: &ArrayD<f32>) -> Result<Imported, String> {
+fn import_onnx(
+    dir: &Path,
+    (name, gmac, rust): (&'static str, f64, Option<usize>),
+    calib: &[ArrayD<f32>],
+    xq: &ArrayD<f32>,
+) -> Result<Imported, String> {
     let path = dir.join(format!("{name}.onnx"));
     let m = qonnx::load(&path, &qonnx::ImportOptions::default()).map_err(|e| e.to_string())?;
     let reference = m.graph.run(std::slice::from_ref(xq)).map_err(|e| e.to_string())?.remove(0);
@@ -503,9 +508,9 @@ fn import_onnx(dir: &Path, name: &str, calib: &[ArrayD<f32>], xq: &ArrayD<f32>) 
     let q = p.convert().map_err(|e| e.to_string())?;
     let sqnr = qnn::sqnr_db(&reference, &q.forward(xq).map_err(|e| e.to_string())?);
     Ok(Imported {
-        name: "",
-        gmac: 0.0,
-        rust: None,
+        name,
+        gmac,
+        rust,
         q,
         sqnr,
         float_rel_err,
