@@ -94,6 +94,10 @@ enum Cmd {
         /// Run this many times and print the median latency (the first run is not counted).
         #[arg(long, default_value_t = 1)]
         repeat: usize,
+        /// Also time every node of an int8 model over the `repeat` runs and print a table:
+        /// median time, share of the whole, and GMAC/s for layers with weights.
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         shape: ShapeArg,
         #[command(flatten)]
@@ -237,8 +241,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
             let opts = QuantizeOpts { output, config, batch_size, threads, plots };
             quantize(&model, &calib, &opts, &shape, &images)
         }
-        Cmd::Run { model, input, output, top, threads, repeat, shape, images } => {
-            run_model(&model, &input, output.as_deref(), top, (threads, repeat), &shape, &images)
+        Cmd::Run { model, input, output, top, threads, repeat, profile, shape, images } => {
+            run_model(&model, &input, output.as_deref(), top, (threads, repeat, profile), &shape, &images)
         }
         Cmd::ExportQdq { int8, output, input_shape } => {
             let q = QuantizedModel::load(&int8).map_err(|e| e.to_string())?;
@@ -382,10 +386,17 @@ fn run_model(
     input: &Path,
     output: Option<&Path>,
     top: Option<usize>,
-    (threads, repeat): (usize, usize),
+    (threads, repeat, profile): (usize, usize, bool),
     shape: &ShapeArg,
     images: &ImageArgs,
 ) -> Result<(), String> {
+    if profile && is_onnx(path) {
+        return Err(format!(
+            "--profile times the nodes of an int8 model, and {} is an ONNX float model; \
+             run `qrust quantize` on it first and profile its output",
+            path.display()
+        ));
+    }
     // Runs `f` once, then `repeat - 1` more times: the output, and the median time of the
     // runs after the first (the first alone when there are none).
     let timed = |f: &mut dyn FnMut() -> Result<ArrayD<f32>, String>| -> Result<(ArrayD<f32>, f64), String> {
@@ -417,6 +428,10 @@ fn run_model(
         q.set_threads(threads.max(1));
         // An int8 model does not declare its input size: images take --crop (224 by default).
         let x = load_data(input, None, images)?;
+        if profile {
+            let nodes = q.profile(std::slice::from_ref(&x), repeat.max(1)).map_err(|e| e.to_string())?;
+            print_profile(&nodes, repeat.max(1));
+        }
         timed(&mut || q.forward(&x).map_err(|e| e.to_string()))?
     };
     let how = if repeat > 1 { format!("median of {} runs", repeat - 1) } else { "one run".to_string() };
@@ -441,6 +456,46 @@ fn run_model(
         say!("wrote {}", o.display());
     }
     Ok(())
+}
+
+/// The per-node table of `run --profile`, slowest op kinds summed at the end.
+fn print_profile(nodes: &[qnn::NodeTime], runs: usize) {
+    let total: f64 = nodes.iter().map(|n| n.median_ms).sum();
+    let width = nodes.iter().map(|n| n.name.len()).max().unwrap_or(4).clamp(4, 48);
+    say!("per node, median of {runs} run(s):");
+    say!("{:<width$}  {:<15} {:<18} {:>9} {:>6} {:>8}", "node", "op", "output", "ms", "share", "GMAC/s");
+    for n in nodes {
+        let gmacs = n.macs.map_or(String::from("-"), |m| format!("{:.1}", m as f64 / (n.median_ms * 1e6)));
+        let shape = format!("{:?}", n.out_shape);
+        if let Some(conv) = &n.runs_in {
+            say!("{:<width$}  {:<15} {shape:<18} (runs in {conv})", n.name, n.op);
+            continue;
+        }
+        say!(
+            "{:<width$}  {:<15} {shape:<18} {:>9.4} {:>5.1}% {:>8}",
+            n.name,
+            n.op,
+            n.median_ms,
+            100.0 * n.median_ms / total.max(f64::MIN_POSITIVE),
+            gmacs
+        );
+    }
+    let mut by_op: Vec<(&str, f64, u64)> = Vec::new();
+    for n in nodes {
+        match by_op.iter_mut().find(|e| e.0 == n.op) {
+            Some(e) => {
+                e.1 += n.median_ms;
+                e.2 += n.macs.unwrap_or(0);
+            }
+            None => by_op.push((n.op, n.median_ms, n.macs.unwrap_or(0))),
+        }
+    }
+    by_op.sort_by(|a, b| b.1.total_cmp(&a.1));
+    say!("per op (sum of node medians {total:.3} ms):");
+    for (op, ms, macs) in by_op {
+        let gmacs = if macs > 0 { format!(", {:.1} GMAC/s", macs as f64 / (ms * 1e6)) } else { String::new() };
+        say!("  {op:<15} {ms:>9.4} ms {:>5.1}%{gmacs}", 100.0 * ms / total.max(f64::MIN_POSITIVE));
+    }
 }
 
 fn report(

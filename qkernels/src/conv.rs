@@ -10,8 +10,10 @@ use qtensor::isa::Isa;
 use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
 
 use crate::gemm::{
-    gemm_planned, requantize_row_u8, requantize_scalar, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey, QMatrix,
+    gemm_planned, requantize_row_u8, requantize_scalar, BlockAdd, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey,
+    QMatrix,
 };
+use crate::ops::{vector_prefix, QuantU8, ResidualAdd};
 use crate::pack::PackedWeights;
 
 /// `u8` activations in NHWC layout (batch, height, width, channels), with their quantization.
@@ -63,6 +65,8 @@ pub struct PackedConv2d {
     bias: Option<Vec<f32>>,
     kind: ConvKind,
     plans: PlanCache,
+    /// The instruction set it was packed for (what its fused additions run on too).
+    isa: Isa,
 }
 
 #[derive(Clone, Debug)]
@@ -219,7 +223,17 @@ impl PackedConv2d {
             }
             ConvKind::Gemm(groups)
         };
-        Ok(PackedConv2d { oc, ic, kh, kw, geom, bias: bias.map(<[f32]>::to_vec), kind, plans: PlanCache::default() })
+        Ok(PackedConv2d {
+            oc,
+            ic,
+            kh,
+            kw,
+            geom,
+            bias: bias.map(<[f32]>::to_vec),
+            kind,
+            plans: PlanCache::default(),
+            isa,
+        })
     }
 
     /// The implicit-im2col layout, when it applies: one group, symmetric weights, AVX-512 VNNI,
@@ -305,6 +319,38 @@ impl PackedConv2d {
     /// An input whose channels or buffer do not match, an output buffer of the wrong length,
     /// invalid scales or zero points.
     pub fn forward_u8(&self, x: &QImage<'_>, quant: OutputQuant, out: &mut [u8], threads: usize) -> Result<()> {
+        self.forward_u8_impl(x, quant, out, threads, None)
+    }
+
+    /// [`PackedConv2d::forward_u8`] followed by a residual addition, fused: each block of
+    /// output is added to `add.other` as soon as it is written, while it is in cache (the
+    /// depthwise paths add after the whole layer). The result is bit-identical to running
+    /// [`forward_u8`](PackedConv2d::forward_u8) into a buffer `y` and then
+    /// [`crate::add`]`(y, quant's parameters, add.other, add.other_q, out, add.out_q, add.relu)`.
+    ///
+    /// # Errors
+    /// As [`forward_u8`](PackedConv2d::forward_u8); an operand whose length is not the
+    /// output's; invalid parameters of the addition.
+    pub fn forward_u8_add(
+        &self,
+        x: &QImage<'_>,
+        quant: OutputQuant,
+        add: ResidualAdd<'_>,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        add.check(OP, out.len())?;
+        self.forward_u8_impl(x, quant, out, threads, Some(&add))
+    }
+
+    fn forward_u8_impl(
+        &self,
+        x: &QImage<'_>,
+        quant: OutputQuant,
+        out: &mut [u8],
+        threads: usize,
+        add: Option<&ResidualAdd<'_>>,
+    ) -> Result<()> {
         if x.c != self.ic {
             return Err(QError::ShapeMismatch {
                 op: OP,
@@ -343,6 +389,21 @@ impl PackedConv2d {
         if out.is_empty() {
             return Ok(());
         }
+        // The addition's constants (the convolution's output parameters are its first
+        // operand) for output from flat index `flat0` on.
+        let out_len = out.len();
+        let block_add = |flat0: usize| {
+            add.map(|a| BlockAdd {
+                isa: self.isa,
+                other: &a.other[flat0..],
+                qa: QuantU8 { scale: quant.scale, zero_point: quant.zero_point },
+                qb: a.other_q,
+                qo: a.out_q,
+                relu: a.relu,
+                flat0,
+                split: vector_prefix(out_len),
+            })
+        };
         match &self.kind {
             ConvKind::Gemm(groups) => {
                 let ocg = self.oc / groups.len();
@@ -355,11 +416,13 @@ impl PackedConv2d {
                         .map(|(gi, w)| Plan::new(x.scale, x.zero_point, w, bias(gi), Some(quant), false))
                         .collect()
                 };
-                self.plans.with(key, build, |plans| self.forward_gemm(groups, plans, x, quant, out, oh, ow, threads))
+                self.plans.with(key, build, |plans| {
+                    self.forward_gemm(groups, plans, x, quant, out, (oh, ow), threads, &block_add)
+                })
             }
             #[cfg(target_arch = "x86_64")]
             ConvKind::Implicit { w, seg, tail } => {
-                self.forward_implicit(w, *seg, *tail, x, quant, out, oh, ow, threads);
+                self.forward_implicit(w, *seg, *tail, x, quant, out, oh, ow, threads, block_add(0));
                 Ok(())
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -395,22 +458,42 @@ impl PackedConv2d {
                         }),
                     }
                 });
+                if let Some(a) = block_add(0) {
+                    let len = out.len();
+                    // SAFETY: `out` is borrowed exclusively for its len elements, and `a.other`
+                    // (checked to be as long) is a shared borrow, so they do not overlap.
+                    unsafe {
+                        crate::ops::add_assign_block(
+                            a.isa,
+                            out.as_mut_ptr(),
+                            a.qa,
+                            a.other.as_ptr(),
+                            a.qb,
+                            a.qo,
+                            a.relu,
+                            (1, len, len),
+                            (0, a.split),
+                        )
+                    }
+                }
                 Ok(())
             }
         }
     }
 
+    /// The GEMM paths; `block_add(flat0)` is the residual addition, if any, for output from
+    /// flat index `flat0` on.
     #[allow(clippy::too_many_arguments)]
-    fn forward_gemm(
+    fn forward_gemm<'a>(
         &self,
         groups: &[PackedWeights],
         plans: &[Plan],
         x: &QImage<'_>,
         quant: OutputQuant,
         out: &mut [u8],
-        oh: usize,
-        ow: usize,
+        (oh, ow): (usize, usize),
         threads: usize,
+        block_add: &(dyn Fn(usize) -> Option<BlockAdd<'a>> + Sync),
     ) -> Result<()> {
         let g = &self.geom;
         let ng = groups.len();
@@ -429,7 +512,7 @@ impl PackedConv2d {
                     zero_point: x.zero_point,
                 };
                 let out = GemmOutput::U8 { data: &mut out[gi * ocg..], ldc: self.oc, quant };
-                gemm_planned(&a, w, bias(gi), Some(&plans[gi]), out, threads)?;
+                gemm_planned(&a, w, bias(gi), Some(&plans[gi]), out, threads, block_add(gi * ocg))?;
             }
             return Ok(());
         }
@@ -457,6 +540,7 @@ impl PackedConv2d {
                         Some(&plans[gi]),
                         GemmOutput::U8 { data: &mut out_chunk[gi * ocg..], ldc: self.oc, quant },
                         gemm_threads,
+                        block_add(r0 * self.oc + gi * ocg),
                     )?;
                 }
                 Ok(())
@@ -599,6 +683,7 @@ impl PackedConv2d {
         oh: usize,
         ow: usize,
         threads: usize,
+        add: Option<BlockAdd<'_>>,
     ) {
         let (c, g) = (x.c, &self.geom);
         let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
@@ -620,7 +705,7 @@ impl PackedConv2d {
             self.plans.with(
                 PlanKey::new(x.scale, x.zero_point, Some(quant)),
                 || vec![Plan::new(x.scale, x.zero_point, w, self.bias.as_deref(), Some(quant), false)],
-                |plans| crate::gemm::gemm_conv_vnni(&rows, w, &plans[0], out, self.oc, threads),
+                |plans| crate::gemm::gemm_conv_vnni(&rows, w, &plans[0], out, self.oc, threads, add),
             );
         };
         // Segments padded past `kw * c` read up to 3 bytes beyond the image: give it slack.

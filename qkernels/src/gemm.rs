@@ -340,7 +340,7 @@ pub fn gemm(
     out: GemmOutput<'_>,
     threads: usize,
 ) -> Result<()> {
-    gemm_planned(a, w, bias, None, out, threads)
+    gemm_planned(a, w, bias, None, out, threads, None)
 }
 
 /// Every check [`gemm`] makes on its operands, before any work (or plan) is done.
@@ -375,6 +375,7 @@ pub(crate) fn gemm_planned(
     plan: Option<&Plan>,
     out: GemmOutput<'_>,
     threads: usize,
+    add: Option<BlockAdd<'_>>,
 ) -> Result<()> {
     validate(a, w, bias, &out)?;
     if a.m == 0 {
@@ -397,16 +398,42 @@ pub(crate) fn gemm_planned(
     } else {
         Vec::new()
     };
-    let sink = Sink::new(out);
+    let mut sink = Sink::new(out);
+    if let Some(add) = add {
+        assert!(matches!(sink.kind, SinkKind::U8), "gemm_planned: a block addition needs u8 output");
+        // Every element the GEMM writes, (i, j) at i * ldc + j, has its operand there.
+        assert!(add.other.len() >= (a.m - 1) * sink.ldc + w.n, "gemm_planned: residual operand too short");
+        sink.add = Some(add);
+    }
     crate::threads::run_with(threads, || drive(Rows::Dense(a), w, plan, &rowsums, &sink, threads > 1));
     Ok(())
 }
 
+/// A residual addition a `u8` GEMM applies to each block of output it has written, while the
+/// block is in cache ([`crate::ResidualAdd`]): output element `(i, j)`, at `i * ldc + j`, is
+/// added to `other[i * ldc + j]`, whose flat index in the whole output tensor is
+/// `flat0 + i * ldc + j`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockAdd<'a> {
+    pub isa: Isa,
+    pub other: &'a [u8],
+    /// The GEMM's own output parameters (the addition's first operand).
+    pub qa: crate::QuantU8,
+    pub qb: crate::QuantU8,
+    pub qo: crate::QuantU8,
+    pub relu: bool,
+    pub flat0: usize,
+    /// [`crate::vector_prefix`] of the whole output tensor's length.
+    pub split: usize,
+}
+
 /// Raw output pointer shared by the tasks; each task writes a disjoint set of elements.
-struct Sink {
+struct Sink<'a> {
     kind: SinkKind,
     ptr: usize,
     ldc: usize,
+    /// A residual addition applied to each block once written (`u8` output only).
+    add: Option<BlockAdd<'a>>,
 }
 
 #[derive(Clone, Copy)]
@@ -416,12 +443,42 @@ enum SinkKind {
     F32,
 }
 
-impl Sink {
+impl Sink<'_> {
     fn new(out: GemmOutput<'_>) -> Self {
-        match out {
-            GemmOutput::U8 { data, ldc, .. } => Sink { kind: SinkKind::U8, ptr: data.as_mut_ptr() as usize, ldc },
-            GemmOutput::I32 { data, ldc } => Sink { kind: SinkKind::I32, ptr: data.as_mut_ptr() as usize, ldc },
-            GemmOutput::F32 { data, ldc } => Sink { kind: SinkKind::F32, ptr: data.as_mut_ptr() as usize, ldc },
+        let (kind, ptr, ldc) = match out {
+            GemmOutput::U8 { data, ldc, .. } => (SinkKind::U8, data.as_mut_ptr() as usize, ldc),
+            GemmOutput::I32 { data, ldc } => (SinkKind::I32, data.as_mut_ptr() as usize, ldc),
+            GemmOutput::F32 { data, ldc } => (SinkKind::F32, data.as_mut_ptr() as usize, ldc),
+        };
+        Sink { kind, ptr, ldc, add: None }
+    }
+
+    /// The block addition over output rows `rows` and columns `cols`, which this task has
+    /// just written.
+    fn add_block(&self, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+        let Some(add) = &self.add else { return };
+        if rows.is_empty() {
+            return;
+        }
+        let base = rows.start * self.ldc + cols.start;
+        let len = (rows.len() - 1) * self.ldc + cols.len();
+        let other = &add.other[base..base + len];
+        // SAFETY: the task owning rows `rows` and columns `cols` is the only one touching
+        // those elements of the output, which `check` proved lie inside it; `other` holds
+        // the same positions (sliced above) in a buffer the output does not overlap (a
+        // shared borrow beside the output's exclusive one).
+        unsafe {
+            crate::ops::add_assign_block(
+                add.isa,
+                (self.ptr as *mut u8).add(base),
+                add.qa,
+                other.as_ptr(),
+                add.qb,
+                add.qo,
+                add.relu,
+                (rows.len(), cols.len(), self.ldc),
+                (add.flat0 + base, add.split),
+            )
         }
     }
 }
@@ -523,6 +580,7 @@ pub(crate) fn gemm_conv_vnni(
     out: &mut [u8],
     ldc: usize,
     threads: usize,
+    add: Option<BlockAdd<'_>>,
 ) {
     assert!(
         matches!(w.packed, Packed::Vnni(_))
@@ -533,11 +591,15 @@ pub(crate) fn gemm_conv_vnni(
         "gemm_conv_vnni: caller must pass symmetric VNNI-packed weights matching the rows"
     );
     assert!(rows.m == 0 || out.len() >= (rows.m - 1) * ldc + w.n, "gemm_conv_vnni: output too small");
-    let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc };
+    assert!(
+        add.is_none_or(|a| rows.m == 0 || a.other.len() >= (rows.m - 1) * ldc + w.n),
+        "gemm_conv_vnni: residual operand too short"
+    );
+    let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc, add };
     crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &sink, threads > 1));
 }
 
-fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink, parallel: bool) {
+fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink<'_>, parallel: bool) {
     let m = a.m();
     let mblocks = m.div_ceil(MC);
     // Columns split evenly in whole 16-column panels, at most NC per block: 144 columns
@@ -564,7 +626,7 @@ fn block(
     w: &PackedWeights,
     plan: &Plan,
     rowsums: &[i32],
-    sink: &Sink,
+    sink: &Sink<'_>,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
@@ -610,6 +672,7 @@ fn block(
                 }
             }
         }
+        sink.add_block(rows, cols);
         return;
     }
     // Otherwise raw int32 tiles, then the epilogue for the sink.
@@ -649,6 +712,7 @@ fn block(
         }
         r0 += mr;
     }
+    sink.add_block(rows, cols);
 }
 
 /// The scalar micro-kernel: plain dot products from the row-major weights.
@@ -689,7 +753,7 @@ pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i3
     }
 }
 
-fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, sink: &Sink, i: usize) {
+fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, sink: &Sink<'_>, i: usize) {
     let n = acc.len();
     let base = i * sink.ldc + j0;
     match sink.kind {

@@ -87,7 +87,7 @@ pub use linear::PackedLinear;
 pub use ops::{
     add, add_isa, add_scalar, batch_norm2d, cat_channels, dequantize_nhwc_to_nchw, flatten_nchw_order, layer_norm, mul,
     mul_channels, mul_scalar, quantize_nchw_to_nhwc, requantize_from_int, requantize_product, vector_prefix, Lut,
-    QuantU8, UnaryOp, UnaryTables,
+    QuantU8, ResidualAdd, UnaryOp, UnaryTables,
 };
 pub use pack::{PackedWeights, MAX_K};
 pub use pool::{

@@ -68,7 +68,7 @@ impl PackedLinear {
         self.plans.with(
             crate::gemm::PlanKey::new(x.scale, x.zero_point, quant),
             || vec![crate::gemm::Plan::new(x.scale, x.zero_point, &self.weights, bias, quant, false)],
-            |plans| crate::gemm::gemm_planned(x, &self.weights, bias, Some(&plans[0]), out, threads),
+            |plans| crate::gemm::gemm_planned(x, &self.weights, bias, Some(&plans[0]), out, threads, None),
         )
     }
 

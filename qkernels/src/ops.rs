@@ -121,11 +121,105 @@ pub(crate) fn add_with(
     qo: QuantU8,
     relu: bool,
 ) {
+    let n = a.len();
+    assert!(b.len() == n && out.len() == n, "add_with: operands of one length");
+    // SAFETY: three slices of n elements; `out` is borrowed mutably, so it overlaps neither.
+    unsafe { add_raw(isa, a.as_ptr(), qa, b.as_ptr(), qb, out.as_mut_ptr(), qo, relu, n, 0, vector_prefix(n)) }
+}
+
+/// `acc = add(acc, other)` in place over a block of `rows` rows of `ncols` elements, row `r`
+/// at `r * ld` in both: [`add`]'s arithmetic on `acc` (quantized with `qa`) and `other`, for
+/// a block whose element 0 has flat index `flat0` in tensors whose vector loop covers the
+/// first `split` elements ([`vector_prefix`] of their length), so each element gets the
+/// formula its position gets in [`add`]. Only the block's elements are touched.
+///
+/// # Safety
+/// The block's elements are readable and writable at `acc` and readable at `other`, and
+/// nothing else accesses them meanwhile; `other`'s do not overlap `acc`'s; `ncols <= ld`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn add_assign_block(
+    isa: qtensor::isa::Isa,
+    acc: *mut u8,
+    qa: QuantU8,
+    other: *const u8,
+    qb: QuantU8,
+    qo: QuantU8,
+    relu: bool,
+    (rows, ncols, ld): (usize, usize, usize),
+    (flat0, split): (usize, usize),
+) {
+    // Rows wholly inside the vector loop's prefix go to the vector kernel in one call.
+    let vector_rows = (0..rows).take_while(|r| flat0 + r * ld + ncols <= split).count();
+    let mut first = 0;
+    #[cfg(target_arch = "x86_64")]
+    if vector_rows > 0 && isa.capped_to_supported() >= qtensor::isa::Isa::Avx512Vnni {
+        // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the rows are
+        // the caller's block; `acc` is read and written through one pointer.
+        unsafe {
+            crate::x86::add_u8_avx512(
+                acc,
+                (qa.scale, qa.zero_point),
+                other,
+                (qb.scale, qb.zero_point),
+                acc,
+                (qo.scale, qo.zero_point),
+                relu,
+                (vector_rows, ncols, ld),
+            )
+        };
+        first = vector_rows;
+    }
+    let _ = isa;
+    for r in first..rows {
+        let at = r * ld;
+        // SAFETY: one row of the caller's block, with the scalar loops.
+        unsafe {
+            add_raw(
+                qtensor::isa::Isa::Scalar,
+                acc.add(at),
+                qa,
+                other.add(at),
+                qb,
+                acc.add(at),
+                qo,
+                relu,
+                ncols,
+                flat0 + at,
+                split,
+            )
+        }
+    }
+}
+
+/// The addition over `n` elements: element `i` reads `a[i]` and `b[i]` before `out[i]` is
+/// written, so `out` may be `a` itself. Elements whose flat index `flat0 + i` is below
+/// `split` take the vector loop's formula.
+///
+/// # Safety
+/// `a` and `b` are readable and `out` writable for `n` elements; `out` is either exactly `a`
+/// or overlaps neither input.
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_raw(
+    isa: qtensor::isa::Isa,
+    a: *const u8,
+    qa: QuantU8,
+    b: *const u8,
+    qb: QuantU8,
+    out: *mut u8,
+    qo: QuantU8,
+    relu: bool,
+    n: usize,
+    flat0: usize,
+    split: usize,
+) {
+    let vec_n = split.saturating_sub(flat0).min(n);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa.capped_to_supported() >= qtensor::isa::Isa::Avx512Vnni {
-        // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW are; lengths were checked.
-        done = unsafe {
+    if vec_n >= 16 && isa.capped_to_supported() >= qtensor::isa::Isa::Avx512Vnni {
+        let whole = vec_n - vec_n % 16;
+        // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the caller's
+        // bounds and aliasing cover the first whole <= n elements.
+        unsafe {
             crate::x86::add_u8_avx512(
                 a,
                 (qa.scale, qa.zero_point),
@@ -134,21 +228,46 @@ pub(crate) fn add_with(
                 out,
                 (qo.scale, qo.zero_point),
                 relu,
+                (1, whole, whole),
             )
         };
+        done = whole;
     }
     let _ = isa;
-    let split = vector_prefix(a.len());
-    for i in done..a.len() {
-        let mut c = if i < split {
-            qa.dequantize_vec(a[i]) + qb.dequantize_vec(b[i])
-        } else {
-            qa.dequantize(a[i]) + qb.dequantize(b[i])
-        };
+    for i in done..n {
+        // SAFETY: i < n: in bounds (caller's precondition); out[i] is written after a[i] is read.
+        let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
+        let mut c =
+            if i < vec_n { qa.dequantize_vec(x) + qb.dequantize_vec(y) } else { qa.dequantize(x) + qb.dequantize(y) };
         if relu {
             c = c.max(0.0);
         }
-        out[i] = qo.quantize(c);
+        // SAFETY: as above.
+        unsafe { *out.add(i) = qo.quantize(c) };
+    }
+}
+
+/// A residual addition fused into a layer: the layer's requantized `u8` output `y` becomes
+/// `add(y, other)` ([`add`]'s arithmetic, bit for bit, with `y` quantized with the layer's
+/// output parameters) before it is stored, each block while it is still in cache.
+#[derive(Clone, Copy, Debug)]
+pub struct ResidualAdd<'a> {
+    /// The other operand, laid out as the layer's output (NHWC, same length).
+    pub other: &'a [u8],
+    /// Its parameters.
+    pub other_q: QuantU8,
+    /// The sum's parameters.
+    pub out_q: QuantU8,
+    /// A ReLU after the sum.
+    pub relu: bool,
+}
+
+impl ResidualAdd<'_> {
+    /// Checks the parameters and that `other` matches an output of `len` elements.
+    pub(crate) fn check(&self, op: &'static str, len: usize) -> Result<()> {
+        same_len(op, len, self.other.len(), "the residual operand must have as many elements as the output")?;
+        self.other_q.check(op)?;
+        self.out_q.check(op)
     }
 }
 

@@ -102,8 +102,8 @@ pub use fuse::{fuse, fuse_graph, fuse_modules, Fused};
 pub use graph::{ElemType, Graph, GraphBuilder, Layout, Tensor, ValueInfo};
 pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
 pub use quant::{
-    prepare, report_json, sqnr_db, FloatReason, LayerReport, Mode, PlanEntry, Prepared, QuantizedModel, Value,
-    DEFAULT_MAX_ACTIVATION_BYTES,
+    prepare, report_json, sqnr_db, FloatReason, LayerReport, Mode, NodeTime, PlanEntry, Prepared, QuantizedModel,
+    Value, DEFAULT_MAX_ACTIVATION_BYTES,
 };
 pub use scratch::release_thread_buffers;
 pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes, save_safetensors, state_dict_bytes};

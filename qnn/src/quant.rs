@@ -19,6 +19,7 @@ use crate::module::{Module, Sequential};
 use crate::ops::activation::ClampOp;
 use crate::ops::add::AddOp;
 use crate::ops::cat::CatOp;
+use crate::ops::conv::ConvOp;
 use crate::ops::fallback::FloatOp;
 use crate::ops::mul::MulOp;
 use crate::ops::stubs::PassOp;
@@ -796,6 +797,24 @@ fn set_weight(m: &mut dyn Module, w: ArrayD<f32>) {
     }
 }
 
+/// One node's time in [`QuantizedModel::profile`].
+#[derive(Clone, Debug)]
+pub struct NodeTime {
+    /// The node's name (its module's, or its ONNX node's).
+    pub name: String,
+    /// The op it runs, as saved (`"Conv2d"`, `"Add"`, ...).
+    pub op: &'static str,
+    /// Its output's logical shape.
+    pub out_shape: Vec<usize>,
+    /// Multiply-accumulates, for layers with weights.
+    pub macs: Option<u64>,
+    /// Median wall time over the runs, in milliseconds.
+    pub median_ms: f64,
+    /// The node that computes it as part of its own work (a residual addition its
+    /// convolution runs), whose time includes it; its own time is then 0.
+    pub runs_in: Option<String>,
+}
+
 /// A tensor between two steps of the int8 model: float (NCHW or 2-D) or `u8` (NHWC data for
 /// 4-D tensors, row-major for 2-D) with its parameters.
 #[derive(Clone, Debug)]
@@ -845,6 +864,14 @@ impl Value {
                 }
                 out
             }
+        }
+    }
+
+    /// Its logical shape (NCHW for images).
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Value::F32(a) => a.shape(),
+            Value::U8 { shape, .. } => shape,
         }
     }
 
@@ -939,6 +966,55 @@ pub struct QuantizedModel {
     /// Every node computes each image of a batch on its own (no custom layers), so a batch
     /// can be split between threads.
     images_apart: bool,
+    /// Per node: the addition this convolution runs on its output as it writes it
+    /// ([`conv_add_fusions`]); that addition's node is then skipped.
+    fused_add: Vec<Option<ConvAdd>>,
+    /// Per node: an addition its convolution runs.
+    runs_in_conv: Vec<bool>,
+}
+
+/// A convolution that runs the int8 addition which alone reads its output.
+#[derive(Clone, Copy, Debug)]
+struct ConvAdd {
+    /// The addition's node.
+    add: usize,
+    /// The addition's other operand, and its position among the addition's inputs.
+    other: Tensor,
+    other_pos: usize,
+}
+
+/// The int8 additions that the convolution producing one of their operands can run itself
+/// (`qkernels::PackedConv2d::forward_u8_add`, the same bits, each block added while in cache):
+/// that operand has no other reader, and the other operand is computed before the
+/// convolution runs (of two such convolutions, the later one). A residual block's addition
+/// runs in its last convolution (or in its downsample's).
+fn conv_add_fusions(g: &QGraph, readers: &[usize]) -> (Vec<Option<ConvAdd>>, Vec<bool>) {
+    let mut fused = vec![None; g.nodes.len()];
+    let mut runs_in_conv = vec![false; g.nodes.len()];
+    // The node computing each value (None for graph inputs).
+    let mut producer = vec![None; g.values];
+    for (i, n) in g.nodes.iter().enumerate() {
+        producer[n.output.0] = Some(i);
+    }
+    for (j, n) in g.nodes.iter().enumerate() {
+        if !step_of(n).op.as_any().downcast_ref::<AddOp>().is_some_and(|a| a.int8) || n.inputs.len() != 2 {
+            continue;
+        }
+        let best = (0..2)
+            .filter_map(|pos| {
+                let (x, other) = (n.inputs[pos], n.inputs[1 - pos]);
+                let i = producer[x.0]?;
+                let is_conv = step_of(&g.nodes[i]).op.as_any().is::<ConvOp>();
+                let other_first = producer[other.0].is_none_or(|p| p < i);
+                (is_conv && readers[x.0] == 1 && other_first && x != other).then_some((i, other, 1 - pos))
+            })
+            .max_by_key(|c| c.0);
+        if let Some((i, other, other_pos)) = best {
+            fused[i] = Some(ConvAdd { add: j, other, other_pos });
+            runs_in_conv[j] = true;
+        }
+    }
+    (fused, runs_in_conv)
 }
 
 /// Whether every node computes each image of a batch on its own: true of every built-in op;
@@ -1080,7 +1156,19 @@ impl QuantizedModel {
             })
             .collect();
         let images_apart = images_apart(&graph);
-        QuantizedModel { input_q, input_ranges, graph, plan, run, readers, quantize_on_entry, images_apart }
+        let (fused_add, runs_in_conv) = conv_add_fusions(&graph, &readers);
+        QuantizedModel {
+            input_q,
+            input_ranges,
+            graph,
+            plan,
+            run,
+            readers,
+            quantize_on_entry,
+            images_apart,
+            fused_add,
+            runs_in_conv,
+        }
     }
 
     /// How every module runs (int8, float and why).
@@ -1267,7 +1355,7 @@ impl QuantizedModel {
             static TABLES: std::cell::Cell<Tables> = const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
         }
         let (mut vals, mut left, mut args) = TABLES.take();
-        let out = self.eval_with(xs, run, &mut vals, &mut left, &mut args);
+        let out = self.eval_with(xs, run, &mut vals, &mut left, &mut args, None);
         vals.clear();
         args.clear();
         TABLES.set((vals, left, args));
@@ -1281,6 +1369,7 @@ impl QuantizedModel {
         vals: &mut Vec<Option<Value>>,
         left: &mut Vec<usize>,
         args: &mut Vec<Value>,
+        mut timing: Option<&mut Vec<(f64, Vec<usize>)>>,
     ) -> Result<Vec<Value>> {
         let g = &self.graph;
         vals.clear();
@@ -1290,18 +1379,46 @@ impl QuantizedModel {
         for (k, (t, x)) in g.inputs.iter().zip(xs).enumerate() {
             vals[t.0] = Some(self.entry_value(k, x.view())?);
         }
-        for n in &g.nodes {
+        // The value `t` for a reader: moved to its last reader, copied for the others.
+        let take = |vals: &mut Vec<Option<Value>>, left: &mut Vec<usize>, t: Tensor| {
+            left[t.0] -= 1;
+            if left[t.0] == 0 {
+                vals[t.0].take().expect("computed before read")
+            } else {
+                pooled_copy(vals[t.0].as_ref().expect("computed before read"))
+            }
+        };
+        for (i, n) in g.nodes.iter().enumerate() {
+            if self.runs_in_conv[i] {
+                // Its convolution computed it.
+                if let Some(t) = timing.as_deref_mut() {
+                    t.push((0.0, vals[n.output.0].as_ref().map_or(Vec::new(), |v| v.shape().to_vec())));
+                }
+                continue;
+            }
             args.clear();
-            for t in &n.inputs {
-                left[t.0] -= 1;
-                let v = if left[t.0] == 0 {
-                    vals[t.0].take().expect("computed before read")
-                } else {
-                    pooled_copy(vals[t.0].as_ref().expect("computed before read"))
-                };
+            for &t in &n.inputs {
+                let v = take(vals, left, t);
                 args.push(v);
             }
-            vals[n.output.0] = Some(Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))?);
+            let start = timing.is_some().then(std::time::Instant::now);
+            let (y, out) = match self.fused_add[i] {
+                Some(f) => {
+                    let other = take(vals, left, f.other);
+                    let add = &g.nodes[f.add];
+                    let conv = step_of(n).op.as_any().downcast_ref::<ConvOp>().expect("fused at assembly");
+                    let sum = step_of(add).op.as_any().downcast_ref::<AddOp>().expect("fused at assembly");
+                    let y = conv
+                        .run_add(args, step_of(n).in_q, run, sum, (other, f.other_pos))
+                        .map_err(|e| e.within(&format!("{} (with {})", n.name, add.name)))?;
+                    (y, add.output)
+                }
+                None => (Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))?, n.output),
+            };
+            if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
+                t.push((start.elapsed().as_secs_f64() * 1e3, y.shape().to_vec()));
+            }
+            vals[out.0] = Some(y);
             debug_assert!(args.is_empty(), "a node consumes its arguments");
         }
         let mut outs = Vec::with_capacity(g.outputs.len());
@@ -1326,6 +1443,75 @@ impl QuantizedModel {
             crate::ops::range::clamp_value(&mut v, (lo, hi), self.input_q[k]);
         }
         Ok(v)
+    }
+
+    /// Times every node: the model runs `runs` times on `xs` (after one run that is not
+    /// counted) with the model's thread count, and each node's median time is returned with
+    /// its output shape and, for layers with weights, its multiply-accumulates. Nodes come in
+    /// the graph's order; a residual addition that its convolution runs reports 0 and names
+    /// that convolution, whose time includes it.
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::forward_values`], or `runs == 0`.
+    pub fn profile(&self, xs: &[ArrayD<f32>], runs: usize) -> Result<Vec<NodeTime>> {
+        if runs == 0 {
+            return Err(NnError::Config {
+                module: "QuantizedModel::profile".into(),
+                reason: "runs is 0; time at least one run".into(),
+            });
+        }
+        if xs.len() != self.graph.inputs.len() {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "profile",
+                expected: format!("{} input arrays, one per graph input", self.graph.inputs.len()),
+                got: vec![xs.len()],
+            });
+        }
+        let views: Vec<_> = xs.iter().map(ArrayD::view).collect();
+        let nodes = self.graph.nodes.len();
+        let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); nodes];
+        let mut shapes = Vec::new();
+        qkernels::with_threads(self.run.threads, || {
+            let (mut vals, mut left, mut args) = (Vec::new(), Vec::new(), Vec::new());
+            for r in 0..=runs {
+                let mut t = Vec::with_capacity(nodes);
+                self.eval_with(&views, self.run, &mut vals, &mut left, &mut args, Some(&mut t))?;
+                if r > 0 {
+                    for (k, (ms, shape)) in t.into_iter().enumerate() {
+                        times[k].push(ms);
+                        if r == 1 {
+                            shapes.push(shape);
+                        }
+                    }
+                }
+            }
+            Ok::<_, NnError>(())
+        })?;
+        Ok(self
+            .graph
+            .nodes
+            .iter()
+            .zip(times)
+            .zip(shapes)
+            .enumerate()
+            .map(|(i, ((n, mut t), out_shape))| {
+                t.sort_by(f64::total_cmp);
+                let op = &step_of(n).op;
+                let runs_in = self.runs_in_conv[i].then(|| {
+                    let conv = self.fused_add.iter().position(|f| f.is_some_and(|f| f.add == i));
+                    self.graph.nodes[conv.expect("a fused addition has its convolution")].name.clone()
+                });
+                NodeTime {
+                    name: n.name.clone(),
+                    op: op.op_name(),
+                    macs: op.macs(&out_shape),
+                    out_shape,
+                    median_ms: t[t.len() / 2],
+                    runs_in,
+                }
+            })
+            .collect())
     }
 
     /// Runs one node on its input values.

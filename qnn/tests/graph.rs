@@ -258,3 +258,72 @@ fn products_broadcast_a_gate_either_way() {
     let e = g.build().unwrap().run(&[images(0, &[1, 2, 3, 3]), images(0, &[1, 3, 1, 1])]).unwrap_err().to_string();
     assert!(e.contains("odd") && e.contains("[1, 3, 1, 1]"), "{e}");
 }
+
+/// Convolutions, and residual additions reading them: one whose other operand was computed
+/// first (`s1`, the downsample order of torchvision's bottleneck), one whose other operand is
+/// a graph input (`s2`), one whose other operand is the float output of a convolution kept
+/// in float (`s4`, first operand), one that broadcasts a `[n, c, 1, 1]` operand (`s3`),
+/// ReLUs after two of them. With `twin`, every convolution's output is also a graph output, so no
+/// addition can run inside its convolution.
+fn residual_graph(twin: bool) -> Graph {
+    let mut g = GraphBuilder::new();
+    let (x, e, gate) = (g.input("x"), g.input("e"), g.input("gate"));
+    let a = g.layer("a", Conv2d::new(3, 8, 3).padding(1), x).unwrap();
+    let a = g.layer("a.relu", ReLU, a).unwrap();
+    let b = g.layer("b", Conv2d::new(8, 8, 3).padding(1), a).unwrap();
+    let c = g.layer("c", Conv2d::new(3, 8, 1), x).unwrap();
+    let s1 = g.add("s1", b, c).unwrap();
+    let s1 = g.layer("s1.relu", ReLU, s1).unwrap();
+    let d = g.layer("d", Conv2d::new(8, 8, 1), s1).unwrap();
+    let s2 = g.add("s2", e, d).unwrap();
+    let h = g.layer("h", Conv2d::new(8, 8, 1), s2).unwrap();
+    let k = g.layer("k", Conv2d::new(8, 8, 3).padding(1), s2).unwrap();
+    let s4 = g.add("s4", h, k).unwrap();
+    let f = g.layer("f", Conv2d::new(8, 8, 1), s4).unwrap();
+    let s3 = g.add("s3", f, gate).unwrap();
+    let s3 = g.layer("s3.relu", ReLU, s3).unwrap();
+    g.output(s3);
+    if twin {
+        for t in [b, c, d, k, f] {
+            g.output(t);
+        }
+    }
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 11);
+    graph
+}
+
+#[test]
+fn residual_additions_run_inside_their_convolutions_with_the_same_bits() {
+    let inputs = |s: usize| vec![images(s, &[3, 3, 9, 9]), images(s + 1, &[3, 8, 9, 9]), images(s + 2, &[3, 8, 1, 1])];
+    let convert = |twin: bool| {
+        let mapping = QConfigMapping::new(QConfig::default()).skip_name("h");
+        let mut p = prepare(residual_graph(twin), &mapping).unwrap();
+        for s in 0..3 {
+            p.calibrate_inputs(&inputs(10 * s)).unwrap();
+        }
+        p.convert().unwrap()
+    };
+    let (mut fused, mut apart) = (convert(false), convert(true));
+    let x = inputs(7);
+    let runs_in = |q: &QuantizedModel| -> Vec<(String, Option<String>)> {
+        q.profile(&x, 1).unwrap().into_iter().filter(|n| n.op == "Add").map(|n| (n.name, n.runs_in)).collect()
+    };
+    let named = |v: &[(&str, Option<&str>)]| -> Vec<(String, Option<String>)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.map(str::to_string))).collect()
+    };
+    assert_eq!(runs_in(&fused), named(&[("s1", Some("c")), ("s2", Some("d")), ("s4", Some("k")), ("s3", Some("f"))]));
+    assert_eq!(runs_in(&apart), named(&[("s1", None), ("s2", None), ("s4", None), ("s3", None)]));
+    assert!(matches!(fused.plan().iter().find(|e| e.name == "h").unwrap().mode, Mode::Float(_)));
+    let sum = |q: &QuantizedModel| q.forward_values(&x).unwrap().swap_remove(0);
+    let want = sum(&apart);
+    let Value::U8 { data: ref want_bytes, .. } = want else { panic!("an int8 sum") };
+    for threads in [1, 2] {
+        fused.set_threads(threads);
+        apart.set_threads(threads);
+        for q in [&fused, &apart] {
+            let Value::U8 { data, .. } = sum(q) else { panic!("an int8 sum") };
+            assert_eq!(&data, want_bytes, "threads {threads}");
+        }
+    }
+}

@@ -876,53 +876,134 @@ pub(crate) unsafe fn lut_avx512vbmi(table: &[u8; 256], x: &[u8], out: &mut [u8])
     i
 }
 
-/// AVX-512 twin of the scalar loop of `ops::add`: the same dequantize (`fma(s, q, s * -z)`),
-/// add, optional `max(.., 0)`, and quantize (`zo + round_half_even(c * (1 / so))`, clamped), 16
-/// values at a time. Returns how many it did (a multiple of 64).
+/// PyTorch's vectorized quantized add, as constants in registers: dequantize each input
+/// (`fma(s, q, s * -z)`), add, optional `max(.., 0)`, and quantize
+/// (`zo + round_half_even(c * (1 / so))`, clamped to `u8`).
+struct AddConsts {
+    sa: __m512,
+    pa: __m512,
+    sb: __m512,
+    pb: __m512,
+    inv: __m512,
+    lim: __m512,
+    nlim: __m512,
+    zo: __m512i,
+    order: __m512i,
+    relu: bool,
+}
+
+impl AddConsts {
+    /// # Safety
+    /// AVX-512 F available.
+    #[inline(always)]
+    unsafe fn new((sa, za): (f32, i32), (sb, zb): (f32, i32), (so, zo): (f32, i32), relu: bool) -> Self {
+        // SAFETY: AVX-512 F (precondition).
+        unsafe {
+            AddConsts {
+                sa: _mm512_set1_ps(sa),
+                pa: _mm512_set1_ps(sa * -(za as f32)),
+                sb: _mm512_set1_ps(sb),
+                pb: _mm512_set1_ps(sb * -(zb as f32)),
+                inv: _mm512_set1_ps(1.0 / so),
+                lim: _mm512_set1_ps(REQUANT_LIMIT),
+                nlim: _mm512_set1_ps(-REQUANT_LIMIT),
+                zo: _mm512_set1_epi16(zo as i16),
+                // As in `Requant`: after the packs, dword 4l + v holds lanes 4l..4l + 4 of
+                // vector v; put it at dword 4v + l.
+                order: _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15),
+                relu,
+            }
+        }
+    }
+
+    /// `round_half_even(c * (1 / so))` of 16 pairs of bytes, before the zero point.
+    ///
+    /// # Safety
+    /// AVX-512 F available.
+    #[inline(always)]
+    unsafe fn sixteen(&self, xa: __m128i, xb: __m128i) -> __m512i {
+        // SAFETY: AVX-512 F (precondition).
+        unsafe {
+            let fa = _mm512_fmadd_ps(self.sa, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(xa)), self.pa);
+            let fb = _mm512_fmadd_ps(self.sb, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(xb)), self.pb);
+            let mut c = _mm512_add_ps(fa, fb);
+            if self.relu {
+                c = _mm512_max_ps(c, _mm512_setzero_ps());
+            }
+            let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(c, self.inv), self.nlim), self.lim);
+            // Rounds half to even: Rust code never changes MXCSR from its default.
+            _mm512_cvtps_epi32(t)
+        }
+    }
+
+    /// The sums of the `n <= 64` bytes at `a` and `b`, stored at `out` (which may be `a`):
+    /// four vectors narrowed together as `Requant::row` does (signed saturation to i16, the
+    /// zero point, unsigned saturation to u8: `clamp(q + zo, 0, 255)`), one store.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL available; `n` bytes readable at `a` and `b` and writable at `out`.
+    #[inline(always)]
+    unsafe fn up_to_64(&self, a: *const u8, b: *const u8, out: *mut u8, n: usize) {
+        // SAFETY: AVX-512 F/BW/VL (precondition); loads and the store touch the first n bytes.
+        unsafe {
+            let mut q = [_mm512_setzero_si512(); 4];
+            for (v, qv) in q.iter_mut().enumerate() {
+                let lanes = n.saturating_sub(16 * v).min(16);
+                if lanes == 16 {
+                    *qv = self.sixteen(_mm_loadu_si128(a.add(16 * v).cast()), _mm_loadu_si128(b.add(16 * v).cast()));
+                } else if lanes > 0 {
+                    let m = ((1u32 << lanes) - 1) as __mmask16;
+                    *qv = self.sixteen(
+                        _mm_maskz_loadu_epi8(m, a.add(16 * v).cast()),
+                        _mm_maskz_loadu_epi8(m, b.add(16 * v).cast()),
+                    );
+                }
+            }
+            let lo = _mm512_adds_epi16(_mm512_packs_epi32(q[0], q[1]), self.zo);
+            let hi = _mm512_adds_epi16(_mm512_packs_epi32(q[2], q[3]), self.zo);
+            let bytes = _mm512_permutexvar_epi32(self.order, _mm512_packus_epi16(lo, hi));
+            if n == 64 {
+                _mm512_storeu_si512(out.cast(), bytes);
+            } else {
+                _mm512_mask_storeu_epi8(out.cast(), (1u64 << n) - 1, bytes);
+            }
+        }
+    }
+}
+
+/// PyTorch's vectorized quantized add ([`AddConsts`]) over `rows` rows of `ncols` bytes, row
+/// `r` at `a + r * ld`, `b + r * ld` and `out + r * ld`, 64 bytes at a time (a row's last
+/// ones masked). Each group of bytes is read before it is written, so `out` may be `a`.
 ///
 /// # Safety
-/// AVX-512 F/BW available; the three slices have equal lengths.
-#[target_feature(enable = "avx512f,avx512bw")]
+/// AVX-512 F/BW/VL available; those bytes are readable at `a` and `b` and writable at `out`;
+/// `out` is exactly `a` or overlaps neither input.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn add_u8_avx512(
-    a: &[u8],
-    (sa, za): (f32, i32),
-    b: &[u8],
-    (sb, zb): (f32, i32),
-    out: &mut [u8],
-    (so, zo): (f32, i32),
+    a: *const u8,
+    qa: (f32, i32),
+    b: *const u8,
+    qb: (f32, i32),
+    out: *mut u8,
+    qo: (f32, i32),
     relu: bool,
-) -> usize {
-    let n = a.len().min(b.len()).min(out.len());
-    let (vsa, vpa) = (_mm512_set1_ps(sa), _mm512_set1_ps(sa * -(za as f32)));
-    let (vsb, vpb) = (_mm512_set1_ps(sb), _mm512_set1_ps(sb * -(zb as f32)));
-    let inv = _mm512_set1_ps(1.0 / so);
-    let (lim, nlim) = (_mm512_set1_ps(REQUANT_LIMIT), _mm512_set1_ps(-REQUANT_LIMIT));
-    let (vzo, v0, v255) = (_mm512_set1_epi32(zo), _mm512_setzero_si512(), _mm512_set1_epi32(255));
-    let zero = _mm512_setzero_ps();
-    let mut i = 0;
-    while i + 64 <= n {
-        for j in 0..4 {
-            let k = i + 16 * j;
-            // SAFETY: k + 16 <= n: 16 bytes of each input are in bounds.
-            let (xa, xb) =
-                unsafe { (_mm_loadu_si128(a.as_ptr().add(k).cast()), _mm_loadu_si128(b.as_ptr().add(k).cast())) };
-            let fa = _mm512_fmadd_ps(vsa, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(xa)), vpa);
-            let fb = _mm512_fmadd_ps(vsb, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(xb)), vpb);
-            let mut c = _mm512_add_ps(fa, fb);
-            if relu {
-                c = _mm512_max_ps(c, zero);
+    (rows, ncols, ld): (usize, usize, usize),
+) {
+    // SAFETY: AVX-512 F/BW/VL (this function's features); every group of n bytes lies in
+    // its row, in bounds (caller's precondition).
+    unsafe {
+        let k = AddConsts::new(qa, qb, qo, relu);
+        for r in 0..rows {
+            let row = r * ld;
+            let mut j = 0;
+            while j < ncols {
+                let n = (ncols - j).min(64);
+                k.up_to_64(a.add(row + j), b.add(row + j), out.add(row + j), n);
+                j += n;
             }
-            let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(c, inv), nlim), lim);
-            // Rounds half to even: Rust code never changes MXCSR from its default.
-            let q = _mm512_add_epi32(_mm512_cvtps_epi32(t), vzo);
-            let q = _mm512_min_epi32(_mm512_max_epi32(q, v0), v255);
-            // SAFETY: k + 16 <= n = out.len() bounds.
-            unsafe { _mm_storeu_si128(out.as_mut_ptr().add(k).cast(), _mm512_cvtusepi32_epi8(q)) };
         }
-        i += 64;
     }
-    i
 }
 
 /// The first `quads` quads of the `kh` segment tails of `TAIL` bytes, the first at `p`, the

@@ -3,7 +3,8 @@
 
 use proptest::prelude::*;
 use qkernels::{
-    bias_operands, requantize_scalar, Activation, BiasForm, Conv2dGeometry, OutputQuant, PackedConv2d, QImage,
+    bias_operands, requantize_scalar, Activation, BiasForm, Conv2dGeometry, OutputQuant, PackedConv2d, QImage, QuantU8,
+    ResidualAdd,
 };
 use qtensor::{QParams, QTensor, QuantRange};
 
@@ -188,6 +189,152 @@ proptest! {
             }
         }
     }
+}
+
+/// A residual operand of `len` random bytes, its parameters, the sum's and a ReLU or not,
+/// scaled to an output of scale `scale`.
+fn residual(len: usize, scale: f32, seed: u64) -> (Vec<u8>, QuantU8, QuantU8, bool) {
+    let mut next = crate::xorshift(seed | 1);
+    let other: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+    let other_q = QuantU8 { scale: scale * (0.5 + (next() % 100) as f32 / 50.0), zero_point: (next() % 256) as i32 };
+    let out_q = QuantU8 { scale: scale * (1.0 + (next() % 100) as f32 / 50.0), zero_point: (next() % 256) as i32 };
+    (other, other_q, out_q, next().is_multiple_of(2))
+}
+
+/// Whether `add` gives some element of the scalar tail (past [`qkernels::vector_prefix`])
+/// another byte than the vector loop would: then only an addition that knows each element's
+/// position in the whole tensor gets every byte right.
+fn tail_formula_matters(
+    y: &[u8],
+    yq: QuantU8,
+    (other, other_q, out_q, relu): &(Vec<u8>, QuantU8, QuantU8, bool),
+) -> bool {
+    let n = y.len();
+    let padded = n.next_multiple_of(64);
+    let (mut yp, mut op) = (y.to_vec(), other.clone());
+    yp.resize(padded, 0);
+    op.resize(padded, 0);
+    let (mut tail, mut vector) = (vec![0u8; n], vec![0u8; padded]);
+    qkernels::add(y, yq, other, *other_q, &mut tail, *out_q, *relu).unwrap();
+    qkernels::add(&yp, yq, &op, *other_q, &mut vector, *out_q, *relu).unwrap();
+    tail[..] != vector[..n]
+}
+
+/// `forward_u8_add` on every ISA and thread count gives the bytes of `forward_u8` followed by
+/// `add` (the unfused pair).
+fn fused_add_matches_the_pair(
+    case: &ConvCase,
+    (other, other_q, out_q, relu): &(Vec<u8>, QuantU8, QuantU8, bool),
+) -> Result<(), TestCaseError> {
+    let Some(y) = case.reference() else { return Ok(()) };
+    let yq = QuantU8 { scale: case.out.scale, zero_point: case.out.zero_point };
+    let mut expected = vec![0u8; y.len()];
+    qkernels::add(&y, yq, other, *other_q, &mut expected, *out_q, *relu).unwrap();
+    let add = ResidualAdd { other, other_q: *other_q, out_q: *out_q, relu: *relu };
+    for isa in crate::isas_under_test() {
+        let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+        for threads in 1..=3 {
+            let mut out = vec![0u8; y.len()];
+            packed.forward_u8_add(&case.image(), case.out, add, &mut out, threads).unwrap();
+            prop_assert_eq!(&out, &expected, "{} threads={} relu={}", isa, threads, relu);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(48)))]
+
+    #[test]
+    fn fused_residual_add_equals_conv_then_add(case in conv_case(), seed in any::<u64>()) {
+        let len = case.reference().map_or(0, |y| y.len());
+        fused_add_matches_the_pair(&case, &residual(len, case.out.scale, seed))?;
+    }
+}
+
+/// The fused addition on layers large enough for several row and column blocks, im2col
+/// chunks, and outputs whose length is not a multiple of 64 (PyTorch's scalar tail): every
+/// path (pointwise, implicit and chunked im2col, grouped, depthwise).
+#[test]
+fn fused_residual_add_on_blocked_layers() {
+    let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
+    // (n, h, w, c, oc, k, stride, pad, groups, symmetric)
+    type Shape = (usize, usize, usize, usize, usize, usize, usize, usize, usize, bool);
+    let shapes: &[Shape] = &[
+        (1, 13, 11, 24, 200, 1, 1, 0, 1, true),
+        (2, 7, 7, 64, 72, 1, 1, 0, 1, false),
+        (1, 15, 13, 16, 40, 3, 1, 1, 1, true),
+        (1, 13, 12, 120, 36, 3, 1, 1, 1, false),
+        (1, 11, 11, 12, 21, 3, 2, 1, 3, true),
+        (1, 11, 11, 40, 40, 3, 1, 1, 40, true),
+    ];
+    for &(n, h, w, c, oc, k, stride, pad, groups, symmetric) in shapes {
+        let icg = c / groups;
+        let case = ConvCase {
+            n,
+            h,
+            w,
+            c,
+            oc,
+            kh: k,
+            kw: k,
+            geom: Conv2dGeometry { stride: [stride, stride], padding: [pad, pad], dilation: [1, 1], groups },
+            x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+            za: (next() % 256) as i32,
+            sa: 0.02,
+            wt: (0..oc * k * k * icg).map(|_| next() as i8).collect(),
+            sw: (0..oc).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+            zw: (0..oc).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect(),
+            bias: Some((0..oc).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+            out: OutputQuant {
+                scale: ((k * k * icg) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
+                zero_point: (next() % 256) as i32,
+                activation: Activation::None,
+            },
+        };
+        let y = case.reference().unwrap();
+        assert!(!y.len().is_multiple_of(64), "a scalar tail in every shape");
+        let yq = QuantU8 { scale: case.out.scale, zero_point: case.out.zero_point };
+        // Parameters for which the tail's formula changes some byte, then any others.
+        let telling = (0..2000u64)
+            .map(|s| residual(y.len(), case.out.scale, s + 1))
+            .find(|r| tail_formula_matters(&y, yq, r))
+            .unwrap_or_else(|| {
+                panic!("no parameters whose scalar tail differs from the vector loop for {:?}", (n, h, w, c, oc))
+            });
+        fused_add_matches_the_pair(&case, &telling).unwrap();
+        fused_add_matches_the_pair(&case, &residual(y.len(), case.out.scale, next())).unwrap();
+    }
+}
+
+/// A wrong residual operand is an error naming the lengths.
+#[test]
+fn fused_residual_add_refuses_a_short_operand() {
+    let case = ConvCase {
+        n: 1,
+        h: 4,
+        w: 4,
+        c: 8,
+        oc: 8,
+        kh: 1,
+        kw: 1,
+        geom: Conv2dGeometry { stride: [1, 1], padding: [0, 0], dilation: [1, 1], groups: 1 },
+        x: vec![3; 128],
+        za: 0,
+        sa: 0.02,
+        wt: vec![1; 64],
+        sw: vec![0.01],
+        zw: vec![0],
+        bias: None,
+        out: OutputQuant { scale: 0.1, zero_point: 0, activation: Activation::None },
+    };
+    let packed = PackedConv2d::new(&case.weights(), None, case.geom).unwrap();
+    let other = vec![0u8; 127];
+    let q = QuantU8 { scale: 0.1, zero_point: 0 };
+    let add = ResidualAdd { other: &other, other_q: q, out_q: q, relu: false };
+    let mut out = vec![0u8; 128];
+    let e = packed.forward_u8_add(&case.image(), case.out, add, &mut out, 1).unwrap_err().to_string();
+    assert!(e.contains("128") && e.contains("127") && e.contains("residual"), "{e}");
 }
 
 /// A depthwise case of random bytes: weights symmetric three times in four, a bias half the

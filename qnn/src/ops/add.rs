@@ -61,7 +61,7 @@ impl AddOp {
     pub(crate) fn new(qs: [QuantU8; 2], out_q: QuantU8, int8: bool) -> Self {
         AddOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), relu: false, int8 }
     }
-    fn params(&self) -> [QuantU8; 3] {
+    pub(crate) fn params(&self) -> [QuantU8; 3] {
         [self.qs[0].0, self.qs[1].0, self.out_q.0]
     }
 }

@@ -7,6 +7,7 @@ use qtensor::{DType, QParams, QTensor, QuantRange};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
+use super::add::AddOp;
 use super::{attrs, bad, nchw_of, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::Result;
 use crate::layers::{from_nhwc, nchw, shape_error, to_nhwc, FusedAct};
@@ -278,9 +279,55 @@ fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
     Ok(Box::new(ConvOp { packed, weights, bias, geom, out, activation: a.activation }))
 }
 
+impl ConvOp {
+    /// Runs the convolution and then `add` on its output, fused
+    /// ([`qkernels::PackedConv2d::forward_u8_add`]): the same bits as running it and then the
+    /// addition. `other` is the addition's other operand and its position among the
+    /// addition's inputs. An operand of another shape (one broadcast over the pixels) runs the
+    /// two one after the other.
+    pub(crate) fn run_add(
+        &self,
+        args: &mut Vec<Value>,
+        in_q: QuantU8,
+        run: Run,
+        add: &AddOp,
+        (other, other_pos): (Value, usize),
+    ) -> Result<Value> {
+        let [_, _, out_q] = add.params();
+        let fits = |shape: &[usize]| {
+            let [n, _, h, w] = shape[..] else { return None };
+            let (oh, ow) = self.packed.output_hw(h, w).ok()?;
+            Some(vec![n, self.packed.out_channels(), oh, ow])
+        };
+        let out_shape = args.last().and_then(|x| fits(x.shape()));
+        if !add.int8 || out_shape.as_deref() != Some(other.shape()) {
+            let y = self.run(args, in_q, run)?;
+            args.extend(if other_pos == 0 { [other, y] } else { [y, other] });
+            return add.run(args, in_q, run);
+        }
+        let (od, _, oq) = quantized(other, add.params()[other_pos])?;
+        let od = Input::new(od);
+        let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
+        let data = Input::new(data);
+        let [n, oc, oh, ow] = out_shape.expect("checked above")[..] else { unreachable!("4-D") };
+        let mut y = out_buf(&[n, oh, ow, oc], run, "Conv2d")?;
+        let residual = qkernels::ResidualAdd { other: &od, other_q: oq, out_q, relu: add.relu };
+        self.packed
+            .forward_u8_add(&Value::image(&data, &shape, q), self.out, residual, &mut y, run.threads)
+            .map_err(op_err)?;
+        Ok(Value::U8 { data: y, shape: vec![n, oc, oh, ow], q: out_q })
+    }
+}
+
 impl QOp for ConvOp {
     fn op_name(&self) -> &'static str {
         OP.0
+    }
+
+    fn macs(&self, out_shape: &[usize]) -> Option<u64> {
+        // OHWI weights: each output element takes `kh * kw * in / groups` products.
+        let per_output = self.weights.len() / self.weights.shape()[0].max(1);
+        Some(out_shape.iter().product::<usize>() as u64 * per_output as u64)
     }
 
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {

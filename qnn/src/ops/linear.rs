@@ -164,6 +164,10 @@ impl QOp for LinearOp {
         OP.0
     }
 
+    fn macs(&self, out_shape: &[usize]) -> Option<u64> {
+        Some(out_shape.iter().product::<usize>() as u64 * self.packed.weights().k() as u64)
+    }
+
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
         let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
         let data = Input::new(data);

@@ -153,6 +153,12 @@ pub trait QOp: Debug + Send + Sync + Any {
     /// An op that cannot be stored (the message says why).
     fn save(&self, node: &str, w: &mut OpWriter) -> Result<J>;
 
+    /// Multiply-accumulates it computes for an output of logical shape `out_shape`, for
+    /// ops that multiply by weights (convolutions, linear layers); `None` for the rest.
+    fn macs(&self, _out_shape: &[usize]) -> Option<u64> {
+        None
+    }
+
     /// SQNR of its int8 weights against the float layer's, for ops with weights.
     fn weight_sqnr(&self, _float: &dyn Module) -> Option<f64> {
         None
