@@ -4,7 +4,9 @@
 //! preset = "default"          # the global configuration (see PRESETS), or "none": float unless a rule says
 //! activation = "histogram"    # optional: the global preset's activation observer replaced
 //! weight = "per-channel"      # optional: its weight observer replaced (or "minmax",
-//!                             # "per-channel-restricted": symmetric over [-127, 127])
+//!                             # "per-channel-restricted": symmetric over [-127, 127],
+//!                             # "per-channel-unclipped": symmetric, the smallest scale that
+//!                             # clips neither extreme of a channel)
 //! strict = false              # true: converting fails instead of falling back to float
 //! fusion = true
 //! pool_outputs = "observed"   # or "input" (PyTorch's choice)
@@ -36,7 +38,7 @@ pub const PRESETS: &[&str] =
 /// Activation observer names.
 const ACTIVATIONS: &[&str] = &["minmax", "histogram", "entropy", "mse", "percentile:<p>"];
 /// Weight observer names.
-const WEIGHTS: &[&str] = &["minmax", "per-channel", "per-channel-restricted"];
+const WEIGHTS: &[&str] = &["minmax", "per-channel", "per-channel-restricted", "per-channel-unclipped"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,7 +104,9 @@ fn activation(name: &str) -> Result<ObserverSpec, String> {
 fn weight(name: &str) -> Result<ObserverSpec, String> {
     Ok(match name {
         "minmax" => ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
-        "per-channel" => ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+        "per-channel" | "per-channel-unclipped" => {
+            ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 }
+        }
         // Symmetric over [-127, 127] (ONNX Runtime's and TensorRT's restricted range): the
         // largest weight of a channel lands on a code instead of half a step past 127.
         "per-channel-restricted" => {
@@ -130,6 +134,11 @@ fn qconfig(
         }
         if let Some(w) = w {
             q.weight = weight(w)?;
+            // The observer's parameters as they are, except for the unclipped scales (a rule
+            // naming another observer drops a quantizer its base configuration had).
+            q.weight_quantizer = (w == "per-channel-unclipped").then(|| {
+                std::sync::Arc::new(qnn::qobserve::SymmetricUnclipped) as std::sync::Arc<dyn qnn::qobserve::Quantizer>
+            });
         }
     } else if a.is_some() || w.is_some() {
         return Err("observers are given for preset 'none' (kept in float)".into());
@@ -245,6 +254,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn unclipped_weights_take_the_quantizer() {
+        let m = mapping(Some(("weight = \"per-channel-unclipped\"", "c.toml")), &HashMap::new()).unwrap();
+        let q = m.resolve("/conv1/Conv", "Conv2d").unwrap();
+        assert!(matches!(q.weight, ObserverSpec::PerChannelMinMax { axis: 0, .. }));
+        assert_eq!(q.weight_quantizer.as_ref().unwrap().name(), "symmetric without clipping");
+        // A rule naming another observer drops it.
+        let text = "weight = \"per-channel-unclipped\"\n[[rule]]\nname = \"/fc\"\nweight = \"per-channel\"";
+        let m = mapping(Some((text, "c.toml")), &HashMap::new()).unwrap();
+        assert!(m.resolve("/fc/Gemm", "Linear").unwrap().weight_quantizer.is_none());
+        assert!(m.resolve("/conv1/Conv", "Conv2d").unwrap().weight_quantizer.is_some());
     }
 
     #[test]

@@ -5,7 +5,8 @@ use qobserve::QConfig;
 /// How a name pattern matches a module's full name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Pattern {
-    /// The name itself, or any module below it (`layer1` matches `layer1.0.conv1`).
+    /// The name itself, or any module below it (`layer1` matches `layer1.0.conv1`, and the ONNX
+    /// node name prefix `/layer1` matches `/layer1/layer1.0/conv1/Conv`).
     Path(String),
     /// `*` matches any run of characters, dots included (`*.downsample.*`).
     Glob(String),
@@ -22,7 +23,14 @@ impl Pattern {
 
     fn matches(&self, name: &str) -> bool {
         match self {
-            Pattern::Path(p) => name == p || name.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('.')),
+            // A path and everything under it: qnn's module paths go down with '.', ONNX node
+            // names with '/'.
+            Pattern::Path(p) => {
+                name == p
+                    || name
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|r| !r.is_empty() && (r.starts_with(['.', '/']) || p.ends_with(['.', '/'])))
+            }
             Pattern::Glob(g) => glob(g.as_bytes(), name.as_bytes()),
         }
     }
@@ -220,5 +228,21 @@ impl QConfigMapping {
     pub(crate) fn pattern_matches_any(pattern: &str, glob_pattern: bool, names: &[String]) -> bool {
         let p = if glob_pattern { Pattern::Glob(pattern.into()) } else { Pattern::Path(pattern.into()) };
         names.iter().any(|n| p.matches(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pattern;
+
+    #[test]
+    fn paths_match_themselves_and_what_lies_below_them() {
+        let p = Pattern::parse("layer1");
+        assert!(p.matches("layer1") && p.matches("layer1.0.conv1"));
+        assert!(!p.matches("layer10") && !p.matches("layer10.conv"));
+        let onnx = Pattern::parse("/layer1");
+        assert!(onnx.matches("/layer1/layer1.0/conv1/Conv") && !onnx.matches("/layer10/Conv"));
+        assert!(Pattern::parse("/layer1/").matches("/layer1/Add"));
+        assert!(Pattern::parse("*.conv1").matches("layer1.0.conv1"));
     }
 }

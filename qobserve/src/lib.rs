@@ -91,4 +91,6 @@ pub use minmax::{MinMaxObserver, PerChannelMinMaxObserver};
 pub use observer::{NonFinite, Observer, ObserverFactory, QuantSpec};
 pub use qconfig::{ObserverSpec, QConfig};
 pub use qtensor::{choose_qparams, choose_qparams_per_channel};
-pub use quantizer::{Affine, Bits, Codebook, Fitted, Log2, Observed, PerGroup, PowerOfTwo, Quantizer};
+pub use quantizer::{
+    Affine, Bits, Codebook, Fitted, Log2, Observed, PerGroup, PowerOfTwo, Quantizer, SymmetricUnclipped,
+};

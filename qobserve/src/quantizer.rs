@@ -9,6 +9,7 @@
 //! | quantizer | mapping | int8 kernels |
 //! |---|---|---|
 //! | [`Affine`] | the observer's scale and zero point (the default) | yes |
+//! | [`SymmetricUnclipped`] | weights: symmetric, the smallest scale that clips neither extreme | yes |
 //! | [`PowerOfTwo`] | the scale rounded up to a power of two, zero point refitted | yes |
 //! | [`Bits`] | 2- to 8-bit integer range over the observed range | yes, outputs clamped to the range |
 //! | [`PerGroup`] | weights: a symmetric scale per output channel and group of input channels | no: simulated (weights stored dequantized) |
@@ -134,6 +135,63 @@ impl Quantizer for Affine {
     }
     fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
         Ok(Box::new(FittedAffine { q: o.qparams.clone(), spec: o.spec }))
+    }
+}
+
+/// Symmetric weights without clipping: per channel (or per tensor, as the observer chose),
+/// the smallest scale that puts both of the tensor's extremes on codes of the integer range,
+/// `max(min / qmin, max / qmax)`, with zero point 0. On `[-128, 127]` a channel whose largest
+/// magnitude is negative gets the finer scale `|min| / 128`, and one whose largest magnitude
+/// is positive gets `max / 127`. PyTorch's symmetric scale, `max|w| / 127.5`, puts a positive
+/// extreme at 127.5 steps, where it is clamped to 127: the same-signed error in every such
+/// channel. The restricted range `[-127, 127]` (ONNX Runtime's) avoids the clamp but gives
+/// every channel the coarser `max|w| / 127`. Weights only (it reads the values).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SymmetricUnclipped;
+
+impl Quantizer for SymmetricUnclipped {
+    fn name(&self) -> String {
+        "symmetric without clipping".into()
+    }
+    fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
+        let Some(w) = &o.values else {
+            return Err(ObserveError::Config {
+                reason: "the unclipped symmetric quantizer reads the tensor's values, so it fits weights only; \
+                         configure it as a weight quantizer"
+                    .into(),
+            });
+        };
+        let (qmin, qmax) = (o.spec.range.qmin(), o.spec.range.qmax());
+        if o.spec.scheme != QScheme::Symmetric || o.spec.dtype != DType::I8 || qmin >= 0 || qmax <= 0 {
+            return Err(ObserveError::Config {
+                reason: format!(
+                    "the unclipped symmetric quantizer needs a symmetric i8 weight observer with a range around 0, \
+                     got {:?} {:?} over [{qmin}, {qmax}]",
+                    o.spec.scheme, o.spec.dtype
+                ),
+            });
+        }
+        let (lo, hi): (Vec<f32>, Vec<f32>) = match o.qparams.axis() {
+            None => {
+                let (lo, hi) = w.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+                (vec![lo], vec![hi])
+            }
+            Some(axis) => w
+                .axis_iter(ndarray::Axis(axis))
+                .map(|ch| ch.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v))))
+                .unzip(),
+        };
+        if lo.iter().chain(&hi).any(|v| !v.is_finite()) {
+            return Err(ObserveError::Config { reason: "the weights hold NaN or infinite values".into() });
+        }
+        let scales: Vec<f32> =
+            lo.iter().zip(&hi).map(|(&l, &h)| (l / qmin as f32).max(h / qmax as f32).max(f32::EPSILON)).collect();
+        let zps = vec![0; scales.len()];
+        let q = match o.qparams.axis() {
+            None => QParams::per_tensor(scales[0], 0)?,
+            Some(axis) => QParams::per_channel(scales, zps, axis)?,
+        };
+        Ok(Box::new(FittedAffine { q, spec: o.spec }))
     }
 }
 
@@ -540,6 +598,39 @@ mod tests {
         let f = PowerOfTwo.fit(&Observed { qparams: &w, spec: QuantSpec::i8_symmetric(), values: None }).unwrap();
         let (p, _) = f.affine().unwrap();
         assert_eq!((p.scale(0), p.scale(1), p.zero_point(1)), (0.5, 1.0 / 64.0, 0));
+    }
+
+    #[test]
+    fn unclipped_symmetric_puts_both_extremes_on_codes() {
+        // Channel 0's largest magnitude is positive (2.54), channel 1's negative (-2.56).
+        let w = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![2.54f32, -1.0, 0.3, -2.56, 1.0, 0.0]).unwrap();
+        // PyTorch's symmetric parameters: max|w| / 127.5.
+        let q = QParams::per_channel(vec![2.54 / 127.5, 2.56 / 127.5], vec![0, 0], 0).unwrap();
+        let spec = QuantSpec::i8_symmetric();
+        let f = SymmetricUnclipped.fit(&Observed { qparams: &q, spec, values: Some(w.view()) }).unwrap();
+        let (p, s) = f.affine().unwrap();
+        assert_eq!(s, spec);
+        assert_eq!((p.scale(0), p.scale(1)), (2.54 / 127.0, 2.56 / 128.0));
+        assert_eq!((p.zero_point(0), p.zero_point(1)), (0, 0));
+        // Both extremes come back exactly, where PyTorch's scale clamps 2.54 to 127 codes.
+        let y = f.fake_quantize(&w).unwrap();
+        assert!((y[[0, 0]] - 2.54).abs() < 1e-6 && (y[[1, 0]] + 2.56).abs() < 1e-6, "{y}");
+        let pytorch = Affine.fit(&Observed { qparams: &q, spec, values: None }).unwrap().fake_quantize(&w).unwrap();
+        assert!((pytorch[[0, 0]] - 2.54 * 127.0 / 127.5).abs() < 1e-6, "{pytorch}");
+        // Per tensor: one scale over both channels; all zeros: the smallest scale.
+        let t = QParams::per_tensor(2.56 / 127.5, 0).unwrap();
+        let f = SymmetricUnclipped.fit(&Observed { qparams: &t, spec, values: Some(w.view()) }).unwrap();
+        assert_eq!(f.affine().unwrap().0.scale(0), 2.56 / 128.0);
+        let zeros = ArrayD::zeros(IxDyn(&[1, 3]));
+        let z = QParams::per_channel(vec![1.0], vec![0], 0).unwrap();
+        let f = SymmetricUnclipped.fit(&Observed { qparams: &z, spec, values: Some(zeros.view()) }).unwrap();
+        assert_eq!(f.affine().unwrap().0.scale(0), f32::EPSILON);
+        // Activations, affine or u8 targets: errors that say why.
+        let e = SymmetricUnclipped.fit(&Observed { qparams: &t, spec, values: None }).unwrap_err().to_string();
+        assert!(e.contains("weights only"), "{e}");
+        let (a, aspec) = act(0.1, 10);
+        let e = SymmetricUnclipped.fit(&Observed { qparams: &a, spec: aspec, values: Some(w.view()) }).unwrap_err();
+        assert!(e.to_string().contains("symmetric i8"), "{e}");
     }
 
     #[test]
