@@ -83,12 +83,16 @@ pub enum GemmOutput<'a> {
         /// Row stride.
         ldc: usize,
     },
-    /// Dequantized: `raw * (sa * sw[j]) + bias[j]` in `f32`.
+    /// Dequantized: `fma(raw, sa * sw[j], bias[j])` in `f32` (one rounding after the
+    /// product `sa * sw[j]`: FBGEMM's `ReQuantizeForFloat`, what PyTorch's dynamic linear
+    /// layer runs), then `max(.., 0)` with `relu`.
     F32 {
         /// Destination.
         data: &'a mut [f32],
         /// Row stride.
         ldc: usize,
+        /// A ReLU after it.
+        relu: bool,
     },
 }
 
@@ -164,6 +168,8 @@ pub(crate) struct Plan {
     pub zo: i32,
     pub lo: i32,
     pub hi: i32,
+    /// The weights' instruction set (what the epilogues may use).
+    pub isa: Isa,
     /// No raw sum can push `(raw + bias_term) * mult` near [`REQUANT_LIMIT`], so vector
     /// epilogues may skip that clamp (it could not change a result).
     pub clamp_free: bool,
@@ -250,6 +256,7 @@ impl Plan {
             zo,
             lo,
             hi,
+            isa: w.isa,
         }
     }
 }
@@ -361,7 +368,7 @@ pub(crate) fn validate(a: &QMatrix<'_>, w: &PackedWeights, bias: Option<&[f32]>,
             (data.len(), *ldc)
         }
         GemmOutput::I32 { data, ldc } => (data.len(), *ldc),
-        GemmOutput::F32 { data, ldc } => (data.len(), *ldc),
+        GemmOutput::F32 { data, ldc, .. } => (data.len(), *ldc),
     };
     check(a, w, bias, len, ldc)
 }
@@ -440,7 +447,7 @@ struct Sink<'a> {
 enum SinkKind {
     U8,
     I32,
-    F32,
+    F32 { relu: bool },
 }
 
 impl Sink<'_> {
@@ -448,7 +455,7 @@ impl Sink<'_> {
         let (kind, ptr, ldc) = match out {
             GemmOutput::U8 { data, ldc, .. } => (SinkKind::U8, data.as_mut_ptr() as usize, ldc),
             GemmOutput::I32 { data, ldc } => (SinkKind::I32, data.as_mut_ptr() as usize, ldc),
-            GemmOutput::F32 { data, ldc } => (SinkKind::F32, data.as_mut_ptr() as usize, ldc),
+            GemmOutput::F32 { data, ldc, relu } => (SinkKind::F32 { relu }, data.as_mut_ptr() as usize, ldc),
         };
         Sink { kind, ptr, ldc, add: None }
     }
@@ -753,6 +760,28 @@ pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i3
     }
 }
 
+// `out[c] = fma(raw, ab_scale[c], bias[c])` (then `max(.., 0)` with `relu`), `raw` the exact
+// sum `acc[c] - colterm[c] - rowsum * zw[c]`: compiled per tier, where `mul_add` is one
+// instruction; the same bits everywhere.
+crate::multiversion::multiversion! {
+    pub(crate) fn dequantize_row(
+        acc: &[i32],
+        colterm: &[i32],
+        zw: (i32, &[i32]),
+        scale_bias: (&[f32], &[f32]),
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        let (rowsum, zw) = zw;
+        let (ab_scale, bias) = scale_bias;
+        for (c, o) in out.iter_mut().enumerate() {
+            let raw = acc[c].wrapping_sub(colterm[c]).wrapping_sub(rowsum.wrapping_mul(zw[c]));
+            let v = (raw as f32).mul_add(ab_scale[c], bias[c]);
+            *o = if relu { v.max(0.0) } else { v };
+        }
+    }
+}
+
 fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, sink: &Sink<'_>, i: usize) {
     let n = acc.len();
     let base = i * sink.ldc + j0;
@@ -771,14 +800,19 @@ fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, si
                 out[c] = acc[c].wrapping_sub(plan.colterm[j]).wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
             }
         }
-        SinkKind::F32 => {
+        SinkKind::F32 { relu } => {
             // SAFETY: as for U8.
             let out = unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut f32).add(base), n) };
-            for c in 0..n {
-                let j = j0 + c;
-                let raw = acc[c].wrapping_sub(plan.colterm[j]).wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
-                out[c] = raw as f32 * plan.ab_scale[j] + plan.bias[j];
-            }
+            let cols = j0..j0 + n;
+            dequantize_row(
+                plan.isa,
+                acc,
+                &plan.colterm[cols.clone()],
+                (rowsum, &plan.zw[cols.clone()]),
+                (&plan.ab_scale[cols.clone()], &plan.bias[cols]),
+                relu,
+                out,
+            );
         }
     }
 }

@@ -83,7 +83,7 @@ mod x86;
 pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
 pub use float::{conv2d_f32, conv2d_f32_with, linear_f32};
 pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
-pub use linear::PackedLinear;
+pub use linear::{DynamicActivations, PackedLinear};
 pub use ops::{
     add, add_isa, add_scalar, batch_norm2d, cat_channels, dequantize_nhwc_to_nchw, flatten_nchw_order, layer_norm, mul,
     mul_channels, mul_scalar, quantize_nchw_to_nhwc, requantize_from_int, requantize_product, vector_prefix, Lut,

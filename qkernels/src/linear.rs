@@ -3,7 +3,36 @@
 use qtensor::{QTensor, Result};
 
 use crate::gemm::{GemmOutput, QMatrix};
+use crate::multiversion::multiversion;
 use crate::pack::PackedWeights;
+
+/// How [`PackedLinear::forward_dynamic`] quantizes its `f32` input on each call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DynamicActivations {
+    /// One scale and zero point for the whole input, from its range
+    /// ([`qtensor::choose_qparams_dynamic`]): PyTorch's `quantize_dynamic`, which passes
+    /// `reduce_range = true` (codes 0..=127) on x86.
+    PerTensor {
+        /// Codes 0..=127 instead of 0..=255.
+        reduce_range: bool,
+    },
+    /// One scale and zero point per row (per token), over 0..=255: an outlier in one token
+    /// costs the others nothing.
+    PerToken,
+}
+
+// Minimum, maximum and the count of non-finite values, compiled per tier.
+multiversion! {
+    fn min_max(x: &[f32]) -> (f32, f32, usize) {
+        let (mut lo, mut hi, mut bad) = (f32::INFINITY, f32::NEG_INFINITY, 0usize);
+        for &v in x {
+            lo = lo.min(v);
+            hi = hi.max(v);
+            bad += usize::from(!v.is_finite());
+        }
+        (lo, hi, bad)
+    }
+}
 
 /// A linear layer's weights (`[out_features, in_features]`, `i8`) packed once, with its bias.
 ///
@@ -70,6 +99,115 @@ impl PackedLinear {
             || vec![crate::gemm::Plan::new(x.scale, x.zero_point, &self.weights, bias, quant, false)],
             |plans| crate::gemm::gemm_planned(x, &self.weights, bias, Some(&plans[0]), out, threads, None),
         )
+    }
+
+    /// Dynamic quantization: `out = x · Wᵀ + bias` for `f32` input `x` (`m` rows of
+    /// `in_features`) and `f32` output (`m` rows of `out_features`), the input quantized to
+    /// `u8` on each call from its own range ([`DynamicActivations`]), the int8 product
+    /// dequantized with [`GemmOutput::F32`]'s `fma(raw, sa * sw[j], bias[j])`, then
+    /// `max(.., 0)` with `relu`. Per tensor, this is PyTorch's `quantized::linear_dynamic`
+    /// (`torch.ao.nn.quantized.dynamic.Linear`) bit for bit. Returns the input's parameters
+    /// (those of the first row, per token).
+    ///
+    /// # Errors
+    /// Buffers whose lengths are not `m * in_features` and `m * out_features`; NaN or
+    /// infinite inputs (the message says which row).
+    pub fn forward_dynamic(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        activations: DynamicActivations,
+        relu: bool,
+        threads: usize,
+    ) -> Result<crate::QuantU8> {
+        const OP: &str = "PackedLinear::forward_dynamic";
+        let (k, n) = (self.weights.k(), self.weights.n());
+        for (what, len, want) in [("input", x.len(), m * k), ("output", out.len(), m * n)] {
+            if len != want {
+                return Err(qtensor::QError::ShapeMismatch {
+                    op: OP,
+                    expected: vec![m, if what == "input" { k } else { n }],
+                    actual: vec![len],
+                    hint: if what == "input" {
+                        "the input must hold m rows of in_features values"
+                    } else {
+                        "the output must hold m rows of out_features values"
+                    },
+                });
+            }
+        }
+        if m == 0 {
+            return Ok(crate::QuantU8 { scale: 0.1, zero_point: 0 });
+        }
+        let isa = self.weights.isa();
+        // The range of `rows` (starting at input row `first`), checked finite.
+        let range = |rows: &[f32], first: usize| -> Result<(f32, f32)> {
+            let (lo, hi, bad) = min_max(isa, rows);
+            if bad > 0 {
+                let at = rows.iter().position(|v| !v.is_finite()).expect("counted");
+                return Err(qtensor::QError::Unsupported {
+                    op: OP,
+                    reason: format!(
+                        "input row {} holds {} ({bad} non-finite value(s) in all): dynamic quantization needs \
+                         finite inputs",
+                        first + at / k,
+                        rows[at]
+                    ),
+                });
+            }
+            Ok((lo, hi))
+        };
+        let bias = self.bias.as_deref();
+        let mut xq = vec![0u8; m * k];
+        let full = qtensor::QuantRange::full(qtensor::DType::U8);
+        match activations {
+            DynamicActivations::PerTensor { reduce_range } => {
+                let (lo, hi) = range(x, 0)?;
+                let (scale, zero_point) = qtensor::choose_qparams_dynamic(lo, hi, reduce_range)?;
+                qtensor::kernels::quantize_slice(x, &mut xq, scale, zero_point, full)?;
+                let a = QMatrix { data: &xq, m, k, lda: k, scale, zero_point };
+                let plan = crate::gemm::Plan::new(scale, zero_point, &self.weights, bias, None, false);
+                let out = GemmOutput::F32 { data: out, ldc: n, relu };
+                crate::gemm::gemm_planned(&a, &self.weights, bias, Some(&plan), out, threads, None)?;
+                Ok(crate::QuantU8 { scale, zero_point })
+            }
+            DynamicActivations::PerToken => {
+                // Each row quantized on its own; the exact sums against a zero point of 0
+                // (`Σ q (w - zw)`), then each row's own zero-point term and scale.
+                let mut params = Vec::with_capacity(m);
+                for (i, (row, q)) in x.chunks_exact(k).zip(xq.chunks_exact_mut(k)).enumerate() {
+                    let (lo, hi) = range(row, i)?;
+                    let (scale, zero_point) = qtensor::choose_qparams_dynamic(lo, hi, false)?;
+                    qtensor::kernels::quantize_slice(row, q, scale, zero_point, full)?;
+                    params.push(crate::QuantU8 { scale, zero_point });
+                }
+                let a = QMatrix { data: &xq, m, k, lda: k, scale: 1.0, zero_point: 0 };
+                let mut raw = vec![0i32; m * n];
+                crate::gemm::gemm_planned(
+                    &a,
+                    &self.weights,
+                    None,
+                    None,
+                    GemmOutput::I32 { data: &mut raw, ldc: n },
+                    threads,
+                    None,
+                )?;
+                let zeros = vec![0i32; n];
+                let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
+                let col = &self.weights.col_offsets;
+                let mut colterm = vec![0i32; n];
+                let mut ab_scale = vec![0f32; n];
+                for ((r, o), q) in raw.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(&params) {
+                    for j in 0..n {
+                        colterm[j] = q.zero_point.wrapping_mul(col[j]);
+                        ab_scale[j] = q.scale * self.weights.scales()[j];
+                    }
+                    crate::gemm::dequantize_row(isa, r, &colterm, (0, &zeros), (&ab_scale, &bias), relu, o);
+                }
+                Ok(params[0])
+            }
+        }
     }
 
     /// The packed weights.

@@ -173,3 +173,72 @@ fn qparams_one(
     check_scale(op, scale, channel)?;
     Ok((scale, zero_point as i32))
 }
+
+/// Scales below this are raised to it by [`choose_qparams_dynamic`] (FBGEMM's
+/// `SMALL_SCALE_THRESHOLD`, the smallest normal `f16`).
+pub const DYNAMIC_SMALL_SCALE: f32 = 6.1e-5;
+
+/// The `u8` parameters PyTorch's dynamic quantization chooses for an activation that spans
+/// `[min, max]` at run time: `quant_utils::ChooseQuantizationParams` over `0..=255`, or
+/// `0..=127` with `reduce_range` (what `quantized::linear_dynamic` passes on x86), without
+/// sparsity preservation or power-of-two scales. Unlike the observers'
+/// [`choose_qparams`], the scale is kept in `f64` (the zero point is computed with it) and
+/// rounded to `f32` at the end; a scale of 0 (or one whose reciprocal is infinite) becomes
+/// 0.1; scales below [`DYNAMIC_SMALL_SCALE`] are raised to it, the range widened in
+/// proportion; the zero point is the candidate
+/// from `min` or from `max` with the smaller error as PyTorch measures it
+/// (`|qmin| - |min / scale|`, against `|qmax| - |max / scale|`), clamped, then rounded half to
+/// even.
+///
+/// # Errors
+/// A non-finite `min` or `max`.
+pub fn choose_qparams_dynamic(min: f32, max: f32, reduce_range: bool) -> Result<(f32, i32)> {
+    const OP: &str = "choose_qparams_dynamic";
+    if !min.is_finite() || !max.is_finite() {
+        return Err(QError::InvalidRange {
+            op: OP,
+            qmin: 0,
+            qmax: 255,
+            dtype: DType::U8,
+            reason: format!(
+                "the activation spans [{min}, {max}]: dynamic quantization needs finite values; \
+                 look for NaN or infinities in the layer's input"
+            ),
+        });
+    }
+    let (qmin, qmax) = if reduce_range { (0i32, 127i32) } else { (0, 255) };
+    let (mut min, mut max) = (min.min(0.0), max.max(0.0));
+    // The scale stays in f64 until the end, as PyTorch keeps it.
+    let mut scale = (max as f64 - min as f64) / (qmax - qmin) as f64;
+    if scale as f32 == 0.0 || (1.0f32 / scale as f32).is_infinite() {
+        scale = 0.1;
+    }
+    if scale < DYNAMIC_SMALL_SCALE as f64 {
+        let original = scale as f32;
+        scale = DYNAMIC_SMALL_SCALE as f64;
+        if min == 0.0 {
+            max = DYNAMIC_SMALL_SCALE * (qmax - qmin) as f32;
+        } else if max == 0.0 {
+            min = -DYNAMIC_SMALL_SCALE * (qmax - qmin) as f32;
+        } else {
+            let amplifier = DYNAMIC_SMALL_SCALE / original;
+            min *= amplifier;
+            max *= amplifier;
+        }
+    }
+    let (lo, hi) = (min as f64 / scale, max as f64 / scale);
+    let from_min = qmin as f64 - lo;
+    let from_max = qmax as f64 - hi;
+    let err_min = (qmin as f64).abs() - lo.abs();
+    let err_max = (qmax as f64).abs() - hi.abs();
+    let initial = if err_min < err_max { from_min } else { from_max };
+    let zero_point = if initial < qmin as f64 {
+        qmin
+    } else if initial > qmax as f64 {
+        qmax
+    } else {
+        initial.round_ties_even() as i32
+    };
+    let scale = scale as f32;
+    Ok((scale, zero_point))
+}

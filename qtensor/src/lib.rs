@@ -96,7 +96,9 @@ pub mod kernels;
 mod params;
 mod tensor;
 
-pub use choose::{choose_qparams, choose_qparams_per_channel, DEFAULT_EPS};
+pub use choose::{
+    choose_qparams, choose_qparams_dynamic, choose_qparams_per_channel, DEFAULT_EPS, DYNAMIC_SMALL_SCALE,
+};
 pub use dtype::{DType, QElement};
 pub use error::{QError, Result};
 pub use params::{PerChannel, QParams, QScheme, QuantRange, RangeKind};

@@ -5,6 +5,7 @@ mod errors;
 mod float;
 mod gemm;
 mod golden;
+mod golden_dynamic;
 mod golden_ops;
 mod ops;
 
