@@ -32,8 +32,19 @@ use qobserve::{ObserverSpec, QConfig, QuantSpec};
 use serde::Deserialize;
 
 /// The preset names.
-pub const PRESETS: &[&str] =
-    &["default", "x86", "qnnpack", "minmax", "per-channel-minmax", "mse", "percentile:<p>", "none"];
+pub const PRESETS: &[&str] = &[
+    "default",
+    "x86",
+    "qnnpack",
+    "minmax",
+    "per-channel-minmax",
+    "mse",
+    "percentile:<p>",
+    "dynamic",
+    "dynamic-per-channel",
+    "dynamic-per-token",
+    "none",
+];
 
 /// Activation observer names.
 const ACTIVATIONS: &[&str] = &["minmax", "histogram", "entropy", "mse", "percentile:<p>"];
@@ -75,6 +86,9 @@ fn preset(name: &str) -> Result<Option<QConfig>, String> {
         "minmax" => QConfig::pytorch_minmax(),
         "per-channel-minmax" => QConfig::pytorch_per_channel_minmax(),
         "mse" => QConfig::mse(),
+        "dynamic" => QConfig::pytorch_dynamic(),
+        "dynamic-per-channel" => QConfig::pytorch_dynamic_per_channel(),
+        "dynamic-per-token" => QConfig::dynamic_per_token(),
         "none" => return Ok(None),
         p => match p.strip_prefix("percentile:").and_then(|v| v.parse::<f64>().ok()) {
             Some(v) if v > 0.0 && v <= 100.0 => QConfig::percentile(v),

@@ -50,9 +50,10 @@ enum Cmd {
     Quantize {
         /// The ONNX float model.
         model: PathBuf,
-        /// Calibration data: .npy / .npz arrays [N, ...], an image, or a folder of images.
+        /// Calibration data: .npy / .npz arrays [N, ...], an image, or a folder of images
+        /// (not needed when every quantized layer is dynamic: a `dynamic*` preset).
         #[arg(long)]
-        calib: PathBuf,
+        calib: Option<PathBuf>,
         /// Where the int8 model goes (default: next to the model, `<name>.int8.safetensors`).
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -239,7 +240,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Inspect { model, shape } => inspect(&model, &shape),
         Cmd::Quantize { model, calib, output, config, batch_size, threads, plots, shape, images } => {
             let opts = QuantizeOpts { output, config, batch_size, threads, plots };
-            quantize(&model, &calib, &opts, &shape, &images)
+            quantize(&model, calib.as_deref(), &opts, &shape, &images)
         }
         Cmd::Run { model, input, output, top, threads, repeat, profile, shape, images } => {
             run_model(&model, &input, output.as_deref(), top, (threads, repeat, profile), &shape, &images)
@@ -301,7 +302,13 @@ struct QuantizeOpts {
     plots: Option<PathBuf>,
 }
 
-fn quantize(path: &Path, calib: &Path, o: &QuantizeOpts, shape: &ShapeArg, images: &ImageArgs) -> Result<(), String> {
+fn quantize(
+    path: &Path,
+    calib: Option<&Path>,
+    o: &QuantizeOpts,
+    shape: &ShapeArg,
+    images: &ImageArgs,
+) -> Result<(), String> {
     let (output, config, batch_size, threads) = (o.output.clone(), o.config.as_deref(), o.batch_size, o.threads);
     let t0 = Instant::now();
     let m = import(path, shape)?;
@@ -324,21 +331,27 @@ fn quantize(path: &Path, calib: &Path, o: &QuantizeOpts, shape: &ShapeArg, image
         m.opset,
         t0.elapsed().as_secs_f64()
     );
-    let batches = data::batches(calib, batch_size, &images.prep(Some(&in_shape))?)?;
-    let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
-    if let Some(b) = batches.first() {
-        if b.shape()[1..] != in_shape[1..] {
-            return Err(format!(
-                "calibration data {} has items of shape {:?}; the model's input '{}' is {:?}",
-                calib.display(),
-                &b.shape()[1..],
-                m.inputs[0].name,
-                &in_shape[1..]
-            ));
+    let batches = match calib {
+        Some(calib) => {
+            let batches = data::batches(calib, batch_size, &images.prep(Some(&in_shape))?)?;
+            match batches.first() {
+                Some(b) if b.shape()[1..] != in_shape[1..] => {
+                    return Err(format!(
+                        "calibration data {} has items of shape {:?}; the model's input '{}' is {:?}",
+                        calib.display(),
+                        &b.shape()[1..],
+                        m.inputs[0].name,
+                        &in_shape[1..]
+                    ))
+                }
+                Some(_) => {}
+                None => return Err(format!("{}: no calibration data", calib.display())),
+            }
+            batches
         }
-    } else {
-        return Err(format!("{}: no calibration data", calib.display()));
-    }
+        None => Vec::new(),
+    };
+    let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
     let t1 = Instant::now();
     let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
     prepared.calibrate_batches(&batches, threads.max(1)).map_err(|e| e.to_string())?;
@@ -354,8 +367,22 @@ fn quantize(path: &Path, calib: &Path, o: &QuantizeOpts, shape: &ShapeArg, image
         qnn::plots::write_files(dir, &pictures).map_err(|e| e.to_string())?;
         say!("drew {} calibration histograms in {}", pictures.len(), dir.display());
     }
-    let q = prepared.convert().map_err(|e| e.to_string())?;
-    say!("calibrated on {items} items in {} batches, converted in {:.2} s", batches.len(), t1.elapsed().as_secs_f64());
+    let q = prepared.convert().map_err(|e| {
+        if calib.is_none() {
+            format!("{e}\n(no --calib given: only dynamic layers can be converted without calibration data)")
+        } else {
+            e.to_string()
+        }
+    })?;
+    if items == 0 {
+        say!("converted without calibration data in {:.2} s", t1.elapsed().as_secs_f64());
+    } else {
+        say!(
+            "calibrated on {items} items in {} batches, converted in {:.2} s",
+            batches.len(),
+            t1.elapsed().as_secs_f64()
+        );
+    }
     print_plan(&q);
     let out = output.unwrap_or_else(|| path.with_extension("int8.safetensors"));
     q.save(&out).map_err(|e| e.to_string())?;
@@ -368,8 +395,10 @@ fn print_plan(q: &QuantizedModel) {
     let count = |f: &dyn Fn(&Mode) -> bool| plan.iter().filter(|p| f(&p.mode)).count();
     let int8 = count(&|m| matches!(m, Mode::Int8 | Mode::Int8SameParams));
     let pass = count(&|m| matches!(m, Mode::Passthrough));
+    let dynamic = count(&|m| matches!(m, Mode::Dynamic));
     let float: Vec<_> = plan.iter().filter(|p| matches!(p.mode, Mode::Float(_))).collect();
-    say!("plan: {int8} layers in int8, {} in float, {pass} folded away", float.len());
+    let dynamic = if dynamic > 0 { format!(", {dynamic} dynamic") } else { String::new() };
+    say!("plan: {int8} layers in int8{dynamic}, {} in float, {pass} folded away", float.len());
     for p in float {
         if let Mode::Float(why) = &p.mode {
             say!("  float: {} ({}): {why}", p.name, p.kind);
@@ -523,6 +552,7 @@ fn report(
             Mode::Int8 | Mode::Int8SameParams => "int8",
             Mode::Passthrough => "folded",
             Mode::Float(_) => "float",
+            Mode::Dynamic => "dynamic",
         };
         say!("{:<48} {:<18} {:<8} {:>9} {:>10}", r.name, r.kind, mode, num(r.sqnr_db), num(r.weight_sqnr_db));
     }

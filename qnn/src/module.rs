@@ -115,6 +115,26 @@ pub trait Module: Send + Sync + Debug {
         Ok(crate::ops::fallback::int8_layer_op(self.kind(), layer, cx.out_q()))
     }
 
+    /// Whether it has a dynamically quantized form ([`Module::lower_dynamic`]): used where its
+    /// configuration asks for dynamic quantization ([`qobserve::QConfig::dynamic`]); layers
+    /// without one run in float there. `false` unless the layer says so.
+    fn has_dynamic(&self) -> bool {
+        false
+    }
+
+    /// Its dynamically quantized form (called when [`Module::has_dynamic`] and the
+    /// configuration in `cx` asks for it): int8 weights, the float input quantized on each
+    /// call, float output.
+    ///
+    /// # Errors
+    /// Weights that cannot be quantized or packed; the default (no dynamic form) says so.
+    fn lower_dynamic(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        Err(crate::NnError::Config {
+            module: cx.name.to_string(),
+            reason: format!("{} has no dynamically quantized form", self.kind()),
+        })
+    }
+
     /// Whether it computes each image of a batch (index 0) on its own, so that a converted
     /// model may split a batch between threads. `false` unless the layer says so.
     fn computes_images_apart(&self) -> bool {

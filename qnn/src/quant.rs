@@ -37,6 +37,9 @@ pub enum Mode {
     Passthrough,
     /// Float, between an automatic dequantize and quantize, with the reason.
     Float(FloatReason),
+    /// Dynamic quantization: int8 weights, the float input quantized on each call from its
+    /// own range, float output ([`qobserve::QConfig::dynamic`]).
+    Dynamic,
 }
 
 /// Why a module runs in float.
@@ -64,6 +67,12 @@ pub enum FloatReason {
     },
     /// Where the quantized region ends (`DeQuantStub`).
     RegionEnd,
+    /// Its configuration asks for dynamic quantization, which covers layers with a dynamic
+    /// form (linear layers) only, as PyTorch's `quantize_dynamic` does.
+    NoDynamic {
+        /// Its kind.
+        kind: String,
+    },
     /// Its weights' quantizer is not affine or has no int8 kernel: it runs in float on its
     /// quantized weights (they are stored dequantized), as simulation computes it.
     SimulatedOnly {
@@ -84,6 +93,11 @@ impl std::fmt::Display for FloatReason {
             }
             FloatReason::FloatOp { why } => write!(f, "{why}"),
             FloatReason::RegionEnd => write!(f, "DeQuantStub: the quantized region ends here"),
+            FloatReason::NoDynamic { kind } => write!(
+                f,
+                "dynamic quantization covers layers with a dynamic form (Linear), as PyTorch's quantize_dynamic; \
+                 this {kind} runs in float"
+            ),
             FloatReason::SimulatedOnly { quantizer, why } => {
                 write!(f, "simulated only: its weights' quantizer ({quantizer}) has no int8 kernel ({why}); it runs in float on its quantized weights")
             }
@@ -111,6 +125,15 @@ fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
     match q {
         None if a.is::<QuantStub>() => Mode::Passthrough,
         None => Mode::Float(FloatReason::Configured),
+        Some(c) if c.dynamic.is_some() => {
+            if m.has_dynamic() {
+                Mode::Dynamic
+            } else if a.is::<QuantStub>() {
+                Mode::Passthrough
+            } else {
+                Mode::Float(FloatReason::NoDynamic { kind: m.kind().to_string() })
+            }
+        }
         Some(_) => lowering,
     }
 }
@@ -177,9 +200,10 @@ pub struct Prepared {
 
 /// How a node that is not a layer (an addition, product or concatenation) runs: in int8
 /// where configured, else in float.
-fn join_mode(cfg: Option<&QConfig>) -> Mode {
+fn join_mode(cfg: Option<&QConfig>, kind: &str) -> Mode {
     match cfg {
         None => Mode::Float(FloatReason::Configured),
+        Some(c) if c.dynamic.is_some() => Mode::Float(FloatReason::NoDynamic { kind: kind.to_string() }),
         Some(_) => Mode::Int8,
     }
 }
@@ -224,9 +248,9 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
                 }
                 mode => mode,
             },
-            _ => join_mode(cfg.as_ref()),
+            _ => join_mode(cfg.as_ref(), kind),
         };
-        let index = if matches!(mode, Mode::Int8 | Mode::Float(_)) {
+        let index = if matches!(mode, Mode::Int8 | Mode::Float(_) | Mode::Dynamic) {
             obs.push(activation_observer(cfg.as_ref(), &n.name)?);
             Some(obs.len() - 1)
         } else {
@@ -495,7 +519,7 @@ impl Prepared {
         for (n, p) in g.nodes.iter().zip(&self.nodes) {
             value_fit[n.output.0] = match (&p.mode, p.obs) {
                 (Mode::Int8SameParams, _) => value_fit[n.inputs[0].0].clone(),
-                (Mode::Int8, Some(k)) | (Mode::Float(_), Some(k)) if int8(&p.mode) || int8_read[n.output.0] => {
+                (Mode::Int8 | Mode::Float(_) | Mode::Dynamic, Some(k)) if int8(&p.mode) || int8_read[n.output.0] => {
                     let tensor = format!("{} output", n.name);
                     Some(Arc::from(activation_fit(self.obs[k].as_ref(), p.cfg.as_ref(), &tensor)?))
                 }
@@ -505,7 +529,8 @@ impl Prepared {
         if self.sim_weights.is_none() {
             let mut weights = Vec::with_capacity(g.nodes.len());
             for (n, p) in g.nodes.iter().zip(&self.nodes) {
-                let quantized = matches!(p.mode, Mode::Int8 | Mode::Float(FloatReason::SimulatedOnly { .. }));
+                let quantized =
+                    matches!(p.mode, Mode::Int8 | Mode::Dynamic | Mode::Float(FloatReason::SimulatedOnly { .. }));
                 weights.push(match (&n.op, p.cfg.as_ref()) {
                     (NodeOp::Layer(m), Some(cfg)) if quantized && has_weight(m.as_ref()) => {
                         let w = m.tensors().into_iter().find(|(k, _)| *k == "weight").map(|(_, w)| w.clone());
@@ -579,9 +604,23 @@ impl Prepared {
         // The parameters each value has (int8) or is quantized with when an int8 op reads it
         // (float): its producer's observed ones, or its input's for ops that keep them.
         let mut vq: Vec<Option<QuantU8>> = vec![None; graph.values];
+        // Which values an int8 op reads. Parameters are needed for those only: a value that
+        // only float and dynamic ops read (a dynamically quantized model) needs no
+        // calibration, and gets placeholder parameters when its observer saw nothing.
+        let mut int8_read = vec![false; graph.values];
+        for (n, p) in graph.nodes.iter().zip(&nodes) {
+            if matches!(p.mode, Mode::Int8 | Mode::Int8SameParams) {
+                n.inputs.iter().for_each(|t| int8_read[t.0] = true);
+            }
+        }
+        let observed =
+            |obs: &dyn Observer, cfg: Option<&QConfig>, what: &str, t: Tensor| match activation_quant(obs, cfg, what) {
+                Err(_) if !int8_read[t.0] && obs.qparams().is_err() => Ok((PLACEHOLDER_Q, None)),
+                r => r,
+            };
         let mut input_ranges: Vec<Option<[u8; 2]>> = Vec::with_capacity(graph.inputs.len());
         for (k, t) in graph.inputs.iter().enumerate() {
-            let (q, range) = activation_quant(obs[k].as_ref(), input_cfgs[k].as_ref(), "model input")?;
+            let (q, range) = observed(obs[k].as_ref(), input_cfgs[k].as_ref(), "model input", *t)?;
             vq[t.0] = Some(q);
             input_ranges.push(range.map(|(lo, hi)| [lo, hi]));
         }
@@ -603,7 +642,8 @@ impl Prepared {
         for (n, p) in graph.nodes.into_iter().zip(nodes) {
             let (out_q, out_range) = match p.obs {
                 Some(k) => {
-                    let (q, range) = activation_quant(obs[k].as_ref(), p.cfg.as_ref(), &format!("{} output", n.name))?;
+                    let what = format!("{} output", n.name);
+                    let (q, range) = observed(obs[k].as_ref(), p.cfg.as_ref(), &what, n.output)?;
                     (Some(q), range)
                 }
                 None => (None, None),
@@ -616,6 +656,11 @@ impl Prepared {
                 NodeOp::Layer(m) => match &p.mode {
                     Mode::Passthrough => Box::new(PassOp),
                     Mode::Float(_) => Box::new(FloatOp(m)),
+                    Mode::Dynamic => {
+                        let cfg = p.cfg.as_ref().expect("dynamic modules have a configuration");
+                        m.lower_dynamic(&LowerCx { name: &n.name, cfg, in_q, out_q, tables })
+                            .map_err(|e| e.within(&n.name))?
+                    }
                     Mode::Int8 | Mode::Int8SameParams => {
                         let cfg = p.cfg.as_ref().expect("int8 modules have a configuration");
                         m.lower(&LowerCx { name: &n.name, cfg, in_q, out_q, tables }).map_err(|e| e.within(&n.name))?
@@ -653,6 +698,10 @@ impl Prepared {
         Ok(QuantizedModel::assemble(input_q, input_ranges, g, plan))
     }
 }
+
+/// The parameters of a value that no int8 op reads and whose observer saw nothing (a
+/// dynamically quantized model's): never used to quantize anything.
+const PLACEHOLDER_Q: QuantU8 = QuantU8 { scale: 1.0, zero_point: 0 };
 
 /// The parameters of each graph input.
 fn graph_input_q(vq: &[Option<QuantU8>], g: &QGraph) -> Vec<QuantU8> {
@@ -924,6 +973,7 @@ pub fn report_json(report: &[LayerReport]) -> String {
                 Mode::Int8SameParams => ("int8-same-params", None),
                 Mode::Passthrough => ("passthrough", None),
                 Mode::Float(w) => ("float", Some(w.to_string())),
+                Mode::Dynamic => ("dynamic", None),
             };
             let num =
                 |v: Option<f64>| v.filter(|x| x.is_finite()).map_or(serde_json::Value::Null, serde_json::Value::from);

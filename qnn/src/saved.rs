@@ -77,6 +77,7 @@ fn saved_plan(e: &PlanEntry) -> SavedPlan {
         Mode::Int8 => ("int8", None),
         Mode::Int8SameParams => ("int8-same", None),
         Mode::Passthrough => ("pass", None),
+        Mode::Dynamic => ("dynamic", None),
         Mode::Float(why) => ("float", Some(SavedReason::Reason(why.clone()))),
     };
     SavedPlan { name: e.name.clone(), kind: e.kind.to_string(), mode: mode.into(), reason }
@@ -88,6 +89,7 @@ fn plan_entry(e: SavedPlan) -> Result<PlanEntry> {
         ("int8", _) => Mode::Int8,
         ("int8-same", _) => Mode::Int8SameParams,
         ("pass", _) => Mode::Passthrough,
+        ("dynamic", _) => Mode::Dynamic,
         ("float", Some(SavedReason::Reason(why))) => Mode::Float(why),
         ("float", Some(SavedReason::Text(why))) => Mode::Float(FloatReason::FloatOp { why }),
         ("float", None) => Mode::Float(FloatReason::FloatOp { why: "(no reason saved)".into() }),

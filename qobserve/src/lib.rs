@@ -89,7 +89,7 @@ pub use fixed::FixedQParamsObserver;
 pub use histogram::{EntropyObserver, HistogramCollector, HistogramObserver, MseObserver, PercentileObserver};
 pub use minmax::{MinMaxObserver, PerChannelMinMaxObserver};
 pub use observer::{NonFinite, Observer, ObserverFactory, QuantSpec};
-pub use qconfig::{ObserverSpec, QConfig};
+pub use qconfig::{Dynamic, ObserverSpec, QConfig};
 pub use qtensor::{choose_qparams, choose_qparams_per_channel};
 pub use quantizer::{
     Affine, Bits, Codebook, Fitted, Log2, Observed, PerGroup, PowerOfTwo, Quantizer, SymmetricUnclipped,

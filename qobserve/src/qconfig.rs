@@ -155,6 +155,23 @@ pub struct QConfig {
     pub activation_quantizer: Option<Arc<dyn Quantizer>>,
     /// Quantizer of weights, fitted to the weight observer's parameters and the weights.
     pub weight_quantizer: Option<Arc<dyn Quantizer>>,
+    /// Dynamic quantization: layers that have a dynamic form (linear layers) quantize their
+    /// input at run time from its own range and give float output; no calibration is needed
+    /// for them, and the activation observer is not used. Other layers run in float.
+    pub dynamic: Option<Dynamic>,
+}
+
+/// How a dynamically quantized layer quantizes its input on each call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dynamic {
+    /// One scale and zero point for the whole input. `reduce_range` (codes 0..=127) is what
+    /// PyTorch's `quantize_dynamic` uses on x86.
+    PerTensor {
+        /// Codes 0..=127 instead of 0..=255.
+        reduce_range: bool,
+    },
+    /// One scale and zero point per row (token), over 0..=255.
+    PerToken,
 }
 
 fn u8_affine(range: QuantRange) -> QuantSpec {
@@ -164,7 +181,35 @@ fn u8_affine(range: QuantRange) -> QuantSpec {
 impl QConfig {
     /// These observers, with affine quantizers.
     pub fn new(activation: ObserverSpec, weight: ObserverSpec) -> Self {
-        QConfig { activation, weight, activation_quantizer: None, weight_quantizer: None }
+        QConfig { activation, weight, activation_quantizer: None, weight_quantizer: None, dynamic: None }
+    }
+
+    /// PyTorch's `default_dynamic_qconfig` (what `quantize_dynamic` uses for `nn.Linear`):
+    /// per-tensor symmetric `i8` weights, the input quantized per call over `u8` 0..=127.
+    /// Bit-exact with `torch.ao.nn.quantized.dynamic.Linear`.
+    pub fn pytorch_dynamic() -> Self {
+        QConfig {
+            dynamic: Some(Dynamic::PerTensor { reduce_range: true }),
+            ..QConfig::new(
+                ObserverSpec::MinMax(QuantSpec::u8_affine()),
+                ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
+            )
+        }
+    }
+
+    /// PyTorch's `per_channel_dynamic_qconfig`: as [`QConfig::pytorch_dynamic`] with
+    /// per-channel symmetric weights.
+    pub fn pytorch_dynamic_per_channel() -> Self {
+        QConfig {
+            weight: ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
+            ..QConfig::pytorch_dynamic()
+        }
+    }
+
+    /// Dynamic quantization with per-channel weights and the input quantized per row (token)
+    /// over the full `u8` range: an outlier token costs the others nothing.
+    pub fn dynamic_per_token() -> Self {
+        QConfig { dynamic: Some(Dynamic::PerToken), ..QConfig::pytorch_dynamic_per_channel() }
     }
 
     /// The same configuration with `q` mapping its activations.

@@ -150,6 +150,7 @@ pub fn run(root: &Path, report_json: Option<&Path>, plots: Option<&Path>) -> Res
             Mode::Int8SameParams => "int8 (same q)".to_string(),
             Mode::Passthrough => "fused away".to_string(),
             Mode::Float(why) => format!("float: {why}"),
+            Mode::Dynamic => "dynamic".to_string(),
         };
         let db = |v: Option<f64>| v.map_or("-".into(), |s| format!("{s:.1}"));
         println!("{:<10} {:<18} {:<12} {:>14} {:>16}", r.name, r.kind, mode, db(r.sqnr_db), db(r.weight_sqnr_db));

@@ -2,7 +2,7 @@
 //! and fused ReLU / ReLU6 in its epilogue).
 
 use ndarray::{ArrayD, IxDyn};
-use qkernels::{linear_f32, GemmOutput, OutputQuant, PackedLinear, QMatrix, QuantU8};
+use qkernels::{linear_f32, DynamicActivations, GemmOutput, OutputQuant, PackedLinear, QMatrix, QuantU8};
 use qtensor::QParams;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -38,16 +38,21 @@ impl Linear {
 }
 
 impl Linear {
-    /// `(batch, out features)` for an input of shape `s`.
+    /// `(rows, out features)` for an input of shape `s` (`[.., in_features]`: every leading
+    /// dimension is rows, as `nn.Linear` takes `[batch, tokens, features]`).
     fn out_dims(&self, s: &[usize]) -> Result<(usize, usize)> {
         let (n, k) = (self.weight.shape()[0], self.weight.shape()[1]);
-        let [m, kin] = *s else {
-            return Err(shape_error("Linear", format!("a 2-D [batch, {k}] input; put a Flatten before it"), s));
-        };
-        if kin != k {
-            return Err(shape_error("Linear", format!("[batch, {k}] (in_features {k})"), s));
+        match s.split_last() {
+            Some((&kin, lead)) if !lead.is_empty() && kin == k => Ok((lead.iter().product(), n)),
+            _ => Err(shape_error("Linear", format!("[.., {k}]: at least 2-D, the last dimension in_features {k}"), s)),
         }
-        Ok((m, n))
+    }
+
+    /// The output shape for input shape `s` (checked by `out_dims`).
+    fn out_shape(&self, s: &[usize]) -> Vec<usize> {
+        let mut o = s.to_vec();
+        *o.last_mut().expect("at least 2-D") = self.weight.shape()[0];
+        o
     }
 }
 
@@ -70,6 +75,23 @@ impl Module for Linear {
         Ok(Box::new(LinearOp { packed: Box::new(packed), out, activation: self.activation }))
     }
 
+    fn has_dynamic(&self) -> bool {
+        true
+    }
+
+    fn lower_dynamic(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        let how = match cx.cfg.dynamic {
+            Some(qobserve::Dynamic::PerTensor { reduce_range }) => DynamicActivations::PerTensor { reduce_range },
+            Some(qobserve::Dynamic::PerToken) => DynamicActivations::PerToken,
+            None => unreachable!("lowered dynamically only when configured so"),
+        };
+        let wq = quantize_weights(cx.name, &self.weight, cx.cfg)?;
+        let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.iter().copied().collect());
+        let packed = PackedLinear::new(&wq, bias.as_deref())
+            .map_err(|e| NnError::Op { module: cx.name.to_string(), source: e })?;
+        Ok(Box::new(DynamicLinearOp { packed: Box::new(packed), how, activation: self.activation }))
+    }
+
     fn computes_images_apart(&self) -> bool {
         true
     }
@@ -83,7 +105,7 @@ impl Module for Linear {
     }
 
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
-        Some(self.out_dims(input).map(|(m, n)| vec![m, n]))
+        Some(self.out_dims(input).map(|_| self.out_shape(input)))
     }
 
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
@@ -102,7 +124,7 @@ impl Module for Linear {
             &mut out,
         )
         .map_err(op_err)?;
-        let mut y = ArrayD::from_shape_vec(IxDyn(&[m, n]), out).expect("m x n");
+        let mut y = ArrayD::from_shape_vec(IxDyn(&self.out_shape(x.shape())), out).expect("m x n");
         self.activation.apply(&mut y);
         Ok(y)
     }
@@ -171,23 +193,34 @@ impl QOp for LinearOp {
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
         let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
         let data = Input::new(data);
-        let [m, k] = shape[..] else {
-            return Err(NnError::Shape {
-                module: String::new(),
-                kind: "Linear",
-                expected: "a 2-D [batch, features] input".into(),
-                got: shape,
-            });
-        };
         let n = self.packed.weights().n();
-        let mut y = out_buf(&[m, n], run, "Linear")?;
+        let k = self.packed.weights().k();
+        // Rows of features: [batch, features] or [batch, tokens, features] (row-major in
+        // int8); a 4-D int8 value is an image, stored NHWC, whose last logical dimension is
+        // not contiguous.
+        let m = match shape.split_last() {
+            Some((&kin, lead)) if kin == k && !lead.is_empty() && shape.len() != 4 => lead.iter().product::<usize>(),
+            _ => {
+                return Err(NnError::Shape {
+                    module: String::new(),
+                    kind: "Linear",
+                    expected: format!(
+                        "a 2-D [batch, {k}] or 3-D [batch, tokens, {k}] input (put a Flatten before it for images)"
+                    ),
+                    got: shape,
+                })
+            }
+        };
+        let mut out_shape = shape.clone();
+        *out_shape.last_mut().expect("at least 2-D") = n;
+        let mut y = out_buf(&out_shape, run, "Linear")?;
         let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
         self.packed
             .forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: self.out }, run.threads)
             .map_err(op_err)?;
         Ok(Value::U8 {
             data: y,
-            shape: vec![m, n],
+            shape: out_shape,
             q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point },
         })
     }
@@ -201,21 +234,12 @@ impl QOp for LinearOp {
     }
 
     fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
-        let pw = self.packed.weights();
-        let weight = w.i8s(format!("{node}.weight_int8"), vec![pw.n(), pw.k()], pw.raw());
-        let params = if pw.is_per_channel() {
-            QParams::per_channel(pw.scales().to_vec(), pw.zero_points().to_vec(), 0)
-        } else {
-            QParams::per_tensor(pw.scales()[0], pw.zero_points()[0])
-        }
-        .map_err(|e| NnError::Op { module: node.into(), source: e })?;
-        let (scales, zero_points) = save_weight_params(node, &params, pw.n(), w);
-        let bias = self.packed.bias().map(|b| w.f32s(format!("{node}.bias"), vec![b.len()], b));
+        let (weight, scales, zero_points, per_channel, bias) = save_packed(node, &self.packed, w)?;
         Ok(attrs(&LinearAttrs {
             weight,
             scales,
             zero_points,
-            per_channel: pw.is_per_channel(),
+            per_channel,
             bias,
             out_q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point }.into(),
             activation: self.activation,
@@ -223,15 +247,154 @@ impl QOp for LinearOp {
     }
 
     fn weight_sqnr(&self, float: &dyn Module) -> Option<f64> {
-        let lin = float.as_any().downcast_ref::<Linear>()?;
-        let pw = self.packed.weights();
-        let (n, k) = (pw.n(), pw.k());
-        let deq: Vec<f32> =
-            (0..n * k).map(|i| pw.scales()[i / k] * (pw.raw()[i] as i32 - pw.zero_points()[i / k]) as f32).collect();
-        Some(crate::quant::sqnr_db(&lin.weight, &ArrayD::from_shape_vec(IxDyn(&[n, k]), deq).ok()?))
+        weight_sqnr(&self.packed, float)
     }
 
     any_methods!();
+}
+
+/// A dynamically quantized linear layer: int8 weights, the float input quantized on each
+/// call ([`PackedLinear::forward_dynamic`]), float output, then its fused activation.
+#[derive(Debug)]
+pub struct DynamicLinearOp {
+    packed: Box<PackedLinear>,
+    how: DynamicActivations,
+    activation: FusedAct,
+}
+
+/// How a saved [`DynamicLinearOp`] quantizes its input.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(clippy::enum_variant_names)] // the saved names say what they are
+enum SavedDynamic {
+    PerTensor,
+    PerTensorReduced,
+    PerToken,
+}
+
+/// The saved form of a [`DynamicLinearOp`].
+#[derive(Serialize, Deserialize)]
+struct DynamicLinearAttrs {
+    weight: String,
+    scales: String,
+    zero_points: String,
+    per_channel: bool,
+    bias: Option<String>,
+    activations: SavedDynamic,
+    activation: FusedAct,
+}
+
+pub(crate) const DYNAMIC_OP: (&str, super::OpLoader) = ("LinearDynamic", load_dynamic);
+
+fn load_dynamic(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
+    let a: DynamicLinearAttrs = parse(j, node, "LinearDynamic")?;
+    let weights = load_weights(r, &a.weight, &a.scales, &a.zero_points, a.per_channel)?;
+    let bias = a.bias.as_deref().map(|k| r.f32s(k).map(|v| v.1)).transpose()?;
+    let packed = PackedLinear::new(&weights, bias.as_deref()).map_err(|e| bad(format!("{node}: {e}")))?;
+    let how = match a.activations {
+        SavedDynamic::PerTensor => DynamicActivations::PerTensor { reduce_range: false },
+        SavedDynamic::PerTensorReduced => DynamicActivations::PerTensor { reduce_range: true },
+        SavedDynamic::PerToken => DynamicActivations::PerToken,
+    };
+    Ok(Box::new(DynamicLinearOp { packed: Box::new(packed), how, activation: a.activation }))
+}
+
+/// The weights of a packed layer as saved: `[n, k]` `i8` with their parameters.
+fn save_packed(
+    node: &str,
+    packed: &PackedLinear,
+    w: &mut OpWriter,
+) -> Result<(String, String, String, bool, Option<String>)> {
+    let pw = packed.weights();
+    let weight = w.i8s(format!("{node}.weight_int8"), vec![pw.n(), pw.k()], pw.raw());
+    let params = if pw.is_per_channel() {
+        QParams::per_channel(pw.scales().to_vec(), pw.zero_points().to_vec(), 0)
+    } else {
+        QParams::per_tensor(pw.scales()[0], pw.zero_points()[0])
+    }
+    .map_err(|e| NnError::Op { module: node.into(), source: e })?;
+    let (scales, zero_points) = save_weight_params(node, &params, pw.n(), w);
+    let bias = packed.bias().map(|b| w.f32s(format!("{node}.bias"), vec![b.len()], b));
+    Ok((weight, scales, zero_points, pw.is_per_channel(), bias))
+}
+
+impl QOp for DynamicLinearOp {
+    fn op_name(&self) -> &'static str {
+        DYNAMIC_OP.0
+    }
+
+    fn macs(&self, out_shape: &[usize]) -> Option<u64> {
+        Some(out_shape.iter().product::<usize>() as u64 * self.packed.weights().k() as u64)
+    }
+
+    fn images_apart(&self) -> bool {
+        // Per tensor, one range spans the whole batch: its images are not independent.
+        self.how == DynamicActivations::PerToken
+    }
+
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
+        // A quantized input (from an int8 producer) is dequantized first: this layer
+        // chooses its own parameters.
+        let x = args.pop().expect("one input").into_f32();
+        let (k, n) = (self.packed.weights().k(), self.packed.weights().n());
+        let shape = x.shape().to_vec();
+        let rows = match shape.split_last() {
+            Some((&kin, lead)) if !lead.is_empty() && kin == k => lead.iter().product::<usize>(),
+            _ => {
+                return Err(NnError::Shape {
+                    module: String::new(),
+                    kind: "LinearDynamic",
+                    expected: format!("[.., {k}]: at least 2-D, the last dimension in_features {k}"),
+                    got: shape,
+                })
+            }
+        };
+        let mut out_shape = shape.clone();
+        *out_shape.last_mut().expect("at least 2-D") = n;
+        crate::quant::budget(&out_shape, 4, run, "LinearDynamic")?;
+        let xs = x.as_standard_layout();
+        let mut y = vec![0.0f32; rows * n];
+        self.packed
+            .forward_dynamic(xs.as_slice().expect("standard layout"), rows, &mut y, self.how, false, run.threads)
+            .map_err(op_err)?;
+        let mut y = ArrayD::from_shape_vec(IxDyn(&out_shape), y).expect("rows x out_features");
+        self.activation.apply(&mut y);
+        Ok(Value::F32(y))
+    }
+
+    fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
+        let (weight, scales, zero_points, per_channel, bias) = save_packed(node, &self.packed, w)?;
+        let activations = match self.how {
+            DynamicActivations::PerTensor { reduce_range: false } => SavedDynamic::PerTensor,
+            DynamicActivations::PerTensor { reduce_range: true } => SavedDynamic::PerTensorReduced,
+            DynamicActivations::PerToken => SavedDynamic::PerToken,
+        };
+        Ok(attrs(&DynamicLinearAttrs {
+            weight,
+            scales,
+            zero_points,
+            per_channel,
+            bias,
+            activations,
+            activation: self.activation,
+        }))
+    }
+
+    fn weight_sqnr(&self, float: &dyn Module) -> Option<f64> {
+        weight_sqnr(&self.packed, float)
+    }
+
+    any_methods!();
+}
+
+/// SQNR of a packed layer's int8 weights against the float layer's.
+fn weight_sqnr(packed: &PackedLinear, float: &dyn Module) -> Option<f64> {
+    let lin = float.as_any().downcast_ref::<Linear>()?;
+    let pw = packed.weights();
+    let (n, k) = (pw.n(), pw.k());
+    let deq: Vec<f32> =
+        (0..n * k).map(|i| pw.scales()[i / k] * (pw.raw()[i] as i32 - pw.zero_points()[i / k]) as f32).collect();
+    Some(crate::quant::sqnr_db(&lin.weight, &ArrayD::from_shape_vec(IxDyn(&[n, k]), deq).ok()?))
 }
 
 /// The saved form of a float `Linear` (kept in float by the configuration).

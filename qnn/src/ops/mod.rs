@@ -347,6 +347,7 @@ pub type Int8LayerLoader = fn(&J, &OpReader<'_>) -> Result<Box<dyn Int8Layer>>;
 pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     conv::OP,
     linear::OP,
+    linear::DYNAMIC_OP,
     activation::RELU,
     activation::LUT,
     activation::HARDTANH,
