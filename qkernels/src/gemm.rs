@@ -682,6 +682,22 @@ fn block(
         sink.add_block(rows, cols);
         return;
     }
+    // Dequantized f32 from dense rows on AVX-512 VNNI: straight from the accumulators too.
+    #[cfg(target_arch = "x86_64")]
+    if let (Packed::Vnni(p), SinkKind::F32 { relu }, Rows::Dense(a)) = (&w.packed, sink.kind, src) {
+        let fused = crate::x86::FusedU8 {
+            plan,
+            rowsums,
+            out: sink.ptr as *mut u8,
+            ldc: sink.ldc,
+            r0: rows.start,
+            j0: cols.start,
+            ncols: cols.len(),
+        };
+        // SAFETY: as for the u8 output above, the sink holding f32 values (`ldc` in values).
+        unsafe { crate::x86::vnni_dense_rows_f32(&fused, a, rows.len(), p, w.k, cols.start / VNNI_LANES, relu) };
+        return;
+    }
     // Otherwise raw int32 tiles, then the epilogue for the sink.
     let mut tile: Tile = [[0; TILE_COLS]; TILE_ROWS];
     let mr_max = match w.isa {

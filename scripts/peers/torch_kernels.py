@@ -8,6 +8,8 @@ Input: a JSON list of shapes on stdin, for example
       "oc": 64, "kh": 3, "kw": 3, "stride": 1, "padding": 1, "dilation": 1, "groups": 1}]
 
 * linear: x [m, k] quint8, weight [n, k].
+* dynamic_linear: x [m, k] float32, weight [n, k]: ``quantized::linear_dynamic`` (reduce_range, as
+  ``torch.ao.nn.quantized.dynamic.Linear`` on x86), float32 output.
 * conv: input n x c x h x w (stored channels-last, i.e. NHWC in memory), weight
   [oc, c/groups, kh, kw]; stride / padding / dilation are an int or [h, w]
   (defaults 1 / 0 / 1), groups defaults to 1.
@@ -84,6 +86,17 @@ def build_linear(s, gen):
     return lambda: op(x, packed, y_scale, 128)
 
 
+def build_dynamic_linear(s, gen):
+    m, k, n = int(s["m"]), int(s["k"]), int(s["n"])
+    x = torch.randn(m, k, generator=gen) * 2.0
+    w = per_channel_weight((n, k), gen)
+    b = torch.randn(n, generator=gen) if s.get("bias", True) else None
+    packed = torch.ops.quantized.linear_prepack(w, b)
+    op = torch.ops.quantized.linear_dynamic
+    # reduce_range=True: what torch.ao.nn.quantized.dynamic.Linear passes on x86.
+    return lambda: op(x, packed, True)
+
+
 def build_conv(s, gen):
     n, h, w_, c = int(s.get("n", 1)), int(s["h"]), int(s["w"]), int(s["c"])
     oc, kh, kw = int(s["oc"]), int(s["kh"]), int(s["kw"])
@@ -104,7 +117,7 @@ def build_conv(s, gen):
     return lambda: op(x, packed, y_scale, 128)
 
 
-BUILDERS = {"linear": build_linear, "conv": build_conv}
+BUILDERS = {"linear": build_linear, "dynamic_linear": build_dynamic_linear, "conv": build_conv}
 
 
 def time_calls(fn, reps, warmup):
@@ -150,11 +163,11 @@ def main():
         try:
             kind = s["kind"]
             if kind not in BUILDERS:
-                raise ValueError(f"unknown kind {kind!r} (expected 'linear' or 'conv')")
+                raise ValueError(f"unknown kind {kind!r} (expected one of {sorted(BUILDERS)})")
             gen = torch.Generator().manual_seed(1234 + i)
             fn = BUILDERS[kind](s, gen)
             y = fn()
-            assert y.dtype == torch.quint8
+            assert y.dtype == (torch.float32 if kind == "dynamic_linear" else torch.quint8)
             med, mn = time_calls(fn, args.reps, args.warmup)
             out.append({"name": name, "median_ms": med, "min_ms": mn, "reps": args.reps})
             print(f"{name}: median {med:.4f} ms, min {mn:.4f} ms", file=sys.stderr)

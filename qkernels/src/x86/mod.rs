@@ -11,8 +11,9 @@ use crate::conv::{FlatConsts, RowConsts};
 use crate::gemm::{Plan, QMatrix, Tile, MAX_TAIL_QUADS, REQUANT_LIMIT};
 use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
 
-/// Where a VNNI kernel writes requantized `u8` directly from its accumulators, with no tile
-/// buffer: the output base pointer, its row stride, the first row and the columns.
+/// Where a VNNI kernel writes requantized `u8` (or dequantized `f32`: `out` then points at
+/// `f32` values and `ldc` counts them) directly from its accumulators, with no tile buffer:
+/// the output base pointer, its row stride, the first row and the columns.
 #[derive(Debug)]
 pub(crate) struct FusedU8<'p> {
     pub plan: &'p Plan,
@@ -249,6 +250,109 @@ pub(crate) unsafe fn vnni_dense_rows(
     };
     // SAFETY: forwarded preconditions.
     unsafe { vnni_fused_any(&src, m, f) }
+}
+
+/// Dense rows `f.r0..f.r0 + m` of `a` times `ncols <= 64` columns from panel `panel0`,
+/// dequantized to `f32` straight from the accumulators: per vector the exact sum (the
+/// accumulators start at minus the zero-point column term; the weight zero-point term is
+/// subtracted when there is one), then `fma(raw, sa * sw, bias)` and an optional ReLU, the
+/// same operations as `gemm::dequantize_row`, so the same bits.
+///
+/// # Safety
+/// The CPU supports AVX-512 VNNI; `packed` is the VNNI packing of weights with this `k`; the
+/// rows exist in `a`; the columns exist from panel `panel0`; `out` (row stride `ldc`) holds
+/// rows `f.r0..f.r0 + m` and the columns; `rowsums` covers the rows when the weights have
+/// zero points.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn vnni_dense_rows_f32(
+    f: &FusedU8<'_>,
+    a: &QMatrix<'_>,
+    m: usize,
+    packed: &[i8],
+    k: usize,
+    panel0: usize,
+    relu: bool,
+) {
+    let src = DenseRows {
+        a: a.data[f.r0 * a.lda..].as_ptr(),
+        lda: a.lda,
+        k,
+        b: packed[panel0 * vnni_panel_len(k)..].as_ptr(),
+    };
+    // SAFETY: forwarded preconditions.
+    unsafe {
+        match f.ncols.div_ceil(VNNI_LANES) {
+            1 => dense_f32::<1>(&src, m, f, relu),
+            2 => dense_f32::<2>(&src, m, f, relu),
+            3 => dense_f32::<3>(&src, m, f, relu),
+            4 => dense_f32::<4>(&src, m, f, relu),
+            nv => unreachable!("{nv} vectors of columns in one tile"),
+        }
+    }
+}
+
+/// [`vnni_dense_rows_f32`] for one NV (`f.out` is the `f32` output, as bytes).
+///
+/// # Safety
+/// As [`vnni_dense_rows_f32`], with `16 * (NV - 1) < f.ncols <= 16 * NV`.
+#[inline(always)]
+unsafe fn dense_f32<const NV: usize>(src: &DenseRows, m: usize, f: &FusedU8<'_>, relu: bool) {
+    let (out, ldc, r0, j0, plan) = (f.out.cast::<f32>(), f.ldc, f.r0, f.j0, f.plan);
+    // SAFETY: AVX-512 F (precondition); masked loads and stores touch columns j0..j0 + ncols
+    // only, which the plan and the output cover.
+    unsafe {
+        let init = neg_colterm::<NV>(f);
+        let mut masks = [0 as __mmask16; NV];
+        let mut consts = [[_mm512_setzero_ps(); 2]; NV];
+        let mut zw = [_mm512_setzero_si512(); NV];
+        for v in 0..NV {
+            let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
+            masks[v] = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
+            let j = j0 + VNNI_LANES * v;
+            consts[v] = [
+                _mm512_maskz_loadu_ps(masks[v], plan.ab_scale.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(masks[v], plan.bias.as_ptr().add(j)),
+            ];
+            if plan.has_zw {
+                zw[v] = _mm512_maskz_loadu_epi32(masks[v], plan.zw.as_ptr().add(j));
+            }
+        }
+        macro_rules! tile {
+            ($mr:literal, $first:expr) => {{
+                let acc = src.sums::<$mr, NV>($first, init);
+                for (i, accr) in acc.iter().enumerate() {
+                    let r = r0 + $first + i;
+                    for v in 0..NV {
+                        let mut raw = accr[v];
+                        if plan.has_zw {
+                            let rs = _mm512_set1_epi32(f.rowsums[r]);
+                            raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(rs, zw[v]));
+                        }
+                        let [scale, bias] = consts[v];
+                        let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(raw), scale, bias);
+                        if relu {
+                            y = _mm512_max_ps(y, _mm512_setzero_ps());
+                        }
+                        _mm512_mask_storeu_ps(out.add(r * ldc + j0 + VNNI_LANES * v), masks[v], y);
+                    }
+                }
+            }};
+        }
+        let mut first = 0;
+        while first < m {
+            let n = (m - first).min(6);
+            match n {
+                6 => tile!(6, first),
+                5 => tile!(5, first),
+                4 => tile!(4, first),
+                3 => tile!(3, first),
+                2 => tile!(2, first),
+                _ => tile!(1, first),
+            }
+            first += n;
+        }
+    }
 }
 
 /// The requantization constants of up to four 16-column vectors of output, in registers:
@@ -874,6 +978,40 @@ pub(crate) unsafe fn lut_avx512vbmi(table: &[u8; 256], x: &[u8], out: &mut [u8])
         i += 64;
     }
     i
+}
+
+/// The minimum and maximum of `x` and whether it holds a NaN, 64 values at a time (four
+/// running vectors), the tail through the scalar loop; the same extremes as
+/// `linear::min_max_lanes` wherever there is no NaN (comparisons are exact; a zero's sign may
+/// differ, which no caller looks at).
+///
+/// # Safety
+/// AVX-512 F available.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
+    let (mut lo, mut hi) = ([_mm512_set1_ps(f32::INFINITY); 4], [_mm512_set1_ps(f32::NEG_INFINITY); 4]);
+    let mut nan: __mmask16 = 0;
+    let chunks = x.chunks_exact(64);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for v in 0..4 {
+            // SAFETY: 16 of the chunk's 64 values.
+            let a = unsafe { _mm512_loadu_ps(c.as_ptr().add(16 * v)) };
+            lo[v] = _mm512_min_ps(lo[v], a);
+            hi[v] = _mm512_max_ps(hi[v], a);
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a);
+        }
+    }
+    let l = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+    let h = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+    let (mut l, mut h) = (_mm512_reduce_min_ps(l), _mm512_reduce_max_ps(h));
+    let mut any_nan = nan != 0;
+    for &v in rest {
+        l = if v < l { v } else { l };
+        h = if v > h { v } else { h };
+        any_nan |= v.is_nan();
+    }
+    (l, h, any_nan)
 }
 
 /// PyTorch's vectorized quantized add, as constants in registers: dequantize each input

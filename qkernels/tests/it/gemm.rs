@@ -114,6 +114,63 @@ proptest! {
             let mut out = vec![0i32; c.m * c.n];
             gemm(&a, &packed, None, GemmOutput::I32 { data: &mut out, ldc: c.n }, 1).unwrap();
             prop_assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw.clone(), "{} i32", isa);
+            let relu = c.out.activation == Activation::Relu;
+            for threads in 1..=2 {
+                prop_assert_eq!(run_f32(&c, isa, relu, threads), f32_reference(&c, &raw, relu), "{} f32", isa);
+            }
+        }
+    }
+}
+
+/// Dequantized output: `fma(raw, 0.02 * sw[j], bias[j])`, then the ReLU.
+fn f32_reference(c: &Case, raw: &[i64], relu: bool) -> Vec<u32> {
+    (0..c.m * c.n)
+        .map(|idx| {
+            let j = idx % c.n;
+            let ab = 0.02f32 * c.sw[if c.per_channel { j } else { 0 }];
+            let y = (raw[idx] as i32 as f32).mul_add(ab, c.bias.as_ref().map_or(0.0, |b| b[j]));
+            if relu { y.max(0.0) } else { y }.to_bits()
+        })
+        .collect()
+}
+
+fn run_f32(c: &Case, isa: qtensor::isa::Isa, relu: bool, threads: usize) -> Vec<u32> {
+    let packed = PackedWeights::with_isa(isa, &weights(c)).unwrap();
+    let a = QMatrix { data: &c.a, m: c.m, k: c.k, lda: c.k + c.lda_pad, scale: 0.02, zero_point: c.za };
+    let mut out = vec![0f32; c.m * c.n];
+    gemm(&a, &packed, c.bias.as_deref(), GemmOutput::F32 { data: &mut out, ldc: c.n, relu }, threads).unwrap();
+    out.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The f32 output over several row and column blocks (96 rows, 64 columns each), with and
+/// without weight zero points.
+#[test]
+fn f32_output_over_many_blocks_matches_the_reference() {
+    let mut next = crate::xorshift(0x51f3_2a9b_77c0_1e4d);
+    for (m, k, n, symmetric) in [(97, 70, 130, true), (200, 33, 70, false), (130, 301, 17, true)] {
+        let lda_pad = (next() % 3) as usize;
+        let c = Case {
+            m,
+            k,
+            n,
+            lda_pad,
+            a: (0..m * (k + lda_pad)).map(|_| next() as u8).collect(),
+            w: (0..n * k).map(|_| next() as i8).collect(),
+            za: (next() % 256) as i32,
+            per_channel: true,
+            zw: (0..n).map(|_| if symmetric { 0 } else { (next() % 256) as i32 - 128 }).collect(),
+            sw: (0..n).map(|_| 0.001 + (next() % 1000) as f32 * 1e-4).collect(),
+            bias: Some((0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect()),
+            out: OutputQuant { scale: 1.0, zero_point: 0, activation: Activation::None },
+        };
+        let raw = naive_raw(&c);
+        for relu in [false, true] {
+            let want = f32_reference(&c, &raw, relu);
+            for isa in crate::isas_under_test() {
+                for threads in 1..=2 {
+                    assert_eq!(run_f32(&c, isa, relu, threads), want, "{m}x{k}x{n} {isa} threads={threads}");
+                }
+            }
         }
     }
 }
