@@ -258,3 +258,37 @@ impl PackedLinear {
         self.bias.as_deref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::min_max;
+    use qtensor::isa::Isa;
+
+    /// Every tier's scan equals the scalar twin on random lengths and values, with NaNs and
+    /// infinities counted.
+    #[test]
+    fn min_max_is_the_same_on_every_tier() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for len in (0..200).chain([1000, 1023, 4097]) {
+            let mut x: Vec<f32> = (0..len).map(|_| (next() % 20001) as f32 / 100.0 - 100.0).collect();
+            if len > 3 && next() % 3 == 0 {
+                let at = (next() as usize) % len;
+                x[at] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(next() % 3) as usize];
+            }
+            let want = min_max(Isa::Scalar, &x);
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+                let got = min_max(isa, &x);
+                assert_eq!(got.2, want.2, "{isa} len {len}: non-finite count");
+                if want.2 == 0 && len > 0 {
+                    assert_eq!((got.0, got.1), (want.0, want.1), "{isa} len {len}");
+                }
+            }
+        }
+    }
+}
