@@ -1,5 +1,5 @@
 //! `cargo xtask accuracy`: the bundled digits model under every qconfig preset and every
-//! activation observer: held-out accuracy, SQNR of the int8 logits against the float ones,
+//! activation observer, and with its linear layers dynamically quantized: held-out accuracy, SQNR of the int8 logits against the float ones,
 //! top-1 agreement with the float model. Exits non-zero when a result falls below the
 //! thresholds committed in `xtask/accuracy-thresholds.json` (CI's accuracy regression gate).
 
@@ -11,8 +11,19 @@ use qobserve::{ObserverSpec, QConfig, QuantSpec};
 
 use crate::demo::{argmax_rows, digits_data, float_model};
 
-/// The configurations measured, by name.
-fn configs() -> Vec<(&'static str, QConfig)> {
+/// The configurations measured, by name: each preset on the whole model, and the default
+/// with the linear layers dynamically quantized.
+fn configs() -> Vec<(&'static str, QConfigMapping)> {
+    let mut all: Vec<(&'static str, QConfigMapping)> =
+        presets().into_iter().map(|(name, q)| (name, QConfigMapping::new(q))).collect();
+    let dynamic = |q: QConfig| QConfigMapping::new(QConfig::default()).set_kind("Linear", q);
+    all.push(("dynamic_linear", dynamic(QConfig::pytorch_dynamic_per_channel())));
+    all.push(("dynamic_linear_per_token", dynamic(QConfig::dynamic_per_token())));
+    all
+}
+
+/// The presets and observers, by name.
+fn presets() -> Vec<(&'static str, QConfig)> {
     let act = |activation: ObserverSpec| QConfig { activation, ..QConfig::default() };
     let u8 = QuantSpec::u8_affine();
     vec![
@@ -63,10 +74,10 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
         "qconfig", "accuracy", "SQNR dB", "agreement", "thresholds (accuracy, SQNR, agreement)"
     );
     let (mut failures, mut written) = (Vec::new(), serde_json::Map::new());
-    for (name, cfg) in configs() {
+    for (name, mapping) in configs() {
         let mut model = float_model(root)?;
         fuse(&mut model).map_err(|e| e.to_string())?;
-        let mut prepared = prepare(model, &QConfigMapping::new(cfg)).map_err(|e| e.to_string())?;
+        let mut prepared = prepare(model, &mapping).map_err(|e| e.to_string())?;
         for b in &batches {
             prepared.calibrate(b).map_err(|e| format!("{name}: {e}"))?;
         }
