@@ -323,6 +323,17 @@ impl<M: AsModule> Graph<M> {
     pub(crate) fn run_f32(
         &self,
         inputs: &[ArrayD<f32>],
+        seen: impl FnMut(usize, &mut ArrayD<f32>) -> Result<()>,
+    ) -> Result<Vec<ArrayD<f32>>> {
+        self.run_f32_with(inputs, |_, _| Ok(None), seen)
+    }
+
+    /// [`Graph::run_f32`] where `first(i, x)` may replace node `i`'s first input `x` for that
+    /// node alone (other readers of the value see it unchanged).
+    pub(crate) fn run_f32_with(
+        &self,
+        inputs: &[ArrayD<f32>],
+        mut first: impl FnMut(usize, &ArrayD<f32>) -> Result<Option<ArrayD<f32>>>,
         mut seen: impl FnMut(usize, &mut ArrayD<f32>) -> Result<()>,
     ) -> Result<Vec<ArrayD<f32>>> {
         if inputs.len() != self.inputs.len() {
@@ -340,8 +351,12 @@ impl<M: AsModule> Graph<M> {
         }
         for (i, n) in self.nodes.iter().enumerate() {
             let mut y = {
-                let xs: Vec<&ArrayD<f32>> =
+                let mut xs: Vec<&ArrayD<f32>> =
                     n.inputs.iter().map(|t| vals[t.0].as_ref().expect("checked: computed before read")).collect();
+                let replaced = first(i, xs[0])?;
+                if let Some(x) = &replaced {
+                    xs[0] = x;
+                }
                 node_forward(n, &xs)?
             };
             seen(i, &mut y)?;

@@ -470,7 +470,9 @@ impl Prepared {
     /// by its activation quantizer fitted to what calibration observed (a value that keeps its
     /// input's parameters, by its input's), and every layer that runs in int8, or in float on
     /// quantized weights, computes with its `weight` tensor quantized and dequantized by its
-    /// weight quantizer. Custom layers take part like built-in ones. Methods int8 kernels
+    /// weight quantizer; a dynamically quantized layer's input is quantized and dequantized
+    /// per call from its own range, as the int8 layer does. Custom layers take part like
+    /// built-in ones. Methods int8 kernels
     /// cannot run (a log2 grid, per-group weights) are measured here before anything is
     /// converted; for affine methods the result tracks the int8 model's closely (the int8
     /// model accumulates exactly where this rounds in `f32`, and sigmoid-like tables may use
@@ -562,7 +564,18 @@ impl Prepared {
         let mut weights = self.sim_weights.take().expect("fitted above");
         swap(&mut self.graph, &mut weights);
         let graph = &self.graph;
-        let out = graph.run_f32(&inputs, |i, y| match &value_fit[graph.nodes[i].output.0] {
+        let nodes = &self.nodes;
+        // A dynamic layer's input is quantized per call, from its own range.
+        let dynamic_input = |i: usize, x: &ArrayD<f32>| match (&nodes[i].mode, nodes[i].cfg.as_ref()) {
+            (Mode::Dynamic, Some(cfg)) => {
+                let how = cfg.dynamic.expect("dynamic nodes have a dynamic configuration");
+                fake_quantize_dynamic(x, how)
+                    .map(Some)
+                    .map_err(|e| NnError::Op { module: graph.nodes[i].name.clone(), source: e })
+            }
+            _ => Ok(None),
+        };
+        let out = graph.run_f32_with(&inputs, dynamic_input, |i, y| match &value_fit[graph.nodes[i].output.0] {
             Some(f) => {
                 *y = f.fake_quantize(y).map_err(|e| NnError::Observe(e.for_tensor(&graph.nodes[i].name)))?;
                 Ok(())
@@ -697,6 +710,35 @@ impl Prepared {
         let input_q = graph_input_q(&vq, &g);
         Ok(QuantizedModel::assemble(input_q, input_ranges, g, plan))
     }
+}
+
+/// `x` quantized to `u8` and back as a dynamic layer quantizes its input on each call
+/// (`qkernels::PackedLinear::forward_dynamic`): one range over the whole tensor, or one per
+/// row (the last dimension's vectors).
+fn fake_quantize_dynamic(x: &ArrayD<f32>, how: qobserve::Dynamic) -> qtensor::Result<ArrayD<f32>> {
+    let xs = x.as_standard_layout();
+    let v = xs.as_slice().expect("standard layout");
+    let mut out = vec![0.0f32; v.len()];
+    let (row, reduce_range) = match how {
+        qobserve::Dynamic::PerTensor { reduce_range } => (v.len().max(1), reduce_range),
+        qobserve::Dynamic::PerToken => (x.shape().last().copied().unwrap_or(1).max(1), false),
+    };
+    for (src, dst) in v.chunks(row).zip(out.chunks_mut(row)) {
+        if src.iter().any(|t| t.is_nan()) {
+            return Err(qtensor::QError::Unsupported {
+                op: "dynamic quantization",
+                reason: "the input holds NaN: dynamic quantization needs finite inputs".into(),
+            });
+        }
+        let (lo, hi) = src.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &t| (l.min(t), h.max(t)));
+        let (scale, zp) = qtensor::choose_qparams_dynamic(lo, hi, reduce_range)?;
+        let inv = 1.0 / scale;
+        for (d, &t) in dst.iter_mut().zip(src) {
+            let q = qtensor::kernels::quantize_scalar(t, inv, zp, 0, 255);
+            *d = qtensor::kernels::dequantize_scalar(q, scale, zp);
+        }
+    }
+    Ok(ArrayD::from_shape_vec(x.raw_dim(), out).expect("same length"))
 }
 
 /// The parameters of a value that no int8 op reads and whose observer saw nothing (a

@@ -62,6 +62,15 @@ fn a_dynamic_perceptron_is_pytorchs_bit_for_bit() {
         let ops: Vec<&str> = q.profile(std::slice::from_ref(&x), 1).unwrap().iter().map(|n| n.op).collect();
         assert_eq!(ops, ["LinearDynamic", "Identity", "LinearDynamic"]);
     }
+    // Simulation models the per-call input quantization: it tracks the int8 model (which
+    // accumulates exactly where it rounds in f32), not the float one.
+    for cfg in [QConfig::pytorch_dynamic(), QConfig::dynamic_per_token()] {
+        let mut p = prepare(mlp(), &QConfigMapping::new(cfg)).unwrap();
+        let simulated = p.simulate(&x).unwrap();
+        let int8 = p.convert().unwrap().forward(&x).unwrap();
+        let (to_int8, to_float) = (sqnr_db(&int8, &simulated), sqnr_db(&float, &simulated));
+        assert!(to_int8 > 80.0 && (to_float - sqnr_db(&float, &int8)).abs() < 0.1, "{to_int8} {to_float}");
+    }
     // Per token: each row keeps all 256 codes for its own range.
     let pt = sqnr_db(&float, &convert(QConfig::pytorch_dynamic_per_channel()).forward(&x).unwrap());
     let tok = sqnr_db(&float, &convert(QConfig::dynamic_per_token()).forward(&x).unwrap());
