@@ -416,6 +416,37 @@ pub(crate) fn gemm_planned(
     Ok(())
 }
 
+/// The GEMM into `f32` output (`fma(raw, scale[i] * sw[j], bias[j])`, then the ReLU) with
+/// activation parameters per row of `a` (`a.scale` and `a.zero_point` are ignored): what
+/// per-token dynamic quantization runs. `plan` is `Plan::new(1.0, 0, w, bias, None, false)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_f32_per_row(
+    a: &QMatrix<'_>,
+    w: &PackedWeights,
+    plan: &Plan,
+    rows: &[crate::QuantU8],
+    out: &mut [f32],
+    relu: bool,
+    threads: usize,
+) -> Result<()> {
+    let a0 = QMatrix { scale: 1.0, zero_point: 0, ..*a };
+    let n = w.n;
+    validate(&a0, w, None, &GemmOutput::F32 { data: out, ldc: n, relu })?;
+    assert!(rows.len() == a.m, "gemm_f32_per_row: one set of parameters per row");
+    if a.m == 0 {
+        return Ok(());
+    }
+    let rowsums: Vec<i32> = if plan.has_zw {
+        (0..a.m).map(|i| a.data[i * a.lda..i * a.lda + a.k].iter().map(|&v| v as i32).sum()).collect()
+    } else {
+        Vec::new()
+    };
+    let mut sink = Sink::new(GemmOutput::F32 { data: out, ldc: n, relu });
+    sink.rows = Some(RowParams { q: rows, col_offsets: &w.col_offsets });
+    crate::threads::run_with(threads, || drive(Rows::Dense(&a0), w, plan, &rowsums, &sink, threads > 1));
+    Ok(())
+}
+
 /// A residual addition a `u8` GEMM applies to each block of output it has written, while the
 /// block is in cache ([`crate::ResidualAdd`]): output element `(i, j)`, at `i * ldc + j`, is
 /// added to `other[i * ldc + j]`, whose flat index in the whole output tensor is
@@ -441,6 +472,18 @@ struct Sink<'a> {
     ldc: usize,
     /// A residual addition applied to each block once written (`u8` output only).
     add: Option<BlockAdd<'a>>,
+    /// Per-row activation parameters (`f32` output only; the plan was built for scale 1 and
+    /// zero point 0).
+    rows: Option<RowParams<'a>>,
+}
+
+/// Activation parameters per row of A, for `f32` output: row `i`'s exact sum is the plan's
+/// (zero point 0) minus `zero_point[i] * col_offsets[j]`, dequantized with
+/// `f32(scale[i] * sw[j])`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowParams<'a> {
+    pub q: &'a [crate::QuantU8],
+    pub col_offsets: &'a [i32],
 }
 
 #[derive(Clone, Copy)]
@@ -457,7 +500,7 @@ impl Sink<'_> {
             GemmOutput::I32 { data, ldc } => (SinkKind::I32, data.as_mut_ptr() as usize, ldc),
             GemmOutput::F32 { data, ldc, relu } => (SinkKind::F32 { relu }, data.as_mut_ptr() as usize, ldc),
         };
-        Sink { kind, ptr, ldc, add: None }
+        Sink { kind, ptr, ldc, add: None, rows: None }
     }
 
     /// The block addition over output rows `rows` and columns `cols`, which this task has
@@ -602,7 +645,7 @@ pub(crate) fn gemm_conv_vnni(
         add.is_none_or(|a| rows.m == 0 || a.other.len() >= (rows.m - 1) * ldc + w.n),
         "gemm_conv_vnni: residual operand too short"
     );
-    let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc, add };
+    let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc, add, rows: None };
     crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &sink, threads > 1));
 }
 
@@ -694,8 +737,12 @@ fn block(
             j0: cols.start,
             ncols: cols.len(),
         };
-        // SAFETY: as for the u8 output above, the sink holding f32 values (`ldc` in values).
-        unsafe { crate::x86::vnni_dense_rows_f32(&fused, a, rows.len(), p, w.k, cols.start / VNNI_LANES, relu) };
+        let per_row = sink.rows.as_ref().map(|rp| (rp.q, rp.col_offsets));
+        // SAFETY: as for the u8 output above, the sink holding f32 values (`ldc` in values);
+        // per-row parameters cover every row of A, and the column offsets every column.
+        unsafe {
+            crate::x86::vnni_dense_rows_f32(&fused, a, rows.len(), p, w.k, cols.start / VNNI_LANES, relu, per_row)
+        };
         return;
     }
     // Otherwise raw int32 tiles, then the epilogue for the sink.
@@ -820,6 +867,25 @@ fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, si
             // SAFETY: as for U8.
             let out = unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut f32).add(base), n) };
             let cols = j0..j0 + n;
+            if let Some(rp) = &sink.rows {
+                // This row's zero-point term and scales (at most TILE_COLS columns).
+                let q = rp.q[i];
+                let (mut colterm, mut ab) = ([0i32; TILE_COLS], [0f32; TILE_COLS]);
+                for (c, j) in cols.clone().enumerate() {
+                    colterm[c] = q.zero_point.wrapping_mul(rp.col_offsets[j]);
+                    ab[c] = q.scale * plan.ab_scale[j];
+                }
+                dequantize_row(
+                    plan.isa,
+                    acc,
+                    &colterm[..n],
+                    (rowsum, &plan.zw[cols.clone()]),
+                    (&ab[..n], &plan.bias[cols]),
+                    relu,
+                    out,
+                );
+                return;
+            }
             dequantize_row(
                 plan.isa,
                 acc,

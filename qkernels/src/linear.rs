@@ -211,8 +211,8 @@ impl PackedLinear {
                 Ok(crate::QuantU8 { scale, zero_point })
             }
             DynamicActivations::PerToken => {
-                // Each row quantized on its own; the exact sums against a zero point of 0
-                // (`Σ q (w - zw)`), then each row's own zero-point term and scale.
+                // Each row quantized on its own; the GEMM takes each row's zero-point term
+                // and scale in its epilogue.
                 let mut params = Vec::with_capacity(m);
                 for (i, (row, q)) in x.chunks_exact(k).zip(xq.chunks_exact_mut(k)).enumerate() {
                     let (lo, hi) = range(row, i)?;
@@ -221,28 +221,8 @@ impl PackedLinear {
                     params.push(crate::QuantU8 { scale, zero_point });
                 }
                 let a = QMatrix { data: &xq, m, k, lda: k, scale: 1.0, zero_point: 0 };
-                let mut raw = vec![0i32; m * n];
-                crate::gemm::gemm_planned(
-                    &a,
-                    &self.weights,
-                    None,
-                    None,
-                    GemmOutput::I32 { data: &mut raw, ldc: n },
-                    threads,
-                    None,
-                )?;
-                let zeros = vec![0i32; n];
-                let bias: Vec<f32> = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
-                let col = &self.weights.col_offsets;
-                let mut colterm = vec![0i32; n];
-                let mut ab_scale = vec![0f32; n];
-                for ((r, o), q) in raw.chunks_exact(n).zip(out.chunks_exact_mut(n)).zip(&params) {
-                    for j in 0..n {
-                        colterm[j] = q.zero_point.wrapping_mul(col[j]);
-                        ab_scale[j] = q.scale * self.weights.scales()[j];
-                    }
-                    crate::gemm::dequantize_row(isa, r, &colterm, (0, &zeros), (&ab_scale, &bias), relu, o);
-                }
+                let plan = crate::gemm::Plan::new(1.0, 0, &self.weights, bias, None, false);
+                crate::gemm::gemm_f32_per_row(&a, &self.weights, &plan, &params, out, relu, threads)?;
                 Ok(params[0])
             }
         }

@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use qkernels::{
-    conv2d_f32, gemm, linear_f32, Activation, Conv2dGeometry, GemmOutput, OutputQuant, PackedConv2d, PackedWeights,
-    QImage, QMatrix,
+    conv2d_f32, gemm, linear_f32, Activation, Conv2dGeometry, DynamicActivations, GemmOutput, OutputQuant,
+    PackedConv2d, PackedWeights, QImage, QMatrix,
 };
 use serde::Serialize;
 
@@ -20,9 +20,10 @@ pub enum Shape {
         m: usize,
         k: usize,
         n: usize,
-        /// Dynamic quantization: f32 in and out, the input quantized per call (PyTorch:
-        /// `quantized::linear_dynamic`); else u8 in and out.
-        dynamic: bool,
+        /// Dynamic quantization: f32 in and out, the input quantized per call (PyTorch, per
+        /// tensor only: `quantized::linear_dynamic`); else u8 in and out.
+        #[serde(skip)]
+        dynamic: Option<qkernels::DynamicActivations>,
     },
     Conv {
         name: String,
@@ -72,7 +73,7 @@ impl Shape {
     fn peer_spec(&self) -> serde_json::Value {
         match self {
             Shape::Linear { name, m, k, n, dynamic } => {
-                let kind = if *dynamic { "dynamic_linear" } else { "linear" };
+                let kind = if dynamic.is_some() { "dynamic_linear" } else { "linear" };
                 serde_json::json!({"name": name, "kind": kind, "m": m, "k": k, "n": n})
             }
             Shape::Conv { name, n, h, w, c, oc, kh, kw, stride, padding, dilation, groups } => serde_json::json!({
@@ -81,6 +82,11 @@ impl Shape {
             }),
         }
     }
+}
+
+/// A dynamically quantized BERT-base layer at 128 tokens: 768 input features, `n` outputs.
+fn dynamic(name: &str, n: usize, how: Option<DynamicActivations>) -> Shape {
+    Shape::Linear { name: name.into(), m: 128, k: 768, n, dynamic: how }
 }
 
 fn conv(name: &str, c: usize, oc: usize, hw: usize, k: usize, stride: usize, groups: usize) -> Shape {
@@ -103,14 +109,17 @@ fn conv(name: &str, c: usize, oc: usize, hw: usize, k: usize, stride: usize, gro
 /// The shapes of issue 3: large GEMMs, ResNet-18 and MobileNetV2 layers.
 pub fn kernel_shapes() -> Vec<Shape> {
     vec![
-        Shape::Linear { name: "linear_512x512x512".into(), m: 512, k: 512, n: 512, dynamic: false },
-        Shape::Linear { name: "linear_1024x1024x1024".into(), m: 1024, k: 1024, n: 1024, dynamic: false },
-        Shape::Linear { name: "linear_3136x576x64".into(), m: 3136, k: 576, n: 64, dynamic: false },
-        Shape::Linear { name: "linear_196x2304x256".into(), m: 196, k: 2304, n: 256, dynamic: false },
+        Shape::Linear { name: "linear_512x512x512".into(), m: 512, k: 512, n: 512, dynamic: None },
+        Shape::Linear { name: "linear_1024x1024x1024".into(), m: 1024, k: 1024, n: 1024, dynamic: None },
+        Shape::Linear { name: "linear_3136x576x64".into(), m: 3136, k: 576, n: 64, dynamic: None },
+        Shape::Linear { name: "linear_196x2304x256".into(), m: 196, k: 2304, n: 256, dynamic: None },
         // BERT-base at 128 tokens: an attention projection and the feed-forward expansion,
         // dynamically quantized as PyTorch's quantize_dynamic runs them.
-        Shape::Linear { name: "dynamic_linear_128x768x768".into(), m: 128, k: 768, n: 768, dynamic: true },
-        Shape::Linear { name: "dynamic_linear_128x768x3072".into(), m: 128, k: 768, n: 3072, dynamic: true },
+        dynamic("dynamic_linear_128x768x768", 768, Some(DynamicActivations::PerTensor { reduce_range: true })),
+        dynamic("dynamic_linear_128x768x3072", 3072, Some(DynamicActivations::PerTensor { reduce_range: true })),
+        // Per token (PyTorch has no such mode: its per-tensor layer is the peer).
+        dynamic("dynamic_per_token_linear_128x768x768", 768, Some(DynamicActivations::PerToken)),
+        dynamic("dynamic_per_token_linear_128x768x3072", 3072, Some(DynamicActivations::PerToken)),
         conv("resnet18_conv1_7x7s2", 3, 64, 224, 7, 2, 1),
         conv("resnet18_layer1_3x3", 64, 64, 56, 3, 1, 1),
         conv("resnet18_layer2_3x3", 128, 128, 28, 3, 1, 1),
@@ -162,14 +171,13 @@ fn run_shape(shape: &Shape, threads: usize) -> Result<(f64, f64), String> {
     let mut rng = Lcg(0x5eed);
     let quant = OutputQuant { scale: 0.05, zero_point: 0, activation: Activation::Relu };
     match *shape {
-        Shape::Linear { m, k, n, dynamic: true, .. } => {
+        Shape::Linear { m, k, n, dynamic: Some(how), .. } => {
             let wf = ndarray::Array2::from_shape_fn((n, k), |_| rng.unit() * 0.2);
             let wq = qkernels::quantize_weights_per_channel(&wf.view().into_dyn()).map_err(|e| e.to_string())?;
             let bias: Vec<f32> = (0..n).map(|_| rng.unit()).collect();
             let layer = qkernels::PackedLinear::new(&wq, Some(&bias)).map_err(|e| e.to_string())?;
             let xf: Vec<f32> = (0..m * k).map(|_| rng.unit() * 4.0).collect();
             let mut out = vec![0.0f32; m * n];
-            let how = qkernels::DynamicActivations::PerTensor { reduce_range: true };
             let int8 = qkernels::with_threads(threads, || {
                 median_ms(10, || {
                     layer.forward_dynamic(&xf, m, &mut out, how, false, threads).expect("dynamic linear");

@@ -273,6 +273,7 @@ pub(crate) unsafe fn vnni_dense_rows_f32(
     k: usize,
     panel0: usize,
     relu: bool,
+    per_row: Option<(&[crate::QuantU8], &[i32])>,
 ) {
     let src = DenseRows {
         a: a.data[f.r0 * a.lda..].as_ptr(),
@@ -283,10 +284,10 @@ pub(crate) unsafe fn vnni_dense_rows_f32(
     // SAFETY: forwarded preconditions.
     unsafe {
         match f.ncols.div_ceil(VNNI_LANES) {
-            1 => dense_f32::<1>(&src, m, f, relu),
-            2 => dense_f32::<2>(&src, m, f, relu),
-            3 => dense_f32::<3>(&src, m, f, relu),
-            4 => dense_f32::<4>(&src, m, f, relu),
+            1 => dense_f32::<1>(&src, m, f, relu, per_row),
+            2 => dense_f32::<2>(&src, m, f, relu, per_row),
+            3 => dense_f32::<3>(&src, m, f, relu, per_row),
+            4 => dense_f32::<4>(&src, m, f, relu, per_row),
             nv => unreachable!("{nv} vectors of columns in one tile"),
         }
     }
@@ -297,7 +298,13 @@ pub(crate) unsafe fn vnni_dense_rows_f32(
 /// # Safety
 /// As [`vnni_dense_rows_f32`], with `16 * (NV - 1) < f.ncols <= 16 * NV`.
 #[inline(always)]
-unsafe fn dense_f32<const NV: usize>(src: &DenseRows, m: usize, f: &FusedU8<'_>, relu: bool) {
+unsafe fn dense_f32<const NV: usize>(
+    src: &DenseRows,
+    m: usize,
+    f: &FusedU8<'_>,
+    relu: bool,
+    per_row: Option<(&[crate::QuantU8], &[i32])>,
+) {
     let (out, ldc, r0, j0, plan) = (f.out.cast::<f32>(), f.ldc, f.r0, f.j0, f.plan);
     // SAFETY: AVX-512 F (precondition); masked loads and stores touch columns j0..j0 + ncols
     // only, which the plan and the output cover.
@@ -306,10 +313,14 @@ unsafe fn dense_f32<const NV: usize>(src: &DenseRows, m: usize, f: &FusedU8<'_>,
         let mut masks = [0 as __mmask16; NV];
         let mut consts = [[_mm512_setzero_ps(); 2]; NV];
         let mut zw = [_mm512_setzero_si512(); NV];
+        let mut col_off = [_mm512_setzero_si512(); NV];
         for v in 0..NV {
             let valid = (f.ncols - VNNI_LANES * v).min(VNNI_LANES);
             masks[v] = if valid == VNNI_LANES { 0xFFFF } else { (1u16 << valid) - 1 };
             let j = j0 + VNNI_LANES * v;
+            if let Some((_, offsets)) = per_row {
+                col_off[v] = _mm512_maskz_loadu_epi32(masks[v], offsets.as_ptr().add(j));
+            }
             consts[v] = [
                 _mm512_maskz_loadu_ps(masks[v], plan.ab_scale.as_ptr().add(j)),
                 _mm512_maskz_loadu_ps(masks[v], plan.bias.as_ptr().add(j)),
@@ -323,13 +334,19 @@ unsafe fn dense_f32<const NV: usize>(src: &DenseRows, m: usize, f: &FusedU8<'_>,
                 let acc = src.sums::<$mr, NV>($first, init);
                 for (i, accr) in acc.iter().enumerate() {
                     let r = r0 + $first + i;
+                    // This row's zero point and scale, when each row has its own.
+                    let row_q = per_row.map(|(q, _)| (_mm512_set1_epi32(q[r].zero_point), _mm512_set1_ps(q[r].scale)));
                     for v in 0..NV {
                         let mut raw = accr[v];
                         if plan.has_zw {
                             let rs = _mm512_set1_epi32(f.rowsums[r]);
                             raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(rs, zw[v]));
                         }
-                        let [scale, bias] = consts[v];
+                        let [mut scale, bias] = consts[v];
+                        if let Some((za, sa)) = row_q {
+                            raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(za, col_off[v]));
+                            scale = _mm512_mul_ps(sa, scale);
+                        }
                         let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(raw), scale, bias);
                         if relu {
                             y = _mm512_max_ps(y, _mm512_setzero_ps());

@@ -103,17 +103,24 @@ fn dynamic_linear_is_pytorchs_bit_for_bit_on_every_isa() {
 fn per_token_equals_each_row_on_its_own() {
     for c in fixture().linear.iter().filter(|c| c.m > 1) {
         let x: Vec<f32> = c.x.iter().map(|&v| f(v)).collect();
-        let packed = layer(qtensor::isa::selected(), c);
-        let mut y = vec![0.0; c.m * c.n];
-        let q = packed.forward_dynamic(&x, c.m, &mut y, DynamicActivations::PerToken, c.relu, 2).unwrap();
-        for (i, (row, want)) in x.chunks_exact(c.k).zip(y.chunks_exact(c.n)).enumerate() {
-            let mut one = vec![0.0; c.n];
+        // The reference: each row alone through the per-tensor path (full range), scalar.
+        let scalar = layer(qtensor::isa::Isa::Scalar, c);
+        let mut want = vec![0.0; c.m * c.n];
+        let mut first = None;
+        for (row, w) in x.chunks_exact(c.k).zip(want.chunks_exact_mut(c.n)) {
             let act = DynamicActivations::PerTensor { reduce_range: false };
-            let qi = packed.forward_dynamic(row, 1, &mut one, act, c.relu, 1).unwrap();
-            if i == 0 {
-                assert_eq!(q, qi, "{}: the first row's parameters", c.name);
+            let q = scalar.forward_dynamic(row, 1, w, act, c.relu, 1).unwrap();
+            first.get_or_insert(q);
+        }
+        for isa in crate::isas_under_test() {
+            let packed = layer(isa, c);
+            for threads in [1, 2] {
+                let mut y = vec![0.0; c.m * c.n];
+                let q = packed.forward_dynamic(&x, c.m, &mut y, DynamicActivations::PerToken, c.relu, threads).unwrap();
+                assert_eq!(Some(q), first, "{}: the first row's parameters", c.name);
+                let same = y.iter().zip(&want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                assert_eq!(same, y.len(), "{} {isa} threads={threads}", c.name);
             }
-            assert_eq!(one, want, "{} row {i}", c.name);
         }
     }
 }
@@ -132,5 +139,43 @@ fn dynamic_linear_errors_name_the_row_and_the_shapes() {
     for act in [act, DynamicActivations::PerToken] {
         let e = packed.forward_dynamic(&x, c.m, &mut y, act, false, 1).unwrap_err().to_string();
         assert!(e.contains("input row 2 holds NaN"), "{e}");
+    }
+}
+
+/// Per token over several row and column blocks (96 rows, 64 columns each), weights with and
+/// without zero points: each row as if it ran alone.
+#[test]
+fn per_token_over_many_blocks_equals_each_row_on_its_own() {
+    let mut next = crate::xorshift(0x0bad_5eed_1234_5678);
+    for (m, k, n, symmetric) in [(200, 100, 130, false), (97, 64, 70, true)] {
+        let w: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
+        let zps: Vec<i32> = (0..n).map(|_| if symmetric { 0 } else { (next() % 41) as i32 - 20 }).collect();
+        let scales: Vec<f32> = (0..n).map(|_| 0.001 + (next() % 100) as f32 * 1e-4).collect();
+        let params = QParams::per_channel(scales, zps, 0).unwrap();
+        let w = QTensor::from_int_repr(
+            ndarray::Array2::from_shape_vec((n, k), w).unwrap(),
+            params,
+            QuantRange::full(qtensor::DType::I8),
+        )
+        .unwrap();
+        let bias: Vec<f32> = (0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect();
+        // Rows of very different ranges, as tokens with outliers have.
+        let x: Vec<f32> =
+            (0..m * k).map(|i| ((next() % 20001) as f32 / 10000.0 - 1.0) * (1 + (i / k) % 7) as f32 * 3.0).collect();
+        let scalar = PackedLinear::with_isa(qtensor::isa::Isa::Scalar, &w, Some(&bias)).unwrap();
+        let mut want = vec![0.0; m * n];
+        for (row, o) in x.chunks_exact(k).zip(want.chunks_exact_mut(n)) {
+            let act = DynamicActivations::PerTensor { reduce_range: false };
+            scalar.forward_dynamic(row, 1, o, act, true, 1).unwrap();
+        }
+        for isa in crate::isas_under_test() {
+            let packed = PackedLinear::with_isa(isa, &w, Some(&bias)).unwrap();
+            for threads in [1, 2] {
+                let mut y = vec![0.0; m * n];
+                packed.forward_dynamic(&x, m, &mut y, DynamicActivations::PerToken, true, threads).unwrap();
+                let same = y.iter().zip(&want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                assert_eq!(same, y.len(), "{m}x{k}x{n} {isa} threads={threads}");
+            }
+        }
     }
 }
