@@ -1268,7 +1268,9 @@ impl QuantizedModel {
         &self.plan
     }
 
-    /// The parameters the (first) model input is quantized with.
+    /// The parameters the (first) model input is quantized with (when only float and
+    /// dynamic layers read it and calibration saw no data, placeholder parameters, scale 1
+    /// and zero point 0, that quantize nothing).
     pub fn input_quant(&self) -> QuantU8 {
         self.input_q[0]
     }
