@@ -1,9 +1,11 @@
 //! qonnx's tests: one binary. `handmade`: models written here with the proto structs (each
 //! op's attributes and the errors); `models`: models PyTorch exported, against ONNX
 //! Runtime's outputs (`scripts/onnx/qonnx_fixtures.py`); `backend`: ONNX's own backend test
-//! cases for the ops we import (`scripts/onnx/onnx_backend_cases.py`).
+//! cases for the ops we import (`scripts/onnx/onnx_backend_cases.py`); `dynamic`: an imported
+//! model dynamically quantized, against PyTorch (`scripts/onnx/qonnx_dynamic_fixture.py`).
 
 mod backend;
+mod dynamic;
 mod handmade;
 mod models;
 
