@@ -145,7 +145,8 @@ impl PackedLinear {
     /// dequantized with [`GemmOutput::F32`]'s `fma(raw, sa * sw[j], bias[j])`, then
     /// `max(.., 0)` with `relu`. Per tensor, this is PyTorch's `quantized::linear_dynamic`
     /// (`torch.ao.nn.quantized.dynamic.Linear`) bit for bit. Returns the input's parameters
-    /// (those of the first row, per token).
+    /// (those of the first row, per token; scale 0.1 and zero point 0, an empty range's, for
+    /// no rows).
     ///
     /// # Errors
     /// Buffers whose lengths are not `m * in_features` and `m * out_features`; NaN or
