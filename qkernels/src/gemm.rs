@@ -680,19 +680,20 @@ fn block(
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    // Requantized u8 on AVX-512 VNNI: all the block's rows in one call, straight from the
-    // accumulators.
+    // On AVX-512 VNNI, u8 (any rows) and f32 (dense rows) are written straight from the
+    // accumulators: all the block's rows in one call.
+    #[cfg(target_arch = "x86_64")]
+    let fused = crate::x86::FusedOut {
+        plan,
+        rowsums,
+        out: sink.ptr as *mut u8,
+        ldc: sink.ldc,
+        r0: rows.start,
+        j0: cols.start,
+        ncols: cols.len(),
+    };
     #[cfg(target_arch = "x86_64")]
     if let (Packed::Vnni(p), SinkKind::U8) = (&w.packed, sink.kind) {
-        let fused = crate::x86::FusedU8 {
-            plan,
-            rowsums,
-            out: sink.ptr as *mut u8,
-            ldc: sink.ldc,
-            r0: rows.start,
-            j0: cols.start,
-            ncols: cols.len(),
-        };
         let panel0 = cols.start / VNNI_LANES;
         match src {
             // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at packing);
@@ -725,18 +726,8 @@ fn block(
         sink.add_block(rows, cols);
         return;
     }
-    // Dequantized f32 from dense rows on AVX-512 VNNI: straight from the accumulators too.
     #[cfg(target_arch = "x86_64")]
     if let (Packed::Vnni(p), SinkKind::F32 { relu }, Rows::Dense(a)) = (&w.packed, sink.kind, src) {
-        let fused = crate::x86::FusedU8 {
-            plan,
-            rowsums,
-            out: sink.ptr as *mut u8,
-            ldc: sink.ldc,
-            r0: rows.start,
-            j0: cols.start,
-            ncols: cols.len(),
-        };
         let per_row = sink.rows.as_ref().map(|rp| (rp.q, rp.col_offsets));
         // SAFETY: as for the u8 output above, the sink holding f32 values (`ldc` in values);
         // per-row parameters cover every row of A, and the column offsets every column.

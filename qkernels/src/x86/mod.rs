@@ -11,11 +11,32 @@ use crate::conv::{FlatConsts, RowConsts};
 use crate::gemm::{Plan, QMatrix, Tile, MAX_TAIL_QUADS, REQUANT_LIMIT};
 use crate::pack::{avx2_panel_len, vnni_panel_len, AVX2_LANES, VNNI_LANES};
 
+/// Runs `$tile!(MR, first)` over rows `0..$m` in tiles of six rows (the last one shorter),
+/// `MR` a literal so each tile height is its own monomorphized kernel.
+macro_rules! tiles_of_six {
+    ($m:expr, $tile:ident) => {{
+        let m = $m;
+        let mut first = 0;
+        while first < m {
+            let n = (m - first).min(6);
+            match n {
+                6 => $tile!(6, first),
+                5 => $tile!(5, first),
+                4 => $tile!(4, first),
+                3 => $tile!(3, first),
+                2 => $tile!(2, first),
+                _ => $tile!(1, first),
+            }
+            first += n;
+        }
+    }};
+}
+
 /// Where a VNNI kernel writes requantized `u8` (or dequantized `f32`: `out` then points at
 /// `f32` values and `ldc` counts them) directly from its accumulators, with no tile buffer:
 /// the output base pointer, its row stride, the first row and the columns.
 #[derive(Debug)]
-pub(crate) struct FusedU8<'p> {
+pub(crate) struct FusedOut<'p> {
     pub plan: &'p Plan,
     /// Activation row sums by global row (empty when the weights are symmetric).
     pub rowsums: &'p [i32],
@@ -35,7 +56,7 @@ pub(crate) struct FusedU8<'p> {
 /// AVX-512 F available (the caller's target features); `1 <= NV <= 4`;
 /// `16 * (NV - 1) < f.ncols <= 16 * NV`; the plan covers the fused columns.
 #[inline(always)]
-unsafe fn neg_colterm<const NV: usize>(f: &FusedU8<'_>) -> [__m512i; NV] {
+unsafe fn neg_colterm<const NV: usize>(f: &FusedOut<'_>) -> [__m512i; NV] {
     // SAFETY: AVX-512 F is the caller's precondition; the masked loads read only columns
     // j0..j0 + ncols, which the plan covers.
     unsafe {
@@ -167,7 +188,7 @@ unsafe fn vnni_kernel<const MR: usize, const NV: usize>(
 /// `16 * (NV - 1) < f.ncols <= 16 * NV`; the plan covers those columns and `f.rowsums` those
 /// rows (when the weights have zero points).
 #[inline(always)]
-unsafe fn fused_rows<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU8<'_>) {
+unsafe fn fused_rows<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedOut<'_>) {
     // Locals, not fields: the stores below may alias anything as far as the compiler knows.
     let (out, ldc, r0, j0, rowsums) = (f.out, f.ldc, f.r0, f.j0, f.rowsums);
     // SAFETY: forwarded preconditions.
@@ -184,19 +205,7 @@ unsafe fn fused_rows<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU
                 }
             }};
         }
-        let mut first = 0;
-        while first < m {
-            let n = (m - first).min(6);
-            match n {
-                6 => tile!(6, first),
-                5 => tile!(5, first),
-                4 => tile!(4, first),
-                3 => tile!(3, first),
-                2 => tile!(2, first),
-                _ => tile!(1, first),
-            }
-            first += n;
-        }
+        tiles_of_six!(m, tile);
     }
 }
 
@@ -205,7 +214,7 @@ unsafe fn fused_rows<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU
 /// # Safety
 /// As [`fused_rows`], with the CPU supporting AVX-512 VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn vnni_fused<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU8<'_>) {
+unsafe fn vnni_fused<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedOut<'_>) {
     // SAFETY: this function's target features; forwarded preconditions.
     unsafe { fused_rows::<S, NV>(src, m, f) }
 }
@@ -214,7 +223,7 @@ unsafe fn vnni_fused<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedU
 ///
 /// # Safety
 /// As [`vnni_fused`], with `1 <= f.ncols <= 64`.
-unsafe fn vnni_fused_any<S: TileRows>(src: &S, m: usize, f: &FusedU8<'_>) {
+unsafe fn vnni_fused_any<S: TileRows>(src: &S, m: usize, f: &FusedOut<'_>) {
     // SAFETY: forwarded preconditions, with 16 * (NV - 1) < ncols <= 16 * NV.
     unsafe {
         match f.ncols.div_ceil(VNNI_LANES) {
@@ -235,7 +244,7 @@ unsafe fn vnni_fused_any<S: TileRows>(src: &S, m: usize, f: &FusedU8<'_>) {
 /// the rows exist in `a`; the columns exist from panel `panel0`; the fused target covers
 /// the rows and columns.
 pub(crate) unsafe fn vnni_dense_rows(
-    f: &FusedU8<'_>,
+    f: &FusedOut<'_>,
     a: &QMatrix<'_>,
     m: usize,
     packed: &[i8],
@@ -266,7 +275,7 @@ pub(crate) unsafe fn vnni_dense_rows(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn vnni_dense_rows_f32(
-    f: &FusedU8<'_>,
+    f: &FusedOut<'_>,
     a: &QMatrix<'_>,
     m: usize,
     packed: &[i8],
@@ -301,7 +310,7 @@ pub(crate) unsafe fn vnni_dense_rows_f32(
 unsafe fn dense_f32<const NV: usize>(
     src: &DenseRows,
     m: usize,
-    f: &FusedU8<'_>,
+    f: &FusedOut<'_>,
     relu: bool,
     per_row: Option<(&[crate::QuantU8], &[i32])>,
 ) {
@@ -356,19 +365,7 @@ unsafe fn dense_f32<const NV: usize>(
                 }
             }};
         }
-        let mut first = 0;
-        while first < m {
-            let n = (m - first).min(6);
-            match n {
-                6 => tile!(6, first),
-                5 => tile!(5, first),
-                4 => tile!(4, first),
-                3 => tile!(3, first),
-                2 => tile!(2, first),
-                _ => tile!(1, first),
-            }
-            first += n;
-        }
+        tiles_of_six!(m, tile);
     }
 }
 
@@ -1286,7 +1283,7 @@ impl TileRows for ConvSegments<'_> {
 /// holding the columns from panel `panel0`; the fused target covers the rows and columns.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn vnni_conv_rows(
-    f: &FusedU8<'_>,
+    f: &FusedOut<'_>,
     bases: &[*const u8],
     kh: usize,
     seg: usize,

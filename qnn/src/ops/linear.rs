@@ -37,22 +37,22 @@ impl Linear {
     }
 }
 
-impl Linear {
-    /// `(rows, out features)` for an input of shape `s` (`[.., in_features]`: every leading
-    /// dimension is rows, as `nn.Linear` takes `[batch, tokens, features]`).
-    fn out_dims(&self, s: &[usize]) -> Result<(usize, usize)> {
-        let (n, k) = (self.weight.shape()[0], self.weight.shape()[1]);
-        match s.split_last() {
-            Some((&kin, lead)) if !lead.is_empty() && kin == k => Ok((lead.iter().product(), n)),
-            _ => Err(shape_error("Linear", format!("[.., {k}]: at least 2-D, the last dimension in_features {k}"), s)),
+/// A linear layer's rows and output shape for an input of shape `s`: every dimension but the
+/// last (`in_features` = `k`) counts rows, as `nn.Linear` takes `[batch, tokens, features]`;
+/// the output has `n` features instead.
+fn rows_of(kind: &'static str, s: &[usize], k: usize, n: usize) -> Result<(usize, Vec<usize>)> {
+    match s.split_last() {
+        Some((&kin, lead)) if !lead.is_empty() && kin == k => {
+            Ok((lead.iter().product(), lead.iter().copied().chain([n]).collect()))
         }
+        _ => Err(shape_error(kind, format!("[.., {k}]: at least 2-D, the last dimension in_features {k}"), s)),
     }
+}
 
-    /// The output shape for input shape `s` (checked by `out_dims`).
-    fn out_shape(&self, s: &[usize]) -> Vec<usize> {
-        let mut o = s.to_vec();
-        *o.last_mut().expect("at least 2-D") = self.weight.shape()[0];
-        o
+impl Linear {
+    /// `(rows, output shape)` for an input of shape `s`.
+    fn out_dims(&self, s: &[usize]) -> Result<(usize, Vec<usize>)> {
+        rows_of("Linear", s, self.weight.shape()[1], self.weight.shape()[0])
     }
 }
 
@@ -105,11 +105,12 @@ impl Module for Linear {
     }
 
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
-        Some(self.out_dims(input).map(|_| self.out_shape(input)))
+        Some(self.out_dims(input).map(|(_, shape)| shape))
     }
 
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let (m, n) = self.out_dims(x.shape())?;
+        let (m, out_shape) = self.out_dims(x.shape())?;
+        let n = self.weight.shape()[0];
         let k = self.weight.shape()[1];
         let mut out = vec![0.0f32; m * n];
         let xs = x.as_standard_layout();
@@ -124,7 +125,7 @@ impl Module for Linear {
             &mut out,
         )
         .map_err(op_err)?;
-        let mut y = ArrayD::from_shape_vec(IxDyn(&self.out_shape(x.shape())), out).expect("m x n");
+        let mut y = ArrayD::from_shape_vec(IxDyn(&out_shape), out).expect("m x n");
         self.activation.apply(&mut y);
         Ok(y)
     }
@@ -198,21 +199,14 @@ impl QOp for LinearOp {
         // Rows of features: [batch, features] or [batch, tokens, features] (row-major in
         // int8); a 4-D int8 value is an image, stored NHWC, whose last logical dimension is
         // not contiguous.
-        let m = match shape.split_last() {
-            Some((&kin, lead)) if kin == k && !lead.is_empty() && shape.len() != 4 => lead.iter().product::<usize>(),
-            _ => {
-                return Err(NnError::Shape {
-                    module: String::new(),
-                    kind: "Linear",
-                    expected: format!(
-                        "a 2-D [batch, {k}] or 3-D [batch, tokens, {k}] input (put a Flatten before it for images)"
-                    ),
-                    got: shape,
-                })
-            }
-        };
-        let mut out_shape = shape.clone();
-        *out_shape.last_mut().expect("at least 2-D") = n;
+        if shape.len() == 4 {
+            return Err(shape_error(
+                "Linear",
+                format!("a 2-D [batch, {k}] or 3-D [batch, tokens, {k}] input (put a Flatten before it for images)"),
+                &shape,
+            ));
+        }
+        let (m, out_shape) = rows_of("Linear", &shape, k, n)?;
         let mut y = out_buf(&out_shape, run, "Linear")?;
         let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
         self.packed
@@ -337,20 +331,7 @@ impl QOp for DynamicLinearOp {
         // chooses its own parameters.
         let x = args.pop().expect("one input").into_f32();
         let (k, n) = (self.packed.weights().k(), self.packed.weights().n());
-        let shape = x.shape().to_vec();
-        let rows = match shape.split_last() {
-            Some((&kin, lead)) if !lead.is_empty() && kin == k => lead.iter().product::<usize>(),
-            _ => {
-                return Err(NnError::Shape {
-                    module: String::new(),
-                    kind: "LinearDynamic",
-                    expected: format!("[.., {k}]: at least 2-D, the last dimension in_features {k}"),
-                    got: shape,
-                })
-            }
-        };
-        let mut out_shape = shape.clone();
-        *out_shape.last_mut().expect("at least 2-D") = n;
+        let (rows, out_shape) = rows_of("LinearDynamic", x.shape(), k, n)?;
         crate::quant::budget(&out_shape, 4, run, "LinearDynamic")?;
         let xs = x.as_standard_layout();
         let mut y = vec![0.0f32; rows * n];
