@@ -108,9 +108,9 @@ pub fn conv2d_f32(
     conv2d_f32_with(qtensor::isa::selected(), x, nhwc, weights, okk, bias, geom, out)
 }
 
-/// [`conv2d_f32`] with an explicit instruction set, for conformance tests. Every tier gives
-/// bit-identical results: each output is the bias plus the products added tap by tap, in the
-/// same order (no fused multiply-add).
+/// [`conv2d_f32`] with an explicit instruction set, for conformance tests: the weights are
+/// packed into a [`crate::PackedConv2dF32`] for this one call, which gives bit-identical
+/// results on every tier.
 ///
 /// # Errors
 /// As [`conv2d_f32`].
@@ -138,7 +138,7 @@ pub fn conv2d_f32_with(
             ),
         });
     }
-    let (icg, ocg) = (c / g, oc / g);
+    let icg = c / g;
     if weights.len() != oc * kh * kw * icg {
         return Err(shape_err(vec![oc, kh, kw, icg], vec![weights.len()], "weights must be OHWI"));
     }
@@ -160,94 +160,48 @@ pub fn conv2d_f32_with(
     if out.len() != n * oh * ow * oc {
         return Err(shape_err(vec![n, oh, ow, oc], vec![out.len()], "output must be n * oh * ow * oc"));
     }
-    let tap = |b: usize, oy: usize, ox: usize, ky: usize, kx: usize| -> Option<usize> {
-        let iy = (oy * geom.stride[0] + ky * geom.dilation[0]) as isize - geom.padding[0] as isize;
-        let ix = (ox * geom.stride[1] + kx * geom.dilation[1]) as isize - geom.padding[1] as isize;
-        (iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize)
-            .then(|| ((b * h + iy as usize) * w + ix as usize) * c)
-    };
-    if g == c && g == oc {
-        // Depthwise: weights re-laid as [tap][channel], so every tap is one multiply-add of
-        // two contiguous channel rows into the output pixel.
-        let taps = kh * kw;
-        let mut wt = vec![0.0f32; taps * c];
-        for (ch, wc) in weights.chunks_exact(taps).enumerate() {
-            for (t, &v) in wc.iter().enumerate() {
-                wt[t * c + ch] = v;
-            }
-        }
-        let dims = DwDims { h, w, c, kh, kw, oh, ow };
-        depthwise_f32_core(isa, x, &wt, bias, &dims, &geom, out);
-        return Ok(());
-    }
-    let k = kh * kw * icg;
-    let rows = n * oh * ow;
-    if rows == 0 || k == 0 {
-        // Nothing to compute (an empty batch), or only the bias to write.
-        for o in out.chunks_exact_mut(oc.max(1)) {
-            match bias {
-                Some(bb) => o.copy_from_slice(bb),
-                None => o.fill(0.0),
-            }
-        }
-        return Ok(());
-    }
-    let pointwise = kh == 1 && kw == 1 && geom.stride == [1, 1] && geom.padding == [0, 0] && g == 1;
-    if pointwise {
-        gemm_f32(x, rows, k, c, weights, oc, bias, out, oc);
-        return Ok(());
-    }
-    // Every sgemm call packs the group's weights again, so chunks are tall: up to 4 MiB of
-    // im2col rows (at least 16 rows), which holds a whole 7x7 layer of ResNet-18 (49 rows of
-    // k = 4608) in one call.
-    let chunk = ((1 << 20) / k).max(16).min(rows);
-    let mut buf = vec![0.0f32; chunk * k];
-    for r0 in (0..rows).step_by(chunk) {
-        let r1 = (r0 + chunk).min(rows);
-        for gi in 0..g {
-            for (r, row) in (r0..r1).zip(buf.chunks_exact_mut(k)) {
-                let (b, rem) = (r / (oh * ow), r % (oh * ow));
-                let (oy, ox) = (rem / ow, rem % ow);
-                for (t, dst) in row.chunks_exact_mut(icg).enumerate() {
-                    match tap(b, oy, ox, t / kw, t % kw) {
-                        Some(p) => dst.copy_from_slice(&x[p + gi * icg..p + (gi + 1) * icg]),
-                        None => dst.fill(0.0),
-                    }
-                }
-            }
-            let wg = &weights[gi * ocg * k..(gi + 1) * ocg * k];
-            let bg = bias.map(|b| &b[gi * ocg..(gi + 1) * ocg]);
-            gemm_f32(&buf, r1 - r0, k, k, wg, ocg, bg, &mut out[r0 * oc + gi * ocg..], oc);
-        }
-    }
-    Ok(())
+    let packed = crate::fconv::PackedConv2dF32::with_isa(
+        isa,
+        weights,
+        crate::fconv::WeightLayout::Ohwi,
+        (oc, icg, kh, kw),
+        bias,
+        Conv2dGeometry { groups: g, ..geom },
+        crate::gemm::Activation::None,
+    )?;
+    packed.forward(x, (n, h, w, c), out, 1)
 }
 
-/// A depthwise convolution's sizes, checked by [`conv2d_f32_with`].
-struct DwDims {
-    h: usize,
-    w: usize,
-    c: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
+/// A depthwise convolution's sizes, checked by [`crate::PackedConv2dF32::forward`].
+pub(crate) struct DwDims {
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) c: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
 }
 
 multiversion! {
-    fn depthwise_f32_core(
+    /// Output pixels `r0..` (as many as `out` holds) of a depthwise convolution: weights
+    /// `[tap][channel]`, every tap one multiply-add of two contiguous channel rows into the
+    /// output pixel.
+    pub(crate) fn depthwise_f32_core(
         x: &[f32],
         wt: &[f32],
         bias: Option<&[f32]>,
         d: &DwDims,
         geom: &Conv2dGeometry,
+        r0: usize,
         out: &mut [f32],
     ) {
         let c = d.c;
         if c == 0 {
             return;
         }
-        for (p, o) in out.chunks_exact_mut(c).enumerate() {
+        for (i, o) in out.chunks_exact_mut(c).enumerate() {
+            let p = r0 + i;
             let (b, rem) = (p / (d.oh * d.ow), p % (d.oh * d.ow));
             let (oy, ox) = (rem / d.ow, rem % d.ow);
             match bias {

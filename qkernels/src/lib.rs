@@ -68,6 +68,7 @@
 #![allow(clippy::needless_range_loop)]
 
 mod conv;
+mod fconv;
 mod float;
 mod gemm;
 mod linear;
@@ -81,6 +82,7 @@ mod threads;
 mod x86;
 
 pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
+pub use fconv::{PackedConv2dF32, WeightLayout};
 pub use float::{conv2d_f32, conv2d_f32_with, linear_f32};
 pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
 pub use linear::{DynamicActivations, PackedLinear};

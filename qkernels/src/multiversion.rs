@@ -7,7 +7,8 @@
 /// `multiversion!(vis fn name(args) -> ret { body })` defines `name(isa, args) -> ret`, which
 /// runs `body` compiled for the best of `isa` and the CPU's tiers.
 macro_rules! multiversion {
-    ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name(isa: qtensor::isa::Isa, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]

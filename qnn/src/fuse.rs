@@ -330,6 +330,7 @@ fn find_seq<'a>(model: &'a mut Sequential, path: &str) -> Option<&'a mut Sequent
 /// # Errors
 /// As [`fuse()`].
 pub fn fuse_graph(g: &mut Graph) -> Result<Vec<Fused>> {
+    g.touch();
     let mut done = Vec::new();
     let mut i = 0;
     while i < g.nodes.len() {

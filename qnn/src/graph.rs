@@ -25,12 +25,13 @@
 //! ```
 
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
 
 use ndarray::ArrayD;
 
 use crate::error::{NnError, Result};
 use crate::layers::Identity;
-use crate::module::{cat_dim1, join, Concat, Module, Residual, Sequential};
+use crate::module::{cat_dim1, join, Concat, FloatKernel, Module, Residual, Sequential};
 use crate::ops::add::add_f32;
 use crate::ops::mul::mul_f32;
 
@@ -93,6 +94,23 @@ pub struct Graph<M = Box<dyn Module>> {
     pub(crate) outputs: Vec<Tensor>,
     /// The graph inputs' names, one per input.
     pub(crate) input_names: Vec<String>,
+    /// The layers' float kernels, prepared by the first `forward` (the `Module` one) and
+    /// dropped by anything that can change a layer: every `&mut self` method.
+    pub(crate) float: FloatCache,
+}
+
+/// Every node's prepared float computation ([`Module::float_kernel`]), `None` for nodes
+/// that have none.
+pub(crate) type FloatKernels = Vec<Option<Arc<dyn FloatKernel>>>;
+
+/// A graph's [`FloatKernels`], once prepared.
+#[derive(Default)]
+pub(crate) struct FloatCache(OnceLock<Arc<FloatKernels>>);
+
+impl std::fmt::Debug for FloatCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FloatCache({})", if self.0.get().is_some() { "prepared" } else { "empty" })
+    }
 }
 
 /// How a value's elements lie in memory.
@@ -231,6 +249,7 @@ impl<M> Graph<M> {
             inputs: self.inputs,
             outputs: self.outputs,
             input_names: self.input_names,
+            float: FloatCache::default(),
         }
     }
 }
@@ -323,16 +342,34 @@ impl<M: AsModule> Graph<M> {
     pub(crate) fn run_f32(
         &self,
         inputs: &[ArrayD<f32>],
+        kernels: Option<(&FloatKernels, usize)>,
         seen: impl FnMut(usize, &mut ArrayD<f32>) -> Result<()>,
     ) -> Result<Vec<ArrayD<f32>>> {
-        self.run_f32_with(inputs, |_, _| Ok(None), seen)
+        self.run_f32_with(inputs, kernels, |_, _| Ok(None), seen)
+    }
+
+    /// Every layer's prepared float computation ([`Module::float_kernel`]).
+    ///
+    /// # Errors
+    /// A layer that cannot prepare (the error names it).
+    pub(crate) fn float_kernels(&self) -> Result<FloatKernels> {
+        self.nodes
+            .iter()
+            .map(|n| match &n.op {
+                NodeOp::Layer(m) => m.module().float_kernel().transpose().map_err(|e| e.within(&n.name)),
+                _ => Ok(None),
+            })
+            .collect()
     }
 
     /// [`Graph::run_f32`] where `first(i, x)` may replace node `i`'s first input `x` for that
-    /// node alone (other readers of the value see it unchanged).
+    /// node alone (other readers of the value see it unchanged). With `kernels` (from
+    /// [`Graph::float_kernels`] of this graph, unchanged since, and a thread count), layers
+    /// run their prepared kernels.
     pub(crate) fn run_f32_with(
         &self,
         inputs: &[ArrayD<f32>],
+        kernels: Option<(&FloatKernels, usize)>,
         mut first: impl FnMut(usize, &ArrayD<f32>) -> Result<Option<ArrayD<f32>>>,
         mut seen: impl FnMut(usize, &mut ArrayD<f32>) -> Result<()>,
     ) -> Result<Vec<ArrayD<f32>>> {
@@ -357,7 +394,10 @@ impl<M: AsModule> Graph<M> {
                 if let Some(x) = &replaced {
                     xs[0] = x;
                 }
-                node_forward(n, &xs)?
+                match kernels.and_then(|(k, threads)| k[i].as_ref().map(|k| (k, threads))) {
+                    Some((k, threads)) => k.forward(xs[0], threads).map_err(|e| e.within(&n.name))?,
+                    None => node_forward(n, &xs)?,
+                }
             };
             seen(i, &mut y)?;
             for t in &n.inputs {
@@ -368,7 +408,19 @@ impl<M: AsModule> Graph<M> {
             }
             vals[n.output.0] = Some(y);
         }
-        Ok(self.outputs.iter().map(|t| vals[t.0].clone().expect("checked: outputs are computed")).collect())
+        // Outputs in PyTorch's memory order (float convolutions hand theirs on in NHWC order).
+        Ok(self
+            .outputs
+            .iter()
+            .map(|t| {
+                let y = vals[t.0].as_ref().expect("checked: outputs are computed");
+                if y.is_standard_layout() {
+                    y.clone()
+                } else {
+                    y.as_standard_layout().into_owned()
+                }
+            })
+            .collect())
     }
 }
 
@@ -422,6 +474,7 @@ impl Graph {
     /// # Errors
     /// No node of that name (with the nearest names).
     pub fn add_output(&mut self, node: &str) -> Result<()> {
+        self.touch();
         let Some(n) = self.nodes.iter().find(|n| n.name == node) else {
             let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
             return Err(NnError::UnknownModule {
@@ -433,12 +486,26 @@ impl Graph {
         Ok(())
     }
 
-    /// Runs the graph in float on one array per input; one array per output.
+    /// Runs the graph in float on one array per input; one array per output. The first run
+    /// prepares every layer's float kernels ([`Module::float_kernel`]: packed weights), which
+    /// the graph keeps until something could change a layer (any `&mut self` method).
     ///
     /// # Errors
     /// A wrong number of inputs, or an input a node cannot take (the message names it).
     pub fn run(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
-        self.run_f32(inputs, |_, _| Ok(()))
+        let kernels = match self.float.0.get() {
+            Some(k) => k.clone(),
+            None => {
+                let k = Arc::new(self.float_kernels()?);
+                self.float.0.get_or_init(|| k).clone()
+            }
+        };
+        self.run_f32(inputs, Some((&kernels, 1)), |_, _| Ok(()))
+    }
+
+    /// Drops the prepared float kernels: a layer may change.
+    pub(crate) fn touch(&mut self) {
+        self.float = FloatCache::default();
     }
 }
 
@@ -477,6 +544,7 @@ impl Module for Graph {
     }
 
     fn children_mut(&mut self) -> Vec<(&str, &mut dyn Module)> {
+        self.touch();
         self.nodes
             .iter_mut()
             .filter_map(|n| match &mut n.op {
@@ -491,6 +559,7 @@ impl Module for Graph {
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self.touch();
         self
     }
 }
@@ -506,6 +575,7 @@ pub(crate) fn view(model: &Sequential) -> Graph<LayerRef<'_>> {
         inputs: vec![Tensor(0)],
         outputs: vec![out],
         input_names: vec!["input".into()],
+        float: FloatCache::default(),
     }
 }
 
@@ -766,6 +836,7 @@ impl GraphBuilder {
             inputs: self.inputs,
             outputs: self.outputs,
             input_names: self.input_names,
+            float: FloatCache::default(),
         })
     }
 }

@@ -16,7 +16,7 @@ pub use crate::ops::slice::{Slice, SliceRange};
 pub use crate::ops::softmax::Softmax;
 pub use crate::ops::stubs::{DeQuantStub, Dropout, Identity, QuantStub};
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 
 use crate::error::{NnError, Result};
 
@@ -37,18 +37,56 @@ pub(crate) fn nchw(kind: &'static str, x: &ArrayD<f32>, what: &str) -> Result<[u
     }
 }
 
-/// NCHW -> NHWC, contiguous.
-pub(crate) fn to_nhwc(x: &ArrayD<f32>) -> Vec<f32> {
-    match (x.shape(), x.as_slice()) {
+/// The NHWC data of a 4-D NCHW array: borrowed when its elements already lie in NHWC order
+/// (what [`from_nhwc`] returns: float convolutions hand their outputs on that way), else
+/// transposed into a new buffer.
+pub(crate) fn to_nhwc(x: &ArrayD<f32>) -> std::borrow::Cow<'_, [f32]> {
+    if let Some(data) = nhwc_data(x) {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    std::borrow::Cow::Owned(match (x.shape(), x.as_slice()) {
         (&[n, c, h, w], Some(data)) => transpose_batched(data, n, c, h * w),
         _ => x.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned().into_raw_vec_and_offset().0,
+    })
+}
+
+/// The data of a 4-D NCHW array whose elements lie in NHWC order, if they do.
+pub(crate) fn nhwc_data(x: &ArrayD<f32>) -> Option<&[f32]> {
+    match (x.shape(), x.as_slice_memory_order()) {
+        (&[_, c, h, w], Some(data)) if is_nhwc(x.strides(), [c, h, w]) => Some(data),
+        _ => None,
     }
 }
 
-/// NHWC data of `[n, h, w, c]` -> NCHW array.
+/// Whether NCHW strides (in elements) of an array of `[_, c, h, w]` are NHWC's; sizes of 1
+/// may have any stride.
+fn is_nhwc(strides: &[isize], [c, h, w]: [usize; 3]) -> bool {
+    let want = [(h * w * c) as isize, 1, (w * c) as isize, c as isize];
+    let dims = [usize::MAX, c, h, w];
+    strides.iter().zip(want).zip(dims).enumerate().all(|(i, ((&s, want), d))| s == want || (i > 0 && d <= 1))
+}
+
+/// NHWC data of `[n, h, w, c]` as the NCHW array `[n, c, h, w]`, without moving it: the
+/// array's strides are NHWC's. Element-wise operations take it as it is; [`to_nhwc`] borrows
+/// it back; anything that needs PyTorch's memory order asks for the standard layout.
 pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32> {
-    let t = transpose_batched(&data, n, h * w, c);
-    ArrayD::from_shape_vec(IxDyn(&[n, c, h, w]), t).expect("length matches the shape")
+    ArrayD::from_shape_vec(IxDyn(&[n, h, w, c]), data)
+        .expect("length matches the shape")
+        .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+}
+
+/// `f(a, b)` element by element over two arrays of one shape, in the memory order they share
+/// when they are laid out alike (the result then has their strides), else in logical order.
+pub(crate) fn zip_same_layout(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32) -> ArrayD<f32> {
+    if a.shape() == b.shape() && a.strides() == b.strides() && a.strides().iter().all(|&s| s >= 0) {
+        if let (Some(sa), Some(sb)) = (a.as_slice_memory_order(), b.as_slice_memory_order()) {
+            let data: Vec<f32> = sa.iter().zip(sb).map(|(&x, &y)| f(x, y)).collect();
+            let strides: Vec<usize> = a.strides().iter().map(|&s| s as usize).collect();
+            let shape = IxDyn(a.shape()).strides(IxDyn(&strides));
+            return ArrayD::from_shape_vec(shape, data).expect("the strides of an array of this shape");
+        }
+    }
+    ndarray::Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))
 }
 
 /// `n` row-major `rows x cols` matrices, each transposed: element `(b, i, j)` of `src` lands
@@ -118,8 +156,26 @@ mod transpose_tests {
                 .expect("shape");
             let nhwc = to_nhwc(&x);
             let want: Vec<f32> = x.view().permuted_axes(IxDyn(&[0, 2, 3, 1])).iter().copied().collect();
-            assert_eq!(nhwc, want, "{n}x{c}x{h}x{w}");
-            assert_eq!(from_nhwc(nhwc, [n, h, w, c]), x, "{n}x{c}x{h}x{w}");
+            assert_eq!(*nhwc, want[..], "{n}x{c}x{h}x{w}");
+            let back = from_nhwc(nhwc.into_owned(), [n, h, w, c]);
+            assert_eq!(back, x, "{n}x{c}x{h}x{w}");
+            // The NHWC-strided array lends its data back without a copy.
+            assert!(matches!(to_nhwc(&back), std::borrow::Cow::Borrowed(d) if *d == want[..]));
+            assert_eq!(nhwc_data(&back).map(<[f32]>::len), Some(len));
         }
+    }
+
+    /// Element-wise joins of NHWC-strided arrays keep their layout and equal ndarray's.
+    #[test]
+    fn joins_keep_the_operands_layout() {
+        let (n, c, h, w) = (2, 5, 3, 4);
+        let a = from_nhwc((0..n * c * h * w).map(|v| v as f32 * 0.25).collect(), [n, h, w, c]);
+        let b = from_nhwc((0..n * c * h * w).map(|v| 7.0 - v as f32).collect(), [n, h, w, c]);
+        let s = zip_same_layout(&a, &b, |x, y| x + y);
+        assert_eq!(s, &a + &b);
+        assert_eq!(s.strides(), a.strides());
+        // Different layouts: logical order.
+        let bs = b.as_standard_layout().into_owned();
+        assert_eq!(zip_same_layout(&a, &bs, |x, y| x * y), &a * &bs);
     }
 }

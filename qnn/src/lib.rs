@@ -100,7 +100,7 @@ pub use config::{PoolOutputs, QConfigMapping, TableOutputs};
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_graph, fuse_modules, Fused};
 pub use graph::{ElemType, Graph, GraphBuilder, Layout, Tensor, ValueInfo};
-pub use module::{walk, Concat, Int8Layer, Module, Residual, Sequential};
+pub use module::{walk, Concat, FloatKernel, Int8Layer, Module, Residual, Sequential};
 pub use quant::{
     prepare, report_json, sqnr_db, FloatReason, LayerReport, Mode, NodeTime, PlanEntry, Prepared, QuantizedModel,
     Value, DEFAULT_MAX_ACTIVATION_BYTES,

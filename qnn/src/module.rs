@@ -10,6 +10,17 @@ use crate::error::Result;
 use crate::ops::{LowerCx, OpWriter, QOp};
 use crate::quant::Mode;
 
+/// A layer's float computation with what does not depend on the input prepared once (see
+/// [`Module::float_kernel`]).
+pub trait FloatKernel: Send + Sync + std::fmt::Debug {
+    /// The layer's output for `x`, bit for bit what its [`Module::forward`] gives, on
+    /// `threads` threads (the result does not depend on the count).
+    ///
+    /// # Errors
+    /// An input the layer cannot take, as `forward` reports it.
+    fn forward(&self, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>>;
+}
+
 /// A layer or a container of layers, run in `f32` on NCHW tensors (PyTorch's layout).
 ///
 /// Implement it for your own layers: `forward` is the float computation; `tensors` /
@@ -133,6 +144,14 @@ pub trait Module: Send + Sync + Debug {
             module: cx.name.to_string(),
             reason: format!("{} has no dynamically quantized form", self.kind()),
         })
+    }
+
+    /// Its float computation prepared once (weights packed for the kernels), giving exactly
+    /// [`Module::forward`]'s outputs: what calibration and a converted model's float fallback
+    /// run, input after input, while the layer does not change. `None` (the default):
+    /// `forward` has nothing to prepare.
+    fn float_kernel(&self) -> Option<Result<std::sync::Arc<dyn FloatKernel>>> {
+        None
     }
 
     /// Whether it computes each image of a batch (index 0) on its own, so that a converted

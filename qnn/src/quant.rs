@@ -13,7 +13,7 @@ use qtensor::{QTensor, QuantRange};
 use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::nearest;
-use crate::graph::{readers, AsModule, Graph, Node, NodeOp, Tensor};
+use crate::graph::{readers, AsModule, FloatKernels, Graph, Node, NodeOp, Tensor};
 use crate::layers::{DeQuantStub, QuantStub};
 use crate::module::{Module, Sequential};
 use crate::ops::activation::ClampOp;
@@ -179,6 +179,8 @@ struct PNode {
 #[derive(Debug)]
 pub struct Prepared {
     graph: Graph,
+    /// The (fused) graph's float kernels, which calibration runs.
+    kernels: FloatKernels,
     /// One per graph node.
     nodes: Vec<PNode>,
     plan: Vec<PlanEntry>,
@@ -220,6 +222,8 @@ fn join_mode(cfg: Option<&QConfig>, kind: &str) -> Mode {
 pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prepared> {
     let mut graph: Graph = model.into();
     let fused = if mapping.fuses() { crate::fuse::fuse_graph(&mut graph)? } else { Vec::new() };
+    graph.touch();
+    let kernels = graph.float_kernels()?;
     let mut obs = Vec::new();
     // A model input is configured by its name (`GraphBuilder::input`'s; "input" for a
     // container model) and the kind "input".
@@ -308,6 +312,7 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
     let fresh = obs.iter().map(|o| o.clone_box()).collect();
     Ok(Prepared {
         graph,
+        kernels,
         nodes,
         plan,
         input_cfgs,
@@ -321,7 +326,13 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
     })
 }
 
-fn run_batch(graph: &Graph, nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn Observer>]) -> Result<()> {
+fn run_batch(
+    graph: &Graph,
+    kernels: &FloatKernels,
+    nodes: &[PNode],
+    x: &ArrayD<f32>,
+    obs: &mut [Box<dyn Observer>],
+) -> Result<()> {
     if graph.inputs.len() != 1 {
         return Err(NnError::Shape {
             module: "(model input)".into(),
@@ -333,14 +344,20 @@ fn run_batch(graph: &Graph, nodes: &[PNode], x: &ArrayD<f32>, obs: &mut [Box<dyn
             got: x.shape().to_vec(),
         });
     }
-    run_batch_inputs(graph, nodes, std::slice::from_ref(x), obs)
+    run_batch_inputs(graph, kernels, nodes, std::slice::from_ref(x), obs)
 }
 
-fn run_batch_inputs(graph: &Graph, nodes: &[PNode], xs: &[ArrayD<f32>], obs: &mut [Box<dyn Observer>]) -> Result<()> {
+fn run_batch_inputs(
+    graph: &Graph,
+    kernels: &FloatKernels,
+    nodes: &[PNode],
+    xs: &[ArrayD<f32>],
+    obs: &mut [Box<dyn Observer>],
+) -> Result<()> {
     for (o, x) in obs.iter_mut().zip(xs) {
         o.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
     }
-    graph.run_f32(xs, |i, y| match nodes[i].obs {
+    graph.run_f32(xs, Some((kernels, 1)), |i, y| match nodes[i].obs {
         Some(k) if nodes[i].relu_after => observe(obs[k].as_mut(), &graph.nodes[i].name, &y.mapv(|v| v.max(0.0))),
         Some(k) => observe(obs[k].as_mut(), &graph.nodes[i].name, y),
         None => Ok(()),
@@ -371,7 +388,7 @@ impl Prepared {
     /// A batch the model cannot take, or non-finite values (the message names the tensor).
     pub fn calibrate(&mut self, x: &ArrayD<f32>) -> Result<()> {
         non_empty(x)?;
-        run_batch(&self.graph, &self.nodes, x, &mut self.obs)?;
+        run_batch(&self.graph, &self.kernels, &self.nodes, x, &mut self.obs)?;
         self.batches += 1;
         Ok(())
     }
@@ -383,7 +400,7 @@ impl Prepared {
     /// As [`Prepared::calibrate`], or a wrong number of inputs.
     pub fn calibrate_inputs(&mut self, xs: &[ArrayD<f32>]) -> Result<()> {
         xs.iter().try_for_each(non_empty)?;
-        run_batch_inputs(&self.graph, &self.nodes, xs, &mut self.obs)?;
+        run_batch_inputs(&self.graph, &self.kernels, &self.nodes, xs, &mut self.obs)?;
         self.batches += 1;
         Ok(())
     }
@@ -416,7 +433,7 @@ impl Prepared {
             }
         } else {
             let per = batches.len().div_ceil(threads);
-            let (graph, nodes) = (&self.graph, &self.nodes);
+            let (graph, kernels, nodes) = (&self.graph, &self.kernels, &self.nodes);
             let results: Vec<Result<Vec<Box<dyn Observer>>>> = std::thread::scope(|sc| {
                 let handles: Vec<_> = batches
                     .chunks(per)
@@ -425,7 +442,7 @@ impl Prepared {
                         let bar = bar.clone();
                         sc.spawn(move || -> Result<Vec<Box<dyn Observer>>> {
                             for x in chunk {
-                                run_batch(graph, nodes, x, &mut obs)?;
+                                run_batch(graph, kernels, nodes, x, &mut obs)?;
                                 if let Some(b) = &bar {
                                     b.inc(1);
                                 }
@@ -575,7 +592,7 @@ impl Prepared {
             }
             _ => Ok(None),
         };
-        let out = graph.run_f32_with(&inputs, dynamic_input, |i, y| match &value_fit[graph.nodes[i].output.0] {
+        let out = graph.run_f32_with(&inputs, None, dynamic_input, |i, y| match &value_fit[graph.nodes[i].output.0] {
             Some(f) => {
                 *y = f.fake_quantize(y).map_err(|e| NnError::Observe(e.for_tensor(&graph.nodes[i].name)))?;
                 Ok(())
@@ -668,7 +685,7 @@ impl Prepared {
             let op: Box<dyn QOp> = match n.op {
                 NodeOp::Layer(m) => match &p.mode {
                     Mode::Passthrough => Box::new(PassOp),
-                    Mode::Float(_) => Box::new(FloatOp(m)),
+                    Mode::Float(_) => Box::new(FloatOp::new(m).map_err(|e| e.within(&n.name))?),
                     Mode::Dynamic => {
                         let cfg = p.cfg.as_ref().expect("dynamic modules have a configuration");
                         m.lower_dynamic(&LowerCx { name: &n.name, cfg, in_q, out_q, tables })
@@ -700,6 +717,7 @@ impl Prepared {
             inputs: graph.inputs,
             outputs: graph.outputs,
             input_names: graph.input_names,
+            float: Default::default(),
         };
         fuse_add_relu(&mut g);
         for (n, range) in g.nodes.iter_mut().zip(ranges) {

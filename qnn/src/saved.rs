@@ -242,7 +242,7 @@ impl QuantizedModel {
             return Err(bad("the plan does not list the nodes, in order".into()));
         }
         let input_names = desc.input_names;
-        let graph = Graph { values, nodes, inputs, outputs, input_names };
+        let graph = Graph { values, nodes, inputs, outputs, input_names, float: Default::default() };
         Ok(QuantizedModel::assemble(input_q, desc.input_ranges, graph, plan))
     }
 }

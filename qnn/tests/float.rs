@@ -121,3 +121,25 @@ fn a_saved_state_dict_loads_back_unchanged() {
     let x = ArrayD::from_shape_fn(IxDyn(&[1, 3, 32, 32]), |i| ((i[1] * 7 + i[2] * 3 + i[3]) % 11) as f32 / 5.0 - 1.0);
     assert_eq!(model.forward(&x).unwrap(), other.forward(&x).unwrap());
 }
+
+/// A graph prepares its float kernels (packed weights) on its first run and drops them when
+/// a layer may change: new weights after a run give the new weights' outputs, exactly those
+/// of a graph that never ran, and the same as running each layer's own `forward`.
+#[test]
+fn graph_float_kernels_follow_weight_changes() {
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 1, 8, 8]), |i| ((i[0] * 3 + i[2] * 8 + i[3]) % 7) as f32 / 7.0 - 0.3);
+    let mut g: qnn::Graph = zoo::digits().into();
+    zoo::randomize(&mut g, 1);
+    let before = g.forward(&x).unwrap();
+    zoo::randomize(&mut g, 2);
+    let after = g.forward(&x).unwrap();
+    let mut fresh: qnn::Graph = zoo::digits().into();
+    zoo::randomize(&mut fresh, 2);
+    assert_eq!(after, fresh.forward(&x).unwrap());
+    assert_ne!(before, after);
+    // Layer by layer through `Module::forward` (the container form), bit for bit.
+    let mut seq = zoo::digits();
+    zoo::randomize(&mut seq, 2);
+    assert_eq!(seq.forward(&x).unwrap(), after);
+    assert!(after.is_standard_layout(), "graph outputs come in PyTorch's memory order");
+}

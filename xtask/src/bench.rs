@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use qkernels::{
-    conv2d_f32, gemm, linear_f32, Activation, Conv2dGeometry, DynamicActivations, GemmOutput, OutputQuant,
-    PackedConv2d, PackedWeights, QImage, QMatrix,
+    gemm, linear_f32, Activation, Conv2dGeometry, DynamicActivations, GemmOutput, OutputQuant, PackedConv2d,
+    PackedConv2dF32, PackedWeights, QImage, QMatrix, WeightLayout,
 };
 use serde::Serialize;
 
@@ -224,9 +224,17 @@ fn run_shape(shape: &Shape, threads: usize) -> Result<(f64, f64), String> {
             let xf: Vec<f32> = x.iter().map(|&v| v as f32 / 255.0).collect();
             let wf = wf.into_raw_vec_and_offset().0;
             let mut of = vec![0.0f32; out.len()];
-            let f32ms = median_ms(5, || {
-                conv2d_f32(&xf, (n, h, w, c), &wf, (oc, kh, kw), Some(&bias), geom, &mut of).expect("conv f32")
-            });
+            // Packed once, as a model's float layers are.
+            let pf = PackedConv2dF32::new(
+                &wf,
+                WeightLayout::Ohwi,
+                (oc, c / groups, kh, kw),
+                Some(&bias),
+                geom,
+                Activation::None,
+            )
+            .map_err(|e| e.to_string())?;
+            let f32ms = median_ms(5, || pf.forward(&xf, (n, h, w, c), &mut of, 1).expect("conv f32"));
             Ok((int8, f32ms))
         }
     }

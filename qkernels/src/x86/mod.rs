@@ -4,6 +4,8 @@
 //! Callers reach these only through `gemm` and `conv`, after packing checked the CPU: every function
 //! here is `unsafe` with the CPU feature as its precondition.
 
+pub(crate) mod fconv;
+
 use std::arch::x86_64::*;
 use std::ptr;
 

@@ -2,7 +2,7 @@
 //! requantization, bias and fused ReLU / ReLU6 in its epilogue).
 
 use ndarray::{ArrayD, IxDyn};
-use qkernels::{conv2d_f32, Conv2dGeometry, OutputQuant, PackedConv2d, QuantU8};
+use qkernels::{Conv2dGeometry, OutputQuant, PackedConv2d, PackedConv2dF32, QuantU8, WeightLayout};
 use qtensor::{DType, QParams, QTensor, QuantRange};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -11,7 +11,7 @@ use super::add::AddOp;
 use super::{attrs, bad, nchw_of, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::Result;
 use crate::layers::{from_nhwc, nchw, shape_error, to_nhwc, FusedAct};
-use crate::module::Module;
+use crate::module::{FloatKernel, Module};
 use crate::quant::{out_buf, quantize_weights, quantized, Mode, Run, Value};
 use crate::scratch::Input;
 
@@ -117,6 +117,24 @@ impl Conv2d {
         Ok([n, oc, oh, ow])
     }
 
+    /// The float weights, bias and activation packed for the kernels.
+    fn pack_f32(&self) -> Result<PackedConv2dF32> {
+        let &[oc, icg, kh, kw] = self.weight.shape() else {
+            return Err(shape_error("Conv2d", "a layer whose weight is 4-D (OIHW)".into(), self.weight.shape()));
+        };
+        let w = self.weight.as_standard_layout();
+        let bias = self.bias.as_ref().map(|b| b.iter().copied().collect::<Vec<f32>>());
+        PackedConv2dF32::new(
+            w.as_slice().expect("standard layout"),
+            WeightLayout::Oihw,
+            (oc, icg, kh, kw),
+            bias.as_deref(),
+            self.geom,
+            self.activation.kernel(),
+        )
+        .map_err(op_err)
+    }
+
     /// The weights as OHWI, the kernels' layout.
     pub fn weight_ohwi(&self) -> ArrayD<f32> {
         let s = self.weight.shape();
@@ -164,26 +182,12 @@ impl Module for Conv2d {
     }
 
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let [n, oc, oh, ow] = self.out_dims(x.shape())?;
-        let [_, c, h, w] = nchw("Conv2d", x, "[batch, channels, height, width]")?;
-        let (kh, kw) = (self.weight.shape()[2], self.weight.shape()[3]);
-        let g = &self.geom;
-        let mut out = vec![0.0f32; n * oh * ow * oc];
-        let wt = self.weight_ohwi();
-        let bias = self.bias.as_ref().map(|b| b.as_slice().expect("contiguous bias").to_vec());
-        conv2d_f32(
-            &to_nhwc(x),
-            (n, h, w, c),
-            wt.as_slice().expect("standard layout"),
-            (oc, kh, kw),
-            bias.as_deref(),
-            *g,
-            &mut out,
-        )
-        .map_err(op_err)?;
-        let mut y = from_nhwc(out, [n, oh, ow, oc]);
-        self.activation.apply(&mut y);
-        Ok(y)
+        self.out_dims(x.shape())?;
+        float_conv(&self.pack_f32()?, x, 1)
+    }
+
+    fn float_kernel(&self) -> Option<Result<std::sync::Arc<dyn FloatKernel>>> {
+        Some(self.pack_f32().map(|p| std::sync::Arc::new(ConvF32(p)) as std::sync::Arc<dyn FloatKernel>))
     }
 
     fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
@@ -203,6 +207,34 @@ impl Module for Conv2d {
     }
 
     any_methods!();
+}
+
+/// A float convolution through packed weights: NCHW in, NCHW out (with NHWC strides, as
+/// the kernels write it).
+fn float_conv(p: &PackedConv2dF32, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+    let [n, c, h, w] = nchw("Conv2d", x, "[batch, channels, height, width]")?;
+    let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
+    let mut out = vec![0.0f32; n * oh * ow * p.out_channels()];
+    p.forward(&to_nhwc(x), (n, h, w, c), &mut out, threads).map_err(op_err)?;
+    Ok(from_nhwc(out, [n, oh, ow, p.out_channels()]))
+}
+
+/// [`Conv2d`]'s weights packed once, for calibration and float fallbacks.
+#[derive(Debug)]
+struct ConvF32(PackedConv2dF32);
+
+impl FloatKernel for ConvF32 {
+    fn forward(&self, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        let got = x.shape();
+        if got.len() != 4 || got[1] != self.0.in_channels() {
+            return Err(shape_error(
+                "Conv2d",
+                format!("a 4-D NCHW tensor of {} channels [batch, channels, height, width]", self.0.in_channels()),
+                got,
+            ));
+        }
+        float_conv(&self.0, x, threads)
+    }
 }
 
 /// The int8 convolution: packed weights (and what they were packed from, to save them).

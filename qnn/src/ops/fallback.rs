@@ -10,14 +10,28 @@ use serde_json::Value as J;
 
 use super::{attrs, bad, int8_layer_loader, layer_loader, parse, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
-use crate::module::{Int8Layer, Module};
+use std::sync::Arc;
+
+use crate::module::{FloatKernel, Int8Layer, Module};
 use crate::quant::{quantized, Run, Value};
 use crate::scratch::Input;
 
 /// A float layer between automatic boundaries: a quantized input is dequantized; its output
-/// stays float, and the next int8 op quantizes it with this layer's observed parameters.
+/// stays float, and the next int8 op quantizes it with this layer's observed parameters. It
+/// runs its prepared float kernel ([`Module::float_kernel`]), if it has one.
 #[derive(Debug)]
-pub struct FloatOp(pub(crate) Box<dyn Module>);
+pub struct FloatOp(pub(crate) Box<dyn Module>, Option<Arc<dyn FloatKernel>>);
+
+impl FloatOp {
+    /// The layer, with its float kernel prepared.
+    ///
+    /// # Errors
+    /// A layer that cannot prepare one.
+    pub(crate) fn new(layer: Box<dyn Module>) -> Result<Self> {
+        let kernel = layer.float_kernel().transpose()?;
+        Ok(FloatOp(layer, kernel))
+    }
+}
 
 /// The saved form of a float layer: its kind and what its `save` wrote.
 #[derive(Serialize, Deserialize)]
@@ -36,7 +50,8 @@ pub(crate) const FLOAT: (&str, super::OpLoader) = ("Float", |j, r, node| {
     if layer.kind() != a.layer {
         return Err(bad(format!("{node}: the loader of '{}' built a '{}'", a.layer, layer.kind())));
     }
-    Ok(Box::new(FloatOp(layer)))
+    // A layer whose kernels cannot be prepared (an impossible geometry) is refused here.
+    Ok(Box::new(FloatOp::new(layer).map_err(|e| bad(format!("{node} ({}): {e}", a.layer)))?))
 });
 
 impl QOp for FloatOp {
@@ -45,7 +60,15 @@ impl QOp for FloatOp {
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
         let x = args.pop().expect("one input").into_f32();
-        Ok(Value::F32(super::float_forward(self.0.as_ref(), &x, run)?))
+        match &self.1 {
+            Some(k) => {
+                if let Some(shape) = self.0.output_shape(x.shape()) {
+                    crate::quant::budget(&shape?, 4, run, self.0.kind())?;
+                }
+                Ok(Value::F32(k.forward(&x, run.threads)?))
+            }
+            None => Ok(Value::F32(super::float_forward(self.0.as_ref(), &x, run)?)),
+        }
     }
     fn images_apart(&self) -> bool {
         self.0.computes_images_apart()

@@ -2,7 +2,10 @@
 //! and fused ReLU / ReLU6 in its epilogue).
 
 use ndarray::{ArrayD, IxDyn};
-use qkernels::{linear_f32, DynamicActivations, GemmOutput, OutputQuant, PackedLinear, QMatrix, QuantU8};
+use qkernels::{
+    Conv2dGeometry, DynamicActivations, GemmOutput, OutputQuant, PackedConv2dF32, PackedLinear, QMatrix, QuantU8,
+    WeightLayout,
+};
 use qtensor::QParams;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -11,7 +14,7 @@ use super::conv::{load_weights, save_weight_params};
 use super::{attrs, bad, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
 use crate::layers::{shape_error, FusedAct};
-use crate::module::Module;
+use crate::module::{FloatKernel, Module};
 use crate::quant::{out_buf, quantize_weights, quantized, Mode, Run, Value};
 use crate::scratch::Input;
 
@@ -53,6 +56,45 @@ impl Linear {
     /// `(rows, output shape)` for an input of shape `s`.
     fn out_dims(&self, s: &[usize]) -> Result<(usize, Vec<usize>)> {
         rows_of("Linear", s, self.weight.shape()[1], self.weight.shape()[0])
+    }
+
+    /// The float weights, bias and activation packed for the kernels: a 1x1 convolution of
+    /// one-pixel images.
+    fn pack_f32(&self) -> Result<PackedConv2dF32> {
+        let &[n, k] = self.weight.shape() else {
+            return Err(shape_error("Linear", "a layer whose weight is 2-D [out, in]".into(), self.weight.shape()));
+        };
+        let w = self.weight.as_standard_layout();
+        let bias = self.bias.as_ref().map(|b| b.iter().copied().collect::<Vec<f32>>());
+        PackedConv2dF32::new(
+            w.as_slice().expect("standard layout"),
+            WeightLayout::Oihw,
+            (n, k, 1, 1),
+            bias.as_deref(),
+            Conv2dGeometry::default(),
+            self.activation.kernel(),
+        )
+        .map_err(op_err)
+    }
+}
+
+/// A float linear layer through packed weights, on `[.., in]` inputs.
+fn float_linear(p: &PackedConv2dF32, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+    let (k, n) = (p.in_channels(), p.out_channels());
+    let (m, out_shape) = rows_of("Linear", x.shape(), k, n)?;
+    let xs = x.as_standard_layout();
+    let mut out = vec![0.0f32; m * n];
+    p.forward(xs.as_slice().expect("standard layout"), (m, 1, 1, k), &mut out, threads).map_err(op_err)?;
+    Ok(ArrayD::from_shape_vec(IxDyn(&out_shape), out).expect("m x n"))
+}
+
+/// [`Linear`]'s weights packed once, for calibration and float fallbacks.
+#[derive(Debug)]
+struct LinearF32(PackedConv2dF32);
+
+impl FloatKernel for LinearF32 {
+    fn forward(&self, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        float_linear(&self.0, x, threads)
     }
 }
 
@@ -109,25 +151,12 @@ impl Module for Linear {
     }
 
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let (m, out_shape) = self.out_dims(x.shape())?;
-        let n = self.weight.shape()[0];
-        let k = self.weight.shape()[1];
-        let mut out = vec![0.0f32; m * n];
-        let xs = x.as_standard_layout();
-        let bias = self.bias.as_ref().map(|b| b.iter().copied().collect::<Vec<_>>());
-        linear_f32(
-            xs.as_slice().expect("standard"),
-            m,
-            k,
-            self.weight.as_slice().expect("standard"),
-            n,
-            bias.as_deref(),
-            &mut out,
-        )
-        .map_err(op_err)?;
-        let mut y = ArrayD::from_shape_vec(IxDyn(&out_shape), out).expect("m x n");
-        self.activation.apply(&mut y);
-        Ok(y)
+        self.out_dims(x.shape())?;
+        float_linear(&self.pack_f32()?, x, 1)
+    }
+
+    fn float_kernel(&self) -> Option<Result<std::sync::Arc<dyn FloatKernel>>> {
+        Some(self.pack_f32().map(|p| std::sync::Arc::new(LinearF32(p)) as std::sync::Arc<dyn FloatKernel>))
     }
 
     fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {

@@ -40,6 +40,9 @@ pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<Ar
     if !mul_shapes_fit(a.shape(), b.shape()) {
         return Err(shape_err(a.shape(), b.shape(), name));
     }
+    if a.shape() == b.shape() {
+        return Ok(crate::layers::zip_same_layout(a, b, |x, y| x * y));
+    }
     Ok(a * b)
 }
 

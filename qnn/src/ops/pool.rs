@@ -8,7 +8,7 @@ use serde_json::Value as J;
 
 use super::{attrs, image_op, nchw_of, op_err, parse, LowerCx, OpWriter, QOp, SavedQ};
 use crate::error::Result;
-use crate::layers::nchw;
+use crate::layers::{nchw, nhwc_data};
 use crate::module::Module;
 use crate::quant::{out_buf, quantized, Mode, Run, Value};
 use crate::scratch::Input;
@@ -158,6 +158,22 @@ impl Module for MaxPool2d {
         let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
         // Dilated windows: each tap on its own, padding never counted.
         let tap = |o: usize, k: usize, d: usize| (o * p.stride[d] + k * p.dilation[d]).checked_sub(p.padding[d]);
+        if let Some(data) = nhwc_data(x) {
+            // The same maxima, taken a pixel's channels at a time, in NHWC order.
+            let mut y = vec![f32::NEG_INFINITY; n * oh * ow * c];
+            for (i, o) in y.chunks_exact_mut(c.max(1)).enumerate() {
+                let (b, oy, ox) = (i / (oh * ow), i / ow % oh, i % ow);
+                for iy in (0..p.kernel[0]).filter_map(|ky| tap(oy, ky, 0)).filter(|&iy| iy < h) {
+                    for ix in (0..p.kernel[1]).filter_map(|kx| tap(ox, kx, 1)).filter(|&ix| ix < w) {
+                        let px = &data[((b * h + iy) * w + ix) * c..][..c];
+                        for (m, &v) in o.iter_mut().zip(px) {
+                            *m = m.max(v);
+                        }
+                    }
+                }
+            }
+            return Ok(crate::layers::from_nhwc(y, [n, oh, ow, c]));
+        }
         Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
             let mut m = f32::NEG_INFINITY;
             for iy in (0..p.kernel[0]).filter_map(|ky| tap(oy, ky, 0)).filter(|&iy| iy < h) {

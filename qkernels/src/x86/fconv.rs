@@ -1,0 +1,69 @@
+//! The AVX-512 `f32` convolution tile: `MR` output pixels by two 16-lane vectors of output
+//! channels, sixteen accumulators, the weights' two vectors loaded once per reduction step and
+//! every pixel's input value broadcast from its row.
+
+use std::arch::x86_64::*;
+
+use crate::fconv::{Tile, MR, PANEL};
+use crate::gemm::Activation;
+
+/// The tile's outputs, written to `out` (rows `ldo` apart, columns `0..cols`).
+///
+/// # Safety
+/// The CPU has AVX-512 F. Every pointer in `t.ptrs` reads `t.seg_len` values; `t.panel` holds
+/// `t.ptrs.len() / MR * t.seg_len` rows of `PANEL` values; `out` addresses
+/// `(t.rows - 1) * t.ldo + t.cols` writable values.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: *mut f32, act: Activation) {
+    const { assert!(PANEL == 32) };
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut w = t.panel.as_ptr();
+    for seg in t.ptrs.chunks_exact(MR) {
+        let p: [*const f32; MR] = seg.try_into().expect("MR pointers per segment");
+        for ci in 0..t.seg_len {
+            // SAFETY: `w` walks the panel's `segments * seg_len` rows of 32 values in order;
+            // `p[r] + ci` is within the `seg_len` values behind each pointer.
+            unsafe {
+                let w0 = _mm512_loadu_ps(w);
+                let w1 = _mm512_loadu_ps(w.add(16));
+                w = w.add(PANEL);
+                for r in 0..MR {
+                    let a = _mm512_set1_ps(*p[r].add(ci));
+                    acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+                }
+            }
+        }
+    }
+    // SAFETY: the bias holds PANEL values.
+    let (b0, b1) = unsafe { (_mm512_loadu_ps(t.bias.as_ptr()), _mm512_loadu_ps(t.bias.as_ptr().add(16))) };
+    let cols = t.cols.min(PANEL);
+    let m0 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
+    let m1 = if cols >= 32 {
+        0xffff
+    } else if cols > 16 {
+        ((1u32 << (cols - 16)) - 1) as u16
+    } else {
+        0
+    };
+    let zero = _mm512_setzero_ps();
+    let six = _mm512_set1_ps(6.0);
+    let activate = |v: __m512| match act {
+        Activation::None => v,
+        // max(0, v) and min(6, v) return their second operand, v, when v is NaN or a zero
+        // (`(0 > v) ? 0 : v`), as the twin does.
+        Activation::Relu => _mm512_max_ps(zero, v),
+        Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, v)),
+    };
+    for (r, a) in acc.iter().enumerate().take(t.rows) {
+        let v0 = activate(_mm512_add_ps(a[0], b0));
+        let v1 = activate(_mm512_add_ps(a[1], b1));
+        // SAFETY: row r < rows starts `r * ldo` values in; the masks write only columns
+        // below `cols`.
+        unsafe {
+            let o = out.add(r * t.ldo);
+            _mm512_mask_storeu_ps(o, m0, v0);
+            _mm512_mask_storeu_ps(o.add(16), m1, v1);
+        }
+    }
+}
