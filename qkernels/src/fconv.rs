@@ -9,8 +9,8 @@
 //! tile's im2col rows first, so the inner loop runs over the whole reduction at once.
 //!
 //! Every output is `act(Σ_k fma(a_k, w_k) + bias)`: the products accumulated in `k` order
-//! with fused multiply-adds from 0, then the bias added, then the activation. The AVX-512
-//! kernel and its scalar twin follow exactly this order, so every tier and every thread count
+//! with fused multiply-adds from 0, then the bias added, then the activation. The AVX-512 and
+//! AVX2 + FMA kernels and their scalar twin follow exactly this order, so every tier and every thread count
 //! gives bit-identical results. Depthwise layers run the direct loop of [`crate::float`].
 
 use qtensor::isa::Isa;
@@ -19,7 +19,6 @@ use rayon::prelude::*;
 
 use crate::conv::Conv2dGeometry;
 use crate::gemm::Activation;
-use crate::multiversion::multiversion;
 
 const OP: &str = "qkernels::PackedConv2dF32";
 
@@ -450,31 +449,36 @@ unsafe fn run_tile(isa: Isa, t: &Tile<'_>, out: &mut [f32], act: Activation) {
         unsafe { crate::x86::fconv::tile_avx512(t, out.as_mut_ptr(), act) };
         return;
     }
-    tile_twin(isa, t, out, act);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // SAFETY: as above, for AVX2 and FMA.
+        unsafe { crate::x86::fconv::tile_avx2(t, out.as_mut_ptr(), act) };
+        return;
+    }
+    let _ = isa;
+    tile_twin(t, out, act);
 }
 
-multiversion! {
-    /// The scalar twin of the AVX-512 tile: the same products, accumulated in the same order.
-    fn tile_twin(t: &Tile<'_>, out: &mut [f32], act: Activation) {
-        let mut acc = [[0.0f32; PANEL]; MR];
-        for (s, seg) in t.ptrs.chunks_exact(MR).enumerate() {
-            for ci in 0..t.seg_len {
-                let wk = &t.panel[(s * t.seg_len + ci) * PANEL..][..PANEL];
-                for (r, row) in acc.iter_mut().enumerate() {
-                    // SAFETY: the caller of `run_tile` promised `seg_len` readable values
-                    // behind every pointer.
-                    let a = unsafe { *seg[r].add(ci) };
-                    for (v, &w) in row.iter_mut().zip(wk) {
-                        *v = a.mul_add(w, *v);
-                    }
+/// The scalar twin of the vector tiles: the same products, accumulated in the same order.
+fn tile_twin(t: &Tile<'_>, out: &mut [f32], act: Activation) {
+    let mut acc = [[0.0f32; PANEL]; MR];
+    for (s, seg) in t.ptrs.chunks_exact(MR).enumerate() {
+        for ci in 0..t.seg_len {
+            let wk = &t.panel[(s * t.seg_len + ci) * PANEL..][..PANEL];
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller of `run_tile` promised `seg_len` readable values
+                // behind every pointer.
+                let a = unsafe { *seg[r].add(ci) };
+                for (v, &w) in row.iter_mut().zip(wk) {
+                    *v = a.mul_add(w, *v);
                 }
             }
         }
-        for (r, row) in acc.iter().enumerate().take(t.rows) {
-            let o = &mut out[r * t.ldo..][..t.cols];
-            for ((dst, &v), &b) in o.iter_mut().zip(row).zip(t.bias) {
-                *dst = act_one(act, v + b);
-            }
+    }
+    for (r, row) in acc.iter().enumerate().take(t.rows) {
+        let o = &mut out[r * t.ldo..][..t.cols];
+        for ((dst, &v), &b) in o.iter_mut().zip(row).zip(t.bias) {
+            *dst = act_one(act, v + b);
         }
     }
 }
