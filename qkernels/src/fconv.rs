@@ -10,8 +10,8 @@
 //!
 //! Every output is `act(Σ_k fma(a_k, w_k) + bias)`: the products accumulated in `k` order
 //! with fused multiply-adds from 0, then the bias added, then the activation. The AVX-512 and
-//! AVX2 + FMA kernels and their scalar twin follow exactly this order, so every tier and every thread count
-//! gives bit-identical results. Depthwise layers run the direct loop of [`crate::float`].
+//! AVX2 + FMA kernels and their scalar twin follow exactly this order, so every tier and
+//! every thread count gives bit-identical results. Depthwise layers run the direct loop of [`crate::float`].
 
 use qtensor::isa::Isa;
 use qtensor::{QError, Result};

@@ -326,9 +326,10 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
     })
 }
 
+/// One calibration batch, its float kernels on `threads` threads.
 fn run_batch(
     graph: &Graph,
-    kernels: &FloatKernels,
+    (kernels, threads): (&FloatKernels, usize),
     nodes: &[PNode],
     x: &ArrayD<f32>,
     obs: &mut [Box<dyn Observer>],
@@ -344,12 +345,23 @@ fn run_batch(
             got: x.shape().to_vec(),
         });
     }
-    run_batch_inputs(graph, kernels, nodes, std::slice::from_ref(x), obs)
+    run_batch_inputs(graph, (kernels, threads), nodes, std::slice::from_ref(x), obs)
 }
 
 fn run_batch_inputs(
     graph: &Graph,
-    kernels: &FloatKernels,
+    (kernels, threads): (&FloatKernels, usize),
+    nodes: &[PNode],
+    xs: &[ArrayD<f32>],
+    obs: &mut [Box<dyn Observer>],
+) -> Result<()> {
+    // Inside the kernels' pool for the whole batch: each layer's kernel call runs in place.
+    qkernels::with_threads(threads, || run_batch_in_pool(graph, (kernels, threads), nodes, xs, obs))
+}
+
+fn run_batch_in_pool(
+    graph: &Graph,
+    (kernels, threads): (&FloatKernels, usize),
     nodes: &[PNode],
     xs: &[ArrayD<f32>],
     obs: &mut [Box<dyn Observer>],
@@ -357,7 +369,7 @@ fn run_batch_inputs(
     for (o, x) in obs.iter_mut().zip(xs) {
         o.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
     }
-    graph.run_f32(xs, Some((kernels, 1)), |i, y| match nodes[i].obs {
+    graph.run_f32(xs, Some((kernels, threads)), |i, y| match nodes[i].obs {
         Some(k) if nodes[i].relu_after => observe(obs[k].as_mut(), &graph.nodes[i].name, &y.mapv(|v| v.max(0.0))),
         Some(k) => observe(obs[k].as_mut(), &graph.nodes[i].name, y),
         None => Ok(()),
@@ -388,7 +400,7 @@ impl Prepared {
     /// A batch the model cannot take, or non-finite values (the message names the tensor).
     pub fn calibrate(&mut self, x: &ArrayD<f32>) -> Result<()> {
         non_empty(x)?;
-        run_batch(&self.graph, &self.kernels, &self.nodes, x, &mut self.obs)?;
+        run_batch(&self.graph, (&self.kernels, 1), &self.nodes, x, &mut self.obs)?;
         self.batches += 1;
         Ok(())
     }
@@ -400,15 +412,20 @@ impl Prepared {
     /// As [`Prepared::calibrate`], or a wrong number of inputs.
     pub fn calibrate_inputs(&mut self, xs: &[ArrayD<f32>]) -> Result<()> {
         xs.iter().try_for_each(non_empty)?;
-        run_batch_inputs(&self.graph, &self.kernels, &self.nodes, xs, &mut self.obs)?;
+        run_batch_inputs(&self.graph, (&self.kernels, 1), &self.nodes, xs, &mut self.obs)?;
         self.batches += 1;
         Ok(())
     }
 
-    /// Calibrates on many batches, on `threads` threads (each with its own observers, merged
-    /// in batch order at the end), with a progress bar on a terminal. Min-max observers give
-    /// exactly the one-thread result; histogram observers re-bin when merging ranges that
-    /// differ; moving averages depend on order and refuse: calibrate them with `threads = 1`.
+    /// Calibrates on many batches, on `threads` threads, with a progress bar on a terminal.
+    /// Up to `threads` workers take consecutive runs of batches, each with its own observers
+    /// (merged in batch order at the end); each worker's float convolutions and linear layers
+    /// run on its share of the threads (`threads / workers`), so fewer batches than threads
+    /// (one batch, say) still use them all. With one worker, the observers see exactly the
+    /// values, in the same order, of a one-thread calibration (the float kernels give the same
+    /// results on any number of threads). Across workers, min-max observers give exactly the
+    /// one-thread result; histogram observers re-bin when merging ranges that differ; moving
+    /// averages depend on order and refuse.
     ///
     /// # Errors
     /// As [`Prepared::calibrate`], or observers that cannot merge.
@@ -423,16 +440,21 @@ impl Prepared {
             );
             b
         });
-        let threads = threads.clamp(1, batches.len().max(1));
-        if threads == 1 {
+        // As many workers as there are batches, up to `threads`, each with its share of the
+        // threads for its layers' kernels: one batch gets every thread.
+        let threads = threads.max(1);
+        let workers = threads.min(batches.len().max(1));
+        let per_worker = threads / workers;
+        if workers == 1 {
             for x in batches {
-                self.calibrate(x)?;
+                run_batch(&self.graph, (&self.kernels, per_worker), &self.nodes, x, &mut self.obs)?;
+                self.batches += 1;
                 if let Some(b) = &bar {
                     b.inc(1);
                 }
             }
         } else {
-            let per = batches.len().div_ceil(threads);
+            let per = batches.len().div_ceil(workers);
             let (graph, kernels, nodes) = (&self.graph, &self.kernels, &self.nodes);
             let results: Vec<Result<Vec<Box<dyn Observer>>>> = std::thread::scope(|sc| {
                 let handles: Vec<_> = batches
@@ -442,7 +464,7 @@ impl Prepared {
                         let bar = bar.clone();
                         sc.spawn(move || -> Result<Vec<Box<dyn Observer>>> {
                             for x in chunk {
-                                run_batch(graph, kernels, nodes, x, &mut obs)?;
+                                run_batch(graph, (kernels, per_worker), nodes, x, &mut obs)?;
                                 if let Some(b) = &bar {
                                     b.inc(1);
                                 }

@@ -197,6 +197,19 @@ fn parallel_calibration_equals_sequential_for_min_max() {
     let mut p = prepare(load(), &QConfigMapping::new(moving)).unwrap();
     let e = p.calibrate_batches(&batches, 2).unwrap_err().to_string();
     assert!(e.contains("order of batches"), "{e}");
+
+    // Histogram observers on one batch at a time, all threads inside each batch's layers: the
+    // very observers of a one-thread calibration, so the same model.
+    let histogram = pytorch_mapping(QConfig::default());
+    let mut one = prepare(load(), &histogram).unwrap();
+    let mut both = prepare(load(), &histogram).unwrap();
+    for b in &batches {
+        one.calibrate_batches(std::slice::from_ref(b), 1).unwrap();
+        both.calibrate_batches(std::slice::from_ref(b), 2).unwrap();
+    }
+    let (one, both) = (one.convert().unwrap(), both.convert().unwrap());
+    assert_eq!(one.output_quants(), both.output_quants());
+    assert_eq!(one.forward(&x).unwrap(), both.forward(&x).unwrap());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use ndarray::ArrayViewD;
 use qtensor::QParams;
 
 use crate::error::{ObserveError, Result};
-use crate::observer::{check_finite, contiguous, NonFinite, Observer, QuantSpec};
+use crate::observer::{check_finite, in_memory_order, NonFinite, Observer, QuantSpec};
 use crate::scan::scan;
 
 /// PyTorch's histogram re-binning factor (`upsample_rate`, since mid-2024).
@@ -238,10 +238,23 @@ impl HistogramCollector {
         let mids = linspace(self.min, self.max, fine + 1);
         let edges = linspace(new_min, new_max, bins + 1);
         let mut out = vec![0.0f32; bins];
+        // The midpoints rise, so over sorted edges the count of edges <= mid only grows: a
+        // walk finds it without a search per midpoint (a midpoint below the one before, or
+        // unsorted edges, take the binary search; the counts are the same either way).
+        let sorted = edges.windows(2).all(|w| w[0] <= w[1]);
+        let (mut count, mut prev) = (0usize, f32::NEG_INFINITY);
         for (i, &m) in mids[..fine].iter().enumerate() {
             let mid = m + 0.5 * bin_size;
+            if sorted && mid >= prev {
+                while count < edges.len() && edges[count] <= mid {
+                    count += 1;
+                }
+            } else {
+                count = edges.partition_point(|&e| e <= mid);
+            }
+            prev = mid;
             // bucketize(right=True) - 1: the last edge <= mid, clamped to a bin.
-            let b = edges.partition_point(|&e| e <= mid).saturating_sub(1).min(bins - 1);
+            let b = count.saturating_sub(1).min(bins - 1);
             out[b] += self.hist[i / UPSAMPLE] / UPSAMPLE as f32;
         }
         out
@@ -428,7 +441,7 @@ impl Core {
         if x.is_empty() {
             return Ok(());
         }
-        let data = contiguous(&x);
+        let data = in_memory_order(&x);
         let s = scan(&data);
         check_finite(self.policy, kind, &x, &s)?;
         if s.nonfinite == data.len() {

@@ -8,7 +8,7 @@ use ndarray::ArrayViewD;
 use qtensor::QParams;
 
 use crate::error::{ObserveError, Result};
-use crate::observer::{check_finite, contiguous, resolve_axis, NonFinite, Observer, QuantSpec};
+use crate::observer::{check_finite, contiguous, in_memory_order, resolve_axis, NonFinite, Observer, QuantSpec};
 use crate::scan::{scan, scan_channels, Scan};
 
 /// Running min and max; with `averaging = Some(c)`, an exponential moving average after the
@@ -120,7 +120,7 @@ impl Observer for MinMaxObserver {
         if x.is_empty() {
             return Ok(());
         }
-        let data = contiguous(&x);
+        let data = in_memory_order(&x);
         let s = scan(&data);
         check_finite(self.policy, self.kind(), &x, &s)?;
         if s.min <= s.max {

@@ -196,6 +196,15 @@ pub(crate) fn check_finite(policy: NonFinite, kind: &str, x: &ArrayViewD<'_, f32
     })
 }
 
+/// A batch's values in the order they lie in memory, copied only if they are not contiguous:
+/// for what does not depend on the order (ranges, histograms, counts).
+pub(crate) fn in_memory_order<'a>(x: &'a ArrayViewD<'_, f32>) -> std::borrow::Cow<'a, [f32]> {
+    match x.as_slice_memory_order() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => contiguous(x),
+    }
+}
+
 /// The standard-layout data of a batch, copied only if it was not contiguous.
 pub(crate) fn contiguous<'a>(x: &'a ArrayViewD<'_, f32>) -> std::borrow::Cow<'a, [f32]> {
     match x.as_slice() {

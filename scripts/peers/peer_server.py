@@ -9,7 +9,9 @@ images whose outputs give the int8 SQNR against the same side's float model). Ou
 every peer quantize the same model on the same images and are timed on the same inputs.
 
 A peer script builds its models (``Backend.prepare``), prints one JSON line
-``{"ready": {model: {"sqnr_db": .., "f32_ms": .., "int8": true | false}}}``, then answers requests on standard input,
+``{"ready": {model: {"sqnr_db": .., "f32_ms": .., "quantize_ms": .., "int8": true | false}}}``
+(``quantize_ms``: the whole quantization on one thread, from the float model to the runnable
+int8 one, calibration on the ``calib`` images included; null without an int8 form), then answers requests on standard input,
 one JSON line each, ``{"model": .., "threads": .., "batch": 1 | 8}``, with ``{"int8_ms": ..}``
 (the median of at least ``reps`` runs and 0.25 s, after 3 warm-up runs), or (ONNX Runtime)
 ``{"run_file": model.onnx, "input": "xq", "out": file.pb}`` with ``{"done": true}`` after
@@ -63,8 +65,9 @@ def sqnr_db(ref, got):
 
 
 def serve(backend, argv=None):
-    """``backend.prepare(name, directory, inputs) -> (sqnr_db or None, f32_ms_1_thread)`` (None:
-    the peer has no int8 form of the model; it is then never asked to time one) and
+    """``backend.prepare(name, directory, inputs) -> (sqnr_db or None, f32_ms_1_thread,
+    quantize_ms or None)`` (None: the peer has no int8 form of the model; it is then never
+    asked to time one) and
     ``backend.int8_runner(name, threads, x) -> callable`` (a function running the int8 model
     once on ``x``)."""
     import argparse
@@ -78,8 +81,8 @@ def serve(backend, argv=None):
     inputs = load_inputs(a.dir)
     ready = {}
     for name in a.models.split(","):
-        sqnr, f32_ms = backend.prepare(name, a.dir, inputs)
-        ready[name] = {"sqnr_db": sqnr, "f32_ms": f32_ms, "int8": sqnr is not None}
+        sqnr, f32_ms, quantize_ms = backend.prepare(name, a.dir, inputs)
+        ready[name] = {"sqnr_db": sqnr, "f32_ms": f32_ms, "quantize_ms": quantize_ms, "int8": sqnr is not None}
         print(f"{backend.NAME} {name}: int8 SQNR {sqnr} dB, f32 {f32_ms:.2f} ms", file=sys.stderr, flush=True)
     print(json.dumps({"ready": ready}), flush=True)
     while True:

@@ -5,7 +5,7 @@ For each model, torchvision's quantizable architecture (EfficientNet-B0 has none
 in float only, and reported without int8) gets the weights ``cargo xtask bench`` wrote (``peer_server.py`` describes the files and the protocol), is fused with
 ``fuse_model()``, given ``get_default_qconfig("x86")`` (HistogramObserver activations,
 per-channel weights), prepared, calibrated on the same images as ours (one at a time) and
-converted. ``model(x)`` runs under ``torch.inference_mode()`` with
+converted (the whole of which is timed, one thread). ``model(x)`` runs under ``torch.inference_mode()`` with
 ``torch.set_num_threads(threads)``.
 
     QRUST_PYTHON=~/qrust-venv/bin/python cargo xtask bench --peers
@@ -14,6 +14,7 @@ converted. ``model(x)`` runs under ``torch.inference_mode()`` with
 
 import os
 import sys
+import time
 
 import torch
 import torch.ao.quantization as tq
@@ -46,7 +47,7 @@ class Torch:
             peer_server.load_state_dict(m, directory, name)
             x = torch.from_numpy(inputs["x1"])
             with torch.inference_mode():
-                return None, peer_server.median_ms(lambda: m(x), 5)
+                return None, peer_server.median_ms(lambda: m(x), 5), None
         m = CTORS[name](weights=None, quantize=False).eval()
         peer_server.load_state_dict(m, directory, name)
         x = torch.from_numpy(inputs["x1"])
@@ -56,17 +57,21 @@ class Torch:
             ref = m(xq)
         q = CTORS[name](weights=None, quantize=False).eval()
         q.load_state_dict(m.state_dict())
+        calib = [torch.from_numpy(img[None].copy()) for img in inputs["calib"]]
+        # The whole quantization, timed: fuse, prepare, calibrate, convert.
+        t0 = time.perf_counter()
         q.fuse_model()
         q.qconfig = tq.get_default_qconfig("x86")
         tq.prepare(q, inplace=True)
         with torch.inference_mode():
-            for img in inputs["calib"]:
-                q(torch.from_numpy(img[None].copy()))
+            for img in calib:
+                q(img)
         tq.convert(q, inplace=True)
+        quantize_ms = (time.perf_counter() - t0) * 1e3
         with torch.inference_mode():
             got = q(xq)
         self.int8[name] = q
-        return peer_server.sqnr_db(ref.numpy(), got.numpy()), f32_ms
+        return peer_server.sqnr_db(ref.numpy(), got.numpy()), f32_ms, quantize_ms
 
     def int8_runner(self, name, threads, x):
         torch.set_num_threads(threads)

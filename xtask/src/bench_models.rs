@@ -37,7 +37,7 @@ const MODELS: [Entry; 5] = [
 const ONNX_ONLY: [(&str, f64); 2] = [("shufflenet_v2_x1_0", 0.146), ("convnext_tiny", 4.456)];
 
 /// Calibration images (one per batch, for us and the peers alike).
-const CALIBRATION_IMAGES: u64 = 8;
+const CALIBRATION_IMAGES: u64 = 64;
 /// Images the int8 SQNR is measured over (`xq`), on every side.
 const SQNR_IMAGES: usize = 16;
 
@@ -52,7 +52,7 @@ struct PeerServer {
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     log: PathBuf,
-    /// Per model: `{"sqnr_db", "f32_ms"}`.
+    /// Per model: `{"sqnr_db", "f32_ms", "quantize_ms"}`.
     ready: J,
 }
 
@@ -202,6 +202,8 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         name: &'static str,
         gmac: f64,
         f32_ms: f64,
+        /// Fuse, prepare, calibrate and convert, one thread.
+        quantize_ms: f64,
         sqnr: f64,
         q: qnn::QuantizedModel,
     }
@@ -210,19 +212,25 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         let mut model = ctor(1000);
         qnn::zoo::randomize(&mut model, 11);
         qnn::save_safetensors(&model, dir.join(format!("{name}.safetensors"))).map_err(|e| e.to_string())?;
+        // The whole quantization of a fresh copy, timed as a user waits for it: fuse,
+        // prepare, calibrate on the images one at a time, convert.
+        let mut fresh = ctor(1000);
+        qnn::zoo::randomize(&mut fresh, 11);
+        let t0 = std::time::Instant::now();
+        let mut p =
+            qnn::prepare(fresh, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
+        for img in &calib {
+            p.calibrate(img).map_err(|e| e.to_string())?;
+        }
+        let q = p.convert().map_err(|e| e.to_string())?;
+        let quantize_ms = t0.elapsed().as_secs_f64() * 1e3;
         qnn::fuse_graph(&mut model).map_err(|e| e.to_string())?;
         let f32_ms = median_ms(5, || {
             std::hint::black_box(model.forward(&x1).expect("float forward"));
         });
         let reference = model.forward(&xq).map_err(|e| e.to_string())?;
-        let mut p =
-            qnn::prepare(model, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
-        for img in &calib {
-            p.calibrate(img).map_err(|e| e.to_string())?;
-        }
-        let q = p.convert().map_err(|e| e.to_string())?;
         let sqnr = qnn::sqnr_db(&reference, &q.forward(&xq).map_err(|e| e.to_string())?);
-        ours.push(Ours { name, gmac, f32_ms, sqnr, q });
+        ours.push(Ours { name, gmac, f32_ms, quantize_ms, sqnr, q });
     }
     let names: Vec<&str> = ours.iter().map(|m| m.name).collect();
 
@@ -453,6 +461,51 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             peer_median_ms: faster.map(|p| p.peer_median_ms),
             ratio_vs_peer: faster.map(|p| p.ratio_vs_peer),
             ratio_spread: None,
+            peers: peer_records,
+            ..Record::default()
+        });
+    }
+    println!(
+        "\nquantizing a whole model, 1 thread: fuse, prepare, calibrate {CALIBRATION_IMAGES} images one at a time, \
+         convert (ONNX Runtime: quant_pre_process and quantize_static on the exported file)"
+    );
+    let peer_cols: String = peers.iter().map(|p| format!(" {:>16}", format!("{} ms", short(p.who)))).collect();
+    println!("{:<18} {:>10}{peer_cols} {:>16}", "model", "ours ms", "ours/faster peer");
+    for om in &ours {
+        let times: Vec<Option<f64>> = peers.iter().map(|p| p.ready_of(om.name, "quantize_ms")).collect();
+        let cols: String =
+            times.iter().map(|t| format!(" {:>16}", t.map_or("-".into(), |v| format!("{v:.0}")))).collect();
+        let peer_records: Vec<PeerRecord> = peers
+            .iter()
+            .zip(&times)
+            .filter_map(|(p, t)| {
+                t.map(|pt| PeerRecord {
+                    peer: p.who,
+                    peer_median_ms: pt,
+                    ratio_vs_peer: om.quantize_ms / pt,
+                    ratio_spread: None,
+                    images_per_s: None,
+                    sqnr_db: None,
+                })
+            })
+            .collect();
+        let faster = peer_records.iter().min_by(|a, b| a.peer_median_ms.total_cmp(&b.peer_median_ms));
+        println!(
+            "{:<18} {:>10.0}{cols} {:>16}",
+            om.name,
+            om.quantize_ms,
+            faster.map_or("-".into(), |f| format!("{:.2}", f.ratio_vs_peer))
+        );
+        records.push(Record {
+            name: format!("quantize_{}", om.name),
+            kind: "quantize",
+            dtype: "int8",
+            threads: 1,
+            batch: Some(1),
+            median_ms: om.quantize_ms,
+            peer: faster.map(|p| p.peer),
+            peer_median_ms: faster.map(|p| p.peer_median_ms),
+            ratio_vs_peer: faster.map(|p| p.ratio_vs_peer),
             peers: peer_records,
             ..Record::default()
         });
