@@ -200,14 +200,13 @@ multiversion! {
         if c == 0 {
             return;
         }
+        // The pixel's taps inside the image: (input offset, weight offset).
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(d.kh * d.kw);
         for (i, o) in out.chunks_exact_mut(c).enumerate() {
             let p = r0 + i;
             let (b, rem) = (p / (d.oh * d.ow), p % (d.oh * d.ow));
             let (oy, ox) = (rem / d.ow, rem % d.ow);
-            match bias {
-                Some(bb) => o.copy_from_slice(bb),
-                None => o.fill(0.0),
-            }
+            taps.clear();
             for ky in 0..d.kh {
                 let iy = (oy * geom.stride[0] + ky * geom.dilation[0]) as isize - geom.padding[0] as isize;
                 if iy < 0 || iy >= d.h as isize {
@@ -216,15 +215,37 @@ multiversion! {
                 let row = (b * d.h + iy as usize) * d.w;
                 for kx in 0..d.kw {
                     let ix = (ox * geom.stride[1] + kx * geom.dilation[1]) as isize - geom.padding[1] as isize;
-                    if ix < 0 || ix >= d.w as isize {
-                        continue;
-                    }
-                    let xs = &x[(row + ix as usize) * c..][..c];
-                    let ws = &wt[(ky * d.kw + kx) * c..][..c];
-                    for ((acc, &xv), &wv) in o.iter_mut().zip(xs).zip(ws) {
-                        *acc += xv * wv;
+                    if ix >= 0 && ix < d.w as isize {
+                        taps.push(((row + ix as usize) * c, (ky * d.kw + kx) * c));
                     }
                 }
+            }
+            // Blocks of channels summed in registers over every tap, stored once.
+            const BLOCK: usize = 32;
+            let mut c0 = 0;
+            while c0 < c {
+                let n = BLOCK.min(c - c0);
+                let mut acc = [0.0f32; BLOCK];
+                if let Some(bb) = bias {
+                    acc[..n].copy_from_slice(&bb[c0..c0 + n]);
+                }
+                if n == BLOCK {
+                    for &(xo, wo) in &taps {
+                        let xs: &[f32; BLOCK] = x[xo + c0..][..BLOCK].try_into().expect("a block");
+                        let ws: &[f32; BLOCK] = wt[wo + c0..][..BLOCK].try_into().expect("a block");
+                        for j in 0..BLOCK {
+                            acc[j] += xs[j] * ws[j];
+                        }
+                    }
+                } else {
+                    for &(xo, wo) in &taps {
+                        for ((a, &xv), &wv) in acc[..n].iter_mut().zip(&x[xo + c0..][..n]).zip(&wt[wo + c0..][..n]) {
+                            *a += xv * wv;
+                        }
+                    }
+                }
+                o[c0..c0 + n].copy_from_slice(&acc[..n]);
+                c0 += n;
             }
         }
     }

@@ -387,23 +387,44 @@ impl<M: AsModule> Graph<M> {
             vals[t.0] = Some(x.clone());
         }
         for (i, n) in self.nodes.iter().enumerate() {
-            let mut y = {
-                let mut xs: Vec<&ArrayD<f32>> =
-                    n.inputs.iter().map(|t| vals[t.0].as_ref().expect("checked: computed before read")).collect();
-                let replaced = first(i, xs[0])?;
-                if let Some(x) = &replaced {
-                    xs[0] = x;
+            let replaced = first(i, vals[n.inputs[0].0].as_ref().expect("checked: computed before read"))?;
+            let kernel = kernels.and_then(|(k, threads)| k[i].as_ref().map(|k| (k, threads)));
+            // This node alone still needs its first input (read once, and no graph output):
+            // element-wise layers and additions may write their result into its buffer.
+            let first_is_spare = replaced.is_none()
+                && kernel.is_none()
+                && left[n.inputs[0].0] == 1
+                && n.inputs.iter().filter(|t| **t == n.inputs[0]).count() == 1;
+            let mut y = match &n.op {
+                NodeOp::Layer(m) if first_is_spare && n.inputs.len() == 1 => {
+                    let x = vals[n.inputs[0].0].take().expect("checked: computed before read");
+                    m.module().forward_owned(x).map_err(|e| e.within(&n.name))?
                 }
-                match kernels.and_then(|(k, threads)| k[i].as_ref().map(|k| (k, threads))) {
-                    Some((k, threads)) => k.forward(xs[0], threads).map_err(|e| e.within(&n.name))?,
-                    None => node_forward(n, &xs)?,
+                NodeOp::Add if first_is_spare && n.inputs.len() == 2 => {
+                    let a = vals[n.inputs[0].0].take().expect("checked: computed before read");
+                    let b = vals[n.inputs[1].0].as_ref().expect("checked: computed before read");
+                    crate::ops::add::add_f32_into(a, b, &n.name)?
+                }
+                _ => {
+                    let mut xs: Vec<&ArrayD<f32>> =
+                        n.inputs.iter().map(|t| vals[t.0].as_ref().expect("checked: computed before read")).collect();
+                    if let Some(x) = &replaced {
+                        xs[0] = x;
+                    }
+                    match kernel {
+                        Some((k, threads)) => k.forward(xs[0], threads).map_err(|e| e.within(&n.name))?,
+                        None => node_forward(n, &xs)?,
+                    }
                 }
             };
             seen(i, &mut y)?;
             for t in &n.inputs {
                 left[t.0] -= 1;
                 if left[t.0] == 0 {
-                    vals[t.0] = None;
+                    // Its buffer goes back to the float pool for a later layer's output.
+                    if let Some(done) = vals[t.0].take() {
+                        crate::scratch::give_f32(done.into_raw_vec_and_offset().0);
+                    }
                 }
             }
             vals[n.output.0] = Some(y);

@@ -75,12 +75,33 @@ pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32>
         .permuted_axes(IxDyn(&[0, 3, 1, 2]))
 }
 
+/// `f` on every element: over the memory in order, into an array of the same strides, when
+/// it is one block (a loop the compiler vectorises), else in logical order.
+#[inline(always)]
+pub(crate) fn map_same_layout(x: &ArrayD<f32>, f: impl Fn(f32) -> f32) -> ArrayD<f32> {
+    if x.strides().iter().all(|&s| s >= 0) {
+        if let Some(s) = x.as_slice_memory_order() {
+            let mut data = crate::scratch::take_f32(s.len());
+            for (d, &v) in data.iter_mut().zip(s) {
+                *d = f(v);
+            }
+            let strides: Vec<usize> = x.strides().iter().map(|&s| s as usize).collect();
+            let shape = IxDyn(x.shape()).strides(IxDyn(&strides));
+            return ArrayD::from_shape_vec(shape, data).expect("the strides of an array of this shape");
+        }
+    }
+    x.mapv(f)
+}
+
 /// `f(a, b)` element by element over two arrays of one shape, in the memory order they share
 /// when they are laid out alike (the result then has their strides), else in logical order.
 pub(crate) fn zip_same_layout(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32) -> ArrayD<f32> {
     if a.shape() == b.shape() && a.strides() == b.strides() && a.strides().iter().all(|&s| s >= 0) {
         if let (Some(sa), Some(sb)) = (a.as_slice_memory_order(), b.as_slice_memory_order()) {
-            let data: Vec<f32> = sa.iter().zip(sb).map(|(&x, &y)| f(x, y)).collect();
+            let mut data = crate::scratch::take_f32(sa.len());
+            for ((d, &x), &y) in data.iter_mut().zip(sa).zip(sb) {
+                *d = f(x, y);
+            }
             let strides: Vec<usize> = a.strides().iter().map(|&s| s as usize).collect();
             let shape = IxDyn(a.shape()).strides(IxDyn(&strides));
             return ArrayD::from_shape_vec(shape, data).expect("the strides of an array of this shape");

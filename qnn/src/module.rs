@@ -146,6 +146,16 @@ pub trait Module: Send + Sync + Debug {
         })
     }
 
+    /// [`Module::forward`] on an input nobody else needs any more: a layer that computes
+    /// element by element may write its output into the input's buffer. It must give exactly
+    /// `forward(&x)`; the default calls it.
+    ///
+    /// # Errors
+    /// As [`Module::forward`].
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward(&x)
+    }
+
     /// Its float computation prepared once (weights packed for the kernels), giving exactly
     /// [`Module::forward`]'s outputs: what calibration and a converted model's float fallback
     /// run, input after input, while the layer does not change. `None` (the default):

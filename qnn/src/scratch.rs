@@ -12,19 +12,66 @@ const MAX_POOLED_BYTES: usize = 256 << 20;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// The float path's buffers (convolution and element-wise outputs), kept the same way.
+    static POOL_F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The smallest pooled buffer of at least `len` elements, else the largest one.
+fn take_from<T>(pool: &RefCell<Vec<Vec<T>>>, len: usize) -> Vec<T> {
+    let mut p = pool.borrow_mut();
+    let fit = p.iter().enumerate().filter(|(_, b)| b.capacity() >= len).min_by_key(|(_, b)| b.capacity());
+    match fit.or_else(|| p.iter().enumerate().max_by_key(|(_, b)| b.capacity())).map(|(i, _)| i) {
+        Some(i) => p.swap_remove(i),
+        None => Vec::new(),
+    }
+}
+
+/// Keeps `v` in `pool` within the count and byte limits (when full, it replaces a smaller
+/// buffer).
+fn give_to<T>(pool: &RefCell<Vec<Vec<T>>>, v: Vec<T>) {
+    let bytes = |b: &Vec<T>| b.capacity() * std::mem::size_of::<T>();
+    if v.capacity() == 0 {
+        return;
+    }
+    let mut p = pool.borrow_mut();
+    let held: usize = p.iter().map(bytes).sum();
+    if held + bytes(&v) > MAX_POOLED_BYTES {
+        return;
+    }
+    if p.len() < MAX_POOLED {
+        p.push(v);
+    } else if let Some((i, _)) = p.iter().enumerate().min_by_key(|(_, b)| b.capacity()) {
+        if p[i].capacity() < v.capacity() {
+            p[i] = v;
+        }
+    }
+}
+
+/// An `f32` buffer of `len` values whose contents the caller overwrites entirely, from this
+/// thread's float pool: stale values of an earlier activation (in debug builds NaN, so a
+/// value left unwritten shows).
+pub(crate) fn take_f32(len: usize) -> Vec<f32> {
+    let mut v = POOL_F32.with(|p| take_from(p, len));
+    if cfg!(debug_assertions) {
+        v.clear();
+        v.resize(len, f32::NAN);
+    } else {
+        v.truncate(len);
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+/// Returns an `f32` buffer to this thread's float pool.
+pub(crate) fn give_f32(v: Vec<f32>) {
+    POOL_F32.with(|p| give_to(p, v));
 }
 
 /// A buffer of `len` bytes whose contents the caller overwrites entirely: the smallest
 /// pooled buffer that fits, else the largest one grown, else a new one. Not zeroed (stale
 /// bytes of an earlier activation; in debug builds a poison pattern).
 pub(crate) fn take(len: usize) -> Vec<u8> {
-    let reused = POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let fit = p.iter().enumerate().filter(|(_, b)| b.capacity() >= len).min_by_key(|(_, b)| b.capacity());
-        let i = fit.or_else(|| p.iter().enumerate().max_by_key(|(_, b)| b.capacity())).map(|(i, _)| i)?;
-        Some(p.swap_remove(i))
-    });
-    let mut v = reused.unwrap_or_default();
+    let mut v = POOL.with(|p| take_from(p, len));
     if cfg!(debug_assertions) {
         // Tests poison reused buffers: a layer that left any byte of its output unwritten
         // would change results, and the bit-exact tests would see it.
@@ -40,29 +87,15 @@ pub(crate) fn take(len: usize) -> Vec<u8> {
 
 /// Returns a buffer to this thread's pool (when full, it replaces a smaller one).
 pub(crate) fn give(v: Vec<u8>) {
-    if v.capacity() == 0 {
-        return;
-    }
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let held: usize = p.iter().map(Vec::capacity).sum();
-        if held + v.capacity() > MAX_POOLED_BYTES {
-            return;
-        }
-        if p.len() < MAX_POOLED {
-            p.push(v);
-        } else if let Some((i, _)) = p.iter().enumerate().min_by_key(|(_, b)| b.capacity()) {
-            if p[i].capacity() < v.capacity() {
-                p[i] = v;
-            }
-        }
-    });
+    POOL.with(|p| give_to(p, v));
 }
 
 /// Frees the calling thread's pooled activation buffers (they are otherwise kept for the
-/// thread's next call to a converted model, at most 8 buffers and 256 MiB per thread).
+/// thread's next call to a converted model or float run, at most 8 buffers and 256 MiB per
+/// thread, for `u8` and for `f32` activations each).
 pub fn release_thread_buffers() {
     POOL.with(|p| p.borrow_mut().clear());
+    POOL_F32.with(|p| p.borrow_mut().clear());
 }
 
 /// Bytes held by this thread's pool (for tests).

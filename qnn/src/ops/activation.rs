@@ -15,6 +15,16 @@ use crate::module::Module;
 use crate::quant::{quantized, Mode, Run, Value};
 use crate::scratch::{self, Input};
 
+/// `f` on every element, in place, over the memory in order when it is one block (a loop
+/// the compiler vectorises).
+#[inline(always)]
+fn in_place(x: &mut ArrayD<f32>, f: impl Fn(f32) -> f32) {
+    match x.as_slice_memory_order_mut() {
+        Some(s) => s.iter_mut().for_each(|v| *v = f(*v)),
+        None => x.mapv_inplace(f),
+    }
+}
+
 macro_rules! activation {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $f:expr, $int8:expr) => {
         $(#[$doc])*
@@ -26,8 +36,11 @@ macro_rules! activation {
                 $kind
             }
             fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-                let f: fn(f32) -> f32 = $f;
-                Ok(x.mapv(f))
+                Ok(crate::layers::map_same_layout(x, $f))
+            }
+            fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+                in_place(&mut x, $f);
+                Ok(x)
             }
             fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
                 Some(Ok(input.to_vec()))
@@ -147,7 +160,12 @@ impl Module for GELU {
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let op = self.op();
-        Ok(x.mapv(|v| op.eval(v)))
+        Ok(crate::layers::map_same_layout(x, |v| op.eval(v)))
+    }
+    fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let op = self.op();
+        in_place(&mut x, |v| op.eval(v));
+        Ok(x)
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
         Some(Ok(input.to_vec()))
@@ -368,7 +386,13 @@ impl Module for Hardtanh {
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         self.check()?;
         let (lo, hi) = (self.min_val, self.max_val);
-        Ok(x.mapv(|v| v.max(lo).min(hi)))
+        Ok(crate::layers::map_same_layout(x, |v| v.max(lo).min(hi)))
+    }
+    fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.check()?;
+        let (lo, hi) = (self.min_val, self.max_val);
+        in_place(&mut x, |v| v.max(lo).min(hi));
+        Ok(x)
     }
     // Bounds are checked by shape inference, the float pass (so before calibration
     // completes) and loading.

@@ -34,6 +34,19 @@ pub(crate) fn add_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<Ar
     Ok(a + b)
 }
 
+/// [`add_f32`] writing into `a`'s buffer when both operands lie alike in memory.
+pub(crate) fn add_f32_into(mut a: ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
+    if a.shape() == b.shape() && a.strides() == b.strides() {
+        if let (Some(sa), Some(sb)) = (a.as_slice_memory_order_mut(), b.as_slice_memory_order()) {
+            for (x, &y) in sa.iter_mut().zip(sb) {
+                *x += y;
+            }
+            return Ok(a);
+        }
+    }
+    add_f32(&a, b, name)
+}
+
 /// The `[n, c]` bytes of an `[n, c, 1, 1]` value repeated over every pixel of `to`
 /// (`[n, c, h, w]`, NHWC), in a pooled buffer.
 fn spread(small: Vec<u8>, to: &[usize]) -> Vec<u8> {

@@ -214,7 +214,7 @@ impl Module for Conv2d {
 fn float_conv(p: &PackedConv2dF32, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
     let [n, c, h, w] = nchw("Conv2d", x, "[batch, channels, height, width]")?;
     let (oh, ow) = p.output_hw(h, w).map_err(op_err)?;
-    let mut out = vec![0.0f32; n * oh * ow * p.out_channels()];
+    let mut out = crate::scratch::take_f32(n * oh * ow * p.out_channels());
     p.forward(&to_nhwc(x), (n, h, w, c), &mut out, threads).map_err(op_err)?;
     Ok(from_nhwc(out, [n, oh, ow, p.out_channels()]))
 }

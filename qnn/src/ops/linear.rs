@@ -83,7 +83,7 @@ fn float_linear(p: &PackedConv2dF32, x: &ArrayD<f32>, threads: usize) -> Result<
     let (k, n) = (p.in_channels(), p.out_channels());
     let (m, out_shape) = rows_of("Linear", x.shape(), k, n)?;
     let xs = x.as_standard_layout();
-    let mut out = vec![0.0f32; m * n];
+    let mut out = crate::scratch::take_f32(m * n);
     p.forward(xs.as_slice().expect("standard layout"), (m, 1, 1, k), &mut out, threads).map_err(op_err)?;
     Ok(ArrayD::from_shape_vec(IxDyn(&out_shape), out).expect("m x n"))
 }

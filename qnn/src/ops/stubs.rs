@@ -26,6 +26,9 @@ macro_rules! no_compute {
             fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
                 Ok(x.clone())
             }
+            fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+                Ok(x)
+            }
             fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
                 Some(Ok(input.to_vec()))
             }
