@@ -11,7 +11,8 @@
 //! Every output is `act(Σ_k fma(a_k, w_k) + bias)`: the products accumulated in `k` order
 //! with fused multiply-adds from 0, then the bias added, then the activation. The AVX-512 and
 //! AVX2 + FMA kernels and their scalar twin follow exactly this order, so every tier and
-//! every thread count gives bit-identical results. Depthwise layers run the direct loop of [`crate::float`].
+//! every thread count gives bit-identical results. Depthwise layers add each tap's products
+//! to the bias, unfused, per output pixel, with channels in vector lanes.
 
 use qtensor::isa::Isa;
 use qtensor::{QError, Result};
@@ -241,11 +242,7 @@ impl PackedConv2dF32 {
                 }
             }
             Kind::Depthwise { wt, bias } => {
-                let dw = crate::float::DwDims { h, w, c, kh: self.kh, kw: self.kw, oh, ow };
-                let run = |r0: usize, o: &mut [f32]| {
-                    crate::float::depthwise_f32_core(self.isa, x, wt, bias.as_deref(), &dw, &self.geom, r0, o);
-                    activate(self.activation, o);
-                };
+                let run = |r0: usize, o: &mut [f32]| self.depthwise_rows(wt, bias.as_deref(), x, &dims, r0, o);
                 self.split_rows(rows, out, threads, 64, run);
             }
             Kind::Gemm { panels, bias, per_group } => {
@@ -277,6 +274,47 @@ impl PackedConv2dF32 {
         });
     }
 
+    /// Output pixels `r0..` (as many as `out` holds) of a depthwise convolution (weights
+    /// `[tap][channel]`): per pixel, the bias plus each tap's products inside the image,
+    /// added unfused in tap order, then the activation.
+    fn depthwise_rows(&self, wt: &[f32], bias: Option<&[f32]>, x: &[f32], d: &Dims, r0: usize, out: &mut [f32]) {
+        let (c, g) = (d.c, &self.geom);
+        if c == 0 {
+            return;
+        }
+        // The pixel's taps inside the image: (input offset, weight offset).
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(self.kh * self.kw);
+        for (i, o) in out.chunks_exact_mut(c).enumerate() {
+            let p = r0 + i;
+            let (b, rem) = (p / (d.oh * d.ow), p % (d.oh * d.ow));
+            let (oy, ox) = (rem / d.ow, rem % d.ow);
+            taps.clear();
+            for ky in 0..self.kh {
+                let Some(iy) = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.padding[0]).filter(|&iy| iy < d.h)
+                else {
+                    continue;
+                };
+                for kx in 0..self.kw {
+                    if let Some(ix) =
+                        (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.padding[1]).filter(|&ix| ix < d.w)
+                    {
+                        taps.push((((b * d.h + iy) * d.w + ix) * c, (ky * self.kw + kx) * c));
+                    }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if self.isa == Isa::Avx512Vnni {
+                // SAFETY: the tier was capped to the CPU's at packing (VNNI implies AVX-512 F);
+                // every tap's offsets address `c` values of `x` and of `wt` (pixels inside
+                // the image, taps inside the kernel), the bias holds `c` values, and `o` is
+                // the pixel's `c` outputs.
+                unsafe { crate::x86::fconv::depthwise_pixel_avx512(&taps, x, wt, bias, o, self.activation) };
+                continue;
+            }
+            depthwise_pixel(&taps, x, wt, bias, o, self.activation);
+        }
+    }
+
     /// Output rows `r0..` (as many as `out` holds) of a GEMM-form convolution.
     #[allow(clippy::too_many_arguments)]
     fn gemm_rows(
@@ -305,15 +343,25 @@ impl PackedConv2dF32 {
         // padding: `at[r]` is the batch image's offset and the top-left input coordinate.
         let mut at = [(0usize, 0isize, 0isize); MR];
         let locate = |b0: usize, valid: usize, at: &mut [(usize, isize, isize); MR]| {
-            for (r, a) in at.iter_mut().enumerate().take(valid) {
-                let row = r0 + b0 + r;
-                let (b, rem) = (row / (d.oh * d.ow), row % (d.oh * d.ow));
-                let (oy, ox) = (rem / d.ow, rem % d.ow);
+            // The first row's coordinates by division, the next ones by stepping along.
+            let row = r0 + b0;
+            let (mut b, rem) = (row / (d.oh * d.ow), row % (d.oh * d.ow));
+            let (mut oy, mut ox) = (rem / d.ow, rem % d.ow);
+            for a in at.iter_mut().take(valid) {
                 *a = (
                     b * d.h * d.w * d.c,
                     (oy * g.stride[0]) as isize - g.padding[0] as isize,
                     (ox * g.stride[1]) as isize - g.padding[1] as isize,
                 );
+                ox += 1;
+                if ox == d.ow {
+                    ox = 0;
+                    oy += 1;
+                    if oy == d.oh {
+                        oy = 0;
+                        b += 1;
+                    }
+                }
             }
         };
         let tap = |(img, y0, x0): (usize, isize, isize), ky: usize, kx: usize| -> Option<usize> {
@@ -502,11 +550,21 @@ pub(crate) fn act_one(act: Activation, v: f32) -> f32 {
     }
 }
 
-/// Applies `act` to every value.
-fn activate(act: Activation, o: &mut [f32]) {
-    if act != Activation::None {
-        for v in o {
-            *v = act_one(act, *v);
+/// One depthwise output pixel, the scalar twin of the vector kernels: per channel, the bias
+/// (or 0) plus each tap's product, added unfused in tap order, then the activation.
+fn depthwise_pixel(
+    taps: &[(usize, usize)],
+    x: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    o: &mut [f32],
+    act: Activation,
+) {
+    for (ch, out) in o.iter_mut().enumerate() {
+        let mut acc = bias.map_or(0.0, |b| b[ch]);
+        for &(xo, wo) in taps {
+            acc += x[xo + ch] * wt[wo + ch];
         }
+        *out = act_one(act, acc);
     }
 }

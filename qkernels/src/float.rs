@@ -1,11 +1,9 @@
-//! `f32` linear and conv2d: the float baseline and the float path of `qnn` (layers that stay
-//! in float). GEMMs go to `matrixmultiply::sgemm`; k x k convolutions through im2col;
-//! depthwise ones a direct loop over taps with channels innermost, compiled per tier.
+//! `f32` linear and conv2d as one-call functions: `linear_f32` through `matrixmultiply::sgemm`,
+//! `conv2d_f32` packing its weights into a [`crate::PackedConv2dF32`] for the call.
 
 use qtensor::{QError, Result};
 
 use crate::conv::Conv2dGeometry;
-use crate::multiversion::multiversion;
 
 const OP: &str = "qkernels::float";
 
@@ -170,83 +168,4 @@ pub fn conv2d_f32_with(
         crate::gemm::Activation::None,
     )?;
     packed.forward(x, (n, h, w, c), out, 1)
-}
-
-/// A depthwise convolution's sizes, checked by [`crate::PackedConv2dF32::forward`].
-pub(crate) struct DwDims {
-    pub(crate) h: usize,
-    pub(crate) w: usize,
-    pub(crate) c: usize,
-    pub(crate) kh: usize,
-    pub(crate) kw: usize,
-    pub(crate) oh: usize,
-    pub(crate) ow: usize,
-}
-
-multiversion! {
-    /// Output pixels `r0..` (as many as `out` holds) of a depthwise convolution: weights
-    /// `[tap][channel]`, every tap one multiply-add of two contiguous channel rows into the
-    /// output pixel.
-    pub(crate) fn depthwise_f32_core(
-        x: &[f32],
-        wt: &[f32],
-        bias: Option<&[f32]>,
-        d: &DwDims,
-        geom: &Conv2dGeometry,
-        r0: usize,
-        out: &mut [f32],
-    ) {
-        let c = d.c;
-        if c == 0 {
-            return;
-        }
-        // The pixel's taps inside the image: (input offset, weight offset).
-        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(d.kh * d.kw);
-        for (i, o) in out.chunks_exact_mut(c).enumerate() {
-            let p = r0 + i;
-            let (b, rem) = (p / (d.oh * d.ow), p % (d.oh * d.ow));
-            let (oy, ox) = (rem / d.ow, rem % d.ow);
-            taps.clear();
-            for ky in 0..d.kh {
-                let iy = (oy * geom.stride[0] + ky * geom.dilation[0]) as isize - geom.padding[0] as isize;
-                if iy < 0 || iy >= d.h as isize {
-                    continue;
-                }
-                let row = (b * d.h + iy as usize) * d.w;
-                for kx in 0..d.kw {
-                    let ix = (ox * geom.stride[1] + kx * geom.dilation[1]) as isize - geom.padding[1] as isize;
-                    if ix >= 0 && ix < d.w as isize {
-                        taps.push(((row + ix as usize) * c, (ky * d.kw + kx) * c));
-                    }
-                }
-            }
-            // Blocks of channels summed in registers over every tap, stored once.
-            const BLOCK: usize = 32;
-            let mut c0 = 0;
-            while c0 < c {
-                let n = BLOCK.min(c - c0);
-                let mut acc = [0.0f32; BLOCK];
-                if let Some(bb) = bias {
-                    acc[..n].copy_from_slice(&bb[c0..c0 + n]);
-                }
-                if n == BLOCK {
-                    for &(xo, wo) in &taps {
-                        let xs: &[f32; BLOCK] = x[xo + c0..][..BLOCK].try_into().expect("a block");
-                        let ws: &[f32; BLOCK] = wt[wo + c0..][..BLOCK].try_into().expect("a block");
-                        for j in 0..BLOCK {
-                            acc[j] += xs[j] * ws[j];
-                        }
-                    }
-                } else {
-                    for &(xo, wo) in &taps {
-                        for ((a, &xv), &wv) in acc[..n].iter_mut().zip(&x[xo + c0..][..n]).zip(&wt[wo + c0..][..n]) {
-                            *a += xv * wv;
-                        }
-                    }
-                }
-                o[c0..c0 + n].copy_from_slice(&acc[..n]);
-                c0 += n;
-            }
-        }
-    }
 }

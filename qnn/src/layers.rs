@@ -93,6 +93,38 @@ pub(crate) fn map_same_layout(x: &ArrayD<f32>, f: impl Fn(f32) -> f32) -> ArrayD
     x.mapv(f)
 }
 
+/// `f(pixel value, gate value)` over an NHWC-laid `[n, c, h, w]` operand and a per-channel
+/// `[n, c, 1, 1]` one (in either order), in NHWC order, when the big one is laid out so; the
+/// result keeps its layout. `None` for other shapes or layouts.
+pub(crate) fn per_channel_nhwc(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32) -> Option<ArrayD<f32>> {
+    let is_gate = |big: &[usize], small: &[usize]| {
+        big.len() == 4
+            && small.len() == 4
+            && big[..2] == small[..2]
+            && small[2] == 1
+            && small[3] == 1
+            && big[2] * big[3] > 1
+    };
+    let (big, small) = if is_gate(a.shape(), b.shape()) {
+        (a, b)
+    } else if is_gate(b.shape(), a.shape()) {
+        (b, a)
+    } else {
+        return None;
+    };
+    let data = nhwc_data(big)?;
+    let &[n, c, h, w] = big.shape() else { return None };
+    let gates: Vec<f32> = small.iter().copied().collect();
+    let mut out = crate::scratch::take_f32(data.len());
+    for (p, (o, xs)) in out.chunks_exact_mut(c.max(1)).zip(data.chunks_exact(c.max(1))).enumerate() {
+        let g = &gates[p / (h * w) * c..][..c];
+        for ((o, &x), &g) in o.iter_mut().zip(xs).zip(g) {
+            *o = f(x, g);
+        }
+    }
+    Some(from_nhwc(out, [n, h, w, c]))
+}
+
 /// `f(a, b)` element by element over two arrays of one shape, in the memory order they share
 /// when they are laid out alike (the result then has their strides), else in logical order.
 pub(crate) fn zip_same_layout(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32) -> ArrayD<f32> {

@@ -120,6 +120,7 @@ impl QuantRange {
         self.kind
     }
     /// Whether `v` lies in `[qmin, qmax]`.
+    #[inline]
     pub fn contains(&self, v: i64) -> bool {
         (self.qmin as i64..=self.qmax as i64).contains(&v)
     }

@@ -129,3 +129,70 @@ pub(crate) unsafe fn tile_avx2(t: &Tile<'_>, out: *mut f32, act: Activation) {
         }
     }
 }
+
+/// One depthwise output pixel: per channel, the bias (or 0) plus each tap's product, added
+/// unfused in tap order (as the twin does), then the activation; sixty-four channels at a
+/// time in four accumulators, then sixteen, then the masked rest.
+///
+/// # Safety
+/// The CPU has AVX-512 F. Every `(input, weight)` offset pair addresses `o.len()` values of
+/// `x` and of `wt`; `bias`, if any, holds `o.len()` values.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn depthwise_pixel_avx512(
+    taps: &[(usize, usize)],
+    x: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    o: &mut [f32],
+    act: Activation,
+) {
+    let c = o.len();
+    let (xp, wp, op) = (x.as_ptr(), wt.as_ptr(), o.as_mut_ptr());
+    let zero = _mm512_setzero_ps();
+    let six = _mm512_set1_ps(6.0);
+    let activate = |v: __m512| match act {
+        Activation::None => v,
+        Activation::Relu => _mm512_max_ps(zero, v),
+        Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, v)),
+    };
+    let start = |c0: usize, m: __mmask16| match bias {
+        // SAFETY: the masked lanes from c0 lie within the bias's `c` values.
+        Some(b) => unsafe { _mm512_maskz_loadu_ps(m, b.as_ptr().add(c0)) },
+        None => zero,
+    };
+    let mut c0 = 0;
+    while c0 + 64 <= c {
+        let mut acc = [start(c0, !0), start(c0 + 16, !0), start(c0 + 32, !0), start(c0 + 48, !0)];
+        for &(xo, wo) in taps {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let off = c0 + 16 * k;
+                // SAFETY: channels off..off + 16 lie within the `c` values at each offset.
+                unsafe {
+                    let p = _mm512_mul_ps(_mm512_loadu_ps(xp.add(xo + off)), _mm512_loadu_ps(wp.add(wo + off)));
+                    *a = _mm512_add_ps(*a, p);
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            // SAFETY: channels c0 + 16k.. + 16 lie within the pixel's `c` outputs.
+            unsafe { _mm512_storeu_ps(op.add(c0 + 16 * k), activate(*a)) };
+        }
+        c0 += 64;
+    }
+    while c0 < c {
+        let n = (c - c0).min(16);
+        let m: __mmask16 = if n == 16 { !0 } else { ((1u32 << n) - 1) as u16 };
+        let mut a = start(c0, m);
+        for &(xo, wo) in taps {
+            // SAFETY: the masked lanes c0..c0 + n lie within the `c` values at each offset.
+            unsafe {
+                let p =
+                    _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xp.add(xo + c0)), _mm512_maskz_loadu_ps(m, wp.add(wo + c0)));
+                a = _mm512_add_ps(a, p);
+            }
+        }
+        // SAFETY: the masked lanes c0..c0 + n lie within the pixel's outputs.
+        unsafe { _mm512_mask_storeu_ps(op.add(c0), m, activate(a)) };
+        c0 += n;
+    }
+}

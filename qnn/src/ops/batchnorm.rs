@@ -156,11 +156,27 @@ impl Module for BatchNorm2d {
         if c != self.running_mean.len() {
             return Err(shape_err("BatchNorm2d", format!("{} channels", self.running_mean.len()), x));
         }
-        let mut y = x.clone();
-        for (ch, mut plane) in y.axis_iter_mut(ndarray::Axis(1)).enumerate() {
+        let coef = |ch: usize| {
             let inv = 1.0 / (self.running_var[ch] + self.eps).sqrt();
             let alpha = self.weight[ch] * inv;
-            let beta = self.bias[ch] - self.running_mean[ch] * alpha;
+            (alpha, self.bias[ch] - self.running_mean[ch] * alpha)
+        };
+        if let (Some(data), &[n, _, h, w]) = (crate::layers::nhwc_data(x), x.shape()) {
+            // The same formula, a pixel's channels at a time, keeping the NHWC layout.
+            let (alpha, beta): (Vec<f32>, Vec<f32>) = (0..c).map(coef).unzip();
+            let mut out = crate::scratch::take_f32(data.len());
+            for (o, xs) in out.chunks_exact_mut(c.max(1)).zip(data.chunks_exact(c.max(1))) {
+                for (((o, &v), &a), &b) in o.iter_mut().zip(xs).zip(&alpha).zip(&beta) {
+                    *o = v * a + b;
+                }
+            }
+            let mut y = crate::layers::from_nhwc(out, [n, h, w, c]);
+            self.activation.apply(&mut y);
+            return Ok(y);
+        }
+        let mut y = x.clone();
+        for (ch, mut plane) in y.axis_iter_mut(ndarray::Axis(1)).enumerate() {
+            let (alpha, beta) = coef(ch);
             plane.mapv_inplace(|v| v * alpha + beta);
         }
         self.activation.apply(&mut y);

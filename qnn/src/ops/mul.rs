@@ -43,6 +43,9 @@ pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<Ar
     if a.shape() == b.shape() {
         return Ok(crate::layers::zip_same_layout(a, b, |x, y| x * y));
     }
+    if let Some(y) = crate::layers::per_channel_nhwc(a, b, |x, g| x * g) {
+        return Ok(y);
+    }
     Ok(a * b)
 }
 

@@ -127,6 +127,25 @@ impl Module for AdaptiveAvgPool2d {
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let [n, c, h, w] = nchw("AdaptiveAvgPool2d", x, "[batch, channels, height, width]")?;
         let (oh, ow) = (self.0, self.1);
+        let window = |o: usize, size: usize, out: usize| (o * size / out, ((o + 1) * size).div_ceil(out));
+        if let Some(data) = nhwc_data(x) {
+            // The same sums, row by row and left to right, a pixel's channels at a time.
+            let mut y = vec![0.0f32; n * oh * ow * c];
+            for (i, o) in y.chunks_exact_mut(c.max(1)).enumerate() {
+                let (b, oy, ox) = (i / (oh * ow), i / ow % oh, i % ow);
+                let ((hs, he), (ws, we)) = (window(oy, h, oh), window(ox, w, ow));
+                for iy in hs..he {
+                    for ix in ws..we {
+                        for (s, &v) in o.iter_mut().zip(&data[((b * h + iy) * w + ix) * c..][..c]) {
+                            *s += v;
+                        }
+                    }
+                }
+                let count = ((he - hs) * (we - ws)) as f32;
+                o.iter_mut().for_each(|s| *s /= count);
+            }
+            return Ok(crate::layers::from_nhwc(y, [n, oh, ow, c]));
+        }
         Ok(per_window(x, [n, c, oh, ow], |plane, oy, ox| {
             let (hs, he) = (oy * h / oh, ((oy + 1) * h).div_ceil(oh));
             let (ws, we) = (ox * w / ow, ((ox + 1) * w).div_ceil(ow));
