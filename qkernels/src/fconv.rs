@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::conv::Conv2dGeometry;
 use crate::gemm::Activation;
+use crate::multiversion::multiversion;
 
 const OP: &str = "qkernels::PackedConv2dF32";
 
@@ -36,7 +37,7 @@ const GATHER_BELOW: usize = 16;
 struct Line([f32; 16]);
 
 /// Weights packed for [`PackedConv2dF32::forward`], with the bias and the fused activation.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PackedConv2dF32 {
     isa: Isa,
     oc: usize,
@@ -48,7 +49,22 @@ pub struct PackedConv2dF32 {
     kind: Kind,
 }
 
-#[derive(Clone, Debug)]
+/// Its sizes, not its weights.
+impl std::fmt::Debug for PackedConv2dF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedConv2dF32")
+            .field("isa", &self.isa)
+            .field("out_channels", &self.oc)
+            .field("in_channels", &self.in_channels())
+            .field("kernel", &[self.kh, self.kw])
+            .field("geom", &self.geom)
+            .field("activation", &self.activation)
+            .field("depthwise", &matches!(self.kind, Kind::Depthwise { .. }))
+            .finish()
+    }
+}
+
+#[derive(Clone)]
 enum Kind {
     /// Panels `[group][panel][k][PANEL]` (columns past the group's channels are zero) and the
     /// bias `[group][panel][PANEL]` (zero where there is none).
@@ -311,7 +327,7 @@ impl PackedConv2dF32 {
                 unsafe { crate::x86::fconv::depthwise_pixel_avx512(&taps, x, wt, bias, o, self.activation) };
                 continue;
             }
-            depthwise_pixel(&taps, x, wt, bias, o, self.activation);
+            depthwise_pixel(self.isa, &taps, x, wt, bias, o, self.activation);
         }
     }
 
@@ -550,21 +566,38 @@ pub(crate) fn act_one(act: Activation, v: f32) -> f32 {
     }
 }
 
-/// One depthwise output pixel, the scalar twin of the vector kernels: per channel, the bias
-/// (or 0) plus each tap's product, added unfused in tap order, then the activation.
-fn depthwise_pixel(
-    taps: &[(usize, usize)],
-    x: &[f32],
-    wt: &[f32],
-    bias: Option<&[f32]>,
-    o: &mut [f32],
-    act: Activation,
-) {
-    for (ch, out) in o.iter_mut().enumerate() {
-        let mut acc = bias.map_or(0.0, |b| b[ch]);
-        for &(xo, wo) in taps {
-            acc += x[xo + ch] * wt[wo + ch];
+multiversion! {
+    /// One depthwise output pixel, the scalar twin of the AVX-512 kernel (compiled per tier,
+    /// the AVX2 tier's depthwise kernel): per channel, the bias (or 0) plus each tap's
+    /// product, added unfused in tap order, then the activation; blocks of 32 channels summed
+    /// over every tap, a loop the compiler vectorises.
+    fn depthwise_pixel(
+        taps: &[(usize, usize)],
+        x: &[f32],
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        o: &mut [f32],
+        act: Activation,
+    ) {
+        const BLOCK: usize = 32;
+        let c = o.len();
+        let mut c0 = 0;
+        while c0 < c {
+            let n = BLOCK.min(c - c0);
+            let mut acc = [0.0f32; BLOCK];
+            if let Some(b) = bias {
+                acc[..n].copy_from_slice(&b[c0..c0 + n]);
+            }
+            for &(xo, wo) in taps {
+                let (xs, ws) = (&x[xo + c0..][..n], &wt[wo + c0..][..n]);
+                for ((a, &xv), &wv) in acc[..n].iter_mut().zip(xs).zip(ws) {
+                    *a += xv * wv;
+                }
+            }
+            for (dst, &a) in o[c0..c0 + n].iter_mut().zip(&acc[..n]) {
+                *dst = act_one(act, a);
+            }
+            c0 += n;
         }
-        *out = act_one(act, acc);
     }
 }
