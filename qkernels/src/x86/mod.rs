@@ -1144,8 +1144,11 @@ pub(crate) unsafe fn add_u8_avx512(
     relu: bool,
     (rows, ncols, ld): (usize, usize, usize),
 ) {
+    // Rows that fill their stride are one run of bytes: 64 at a time across row ends (each
+    // element's formula does not depend on its neighbours).
+    let (rows, ncols, ld) = if ncols == ld && rows > 1 { (1, rows * ncols, rows * ncols) } else { (rows, ncols, ld) };
     // SAFETY: AVX-512 F/BW/VL (this function's features); every group of n bytes lies in
-    // its row, in bounds (caller's precondition).
+    // its row (or the run of whole rows), in bounds (caller's precondition).
     unsafe {
         let k = AddConsts::new(qa, qb, qo, relu);
         for r in 0..rows {
