@@ -94,7 +94,7 @@ pub struct Graph<M = Box<dyn Module>> {
     pub(crate) outputs: Vec<Tensor>,
     /// The graph inputs' names, one per input.
     pub(crate) input_names: Vec<String>,
-    /// The layers' float kernels, prepared by the first `forward` (the `Module` one) and
+    /// The layers' float kernels, prepared by the first [`Graph::run`] (or `forward`) and
     /// dropped by anything that can change a layer: every `&mut self` method.
     pub(crate) float: FloatCache,
 }
