@@ -418,14 +418,16 @@ impl Prepared {
     }
 
     /// Calibrates on many batches, on `threads` threads, with a progress bar on a terminal.
-    /// Up to `threads` workers take consecutive runs of batches, each with its own observers
-    /// (merged in batch order at the end); each worker's float convolutions and linear layers
-    /// run on its share of the threads (`threads / workers`), so fewer batches than threads
-    /// (one batch, say) still use them all. With one worker, the observers see exactly the
-    /// values, in the same order, of a one-thread calibration (the float kernels give the same
-    /// results on any number of threads). Across workers, min-max observers give exactly the
-    /// one-thread result; histogram observers re-bin when merging ranges that differ; moving
-    /// averages depend on order and refuse.
+    /// The result is the one-thread result, whatever `threads` is:
+    /// - When every observer merges exactly ([`Observer::merges_exactly`]: min-max and fixed
+    ///   ones), up to `threads` workers take consecutive runs of batches, each with its own
+    ///   observers, merged in batch order at the end.
+    /// - Otherwise (histograms, moving averages, observers that do not say) one worker sees
+    ///   every batch in order.
+    ///
+    /// Each worker's float convolutions and linear layers run on its share of the threads
+    /// (`threads / workers`), whose results do not depend on the count: one worker, or one
+    /// batch, still uses every thread.
     ///
     /// # Errors
     /// As [`Prepared::calibrate`], or observers that cannot merge.
@@ -443,7 +445,8 @@ impl Prepared {
         // As many workers as there are batches, up to `threads`, each with its share of the
         // threads for its layers' kernels: one batch gets every thread.
         let threads = threads.max(1);
-        let workers = threads.min(batches.len().max(1));
+        let exact = self.fresh.iter().all(|o| o.merges_exactly());
+        let workers = if exact { threads.min(batches.len().max(1)) } else { 1 };
         let per_worker = threads / workers;
         if workers == 1 {
             for x in batches {

@@ -189,27 +189,31 @@ fn parallel_calibration_equals_sequential_for_min_max() {
     let x = f32s(&calib, "images");
     assert_eq!(seq.forward(&x).unwrap(), par.forward(&x).unwrap());
 
-    // Moving averages depend on batch order: they refuse to merge, with the reason.
+    // Moving averages depend on batch order: they refuse to merge, with the reason...
     let moving = QConfig::new(
         ObserverSpec::MovingAverageMinMax { spec: QuantSpec::u8_affine(), averaging: 0.01 },
         ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 },
     );
-    let mut p = prepare(load(), &QConfigMapping::new(moving)).unwrap();
-    let e = p.calibrate_batches(&batches, 2).unwrap_err().to_string();
+    let mut a = prepare(load(), &QConfigMapping::new(moving.clone())).unwrap();
+    a.calibrate_batches(&batches[..1], 1).unwrap();
+    let mut b = prepare(load(), &QConfigMapping::new(moving.clone())).unwrap();
+    b.calibrate_batches(&batches[1..2], 1).unwrap();
+    let e = a.observers()[1].1.clone_box().merge(b.observers()[1].1).unwrap_err().to_string();
     assert!(e.contains("order of batches"), "{e}");
-
-    // Histogram observers on one batch at a time, all threads inside each batch's layers: the
-    // very observers of a one-thread calibration, so the same model.
-    let histogram = pytorch_mapping(QConfig::default());
-    let mut one = prepare(load(), &histogram).unwrap();
-    let mut both = prepare(load(), &histogram).unwrap();
-    for b in &batches {
-        one.calibrate_batches(std::slice::from_ref(b), 1).unwrap();
-        both.calibrate_batches(std::slice::from_ref(b), 2).unwrap();
+    // ...so calibration keeps them on one worker, every thread inside each batch's layers:
+    // the very observers of a one-thread calibration, so the same model. The same holds for
+    // histograms, which re-bin when they merge.
+    for cfg in [moving, QConfig::default()] {
+        let mapping = pytorch_mapping(cfg);
+        let mut one = prepare(load(), &mapping).unwrap();
+        one.calibrate_batches(&batches, 1).unwrap();
+        let mut both = prepare(load(), &mapping).unwrap();
+        both.calibrate_batches(&batches, 2).unwrap();
+        assert_eq!(both.batches_seen(), batches.len());
+        let (one, both) = (one.convert().unwrap(), both.convert().unwrap());
+        assert_eq!(one.output_quants(), both.output_quants());
+        assert_eq!(one.forward(&x).unwrap(), both.forward(&x).unwrap());
     }
-    let (one, both) = (one.convert().unwrap(), both.convert().unwrap());
-    assert_eq!(one.output_quants(), both.output_quants());
-    assert_eq!(one.forward(&x).unwrap(), both.forward(&x).unwrap());
 }
 
 #[test]

@@ -60,6 +60,9 @@ impl Observer for FixedQParamsObserver {
             _ => Err(ObserveError::Merge { reason: format!("{} with a different {}", self.kind(), other.kind()) }),
         }
     }
+    fn merges_exactly(&self) -> bool {
+        true
+    }
     fn spec(&self) -> QuantSpec {
         self.spec
     }

@@ -143,6 +143,11 @@ impl Observer for MinMaxObserver {
         merge_running(self.kind(), &mut self.run, &o.run)
     }
 
+    fn merges_exactly(&self) -> bool {
+        // Minima and maxima of minima and maxima; a moving average depends on order.
+        self.run.averaging.is_none()
+    }
+
     fn spec(&self) -> QuantSpec {
         self.spec
     }
@@ -254,6 +259,11 @@ impl Observer for PerChannelMinMaxObserver {
             self.resolved = o.resolved;
         }
         merge_running(self.kind(), &mut self.run, &o.run)
+    }
+
+    fn merges_exactly(&self) -> bool {
+        // Minima and maxima of minima and maxima; a moving average depends on order.
+        self.run.averaging.is_none()
     }
 
     fn spec(&self) -> QuantSpec {

@@ -152,6 +152,15 @@ pub trait Observer: Send + Sync + Debug {
     /// [`ObserveError::Merge`] for observers of another kind or configuration.
     fn merge(&mut self, other: &dyn Observer) -> Result<()>;
 
+    /// Whether [`Observer::merge`] of observers that saw consecutive runs of batches gives
+    /// exactly what one observer of all the batches would: then calibration may split batches
+    /// between threads. `false` (the default) keeps every batch on one observer, in order,
+    /// whatever the thread count (a histogram re-bins when it merges, a moving average
+    /// depends on order).
+    fn merges_exactly(&self) -> bool {
+        false
+    }
+
     /// The quantization target.
     fn spec(&self) -> QuantSpec;
 
