@@ -294,30 +294,23 @@ impl PackedConv2dF32 {
     /// `[tap][channel]`): per pixel, the bias plus each tap's products inside the image,
     /// added unfused in tap order, then the activation.
     fn depthwise_rows(&self, wt: &[f32], bias: Option<&[f32]>, x: &[f32], d: &Dims, r0: usize, out: &mut [f32]) {
-        let (c, g) = (d.c, &self.geom);
+        let c = d.c;
         if c == 0 {
             return;
         }
         // The pixel's taps inside the image: (input offset, weight offset).
         let mut taps: Vec<(usize, usize)> = Vec::with_capacity(self.kh * self.kw);
-        for (i, o) in out.chunks_exact_mut(c).enumerate() {
-            let p = r0 + i;
-            let (b, rem) = (p / (d.oh * d.ow), p % (d.oh * d.ow));
-            let (oy, ox) = (rem / d.ow, rem % d.ow);
+        let mut at = d.origin(&self.geom, r0);
+        for o in out.chunks_exact_mut(c) {
             taps.clear();
             for ky in 0..self.kh {
-                let Some(iy) = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.padding[0]).filter(|&iy| iy < d.h)
-                else {
-                    continue;
-                };
                 for kx in 0..self.kw {
-                    if let Some(ix) =
-                        (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.padding[1]).filter(|&ix| ix < d.w)
-                    {
-                        taps.push((((b * d.h + iy) * d.w + ix) * c, (ky * self.kw + kx) * c));
+                    if let Some(xo) = d.tap(&self.geom, at, ky, kx) {
+                        taps.push((xo, (ky * self.kw + kx) * c));
                     }
                 }
             }
+            at = d.next(&self.geom, at);
             #[cfg(target_arch = "x86_64")]
             if self.isa == Isa::Avx512Vnni {
                 // SAFETY: the tier was capped to the CPU's at packing (VNNI implies AVX-512 F);
@@ -355,37 +348,17 @@ impl PackedConv2dF32 {
         let (segs, seg_len) = if gather { (1, k) } else { (taps, icg) };
         let mut ptrs = vec![zeros.as_ptr(); segs * MR];
         let g = &self.geom;
-        // Row `r`'s input offset (its first channel) at tap `(ky, kx)`, or None in the
-        // padding: `at[r]` is the batch image's offset and the top-left input coordinate.
-        let mut at = [(0usize, 0isize, 0isize); MR];
-        let locate = |b0: usize, valid: usize, at: &mut [(usize, isize, isize); MR]| {
-            // The first row's coordinates by division, the next ones by stepping along.
-            let row = r0 + b0;
-            let (mut b, rem) = (row / (d.oh * d.ow), row % (d.oh * d.ow));
-            let (mut oy, mut ox) = (rem / d.ow, rem % d.ow);
+        // Each tile row's origin (see `Dims::origin`): the first by division, the next ones by
+        // stepping along.
+        let mut at = [Origin::default(); MR];
+        let locate = |b0: usize, valid: usize, at: &mut [Origin; MR]| {
+            let mut o = d.origin(g, r0 + b0);
             for a in at.iter_mut().take(valid) {
-                *a = (
-                    b * d.h * d.w * d.c,
-                    (oy * g.stride[0]) as isize - g.padding[0] as isize,
-                    (ox * g.stride[1]) as isize - g.padding[1] as isize,
-                );
-                ox += 1;
-                if ox == d.ow {
-                    ox = 0;
-                    oy += 1;
-                    if oy == d.oh {
-                        oy = 0;
-                        b += 1;
-                    }
-                }
+                *a = o;
+                o = d.next(g, o);
             }
         };
-        let tap = |(img, y0, x0): (usize, isize, isize), ky: usize, kx: usize| -> Option<usize> {
-            let iy = y0 + (ky * g.dilation[0]) as isize;
-            let ix = x0 + (kx * g.dilation[1]) as isize;
-            (iy >= 0 && ix >= 0 && (iy as usize) < d.h && (ix as usize) < d.w)
-                .then(|| img + (iy as usize * d.w + ix as usize) * d.c)
-        };
+        let tap = |o: Origin, ky: usize, kx: usize| d.tap(g, o, ky, kx);
         let panels: &[f32] = bytemuck_lines(panels);
         let activation = self.activation;
         let isa = self.isa;
@@ -414,7 +387,7 @@ impl PackedConv2dF32 {
                             row.fill(0.0);
                             continue;
                         }
-                        let (img, y0, x0) = at[r];
+                        let Origin { img, y0, x0, .. } = at[r];
                         let seg = self.kw * icg;
                         // A kernel row wholly inside the image is one contiguous run of the
                         // input when the taps are adjacent and the group is every channel.
@@ -473,6 +446,55 @@ struct Dims {
     c: usize,
     oh: usize,
     ow: usize,
+}
+
+/// An output pixel's place: its batch image's offset in the input, the input coordinates of
+/// its kernel's top-left tap (negative in the padding), and its own output coordinates.
+#[derive(Clone, Copy, Debug, Default)]
+struct Origin {
+    img: usize,
+    y0: isize,
+    x0: isize,
+    b: usize,
+    oy: usize,
+    ox: usize,
+}
+
+impl Dims {
+    /// Output pixel `row`'s origin (batch-major numbering).
+    fn origin(&self, g: &Conv2dGeometry, row: usize) -> Origin {
+        let (b, rem) = (row / (self.oh * self.ow), row % (self.oh * self.ow));
+        self.at(g, b, rem / self.ow, rem % self.ow)
+    }
+
+    fn at(&self, g: &Conv2dGeometry, b: usize, oy: usize, ox: usize) -> Origin {
+        Origin {
+            img: b * self.h * self.w * self.c,
+            y0: (oy * g.stride[0]) as isize - g.padding[0] as isize,
+            x0: (ox * g.stride[1]) as isize - g.padding[1] as isize,
+            b,
+            oy,
+            ox,
+        }
+    }
+
+    /// The next output pixel's origin, without dividing.
+    fn next(&self, g: &Conv2dGeometry, o: Origin) -> Origin {
+        match (o.ox + 1 < self.ow, o.oy + 1 < self.oh) {
+            (true, _) => self.at(g, o.b, o.oy, o.ox + 1),
+            (false, true) => self.at(g, o.b, o.oy + 1, 0),
+            (false, false) => self.at(g, o.b + 1, 0, 0),
+        }
+    }
+
+    /// The input offset (first channel) of tap `(ky, kx)` of the pixel at `o`, or `None` in
+    /// the padding.
+    fn tap(&self, g: &Conv2dGeometry, o: Origin, ky: usize, kx: usize) -> Option<usize> {
+        let iy = o.y0 + (ky * g.dilation[0]) as isize;
+        let ix = o.x0 + (kx * g.dilation[1]) as isize;
+        (iy >= 0 && ix >= 0 && (iy as usize) < self.h && (ix as usize) < self.w)
+            .then(|| o.img + (iy as usize * self.w + ix as usize) * self.c)
+    }
 }
 
 /// One register tile's operands.

@@ -123,48 +123,23 @@ pub fn conv2d_f32_with(
     geom: Conv2dGeometry,
     out: &mut [f32],
 ) -> Result<()> {
-    let g = geom.groups.max(1);
-    if x.len() != n * h * w * c {
-        return Err(shape_err(vec![n, h, w, c], vec![x.len()], "input must be n * h * w * c (NHWC)"));
-    }
-    if c % g != 0 || oc % g != 0 || geom.stride.contains(&0) || geom.dilation.contains(&0) || kh == 0 || kw == 0 {
+    // The packed kernel checks the weights, bias, geometry, input and output; only the
+    // channel split it is given needs checking here.
+    let g = geom.groups;
+    if g == 0 || c % g != 0 {
         return Err(QError::Unsupported {
             op: OP,
-            reason: format!(
-                "channels {c} -> {oc} with groups {g}, kernel {kh}x{kw}, stride {:?}, dilation {:?}",
-                geom.stride, geom.dilation
-            ),
+            reason: format!("{c} input channels in {g} groups: groups must be positive and divide the channels"),
         });
     }
     let icg = c / g;
-    if weights.len() != oc * kh * kw * icg {
-        return Err(shape_err(vec![oc, kh, kw, icg], vec![weights.len()], "weights must be OHWI"));
-    }
-    if let Some(b) = bias {
-        if b.len() != oc {
-            return Err(shape_err(vec![oc], vec![b.len()], "one bias per output channel"));
-        }
-    }
-    let span = |k: usize, d: usize| d * (k - 1) + 1;
-    let (sh, sw) = (span(kh, geom.dilation[0]), span(kw, geom.dilation[1]));
-    if h + 2 * geom.padding[0] < sh || w + 2 * geom.padding[1] < sw {
-        return Err(QError::Unsupported {
-            op: OP,
-            reason: format!("input {h}x{w} is smaller than the dilated kernel {sh}x{sw}"),
-        });
-    }
-    let oh = (h + 2 * geom.padding[0] - sh) / geom.stride[0] + 1;
-    let ow = (w + 2 * geom.padding[1] - sw) / geom.stride[1] + 1;
-    if out.len() != n * oh * ow * oc {
-        return Err(shape_err(vec![n, oh, ow, oc], vec![out.len()], "output must be n * oh * ow * oc"));
-    }
     let packed = crate::fconv::PackedConv2dF32::with_isa(
         isa,
         weights,
         crate::fconv::WeightLayout::Ohwi,
         (oc, icg, kh, kw),
         bias,
-        Conv2dGeometry { groups: g, ..geom },
+        geom,
         crate::gemm::Activation::None,
     )?;
     packed.forward(x, (n, h, w, c), out, 1)

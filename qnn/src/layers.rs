@@ -75,39 +75,39 @@ pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32>
         .permuted_axes(IxDyn(&[0, 3, 1, 2]))
 }
 
+/// An array's elements in memory order, when they fill one block with non-negative strides.
+fn in_memory_order(x: &ArrayD<f32>) -> Option<&[f32]> {
+    x.strides().iter().all(|&s| s >= 0).then(|| x.as_slice_memory_order()).flatten()
+}
+
+/// `data` (in memory order) as an array of `like`'s shape and strides (which
+/// [`in_memory_order`] accepted).
+fn laid_out_like(like: &ArrayD<f32>, data: Vec<f32>) -> ArrayD<f32> {
+    let strides: Vec<usize> = like.strides().iter().map(|&s| s as usize).collect();
+    ArrayD::from_shape_vec(IxDyn(like.shape()).strides(IxDyn(&strides)), data)
+        .expect("the strides of an array of this shape")
+}
+
 /// `f` on every element: over the memory in order, into an array of the same strides, when
 /// it is one block (a loop the compiler vectorises), else in logical order.
 #[inline(always)]
 pub(crate) fn map_same_layout(x: &ArrayD<f32>, f: impl Fn(f32) -> f32) -> ArrayD<f32> {
-    if x.strides().iter().all(|&s| s >= 0) {
-        if let Some(s) = x.as_slice_memory_order() {
-            let mut data = crate::scratch::take_f32(s.len());
-            for (d, &v) in data.iter_mut().zip(s) {
-                *d = f(v);
-            }
-            let strides: Vec<usize> = x.strides().iter().map(|&s| s as usize).collect();
-            let shape = IxDyn(x.shape()).strides(IxDyn(&strides));
-            return ArrayD::from_shape_vec(shape, data).expect("the strides of an array of this shape");
-        }
+    let Some(s) = in_memory_order(x) else { return x.mapv(f) };
+    let mut data = crate::scratch::take_f32(s.len());
+    for (d, &v) in data.iter_mut().zip(s) {
+        *d = f(v);
     }
-    x.mapv(f)
+    laid_out_like(x, data)
 }
 
 /// `f(pixel value, gate value)` over an NHWC-laid `[n, c, h, w]` operand and a per-channel
 /// `[n, c, 1, 1]` one (in either order), in NHWC order, when the big one is laid out so; the
 /// result keeps its layout. `None` for other shapes or layouts.
 pub(crate) fn per_channel_nhwc(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32) -> Option<ArrayD<f32>> {
-    let is_gate = |big: &[usize], small: &[usize]| {
-        big.len() == 4
-            && small.len() == 4
-            && big[..2] == small[..2]
-            && small[2] == 1
-            && small[3] == 1
-            && big[2] * big[3] > 1
-    };
-    let (big, small) = if is_gate(a.shape(), b.shape()) {
+    use crate::ops::mul::gate;
+    let (big, small) = if gate(a.shape(), b.shape()) {
         (a, b)
-    } else if is_gate(b.shape(), a.shape()) {
+    } else if gate(b.shape(), a.shape()) {
         (b, a)
     } else {
         return None;
@@ -128,15 +128,13 @@ pub(crate) fn per_channel_nhwc(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32,
 /// `f(a, b)` element by element over two arrays of one shape, in the memory order they share
 /// when they are laid out alike (the result then has their strides), else in logical order.
 pub(crate) fn zip_same_layout(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32) -> ArrayD<f32> {
-    if a.shape() == b.shape() && a.strides() == b.strides() && a.strides().iter().all(|&s| s >= 0) {
-        if let (Some(sa), Some(sb)) = (a.as_slice_memory_order(), b.as_slice_memory_order()) {
+    if a.shape() == b.shape() && a.strides() == b.strides() {
+        if let (Some(sa), Some(sb)) = (in_memory_order(a), in_memory_order(b)) {
             let mut data = crate::scratch::take_f32(sa.len());
             for ((d, &x), &y) in data.iter_mut().zip(sa).zip(sb) {
                 *d = f(x, y);
             }
-            let strides: Vec<usize> = a.strides().iter().map(|&s| s as usize).collect();
-            let shape = IxDyn(a.shape()).strides(IxDyn(&strides));
-            return ArrayD::from_shape_vec(shape, data).expect("the strides of an array of this shape");
+            return laid_out_like(a, data);
         }
     }
     ndarray::Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))

@@ -356,25 +356,19 @@ fn run_batch_inputs(
     obs: &mut [Box<dyn Observer>],
 ) -> Result<()> {
     // Inside the kernels' pool for the whole batch: each layer's kernel call runs in place.
-    qkernels::with_threads(threads, || run_batch_in_pool(graph, (kernels, threads), nodes, xs, obs))
-}
-
-fn run_batch_in_pool(
-    graph: &Graph,
-    (kernels, threads): (&FloatKernels, usize),
-    nodes: &[PNode],
-    xs: &[ArrayD<f32>],
-    obs: &mut [Box<dyn Observer>],
-) -> Result<()> {
-    for (o, x) in obs.iter_mut().zip(xs) {
-        o.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
-    }
-    graph.run_f32(xs, Some((kernels, threads)), |i, y| match nodes[i].obs {
-        Some(k) if nodes[i].relu_after => observe(obs[k].as_mut(), &graph.nodes[i].name, &y.mapv(|v| v.max(0.0))),
-        Some(k) => observe(obs[k].as_mut(), &graph.nodes[i].name, y),
-        None => Ok(()),
-    })?;
-    Ok(())
+    qkernels::with_threads(threads, || {
+        for (o, x) in obs.iter_mut().zip(xs) {
+            o.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
+        }
+        graph.run_f32(xs, Some((kernels, threads)), |i, y| match nodes[i].obs {
+            Some(k) if nodes[i].relu_after => {
+                observe(obs[k].as_mut(), &graph.nodes[i].name, &crate::layers::map_same_layout(y, |v| v.max(0.0)))
+            }
+            Some(k) => observe(obs[k].as_mut(), &graph.nodes[i].name, y),
+            None => Ok(()),
+        })?;
+        Ok(())
+    })
 }
 
 impl Prepared {
@@ -655,7 +649,7 @@ impl Prepared {
                 });
             }
         }
-        let Prepared { mut graph, nodes, plan, obs, input_cfgs, tables, .. } = self;
+        let Prepared { mut graph, kernels, nodes, plan, obs, input_cfgs, tables, .. } = self;
         // The parameters each value has (int8) or is quantized with when an int8 op reads it
         // (float): its producer's observed ones, or its input's for ops that keep them.
         let mut vq: Vec<Option<QuantU8>> = vec![None; graph.values];
@@ -694,7 +688,7 @@ impl Prepared {
         let mut qnodes = Vec::with_capacity(graph.nodes.len());
         // Custom integer ranges of node outputs, applied once the graph's own rewrites are done.
         let mut ranges: Vec<Option<((u8, u8), QuantU8)>> = Vec::with_capacity(graph.nodes.len());
-        for (n, p) in graph.nodes.into_iter().zip(nodes) {
+        for ((n, p), kernel) in graph.nodes.into_iter().zip(nodes).zip(kernels) {
             let (out_q, out_range) = match p.obs {
                 Some(k) => {
                     let what = format!("{} output", n.name);
@@ -710,7 +704,11 @@ impl Prepared {
             let op: Box<dyn QOp> = match n.op {
                 NodeOp::Layer(m) => match &p.mode {
                     Mode::Passthrough => Box::new(PassOp),
-                    Mode::Float(_) => Box::new(FloatOp::new(m).map_err(|e| e.within(&n.name))?),
+                    // Calibration's float kernel, unless the weights were just quantized.
+                    Mode::Float(FloatReason::SimulatedOnly { .. }) => {
+                        Box::new(FloatOp::new(m).map_err(|e| e.within(&n.name))?)
+                    }
+                    Mode::Float(_) => Box::new(FloatOp::with_kernel(m, kernel)),
                     Mode::Dynamic => {
                         let cfg = p.cfg.as_ref().expect("dynamic modules have a configuration");
                         m.lower_dynamic(&LowerCx { name: &n.name, cfg, in_q, out_q, tables })

@@ -7,6 +7,29 @@ use std::arch::x86_64::*;
 use crate::fconv::{Tile, MR, PANEL};
 use crate::gemm::Activation;
 
+/// The activation on sixteen lanes, as the twin's `act_one` computes it: `max(0, v)` and
+/// `min(6, v)` return their second operand, `v`, when it is NaN or a zero.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn activate16(act: Activation, v: __m512) -> __m512 {
+    let zero = _mm512_setzero_ps();
+    match act {
+        Activation::None => v,
+        Activation::Relu => _mm512_max_ps(zero, v),
+        Activation::Relu6 => _mm512_min_ps(_mm512_set1_ps(6.0), _mm512_max_ps(zero, v)),
+    }
+}
+
+/// The mask of the first `n` of sixteen lanes (all of them from 16 up, none at 0).
+#[inline]
+fn first_lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        !0
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
 /// The tile's outputs, written to `out` (rows `ldo` apart, columns `0..cols`).
 ///
 /// # Safety
@@ -38,26 +61,10 @@ pub(crate) unsafe fn tile_avx512(t: &Tile<'_>, out: *mut f32, act: Activation) {
     // SAFETY: the bias holds PANEL values.
     let (b0, b1) = unsafe { (_mm512_loadu_ps(t.bias.as_ptr()), _mm512_loadu_ps(t.bias.as_ptr().add(16))) };
     let cols = t.cols.min(PANEL);
-    let m0 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-    let m1 = if cols >= 32 {
-        0xffff
-    } else if cols > 16 {
-        ((1u32 << (cols - 16)) - 1) as u16
-    } else {
-        0
-    };
-    let zero = _mm512_setzero_ps();
-    let six = _mm512_set1_ps(6.0);
-    let activate = |v: __m512| match act {
-        Activation::None => v,
-        // max(0, v) and min(6, v) return their second operand, v, when v is NaN or a zero
-        // (`(0 > v) ? 0 : v`), as the twin does.
-        Activation::Relu => _mm512_max_ps(zero, v),
-        Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, v)),
-    };
+    let (m0, m1) = (first_lanes(cols), first_lanes(cols.saturating_sub(16)));
     for (r, a) in acc.iter().enumerate().take(t.rows) {
-        let v0 = activate(_mm512_add_ps(a[0], b0));
-        let v1 = activate(_mm512_add_ps(a[1], b1));
+        let v0 = activate16(act, _mm512_add_ps(a[0], b0));
+        let v1 = activate16(act, _mm512_add_ps(a[1], b1));
         // SAFETY: row r < rows starts `r * ldo` values in; the masks write only columns
         // below `cols`.
         unsafe {
@@ -149,12 +156,6 @@ pub(crate) unsafe fn depthwise_pixel_avx512(
     let c = o.len();
     let (xp, wp, op) = (x.as_ptr(), wt.as_ptr(), o.as_mut_ptr());
     let zero = _mm512_setzero_ps();
-    let six = _mm512_set1_ps(6.0);
-    let activate = |v: __m512| match act {
-        Activation::None => v,
-        Activation::Relu => _mm512_max_ps(zero, v),
-        Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, v)),
-    };
     let start = |c0: usize, m: __mmask16| match bias {
         // SAFETY: the masked lanes from c0 lie within the bias's `c` values.
         Some(b) => unsafe { _mm512_maskz_loadu_ps(m, b.as_ptr().add(c0)) },
@@ -175,13 +176,13 @@ pub(crate) unsafe fn depthwise_pixel_avx512(
         }
         for (k, a) in acc.iter().enumerate() {
             // SAFETY: channels c0 + 16k.. + 16 lie within the pixel's `c` outputs.
-            unsafe { _mm512_storeu_ps(op.add(c0 + 16 * k), activate(*a)) };
+            unsafe { _mm512_storeu_ps(op.add(c0 + 16 * k), activate16(act, *a)) };
         }
         c0 += 64;
     }
     while c0 < c {
         let n = (c - c0).min(16);
-        let m: __mmask16 = if n == 16 { !0 } else { ((1u32 << n) - 1) as u16 };
+        let m = first_lanes(n);
         let mut a = start(c0, m);
         for &(xo, wo) in taps {
             // SAFETY: the masked lanes c0..c0 + n lie within the `c` values at each offset.
@@ -192,7 +193,7 @@ pub(crate) unsafe fn depthwise_pixel_avx512(
             }
         }
         // SAFETY: the masked lanes c0..c0 + n lie within the pixel's outputs.
-        unsafe { _mm512_mask_storeu_ps(op.add(c0), m, activate(a)) };
+        unsafe { _mm512_mask_storeu_ps(op.add(c0), m, activate16(act, a)) };
         c0 += n;
     }
 }

@@ -31,6 +31,11 @@ impl FloatOp {
         let kernel = layer.float_kernel().transpose()?;
         Ok(FloatOp(layer, kernel))
     }
+
+    /// The layer with the float kernel already prepared from it (by `prepare`).
+    pub(crate) fn with_kernel(layer: Box<dyn Module>, kernel: Option<Arc<dyn FloatKernel>>) -> Self {
+        FloatOp(layer, kernel)
+    }
 }
 
 /// The saved form of a float layer: its kind and what its `save` wrote.

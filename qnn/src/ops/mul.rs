@@ -14,7 +14,7 @@ use crate::quant::{quantized, Run, Value};
 use crate::scratch::{self, Input};
 
 /// Whether `small` is `[n, c, 1, 1]` against `big`'s `[n, c, h, w]`.
-fn gate(big: &[usize], small: &[usize]) -> bool {
+pub(crate) fn gate(big: &[usize], small: &[usize]) -> bool {
     big.len() == 4 && small.len() == 4 && big[..2] == small[..2] && small[2] == 1 && small[3] == 1
 }
 
