@@ -404,6 +404,35 @@ fn print_plan(q: &QuantizedModel) {
             say!("  float: {} ({}): {why}", p.name, p.kind);
         }
     }
+    // Which kernels run the layers on this machine (`run --profile` names them per node),
+    // the per-layer input-code bounds of AVX2's vpmaddubsw gathered into one range.
+    /// A kernel description (with `{}` for the bound), how many layers, the bounds' range.
+    type Group = (String, usize, Option<(u32, u32)>);
+    let mut kernels: Vec<Group> = Vec::new();
+    for (_, k) in q.kernels() {
+        let (key, bound) = match k.split_once("<= ").and_then(|(head, rest)| {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            rest[..digits].parse::<u32>().ok().map(|b| (format!("{head}<= {{}}{}", &rest[digits..]), b))
+        }) {
+            Some((key, b)) => (key, Some(b)),
+            None => (k, None),
+        };
+        match kernels.iter_mut().find(|e| e.0 == key) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 = e.2.zip(bound).map(|((lo, hi), b)| (lo.min(b), hi.max(b)));
+            }
+            None => kernels.push((key, 1, bound.map(|b| (b, b)))),
+        }
+    }
+    for (key, n, bound) in kernels {
+        let text = match bound {
+            Some((lo, hi)) if lo == hi => key.replace("{}", &lo.to_string()),
+            Some((lo, hi)) => key.replace("{}", &format!("{lo}..{hi}")),
+            None => key,
+        };
+        say!("  kernels: {n} x {text}");
+    }
 }
 
 fn is_onnx(p: &Path) -> bool {
@@ -492,7 +521,7 @@ fn print_profile(nodes: &[qnn::NodeTime], runs: usize) {
     let total: f64 = nodes.iter().map(|n| n.median_ms).sum();
     let width = nodes.iter().map(|n| n.name.len()).max().unwrap_or(4).clamp(4, 48);
     say!("per node, median of {runs} run(s):");
-    say!("{:<width$}  {:<15} {:<18} {:>9} {:>6} {:>8}", "node", "op", "output", "ms", "share", "GMAC/s");
+    say!("{:<width$}  {:<15} {:<18} {:>9} {:>6} {:>8}  kernel", "node", "op", "output", "ms", "share", "GMAC/s");
     for n in nodes {
         let gmacs = n.macs.map_or(String::from("-"), |m| format!("{:.1}", m as f64 / (n.median_ms * 1e6)));
         let shape = format!("{:?}", n.out_shape);
@@ -501,12 +530,13 @@ fn print_profile(nodes: &[qnn::NodeTime], runs: usize) {
             continue;
         }
         say!(
-            "{:<width$}  {:<15} {shape:<18} {:>9.4} {:>5.1}% {:>8}",
+            "{:<width$}  {:<15} {shape:<18} {:>9.4} {:>5.1}% {:>8}  {}",
             n.name,
             n.op,
             n.median_ms,
             100.0 * n.median_ms / total.max(f64::MIN_POSITIVE),
-            gmacs
+            gmacs,
+            n.kernel.as_deref().unwrap_or("")
         );
     }
     let mut by_op: Vec<(&str, f64, u64)> = Vec::new();

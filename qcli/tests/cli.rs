@@ -57,13 +57,16 @@ fn quantize_run_report_and_export() {
     assert!(text(&o).contains("output [16, 10]") && text(&o).contains("item 15:"), "{}", text(&o));
     assert!(out.exists());
 
-    // Per-node times: every int8 node by name, the convolutions with their GMAC/s.
+    // Per-node times: every int8 node by name, the convolutions with their GMAC/s and kernel.
     let o = qrust(&["run", int8.to_str().unwrap(), "--input", &input, "--repeat", "3", "--profile"]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("per node, median of 3 run(s)") && t.contains("per op (sum of node medians"), "{t}");
     let conv = t.lines().find(|l| l.starts_with("/stem/stem.0/Conv")).unwrap_or_else(|| panic!("{t}"));
-    assert!(conv.contains("Conv2d") && conv.split_whitespace().last().unwrap().parse::<f64>().is_ok(), "{conv}");
+    // ... then the kernel that runs it on this machine.
+    let (times, kernel) = conv.rsplit_once("  ").unwrap_or_else(|| panic!("{conv}"));
+    assert!(conv.contains("Conv2d") && times.split_whitespace().last().unwrap().parse::<f64>().is_ok(), "{conv}");
+    assert!(kernel.contains("GEMM") && kernel.contains(qnn::qtensor::isa::selected().name()), "{conv}");
     let o = qrust(&["run", &model, "--input", &input, "--profile"]);
     assert!(!o.status.success() && text(&o).contains("run `qrust quantize` on it first"), "{}", text(&o));
 

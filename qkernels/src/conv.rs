@@ -80,10 +80,12 @@ enum ConvKind {
     /// and the kernel also reads the bytes that follow it.
     Implicit { w: PackedWeights, seg: usize, tail: usize },
     /// `taps` is `[c, kh * kw]` (scalar layout); `vnni` the interleaved layout of the
-    /// AVX-512 kernel when the weights are symmetric and the CPU has VNNI.
+    /// AVX-512 kernel when the weights are symmetric and the CPU has VNNI; `avx2` the
+    /// tap-pair layout of the AVX2 kernel when they are symmetric and the tier is AVX2.
     Depthwise {
         taps: PackedWeights,
         vnni: Option<Vec<i8>>,
+        avx2: Option<Vec<i16>>,
         /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width
         /// and kernels up to 5 x 4.
         rows: Option<Box<DwKernel<RowConsts>>>,
@@ -189,6 +191,7 @@ impl PackedConv2d {
             )?;
             let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
             let vnni = (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
+            let avx2 = (isa == Isa::Avx2 && taps.is_symmetric()).then(|| pack_depthwise_avx2(&taps));
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
                 .then(|| DwKernel::new(pack_depthwise_rows(&taps, kh, kw)));
@@ -198,7 +201,7 @@ impl PackedConv2d {
             let half_w = vnni.is_some() && geom.stride[1] == 2 && geom.dilation[1] == 1;
             let flat = ((unit_w || half_w) && rows.is_none() && kh <= 16 && kh * kw <= 64)
                 .then(|| DwKernel::new(pack_depthwise_flat(&taps)));
-            ConvKind::Depthwise { taps, vnni, rows, flat }
+            ConvKind::Depthwise { taps, vnni, avx2, rows, flat }
         } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
             kind
         } else {
@@ -281,6 +284,30 @@ impl PackedConv2d {
     pub fn in_channels(&self) -> usize {
         self.ic
     }
+    /// The kernel that runs this convolution, for plans and profiles: the path chosen at
+    /// packing and its micro-kernel (on AVX2, whether `vpmaddubsw` may run, and up to which
+    /// input code: [`PackedWeights::pair_sums_up_to`]).
+    pub fn kernel(&self) -> String {
+        match &self.kind {
+            ConvKind::Gemm(groups) => {
+                let how = if self.kh * self.kw == 1 && self.geom.stride == [1, 1] && self.geom.padding == [0, 0] {
+                    "pointwise GEMM"
+                } else {
+                    "im2col GEMM"
+                };
+                format!("{how}, {}", groups[0].kernel())
+            }
+            ConvKind::Implicit { w, .. } => format!("implicit im2col GEMM, {}", w.kernel()),
+            ConvKind::Depthwise { vnni, avx2, rows, flat, .. } => match (vnni, avx2, rows, flat) {
+                (_, _, Some(_), _) => "depthwise, avx512vnni: row-interleaved".into(),
+                (_, _, None, Some(_)) => "depthwise, avx512vnni: flat rows".into(),
+                (Some(_), _, _, _) => "depthwise, avx512vnni: per pixel".into(),
+                (None, Some(_), _, _) => "depthwise, avx2: per pixel, exact vpmaddwd".into(),
+                _ => "depthwise, scalar".into(),
+            },
+        }
+    }
+
     /// Whether the depthwise kernel runs this convolution.
     pub fn is_depthwise(&self) -> bool {
         matches!(self.kind, ConvKind::Depthwise { .. })
@@ -427,7 +454,7 @@ impl PackedConv2d {
             }
             #[cfg(not(target_arch = "x86_64"))]
             ConvKind::Implicit { .. } => unreachable!("implicit im2col is packed only on x86-64 with VNNI"),
-            ConvKind::Depthwise { taps, vnni, rows, flat } => {
+            ConvKind::Depthwise { taps, vnni, avx2, rows, flat } => {
                 let key = PlanKey::new(x.scale, x.zero_point, Some(quant));
                 let build = || vec![Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true)];
                 self.plans.with(key, build, |plans| {
@@ -454,7 +481,16 @@ impl PackedConv2d {
                             },
                         ),
                         _ => crate::threads::run_with(threads, || {
-                            self.forward_depthwise(taps, vnni.as_deref(), plan, x, out, oh, ow, threads > 1)
+                            self.forward_depthwise(
+                                taps,
+                                (vnni.as_deref(), avx2.as_deref()),
+                                plan,
+                                x,
+                                out,
+                                oh,
+                                ow,
+                                threads > 1,
+                            )
                         }),
                     }
                 });
@@ -609,7 +645,7 @@ impl PackedConv2d {
     fn forward_depthwise(
         &self,
         taps: &PackedWeights,
-        vnni: Option<&[i8]>,
+        (vnni, avx2): (Option<&[i8]>, Option<&[i16]>),
         plan: &Plan,
         x: &QImage<'_>,
         out: &mut [u8],
@@ -627,10 +663,30 @@ impl PackedConv2d {
         fn per_row<'a, F: Fn(&mut (Vec<&'a [u8]>, Vec<i32>), (usize, &mut [u8])) + Sync>(f: F) -> F {
             f
         }
+        // Each tap's offset from a pixel's first tap, and the output columns whose taps all
+        // lie inside the image horizontally (the AVX2 kernel reads those through offsets).
+        let offsets: Vec<usize> = (0..self.kh)
+            .flat_map(|ky| (0..self.kw).map(move |kx| (ky * g.dilation[0] * x.w + kx * g.dilation[1]) * c))
+            .collect();
+        let inside =
+            |o: usize, s: usize, p: usize, d: usize, k: usize, n: usize| o * s >= p && o * s - p + (k - 1) * d < n;
         let row = per_row(|(ptrs, acc), (orow, out_row)| {
             let (b, oy) = (orow / oh, orow % oh);
             let img = &x.data[b * x.h * x.w * c..(b + 1) * x.h * x.w * c];
+            let row_inside = inside(oy, g.stride[0], g.padding[0], g.dilation[0], self.kh, x.h);
             for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
+                #[cfg(target_arch = "x86_64")]
+                if let (Some(packed), true) =
+                    (avx2, row_inside && inside(ox, g.stride[1], g.padding[1], g.dilation[1], self.kw, x.w))
+                {
+                    let first = ((oy * g.stride[0] - g.padding[0]) * x.w + ox * g.stride[1] - g.padding[1]) * c;
+                    let taps = crate::x86::avx2::TapOffsets { base: img[first..].as_ptr(), offsets: &offsets };
+                    // SAFETY: as for the slices below (the AVX2 tier, its packing and plan); every
+                    // tap of this pixel lies inside the image, so its `c` bytes at `first + offset`
+                    // are readable in `img`.
+                    unsafe { crate::x86::avx2::depthwise_avx2_pixel_u8(&taps, c, packed, plan, px) };
+                    continue;
+                }
                 ptrs.clear();
                 for ky in 0..self.kh {
                     let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
@@ -644,14 +700,22 @@ impl PackedConv2d {
                         }
                     }
                 }
-                match vnni {
+                match (vnni, avx2) {
                     #[cfg(target_arch = "x86_64")]
-                    Some(packed) => {
+                    (Some(packed), _) => {
                         // SAFETY: `vnni` is Some only when packing found AVX-512 VNNI on this
                         // CPU; every tap slice holds `c` readable bytes; `acc` holds c rounded
                         // up to 64; `packed` is this layer's interleaved layout for (c, t).
                         unsafe { crate::x86::depthwise_vnni_pixel(ptrs, c, packed, acc) };
                         requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    (None, Some(packed)) => {
+                        // SAFETY: `avx2` is Some only for the AVX2 tier (symmetric weights),
+                        // which packing capped to what this CPU has (AVX2 and FMA); every tap
+                        // slice holds `c` readable bytes; `packed` is this layer's layout for
+                        // (c, t), `plan` its plan; `px` holds c bytes.
+                        unsafe { crate::x86::avx2::depthwise_avx2_pixel_u8(&ptrs[..], c, packed, plan, px) };
                     }
                     _ => depthwise_scalar_pixel(ptrs, taps, x.zero_point, plan, px),
                 }
@@ -1129,6 +1193,25 @@ fn pack_depthwise_vnni(taps: &PackedWeights) -> Vec<i8> {
                     }
                 }
             }
+        }
+    }
+    out
+}
+
+/// Weight layout of the AVX2 depthwise kernel: per block of 16 channels, per pair of taps,
+/// 32 i16: entry `2i + tt` of the first 16 is the weight of channel `16b + i` at tap
+/// `2g + tt` (`i < 8`), the next 16 the same for channels `16b + 8 + i` (0 past the last
+/// channel or tap): the order a byte unpack of two taps leaves the activations in (see
+/// `x86::avx2::depthwise_avx2_pixel_u8`).
+fn pack_depthwise_avx2(taps: &PackedWeights) -> Vec<i16> {
+    let (c, t) = (taps.n, taps.k);
+    let (blocks, pairs) = (c.div_ceil(16), t.div_ceil(2));
+    let mut out = vec![0i16; blocks * pairs * 32];
+    for ch in 0..c {
+        let (b, i) = (ch / 16, ch % 16);
+        for tap in 0..t {
+            let (g, tt) = (tap / 2, tap % 2);
+            out[(b * pairs + g) * 32 + 16 * (i / 8) + 2 * (i % 8) + tt] = taps.raw[ch * t + tap] as i16;
         }
     }
     out

@@ -727,6 +727,16 @@ fn block(
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if let (Packed::Avx2(exact), SinkKind::U8, Rows::Dense(a)) = (&w.packed, sink.kind, src) {
+        let pairs = w.pairs.as_ref().map(|p| (&p.packed[..], p.max_input));
+        // SAFETY: `w.isa` is Avx2 only when the CPU has AVX2 and FMA (capped at packing);
+        // rows, columns and output as for the VNNI paths above; `cols.start` is a multiple
+        // of 16.
+        unsafe { crate::x86::avx2_fused_rows(&fused, a, rows.len(), exact, pairs, w.k) };
+        sink.add_block(rows, cols);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if let (Packed::Vnni(p), SinkKind::F32 { relu }, Rows::Dense(a)) = (&w.packed, sink.kind, src) {
         let per_row = sink.rows.as_ref().map(|rp| (rp.q, rp.col_offsets));
         // SAFETY: as for the u8 output above, the sink holding f32 values (`ldc` in values);
@@ -738,14 +748,16 @@ fn block(
     }
     // Otherwise raw int32 tiles, then the epilogue for the sink.
     let mut tile: Tile = [[0; TILE_COLS]; TILE_ROWS];
-    let mr_max = match w.isa {
-        Isa::Avx512Vnni => 6,
-        Isa::Avx2 => 4,
-        Isa::Scalar => TILE_ROWS,
+    let mr_max = match (w.isa, &w.pairs) {
+        (Isa::Avx512Vnni, _) => 6,
+        (Isa::Avx2, Some(_)) => 4,
+        (Isa::Avx2, None) => 3,
+        (Isa::Scalar, _) => TILE_ROWS,
     };
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let mr = mr_max.min(rows.end - r0);
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut mr = mr_max.min(rows.end - r0);
         match &w.packed {
             #[cfg(target_arch = "x86_64")]
             Packed::Vnni(p) => {
@@ -754,10 +766,22 @@ fn block(
                 unsafe { crate::x86::vnni_tile(a, r0, mr, p, w.k, cols.start / VNNI_LANES, cols.len(), &mut tile) }
             }
             #[cfg(target_arch = "x86_64")]
-            Packed::Avx2(p) => {
+            Packed::Avx2(exact) => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
-                // SAFETY: as above, for AVX2.
-                unsafe { crate::x86::avx2_tile(a, r0, mr, p, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
+                // The pair kernel when every code of the tile's rows is within its bound (a
+                // pass over the rows: a 1 / ncols share of the tile's work), else the exact one
+                // on at most 3 rows. Both give the same sums.
+                let aw = match &w.pairs {
+                    Some(p) if (r0..r0 + mr).all(|i| max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= p.max_input) => {
+                        crate::x86::Avx2Weights::Pairs(&p.packed)
+                    }
+                    _ => {
+                        mr = mr.min(3);
+                        crate::x86::Avx2Weights::Exact(exact)
+                    }
+                };
+                // SAFETY: as above, for AVX2; `Pairs` only for rows checked just now.
+                unsafe { crate::x86::avx2_tile(a, r0, mr, aw, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
             }
             _ => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
@@ -774,6 +798,11 @@ fn block(
         r0 += mr;
     }
     sink.add_block(rows, cols);
+}
+
+/// The largest byte of `row` (a vectorized reduction, no early exit).
+pub(crate) fn max_code(row: &[u8]) -> u8 {
+    row.iter().fold(0, |m, &v| m.max(v))
 }
 
 /// The scalar micro-kernel: plain dot products from the row-major weights.

@@ -168,6 +168,21 @@ pub(crate) unsafe fn add_assign_block(
             )
         };
         first = vector_rows;
+    } else if vector_rows > 0 && isa.capped_to_supported() == qtensor::isa::Isa::Avx2 {
+        // SAFETY: the tier is supported by this CPU, so AVX2 and FMA are; as above.
+        unsafe {
+            crate::x86::avx2::add_u8_avx2(
+                acc,
+                (qa.scale, qa.zero_point),
+                other,
+                (qb.scale, qb.zero_point),
+                acc,
+                (qo.scale, qo.zero_point),
+                relu,
+                (vector_rows, ncols, ld),
+            )
+        };
+        first = vector_rows;
     }
     let _ = isa;
     for r in first..rows {
@@ -221,6 +236,22 @@ unsafe fn add_raw(
         // bounds and aliasing cover the first whole <= n elements.
         unsafe {
             crate::x86::add_u8_avx512(
+                a,
+                (qa.scale, qa.zero_point),
+                b,
+                (qb.scale, qb.zero_point),
+                out,
+                (qo.scale, qo.zero_point),
+                relu,
+                (1, whole, whole),
+            )
+        };
+        done = whole;
+    } else if vec_n >= 32 && isa.capped_to_supported() == qtensor::isa::Isa::Avx2 {
+        let whole = vec_n - vec_n % 32;
+        // SAFETY: the tier is supported by this CPU, so AVX2 and FMA are; as above.
+        unsafe {
+            crate::x86::avx2::add_u8_avx2(
                 a,
                 (qa.scale, qa.zero_point),
                 b,

@@ -32,6 +32,36 @@ pub struct PackedWeights {
     pub(crate) raw: Vec<i8>,
     /// ISA-specific layout (empty for the scalar tier).
     pub(crate) packed: Packed,
+    /// On the AVX2 tier, when these weights cannot saturate `vpmaddubsw`'s 16-bit pair sums
+    /// for inputs up to at least 127 (7-bit activations): that bound and the weights in
+    /// 8-column panels of 4-byte groups (`pack_pairs`).
+    pub(crate) pairs: Option<Avx2Pairs>,
+}
+
+/// The AVX2 layout for `vpmaddubsw`: panels of 8 columns; within a panel, for each group of
+/// 4 k, 8 x 4 bytes (the VNNI layout on 8 lanes). Exact for every input code up to `max_input`.
+#[derive(Clone, Debug)]
+pub(crate) struct Avx2Pairs {
+    pub packed: Vec<i8>,
+    pub max_input: u8,
+}
+
+/// The largest input code `A <= 255` for which no pair sum `a0 * w0 + a1 * w1` with
+/// `a0, a1 in 0..=A` leaves i16, over the pairs `vpmaddubsw` forms (k = 2p, 2p + 1 in each
+/// row of `k` weights).
+fn pair_safe_max(raw: &[i8], k: usize) -> u8 {
+    let mut worst_pos = 0i32;
+    let mut worst_neg = 0i32;
+    for row in raw.chunks_exact(k) {
+        for pair in row.chunks(2) {
+            let (w0, w1) = (pair[0] as i32, pair.get(1).map_or(0, |&w| w as i32));
+            worst_pos = worst_pos.max(w0.max(0) + w1.max(0));
+            worst_neg = worst_neg.min(w0.min(0) + w1.min(0));
+        }
+    }
+    let by_pos = if worst_pos > 0 { i16::MAX as i32 / worst_pos } else { 255 };
+    let by_neg = if worst_neg < 0 { -(i16::MIN as i32) / -worst_neg } else { 255 };
+    by_pos.min(by_neg).min(255) as u8
 }
 
 #[derive(Clone, Debug)]
@@ -39,7 +69,8 @@ pub(crate) enum Packed {
     None,
     /// Panels of 16 columns; within a panel, for each group of 4 k: 16 x 4 bytes.
     Vnni(Vec<i8>),
-    /// Panels of 8 columns; within a panel, for each pair of k: 8 x 2 i16.
+    /// Panels of 8 columns; within a panel, per group of 4 k: 8 x 2 i16 of the even k, then
+    /// of the odd k (`pack_avx2`).
     Avx2(Vec<i16>),
 }
 
@@ -108,7 +139,11 @@ impl PackedWeights {
             Isa::Avx2 => Packed::Avx2(pack_avx2(&raw, n, k)),
             Isa::Avx512Vnni => Packed::Vnni(pack_vnni(&raw, n, k)),
         };
-        Ok(PackedWeights { n, k, isa, scales, zero_points, per_channel, col_offsets, raw, packed })
+        let pairs = (isa == Isa::Avx2)
+            .then(|| pair_safe_max(&raw, k))
+            .filter(|&max_input| max_input >= 127)
+            .map(|max_input| Avx2Pairs { packed: pack_pairs(&raw, n, k), max_input });
+        Ok(PackedWeights { n, k, isa, scales, zero_points, per_channel, col_offsets, raw, packed, pairs })
     }
 
     /// Output channels.
@@ -139,6 +174,29 @@ impl PackedWeights {
     pub fn raw(&self) -> &[i8] {
         &self.raw
     }
+    /// On the AVX2 tier: the largest input code for which this layer multiplies with
+    /// `vpmaddubsw` (pairs of products summed in 16 bits, which these weights cannot saturate
+    /// up to it), when that is at least 127, so that 7-bit activations (`reduce_range`, as
+    /// PyTorch's x86 configuration has) always take it. A call whose input codes all lie
+    /// within it runs that kernel; any other call runs the exact `vpmaddwd` kernel. Both give
+    /// the same bits. `None` on other tiers, or when the weights would saturate below 127.
+    pub fn pair_sums_up_to(&self) -> Option<u8> {
+        self.pairs.as_ref().map(|p| p.max_input)
+    }
+
+    /// The micro-kernel that runs these weights, for plans and profiles: the tier, and on
+    /// AVX2 how products are summed.
+    pub fn kernel(&self) -> String {
+        match (self.isa, &self.pairs) {
+            (Isa::Avx2, Some(p)) => {
+                format!("avx2: vpmaddubsw for input codes <= {}, exact vpmaddwd above", p.max_input)
+            }
+            (Isa::Avx2, None) => "avx2: exact vpmaddwd (the weights could saturate vpmaddubsw's pair sums)".into(),
+            (Isa::Avx512Vnni, _) => "avx512vnni: vpdpbusd".into(),
+            (Isa::Scalar, _) => "scalar".into(),
+        }
+    }
+
     /// Whether every weight zero point is 0 (symmetric weights need no activation row sums).
     pub fn is_symmetric(&self) -> bool {
         self.zero_points.iter().all(|&z| z == 0)
@@ -166,9 +224,13 @@ fn pack_vnni(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
 }
 
 pub(crate) fn avx2_panel_len(k: usize) -> usize {
-    k.div_ceil(2) * 2 * AVX2_LANES
+    k.div_ceil(4) * 4 * AVX2_LANES
 }
 
+/// Panels of 8 columns; within a panel, per group of 4 k, two vectors of 8 i16 pairs: the
+/// even one holds `(w[4g], w[4g + 2])` of each column, the odd one `(w[4g + 1], w[4g + 3])`
+/// (0 past K): the pairs that masking and shifting a broadcast quad of activation bytes
+/// give (see `x86::avx2_kernel`).
 fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Vec<i16> {
     let panels = n.div_ceil(AVX2_LANES);
     let mut out = vec![0i16; panels * avx2_panel_len(k)];
@@ -176,8 +238,25 @@ fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Vec<i16> {
         let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
         let base = p * avx2_panel_len(k);
         for kk in 0..k {
-            let (g, half) = (kk / 2, kk % 2);
-            out[base + g * 2 * AVX2_LANES + lane * 2 + half] = raw[j * k + kk] as i16;
+            let (g, odd, half) = (kk / 4, kk % 2, (kk % 4) / 2);
+            out[base + g * 4 * AVX2_LANES + odd * 2 * AVX2_LANES + lane * 2 + half] = raw[j * k + kk] as i16;
+        }
+    }
+    out
+}
+
+pub(crate) fn pairs_panel_len(k: usize) -> usize {
+    k.div_ceil(4) * 4 * AVX2_LANES
+}
+
+fn pack_pairs(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+    let panels = n.div_ceil(AVX2_LANES);
+    let mut out = vec![0i8; panels * pairs_panel_len(k)];
+    for j in 0..n {
+        let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
+        let base = p * pairs_panel_len(k);
+        for kk in 0..k {
+            out[base + (kk / 4) * 4 * AVX2_LANES + lane * 4 + kk % 4] = raw[j * k + kk];
         }
     }
     out

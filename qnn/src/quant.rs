@@ -945,6 +945,8 @@ pub struct NodeTime {
     /// The node that computes it as part of its own work (a residual addition its
     /// convolution runs), whose time includes it; its own time is then 0.
     pub runs_in: Option<String>,
+    /// The kernel that runs it, for layers with a choice ([`crate::ops::QOp::kernel`]).
+    pub kernel: Option<String>,
 }
 
 /// A tensor between two steps of the int8 model: float (NCHW or 2-D) or `u8` (NHWC data for
@@ -1644,9 +1646,18 @@ impl QuantizedModel {
                     out_shape,
                     median_ms: t[t.len() / 2],
                     runs_in,
+                    kernel: op.kernel(),
                 }
             })
             .collect())
+    }
+
+    /// Per node whose op has a choice of kernels (convolutions, linear layers), its name and
+    /// the kernel that runs it on this machine ([`crate::ops::QOp::kernel`]): the path its
+    /// packing chose and, on AVX2, whether products are summed in 16-bit pairs
+    /// (`vpmaddubsw`, for input codes up to the bound the weights allow) or exactly.
+    pub fn kernels(&self) -> Vec<(&str, String)> {
+        self.graph.nodes.iter().filter_map(|n| step_of(n).op.kernel().map(|k| (n.name.as_str(), k))).collect()
     }
 
     /// Runs one node on its input values.

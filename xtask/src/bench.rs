@@ -244,6 +244,10 @@ fn run_shape(shape: &Shape, threads: usize) -> Result<(f64, f64), String> {
 #[derive(Debug, Default, Serialize)]
 pub struct Record {
     pub name: String,
+    /// Our kernels' instruction-set tier.
+    pub isa: &'static str,
+    /// Our models' configuration (`--qconfig`).
+    pub qconfig: &'static str,
     pub kind: &'static str,
     pub dtype: &'static str,
     pub threads: usize,
@@ -459,15 +463,67 @@ observers, 1 thread"
 
 /// Runs the benchmark and prints a table; returns the records.
 #[allow(clippy::too_many_arguments)]
-pub fn run(
-    root: &Path,
-    threads_list: &[usize],
-    batches: &[usize],
-    rounds: usize,
-    peers: bool,
-    filter: Option<&str>,
-    json: Option<&PathBuf>,
-) -> Result<(), String> {
+/// What `cargo xtask bench` runs.
+pub struct RunOptions<'a> {
+    pub threads: &'a [usize],
+    pub batches: &'a [usize],
+    pub rounds: usize,
+    pub peers: bool,
+    /// The instruction-set tier to force (`--isa`).
+    pub isa: Option<&'a str>,
+    /// Our models' configuration (`--qconfig`: `default` or `x86`).
+    pub qconfig: &'a str,
+}
+
+/// Forces our tier to `name` (before any kernel runs) and caps PyTorch's to the same where
+/// it can be: `FBGEMM_ENABLE_INSTRUCTIONS` and `ONEDNN_MAX_CPU_ISA`, inherited by the peer
+/// processes. Returns which peers can run at that tier: (PyTorch, ONNX Runtime).
+fn force_isa(name: &str) -> Result<(bool, bool), String> {
+    use qtensor::isa::Isa;
+    let isa = Isa::parse(name)
+        .ok_or_else(|| format!("--isa {name:?} is not an instruction set; use one of scalar, avx2, avx512vnni"))?;
+    if !isa.is_supported() {
+        return Err(format!("--isa {isa}: this CPU lacks it"));
+    }
+    std::env::set_var(qtensor::isa::FORCE_ENV, isa.name());
+    if qtensor::isa::selected() != isa {
+        return Err(format!(
+            "--isa {isa}: the kernels already chose {} (set {}={} instead)",
+            qtensor::isa::selected(),
+            qtensor::isa::FORCE_ENV,
+            isa.name()
+        ));
+    }
+    Ok(match isa {
+        Isa::Avx512Vnni => (true, true),
+        Isa::Avx2 => {
+            std::env::set_var("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2");
+            std::env::set_var("ONEDNN_MAX_CPU_ISA", "AVX2");
+            println!(
+                "--isa avx2: PyTorch capped with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2; \
+                 ONNX Runtime left out (its MLAS kernels cannot be capped)"
+            );
+            (true, false)
+        }
+        Isa::Scalar => {
+            println!("--isa scalar: no peer can be capped to scalar code; peers left out");
+            (false, false)
+        }
+    })
+}
+
+pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&PathBuf>) -> Result<(), String> {
+    let (threads_list, batches, rounds) = (o.threads, o.batches, o.rounds);
+    let (torch_ok, ort_ok) = match o.isa {
+        Some(name) => force_isa(name)?,
+        None => (true, true),
+    };
+    let peers = o.peers && torch_ok;
+    let qconfig = match o.qconfig {
+        "default" => qobserve::QConfig::default(),
+        "x86" => qobserve::QConfig::pytorch_x86(),
+        other => return Err(format!("--qconfig {other:?}: use default or x86")),
+    };
     let peak = qkernels::peak::measure();
     match peak {
         Some(p) => println!(
@@ -557,10 +613,16 @@ pub fn run(
         batches,
         rounds,
         peers,
+        onnxruntime: ort_ok,
+        qconfig: &qconfig,
         filter,
         peak_int8_gmacs: peak.map(|p| p.int8_gmacs),
     };
     crate::bench_models::run(root, &options, &mut records)?;
+    for r in &mut records {
+        r.isa = qtensor::isa::selected().name();
+        r.qconfig = if o.qconfig == "x86" { "x86" } else { "default" };
+    }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?)
             .map_err(|e| format!("writing {}: {e}", path.display()))?;

@@ -165,6 +165,10 @@ pub struct Options<'a> {
     pub batches: &'a [usize],
     pub rounds: usize,
     pub peers: bool,
+    /// Whether ONNX Runtime's peer runs (it cannot be capped to a lower tier).
+    pub onnxruntime: bool,
+    /// Our models' configuration.
+    pub qconfig: &'a qobserve::QConfig,
     pub filter: Option<&'a str>,
     pub peak_int8_gmacs: Option<f64>,
 }
@@ -217,8 +221,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         let mut fresh = ctor(1000);
         qnn::zoo::randomize(&mut fresh, 11);
         let t0 = std::time::Instant::now();
-        let mut p =
-            qnn::prepare(fresh, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
+        let mut p = qnn::prepare(fresh, &qnn::QConfigMapping::new(o.qconfig.clone())).map_err(|e| e.to_string())?;
         for img in &calib {
             p.calibrate(img).map_err(|e| e.to_string())?;
         }
@@ -249,7 +252,9 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         ("pytorch", "torch_models.py", "torch, torchvision, safetensors"),
         ("onnxruntime", "ort_models.py", "torch, torchvision, onnx, onnxruntime, safetensors"),
     ];
-    for (who, script, modules) in scripts.into_iter().filter(|_| o.peers) {
+    for (who, script, modules) in
+        scripts.into_iter().filter(|(who, _, _)| o.peers && (o.onnxruntime || *who != "onnxruntime"))
+    {
         let Some(py) = find_python_with(modules) else {
             eprintln!(
                 "--peers: no Python with {modules} found for {who}; get one with\n  \
@@ -284,14 +289,14 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     if let Some(ort) = ort {
         let all = ours.iter().enumerate().map(|(m, om)| (om.name, om.gmac, Some(m)));
         for (name, gmac, rust) in all.chain(onnx_only.iter().map(|&(n, g)| (n, g, None))) {
-            let mut im = import_onnx(&dir, (name, gmac, rust), &calib, &xq)?;
+            let mut im = import_onnx(&dir, (name, gmac, rust), (&calib, o.qconfig), &xq)?;
             im.qdq = qdq_agreement(&dir, name, &im.q, &xq, &mut peers[ort])?;
             imported.push(im);
         }
     } else {
         eprintln!(
-            "onnx_<model> rows skipped: they import the ONNX files ONNX Runtime's peer exports (run with --peers and \
-             a Python with torch, torchvision, onnx and onnxruntime)"
+            "onnx_<model> rows skipped: they import the ONNX files ONNX Runtime's peer exports (run with --peers, \
+             without --isa below avx512vnni, and a Python with torch, torchvision, onnx and onnxruntime)"
         );
     }
 
@@ -539,7 +544,7 @@ struct Imported {
 fn import_onnx(
     dir: &Path,
     (name, gmac, rust): (&'static str, f64, Option<usize>),
-    calib: &[ArrayD<f32>],
+    (calib, qconfig): (&[ArrayD<f32>], &qobserve::QConfig),
     xq: &ArrayD<f32>,
 ) -> Result<Imported, String> {
     let path = dir.join(format!("{name}.onnx"));
@@ -553,8 +558,7 @@ fn import_onnx(
         }
         _ => None,
     };
-    let mut p =
-        qnn::prepare(m.graph, &qnn::QConfigMapping::new(qobserve::QConfig::default())).map_err(|e| e.to_string())?;
+    let mut p = qnn::prepare(m.graph, &qnn::QConfigMapping::new(qconfig.clone())).map_err(|e| e.to_string())?;
     for img in calib {
         p.calibrate(img).map_err(|e| e.to_string())?;
     }

@@ -106,6 +106,16 @@ enum Command {
         /// Write the results as JSON records here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+        /// Run our kernels on this instruction-set tier (scalar, avx2, avx512vnni), as
+        /// `QUANT_FORCE_ISA` does; PyTorch's peer is capped to the same tier where FBGEMM and
+        /// oneDNN can be (avx2), and peers that cannot be capped are left out.
+        #[arg(long)]
+        isa: Option<String>,
+        /// Our models' configuration: `default` (qrust's: 8-bit activations) or `x86`
+        /// (PyTorch's x86 one, as the PyTorch peer uses: 7-bit activations, which let the
+        /// AVX2 tier sum products in 16-bit pairs).
+        #[arg(long, default_value = "default")]
+        qconfig: String,
     },
 }
 
@@ -124,9 +134,19 @@ fn main() -> ExitCode {
         }
         Command::Accuracy { write_thresholds } => accuracy::run(&workspace_root(), write_thresholds),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
-        Command::Bench { threads, batches, rounds, peers, filter, json } => {
-            bench::run(&workspace_root(), &threads, &batches, rounds, peers, filter.as_deref(), json.as_ref())
-        }
+        Command::Bench { threads, batches, rounds, peers, filter, json, isa, qconfig } => bench::run(
+            &workspace_root(),
+            &bench::RunOptions {
+                threads: &threads,
+                batches: &batches,
+                rounds,
+                peers,
+                isa: isa.as_deref(),
+                qconfig: &qconfig,
+            },
+            filter.as_deref(),
+            json.as_ref(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

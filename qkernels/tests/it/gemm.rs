@@ -33,7 +33,15 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(|(m, k, n, lda_pad, per_channel, symmetric, seed)| {
             let mut next = crate::xorshift(seed | 1);
             let lda = k + lda_pad;
-            let a: Vec<u8> = (0..m * lda).map(|_| next() as u8).collect();
+            // Rows of 7-bit codes (AVX2's vpmaddubsw kernel) in two cases of three, mixed with
+            // full-range rows (its exact kernel) in one of those.
+            let caps = next() % 3;
+            let a: Vec<u8> = (0..m)
+                .flat_map(|_| {
+                    let cap: u64 = if caps == 0 || (caps == 1 && next().is_multiple_of(4)) { 256 } else { 128 };
+                    (0..lda).map(|_| (next() % cap) as u8).collect::<Vec<_>>()
+                })
+                .collect();
             let w: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
             let za = (next() % 256) as i32;
             let chans = if per_channel { n } else { 1 };
@@ -118,6 +126,54 @@ proptest! {
             for threads in 1..=2 {
                 prop_assert_eq!(run_f32(&c, isa, relu, threads), f32_reference(&c, &raw, relu), "{} f32", isa);
             }
+        }
+    }
+}
+
+/// AVX2's `vpmaddubsw` kernel at the edge of its range: weights at the extremes (so that a
+/// pair sum of 128 or 129 times them just fits in i16), activations at the packing's bound
+/// and one above it (the exact kernel), against the definition.
+#[test]
+fn avx2_pair_sums_are_exact_up_to_their_bound() {
+    use qtensor::isa::Isa;
+    if !Isa::Avx2.is_supported() {
+        return;
+    }
+    let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15);
+    for (wlo, whi) in [(-128i8, 127i8), (127, 127), (-128, -128), (-128, 0), (0, 127)] {
+        let (m, k, n) = (9, 37, 19);
+        let w: Vec<i8> = (0..n * k).map(|_| if next().is_multiple_of(2) { wlo } else { whi }).collect();
+        let probe = Case {
+            m,
+            k,
+            n,
+            lda_pad: 0,
+            a: Vec::new(),
+            w: w.clone(),
+            za: 0,
+            per_channel: false,
+            zw: vec![0],
+            sw: vec![0.01],
+            bias: None,
+            out: OutputQuant { scale: 1.0, zero_point: 0, activation: Activation::None },
+        };
+        let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe)).unwrap();
+        let bound = packed.pair_sums_up_to().expect("8-bit weights never saturate below 128");
+        assert!(bound >= 128, "{wlo} {whi}: {bound}");
+        for top in [bound, bound.saturating_add(1)] {
+            // Every row at the top code but for a few random codes below it.
+            let a: Vec<u8> =
+                (0..m * k).map(|_| if next().is_multiple_of(5) { (next() % top as u64) as u8 } else { top }).collect();
+            let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
+            let raw = naive_raw(&c);
+            let qa = QMatrix { data: &c.a, m, k, lda: k, scale: 0.02, zero_point: c.za };
+            let mut out = vec![0i32; m * n];
+            gemm(&qa, &packed, None, GemmOutput::I32 { data: &mut out, ldc: n }, 1).unwrap();
+            assert_eq!(
+                out.iter().map(|&v| v as i64).collect::<Vec<_>>(),
+                raw,
+                "weights {wlo}/{whi}, codes up to {top}"
+            );
         }
     }
 }

@@ -356,6 +356,10 @@ impl QOp for ConvOp {
         OP.0
     }
 
+    fn kernel(&self) -> Option<String> {
+        Some(self.packed.kernel())
+    }
+
     fn macs(&self, out_shape: &[usize]) -> Option<u64> {
         // OHWI weights: each output element takes `kh * kw * in / groups` products.
         let per_output = self.weights.len() / self.weights.shape()[0].max(1);

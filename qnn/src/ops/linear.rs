@@ -220,6 +220,10 @@ impl QOp for LinearOp {
         Some(out_shape.iter().product::<usize>() as u64 * self.packed.weights().k() as u64)
     }
 
+    fn kernel(&self) -> Option<String> {
+        Some(format!("linear GEMM, {}", self.packed.weights().kernel()))
+    }
+
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
         let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
         let data = Input::new(data);
@@ -348,6 +352,10 @@ impl QOp for DynamicLinearOp {
 
     fn macs(&self, out_shape: &[usize]) -> Option<u64> {
         Some(out_shape.iter().product::<usize>() as u64 * self.packed.weights().k() as u64)
+    }
+
+    fn kernel(&self) -> Option<String> {
+        Some(format!("linear GEMM, {}", self.packed.weights().kernel()))
     }
 
     fn images_apart(&self) -> bool {

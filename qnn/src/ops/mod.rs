@@ -159,6 +159,14 @@ pub trait QOp: Debug + Send + Sync + Any {
         None
     }
 
+    /// The kernel that runs it on this machine, for ops with a choice of kernels
+    /// (convolutions, linear layers): the path and micro-kernel their packing chose, e.g. on
+    /// AVX2 whether products are summed in 16-bit pairs (`vpmaddubsw`) and for which input
+    /// codes. `None` for the rest.
+    fn kernel(&self) -> Option<String> {
+        None
+    }
+
     /// SQNR of its int8 weights against the float layer's, for ops with weights.
     fn weight_sqnr(&self, _float: &dyn Module) -> Option<f64> {
         None

@@ -87,6 +87,14 @@ impl QOp for RangeClampOp {
     fn images_apart(&self) -> bool {
         self.inner.images_apart()
     }
+    fn macs(&self, out_shape: &[usize]) -> Option<u64> {
+        self.inner.macs(out_shape)
+    }
+
+    fn kernel(&self) -> Option<String> {
+        self.inner.kernel()
+    }
+
     fn takes_inputs(&self, n: usize) -> bool {
         self.inner.takes_inputs(n)
     }
