@@ -756,7 +756,6 @@ fn block(
     };
     let mut r0 = rows.start;
     while r0 < rows.end {
-        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut mr = mr_max.min(rows.end - r0);
         match &w.packed {
             #[cfg(target_arch = "x86_64")]

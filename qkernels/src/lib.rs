@@ -63,6 +63,11 @@
 //! - [`PackedLinear`], [`PackedConv2d`] with [`Conv2dGeometry`].
 //! - [`peak`]: this machine's measured int8 and f32 ceilings.
 
+// The x86-64 kernels are the only SIMD tiers so far: on other architectures their dispatch
+// arms are compiled out, which leaves imports, variables and helpers that only those arms
+// use. x86-64 builds lint all of it.
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused_imports, unused_mut, unused_variables, dead_code))]
+
 // Kernels index several parallel arrays (rows x vectors) by the same counters; iterator
 // chains would hide the tile structure the loops spell out.
 #![allow(clippy::needless_range_loop)]

@@ -11,7 +11,9 @@
 use rayon::prelude::*;
 
 use crate::isa::Isa;
-use crate::{DType, QElement, QError, QuantRange, Result};
+#[cfg(target_arch = "x86_64")]
+use crate::DType;
+use crate::{QElement, QError, QuantRange, Result};
 
 /// Slices at least this long are processed in parallel chunks.
 pub const PARALLEL_MIN_LEN: usize = 1 << 16;

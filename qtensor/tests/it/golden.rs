@@ -139,7 +139,9 @@ fn quantize_matches_pytorch_bit_for_bit() {
         }
     }
     assert!(file.per_tensor.len() >= 100 && file.per_channel.len() >= 18);
-    assert!(compared > 40_000, "compared only {compared} values");
+    // Per instruction set, whichever ones this CPU has.
+    let per_tier = compared / crate::isas_under_test().len();
+    assert!(per_tier > 20_000, "compared only {per_tier} values per instruction set");
     // The fixtures hold 246 overflowing values per instruction set (see the module docs).
     assert_eq!(overflow_divergences, 246 * crate::isas_under_test().len());
 }
