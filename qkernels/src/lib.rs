@@ -67,7 +67,6 @@
 // arms are compiled out, which leaves imports, variables and helpers that only those arms
 // use. x86-64 builds lint all of it.
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused_imports, unused_mut, unused_variables, dead_code))]
-
 // Kernels index several parallel arrays (rows x vectors) by the same counters; iterator
 // chains would hide the tile structure the loops spell out.
 #![allow(clippy::needless_range_loop)]

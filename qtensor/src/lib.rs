@@ -90,7 +90,6 @@
 // arms are compiled out, which leaves imports, variables and helpers that only those arms
 // use. x86-64 builds lint all of it.
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused_imports, unused_mut, unused_variables, dead_code))]
-
 #![warn(missing_docs)]
 
 mod choose;
