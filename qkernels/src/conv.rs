@@ -190,7 +190,7 @@ impl PackedConv2d {
                 weights.range(),
             )?;
             let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
-            let vnni = (isa >= Isa::Avx512Vnni && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
+            let vnni = (isa.includes(Isa::Avx512Vnni) && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
             let avx2 = (isa == Isa::Avx2 && taps.is_symmetric()).then(|| pack_depthwise_avx2(&taps));
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
@@ -250,7 +250,7 @@ impl PackedConv2d {
             QParams::PerTensor { zero_point, .. } => *zero_point == 0,
             QParams::PerChannel(pc) => pc.zero_points().iter().all(|&z| z == 0),
         };
-        if geom.groups != 1 || pointwise || !symmetric || isa < Isa::Avx512Vnni || geom.dilation[1] != 1 {
+        if geom.groups != 1 || pointwise || !symmetric || !isa.includes(Isa::Avx512Vnni) || geom.dilation[1] != 1 {
             return Ok(None);
         }
         let row = kw * ic;
@@ -295,7 +295,15 @@ impl PackedConv2d {
                 } else {
                     "im2col GEMM"
                 };
-                format!("{how}, {}", groups[0].kernel())
+                let kernel = groups[0].kernel();
+                // Grouped layers on AVX2: each group has its own pair bound; name their range.
+                let bounds: Vec<u8> = groups.iter().filter_map(|g| g.pair_sums_up_to()).collect();
+                match (bounds.iter().min(), bounds.iter().max()) {
+                    (Some(lo), Some(hi)) if lo != hi => format!(
+                        "{how}, avx2: vpmaddubsw for input codes <= {lo}..={hi} (per group), exact vpmaddwd above"
+                    ),
+                    _ => format!("{how}, {kernel}"),
+                }
             }
             ConvKind::Implicit { w, .. } => format!("implicit im2col GEMM, {}", w.kernel()),
             ConvKind::Depthwise { vnni, avx2, rows, flat, .. } => match (vnni, avx2, rows, flat) {

@@ -7,6 +7,8 @@ use rayon::prelude::*;
 use qtensor::isa::Isa;
 use qtensor::{QError, Result};
 
+#[cfg(target_arch = "aarch64")]
+use crate::pack::ARM_LANES;
 use crate::pack::{Packed, PackedWeights, AVX2_LANES, VNNI_LANES};
 
 /// A matrix of `u8` activations: `m` rows of `k` values, row `i` starting at `i * lda`.
@@ -534,7 +536,7 @@ impl Sink<'_> {
 }
 
 /// Rows per task block.
-const MC: usize = 96;
+pub(crate) const MC: usize = 96;
 /// Columns per task block.
 const NC: usize = 64;
 
@@ -750,9 +752,11 @@ fn block(
     let mut tile: Tile = [[0; TILE_COLS]; TILE_ROWS];
     let mr_max = match (w.isa, &w.pairs) {
         (Isa::Avx512Vnni, _) => 6,
-        (Isa::Avx2, Some(_)) => 4,
-        (Isa::Avx2, None) => 3,
-        (Isa::Scalar, _) => TILE_ROWS,
+        // Pair panels always exist on AVX2; a tile that cannot use them shrinks to 3 rows.
+        (Isa::Avx2, _) => 4,
+        #[cfg(target_arch = "aarch64")]
+        (Isa::Neon | Isa::Dotprod | Isa::I8mm, _) => crate::aarch64::tile_rows(&w.packed),
+        _ => TILE_ROWS,
     };
     let mut r0 = rows.start;
     while r0 < rows.end {
@@ -768,10 +772,13 @@ fn block(
             Packed::Avx2(exact) => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
                 // The pair kernel when every code of the tile's rows is within its bound (a
-                // pass over the rows: a 1 / ncols share of the tile's work), else the exact one
-                // on at most 3 rows. Both give the same sums.
+                // pass over the rows, small beside the tile's K x ncols products), else the
+                // exact one on at most 3 rows. Both give the same sums.
                 let aw = match &w.pairs {
-                    Some(p) if (r0..r0 + mr).all(|i| max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= p.max_input) => {
+                    Some(p)
+                        if p.max_input == u8::MAX
+                            || (r0..r0 + mr).all(|i| max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= p.max_input) =>
+                    {
                         crate::x86::Avx2Weights::Pairs(&p.packed)
                     }
                     _ => {
@@ -782,12 +789,21 @@ fn block(
                 // SAFETY: as above, for AVX2; `Pairs` only for rows checked just now.
                 unsafe { crate::x86::avx2_tile(a, r0, mr, aw, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
             }
+            #[cfg(target_arch = "aarch64")]
+            Packed::Neon(_) | Packed::Dot { .. } | Packed::Mmla(_) => {
+                let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
+                // SAFETY: the packing's tier was capped to the CPU at packing; rows, columns
+                // (from a 16-column panel boundary) and `mr` as for the x86 tiles above.
+                unsafe {
+                    crate::aarch64::arm_tile(a, r0, mr, &w.packed, w.k, cols.start / ARM_LANES, cols.len(), &mut tile)
+                }
+            }
             _ => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
                 scalar_tile(a, r0, mr, w, cols.clone(), &mut tile);
             }
         }
-        let simd = w.isa >= Isa::Avx2;
+        let simd = w.isa.includes(Isa::Avx2);
         for r in 0..mr {
             let i = r0 + r;
             let rowsum = if plan.has_zw { rowsums[i] } else { 0 };

@@ -71,6 +71,8 @@
 // chains would hide the tile structure the loops spell out.
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod conv;
 mod fconv;
 mod float;

@@ -56,7 +56,7 @@ multiversion! {
 /// Minimum, maximum and the count of non-finite values (NaN and infinities) of `x`.
 pub(crate) fn min_max(isa: qtensor::isa::Isa, x: &[f32]) -> (f32, f32, usize) {
     #[cfg(target_arch = "x86_64")]
-    let (lo, hi, nan) = if isa.capped_to_supported() >= qtensor::isa::Isa::Avx512Vnni {
+    let (lo, hi, nan) = if isa.capped_to_supported().includes(qtensor::isa::Isa::Avx512Vnni) {
         // SAFETY: the tier is supported by this CPU, so AVX-512 F is.
         let (lo, hi, nan) = unsafe { crate::x86::min_max_avx512(x) };
         (lo, hi, usize::from(nan))

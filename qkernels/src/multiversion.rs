@@ -33,7 +33,7 @@ macro_rules! multiversion {
                 qtensor::isa::Isa::Avx512Vnni => return unsafe { avx512($($arg),*) },
                 // SAFETY: as above, AVX2 and FMA.
                 qtensor::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
-                qtensor::isa::Isa::Scalar => {}
+                _ => {}
             }
             let _ = isa;
             generic($($arg),*)

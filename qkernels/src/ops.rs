@@ -152,7 +152,7 @@ pub(crate) unsafe fn add_assign_block(
     let vector_rows = (0..rows).take_while(|r| flat0 + r * ld + ncols <= split).count();
     let mut first = 0;
     #[cfg(target_arch = "x86_64")]
-    if vector_rows > 0 && isa.capped_to_supported() >= qtensor::isa::Isa::Avx512Vnni {
+    if vector_rows > 0 && isa.capped_to_supported().includes(qtensor::isa::Isa::Avx512Vnni) {
         // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the rows are
         // the caller's block; `acc` is read and written through one pointer.
         unsafe {
@@ -230,7 +230,7 @@ unsafe fn add_raw(
     let vec_n = split.saturating_sub(flat0).min(n);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if vec_n >= 16 && isa.capped_to_supported() >= qtensor::isa::Isa::Avx512Vnni {
+    if vec_n >= 16 && isa.capped_to_supported().includes(qtensor::isa::Isa::Avx512Vnni) {
         let whole = vec_n - vec_n % 16;
         // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the caller's
         // bounds and aliasing cover the first whole <= n elements.
@@ -537,7 +537,7 @@ impl Lut {
         same_len("Lut::apply", x.len(), out.len(), "the output must have as many elements as the input")?;
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if qtensor::isa::selected() >= qtensor::isa::Isa::Avx512Vnni && is_x86_feature_detected!("avx512vbmi") {
+        if qtensor::isa::selected().includes(qtensor::isa::Isa::Avx512Vnni) && is_x86_feature_detected!("avx512vbmi") {
             // SAFETY: AVX-512 F/BW and VBMI were detected just above.
             done = unsafe { crate::x86::lut_avx512vbmi(&self.table, x, out) };
         }

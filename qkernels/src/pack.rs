@@ -12,6 +12,8 @@ pub const MAX_K: usize = (i32::MAX as usize) / (255 * 255);
 pub(crate) const VNNI_LANES: usize = 16;
 /// Output channels per AVX2 panel (one ymm of i32 lanes).
 pub(crate) const AVX2_LANES: usize = 8;
+/// Output channels per aarch64 panel (four q registers of i32 lanes).
+pub(crate) const ARM_LANES: usize = 16;
 
 /// Int8 weights of a linear layer (or a convolution seen as one), `N` outputs by `K` inputs,
 /// with their quantization parameters, pre-packed for the instruction set that will run them.
@@ -32,9 +34,9 @@ pub struct PackedWeights {
     pub(crate) raw: Vec<i8>,
     /// ISA-specific layout (empty for the scalar tier).
     pub(crate) packed: Packed,
-    /// On the AVX2 tier, when these weights cannot saturate `vpmaddubsw`'s 16-bit pair sums
-    /// for inputs up to at least 127 (7-bit activations): that bound and the weights in
-    /// 8-column panels of 4-byte groups (`pack_pairs`).
+    /// On the AVX2 tier (and only there): the largest input code for which these weights
+    /// cannot saturate `vpmaddubsw`'s 16-bit pair sums, and the weights in 8-column panels of
+    /// 4-byte groups (`pack_pairs`).
     pub(crate) pairs: Option<Avx2Pairs>,
 }
 
@@ -48,7 +50,9 @@ pub(crate) struct Avx2Pairs {
 
 /// The largest input code `A <= 255` for which no pair sum `a0 * w0 + a1 * w1` with
 /// `a0, a1 in 0..=A` leaves i16, over the pairs `vpmaddubsw` forms (k = 2p, 2p + 1 in each
-/// row of `k` weights).
+/// row of `k` weights). At least 128 for any i8 weights (the worst pairs, `127 + 127` and
+/// `-128 - 128`, bound it at `32767 / 254 = 129` and `32768 / 256 = 128`), so 7-bit
+/// activations always qualify; 255 when no pair can saturate at all.
 fn pair_safe_max(raw: &[i8], k: usize) -> u8 {
     let mut worst_pos = 0i32;
     let mut worst_neg = 0i32;
@@ -72,6 +76,21 @@ pub(crate) enum Packed {
     /// Panels of 8 columns; within a panel, per group of 4 k: 8 x 2 i16 of the even k, then
     /// of the odd k (`pack_avx2`).
     Avx2(Vec<i16>),
+    /// aarch64 NEON: panels of 16 columns; within a panel, per k, the 16 columns' bytes.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    Neon(Vec<i8>),
+    /// aarch64 `sdot`: the VNNI layout (panels of 16 columns, per group of 4 k 16 x 4 bytes),
+    /// and per column (padded to whole panels) `128 * Σ_k w`, which restores the exact sum
+    /// from `sdot`'s products of `a - 128` (the activation byte with its top bit flipped).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    Dot {
+        w: Vec<i8>,
+        shift: Vec<i32>,
+    },
+    /// aarch64 `usmmla`: panels of 16 columns; within a panel, per group of 8 k, for each pair
+    /// of columns the first one's 8 bytes then the second one's (`pack_mmla`).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    Mmla(Vec<i8>),
 }
 
 impl PackedWeights {
@@ -138,11 +157,19 @@ impl PackedWeights {
             Isa::Scalar => Packed::None,
             Isa::Avx2 => Packed::Avx2(pack_avx2(&raw, n, k)),
             Isa::Avx512Vnni => Packed::Vnni(pack_vnni(&raw, n, k)),
+            Isa::Neon => Packed::Neon(pack_neon(&raw, n, k)),
+            Isa::Dotprod => {
+                let mut shift = vec![0i32; n.next_multiple_of(ARM_LANES)];
+                for (j, s) in shift.iter_mut().take(n).enumerate() {
+                    *s = 128 * raw[j * k..(j + 1) * k].iter().map(|&w| w as i32).sum::<i32>();
+                }
+                Packed::Dot { w: pack_vnni(&raw, n, k), shift }
+            }
+            Isa::I8mm => Packed::Mmla(pack_mmla(&raw, n, k)),
         };
-        let pairs = (isa == Isa::Avx2)
-            .then(|| pair_safe_max(&raw, k))
-            .filter(|&max_input| max_input >= 127)
-            .map(|max_input| Avx2Pairs { packed: pack_pairs(&raw, n, k), max_input });
+        let pairs =
+            (isa == Isa::Avx2).then(|| Avx2Pairs { packed: pack_pairs(&raw, n, k), max_input: pair_safe_max(&raw, k) });
+        debug_assert!(pairs.as_ref().is_none_or(|p| p.max_input >= 128));
         Ok(PackedWeights { n, k, isa, scales, zero_points, per_channel, col_offsets, raw, packed, pairs })
     }
 
@@ -176,10 +203,10 @@ impl PackedWeights {
     }
     /// On the AVX2 tier: the largest input code for which this layer multiplies with
     /// `vpmaddubsw` (pairs of products summed in 16 bits, which these weights cannot saturate
-    /// up to it), when that is at least 127, so that 7-bit activations (`reduce_range`, as
-    /// PyTorch's x86 configuration has) always take it. A call whose input codes all lie
-    /// within it runs that kernel; any other call runs the exact `vpmaddwd` kernel. Both give
-    /// the same bits. `None` on other tiers, or when the weights would saturate below 127.
+    /// up to it). It lies in 128..=255 for any weights, so 7-bit activations (`reduce_range`,
+    /// as PyTorch's x86 configuration has) always take that kernel; with 8-bit activations, a
+    /// tile of rows whose codes all lie within it does, and any other runs the exact
+    /// `vpmaddwd` kernel. Both give the same bits. `None` on other tiers.
     pub fn pair_sums_up_to(&self) -> Option<u8> {
         self.pairs.as_ref().map(|p| p.max_input)
     }
@@ -188,11 +215,15 @@ impl PackedWeights {
     /// AVX2 how products are summed.
     pub fn kernel(&self) -> String {
         match (self.isa, &self.pairs) {
+            (Isa::Avx2, Some(p)) if p.max_input == 255 => "avx2: vpmaddubsw (cannot saturate)".into(),
             (Isa::Avx2, Some(p)) => {
                 format!("avx2: vpmaddubsw for input codes <= {}, exact vpmaddwd above", p.max_input)
             }
-            (Isa::Avx2, None) => "avx2: exact vpmaddwd (the weights could saturate vpmaddubsw's pair sums)".into(),
+            (Isa::Avx2, None) => unreachable!("AVX2 packing always builds the pair panels"),
             (Isa::Avx512Vnni, _) => "avx512vnni: vpdpbusd".into(),
+            (Isa::Neon, _) => "neon: smlal (widened to i16)".into(),
+            (Isa::Dotprod, _) => "dotprod: sdot on the inputs' top bit flipped, corrected per column".into(),
+            (Isa::I8mm, _) => "i8mm: usmmla".into(),
             (Isa::Scalar, _) => "scalar".into(),
         }
     }
@@ -240,6 +271,43 @@ fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Vec<i16> {
         for kk in 0..k {
             let (g, odd, half) = (kk / 4, kk % 2, (kk % 4) / 2);
             out[base + g * 4 * AVX2_LANES + odd * 2 * AVX2_LANES + lane * 2 + half] = raw[j * k + kk] as i16;
+        }
+    }
+    out
+}
+
+pub(crate) fn neon_panel_len(k: usize) -> usize {
+    k * ARM_LANES
+}
+
+fn pack_neon(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+    let panels = n.div_ceil(ARM_LANES);
+    let mut out = vec![0i8; panels * neon_panel_len(k)];
+    for j in 0..n {
+        let (p, lane) = (j / ARM_LANES, j % ARM_LANES);
+        for kk in 0..k {
+            out[p * neon_panel_len(k) + kk * ARM_LANES + lane] = raw[j * k + kk];
+        }
+    }
+    out
+}
+
+pub(crate) fn mmla_panel_len(k: usize) -> usize {
+    k.div_ceil(8) * 8 * ARM_LANES
+}
+
+/// Panels of 16 columns; within a panel, per group of 8 k, 8 column pairs of 16 bytes: the
+/// even column's 8 weights, then the odd one's (0 past K or N), as `usmmla` reads its second
+/// operand (two rows of 8 bytes).
+fn pack_mmla(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+    let panels = n.div_ceil(ARM_LANES);
+    let mut out = vec![0i8; panels * mmla_panel_len(k)];
+    for j in 0..n {
+        let (p, lane) = (j / ARM_LANES, j % ARM_LANES);
+        let (pair, odd) = (lane / 2, lane % 2);
+        for kk in 0..k {
+            let (g, byte) = (kk / 8, kk % 8);
+            out[p * mmla_panel_len(k) + g * 8 * ARM_LANES + pair * 16 + odd * 8 + byte] = raw[j * k + kk];
         }
     }
     out

@@ -140,7 +140,7 @@ fn histc_counts_dispatch(xs: &[f32], bins: usize, lo: f32, hi: f32, counts: &mut
         Isa::Avx512Vnni => return unsafe { histc_counts_avx512(xs, bins, lo, hi, counts) },
         // SAFETY: as above.
         Isa::Avx2 => return unsafe { histc_counts_avx2(xs, bins, lo, hi, counts) },
-        Isa::Scalar => {}
+        _ => {}
     }
     histc_counts(xs, bins, lo, hi, counts)
 }

@@ -83,7 +83,7 @@ pub(crate) fn scan_with(isa: Isa, xs: &[f32]) -> Scan {
         Isa::Avx512Vnni => return unsafe { scan_avx512(xs) },
         // SAFETY: as above.
         Isa::Avx2 => return unsafe { scan_avx2(xs) },
-        Isa::Scalar => {}
+        _ => {}
     }
     let _ = isa;
     scan_generic(xs)

@@ -4,14 +4,21 @@
 //! versions; [`selected`] decides, once, which one runs. Two environment variables control it,
 //! so that a test suite can be run once per instruction set:
 //!
-//! - `QUANT_FORCE_ISA` = `scalar` | `avx2` | `avx512vnni` | `auto` (the default): use at most
-//!   this instruction set. If the CPU lacks it, the best one it has below it is used.
+//! - `QUANT_FORCE_ISA` = `scalar` | `avx2` | `avx512vnni` (x86-64) | `neon` | `dotprod` |
+//!   `i8mm` (aarch64) | `auto` (the default): use at most this instruction set. If the CPU
+//!   lacks it, the best one it has below it is used; a tier of the other architecture is an
+//!   error (a warning and `auto` without `QUANT_REQUIRE_ISA`).
 //! - `QUANT_REQUIRE_ISA=1`: a forced instruction set the CPU lacks is a hard failure instead of
 //!   a silent fall-back, so CI proves that every path really ran.
 //!
-//! Detection is at run time (`is_x86_feature_detected!`): binaries are built for the baseline
-//! x86-64 target and still use AVX-512 where the CPU has it. Never build with
-//! `-C target-cpu=native`; there is no need.
+//! Detection is at run time (`is_x86_feature_detected!`, `is_aarch64_feature_detected!`):
+//! binaries are built for the baseline target and still use AVX-512 or the dot-product
+//! instructions where the CPU has them. Never build with `-C target-cpu=native`; there is no
+//! need.
+//!
+//! Tiers are ordered within an architecture (each implies the ones before it there); compare
+//! them with [`Isa::includes`], which knows that an x86 tier says nothing about an aarch64
+//! one.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -21,7 +28,8 @@ pub const FORCE_ENV: &str = "QUANT_FORCE_ISA";
 /// Environment variable that turns a missing forced instruction set into a failure.
 pub const REQUIRE_ENV: &str = "QUANT_REQUIRE_ISA";
 
-/// An instruction-set tier. Ordered: each tier implies the ones before it.
+/// An instruction-set tier. Within one architecture, each tier implies the ones before it
+/// ([`Isa::includes`]); the scalar tier runs everywhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Isa {
     /// Portable Rust; the reference every other tier is tested against bit for bit.
@@ -30,11 +38,30 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL with VNNI (Ice Lake and later, Zen 4 and later).
     Avx512Vnni,
+    /// aarch64 Advanced SIMD (every aarch64 CPU): widening multiply-accumulate.
+    Neon,
+    /// aarch64 with the dot-product instructions `sdot`/`udot` (Armv8.4, optional from 8.2:
+    /// Cortex-A55/A75 and later, Neoverse N1 and later, Apple M1 and later).
+    Dotprod,
+    /// aarch64 with the int8 matrix-multiply instructions `usmmla`/`usdot` as well (Armv8.6,
+    /// optional from 8.2: Neoverse V1/N2 and later, Apple M2 and later, Graviton 3 and later).
+    I8mm,
+}
+
+/// The architecture a tier belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// The scalar tier: every architecture.
+    Any,
+    /// x86-64.
+    X86_64,
+    /// aarch64.
+    Aarch64,
 }
 
 impl Isa {
-    /// Every tier, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    /// Every tier, lowest first within each architecture.
+    pub const ALL: [Isa; 6] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon, Isa::Dotprod, Isa::I8mm];
 
     /// The name used by `QUANT_FORCE_ISA`.
     pub const fn name(self) -> &'static str {
@@ -42,7 +69,36 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Neon => "neon",
+            Isa::Dotprod => "dotprod",
+            Isa::I8mm => "i8mm",
         }
+    }
+
+    /// The architecture the tier belongs to.
+    pub const fn arch(self) -> Arch {
+        match self {
+            Isa::Scalar => Arch::Any,
+            Isa::Avx2 | Isa::Avx512Vnni => Arch::X86_64,
+            Isa::Neon | Isa::Dotprod | Isa::I8mm => Arch::Aarch64,
+        }
+    }
+
+    /// The architecture this binary was built for.
+    pub const fn host_arch() -> Arch {
+        if cfg!(target_arch = "x86_64") {
+            Arch::X86_64
+        } else if cfg!(target_arch = "aarch64") {
+            Arch::Aarch64
+        } else {
+            Arch::Any
+        }
+    }
+
+    /// Whether this tier implies `other`: `other` is scalar, or of the same architecture and
+    /// not above this one. `Avx512Vnni.includes(Avx2)` is true; `I8mm.includes(Avx2)` false.
+    pub fn includes(self, other: Isa) -> bool {
+        other == Isa::Scalar || (self.arch() == other.arch() && self >= other)
     }
 
     /// Parses a `QUANT_FORCE_ISA` name (case-insensitive).
@@ -54,6 +110,12 @@ impl Isa {
     pub fn is_supported(self) -> bool {
         match self {
             Isa::Scalar => true,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Dotprod => Isa::Neon.is_supported() && std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::I8mm => Isa::Dotprod.is_supported() && std::arch::is_aarch64_feature_detected!("i8mm"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
@@ -64,7 +126,7 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[allow(unreachable_patterns)]
             _ => false,
         }
     }
@@ -74,9 +136,10 @@ impl Isa {
         Isa::ALL.into_iter().rev().find(|i| i.is_supported()).unwrap_or(Isa::Scalar)
     }
 
-    /// The best supported tier that is not above `self`.
+    /// The best supported tier that `self` includes (scalar for a tier of another
+    /// architecture).
     pub fn capped_to_supported(self) -> Isa {
-        Isa::ALL.into_iter().rev().find(|i| *i <= self && i.is_supported()).unwrap_or(Isa::Scalar)
+        Isa::ALL.into_iter().rev().find(|i| self.includes(*i) && i.is_supported()).unwrap_or(Isa::Scalar)
     }
 }
 
@@ -118,10 +181,22 @@ pub fn resolve(forced: Option<&str>, require: bool) -> Result<Isa, String> {
         return Ok(Isa::best_supported());
     };
     let Some(isa) = Isa::parse(name) else {
-        return Err(format!(
-            "{FORCE_ENV}={name:?} is not an instruction set; use one of auto, scalar, avx2, avx512vnni"
-        ));
+        let names: Vec<&str> = Isa::ALL.iter().map(|i| i.name()).collect();
+        return Err(format!("{FORCE_ENV}={name:?} is not an instruction set; use one of auto, {}", names.join(", ")));
     };
+    if isa.arch() != Arch::Any && isa.arch() != Isa::host_arch() {
+        return Err(format!(
+            "{FORCE_ENV}={name} names a {:?} tier, but this binary runs on {:?}; its tiers are {}",
+            isa.arch(),
+            Isa::host_arch(),
+            Isa::ALL
+                .iter()
+                .filter(|i| i.arch() == Arch::Any || i.arch() == Isa::host_arch())
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     if require && !isa.is_supported() {
         return Err(format!(
             "{FORCE_ENV}={name} but this CPU lacks {isa} (best available: {}); {REQUIRE_ENV}=1 \

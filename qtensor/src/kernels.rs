@@ -191,7 +191,7 @@ pub(crate) fn quantize_block<T: QElement>(
 ) -> bool {
     debug_assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx512Vnni {
+    if isa.includes(Isa::Avx512Vnni) {
         match T::DTYPE {
             DType::U8 => {
                 let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
@@ -207,7 +207,7 @@ pub(crate) fn quantize_block<T: QElement>(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
+    if isa.includes(Isa::Avx2) {
         match T::DTYPE {
             DType::U8 => {
                 let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
@@ -247,7 +247,7 @@ pub(crate) fn quantize_block_scalar<T: QElement>(
 pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
     debug_assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx512Vnni {
+    if isa.includes(Isa::Avx512Vnni) {
         match T::DTYPE {
             DType::U8 => {
                 let src: &[u8] = bytemuck::cast_slice(src);
@@ -263,7 +263,7 @@ pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32]
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
+    if isa.includes(Isa::Avx2) {
         match T::DTYPE {
             DType::U8 => {
                 let src: &[u8] = bytemuck::cast_slice(src);

@@ -461,8 +461,6 @@ observers, 1 thread"
     Ok(())
 }
 
-/// Runs the benchmark and prints a table; returns the records.
-#[allow(clippy::too_many_arguments)]
 /// What `cargo xtask bench` runs.
 pub struct RunOptions<'a> {
     pub threads: &'a [usize],
@@ -480,8 +478,10 @@ pub struct RunOptions<'a> {
 /// processes. Returns which peers can run at that tier: (PyTorch, ONNX Runtime).
 fn force_isa(name: &str) -> Result<(bool, bool), String> {
     use qtensor::isa::Isa;
-    let isa = Isa::parse(name)
-        .ok_or_else(|| format!("--isa {name:?} is not an instruction set; use one of scalar, avx2, avx512vnni"))?;
+    let isa = Isa::parse(name).ok_or_else(|| {
+        let names: Vec<&str> = Isa::ALL.iter().map(|i| i.name()).collect();
+        format!("--isa {name:?} is not an instruction set; use one of {}", names.join(", "))
+    })?;
     if !isa.is_supported() {
         return Err(format!("--isa {isa}: this CPU lacks it"));
     }
@@ -509,9 +509,16 @@ fn force_isa(name: &str) -> Result<(bool, bool), String> {
             println!("--isa scalar: no peer can be capped to scalar code; peers left out");
             (false, false)
         }
+        Isa::Neon | Isa::Dotprod | Isa::I8mm if isa == Isa::best_supported() => (true, true),
+        Isa::Neon | Isa::Dotprod | Isa::I8mm => {
+            println!("--isa {isa}: the peers cannot be capped below this CPU's best aarch64 tier; peers left out");
+            (false, false)
+        }
     })
 }
 
+/// Runs the benchmarks `filter` selects, prints a table, and writes the records to `json` when
+/// given.
 pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&PathBuf>) -> Result<(), String> {
     let (threads_list, batches, rounds) = (o.threads, o.batches, o.rounds);
     let (torch_ok, ort_ok) = match o.isa {

@@ -1,20 +1,41 @@
 //! `cargo xtask conformance`: the kernel crates' tests once per instruction set, forced with
 //! `QUANT_FORCE_ISA` and made strict with `QUANT_REQUIRE_ISA=1` (a CPU without the set fails
-//! instead of falling back), so every tier is proven on every CI run.
+//! instead of falling back), so every tier is proven on every CI run. With `--target
+//! aarch64-unknown-linux-gnu` the tests are cross-built and run by cargo's runner for that
+//! target (`qemu-aarch64 -cpu max` in CI), once per aarch64 tier.
 
 use std::path::Path;
 use std::process::Command;
 
-pub const TIERS: [&str; 3] = ["scalar", "avx2", "avx512vnni"];
+use qtensor::isa::{Arch, Isa};
 
-pub fn run(root: &Path) -> Result<(), String> {
+/// The tiers of `arch`, scalar first, as qtensor's list of tiers names them.
+pub fn tiers(arch: Arch) -> Vec<&'static str> {
+    Isa::ALL.iter().filter(|i| i.arch() == Arch::Any || i.arch() == arch).map(|i| i.name()).collect()
+}
+
+/// Runs the kernel crates' tests once per tier of the host, or of `target`'s architecture.
+pub fn run(root: &Path, target: Option<&str>) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let arch = match target {
+        None => Isa::host_arch(),
+        Some(t) if t.starts_with("aarch64-") => Arch::Aarch64,
+        Some(t) if t.starts_with("x86_64-") => Arch::X86_64,
+        Some(t) => return Err(format!("--target {t}: conformance knows the tiers of x86_64-* and aarch64-* targets")),
+    };
+    let tiers = tiers(arch);
     let mut failed = Vec::new();
-    for isa in TIERS {
-        println!("== kernel conformance, QUANT_FORCE_ISA={isa}");
-        let status = Command::new(&cargo)
-            .current_dir(root)
-            .args(["test", "--quiet", "-p", "qtensor", "-p", "qkernels", "-p", "qobserve"])
+    for &isa in &tiers {
+        println!(
+            "== kernel conformance, QUANT_FORCE_ISA={isa}{}",
+            target.map(|t| format!(" ({t})")).unwrap_or_default()
+        );
+        let mut cmd = Command::new(&cargo);
+        cmd.current_dir(root).args(["test", "--quiet", "-p", "qtensor", "-p", "qkernels", "-p", "qobserve"]);
+        if let Some(t) = target {
+            cmd.args(["--target", t]);
+        }
+        let status = cmd
             .env("QUANT_FORCE_ISA", isa)
             .env("QUANT_REQUIRE_ISA", "1")
             .status()
@@ -24,7 +45,7 @@ pub fn run(root: &Path) -> Result<(), String> {
         }
     }
     if failed.is_empty() {
-        println!("every instruction set passes: {}", TIERS.join(", "));
+        println!("every instruction set passes: {}", tiers.join(", "));
         Ok(())
     } else {
         Err(format!(

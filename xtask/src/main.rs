@@ -62,8 +62,14 @@ enum Command {
         #[arg(long)]
         write_thresholds: bool,
     },
-    /// The kernel crates' tests once per forced instruction set (scalar, AVX2, AVX-512 VNNI).
-    Conformance,
+    /// The kernel crates' tests once per forced instruction set of the architecture (x86-64:
+    /// scalar, avx2, avx512vnni; aarch64: scalar, neon, dotprod, i8mm).
+    Conformance {
+        /// Cross-build for this target and run through its cargo runner (e.g.
+        /// `aarch64-unknown-linux-gnu` with `qemu-aarch64 -cpu max` as the runner).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// The crates with unsafe code under AddressSanitizer for every instruction set, or under
     /// Miri (scalar tier) with `--miri`; needs the nightly toolchain.
     Sanitize {
@@ -127,7 +133,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { report_json, plots } => demo::run(&workspace_root(), report_json.as_deref(), plots.as_deref()),
-        Command::Conformance => conformance::run(&workspace_root()),
+        Command::Conformance { target } => conformance::run(&workspace_root(), target.as_deref()),
         Command::Sanitize { miri } => sanitize::run(&workspace_root(), miri),
         Command::Fuzz { seconds, target, seeds_only } => {
             fuzz::run(&workspace_root(), seconds, target.as_deref(), seeds_only)

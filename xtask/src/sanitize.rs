@@ -8,8 +8,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::conformance::TIERS;
-
 const CRATES: [&str; 6] = ["-p", "qtensor", "-p", "qkernels", "-p", "qobserve"];
 const HOST: &str = "x86_64-unknown-linux-gnu";
 
@@ -18,8 +16,9 @@ fn status(cmd: &mut Command, what: &str) -> Result<bool, String> {
 }
 
 fn asan(root: &Path) -> Result<(), String> {
+    let tiers = crate::conformance::tiers(qtensor::isa::Isa::host_arch());
     let mut failed = Vec::new();
-    for isa in TIERS {
+    for &isa in &tiers {
         println!("== AddressSanitizer, QUANT_FORCE_ISA={isa}");
         let ok = status(
             Command::new("cargo")
@@ -38,7 +37,7 @@ fn asan(root: &Path) -> Result<(), String> {
         }
     }
     if failed.is_empty() {
-        println!("AddressSanitizer: clean on {}", TIERS.join(", "));
+        println!("AddressSanitizer: clean on {}", tiers.join(", "));
         Ok(())
     } else {
         Err(format!("AddressSanitizer run failed with QUANT_FORCE_ISA={}", failed.join(", ")))

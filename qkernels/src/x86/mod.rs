@@ -545,12 +545,16 @@ macro_rules! dispatch_avx2 {
 }
 
 /// Stores an AVX2 tile's accumulators into a strip of raw sums.
-#[inline(always)]
-fn store_strip<const MR: usize, const NV: usize>(acc: &[[__m256i; NV]; MR], strip: &mut Tile) {
+///
+/// # Safety
+/// The CPU supports AVX; `NV <= 8` (a row's 64 entries hold 8 vectors); `MR <= 6`.
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn store_strip<const MR: usize, const NV: usize>(acc: &[[__m256i; NV]; MR], strip: &mut Tile) {
     for r in 0..MR {
         for v in 0..NV {
-            // SAFETY: SSE2 stores within row r's 64 entries (8v + 8 <= 16); the vectors exist,
-            // so the CPU has AVX.
+            // SAFETY: an unaligned 32-byte store at entries 8v..8v + 8 of row r, inside its 64
+            // entries (NV <= 8); AVX is available (precondition).
             unsafe { _mm256_storeu_si256(strip[r].as_mut_ptr().add(v * AVX2_LANES).cast(), acc[r][v]) };
         }
     }
@@ -648,6 +652,16 @@ pub(crate) unsafe fn avx2_fused_rows(
     pairs: Option<(&[i8], u8)>,
     k: usize,
 ) {
+    // Which rows the pair kernel may take: one pass over the block's rows, shared by every
+    // strip of columns.
+    assert!(m <= crate::gemm::MC, "avx2_fused_rows: {m} rows exceed a block of {}", crate::gemm::MC);
+    let mut within = [false; crate::gemm::MC];
+    if let Some((_, max)) = pairs {
+        for (r, ok) in within[..m].iter_mut().enumerate() {
+            let i = f.r0 + r;
+            *ok = max == u8::MAX || crate::gemm::max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= max;
+        }
+    }
     let mut c0 = 0;
     while c0 < f.ncols {
         let nv = (f.ncols - c0).div_ceil(AVX2_LANES).min(2);
@@ -656,9 +670,7 @@ pub(crate) unsafe fn avx2_fused_rows(
         let mut r = 0;
         while r < m {
             let i = f.r0 + r;
-            let row = |ii: usize| &a.data[ii * a.lda..ii * a.lda + a.k];
-            let tile_pairs =
-                pairs.filter(|&(_, max)| (i..i + (m - r).min(4)).all(|ii| crate::gemm::max_code(row(ii)) <= max));
+            let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(4)].iter().all(|&ok| ok));
             let ap = a.data[i * a.lda..].as_ptr();
             match tile_pairs {
                 Some((p, _)) => {

@@ -1,7 +1,7 @@
 //! Every SIMD path equals the scalar reference bit for bit.
 
 use proptest::prelude::*;
-use qtensor::isa::Isa;
+use qtensor::isa::{Arch, Isa};
 use qtensor::kernels::{dequantize_slice_with, quantize_slice_with, PARALLEL_MIN_LEN};
 use qtensor::{DType, QElement, QParams, QTensor, QuantRange};
 
@@ -142,11 +142,27 @@ fn isa_selection_from_environment_values() {
     assert_eq!(resolve(None, false), Ok(Isa::best_supported()));
     assert_eq!(resolve(Some("auto"), true), Ok(Isa::best_supported()));
     assert_eq!(resolve(Some("scalar"), true), Ok(Isa::Scalar));
-    assert_eq!(resolve(Some("AVX2"), false), Ok(Isa::Avx2.capped_to_supported()));
     let err = resolve(Some("sse9"), false).unwrap_err();
-    assert!(err.contains("auto, scalar, avx2, avx512vnni"), "{err}");
-    if !Isa::Avx512Vnni.is_supported() {
-        let err = resolve(Some("avx512vnni"), true).unwrap_err();
-        assert!(err.contains("lacks avx512vnni"), "{err}");
+    assert!(err.contains("auto, scalar, avx2, avx512vnni, neon, dotprod, i8mm"), "{err}");
+    // Each architecture's own tiers cap to what the CPU has; the other's are refused.
+    let (own, other) = match Isa::host_arch() {
+        Arch::X86_64 => ([Isa::Avx2, Isa::Avx512Vnni], [Isa::Neon, Isa::I8mm]),
+        Arch::Aarch64 => ([Isa::Dotprod, Isa::I8mm], [Isa::Avx2, Isa::Avx512Vnni]),
+        Arch::Any => return,
+    };
+    for isa in own {
+        let upper = isa.name().to_uppercase();
+        assert_eq!(resolve(Some(&upper), false), Ok(isa.capped_to_supported()));
+        if !isa.is_supported() {
+            let err = resolve(Some(isa.name()), true).unwrap_err();
+            assert!(err.contains(&format!("lacks {isa}")), "{err}");
+        }
     }
+    for isa in other {
+        assert!(!isa.is_supported());
+        let err = resolve(Some(isa.name()), false).unwrap_err();
+        assert!(err.contains("tier, but this binary runs on"), "{err}");
+    }
+    assert!(Isa::Avx512Vnni.includes(Isa::Avx2) && Isa::I8mm.includes(Isa::Dotprod));
+    assert!(!Isa::I8mm.includes(Isa::Avx2) && !Isa::Avx2.includes(Isa::Neon) && Isa::Neon.includes(Isa::Scalar));
 }
