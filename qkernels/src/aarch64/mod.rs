@@ -14,7 +14,9 @@
 //!   accumulators; the two rows' 8 bytes are joined into one register per pair and group.
 //!
 //! `sdot` and `usmmla` are written with `asm!` (their Rust intrinsics are not stable); each
-//! wrapper is one instruction on registers, so the compiler still allocates and schedules.
+//! wrapper is one instruction on registers, with the target feature that makes it legal, so
+//! only code compiled with that feature can call it, and the compiler still allocates
+//! registers and schedules around it.
 
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -24,11 +26,11 @@ use crate::pack::{mmla_panel_len, neon_panel_len, vnni_panel_len, Packed, ARM_LA
 use crate::QMatrix;
 
 /// `acc += Σ_{b<4} w[4l + b] * a[4L + b]` per i32 lane `l` (i8 x i8): `sdot` by element `L`.
-#[inline(always)]
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
 fn sdot_lane<const L: i32>(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
-    // SAFETY: one register-only instruction (no memory, stack or flags); callers are compiled
-    // with `dotprod` enabled and run only where the CPU has it (the Dotprod tier is capped to
-    // the CPU at packing).
+    // SAFETY: one register-only instruction (no memory, stack or flags), which this function's
+    // `dotprod` feature (required of every caller) makes available.
     unsafe {
         asm!(
             "sdot {acc:v}.4s, {w:v}.16b, {a:v}.4b[{l}]",
@@ -44,10 +46,11 @@ fn sdot_lane<const L: i32>(mut acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> in
 
 /// `acc += A (2 x 8 u8, rows = halves of a) x B (8 x 2 i8, columns = halves of b)`, the 2 x 2
 /// result in row-major lanes: `usmmla`.
-#[inline(always)]
+#[target_feature(enable = "neon,i8mm")]
+#[inline]
 fn usmmla(mut acc: int32x4_t, a: uint8x16_t, b: int8x16_t) -> int32x4_t {
-    // SAFETY: one register-only instruction; callers are compiled with `i8mm` enabled and run
-    // only where the CPU has it (the I8mm tier is capped to the CPU at packing).
+    // SAFETY: one register-only instruction, which this function's `i8mm` feature (required
+    // of every caller) makes available.
     unsafe {
         asm!(
             "usmmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
