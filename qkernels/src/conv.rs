@@ -86,6 +86,8 @@ enum ConvKind {
         taps: PackedWeights,
         vnni: Option<Vec<i8>>,
         avx2: Option<Vec<i16>>,
+        /// The NEON layout (`aarch64::pack_depthwise_neon`), any zero points.
+        neon: Option<Vec<i16>>,
         /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width
         /// and kernels up to 5 x 4.
         rows: Option<Box<DwKernel<RowConsts>>>,
@@ -192,6 +194,12 @@ impl PackedConv2d {
             let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
             let vnni = (isa.includes(Isa::Avx512Vnni) && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
             let avx2 = (isa == Isa::Avx2 && taps.is_symmetric()).then(|| pack_depthwise_avx2(&taps));
+            #[cfg(target_arch = "aarch64")]
+            let neon = isa
+                .includes(Isa::Neon)
+                .then(|| crate::aarch64::pack_depthwise_neon(&taps.raw, &taps.zero_points, oc, kh * kw));
+            #[cfg(not(target_arch = "aarch64"))]
+            let neon = None;
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
                 .then(|| DwKernel::new(pack_depthwise_rows(&taps, kh, kw)));
@@ -201,7 +209,7 @@ impl PackedConv2d {
             let half_w = vnni.is_some() && geom.stride[1] == 2 && geom.dilation[1] == 1;
             let flat = ((unit_w || half_w) && rows.is_none() && kh <= 16 && kh * kw <= 64)
                 .then(|| DwKernel::new(pack_depthwise_flat(&taps)));
-            ConvKind::Depthwise { taps, vnni, avx2, rows, flat }
+            ConvKind::Depthwise { taps, vnni, avx2, neon, rows, flat }
         } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
             kind
         } else {
@@ -306,6 +314,7 @@ impl PackedConv2d {
                 }
             }
             ConvKind::Implicit { w, .. } => format!("implicit im2col GEMM, {}", w.kernel()),
+            ConvKind::Depthwise { neon: Some(_), .. } => "depthwise, neon: per pixel, smlal".into(),
             ConvKind::Depthwise { vnni, avx2, rows, flat, .. } => match (vnni, avx2, rows, flat) {
                 (_, _, Some(_), _) => "depthwise, avx512vnni: row-interleaved".into(),
                 (_, _, None, Some(_)) => "depthwise, avx512vnni: flat rows".into(),
@@ -462,7 +471,7 @@ impl PackedConv2d {
             }
             #[cfg(not(target_arch = "x86_64"))]
             ConvKind::Implicit { .. } => unreachable!("implicit im2col is packed only on x86-64 with VNNI"),
-            ConvKind::Depthwise { taps, vnni, avx2, rows, flat } => {
+            ConvKind::Depthwise { taps, vnni, avx2, neon, rows, flat } => {
                 let key = PlanKey::new(x.scale, x.zero_point, Some(quant));
                 let build = || vec![Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true)];
                 self.plans.with(key, build, |plans| {
@@ -491,7 +500,7 @@ impl PackedConv2d {
                         _ => crate::threads::run_with(threads, || {
                             self.forward_depthwise(
                                 taps,
-                                (vnni.as_deref(), avx2.as_deref()),
+                                DwLayouts { vnni: vnni.as_deref(), avx2: avx2.as_deref(), neon: neon.as_deref() },
                                 plan,
                                 x,
                                 out,
@@ -653,7 +662,7 @@ impl PackedConv2d {
     fn forward_depthwise(
         &self,
         taps: &PackedWeights,
-        (vnni, avx2): (Option<&[i8]>, Option<&[i16]>),
+        DwLayouts { vnni, avx2, neon }: DwLayouts<'_>,
         plan: &Plan,
         x: &QImage<'_>,
         out: &mut [u8],
@@ -661,6 +670,9 @@ impl PackedConv2d {
         ow: usize,
         parallel: bool,
     ) {
+        // Only the layouts of this architecture's kernels are read.
+        #[cfg(not(target_arch = "aarch64"))]
+        let _ = neon;
         let c = x.c;
         let t = self.kh * self.kw;
         let zp_row = vec![x.zero_point as u8; c.next_multiple_of(64)];
@@ -724,6 +736,15 @@ impl PackedConv2d {
                         // slice holds `c` readable bytes; `packed` is this layer's layout for
                         // (c, t), `plan` its plan; `px` holds c bytes.
                         unsafe { crate::x86::avx2::depthwise_avx2_pixel_u8(&ptrs[..], c, packed, plan, px) };
+                    }
+                    #[cfg(target_arch = "aarch64")]
+                    _ if neon.is_some() => {
+                        let packed = neon.expect("checked");
+                        // SAFETY: `neon` is Some only on an aarch64 SIMD tier (NEON is on every
+                        // aarch64 CPU); every tap slice holds `c` bytes; `acc` holds c rounded up
+                        // to 64; `packed` is this layer's layout for (c, t).
+                        unsafe { crate::aarch64::depthwise_neon_pixel(ptrs, c, packed, acc) };
+                        requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
                     }
                     _ => depthwise_scalar_pixel(ptrs, taps, x.zero_point, plan, px),
                 }
@@ -1156,6 +1177,14 @@ fn with_scratch<R>(slot: &'static std::thread::LocalKey<RefCell<Vec<u8>>>, f: im
         }
     });
     r
+}
+
+/// The per-pixel depthwise kernels' weight layouts a layer has (none: the scalar kernel).
+#[derive(Clone, Copy)]
+struct DwLayouts<'a> {
+    vnni: Option<&'a [i8]>,
+    avx2: Option<&'a [i16]>,
+    neon: Option<&'a [i16]>,
 }
 
 thread_local! {

@@ -803,7 +803,8 @@ fn block(
                 scalar_tile(a, r0, mr, w, cols.clone(), &mut tile);
             }
         }
-        let simd = w.isa.includes(Isa::Avx2);
+        // Every SIMD tier has a vector epilogue: AVX2 on x86-64, NEON on aarch64.
+        let simd = w.isa != Isa::Scalar;
         for r in 0..mr {
             let i = r0 + r;
             let rowsum = if plan.has_zw { rowsums[i] } else { 0 };
@@ -839,7 +840,8 @@ fn scalar_tile(
 }
 
 /// Requantizes raw sums `acc` of output columns `j0..j0 + acc.len()` (one row) into `out`,
-/// with AVX2 when `simd` (the caller has checked the CPU) and the scalar reference otherwise.
+/// with the architecture's vector epilogue when `simd` (AVX2 on x86-64, NEON on aarch64; the
+/// caller has checked the CPU) and the scalar reference otherwise.
 pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, out: &mut [u8]) {
     let n = acc.len();
     let mut done = 0;
@@ -848,6 +850,11 @@ pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i3
         // SAFETY: callers set `simd` only for weights packed for AVX2 or better, which
         // packing allowed only on a CPU that has AVX2.
         done = unsafe { crate::x86::epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd {
+        // SAFETY: every aarch64 CPU has NEON; the plan covers these columns (the caller's).
+        done = unsafe { crate::aarch64::epilogue_u8_neon(plan, acc, rowsum, j0, out) };
     }
     let _ = simd;
     for c in done..n {

@@ -41,7 +41,9 @@
 //! ## Numerics
 //! Inputs `u8` with a zero point, weights `i8` (per-tensor or per-output-channel, symmetric or
 //! not), products summed exactly in `i32` (no 16-bit saturation on any path: AVX-512 uses
-//! `vpdpbusd`, AVX2 widens to i16 pairs and `vpmaddwd`), for K up to [`MAX_K`]. The epilogue is
+//! `vpdpbusd`; AVX2 uses `vpmaddubsw` only where the weights cannot saturate it for the
+//! tile's inputs, else widens to i16 pairs and `vpmaddwd`; aarch64 uses `sdot`, `usmmla` or
+//! widening `smlal`), for K up to [`MAX_K`]. The epilogue is
 //! PyTorch's FBGEMM formula, in `f32`, in its order, without FMA:
 //! `raw = Σ (a - za)(w - zw)`, `out = round_half_even((raw + bias / (sa * sw)) * (sa * sw / so)) + zo`,
 //! clamped to `[0, 255]` (to `[zo, ..]` with fused ReLU, also to `q(6)` with ReLU6). The
@@ -49,8 +51,8 @@
 //! bit, and golden tests compare with fixtures PyTorch wrote.
 //!
 //! ## Instruction sets and threads
-//! Weights are packed for the tier [`qtensor::isa::selected`] picks (AVX-512 VNNI, AVX2 or
-//! scalar; `QUANT_FORCE_ISA` caps it); every kernel has a scalar twin and the test suite
+//! Weights are packed for the tier [`qtensor::isa::selected`] picks (AVX-512 VNNI, AVX2;
+//! on aarch64 i8mm, dotprod, NEON; or scalar; `QUANT_FORCE_ISA` caps it); every kernel has a scalar twin and the test suite
 //! compares them bit for bit on random shapes. `threads` arguments split the work over a
 //! cached rayon pool of that size; results are bit-identical for every thread count.
 //!

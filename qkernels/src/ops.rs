@@ -184,6 +184,24 @@ pub(crate) unsafe fn add_assign_block(
         };
         first = vector_rows;
     }
+    #[cfg(target_arch = "aarch64")]
+    if vector_rows > 0 && isa.capped_to_supported().includes(qtensor::isa::Isa::Neon) {
+        // SAFETY: NEON is on every aarch64 CPU; the rows are the caller's block; `acc` is read
+        // and written through one pointer.
+        unsafe {
+            crate::aarch64::add_u8_neon(
+                acc,
+                (qa.scale, qa.zero_point),
+                other,
+                (qb.scale, qb.zero_point),
+                acc,
+                (qo.scale, qo.zero_point),
+                relu,
+                (vector_rows, ncols, ld),
+            )
+        };
+        first = vector_rows;
+    }
     let _ = isa;
     for r in first..rows {
         let at = r * ld;
@@ -252,6 +270,25 @@ unsafe fn add_raw(
         // SAFETY: the tier is supported by this CPU, so AVX2 and FMA are; as above.
         unsafe {
             crate::x86::avx2::add_u8_avx2(
+                a,
+                (qa.scale, qa.zero_point),
+                b,
+                (qb.scale, qb.zero_point),
+                out,
+                (qo.scale, qo.zero_point),
+                relu,
+                (1, whole, whole),
+            )
+        };
+        done = whole;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if vec_n >= 16 && isa.capped_to_supported().includes(qtensor::isa::Isa::Neon) {
+        let whole = vec_n - vec_n % 16;
+        // SAFETY: NEON is on every aarch64 CPU; the caller's bounds and aliasing cover the
+        // first whole <= n elements.
+        unsafe {
+            crate::aarch64::add_u8_neon(
                 a,
                 (qa.scale, qa.zero_point),
                 b,
@@ -496,7 +533,7 @@ pub fn cat_channels(inputs: &[QImage<'_>], out: &mut [u8], qo: QuantU8) -> Resul
 
 /// A 256-entry table `u8 -> u8`: any unary function of a `u8` tensor, exact by construction
 /// (each entry is the function applied to that one input value), applied with AVX-512 VBMI
-/// byte permutes where the CPU has them.
+/// byte permutes where the CPU has them, and NEON `tbl` lookups on aarch64.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lut {
     table: [u8; 256],
@@ -540,6 +577,11 @@ impl Lut {
         if qtensor::isa::selected().includes(qtensor::isa::Isa::Avx512Vnni) && is_x86_feature_detected!("avx512vbmi") {
             // SAFETY: AVX-512 F/BW and VBMI were detected just above.
             done = unsafe { crate::x86::lut_avx512vbmi(&self.table, x, out) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if qtensor::isa::selected().includes(qtensor::isa::Isa::Neon) {
+            // SAFETY: NEON is on every aarch64 CPU.
+            done = unsafe { crate::aarch64::lut_neon(&self.table, x, out) };
         }
         for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
             *o = self.table[*v as usize];

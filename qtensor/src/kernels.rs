@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use crate::isa::Isa;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::DType;
 use crate::{QElement, QError, QuantRange, Result};
 
@@ -222,6 +222,22 @@ pub(crate) fn quantize_block<T: QElement>(
             DType::I32 => {}
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa.includes(Isa::Neon) {
+        match T::DTYPE {
+            DType::U8 => {
+                let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+                // SAFETY: `isa` was capped to what the CPU supports, so NEON is available.
+                return unsafe { arm::quantize8_neon::<false>(src, dst, inv, zp, qmin, qmax) };
+            }
+            DType::I8 => {
+                let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+                // SAFETY: as above.
+                return unsafe { arm::quantize8_neon::<true>(src, dst, inv, zp, qmin, qmax) };
+            }
+            DType::I32 => {}
+        }
+    }
     let _ = isa;
     quantize_block_scalar(src, dst, inv, zp, qmin, qmax)
 }
@@ -278,6 +294,22 @@ pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32]
             DType::I32 => {}
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa.includes(Isa::Neon) {
+        match T::DTYPE {
+            DType::U8 => {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                // SAFETY: `isa` was capped to what the CPU supports, so NEON is available.
+                return unsafe { arm::dequantize8_neon::<false>(src, dst, scale, zp) };
+            }
+            DType::I8 => {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                // SAFETY: as above.
+                return unsafe { arm::dequantize8_neon::<true>(src, dst, scale, zp) };
+            }
+            DType::I32 => {}
+        }
+    }
     let _ = isa;
     dequantize_block_scalar(src, dst, scale, zp);
 }
@@ -289,39 +321,34 @@ pub(crate) fn dequantize_block_scalar<T: QElement>(src: &[T], dst: &mut [f32], s
     }
 }
 
+/// The scalar tail of the 8-bit vector loops (bytes stored as `u8`; `SIGNED` for i8).
+fn quantize8_tail<const SIGNED: bool>(src: &[f32], dst: &mut [u8], inv: f32, zp: i32, qmin: i32, qmax: i32) -> bool {
+    let mut any_nan = false;
+    for (x, d) in src.iter().zip(dst.iter_mut()) {
+        any_nan |= x.is_nan();
+        let q = quantize_scalar(*x, inv, zp, qmin, qmax);
+        *d = if SIGNED { q as i8 as u8 } else { q as u8 };
+    }
+    any_nan
+}
+
+/// The scalar tail of the 8-bit dequantize loops.
+fn dequantize8_tail<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
+    for (s, d) in src.iter().zip(dst.iter_mut()) {
+        let q = if SIGNED { *s as i8 as i32 } else { *s as i32 };
+        *d = dequantize_scalar(q, scale, zp);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::{dequantize8_tail, quantize8_tail};
+
     /// Largest magnitude the vector path converts to an integer: every value beyond it
     /// saturates to a range end anyway, and 2^24 is exact in f32 and far from i32 overflow.
     const LIMIT: f32 = 16_777_216.0;
-
-    /// The scalar tail of the 8-bit vector loops (bytes stored as `u8`; `SIGNED` for i8).
-    fn quantize8_tail<const SIGNED: bool>(
-        src: &[f32],
-        dst: &mut [u8],
-        inv: f32,
-        zp: i32,
-        qmin: i32,
-        qmax: i32,
-    ) -> bool {
-        let mut any_nan = false;
-        for (x, d) in src.iter().zip(dst.iter_mut()) {
-            any_nan |= x.is_nan();
-            let q = super::quantize_scalar(*x, inv, zp, qmin, qmax);
-            *d = if SIGNED { q as i8 as u8 } else { q as u8 };
-        }
-        any_nan
-    }
-
-    /// The scalar tail of the 8-bit dequantize loops.
-    fn dequantize8_tail<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
-        for (s, d) in src.iter().zip(dst.iter_mut()) {
-            let q = if SIGNED { *s as i8 as i32 } else { *s as i32 };
-            *d = super::dequantize_scalar(q, scale, zp);
-        }
-    }
 
     /// AVX2 twin of `quantize_block_scalar` for 8-bit outputs (`SIGNED` selects i8).
     ///
@@ -464,6 +491,90 @@ mod x86 {
                 unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(i + 16 * j), y) };
             }
             i += 64;
+        }
+        dequantize8_tail::<SIGNED>(&src[i..n], &mut dst[i..n], scale, zp);
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use super::{dequantize8_tail, quantize8_tail};
+
+    /// Largest magnitude the vector path converts to an integer (as on x86: beyond it every
+    /// value saturates to a range end anyway; 2^24 is exact in f32).
+    const LIMIT: f32 = 16_777_216.0;
+
+    /// NEON twin of `quantize_block_scalar` for 8-bit outputs (`SIGNED` selects i8), 16 values
+    /// per step. Exact for the reasons the x86 twins are: `fcvtns` rounds half to even like
+    /// `round_ties_even`; adding the zero point in i32 equals the f32 sum wherever the result
+    /// can land inside an 8-bit range, and beyond 2^24 both paths clamp to the same end; after
+    /// the i32 clamp to `[qmin, qmax]` the narrowing keeps every value.
+    ///
+    /// # Safety
+    /// The CPU has NEON (every aarch64 CPU).
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn quantize8_neon<const SIGNED: bool>(
+        src: &[f32],
+        dst: &mut [u8],
+        inv: f32,
+        zp: i32,
+        qmin: i32,
+        qmax: i32,
+    ) -> bool {
+        let n = src.len().min(dst.len());
+        let (vinv, hi, lo) = (vdupq_n_f32(inv), vdupq_n_f32(LIMIT), vdupq_n_f32(-LIMIT));
+        let (vzp, vmin, vmax) = (vdupq_n_s32(zp), vdupq_n_s32(qmin), vdupq_n_s32(qmax));
+        let mut ordered = vdupq_n_u32(u32::MAX);
+        let mut i = 0;
+        while i + 16 <= n {
+            let q: [int32x4_t; 4] = std::array::from_fn(|j| {
+                // SAFETY: i + 4j + 4 <= i + 16 <= n = src.len().
+                let x = unsafe { vld1q_f32(src.as_ptr().add(i + 4 * j)) };
+                ordered = vandq_u32(ordered, vceqq_f32(x, x));
+                let t = vminq_f32(vmaxq_f32(vmulq_f32(x, vinv), lo), hi);
+                vmaxq_s32(vminq_s32(vaddq_s32(vcvtnq_s32_f32(t), vzp), vmax), vmin)
+            });
+            let h0 = vcombine_s16(vmovn_s32(q[0]), vmovn_s32(q[1]));
+            let h1 = vcombine_s16(vmovn_s32(q[2]), vmovn_s32(q[3]));
+            // Every lane lies in [qmin, qmax], an 8-bit range: the low byte is the value.
+            let b = vreinterpretq_u8_s8(vcombine_s8(vmovn_s16(h0), vmovn_s16(h1)));
+            // SAFETY: i + 16 <= n = dst.len().
+            unsafe { vst1q_u8(dst.as_mut_ptr().add(i), b) };
+            i += 16;
+        }
+        let any_nan = vminvq_u32(ordered) == 0;
+        quantize8_tail::<SIGNED>(&src[i..n], &mut dst[i..n], inv, zp, qmin, qmax) | any_nan
+    }
+
+    /// NEON twin of `dequantize_block_scalar` for 8-bit inputs: `q - zp` exact in i32 and
+    /// f32, then one multiply.
+    ///
+    /// # Safety
+    /// The CPU has NEON.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dequantize8_neon<const SIGNED: bool>(src: &[u8], dst: &mut [f32], scale: f32, zp: i32) {
+        let n = src.len().min(dst.len());
+        let (vscale, vzp) = (vdupq_n_f32(scale), vdupq_n_s32(zp));
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: i + 16 <= n = src.len().
+            let b = unsafe { vld1q_u8(src.as_ptr().add(i)) };
+            let (w0, w1) = if SIGNED {
+                let s = vreinterpretq_s8_u8(b);
+                (vmovl_s8(vget_low_s8(s)), vmovl_high_s8(s))
+            } else {
+                (vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(b))), vreinterpretq_s16_u16(vmovl_high_u8(b)))
+            };
+            let quads =
+                [vmovl_s16(vget_low_s16(w0)), vmovl_high_s16(w0), vmovl_s16(vget_low_s16(w1)), vmovl_high_s16(w1)];
+            for (j, q) in quads.into_iter().enumerate() {
+                let y = vmulq_f32(vcvtq_f32_s32(vsubq_s32(q, vzp)), vscale);
+                // SAFETY: i + 4j + 4 <= i + 16 <= n = dst.len().
+                unsafe { vst1q_f32(dst.as_mut_ptr().add(i + 4 * j), y) };
+            }
+            i += 16;
         }
         dequantize8_tail::<SIGNED>(&src[i..n], &mut dst[i..n], scale, zp);
     }

@@ -112,9 +112,10 @@ enum Command {
         /// Write the results as JSON records here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
-        /// Run our kernels on this instruction-set tier (scalar, avx2, avx512vnni), as
-        /// `QUANT_FORCE_ISA` does; PyTorch's peer is capped to the same tier where FBGEMM and
-        /// oneDNN can be (avx2), and peers that cannot be capped are left out.
+        /// Run our kernels on this instruction-set tier (scalar, avx2, avx512vnni; on aarch64
+        /// neon, dotprod, i8mm), as `QUANT_FORCE_ISA` does; PyTorch's peer is capped to the
+        /// same tier where FBGEMM and oneDNN can be (avx2), and peers that cannot be capped
+        /// are left out.
         #[arg(long)]
         isa: Option<String>,
         /// Our models' configuration: `default` (qrust's: 8-bit activations) or `x86`

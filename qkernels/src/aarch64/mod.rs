@@ -21,7 +21,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-use crate::gemm::Tile;
+use crate::gemm::{Plan, Tile, REQUANT_LIMIT};
 use crate::pack::{mmla_panel_len, neon_panel_len, vnni_panel_len, Packed, ARM_LANES};
 use crate::QMatrix;
 
@@ -296,4 +296,209 @@ unsafe fn mmla_strip(rows: &[*const u8; 6], k: usize, w: *const i8, out: &mut [[
             }
         }
     }
+}
+
+/// The NEON twin of the scalar epilogue of `gemm::requantize_row_u8`: raw sums `acc` of
+/// columns `j0..j0 + acc.len()` (one row) to bytes, 8 columns per step, in the scalar
+/// path's operations and order (`fma(bias_x, bias_y, raw) * mult`, clamped to the plan's
+/// limit, rounded half to even, plus the zero point, clamped). Returns how many leading
+/// columns it wrote; the caller finishes the rest.
+///
+/// # Safety
+/// The CPU has NEON (every aarch64 CPU); the plan covers columns `j0..j0 + acc.len()`.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn epilogue_u8_neon(plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, out: &mut [u8]) -> usize {
+    let n = acc.len().min(out.len());
+    assert!(plan.colterm.len() >= j0 + n, "epilogue_u8_neon: plan shorter than its columns");
+    let (vzo, vlo, vhi, vrow) = (vdupq_n_s32(plan.zo), vdupq_n_s32(plan.lo), vdupq_n_s32(plan.hi), vdupq_n_s32(rowsum));
+    let (lim, nlim) = (vdupq_n_f32(REQUANT_LIMIT), vdupq_n_f32(-REQUANT_LIMIT));
+    let mut c = 0;
+    while c + 8 <= n {
+        let q: [int32x4_t; 2] = std::array::from_fn(|h| {
+            let (o, j) = (c + 4 * h, j0 + c + 4 * h);
+            // SAFETY: o + 4 <= n <= acc.len(); every plan vector has at least j0 + n entries
+            // (asserted for colterm; the plan's vectors share one length).
+            unsafe {
+                let mut raw = vsubq_s32(vld1q_s32(acc.as_ptr().add(o)), vld1q_s32(plan.colterm.as_ptr().add(j)));
+                if plan.has_zw {
+                    raw = vsubq_s32(raw, vmulq_s32(vrow, vld1q_s32(plan.zw.as_ptr().add(j))));
+                }
+                let f = vfmaq_f32(
+                    vcvtq_f32_s32(raw),
+                    vld1q_f32(plan.bias_term.as_ptr().add(j)),
+                    vld1q_f32(plan.bias_scale.as_ptr().add(j)),
+                );
+                let f = vminq_f32(vmaxq_f32(vmulq_f32(f, vld1q_f32(plan.mult.as_ptr().add(j))), nlim), lim);
+                vminq_s32(vmaxq_s32(vaddq_s32(vcvtnq_s32_f32(f), vzo), vlo), vhi)
+            }
+        });
+        // Every lane lies in [lo, hi], inside 0..=255: the saturating narrows are exact.
+        let bytes = vqmovn_u16(vcombine_u16(vqmovun_s32(q[0]), vqmovun_s32(q[1])));
+        // SAFETY: c + 8 <= n <= out.len().
+        unsafe { vst1_u8(out.as_mut_ptr().add(c), bytes) };
+        c += 8;
+    }
+    c
+}
+
+/// Weight layout of the NEON depthwise kernel: per block of 16 channels, per tap, the 16
+/// channels' `w - zw` as i16 (0 past the last channel).
+pub(crate) fn pack_depthwise_neon(raw: &[i8], zero_points: &[i32], c: usize, t: usize) -> Vec<i16> {
+    let mut out = vec![0i16; c.div_ceil(16) * t * 16];
+    for ch in 0..c {
+        let (b, i) = (ch / 16, ch % 16);
+        for tap in 0..t {
+            out[(b * t + tap) * 16 + i] = (raw[ch * t + tap] as i32 - zero_points[ch]) as i16;
+        }
+    }
+    out
+}
+
+/// One output pixel of a depthwise convolution on NEON: `acc[ch] = Σ_t x_t[ch] * (w_t - zw)`
+/// for the `c` channels, 16 at a time (u8 widened to i16, `smlal` into i32). With the plan's
+/// column term `za * (Σ w - zw * T)` subtracted, that is the exact `Σ (x - za)(w - zw)`.
+///
+/// # Safety
+/// Every tap slice holds `c` bytes; `packed` is `pack_depthwise_neon` for (c, taps.len());
+/// `acc` holds at least `c` rounded up to 16.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn depthwise_neon_pixel(taps: &[&[u8]], c: usize, packed: &[i16], acc: &mut [i32]) {
+    let t = taps.len();
+    assert!(packed.len() >= c.div_ceil(16) * t * 16 && acc.len() >= c.next_multiple_of(16));
+    for b in 0..c.div_ceil(16) {
+        let mut s = [vdupq_n_s32(0); 4];
+        let full = 16 * b + 16 <= c;
+        for (tap, x) in taps.iter().enumerate() {
+            let bytes = if full {
+                // SAFETY: channels 16b..16b + 16 exist in the tap's c bytes.
+                unsafe { vld1q_u8(x[16 * b..].as_ptr()) }
+            } else {
+                let mut buf = [0u8; 16];
+                buf[..c - 16 * b].copy_from_slice(&x[16 * b..c]);
+                // SAFETY: a local 16-byte buffer.
+                unsafe { vld1q_u8(buf.as_ptr()) }
+            };
+            // SAFETY: block b's 16 weights of this tap (length asserted above).
+            let (w0, w1) = unsafe {
+                let p = packed.as_ptr().add((b * t + tap) * 16);
+                (vld1q_s16(p), vld1q_s16(p.add(8)))
+            };
+            let lo = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(bytes)));
+            let hi = vreinterpretq_s16_u16(vmovl_high_u8(bytes));
+            s[0] = vmlal_s16(s[0], vget_low_s16(lo), vget_low_s16(w0));
+            s[1] = vmlal_high_s16(s[1], lo, w0);
+            s[2] = vmlal_s16(s[2], vget_low_s16(hi), vget_low_s16(w1));
+            s[3] = vmlal_high_s16(s[3], hi, w1);
+        }
+        for (v, sv) in s.iter().enumerate() {
+            // SAFETY: acc holds c rounded up to 16 (asserted).
+            unsafe { vst1q_s32(acc.as_mut_ptr().add(16 * b + 4 * v), *sv) };
+        }
+    }
+}
+
+/// PyTorch's vectorized quantized addition on NEON over `rows` rows of `ncols` bytes, row `r`
+/// at `a + r * ld`, `b + r * ld` and `out + r * ld`, 16 bytes at a time (a row's last `< 16`
+/// bytes through a stack copy, same formula): `fma(s, q, -s * z)` per operand, summed, ReLU
+/// if asked, times `1 / so` clamped to the requantization limit, rounded half to even, plus
+/// `zo`, clamped to 0..=255. The twin of the scalar loop's vector-prefix formula
+/// (`ops::add_raw`) and of the x86 kernels. Each group of bytes is read before it is written,
+/// so `out` may be `a`.
+///
+/// # Safety
+/// NEON available; those bytes are readable at `a` and `b` and writable at `out`; `out` is
+/// exactly `a` or overlaps neither input.
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn add_u8_neon(
+    a: *const u8,
+    (sa, za): (f32, i32),
+    b: *const u8,
+    (sb, zb): (f32, i32),
+    out: *mut u8,
+    (so, zo): (f32, i32),
+    relu: bool,
+    (rows, ncols, ld): (usize, usize, usize),
+) {
+    let (vsa, vpa, vsb, vpb) =
+        (vdupq_n_f32(sa), vdupq_n_f32(sa * -(za as f32)), vdupq_n_f32(sb), vdupq_n_f32(sb * -(zb as f32)));
+    let (inv, lim, nlim, zero) =
+        (vdupq_n_f32(1.0 / so), vdupq_n_f32(REQUANT_LIMIT), vdupq_n_f32(-REQUANT_LIMIT), vdupq_n_f32(0.0));
+    let (vzo, lo, hi) = (vdupq_n_s32(zo), vdupq_n_s32(0), vdupq_n_s32(255));
+    let sixteen = |pa: *const u8, pb: *const u8, po: *mut u8| {
+        // SAFETY: 16 bytes readable at `pa`, `pb` and writable at `po` (the callers below).
+        let (xa, xb) = unsafe { (vld1q_u8(pa), vld1q_u8(pb)) };
+        let quarters = |x: uint8x16_t| {
+            let (l, h) = (vmovl_u8(vget_low_u8(x)), vmovl_high_u8(x));
+            [vmovl_u16(vget_low_u16(l)), vmovl_high_u16(l), vmovl_u16(vget_low_u16(h)), vmovl_high_u16(h)]
+        };
+        let (qa, qb) = (quarters(xa), quarters(xb));
+        let q: [int32x4_t; 4] = std::array::from_fn(|v| {
+            let fa = vfmaq_f32(vpa, vsa, vcvtq_f32_u32(qa[v]));
+            let fb = vfmaq_f32(vpb, vsb, vcvtq_f32_u32(qb[v]));
+            let mut c = vaddq_f32(fa, fb);
+            if relu {
+                c = vmaxq_f32(c, zero);
+            }
+            let t = vminq_f32(vmaxq_f32(vmulq_f32(c, inv), nlim), lim);
+            vminq_s32(vmaxq_s32(vaddq_s32(vcvtnq_s32_f32(t), vzo), lo), hi)
+        });
+        let h0 = vcombine_u16(vqmovun_s32(q[0]), vqmovun_s32(q[1]));
+        let h1 = vcombine_u16(vqmovun_s32(q[2]), vqmovun_s32(q[3]));
+        // SAFETY: as above.
+        unsafe { vst1q_u8(po, vcombine_u8(vqmovn_u16(h0), vqmovn_u16(h1))) };
+    };
+    // Rows that fill their stride are one run of bytes.
+    let (rows, ncols, ld) = if ncols == ld && rows > 1 { (1, rows * ncols, rows * ncols) } else { (rows, ncols, ld) };
+    for r in 0..rows {
+        let row = r * ld;
+        let mut j = 0;
+        // SAFETY: every group of 16 bytes lies in its row (or the run of whole rows), in
+        // bounds by the caller's precondition; the last group goes through local copies.
+        unsafe {
+            while j + 16 <= ncols {
+                sixteen(a.add(row + j), b.add(row + j), out.add(row + j));
+                j += 16;
+            }
+            let rest = ncols - j;
+            if rest > 0 {
+                let (mut ta, mut tb, mut to) = ([0u8; 16], [0u8; 16], [0u8; 16]);
+                std::ptr::copy_nonoverlapping(a.add(row + j), ta.as_mut_ptr(), rest);
+                std::ptr::copy_nonoverlapping(b.add(row + j), tb.as_mut_ptr(), rest);
+                sixteen(ta.as_ptr(), tb.as_ptr(), to.as_mut_ptr());
+                std::ptr::copy_nonoverlapping(to.as_ptr(), out.add(row + j), rest);
+            }
+        }
+    }
+}
+
+/// `out[i] = table[x[i]]` on NEON, 16 bytes per step: the 256 entries as four 64-byte `tbl`
+/// tables, each looked up with the index minus its base (wrapping). `tbl` gives 0 for an
+/// index past its 64 bytes, so only the quarter holding the entry contributes, and OR-ing
+/// the four lookups gives the entry. Returns how many leading bytes it wrote (a multiple of
+/// 16).
+///
+/// # Safety
+/// NEON available (every aarch64 CPU).
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn lut_neon(table: &[u8; 256], x: &[u8], out: &mut [u8]) -> usize {
+    let n = x.len().min(out.len());
+    // SAFETY: each quarter reads 64 of the table's 256 bytes.
+    let t: [uint8x16x4_t; 4] = std::array::from_fn(|q| unsafe { vld1q_u8_x4(table[64 * q..].as_ptr()) });
+    let step = vdupq_n_u8(64);
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n <= x.len().
+        let idx = unsafe { vld1q_u8(x.as_ptr().add(i)) };
+        let (i1, i2) = (vsubq_u8(idx, step), vsubq_u8(idx, vaddq_u8(step, step)));
+        let i3 = vsubq_u8(i2, step);
+        let v = vorrq_u8(
+            vorrq_u8(vqtbl4q_u8(t[0], idx), vqtbl4q_u8(t[1], i1)),
+            vorrq_u8(vqtbl4q_u8(t[2], i2), vqtbl4q_u8(t[3], i3)),
+        );
+        // SAFETY: i + 16 <= n <= out.len().
+        unsafe { vst1q_u8(out.as_mut_ptr().add(i), v) };
+        i += 16;
+    }
+    i
 }
