@@ -30,7 +30,9 @@ pub const REQUIRE_ENV: &str = "QUANT_REQUIRE_ISA";
 
 /// An instruction-set tier. Within one architecture, each tier implies the ones before it
 /// ([`Isa::includes`]); the scalar tier runs everywhere.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Deliberately not `Ord`: an x86 tier and an aarch64 tier are not comparable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
     /// Portable Rust; the reference every other tier is tested against bit for bit.
     Scalar,
@@ -98,7 +100,17 @@ impl Isa {
     /// Whether this tier implies `other`: `other` is scalar, or of the same architecture and
     /// not above this one. `Avx512Vnni.includes(Avx2)` is true; `I8mm.includes(Avx2)` false.
     pub fn includes(self, other: Isa) -> bool {
-        other == Isa::Scalar || (self.arch() == other.arch() && self >= other)
+        other == Isa::Scalar || (self.arch() == other.arch() && self.rank() >= other.rank())
+    }
+
+    /// The tier's place within its architecture (scalar 0).
+    const fn rank(self) -> u8 {
+        match self {
+            Isa::Scalar => 0,
+            Isa::Avx2 | Isa::Neon => 1,
+            Isa::Dotprod | Isa::Avx512Vnni => 2,
+            Isa::I8mm => 3,
+        }
     }
 
     /// Parses a `QUANT_FORCE_ISA` name (case-insensitive).

@@ -262,6 +262,9 @@ pub(crate) fn quantize_block_scalar<T: QElement>(
 /// Dequantizes a block with a validated scale.
 pub(crate) fn dequantize_block<T: QElement>(isa: Isa, src: &[T], dst: &mut [f32], scale: f32, zp: i32) {
     debug_assert_eq!(src.len(), dst.len());
+    // The vector paths subtract the zero point from an 8-bit code in i32, which cannot wrap
+    // for zero points this far from i32's ends; the scalar path subtracts in i64.
+    let isa = if (i32::MIN + 256..=i32::MAX - 256).contains(&zp) { isa } else { Isa::Scalar };
     #[cfg(target_arch = "x86_64")]
     if isa.includes(Isa::Avx512Vnni) {
         match T::DTYPE {

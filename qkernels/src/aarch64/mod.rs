@@ -1,6 +1,7 @@
-//! aarch64 GEMM micro-kernels: raw `i32` tiles of `Σ_k a[i][k] * w[j][k]` (u8 x i8), exact,
-//! for the three aarch64 tiers. The driver (`gemm::block`) requantizes them with the scalar
-//! epilogue, so every tier gives the scalar path's bytes.
+//! aarch64 kernels. First the GEMM micro-kernels: raw `i32` tiles of `Σ_k a[i][k] * w[j][k]`
+//! (u8 x i8), exact, for the three aarch64 tiers; the driver (`gemm::block`) requantizes them
+//! with [`epilogue_u8_neon`], the scalar epilogue's arithmetic lane for lane, so every tier
+//! gives the scalar path's bytes. Then the NEON depthwise, `add` and lookup-table kernels.
 //!
 //! - `neon`: every aarch64 CPU. Weights widened to i16, `smlal` by an activation broadcast:
 //!   4 rows x 16 columns.

@@ -166,3 +166,24 @@ fn isa_selection_from_environment_values() {
     assert!(Isa::Avx512Vnni.includes(Isa::Avx2) && Isa::I8mm.includes(Isa::Dotprod));
     assert!(!Isa::I8mm.includes(Isa::Avx2) && !Isa::Avx2.includes(Isa::Neon) && Isa::Neon.includes(Isa::Scalar));
 }
+
+/// Zero points near i32's ends: `q - zp` leaves i32, and every tier must still give the
+/// scalar path's values (which subtract in i64).
+#[test]
+fn dequantize_with_extreme_zero_points_equals_scalar() {
+    let u: Vec<u8> = (0..=255).collect();
+    let s: Vec<i8> = (-128..=127).collect();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for zp in [i32::MIN, i32::MIN + 1, i32::MIN + 255, i32::MAX - 127, i32::MAX, 1 << 30, -(1 << 30)] {
+        let (mut want_u, mut want_s) = (vec![0f32; 256], vec![0f32; 256]);
+        dequantize_slice_with(Isa::Scalar, &u, &mut want_u, 0.5, zp).unwrap();
+        dequantize_slice_with(Isa::Scalar, &s, &mut want_s, 0.5, zp).unwrap();
+        for isa in isas_under_test() {
+            let (mut got_u, mut got_s) = (vec![0f32; 256], vec![0f32; 256]);
+            dequantize_slice_with(isa, &u, &mut got_u, 0.5, zp).unwrap();
+            dequantize_slice_with(isa, &s, &mut got_s, 0.5, zp).unwrap();
+            assert_eq!(bits(&got_u), bits(&want_u), "{isa}, u8, zero point {zp}");
+            assert_eq!(bits(&got_s), bits(&want_s), "{isa}, i8, zero point {zp}");
+        }
+    }
+}
