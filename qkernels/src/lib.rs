@@ -75,32 +75,25 @@
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
-mod conv;
-mod fconv;
-mod float;
-mod gemm;
-mod linear;
+mod frame;
 mod multiversion;
-mod ops;
-mod pack;
 pub mod peak;
-mod pool;
 mod threads;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+mod x86_64;
 
-pub use conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
-pub use fconv::{PackedConv2dF32, WeightLayout};
-pub use float::{conv2d_f32, conv2d_f32_with, linear_f32};
-pub use gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
-pub use linear::{DynamicActivations, PackedLinear};
-pub use ops::{
+pub use frame::conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
+pub use frame::fconv::{PackedConv2dF32, WeightLayout};
+pub use frame::float::{conv2d_f32, conv2d_f32_with, linear_f32};
+pub use frame::gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
+pub use frame::linear::{DynamicActivations, PackedLinear};
+pub use frame::ops::{
     add, add_isa, add_scalar, batch_norm2d, cat_channels, dequantize_nhwc_to_nchw, flatten_nchw_order, layer_norm, mul,
     mul_channels, mul_scalar, quantize_nchw_to_nhwc, requantize_from_int, requantize_product, vector_prefix, Lut,
     QuantU8, ResidualAdd, UnaryOp, UnaryTables,
 };
-pub use pack::{PackedWeights, MAX_K};
-pub use pool::{
+pub use frame::pack::{PackedWeights, MAX_K};
+pub use frame::pool::{
     adaptive_avg_pool2d, adaptive_avg_pool2d_with, avg_pool2d, avg_pool2d_with, max_pool2d, max_pool2d_with,
     upsample_nearest, Pool2d,
 };

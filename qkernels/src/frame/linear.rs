@@ -2,9 +2,9 @@
 
 use qtensor::{QTensor, Result};
 
-use crate::gemm::{GemmOutput, QMatrix};
+use crate::frame::gemm::{GemmOutput, QMatrix};
+use crate::frame::pack::PackedWeights;
 use crate::multiversion::multiversion;
-use crate::pack::PackedWeights;
 
 /// How [`PackedLinear::forward_dynamic`] quantizes its `f32` input on each call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub(crate) fn min_max(isa: qtensor::isa::Isa, x: &[f32]) -> (f32, f32, usize) {
     #[cfg(target_arch = "x86_64")]
     let (lo, hi, nan) = if isa.capped_to_supported().includes(qtensor::isa::Isa::Avx512Vnni) {
         // SAFETY: the tier is supported by this CPU, so AVX-512 F is.
-        let (lo, hi, nan) = unsafe { crate::x86::min_max_avx512(x) };
+        let (lo, hi, nan) = unsafe { crate::x86_64::avx512vnni::min_max::min_max_avx512(x) };
         (lo, hi, usize::from(nan))
     } else {
         min_max_lanes(isa, x)
@@ -94,7 +94,7 @@ pub(crate) fn min_max(isa: qtensor::isa::Isa, x: &[f32]) -> (f32, f32, usize) {
 pub struct PackedLinear {
     weights: PackedWeights,
     bias: Option<Vec<f32>>,
-    plans: crate::gemm::PlanCache,
+    plans: crate::frame::gemm::PlanCache,
 }
 
 impl PackedLinear {
@@ -114,7 +114,7 @@ impl PackedLinear {
     pub fn with_isa(isa: qtensor::isa::Isa, weights: &QTensor<i8>, bias: Option<&[f32]>) -> Result<Self> {
         let weights = PackedWeights::with_isa(isa, weights)?;
         if let Some(b) = bias {
-            crate::gemm::check_bias("PackedLinear::new", b, weights.n())?;
+            crate::frame::gemm::check_bias("PackedLinear::new", b, weights.n())?;
         }
         Ok(PackedLinear { weights, bias: bias.map(<[f32]>::to_vec), plans: Default::default() })
     }
@@ -123,7 +123,7 @@ impl PackedLinear {
     /// number of rows (the batch).
     ///
     /// # Errors
-    /// As [`gemm`](crate::gemm::gemm).
+    /// As [`gemm`](crate::frame::gemm::gemm).
     pub fn forward(&self, x: &QMatrix<'_>, out: GemmOutput<'_>, threads: usize) -> Result<()> {
         let quant = match &out {
             GemmOutput::U8 { quant, .. } => Some(*quant),
@@ -131,11 +131,11 @@ impl PackedLinear {
         };
         let bias = self.bias.as_deref();
         // Checked before a plan is cached, so a bad first call cannot claim the cache.
-        crate::gemm::validate(x, &self.weights, bias, &out)?;
+        crate::frame::gemm::validate(x, &self.weights, bias, &out)?;
         self.plans.with(
-            crate::gemm::PlanKey::new(x.scale, x.zero_point, quant),
-            || vec![crate::gemm::Plan::new(x.scale, x.zero_point, &self.weights, bias, quant, false)],
-            |plans| crate::gemm::gemm_planned(x, &self.weights, bias, Some(&plans[0]), out, threads, None),
+            crate::frame::gemm::PlanKey::new(x.scale, x.zero_point, quant),
+            || vec![crate::frame::gemm::Plan::new(x.scale, x.zero_point, &self.weights, bias, quant, false)],
+            |plans| crate::frame::gemm::gemm_planned(x, &self.weights, bias, Some(&plans[0]), out, threads, None),
         )
     }
 
@@ -206,9 +206,9 @@ impl PackedLinear {
                 let (scale, zero_point) = qtensor::choose_qparams_dynamic(lo, hi, reduce_range)?;
                 qtensor::kernels::quantize_slice(x, &mut xq, scale, zero_point, full)?;
                 let a = QMatrix { data: &xq, m, k, lda: k, scale, zero_point };
-                let plan = crate::gemm::Plan::new(scale, zero_point, &self.weights, bias, None, false);
+                let plan = crate::frame::gemm::Plan::new(scale, zero_point, &self.weights, bias, None, false);
                 let out = GemmOutput::F32 { data: out, ldc: n, relu };
-                crate::gemm::gemm_planned(&a, &self.weights, bias, Some(&plan), out, threads, None)?;
+                crate::frame::gemm::gemm_planned(&a, &self.weights, bias, Some(&plan), out, threads, None)?;
                 Ok(crate::QuantU8 { scale, zero_point })
             }
             DynamicActivations::PerToken => {
@@ -222,8 +222,8 @@ impl PackedLinear {
                     params.push(crate::QuantU8 { scale, zero_point });
                 }
                 let a = QMatrix { data: &xq, m, k, lda: k, scale: 1.0, zero_point: 0 };
-                let plan = crate::gemm::Plan::new(1.0, 0, &self.weights, bias, None, false);
-                crate::gemm::gemm_f32_per_row(&a, &self.weights, &plan, &params, out, relu, threads)?;
+                let plan = crate::frame::gemm::Plan::new(1.0, 0, &self.weights, bias, None, false);
+                crate::frame::gemm::gemm_f32_per_row(&a, &self.weights, &plan, &params, out, relu, threads)?;
                 Ok(params[0])
             }
         }

@@ -8,8 +8,8 @@ use qtensor::isa::Isa;
 use qtensor::{QError, Result};
 
 #[cfg(target_arch = "aarch64")]
-use crate::pack::ARM_LANES;
-use crate::pack::{Packed, PackedWeights, AVX2_LANES, VNNI_LANES};
+use crate::frame::pack::ARM_LANES;
+use crate::frame::pack::{Packed, PackedWeights, AVX2_LANES, VNNI_LANES};
 
 /// A matrix of `u8` activations: `m` rows of `k` values, row `i` starting at `i * lda`.
 #[derive(Clone, Copy, Debug)]
@@ -520,7 +520,7 @@ impl Sink<'_> {
         // the same positions (sliced above) in a buffer the output does not overlap (a
         // shared borrow beside the output's exclusive one).
         unsafe {
-            crate::ops::add_assign_block(
+            crate::frame::ops::add_assign_block(
                 add.isa,
                 (self.ptr as *mut u8).add(base),
                 add.qa,
@@ -685,7 +685,7 @@ fn block(
     // On AVX-512 VNNI, u8 (any rows) and f32 (dense rows) are written straight from the
     // accumulators: all the block's rows in one call.
     #[cfg(target_arch = "x86_64")]
-    let fused = crate::x86::FusedOut {
+    let fused = crate::x86_64::FusedOut {
         plan,
         rowsums,
         out: sink.ptr as *mut u8,
@@ -701,7 +701,9 @@ fn block(
             // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at packing);
             // rows `rows` and columns `cols` lie inside `a`, `p` and the output, as `check`
             // established; this task is the only writer of those output elements.
-            Rows::Dense(a) => unsafe { crate::x86::vnni_dense_rows(&fused, a, rows.len(), p, w.k, panel0) },
+            Rows::Dense(a) => unsafe {
+                crate::x86_64::avx512vnni::gemm::vnni_dense_rows(&fused, a, rows.len(), p, w.k, panel0)
+            },
             Rows::Conv(conv) => {
                 let mut bases = [std::ptr::null::<u8>(); MC];
                 let bases = &mut bases[..rows.len()];
@@ -711,7 +713,7 @@ fn block(
                 // derived from it, and a padded segment's slack is part of it), and
                 // `gemm_conv_vnni` checked the layout.
                 unsafe {
-                    crate::x86::vnni_conv_rows(
+                    crate::x86_64::avx512vnni::conv_rows::vnni_conv_rows(
                         &fused,
                         bases,
                         conv.kh,
@@ -734,7 +736,7 @@ fn block(
         // SAFETY: `w.isa` is Avx2 only when the CPU has AVX2 and FMA (capped at packing);
         // rows, columns and output as for the VNNI paths above; `cols.start` is a multiple
         // of 16.
-        unsafe { crate::x86::avx2_fused_rows(&fused, a, rows.len(), exact, pairs, w.k) };
+        unsafe { crate::x86_64::avx2::gemm::avx2_fused_rows(&fused, a, rows.len(), exact, pairs, w.k) };
         sink.add_block(rows, cols);
         return;
     }
@@ -744,7 +746,16 @@ fn block(
         // SAFETY: as for the u8 output above, the sink holding f32 values (`ldc` in values);
         // per-row parameters cover every row of A, and the column offsets every column.
         unsafe {
-            crate::x86::vnni_dense_rows_f32(&fused, a, rows.len(), p, w.k, cols.start / VNNI_LANES, relu, per_row)
+            crate::x86_64::avx512vnni::gemm::vnni_dense_rows_f32(
+                &fused,
+                a,
+                rows.len(),
+                p,
+                w.k,
+                cols.start / VNNI_LANES,
+                relu,
+                per_row,
+            )
         };
         return;
     }
@@ -755,7 +766,7 @@ fn block(
         // Pair panels always exist on AVX2; a tile that cannot use them shrinks to 3 rows.
         (Isa::Avx2, _) => 4,
         #[cfg(target_arch = "aarch64")]
-        (Isa::Neon | Isa::Dotprod | Isa::I8mm, _) => crate::aarch64::tile_rows(&w.packed),
+        (Isa::Neon | Isa::Dotprod | Isa::I8mm, _) => crate::aarch64::gemm::tile_rows(&w.packed),
         _ => TILE_ROWS,
     };
     let mut r0 = rows.start;
@@ -766,7 +777,18 @@ fn block(
             Packed::Vnni(p) => {
                 let Rows::Dense(a) = src else { unreachable!("implicit im2col writes u8 only") };
                 // SAFETY: as above, for raw sums into the tile.
-                unsafe { crate::x86::vnni_tile(a, r0, mr, p, w.k, cols.start / VNNI_LANES, cols.len(), &mut tile) }
+                unsafe {
+                    crate::x86_64::avx512vnni::gemm::vnni_tile(
+                        a,
+                        r0,
+                        mr,
+                        p,
+                        w.k,
+                        cols.start / VNNI_LANES,
+                        cols.len(),
+                        &mut tile,
+                    )
+                }
             }
             #[cfg(target_arch = "x86_64")]
             Packed::Avx2(exact) => {
@@ -779,15 +801,26 @@ fn block(
                         if p.max_input == u8::MAX
                             || (r0..r0 + mr).all(|i| max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= p.max_input) =>
                     {
-                        crate::x86::Avx2Weights::Pairs(&p.packed)
+                        crate::x86_64::avx2::gemm::Avx2Weights::Pairs(&p.packed)
                     }
                     _ => {
                         mr = mr.min(3);
-                        crate::x86::Avx2Weights::Exact(exact)
+                        crate::x86_64::avx2::gemm::Avx2Weights::Exact(exact)
                     }
                 };
                 // SAFETY: as above, for AVX2; `Pairs` only for rows checked just now.
-                unsafe { crate::x86::avx2_tile(a, r0, mr, aw, w.k, cols.start / AVX2_LANES, cols.len(), &mut tile) }
+                unsafe {
+                    crate::x86_64::avx2::gemm::avx2_tile(
+                        a,
+                        r0,
+                        mr,
+                        aw,
+                        w.k,
+                        cols.start / AVX2_LANES,
+                        cols.len(),
+                        &mut tile,
+                    )
+                }
             }
             #[cfg(target_arch = "aarch64")]
             Packed::Neon(_) | Packed::Dot { .. } | Packed::Mmla(_) => {
@@ -795,7 +828,16 @@ fn block(
                 // SAFETY: the packing's tier was capped to the CPU at packing; rows, columns
                 // (from a 16-column panel boundary) and `mr` as for the x86 tiles above.
                 unsafe {
-                    crate::aarch64::arm_tile(a, r0, mr, &w.packed, w.k, cols.start / ARM_LANES, cols.len(), &mut tile)
+                    crate::aarch64::gemm::arm_tile(
+                        a,
+                        r0,
+                        mr,
+                        &w.packed,
+                        w.k,
+                        cols.start / ARM_LANES,
+                        cols.len(),
+                        &mut tile,
+                    )
                 }
             }
             _ => {
@@ -849,12 +891,12 @@ pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i3
     if simd {
         // SAFETY: callers set `simd` only for weights packed for AVX2 or better, which
         // packing allowed only on a CPU that has AVX2.
-        done = unsafe { crate::x86::epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
+        done = unsafe { crate::x86_64::avx2::epilogue::epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
     }
     #[cfg(target_arch = "aarch64")]
     if simd {
         // SAFETY: every aarch64 CPU has NEON; the plan covers these columns (the caller's).
-        done = unsafe { crate::aarch64::epilogue_u8_neon(plan, acc, rowsum, j0, out) };
+        done = unsafe { crate::aarch64::epilogue::epilogue_u8_neon(plan, acc, rowsum, j0, out) };
     }
     let _ = simd;
     for c in done..n {

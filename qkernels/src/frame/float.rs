@@ -3,7 +3,7 @@
 
 use qtensor::{QError, Result};
 
-use crate::conv::Conv2dGeometry;
+use crate::frame::conv::Conv2dGeometry;
 
 const OP: &str = "qkernels::float";
 
@@ -133,14 +133,14 @@ pub fn conv2d_f32_with(
         });
     }
     let icg = c / g;
-    let packed = crate::fconv::PackedConv2dF32::with_isa(
+    let packed = crate::frame::fconv::PackedConv2dF32::with_isa(
         isa,
         weights,
-        crate::fconv::WeightLayout::Ohwi,
+        crate::frame::fconv::WeightLayout::Ohwi,
         (oc, icg, kh, kw),
         bias,
         geom,
-        crate::gemm::Activation::None,
+        crate::frame::gemm::Activation::None,
     )?;
     packed.forward(x, (n, h, w, c), out, 1)
 }

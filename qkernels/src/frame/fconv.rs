@@ -18,8 +18,8 @@ use qtensor::isa::Isa;
 use qtensor::{QError, Result};
 use rayon::prelude::*;
 
-use crate::conv::Conv2dGeometry;
-use crate::gemm::Activation;
+use crate::frame::conv::Conv2dGeometry;
+use crate::frame::gemm::Activation;
 use crate::multiversion::multiversion;
 
 const OP: &str = "qkernels::PackedConv2dF32";
@@ -317,7 +317,9 @@ impl PackedConv2dF32 {
                 // every tap's offsets address `c` values of `x` and of `wt` (pixels inside
                 // the image, taps inside the kernel), the bias holds `c` values, and `o` is
                 // the pixel's `c` outputs.
-                unsafe { crate::x86::fconv::depthwise_pixel_avx512(&taps, x, wt, bias, o, self.activation) };
+                unsafe {
+                    crate::x86_64::avx512vnni::fconv::depthwise_pixel_avx512(&taps, x, wt, bias, o, self.activation)
+                };
                 continue;
             }
             depthwise_pixel(self.isa, &taps, x, wt, bias, o, self.activation);
@@ -532,13 +534,13 @@ unsafe fn run_tile(isa: Isa, t: &Tile<'_>, out: &mut [f32], act: Activation) {
     if isa == Isa::Avx512Vnni {
         // SAFETY: the tier was capped to the CPU's at packing; AVX-512 VNNI implies
         // AVX-512 F. The operands are as the caller promised.
-        unsafe { crate::x86::fconv::tile_avx512(t, out.as_mut_ptr(), act) };
+        unsafe { crate::x86_64::avx512vnni::fconv::tile_avx512(t, out.as_mut_ptr(), act) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         // SAFETY: as above, for AVX2 and FMA.
-        unsafe { crate::x86::fconv::tile_avx2(t, out.as_mut_ptr(), act) };
+        unsafe { crate::x86_64::avx2::fconv::tile_avx2(t, out.as_mut_ptr(), act) };
         return;
     }
     let _ = isa;

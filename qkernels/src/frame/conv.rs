@@ -9,12 +9,12 @@ use rayon::prelude::*;
 use qtensor::isa::Isa;
 use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
 
-use crate::gemm::{
+use crate::frame::gemm::{
     gemm_planned, requantize_row_u8, requantize_scalar, BlockAdd, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey,
     QMatrix,
 };
-use crate::ops::{vector_prefix, QuantU8, ResidualAdd};
-use crate::pack::PackedWeights;
+use crate::frame::ops::{vector_prefix, QuantU8, ResidualAdd};
+use crate::frame::pack::PackedWeights;
 
 /// `u8` activations in NHWC layout (batch, height, width, channels), with their quantization.
 #[derive(Clone, Copy, Debug)]
@@ -180,7 +180,7 @@ impl PackedConv2d {
             return Err(bad(format!("stride {:?} and dilation {:?} must be >= 1", geom.stride, geom.dilation)));
         }
         if let Some(b) = bias {
-            crate::gemm::check_bias(OP, b, oc)?;
+            crate::frame::gemm::check_bias(OP, b, oc)?;
         }
         let ic = icg * g;
         let ocg = oc / g;
@@ -197,7 +197,7 @@ impl PackedConv2d {
             #[cfg(target_arch = "aarch64")]
             let neon = isa
                 .includes(Isa::Neon)
-                .then(|| crate::aarch64::pack_depthwise_neon(&taps.raw, &taps.zero_points, oc, kh * kw));
+                .then(|| crate::aarch64::depthwise::pack_depthwise_neon(&taps.raw, &taps.zero_points, oc, kh * kw));
             #[cfg(not(target_arch = "aarch64"))]
             let neon = None;
             let unit_w = vnni.is_some() && geom.stride[1] == 1;
@@ -263,7 +263,7 @@ impl PackedConv2d {
         }
         let row = kw * ic;
         let (seg, tail) = implicit_layout(kh, row);
-        let k = kh * seg + crate::gemm::tail_k(kh, tail);
+        let k = kh * seg + crate::frame::gemm::tail_k(kh, tail);
         if 3 * k > 4 * kh * row {
             return Ok(None);
         }
@@ -516,7 +516,7 @@ impl PackedConv2d {
                     // SAFETY: `out` is borrowed exclusively for its len elements, and `a.other`
                     // (checked to be as long) is a shared borrow, so they do not overlap.
                     unsafe {
-                        crate::ops::add_assign_block(
+                        crate::frame::ops::add_assign_block(
                             a.isa,
                             out.as_mut_ptr(),
                             a.qa,
@@ -700,11 +700,12 @@ impl PackedConv2d {
                     (avx2, row_inside && inside(ox, g.stride[1], g.padding[1], g.dilation[1], self.kw, x.w))
                 {
                     let first = ((oy * g.stride[0] - g.padding[0]) * x.w + ox * g.stride[1] - g.padding[1]) * c;
-                    let taps = crate::x86::avx2::TapOffsets { base: img[first..].as_ptr(), offsets: &offsets };
+                    let taps =
+                        crate::x86_64::avx2::depthwise::TapOffsets { base: img[first..].as_ptr(), offsets: &offsets };
                     // SAFETY: as for the slices below (the AVX2 tier, its packing and plan); every
                     // tap of this pixel lies inside the image, so its `c` bytes at `first + offset`
                     // are readable in `img`.
-                    unsafe { crate::x86::avx2::depthwise_avx2_pixel_u8(&taps, c, packed, plan, px) };
+                    unsafe { crate::x86_64::avx2::depthwise::depthwise_avx2_pixel_u8(&taps, c, packed, plan, px) };
                     continue;
                 }
                 ptrs.clear();
@@ -726,7 +727,7 @@ impl PackedConv2d {
                         // SAFETY: `vnni` is Some only when packing found AVX-512 VNNI on this
                         // CPU; every tap slice holds `c` readable bytes; `acc` holds c rounded
                         // up to 64; `packed` is this layer's interleaved layout for (c, t).
-                        unsafe { crate::x86::depthwise_vnni_pixel(ptrs, c, packed, acc) };
+                        unsafe { crate::x86_64::avx512vnni::depthwise::depthwise_vnni_pixel(ptrs, c, packed, acc) };
                         requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
                     }
                     #[cfg(target_arch = "x86_64")]
@@ -735,7 +736,9 @@ impl PackedConv2d {
                         // which packing capped to what this CPU has (AVX2 and FMA); every tap
                         // slice holds `c` readable bytes; `packed` is this layer's layout for
                         // (c, t), `plan` its plan; `px` holds c bytes.
-                        unsafe { crate::x86::avx2::depthwise_avx2_pixel_u8(&ptrs[..], c, packed, plan, px) };
+                        unsafe {
+                            crate::x86_64::avx2::depthwise::depthwise_avx2_pixel_u8(&ptrs[..], c, packed, plan, px)
+                        };
                     }
                     #[cfg(target_arch = "aarch64")]
                     _ if neon.is_some() => {
@@ -743,7 +746,7 @@ impl PackedConv2d {
                         // SAFETY: `neon` is Some only on an aarch64 SIMD tier (NEON is on every
                         // aarch64 CPU); every tap slice holds `c` bytes; `acc` holds c rounded up
                         // to 64; `packed` is this layer's layout for (c, t).
-                        unsafe { crate::aarch64::depthwise_neon_pixel(ptrs, c, packed, acc) };
+                        unsafe { crate::aarch64::depthwise::depthwise_neon_pixel(ptrs, c, packed, acc) };
                         requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
                     }
                     _ => depthwise_scalar_pixel(ptrs, taps, x.zero_point, plan, px),
@@ -781,7 +784,7 @@ impl PackedConv2d {
         let (c, g) = (x.c, &self.geom);
         let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
         let mut run = |padded: &[u8]| {
-            let rows = crate::gemm::ConvRows {
+            let rows = crate::frame::gemm::ConvRows {
                 padded,
                 c,
                 hp,
@@ -798,7 +801,7 @@ impl PackedConv2d {
             self.plans.with(
                 PlanKey::new(x.scale, x.zero_point, Some(quant)),
                 || vec![Plan::new(x.scale, x.zero_point, w, self.bias.as_deref(), Some(quant), false)],
-                |plans| crate::gemm::gemm_conv_vnni(&rows, w, &plans[0], out, self.oc, threads, add),
+                |plans| crate::frame::gemm::gemm_conv_vnni(&rows, w, &plans[0], out, self.oc, threads, add),
             );
         };
         // Segments padded past `kw * c` read up to 3 bytes beyond the image: give it slack.
@@ -881,7 +884,7 @@ impl PackedConv2d {
                                         // from the row's start (ow + (kw - 1) * dilation <= wp);
                                         // the slot holds 256 * count bytes.
                                         unsafe {
-                                            crate::x86::depthwise_rows_build(
+                                            crate::x86_64::avx512vnni::depthwise::depthwise_rows_build(
                                                 padded[(b * hp + iy) * row_bytes + 64 * tile0..].as_ptr(),
                                                 kw,
                                                 g.dilation[1] * c,
@@ -901,7 +904,7 @@ impl PackedConv2d {
                                 // rows and every class; the chunks lie in `out_row`, the last
                                 // with `last` bytes.
                                 unsafe {
-                                    use crate::x86::depthwise_rows_compute as k;
+                                    use crate::x86_64::avx512vnni::depthwise::depthwise_rows_compute as k;
                                     let (w, cs, st) = (weights, consts, 64 * classes);
                                     let r = &rows;
                                     match kh {
@@ -983,7 +986,7 @@ impl PackedConv2d {
                 // the even phase is followed by the odd one, the odd one by the next row or
                 // the slack. `out_row` holds ow * c bytes.
                 unsafe {
-                    crate::x86::depthwise_vnni_flat_row(
+                    crate::x86_64::avx512vnni::depthwise::depthwise_vnni_flat_row(
                         &taps[..kh * kw],
                         c,
                         weights,
@@ -1286,14 +1289,14 @@ pub fn quantize_weights_per_channel(w: &ndarray::ArrayViewD<'_, f32>) -> Result<
 /// How implicit im2col reads the `kh` kernel rows of `row = kw * c` bytes: `(seg, tail)`, the
 /// first `seg` bytes (a multiple of 4) of each row read in place as quads, the last `tail`
 /// bytes gathered with the other rows' tails into shared quads (see
-/// [`crate::gemm::ConvRows`]). A row of 21 bytes (a 7x7 RGB input layer) is 5 quads and a
+/// [`crate::frame::gemm::ConvRows`]). A row of 21 bytes (a 7x7 RGB input layer) is 5 quads and a
 /// 1-byte tail: 7 rows take 37 quads instead of the 42 of rows padded to 24 bytes. A 3-byte
 /// tail gains nothing from sharing, and the kernel gathers at most
-/// [`MAX_TAIL_QUADS`](crate::gemm::MAX_TAIL_QUADS) quads: otherwise each row is padded with zero
+/// [`MAX_TAIL_QUADS`](crate::frame::gemm::MAX_TAIL_QUADS) quads: otherwise each row is padded with zero
 /// weights to a whole quad instead (`tail = 0`).
 fn implicit_layout(kh: usize, row: usize) -> (usize, usize) {
     let t = row % 4;
-    if (t == 1 || t == 2) && crate::gemm::tail_k(kh, t) <= 4 * crate::gemm::MAX_TAIL_QUADS {
+    if (t == 1 || t == 2) && crate::frame::gemm::tail_k(kh, t) <= 4 * crate::frame::gemm::MAX_TAIL_QUADS {
         (row - t, t)
     } else {
         (row.next_multiple_of(4), 0)

@@ -5,9 +5,9 @@
 
 use qtensor::{QError, Result};
 
-use crate::conv::QImage;
+use crate::frame::conv::QImage;
+use crate::frame::ops::QuantU8;
 use crate::multiversion::multiversion;
-use crate::ops::QuantU8;
 
 /// Window, stride, padding and dilation (each `[height, width]`) of a pooling layer, with
 /// PyTorch's options.

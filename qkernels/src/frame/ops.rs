@@ -11,7 +11,7 @@
 
 use qtensor::{DType, QError, QuantRange, Result};
 
-use crate::conv::QImage;
+use crate::frame::conv::QImage;
 use crate::multiversion::multiversion;
 
 /// Scale and zero point of a `u8` tensor.
@@ -156,7 +156,7 @@ pub(crate) unsafe fn add_assign_block(
         // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the rows are
         // the caller's block; `acc` is read and written through one pointer.
         unsafe {
-            crate::x86::add_u8_avx512(
+            crate::x86_64::avx512vnni::add::add_u8_avx512(
                 acc,
                 (qa.scale, qa.zero_point),
                 other,
@@ -171,7 +171,7 @@ pub(crate) unsafe fn add_assign_block(
     } else if vector_rows > 0 && isa.capped_to_supported() == qtensor::isa::Isa::Avx2 {
         // SAFETY: the tier is supported by this CPU, so AVX2 and FMA are; as above.
         unsafe {
-            crate::x86::avx2::add_u8_avx2(
+            crate::x86_64::avx2::add::add_u8_avx2(
                 acc,
                 (qa.scale, qa.zero_point),
                 other,
@@ -189,7 +189,7 @@ pub(crate) unsafe fn add_assign_block(
         // SAFETY: NEON is on every aarch64 CPU; the rows are the caller's block; `acc` is read
         // and written through one pointer.
         unsafe {
-            crate::aarch64::add_u8_neon(
+            crate::aarch64::add::add_u8_neon(
                 acc,
                 (qa.scale, qa.zero_point),
                 other,
@@ -253,7 +253,7 @@ unsafe fn add_raw(
         // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the caller's
         // bounds and aliasing cover the first whole <= n elements.
         unsafe {
-            crate::x86::add_u8_avx512(
+            crate::x86_64::avx512vnni::add::add_u8_avx512(
                 a,
                 (qa.scale, qa.zero_point),
                 b,
@@ -269,7 +269,7 @@ unsafe fn add_raw(
         let whole = vec_n - vec_n % 32;
         // SAFETY: the tier is supported by this CPU, so AVX2 and FMA are; as above.
         unsafe {
-            crate::x86::avx2::add_u8_avx2(
+            crate::x86_64::avx2::add::add_u8_avx2(
                 a,
                 (qa.scale, qa.zero_point),
                 b,
@@ -288,7 +288,7 @@ unsafe fn add_raw(
         // SAFETY: NEON is on every aarch64 CPU; the caller's bounds and aliasing cover the
         // first whole <= n elements.
         unsafe {
-            crate::aarch64::add_u8_neon(
+            crate::aarch64::add::add_u8_neon(
                 a,
                 (qa.scale, qa.zero_point),
                 b,
@@ -576,12 +576,12 @@ impl Lut {
         #[cfg(target_arch = "x86_64")]
         if qtensor::isa::selected().includes(qtensor::isa::Isa::Avx512Vnni) && is_x86_feature_detected!("avx512vbmi") {
             // SAFETY: AVX-512 F/BW and VBMI were detected just above.
-            done = unsafe { crate::x86::lut_avx512vbmi(&self.table, x, out) };
+            done = unsafe { crate::x86_64::avx512vnni::lut::lut_avx512vbmi(&self.table, x, out) };
         }
         #[cfg(target_arch = "aarch64")]
         if qtensor::isa::selected().includes(qtensor::isa::Isa::Neon) {
             // SAFETY: NEON is on every aarch64 CPU.
-            done = unsafe { crate::aarch64::lut_neon(&self.table, x, out) };
+            done = unsafe { crate::aarch64::lut::lut_neon(&self.table, x, out) };
         }
         for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
             *o = self.table[*v as usize];

@@ -1,0 +1,375 @@
+//! The AVX2 GEMM micro-kernels: the exact one (`vpmaddwd` on i16 pairs) and the
+//! `vpmaddubsw` one, raw tiles and whole blocks requantized on registers.
+
+use std::arch::x86_64::*;
+use std::ptr;
+
+use crate::frame::gemm::{QMatrix, Tile, REQUANT_LIMIT};
+use crate::frame::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
+use crate::x86_64::FusedOut;
+
+/// Runs `$kernel::<MR, NV>$args` for the runtime `($mr, $nv)` and hands its accumulators
+/// to `$then` (a closure body over `acc`), each tile shape its own monomorphized kernel.
+macro_rules! dispatch_avx2 {
+    ($kernel:ident, $mr:expr, $nv:expr, $args:tt, |$acc:ident| $then:expr; $( ($m:literal, $v:literal) ),* ) => {
+        match ($mr, $nv) {
+            $( ($m, $v) => { let $acc = $kernel::<$m, $v> $args; $then } )*
+            _ => unreachable!("tile {}x{} outside the kernel table", $mr, $nv),
+        }
+    };
+}
+
+/// Stores an AVX2 tile's accumulators into a strip of raw sums.
+///
+/// # Safety
+/// The CPU supports AVX; `NV <= 8` (a row's 64 entries hold 8 vectors); `MR <= 6`.
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn store_strip<const MR: usize, const NV: usize>(acc: &[[__m256i; NV]; MR], strip: &mut Tile) {
+    for r in 0..MR {
+        for v in 0..NV {
+            // SAFETY: an unaligned 32-byte store at entries 8v..8v + 8 of row r, inside its 64
+            // entries (NV <= 8); AVX is available (precondition).
+            unsafe { _mm256_storeu_si256(strip[r].as_mut_ptr().add(v * AVX2_LANES).cast(), acc[r][v]) };
+        }
+    }
+}
+
+/// Requantizes an AVX2 tile's accumulators (rows `i0..i0 + MR`, columns `j..j + lanes` of
+/// the fused output, `lanes <= 8 * NV`) on registers and stores the bytes: the arithmetic of
+/// [`epilogue_u8_avx2`] (hence of `requantize_scalar`), lane for lane.
+///
+/// # Safety
+/// AVX2 and FMA available; the plan covers columns `j..j + lanes`; rows `i0..i0 + MR` and
+/// those columns lie inside the output (and the row sums, when the weights have zero points).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn requantize_tile_avx2<const MR: usize, const NV: usize>(
+    f: &FusedOut<'_>,
+    acc: &[[__m256i; NV]; MR],
+    i0: usize,
+    j: usize,
+    lanes: usize,
+) {
+    let plan = f.plan;
+    let (vzo, vlo, vhi) = (_mm256_set1_epi32(plan.zo), _mm256_set1_epi32(plan.lo), _mm256_set1_epi32(plan.hi));
+    let (lim, nlim) = (_mm256_set1_ps(REQUANT_LIMIT), _mm256_set1_ps(-REQUANT_LIMIT));
+    // Byte 0 of each i32 lane, gathered into the low 4 bytes of each 128-bit half.
+    let gather = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1,
+    );
+    for v in 0..NV {
+        let jv = j + v * AVX2_LANES;
+        let n = lanes.saturating_sub(v * AVX2_LANES).min(AVX2_LANES);
+        if n == 0 {
+            break;
+        }
+        // Lanes past the last column load zeros (masked), so no read leaves the plan.
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        // SAFETY: masked loads touch only the plan's columns jv..jv + n.
+        let (colterm, bias, bscale, mult, zw) = unsafe {
+            (
+                _mm256_maskload_epi32(plan.colterm.as_ptr().add(jv), mask),
+                _mm256_maskload_ps(plan.bias_term.as_ptr().add(jv), mask),
+                _mm256_maskload_ps(plan.bias_scale.as_ptr().add(jv), mask),
+                _mm256_maskload_ps(plan.mult.as_ptr().add(jv), mask),
+                if plan.has_zw {
+                    _mm256_maskload_epi32(plan.zw.as_ptr().add(jv), mask)
+                } else {
+                    _mm256_setzero_si256()
+                },
+            )
+        };
+        for r in 0..MR {
+            let i = i0 + r;
+            let mut raw = _mm256_sub_epi32(acc[r][v], colterm);
+            if plan.has_zw {
+                raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
+            }
+            let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
+            let x = _mm256_min_ps(_mm256_max_ps(x, nlim), lim);
+            let q = _mm256_add_epi32(_mm256_cvtps_epi32(x), vzo);
+            let q = _mm256_min_epi32(_mm256_max_epi32(q, vlo), vhi);
+            let bytes = _mm256_shuffle_epi8(q, gather);
+            let lo = _mm256_cvtsi256_si32(bytes) as u32 as u64;
+            let hi = _mm256_extract_epi32::<4>(bytes) as u32 as u64;
+            let bytes = lo | (hi << 32);
+            let dst = f.out.wrapping_add(i * f.ldc + jv);
+            if n == AVX2_LANES {
+                // SAFETY: row i, columns jv..jv + 8 of the output (precondition).
+                unsafe { ptr::write_unaligned(dst.cast::<u64>(), bytes) };
+            } else {
+                for (l, b) in bytes.to_le_bytes().into_iter().take(n).enumerate() {
+                    // SAFETY: row i, column jv + l < jv + n of the output (precondition).
+                    unsafe { *dst.add(l) = b };
+                }
+            }
+        }
+    }
+}
+
+/// A whole block of `u8` output from dense rows on AVX2, requantized on registers (no raw
+/// tile in memory): strips of 16 columns, tiles of 4 rows on the `vpmaddubsw` kernel when
+/// `pairs` is given and every code of the tile's rows is within its bound, else of 3 rows on
+/// the exact kernel. Both give the same sums, so the bytes are the scalar path's.
+///
+/// # Safety
+/// AVX2 and FMA available; `exact` (and `pairs`) are the AVX2 packings of weights with this
+/// `k`; rows `f.r0..f.r0 + m` exist in `a`; as [`vnni_dense_rows`] for `f` (`f.j0` a
+/// multiple of 8).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn avx2_fused_rows(
+    f: &FusedOut<'_>,
+    a: &QMatrix<'_>,
+    m: usize,
+    exact: &[i16],
+    pairs: Option<(&[i8], u8)>,
+    k: usize,
+) {
+    // Which rows the pair kernel may take: one pass over the block's rows, shared by every
+    // strip of columns.
+    assert!(m <= crate::frame::gemm::MC, "avx2_fused_rows: {m} rows exceed a block of {}", crate::frame::gemm::MC);
+    let mut within = [false; crate::frame::gemm::MC];
+    if let Some((_, max)) = pairs {
+        for (r, ok) in within[..m].iter_mut().enumerate() {
+            let i = f.r0 + r;
+            *ok = max == u8::MAX || crate::frame::gemm::max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= max;
+        }
+    }
+    let mut c0 = 0;
+    while c0 < f.ncols {
+        let nv = (f.ncols - c0).div_ceil(AVX2_LANES).min(2);
+        let lanes = (f.ncols - c0).min(2 * AVX2_LANES);
+        let (j, panel) = (f.j0 + c0, (f.j0 + c0) / AVX2_LANES);
+        let mut r = 0;
+        while r < m {
+            let i = f.r0 + r;
+            let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(4)].iter().all(|&ok| ok));
+            let ap = a.data[i * a.lda..].as_ptr();
+            match tile_pairs {
+                Some((p, _)) => {
+                    let mr = (m - r).min(4);
+                    let bp = p[panel * pairs_panel_len(k)..].as_ptr();
+                    // SAFETY: the tile's rows and columns exist (preconditions); its codes were
+                    // just checked against the pair packing's bound; the table covers mr <= 4,
+                    // nv <= 2.
+                    unsafe {
+                        dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                            (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                    }
+                    r += mr;
+                }
+                None => {
+                    let mr = (m - r).min(3);
+                    let bp = exact[panel * avx2_panel_len(k)..].as_ptr();
+                    // SAFETY: as above, on the exact kernel (mr <= 3, nv <= 2).
+                    unsafe {
+                        dispatch_avx2!(avx2_kernel, mr, nv, (ap, a.lda, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                            (1,1),(1,2),(2,1),(2,2),(3,1),(3,2))
+                    }
+                    r += mr;
+                }
+            }
+        }
+        c0 += nv * AVX2_LANES;
+    }
+}
+
+/// MR rows x NV vectors of 8 columns with `vpmaddwd` on i16 pairs: exact (each pair sum is at
+/// most 2 * 255 * 128, far inside i32).
+///
+/// K goes four at a time: one broadcast of a row's four bytes; masking keeps bytes 0 and 2
+/// of each 32-bit lane as an i16 pair, a 16-bit shift right gives bytes 1 and 3, and each
+/// meets its half of the quad's weights (`pack_avx2`). A last partial quad is read byte by
+/// byte. A 3 x 2 tile keeps its 6 accumulators, the quad's 4 weight vectors, the row's
+/// operands and the products in the 16 registers (a fourth row would spill).
+///
+/// # Safety
+/// AVX2 available; as for [`vnni_kernel`] with the AVX2 packing; MR <= 3 and NV <= 2.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i16,
+) -> [[__m256i; NV]; MR] {
+    /// One quad of K for every row: `quad(r)` is row r's four bytes as a little-endian i32.
+    ///
+    /// # Safety
+    /// AVX2 available; `wq` points at a quad's weights in panel 0, panels `panel` apart.
+    #[inline(always)]
+    unsafe fn step<const MR: usize, const NV: usize>(
+        acc: &mut [[__m256i; NV]; MR],
+        wq: *const i16,
+        panel: usize,
+        quad: impl Fn(usize) -> i32,
+    ) {
+        // SAFETY: AVX2 (precondition); panel v holds the quad's 2 x 8 x 2 i16.
+        unsafe {
+            let even = _mm256_set1_epi32(0x00ff_00ff);
+            let mut we = [_mm256_setzero_si256(); NV];
+            let mut wo = [_mm256_setzero_si256(); NV];
+            for v in 0..NV {
+                we[v] = _mm256_loadu_si256(wq.add(v * panel).cast());
+                wo[v] = _mm256_loadu_si256(wq.add(v * panel + 2 * AVX2_LANES).cast());
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let bc = _mm256_set1_epi32(quad(r));
+                let (ev, od) = (_mm256_and_si256(bc, even), _mm256_srli_epi16::<8>(bc));
+                for v in 0..NV {
+                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(ev, we[v]));
+                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(od, wo[v]));
+                }
+            }
+        }
+    }
+    let panel = avx2_panel_len(k);
+    let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+    let whole = k / 4;
+    for g in 0..whole {
+        // SAFETY: AVX2 (this function's feature); bytes 4g..4g + 4 <= k of each row exist.
+        unsafe {
+            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
+                ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
+            })
+        };
+    }
+    if !k.is_multiple_of(4) {
+        let g = whole;
+        // SAFETY: as above; only the rows' last k - 4g < 4 bytes are read.
+        unsafe {
+            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
+                let mut q = [0u8; 4];
+                ptr::copy_nonoverlapping(a.add(r * lda + 4 * g), q.as_mut_ptr(), k - 4 * g);
+                i32::from_le_bytes(q)
+            })
+        };
+    }
+    acc
+}
+
+/// MR rows x NV vectors of 8 columns with `vpmaddubsw`: each 16-bit lane sums two
+/// products, `vpmaddwd` by ones adds neighbouring lanes into i32. Exact only while no pair
+/// sum leaves i16, which the caller guarantees (`Avx2Pairs::max_input` bounds the rows).
+/// Three instructions per 32 products against the exact kernel's five.
+///
+/// # Safety
+/// AVX2 available; `b` is `pack_pairs` of weights with this `k`, panels `pairs_panel_len(k)`
+/// apart; rows as for [`avx2_kernel`], their codes at most the packing's `max_input`;
+/// MR <= 4 and NV <= 2.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i8,
+) -> [[__m256i; NV]; MR] {
+    /// One quad of K for every row: `quad(r)` is row r's four bytes as a little-endian i32.
+    ///
+    /// # Safety
+    /// AVX2 available; `wq` points at a quad's weights in panel 0, panels `panel` apart.
+    #[inline(always)]
+    unsafe fn step<const MR: usize, const NV: usize>(
+        acc: &mut [[__m256i; NV]; MR],
+        wq: *const i8,
+        panel: usize,
+        quad: impl Fn(usize) -> i32,
+    ) {
+        // SAFETY: AVX2 (precondition); panel v holds the quad's 8 x 4 bytes.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut w = [_mm256_setzero_si256(); NV];
+            for (v, wv) in w.iter_mut().enumerate() {
+                *wv = _mm256_loadu_si256(wq.add(v * panel).cast());
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let bc = _mm256_set1_epi32(quad(r));
+                for v in 0..NV {
+                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(_mm256_maddubs_epi16(bc, w[v]), ones));
+                }
+            }
+        }
+    }
+    let panel = pairs_panel_len(k);
+    let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+    let whole = k / 4;
+    for g in 0..whole {
+        // SAFETY: AVX2 (this function's feature); bytes 4g..4g + 4 <= k of each row exist.
+        unsafe {
+            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
+                ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
+            })
+        };
+    }
+    if !k.is_multiple_of(4) {
+        let g = whole;
+        // SAFETY: as above; only the rows' last k - 4g < 4 bytes are read.
+        unsafe {
+            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
+                let mut q = [0u8; 4];
+                ptr::copy_nonoverlapping(a.add(r * lda + 4 * g), q.as_mut_ptr(), k - 4 * g);
+                i32::from_le_bytes(q)
+            })
+        };
+    }
+    acc
+}
+
+/// The AVX2 weights a tile reads: the exact i16 layout, or the `vpmaddubsw` one.
+#[derive(Clone, Copy)]
+pub(crate) enum Avx2Weights<'a> {
+    Exact(&'a [i16]),
+    Pairs(&'a [i8]),
+}
+
+/// AVX2 counterpart of [`vnni_tile`]; `ncols <= 64` is processed in strips of 16 columns.
+///
+/// # Safety
+/// The CPU supports AVX2; `w` is an AVX2 packing of weights with this `k` (for `Pairs`, every
+/// code of the rows is at most its `max_input`); the rows exist; `ncols` columns exist from
+/// panel `panel0`; `mr` at most 3 (`Exact`) or 4 (`Pairs`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn avx2_tile(
+    a: &QMatrix<'_>,
+    r0: usize,
+    mr: usize,
+    w: Avx2Weights<'_>,
+    k: usize,
+    panel0: usize,
+    ncols: usize,
+    tile: &mut Tile,
+) {
+    let ap = a.data[r0 * a.lda..].as_ptr();
+    let mut c0 = 0;
+    while c0 < ncols {
+        let nv = (ncols - c0).div_ceil(AVX2_LANES).min(2);
+        let panel = panel0 + c0 / AVX2_LANES;
+        let mut strip: Tile = [[0; 64]; 6];
+        match w {
+            Avx2Weights::Exact(p) => {
+                let bp = p[panel * avx2_panel_len(k)..].as_ptr();
+                // SAFETY: forwarded preconditions; the table covers mr <= 3, nv <= 2.
+                unsafe {
+                    dispatch_avx2!(avx2_kernel, mr, nv, (ap, a.lda, k, bp), |acc| store_strip(&acc, &mut strip);
+                        (1,1),(1,2),(2,1),(2,2),(3,1),(3,2))
+                }
+            }
+            Avx2Weights::Pairs(p) => {
+                let bp = p[panel * pairs_panel_len(k)..].as_ptr();
+                // SAFETY: forwarded preconditions; the table covers mr <= 4, nv <= 2.
+                unsafe {
+                    dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| store_strip(&acc, &mut strip);
+                        (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                }
+            }
+        }
+        for r in 0..mr {
+            let w = (nv * AVX2_LANES).min(64 - c0);
+            tile[r][c0..c0 + w].copy_from_slice(&strip[r][..w]);
+        }
+        c0 += nv * AVX2_LANES;
+    }
+}
