@@ -52,7 +52,8 @@
 //!
 //! ## Instruction sets and threads
 //! Weights are packed for the tier [`qtensor::isa::selected`] picks (AVX-512 VNNI, AVX2;
-//! on aarch64 i8mm, dotprod, NEON; or scalar; `QUANT_FORCE_ISA` caps it); every kernel has a scalar twin and the test suite
+//! on aarch64 i8mm, dotprod, NEON; or scalar; `QUANT_FORCE_ISA` caps it; [`registry::tiers`]
+//! lists them), and run by the kernels of that tier's table; every kernel has a scalar twin and the test suite
 //! compares them bit for bit on random shapes. `threads` arguments split the work over a
 //! cached rayon pool of that size; results are bit-identical for every thread count.
 //!
@@ -65,10 +66,6 @@
 //! - [`PackedLinear`], [`PackedConv2d`] with [`Conv2dGeometry`].
 //! - [`peak`]: this machine's measured int8 and f32 ceilings.
 
-// The x86-64 kernels are the only SIMD tiers so far: on other architectures their dispatch
-// arms are compiled out, which leaves imports, variables and helpers that only those arms
-// use. x86-64 builds lint all of it.
-#![cfg_attr(not(target_arch = "x86_64"), allow(unused_imports, unused_mut, unused_variables, dead_code))]
 // Kernels index several parallel arrays (rows x vectors) by the same counters; iterator
 // chains would hide the tile structure the loops spell out.
 #![allow(clippy::needless_range_loop)]
@@ -76,8 +73,9 @@
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod frame;
-mod multiversion;
+mod generic;
 pub mod peak;
+pub mod registry;
 mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;

@@ -2,8 +2,6 @@
 //! (int8) and of independent FMAs (f32), so benchmarks can report percent of peak measured
 //! on the machine they run on, not taken from a data sheet.
 
-use std::time::Instant;
-
 /// Measured ceiling of one core, in GMAC/s (best of a few short runs).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Peak {
@@ -30,8 +28,8 @@ pub fn measure() -> Option<Peak> {
 
 #[cfg(target_arch = "x86_64")]
 mod probe {
-    use super::Instant;
     use std::arch::x86_64::*;
+    use std::time::Instant;
 
     const ITERS: usize = 200_000;
     const ACCS: usize = 16;

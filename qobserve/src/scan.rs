@@ -3,7 +3,7 @@
 //! it, and compiled three times (baseline, AVX2, AVX-512) behind a run-time dispatch: the
 //! same Rust code, so the results cannot differ between the versions.
 
-use qtensor::isa::{self, Isa};
+use qtensor::isa;
 
 /// Min and max over the finite values (`+inf` / `-inf` when there are none), and how many
 /// values were NaN or infinite.
@@ -58,35 +58,16 @@ fn scan_generic(xs: &[f32]) -> Scan {
     s
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn scan_avx2(xs: &[f32]) -> Scan {
-    scan_generic(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn scan_avx512(xs: &[f32]) -> Scan {
-    scan_generic(xs)
-}
-
 /// [`Scan`] of `xs` with the selected instruction set.
 pub(crate) fn scan(xs: &[f32]) -> Scan {
     scan_with(isa::selected(), xs)
 }
 
-/// [`scan`] with an explicit instruction set (for the conformance tests).
-pub(crate) fn scan_with(isa: Isa, xs: &[f32]) -> Scan {
-    #[cfg(target_arch = "x86_64")]
-    match isa.capped_to_supported() {
-        // SAFETY: the tier was capped to what this CPU supports; AVX-512 VNNI implies F.
-        Isa::Avx512Vnni => return unsafe { scan_avx512(xs) },
-        // SAFETY: as above.
-        Isa::Avx2 => return unsafe { scan_avx2(xs) },
-        _ => {}
+qtensor::multiversion! {
+    /// [`scan`] with an explicit instruction set (for the conformance tests).
+    pub(crate) fn scan_with(xs: &[f32]) -> Scan {
+        scan_generic(xs)
     }
-    let _ = isa;
-    scan_generic(xs)
 }
 
 /// Per-channel scans of a row-major tensor of `shape` along `axis`.

@@ -97,6 +97,7 @@ mod dtype;
 mod error;
 pub mod isa;
 pub mod kernels;
+mod multiversion;
 mod params;
 mod tensor;
 

@@ -4,7 +4,7 @@ use std::arch::aarch64::*;
 
 use crate::frame::gemm::{Plan, REQUANT_LIMIT};
 
-/// The NEON twin of the scalar epilogue of `gemm::requantize_row_u8`: raw sums `acc` of
+/// The NEON twin of the scalar epilogue of `generic::epilogue::requantize_row`: raw sums `acc` of
 /// columns `j0..j0 + acc.len()` (one row) to bytes, 8 columns per step, in the scalar
 /// path's operations and order (`fma(bias_x, bias_y, raw) * mult`, clamped to the plan's
 /// limit, rounded half to even, plus the zero point, clamped). Returns how many leading

@@ -24,7 +24,7 @@ use std::arch::asm;
 
 use crate::frame::gemm::QMatrix;
 use crate::frame::gemm::Tile;
-use crate::frame::pack::{mmla_panel_len, neon_panel_len, vnni_panel_len, Packed, ARM_LANES};
+use crate::frame::pack::{vnni_panel_len, Packed};
 
 /// `acc += Σ_{b<4} w[4l + b] * a[4L + b]` per i32 lane `l` (i8 x i8): `sdot` by element `L`.
 #[target_feature(enable = "neon,dotprod")]
@@ -297,4 +297,46 @@ unsafe fn mmla_strip(rows: &[*const u8; 6], k: usize, w: *const i8, out: &mut [[
             }
         }
     }
+}
+
+/// Output channels per aarch64 panel (four q registers of i32 lanes).
+pub(crate) const ARM_LANES: usize = 16;
+
+pub(crate) fn neon_panel_len(k: usize) -> usize {
+    k * ARM_LANES
+}
+
+/// Panels of 16 columns; within a panel, per k, the 16 columns' weights (0 past N), as the
+/// `smlal` strip reads them.
+pub(crate) fn pack_neon(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+    let panels = n.div_ceil(ARM_LANES);
+    let mut out = vec![0i8; panels * neon_panel_len(k)];
+    for j in 0..n {
+        let (p, lane) = (j / ARM_LANES, j % ARM_LANES);
+        for kk in 0..k {
+            out[p * neon_panel_len(k) + kk * ARM_LANES + lane] = raw[j * k + kk];
+        }
+    }
+    out
+}
+
+pub(crate) fn mmla_panel_len(k: usize) -> usize {
+    k.div_ceil(8) * 8 * ARM_LANES
+}
+
+/// Panels of 16 columns; within a panel, per group of 8 k, 8 column pairs of 16 bytes: the
+/// even column's 8 weights, then the odd one's (0 past K or N), as `usmmla` reads its second
+/// operand (two rows of 8 bytes).
+pub(crate) fn pack_mmla(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+    let panels = n.div_ceil(ARM_LANES);
+    let mut out = vec![0i8; panels * mmla_panel_len(k)];
+    for j in 0..n {
+        let (p, lane) = (j / ARM_LANES, j % ARM_LANES);
+        let (pair, odd) = (lane / 2, lane % 2);
+        for kk in 0..k {
+            let (g, byte) = (kk / 8, kk % 8);
+            out[p * mmla_panel_len(k) + g * 8 * ARM_LANES + pair * 16 + odd * 8 + byte] = raw[j * k + kk];
+        }
+    }
+    out
 }

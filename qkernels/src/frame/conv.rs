@@ -9,10 +9,8 @@ use rayon::prelude::*;
 use qtensor::isa::Isa;
 use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
 
-use crate::frame::gemm::{
-    gemm_planned, requantize_row_u8, requantize_scalar, BlockAdd, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey,
-    QMatrix,
-};
+use crate::frame::gemm::{gemm_planned, BlockAdd, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey, QMatrix};
+use crate::frame::kernels::{DwPacked, DwWeights, Kernels};
 use crate::frame::ops::{vector_prefix, QuantU8, ResidualAdd};
 use crate::frame::pack::PackedWeights;
 
@@ -79,15 +77,13 @@ enum ConvKind {
     /// quads. When `tail` is 0 and `seg > kw * c`, the segment is padded with zero weights
     /// and the kernel also reads the bytes that follow it.
     Implicit { w: PackedWeights, seg: usize, tail: usize },
-    /// `taps` is `[c, kh * kw]` (scalar layout); `vnni` the interleaved layout of the
-    /// AVX-512 kernel when the weights are symmetric and the CPU has VNNI; `avx2` the
-    /// tap-pair layout of the AVX2 kernel when they are symmetric and the tier is AVX2.
+    /// `taps` is `[c, kh * kw]` (scalar layout); `packed` the layout of the pixel kernel of
+    /// `kernels`: the layer's tier's, or the generic tier's when that one does not take these
+    /// weights (asymmetric weights on AVX2 and AVX-512 VNNI).
     Depthwise {
         taps: PackedWeights,
-        vnni: Option<Vec<i8>>,
-        avx2: Option<Vec<i16>>,
-        /// The NEON layout (`aarch64::pack_depthwise_neon`), any zero points.
-        neon: Option<Vec<i16>>,
+        kernels: &'static Kernels,
+        packed: DwPacked,
         /// The row-interleaved layout (`pack_depthwise_rows`), for stride 1 along the width
         /// and kernels up to 5 x 4.
         rows: Option<Box<DwKernel<RowConsts>>>,
@@ -100,6 +96,7 @@ enum ConvKind {
 /// Epilogue constants of the flat depthwise kernel, by channel class: lane `i` of class `cl`
 /// is channel `(cl * gcd(c, 64) + i) % c`.
 #[derive(Clone, Debug)]
+// Read by the AVX-512 VNNI row kernels only.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct FlatConsts {
     pub colterm: Vec<i32>,
@@ -117,6 +114,7 @@ pub(crate) struct FlatConsts {
 /// (as [`FlatConsts`]) and in the kernel's lane order: entry `64cl + 16q + 4l + d` is for
 /// output byte `16l + 4q + d` of a chunk of class `cl`. `neg_colterm` starts the accumulators.
 #[derive(Clone, Debug)]
+// Read by the AVX-512 VNNI row kernels only.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct RowConsts {
     pub neg_colterm: Vec<i32>,
@@ -192,24 +190,26 @@ impl PackedConv2d {
                 weights.range(),
             )?;
             let taps = PackedWeights::with_isa(Isa::Scalar, &taps)?;
-            let vnni = (isa.includes(Isa::Avx512Vnni) && taps.is_symmetric()).then(|| pack_depthwise_vnni(&taps));
-            let avx2 = (isa == Isa::Avx2 && taps.is_symmetric()).then(|| pack_depthwise_avx2(&taps));
-            #[cfg(target_arch = "aarch64")]
-            let neon = isa
-                .includes(Isa::Neon)
-                .then(|| crate::aarch64::depthwise::pack_depthwise_neon(&taps.raw, &taps.zero_points, oc, kh * kw));
-            #[cfg(not(target_arch = "aarch64"))]
-            let neon = None;
-            let unit_w = vnni.is_some() && geom.stride[1] == 1;
+            let tier = crate::registry::kernels(isa);
+            let (kernels, packed) = match (tier.depthwise.pack)(&taps) {
+                Some(p) => (tier, p),
+                None => {
+                    let generic = crate::registry::kernels(Isa::Scalar);
+                    (generic, (generic.depthwise.pack)(&taps).expect("the generic depthwise kernel takes any weights"))
+                }
+            };
+            // The row kernels come with their tier's pixel kernel, which took the weights.
+            let dw = &kernels.depthwise;
+            let unit_w = dw.rows.is_some() && geom.stride[1] == 1;
             let rows = (unit_w && kw <= 4 && kh <= 5 && kh * geom.dilation[0] <= 32)
                 .then(|| DwKernel::new(pack_depthwise_rows(&taps, kh, kw)));
             // Stride 2 along the width runs the flat kernel over rows split into even and odd
             // pixels (`pad_image` with phases). The flat kernel keeps 16 row pointers and a table
             // of 64 taps; larger kernels go through the per-pixel one.
-            let half_w = vnni.is_some() && geom.stride[1] == 2 && geom.dilation[1] == 1;
-            let flat = ((unit_w || half_w) && rows.is_none() && kh <= 16 && kh * kw <= 64)
+            let half_w = dw.flat_row.is_some() && geom.stride[1] == 2 && geom.dilation[1] == 1;
+            let flat = (dw.flat_row.is_some() && (unit_w || half_w) && rows.is_none() && kh <= 16 && kh * kw <= 64)
                 .then(|| DwKernel::new(pack_depthwise_flat(&taps)));
-            ConvKind::Depthwise { taps, vnni, avx2, neon, rows, flat }
+            ConvKind::Depthwise { taps, kernels, packed, rows, flat }
         } else if let Some(kind) = Self::implicit_kind(isa, weights, geom)? {
             kind
         } else {
@@ -258,7 +258,12 @@ impl PackedConv2d {
             QParams::PerTensor { zero_point, .. } => *zero_point == 0,
             QParams::PerChannel(pc) => pc.zero_points().iter().all(|&z| z == 0),
         };
-        if geom.groups != 1 || pointwise || !symmetric || !isa.includes(Isa::Avx512Vnni) || geom.dilation[1] != 1 {
+        if geom.groups != 1
+            || pointwise
+            || !symmetric
+            || !crate::registry::kernels(isa).gemm.implicit_conv
+            || geom.dilation[1] != 1
+        {
             return Ok(None);
         }
         let row = kw * ic;
@@ -314,13 +319,10 @@ impl PackedConv2d {
                 }
             }
             ConvKind::Implicit { w, .. } => format!("implicit im2col GEMM, {}", w.kernel()),
-            ConvKind::Depthwise { neon: Some(_), .. } => "depthwise, neon: per pixel, smlal".into(),
-            ConvKind::Depthwise { vnni, avx2, rows, flat, .. } => match (vnni, avx2, rows, flat) {
-                (_, _, Some(_), _) => "depthwise, avx512vnni: row-interleaved".into(),
-                (_, _, None, Some(_)) => "depthwise, avx512vnni: flat rows".into(),
-                (Some(_), _, _, _) => "depthwise, avx512vnni: per pixel".into(),
-                (None, Some(_), _, _) => "depthwise, avx2: per pixel, exact vpmaddwd".into(),
-                _ => "depthwise, scalar".into(),
+            ConvKind::Depthwise { kernels, rows, flat, .. } => match (rows, flat) {
+                (Some(_), _) => format!("depthwise, {}: row-interleaved", kernels.isa.name()),
+                (None, Some(_)) => format!("depthwise, {}: flat rows", kernels.isa.name()),
+                _ => format!("depthwise, {}", kernels.depthwise.name),
             },
         }
     }
@@ -464,50 +466,45 @@ impl PackedConv2d {
                     self.forward_gemm(groups, plans, x, quant, out, (oh, ow), threads, &block_add)
                 })
             }
-            #[cfg(target_arch = "x86_64")]
             ConvKind::Implicit { w, seg, tail } => {
                 self.forward_implicit(w, *seg, *tail, x, quant, out, oh, ow, threads, block_add(0));
                 Ok(())
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            ConvKind::Implicit { .. } => unreachable!("implicit im2col is packed only on x86-64 with VNNI"),
-            ConvKind::Depthwise { taps, vnni, avx2, neon, rows, flat } => {
+            ConvKind::Depthwise { taps, kernels, packed, rows, flat } => {
                 let key = PlanKey::new(x.scale, x.zero_point, Some(quant));
                 let build = || vec![Plan::new(x.scale, x.zero_point, taps, self.bias.as_deref(), Some(quant), true)];
                 self.plans.with(key, build, |plans| {
                     let plan = &plans[0];
                     match (rows, flat) {
-                        #[cfg(target_arch = "x86_64")]
                         (Some(k), _) => k.consts.with(
                             key,
                             || row_consts(plan, self.oc),
                             |consts| {
                                 crate::threads::run_with(threads, || {
-                                    self.forward_depthwise_rows(&k.weights, consts, x, out, oh, ow, threads)
+                                    self.forward_depthwise_rows(kernels, &k.weights, consts, x, out, oh, ow, threads)
                                 })
                             },
                         ),
-                        #[cfg(target_arch = "x86_64")]
                         (None, Some(k)) => k.consts.with(
                             key,
                             || flat_consts(plan, self.oc),
                             |consts| {
                                 crate::threads::run_with(threads, || {
-                                    self.forward_depthwise_flat(&k.weights, consts, x, out, oh, ow, threads > 1)
+                                    self.forward_depthwise_flat(
+                                        kernels,
+                                        &k.weights,
+                                        consts,
+                                        x,
+                                        out,
+                                        oh,
+                                        ow,
+                                        threads > 1,
+                                    )
                                 })
                             },
                         ),
                         _ => crate::threads::run_with(threads, || {
-                            self.forward_depthwise(
-                                taps,
-                                DwLayouts { vnni: vnni.as_deref(), avx2: avx2.as_deref(), neon: neon.as_deref() },
-                                plan,
-                                x,
-                                out,
-                                oh,
-                                ow,
-                                threads > 1,
-                            )
+                            self.forward_depthwise(taps, kernels, packed, plan, x, out, oh, ow, threads > 1)
                         }),
                     }
                 });
@@ -662,7 +659,8 @@ impl PackedConv2d {
     fn forward_depthwise(
         &self,
         taps: &PackedWeights,
-        DwLayouts { vnni, avx2, neon }: DwLayouts<'_>,
+        kernels: &Kernels,
+        packed: &DwPacked,
         plan: &Plan,
         x: &QImage<'_>,
         out: &mut [u8],
@@ -670,10 +668,9 @@ impl PackedConv2d {
         ow: usize,
         parallel: bool,
     ) {
-        // Only the layouts of this architecture's kernels are read.
-        #[cfg(not(target_arch = "aarch64"))]
-        let _ = neon;
         let c = x.c;
+        let dw = &kernels.depthwise;
+        let w = DwWeights { taps, packed, plan, za: x.zero_point };
         let t = self.kh * self.kw;
         let zp_row = vec![x.zero_point as u8; c.next_multiple_of(64)];
         let g = &self.geom;
@@ -684,7 +681,8 @@ impl PackedConv2d {
             f
         }
         // Each tap's offset from a pixel's first tap, and the output columns whose taps all
-        // lie inside the image horizontally (the AVX2 kernel reads those through offsets).
+        // lie inside the image horizontally (a tier's `pixel_inside` reads those through
+        // offsets).
         let offsets: Vec<usize> = (0..self.kh)
             .flat_map(|ky| (0..self.kw).map(move |kx| (ky * g.dilation[0] * x.w + kx * g.dilation[1]) * c))
             .collect();
@@ -695,17 +693,14 @@ impl PackedConv2d {
             let img = &x.data[b * x.h * x.w * c..(b + 1) * x.h * x.w * c];
             let row_inside = inside(oy, g.stride[0], g.padding[0], g.dilation[0], self.kh, x.h);
             for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
-                #[cfg(target_arch = "x86_64")]
-                if let (Some(packed), true) =
-                    (avx2, row_inside && inside(ox, g.stride[1], g.padding[1], g.dilation[1], self.kw, x.w))
+                if let (Some(pixel_inside), true) =
+                    (dw.pixel_inside, row_inside && inside(ox, g.stride[1], g.padding[1], g.dilation[1], self.kw, x.w))
                 {
                     let first = ((oy * g.stride[0] - g.padding[0]) * x.w + ox * g.stride[1] - g.padding[1]) * c;
-                    let taps =
-                        crate::x86_64::avx2::depthwise::TapOffsets { base: img[first..].as_ptr(), offsets: &offsets };
-                    // SAFETY: as for the slices below (the AVX2 tier, its packing and plan); every
-                    // tap of this pixel lies inside the image, so its `c` bytes at `first + offset`
-                    // are readable in `img`.
-                    unsafe { crate::x86_64::avx2::depthwise::depthwise_avx2_pixel_u8(&taps, c, packed, plan, px) };
+                    // SAFETY: `packed` came from `kernels`' packing for these taps; every tap of
+                    // this pixel lies inside the image, so its `c` bytes at `first + offset`
+                    // are readable in `img`; `px` holds `c` bytes.
+                    unsafe { pixel_inside(img[first..].as_ptr(), &offsets, c, &w, px) };
                     continue;
                 }
                 ptrs.clear();
@@ -721,36 +716,9 @@ impl PackedConv2d {
                         }
                     }
                 }
-                match (vnni, avx2) {
-                    #[cfg(target_arch = "x86_64")]
-                    (Some(packed), _) => {
-                        // SAFETY: `vnni` is Some only when packing found AVX-512 VNNI on this
-                        // CPU; every tap slice holds `c` readable bytes; `acc` holds c rounded
-                        // up to 64; `packed` is this layer's interleaved layout for (c, t).
-                        unsafe { crate::x86_64::avx512vnni::depthwise::depthwise_vnni_pixel(ptrs, c, packed, acc) };
-                        requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    (None, Some(packed)) => {
-                        // SAFETY: `avx2` is Some only for the AVX2 tier (symmetric weights),
-                        // which packing capped to what this CPU has (AVX2 and FMA); every tap
-                        // slice holds `c` readable bytes; `packed` is this layer's layout for
-                        // (c, t), `plan` its plan; `px` holds c bytes.
-                        unsafe {
-                            crate::x86_64::avx2::depthwise::depthwise_avx2_pixel_u8(&ptrs[..], c, packed, plan, px)
-                        };
-                    }
-                    #[cfg(target_arch = "aarch64")]
-                    _ if neon.is_some() => {
-                        let packed = neon.expect("checked");
-                        // SAFETY: `neon` is Some only on an aarch64 SIMD tier (NEON is on every
-                        // aarch64 CPU); every tap slice holds `c` bytes; `acc` holds c rounded up
-                        // to 64; `packed` is this layer's layout for (c, t).
-                        unsafe { crate::aarch64::depthwise::depthwise_neon_pixel(ptrs, c, packed, acc) };
-                        requantize_row_u8(true, plan, &acc[..c], 0, 0, px);
-                    }
-                    _ => depthwise_scalar_pixel(ptrs, taps, x.zero_point, plan, px),
-                }
+                // SAFETY: `packed` came from `kernels`' packing for these taps; every tap slice
+                // holds `c` readable bytes; `acc` holds c rounded up to 64; `px` holds c bytes.
+                unsafe { (dw.pixel)(ptrs, c, &w, acc, px) };
             }
         });
         let ow_c = ow * c;
@@ -764,9 +732,9 @@ impl PackedConv2d {
 }
 
 impl PackedConv2d {
-    /// Dense convolutions on AVX-512 VNNI without im2col: pad the input once with its zero
-    /// point, then let the micro-kernel read each output pixel's `kh` row segments in place.
-    #[cfg(target_arch = "x86_64")]
+    /// Dense convolutions without im2col: pad the input once with its zero
+    /// point, then let the micro-kernel read each output pixel's `kh` row segments in place
+    /// (tiers whose block kernel reads rows in place).
     #[allow(clippy::too_many_arguments)]
     fn forward_implicit(
         &self,
@@ -801,7 +769,7 @@ impl PackedConv2d {
             self.plans.with(
                 PlanKey::new(x.scale, x.zero_point, Some(quant)),
                 || vec![Plan::new(x.scale, x.zero_point, w, self.bias.as_deref(), Some(quant), false)],
-                |plans| crate::frame::gemm::gemm_conv_vnni(&rows, w, &plans[0], out, self.oc, threads, add),
+                |plans| crate::frame::gemm::gemm_conv(&rows, w, &plans[0], out, self.oc, threads, add),
             );
         };
         // Segments padded past `kw * c` read up to 3 bytes beyond the image: give it slack.
@@ -821,10 +789,10 @@ impl PackedConv2d {
     /// at a time, keeping the kx-interleaved form of the input rows that the current output
     /// row reads in a ring of `kh * dilation` slots: built once per input row and tile, read
     /// by every output row that uses it.
-    #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn forward_depthwise_rows(
         &self,
+        kernels: &Kernels,
         weights: &[i8],
         consts: &RowConsts,
         x: &QImage<'_>,
@@ -835,6 +803,7 @@ impl PackedConv2d {
     ) {
         let (c, g) = (x.c, &self.geom);
         let (kh, kw) = (self.kh, self.kw);
+        let rk = kernels.depthwise.rows.as_ref().expect("row layouts are packed only for tiers with the row kernel");
         let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
         let (row_bytes, len) = (wp * c, ow * c);
         let gc = gcd(c, 64);
@@ -877,14 +846,14 @@ impl PackedConv2d {
                                     // SAFETY: (slot + 1) * slot_len <= the ring's length.
                                     let at = unsafe { base.add(slot * slot_len) };
                                     if held[slot] != b * hp + iy {
-                                        // SAFETY: AVX-512 BW was found when these weights were
-                                        // packed; every chunk starts below len in the input row,
+                                        // SAFETY: the weights were packed for this tier's row
+                                        // kernel; every chunk starts below len in the input row,
                                         // and the padded image with its 64 bytes of slack holds
                                         // (kw - 1) * dilation * c + len rounded up to 64 bytes
                                         // from the row's start (ow + (kw - 1) * dilation <= wp);
                                         // the slot holds 256 * count bytes.
                                         unsafe {
-                                            crate::x86_64::avx512vnni::depthwise::depthwise_rows_build(
+                                            (rk.build)(
                                                 padded[(b * hp + iy) * row_bytes + 64 * tile0..].as_ptr(),
                                                 kw,
                                                 g.dilation[1] * c,
@@ -898,31 +867,22 @@ impl PackedConv2d {
                                     *p = at;
                                 }
                                 let out_tile = out_row[64 * tile0..].as_mut_ptr();
-                                // SAFETY: the weights exist only when packing found AVX-512
-                                // VNNI; each row pointer starts a slot built above for these
+                                // SAFETY: the weights were packed for this tier's row
+                                // kernel; each row pointer starts a slot built above for these
                                 // chunks; the weights and constants are this layer's for kh
                                 // rows and every class; the chunks lie in `out_row`, the last
                                 // with `last` bytes.
                                 unsafe {
-                                    use crate::x86_64::avx512vnni::depthwise::depthwise_rows_compute as k;
-                                    let (w, cs, st) = (weights, consts, 64 * classes);
-                                    let r = &rows;
-                                    match kh {
-                                        1 => k::<1>(&[r[0]], w, cs, class, count, st, last, out_tile),
-                                        2 => k::<2>(&[r[0], r[1]], w, cs, class, count, st, last, out_tile),
-                                        3 => k::<3>(&[r[0], r[1], r[2]], w, cs, class, count, st, last, out_tile),
-                                        4 => k::<4>(&[r[0], r[1], r[2], r[3]], w, cs, class, count, st, last, out_tile),
-                                        _ => k::<5>(
-                                            &[r[0], r[1], r[2], r[3], r[4]],
-                                            w,
-                                            cs,
-                                            class,
-                                            count,
-                                            st,
-                                            last,
-                                            out_tile,
-                                        ),
-                                    }
+                                    (rk.compute)(
+                                        &rows[..kh],
+                                        weights,
+                                        consts,
+                                        class,
+                                        count,
+                                        64 * classes,
+                                        last,
+                                        out_tile,
+                                    )
                                 };
                             }
                         }
@@ -942,10 +902,10 @@ impl PackedConv2d {
     /// its even pixels, then its odd ones: output pixel `ox` reads column `2 ox + kx`, which is
     /// pixel `ox + kx / 2` of phase `kx % 2`, so every tap again advances `c` bytes per output
     /// pixel.
-    #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn forward_depthwise_flat(
         &self,
+        kernels: &Kernels,
         weights: &[i8],
         consts: &FlatConsts,
         x: &QImage<'_>,
@@ -958,6 +918,7 @@ impl PackedConv2d {
         let (hp, wp) = (x.h + 2 * g.padding[0], x.w + 2 * g.padding[1]);
         let row_bytes = wp * c;
         let phased = g.stride[1] == 2;
+        let flat_row = kernels.depthwise.flat_row.expect("flat layouts are packed only for tiers with the flat kernel");
         // Where tap column kx of output pixel 0 starts within a padded row.
         let mut cols = [0usize; 64];
         for (kx, col) in cols.iter_mut().enumerate().take(self.kw) {
@@ -978,23 +939,13 @@ impl PackedConv2d {
                         taps[ky * kw + kx] = start[cols[kx]..].as_ptr();
                     }
                 }
-                // SAFETY: `flat` weights exist only when packing found AVX-512 VNNI on this
-                // CPU. Each tap starts inside a padded input row, and from it ow * c bytes
+                // SAFETY: `flat` weights exist only for a tier with the flat-row kernel. Each tap starts inside a padded input row, and from it ow * c bytes
                 // rounded up to 64 lie inside the padded image plus its 64 bytes of slack:
                 // without phases, ow + (kw - 1) * dilation <= wp; with them, pixel
                 // ox + kx / 2 of phase kx % 2 is column 2 ox + kx <= wp - 1 for ox < ow, and
                 // the even phase is followed by the odd one, the odd one by the next row or
                 // the slack. `out_row` holds ow * c bytes.
-                unsafe {
-                    crate::x86_64::avx512vnni::depthwise::depthwise_vnni_flat_row(
-                        &taps[..kh * kw],
-                        c,
-                        weights,
-                        consts,
-                        ow * c,
-                        out_row.as_mut_ptr(),
-                    )
-                }
+                unsafe { flat_row(&taps[..kh * kw], c, weights, consts, ow * c, out_row.as_mut_ptr()) }
             };
             if parallel {
                 out.par_chunks_mut(ow * c).enumerate().for_each(row);
@@ -1007,7 +958,6 @@ impl PackedConv2d {
 
 /// [`RowConsts`] of a plan over `c` channels: entry `64cl + 16q + 4l + d` is output byte
 /// `16l + 4q + d` of a chunk of class `cl`.
-#[cfg(target_arch = "x86_64")]
 fn row_consts(plan: &Plan, c: usize) -> RowConsts {
     let gc = gcd(c, 64);
     let classes = c / gc;
@@ -1030,7 +980,6 @@ fn row_consts(plan: &Plan, c: usize) -> RowConsts {
 
 /// [`FlatConsts`] of a plan over `c` channels: lane `i` of class `cl` is channel
 /// `(cl * gcd(c, 64) + i) % c`.
-#[cfg(target_arch = "x86_64")]
 fn flat_consts(plan: &Plan, c: usize) -> FlatConsts {
     debug_assert!(plan.bias_scale.iter().all(|&s| s == 1.0), "depthwise bias forms add a precomputed term");
     let gc = gcd(c, 64);
@@ -1182,79 +1131,11 @@ fn with_scratch<R>(slot: &'static std::thread::LocalKey<RefCell<Vec<u8>>>, f: im
     r
 }
 
-/// The per-pixel depthwise kernels' weight layouts a layer has (none: the scalar kernel).
-#[derive(Clone, Copy)]
-struct DwLayouts<'a> {
-    vnni: Option<&'a [i8]>,
-    avx2: Option<&'a [i16]>,
-    neon: Option<&'a [i16]>,
-}
-
 thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// The ring of kx-interleaved input rows of `forward_depthwise_rows` (per thread: a band
     /// may run on the calling thread while it holds `SCRATCH`).
     static ROWS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// The depthwise reference: `Σ_t (x_t - za)(w_t - zw)` per channel, then the FBGEMM
-/// requantization.
-fn depthwise_scalar_pixel(ptrs: &[&[u8]], taps: &PackedWeights, za: i32, plan: &Plan, out: &mut [u8]) {
-    let t = ptrs.len();
-    for (ch, o) in out.iter_mut().enumerate() {
-        let zw = taps.zero_points[ch];
-        let w = &taps.raw[ch * t..(ch + 1) * t];
-        let raw = ptrs.iter().zip(w).fold(0i32, |s, (p, &wt)| s + (p[ch] as i32 - za) * (wt as i32 - zw));
-        *o = requantize_scalar(raw, plan.bias_term[ch], plan.bias_scale[ch], plan.mult[ch], plan.zo, plan.lo, plan.hi)
-            as u8;
-    }
-}
-
-/// Weight layout of the VNNI depthwise kernel: per block of 64 channels, per group of 4 taps,
-/// four 64-byte vectors `q`; byte `4 * (4l + d) + t` of vector `q` is the weight of channel
-/// `64b + 16l + 4q + d` at tap `4g + t` (0 past the last channel or tap). That is the order
-/// in which byte unpacks leave the activations (see `x86::depthwise_vnni_pixel`).
-fn pack_depthwise_vnni(taps: &PackedWeights) -> Vec<i8> {
-    let (c, t) = (taps.n, taps.k);
-    let (blocks, groups) = (c.div_ceil(64), t.div_ceil(4));
-    let mut out = vec![0i8; blocks * groups * 256];
-    for b in 0..blocks {
-        for g in 0..groups {
-            for q in 0..4 {
-                for l in 0..4 {
-                    for d in 0..4 {
-                        let ch = 64 * b + 16 * l + 4 * q + d;
-                        for tt in 0..4 {
-                            let tap = 4 * g + tt;
-                            if ch < c && tap < t {
-                                out[((b * groups + g) * 4 + q) * 64 + 4 * (4 * l + d) + tt] = taps.raw[ch * t + tap];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Weight layout of the AVX2 depthwise kernel: per block of 16 channels, per pair of taps,
-/// 32 i16: entry `2i + tt` of the first 16 is the weight of channel `16b + i` at tap
-/// `2g + tt` (`i < 8`), the next 16 the same for channels `16b + 8 + i` (0 past the last
-/// channel or tap): the order a byte unpack of two taps leaves the activations in (see
-/// `x86::avx2::depthwise_avx2_pixel_u8`).
-fn pack_depthwise_avx2(taps: &PackedWeights) -> Vec<i16> {
-    let (c, t) = (taps.n, taps.k);
-    let (blocks, pairs) = (c.div_ceil(16), t.div_ceil(2));
-    let mut out = vec![0i16; blocks * pairs * 32];
-    for ch in 0..c {
-        let (b, i) = (ch / 16, ch % 16);
-        for tap in 0..t {
-            let (g, tt) = (tap / 2, tap % 2);
-            out[(b * pairs + g) * 32 + 16 * (i / 8) + 2 * (i % 8) + tt] = taps.raw[ch * t + tap] as i16;
-        }
-    }
-    out
 }
 
 /// Quantizes OHWI `f32` conv weights per output channel, symmetric `i8`, as PyTorch's

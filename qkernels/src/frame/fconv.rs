@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::frame::conv::Conv2dGeometry;
 use crate::frame::gemm::Activation;
-use crate::multiversion::multiversion;
+use crate::frame::kernels::Kernels;
 
 const OP: &str = "qkernels::PackedConv2dF32";
 
@@ -298,6 +298,7 @@ impl PackedConv2dF32 {
         if c == 0 {
             return;
         }
+        let k = crate::registry::kernels(self.isa);
         // The pixel's taps inside the image: (input offset, weight offset).
         let mut taps: Vec<(usize, usize)> = Vec::with_capacity(self.kh * self.kw);
         let mut at = d.origin(&self.geom, r0);
@@ -311,18 +312,10 @@ impl PackedConv2dF32 {
                 }
             }
             at = d.next(&self.geom, at);
-            #[cfg(target_arch = "x86_64")]
-            if self.isa == Isa::Avx512Vnni {
-                // SAFETY: the tier was capped to the CPU's at packing (VNNI implies AVX-512 F);
-                // every tap's offsets address `c` values of `x` and of `wt` (pixels inside
-                // the image, taps inside the kernel), the bias holds `c` values, and `o` is
-                // the pixel's `c` outputs.
-                unsafe {
-                    crate::x86_64::avx512vnni::fconv::depthwise_pixel_avx512(&taps, x, wt, bias, o, self.activation)
-                };
-                continue;
-            }
-            depthwise_pixel(self.isa, &taps, x, wt, bias, o, self.activation);
+            // SAFETY: every tap's offsets address `c` values of `x` and of `wt` (pixels inside
+            // the image, taps inside the kernel), the bias holds `c` values, and `o` is the
+            // pixel's `c` outputs.
+            unsafe { (k.f32.depthwise_pixel)(k.isa, &taps, x, wt, bias, o, self.activation) };
         }
     }
 
@@ -363,7 +356,7 @@ impl PackedConv2dF32 {
         let tap = |o: Origin, ky: usize, kx: usize| d.tap(g, o, ky, kx);
         let panels: &[f32] = bytemuck_lines(panels);
         let activation = self.activation;
-        let isa = self.isa;
+        let kernels = crate::registry::kernels(self.isa);
         let tile = |ptrs: &[*const f32], gi: usize, p: usize, b0: usize, valid: usize, out: &mut [f32]| {
             let cols = PANEL.min(ocg - p * PANEL);
             let panel = &panels[(gi * per_group + p) * k * PANEL..][..k * PANEL];
@@ -376,7 +369,7 @@ impl PackedConv2dF32 {
             // PANEL values; `o` starts at the tile's first output and holds at least
             // `(valid - 1) * oc + cols` values, because the tile's columns lie within the
             // group's channels.
-            unsafe { run_tile(isa, &t, o, activation) };
+            unsafe { run_tile(kernels, &t, o, activation) };
         };
         for gi in 0..groups {
             if gather {
@@ -526,49 +519,12 @@ fn bytemuck_lines(lines: &[Line]) -> &[f32] {
 /// # Safety
 /// As [`Tile`] documents: every pointer reads `seg_len` values; `out` holds
 /// `(rows - 1) * ldo + cols` values.
-unsafe fn run_tile(isa: Isa, t: &Tile<'_>, out: &mut [f32], act: Activation) {
+unsafe fn run_tile(k: &Kernels, t: &Tile<'_>, out: &mut [f32], act: Activation) {
     debug_assert!(t.rows >= 1 && t.rows <= MR && t.cols >= 1 && t.cols <= PANEL);
     debug_assert!(out.len() >= (t.rows - 1) * t.ldo + t.cols);
     debug_assert_eq!(t.panel.len(), t.ptrs.len() / MR * t.seg_len * PANEL);
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
-        // SAFETY: the tier was capped to the CPU's at packing; AVX-512 VNNI implies
-        // AVX-512 F. The operands are as the caller promised.
-        unsafe { crate::x86_64::avx512vnni::fconv::tile_avx512(t, out.as_mut_ptr(), act) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: as above, for AVX2 and FMA.
-        unsafe { crate::x86_64::avx2::fconv::tile_avx2(t, out.as_mut_ptr(), act) };
-        return;
-    }
-    let _ = isa;
-    tile_twin(t, out, act);
-}
-
-/// The scalar twin of the vector tiles: the same products, accumulated in the same order.
-fn tile_twin(t: &Tile<'_>, out: &mut [f32], act: Activation) {
-    let mut acc = [[0.0f32; PANEL]; MR];
-    for (s, seg) in t.ptrs.chunks_exact(MR).enumerate() {
-        for ci in 0..t.seg_len {
-            let wk = &t.panel[(s * t.seg_len + ci) * PANEL..][..PANEL];
-            for (r, row) in acc.iter_mut().enumerate() {
-                // SAFETY: the caller of `run_tile` promised `seg_len` readable values
-                // behind every pointer.
-                let a = unsafe { *seg[r].add(ci) };
-                for (v, &w) in row.iter_mut().zip(wk) {
-                    *v = a.mul_add(w, *v);
-                }
-            }
-        }
-    }
-    for (r, row) in acc.iter().enumerate().take(t.rows) {
-        let o = &mut out[r * t.ldo..][..t.cols];
-        for ((dst, &v), &b) in o.iter_mut().zip(row).zip(t.bias) {
-            *dst = act_one(act, v + b);
-        }
-    }
+    // SAFETY: the caller's preconditions, which are the entry's.
+    unsafe { (k.f32.tile)(t, out.as_mut_ptr(), act) }
 }
 
 /// The activation on one value, as the vector kernels compute it: NaN passes through, as in
@@ -586,42 +542,6 @@ pub(crate) fn act_one(act: Activation, v: f32) -> f32 {
             } else {
                 r
             }
-        }
-    }
-}
-
-multiversion! {
-    /// One depthwise output pixel, the scalar twin of the AVX-512 kernel (compiled per tier,
-    /// the AVX2 tier's depthwise kernel): per channel, the bias (or 0) plus each tap's
-    /// product, added unfused in tap order, then the activation; blocks of 32 channels summed
-    /// over every tap, a loop the compiler vectorises.
-    fn depthwise_pixel(
-        taps: &[(usize, usize)],
-        x: &[f32],
-        wt: &[f32],
-        bias: Option<&[f32]>,
-        o: &mut [f32],
-        act: Activation,
-    ) {
-        const BLOCK: usize = 32;
-        let c = o.len();
-        let mut c0 = 0;
-        while c0 < c {
-            let n = BLOCK.min(c - c0);
-            let mut acc = [0.0f32; BLOCK];
-            if let Some(b) = bias {
-                acc[..n].copy_from_slice(&b[c0..c0 + n]);
-            }
-            for &(xo, wo) in taps {
-                let (xs, ws) = (&x[xo + c0..][..n], &wt[wo + c0..][..n]);
-                for ((a, &xv), &wv) in acc[..n].iter_mut().zip(xs).zip(ws) {
-                    *a += xv * wv;
-                }
-            }
-            for (dst, &a) in o[c0..c0 + n].iter_mut().zip(&acc[..n]) {
-                *dst = act_one(act, a);
-            }
-            c0 += n;
         }
     }
 }

@@ -7,9 +7,8 @@ use rayon::prelude::*;
 use qtensor::isa::Isa;
 use qtensor::{QError, Result};
 
-#[cfg(target_arch = "aarch64")]
-use crate::frame::pack::ARM_LANES;
-use crate::frame::pack::{Packed, PackedWeights, AVX2_LANES, VNNI_LANES};
+use crate::frame::kernels::{Block, Kernels};
+use crate::frame::pack::{PackedWeights, VNNI_LANES};
 
 /// A matrix of `u8` activations: `m` rows of `k` values, row `i` starting at `i * lda`.
 #[derive(Clone, Copy, Debug)]
@@ -258,7 +257,7 @@ impl Plan {
             zo,
             lo,
             hi,
-            isa: w.isa,
+            isa: w.isa(),
         }
     }
 }
@@ -489,7 +488,7 @@ pub(crate) struct RowParams<'a> {
 }
 
 #[derive(Clone, Copy)]
-enum SinkKind {
+pub(crate) enum SinkKind {
     U8,
     I32,
     F32 { relu: bool },
@@ -545,7 +544,6 @@ const NC: usize = 64;
 #[derive(Clone, Copy)]
 pub(crate) enum Rows<'a> {
     Dense(&'a QMatrix<'a>),
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Conv(&'a ConvRows<'a>),
 }
 
@@ -565,6 +563,8 @@ impl Rows<'_> {
 /// every segment, concatenated and zero-padded to whole quads ([`tail_k`] values): `tail` is
 /// 0, 1 or 2, so two or four segments share a quad.
 #[derive(Debug)]
+// Read by the block kernels that take rows in place (AVX-512 VNNI) only.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct ConvRows<'a> {
     pub padded: &'a [u8],
     pub c: usize,
@@ -588,6 +588,7 @@ pub(crate) fn tail_k(kh: usize, tail: usize) -> usize {
     (kh * tail).next_multiple_of(4)
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl ConvRows<'_> {
     /// Offset of row `r`'s first segment in `padded`.
     pub fn base(&self, r: usize) -> usize {
@@ -621,11 +622,11 @@ impl ConvRows<'_> {
     }
 }
 
-/// The implicit-im2col GEMM for a convolution with symmetric weights packed for VNNI, writing
-/// requantized `u8` with row stride `ldc`.
-#[cfg(target_arch = "x86_64")]
+/// The implicit-im2col GEMM for a convolution with symmetric weights packed by a tier whose
+/// block kernel reads rows in place (`GemmKernels::implicit_conv`), writing requantized `u8`
+/// with row stride `ldc`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_conv_vnni(
+pub(crate) fn gemm_conv(
     rows: &ConvRows<'_>,
     w: &PackedWeights,
     plan: &Plan,
@@ -635,17 +636,17 @@ pub(crate) fn gemm_conv_vnni(
     add: Option<BlockAdd<'_>>,
 ) {
     assert!(
-        matches!(w.packed, Packed::Vnni(_))
+        w.kernels.gemm.implicit_conv
             && w.is_symmetric()
             && w.k == rows.kh * rows.seg + tail_k(rows.kh, rows.tail)
             && rows.seg.is_multiple_of(4)
             && rows.tail <= 2,
-        "gemm_conv_vnni: caller must pass symmetric VNNI-packed weights matching the rows"
+        "gemm_conv: caller must pass symmetric weights packed for implicit im2col, matching the rows"
     );
-    assert!(rows.m == 0 || out.len() >= (rows.m - 1) * ldc + w.n, "gemm_conv_vnni: output too small");
+    assert!(rows.m == 0 || out.len() >= (rows.m - 1) * ldc + w.n, "gemm_conv: output too small");
     assert!(
         add.is_none_or(|a| rows.m == 0 || a.other.len() >= (rows.m - 1) * ldc + w.n),
-        "gemm_conv_vnni: residual operand too short"
+        "gemm_conv: residual operand too short"
     );
     let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc, add, rows: None };
     crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &sink, threads > 1));
@@ -682,235 +683,49 @@ fn block(
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 ) {
-    // On AVX-512 VNNI, u8 (any rows) and f32 (dense rows) are written straight from the
-    // accumulators: all the block's rows in one call.
-    #[cfg(target_arch = "x86_64")]
-    let fused = crate::x86_64::FusedOut {
+    let k = w.kernels;
+    let job = Block {
+        src,
+        w,
         plan,
         rowsums,
+        kind: sink.kind,
         out: sink.ptr as *mut u8,
         ldc: sink.ldc,
-        r0: rows.start,
-        j0: cols.start,
-        ncols: cols.len(),
+        per_row: sink.rows.as_ref().map(|rp| (rp.q, rp.col_offsets)),
+        rows: rows.clone(),
+        cols: cols.clone(),
     };
-    #[cfg(target_arch = "x86_64")]
-    if let (Packed::Vnni(p), SinkKind::U8) = (&w.packed, sink.kind) {
-        let panel0 = cols.start / VNNI_LANES;
-        match src {
-            // SAFETY: `w.isa` is Avx512Vnni only when the CPU supports it (capped at packing);
-            // rows `rows` and columns `cols` lie inside `a`, `p` and the output, as `check`
-            // established; this task is the only writer of those output elements.
-            Rows::Dense(a) => unsafe {
-                crate::x86_64::avx512vnni::gemm::vnni_dense_rows(&fused, a, rows.len(), p, w.k, panel0)
-            },
-            Rows::Conv(conv) => {
-                let mut bases = [std::ptr::null::<u8>(); MC];
-                let bases = &mut bases[..rows.len()];
-                conv.bases_into(rows.start, bases);
-                // SAFETY: as above; every row's kh segments of `seg + tail` bytes, `row_step`
-                // apart from its base, lie inside the padded image (the output size was
-                // derived from it, and a padded segment's slack is part of it), and
-                // `gemm_conv_vnni` checked the layout.
-                unsafe {
-                    crate::x86_64::avx512vnni::conv_rows::vnni_conv_rows(
-                        &fused,
-                        bases,
-                        conv.kh,
-                        conv.seg,
-                        conv.tail,
-                        conv.row_step(),
-                        p,
-                        w.k,
-                        panel0,
-                    )
-                }
-            }
-        }
+    // SAFETY: `w` was packed by `k`; rows `rows` and columns `cols` lie inside the rows, the
+    // weights and the output, as `check` established; this task is the only writer of those
+    // output elements.
+    if unsafe { (k.gemm.block)(&job) } {
         sink.add_block(rows, cols);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let (Packed::Avx2(exact), SinkKind::U8, Rows::Dense(a)) = (&w.packed, sink.kind, src) {
-        let pairs = w.pairs.as_ref().map(|p| (&p.packed[..], p.max_input));
-        // SAFETY: `w.isa` is Avx2 only when the CPU has AVX2 and FMA (capped at packing);
-        // rows, columns and output as for the VNNI paths above; `cols.start` is a multiple
-        // of 16.
-        unsafe { crate::x86_64::avx2::gemm::avx2_fused_rows(&fused, a, rows.len(), exact, pairs, w.k) };
-        sink.add_block(rows, cols);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let (Packed::Vnni(p), SinkKind::F32 { relu }, Rows::Dense(a)) = (&w.packed, sink.kind, src) {
-        let per_row = sink.rows.as_ref().map(|rp| (rp.q, rp.col_offsets));
-        // SAFETY: as for the u8 output above, the sink holding f32 values (`ldc` in values);
-        // per-row parameters cover every row of A, and the column offsets every column.
-        unsafe {
-            crate::x86_64::avx512vnni::gemm::vnni_dense_rows_f32(
-                &fused,
-                a,
-                rows.len(),
-                p,
-                w.k,
-                cols.start / VNNI_LANES,
-                relu,
-                per_row,
-            )
-        };
         return;
     }
     // Otherwise raw int32 tiles, then the epilogue for the sink.
+    let Rows::Dense(a) = src else { unreachable!("rows read in place go to tiers whose block kernel takes them") };
     let mut tile: Tile = [[0; TILE_COLS]; TILE_ROWS];
-    let mr_max = match (w.isa, &w.pairs) {
-        (Isa::Avx512Vnni, _) => 6,
-        // Pair panels always exist on AVX2; a tile that cannot use them shrinks to 3 rows.
-        (Isa::Avx2, _) => 4,
-        #[cfg(target_arch = "aarch64")]
-        (Isa::Neon | Isa::Dotprod | Isa::I8mm, _) => crate::aarch64::gemm::tile_rows(&w.packed),
-        _ => TILE_ROWS,
-    };
     let mut r0 = rows.start;
     while r0 < rows.end {
-        let mut mr = mr_max.min(rows.end - r0);
-        match &w.packed {
-            #[cfg(target_arch = "x86_64")]
-            Packed::Vnni(p) => {
-                let Rows::Dense(a) = src else { unreachable!("implicit im2col writes u8 only") };
-                // SAFETY: as above, for raw sums into the tile.
-                unsafe {
-                    crate::x86_64::avx512vnni::gemm::vnni_tile(
-                        a,
-                        r0,
-                        mr,
-                        p,
-                        w.k,
-                        cols.start / VNNI_LANES,
-                        cols.len(),
-                        &mut tile,
-                    )
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Packed::Avx2(exact) => {
-                let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
-                // The pair kernel when every code of the tile's rows is within its bound (a
-                // pass over the rows, small beside the tile's K x ncols products), else the
-                // exact one on at most 3 rows. Both give the same sums.
-                let aw = match &w.pairs {
-                    Some(p)
-                        if p.max_input == u8::MAX
-                            || (r0..r0 + mr).all(|i| max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= p.max_input) =>
-                    {
-                        crate::x86_64::avx2::gemm::Avx2Weights::Pairs(&p.packed)
-                    }
-                    _ => {
-                        mr = mr.min(3);
-                        crate::x86_64::avx2::gemm::Avx2Weights::Exact(exact)
-                    }
-                };
-                // SAFETY: as above, for AVX2; `Pairs` only for rows checked just now.
-                unsafe {
-                    crate::x86_64::avx2::gemm::avx2_tile(
-                        a,
-                        r0,
-                        mr,
-                        aw,
-                        w.k,
-                        cols.start / AVX2_LANES,
-                        cols.len(),
-                        &mut tile,
-                    )
-                }
-            }
-            #[cfg(target_arch = "aarch64")]
-            Packed::Neon(_) | Packed::Dot { .. } | Packed::Mmla(_) => {
-                let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
-                // SAFETY: the packing's tier was capped to the CPU at packing; rows, columns
-                // (from a 16-column panel boundary) and `mr` as for the x86 tiles above.
-                unsafe {
-                    crate::aarch64::gemm::arm_tile(
-                        a,
-                        r0,
-                        mr,
-                        &w.packed,
-                        w.k,
-                        cols.start / ARM_LANES,
-                        cols.len(),
-                        &mut tile,
-                    )
-                }
-            }
-            _ => {
-                let Rows::Dense(a) = src else { unreachable!("implicit im2col is VNNI-only") };
-                scalar_tile(a, r0, mr, w, cols.clone(), &mut tile);
-            }
-        }
-        // Every SIMD tier has a vector epilogue: AVX2 on x86-64, NEON on aarch64.
-        let simd = w.isa != Isa::Scalar;
+        // SAFETY: as above, for raw sums into the tile; at least one row is left.
+        let mr = unsafe { (k.gemm.tile)(a, r0, rows.end - r0, w, cols.clone(), &mut tile) };
+        debug_assert!((1..=TILE_ROWS).contains(&mr));
         for r in 0..mr {
             let i = r0 + r;
             let rowsum = if plan.has_zw { rowsums[i] } else { 0 };
             let acc = &tile[r][..cols.len()];
-            epilogue_row(simd, plan, acc, rowsum, cols.start, sink, i);
+            epilogue_row(k, plan, acc, rowsum, cols.start, sink, i);
         }
         r0 += mr;
     }
     sink.add_block(rows, cols);
 }
 
-/// The largest byte of `row` (a vectorized reduction, no early exit).
-pub(crate) fn max_code(row: &[u8]) -> u8 {
-    row.iter().fold(0, |m, &v| m.max(v))
-}
-
-/// The scalar micro-kernel: plain dot products from the row-major weights.
-fn scalar_tile(
-    a: &QMatrix<'_>,
-    r0: usize,
-    mr: usize,
-    w: &PackedWeights,
-    cols: std::ops::Range<usize>,
-    tile: &mut Tile,
-) {
-    for r in 0..mr {
-        let row = &a.data[(r0 + r) * a.lda..(r0 + r) * a.lda + a.k];
-        for (c, j) in cols.clone().enumerate() {
-            let wr = &w.raw[j * w.k..(j + 1) * w.k];
-            tile[r][c] = row.iter().zip(wr).fold(0i32, |s, (&x, &y)| s.wrapping_add(x as i32 * y as i32));
-        }
-    }
-}
-
-/// Requantizes raw sums `acc` of output columns `j0..j0 + acc.len()` (one row) into `out`,
-/// with the architecture's vector epilogue when `simd` (AVX2 on x86-64, NEON on aarch64; the
-/// caller has checked the CPU) and the scalar reference otherwise.
-pub(crate) fn requantize_row_u8(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, out: &mut [u8]) {
-    let n = acc.len();
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: callers set `simd` only for weights packed for AVX2 or better, which
-        // packing allowed only on a CPU that has AVX2.
-        done = unsafe { crate::x86_64::avx2::epilogue::epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
-    }
-    #[cfg(target_arch = "aarch64")]
-    if simd {
-        // SAFETY: every aarch64 CPU has NEON; the plan covers these columns (the caller's).
-        done = unsafe { crate::aarch64::epilogue::epilogue_u8_neon(plan, acc, rowsum, j0, out) };
-    }
-    let _ = simd;
-    for c in done..n {
-        let j = j0 + c;
-        let raw = acc[c].wrapping_sub(plan.colterm[j]).wrapping_sub(rowsum.wrapping_mul(plan.zw[j]));
-        out[c] = requantize_scalar(raw, plan.bias_term[j], plan.bias_scale[j], plan.mult[j], plan.zo, plan.lo, plan.hi)
-            as u8;
-    }
-}
-
 // `out[c] = fma(raw, ab_scale[c], bias[c])` (then `max(.., 0)` with `relu`), `raw` the exact
 // sum `acc[c] - colterm[c] - rowsum * zw[c]`: compiled per tier, where `mul_add` is one
 // instruction; the same bits everywhere.
-crate::multiversion::multiversion! {
+qtensor::multiversion! {
     pub(crate) fn dequantize_row(
         acc: &[i32],
         colterm: &[i32],
@@ -929,7 +744,7 @@ crate::multiversion::multiversion! {
     }
 }
 
-fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, sink: &Sink<'_>, i: usize) {
+fn epilogue_row(k: &Kernels, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, sink: &Sink<'_>, i: usize) {
     let n = acc.len();
     let base = i * sink.ldc + j0;
     match sink.kind {
@@ -937,7 +752,8 @@ fn epilogue_row(simd: bool, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, si
             // SAFETY: the task owning row i and columns j0..j0+n is the only writer of these
             // n elements, which `check` proved lie inside the output buffer.
             let out = unsafe { std::slice::from_raw_parts_mut((sink.ptr as *mut u8).add(base), n) };
-            requantize_row_u8(simd, plan, acc, rowsum, j0, out);
+            // SAFETY: `out` holds `acc.len()` values; the plan covers the columns.
+            unsafe { (k.epilogue_u8)(plan, acc, rowsum, j0, out) };
         }
         SinkKind::I32 => {
             // SAFETY: as for U8.

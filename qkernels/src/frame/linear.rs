@@ -4,7 +4,6 @@ use qtensor::{QTensor, Result};
 
 use crate::frame::gemm::{GemmOutput, QMatrix};
 use crate::frame::pack::PackedWeights;
-use crate::multiversion::multiversion;
 
 /// How [`PackedLinear::forward_dynamic`] quantizes its `f32` input on each call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,50 +20,10 @@ pub enum DynamicActivations {
     PerToken,
 }
 
-// Minimum, maximum and the count of NaNs, compiled per tier (the scalar twin of
-// `x86::min_max_avx512`, and the AVX2 path): sixteen running lanes of
-// compare-and-select, which become vector min / max instructions (a NaN never wins a
-// comparison, so it is counted apart; infinities show in the extremes).
-multiversion! {
-    fn min_max_lanes(x: &[f32]) -> (f32, f32, usize) {
-        let (mut lo, mut hi, mut nan) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16], [0u32; 16]);
-        let chunks = x.chunks_exact(16);
-        let rest = chunks.remainder();
-        for c in chunks {
-            for l in 0..16 {
-                let v = c[l];
-                lo[l] = if v < lo[l] { v } else { lo[l] };
-                hi[l] = if v > hi[l] { v } else { hi[l] };
-                nan[l] += u32::from(v.is_nan());
-            }
-        }
-        let (mut l, mut h) = (f32::INFINITY, f32::NEG_INFINITY);
-        let mut n: usize = nan.iter().map(|&c| c as usize).sum();
-        for (&a, &b) in lo.iter().zip(&hi) {
-            l = if a < l { a } else { l };
-            h = if b > h { b } else { h };
-        }
-        for &v in rest {
-            l = if v < l { v } else { l };
-            h = if v > h { v } else { h };
-            n += usize::from(v.is_nan());
-        }
-        (l, h, n)
-    }
-}
-
 /// Minimum, maximum and the count of non-finite values (NaN and infinities) of `x`.
 pub(crate) fn min_max(isa: qtensor::isa::Isa, x: &[f32]) -> (f32, f32, usize) {
-    #[cfg(target_arch = "x86_64")]
-    let (lo, hi, nan) = if isa.capped_to_supported().includes(qtensor::isa::Isa::Avx512Vnni) {
-        // SAFETY: the tier is supported by this CPU, so AVX-512 F is.
-        let (lo, hi, nan) = unsafe { crate::x86_64::avx512vnni::min_max::min_max_avx512(x) };
-        (lo, hi, usize::from(nan))
-    } else {
-        min_max_lanes(isa, x)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let (lo, hi, nan) = min_max_lanes(isa, x);
+    let k = crate::registry::kernels(isa);
+    let (lo, hi, nan) = (k.min_max)(k.isa, x);
     if nan == 0 && lo.is_finite() && hi.is_finite() {
         (lo, hi, 0)
     } else {

@@ -6,6 +6,7 @@ pub(crate) mod conv;
 pub(crate) mod fconv;
 pub(crate) mod float;
 pub(crate) mod gemm;
+pub(crate) mod kernels;
 pub(crate) mod linear;
 pub(crate) mod ops;
 pub(crate) mod pack;

@@ -12,7 +12,7 @@
 use qtensor::{DType, QError, QuantRange, Result};
 
 use crate::frame::conv::QImage;
-use crate::multiversion::multiversion;
+use qtensor::multiversion;
 
 /// Scale and zero point of a `u8` tensor.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -148,15 +148,14 @@ pub(crate) unsafe fn add_assign_block(
     (rows, ncols, ld): (usize, usize, usize),
     (flat0, split): (usize, usize),
 ) {
-    // Rows wholly inside the vector loop's prefix go to the vector kernel in one call.
+    // Rows wholly inside the vector loop's prefix go to the tier's kernel in one call.
     let vector_rows = (0..rows).take_while(|r| flat0 + r * ld + ncols <= split).count();
-    let mut first = 0;
-    #[cfg(target_arch = "x86_64")]
-    if vector_rows > 0 && isa.capped_to_supported().includes(qtensor::isa::Isa::Avx512Vnni) {
-        // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the rows are
-        // the caller's block; `acc` is read and written through one pointer.
+    if vector_rows > 0 {
+        let k = crate::registry::kernels(isa);
+        // SAFETY: the rows are the caller's block; `acc` is read and written through one
+        // pointer.
         unsafe {
-            crate::x86_64::avx512vnni::add::add_u8_avx512(
+            (k.add_u8.run)(
                 acc,
                 (qa.scale, qa.zero_point),
                 other,
@@ -167,42 +166,8 @@ pub(crate) unsafe fn add_assign_block(
                 (vector_rows, ncols, ld),
             )
         };
-        first = vector_rows;
-    } else if vector_rows > 0 && isa.capped_to_supported() == qtensor::isa::Isa::Avx2 {
-        // SAFETY: the tier is supported by this CPU, so AVX2 and FMA are; as above.
-        unsafe {
-            crate::x86_64::avx2::add::add_u8_avx2(
-                acc,
-                (qa.scale, qa.zero_point),
-                other,
-                (qb.scale, qb.zero_point),
-                acc,
-                (qo.scale, qo.zero_point),
-                relu,
-                (vector_rows, ncols, ld),
-            )
-        };
-        first = vector_rows;
     }
-    #[cfg(target_arch = "aarch64")]
-    if vector_rows > 0 && isa.capped_to_supported().includes(qtensor::isa::Isa::Neon) {
-        // SAFETY: NEON is on every aarch64 CPU; the rows are the caller's block; `acc` is read
-        // and written through one pointer.
-        unsafe {
-            crate::aarch64::add::add_u8_neon(
-                acc,
-                (qa.scale, qa.zero_point),
-                other,
-                (qb.scale, qb.zero_point),
-                acc,
-                (qo.scale, qo.zero_point),
-                relu,
-                (vector_rows, ncols, ld),
-            )
-        };
-        first = vector_rows;
-    }
-    let _ = isa;
+    let first = vector_rows;
     for r in first..rows {
         let at = r * ld;
         // SAFETY: one row of the caller's block, with the scalar loops.
@@ -246,14 +211,14 @@ unsafe fn add_raw(
     split: usize,
 ) {
     let vec_n = split.saturating_sub(flat0).min(n);
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if vec_n >= 16 && isa.capped_to_supported().includes(qtensor::isa::Isa::Avx512Vnni) {
-        let whole = vec_n - vec_n % 16;
-        // SAFETY: the tier is supported by this CPU, so AVX-512 F/BW/VL are; the caller's
-        // bounds and aliasing cover the first whole <= n elements.
+    // The vector formula's elements in whole vectors of the tier's kernel; the rest (and
+    // what follows the prefix) below.
+    let k = crate::registry::kernels(isa);
+    let done = vec_n - vec_n % k.add_u8.lanes;
+    if done > 0 {
+        // SAFETY: the caller's bounds and aliasing cover the first `done <= n` elements.
         unsafe {
-            crate::x86_64::avx512vnni::add::add_u8_avx512(
+            (k.add_u8.run)(
                 a,
                 (qa.scale, qa.zero_point),
                 b,
@@ -261,47 +226,10 @@ unsafe fn add_raw(
                 out,
                 (qo.scale, qo.zero_point),
                 relu,
-                (1, whole, whole),
+                (1, done, done),
             )
         };
-        done = whole;
-    } else if vec_n >= 32 && isa.capped_to_supported() == qtensor::isa::Isa::Avx2 {
-        let whole = vec_n - vec_n % 32;
-        // SAFETY: the tier is supported by this CPU, so AVX2 and FMA are; as above.
-        unsafe {
-            crate::x86_64::avx2::add::add_u8_avx2(
-                a,
-                (qa.scale, qa.zero_point),
-                b,
-                (qb.scale, qb.zero_point),
-                out,
-                (qo.scale, qo.zero_point),
-                relu,
-                (1, whole, whole),
-            )
-        };
-        done = whole;
     }
-    #[cfg(target_arch = "aarch64")]
-    if vec_n >= 16 && isa.capped_to_supported().includes(qtensor::isa::Isa::Neon) {
-        let whole = vec_n - vec_n % 16;
-        // SAFETY: NEON is on every aarch64 CPU; the caller's bounds and aliasing cover the
-        // first whole <= n elements.
-        unsafe {
-            crate::aarch64::add::add_u8_neon(
-                a,
-                (qa.scale, qa.zero_point),
-                b,
-                (qb.scale, qb.zero_point),
-                out,
-                (qo.scale, qo.zero_point),
-                relu,
-                (1, whole, whole),
-            )
-        };
-        done = whole;
-    }
-    let _ = isa;
     for i in done..n {
         // SAFETY: i < n: in bounds (caller's precondition); out[i] is written after a[i] is read.
         let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
@@ -572,20 +500,7 @@ impl Lut {
     /// Lengths that differ.
     pub fn apply(&self, x: &[u8], out: &mut [u8]) -> Result<()> {
         same_len("Lut::apply", x.len(), out.len(), "the output must have as many elements as the input")?;
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if qtensor::isa::selected().includes(qtensor::isa::Isa::Avx512Vnni) && is_x86_feature_detected!("avx512vbmi") {
-            // SAFETY: AVX-512 F/BW and VBMI were detected just above.
-            done = unsafe { crate::x86_64::avx512vnni::lut::lut_avx512vbmi(&self.table, x, out) };
-        }
-        #[cfg(target_arch = "aarch64")]
-        if qtensor::isa::selected().includes(qtensor::isa::Isa::Neon) {
-            // SAFETY: NEON is on every aarch64 CPU.
-            done = unsafe { crate::aarch64::lut::lut_neon(&self.table, x, out) };
-        }
-        for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
-            *o = self.table[*v as usize];
-        }
+        (crate::registry::kernels(qtensor::isa::selected()).lut)(&self.table, x, out);
         Ok(())
     }
 

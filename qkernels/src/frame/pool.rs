@@ -7,7 +7,7 @@ use qtensor::{QError, Result};
 
 use crate::frame::conv::QImage;
 use crate::frame::ops::QuantU8;
-use crate::multiversion::multiversion;
+use qtensor::multiversion;
 
 /// Window, stride, padding and dilation (each `[height, width]`) of a pooling layer, with
 /// PyTorch's options.

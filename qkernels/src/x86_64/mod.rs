@@ -4,6 +4,7 @@
 //! with the CPU feature as its precondition.
 
 use crate::frame::gemm::Plan;
+use crate::frame::kernels::Block;
 
 /// Runs `$tile!(MR, first)` over rows `0..$m` in tiles of six rows (the last one shorter),
 /// `MR` a literal so each tile height is its own monomorphized kernel.
@@ -41,5 +42,35 @@ pub(crate) struct FusedOut<'p> {
     pub ncols: usize,
 }
 
+impl<'p> FusedOut<'p> {
+    /// The target of a whole-block kernel's output.
+    pub(crate) fn of(b: &Block<'p>) -> Self {
+        FusedOut {
+            plan: b.plan,
+            rowsums: b.rowsums,
+            out: b.out,
+            ldc: b.ldc,
+            r0: b.rows.start,
+            j0: b.cols.start,
+            ncols: b.cols.len(),
+        }
+    }
+}
+
 pub(crate) mod avx2;
 pub(crate) mod avx512vnni;
+
+use qtensor::isa::Isa;
+
+use crate::frame::kernels::Kernels;
+
+/// Overrides `k`'s entries with the x86-64 kernels of the tiers `isa` includes, AVX2 first.
+/// `isa` is supported by this CPU.
+pub(crate) fn register(k: &mut Kernels, isa: Isa) {
+    if isa.includes(Isa::Avx2) {
+        avx2::register(k);
+    }
+    if isa.includes(Isa::Avx512Vnni) {
+        avx512vnni::register(k);
+    }
+}

@@ -7,13 +7,18 @@ mod gemm;
 mod golden;
 mod golden_dynamic;
 mod golden_ops;
+mod layout;
 mod ops;
 
 /// Every instruction set this CPU supports (conformance tests run each explicitly). Under
 /// `QUANT_REQUIRE_ISA=1` the forced tier must exist: selection panics otherwise.
 pub fn isas_under_test() -> Vec<qtensor::isa::Isa> {
     let selected = qtensor::isa::selected();
-    let all: Vec<_> = qtensor::isa::Isa::ALL.into_iter().filter(|i| i.is_supported()).collect();
+    let all: Vec<_> = qkernels::registry::tiers(qtensor::isa::Isa::host_arch())
+        .iter()
+        .copied()
+        .filter(|i| i.is_supported())
+        .collect();
     assert!(all.contains(&selected));
     all
 }

@@ -3,6 +3,8 @@
 use std::arch::x86_64::*;
 
 use crate::frame::gemm::{Plan, REQUANT_LIMIT};
+use crate::frame::kernels::{DwPacked, DwWeights};
+use crate::frame::pack::PackedWeights;
 
 /// Channels per block of the AVX2 depthwise layout.
 pub(crate) const DW_BLOCK: usize = 16;
@@ -165,4 +167,48 @@ unsafe fn block_sums<T: TapStarts + ?Sized>(
         r1 = _mm256_add_epi32(r1, _mm256_madd_epi16(hi, w1));
     }
     (r0, r1)
+}
+
+/// Weight layout of the AVX2 depthwise kernel: per block of 16 channels, per pair of taps,
+/// 32 i16: entry `2i + tt` of the first 16 is the weight of channel `16b + i` at tap
+/// `2g + tt` (`i < 8`), the next 16 the same for channels `16b + 8 + i` (0 past the last
+/// channel or tap): the order a byte unpack of two taps leaves the activations in (see
+/// [`depthwise_avx2_pixel_u8`]).
+pub(crate) fn pack_depthwise_avx2(taps: &PackedWeights) -> Vec<i16> {
+    let (c, t) = (taps.n, taps.k);
+    let (blocks, pairs) = (c.div_ceil(16), t.div_ceil(2));
+    let mut out = vec![0i16; blocks * pairs * 32];
+    for ch in 0..c {
+        let (b, i) = (ch / 16, ch % 16);
+        for tap in 0..t {
+            let (g, tt) = (tap / 2, tap % 2);
+            out[(b * pairs + g) * 32 + 16 * (i / 8) + 2 * (i % 8) + tt] = taps.raw[ch * t + tap] as i16;
+        }
+    }
+    out
+}
+
+/// The table's packing: symmetric weights only (the kernel multiplies by `w`, not `w - zw`).
+pub(crate) fn pack(taps: &PackedWeights) -> Option<DwPacked> {
+    taps.is_symmetric().then(|| DwPacked::I16(pack_depthwise_avx2(taps)))
+}
+
+/// The table's pixel entry.
+///
+/// # Safety
+/// AVX2 and FMA available; as `DepthwiseKernels::pixel`.
+pub(crate) unsafe fn pixel(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, _acc: &mut [i32], px: &mut [u8]) {
+    let DwPacked::I16(packed) = w.packed else { unreachable!("packed by `pack`") };
+    // SAFETY: forwarded preconditions.
+    unsafe { depthwise_avx2_pixel_u8(taps, c, packed, w.plan, px) }
+}
+
+/// The table's entry for a pixel whose taps lie inside the image.
+///
+/// # Safety
+/// AVX2 and FMA available; as `DepthwiseKernels::pixel_inside`.
+pub(crate) unsafe fn pixel_inside(base: *const u8, offsets: &[usize], c: usize, w: &DwWeights<'_>, px: &mut [u8]) {
+    let DwPacked::I16(packed) = w.packed else { unreachable!("packed by `pack`") };
+    // SAFETY: forwarded preconditions.
+    unsafe { depthwise_avx2_pixel_u8(&TapOffsets { base, offsets }, c, packed, w.plan, px) }
 }

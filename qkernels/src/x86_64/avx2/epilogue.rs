@@ -58,3 +58,13 @@ pub(crate) unsafe fn epilogue_u8_avx2(plan: &Plan, acc: &[i32], rowsum: i32, j0:
     }
     c
 }
+
+/// The table's entry: [`epilogue_u8_avx2`], the tail through the scalar reference.
+///
+/// # Safety
+/// AVX2 and FMA available; as `Kernels::epilogue_u8`.
+pub(crate) unsafe fn requantize_row(plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, out: &mut [u8]) {
+    // SAFETY: forwarded preconditions.
+    let done = unsafe { epilogue_u8_avx2(plan, acc, rowsum, j0, out) };
+    crate::generic::epilogue::requantize_row(plan, &acc[done..], rowsum, j0 + done, &mut out[done..]);
+}

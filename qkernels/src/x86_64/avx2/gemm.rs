@@ -4,8 +4,8 @@
 use std::arch::x86_64::*;
 use std::ptr;
 
+use super::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
 use crate::frame::gemm::{QMatrix, Tile, REQUANT_LIMIT};
-use crate::frame::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
 use crate::x86_64::FusedOut;
 
 /// Runs `$kernel::<MR, NV>$args` for the runtime `($mr, $nv)` and hands its accumulators
@@ -134,7 +134,7 @@ pub(crate) unsafe fn avx2_fused_rows(
     if let Some((_, max)) = pairs {
         for (r, ok) in within[..m].iter_mut().enumerate() {
             let i = f.r0 + r;
-            *ok = max == u8::MAX || crate::frame::gemm::max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= max;
+            *ok = max == u8::MAX || super::max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= max;
         }
     }
     let mut c0 = 0;

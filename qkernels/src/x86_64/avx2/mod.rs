@@ -5,3 +5,91 @@ pub(crate) mod depthwise;
 pub(crate) mod epilogue;
 pub(crate) mod fconv;
 pub(crate) mod gemm;
+pub(crate) mod pack;
+
+use std::ops::Range;
+
+use crate::frame::gemm::{QMatrix, Rows, SinkKind, Tile};
+use crate::frame::kernels::{AddKernel, Block, Kernels};
+use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
+use crate::x86_64::FusedOut;
+use pack::{pack_avx2, pack_pairs, pair_safe_max, AVX2_LANES};
+
+// Every entry below runs only from a table of a tier that includes AVX2, which the registry
+// builds only on a CPU with AVX2 and FMA: the precondition of each `unsafe` kernel here.
+
+/// The AVX2 tier's entries (also the base of the AVX-512 VNNI tier's, which overrides most).
+pub(super) fn register(k: &mut Kernels) {
+    k.gemm.pack = pack;
+    k.gemm.name = name;
+    k.gemm.block = block;
+    k.gemm.tile = tile;
+    k.epilogue_u8 = epilogue::requantize_row;
+    k.depthwise.name = "avx2: per pixel, exact vpmaddwd";
+    k.depthwise.pack = depthwise::pack;
+    k.depthwise.pixel = depthwise::pixel;
+    k.depthwise.pixel_inside = Some(depthwise::pixel_inside);
+    k.add_u8 = AddKernel { lanes: 32, run: add::add_u8_avx2 };
+    k.f32.tile = fconv::tile_avx2;
+}
+
+/// The exact i16 layout and the `vpmaddubsw` panels with the layer's bound.
+fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
+    let pairs = Avx2Pairs { packed: pack_pairs(raw, n, k), max_input: pair_safe_max(raw, k) };
+    debug_assert!(pairs.max_input >= 128);
+    (Packed::Avx2(pack_avx2(raw, n, k)), Some(pairs))
+}
+
+fn name(w: &PackedWeights) -> String {
+    match &w.pairs {
+        Some(p) if p.max_input == 255 => "avx2: vpmaddubsw (cannot saturate)".into(),
+        Some(p) => format!("avx2: vpmaddubsw for input codes <= {}, exact vpmaddwd above", p.max_input),
+        None => unreachable!("AVX2 packing always builds the pair panels"),
+    }
+}
+
+/// `u8` output from dense rows, requantized on registers.
+///
+/// # Safety
+/// As `GemmKernels::block`.
+unsafe fn block(b: &Block<'_>) -> bool {
+    let (Packed::Avx2(exact), SinkKind::U8, Rows::Dense(a)) = (&b.w.packed, b.kind, b.src) else { return false };
+    let fused = FusedOut::of(b);
+    let pairs = b.w.pairs.as_ref().map(|p| (&p.packed[..], p.max_input));
+    // SAFETY: AVX2 and FMA (the table's tier); rows, columns and output as the caller
+    // promised; `cols.start` is a multiple of 16.
+    unsafe { gemm::avx2_fused_rows(&fused, a, b.rows.len(), exact, pairs, b.w.k) };
+    true
+}
+
+/// The pair kernel on up to 4 rows when every code of those rows is within the layer's bound
+/// (a pass over the rows, small beside the tile's K x ncols products), else the exact one on
+/// up to 3. Both give the same sums.
+///
+/// # Safety
+/// As `GemmKernels::tile`.
+unsafe fn tile(a: &QMatrix<'_>, r0: usize, rows: usize, w: &PackedWeights, cols: Range<usize>, t: &mut Tile) -> usize {
+    let Packed::Avx2(exact) = &w.packed else { unreachable!("AVX2 tiles read AVX2 packings") };
+    let mut mr = rows.min(4);
+    let aw = match &w.pairs {
+        Some(p)
+            if p.max_input == u8::MAX
+                || (r0..r0 + mr).all(|i| max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= p.max_input) =>
+        {
+            gemm::Avx2Weights::Pairs(&p.packed)
+        }
+        _ => {
+            mr = mr.min(3);
+            gemm::Avx2Weights::Exact(exact)
+        }
+    };
+    // SAFETY: AVX2 (the table's tier); operands as the caller promised; `Pairs` only for
+    // rows checked just now.
+    unsafe { gemm::avx2_tile(a, r0, mr, aw, w.k, cols.start / AVX2_LANES, cols.len(), t) };
+    mr
+}
+
+/// The largest byte of `row` (a vectorized reduction, no early exit).
+pub(crate) fn max_code(row: &[u8]) -> u8 {
+    row.iter().fold(0, |m, &v| m.max(v))
+}

@@ -4,6 +4,8 @@ use std::arch::x86_64::*;
 
 use crate::frame::conv::{FlatConsts, RowConsts};
 use crate::frame::gemm::REQUANT_LIMIT;
+use crate::frame::kernels::{DwPacked, DwRowKernels, DwWeights};
+use crate::frame::pack::PackedWeights;
 
 /// Interleaves four taps' 64 channels so that each 32-bit lane holds one channel's four tap
 /// bytes: vector `q`, 128-bit lane `l`, dword `d` is channel `16l + 4q + d` (byte unpacks
@@ -310,6 +312,85 @@ pub(crate) unsafe fn depthwise_rows_compute<const KH: usize>(
             let m: __mmask64 = (1u64 << last) - 1;
             // SAFETY: `last` writable bytes at the last chunk (precondition).
             unsafe { _mm512_mask_storeu_epi8(out.add(i * step).cast(), m, bytes) };
+        }
+    }
+}
+
+/// Weight layout of the VNNI depthwise kernel: per block of 64 channels, per group of 4 taps,
+/// four 64-byte vectors `q`; byte `4 * (4l + d) + t` of vector `q` is the weight of channel
+/// `64b + 16l + 4q + d` at tap `4g + t` (0 past the last channel or tap). That is the order
+/// in which byte unpacks leave the activations (see [`depthwise_vnni_pixel`]).
+pub(crate) fn pack_depthwise_vnni(taps: &PackedWeights) -> Vec<i8> {
+    let (c, t) = (taps.n, taps.k);
+    let (blocks, groups) = (c.div_ceil(64), t.div_ceil(4));
+    let mut out = vec![0i8; blocks * groups * 256];
+    for b in 0..blocks {
+        for g in 0..groups {
+            for q in 0..4 {
+                for l in 0..4 {
+                    for d in 0..4 {
+                        let ch = 64 * b + 16 * l + 4 * q + d;
+                        for tt in 0..4 {
+                            let tap = 4 * g + tt;
+                            if ch < c && tap < t {
+                                out[((b * groups + g) * 4 + q) * 64 + 4 * (4 * l + d) + tt] = taps.raw[ch * t + tap];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The table's packing: symmetric weights only.
+pub(crate) fn pack(taps: &PackedWeights) -> Option<DwPacked> {
+    taps.is_symmetric().then(|| DwPacked::I8(pack_depthwise_vnni(taps)))
+}
+
+/// The table's pixel entry: the sums, then the AVX2 epilogue.
+///
+/// # Safety
+/// AVX-512 VNNI available; as `DepthwiseKernels::pixel`.
+pub(crate) unsafe fn pixel(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, acc: &mut [i32], px: &mut [u8]) {
+    let DwPacked::I8(packed) = w.packed else { unreachable!("packed by `pack`") };
+    // SAFETY: forwarded preconditions; the tier includes AVX2 for the epilogue.
+    unsafe {
+        depthwise_vnni_pixel(taps, c, packed, acc);
+        crate::x86_64::avx2::epilogue::requantize_row(w.plan, &acc[..c], 0, 0, px);
+    }
+}
+
+/// The row-interleaved kernel's entries.
+pub(crate) const ROWS: DwRowKernels = DwRowKernels { build: depthwise_rows_build, compute: rows_compute };
+
+/// [`depthwise_rows_compute`] for `rows.len()` (1..=5) kernel rows.
+///
+/// # Safety
+/// As [`depthwise_rows_compute`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_compute(
+    rows: &[*const u8],
+    w: &[i8],
+    cs: &RowConsts,
+    class: usize,
+    count: usize,
+    step: usize,
+    last: usize,
+    out: *mut u8,
+) {
+    // SAFETY: forwarded preconditions.
+    unsafe {
+        match *rows {
+            [r0] => depthwise_rows_compute::<1>(&[r0], w, cs, class, count, step, last, out),
+            [r0, r1] => depthwise_rows_compute::<2>(&[r0, r1], w, cs, class, count, step, last, out),
+            [r0, r1, r2] => depthwise_rows_compute::<3>(&[r0, r1, r2], w, cs, class, count, step, last, out),
+            [r0, r1, r2, r3] => depthwise_rows_compute::<4>(&[r0, r1, r2, r3], w, cs, class, count, step, last, out),
+            [r0, r1, r2, r3, r4] => {
+                depthwise_rows_compute::<5>(&[r0, r1, r2, r3, r4], w, cs, class, count, step, last, out)
+            }
+            _ => unreachable!("the row kernel takes 1 to 5 kernel rows, not {}", rows.len()),
         }
     }
 }

@@ -133,3 +133,20 @@ pub(crate) unsafe fn depthwise_pixel_avx512(
         c0 += n;
     }
 }
+
+/// The table's depthwise entry (the tier argument is the table's own).
+///
+/// # Safety
+/// AVX-512 F available; as [`depthwise_pixel_avx512`].
+pub(crate) unsafe fn depthwise_pixel(
+    _isa: qtensor::isa::Isa,
+    taps: &[(usize, usize)],
+    x: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    o: &mut [f32],
+    act: Activation,
+) {
+    // SAFETY: forwarded preconditions.
+    unsafe { depthwise_pixel_avx512(taps, x, wt, bias, o, act) }
+}

@@ -26,3 +26,10 @@ pub(crate) unsafe fn lut_avx512vbmi(table: &[u8; 256], x: &[u8], out: &mut [u8])
     }
     i
 }
+
+/// The table's entry: [`lut_avx512vbmi`], the tail a byte at a time.
+pub(crate) fn lut(table: &[u8; 256], x: &[u8], out: &mut [u8]) {
+    // SAFETY: registered only on a CPU with AVX-512 F/BW (the tier) and VBMI (checked).
+    let done = unsafe { lut_avx512vbmi(table, x, out) };
+    crate::generic::lut::lut(table, &x[done..], &mut out[done..]);
+}

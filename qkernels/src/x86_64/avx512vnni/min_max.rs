@@ -35,3 +35,10 @@ pub(crate) unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
     }
     (l, h, any_nan)
 }
+
+/// The table's entry (the tier argument is the table's own).
+pub(crate) fn min_max(_isa: qtensor::isa::Isa, x: &[f32]) -> (f32, f32, usize) {
+    // SAFETY: registered only for the AVX-512 VNNI tier, on a CPU that has it (so AVX-512 F).
+    let (lo, hi, nan) = unsafe { min_max_avx512(x) };
+    (lo, hi, usize::from(nan))
+}

@@ -1,16 +1,19 @@
 //! Compiling one loop three times: baseline x86-64 (the scalar twin), AVX2 and AVX-512, and
-//! picking one at run time. For loops the compiler vectorises well (byte maxima, integer
+//! picking one at run time, for every kernel crate (qkernels' generic tier, qobserve's scans). For loops the compiler vectorises well (byte maxima, integer
 //! window sums), the same Rust code under `#[target_feature]` is the vector path; Rust keeps
 //! floating-point semantics exact, so the versions cannot differ, and the tests still compare
 //! them.
 
 /// `multiversion!(vis fn name(args) -> ret { body })` defines `name(isa, args) -> ret`, which
-/// runs `body` compiled for the best of `isa` and the CPU's tiers.
+/// runs `body` compiled for the best of `isa` and the CPU's tiers. On other architectures
+/// than x86-64 it is `body` as written (aarch64's baseline already has NEON, which the
+/// compiler uses).
+#[macro_export]
 macro_rules! multiversion {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
-        $vis fn $name(isa: qtensor::isa::Isa, $($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name(isa: $crate::isa::Isa, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn generic($($arg: $ty),*) $(-> $ret)? $body
 
@@ -30,9 +33,9 @@ macro_rules! multiversion {
             match isa.capped_to_supported() {
                 // SAFETY: the tier was capped to what this CPU supports; the AVX-512 VNNI
                 // tier implies AVX-512 F/BW/VL.
-                qtensor::isa::Isa::Avx512Vnni => return unsafe { avx512($($arg),*) },
+                $crate::isa::Isa::Avx512Vnni => return unsafe { avx512($($arg),*) },
                 // SAFETY: as above, AVX2 and FMA.
-                qtensor::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                $crate::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
                 _ => {}
             }
             let _ = isa;
@@ -40,5 +43,3 @@ macro_rules! multiversion {
         }
     };
 }
-
-pub(crate) use multiversion;
