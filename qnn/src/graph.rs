@@ -60,6 +60,8 @@ pub(crate) enum NodeOp<M> {
     Mul,
     /// The values concatenated along dimension 1.
     Cat,
+    /// The matrix product of two values, `[.., m, k] x [.., k, n]`, batch axes broadcast.
+    MatMul,
 }
 
 impl<M> NodeOp<M> {
@@ -70,6 +72,7 @@ impl<M> NodeOp<M> {
             NodeOp::Add => "add",
             NodeOp::Mul => "mul",
             NodeOp::Cat => "cat",
+            NodeOp::MatMul => "matmul",
         }
     }
 }
@@ -241,6 +244,7 @@ impl<M> Graph<M> {
                         NodeOp::Add => NodeOp::Add,
                         NodeOp::Mul => NodeOp::Mul,
                         NodeOp::Cat => NodeOp::Cat,
+                        NodeOp::MatMul => NodeOp::MatMul,
                     },
                     inputs: n.inputs,
                     output: n.output,
@@ -307,6 +311,18 @@ fn node_shape(n: &Node<Box<dyn Module>>, shapes: &[&[usize]]) -> Result<Vec<usiz
             format!("a second operand of the first's shape {:?}, or one of them [n, c, 1, 1]", shapes[0]),
             shapes[1],
         )),
+        NodeOp::MatMul => crate::ops::matmul::matmul_shape(shapes[0], shapes[1]).ok_or_else(|| {
+            err(
+                "matmul",
+                format!(
+                    "a right operand [.., {}, n] for the left one {:?} (rank 2 or more, batch axes equal, 1 or \
+                     missing)",
+                    shapes[0].last().copied().unwrap_or(0),
+                    shapes[0]
+                ),
+                shapes[1],
+            )
+        }),
         NodeOp::Cat => {
             let first = shapes[0];
             let fits = |s: &[usize]| s.len() == first.len() && s.len() >= 2 && s[0] == first[0] && s[2..] == first[2..];
@@ -331,6 +347,7 @@ pub(crate) fn node_forward<M: AsModule>(n: &Node<M>, xs: &[&ArrayD<f32>]) -> Res
         NodeOp::Add => add_f32(xs[0], xs[1], &n.name),
         NodeOp::Mul => mul_f32(xs[0], xs[1], &n.name),
         NodeOp::Cat => cat_dim1(&xs.iter().map(|x| (*x).clone()).collect::<Vec<_>>(), &n.name),
+        NodeOp::MatMul => crate::ops::matmul::matmul_f32(xs[0], xs[1], &n.name),
     }
 }
 
@@ -787,6 +804,16 @@ impl GraphBuilder {
     /// As [`GraphBuilder::layer`].
     pub fn mul(&mut self, name: &str, a: Tensor, b: Tensor) -> Result<Tensor> {
         self.push(name, NodeOp::Mul, vec![a, b])
+    }
+
+    /// `torch.matmul(a, b)` of two computed values: `[.., m, k] x [.., k, n]`, the batch axes
+    /// broadcast (equal, 1, or missing on one side); both of rank 2 or more. In int8 where
+    /// configured (kind `"matmul"`), `b` packed at run time.
+    ///
+    /// # Errors
+    /// As [`GraphBuilder::layer`].
+    pub fn matmul(&mut self, name: &str, a: Tensor, b: Tensor) -> Result<Tensor> {
+        self.push(name, NodeOp::MatMul, vec![a, b])
     }
 
     /// The tensors concatenated along dimension 1 (channels, or features).

@@ -21,6 +21,7 @@ use crate::ops::add::AddOp;
 use crate::ops::cat::CatOp;
 use crate::ops::conv::ConvOp;
 use crate::ops::fallback::FloatOp;
+use crate::ops::matmul::MatMulOp;
 use crate::ops::mul::MulOp;
 use crate::ops::stubs::PassOp;
 use crate::ops::{LowerCx, QOp};
@@ -722,6 +723,7 @@ impl Prepared {
                 NodeOp::Add => Box::new(AddOp::new([qs[0], qs[1]], joined(), int8)),
                 NodeOp::Mul => Box::new(MulOp::new([qs[0], qs[1]], joined(), int8)),
                 NodeOp::Cat => Box::new(CatOp::new(qs, joined(), int8)),
+                NodeOp::MatMul => Box::new(MatMulOp::new([qs[0], qs[1]], joined(), int8)),
             };
             // What the op writes: its own parameters (fixed ones for sigmoid-like tables),
             // else the observed ones (float ops), else its input's.

@@ -327,3 +327,83 @@ fn residual_additions_run_inside_their_convolutions_with_the_same_bits() {
         }
     }
 }
+
+/// Self-attention's two products of computed values (`q · kᵀ` and `scores · v`), with a
+/// float softmax between them: both products run in int8, the model stays close to float,
+/// and it runs alike at 2 threads and after a save and load.
+#[test]
+fn attention_products_of_two_computed_values_run_in_int8() {
+    use qnn::layers::{Linear, Permute, Softmax};
+    let build = || {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x");
+        let q = g.layer("q", Linear::new(8, 8), x).unwrap();
+        let k = g.layer("k", Linear::new(8, 8), x).unwrap();
+        let v = g.layer("v", Linear::new(8, 8), x).unwrap();
+        let kt = g.layer("kt", Permute { dims: vec![0, 2, 1] }, k).unwrap();
+        let s = g.matmul("scores", q, kt).unwrap();
+        let p = g.layer("softmax", Softmax { dim: -1 }, s).unwrap();
+        let o = g.matmul("context", p, v).unwrap();
+        g.output(o);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 3);
+        graph
+    };
+    let x = images(4, &[2, 5, 8]);
+    let float = build().run(std::slice::from_ref(&x)).unwrap().remove(0);
+    assert_eq!(float.shape(), &[2, 5, 8]);
+    let mut p = prepare(build(), &QConfigMapping::new(QConfig::default())).unwrap();
+    for s in 0..4 {
+        p.calibrate(&images(20 + s, &[2, 5, 8])).unwrap();
+    }
+    p.calibrate(&x).unwrap();
+    let mut q = p.convert().unwrap();
+    let entry = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().clone();
+    for name in ["scores", "context"] {
+        let e = entry(name);
+        assert_eq!((e.kind, e.mode), ("matmul", Mode::Int8), "{name}");
+    }
+    let int8 = q.forward(&x).unwrap();
+    let sqnr = sqnr_db(&float, &int8);
+    assert!(sqnr > 25.0, "int8 SQNR {sqnr:.1} dB");
+    q.set_threads(2);
+    assert_eq!(q.forward(&x).unwrap(), int8);
+    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), int8);
+    // Another number of tokens than calibrated: the products take any.
+    let longer = images(5, &[2, 7, 8]);
+    let f = build().run(std::slice::from_ref(&longer)).unwrap().remove(0);
+    assert!(sqnr_db(&f, &q.forward(&longer).unwrap()) > 20.0);
+}
+
+/// Products of 4-D values (heads), with a right operand broadcast over the batch: int8
+/// images are stored channels-last, and the product reads them in their logical order.
+#[test]
+fn four_dimensional_products_broadcast_their_batch() {
+    let build = || {
+        let mut g = GraphBuilder::new();
+        let (a, b) = (g.input("a"), g.input("b"));
+        let y = g.matmul("heads", a, b).unwrap();
+        g.output(y);
+        g.build().unwrap()
+    };
+    let xs = [images(6, &[2, 3, 5, 4]), images(7, &[1, 3, 4, 6])];
+    let float = build().run(&xs).unwrap().remove(0);
+    assert_eq!(float.shape(), &[2, 3, 5, 6]);
+    // The float product is ndarray's, batch by batch.
+    for (bi, hi) in [(0, 0), (1, 2)] {
+        let a = xs[0].slice(ndarray::s![bi, hi, .., ..]).into_dimensionality::<ndarray::Ix2>().unwrap();
+        let b = xs[1].slice(ndarray::s![0, hi, .., ..]).into_dimensionality::<ndarray::Ix2>().unwrap();
+        let want = a.dot(&b);
+        let got = float.slice(ndarray::s![bi, hi, .., ..]);
+        assert!(want.iter().zip(got.iter()).all(|(w, g)| (w - g).abs() <= 1e-6 * (1.0 + w.abs())));
+    }
+    let mut p = prepare(build(), &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate_inputs(&xs).unwrap();
+    let q = p.convert().unwrap();
+    let int8 = q.forward_inputs(&xs).unwrap().remove(0);
+    let sqnr = sqnr_db(&float, &int8);
+    assert!(sqnr > 30.0, "int8 SQNR {sqnr:.1} dB");
+    let e = build().run(&[images(6, &[2, 3, 5, 4]), images(7, &[2, 3, 5, 6])]).unwrap_err().to_string();
+    assert!(e.contains("heads") && e.contains("matmul") && e.contains("[2, 3, 5, 6]"), "{e}");
+}

@@ -372,7 +372,7 @@ impl Writer<'_> {
                 let q = own(a)?;
                 (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
             }
-            "Add" | "Mul" | "Cat" => {
+            "Add" | "Mul" | "Cat" | "MatMul" => {
                 let int8 = a["int8"].as_bool().unwrap_or(true);
                 let qs: Vec<(f32, i32)> = match a["qs"].as_array() {
                     Some(v) => v.iter().map(q_of).collect::<Result<_>>()?,
@@ -388,6 +388,7 @@ impl Writer<'_> {
                 match op {
                     "Add" => self.node("Add", name, &refs, &y, vec![]),
                     "Mul" => self.node("Mul", name, &refs, &y, vec![]),
+                    "MatMul" => self.node("MatMul", name, &refs, &y, vec![]),
                     _ => self.node("Concat", name, &refs, &y, vec![attr_i("axis", 1)]),
                 }
                 let y = if a["relu"].as_bool() == Some(true) { self.activation(name, y, &J::from("Relu")) } else { y };

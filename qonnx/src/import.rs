@@ -1313,10 +1313,28 @@ impl Importer {
     }
 
     fn gemm(&mut self, cx: &Cx<'_>) -> Result<Node> {
-        let x = self.graph_in(cx, 0)?;
         if cx.int("transA", 0) != 0 {
             return Err(cx.err("transA=1: qonnx takes the computed operand untransposed"));
         }
+        if matches!(self.value(cx, 1)?, Val::Node(_)) {
+            // A product of two computed matrices: alpha 1, and no C (or beta 0, or C zero).
+            let (alpha, beta) = (cx.float("alpha", 1.0), cx.float("beta", 1.0));
+            if alpha != 1.0 {
+                return Err(cx.err(format!("alpha={alpha} with a computed B: qonnx takes alpha=1 there")));
+            }
+            if cx.input(2).is_some() && beta != 0.0 {
+                let c = self.konst(cx, 2, "bias (C) of a product of computed values")?;
+                if c.to_f32().iter().any(|&v| v != 0.0) {
+                    return Err(cx.err(format!(
+                        "a non-zero C of shape {:?} added to a product of computed values: qonnx takes C = 0 \
+                         there (add it with an Add node)",
+                        c.shape
+                    )));
+                }
+            }
+            return self.product(cx, cx.int("transB", 0) != 0);
+        }
+        let x = self.graph_in(cx, 0)?;
         // Before opset 7 a C that is not [m, n] needs broadcast=1.
         if self.opset < 7 && cx.int("broadcast", 0) == 0 && cx.input(2).is_some() {
             let c = self.konst(cx, 2, "bias (C)")?;
@@ -1349,7 +1367,41 @@ impl Importer {
         self.linear(cx, &x, w, bias)
     }
 
+    /// The product of two computed values (`MatMul`, or `Gemm` with a computed B): batch axes
+    /// broadcast; with `trans_b`, B (a matrix) transposed first.
+    fn product(&mut self, cx: &Cx<'_>, trans_b: bool) -> Result<Node> {
+        for i in 0..2 {
+            if let Some(name) = cx.input(i) {
+                self.materialize(name)?;
+            }
+        }
+        let a = self.graph_in(cx, 0)?;
+        let mut b = self.graph_in(cx, 1)?;
+        if trans_b {
+            if b.shape.len() != 2 {
+                return Err(cx.err(format!("transB=1 with a computed B of shape {:?}: B must be a matrix", b.shape)));
+            }
+            b = self.layer(cx, ":transB", Box::new(Permute { dims: vec![1, 0] }), &b)?;
+        }
+        let shape = qnn::ops::matmul::matmul_shape(&a.shape, &b.shape).ok_or_else(|| {
+            cx.err(format!(
+                "inputs of shapes {:?} and {:?}: qonnx multiplies [.., m, k] by [.., k, n] (rank 2 or more, batch \
+                 axes equal, 1 or missing)",
+                a.shape, b.shape
+            ))
+        })?;
+        if elements(&shape).is_none() {
+            return Err(cx.err(format!("an output of shape {shape:?} is larger than qonnx computes (2^34 elements)")));
+        }
+        let name = self.fresh(&cx.name);
+        let t = self.b.matmul(&name, a.t, b.t)?;
+        Ok(Node { t, shape, batch: a.batch || b.batch, rows_of: None })
+    }
+
     fn matmul(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Node> {
+        if matches!(self.value(cx, 1)?, Val::Node(_)) {
+            return self.product(cx, false);
+        }
         let x = self.graph_in(cx, 0)?;
         let b = self.konst(cx, 1, "weight")?;
         if b.shape.len() != 2 {

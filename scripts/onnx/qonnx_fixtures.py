@@ -18,6 +18,7 @@ Runtime's int8 SQNR against its fp32 output, and the nodes it leaves in float).
 
 import json
 import os
+import sys
 import shutil
 import tempfile
 import warnings
@@ -168,6 +169,21 @@ class Mlp(nn.Module):
         return self.net(x)
 
 
+class Attention(nn.Module):
+    """Single-head self-attention on tokens: the two products of computed values (q . k^T,
+    then the weights . v), a softmax between them, linear layers around. The 1/sqrt(d) scale
+    is folded into q's weights, as exporters of trained models often leave it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        return self.out(torch.softmax(scores, dim=-1) @ self.v(x))
+
+
 # case: (module, input shape without the batch, opset, exporter)
 CASES = {
     "convnet": (ConvNet, (3, 16, 16), 17, "torchscript"),
@@ -180,6 +196,7 @@ CASES = {
     "mlp": (Mlp, (20,), 17, "torchscript"),
     "convnext_block": (ConvNextBlock, (3, 32, 32), 17, "torchscript"),
     "convnet_dynamo": (ConvNet, (3, 16, 16), 18, "dynamo"),
+    "attention": (Attention, (6, 16), 17, "torchscript"),
 }
 
 
@@ -286,11 +303,21 @@ def write_case(name, ctor, shape, opset, exporter, seed):
 
 
 def main():
+    """Writes every case, or only the cases named on the command line (the others kept)."""
     warnings.filterwarnings("ignore")
-    if os.path.exists(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(OUT)
+    only = sys.argv[1:]
+    if only:
+        for name in only:
+            if name not in CASES:
+                sys.exit(f"unknown case {name}; cases: {', '.join(CASES)}")
+            shutil.rmtree(os.path.join(OUT, name), ignore_errors=True)
+    else:
+        if os.path.exists(OUT):
+            shutil.rmtree(OUT)
+        os.makedirs(OUT)
     for i, (name, (ctor, shape, opset, exporter)) in enumerate(CASES.items()):
+        if only and name not in only:
+            continue
         try:
             write_case(name, ctor, shape, opset, exporter, seed=100 + i)
         except Exception as e:  # noqa: BLE001 - an exporter this environment lacks is reported, not fatal

@@ -101,6 +101,7 @@ pub mod conv;
 pub mod fallback;
 pub mod layernorm;
 pub mod linear;
+pub mod matmul;
 pub mod mul;
 pub mod pad;
 pub mod pool;
@@ -376,6 +377,7 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     stubs::QUANTIZE,
     add::OP,
     mul::OP,
+    matmul::OP,
     cat::OP,
     fallback::FLOAT,
     fallback::INT8_LAYER,
@@ -460,7 +462,7 @@ pub fn register_int8_layer(kind: &str, load: Int8LayerLoader) -> Result<()> {
 }
 
 /// The kinds of nodes that are not layers, and of containers.
-const OTHER_KINDS: [&str; 8] = ["add", "mul", "cat", "Sequential", "Residual", "Concat", "Graph", "Module"];
+const OTHER_KINDS: [&str; 9] = ["add", "mul", "matmul", "cat", "Sequential", "Residual", "Concat", "Graph", "Module"];
 
 /// A kind's `'static` name, for plans loaded from files: a built-in layer's, a graph op's or
 /// a container's, or a registered layer's.

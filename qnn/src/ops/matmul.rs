@@ -1,0 +1,333 @@
+//! The matrix product of two computed values (`torch.matmul`, ONNX `MatMul` with both inputs
+//! computed at run time: attention's `Q·Kᵀ` and `attention·V`): `[.., m, k] x [.., k, n]`,
+//! the leading (batch) axes broadcast as NumPy does. In float, `ndarray`'s product per batch;
+//! in int8, each batch's right operand is packed at run time as the GEMM's weights (its codes
+//! shifted to i8 with the zero point shifted alike, so the products are exact) and the sums
+//! requantized to the observed output parameters, FBGEMM's epilogue as every int8 layer's.
+
+use ndarray::{ArrayD, ArrayView2, Ix2, IxDyn};
+use qkernels::{GemmOutput, OutputQuant, PackedWeights, QMatrix, QuantU8};
+use qtensor::{DType, QParams, QTensor, QuantRange};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, op_err, parse, OpWriter, QOp, SavedQ};
+use crate::error::{NnError, Result};
+use crate::quant::{budget, quantized, Run, Value};
+use crate::scratch;
+
+/// The output shape of `a x b`: both of rank 2 or more, `a`'s last axis `b`'s second to
+/// last, the batch axes broadcast (equal, or 1, or missing on one side). `None` otherwise.
+pub fn matmul_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let (ra, rb) = (a.len(), b.len());
+    if ra < 2 || rb < 2 || a[ra - 1] != b[rb - 2] {
+        return None;
+    }
+    let rank = ra.max(rb);
+    let mut out = Vec::with_capacity(rank);
+    for i in 0..rank - 2 {
+        // Axis i of the output, right-aligned in each operand's batch axes.
+        let da = if i + ra >= rank { a[i + ra - rank] } else { 1 };
+        let db = if i + rb >= rank { b[i + rb - rank] } else { 1 };
+        out.push(match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        });
+    }
+    out.extend([a[ra - 2], b[rb - 1]]);
+    Some(out)
+}
+
+fn shape_err(a: &[usize], b: &[usize], name: &str) -> NnError {
+    NnError::Shape {
+        module: name.to_string(),
+        kind: "matmul",
+        expected: format!(
+            "a right operand [.., {}, n] for the left one {a:?} (rank 2 or more, batch axes equal, 1 or missing)",
+            a.last().copied().unwrap_or(0)
+        ),
+        got: b.to_vec(),
+    }
+}
+
+/// For each batch of the output (in order), the offsets of its `a` and `b` matrices, in
+/// matrices from each operand's start.
+fn batch_offsets(a: &[usize], b: &[usize], out: &[usize]) -> Vec<(usize, usize)> {
+    let rank = out.len();
+    let batches: usize = out[..rank - 2].iter().product();
+    // Per output batch axis: the operands' strides in matrices (0 where broadcast).
+    let strides = |s: &[usize]| {
+        let r = s.len();
+        let mut st = vec![0usize; rank - 2];
+        let mut acc = 1;
+        for i in (0..rank - 2).rev() {
+            if i + r >= rank {
+                let d = s[i + r - rank];
+                st[i] = if d == 1 { 0 } else { acc };
+                acc *= d;
+            }
+        }
+        st
+    };
+    let (sa, sb) = (strides(a), strides(b));
+    (0..batches)
+        .map(|mut t| {
+            let (mut oa, mut ob) = (0, 0);
+            for i in (0..rank - 2).rev() {
+                let idx = t % out[i];
+                t /= out[i];
+                oa += idx * sa[i];
+                ob += idx * sb[i];
+            }
+            (oa, ob)
+        })
+        .collect()
+}
+
+/// `a x b` in float.
+pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
+    let out = matmul_shape(a.shape(), b.shape()).ok_or_else(|| shape_err(a.shape(), b.shape(), name))?;
+    let (m, k, n) = (out[out.len() - 2], a.shape()[a.ndim() - 1], out[out.len() - 1]);
+    let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
+    let (da, db) = (a.as_slice().expect("standard layout"), b.as_slice().expect("standard layout"));
+    let mut y = Vec::with_capacity(out.iter().product());
+    for (oa, ob) in batch_offsets(a.shape(), b.shape(), &out) {
+        let am = ArrayView2::from_shape((m, k), &da[oa * m * k..][..m * k]).expect("a batch's matrix");
+        let bm = ArrayView2::from_shape((k, n), &db[ob * k * n..][..k * n]).expect("a batch's matrix");
+        y.extend(am.dot(&bm).iter());
+    }
+    Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the output's length"))
+}
+
+/// A 4-D value's NHWC bytes (how int8 images are stored) in logical NCHW order, or the
+/// bytes as they are for other ranks.
+fn logical(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
+    let [n, c, h, w] = shape[..] else { return data };
+    let mut out = scratch::take(data.len());
+    for b in 0..n {
+        let (src, dst) = (&data[b * c * h * w..][..c * h * w], &mut out[b * c * h * w..][..c * h * w]);
+        for (p, px) in src.chunks_exact(c).enumerate() {
+            for (ch, &v) in px.iter().enumerate() {
+                dst[ch * h * w + p] = v;
+            }
+        }
+    }
+    scratch::give(data);
+    out
+}
+
+/// Logical NCHW bytes of a 4-D value in NHWC storage order (the inverse of [`logical`]).
+fn stored(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
+    let [n, c, h, w] = shape[..] else { return data };
+    let mut out = scratch::take(data.len());
+    for b in 0..n {
+        let (src, dst) = (&data[b * c * h * w..][..c * h * w], &mut out[b * c * h * w..][..c * h * w]);
+        for (p, px) in dst.chunks_exact_mut(c).enumerate() {
+            for (ch, v) in px.iter_mut().enumerate() {
+                *v = src[ch * h * w + p];
+            }
+        }
+    }
+    scratch::give(data);
+    out
+}
+
+/// The product in the converted model.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct MatMulOp {
+    qs: [SavedQ; 2],
+    out_q: SavedQ,
+    int8: bool,
+}
+
+impl MatMulOp {
+    pub(crate) fn new(qs: [QuantU8; 2], out_q: QuantU8, int8: bool) -> Self {
+        MatMulOp { qs: [qs[0].into(), qs[1].into()], out_q: out_q.into(), int8 }
+    }
+    fn params(&self) -> [QuantU8; 3] {
+        [self.qs[0].0, self.qs[1].0, self.out_q.0]
+    }
+}
+
+pub(crate) const OP: (&str, super::OpLoader) =
+    ("MatMul", |j, _, node| Ok(Box::new(parse::<MatMulOp>(j, node, "MatMul")?)));
+
+/// `a x b` on codes: `a` (`[m, k]` per batch, parameters `qa`) times `b` (`[k, n]`, `qb`),
+/// requantized to `qo`, written into `y` (`[m, n]` per batch).
+#[allow(clippy::too_many_arguments)]
+fn matmul_u8(
+    (da, ashape, qa): (&[u8], &[usize], QuantU8),
+    (db, bshape, qb): (&[u8], &[usize], QuantU8),
+    out: &[usize],
+    qo: QuantU8,
+    y: &mut [u8],
+    threads: usize,
+) -> Result<()> {
+    let (m, k, n) = (out[out.len() - 2], ashape[ashape.len() - 1], out[out.len() - 1]);
+    let quant = OutputQuant { scale: qo.scale, zero_point: qo.zero_point, activation: qkernels::Activation::None };
+    // The right operand's codes as i8 weights: `b - 128`, zero point `zb - 128`, so that
+    // `w - zw == b - zb` exactly.
+    let params = QParams::PerTensor { scale: qb.scale, zero_point: qb.zero_point - 128 };
+    let mut bt = vec![0i8; n * k];
+    for (t, (oa, ob)) in batch_offsets(ashape, bshape, out).into_iter().enumerate() {
+        let bm = &db[ob * k * n..][..k * n];
+        for (kk, row) in bm.chunks_exact(n).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                bt[j * k + kk] = (v ^ 0x80) as i8;
+            }
+        }
+        let w = QTensor::from_int_repr(
+            ndarray::Array::from_shape_vec(Ix2(n, k), bt.clone()).expect("n x k"),
+            params.clone(),
+            QuantRange::full(DType::I8),
+        )
+        .map_err(op_err)?;
+        let w = PackedWeights::new(&w).map_err(op_err)?;
+        let a = QMatrix { data: &da[oa * m * k..][..m * k], m, k, lda: k, scale: qa.scale, zero_point: qa.zero_point };
+        let yt = &mut y[t * m * n..][..m * n];
+        qkernels::gemm(&a, &w, None, GemmOutput::U8 { data: yt, ldc: n, quant }, threads).map_err(op_err)?;
+    }
+    Ok(())
+}
+
+impl QOp for MatMulOp {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
+        let b = args.pop().expect("two inputs");
+        let a = args.pop().expect("two inputs");
+        if !self.int8 {
+            return Ok(Value::F32(matmul_f32(&a.into_f32(), &b.into_f32(), "")?));
+        }
+        let [qa, qb, qo] = self.params();
+        let (ad, ashape, aq) = quantized(a, qa)?;
+        let (bd, bshape, bq) = quantized(b, qb)?;
+        let out = matmul_shape(&ashape, &bshape).ok_or_else(|| shape_err(&ashape, &bshape, ""))?;
+        let len = budget(&out, 1, run, "matmul")?;
+        let (ad, bd) = (logical(ad, &ashape), logical(bd, &bshape));
+        let mut y = scratch::take(len);
+        let done = matmul_u8((&ad, &ashape, aq), (&bd, &bshape, bq), &out, qo, &mut y, run.threads);
+        scratch::give(ad);
+        scratch::give(bd);
+        done?;
+        Ok(Value::U8 { data: stored(y, &out), shape: out, q: qo })
+    }
+    fn out_q(&self) -> Option<QuantU8> {
+        Some(self.params()[2])
+    }
+    fn quantizes_input(&self, k: usize, _in_q: QuantU8) -> Option<QuantU8> {
+        self.int8.then(|| self.params()[k])
+    }
+    fn takes_inputs(&self, n: usize) -> bool {
+        n == 2
+    }
+    /// A right operand without batch axes is shared by every image: never split by batch.
+    fn images_apart(&self) -> bool {
+        false
+    }
+    fn kernel(&self) -> Option<String> {
+        self.int8.then(|| format!("GEMM, right operand packed per call, {}", qkernels_kernel_name()))
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
+    }
+    any_methods!();
+}
+
+/// The GEMM micro-kernel the selected tier runs.
+fn qkernels_kernel_name() -> String {
+    let w = QTensor::from_int_repr(
+        ndarray::Array::from_shape_vec(Ix2(1, 1), vec![0i8]).expect("1 x 1"),
+        QParams::PerTensor { scale: 1.0, zero_point: 0 },
+        QuantRange::full(DType::I8),
+    )
+    .and_then(|w| PackedWeights::new(&w));
+    w.map(|w| w.kernel()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_broadcast_their_batch_axes() {
+        assert_eq!(matmul_shape(&[2, 3], &[3, 4]), Some(vec![2, 4]));
+        assert_eq!(matmul_shape(&[5, 2, 3], &[3, 4]), Some(vec![5, 2, 4]));
+        assert_eq!(matmul_shape(&[1, 2, 3], &[6, 3, 4]), Some(vec![6, 2, 4]));
+        assert_eq!(matmul_shape(&[2, 1, 7, 3], &[4, 3, 5]), Some(vec![2, 4, 7, 5]));
+        assert_eq!(matmul_shape(&[2, 3], &[4, 5]), None);
+        assert_eq!(matmul_shape(&[2, 2, 3], &[3, 3, 4]), None);
+        assert_eq!(matmul_shape(&[3], &[3, 4]), None);
+    }
+
+    #[test]
+    fn batch_offsets_follow_broadcasting() {
+        let out = matmul_shape(&[2, 1, 7, 3], &[4, 3, 5]).unwrap();
+        let offs = batch_offsets(&[2, 1, 7, 3], &[4, 3, 5], &out);
+        assert_eq!(offs, vec![(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3)]);
+    }
+
+    /// The int8 product equals the exact integer sums requantized by FBGEMM's formula
+    /// (`round_half_even(raw * (sa * sb / so)) + zo`, clamped), batch by batch, with a right
+    /// operand broadcast over the batch.
+    #[test]
+    fn int8_products_are_the_exact_sums_requantized() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (ashape, bshape) in
+            [(vec![3, 4, 37], vec![37, 19]), (vec![2, 1, 7, 5], vec![3, 5, 70]), (vec![1, 1], vec![1, 1])]
+        {
+            let out = matmul_shape(&ashape, &bshape).unwrap();
+            let la: usize = ashape.iter().product();
+            let lb: usize = bshape.iter().product();
+            let da: Vec<u8> = (0..la).map(|_| next() as u8).collect();
+            let db: Vec<u8> = (0..lb).map(|_| next() as u8).collect();
+            let (qa, qb) = (QuantU8 { scale: 0.02, zero_point: 131 }, QuantU8 { scale: 0.013, zero_point: 7 });
+            let qo = QuantU8 { scale: 0.9, zero_point: 120 };
+            let mut y = vec![0u8; out.iter().product()];
+            matmul_u8((&da, &ashape, qa), (&db, &bshape, qb), &out, qo, &mut y, 1).unwrap();
+            let (m, k, n) = (out[out.len() - 2], ashape[ashape.len() - 1], out[out.len() - 1]);
+            let mult = qa.scale * qb.scale / qo.scale;
+            let mut clamped = 0;
+            for (t, (oa, ob)) in batch_offsets(&ashape, &bshape, &out).into_iter().enumerate() {
+                for i in 0..m {
+                    for j in 0..n {
+                        let raw: i32 = (0..k)
+                            .map(|kk| {
+                                (da[oa * m * k + i * k + kk] as i32 - qa.zero_point)
+                                    * (db[ob * k * n + kk * n + j] as i32 - qb.zero_point)
+                            })
+                            .sum();
+                        let want = ((raw as f32 * mult).round_ties_even() as i32 + qo.zero_point).clamp(0, 255);
+                        clamped += usize::from(want == 0 || want == 255);
+                        assert_eq!(
+                            y[t * m * n + i * n + j] as i32,
+                            want,
+                            "{ashape:?} x {bshape:?} batch {t} ({i}, {j})"
+                        );
+                    }
+                }
+            }
+            // The cases exercise the range, not the clamp.
+            assert!(clamped * 10 < y.len(), "{clamped} of {} clamped", y.len());
+        }
+    }
+
+    #[test]
+    fn logical_and_stored_are_inverse() {
+        let shape = [2, 3, 2, 2];
+        let data: Vec<u8> = (0..24).collect();
+        let back = stored(logical(data.clone(), &shape), &shape);
+        assert_eq!(back, data);
+        // NHWC (0, 0, 0, 1) is channel 1 of pixel 0: logical index 1 * h * w.
+        assert_eq!(logical(data, &shape)[4], 1);
+    }
+}
