@@ -47,7 +47,7 @@ pub const SUPPORTED: &[&str] = &[
     "HardSwish",
     "Identity",
     "LayerNormalization (last axis)",
-    "MatMul (constant weight)",
+    "MatMul",
     "MaxPool",
     "Mul",
     "Pad",

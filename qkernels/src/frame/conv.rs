@@ -777,9 +777,12 @@ impl PackedConv2d {
         if g.padding == [0, 0] && slack == 0 {
             return run(x.data);
         }
-        with_scratch(&SCRATCH, |buf| {
-            pad_image(x, g.padding, false, slack, buf);
-            run(buf);
+        // In the pool, so that the padding's rows are shared between its threads.
+        crate::threads::run_with(threads, || {
+            with_scratch(&SCRATCH, |buf| {
+                pad_image(x, g.padding, false, slack, threads > 1, buf);
+                run(buf);
+            })
         });
     }
 
@@ -820,7 +823,7 @@ impl PackedConv2d {
         let per = total.div_ceil(bands).max(1);
         with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, false, 64, buf);
+            pad_image(x, g.padding, false, 64, threads > 1, buf);
             let padded: &[u8] = buf;
             let band = |(bi, out_band): (usize, &mut [u8])| {
                 with_scratch(&ROWS, |ring| {
@@ -926,7 +929,7 @@ impl PackedConv2d {
         }
         with_scratch(&SCRATCH, |buf| {
             // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, phased, 64, buf);
+            pad_image(x, g.padding, phased, 64, parallel, buf);
             let padded: &[u8] = buf;
             let row = |(orow, out_row): (usize, &mut [u8])| {
                 let (b, oy) = (orow / oh, orow % oh);
@@ -1056,7 +1059,8 @@ fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
 /// stand for real zeros), followed by `slack` more bytes of it; layout NHWC with the padded
 /// height and width. With `phased`, every padded row holds its even pixels (columns 0, 2,
 /// ...; `wp.div_ceil(2)` of them) and then its odd ones, each pixel's `c` bytes together.
-fn pad_image(x: &QImage<'_>, padding: [usize; 2], phased: bool, slack: usize, buf: &mut Vec<u8>) {
+/// With `parallel` (inside a pool of several threads), rows are shared between the threads.
+fn pad_image(x: &QImage<'_>, padding: [usize; 2], phased: bool, slack: usize, parallel: bool, buf: &mut Vec<u8>) {
     let c = x.c;
     let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
     let zp = x.zero_point as u8;
@@ -1064,29 +1068,33 @@ fn pad_image(x: &QImage<'_>, padding: [usize; 2], phased: bool, slack: usize, bu
     buf.resize(x.n * hp * wp * c + slack, 0);
     let (row, side) = (wp * c, padding[1] * c);
     let odd_at = wp.div_ceil(2) * c;
-    let mut rows = buf.chunks_exact_mut(row.max(1));
-    for b in 0..x.n {
-        for py in 0..hp {
-            let dst = rows.next().expect("n * hp rows");
-            let Some(y) = py.checked_sub(padding[0]).filter(|&y| y < x.h) else {
-                dst.fill(zp);
-                continue;
-            };
-            let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
-            if !phased {
-                dst[..side].fill(zp);
-                dst[side..side + x.w * c].copy_from_slice(src);
-                dst[side + x.w * c..].fill(zp);
-                continue;
-            }
-            for px in 0..wp {
-                let at = (px % 2) * odd_at + (px / 2) * c;
-                match px.checked_sub(padding[1]).filter(|&ix| ix < x.w) {
-                    Some(ix) => dst[at..at + c].copy_from_slice(&src[ix * c..(ix + 1) * c]),
-                    None => dst[at..at + c].fill(zp),
-                }
+    let fill = |(r, dst): (usize, &mut [u8])| {
+        let (b, py) = (r / hp, r % hp);
+        let Some(y) = py.checked_sub(padding[0]).filter(|&y| y < x.h) else {
+            dst.fill(zp);
+            return;
+        };
+        let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+        if !phased {
+            dst[..side].fill(zp);
+            dst[side..side + x.w * c].copy_from_slice(src);
+            dst[side + x.w * c..].fill(zp);
+            return;
+        }
+        for px in 0..wp {
+            let at = (px % 2) * odd_at + (px / 2) * c;
+            match px.checked_sub(padding[1]).filter(|&ix| ix < x.w) {
+                Some(ix) => dst[at..at + c].copy_from_slice(&src[ix * c..(ix + 1) * c]),
+                None => dst[at..at + c].fill(zp),
             }
         }
+    };
+    let image = &mut buf[..x.n * hp * row];
+    // Below about 64 KiB a copy takes less than handing half of it to another thread.
+    if parallel && row > 0 && image.len() >= 1 << 16 {
+        image.par_chunks_mut(row).enumerate().for_each(fill);
+    } else {
+        image.chunks_exact_mut(row.max(1)).enumerate().for_each(fill);
     }
     buf[x.n * hp * row..].fill(zp);
 }

@@ -652,17 +652,61 @@ pub(crate) fn gemm_conv(
     crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &sink, threads > 1));
 }
 
+/// Rows per task block for `m` rows and the column blocks `cols` (their widths) on `threads`
+/// threads: at most [`MC`], in whole tiles of six rows. On several threads with fewer than
+/// four tasks per thread, the row count among those up to twice as many blocks as [`MC`]
+/// needs (plus one per thread) whose tasks, dealt largest first to
+/// the least loaded thread, finish soonest (each task's work counted in whole tiles), the
+/// fewest blocks on a tie: MobileNetV2's 7 x 7 layers (49 rows, 160 columns in blocks of
+/// 64, 64 and 32) split their rows in two, so that two threads share six tasks evenly instead
+/// of three unevenly.
+pub(crate) fn rows_per_block(m: usize, cols: &[usize], threads: usize) -> usize {
+    let base = m.div_ceil(MC).max(1);
+    let rows_of = |blocks: usize| m.div_ceil(blocks).next_multiple_of(6).clamp(1, MC);
+    // Many tasks even out by themselves.
+    if threads <= 1 || m == 0 || base * cols.len() >= 4 * threads {
+        return MC;
+    }
+    let makespan = |mc: usize| {
+        let mut tasks: Vec<usize> = Vec::new();
+        for r0 in (0..m).step_by(mc) {
+            let rows = (m - r0).min(mc).next_multiple_of(6);
+            tasks.extend(cols.iter().map(|c| rows * c.next_multiple_of(16)));
+        }
+        tasks.sort_unstable_by(|a, b| b.cmp(a));
+        let mut load = vec![0usize; threads];
+        for t in tasks {
+            *load.iter_mut().min().expect("threads > 1") += t;
+        }
+        load.into_iter().max().unwrap_or(0)
+    };
+    let mut best = (makespan(MC), MC);
+    for blocks in base..=2 * base + threads {
+        let mc = rows_of(blocks);
+        if mc < 6 || mc == best.1 {
+            continue;
+        }
+        let span = makespan(mc);
+        if span < best.0 {
+            best = (span, mc);
+        }
+    }
+    best.1
+}
+
 fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink<'_>, parallel: bool) {
     let m = a.m();
-    let mblocks = m.div_ceil(MC);
     // Columns split evenly in whole 16-column panels, at most NC per block: 144 columns
     // make three blocks of 48 rather than 64 + 64 + 16, whose last tile would run at a third
     // of the others' efficiency.
     let nc = w.n.div_ceil(w.n.div_ceil(NC).max(1)).next_multiple_of(VNNI_LANES).clamp(VNNI_LANES, NC);
     let nblocks = w.n.div_ceil(nc);
+    let widths: Vec<usize> = (0..nblocks).map(|b| ((b + 1) * nc).min(w.n) - b * nc).collect();
+    let mc = rows_per_block(m, &widths, if parallel { rayon::current_num_threads() } else { 1 });
+    let mblocks = m.div_ceil(mc);
     let task = |t: usize| {
         let (nb, mb) = (t / mblocks, t % mblocks);
-        let rows = mb * MC..((mb + 1) * MC).min(m);
+        let rows = mb * mc..((mb + 1) * mc).min(m);
         let cols = nb * nc..((nb + 1) * nc).min(w.n);
         block(a, w, plan, rowsums, sink, rows, cols);
     };
@@ -795,6 +839,29 @@ fn epilogue_row(k: &Kernels, plan: &Plan, acc: &[i32], rowsum: i32, j0: usize, s
                 relu,
                 out,
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_blocks_balance_few_tasks_between_threads() {
+        // One thread, or plenty of rows: blocks of up to MC rows, as before.
+        assert_eq!(rows_per_block(196, &[64], 1), 96);
+        assert_eq!(rows_per_block(3136, &[64], 2), 96);
+        // 49 rows by 64 + 64 + 32 columns on two threads: two row blocks, six tasks.
+        assert_eq!(rows_per_block(49, &[64, 64, 32], 2), 30);
+        // 196 rows by 64 columns: 96 + 96 + 4 is already even (100 against 96).
+        assert_eq!(rows_per_block(196, &[64], 2), 96);
+        // Whole tiles of six rows, never more than MC.
+        for m in [1, 5, 6, 7, 49, 95, 96, 97, 196, 784] {
+            for threads in 1..=4 {
+                let mc = rows_per_block(m, &[64, 48], threads);
+                assert!(mc <= MC && (mc.is_multiple_of(6) || mc == MC), "m {m} threads {threads}: {mc}");
+            }
         }
     }
 }
