@@ -557,7 +557,14 @@ impl Prepared {
         }
         for (n, p) in g.nodes.iter().zip(&self.nodes) {
             value_fit[n.output.0] = match (&p.mode, p.obs) {
-                (Mode::Int8SameParams, _) => value_fit[n.inputs[0].0].clone(),
+                (Mode::Int8SameParams, _) => match (&n.op, value_fit[n.inputs[0].0].clone()) {
+                    // A scalar product keeps the codes and scales the grid.
+                    (NodeOp::Layer(m), Some(inner)) if m.as_any().is::<crate::layers::MulScalar>() => {
+                        let factor = m.as_any().downcast_ref::<crate::layers::MulScalar>().expect("checked").factor;
+                        Some(Arc::new(crate::ops::scalar::ScaledFit { inner, factor }) as Arc<dyn Fitted>)
+                    }
+                    (_, fit) => fit,
+                },
                 (Mode::Int8 | Mode::Float(_) | Mode::Dynamic, Some(k)) if int8(&p.mode) || int8_read[n.output.0] => {
                     let tensor = format!("{} output", n.name);
                     Some(Arc::from(activation_fit(self.obs[k].as_ref(), p.cfg.as_ref(), &tensor)?))

@@ -407,3 +407,41 @@ fn four_dimensional_products_broadcast_their_batch() {
     let e = build().run(&[images(6, &[2, 3, 5, 4]), images(7, &[2, 3, 5, 6])]).unwrap_err().to_string();
     assert!(e.contains("heads") && e.contains("matmul") && e.contains("[2, 3, 5, 6]"), "{e}");
 }
+
+/// A product by a constant scalar (attention's `1 / sqrt(d)`, and a negative one) runs in
+/// int8 as PyTorch's `quantized::mul_scalar`: the codes kept (or mirrored) and the scale
+/// multiplied, nothing observed; the simulation scales its grid alike.
+#[test]
+fn scalar_products_change_parameters_not_codes() {
+    use qnn::layers::{Linear, MulScalar};
+    let build = || {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x");
+        let y = g.layer("fc1", Linear::new(8, 8), x).unwrap();
+        let y = g.layer("scale", MulScalar { factor: 0.25 }, y).unwrap();
+        let y = g.layer("negate", MulScalar { factor: -1.5 }, y).unwrap();
+        let y = g.layer("fc2", Linear::new(8, 4), y).unwrap();
+        g.output(y);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 11);
+        graph
+    };
+    let x = images(8, &[3, 5, 8]);
+    let float = build().run(std::slice::from_ref(&x)).unwrap().remove(0);
+    let mut p = prepare(build(), &QConfigMapping::new(QConfig::default())).unwrap();
+    for s in 0..3 {
+        p.calibrate(&images(30 + s, &[3, 5, 8])).unwrap();
+    }
+    let simulated = p.simulate(&x).unwrap();
+    let q = p.convert().unwrap();
+    for name in ["scale", "negate"] {
+        let e = q.plan().iter().find(|e| e.name == name).unwrap();
+        assert_eq!((e.kind, &e.mode), ("MulScalar", &Mode::Int8SameParams), "{name}");
+    }
+    let int8 = q.forward(&x).unwrap();
+    assert!(sqnr_db(&float, &int8) > 30.0, "{:.1} dB", sqnr_db(&float, &int8));
+    // The simulation quantizes the scaled values on the scaled grid, as the int8 model does.
+    assert!(sqnr_db(&int8, &simulated) > 60.0, "simulation {:.1} dB from int8", sqnr_db(&int8, &simulated));
+    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), int8);
+}

@@ -399,6 +399,15 @@ impl Writer<'_> {
                     (y, Repr::Float)
                 }
             }
+            "MulScalar" => {
+                let x = self.read(first, Some(in_q), name)?;
+                let factor = a["factor"].as_f64().ok_or_else(|| err(format!("{name}: no factor")))? as f32;
+                let c = self.float_scalar(&format!("{name}.factor"), factor);
+                let y = format!("{name}.y");
+                self.node("Mul", name, &[&x, &c], &y, vec![]);
+                let q = q_of(&a["out"])?;
+                (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
+            }
             "Lut" => {
                 let x = self.read(first, Some(q_of(&a["in_q"])?), name)?;
                 let y = format!("{name}.y");
@@ -645,6 +654,11 @@ impl Writer<'_> {
         let la = &a["attrs"];
         match layer {
             "Softmax" => self.node("Softmax", name, &[x], y, vec![attr_i("axis", la["dim"].as_i64().unwrap_or(-1))]),
+            "MulScalar" => {
+                let factor = la["factor"].as_f64().ok_or_else(|| err(format!("{name}: no factor")))? as f32;
+                let c = self.float_scalar(&format!("{name}.factor"), factor);
+                self.node("Mul", name, &[x, &c], y, vec![]);
+            }
             "LayerNorm" => {
                 let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
                 let b = self.float_tensor(name, la["bias"].as_str().unwrap_or(""))?;
@@ -665,7 +679,7 @@ impl Writer<'_> {
             }
             other => {
                 return Err(err(format!(
-                "node '{name}' runs in float as a {other}; the export writes float Softmax, LayerNorm, Conv2d and Linear layers"
+                "node '{name}' runs in float as a {other}; the export writes float Softmax, LayerNorm, MulScalar, Conv2d and Linear layers"
             )))
             }
         }

@@ -14,8 +14,8 @@ use ndarray::{ArrayD, IxDyn};
 use qnn::layers::FusedAct;
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Flatten, HardSigmoid, Hardswish,
-    Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SiLU,
-    Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
+    Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape,
+    RowsImage, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
@@ -49,7 +49,7 @@ pub const SUPPORTED: &[&str] = &[
     "LayerNormalization (last axis)",
     "MatMul",
     "MaxPool",
-    "Mul",
+    "Mul (computed values; by a constant per channel of an image, or by a scalar)",
     "Pad",
     "ReduceMean (spatial axes)",
     "Relu",
@@ -917,6 +917,17 @@ impl Importer {
     /// `x - k`, `k - x`, `x / k` as a depthwise 1x1 convolution (weight and bias per channel),
     /// which runs in int8 (ConvNeXt's layer scale, normalization constants).
     fn affine_const(&mut self, cx: &Cx<'_>, op: &str, x: &Node, k: &Const, const_first: bool) -> Result<Node> {
+        // A value that is not an image times (or over) a float scalar: `MulScalar`, exact in
+        // int8 (attention's `1 / sqrt(d)`).
+        let scalar_product = op == "Mul" || (op == "Div" && !const_first);
+        if x.shape.len() != 4 && k.len() == 1 && matches!(k.data, Data::F32(_)) && scalar_product {
+            let v = k.to_f32()[0];
+            let factor = if op == "Mul" { v } else { 1.0 / v };
+            if !factor.is_finite() {
+                return Err(cx.err(format!("a scalar factor of {factor} (from the constant {v}) is not finite")));
+            }
+            return self.layer(cx, "", Box::new(MulScalar { factor }), x);
+        }
         let c = x.shape.get(1).copied().unwrap_or(0);
         // (A scalar is spread over the channels: at most 2^24 of them.)
         let per_channel = x.shape.len() == 4

@@ -17,6 +17,7 @@ Runtime's int8 SQNR against its fp32 output, and the nodes it leaves in float).
 """
 
 import json
+import math
 import os
 import sys
 import shutil
@@ -171,8 +172,7 @@ class Mlp(nn.Module):
 
 class Attention(nn.Module):
     """Single-head self-attention on tokens: the two products of computed values (q . k^T,
-    then the weights . v), a softmax between them, linear layers around. The 1/sqrt(d) scale
-    is folded into q's weights, as exporters of trained models often leave it."""
+    scaled by 1/sqrt(d), then the weights . v), a softmax between them, linear layers around."""
 
     def __init__(self):
         super().__init__()
@@ -180,7 +180,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(16, 8)
 
     def forward(self, x):
-        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / math.sqrt(16)
         return self.out(torch.softmax(scores, dim=-1) @ self.v(x))
 
 

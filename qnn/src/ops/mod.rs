@@ -107,6 +107,7 @@ pub mod pad;
 pub mod pool;
 pub mod range;
 pub mod resize;
+pub mod scalar;
 pub mod shape;
 pub mod slice;
 pub mod softmax;
@@ -378,6 +379,7 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     add::OP,
     mul::OP,
     matmul::OP,
+    scalar::OP,
     cat::OP,
     fallback::FLOAT,
     fallback::INT8_LAYER,
@@ -399,6 +401,7 @@ pub(crate) const BUILTIN_LAYERS: &[&[(&str, LayerLoader)]] = &[
     resize::LAYERS,
     softmax::LAYERS,
     layernorm::LAYERS,
+    scalar::LAYERS,
     batchnorm::LAYERS,
     stubs::LAYERS,
 ];

@@ -1,0 +1,138 @@
+//! `x * c` for a constant scalar `c` (`torch.mul(x, c)`, ONNX `Mul` or `Div` by a scalar
+//! constant on a value that is not an image: attention's `1 / sqrt(d)`). In float the
+//! product; in int8 PyTorch's `quantized::mul_scalar` (`qkernels::mul_scalar`): for `c > 0`
+//! the codes stay and the scale becomes `scale * c`, for `c < 0` the codes mirror
+//! (`255 - q`), for `c == 0` they are zeros. Exact, and nothing to observe: the output's
+//! parameters follow from the input's.
+
+use ndarray::ArrayD;
+use qkernels::QuantU8;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as J;
+
+use super::{attrs, op_err, parse, LowerCx, OpWriter, QOp};
+use crate::error::{NnError, Result};
+use crate::module::Module;
+use crate::quant::{quantized, Mode, Run, Value};
+use crate::scratch::{self, Input};
+
+/// `x * factor`, `factor` a finite constant.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MulScalar {
+    /// The constant.
+    pub factor: f32,
+}
+
+impl MulScalar {
+    /// The output's parameters for an input quantized with `q` (`qkernels::mul_scalar`'s).
+    pub(crate) fn out_q(&self, q: QuantU8) -> QuantU8 {
+        let scale = ((self.factor as f64).abs() * q.scale as f64) as f32;
+        if self.factor > 0.0 {
+            QuantU8 { scale, zero_point: q.zero_point }
+        } else if self.factor == 0.0 {
+            QuantU8 { scale: 1.0, zero_point: 0 }
+        } else {
+            QuantU8 { scale, zero_point: 255 - q.zero_point }
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.factor.is_finite() {
+            return Ok(());
+        }
+        Err(NnError::Config {
+            module: String::new(),
+            reason: format!("MulScalar: the factor {} is not finite; give a finite constant", self.factor),
+        })
+    }
+}
+
+impl Module for MulScalar {
+    fn kind(&self) -> &'static str {
+        "MulScalar"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let c = self.factor;
+        Ok(crate::layers::map_same_layout(x, |v| v * c))
+    }
+    fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let c = self.factor;
+        match x.as_slice_memory_order_mut() {
+            Some(s) => s.iter_mut().for_each(|v| *v *= c),
+            None => x.mapv_inplace(|v| v * c),
+        }
+        Ok(x)
+    }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(Ok(input.to_vec()))
+    }
+    fn lowering(&self) -> Mode {
+        Mode::Int8SameParams
+    }
+    fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        self.check()?;
+        Ok(Box::new(MulScalarOp { factor: self.factor, out: self.out_q(cx.in_q).into() }))
+    }
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
+        Some(Ok(attrs(self)))
+    }
+    any_methods!();
+}
+
+/// [`MulScalar`] in a converted model.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct MulScalarOp {
+    factor: f32,
+    out: super::SavedQ,
+}
+
+pub(crate) const OP: (&str, super::OpLoader) =
+    ("MulScalar", |j, _, node| Ok(Box::new(parse::<MulScalarOp>(j, node, "MulScalar")?)));
+
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] =
+    &[("MulScalar", |j, _| Ok(Box::new(parse::<MulScalar>(j, "MulScalar", "MulScalar")?)))];
+
+impl QOp for MulScalarOp {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, _run: Run) -> Result<Value> {
+        let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
+        let data = Input::new(data);
+        let mut y = scratch::take(data.len());
+        let out_q = qkernels::mul_scalar(&data, q, self.factor, &mut y).map_err(op_err)?;
+        Ok(Value::U8 { data: y, shape, q: out_q })
+    }
+    fn out_q(&self) -> Option<QuantU8> {
+        Some(self.out.0)
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(attrs(self))
+    }
+    any_methods!();
+}
+
+/// The fake quantization of a [`MulScalar`]'s output in a simulation: its input's, on the
+/// grid scaled by the factor (the int8 op keeps the codes and scales the parameters).
+#[derive(Debug)]
+pub(crate) struct ScaledFit {
+    pub inner: std::sync::Arc<dyn qobserve::Fitted>,
+    pub factor: f32,
+}
+
+impl qobserve::Fitted for ScaledFit {
+    fn fake_quantize(&self, x: &ArrayD<f32>) -> qobserve::Result<ArrayD<f32>> {
+        let c = self.factor;
+        if c == 0.0 {
+            return Ok(ArrayD::zeros(x.raw_dim()));
+        }
+        let y = self.inner.fake_quantize(&x.mapv(|v| v / c))?;
+        Ok(y.mapv(|v| v * c))
+    }
+    fn affine(&self) -> Option<(qtensor::QParams, qobserve::QuantSpec)> {
+        None
+    }
+}
