@@ -917,10 +917,10 @@ impl Importer {
     /// `x - k`, `k - x`, `x / k` as a depthwise 1x1 convolution (weight and bias per channel),
     /// which runs in int8 (ConvNeXt's layer scale, normalization constants).
     fn affine_const(&mut self, cx: &Cx<'_>, op: &str, x: &Node, k: &Const, const_first: bool) -> Result<Node> {
-        // A value that is not an image times (or over) a float scalar: `MulScalar`, exact in
-        // int8 (attention's `1 / sqrt(d)`).
+        // A value times (or over) a float scalar: `MulScalar`, exact in int8 (attention's
+        // `1 / sqrt(d)`).
         let scalar_product = op == "Mul" || (op == "Div" && !const_first);
-        if x.shape.len() != 4 && k.len() == 1 && matches!(k.data, Data::F32(_)) && scalar_product {
+        if k.len() == 1 && matches!(k.data, Data::F32(_)) && scalar_product {
             let v = k.to_f32()[0];
             let factor = if op == "Mul" { v } else { 1.0 / v };
             if !factor.is_finite() {

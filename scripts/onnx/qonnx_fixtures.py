@@ -184,6 +184,26 @@ class Attention(nn.Module):
         return self.out(torch.softmax(scores, dim=-1) @ self.v(x))
 
 
+class EncoderBlock(nn.Module):
+    """A pre-norm transformer encoder block written as users write one: LayerNorm, a packed
+    q/k/v projection split in three, two heads (reshape, transpose), scaled scores, softmax,
+    the heads joined back, a residual; then an MLP with GELU and a second residual."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(self.ln1(x)).split(self.d, -1))
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d // self.heads), dim=-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, t, self.d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
 # case: (module, input shape without the batch, opset, exporter)
 CASES = {
     "convnet": (ConvNet, (3, 16, 16), 17, "torchscript"),
@@ -197,6 +217,7 @@ CASES = {
     "convnext_block": (ConvNextBlock, (3, 32, 32), 17, "torchscript"),
     "convnet_dynamo": (ConvNet, (3, 16, 16), 18, "dynamo"),
     "attention": (Attention, (6, 16), 17, "torchscript"),
+    "encoder_block": (EncoderBlock, (6, 16), 17, "torchscript"),
 }
 
 

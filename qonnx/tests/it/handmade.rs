@@ -368,8 +368,9 @@ fn external_data_is_read_beside_the_model() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A computed value with a constant per channel (or one for all): multiplied, added,
-/// subtracted either way and divided, each as a depthwise 1x1 convolution.
+/// A computed value with a constant per channel (or one for all): multiplied, added and
+/// subtracted either way as a depthwise 1x1 convolution; divided by a scalar as a
+/// `MulScalar` (by its reciprocal).
 #[test]
 fn constants_per_channel_are_depthwise_scales() {
     let k = floats("k", &[2, 1, 1], vec![2.0, -0.5]);
@@ -387,7 +388,10 @@ fn constants_per_channel_are_depthwise_scales() {
         "d",
     );
     let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
-    assert_eq!(m.graph.node_kinds().iter().map(|(_, k)| *k).collect::<Vec<_>>(), ["Conv2d"; 4]);
+    assert_eq!(
+        m.graph.node_kinds().iter().map(|(_, k)| *k).collect::<Vec<_>>(),
+        ["Conv2d", "Conv2d", "Conv2d", "MulScalar"]
+    );
     let x = ramp(&[2, 2, 3, 3]);
     let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
     for (i, (&got, &v)) in y.iter().zip(x.iter()).enumerate() {
