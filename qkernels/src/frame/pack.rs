@@ -128,7 +128,44 @@ impl PackedWeights {
                 })
             }
         };
-        let raw = weights.as_slice().to_vec();
+        Ok(Self::build(isa, weights.as_slice().to_vec(), n, k, scales, zero_points, per_channel))
+    }
+
+    /// Packs codes computed at run time: `[n, k]` row-major `i8` weights with one scale and
+    /// zero point (a matrix product's right operand, transposed, its `u8` codes shifted to
+    /// `i8` with its zero point), for `isa` capped to what the CPU has.
+    ///
+    /// # Errors
+    /// `codes` not `n * k` long, `n` or `k` zero, `k > MAX_K`, a scale that is not finite and
+    /// positive, or a zero point outside `i8`.
+    pub fn from_codes(isa: Isa, codes: Vec<i8>, n: usize, k: usize, scale: f32, zero_point: i32) -> Result<Self> {
+        const OP: &str = "PackedWeights::from_codes";
+        let problem = if n == 0 || k == 0 || n.checked_mul(k) != Some(codes.len()) {
+            Some(format!("{} codes for [n, k] = [{n}, {k}]: give n * k codes, n and k at least 1", codes.len()))
+        } else if k > MAX_K {
+            Some(format!("reduction length K = {k} exceeds {MAX_K}, beyond which int32 accumulation could overflow"))
+        } else if !(scale.is_finite() && scale > 0.0) {
+            Some(format!("scale {scale} is not finite and positive"))
+        } else if !(-128..=127).contains(&zero_point) {
+            Some(format!("zero point {zero_point} lies outside i8's -128..=127"))
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
+            return Err(QError::Unsupported { op: OP, reason });
+        }
+        Ok(Self::build(isa, codes, n, k, vec![scale; n], vec![zero_point; n], false))
+    }
+
+    fn build(
+        isa: Isa,
+        raw: Vec<i8>,
+        n: usize,
+        k: usize,
+        scales: Vec<f32>,
+        zero_points: Vec<i32>,
+        per_channel: bool,
+    ) -> Self {
         let col_offsets = (0..n)
             .map(|j| {
                 let s: i32 = raw[j * k..(j + 1) * k].iter().map(|&w| w as i32).sum();
@@ -137,7 +174,7 @@ impl PackedWeights {
             .collect();
         let kernels = crate::registry::kernels(isa);
         let (packed, pairs) = (kernels.gemm.pack)(&raw, n, k);
-        Ok(PackedWeights { n, k, kernels, scales, zero_points, per_channel, col_offsets, raw, packed, pairs })
+        PackedWeights { n, k, kernels, scales, zero_points, per_channel, col_offsets, raw, packed, pairs }
     }
 
     /// Output channels.

@@ -81,3 +81,35 @@ fn quantize_boundary_reports_nan_at_its_nchw_index() {
     assert!(matches!(e, QError::NanInput { index, .. } if index == at), "{e}");
     assert!(e.to_string().contains("[2, 3, 40, 40]"), "{e}");
 }
+
+/// Codes packed at run time (`PackedWeights::from_codes`) multiply exactly as the same codes
+/// packed from a tensor, on every tier; bad lengths and parameters are errors.
+#[test]
+fn codes_packed_at_run_time_match_a_tensor_and_are_checked() {
+    let (n, k) = (5, 13);
+    let codes: Vec<i8> = (0..n * k).map(|i| ((i * 37) % 251) as u8 as i8).collect();
+    let t = QTensor::from_int_repr(
+        ndarray::Array2::from_shape_vec((n, k), codes.clone()).unwrap(),
+        QParams::per_tensor(0.05, -7).unwrap(),
+        qtensor::QuantRange::full(qtensor::DType::I8),
+    )
+    .unwrap();
+    let x: Vec<u8> = (0..3 * k).map(|i| (i * 11 % 256) as u8).collect();
+    let a = QMatrix { data: &x, m: 3, k, lda: k, scale: 0.02, zero_point: 9 };
+    for isa in crate::isas_under_test() {
+        let (mut want, mut got) = ([0i32; 15], [0i32; 15]);
+        let from_tensor = PackedWeights::with_isa(isa, &t).unwrap();
+        let from_codes = PackedWeights::from_codes(isa, codes.clone(), n, k, 0.05, -7).unwrap();
+        assert_eq!(from_codes.isa(), from_tensor.isa());
+        gemm(&a, &from_tensor, None, GemmOutput::I32 { data: &mut want, ldc: n }, 1).unwrap();
+        gemm(&a, &from_codes, None, GemmOutput::I32 { data: &mut got, ldc: n }, 1).unwrap();
+        assert_eq!(got, want, "{isa}");
+    }
+    let isa = qtensor::isa::selected();
+    let e = PackedWeights::from_codes(isa, vec![0; 10], 3, 4, 0.1, 0).unwrap_err().to_string();
+    assert!(e.contains("10 codes for [n, k] = [3, 4]"), "{e}");
+    let e = PackedWeights::from_codes(isa, vec![0; 12], 3, 4, 0.0, 0).unwrap_err().to_string();
+    assert!(e.contains("scale 0"), "{e}");
+    let e = PackedWeights::from_codes(isa, vec![0; 12], 3, 4, 0.1, 128).unwrap_err().to_string();
+    assert!(e.contains("zero point 128"), "{e}");
+}

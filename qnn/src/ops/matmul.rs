@@ -101,18 +101,29 @@ pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result
     Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the output's length"))
 }
 
+/// `src` (`rows x cols` bytes, row-major) transposed into `dst` (`cols x rows`), in tiles
+/// of 32 x 32 so both sides move through the cache in lines.
+fn transpose_bytes(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
 /// A 4-D value's NHWC bytes (how int8 images are stored) in logical NCHW order, or the
 /// bytes as they are for other ranks.
 fn logical(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
     let [n, c, h, w] = shape[..] else { return data };
     let mut out = scratch::take(data.len());
+    let len = c * h * w;
     for b in 0..n {
-        let (src, dst) = (&data[b * c * h * w..][..c * h * w], &mut out[b * c * h * w..][..c * h * w]);
-        for (p, px) in src.chunks_exact(c).enumerate() {
-            for (ch, &v) in px.iter().enumerate() {
-                dst[ch * h * w + p] = v;
-            }
-        }
+        transpose_bytes(&data[b * len..][..len], h * w, c, &mut out[b * len..][..len]);
     }
     scratch::give(data);
     out
@@ -122,13 +133,9 @@ fn logical(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
 fn stored(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
     let [n, c, h, w] = shape[..] else { return data };
     let mut out = scratch::take(data.len());
+    let len = c * h * w;
     for b in 0..n {
-        let (src, dst) = (&data[b * c * h * w..][..c * h * w], &mut out[b * c * h * w..][..c * h * w]);
-        for (p, px) in dst.chunks_exact_mut(c).enumerate() {
-            for (ch, v) in px.iter_mut().enumerate() {
-                *v = src[ch * h * w + p];
-            }
-        }
+        transpose_bytes(&data[b * len..][..len], c, h * w, &mut out[b * len..][..len]);
     }
     scratch::give(data);
     out
@@ -168,23 +175,13 @@ fn matmul_u8(
     let (m, k, n) = (out[out.len() - 2], ashape[ashape.len() - 1], out[out.len() - 1]);
     let quant = OutputQuant { scale: qo.scale, zero_point: qo.zero_point, activation: qkernels::Activation::None };
     // The right operand's codes as i8 weights: `b - 128`, zero point `zb - 128`, so that
-    // `w - zw == b - zb` exactly.
-    let params = QParams::PerTensor { scale: qb.scale, zero_point: qb.zero_point - 128 };
-    let mut bt = vec![0i8; n * k];
+    // `w - zw == b - zb` exactly; transposed to `[n, k]`.
+    let mut bt = vec![0u8; n * k];
     for (t, (oa, ob)) in batch_offsets(ashape, bshape, out).into_iter().enumerate() {
-        let bm = &db[ob * k * n..][..k * n];
-        for (kk, row) in bm.chunks_exact(n).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                bt[j * k + kk] = (v ^ 0x80) as i8;
-            }
-        }
-        let w = QTensor::from_int_repr(
-            ndarray::Array::from_shape_vec(Ix2(n, k), bt.clone()).expect("n x k"),
-            params.clone(),
-            QuantRange::full(DType::I8),
-        )
-        .map_err(op_err)?;
-        let w = PackedWeights::new(&w).map_err(op_err)?;
+        transpose_bytes(&db[ob * k * n..][..k * n], k, n, &mut bt);
+        let codes: Vec<i8> = bt.iter().map(|&v| (v ^ 0x80) as i8).collect();
+        let w = PackedWeights::from_codes(qtensor::isa::selected(), codes, n, k, qb.scale, qb.zero_point - 128)
+            .map_err(op_err)?;
         let a = QMatrix { data: &da[oa * m * k..][..m * k], m, k, lda: k, scale: qa.scale, zero_point: qa.zero_point };
         let yt = &mut y[t * m * n..][..m * n];
         qkernels::gemm(&a, &w, None, GemmOutput::U8 { data: yt, ldc: n, quant }, threads).map_err(op_err)?;
