@@ -975,6 +975,18 @@ pub enum Value {
     },
 }
 
+/// How many values a model's boundary quantizes or dequantizes in one call: all of them
+/// inside a thread pool (a run on several threads, which qtensor splits over), and fewer than
+/// qtensor's split threshold outside one, so that a run on one thread stays on it instead of
+/// spreading over rayon's global pool.
+fn serial_len() -> usize {
+    if rayon::current_thread_index().is_some() {
+        usize::MAX
+    } else {
+        qtensor::kernels::PARALLEL_MIN_LEN - 1
+    }
+}
+
 impl Value {
     pub(crate) fn quantize(x: ndarray::ArrayViewD<'_, f32>, q: QuantU8) -> qtensor::Result<Value> {
         let shape = x.shape().to_vec();
@@ -984,13 +996,15 @@ impl Value {
         if let [n, c, h, w] = shape[..] {
             qkernels::quantize_nchw_to_nhwc(src, (n, c, h, w), q, &mut data)?;
         } else {
-            qtensor::kernels::quantize_slice(
-                src,
-                &mut data,
-                q.scale,
-                q.zero_point,
-                QuantRange::full(qtensor::DType::U8),
-            )?;
+            let range = QuantRange::full(qtensor::DType::U8);
+            for (i, (s, d)) in src.chunks(serial_len()).zip(data.chunks_mut(serial_len())).enumerate() {
+                qtensor::kernels::quantize_slice(s, d, q.scale, q.zero_point, range).map_err(|e| match e {
+                    qtensor::QError::NanInput { op, index, .. } => {
+                        qtensor::QError::NanInput { op, index: i * serial_len() + index, shape: vec![src.len()] }
+                    }
+                    other => other,
+                })?;
+            }
         }
         Ok(Value::U8 { data, shape, q })
     }
@@ -1027,8 +1041,9 @@ impl Value {
                 if let [n, c, h, w] = shape[..] {
                     qkernels::dequantize_nhwc_to_nchw(data, (n, h, w, c), *q, &mut out).expect("consistent value");
                 } else {
-                    qtensor::kernels::dequantize_slice(data, &mut out, q.scale, q.zero_point)
-                        .expect("consistent value");
+                    for (s, d) in data.chunks(serial_len()).zip(out.chunks_mut(serial_len())) {
+                        qtensor::kernels::dequantize_slice(s, d, q.scale, q.zero_point).expect("consistent value");
+                    }
                 }
                 ArrayD::from_shape_vec(IxDyn(shape), out).expect("consistent value")
             }

@@ -126,3 +126,27 @@ fn a_residual_whose_branches_disagree_names_the_addition_and_both_shapes() {
     let e = p.calibrate(&x(&[1, 2, 4, 4])).unwrap_err().to_string();
     contains_all(&e, &["res", "[1, 3, 4, 4]", "[1, 2, 4, 4]"]);
 }
+
+/// A NaN far into a long input that is not an image (quantized in slices on one thread):
+/// the error still gives its flat index in the whole input.
+#[test]
+fn nan_far_into_a_long_token_input_names_its_index() {
+    let build = || {
+        let mut g = qnn::GraphBuilder::new();
+        let t = g.input("tokens");
+        let y = g.layer("fc", Linear::new(16, 4), t).unwrap();
+        g.output(y);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 4);
+        graph
+    };
+    let mut p = prepare(build(), &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(&x(&[2, 3, 16])).unwrap();
+    let q = p.convert().unwrap();
+    // 2 x 3000 x 16 = 96000 values, beyond qtensor's parallel threshold (65536).
+    let mut input = x(&[2, 3000, 16]);
+    input[[1, 2500, 7]] = f32::NAN;
+    let e = q.forward(&input).unwrap_err().to_string();
+    let index = (3000 + 2500) * 16 + 7;
+    contains_all(&e, &["(model input)", "NaN", &format!("index {index}")]);
+}
