@@ -9,7 +9,7 @@ use crate::frame::gemm::REQUANT_LIMIT;
 /// bytes through a stack copy, same formula): `fma(s, q, -s * z)` per operand, summed, ReLU
 /// if asked, times `1 / so` clamped to the requantization limit, rounded half to even, plus
 /// `zo`, clamped to 0..=255. The twin of the scalar loop's vector-prefix formula
-/// (`ops::add_raw`) and of the x86 kernels. Each group of bytes is read before it is written,
+/// (`generic::add::add_u8`) and of the x86 kernels. Each group of bytes is read before it is written,
 /// so `out` may be `a`.
 ///
 /// # Safety

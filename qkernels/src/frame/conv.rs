@@ -71,7 +71,8 @@ pub struct PackedConv2d {
 enum ConvKind {
     /// One packed GEMM operand per group, `[oc / groups, kh * kw * ic / groups]`.
     Gemm(Vec<PackedWeights>),
-    /// Dense, symmetric weights on AVX-512 VNNI: implicit im2col over the padded input, with
+    /// Dense, symmetric weights on a tier whose block kernel reads rows in place (AVX-512
+    /// VNNI): implicit im2col over the padded input, with
     /// the layout of [`implicit_layout`]: each kernel row's first `seg` bytes (a multiple of
     /// 4) read in place as quads, then every row's last `tail` bytes gathered into shared
     /// quads. When `tail` is 0 and `seg > kw * c`, the segment is padded with zero weights
@@ -247,9 +248,10 @@ impl PackedConv2d {
         })
     }
 
-    /// The implicit-im2col layout, when it applies: one group, symmetric weights, AVX-512 VNNI,
-    /// no horizontal dilation, and not a plain 1x1 (which needs no im2col at all). Kernel rows
-    /// are read as [`implicit_layout`] says, when its padding costs at most a third more work.
+    /// The implicit-im2col layout, when it applies: one group, symmetric weights, a tier whose
+    /// block kernel reads rows in place, no horizontal dilation, and not a plain 1x1 (which
+    /// needs no im2col at all). Kernel rows are read as [`implicit_layout`] says, when its
+    /// padding costs at most a third more work.
     fn implicit_kind(isa: Isa, weights: &QTensor<i8>, geom: Conv2dGeometry) -> Result<Option<ConvKind>> {
         let shape = weights.shape();
         let (oc, kh, kw, ic) = (shape[0], shape[1], shape[2], shape[3]);
@@ -308,15 +310,7 @@ impl PackedConv2d {
                 } else {
                     "im2col GEMM"
                 };
-                let kernel = groups[0].kernel();
-                // Grouped layers on AVX2: each group has its own pair bound; name their range.
-                let bounds: Vec<u8> = groups.iter().filter_map(|g| g.pair_sums_up_to()).collect();
-                match (bounds.iter().min(), bounds.iter().max()) {
-                    (Some(lo), Some(hi)) if lo != hi => format!(
-                        "{how}, avx2: vpmaddubsw for input codes <= {lo}..={hi} (per group), exact vpmaddwd above"
-                    ),
-                    _ => format!("{how}, {kernel}"),
-                }
+                format!("{how}, {}", (groups[0].kernels.gemm.name)(groups))
             }
             ConvKind::Implicit { w, .. } => format!("implicit im2col GEMM, {}", w.kernel()),
             ConvKind::Depthwise { kernels, rows, flat, .. } => match (rows, flat) {

@@ -39,7 +39,8 @@ struct Line([f32; 16]);
 /// Weights packed for [`PackedConv2dF32::forward`], with the bias and the fused activation.
 #[derive(Clone)]
 pub struct PackedConv2dF32 {
-    isa: Isa,
+    /// The kernels of the tier it was packed for.
+    kernels: &'static Kernels,
     oc: usize,
     icg: usize,
     kh: usize,
@@ -53,7 +54,7 @@ pub struct PackedConv2dF32 {
 impl std::fmt::Debug for PackedConv2dF32 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackedConv2dF32")
-            .field("isa", &self.isa)
+            .field("isa", &self.kernels.isa)
             .field("out_channels", &self.oc)
             .field("in_channels", &self.in_channels())
             .field("kernel", &[self.kh, self.kw])
@@ -181,7 +182,7 @@ impl PackedConv2dF32 {
             let panels = flat.chunks_exact(16).map(|c| Line(c.try_into().expect("16 values"))).collect();
             Kind::Gemm { panels, bias: pbias, per_group }
         };
-        Ok(PackedConv2dF32 { isa: isa.capped_to_supported(), oc, icg, kh, kw, geom, activation, kind })
+        Ok(PackedConv2dF32 { kernels: crate::registry::kernels(isa), oc, icg, kh, kw, geom, activation, kind })
     }
 
     /// Output channels.
@@ -298,7 +299,7 @@ impl PackedConv2dF32 {
         if c == 0 {
             return;
         }
-        let k = crate::registry::kernels(self.isa);
+        let k = self.kernels;
         // The pixel's taps inside the image: (input offset, weight offset).
         let mut taps: Vec<(usize, usize)> = Vec::with_capacity(self.kh * self.kw);
         let mut at = d.origin(&self.geom, r0);
@@ -356,7 +357,7 @@ impl PackedConv2dF32 {
         let tap = |o: Origin, ky: usize, kx: usize| d.tap(g, o, ky, kx);
         let panels: &[f32] = bytemuck_lines(panels);
         let activation = self.activation;
-        let kernels = crate::registry::kernels(self.isa);
+        let kernels = self.kernels;
         let tile = |ptrs: &[*const f32], gi: usize, p: usize, b0: usize, valid: usize, out: &mut [f32]| {
             let cols = PANEL.min(ocg - p * PANEL);
             let panel = &panels[(gi * per_group + p) * k * PANEL..][..k * PANEL];

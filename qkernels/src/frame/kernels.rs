@@ -114,8 +114,9 @@ pub(crate) struct Block<'a> {
 pub(crate) struct GemmKernels {
     /// Packs row-major `[n, k]` weights into the layout `block` and `tile` read.
     pub pack: GemmPack,
-    /// The micro-kernel's name, for plans and profiles.
-    pub name: fn(&PackedWeights) -> String,
+    /// The micro-kernel's name for the weights of one layer (one entry per group of a
+    /// grouped convolution, all packed by this table), for plans and profiles.
+    pub name: fn(&[PackedWeights]) -> String,
     /// Whether `block` takes [`Rows::Conv`] (a convolution read in place, implicit im2col).
     pub implicit_conv: bool,
     /// Computes a whole [`Block`] and returns `true`, or returns `false` (having written

@@ -218,7 +218,7 @@ impl PackedWeights {
     /// The micro-kernel that runs these weights, for plans and profiles: the tier, and on
     /// AVX2 how products are summed.
     pub fn kernel(&self) -> String {
-        (self.kernels.gemm.name)(self)
+        (self.kernels.gemm.name)(std::slice::from_ref(self))
     }
 
     /// Whether every weight zero point is 0 (symmetric weights need no activation row sums).

@@ -11,7 +11,7 @@ pub(crate) fn pack(_raw: &[i8], _n: usize, _k: usize) -> (Packed, Option<Avx2Pai
     (Packed::None, None)
 }
 
-pub(crate) fn name(_w: &PackedWeights) -> String {
+pub(crate) fn name(_groups: &[PackedWeights]) -> String {
     "scalar".into()
 }
 

@@ -576,3 +576,41 @@ fn concurrent_callers_sharing_a_pool_get_the_single_threaded_bits() {
         }
     });
 }
+
+/// On AVX2 the plan names the largest input code each layer's `vpmaddubsw` tiles take; a
+/// grouped layer, whose groups have bounds of their own, names their range.
+#[test]
+fn avx2_kernel_names_give_the_pair_bound_of_each_group() {
+    if !qtensor::isa::Isa::Avx2.is_supported() {
+        return;
+    }
+    // OHWI [4, 1, 1, 4], two groups of two outputs: group 0's weights are all 127 (pairs of
+    // 254 saturate 16 bits above code 129), group 1's all 1 (nothing saturates).
+    let w: Vec<i8> = (0..16).map(|i| if i < 8 { 127 } else { 1 }).collect();
+    let q = QTensor::from_int_repr(
+        ndarray::Array4::from_shape_vec((4, 1, 1, 4), w).unwrap(),
+        QParams::per_tensor(0.01, 0).unwrap(),
+        QuantRange::full(qtensor::DType::I8),
+    )
+    .unwrap();
+    let isa = qtensor::isa::Isa::Avx2;
+    let grouped = PackedConv2d::with_isa(isa, &q, None, Conv2dGeometry { groups: 2, ..Default::default() }).unwrap();
+    assert!(
+        grouped.kernel().ends_with("avx2: vpmaddubsw for input codes <= 129..=255 (per group), exact vpmaddwd above"),
+        "{}",
+        grouped.kernel()
+    );
+    // One group of group 0's weights alone.
+    let q4 = QTensor::from_int_repr(
+        ndarray::Array4::from_shape_vec((2, 1, 1, 4), vec![127i8; 8]).unwrap(),
+        QParams::per_tensor(0.01, 0).unwrap(),
+        QuantRange::full(qtensor::DType::I8),
+    )
+    .unwrap();
+    let one = PackedConv2d::with_isa(isa, &q4, None, Conv2dGeometry::default()).unwrap();
+    assert!(
+        one.kernel().ends_with("avx2: vpmaddubsw for input codes <= 129, exact vpmaddwd above"),
+        "{}",
+        one.kernel()
+    );
+}

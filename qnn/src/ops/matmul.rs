@@ -5,9 +5,8 @@
 //! shifted to i8 with the zero point shifted alike, so the products are exact) and the sums
 //! requantized to the observed output parameters, FBGEMM's epilogue as every int8 layer's.
 
-use ndarray::{ArrayD, ArrayView2, Ix2, IxDyn};
+use ndarray::{ArrayD, ArrayView2, IxDyn};
 use qkernels::{GemmOutput, OutputQuant, PackedWeights, QMatrix, QuantU8};
-use qtensor::{DType, QParams, QTensor, QuantRange};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
@@ -226,23 +225,12 @@ impl QOp for MatMulOp {
         false
     }
     fn kernel(&self) -> Option<String> {
-        self.int8.then(|| format!("GEMM, right operand packed per call, {}", qkernels_kernel_name()))
+        self.int8.then(|| format!("GEMM, right operand packed per call, {}", qtensor::isa::selected()))
     }
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
         Ok(attrs(self))
     }
     any_methods!();
-}
-
-/// The GEMM micro-kernel the selected tier runs.
-fn qkernels_kernel_name() -> String {
-    let w = QTensor::from_int_repr(
-        ndarray::Array::from_shape_vec(Ix2(1, 1), vec![0i8]).expect("1 x 1"),
-        QParams::PerTensor { scale: 1.0, zero_point: 0 },
-        QuantRange::full(DType::I8),
-    )
-    .and_then(|w| PackedWeights::new(&w));
-    w.map(|w| w.kernel()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -132,7 +132,48 @@ impl qobserve::Fitted for ScaledFit {
         let y = self.inner.fake_quantize(&x.mapv(|v| v / c))?;
         Ok(y.mapv(|v| v * c))
     }
+    /// The input's per-tensor parameters as [`MulScalar::out_q`] changes them (`None` for
+    /// others, which no int8 value has).
     fn affine(&self) -> Option<(qtensor::QParams, qobserve::QuantSpec)> {
-        None
+        let (p, spec) = self.inner.affine()?;
+        let qtensor::QParams::PerTensor { scale, zero_point } = p else { return None };
+        let q = MulScalar { factor: self.factor }.out_q(QuantU8 { scale, zero_point });
+        Some((qtensor::QParams::PerTensor { scale: q.scale, zero_point: q.zero_point }, spec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qobserve::{Fitted, QuantSpec};
+    use qtensor::QParams;
+
+    #[derive(Debug)]
+    struct Affine(f32, i32);
+
+    impl Fitted for Affine {
+        fn fake_quantize(&self, x: &ArrayD<f32>) -> qobserve::Result<ArrayD<f32>> {
+            Ok(x.mapv(|v| ((v / self.0).round_ties_even() + self.1 as f32).clamp(0.0, 255.0) - self.1 as f32) * self.0)
+        }
+        fn affine(&self) -> Option<(QParams, QuantSpec)> {
+            Some((QParams::PerTensor { scale: self.0, zero_point: self.1 }, QuantSpec::u8_affine()))
+        }
+    }
+
+    /// The scaled fit's parameters are those the int8 op gives its output.
+    #[test]
+    fn the_scaled_grid_is_the_int8_outputs() {
+        for factor in [0.25f32, -2.0, 0.0] {
+            let fit = ScaledFit { inner: std::sync::Arc::new(Affine(0.1, 10)), factor };
+            let (p, _) = fit.affine().unwrap();
+            let want = MulScalar { factor }.out_q(QuantU8 { scale: 0.1, zero_point: 10 });
+            assert_eq!(p, QParams::PerTensor { scale: want.scale, zero_point: want.zero_point }, "{factor}");
+            // Its fake quantization lies on that grid.
+            let x = ndarray::Array1::from_iter((0..50).map(|i| i as f32 * 0.037 - 0.4)).into_dyn();
+            for v in fit.fake_quantize(&x).unwrap() {
+                let steps = v / want.scale;
+                assert!((steps - steps.round()).abs() < 1e-3, "{factor}: {v} is off the grid");
+            }
+        }
     }
 }

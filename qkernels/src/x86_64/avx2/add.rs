@@ -91,8 +91,8 @@ impl AddConsts {
 /// PyTorch's vectorized quantized add over `rows` rows of `ncols` bytes, row `r` at
 /// `a + r * ld`, `b + r * ld` and `out + r * ld`, 32 bytes at a time; a row's last `< 32`
 /// bytes go through a stack copy with the same formula. Each group of bytes is read before it
-/// is written, so `out` may be `a`. The twin of `x86::add_u8_avx512`, and of the scalar loop's
-/// vector-prefix formula.
+/// is written, so `out` may be `a`. The twin of `avx512vnni::add::add_u8_avx512` and of
+/// `generic::add::add_u8` (the vector-prefix formula).
 ///
 /// # Safety
 /// AVX2 and FMA available; those bytes are readable at `a` and `b` and writable at `out`;

@@ -85,7 +85,7 @@ unsafe fn requantize8(plan: &Plan, acc: __m256i, j: usize, n: usize, dst: *mut u
 /// One output pixel of a depthwise convolution with symmetric weights, requantized: for
 /// every channel `Σ_t x_t[c] * w_t[c]` over the taps (padding taps point at a row of zero
 /// points, which the plan's `za * Σ_t w_t` term cancels), then the plan's requantization, the
-/// `c` bytes written to `out`: the bytes `conv::depthwise_scalar_pixel` writes.
+/// `c` bytes written to `out`: the bytes `generic::depthwise::pixel` writes.
 ///
 /// Channels go 16 at a time, taps two at a time: a byte unpack interleaves two taps' bytes
 /// per channel, zero-extension makes each 32-bit lane one channel's two taps as i16, and

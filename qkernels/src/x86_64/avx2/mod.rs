@@ -40,11 +40,16 @@ fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
     (Packed::Avx2(pack_avx2(raw, n, k)), Some(pairs))
 }
 
-fn name(w: &PackedWeights) -> String {
-    match &w.pairs {
-        Some(p) if p.max_input == 255 => "avx2: vpmaddubsw (cannot saturate)".into(),
-        Some(p) => format!("avx2: vpmaddubsw for input codes <= {}, exact vpmaddwd above", p.max_input),
-        None => unreachable!("AVX2 packing always builds the pair panels"),
+/// Which kernel the layer's tiles take: `vpmaddubsw` for input codes up to the weights'
+/// bound (each group has its own: a grouped layer names their range), the exact kernel above.
+fn name(groups: &[PackedWeights]) -> String {
+    let bound = |w: &PackedWeights| w.pairs.as_ref().expect("AVX2 packing always builds the pair panels").max_input;
+    let lo = groups.iter().map(bound).min().unwrap_or(u8::MAX);
+    let hi = groups.iter().map(bound).max().unwrap_or(u8::MAX);
+    match (lo, hi) {
+        (u8::MAX, _) => "avx2: vpmaddubsw (cannot saturate)".into(),
+        (lo, hi) if lo == hi => format!("avx2: vpmaddubsw for input codes <= {lo}, exact vpmaddwd above"),
+        (lo, hi) => format!("avx2: vpmaddubsw for input codes <= {lo}..={hi} (per group), exact vpmaddwd above"),
     }
 }
 

@@ -4,7 +4,7 @@ use std::arch::x86_64::*;
 
 /// The minimum and maximum of `x` and whether it holds a NaN, 64 values at a time (four
 /// running vectors), the tail through the scalar loop; the same extremes as
-/// `linear::min_max_lanes` wherever there is no NaN (comparisons are exact; a zero's sign may
+/// `generic::min_max::min_max_lanes` wherever there is no NaN (comparisons are exact; a zero's sign may
 /// differ, which no caller looks at).
 ///
 /// # Safety
