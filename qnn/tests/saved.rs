@@ -187,8 +187,10 @@ fn hostile_float_layers_are_refused_before_allocating() {
 
 /// A layer norm over the last axis (ConvNeXt's, on channels-last activations) runs in float
 /// between int8 layers, computes PyTorch's formula, and saves and loads with its model.
+/// LayerNorm over the channels of a permuted (4-D, stored NHWC) image: in int8 by default,
+/// in float when skipped; both save and load.
 #[test]
-fn layer_norm_runs_in_float_and_saves() {
+fn layer_norm_runs_in_int8_or_float_and_saves() {
     use qnn::layers::{Conv2d, LayerNorm, Permute};
     let mut ln = LayerNorm::new(4);
     ln.weight = ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0, 0.5, -1.0, 2.0]).unwrap();
@@ -203,22 +205,37 @@ fn layer_norm_runs_in_float_and_saves() {
         let want = (v[i] - mean) / (var + 1e-5).sqrt() * ln.weight[i] + ln.bias[i];
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
-    let mut g = qnn::GraphBuilder::new();
-    let t = g.input("x");
-    let t = g.layer("conv", Conv2d::new(4, 4, 3).padding(1), t).unwrap();
-    let t = g.layer("to_nhwc", Permute { dims: vec![0, 2, 3, 1] }, t).unwrap();
-    let t = g.layer("norm", ln, t).unwrap();
-    let t = g.layer("to_nchw", Permute { dims: vec![0, 3, 1, 2] }, t).unwrap();
-    let t = g.layer("conv2", Conv2d::new(4, 4, 1), t).unwrap();
-    g.output(t);
-    let mut graph = g.build().unwrap();
-    zoo::randomize(&mut graph, 3);
-    let mut p = prepare(graph, &QConfigMapping::new(QConfig::default())).unwrap();
-    p.calibrate(&input).unwrap();
-    let q = p.convert().unwrap();
-    assert!(matches!(q.plan().iter().find(|e| e.name == "norm").unwrap().mode, qnn::Mode::Float(_)));
-    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
-    assert_eq!(back.forward(&input).unwrap(), q.forward(&input).unwrap());
+    let graph = || {
+        let mut g = qnn::GraphBuilder::new();
+        let t = g.input("x");
+        let t = g.layer("conv", Conv2d::new(4, 4, 3).padding(1), t).unwrap();
+        let t = g.layer("to_nhwc", Permute { dims: vec![0, 2, 3, 1] }, t).unwrap();
+        let t = g.layer("norm", ln.clone(), t).unwrap();
+        let t = g.layer("to_nchw", Permute { dims: vec![0, 3, 1, 2] }, t).unwrap();
+        let t = g.layer("conv2", Conv2d::new(4, 4, 1), t).unwrap();
+        g.output(t);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 3);
+        graph
+    };
+    let float = graph().run(std::slice::from_ref(&input)).unwrap().remove(0);
+    for skip in [false, true] {
+        let mut mapping = QConfigMapping::new(QConfig::default());
+        if skip {
+            mapping = mapping.skip_name("norm");
+        }
+        let mut p = prepare(graph(), &mapping).unwrap();
+        p.calibrate(&input).unwrap();
+        let q = p.convert().unwrap();
+        let mode = q.plan().iter().find(|e| e.name == "norm").unwrap().mode.clone();
+        assert!(if skip { matches!(mode, qnn::Mode::Float(_)) } else { mode == qnn::Mode::Int8 }, "{mode:?}");
+        let got = q.forward(&input).unwrap();
+        let noise: f32 = float.iter().zip(&got).map(|(a, b)| (a - b) * (a - b)).sum();
+        let db = 10.0 * (float.iter().map(|a| a * a).sum::<f32>() / noise).log10();
+        assert!(db > 25.0, "skip {skip}: SQNR {db:.1} dB");
+        let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.forward(&input).unwrap(), got);
+    }
 }
 
 /// An image as rows of channels and back (ConvNeXt's channels-last MLP, as qonnx imports

@@ -430,6 +430,64 @@ impl Writer<'_> {
                 let q = own(a)?;
                 (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
             }
+            "Softmax" => {
+                let x = self.read(first, Some(in_q), name)?;
+                let y = format!("{name}.y");
+                self.node("Softmax", name, &[&x], &y, vec![attr_i("axis", a["dim"].as_i64().unwrap_or(-1))]);
+                let q = q_of(&a["out"])?;
+                (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
+            }
+            "LayerNorm" => {
+                let x = self.read(first, Some(in_q), name)?;
+                let w = self.float_tensor(name, a["weight"].as_str().unwrap_or(""))?;
+                let b = self.float_tensor(name, a["bias"].as_str().unwrap_or(""))?;
+                let eps = a["eps"].as_f64().unwrap_or(1e-5) as f32;
+                let y = format!("{name}.y");
+                self.node(
+                    "LayerNormalization",
+                    name,
+                    &[&x, &w, &b],
+                    &y,
+                    vec![attr_i("axis", -1), attr_f("epsilon", eps)],
+                );
+                let q = q_of(&a["out"])?;
+                (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
+            }
+            "BatchConst" => {
+                // The constant (its codes dequantized, in logical order) expanded to the batch
+                // of the value it reads.
+                let x = self.read(first, None, name)?;
+                let q = q_of(&a["out"])?;
+                let key = a["codes"].as_str().unwrap_or("");
+                let t = self.tensor(key)?;
+                if t.dtype() != Dtype::U8 {
+                    return Err(err(format!("{name}: codes '{key}' are {:?}, not U8", t.dtype())));
+                }
+                let shape = t.shape().to_vec();
+                let codes: Vec<u8> = match shape[..] {
+                    // Stored NHWC: back to NCHW.
+                    [1, c, h, w] => {
+                        let d = t.data();
+                        (0..c * h * w).map(|i| d[(i % (h * w)) * c + i / (h * w)]).collect()
+                    }
+                    _ => t.data().to_vec(),
+                };
+                let v: Vec<f32> = codes.iter().map(|&k| q.0 * (k as i32 - q.1) as f32).collect();
+                let k = self.init(TensorProto {
+                    dims: shape.iter().map(|&d| d as i64).collect(),
+                    data_type: Some(dt::FLOAT),
+                    float_data: v,
+                    name: Some(format!("{name}.value")),
+                    ..Default::default()
+                });
+                let (s, n) = (format!("{name}.shape"), format!("{name}.batch"));
+                self.node("Shape", &format!("{name}/Shape"), &[&x], &s, vec![attr_i("end", 1)]);
+                let rest = self.ints(format!("{name}.rest"), &shape[1..].iter().map(|&d| d as i64).collect::<Vec<_>>());
+                self.node("Concat", &format!("{name}/Concat"), &[&s, &rest], &n, vec![attr_i("axis", 0)]);
+                let y = format!("{name}.y");
+                self.node("Expand", name, &[&k, &n], &y, vec![]);
+                (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
+            }
             "AvgPoolObserved" => {
                 let x = self.read(first, Some(in_q), name)?;
                 let y = format!("{name}.y");
@@ -455,8 +513,8 @@ impl Writer<'_> {
             other => {
                 return Err(err(format!(
                     "node '{name}' is a {other}, which the export does not write (it writes convolutions, linear \
-                     layers, additions, products, concatenations, pools, tables, clamps, shape ops and float \
-                     Softmax / LayerNorm / Conv2d / Linear)"
+                     layers, additions, products, concatenations, pools, tables, clamps, shape ops, softmax, layer \
+                     norms, constants and float Softmax / LayerNorm / Conv2d / Linear)"
                 )))
             }
         })

@@ -13,9 +13,9 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::FusedAct;
 use qnn::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Flatten, HardSigmoid, Hardswish,
-    Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape,
-    RowsImage, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
+    AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Flatten, HardSigmoid,
+    Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d, PadMode, Permute, ReLU, ReLU6,
+    Reshape, RowsImage, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
@@ -26,19 +26,21 @@ use crate::tensor::{decode, Const, Data};
 
 /// The op types of the default domain that import (constant-only ops fold at import).
 pub const SUPPORTED: &[&str] = &[
-    "Add",
+    "Add (computed values; a constant per channel, a scalar, or a constant of one image)",
     "AveragePool",
     "BatchNormalization",
     "Cast",
     "Clip",
-    "Concat",
+    "Concat (computed values; constants of one image, repeated over the batch)",
     "Constant",
     "ConstantOfShape",
     "Conv",
     "Div (by a constant)",
     "Dropout",
+    "Equal, Less, Greater, Mod, Neg, Reciprocal, Sqrt, Where (constants)",
+    "Expand (constants)",
     "Flatten",
-    "Gather (constants)",
+    "Gather (constants; a computed value at one constant index)",
     "Gemm",
     "Gelu (and its Erf form)",
     "GlobalAveragePool",
@@ -122,6 +124,11 @@ struct Node {
     /// elementwise tables) run on the rows, and an image becomes them and back without
     /// moving a byte in int8 (`ImageRows`, `RowsImage`). Other readers get it reshaped.
     rows_of: Option<(Vec<usize>, bool)>,
+    /// The axis of the (logical) value whose size follows the batch: the batch itself, moved
+    /// by transposes, or merged with other axes by reshapes (attention's `[tokens, batch *
+    /// heads, d]`), when the import could follow it. A reshape whose output has it is built
+    /// with `-1` there, so that the graph runs at any batch size.
+    batch_axis: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -297,7 +304,13 @@ impl Importer {
             let t = self.b.input(&name);
             self.vals.insert(
                 name.clone(),
-                Val::Node(Node { t, shape: shape.clone(), batch: i == 0 || dynamic_batch, rows_of: None }),
+                Val::Node(Node {
+                    t,
+                    shape: shape.clone(),
+                    batch: i == 0 || dynamic_batch,
+                    rows_of: None,
+                    batch_axis: (i == 0 || dynamic_batch).then_some(0),
+                }),
             );
             inputs.push(InputSpec { name, shape, dynamic_batch });
         }
@@ -399,11 +412,12 @@ impl Importer {
     fn materialize(&mut self, name: &str) -> Result<()> {
         let Some(Val::Node(n)) = self.vals.get(name).cloned() else { return Ok(()) };
         let Some((shape, batch)) = n.rows_of.clone() else { return Ok(()) };
-        let mut target: Vec<i64> = shape[1..].iter().map(|&d| d as i64).collect();
-        target.insert(0, -1);
+        // `-1` on the batch's axis, wherever it is (the first when it is unknown).
+        let at = n.batch_axis.filter(|&b| b < shape.len()).unwrap_or(0);
+        let target: Vec<i64> = shape.iter().enumerate().map(|(k, &d)| if k == at { -1 } else { d as i64 }).collect();
         let node = self.fresh(&format!("{name}:unrows"));
         let t = self.b.boxed(&node, Box::new(Reshape { shape: target, keep_batch: false }), n.t)?;
-        self.vals.insert(name.to_string(), Val::Node(Node { t, shape, batch, rows_of: None }));
+        self.vals.insert(name.to_string(), Val::Node(Node { t, shape, batch, rows_of: None, ..n }));
         Ok(())
     }
 
@@ -459,7 +473,8 @@ impl Importer {
         let keeps = shape.first() == x.shape.first();
         let name = self.fresh(&format!("{}{suffix}", cx.name));
         let t = self.b.boxed(&name, m, x.t)?;
-        Ok(Node { t, shape, batch: x.batch && keeps, rows_of: None })
+        let batch_axis = if shape.len() == x.shape.len() { x.batch_axis } else { (x.batch && keeps).then_some(0) };
+        Ok(Node { t, shape, batch: x.batch && keeps, rows_of: None, batch_axis })
     }
 
     fn node(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Vec<Val>> {
@@ -630,17 +645,27 @@ impl Importer {
             "Split" => self.split(cx),
             "Slice" => self.slice(cx),
             "Shape" => {
-                let (shape, batch) = match self.value(cx, 0)? {
-                    Val::Node(n) => (n.shape.clone(), n.batch),
-                    Val::Const(c) => (c.shape.clone(), false),
+                let (shape, batch_axis) = match self.value(cx, 0)? {
+                    Val::Node(n) => (n.shape.clone(), n.batch_axis),
+                    Val::Const(c) => (c.shape.clone(), None),
                 };
                 let r = shape.len() as i64;
                 let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
                 let (s, e) = (clampi(cx.int("start", 0)), clampi(cx.int("end", r)));
                 let v: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 let v = if s < e { v[s..e].to_vec() } else { Vec::new() };
-                let flags = (s..s + v.len()).map(|k| batch && k == 0).collect();
+                let flags = (s..s + v.len()).map(|k| batch_axis == Some(k)).collect();
                 Ok(vec![Val::Const(Const { shape: vec![v.len()], data: Data::I64 { v, batch: flags } })])
+            }
+            "Gather" if matches!(self.value(cx, 0)?, Val::Node(_)) => self.gather_computed(cx),
+            "Sqrt" | "Neg" | "Reciprocal" => {
+                let c = self.konst(cx, 0, "input")?;
+                Ok(vec![Val::Const(fold_unary(cx, &c)?)])
+            }
+            "Mod" | "Equal" | "Less" | "Greater" | "Where" | "Expand" => {
+                let cs: Vec<Const> =
+                    (0..cx.node.input.len()).map(|i| self.konst(cx, i, "input")).collect::<Result<_>>()?;
+                Ok(vec![Val::Const(fold_broadcast(cx, &cs)?)])
             }
             "Gather" => {
                 let c = self.konst(cx, 0, "data")?;
@@ -906,11 +931,78 @@ impl Importer {
                     "Mul" => self.b.mul(&name, a.t, b.t)?,
                     _ => return Err(cx.err("of two computed values is not supported (only Add, Sum and Mul are)")),
                 };
-                Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch, rows_of: None })])
+                let batch_axis = a.batch_axis.or(b.batch_axis);
+                Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis })])
             }
+            (Val::Node(x), Val::Const(k)) if is_image_const(&k, &x) => self.image_const(cx, &op, &x, &k, false),
+            (Val::Const(k), Val::Node(x)) if is_image_const(&k, &x) => self.image_const(cx, &op, &x, &k, true),
             (Val::Node(x), Val::Const(k)) => Ok(vec![Val::Node(self.affine_const(cx, &op, &x, &k, false)?)]),
             (Val::Const(k), Val::Node(x)) => Ok(vec![Val::Node(self.affine_const(cx, &op, &x, &k, true)?)]),
         }
+    }
+
+    /// A computed value and a float constant of one image (`[1, ...]`, the value's shape
+    /// past the batch: ViT's positional embedding): the constant repeated over the batch by
+    /// a [`BatchConst`] reading `x`, then a graph addition or product (`x - k` adds `-k`,
+    /// `x / k` multiplies by `1 / k`).
+    fn image_const(&mut self, cx: &Cx<'_>, op: &str, x: &Node, k: &Const, const_first: bool) -> Result<Vec<Val>> {
+        let v = k.to_f32();
+        let v: Vec<f32> = match (op, const_first) {
+            ("Add" | "Sum" | "Mul", _) => v,
+            ("Sub", false) => v.iter().map(|&a| -a).collect(),
+            ("Div", false) => v.iter().map(|&a| 1.0 / a).collect(),
+            _ => {
+                return Err(cx.err(format!(
+                    "a constant of shape {:?} {} a computed value: qonnx takes x + k, k + x, x - k, x * k, k * x                      and x / k",
+                    k.shape,
+                    if op == "Sub" { "minus" } else { "over" }
+                )))
+            }
+        };
+        if v.iter().any(|a| !a.is_finite()) {
+            return Err(cx.err(format!("the constant of shape {:?} has values that are not finite", k.shape)));
+        }
+        let mut shape = x.shape.clone();
+        shape[0] = 1;
+        let value = ArrayD::from_shape_vec(IxDyn(&shape), v).expect("the shape of x's image");
+        let konst = BatchConst::new(value).map_err(|e| cx.err(e.to_string()))?;
+        let c = self.layer(cx, ":const", Box::new(konst), x)?;
+        let name = self.fresh(&cx.name);
+        let t = match op {
+            "Add" | "Sum" | "Sub" => self.b.add(&name, x.t, c.t)?,
+            _ => self.b.mul(&name, x.t, c.t)?,
+        };
+        Ok(vec![Val::Node(Node { t, shape: x.shape.clone(), batch: x.batch, rows_of: None, batch_axis: x.batch_axis })])
+    }
+
+    /// `Gather` of a computed value at one constant index (a scalar, or a vector of one):
+    /// a slice of that axis, squeezed for a scalar index (attention's q, k and v taken from
+    /// one stacked projection).
+    fn gather_computed(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let x = self.graph_in(cx, 0)?;
+        let idx = self.konst(cx, 1, "indices")?;
+        let axis = norm_axis(cx, cx.int("axis", 0), x.shape.len())?;
+        let (Some(&[i]), true) = (idx.as_i64(), idx.shape.len() <= 1) else {
+            return Err(cx.err(format!(
+                "indices of shape {:?} into a computed value: qonnx takes one constant index (a scalar or a vector                  of one)",
+                idx.shape
+            )));
+        };
+        let d = x.shape[axis] as i64;
+        let j = if i < 0 { i + d } else { i };
+        if !(0..d).contains(&j) {
+            return Err(cx.err(format!("index {i} is outside axis {axis} of shape {:?}", x.shape)));
+        }
+        let y = self.layer(cx, "", Box::new(Slice::narrow(axis as i64, j as usize, 1)), &x)?;
+        if !idx.shape.is_empty() {
+            return Ok(vec![Val::Node(y)]);
+        }
+        let mut out = x.shape.clone();
+        out.remove(axis);
+        let batch_axis = x.batch_axis.filter(|&b| b != axis).map(|b| if b > axis { b - 1 } else { b });
+        let m = Self::axes_reshape(&y, &out, batch_axis);
+        let z = self.layer(cx, ":squeeze", Box::new(m), &y)?;
+        Ok(vec![Val::Node(Node { batch: z.batch && batch_axis == Some(0), batch_axis, ..z })])
     }
 
     /// A computed NCHW value and a constant per channel (or one for all): `x * k`, `x + k`,
@@ -1037,15 +1129,34 @@ impl Importer {
                 vals.into_iter().map(|v| if let Val::Const(c) = v { c } else { unreachable!() }).collect();
             return Ok(vec![Val::Const(fold_concat(cx, &cs, axis)?)]);
         }
-        let nodes: Vec<Node> = vals
-            .into_iter()
-            .map(|v| match v {
-                Val::Node(n) => Ok(n),
-                Val::Const(_) => {
-                    Err(cx.err("mixes constants with computed values; qonnx concatenates computed values"))
+        // Constants of one image (`[1, ...]`: ViT's class token, expanded to the batch of 1
+        // the model was imported at) join repeated over the batch of the first computed input.
+        let first = vals
+            .iter()
+            .find_map(|v| if let Val::Node(n) = v { Some(n.clone()) } else { None })
+            .expect("not all constants");
+        let mut nodes = Vec::with_capacity(vals.len());
+        for (i, v) in vals.into_iter().enumerate() {
+            nodes.push(match v {
+                Val::Node(n) => n,
+                Val::Const(k) => {
+                    if k.shape.len() != first.shape.len()
+                        || k.shape.first() != Some(&1)
+                        || k.as_i64().is_some()
+                        || first.batch_axis.is_some_and(|b| b != 0)
+                    {
+                        return Err(cx.err(format!(
+                            "input {i} is a constant of shape {:?} beside computed values of shape {:?}: qonnx                              concatenates float constants of one image ([1, ...]) with them",
+                            k.shape, first.shape
+                        )));
+                    }
+                    let konst = BatchConst::new(k.to_array()).map_err(|e| cx.err(e.to_string()))?;
+                    let mut c = self.layer(cx, &format!(":const{i}"), Box::new(konst), &first)?;
+                    c.batch = first.batch;
+                    c
                 }
-            })
-            .collect::<Result<_>>()?;
+            });
+        }
         let rank = nodes[0].shape.len();
         if norm_axis(cx, axis, rank)? != 1 {
             return Err(cx.err(format!("axis {axis}: qonnx concatenates along axis 1 (channels or features)")));
@@ -1064,7 +1175,8 @@ impl Importer {
         let name = self.fresh(&cx.name);
         let ts: Vec<Tensor> = nodes.iter().map(|n| n.t).collect();
         let t = self.b.cat(&name, &ts)?;
-        Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch, rows_of: None })])
+        let batch_axis = nodes[0].batch_axis.filter(|&b| b != 1);
+        Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch, rows_of: None, batch_axis })])
     }
 
     fn pool(&mut self, cx: &Cx<'_>) -> Result<Node> {
@@ -1147,8 +1259,9 @@ impl Importer {
                     let m = ChannelShuffle { groups };
                     return Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)]);
                 }
-                let m = self.reshape_layer(&x, &out, &t, &flags);
-                Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)])
+                let (m, batch_axis) = self.reshape_layer(&x, &out, &t, &flags);
+                let y = self.layer(cx, "", Box::new(m), &x)?;
+                Ok(vec![Val::Node(Node { batch_axis, ..y })])
             }
         }
     }
@@ -1187,10 +1300,13 @@ impl Importer {
         Some(groups)
     }
 
-    /// A reshape of `x` to `out`, keeping the batch whatever its size when the target's first
-    /// entry is the batch (read off a shape, copied by 0, or inferred by -1 from an unchanged
-    /// rest).
-    fn reshape_layer(&self, x: &Node, out: &[usize], target: &[i64], flags: &[bool]) -> Reshape {
+    /// A reshape of `x` to `out`, and the axis of the output that follows the batch. The batch
+    /// is kept whatever its size when the target's first entry is the batch (read off a
+    /// shape, copied by 0, or inferred by -1 from an unchanged rest). Otherwise the entry that
+    /// follows the batch (read off a shape, possibly multiplied: `[tokens, batch * heads, d]`;
+    /// a 0 copying the input's batch axis; or the only -1 when the input has a batch axis and
+    /// nothing else in the target follows it) is written as -1, the others as their sizes.
+    fn reshape_layer(&self, x: &Node, out: &[usize], target: &[i64], flags: &[bool]) -> (Reshape, Option<usize>) {
         let rest_same = !out.is_empty()
             && !x.shape.is_empty()
             && out[1..].iter().product::<usize>() == x.shape[1..].iter().product::<usize>();
@@ -1200,9 +1316,33 @@ impl Importer {
                 || target.first() == Some(&0)
                 || (target.first() == Some(&-1) && rest_same));
         if batch_first && rest_same {
-            Reshape::batch_and(&out[1..].iter().map(|&d| d as i64).collect::<Vec<_>>())
-        } else {
-            Reshape { shape: out.iter().map(|&d| d as i64).collect(), keep_batch: false }
+            return (Reshape::batch_and(&out[1..].iter().map(|&d| d as i64).collect::<Vec<_>>()), Some(0));
+        }
+        let follows: Vec<usize> = (0..target.len())
+            .filter(|&k| flags.get(k) == Some(&true) || (target[k] == 0 && x.batch_axis == Some(k)))
+            .collect();
+        let inferred = target.iter().position(|&d| d == -1);
+        let at = match (follows.as_slice(), inferred) {
+            ([k], None) => Some(*k),
+            ([k], Some(j)) if j == *k => Some(*k),
+            ([], Some(j)) if x.batch_axis.is_some() => Some(j),
+            _ => None,
+        };
+        let shape = out.iter().enumerate().map(|(k, &d)| if Some(k) == at { -1 } else { d as i64 }).collect();
+        (Reshape { shape, keep_batch: false }, at)
+    }
+
+    /// A reshape of `x` that inserts or removes axes of size 1 (`out`), `x`'s batch axis now
+    /// at `batch_axis`: kept whatever its size.
+    fn axes_reshape(x: &Node, out: &[usize], batch_axis: Option<usize>) -> Reshape {
+        let t: Vec<i64> = out.iter().map(|&d| d as i64).collect();
+        match batch_axis {
+            Some(0) if x.batch && !out.is_empty() => Reshape::batch_and(&t[1..]),
+            Some(b) => Reshape {
+                shape: t.iter().enumerate().map(|(k, &d)| if k == b { -1 } else { d }).collect(),
+                keep_batch: false,
+            },
+            None => Reshape { shape: t, keep_batch: false },
         }
     }
 
@@ -1213,14 +1353,18 @@ impl Importer {
             Val::Const(c) => c.shape.clone(),
             Val::Node(n) => n.shape.clone(),
         };
-        // Whether axis 0 (the batch) is squeezed away or moved by an inserted axis.
-        let touches_batch;
+        // Where the batch axis goes (`None`: squeezed away).
+        let batch_to: Box<dyn Fn(usize) -> Option<usize>>;
         let out = if cx.op() == "Unsqueeze" {
             let axes = axes.ok_or_else(|| cx.err("no axes"))?;
             let r = shape.len() + axes.len();
             let mut ax: Vec<usize> = axes.iter().map(|&a| norm_axis(cx, a, r)).collect::<Result<_>>()?;
             ax.sort_unstable();
-            touches_batch = ax.first() == Some(&0);
+            let ins = ax.clone();
+            batch_to = Box::new(move |b| {
+                // The input axis `b` is the `b`-th axis not inserted.
+                (0..r).filter(|k| !ins.contains(k)).nth(b)
+            });
             let mut out = shape.clone();
             for a in ax {
                 out.insert(a, 1);
@@ -1235,16 +1379,17 @@ impl Importer {
             if let Some(&a) = ax.iter().find(|&&a| shape[a] != 1) {
                 return Err(cx.err(format!("axis {a} of shape {shape:?} is not of size 1")));
             }
-            touches_batch = ax.contains(&0);
+            let gone = ax.clone();
+            batch_to = Box::new(move |b| (!gone.contains(&b)).then(|| b - gone.iter().filter(|&&a| a < b).count()));
             (0..r).filter(|k| !ax.contains(k)).map(|k| shape[k]).collect()
         };
         match v {
             Val::Const(c) => Ok(vec![Val::Const(Const { shape: out, ..c })]),
             Val::Node(x) => {
-                let t: Vec<i64> = out.iter().map(|&d| d as i64).collect();
-                let keep = x.batch && !touches_batch && !out.is_empty();
-                let m = if keep { Reshape::batch_and(&t[1..]) } else { Reshape { shape: t, keep_batch: false } };
-                Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)])
+                let batch_axis = x.batch_axis.and_then(&batch_to);
+                let m = Self::axes_reshape(&x, &out, batch_axis);
+                let y = self.layer(cx, "", Box::new(m), &x)?;
+                Ok(vec![Val::Node(Node { batch: y.batch && batch_axis == Some(0), batch_axis, ..y })])
             }
         }
     }
@@ -1277,19 +1422,25 @@ impl Importer {
                     (Some((v, batch)), _, [0, 3, 1, 2]) if v.len() == 4 => {
                         let m = RowsImage { h: v[1], w: v[2] };
                         let y = self.layer(cx, "", Box::new(m), &x)?;
-                        return Ok(vec![Val::Node(Node { batch: *batch, ..y })]);
+                        return Ok(vec![Val::Node(Node { batch: *batch, batch_axis: batch.then_some(0), ..y })]);
                     }
                     // An image as NHWC, held as rows of channels: nothing moves in int8.
                     (None, &[n, c, h, w], [0, 2, 3, 1]) => {
                         let y = self.layer(cx, "", Box::new(ImageRows), &x)?;
-                        return Ok(vec![Val::Node(Node { rows_of: Some((vec![n, h, w, c], x.batch)), ..y })]);
+                        return Ok(vec![Val::Node(Node {
+                            rows_of: Some((vec![n, h, w, c], x.batch)),
+                            batch_axis: x.batch.then_some(0),
+                            ..y
+                        })]);
                     }
                     _ => {}
                 }
                 let name = cx.input(0).unwrap_or_default().to_string();
                 self.materialize(&name)?;
                 let x = self.graph_in(cx, 0)?;
-                Ok(vec![Val::Node(self.layer(cx, "", Box::new(Permute { dims: perm }), &x)?)])
+                let batch_axis = x.batch_axis.and_then(|b| perm.iter().position(|&d| d == b));
+                let y = self.layer(cx, "", Box::new(Permute { dims: perm }), &x)?;
+                Ok(vec![Val::Node(Node { batch_axis, ..y })])
             }
         }
     }
@@ -1317,7 +1468,7 @@ impl Importer {
                 let rows = Reshape { shape: vec![-1, *x.shape.last().expect("rank > 2") as i64], keep_batch: false };
                 let flat = self.layer(cx, ":rows", Box::new(rows), x)?;
                 let y = self.layer(cx, "", Box::new(lin), &flat)?;
-                Ok(Node { rows_of: Some((with_last(&x.shape), x.batch)), ..y })
+                Ok(Node { rows_of: Some((with_last(&x.shape), x.batch)), batch_axis: x.batch_axis, ..y })
             }
             _ => Err(cx.err(format!("input of shape {:?}: a matrix product needs at least 2 axes", x.shape))),
         }
@@ -1406,7 +1557,11 @@ impl Importer {
         }
         let name = self.fresh(&cx.name);
         let t = self.b.matmul(&name, a.t, b.t)?;
-        Ok(Node { t, shape, batch: a.batch || b.batch, rows_of: None })
+        // The batch axes broadcast: the output's follows the longer operand's.
+        let lead = |n: &Node| shape.len() - n.shape.len();
+        let batch_axis = a.batch_axis.map(|k| k + lead(&a)).or(b.batch_axis.map(|k| k + lead(&b)));
+        let batch_axis = batch_axis.filter(|&k| k + 2 < shape.len());
+        Ok(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis })
     }
 
     fn matmul(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Node> {
@@ -1891,6 +2046,9 @@ fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
     let at = |c: &Const, i: usize| if c.len() == 1 { 0 } else { i };
     match (a.as_i64(), b.as_i64()) {
         (Some(x), Some(y)) => {
+            // What follows the batch size still does (`batch * heads`).
+            let (fa, fb) = (a.batch_flags(), b.batch_flags());
+            let flags: Vec<bool> = (0..n).map(|i| fa[at(a, i)] || fb[at(b, i)]).collect();
             let v: Vec<i64> = (0..n)
                 .map(|i| {
                     let (p, q) = (x[at(a, i)], y[at(b, i)]);
@@ -1903,7 +2061,7 @@ fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
                     .ok_or_else(|| cx.err(format!("{p} {op} {q} overflows or divides by zero")))
                 })
                 .collect::<Result<_>>()?;
-            Ok(Const::ints(shape, v))
+            Ok(Const { shape, data: Data::I64 { v, batch: flags } })
         }
         _ => {
             let (x, y) = (a.to_f32(), b.to_f32());
@@ -1921,4 +2079,173 @@ fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
             Ok(Const::floats(shape, v))
         }
     }
+}
+
+/// `c` with a float unary op applied (`Sqrt`, `Neg`, `Reciprocal`); `Neg` keeps integers.
+fn fold_unary(cx: &Cx<'_>, c: &Const) -> Result<Const> {
+    match (cx.op(), c.as_i64()) {
+        ("Neg", Some(v)) => {
+            let v = v.iter().map(|&a| a.checked_neg().ok_or_else(|| cx.err(format!("-({a}) overflows"))));
+            Ok(Const::ints(c.shape.clone(), v.collect::<Result<_>>()?))
+        }
+        (op, _) => {
+            let f = |a: f32| match op {
+                "Sqrt" => a.sqrt(),
+                "Neg" => -a,
+                _ => 1.0 / a,
+            };
+            Ok(Const::floats(c.shape.clone(), c.to_f32().into_iter().map(f).collect()))
+        }
+    }
+}
+
+/// NumPy's broadcast of `shapes` (aligned at their last axes).
+fn broadcast_shape(cx: &Cx<'_>, shapes: &[&[usize]]) -> Result<Vec<usize>> {
+    let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut out = vec![1usize; rank];
+    for s in shapes {
+        for (k, &d) in s.iter().enumerate() {
+            let o = &mut out[rank - s.len() + k];
+            if *o == 1 {
+                *o = d;
+            } else if d != 1 && d != *o {
+                return Err(cx.err(format!("shapes {shapes:?} do not broadcast")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// For each element of `out` in row-major order, its flat index in a constant of shape `s`
+/// broadcast to `out`.
+fn broadcast_order(s: &[usize], out: &[usize]) -> Vec<usize> {
+    let strides = row_strides(s);
+    let lead = out.len() - s.len();
+    let mut order = Vec::with_capacity(out.iter().product());
+    for_each_index(out, |ix| {
+        order.push(ix[lead..].iter().zip(s).zip(&strides).map(|((&i, &d), &st)| if d == 1 { 0 } else { i * st }).sum())
+    });
+    order
+}
+
+/// The element-wise ops on constants with NumPy broadcasting: `Mod`, `Equal`, `Less`,
+/// `Greater` (1 or 0), `Where` (condition, then, else) and `Expand` (data, shape; the
+/// result keeps the data's batch flags).
+fn fold_broadcast(cx: &Cx<'_>, cs: &[Const]) -> Result<Const> {
+    let op = cx.op();
+    let want = if op == "Where" { 3 } else { 2 };
+    if cs.len() != want {
+        return Err(cx.err(format!("{} inputs; {op} takes {want}", cs.len())));
+    }
+    if op == "Expand" {
+        let target = cs[1].as_i64().ok_or_else(|| cx.err("its shape must be integers"))?;
+        let target: Vec<usize> = target
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| cx.err(format!("shape {target:?}"))))
+            .collect::<Result<_>>()?;
+        let out = broadcast_shape(cx, &[&cs[0].shape, &target])?;
+        if out.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 24) {
+            return Err(cx.err(format!("expanding {:?} to {out:?} is too large to fold", cs[0].shape)));
+        }
+        let order = broadcast_order(&cs[0].shape, &out);
+        return Ok(pick(&cs[0], out, &order));
+    }
+    let shapes: Vec<&[usize]> = cs.iter().map(|c| c.shape.as_slice()).collect();
+    let out = broadcast_shape(cx, &shapes)?;
+    if out.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none_or(|n| n > 1 << 24) {
+        return Err(cx.err(format!("inputs of shapes {shapes:?} are too large to fold")));
+    }
+    let orders: Vec<Vec<usize>> = cs.iter().map(|c| broadcast_order(&c.shape, &out)).collect();
+    let n = orders[0].len();
+    let ints = |c: &Const| c.as_i64().map(<[i64]>::to_vec);
+    match op {
+        "Where" => {
+            let cond = cs[0].to_f32();
+            let vals = [&cs[1], &cs[2]];
+            let pick_from = |i: usize| if cond[orders[0][i]] != 0.0 { 1 } else { 2 };
+            match (ints(vals[0]), ints(vals[1])) {
+                (Some(a), Some(b)) => {
+                    let (fa, fb) = (vals[0].batch_flags(), vals[1].batch_flags());
+                    let (v, batch) = (0..n)
+                        .map(|i| {
+                            let k = pick_from(i);
+                            let j = orders[k][i];
+                            if k == 1 {
+                                (a[j], fa[j])
+                            } else {
+                                (b[j], fb[j])
+                            }
+                        })
+                        .unzip();
+                    Ok(Const { shape: out, data: Data::I64 { v, batch } })
+                }
+                _ => {
+                    let (a, b) = (vals[0].to_f32(), vals[1].to_f32());
+                    let v = (0..n)
+                        .map(|i| {
+                            let k = pick_from(i);
+                            if k == 1 {
+                                a[orders[1][i]]
+                            } else {
+                                b[orders[2][i]]
+                            }
+                        })
+                        .collect();
+                    Ok(Const::floats(out, v))
+                }
+            }
+        }
+        "Mod" => match (ints(&cs[0]), ints(&cs[1])) {
+            (Some(a), Some(b)) => {
+                let fmod = cx.int("fmod", 0) != 0;
+                let v = (0..n)
+                    .map(|i| {
+                        let (p, q) = (a[orders[0][i]], b[orders[1][i]]);
+                        let r = p.checked_rem(q).ok_or_else(|| cx.err(format!("{p} mod {q} divides by zero")))?;
+                        // Without fmod the result takes the divisor's sign (Python's %).
+                        Ok(if !fmod && r != 0 && (r < 0) != (q < 0) { r + q } else { r })
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Const::ints(out, v))
+            }
+            _ => {
+                if cx.int("fmod", 0) == 0 {
+                    return Err(cx.err("fmod=0 on floats (the ONNX specification requires fmod=1 there)"));
+                }
+                let (a, b) = (cs[0].to_f32(), cs[1].to_f32());
+                Ok(Const::floats(out, (0..n).map(|i| a[orders[0][i]] % b[orders[1][i]]).collect()))
+            }
+        },
+        _ => {
+            let cmp = |p: f64, q: f64| match op {
+                "Equal" => p == q,
+                "Less" => p < q,
+                _ => p > q,
+            };
+            let v = match (ints(&cs[0]), ints(&cs[1])) {
+                (Some(a), Some(b)) => {
+                    (0..n).map(|i| i64::from(cmp(a[orders[0][i]] as f64, b[orders[1][i]] as f64))).collect()
+                }
+                _ => {
+                    let (a, b) = (cs[0].to_f32(), cs[1].to_f32());
+                    (0..n).map(|i| i64::from(cmp(f64::from(a[orders[0][i]]), f64::from(b[orders[1][i]])))).collect()
+                }
+            };
+            Ok(Const::ints(out, v))
+        }
+    }
+}
+
+/// `k` is a float constant holding one image of `x` (`[1, ...]` or without the batch axis,
+/// the rest `x`'s, more than one value, not a per-channel vector).
+fn is_image_const(k: &Const, x: &Node) -> bool {
+    let rest = &x.shape[1.min(x.shape.len())..];
+    let image = k.shape.len() == x.shape.len() && k.shape.first() == Some(&1) && &k.shape[1..] == rest;
+    let unbatched = k.shape.len() + 1 == x.shape.len() && k.shape == rest;
+    matches!(k.data, Data::F32(_))
+        && k.len() > 1
+        && x.shape.len() >= 2
+        && (image || unbatched)
+        && x.rows_of.is_none()
+        && x.batch_axis.is_none_or(|b| b == 0)
 }

@@ -34,7 +34,7 @@ const MODELS: [Entry; 5] = [
 /// Models the bench only imports from ONNX (no Rust twin in the zoo): name, GMAC per image
 /// (torchvision's figures). ONNX Runtime's peer builds them with random weights of a trained
 /// model's kind.
-const ONNX_ONLY: [(&str, f64); 2] = [("shufflenet_v2_x1_0", 0.146), ("convnext_tiny", 4.456)];
+const ONNX_ONLY: [(&str, f64); 3] = [("shufflenet_v2_x1_0", 0.146), ("convnext_tiny", 4.456), ("vit_b_16", 17.564)];
 
 /// Calibration images (one per batch, for us and the peers alike).
 const CALIBRATION_IMAGES: u64 = 64;

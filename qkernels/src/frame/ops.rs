@@ -833,22 +833,138 @@ pub fn layer_norm(x: &QImage<'_>, gamma: &[f32], beta: &[f32], eps: f32, qo: Qua
     QuantU8::of(x).check(OP)?;
     same_len(OP, x.n * x.h * x.w * c, x.data.len(), "the input must hold n * h * w * c values (NHWC)")?;
     same_len(OP, x.data.len(), out.len(), "the output must have as many elements as the input")?;
-    let (s, z) = (x.scale, x.zero_point);
-    let inv_o = 1.0 / qo.scale;
-    for (px, o) in x.data.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-        let sum: i64 = px.iter().map(|&v| v as i64).sum();
-        let sumsq: i64 = px.iter().map(|&v| (v as i64) * (v as i64)).sum();
-        let ms = sum as f32 / c as f32;
-        let mean = ms - z as f32;
-        let var = (-ms).mul_add(ms, sumsq as f32 / c as f32).max(0.0);
-        let sstd = (s as f64 / (((var * s) * s) as f64 + eps as f64).sqrt()) as f32;
-        for ch in 0..c {
-            let t = ((px[ch] as i32 - z) as f32 - mean) * sstd;
-            let y = t.mul_add(gamma[ch], beta[ch]);
-            o[ch] = qtensor::kernels::quantize_scalar(y, inv_o, qo.zero_point, 0, 255) as u8;
-        }
+    if c == 0 {
+        return Ok(());
+    }
+    // About 4096 values at a time: normalized in f32, then quantized as any f32 slice is
+    // (the same formula, vectorised).
+    let per = (4096 / c).max(1) * c;
+    let mut y = vec![0f32; per.min(x.data.len())];
+    let range = QuantRange::full(DType::U8);
+    for (xs, os) in x.data.chunks(per).zip(out.chunks_mut(per)) {
+        let y = &mut y[..xs.len()];
+        ln_core(qtensor::isa::selected(), xs, (x.scale, x.zero_point), gamma, beta, eps, y);
+        qtensor::kernels::quantize_slice(y, os, qo.scale, qo.zero_point, range)?;
     }
     Ok(())
+}
+
+multiversion! {
+    fn ln_core(x: &[u8], sz: (f32, i32), gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) {
+        let (s, z) = sz;
+        let c = gamma.len();
+        for (px, o) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+            let sum: i64 = px.iter().map(|&v| v as i64).sum();
+            let sumsq: i64 = px.iter().map(|&v| (v as i64) * (v as i64)).sum();
+            let ms = sum as f32 / c as f32;
+            let mean = ms - z as f32;
+            let var = (-ms).mul_add(ms, sumsq as f32 / c as f32).max(0.0);
+            let sstd = (s as f64 / (((var * s) * s) as f64 + eps as f64).sqrt()) as f32;
+            for ((o, &v), (&g, &b)) in o.iter_mut().zip(px).zip(gamma.iter().zip(beta)) {
+                let t = ((v as i32 - z) as f32 - mean) * sstd;
+                *o = t.mul_add(g, b);
+            }
+        }
+    }
+}
+
+/// Softmax of `u8` codes along one axis, requantized to `qo`: the value is `[outer, len,
+/// inner]` row-major and the softmax runs over `len` values `inner` apart (a row-major value's
+/// last axis has `inner = 1`; the width of an NHWC image has `inner = c`). The exponentials
+/// come from a table of `exp(-d * scale)` for the distance `d` of a code below its lane's
+/// largest: the float softmax of the dequantized values (`exp(x - max) / sum`), quantized,
+/// up to `f32` rounding (the test bounds it). Lanes are independent.
+///
+/// # Errors
+/// Invalid parameters, buffers that do not hold `outer * len * inner` values.
+pub fn softmax_u8(
+    x: &[u8],
+    q: QuantU8,
+    (outer, len, inner): (usize, usize, usize),
+    qo: QuantU8,
+    out: &mut [u8],
+) -> Result<()> {
+    const OP: &str = "qkernels::softmax_u8";
+    q.check(OP)?;
+    qo.check(OP)?;
+    let n = outer.checked_mul(len).and_then(|v| v.checked_mul(inner));
+    same_len(OP, n.unwrap_or(usize::MAX), x.len(), "the input must hold outer * len * inner values")?;
+    same_len(OP, x.len(), out.len(), "the output must have as many elements as the input")?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let table: [f32; 256] = std::array::from_fn(|d| (-(d as f32) * q.scale).exp());
+    // Whole blocks of lanes, about 4096 values at a time: their probabilities in f32, then
+    // quantized as any f32 slice is.
+    let block = len * inner;
+    let per = (4096 / block).max(1) * block;
+    let mut e = vec![0f32; per.min(x.len())];
+    let range = QuantRange::full(DType::U8);
+    for (xs, os) in x.chunks(per).zip(out.chunks_mut(per)) {
+        let e = &mut e[..xs.len()];
+        probabilities(qtensor::isa::selected(), xs, &table, (len, inner), e);
+        qtensor::kernels::quantize_slice(e, os, qo.scale, qo.zero_point, range)?;
+    }
+    Ok(())
+}
+
+multiversion! {
+    /// `exp(x - max) / sum` of each lane of `x` (whole blocks of `len * inner` codes), from
+    /// the table of `exp(-d * scale)`, into `e`.
+    fn probabilities(x: &[u8], table: &[f32; 256], lanes: (usize, usize), e: &mut [f32]) {
+        let (len, inner) = lanes;
+        if inner == 1 {
+            for (row, e) in x.chunks_exact(len).zip(e.chunks_exact_mut(len)) {
+                let top = row.iter().copied().max().unwrap_or(0);
+                for (e, &v) in e.iter_mut().zip(row) {
+                    *e = table[(top - v) as usize];
+                }
+                // Eight partial sums: a chain of dependent additions would bound the speed.
+                let mut part = [0f32; 8];
+                let mut chunks = e.chunks_exact(8);
+                for c in &mut chunks {
+                    for (p, &v) in part.iter_mut().zip(c) {
+                        *p += v;
+                    }
+                }
+                let tail: f32 = chunks.remainder().iter().sum();
+                let r = 1.0 / (part.iter().sum::<f32>() + tail);
+                for v in e.iter_mut() {
+                    *v *= r;
+                }
+            }
+            return;
+        }
+        // Lanes `inner` apart: each step works on a row of `inner` lanes at once.
+        let (mut top, mut sum) = (vec![0u8; inner], vec![0f32; inner]);
+        for (xb, eb) in x.chunks_exact(len * inner).zip(e.chunks_exact_mut(len * inner)) {
+            top.copy_from_slice(&xb[..inner]);
+            for row in xb.chunks_exact(inner).skip(1) {
+                for (t, &v) in top.iter_mut().zip(row) {
+                    *t = (*t).max(v);
+                }
+            }
+            for (er, row) in eb.chunks_exact_mut(inner).zip(xb.chunks_exact(inner)) {
+                for ((e, &t), &v) in er.iter_mut().zip(&top).zip(row) {
+                    *e = table[(t - v) as usize];
+                }
+            }
+            sum.fill(0.0);
+            for er in eb.chunks_exact(inner) {
+                for (s, &v) in sum.iter_mut().zip(er) {
+                    *s += v;
+                }
+            }
+            for s in sum.iter_mut() {
+                *s = 1.0 / *s;
+            }
+            for er in eb.chunks_exact_mut(inner) {
+                for (v, &r) in er.iter_mut().zip(&sum) {
+                    *v *= r;
+                }
+            }
+        }
+    }
 }
 
 /// Flattens NHWC `u8` activations per image in PyTorch's order (`C, H, W`, as `nn.Flatten` on

@@ -40,9 +40,9 @@ impl QOp for CatOp {
             let parts: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
             return Ok(Value::F32(cat_dim1(&parts, "")?));
         }
-        if parts.iter().all(|p| matches!(p, Value::U8 { shape, .. } if shape.len() == 2)) {
-            // PyTorch's `quantized::cat` off its channels-last path: dequantize, concatenate,
-            // quantize.
+        if parts.iter().all(|p| p.shape().len() != 4) {
+            // PyTorch's `quantized::cat` off its channels-last path (features, tokens):
+            // dequantize, concatenate, quantize.
             let floats: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
             let y = cat_dim1(&floats, "")?;
             return Value::quantize(y.view(), out_q).map_err(op_err);

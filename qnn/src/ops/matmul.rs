@@ -10,6 +10,7 @@ use qkernels::{GemmOutput, OutputQuant, PackedWeights, QMatrix, QuantU8};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
+use super::shape::{logical_vec, stored_vec, transpose_bytes};
 use super::{attrs, op_err, parse, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
 use crate::quant::{budget, quantized, Run, Value};
@@ -100,46 +101,6 @@ pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result
     Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the output's length"))
 }
 
-/// `src` (`rows x cols` bytes, row-major) transposed into `dst` (`cols x rows`), in tiles
-/// of 32 x 32 so both sides move through the cache in lines.
-fn transpose_bytes(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    const T: usize = 32;
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
-}
-
-/// A 4-D value's NHWC bytes (how int8 images are stored) in logical NCHW order, or the
-/// bytes as they are for other ranks.
-fn logical(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
-    let [n, c, h, w] = shape[..] else { return data };
-    let mut out = scratch::take(data.len());
-    let len = c * h * w;
-    for b in 0..n {
-        transpose_bytes(&data[b * len..][..len], h * w, c, &mut out[b * len..][..len]);
-    }
-    scratch::give(data);
-    out
-}
-
-/// Logical NCHW bytes of a 4-D value in NHWC storage order (the inverse of [`logical`]).
-fn stored(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
-    let [n, c, h, w] = shape[..] else { return data };
-    let mut out = scratch::take(data.len());
-    let len = c * h * w;
-    for b in 0..n {
-        transpose_bytes(&data[b * len..][..len], c, h * w, &mut out[b * len..][..len]);
-    }
-    scratch::give(data);
-    out
-}
-
 /// The product in the converted model.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct MatMulOp {
@@ -203,13 +164,13 @@ impl QOp for MatMulOp {
         let (bd, bshape, bq) = quantized(b, qb)?;
         let out = matmul_shape(&ashape, &bshape).ok_or_else(|| shape_err(&ashape, &bshape, ""))?;
         let len = budget(&out, 1, run, "matmul")?;
-        let (ad, bd) = (logical(ad, &ashape), logical(bd, &bshape));
+        let (ad, bd) = (logical_vec(ad, &ashape), logical_vec(bd, &bshape));
         let mut y = scratch::take(len);
         let done = matmul_u8((&ad, &ashape, aq), (&bd, &bshape, bq), &out, qo, &mut y, run.threads);
         scratch::give(ad);
         scratch::give(bd);
         done?;
-        Ok(Value::U8 { data: stored(y, &out), shape: out, q: qo })
+        Ok(Value::U8 { data: stored_vec(y, &out), shape: out, q: qo })
     }
     fn out_q(&self) -> Option<QuantU8> {
         Some(self.params()[2])
@@ -310,9 +271,9 @@ mod tests {
     fn logical_and_stored_are_inverse() {
         let shape = [2, 3, 2, 2];
         let data: Vec<u8> = (0..24).collect();
-        let back = stored(logical(data.clone(), &shape), &shape);
+        let back = stored_vec(logical_vec(data.clone(), &shape), &shape);
         assert_eq!(back, data);
         // NHWC (0, 0, 0, 1) is channel 1 of pixel 0: logical index 1 * h * w.
-        assert_eq!(logical(data, &shape)[4], 1);
+        assert_eq!(logical_vec(data, &shape)[4], 1);
     }
 }

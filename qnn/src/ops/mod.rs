@@ -20,9 +20,10 @@
 //! | `slice.rs` | `Slice` (ranges, `torch.chunk` pieces) | keeping the input's parameters |
 //! | `pad.rs` | `Pad2d` (constant, reflect, replicate) | keeping the input's parameters |
 //! | `resize.rs` | `Upsample` (nearest, bilinear) | keeping the input's parameters, PyTorch's arithmetic |
-//! | `softmax.rs` | `Softmax` | float only (output in (0, 1), quantized after it) |
-//! | `layernorm.rs` | `LayerNorm` (last axis) | float only |
+//! | `softmax.rs` | `Softmax` | codes in and out, exponentials from a table per input scale |
+//! | `layernorm.rs` | `LayerNorm` (last axis) | PyTorch's `quantized::layer_norm` |
 //! | `batchnorm.rs` | `BatchNorm2d`, `BatchNorm1d` | float only, unless fused |
+//! | `konst.rs` | `BatchConst` (a constant repeated over the batch) | its codes, quantized at conversion |
 //! | `stubs.rs` | `Identity`, `Dropout`, `QuantStub`, `DeQuantStub` | nothing, or an explicit quantize |
 //! | `add.rs`, `mul.rs`, `cat.rs` | graph additions, products, concatenations | int8 |
 //! | `range.rs` | (a wrapper) | clamps an op's output to a custom integer range |
@@ -99,6 +100,7 @@ pub mod batchnorm;
 pub mod cat;
 pub mod conv;
 pub mod fallback;
+pub mod konst;
 pub mod layernorm;
 pub mod linear;
 pub mod matmul;
@@ -381,6 +383,9 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     matmul::OP,
     scalar::OP,
     cat::OP,
+    konst::OP,
+    softmax::OP,
+    layernorm::OP,
     fallback::FLOAT,
     fallback::INT8_LAYER,
     range::OP,
@@ -402,6 +407,7 @@ pub(crate) const BUILTIN_LAYERS: &[&[(&str, LayerLoader)]] = &[
     softmax::LAYERS,
     layernorm::LAYERS,
     scalar::LAYERS,
+    konst::LAYERS,
     batchnorm::LAYERS,
     stubs::LAYERS,
 ];

@@ -18,9 +18,116 @@ fn shape_err(kind: &'static str, expected: String, got: &[usize]) -> NnError {
     NnError::Shape { module: String::new(), kind, expected, got: got.to_vec() }
 }
 
+/// `shape` and `perm` without the axes of size 1, and with the runs of input axes that stay
+/// together (output axes `i`, `i + 1` reading input axes `p`, `p + 1`) merged: the same
+/// movement of bytes, in the fewest axes.
+fn simplify(shape: &[usize], perm: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    // Input axes kept, and their new indices.
+    let kept: Vec<usize> = (0..shape.len()).filter(|&a| shape[a] > 1).collect();
+    let index_of = |a: usize| kept.iter().position(|&k| k == a);
+    let mut perm: Vec<usize> = perm.iter().filter_map(|&a| index_of(a)).collect();
+    let mut dims: Vec<usize> = kept.iter().map(|&a| shape[a]).collect();
+    loop {
+        let Some(i) = (0..perm.len().saturating_sub(1)).find(|&i| perm[i + 1] == perm[i] + 1) else {
+            return (dims, perm);
+        };
+        // Input axes p and p + 1 become one; every later input axis moves down by one.
+        let p = perm[i];
+        dims[p] *= dims[p + 1];
+        dims.remove(p + 1);
+        perm.remove(i + 1);
+        for a in perm.iter_mut().filter(|a| **a > p) {
+            *a -= 1;
+        }
+    }
+}
+
+/// Whether permuting `shape` by `perm` leaves every byte where it is.
+pub(super) fn is_noop(shape: &[usize], perm: &[usize]) -> bool {
+    simplify(shape, perm).1.len() <= 1
+}
+
+/// `src` (`rows x cols` bytes, row-major) transposed into `dst` (`cols x rows`): blocks of
+/// 8 x 8 bytes, each moved as eight `u64` rows transposed in registers ([`transpose8x8`]),
+/// in tiles of 32 x 32 so both sides move through the cache in lines. A size that is not a
+/// multiple of 8 ends with a block overlapping the one before (its bytes are written twice,
+/// alike); below 8 rows or columns, byte by byte.
+pub(super) fn transpose_bytes(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    const T: usize = 32;
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "buffers hold rows x cols bytes");
+    if rows < 8 || cols < 8 {
+        for r in 0..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
+        return;
+    }
+    // Block starts: every multiple of 8 below `n - 8`, then `n - 8`.
+    let starts = |n: usize, from: usize, to: usize| (from..to).step_by(8).map(move |v| v.min(n - 8));
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in starts(rows, r0, (r0 + T).min(rows)) {
+                for c in starts(cols, c0, (c0 + T).min(cols)) {
+                    let block: [u64; 8] = std::array::from_fn(|i| {
+                        let at = (r + i) * cols + c;
+                        u64::from_le_bytes(src[at..at + 8].try_into().expect("8 bytes"))
+                    });
+                    for (j, row) in transpose8x8(block).into_iter().enumerate() {
+                        let at = (c + j) * rows + r;
+                        dst[at..at + 8].copy_from_slice(&row.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An 8 x 8 byte matrix, one row per `u64` (column `j` in byte `j`, little-endian),
+/// transposed: the 4 x 4 blocks off the diagonal swapped, then the 2 x 2 blocks within each,
+/// then the bytes within those.
+fn transpose8x8(mut x: [u64; 8]) -> [u64; 8] {
+    for (shift, mask, pairs) in [
+        (32, 0x0000_0000_ffff_ffffu64, [(0, 4), (1, 5), (2, 6), (3, 7)]),
+        (16, 0x0000_ffff_0000_ffff, [(0, 2), (1, 3), (4, 6), (5, 7)]),
+        (8, 0x00ff_00ff_00ff_00ff, [(0, 1), (2, 3), (4, 5), (6, 7)]),
+    ] {
+        for (a, b) in pairs {
+            let t = ((x[a] >> shift) ^ x[b]) & mask;
+            x[a] ^= t << shift;
+            x[b] ^= t;
+        }
+    }
+    x
+}
+
 /// `src` (row-major `shape`) with its axes permuted by `perm` (output axis `i` is input axis
-/// `perm[i]`), into a pooled buffer.
+/// `perm[i]`), into a pooled buffer. Axes of size 1 are dropped and axes that move together
+/// merged first, so a permutation that moves nothing is one copy and a (batched) transpose
+/// of two axes runs in tiles.
 pub(super) fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize]) -> Vec<u8> {
+    let mut out = scratch::take(src.len());
+    if src.is_empty() {
+        return out;
+    }
+    let (shape, perm) = simplify(shape, perm);
+    match perm[..] {
+        [] | [0] => out.copy_from_slice(src),
+        [1, 0] => transpose_bytes(src, shape[0], shape[1], &mut out),
+        [0, 2, 1] => {
+            let len = shape[1] * shape[2];
+            for (s, d) in src.chunks_exact(len).zip(out.chunks_exact_mut(len)) {
+                transpose_bytes(s, shape[1], shape[2], d);
+            }
+        }
+        _ => permute_general(src, &shape, &perm, &mut out),
+    }
+    out
+}
+
+/// [`permute_bytes`] for any permutation: an odometer over the output's axes, the innermost
+/// a strided copy.
+fn permute_general(src: &[u8], shape: &[usize], perm: &[usize], out: &mut [u8]) {
     let rank = shape.len();
     let mut strides = vec![1usize; rank];
     for i in (0..rank.saturating_sub(1)).rev() {
@@ -28,27 +135,24 @@ pub(super) fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize]) -> Vec<
     }
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let out_strides: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
-    let mut out = scratch::take(src.len());
-    if src.is_empty() || rank == 0 {
-        out.copy_from_slice(src);
-        return out;
-    }
-    // Walk the output in order with an odometer over its axes; the innermost axis is a
-    // strided copy.
     let inner = rank - 1;
     let (len, step) = (out_shape[inner], out_strides[inner]);
     let mut idx = vec![0usize; rank];
     let mut base = 0usize;
     let mut o = 0usize;
     loop {
-        for (k, dst) in out[o..o + len].iter_mut().enumerate() {
-            *dst = src[base + k * step];
+        if step == 1 {
+            out[o..o + len].copy_from_slice(&src[base..base + len]);
+        } else {
+            for (k, dst) in out[o..o + len].iter_mut().enumerate() {
+                *dst = src[base + k * step];
+            }
         }
         o += len;
         let mut axis = inner;
         loop {
             if axis == 0 {
-                return out;
+                return;
             }
             axis -= 1;
             idx[axis] += 1;
@@ -62,25 +166,42 @@ pub(super) fn permute_bytes(src: &[u8], shape: &[usize], perm: &[usize]) -> Vec<
     }
 }
 
-/// A `u8` value's data in logical row-major order.
+/// `data` (row-major `shape`) permuted by `perm`: itself when nothing moves, else a pooled
+/// buffer (and `data` goes back to the pool).
+pub(super) fn permuted(data: Vec<u8>, shape: &[usize], perm: &[usize]) -> Vec<u8> {
+    if is_noop(shape, perm) {
+        return data;
+    }
+    let out = permute_bytes(&data, shape, perm);
+    scratch::give(data);
+    out
+}
+
+/// A `u8` value's data in logical row-major order (4-D values are stored NHWC).
 pub(super) fn logical(data: Input, shape: &[usize]) -> Vec<u8> {
+    logical_vec(data.into_inner(), shape)
+}
+
+/// [`logical`] of a buffer.
+pub(super) fn logical_vec(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
     match *shape {
-        [n, c, h, w] => permute_bytes(&data, &[n, h, w, c], &[0, 3, 1, 2]),
-        _ => data.into_inner(),
+        [n, c, h, w] => permuted(data, &[n, h, w, c], &[0, 3, 1, 2]),
+        _ => data,
+    }
+}
+
+/// Logical row-major bytes in their stored order (NHWC when 4-D; the inverse of
+/// [`logical_vec`]).
+pub(super) fn stored_vec(data: Vec<u8>, shape: &[usize]) -> Vec<u8> {
+    match shape {
+        [_, _, _, _] => permuted(data, shape, &[0, 2, 3, 1]),
+        _ => data,
     }
 }
 
 /// A `u8` value from logical row-major data (stored NHWC when 4-D).
 pub(super) fn stored(data: Vec<u8>, shape: Vec<usize>, q: QuantU8) -> Value {
-    let data = match shape[..] {
-        [_, _, _, _] => {
-            let d = permute_bytes(&data, &shape, &[0, 2, 3, 1]);
-            scratch::give(data);
-            d
-        }
-        _ => data,
-    };
-    Value::U8 { data, shape, q }
+    Value::U8 { data: stored_vec(data, &shape), shape, q }
 }
 
 /// Runs a layout op: float through `float`, `u8` on its logical order through `int8` (which
@@ -293,18 +414,14 @@ impl QOp for Permute {
                 const LOGICAL_OF: [usize; 4] = [0, 2, 3, 1];
                 let stored_in = [shape[0], shape[2], shape[3], shape[1]];
                 let perm: Vec<usize> = LOGICAL_OF.iter().map(|&k| STORED_AT[self.dims[k]]).collect();
-                let data = Input::new(data);
-                let y = permute_bytes(&data, &stored_in, &perm);
-                Ok(Value::U8 { data: y, shape: out, q })
+                Ok(Value::U8 { data: permuted(data, &stored_in, &perm), shape: out, q })
             }
             x => run_shape_op(
                 x,
                 |a| self.forward(a),
                 |d, s| {
                     let out = self.check(s)?;
-                    let y = permute_bytes(&d, s, &self.dims);
-                    scratch::give(d);
-                    Ok((y, out))
+                    Ok((permuted(d, s, &self.dims), out))
                 },
             ),
         }
@@ -490,7 +607,77 @@ pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
 
 #[cfg(test)]
 mod tests {
-    use super::permute_bytes;
+    use super::{is_noop, permute_bytes, simplify};
+
+    /// Every permutation of random shapes (sizes 1 to 3, ranks 1 to 5) against index
+    /// arithmetic: the simplified paths (copies, tiled transposes) move the same bytes.
+    #[test]
+    fn permutations_match_index_arithmetic() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        for _ in 0..400 {
+            let rank = 1 + next(5);
+            let shape: Vec<usize> = (0..rank).map(|_| 1 + next(3)).collect();
+            let mut perm: Vec<usize> = (0..rank).collect();
+            for i in (1..rank).rev() {
+                perm.swap(i, next(i + 1));
+            }
+            let n: usize = shape.iter().product();
+            let src: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+            let out = permute_bytes(&src, &shape, &perm);
+            let mut strides = vec![1; rank];
+            for i in (0..rank - 1).rev() {
+                strides[i] = strides[i + 1] * shape[i + 1];
+            }
+            let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            let mut ix = vec![0; rank];
+            let mut moved = false;
+            for (k, &got) in out.iter().enumerate() {
+                let from: usize = ix.iter().zip(&perm).map(|(&i, &p)| i * strides[p]).sum();
+                assert_eq!(got, src[from], "shape {shape:?} perm {perm:?} element {k}");
+                moved |= from != k;
+                for a in (0..rank).rev() {
+                    ix[a] += 1;
+                    if ix[a] < out_shape[a] {
+                        break;
+                    }
+                    ix[a] = 0;
+                }
+            }
+            assert_eq!(is_noop(&shape, &perm), !moved, "shape {shape:?} perm {perm:?}");
+        }
+    }
+
+    /// Transposes of every size up to 40 x 40 (blocks, tiles and edges) against the index
+    /// arithmetic.
+    #[test]
+    fn byte_transposes_match_index_arithmetic() {
+        for rows in 0..41 {
+            for cols in [0, 1, 7, 8, 9, 16, 31, 33, 40] {
+                let src: Vec<u8> = (0..rows * cols).map(|i| (i * 31 % 253) as u8).collect();
+                let mut dst = vec![0u8; rows * cols];
+                super::transpose_bytes(&src, rows, cols, &mut dst);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows} x {cols} at {r}, {c}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn size_one_axes_and_runs_of_axes_simplify() {
+        // [197, 1, 3, 768] logical -> NHWC [197, 3, 768, 1]: nothing moves.
+        assert!(is_noop(&[197, 3, 768, 1], &[0, 3, 1, 2]));
+        // Heads: [1, 12, 197, 64] -> [197, 1, 12, 64] is a transpose of two merged axes.
+        assert_eq!(simplify(&[1, 12, 197, 64], &[2, 0, 1, 3]), (vec![12, 197, 64], vec![1, 0, 2]));
+    }
 
     #[test]
     fn permuting_bytes_matches_index_arithmetic() {

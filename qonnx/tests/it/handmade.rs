@@ -422,3 +422,122 @@ fn declared_sizes_allocate_nothing_at_import() {
     let info = m.graph.value_info(&shapes).unwrap();
     assert_eq!(info.last().unwrap().shape, [1, 4, 1, 1]);
 }
+
+/// ViT's class token and positional embedding as the TorchScript exporter writes them (the
+/// token expanded to the batch through `Equal` / `Where` / `Expand` on the shape, `Concat`
+/// with the patches, `Add` of the embedding), then the batch moved off axis 0 and merged
+/// with another axis as `nn.MultiheadAttention` does (`Transpose`, `Reshape` to
+/// `[tokens, batch * features]` from shape arithmetic, `Unsqueeze` / `Squeeze`, and back),
+/// then one token taken by `Gather` at an index folded from `Mod` (Python's sign). It runs
+/// at any batch size, in float and in int8.
+#[test]
+fn class_token_and_a_batch_moved_off_axis_0() {
+    let scalar = |name: &str, v: i64| TensorProto {
+        dims: vec![],
+        data_type: Some(data_type::INT64),
+        int64_data: vec![v],
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    let cls = vec![0.5f32, -1.0, 0.25];
+    let pos: Vec<f32> = (0..9).map(|k| k as f32 * 0.1 - 0.3).collect();
+    let one = TensorProto {
+        dims: vec![1],
+        data_type: Some(data_type::INT64),
+        int64_data: vec![1],
+        name: Some("value".into()),
+        ..Default::default()
+    };
+    let fill = AttributeProto { name: Some("value".into()), t: Some(one), ..Default::default() };
+    let bytes = model(
+        17,
+        value("x", &[None, Some(2), Some(3)]),
+        vec![
+            node("Shape", "shape", &["x"], &["s"], vec![]),
+            node("Gather", "n", &["s", "zero"], &["n"], vec![int("axis", 0)]),
+            node("Unsqueeze", "n1", &["n", "axes0"], &["n1"], vec![]),
+            node("Concat", "target", &["n1", "minus1", "minus1"], &["target"], vec![int("axis", 0)]),
+            node("ConstantOfShape", "ones", &["three"], &["ones"], vec![fill]),
+            node("Mul", "m1", &["ones", "minus1"], &["m1"], vec![]),
+            node("Equal", "eq", &["target", "m1"], &["eq"], vec![]),
+            node("Where", "where", &["eq", "ones", "target"], &["shp"], vec![]),
+            node("Expand", "expand", &["cls", "shp"], &["cls_b"], vec![]),
+            node("Concat", "tokens", &["cls_b", "x"], &["t"], vec![int("axis", 1)]),
+            node("Add", "pos", &["t", "pos"], &["u"], vec![]),
+            node("Transpose", "to_tokens_first", &["u"], &["v"], vec![ints("perm", &[1, 0, 2])]),
+            node("Shape", "vshape", &["v"], &["vs"], vec![]),
+            node("Gather", "vn", &["vs", "one"], &["vn"], vec![int("axis", 0)]),
+            node("Mul", "vn3", &["vn", "three_s"], &["vn3"], vec![]),
+            node("Unsqueeze", "vn3u", &["vn3", "axes0"], &["vn3u"], vec![]),
+            node("Concat", "merged", &["three", "vn3u"], &["merged"], vec![int("axis", 0)]),
+            node("Reshape", "merge", &["v", "merged"], &["w"], vec![]),
+            node("Unsqueeze", "unsq", &["w", "axes0"], &["w1"], vec![]),
+            node("Squeeze", "sq", &["w1", "axes0"], &["w2"], vec![]),
+            node("Unsqueeze", "vnu", &["vn", "axes0"], &["vnu"], vec![]),
+            node("Concat", "split", &["three", "vnu", "three"], &["split"], vec![int("axis", 0)]),
+            node("Reshape", "unmerge", &["w2", "split"], &["w3"], vec![]),
+            node("Transpose", "to_batch_first", &["w3"], &["z"], vec![ints("perm", &[1, 0, 2])]),
+            node("Mod", "index", &["minus5", "two"], &["k"], vec![]),
+            node("Gather", "take", &["z", "k"], &["y"], vec![int("axis", 1)]),
+        ],
+        vec![
+            scalar("zero", 0),
+            scalar("one", 1),
+            scalar("three_s", 3),
+            scalar("minus5", -5),
+            scalar("two", 2),
+            int64s("axes0", vec![0]),
+            int64s("minus1", vec![-1]),
+            int64s("three", vec![3]),
+            floats("cls", &[1, 1, 3], cls.clone()),
+            floats("pos", &[1, 3, 3], pos.clone()),
+        ],
+        "y",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    // Token 1 (-5 mod 2 with the divisor's sign; C's fmod would give -1, the last token).
+    let want =
+        |x: &ArrayD<f32>| ArrayD::from_shape_fn(IxDyn(&[x.shape()[0], 3]), |i| x[[i[0], 0, i[1]]] + pos[3 + i[1]]);
+    for n in [1, 3] {
+        let x = ramp(&[n, 2, 3]);
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap_or_else(|e| panic!("batch {n}: {e}")).remove(0);
+        assert_eq!(y, want(&x), "batch {n}");
+    }
+    // The class token joins too: token 0 is it plus its embedding (same graph up to `z`).
+    let mut p = qnn::prepare(m.graph, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap();
+    p.calibrate(&ramp(&[4, 2, 3])).unwrap();
+    let q = p.convert().unwrap();
+    let x = ramp(&[3, 2, 3]);
+    let y = q.forward(&x).unwrap();
+    let w = want(&x);
+    assert_eq!(y.shape(), w.shape());
+    for (a, b) in y.iter().zip(&w) {
+        assert!((a - b).abs() < 0.03, "int8 {a} vs float {b}");
+    }
+    let saved = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(saved.forward(&x).unwrap(), y, "the same after save and load");
+}
+
+/// A constant concatenated with computed values must be one image of theirs, and `Gather`
+/// of a computed value takes one index: anything else names the node.
+#[test]
+fn constants_beside_computed_values_are_checked() {
+    let bytes = model(
+        17,
+        value("x", &[None, Some(2), Some(3)]),
+        vec![node("Concat", "cat", &["k", "x"], &["y"], vec![int("axis", 1)])],
+        vec![floats("k", &[2, 1, 3], vec![0.0; 6])],
+        "y",
+    );
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("'cat'") && e.contains("[2, 1, 3]") && e.contains("[1, ...]"), "{e}");
+    let bytes = model(
+        17,
+        value("x", &[None, Some(2), Some(3)]),
+        vec![node("Gather", "take", &["x", "idx"], &["y"], vec![int("axis", 1)])],
+        vec![int64s("idx", vec![0, 1])],
+        "y",
+    );
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("'take'") && e.contains("one constant index"), "{e}");
+}
