@@ -14,6 +14,38 @@ fn quant() -> impl Strategy<Value = QuantU8> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(crate::cases(96)))]
 
+    /// The int8 softmax, along contiguous lanes and along lanes `inner` apart, against the
+    /// float softmax of the dequantized codes, quantized: within one code (the table's
+    /// exponentials and the sums' order round differently), and nearly always equal.
+    #[test]
+    fn softmax_is_the_float_softmax_quantized(
+        outer in 1usize..4, len in 1usize..40, inner in 1usize..20, q in quant(), seed in any::<u64>(),
+    ) {
+        let n = outer * len * inner;
+        let mut s = seed | 1;
+        let x: Vec<u8> = (0..n).map(|_| { s ^= s << 13; s ^= s >> 7; s ^= s << 17; (s >> 40) as u8 }).collect();
+        let qo = QuantU8 { scale: 1.0 / 255.0, zero_point: 0 };
+        let mut got = vec![0u8; n];
+        qkernels::softmax_u8(&x, q, (outer, len, inner), qo, &mut got).unwrap();
+        let mut equal = 0;
+        for o in 0..outer {
+            for i in 0..inner {
+                let at = |k: usize| (o * len + k) * inner + i;
+                let v: Vec<f32> = (0..len).map(|k| q.scale * (x[at(k)] as i32 - q.zero_point) as f32).collect();
+                let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = v.iter().map(|&a| (a - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for k in 0..len {
+                    let want = qtensor::kernels::quantize_scalar(e[k] / sum, 1.0 / qo.scale, 0, 0, 255);
+                    let d = (got[at(k)] as i32 - want).abs();
+                    prop_assert!(d <= 1, "lane {o}/{i} element {k}: {} vs {want}", got[at(k)]);
+                    equal += usize::from(d == 0);
+                }
+            }
+        }
+        prop_assert!(equal * 100 >= n * 95, "{equal} of {n} equal");
+    }
+
     /// The vectorisable requantization of a product equals PyTorch's formula for every
     /// product two bytes can make (and beyond), any zero point and multiplier.
     #[test]
