@@ -952,7 +952,8 @@ pub struct NodeTime {
     /// Median wall time over the runs, in milliseconds.
     pub median_ms: f64,
     /// The node that computes it as part of its own work (a residual addition its
-    /// convolution runs), whose time includes it; its own time is then 0.
+    /// convolution runs, attention's softmax and second product its first product runs),
+    /// whose time includes it; its own time is then 0.
     pub runs_in: Option<String>,
     /// The kernel that runs it, for layers with a choice ([`crate::ops::QOp::kernel`]).
     pub kernel: Option<String>,
@@ -1130,6 +1131,64 @@ pub struct QuantizedModel {
     fused_add: Vec<Option<ConvAdd>>,
     /// Per node: an addition its convolution runs.
     runs_in_conv: Vec<bool>,
+    /// Per node: the softmax and product of attention this `q x kt` product runs with it
+    /// ([`attention_fusions`]); those nodes are then skipped.
+    fused_attention: Vec<Option<Attention>>,
+    /// Per node: a softmax or product an attention's first product runs.
+    runs_in_attention: Vec<bool>,
+}
+
+/// Attention's three int8 steps found in a converted graph: a product `q x kt` (the node
+/// holding this), the softmax that alone reads it, and the product whose left operand is
+/// that softmax's output alone.
+#[derive(Clone, Copy, Debug)]
+struct Attention {
+    softmax: usize,
+    product: usize,
+    /// The second product's right operand (`v`).
+    v: Tensor,
+}
+
+/// The attention patterns that run head by head in one step
+/// (`crate::ops::matmul::attention`, the same bytes as the three ops): an int8 product whose
+/// output only an int8 softmax reads, whose output only another int8 product reads as its
+/// left operand, the right one (`v`) computed before the first product runs.
+fn attention_fusions(g: &QGraph, readers: &[usize]) -> (Vec<Option<Attention>>, Vec<bool>) {
+    use crate::ops::matmul::MatMulOp;
+    use crate::ops::softmax::SoftmaxOp;
+    let mut fused = vec![None; g.nodes.len()];
+    let mut runs_in = vec![false; g.nodes.len()];
+    let mut producer = vec![None; g.values];
+    let mut reader = vec![None; g.values];
+    for (i, n) in g.nodes.iter().enumerate() {
+        producer[n.output.0] = Some(i);
+        for &t in &n.inputs {
+            reader[t.0] = Some(i);
+        }
+    }
+    let product = |i: usize| step_of(&g.nodes[i]).op.as_any().downcast_ref::<MatMulOp>().filter(|m| m.is_int8());
+    for (i, n) in g.nodes.iter().enumerate() {
+        if product(i).is_none() || n.inputs.len() != 2 || readers[n.output.0] != 1 {
+            continue;
+        }
+        let Some(s) = reader[n.output.0] else { continue };
+        let sn = &g.nodes[s];
+        if !step_of(sn).op.as_any().is::<SoftmaxOp>() || sn.inputs.len() != 1 || readers[sn.output.0] != 1 {
+            continue;
+        }
+        let Some(j) = reader[sn.output.0] else { continue };
+        let jn = &g.nodes[j];
+        if product(j).is_none() || jn.inputs.len() != 2 || jn.inputs[0] != sn.output || jn.inputs[1] == sn.output {
+            continue;
+        }
+        let v = jn.inputs[1];
+        if producer[v.0].is_none_or(|p| p < i) && !g.outputs.contains(&n.output) && !g.outputs.contains(&sn.output) {
+            fused[i] = Some(Attention { softmax: s, product: j, v });
+            runs_in[s] = true;
+            runs_in[j] = true;
+        }
+    }
+    (fused, runs_in)
 }
 
 /// A convolution that runs the int8 addition which alone reads its output.
@@ -1316,6 +1375,7 @@ impl QuantizedModel {
             .collect();
         let images_apart = images_apart(&graph);
         let (fused_add, runs_in_conv) = conv_add_fusions(&graph, &readers);
+        let (fused_attention, runs_in_attention) = attention_fusions(&graph, &readers);
         QuantizedModel {
             input_q,
             input_ranges,
@@ -1327,6 +1387,8 @@ impl QuantizedModel {
             images_apart,
             fused_add,
             runs_in_conv,
+            fused_attention,
+            runs_in_attention,
         }
     }
 
@@ -1549,12 +1611,29 @@ impl QuantizedModel {
                 pooled_copy(vals[t.0].as_ref().expect("computed before read"))
             }
         };
+        // The shapes of the values an attention step computes inside (for the timings).
+        let mut inner_shapes: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, n) in g.nodes.iter().enumerate() {
-            if self.runs_in_conv[i] {
-                // Its convolution computed it.
+            if self.runs_in_conv[i] || self.runs_in_attention[i] {
+                // Its convolution (or attention's first product) computed it.
                 if let Some(t) = timing.as_deref_mut() {
-                    t.push((0.0, vals[n.output.0].as_ref().map_or(Vec::new(), |v| v.shape().to_vec())));
+                    let inner = inner_shapes.iter().find(|(k, _)| *k == i).map(|(_, s)| s.clone());
+                    let shape = vals[n.output.0].as_ref().map(|v| v.shape().to_vec());
+                    t.push((0.0, inner.or(shape).unwrap_or_default()));
                 }
+                continue;
+            }
+            if let Some(f) = self.fused_attention[i] {
+                let (kt, q) = (take(vals, left, n.inputs[1]), take(vals, left, n.inputs[0]));
+                let v = take(vals, left, f.v);
+                let start = timing.is_some().then(std::time::Instant::now);
+                let scores = crate::ops::matmul::matmul_shape(q.shape(), kt.shape()).unwrap_or_default();
+                let y = self.attention(i, f, (q, kt, v), run)?;
+                if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
+                    t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
+                    inner_shapes.push((f.softmax, scores));
+                }
+                vals[g.nodes[f.product].output.0] = Some(y);
                 continue;
             }
             args.clear();
@@ -1609,8 +1688,9 @@ impl QuantizedModel {
     /// Times every node: the model runs `runs` times on `xs` (after one run that is not
     /// counted) with the model's thread count, and each node's median time is returned with
     /// its output shape and, for layers with weights, its multiply-accumulates. Nodes come in
-    /// the graph's order; a residual addition that its convolution runs reports 0 and names
-    /// that convolution, whose time includes it.
+    /// the graph's order; a residual addition that its convolution runs (attention's softmax
+    /// and second product, that its first product runs) reports 0 and names that node,
+    /// whose time includes it.
     ///
     /// # Errors
     /// As [`QuantizedModel::forward_values`], or `runs == 0`.
@@ -1663,6 +1743,15 @@ impl QuantizedModel {
                     let conv = self.fused_add.iter().position(|f| f.is_some_and(|f| f.add == i));
                     self.graph.nodes[conv.expect("a fused addition has its convolution")].name.clone()
                 });
+                let runs_in = runs_in.or_else(|| {
+                    self.runs_in_attention[i].then(|| {
+                        let first = self
+                            .fused_attention
+                            .iter()
+                            .position(|f| f.is_some_and(|f| f.softmax == i || f.product == i));
+                        self.graph.nodes[first.expect("a fused step has its first product")].name.clone()
+                    })
+                });
                 NodeTime {
                     name: n.name.clone(),
                     op: op.op_name(),
@@ -1687,6 +1776,28 @@ impl QuantizedModel {
     /// Runs one node on its input values.
     fn node_step(step: &QStep, args: &mut Vec<Value>, run: Run) -> Result<Value> {
         step.op.run(args, step.in_q, run)
+    }
+
+    /// Attention found at assembly ([`attention_fusions`]), node `i` its first product: head
+    /// by head when the shapes fit, else its three ops one after the other.
+    fn attention(&self, i: usize, f: Attention, (q, kt, v): (Value, Value, Value), run: Run) -> Result<Value> {
+        use crate::ops::matmul::{attention, attention_fits, MatMulOp};
+        use crate::ops::softmax::SoftmaxOp;
+        let g = &self.graph;
+        let (a, s, b) = (&g.nodes[i], &g.nodes[f.softmax], &g.nodes[f.product]);
+        let names = || format!("{} (with {} and {})", a.name, s.name, b.name);
+        let first = step_of(a).op.as_any().downcast_ref::<MatMulOp>().expect("found at assembly");
+        let softmax = step_of(s).op.as_any().downcast_ref::<SoftmaxOp>().expect("found at assembly");
+        let second = step_of(b).op.as_any().downcast_ref::<MatMulOp>().expect("found at assembly");
+        if attention_fits(q.shape(), kt.shape(), v.shape()) && softmax.over_last_axis(q.shape().len()) {
+            return attention((first, softmax, second), q, kt, v, run).map_err(|e| e.within(&names()));
+        }
+        let mut args = vec![q, kt];
+        let scores = Self::node_step(step_of(a), &mut args, run).map_err(|e| e.within(&a.name))?;
+        args.push(scores);
+        let p = Self::node_step(step_of(s), &mut args, run).map_err(|e| e.within(&s.name))?;
+        args.extend([p, v]);
+        Self::node_step(step_of(b), &mut args, run).map_err(|e| e.within(&b.name))
     }
 
     /// Every value's name, logical shape, element type (`u8` with its parameters, or `f32`

@@ -329,8 +329,8 @@ fn residual_additions_run_inside_their_convolutions_with_the_same_bits() {
 }
 
 /// Self-attention's two products of computed values (`q · kᵀ` and `scores · v`), with a
-/// float softmax between them: both products run in int8, the model stays close to float,
-/// and it runs alike at 2 threads and after a save and load.
+/// softmax between them: all three run in int8, the model stays close to float, and it runs
+/// alike at 2 threads and after a save and load.
 #[test]
 fn attention_products_of_two_computed_values_run_in_int8() {
     use qnn::layers::{Linear, Permute, Softmax};
@@ -374,6 +374,49 @@ fn attention_products_of_two_computed_values_run_in_int8() {
     let longer = images(5, &[2, 7, 8]);
     let f = build().run(std::slice::from_ref(&longer)).unwrap().remove(0);
     assert!(sqnr_db(&f, &q.forward(&longer).unwrap()) > 20.0);
+}
+
+/// Attention over 4-D heads runs head by head in one step (the first product names the
+/// other two in the profile) and gives the same bytes as its three ops run one after the
+/// other: the same graph with the softmax's output also a model output does not fuse. Keys
+/// shared by the batch (broadcast) run the three ops in turn, alike.
+#[test]
+fn fused_attention_gives_the_bytes_of_its_three_ops() {
+    use qnn::layers::Softmax;
+    let build = |expose: bool| {
+        let mut g = GraphBuilder::new();
+        let (q, kt, v) = (g.input("q"), g.input("kt"), g.input("v"));
+        let s = g.matmul("scores", q, kt).unwrap();
+        let p = g.layer("softmax", Softmax { dim: -1 }, s).unwrap();
+        let o = g.matmul("context", p, v).unwrap();
+        g.output(o);
+        if expose {
+            g.output(p);
+        }
+        g.build().unwrap()
+    };
+    for kt_batch in [2, 1] {
+        let xs = [images(6, &[2, 3, 7, 4]), images(7, &[kt_batch, 3, 4, 9]), images(8, &[2, 3, 9, 5])];
+        let quantized = |expose: bool| {
+            let mut p = prepare(build(expose), &QConfigMapping::new(QConfig::default())).unwrap();
+            p.calibrate_inputs(&xs).unwrap();
+            p.convert().unwrap()
+        };
+        let (fused, apart) = (quantized(false), quantized(true));
+        let as_values = |q: &QuantizedModel| q.forward_values(&xs).unwrap().remove(0);
+        let (Value::U8 { data: a, .. }, Value::U8 { data: b, .. }) = (as_values(&fused), as_values(&apart)) else {
+            panic!("int8 outputs")
+        };
+        assert_eq!(a, b, "keys of batch {kt_batch}");
+        let float = build(false).run(&xs).unwrap().remove(0);
+        assert!(sqnr_db(&float, &fused.forward_inputs(&xs).unwrap().remove(0)) > 25.0);
+        let prof = fused.profile(&xs, 1).unwrap();
+        let runs_in = |n: &str| prof.iter().find(|t| t.name == n).unwrap().runs_in.clone();
+        assert_eq!(runs_in("softmax").as_deref(), Some("scores"));
+        assert_eq!(runs_in("context").as_deref(), Some("scores"));
+        let prof = apart.profile(&xs, 1).unwrap();
+        assert!(prof.iter().all(|t| t.runs_in.is_none()));
+    }
 }
 
 /// Products of 4-D values (heads), with a right operand broadcast over the batch: int8

@@ -235,12 +235,13 @@ pub(crate) fn pack_vnni(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
     let groups = k.div_ceil(4);
     let panels = n.div_ceil(VNNI_LANES);
     let mut out = vec![0i8; panels * vnni_panel_len(k)];
-    for j in 0..n {
+    for (j, row) in raw.chunks_exact(k).take(n).enumerate() {
         let (p, lane) = (j / VNNI_LANES, j % VNNI_LANES);
-        let base = p * vnni_panel_len(k);
-        for kk in 0..k {
-            let (g, byte) = (kk / 4, kk % 4);
-            out[base + g * 4 * VNNI_LANES + lane * 4 + byte] = raw[j * k + kk];
+        let base = p * vnni_panel_len(k) + lane * 4;
+        // Each group of four along k is one lane's four bytes in its group's row.
+        for (g, quad) in row.chunks(4).enumerate() {
+            let at = base + g * 4 * VNNI_LANES;
+            out[at..at + quad.len()].copy_from_slice(quad);
         }
     }
     debug_assert_eq!(out.len(), panels * groups * 4 * VNNI_LANES);

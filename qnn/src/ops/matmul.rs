@@ -116,6 +116,69 @@ impl MatMulOp {
     fn params(&self) -> [QuantU8; 3] {
         [self.qs[0].0, self.qs[1].0, self.out_q.0]
     }
+
+    /// Whether it runs in int8.
+    pub(crate) fn is_int8(&self) -> bool {
+        self.int8
+    }
+}
+
+/// Whether `scores = q x kt`, a softmax over its last axis, then `scores x v` can run head by
+/// head ([`attention`]): every operand 4-D or 3-D alike, the same batch axes, and the
+/// matrices' sizes chained.
+pub(crate) fn attention_fits(q: &[usize], kt: &[usize], v: &[usize]) -> bool {
+    let r = q.len();
+    r >= 3
+        && kt.len() == r
+        && v.len() == r
+        && q[..r - 2] == kt[..r - 2]
+        && q[..r - 2] == v[..r - 2]
+        && q[r - 1] == kt[r - 2]
+        && kt[r - 1] == v[r - 2]
+}
+
+/// Attention's three int8 steps, `scores = q x kt` (`first`), the softmax over each row of
+/// scores (`softmax`), `scores x v` (`second`), computed head by head with each head's scores
+/// kept in one small buffer in logical order: the same arithmetic as the three ops one after
+/// the other (the same bytes out), without moving the whole score tensor between its stored
+/// and logical orders four times. The shapes must fit ([`attention_fits`]).
+pub(crate) fn attention(
+    (first, softmax, second): (&MatMulOp, &super::softmax::SoftmaxOp, &MatMulOp),
+    q: Value,
+    kt: Value,
+    v: Value,
+    run: Run,
+) -> Result<Value> {
+    let [qa, qb, _] = first.params();
+    let so = first.params()[2];
+    let [_, vb, out_q] = second.params();
+    let (qd, qshape, qq) = quantized(q, qa)?;
+    let (kd, kshape, kq) = quantized(kt, qb)?;
+    let (vd, vshape, vq) = quantized(v, vb)?;
+    let r = qshape.len();
+    let (m, k, n, d) = (qshape[r - 2], qshape[r - 1], kshape[r - 1], vshape[r - 1]);
+    let mut out = qshape.clone();
+    out[r - 1] = d;
+    let len = budget(&out, 1, run, "attention")?;
+    budget(&[m, n], 1, run, "attention scores")?;
+    let (qd, kd, vd) = (logical_vec(qd, &qshape), logical_vec(kd, &kshape), logical_vec(vd, &vshape));
+    let heads: usize = qshape[..r - 2].iter().product();
+    let (mut scores, mut probs) = (scratch::take(m * n), scratch::take(m * n));
+    let mut y = scratch::take(len);
+    let done = (0..heads).try_for_each(|h| {
+        let qh = (&qd[h * m * k..][..m * k], &[m, k][..], qq);
+        let kh = (&kd[h * k * n..][..k * n], &[k, n][..], kq);
+        matmul_u8(qh, kh, &[m, n], so, &mut scores, run.threads)?;
+        qkernels::softmax_u8(&scores, so, (m, n, 1), softmax.out_q(), &mut probs).map_err(op_err)?;
+        let ph = (&probs[..], &[m, n][..], softmax.out_q());
+        let vh = (&vd[h * n * d..][..n * d], &[n, d][..], vq);
+        matmul_u8(ph, vh, &[m, d], out_q, &mut y[h * m * d..][..m * d], run.threads)
+    });
+    for b in [qd, kd, vd, scores, probs] {
+        scratch::give(b);
+    }
+    done?;
+    Ok(Value::U8 { data: stored_vec(y, &out), shape: out, q: out_q })
 }
 
 pub(crate) const OP: (&str, super::OpLoader) =

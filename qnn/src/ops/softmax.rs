@@ -92,6 +92,16 @@ pub(crate) const OP: (&str, super::OpLoader) =
     ("Softmax", |j, _, node| Ok(Box::new(parse::<SoftmaxOp>(j, node, "Softmax")?)));
 
 impl SoftmaxOp {
+    /// Whether it runs over the last axis of a value of rank `rank`.
+    pub(crate) fn over_last_axis(&self, rank: usize) -> bool {
+        Softmax { dim: self.dim }.axis(rank) == Some(rank.wrapping_sub(1))
+    }
+
+    /// Its output parameters.
+    pub(crate) fn out_q(&self) -> QuantU8 {
+        self.out.0
+    }
+
     /// The lanes of a value of logical shape `shape` as stored (4-D values NHWC):
     /// `(outer, len, inner)`.
     fn lanes(&self, shape: &[usize]) -> Result<(usize, usize, usize)> {
