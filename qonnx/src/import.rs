@@ -951,13 +951,11 @@ impl Importer {
             ("Add" | "Sum" | "Mul", _) => v,
             ("Sub", false) => v.iter().map(|&a| -a).collect(),
             ("Div", false) => v.iter().map(|&a| 1.0 / a).collect(),
-            _ => {
-                return Err(cx.err(format!(
-                    "a constant of shape {:?} {} a computed value: qonnx takes x + k, k + x, x - k, x * k, k * x                      and x / k",
-                    k.shape,
-                    if op == "Sub" { "minus" } else { "over" }
-                )))
-            }
+            _ => return Err(cx.err(format!(
+                "a constant of shape {:?} {} a computed value: qonnx takes x + k, k + x, x - k, x * k, k * x and x / k",
+                k.shape,
+                if op == "Sub" { "minus" } else { "over" }
+            ))),
         };
         if v.iter().any(|a| !a.is_finite()) {
             return Err(cx.err(format!("the constant of shape {:?} has values that are not finite", k.shape)));
@@ -984,7 +982,7 @@ impl Importer {
         let axis = norm_axis(cx, cx.int("axis", 0), x.shape.len())?;
         let (Some(&[i]), true) = (idx.as_i64(), idx.shape.len() <= 1) else {
             return Err(cx.err(format!(
-                "indices of shape {:?} into a computed value: qonnx takes one constant index (a scalar or a vector                  of one)",
+                "indices of shape {:?} into a computed value: qonnx takes one constant index (a scalar or a vector of one)",
                 idx.shape
             )));
         };
@@ -1146,7 +1144,7 @@ impl Importer {
                         || first.batch_axis.is_some_and(|b| b != 0)
                     {
                         return Err(cx.err(format!(
-                            "input {i} is a constant of shape {:?} beside computed values of shape {:?}: qonnx                              concatenates float constants of one image ([1, ...]) with them",
+                            "input {i} is a constant of shape {:?} beside computed values of shape {:?}: qonnx concatenates float constants of one image ([1, ...]) with them",
                             k.shape, first.shape
                         )));
                     }
