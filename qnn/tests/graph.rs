@@ -378,8 +378,8 @@ fn attention_products_of_two_computed_values_run_in_int8() {
 
 /// Attention over 4-D heads runs head by head in one step (the first product names the
 /// other two in the profile) and gives the same bytes as its three ops run one after the
-/// other: the same graph with the softmax's output also a model output does not fuse. Keys
-/// shared by the batch (broadcast) run the three ops in turn, alike.
+/// other, on one thread or two: the same graph with the softmax's output also a model output
+/// does not fuse. Keys shared by the batch (broadcast) run the three ops in turn, alike.
 #[test]
 fn fused_attention_gives_the_bytes_of_its_three_ops() {
     use qnn::layers::Softmax;
@@ -402,12 +402,17 @@ fn fused_attention_gives_the_bytes_of_its_three_ops() {
             p.calibrate_inputs(&xs).unwrap();
             p.convert().unwrap()
         };
-        let (fused, apart) = (quantized(false), quantized(true));
+        let (mut fused, apart) = (quantized(false), quantized(true));
         let as_values = |q: &QuantizedModel| q.forward_values(&xs).unwrap().remove(0);
         let (Value::U8 { data: a, .. }, Value::U8 { data: b, .. }) = (as_values(&fused), as_values(&apart)) else {
             panic!("int8 outputs")
         };
         assert_eq!(a, b, "keys of batch {kt_batch}");
+        // Two threads share the heads out: the same bytes.
+        fused.set_threads(2);
+        let Value::U8 { data: c, .. } = as_values(&fused) else { panic!("int8 outputs") };
+        assert_eq!(c, b, "keys of batch {kt_batch}, two threads");
+        fused.set_threads(1);
         let float = build(false).run(&xs).unwrap().remove(0);
         assert!(sqnr_db(&float, &fused.forward_inputs(&xs).unwrap().remove(0)) > 25.0);
         let prof = fused.profile(&xs, 1).unwrap();
@@ -443,10 +448,13 @@ fn four_dimensional_products_broadcast_their_batch() {
     }
     let mut p = prepare(build(), &QConfigMapping::new(QConfig::default())).unwrap();
     p.calibrate_inputs(&xs).unwrap();
-    let q = p.convert().unwrap();
+    let mut q = p.convert().unwrap();
     let int8 = q.forward_inputs(&xs).unwrap().remove(0);
     let sqnr = sqnr_db(&float, &int8);
     assert!(sqnr > 30.0, "int8 SQNR {sqnr:.1} dB");
+    // Two threads share the batches out: the same output.
+    q.set_threads(2);
+    assert_eq!(q.forward_inputs(&xs).unwrap().remove(0), int8);
     let e = build().run(&[images(6, &[2, 3, 5, 4]), images(7, &[2, 3, 5, 6])]).unwrap_err().to_string();
     assert!(e.contains("heads") && e.contains("matmul") && e.contains("[2, 3, 5, 6]"), "{e}");
 }

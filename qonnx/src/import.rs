@@ -951,11 +951,13 @@ impl Importer {
             ("Add" | "Sum" | "Mul", _) => v,
             ("Sub", false) => v.iter().map(|&a| -a).collect(),
             ("Div", false) => v.iter().map(|&a| 1.0 / a).collect(),
-            _ => return Err(cx.err(format!(
+            _ => {
+                return Err(cx.err(format!(
                 "a constant of shape {:?} {} a computed value: qonnx takes x + k, k + x, x - k, x * k, k * x and x / k",
                 k.shape,
                 if op == "Sub" { "minus" } else { "over" }
-            ))),
+            )))
+            }
         };
         if v.iter().any(|a| !a.is_finite()) {
             return Err(cx.err(format!("the constant of shape {:?} has values that are not finite", k.shape)));

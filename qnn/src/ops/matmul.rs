@@ -141,7 +141,8 @@ pub(crate) fn attention_fits(q: &[usize], kt: &[usize], v: &[usize]) -> bool {
 /// scores (`softmax`), `scores x v` (`second`), computed head by head with each head's scores
 /// kept in one small buffer in logical order: the same arithmetic as the three ops one after
 /// the other (the same bytes out), without moving the whole score tensor between its stored
-/// and logical orders four times. The shapes must fit ([`attention_fits`]).
+/// and logical orders four times. On more than one thread the heads are shared out. The
+/// shapes must fit ([`attention_fits`]).
 pub(crate) fn attention(
     (first, softmax, second): (&MatMulOp, &super::softmax::SoftmaxOp, &MatMulOp),
     q: Value,
@@ -163,18 +164,30 @@ pub(crate) fn attention(
     budget(&[m, n], 1, run, "attention scores")?;
     let (qd, kd, vd) = (logical_vec(qd, &qshape), logical_vec(kd, &kshape), logical_vec(vd, &vshape));
     let heads: usize = qshape[..r - 2].iter().product();
-    let (mut scores, mut probs) = (scratch::take(m * n), scratch::take(m * n));
     let mut y = scratch::take(len);
-    let done = (0..heads).try_for_each(|h| {
+    // One head: its scores and probabilities in two buffers of the calling thread's.
+    let head = |h: usize, yh: &mut [u8], threads: usize| -> Result<()> {
+        let (mut scores, mut probs) = (scratch::take(m * n), scratch::take(m * n));
         let qh = (&qd[h * m * k..][..m * k], &[m, k][..], qq);
         let kh = (&kd[h * k * n..][..k * n], &[k, n][..], kq);
-        matmul_u8(qh, kh, &[m, n], so, &mut scores, run.threads)?;
-        qkernels::softmax_u8(&scores, so, (m, n, 1), softmax.out_q(), &mut probs).map_err(op_err)?;
-        let ph = (&probs[..], &[m, n][..], softmax.out_q());
-        let vh = (&vd[h * n * d..][..n * d], &[n, d][..], vq);
-        matmul_u8(ph, vh, &[m, d], out_q, &mut y[h * m * d..][..m * d], run.threads)
-    });
-    for b in [qd, kd, vd, scores, probs] {
+        let done = matmul_u8(qh, kh, &[m, n], so, &mut scores, threads).and_then(|()| {
+            qkernels::softmax_u8(&scores, so, (m, n, 1), softmax.out_q(), &mut probs).map_err(op_err)?;
+            let ph = (&probs[..], &[m, n][..], softmax.out_q());
+            let vh = (&vd[h * n * d..][..n * d], &[n, d][..], vq);
+            matmul_u8(ph, vh, &[m, d], out_q, yh, threads)
+        });
+        scratch::give(scores);
+        scratch::give(probs);
+        done
+    };
+    let done = if run.threads > 1 && heads > 1 && m * d > 0 {
+        // Heads are independent: the threads share them out, each head's products on one.
+        use rayon::prelude::*;
+        y.par_chunks_mut(m * d).enumerate().try_for_each(|(h, yh)| head(h, yh, 1))
+    } else {
+        (0..heads).try_for_each(|h| head(h, &mut y[h * m * d..][..m * d], run.threads))
+    };
+    for b in [qd, kd, vd] {
         scratch::give(b);
     }
     done?;
@@ -197,17 +210,26 @@ fn matmul_u8(
 ) -> Result<()> {
     let (m, k, n) = (out[out.len() - 2], ashape[ashape.len() - 1], out[out.len() - 1]);
     let quant = OutputQuant { scale: qo.scale, zero_point: qo.zero_point, activation: qkernels::Activation::None };
-    // The right operand's codes as i8 weights: `b - 128`, zero point `zb - 128`, so that
-    // `w - zw == b - zb` exactly; transposed to `[n, k]`.
-    let mut bt = vec![0u8; n * k];
-    for (t, (oa, ob)) in batch_offsets(ashape, bshape, out).into_iter().enumerate() {
+    // One batch: the right operand's codes as i8 weights, `b - 128` with zero point
+    // `zb - 128` (so that `w - zw == b - zb` exactly), transposed to `[n, k]`.
+    let batch = |(oa, ob): (usize, usize), yt: &mut [u8], threads: usize| -> Result<()> {
+        let mut bt = scratch::take(n * k);
         transpose_bytes(&db[ob * k * n..][..k * n], k, n, &mut bt);
         let codes: Vec<i8> = bt.iter().map(|&v| (v ^ 0x80) as i8).collect();
+        scratch::give(bt);
         let w = PackedWeights::from_codes(qtensor::isa::selected(), codes, n, k, qb.scale, qb.zero_point - 128)
             .map_err(op_err)?;
         let a = QMatrix { data: &da[oa * m * k..][..m * k], m, k, lda: k, scale: qa.scale, zero_point: qa.zero_point };
-        let yt = &mut y[t * m * n..][..m * n];
-        qkernels::gemm(&a, &w, None, GemmOutput::U8 { data: yt, ldc: n, quant }, threads).map_err(op_err)?;
+        qkernels::gemm(&a, &w, None, GemmOutput::U8 { data: yt, ldc: n, quant }, threads).map_err(op_err)
+    };
+    let offsets = batch_offsets(ashape, bshape, out);
+    if threads > 1 && offsets.len() > 1 && m * n > 0 {
+        // Batches (heads) are independent: the threads share them out, each on one.
+        use rayon::prelude::*;
+        return y.par_chunks_mut(m * n).zip(offsets).try_for_each(|(yt, o)| batch(o, yt, 1));
+    }
+    for (t, o) in offsets.into_iter().enumerate() {
+        batch(o, &mut y[t * m * n..][..m * n], threads)?;
     }
     Ok(())
 }
