@@ -87,8 +87,8 @@ pub use frame::gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasFo
 pub use frame::linear::{DynamicActivations, PackedLinear};
 pub use frame::ops::{
     add, add_isa, add_scalar, batch_norm2d, cat_channels, dequantize_nhwc_to_nchw, flatten_nchw_order, layer_norm, mul,
-    mul_channels, mul_scalar, quantize_nchw_to_nhwc, requantize_from_int, requantize_product, softmax_u8,
-    vector_prefix, Lut, QuantU8, ResidualAdd, UnaryOp, UnaryTables,
+    mul_channels, mul_scalar, quantize_nchw_to_nhwc, requantize_from_int, requantize_product, softmax_u8, transpose_u8,
+    transpose_u8_isa, vector_prefix, Lut, QuantU8, ResidualAdd, UnaryOp, UnaryTables,
 };
 pub use frame::pack::{PackedWeights, MAX_K};
 pub use frame::pool::{

@@ -81,6 +81,9 @@ pub(crate) struct Kernels {
     /// non-zero number when there is one); the generic entry is a loop compiled per tier,
     /// which takes the tier.
     pub min_max: fn(Isa, &[f32]) -> (f32, f32, usize),
+    /// A `rows x cols` byte matrix (row-major) transposed into `cols x rows`; both buffers
+    /// hold `rows * cols` bytes (checked by the frame).
+    pub transpose: fn(&[u8], usize, usize, &mut [u8]),
     pub f32: F32Kernels,
 }
 

@@ -967,6 +967,30 @@ multiversion! {
     }
 }
 
+/// A `rows x cols` byte matrix (row-major) transposed into `dst` (`cols x rows`), by the
+/// selected tier's kernel (blocks of 16 x 16 with AVX2's unpacks, 8 x 8 in `u64` registers
+/// otherwise).
+///
+/// # Errors
+/// Buffers that do not hold `rows * cols` bytes.
+pub fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) -> Result<()> {
+    transpose_u8_isa(qtensor::isa::selected(), src, rows, cols, dst)
+}
+
+/// [`transpose_u8`] on the kernels of tier `isa` (capped to what the CPU supports), for
+/// conformance tests.
+///
+/// # Errors
+/// As [`transpose_u8`].
+pub fn transpose_u8_isa(isa: qtensor::isa::Isa, src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) -> Result<()> {
+    const OP: &str = "qkernels::transpose_u8";
+    let n = rows.saturating_mul(cols);
+    same_len(OP, n, src.len(), "the input must hold rows * cols bytes")?;
+    same_len(OP, n, dst.len(), "the output must hold rows * cols bytes")?;
+    (crate::registry::kernels(isa.capped_to_supported()).transpose)(src, rows, cols, dst);
+    Ok(())
+}
+
 /// Flattens NHWC `u8` activations per image in PyTorch's order (`C, H, W`, as `nn.Flatten` on
 /// an NCHW tensor), so a following linear layer sees its features where PyTorch put them.
 /// `out` is `n x (c * h * w)`; parameters unchanged. (With `h = w = 1` this is a copy.)

@@ -10,6 +10,7 @@ pub(crate) mod fconv;
 pub(crate) mod gemm;
 pub(crate) mod lut;
 pub(crate) mod min_max;
+pub(crate) mod transpose;
 
 use qtensor::isa::Isa;
 
@@ -38,6 +39,7 @@ pub(crate) fn kernels() -> Kernels {
         add_u8: AddKernel { lanes: 1, run: add::add_u8 },
         lut: lut::lut,
         min_max: min_max::min_max_lanes,
+        transpose: transpose::transpose,
         f32: F32Kernels { tile: fconv::tile, depthwise_pixel: fconv::depthwise_pixel },
     }
 }

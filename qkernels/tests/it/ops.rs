@@ -229,3 +229,30 @@ fn flatten_follows_pytorch_order_and_errors_name_shapes() {
         .to_string();
     assert!(e.contains("expected [3], got [2]") && e.contains("weight"), "{e}");
 }
+
+/// Byte transposes on every tier against the index arithmetic: sizes around the block sides
+/// (8 and 16, with overlapping last blocks), narrow matrices of 8 to 15 columns or rows
+/// (NHWC heads), and long ones; wrong buffer sizes are errors.
+#[test]
+fn transposes_on_every_tier_match_the_index_arithmetic() {
+    let mut sizes: Vec<(usize, usize)> = Vec::new();
+    for rows in (0..41).chain([63, 64, 65, 300]) {
+        for cols in [0, 1, 7, 8, 9, 12, 15, 16, 17, 31, 33, 40, 300] {
+            sizes.push((rows, cols));
+        }
+    }
+    for isa in crate::isas_under_test() {
+        for &(rows, cols) in &sizes {
+            let src: Vec<u8> = (0..rows * cols).map(|i| (i * 31 % 253) as u8).collect();
+            let mut dst = vec![0u8; rows * cols];
+            qkernels::transpose_u8_isa(isa, &src, rows, cols, &mut dst).unwrap();
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(dst[c * rows + r], src[r * cols + c], "{isa}: {rows} x {cols} at {r}, {c}");
+                }
+            }
+        }
+    }
+    let e = qkernels::transpose_u8(&[0; 5], 2, 3, &mut [0; 6]).unwrap_err().to_string();
+    assert!(e.contains("transpose_u8") && e.contains("rows * cols"), "{e}");
+}

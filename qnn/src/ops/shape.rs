@@ -47,58 +47,11 @@ pub(super) fn is_noop(shape: &[usize], perm: &[usize]) -> bool {
     simplify(shape, perm).1.len() <= 1
 }
 
-/// `src` (`rows x cols` bytes, row-major) transposed into `dst` (`cols x rows`): blocks of
-/// 8 x 8 bytes, each moved as eight `u64` rows transposed in registers ([`transpose8x8`]),
-/// in tiles of 32 x 32 so both sides move through the cache in lines. A size that is not a
-/// multiple of 8 ends with a block overlapping the one before (its bytes are written twice,
-/// alike); below 8 rows or columns, byte by byte.
+/// `src` (`rows x cols` bytes, row-major) transposed into `dst` (`cols x rows`):
+/// `qkernels::transpose_u8`, on buffers sized here.
 pub(super) fn transpose_bytes(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    const T: usize = 32;
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "buffers hold rows x cols bytes");
-    if rows < 8 || cols < 8 {
-        for r in 0..rows {
-            for c in 0..cols {
-                dst[c * rows + r] = src[r * cols + c];
-            }
-        }
-        return;
-    }
-    // Block starts: every multiple of 8 below `n - 8`, then `n - 8`.
-    let starts = |n: usize, from: usize, to: usize| (from..to).step_by(8).map(move |v| v.min(n - 8));
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in starts(rows, r0, (r0 + T).min(rows)) {
-                for c in starts(cols, c0, (c0 + T).min(cols)) {
-                    let block: [u64; 8] = std::array::from_fn(|i| {
-                        let at = (r + i) * cols + c;
-                        u64::from_le_bytes(src[at..at + 8].try_into().expect("8 bytes"))
-                    });
-                    for (j, row) in transpose8x8(block).into_iter().enumerate() {
-                        let at = (c + j) * rows + r;
-                        dst[at..at + 8].copy_from_slice(&row.to_le_bytes());
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// An 8 x 8 byte matrix, one row per `u64` (column `j` in byte `j`, little-endian),
-/// transposed: the 4 x 4 blocks off the diagonal swapped, then the 2 x 2 blocks within each,
-/// then the bytes within those.
-fn transpose8x8(mut x: [u64; 8]) -> [u64; 8] {
-    for (shift, mask, pairs) in [
-        (32, 0x0000_0000_ffff_ffffu64, [(0, 4), (1, 5), (2, 6), (3, 7)]),
-        (16, 0x0000_ffff_0000_ffff, [(0, 2), (1, 3), (4, 6), (5, 7)]),
-        (8, 0x00ff_00ff_00ff_00ff, [(0, 1), (2, 3), (4, 5), (6, 7)]),
-    ] {
-        for (a, b) in pairs {
-            let t = ((x[a] >> shift) ^ x[b]) & mask;
-            x[a] ^= t << shift;
-            x[b] ^= t;
-        }
-    }
-    x
+    let n = rows * cols;
+    qkernels::transpose_u8(&src[..n], rows, cols, &mut dst[..n]).expect("buffers of rows x cols bytes");
 }
 
 /// `src` (row-major `shape`) with its axes permuted by `perm` (output axis `i` is input axis
@@ -650,24 +603,6 @@ mod tests {
                 }
             }
             assert_eq!(is_noop(&shape, &perm), !moved, "shape {shape:?} perm {perm:?}");
-        }
-    }
-
-    /// Transposes of every size up to 40 x 40 (blocks, tiles and edges) against the index
-    /// arithmetic.
-    #[test]
-    fn byte_transposes_match_index_arithmetic() {
-        for rows in 0..41 {
-            for cols in [0, 1, 7, 8, 9, 16, 31, 33, 40] {
-                let src: Vec<u8> = (0..rows * cols).map(|i| (i * 31 % 253) as u8).collect();
-                let mut dst = vec![0u8; rows * cols];
-                super::transpose_bytes(&src, rows, cols, &mut dst);
-                for r in 0..rows {
-                    for c in 0..cols {
-                        assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows} x {cols} at {r}, {c}");
-                    }
-                }
-            }
         }
     }
 

@@ -6,6 +6,7 @@ pub(crate) mod epilogue;
 pub(crate) mod fconv;
 pub(crate) mod gemm;
 pub(crate) mod pack;
+pub(crate) mod transpose;
 
 use std::ops::Range;
 
@@ -31,6 +32,7 @@ pub(super) fn register(k: &mut Kernels) {
     k.depthwise.pixel_inside = Some(depthwise::pixel_inside);
     k.add_u8 = AddKernel { lanes: 32, run: add::add_u8_avx2 };
     k.f32.tile = fconv::tile_avx2;
+    k.transpose = transpose::transpose;
 }
 
 /// The exact i16 layout and the `vpmaddubsw` panels with the layer's bound.

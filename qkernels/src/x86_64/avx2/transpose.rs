@@ -1,0 +1,92 @@
+//! Byte matrices transposed in blocks of up to 16 x 16: four rounds of unpacks (bytes, then
+//! pairs, quads and halves of rows) turn sixteen loaded rows into sixteen columns.
+
+use std::arch::x86_64::*;
+
+use crate::generic::transpose::{starts, transpose as generic};
+
+/// `src` (`rows x cols`, row-major) transposed into `dst` (`cols x rows`). Blocks of 16 x 16
+/// (a size that is not a multiple of 16 ends with a block overlapping the one before); a
+/// side of 8 to 15 is one narrower block across (an image's channels: 12 attention heads);
+/// smaller matrices go to the generic kernel.
+pub(crate) fn transpose(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    if rows < 8 || cols < 8 || (rows < 16 && cols < 16) {
+        generic(src, rows, cols, dst);
+        return;
+    }
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "buffers hold rows x cols bytes");
+    let (h, w) = (rows.min(16), cols.min(16));
+    const T: usize = 64;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in starts(rows, r0, (r0 + T).min(rows), h) {
+                for c in starts(cols, c0, (c0 + T).min(cols), w) {
+                    // Each of the block's rows is read 16 bytes wide: past a narrow last
+                    // column, into the next row, which must exist.
+                    if (r + h - 1) * cols + c + 16 > src.len() {
+                        for i in r..r + h {
+                            for j in c..c + w {
+                                dst[j * rows + i] = src[i * cols + j];
+                            }
+                        }
+                        continue;
+                    }
+                    // SAFETY: the block's h rows, each read 16 bytes wide, lie inside `src`
+                    // (checked above); its w output rows of h bytes lie inside `dst` (r + h
+                    // <= rows, c + w <= cols by `starts`, and `dst` holds rows * cols bytes);
+                    // this tier's table exists only on CPUs with AVX2, which include SSE2.
+                    unsafe { block(src, cols, (r, c), (h, w), dst, rows) };
+                }
+            }
+        }
+    }
+}
+
+/// The `h x w` block (both at most 16) at row `r`, column `c` of `src` (row stride `cols`),
+/// transposed into `dst` (row stride `rows`) at row `c`, column `r`.
+///
+/// # Safety
+/// Rows `r..r + h` of `src`, each read 16 bytes wide from column `c`, lie inside it; the
+/// block's `w` output rows of `h` bytes lie inside `dst`; SSE2 is available.
+#[target_feature(enable = "avx2")]
+unsafe fn block(src: &[u8], cols: usize, (r, c): (usize, usize), (h, w): (usize, usize), dst: &mut [u8], rows: usize) {
+    let mut x = [_mm_setzero_si128(); 16];
+    for (i, v) in x.iter_mut().enumerate().take(h) {
+        // SAFETY: row r + i, 16 bytes from column c, inside `src` by the caller's contract.
+        *v = unsafe { _mm_loadu_si128(src.as_ptr().add((r + i) * cols + c).cast()) };
+    }
+    // Register `g * chunks + k` holds row group `g` (consecutive rows) for column chunk `k`;
+    // each round pairs row groups 2j and 2j + 1 and halves the chunks: the low half of the
+    // units of both interleaved is chunk 2k, the high half chunk 2k + 1.
+    for round in 0..4 {
+        let chunks = 1 << round;
+        let groups = 16 >> round;
+        let mut y = [_mm_setzero_si128(); 16];
+        for j in 0..groups / 2 {
+            for k in 0..chunks {
+                let (a, b) = (x[2 * j * chunks + k], x[(2 * j + 1) * chunks + k]);
+                let (lo, hi) = match round {
+                    0 => (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b)),
+                    1 => (_mm_unpacklo_epi16(a, b), _mm_unpackhi_epi16(a, b)),
+                    2 => (_mm_unpacklo_epi32(a, b), _mm_unpackhi_epi32(a, b)),
+                    _ => (_mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b)),
+                };
+                y[j * 2 * chunks + 2 * k] = lo;
+                y[j * 2 * chunks + 2 * k + 1] = hi;
+            }
+        }
+        x = y;
+    }
+    for (j, col) in x.iter().enumerate().take(w) {
+        let at = (c + j) * rows + r;
+        if h == 16 {
+            // SAFETY: row c + j of `dst`, bytes r..r + 16, inside it by the caller's contract.
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(at).cast(), *col) };
+        } else {
+            let mut t = [0u8; 16];
+            // SAFETY: `t` holds 16 bytes.
+            unsafe { _mm_storeu_si128(t.as_mut_ptr().cast(), *col) };
+            dst[at..at + h].copy_from_slice(&t[..h]);
+        }
+    }
+}
