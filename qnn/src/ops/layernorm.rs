@@ -213,14 +213,7 @@ mod tests {
         let (q, qo) = (QuantU8 { scale: 0.05, zero_point: 100 }, QuantU8 { scale: 0.03, zero_point: 128 });
         for shape in [vec![2, 3, 4, 6], vec![3, 5, 6]] {
             let n: usize = shape.iter().product();
-            let codes: Vec<u8> = (0..n)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    (seed >> 32) as u8
-                })
-                .collect();
+            let codes = crate::ops::test_codes(&mut seed, n);
             let mut ln = LayerNorm::new(6);
             ln.weight = ArrayD::from_shape_vec(IxDyn(&[6]), vec![1.0, 0.5, 1.5, -1.0, 2.0, 0.75]).unwrap();
             ln.bias = ArrayD::from_shape_vec(IxDyn(&[6]), vec![0.0, 0.1, -0.2, 0.3, 0.0, -0.1]).unwrap();

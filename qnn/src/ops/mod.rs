@@ -567,6 +567,19 @@ pub(crate) fn image_op(
     }
 }
 
+/// `n` pseudo-random codes (xorshift from `seed`, which advances), for the op files' tests.
+#[cfg(test)]
+pub(crate) fn test_codes(seed: &mut u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            (*seed >> 32) as u8
+        })
+        .collect()
+}
+
 pub(crate) fn op_err(e: qtensor::QError) -> NnError {
     NnError::Op { module: String::new(), source: e }
 }

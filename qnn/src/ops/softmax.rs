@@ -170,14 +170,7 @@ mod tests {
         for shape in [vec![2, 3, 5, 7], vec![3, 4, 9], vec![1, 12, 17, 17]] {
             for dim in 0..shape.len() as i64 {
                 let n: usize = shape.iter().product();
-                let codes: Vec<u8> = (0..n)
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        (seed >> 32) as u8
-                    })
-                    .collect();
+                let codes = crate::ops::test_codes(&mut seed, n);
                 let x = Value::U8 { data: codes, shape: shape.clone(), q };
                 let float = Softmax { dim }.forward(&x.to_f32()).unwrap();
                 let want = Value::quantize(float.view(), qo).unwrap();
