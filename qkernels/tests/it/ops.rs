@@ -75,13 +75,22 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 
+    /// The addition on every tier equals PyTorch's formulas, the vector loop's on the vector
+    /// prefix and the scalar loop's on the rest.
     #[test]
     fn add_on_every_isa_equals_the_formula(
         a in prop::collection::vec(any::<u8>(), 0..300), qa in quant(), qb in quant(), qo in quant(), relu in any::<bool>(), seed in any::<u8>(),
     ) {
         let b: Vec<u8> = a.iter().map(|v| v.wrapping_mul(31).wrapping_add(seed)).collect();
-        let expected: Vec<u8> = a.iter().zip(&b).map(|(&x, &y)| {
-            let dq = |q: u8, p: QuantU8| p.scale.mul_add(q as f32, p.scale * -(p.zero_point as f32));
+        // PyTorch's vector loop dequantizes as fma(s, q, s * -z) over the first
+        // vector_prefix(n) elements, its scalar loop as s * (q - z) over the rest.
+        let prefix = qkernels::vector_prefix(a.len());
+        let expected: Vec<u8> = a.iter().zip(&b).enumerate().map(|(i, (&x, &y))| {
+            let dq = |q: u8, p: QuantU8| if i < prefix {
+                p.scale.mul_add(q as f32, p.scale * -(p.zero_point as f32))
+            } else {
+                p.scale * (q as i32 - p.zero_point) as f32
+            };
             let c = dq(x, qa) + dq(y, qb);
             let c = if relu { c.max(0.0) } else { c };
             qtensor::kernels::quantize_scalar(c, 1.0 / qo.scale, qo.zero_point, 0, 255) as u8
