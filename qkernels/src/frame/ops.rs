@@ -844,7 +844,17 @@ pub fn layer_norm(x: &QImage<'_>, gamma: &[f32], beta: &[f32], eps: f32, qo: Qua
     for (xs, os) in x.data.chunks(per).zip(out.chunks_mut(per)) {
         let y = &mut y[..xs.len()];
         ln_core(qtensor::isa::selected(), xs, (x.scale, x.zero_point), gamma, beta, eps, y);
-        qtensor::kernels::quantize_slice(y, os, qo.scale, qo.zero_point, range)?;
+        quantize_serial(y, os, qo, range)?;
+    }
+    Ok(())
+}
+
+/// `x` quantized into `out` in slices of 4096, each below the length at which
+/// `qtensor::kernels::quantize_slice` splits its work over the thread pool (these kernels run
+/// on the caller's thread).
+fn quantize_serial(x: &[f32], out: &mut [u8], qo: QuantU8, range: QuantRange) -> Result<()> {
+    for (xs, os) in x.chunks(4096).zip(out.chunks_mut(4096)) {
+        qtensor::kernels::quantize_slice(xs, os, qo.scale, qo.zero_point, range)?;
     }
     Ok(())
 }
@@ -903,7 +913,7 @@ pub fn softmax_u8(
     for (xs, os) in x.chunks(per).zip(out.chunks_mut(per)) {
         let e = &mut e[..xs.len()];
         probabilities(qtensor::isa::selected(), xs, &table, (len, inner), e);
-        qtensor::kernels::quantize_slice(e, os, qo.scale, qo.zero_point, range)?;
+        quantize_serial(e, os, qo, range)?;
     }
     Ok(())
 }
