@@ -14,9 +14,10 @@ use crate::proto::{data_type as dt, TensorProto};
 pub enum Data {
     /// Floating-point data (`FLOAT`, `DOUBLE` and `FLOAT16` are read as `f32`).
     F32(Vec<f32>),
-    /// Integer and boolean data, with a flag per element that says it is the batch size
-    /// read off a value's shape (`Shape` of an input whose first dimension is the batch), so
-    /// that a `Reshape` built from it keeps the batch whatever its size.
+    /// Integer and boolean data, with a flag per element that says it follows the batch size:
+    /// read off a value's shape at the axis that holds the batch, or computed from such an
+    /// element (`batch * heads`), so that a `Reshape` built from it keeps the batch whatever
+    /// its size.
     I64 {
         /// The values.
         v: Vec<i64>,
