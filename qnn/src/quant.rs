@@ -1153,15 +1153,14 @@ struct Attention {
 /// (`crate::ops::matmul::attention`, the same bytes as the three ops): an int8 product whose
 /// output only an int8 softmax reads, whose output only another int8 product reads as its
 /// left operand, the right one (`v`) computed before the first product runs.
-fn attention_fusions(g: &QGraph, readers: &[usize]) -> (Vec<Option<Attention>>, Vec<bool>) {
+fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) -> (Vec<Option<Attention>>, Vec<bool>) {
     use crate::ops::matmul::MatMulOp;
     use crate::ops::softmax::SoftmaxOp;
     let mut fused = vec![None; g.nodes.len()];
     let mut runs_in = vec![false; g.nodes.len()];
-    let mut producer = vec![None; g.values];
+    // The (last) node reading each value: its only one where `readers` says one.
     let mut reader = vec![None; g.values];
     for (i, n) in g.nodes.iter().enumerate() {
-        producer[n.output.0] = Some(i);
         for &t in &n.inputs {
             reader[t.0] = Some(i);
         }
@@ -1206,14 +1205,9 @@ struct ConvAdd {
 /// that operand has no other reader, and the other operand is computed before the
 /// convolution runs (of two such convolutions, the later one). A residual block's addition
 /// runs in its last convolution (or in its downsample's).
-fn conv_add_fusions(g: &QGraph, readers: &[usize]) -> (Vec<Option<ConvAdd>>, Vec<bool>) {
+fn conv_add_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) -> (Vec<Option<ConvAdd>>, Vec<bool>) {
     let mut fused = vec![None; g.nodes.len()];
     let mut runs_in_conv = vec![false; g.nodes.len()];
-    // The node computing each value (None for graph inputs).
-    let mut producer = vec![None; g.values];
-    for (i, n) in g.nodes.iter().enumerate() {
-        producer[n.output.0] = Some(i);
-    }
     for (j, n) in g.nodes.iter().enumerate() {
         if !step_of(n).op.as_any().downcast_ref::<AddOp>().is_some_and(|a| a.int8) || n.inputs.len() != 2 {
             continue;
@@ -1374,8 +1368,13 @@ impl QuantizedModel {
             })
             .collect();
         let images_apart = images_apart(&graph);
-        let (fused_add, runs_in_conv) = conv_add_fusions(&graph, &readers);
-        let (fused_attention, runs_in_attention) = attention_fusions(&graph, &readers);
+        // The node computing each value (None for graph inputs).
+        let mut producer = vec![None; graph.values];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            producer[n.output.0] = Some(i);
+        }
+        let (fused_add, runs_in_conv) = conv_add_fusions(&graph, &readers, &producer);
+        let (fused_attention, runs_in_attention) = attention_fusions(&graph, &readers, &producer);
         QuantizedModel {
             input_q,
             input_ranges,
