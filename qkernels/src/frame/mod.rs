@@ -5,6 +5,7 @@
 pub(crate) mod conv;
 pub(crate) mod fconv;
 pub(crate) mod float;
+pub(crate) mod fmath;
 pub(crate) mod gemm;
 pub(crate) mod kernels;
 pub(crate) mod linear;

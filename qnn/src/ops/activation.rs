@@ -159,12 +159,14 @@ impl Module for GELU {
         "GELU"
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let op = self.op();
-        Ok(crate::layers::map_same_layout(x, |v| op.eval(v)))
+        self.forward_owned(crate::layers::map_same_layout(x, |v| v))
     }
     fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let op = self.op();
-        in_place(&mut x, |v| op.eval(v));
+        // Vectorised (qkernels' f32 erf and exp) when the values are one slice.
+        match x.as_slice_memory_order_mut() {
+            Some(s) => qkernels::gelu_in_place(s, self.tanh),
+            None => x.mapv_inplace(|v| qkernels::gelu_f32(v, self.tanh)),
+        }
         Ok(x)
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {

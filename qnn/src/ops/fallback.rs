@@ -72,7 +72,8 @@ impl QOp for FloatOp {
                 }
                 Ok(Value::F32(k.forward(&x, run.threads)?))
             }
-            None => Ok(Value::F32(super::float_forward(self.0.as_ref(), &x, run)?)),
+            // The value is this op's own: layers that can work in place do.
+            None => Ok(Value::F32(super::float_forward_owned(self.0.as_ref(), x, run)?)),
         }
     }
     fn images_apart(&self) -> bool {

@@ -190,6 +190,13 @@ impl Flatten {
     }
 }
 
+/// `x` in row-major order as shape `s` (of as many elements): row-major data is reshaped
+/// where it lies, other layouts are copied once.
+fn reshaped(x: ArrayD<f32>, s: &[usize]) -> ArrayD<f32> {
+    let x = if x.is_standard_layout() { x } else { x.as_standard_layout().into_owned() };
+    x.into_shape_with_order(IxDyn(s)).expect("same length")
+}
+
 impl Module for Flatten {
     fn kind(&self) -> &'static str {
         "Flatten"
@@ -197,6 +204,10 @@ impl Module for Flatten {
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let s = Flatten::out_shape(x.shape())?;
         Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&s)).expect("same length"))
+    }
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let s = Flatten::out_shape(x.shape())?;
+        Ok(reshaped(x, &s))
     }
     same_params_module!();
 }
@@ -292,6 +303,10 @@ impl Module for Reshape {
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let s = self.out_shape(x.shape())?;
         Ok(x.as_standard_layout().into_owned().into_shape_with_order(IxDyn(&s)).expect("same length"))
+    }
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let s = self.out_shape(x.shape())?;
+        Ok(reshaped(x, &s))
     }
     same_params_module!();
 }

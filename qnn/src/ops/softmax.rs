@@ -3,7 +3,7 @@
 //! scale), which is the float softmax of the dequantized input, quantized, up to `f32`
 //! rounding; skipping the node in the configuration keeps it in float.
 
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
 use qkernels::QuantU8;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -35,19 +35,23 @@ impl Module for Softmax {
         "Softmax"
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward_owned(x.as_standard_layout().into_owned())
+    }
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
         let axis = self.axis(x.ndim()).ok_or_else(|| NnError::Shape {
             module: String::new(),
             kind: "Softmax",
             expected: format!("an input with an axis {}", self.dim),
             got: x.shape().to_vec(),
         })?;
-        let mut y = x.to_owned();
-        for mut lane in y.lanes_mut(Axis(axis)) {
-            let max = lane.fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            lane.mapv_inplace(|v| (v - max).exp());
-            let sum: f32 = lane.sum();
-            lane.mapv_inplace(|v| v / sum);
+        let mut y = if x.is_standard_layout() { x } else { x.as_standard_layout().into_owned() };
+        let len = y.shape()[axis];
+        let inner: usize = y.shape()[axis + 1..].iter().product();
+        if y.is_empty() {
+            return Ok(y);
         }
+        // Row-major: lanes of `len` values `inner` apart (qkernels' vectorised f32 softmax).
+        qkernels::softmax_in_place(y.as_slice_mut().expect("standard layout"), len, inner);
         Ok(y)
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {

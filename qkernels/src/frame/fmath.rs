@@ -1,0 +1,236 @@
+//! Float elementwise functions for the float paths (dynamic quantization's float ops,
+//! calibration, float fallbacks): `e^x`, GELU and softmax on `f32` slices, written so the
+//! compiler vectorises them (no branches, no calls) and compiled per tier by `multiversion!`.
+//! Every tier gives the same bits: the code is the same, and Rust neither fuses nor reorders
+//! float operations (no fused multiply-adds here: without FMA they would be library calls).
+
+use qtensor::multiversion;
+
+/// `e^x` in f32, within 3 ulp for `x` in `[-87, 88]`; below, `e^-87`; above, `e^88`; NaN
+/// stays NaN. Cody-Waite reduction `x = n ln 2 + r`, `|r| <= ln 2 / 2`, then Cephes' degree-6
+/// polynomial for `e^r`, scaled by `2^n` through the exponent bits.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // Rounds to nearest (even) by adding and taking away 1.5 * 2^23.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // n * 0.693359375 is exact (a 9-bit constant times an 8-bit whole number).
+    let r = x - n * 0.693_359_375;
+    let r = r + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = (p * r) * r + r + 1.0;
+    // n is a whole number in [-126, 127], held in t's low mantissa bits (t's other bits are
+    // shifted out): 2^n is a normal number built from its exponent field.
+    y * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
+}
+
+/// `erf(z)` by Abramowitz-Stegun 7.1.26 (absolute error under 1.5e-7), as PyTorch's vectorised
+/// GELU computes it, with [`exp_f32`].
+#[inline(always)]
+fn erf_f32(z: f32) -> f32 {
+    let t = 1.0 / (0.327_591_1f32 * z.abs() + 1.0);
+    let mut r = 1.061_405_4f32 * t - 1.453_152;
+    r = r * t + 1.421_413_8;
+    r = r * t - 0.284_496_74;
+    r = r * t + 0.254_829_6;
+    let e = exp_f32(-(z * z));
+    ((-e * t) * r + 1.0).copysign(z)
+}
+
+/// `tanh(u)` as `1 - 2 / (e^2u + 1)`: within 1e-7 of tanh in absolute terms, which is what
+/// GELU's `1 + tanh` needs.
+#[inline(always)]
+fn tanh_f32(u: f32) -> f32 {
+    1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0)
+}
+
+/// GELU of one value: `x Φ(x)` through [`erf_f32`], or the tanh approximation
+/// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
+#[inline(always)]
+pub fn gelu_f32(x: f32, tanh: bool) -> f32 {
+    if tanh {
+        let u = 0.797_884_6 * (0.044_715f32 * (x * x * x) + x);
+        (0.5 * x) * (1.0 + tanh_f32(u))
+    } else {
+        (x * 0.5) * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+}
+
+/// GELU in place over `x`, vectorised ([`gelu_f32`] on each value).
+pub fn gelu_in_place(x: &mut [f32], tanh: bool) {
+    gelu_slice(qtensor::isa::selected(), x, tanh);
+}
+
+multiversion! {
+    fn gelu_slice(x: &mut [f32], tanh: bool) {
+        if tanh {
+            x.iter_mut().for_each(|v| *v = gelu_f32(*v, true));
+        } else {
+            x.iter_mut().for_each(|v| *v = gelu_f32(*v, false));
+        }
+    }
+}
+
+/// Softmax in place over lanes of `len` values `inner` apart: `x` is whole blocks of
+/// `len * inner` values, the tensor `[outer, len, inner]` in row-major order, and each lane
+/// `x[o, :, i]` becomes `e^(v - max) / sum`. Exponentials by [`exp_f32`]; sums in a fixed order.
+///
+/// # Panics
+/// `len` or `inner` zero, or `x` not whole blocks (a caller's broken invariant).
+pub fn softmax_in_place(x: &mut [f32], len: usize, inner: usize) {
+    assert!(
+        len > 0 && inner > 0 && x.len() % (len * inner) == 0,
+        "softmax lanes of {len} x {inner} over {} values",
+        x.len()
+    );
+    softmax_blocks(qtensor::isa::selected(), x, len, inner);
+}
+
+multiversion! {
+    fn softmax_blocks(x: &mut [f32], len: usize, inner: usize) {
+        if inner == 1 {
+            for row in x.chunks_exact_mut(len) {
+                // Sixteen partial maxima and eight partial sums: one chain of dependent steps
+                // would bound the speed.
+                let mut tops = [f32::NEG_INFINITY; 16];
+                let mut chunks = row.chunks_exact(16);
+                for c in &mut chunks {
+                    tops.iter_mut().zip(c).for_each(|(t, &v)| *t = t.max(v));
+                }
+                let top = chunks.remainder().iter().chain(&tops).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut part = [0f32; 8];
+                let mut chunks = row.chunks_exact_mut(8);
+                for c in &mut chunks {
+                    for (p, v) in part.iter_mut().zip(c.iter_mut()) {
+                        *v = exp_f32(*v - top);
+                        *p += *v;
+                    }
+                }
+                let mut tail = 0f32;
+                for v in chunks.into_remainder() {
+                    *v = exp_f32(*v - top);
+                    tail += *v;
+                }
+                let r = 1.0 / (part.iter().sum::<f32>() + tail);
+                row.iter_mut().for_each(|v| *v *= r);
+            }
+            return;
+        }
+        // Lanes `inner` apart: each step works on a row of `inner` lanes at once.
+        let (mut top, mut sum) = (vec![0f32; inner], vec![0f32; inner]);
+        for block in x.chunks_exact_mut(len * inner) {
+            top.fill(f32::NEG_INFINITY);
+            for row in block.chunks_exact(inner) {
+                top.iter_mut().zip(row).for_each(|(t, &v)| *t = t.max(v));
+            }
+            sum.fill(0.0);
+            for row in block.chunks_exact_mut(inner) {
+                for ((v, &t), s) in row.iter_mut().zip(&top).zip(sum.iter_mut()) {
+                    *v = exp_f32(*v - t);
+                    *s += *v;
+                }
+            }
+            sum.iter_mut().for_each(|s| *s = 1.0 / *s);
+            for row in block.chunks_exact_mut(inner) {
+                row.iter_mut().zip(&sum).for_each(|(v, &r)| *v *= r);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_over_its_range() {
+        let mut worst = 0;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let want = (x as f64).exp() as f32;
+            worst = worst.max(ulps(exp_f32(x), want));
+            x += 0.000_731;
+        }
+        assert!(worst <= 2, "{worst} ulp");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(-1e4), exp_f32(-87.0));
+        assert!(exp_f32(1e4).is_finite());
+    }
+
+    #[test]
+    fn every_tier_gives_the_same_bits() {
+        use qtensor::isa::Isa;
+        let mut seed = 0x9e37_79b9u32;
+        let x: Vec<f32> = (0..4099)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                (seed as f32 / u32::MAX as f32 - 0.5) * 24.0
+            })
+            .collect();
+        let tiers: Vec<Isa> =
+            crate::registry::tiers(Isa::host_arch()).iter().copied().filter(|t| t.is_supported()).collect();
+        let run = |isa: Isa| {
+            let (mut g, mut t, mut s, mut c) = (x.clone(), x.clone(), x[..4096].to_vec(), x[..4096].to_vec());
+            gelu_slice(isa, &mut g, false);
+            gelu_slice(isa, &mut t, true);
+            softmax_blocks(isa, &mut s, 197 - 69, 1);
+            softmax_blocks(isa, &mut c, 16, 8);
+            [g, t, s, c].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+        };
+        let want = run(Isa::Scalar);
+        for isa in tiers {
+            assert_eq!(run(isa), want, "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn softmax_lanes_sum_to_one_and_follow_the_formula() {
+        // [2, 5, 3]: lanes along the middle axis, and the same values as rows.
+        let x: Vec<f32> = (0..30).map(|i| ((i * 7) % 11) as f32 * 0.9 - 4.0).collect();
+        let mut strided = x.clone();
+        softmax_in_place(&mut strided, 5, 3);
+        for o in 0..2 {
+            for i in 0..3 {
+                let lane: Vec<f64> = (0..5).map(|k| x[o * 15 + k * 3 + i] as f64).collect();
+                let top = lane.iter().cloned().fold(f64::MIN, f64::max);
+                let sum: f64 = lane.iter().map(|v| (v - top).exp()).sum();
+                for k in 0..5 {
+                    let want = (lane[k] - top).exp() / sum;
+                    assert!((strided[o * 15 + k * 3 + i] as f64 - want).abs() < 3e-7, "lane {o},{i} at {k}");
+                }
+            }
+        }
+        let mut rows = x.clone();
+        softmax_in_place(&mut rows, 10, 1);
+        for r in rows.chunks(10) {
+            assert!((r.iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn gelu_is_near_the_exact_function() {
+        for i in -4000..4000 {
+            let x = i as f32 / 400.0;
+            let xd = x as f64;
+            let exact = xd * 0.5 * (1.0 + libm::erf(xd / std::f64::consts::SQRT_2));
+            assert!((gelu_f32(x, false) as f64 - exact).abs() <= 2e-7 * xd.abs().max(1.0), "erf form at {x}");
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd);
+            let exact = 0.5 * xd * (1.0 + u.tanh());
+            assert!((gelu_f32(x, true) as f64 - exact).abs() <= 2e-7 * xd.abs().max(1.0), "tanh form at {x}");
+        }
+    }
+}
