@@ -347,7 +347,7 @@ pub(crate) fn node_forward<M: AsModule>(n: &Node<M>, xs: &[&ArrayD<f32>]) -> Res
         NodeOp::Add => add_f32(xs[0], xs[1], &n.name),
         NodeOp::Mul => mul_f32(xs[0], xs[1], &n.name),
         NodeOp::Cat => cat_dim1(&xs.iter().map(|x| (*x).clone()).collect::<Vec<_>>(), &n.name),
-        NodeOp::MatMul => crate::ops::matmul::matmul_f32(xs[0], xs[1], &n.name),
+        NodeOp::MatMul => crate::ops::matmul::matmul_f32(xs[0], xs[1], &n.name, 1),
     }
 }
 

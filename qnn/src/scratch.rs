@@ -67,6 +67,11 @@ pub(crate) fn give_f32(v: Vec<f32>) {
     POOL_F32.with(|p| give_to(p, v));
 }
 
+/// Returns a float value's buffer to this thread's float pool (a value an op has consumed).
+pub(crate) fn recycle_f32(a: ndarray::ArrayD<f32>) {
+    give_f32(a.into_raw_vec_and_offset().0);
+}
+
 /// A buffer of `len` bytes whose contents the caller overwrites entirely: the smallest
 /// pooled buffer that fits, else the largest one grown, else a new one. Not zeroed (stale
 /// bytes of an earlier activation; in debug builds a poison pattern).

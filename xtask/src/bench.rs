@@ -626,6 +626,7 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
         peak_int8_gmacs: peak.map(|p| p.int8_gmacs),
     };
     crate::bench_models::run(root, &options, &mut records)?;
+    crate::bench_transformers::run(root, &options, &mut records)?;
     for r in &mut records {
         r.isa = qtensor::isa::selected().name();
         r.qconfig = if o.qconfig == "x86" { "x86" } else { "default" };

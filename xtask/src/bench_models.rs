@@ -46,8 +46,8 @@ const SQNR_IMAGES: usize = 16;
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// One peer script running as a timing server.
-struct PeerServer {
-    who: &'static str,
+pub(crate) struct PeerServer {
+    pub(crate) who: &'static str,
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -57,7 +57,13 @@ struct PeerServer {
 }
 
 impl PeerServer {
-    fn start(py: &str, script: &Path, who: &'static str, dir: &Path, models: &[&str]) -> Result<Self, String> {
+    pub(crate) fn start(
+        py: &str,
+        script: &Path,
+        who: &'static str,
+        dir: &Path,
+        models: &[&str],
+    ) -> Result<Self, String> {
         let log = dir.join(format!("{who}.log"));
         let err = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let mut child = Command::new(py)
@@ -82,12 +88,12 @@ impl PeerServer {
             .map_err(|_| format!("{} stopped answering; its log is {}", self.who, self.log.display()))
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    pub(crate) fn wait_ready(&mut self) -> Result<(), String> {
         self.ready = self.read_line()?["ready"].clone();
         Ok(())
     }
 
-    fn time(&mut self, model: &str, threads: usize, batch: usize) -> Result<f64, String> {
+    pub(crate) fn time(&mut self, model: &str, threads: usize, batch: usize) -> Result<f64, String> {
         let req = serde_json::json!({"model": model, "threads": threads, "batch": batch});
         let stdin = self.stdin.as_mut().expect("open until drop");
         writeln!(stdin, "{req}").and_then(|()| stdin.flush()).map_err(|e| format!("{}: {e}", self.who))?;
@@ -108,7 +114,7 @@ impl PeerServer {
         }
     }
 
-    fn ready_of(&self, model: &str, key: &str) -> Option<f64> {
+    pub(crate) fn ready_of(&self, model: &str, key: &str) -> Option<f64> {
         self.ready[model][key].as_f64()
     }
 
@@ -127,7 +133,7 @@ impl Drop for PeerServer {
 }
 
 /// Writes `tensors` as a safetensors file.
-fn write_tensors(path: &Path, tensors: &[(&str, &ArrayD<f32>)]) -> Result<(), String> {
+pub(crate) fn write_tensors(path: &Path, tensors: &[(&str, &ArrayD<f32>)]) -> Result<(), String> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| (n.to_string(), t.shape().to_vec(), t.iter().flat_map(|v| v.to_le_bytes()).collect()))
@@ -148,7 +154,7 @@ struct Series {
     peers: Vec<Vec<f64>>,
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -680,7 +686,7 @@ fn onnx_rows(imported: &[Imported], ort: &PeerServer, peak: Option<f64>, records
     }
 }
 
-fn short(who: &str) -> &str {
+pub(crate) fn short(who: &str) -> &str {
     match who {
         "pytorch" => "torch",
         "onnxruntime" => "ort",

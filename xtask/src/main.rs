@@ -15,6 +15,7 @@
 mod accuracy;
 mod bench;
 mod bench_models;
+mod bench_transformers;
 mod conformance;
 mod demo;
 mod fuzz;
@@ -106,7 +107,8 @@ enum Command {
         /// are the median of the rounds').
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Only shapes whose name contains this.
+        /// Only benchmarks whose name contains this: a kernel shape's or a model's name, or
+        /// `models`, `onnx`, `transformers`, `observer`.
         #[arg(long)]
         filter: Option<String>,
         /// Write the results as JSON records here.

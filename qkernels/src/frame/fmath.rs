@@ -1,5 +1,5 @@
 //! Float elementwise functions for the float paths (dynamic quantization's float ops,
-//! calibration, float fallbacks): `e^x`, GELU and softmax on `f32` slices, written so the
+//! calibration, float fallbacks): `e^x`, GELU, softmax and layer normalization on `f32` slices, written so the
 //! compiler vectorises them (no branches, no calls) and compiled per tier by `multiversion!`.
 //! Every tier gives the same bits: the code is the same, and Rust neither fuses nor reorders
 //! float operations (no fused multiply-adds here: without FMA they would be library calls).
@@ -145,6 +145,45 @@ multiversion! {
     }
 }
 
+/// Sum of `x` in sixteen partial sums, then those in order: a fixed order on every tier.
+#[inline(always)]
+fn sum16(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut part = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        part.iter_mut().zip(c).for_each(|(p, &v)| *p += f(v));
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    part.iter().sum::<f32>() + tail
+}
+
+/// Layer normalization in place over rows of `gamma.len()` values: each row becomes
+/// `(v - mean) / sqrt(var + eps) * gamma + beta`, with the mean and the (biased) variance of
+/// the row in f32, the variance from the row minus its mean.
+///
+/// # Panics
+/// `gamma` and `beta` of different lengths, or `x` not whole rows (a caller's broken
+/// invariant).
+pub fn layer_norm_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = gamma.len();
+    assert!(n > 0 && beta.len() == n && x.len() % n == 0, "layer norm rows of {n} over {} values", x.len());
+    layer_norm_rows(qtensor::isa::selected(), x, gamma, beta, eps);
+}
+
+multiversion! {
+    fn layer_norm_rows(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        let n = gamma.len();
+        for row in x.chunks_exact_mut(n) {
+            let mean = sum16(row, |v| v) / n as f32;
+            let var = sum16(row, |v| (v - mean) * (v - mean)) / n as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
+                *v = (*v - mean) * inv * g + b;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,7 +228,9 @@ mod tests {
             gelu_slice(isa, &mut t, true);
             softmax_blocks(isa, &mut s, 197 - 69, 1);
             softmax_blocks(isa, &mut c, 16, 8);
-            [g, t, s, c].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            let mut l = x[..4096].to_vec();
+            layer_norm_rows(isa, &mut l, &x[..64], &x[64..128], 1e-5);
+            [g, t, s, c, l].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
         };
         let want = run(Isa::Scalar);
         for isa in tiers {
@@ -218,6 +259,23 @@ mod tests {
         softmax_in_place(&mut rows, 10, 1);
         for r in rows.chunks(10) {
             assert!((r.iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn layer_norm_follows_the_formula() {
+        let x: Vec<f32> = (0..3 * 37).map(|i| ((i * 13) % 29) as f32 * 0.37 - 3.0).collect();
+        let g: Vec<f32> = (0..37).map(|i| 0.5 + i as f32 * 0.03).collect();
+        let b: Vec<f32> = (0..37).map(|i| i as f32 * 0.01 - 0.2).collect();
+        let mut y = x.clone();
+        layer_norm_in_place(&mut y, &g, &b, 1e-5);
+        for (r, (xr, yr)) in x.chunks(37).zip(y.chunks(37)).enumerate() {
+            let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / 37.0;
+            let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 37.0;
+            for i in 0..37 {
+                let want = (xr[i] as f64 - mean) / (var + 1e-5).sqrt() * g[i] as f64 + b[i] as f64;
+                assert!((yr[i] as f64 - want).abs() < 2e-6, "row {r} at {i}: {} against {want}", yr[i]);
+            }
         }
     }
 

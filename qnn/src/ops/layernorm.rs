@@ -3,7 +3,7 @@
 //! integer sums of the codes, the output requantized to the parameters its observer chose);
 //! skipping the node in the configuration keeps it in float.
 
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 use qkernels::{QImage, QuantU8};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -51,6 +51,15 @@ impl LayerNorm {
         }
         Ok(())
     }
+
+    /// `y` (row-major, checked) normalized in place, row by row (qkernels' vectorised f32
+    /// layer norm).
+    fn normalize(&self, mut y: ArrayD<f32>, g: &[f32], b: &[f32]) -> Result<ArrayD<f32>> {
+        if !y.is_empty() {
+            qkernels::layer_norm_in_place(y.as_slice_mut().expect("standard layout"), g, b, self.eps);
+        }
+        Ok(y)
+    }
 }
 
 impl Module for LayerNorm {
@@ -61,18 +70,14 @@ impl Module for LayerNorm {
         self.check(x.shape())?;
         let (g, b) = (self.weight.as_slice_memory_order(), self.bias.as_slice_memory_order());
         let (Some(g), Some(b)) = (g, b) else { unreachable!("1-D parameters are contiguous") };
-        let mut y = x.as_standard_layout().into_owned();
-        let last = Axis(y.ndim() - 1);
-        for mut lane in y.lanes_mut(last) {
-            let n = lane.len() as f32;
-            let mean = lane.sum() / n;
-            let var = lane.fold(0.0f32, |a, &v| a + (v - mean) * (v - mean)) / n;
-            let inv = 1.0 / (var + self.eps).sqrt();
-            for ((v, &gi), &bi) in lane.iter_mut().zip(g).zip(b) {
-                *v = (*v - mean) * inv * gi + bi;
-            }
-        }
-        Ok(y)
+        self.normalize(x.as_standard_layout().into_owned(), g, b)
+    }
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.check(x.shape())?;
+        let (g, b) = (self.weight.as_slice_memory_order(), self.bias.as_slice_memory_order());
+        let (Some(g), Some(b)) = (g, b) else { unreachable!("1-D parameters are contiguous") };
+        let y = if x.is_standard_layout() { x } else { x.as_standard_layout().into_owned() };
+        self.normalize(y, g, b)
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
         Some(self.check(input).map(|()| input.to_vec()))

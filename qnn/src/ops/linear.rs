@@ -371,10 +371,12 @@ impl QOp for DynamicLinearOp {
         let (rows, out_shape) = rows_of("LinearDynamic", x.shape(), k, n)?;
         crate::quant::budget(&out_shape, 4, run, "LinearDynamic")?;
         let xs = x.as_standard_layout();
-        let mut y = vec![0.0f32; rows * n];
+        let mut y = crate::scratch::take_f32(rows * n);
         self.packed
             .forward_dynamic(xs.as_slice().expect("standard layout"), rows, &mut y, self.how, false, run.threads)
             .map_err(op_err)?;
+        drop(xs);
+        crate::scratch::recycle_f32(x);
         let mut y = ArrayD::from_shape_vec(IxDyn(&out_shape), y).expect("rows x out_features");
         self.activation.apply(&mut y);
         Ok(Value::F32(y))

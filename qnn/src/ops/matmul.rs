@@ -5,7 +5,7 @@
 //! shifted to i8 with the zero point shifted alike, so the products are exact) and the sums
 //! requantized to the observed output parameters, FBGEMM's epilogue as every int8 layer's.
 
-use ndarray::{ArrayD, ArrayView2, IxDyn};
+use ndarray::{ArrayD, ArrayView2, ArrayViewMut2, IxDyn};
 use qkernels::{GemmOutput, OutputQuant, PackedWeights, QMatrix, QuantU8};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -86,17 +86,28 @@ fn batch_offsets(a: &[usize], b: &[usize], out: &[usize]) -> Vec<(usize, usize)>
         .collect()
 }
 
-/// `a x b` in float.
-pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
+/// `a x b` in float: one `sgemm` per batch, written in place; on more than one thread the
+/// batches are shared out.
+pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str, threads: usize) -> Result<ArrayD<f32>> {
     let out = matmul_shape(a.shape(), b.shape()).ok_or_else(|| shape_err(a.shape(), b.shape(), name))?;
     let (m, k, n) = (out[out.len() - 2], a.shape()[a.ndim() - 1], out[out.len() - 1]);
     let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
     let (da, db) = (a.as_slice().expect("standard layout"), b.as_slice().expect("standard layout"));
-    let mut y = Vec::with_capacity(out.iter().product());
-    for (oa, ob) in batch_offsets(a.shape(), b.shape(), &out) {
+    let mut y = scratch::take_f32(out.iter().product());
+    let batch = |(oa, ob): (usize, usize), yt: &mut [f32]| {
         let am = ArrayView2::from_shape((m, k), &da[oa * m * k..][..m * k]).expect("a batch's matrix");
         let bm = ArrayView2::from_shape((k, n), &db[ob * k * n..][..k * n]).expect("a batch's matrix");
-        y.extend(am.dot(&bm).iter());
+        let mut ym = ArrayViewMut2::from_shape((m, n), yt).expect("a batch's matrix");
+        ndarray::linalg::general_mat_mul(1.0, &am, &bm, 0.0, &mut ym);
+    };
+    let offsets = batch_offsets(a.shape(), b.shape(), &out);
+    if m * n > 0 {
+        if threads > 1 && offsets.len() > 1 {
+            use rayon::prelude::*;
+            y.par_chunks_mut(m * n).zip(offsets).for_each(|(yt, o)| batch(o, yt));
+        } else {
+            y.chunks_mut(m * n).zip(offsets).for_each(|(yt, o)| batch(o, yt));
+        }
     }
     Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the output's length"))
 }
@@ -242,7 +253,12 @@ impl QOp for MatMulOp {
         let b = args.pop().expect("two inputs");
         let a = args.pop().expect("two inputs");
         if !self.int8 {
-            return Ok(Value::F32(matmul_f32(&a.into_f32(), &b.into_f32(), "")?));
+            budget(&matmul_shape(a.shape(), b.shape()).unwrap_or_default(), 4, run, "matmul")?;
+            let (a, b) = (a.into_f32(), b.into_f32());
+            let y = matmul_f32(&a, &b, "", run.threads)?;
+            scratch::recycle_f32(a);
+            scratch::recycle_f32(b);
+            return Ok(Value::F32(y));
         }
         let [qa, qb, qo] = self.params();
         let (ad, ashape, aq) = quantized(a, qa)?;
