@@ -16,8 +16,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
-    // n * 0.693359375 is exact (a 9-bit constant times an 8-bit whole number).
-    let r = x - n * 0.693_359_375;
+    // ln 2's high part, 355 / 512 (0.693359375, written as its shortest f32 spelling): n times
+    // it is exact, a 9-bit constant times an 8-bit whole number.
+    let r = x - n * 0.693_359_4;
     let r = r + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_2e-3;
@@ -86,7 +87,7 @@ multiversion! {
 /// `len` or `inner` zero, or `x` not whole blocks (a caller's broken invariant).
 pub fn softmax_in_place(x: &mut [f32], len: usize, inner: usize) {
     assert!(
-        len > 0 && inner > 0 && x.len() % (len * inner) == 0,
+        len > 0 && inner > 0 && x.len().is_multiple_of(len * inner),
         "softmax lanes of {len} x {inner} over {} values",
         x.len()
     );
@@ -166,7 +167,7 @@ fn sum16(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// invariant).
 pub fn layer_norm_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let n = gamma.len();
-    assert!(n > 0 && beta.len() == n && x.len() % n == 0, "layer norm rows of {n} over {} values", x.len());
+    assert!(n > 0 && beta.len() == n && x.len().is_multiple_of(n), "layer norm rows of {n} over {} values", x.len());
     layer_norm_rows(qtensor::isa::selected(), x, gamma, beta, eps);
 }
 
