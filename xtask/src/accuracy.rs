@@ -1,7 +1,11 @@
 //! `cargo xtask accuracy`: the bundled digits model under every qconfig preset and every
-//! activation observer, and with its linear layers dynamically quantized: held-out accuracy, SQNR of the int8 logits against the float ones,
-//! top-1 agreement with the float model. Exits non-zero when a result falls below the
-//! thresholds committed in `xtask/accuracy-thresholds.json` (CI's accuracy regression gate).
+//! activation observer, and with its linear layers dynamically quantized; then the bundled
+//! digits ViT (`qnn/data/digits_vit/`, `scripts/models/digits_vit.py`) imported from ONNX, in
+//! static int8 and dynamic (per tensor and per token): held-out accuracy, SQNR of the int8
+//! logits against the float ones, top-1 agreement with the float model. Exits non-zero when a
+//! result falls below the thresholds committed in `xtask/accuracy-thresholds.json` (CI's
+//! accuracy regression gate), when the ViT's float import strays from ONNX Runtime's logits,
+//! or when its int8 accuracy falls more than 0.3 points below its f32 accuracy.
 
 use std::path::Path;
 
@@ -53,6 +57,57 @@ struct Row {
 /// The SQNR every preset must reach on the digits model, whatever was measured.
 const MIN_SQNR_DB: f64 = 33.0;
 
+/// The accuracy the digits ViT may lose in int8, whatever was measured: 0.3 points.
+const VIT_MAX_ACCURACY_LOSS: f64 = 0.003;
+
+/// Prints `row` beside its committed thresholds (the SQNR one never below `floor`) and
+/// records a failure below them; with `written`, records thresholds from it instead.
+fn judge(
+    name: &str,
+    row: &Row,
+    floor: f64,
+    thresholds: &serde_json::Value,
+    written: Option<&mut serde_json::Map<String, serde_json::Value>>,
+    failures: &mut Vec<String>,
+    path: &Path,
+) {
+    let t = &thresholds[name];
+    let limits =
+        (t["min_accuracy"].as_f64(), t["min_sqnr_db"].as_f64().map(|s| s.max(floor)), t["min_agreement"].as_f64());
+    let shown = match limits {
+        (Some(a), Some(s), Some(g)) => format!(">= {:.1}%, {s:.1}, {:.1}%", a * 100.0, g * 100.0),
+        _ => "-".into(),
+    };
+    println!(
+        "{:<26} {:>8.1}% {:>9.1} {:>9.1}%   {shown}",
+        name,
+        row.accuracy * 100.0,
+        row.sqnr_db,
+        row.agreement * 100.0
+    );
+    if let Some(written) = written {
+        // Half a point of accuracy and agreement, 1.5 dB of SQNR below what was measured;
+        // SQNR never below the floor.
+        written.insert(
+            name.to_string(),
+            serde_json::json!({
+                "min_accuracy": ((row.accuracy - 0.005) * 1000.0).floor() / 1000.0,
+                "min_sqnr_db": (((row.sqnr_db - 1.5) * 10.0).floor() / 10.0).max(floor),
+                "min_agreement": ((row.agreement - 0.005) * 1000.0).floor() / 1000.0,
+            }),
+        );
+        return;
+    }
+    match limits {
+        (Some(a), Some(s), Some(g)) => {
+            if row.accuracy < a || row.sqnr_db < s || row.agreement < g {
+                failures.push(format!("{name}: below its thresholds"));
+            }
+        }
+        _ => failures.push(format!("{name}: no thresholds in {} (run with --write-thresholds)", path.display())),
+    }
+}
+
 pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
     let (images, labels, calib) = digits_data(root)?;
     // Calibration in batches of 16, so moving-average observers average over something.
@@ -70,7 +125,7 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
     };
     println!(
-        "{:<20} {:>9} {:>9} {:>10}   {:<}",
+        "{:<26} {:>9} {:>9} {:>10}   {:<}",
         "qconfig", "accuracy", "SQNR dB", "agreement", "thresholds (accuracy, SQNR, agreement)"
     );
     let (mut failures, mut written) = (Vec::new(), serde_json::Map::new());
@@ -90,44 +145,61 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
             sqnr_db: qnn::sqnr_db(&float_logits, &logits),
             agreement: ip.iter().zip(&fp).filter(|(a, b)| a == b).count() as f64 / n,
         };
-        let t = &thresholds[name];
-        let limits = (
-            t["min_accuracy"].as_f64(),
-            t["min_sqnr_db"].as_f64().map(|s| s.max(MIN_SQNR_DB)),
-            t["min_agreement"].as_f64(),
-        );
-        let shown = match limits {
-            (Some(a), Some(s), Some(g)) => format!(">= {:.1}%, {s:.1}, {:.1}%", a * 100.0, g * 100.0),
-            _ => "-".into(),
+        judge(name, &row, MIN_SQNR_DB, &thresholds, write_thresholds.then_some(&mut written), &mut failures, &path);
+    }
+
+    // The digits ViT, imported from its ONNX export, static and dynamic.
+    let dir = root.join("qnn/data/digits_vit");
+    let load_vit = || {
+        qonnx::load(dir.join("model.onnx"), &qonnx::ImportOptions::default())
+            .map_err(|e| format!("the digits ViT ({}): {e}", dir.display()))
+    };
+    let vit_float = load_vit()?.graph.run(std::slice::from_ref(&images)).map_err(|e| e.to_string())?.remove(0);
+    let ort = qonnx::tensor::read_pb(dir.join("output_0.pb")).map_err(|e| e.to_string())?;
+    let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = ort.iter().zip(&vit_float).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    if ort.shape() != vit_float.shape() || err > 1e-4 {
+        failures.push(format!(
+            "digits ViT: our float import differs from ONNX Runtime's logits ({:?} against {:?}, {err:e} relative)",
+            vit_float.shape(),
+            ort.shape()
+        ));
+    }
+    let vp = argmax_rows(&vit_float);
+    let v_acc = vp.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / labels.len() as f64;
+    println!(
+        "\ndigits ViT (torchvision's VisionTransformer: 2 layers, 4 heads, width 64; imported from ONNX): f32 accuracy \
+         {:.1}%, float logits {err:.1e} from ONNX Runtime's; int8 accuracy must stay within {} points of f32",
+        v_acc * 100.0,
+        VIT_MAX_ACCURACY_LOSS * 100.0
+    );
+    for (name, qconfig) in [
+        ("vit_default", QConfig::default()),
+        ("vit_dynamic", QConfig::pytorch_dynamic_per_channel()),
+        ("vit_dynamic_per_token", QConfig::dynamic_per_token()),
+    ] {
+        let mut prepared = prepare(load_vit()?.graph, &QConfigMapping::new(qconfig)).map_err(|e| e.to_string())?;
+        for b in &batches {
+            prepared.calibrate(b).map_err(|e| format!("{name}: {e}"))?;
+        }
+        let q = prepared.convert().map_err(|e| format!("{name}: {e}"))?;
+        let logits = q.forward(&images).map_err(|e| format!("{name}: {e}"))?;
+        let ip = argmax_rows(&logits);
+        let n = labels.len() as f64;
+        let row = Row {
+            accuracy: ip.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / n,
+            sqnr_db: qnn::sqnr_db(&vit_float, &logits),
+            agreement: ip.iter().zip(&vp).filter(|(a, b)| a == b).count() as f64 / n,
         };
-        println!(
-            "{:<20} {:>8.1}% {:>9.1} {:>9.1}%   {shown}",
-            name,
-            row.accuracy * 100.0,
-            row.sqnr_db,
-            row.agreement * 100.0
-        );
-        if write_thresholds {
-            // Half a point of accuracy and agreement, 1.5 dB of SQNR below what was measured;
-            // SQNR never below the 33 dB every preset must reach.
-            written.insert(
-                name.to_string(),
-                serde_json::json!({
-                    "min_accuracy": ((row.accuracy - 0.005) * 1000.0).floor() / 1000.0,
-                    "min_sqnr_db": (((row.sqnr_db - 1.5) * 10.0).floor() / 10.0).max(MIN_SQNR_DB),
-                    "min_agreement": ((row.agreement - 0.005) * 1000.0).floor() / 1000.0,
-                }),
-            );
-            continue;
+        if row.accuracy < v_acc - VIT_MAX_ACCURACY_LOSS - 1e-9 {
+            failures.push(format!(
+                "{name}: int8 accuracy {:.1}% is more than {} points below f32's {:.1}%",
+                row.accuracy * 100.0,
+                VIT_MAX_ACCURACY_LOSS * 100.0,
+                v_acc * 100.0
+            ));
         }
-        match limits {
-            (Some(a), Some(s), Some(g)) => {
-                if row.accuracy < a || row.sqnr_db < s || row.agreement < g {
-                    failures.push(format!("{name}: below its thresholds"));
-                }
-            }
-            _ => failures.push(format!("{name}: no thresholds in {} (run with --write-thresholds)", path.display())),
-        }
+        judge(name, &row, 0.0, &thresholds, write_thresholds.then_some(&mut written), &mut failures, &path);
     }
     if write_thresholds {
         let text = serde_json::to_string_pretty(&serde_json::Value::Object(written)).map_err(|e| e.to_string())?;
