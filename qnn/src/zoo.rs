@@ -4,8 +4,8 @@
 use crate::error::Result;
 use crate::graph::{Graph, GraphBuilder, Tensor};
 use crate::layers::{
-    AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, HardSigmoid, Hardswish, Identity, Linear, MaxPool2d,
-    ReLU, ReLU6, SiLU, Sigmoid,
+    AdaptiveAvgPool2d, BatchConst, BatchNorm2d, Conv2d, Dropout, Flatten, HardSigmoid, Hardswish, Identity, LayerNorm,
+    Linear, MaxPool2d, MulScalar, Permute, ReLU, ReLU6, Reshape, SiLU, Sigmoid, Slice, Softmax, GELU,
 };
 use crate::module::{Module, Residual, Sequential};
 
@@ -337,6 +337,142 @@ fn build_efficientnet_b0(classes: usize) -> Result<Graph> {
     y = g.layer("flatten", Flatten, y)?;
     y = g.layer("classifier.0", Dropout(0.2), y)?;
     y = g.layer("classifier.1", Linear::new(1280, classes), y)?;
+    g.output(y);
+    g.build()
+}
+
+/// The sizes of a vision transformer (torchvision's `VisionTransformer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VitConfig {
+    /// Height and width of the (square) input images.
+    pub image_size: usize,
+    /// Height and width of a patch.
+    pub patch_size: usize,
+    /// Channels of the input images.
+    pub in_channels: usize,
+    /// Encoder layers.
+    pub layers: usize,
+    /// Attention heads per layer.
+    pub heads: usize,
+    /// Width of the token features.
+    pub hidden: usize,
+    /// Width of each layer's MLP.
+    pub mlp: usize,
+    /// Classes of the head.
+    pub classes: usize,
+}
+
+impl VitConfig {
+    /// ViT-B/16: 224x224 RGB images, patches of 16, 12 layers of 12 heads, width 768, MLP
+    /// 3072.
+    pub fn b16(classes: usize) -> Self {
+        VitConfig {
+            image_size: 224,
+            patch_size: 16,
+            in_channels: 3,
+            layers: 12,
+            heads: 12,
+            hidden: 768,
+            mlp: 3072,
+            classes,
+        }
+    }
+
+    /// The bundled digits ViT (`scripts/models/digits_vit.py`): 1x8x8 images, patches of 2,
+    /// 2 layers of 4 heads, width 64, MLP 128, 10 classes.
+    pub fn digits() -> Self {
+        VitConfig {
+            image_size: 8,
+            patch_size: 2,
+            in_channels: 1,
+            layers: 2,
+            heads: 4,
+            hidden: 64,
+            mlp: 128,
+            classes: 10,
+        }
+    }
+}
+
+/// torchvision's ViT-B/16 ([`vit`] of [`VitConfig::b16`]).
+pub fn vit_b_16(classes: usize) -> Graph {
+    vit(&VitConfig::b16(classes)).expect("ViT-B/16's sizes are consistent")
+}
+
+/// A vision transformer as torchvision's `VisionTransformer` computes it: patch embedding
+/// (`conv_proj`), the class token in front, the positional embedding added, `layers` encoder
+/// blocks (pre-norm multi-head self-attention and MLP, each in a residual), a final norm, and
+/// the head on the class token. LayerNorms take torchvision's `eps` of 1e-6.
+///
+/// Parameter names are torchvision's `state_dict` keys but three, which are parameters of
+/// modules there and layers of their own here: `class_token` is `class_token.value`,
+/// `encoder.pos_embedding` is `encoder.pos_embedding.value`, and each attention's
+/// `in_proj_weight` / `in_proj_bias` are `in_proj.weight` / `in_proj.bias` (of
+/// `encoder.layers.encoder_layer_<i>.self_attention`).
+///
+/// # Errors
+/// Sizes that do not fit: an image not a whole number of patches, a width not a whole number
+/// of heads, or a zero size.
+pub fn vit(c: &VitConfig) -> Result<Graph> {
+    let sizes = [c.image_size, c.patch_size, c.in_channels, c.layers, c.heads, c.hidden, c.mlp, c.classes];
+    if sizes.contains(&0) || c.image_size % c.patch_size != 0 || c.hidden % c.heads != 0 {
+        return Err(crate::NnError::Config {
+            module: "vit".into(),
+            reason: format!(
+                "{c:?}: the image must be a whole number of patches, the width a whole number of heads, and no size 0"
+            ),
+        });
+    }
+    let (d, heads, hd) = (c.hidden, c.heads, c.hidden / c.heads);
+    let tokens = (c.image_size / c.patch_size).pow(2) + 1;
+    let ln = |width: usize| LayerNorm { eps: 1e-6, ..LayerNorm::new(width) };
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("conv_proj", Conv2d::new(c.in_channels, d, c.patch_size).stride(c.patch_size), x)?;
+    // [n, d, h, w] -> [n, patches, d]
+    let y = g.layer("patches", Reshape { shape: vec![d as i64, -1], keep_batch: true }, y)?;
+    let y = g.layer("patches_t", Permute { dims: vec![0, 2, 1] }, y)?;
+    let zeros = |shape: &[usize]| ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(shape));
+    let cls = g.layer("class_token", BatchConst::new(zeros(&[1, 1, d]))?, y)?;
+    let y = g.cat("tokens", &[cls, y])?;
+    let pos = g.layer("encoder.pos_embedding", BatchConst::new(zeros(&[1, tokens, d]))?, y)?;
+    let mut y = g.add("encoder.add_pos", y, pos)?;
+    // [n, s, d] -> [n, heads, s, hd]
+    let split_heads = |g: &mut GraphBuilder, name: &str, t: Tensor, last: [usize; 2]| -> Result<Tensor> {
+        let t = g.layer(
+            &format!("{name}.heads"),
+            Reshape { shape: vec![-1, heads as i64, hd as i64], keep_batch: true },
+            t,
+        )?;
+        g.layer(&format!("{name}.t"), Permute { dims: vec![0, 2, last[0], last[1]] }, t)
+    };
+    for i in 0..c.layers {
+        let p = format!("encoder.layers.encoder_layer_{i}");
+        let a = format!("{p}.self_attention");
+        let h = g.layer(&format!("{p}.ln_1"), ln(d), y)?;
+        let qkv = g.layer(&format!("{a}.in_proj"), Linear::new(d, 3 * d), h)?;
+        let parts = g.chunk(&format!("{a}.qkv"), qkv, 3, -1)?;
+        let q = split_heads(&mut g, &format!("{a}.q"), parts[0], [1, 3])?;
+        let q = g.layer(&format!("{a}.scale"), MulScalar { factor: 1.0 / (hd as f32).sqrt() }, q)?;
+        let kt = split_heads(&mut g, &format!("{a}.k"), parts[1], [3, 1])?;
+        let v = split_heads(&mut g, &format!("{a}.v"), parts[2], [1, 3])?;
+        let scores = g.matmul(&format!("{a}.scores"), q, kt)?;
+        let probs = g.layer(&format!("{a}.softmax"), Softmax { dim: -1 }, scores)?;
+        let ctx = g.matmul(&format!("{a}.context"), probs, v)?;
+        let ctx = g.layer(&format!("{a}.context_t"), Permute { dims: vec![0, 2, 1, 3] }, ctx)?;
+        let ctx = g.layer(&format!("{a}.merge"), Reshape { shape: vec![-1, d as i64], keep_batch: true }, ctx)?;
+        let o = g.layer(&format!("{a}.out_proj"), Linear::new(d, d), ctx)?;
+        y = g.add(&format!("{p}.add_1"), o, y)?;
+        let h = g.layer(&format!("{p}.ln_2"), ln(d), y)?;
+        let h = g.layer(&format!("{p}.mlp.0"), Linear::new(d, c.mlp), h)?;
+        let h = g.layer(&format!("{p}.mlp.1"), GELU::default(), h)?;
+        let h = g.layer(&format!("{p}.mlp.3"), Linear::new(c.mlp, d), h)?;
+        y = g.add(&format!("{p}.add_2"), h, y)?;
+    }
+    let y = g.layer("encoder.ln", ln(d), y)?;
+    let y = g.layer("class_out", Slice::narrow(1, 0, 1), y)?;
+    let y = g.layer("class_flat", Reshape { shape: vec![d as i64], keep_batch: true }, y)?;
+    let y = g.layer("heads.head", Linear::new(d, c.classes), y)?;
     g.output(y);
     g.build()
 }

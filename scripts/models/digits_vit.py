@@ -16,7 +16,13 @@ What it writes, into ``qnn/data/digits_vit/`` (beside the digits files it was tr
 * ``model.onnx``: the trained model;
 * ``info.json``: the architecture, its f32 accuracy on the 500 held-out images in PyTorch,
   and the largest difference between ONNX Runtime's output and PyTorch's;
-* ``output_0.pb``: ONNX Runtime's f32 logits on the 500 held-out images (a TensorProto).
+* ``output_0.pb``: ONNX Runtime's f32 logits on the 500 held-out images (a TensorProto);
+* ``model.safetensors``: the weights for ``qnn::zoo::vit(&VitConfig::digits())``, the same
+  model written with qnn's graph API: torchvision's ``state_dict`` keys, but ``class_token``
+  and ``encoder.pos_embedding`` get a ``.value`` suffix and each attention's
+  ``in_proj_weight`` / ``in_proj_bias`` become ``in_proj.weight`` / ``in_proj.bias``;
+* ``logits.safetensors``: ``logits_f32`` [500, 10], PyTorch's f32 logits on the held-out
+  images.
 
 Determinism: seeds for ``random``, ``numpy`` and ``torch``, ``torch.set_num_threads(1)``.
 
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchvision.models.vision_transformer import VisionTransformer
@@ -126,6 +133,15 @@ def main():
         "ort_vs_torch_max_abs": float(np.abs(out - logits.numpy()).max()),
         "test_images": "qnn/data/digits_test.safetensors",
     }
+    ours = {}
+    for k, v in m.state_dict().items():
+        k = k.replace("self_attention.in_proj_weight", "self_attention.in_proj.weight")
+        k = k.replace("self_attention.in_proj_bias", "self_attention.in_proj.bias")
+        if k in ("class_token", "encoder.pos_embedding"):
+            k += ".value"
+        ours[k] = v.detach().contiguous()
+    save_file(ours, os.path.join(OUT_DIR, "model.safetensors"))
+    save_file({"logits_f32": logits.contiguous()}, os.path.join(OUT_DIR, "logits.safetensors"))
     with open(os.path.join(OUT_DIR, "info.json"), "w") as fh:
         json.dump(info, fh, indent=2)
         fh.write("\n")
