@@ -415,7 +415,7 @@ pub fn vit_b_16(classes: usize) -> Graph {
 /// of heads, or a zero size.
 pub fn vit(c: &VitConfig) -> Result<Graph> {
     let sizes = [c.image_size, c.patch_size, c.in_channels, c.layers, c.heads, c.hidden, c.mlp, c.classes];
-    if sizes.contains(&0) || c.image_size % c.patch_size != 0 || c.hidden % c.heads != 0 {
+    if sizes.contains(&0) || !c.image_size.is_multiple_of(c.patch_size) || !c.hidden.is_multiple_of(c.heads) {
         return Err(crate::NnError::Config {
             module: "vit".into(),
             reason: format!(
