@@ -19,6 +19,17 @@ pub trait FloatKernel: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// An input the layer cannot take, as `forward` reports it.
     fn forward(&self, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>>;
+
+    /// [`FloatKernel::forward`] of a value the caller gives away: kernels that can work in
+    /// place do; by default its buffer returns to the float pool.
+    ///
+    /// # Errors
+    /// As [`FloatKernel::forward`].
+    fn forward_owned(&self, x: ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        let y = self.forward(&x, threads)?;
+        crate::scratch::recycle_f32(x);
+        Ok(y)
+    }
 }
 
 /// A layer or a container of layers, run in `f32` on NCHW tensors (PyTorch's layout).

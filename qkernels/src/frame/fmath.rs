@@ -64,9 +64,26 @@ pub fn gelu_f32(x: f32, tanh: bool) -> f32 {
     }
 }
 
-/// GELU in place over `x`, vectorised ([`gelu_f32`] on each value).
-pub fn gelu_in_place(x: &mut [f32], tanh: bool) {
-    gelu_slice(qtensor::isa::selected(), x, tanh);
+/// Values per piece when a call is shared between threads.
+const PIECE: usize = 1 << 14;
+
+/// `f` over `x` in pieces of whole units of `unit` values, on up to `threads` threads of the
+/// current rayon pool (one piece on the caller's thread when that is all there is).
+fn shared(x: &mut [f32], unit: usize, threads: usize, f: impl Fn(&mut [f32]) + Send + Sync) {
+    let units = x.len() / unit.max(1);
+    if threads <= 1 || x.len() < 2 * PIECE || units < 2 {
+        return f(x);
+    }
+    use rayon::prelude::*;
+    let per = (PIECE / unit.max(1)).max(1).max(units.div_ceil(threads * 4));
+    x.par_chunks_mut(per * unit).for_each(f);
+}
+
+/// GELU in place over `x`, vectorised ([`gelu_f32`] on each value), shared out between
+/// `threads` threads of the current rayon pool for large slices; the same bits on any count.
+pub fn gelu_in_place(x: &mut [f32], tanh: bool, threads: usize) {
+    let isa = qtensor::isa::selected();
+    shared(x, 1, threads, |p| gelu_slice(isa, p, tanh));
 }
 
 multiversion! {
@@ -83,15 +100,19 @@ multiversion! {
 /// `len * inner` values, the tensor `[outer, len, inner]` in row-major order, and each lane
 /// `x[o, :, i]` becomes `e^(v - max) / sum`. Exponentials by [`exp_f32`]; sums in a fixed order.
 ///
+/// Blocks are shared out between `threads` threads of the current rayon pool; the bits do not
+/// depend on the count.
+///
 /// # Panics
 /// `len` or `inner` zero, or `x` not whole blocks (a caller's broken invariant).
-pub fn softmax_in_place(x: &mut [f32], len: usize, inner: usize) {
+pub fn softmax_in_place(x: &mut [f32], len: usize, inner: usize, threads: usize) {
     assert!(
         len > 0 && inner > 0 && x.len().is_multiple_of(len * inner),
         "softmax lanes of {len} x {inner} over {} values",
         x.len()
     );
-    softmax_blocks(qtensor::isa::selected(), x, len, inner);
+    let isa = qtensor::isa::selected();
+    shared(x, len * inner, threads, |p| softmax_blocks(isa, p, len, inner));
 }
 
 multiversion! {
@@ -162,13 +183,17 @@ fn sum16(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// `(v - mean) / sqrt(var + eps) * gamma + beta`, with the mean and the (biased) variance of
 /// the row in f32, the variance from the row minus its mean.
 ///
+/// Rows are shared out between `threads` threads of the current rayon pool; the bits do not
+/// depend on the count.
+///
 /// # Panics
 /// `gamma` and `beta` of different lengths, or `x` not whole rows (a caller's broken
 /// invariant).
-pub fn layer_norm_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+pub fn layer_norm_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32, threads: usize) {
     let n = gamma.len();
     assert!(n > 0 && beta.len() == n && x.len().is_multiple_of(n), "layer norm rows of {n} over {} values", x.len());
-    layer_norm_rows(qtensor::isa::selected(), x, gamma, beta, eps);
+    let isa = qtensor::isa::selected();
+    shared(x, n, threads, |p| layer_norm_rows(isa, p, gamma, beta, eps));
 }
 
 multiversion! {
@@ -240,11 +265,28 @@ mod tests {
     }
 
     #[test]
+    fn thread_counts_give_the_same_bits() {
+        let x: Vec<f32> = (0..197 * 768).map(|i| ((i * 7919) % 1013) as f32 / 101.0 - 5.0).collect();
+        let g: Vec<f32> = (0..768).map(|i| 1.0 + (i % 7) as f32 * 0.01).collect();
+        let run = |threads: usize| {
+            crate::with_threads(threads, || {
+                let (mut a, mut b, mut c) = (x.clone(), x.clone(), x.clone());
+                gelu_in_place(&mut a, false, threads);
+                softmax_in_place(&mut b, 197, 1, threads);
+                layer_norm_in_place(&mut c, &g, &g, 1e-6, threads);
+                [a, b, c].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            })
+        };
+        assert_eq!(run(2), run(1));
+        assert_eq!(run(3), run(1));
+    }
+
+    #[test]
     fn softmax_lanes_sum_to_one_and_follow_the_formula() {
         // [2, 5, 3]: lanes along the middle axis, and the same values as rows.
         let x: Vec<f32> = (0..30).map(|i| ((i * 7) % 11) as f32 * 0.9 - 4.0).collect();
         let mut strided = x.clone();
-        softmax_in_place(&mut strided, 5, 3);
+        softmax_in_place(&mut strided, 5, 3, 1);
         for o in 0..2 {
             for i in 0..3 {
                 let lane: Vec<f64> = (0..5).map(|k| x[o * 15 + k * 3 + i] as f64).collect();
@@ -257,7 +299,7 @@ mod tests {
             }
         }
         let mut rows = x.clone();
-        softmax_in_place(&mut rows, 10, 1);
+        softmax_in_place(&mut rows, 10, 1, 1);
         for r in rows.chunks(10) {
             assert!((r.iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-6);
         }
@@ -269,7 +311,7 @@ mod tests {
         let g: Vec<f32> = (0..37).map(|i| 0.5 + i as f32 * 0.03).collect();
         let b: Vec<f32> = (0..37).map(|i| i as f32 * 0.01 - 0.2).collect();
         let mut y = x.clone();
-        layer_norm_in_place(&mut y, &g, &b, 1e-5);
+        layer_norm_in_place(&mut y, &g, &b, 1e-5, 1);
         for (r, (xr, yr)) in x.chunks(37).zip(y.chunks(37)).enumerate() {
             let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / 37.0;
             let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 37.0;

@@ -11,7 +11,7 @@ use serde_json::Value as J;
 
 use super::{attrs, bad, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::Result;
-use crate::module::Module;
+use crate::module::{FloatKernel, Module};
 use crate::quant::{quantized, Mode, Run, Value};
 use crate::scratch::{self, Input};
 
@@ -145,6 +145,16 @@ pub struct GELU {
 }
 
 impl GELU {
+    /// GELU of `x` in place: vectorised (qkernels' f32 erf and exp) when the values are one
+    /// slice, shared between `threads` threads.
+    fn in_place(&self, mut x: ArrayD<f32>, threads: usize) -> ArrayD<f32> {
+        match x.as_slice_memory_order_mut() {
+            Some(s) => qkernels::gelu_in_place(s, self.tanh, threads),
+            None => x.mapv_inplace(|v| qkernels::gelu_f32(v, self.tanh)),
+        }
+        x
+    }
+
     fn op(self) -> UnaryOp {
         if self.tanh {
             UnaryOp::GeluTanh
@@ -159,15 +169,13 @@ impl Module for GELU {
         "GELU"
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        self.forward_owned(crate::layers::map_same_layout(x, |v| v))
+        Ok(self.in_place(crate::layers::map_same_layout(x, |v| v), 1))
     }
-    fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
-        // Vectorised (qkernels' f32 erf and exp) when the values are one slice.
-        match x.as_slice_memory_order_mut() {
-            Some(s) => qkernels::gelu_in_place(s, self.tanh),
-            None => x.mapv_inplace(|v| qkernels::gelu_f32(v, self.tanh)),
-        }
-        Ok(x)
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(self.in_place(x, 1))
+    }
+    fn float_kernel(&self) -> Option<Result<std::sync::Arc<dyn FloatKernel>>> {
+        Some(Ok(std::sync::Arc::new(GeluKernel(*self))))
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
         Some(Ok(input.to_vec()))
@@ -185,6 +193,19 @@ impl Module for GELU {
         Some(Ok(attrs(self)))
     }
     any_methods!();
+}
+
+/// The layer as its own float kernel (on any thread count).
+#[derive(Debug)]
+struct GeluKernel(GELU);
+
+impl FloatKernel for GeluKernel {
+    fn forward(&self, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        Ok(self.0.in_place(crate::layers::map_same_layout(x, |v| v), threads))
+    }
+    fn forward_owned(&self, x: ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        Ok(self.0.in_place(x, threads))
+    }
 }
 
 /// The float layers of this file a saved model's float fallbacks can hold.

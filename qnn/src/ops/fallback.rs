@@ -70,9 +70,7 @@ impl QOp for FloatOp {
                 if let Some(shape) = self.0.output_shape(x.shape()) {
                     crate::quant::budget(&shape?, 4, run, self.0.kind())?;
                 }
-                let y = k.forward(&x, run.threads)?;
-                crate::scratch::recycle_f32(x);
-                Ok(Value::F32(y))
+                Ok(Value::F32(k.forward_owned(x, run.threads)?))
             }
             // The value is this op's own: layers that can work in place do.
             None => Ok(Value::F32(super::float_forward_owned(self.0.as_ref(), x, run)?)),

@@ -12,7 +12,7 @@ use super::conv::{load_f32, save_f32};
 use super::shape::{logical_vec, stored_vec};
 use super::{attrs, bad, op_err, parse, LowerCx, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
-use crate::module::Module;
+use crate::module::{FloatKernel, Module};
 use crate::quant::{quantized, Mode, Run, Value};
 use crate::scratch::{self, Input};
 
@@ -52,13 +52,31 @@ impl LayerNorm {
         Ok(())
     }
 
-    /// `y` (row-major, checked) normalized in place, row by row (qkernels' vectorised f32
-    /// layer norm).
-    fn normalize(&self, mut y: ArrayD<f32>, g: &[f32], b: &[f32]) -> Result<ArrayD<f32>> {
+    /// `x` normalized, in place when it is row-major, row by row (qkernels' vectorised f32
+    /// layer norm), shared between `threads` threads.
+    fn in_place(&self, x: ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        self.check(x.shape())?;
+        let (g, b) = (self.weight.as_slice_memory_order(), self.bias.as_slice_memory_order());
+        let (Some(g), Some(b)) = (g, b) else { unreachable!("1-D parameters are contiguous") };
+        let mut y = if x.is_standard_layout() { x } else { x.as_standard_layout().into_owned() };
         if !y.is_empty() {
-            qkernels::layer_norm_in_place(y.as_slice_mut().expect("standard layout"), g, b, self.eps);
+            qkernels::layer_norm_in_place(y.as_slice_mut().expect("standard layout"), g, b, self.eps, threads);
         }
         Ok(y)
+    }
+}
+
+/// The layer as its own float kernel (on any thread count).
+#[derive(Debug)]
+struct LayerNormKernel(LayerNorm);
+
+impl FloatKernel for LayerNormKernel {
+    fn forward(&self, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        self.0.check(x.shape())?;
+        self.0.in_place(x.as_standard_layout().into_owned(), threads)
+    }
+    fn forward_owned(&self, x: ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        self.0.in_place(x, threads)
     }
 }
 
@@ -68,16 +86,13 @@ impl Module for LayerNorm {
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         self.check(x.shape())?;
-        let (g, b) = (self.weight.as_slice_memory_order(), self.bias.as_slice_memory_order());
-        let (Some(g), Some(b)) = (g, b) else { unreachable!("1-D parameters are contiguous") };
-        self.normalize(x.as_standard_layout().into_owned(), g, b)
+        self.in_place(x.as_standard_layout().into_owned(), 1)
     }
     fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
-        self.check(x.shape())?;
-        let (g, b) = (self.weight.as_slice_memory_order(), self.bias.as_slice_memory_order());
-        let (Some(g), Some(b)) = (g, b) else { unreachable!("1-D parameters are contiguous") };
-        let y = if x.is_standard_layout() { x } else { x.as_standard_layout().into_owned() };
-        self.normalize(y, g, b)
+        self.in_place(x, 1)
+    }
+    fn float_kernel(&self) -> Option<Result<std::sync::Arc<dyn FloatKernel>>> {
+        Some(Ok(std::sync::Arc::new(LayerNormKernel(self.clone()))))
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
         Some(self.check(input).map(|()| input.to_vec()))

@@ -11,7 +11,7 @@ use serde_json::Value as J;
 use super::shape::{logical_vec, stored_vec};
 use super::{attrs, op_err, parse, LowerCx, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
-use crate::module::Module;
+use crate::module::{FloatKernel, Module};
 use crate::quant::{quantized, Mode, Run, Value};
 use crate::scratch::{self, Input};
 
@@ -24,20 +24,8 @@ pub struct Softmax {
 }
 
 impl Softmax {
-    fn axis(&self, rank: usize) -> Option<usize> {
-        let d = if self.dim < 0 { self.dim + rank as i64 } else { self.dim };
-        usize::try_from(d).ok().filter(|&d| d < rank)
-    }
-}
-
-impl Module for Softmax {
-    fn kind(&self) -> &'static str {
-        "Softmax"
-    }
-    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        self.forward_owned(x.as_standard_layout().into_owned())
-    }
-    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+    /// The softmax of `x`, in place when it is row-major, shared between `threads` threads.
+    fn in_place(&self, x: ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
         let axis = self.axis(x.ndim()).ok_or_else(|| NnError::Shape {
             module: String::new(),
             kind: "Softmax",
@@ -51,8 +39,41 @@ impl Module for Softmax {
             return Ok(y);
         }
         // Row-major: lanes of `len` values `inner` apart (qkernels' vectorised f32 softmax).
-        qkernels::softmax_in_place(y.as_slice_mut().expect("standard layout"), len, inner);
+        qkernels::softmax_in_place(y.as_slice_mut().expect("standard layout"), len, inner, threads);
         Ok(y)
+    }
+
+    fn axis(&self, rank: usize) -> Option<usize> {
+        let d = if self.dim < 0 { self.dim + rank as i64 } else { self.dim };
+        usize::try_from(d).ok().filter(|&d| d < rank)
+    }
+}
+
+/// The layer as its own float kernel (on any thread count).
+#[derive(Debug)]
+struct SoftmaxKernel(Softmax);
+
+impl FloatKernel for SoftmaxKernel {
+    fn forward(&self, x: &ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        self.0.in_place(x.as_standard_layout().into_owned(), threads)
+    }
+    fn forward_owned(&self, x: ArrayD<f32>, threads: usize) -> Result<ArrayD<f32>> {
+        self.0.in_place(x, threads)
+    }
+}
+
+impl Module for Softmax {
+    fn kind(&self) -> &'static str {
+        "Softmax"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.in_place(x.as_standard_layout().into_owned(), 1)
+    }
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.in_place(x, 1)
+    }
+    fn float_kernel(&self) -> Option<Result<std::sync::Arc<dyn FloatKernel>>> {
+        Some(Ok(std::sync::Arc::new(SoftmaxKernel(*self))))
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
         Some(match self.axis(input.len()) {
