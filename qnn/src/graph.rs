@@ -302,15 +302,17 @@ fn node_shape(n: &Node<Box<dyn Module>>, shapes: &[&[usize]]) -> Result<Vec<usiz
                 Ok(y.shape().to_vec())
             }
         },
-        NodeOp::Add | NodeOp::Mul if crate::ops::mul::mul_shapes_fit(shapes[0], shapes[1]) => {
-            Ok(if shapes[0].iter().product::<usize>() >= shapes[1].iter().product() { shapes[0] } else { shapes[1] }
-                .to_vec())
-        }
-        NodeOp::Add | NodeOp::Mul => Err(err(
-            if matches!(n.op, NodeOp::Add) { "add" } else { "mul" },
-            format!("a second operand of the first's shape {:?}, or one of them [n, c, 1, 1]", shapes[0]),
-            shapes[1],
-        )),
+        NodeOp::Add | NodeOp::Mul => crate::ops::mul::broadcast_shape(shapes[0], shapes[1]).ok_or_else(|| {
+            err(
+                if matches!(n.op, NodeOp::Add) { "add" } else { "mul" },
+                format!(
+                    "a second operand whose shape broadcasts against the first's {:?} (equal sizes, or 1, aligned at \
+                     the last axis)",
+                    shapes[0]
+                ),
+                shapes[1],
+            )
+        }),
         NodeOp::MatMul => crate::ops::matmul::matmul_shape(shapes[0], shapes[1]).ok_or_else(|| {
             err(
                 "matmul",

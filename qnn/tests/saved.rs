@@ -280,3 +280,51 @@ fn image_rows_move_nothing_and_match_permutes() {
     let back = QuantizedModel::from_bytes(&fast.to_bytes().unwrap()).unwrap();
     assert_eq!(back.forward(&input).unwrap(), fast.forward(&input).unwrap());
 }
+
+/// Token ids through an `Embedding` (float: a lookup) and an additive mask `[n, 1, 1, d]`
+/// broadcast over `[n, 2, t, d]`: the addition runs in int8, the model takes its two inputs,
+/// stays near its float twin, and saves and loads with the table.
+#[test]
+fn embeddings_and_broadcast_masks_run_in_int8_and_save() {
+    use qnn::layers::{Embedding, Linear, Reshape};
+    let mut table = Embedding::new(7, 4);
+    table.weight = ArrayD::from_shape_fn(IxDyn(&[7, 4]), |i| ((i[0] * 5 + i[1] * 3) % 11) as f32 * 0.2 - 1.0);
+    let graph = || {
+        let mut g = qnn::GraphBuilder::new();
+        let ids = g.input("ids");
+        let mask = g.input("mask");
+        let e = g.layer("embed", table.clone(), ids).unwrap();
+        let e = g.layer("heads", Reshape { shape: vec![2, -1, 4], keep_batch: true }, e).unwrap();
+        let m = g.add("masked", e, mask).unwrap();
+        let y = g.layer("proj", Linear::new(4, 3), m).unwrap();
+        g.output(y);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 5);
+        // randomize filled the table too: put it back.
+        qnn::Module::tensors_mut(&mut graph).into_iter().filter(|(k, _)| *k == "weight").for_each(|(_, w)| {
+            if w.shape() == [7, 4] {
+                w.assign(&table.weight)
+            }
+        });
+        graph
+    };
+    let inputs = |n: usize| {
+        let ids = ArrayD::from_shape_fn(IxDyn(&[n, 6]), |i| ((i[0] * 2 + i[1] * 3) % 7) as f32);
+        let mask = ArrayD::from_shape_fn(IxDyn(&[n, 1, 1, 4]), |i| if (i[0] + i[3]) % 3 == 0 { -2.0 } else { 0.0 });
+        vec![ids, mask]
+    };
+    let float = graph().run(&inputs(2)).unwrap().remove(0);
+    assert_eq!(float.shape(), &[2, 2, 3, 3]);
+    let mut p = prepare(graph(), &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate_inputs(&inputs(2)).unwrap();
+    p.calibrate_inputs(&inputs(1)).unwrap();
+    let q = p.convert().unwrap();
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    assert!(matches!(mode("embed"), qnn::Mode::Float(_)), "{:?}", mode("embed"));
+    assert_eq!(mode("masked"), qnn::Mode::Int8);
+    let got = q.forward_inputs(&inputs(2)).unwrap().remove(0);
+    let db = qnn::sqnr_db(&float, &got);
+    assert!(db > 30.0, "SQNR {db:.1} dB");
+    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward_inputs(&inputs(2)).unwrap()[0], got);
+}

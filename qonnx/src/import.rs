@@ -13,9 +13,9 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::FusedAct;
 use qnn::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Flatten, HardSigmoid,
-    Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d, PadMode, Permute, ReLU, ReLU6,
-    Reshape, RowsImage, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
+    AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Embedding, Flatten,
+    HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d, PadMode, Permute,
+    ReLU, ReLU6, Reshape, RowsImage, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
@@ -257,9 +257,11 @@ impl Importer {
             }
             let tt = vi.r#type.as_ref().and_then(|t| t.tensor_type.as_ref());
             let elem = tt.and_then(|t| t.elem_type).unwrap_or(0);
-            if elem != dt::FLOAT {
+            // Integer inputs (token ids) are given as f32 values, exact up to 2^24.
+            if !matches!(elem, dt::FLOAT | dt::INT64 | dt::INT32) {
                 return Err(OnnxError::Model(format!(
-                    "input '{name}' is {}; qonnx imports models whose inputs are FLOAT tensors",
+                    "input '{name}' is {}; qonnx imports models whose inputs are FLOAT tensors, or INT64 / INT32 \
+                     ones (token ids, given as f32 values)",
                     dt::name(elem)
                 )));
             }
@@ -658,6 +660,7 @@ impl Importer {
                 Ok(vec![Val::Const(Const { shape: vec![v.len()], data: Data::I64 { v, batch: flags } })])
             }
             "Gather" if matches!(self.value(cx, 0)?, Val::Node(_)) => self.gather_computed(cx),
+            "Gather" if matches!(self.value(cx, 1)?, Val::Node(_)) => self.embedding(cx),
             "Sqrt" | "Neg" | "Reciprocal" => {
                 let c = self.konst(cx, 0, "input")?;
                 Ok(vec![Val::Const(fold_unary(cx, &c)?)])
@@ -912,16 +915,9 @@ impl Importer {
         match (a, b) {
             (Val::Const(a), Val::Const(b)) => Ok(vec![Val::Const(fold_binary(cx, &op, &a, &b)?)]),
             (Val::Node(a), Val::Node(b)) => {
-                let shape = if a.shape == b.shape {
-                    a.shape.clone()
-                } else if is_channel_vector(&a.shape, &b.shape) {
-                    b.shape.clone()
-                } else if is_channel_vector(&b.shape, &a.shape) {
-                    a.shape.clone()
-                } else {
+                let Some(shape) = qnn::ops::mul::broadcast_shape(&a.shape, &b.shape) else {
                     return Err(cx.err(format!(
-                        "inputs of shapes {:?} and {:?}: qonnx broadcasts equal shapes, or [n, c, 1, 1] against \
-                         [n, c, h, w]",
+                        "inputs of shapes {:?} and {:?} do not broadcast (equal sizes, or 1, aligned at the last axis)",
                         a.shape, b.shape
                     )));
                 };
@@ -931,7 +927,12 @@ impl Importer {
                     "Mul" => self.b.mul(&name, a.t, b.t)?,
                     _ => return Err(cx.err("of two computed values is not supported (only Add, Sum and Mul are)")),
                 };
-                let batch_axis = a.batch_axis.or(b.batch_axis);
+                // The batch axis of the operand as long as the output (ranks may differ).
+                let batch_axis = [&a, &b]
+                    .iter()
+                    .filter(|v| v.shape.len() == shape.len())
+                    .find_map(|v| v.batch_axis)
+                    .or(a.batch_axis.or(b.batch_axis).filter(|_| a.shape.len() == b.shape.len()));
                 Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis })])
             }
             (Val::Node(x), Val::Const(k)) if is_image_const(&k, &x) => self.image_const(cx, &op, &x, &k, false),
@@ -1003,6 +1004,25 @@ impl Importer {
         let m = Self::axes_reshape(&y, &out, batch_axis);
         let z = self.layer(cx, ":squeeze", Box::new(m), &y)?;
         Ok(vec![Val::Node(Node { batch: z.batch && batch_axis == Some(0), batch_axis, ..z })])
+    }
+
+    /// `Gather` of rows of a constant table by computed indices (token ids): an
+    /// [`Embedding`] whose output is the indices' shape followed by a row's.
+    fn embedding(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
+        let table = self.konst(cx, 0, "data")?;
+        let idx = self.graph_in(cx, 1)?;
+        if table.shape.is_empty() || norm_axis(cx, cx.int("axis", 0), table.shape.len())? != 0 {
+            return Err(cx.err(format!(
+                "a lookup along axis {} of a constant of shape {:?} by computed indices: qonnx looks up rows (axis 0) \
+                 of a table of rank 1 or more",
+                cx.int("axis", 0),
+                table.shape
+            )));
+        }
+        let weight = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&table.shape), table.to_f32())
+            .map_err(|e| cx.err(e.to_string()))?;
+        let y = self.layer(cx, "", Box::new(Embedding { weight }), &idx)?;
+        Ok(vec![Val::Node(y)])
     }
 
     /// A computed NCHW value and a constant per channel (or one for all): `x * k`, `x + k`,
@@ -1925,11 +1945,6 @@ fn norm_axis(cx: &Cx<'_>, axis: i64, rank: usize) -> Result<usize> {
     } else {
         Err(cx.err(format!("axis {axis} is outside a rank-{rank} tensor")))
     }
-}
-
-/// `small` is `[n, c, 1, 1]` against `big`'s `[n, c, h, w]`.
-fn is_channel_vector(small: &[usize], big: &[usize]) -> bool {
-    small.len() == 4 && big.len() == 4 && small[0] == big[0] && small[1] == big[1] && small[2] == 1 && small[3] == 1
 }
 
 fn reshape_dims(cx: &Cx<'_>, input: &[usize], target: &[i64]) -> Result<Vec<usize>> {

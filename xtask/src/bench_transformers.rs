@@ -1,13 +1,13 @@
-//! Transformers in `cargo xtask bench` (`--filter transformers`, with `--peers`): ViT-B/16
-//! imported from ONNX and quantized two ways, static int8 (our default configuration) and
-//! dynamic per token, against PyTorch's `quantize_dynamic` and ONNX Runtime's
-//! `quantize_dynamic` and `quantize_static` of the same model, timed alternately over rounds
-//! as the CNNs are.
+//! Transformers in `cargo xtask bench` (`--filter transformers`, with `--peers`): ViT-B/16 and
+//! BERT-base (sequences of 128 tokens) imported from ONNX and quantized two ways, static int8
+//! (our default configuration) and dynamic per token, against PyTorch's `quantize_dynamic`
+//! and ONNX Runtime's `quantize_dynamic` and `quantize_static` of the same model, timed
+//! alternately over rounds as the CNNs are.
 //!
-//! The model exists only as the file the peer script exports
-//! (`scripts/peers/transformer_models.py`: torchvision's architecture with random weights of a
-//! trained model's kind), so without a Python that has the peers' packages these rows are
-//! skipped. BERT-base is not benchmarked: qonnx does not import it yet.
+//! The models exist only as the files the peer script exports
+//! (`scripts/peers/transformer_models.py`: torchvision's ViT-B/16 and Hugging Face's
+//! `BertModel` built from its default configuration, with random weights of a trained model's
+//! kind), so without a Python that has the peers' packages these rows are skipped.
 
 use std::path::Path;
 
@@ -16,8 +16,50 @@ use ndarray::{ArrayD, Axis};
 use crate::bench::{find_python_with, median_ms, randn, PeerRecord, Record};
 use crate::bench_models::{median, write_tensors, Options, PeerServer};
 
-/// Models: name, GMAC per image (torchvision's figure).
-const MODELS: [(&str, f64); 1] = [("vit_b_16", 17.564)];
+/// A model of the transformer bench: its name, its multiply-accumulates per item, and its
+/// inputs (ONNX name, shape of one item, batch first).
+struct Spec {
+    name: &'static str,
+    gmac: f64,
+    inputs: &'static [(&'static str, &'static [usize])],
+}
+
+/// BERT-base's sequence length.
+const SEQ: usize = 128;
+
+const MODELS: [Spec; 2] = [
+    // torchvision's figure.
+    Spec { name: "vit_b_16", gmac: 17.564, inputs: &[("x", &[1, 3, 224, 224])] },
+    // 12 layers of 4 x 768^2 + 2 x 768 x 3072 per token, and the attention's 2 x 128 x 768 per
+    // token; the pooler's 768^2.
+    Spec {
+        name: "bert_base_seq128",
+        gmac: 11.17,
+        inputs: &[("input_ids", &[1, SEQ]), ("token_type_ids", &[1, SEQ]), ("attention_mask", &[1, 1, 1, SEQ])],
+    },
+];
+
+/// `n` items of `model`'s inputs, from `seed`: images from a normal distribution; token ids
+/// spread over BERT's vocabulary (whole numbers, as f32), the second half of each sequence of
+/// token type 1, and an additive attention mask of zeros (every token attended).
+fn items(model: &Spec, n: usize, seed: u64) -> Vec<ArrayD<f32>> {
+    model
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(k, (input, shape))| {
+            let mut shape = shape.to_vec();
+            shape[0] = n;
+            let r = randn(seed + 1000 * k as u64, &shape);
+            match *input {
+                "input_ids" => r.mapv(|v| (1000.0 + (v.abs() * 7919.0) % 29000.0).floor()),
+                "token_type_ids" => ArrayD::from_shape_fn(shape.as_slice(), |i| f32::from(u8::from(i[1] >= SEQ / 2))),
+                "attention_mask" => r.mapv(|_| 0.0),
+                _ => r,
+            }
+        })
+        .collect()
+}
 
 /// The peers' quantizations, as the peer script names them.
 const FLAVOURS: [&str; 3] = ["pytorch_dynamic", "onnxruntime_dynamic", "onnxruntime_static"];
@@ -30,14 +72,14 @@ fn configs() -> [(&'static str, &'static str, qobserve::QConfig); 2] {
     ]
 }
 
-/// Calibration images (for our static configuration and ONNX Runtime's alike).
-const CALIBRATION_IMAGES: u64 = 16;
-/// Images the SQNR is measured over.
-const SQNR_IMAGES: usize = 4;
+/// Calibration items (for our static configuration and ONNX Runtime's alike), one at a time.
+const CALIBRATION_ITEMS: usize = 16;
+/// Items the SQNR is measured over.
+const SQNR_ITEMS: usize = 4;
 
 /// Whether `filter` selects the transformer rows.
 pub fn selected(filter: Option<&str>) -> bool {
-    filter.is_none_or(|f| "transformers".contains(f) || MODELS.iter().any(|(n, _)| n.contains(f)))
+    filter.is_none_or(|f| "transformers".contains(f) || MODELS.iter().any(|m| m.name.contains(f)))
 }
 
 /// Runs the transformer bench; appends records.
@@ -45,12 +87,12 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     if !selected(o.filter) {
         return Ok(());
     }
-    let modules = "torch, torchvision, onnx, onnxruntime, safetensors";
+    let modules = "torch, torchvision, transformers, onnx, onnxruntime, safetensors";
     let py = match (o.peers && o.onnxruntime).then(|| find_python_with(modules)).flatten() {
         Some(py) => py,
         None => {
             println!(
-                "\ntransformer rows skipped: ViT-B/16 is the ONNX file the peer script exports; run with --peers \
+                "\ntransformer rows skipped: the models are the ONNX files the peer script exports; run with --peers \
                  (without --isa below this CPU's best tier) and a Python with {modules}"
             );
             return Ok(());
@@ -58,19 +100,31 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     };
     let dir = root.join("target/bench-transformers");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let calib: Vec<ArrayD<f32>> = (0..CALIBRATION_IMAGES).map(|i| randn(500 + i, &[1, 3, 224, 224])).collect();
-    let calib_all = ndarray::concatenate(Axis(0), &calib.iter().map(ArrayD::view).collect::<Vec<_>>())
-        .map_err(|e| e.to_string())?;
-    let x1 = randn(8, &[1, 3, 224, 224]);
-    let xq = randn(600, &[SQNR_IMAGES, 3, 224, 224]);
-    write_tensors(&dir.join("inputs.safetensors"), &[("calib", &calib_all), ("x1", &x1), ("xq", &xq)])?;
-    for (m, _) in MODELS {
+    // Per model: the calibration items, one timed item, the SQNR items.
+    let data: Vec<[Vec<ArrayD<f32>>; 3]> = MODELS
+        .iter()
+        .enumerate()
+        .map(|(m, spec)| {
+            let s = 500 * (m as u64 + 1);
+            [items(spec, CALIBRATION_ITEMS, s), items(spec, 1, s + 8), items(spec, SQNR_ITEMS, s + 9)]
+        })
+        .collect();
+    let mut files: Vec<(String, &ArrayD<f32>)> = Vec::new();
+    for (spec, sets) in MODELS.iter().zip(&data) {
+        for (set, xs) in ["calib", "x1", "xq"].iter().zip(sets) {
+            for ((input, _), x) in spec.inputs.iter().zip(xs) {
+                files.push((format!("{}.{input}.{set}", spec.name), x));
+            }
+        }
+    }
+    write_tensors(&dir.join("inputs.safetensors"), &files.iter().map(|(n, t)| (n.as_str(), *t)).collect::<Vec<_>>())?;
+    for spec in &MODELS {
         for suffix in [".onnx", ".ort_f32.pb"] {
-            let _ = std::fs::remove_file(dir.join(format!("{m}{suffix}")));
+            let _ = std::fs::remove_file(dir.join(format!("{}{suffix}", spec.name)));
         }
     }
     let served: Vec<String> =
-        MODELS.iter().flat_map(|(m, _)| FLAVOURS.iter().map(move |f| format!("{m}/{f}"))).collect();
+        MODELS.iter().flat_map(|m| FLAVOURS.iter().map(move |f| format!("{}/{f}", m.name))).collect();
     let served_refs: Vec<&str> = served.iter().map(String::as_str).collect();
     eprintln!("transformers: the peers are exporting and quantizing (log in {})", dir.display());
     let mut peer =
@@ -87,10 +141,15 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         float_rel_err: Option<f64>,
     }
     let mut ours = Vec::new();
-    for (m, (name, _)) in MODELS.iter().enumerate() {
+    for (m, spec) in MODELS.iter().enumerate() {
+        let name = spec.name;
         let path = dir.join(format!("{name}.onnx"));
-        let imported = qonnx::load(&path, &qonnx::ImportOptions::default()).map_err(|e| e.to_string())?;
-        let reference = imported.graph.run(std::slice::from_ref(&xq)).map_err(|e| e.to_string())?.remove(0);
+        let opts = qonnx::ImportOptions {
+            input_shapes: spec.inputs.iter().map(|(n, s)| (n.to_string(), s.to_vec())).collect(),
+        };
+        let [calib, _, xq] = &data[m];
+        let imported = qonnx::load(&path, &opts).map_err(|e| format!("{name}: {e}"))?;
+        let reference = imported.graph.run(xq).map_err(|e| format!("{name}: {e}"))?.remove(0);
         let float_rel_err = match qonnx::tensor::read_pb(dir.join(format!("{name}.ort_f32.pb"))) {
             Ok(ort) if ort.shape() == reference.shape() => {
                 let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
@@ -101,14 +160,17 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         };
         for (suffix, what, qconfig) in configs() {
             // A fresh import per configuration (a graph is consumed by preparing it).
-            let graph = qonnx::load(&path, &qonnx::ImportOptions::default()).map_err(|e| e.to_string())?.graph;
+            let graph = qonnx::load(&path, &opts).map_err(|e| e.to_string())?.graph;
             let mut p =
                 qnn::prepare(graph, &qnn::QConfigMapping::new(qconfig)).map_err(|e| format!("{name}{suffix}: {e}"))?;
-            for img in &calib {
-                p.calibrate(img).map_err(|e| format!("{name}{suffix}: {e}"))?;
+            for i in 0..CALIBRATION_ITEMS {
+                let item: Vec<ArrayD<f32>> =
+                    calib.iter().map(|x| x.slice_axis(Axis(0), ndarray::Slice::from(i..i + 1)).to_owned()).collect();
+                p.calibrate_inputs(&item).map_err(|e| format!("{name}{suffix}: {e}"))?;
             }
             let q = p.convert().map_err(|e| format!("{name}{suffix}: {e}"))?;
-            let sqnr = qnn::sqnr_db(&reference, &q.forward(&xq).map_err(|e| e.to_string())?);
+            let got = q.forward_inputs(xq).map_err(|e| format!("{name}{suffix}: {e}"))?.remove(0);
+            let sqnr = qnn::sqnr_db(&reference, &got);
             ours.push(Ours { model: m, suffix, what, q, sqnr, float_rel_err });
         }
     }
@@ -123,14 +185,14 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         for (ti, &t) in o.threads.iter().enumerate() {
             for (c, om) in ours.iter_mut().enumerate() {
                 om.q.set_threads(t);
-                let q = &om.q;
+                let (q, x1) = (&om.q, &data[om.model][1]);
                 our_times[c][ti].push(median_ms(5, || {
-                    std::hint::black_box(q.forward(&x1).expect("int8 forward"));
+                    std::hint::black_box(q.forward_inputs(x1).expect("int8 forward"));
                 }));
             }
-            for (m, (name, _)) in MODELS.iter().enumerate() {
+            for (m, spec) in MODELS.iter().enumerate() {
                 for (f, flavour) in FLAVOURS.iter().enumerate() {
-                    peer_times[m][f][ti].push(peer.time(&format!("{name}/{flavour}"), t, 1)?);
+                    peer_times[m][f][ti].push(peer.time(&format!("{}/{flavour}", spec.name), t, 1)?);
                     std::thread::sleep(std::time::Duration::from_millis(300));
                 }
             }
@@ -138,14 +200,18 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     }
 
     println!(
-        "\ntransformers, 3x224x224, batch 1, same ONNX file and inputs for every side; medians of {rounds} round(s), \
-         ratios ours/peer as the median [range] of the rounds' ratios; SQNR of each side's int8 against its own float \
-         over {SQNR_IMAGES} images"
+        "\ntransformers (ViT-B/16 at 3x224x224, BERT-base at 128 tokens), batch 1, same ONNX file and inputs for every \
+         side; medians of {rounds} round(s), ratios ours/peer as the median [range] of the rounds' ratios; SQNR of \
+         each side's int8 (first output) against its own float over {SQNR_ITEMS} items; float err: our float import \
+         against ONNX Runtime's fp32 (largest difference over the largest value)"
     );
     let cols: String = FLAVOURS.iter().map(|f| format!(" {:>34}", format!("{f} ms / SQNR / ours/it"))).collect();
-    println!("{:<18} {:<22} {:>7} {:>9} {:>8}{cols}", "model", "ours", "threads", "ours ms", "SQNR dB");
+    println!(
+        "{:<26} {:<22} {:>7} {:>9} {:>8} {:>10}{cols}",
+        "model", "ours", "threads", "ours ms", "SQNR dB", "float err"
+    );
     for (c, om) in ours.iter().enumerate() {
-        let (name, gmac) = MODELS[om.model];
+        let (name, gmac) = (MODELS[om.model].name, MODELS[om.model].gmac);
         for (ti, &t) in o.threads.iter().enumerate() {
             let mine = &our_times[c][ti];
             let ms = median(mine);
@@ -174,12 +240,13 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
                 });
             }
             println!(
-                "{:<18} {:<22} {:>7} {:>9.2} {:>8.2}{cols}",
+                "{:<26} {:<22} {:>7} {:>9.2} {:>8.2} {:>10}{cols}",
                 format!("{name}{}", om.suffix),
                 om.what,
                 t,
                 ms,
-                om.sqnr
+                om.sqnr,
+                om.float_rel_err.map_or("-".into(), |e| format!("{e:.1e}"))
             );
             let one_thread = o.threads.iter().position(|&t1| t1 == 1).filter(|_| t > 1);
             let faster = peer_records.iter().min_by(|a, b| a.peer_median_ms.total_cmp(&b.peer_median_ms));
@@ -207,6 +274,5 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
             });
         }
     }
-    println!("bert_base_seq128: not benchmarked (qonnx does not import BERT yet)");
     Ok(())
 }

@@ -14,15 +14,15 @@ use crate::error::{NnError, Result};
 use crate::quant::{quantized, Run, Value};
 use crate::scratch::{self, Input};
 
-/// `a + b`, of one shape or one of them broadcast over the other's height and width.
+/// `a + b`, of one shape or of shapes that broadcast.
 pub(crate) fn add_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
-    if !super::mul::mul_shapes_fit(a.shape(), b.shape()) {
+    if super::mul::broadcast_shape(a.shape(), b.shape()).is_none() {
         return Err(NnError::Shape {
             module: name.to_string(),
             kind: "add",
             expected: format!(
-                "the other operand's shape {:?}, or one of them [n, c, 1, 1] (add a downsample branch when one \
-                 branch changes the shape)",
+                "a shape that broadcasts against the other operand's {:?} (equal sizes, or 1, aligned at the last \
+                 axis; add a downsample branch when one branch changes the shape)",
                 b.shape()
             ),
             got: a.shape().to_vec(),
@@ -102,6 +102,10 @@ impl QOp for AddOp {
             return Ok(Value::F32(y));
         }
         let [body_q, short_q, add_q] = self.params();
+        if !super::mul::mul_shapes_fit(b.shape(), s.shape()) {
+            let relu = self.relu;
+            return super::mul::broadcast_u8(b, s, add_q, move |x, y| if relu { (x + y).max(0.0) } else { x + y });
+        }
         let (bd, bs, bq) = quantized(b, body_q)?;
         let (sd, ss, sq) = quantized(s, short_q)?;
         if !super::mul::mul_shapes_fit(&bs, &ss) {
@@ -139,4 +143,45 @@ impl QOp for AddOp {
         Ok(attrs(self))
     }
     any_methods!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    /// Shapes that broadcast beyond a per-channel gate (a mask `[1, 1, 1, d]` over scores
+    /// `[2, 3, 2, d]`) add in int8 as the formula says: each operand dequantized, the sum
+    /// requantized to the output's parameters (and clamped at zero with a fused ReLU).
+    #[test]
+    fn broadcast_sums_are_the_dequantized_sum_requantized() {
+        let (qa, qb, qo) = (
+            QuantU8 { scale: 0.05, zero_point: 120 },
+            QuantU8 { scale: 0.2, zero_point: 250 },
+            QuantU8 { scale: 0.1, zero_point: 200 },
+        );
+        let a = ArrayD::from_shape_fn(IxDyn(&[2, 3, 2, 5]), |i| {
+            ((i[0] * 31 + i[1] * 7 + i[2] * 3 + i[3]) % 23) as f32 * 0.2 - 2.0
+        });
+        let b = ArrayD::from_shape_fn(IxDyn(&[1, 1, 1, 5]), |i| if i[3] % 2 == 0 { -30.0 } else { 0.5 });
+        let run = Run { threads: 1, max_activation_bytes: crate::quant::DEFAULT_MAX_ACTIVATION_BYTES };
+        for relu in [false, true] {
+            let op = AddOp { relu, ..AddOp::new([qa, qb], qo, true) };
+            let (va, vb) = (Value::quantize(a.view(), qa).unwrap(), Value::quantize(b.view(), qb).unwrap());
+            let (da, db) = (va.clone().into_f32(), vb.clone().into_f32());
+            let mut args = vec![va, vb];
+            let got = op.run(&mut args, qa, run).unwrap();
+            assert_eq!(got.shape(), &[2, 3, 2, 5]);
+            let want = ArrayD::from_shape_fn(IxDyn(&[2, 3, 2, 5]), |i| {
+                let s = da[[i[0], i[1], i[2], i[3]]] + db[[0, 0, 0, i[3]]];
+                if relu {
+                    s.max(0.0)
+                } else {
+                    s
+                }
+            });
+            let want = Value::quantize(want.view(), qo).unwrap().into_f32();
+            assert_eq!(got.into_f32(), want, "relu {relu}");
+        }
+    }
 }

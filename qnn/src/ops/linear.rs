@@ -226,25 +226,18 @@ impl QOp for LinearOp {
 
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
         let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
-        let data = Input::new(data);
         let n = self.packed.weights().n();
         let k = self.packed.weights().k();
-        // Rows of features: [batch, features] or [batch, tokens, features] (row-major in
-        // int8); a 4-D int8 value is an image, stored NHWC, whose last logical dimension is
-        // not contiguous.
-        if shape.len() == 4 {
-            return Err(shape_error(
-                "Linear",
-                format!("a 2-D [batch, {k}] or 3-D [batch, tokens, {k}] input (put a Flatten before it for images)"),
-                &shape,
-            ));
-        }
+        // Rows of features, the last axis: row-major in int8 but for 4-D values, stored NHWC,
+        // which are read in logical order and written back.
+        let data = Input::new(super::shape::logical_vec(data, &shape));
         let (m, out_shape) = rows_of("Linear", &shape, k, n)?;
         let mut y = out_buf(&out_shape, run, "Linear")?;
         let a = QMatrix { data: &data, m, k, lda: k, scale: q.scale, zero_point: q.zero_point };
         self.packed
             .forward(&a, GemmOutput::U8 { data: &mut y, ldc: n, quant: self.out }, run.threads)
             .map_err(op_err)?;
+        let y = super::shape::stored_vec(y, &out_shape);
         Ok(Value::U8 {
             data: y,
             shape: out_shape,

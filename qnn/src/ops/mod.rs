@@ -99,6 +99,7 @@ pub mod add;
 pub mod batchnorm;
 pub mod cat;
 pub mod conv;
+pub mod embedding;
 pub mod fallback;
 pub mod konst;
 pub mod layernorm;
@@ -408,6 +409,7 @@ pub(crate) const BUILTIN_LAYERS: &[&[(&str, LayerLoader)]] = &[
     layernorm::LAYERS,
     scalar::LAYERS,
     konst::LAYERS,
+    embedding::LAYERS,
     batchnorm::LAYERS,
     stubs::LAYERS,
 ];

@@ -18,6 +18,39 @@ pub(crate) fn gate(big: &[usize], small: &[usize]) -> bool {
     big.len() == 4 && small.len() == 4 && big[..2] == small[..2] && small[2] == 1 && small[3] == 1
 }
 
+/// The shape of `a` and `b` broadcast together as NumPy does (aligned at the last axis; each
+/// pair of sizes equal, or one of them 1, or missing), or `None` when they do not broadcast.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    (0..rank)
+        .map(|i| {
+            let da = (i + a.len()).checked_sub(rank).map_or(1, |k| a[k]);
+            let db = (i + b.len()).checked_sub(rank).map_or(1, |k| b[k]);
+            match (da, db) {
+                (x, y) if x == y => Some(x),
+                (1, y) => Some(y),
+                (x, 1) => Some(x),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// `f` of two values of any shapes that broadcast ([`broadcast_shape`]), on their float
+/// values: what the int8 forms compute when neither operand is the other's shape or a
+/// per-channel gate of it (an attention mask `[n, 1, 1, s]` added to scores
+/// `[n, heads, s, s]`), quantized to `out_q`.
+pub(crate) fn broadcast_u8(a: Value, b: Value, out_q: QuantU8, f: impl Fn(f32, f32) -> f32) -> Result<Value> {
+    let (a, b) = (a.into_f32(), b.into_f32());
+    let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| shape_err(a.shape(), b.shape(), ""))?;
+    let (a, b) = (
+        a.broadcast(shape.as_slice()).expect("broadcast shape"),
+        b.broadcast(shape.as_slice()).expect("broadcast shape"),
+    );
+    let y = ndarray::Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y));
+    Value::quantize(y.view(), out_q).map_err(op_err)
+}
+
 /// Whether `a` and `b` multiply: the same shape, or one of them a per-channel gate of the
 /// other.
 pub(crate) fn mul_shapes_fit(a: &[usize], b: &[usize]) -> bool {
@@ -29,15 +62,16 @@ fn shape_err(a: &[usize], b: &[usize], name: &str) -> NnError {
         module: name.to_string(),
         kind: "mul",
         expected: format!(
-            "a second operand of the first's shape {a:?}, or one of them [n, c, 1, 1] to scale each channel"
+            "a second operand whose shape broadcasts against the first's {a:?} (equal sizes, or 1, aligned at \
+             the last axis)"
         ),
         got: b.to_vec(),
     }
 }
 
-/// `a * b`, of one shape or one of them broadcast over the other's height and width.
+/// `a * b`, of one shape or of shapes that broadcast.
 pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
-    if !mul_shapes_fit(a.shape(), b.shape()) {
+    if broadcast_shape(a.shape(), b.shape()).is_none() {
         return Err(shape_err(a.shape(), b.shape(), name));
     }
     if a.shape() == b.shape() {
@@ -79,6 +113,9 @@ impl QOp for MulOp {
             return Ok(Value::F32(mul_f32(&a.into_f32(), &b.into_f32(), "")?));
         }
         let [qa, qb, out_q] = self.params();
+        if !mul_shapes_fit(a.shape(), b.shape()) {
+            return broadcast_u8(a, b, out_q, |x, y| x * y);
+        }
         let (ad, ashape, aq) = quantized(a, qa)?;
         let (bd, bshape, bq) = quantized(b, qb)?;
         let (ad, bd) = (Input::new(ad), Input::new(bd));

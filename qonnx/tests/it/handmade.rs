@@ -541,3 +541,54 @@ fn constants_beside_computed_values_are_checked() {
     let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
     assert!(e.contains("'take'") && e.contains("one constant index"), "{e}");
 }
+
+/// Token ids (an INT64 input, given as f32 values) pick rows of an embedding table (`Gather`
+/// of a constant by computed indices), and an additive mask `[n, 1, 1, d]` is broadcast over
+/// `[n, 1, t, d]` (`Add` of two computed values whose shapes broadcast), at batch 1 and 2; a
+/// token id that is not a whole number of the table's rows is an error naming the node.
+#[test]
+fn token_ids_embed_and_masks_broadcast() {
+    let typed = |name: &str, elem: i32, dims: &[Option<i64>]| {
+        let mut v = value(name, dims);
+        v.r#type.as_mut().unwrap().tensor_type.as_mut().unwrap().elem_type = Some(elem);
+        v
+    };
+    let table: Vec<f32> = (0..10).map(|k| k as f32 * 0.5 - 1.0).collect();
+    let bytes = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        graph: Some(GraphProto {
+            node: vec![
+                node("Gather", "embed", &["table", "ids"], &["e"], vec![int("axis", 0)]),
+                node("Unsqueeze", "heads", &["e", "axes1"], &["e4"], vec![]),
+                node("Add", "masked", &["e4", "mask"], &["y"], vec![]),
+            ],
+            name: Some("g".into()),
+            initializer: vec![floats("table", &[5, 2], table.clone()), int64s("axes1", vec![1])],
+            input: vec![
+                typed("ids", data_type::INT64, &[None, Some(3)]),
+                typed("mask", data_type::FLOAT, &[None, Some(1), Some(1), Some(2)]),
+            ],
+            output: vec![value("y", &[])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    for n in [1usize, 2] {
+        let ids = ArrayD::from_shape_fn(IxDyn(&[n, 3]), |i| ((i[0] * 3 + i[1] * 2) % 5) as f32);
+        let mask = ArrayD::from_shape_fn(IxDyn(&[n, 1, 1, 2]), |i| if i[0] == 1 && i[3] == 1 { -100.0 } else { 0.0 });
+        let y = m.graph.run(&[ids.clone(), mask.clone()]).unwrap().remove(0);
+        assert_eq!(y.shape(), &[n, 1, 3, 2]);
+        for ((b, _, t, d), v) in y.indexed_iter().map(|(i, v)| ((i[0], i[1], i[2], i[3]), *v)) {
+            let row = ids[[b, t]] as usize;
+            assert_eq!(v, table[row * 2 + d] + mask[[b, 0, 0, d]], "batch {b}, token {t}, feature {d}");
+        }
+    }
+    for bad in [5.0f32, 1.5] {
+        let ids = ArrayD::from_shape_vec(IxDyn(&[1, 3]), vec![0.0, bad, 1.0]).unwrap();
+        let e = m.graph.run(&[ids, ArrayD::zeros(IxDyn(&[1, 1, 1, 2]))]).unwrap_err().to_string();
+        assert!(e.contains("embed") && e.contains(&bad.to_string()) && e.contains("5 rows"), "{e}");
+    }
+}
