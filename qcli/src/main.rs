@@ -217,7 +217,8 @@ fn single_input(m: &qonnx::Imported) -> Result<Vec<usize>, String> {
     match m.inputs.as_slice() {
         [one] => Ok(one.shape.clone()),
         more => Err(format!(
-            "the model has {} inputs ({}); the command line feeds models of one input",
+            "the model has {} inputs ({}); the command line feeds models of one input (from Rust, qonnx::load \
+             and QuantizedModel::forward_inputs take several)",
             more.len(),
             more.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
         )),
