@@ -545,7 +545,8 @@ fn constants_beside_computed_values_are_checked() {
 /// Token ids (an INT64 input, given as f32 values) pick rows of an embedding table (`Gather`
 /// of a constant by computed indices), and an additive mask `[n, 1, 1, d]` is broadcast over
 /// `[n, 1, t, d]` (`Add` of two computed values whose shapes broadcast), at batch 1 and 2; a
-/// token id that is not a whole number of the table's rows is an error naming the node.
+/// mask that does not broadcast, or a token id that is not a whole number of the table's
+/// rows, is an error naming the node (and the shapes).
 #[test]
 fn token_ids_embed_and_masks_broadcast() {
     let typed = |name: &str, elem: i32, dims: &[Option<i64>]| {
@@ -586,6 +587,10 @@ fn token_ids_embed_and_masks_broadcast() {
             assert_eq!(v, table[row * 2 + d] + mask[[b, 0, 0, d]], "batch {b}, token {t}, feature {d}");
         }
     }
+    // A mask of the wrong shape names the node and both shapes.
+    let ids = ArrayD::from_shape_vec(IxDyn(&[1, 3]), vec![0.0, 1.0, 2.0]).unwrap();
+    let e = m.graph.run(&[ids, ArrayD::zeros(IxDyn(&[1, 1, 1, 3]))]).unwrap_err().to_string();
+    assert!(e.contains("masked") && e.contains("[1, 1, 3, 2]") && e.contains("[1, 1, 1, 3]"), "{e}");
     for bad in [5.0f32, 1.5] {
         let ids = ArrayD::from_shape_vec(IxDyn(&[1, 3]), vec![0.0, bad, 1.0]).unwrap();
         let e = m.graph.run(&[ids, ArrayD::zeros(IxDyn(&[1, 1, 1, 2]))]).unwrap_err().to_string();
