@@ -127,6 +127,59 @@ fn image(path: &Path, p: &ImagePrep) -> Result<ArrayD<f32>, String> {
     }))
 }
 
+/// Reads the inputs of a model with several (`names`, in its order) from an `.npz` holding
+/// one array `[N, ...]` per input, named as the input (`numpy.savez(path, input_ids=...,
+/// attention_mask=...)`); integer arrays (token ids) are read as `f32` values, exact up to
+/// 2^24. Every array must hold the same number of items.
+pub fn read_inputs(path: &Path, names: &[String]) -> Result<Vec<ArrayD<f32>>, String> {
+    let shown = path.display();
+    let hint = || {
+        format!(
+            "the model has {} inputs ({}): give an .npz with one array [N, ...] per input, named as the inputs \
+             (numpy.savez(path, {}))",
+            names.len(),
+            names.join(", "),
+            names.iter().map(|n| format!("{n}=...")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    if path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() != Some("npz") {
+        return Err(format!("{shown}: {}", hint()));
+    }
+    let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
+    let mut z = NpzReader::new(f).map_err(|e| format!("{shown}: {e}"))?;
+    let have = z.names().map_err(|e| format!("{shown}: {e}"))?;
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        if !have.contains(n) {
+            return Err(format!("{shown}: no array '{n}' (it holds {}); {}", have.join(", "), hint()));
+        }
+        let a = match z.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(n) {
+            Ok(a) => a,
+            Err(_) => match z.by_name::<ndarray::OwnedRepr<i64>, ndarray::IxDyn>(n) {
+                Ok(a) => a.mapv(|v| v as f32),
+                Err(_) => z
+                    .by_name::<ndarray::OwnedRepr<i32>, ndarray::IxDyn>(n)
+                    .map(|a| a.mapv(|v| v as f32))
+                    .map_err(|e| format!("{shown}: array '{n}': {e} (qrust reads float32, int64 and int32 arrays)"))?,
+            },
+        };
+        out.push(a);
+    }
+    let items: Vec<usize> = out.iter().map(|a| a.shape().first().copied().unwrap_or(0)).collect();
+    if items.windows(2).any(|w| w[0] != w[1]) {
+        return Err(format!(
+            "{shown}: the arrays hold different numbers of items ({items:?} for {})",
+            names.join(", ")
+        ));
+    }
+    Ok(out)
+}
+
+/// Items `start..end` (along axis 0) of each input.
+pub fn items(xs: &[ArrayD<f32>], start: usize, end: usize) -> Vec<ArrayD<f32>> {
+    xs.iter().map(|a| a.slice_axis(Axis(0), ndarray::Slice::from(start..end)).to_owned()).collect()
+}
+
 /// Writes an array as `.npy`.
 pub fn write_npy(path: &Path, a: &ArrayD<f32>) -> Result<(), String> {
     use ndarray_npy::WriteNpyExt;

@@ -51,7 +51,9 @@ enum Cmd {
         /// The ONNX float model.
         model: PathBuf,
         /// Calibration data: .npy / .npz arrays [N, ...], an image, or a folder of images
-        /// (not needed when every quantized layer is dynamic: a `dynamic*` preset).
+        /// (not needed when every quantized layer is dynamic: a `dynamic*` preset). A model of
+        /// several inputs takes an .npz of one array per input, named as the inputs (integer
+        /// token ids are read as f32).
         #[arg(long)]
         calib: Option<PathBuf>,
         /// Where the int8 model goes (default: next to the model, `<name>.int8.safetensors`).
@@ -80,10 +82,11 @@ enum Cmd {
     Run {
         /// The int8 model (`.safetensors`), or an ONNX float model (`.onnx`).
         model: PathBuf,
-        /// The input: .npy / .npz, an image, or a folder of images.
+        /// The input: .npy / .npz, an image, or a folder of images; for a model of several
+        /// inputs, an .npz of one array per input, named as the inputs.
         #[arg(long)]
         input: PathBuf,
-        /// Write the output here as .npy.
+        /// Write the output (the first, of models with several) here as .npy.
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Print the indices and values of the `top` largest outputs of each item.
@@ -313,7 +316,6 @@ fn quantize(
     let (output, config, batch_size, threads) = (o.output.clone(), o.config.as_deref(), o.batch_size, o.threads);
     let t0 = Instant::now();
     let m = import(path, shape)?;
-    let in_shape = single_input(&m)?;
     let mut by_op: HashMap<String, Vec<String>> = HashMap::new();
     for (_, op, nodes) in &m.nodes {
         by_op.entry(op.clone()).or_default().extend(nodes.iter().cloned());
@@ -332,6 +334,46 @@ fn quantize(
         m.opset,
         t0.elapsed().as_secs_f64()
     );
+    // A model of several inputs (token ids, a mask) calibrates on an .npz of one array per
+    // input, batch by batch.
+    if m.inputs.len() > 1 {
+        let names: Vec<String> = m.inputs.iter().map(|i| i.name.clone()).collect();
+        let xs = match calib {
+            Some(c) => data::read_inputs(c, &names)?,
+            None => Vec::new(),
+        };
+        for (x, i) in xs.iter().zip(&m.inputs) {
+            if x.shape().get(1..) != i.shape.get(1..) {
+                return Err(format!(
+                    "calibration array '{}' has items of shape {:?}; the model's input is {:?}",
+                    i.name,
+                    x.shape().get(1..).unwrap_or(&[]),
+                    i.shape.get(1..).unwrap_or(&[])
+                ));
+            }
+        }
+        let n = xs.first().map_or(0, |x| x.shape()[0]);
+        if calib.is_some() && n == 0 {
+            return Err(format!(
+                "{}: no calibration items",
+                calib.map(|c| c.display().to_string()).unwrap_or_default()
+            ));
+        }
+        let t1 = Instant::now();
+        let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
+        for start in (0..n).step_by(batch_size.max(1)) {
+            let batch = data::items(&xs, start, (start + batch_size.max(1)).min(n));
+            prepared.calibrate_inputs(&batch).map_err(|e| e.to_string())?;
+        }
+        let q = prepared.convert().map_err(|e| e.to_string())?;
+        say!("calibrated on {n} items of {} inputs, converted in {:.2} s", names.len(), t1.elapsed().as_secs_f64());
+        print_plan(&q);
+        let out = output.unwrap_or_else(|| path.with_extension("int8.safetensors"));
+        q.save(&out).map_err(|e| e.to_string())?;
+        say!("saved {}", out.display());
+        return Ok(());
+    }
+    let in_shape = single_input(&m)?;
     let batches = match calib {
         Some(calib) => {
             let batches = data::batches(calib, batch_size, &images.prep(Some(&in_shape))?)?;
@@ -475,9 +517,11 @@ fn run_model(
     };
     let (y, ms) = if is_onnx(path) {
         let m = import(path, shape)?;
-        let s = single_input(&m)?;
-        let x = load_data(input, Some(&s), images)?;
-        let xs = [x];
+        let xs = if m.inputs.len() > 1 {
+            data::read_inputs(input, &m.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>())?
+        } else {
+            vec![load_data(input, Some(&single_input(&m)?), images)?]
+        };
         timed(&mut || {
             let ys = qnn::qkernels::with_threads(threads.max(1), || m.graph.run(&xs)).map_err(|e| e.to_string())?;
             ys.into_iter().next().ok_or_else(|| "the model has no output".to_string())
@@ -486,12 +530,23 @@ fn run_model(
         let mut q = QuantizedModel::load(path).map_err(|e| e.to_string())?;
         q.set_threads(threads.max(1));
         // An int8 model does not declare its input size: images take --crop (224 by default).
-        let x = load_data(input, None, images)?;
+        let xs = if q.input_names().len() > 1 {
+            data::read_inputs(input, q.input_names())?
+        } else {
+            vec![load_data(input, None, images)?]
+        };
         if profile {
-            let nodes = q.profile(std::slice::from_ref(&x), repeat.max(1)).map_err(|e| e.to_string())?;
+            let nodes = q.profile(&xs, repeat.max(1)).map_err(|e| e.to_string())?;
             print_profile(&nodes, repeat.max(1));
         }
-        timed(&mut || q.forward(&x).map_err(|e| e.to_string()))?
+        // The first output, of models with several.
+        timed(&mut || {
+            q.forward_inputs(&xs)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .next()
+                .ok_or_else(|| "the model has no output".to_string())
+        })?
     };
     let how = if repeat > 1 { format!("median of {} runs", repeat - 1) } else { "one run".to_string() };
     say!("output {:?} in {ms:.2} ms ({how}, {threads} thread(s))", y.shape());

@@ -122,3 +122,119 @@ fn mistakes_are_errors_that_say_what_to_do() {
     assert!(text(&o).contains("the model has no LRN node") && text(&o).contains("Conv"), "{}", text(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A model of two inputs, token ids (INT64) looked up in a table and an additive mask: an .npz
+/// of one array per input, named as the inputs (the ids as int64), calibrates, runs the int8
+/// model and the float one; a lone .npy or a missing array is an error that says what to give.
+#[test]
+fn models_of_several_inputs_take_an_npz_by_input_name() {
+    use ndarray::{ArrayD, IxDyn};
+    use prost::Message;
+    use qonnx::proto::{
+        data_type, Dimension, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+        TypeProto, TypeTensor, ValueInfoProto,
+    };
+    let dir = scratch("inputs");
+    let value = |name: &str, elem: i32, dims: &[Option<i64>]| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeTensor {
+                elem_type: Some(elem),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| match d {
+                            Some(v) => Dimension { dim_value: Some(*v), ..Default::default() },
+                            None => Dimension { dim_param: Some("batch".into()), ..Default::default() },
+                        })
+                        .collect(),
+                }),
+            }),
+            denotation: None,
+        }),
+        doc_string: None,
+    };
+    let node = |op: &str, name: &str, inputs: &[&str], out: &str| NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        name: Some(name.into()),
+        op_type: Some(op.into()),
+        ..Default::default()
+    };
+    let table = TensorProto {
+        dims: vec![6, 4],
+        data_type: Some(data_type::FLOAT),
+        float_data: (0..24).map(|k| k as f32 * 0.25 - 3.0).collect(),
+        name: Some("table".into()),
+        ..Default::default()
+    };
+    let w = TensorProto {
+        dims: vec![4, 3],
+        data_type: Some(data_type::FLOAT),
+        float_data: (0..12).map(|k| (k % 5) as f32 * 0.3 - 0.6).collect(),
+        name: Some("w".into()),
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        graph: Some(GraphProto {
+            node: vec![
+                node("Gather", "embed", &["table", "ids"], "e"),
+                node("Add", "masked", &["e", "mask"], "m"),
+                node("MatMul", "proj", &["m", "w"], "y"),
+            ],
+            name: Some("g".into()),
+            initializer: vec![table, w],
+            input: vec![
+                value("ids", data_type::INT64, &[None, Some(5)]),
+                value("mask", data_type::FLOAT, &[None, Some(1), Some(4)]),
+            ],
+            output: vec![value("y", data_type::FLOAT, &[])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let onnx = dir.join("tokens.onnx");
+    std::fs::write(&onnx, model.encode_to_vec()).unwrap();
+    let npz = |path: &std::path::Path, n: usize, with_mask: bool| {
+        let mut z = ndarray_npy::NpzWriter::new(std::fs::File::create(path).unwrap());
+        let ids = ArrayD::from_shape_fn(IxDyn(&[n, 5]), |i| ((i[0] * 5 + i[1] * 2) % 6) as i64);
+        z.add_array("ids", &ids).unwrap();
+        if with_mask {
+            let mask = ArrayD::from_shape_fn(IxDyn(&[n, 1, 4]), |i| if (i[0] + i[2]) % 3 == 0 { -1.0f32 } else { 0.0 });
+            z.add_array("mask", &mask).unwrap();
+        }
+        z.finish().unwrap();
+    };
+    let (calib, input, partial) = (dir.join("calib.npz"), dir.join("x.npz"), dir.join("partial.npz"));
+    npz(&calib, 8, true);
+    npz(&input, 2, true);
+    npz(&partial, 2, false);
+    let int8 = dir.join("tokens.int8.safetensors");
+    let (onnx, int8s) = (onnx.to_str().unwrap(), int8.to_str().unwrap());
+    let o = qrust(&["quantize", onnx, "--calib", calib.to_str().unwrap(), "-o", int8s]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("calibrated on 8 items of 2 inputs"), "{}", text(&o));
+    let (yq, yf) = (dir.join("yq.npy"), dir.join("yf.npy"));
+    let o = qrust(&["run", int8s, "--input", input.to_str().unwrap(), "-o", yq.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o).contains("output [2, 5, 3]"), "{}", text(&o));
+    let o = qrust(&["run", onnx, "--input", input.to_str().unwrap(), "-o", yf.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let read = |p: &std::path::Path| -> ArrayD<f32> {
+        ndarray_npy::ReadNpyExt::read_npy(std::fs::File::open(p).unwrap()).unwrap()
+    };
+    let (q, f) = (read(&yq), read(&yf));
+    let noise: f32 = q.iter().zip(&f).map(|(a, b)| (a - b) * (a - b)).sum();
+    let db = 10.0 * (f.iter().map(|a| a * a).sum::<f32>() / noise).log10();
+    assert!(db > 30.0, "int8 against float: {db:.1} dB");
+    let o = qrust(&["run", int8s, "--input", partial.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && text(&o).contains("no array 'mask'") && text(&o).contains("mask=..."),
+        "{}",
+        text(&o)
+    );
+    let o = qrust(&["run", int8s, "--input", yq.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("the model has 2 inputs (ids, mask)"), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1318,6 +1318,11 @@ pub(crate) fn out_buf(dims: &[usize], run: Run, kind: &str) -> Result<Vec<u8>> {
 }
 
 impl QuantizedModel {
+    /// The model's inputs' names, in the order [`QuantizedModel::forward_inputs`] takes them.
+    pub fn input_names(&self) -> &[String] {
+        &self.graph.input_names
+    }
+
     /// Threads one call runs on (default 1: one call, one core; serve concurrent requests
     /// from several threads instead, or raise this for the lowest latency of a single call).
     /// A forward pass runs on a pool of this many threads, entered once per call. A batch of
