@@ -91,7 +91,7 @@ impl QOp for AddOp {
     fn op_name(&self) -> &'static str {
         OP.0
     }
-    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
         let s = args.pop().expect("two inputs");
         let b = args.pop().expect("two inputs");
         if !self.int8 {
@@ -104,7 +104,8 @@ impl QOp for AddOp {
         let [body_q, short_q, add_q] = self.params();
         if !super::mul::mul_shapes_fit(b.shape(), s.shape()) {
             let relu = self.relu;
-            return super::mul::broadcast_u8(b, s, add_q, move |x, y| if relu { (x + y).max(0.0) } else { x + y });
+            let add = |x: &[u8], qx, y: &[u8], qy, o: &mut [u8]| qkernels::add(x, qx, y, qy, o, add_q, relu);
+            return super::mul::broadcast_u8((b, body_q), (s, short_q), add_q, add, run);
         }
         let (bd, bs, bq) = quantized(b, body_q)?;
         let (sd, ss, sq) = quantized(s, short_q)?;
@@ -151,37 +152,30 @@ mod tests {
     use ndarray::IxDyn;
 
     /// Shapes that broadcast beyond a per-channel gate (a mask `[1, 1, 1, d]` over scores
-    /// `[2, 3, 2, d]`) add in int8 as the formula says: each operand dequantized, the sum
-    /// requantized to the output's parameters (and clamped at zero with a fused ReLU).
+    /// `[2, 3, 2, d]`) add in int8 as the same-shape addition of the mask repeated to the
+    /// scores' shape does (`qkernels::add`, PyTorch's quantized add), a fused ReLU included.
     #[test]
-    fn broadcast_sums_are_the_dequantized_sum_requantized() {
+    fn broadcast_sums_are_the_same_shape_sum_of_repeated_codes() {
         let (qa, qb, qo) = (
             QuantU8 { scale: 0.05, zero_point: 120 },
             QuantU8 { scale: 0.2, zero_point: 250 },
             QuantU8 { scale: 0.1, zero_point: 200 },
         );
-        let a = ArrayD::from_shape_fn(IxDyn(&[2, 3, 2, 5]), |i| {
+        let shape = [2, 3, 2, 5];
+        let a = ArrayD::from_shape_fn(IxDyn(&shape), |i| {
             ((i[0] * 31 + i[1] * 7 + i[2] * 3 + i[3]) % 23) as f32 * 0.2 - 2.0
         });
         let b = ArrayD::from_shape_fn(IxDyn(&[1, 1, 1, 5]), |i| if i[3] % 2 == 0 { -30.0 } else { 0.5 });
+        let b_full = ArrayD::from_shape_fn(IxDyn(&shape), |i| b[[0, 0, 0, i[3]]]);
         let run = Run { threads: 1, max_activation_bytes: crate::quant::DEFAULT_MAX_ACTIVATION_BYTES };
         for relu in [false, true] {
             let op = AddOp { relu, ..AddOp::new([qa, qb], qo, true) };
-            let (va, vb) = (Value::quantize(a.view(), qa).unwrap(), Value::quantize(b.view(), qb).unwrap());
-            let (da, db) = (va.clone().into_f32(), vb.clone().into_f32());
-            let mut args = vec![va, vb];
+            let mut args = vec![Value::quantize(a.view(), qa).unwrap(), Value::quantize(b.view(), qb).unwrap()];
             let got = op.run(&mut args, qa, run).unwrap();
-            assert_eq!(got.shape(), &[2, 3, 2, 5]);
-            let want = ArrayD::from_shape_fn(IxDyn(&[2, 3, 2, 5]), |i| {
-                let s = da[[i[0], i[1], i[2], i[3]]] + db[[0, 0, 0, i[3]]];
-                if relu {
-                    s.max(0.0)
-                } else {
-                    s
-                }
-            });
-            let want = Value::quantize(want.view(), qo).unwrap().into_f32();
-            assert_eq!(got.into_f32(), want, "relu {relu}");
+            assert_eq!(got.shape(), &shape);
+            let mut args = vec![Value::quantize(a.view(), qa).unwrap(), Value::quantize(b_full.view(), qb).unwrap()];
+            let want = op.run(&mut args, qa, run).unwrap();
+            assert_eq!(got.into_f32(), want.into_f32(), "relu {relu}");
         }
     }
 }

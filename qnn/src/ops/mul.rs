@@ -36,19 +36,63 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
         .collect()
 }
 
-/// `f` of two values of any shapes that broadcast ([`broadcast_shape`]), on their float
-/// values: what the int8 forms compute when neither operand is the other's shape or a
-/// per-channel gate of it (an attention mask `[n, 1, 1, s]` added to scores
-/// `[n, heads, s, s]`), quantized to `out_q`.
-pub(crate) fn broadcast_u8(a: Value, b: Value, out_q: QuantU8, f: impl Fn(f32, f32) -> f32) -> Result<Value> {
-    let (a, b) = (a.into_f32(), b.into_f32());
+/// `codes` (logical row-major, of shape `from`) repeated to `to`, which `from` broadcasts to
+/// (aligned at the last axis): row by row along the last axis, each row copied or, where the
+/// last axis broadcasts, filled.
+pub(crate) fn expand_codes(codes: &[u8], from: &[usize], to: &[usize]) -> Vec<u8> {
+    let rank = to.len();
+    // `from`'s sizes aligned to `to`'s rank, and its row-major strides (0 where broadcast).
+    let dims: Vec<usize> = (0..rank).map(|i| (i + from.len()).checked_sub(rank).map_or(1, |k| from[k])).collect();
+    let mut strides = vec![0usize; rank];
+    let mut acc = 1;
+    for i in (0..rank).rev() {
+        strides[i] = if dims[i] == 1 { 0 } else { acc };
+        acc *= dims[i];
+    }
+    let last = to.last().copied().unwrap_or(1);
+    let rows = to.iter().product::<usize>() / last.max(1);
+    let mut out = scratch::take(rows * last);
+    for (r, dst) in out.chunks_exact_mut(last.max(1)).enumerate().take(rows) {
+        // The source offset of row r: its index along every axis but the last.
+        let (mut rem, mut off) = (r, 0);
+        for i in (0..rank.saturating_sub(1)).rev() {
+            off += (rem % to[i]) * strides[i];
+            rem /= to[i];
+        }
+        if dims[rank - 1] == 1 {
+            dst.fill(codes[off]);
+        } else {
+            dst.copy_from_slice(&codes[off..off + last]);
+        }
+    }
+    out
+}
+
+/// Two `u8` values whose shapes broadcast beyond a per-channel gate (an attention mask
+/// `[n, 1, 1, s]` added to scores `[n, heads, s, s]`): each operand's codes repeated to the
+/// broadcast shape, then `kernel` on operands of one shape (`qkernels::add`, `mul`), as the
+/// same-shape int8 forms compute.
+pub(crate) fn broadcast_u8(
+    (a, qa): (Value, QuantU8),
+    (b, qb): (Value, QuantU8),
+    out_q: QuantU8,
+    kernel: impl Fn(&[u8], QuantU8, &[u8], QuantU8, &mut [u8]) -> qtensor::Result<()>,
+    run: Run,
+) -> Result<Value> {
     let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| shape_err(a.shape(), b.shape(), ""))?;
-    let (a, b) = (
-        a.broadcast(shape.as_slice()).expect("broadcast shape"),
-        b.broadcast(shape.as_slice()).expect("broadcast shape"),
-    );
-    let y = ndarray::Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y));
-    Value::quantize(y.view(), out_q).map_err(op_err)
+    crate::quant::budget(&shape, 1, run, "broadcast")?;
+    let (ad, ashape, aq) = quantized(a, qa)?;
+    let (bd, bshape, bq) = quantized(b, qb)?;
+    let expand = |d: Vec<u8>, s: &[usize]| {
+        let logical = super::shape::logical_vec(d, s);
+        let e = expand_codes(&logical, s, &shape);
+        scratch::give(logical);
+        Input::new(e)
+    };
+    let (ae, be) = (expand(ad, &ashape), expand(bd, &bshape));
+    let mut y = scratch::take(ae.len());
+    kernel(&ae, aq, &be, bq, &mut y).map_err(op_err)?;
+    Ok(Value::U8 { data: super::shape::stored_vec(y, &shape), shape, q: out_q })
 }
 
 /// Whether `a` and `b` multiply: the same shape, or one of them a per-channel gate of the
@@ -106,7 +150,7 @@ impl QOp for MulOp {
     fn op_name(&self) -> &'static str {
         OP.0
     }
-    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
         let b = args.pop().expect("two inputs");
         let a = args.pop().expect("two inputs");
         if !self.int8 {
@@ -114,7 +158,8 @@ impl QOp for MulOp {
         }
         let [qa, qb, out_q] = self.params();
         if !mul_shapes_fit(a.shape(), b.shape()) {
-            return broadcast_u8(a, b, out_q, |x, y| x * y);
+            let mul = |x: &[u8], qx, y: &[u8], qy, o: &mut [u8]| qkernels::mul(x, qx, y, qy, o, out_q);
+            return broadcast_u8((a, qa), (b, qb), out_q, mul, run);
         }
         let (ad, ashape, aq) = quantized(a, qa)?;
         let (bd, bshape, bq) = quantized(b, qb)?;
@@ -149,4 +194,31 @@ impl QOp for MulOp {
         Ok(attrs(self))
     }
     any_methods!();
+}
+
+#[cfg(test)]
+mod broadcast_tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    /// Repeated codes equal NumPy's broadcast of the same values, for axes broadcast in front,
+    /// in the middle and last, and ranks that differ.
+    #[test]
+    fn expanded_codes_follow_numpy_broadcasting() {
+        for (from, to) in [
+            (vec![2, 1, 3], vec![2, 4, 3]),
+            (vec![3, 1], vec![2, 3, 4]),
+            (vec![1, 1, 1, 5], vec![2, 3, 2, 5]),
+            (vec![4], vec![3, 4]),
+        ] {
+            let n: usize = from.iter().product();
+            let codes: Vec<u8> = (0..n).map(|k| (k * 37 % 251) as u8).collect();
+            let a = ArrayD::from_shape_vec(IxDyn(&from), codes.clone()).unwrap();
+            let want: Vec<u8> = a.broadcast(to.as_slice()).unwrap().iter().copied().collect();
+            assert_eq!(broadcast_shape(&from, &to), Some(to.clone()));
+            assert_eq!(expand_codes(&codes, &from, &to), want, "{from:?} -> {to:?}");
+        }
+        assert_eq!(broadcast_shape(&[2, 3], &[3, 2]), None);
+        assert_eq!(broadcast_shape(&[1, 3], &[5, 1, 1]), Some(vec![5, 1, 3]));
+    }
 }
