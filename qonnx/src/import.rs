@@ -927,12 +927,9 @@ impl Importer {
                     "Mul" => self.b.mul(&name, a.t, b.t)?,
                     _ => return Err(cx.err("of two computed values is not supported (only Add, Sum and Mul are)")),
                 };
-                // The batch axis of the operand as long as the output (ranks may differ).
-                let batch_axis = [&a, &b]
-                    .iter()
-                    .filter(|v| v.shape.len() == shape.len())
-                    .find_map(|v| v.batch_axis)
-                    .or(a.batch_axis.or(b.batch_axis).filter(|_| a.shape.len() == b.shape.len()));
+                // The batch axis of an operand of the output's rank (ranks may differ; the
+                // output's is the larger).
+                let batch_axis = [&a, &b].iter().filter(|v| v.shape.len() == shape.len()).find_map(|v| v.batch_axis);
                 Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis })])
             }
             (Val::Node(x), Val::Const(k)) if is_image_const(&k, &x) => self.image_const(cx, &op, &x, &k, false),

@@ -52,7 +52,7 @@ fn tanh_f32(u: f32) -> f32 {
     1.0 - 2.0 / (exp_f32(2.0 * u) + 1.0)
 }
 
-/// GELU of one value: `x Φ(x)` through [`erf_f32`], or the tanh approximation
+/// GELU of one value: `x Φ(x)` through `erf` (Abramowitz-Stegun 7.1.26, with [`exp_f32`]), or the tanh approximation
 /// `0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`.
 #[inline(always)]
 pub fn gelu_f32(x: f32, tanh: bool) -> f32 {

@@ -136,8 +136,9 @@ activation!(
 );
 
 /// `nn.GELU(approximate)`: `x * Φ(x)` (`approximate = "none"`), or its tanh approximation
-/// (`"tanh"`). In int8 a lookup table that keeps the input's parameters, as PyTorch's
-/// `quantized::gelu` does.
+/// (`"tanh"`). In float, vectorised (`qkernels::gelu_f32`: `erf` as PyTorch's vectorised GELU
+/// computes it, Abramowitz-Stegun 7.1.26). In int8 a lookup table that keeps the input's
+/// parameters, as PyTorch's `quantized::gelu` does.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct GELU {
     /// The tanh approximation.

@@ -1,8 +1,9 @@
-//! The sum of two values of one shape, or one of them `[n, c, 1, 1]` added to every pixel
-//! of the other's channel (PyTorch's `FloatFunctional().add`, ONNX `Add`): in float, and in
-//! int8 (`qkernels::add`, each input with its parameters, the sum requantized
-//! to the observed ones; a ReLU after it is applied in the same pass when the conversion
-//! fuses it).
+//! The sum of two values of one shape, one of them `[n, c, 1, 1]` added to every pixel of
+//! the other's channel, or any shapes that broadcast as NumPy's do (an attention mask)
+//! (PyTorch's `FloatFunctional().add`, ONNX `Add`): in float, and in int8 (`qkernels::add`,
+//! each input with its parameters, the sum requantized to the observed ones; other
+//! broadcasts repeat the smaller operand's codes first; a ReLU after it is applied in the
+//! same pass when the conversion fuses it).
 
 use ndarray::ArrayD;
 use qkernels::QuantU8;

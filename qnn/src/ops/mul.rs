@@ -1,7 +1,8 @@
 //! The product of two values (PyTorch's `FloatFunctional().mul`, ONNX `Mul`): of one shape,
-//! or one of them `[n, c, 1, 1]` scaling every pixel of the other's channel
-//! (squeeze-and-excitation). In int8, `qkernels::mul` / `mul_channels`, bit for bit
-//! PyTorch's quantized mul.
+//! one of them `[n, c, 1, 1]` scaling every pixel of the other's channel
+//! (squeeze-and-excitation), or any shapes that broadcast as NumPy's do. In int8,
+//! `qkernels::mul` / `mul_channels`, bit for bit PyTorch's quantized mul (other broadcasts
+//! repeat the smaller operand's codes first).
 
 use ndarray::ArrayD;
 use qkernels::QuantU8;
@@ -41,6 +42,9 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
 /// last axis broadcasts, filled.
 pub(crate) fn expand_codes(codes: &[u8], from: &[usize], to: &[usize]) -> Vec<u8> {
     let rank = to.len();
+    if rank == 0 {
+        return codes.to_vec();
+    }
     // `from`'s sizes aligned to `to`'s rank, and its row-major strides (0 where broadcast).
     let dims: Vec<usize> = (0..rank).map(|i| (i + from.len()).checked_sub(rank).map_or(1, |k| from[k])).collect();
     let mut strides = vec![0usize; rank];
