@@ -54,6 +54,20 @@ struct Row {
     agreement: f64,
 }
 
+impl Row {
+    /// int8 `logits` scored against the labels and against the float model's logits and top
+    /// classes.
+    fn of(logits: &ArrayD<f32>, labels: &[usize], (float, float_top): (&ArrayD<f32>, &[usize])) -> Row {
+        let top = argmax_rows(logits);
+        let n = labels.len() as f64;
+        Row {
+            accuracy: top.iter().zip(labels).filter(|(a, b)| a == b).count() as f64 / n,
+            sqnr_db: qnn::sqnr_db(float, logits),
+            agreement: top.iter().zip(float_top).filter(|(a, b)| a == b).count() as f64 / n,
+        }
+    }
+}
+
 /// The SQNR every preset must reach on the digits model, whatever was measured.
 const MIN_SQNR_DB: f64 = 33.0;
 
@@ -138,13 +152,7 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
         }
         let q = prepared.convert().map_err(|e| format!("{name}: {e}"))?;
         let logits = q.forward(&images).map_err(|e| format!("{name}: {e}"))?;
-        let ip = argmax_rows(&logits);
-        let n = labels.len() as f64;
-        let row = Row {
-            accuracy: ip.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / n,
-            sqnr_db: qnn::sqnr_db(&float_logits, &logits),
-            agreement: ip.iter().zip(&fp).filter(|(a, b)| a == b).count() as f64 / n,
-        };
+        let row = Row::of(&logits, &labels, (&float_logits, &fp));
         judge(name, &row, MIN_SQNR_DB, &thresholds, write_thresholds.then_some(&mut written), &mut failures, &path);
     }
 
@@ -155,14 +163,14 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
             .map_err(|e| format!("the digits ViT ({}): {e}", dir.display()))
     };
     let vit_float = load_vit()?.graph.run(std::slice::from_ref(&images)).map_err(|e| e.to_string())?.remove(0);
-    let ort = qonnx::tensor::read_pb(dir.join("output_0.pb")).map_err(|e| e.to_string())?;
-    let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = ort.iter().zip(&vit_float).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-    if ort.shape() != vit_float.shape() || err > 1e-4 {
+    let ort = dir.join("output_0.pb");
+    let err = crate::bench_models::rel_err_to_pb(&ort, &vit_float).unwrap_or(f64::INFINITY);
+    if err > 1e-4 {
         failures.push(format!(
-            "digits ViT: our float import differs from ONNX Runtime's logits ({:?} against {:?}, {err:e} relative)",
+            "digits ViT: our float logits {:?} differ from ONNX Runtime's in {} by {err:e} (relative; infinite: a \
+             missing file or another shape)",
             vit_float.shape(),
-            ort.shape()
+            ort.display()
         ));
     }
     let vp = argmax_rows(&vit_float);
@@ -184,13 +192,7 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
         }
         let q = prepared.convert().map_err(|e| format!("{name}: {e}"))?;
         let logits = q.forward(&images).map_err(|e| format!("{name}: {e}"))?;
-        let ip = argmax_rows(&logits);
-        let n = labels.len() as f64;
-        let row = Row {
-            accuracy: ip.iter().zip(&labels).filter(|(a, b)| a == b).count() as f64 / n,
-            sqnr_db: qnn::sqnr_db(&vit_float, &logits),
-            agreement: ip.iter().zip(&vp).filter(|(a, b)| a == b).count() as f64 / n,
-        };
+        let row = Row::of(&logits, &labels, (&vit_float, &vp));
         if row.accuracy < v_acc - VIT_MAX_ACCURACY_LOSS - 1e-9 {
             failures.push(format!(
                 "{name}: int8 accuracy {:.1}% is more than {} points below f32's {:.1}%",

@@ -556,14 +556,7 @@ fn import_onnx(
     let path = dir.join(format!("{name}.onnx"));
     let m = qonnx::load(&path, &qonnx::ImportOptions::default()).map_err(|e| e.to_string())?;
     let reference = m.graph.run(std::slice::from_ref(xq)).map_err(|e| e.to_string())?.remove(0);
-    let float_rel_err = match qonnx::tensor::read_pb(dir.join(format!("{name}.ort_f32.pb"))) {
-        Ok(ort) if ort.shape() == reference.shape() => {
-            let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-            let diff = ort.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            Some(f64::from(diff / scale))
-        }
-        _ => None,
-    };
+    let float_rel_err = rel_err_to_pb(&dir.join(format!("{name}.ort_f32.pb")), &reference);
     let mut p = qnn::prepare(m.graph, &qnn::QConfigMapping::new(qconfig.clone())).map_err(|e| e.to_string())?;
     for img in calib {
         p.calibrate(img).map_err(|e| e.to_string())?;
@@ -582,6 +575,16 @@ fn import_onnx(
         rust_times: Vec::new(),
         qdq: None,
     })
+}
+
+/// `ours` against the tensor in the TensorProto file `path` (ONNX Runtime's output): the
+/// largest difference over the largest value; `None` when the file is missing or unreadable,
+/// or holds another shape.
+pub(crate) fn rel_err_to_pb(path: &Path, ours: &ArrayD<f32>) -> Option<f64> {
+    let theirs = qonnx::tensor::read_pb(path).ok().filter(|t| t.shape() == ours.shape())?;
+    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    let diff = theirs.iter().zip(ours).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    Some(f64::from(diff / scale))
 }
 
 /// Our int8 model exported as ONNX QDQ and run by ONNX Runtime on the SQNR images: the share

@@ -14,7 +14,7 @@ use std::path::Path;
 use ndarray::{ArrayD, Axis};
 
 use crate::bench::{find_python_with, median_ms, randn, PeerRecord, Record};
-use crate::bench_models::{median, write_tensors, Options, PeerServer};
+use crate::bench_models::{median, rel_err_to_pb, write_tensors, Options, PeerServer};
 
 /// A model of the transformer bench: its name, its multiply-accumulates per item, and its
 /// inputs (ONNX name, shape of one item, batch first).
@@ -150,14 +150,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         let [calib, _, xq] = &data[m];
         let imported = qonnx::load(&path, &opts).map_err(|e| format!("{name}: {e}"))?;
         let reference = imported.graph.run(xq).map_err(|e| format!("{name}: {e}"))?.remove(0);
-        let float_rel_err = match qonnx::tensor::read_pb(dir.join(format!("{name}.ort_f32.pb"))) {
-            Ok(ort) if ort.shape() == reference.shape() => {
-                let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
-                let diff = ort.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                Some(f64::from(diff / scale))
-            }
-            _ => None,
-        };
+        let float_rel_err = rel_err_to_pb(&dir.join(format!("{name}.ort_f32.pb")), &reference);
         for (suffix, what, qconfig) in configs() {
             // A fresh import per configuration (a graph is consumed by preparing it).
             let graph = qonnx::load(&path, &opts).map_err(|e| e.to_string())?.graph;
