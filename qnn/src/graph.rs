@@ -53,10 +53,11 @@ pub struct Tensor(pub(crate) usize);
 pub(crate) enum NodeOp<M> {
     /// A layer on one input.
     Layer(M),
-    /// The sum of two values of one shape (PyTorch's `FloatFunctional().add`).
+    /// The sum of two values whose shapes broadcast as NumPy's do (PyTorch's
+    /// `FloatFunctional().add`, a residual; an attention mask).
     Add,
-    /// The product of two values; the second may broadcast over the first's height and
-    /// width (`[n, c, 1, 1]` against `[n, c, h, w]`: squeeze-and-excitation).
+    /// The product of two values whose shapes broadcast as NumPy's do (`[n, c, 1, 1]`
+    /// against `[n, c, h, w]`: squeeze-and-excitation).
     Mul,
     /// The values concatenated along dimension 1.
     Cat,
@@ -790,8 +791,9 @@ impl GraphBuilder {
         Ok(map[sub.outputs[0].0])
     }
 
-    /// `a + b` (one shape, or one of them `[n, c, 1, 1]` added to every pixel of the other's
-    /// channel; PyTorch's `FloatFunctional().add`), in int8 where configured.
+    /// `a + b` (one shape, one of them `[n, c, 1, 1]` added to every pixel of the other's
+    /// channel, or any shapes that broadcast as NumPy's do; PyTorch's
+    /// `FloatFunctional().add`), in int8 where configured.
     ///
     /// # Errors
     /// As [`GraphBuilder::layer`].
@@ -799,8 +801,8 @@ impl GraphBuilder {
         self.push(name, NodeOp::Add, vec![a, b])
     }
 
-    /// `a * b`: one shape, or one of them of shape `[n, c, 1, 1]` scaling each channel of the
-    /// other (squeeze-and-excitation).
+    /// `a * b`: one shape, one of them of shape `[n, c, 1, 1]` scaling each channel of the
+    /// other (squeeze-and-excitation), or any shapes that broadcast as NumPy's do.
     ///
     /// # Errors
     /// As [`GraphBuilder::layer`].

@@ -50,12 +50,12 @@ fn items(model: &Spec, n: usize, seed: u64) -> Vec<ArrayD<f32>> {
         .map(|(k, (input, shape))| {
             let mut shape = shape.to_vec();
             shape[0] = n;
-            let r = randn(seed + 1000 * k as u64, &shape);
+            let r = || randn(seed + 1000 * k as u64, &shape);
             match *input {
-                "input_ids" => r.mapv(|v| (1000.0 + (v.abs() * 7919.0) % 29000.0).floor()),
+                "input_ids" => r().mapv(|v| (1000.0 + (v.abs() * 7919.0) % 29000.0).floor()),
                 "token_type_ids" => ArrayD::from_shape_fn(shape.as_slice(), |i| f32::from(u8::from(i[1] >= SEQ / 2))),
-                "attention_mask" => r.mapv(|_| 0.0),
-                _ => r,
+                "attention_mask" => ArrayD::zeros(shape.as_slice()),
+                _ => r(),
             }
         })
         .collect()

@@ -110,14 +110,6 @@ impl QOp for AddOp {
         }
         let (bd, bs, bq) = quantized(b, body_q)?;
         let (sd, ss, sq) = quantized(s, short_q)?;
-        if !super::mul::mul_shapes_fit(&bs, &ss) {
-            return Err(NnError::Shape {
-                module: String::new(),
-                kind: "add",
-                expected: format!("the other operand's shape {ss:?}, or one of them [n, c, 1, 1]"),
-                got: bs,
-            });
-        }
         // A per-channel operand is spread over the other's pixels (NHWC: its bytes repeated
         // per pixel), then added as any two values of one shape.
         let (bd, bs, sd) = if bs.iter().product::<usize>() < ss.iter().product() {

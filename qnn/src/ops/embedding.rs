@@ -30,7 +30,7 @@ impl Embedding {
 
     fn rows(&self) -> Result<usize> {
         match self.weight.shape() {
-            [r, ..] if self.weight.ndim() >= 1 => Ok(*r),
+            [r, ..] => Ok(*r),
             s => Err(NnError::Config {
                 module: String::new(),
                 reason: format!("Embedding: a table of shape {s:?}; it needs rows along a first axis"),

@@ -65,16 +65,14 @@ impl QOp for FloatOp {
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
         let x = args.pop().expect("one input").into_f32();
-        match &self.1 {
-            Some(k) => {
-                if let Some(shape) = self.0.output_shape(x.shape()) {
-                    crate::quant::budget(&shape?, 4, run, self.0.kind())?;
-                }
-                Ok(Value::F32(k.forward_owned(x, run.threads)?))
-            }
-            // The value is this op's own: layers that can work in place do.
-            None => Ok(Value::F32(super::float_forward_owned(self.0.as_ref(), x, run)?)),
+        if let Some(shape) = self.0.output_shape(x.shape()) {
+            crate::quant::budget(&shape?, 4, run, self.0.kind())?;
         }
+        // The value is this op's own: kernels and layers that can work in place do.
+        Ok(Value::F32(match &self.1 {
+            Some(k) => k.forward_owned(x, run.threads)?,
+            None => self.0.forward_owned(x)?,
+        }))
     }
     fn images_apart(&self) -> bool {
         self.0.computes_images_apart()

@@ -546,18 +546,6 @@ pub(crate) fn float_forward(layer: &dyn Module, x: &ndarray::ArrayD<f32>, run: R
     layer.forward(x)
 }
 
-/// [`float_forward`] of a value the caller gives away ([`Module::forward_owned`]).
-pub(crate) fn float_forward_owned(
-    layer: &dyn Module,
-    x: ndarray::ArrayD<f32>,
-    run: Run,
-) -> Result<ndarray::ArrayD<f32>> {
-    if let Some(shape) = layer.output_shape(x.shape()) {
-        crate::quant::budget(&shape?, 4, run, layer.kind())?;
-    }
-    layer.forward_owned(x)
-}
-
 /// Runs an image op that keeps its input's parameters: a float input through the layer
 /// ([`float_forward`]), a `u8` one through `int8(input image, output height and width,
 /// output NHWC buffer)` into an output of the layer's inferred shape, within the budget.

@@ -56,7 +56,7 @@ pub(crate) fn expand_codes(codes: &[u8], from: &[usize], to: &[usize]) -> Vec<u8
     let last = to.last().copied().unwrap_or(1);
     let rows = to.iter().product::<usize>() / last.max(1);
     let mut out = scratch::take(rows * last);
-    for (r, dst) in out.chunks_exact_mut(last.max(1)).enumerate().take(rows) {
+    for (r, dst) in out.chunks_exact_mut(last.max(1)).enumerate() {
         // The source offset of row r: its index along every axis but the last.
         let (mut rem, mut off) = (r, 0);
         for i in (0..rank.saturating_sub(1)).rev() {
@@ -171,10 +171,9 @@ impl QOp for MulOp {
         // The full-size operand first; a gate [n, c, 1, 1] second.
         let (big, bigq, bigshape, small, smallq) = if ashape == bshape || gate(&ashape, &bshape) {
             (&ad, aq, &ashape, &bd, bq)
-        } else if gate(&bshape, &ashape) {
-            (&bd, bq, &bshape, &ad, aq)
         } else {
-            return Err(shape_err(&ashape, &bshape, ""));
+            // Checked above: shapes that are neither equal nor a gate broadcast instead.
+            (&bd, bq, &bshape, &ad, aq)
         };
         let mut y = scratch::take(big.len());
         if ashape == bshape {
