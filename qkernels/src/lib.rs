@@ -93,8 +93,8 @@ pub use frame::ops::{
 };
 pub use frame::pack::{PackedWeights, MAX_K};
 pub use frame::pool::{
-    adaptive_avg_pool2d, adaptive_avg_pool2d_with, avg_pool2d, avg_pool2d_with, max_pool2d, max_pool2d_with,
-    upsample_nearest, Pool2d,
+    adaptive_avg_pool2d, adaptive_avg_pool2d_with, avg_pool2d, avg_pool2d_with, max_pool2d, max_pool2d_threads,
+    max_pool2d_with, upsample_nearest, Pool2d,
 };
 pub use qtensor::isa;
 pub use threads::with_threads;

@@ -952,8 +952,9 @@ pub struct NodeTime {
     /// Median wall time over the runs, in milliseconds.
     pub median_ms: f64,
     /// The node that computes it as part of its own work (a residual addition its
-    /// convolution runs, attention's softmax and second product its first product runs),
-    /// whose time includes it; its own time is then 0.
+    /// convolution runs, with any pass-through node between them; attention's softmax and
+    /// second product, which its first product runs), whose time includes it; its own time
+    /// is then 0.
     pub runs_in: Option<String>,
     /// The kernel that runs it, for layers with a choice ([`crate::ops::QOp::kernel`]).
     pub kernel: Option<String>,
@@ -1129,8 +1130,9 @@ pub struct QuantizedModel {
     /// Per node: the addition this convolution runs on its output as it writes it
     /// ([`conv_add_fusions`]); that addition's node is then skipped.
     fused_add: Vec<Option<ConvAdd>>,
-    /// Per node: an addition its convolution runs.
-    runs_in_conv: Vec<bool>,
+    /// Per node: the convolution that runs it (an addition, or a pass-through node between
+    /// the convolution and the addition).
+    runs_in_conv: Vec<Option<usize>>,
     /// Per node: the softmax and product of attention this `q x kt` product runs with it
     /// ([`attention_fusions`]); those nodes are then skipped.
     fused_attention: Vec<Option<Attention>>,
@@ -1203,11 +1205,18 @@ struct ConvAdd {
 /// The int8 additions that the convolution producing one of their operands can run itself
 /// (`qkernels::PackedConv2d::forward_u8_add`, the same bits, each block added while in cache):
 /// that operand has no other reader, and the other operand is computed before the
-/// convolution runs (of two such convolutions, the later one). A residual block's addition
-/// runs in its last convolution (or in its downsample's).
-fn conv_add_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) -> (Vec<Option<ConvAdd>>, Vec<bool>) {
+/// convolution runs (of two such convolutions, the later one). Pass-through nodes between
+/// the convolution and the addition (a batch-norm folded into the convolution, as models
+/// built from modules keep it) are skipped with it, when the convolution's output reaches
+/// the addition only through them. A residual block's addition runs in its last
+/// convolution (or in its downsample's).
+fn conv_add_fusions(
+    g: &QGraph,
+    readers: &[usize],
+    producer: &[Option<usize>],
+) -> (Vec<Option<ConvAdd>>, Vec<Option<usize>>) {
     let mut fused = vec![None; g.nodes.len()];
-    let mut runs_in_conv = vec![false; g.nodes.len()];
+    let mut runs_in_conv = vec![None; g.nodes.len()];
     for (j, n) in g.nodes.iter().enumerate() {
         if !step_of(n).op.as_any().downcast_ref::<AddOp>().is_some_and(|a| a.int8) || n.inputs.len() != 2 {
             continue;
@@ -1215,15 +1224,32 @@ fn conv_add_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) -
         let best = (0..2)
             .filter_map(|pos| {
                 let (x, other) = (n.inputs[pos], n.inputs[1 - pos]);
-                let i = producer[x.0]?;
+                // Back from the addition's operand through pass-through nodes of one reader.
+                let (mut t, mut passes) = (x, Vec::new());
+                let i = loop {
+                    let p = producer[t.0]?;
+                    if readers[t.0] != 1 {
+                        return None;
+                    }
+                    let node = &g.nodes[p];
+                    if step_of(node).op.as_any().is::<PassOp>() && node.inputs.len() == 1 {
+                        passes.push(p);
+                        t = node.inputs[0];
+                        continue;
+                    }
+                    break p;
+                };
                 let is_conv = step_of(&g.nodes[i]).op.as_any().is::<ConvOp>();
                 let other_first = producer[other.0].is_none_or(|p| p < i);
-                (is_conv && readers[x.0] == 1 && other_first && x != other).then_some((i, other, 1 - pos))
+                (is_conv && other_first && t != other && x != other).then_some((i, other, 1 - pos, passes))
             })
             .max_by_key(|c| c.0);
-        if let Some((i, other, other_pos)) = best {
+        if let Some((i, other, other_pos, passes)) = best {
             fused[i] = Some(ConvAdd { add: j, other, other_pos });
-            runs_in_conv[j] = true;
+            runs_in_conv[j] = Some(i);
+            for p in passes {
+                runs_in_conv[p] = Some(i);
+            }
         }
     }
     (fused, runs_in_conv)
@@ -1618,7 +1644,7 @@ impl QuantizedModel {
         // The shapes of the values an attention step computes inside (for the timings).
         let mut inner_shapes: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, n) in g.nodes.iter().enumerate() {
-            if self.runs_in_conv[i] || self.runs_in_attention[i] {
+            if self.runs_in_conv[i].is_some() || self.runs_in_attention[i] {
                 // Its convolution (or attention's first product) computed it.
                 if let Some(t) = timing.as_deref_mut() {
                     let inner = inner_shapes.iter().find(|(k, _)| *k == i).map(|(_, s)| s.clone());
@@ -1743,10 +1769,7 @@ impl QuantizedModel {
             .map(|(i, ((n, mut t), out_shape))| {
                 t.sort_by(f64::total_cmp);
                 let op = &step_of(n).op;
-                let runs_in = self.runs_in_conv[i].then(|| {
-                    let conv = self.fused_add.iter().position(|f| f.is_some_and(|f| f.add == i));
-                    self.graph.nodes[conv.expect("a fused addition has its convolution")].name.clone()
-                });
+                let runs_in = self.runs_in_conv[i].map(|conv| self.graph.nodes[conv].name.clone());
                 let runs_in = runs_in.or_else(|| {
                     self.runs_in_attention[i].then(|| {
                         let first = self

@@ -263,8 +263,10 @@ fn products_broadcast_a_gate_either_way() {
 /// first (`s1`, the downsample order of torchvision's bottleneck), one whose other operand is
 /// a graph input (`s2`), one whose other operand is the float output of a convolution kept
 /// in float (`s4`, first operand), one that broadcasts a `[n, c, 1, 1]` operand (`s3`),
-/// ReLUs after two of them. With `twin`, every convolution's output is also a graph output, so no
-/// addition can run inside its convolution.
+/// ReLUs after two of them; `s1` reads its convolution `c` through a batch-norm folded into
+/// it (a pass-through node, as models built from modules keep it). With `twin`, every
+/// convolution's output is also a graph output, so no addition can run inside its
+/// convolution.
 fn residual_graph(twin: bool) -> Graph {
     let mut g = GraphBuilder::new();
     let (x, e, gate) = (g.input("x"), g.input("e"), g.input("gate"));
@@ -272,7 +274,8 @@ fn residual_graph(twin: bool) -> Graph {
     let a = g.layer("a.relu", ReLU, a).unwrap();
     let b = g.layer("b", Conv2d::new(8, 8, 3).padding(1), a).unwrap();
     let c = g.layer("c", Conv2d::new(3, 8, 1), x).unwrap();
-    let s1 = g.add("s1", b, c).unwrap();
+    let c_bn = g.layer("c.bn", BatchNorm2d::new(8), c).unwrap();
+    let s1 = g.add("s1", b, c_bn).unwrap();
     let s1 = g.layer("s1.relu", ReLU, s1).unwrap();
     let d = g.layer("d", Conv2d::new(8, 8, 1), s1).unwrap();
     let s2 = g.add("s2", e, d).unwrap();
@@ -284,7 +287,7 @@ fn residual_graph(twin: bool) -> Graph {
     let s3 = g.layer("s3.relu", ReLU, s3).unwrap();
     g.output(s3);
     if twin {
-        for t in [b, c, d, k, f] {
+        for t in [b, c_bn, d, k, f] {
             g.output(t);
         }
     }
@@ -307,13 +310,17 @@ fn residual_additions_run_inside_their_convolutions_with_the_same_bits() {
     let (mut fused, mut apart) = (convert(false), convert(true));
     let x = inputs(7);
     let runs_in = |q: &QuantizedModel| -> Vec<(String, Option<String>)> {
-        q.profile(&x, 1).unwrap().into_iter().filter(|n| n.op == "Add").map(|n| (n.name, n.runs_in)).collect()
+        let prof = q.profile(&x, 1).unwrap().into_iter();
+        prof.filter(|n| n.op == "Add" || n.name == "c.bn").map(|n| (n.name, n.runs_in)).collect()
     };
     let named = |v: &[(&str, Option<&str>)]| -> Vec<(String, Option<String>)> {
         v.iter().map(|(a, b)| (a.to_string(), b.map(str::to_string))).collect()
     };
-    assert_eq!(runs_in(&fused), named(&[("s1", Some("c")), ("s2", Some("d")), ("s4", Some("k")), ("s3", Some("f"))]));
-    assert_eq!(runs_in(&apart), named(&[("s1", None), ("s2", None), ("s4", None), ("s3", None)]));
+    assert_eq!(
+        runs_in(&fused),
+        named(&[("c.bn", Some("c")), ("s1", Some("c")), ("s2", Some("d")), ("s4", Some("k")), ("s3", Some("f"))])
+    );
+    assert_eq!(runs_in(&apart), named(&[("c.bn", None), ("s1", None), ("s2", None), ("s4", None), ("s3", None)]));
     assert!(matches!(fused.plan().iter().find(|e| e.name == "h").unwrap().mode, Mode::Float(_)));
     let sum = |q: &QuantizedModel| q.forward_values(&x).unwrap().swap_remove(0);
     let want = sum(&apart);

@@ -2,8 +2,6 @@
 //! epilogue (zero-point corrections, bias, requantization, clamp) that writes `u8`, `i32` or
 //! `f32` straight to the output.
 
-use rayon::prelude::*;
-
 use qtensor::isa::Isa;
 use qtensor::{QError, Result};
 
@@ -711,7 +709,7 @@ fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Si
         block(a, w, plan, rowsums, sink, rows, cols);
     };
     if parallel {
-        (0..mblocks * nblocks).into_par_iter().for_each(task);
+        crate::threads::share_tasks(mblocks * nblocks, task);
     } else {
         (0..mblocks * nblocks).for_each(task);
     }

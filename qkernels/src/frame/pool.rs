@@ -112,34 +112,61 @@ pub fn max_pool2d(x: &QImage<'_>, p: &Pool2d, out: &mut [u8]) -> Result<()> {
 /// # Errors
 /// As [`max_pool2d`].
 pub fn max_pool2d_with(isa: qtensor::isa::Isa, x: &QImage<'_>, p: &Pool2d, out: &mut [u8]) -> Result<()> {
+    max_pool2d_on(isa, x, p, out, 1)
+}
+
+/// [`max_pool2d`] with `threads` threads sharing the output rows (the same bytes on any
+/// count).
+///
+/// # Errors
+/// As [`max_pool2d`].
+pub fn max_pool2d_threads(x: &QImage<'_>, p: &Pool2d, out: &mut [u8], threads: usize) -> Result<()> {
+    max_pool2d_on(qtensor::isa::selected(), x, p, out, threads)
+}
+
+fn max_pool2d_on(isa: qtensor::isa::Isa, x: &QImage<'_>, p: &Pool2d, out: &mut [u8], threads: usize) -> Result<()> {
+    use rayon::prelude::*;
     let (oh, ow) = p.output_hw(x.h, x.w)?;
     check_out("qkernels::max_pool2d", x, oh, ow, out)?;
-    max_pool_core(isa, x, p, oh, ow, out);
+    let row = ow * x.c;
+    // Below about 32 KiB of output, handing half of it to another thread costs more than it
+    // saves; above, chunks of rows, several per thread so that one woken late takes fewer.
+    if threads <= 1 || row == 0 || out.len() < 1 << 15 {
+        max_pool_rows(isa, x, p, (oh, ow), 0, out);
+        return Ok(());
+    }
+    let rows = (x.n * oh).div_ceil(4 * threads).max(1);
+    crate::threads::run_with(threads, || {
+        out.par_chunks_mut(rows * row)
+            .with_max_len(1)
+            .enumerate()
+            .for_each(|(i, o)| max_pool_rows(isa, x, p, (oh, ow), i * rows, o));
+    });
     Ok(())
 }
 
 multiversion! {
-    fn max_pool_core(x: &QImage<'_>, p: &Pool2d, oh: usize, ow: usize, out: &mut [u8]) {
-        let c = x.c;
-        for b in 0..x.n {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let o = &mut out[((b * oh + oy) * ow + ox) * c..][..c];
-                    o.fill(0);
-                    for ky in 0..p.kernel[0] {
-                        let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize;
-                        if iy < 0 || iy >= x.h as isize {
+    /// Output rows `first..` (counted over the batch's images) into `out`, whole rows.
+    fn max_pool_rows(x: &QImage<'_>, p: &Pool2d, ohw: (usize, usize), first: usize, out: &mut [u8]) {
+        let (c, (oh, ow)) = (x.c, ohw);
+        for (r, orow) in out.chunks_exact_mut(ow * c).enumerate() {
+            let (b, oy) = ((first + r) / oh, (first + r) % oh);
+            for ox in 0..ow {
+                let o = &mut orow[ox * c..][..c];
+                o.fill(0);
+                for ky in 0..p.kernel[0] {
+                    let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize;
+                    if iy < 0 || iy >= x.h as isize {
+                        continue;
+                    }
+                    for kx in 0..p.kernel[1] {
+                        let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize;
+                        if ix < 0 || ix >= x.w as isize {
                             continue;
                         }
-                        for kx in 0..p.kernel[1] {
-                            let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize;
-                            if ix < 0 || ix >= x.w as isize {
-                                continue;
-                            }
-                            let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
-                            for (d, s) in o.iter_mut().zip(src) {
-                                *d = (*d).max(*s);
-                            }
+                        let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
+                        for (d, s) in o.iter_mut().zip(src) {
+                            *d = (*d).max(*s);
                         }
                     }
                 }

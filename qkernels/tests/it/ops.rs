@@ -265,3 +265,23 @@ fn transposes_on_every_tier_match_the_index_arithmetic() {
     let e = qkernels::transpose_u8(&[0; 5], 2, 3, &mut [0; 6]).unwrap_err().to_string();
     assert!(e.contains("transpose_u8") && e.contains("rows * cols"), "{e}");
 }
+
+#[test]
+fn max_pooling_gives_the_same_bytes_on_any_thread_count() {
+    // Outputs past the size (32 KiB) above which threads share the rows, batches of two.
+    for (h, c, k, s, pad, dil) in [(57, 64, 3, 2, 1, 1), (40, 48, 2, 2, 0, 1), (45, 40, 3, 1, 1, 2)] {
+        let x: Vec<u8> = (0..2 * h * h * c).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let img = QImage { data: &x, n: 2, h, w: h, c, scale: 0.05, zero_point: 3 };
+        let p =
+            Pool2d { kernel: [k, k], stride: [s, s], padding: [pad, pad], dilation: [dil, dil], ..Pool2d::square(k) };
+        let (oh, ow) = p.output_hw(h, h).unwrap();
+        let mut want = vec![0u8; 2 * oh * ow * c];
+        max_pool2d(&img, &p, &mut want).unwrap();
+        assert!(want.len() >= 1 << 15, "{} bytes: below the threads' share", want.len());
+        for threads in [2, 3, 4] {
+            let mut got = vec![0u8; want.len()];
+            qkernels::max_pool2d_threads(&img, &p, &mut got, threads).unwrap();
+            assert!(got == want, "h {h} c {c} k {k} threads {threads}");
+        }
+    }
+}

@@ -313,7 +313,7 @@ impl QOp for MaxPool2d {
     }
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
         image_op(args.pop().expect("one input"), self, run, |x, _, y| {
-            qkernels::max_pool2d(x, &self.0, y).map_err(op_err)
+            qkernels::max_pool2d_threads(x, &self.0, y, run.threads).map_err(op_err)
         })
     }
     fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
