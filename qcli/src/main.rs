@@ -73,6 +73,11 @@ enum Cmd {
         /// SVG files in this folder (histogram-based observers).
         #[arg(long)]
         plots: Option<PathBuf>,
+        /// SmoothQuant before static quantization: move this share (0 to 1; 0.5 is the
+        /// paper's default) of each channel's range from the input of linear layers that
+        /// read a LayerNorm into their weights, measured on the calibration data.
+        #[arg(long, value_name = "ALPHA")]
+        smooth_quant: Option<f32>,
         #[command(flatten)]
         shape: ShapeArg,
         #[command(flatten)]
@@ -242,8 +247,8 @@ fn main() -> ExitCode {
 fn run(cmd: Cmd) -> Result<(), String> {
     match cmd {
         Cmd::Inspect { model, shape } => inspect(&model, &shape),
-        Cmd::Quantize { model, calib, output, config, batch_size, threads, plots, shape, images } => {
-            let opts = QuantizeOpts { output, config, batch_size, threads, plots };
+        Cmd::Quantize { model, calib, output, config, batch_size, threads, plots, smooth_quant, shape, images } => {
+            let opts = QuantizeOpts { output, config, batch_size, threads, plots, smooth_quant };
             quantize(&model, calib.as_deref(), &opts, &shape, &images)
         }
         Cmd::Run { model, input, output, top, threads, repeat, profile, shape, images } => {
@@ -304,6 +309,37 @@ struct QuantizeOpts {
     batch_size: usize,
     threads: usize,
     plots: Option<PathBuf>,
+    smooth_quant: Option<f32>,
+}
+
+/// Applies `--smooth-quant` to the imported graph on the calibration batches (one array
+/// per input in each), and says what it did.
+fn smooth(g: &mut qnn::Graph, batches: &[Vec<ArrayD<f32>>], alpha: Option<f32>) -> Result<(), String> {
+    let Some(alpha) = alpha else { return Ok(()) };
+    if batches.is_empty() {
+        return Err("--smooth-quant measures the activations on the calibration data: give --calib".into());
+    }
+    let report = qnn::smooth_quant(g, batches, alpha).map_err(|e| e.to_string())?;
+    say!(
+        "SmoothQuant (alpha {alpha}): {} LayerNorms smoothed, {} left alone",
+        report.smoothed.len(),
+        report.skipped.len()
+    );
+    for s in &report.smoothed {
+        say!(
+            "  {} -> {}: channel factors {:.3}-{:.3}, largest / median channel range {:.1} -> {:.1}",
+            s.norm,
+            s.linears.join(", "),
+            s.scale_range.0,
+            s.scale_range.1,
+            s.outlier_ratio.0,
+            s.outlier_ratio.1
+        );
+    }
+    for (norm, why) in &report.skipped {
+        say!("  {norm}: left alone, {why}");
+    }
+    Ok(())
 }
 
 fn quantize(
@@ -315,7 +351,7 @@ fn quantize(
 ) -> Result<(), String> {
     let (output, config, batch_size, threads) = (o.output.clone(), o.config.as_deref(), o.batch_size, o.threads);
     let t0 = Instant::now();
-    let m = import(path, shape)?;
+    let mut m = import(path, shape)?;
     let mut by_op: HashMap<String, Vec<String>> = HashMap::new();
     for (_, op, nodes) in &m.nodes {
         by_op.entry(op.clone()).or_default().extend(nodes.iter().cloned());
@@ -360,9 +396,12 @@ fn quantize(
             ));
         }
         let t1 = Instant::now();
+        let starts = (0..n).step_by(batch_size.max(1));
+        let batches: Vec<Vec<ArrayD<f32>>> =
+            starts.map(|start| data::items(&xs, start, (start + batch_size.max(1)).min(n))).collect();
+        smooth(&mut m.graph, &batches, o.smooth_quant)?;
         let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
-        for start in (0..n).step_by(batch_size.max(1)) {
-            let batch = data::items(&xs, start, (start + batch_size.max(1)).min(n));
+        for batch in batches {
             prepared.calibrate_inputs(&batch).map_err(|e| e.to_string())?;
         }
         let q = prepared.convert().map_err(|e| e.to_string())?;
@@ -396,6 +435,8 @@ fn quantize(
     };
     let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
     let t1 = Instant::now();
+    let per_input: Vec<Vec<ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();
+    smooth(&mut m.graph, &per_input, o.smooth_quant)?;
     let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
     prepared.calibrate_batches(&batches, threads.max(1)).map_err(|e| e.to_string())?;
     if let Some(dir) = &o.plots {

@@ -238,3 +238,29 @@ fn models_of_several_inputs_take_an_npz_by_input_name() {
     assert!(!o.status.success() && text(&o).contains("the model has 2 inputs (ids, mask)"), "{}", text(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--smooth-quant` on the digits ViT: the LayerNorms that only linear layers read are
+/// smoothed before calibration, the others listed with the reason; a bad alpha, or no
+/// calibration data to measure on, is an error that says so.
+#[test]
+fn smooth_quant_on_a_vision_transformer() {
+    let dir = scratch("smooth");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qnn/data/digits_vit/model.onnx");
+    let model = model.to_str().unwrap();
+    let calib = dir.join("calib.npy");
+    let x = ndarray::Array4::from_shape_fn((16, 1, 8, 8), |(n, _, h, w)| ((n * 64 + h * 8 + w) % 17) as f32 / 4.0);
+    ndarray_npy::write_npy(&calib, &x).unwrap();
+    let out = dir.join("vit.int8.safetensors");
+    let args = ["quantize", model, "--calib", calib.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    let o = qrust(&[&args[..], &["--smooth-quant", "0.5"]].concat());
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("SmoothQuant (alpha 0.5): 4 LayerNorms smoothed, 1 left alone"), "{t}");
+    assert!(t.contains("/encoder/ln/LayerNormalization: left alone"), "{t}");
+    assert!(out.exists());
+    let o = qrust(&[&args[..], &["--smooth-quant", "1.5"]].concat());
+    assert!(!o.status.success() && text(&o).contains("alpha 1.5 is outside 0..=1"), "{}", text(&o));
+    let o = qrust(&["quantize", model, "--smooth-quant", "0.5", "-o", out.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("give --calib"), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -93,6 +93,7 @@ pub mod plots;
 mod quant;
 mod saved;
 mod scratch;
+mod smooth;
 mod state;
 pub mod zoo;
 
@@ -106,5 +107,6 @@ pub use quant::{
     Value, DEFAULT_MAX_ACTIVATION_BYTES,
 };
 pub use scratch::release_thread_buffers;
+pub use smooth::{smooth_quant, SmoothReport, Smoothed};
 pub use state::{load_safetensors, load_safetensors_bytes, parameter_shapes, save_safetensors, state_dict_bytes};
 pub use {qfuse, qkernels, qobserve, qtensor};

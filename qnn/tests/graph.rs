@@ -2,10 +2,10 @@
 //! inputs and two outputs, skips across stages), quantized and run like a container model.
 
 use ndarray::{ArrayD, IxDyn};
-use qnn::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, ReLU, Sigmoid};
+use qnn::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, LayerNorm, Linear, ReLU, Sigmoid};
 use qnn::{
-    fuse_graph, prepare, sqnr_db, zoo, Graph, GraphBuilder, Mode, Module, NnError, QConfigMapping, QuantizedModel,
-    Sequential, Value,
+    fuse_graph, prepare, smooth_quant, sqnr_db, zoo, Graph, GraphBuilder, Mode, Module, NnError, QConfigMapping,
+    QuantizedModel, Sequential, Value,
 };
 use qobserve::QConfig;
 
@@ -502,4 +502,71 @@ fn scalar_products_change_parameters_not_codes() {
     assert!(sqnr_db(&int8, &simulated) > 60.0, "simulation {:.1} dB from int8", sqnr_db(&int8, &simulated));
     let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
     assert_eq!(back.forward(&x).unwrap(), int8);
+}
+
+/// A pre-norm block, `fc2(relu(fc1(ln(x))))`, whose norm has four outlier channels (gamma
+/// 40 against 0.5-1.3), as trained transformers' norms have; with `residual`, the norm's
+/// output also feeds an addition after `fc2` (a post-norm block's shape).
+fn pre_norm_block(residual: bool) -> Graph {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let mut ln = LayerNorm::new(32);
+    for (j, w) in ln.weight.iter_mut().enumerate() {
+        *w = if j % 8 == 3 { 40.0 } else { 0.5 + (j % 5) as f32 * 0.2 };
+    }
+    for (j, b) in ln.bias.iter_mut().enumerate() {
+        *b = (j % 3) as f32 * 0.1 - 0.1;
+    }
+    let (mut fc1, mut fc2) = (Linear::new(32, 48), Linear::new(48, 32));
+    zoo::randomize(&mut fc1, 5);
+    zoo::randomize(&mut fc2, 6);
+    let h = g.layer("ln", ln, x).unwrap();
+    let a = g.layer("fc1", fc1, h).unwrap();
+    let a = g.layer("act", ReLU, a).unwrap();
+    let mut y = g.layer("fc2", fc2, a).unwrap();
+    if residual {
+        y = g.add("res", y, h).unwrap();
+    }
+    g.output(y);
+    g.build().unwrap()
+}
+
+#[test]
+fn smooth_quant_moves_outliers_into_the_weights_and_keeps_the_function() {
+    let batches: Vec<Vec<ArrayD<f32>>> = (0..4).map(|s| vec![images(30 + s, &[2, 16, 32])]).collect();
+    let x = vec![images(77, &[2, 16, 32])];
+    let (plain, mut smoothed) = (pre_norm_block(false), pre_norm_block(false));
+    let float = plain.run(&x).unwrap().swap_remove(0);
+    let report = smooth_quant(&mut smoothed, &batches, 0.5).unwrap();
+    assert!(report.skipped.is_empty(), "{report:?}");
+    let [s] = &report.smoothed[..] else { panic!("one norm smoothed: {report:?}") };
+    assert_eq!((s.norm.as_str(), s.linears.clone()), ("ln", vec!["fc1".to_string()]));
+    assert!(s.outlier_ratio.0 > 10.0 && s.outlier_ratio.1 < s.outlier_ratio.0 / 3.0, "{s:?}");
+    let after = smoothed.run(&x).unwrap().swap_remove(0);
+    let scale = float.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = float.iter().zip(&after).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-4 * scale, "the same function: max error {err} of {scale}");
+    // Static int8, the default configuration, calibrated on the same batches.
+    let int8 = |g: Graph| {
+        let mut p = prepare(g, &QConfigMapping::new(QConfig::default())).unwrap();
+        for b in &batches {
+            p.calibrate_inputs(b).unwrap();
+        }
+        sqnr_db(&float, &p.convert().unwrap().forward_inputs(&x).unwrap()[0])
+    };
+    let (before, with) = (int8(plain), int8(smoothed));
+    assert!(with > before + 3.0, "int8 SQNR {before:.1} dB, smoothed {with:.1} dB");
+
+    // The norm's output also feeds an addition: left alone, and the report says why.
+    let mut post = pre_norm_block(true);
+    let report = smooth_quant(&mut post, &batches, 0.5).unwrap();
+    assert!(report.smoothed.is_empty(), "{report:?}");
+    assert!(
+        report.skipped.len() == 1 && report.skipped[0].0 == "ln" && report.skipped[0].1.contains("res"),
+        "{report:?}"
+    );
+    for (alpha, batches, what) in [(1.5, &batches[..], "alpha"), (0.5, &[][..], "no batches")] {
+        let e = smooth_quant(&mut pre_norm_block(false), batches, alpha).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
 }

@@ -181,12 +181,34 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
         v_acc * 100.0,
         VIT_MAX_ACCURACY_LOSS * 100.0
     );
-    for (name, qconfig) in [
-        ("vit_default", QConfig::default()),
-        ("vit_dynamic", QConfig::pytorch_dynamic_per_channel()),
-        ("vit_dynamic_per_token", QConfig::dynamic_per_token()),
+    // SmoothQuant: static int8 after moving activation outliers into the weights, measured
+    // on the calibration batches.
+    let smooth_batches: Vec<Vec<ndarray::ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();
+    for (name, qconfig, smooth) in [
+        ("vit_default", QConfig::default(), None),
+        ("vit_smoothquant", QConfig::default(), Some(0.5)),
+        ("vit_dynamic", QConfig::pytorch_dynamic_per_channel(), None),
+        ("vit_dynamic_per_token", QConfig::dynamic_per_token(), None),
     ] {
-        let mut prepared = prepare(load_vit()?.graph, &QConfigMapping::new(qconfig)).map_err(|e| e.to_string())?;
+        let mut graph = load_vit()?.graph;
+        if let Some(alpha) = smooth {
+            let report = qnn::smooth_quant(&mut graph, &smooth_batches, alpha).map_err(|e| format!("{name}: {e}"))?;
+            if report.smoothed.is_empty() {
+                failures.push(format!("{name}: no LayerNorm smoothed ({:?})", report.skipped));
+            }
+            let ratios: Vec<String> = report
+                .smoothed
+                .iter()
+                .map(|s| format!("{:.1} -> {:.1}", s.outlier_ratio.0, s.outlier_ratio.1))
+                .collect();
+            println!(
+                "{name}: alpha {alpha}, {} of {} LayerNorms smoothed (largest / median channel range: {})",
+                report.smoothed.len(),
+                report.smoothed.len() + report.skipped.len(),
+                ratios.join(", ")
+            );
+        }
+        let mut prepared = prepare(graph, &QConfigMapping::new(qconfig)).map_err(|e| e.to_string())?;
         for b in &batches {
             prepared.calibrate(b).map_err(|e| format!("{name}: {e}"))?;
         }
