@@ -396,13 +396,14 @@ fn quantize(
             ));
         }
         let t1 = Instant::now();
-        let starts = (0..n).step_by(batch_size.max(1));
-        let batches: Vec<Vec<ArrayD<f32>>> =
-            starts.map(|start| data::items(&xs, start, (start + batch_size.max(1)).min(n))).collect();
-        smooth(&mut m.graph, &batches, o.smooth_quant)?;
+        let starts: Vec<usize> = (0..n).step_by(batch_size.max(1)).collect();
+        let batch = |start: usize| data::items(&xs, start, (start + batch_size.max(1)).min(n));
+        if o.smooth_quant.is_some() {
+            smooth(&mut m.graph, &starts.iter().map(|&s| batch(s)).collect::<Vec<_>>(), o.smooth_quant)?;
+        }
         let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
-        for batch in batches {
-            prepared.calibrate_inputs(&batch).map_err(|e| e.to_string())?;
+        for &start in &starts {
+            prepared.calibrate_inputs(&batch(start)).map_err(|e| e.to_string())?;
         }
         let q = prepared.convert().map_err(|e| e.to_string())?;
         say!("calibrated on {n} items of {} inputs, converted in {:.2} s", names.len(), t1.elapsed().as_secs_f64());
@@ -435,8 +436,10 @@ fn quantize(
     };
     let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
     let t1 = Instant::now();
-    let per_input: Vec<Vec<ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();
-    smooth(&mut m.graph, &per_input, o.smooth_quant)?;
+    if o.smooth_quant.is_some() {
+        let per_input: Vec<Vec<ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();
+        smooth(&mut m.graph, &per_input, o.smooth_quant)?;
+    }
     let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
     prepared.calibrate_batches(&batches, threads.max(1)).map_err(|e| e.to_string())?;
     if let Some(dir) = &o.plots {

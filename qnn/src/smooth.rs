@@ -145,8 +145,8 @@ pub fn smooth_quant(g: &mut Graph, batches: &[Vec<ArrayD<f32>>], alpha: f32) -> 
             .collect();
         let NodeOp::Layer(m) = &mut g.nodes[i].op else { unreachable!("checked: a norm") };
         let norm = m.as_any_mut().downcast_mut::<LayerNorm>().expect("checked: a norm");
-        for (g, sj) in norm.weight.iter_mut().zip(&s) {
-            *g /= sj;
+        for (gamma, sj) in norm.weight.iter_mut().zip(&s) {
+            *gamma /= sj;
         }
         for (b, sj) in norm.bias.iter_mut().zip(&s) {
             *b /= sj;

@@ -1,11 +1,12 @@
 //! `cargo xtask accuracy`: the bundled digits model under every qconfig preset and every
 //! activation observer, and with its linear layers dynamically quantized; then the bundled
 //! digits ViT (`qnn/data/digits_vit/`, `scripts/models/digits_vit.py`) imported from ONNX, in
-//! static int8 and dynamic (per tensor and per token): held-out accuracy, SQNR of the int8
-//! logits against the float ones, top-1 agreement with the float model. Exits non-zero when a
-//! result falls below the thresholds committed in `xtask/accuracy-thresholds.json` (CI's
-//! accuracy regression gate), when the ViT's float import strays from ONNX Runtime's logits,
-//! or when its int8 accuracy falls more than 0.3 points below its f32 accuracy.
+//! static int8 (plain and after SmoothQuant) and dynamic (per tensor and per token): held-out
+//! accuracy, SQNR of the int8 logits against the float ones, top-1 agreement with the float
+//! model. Exits non-zero when a result falls below the thresholds committed in
+//! `xtask/accuracy-thresholds.json` (CI's accuracy regression gate), when the ViT's float
+//! import strays from ONNX Runtime's logits, or when its int8 accuracy falls more than 0.3
+//! points below its f32 accuracy.
 
 use std::path::Path;
 
