@@ -139,6 +139,17 @@ enum Cmd {
         /// Also draw the per-layer SQNR as an SVG bar chart (`sqnr.svg`) in this folder.
         #[arg(long)]
         plots: Option<PathBuf>,
+        /// The `--smooth-quant` the int8 model was quantized with: the float model is
+        /// smoothed the same way (on the same `--calib` data and `--batch-size`) before the
+        /// comparison.
+        #[arg(long, value_name = "ALPHA", requires = "calib")]
+        smooth_quant: Option<f32>,
+        /// The calibration data `quantize` was given (with `--smooth-quant`).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// The calibration batch size `quantize` was given (with `--smooth-quant`).
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
         #[command(flatten)]
         shape: ShapeArg,
         #[command(flatten)]
@@ -261,8 +272,9 @@ fn run(cmd: Cmd) -> Result<(), String> {
             say!("wrote {} (ONNX opset {}, QDQ)", output.display(), qonnx::EXPORT_OPSET);
             Ok(())
         }
-        Cmd::Report { model, int8, input, json, plots, shape, images } => {
-            report(&model, &int8, &input, (json.as_deref(), plots.as_deref()), &shape, &images)
+        Cmd::Report { model, int8, input, json, plots, smooth_quant, calib, batch_size, shape, images } => {
+            let smooth = smooth_quant.map(|a| (a, calib.unwrap_or_default(), batch_size));
+            report(&model, &int8, &input, (json.as_deref(), plots.as_deref()), smooth, &shape, &images)
         }
     }
 }
@@ -662,6 +674,7 @@ fn report(
     int8: &Path,
     input: &Path,
     (json, plots): (Option<&Path>, Option<&Path>),
+    smooth_with: Option<(f32, PathBuf, usize)>,
     shape: &ShapeArg,
     images: &ImageArgs,
 ) -> Result<(), String> {
@@ -670,6 +683,11 @@ fn report(
     let q = QuantizedModel::load(int8).map_err(|e| e.to_string())?;
     let x = load_data(input, Some(&s), images)?;
     let mut float = m.graph;
+    if let Some((alpha, calib, batch_size)) = smooth_with {
+        let batches = data::batches(&calib, batch_size, &images.prep(Some(&s))?)?;
+        let per_input: Vec<Vec<ArrayD<f32>>> = batches.into_iter().map(|b| vec![b]).collect();
+        smooth(&mut float, &per_input, Some(alpha))?;
+    }
     if q.plan().iter().any(|p| p.name.is_empty()) {
         return Err("the int8 model has unnamed layers".into());
     }

@@ -240,8 +240,9 @@ fn models_of_several_inputs_take_an_npz_by_input_name() {
 }
 
 /// `--smooth-quant` on the digits ViT: the LayerNorms that only linear layers read are
-/// smoothed before calibration, the others listed with the reason; a bad alpha, or no
-/// calibration data to measure on, is an error that says so.
+/// smoothed before calibration, the others listed with the reason; `report` smooths the
+/// float model the same way to compare; a bad alpha, or no calibration data to measure on,
+/// is an error that says so.
 #[test]
 fn smooth_quant_on_a_vision_transformer() {
     let dir = scratch("smooth");
@@ -258,6 +259,19 @@ fn smooth_quant_on_a_vision_transformer() {
     assert!(t.contains("SmoothQuant (alpha 0.5): 4 LayerNorms smoothed, 1 left alone"), "{t}");
     assert!(t.contains("/encoder/ln/LayerNormalization: left alone"), "{t}");
     assert!(out.exists());
+    // The report compares against the float model smoothed the same way; without the
+    // smoothing, the LayerNorms differ from the int8 model's, and the error says what to give.
+    let (calib, int8) = (calib.to_str().unwrap(), out.to_str().unwrap());
+    let o = qrust(&["report", model, int8, "--input", calib]);
+    assert!(!o.status.success() && text(&o).contains("--smooth-quant and --calib"), "{}", text(&o));
+    let o = qrust(&["report", model, int8, "--input", calib, "--smooth-quant", "0.5", "--calib", calib]);
+    assert!(o.status.success() && text(&o).contains("/encoder/ln/LayerNormalization"), "{}", text(&o));
+    // A model quantized without it reports as before.
+    let plain = dir.join("plain.int8.safetensors");
+    let o = qrust(&["quantize", model, "--calib", calib, "-o", plain.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = qrust(&["report", model, plain.to_str().unwrap(), "--input", calib]);
+    assert!(o.status.success(), "{}", text(&o));
     let o = qrust(&[&args[..], &["--smooth-quant", "1.5"]].concat());
     assert!(!o.status.success() && text(&o).contains("alpha 1.5 is outside 0..=1"), "{}", text(&o));
     let o = qrust(&["quantize", model, "--smooth-quant", "0.5", "-o", out.to_str().unwrap()]);

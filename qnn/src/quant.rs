@@ -1484,6 +1484,27 @@ impl QuantizedModel {
                 ),
             });
         }
+        // The same float parameters where the int8 model keeps them as they are: a LayerNorm
+        // rewritten by SmoothQuant before conversion has other gamma and beta than the file's.
+        for (f, n) in float.nodes.iter().zip(&g.nodes) {
+            let (NodeOp::Layer(m), Some(op)) =
+                (&f.op, step_of(n).op.as_any().downcast_ref::<crate::ops::layernorm::LayerNormOp>())
+            else {
+                continue;
+            };
+            let Some(norm) = m.module().as_any().downcast_ref::<crate::ops::layernorm::LayerNorm>() else { continue };
+            let (gamma, beta) = op.params();
+            if norm.weight.iter().ne(gamma.iter()) || norm.bias.iter().ne(beta.iter()) {
+                return Err(NnError::Config {
+                    module: n.name.clone(),
+                    reason: "the float twin's LayerNorm has other gamma and beta than the int8 model's: the int8 \
+                             model was converted from another float model (qnn::smooth_quant rewrites them; apply it \
+                             to the twin with the same alpha and batches first, or give `qrust report` the same \
+                             --smooth-quant and --calib as `qrust quantize`)"
+                        .into(),
+                });
+            }
+        }
         if inputs.len() != g.inputs.len() {
             return Err(NnError::Shape {
                 module: "(model input)".into(),

@@ -188,6 +188,13 @@ pub(crate) const OP: (&str, super::OpLoader) = ("LayerNorm", |j, r, node| {
     Ok(Box::new(LayerNormOp { weight, bias, eps: a.eps, out: a.out }))
 });
 
+impl LayerNormOp {
+    /// Gamma and beta.
+    pub(crate) fn params(&self) -> (&[f32], &[f32]) {
+        (&self.weight, &self.bias)
+    }
+}
+
 impl QOp for LayerNormOp {
     fn op_name(&self) -> &'static str {
         OP.0
