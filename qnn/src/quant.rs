@@ -1445,7 +1445,8 @@ impl QuantizedModel {
     /// float one (PyTorch's Numeric Suite, `compare_model_outputs`).
     ///
     /// # Errors
-    /// A float model whose modules do not match this one's, or an input neither can take.
+    /// A float model whose modules do not match this one's (names, kinds, or a LayerNorm's
+    /// gamma and beta, which [`crate::smooth_quant`] rewrites), or an input neither can take.
     pub fn report(&self, float: &Sequential, x: &ArrayD<f32>) -> Result<Vec<LayerReport>> {
         self.report_view(&crate::graph::view(float), std::slice::from_ref(x))
     }
