@@ -326,8 +326,7 @@ struct QuantizeOpts {
 
 /// Applies `--smooth-quant` to the imported graph on the calibration batches (one array
 /// per input in each), and says what it did.
-fn smooth(g: &mut qnn::Graph, batches: &[Vec<ArrayD<f32>>], alpha: Option<f32>) -> Result<(), String> {
-    let Some(alpha) = alpha else { return Ok(()) };
+fn smooth(g: &mut qnn::Graph, batches: &[Vec<ArrayD<f32>>], alpha: f32) -> Result<(), String> {
     if batches.is_empty() {
         return Err("--smooth-quant measures the activations on the calibration data: give --calib".into());
     }
@@ -410,8 +409,8 @@ fn quantize(
         let t1 = Instant::now();
         let starts: Vec<usize> = (0..n).step_by(batch_size.max(1)).collect();
         let batch = |start: usize| data::items(&xs, start, (start + batch_size.max(1)).min(n));
-        if o.smooth_quant.is_some() {
-            smooth(&mut m.graph, &starts.iter().map(|&s| batch(s)).collect::<Vec<_>>(), o.smooth_quant)?;
+        if let Some(alpha) = o.smooth_quant {
+            smooth(&mut m.graph, &starts.iter().map(|&s| batch(s)).collect::<Vec<_>>(), alpha)?;
         }
         let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
         for &start in &starts {
@@ -448,9 +447,9 @@ fn quantize(
     };
     let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
     let t1 = Instant::now();
-    if o.smooth_quant.is_some() {
+    if let Some(alpha) = o.smooth_quant {
         let per_input: Vec<Vec<ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();
-        smooth(&mut m.graph, &per_input, o.smooth_quant)?;
+        smooth(&mut m.graph, &per_input, alpha)?;
     }
     let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
     prepared.calibrate_batches(&batches, threads.max(1)).map_err(|e| e.to_string())?;
@@ -686,7 +685,7 @@ fn report(
     if let Some((alpha, calib, batch_size)) = smooth_with {
         let batches = data::batches(&calib, batch_size, &images.prep(Some(&s))?)?;
         let per_input: Vec<Vec<ArrayD<f32>>> = batches.into_iter().map(|b| vec![b]).collect();
-        smooth(&mut float, &per_input, Some(alpha))?;
+        smooth(&mut float, &per_input, alpha)?;
     }
     if q.plan().iter().any(|p| p.name.is_empty()) {
         return Err("the int8 model has unnamed layers".into());

@@ -1239,9 +1239,10 @@ fn conv_add_fusions(
                     }
                     break p;
                 };
+                // (The other operand cannot be the chain's values: each has this one reader.)
                 let is_conv = step_of(&g.nodes[i]).op.as_any().is::<ConvOp>();
                 let other_first = producer[other.0].is_none_or(|p| p < i);
-                (is_conv && other_first && t != other && x != other).then_some((i, other, 1 - pos, passes))
+                (is_conv && other_first).then_some((i, other, 1 - pos, passes))
             })
             .max_by_key(|c| c.0);
         if let Some((i, other, other_pos, passes)) = best {

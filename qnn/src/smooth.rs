@@ -90,8 +90,9 @@ pub fn smooth_quant(g: &mut Graph, batches: &[Vec<ArrayD<f32>>], alpha: f32) -> 
     // nodes' output shapes, which must keep the channels on the last axis.
     let mut amax: Vec<Vec<f32>> = plans.iter().map(|p| vec![0.0f32; p.1]).collect();
     let mut last_dims: Vec<(usize, usize)> = Vec::new();
+    let kernels = g.float_kernels()?;
     for batch in batches {
-        g.run_f32(batch, None, |i, y| {
+        g.run_f32(batch, Some((&kernels, 1)), |i, y| {
             if let Some(p) = plans.iter().position(|p| p.0 == i) {
                 let last = Axis(y.ndim().saturating_sub(1));
                 for lane in y.lanes(last) {
@@ -119,6 +120,7 @@ pub fn smooth_quant(g: &mut Graph, batches: &[Vec<ArrayD<f32>>], alpha: f32) -> 
             None => kept.push((plan, act)),
         }
     }
+    drop(kernels);
     g.touch();
     for ((i, c, linears, _), act) in kept {
         // The weights' largest magnitude per input column, over every reader.
