@@ -16,7 +16,7 @@ use crate::frame::kernels::Kernels;
 /// The tiers each architecture has kernels for, lowest first (scalar, the generic tier, on
 /// every architecture).
 const TIERS: [(Arch, &[Isa]); 2] = [
-    (Arch::X86_64, &[Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]),
+    (Arch::X86_64, &[Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx]),
     (Arch::Aarch64, &[Isa::Scalar, Isa::Neon, Isa::Dotprod, Isa::I8mm]),
 ];
 

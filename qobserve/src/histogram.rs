@@ -136,8 +136,8 @@ fn histc_counts_dispatch(xs: &[f32], bins: usize, lo: f32, hi: f32, counts: &mut
     use qtensor::isa::Isa;
     #[cfg(target_arch = "x86_64")]
     match qtensor::isa::selected() {
-        // SAFETY: the selected tier is supported by this CPU; AVX-512 VNNI implies F.
-        Isa::Avx512Vnni => return unsafe { histc_counts_avx512(xs, bins, lo, hi, counts) },
+        // SAFETY: the selected tier is supported by this CPU; AVX-512 VNNI and AMX imply F.
+        Isa::Avx512Vnni | Isa::Amx => return unsafe { histc_counts_avx512(xs, bins, lo, hi, counts) },
         // SAFETY: as above.
         Isa::Avx2 => return unsafe { histc_counts_avx2(xs, bins, lo, hi, counts) },
         _ => {}

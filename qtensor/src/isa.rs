@@ -4,7 +4,7 @@
 //! versions; [`selected`] decides, once, which one runs. Two environment variables control it,
 //! so that a test suite can be run once per instruction set:
 //!
-//! - `QUANT_FORCE_ISA` = `scalar` | `avx2` | `avx512vnni` (x86-64) | `neon` | `dotprod` |
+//! - `QUANT_FORCE_ISA` = `scalar` | `avx2` | `avx512vnni` | `amx` (x86-64) | `neon` | `dotprod` |
 //!   `i8mm` (aarch64) | `auto` (the default): use at most this instruction set. If the CPU
 //!   lacks it, the best one it has below it is used; a tier of the other architecture is an
 //!   error (a warning and `auto` without `QUANT_REQUIRE_ISA`).
@@ -40,6 +40,10 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL with VNNI (Ice Lake and later, Zen 4 and later).
     Avx512Vnni,
+    /// x86-64 AVX-512 VNNI with the AMX-INT8 tile instructions (`tdpbusd`: Sapphire Rapids
+    /// and later Xeons), which the kernel must also grant the process (Linux 5.16 and later,
+    /// asked for once by [`Isa::is_supported`]).
+    Amx,
     /// aarch64 Advanced SIMD (every aarch64 CPU): widening multiply-accumulate.
     Neon,
     /// aarch64 with the dot-product instructions `sdot`/`udot` (Armv8.4, optional from 8.2:
@@ -63,7 +67,7 @@ pub enum Arch {
 
 impl Isa {
     /// Every tier, lowest first within each architecture.
-    pub const ALL: [Isa; 6] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon, Isa::Dotprod, Isa::I8mm];
+    pub const ALL: [Isa; 7] = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Amx, Isa::Neon, Isa::Dotprod, Isa::I8mm];
 
     /// The name used by `QUANT_FORCE_ISA`.
     pub const fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Amx => "amx",
             Isa::Neon => "neon",
             Isa::Dotprod => "dotprod",
             Isa::I8mm => "i8mm",
@@ -81,7 +86,7 @@ impl Isa {
     pub const fn arch(self) -> Arch {
         match self {
             Isa::Scalar => Arch::Any,
-            Isa::Avx2 | Isa::Avx512Vnni => Arch::X86_64,
+            Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => Arch::X86_64,
             Isa::Neon | Isa::Dotprod | Isa::I8mm => Arch::Aarch64,
         }
     }
@@ -109,7 +114,7 @@ impl Isa {
             Isa::Scalar => 0,
             Isa::Avx2 | Isa::Neon => 1,
             Isa::Dotprod | Isa::Avx512Vnni => 2,
-            Isa::I8mm => 3,
+            Isa::I8mm | Isa::Amx => 3,
         }
     }
 
@@ -138,6 +143,8 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Avx512Vnni.is_supported() && amx_granted(),
             #[allow(unreachable_patterns)]
             _ => false,
         }
@@ -153,6 +160,41 @@ impl Isa {
     pub fn capped_to_supported(self) -> Isa {
         Isa::ALL.into_iter().rev().find(|i| self.includes(*i) && i.is_supported()).unwrap_or(Isa::Scalar)
     }
+}
+
+/// Whether this CPU has AMX-TILE and AMX-INT8 and the kernel lets this process use the tile
+/// data (asked for once, with `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: Linux
+/// enables AMX per process, and the first tile instruction without that permission faults).
+#[cfg(target_arch = "x86_64")]
+fn amx_granted() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // Leaf 7 exists: the caller checked AVX-512 VNNI first, which it reports.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (tile, int8) = (leaf7.edx >> 24 & 1 == 1, leaf7.edx >> 25 & 1 == 1);
+        if !(tile && int8 && cfg!(target_os = "linux")) {
+            return false;
+        }
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: the Linux x86-64 system call convention (number in rax, arguments in rdi and
+        // rsi, rcx and r11 clobbered, result in rax); `arch_prctl(ARCH_REQ_XCOMP_PERM, ..)`
+        // reads no memory and only changes which state components this process may use.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    })
 }
 
 impl fmt::Display for Isa {

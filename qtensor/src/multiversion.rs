@@ -32,8 +32,8 @@ macro_rules! multiversion {
             #[cfg(target_arch = "x86_64")]
             match isa.capped_to_supported() {
                 // SAFETY: the tier was capped to what this CPU supports; the AVX-512 VNNI
-                // tier implies AVX-512 F/BW/VL.
-                $crate::isa::Isa::Avx512Vnni => return unsafe { avx512($($arg),*) },
+                // and AMX tiers imply AVX-512 F/BW/VL.
+                $crate::isa::Isa::Avx512Vnni | $crate::isa::Isa::Amx => return unsafe { avx512($($arg),*) },
                 // SAFETY: as above, AVX2 and FMA.
                 $crate::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
                 _ => {}

@@ -495,7 +495,7 @@ fn force_isa(name: &str) -> Result<(bool, bool), String> {
         ));
     }
     Ok(match isa {
-        Isa::Avx512Vnni => (true, true),
+        Isa::Avx512Vnni | Isa::Amx => (true, true),
         Isa::Avx2 => {
             std::env::set_var("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2");
             std::env::set_var("ONEDNN_MAX_CPU_ISA", "AVX2");
@@ -534,10 +534,13 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
     let peak = qkernels::peak::measure();
     match peak {
         Some(p) => println!(
-            "machine ceilings, one core (independent vpdpbusd / FMA loops): int8 {:.0} GMAC/s, f32 {:.0} GMAC/s; kernels: {}",
+            "machine ceilings, one core (independent vpdpbusd / FMA loops): int8 {:.0} GMAC/s, f32 {:.0} GMAC/s{}; \
+             kernels: {} (% peak against {:.0} GMAC/s)",
             p.int8_gmacs,
             p.f32_gmacs,
-            qtensor::isa::selected()
+            p.amx_int8_gmacs.map(|a| format!(", AMX tdpbusd int8 {a:.0} GMAC/s")).unwrap_or_default(),
+            qtensor::isa::selected(),
+            p.int8_for(qtensor::isa::selected()),
         ),
         None => println!("no AVX-512 VNNI: peak probe skipped; kernels: {}", qtensor::isa::selected()),
     }
@@ -572,7 +575,7 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
             let macs = shape.macs();
             let gi = macs / i8ms / 1e6;
             let gf = macs / f32ms / 1e6;
-            let pct = peak.map(|p| 100.0 * gi / (p.int8_gmacs * threads as f64));
+            let pct = peak.map(|p| 100.0 * gi / (p.int8_for(qtensor::isa::selected()) * threads as f64));
             let pct_f = peak.map(|p| 100.0 * gf / p.f32_gmacs);
             let pm = peer.as_ref().and_then(|p| p.iter().find(|(n, _)| n == shape.name()).map(|(_, ms)| *ms));
             println!(
@@ -623,7 +626,7 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
         onnxruntime: ort_ok,
         qconfig: &qconfig,
         filter,
-        peak_int8_gmacs: peak.map(|p| p.int8_gmacs),
+        peak_int8_gmacs: peak.map(|p| p.int8_for(qtensor::isa::selected())),
     };
     crate::bench_models::run(root, &options, &mut records)?;
     crate::bench_transformers::run(root, &options, &mut records)?;

@@ -64,7 +64,8 @@ enum Command {
         write_thresholds: bool,
     },
     /// The kernel crates' tests once per forced instruction set of the architecture (x86-64:
-    /// scalar, avx2, avx512vnni; aarch64: scalar, neon, dotprod, i8mm).
+    /// scalar, avx2, avx512vnni, amx, skipped on CPUs without it; aarch64: scalar, neon,
+    /// dotprod, i8mm).
     Conformance {
         /// Cross-build for this target and run through its cargo runner (e.g.
         /// `aarch64-unknown-linux-gnu` with `qemu-aarch64 -cpu max` as the runner).
@@ -114,7 +115,7 @@ enum Command {
         /// Write the results as JSON records here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
-        /// Run our kernels on this instruction-set tier (scalar, avx2, avx512vnni; on aarch64
+        /// Run our kernels on this instruction-set tier (scalar, avx2, avx512vnni, amx; on aarch64
         /// neon, dotprod, i8mm), as `QUANT_FORCE_ISA` does; PyTorch's peer is capped to the
         /// same tier where FBGEMM and oneDNN can be (avx2), and peers that cannot be capped
         /// are left out.

@@ -16,7 +16,11 @@ fn status(cmd: &mut Command, what: &str) -> Result<bool, String> {
 }
 
 fn asan(root: &Path) -> Result<(), String> {
-    let tiers = crate::conformance::tiers(qtensor::isa::Isa::host_arch());
+    let (tiers, skipped) =
+        crate::conformance::runnable(crate::conformance::tiers(qtensor::isa::Isa::host_arch()), false);
+    for isa in &skipped {
+        println!("== AddressSanitizer, QUANT_FORCE_ISA={isa}: skipped, this CPU lacks it");
+    }
     let mut failed = Vec::new();
     for &isa in &tiers {
         println!("== AddressSanitizer, QUANT_FORCE_ISA={isa}");

@@ -1,4 +1,4 @@
-//! x86-64 kernels, one folder per tier (`avx512vnni`, `avx2`), one file per kernel family.
+//! x86-64 kernels, one folder per tier (`avx2`, `avx512vnni`, `amx`), one file per kernel family.
 //! Each kernel is the twin of a scalar kernel in `generic` and is reached only through the
 //! registry (`crate::registry`), which the CPU checks filled: every function here is `unsafe`
 //! with the CPU feature as its precondition.
@@ -57,6 +57,7 @@ impl<'p> FusedOut<'p> {
     }
 }
 
+pub(crate) mod amx;
 pub(crate) mod avx2;
 pub(crate) mod avx512vnni;
 
@@ -72,5 +73,8 @@ pub(crate) fn register(k: &mut Kernels, isa: Isa) {
     }
     if isa.includes(Isa::Avx512Vnni) {
         avx512vnni::register(k);
+    }
+    if isa.includes(Isa::Amx) {
+        amx::register(k);
     }
 }

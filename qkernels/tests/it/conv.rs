@@ -524,6 +524,58 @@ fn dense_rows_with_tails_match_the_reference() {
     }
 }
 
+/// Convolutions whose kernel rows are whole chunks of 64 bytes (channels a multiple of 64, as
+/// in ResNets), which the AMX tier reads in place where 16 output pixels of a tile lie in one
+/// output row and gathers where a tile crosses a row's end or the block's last tile is short:
+/// output widths below, at and above 16, strides 1 and 2, batch 2, every tier, 1-3 threads.
+#[test]
+fn convolutions_of_whole_chunks_match_the_reference() {
+    let mut next = crate::xorshift(0x0dd5_4c3b_a2f1_9e77);
+    // (n, c, oc, k, stride, pad, h, w)
+    let shapes = [
+        (2, 64, 64, 3, 1, 1, 9, 16),
+        (2, 64, 70, 3, 1, 1, 7, 23),
+        (2, 128, 40, 3, 2, 1, 11, 35),
+        (2, 64, 130, 1, 1, 0, 5, 37),
+        (2, 192, 16, 3, 1, 0, 6, 20),
+        // 33 output pixels: tiles of 16, 16 and 1 rows
+        (1, 64, 32, 3, 1, 1, 3, 11),
+    ];
+    for (n, c, oc, k, stride, pad, h, w) in shapes {
+        let case = ConvCase {
+            n,
+            h,
+            w,
+            c,
+            oc,
+            kh: k,
+            kw: k,
+            geom: Conv2dGeometry { stride: [stride, stride], padding: [pad, pad], dilation: [1, 1], groups: 1 },
+            x: (0..n * h * w * c).map(|_| next() as u8).collect(),
+            za: 61,
+            sa: 0.02,
+            wt: (0..oc * k * k * c).map(|_| next() as i8).collect(),
+            sw: (0..oc).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+            zw: vec![0; oc],
+            bias: Some((0..oc).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+            out: OutputQuant {
+                scale: ((k * k * c) as f32).sqrt() * 70.0 * 70.0 * 0.02 * 0.01 * 0.5,
+                zero_point: 70,
+                activation: Activation::None,
+            },
+        };
+        let expected = case.reference().unwrap();
+        for isa in crate::isas_under_test() {
+            let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+            for threads in 1..=3 {
+                let mut out = vec![0u8; expected.len()];
+                packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+                assert_eq!(out, expected, "{isa} threads={threads} c={c} oc={oc} k={k} stride={stride} w={w}");
+            }
+        }
+    }
+}
+
 /// Layers split over the same cached thread pool, called at once from several threads: a pool
 /// worker waiting on one layer's parallel work runs another's jobs, so no per-thread buffer may
 /// stay borrowed across that wait (this once panicked with "RefCell already borrowed").

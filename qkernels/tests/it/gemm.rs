@@ -103,15 +103,7 @@ proptest! {
     #[test]
     fn every_isa_and_thread_count_matches_the_reference(c in case()) {
         let raw = naive_raw(&c);
-        let (lo, hi) = c.out.bounds();
-        let expected: Vec<u8> = (0..c.m * c.n).map(|idx| {
-            let j = idx % c.n;
-            let sw = c.sw[if c.per_channel { j } else { 0 }];
-            let ab = 0.02f32 * sw;
-            let form = if c.per_channel { BiasForm::PerChannel } else { BiasForm::PerTensorFused };
-            let (bx, by) = bias_operands(c.bias.as_ref().map_or(0.0, |b| b[j]), ab, form);
-            qkernels::requantize_scalar(raw[idx] as i32, bx, by, ab / c.out.scale, c.out.zero_point, lo, hi) as u8
-        }).collect();
+        let expected = u8_reference(&c, &raw);
         for isa in crate::isas_under_test() {
             for threads in 1..=3 {
                 let got = run_u8(&c, isa, threads);
@@ -126,6 +118,78 @@ proptest! {
             for threads in 1..=2 {
                 prop_assert_eq!(run_f32(&c, isa, relu, threads), f32_reference(&c, &raw, relu), "{} f32", isa);
             }
+        }
+    }
+}
+
+/// Requantized output of the raw sums, FBGEMM's formula.
+fn u8_reference(c: &Case, raw: &[i64]) -> Vec<u8> {
+    let (lo, hi) = c.out.bounds();
+    (0..c.m * c.n)
+        .map(|idx| {
+            let j = idx % c.n;
+            let sw = c.sw[if c.per_channel { j } else { 0 }];
+            let ab = 0.02f32 * sw;
+            let form = if c.per_channel { BiasForm::PerChannel } else { BiasForm::PerTensorFused };
+            let (bx, by) = bias_operands(c.bias.as_ref().map_or(0.0, |b| b[j]), ab, form);
+            qkernels::requantize_scalar(raw[idx] as i32, bx, by, ab / c.out.scale, c.out.zero_point, lo, hi) as u8
+        })
+        .collect()
+}
+
+/// Blocks of 16 rows and more (the AMX tier's tiles): whole and partial tiles of rows, one to
+/// four panels of columns with partial last panels, K of whole 64-byte chunks, with a partial
+/// last chunk (of whole groups of four, or not), and shorter than one chunk; `u8`, `i32` and
+/// `f32` output, with and without weight zero points, on every tier and 1-2 threads.
+#[test]
+fn blocks_of_whole_tiles_of_rows_match_the_reference() {
+    let mut next = crate::xorshift(0x7a3c_19e5_02d4_b861);
+    let shapes = [
+        (16, 64, 16),
+        (17, 128, 33),
+        (32, 576, 64),
+        (47, 124, 100),
+        (96, 253, 48),
+        (33, 68, 40),
+        (64, 100, 64),
+        (97, 64, 20),
+        (200, 61, 70),
+        (150, 700, 130),
+    ];
+    for (i, (m, k, n)) in shapes.into_iter().enumerate() {
+        let symmetric = i % 2 == 0;
+        let lda_pad = (next() % 5) as usize;
+        let c = Case {
+            m,
+            k,
+            n,
+            lda_pad,
+            a: (0..m * (k + lda_pad)).map(|_| next() as u8).collect(),
+            w: (0..n * k).map(|_| next() as i8).collect(),
+            za: (next() % 256) as i32,
+            per_channel: i % 3 != 1,
+            zw: (0..n).map(|_| if symmetric { 0 } else { (next() % 256) as i32 - 128 }).collect(),
+            sw: (0..n).map(|_| 0.001 + (next() % 1000) as f32 * 1e-4).collect(),
+            bias: Some((0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect()),
+            out: OutputQuant {
+                scale: (k as f32).sqrt() * 128.0 * 80.0 * 0.02 * 0.05 / 100.0,
+                zero_point: (next() % 256) as i32,
+                activation: [Activation::None, Activation::Relu, Activation::Relu6][i % 3],
+            },
+        };
+        let raw = naive_raw(&c);
+        let want_u8 = u8_reference(&c, &raw);
+        let want_f32 = f32_reference(&c, &raw, i % 2 == 1);
+        for isa in crate::isas_under_test() {
+            for threads in 1..=2 {
+                assert_eq!(run_u8(&c, isa, threads), want_u8, "{m}x{k}x{n} {isa} threads={threads} u8");
+                assert_eq!(run_f32(&c, isa, i % 2 == 1, threads), want_f32, "{m}x{k}x{n} {isa} threads={threads} f32");
+            }
+            let packed = PackedWeights::with_isa(isa, &weights(&c)).unwrap();
+            let a = QMatrix { data: &c.a, m, k, lda: k + lda_pad, scale: 0.02, zero_point: c.za };
+            let mut out = vec![0i32; m * n];
+            gemm(&a, &packed, None, GemmOutput::I32 { data: &mut out, ldc: n }, 1).unwrap();
+            assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw, "{m}x{k}x{n} {isa} i32");
         }
     }
 }

@@ -143,11 +143,11 @@ fn isa_selection_from_environment_values() {
     assert_eq!(resolve(Some("auto"), true), Ok(Isa::best_supported()));
     assert_eq!(resolve(Some("scalar"), true), Ok(Isa::Scalar));
     let err = resolve(Some("sse9"), false).unwrap_err();
-    assert!(err.contains("auto, scalar, avx2, avx512vnni, neon, dotprod, i8mm"), "{err}");
+    assert!(err.contains("auto, scalar, avx2, avx512vnni, amx, neon, dotprod, i8mm"), "{err}");
     // Each architecture's own tiers cap to what the CPU has; the other's are refused.
     let (own, other) = match Isa::host_arch() {
-        Arch::X86_64 => ([Isa::Avx2, Isa::Avx512Vnni], [Isa::Neon, Isa::I8mm]),
-        Arch::Aarch64 => ([Isa::Dotprod, Isa::I8mm], [Isa::Avx2, Isa::Avx512Vnni]),
+        Arch::X86_64 => (vec![Isa::Avx2, Isa::Avx512Vnni, Isa::Amx], vec![Isa::Neon, Isa::I8mm]),
+        Arch::Aarch64 => (vec![Isa::Dotprod, Isa::I8mm], vec![Isa::Avx2, Isa::Avx512Vnni, Isa::Amx]),
         Arch::Any => return,
     };
     for isa in own {
@@ -164,6 +164,7 @@ fn isa_selection_from_environment_values() {
         assert!(err.contains("tier, but this binary runs on"), "{err}");
     }
     assert!(Isa::Avx512Vnni.includes(Isa::Avx2) && Isa::I8mm.includes(Isa::Dotprod));
+    assert!(Isa::Amx.includes(Isa::Avx512Vnni) && !Isa::Avx512Vnni.includes(Isa::Amx) && !Isa::Amx.includes(Isa::I8mm));
     assert!(!Isa::I8mm.includes(Isa::Avx2) && !Isa::Avx2.includes(Isa::Neon) && Isa::Neon.includes(Isa::Scalar));
 }
 

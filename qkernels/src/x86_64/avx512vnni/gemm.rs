@@ -34,7 +34,7 @@ unsafe fn neg_colterm<const NV: usize>(f: &FusedOut<'_>) -> [__m512i; NV] {
 /// Where the rows of a VNNI tile come from: MR rows of A times NV panels of 16 columns, full
 /// K, summed with `vpdpbusd` (exact int32 sums of u8 x i8 products: no 16-bit intermediate,
 /// unlike `vpmaddubsw`) from starting values `init`.
-pub(super) trait TileRows {
+pub(crate) trait TileRows {
     /// The sums of rows `first..first + MR`.
     ///
     /// # Safety
@@ -164,7 +164,7 @@ unsafe fn vnni_fused<S: TileRows, const NV: usize>(src: &S, m: usize, f: &FusedO
 ///
 /// # Safety
 /// As [`vnni_fused`], with `1 <= f.ncols <= 64`.
-pub(super) unsafe fn vnni_fused_any<S: TileRows>(src: &S, m: usize, f: &FusedOut<'_>) {
+pub(crate) unsafe fn vnni_fused_any<S: TileRows>(src: &S, m: usize, f: &FusedOut<'_>) {
     // SAFETY: forwarded preconditions, with 16 * (NV - 1) < ncols <= 16 * NV.
     unsafe {
         match f.ncols.div_ceil(VNNI_LANES) {
@@ -234,10 +234,37 @@ pub(crate) unsafe fn vnni_dense_rows_f32(
     // SAFETY: forwarded preconditions.
     unsafe {
         match f.ncols.div_ceil(VNNI_LANES) {
-            1 => dense_f32::<1>(&src, m, f, relu, per_row),
-            2 => dense_f32::<2>(&src, m, f, relu, per_row),
-            3 => dense_f32::<3>(&src, m, f, relu, per_row),
-            4 => dense_f32::<4>(&src, m, f, relu, per_row),
+            1 => dense_f32::<_, 1>(&src, m, f, relu, per_row),
+            2 => dense_f32::<_, 2>(&src, m, f, relu, per_row),
+            3 => dense_f32::<_, 3>(&src, m, f, relu, per_row),
+            4 => dense_f32::<_, 4>(&src, m, f, relu, per_row),
+            nv => unreachable!("{nv} vectors of columns in one tile"),
+        }
+    }
+}
+
+/// Rows `f.r0..f.r0 + m` of any source of sums (`src`'s rows from 0) dequantized to `f32`
+/// as [`vnni_dense_rows_f32`] does.
+///
+/// # Safety
+/// The CPU supports AVX-512 VNNI; `src` holds the rows `0..m` and `f.ncols <= 64` columns;
+/// `f.out` (row stride `f.ldc`, `f32` values) holds rows `f.r0..f.r0 + m` and the columns;
+/// the plan covers the columns, `f.rowsums` the rows when the weights have zero points.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(crate) unsafe fn vnni_sums_f32<S: TileRows>(
+    src: &S,
+    m: usize,
+    f: &FusedOut<'_>,
+    relu: bool,
+    per_row: Option<(&[crate::QuantU8], &[i32])>,
+) {
+    // SAFETY: forwarded preconditions.
+    unsafe {
+        match f.ncols.div_ceil(VNNI_LANES) {
+            1 => dense_f32::<_, 1>(src, m, f, relu, per_row),
+            2 => dense_f32::<_, 2>(src, m, f, relu, per_row),
+            3 => dense_f32::<_, 3>(src, m, f, relu, per_row),
+            4 => dense_f32::<_, 4>(src, m, f, relu, per_row),
             nv => unreachable!("{nv} vectors of columns in one tile"),
         }
     }
@@ -248,8 +275,8 @@ pub(crate) unsafe fn vnni_dense_rows_f32(
 /// # Safety
 /// As [`vnni_dense_rows_f32`], with `16 * (NV - 1) < f.ncols <= 16 * NV`.
 #[inline(always)]
-unsafe fn dense_f32<const NV: usize>(
-    src: &DenseRows,
+unsafe fn dense_f32<S: TileRows, const NV: usize>(
+    src: &S,
     m: usize,
     f: &FusedOut<'_>,
     relu: bool,

@@ -50,7 +50,7 @@ fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
 ///
 /// # Safety
 /// As `GemmKernels::block`.
-unsafe fn block(b: &Block<'_>) -> bool {
+pub(super) unsafe fn block(b: &Block<'_>) -> bool {
     let Packed::Vnni(p) = &b.w.packed else { unreachable!("VNNI blocks read VNNI packings") };
     let fused = FusedOut::of(b);
     let panel0 = b.cols.start / VNNI_LANES;
