@@ -256,7 +256,7 @@ pub struct Record {
     pub batch: Option<usize>,
     pub median_ms: f64,
     pub gmacs_per_s: f64,
-    /// Of the probe's int8 peak times the thread count.
+    /// Of the probe's int8 peak for the tier that ran (`tdpbusd` for AMX) times the thread count.
     pub pct_of_peak: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub images_per_s: Option<f64>,
