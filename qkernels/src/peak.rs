@@ -26,8 +26,9 @@ impl Peak {
     }
 }
 
-/// Runs both probes on the calling thread (about 0.3 s). Returns `None` on CPUs without
-/// AVX-512 VNNI, where the probe's instructions do not exist.
+/// Runs the probes (`vpdpbusd`, FMA, and `tdpbusd` where the AMX tier runs) on the calling
+/// thread (under a second). Returns `None` on CPUs without AVX-512 VNNI, where the probes'
+/// instructions do not exist.
 pub fn measure() -> Option<Peak> {
     #[cfg(target_arch = "x86_64")]
     if qtensor::isa::Isa::Avx512Vnni.is_supported() {

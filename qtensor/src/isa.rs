@@ -165,6 +165,9 @@ impl Isa {
 /// Whether this CPU has AMX-TILE and AMX-INT8 and the kernel lets this process use the tile
 /// data (asked for once, with `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: Linux
 /// enables AMX per process, and the first tile instruction without that permission faults).
+/// Asked as soon as anything checks the tier (the kernels' tables are built for every
+/// supported tier), whatever `QUANT_FORCE_ISA` says; once granted, Linux refuses alternate
+/// signal stacks too small for the tile state (about 11 KiB) in this process's threads.
 #[cfg(target_arch = "x86_64")]
 fn amx_granted() -> bool {
     static GRANTED: OnceLock<bool> = OnceLock::new();

@@ -23,7 +23,7 @@ use tiles::{ASource, TILE_M};
 pub(super) fn register(k: &mut Kernels) {
     k.gemm.name = |w| {
         if w.iter().all(|w| tiles::takes_k(w.k)) {
-            "amx: tdpbusd (blocks of 16 rows or more; vpdpbusd below)".into()
+            "amx: tdpbusd (blocks of 16 rows or more; convolutions read in place: kernel rows of whole 64-byte chunks; vpdpbusd otherwise)".into()
         } else {
             "amx: vpdpbusd (K below 64 or not in whole groups of four: no tiles)".into()
         }

@@ -38,7 +38,7 @@ struct TileConfig {
 
 /// The block's raw sums, row `r` column `j` (relative to the block) at `rows[r][j]`: left
 /// uninitialized (24 KiB a block), written by [`sums`] for the block's rows and panels, and
-/// read only there.
+/// read (through `TileRows`, by the VNNI epilogues) only there.
 #[repr(C, align(64))]
 pub(super) struct Sums {
     rows: std::mem::MaybeUninit<[[i32; 4 * VNNI_LANES]; MC]>,
@@ -172,6 +172,8 @@ pub(super) unsafe fn sums(src: &ASource<'_>, m: usize, weights: &[i8], panels: u
     let gathered = step[..tiles].iter().filter(|&&s| s == 0).count();
     let mut arena = ARENA.with(|a| std::mem::take(&mut *a.borrow_mut()));
     arena.resize(arena.len().max(gathered * TILE_M * k), 0);
+    // Every gathered tile's pointer derives from this one borrow of the arena.
+    let arena_base = arena.as_mut_ptr();
     // Tile t's first row, and the distance between its rows (0: gathered, K apart).
     let mut first_row = [std::ptr::null::<u8>(); MC / TILE_M];
     let mut next_area = 0;
@@ -185,7 +187,9 @@ pub(super) unsafe fn sums(src: &ASource<'_>, m: usize, weights: &[i8], panels: u
             continue;
         }
         let rows = (m - r0).min(TILE_M);
-        let buf = &mut arena[next_area * TILE_M * k..(next_area + 1) * TILE_M * k];
+        // SAFETY: area `next_area` (16 rows of K bytes) lies inside the arena, which holds
+        // one area per gathered tile, and no other reference to it is live.
+        let buf = unsafe { std::slice::from_raw_parts_mut(arena_base.add(next_area * TILE_M * k), TILE_M * k) };
         next_area += 1;
         for (r, dst) in buf.chunks_exact_mut(k).enumerate() {
             if r >= rows {
