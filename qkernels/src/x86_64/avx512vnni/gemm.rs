@@ -33,7 +33,7 @@ unsafe fn neg_colterm<const NV: usize>(f: &FusedOut<'_>) -> [__m512i; NV] {
 }
 /// Where the rows of a VNNI tile come from: MR rows of A times NV panels of 16 columns, full
 /// K, summed with `vpdpbusd` (exact int32 sums of u8 x i8 products: no 16-bit intermediate,
-/// unlike `vpmaddubsw`) from starting values `init`.
+/// unlike `vpmaddubsw`) from starting values `init`, or sums the AMX tier's tiles computed.
 pub(crate) trait TileRows {
     /// The sums of rows `first..first + MR`.
     ///
@@ -232,15 +232,7 @@ pub(crate) unsafe fn vnni_dense_rows_f32(
         b: packed[panel0 * vnni_panel_len(k)..].as_ptr(),
     };
     // SAFETY: forwarded preconditions.
-    unsafe {
-        match f.ncols.div_ceil(VNNI_LANES) {
-            1 => dense_f32::<_, 1>(&src, m, f, relu, per_row),
-            2 => dense_f32::<_, 2>(&src, m, f, relu, per_row),
-            3 => dense_f32::<_, 3>(&src, m, f, relu, per_row),
-            4 => dense_f32::<_, 4>(&src, m, f, relu, per_row),
-            nv => unreachable!("{nv} vectors of columns in one tile"),
-        }
-    }
+    unsafe { vnni_sums_f32(&src, m, f, relu, per_row) }
 }
 
 /// Rows `f.r0..f.r0 + m` of any source of sums (`src`'s rows from 0) dequantized to `f32`
