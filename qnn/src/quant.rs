@@ -1140,23 +1140,41 @@ pub struct QuantizedModel {
     runs_in_attention: Vec<bool>,
 }
 
-/// Attention's three int8 steps found in a converted graph: a product `q x kt` (the node
-/// holding this), the softmax that alone reads it, and the product whose left operand is
-/// that softmax's output alone.
+/// Attention's int8 steps found in a converted graph: a product `q x kt` (the node holding
+/// this), optionally a scaling by a constant and an addition of a mask, the softmax, and the
+/// product whose left operand is that softmax's output; each step's output read by the next
+/// step alone.
 #[derive(Clone, Copy, Debug)]
 struct Attention {
+    /// A `MulScalar` of the scores.
+    scale: Option<usize>,
+    /// An int8 addition of a mask to the (scaled) scores: its node, the mask, and whether the
+    /// scores are its first operand.
+    mask: Option<(usize, Tensor, bool)>,
     softmax: usize,
     product: usize,
     /// The second product's right operand (`v`).
     v: Tensor,
 }
 
+impl Attention {
+    /// The nodes it runs besides its first product, in order.
+    fn inner(&self) -> impl Iterator<Item = usize> {
+        self.scale.into_iter().chain(self.mask.map(|m| m.0)).chain([self.softmax, self.product])
+    }
+}
+
 /// The attention patterns that run head by head in one step
-/// (`crate::ops::matmul::attention`, the same bytes as the three ops): an int8 product whose
-/// output only an int8 softmax reads, whose output only another int8 product reads as its
-/// left operand, the right one (`v`) computed before the first product runs.
+/// (`crate::ops::matmul::attention`, the same bytes as the ops one by one): an int8 product
+/// whose output only (optionally) a `MulScalar`, then (optionally) an int8 addition of a mask
+/// computed before the product, then an int8 softmax read, each the only reader of the step
+/// before, and whose softmax's output only another int8 product reads as its left operand,
+/// the right one (`v`) computed before the first product runs. No step's output is a graph
+/// output.
 fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) -> (Vec<Option<Attention>>, Vec<bool>) {
+    use crate::ops::add::AddOp;
     use crate::ops::matmul::MatMulOp;
+    use crate::ops::scalar::MulScalarOp;
     use crate::ops::softmax::SoftmaxOp;
     let mut fused = vec![None; g.nodes.len()];
     let mut runs_in = vec![false; g.nodes.len()];
@@ -1167,26 +1185,57 @@ fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) 
             reader[t.0] = Some(i);
         }
     }
-    let product = |i: usize| step_of(&g.nodes[i]).op.as_any().downcast_ref::<MatMulOp>().filter(|m| m.is_int8());
+    let op = |i: usize| step_of(&g.nodes[i]).op.as_any();
+    let product = |i: usize| op(i).downcast_ref::<MatMulOp>().filter(|m| m.is_int8());
+    // The only reader of a value that is not a graph output.
+    let sole_reader = |t: Tensor| if readers[t.0] == 1 && !g.outputs.contains(&t) { reader[t.0] } else { None };
+    let before = |t: Tensor, i: usize| producer[t.0].is_none_or(|p| p < i);
     for (i, n) in g.nodes.iter().enumerate() {
-        if product(i).is_none() || n.inputs.len() != 2 || readers[n.output.0] != 1 {
+        if product(i).is_none() || n.inputs.len() != 2 {
             continue;
         }
-        let Some(s) = reader[n.output.0] else { continue };
+        let Some(mut next) = sole_reader(n.output) else { continue };
+        let mut at = n.output;
+        let scale = (op(next).is::<MulScalarOp>() && g.nodes[next].inputs.len() == 1).then_some(next);
+        if let Some(x) = scale {
+            at = g.nodes[x].output;
+            let Some(r) = sole_reader(at) else { continue };
+            next = r;
+        }
+        let an = &g.nodes[next];
+        let mask = match op(next).downcast_ref::<AddOp>() {
+            Some(add) if add.int8 && an.inputs.len() == 2 && an.inputs[0] != an.inputs[1] => {
+                let scores_first = an.inputs[0] == at;
+                let other = an.inputs[usize::from(scores_first)];
+                if !before(other, i) {
+                    continue;
+                }
+                Some((next, other, scores_first))
+            }
+            _ => None,
+        };
+        if let Some((x, ..)) = mask {
+            at = g.nodes[x].output;
+            let Some(r) = sole_reader(at) else { continue };
+            next = r;
+        }
+        let s = next;
         let sn = &g.nodes[s];
-        if !step_of(sn).op.as_any().is::<SoftmaxOp>() || sn.inputs.len() != 1 || readers[sn.output.0] != 1 {
+        if !op(s).is::<SoftmaxOp>() || sn.inputs.len() != 1 {
             continue;
         }
-        let Some(j) = reader[sn.output.0] else { continue };
+        let Some(j) = sole_reader(sn.output) else { continue };
         let jn = &g.nodes[j];
         if product(j).is_none() || jn.inputs.len() != 2 || jn.inputs[0] != sn.output || jn.inputs[1] == sn.output {
             continue;
         }
         let v = jn.inputs[1];
-        if producer[v.0].is_none_or(|p| p < i) && !g.outputs.contains(&n.output) && !g.outputs.contains(&sn.output) {
-            fused[i] = Some(Attention { softmax: s, product: j, v });
-            runs_in[s] = true;
-            runs_in[j] = true;
+        if before(v, i) {
+            let f = Attention { scale, mask, softmax: s, product: j, v };
+            for x in f.inner() {
+                runs_in[x] = true;
+            }
+            fused[i] = Some(f);
         }
     }
     (fused, runs_in)
@@ -1678,13 +1727,16 @@ impl QuantizedModel {
             }
             if let Some(f) = self.fused_attention[i] {
                 let (kt, q) = (take(vals, left, n.inputs[1]), take(vals, left, n.inputs[0]));
+                let mask = f.mask.map(|(_, t, _)| take(vals, left, t));
                 let v = take(vals, left, f.v);
                 let start = timing.is_some().then(std::time::Instant::now);
                 let scores = crate::ops::matmul::matmul_shape(q.shape(), kt.shape()).unwrap_or_default();
-                let y = self.attention(i, f, (q, kt, v), run)?;
+                let y = self.attention(i, f, (q, kt, v), mask, run)?;
                 if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
                     t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
-                    inner_shapes.push((f.softmax, scores));
+                    for x in f.inner().filter(|&x| x != f.product) {
+                        inner_shapes.push((x, scores.clone()));
+                    }
                 }
                 vals[g.nodes[f.product].output.0] = Some(y);
                 continue;
@@ -1795,10 +1847,8 @@ impl QuantizedModel {
                 let runs_in = self.runs_in_conv[i].map(|conv| self.graph.nodes[conv].name.clone());
                 let runs_in = runs_in.or_else(|| {
                     self.runs_in_attention[i].then(|| {
-                        let first = self
-                            .fused_attention
-                            .iter()
-                            .position(|f| f.is_some_and(|f| f.softmax == i || f.product == i));
+                        let first =
+                            self.fused_attention.iter().position(|f| f.is_some_and(|f| f.inner().any(|x| x == i)));
                         self.graph.nodes[first.expect("a fused step has its first product")].name.clone()
                     })
                 });
@@ -1829,25 +1879,67 @@ impl QuantizedModel {
     }
 
     /// Attention found at assembly ([`attention_fusions`]), node `i` its first product: head
-    /// by head when the shapes fit, else its three ops one after the other.
-    fn attention(&self, i: usize, f: Attention, (q, kt, v): (Value, Value, Value), run: Run) -> Result<Value> {
-        use crate::ops::matmul::{attention, attention_fits, MatMulOp};
+    /// by head when the shapes fit, else its ops one after the other.
+    fn attention(
+        &self,
+        i: usize,
+        f: Attention,
+        (q, kt, v): (Value, Value, Value),
+        mask: Option<Value>,
+        run: Run,
+    ) -> Result<Value> {
+        use crate::ops::add::AddOp;
+        use crate::ops::matmul::{attention, attention_fits, mask_fits, matmul_shape, Between, MaskAdd, MatMulOp};
+        use crate::ops::scalar::MulScalarOp;
         use crate::ops::softmax::SoftmaxOp;
         let g = &self.graph;
         let (a, s, b) = (&g.nodes[i], &g.nodes[f.softmax], &g.nodes[f.product]);
-        let names = || format!("{} (with {} and {})", a.name, s.name, b.name);
+        let names = || {
+            let inner: Vec<&str> = f.inner().map(|x| g.nodes[x].name.as_str()).collect();
+            format!("{} (with {})", a.name, inner.join(", "))
+        };
         let first = step_of(a).op.as_any().downcast_ref::<MatMulOp>().expect("found at assembly");
         let softmax = step_of(s).op.as_any().downcast_ref::<SoftmaxOp>().expect("found at assembly");
         let second = step_of(b).op.as_any().downcast_ref::<MatMulOp>().expect("found at assembly");
-        if attention_fits(q.shape(), kt.shape(), v.shape()) && softmax.over_last_axis(q.shape().len()) {
-            return attention((first, softmax, second), q, kt, v, run).map_err(|e| e.within(&names()));
+        let scale = f.scale.map(|x| {
+            step_of(&g.nodes[x]).op.as_any().downcast_ref::<MulScalarOp>().expect("found at assembly").factor()
+        });
+        let add =
+            f.mask.map(|(x, ..)| step_of(&g.nodes[x]).op.as_any().downcast_ref::<AddOp>().expect("found at assembly"));
+        let scores = matmul_shape(q.shape(), kt.shape());
+        let fits = attention_fits(q.shape(), kt.shape(), v.shape())
+            && softmax.over_last_axis(q.shape().len())
+            && mask.as_ref().is_none_or(|m| scores.as_deref().is_some_and(|s| mask_fits(s, m.shape())));
+        if fits {
+            let mask = match (mask, add, f.mask) {
+                (Some(mask), Some(add), Some((_, _, scores_first))) => Some(MaskAdd { add, mask, scores_first }),
+                _ => None,
+            };
+            return attention((first, softmax, second), Between { scale, mask }, q, kt, v, run)
+                .map_err(|e| e.within(&names()));
         }
+        let step = |x: usize, args: &mut Vec<Value>| {
+            let n = &g.nodes[x];
+            Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))
+        };
         let mut args = vec![q, kt];
-        let scores = Self::node_step(step_of(a), &mut args, run).map_err(|e| e.within(&a.name))?;
+        let mut scores = step(i, &mut args)?;
+        if let Some(x) = f.scale {
+            args.push(scores);
+            scores = step(x, &mut args)?;
+        }
+        if let (Some((x, _, scores_first)), Some(mask)) = (f.mask, mask) {
+            if scores_first {
+                args.extend([scores, mask]);
+            } else {
+                args.extend([mask, scores]);
+            }
+            scores = step(x, &mut args)?;
+        }
         args.push(scores);
-        let p = Self::node_step(step_of(s), &mut args, run).map_err(|e| e.within(&s.name))?;
+        let p = step(f.softmax, &mut args)?;
         args.extend([p, v]);
-        Self::node_step(step_of(b), &mut args, run).map_err(|e| e.within(&b.name))
+        step(f.product, &mut args)
     }
 
     /// Every value's name, logical shape, element type (`u8` with its parameters, or `f32`

@@ -431,6 +431,84 @@ fn fused_attention_gives_the_bytes_of_its_three_ops() {
     }
 }
 
+/// Attention with a scaling of its scores (`MulScalar`) and an additive mask between the
+/// first product and the softmax (BERT's), the mask `[n, 1, 1, keys]`, `[1, 1, rows, keys]`
+/// or one value per key, on either side of the addition: it runs head by head in one step
+/// (the profile names the first product for the scaling, the addition, the softmax and the
+/// second product) and gives the bytes of its ops run one after the other, which the same
+/// graph with the addition's output also a model output does (it does not fuse), on one
+/// thread or two.
+#[test]
+fn fused_attention_with_a_scale_and_a_mask_gives_the_bytes_of_its_ops() {
+    use qnn::layers::{MulScalar, Softmax};
+    let build = |expose: bool, scale: bool, mask_first: bool| {
+        let mut g = GraphBuilder::new();
+        let (q, kt, v, mask) = (g.input("q"), g.input("kt"), g.input("v"), g.input("mask"));
+        let mut s = g.matmul("scores", q, kt).unwrap();
+        if scale {
+            s = g.layer("scale", MulScalar { factor: 0.125 }, s).unwrap();
+        }
+        let masked = if mask_first { g.add("masked", mask, s) } else { g.add("masked", s, mask) }.unwrap();
+        let p = g.layer("softmax", Softmax { dim: -1 }, masked).unwrap();
+        let o = g.matmul("context", p, v).unwrap();
+        g.output(o);
+        if expose {
+            g.output(masked);
+        }
+        g.build().unwrap()
+    };
+    // Masks of keys 6 and 8 (of 9) set far below the scores, as BERT's padding mask does.
+    let mask = |shape: &[usize]| {
+        let mut m = images(9, shape) * 0.5;
+        let keys = shape.len() - 1;
+        for ((i, v), _) in m.indexed_iter_mut().zip(0..) {
+            if i[keys] == 6 || i[keys] == 8 {
+                *v = -30.0;
+            }
+        }
+        m
+    };
+    for (mask_shape, scale, mask_first) in
+        [(vec![2, 1, 1, 9], true, false), (vec![1, 1, 7, 9], false, true), (vec![9], true, true)]
+    {
+        let xs = [images(6, &[2, 3, 7, 4]), images(7, &[2, 3, 4, 9]), images(8, &[2, 3, 9, 5]), mask(&mask_shape)];
+        let quantized = |expose: bool| {
+            let mut p = prepare(build(expose, scale, mask_first), &QConfigMapping::new(QConfig::default())).unwrap();
+            p.calibrate_inputs(&xs).unwrap();
+            p.convert().unwrap()
+        };
+        let (mut fused, apart) = (quantized(false), quantized(true));
+        let case = format!("mask {mask_shape:?}, scale {scale}, mask first {mask_first}");
+        let as_values = |q: &QuantizedModel| q.forward_values(&xs).unwrap().remove(0);
+        let (Value::U8 { data: a, .. }, Value::U8 { data: b, .. }) = (as_values(&fused), as_values(&apart)) else {
+            panic!("int8 outputs")
+        };
+        assert_eq!(a, b, "{case}");
+        fused.set_threads(2);
+        let Value::U8 { data: c, .. } = as_values(&fused) else { panic!("int8 outputs") };
+        assert_eq!(c, b, "{case}, two threads");
+        fused.set_threads(1);
+        let float = build(false, scale, mask_first).run(&xs).unwrap().remove(0);
+        let sqnr = sqnr_db(&float, &fused.forward_inputs(&xs).unwrap().remove(0));
+        assert!(sqnr > 20.0, "{case}: int8 SQNR {sqnr:.1} dB");
+        let prof = fused.profile(&xs, 1).unwrap();
+        let runs_in = |n: &str| prof.iter().find(|t| t.name == n).map(|t| t.runs_in.clone());
+        let inner: &[&str] =
+            if scale { &["scale", "masked", "softmax", "context"] } else { &["masked", "softmax", "context"] };
+        for n in inner {
+            assert_eq!(runs_in(n), Some(Some("scores".to_string())), "{case}: {n}");
+        }
+        let prof = apart.profile(&xs, 1).unwrap();
+        assert!(prof.iter().all(|t| t.runs_in.is_none()), "{case}");
+        // A mask that does not broadcast to the scores is an error naming the addition and
+        // both shapes.
+        let mut bad = xs.clone();
+        bad[3] = mask(&[2, 1, 1, 5]);
+        let e = fused.forward_inputs(&bad).unwrap_err().to_string();
+        assert!(e.contains("masked (add)") && e.contains("[2, 1, 1, 5]") && e.contains("[2, 3, 7, 9]"), "{case}: {e}");
+    }
+}
+
 /// Products of 4-D values (heads), with a right operand broadcast over the batch: int8
 /// images are stored channels-last, and the product reads them in their logical order.
 #[test]

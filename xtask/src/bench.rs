@@ -113,6 +113,9 @@ pub fn kernel_shapes() -> Vec<Shape> {
         Shape::Linear { name: "linear_1024x1024x1024".into(), m: 1024, k: 1024, n: 1024, dynamic: None },
         Shape::Linear { name: "linear_3136x576x64".into(), m: 3136, k: 576, n: 64, dynamic: None },
         Shape::Linear { name: "linear_196x2304x256".into(), m: 196, k: 2304, n: 256, dynamic: None },
+        // BERT-base's feed-forward pair at 128 tokens, static int8.
+        Shape::Linear { name: "linear_128x768x3072".into(), m: 128, k: 768, n: 3072, dynamic: None },
+        Shape::Linear { name: "linear_128x3072x768".into(), m: 128, k: 3072, n: 768, dynamic: None },
         // BERT-base at 128 tokens: an attention projection and the feed-forward expansion,
         // dynamically quantized as PyTorch's quantize_dynamic runs them.
         dynamic("dynamic_linear_128x768x768", 768, Some(DynamicActivations::PerTensor { reduce_range: true })),

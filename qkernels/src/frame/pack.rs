@@ -238,10 +238,21 @@ pub(crate) fn pack_vnni(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
     for (j, row) in raw.chunks_exact(k).take(n).enumerate() {
         let (p, lane) = (j / VNNI_LANES, j % VNNI_LANES);
         let base = p * vnni_panel_len(k) + lane * 4;
-        // Each group of four along k is one lane's four bytes in its group's row.
-        for (g, quad) in row.chunks(4).enumerate() {
+        // Each group of four along k is one lane's four bytes in its group's row: copied as
+        // arrays of four (a copy of a slice of run-time length calls `memcpy` per group).
+        let quads = row.chunks_exact(4);
+        let rest = quads.remainder();
+        let mut g = 0;
+        for quad in quads {
             let at = base + g * 4 * VNNI_LANES;
-            out[at..at + quad.len()].copy_from_slice(quad);
+            let quad: &[i8; 4] = quad.try_into().expect("chunks of four");
+            let dst: &mut [i8; 4] = (&mut out[at..at + 4]).try_into().expect("four bytes");
+            *dst = *quad;
+            g += 1;
+        }
+        if !rest.is_empty() {
+            let at = base + g * 4 * VNNI_LANES;
+            out[at..at + rest.len()].copy_from_slice(rest);
         }
     }
     debug_assert_eq!(out.len(), panels * groups * 4 * VNNI_LANES);

@@ -106,7 +106,7 @@ impl QOp for AddOp {
         if !super::mul::mul_shapes_fit(b.shape(), s.shape()) {
             let relu = self.relu;
             let add = |x: &[u8], qx, y: &[u8], qy, o: &mut [u8]| qkernels::add(x, qx, y, qy, o, add_q, relu);
-            return super::mul::broadcast_u8((b, body_q), (s, short_q), add_q, add, run);
+            return super::mul::broadcast_u8("add", (b, body_q), (s, short_q), add_q, add, run);
         }
         let (bd, bs, bq) = quantized(b, body_q)?;
         let (sd, ss, sq) = quantized(s, short_q)?;

@@ -148,14 +148,40 @@ pub(crate) fn attention_fits(q: &[usize], kt: &[usize], v: &[usize]) -> bool {
         && kt[r - 1] == v[r - 2]
 }
 
-/// Attention's three int8 steps, `scores = q x kt` (`first`), the softmax over each row of
-/// scores (`softmax`), `scores x v` (`second`), computed head by head with each head's scores
-/// kept in one small buffer in logical order: the same arithmetic as the three ops one after
-/// the other (the same bytes out), without moving the whole score tensor between its stored
-/// and logical orders four times. On more than one thread the heads are shared out. The
-/// shapes must fit ([`attention_fits`]).
+/// What lies between attention's first product and its softmax, both optional and in this
+/// order: a scaling by a constant (`scale`, [`super::scalar::MulScalarOp`]: BERT's
+/// `1 / sqrt(d)`), then an int8 addition of a mask computed before the product (`mask`:
+/// BERT's additive attention mask, broadcast over heads and rows).
+#[derive(Default)]
+pub(crate) struct Between<'a> {
+    pub scale: Option<f32>,
+    pub mask: Option<MaskAdd<'a>>,
+}
+
+/// The mask addition inside attention: the addition, the mask, and whether the scores are
+/// the addition's first operand.
+pub(crate) struct MaskAdd<'a> {
+    pub add: &'a super::add::AddOp,
+    pub mask: Value,
+    pub scores_first: bool,
+}
+
+/// Whether a mask of shape `mask` adds to scores of shape `scores` without changing their
+/// shape (it broadcasts to them).
+pub(crate) fn mask_fits(scores: &[usize], mask: &[usize]) -> bool {
+    super::mul::broadcast_shape(scores, mask).is_some_and(|s| s == scores)
+}
+
+/// Attention's int8 steps, `scores = q x kt` (`first`), optionally scaled and masked
+/// (`between`), the softmax over each row of scores (`softmax`), `scores x v` (`second`),
+/// computed head by head with each head's scores kept in small buffers in logical order: the
+/// same arithmetic as the ops one after the other (the same bytes out), without moving the
+/// whole score tensor between its stored and logical orders at every step. On more than one
+/// thread the heads are shared out. The shapes must fit ([`attention_fits`], and
+/// [`mask_fits`] for a mask).
 pub(crate) fn attention(
     (first, softmax, second): (&MatMulOp, &super::softmax::SoftmaxOp, &MatMulOp),
+    between: Between<'_>,
     q: Value,
     kt: Value,
     v: Value,
@@ -173,22 +199,69 @@ pub(crate) fn attention(
     out[r - 1] = d;
     let len = budget(&out, 1, run, "attention")?;
     budget(&[m, n], 1, run, "attention scores")?;
+    let mut scores_shape = qshape.clone();
+    scores_shape[r - 1] = n;
+    // The mask in logical order, and per head the offset of its `[mm, nn]` matrix (`mm` 1 or
+    // m, `nn` 1 or n: repeated over the rows and keys it does not have).
+    let mask = match between.mask {
+        Some(MaskAdd { add, mask, scores_first }) => {
+            let [q0, q1, add_q] = add.params();
+            let (md, mshape, mq) = quantized(mask, if scores_first { q1 } else { q0 })?;
+            assert!(mask_fits(&scores_shape, &mshape), "attention: the caller checks the mask's shape");
+            let md = logical_vec(md, &mshape);
+            let mut padded = vec![1; r.saturating_sub(mshape.len())];
+            padded.extend_from_slice(&mshape);
+            let offsets: Vec<usize> = batch_offsets(&scores_shape, &padded, &scores_shape)
+                .into_iter()
+                .map(|(_, o)| o * padded[r - 2] * padded[r - 1])
+                .collect();
+            Some((md, mq, (padded[r - 2], padded[r - 1]), offsets, add_q, add.relu, scores_first))
+        }
+        None => None,
+    };
     let (qd, kd, vd) = (logical_vec(qd, &qshape), logical_vec(kd, &kshape), logical_vec(vd, &vshape));
     let heads: usize = qshape[..r - 2].iter().product();
     let mut y = scratch::take(len);
-    // One head: its scores and probabilities in two buffers of the calling thread's.
+    // One head: its scores, probabilities and a spare in buffers of the calling thread's.
     let head = |h: usize, yh: &mut [u8], threads: usize| -> Result<()> {
-        let (mut scores, mut probs) = (scratch::take(m * n), scratch::take(m * n));
+        let (mut scores, mut probs, mut spare) = (scratch::take(m * n), scratch::take(m * n), scratch::take(m * n));
         let qh = (&qd[h * m * k..][..m * k], &[m, k][..], qq);
         let kh = (&kd[h * k * n..][..k * n], &[k, n][..], kq);
         let done = matmul_u8(qh, kh, &[m, n], so, &mut scores, threads).and_then(|()| {
-            qkernels::softmax_u8(&scores, so, (m, n, 1), softmax.out_q(), &mut probs).map_err(op_err)?;
+            let mut sq = so;
+            if let Some(c) = between.scale {
+                sq = qkernels::mul_scalar(&scores, sq, c, &mut spare).map_err(op_err)?;
+                std::mem::swap(&mut scores, &mut spare);
+            }
+            if let Some((md, mq, (mm, nn), offsets, add_q, relu, scores_first)) = &mask {
+                // This head's mask, repeated to [m, n], in the probabilities' buffer (free
+                // until the softmax).
+                let mh = &md[offsets[h]..][..mm * nn];
+                for (i, row) in probs.chunks_exact_mut(n).enumerate() {
+                    let src = &mh[if *mm == 1 { 0 } else { i * nn }..][..*nn];
+                    if *nn == 1 {
+                        row.fill(src[0]);
+                    } else {
+                        row.copy_from_slice(src);
+                    }
+                }
+                let done = if *scores_first {
+                    qkernels::add(&scores, sq, &probs, *mq, &mut spare, *add_q, *relu)
+                } else {
+                    qkernels::add(&probs, *mq, &scores, sq, &mut spare, *add_q, *relu)
+                };
+                done.map_err(op_err)?;
+                std::mem::swap(&mut scores, &mut spare);
+                sq = *add_q;
+            }
+            qkernels::softmax_u8(&scores, sq, (m, n, 1), softmax.out_q(), &mut probs).map_err(op_err)?;
             let ph = (&probs[..], &[m, n][..], softmax.out_q());
             let vh = (&vd[h * n * d..][..n * d], &[n, d][..], vq);
             matmul_u8(ph, vh, &[m, d], out_q, yh, threads)
         });
         scratch::give(scores);
         scratch::give(probs);
+        scratch::give(spare);
         done
     };
     let done = if run.threads > 1 && heads > 1 && m * d > 0 {
@@ -200,6 +273,9 @@ pub(crate) fn attention(
     };
     for b in [qd, kd, vd] {
         scratch::give(b);
+    }
+    if let Some((md, ..)) = mask {
+        scratch::give(md);
     }
     done?;
     Ok(Value::U8 { data: stored_vec(y, &out), shape: out, q: out_q })

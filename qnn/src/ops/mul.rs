@@ -77,13 +77,14 @@ pub(crate) fn expand_codes(codes: &[u8], from: &[usize], to: &[usize]) -> Vec<u8
 /// broadcast shape, then `kernel` on operands of one shape (`qkernels::add`, `mul`), as the
 /// same-shape int8 forms compute.
 pub(crate) fn broadcast_u8(
+    kind: &'static str,
     (a, qa): (Value, QuantU8),
     (b, qb): (Value, QuantU8),
     out_q: QuantU8,
     kernel: impl Fn(&[u8], QuantU8, &[u8], QuantU8, &mut [u8]) -> qtensor::Result<()>,
     run: Run,
 ) -> Result<Value> {
-    let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| shape_err(a.shape(), b.shape(), ""))?;
+    let shape = broadcast_shape(a.shape(), b.shape()).ok_or_else(|| shape_err(kind, a.shape(), b.shape(), ""))?;
     crate::quant::budget(&shape, 1, run, "broadcast")?;
     let (ad, ashape, aq) = quantized(a, qa)?;
     let (bd, bshape, bq) = quantized(b, qb)?;
@@ -105,10 +106,10 @@ pub(crate) fn mul_shapes_fit(a: &[usize], b: &[usize]) -> bool {
     a == b || gate(a, b) || gate(b, a)
 }
 
-fn shape_err(a: &[usize], b: &[usize], name: &str) -> NnError {
+fn shape_err(kind: &'static str, a: &[usize], b: &[usize], name: &str) -> NnError {
     NnError::Shape {
         module: name.to_string(),
-        kind: "mul",
+        kind,
         expected: format!(
             "a second operand whose shape broadcasts against the first's {a:?} (equal sizes, or 1, aligned at \
              the last axis)"
@@ -120,7 +121,7 @@ fn shape_err(a: &[usize], b: &[usize], name: &str) -> NnError {
 /// `a * b`, of one shape or of shapes that broadcast.
 pub(crate) fn mul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str) -> Result<ArrayD<f32>> {
     if broadcast_shape(a.shape(), b.shape()).is_none() {
-        return Err(shape_err(a.shape(), b.shape(), name));
+        return Err(shape_err("mul", a.shape(), b.shape(), name));
     }
     if a.shape() == b.shape() {
         return Ok(crate::layers::zip_same_layout(a, b, |x, y| x * y));
@@ -163,7 +164,7 @@ impl QOp for MulOp {
         let [qa, qb, out_q] = self.params();
         if !mul_shapes_fit(a.shape(), b.shape()) {
             let mul = |x: &[u8], qx, y: &[u8], qy, o: &mut [u8]| qkernels::mul(x, qx, y, qy, o, out_q);
-            return broadcast_u8((a, qa), (b, qb), out_q, mul, run);
+            return broadcast_u8("mul", (a, qa), (b, qb), out_q, mul, run);
         }
         let (ad, ashape, aq) = quantized(a, qa)?;
         let (bd, bshape, bq) = quantized(b, qb)?;

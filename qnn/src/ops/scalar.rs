@@ -89,6 +89,13 @@ pub struct MulScalarOp {
     out: super::SavedQ,
 }
 
+impl MulScalarOp {
+    /// The constant.
+    pub(crate) fn factor(&self) -> f32 {
+        self.factor
+    }
+}
+
 pub(crate) const OP: (&str, super::OpLoader) =
     ("MulScalar", |j, _, node| Ok(Box::new(parse::<MulScalarOp>(j, node, "MulScalar")?)));
 
