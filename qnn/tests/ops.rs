@@ -54,6 +54,17 @@ fn reshape_and_permute_check_their_shapes() {
     assert_eq!(y[[1, 2, 3, 0]], x[[1, 0, 2, 3]]);
     let e = Permute { dims: vec![0, 1, 1, 2] }.forward(&x).unwrap_err().to_string();
     assert!(e.contains("Permute") && e.contains("permutation"), "{e}");
+    // Consuming its input, a permutation gives what ndarray's does, whether values move or
+    // only axes of size 1 do (then in the input's own buffer); a view of another layout too.
+    let ones = images(2, &[1, 3, 1, 5]);
+    for (x, dims) in
+        [(&x, vec![0, 2, 3, 1]), (&x, vec![3, 1, 0, 2]), (&ones, vec![2, 1, 0, 3]), (&ones, vec![1, 0, 3, 2])]
+    {
+        let want = x.view().permuted_axes(ndarray::IxDyn(&dims)).to_owned();
+        let p = Permute { dims };
+        assert_eq!(p.forward_owned(x.clone()).unwrap(), want);
+        assert_eq!(p.forward(&x.t().to_owned().t().to_owned()).unwrap(), want);
+    }
 }
 
 /// conv -> shuffle -> conv -> reshape / permute / reshape back -> GELU -> softmax over the

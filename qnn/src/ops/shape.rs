@@ -119,6 +119,81 @@ fn permute_general(src: &[u8], shape: &[usize], perm: &[usize], out: &mut [u8]) 
     }
 }
 
+/// `src` (row-major `shape`) permuted by `perm` into `out` (as long), for any element type
+/// (the float path of [`Permute`]): axes simplified as for bytes; when the input's innermost axis
+/// stays innermost, runs of it are copied whole; otherwise every pair of (input's innermost,
+/// output's innermost) axes is a 2-D transpose done in square tiles, so that reads and
+/// writes both stay within a few cache lines at a time.
+pub(crate) fn permute_elems<T: Copy>(src: &[T], shape: &[usize], perm: &[usize], out: &mut [T]) {
+    assert_eq!(src.len(), out.len(), "permute_elems: the output holds as many values as the input");
+    if src.is_empty() {
+        return;
+    }
+    let (dims, perm) = simplify(shape, perm);
+    let rank = dims.len();
+    if rank <= 1 {
+        out.copy_from_slice(src);
+        return;
+    }
+    let mut in_strides = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        in_strides[i] = in_strides[i + 1] * dims[i + 1];
+    }
+    let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+    let mut out_strides = vec![1usize; rank];
+    for i in (0..rank - 1).rev() {
+        out_strides[i] = out_strides[i + 1] * out_dims[i + 1];
+    }
+    // Output position of the input's innermost axis; `rank - 1` keeps whole runs.
+    let p = perm.iter().position(|&a| a == rank - 1).expect("a permutation");
+    let run = dims[rank - 1];
+    // The 2-D plane moved at each step: the input's innermost axis (output position `p`)
+    // against the output's innermost (input axis `perm[rank - 1]`); a run when they coincide.
+    let (rows, row_in, row_out) =
+        if p == rank - 1 { (1, 0, 0) } else { (out_dims[rank - 1], in_strides[perm[rank - 1]], 1) };
+    let col_out = out_strides[p];
+    // The other output positions, outermost first: an odometer over them.
+    let outer: Vec<usize> = (0..rank).filter(|&j| j != p && j != rank - 1).collect();
+    let mut idx = vec![0usize; outer.len()];
+    let (mut base_in, mut base_out) = (0usize, 0usize);
+    const TILE: usize = 16;
+    loop {
+        if p == rank - 1 {
+            out[base_out..base_out + run].copy_from_slice(&src[base_in..base_in + run]);
+        } else {
+            // out[base_out + c * col_out + r] = src[base_in + r * row_in + c], in tiles.
+            for r0 in (0..rows).step_by(TILE) {
+                for c0 in (0..run).step_by(TILE) {
+                    for c in c0..(c0 + TILE).min(run) {
+                        let o = base_out + c * col_out;
+                        for r in r0..(r0 + TILE).min(rows) {
+                            out[o + r * row_out] = src[base_in + r * row_in + c];
+                        }
+                    }
+                }
+            }
+        }
+        // Next combination of the outer positions.
+        let mut k = outer.len();
+        loop {
+            if k == 0 {
+                return;
+            }
+            k -= 1;
+            let j = outer[k];
+            idx[k] += 1;
+            base_in += in_strides[perm[j]];
+            base_out += out_strides[j];
+            if idx[k] < out_dims[j] {
+                break;
+            }
+            base_in -= in_strides[perm[j]] * idx[k];
+            base_out -= out_strides[j] * idx[k];
+            idx[k] = 0;
+        }
+    }
+}
+
 /// `data` (row-major `shape`) permuted by `perm`: itself when nothing moves, else a pooled
 /// buffer (and `data` goes back to the pool).
 pub(super) fn permuted(data: Vec<u8>, shape: &[usize], perm: &[usize]) -> Vec<u8> {
@@ -358,8 +433,23 @@ impl Module for Permute {
         "Permute"
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        self.check(x.shape())?;
+        let out = self.check(x.shape())?;
+        if let Some(src) = x.as_slice() {
+            let mut y = scratch::take_f32(src.len());
+            permute_elems(src, x.shape(), &self.dims, &mut y);
+            return Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the permuted shape's length"));
+        }
         Ok(x.view().permuted_axes(IxDyn(&self.dims)).as_standard_layout().into_owned())
+    }
+    fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let out = self.check(x.shape())?;
+        if x.is_standard_layout() && is_noop(x.shape(), &self.dims) {
+            // Only axes of size 1 move: the values stay where they are.
+            return Ok(x.into_shape_with_order(IxDyn(&out)).expect("the permuted shape's length"));
+        }
+        let y = self.forward(&x)?;
+        scratch::recycle_f32(x);
+        Ok(y)
     }
     same_params_module!();
 }
@@ -575,49 +665,79 @@ pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
 
 #[cfg(test)]
 mod tests {
-    use super::{is_noop, permute_bytes, simplify};
+    use super::{is_noop, permute_bytes, permute_elems, simplify};
 
-    /// Every permutation of random shapes (sizes 1 to 3, ranks 1 to 5) against index
-    /// arithmetic: the simplified paths (copies, tiled transposes) move the same bytes.
-    #[test]
-    fn permutations_match_index_arithmetic() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+    /// `cases` random permutations of random shapes (ranks 1 to 5, sizes 1 to `small` at rank
+    /// 4 and above, else 1 to `large`), from `seed`.
+    fn random_permutations(seed: u64, cases: usize, small: usize, large: usize) -> Vec<(Vec<usize>, Vec<usize>)> {
+        let mut seed = seed;
         let mut next = |m: usize| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             (seed % m as u64) as usize
         };
-        for _ in 0..400 {
-            let rank = 1 + next(5);
-            let shape: Vec<usize> = (0..rank).map(|_| 1 + next(3)).collect();
-            let mut perm: Vec<usize> = (0..rank).collect();
-            for i in (1..rank).rev() {
-                perm.swap(i, next(i + 1));
+        (0..cases)
+            .map(|_| {
+                let rank = 1 + next(5);
+                let shape: Vec<usize> = (0..rank).map(|_| 1 + next(if rank > 3 { small } else { large })).collect();
+                let mut perm: Vec<usize> = (0..rank).collect();
+                for i in (1..rank).rev() {
+                    perm.swap(i, next(i + 1));
+                }
+                (shape, perm)
+            })
+            .collect()
+    }
+
+    /// Asserts that `out` is `src` (row-major `shape`) permuted by `perm`, element by element
+    /// by index arithmetic; returns whether any element moved.
+    fn check_permuted<T: PartialEq + std::fmt::Debug>(src: &[T], out: &[T], shape: &[usize], perm: &[usize]) -> bool {
+        let rank = shape.len();
+        let mut strides = vec![1; rank];
+        for i in (0..rank - 1).rev() {
+            strides[i] = strides[i + 1] * shape[i + 1];
+        }
+        let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+        let mut ix = vec![0; rank];
+        let mut moved = false;
+        for (k, got) in out.iter().enumerate() {
+            let from: usize = ix.iter().zip(perm).map(|(&i, &p)| i * strides[p]).sum();
+            assert_eq!(got, &src[from], "shape {shape:?} perm {perm:?} element {k}");
+            moved |= from != k;
+            for a in (0..rank).rev() {
+                ix[a] += 1;
+                if ix[a] < out_shape[a] {
+                    break;
+                }
+                ix[a] = 0;
             }
+        }
+        moved
+    }
+
+    /// Every permutation of random shapes (sizes 1 to 3, ranks 1 to 5) against index
+    /// arithmetic: the simplified paths (copies, tiled transposes) move the same bytes.
+    #[test]
+    fn permutations_match_index_arithmetic() {
+        for (shape, perm) in random_permutations(0x2545_f491_4f6c_dd1d, 400, 3, 3) {
             let n: usize = shape.iter().product();
             let src: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
-            let out = permute_bytes(&src, &shape, &perm);
-            let mut strides = vec![1; rank];
-            for i in (0..rank - 1).rev() {
-                strides[i] = strides[i + 1] * shape[i + 1];
-            }
-            let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-            let mut ix = vec![0; rank];
-            let mut moved = false;
-            for (k, &got) in out.iter().enumerate() {
-                let from: usize = ix.iter().zip(&perm).map(|(&i, &p)| i * strides[p]).sum();
-                assert_eq!(got, src[from], "shape {shape:?} perm {perm:?} element {k}");
-                moved |= from != k;
-                for a in (0..rank).rev() {
-                    ix[a] += 1;
-                    if ix[a] < out_shape[a] {
-                        break;
-                    }
-                    ix[a] = 0;
-                }
-            }
+            let moved = check_permuted(&src, &permute_bytes(&src, &shape, &perm), &shape, &perm);
             assert_eq!(is_noop(&shape, &perm), !moved, "shape {shape:?} perm {perm:?}");
+        }
+    }
+
+    /// The float permutation (whole runs, or tiled 2-D transposes) against index arithmetic
+    /// on shapes large enough for several tiles and partial ones (sizes 1 to 40).
+    #[test]
+    fn float_permutations_match_index_arithmetic() {
+        for (shape, perm) in random_permutations(0x9e37_79b9_7f4a_7c15, 200, 9, 40) {
+            let n: usize = shape.iter().product();
+            let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let mut out = vec![0.0; n];
+            permute_elems(&src, &shape, &perm, &mut out);
+            check_permuted(&src, &out, &shape, &perm);
         }
     }
 
