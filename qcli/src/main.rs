@@ -130,7 +130,8 @@ enum Cmd {
         model: PathBuf,
         /// Its int8 model from `quantize`.
         int8: PathBuf,
-        /// Data to compare on.
+        /// Data to compare on (a model of several inputs: an .npz of one array per input,
+        /// named as the inputs).
         #[arg(long)]
         input: PathBuf,
         /// Also write the report as JSON here.
@@ -678,20 +679,29 @@ fn report(
     images: &ImageArgs,
 ) -> Result<(), String> {
     let m = import(model, shape)?;
-    let s = single_input(&m)?;
     let q = QuantizedModel::load(int8).map_err(|e| e.to_string())?;
-    let x = load_data(input, Some(&s), images)?;
+    // A model of several inputs reads an .npz of one array per input, as `quantize` does.
+    let names: Vec<String> = m.inputs.iter().map(|i| i.name.clone()).collect();
+    let several = names.len() > 1;
+    let one_shape = if several { Vec::new() } else { single_input(&m)? };
+    let xs =
+        if several { data::read_inputs(input, &names)? } else { vec![load_data(input, Some(&one_shape), images)?] };
     let mut float = m.graph;
     if let Some((alpha, calib, batch_size)) = smooth_with {
-        let batches = data::batches(&calib, batch_size, &images.prep(Some(&s))?)?;
-        let per_input: Vec<Vec<ArrayD<f32>>> = batches.into_iter().map(|b| vec![b]).collect();
+        let per_input: Vec<Vec<ArrayD<f32>>> = if several {
+            let cs = data::read_inputs(&calib, &names)?;
+            let n = cs.first().map_or(0, |c| c.shape()[0]);
+            (0..n).step_by(batch_size.max(1)).map(|s| data::items(&cs, s, (s + batch_size.max(1)).min(n))).collect()
+        } else {
+            data::batches(&calib, batch_size, &images.prep(Some(&one_shape))?)?.into_iter().map(|b| vec![b]).collect()
+        };
         smooth(&mut float, &per_input, alpha)?;
     }
     if q.plan().iter().any(|p| p.name.is_empty()) {
         return Err("the int8 model has unnamed layers".into());
     }
     qnn::fuse_graph(&mut float).map_err(|e| e.to_string())?;
-    let rows = q.report_graph(&float, &[x]).map_err(|e| e.to_string())?;
+    let rows = q.report_graph(&float, &xs).map_err(|e| e.to_string())?;
     say!("{:<48} {:<18} {:<8} {:>9} {:>10}", "layer", "kind", "mode", "SQNR dB", "weight dB");
     let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for r in &rows {

@@ -228,6 +228,17 @@ fn models_of_several_inputs_take_an_npz_by_input_name() {
     let noise: f32 = q.iter().zip(&f).map(|(a, b)| (a - b) * (a - b)).sum();
     let db = 10.0 * (f.iter().map(|a| a * a).sum::<f32>() / noise).log10();
     assert!(db > 30.0, "int8 against float: {db:.1} dB");
+    // The per-layer report reads the same .npz: every node, with the layers' SQNR.
+    let o = qrust(&["report", onnx, int8s, "--input", input.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    for layer in ["embed", "masked", "proj"] {
+        assert!(text(&o).lines().any(|l| l.starts_with(layer)), "{layer} missing from the report:\n{}", text(&o));
+    }
+    let proj = text(&o).lines().find(|l| l.starts_with("proj ")).map(str::to_string).unwrap_or_default();
+    let sqnr: f64 = proj.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    assert!(sqnr > 30.0, "proj's SQNR in the report: {proj}");
+    let o = qrust(&["report", onnx, int8s, "--input", partial.to_str().unwrap()]);
+    assert!(!o.status.success() && text(&o).contains("no array 'mask'"), "{}", text(&o));
     let o = qrust(&["run", int8s, "--input", partial.to_str().unwrap()]);
     assert!(
         !o.status.success() && text(&o).contains("no array 'mask'") && text(&o).contains("mask=..."),

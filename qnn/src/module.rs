@@ -159,12 +159,14 @@ pub trait Module: Send + Sync + Debug {
 
     /// [`Module::forward`] on an input nobody else needs any more: a layer that computes
     /// element by element may write its output into the input's buffer. It must give exactly
-    /// `forward(&x)`; the default calls it.
+    /// `forward(&x)`; the default calls it, then returns the input's buffer to the float pool.
     ///
     /// # Errors
     /// As [`Module::forward`].
     fn forward_owned(&self, x: ArrayD<f32>) -> Result<ArrayD<f32>> {
-        self.forward(&x)
+        let y = self.forward(&x)?;
+        crate::scratch::recycle_f32(x);
+        Ok(y)
     }
 
     /// Its float computation prepared once (weights packed for the kernels), giving exactly

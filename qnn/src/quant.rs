@@ -2024,7 +2024,14 @@ pub(crate) fn quantized(v: Value, q_if_float: QuantU8) -> Result<(Vec<u8>, Vec<u
 /// A copy of `v` in a pooled buffer (for the branches that share an input).
 fn pooled_copy(v: &Value) -> Value {
     match v {
-        Value::F32(a) => Value::F32(a.clone()),
+        Value::F32(a) => {
+            let mut d = scratch::take_f32(a.len());
+            match a.as_slice() {
+                Some(s) => d.copy_from_slice(s),
+                None => d.iter_mut().zip(a.iter()).for_each(|(d, v)| *d = *v),
+            }
+            Value::F32(ArrayD::from_shape_vec(a.raw_dim(), d).expect("the value's length"))
+        }
         Value::U8 { data, shape, q } => {
             let mut d = scratch::take(data.len());
             d.copy_from_slice(data);

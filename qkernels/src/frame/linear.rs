@@ -157,14 +157,18 @@ impl PackedLinear {
             Ok((lo, hi))
         };
         let bias = self.bias.as_deref();
-        let mut xq = vec![0u8; m * k];
+        // The codes 64-byte aligned: whole rows of a tile's loads then do not straddle
+        // cache lines (K a multiple of 64).
+        let mut xq_buf = vec![0u8; m * k + 63];
+        let at = xq_buf.as_ptr().align_offset(64);
+        let xq = &mut xq_buf[at..at + m * k];
         let full = qtensor::QuantRange::full(qtensor::DType::U8);
         match activations {
             DynamicActivations::PerTensor { reduce_range } => {
                 let (lo, hi) = range(x, 0)?;
                 let (scale, zero_point) = qtensor::choose_qparams_dynamic(lo, hi, reduce_range)?;
-                qtensor::kernels::quantize_slice(x, &mut xq, scale, zero_point, full)?;
-                let a = QMatrix { data: &xq, m, k, lda: k, scale, zero_point };
+                qtensor::kernels::quantize_slice(x, xq, scale, zero_point, full)?;
+                let a = QMatrix { data: xq, m, k, lda: k, scale, zero_point };
                 let plan = crate::frame::gemm::Plan::new(scale, zero_point, &self.weights, bias, None, false);
                 let out = GemmOutput::F32 { data: out, ldc: n, relu };
                 crate::frame::gemm::gemm_planned(&a, &self.weights, bias, Some(&plan), out, threads, None)?;
@@ -180,7 +184,7 @@ impl PackedLinear {
                     qtensor::kernels::quantize_slice(row, q, scale, zero_point, full)?;
                     params.push(crate::QuantU8 { scale, zero_point });
                 }
-                let a = QMatrix { data: &xq, m, k, lda: k, scale: 1.0, zero_point: 0 };
+                let a = QMatrix { data: xq, m, k, lda: k, scale: 1.0, zero_point: 0 };
                 let plan = crate::frame::gemm::Plan::new(1.0, 0, &self.weights, bias, None, false);
                 crate::frame::gemm::gemm_f32_per_row(&a, &self.weights, &plan, &params, out, relu, threads)?;
                 Ok(params[0])
