@@ -2044,3 +2044,37 @@ fn pooled_copy(v: &Value) -> Value {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A float value's pooled copy holds the same values: in the same memory order when the
+    /// value is one block of memory with non-negative strides (a float convolution's NHWC
+    /// output of NCHW shape stays NHWC), in logical order otherwise.
+    #[test]
+    fn pooled_copies_of_float_values_keep_their_values_and_memory_order() {
+        let nhwc =
+            ArrayD::from_shape_fn(IxDyn(&[2, 4, 5, 3]), |i| (i[0] * 1000 + i[1] * 100 + i[2] * 10 + i[3]) as f32);
+        let nchw = nhwc.permuted_axes(IxDyn(&[0, 3, 1, 2]));
+        let mut reversed = nchw.clone();
+        reversed.invert_axis(ndarray::Axis(2));
+        // Every other column of an owned array: gaps in its memory.
+        let mut gaps = nchw.clone();
+        gaps.slice_each_axis_inplace(|a| ndarray::Slice::new(0, None, if a.axis.0 == 3 { 2 } else { 1 }));
+        for (what, a, same_strides) in [
+            ("NHWC memory order", nchw.clone(), true),
+            ("a standard layout", nchw.as_standard_layout().into_owned(), true),
+            ("an inverted axis", reversed, false),
+            ("gaps", gaps, false),
+        ] {
+            let Value::F32(b) = pooled_copy(&Value::F32(a.clone())) else { panic!("a float value") };
+            assert_eq!(b, a, "{what}: values");
+            if same_strides {
+                assert_eq!(b.strides(), a.strides(), "{what}: memory order");
+            } else {
+                assert!(b.is_standard_layout(), "{what}: logical order");
+            }
+        }
+    }
+}
