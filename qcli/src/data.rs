@@ -175,6 +175,14 @@ pub fn read_inputs(path: &Path, names: &[String]) -> Result<Vec<ArrayD<f32>>, St
     Ok(out)
 }
 
+/// The inputs' items in batches of `batch` (the last may be smaller), each batch one array
+/// per input.
+pub fn input_batches(xs: &[ArrayD<f32>], batch: usize) -> Vec<Vec<ArrayD<f32>>> {
+    let n = xs.first().map_or(0, |x| x.shape()[0]);
+    let batch = batch.max(1);
+    (0..n).step_by(batch).map(|s| items(xs, s, (s + batch).min(n))).collect()
+}
+
 /// Items `start..end` (along axis 0) of each input.
 pub fn items(xs: &[ArrayD<f32>], start: usize, end: usize) -> Vec<ArrayD<f32>> {
     xs.iter().map(|a| a.slice_axis(Axis(0), ndarray::Slice::from(start..end)).to_owned()).collect()

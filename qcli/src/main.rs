@@ -408,14 +408,13 @@ fn quantize(
             ));
         }
         let t1 = Instant::now();
-        let starts: Vec<usize> = (0..n).step_by(batch_size.max(1)).collect();
-        let batch = |start: usize| data::items(&xs, start, (start + batch_size.max(1)).min(n));
+        let batches = data::input_batches(&xs, batch_size);
         if let Some(alpha) = o.smooth_quant {
-            smooth(&mut m.graph, &starts.iter().map(|&s| batch(s)).collect::<Vec<_>>(), alpha)?;
+            smooth(&mut m.graph, &batches, alpha)?;
         }
         let mut prepared = prepare(m.graph, &mapping).map_err(|e| e.to_string())?;
-        for &start in &starts {
-            prepared.calibrate_inputs(&batch(start)).map_err(|e| e.to_string())?;
+        for b in &batches {
+            prepared.calibrate_inputs(b).map_err(|e| e.to_string())?;
         }
         let q = prepared.convert().map_err(|e| e.to_string())?;
         say!("calibrated on {n} items of {} inputs, converted in {:.2} s", names.len(), t1.elapsed().as_secs_f64());
@@ -689,9 +688,7 @@ fn report(
     let mut float = m.graph;
     if let Some((alpha, calib, batch_size)) = smooth_with {
         let per_input: Vec<Vec<ArrayD<f32>>> = if several {
-            let cs = data::read_inputs(&calib, &names)?;
-            let n = cs.first().map_or(0, |c| c.shape()[0]);
-            (0..n).step_by(batch_size.max(1)).map(|s| data::items(&cs, s, (s + batch_size.max(1)).min(n))).collect()
+            data::input_batches(&data::read_inputs(&calib, &names)?, batch_size)
         } else {
             data::batches(&calib, batch_size, &images.prep(Some(&one_shape))?)?.into_iter().map(|b| vec![b]).collect()
         };

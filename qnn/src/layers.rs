@@ -79,13 +79,13 @@ pub(crate) fn from_nhwc(data: Vec<f32>, [n, h, w, c]: [usize; 4]) -> ArrayD<f32>
 }
 
 /// An array's elements in memory order, when they fill one block with non-negative strides.
-fn in_memory_order(x: &ArrayD<f32>) -> Option<&[f32]> {
+pub(crate) fn in_memory_order(x: &ArrayD<f32>) -> Option<&[f32]> {
     x.strides().iter().all(|&s| s >= 0).then(|| x.as_slice_memory_order()).flatten()
 }
 
 /// `data` (in memory order) as an array of `like`'s shape and strides (which
 /// [`in_memory_order`] accepted).
-fn laid_out_like(like: &ArrayD<f32>, data: Vec<f32>) -> ArrayD<f32> {
+pub(crate) fn laid_out_like(like: &ArrayD<f32>, data: Vec<f32>) -> ArrayD<f32> {
     let strides: Vec<usize> = like.strides().iter().map(|&s| s as usize).collect();
     ArrayD::from_shape_vec(IxDyn(like.shape()).strides(IxDyn(&strides)), data)
         .expect("the strides of an array of this shape")

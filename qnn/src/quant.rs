@@ -2028,14 +2028,16 @@ fn pooled_copy(v: &Value) -> Value {
             let mut d = scratch::take_f32(a.len());
             // The copy keeps the value's memory order (a float convolution's NHWC output stays
             // NHWC for the next one), else it is made in logical order.
-            let strides: Option<Vec<usize>> = a.strides().iter().map(|&s| usize::try_from(s).ok()).collect();
-            if let (Some(s), Some(strides)) = (a.as_slice_memory_order(), strides) {
-                d.copy_from_slice(s);
-                let shape = ndarray::ShapeBuilder::strides(IxDyn(a.shape()), IxDyn(&strides));
-                return Value::F32(ArrayD::from_shape_vec(shape, d).expect("the value's own shape and strides"));
-            }
-            d.iter_mut().zip(a.iter()).for_each(|(d, v)| *d = *v);
-            Value::F32(ArrayD::from_shape_vec(a.raw_dim(), d).expect("the value's length"))
+            Value::F32(match crate::layers::in_memory_order(a) {
+                Some(s) => {
+                    d.copy_from_slice(s);
+                    crate::layers::laid_out_like(a, d)
+                }
+                None => {
+                    d.iter_mut().zip(a.iter()).for_each(|(d, v)| *d = *v);
+                    ArrayD::from_shape_vec(a.raw_dim(), d).expect("the value's length")
+                }
+            })
         }
         Value::U8 { data, shape, q } => {
             let mut d = scratch::take(data.len());
