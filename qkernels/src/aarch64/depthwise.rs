@@ -2,10 +2,12 @@
 
 use std::arch::aarch64::*;
 
+use crate::frame::aligned::Aligned;
+
 /// Weight layout of the NEON depthwise kernel: per block of 16 channels, per tap, the 16
 /// channels' `w - zw` as i16 (0 past the last channel).
-pub(crate) fn pack_depthwise_neon(raw: &[i8], zero_points: &[i32], c: usize, t: usize) -> Vec<i16> {
-    let mut out = vec![0i16; c.div_ceil(16) * t * 16];
+pub(crate) fn pack_depthwise_neon(raw: &[i8], zero_points: &[i32], c: usize, t: usize) -> Aligned<i16> {
+    let mut out = Aligned::zeroed(c.div_ceil(16) * t * 16);
     for ch in 0..c {
         let (b, i) = (ch / 16, ch % 16);
         for tap in 0..t {

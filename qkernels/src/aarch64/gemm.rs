@@ -22,6 +22,7 @@
 use std::arch::aarch64::*;
 use std::arch::asm;
 
+use crate::frame::aligned::Aligned;
 use crate::frame::gemm::QMatrix;
 use crate::frame::gemm::Tile;
 use crate::frame::pack::{vnni_panel_len, Packed};
@@ -308,9 +309,9 @@ pub(crate) fn neon_panel_len(k: usize) -> usize {
 
 /// Panels of 16 columns; within a panel, per k, the 16 columns' weights (0 past N), as the
 /// `smlal` strip reads them.
-pub(crate) fn pack_neon(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+pub(crate) fn pack_neon(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
     let panels = n.div_ceil(ARM_LANES);
-    let mut out = vec![0i8; panels * neon_panel_len(k)];
+    let mut out = Aligned::zeroed(panels * neon_panel_len(k));
     for j in 0..n {
         let (p, lane) = (j / ARM_LANES, j % ARM_LANES);
         for kk in 0..k {
@@ -327,9 +328,9 @@ pub(crate) fn mmla_panel_len(k: usize) -> usize {
 /// Panels of 16 columns; within a panel, per group of 8 k, 8 column pairs of 16 bytes: the
 /// even column's 8 weights, then the odd one's (0 past K or N), as `usmmla` reads its second
 /// operand (two rows of 8 bytes).
-pub(crate) fn pack_mmla(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+pub(crate) fn pack_mmla(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
     let panels = n.div_ceil(ARM_LANES);
-    let mut out = vec![0i8; panels * mmla_panel_len(k)];
+    let mut out = Aligned::zeroed(panels * mmla_panel_len(k));
     for j in 0..n {
         let (p, lane) = (j / ARM_LANES, j % ARM_LANES);
         let (pair, odd) = (lane / 2, lane % 2);

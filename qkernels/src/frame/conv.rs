@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use qtensor::isa::Isa;
 use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
 
+use crate::frame::aligned::Aligned;
 use crate::frame::gemm::{gemm_planned, BlockAdd, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey, QMatrix};
 use crate::frame::kernels::{DwPacked, DwWeights, Kernels};
 use crate::frame::ops::{vector_prefix, QuantU8, ResidualAdd};
@@ -132,12 +133,12 @@ pub(crate) struct RowConsts {
 /// every call.
 #[derive(Clone, Debug)]
 struct DwKernel<C> {
-    weights: Vec<i8>,
+    weights: Aligned<i8>,
     consts: PlanCache<C>,
 }
 
 impl<C> DwKernel<C> {
-    fn new(weights: Vec<i8>) -> Box<Self> {
+    fn new(weights: Aligned<i8>) -> Box<Self> {
         Box::new(DwKernel { weights, consts: PlanCache::default() })
     }
 }
@@ -997,11 +998,11 @@ fn flat_consts(plan: &Plan, c: usize) -> FlatConsts {
 /// with `e0 % c == cl * gcd(c, 64)`) and kernel row `ky`, four 64-byte vectors `q`; dword
 /// `(l, d)` of vector `q` stands for channel `(cl * gcd + 16l + 4q + d) % c` and holds its
 /// taps `(ky, 0..4)`, zero past `kw`.
-fn pack_depthwise_rows(taps: &PackedWeights, kh: usize, kw: usize) -> Vec<i8> {
+fn pack_depthwise_rows(taps: &PackedWeights, kh: usize, kw: usize) -> Aligned<i8> {
     let c = taps.n;
     let g = gcd(c, 64);
     let classes = c / g;
-    let mut out = vec![0i8; classes * kh * 256];
+    let mut out = Aligned::zeroed(classes * kh * 256);
     for cl in 0..classes {
         for ky in 0..kh {
             for q in 0..4 {
@@ -1024,11 +1025,11 @@ fn pack_depthwise_rows(taps: &PackedWeights, kh: usize, kw: usize) -> Vec<i8> {
 /// `e0 % c == cl * gcd(c, 64)`), each group of 4 taps, four 64-byte vectors `q` in the
 /// interleaved order of `pack_depthwise_vnni`, lane `16l + 4q + d` standing for channel
 /// `(cl * gcd + 16l + 4q + d) % c`.
-fn pack_depthwise_flat(taps: &PackedWeights) -> Vec<i8> {
+fn pack_depthwise_flat(taps: &PackedWeights) -> Aligned<i8> {
     let (c, t) = (taps.n, taps.k);
     let g = gcd(c, 64);
     let (classes, groups) = (c / g, t.div_ceil(4));
-    let mut out = vec![0i8; classes * groups * 256];
+    let mut out = Aligned::zeroed(classes * groups * 256);
     for cl in 0..classes {
         for grp in 0..groups {
             for q in 0..4 {

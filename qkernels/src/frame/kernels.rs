@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use qtensor::isa::Isa;
 
+use crate::frame::aligned::Aligned;
 use crate::frame::conv::{FlatConsts, RowConsts};
 use crate::frame::fconv;
 use crate::frame::gemm::{Activation, Plan, QMatrix, Rows, SinkKind, Tile};
@@ -151,8 +152,8 @@ pub(crate) enum DwPacked {
     /// The generic kernel reads the scalar `[c, taps]` weights.
     Scalar,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    I8(Vec<i8>),
-    I16(Vec<i16>),
+    I8(Aligned<i8>),
+    I16(Aligned<i16>),
 }
 
 /// What a depthwise pixel kernel reads besides the input.

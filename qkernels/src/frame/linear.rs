@@ -2,6 +2,7 @@
 
 use qtensor::{QTensor, Result};
 
+use crate::frame::aligned::Aligned;
 use crate::frame::gemm::{GemmOutput, QMatrix};
 use crate::frame::pack::PackedWeights;
 
@@ -157,13 +158,8 @@ impl PackedLinear {
             Ok((lo, hi))
         };
         let bias = self.bias.as_deref();
-        // The codes 64-byte aligned: whole rows of a tile's loads then do not straddle
-        // cache lines (K a multiple of 64).
-        let mut xq_buf = vec![0u8; m * k + 63];
-        let at = xq_buf.as_ptr().align_offset(64);
-        let xq = &mut xq_buf[at..at + m * k];
         let full = qtensor::QuantRange::full(qtensor::DType::U8);
-        match activations {
+        let mut run = |xq: &mut [u8]| match activations {
             DynamicActivations::PerTensor { reduce_range } => {
                 let (lo, hi) = range(x, 0)?;
                 let (scale, zero_point) = qtensor::choose_qparams_dynamic(lo, hi, reduce_range)?;
@@ -189,7 +185,21 @@ impl PackedLinear {
                 crate::frame::gemm::gemm_f32_per_row(&a, &self.weights, &plan, &params, out, relu, threads)?;
                 Ok(params[0])
             }
-        }
+        };
+        // The codes start a cache line (whole rows of a tile's loads then do not straddle
+        // cache lines when K is a multiple of 64), in this thread's buffer: taken out for the
+        // call (a rayon worker waiting inside may run another layer's call, which then uses
+        // a fresh one) and put back when it is the largest.
+        let mut codes = CODES.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        codes.grow_to(m * k);
+        let result = run(&mut codes[..m * k]);
+        CODES.with(|c| {
+            let mut cur = c.borrow_mut();
+            if cur.len() < codes.len() {
+                *cur = codes;
+            }
+        });
+        result
     }
 
     /// The packed weights.
@@ -201,6 +211,11 @@ impl PackedLinear {
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+}
+
+thread_local! {
+    /// Each thread's buffer of a dynamic layer's input codes.
+    static CODES: std::cell::RefCell<Aligned<u8>> = std::cell::RefCell::new(Aligned::default());
 }
 
 #[cfg(test)]

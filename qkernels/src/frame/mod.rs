@@ -2,6 +2,7 @@
 //! element-wise ops' loops), plans, packing, and the basic types (`QMatrix`, `QImage`,
 //! `QuantU8`). It reaches architecture kernels only through the registry.
 
+pub(crate) mod aligned;
 pub(crate) mod conv;
 pub(crate) mod fconv;
 pub(crate) mod float;

@@ -2,6 +2,7 @@
 
 use qtensor::isa::Isa;
 
+use crate::frame::aligned::Aligned;
 use crate::frame::kernels::Kernels;
 use qtensor::{QError, QParams, QTensor, Result};
 
@@ -43,37 +44,38 @@ pub struct PackedWeights {
 #[derive(Clone, Debug)]
 pub(crate) struct Avx2Pairs {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub packed: Vec<i8>,
+    pub packed: Aligned<i8>,
     pub max_input: u8,
 }
 
 /// A tier's GEMM layout of the weights, packed by its table (`GemmKernels::pack`); each
-/// variant is read by its architecture's kernels only.
+/// variant is read by its architecture's kernels only. Every layout starts on a cache line,
+/// so that a 64-byte group of weights (a zmm load, a row of an AMX tile) is one line.
 #[derive(Clone, Debug)]
 pub(crate) enum Packed {
     None,
     /// Panels of 16 columns; within a panel, for each group of 4 k: 16 x 4 bytes.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Vnni(Vec<i8>),
+    Vnni(Aligned<i8>),
     /// Panels of 8 columns; within a panel, per group of 4 k: 8 x 2 i16 of the even k, then
     /// of the odd k (`pack_avx2`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx2(Vec<i16>),
+    Avx2(Aligned<i16>),
     /// aarch64 NEON: panels of 16 columns; within a panel, per k, the 16 columns' bytes.
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    Neon(Vec<i8>),
+    Neon(Aligned<i8>),
     /// aarch64 `sdot`: the VNNI layout (panels of 16 columns, per group of 4 k 16 x 4 bytes),
     /// and per column (padded to whole panels) `128 * Σ_k w`, which restores the exact sum
     /// from `sdot`'s products of `a - 128` (the activation byte with its top bit flipped).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     Dot {
-        w: Vec<i8>,
+        w: Aligned<i8>,
         shift: Vec<i32>,
     },
     /// aarch64 `usmmla`: panels of 16 columns; within a panel, per group of 8 k, for each pair
     /// of columns the first one's 8 bytes then the second one's (`pack_mmla`).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    Mmla(Vec<i8>),
+    Mmla(Aligned<i8>),
 }
 
 impl PackedWeights {
@@ -231,10 +233,10 @@ pub(crate) fn vnni_panel_len(k: usize) -> usize {
     k.div_ceil(4) * 4 * VNNI_LANES
 }
 
-pub(crate) fn pack_vnni(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+pub(crate) fn pack_vnni(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
     let groups = k.div_ceil(4);
     let panels = n.div_ceil(VNNI_LANES);
-    let mut out = vec![0i8; panels * vnni_panel_len(k)];
+    let mut out = Aligned::zeroed(panels * vnni_panel_len(k));
     for (j, row) in raw.chunks_exact(k).take(n).enumerate() {
         let (p, lane) = (j / VNNI_LANES, j % VNNI_LANES);
         let base = p * vnni_panel_len(k) + lane * 4;

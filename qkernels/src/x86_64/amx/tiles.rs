@@ -13,6 +13,7 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 
+use crate::frame::aligned::Aligned;
 use crate::frame::gemm::MC;
 use crate::frame::pack::{vnni_panel_len, VNNI_LANES};
 use crate::x86_64::avx512vnni::gemm::TileRows;
@@ -23,6 +24,10 @@ pub(super) const TILE_M: usize = 16;
 const CHUNK: usize = 64;
 /// Bytes of one B tile: 16 groups of four K values for 16 columns.
 const B_TILE: usize = CHUNK * VNNI_LANES;
+
+/// The last B tile of each of four panels, each on whole cache lines.
+#[repr(C, align(64))]
+struct TailTiles([[i8; B_TILE]; 4]);
 
 /// `LDTILECFG`'s 64-byte operand (palette 1).
 #[repr(C, align(64))]
@@ -138,12 +143,12 @@ pub(super) unsafe fn sums(src: &ASource<'_>, m: usize, weights: &[i8], panels: u
 
     // The last B tile of each panel when K is not a multiple of 64: groups (K - 64) / 4 .. K / 4,
     // the first 16 - (K % 64) / 4 of them (counted by the chunk before) zero.
-    let mut b_tail = [[0i8; B_TILE]; 4];
+    let mut b_tail = TailTiles([[0i8; B_TILE]; 4]);
     if chunks > full {
         // A group is four K values for 16 columns: 64 bytes.
         let group = 4 * VNNI_LANES;
         let skip = (CHUNK - (k - full * CHUNK)) / 4 * group;
-        for (p, t) in b_tail.iter_mut().enumerate().take(panels) {
+        for (p, t) in b_tail.0.iter_mut().enumerate().take(panels) {
             let from = p * panel + (k - CHUNK) / 4 * group;
             t[skip..].copy_from_slice(&weights[from + skip..from + B_TILE]);
         }
@@ -171,7 +176,7 @@ pub(super) unsafe fn sums(src: &ASource<'_>, m: usize, weights: &[i8], panels: u
     }
     let gathered = step[..tiles].iter().filter(|&&s| s == 0).count();
     let mut arena = ARENA.with(|a| std::mem::take(&mut *a.borrow_mut()));
-    arena.resize(arena.len().max(gathered * TILE_M * k), 0);
+    arena.grow_to(gathered * TILE_M * k);
     // Every gathered tile's pointer derives from this one borrow of the arena.
     let arena_base = arena.as_mut_ptr();
     // Tile t's first row, and the distance between its rows (0: gathered, K apart).
@@ -227,7 +232,7 @@ pub(super) unsafe fn sums(src: &ASource<'_>, m: usize, weights: &[i8], panels: u
         if c < full {
             weights[p * panel + c * B_TILE..].as_ptr()
         } else {
-            b_tail[p].as_ptr()
+            b_tail.0[p].as_ptr()
         }
     };
 
@@ -266,8 +271,9 @@ pub(super) unsafe fn sums(src: &ASource<'_>, m: usize, weights: &[i8], panels: u
 }
 
 thread_local! {
-    /// Each thread's buffer of gathered A tiles, taken for one block and put back.
-    static ARENA: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's buffer of gathered A tiles (rows on whole cache lines when K is a
+    /// multiple of 64), taken for one block and put back.
+    static ARENA: std::cell::RefCell<Aligned<u8>> = std::cell::RefCell::new(Aligned::default());
 }
 
 /// Zeroes the accumulators tmm0..tmm3 and sums `chunks` chunks into them: tmm0 += A0 B0,

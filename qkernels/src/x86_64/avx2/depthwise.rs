@@ -2,6 +2,7 @@
 
 use std::arch::x86_64::*;
 
+use crate::frame::aligned::Aligned;
 use crate::frame::gemm::{Plan, REQUANT_LIMIT};
 use crate::frame::kernels::{DwPacked, DwWeights};
 use crate::frame::pack::PackedWeights;
@@ -174,10 +175,10 @@ unsafe fn block_sums<T: TapStarts + ?Sized>(
 /// `2g + tt` (`i < 8`), the next 16 the same for channels `16b + 8 + i` (0 past the last
 /// channel or tap): the order a byte unpack of two taps leaves the activations in (see
 /// [`depthwise_avx2_pixel_u8`]).
-pub(crate) fn pack_depthwise_avx2(taps: &PackedWeights) -> Vec<i16> {
+pub(crate) fn pack_depthwise_avx2(taps: &PackedWeights) -> Aligned<i16> {
     let (c, t) = (taps.n, taps.k);
     let (blocks, pairs) = (c.div_ceil(16), t.div_ceil(2));
-    let mut out = vec![0i16; blocks * pairs * 32];
+    let mut out = Aligned::zeroed(blocks * pairs * 32);
     for ch in 0..c {
         let (b, i) = (ch / 16, ch % 16);
         for tap in 0..t {

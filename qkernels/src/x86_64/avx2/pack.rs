@@ -1,6 +1,8 @@
 //! The AVX2 GEMM layouts: i16 pairs for the exact kernel, 4-byte groups for `vpmaddubsw`,
 //! and the bound under which the latter cannot saturate.
 
+use crate::frame::aligned::Aligned;
+
 /// Output channels per AVX2 panel (one ymm of i32 lanes).
 pub(crate) const AVX2_LANES: usize = 8;
 
@@ -32,9 +34,9 @@ pub(crate) fn avx2_panel_len(k: usize) -> usize {
 /// even one holds `(w[4g], w[4g + 2])` of each column, the odd one `(w[4g + 1], w[4g + 3])`
 /// (0 past K): the pairs that masking and shifting a broadcast quad of activation bytes
 /// give (see `gemm::avx2_kernel`).
-pub(crate) fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Vec<i16> {
+pub(crate) fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Aligned<i16> {
     let panels = n.div_ceil(AVX2_LANES);
-    let mut out = vec![0i16; panels * avx2_panel_len(k)];
+    let mut out = Aligned::zeroed(panels * avx2_panel_len(k));
     for j in 0..n {
         let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
         let base = p * avx2_panel_len(k);
@@ -52,9 +54,9 @@ pub(crate) fn pairs_panel_len(k: usize) -> usize {
 
 /// Panels of 8 columns; within a panel, per group of 4 k, 8 x 4 bytes (the VNNI layout on 8
 /// lanes), as `vpmaddubsw` reads them.
-pub(crate) fn pack_pairs(raw: &[i8], n: usize, k: usize) -> Vec<i8> {
+pub(crate) fn pack_pairs(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
     let panels = n.div_ceil(AVX2_LANES);
-    let mut out = vec![0i8; panels * pairs_panel_len(k)];
+    let mut out = Aligned::zeroed(panels * pairs_panel_len(k));
     for j in 0..n {
         let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
         let base = p * pairs_panel_len(k);

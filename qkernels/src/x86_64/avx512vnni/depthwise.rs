@@ -2,6 +2,7 @@
 
 use std::arch::x86_64::*;
 
+use crate::frame::aligned::Aligned;
 use crate::frame::conv::{FlatConsts, RowConsts};
 use crate::frame::gemm::REQUANT_LIMIT;
 use crate::frame::kernels::{DwPacked, DwRowKernels, DwWeights};
@@ -320,10 +321,10 @@ pub(crate) unsafe fn depthwise_rows_compute<const KH: usize>(
 /// four 64-byte vectors `q`; byte `4 * (4l + d) + t` of vector `q` is the weight of channel
 /// `64b + 16l + 4q + d` at tap `4g + t` (0 past the last channel or tap). That is the order
 /// in which byte unpacks leave the activations (see [`depthwise_vnni_pixel`]).
-pub(crate) fn pack_depthwise_vnni(taps: &PackedWeights) -> Vec<i8> {
+pub(crate) fn pack_depthwise_vnni(taps: &PackedWeights) -> Aligned<i8> {
     let (c, t) = (taps.n, taps.k);
     let (blocks, groups) = (c.div_ceil(64), t.div_ceil(4));
-    let mut out = vec![0i8; blocks * groups * 256];
+    let mut out = Aligned::zeroed(blocks * groups * 256);
     for b in 0..blocks {
         for g in 0..groups {
             for q in 0..4 {
