@@ -520,7 +520,7 @@ fn bytemuck_lines(lines: &[Line]) -> &[f32] {
 /// # Safety
 /// As [`Tile`] documents: every pointer reads `seg_len` values; `out` holds
 /// `(rows - 1) * ldo + cols` values.
-unsafe fn run_tile(k: &Kernels, t: &Tile<'_>, out: &mut [f32], act: Activation) {
+pub(crate) unsafe fn run_tile(k: &Kernels, t: &Tile<'_>, out: &mut [f32], act: Activation) {
     debug_assert!(t.rows >= 1 && t.rows <= MR && t.cols >= 1 && t.cols <= PANEL);
     debug_assert!(out.len() >= (t.rows - 1) * t.ldo + t.cols);
     debug_assert_eq!(t.panel.len(), t.ptrs.len() / MR * t.seg_len * PANEL);

@@ -1,4 +1,5 @@
-//! `f32` linear and conv2d as one-call functions: `linear_f32` through `matrixmultiply::sgemm`,
+//! `f32` linear, matrix product and conv2d as one-call functions: `linear_f32` through
+//! `matrixmultiply::sgemm`, `matmul_f32` through the float convolution's register tiles,
 //! `conv2d_f32` packing its weights into a [`crate::PackedConv2dF32`] for the call.
 
 use qtensor::{QError, Result};
@@ -87,6 +88,88 @@ fn gemm_f32(
             1,
         );
     }
+}
+
+/// `out[m x n] = a[m x k] · b[k x n]`, all row-major: a matrix product of two run-time
+/// operands (attention's `q · kᵀ` and `p · v` in the float paths). `b` is packed for the call
+/// into panels of 32 columns, and blocks of 8 rows by 32 columns sum their `k` products by
+/// fused multiply-adds in `k` order on the float convolution's register tiles: the same bits
+/// on every tier.
+///
+/// # Errors
+/// Buffers whose lengths do not match `m`, `k`, `n`.
+pub fn matmul_f32(a: &[f32], b: &[f32], mkn: (usize, usize, usize), out: &mut [f32]) -> Result<()> {
+    matmul_f32_with(qtensor::isa::selected(), a, b, mkn, out)
+}
+
+/// [`matmul_f32`] on an explicit instruction set (capped to what the CPU has), for
+/// conformance tests.
+///
+/// # Errors
+/// As [`matmul_f32`].
+pub fn matmul_f32_with(
+    isa: qtensor::isa::Isa,
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+) -> Result<()> {
+    use crate::frame::fconv::{run_tile, Tile, MR, PANEL};
+    let len = |x: usize, y: usize| x.checked_mul(y);
+    if len(m, k) != Some(a.len()) {
+        return Err(shape_err(vec![m, k], vec![a.len()], "the left operand must be m x k"));
+    }
+    if len(k, n) != Some(b.len()) {
+        return Err(shape_err(vec![k, n], vec![b.len()], "the right operand must be k x n"));
+    }
+    if len(m, n) != Some(out.len()) {
+        return Err(shape_err(vec![m, n], vec![out.len()], "the output must be m x n"));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let kernels = crate::registry::kernels(isa);
+    let panels = n.div_ceil(PANEL);
+    // Panel p holds rows kk of b's columns 32p.. (zero past n), k rows of 32 values.
+    let mut packed = PANELS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    packed.grow_to(panels * k * PANEL);
+    for p in 0..panels {
+        let cols = (n - p * PANEL).min(PANEL);
+        for kk in 0..k {
+            let dst = &mut packed[(p * k + kk) * PANEL..][..PANEL];
+            dst[..cols].copy_from_slice(&b[kk * n + p * PANEL..][..cols]);
+            dst[cols..].fill(0.0);
+        }
+    }
+    const ZEROS: [f32; PANEL] = [0.0; PANEL];
+    for p in 0..panels {
+        let panel = &packed[p * k * PANEL..][..k * PANEL];
+        let cols = (n - p * PANEL).min(PANEL);
+        for r0 in (0..m).step_by(MR) {
+            let rows = (m - r0).min(MR);
+            // Rows past m repeat the block's first row: read, summed, never written.
+            let ptrs: [*const f32; MR] = std::array::from_fn(|r| a[(r0 + if r < rows { r } else { 0 }) * k..].as_ptr());
+            let t = Tile { ptrs: &ptrs, seg_len: k, panel, bias: &ZEROS, rows, cols, ldo: n };
+            // SAFETY: every pointer starts a row of `a` with `k` values after it (rows below
+            // m); the panel holds `k` rows of 32 values; the output from row r0, column 32p
+            // holds `(rows - 1) * n + cols` values (rows r0..r0 + rows of n columns, cols of
+            // them from 32p).
+            unsafe { run_tile(kernels, &t, &mut out[r0 * n + p * PANEL..], crate::frame::gemm::Activation::None) };
+        }
+    }
+    PANELS.with(|c| {
+        let mut cur = c.borrow_mut();
+        if cur.len() < packed.len() {
+            *cur = packed;
+        }
+    });
+    Ok(())
+}
+
+thread_local! {
+    /// Each thread's buffer of [`matmul_f32`]'s packed right operand (taken out for a call).
+    static PANELS: std::cell::RefCell<crate::frame::aligned::Aligned<f32>> =
+        std::cell::RefCell::new(crate::frame::aligned::Aligned::default());
 }
 
 /// `f32` conv2d on NHWC input with OHWI weights (`[oc, kh, kw, c / groups]`), NHWC output.

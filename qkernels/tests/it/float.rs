@@ -1,7 +1,10 @@
 //! The f32 kernels against a naive f64 reference.
 
 use proptest::prelude::*;
-use qkernels::{conv2d_f32, conv2d_f32_with, linear_f32, Activation, Conv2dGeometry, PackedConv2dF32, WeightLayout};
+use qkernels::{
+    conv2d_f32, conv2d_f32_with, linear_f32, matmul_f32, matmul_f32_with, Activation, Conv2dGeometry, PackedConv2dF32,
+    WeightLayout,
+};
 
 /// A convolution output summed in f32, one term after another, against the exact sum `b` of
 /// `k` terms whose magnitudes add up to `abs_sum`: rounding errors of a sequential sum grow
@@ -157,6 +160,50 @@ fn f32_shape_errors_name_the_shapes() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("smaller than the dilated kernel"), "{e}");
+    let e = matmul_f32(&[0.0; 6], &[0.0; 5], (2, 3, 2), &mut out).unwrap_err().to_string();
+    assert!(e.contains("[3, 2]") && e.contains("[5]") && e.contains("right operand"), "{e}");
+    let e = matmul_f32(&[0.0; 6], &[0.0; 6], (2, 3, 2), &mut out[..3]).unwrap_err().to_string();
+    assert!(e.contains("[2, 2]") && e.contains("[3]") && e.contains("output"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::cases(48)))]
+
+    /// The product of two run-time matrices, on every tier: each output exactly the in-order
+    /// fused multiply-add sum of its `k` products from 0 (then + 0.0), with blocks cut at any
+    /// row and column (8 x 32 tiles) and `k` from 0 up; and within rounding of the exact sum.
+    #[test]
+    fn matmul_f32_is_the_in_order_fma_sum_on_every_tier(
+        m in 1usize..30, k in 0usize..80, n in 1usize..75, seed in any::<u32>(),
+    ) {
+        let f = |i: usize| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+        let a: Vec<f32> = (0..m * k).map(f).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| f(i + 7919)).collect();
+        let mut want = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f32;
+                let (mut exact, mut abs_sum) = (0.0f64, 0.0f64);
+                for kk in 0..k {
+                    acc = a[i * k + kk].mul_add(b[kk * n + j], acc);
+                    let t = a[i * k + kk] as f64 * b[kk * n + j] as f64;
+                    exact += t;
+                    abs_sum += t.abs();
+                }
+                want[i * n + j] = acc + 0.0;
+                prop_assert!(close_to_sum(want[i * n + j], exact, k.max(1), abs_sum));
+            }
+        }
+        for isa in qkernels::isa::Isa::ALL.into_iter().filter(|i| i.is_supported()) {
+            let mut out = vec![f32::NAN; m * n];
+            matmul_f32_with(isa, &a, &b, (m, k, n), &mut out).unwrap();
+            prop_assert!(
+                out.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa} m {m} k {k} n {n}: first difference at {:?}",
+                out.iter().zip(&want).position(|(x, y)| x.to_bits() != y.to_bits())
+            );
+        }
+    }
 }
 
 /// Every output of a packed f32 convolution, as its kernels promise to compute it: the

@@ -5,7 +5,7 @@
 //! shifted to i8 with the zero point shifted alike, so the products are exact) and the sums
 //! requantized to the observed output parameters, FBGEMM's epilogue as every int8 layer's.
 
-use ndarray::{ArrayD, ArrayView2, ArrayViewMut2, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 use qkernels::{GemmOutput, OutputQuant, PackedWeights, QMatrix, QuantU8};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
@@ -86,8 +86,8 @@ fn batch_offsets(a: &[usize], b: &[usize], out: &[usize]) -> Vec<(usize, usize)>
         .collect()
 }
 
-/// `a x b` in float: one `sgemm` per batch, written in place; on more than one thread the
-/// batches are shared out.
+/// `a x b` in float: one [`qkernels::matmul_f32`] per batch, written in place; on more than
+/// one thread the batches are shared out.
 pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str, threads: usize) -> Result<ArrayD<f32>> {
     let out = matmul_shape(a.shape(), b.shape()).ok_or_else(|| shape_err(a.shape(), b.shape(), name))?;
     let (m, k, n) = (out[out.len() - 2], a.shape()[a.ndim() - 1], out[out.len() - 1]);
@@ -95,10 +95,8 @@ pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str, threads: 
     let (da, db) = (a.as_slice().expect("standard layout"), b.as_slice().expect("standard layout"));
     let mut y = scratch::take_f32(out.iter().product());
     let batch = |(oa, ob): (usize, usize), yt: &mut [f32]| {
-        let am = ArrayView2::from_shape((m, k), &da[oa * m * k..][..m * k]).expect("a batch's matrix");
-        let bm = ArrayView2::from_shape((k, n), &db[ob * k * n..][..k * n]).expect("a batch's matrix");
-        let mut ym = ArrayViewMut2::from_shape((m, n), yt).expect("a batch's matrix");
-        ndarray::linalg::general_mat_mul(1.0, &am, &bm, 0.0, &mut ym);
+        qkernels::matmul_f32(&da[oa * m * k..][..m * k], &db[ob * k * n..][..k * n], (m, k, n), yt)
+            .expect("a batch's matrices have the product's sizes");
     };
     let offsets = batch_offsets(a.shape(), b.shape(), &out);
     if m * n > 0 {
