@@ -1136,8 +1136,73 @@ pub struct QuantizedModel {
     /// Per node: the softmax and product of attention this `q x kt` product runs with it
     /// ([`attention_fusions`]); those nodes are then skipped.
     fused_attention: Vec<Option<Attention>>,
+    /// Per node: the float softmax and product this float `q x kt` product runs with it
+    /// ([`float_attention_fusions`]); those nodes are then skipped.
+    fused_float_attention: Vec<Option<FloatAttention>>,
     /// Per node: a softmax or product an attention's first product runs.
     runs_in_attention: Vec<bool>,
+}
+
+/// Attention's float steps found in a converted graph (the dynamic modes'): a float product
+/// `q x kt` (the node holding this), a float softmax alone reading its output, and a float
+/// product alone reading the softmax's output, as its left operand.
+#[derive(Clone, Copy, Debug)]
+struct FloatAttention {
+    softmax: usize,
+    product: usize,
+    /// The second product's right operand (`v`), computed before the first product runs.
+    v: Tensor,
+}
+
+/// The float attention patterns that run head by head in one step
+/// ([`crate::ops::matmul::attention_f32`], the same bits as the ops one by one), their inner
+/// nodes marked in `runs_in`: a float product whose output only a float softmax reads, whose
+/// output only another float product reads as its left operand, the right one computed
+/// before the first product runs; no step's output a graph output.
+fn float_attention_fusions(
+    g: &QGraph,
+    readers: &[usize],
+    producer: &[Option<usize>],
+    runs_in: &mut [bool],
+) -> Vec<Option<FloatAttention>> {
+    use crate::ops::matmul::MatMulOp;
+    let mut fused = vec![None; g.nodes.len()];
+    let mut reader = vec![None; g.values];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for &t in &n.inputs {
+            reader[t.0] = Some(i);
+        }
+    }
+    let op = |i: usize| step_of(&g.nodes[i]).op.as_any();
+    let product = |i: usize| op(i).downcast_ref::<MatMulOp>().filter(|m| !m.is_int8());
+    let softmax = |i: usize| {
+        op(i)
+            .downcast_ref::<crate::ops::fallback::FloatOp>()
+            .is_some_and(|f| f.0.as_any().is::<crate::ops::softmax::Softmax>())
+    };
+    let sole_reader = |t: Tensor| if readers[t.0] == 1 && !g.outputs.contains(&t) { reader[t.0] } else { None };
+    for (i, n) in g.nodes.iter().enumerate() {
+        if product(i).is_none() || n.inputs.len() != 2 || runs_in[i] {
+            continue;
+        }
+        let Some(s) = sole_reader(n.output).filter(|&s| softmax(s) && g.nodes[s].inputs.len() == 1) else { continue };
+        let Some(j) = sole_reader(g.nodes[s].output) else { continue };
+        let jn = &g.nodes[j];
+        if product(j).is_none()
+            || jn.inputs.len() != 2
+            || jn.inputs[0] != g.nodes[s].output
+            || jn.inputs[1] == jn.inputs[0]
+        {
+            continue;
+        }
+        let v = jn.inputs[1];
+        if producer[v.0].is_none_or(|p| p < i) {
+            runs_in[s] = true;
+            runs_in[j] = true;
+            fused[i] = Some(FloatAttention { softmax: s, product: j, v });
+        }
+    }
+    fused
 }
 
 /// Attention's int8 steps found in a converted graph: a product `q x kt` (the node holding
@@ -1455,7 +1520,8 @@ impl QuantizedModel {
             producer[n.output.0] = Some(i);
         }
         let (fused_add, runs_in_conv) = conv_add_fusions(&graph, &readers, &producer);
-        let (fused_attention, runs_in_attention) = attention_fusions(&graph, &readers, &producer);
+        let (fused_attention, mut runs_in_attention) = attention_fusions(&graph, &readers, &producer);
+        let fused_float_attention = float_attention_fusions(&graph, &readers, &producer, &mut runs_in_attention);
         QuantizedModel {
             input_q,
             input_ranges,
@@ -1468,6 +1534,7 @@ impl QuantizedModel {
             fused_add,
             runs_in_conv,
             fused_attention,
+            fused_float_attention,
             runs_in_attention,
         }
     }
@@ -1741,6 +1808,36 @@ impl QuantizedModel {
                 vals[g.nodes[f.product].output.0] = Some(y);
                 continue;
             }
+            if let Some(f) = self.fused_float_attention[i] {
+                let (kt, q) = (take(vals, left, n.inputs[1]), take(vals, left, n.inputs[0]));
+                let v = take(vals, left, f.v);
+                let start = timing.is_some().then(std::time::Instant::now);
+                let scores = crate::ops::matmul::matmul_shape(q.shape(), kt.shape()).unwrap_or_default();
+                let y = self.float_attention(i, f, (q, kt, v), run)?;
+                if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
+                    t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
+                    inner_shapes.push((f.softmax, scores));
+                }
+                vals[g.nodes[f.product].output.0] = Some(y);
+                continue;
+            }
+            // A reader of a small part of a value others still read computes from the value
+            // itself, not from a copy of it.
+            if let ([t], None) = (&n.inputs[..], self.fused_add[i]) {
+                if left[t.0] > 1 {
+                    let start = timing.is_some().then(std::time::Instant::now);
+                    let x = vals[t.0].as_ref().expect("computed before read");
+                    if let Some(y) = step_of(n).op.run_borrowed(x, run) {
+                        let y = y.map_err(|e| e.within(&n.name))?;
+                        left[t.0] -= 1;
+                        if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
+                            t.push((start.elapsed().as_secs_f64() * 1e3, y.shape().to_vec()));
+                        }
+                        vals[n.output.0] = Some(y);
+                        continue;
+                    }
+                }
+            }
             args.clear();
             for &t in &n.inputs {
                 let v = take(vals, left, t);
@@ -1847,8 +1944,15 @@ impl QuantizedModel {
                 let runs_in = self.runs_in_conv[i].map(|conv| self.graph.nodes[conv].name.clone());
                 let runs_in = runs_in.or_else(|| {
                     self.runs_in_attention[i].then(|| {
-                        let first =
-                            self.fused_attention.iter().position(|f| f.is_some_and(|f| f.inner().any(|x| x == i)));
+                        let first = self
+                            .fused_attention
+                            .iter()
+                            .position(|f| f.is_some_and(|f| f.inner().any(|x| x == i)))
+                            .or_else(|| {
+                                self.fused_float_attention
+                                    .iter()
+                                    .position(|f| f.is_some_and(|f| f.softmax == i || f.product == i))
+                            });
                         self.graph.nodes[first.expect("a fused step has its first product")].name.clone()
                     })
                 });
@@ -1936,6 +2040,46 @@ impl QuantizedModel {
             }
             scores = step(x, &mut args)?;
         }
+        args.push(scores);
+        let p = step(f.softmax, &mut args)?;
+        args.extend([p, v]);
+        step(f.product, &mut args)
+    }
+
+    /// Float attention found at assembly ([`float_attention_fusions`]), node `i` its first
+    /// product: head by head when the shapes fit, else its ops one after the other.
+    fn float_attention(
+        &self,
+        i: usize,
+        f: FloatAttention,
+        (q, kt, v): (Value, Value, Value),
+        run: Run,
+    ) -> Result<Value> {
+        use crate::ops::matmul::{attention_f32, attention_fits};
+        let g = &self.graph;
+        let (a, s, b) = (&g.nodes[i], &g.nodes[f.softmax], &g.nodes[f.product]);
+        let softmax = step_of(s)
+            .op
+            .as_any()
+            .downcast_ref::<crate::ops::fallback::FloatOp>()
+            .and_then(|x| x.0.as_any().downcast_ref::<crate::ops::softmax::Softmax>())
+            .expect("found at assembly");
+        let rank = q.shape().len();
+        if attention_fits(q.shape(), kt.shape(), v.shape()) && softmax.over_last_axis(rank) {
+            let (q, kt, v) = (q.into_f32(), kt.into_f32(), v.into_f32());
+            let y = attention_f32(&q, &kt, &v, run)
+                .map_err(|e| e.within(&format!("{} (with {}, {})", a.name, s.name, b.name)))?;
+            for x in [q, kt, v] {
+                scratch::recycle_f32(x);
+            }
+            return Ok(Value::F32(y));
+        }
+        let step = |x: usize, args: &mut Vec<Value>| {
+            let n = &g.nodes[x];
+            Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))
+        };
+        let mut args = vec![q, kt];
+        let scores = step(i, &mut args)?;
         args.push(scores);
         let p = step(f.softmax, &mut args)?;
         args.extend([p, v]);

@@ -431,6 +431,79 @@ fn fused_attention_gives_the_bytes_of_its_three_ops() {
     }
 }
 
+/// Float attention (the dynamic modes': products and softmax stay float) runs head by head in
+/// one step (the first product names the softmax and the second product in the profile) and
+/// gives the bits of its three ops run one after the other, which the same graph with the
+/// softmax's output also a model output does (it does not fuse), on one thread or two; and
+/// the float graph's own run, whose ops are the same. Keys shared by the batch (broadcast)
+/// run the three ops in turn, alike.
+#[test]
+fn fused_float_attention_gives_the_bits_of_its_three_ops() {
+    use qnn::layers::Softmax;
+    let build = |expose: bool| {
+        let mut g = GraphBuilder::new();
+        let (q, kt, v) = (g.input("q"), g.input("kt"), g.input("v"));
+        let s = g.matmul("scores", q, kt).unwrap();
+        let p = g.layer("softmax", Softmax { dim: -1 }, s).unwrap();
+        let o = g.matmul("context", p, v).unwrap();
+        g.output(o);
+        if expose {
+            g.output(p);
+        }
+        g.build().unwrap()
+    };
+    for kt_batch in [2, 1] {
+        let xs = [images(6, &[2, 3, 37, 40]), images(7, &[kt_batch, 3, 40, 33]), images(8, &[2, 3, 33, 20])];
+        let converted = |expose: bool| {
+            prepare(build(expose), &QConfigMapping::new(QConfig::dynamic_per_token())).unwrap().convert().unwrap()
+        };
+        let (mut fused, apart) = (converted(false), converted(true));
+        let bits = |y: ndarray::ArrayD<f32>| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let want = bits(apart.forward_inputs(&xs).unwrap().remove(0));
+        assert_eq!(bits(fused.forward_inputs(&xs).unwrap().remove(0)), want, "keys of batch {kt_batch}");
+        fused.set_threads(2);
+        assert_eq!(bits(fused.forward_inputs(&xs).unwrap().remove(0)), want, "keys of batch {kt_batch}, two threads");
+        fused.set_threads(1);
+        assert_eq!(bits(build(false).run(&xs).unwrap().remove(0)), want, "keys of batch {kt_batch}: the float graph");
+        let prof = fused.profile(&xs, 1).unwrap();
+        let runs_in = |n: &str| prof.iter().find(|t| t.name == n).unwrap().runs_in.clone();
+        assert_eq!(runs_in("softmax").as_deref(), Some("scores"), "keys of batch {kt_batch}");
+        assert_eq!(runs_in("context").as_deref(), Some("scores"), "keys of batch {kt_batch}");
+        let prof = apart.profile(&xs, 1).unwrap();
+        assert!(prof.iter().all(|t| t.runs_in.is_none()));
+    }
+}
+
+/// Slices of a float value that other nodes still read (attention's q, k and v taken from
+/// one projection in the dynamic modes) compute from the value itself rather than from a copy
+/// of it: the same values as slicing the projection's own output, in any order of readers.
+#[test]
+fn slices_of_a_shared_float_value_are_its_parts() {
+    use qnn::layers::{Linear, Slice};
+    let build = |sliced: bool| {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x");
+        let y = g.layer("proj", Linear::new(8, 12), x).unwrap();
+        if sliced {
+            for (name, start) in [("k", 4), ("q", 0), ("v", 8)] {
+                let part = g.layer(name, Slice::narrow(-1, start, 4), y).unwrap();
+                g.output(part);
+            }
+        } else {
+            g.output(y);
+        }
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 13);
+        prepare(graph, &QConfigMapping::new(QConfig::dynamic_per_token())).unwrap().convert().unwrap()
+    };
+    let x = [images(3, &[5, 8])];
+    let whole = build(false).forward_inputs(&x).unwrap().remove(0);
+    let parts = build(true).forward_inputs(&x).unwrap();
+    for (part, start) in parts.iter().zip([4, 0, 8]) {
+        assert_eq!(part, &whole.slice(ndarray::s![.., start..start + 4]).into_dyn(), "columns {start}..");
+    }
+}
+
 /// Attention with a scaling of its scores (`MulScalar`) and an additive mask between the
 /// first product and the softmax (BERT's), the mask `[n, 1, 1, keys]`, `[1, 1, rows, keys]`
 /// or one value per key, on either side of the addition: it runs head by head in one step
@@ -523,7 +596,7 @@ fn four_dimensional_products_broadcast_their_batch() {
     let xs = [images(6, &[2, 3, 5, 4]), images(7, &[1, 3, 4, 6])];
     let float = build().run(&xs).unwrap().remove(0);
     assert_eq!(float.shape(), &[2, 3, 5, 6]);
-    // The float product is ndarray's, batch by batch.
+    // The float product, batch by batch, against ndarray's.
     for (bi, hi) in [(0, 0), (1, 2)] {
         let a = xs[0].slice(ndarray::s![bi, hi, .., ..]).into_dimensionality::<ndarray::Ix2>().unwrap();
         let b = xs[1].slice(ndarray::s![0, hi, .., ..]).into_dimensionality::<ndarray::Ix2>().unwrap();

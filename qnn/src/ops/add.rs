@@ -96,7 +96,17 @@ impl QOp for AddOp {
         let s = args.pop().expect("two inputs");
         let b = args.pop().expect("two inputs");
         if !self.int8 {
-            let mut y = add_f32(&b.into_f32(), &s.into_f32(), "")?;
+            // Into the first operand's buffer when both lie alike; the buffers it does not
+            // keep go back to the float pool.
+            let (b, s) = (b.into_f32(), s.into_f32());
+            let mut y = if b.shape() == s.shape() && b.strides() == s.strides() {
+                add_f32_into(b, &s, "")?
+            } else {
+                let y = add_f32(&b, &s, "")?;
+                scratch::recycle_f32(b);
+                y
+            };
+            scratch::recycle_f32(s);
             if self.relu {
                 y.mapv_inplace(|v| v.max(0.0));
             }

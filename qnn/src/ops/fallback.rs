@@ -74,6 +74,12 @@ impl QOp for FloatOp {
             None => self.0.forward_owned(x)?,
         }))
     }
+    fn run_borrowed(&self, x: &Value, _run: Run) -> Option<Result<Value>> {
+        let (Value::F32(x), Some(slice)) = (x, self.0.as_any().downcast_ref::<super::slice::Slice>()) else {
+            return None;
+        };
+        Some(slice.pooled(x).map(Value::F32))
+    }
     fn images_apart(&self) -> bool {
         self.0.computes_images_apart()
     }

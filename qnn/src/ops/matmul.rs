@@ -110,6 +110,51 @@ pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str, threads: 
     Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the output's length"))
 }
 
+/// Attention's float steps (the dynamic modes'), `scores = q x kt`, the softmax over each
+/// row of scores, `scores x v`, computed head by head with each head's scores in one buffer
+/// of the thread's: the same functions as the three ops one after the other
+/// ([`matmul_f32`]'s per-batch products, [`qkernels::softmax_in_place`] per row), so the same
+/// bits, without the whole score tensor going through memory between the steps. On more than
+/// one thread the heads are shared out. The shapes must fit ([`attention_fits`]).
+pub(crate) fn attention_f32(q: &ArrayD<f32>, kt: &ArrayD<f32>, v: &ArrayD<f32>, run: Run) -> Result<ArrayD<f32>> {
+    let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
+    assert!(attention_fits(qs, ks, vs), "attention_f32: the caller checks the shapes");
+    let r = qs.len();
+    let (m, k, n, d) = (qs[r - 2], qs[r - 1], ks[r - 1], vs[r - 1]);
+    let mut out = qs.to_vec();
+    out[r - 1] = d;
+    let len = budget(&out, 4, run, "attention")?;
+    budget(&[m, n], 4, run, "attention scores")?;
+    let heads: usize = qs[..r - 2].iter().product();
+    let (q, kt, v) = (q.as_standard_layout(), kt.as_standard_layout(), v.as_standard_layout());
+    let (dq, dk, dv) = (
+        q.as_slice().expect("standard layout"),
+        kt.as_slice().expect("standard layout"),
+        v.as_slice().expect("standard layout"),
+    );
+    let mut y = scratch::take_f32(len);
+    let head = |h: usize, yh: &mut [f32]| {
+        let mut scores = scratch::take_f32(m * n);
+        qkernels::matmul_f32(&dq[h * m * k..][..m * k], &dk[h * k * n..][..k * n], (m, k, n), &mut scores)
+            .expect("a head's matrices have the product's sizes");
+        if n > 0 {
+            qkernels::softmax_in_place(&mut scores, n, 1, 1);
+        }
+        qkernels::matmul_f32(&scores, &dv[h * n * d..][..n * d], (m, n, d), yh)
+            .expect("a head's matrices have the product's sizes");
+        scratch::give_f32(scores);
+    };
+    if m * d > 0 {
+        if run.threads > 1 && heads > 1 {
+            use rayon::prelude::*;
+            y.par_chunks_mut(m * d).enumerate().for_each(|(h, yh)| head(h, yh));
+        } else {
+            y.chunks_mut(m * d).enumerate().for_each(|(h, yh)| head(h, yh));
+        }
+    }
+    Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the output's length"))
+}
+
 /// The product in the converted model.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct MatMulOp {

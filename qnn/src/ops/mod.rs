@@ -129,6 +129,17 @@ pub trait QOp: Debug + Send + Sync + Any {
     /// An input the op cannot take (shapes, the activation budget).
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value>;
 
+    /// Computes the op from a value that another node still reads, for ops that read a small
+    /// part of their one input (a float slice: attention's q, k and v taken from one stacked
+    /// projection): such a reader otherwise gets a copy of the whole value. `None`: the op
+    /// takes its input by value ([`QOp::run`]).
+    ///
+    /// # Errors
+    /// As [`QOp::run`].
+    fn run_borrowed(&self, _x: &Value, _run: Run) -> Option<Result<Value>> {
+        None
+    }
+
     /// The parameters of its output when it chooses its own (not its input's).
     fn out_q(&self) -> Option<QuantU8> {
         None

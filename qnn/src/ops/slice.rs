@@ -125,13 +125,26 @@ impl Slice {
     }
 }
 
+impl Slice {
+    /// [`Module::forward`], into a buffer of this thread's float pool.
+    pub(crate) fn pooled(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let (axis, s, e, step) = self.bounds(x.shape())?;
+        let v = x.slice_axis(Axis(axis), NdSlice::new(s as isize, Some(e as isize), step as isize));
+        let mut data = crate::scratch::take_f32(v.len());
+        match v.as_slice() {
+            Some(src) => data.copy_from_slice(src),
+            None => data.iter_mut().zip(v.iter()).for_each(|(d, &s)| *d = s),
+        }
+        Ok(ArrayD::from_shape_vec(v.raw_dim(), data).expect("the slice's length"))
+    }
+}
+
 impl Module for Slice {
     fn kind(&self) -> &'static str {
         "Slice"
     }
     fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let (axis, s, e, step) = self.bounds(x.shape())?;
-        Ok(x.slice_axis(Axis(axis), NdSlice::new(s as isize, Some(e as isize), step as isize)).to_owned())
+        self.pooled(x)
     }
     same_params_module!();
 }

@@ -43,6 +43,11 @@ impl Softmax {
         Ok(y)
     }
 
+    /// Whether it runs over the last axis of a value of rank `rank`.
+    pub(crate) fn over_last_axis(&self, rank: usize) -> bool {
+        self.axis(rank) == Some(rank.wrapping_sub(1))
+    }
+
     fn axis(&self, rank: usize) -> Option<usize> {
         let d = if self.dim < 0 { self.dim + rank as i64 } else { self.dim };
         usize::try_from(d).ok().filter(|&d| d < rank)
