@@ -70,8 +70,8 @@ fn int8_resnet() {
 /// products, additions and the slices taking q, k and v from one projection run in float
 /// between the linear layers, and their values' buffers come back to the float pool. Float
 /// additions that dropped both inputs' buffers made every layer allocate afresh (the second
-/// call then asked for 89% of the first's bytes; 30% now, the rest small values such as the
-/// class token and the positional embedding made on each call).
+/// call then asked for 89% of the first's bytes; 30% now: values some float layers still
+/// build outside the pool).
 fn dynamic_vit() {
     let c = zoo::VitConfig {
         image_size: 32,
