@@ -82,7 +82,9 @@ mod x86_64;
 
 pub use frame::conv::{quantize_weights_per_channel, Conv2dGeometry, PackedConv2d, QImage};
 pub use frame::fconv::{PackedConv2dF32, WeightLayout};
-pub use frame::float::{conv2d_f32, conv2d_f32_with, linear_f32, matmul_f32, matmul_f32_with};
+pub use frame::float::{
+    conv2d_f32, conv2d_f32_with, linear_f32, matmul_f32, matmul_f32_bt, matmul_f32_bt_with, matmul_f32_with,
+};
 pub use frame::fmath::{exp_f32, gelu_f32, gelu_in_place, layer_norm_in_place, softmax_in_place};
 pub use frame::gemm::{bias_operands, gemm, requantize_scalar, Activation, BiasForm, GemmOutput, OutputQuant, QMatrix};
 pub use frame::linear::{DynamicActivations, PackedLinear};

@@ -1148,6 +1148,13 @@ pub struct QuantizedModel {
 /// product alone reading the softmax's output, as its left operand.
 #[derive(Clone, Copy, Debug)]
 struct FloatAttention {
+    /// A float permutation swapping the last two axes of `k` into `kt` that only the first
+    /// product reads (directly, or through `key_scale`): skipped, the product reading `k` as
+    /// its transpose.
+    transpose: Option<usize>,
+    /// A float product by a constant between that permutation and the first product (ViT's
+    /// export scales `kt`): run on `k` instead, which gives the same values.
+    key_scale: Option<usize>,
     softmax: usize,
     product: usize,
     /// The second product's right operand (`v`), computed before the first product runs.
@@ -1158,7 +1165,9 @@ struct FloatAttention {
 /// ([`crate::ops::matmul::attention_f32`], the same bits as the ops one by one), their inner
 /// nodes marked in `runs_in`: a float product whose output only a float softmax reads, whose
 /// output only another float product reads as its left operand, the right one computed
-/// before the first product runs; no step's output a graph output.
+/// before the first product runs; no step's output a graph output. A float permutation that
+/// swaps the last two axes of the first product's right operand, read by that product alone
+/// (or by a float product by a constant that the first product alone reads), runs in it too.
 fn float_attention_fusions(
     g: &QGraph,
     readers: &[usize],
@@ -1197,9 +1206,42 @@ fn float_attention_fusions(
         }
         let v = jn.inputs[1];
         if producer[v.0].is_none_or(|p| p < i) {
+            let kt = n.inputs[1];
+            let float_layer = |p: usize| {
+                op(p)
+                    .downcast_ref::<crate::ops::fallback::FloatOp>()
+                    .map(|f| f.0.as_any())
+                    .filter(|_| g.nodes[p].inputs.len() == 1)
+            };
+            // The scaling of `kt`, read by the product alone, and the value it scales.
+            let key_scale = producer[kt.0].filter(|&p| {
+                sole_reader(kt) == Some(i) && float_layer(p).is_some_and(|m| m.is::<crate::ops::scalar::MulScalar>())
+            });
+            let (kt, kt_reader) = match key_scale {
+                Some(p) => (g.nodes[p].inputs[0], p),
+                None => (kt, i),
+            };
+            let transpose = producer[kt.0].filter(|&p| {
+                sole_reader(kt) == Some(kt_reader)
+                    && n.inputs[0] != n.inputs[1]
+                    && g.nodes[p].inputs.len() == 1
+                    && op(p).downcast_ref::<crate::ops::fallback::FloatOp>().is_some_and(|f| {
+                        f.0.as_any().downcast_ref::<crate::ops::shape::Permute>().is_some_and(|t| {
+                            let r = t.dims.len();
+                            r >= 3
+                                && t.dims[..r - 2].iter().enumerate().all(|(a, &d)| a == d)
+                                && t.dims[r - 2..] == [r - 1, r - 2]
+                        })
+                    })
+            });
+            // The scaling runs in the product only with the permutation.
+            let key_scale = key_scale.filter(|_| transpose.is_some());
+            for p in transpose.into_iter().chain(key_scale) {
+                runs_in[p] = true;
+            }
             runs_in[s] = true;
             runs_in[j] = true;
-            fused[i] = Some(FloatAttention { softmax: s, product: j, v });
+            fused[i] = Some(FloatAttention { transpose, key_scale, softmax: s, product: j, v });
         }
     }
     fused
@@ -1788,7 +1830,18 @@ impl QuantizedModel {
                 if let Some(t) = timing.as_deref_mut() {
                     let inner = inner_shapes.iter().find(|(k, _)| *k == i).map(|(_, s)| s.clone());
                     let shape = vals[n.output.0].as_ref().map(|v| v.shape().to_vec());
-                    t.push((0.0, inner.or(shape).unwrap_or_default()));
+                    // A transposition attention runs: its input's shape, the last two axes
+                    // swapped (the input is still there, for the product to read).
+                    let transposed = || {
+                        let f = self
+                            .fused_float_attention
+                            .iter()
+                            .flatten()
+                            .find(|f| f.transpose == Some(i) || f.key_scale == Some(i))?;
+                        let k = vals[g.nodes[f.transpose?].inputs[0].0].as_ref()?;
+                        Some(crate::ops::matmul::swap_last_two(k.shape()))
+                    };
+                    t.push((0.0, inner.or(shape).or_else(transposed).unwrap_or_default()));
                 }
                 continue;
             }
@@ -1809,10 +1862,23 @@ impl QuantizedModel {
                 continue;
             }
             if let Some(f) = self.fused_float_attention[i] {
-                let (kt, q) = (take(vals, left, n.inputs[1]), take(vals, left, n.inputs[0]));
+                // The key as the product reads it: `kt`, or `k` when its transposition runs here.
+                let key = f.transpose.map_or(n.inputs[1], |p| g.nodes[p].inputs[0]);
+                let (mut kt, q) = (take(vals, left, key), take(vals, left, n.inputs[0]));
+                if let Some(x) = f.key_scale {
+                    // The scaling of `kt`, on `k`: the same products by the constant.
+                    let xn = &g.nodes[x];
+                    args.clear();
+                    args.push(kt);
+                    kt = Self::node_step(step_of(xn), args, run).map_err(|e| e.within(&xn.name))?;
+                }
                 let v = take(vals, left, f.v);
                 let start = timing.is_some().then(std::time::Instant::now);
-                let scores = crate::ops::matmul::matmul_shape(q.shape(), kt.shape()).unwrap_or_default();
+                let kt_shape = match f.transpose {
+                    Some(_) => crate::ops::matmul::swap_last_two(kt.shape()),
+                    None => kt.shape().to_vec(),
+                };
+                let scores = crate::ops::matmul::matmul_shape(q.shape(), &kt_shape).unwrap_or_default();
                 let y = self.float_attention(i, f, (q, kt, v), run)?;
                 if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
                     t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
@@ -1949,9 +2015,14 @@ impl QuantizedModel {
                             .iter()
                             .position(|f| f.is_some_and(|f| f.inner().any(|x| x == i)))
                             .or_else(|| {
-                                self.fused_float_attention
-                                    .iter()
-                                    .position(|f| f.is_some_and(|f| f.softmax == i || f.product == i))
+                                self.fused_float_attention.iter().position(|f| {
+                                    f.is_some_and(|f| {
+                                        f.softmax == i
+                                            || f.product == i
+                                            || f.transpose == Some(i)
+                                            || f.key_scale == Some(i)
+                                    })
+                                })
                             });
                         self.graph.nodes[first.expect("a fused step has its first product")].name.clone()
                     })
@@ -2065,9 +2136,14 @@ impl QuantizedModel {
             .and_then(|x| x.0.as_any().downcast_ref::<crate::ops::softmax::Softmax>())
             .expect("found at assembly");
         let rank = q.shape().len();
-        if attention_fits(q.shape(), kt.shape(), v.shape()) && softmax.over_last_axis(rank) {
+        // With the transposition fused, `kt` holds `k`.
+        let kt_shape = match f.transpose {
+            Some(_) => crate::ops::matmul::swap_last_two(kt.shape()),
+            None => kt.shape().to_vec(),
+        };
+        if attention_fits(q.shape(), &kt_shape, v.shape()) && softmax.over_last_axis(rank) {
             let (q, kt, v) = (q.into_f32(), kt.into_f32(), v.into_f32());
-            let y = attention_f32(&q, &kt, &v, run)
+            let y = attention_f32(&q, &kt, f.transpose.is_some(), &v, run)
                 .map_err(|e| e.within(&format!("{} (with {}, {})", a.name, s.name, b.name)))?;
             for x in [q, kt, v] {
                 scratch::recycle_f32(x);
@@ -2077,6 +2153,15 @@ impl QuantizedModel {
         let step = |x: usize, args: &mut Vec<Value>| {
             let n = &g.nodes[x];
             Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))
+        };
+        // `kt` holds `k` scaled: transposed here, the scaling moved before it (elementwise,
+        // the same values).
+        let kt = match f.transpose {
+            Some(p) => {
+                let mut args = vec![kt];
+                step(p, &mut args)?
+            }
+            None => kt,
         };
         let mut args = vec![q, kt];
         let scores = step(i, &mut args)?;

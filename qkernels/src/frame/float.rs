@@ -102,6 +102,30 @@ pub fn matmul_f32(a: &[f32], b: &[f32], mkn: (usize, usize, usize), out: &mut [f
     matmul_f32_with(qtensor::isa::selected(), a, b, mkn, out)
 }
 
+/// [`matmul_f32`] of `a` and the transpose of `bt` (`n x k`, row-major): attention's
+/// `q · kᵀ` from `k` itself, with no transposed copy. The same bits as [`matmul_f32`] of `a`
+/// and `bt` transposed.
+///
+/// # Errors
+/// Buffers whose lengths do not match `m`, `k`, `n`.
+pub fn matmul_f32_bt(a: &[f32], bt: &[f32], mkn: (usize, usize, usize), out: &mut [f32]) -> Result<()> {
+    matmul_f32_bt_with(qtensor::isa::selected(), a, bt, mkn, out)
+}
+
+/// [`matmul_f32_bt`] on an explicit instruction set (capped to what the CPU has).
+///
+/// # Errors
+/// As [`matmul_f32_bt`].
+pub fn matmul_f32_bt_with(
+    isa: qtensor::isa::Isa,
+    a: &[f32],
+    bt: &[f32],
+    mkn: (usize, usize, usize),
+    out: &mut [f32],
+) -> Result<()> {
+    matmul(isa, a, bt, true, mkn, out)
+}
+
 /// [`matmul_f32`] on an explicit instruction set (capped to what the CPU has), for
 /// conformance tests.
 ///
@@ -111,6 +135,18 @@ pub fn matmul_f32_with(
     isa: qtensor::isa::Isa,
     a: &[f32],
     b: &[f32],
+    mkn: (usize, usize, usize),
+    out: &mut [f32],
+) -> Result<()> {
+    matmul(isa, a, b, false, mkn, out)
+}
+
+/// `a · b`, or `a · btᵀ` with `transposed` (`b` then `n x k`).
+fn matmul(
+    isa: qtensor::isa::Isa,
+    a: &[f32],
+    b: &[f32],
+    transposed: bool,
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
 ) -> Result<()> {
@@ -120,7 +156,11 @@ pub fn matmul_f32_with(
         return Err(shape_err(vec![m, k], vec![a.len()], "the left operand must be m x k"));
     }
     if len(k, n) != Some(b.len()) {
-        return Err(shape_err(vec![k, n], vec![b.len()], "the right operand must be k x n"));
+        return Err(if transposed {
+            shape_err(vec![n, k], vec![b.len()], "the right operand, transposed, must be n x k")
+        } else {
+            shape_err(vec![k, n], vec![b.len()], "the right operand must be k x n")
+        });
     }
     if len(m, n) != Some(out.len()) {
         return Err(shape_err(vec![m, n], vec![out.len()], "the output must be m x n"));
@@ -135,10 +175,20 @@ pub fn matmul_f32_with(
     packed.grow_to(panels * k * PANEL);
     for p in 0..panels {
         let cols = (n - p * PANEL).min(PANEL);
-        for kk in 0..k {
-            let dst = &mut packed[(p * k + kk) * PANEL..][..PANEL];
-            dst[..cols].copy_from_slice(&b[kk * n + p * PANEL..][..cols]);
-            dst[cols..].fill(0.0);
+        let panel = &mut packed[p * k * PANEL..][..k * PANEL];
+        if transposed {
+            // Column j of the panel is row 32p + j of `bt`, read along k.
+            panel.fill(0.0);
+            for j in 0..cols {
+                for (kk, &v) in b[(p * PANEL + j) * k..][..k].iter().enumerate() {
+                    panel[kk * PANEL + j] = v;
+                }
+            }
+        } else {
+            for (kk, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
+                dst[..cols].copy_from_slice(&b[kk * n + p * PANEL..][..cols]);
+                dst[cols..].fill(0.0);
+            }
         }
     }
     const ZEROS: [f32; PANEL] = [0.0; PANEL];

@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 use qkernels::{
-    conv2d_f32, conv2d_f32_with, linear_f32, matmul_f32, matmul_f32_with, Activation, Conv2dGeometry, PackedConv2dF32,
-    WeightLayout,
+    conv2d_f32, conv2d_f32_with, linear_f32, matmul_f32, matmul_f32_bt, matmul_f32_bt_with, matmul_f32_with,
+    Activation, Conv2dGeometry, PackedConv2dF32, WeightLayout,
 };
 
 /// A convolution output summed in f32, one term after another, against the exact sum `b` of
@@ -164,14 +164,17 @@ fn f32_shape_errors_name_the_shapes() {
     assert!(e.contains("[3, 2]") && e.contains("[5]") && e.contains("right operand"), "{e}");
     let e = matmul_f32(&[0.0; 6], &[0.0; 6], (2, 3, 2), &mut out[..3]).unwrap_err().to_string();
     assert!(e.contains("[2, 2]") && e.contains("[3]") && e.contains("output"), "{e}");
+    let e = matmul_f32_bt(&[0.0; 6], &[0.0; 5], (2, 3, 2), &mut out).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[5]") && e.contains("transposed"), "{e}");
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(crate::cases(48)))]
 
-    /// The product of two run-time matrices, on every tier: each output exactly the in-order
-    /// fused multiply-add sum of its `k` products from 0 (then + 0.0), with blocks cut at any
-    /// row and column (8 x 32 tiles) and `k` from 0 up; and within rounding of the exact sum.
+    /// The product of two run-time matrices, on every tier, with the right operand as is or
+    /// given transposed: each output exactly the in-order fused multiply-add sum of its `k`
+    /// products from 0 (then + 0.0), with blocks cut at any row and column (8 x 32 tiles) and
+    /// `k` from 0 up; and within rounding of the exact sum.
     #[test]
     fn matmul_f32_is_the_in_order_fma_sum_on_every_tier(
         m in 1usize..30, k in 0usize..80, n in 1usize..75, seed in any::<u32>(),
@@ -194,14 +197,21 @@ proptest! {
                 prop_assert!(close_to_sum(want[i * n + j], exact, k.max(1), abs_sum));
             }
         }
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         for isa in qkernels::isa::Isa::ALL.into_iter().filter(|i| i.is_supported()) {
-            let mut out = vec![f32::NAN; m * n];
-            matmul_f32_with(isa, &a, &b, (m, k, n), &mut out).unwrap();
-            prop_assert!(
-                out.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{isa} m {m} k {k} n {n}: first difference at {:?}",
-                out.iter().zip(&want).position(|(x, y)| x.to_bits() != y.to_bits())
-            );
+            for transposed in [false, true] {
+                let mut out = vec![f32::NAN; m * n];
+                if transposed {
+                    matmul_f32_bt_with(isa, &a, &bt, (m, k, n), &mut out).unwrap();
+                } else {
+                    matmul_f32_with(isa, &a, &b, (m, k, n), &mut out).unwrap();
+                }
+                prop_assert!(
+                    out.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{isa} m {m} k {k} n {n} transposed {transposed}: first difference at {:?}",
+                    out.iter().zip(&want).position(|(x, y)| x.to_bits() != y.to_bits())
+                );
+            }
         }
     }
 }

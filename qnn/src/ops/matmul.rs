@@ -115,10 +115,19 @@ pub(crate) fn matmul_f32(a: &ArrayD<f32>, b: &ArrayD<f32>, name: &str, threads: 
 /// of the thread's: the same functions as the three ops one after the other
 /// ([`matmul_f32`]'s per-batch products, [`qkernels::softmax_in_place`] per row), so the same
 /// bits, without the whole score tensor going through memory between the steps. On more than
-/// one thread the heads are shared out. The shapes must fit ([`attention_fits`]).
-pub(crate) fn attention_f32(q: &ArrayD<f32>, kt: &ArrayD<f32>, v: &ArrayD<f32>, run: Run) -> Result<ArrayD<f32>> {
-    let (qs, ks, vs) = (q.shape(), kt.shape(), v.shape());
-    assert!(attention_fits(qs, ks, vs), "attention_f32: the caller checks the shapes");
+/// one thread the heads are shared out. With `key_is_k`, `kt` holds `k` itself (its last two
+/// axes swapped), read as its transpose ([`qkernels::matmul_f32_bt`], the same bits). The
+/// shapes must fit ([`attention_fits`], for `k`'s transpose).
+pub(crate) fn attention_f32(
+    q: &ArrayD<f32>,
+    kt: &ArrayD<f32>,
+    key_is_k: bool,
+    v: &ArrayD<f32>,
+    run: Run,
+) -> Result<ArrayD<f32>> {
+    let (qs, vs) = (q.shape(), v.shape());
+    let ks = if key_is_k { swap_last_two(kt.shape()) } else { kt.shape().to_vec() };
+    assert!(attention_fits(qs, &ks, vs), "attention_f32: the caller checks the shapes");
     let r = qs.len();
     let (m, k, n, d) = (qs[r - 2], qs[r - 1], ks[r - 1], vs[r - 1]);
     let mut out = qs.to_vec();
@@ -135,8 +144,13 @@ pub(crate) fn attention_f32(q: &ArrayD<f32>, kt: &ArrayD<f32>, v: &ArrayD<f32>, 
     let mut y = scratch::take_f32(len);
     let head = |h: usize, yh: &mut [f32]| {
         let mut scores = scratch::take_f32(m * n);
-        qkernels::matmul_f32(&dq[h * m * k..][..m * k], &dk[h * k * n..][..k * n], (m, k, n), &mut scores)
-            .expect("a head's matrices have the product's sizes");
+        let (qh, kh) = (&dq[h * m * k..][..m * k], &dk[h * k * n..][..k * n]);
+        if key_is_k {
+            qkernels::matmul_f32_bt(qh, kh, (m, k, n), &mut scores)
+        } else {
+            qkernels::matmul_f32(qh, kh, (m, k, n), &mut scores)
+        }
+        .expect("a head's matrices have the product's sizes");
         if n > 0 {
             qkernels::softmax_in_place(&mut scores, n, 1, 1);
         }
@@ -153,6 +167,16 @@ pub(crate) fn attention_f32(q: &ArrayD<f32>, kt: &ArrayD<f32>, v: &ArrayD<f32>, 
         }
     }
     Ok(ArrayD::from_shape_vec(IxDyn(&out), y).expect("the output's length"))
+}
+
+/// `shape` with its last two axes swapped.
+pub(crate) fn swap_last_two(shape: &[usize]) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    let r = s.len();
+    if r >= 2 {
+        s.swap(r - 2, r - 1);
+    }
+    s
 }
 
 /// The product in the converted model.
