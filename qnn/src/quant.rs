@@ -1161,6 +1161,28 @@ struct FloatAttention {
     v: Tensor,
 }
 
+/// The (last) node reading each value: its only one where `readers` says one.
+fn last_readers(g: &QGraph) -> Vec<Option<usize>> {
+    let mut reader = vec![None; g.values];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for &t in &n.inputs {
+            reader[t.0] = Some(i);
+        }
+    }
+    reader
+}
+
+impl FloatAttention {
+    /// The shape of `kt` for the key the first product takes (`k` when the permutation runs
+    /// in it).
+    fn kt_shape(&self, key: &[usize]) -> Vec<usize> {
+        match self.transpose {
+            Some(_) => crate::ops::matmul::swap_last_two(key),
+            None => key.to_vec(),
+        }
+    }
+}
+
 /// The float attention patterns that run head by head in one step
 /// ([`crate::ops::matmul::attention_f32`], the same bits as the ops one by one), their inner
 /// nodes marked in `runs_in`: a float product whose output only a float softmax reads, whose
@@ -1176,12 +1198,7 @@ fn float_attention_fusions(
 ) -> Vec<Option<FloatAttention>> {
     use crate::ops::matmul::MatMulOp;
     let mut fused = vec![None; g.nodes.len()];
-    let mut reader = vec![None; g.values];
-    for (i, n) in g.nodes.iter().enumerate() {
-        for &t in &n.inputs {
-            reader[t.0] = Some(i);
-        }
-    }
+    let reader = last_readers(g);
     let op = |i: usize| step_of(&g.nodes[i]).op.as_any();
     let product = |i: usize| op(i).downcast_ref::<MatMulOp>().filter(|m| !m.is_int8());
     let softmax = |i: usize| {
@@ -1285,13 +1302,7 @@ fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) 
     use crate::ops::softmax::SoftmaxOp;
     let mut fused = vec![None; g.nodes.len()];
     let mut runs_in = vec![false; g.nodes.len()];
-    // The (last) node reading each value: its only one where `readers` says one.
-    let mut reader = vec![None; g.values];
-    for (i, n) in g.nodes.iter().enumerate() {
-        for &t in &n.inputs {
-            reader[t.0] = Some(i);
-        }
-    }
+    let reader = last_readers(g);
     let op = |i: usize| step_of(&g.nodes[i]).op.as_any();
     let product = |i: usize| op(i).downcast_ref::<MatMulOp>().filter(|m| m.is_int8());
     // The only reader of a value that is not a graph output.
@@ -1874,11 +1885,7 @@ impl QuantizedModel {
                 }
                 let v = take(vals, left, f.v);
                 let start = timing.is_some().then(std::time::Instant::now);
-                let kt_shape = match f.transpose {
-                    Some(_) => crate::ops::matmul::swap_last_two(kt.shape()),
-                    None => kt.shape().to_vec(),
-                };
-                let scores = crate::ops::matmul::matmul_shape(q.shape(), &kt_shape).unwrap_or_default();
+                let scores = crate::ops::matmul::matmul_shape(q.shape(), &f.kt_shape(kt.shape())).unwrap_or_default();
                 let y = self.float_attention(i, f, (q, kt, v), run)?;
                 if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
                     t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
@@ -2137,11 +2144,7 @@ impl QuantizedModel {
             .expect("found at assembly");
         let rank = q.shape().len();
         // With the transposition fused, `kt` holds `k`.
-        let kt_shape = match f.transpose {
-            Some(_) => crate::ops::matmul::swap_last_two(kt.shape()),
-            None => kt.shape().to_vec(),
-        };
-        if attention_fits(q.shape(), &kt_shape, v.shape()) && softmax.over_last_axis(rank) {
+        if attention_fits(q.shape(), &f.kt_shape(kt.shape()), v.shape()) && softmax.over_last_axis(rank) {
             let (q, kt, v) = (q.into_f32(), kt.into_f32(), v.into_f32());
             let y = attention_f32(&q, &kt, f.transpose.is_some(), &v, run)
                 .map_err(|e| e.within(&format!("{} (with {}, {})", a.name, s.name, b.name)))?;

@@ -52,7 +52,6 @@ fn give_to<T>(pool: &RefCell<Vec<Vec<T>>>, v: Vec<T>) {
 /// value left unwritten shows).
 pub(crate) fn take_f32(len: usize) -> Vec<f32> {
     let mut v = POOL_F32.with(|p| take_from(p, len));
-
     if cfg!(debug_assertions) {
         v.clear();
         v.resize(len, f32::NAN);
