@@ -161,7 +161,9 @@ enum Cmd {
 #[derive(Args, Debug, Clone)]
 struct ShapeArg {
     /// The input's shape where the model leaves sizes symbolic, e.g. `1,3,224,224` (or
-    /// `name=1,3,224,224` for one input of several).
+    /// `name=1,3,224,224` for one input of several). A sequence length given this way is the
+    /// one imported; the model runs at any other where the import can follow it (`inspect`
+    /// says).
     #[arg(long)]
     input_shape: Vec<String>,
 }
@@ -284,10 +286,23 @@ fn inspect(path: &Path, shape: &ShapeArg) -> Result<(), String> {
     let m = import(path, shape)?;
     say!("{}: opset {}, written by {}", path.display(), m.opset, if m.producer.is_empty() { "?" } else { &m.producer });
     for i in &m.inputs {
-        say!("input  {} {:?}{}", i.name, i.shape, if i.dynamic_batch { " (any batch size)" } else { "" });
+        let seq = match (i.sequence_axis, &m.sequence) {
+            (Some(k), Some(q)) if q.dynamic.is_ok() => format!(", any {} (axis {k})", q.name),
+            _ => String::new(),
+        };
+        let any = if i.dynamic_batch { format!(" (any batch size{seq})") } else { String::new() };
+        say!("input  {} {:?}{any}", i.name, i.shape);
     }
     for o in &m.outputs {
         say!("output {o}");
+    }
+    if let Some(q) = &m.sequence {
+        match &q.dynamic {
+            Ok(()) => {
+                say!("size   '{}' imported at {}; the model runs at any (up to its constants' lengths)", q.name, q.size)
+            }
+            Err(why) => say!("size   '{}' fixed at {}: {why}", q.name, q.size),
+        }
     }
     let infos = m
         .graph

@@ -48,6 +48,14 @@ pub(crate) fn module_path(node: &str) -> &str {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tensor(pub(crate) usize);
 
+impl Tensor {
+    /// Its index among the graph's values: inputs first, then each node's output in the order
+    /// the nodes were added (the position of its entry in [`Graph::value_info`]).
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 /// What a node computes.
 #[derive(Debug)]
 pub(crate) enum NodeOp<M> {

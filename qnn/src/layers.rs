@@ -7,7 +7,7 @@ pub use crate::ops::activation::{HardSigmoid, Hardswish, Hardtanh, ReLU, ReLU6, 
 pub use crate::ops::batchnorm::{BatchNorm1d, BatchNorm2d};
 pub use crate::ops::conv::Conv2d;
 pub use crate::ops::embedding::Embedding;
-pub use crate::ops::konst::BatchConst;
+pub use crate::ops::konst::{BatchConst, SeqConst};
 pub use crate::ops::layernorm::LayerNorm;
 pub use crate::ops::linear::Linear;
 pub use crate::ops::pad::{Pad2d, PadMode};

@@ -15,14 +15,15 @@ use qnn::layers::FusedAct;
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Embedding, Flatten,
     HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d, PadMode, Permute,
-    ReLU, ReLU6, Reshape, RowsImage, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
+    ReLU, ReLU6, Reshape, RowsImage, SeqConst, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode,
+    GELU,
 };
 use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
 
 use crate::error::{OnnxError, Result};
 use crate::proto::{data_type as dt, AttributeProto, GraphProto, ModelProto, NodeProto};
-use crate::tensor::{decode, Const, Data};
+use crate::tensor::{decode, Const, Data, BATCH, TOKENS};
 
 /// The op types of the default domain that import (constant-only ops fold at import).
 pub const SUPPORTED: &[&str] = &[
@@ -79,8 +80,25 @@ pub const OPSETS: std::ops::RangeInclusive<i64> = 6..=21;
 pub struct ImportOptions {
     /// Shapes for inputs whose declared shape has symbolic or missing sizes, by input name.
     /// A symbolic first dimension (the batch) needs none: it is taken as 1 while importing,
-    /// and the graph runs at any batch size.
+    /// and the graph runs at any batch size. When the inputs leave exactly one other size
+    /// symbolic (one name, such as a sequence length: BERT's `input_ids` `[batch, seq]` and
+    /// its mask `[batch, 1, 1, seq]`), the size given here is the one imported, and the
+    /// graph runs at any length where the import can follow it (see
+    /// [`Imported::sequence`]).
     pub input_shapes: HashMap<String, Vec<usize>>,
+}
+
+/// The one symbolic size of a model's inputs besides the batch (a sequence length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sequence {
+    /// Its name in the file (`dim_param`).
+    pub name: String,
+    /// The size it was imported at.
+    pub size: usize,
+    /// `Ok`: the graph runs at any size of it (checked at import by shape inference at
+    /// another size); `Err`: only at `size`, and why (the first value whose shape the
+    /// import could not follow, by its ONNX name).
+    pub dynamic: std::result::Result<(), String>,
 }
 
 /// One input of an imported model.
@@ -92,6 +110,8 @@ pub struct InputSpec {
     pub shape: Vec<usize>,
     /// Whether its first dimension is symbolic (any batch size).
     pub dynamic_batch: bool,
+    /// Its axis that is the model's [`Sequence`], if any.
+    pub sequence_axis: Option<usize>,
 }
 
 /// An imported model: the float graph and what it was made from.
@@ -110,6 +130,8 @@ pub struct Imported {
     /// Each ONNX node that became layers, with the graph's node names for it (constant
     /// folding and passthroughs leave none).
     pub nodes: Vec<(String, String, Vec<String>)>,
+    /// The one symbolic size of the inputs besides the batch, if there is one.
+    pub sequence: Option<Sequence>,
 }
 
 /// A value of the graph being written.
@@ -129,6 +151,11 @@ struct Node {
     /// heads, d]`), when the import could follow it. A reshape whose output has it is built
     /// with `-1` there, so that the graph runs at any batch size.
     batch_axis: Option<usize>,
+    /// The axes of the (logical) value whose size is the sequence length, when the model
+    /// leaves it symbolic and the import could follow it (moved by transposes and reshapes,
+    /// as the batch is; attention's scores have two). Layers built from them keep that size
+    /// whatever it is at run time.
+    tokens: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -200,22 +227,29 @@ pub(crate) fn import(model: &ModelProto, base: Option<&Path>, opts: &ImportOptio
         format!("{} {}", model.producer_name.as_deref().unwrap_or(""), model.producer_version.as_deref().unwrap_or(""))
             .trim()
             .to_string();
-    let mut im = Importer {
-        b: GraphBuilder::new(),
-        vals: HashMap::new(),
-        names: HashMap::new(),
-        opset,
-        absorbed: HashMap::new(),
-        shuffle_checks: HashMap::new(),
+    let mut im = Importer::new(opset);
+    let (parts, sequence) = match sequence_symbol(g, opts)? {
+        None => (im.run(g, base, opts, None)?, None),
+        Some(seq) => {
+            // Followed through the graph, and checked at another length; where either fails,
+            // imported again at the given length alone, which the graph then checks.
+            let followed = im.run(g, base, opts, Some(&seq)).map_err(|e| e.to_string()).and_then(|parts| {
+                im.sequence_check(&parts)?;
+                Ok(parts)
+            });
+            let (name, size) = (seq.name.clone(), seq.size);
+            match followed {
+                Ok(parts) => (parts, Some(Sequence { name, size, dynamic: Ok(()) })),
+                Err(why) => {
+                    let fixed = SeqSymbol { fixed: true, ..seq };
+                    let parts = Importer::new(opset).run(g, base, opts, Some(&fixed))?;
+                    (parts, Some(Sequence { name, size, dynamic: Err(why) }))
+                }
+            }
+        }
     };
-    im.run(g, base, opts).map(|(inputs, outputs, nodes, graph)| Imported {
-        graph,
-        inputs,
-        outputs,
-        opset,
-        producer,
-        nodes,
-    })
+    let (inputs, outputs, nodes, graph) = parts;
+    Ok(Imported { graph, inputs, outputs, opset, producer, nodes, sequence })
 }
 
 struct Importer {
@@ -229,12 +263,129 @@ struct Importer {
     /// Reshapes absorbed into a channel shuffle: output name -> the shape their input has
     /// and the one they must give (checked when they are reached).
     shuffle_checks: HashMap<String, (Vec<usize>, Vec<usize>)>,
+    /// The inputs' one symbolic size besides the batch: its name, the size imported, and the
+    /// first input holding it with its axis (what a [`SeqConst`] reads).
+    seq: Option<(String, usize, Tensor, usize)>,
 }
 
 type Parts = (Vec<InputSpec>, Vec<String>, Vec<(String, String, Vec<String>)>, Graph);
 
+/// The inputs' one symbolic size besides the batch.
+#[derive(Debug, Clone)]
+struct SeqSymbol {
+    name: String,
+    size: usize,
+    /// The axis holding it, per input name.
+    axes: HashMap<String, usize>,
+    /// Imported at `size` only: each input holding it is checked to have that size.
+    fixed: bool,
+}
+
+/// The one name the inputs' symbolic sizes past the batch share, with the sizes
+/// `input_shapes` gives it (which must agree), if there is exactly one such name and each
+/// input holds it at most once.
+fn sequence_symbol(g: &GraphProto, opts: &ImportOptions) -> Result<Option<SeqSymbol>> {
+    let inits: std::collections::HashSet<&str> = g.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+    let mut found: Vec<(String, usize, String, usize)> = Vec::new(); // input, axis, symbol, size
+    for vi in &g.input {
+        let name = vi.name.clone().unwrap_or_default();
+        if inits.contains(name.as_str()) {
+            continue;
+        }
+        let (Some(given), Some(dims)) = (
+            opts.input_shapes.get(&name),
+            vi.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()).and_then(|t| t.shape.as_ref()),
+        ) else {
+            continue;
+        };
+        for (k, d) in dims.dim.iter().enumerate().skip(1) {
+            match (d.dim_value.filter(|&v| v > 0), d.dim_param.as_deref().filter(|p| !p.is_empty())) {
+                (None, Some(p)) => {
+                    let size = *given.get(k).ok_or_else(|| {
+                        OnnxError::Model(format!(
+                            "input '{name}': the shape given, {given:?}, has no axis {k}, which the file names '{p}'"
+                        ))
+                    })?;
+                    found.push((name.clone(), k, p.to_string(), size));
+                }
+                (None, None) => return Ok(None),
+                _ => {}
+            }
+        }
+    }
+    let Some((first, _, sym, size)) = found.first().cloned() else { return Ok(None) };
+    if found.iter().any(|f| f.2 != sym) {
+        return Ok(None);
+    }
+    if let Some(f) = found.iter().find(|f| f.3 != size) {
+        return Err(OnnxError::Model(format!(
+            "inputs '{first}' and '{}' give the size '{sym}' two values, {size} and {}: give it one",
+            f.0, f.3
+        )));
+    }
+    let mut axes = HashMap::new();
+    for f in &found {
+        if axes.insert(f.0.clone(), f.1).is_some() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(SeqSymbol { name: sym, size, axes, fixed: false }))
+}
+
 impl Importer {
-    fn run(&mut self, g: &GraphProto, base: Option<&Path>, opts: &ImportOptions) -> Result<Parts> {
+    fn new(opset: i64) -> Self {
+        Importer {
+            b: GraphBuilder::new(),
+            vals: HashMap::new(),
+            names: HashMap::new(),
+            opset,
+            absorbed: HashMap::new(),
+            shuffle_checks: HashMap::new(),
+            seq: None,
+        }
+    }
+
+    /// Shape inference at another length of the sequence: every ONNX value the graph computes
+    /// has the shape the import expects of it there (its sequence axes at that length, the
+    /// rest as imported). `Err`: the first that does not, or the graph's error.
+    fn sequence_check(&self, parts: &Parts) -> std::result::Result<(), String> {
+        let (inputs, _, _, graph) = parts;
+        let Some((_, size, _, _)) = &self.seq else { return Ok(()) };
+        let other = if *size >= 2 { size - 1 } else { 2 };
+        let at = |shape: &[usize], axes: &[usize]| -> Vec<usize> {
+            shape.iter().enumerate().map(|(k, &d)| if axes.contains(&k) { other } else { d }).collect()
+        };
+        let shapes: Vec<Vec<usize>> =
+            inputs.iter().map(|i| at(&i.shape, &i.sequence_axis.into_iter().collect::<Vec<_>>())).collect();
+        let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let info = graph.value_info(&refs).map_err(|e| format!("at {other}: {e}"))?;
+        let mut vals: Vec<(&String, &Node)> =
+            self.vals.iter().filter_map(|(k, v)| if let Val::Node(n) = v { Some((k, n)) } else { None }).collect();
+        vals.sort_by_key(|(k, n)| (n.t.index(), k.as_str()));
+        for (name, n) in vals {
+            let mut want = at(&n.shape, &n.tokens);
+            if n.rows_of.is_some() {
+                let last = want.pop().unwrap_or(1);
+                want = vec![want.iter().product(), last];
+            }
+            let got = &info[n.t.index()].shape;
+            if *got != want {
+                return Err(format!(
+                    "'{name}', of shape {:?} at {size}, has shape {got:?} at {other}, not {want:?}",
+                    n.shape
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        g: &GraphProto,
+        base: Option<&Path>,
+        opts: &ImportOptions,
+        seq: Option<&SeqSymbol>,
+    ) -> Result<Parts> {
         if let Some(s) = g.sparse_initializer.first() {
             let name = s.values.as_ref().and_then(|v| v.name.clone()).unwrap_or_default();
             return Err(OnnxError::Model(format!(
@@ -303,7 +454,18 @@ impl Importer {
                     "input '{name}' of shape {shape:?} is larger than qonnx computes"
                 )));
             }
-            let t = self.b.input(&name);
+            let mut t = self.b.input(&name);
+            let sequence_axis = seq.filter(|s| !s.fixed).and_then(|s| s.axes.get(&name).copied());
+            if let (Some(s), Some(k), None) = (seq, sequence_axis, &self.seq) {
+                self.seq = Some((s.name.clone(), shape[k], t, k));
+            }
+            if let (Some(s), true) = (seq, seq.is_some_and(|s| s.fixed && s.axes.contains_key(&name))) {
+                // The graph runs at the imported length only: a check on the input says so
+                // (a reshape to its own shape, past the batch).
+                let rest: Vec<i64> = shape[1..].iter().map(|&d| d as i64).collect();
+                let node = self.fresh(&format!("{name}:{}={}", s.name, s.size));
+                t = self.b.boxed(&node, Box::new(Reshape::batch_and(&rest)), t)?;
+            }
             self.vals.insert(
                 name.clone(),
                 Val::Node(Node {
@@ -312,9 +474,10 @@ impl Importer {
                     batch: i == 0 || dynamic_batch,
                     rows_of: None,
                     batch_axis: (i == 0 || dynamic_batch).then_some(0),
+                    tokens: sequence_axis.into_iter().collect(),
                 }),
             );
-            inputs.push(InputSpec { name, shape, dynamic_batch });
+            inputs.push(InputSpec { name, shape, dynamic_batch, sequence_axis });
         }
         if inputs.is_empty() {
             return Err(OnnxError::Model("the model has no input that is not an initializer".into()));
@@ -475,8 +638,10 @@ impl Importer {
         let keeps = shape.first() == x.shape.first();
         let name = self.fresh(&format!("{}{suffix}", cx.name));
         let t = self.b.boxed(&name, m, x.t)?;
-        let batch_axis = if shape.len() == x.shape.len() { x.batch_axis } else { (x.batch && keeps).then_some(0) };
-        Ok(Node { t, shape, batch: x.batch && keeps, rows_of: None, batch_axis })
+        let same_rank = shape.len() == x.shape.len();
+        let batch_axis = if same_rank { x.batch_axis } else { (x.batch && keeps).then_some(0) };
+        let tokens = if same_rank { x.tokens.clone() } else { Vec::new() };
+        Ok(Node { t, shape, batch: x.batch && keeps, rows_of: None, batch_axis, tokens })
     }
 
     fn node(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Vec<Val>> {
@@ -647,17 +812,21 @@ impl Importer {
             "Split" => self.split(cx),
             "Slice" => self.slice(cx),
             "Shape" => {
-                let (shape, batch_axis) = match self.value(cx, 0)? {
-                    Val::Node(n) => (n.shape.clone(), n.batch_axis),
-                    Val::Const(c) => (c.shape.clone(), None),
+                let (shape, batch_axis, tokens) = match self.value(cx, 0)? {
+                    Val::Node(n) => (n.shape.clone(), n.batch_axis, n.tokens.clone()),
+                    Val::Const(c) => (c.shape.clone(), None, Vec::new()),
                 };
                 let r = shape.len() as i64;
                 let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
                 let (s, e) = (clampi(cx.int("start", 0)), clampi(cx.int("end", r)));
                 let v: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 let v = if s < e { v[s..e].to_vec() } else { Vec::new() };
-                let flags = (s..s + v.len()).map(|k| batch_axis == Some(k)).collect();
-                Ok(vec![Val::Const(Const { shape: vec![v.len()], data: Data::I64 { v, batch: flags } })])
+                let flags = (s..s + v.len())
+                    .map(|k| {
+                        (if batch_axis == Some(k) { BATCH } else { 0 }) | (if tokens.contains(&k) { TOKENS } else { 0 })
+                    })
+                    .collect();
+                Ok(vec![Val::Const(Const { shape: vec![v.len()], data: Data::I64 { v, flags } })])
             }
             "Gather" if matches!(self.value(cx, 0)?, Val::Node(_)) => self.gather_computed(cx),
             "Gather" if matches!(self.value(cx, 1)?, Val::Node(_)) => self.embedding(cx),
@@ -685,13 +854,11 @@ impl Importer {
                     dt::FLOAT | dt::DOUBLE | dt::FLOAT16 => Data::F32(c.to_f32()),
                     dt::INT64 | dt::INT32 | dt::INT8 | dt::UINT8 => match &c.data {
                         Data::I64 { .. } => c.data.clone(),
-                        Data::F32(v) => {
-                            Data::I64 { v: v.iter().map(|&x| x as i64).collect(), batch: vec![false; v.len()] }
-                        }
+                        Data::F32(v) => Data::I64 { v: v.iter().map(|&x| x as i64).collect(), flags: vec![0; v.len()] },
                     },
                     dt::BOOL => Data::I64 {
                         v: c.to_f32().iter().map(|&x| i64::from(x != 0.0)).collect(),
-                        batch: vec![false; c.len()],
+                        flags: vec![0; c.len()],
                     },
                     other => return Err(cx.err(format!("cast to {} is not folded", dt::name(other)))),
                 };
@@ -714,9 +881,7 @@ impl Importer {
                 };
                 let data = match &fill.data {
                     Data::F32(v) => Data::F32(vec![v.first().copied().unwrap_or(0.0); n]),
-                    Data::I64 { v, .. } => {
-                        Data::I64 { v: vec![v.first().copied().unwrap_or(0); n], batch: vec![false; n] }
-                    }
+                    Data::I64 { v, .. } => Data::I64 { v: vec![v.first().copied().unwrap_or(0); n], flags: vec![0; n] },
                 };
                 Ok(vec![Val::Const(Const { shape, data })])
             }
@@ -929,8 +1094,12 @@ impl Importer {
                 };
                 // The batch axis of an operand of the output's rank (ranks may differ; the
                 // output's is the larger).
-                let batch_axis = [&a, &b].iter().filter(|v| v.shape.len() == shape.len()).find_map(|v| v.batch_axis);
-                Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis })])
+                let full = [&a, &b].into_iter().filter(|v| v.shape.len() == shape.len());
+                let batch_axis = full.clone().find_map(|v| v.batch_axis);
+                let mut tokens: Vec<usize> = full.flat_map(|v| v.tokens.iter().copied()).collect();
+                tokens.sort_unstable();
+                tokens.dedup();
+                Ok(vec![Val::Node(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis, tokens })])
             }
             (Val::Node(x), Val::Const(k)) if is_image_const(&k, &x) => self.image_const(cx, &op, &x, &k, false),
             (Val::Const(k), Val::Node(x)) if is_image_const(&k, &x) => self.image_const(cx, &op, &x, &k, true),
@@ -970,7 +1139,7 @@ impl Importer {
             "Add" | "Sum" | "Sub" => self.b.add(&name, x.t, c.t)?,
             _ => self.b.mul(&name, x.t, c.t)?,
         };
-        Ok(vec![Val::Node(Node { t, shape: x.shape.clone(), batch: x.batch, rows_of: None, batch_axis: x.batch_axis })])
+        Ok(vec![Val::Node(Node { t, shape: x.shape.clone(), rows_of: None, ..x.clone() })])
     }
 
     /// `Gather` of a computed value at one constant index (a scalar, or a vector of one):
@@ -991,16 +1160,19 @@ impl Importer {
         if !(0..d).contains(&j) {
             return Err(cx.err(format!("index {i} is outside axis {axis} of shape {:?}", x.shape)));
         }
-        let y = self.layer(cx, "", Box::new(Slice::narrow(axis as i64, j as usize, 1)), &x)?;
+        let mut y = self.layer(cx, "", Box::new(Slice::narrow(axis as i64, j as usize, 1)), &x)?;
+        y.tokens.retain(|&k| k != axis);
         if !idx.shape.is_empty() {
             return Ok(vec![Val::Node(y)]);
         }
         let mut out = x.shape.clone();
         out.remove(axis);
-        let batch_axis = x.batch_axis.filter(|&b| b != axis).map(|b| if b > axis { b - 1 } else { b });
-        let m = Self::axes_reshape(&y, &out, batch_axis);
+        let removed = |b: usize| (b != axis).then(|| if b > axis { b - 1 } else { b });
+        let batch_axis = x.batch_axis.and_then(removed);
+        let tokens = map_axes(&x.tokens, removed);
+        let (m, tokens) = Self::axes_reshape(&y, &out, batch_axis, tokens);
         let z = self.layer(cx, ":squeeze", Box::new(m), &y)?;
-        Ok(vec![Val::Node(Node { batch: z.batch && batch_axis == Some(0), batch_axis, ..z })])
+        Ok(vec![Val::Node(Node { batch: z.batch && batch_axis == Some(0), batch_axis, tokens, ..z })])
     }
 
     /// `Gather` of rows of a constant table by computed indices (token ids): an
@@ -1019,7 +1191,8 @@ impl Importer {
         let weight = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&table.shape), table.to_f32())
             .map_err(|e| cx.err(e.to_string()))?;
         let y = self.layer(cx, "", Box::new(Embedding { weight }), &idx)?;
-        Ok(vec![Val::Node(y)])
+        // The indices' axes come first, where they were.
+        Ok(vec![Val::Node(Node { tokens: idx.tokens.clone(), ..y })])
     }
 
     /// A computed NCHW value and a constant per channel (or one for all): `x * k`, `x + k`,
@@ -1193,7 +1366,8 @@ impl Importer {
         let ts: Vec<Tensor> = nodes.iter().map(|n| n.t).collect();
         let t = self.b.cat(&name, &ts)?;
         let batch_axis = nodes[0].batch_axis.filter(|&b| b != 1);
-        Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch, rows_of: None, batch_axis })])
+        let tokens = map_axes(&nodes[0].tokens, |k| (k != 1).then_some(k));
+        Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch, rows_of: None, batch_axis, tokens })])
     }
 
     fn pool(&mut self, cx: &Cx<'_>) -> Result<Node> {
@@ -1261,7 +1435,7 @@ impl Importer {
     fn reshape(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Vec<Val>> {
         let target = self.konst(cx, 1, "shape")?;
         let t = target.as_i64().ok_or_else(|| cx.err("shape must be integers"))?.to_vec();
-        let flags = target.batch_flags();
+        let (flags, tflags) = (target.batch_flags(), target.token_flags());
         if cx.int("allowzero", 0) != 0 && t.contains(&0) {
             return Err(cx.err("allowzero=1 with a 0 in the shape (an empty tensor) is not supported"));
         }
@@ -1276,9 +1450,9 @@ impl Importer {
                     let m = ChannelShuffle { groups };
                     return Ok(vec![Val::Node(self.layer(cx, "", Box::new(m), &x)?)]);
                 }
-                let (m, batch_axis) = self.reshape_layer(&x, &out, &t, &flags);
+                let (m, batch_axis, tokens) = self.reshape_layer(&x, &out, &t, &flags, &tflags);
                 let y = self.layer(cx, "", Box::new(m), &x)?;
-                Ok(vec![Val::Node(Node { batch_axis, ..y })])
+                Ok(vec![Val::Node(Node { batch_axis, tokens, ..y })])
             }
         }
     }
@@ -1323,7 +1497,21 @@ impl Importer {
     /// follows the batch (read off a shape, possibly multiplied: `[tokens, batch * heads, d]`;
     /// a 0 copying the input's batch axis; or the only -1 when the input has a batch axis and
     /// nothing else in the target follows it) is written as -1, the others as their sizes.
-    fn reshape_layer(&self, x: &Node, out: &[usize], target: &[i64], flags: &[bool]) -> (Reshape, Option<usize>) {
+    /// The entry that is the sequence length (read off a shape, or a 0 copying the input's
+    /// sequence axis) is kept whatever its size too: as the -1 when the batch is first or not
+    /// followed, as a 0 where it copies the input's; the sequence axes of the output are
+    /// returned with the batch's.
+    fn reshape_layer(
+        &self,
+        x: &Node,
+        out: &[usize],
+        target: &[i64],
+        flags: &[bool],
+        tflags: &[bool],
+    ) -> (Reshape, Option<usize>, Vec<usize>) {
+        let tok: Vec<usize> = (0..target.len())
+            .filter(|&k| tflags.get(k) == Some(&true) || (target[k] == 0 && x.tokens.contains(&k)))
+            .collect();
         let rest_same = !out.is_empty()
             && !x.shape.is_empty()
             && out[1..].iter().product::<usize>() == x.shape[1..].iter().product::<usize>();
@@ -1333,7 +1521,8 @@ impl Importer {
                 || target.first() == Some(&0)
                 || (target.first() == Some(&-1) && rest_same));
         if batch_first && rest_same {
-            return (Reshape::batch_and(&out[1..].iter().map(|&d| d as i64).collect::<Vec<_>>()), Some(0));
+            let (m, tokens) = dynamic_reshape(out, true, Some(0), tok);
+            return (m, Some(0), tokens);
         }
         let follows: Vec<usize> = (0..target.len())
             .filter(|&k| flags.get(k) == Some(&true) || (target[k] == 0 && x.batch_axis == Some(k)))
@@ -1345,22 +1534,28 @@ impl Importer {
             ([], Some(j)) if x.batch_axis.is_some() => Some(j),
             _ => None,
         };
-        let shape = out.iter().enumerate().map(|(k, &d)| if Some(k) == at { -1 } else { d as i64 }).collect();
-        (Reshape { shape, keep_batch: false }, at)
+        let mut shape: Vec<i64> =
+            out.iter().enumerate().map(|(k, &d)| if Some(k) == at { -1 } else { d as i64 }).collect();
+        let tokens = match tok[..] {
+            [k] if Some(k) == at => Vec::new(),
+            [k] if at.is_none() => {
+                shape[k] = -1;
+                vec![k]
+            }
+            [k] if x.tokens.contains(&k) && k < x.shape.len() => {
+                shape[k] = 0;
+                vec![k]
+            }
+            _ => Vec::new(),
+        };
+        (Reshape { shape, keep_batch: false }, at, tokens)
     }
 
     /// A reshape of `x` that inserts or removes axes of size 1 (`out`), `x`'s batch axis now
-    /// at `batch_axis`: kept whatever its size.
-    fn axes_reshape(x: &Node, out: &[usize], batch_axis: Option<usize>) -> Reshape {
-        let t: Vec<i64> = out.iter().map(|&d| d as i64).collect();
-        match batch_axis {
-            Some(0) if x.batch && !out.is_empty() => Reshape::batch_and(&t[1..]),
-            Some(b) => Reshape {
-                shape: t.iter().enumerate().map(|(k, &d)| if k == b { -1 } else { d }).collect(),
-                keep_batch: false,
-            },
-            None => Reshape { shape: t, keep_batch: false },
-        }
+    /// at `batch_axis` and its sequence axes at `tokens`: kept whatever their sizes (see
+    /// [`dynamic_reshape`]). Returns the sequence axes it keeps.
+    fn axes_reshape(x: &Node, out: &[usize], batch_axis: Option<usize>, tokens: Vec<usize>) -> (Reshape, Vec<usize>) {
+        dynamic_reshape(out, x.batch && batch_axis == Some(0), batch_axis, tokens)
     }
 
     fn squeeze(&mut self, cx: &Cx<'_>) -> Result<Vec<Val>> {
@@ -1404,9 +1599,9 @@ impl Importer {
             Val::Const(c) => Ok(vec![Val::Const(Const { shape: out, ..c })]),
             Val::Node(x) => {
                 let batch_axis = x.batch_axis.and_then(&batch_to);
-                let m = Self::axes_reshape(&x, &out, batch_axis);
+                let (m, tokens) = Self::axes_reshape(&x, &out, batch_axis, map_axes(&x.tokens, &batch_to));
                 let y = self.layer(cx, "", Box::new(m), &x)?;
-                Ok(vec![Val::Node(Node { batch: y.batch && batch_axis == Some(0), batch_axis, ..y })])
+                Ok(vec![Val::Node(Node { batch: y.batch && batch_axis == Some(0), batch_axis, tokens, ..y })])
             }
         }
     }
@@ -1442,7 +1637,7 @@ impl Importer {
                         return Ok(vec![Val::Node(Node { batch: *batch, batch_axis: batch.then_some(0), ..y })]);
                     }
                     // An image as NHWC, held as rows of channels: nothing moves in int8.
-                    (None, &[n, c, h, w], [0, 2, 3, 1]) => {
+                    (None, &[n, c, h, w], [0, 2, 3, 1]) if x.tokens.is_empty() => {
                         let y = self.layer(cx, "", Box::new(ImageRows), &x)?;
                         return Ok(vec![Val::Node(Node {
                             rows_of: Some((vec![n, h, w, c], x.batch)),
@@ -1455,9 +1650,10 @@ impl Importer {
                 let name = cx.input(0).unwrap_or_default().to_string();
                 self.materialize(&name)?;
                 let x = self.graph_in(cx, 0)?;
-                let batch_axis = x.batch_axis.and_then(|b| perm.iter().position(|&d| d == b));
+                let moved = |b: usize| perm.iter().position(|&d| d == b);
+                let (batch_axis, tokens) = (x.batch_axis.and_then(moved), map_axes(&x.tokens, moved));
                 let y = self.layer(cx, "", Box::new(Permute { dims: perm }), &x)?;
-                Ok(vec![Val::Node(Node { batch_axis, ..y })])
+                Ok(vec![Val::Node(Node { batch_axis, tokens, ..y })])
             }
         }
     }
@@ -1479,6 +1675,8 @@ impl Importer {
                 Ok(Node { rows_of: Some((with_last(v), *batch)), ..y })
             }
             (None, 2) => self.layer(cx, "", Box::new(lin), x),
+            // A sequence that keeps its length as it is: `Linear` takes `[.., k]`.
+            (None, 3) if !x.tokens.is_empty() => self.layer(cx, "", Box::new(lin), x),
             (None, r) if r > 2 => {
                 // [.., k] as rows [-1, k] through the layer; the output stays rows until a
                 // reader needs it otherwise.
@@ -1578,7 +1776,13 @@ impl Importer {
         let lead = |n: &Node| shape.len() - n.shape.len();
         let batch_axis = a.batch_axis.map(|k| k + lead(&a)).or(b.batch_axis.map(|k| k + lead(&b)));
         let batch_axis = batch_axis.filter(|&k| k + 2 < shape.len());
-        Ok(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis })
+        // The sequence axis: a's rows, b's columns, or a batch axis of either.
+        let r = shape.len();
+        let mut tokens: Vec<usize> = a.tokens.iter().map(|&k| k + lead(&a)).filter(|&k| k + 1 < r).collect();
+        tokens.extend(b.tokens.iter().map(|&k| k + lead(&b)).filter(|&k| k + 2 < r || k + 1 == r));
+        tokens.sort_unstable();
+        tokens.dedup();
+        Ok(Node { t, shape, batch: a.batch || b.batch, rows_of: None, batch_axis, tokens })
     }
 
     fn matmul(&mut self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Result<Node> {
@@ -1746,6 +1950,12 @@ impl Importer {
             Val::Const(c) => c.shape.clone(),
             Val::Node(n) => n.shape.clone(),
         };
+        // The ends that are the sequence length (read off a shape), per entry.
+        let seq_ends = if self.opset < 10 || cx.input(2).is_none() {
+            Vec::new()
+        } else {
+            self.konst(cx, 2, "ends")?.token_flags()
+        };
         let (starts, ends, axes, steps) = if self.opset < 10 {
             (cx.ints("starts").unwrap_or_default(), cx.ints("ends").unwrap_or_default(), cx.ints("axes"), None)
         } else {
@@ -1775,8 +1985,14 @@ impl Importer {
         let mut picks: Vec<Vec<usize>> =
             shape.iter().map(|&d| if is_const { (0..d).collect() } else { Vec::new() }).collect();
         let mut cuts: Vec<(usize, usize, usize, i64)> = Vec::new(); // axis, start, end, step
+                                                                    // A constant cut from 0 to the sequence length (position ids): its axis.
+        let mut seq_cut = None;
         for (k, &a) in axes.iter().enumerate() {
             let step = steps.as_ref().map_or(1, |s| s[k]);
+            if is_const && self.seq.is_some() && seq_ends.get(k) == Some(&true) && step == 1 && starts[k] == 0 {
+                seq_cut = Some((a, ends[k]));
+                continue;
+            }
             let d = shape[a] as i64;
             let norm = |v: i64| if v < 0 { v.saturating_add(d) } else { v };
             let idx: Vec<usize> = match step {
@@ -1815,7 +2031,28 @@ impl Importer {
                 for_each_index(&out_shape, |ix| {
                     order.push(ix.iter().zip(&picks).zip(&strides).map(|((&i, p), &st)| p[i] * st).sum());
                 });
-                Ok(vec![Val::Const(pick(&c, out_shape, &order))])
+                let c = pick(&c, out_shape, &order);
+                match (seq_cut, self.seq.clone()) {
+                    (Some((a, end)), Some((_, size, src, from))) => {
+                        // Kept whole along `a`, and cut at run time to the length of the input
+                        // that holds the sequence.
+                        if usize::try_from(end).ok() != Some(size) || c.shape[a] < size {
+                            return Err(cx.err(format!(
+                                "the end {end} read off the sequence length ({size}) of a constant of shape {:?}",
+                                c.shape
+                            )));
+                        }
+                        let value = c.to_array();
+                        let m = SeqConst { value, axis: a, from };
+                        let name = self.fresh(&cx.name);
+                        let t = self.b.boxed(&name, Box::new(m), src)?;
+                        let mut shape = c.shape.clone();
+                        shape[a] = size;
+                        let n = Node { t, shape, batch: false, rows_of: None, batch_axis: None, tokens: vec![a] };
+                        Ok(vec![Val::Node(n)])
+                    }
+                    _ => Ok(vec![Val::Const(c)]),
+                }
             }
             Val::Node(mut x) => {
                 let cut: Vec<_> = cuts.into_iter().filter(|&(a, b, e, st)| (b, e, st) != (0, shape[a], 1)).collect();
@@ -1835,10 +2072,53 @@ impl Importer {
                         }
                     };
                     x = self.layer(cx, &suffix, Box::new(s), &x)?;
+                    // A cut sequence axis has a size of its own.
+                    x.tokens.retain(|&k| k != a);
                 }
                 Ok(vec![Val::Node(x)])
             }
         }
+    }
+}
+
+/// `axes` moved by `f` (`None`: gone), in order.
+fn map_axes(axes: &[usize], f: impl Fn(usize) -> Option<usize>) -> Vec<usize> {
+    let mut v: Vec<usize> = axes.iter().filter_map(|&k| f(k)).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// A `Reshape` to `out` (the sizes at import) that keeps the batch at `batch_axis` and the
+/// sequence length at `tokens` whatever they are at run time: a batch that comes first as
+/// such (`keep_batch`), and one other axis as `-1`. Returns the sequence axes kept: none when
+/// the sequence's axis cannot be the `-1` (the batch has it, or there are two); then its size
+/// is the imported one, which the import's check of other lengths finds.
+fn dynamic_reshape(
+    out: &[usize],
+    batch_first: bool,
+    batch_axis: Option<usize>,
+    tokens: Vec<usize>,
+) -> (Reshape, Vec<usize>) {
+    let mut t: Vec<i64> = out.iter().map(|&d| d as i64).collect();
+    let tokens: Vec<usize> = tokens.into_iter().filter(|&k| k < t.len() && Some(k) != batch_axis).collect();
+    if batch_first && !t.is_empty() {
+        if let [k] = tokens[..] {
+            t[k] = -1;
+            return (Reshape::batch_and(&t[1..]), tokens);
+        }
+        return (Reshape::batch_and(&t[1..]), Vec::new());
+    }
+    match (batch_axis.filter(|&b| b < t.len()), &tokens[..]) {
+        (Some(b), _) => {
+            t[b] = -1;
+            (Reshape { shape: t, keep_batch: false }, Vec::new())
+        }
+        (None, &[k]) => {
+            t[k] = -1;
+            (Reshape { shape: t, keep_batch: false }, tokens)
+        }
+        (None, _) => (Reshape { shape: t, keep_batch: false }, Vec::new()),
     }
 }
 
@@ -1885,8 +2165,8 @@ fn for_each_index(shape: &[usize], mut f: impl FnMut(&[usize])) {
 fn pick(c: &Const, shape: Vec<usize>, order: &[usize]) -> Const {
     let data = match &c.data {
         Data::F32(v) => Data::F32(order.iter().map(|&i| v[i]).collect()),
-        Data::I64 { v, batch } => {
-            Data::I64 { v: order.iter().map(|&i| v[i]).collect(), batch: order.iter().map(|&i| batch[i]).collect() }
+        Data::I64 { v, flags } => {
+            Data::I64 { v: order.iter().map(|&i| v[i]).collect(), flags: order.iter().map(|&i| flags[i]).collect() }
         }
     };
     Const { shape, data }
@@ -2006,8 +2286,8 @@ fn gather(cx: &Cx<'_>, c: &Const, axis: usize, idx: &[i64], ishape: &[usize]) ->
     }
     let data = match &c.data {
         Data::F32(v) => Data::F32(order.iter().map(|&i| v[i]).collect()),
-        Data::I64 { v, batch } => {
-            Data::I64 { v: order.iter().map(|&i| v[i]).collect(), batch: order.iter().map(|&i| batch[i]).collect() }
+        Data::I64 { v, flags } => {
+            Data::I64 { v: order.iter().map(|&i| v[i]).collect(), flags: order.iter().map(|&i| flags[i]).collect() }
         }
     };
     Ok(Const { shape, data })
@@ -2035,13 +2315,13 @@ fn fold_concat(cx: &Cx<'_>, cs: &[Const], axis: i64) -> Result<Const> {
             let range = o * block..(o + 1) * block;
             if ints {
                 iv.extend_from_slice(&c.as_i64().expect("ints")[range.clone()]);
-                fl.extend_from_slice(&c.batch_flags()[range]);
+                fl.extend_from_slice(&c.flags()[range]);
             } else {
                 fv.extend_from_slice(&c.to_f32()[range]);
             }
         }
     }
-    Ok(Const { shape, data: if ints { Data::I64 { v: iv, batch: fl } } else { Data::F32(fv) } })
+    Ok(Const { shape, data: if ints { Data::I64 { v: iv, flags: fl } } else { Data::F32(fv) } })
 }
 
 fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
@@ -2058,9 +2338,9 @@ fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
     let at = |c: &Const, i: usize| if c.len() == 1 { 0 } else { i };
     match (a.as_i64(), b.as_i64()) {
         (Some(x), Some(y)) => {
-            // What follows the batch size still does (`batch * heads`).
-            let (fa, fb) = (a.batch_flags(), b.batch_flags());
-            let flags: Vec<bool> = (0..n).map(|i| fa[at(a, i)] || fb[at(b, i)]).collect();
+            // What follows the batch size or the sequence length still does (`batch * heads`).
+            let (fa, fb) = (a.flags(), b.flags());
+            let flags: Vec<u8> = (0..n).map(|i| fa[at(a, i)] | fb[at(b, i)]).collect();
             let v: Vec<i64> = (0..n)
                 .map(|i| {
                     let (p, q) = (x[at(a, i)], y[at(b, i)]);
@@ -2073,7 +2353,7 @@ fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
                     .ok_or_else(|| cx.err(format!("{p} {op} {q} overflows or divides by zero")))
                 })
                 .collect::<Result<_>>()?;
-            Ok(Const { shape, data: Data::I64 { v, batch: flags } })
+            Ok(Const { shape, data: Data::I64 { v, flags } })
         }
         _ => {
             let (x, y) = (a.to_f32(), b.to_f32());
@@ -2177,8 +2457,8 @@ fn fold_broadcast(cx: &Cx<'_>, cs: &[Const]) -> Result<Const> {
             let pick_from = |i: usize| if cond[orders[0][i]] != 0.0 { 1 } else { 2 };
             match (ints(vals[0]), ints(vals[1])) {
                 (Some(a), Some(b)) => {
-                    let (fa, fb) = (vals[0].batch_flags(), vals[1].batch_flags());
-                    let (v, batch) = (0..n)
+                    let (fa, fb) = (vals[0].flags(), vals[1].flags());
+                    let (v, flags) = (0..n)
                         .map(|i| {
                             let k = pick_from(i);
                             let j = orders[k][i];
@@ -2189,7 +2469,7 @@ fn fold_broadcast(cx: &Cx<'_>, cs: &[Const]) -> Result<Const> {
                             }
                         })
                         .unzip();
-                    Ok(Const { shape: out, data: Data::I64 { v, batch } })
+                    Ok(Const { shape: out, data: Data::I64 { v, flags } })
                 }
                 _ => {
                     let (a, b) = (vals[0].to_f32(), vals[1].to_f32());

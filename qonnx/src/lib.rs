@@ -10,6 +10,8 @@
 //! - Shape arithmetic on constants (`Shape` / `Gather` / `Concat` / `Reshape` chains, as
 //!   exporters write for `x.view(x.size(0), -1)`) is folded at import; a reshape whose first
 //!   entry is the batch keeps the batch whatever its size.
+//! - One symbolic size besides the batch (a sequence length) is followed through the graph,
+//!   which then runs at any length ([`Imported::sequence`] says whether the import could).
 //! - Graph nodes keep the ONNX node names, so plans, reports and `QConfigMapping` rules use
 //!   them (`"/layer1/layer1.0/conv1/Conv"`, or a glob such as `"/layer4/*"`).
 //! - The other way, [`export_qdq`] writes a converted model as an ONNX QDQ model (our scales
@@ -35,7 +37,7 @@ use std::path::Path;
 
 pub use error::{OnnxError, Result};
 pub use export::{export_qdq, save_qdq, EXPORT_OPSET};
-pub use import::{ImportOptions, Imported, InputSpec, OPSETS, SUPPORTED};
+pub use import::{ImportOptions, Imported, InputSpec, Sequence, OPSETS, SUPPORTED};
 
 /// Decodes an ONNX model file's bytes.
 ///

@@ -14,17 +14,23 @@ use crate::proto::{data_type as dt, TensorProto};
 pub enum Data {
     /// Floating-point data (`FLOAT`, `DOUBLE` and `FLOAT16` are read as `f32`).
     F32(Vec<f32>),
-    /// Integer and boolean data, with a flag per element that says it follows the batch size:
-    /// read off a value's shape at the axis that holds the batch, or computed from such an
-    /// element (`batch * heads`), so that a `Reshape` built from it keeps the batch whatever
-    /// its size.
+    /// Integer and boolean data, with flags per element ([`BATCH`], [`TOKENS`]) that say it
+    /// follows the batch size or the sequence length: read off a value's shape at the axis
+    /// that holds it, or computed from such an element (`batch * heads`), so that a `Reshape`
+    /// or `Slice` built from it keeps that size whatever it is at run time.
     I64 {
         /// The values.
         v: Vec<i64>,
-        /// The batch flags (one per value).
-        batch: Vec<bool>,
+        /// The flags (one per value).
+        flags: Vec<u8>,
     },
 }
+
+/// The flag of an integer that follows the batch size.
+pub const BATCH: u8 = 1;
+/// The flag of an integer that follows the sequence length (a symbolic size the import
+/// follows besides the batch).
+pub const TOKENS: u8 = 2;
 
 /// A constant tensor of the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,10 +42,10 @@ pub struct Const {
 }
 
 impl Const {
-    /// Integers without batch flags.
+    /// Integers without flags.
     pub fn ints(shape: Vec<usize>, v: Vec<i64>) -> Const {
-        let batch = vec![false; v.len()];
-        Const { shape, data: Data::I64 { v, batch } }
+        let flags = vec![0; v.len()];
+        Const { shape, data: Data::I64 { v, flags } }
     }
 
     /// Floats.
@@ -76,12 +82,22 @@ impl Const {
         }
     }
 
-    /// The batch flags (all false for float data).
-    pub fn batch_flags(&self) -> Vec<bool> {
+    /// The flags of each element (all 0 for float data).
+    pub fn flags(&self) -> Vec<u8> {
         match &self.data {
-            Data::I64 { batch, .. } => batch.clone(),
-            Data::F32(v) => vec![false; v.len()],
+            Data::I64 { flags, .. } => flags.clone(),
+            Data::F32(v) => vec![0; v.len()],
         }
+    }
+
+    /// Which elements follow the batch size.
+    pub fn batch_flags(&self) -> Vec<bool> {
+        self.flags().iter().map(|&f| f & BATCH != 0).collect()
+    }
+
+    /// Which elements follow the sequence length.
+    pub fn token_flags(&self) -> Vec<bool> {
+        self.flags().iter().map(|&f| f & TOKENS != 0).collect()
     }
 
     /// The values as an `f32` array of its shape.
@@ -248,8 +264,8 @@ pub fn decode(t: &TensorProto, base: Option<&Path>) -> Result<Const> {
 }
 
 fn ints(v: Vec<i64>) -> Data {
-    let batch = vec![false; v.len()];
-    Data::I64 { v, batch }
+    let flags = vec![0; v.len()];
+    Data::I64 { v, flags }
 }
 
 /// An `f32` array as a `TensorProto` (raw little-endian data).

@@ -3,6 +3,10 @@
 //! `Concat` or `Add` of an initializer with a computed value). The value read gives only its
 //! batch size. In int8 the constant is quantized once, at conversion, with the parameters
 //! its output observer chose (it saw the constant itself), and its codes are repeated.
+//!
+//! `SeqConst`: a constant cut to the sequence length of the value it reads (BERT's position
+//! ids, `position_ids[:, :seq_len]`, the length read off the token ids), so that a model runs
+//! at any length up to the constant's. It runs in float: it feeds a lookup.
 
 use ndarray::{ArrayD, Axis, IxDyn};
 use qkernels::QuantU8;
@@ -13,7 +17,7 @@ use super::conv::{load_f32, save_f32};
 use super::{attrs, bad, op_err, parse, LowerCx, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
 use crate::module::Module;
-use crate::quant::{Mode, Run, Value};
+use crate::quant::{FloatReason, Mode, Run, Value};
 use crate::scratch;
 
 /// `value` (of shape `[1, ...]`) repeated along axis 0 to the batch size of its input.
@@ -170,9 +174,115 @@ impl QOp for BatchConstOp {
     any_methods!();
 }
 
+/// `value` cut along `axis` to the size of its input's axis `from` (the first entries kept):
+/// a constant that follows the sequence length of the value it reads.
+#[derive(Debug, Clone)]
+pub struct SeqConst {
+    /// The constant, at its longest.
+    pub value: ArrayD<f32>,
+    /// The axis of `value` that is cut.
+    pub axis: usize,
+    /// The axis of the input whose size gives the length.
+    pub from: usize,
+}
+
+impl SeqConst {
+    fn out_dims(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let err = |expected: String| NnError::Shape {
+            module: String::new(),
+            kind: "SeqConst",
+            expected,
+            got: input.to_vec(),
+        };
+        let Some(&max) = self.value.shape().get(self.axis) else {
+            return Err(NnError::Config {
+                module: String::new(),
+                reason: format!("SeqConst: axis {} of a constant of shape {:?}", self.axis, self.value.shape()),
+            });
+        };
+        match input.get(self.from) {
+            None => Err(err(format!("an input with an axis {} (its sequence length)", self.from))),
+            Some(&n) if n > max => Err(err(format!(
+                "a sequence of at most {max} along axis {} (the model's constant of shape {:?} holds {max} positions)",
+                self.from,
+                self.value.shape()
+            ))),
+            Some(&n) => {
+                let mut s = self.value.shape().to_vec();
+                s[self.axis] = n;
+                Ok(s)
+            }
+        }
+    }
+}
+
+impl Module for SeqConst {
+    fn kind(&self) -> &'static str {
+        "SeqConst"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let n = self.out_dims(x.shape())?[self.axis];
+        Ok(self.value.slice_axis(Axis(self.axis), ndarray::Slice::from(0..n)).to_owned())
+    }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(self.out_dims(input))
+    }
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        vec![("value", &self.value)]
+    }
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        vec![("value", &mut self.value)]
+    }
+    fn lowering(&self) -> Mode {
+        Mode::Float(FloatReason::FloatOp {
+            why: "a constant cut to the sequence length (position ids): it runs in float and feeds a lookup".into(),
+        })
+    }
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+    fn save(&self, node: &str, w: &mut OpWriter) -> Option<Result<J>> {
+        let value = save_f32(node, "value", &self.value, w);
+        Some(Ok(attrs(&SeqConstAttrs { value, axis: self.axis, from: self.from })))
+    }
+    any_methods!();
+}
+
+/// A [`SeqConst`] as saved.
+#[derive(Serialize, Deserialize)]
+struct SeqConstAttrs {
+    value: String,
+    axis: usize,
+    from: usize,
+}
+
+pub(crate) const SEQ_LAYERS: &[(&str, super::LayerLoader)] = &[("SeqConst", |j, r| {
+    let a: SeqConstAttrs = parse(j, "SeqConst", "SeqConst")?;
+    let value = load_f32(r, &a.value)?;
+    if a.axis >= value.ndim() {
+        return Err(bad(format!("SeqConst: axis {} of a constant of shape {:?}", a.axis, value.shape())));
+    }
+    Ok(Box::new(SeqConst { value, axis: a.axis, from: a.from }) as Box<dyn Module>)
+})];
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seq_const_follows_the_input_length_up_to_its_own() {
+        let v = ArrayD::from_shape_vec(IxDyn(&[1, 5]), (0..5).map(|i| i as f32).collect()).unwrap();
+        let c = SeqConst { value: v, axis: 1, from: 1 };
+        for n in [1, 3, 5] {
+            let y = c.forward(&ArrayD::zeros(IxDyn(&[2, n]))).unwrap();
+            assert_eq!(y.shape(), &[1, n]);
+            assert_eq!(y.iter().copied().collect::<Vec<_>>(), (0..n).map(|i| i as f32).collect::<Vec<_>>());
+        }
+        let e = c.forward(&ArrayD::zeros(IxDyn(&[1, 6]))).unwrap_err().to_string();
+        assert!(e.contains("at most 5") && e.contains("[1, 6]"), "{e}");
+        let e = c.forward(&ArrayD::zeros(IxDyn(&[4]))).unwrap_err().to_string();
+        assert!(e.contains("axis 1"), "{e}");
+    }
 
     #[test]
     fn repeats_over_the_batch_and_refuses_other_shapes() {

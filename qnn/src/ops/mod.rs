@@ -23,7 +23,7 @@
 //! | `softmax.rs` | `Softmax` | codes in and out, exponentials from a table per input scale |
 //! | `layernorm.rs` | `LayerNorm` (last axis) | PyTorch's `quantized::layer_norm` |
 //! | `batchnorm.rs` | `BatchNorm2d`, `BatchNorm1d` | float only, unless fused |
-//! | `konst.rs` | `BatchConst` (a constant repeated over the batch) | its codes, quantized at conversion |
+//! | `konst.rs` | `BatchConst` (a constant repeated over the batch), `SeqConst` (a constant cut to the sequence length, float) | its codes, quantized at conversion |
 //! | `stubs.rs` | `Identity`, `Dropout`, `QuantStub`, `DeQuantStub` | nothing, or an explicit quantize |
 //! | `add.rs`, `mul.rs`, `cat.rs` | graph additions, products, concatenations | int8 |
 //! | `range.rs` | (a wrapper) | clamps an op's output to a custom integer range |
@@ -420,6 +420,7 @@ pub(crate) const BUILTIN_LAYERS: &[&[(&str, LayerLoader)]] = &[
     layernorm::LAYERS,
     scalar::LAYERS,
     konst::LAYERS,
+    konst::SEQ_LAYERS,
     embedding::LAYERS,
     batchnorm::LAYERS,
     stubs::LAYERS,

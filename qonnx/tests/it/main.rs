@@ -2,12 +2,15 @@
 //! op's attributes and the errors); `models`: models PyTorch exported, against ONNX
 //! Runtime's outputs (`scripts/onnx/qonnx_fixtures.py`); `backend`: ONNX's own backend test
 //! cases for the ops we import (`scripts/onnx/onnx_backend_cases.py`); `dynamic`: an imported
-//! model dynamically quantized, against PyTorch (`scripts/onnx/qonnx_dynamic_fixture.py`).
+//! model dynamically quantized, against PyTorch (`scripts/onnx/qonnx_dynamic_fixture.py`);
+//! `sequence`: models with a symbolic sequence length, run at several
+//! (`scripts/onnx/qonnx_sequence_fixture.py`).
 
 mod backend;
 mod dynamic;
 mod handmade;
 mod models;
+mod sequence;
 
 use std::path::PathBuf;
 
