@@ -6,7 +6,8 @@
 //! weight = "per-channel"      # optional: its weight observer replaced (or "minmax",
 //!                             # "per-channel-restricted": symmetric over [-127, 127],
 //!                             # "per-channel-unclipped": symmetric, the smallest scale that
-//!                             # clips neither extreme of a channel)
+//!                             # clips neither extreme of a channel, "per-channel-mse":
+//!                             # symmetric, each channel's scale of least squared error)
 //! strict = false              # true: converting fails instead of falling back to float
 //! fusion = true
 //! pool_outputs = "observed"   # or "input" (PyTorch's choice)
@@ -49,7 +50,8 @@ pub const PRESETS: &[&str] = &[
 /// Activation observer names.
 const ACTIVATIONS: &[&str] = &["minmax", "histogram", "entropy", "mse", "percentile:<p>"];
 /// Weight observer names.
-const WEIGHTS: &[&str] = &["minmax", "per-channel", "per-channel-restricted", "per-channel-unclipped"];
+const WEIGHTS: &[&str] =
+    &["minmax", "per-channel", "per-channel-restricted", "per-channel-unclipped", "per-channel-mse"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,7 +120,7 @@ fn activation(name: &str) -> Result<ObserverSpec, String> {
 fn weight(name: &str) -> Result<ObserverSpec, String> {
     Ok(match name {
         "minmax" => ObserverSpec::MinMax(QuantSpec::i8_symmetric()),
-        "per-channel" | "per-channel-unclipped" => {
+        "per-channel" | "per-channel-unclipped" | "per-channel-mse" => {
             ObserverSpec::PerChannelMinMax { spec: QuantSpec::i8_symmetric(), axis: 0 }
         }
         // Symmetric over [-127, 127] (ONNX Runtime's and TensorRT's restricted range): the
@@ -150,9 +152,12 @@ fn qconfig(
             q.weight = weight(w)?;
             // The observer's parameters as they are, except for the unclipped scales (a rule
             // naming another observer drops a quantizer its base configuration had).
-            q.weight_quantizer = (w == "per-channel-unclipped").then(|| {
-                std::sync::Arc::new(qnn::qobserve::SymmetricUnclipped) as std::sync::Arc<dyn qnn::qobserve::Quantizer>
-            });
+            q.weight_quantizer = match w {
+                "per-channel-unclipped" => Some(std::sync::Arc::new(qnn::qobserve::SymmetricUnclipped)
+                    as std::sync::Arc<dyn qnn::qobserve::Quantizer>),
+                "per-channel-mse" => Some(std::sync::Arc::new(qnn::qobserve::SymmetricMse) as _),
+                _ => None,
+            };
         }
     } else if a.is_some() || w.is_some() {
         return Err("observers are given for preset 'none' (kept in float)".into());
@@ -281,6 +286,10 @@ mod tests {
         let m = mapping(Some((text, "c.toml")), &HashMap::new()).unwrap();
         assert!(m.resolve("/fc/Gemm", "Linear").unwrap().weight_quantizer.is_none());
         assert!(m.resolve("/conv1/Conv", "Conv2d").unwrap().weight_quantizer.is_some());
+        let m = mapping(Some(("weight = \"per-channel-mse\"", "c.toml")), &HashMap::new()).unwrap();
+        let q = m.resolve("/conv1/Conv", "Conv2d").unwrap();
+        assert!(matches!(q.weight, ObserverSpec::PerChannelMinMax { axis: 0, .. }));
+        assert_eq!(q.weight_quantizer.as_ref().unwrap().name(), "symmetric, least squared error");
     }
 
     #[test]

@@ -97,5 +97,5 @@ pub use observer::{NonFinite, Observer, ObserverFactory, QuantSpec};
 pub use qconfig::{Dynamic, ObserverSpec, QConfig};
 pub use qtensor::{choose_qparams, choose_qparams_per_channel};
 pub use quantizer::{
-    Affine, Bits, Codebook, Fitted, Log2, Observed, PerGroup, PowerOfTwo, Quantizer, SymmetricUnclipped,
+    Affine, Bits, Codebook, Fitted, Log2, Observed, PerGroup, PowerOfTwo, Quantizer, SymmetricMse, SymmetricUnclipped,
 };

@@ -472,7 +472,7 @@ pub struct RunOptions<'a> {
     pub peers: bool,
     /// The instruction-set tier to force (`--isa`).
     pub isa: Option<&'a str>,
-    /// Our models' configuration (`--qconfig`: `default` or `x86`).
+    /// Our models' configuration (`--qconfig`: `default`, `x86` or `mse-weights`).
     pub qconfig: &'a str,
 }
 
@@ -532,7 +532,11 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
     let qconfig = match o.qconfig {
         "default" => qobserve::QConfig::default(),
         "x86" => qobserve::QConfig::pytorch_x86(),
-        other => return Err(format!("--qconfig {other:?}: use default or x86")),
+        "mse-weights" => qobserve::QConfig {
+            weight_quantizer: Some(std::sync::Arc::new(qobserve::SymmetricMse)),
+            ..Default::default()
+        },
+        other => return Err(format!("--qconfig {other:?}: use default, x86 or mse-weights")),
     };
     let peak = qkernels::peak::measure();
     match peak {
@@ -635,7 +639,11 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
     crate::bench_transformers::run(root, &options, &mut records)?;
     for r in &mut records {
         r.isa = qtensor::isa::selected().name();
-        r.qconfig = if o.qconfig == "x86" { "x86" } else { "default" };
+        r.qconfig = match o.qconfig {
+            "x86" => "x86",
+            "mse-weights" => "mse-weights",
+            _ => "default",
+        };
     }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?)

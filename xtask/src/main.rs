@@ -121,9 +121,10 @@ enum Command {
         /// are left out.
         #[arg(long)]
         isa: Option<String>,
-        /// Our models' configuration: `default` (qrust's: 8-bit activations) or `x86`
+        /// Our models' configuration: `default` (qrust's: 8-bit activations), `x86`
         /// (PyTorch's x86 one, as the PyTorch peer uses: 7-bit activations, which let the
-        /// AVX2 tier sum products in 16-bit pairs).
+        /// AVX2 tier sum products in 16-bit pairs) or `mse-weights` (the default with each
+        /// weight channel's scale of least squared error, `qobserve::SymmetricMse`).
         #[arg(long, default_value = "default")]
         qconfig: String,
     },
