@@ -161,9 +161,9 @@ enum Cmd {
 #[derive(Args, Debug, Clone)]
 struct ShapeArg {
     /// The input's shape where the model leaves sizes symbolic, e.g. `1,3,224,224` (or
-    /// `name=1,3,224,224` for one input of several). A sequence length given this way is the
-    /// one imported; the model runs at any other where the import can follow it (`inspect`
-    /// says).
+    /// `name=1,3,224,224` for one input of several); without it, an `.npz` given as the data
+    /// gives them (each array's item shape). A sequence length given either way is the one
+    /// imported; the model runs at any other where the import can follow it (`inspect` says).
     #[arg(long)]
     input_shape: Vec<String>,
 }
@@ -221,16 +221,46 @@ fn options(shape: &ShapeArg) -> Result<qonnx::ImportOptions, String> {
     Ok(o)
 }
 
-/// Imports a model; an unnamed `--input-shape` applies to its first input.
-fn import(path: &Path, shape: &ShapeArg) -> Result<qonnx::Imported, String> {
+/// The model's inputs (initializers left out): name and declared sizes (`None`: symbolic).
+fn declared_inputs(path: &Path) -> Result<Vec<(String, Vec<Option<i64>>)>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = qonnx::decode_model(&bytes, &path.display().to_string()).map_err(|e| e.to_string())?;
+    let g = m.graph.unwrap_or_default();
+    let inits: Vec<&str> = g.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+    Ok(g.input
+        .iter()
+        .filter_map(|v| v.name.clone().map(|n| (n, v)))
+        .filter(|(n, _)| !inits.contains(&n.as_str()))
+        .map(|(n, v)| {
+            let dims = v.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()).and_then(|t| t.shape.as_ref());
+            let dims = dims.map(|s| s.dim.iter().map(|d| d.dim_value.filter(|&x| x > 0)).collect()).unwrap_or_default();
+            (n, dims)
+        })
+        .collect())
+}
+
+/// Imports a model; an unnamed `--input-shape` applies to its first input. Inputs that leave
+/// sizes past the batch symbolic and have no `--input-shape` take them from `data` when it is
+/// an `.npz` of one array per input (the calibration or input data): each array's item shape.
+fn import(path: &Path, shape: &ShapeArg, data: Option<&Path>) -> Result<qonnx::Imported, String> {
     let mut opts = options(shape)?;
     if let Some(dims) = opts.input_shapes.remove("") {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let m = qonnx::decode_model(&bytes, &path.display().to_string()).map_err(|e| e.to_string())?;
-        let g = m.graph.unwrap_or_default();
-        let inits: Vec<&str> = g.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
-        let first = g.input.iter().filter_map(|v| v.name.clone()).find(|n| !inits.contains(&n.as_str()));
+        let first = declared_inputs(path)?.into_iter().next().map(|(n, _)| n);
         opts.input_shapes.insert(first.unwrap_or_default(), dims);
+    }
+    let npz = data.filter(|d| d.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz")));
+    if let Some(npz) = npz {
+        let open: Vec<String> = declared_inputs(path)?
+            .into_iter()
+            .filter(|(n, dims)| !opts.input_shapes.contains_key(n) && dims.iter().skip(1).any(Option::is_none))
+            .map(|(n, _)| n)
+            .collect();
+        if !open.is_empty() {
+            for (name, x) in open.iter().zip(data::read_inputs(npz, &open)?) {
+                let item: Vec<usize> = [1].into_iter().chain(x.shape().iter().skip(1).copied()).collect();
+                opts.input_shapes.insert(name.clone(), item);
+            }
+        }
     }
     qonnx::load(path, &opts).map_err(|e| e.to_string())
 }
@@ -283,7 +313,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
 }
 
 fn inspect(path: &Path, shape: &ShapeArg) -> Result<(), String> {
-    let m = import(path, shape)?;
+    let m = import(path, shape, None)?;
     say!("{}: opset {}, written by {}", path.display(), m.opset, if m.producer.is_empty() { "?" } else { &m.producer });
     for i in &m.inputs {
         let seq = match (i.sequence_axis, &m.sequence) {
@@ -378,7 +408,7 @@ fn quantize(
 ) -> Result<(), String> {
     let (output, config, batch_size, threads) = (o.output.clone(), o.config.as_deref(), o.batch_size, o.threads);
     let t0 = Instant::now();
-    let mut m = import(path, shape)?;
+    let mut m = import(path, shape, calib)?;
     let mut by_op: HashMap<String, Vec<String>> = HashMap::new();
     for (_, op, nodes) in &m.nodes {
         by_op.entry(op.clone()).or_default().extend(nodes.iter().cloned());
@@ -586,7 +616,7 @@ fn run_model(
         Ok((y, times[times.len() / 2]))
     };
     let (y, ms) = if is_onnx(path) {
-        let m = import(path, shape)?;
+        let m = import(path, shape, Some(input))?;
         let xs = if m.inputs.len() > 1 {
             data::read_inputs(input, &m.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>())?
         } else {
@@ -692,7 +722,7 @@ fn report(
     shape: &ShapeArg,
     images: &ImageArgs,
 ) -> Result<(), String> {
-    let m = import(model, shape)?;
+    let m = import(model, shape, Some(input))?;
     let q = QuantizedModel::load(int8).map_err(|e| e.to_string())?;
     // A model of several inputs reads an .npz of one array per input, as `quantize` does.
     let names: Vec<String> = m.inputs.iter().map(|i| i.name.clone()).collect();
