@@ -221,8 +221,11 @@ fn options(shape: &ShapeArg) -> Result<qonnx::ImportOptions, String> {
     Ok(o)
 }
 
-/// The model's inputs (initializers left out): name and declared sizes (`None`: symbolic).
-fn declared_inputs(path: &Path) -> Result<Vec<(String, Vec<Option<i64>>)>, String> {
+/// An input's name and declared sizes (`None`: symbolic).
+type Declared = (String, Vec<Option<i64>>);
+
+/// The model's inputs (initializers left out), as the file declares them.
+fn declared_inputs(path: &Path) -> Result<Vec<Declared>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let m = qonnx::decode_model(&bytes, &path.display().to_string()).map_err(|e| e.to_string())?;
     let g = m.graph.unwrap_or_default();
