@@ -265,7 +265,10 @@ impl Quantizer for SymmetricMse {
             .collect();
         let q = match o.qparams.axis() {
             None => QParams::per_tensor(scales[0], 0)?,
-            Some(axis) => QParams::per_channel(scales.clone(), vec![0; scales.len()], axis)?,
+            Some(axis) => {
+                let zps = vec![0; scales.len()];
+                QParams::per_channel(scales, zps, axis)?
+            }
         };
         Ok(Box::new(FittedAffine { q, spec: o.spec }))
     }
