@@ -155,45 +155,56 @@ impl Quantizer for SymmetricUnclipped {
         "symmetric without clipping".into()
     }
     fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
-        let Some(w) = &o.values else {
-            return Err(ObserveError::Config {
-                reason: "the unclipped symmetric quantizer reads the tensor's values, so it fits weights only; \
-                         configure it as a weight quantizer"
-                    .into(),
-            });
-        };
-        let (qmin, qmax) = (o.spec.range.qmin(), o.spec.range.qmax());
-        if o.spec.scheme != QScheme::Symmetric || o.spec.dtype != DType::I8 || qmin >= 0 || qmax <= 0 {
-            return Err(ObserveError::Config {
-                reason: format!(
-                    "the unclipped symmetric quantizer needs a symmetric i8 weight observer with a range around 0, \
-                     got {:?} {:?} over [{qmin}, {qmax}]",
-                    o.spec.scheme, o.spec.dtype
-                ),
-            });
-        }
-        let (lo, hi): (Vec<f32>, Vec<f32>) = match o.qparams.axis() {
-            None => {
-                let (lo, hi) = w.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
-                (vec![lo], vec![hi])
-            }
-            Some(axis) => w
-                .axis_iter(ndarray::Axis(axis))
-                .map(|ch| ch.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v))))
-                .unzip(),
-        };
-        if lo.iter().chain(&hi).any(|v| !v.is_finite()) {
-            return Err(ObserveError::Config { reason: "the weights hold NaN or infinite values".into() });
-        }
-        let scales: Vec<f32> =
-            lo.iter().zip(&hi).map(|(&l, &h)| (l / qmin as f32).max(h / qmax as f32).max(f32::EPSILON)).collect();
-        let zps = vec![0; scales.len()];
-        let q = match o.qparams.axis() {
-            None => QParams::per_tensor(scales[0], 0)?,
-            Some(axis) => QParams::per_channel(scales, zps, axis)?,
-        };
-        Ok(Box::new(FittedAffine { q, spec: o.spec }))
+        fit_symmetric_weights(o, "unclipped", |w, qmin, qmax| {
+            let (lo, hi) = w.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+            (lo / qmin).max(hi / qmax)
+        })
     }
+}
+
+/// A symmetric weight quantizer's fit: the checks (values given, a symmetric `i8` target
+/// around 0, finite weights), then `scale(channel, qmin, qmax)` per channel (one for
+/// per-tensor parameters, as the observer chose), at least `f32::EPSILON`, zero point 0.
+/// `who` names the quantizer in errors.
+fn fit_symmetric_weights(
+    o: &Observed<'_>,
+    who: &str,
+    scale: impl Fn(&[f32], f32, f32) -> f32,
+) -> Result<Box<dyn Fitted>> {
+    let Some(w) = &o.values else {
+        return Err(ObserveError::Config {
+            reason: format!(
+                "the {who} symmetric quantizer reads the tensor's values, so it fits weights only; configure it as \
+                 a weight quantizer"
+            ),
+        });
+    };
+    let (qmin, qmax) = (o.spec.range.qmin(), o.spec.range.qmax());
+    if o.spec.scheme != QScheme::Symmetric || o.spec.dtype != DType::I8 || qmin >= 0 || qmax <= 0 {
+        return Err(ObserveError::Config {
+            reason: format!(
+                "the {who} symmetric quantizer needs a symmetric i8 weight observer with a range around 0, got {:?} \
+                 {:?} over [{qmin}, {qmax}]",
+                o.spec.scheme, o.spec.dtype
+            ),
+        });
+    }
+    let channels: Vec<Vec<f32>> = match o.qparams.axis() {
+        None => vec![w.iter().copied().collect()],
+        Some(axis) => w.axis_iter(Axis(axis)).map(|ch| ch.iter().copied().collect()).collect(),
+    };
+    if channels.iter().flatten().any(|v| !v.is_finite()) {
+        return Err(ObserveError::Config { reason: "the weights hold NaN or infinite values".into() });
+    }
+    let scales: Vec<f32> = channels.iter().map(|v| scale(v, qmin as f32, qmax as f32).max(f32::EPSILON)).collect();
+    let q = match o.qparams.axis() {
+        None => QParams::per_tensor(scales[0], 0)?,
+        Some(axis) => {
+            let zps = vec![0; scales.len()];
+            QParams::per_channel(scales, zps, axis)?
+        }
+    };
+    Ok(Box::new(FittedAffine { q, spec: o.spec }))
 }
 
 /// Symmetric weights at the scale of least squared error: per channel (or per tensor, as the
@@ -211,66 +222,30 @@ impl Quantizer for SymmetricMse {
         "symmetric, least squared error".into()
     }
     fn fit(&self, o: &Observed<'_>) -> Result<Box<dyn Fitted>> {
-        let Some(w) = &o.values else {
-            return Err(ObserveError::Config {
-                reason: "the least-squares symmetric quantizer reads the tensor's values, so it fits weights only; \
-                         configure it as a weight quantizer"
-                    .into(),
-            });
-        };
-        let (qmin, qmax) = (o.spec.range.qmin(), o.spec.range.qmax());
-        if o.spec.scheme != QScheme::Symmetric || o.spec.dtype != DType::I8 || qmin >= 0 || qmax <= 0 {
-            return Err(ObserveError::Config {
-                reason: format!(
-                    "the least-squares symmetric quantizer needs a symmetric i8 weight observer with a range around \
-                     0, got {:?} {:?} over [{qmin}, {qmax}]",
-                    o.spec.scheme, o.spec.dtype
-                ),
-            });
-        }
-        let channels: Vec<Vec<f32>> = match o.qparams.axis() {
-            None => vec![w.iter().copied().collect()],
-            Some(axis) => w.axis_iter(Axis(axis)).map(|ch| ch.iter().copied().collect()).collect(),
-        };
-        if channels.iter().flatten().any(|v| !v.is_finite()) {
-            return Err(ObserveError::Config { reason: "the weights hold NaN or infinite values".into() });
-        }
-        let (lo_q, hi_q) = (qmin as f32, qmax as f32);
-        let sse = |v: &[f32], s: f32| -> f64 {
-            v.iter()
-                .map(|&x| {
-                    let e = x - (x / s).round_ties_even().clamp(lo_q, hi_q) * s;
-                    f64::from(e * e)
-                })
-                .sum()
-        };
-        let scales: Vec<f32> = channels
-            .iter()
-            .map(|v| {
-                let (lo, hi) = v.iter().fold((0f32, 0f32), |(l, h), &x| (l.min(x), h.max(x)));
-                let unclipped = (lo / lo_q).max(hi / hi_q);
-                if unclipped <= f32::EPSILON {
-                    return f32::EPSILON;
-                }
-                let pytorch = lo.abs().max(hi) / ((hi_q - lo_q) / 2.0);
-                let mut best = (sse(v, unclipped), unclipped);
-                for s in (1..=10).map(|i| unclipped * (1.0 - 0.01 * i as f32)).chain([pytorch]) {
-                    let e = sse(v, s);
-                    if e < best.0 {
-                        best = (e, s);
-                    }
-                }
-                best.1.max(f32::EPSILON)
-            })
-            .collect();
-        let q = match o.qparams.axis() {
-            None => QParams::per_tensor(scales[0], 0)?,
-            Some(axis) => {
-                let zps = vec![0; scales.len()];
-                QParams::per_channel(scales, zps, axis)?
+        fit_symmetric_weights(o, "least-squares", |v, lo_q, hi_q| {
+            let sse = |s: f32| -> f64 {
+                v.iter()
+                    .map(|&x| {
+                        let e = x - (x / s).round_ties_even().clamp(lo_q, hi_q) * s;
+                        f64::from(e * e)
+                    })
+                    .sum()
+            };
+            let (lo, hi) = v.iter().fold((0f32, 0f32), |(l, h), &x| (l.min(x), h.max(x)));
+            let unclipped = (lo / lo_q).max(hi / hi_q);
+            if unclipped <= f32::EPSILON {
+                return f32::EPSILON;
             }
-        };
-        Ok(Box::new(FittedAffine { q, spec: o.spec }))
+            let pytorch = lo.abs().max(hi) / ((hi_q - lo_q) / 2.0);
+            let mut best = (sse(unclipped), unclipped);
+            for s in (1..=10).map(|i| unclipped * (1.0 - 0.01 * i as f32)).chain([pytorch]) {
+                let e = sse(s);
+                if e < best.0 {
+                    best = (e, s);
+                }
+            }
+            best.1
+        })
     }
 }
 

@@ -459,7 +459,7 @@ impl Importer {
             if let (Some(s), Some(k), None) = (seq, sequence_axis, &self.seq) {
                 self.seq = Some((s.name.clone(), shape[k], t, k));
             }
-            if let (Some(s), true) = (seq, seq.is_some_and(|s| s.fixed && s.axes.contains_key(&name))) {
+            if let Some(s) = seq.filter(|s| s.fixed && s.axes.contains_key(&name)) {
                 // The graph runs at the imported length only: a check on the input says so
                 // (a reshape to its own shape, past the batch).
                 let rest: Vec<i64> = shape[1..].iter().map(|&d| d as i64).collect();
