@@ -619,34 +619,51 @@ impl PackedConv2d {
         let k = self.kh * self.kw * icg;
         let seg_len = self.kw * icg;
         let contiguous_taps = g.dilation[1] == 1 && icg == x.c;
-        for (ri, r) in rows.enumerate() {
+        let (sx, px) = (g.stride[1], g.padding[1]);
+        // Output columns whose kw taps all lie inside the input row: ox * sx >= px and
+        // ox * sx - px + (kw - 1) * dx < w.
+        let span = (self.kw - 1) * g.dilation[1];
+        let inside = px.div_ceil(sx)..if x.w + px > span { (x.w + px - span - 1) / sx + 1 } else { 0 };
+        // Rows go in runs along one output row (same image, same oy), so each kernel row's
+        // bounds are worked out once per run, not once per pixel. Pixels and kernel rows are
+        // written in order: `copy_segment` may spill into bytes written after it.
+        let mut lines: Vec<Option<usize>> = Vec::with_capacity(self.kh);
+        let mut r = rows.start;
+        while r < rows.end {
             let (b, rem) = (r / (oh * ow), r % (oh * ow));
-            let (oy, ox) = (rem / ow, rem % ow);
+            let (oy, ox0) = (rem / ow, rem % ow);
+            let run = (ow - ox0).min(rows.end - r);
             let img = &x.data[b * x.h * x.w * x.c..(b + 1) * x.h * x.w * x.c];
-            for ky in 0..self.kh {
-                let at = ri * k + ky * seg_len;
+            lines.clear();
+            lines.extend((0..self.kh).map(|ky| {
                 let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
-                if iy < 0 || iy >= x.h as isize {
-                    buf[at..at + seg_len].fill(zp);
-                    continue;
-                }
-                let ix0 = (ox * g.stride[1]) as isize - g.padding[1] as isize;
-                let ix_last = ix0 + ((self.kw - 1) * g.dilation[1]) as isize;
-                let line_start = iy as usize * x.w * x.c;
-                if contiguous_taps && ix0 >= 0 && ix_last < x.w as isize {
-                    copy_segment(buf, at, img, line_start + ix0 as usize * x.c, seg_len);
-                    continue;
-                }
-                for kx in 0..self.kw {
-                    let ix = ix0 + (kx * g.dilation[1]) as isize;
-                    let tap = at + kx * icg;
-                    if ix < 0 || ix >= x.w as isize {
-                        buf[tap..tap + icg].fill(zp);
-                    } else {
-                        copy_segment(buf, tap, img, line_start + ix as usize * x.c + c0, icg);
+                (iy >= 0 && iy < x.h as isize).then(|| iy as usize * x.w * x.c)
+            }));
+            for (ri, ox) in (r - rows.start..).zip(ox0..ox0 + run) {
+                let whole = contiguous_taps && inside.contains(&ox);
+                for (ky, line) in lines.iter().enumerate() {
+                    let at = ri * k + ky * seg_len;
+                    let Some(line_start) = *line else {
+                        buf[at..at + seg_len].fill(zp);
+                        continue;
+                    };
+                    if whole {
+                        copy_segment(buf, at, img, line_start + (ox * sx - px) * x.c, seg_len);
+                        continue;
+                    }
+                    let ix0 = (ox * sx) as isize - px as isize;
+                    for kx in 0..self.kw {
+                        let ix = ix0 + (kx * g.dilation[1]) as isize;
+                        let tap = at + kx * icg;
+                        if ix < 0 || ix >= x.w as isize {
+                            buf[tap..tap + icg].fill(zp);
+                        } else {
+                            copy_segment(buf, tap, img, line_start + ix as usize * x.c + c0, icg);
+                        }
                     }
                 }
             }
+            r += run;
         }
     }
 
@@ -676,26 +693,44 @@ impl PackedConv2d {
             f
         }
         // Each tap's offset from a pixel's first tap, and the output columns whose taps all
-        // lie inside the image horizontally (a tier's `pixel_inside` reads those through
-        // offsets).
+        // lie inside the image horizontally (a tier's `run_inside` reads those through
+        // offsets, a run of them per output row).
         let offsets: Vec<usize> = (0..self.kh)
             .flat_map(|ky| (0..self.kw).map(move |kx| (ky * g.dilation[0] * x.w + kx * g.dilation[1]) * c))
             .collect();
         let inside =
             |o: usize, s: usize, p: usize, d: usize, k: usize, n: usize| o * s >= p && o * s - p + (k - 1) * d < n;
+        let (sx, px0, span) = (g.stride[1], g.padding[1], (self.kw - 1) * g.dilation[1]);
+        let cols_inside =
+            px0.div_ceil(sx).min(ow)..if x.w + px0 > span { ((x.w + px0 - span - 1) / sx + 1).min(ow) } else { 0 };
         let row = per_row(|(ptrs, acc), (orow, out_row)| {
             let (b, oy) = (orow / oh, orow % oh);
             let img = &x.data[b * x.h * x.w * c..(b + 1) * x.h * x.w * c];
             let row_inside = inside(oy, g.stride[0], g.padding[0], g.dilation[0], self.kh, x.h);
-            for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
-                if let (Some(pixel_inside), true) =
-                    (dw.pixel_inside, row_inside && inside(ox, g.stride[1], g.padding[1], g.dilation[1], self.kw, x.w))
-                {
-                    let first = ((oy * g.stride[0] - g.padding[0]) * x.w + ox * g.stride[1] - g.padding[1]) * c;
+            let run = match dw.run_inside {
+                Some(run_inside) if row_inside && cols_inside.start < cols_inside.end => {
+                    let first = ((oy * g.stride[0] - g.padding[0]) * x.w + cols_inside.start * sx - px0) * c;
                     // SAFETY: `packed` came from `kernels`' packing for these taps; every tap of
-                    // this pixel lies inside the image, so its `c` bytes at `first + offset`
-                    // are readable in `img`; `px` holds `c` bytes.
-                    unsafe { pixel_inside(img[first..].as_ptr(), &offsets, c, &w, px) };
+                    // the run's pixels lies inside the image, so its `c` bytes at `first +
+                    // p * sx * c + offset` are readable in `img`; the run's output bytes are
+                    // `count * c` of `out_row`.
+                    unsafe {
+                        run_inside(
+                            img[first..].as_ptr(),
+                            sx * c,
+                            cols_inside.len(),
+                            &offsets,
+                            c,
+                            &w,
+                            &mut out_row[cols_inside.start * c..cols_inside.end * c],
+                        )
+                    };
+                    cols_inside.clone()
+                }
+                _ => 0..0,
+            };
+            for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
+                if run.contains(&ox) {
                     continue;
                 }
                 ptrs.clear();

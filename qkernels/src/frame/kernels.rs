@@ -22,9 +22,16 @@ use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
 pub(crate) type GemmPack = fn(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>);
 /// See [`DepthwiseKernels::pixel`].
 pub(crate) type DwPixel = unsafe fn(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, acc: &mut [i32], px: &mut [u8]);
-/// See [`DepthwiseKernels::pixel_inside`].
-pub(crate) type DwPixelInside =
-    unsafe fn(base: *const u8, offsets: &[usize], c: usize, w: &DwWeights<'_>, px: &mut [u8]);
+/// See [`DepthwiseKernels::run_inside`].
+pub(crate) type DwRunInside = unsafe fn(
+    base: *const u8,
+    step: usize,
+    count: usize,
+    offsets: &[usize],
+    c: usize,
+    w: &DwWeights<'_>,
+    out: &mut [u8],
+);
 /// See [`DepthwiseKernels::flat_row`].
 pub(crate) type DwFlatRow =
     unsafe fn(taps: &[*const u8], c: usize, weights: &[i8], consts: &FlatConsts, len: usize, out: *mut u8);
@@ -180,12 +187,14 @@ pub(crate) struct DepthwiseKernels {
     /// `w.packed` came from this table's `pack` for these taps; every tap slice holds `c`
     /// bytes; `acc` holds `c` rounded up to 64; `px` holds `c` bytes.
     pub pixel: DwPixel,
-    /// [`DepthwiseKernels::pixel`] for a pixel whose taps all lie inside the image: tap `t`
-    /// at `base + offsets[t]`.
+    /// [`DepthwiseKernels::pixel`] for a run of `count` output pixels of one row whose taps
+    /// all lie inside the image: pixel `p`'s tap `t` at `base + p * step + offsets[t]`, its
+    /// `c` bytes written at `out[p * c..]`.
     ///
     /// # Safety
-    /// As for `pixel`, each tap's `c` bytes readable at `base + offsets[t]`.
-    pub pixel_inside: Option<DwPixelInside>,
+    /// As for `pixel`, each tap's `c` bytes readable at `base + p * step + offsets[t]`;
+    /// `out` holds `count * c` bytes.
+    pub run_inside: Option<DwRunInside>,
     pub rows: Option<DwRowKernels>,
     /// One output row of the flat-row kernel: `(taps, c, weights, consts, len, out)`.
     ///

@@ -32,7 +32,7 @@ pub(crate) fn kernels() -> Kernels {
             name: "scalar",
             pack: depthwise::pack,
             pixel: depthwise::pixel,
-            pixel_inside: None,
+            run_inside: None,
             rows: None,
             flat_row: None,
         },

@@ -83,6 +83,44 @@ unsafe fn requantize8(plan: &Plan, acc: __m256i, j: usize, n: usize, dst: *mut u
     }
 }
 
+/// [`requantize8`] for sixteen channels `j..j + 16` (`acc0` the first eight, `acc1` the
+/// next): plain loads of the plan, both vectors packed to bytes at once (`vpackssdw`,
+/// `vpackuswb`, one permute) and clamped to `[lo, hi]` as bytes, one 16-byte store. The same
+/// bytes: below `-REQUANT_LIMIT` (or `i32`'s range) a value saturates to 0 and then to `lo`,
+/// as the scalar clamp to `-REQUANT_LIMIT` does; above, the clamp to `REQUANT_LIMIT` stays.
+///
+/// # Safety
+/// AVX2 and FMA available; the plan covers channels `j..j + 16`; 16 bytes writable at `dst`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn requantize16(plan: &Plan, acc0: __m256i, acc1: __m256i, j: usize, dst: *mut u8) {
+    let lim = _mm256_set1_ps(REQUANT_LIMIT);
+    let vzo = _mm256_set1_epi32(plan.zo);
+    let one = |acc: __m256i, jv: usize| {
+        // SAFETY: channels jv..jv + 8 of the plan (precondition).
+        let (colterm, bias, bscale, mult) = unsafe {
+            (
+                _mm256_loadu_si256(plan.colterm.as_ptr().add(jv).cast()),
+                _mm256_loadu_ps(plan.bias_term.as_ptr().add(jv)),
+                _mm256_loadu_ps(plan.bias_scale.as_ptr().add(jv)),
+                _mm256_loadu_ps(plan.mult.as_ptr().add(jv)),
+            )
+        };
+        let raw = _mm256_sub_epi32(acc, colterm);
+        let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
+        _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(x, lim)), vzo)
+    };
+    let (q0, q1) = (one(acc0, j), one(acc1, j + 8));
+    // Dwords [A B A B | A' B' A' B'] after the packs (A / A' the first vector's low / high
+    // four bytes, B / B' the second's), gathered to A A' B B'.
+    let w = _mm256_packs_epi32(q0, q1);
+    let b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w, w), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let (lo, hi) = (_mm_set1_epi8(plan.lo as u8 as i8), _mm_set1_epi8(plan.hi as u8 as i8));
+    let b = _mm_min_epu8(_mm_max_epu8(_mm256_castsi256_si128(b), lo), hi);
+    // SAFETY: 16 bytes writable at dst (precondition).
+    unsafe { _mm_storeu_si128(dst.cast(), b) };
+}
+
 /// One output pixel of a depthwise convolution with symmetric weights, requantized: for
 /// every channel `Σ_t x_t[c] * w_t[c]` over the taps (padding taps point at a row of zero
 /// points, which the plan's `za * Σ_t w_t` term cancels), then the plan's requantization, the
@@ -113,9 +151,13 @@ pub(crate) unsafe fn depthwise_avx2_pixel_u8<T: TapStarts + ?Sized>(
         let (r0, r1) = unsafe { block_sums(taps, at, valid, &packed[b * pairs * 2 * DW_BLOCK..], pairs) };
         // SAFETY: channels at..at + valid exist in the plan and in `out`.
         unsafe {
-            requantize8(plan, r0, at, valid.min(8), out.as_mut_ptr().add(at));
-            if valid > 8 {
-                requantize8(plan, r1, at + 8, valid - 8, out.as_mut_ptr().add(at + 8));
+            if valid == DW_BLOCK {
+                requantize16(plan, r0, r1, at, out.as_mut_ptr().add(at));
+            } else {
+                requantize8(plan, r0, at, valid.min(8), out.as_mut_ptr().add(at));
+                if valid > 8 {
+                    requantize8(plan, r1, at + 8, valid - 8, out.as_mut_ptr().add(at + 8));
+                }
             }
         }
     }
@@ -204,12 +246,82 @@ pub(crate) unsafe fn pixel(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, _acc: &m
     unsafe { depthwise_avx2_pixel_u8(taps, c, packed, w.plan, px) }
 }
 
-/// The table's entry for a pixel whose taps lie inside the image.
+/// The table's entry for a run of pixels whose taps lie inside the image.
 ///
 /// # Safety
-/// AVX2 and FMA available; as `DepthwiseKernels::pixel_inside`.
-pub(crate) unsafe fn pixel_inside(base: *const u8, offsets: &[usize], c: usize, w: &DwWeights<'_>, px: &mut [u8]) {
+/// AVX2 and FMA available; as `DepthwiseKernels::run_inside`.
+pub(crate) unsafe fn run_inside(
+    base: *const u8,
+    step: usize,
+    count: usize,
+    offsets: &[usize],
+    c: usize,
+    w: &DwWeights<'_>,
+    out: &mut [u8],
+) {
     let DwPacked::I16(packed) = w.packed else { unreachable!("packed by `pack`") };
     // SAFETY: forwarded preconditions.
-    unsafe { depthwise_avx2_pixel_u8(&TapOffsets { base, offsets }, c, packed, w.plan, px) }
+    unsafe { depthwise_avx2_run_u8(base, step, count, offsets, c, packed, w.plan, out) }
+}
+
+/// `count` consecutive output pixels whose taps all lie inside the image: pixel `p`'s tap
+/// `t` at `base + p * step + offsets[t]`, its `c` bytes written at `out[p * c..]`. Each block
+/// of 16 channels goes over the run two pixels at a time, so the two pixels' sums and
+/// requantizations are independent chains the core overlaps (one pixel per call leaves
+/// each block's long chain of sums, conversion and packing to wait on itself). The bytes of
+/// [`depthwise_avx2_pixel_u8`] for each pixel.
+///
+/// # Safety
+/// AVX2 and FMA available; every pixel's taps hold `c` readable bytes; `packed` and `plan`
+/// as for [`depthwise_avx2_pixel_u8`]; `out` holds `count * c` bytes.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_avx2_run_u8(
+    base: *const u8,
+    step: usize,
+    count: usize,
+    offsets: &[usize],
+    c: usize,
+    packed: &[i16],
+    plan: &Plan,
+    out: &mut [u8],
+) {
+    assert!(out.len() >= count * c, "depthwise run: {} output bytes for {count} pixels of {c}", out.len());
+    let pairs = offsets.len().div_ceil(2);
+    let taps = |p: usize| TapOffsets { base: base.wrapping_add(p * step), offsets };
+    let dst = out.as_mut_ptr();
+    for b in 0..c.div_ceil(DW_BLOCK) {
+        let at = DW_BLOCK * b;
+        let valid = (c - at).min(DW_BLOCK);
+        let wb = &packed[b * pairs * 2 * DW_BLOCK..];
+        let mut p = 0;
+        if valid == DW_BLOCK {
+            while p + 2 <= count {
+                // SAFETY: both pixels' taps hold channels at..at + 16 (precondition); the
+                // plan covers them and `out` holds both pixels' bytes.
+                unsafe {
+                    let (x0, x1) = block_sums(&taps(p), at, valid, wb, pairs);
+                    let (y0, y1) = block_sums(&taps(p + 1), at, valid, wb, pairs);
+                    requantize16(plan, x0, x1, at, dst.add(p * c + at));
+                    requantize16(plan, y0, y1, at, dst.add((p + 1) * c + at));
+                }
+                p += 2;
+            }
+        }
+        for p in p..count {
+            // SAFETY: as above, for one pixel and `valid` channels.
+            unsafe {
+                let (r0, r1) = block_sums(&taps(p), at, valid, wb, pairs);
+                let px = dst.add(p * c + at);
+                if valid == DW_BLOCK {
+                    requantize16(plan, r0, r1, at, px);
+                } else {
+                    requantize8(plan, r0, at, valid.min(8), px);
+                    if valid > 8 {
+                        requantize8(plan, r1, at + 8, valid - 8, px.add(8));
+                    }
+                }
+            }
+        }
+    }
 }

@@ -51,6 +51,11 @@ unsafe fn requantize_tile_avx2<const MR: usize, const NV: usize>(
     j: usize,
     lanes: usize,
 ) {
+    if NV == 2 && lanes == 2 * AVX2_LANES {
+        // SAFETY: forwarded preconditions, with all 16 columns inside the plan.
+        unsafe { requantize_strip16_avx2(f, acc, i0, j) };
+        return;
+    }
     let plan = f.plan;
     let (vzo, vlo, vhi) = (_mm256_set1_epi32(plan.zo), _mm256_set1_epi32(plan.lo), _mm256_set1_epi32(plan.hi));
     let (lim, nlim) = (_mm256_set1_ps(REQUANT_LIMIT), _mm256_set1_ps(-REQUANT_LIMIT));
@@ -109,6 +114,61 @@ unsafe fn requantize_tile_avx2<const MR: usize, const NV: usize>(
     }
 }
 
+/// [`requantize_tile_avx2`] for a whole strip of 16 columns: the plan's constants in plain
+/// loads, two vectors of each row packed to 16 bytes at once (`vpackssdw`, `vpackuswb`, one
+/// lane permute) and clamped to `[lo, hi]` as bytes, one 16-byte store per row. The same
+/// bytes as the scalar formula: a value below `-REQUANT_LIMIT` (or below `i32`'s range,
+/// which converts to `i32::MIN`) saturates to 0 and then to `lo`, as the scalar's clamp to
+/// `-REQUANT_LIMIT` followed by `lo` gives; above, the clamp to `REQUANT_LIMIT` stays.
+///
+/// # Safety
+/// As [`requantize_tile_avx2`] with `lanes == 16` (so `NV == 2`).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
+    f: &FusedOut<'_>,
+    acc: &[[__m256i; NV]; MR],
+    i0: usize,
+    j: usize,
+) {
+    let plan = f.plan;
+    let lim = _mm256_set1_ps(REQUANT_LIMIT);
+    let vzo = _mm256_set1_epi32(plan.zo);
+    let (lo, hi) = (_mm_set1_epi8(plan.lo as u8 as i8), _mm_set1_epi8(plan.hi as u8 as i8));
+    // Dwords [A B A B | A' B' A' B'] after the packs, A / A' the first vector's low / high
+    // four bytes, B / B' the second's: gathered to A A' B B'.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // SAFETY: columns j..j + 16 are inside the plan (precondition).
+    let load = |v: usize| unsafe {
+        let jv = j + v * AVX2_LANES;
+        (
+            _mm256_loadu_si256(plan.colterm.as_ptr().add(jv).cast()),
+            _mm256_loadu_ps(plan.bias_term.as_ptr().add(jv)),
+            _mm256_loadu_ps(plan.bias_scale.as_ptr().add(jv)),
+            _mm256_loadu_ps(plan.mult.as_ptr().add(jv)),
+            if plan.has_zw { _mm256_loadu_si256(plan.zw.as_ptr().add(jv).cast()) } else { _mm256_setzero_si256() },
+        )
+    };
+    let consts = [load(0), load(1)];
+    for (r, accr) in acc.iter().enumerate() {
+        let i = i0 + r;
+        let mut q = [_mm256_setzero_si256(); 2];
+        for (v, &(colterm, bias, bscale, mult, zw)) in consts.iter().enumerate() {
+            let mut raw = _mm256_sub_epi32(accr[v], colterm);
+            if plan.has_zw {
+                raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
+            }
+            let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
+            q[v] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(x, lim)), vzo);
+        }
+        let w = _mm256_packs_epi32(q[0], q[1]);
+        let b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w, w), order);
+        let b = _mm_min_epu8(_mm_max_epu8(_mm256_castsi256_si128(b), lo), hi);
+        // SAFETY: row i, columns j..j + 16 of the output (precondition).
+        unsafe { _mm_storeu_si128(f.out.wrapping_add(i * f.ldc + j).cast(), b) };
+    }
+}
+
 /// A whole block of `u8` output from dense rows on AVX2, requantized on registers (no raw
 /// tile in memory): strips of 16 columns, tiles of 4 rows on the `vpmaddubsw` kernel when
 /// `pairs` is given and every code of the tile's rows is within its bound, else of 3 rows on
@@ -134,7 +194,7 @@ pub(crate) unsafe fn avx2_fused_rows(
     if let Some((_, max)) = pairs {
         for (r, ok) in within[..m].iter_mut().enumerate() {
             let i = f.r0 + r;
-            *ok = max == u8::MAX || super::max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= max;
+            *ok = max == u8::MAX || super::codes_within(&a.data[i * a.lda..i * a.lda + a.k], max);
         }
     }
     let mut c0 = 0;
@@ -176,6 +236,29 @@ pub(crate) unsafe fn avx2_fused_rows(
     }
 }
 
+/// The last partial quad of a row of `k` bytes (`k % 4 != 0`): its `k % 4` bytes at the
+/// bottom of a little-endian i32, zeros above. With `k >= 4` one unaligned load of the row's
+/// last four bytes, shifted down, instead of a byte copy of variable length (stems such as
+/// 7 x 7 x 3 = 147 and 3 x 3 x 3 = 27 end every row with one).
+///
+/// # Safety
+/// `k` bytes are readable from `row`.
+#[inline(always)]
+unsafe fn tail_quad(row: *const u8, k: usize) -> i32 {
+    let rem = k % 4;
+    debug_assert!(rem != 0);
+    if k >= 4 {
+        // SAFETY: bytes k - 4..k of the row exist (precondition, k >= 4).
+        let last = unsafe { ptr::read_unaligned(row.add(k - 4).cast::<u32>()) };
+        (u32::from_le(last) >> (8 * (4 - rem))) as i32
+    } else {
+        let mut q = [0u8; 4];
+        // SAFETY: the row's k < 4 bytes exist (precondition); q holds 4.
+        unsafe { ptr::copy_nonoverlapping(row, q.as_mut_ptr(), k) };
+        i32::from_le_bytes(q)
+    }
+}
+
 /// MR rows x NV vectors of 8 columns with `vpmaddwd` on i16 pairs: exact (each pair sum is at
 /// most 2 * 255 * 128, far inside i32).
 ///
@@ -186,9 +269,10 @@ pub(crate) unsafe fn avx2_fused_rows(
 /// operands and the products in the 16 registers (a fourth row would spill).
 ///
 /// # Safety
-/// AVX2 available; as for [`vnni_kernel`] with the AVX2 packing; MR <= 3 and NV <= 2.
-#[target_feature(enable = "avx2")]
-#[inline]
+/// AVX2 available; as for [`vnni_kernel`] with the AVX2 packing; MR <= 3 and NV <= 2. No
+/// `target_feature` of its own, so that it inlines into its AVX2 callers (a call would pass
+/// the accumulators back through memory once per tile).
+#[inline(always)]
 unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     a: *const u8,
     lda: usize,
@@ -226,7 +310,8 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
         }
     }
     let panel = avx2_panel_len(k);
-    let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+    // SAFETY: AVX is available (precondition).
+    let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
     let whole = k / 4;
     for g in 0..whole {
         // SAFETY: AVX2 (this function's feature); bytes 4g..4g + 4 <= k of each row exist.
@@ -238,14 +323,8 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     }
     if !k.is_multiple_of(4) {
         let g = whole;
-        // SAFETY: as above; only the rows' last k - 4g < 4 bytes are read.
-        unsafe {
-            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
-                let mut q = [0u8; 4];
-                ptr::copy_nonoverlapping(a.add(r * lda + 4 * g), q.as_mut_ptr(), k - 4 * g);
-                i32::from_le_bytes(q)
-            })
-        };
+        // SAFETY: as above; `tail_quad` reads only bytes of each row's first k.
+        unsafe { step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| tail_quad(a.add(r * lda), k)) };
     }
     acc
 }
@@ -258,9 +337,8 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
 /// # Safety
 /// AVX2 available; `b` is `pack_pairs` of weights with this `k`, panels `pairs_panel_len(k)`
 /// apart; rows as for [`avx2_kernel`], their codes at most the packing's `max_input`;
-/// MR <= 4 and NV <= 2.
-#[target_feature(enable = "avx2")]
-#[inline]
+/// MR <= 4 and NV <= 2. Inlined into its AVX2 callers, as [`avx2_kernel`].
+#[inline(always)]
 unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
     a: *const u8,
     lda: usize,
@@ -294,7 +372,8 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
         }
     }
     let panel = pairs_panel_len(k);
-    let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+    // SAFETY: AVX is available (precondition).
+    let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
     let whole = k / 4;
     for g in 0..whole {
         // SAFETY: AVX2 (this function's feature); bytes 4g..4g + 4 <= k of each row exist.
@@ -306,14 +385,8 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
     }
     if !k.is_multiple_of(4) {
         let g = whole;
-        // SAFETY: as above; only the rows' last k - 4g < 4 bytes are read.
-        unsafe {
-            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
-                let mut q = [0u8; 4];
-                ptr::copy_nonoverlapping(a.add(r * lda + 4 * g), q.as_mut_ptr(), k - 4 * g);
-                i32::from_le_bytes(q)
-            })
-        };
+        // SAFETY: as above; `tail_quad` reads only bytes of each row's first k.
+        unsafe { step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| tail_quad(a.add(r * lda), k)) };
     }
     acc
 }

@@ -29,7 +29,7 @@ pub(super) fn register(k: &mut Kernels) {
     k.depthwise.name = "avx2: per pixel, exact vpmaddwd";
     k.depthwise.pack = depthwise::pack;
     k.depthwise.pixel = depthwise::pixel;
-    k.depthwise.pixel_inside = Some(depthwise::pixel_inside);
+    k.depthwise.run_inside = Some(depthwise::run_inside);
     k.add_u8 = AddKernel { lanes: 32, run: add::add_u8_avx2 };
     k.f32.tile = fconv::tile_avx2;
     k.transpose = transpose::transpose;
@@ -81,7 +81,7 @@ unsafe fn tile(a: &QMatrix<'_>, r0: usize, rows: usize, w: &PackedWeights, cols:
     let aw = match &w.pairs {
         Some(p)
             if p.max_input == u8::MAX
-                || (r0..r0 + mr).all(|i| max_code(&a.data[i * a.lda..i * a.lda + a.k]) <= p.max_input) =>
+                || (r0..r0 + mr).all(|i| codes_within(&a.data[i * a.lda..i * a.lda + a.k], p.max_input)) =>
         {
             gemm::Avx2Weights::Pairs(&p.packed)
         }
@@ -96,7 +96,36 @@ unsafe fn tile(a: &QMatrix<'_>, r0: usize, rows: usize, w: &PackedWeights, cols:
     mr
 }
 
-/// The largest byte of `row` (a vectorized reduction, no early exit).
-pub(crate) fn max_code(row: &[u8]) -> u8 {
-    row.iter().fold(0, |m, &v| m.max(v))
+/// Whether every byte of `row` is at most `max`: one saturating subtraction of `max` per
+/// 16 bytes, OR-ed, and a single test at the end (no horizontal reduction); rows shorter
+/// than 16 bytes fold bytewise.
+pub(crate) fn codes_within(row: &[u8], max: u8) -> bool {
+    if row.len() < 16 || !std::arch::is_x86_feature_detected!("sse4.1") {
+        return row.iter().all(|&v| v <= max);
+    }
+    // SAFETY: SSE4.1 was just detected (cached by std after the first call).
+    unsafe { codes_within_sse41(row, max) }
+}
+
+/// # Safety
+/// SSE4.1 available; `row.len() >= 16`.
+#[target_feature(enable = "sse4.1")]
+unsafe fn codes_within_sse41(row: &[u8], max: u8) -> bool {
+    use std::arch::x86_64::*;
+    let bound = _mm_set1_epi8(max as i8);
+    let mut over = _mm_setzero_si128();
+    let n = row.len();
+    let p = row.as_ptr();
+    let mut at = 0;
+    while at + 16 <= n {
+        // SAFETY: bytes at..at + 16 of the row.
+        over = _mm_or_si128(over, _mm_subs_epu8(unsafe { _mm_loadu_si128(p.add(at).cast()) }, bound));
+        at += 16;
+    }
+    if at < n {
+        // The last 16 bytes, overlapping bytes already seen (n >= 16).
+        // SAFETY: bytes n - 16..n of the row.
+        over = _mm_or_si128(over, _mm_subs_epu8(unsafe { _mm_loadu_si128(p.add(n - 16).cast()) }, bound));
+    }
+    _mm_testz_si128(over, over) == 1
 }

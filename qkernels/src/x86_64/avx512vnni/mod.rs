@@ -29,7 +29,7 @@ pub(super) fn register(k: &mut Kernels) {
     k.depthwise.name = "avx512vnni: per pixel";
     k.depthwise.pack = depthwise::pack;
     k.depthwise.pixel = depthwise::pixel;
-    k.depthwise.pixel_inside = None;
+    k.depthwise.run_inside = None;
     k.depthwise.rows = Some(depthwise::ROWS);
     k.depthwise.flat_row = Some(depthwise::depthwise_vnni_flat_row);
     k.add_u8 = AddKernel { lanes: 16, run: add::add_u8_avx512 };
