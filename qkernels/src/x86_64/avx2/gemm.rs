@@ -405,6 +405,7 @@ pub(crate) enum Avx2Weights<'a> {
 /// code of the rows is at most its `max_input`); the rows exist; `ncols` columns exist from
 /// panel `panel0`; `mr` at most 3 (`Exact`) or 4 (`Pairs`).
 #[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2")]
 pub(crate) unsafe fn avx2_tile(
     a: &QMatrix<'_>,
     r0: usize,
