@@ -1139,7 +1139,12 @@ const IM2COL_SLACK: usize = 64;
 #[inline(always)]
 fn copy_segment(dst: &mut [u8], at: usize, src: &[u8], from: usize, n: usize) {
     if n <= 32 && at + 32 <= dst.len() && from + 32 <= src.len() {
-        dst[at..at + 32].copy_from_slice(&src[from..from + 32]);
+        // Two 16-byte words, so that the compiler moves registers rather than calling
+        // `memcpy` (which it may merge the branches into, with a variable length).
+        for o in [0, 16] {
+            let word = u128::from_ne_bytes(src[from + o..from + o + 16].try_into().expect("16 bytes"));
+            dst[at + o..at + o + 16].copy_from_slice(&word.to_ne_bytes());
+        }
         return;
     }
     let span = n.next_multiple_of(64);
