@@ -541,15 +541,20 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
     let peak = qkernels::peak::measure();
     match peak {
         Some(p) => println!(
-            "machine ceilings, one core (independent vpdpbusd / FMA loops): int8 {:.0} GMAC/s, f32 {:.0} GMAC/s{}; \
-             kernels: {} (% peak against {:.0} GMAC/s)",
+            "machine ceilings, one core (independent loops of the int8 instruction and of FMAs): int8 {:.0} GMAC/s \
+             ({}), f32 {:.0} GMAC/s{}; kernels: {} (% peak against {:.0} GMAC/s)",
             p.int8_gmacs,
+            if qtensor::isa::Isa::Avx512Vnni.is_supported() {
+                "vpdpbusd"
+            } else {
+                "AVX2 vpmaddubsw + vpmaddwd + vpaddd"
+            },
             p.f32_gmacs,
             p.amx_int8_gmacs.map(|a| format!(", AMX tdpbusd int8 {a:.0} GMAC/s")).unwrap_or_default(),
             qtensor::isa::selected(),
             p.int8_for(qtensor::isa::selected()),
         ),
-        None => println!("no AVX-512 VNNI: peak probe skipped; kernels: {}", qtensor::isa::selected()),
+        None => println!("no AVX2: peak probe skipped; kernels: {}", qtensor::isa::selected()),
     }
     println!("int8 kernels are timed inside their thread pool, as a model's layers run (qkernels::with_threads)");
     let shapes: Vec<Shape> =
