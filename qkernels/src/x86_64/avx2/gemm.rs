@@ -314,7 +314,7 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
     let whole = k / 4;
     for g in 0..whole {
-        // SAFETY: AVX2 (this function's feature); bytes 4g..4g + 4 <= k of each row exist.
+        // SAFETY: AVX2 available (precondition); bytes 4g..4g + 4 <= k of each row exist.
         unsafe {
             step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
                 ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
@@ -376,7 +376,7 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
     let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
     let whole = k / 4;
     for g in 0..whole {
-        // SAFETY: AVX2 (this function's feature); bytes 4g..4g + 4 <= k of each row exist.
+        // SAFETY: AVX2 available (precondition); bytes 4g..4g + 4 <= k of each row exist.
         unsafe {
             step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
                 ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
