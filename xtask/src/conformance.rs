@@ -1,10 +1,10 @@
 //! `cargo xtask conformance`: the kernel crates' tests once per instruction set, forced with
 //! `QUANT_FORCE_ISA` and made strict with `QUANT_REQUIRE_ISA=1` (a CPU without the set fails
-//! instead of falling back), so every tier is proven on every CI run. The one exception is
-//! AMX, which only some AVX-512 machines have (Sapphire Rapids and later Xeons, not Zen 4):
-//! on a CPU without it that tier is skipped, and the run says so. With `--target
-//! aarch64-unknown-linux-gnu` the tests are cross-built and run by cargo's runner for that
-//! target (`qemu-aarch64 -cpu max` in CI), once per aarch64 tier.
+//! instead of falling back), so every tier this CPU has is proven on every run. A tier the
+//! CPU lacks (AVX-512 VNNI on Zen 2/3 and Intel client CPUs, AMX everywhere but Sapphire
+//! Rapids and later Xeons) cannot run there: it is skipped, and the run names it. With
+//! `--target aarch64-unknown-linux-gnu` the tests are cross-built and run by cargo's runner
+//! for that target (`qemu-aarch64 -cpu max` in CI), once per aarch64 tier.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,10 +16,11 @@ pub fn tiers(arch: Arch) -> Vec<&'static str> {
     qkernels::registry::tiers(arch).iter().map(|i| i.name()).collect()
 }
 
-/// The tiers of `tiers` to run on this machine, and the ones skipped: every tier, except
-/// AMX on a host that lacks it (cross-built targets run every tier under their runner).
+/// The tiers of `tiers` to run on this machine, and the ones skipped: every tier the host
+/// CPU supports (cross-built targets run every tier under their runner).
 pub fn runnable(tiers: Vec<&'static str>, cross: bool) -> (Vec<&'static str>, Vec<&'static str>) {
-    tiers.into_iter().partition(|&t| cross || t != Isa::Amx.name() || Isa::Amx.is_supported())
+    let supported = |t: &str| Isa::ALL.iter().any(|i| i.name() == t && i.is_supported());
+    tiers.into_iter().partition(|&t| cross || supported(t))
 }
 
 /// Runs the kernel crates' tests once per tier of the host, or of `target`'s architecture.
