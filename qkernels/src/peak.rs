@@ -1,7 +1,7 @@
 //! Built-in probes of this machine's per-core ceilings: a loop of independent `vpdpbusd`
 //! (int8), of independent `tdpbusd` where the AMX tier runs, of AVX2's int8 sequence
 //! (`vpmaddubsw`, `vpmaddwd` by ones, `vpaddd`: 32 products in three instructions, as the AVX2
-//! pair kernel runs them), and of independent FMAs (f32), so benchmarks can report percent of
+//! pair kernel runs them; and two quads at a time, 64 products in five), and of independent FMAs (f32), so benchmarks can report percent of
 //! peak measured on the machine they run on, not taken from a data sheet.
 
 /// Measured ceiling of one core, in GMAC/s (best of a few short runs).
@@ -14,9 +14,13 @@ pub struct Peak {
     /// f32 multiply-accumulates per second, in billions (512-bit FMAs on AVX-512 VNNI CPUs,
     /// 256-bit ones on the others).
     pub f32_gmacs: f64,
-    /// int8 multiply-accumulates per second of AVX2's sequence, in billions: the AVX2 tier's
-    /// ceiling (`int8_gmacs` on CPUs without AVX-512 VNNI).
+    /// int8 multiply-accumulates per second of AVX2's sequence, in billions (`int8_gmacs` on
+    /// CPUs without AVX-512 VNNI): the ceiling of AVX2 layers whose quads run one at a time.
     pub avx2_int8_gmacs: f64,
+    /// The same two quads at a time (two `vpmaddubsw` added in i16 before one `vpmaddwd` by
+    /// ones: 64 products in five instructions), as the AVX2 tier runs weights whose pairs of
+    /// quads fit in i16: that tier's ceiling.
+    pub avx2_paired_int8_gmacs: f64,
     /// int8 multiply-accumulates per second of the AMX tile unit (`tdpbusd`), in billions,
     /// on CPUs where the AMX tier runs.
     pub amx_int8_gmacs: Option<f64>,
@@ -24,11 +28,12 @@ pub struct Peak {
 
 impl Peak {
     /// The int8 ceiling of the kernels of tier `isa`: the tile unit's for the AMX tier, AVX2's
-    /// sequence for the AVX2 tier, the CPU's widest int8 instruction otherwise.
+    /// sequence on pairs of quads for the AVX2 tier, the CPU's widest int8 instruction
+    /// otherwise.
     pub fn int8_for(&self, isa: qtensor::isa::Isa) -> f64 {
         match (isa, self.amx_int8_gmacs) {
             (qtensor::isa::Isa::Amx, Some(amx)) => amx,
-            (qtensor::isa::Isa::Avx2, _) => self.avx2_int8_gmacs,
+            (qtensor::isa::Isa::Avx2, _) => self.avx2_paired_int8_gmacs,
             _ => self.int8_gmacs,
         }
     }
@@ -44,10 +49,18 @@ pub fn measure() -> Option<Peak> {
         let best = |f: &dyn Fn() -> f64| (0..5).map(|_| f()).fold(0.0, f64::max);
         // SAFETY: AVX2 and FMA were detected just above.
         let avx2 = best(&|| unsafe { probe::avx2_int8() });
+        // SAFETY: as above.
+        let paired = best(&|| unsafe { probe::avx2_int8_paired() });
         if !qtensor::isa::Isa::Avx512Vnni.is_supported() {
             // SAFETY: as above.
             let f32 = best(&|| unsafe { probe::avx2_f32() });
-            return Some(Peak { int8_gmacs: avx2, f32_gmacs: f32, amx_int8_gmacs: None, avx2_int8_gmacs: avx2 });
+            return Some(Peak {
+                int8_gmacs: avx2,
+                f32_gmacs: f32,
+                amx_int8_gmacs: None,
+                avx2_int8_gmacs: avx2,
+                avx2_paired_int8_gmacs: paired,
+            });
         }
         // SAFETY: AVX-512 VNNI (and so AVX-512 F) was detected just above.
         let int8 = best(&|| unsafe { probe::int8() });
@@ -63,7 +76,13 @@ pub fn measure() -> Option<Peak> {
             });
             macs / 1e9
         });
-        return Some(Peak { int8_gmacs: int8, f32_gmacs: f32, amx_int8_gmacs: amx, avx2_int8_gmacs: avx2 });
+        return Some(Peak {
+            int8_gmacs: int8,
+            f32_gmacs: f32,
+            amx_int8_gmacs: amx,
+            avx2_int8_gmacs: avx2,
+            avx2_paired_int8_gmacs: paired,
+        });
     }
     None
 }
@@ -122,6 +141,37 @@ mod probe {
         let secs = start.elapsed().as_secs_f64();
         std::hint::black_box(acc);
         (ROUNDS * N * 32) as f64 / secs / 1e9
+    }
+
+    /// AVX2's int8 sequence two quads at a time, as the kernel runs weights whose pairs of
+    /// quads fit in i16: two `vpmaddubsw`, `vpaddw` of their outputs, `vpmaddwd` by ones,
+    /// `vpaddd` (64 products).
+    ///
+    /// # Safety
+    /// AVX2 available.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2_int8_paired() -> f64 {
+        // Four chains of two weight vectors each: with two activations and the ones, 15 of the
+        // 16 registers.
+        const N: usize = 4;
+        let (a0, a1) = (_mm256_set1_epi8(3), _mm256_set1_epi8(5));
+        let b: [[__m256i; 2]; N] = std::hint::black_box(std::array::from_fn(|i| {
+            [_mm256_set1_epi8(-2 - i as i8), _mm256_set1_epi8(1 + i as i8)]
+        }));
+        let ones = _mm256_set1_epi16(1);
+        const ROUNDS: usize = 20 * ITERS;
+        let mut acc = [_mm256_setzero_si256(); N];
+        let start = Instant::now();
+        for _ in 0..ROUNDS {
+            let (a0, a1) = std::hint::black_box((a0, a1));
+            for (x, b) in acc.iter_mut().zip(&b) {
+                let s = _mm256_add_epi16(_mm256_maddubs_epi16(a0, b[0]), _mm256_maddubs_epi16(a1, b[1]));
+                *x = _mm256_add_epi32(*x, _mm256_madd_epi16(s, ones));
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(acc);
+        (ROUNDS * N * 64) as f64 / secs / 1e9
     }
 
     /// # Safety

@@ -46,6 +46,23 @@ pub(crate) struct Avx2Pairs {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub packed: Aligned<i8>,
     pub max_input: u8,
+    /// Set when the kernel reads `packed` two quads at a time and adds their `vpmaddubsw`
+    /// outputs in i16 before widening to i32 (one `vpmaddwd` by ones for 64 products instead
+    /// of two): the quads whose pair sums could leave i16 that way, for some column of a
+    /// panel and inputs up to `max_input`, are zero in `packed` and run alone from here.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub apart: Option<ApartQuads>,
+}
+
+/// The quads of K that a panel multiplies on their own, outside its pairs of quads: for
+/// panel `p`, entries `start[p]..start[p + 1]`, each a quad index (`quads`) and its 8 x 4
+/// weight bytes (32 per entry, in `weights`).
+#[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct ApartQuads {
+    pub start: Vec<u32>,
+    pub quads: Vec<u32>,
+    pub weights: Aligned<i8>,
 }
 
 /// A tier's GEMM layout of the weights, packed by its table (`GemmKernels::pack`); each

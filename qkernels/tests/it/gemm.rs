@@ -42,7 +42,16 @@ fn case() -> impl Strategy<Value = Case> {
                     (0..lda).map(|_| (next() % cap) as u8).collect::<Vec<_>>()
                 })
                 .collect();
-            let w: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
+            // Uniform weights in one case of three; else a trained layer's kind, mostly small
+            // with a few at the extremes, whose pairs of quads AVX2 sums in i16 (some pairs
+            // split, in the second kind).
+            let w: Vec<i8> = match next() % 3 {
+                0 => (0..n * k).map(|_| next() as i8).collect(),
+                1 => (0..n * k).map(|_| ((next() % 61) as i32 - 30) as i8).collect(),
+                _ => (0..n * k)
+                    .map(|_| if next().is_multiple_of(24) { next() as i8 } else { ((next() % 41) as i32 - 20) as i8 })
+                    .collect(),
+            };
             let za = (next() % 256) as i32;
             let chans = if per_channel { n } else { 1 };
             let zw: Vec<i32> = (0..chans).map(|_| if symmetric { 0 } else { (next() % 256) as i32 - 128 }).collect();
@@ -239,6 +248,61 @@ fn avx2_pair_sums_are_exact_up_to_their_bound() {
                 "weights {wlo}/{whi}, codes up to {top}"
             );
         }
+    }
+}
+
+/// AVX2's pairs of quads summed in i16, at the edge: with inputs up to 129 (the bound a pair
+/// of weights 127 + 127 sets), a lane's four weights summing to 254 (or -254) stay paired
+/// (129 x 254 = 32766 fits in i16) and 255 (or -255) split the pair (the sum could wrap).
+/// Rows at the bound everywhere, and random rows below it, against the definition.
+#[test]
+fn avx2_paired_quads_are_exact_at_the_edge_of_i16() {
+    use qtensor::isa::Isa;
+    if !Isa::Avx2.is_supported() {
+        return;
+    }
+    let mut next = crate::xorshift(0x51f1_5ea5_e0c0_ffee);
+    let (m, k, n) = (11, 64, 16);
+    let mut w: Vec<i8> = (0..n * k).map(|_| ((next() % 41) as i32 - 20) as i8).collect();
+    // Sets lane `lane` (0: k % 4 in 0..2, 1: in 2..4) of quads 2h and 2h + 1 of column j.
+    let mut set = |j: usize, h: usize, lane: usize, v: [i8; 4]| {
+        for (i, q) in [2 * h, 2 * h + 1].into_iter().enumerate() {
+            let at = j * k + 4 * q + 2 * lane;
+            w[at..at + 2].copy_from_slice(&v[2 * i..2 * i + 2]);
+        }
+    };
+    set(0, 0, 0, [127, 127, 0, 0]); // the bound: 32767 / 254 = 129
+    set(3, 2, 1, [127, 100, 27, 0]); // 254: paired
+    set(9, 5, 0, [127, 127, 1, 0]); // 255: split
+    set(12, 6, 1, [-128, -126, 0, 0]); // -254: paired
+    set(14, 7, 0, [-128, -64, -63, 0]); // -255: split
+    let probe = Case {
+        m,
+        k,
+        n,
+        lda_pad: 0,
+        a: Vec::new(),
+        w,
+        za: 0,
+        per_channel: false,
+        zw: vec![0],
+        sw: vec![0.01],
+        bias: None,
+        out: OutputQuant { scale: 1.0, zero_point: 0, activation: Activation::None },
+    };
+    let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe)).unwrap();
+    assert_eq!(packed.pair_sums_up_to(), Some(129));
+    // 2 of the 2 panels x 8 pairs split.
+    assert!(packed.kernel().ends_with("quads paired in i16 (12.5% of pairs split)"), "{}", packed.kernel());
+    for all_top in [true, false] {
+        let a: Vec<u8> = (0..m * k).map(|_| if all_top { 129 } else { (next() % 130) as u8 }).collect();
+        let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
+        let raw = naive_raw(&c);
+        let qa = QMatrix { data: &c.a, m, k, lda: k, scale: 0.02, zero_point: c.za };
+        let mut out = vec![0i32; m * n];
+        gemm(&qa, &packed, None, GemmOutput::I32 { data: &mut out, ldc: n }, 1).unwrap();
+        assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw, "rows at the bound: {all_top}");
+        assert_eq!(run_u8(&c, Isa::Avx2, 1), u8_reference(&c, &raw), "u8, rows at the bound: {all_top}");
     }
 }
 

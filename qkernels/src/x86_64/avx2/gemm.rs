@@ -6,6 +6,7 @@ use std::ptr;
 
 use super::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
 use crate::frame::gemm::{QMatrix, Tile, REQUANT_LIMIT};
+use crate::frame::pack::{ApartQuads, Avx2Pairs};
 use crate::x86_64::FusedOut;
 
 /// Runs `$kernel::<MR, NV>$args` for the runtime `($mr, $nv)` and hands its accumulators
@@ -184,14 +185,14 @@ pub(crate) unsafe fn avx2_fused_rows(
     a: &QMatrix<'_>,
     m: usize,
     exact: &[i16],
-    pairs: Option<(&[i8], u8)>,
+    pairs: Option<&Avx2Pairs>,
     k: usize,
 ) {
     // Which rows the pair kernel may take: one pass over the block's rows, shared by every
     // strip of columns.
     assert!(m <= crate::frame::gemm::MC, "avx2_fused_rows: {m} rows exceed a block of {}", crate::frame::gemm::MC);
     let mut within = [false; crate::frame::gemm::MC];
-    if let Some((_, max)) = pairs {
+    if let Some(&Avx2Pairs { max_input: max, .. }) = pairs {
         for (r, ok) in within[..m].iter_mut().enumerate() {
             let i = f.r0 + r;
             *ok = max == u8::MAX || super::codes_within(&a.data[i * a.lda..i * a.lda + a.k], max);
@@ -208,15 +209,23 @@ pub(crate) unsafe fn avx2_fused_rows(
             let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(4)].iter().all(|&ok| ok));
             let ap = a.data[i * a.lda..].as_ptr();
             match tile_pairs {
-                Some((p, _)) => {
-                    let mr = (m - r).min(4);
-                    let bp = p[panel * pairs_panel_len(k)..].as_ptr();
+                Some(p) => {
+                    let mr = (m - r).min(if p.apart.is_some() { 3 } else { 4 });
+                    let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
                     // SAFETY: the tile's rows and columns exist (preconditions); its codes were
                     // just checked against the pair packing's bound; the table covers mr <= 4,
-                    // nv <= 2.
+                    // nv <= 2; `apart` belongs to this packing.
                     unsafe {
-                        dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
-                            (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                        match &p.apart {
+                            Some(apart) => {
+                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, apart, panel), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                                (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                            }
+                            None => {
+                                dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                                (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                            }
+                        }
                     }
                     r += mr;
                 }
@@ -329,6 +338,34 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     acc
 }
 
+/// One quad of K for every row on `vpmaddubsw`: `quad(r)` is row r's four bytes as a
+/// little-endian i32; the quad's weights at `wq` in panel 0, panels `panel` apart.
+///
+/// # Safety
+/// AVX2 available; NV panels hold the quad's 8 x 4 bytes.
+#[inline(always)]
+unsafe fn pairs_step<const MR: usize, const NV: usize>(
+    acc: &mut [[__m256i; NV]; MR],
+    wq: *const i8,
+    panel: usize,
+    quad: impl Fn(usize) -> i32,
+) {
+    // SAFETY: AVX2 (precondition); panel v holds the quad's 8 x 4 bytes.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut w = [_mm256_setzero_si256(); NV];
+        for (v, wv) in w.iter_mut().enumerate() {
+            *wv = _mm256_loadu_si256(wq.add(v * panel).cast());
+        }
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let bc = _mm256_set1_epi32(quad(r));
+            for v in 0..NV {
+                accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(_mm256_maddubs_epi16(bc, w[v]), ones));
+            }
+        }
+    }
+}
+
 /// MR rows x NV vectors of 8 columns with `vpmaddubsw`: each 16-bit lane sums two
 /// products, `vpmaddwd` by ones adds neighbouring lanes into i32. Exact only while no pair
 /// sum leaves i16, which the caller guarantees (`Avx2Pairs::max_input` bounds the rows).
@@ -345,32 +382,6 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
     k: usize,
     b: *const i8,
 ) -> [[__m256i; NV]; MR] {
-    /// One quad of K for every row: `quad(r)` is row r's four bytes as a little-endian i32.
-    ///
-    /// # Safety
-    /// AVX2 available; `wq` points at a quad's weights in panel 0, panels `panel` apart.
-    #[inline(always)]
-    unsafe fn step<const MR: usize, const NV: usize>(
-        acc: &mut [[__m256i; NV]; MR],
-        wq: *const i8,
-        panel: usize,
-        quad: impl Fn(usize) -> i32,
-    ) {
-        // SAFETY: AVX2 (precondition); panel v holds the quad's 8 x 4 bytes.
-        unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut w = [_mm256_setzero_si256(); NV];
-            for (v, wv) in w.iter_mut().enumerate() {
-                *wv = _mm256_loadu_si256(wq.add(v * panel).cast());
-            }
-            for (r, accr) in acc.iter_mut().enumerate() {
-                let bc = _mm256_set1_epi32(quad(r));
-                for v in 0..NV {
-                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(_mm256_maddubs_epi16(bc, w[v]), ones));
-                }
-            }
-        }
-    }
     let panel = pairs_panel_len(k);
     // SAFETY: AVX is available (precondition).
     let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
@@ -378,7 +389,7 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
     for g in 0..whole {
         // SAFETY: AVX2 available (precondition); bytes 4g..4g + 4 <= k of each row exist.
         unsafe {
-            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
+            pairs_step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
                 ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
             })
         };
@@ -386,7 +397,85 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
     if !k.is_multiple_of(4) {
         let g = whole;
         // SAFETY: as above; `tail_quad` reads only bytes of each row's first k.
-        unsafe { step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| tail_quad(a.add(r * lda), k)) };
+        unsafe { pairs_step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| tail_quad(a.add(r * lda), k)) };
+    }
+    acc
+}
+
+/// [`avx2_pairs_kernel`] two quads at a time: the two `vpmaddubsw` outputs of a row and
+/// vector are added in i16 (`vpaddw`, which wraps) and widened once, so 64 products take
+/// three multiplications instead of four. Exact because `pair_quads` moved apart every quad
+/// whose pair could leave i16 for inputs up to `max_input`: those are zero in the pairs and
+/// run alone at the end, from `apart`. A last odd quad and a partial one run alone too.
+///
+/// # Safety
+/// As [`avx2_pairs_kernel`], with `b` the packing `pair_quads` returned `apart` for, pointing
+/// at panel `p`, and NV panels from `p` existing.
+#[inline(always)]
+unsafe fn avx2_quads_kernel<const MR: usize, const NV: usize>(
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i8,
+    apart: &ApartQuads,
+    p: usize,
+) -> [[__m256i; NV]; MR] {
+    let panel = pairs_panel_len(k);
+    let quad = 4 * AVX2_LANES;
+    // SAFETY: AVX is available (precondition).
+    let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
+    let whole = k / 4;
+    for h in 0..whole / 2 {
+        let g = 2 * h;
+        // SAFETY: AVX2 (precondition); panel v holds quads g and g + 1 (2 x 8 x 4 bytes);
+        // bytes 4g..4g + 8 <= k of each row exist.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let wq = b.add(g * quad);
+            let mut w0 = [_mm256_setzero_si256(); NV];
+            let mut w1 = [_mm256_setzero_si256(); NV];
+            for v in 0..NV {
+                w0[v] = _mm256_loadu_si256(wq.add(v * panel).cast());
+                w1[v] = _mm256_loadu_si256(wq.add(v * panel + quad).cast());
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let row = a.add(r * lda + 4 * g);
+                let b0 = _mm256_set1_epi32(ptr::read_unaligned(row.cast::<i32>()));
+                let b1 = _mm256_set1_epi32(ptr::read_unaligned(row.add(4).cast::<i32>()));
+                for v in 0..NV {
+                    let s = _mm256_add_epi16(_mm256_maddubs_epi16(b0, w0[v]), _mm256_maddubs_epi16(b1, w1[v]));
+                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(s, ones));
+                }
+            }
+        }
+    }
+    if whole % 2 == 1 {
+        let g = whole - 1;
+        // SAFETY: as in `avx2_pairs_kernel`.
+        unsafe {
+            pairs_step(&mut acc, b.add(g * quad), panel, |r| ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>()))
+        };
+    }
+    if !k.is_multiple_of(4) {
+        // SAFETY: as in `avx2_pairs_kernel`.
+        unsafe { pairs_step(&mut acc, b.add(whole * quad), panel, |r| tail_quad(a.add(r * lda), k)) };
+    }
+    for v in 0..NV {
+        let entries = apart.start[p + v] as usize..apart.start[p + v + 1] as usize;
+        for e in entries {
+            let g = apart.quads[e] as usize;
+            // SAFETY: AVX2 (precondition); entry e's 32 weight bytes; quad g is whole, so
+            // bytes 4g..4g + 4 <= k of each row exist.
+            unsafe {
+                let mut one = [[_mm256_setzero_si256(); 1]; MR];
+                pairs_step(&mut one, apart.weights.as_ptr().add(e * quad), 0, |r| {
+                    ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
+                });
+                for r in 0..MR {
+                    acc[r][v] = _mm256_add_epi32(acc[r][v], one[r][0]);
+                }
+            }
+        }
     }
     acc
 }
@@ -395,7 +484,7 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
 #[derive(Clone, Copy)]
 pub(crate) enum Avx2Weights<'a> {
     Exact(&'a [i16]),
-    Pairs(&'a [i8]),
+    Pairs(&'a Avx2Pairs),
 }
 
 /// AVX2 counterpart of [`vnni_tile`]; `ncols <= 64` is processed in strips of 16 columns.
@@ -432,11 +521,20 @@ pub(crate) unsafe fn avx2_tile(
                 }
             }
             Avx2Weights::Pairs(p) => {
-                let bp = p[panel * pairs_panel_len(k)..].as_ptr();
-                // SAFETY: forwarded preconditions; the table covers mr <= 4, nv <= 2.
+                let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
+                // SAFETY: forwarded preconditions; the table covers mr <= 4, nv <= 2; `apart`
+                // belongs to this packing.
                 unsafe {
-                    dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| store_strip(&acc, &mut strip);
-                        (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                    match &p.apart {
+                        Some(apart) => {
+                            dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, apart, panel), |acc| store_strip(&acc, &mut strip);
+                            (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                        }
+                        None => {
+                            dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| store_strip(&acc, &mut strip);
+                            (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                        }
+                    }
                 }
             }
         }

@@ -14,7 +14,7 @@ use crate::frame::gemm::{QMatrix, Rows, SinkKind, Tile};
 use crate::frame::kernels::{AddKernel, Block, Kernels};
 use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
 use crate::x86_64::FusedOut;
-use pack::{pack_avx2, pack_pairs, pair_safe_max, AVX2_LANES};
+use pack::{pack_avx2, pack_pairs, pair_quads, pair_safe_max, AVX2_LANES};
 
 // Every entry below runs only from a table of a tier that includes AVX2, which the registry
 // builds only on a CPU with AVX2 and FMA: the precondition of each `unsafe` kernel here.
@@ -37,8 +37,11 @@ pub(super) fn register(k: &mut Kernels) {
 
 /// The exact i16 layout and the `vpmaddubsw` panels with the layer's bound.
 fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
-    let pairs = Avx2Pairs { packed: pack_pairs(raw, n, k), max_input: pair_safe_max(raw, k) };
-    debug_assert!(pairs.max_input >= 128);
+    let max_input = pair_safe_max(raw, k);
+    debug_assert!(max_input >= 128);
+    let mut packed = pack_pairs(raw, n, k);
+    let apart = pair_quads(raw, n, k, max_input, &mut packed);
+    let pairs = Avx2Pairs { packed, max_input, apart };
     (Packed::Avx2(pack_avx2(raw, n, k)), Some(pairs))
 }
 
@@ -48,10 +51,31 @@ fn name(groups: &[PackedWeights]) -> String {
     let bound = |w: &PackedWeights| w.pairs.as_ref().expect("AVX2 packing always builds the pair panels").max_input;
     let lo = groups.iter().map(bound).min().unwrap_or(u8::MAX);
     let hi = groups.iter().map(bound).max().unwrap_or(u8::MAX);
-    match (lo, hi) {
-        (u8::MAX, _) => "avx2: vpmaddubsw (cannot saturate)".into(),
+    let kernel = match (lo, hi) {
+        (u8::MAX, _) => "avx2: vpmaddubsw (cannot saturate)".to_string(),
         (lo, hi) if lo == hi => format!("avx2: vpmaddubsw for input codes <= {lo}, exact vpmaddwd above"),
         (lo, hi) => format!("avx2: vpmaddubsw for input codes <= {lo}..={hi} (per group), exact vpmaddwd above"),
+    };
+    // How many pairs of quads sum in i16 before widening (`pack::pair_quads`).
+    let (mut paired, mut split, mut pairs) = (0, 0, 0);
+    for w in groups {
+        let p = w.pairs.as_ref().expect("AVX2 packing always builds the pair panels");
+        let all = w.k / 8 * w.n.div_ceil(AVX2_LANES);
+        pairs += all;
+        if let Some(apart) = &p.apart {
+            paired += all;
+            split += apart.quads.len();
+        }
+    }
+    match paired {
+        0 => kernel,
+        _ if paired == pairs => {
+            format!("{kernel}; quads paired in i16 ({:.1}% of pairs split)", 100.0 * split as f64 / paired as f64)
+        }
+        _ => format!(
+            "{kernel}; quads paired in i16 in {paired} of {pairs} pairs ({:.1}% of those split)",
+            100.0 * split as f64 / paired as f64
+        ),
     }
 }
 
@@ -62,7 +86,7 @@ fn name(groups: &[PackedWeights]) -> String {
 unsafe fn block(b: &Block<'_>) -> bool {
     let (Packed::Avx2(exact), SinkKind::U8, Rows::Dense(a)) = (&b.w.packed, b.kind, b.src) else { return false };
     let fused = FusedOut::of(b);
-    let pairs = b.w.pairs.as_ref().map(|p| (&p.packed[..], p.max_input));
+    let pairs = b.w.pairs.as_ref();
     // SAFETY: AVX2 and FMA (the table's tier); rows, columns and output as the caller
     // promised; `cols.start` is a multiple of 16.
     unsafe { gemm::avx2_fused_rows(&fused, a, b.rows.len(), exact, pairs, b.w.k) };
@@ -83,7 +107,7 @@ unsafe fn tile(a: &QMatrix<'_>, r0: usize, rows: usize, w: &PackedWeights, cols:
             if p.max_input == u8::MAX
                 || (r0..r0 + mr).all(|i| codes_within(&a.data[i * a.lda..i * a.lda + a.k], p.max_input)) =>
         {
-            gemm::Avx2Weights::Pairs(&p.packed)
+            gemm::Avx2Weights::Pairs(p)
         }
         _ => {
             mr = mr.min(3);

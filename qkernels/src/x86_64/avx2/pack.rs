@@ -2,6 +2,7 @@
 //! and the bound under which the latter cannot saturate.
 
 use crate::frame::aligned::Aligned;
+use crate::frame::pack::ApartQuads;
 
 /// Output channels per AVX2 panel (one ymm of i32 lanes).
 pub(crate) const AVX2_LANES: usize = 8;
@@ -65,4 +66,66 @@ pub(crate) fn pack_pairs(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
         }
     }
     out
+}
+
+/// Largest share of a layer's pairs of quads that may need one quad apart for the layer to
+/// run two quads at a time: a pair costs three multiplications (two `vpmaddubsw`, one
+/// `vpmaddwd`) against four apart, and a quad apart two more, so pairing wins while at most
+/// half of the pairs split; a quarter keeps the loop over the quads apart a small part.
+pub(crate) const MAX_SPLIT_SHARE: f64 = 0.25;
+
+/// Makes `packed` (`pack_pairs` of `raw`) readable two whole quads at a time with their
+/// `vpmaddubsw` outputs added in i16: for each panel and each pair of quads `(2h, 2h + 1)`,
+/// when some column's four products of either 16-bit lane could leave i16 for inputs in
+/// `0..=max_input` (`max_input * Σ positive weights > 32767`, or the negative ones below
+/// -32768), the pair's second quad moves apart (zeroed in `packed`, listed in the result).
+/// Each quad alone is exact up to `max_input` (`pair_safe_max`). `None`, leaving `packed` as
+/// it was, when more than [`MAX_SPLIT_SHARE`] of the pairs would split or K has no pair.
+pub(crate) fn pair_quads(raw: &[i8], n: usize, k: usize, max_input: u8, packed: &mut [i8]) -> Option<ApartQuads> {
+    let pairs = k / 4 / 2;
+    let panels = n.div_ceil(AVX2_LANES);
+    if pairs == 0 {
+        return None;
+    }
+    let a = max_input as i32;
+    let fits = |j: usize, h: usize, lane: usize| {
+        let row = &raw[j * k..(j + 1) * k];
+        let (mut pos, mut neg) = (0i32, 0i32);
+        for q in [2 * h, 2 * h + 1] {
+            for &w in &row[4 * q + 2 * lane..4 * q + 2 * lane + 2] {
+                pos += (w as i32).max(0);
+                neg += (w as i32).min(0);
+            }
+        }
+        a * pos <= i16::MAX as i32 && a * neg >= i16::MIN as i32
+    };
+    let mut split = vec![Vec::new(); panels];
+    for (p, list) in split.iter_mut().enumerate() {
+        let cols = p * AVX2_LANES..((p + 1) * AVX2_LANES).min(n);
+        for h in 0..pairs {
+            if !cols.clone().all(|j| fits(j, h, 0) && fits(j, h, 1)) {
+                list.push(2 * h + 1);
+            }
+        }
+    }
+    let count: usize = split.iter().map(Vec::len).sum();
+    if count as f64 > MAX_SPLIT_SHARE * (pairs * panels) as f64 {
+        return None;
+    }
+    let quad = 4 * AVX2_LANES;
+    let mut start = Vec::with_capacity(panels + 1);
+    let mut quads = Vec::with_capacity(count);
+    let mut weights = Aligned::zeroed(count * quad);
+    start.push(0);
+    for (p, list) in split.iter().enumerate() {
+        for &q in list {
+            let at = p * pairs_panel_len(k) + q * quad;
+            let e = quads.len();
+            weights[e * quad..(e + 1) * quad].copy_from_slice(&packed[at..at + quad]);
+            packed[at..at + quad].fill(0);
+            quads.push(q as u32);
+        }
+        start.push(quads.len() as u32);
+    }
+    Some(ApartQuads { start, quads, weights })
 }
