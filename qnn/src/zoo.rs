@@ -481,30 +481,54 @@ pub fn vit(c: &VitConfig) -> Result<Graph> {
 /// network's magnitude (weights uniform in +-sqrt(3 / fan_in), batch-norm statistics near
 /// 1 and 0), for benchmarks and tests without downloaded weights.
 pub fn randomize(model: &mut dyn crate::Module, seed: u64) {
-    fn rec(m: &mut dyn crate::Module, state: &mut u64) {
-        let next = move |s: &mut u64| {
-            *s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+    randomize_with(model, seed, WeightInit::Uniform);
+}
+
+/// How [`randomize_with`] draws weights (biases and batch-norm statistics are drawn alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightInit {
+    /// Uniform in +-sqrt(3 / fan_in): variance 1 / fan_in, no outliers, so that every
+    /// output channel's codes spread evenly over the int8 range.
+    Uniform,
+    /// Normal with variance 1 / fan_in (torchvision's ResNet and MobileNet draw their initial
+    /// convolution weights from a normal law too): bell-shaped like a trained layer's, most
+    /// of a channel's int8 codes small beside its largest.
+    Normal,
+}
+
+/// [`randomize`] with weights drawn by `init`.
+pub fn randomize_with(model: &mut dyn crate::Module, seed: u64, init: WeightInit) {
+    fn uniform(s: &mut u64) -> f32 {
+        *s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn rec(m: &mut dyn crate::Module, state: &mut u64, init: WeightInit) {
         let is_bn = m.kind().starts_with("BatchNorm");
         for (name, t) in m.tensors_mut() {
             let fan_in: usize = t.shape().iter().skip(1).product::<usize>().max(1);
             let bound = (3.0 / fan_in as f32).sqrt();
             t.mapv_inplace(|_| {
-                let u = next(state);
+                let u = uniform(state);
                 match (is_bn, name) {
                     (true, "weight") => 1.0 + 0.2 * u,
                     (true, "running_var") => 1.0 + 0.5 * u,
                     (true, _) => 0.1 * u,
                     (false, "bias") => 0.05 * u,
-                    (false, _) => bound * u,
+                    (false, _) if init == WeightInit::Uniform => bound * u,
+                    (false, _) => {
+                        // Box-Muller on two uniforms in (0, 1].
+                        let u1 = 0.5 * (u + 1.0) + f32::EPSILON;
+                        let u2 = 0.5 * (uniform(state) + 1.0);
+                        let z = (-2.0 * u1.min(1.0).ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                        z / (fan_in as f32).sqrt()
+                    }
                 }
             });
         }
         for (_, c) in m.children_mut() {
-            rec(c, state);
+            rec(c, state, init);
         }
     }
     let mut state = seed | 1;
-    rec(model, &mut state);
+    rec(model, &mut state, init);
 }

@@ -251,6 +251,8 @@ pub struct Record {
     pub isa: &'static str,
     /// Our models' configuration (`--qconfig`).
     pub qconfig: &'static str,
+    /// How the zoo models' weights were drawn (`--weights`).
+    pub weights: &'static str,
     pub kind: &'static str,
     pub dtype: &'static str,
     pub threads: usize,
@@ -474,6 +476,8 @@ pub struct RunOptions<'a> {
     pub isa: Option<&'a str>,
     /// Our models' configuration (`--qconfig`: `default`, `x86` or `mse-weights`).
     pub qconfig: &'a str,
+    /// How the zoo models' weights are drawn (`--weights`: `normal` or `uniform`).
+    pub weights: &'a str,
 }
 
 /// Forces our tier to `name` (before any kernel runs) and caps PyTorch's to the same where
@@ -538,17 +542,24 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
         },
         other => return Err(format!("--qconfig {other:?}: use default, x86 or mse-weights")),
     };
+    let (weights, weights_name) = match o.weights {
+        "normal" => (qnn::zoo::WeightInit::Normal, "normal"),
+        "uniform" => (qnn::zoo::WeightInit::Uniform, "uniform"),
+        other => return Err(format!("--weights {other:?}: use normal or uniform")),
+    };
     let peak = qkernels::peak::measure();
     match peak {
         Some(p) => println!(
             "machine ceilings, one core (independent loops of the int8 instruction and of FMAs): int8 {:.0} GMAC/s \
-             ({}), f32 {:.0} GMAC/s{}; kernels: {} (% peak against {:.0} GMAC/s)",
+             ({}), AVX2 two quads at a time {:.0} GMAC/s, f32 {:.0} GMAC/s{}; kernels: {} (% peak against {:.0} \
+             GMAC/s)",
             p.int8_gmacs,
             if qtensor::isa::Isa::Avx512Vnni.is_supported() {
                 "vpdpbusd"
             } else {
                 "AVX2 vpmaddubsw + vpmaddwd + vpaddd"
             },
+            p.avx2_paired_int8_gmacs,
             p.f32_gmacs,
             p.amx_int8_gmacs.map(|a| format!(", AMX tdpbusd int8 {a:.0} GMAC/s")).unwrap_or_default(),
             qtensor::isa::selected(),
@@ -637,6 +648,7 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
         peers,
         onnxruntime: ort_ok,
         qconfig: &qconfig,
+        weights,
         filter,
         peak_int8_gmacs: peak.map(|p| p.int8_for(qtensor::isa::selected())),
     };
@@ -644,6 +656,7 @@ pub fn run(root: &Path, o: &RunOptions<'_>, filter: Option<&str>, json: Option<&
     crate::bench_transformers::run(root, &options, &mut records)?;
     for r in &mut records {
         r.isa = qtensor::isa::selected().name();
+        r.weights = weights_name;
         r.qconfig = match o.qconfig {
             "x86" => "x86",
             "mse-weights" => "mse-weights",

@@ -175,6 +175,8 @@ pub struct Options<'a> {
     pub onnxruntime: bool,
     /// Our models' configuration.
     pub qconfig: &'a qobserve::QConfig,
+    /// How the zoo models' weights are drawn.
+    pub weights: qnn::zoo::WeightInit,
     pub filter: Option<&'a str>,
     pub peak_int8_gmacs: Option<f64>,
 }
@@ -220,12 +222,12 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     let mut ours = Vec::new();
     for (name, ctor, gmac) in models {
         let mut model = ctor(1000);
-        qnn::zoo::randomize(&mut model, 11);
+        qnn::zoo::randomize_with(&mut model, 11, o.weights);
         qnn::save_safetensors(&model, dir.join(format!("{name}.safetensors"))).map_err(|e| e.to_string())?;
         // The whole quantization of a fresh copy, timed as a user waits for it: fuse,
         // prepare, calibrate on the images one at a time, convert.
         let mut fresh = ctor(1000);
-        qnn::zoo::randomize(&mut fresh, 11);
+        qnn::zoo::randomize_with(&mut fresh, 11, o.weights);
         let t0 = std::time::Instant::now();
         let mut p = qnn::prepare(fresh, &qnn::QConfigMapping::new(o.qconfig.clone())).map_err(|e| e.to_string())?;
         for img in &calib {

@@ -127,6 +127,11 @@ enum Command {
         /// weight channel's scale of least squared error, `qobserve::SymmetricMse`).
         #[arg(long, default_value = "default")]
         qconfig: String,
+        /// How our zoo models' weights are drawn (`qnn::zoo::WeightInit`): `normal`
+        /// (bell-shaped, as trained layers' are) or `uniform` (every channel's codes spread
+        /// over the whole int8 range). The peers run the same weights.
+        #[arg(long, default_value = "normal")]
+        weights: String,
     },
 }
 
@@ -145,7 +150,7 @@ fn main() -> ExitCode {
         }
         Command::Accuracy { write_thresholds } => accuracy::run(&workspace_root(), write_thresholds),
         Command::Schemes { seed } => demo(seed).map_err(|e| e.to_string()),
-        Command::Bench { threads, batches, rounds, peers, filter, json, isa, qconfig } => bench::run(
+        Command::Bench { threads, batches, rounds, peers, filter, json, isa, qconfig, weights } => bench::run(
             &workspace_root(),
             &bench::RunOptions {
                 threads: &threads,
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
                 peers,
                 isa: isa.as_deref(),
                 qconfig: &qconfig,
+                weights: &weights,
             },
             filter.as_deref(),
             json.as_ref(),

@@ -41,7 +41,7 @@ impl<T: Pod> Aligned<T> {
     }
 
     /// A copy of `values`.
-    #[cfg(test)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn from_slice(values: &[T]) -> Self {
         let mut a = Self::zeroed(values.len());
         a.copy_from_slice(values);

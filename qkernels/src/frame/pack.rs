@@ -52,6 +52,22 @@ pub(crate) struct Avx2Pairs {
     /// panel and inputs up to `max_input`, are zero in `packed` and run alone from here.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub apart: Option<ApartQuads>,
+    /// For rows with codes above `max_input` (8-bit activations), when few quads need it:
+    /// `vpmaddubsw` one quad at a time on the full input range.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub full: Option<FullRangeQuads>,
+}
+
+/// The `vpmaddubsw` layout for inputs up to 255: `pack_pairs` with the quads that could
+/// saturate a 16-bit pair sum there (a column's two weights summing above 128, or below
+/// -128) zeroed; those quads, listed per panel (entries `start[p]..start[p + 1]` of
+/// `quads`), run exactly on i16 pairs from the layer's exact layout.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct FullRangeQuads {
+    pub packed: Aligned<i8>,
+    pub start: Vec<u32>,
+    pub quads: Vec<u32>,
 }
 
 /// The quads of K that a panel multiplies on their own, outside its pairs of quads: for

@@ -44,12 +44,13 @@ fn case() -> impl Strategy<Value = Case> {
                 .collect();
             // Uniform weights in one case of three; else a trained layer's kind, mostly small
             // with a few at the extremes, whose pairs of quads AVX2 sums in i16 (some pairs
-            // split, in the second kind).
+            // split, in the second kind) and which it runs with `vpmaddubsw` on full-range rows
+            // (some quads exact, in the second kind).
             let w: Vec<i8> = match next() % 3 {
                 0 => (0..n * k).map(|_| next() as i8).collect(),
                 1 => (0..n * k).map(|_| ((next() % 61) as i32 - 30) as i8).collect(),
                 _ => (0..n * k)
-                    .map(|_| if next().is_multiple_of(24) { next() as i8 } else { ((next() % 41) as i32 - 20) as i8 })
+                    .map(|_| if next().is_multiple_of(64) { next() as i8 } else { ((next() % 41) as i32 - 20) as i8 })
                     .collect(),
             };
             let za = (next() % 256) as i32;
@@ -293,7 +294,11 @@ fn avx2_paired_quads_are_exact_at_the_edge_of_i16() {
     let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe)).unwrap();
     assert_eq!(packed.pair_sums_up_to(), Some(129));
     // 2 of the 2 panels x 8 pairs split.
-    assert!(packed.kernel().ends_with("quads paired in i16 (12.5% of pairs split)"), "{}", packed.kernel());
+    assert!(
+        packed.kernel().contains("vpmaddubsw for input codes <= 129 (quads paired in i16, 12.5% of pairs split)"),
+        "{}",
+        packed.kernel()
+    );
     for all_top in [true, false] {
         let a: Vec<u8> = (0..m * k).map(|_| if all_top { 129 } else { (next() % 130) as u8 }).collect();
         let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
@@ -303,6 +308,60 @@ fn avx2_paired_quads_are_exact_at_the_edge_of_i16() {
         gemm(&qa, &packed, None, GemmOutput::I32 { data: &mut out, ldc: n }, 1).unwrap();
         assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw, "rows at the bound: {all_top}");
         assert_eq!(run_u8(&c, Isa::Avx2, 1), u8_reference(&c, &raw), "u8, rows at the bound: {all_top}");
+    }
+}
+
+/// AVX2's `vpmaddubsw` on full-range rows (codes above the pair bound, up to 255): a quad
+/// whose two weights of a 16-bit lane sum to 128 (or -128) stays on it (255 x 128 = 32640
+/// fits in i16), one summing to 129 (or -129) runs exactly. Rows at 255 everywhere, and
+/// random full-range rows, against the definition; K with a partial last quad.
+#[test]
+fn avx2_full_range_rows_are_exact_at_the_edge_of_i16() {
+    use qtensor::isa::Isa;
+    if !Isa::Avx2.is_supported() {
+        return;
+    }
+    let mut next = crate::xorshift(0x0bad_cafe_f00d_d00d);
+    let (m, k, n) = (10, 66, 16);
+    let mut w: Vec<i8> = (0..n * k).map(|_| ((next() % 21) as i32 - 10) as i8).collect();
+    let mut set = |j: usize, at: usize, v: [i8; 2]| w[j * k + at..j * k + at + 2].copy_from_slice(&v);
+    set(1, 8, [100, 28]); // 128: vpmaddubsw
+    set(2, 20, [100, 29]); // 129: exact
+    set(9, 34, [-100, -28]); // -128: vpmaddubsw
+    set(12, 64, [-100, -29]); // -129, in the partial last quad: exact
+    set(15, 41, [60, 69]); // k = 41 and 42 lie in different lanes: 60 and 69 apart, vpmaddubsw
+    let probe = Case {
+        m,
+        k,
+        n,
+        lda_pad: 0,
+        a: Vec::new(),
+        w,
+        za: 0,
+        per_channel: false,
+        zw: vec![0],
+        sw: vec![0.01],
+        bias: None,
+        out: OutputQuant { scale: 1.0, zero_point: 0, activation: Activation::None },
+    };
+    let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe)).unwrap();
+    // The bound: 32767 / 129 = 254 (the pair of 100 and 29).
+    assert_eq!(packed.pair_sums_up_to(), Some(254));
+    // 2 of the 2 panels x 17 quads exact.
+    assert!(
+        packed.kernel().ends_with("above it vpmaddubsw with 5.9% of quads on exact vpmaddwd"),
+        "{}",
+        packed.kernel()
+    );
+    for all_top in [true, false] {
+        let a: Vec<u8> = (0..m * k).map(|_| if all_top { 255 } else { next() as u8 }).collect();
+        let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
+        let raw = naive_raw(&c);
+        let qa = QMatrix { data: &c.a, m, k, lda: k, scale: 0.02, zero_point: c.za };
+        let mut out = vec![0i32; m * n];
+        gemm(&qa, &packed, None, GemmOutput::I32 { data: &mut out, ldc: n }, 1).unwrap();
+        assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw, "rows at 255: {all_top}");
+        assert_eq!(run_u8(&c, Isa::Avx2, 1), u8_reference(&c, &raw), "u8, rows at 255: {all_top}");
     }
 }
 

@@ -6,7 +6,7 @@ use std::ptr;
 
 use super::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
 use crate::frame::gemm::{QMatrix, Tile, REQUANT_LIMIT};
-use crate::frame::pack::{ApartQuads, Avx2Pairs};
+use crate::frame::pack::{ApartQuads, Avx2Pairs, FullRangeQuads};
 use crate::x86_64::FusedOut;
 
 /// Runs `$kernel::<MR, NV>$args` for the runtime `($mr, $nv)` and hands its accumulators
@@ -171,9 +171,11 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
 }
 
 /// A whole block of `u8` output from dense rows on AVX2, requantized on registers (no raw
-/// tile in memory): strips of 16 columns, tiles of 4 rows on the `vpmaddubsw` kernel when
-/// `pairs` is given and every code of the tile's rows is within its bound, else of 3 rows on
-/// the exact kernel. Both give the same sums, so the bytes are the scalar path's.
+/// tile in memory): strips of 16 columns. When `pairs` is given and every code of a tile's
+/// rows is within its bound, the tile takes `vpmaddubsw`: 3 rows two quads at a time where
+/// the packing pairs quads (4 rows would spill a register), else 4 rows a quad at a time.
+/// Otherwise 4 rows on the full-range layout where the packing has one, else 3 rows on the
+/// exact kernel. All give the same sums, so the bytes are the scalar path's.
 ///
 /// # Safety
 /// AVX2 and FMA available; `exact` (and `pairs`) are the AVX2 packings of weights with this
@@ -206,11 +208,25 @@ pub(crate) unsafe fn avx2_fused_rows(
         let mut r = 0;
         while r < m {
             let i = f.r0 + r;
-            let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(4)].iter().all(|&ok| ok));
+            let pair_rows = if pairs.is_some_and(|p| p.apart.is_some()) { 3 } else { 4 };
+            let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(pair_rows)].iter().all(|&ok| ok));
             let ap = a.data[i * a.lda..].as_ptr();
+            if let (None, Some(full)) = (tile_pairs, pairs.and_then(|p| p.full.as_ref())) {
+                let mr = (m - r).min(4);
+                let bp = full.packed[panel * pairs_panel_len(k)..].as_ptr();
+                let ep = exact[panel * avx2_panel_len(k)..].as_ptr();
+                // SAFETY: the tile's rows and columns exist (preconditions); the full-range
+                // layout takes any codes; the table covers mr <= 4, nv <= 2.
+                unsafe {
+                    dispatch_avx2!(avx2_full_kernel, mr, nv, (ap, a.lda, k, bp, ep, full, panel), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                        (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
+                }
+                r += mr;
+                continue;
+            }
             match tile_pairs {
                 Some(p) => {
-                    let mr = (m - r).min(if p.apart.is_some() { 3 } else { 4 });
+                    let mr = (m - r).min(pair_rows);
                     let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
                     // SAFETY: the tile's rows and columns exist (preconditions); its codes were
                     // just checked against the pair packing's bound; the table covers mr <= 4,
@@ -480,11 +496,63 @@ unsafe fn avx2_quads_kernel<const MR: usize, const NV: usize>(
     acc
 }
 
+/// [`avx2_pairs_kernel`] on rows of any code: `b` is a full-range layout (`full_range_quads`),
+/// whose zeroed quads are the ones that could saturate `vpmaddubsw` there; each of those
+/// (listed per panel in `full`) runs afterwards as the exact kernel does, on i16 pairs of
+/// the layer's exact layout `exact`.
+///
+/// # Safety
+/// AVX2 available; `b` (panels `pairs_panel_len(k)` apart) and `exact` (`pack_avx2`, panels
+/// `avx2_panel_len(k)` apart) point at panel `p` of layouts of the same weights with this
+/// `k`, `full` the lists of `b`'s layout; NV panels from `p` exist; rows as for
+/// [`avx2_kernel`] (any codes); MR <= 4 and NV <= 2.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_full_kernel<const MR: usize, const NV: usize>(
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i8,
+    exact: *const i16,
+    full: &FullRangeQuads,
+    p: usize,
+) -> [[__m256i; NV]; MR] {
+    // SAFETY: the zeroed quads add nothing; the others cannot saturate for any input code
+    // (`full_range_quads`); forwarded preconditions.
+    let mut acc = unsafe { avx2_pairs_kernel::<MR, NV>(a, lda, k, b) };
+    let whole = k / 4;
+    for v in 0..NV {
+        let entries = full.start[p + v] as usize..full.start[p + v + 1] as usize;
+        for &g in &full.quads[entries] {
+            let g = g as usize;
+            // SAFETY: AVX2 (precondition); quad g's 2 x 8 x 2 i16 of panel p + v of the exact
+            // layout; quad g's bytes of each row (its first k only, for a partial last quad).
+            unsafe {
+                let wq = exact.add(v * avx2_panel_len(k) + g * 4 * AVX2_LANES);
+                let (we, wo) = (_mm256_loadu_si256(wq.cast()), _mm256_loadu_si256(wq.add(2 * AVX2_LANES).cast()));
+                let even = _mm256_set1_epi32(0x00ff_00ff);
+                for (r, accr) in acc.iter_mut().enumerate() {
+                    let row = a.add(r * lda);
+                    let q =
+                        if g < whole { ptr::read_unaligned(row.add(4 * g).cast::<i32>()) } else { tail_quad(row, k) };
+                    let bc = _mm256_set1_epi32(q);
+                    let (ev, od) = (_mm256_and_si256(bc, even), _mm256_srli_epi16::<8>(bc));
+                    let sum = _mm256_add_epi32(_mm256_madd_epi16(ev, we), _mm256_madd_epi16(od, wo));
+                    accr[v] = _mm256_add_epi32(accr[v], sum);
+                }
+            }
+        }
+    }
+    acc
+}
+
 /// The AVX2 weights a tile reads: the exact i16 layout, or the `vpmaddubsw` one.
 #[derive(Clone, Copy)]
 pub(crate) enum Avx2Weights<'a> {
     Exact(&'a [i16]),
     Pairs(&'a Avx2Pairs),
+    /// The full-range `vpmaddubsw` layout and the exact layout of the same weights.
+    Full(&'a FullRangeQuads, &'a [i16]),
 }
 
 /// AVX2 counterpart of [`vnni_tile`]; `ncols <= 64` is processed in strips of 16 columns.
@@ -518,6 +586,15 @@ pub(crate) unsafe fn avx2_tile(
                 unsafe {
                     dispatch_avx2!(avx2_kernel, mr, nv, (ap, a.lda, k, bp), |acc| store_strip(&acc, &mut strip);
                         (1,1),(1,2),(2,1),(2,2),(3,1),(3,2))
+                }
+            }
+            Avx2Weights::Full(full, exact) => {
+                let bp = full.packed[panel * pairs_panel_len(k)..].as_ptr();
+                let ep = exact[panel * avx2_panel_len(k)..].as_ptr();
+                // SAFETY: forwarded preconditions; the table covers mr <= 4, nv <= 2.
+                unsafe {
+                    dispatch_avx2!(avx2_full_kernel, mr, nv, (ap, a.lda, k, bp, ep, full, panel), |acc| store_strip(&acc, &mut strip);
+                        (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                 }
             }
             Avx2Weights::Pairs(p) => {

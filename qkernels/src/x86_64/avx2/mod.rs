@@ -14,7 +14,7 @@ use crate::frame::gemm::{QMatrix, Rows, SinkKind, Tile};
 use crate::frame::kernels::{AddKernel, Block, Kernels};
 use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
 use crate::x86_64::FusedOut;
-use pack::{pack_avx2, pack_pairs, pair_quads, pair_safe_max, AVX2_LANES};
+use pack::{full_range_quads, pack_avx2, pack_pairs, pair_quads, pair_safe_max, AVX2_LANES};
 
 // Every entry below runs only from a table of a tier that includes AVX2, which the registry
 // builds only on a CPU with AVX2 and FMA: the precondition of each `unsafe` kernel here.
@@ -40,42 +40,63 @@ fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
     let max_input = pair_safe_max(raw, k);
     debug_assert!(max_input >= 128);
     let mut packed = pack_pairs(raw, n, k);
+    let full = full_range_quads(raw, n, k, max_input, &packed);
     let apart = pair_quads(raw, n, k, max_input, &mut packed);
-    let pairs = Avx2Pairs { packed, max_input, apart };
+    let pairs = Avx2Pairs { packed, max_input, apart, full };
     (Packed::Avx2(pack_avx2(raw, n, k)), Some(pairs))
 }
 
 /// Which kernel the layer's tiles take: `vpmaddubsw` for input codes up to the weights'
 /// bound (each group has its own: a grouped layer names their range), the exact kernel above.
 fn name(groups: &[PackedWeights]) -> String {
-    let bound = |w: &PackedWeights| w.pairs.as_ref().expect("AVX2 packing always builds the pair panels").max_input;
-    let lo = groups.iter().map(bound).min().unwrap_or(u8::MAX);
-    let hi = groups.iter().map(bound).max().unwrap_or(u8::MAX);
-    let kernel = match (lo, hi) {
-        (u8::MAX, _) => "avx2: vpmaddubsw (cannot saturate)".to_string(),
-        (lo, hi) if lo == hi => format!("avx2: vpmaddubsw for input codes <= {lo}, exact vpmaddwd above"),
-        (lo, hi) => format!("avx2: vpmaddubsw for input codes <= {lo}..={hi} (per group), exact vpmaddwd above"),
-    };
+    fn pairs_of(w: &PackedWeights) -> &Avx2Pairs {
+        w.pairs.as_ref().expect("AVX2 packing always builds the pair panels")
+    }
+    let lo = groups.iter().map(|w| pairs_of(w).max_input).min().unwrap_or(u8::MAX);
+    let hi = groups.iter().map(|w| pairs_of(w).max_input).max().unwrap_or(u8::MAX);
     // How many pairs of quads sum in i16 before widening (`pack::pair_quads`).
     let (mut paired, mut split, mut pairs) = (0, 0, 0);
+    // Rows above the bound: `vpmaddubsw` with the quads that could saturate run exactly
+    // (`pack::full_range_quads`).
+    let (mut full, mut exact, mut quads) = (0, 0, 0);
     for w in groups {
-        let p = w.pairs.as_ref().expect("AVX2 packing always builds the pair panels");
+        let p = pairs_of(w);
         let all = w.k / 8 * w.n.div_ceil(AVX2_LANES);
         pairs += all;
         if let Some(apart) = &p.apart {
             paired += all;
             split += apart.quads.len();
         }
+        if let Some(f) = &p.full {
+            full += 1;
+            exact += f.quads.len();
+            quads += w.k.div_ceil(4) * w.n.div_ceil(AVX2_LANES);
+        }
     }
-    match paired {
-        0 => kernel,
-        _ if paired == pairs => {
-            format!("{kernel}; quads paired in i16 ({:.1}% of pairs split)", 100.0 * split as f64 / paired as f64)
+    let share = |part: usize, whole: usize| 100.0 * part as f64 / whole.max(1) as f64;
+    let pairing = match paired {
+        0 => String::new(),
+        _ if paired == pairs => format!(" (quads paired in i16, {:.1}% of pairs split)", share(split, paired)),
+        _ => {
+            format!(" (quads paired in i16 in {paired} of {pairs} pairs, {:.1}% of those split)", share(split, paired))
+        }
+    };
+    let above = match full {
+        0 => ", exact vpmaddwd above".to_string(),
+        _ if full == groups.len() => {
+            format!(", above it vpmaddubsw with {:.1}% of quads on exact vpmaddwd", share(exact, quads))
         }
         _ => format!(
-            "{kernel}; quads paired in i16 in {paired} of {pairs} pairs ({:.1}% of those split)",
-            100.0 * split as f64 / paired as f64
+            ", above it vpmaddubsw with {:.1}% of quads on exact vpmaddwd in {full} of {} groups, exact vpmaddwd in \
+             the others",
+            share(exact, quads),
+            groups.len()
         ),
+    };
+    match (lo, hi) {
+        (u8::MAX, _) => format!("avx2: vpmaddubsw (cannot saturate){pairing}"),
+        (lo, hi) if lo == hi => format!("avx2: vpmaddubsw for input codes <= {lo}{pairing}{above}"),
+        (lo, hi) => format!("avx2: vpmaddubsw for input codes <= {lo}..={hi} (per group){pairing}{above}"),
     }
 }
 
@@ -94,8 +115,9 @@ unsafe fn block(b: &Block<'_>) -> bool {
 }
 
 /// The pair kernel on up to 4 rows when every code of those rows is within the layer's bound
-/// (a pass over the rows, small beside the tile's K x ncols products), else the exact one on
-/// up to 3. Both give the same sums.
+/// (a pass over the rows, small beside the tile's K x ncols products), else the full-range
+/// one on up to 4 where the layer has it, else the exact one on up to 3. All give the same
+/// sums.
 ///
 /// # Safety
 /// As `GemmKernels::tile`.
@@ -109,6 +131,7 @@ unsafe fn tile(a: &QMatrix<'_>, r0: usize, rows: usize, w: &PackedWeights, cols:
         {
             gemm::Avx2Weights::Pairs(p)
         }
+        Some(Avx2Pairs { full: Some(full), .. }) => gemm::Avx2Weights::Full(full, exact),
         _ => {
             mr = mr.min(3);
             gemm::Avx2Weights::Exact(exact)
