@@ -156,3 +156,43 @@ fn vit_from_the_graph_api_matches_pytorch_and_quantizes() {
         assert!(h + 1 >= f32_hits, "{what}: {h} of 500 right, f32 {f32_hits}");
     }
 }
+
+/// `randomize_with`: normal weights have variance 1 / fan-in and a bell's tails (excess
+/// kurtosis near 0, where uniform weights have -1.2), uniform ones stay within
+/// +-sqrt(3 / fan-in); both are reproducible from the seed, and `randomize` is the uniform one.
+#[test]
+fn randomized_weights_follow_their_law() {
+    let stats = |init: zoo::WeightInit, seed: u64| {
+        let mut m = zoo::resnet18(10);
+        zoo::randomize_with(&mut m, seed, init);
+        let mut w: Vec<f32> = Vec::new();
+        qnn::walk(&m, "", &mut |_, module| {
+            if module.kind() == "Conv2d" {
+                for (name, t) in module.tensors() {
+                    if name == "weight" && t.shape() == [128, 128, 3, 3] {
+                        w.extend(t.iter().copied());
+                    }
+                }
+            }
+        });
+        let fan_in = 128.0 * 9.0;
+        let n = w.len() as f64;
+        let var = w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n;
+        let kurt = w.iter().map(|&v| (v as f64).powi(4)).sum::<f64>() / n / (var * var) - 3.0;
+        let max = w.iter().fold(0f32, |m, &v| m.max(v.abs())) as f64;
+        (var * fan_in, kurt, max * f64::sqrt(fan_in), w)
+    };
+    let (var, kurt, max, a) = stats(zoo::WeightInit::Normal, 3);
+    assert!((0.95..1.05).contains(&var) && kurt.abs() < 0.2 && max > 3.5, "normal: {var} {kurt} {max}");
+    assert_eq!(a, stats(zoo::WeightInit::Normal, 3).3, "the seed decides");
+    let (var, kurt, max, _) = stats(zoo::WeightInit::Uniform, 3);
+    assert!(
+        (0.95..1.05).contains(&var) && (kurt + 1.2).abs() < 0.1 && max <= 3f64.sqrt(),
+        "uniform: {var} {kurt} {max}"
+    );
+    let mut m = zoo::resnet18(10);
+    zoo::randomize(&mut m, 3);
+    let mut u = zoo::resnet18(10);
+    zoo::randomize_with(&mut u, 3, zoo::WeightInit::Uniform);
+    assert_eq!(qnn::state_dict_bytes(&m).unwrap(), qnn::state_dict_bytes(&u).unwrap());
+}
