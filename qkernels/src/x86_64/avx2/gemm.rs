@@ -174,8 +174,9 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
 /// tile in memory): strips of 16 columns. When `pairs` is given and every code of a tile's
 /// rows is within its bound, the tile takes `vpmaddubsw`: 3 rows two quads at a time where
 /// the packing pairs quads (4 rows would spill a register), else 4 rows a quad at a time.
-/// Otherwise 4 rows on the full-range layout where the packing has one, else 3 rows on the
-/// exact kernel. All give the same sums, so the bytes are the scalar path's.
+/// Otherwise 4 rows on the full-range layout where the packing has one, else 4 rows on the
+/// exact kernel, over the block's rows widened once (`widen_rows`). All give the same sums,
+/// so the bytes are the scalar path's.
 ///
 /// # Safety
 /// AVX2 and FMA available; `exact` (and `pairs`) are the AVX2 packings of weights with this
@@ -199,6 +200,17 @@ pub(crate) unsafe fn avx2_fused_rows(
             let i = f.r0 + r;
             *ok = max == u8::MAX || super::codes_within(&a.data[i * a.lda..i * a.lda + a.k], max);
         }
+    }
+    // Rows for the exact kernel, widened once for every strip of columns.
+    let needs_exact = pairs.is_none_or(|p| p.full.is_none()) && !within[..m].iter().all(|&ok| ok);
+    let mut wide = if needs_exact { WIDE.with(|w| std::mem::take(&mut *w.borrow_mut())) } else { Vec::new() };
+    let ldw = wide_len(k);
+    if needs_exact {
+        if wide.len() < m * ldw {
+            wide.resize(m * ldw, 0);
+        }
+        // SAFETY: AVX2 (precondition); rows f.r0..f.r0 + m exist; `wide` holds m rows.
+        unsafe { widen_rows(a, f.r0, m, &mut wide) };
     }
     let mut c0 = 0;
     while c0 < f.ncols {
@@ -246,12 +258,14 @@ pub(crate) unsafe fn avx2_fused_rows(
                     r += mr;
                 }
                 None => {
-                    let mr = (m - r).min(3);
+                    let mr = (m - r).min(WIDE_ROWS);
                     let bp = exact[panel * avx2_panel_len(k)..].as_ptr();
-                    // SAFETY: as above, on the exact kernel (mr <= 3, nv <= 2).
+                    let wp = wide[r * ldw..].as_ptr();
+                    // SAFETY: as above, on the exact kernel over the widened rows r..r + mr
+                    // (mr <= 4, nv <= 2).
                     unsafe {
-                        dispatch_avx2!(avx2_kernel, mr, nv, (ap, a.lda, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
-                            (1,1),(1,2),(2,1),(2,2),(3,1),(3,2))
+                        dispatch_avx2!(avx2_wide_kernel, mr, nv, (wp, ldw, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                            (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                     }
                     r += mr;
                 }
@@ -259,7 +273,18 @@ pub(crate) unsafe fn avx2_fused_rows(
         }
         c0 += nv * AVX2_LANES;
     }
+    if needs_exact {
+        WIDE.with(|w| {
+            let mut cur = w.borrow_mut();
+            if cur.capacity() < wide.capacity() {
+                *cur = wide;
+            }
+        });
+    }
 }
+
+/// Rows per tile of the exact kernel over widened rows.
+const WIDE_ROWS: usize = 4;
 
 /// The last partial quad of a row of `k` bytes (`k % 4 != 0`): its `k % 4` bytes at the
 /// bottom of a little-endian i32, zeros above. With `k >= 4` one unaligned load of the row's
@@ -544,6 +569,91 @@ unsafe fn avx2_full_kernel<const MR: usize, const NV: usize>(
         }
     }
     acc
+}
+
+/// Bytes per row of [`widen_rows`]'s output for rows of `k` codes: two i32 per quad.
+fn wide_len(k: usize) -> usize {
+    8 * k.div_ceil(4)
+}
+
+/// Rows `r0..r0 + m` of `a` as the exact kernel's operands, once per block instead of once
+/// per tile: each quad `a0 a1 a2 a3` becomes the i16 pairs `(a0, a2)` and `(a1, a3)`, the
+/// two i32 that [`avx2_kernel`] masks and shifts out of a broadcast quad (a partial last
+/// quad padded with zeros). Row r's pairs start at `out[r * wide_len(k)]`.
+///
+/// # Safety
+/// AVX2 available; the rows exist in `a`; `out` holds `m * wide_len(a.k)` bytes.
+#[target_feature(enable = "avx2")]
+unsafe fn widen_rows(a: &QMatrix<'_>, r0: usize, m: usize, out: &mut [u8]) {
+    let k = a.k;
+    let wl = wide_len(k);
+    let order = _mm_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
+    for r in 0..m {
+        let row = &a.data[(r0 + r) * a.lda..(r0 + r) * a.lda + k];
+        let dst = &mut out[r * wl..(r + 1) * wl];
+        let mut at = 0;
+        while at + 16 <= k {
+            // SAFETY: bytes at..at + 16 of the row; 32 bytes at 2 * at of its wide row
+            // (2 * (at + 16) <= wide_len(k)).
+            unsafe {
+                let v = _mm_shuffle_epi8(_mm_loadu_si128(row.as_ptr().add(at).cast()), order);
+                _mm256_storeu_si256(dst.as_mut_ptr().add(2 * at).cast(), _mm256_cvtepu8_epi16(v));
+            }
+            at += 16;
+        }
+        dst[2 * at..].fill(0);
+        for (kk, &v) in row.iter().enumerate().skip(at) {
+            // Byte kk of its quad goes to i16 slot [0, 2, 1, 3][kk % 4].
+            dst[8 * (kk / 4) + 2 * [0, 2, 1, 3][kk % 4]] = v;
+        }
+    }
+}
+
+/// The exact kernel on rows widened by [`widen_rows`] (`w`, rows `ldw` bytes apart): per
+/// quad, each row's two i32 broadcast straight from memory, so no masking or shifting in the
+/// loop (two `vpmaddwd` and two `vpaddd` per 16 columns and quad); up to 4 rows.
+///
+/// # Safety
+/// AVX2 available; `b` as for [`avx2_kernel`]; MR rows of `wide_len(k)` bytes from `w`;
+/// MR <= 4 and NV <= 2.
+#[inline(always)]
+unsafe fn avx2_wide_kernel<const MR: usize, const NV: usize>(
+    w: *const u8,
+    ldw: usize,
+    k: usize,
+    b: *const i16,
+) -> [[__m256i; NV]; MR] {
+    let panel = avx2_panel_len(k);
+    // SAFETY: AVX is available (precondition).
+    let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
+    for g in 0..k.div_ceil(4) {
+        // SAFETY: AVX2 (precondition); panel v holds quad g's 2 x 8 x 2 i16; each row's quad g
+        // is its bytes 8g..8g + 8.
+        unsafe {
+            let wq = b.add(g * 4 * AVX2_LANES);
+            let mut we = [_mm256_setzero_si256(); NV];
+            let mut wo = [_mm256_setzero_si256(); NV];
+            for v in 0..NV {
+                we[v] = _mm256_loadu_si256(wq.add(v * panel).cast());
+                wo[v] = _mm256_loadu_si256(wq.add(v * panel + 2 * AVX2_LANES).cast());
+            }
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let q = w.add(r * ldw + 8 * g);
+                let ev = _mm256_set1_epi32(ptr::read_unaligned(q.cast::<i32>()));
+                let od = _mm256_set1_epi32(ptr::read_unaligned(q.add(4).cast::<i32>()));
+                for v in 0..NV {
+                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(ev, we[v]));
+                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(od, wo[v]));
+                }
+            }
+        }
+    }
+    acc
+}
+
+thread_local! {
+    /// [`widen_rows`]'s output for the block [`avx2_fused_rows`] is running.
+    static WIDE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The AVX2 weights a tile reads: the exact i16 layout, or the `vpmaddubsw` one.
