@@ -54,6 +54,7 @@ pub const SUPPORTED: &[&str] = &[
     "MaxPool",
     "Mul (computed values; by a constant per channel of an image, or by a scalar)",
     "Pad",
+    "Range (constants)",
     "ReduceMean (spatial axes)",
     "Relu",
     "Reshape",
@@ -833,6 +834,14 @@ impl Importer {
             "Sqrt" | "Neg" | "Reciprocal" => {
                 let c = self.konst(cx, 0, "input")?;
                 Ok(vec![Val::Const(fold_unary(cx, &c)?)])
+            }
+            "Range" => {
+                let cs: Vec<Const> = ["start", "limit", "delta"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, what)| self.konst(cx, i, what))
+                    .collect::<Result<_>>()?;
+                Ok(vec![Val::Const(fold_range(cx, &cs)?)])
             }
             "Mod" | "Equal" | "Less" | "Greater" | "Where" | "Expand" => {
                 let cs: Vec<Const> =
@@ -2418,6 +2427,46 @@ fn broadcast_order(s: &[usize], out: &[usize]) -> Vec<usize> {
         order.push(ix[lead..].iter().zip(s).zip(&strides).map(|((&i, &d), &st)| if d == 1 { 0 } else { i * st }).sum())
     });
     order
+}
+
+/// `Range` of constant scalars (start, limit, delta): `max(ceil((limit - start) / delta), 0)`
+/// values `start + i * delta`, integers or floats as the inputs are. A size that depends on
+/// the batch or the sequence length cannot fold.
+fn fold_range(cx: &Cx<'_>, cs: &[Const]) -> Result<Const> {
+    if let Some(c) = cs.iter().find(|c| c.len() != 1) {
+        return Err(cx.err(format!("an input of shape {:?}: Range takes scalars", c.shape)));
+    }
+    if cs.iter().any(|c| c.flags().iter().any(|&f| f != 0)) {
+        return Err(cx.err("its bounds depend on the batch or the sequence length; import with fixed sizes"));
+    }
+    let too_large = |n: f64| cx.err(format!("{n} values are too many to fold"));
+    match (cs[0].as_i64(), cs[1].as_i64(), cs[2].as_i64()) {
+        (Some(&[start]), Some(&[limit]), Some(&[delta])) => {
+            if delta == 0 {
+                return Err(cx.err("delta 0"));
+            }
+            let n = (i128::from(limit) - i128::from(start)).div_euclid(i128::from(delta))
+                + i128::from((i128::from(limit) - i128::from(start)).rem_euclid(i128::from(delta)) != 0);
+            let n = n.max(0);
+            if n > 1 << 24 {
+                return Err(too_large(n as f64));
+            }
+            let v = (0..n as i64).map(|i| start + i * delta).collect::<Vec<_>>();
+            Ok(Const::ints(vec![v.len()], v))
+        }
+        _ => {
+            let [start, limit, delta] = [0, 1, 2].map(|i| cs[i].to_f32()[0]);
+            if delta == 0.0 || !(start.is_finite() && limit.is_finite() && delta.is_finite()) {
+                return Err(cx.err(format!("start {start}, limit {limit}, delta {delta}")));
+            }
+            let n = ((limit - start) / delta).ceil().max(0.0);
+            if n > (1 << 24) as f32 {
+                return Err(too_large(f64::from(n)));
+            }
+            let v: Vec<f32> = (0..n as usize).map(|i| start + i as f32 * delta).collect();
+            Ok(Const::floats(vec![v.len()], v))
+        }
+    }
 }
 
 /// The element-wise ops on constants with NumPy broadcasting: `Mod`, `Equal`, `Less`,

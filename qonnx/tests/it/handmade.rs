@@ -597,3 +597,56 @@ fn token_ids_embed_and_masks_broadcast() {
         assert!(e.contains("embed") && e.contains(&bad.to_string()) && e.contains("5 rows"), "{e}");
     }
 }
+
+/// `Range` folds at import as ONNX defines it: `max(ceil((limit - start) / delta), 0)`
+/// values `start + i * delta`, for floats, integers and a negative step (the integer ones
+/// cast to float here), and each joins the graph as a constant; a zero step is an error
+/// that names the node.
+#[test]
+fn range_folds_at_import() {
+    let f = |name: &str, v: f32| floats(name, &[], vec![v]);
+    let i = |name: &str, v: i64| TensorProto {
+        dims: vec![],
+        data_type: Some(data_type::INT64),
+        int64_data: vec![v],
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    let graph = |delta: f32| {
+        model(
+            17,
+            value("x", &[None, Some(4)]),
+            vec![
+                node("Range", "rf", &["f0", "f1", "fd"], &["rf"], vec![]),
+                node("Range", "ri", &["i1", "i9", "i2"], &["ri"], vec![]),
+                node("Range", "rn", &["i7", "im1", "im2"], &["rn"], vec![]),
+                node("Cast", "cri", &["ri"], &["rif"], vec![int("to", data_type::FLOAT as i64)]),
+                node("Cast", "crn", &["rn"], &["rnf"], vec![int("to", data_type::FLOAT as i64)]),
+                node("Add", "a1", &["x", "rf"], &["y1"], vec![]),
+                node("Add", "a2", &["y1", "rif"], &["y2"], vec![]),
+                node("Add", "a3", &["y2", "rnf"], &["y"], vec![]),
+            ],
+            vec![
+                f("f0", 0.0),
+                f("f1", 0.9),
+                f("fd", delta),
+                i("i1", 1),
+                i("i9", 9),
+                i("i2", 2),
+                i("i7", 7),
+                i("im1", -1),
+                i("im2", -2),
+            ],
+            "y",
+        )
+    };
+    let m = qonnx::from_bytes(&graph(0.25), &ImportOptions::default()).unwrap();
+    let x = ramp(&[3, 4]);
+    let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    // [0, 0.25, 0.5, 0.75] (0.9 is not reached by a fifth step), [1, 3, 5, 7], [7, 5, 3, 1].
+    let add = [0.0f32 + 1.0 + 7.0, 0.25 + 3.0 + 5.0, 0.5 + 5.0 + 3.0, 0.75 + 7.0 + 1.0];
+    let want = ArrayD::from_shape_fn(IxDyn(&[3, 4]), |ix| x[[ix[0], ix[1]]] + add[ix[1]]);
+    assert_eq!(y, want);
+    let err = qonnx::from_bytes(&graph(0.0), &ImportOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("rf") && err.contains("delta 0"), "{err}");
+}
