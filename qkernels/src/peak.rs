@@ -1,8 +1,9 @@
 //! Built-in probes of this machine's per-core ceilings: a loop of independent `vpdpbusd`
 //! (int8), of independent `tdpbusd` where the AMX tier runs, of AVX2's int8 sequence
 //! (`vpmaddubsw`, `vpmaddwd` by ones, `vpaddd`: 32 products in three instructions, as the AVX2
-//! pair kernel runs them; and two quads at a time, 64 products in five), and of independent FMAs (f32), so benchmarks can report percent of
-//! peak measured on the machine they run on, not taken from a data sheet.
+//! pair kernel runs them; and two quads at a time, 64 products in five), and of independent
+//! FMAs (f32), so benchmarks can report percent of peak measured on the machine they run on,
+//! not taken from a data sheet.
 
 /// Measured ceiling of one core, in GMAC/s (best of a few short runs).
 #[derive(Clone, Copy, Debug, PartialEq)]
