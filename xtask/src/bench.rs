@@ -506,11 +506,17 @@ fn force_isa(name: &str) -> Result<(bool, bool), String> {
         Isa::Avx2 => {
             std::env::set_var("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2");
             std::env::set_var("ONEDNN_MAX_CPU_ISA", "AVX2");
+            // On a CPU whose best tier is AVX2, ONNX Runtime runs at that level uncapped.
+            let ort = Isa::best_supported() == Isa::Avx2;
             println!(
-                "--isa avx2: PyTorch capped with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2; \
-                 ONNX Runtime left out (its MLAS kernels cannot be capped)"
+                "--isa avx2: PyTorch capped with FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2; {}",
+                if ort {
+                    "ONNX Runtime as it is (this CPU has nothing above AVX2)"
+                } else {
+                    "ONNX Runtime left out (its MLAS kernels cannot be capped)"
+                }
             );
-            (true, false)
+            (true, ort)
         }
         Isa::Scalar => {
             println!("--isa scalar: no peer can be capped to scalar code; peers left out");

@@ -118,7 +118,7 @@ enum Command {
         /// Run our kernels on this instruction-set tier (scalar, avx2, avx512vnni, amx; on aarch64
         /// neon, dotprod, i8mm), as `QUANT_FORCE_ISA` does; PyTorch's peer is capped to the
         /// same tier where FBGEMM and oneDNN can be (avx2), and peers that cannot be capped
-        /// are left out.
+        /// are left out unless the tier is the CPU's best.
         #[arg(long)]
         isa: Option<String>,
         /// Our models' configuration: `default` (qrust's: 8-bit activations), `x86`
