@@ -252,6 +252,17 @@ fn avx2_pair_sums_are_exact_up_to_their_bound() {
     }
 }
 
+/// `c`'s rows through `packed` (AVX2 weights of `c`): the i32 sums equal the definition and
+/// the `u8` output its requantization.
+fn assert_avx2_exact(c: &Case, packed: &PackedWeights, what: &str) {
+    let raw = naive_raw(c);
+    let qa = QMatrix { data: &c.a, m: c.m, k: c.k, lda: c.k + c.lda_pad, scale: 0.02, zero_point: c.za };
+    let mut out = vec![0i32; c.m * c.n];
+    gemm(&qa, packed, None, GemmOutput::I32 { data: &mut out, ldc: c.n }, 1).unwrap();
+    assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw, "{what}");
+    assert_eq!(run_u8(c, qtensor::isa::Isa::Avx2, 1), u8_reference(c, &raw), "u8, {what}");
+}
+
 /// AVX2's pairs of quads summed in i16, at the edge: with inputs up to 129 (the bound a pair
 /// of weights 127 + 127 sets), a lane's four weights summing to 254 (or -254) stay paired
 /// (129 x 254 = 32766 fits in i16) and 255 (or -255) split the pair (the sum could wrap).
@@ -302,12 +313,7 @@ fn avx2_paired_quads_are_exact_at_the_edge_of_i16() {
     for all_top in [true, false] {
         let a: Vec<u8> = (0..m * k).map(|_| if all_top { 129 } else { (next() % 130) as u8 }).collect();
         let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
-        let raw = naive_raw(&c);
-        let qa = QMatrix { data: &c.a, m, k, lda: k, scale: 0.02, zero_point: c.za };
-        let mut out = vec![0i32; m * n];
-        gemm(&qa, &packed, None, GemmOutput::I32 { data: &mut out, ldc: n }, 1).unwrap();
-        assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw, "rows at the bound: {all_top}");
-        assert_eq!(run_u8(&c, Isa::Avx2, 1), u8_reference(&c, &raw), "u8, rows at the bound: {all_top}");
+        assert_avx2_exact(&c, &packed, &format!("rows at the bound: {all_top}"));
     }
 }
 
@@ -356,12 +362,7 @@ fn avx2_full_range_rows_are_exact_at_the_edge_of_i16() {
     for all_top in [true, false] {
         let a: Vec<u8> = (0..m * k).map(|_| if all_top { 255 } else { next() as u8 }).collect();
         let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
-        let raw = naive_raw(&c);
-        let qa = QMatrix { data: &c.a, m, k, lda: k, scale: 0.02, zero_point: c.za };
-        let mut out = vec![0i32; m * n];
-        gemm(&qa, &packed, None, GemmOutput::I32 { data: &mut out, ldc: n }, 1).unwrap();
-        assert_eq!(out.iter().map(|&v| v as i64).collect::<Vec<_>>(), raw, "rows at 255: {all_top}");
-        assert_eq!(run_u8(&c, Isa::Avx2, 1), u8_reference(&c, &raw), "u8, rows at 255: {all_top}");
+        assert_avx2_exact(&c, &packed, &format!("rows at 255: {all_top}"));
     }
 }
 

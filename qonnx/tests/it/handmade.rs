@@ -47,6 +47,17 @@ fn int64s(name: &str, v: Vec<i64>) -> TensorProto {
     }
 }
 
+/// A 0-d INT64 initializer.
+fn scalar(name: &str, v: i64) -> TensorProto {
+    TensorProto {
+        dims: vec![],
+        data_type: Some(data_type::INT64),
+        int64_data: vec![v],
+        name: Some(name.into()),
+        ..Default::default()
+    }
+}
+
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto { name: Some(name.into()), ints: v.to_vec(), ..Default::default() }
 }
@@ -432,13 +443,6 @@ fn declared_sizes_allocate_nothing_at_import() {
 /// at any batch size, in float and in int8.
 #[test]
 fn class_token_and_a_batch_moved_off_axis_0() {
-    let scalar = |name: &str, v: i64| TensorProto {
-        dims: vec![],
-        data_type: Some(data_type::INT64),
-        int64_data: vec![v],
-        name: Some(name.into()),
-        ..Default::default()
-    };
     let cls = vec![0.5f32, -1.0, 0.25];
     let pos: Vec<f32> = (0..9).map(|k| k as f32 * 0.1 - 0.3).collect();
     let one = TensorProto {
@@ -605,13 +609,7 @@ fn token_ids_embed_and_masks_broadcast() {
 #[test]
 fn range_folds_at_import() {
     let f = |name: &str, v: f32| floats(name, &[], vec![v]);
-    let i = |name: &str, v: i64| TensorProto {
-        dims: vec![],
-        data_type: Some(data_type::INT64),
-        int64_data: vec![v],
-        name: Some(name.into()),
-        ..Default::default()
-    };
+    let i = scalar;
     let graph = |delta: f32| {
         model(
             17,

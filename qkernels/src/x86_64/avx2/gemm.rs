@@ -212,6 +212,8 @@ pub(crate) unsafe fn avx2_fused_rows(
         // SAFETY: AVX2 (precondition); rows f.r0..f.r0 + m exist; `wide` holds m rows.
         unsafe { widen_rows(a, f.r0, m, &mut wide) };
     }
+    // Rows per `vpmaddubsw` tile: 3 two quads at a time (4 would spill a register), else 4.
+    let pair_rows = if pairs.is_some_and(|p| p.apart.is_some()) { 3 } else { 4 };
     let mut c0 = 0;
     while c0 < f.ncols {
         let nv = (f.ncols - c0).div_ceil(AVX2_LANES).min(2);
@@ -220,7 +222,6 @@ pub(crate) unsafe fn avx2_fused_rows(
         let mut r = 0;
         while r < m {
             let i = f.r0 + r;
-            let pair_rows = if pairs.is_some_and(|p| p.apart.is_some()) { 3 } else { 4 };
             let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(pair_rows)].iter().all(|&ok| ok));
             let ap = a.data[i * a.lda..].as_ptr();
             if let (None, Some(full)) = (tile_pairs, pairs.and_then(|p| p.full.as_ref())) {
@@ -309,6 +310,39 @@ unsafe fn tail_quad(row: *const u8, k: usize) -> i32 {
     }
 }
 
+/// One quad of K for every row on the exact i16 pairs: `quad(r)` is row r's four bytes as a
+/// little-endian i32, masked and shifted into its even and odd pairs.
+///
+/// # Safety
+/// AVX2 available; `wq` points at a quad's weights (`pack_avx2`) in panel 0, panels `panel`
+/// apart.
+#[inline(always)]
+unsafe fn exact_step<const MR: usize, const NV: usize>(
+    acc: &mut [[__m256i; NV]; MR],
+    wq: *const i16,
+    panel: usize,
+    quad: impl Fn(usize) -> i32,
+) {
+    // SAFETY: AVX2 (precondition); panel v holds the quad's 2 x 8 x 2 i16.
+    unsafe {
+        let even = _mm256_set1_epi32(0x00ff_00ff);
+        let mut we = [_mm256_setzero_si256(); NV];
+        let mut wo = [_mm256_setzero_si256(); NV];
+        for v in 0..NV {
+            we[v] = _mm256_loadu_si256(wq.add(v * panel).cast());
+            wo[v] = _mm256_loadu_si256(wq.add(v * panel + 2 * AVX2_LANES).cast());
+        }
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let bc = _mm256_set1_epi32(quad(r));
+            let (ev, od) = (_mm256_and_si256(bc, even), _mm256_srli_epi16::<8>(bc));
+            for v in 0..NV {
+                accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(ev, we[v]));
+                accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(od, wo[v]));
+            }
+        }
+    }
+}
+
 /// MR rows x NV vectors of 8 columns with `vpmaddwd` on i16 pairs: exact (each pair sum is at
 /// most 2 * 255 * 128, far inside i32).
 ///
@@ -329,36 +363,6 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     k: usize,
     b: *const i16,
 ) -> [[__m256i; NV]; MR] {
-    /// One quad of K for every row: `quad(r)` is row r's four bytes as a little-endian i32.
-    ///
-    /// # Safety
-    /// AVX2 available; `wq` points at a quad's weights in panel 0, panels `panel` apart.
-    #[inline(always)]
-    unsafe fn step<const MR: usize, const NV: usize>(
-        acc: &mut [[__m256i; NV]; MR],
-        wq: *const i16,
-        panel: usize,
-        quad: impl Fn(usize) -> i32,
-    ) {
-        // SAFETY: AVX2 (precondition); panel v holds the quad's 2 x 8 x 2 i16.
-        unsafe {
-            let even = _mm256_set1_epi32(0x00ff_00ff);
-            let mut we = [_mm256_setzero_si256(); NV];
-            let mut wo = [_mm256_setzero_si256(); NV];
-            for v in 0..NV {
-                we[v] = _mm256_loadu_si256(wq.add(v * panel).cast());
-                wo[v] = _mm256_loadu_si256(wq.add(v * panel + 2 * AVX2_LANES).cast());
-            }
-            for (r, accr) in acc.iter_mut().enumerate() {
-                let bc = _mm256_set1_epi32(quad(r));
-                let (ev, od) = (_mm256_and_si256(bc, even), _mm256_srli_epi16::<8>(bc));
-                for v in 0..NV {
-                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(ev, we[v]));
-                    accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(od, wo[v]));
-                }
-            }
-        }
-    }
     let panel = avx2_panel_len(k);
     // SAFETY: AVX is available (precondition).
     let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
@@ -366,7 +370,7 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     for g in 0..whole {
         // SAFETY: AVX2 available (precondition); bytes 4g..4g + 4 <= k of each row exist.
         unsafe {
-            step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
+            exact_step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| {
                 ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
             })
         };
@@ -374,7 +378,7 @@ unsafe fn avx2_kernel<const MR: usize, const NV: usize>(
     if !k.is_multiple_of(4) {
         let g = whole;
         // SAFETY: as above; `tail_quad` reads only bytes of each row's first k.
-        unsafe { step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| tail_quad(a.add(r * lda), k)) };
+        unsafe { exact_step(&mut acc, b.add(g * 4 * AVX2_LANES), panel, |r| tail_quad(a.add(r * lda), k)) };
     }
     acc
 }
@@ -553,17 +557,17 @@ unsafe fn avx2_full_kernel<const MR: usize, const NV: usize>(
             // SAFETY: AVX2 (precondition); quad g's 2 x 8 x 2 i16 of panel p + v of the exact
             // layout; quad g's bytes of each row (its first k only, for a partial last quad).
             unsafe {
-                let wq = exact.add(v * avx2_panel_len(k) + g * 4 * AVX2_LANES);
-                let (we, wo) = (_mm256_loadu_si256(wq.cast()), _mm256_loadu_si256(wq.add(2 * AVX2_LANES).cast()));
-                let even = _mm256_set1_epi32(0x00ff_00ff);
-                for (r, accr) in acc.iter_mut().enumerate() {
+                let mut one = [[_mm256_setzero_si256(); 1]; MR];
+                exact_step(&mut one, exact.add(v * avx2_panel_len(k) + g * 4 * AVX2_LANES), 0, |r| {
                     let row = a.add(r * lda);
-                    let q =
-                        if g < whole { ptr::read_unaligned(row.add(4 * g).cast::<i32>()) } else { tail_quad(row, k) };
-                    let bc = _mm256_set1_epi32(q);
-                    let (ev, od) = (_mm256_and_si256(bc, even), _mm256_srli_epi16::<8>(bc));
-                    let sum = _mm256_add_epi32(_mm256_madd_epi16(ev, we), _mm256_madd_epi16(od, wo));
-                    accr[v] = _mm256_add_epi32(accr[v], sum);
+                    if g < whole {
+                        ptr::read_unaligned(row.add(4 * g).cast::<i32>())
+                    } else {
+                        tail_quad(row, k)
+                    }
+                });
+                for r in 0..MR {
+                    acc[r][v] = _mm256_add_epi32(acc[r][v], one[r][0]);
                 }
             }
         }
