@@ -31,7 +31,7 @@ use ndarray::ArrayD;
 
 use crate::error::{NnError, Result};
 use crate::layers::Identity;
-use crate::module::{cat_dim1, join, Concat, FloatKernel, Module, Residual, Sequential};
+use crate::module::{cat_dim, join, Concat, FloatKernel, Module, Residual, Sequential};
 use crate::ops::add::add_f32;
 use crate::ops::mul::mul_f32;
 
@@ -67,8 +67,8 @@ pub(crate) enum NodeOp<M> {
     /// The product of two values whose shapes broadcast as NumPy's do (`[n, c, 1, 1]`
     /// against `[n, c, h, w]`: squeeze-and-excitation).
     Mul,
-    /// The values concatenated along dimension 1.
-    Cat,
+    /// The values concatenated along this dimension (1: channels or features).
+    Cat(usize),
     /// The matrix product of two values, `[.., m, k] x [.., k, n]`, batch axes broadcast.
     MatMul,
 }
@@ -80,7 +80,7 @@ impl<M> NodeOp<M> {
             NodeOp::Layer(m) => layer(m),
             NodeOp::Add => "add",
             NodeOp::Mul => "mul",
-            NodeOp::Cat => "cat",
+            NodeOp::Cat(_) => "cat",
             NodeOp::MatMul => "matmul",
         }
     }
@@ -252,7 +252,7 @@ impl<M> Graph<M> {
                         NodeOp::Layer(m) => NodeOp::Layer(f(m)),
                         NodeOp::Add => NodeOp::Add,
                         NodeOp::Mul => NodeOp::Mul,
-                        NodeOp::Cat => NodeOp::Cat,
+                        NodeOp::Cat(d) => NodeOp::Cat(d),
                         NodeOp::MatMul => NodeOp::MatMul,
                     },
                     inputs: n.inputs,
@@ -334,16 +334,22 @@ fn node_shape(n: &Node<Box<dyn Module>>, shapes: &[&[usize]]) -> Result<Vec<usiz
                 shapes[1],
             )
         }),
-        NodeOp::Cat => {
-            let first = shapes[0];
-            let fits = |s: &[usize]| s.len() == first.len() && s.len() >= 2 && s[0] == first[0] && s[2..] == first[2..];
+        NodeOp::Cat(dim) => {
+            let (first, d) = (shapes[0], *dim);
+            let fits = |s: &[usize]| {
+                s.len() == first.len()
+                    && d < s.len()
+                    && s.iter().zip(first).enumerate().all(|(i, (a, b))| i == d || a == b)
+            };
             match shapes.iter().find(|s| !fits(s)) {
-                Some(bad) => {
-                    Err(err("cat", format!("tensors that differ only in dimension 1; the first is {first:?}"), bad))
-                }
+                Some(bad) => Err(err(
+                    "cat",
+                    format!("tensors of rank above {d} that differ only in dimension {d}; the first is {first:?}"),
+                    bad,
+                )),
                 None => {
                     let mut s = first.to_vec();
-                    s[1] = shapes.iter().map(|s| s[1]).sum();
+                    s[d] = shapes.iter().map(|s| s[d]).sum();
                     Ok(s)
                 }
             }
@@ -357,7 +363,7 @@ pub(crate) fn node_forward<M: AsModule>(n: &Node<M>, xs: &[&ArrayD<f32>]) -> Res
         NodeOp::Layer(m) => m.module().forward(xs[0]).map_err(|e| e.within(&n.name)),
         NodeOp::Add => add_f32(xs[0], xs[1], &n.name),
         NodeOp::Mul => mul_f32(xs[0], xs[1], &n.name),
-        NodeOp::Cat => cat_dim1(&xs.iter().map(|x| (*x).clone()).collect::<Vec<_>>(), &n.name),
+        NodeOp::Cat(dim) => cat_dim(xs, *dim, &n.name),
         NodeOp::MatMul => crate::ops::matmul::matmul_f32(xs[0], xs[1], &n.name, 1),
     }
 }
@@ -676,7 +682,7 @@ impl<'a> Lowering<'a> {
             }
         } else if let Some(cat) = a.downcast_ref::<Concat>() {
             let parts = cat.branches.iter().map(|(bn, b)| self.sequential(b, &join(path, bn), x)).collect();
-            self.node(join(path, &cat.cat_name), NodeOp::Cat, parts)
+            self.node(join(path, &cat.cat_name), NodeOp::Cat(1), parts)
         } else {
             self.node(path.to_string(), NodeOp::Layer(LayerRef::Tree(m)), vec![x])
         }
@@ -836,7 +842,20 @@ impl GraphBuilder {
         if parts.is_empty() {
             return Err(NnError::Graph { reason: format!("node '{name}': cat needs at least one tensor") });
         }
-        self.push(name, NodeOp::Cat, parts.to_vec())
+        self.cat_dim(name, parts, 1)
+    }
+
+    /// The tensors concatenated along dimension `dim` (`torch.cat(parts, dim)`; ONNX
+    /// `Concat`). Along dimension 1 it runs in int8 on images as on features; along others,
+    /// in int8, each part is dequantized and the whole quantized once.
+    ///
+    /// # Errors
+    /// As [`GraphBuilder::layer`], or no tensors.
+    pub fn cat_dim(&mut self, name: &str, parts: &[Tensor], dim: usize) -> Result<Tensor> {
+        if parts.is_empty() {
+            return Err(NnError::Graph { reason: format!("node '{name}': cat needs at least one tensor") });
+        }
+        self.push(name, NodeOp::Cat(dim), parts.to_vec())
     }
 
     /// `torch.chunk(x, chunks, dim)`: one [`crate::layers::Slice`] node per piece, named

@@ -2,6 +2,7 @@
 //! children as PyTorch does (`layer1.0.conv1`).
 
 use std::any::Any;
+use std::borrow::Borrow;
 use std::fmt::Debug;
 
 use ndarray::ArrayD;
@@ -411,10 +412,10 @@ impl Concat {
     }
 }
 
-/// Concatenates float tensors along dimension 1 (`[n, c, h, w]` or `[n, features]`),
-/// checking that the other dimensions agree.
-pub(crate) fn cat_dim1(parts: &[ArrayD<f32>], name: &str) -> Result<ArrayD<f32>> {
-    let Some(first) = parts.first() else {
+/// Concatenates float tensors along dimension `dim` (1 for `[n, c, h, w]` or
+/// `[n, features]`), checking that the other dimensions agree.
+pub(crate) fn cat_dim<A: std::borrow::Borrow<ArrayD<f32>>>(parts: &[A], dim: usize, name: &str) -> Result<ArrayD<f32>> {
+    let Some(first) = parts.first().map(Borrow::borrow) else {
         return Err(crate::error::NnError::Shape {
             module: name.to_string(),
             kind: "Concat",
@@ -422,24 +423,25 @@ pub(crate) fn cat_dim1(parts: &[ArrayD<f32>], name: &str) -> Result<ArrayD<f32>>
             got: Vec::new(),
         });
     };
-    for p in parts {
+    for p in parts.iter().map(Borrow::borrow) {
         let same_rest = p.ndim() == first.ndim()
-            && p.ndim() >= 2
-            && p.shape().iter().zip(first.shape()).enumerate().all(|(i, (a, b))| i == 1 || a == b);
+            && p.ndim() >= 2.max(dim + 1)
+            && p.shape().iter().zip(first.shape()).enumerate().all(|(i, (a, b))| i == dim || a == b);
         if !same_rest {
+            let what = if dim == 1 { " (channels)" } else { "" };
             return Err(crate::error::NnError::Shape {
                 module: name.to_string(),
                 kind: "Concat",
                 expected: format!(
-                    "branch outputs that differ only in dimension 1 (channels); the first branch gave {:?}",
+                    "branch outputs that differ only in dimension {dim}{what}; the first branch gave {:?}",
                     first.shape()
                 ),
                 got: p.shape().to_vec(),
             });
         }
     }
-    let views: Vec<_> = parts.iter().map(ArrayD::view).collect();
-    Ok(ndarray::concatenate(ndarray::Axis(1), &views).expect("shapes checked above"))
+    let views: Vec<_> = parts.iter().map(|p| p.borrow().view()).collect();
+    Ok(ndarray::concatenate(ndarray::Axis(dim), &views).expect("shapes checked above"))
 }
 
 impl Module for Concat {
@@ -453,7 +455,7 @@ impl Module for Concat {
             .iter()
             .map(|(name, b)| b.forward(x).map_err(|e| e.within(name)))
             .collect::<Result<Vec<_>>>()?;
-        cat_dim1(&parts, &self.cat_name)
+        cat_dim(&parts, 1, &self.cat_name)
     }
 
     fn children(&self) -> Vec<(&str, &dyn Module)> {

@@ -657,7 +657,7 @@ impl Prepared {
                 });
             }
         }
-        let Prepared { mut graph, kernels, nodes, plan, obs, input_cfgs, tables, .. } = self;
+        let Prepared { mut graph, kernels, nodes, mut plan, obs, input_cfgs, tables, .. } = self;
         // The parameters each value has (int8) or is quantized with when an int8 op reads it
         // (float): its producer's observed ones, or its input's for ops that keep them.
         let mut vq: Vec<Option<QuantU8>> = vec![None; graph.values];
@@ -696,7 +696,7 @@ impl Prepared {
         let mut qnodes = Vec::with_capacity(graph.nodes.len());
         // Custom integer ranges of node outputs, applied once the graph's own rewrites are done.
         let mut ranges: Vec<Option<((u8, u8), QuantU8)>> = Vec::with_capacity(graph.nodes.len());
-        for ((n, p), kernel) in graph.nodes.into_iter().zip(nodes).zip(kernels) {
+        for (i, ((n, p), kernel)) in graph.nodes.into_iter().zip(nodes).zip(kernels).enumerate() {
             let (out_q, out_range) = match p.obs {
                 Some(k) => {
                     let what = format!("{} output", n.name);
@@ -706,9 +706,15 @@ impl Prepared {
                 None => (None, None),
             };
             let in_q = q_of(&vq, n.inputs[0]);
-            let int8 = p.mode == Mode::Int8;
+            let mut int8 = p.mode == Mode::Int8;
             let qs: Vec<QuantU8> = n.inputs.iter().map(|&t| q_of(&vq, t)).collect();
             let joined = || out_q.expect("joins are observed");
+            if let (NodeOp::Cat(_), true) = (&n.op, int8) {
+                if let Some(why) = cat_ranges_apart(&qs, joined()) {
+                    int8 = false;
+                    plan[i].mode = Mode::Float(FloatReason::FloatOp { why });
+                }
+            }
             let op: Box<dyn QOp> = match n.op {
                 NodeOp::Layer(m) => match &p.mode {
                     Mode::Passthrough => Box::new(PassOp),
@@ -729,7 +735,7 @@ impl Prepared {
                 },
                 NodeOp::Add => Box::new(AddOp::new([qs[0], qs[1]], joined(), int8)),
                 NodeOp::Mul => Box::new(MulOp::new([qs[0], qs[1]], joined(), int8)),
-                NodeOp::Cat => Box::new(CatOp::new(qs, joined(), int8)),
+                NodeOp::Cat(dim) => Box::new(CatOp::new(qs, joined(), int8, dim)),
                 NodeOp::MatMul => Box::new(MatMulOp::new([qs[0], qs[1]], joined(), int8)),
             };
             // What the op writes: its own parameters (fixed ones for sigmoid-like tables),
@@ -789,6 +795,28 @@ fn fake_quantize_dynamic(x: &ArrayD<f32>, how: qobserve::Dynamic) -> qtensor::Re
         }
     }
     Ok(ArrayD::from_shape_vec(x.raw_dim(), out).expect("same length"))
+}
+
+/// How many times coarser than its finest input an int8 concatenation's one output scale may
+/// be: beyond it (the finest input would keep under 4 of its 8 bits, as when YOLOv8 joins
+/// box coordinates of hundreds of pixels with class probabilities below 1), the inputs are
+/// joined in float.
+const CAT_SCALE_RATIO: f32 = 16.0;
+
+/// Why an int8 concatenation of inputs with parameters `qs` into `out` runs in float, if it
+/// must (see [`CAT_SCALE_RATIO`]).
+fn cat_ranges_apart(qs: &[QuantU8], out: QuantU8) -> Option<String> {
+    let (k, finest) = qs.iter().enumerate().min_by(|a, b| a.1.scale.total_cmp(&b.1.scale))?;
+    let ratio = out.scale / finest.scale;
+    (ratio > CAT_SCALE_RATIO).then(|| {
+        let bits = 8.0 - ratio.log2();
+        let kept = if bits < 1.0 { "none".to_string() } else { format!("{bits:.1}") };
+        format!(
+            "joins inputs whose ranges differ {ratio:.0}x (input {k} has scale {:.3e}, the whole {:.3e}): in int8 \
+             input {k} would keep {kept} of its 8 bits, so it runs in float",
+            finest.scale, out.scale
+        )
+    })
 }
 
 /// The parameters of a value that no int8 op reads and whose observer saw nothing (a

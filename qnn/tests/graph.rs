@@ -741,3 +741,53 @@ fn smooth_quant_moves_outliers_into_the_weights_and_keeps_the_function() {
         assert!(e.contains(what), "{e}");
     }
 }
+
+/// Concatenations along any dimension: image heights (dimension 2) in int8, each part
+/// dequantized and the whole quantized once; a join of values whose ranges differ more than
+/// 16x (a detector's box coordinates and class scores) runs in float, says why in the plan,
+/// and keeps the small part's precision. Saved and loaded, the same bits.
+#[test]
+fn concatenations_along_any_dimension_and_of_far_apart_ranges() {
+    let build = || {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x");
+        let a = g.layer("a", Conv2d::new(2, 4, 3).padding(1), x).unwrap();
+        let b = g.layer("b", Conv2d::new(2, 4, 1), x).unwrap();
+        let rows = g.cat_dim("rows", &[a, b], 2).unwrap();
+        let small = g.layer("shrink", qnn::layers::MulScalar { factor: 1e-3 }, b).unwrap();
+        let far = g.cat("far", &[a, small]).unwrap();
+        g.output(rows);
+        g.output(far);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 4);
+        graph
+    };
+    let x = images(6, &[2, 2, 6, 6]);
+    let float = build().run(std::slice::from_ref(&x)).unwrap();
+    assert_eq!(float[0].shape(), &[2, 4, 12, 6]);
+    assert_eq!(float[1].shape(), &[2, 8, 6, 6]);
+    let mut p = prepare(build(), &QConfigMapping::new(QConfig::default())).unwrap();
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap();
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    assert_eq!(mode("rows"), Mode::Int8);
+    let Mode::Float(why) = mode("far") else { panic!("far: {:?}", mode("far")) };
+    let why = why.to_string();
+    assert!(why.contains("differ") && why.contains("input 1") && why.contains("float"), "{why}");
+    let out = q.forward_inputs(std::slice::from_ref(&x)).unwrap();
+    assert_eq!(out[0].shape(), &[2, 4, 12, 6]);
+    assert!(sqnr_db(&float[0], &out[0]) > 30.0, "rows: {:.1} dB", sqnr_db(&float[0], &out[0]));
+    // The scaled part keeps its own int8 precision (one shared scale would round it to zero).
+    let part = |y: &ArrayD<f32>| y.slice(ndarray::s![.., 4.., .., ..]).to_owned().into_dyn();
+    let small_sqnr = sqnr_db(&part(&float[1]), &part(&out[1]));
+    assert!(small_sqnr > 30.0, "the small part: {small_sqnr:.1} dB");
+    let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward_inputs(std::slice::from_ref(&x)).unwrap(), out);
+    // Parts that differ beyond the joined dimension are an error naming the node and shapes.
+    let mut g = GraphBuilder::new();
+    let (a, b) = (g.input("a"), g.input("b"));
+    let z = g.cat_dim("bad", &[a, b], 2).unwrap();
+    g.output(z);
+    let e = g.build().unwrap().run(&[images(0, &[1, 2, 3, 3]), images(0, &[1, 3, 3, 3])]).unwrap_err().to_string();
+    assert!(e.contains("bad") && e.contains("[1, 3, 3, 3]") && e.contains("dimension 2"), "{e}");
+}

@@ -389,7 +389,10 @@ impl Writer<'_> {
                     "Add" => self.node("Add", name, &refs, &y, vec![]),
                     "Mul" => self.node("Mul", name, &refs, &y, vec![]),
                     "MatMul" => self.node("MatMul", name, &refs, &y, vec![]),
-                    _ => self.node("Concat", name, &refs, &y, vec![attr_i("axis", 1)]),
+                    _ => {
+                        let axis = a["dim"].as_i64().unwrap_or(1);
+                        self.node("Concat", name, &refs, &y, vec![attr_i("axis", axis)])
+                    }
                 }
                 let y = if a["relu"].as_bool() == Some(true) { self.activation(name, y, &J::from("Relu")) } else { y };
                 if int8 {

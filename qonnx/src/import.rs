@@ -27,12 +27,12 @@ use crate::tensor::{decode, Const, Data, BATCH, TOKENS};
 
 /// The op types of the default domain that import (constant-only ops fold at import).
 pub const SUPPORTED: &[&str] = &[
-    "Add (computed values; a constant per channel, a scalar, or a constant of one image)",
+    "Add (computed values; a constant per channel, a scalar, or a constant that broadcasts against one item)",
     "AveragePool",
     "BatchNormalization",
     "Cast",
     "Clip",
-    "Concat (computed values; constants of one image, repeated over the batch)",
+    "Concat (computed values along any axis but the batch's; constants of one image, repeated over the batch)",
     "Constant",
     "ConstantOfShape",
     "Conv",
@@ -46,16 +46,16 @@ pub const SUPPORTED: &[&str] = &[
     "Gelu (and its Erf form)",
     "GlobalAveragePool",
     "GlobalMaxPool",
-    "HardSigmoid",
+    "HardSigmoid (beta 0.5)",
     "HardSwish",
     "Identity",
     "LayerNormalization (last axis)",
     "MatMul",
     "MaxPool",
-    "Mul (computed values; by a constant per channel of an image, or by a scalar)",
+    "Mul (computed values; by a constant per channel of an image, a scalar, or a constant that broadcasts against one item off images)",
     "Pad",
     "Range (constants)",
-    "ReduceMean (spatial axes)",
+    "ReduceMean (spatial axes of NCHW, the last of [n, c, length])",
     "Relu",
     "Reshape",
     "Resize",
@@ -65,7 +65,7 @@ pub const SUPPORTED: &[&str] = &[
     "Softmax",
     "Split",
     "Squeeze",
-    "Sub",
+    "Sub (computed values; a constant either side)",
     "Sum",
     "Tanh",
     "Transpose",
@@ -720,12 +720,21 @@ impl Importer {
             "HardSwish" => self.unary(cx, Box::new(Hardswish)),
             "HardSigmoid" => {
                 let (alpha, beta) = (cx.float("alpha", 0.2), cx.float("beta", 0.5));
-                if (alpha - 1.0 / 6.0).abs() > 1e-6 || (beta - 0.5).abs() > 1e-6 {
+                if (beta - 0.5).abs() > 1e-6 || !(alpha.is_finite() && alpha > 0.0) {
                     return Err(cx.err(format!(
-                        "alpha {alpha}, beta {beta}: qonnx computes PyTorch's hardsigmoid (alpha 1/6, beta 0.5) only"
+                        "alpha {alpha}, beta {beta}: qonnx computes max(0, min(1, alpha * x + 0.5)) for alpha > 0 \
+                         (PyTorch's hardsigmoid has alpha 1/6)"
                     )));
                 }
-                self.unary(cx, Box::new(HardSigmoid))
+                if (alpha - 1.0 / 6.0).abs() <= 1e-6 {
+                    return self.unary(cx, Box::new(HardSigmoid));
+                }
+                // Another slope (Paddle's 0.2): PyTorch's hardsigmoid of x * 6 alpha, the product
+                // a change of parameters in int8.
+                let x = self.graph_in(cx, 0)?;
+                let scaled = self.layer(cx, ":slope", Box::new(MulScalar { factor: 6.0 * alpha }), &x)?;
+                let y = self.layer(cx, "", Box::new(HardSigmoid), &scaled)?;
+                Ok(vec![Val::Node(Node { rows_of: x.rows_of.clone(), ..y })])
             }
             "Gelu" => {
                 let tanh = match cx.string("approximate", "none").as_str() {
@@ -1095,11 +1104,16 @@ impl Importer {
                         a.shape, b.shape
                     )));
                 };
+                // a - b is a + (-b).
+                let b_t = match op.as_str() {
+                    "Sub" => self.layer(cx, ":neg", Box::new(MulScalar { factor: -1.0 }), &b)?.t,
+                    _ => b.t,
+                };
                 let name = self.fresh(&cx.name);
                 let t = match op.as_str() {
-                    "Add" | "Sum" => self.b.add(&name, a.t, b.t)?,
-                    "Mul" => self.b.mul(&name, a.t, b.t)?,
-                    _ => return Err(cx.err("of two computed values is not supported (only Add, Sum and Mul are)")),
+                    "Add" | "Sum" | "Sub" => self.b.add(&name, a.t, b_t)?,
+                    "Mul" => self.b.mul(&name, a.t, b_t)?,
+                    _ => return Err(cx.err("of two computed values is not supported (only Add, Sum, Sub and Mul are)")),
                 };
                 // The batch axis of an operand of the output's rank (ranks may differ; the
                 // output's is the larger).
@@ -1120,16 +1134,16 @@ impl Importer {
     /// A computed value and a float constant of one image (`[1, ...]`, the value's shape
     /// past the batch: ViT's positional embedding): the constant repeated over the batch by
     /// a [`BatchConst`] reading `x`, then a graph addition or product (`x - k` adds `-k`,
-    /// `x / k` multiplies by `1 / k`).
+    /// `k - x` adds `k` to `-x`, `x / k` multiplies by `1 / k`).
     fn image_const(&mut self, cx: &Cx<'_>, op: &str, x: &Node, k: &Const, const_first: bool) -> Result<Vec<Val>> {
         let v = k.to_f32();
         let v: Vec<f32> = match (op, const_first) {
-            ("Add" | "Sum" | "Mul", _) => v,
+            ("Add" | "Sum" | "Mul" | "Sub", _) if op != "Sub" || const_first => v,
             ("Sub", false) => v.iter().map(|&a| -a).collect(),
             ("Div", false) => v.iter().map(|&a| 1.0 / a).collect(),
             _ => {
                 return Err(cx.err(format!(
-                "a constant of shape {:?} {} a computed value: qonnx takes x + k, k + x, x - k, x * k, k * x and x / k",
+                "a constant of shape {:?} {} a computed value: qonnx takes x + k, k + x, x - k, k - x, x * k, k * x and x / k",
                 k.shape,
                 if op == "Sub" { "minus" } else { "over" }
             )))
@@ -1138,15 +1152,20 @@ impl Importer {
         if v.iter().any(|a| !a.is_finite()) {
             return Err(cx.err(format!("the constant of shape {:?} has values that are not finite", k.shape)));
         }
-        let mut shape = x.shape.clone();
-        shape[0] = 1;
-        let value = ArrayD::from_shape_vec(IxDyn(&shape), v).expect("the shape of x's image");
+        let shape = image_const_shape(k, x).expect("checked by is_image_const");
+        let value = ArrayD::from_shape_vec(IxDyn(&shape), v).expect("the constant's own size");
         let konst = BatchConst::new(value).map_err(|e| cx.err(e.to_string()))?;
         let c = self.layer(cx, ":const", Box::new(konst), x)?;
+        // k - x is (-x) + k.
+        let x_t = if op == "Sub" && const_first {
+            self.layer(cx, ":neg", Box::new(MulScalar { factor: -1.0 }), x)?.t
+        } else {
+            x.t
+        };
         let name = self.fresh(&cx.name);
         let t = match op {
-            "Add" | "Sum" | "Sub" => self.b.add(&name, x.t, c.t)?,
-            _ => self.b.mul(&name, x.t, c.t)?,
+            "Add" | "Sum" | "Sub" => self.b.add(&name, x_t, c.t)?,
+            _ => self.b.mul(&name, x_t, c.t)?,
         };
         Ok(vec![Val::Node(Node { t, shape: x.shape.clone(), rows_of: None, ..x.clone() })])
     }
@@ -1357,25 +1376,31 @@ impl Importer {
             });
         }
         let rank = nodes[0].shape.len();
-        if norm_axis(cx, axis, rank)? != 1 {
-            return Err(cx.err(format!("axis {axis}: qonnx concatenates along axis 1 (channels or features)")));
+        let d = norm_axis(cx, axis, rank)?;
+        if nodes[0].batch && nodes[0].batch_axis.unwrap_or(0) == d {
+            return Err(cx.err(format!(
+                "axis {axis} is the batch's: qonnx concatenates along the other axes (run the inputs as one batch \
+                 instead)"
+            )));
         }
         let mut shape = nodes[0].shape.clone();
-        shape[1] = 0;
+        shape[d] = 0;
         for n in &nodes {
-            if n.shape.len() != rank || n.shape[0] != shape[0] || n.shape[2..] != shape[2..] {
+            let fits = n.shape.len() == rank
+                && n.shape.iter().zip(&nodes[0].shape).enumerate().all(|(i, (a, b))| i == d || a == b);
+            if !fits {
                 return Err(cx.err(format!(
-                    "inputs of shapes {:?} differ beyond axis 1",
+                    "inputs of shapes {:?} differ beyond axis {d}",
                     nodes.iter().map(|n| &n.shape).collect::<Vec<_>>()
                 )));
             }
-            shape[1] += n.shape[1];
+            shape[d] += n.shape[d];
         }
         let name = self.fresh(&cx.name);
         let ts: Vec<Tensor> = nodes.iter().map(|n| n.t).collect();
-        let t = self.b.cat(&name, &ts)?;
-        let batch_axis = nodes[0].batch_axis.filter(|&b| b != 1);
-        let tokens = map_axes(&nodes[0].tokens, |k| (k != 1).then_some(k));
+        let t = self.b.cat_dim(&name, &ts, d)?;
+        let batch_axis = nodes[0].batch_axis.filter(|&b| b != d);
+        let tokens = map_axes(&nodes[0].tokens, |k| (k != d).then_some(k));
         Ok(vec![Val::Node(Node { t, shape, batch: nodes[0].batch, rows_of: None, batch_axis, tokens })])
     }
 
@@ -1427,17 +1452,45 @@ impl Importer {
         let mut axes: Vec<usize> =
             axes.unwrap_or_default().iter().map(|&a| norm_axis(cx, a, x.shape.len())).collect::<Result<_>>()?;
         axes.sort_unstable();
-        if x.shape.len() != 4 || axes != [2, 3] {
-            return Err(cx.err(format!(
-                "axes {axes:?} of shape {:?}: qonnx takes the mean over the spatial axes [2, 3] of NCHW (global average pooling)",
+        axes.dedup();
+        let refuse = || {
+            cx.err(format!(
+                "axes {axes:?} of shape {:?}: qonnx takes the mean over spatial axes: [2, 3], [2] or [3] of NCHW, \
+                 the last of [n, c, length]",
                 x.shape
-            )));
+            ))
+        };
+        if x.batch_axis.is_some_and(|b| b != 0) {
+            return Err(refuse());
         }
-        let pooled = self.layer(cx, "", Box::new(AdaptiveAvgPool2d(1, 1)), &x)?;
-        if keep {
-            Ok(pooled)
-        } else {
-            self.layer(cx, ":squeeze", Box::new(Flatten), &pooled)
+        match (x.shape.as_slice(), axes.as_slice()) {
+            (&[_, _, h, w], a) if matches!(a, [2, 3] | [2] | [3]) => {
+                let (oh, ow) = (if a.contains(&2) { 1 } else { h }, if a.contains(&3) { 1 } else { w });
+                let pooled = self.layer(cx, "", Box::new(AdaptiveAvgPool2d(oh, ow)), &x)?;
+                if keep {
+                    return Ok(pooled);
+                }
+                let rest: Vec<i64> = pooled.shape[1..]
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| !a.contains(&(k + 1)))
+                    .map(|(_, &d)| d as i64)
+                    .collect();
+                let target: Vec<i64> = std::iter::once(-1).chain(rest).collect();
+                if target.len() == 2 {
+                    return self.layer(cx, ":squeeze", Box::new(Flatten), &pooled);
+                }
+                self.layer(cx, ":squeeze", Box::new(Reshape { shape: target, keep_batch: false }), &pooled)
+            }
+            (&[_, c, l], [2]) => {
+                // [n, c, length] as the image [n, c, 1, length], pooled, then back to rank 3.
+                let image = Reshape { shape: vec![-1, c as i64, 1, l as i64], keep_batch: false };
+                let image = self.layer(cx, ":image", Box::new(image), &x)?;
+                let pooled = self.layer(cx, "", Box::new(AdaptiveAvgPool2d(1, 1)), &image)?;
+                let target = if keep { vec![-1, c as i64, 1] } else { vec![-1, c as i64] };
+                self.layer(cx, ":squeeze", Box::new(Reshape { shape: target, keep_batch: false }), &pooled)
+            }
+            _ => Err(refuse()),
         }
     }
 
@@ -2579,14 +2632,26 @@ fn fold_broadcast(cx: &Cx<'_>, cs: &[Const]) -> Result<Const> {
 
 /// `k` is a float constant holding one image of `x` (`[1, ...]` or without the batch axis,
 /// the rest `x`'s, more than one value, not a per-channel vector).
+/// `k`'s shape as a constant of one item of `x`: ones in front up to `x`'s rank, the first
+/// of them the batch's; `None` unless every other size is `x`'s or 1.
+fn image_const_shape(k: &Const, x: &Node) -> Option<Vec<usize>> {
+    let pad = x.shape.len().checked_sub(k.shape.len())?;
+    let shape: Vec<usize> = std::iter::repeat_n(1, pad).chain(k.shape.iter().copied()).collect();
+    let fits = shape.first() == Some(&1) && shape.iter().zip(&x.shape).skip(1).all(|(&a, &b)| a == b || a == 1);
+    fits.then_some(shape)
+}
+
 fn is_image_const(k: &Const, x: &Node) -> bool {
     let rest = &x.shape[1.min(x.shape.len())..];
     let image = k.shape.len() == x.shape.len() && k.shape.first() == Some(&1) && &k.shape[1..] == rest;
     let unbatched = k.shape.len() + 1 == x.shape.len() && k.shape == rest;
+    // Off images, any constant that broadcasts against one item (YOLOv8's anchors and strides,
+    // `[1, 2100]` against `[1, 4, 2100]`).
+    let broadcast = x.shape.len() != 4 && image_const_shape(k, x).is_some();
     matches!(k.data, Data::F32(_))
         && k.len() > 1
         && x.shape.len() >= 2
-        && (image || unbatched)
+        && (image || unbatched || broadcast)
         && x.rows_of.is_none()
         && x.batch_axis.is_none_or(|b| b == 0)
 }

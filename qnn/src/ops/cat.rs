@@ -1,6 +1,8 @@
-//! Values concatenated along dimension 1 (`torch.cat(dim=1)`, a `Concat` block, ONNX `Concat`
-//! on channels): in float, and in int8 (`qkernels::cat_channels`, each branch requantized to
-//! the observed output parameters).
+//! Values concatenated along one dimension (`torch.cat`, a `Concat` block, ONNX `Concat`):
+//! in float, and in int8. Along dimension 1 of images, `qkernels::cat_channels` requantizes
+//! each branch to the observed output parameters; along any other dimension, or on values
+//! that are not images, each branch is dequantized and the whole quantized once (PyTorch's
+//! `quantized::cat` off its channels-last path).
 
 use ndarray::ArrayD;
 use qkernels::QuantU8;
@@ -9,7 +11,7 @@ use serde_json::Value as J;
 
 use super::{attrs, op_err, parse, OpWriter, QOp, SavedQ};
 use crate::error::{NnError, Result};
-use crate::module::cat_dim1;
+use crate::module::cat_dim;
 use crate::quant::{quantized, Run, Value};
 use crate::scratch;
 
@@ -19,11 +21,18 @@ pub struct CatOp {
     qs: Vec<SavedQ>,
     out_q: SavedQ,
     int8: bool,
+    /// The dimension joined (models saved before it existed joined dimension 1).
+    #[serde(default = "dim1")]
+    dim: usize,
+}
+
+fn dim1() -> usize {
+    1
 }
 
 impl CatOp {
-    pub(crate) fn new(qs: Vec<QuantU8>, out_q: QuantU8, int8: bool) -> Self {
-        CatOp { qs: qs.into_iter().map(SavedQ).collect(), out_q: out_q.into(), int8 }
+    pub(crate) fn new(qs: Vec<QuantU8>, out_q: QuantU8, int8: bool, dim: usize) -> Self {
+        CatOp { qs: qs.into_iter().map(SavedQ).collect(), out_q: out_q.into(), int8, dim }
     }
 }
 
@@ -38,13 +47,13 @@ impl QOp for CatOp {
         let out_q = self.out_q.0;
         if !self.int8 {
             let parts: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
-            return Ok(Value::F32(cat_dim1(&parts, "")?));
+            return Ok(Value::F32(cat_dim(&parts, self.dim, "")?));
         }
-        if parts.iter().all(|p| p.shape().len() != 4) {
-            // PyTorch's `quantized::cat` off its channels-last path (features, tokens):
-            // dequantize, concatenate, quantize.
+        if self.dim != 1 || parts.iter().all(|p| p.shape().len() != 4) {
+            // PyTorch's `quantized::cat` off its channels-last path (features, tokens, other
+            // dimensions): dequantize, concatenate, quantize.
             let floats: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
-            let y = cat_dim1(&floats, "")?;
+            let y = cat_dim(&floats, self.dim, "")?;
             return Value::quantize(y.view(), out_q).map_err(op_err);
         }
         let mut quantized_parts = Vec::with_capacity(parts.len());

@@ -38,11 +38,12 @@ fn backend_cases_match_their_outputs() {
         eprintln!("  {r}");
     }
     // What is refused, and why: a bias computed at run time added to a product of computed
-    // matrices (`addmm`; `mm`, the same product without it, imports and matches), and a mean
-    // over one spatial axis only. Everything else imports and matches.
+    // matrices (`addmm`; `mm`, the same product without it, imports and matches). Everything
+    // else imports and matches (the means over one spatial axis too).
     let mut names: Vec<&str> = refused.iter().map(|r| r.split(':').next().unwrap()).collect();
     names.sort_unstable();
-    assert_eq!(names, ["test_operator_addmm", "test_operator_reduced_mean", "test_operator_reduced_mean_keepdim"]);
+    assert_eq!(names, ["test_operator_addmm"]);
+    assert!(pass.iter().any(|p| p == "test_operator_reduced_mean_keepdim"), "{pass:?}");
     assert!(refused[0].contains("computed at run time"), "{refused:?}");
     assert!(pass.iter().any(|p| p == "test_operator_mm"), "{pass:?}");
     assert_eq!(pass.len() + refused.len(), index.as_array().unwrap().len());

@@ -258,7 +258,17 @@ fn settings_we_cannot_honour_are_errors() {
             vec![floats("w0", &[2, 2, 0, 1], vec![])],
             &["'empty'", "every dimension must be at least 1"],
         ),
-        (vec![node("HardSigmoid", "hs", &["x"], &["y"], vec![])], vec![], &["alpha 0.2", "PyTorch's hardsigmoid"]),
+        (
+            vec![node(
+                "HardSigmoid",
+                "hs",
+                &["x"],
+                &["y"],
+                vec![AttributeProto { name: Some("beta".into()), f: Some(0.25), ..Default::default() }],
+            )],
+            vec![],
+            &["'hs'", "beta 0.25", "alpha * x + 0.5"],
+        ),
         (
             vec![node(
                 "MaxPool",
@@ -275,7 +285,7 @@ fn settings_we_cannot_honour_are_errors() {
             vec![floats("k", &[4], vec![2.0; 4])],
             &["'scale'", "one value or one per channel"],
         ),
-        (vec![node("Concat", "cat", &["x", "x"], &["y"], vec![int("axis", 2)])], vec![], &["axis 2", "axis 1"]),
+        (vec![node("Concat", "cat", &["x", "x"], &["y"], vec![int("axis", 0)])], vec![], &["'cat'", "axis 0", "batch"]),
     ];
     for (nodes, inits, parts) in cases {
         let bytes = model(17, x4(), nodes, inits, "y");
@@ -647,4 +657,111 @@ fn range_folds_at_import() {
     assert_eq!(y, want);
     let err = qonnx::from_bytes(&graph(0.0), &ImportOptions::default()).unwrap_err().to_string();
     assert!(err.contains("rf") && err.contains("delta 0"), "{err}");
+}
+
+/// The arithmetic of YOLOv8's detection head on 3-D values: a product with a constant that
+/// broadcasts against one item (`[1, 3]` against `[batch, 2, 3]`), a constant minus a computed
+/// value, the difference of two computed values, and a concatenation along the last axis
+/// (`axis = -1`), at batch 2; a concatenation along the batch is an error naming the node.
+#[test]
+fn head_arithmetic_on_three_dimensional_values() {
+    let graph = |axis: i64| {
+        model(
+            17,
+            value("x", &[None, Some(2), Some(3)]),
+            vec![
+                node("Mul", "scale", &["x", "k"], &["a"], vec![]),
+                node("Sub", "flip", &["k2", "x"], &["b"], vec![]),
+                node("Sub", "diff", &["a", "b"], &["c"], vec![]),
+                node("Concat", "join", &["a", "c"], &["y"], vec![int("axis", axis)]),
+            ],
+            vec![floats("k", &[1, 3], vec![0.5, 2.0, -1.0]), floats("k2", &[2, 1], vec![10.0, 20.0])],
+            "y",
+        )
+    };
+    let m = qonnx::from_bytes(&graph(-1), &ImportOptions::default()).unwrap();
+    let x = ramp(&[2, 2, 3]);
+    let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    assert_eq!(y.shape(), &[2, 2, 6]);
+    let (k, k2) = ([0.5f32, 2.0, -1.0], [10.0f32, 20.0]);
+    let want = ArrayD::from_shape_fn(IxDyn(&[2, 2, 6]), |ix| {
+        let (n, i, j) = (ix[0], ix[1], ix[2] % 3);
+        let a = x[[n, i, j]] * k[j];
+        if ix[2] < 3 {
+            a
+        } else {
+            a - (k2[i] - x[[n, i, j]])
+        }
+    });
+    assert_eq!(y, want);
+    let err = qonnx::from_bytes(&graph(0), &ImportOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("join") && err.contains("batch"), "{err}");
+}
+
+/// `HardSigmoid` with ONNX's default slope (0.2, Paddle's) as well as PyTorch's (1/6):
+/// `max(0, min(1, alpha * x + 0.5))`.
+#[test]
+fn hard_sigmoid_takes_any_slope() {
+    for alpha in [None, Some(1.0f32 / 6.0), Some(0.5)] {
+        let attrs = alpha.map(|a| AttributeProto { name: Some("alpha".into()), f: Some(a), ..Default::default() });
+        let bytes = model(
+            17,
+            value("x", &[None, Some(4)]),
+            vec![node("HardSigmoid", "hs", &["x"], &["y"], attrs.into_iter().collect())],
+            vec![],
+            "y",
+        );
+        let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+        let x = ramp(&[3, 4]).mapv(|v| v * 4.0);
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let a = alpha.unwrap_or(0.2);
+        for (got, v) in y.iter().zip(x.iter()) {
+            let want = (a * v + 0.5).clamp(0.0, 1.0);
+            assert!((got - want).abs() < 1e-6, "alpha {a}, x {v}: {got} against {want}");
+        }
+    }
+}
+
+/// `ReduceMean` over spatial axes: both of NCHW, one of them (with and without `keepdims`),
+/// and the last axis of `[n, c, length]` (the squeeze-and-excitation of sequence models), at
+/// batch 2, against the mean computed here.
+#[test]
+fn reduce_mean_over_spatial_axes() {
+    // (input shape, axes, keepdims, output shape)
+    type Case<'a> = (&'a [i64], &'a [i64], i64, &'a [usize]);
+    let cases: [Case<'_>; 5] = [
+        (&[2, 3, 4, 5], &[2, 3], 1, &[2, 3, 1, 1]),
+        (&[2, 3, 4, 5], &[3], 0, &[2, 3, 4]),
+        (&[2, 3, 4, 5], &[-2], 1, &[2, 3, 1, 5]),
+        (&[2, 3, 6], &[-1], 1, &[2, 3, 1]),
+        (&[2, 3, 6], &[2], 0, &[2, 3]),
+    ];
+    for (shape, axes, keep, out) in cases {
+        let dims: Vec<Option<i64>> = std::iter::once(None).chain(shape[1..].iter().map(|&d| Some(d))).collect();
+        let bytes = model(
+            17,
+            value("x", &dims),
+            vec![node("ReduceMean", "m", &["x"], &["y"], vec![ints("axes", axes), int("keepdims", keep)])],
+            vec![],
+            "y",
+        );
+        let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+        let ushape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let x = ramp(&ushape);
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let mut want = x.clone();
+        let rank = shape.len() as i64;
+        let mut norm: Vec<usize> = axes.iter().map(|&a| (if a < 0 { a + rank } else { a }) as usize).collect();
+        norm.sort_unstable();
+        for &a in norm.iter().rev() {
+            want = want.mean_axis(ndarray::Axis(a)).unwrap();
+            if keep == 1 {
+                want = want.insert_axis(ndarray::Axis(a));
+            }
+        }
+        assert_eq!(y.shape(), out, "axes {axes:?} of {shape:?}");
+        for (g, w) in y.iter().zip(want.iter()) {
+            assert!((g - w).abs() < 1e-6, "axes {axes:?} of {shape:?}: {g} against {w}");
+        }
+    }
 }
