@@ -441,20 +441,48 @@ pub fn cat_channels(inputs: &[QImage<'_>], out: &mut [u8], qo: QuantU8) -> Resul
             })
         })
         .collect();
-    for (p, dst) in out.chunks_exact_mut(c_total).enumerate() {
-        let mut off = 0;
-        for (x, t) in inputs.iter().zip(&tables) {
-            let src = &x.data[p * x.c..(p + 1) * x.c];
-            match t {
-                None => dst[off..off + x.c].copy_from_slice(src),
-                Some((tv, ts, nv)) => {
-                    for (ch, (d, s)) in dst[off..off + x.c].iter_mut().zip(src).enumerate() {
-                        *d = if ch < *nv { tv[*s as usize] } else { ts[*s as usize] };
+    // Each input's pixels go through its tables (the CPU's lookup kernel) in runs of up to
+    // CAT_RUN bytes, then each pixel's channels move to their place in the output.
+    const CAT_RUN: usize = 4096;
+    let lut = crate::registry::kernels(qtensor::isa::selected()).lut;
+    let pixels = n * h * w;
+    let mut off = 0;
+    for (x, t) in inputs.iter().zip(&tables) {
+        let c = x.c;
+        let place = |p0: usize, run: &[u8], part: std::ops::Range<usize>, out: &mut [u8]| {
+            for (k, src) in run.chunks_exact(c).enumerate() {
+                let at = (p0 + k) * c_total + off;
+                out[at + part.start..at + part.end].copy_from_slice(&src[part.clone()]);
+            }
+        };
+        match t {
+            None => place(0, x.data, 0..c, out),
+            Some((tv, ts, nv)) => {
+                let step = (CAT_RUN / c).max(1);
+                let (mut va, mut sa) = ([0u8; CAT_RUN], [0u8; CAT_RUN]);
+                for p0 in (0..pixels).step_by(step) {
+                    let p1 = (p0 + step).min(pixels);
+                    let src = &x.data[p0 * c..p1 * c];
+                    if c > CAT_RUN {
+                        // One pixel at a time, straight into the output.
+                        let at = p0 * c_total + off;
+                        lut(tv, &src[..*nv], &mut out[at..at + nv]);
+                        lut(ts, &src[*nv..], &mut out[at + nv..at + c]);
+                        continue;
+                    }
+                    let len = src.len();
+                    if *nv > 0 {
+                        lut(tv, src, &mut va[..len]);
+                        place(p0, &va[..len], 0..*nv, out);
+                    }
+                    if *nv < c {
+                        lut(ts, src, &mut sa[..len]);
+                        place(p0, &sa[..len], *nv..c, out);
                     }
                 }
             }
-            off += x.c;
         }
+        off += c;
     }
     Ok(())
 }

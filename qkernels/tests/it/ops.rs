@@ -102,6 +102,39 @@ proptest! {
         }
     }
 
+    /// Channel concatenation against each channel's formula: copied where the parameters
+    /// match the output's, else requantized with PyTorch's vector-loop dequantization on the
+    /// first `c / 32 * 32 + c % 32 / 8 * 8` channels and its scalar one on the rest; images
+    /// large enough to take several runs of the lookup kernel.
+    #[test]
+    fn cat_channels_requantizes_each_channel_by_its_loop(
+        cs in prop::collection::vec(1usize..80, 1..4), pixels in 1usize..200, qs in prop::collection::vec(quant(), 4),
+        same in any::<bool>(), qo in quant(), seed in any::<u64>(),
+    ) {
+        let mut s = seed | 1;
+        let data: Vec<Vec<u8>> = cs.iter().map(|&c| (0..pixels * c).map(|_| { s ^= s << 13; s ^= s >> 7; s ^= s << 17; (s >> 40) as u8 }).collect()).collect();
+        // The first input takes the output's parameters when `same`: a plain copy.
+        let q_of = |i: usize| if same && i == 0 { qo } else { qs[i] };
+        let imgs: Vec<QImage<'_>> = data.iter().zip(&cs).enumerate().map(|(i, (d, &c))| {
+            QImage { data: d, n: 1, h: 1, w: pixels, c, scale: q_of(i).scale, zero_point: q_of(i).zero_point }
+        }).collect();
+        let total: usize = cs.iter().sum();
+        let mut out = vec![0u8; pixels * total];
+        cat_channels(&imgs, &mut out, qo).unwrap();
+        for p in 0..pixels {
+            let mut off = 0;
+            for (i, (d, &c)) in data.iter().zip(&cs).enumerate() {
+                let (qi, nv) = (q_of(i), c / 32 * 32 + c % 32 / 8 * 8);
+                for ch in 0..c {
+                    let v = d[p * c + ch];
+                    let want = if qi == qo { v } else if ch < nv { qo.quantize(qi.dequantize_vec(v)) } else { qo.quantize(qi.dequantize(v)) };
+                    prop_assert_eq!(out[p * total + off + ch], want, "pixel {}, input {}, channel {}", p, i, ch);
+                }
+                off += c;
+            }
+        }
+    }
+
     #[test]
     fn lut_vector_path_equals_scalar(x in prop::collection::vec(any::<u8>(), 0..500), seed in any::<u64>()) {
         let table: [u8; 256] = std::array::from_fn(|i| ((i as u64).wrapping_mul(seed | 1) >> 7) as u8);
@@ -214,6 +247,16 @@ fn global_average_pool_and_cat() {
     cat_channels(&[img, img2], &mut out, QuantU8 { scale: 0.1, zero_point: 3 }).unwrap();
     assert_eq!(&out[..5], &x[..5]); // same parameters: copied
     assert_eq!(&out[5..7], &[23, 23]); // 0.2 * 10 = 2.0 -> 3 + 20
+                                       // Pixels wider than a run of the lookup kernel (4096 channels) go one at a time.
+    let wide: Vec<u8> = (0..2 * 4200).map(|i| (i * 7 % 256) as u8).collect();
+    let (qw, qo) = (QuantU8 { scale: 0.3, zero_point: 9 }, QuantU8 { scale: 0.1, zero_point: 3 });
+    let w_img = QImage { data: &wide, n: 1, h: 1, w: 2, c: 4200, scale: qw.scale, zero_point: qw.zero_point };
+    let mut wide_out = vec![0u8; 2 * 4200];
+    cat_channels(&[w_img], &mut wide_out, qo).unwrap();
+    for (i, (&o, &v)) in wide_out.iter().zip(&wide).enumerate() {
+        let want = if i % 4200 < 4192 { qo.quantize(qw.dequantize_vec(v)) } else { qo.quantize(qw.dequantize(v)) };
+        assert_eq!(o, want, "element {i}");
+    }
     let e = cat_channels(&[img, QImage { h: 1, ..img2 }], &mut out, QuantU8 { scale: 0.1, zero_point: 3 }).unwrap_err();
     assert!(e.to_string().contains("height"), "{e}");
 }

@@ -5,6 +5,7 @@ pub(crate) mod depthwise;
 pub(crate) mod epilogue;
 pub(crate) mod fconv;
 pub(crate) mod gemm;
+pub(crate) mod lut;
 pub(crate) mod pack;
 pub(crate) mod transpose;
 
@@ -33,6 +34,7 @@ pub(super) fn register(k: &mut Kernels) {
     k.add_u8 = AddKernel { lanes: 32, run: add::add_u8_avx2 };
     k.f32.tile = fconv::tile_avx2;
     k.transpose = transpose::transpose;
+    k.lut = lut::lut;
 }
 
 /// The exact i16 layout and the `vpmaddubsw` panels with the layer's bound.
