@@ -605,10 +605,18 @@ unsafe fn widen_rows(a: &QMatrix<'_>, r0: usize, m: usize, out: &mut [u8]) {
             }
             at += 16;
         }
-        dst[2 * at..].fill(0);
-        for (kk, &v) in row.iter().enumerate().skip(at) {
-            // Byte kk of its quad goes to i16 slot [0, 2, 1, 3][kk % 4].
-            dst[8 * (kk / 4) + 2 * [0, 2, 1, 3][kk % 4]] = v;
+        if at < k {
+            // The last k - at (< 16) bytes, zero-padded to 16, widened the same way; the
+            // zeros fill a partial last quad.
+            let mut tail = [0u8; 16];
+            tail[..k - at].copy_from_slice(&row[at..]);
+            let mut wide = [0u8; 32];
+            // SAFETY: 16 bytes of `tail`, 32 of `wide`.
+            unsafe {
+                let v = _mm_shuffle_epi8(_mm_loadu_si128(tail.as_ptr().cast()), order);
+                _mm256_storeu_si256(wide.as_mut_ptr().cast(), _mm256_cvtepu8_epi16(v));
+            }
+            dst[2 * at..].copy_from_slice(&wide[..wl - 2 * at]);
         }
     }
 }
