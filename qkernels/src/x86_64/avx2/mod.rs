@@ -149,11 +149,58 @@ unsafe fn tile(a: &QMatrix<'_>, r0: usize, rows: usize, w: &PackedWeights, cols:
 /// 16 bytes, OR-ed, and a single test at the end (no horizontal reduction); rows shorter
 /// than 16 bytes fold bytewise.
 pub(crate) fn codes_within(row: &[u8], max: u8) -> bool {
+    if row.len() >= 32 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected (cached by std after the first call).
+        return unsafe { codes_within_avx2(row, max) };
+    }
     if row.len() < 16 || !std::arch::is_x86_feature_detected!("sse4.1") {
         return row.iter().all(|&v| v <= max);
     }
     // SAFETY: SSE4.1 was just detected (cached by std after the first call).
     unsafe { codes_within_sse41(row, max) }
+}
+
+/// [`codes_within_sse41`] 64 bytes a step into two accumulators (the OR chain of one
+/// 16-byte accumulator held ResNets' rows at a byte per cycle).
+///
+/// # Safety
+/// AVX2 available; `row.len() >= 32`.
+#[target_feature(enable = "avx2")]
+unsafe fn codes_within_avx2(row: &[u8], max: u8) -> bool {
+    use std::arch::x86_64::*;
+    let bound = _mm256_set1_epi8(max as i8);
+    let (mut o0, mut o1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let n = row.len();
+    let p = row.as_ptr();
+    /// How far each of the 32 bytes at `q` exceeds the bound (0 where it does not).
+    ///
+    /// # Safety
+    /// AVX2 available; 32 bytes readable at `q`.
+    #[inline(always)]
+    unsafe fn excess(q: *const u8, bound: __m256i) -> __m256i {
+        // SAFETY: forwarded preconditions.
+        unsafe { _mm256_subs_epu8(_mm256_loadu_si256(q.cast()), bound) }
+    }
+    let mut at = 0;
+    // SAFETY: AVX2 (precondition); every read starts at most 32 bytes before the row's end
+    // (at + 32 <= n, or n - 32 with n >= 32).
+    unsafe {
+        while at + 64 <= n {
+            o0 = _mm256_or_si256(o0, excess(p.add(at), bound));
+            o1 = _mm256_or_si256(o1, excess(p.add(at + 32), bound));
+            at += 64;
+        }
+        if at + 32 <= n {
+            o0 = _mm256_or_si256(o0, excess(p.add(at), bound));
+            at += 32;
+        }
+        if at < n {
+            // The last 32 bytes, overlapping bytes already seen.
+            o1 = _mm256_or_si256(o1, excess(p.add(n - 32), bound));
+        }
+    }
+    let all = _mm256_or_si256(o0, o1);
+    _mm256_testz_si256(all, all) == 1
 }
 
 /// # Safety
@@ -177,4 +224,24 @@ unsafe fn codes_within_sse41(row: &[u8], max: u8) -> bool {
         over = _mm_or_si128(over, _mm_subs_epu8(unsafe { _mm_loadu_si128(p.add(n - 16).cast()) }, bound));
     }
     _mm_testz_si128(over, over) == 1
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every length up to 200 (the 64-, 32- and 16-byte steps, the overlapping last loads
+    /// and the byte loop), with one code just above the bound at each position, and none.
+    #[test]
+    fn codes_within_finds_a_code_above_the_bound_anywhere() {
+        for max in [0u8, 127, 138, 254] {
+            for n in 0..200usize {
+                let row: Vec<u8> = (0..n).map(|i| ((i * 37) % (max as usize + 1)) as u8).collect();
+                assert!(super::codes_within(&row, max), "max {max}, length {n}");
+                for at in 0..n {
+                    let mut bad = row.clone();
+                    bad[at] = max + 1;
+                    assert!(!super::codes_within(&bad, max), "max {max}, length {n}, above at {at}");
+                }
+            }
+        }
+    }
 }
