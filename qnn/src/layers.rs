@@ -6,6 +6,7 @@
 pub use crate::ops::activation::{HardSigmoid, Hardswish, Hardtanh, ReLU, ReLU6, SiLU, Sigmoid, Tanh, GELU};
 pub use crate::ops::batchnorm::{BatchNorm1d, BatchNorm2d};
 pub use crate::ops::conv::Conv2d;
+pub use crate::ops::convt::ConvTranspose2d;
 pub use crate::ops::embedding::Embedding;
 pub use crate::ops::konst::{BatchConst, SeqConst};
 pub use crate::ops::layernorm::LayerNorm;

@@ -13,10 +13,10 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::FusedAct;
 use qnn::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, Embedding, Flatten,
-    HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d, PadMode, Permute,
-    ReLU, ReLU6, Reshape, RowsImage, SeqConst, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh, Upsample, UpsampleMode,
-    GELU,
+    AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, ConvTranspose2d,
+    Embedding, Flatten, HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d,
+    PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SeqConst, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh,
+    Upsample, UpsampleMode, GELU,
 };
 use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
@@ -36,6 +36,7 @@ pub const SUPPORTED: &[&str] = &[
     "Constant",
     "ConstantOfShape",
     "Conv",
+    "ConvTranspose (explicit pads; float)",
     "Div (by a constant)",
     "Dropout",
     "Equal, Less, Greater, Mod, Neg, Reciprocal, Sqrt, Where (constants)",
@@ -697,6 +698,7 @@ impl Importer {
                 Ok(vec![Val::Const(c)])
             }
             "Conv" => one(self.conv(cx)?),
+            "ConvTranspose" => one(self.conv_transpose(cx)?),
             "BatchNormalization" => one(self.batchnorm(cx)?),
             "Relu" => self.unary(cx, Box::new(ReLU)),
             "Sigmoid" => {
@@ -727,6 +729,18 @@ impl Importer {
                     )));
                 }
                 if (alpha - 1.0 / 6.0).abs() <= 1e-6 {
+                    // x * hardsigmoid(x) is hardswish (PyTorch's export before opset 14): one
+                    // table in int8 instead of a table and a product.
+                    let x = cx.input(0).unwrap_or_default().to_string();
+                    let out = cx.node.output.first().cloned().unwrap_or_default();
+                    let swish = sole_reader(g, consumers, &out, "Mul")
+                        .filter(|mul| other_input(mul, &out) == Some(x.as_str()))
+                        .map(|mul| mul.output[0].clone());
+                    if let Some(product) = swish {
+                        let r = self.unary(cx, Box::new(Hardswish))?;
+                        self.absorbed.insert(product, out);
+                        return Ok(r);
+                    }
                     return self.unary(cx, Box::new(HardSigmoid));
                 }
                 // Another slope (Paddle's 0.2): PyTorch's hardsigmoid of x * 6 alpha, the product
@@ -753,6 +767,16 @@ impl Importer {
                     self.absorbed.insert(o, out.clone());
                 }
                 Ok(r)
+            }
+            "Add" if self.hardswish_chain(cx, g, consumers).is_some() => {
+                let (x, end) = self.hardswish_chain(cx, g, consumers).expect("matched");
+                let Some(Val::Node(xn)) = self.vals.get(&x).cloned() else { unreachable!("checked: computed") };
+                let y = self.layer(cx, "", Box::new(Hardswish), &xn)?;
+                let out = cx.node.output[0].clone();
+                for o in end {
+                    self.absorbed.insert(o, out.clone());
+                }
+                Ok(vec![Val::Node(Node { rows_of: xn.rows_of.clone(), ..y })])
             }
             "Add" | "Sum" | "Mul" | "Sub" | "Div" => self.binary(cx),
             "LayerNormalization" => one(self.layernorm(cx)?),
@@ -1004,6 +1028,64 @@ impl Importer {
             activation: FusedAct::None,
         };
         self.layer(cx, "", Box::new(conv), &x)
+    }
+
+    /// `ConvTranspose` of a computed NCHW value by a constant weight: a float
+    /// [`ConvTranspose2d`] (explicit `pads`; `auto_pad` and `output_shape` are refused by
+    /// name).
+    fn conv_transpose(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let x = self.graph_in(cx, 0)?;
+        let w = self.konst(cx, 1, "weight")?;
+        let b = self.opt_konst(cx, 2, "bias")?;
+        if w.shape.len() != 4 || x.shape.len() != 4 {
+            return Err(cx.err(format!(
+                "input {:?}, weight {:?}: qonnx imports 2-D transposed convolutions (4-D input and weight)",
+                x.shape, w.shape
+            )));
+        }
+        if w.shape.contains(&0) {
+            return Err(cx.err(format!("weight of shape {:?}: every dimension must be at least 1", w.shape)));
+        }
+        if let Some(k) = cx.ints("kernel_shape") {
+            if k != [w.shape[2] as i64, w.shape[3] as i64] {
+                return Err(cx.err(format!("kernel_shape {k:?} disagrees with the weight's {:?}", w.shape)));
+            }
+        }
+        let auto = cx.string("auto_pad", "NOTSET");
+        if auto != "NOTSET" || cx.ints("output_shape").is_some() {
+            return Err(cx.err(format!(
+                "auto_pad {auto:?} or output_shape: qonnx takes explicit pads (re-export with padding given)"
+            )));
+        }
+        let group = usize::try_from(cx.int("group", 1))
+            .ok()
+            .filter(|&g| g > 0)
+            .ok_or_else(|| cx.err("group must be positive"))?;
+        let nonneg = |name: &str, default: Vec<i64>, len: usize| -> Result<Vec<usize>> {
+            let v = cx.ints(name).unwrap_or(default);
+            if v.len() != len || v.iter().any(|&p| p < 0) {
+                return Err(cx.err(format!("{name} {v:?}: {len} values, none negative")));
+            }
+            Ok(v.into_iter().map(|p| p as usize).collect())
+        };
+        let pads = nonneg("pads", vec![0; 4], 4)?;
+        let output_padding = nonneg("output_padding", vec![0, 0], 2)?;
+        let oc = w.shape[1] * group;
+        let bias = match b {
+            Some(b) if b.len() == oc => Some(ArrayD::from_shape_vec(IxDyn(&[oc]), b.to_f32()).expect("length checked")),
+            Some(b) => return Err(cx.err(format!("bias of shape {:?} for {oc} output channels", b.shape))),
+            None => None,
+        };
+        let m = ConvTranspose2d {
+            weight: w.to_array(),
+            bias,
+            stride: pair(cx, "strides", [1, 1])?,
+            padding: [pads[0], pads[1], pads[2], pads[3]],
+            output_padding: [output_padding[0], output_padding[1]],
+            dilation: pair(cx, "dilations", [1, 1])?,
+            groups: group,
+        };
+        self.layer(cx, "", Box::new(m), &x)
     }
 
     /// A window op's padding `[top, left, bottom, right]`, from `pads` or `auto_pad`.
@@ -1269,25 +1351,72 @@ impl Importer {
         self.layer(cx, "", Box::new(conv), x)
     }
 
+    /// A scalar constant, computed already or written by a `Constant` node later in the list
+    /// (exporters put each constant just before its reader).
+    fn scalar_const(&self, g: &GraphProto, name: &str) -> Option<f32> {
+        match self.vals.get(name) {
+            Some(Val::Const(c)) if c.len() == 1 => Some(c.to_f32()[0]),
+            Some(_) => None,
+            None => {
+                let n = g.node.iter().find(|n| n.output.iter().any(|o| o == name))?;
+                let t = n.attribute.iter().find(|a| a.name.as_deref() == Some("value"))?.t.as_ref()?;
+                let c = decode(t, None).ok()?;
+                (n.op_type.as_deref() == Some("Constant") && c.len() == 1).then(|| c.to_f32()[0])
+            }
+        }
+    }
+
+    /// Whether this `Add` starts hardswish as exporters write it without a `HardSwish` op
+    /// (paddle2onnx; PyTorch before opset 14 writes `x * HardSigmoid(x)`), `x * clip(x + 3, 0,
+    /// 6) / 6` (or `* (1 / 6)`), each step the only reader of the one before: `x` and the
+    /// outputs of the chain's other nodes (the last is the hardswish's).
+    fn hardswish_chain(
+        &self,
+        cx: &Cx<'_>,
+        g: &GraphProto,
+        consumers: &HashMap<&str, Vec<usize>>,
+    ) -> Option<(String, Vec<String>)> {
+        let near = |name: &str, want: f32| self.scalar_const(g, name).is_some_and(|v| (v - want).abs() <= 1e-5);
+        let (x, _) = match cx.node.input.as_slice() {
+            [a, b] if near(b, 3.0) => (a, b),
+            [a, b] if near(a, 3.0) => (b, a),
+            _ => return None,
+        };
+        if !matches!(self.vals.get(x.as_str()), Some(Val::Node(_))) {
+            return None;
+        }
+        let sole = |out: &str, op: &str| sole_reader(g, consumers, out, op);
+        let add = cx.node.output.first()?;
+        let clip = sole(add, "Clip")?;
+        let bound = |k: usize, attr: &str| -> Option<f32> {
+            if self.opset >= 11 {
+                self.scalar_const(g, clip.input.get(k)?)
+            } else {
+                clip.attribute.iter().find(|a| a.name.as_deref() == Some(attr))?.f
+            }
+        };
+        let near_bound = |k: usize, attr: &str, want: f32| bound(k, attr).is_some_and(|v| (v - want).abs() <= 1e-5);
+        if clip.input.first() != Some(add) || !near_bound(1, "min", 0.0) || !near_bound(2, "max", 6.0) {
+            return None;
+        }
+        let mul = sole(&clip.output[0], "Mul")?;
+        if other_input(mul, &clip.output[0])? != x {
+            return None;
+        }
+        let last = match (sole(&mul.output[0], "Div"), sole(&mul.output[0], "Mul")) {
+            (Some(div), _) if div.input.first() == mul.output.first() && near(div.input.get(1)?, 6.0) => div,
+            (_, Some(m)) if near(other_input(m, &mul.output[0])?, 1.0 / 6.0) => m,
+            _ => return None,
+        };
+        Some((x.clone(), vec![clip.output[0].clone(), mul.output[0].clone(), last.output[0].clone()]))
+    }
+
     /// Whether this `Div` starts the erf form of GELU the exporters write before opset 20,
     /// `(x * (erf(x / sqrt(2)) + 1)) * 0.5`, each step the only reader of the one before:
     /// the outputs of the chain's other nodes (the last is the GELU's).
     fn gelu_chain(&self, cx: &Cx<'_>, g: &GraphProto, consumers: &HashMap<&str, Vec<usize>>) -> Option<Vec<String>> {
         let x = cx.input(0)?;
-        // A scalar constant, computed already or written by a `Constant` node later in the
-        // list (exporters put each constant just before its reader).
-        let scalar = |name: &str| -> Option<f32> {
-            match self.vals.get(name) {
-                Some(Val::Const(c)) if c.len() == 1 => Some(c.to_f32()[0]),
-                Some(_) => None,
-                None => {
-                    let n = g.node.iter().find(|n| n.output.iter().any(|o| o == name))?;
-                    let t = n.attribute.iter().find(|a| a.name.as_deref() == Some("value"))?.t.as_ref()?;
-                    let c = decode(t, None).ok()?;
-                    (n.op_type.as_deref() == Some("Constant") && c.len() == 1).then(|| c.to_f32()[0])
-                }
-            }
-        };
+        let scalar = |name: &str| self.scalar_const(g, name);
         let near = |name: &str, want: f32| scalar(name).is_some_and(|v| (v - want).abs() <= 1e-4 * want.abs());
         if !matches!(self.vals.get(x), Some(Val::Node(_))) || !near(cx.input(1)?, std::f32::consts::SQRT_2) {
             return None;

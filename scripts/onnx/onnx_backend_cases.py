@@ -25,7 +25,7 @@ SOURCES = ["pytorch-converted", "pytorch-operator"]
 # qonnx::SUPPORTED, as op types (qonnx refuses the others by name; those cases are left out).
 SUPPORTED = {
     "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape",
-    "Conv", "Div", "Dropout", "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool",
+    "Conv", "ConvTranspose", "Div", "Dropout", "Flatten", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool",
     "HardSigmoid", "HardSwish", "Identity", "MatMul", "MaxPool", "Mul", "Pad", "ReduceMean", "Relu", "Reshape",
     "Resize", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "Sub", "Sum", "Tanh", "Transpose",
     "Unsqueeze", "Upsample",

@@ -99,6 +99,7 @@ pub mod add;
 pub mod batchnorm;
 pub mod cat;
 pub mod conv;
+pub mod convt;
 pub mod embedding;
 pub mod fallback;
 pub mod konst;
@@ -408,6 +409,7 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
 /// kinds of loaded plans).
 pub(crate) const BUILTIN_LAYERS: &[&[(&str, LayerLoader)]] = &[
     conv::LAYERS,
+    convt::LAYERS,
     linear::LAYERS,
     activation::LAYERS,
     activation::HARDTANH_LAYER,

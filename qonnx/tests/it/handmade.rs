@@ -765,3 +765,125 @@ fn reduce_mean_over_spatial_axes() {
         }
     }
 }
+
+/// Hardswish as exporters write it without a `HardSwish` op imports as one `Hardswish` (one
+/// table in int8): `x * clip(x + 3, 0, 6) / 6` (paddle2onnx), with `3 + x` and `* (1 / 6)`
+/// too, and `x * HardSigmoid(x)` (PyTorch before opset 14); a chain that is not hardswish (a
+/// clip at 5) stays as written. Values match the formula.
+#[test]
+fn hardswish_chains_import_as_one_op() {
+    let f = |name: &str, v: f32| floats(name, &[], vec![v]);
+    let graphs: Vec<(Vec<NodeProto>, Vec<TensorProto>, bool)> = vec![
+        (
+            vec![
+                node("Add", "add", &["x", "three"], &["a"], vec![]),
+                node("Clip", "clip", &["a", "zero", "six"], &["c"], vec![]),
+                node("Mul", "mul", &["x", "c"], &["m"], vec![]),
+                node("Div", "div", &["m", "six"], &["y"], vec![]),
+            ],
+            vec![f("three", 3.0), f("zero", 0.0), f("six", 6.0)],
+            true,
+        ),
+        (
+            vec![
+                node("Add", "add", &["three", "x"], &["a"], vec![]),
+                node("Clip", "clip", &["a", "zero", "six"], &["c"], vec![]),
+                node("Mul", "mul", &["c", "x"], &["m"], vec![]),
+                node("Mul", "sixth", &["m", "k"], &["y"], vec![]),
+            ],
+            vec![f("three", 3.0), f("zero", 0.0), f("six", 6.0), f("k", 1.0 / 6.0)],
+            true,
+        ),
+        (
+            vec![
+                node(
+                    "HardSigmoid",
+                    "hs",
+                    &["x"],
+                    &["h"],
+                    vec![AttributeProto { name: Some("alpha".into()), f: Some(1.0 / 6.0), ..Default::default() }],
+                ),
+                node("Mul", "mul", &["x", "h"], &["y"], vec![]),
+            ],
+            vec![],
+            true,
+        ),
+        (
+            vec![
+                node("Add", "add", &["x", "three"], &["a"], vec![]),
+                node("Clip", "clip", &["a", "zero", "five"], &["c"], vec![]),
+                node("Mul", "mul", &["x", "c"], &["m"], vec![]),
+                node("Div", "div", &["m", "six"], &["y"], vec![]),
+            ],
+            vec![f("three", 3.0), f("zero", 0.0), f("five", 5.0), f("six", 6.0)],
+            false,
+        ),
+    ];
+    for (i, (nodes, inits, fused)) in graphs.into_iter().enumerate() {
+        let bytes = model(17, value("x", &[None, Some(2), Some(3), Some(3)]), nodes, inits, "y");
+        let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+        let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+        assert_eq!(kinds == ["Hardswish"], fused, "graph {i}: {kinds:?}");
+        let x = ramp(&[2, 2, 3, 3]).mapv(|v| v * 5.0);
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let top = if fused { 6.0 } else { 5.0 };
+        for (g, v) in y.iter().zip(x.iter()) {
+            let want = v * (v + 3.0).clamp(0.0, top) / 6.0;
+            assert!((g - want).abs() < 1e-5, "graph {i}, x {v}: {g} against {want}");
+        }
+    }
+}
+
+/// `ConvTranspose` (stride 2, asymmetric pads, output padding, two groups, a bias) against
+/// the definition; `auto_pad` is refused by name.
+#[test]
+fn conv_transpose_scatters_as_defined() {
+    let (c, ocg, k) = (4usize, 3usize, 3usize);
+    let w: Vec<f32> = (0..c * ocg * k * k).map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5).collect();
+    let b: Vec<f32> = (0..2 * ocg).map(|i| i as f32 * 0.25).collect();
+    let graph = |extra: Vec<AttributeProto>| {
+        let mut attrs = vec![
+            ints("strides", &[2, 2]),
+            ints("pads", &[1, 0, 0, 1]),
+            ints("output_padding", &[1, 0]),
+            int("group", 2),
+        ];
+        attrs.extend(extra);
+        model(
+            17,
+            value("x", &[None, Some(c as i64), Some(4), Some(5)]),
+            vec![node("ConvTranspose", "up", &["x", "w", "b"], &["y"], attrs)],
+            vec![floats("w", &[c as i64, ocg as i64, k as i64, k as i64], w.clone()), floats("b", &[6], b.clone())],
+            "y",
+        )
+    };
+    let m = qonnx::from_bytes(&graph(vec![]), &ImportOptions::default()).unwrap();
+    let x = ramp(&[2, c, 4, 5]);
+    let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    // (4 - 1) * 2 + 3 + 1 - 1 = 9 rows, (5 - 1) * 2 + 3 - 1 = 10 columns.
+    assert_eq!(y.shape(), &[2, 6, 9, 10]);
+    let mut want = ArrayD::from_shape_fn(IxDyn(&[2, 6, 9, 10]), |i| b[i[1]]);
+    for n in 0..2 {
+        for ci in 0..c {
+            let gi = ci / 2;
+            for o in 0..ocg {
+                for (iy, ix, ky, kx) in (0..4).flat_map(|iy| {
+                    (0..5).flat_map(move |ix| (0..k).flat_map(move |ky| (0..k).map(move |kx| (iy, ix, ky, kx))))
+                }) {
+                    let (oy, ox) = ((iy * 2 + ky) as isize - 1, (ix * 2 + kx) as isize);
+                    if (0..9).contains(&oy) && (0..10).contains(&ox) {
+                        want[[n, gi * ocg + o, oy as usize, ox as usize]] +=
+                            x[[n, ci, iy, ix]] * w[((ci * ocg + o) * k + ky) * k + kx];
+                    }
+                }
+            }
+        }
+    }
+    for (g, v) in y.iter().zip(want.iter()) {
+        assert!((g - v).abs() < 1e-4, "{g} against {v}");
+    }
+    let e = qonnx::from_bytes(&graph(vec![attr_s("auto_pad", "SAME_UPPER")]), &ImportOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'up'") && e.contains("auto_pad"), "{e}");
+}

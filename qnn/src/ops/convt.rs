@@ -1,0 +1,293 @@
+//! `nn.ConvTranspose2d` (ONNX `ConvTranspose`): the float layer. It has no int8 form, so a
+//! converted model runs it in float between automatic boundaries and the plan says so.
+
+use std::any::Any;
+
+use ndarray::{ArrayD, IxDyn};
+use serde::{Deserialize, Serialize};
+
+use super::conv::{load_f32, save_f32};
+use super::{attrs, bad, parse, OpWriter};
+use crate::error::{NnError, Result};
+use crate::layers::{nchw, shape_error};
+use crate::module::Module;
+use crate::{FloatReason, Mode};
+
+/// `nn.ConvTranspose2d`: each input pixel scatters its weights times itself into the output,
+/// `stride` apart; `padding` (top, left, bottom, right) crops the result, `output_padding`
+/// extends it at the bottom and right.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvTranspose2d {
+    /// `[in_channels, out_channels / groups, kh, kw]` (PyTorch's and ONNX's layout).
+    pub weight: ArrayD<f32>,
+    /// `[out_channels]`, or none.
+    pub bias: Option<ArrayD<f32>>,
+    /// Vertical and horizontal.
+    pub stride: [usize; 2],
+    /// Cropped from the top, left, bottom and right.
+    pub padding: [usize; 4],
+    /// Added at the bottom and right (each below its stride or its dilation).
+    pub output_padding: [usize; 2],
+    /// Between kernel taps, vertical and horizontal.
+    pub dilation: [usize; 2],
+    /// Channel groups.
+    pub groups: usize,
+}
+
+impl ConvTranspose2d {
+    /// `in_channels -> out_channels` with a square `kernel`, stride 1, no padding, zero
+    /// weights and bias.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize) -> Self {
+        ConvTranspose2d {
+            weight: ArrayD::zeros(IxDyn(&[in_channels, out_channels, kernel, kernel])),
+            bias: Some(ArrayD::zeros(IxDyn(&[out_channels]))),
+            stride: [1, 1],
+            padding: [0; 4],
+            output_padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+
+    /// The output's `[n, out_channels, oh, ow]` for an input of shape `input`, or why not.
+    fn out_dims(&self, input: &[usize]) -> Result<[usize; 4]> {
+        let err = |why: String| shape_error("ConvTranspose2d", why, input);
+        let [n, c, h, w] = match *input {
+            [n, c, h, w] => [n, c, h, w],
+            _ => return Err(err("a 4-D NCHW input".into())),
+        };
+        let &[ic, ocg, kh, kw] = self.weight.shape() else {
+            return Err(err(format!("a layer whose weight is 4-D, not {:?}", self.weight.shape())));
+        };
+        let g = self.groups;
+        if g == 0 || ic % g != 0 || c != ic {
+            return Err(err(format!("{ic} input channels (the weight's first dimension), in {g} groups")));
+        }
+        if let Some(b) = &self.bias {
+            if b.len() != ocg * g {
+                return Err(err(format!("a bias of {} values (one per output channel), not {}", ocg * g, b.len())));
+            }
+        }
+        if self.stride.contains(&0) || self.dilation.contains(&0) || kh == 0 || kw == 0 || h == 0 || w == 0 {
+            return Err(err("positive sizes, strides and dilations".into()));
+        }
+        let side = |i: usize, k: usize, axis: usize| -> Option<usize> {
+            let (s, d, op) = (self.stride[axis], self.dilation[axis], self.output_padding[axis]);
+            if op >= s.max(d) {
+                return None;
+            }
+            let full = (i - 1) * s + d * (k - 1) + 1 + op;
+            full.checked_sub(self.padding[axis] + self.padding[axis + 2]).filter(|&o| o > 0)
+        };
+        match (side(h, kh, 0), side(w, kw, 1)) {
+            (Some(oh), Some(ow)) => Ok([n, ocg * g, oh, ow]),
+            _ => Err(err(format!(
+                "padding {:?} smaller than the output before it, output padding {:?} below the stride {:?} or \
+                 dilation {:?}",
+                self.padding, self.output_padding, self.stride, self.dilation
+            ))),
+        }
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn kind(&self) -> &'static str {
+        "ConvTranspose2d"
+    }
+
+    /// Per image and group, every input pixel's products with every weight tap in one
+    /// matrix product (`[out_channels * kh * kw, in_channels] x [in_channels, h * w]`), then
+    /// each product added at its output pixel.
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let [n, c, h, w] = nchw("ConvTranspose2d", x, "[batch, channels, height, width]")?;
+        let [_, oc, oh, ow] = self.out_dims(x.shape())?;
+        let &[_, ocg, kh, kw] = self.weight.shape() else { unreachable!("checked by out_dims") };
+        let (g, icg) = (self.groups, c / self.groups);
+        let xs = x.as_standard_layout();
+        let xv = xs.as_slice().expect("standard layout");
+        let wv = self.weight.as_standard_layout();
+        let wv = wv.as_slice().expect("standard layout");
+        let mut out = vec![0.0f32; n * oc * oh * ow];
+        if let Some(b) = &self.bias {
+            for (plane, &bias) in out.chunks_mut(oh * ow).zip(b.iter().cycle()) {
+                plane.fill(bias);
+            }
+        }
+        let taps = ocg * kh * kw;
+        let mut cols = vec![0.0f32; taps * h * w];
+        for gi in 0..g {
+            // The group's weights as [ocg * kh * kw, icg]: each tap's row over the inputs.
+            let mut a = vec![0.0f32; taps * icg];
+            for i in 0..icg {
+                let src = &wv[(gi * icg + i) * taps..(gi * icg + i + 1) * taps];
+                for (t, &v) in src.iter().enumerate() {
+                    a[t * icg + i] = v;
+                }
+            }
+            for b in 0..n {
+                let xg = &xv[(b * c + gi * icg) * h * w..(b * c + (gi + 1) * icg) * h * w];
+                qkernels::matmul_f32(&a, xg, (taps, icg, h * w), &mut cols)
+                    .map_err(|e| NnError::Op { module: String::new(), source: e })?;
+                for o in 0..ocg {
+                    let plane = &mut out[((b * oc) + gi * ocg + o) * oh * ow..][..oh * ow];
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let row = &cols[((o * kh + ky) * kw + kx) * h * w..][..h * w];
+                            for iy in 0..h {
+                                let oy =
+                                    (iy * self.stride[0] + ky * self.dilation[0]) as isize - self.padding[0] as isize;
+                                if oy < 0 || oy >= oh as isize {
+                                    continue;
+                                }
+                                let line = &mut plane[oy as usize * ow..(oy as usize + 1) * ow];
+                                for (ix, &v) in row[iy * w..(iy + 1) * w].iter().enumerate() {
+                                    let ox = (ix * self.stride[1] + kx * self.dilation[1]) as isize
+                                        - self.padding[1] as isize;
+                                    if ox >= 0 && ox < ow as isize {
+                                        line[ox as usize] += v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ArrayD::from_shape_vec(IxDyn(&[n, oc, oh, ow]), out).expect("sizes computed above"))
+    }
+
+    fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
+        let mut t = vec![("weight", &self.weight)];
+        t.extend(self.bias.as_ref().map(|b| ("bias", b)));
+        t
+    }
+
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut ArrayD<f32>)> {
+        let mut t = vec![("weight", &mut self.weight)];
+        t.extend(self.bias.as_mut().map(|b| ("bias", b)));
+        t
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(self.out_dims(input).map(Vec::from))
+    }
+
+    fn lowering(&self) -> Mode {
+        Mode::Float(FloatReason::FloatOp { why: "transposed convolutions run in float (no int8 kernel)".into() })
+    }
+
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+
+    fn save(&self, node: &str, w: &mut OpWriter) -> Option<Result<serde_json::Value>> {
+        Some(Ok(attrs(&SavedConvTranspose {
+            weight: save_f32(node, "weight", &self.weight, w),
+            bias: self.bias.as_ref().map(|b| save_f32(node, "bias", b, w)),
+            stride: self.stride,
+            padding: self.padding,
+            output_padding: self.output_padding,
+            dilation: self.dilation,
+            groups: self.groups,
+        })))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Its saved form (a float layer of a converted model).
+#[derive(Serialize, Deserialize)]
+struct SavedConvTranspose {
+    weight: String,
+    bias: Option<String>,
+    stride: [usize; 2],
+    padding: [usize; 4],
+    output_padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+}
+
+/// The float layers of this file a saved model's float fallbacks can hold.
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[("ConvTranspose2d", |j, r| {
+    let a: SavedConvTranspose = parse(j, "ConvTranspose2d", "ConvTranspose2d")?;
+    let weight = load_f32(r, &a.weight)?;
+    if weight.ndim() != 4 {
+        return Err(bad(format!("{}: a ConvTranspose2d weight is 4-D, not {:?}", a.weight, weight.shape())));
+    }
+    Ok(Box::new(ConvTranspose2d {
+        weight,
+        bias: a.bias.as_deref().map(|k| load_f32(r, k)).transpose()?,
+        stride: a.stride,
+        padding: a.padding,
+        output_padding: a.output_padding,
+        dilation: a.dilation,
+        groups: a.groups,
+    }))
+})];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the definition, one product at a time: strides, asymmetric padding, output
+    /// padding, dilation and groups, at batch 2.
+    #[test]
+    fn scatters_as_defined() {
+        let cases = [
+            ([2, 2], [0, 0, 0, 0], [0, 0], [1, 1], 1),
+            ([2, 1], [1, 0, 0, 1], [1, 0], [1, 1], 1),
+            ([3, 2], [1, 1, 1, 1], [0, 1], [2, 1], 2),
+            ([1, 1], [0, 1, 2, 0], [0, 0], [1, 2], 2),
+        ];
+        for (stride, padding, output_padding, dilation, groups) in cases {
+            let (c, ocg, kh, kw, h, w) = (4, 3, 3, 2, 5, 4);
+            let weight = ArrayD::from_shape_fn(IxDyn(&[c, ocg, kh, kw]), |i| {
+                ((i[0] * 7 + i[1] * 5 + i[2] * 3 + i[3]) % 11) as f32 * 0.1 - 0.5
+            });
+            let bias = ArrayD::from_shape_fn(IxDyn(&[ocg * groups]), |i| i[0] as f32 * 0.25);
+            let m = ConvTranspose2d { weight, bias: Some(bias), stride, padding, output_padding, dilation, groups };
+            let x = ArrayD::from_shape_fn(IxDyn(&[2, c, h, w]), |i| {
+                ((i[0] + i[1] * 3 + i[2] * 5 + i[3] * 7) % 13) as f32 - 6.0
+            });
+            let y = m.forward(&x).unwrap();
+            let [_, oc, oh, ow] = m.out_dims(x.shape()).unwrap();
+            assert_eq!(y.shape(), &[2, oc, oh, ow]);
+            let mut want = ArrayD::from_shape_fn(IxDyn(&[2, oc, oh, ow]), |i| i[1] as f32 * 0.25);
+            let icg = c / groups;
+            for b in 0..2 {
+                for ci in 0..c {
+                    let gi = ci / icg;
+                    for o in 0..ocg {
+                        for (iy, ky, ix, kx) in itertools(h, kh, w, kw) {
+                            let oy = (iy * stride[0] + ky * dilation[0]) as isize - padding[0] as isize;
+                            let ox = (ix * stride[1] + kx * dilation[1]) as isize - padding[1] as isize;
+                            if (0..oh as isize).contains(&oy) && (0..ow as isize).contains(&ox) {
+                                want[[b, gi * ocg + o, oy as usize, ox as usize]] +=
+                                    x[[b, ci, iy, ix]] * m.weight[[ci, o, ky, kx]];
+                            }
+                        }
+                    }
+                }
+            }
+            let err = y.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-4, "stride {stride:?}, padding {padding:?}: off by {err}");
+        }
+        // Output padding at or above the stride is an error naming the shapes.
+        let mut m = ConvTranspose2d::new(2, 2, 2);
+        m.output_padding = [1, 0];
+        let e = m.forward(&ArrayD::zeros(IxDyn(&[1, 2, 3, 3]))).unwrap_err().to_string();
+        assert!(e.contains("ConvTranspose2d") && e.contains("[1, 2, 3, 3]") && e.contains("output padding"), "{e}");
+    }
+
+    fn itertools(h: usize, kh: usize, w: usize, kw: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        (0..h).flat_map(move |iy| {
+            (0..kh).flat_map(move |ky| (0..w).flat_map(move |ix| (0..kw).map(move |kx| (iy, ky, ix, kx))))
+        })
+    }
+}
