@@ -50,7 +50,7 @@ pub const SUPPORTED: &[&str] = &[
     "HardSigmoid (beta 0.5)",
     "HardSwish",
     "Identity",
-    "LayerNormalization (last axis)",
+    "LayerNormalization (last axis; also written out as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div)",
     "MatMul",
     "MaxPool",
     "Mul (computed values; by a constant per channel of an image, a scalar, or a constant that broadcasts against one item off images)",
@@ -158,6 +158,15 @@ struct Node {
     /// as the batch is; attention's scores have two). Layers built from them keep that size
     /// whatever it is at run time.
     tokens: Vec<usize>,
+}
+
+/// What [`Importer::layernorm_chain`] matched.
+struct LayerNormChain {
+    x: String,
+    eps: f32,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    absorbed: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -795,6 +804,19 @@ impl Importer {
                 p.0.stride = p.0.kernel;
                 one(self.layer(cx, "", Box::new(p), &x)?)
             }
+            "ReduceMean" if self.layernorm_chain(cx, g, consumers).is_some() => {
+                let ch = self.layernorm_chain(cx, g, consumers).expect("matched");
+                let Some(Val::Node(xn)) = self.vals.get(&ch.x).cloned() else { unreachable!("checked: computed") };
+                let c = ch.gamma.len();
+                let vector = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&[c]), v).expect("c values");
+                let ln = LayerNorm { weight: vector(ch.gamma), bias: vector(ch.beta), eps: ch.eps };
+                let y = self.layer(cx, "", Box::new(ln), &xn)?;
+                let out = cx.node.output[0].clone();
+                for o in ch.absorbed {
+                    self.absorbed.insert(o, out.clone());
+                }
+                Ok(vec![Val::Node(Node { rows_of: xn.rows_of.clone(), ..y })])
+            }
             "ReduceMean" => one(self.reduce_mean(cx)?),
             "Flatten" => {
                 let axis = cx.int("axis", 1);
@@ -1354,16 +1376,106 @@ impl Importer {
     /// A scalar constant, computed already or written by a `Constant` node later in the list
     /// (exporters put each constant just before its reader).
     fn scalar_const(&self, g: &GraphProto, name: &str) -> Option<f32> {
+        self.const_value(g, name).filter(|c| c.len() == 1).map(|c| c.to_f32()[0])
+    }
+
+    /// A constant, computed already or written by a `Constant` node later in the list.
+    fn const_value(&self, g: &GraphProto, name: &str) -> Option<Const> {
         match self.vals.get(name) {
-            Some(Val::Const(c)) if c.len() == 1 => Some(c.to_f32()[0]),
+            Some(Val::Const(c)) => Some(c.clone()),
             Some(_) => None,
             None => {
                 let n = g.node.iter().find(|n| n.output.iter().any(|o| o == name))?;
                 let t = n.attribute.iter().find(|a| a.name.as_deref() == Some("value"))?.t.as_ref()?;
-                let c = decode(t, None).ok()?;
-                (n.op_type.as_deref() == Some("Constant") && c.len() == 1).then(|| c.to_f32()[0])
+                (n.op_type.as_deref() == Some("Constant")).then(|| decode(t, None).ok()).flatten()
             }
         }
+    }
+
+    /// Whether this `ReduceMean` starts LayerNorm as exporters write it without a
+    /// `LayerNormalization` op (PyTorch before opset 17, paddle2onnx): over the last axis,
+    /// `d = x - mean(x)`, `d / sqrt(mean(d^2) + eps)`, then optionally `* gamma` and `+ beta`
+    /// (constants of one value per feature), each step the only reader of the one before
+    /// (`d` read by the square and the division only): `x`, eps, gamma, beta and the outputs
+    /// of the chain's other nodes (the last is the LayerNorm's).
+    fn layernorm_chain(
+        &self,
+        cx: &Cx<'_>,
+        g: &GraphProto,
+        consumers: &HashMap<&str, Vec<usize>>,
+    ) -> Option<LayerNormChain> {
+        let x = cx.input(0)?;
+        let Some(Val::Node(xn)) = self.vals.get(x) else { return None };
+        let rank = xn.rows_of.as_ref().map_or(xn.shape.len(), |(v, _)| v.len()) as i64;
+        let c = *xn.shape.last()?;
+        // Over the last axis, keeping it.
+        let last_axis = |n: &NodeProto| -> bool {
+            let axes = if self.opset >= 18 {
+                n.input.get(1).and_then(|a| self.const_value(g, a)).and_then(|k| k.as_i64().map(<[i64]>::to_vec))
+            } else {
+                n.attribute.iter().find(|a| a.name.as_deref() == Some("axes")).map(|a| a.ints.clone())
+            };
+            let keep =
+                n.attribute.iter().find(|a| a.name.as_deref() == Some("keepdims")).and_then(|a| a.i).unwrap_or(1);
+            matches!(axes.as_deref(), Some([a]) if *a == -1 || *a == rank - 1) && keep == 1
+        };
+        if !last_axis(cx.node) {
+            return None;
+        }
+        let near = |name: &str, want: f32| self.scalar_const(g, name).is_some_and(|v| (v - want).abs() <= 1e-6);
+        let sole = |out: &str, op: &str| sole_reader(g, consumers, out, op);
+        let mean = cx.node.output.first()?;
+        let sub = sole(mean, "Sub")?;
+        if sub.input.as_slice() != [x.to_string(), mean.clone()] {
+            return None;
+        }
+        let d = &sub.output[0];
+        let readers = consumers.get(d.as_str())?;
+        let (pow, div) = match readers.as_slice() {
+            [i, j] => {
+                let (a, b) = (&g.node[*i], &g.node[*j]);
+                if a.op_type.as_deref() == Some("Pow") {
+                    (a, b)
+                } else {
+                    (b, a)
+                }
+            }
+            _ => return None,
+        };
+        if pow.op_type.as_deref() != Some("Pow") || pow.input.first() != Some(d) || !near(pow.input.get(1)?, 2.0) {
+            return None;
+        }
+        let var = sole(&pow.output[0], "ReduceMean").filter(|n| last_axis(n))?;
+        let add = sole(&var.output[0], "Add")?;
+        let eps = self.scalar_const(g, other_input(add, &var.output[0])?)?;
+        let sqrt = sole(&add.output[0], "Sqrt")?;
+        if div.op_type.as_deref() != Some("Div") || div.input.as_slice() != [d.clone(), sqrt.output[0].clone()] {
+            return None;
+        }
+        let mut absorbed = vec![d.clone(), pow.output[0].clone(), var.output[0].clone(), add.output[0].clone()];
+        absorbed.extend([sqrt.output[0].clone(), div.output[0].clone()]);
+        // A per-feature constant of `c` values (any leading ones).
+        let per_feature = |name: &str| -> Option<Vec<f32>> {
+            let k = self.const_value(g, name)?;
+            (k.len() == c && k.shape.last() == Some(&c) && k.as_i64().is_none()).then(|| k.to_f32())
+        };
+        let mut end = div.output[0].clone();
+        let mut gamma = vec![1.0; c];
+        if let Some(mul) = sole(&end, "Mul") {
+            if let Some(v) = other_input(mul, &end).and_then(per_feature) {
+                gamma = v;
+                end = mul.output[0].clone();
+                absorbed.push(end.clone());
+            }
+        }
+        let mut beta = vec![0.0; c];
+        if let Some(plus) = sole(&end, "Add") {
+            if let Some(v) = other_input(plus, &end).and_then(per_feature) {
+                beta = v;
+                absorbed.push(plus.output[0].clone());
+            }
+        }
+        Some(LayerNormChain { x: x.to_string(), eps, gamma, beta, absorbed })
     }
 
     /// Whether this `Add` starts hardswish as exporters write it without a `HardSwish` op

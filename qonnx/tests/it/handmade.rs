@@ -887,3 +887,44 @@ fn conv_transpose_scatters_as_defined() {
         .to_string();
     assert!(e.contains("'up'") && e.contains("auto_pad"), "{e}");
 }
+
+/// LayerNorm as PyTorch exports it before opset 17 (and paddle2onnx at any): `ReduceMean`,
+/// `Sub`, `Pow` 2, `ReduceMean`, `Add` eps, `Sqrt`, `Div`, then `Mul` gamma and `Add` beta
+/// (or neither) imports as one `LayerNorm`, with the formula's values.
+#[test]
+fn layernorm_chains_import_as_one_op() {
+    for affine in [true, false] {
+        let mut nodes = vec![
+            node("ReduceMean", "mean", &["x"], &["m"], vec![ints("axes", &[-1])]),
+            node("Sub", "sub", &["x", "m"], &["d"], vec![]),
+            node("Pow", "pow", &["d", "two"], &["p"], vec![]),
+            node("ReduceMean", "var", &["p"], &["v"], vec![ints("axes", &[-1])]),
+            node("Add", "eps", &["v", "e"], &["ve"], vec![]),
+            node("Sqrt", "sqrt", &["ve"], &["s"], vec![]),
+            node("Div", "div", &["d", "s"], &[if affine { "n" } else { "y" }], vec![]),
+        ];
+        let mut inits = vec![floats("two", &[], vec![2.0]), floats("e", &[], vec![1e-5])];
+        let (gamma, beta) = ([0.5f32, 2.0, -1.0, 1.5], [0.1f32, -0.2, 0.0, 3.0]);
+        if affine {
+            nodes.push(node("Mul", "gamma", &["n", "g"], &["ng"], vec![]));
+            nodes.push(node("Add", "beta", &["ng", "b"], &["y"], vec![]));
+            inits.push(floats("g", &[4], gamma.to_vec()));
+            inits.push(floats("b", &[4], beta.to_vec()));
+        }
+        let bytes = model(14, value("x", &[None, Some(3), Some(4)]), nodes, inits, "y");
+        let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+        let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+        assert_eq!(kinds, ["LayerNorm"], "affine {affine}");
+        let x = ramp(&[2, 3, 4]).mapv(|v| v * 3.0);
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        for (row_x, row_y) in x.rows().into_iter().zip(y.rows()) {
+            let mean = row_x.sum() / 4.0;
+            let var = row_x.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
+            for (j, (v, got)) in row_x.iter().zip(row_y.iter()).enumerate() {
+                let n = (v - mean) / (var + 1e-5).sqrt();
+                let want = if affine { n * gamma[j] + beta[j] } else { n };
+                assert!((got - want).abs() < 1e-4, "affine {affine}: {got} against {want}");
+            }
+        }
+    }
+}
