@@ -414,7 +414,7 @@ impl Concat {
 
 /// Concatenates float tensors along dimension `dim` (1 for `[n, c, h, w]` or
 /// `[n, features]`), checking that the other dimensions agree.
-pub(crate) fn cat_dim<A: std::borrow::Borrow<ArrayD<f32>>>(parts: &[A], dim: usize, name: &str) -> Result<ArrayD<f32>> {
+pub(crate) fn cat_dim<A: Borrow<ArrayD<f32>>>(parts: &[A], dim: usize, name: &str) -> Result<ArrayD<f32>> {
     let Some(first) = parts.first().map(Borrow::borrow) else {
         return Err(crate::error::NnError::Shape {
             module: name.to_string(),
@@ -425,7 +425,7 @@ pub(crate) fn cat_dim<A: std::borrow::Borrow<ArrayD<f32>>>(parts: &[A], dim: usi
     };
     for p in parts.iter().map(Borrow::borrow) {
         let same_rest = p.ndim() == first.ndim()
-            && p.ndim() >= 2.max(dim + 1)
+            && p.ndim() > dim
             && p.shape().iter().zip(first.shape()).enumerate().all(|(i, (a, b))| i == dim || a == b);
         if !same_rest {
             let what = if dim == 1 { " (channels)" } else { "" };

@@ -27,7 +27,7 @@ use crate::tensor::{decode, Const, Data, BATCH, TOKENS};
 
 /// The op types of the default domain that import (constant-only ops fold at import).
 pub const SUPPORTED: &[&str] = &[
-    "Add (computed values; a constant per channel, a scalar, or a constant that broadcasts against one item)",
+    "Add (computed values; a constant per channel, a scalar, a constant of one image, or off images one that broadcasts against one item)",
     "AveragePool",
     "BatchNormalization",
     "Cast",
@@ -1430,6 +1430,9 @@ impl Importer {
             return None;
         }
         let d = &sub.output[0];
+        if is_graph_output(g, d) {
+            return None;
+        }
         let readers = consumers.get(d.as_str())?;
         let (pow, div) = match readers.as_slice() {
             [i, j] => {
@@ -2475,17 +2478,26 @@ fn pick(c: &Const, shape: Vec<usize>, order: &[usize]) -> Const {
     Const { shape, data }
 }
 
-/// The only node reading value `out`, if it is of op type `op` with one output.
+/// The only node reading value `out`, if it is of op type `op` with one output and `out` is
+/// not also a graph output.
 fn sole_reader<'g>(
     g: &'g GraphProto,
     consumers: &HashMap<&str, Vec<usize>>,
     out: &str,
     op: &str,
 ) -> Option<&'g NodeProto> {
+    if is_graph_output(g, out) {
+        return None;
+    }
     match consumers.get(out).map(Vec::as_slice) {
         Some([k]) if g.node[*k].op_type.as_deref() == Some(op) && g.node[*k].output.len() == 1 => Some(&g.node[*k]),
         _ => None,
     }
+}
+
+/// Whether `name` is one of the graph's outputs (which a fused chain must not absorb).
+fn is_graph_output(g: &GraphProto, name: &str) -> bool {
+    g.output.iter().any(|o| o.name.as_deref() == Some(name))
 }
 
 /// A two-input node's input other than `this` (`None` if it has not two, or neither is it).

@@ -449,6 +449,9 @@ pub fn cat_channels(inputs: &[QImage<'_>], out: &mut [u8], qo: QuantU8) -> Resul
     let mut off = 0;
     for (x, t) in inputs.iter().zip(&tables) {
         let c = x.c;
+        if c == 0 {
+            continue;
+        }
         let place = |p0: usize, run: &[u8], part: std::ops::Range<usize>, out: &mut [u8]| {
             for (k, src) in run.chunks_exact(c).enumerate() {
                 let at = (p0 + k) * c_total + off;

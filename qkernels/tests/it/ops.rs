@@ -247,7 +247,12 @@ fn global_average_pool_and_cat() {
     cat_channels(&[img, img2], &mut out, QuantU8 { scale: 0.1, zero_point: 3 }).unwrap();
     assert_eq!(&out[..5], &x[..5]); // same parameters: copied
     assert_eq!(&out[5..7], &[23, 23]); // 0.2 * 10 = 2.0 -> 3 + 20
-                                       // Pixels wider than a run of the lookup kernel (4096 channels) go one at a time.
+                                       // An input of no channels adds nothing.
+    let none = QImage { data: &[], c: 0, ..img2 };
+    let mut with_none = vec![0u8; 2 * 3 * 7];
+    cat_channels(&[img, none, img2], &mut with_none, QuantU8 { scale: 0.1, zero_point: 3 }).unwrap();
+    assert_eq!(with_none, out);
+    // Pixels wider than a run of the lookup kernel (4096 channels) go one at a time.
     let wide: Vec<u8> = (0..2 * 4200).map(|i| (i * 7 % 256) as u8).collect();
     let (qw, qo) = (QuantU8 { scale: 0.3, zero_point: 9 }, QuantU8 { scale: 0.1, zero_point: 3 });
     let w_img = QImage { data: &wide, n: 1, h: 1, w: 2, c: 4200, scale: qw.scale, zero_point: qw.zero_point };

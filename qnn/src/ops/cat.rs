@@ -1,8 +1,9 @@
 //! Values concatenated along one dimension (`torch.cat`, a `Concat` block, ONNX `Concat`):
-//! in float, and in int8. Along dimension 1 of images, `qkernels::cat_channels` requantizes
-//! each branch to the observed output parameters; along any other dimension, or on values
-//! that are not images, each branch is dequantized and the whole quantized once (PyTorch's
-//! `quantized::cat` off its channels-last path).
+//! in float, and in int8 with the bytes of dequantizing each part, concatenating and
+//! quantizing once (PyTorch's `quantized::cat` off its channels-last path), except along
+//! dimension 1 of images, where `qkernels::cat_channels` requantizes each branch as PyTorch's
+//! channels-last path does. Values that are not images have their codes mapped by a table
+//! per part; images along another dimension are dequantized and quantized.
 
 use ndarray::ArrayD;
 use qkernels::QuantU8;
