@@ -819,6 +819,18 @@ fn hardswish_chains_import_as_one_op() {
             false,
         ),
     ];
+    // The first chain again with its clip also a graph output: nothing is fused away.
+    let (nodes0, inits0, _) = graphs[0].clone();
+    let bytes = model(17, value("x", &[None, Some(2), Some(3), Some(3)]), nodes0, inits0, "y");
+    let mut two = ModelProto::decode(&bytes[..]).unwrap();
+    two.graph.as_mut().unwrap().output.push(value("c", &[]));
+    let m = qonnx::from_bytes(&two.encode_to_vec(), &ImportOptions::default()).unwrap();
+    assert!(m.graph.node_kinds().iter().all(|(_, k)| *k != "Hardswish"), "{:?}", m.graph.node_kinds());
+    let x = ramp(&[2, 2, 3, 3]).mapv(|v| v * 5.0);
+    let ys = m.graph.run(std::slice::from_ref(&x)).unwrap();
+    for ((y, c), v) in ys[0].iter().zip(ys[1].iter()).zip(x.iter()) {
+        assert!((c - (v + 3.0).clamp(0.0, 6.0)).abs() < 1e-5 && (y - v * c / 6.0).abs() < 1e-5, "x {v}: {y}, {c}");
+    }
     for (i, (nodes, inits, fused)) in graphs.into_iter().enumerate() {
         let bytes = model(17, value("x", &[None, Some(2), Some(3), Some(3)]), nodes, inits, "y");
         let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
