@@ -1001,31 +1001,50 @@ impl Importer {
         self.unary(cx, m)
     }
 
-    fn conv(&mut self, cx: &Cx<'_>) -> Result<Node> {
-        let mut x = self.graph_in(cx, 0)?;
+    /// A convolution's (or transposed convolution's) input, 4-D weight, optional bias and
+    /// `group`, checked alike: 4-D input and weight, no empty dimension, `kernel_shape` (if
+    /// given) equal to the weight's, a positive group.
+    fn conv_operands(&self, cx: &Cx<'_>, what: &str) -> Result<(Node, Const, Option<Const>, usize)> {
+        let x = self.graph_in(cx, 0)?;
         let w = self.konst(cx, 1, "weight")?;
         let b = self.opt_konst(cx, 2, "bias")?;
         if w.shape.len() != 4 || x.shape.len() != 4 {
             return Err(cx.err(format!(
-                "input {:?}, weight {:?}: qonnx imports 2-D convolutions (4-D input and weight)",
+                "input {:?}, weight {:?}: qonnx imports 2-D {what} (4-D input and weight)",
                 x.shape, w.shape
             )));
         }
-        let (kh, kw) = (w.shape[2], w.shape[3]);
-        if kh == 0 || kw == 0 || w.shape[0] == 0 || w.shape[1] == 0 {
+        if w.shape.contains(&0) {
             return Err(cx.err(format!("weight of shape {:?}: every dimension must be at least 1", w.shape)));
         }
         if let Some(k) = cx.ints("kernel_shape") {
-            if k != [kh as i64, kw as i64] {
+            if k != [w.shape[2] as i64, w.shape[3] as i64] {
                 return Err(cx.err(format!("kernel_shape {k:?} disagrees with the weight's {:?}", w.shape)));
             }
         }
-        let stride = pair(cx, "strides", [1, 1])?;
-        let dilation = pair(cx, "dilations", [1, 1])?;
         let group = usize::try_from(cx.int("group", 1))
             .ok()
             .filter(|&g| g > 0)
             .ok_or_else(|| cx.err("group must be positive"))?;
+        Ok((x, w, b, group))
+    }
+
+    /// A bias constant as `[oc]`, or none.
+    fn bias_of(cx: &Cx<'_>, b: Option<Const>, oc: usize) -> Result<Option<ArrayD<f32>>> {
+        match b {
+            Some(b) if b.len() == oc => {
+                Ok(Some(ArrayD::from_shape_vec(IxDyn(&[oc]), b.to_f32()).expect("length checked")))
+            }
+            Some(b) => Err(cx.err(format!("bias of shape {:?} for {oc} output channels", b.shape))),
+            None => Ok(None),
+        }
+    }
+
+    fn conv(&mut self, cx: &Cx<'_>) -> Result<Node> {
+        let (mut x, w, b, group) = self.conv_operands(cx, "convolutions")?;
+        let (kh, kw) = (w.shape[2], w.shape[3]);
+        let stride = pair(cx, "strides", [1, 1])?;
+        let dilation = pair(cx, "dilations", [1, 1])?;
         // pads: [top, left, bottom, right].
         let pads = self.pads(cx, &x.shape[2..], [kh, kw], stride, dilation)?;
         let [t, l, bo, r] = pads;
@@ -1036,12 +1055,7 @@ impl Importer {
             x = self.layer(cx, ":pad", Box::new(p), &x)?;
             [0, 0]
         };
-        let oc = w.shape[0];
-        let bias = match b {
-            Some(b) if b.len() == oc => Some(ArrayD::from_shape_vec(IxDyn(&[oc]), b.to_f32()).expect("length checked")),
-            Some(b) => return Err(cx.err(format!("bias of shape {:?} for {oc} output channels", b.shape))),
-            None => None,
-        };
+        let bias = Self::bias_of(cx, b, w.shape[0])?;
         // Built from the file's tensors as they are (nothing sized by an attribute alone).
         let conv = Conv2d {
             weight: w.to_array(),
@@ -1056,33 +1070,13 @@ impl Importer {
     /// [`ConvTranspose2d`] (explicit `pads`; `auto_pad` and `output_shape` are refused by
     /// name).
     fn conv_transpose(&mut self, cx: &Cx<'_>) -> Result<Node> {
-        let x = self.graph_in(cx, 0)?;
-        let w = self.konst(cx, 1, "weight")?;
-        let b = self.opt_konst(cx, 2, "bias")?;
-        if w.shape.len() != 4 || x.shape.len() != 4 {
-            return Err(cx.err(format!(
-                "input {:?}, weight {:?}: qonnx imports 2-D transposed convolutions (4-D input and weight)",
-                x.shape, w.shape
-            )));
-        }
-        if w.shape.contains(&0) {
-            return Err(cx.err(format!("weight of shape {:?}: every dimension must be at least 1", w.shape)));
-        }
-        if let Some(k) = cx.ints("kernel_shape") {
-            if k != [w.shape[2] as i64, w.shape[3] as i64] {
-                return Err(cx.err(format!("kernel_shape {k:?} disagrees with the weight's {:?}", w.shape)));
-            }
-        }
+        let (x, w, b, group) = self.conv_operands(cx, "transposed convolutions")?;
         let auto = cx.string("auto_pad", "NOTSET");
         if auto != "NOTSET" || cx.ints("output_shape").is_some() {
             return Err(cx.err(format!(
                 "auto_pad {auto:?} or output_shape: qonnx takes explicit pads (re-export with padding given)"
             )));
         }
-        let group = usize::try_from(cx.int("group", 1))
-            .ok()
-            .filter(|&g| g > 0)
-            .ok_or_else(|| cx.err("group must be positive"))?;
         let nonneg = |name: &str, default: Vec<i64>, len: usize| -> Result<Vec<usize>> {
             let v = cx.ints(name).unwrap_or(default);
             if v.len() != len || v.iter().any(|&p| p < 0) {
@@ -1092,12 +1086,7 @@ impl Importer {
         };
         let pads = nonneg("pads", vec![0; 4], 4)?;
         let output_padding = nonneg("output_padding", vec![0, 0], 2)?;
-        let oc = w.shape[1] * group;
-        let bias = match b {
-            Some(b) if b.len() == oc => Some(ArrayD::from_shape_vec(IxDyn(&[oc]), b.to_f32()).expect("length checked")),
-            Some(b) => return Err(cx.err(format!("bias of shape {:?} for {oc} output channels", b.shape))),
-            None => None,
-        };
+        let bias = Self::bias_of(cx, b, w.shape[1] * group)?;
         let m = ConvTranspose2d {
             weight: w.to_array(),
             bias,
