@@ -6,6 +6,11 @@
 //! folded weights, and the int8 weights quantized from them, are the ones PyTorch produces
 //! (golden-tested on a model PyTorch trained and quantized).
 //!
+//! Per-channel affine maps (`y = x * scale + shift`, one pair per channel) fold the same way:
+//! into the layer before them ([`fold_output_affine`], [`fold_transposed_output_affine`]) or
+//! into an unpadded convolution after them ([`fold_input_affine`]); [`fuse_conv_transpose_bn`]
+//! folds a batch-norm into a transposed convolution.
+//!
 //! Fusing ReLU into its producer needs no arithmetic: it is the clamp at the output zero
 //! point of the int8 kernels (`qkernels::Activation::Relu`).
 //!
@@ -159,4 +164,189 @@ fn check_weights(op: &'static str, w: &ArrayViewD<'_, f32>, bias: Option<&[f32]>
         }
     }
     Ok(oc)
+}
+
+/// Folds a per-channel affine map applied to a layer's output, `y[o] = x[o] * scale[o] +
+/// shift[o]`, into the layer's weights `w` (output channels first, any layout) and optional
+/// bias: `w'[o] = w[o] * scale[o]`, `b'[o] = b[o] * scale[o] + shift[o]`, in f32.
+///
+/// The layer must have no activation between it and the map (the caller's to check).
+///
+/// # Errors
+/// `scale` or `shift` (or the bias) not one value per output channel, or a non-finite
+/// `scale` or `shift`.
+pub fn fold_output_affine(
+    w: ArrayViewD<'_, f32>,
+    bias: Option<&[f32]>,
+    scale: &[f32],
+    shift: &[f32],
+) -> Result<(ArrayD<f32>, Vec<f32>)> {
+    const OP: &str = "qfuse::fold_output_affine";
+    let oc = check_weights(OP, &w, bias)?;
+    check_affine(OP, oc, scale, shift, "output channel of the layer before it")?;
+    let mut fw = w.to_owned();
+    for (o, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
+        row.mapv_inplace(|v| v * scale[o]);
+    }
+    let b = bias_or_zeros(bias, oc);
+    Ok((fw, (0..oc).map(|o| b[o] * scale[o] + shift[o]).collect()))
+}
+
+/// Folds a per-channel affine map applied to a convolution's input,
+/// `x'[c] = x[c] * scale[c] + shift[c]`, into the convolution: weights `w` OIHW (`[out, in / groups, kh, kw]`) in
+/// `groups` groups, and optional bias. `w'[o][i] = w[o][i] * scale[c]` for the input channel
+/// `c` that weight reads, `b'[o] = b[o] + sum over i, kh, kw of w[o][i] * shift[c]` (summed
+/// in f64, rounded once).
+///
+/// Exact only for a convolution without padding: its padded border reads zeros of `x'`, not
+/// of `x * scale + shift` (the caller's to check).
+///
+/// # Errors
+/// Weights that are not 4-D, channels that `groups` does not divide, `scale` or `shift` not
+/// one value per input channel, or a non-finite `scale` or `shift`.
+pub fn fold_input_affine(
+    w: ArrayViewD<'_, f32>,
+    bias: Option<&[f32]>,
+    groups: usize,
+    scale: &[f32],
+    shift: &[f32],
+) -> Result<(ArrayD<f32>, Vec<f32>)> {
+    const OP: &str = "qfuse::fold_input_affine";
+    let oc = check_weights(OP, &w, bias)?;
+    let &[_, per_group, _, _] = w.shape() else {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!("convolution weights must be 4-D [out, in / groups, kh, kw], got shape {:?}", w.shape()),
+        });
+    };
+    if groups == 0 || !oc.is_multiple_of(groups) {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!(
+                "{groups} groups do not divide the {oc} output channels of weights of shape {:?}",
+                w.shape()
+            ),
+        });
+    }
+    check_affine(OP, per_group * groups, scale, shift, "input channel of the convolution after it")?;
+    let out_per_group = oc / groups;
+    let mut fw = w.to_owned();
+    let b = bias_or_zeros(bias, oc);
+    let mut fb = Vec::with_capacity(oc);
+    for (o, mut filter) in fw.axis_iter_mut(Axis(0)).enumerate() {
+        let first = (o / out_per_group) * per_group;
+        let mut sum = f64::from(b[o]);
+        for (i, mut taps) in filter.axis_iter_mut(Axis(0)).enumerate() {
+            let c = first + i;
+            for v in taps.iter_mut() {
+                sum += f64::from(*v) * f64::from(shift[c]);
+                *v *= scale[c];
+            }
+        }
+        fb.push(sum as f32);
+    }
+    Ok((fw, fb))
+}
+
+fn check_affine(op: &'static str, n: usize, scale: &[f32], shift: &[f32], of: &str) -> Result<()> {
+    if let Some(bad) = [scale.len(), shift.len()].into_iter().find(|&l| l != n) {
+        return Err(QError::ShapeMismatch {
+            op,
+            expected: vec![n],
+            actual: vec![bad],
+            hint: "the affine map must have one scale and one shift per channel it maps",
+        });
+    }
+    if let Some(c) = scale.iter().chain(shift).position(|v| !v.is_finite()) {
+        return Err(QError::Unsupported {
+            op,
+            reason: format!(
+                "the affine map (a scale and a shift per {of}) holds {} at position {c} of its scales then shifts; \
+                 only finite values fold",
+                scale.iter().chain(shift).nth(c).expect("found")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// [`fold_output_affine`] for a transposed convolution, whose weights `w` are `[in, out /
+/// groups, kh, kw]` (PyTorch's and ONNX's layout) in `groups` groups: output channel `o` of
+/// group `g` is column `o - g * out / groups` of rows `g * in / groups ..`.
+///
+/// # Errors
+/// Weights that are not 4-D, input channels that `groups` does not divide, `scale`, `shift`
+/// or the bias not one value per output channel, or a non-finite `scale` or `shift`.
+pub fn fold_transposed_output_affine(
+    w: ArrayViewD<'_, f32>,
+    bias: Option<&[f32]>,
+    groups: usize,
+    scale: &[f32],
+    shift: &[f32],
+) -> Result<(ArrayD<f32>, Vec<f32>)> {
+    const OP: &str = "qfuse::fold_transposed_output_affine";
+    let &[ic, ocg, _, _] = w.shape() else {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!(
+                "transposed convolution weights must be 4-D [in, out / groups, kh, kw], got shape {:?}",
+                w.shape()
+            ),
+        });
+    };
+    if groups == 0 || !ic.is_multiple_of(groups) {
+        return Err(QError::Unsupported {
+            op: OP,
+            reason: format!(
+                "{groups} groups do not divide the {ic} input channels of weights of shape {:?}",
+                w.shape()
+            ),
+        });
+    }
+    let oc = ocg * groups;
+    if let Some(b) = bias.filter(|b| b.len() != oc) {
+        return Err(QError::ShapeMismatch {
+            op: OP,
+            expected: vec![oc],
+            actual: vec![b.len()],
+            hint: "the layer's bias must have one value per output channel",
+        });
+    }
+    check_affine(OP, oc, scale, shift, "output channel of the layer before it")?;
+    let icg = ic / groups;
+    let mut fw = w.to_owned();
+    for (i, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
+        let first = (i / icg) * ocg;
+        for (j, mut taps) in row.axis_iter_mut(Axis(0)).enumerate() {
+            taps.mapv_inplace(|v| v * scale[first + j]);
+        }
+    }
+    let b = bias_or_zeros(bias, oc);
+    Ok((fw, (0..oc).map(|o| b[o] * scale[o] + shift[o]).collect()))
+}
+
+/// Folds `bn` into a transposed convolution with weights `w` (`[in, out / groups, kh, kw]`)
+/// in `groups` groups and optional bias: each output channel's weights times
+/// `gamma * rsqrt(var + eps)`, and the bias as [`fuse_conv_bn`] computes it (PyTorch's
+/// `fuse_conv_bn_weights(..., transpose=True)`, per group).
+///
+/// # Errors
+/// As [`fuse_conv_bn`] and [`fold_transposed_output_affine`].
+pub fn fuse_conv_transpose_bn(
+    w: ArrayViewD<'_, f32>,
+    bias: Option<&[f32]>,
+    groups: usize,
+    bn: &BatchNorm,
+) -> Result<(ArrayD<f32>, Vec<f32>)> {
+    const OP: &str = "qfuse::fuse_conv_transpose_bn";
+    let oc = w.shape().get(1).map_or(0, |&ocg| ocg * groups);
+    bn.check(OP, oc, w.shape())?;
+    let inv = bn.inv_std();
+    let gamma = bn.weight.clone().unwrap_or_else(|| vec![1.0; oc]);
+    let beta = bn.bias.clone().unwrap_or_else(|| vec![0.0; oc]);
+    let factor: Vec<f32> = gamma.iter().zip(&inv).map(|(g, i)| g * i).collect();
+    let (fw, _) = fold_transposed_output_affine(w, bias, groups, &factor, &vec![0.0; oc])?;
+    let b = bias_or_zeros(bias, oc);
+    let fb = (0..oc).map(|o| ((b[o] - bn.running_mean[o]) * inv[o]) * gamma[o] + beta[o]).collect();
+    Ok((fw, fb))
 }

@@ -156,7 +156,8 @@ impl QConfigMapping {
     }
 
     /// Whether [`crate::prepare`] fuses the model first ([`crate::fuse_graph`]: conv / linear +
-    /// batch-norm + ReLU / ReLU6, batch-norm + ReLU); on by default, so that a forgotten
+    /// batch-norm + ReLU / ReLU6, batch-norm + ReLU, per-channel affine maps beside
+    /// convolutions); on by default, so that a forgotten
     /// `fuse` costs neither speed nor accuracy. Fusing again a model you fused finds nothing
     /// more. Off: the model is taken as it is (an unfused batch-norm then runs in float, and
     /// the plan says so).

@@ -1,16 +1,22 @@
-//! Fusion: conv + batch-norm (+ ReLU), conv + ReLU, linear + batch-norm (+ ReLU), linear +
-//! ReLU, batch-norm + ReLU, found automatically in
-//! every [`Sequential`] or named explicitly. The batch-norm is folded into the convolution's
-//! weights and bias ([`qfuse::fuse_conv_bn`], PyTorch's arithmetic); the ReLU becomes the
-//! layer's fused activation; the absorbed modules become `Identity`, keeping their names.
+//! Fusion: conv (or transposed conv) + batch-norm (+ ReLU), conv + ReLU, linear + batch-norm
+//! (+ ReLU), linear + ReLU, batch-norm + ReLU, found automatically in every [`Sequential`] or
+//! named explicitly. The batch-norm is folded into the convolution's weights and bias
+//! ([`qfuse::fuse_conv_bn`], PyTorch's arithmetic); the ReLU becomes the layer's fused
+//! activation; the absorbed modules become `Identity`, keeping their names. In a [`Graph`],
+//! per-channel affine maps (a `MulScalar`, or the depthwise 1x1 convolution that `x * k + b`
+//! with constants imports as) fold into the convolution before or after them too
+//! ([`fuse_graph`]).
 
 use crate::error::{NnError, Result};
-use crate::graph::{readers, Graph, NodeOp};
-use crate::layers::{BatchNorm1d, BatchNorm2d, Conv2d, FusedAct, Identity, Linear, ReLU, ReLU6};
+use crate::graph::{readers, Graph, NodeOp, Tensor};
+use crate::layers::{
+    BatchNorm1d, BatchNorm2d, Conv2d, ConvTranspose2d, FusedAct, Identity, Linear, MulScalar, ReLU, ReLU6,
+};
 use crate::module::{join, walk, Concat, Module, Residual, Sequential};
 
-/// One fusion that was done: the full names of the modules merged (the first keeps the
-/// result) and the pattern.
+/// One fusion that was done: the full names of the modules merged and the pattern. The
+/// convolution or linear layer keeps the result (the first module, except for an affine map
+/// folded into the convolution after it: `MulScalar+Conv2d`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fused {
     /// Full module names, first to last.
@@ -33,7 +39,8 @@ fn act_of(m: &dyn Module) -> Option<FusedAct> {
 fn pattern_len(layers: &[(String, Box<dyn Module>)], i: usize) -> usize {
     let at = |j: usize| layers.get(j).map(|(_, m)| m.as_ref());
     let Some(first) = at(i) else { return 0 };
-    let free_conv = first.as_any().downcast_ref::<Conv2d>().is_some_and(|c| c.activation == FusedAct::None);
+    let free_conv = first.as_any().downcast_ref::<Conv2d>().is_some_and(|c| c.activation == FusedAct::None)
+        || first.as_any().downcast_ref::<ConvTranspose2d>().is_some_and(|c| c.activation == FusedAct::None);
     let free_linear = first.as_any().downcast_ref::<Linear>().is_some_and(|l| l.activation == FusedAct::None);
     // A batch-norm already fused with its ReLU brings the ReLU along; otherwise a ReLU may
     // follow it.
@@ -90,6 +97,15 @@ fn fuse_at(layers: &mut [(String, Box<dyn Module>)], i: usize, len: usize, prefi
             conv.bias = Some(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[b.len()]), b).expect("one per channel"));
         }
         conv.activation = act;
+    } else if let Some(convt) = head.downcast_mut::<ConvTranspose2d>() {
+        if let Some(bn) = &bn {
+            let bias: Option<Vec<f32>> = convt.bias.as_ref().map(|b| b.iter().copied().collect());
+            let (w, b) = qfuse::fuse_conv_transpose_bn(convt.weight.view(), bias.as_deref(), convt.groups, bn)
+                .map_err(|e| NnError::Fusion { modules: names.clone(), reason: e.to_string() })?;
+            convt.weight = w;
+            convt.bias = Some(channel_vec(b));
+        }
+        convt.activation = act;
     } else if let Some(lin) = head.downcast_mut::<Linear>() {
         if let Some(bn) = &bn {
             let bias: Option<Vec<f32>> = lin.bias.as_ref().map(|b| b.iter().copied().collect());
@@ -285,7 +301,8 @@ pub fn fuse_modules(model: &mut Sequential, groups: &[&[&str]]) -> Result<Vec<Fu
             return Err(NnError::Fusion {
                 modules: names,
                 reason: format!(
-                    "{} is not a fusable pattern; supported: Conv2d+BatchNorm2d(+ReLU|ReLU6), Conv2d+ReLU|ReLU6, \
+                    "{} is not a fusable pattern; supported: Conv2d|ConvTranspose2d+BatchNorm2d(+ReLU|ReLU6), \
+                     Conv2d|ConvTranspose2d+ReLU|ReLU6, \
                      Linear+BatchNorm1d(+ReLU|ReLU6), Linear+ReLU|ReLU6, \
                      BatchNorm2d|BatchNorm1d+ReLU|ReLU6 (or call qnn::fuse to find them all)",
                     kinds.join("+")
@@ -325,13 +342,26 @@ fn find_seq<'a>(model: &'a mut Sequential, path: &str) -> Option<&'a mut Sequent
 /// [`fuse()`] for a [`Graph`]: every chain of conv or linear, batch-norm and ReLU (or ReLU6),
 /// conv or linear and ReLU, or batch-norm and ReLU, in which each node is the only reader of
 /// the one before it (and no graph output is taken in between), is folded into its first
-/// node; the others become `Identity` and keep their names.
+/// node; the others become `Identity` and keep their names. Then per-channel affine maps
+/// (`MulScalar`, or a depthwise 1x1 convolution of stride 1: ONNX's `x * k`, `x + k`,
+/// `x - k`, `x / k` with constants) fold into the convolution before them (when it has no
+/// activation; a transposed convolution too) or after them (when it has no padding, whose
+/// border would read zeros of the mapped value), under the same conditions; a map before a
+/// padded convolution stays. PP-LCNet (PaddleOCR's backbones) scales and shifts the output of
+/// every convolution and activation that way.
 ///
 /// # Errors
 /// As [`fuse()`].
 pub fn fuse_graph(g: &mut Graph) -> Result<Vec<Fused>> {
     g.touch();
     let mut done = Vec::new();
+    fuse_chains(g, &mut done)?;
+    fold_affines(g, &mut done)?;
+    Ok(done)
+}
+
+/// The conv / linear + batch-norm + ReLU chains of [`fuse_graph`].
+fn fuse_chains(g: &mut Graph, done: &mut Vec<Fused>) -> Result<()> {
     let mut i = 0;
     while i < g.nodes.len() {
         // The straight chain from node i: each next node the only reader of the previous.
@@ -370,5 +400,154 @@ pub fn fuse_graph(g: &mut Graph) -> Result<Vec<Fused>> {
         }
         i += 1;
     }
-    Ok(done)
+    Ok(())
+}
+
+/// The per-channel affine map a layer computes, `y[c] = x[c] * scale[c] + shift[c]`, for
+/// `c` channels: a [`MulScalar`] (any channel count), or a depthwise 1x1 convolution of
+/// stride 1 without padding (what an ONNX `x * k`, `x + k`, `x - k` or `x / k` with a
+/// constant per channel imports as) of `c` channels. With its fused activation.
+fn affine_of(m: &dyn Module, c: usize) -> Option<(Vec<f32>, Vec<f32>, FusedAct)> {
+    if let Some(k) = m.as_any().downcast_ref::<MulScalar>() {
+        return Some((vec![k.factor; c], vec![0.0; c], FusedAct::None));
+    }
+    let conv = m.as_any().downcast_ref::<Conv2d>()?;
+    let per_channel = conv.weight.shape() == [c, 1, 1, 1]
+        && conv.geom.groups == c
+        && conv.geom.stride == [1, 1]
+        && conv.geom.padding == [0, 0];
+    per_channel.then(|| {
+        let shift = conv.bias.as_ref().map_or_else(|| vec![0.0; c], |b| b.iter().copied().collect());
+        (conv.weight.iter().copied().collect(), shift, conv.activation)
+    })
+}
+
+/// The node that alone reads `value`, through `Identity` layers that alone read it (the
+/// layers earlier folds left), if it is a layer on that one input and no graph output is
+/// taken along the way.
+fn sole_layer_reader(g: &Graph, uses: &[usize], first_reader: &[Option<usize>], mut value: Tensor) -> Option<usize> {
+    loop {
+        if uses[value.0] != 1 {
+            return None;
+        }
+        let j = first_reader[value.0]?;
+        let node = &g.nodes[j];
+        let NodeOp::Layer(m) = &node.op else { return None };
+        if node.inputs.len() != 1 {
+            return None;
+        }
+        if !m.as_any().is::<Identity>() {
+            return Some(j);
+        }
+        value = node.output;
+    }
+}
+
+fn conv_at(g: &Graph, i: usize) -> Option<&Conv2d> {
+    match &g.nodes[i].op {
+        NodeOp::Layer(m) => m.as_any().downcast_ref::<Conv2d>(),
+        _ => None,
+    }
+}
+
+/// The output channels of node `i` if it can absorb an affine map after it: a convolution
+/// without an activation, or a transposed convolution.
+fn folding_head(g: &Graph, i: usize) -> Option<usize> {
+    let NodeOp::Layer(m) = &g.nodes[i].op else { return None };
+    if let Some(conv) = m.as_any().downcast_ref::<Conv2d>() {
+        return (conv.activation == FusedAct::None).then(|| conv.weight.shape()[0]);
+    }
+    let convt = m.as_any().downcast_ref::<ConvTranspose2d>().filter(|c| c.activation == FusedAct::None)?;
+    convt.weight.shape().get(1).map(|&ocg| ocg * convt.groups)
+}
+
+fn channel_vec(b: Vec<f32>) -> ndarray::ArrayD<f32> {
+    ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[b.len()]), b).expect("one per channel")
+}
+
+fn conv_at_mut(g: &mut Graph, i: usize) -> &mut Conv2d {
+    match &mut g.nodes[i].op {
+        NodeOp::Layer(m) => m.as_any_mut().downcast_mut::<Conv2d>().expect("checked: a Conv2d"),
+        _ => unreachable!("checked: a layer"),
+    }
+}
+
+/// Folds per-channel affine maps ([`affine_of`]: PP-LCNet's learnable scalar scale and
+/// shift after every convolution and activation, ConvNeXt-style layer scales, input
+/// normalization) into the convolutions beside them: one after a convolution without an
+/// activation into that convolution (its activation, if any, moves onto the convolution),
+/// one without an activation before a convolution without padding into that convolution.
+/// Each map is the only reader of the value it maps, and its result the only reader's input;
+/// the map becomes `Identity` and keeps its name. What is left (a map before a padded
+/// convolution, whose border reads zeros of the mapped value) stays as it was.
+fn fold_affines(g: &mut Graph, done: &mut Vec<Fused>) -> Result<()> {
+    let uses = readers(g);
+    let mut first_reader = vec![None; g.values];
+    for (j, n) in g.nodes.iter().enumerate() {
+        for t in &n.inputs {
+            first_reader[t.0].get_or_insert(j);
+        }
+    }
+    let fold_err = |modules: &[String; 2], e: qtensor::QError| NnError::Fusion {
+        modules: modules.to_vec(),
+        reason: e.to_string(),
+    };
+    // After a convolution (or a transposed one): each map in turn (a scale, then a shift)
+    // until something else.
+    for i in 0..g.nodes.len() {
+        while let Some(oc) = folding_head(g, i) {
+            let Some(j) = sole_layer_reader(g, &uses, &first_reader, g.nodes[i].output) else { break };
+            let NodeOp::Layer(m) = &g.nodes[j].op else { break };
+            let Some((scale, shift, act)) = affine_of(m.as_ref(), oc) else { break };
+            let map_kind = m.kind();
+            let names = [g.nodes[i].name.clone(), g.nodes[j].name.clone()];
+            let NodeOp::Layer(head) = &mut g.nodes[i].op else { unreachable!("checked: a layer") };
+            let pattern = format!("{}+{map_kind}", head.kind());
+            let err = |e| fold_err(&names, e);
+            if let Some(conv) = head.as_any_mut().downcast_mut::<Conv2d>() {
+                let bias: Option<Vec<f32>> = conv.bias.as_ref().map(|b| b.iter().copied().collect());
+                let (w, b) =
+                    qfuse::fold_output_affine(conv.weight.view(), bias.as_deref(), &scale, &shift).map_err(err)?;
+                conv.weight = w;
+                conv.bias = Some(channel_vec(b));
+                conv.activation = act;
+            } else if let Some(convt) = head.as_any_mut().downcast_mut::<ConvTranspose2d>() {
+                let bias: Option<Vec<f32>> = convt.bias.as_ref().map(|b| b.iter().copied().collect());
+                let (w, b) = qfuse::fold_transposed_output_affine(
+                    convt.weight.view(),
+                    bias.as_deref(),
+                    convt.groups,
+                    &scale,
+                    &shift,
+                )
+                .map_err(err)?;
+                convt.weight = w;
+                convt.bias = Some(channel_vec(b));
+                convt.activation = act;
+            }
+            g.nodes[j].op = NodeOp::Layer(Box::new(Identity));
+            done.push(Fused { modules: names.to_vec(), pattern });
+        }
+    }
+    // Before a convolution without padding.
+    for j in 0..g.nodes.len() {
+        let Some(k) = sole_layer_reader(g, &uses, &first_reader, g.nodes[j].output) else { continue };
+        let (NodeOp::Layer(m), Some(conv)) = (&g.nodes[j].op, conv_at(g, k)) else { continue };
+        if conv.geom.padding != [0, 0] {
+            continue;
+        }
+        let c = conv.weight.shape()[1] * conv.geom.groups;
+        let Some((scale, shift, FusedAct::None)) = affine_of(m.as_ref(), c) else { continue };
+        let bias: Option<Vec<f32>> = conv.bias.as_ref().map(|b| b.iter().copied().collect());
+        let pattern = format!("{}+{}", m.kind(), conv.kind());
+        let names = [g.nodes[j].name.clone(), g.nodes[k].name.clone()];
+        let (w, b) = qfuse::fold_input_affine(conv.weight.view(), bias.as_deref(), conv.geom.groups, &scale, &shift)
+            .map_err(|e| fold_err(&names, e))?;
+        let conv = conv_at_mut(g, k);
+        conv.weight = w;
+        conv.bias = Some(channel_vec(b));
+        g.nodes[j].op = NodeOp::Layer(Box::new(Identity));
+        done.push(Fused { modules: names.to_vec(), pattern });
+    }
+    Ok(())
 }

@@ -173,3 +173,120 @@ fn explicit_fusion_inside_blocks_and_in_two_steps() {
     let msg = fuse_modules(&mut cat, &[&["block.b3.conv"]]).unwrap_err().to_string();
     assert!(msg.contains("block.b3.conv") && msg.contains("did you mean"), "{msg}");
 }
+
+/// A per-channel affine map as ONNX's `x * k + b` with constants per channel imports: a
+/// depthwise 1x1 convolution.
+fn affine(c: usize) -> qnn::layers::Conv2d {
+    qnn::layers::Conv2d::new(c, c, 1).groups(c)
+}
+
+/// PP-LCNet's pattern (a learnable scale and shift after each convolution and activation),
+/// and the cases that must not fold: a map before a padded convolution, a value also taken as
+/// an output, a transposed convolution's map with a ReLU.
+fn affine_model() -> qnn::Graph {
+    use qnn::layers::{Conv2d, ConvTranspose2d, FusedAct, Hardswish, MulScalar};
+    let mut g = qnn::GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("conv_a", Conv2d::new(3, 8, 3).padding(1), x).unwrap();
+    let y = g.layer("scale_a", MulScalar { factor: 0.9 }, y).unwrap();
+    let y = g.layer("shift_a", affine(8), y).unwrap();
+    let y = g.layer("act", Hardswish, y).unwrap();
+    let y = g.layer("scale_b", MulScalar { factor: -0.47 }, y).unwrap();
+    let y = g.layer("shift_b", affine(8), y).unwrap();
+    let y = g.layer("conv_b", Conv2d::new(8, 8, 1).groups(2), y).unwrap();
+    let y = g.layer("act_b", Hardswish, y).unwrap();
+    let y = g.layer("scale_c", MulScalar { factor: 1.5 }, y).unwrap();
+    let y = g.layer("conv_c", Conv2d::new(8, 8, 3).padding(1), y).unwrap();
+    let y = g.layer("map_d", Conv2d { activation: FusedAct::Relu, ..affine(8) }, y).unwrap();
+    let e = g.layer("conv_e", Conv2d::new(8, 8, 1), y).unwrap();
+    let f = g.layer("scale_e", MulScalar { factor: 2.0 }, e).unwrap();
+    let t = g.layer("up", ConvTranspose2d { stride: [2, 2], ..ConvTranspose2d::new(8, 4, 2) }, f).unwrap();
+    let t = g.layer("map_up", Conv2d { activation: FusedAct::Relu, ..affine(4) }, t).unwrap();
+    g.output(e);
+    g.output(t);
+    let mut graph = g.build().unwrap();
+    zoo::randomize(&mut graph, 17);
+    graph
+}
+
+#[test]
+fn affine_maps_fold_into_the_convolutions_beside_them() {
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 6, 6]), |i| {
+        ((i[1] * 7 + i[2] * 5 + i[3] * 3 + i[0]) % 13) as f32 / 6.0 - 1.0
+    });
+    let want = affine_model().run(std::slice::from_ref(&x)).unwrap();
+    let mut g = affine_model();
+    let fused = qnn::fuse_graph(&mut g).unwrap();
+    let done: Vec<(String, &str)> = fused.iter().map(|f| (f.modules.join("+"), f.pattern.as_str())).collect();
+    // After each convolution first, then before the unpadded ones; not before `conv_c`
+    // (padded), not after `conv_e` (also an output), not before the transposed convolution.
+    let want_folds = [
+        ("conv_a+scale_a", "Conv2d+MulScalar"),
+        ("conv_a+shift_a", "Conv2d+Conv2d"),
+        ("conv_c+map_d", "Conv2d+Conv2d"),
+        ("up+map_up", "ConvTranspose2d+Conv2d"),
+        ("scale_b+shift_b", "MulScalar+Conv2d"),
+        ("shift_b+conv_b", "Conv2d+Conv2d"),
+    ];
+    assert_eq!(done, want_folds.map(|(m, p)| (m.to_string(), p)));
+    let got = g.run(std::slice::from_ref(&x)).unwrap();
+    for (w, o) in want.iter().zip(&got) {
+        let db = qnn::sqnr_db(w, o);
+        assert!(db > 90.0, "folding changed the function: {db:.1} dB");
+    }
+    // Quantized: the folded maps pass through, the one before the padded convolution and the
+    // one before the transposed convolution run.
+    let mut p = qnn::prepare(g, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap();
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap();
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    for name in ["scale_a", "shift_a", "scale_b", "shift_b", "map_d", "map_up"] {
+        assert_eq!(mode(name), qnn::Mode::Passthrough, "{name}");
+    }
+    // (A product by a scalar keeps the codes: only the scale changes.)
+    assert_eq!(mode("scale_c"), qnn::Mode::Int8SameParams);
+    assert_eq!(mode("scale_e"), qnn::Mode::Int8SameParams);
+    let int8 = q.forward_values(std::slice::from_ref(&x)).unwrap();
+    for (w, o) in want.iter().zip(&int8) {
+        let db = qnn::sqnr_db(w, &o.to_f32());
+        assert!(db > 20.0, "int8 SQNR {db:.1} dB");
+    }
+}
+
+#[test]
+fn a_transposed_convolution_takes_its_batch_norm_and_relu() {
+    use qnn::layers::{BatchNorm2d, ConvTranspose2d, ReLU};
+    let model = || {
+        let mut g = qnn::GraphBuilder::new();
+        let x = g.input("x");
+        // Two groups: output channels 0-2 from inputs 0-3, 3-5 from inputs 4-7.
+        let up = ConvTranspose2d {
+            weight: ArrayD::zeros(IxDyn(&[8, 3, 2, 2])),
+            bias: Some(ArrayD::zeros(IxDyn(&[6]))),
+            stride: [2, 2],
+            groups: 2,
+            ..ConvTranspose2d::new(8, 3, 2)
+        };
+        let y = g.layer("up", up, x).unwrap();
+        let y = g.layer("bn", BatchNorm2d::new(6), y).unwrap();
+        let y = g.layer("relu", ReLU, y).unwrap();
+        g.output(y);
+        let mut graph = g.build().unwrap();
+        zoo::randomize(&mut graph, 23);
+        graph
+    };
+    let x =
+        ArrayD::from_shape_fn(IxDyn(&[2, 8, 5, 4]), |i| ((i[1] * 5 + i[2] * 3 + i[3] + i[0]) % 11) as f32 / 5.0 - 1.0);
+    let want = model().run(std::slice::from_ref(&x)).unwrap().remove(0);
+    let mut g = model();
+    let fused = qnn::fuse_graph(&mut g).unwrap();
+    assert_eq!(fused.len(), 1);
+    assert_eq!(
+        (fused[0].modules.join("+"), fused[0].pattern.as_str()),
+        ("up+bn+relu".into(), "ConvTranspose2d+BatchNorm2d+ReLU")
+    );
+    let got = g.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    assert!(got.iter().all(|&v| v >= 0.0) && got.iter().any(|&v| v > 0.0));
+    let db = qnn::sqnr_db(&want, &got);
+    assert!(db > 90.0, "folding changed the function: {db:.1} dB");
+}

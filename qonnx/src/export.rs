@@ -517,7 +517,7 @@ impl Writer<'_> {
                 return Err(err(format!(
                     "node '{name}' is a {other}, which the export does not write (it writes convolutions, linear \
                      layers, additions, products, concatenations, pools, tables, clamps, shape ops, softmax, layer \
-                     norms, constants and float Softmax / LayerNorm / Conv2d / Linear)"
+                     norms, constants and float Softmax / LayerNorm / Conv2d / ConvTranspose2d / Linear)"
                 )))
             }
         })
@@ -724,7 +724,13 @@ impl Writer<'_> {
                 let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
                 let b = self.float_tensor(name, la["bias"].as_str().unwrap_or(""))?;
                 let eps = la["eps"].as_f64().unwrap_or(1e-5) as f32;
-                self.node("LayerNormalization", name, &[x, &w, &b], y, vec![attr_i("axis", -1), attr_f("epsilon", eps)]);
+                self.node(
+                    "LayerNormalization",
+                    name,
+                    &[x, &w, &b],
+                    y,
+                    vec![attr_i("axis", -1), attr_f("epsilon", eps)],
+                );
             }
             "Conv2d" | "Linear" => {
                 let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
@@ -738,10 +744,31 @@ impl Writer<'_> {
                 let z = self.activation(name, z, &la["activation"]);
                 self.node("Identity", &format!("{name}/out"), &[&z], y, vec![]);
             }
+            "ConvTranspose2d" => {
+                let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
+                let mut ins = vec![x.to_string(), w];
+                if let Some(b) = la["bias"].as_str() {
+                    ins.push(self.float_tensor(name, b)?);
+                }
+                let refs: Vec<&str> = ins.iter().map(String::as_str).collect();
+                // Our padding is top, left, bottom, right: ONNX's begins then ends.
+                let attrs = vec![
+                    attr_is("strides", &usizes(&la["stride"], "stride")?),
+                    attr_is("pads", &usizes(&la["padding"], "padding")?),
+                    attr_is("output_padding", &usizes(&la["output_padding"], "output_padding")?),
+                    attr_is("dilations", &usizes(&la["dilation"], "dilation")?),
+                    attr_i("group", la["groups"].as_i64().unwrap_or(1)),
+                ];
+                let z = format!("{name}.y");
+                self.node("ConvTranspose", name, &refs, &z, attrs);
+                let z = self.activation(name, z, &la["activation"]);
+                self.node("Identity", &format!("{name}/out"), &[&z], y, vec![]);
+            }
             other => {
                 return Err(err(format!(
-                "node '{name}' runs in float as a {other}; the export writes float Softmax, LayerNorm, MulScalar, Conv2d and Linear layers"
-            )))
+                    "node '{name}' runs in float as a {other}; the export writes float Softmax, LayerNorm, MulScalar, \
+                     Conv2d, ConvTranspose2d and Linear layers"
+                )))
             }
         }
         Ok(())

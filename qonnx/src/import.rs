@@ -1095,6 +1095,7 @@ impl Importer {
             output_padding: [output_padding[0], output_padding[1]],
             dilation: pair(cx, "dilations", [1, 1])?,
             groups: group,
+            activation: FusedAct::None,
         };
         self.layer(cx, "", Box::new(m), &x)
     }

@@ -1121,12 +1121,25 @@ pub fn dequantize_nhwc_to_nchw(
     same_len(OP, n * h * w * c, x.len(), "the input must hold n * h * w * c values (NHWC)")?;
     same_len(OP, x.len(), out.len(), "the output must hold n * c * h * w values (NCHW)")?;
     let hw = h * w;
+    if hw == 0 || c == 0 {
+        return Ok(());
+    }
+    // Each code's value, as `dequantize_scalar` gives it; then blocks of pixels, whose
+    // channels are read from the block (in cache) and written as runs of each plane.
+    let table: [f32; 256] =
+        std::array::from_fn(|v| qtensor::kernels::dequantize_scalar(v as i32, q.scale, q.zero_point));
+    const BLOCK: usize = 64;
     for b in 0..n {
         let src = &x[b * c * hw..(b + 1) * c * hw];
         let dst = &mut out[b * c * hw..(b + 1) * c * hw];
-        for (p, px) in src.chunks_exact(c).enumerate() {
-            for (ch, &v) in px.iter().enumerate() {
-                dst[ch * hw + p] = qtensor::kernels::dequantize_scalar(v as i32, q.scale, q.zero_point);
+        for p0 in (0..hw).step_by(BLOCK) {
+            let len = BLOCK.min(hw - p0);
+            let px = &src[p0 * c..(p0 + len) * c];
+            for ch in 0..c {
+                let run = &mut dst[ch * hw + p0..ch * hw + p0 + len];
+                for (k, v) in run.iter_mut().enumerate() {
+                    *v = table[px[k * c + ch] as usize];
+                }
             }
         }
     }

@@ -146,6 +146,27 @@ proptest! {
         prop_assert!(x.iter().zip(&v).all(|(i, o)| table[*i as usize] == *o));
     }
 
+    /// The float boundary's transposing dequantization, in blocks of pixels, equals the
+    /// formula at every index (partial last blocks, one channel, many channels, batches).
+    #[test]
+    fn dequantize_nhwc_to_nchw_follows_the_formula(
+        q in quant(), n in 1usize..3, h in 1usize..12, w in 1usize..15, c in 1usize..40, seed in any::<u64>(),
+    ) {
+        let len = n * h * w * c;
+        let x: Vec<u8> = (0..len).map(|i| ((i as u64).wrapping_mul(seed | 1) >> 9) as u8).collect();
+        let mut y = vec![f32::NAN; len];
+        qkernels::dequantize_nhwc_to_nchw(&x, (n, h, w, c), q, &mut y).unwrap();
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    let v = x[(b * h * w + p) * c + ch];
+                    let want = q.scale * ((v as i64 - q.zero_point as i64) as f32);
+                    prop_assert_eq!(y[(b * c + ch) * h * w + p].to_bits(), want.to_bits());
+                }
+            }
+        }
+    }
+
     /// Both tables of every activation stay within one step of the function computed in f64
     /// (PyTorch's two loops differ from each other only by rounding), and `apply` uses the
     /// vector table on the first `vector_prefix(n)` elements only.

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::conv::{load_f32, save_f32};
 use super::{attrs, bad, parse, OpWriter};
 use crate::error::{NnError, Result};
-use crate::layers::{nchw, shape_error};
+use crate::layers::{nchw, shape_error, FusedAct};
 use crate::module::Module;
 use crate::{FloatReason, Mode};
 
@@ -32,6 +32,8 @@ pub struct ConvTranspose2d {
     pub dilation: [usize; 2],
     /// Channel groups.
     pub groups: usize,
+    /// Activation applied to the output (a ReLU after it, folded in by [`crate::fuse_graph`]).
+    pub activation: FusedAct,
 }
 
 impl ConvTranspose2d {
@@ -46,6 +48,7 @@ impl ConvTranspose2d {
             output_padding: [0, 0],
             dilation: [1, 1],
             groups: 1,
+            activation: FusedAct::None,
         }
     }
 
@@ -90,15 +93,15 @@ impl ConvTranspose2d {
     }
 }
 
-impl Module for ConvTranspose2d {
-    fn kind(&self) -> &'static str {
-        "ConvTranspose2d"
-    }
+/// Products held at once by [`ConvTranspose2d`]'s forward (taps x input pixels of a block of
+/// input rows, f32): 256 KB, so a block's products stay in cache between the matrix product
+/// and the scatter, whatever the image's size.
+const COLUMN_BLOCK: usize = 1 << 16;
 
-    /// Per image and group, every input pixel's products with every weight tap in one
-    /// matrix product (`[out_channels * kh * kw, in_channels] x [in_channels, h * w]`), then
-    /// each product added at its output pixel.
-    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+impl ConvTranspose2d {
+    /// The forward pass with blocks of input rows whose products hold about `block` values
+    /// (at least one row).
+    fn forward_in_blocks(&self, x: &ArrayD<f32>, block: usize) -> Result<ArrayD<f32>> {
         let [n, c, h, w] = nchw("ConvTranspose2d", x, "[batch, channels, height, width]")?;
         let [_, oc, oh, ow] = self.out_dims(x.shape())?;
         let &[_, ocg, kh, kw] = self.weight.shape() else { unreachable!("checked by out_dims") };
@@ -114,7 +117,19 @@ impl Module for ConvTranspose2d {
             }
         }
         let taps = ocg * kh * kw;
-        let mut cols = vec![0.0f32; taps * h * w];
+        let rows = (block / (taps * w).max(1)).clamp(1, h);
+        let mut xin = vec![0.0f32; icg * rows * w];
+        let mut cols = vec![0.0f32; taps * rows * w];
+        let [sy, sx] = self.stride;
+        let [dy, dx] = self.dilation;
+        let (py, px) = (self.padding[0] as isize, self.padding[1] as isize);
+        // The input columns whose output column `ix * sx + kx * dx - px` lies in 0..ow.
+        let columns = |kx: usize| {
+            let off = (kx * dx) as isize - px;
+            let lo = if off < 0 { (-off) as usize } else { 0 }.div_ceil(sx);
+            let hi = ((ow as isize - off).max(0) as usize).div_ceil(sx).min(w);
+            (lo, hi.max(lo), off)
+        };
         for gi in 0..g {
             // The group's weights as [ocg * kh * kw, icg]: each tap's row over the inputs.
             let mut a = vec![0.0f32; taps * icg];
@@ -125,26 +140,34 @@ impl Module for ConvTranspose2d {
                 }
             }
             for b in 0..n {
-                let xg = &xv[(b * c + gi * icg) * h * w..(b * c + (gi + 1) * icg) * h * w];
-                qkernels::matmul_f32(&a, xg, (taps, icg, h * w), &mut cols)
-                    .map_err(|e| NnError::Op { module: String::new(), source: e })?;
-                for o in 0..ocg {
-                    let plane = &mut out[((b * oc) + gi * ocg + o) * oh * ow..][..oh * ow];
-                    for ky in 0..kh {
-                        for kx in 0..kw {
-                            let row = &cols[((o * kh + ky) * kw + kx) * h * w..][..h * w];
-                            for iy in 0..h {
-                                let oy =
-                                    (iy * self.stride[0] + ky * self.dilation[0]) as isize - self.padding[0] as isize;
-                                if oy < 0 || oy >= oh as isize {
-                                    continue;
-                                }
-                                let line = &mut plane[oy as usize * ow..(oy as usize + 1) * ow];
-                                for (ix, &v) in row[iy * w..(iy + 1) * w].iter().enumerate() {
-                                    let ox = (ix * self.stride[1] + kx * self.dilation[1]) as isize
-                                        - self.padding[1] as isize;
-                                    if ox >= 0 && ox < ow as isize {
-                                        line[ox as usize] += v;
+                for y0 in (0..h).step_by(rows) {
+                    let r = rows.min(h - y0);
+                    let px_in = r * w;
+                    for i in 0..icg {
+                        let plane = (b * c + gi * icg + i) * h * w;
+                        xin[i * px_in..(i + 1) * px_in].copy_from_slice(&xv[plane + y0 * w..plane + (y0 + r) * w]);
+                    }
+                    qkernels::matmul_f32(&a, &xin[..icg * px_in], (taps, icg, px_in), &mut cols[..taps * px_in])
+                        .map_err(|e| NnError::Op { module: String::new(), source: e })?;
+                    for o in 0..ocg {
+                        let plane = &mut out[((b * oc) + gi * ocg + o) * oh * ow..][..oh * ow];
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let (lo, hi, off) = columns(kx);
+                                let row = &cols[((o * kh + ky) * kw + kx) * px_in..][..px_in];
+                                for iy in 0..r {
+                                    let oy = ((y0 + iy) * sy + ky * dy) as isize - py;
+                                    if oy < 0 || oy >= oh as isize {
+                                        continue;
+                                    }
+                                    if lo == hi {
+                                        continue;
+                                    }
+                                    // Output columns lo * sx + off, sx apart, from input columns lo..hi.
+                                    let first = oy as usize * ow + ((lo * sx) as isize + off) as usize;
+                                    let line = plane[first..].iter_mut().step_by(sx);
+                                    for (o, &v) in line.zip(&row[iy * w + lo..iy * w + hi]) {
+                                        *o += v;
                                     }
                                 }
                             }
@@ -153,7 +176,23 @@ impl Module for ConvTranspose2d {
                 }
             }
         }
-        Ok(ArrayD::from_shape_vec(IxDyn(&[n, oc, oh, ow]), out).expect("sizes computed above"))
+        let mut y = ArrayD::from_shape_vec(IxDyn(&[n, oc, oh, ow]), out).expect("sizes computed above");
+        self.activation.apply(&mut y);
+        Ok(y)
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn kind(&self) -> &'static str {
+        "ConvTranspose2d"
+    }
+
+    /// Per image and group, a block of input rows at a time: every input pixel's products
+    /// with every weight tap in one matrix product (`[out_channels * kh * kw, in_channels] x
+    /// [in_channels, rows * w]`), then each product added at its output pixel, then the
+    /// fused activation.
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward_in_blocks(x, COLUMN_BLOCK)
     }
 
     fn tensors(&self) -> Vec<(&'static str, &ArrayD<f32>)> {
@@ -189,6 +228,7 @@ impl Module for ConvTranspose2d {
             output_padding: self.output_padding,
             dilation: self.dilation,
             groups: self.groups,
+            activation: self.activation,
         })))
     }
 
@@ -211,6 +251,9 @@ struct SavedConvTranspose {
     output_padding: [usize; 2],
     dilation: [usize; 2],
     groups: usize,
+    /// None when the file leaves it out.
+    #[serde(default)]
+    activation: FusedAct,
 }
 
 /// The float layers of this file a saved model's float fallbacks can hold.
@@ -228,6 +271,7 @@ pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[("ConvTranspose2d", |
         output_padding: a.output_padding,
         dilation: a.dilation,
         groups: a.groups,
+        activation: a.activation,
     }))
 })];
 
@@ -251,13 +295,21 @@ mod tests {
                 ((i[0] * 7 + i[1] * 5 + i[2] * 3 + i[3]) % 11) as f32 * 0.1 - 0.5
             });
             let bias = ArrayD::from_shape_fn(IxDyn(&[ocg * groups]), |i| i[0] as f32 * 0.25);
-            let m = ConvTranspose2d { weight, bias: Some(bias), stride, padding, output_padding, dilation, groups };
+            let activation = FusedAct::None;
+            let m = ConvTranspose2d {
+                weight,
+                bias: Some(bias),
+                stride,
+                padding,
+                output_padding,
+                dilation,
+                groups,
+                activation,
+            };
             let x = ArrayD::from_shape_fn(IxDyn(&[2, c, h, w]), |i| {
                 ((i[0] + i[1] * 3 + i[2] * 5 + i[3] * 7) % 13) as f32 - 6.0
             });
-            let y = m.forward(&x).unwrap();
             let [_, oc, oh, ow] = m.out_dims(x.shape()).unwrap();
-            assert_eq!(y.shape(), &[2, oc, oh, ow]);
             let mut want = ArrayD::from_shape_fn(IxDyn(&[2, oc, oh, ow]), |i| i[1] as f32 * 0.25);
             let icg = c / groups;
             for b in 0..2 {
@@ -275,8 +327,17 @@ mod tests {
                     }
                 }
             }
-            let err = y.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(err < 1e-4, "stride {stride:?}, padding {padding:?}: off by {err}");
+            // One input row per block, two (the last one short), all of them.
+            for block in [1, 2 * ocg * kh * kw * w, COLUMN_BLOCK] {
+                let y = m.forward_in_blocks(&x, block).unwrap();
+                assert_eq!(y.shape(), &[2, oc, oh, ow]);
+                let err = y.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err < 1e-4, "stride {stride:?}, padding {padding:?}, block {block}: off by {err}");
+            }
+            // A fused ReLU clamps the same output.
+            let relu = ConvTranspose2d { activation: FusedAct::Relu, ..m.clone() };
+            let y = relu.forward(&x).unwrap();
+            assert!(y.iter().zip(want.iter()).all(|(a, b)| (a - b.max(0.0)).abs() < 1e-4));
         }
         // Output padding at or above the stride is an error naming the shapes.
         let mut m = ConvTranspose2d::new(2, 2, 2);

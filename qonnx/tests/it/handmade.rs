@@ -940,3 +940,70 @@ fn layernorm_chains_import_as_one_op() {
         }
     }
 }
+
+/// PP-LCNet's learnable scale and shift after each convolution and activation, and a
+/// transposed convolution with a bias added by a constant then a ReLU: the maps fold into the
+/// convolutions when the model is prepared, the int8 model follows the float one, and its QDQ
+/// export writes the transposed convolution (its folded bias, its padding) and the ReLU.
+#[test]
+fn scalar_maps_fold_and_a_transposed_convolution_exports() {
+    let w1: Vec<f32> = (0..4 * 3).map(|i| ((i * 5) % 7) as f32 * 0.2 - 0.6).collect();
+    let w2: Vec<f32> = (0..4 * 4).map(|i| ((i * 3) % 5) as f32 * 0.25 - 0.5).collect();
+    let wt: Vec<f32> = (0..4 * 2 * 2 * 2).map(|i| ((i * 7) % 9) as f32 * 0.1 - 0.4).collect();
+    let bytes = model(
+        17,
+        value("x", &[None, Some(3), Some(6), Some(6)]),
+        vec![
+            node("Conv", "conv1", &["x", "w1"], &["a"], vec![]),
+            node("Mul", "scale1", &["a", "s1"], &["b"], vec![]),
+            node("Add", "shift1", &["b", "t1"], &["c"], vec![]),
+            node("Relu", "relu1", &["c"], &["d"], vec![]),
+            node("Mul", "scale2", &["d", "s2"], &["e"], vec![]),
+            node("Add", "shift2", &["e", "t2"], &["f"], vec![]),
+            node("Conv", "conv2", &["f", "w2"], &["g"], vec![]),
+            node(
+                "ConvTranspose",
+                "up",
+                &["g", "wt"],
+                &["h"],
+                vec![ints("strides", &[2, 2]), ints("pads", &[0, 1, 0, 1])],
+            ),
+            node("Add", "up_bias", &["h", "bt"], &["i"], vec![]),
+            node("Relu", "relu2", &["i"], &["y"], vec![]),
+        ],
+        vec![
+            floats("w1", &[4, 3, 1, 1], w1),
+            floats("s1", &[], vec![0.9]),
+            floats("t1", &[], vec![0.25]),
+            floats("s2", &[], vec![0.5]),
+            floats("t2", &[], vec![-0.125]),
+            floats("w2", &[4, 4, 1, 1], w2),
+            floats("wt", &[4, 2, 2, 2], wt),
+            floats("bt", &[2, 1, 1], vec![0.5, -0.25]),
+        ],
+        "y",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    let x = ramp(&[2, 3, 6, 6]);
+    let float = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    assert_eq!(float.shape(), &[2, 2, 12, 10]);
+    let mut p = qnn::prepare(m.graph, &qnn::QConfigMapping::new(qnn::qobserve::QConfig::default())).unwrap();
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap();
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    for name in ["scale1", "shift1", "scale2", "shift2", "up_bias", "relu2"] {
+        assert_eq!(mode(name), qnn::Mode::Passthrough, "{name}");
+    }
+    assert_eq!(mode("conv1"), qnn::Mode::Int8);
+    let db = crate::sqnr_db(&q.forward(&x).unwrap(), &float);
+    assert!(db > 25.0, "int8 SQNR {db:.1} dB");
+    let onnx = qonnx::export_qdq(&q, &[vec![2, 3, 6, 6]]).unwrap();
+    let nodes = &onnx.graph.as_ref().unwrap().node;
+    let up = nodes.iter().position(|n| n.op_type.as_deref() == Some("ConvTranspose")).expect("a ConvTranspose");
+    let attr =
+        |n: &NodeProto, a: &str| n.attribute.iter().find(|x| x.name.as_deref() == Some(a)).map(|x| x.ints.clone());
+    assert_eq!(attr(&nodes[up], "pads"), Some(vec![0, 1, 0, 1]));
+    assert_eq!(attr(&nodes[up], "strides"), Some(vec![2, 2]));
+    assert_eq!(nodes[up].input.len(), 3, "the folded bias");
+    assert_eq!(nodes[up + 1].op_type.as_deref(), Some("Relu"));
+}
