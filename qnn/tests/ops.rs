@@ -488,3 +488,78 @@ fn a_per_channel_operand_broadcasts_in_additions() {
     let e = build().value_info(&[&[2, 3, 5, 5]]).unwrap();
     assert_eq!(e.last().unwrap().shape, [2, 4, 5, 5]);
 }
+
+/// An upsampling transposed convolution (kernel 2, stride 2) runs in int8: its bytes are the
+/// int8 1x1 convolution of every tap's output (calibrated on the same images: the same values,
+/// rearranged), each tap moved to its pixel; saved and loaded, the same bits. One whose taps
+/// overlap (kernel 3, stride 2) stays in float and says why.
+#[test]
+fn an_upsampling_transposed_convolution_runs_in_int8() {
+    use qnn::layers::ConvTranspose2d;
+    let (ic, oc, k) = (6, 5, 2);
+    let up = {
+        let mut m = ConvTranspose2d { stride: [k, k], ..ConvTranspose2d::new(ic, oc, k) };
+        zoo::randomize(&mut m, 31);
+        m
+    };
+    let stem = {
+        let mut c = Conv2d::new(3, ic, 3).padding(1);
+        zoo::randomize(&mut c, 7);
+        c
+    };
+    let model = |m: Box<dyn Module>| {
+        let mut g = GraphBuilder::new();
+        let x = g.input("x");
+        let y = g.layer("conv", stem.clone(), x).unwrap();
+        let y = g.boxed("up", m, y).unwrap();
+        g.output(y);
+        g.build().unwrap()
+    };
+    // The same computation as a 1x1 convolution: output channel (ky * 2 + kx) * oc + o.
+    let mut pw = Conv2d::new(ic, k * k * oc, 1);
+    for ci in 0..ic {
+        for o in 0..oc {
+            for t in 0..k * k {
+                pw.weight[[t * oc + o, ci, 0, 0]] = up.weight[[ci, o, t / k, t % k]];
+                pw.bias.as_mut().unwrap()[t * oc + o] = up.bias.as_ref().unwrap()[o];
+            }
+        }
+    }
+    let twin = model(Box::new(pw));
+    let graph = model(Box::new(up));
+    let x = images(4, &[2, 3, 5, 4]);
+    let float = graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    let q = quantize(graph, &[2, 3, 5, 4]);
+    let qt = quantize(twin, &[2, 3, 5, 4]);
+    let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+    assert_eq!(mode("up"), Mode::Int8);
+    let Value::U8 { data: got, shape, .. } = q.forward_values(std::slice::from_ref(&x)).unwrap().remove(0) else {
+        panic!("int8 output")
+    };
+    assert_eq!(shape, [2, oc, 10, 8]);
+    let Value::U8 { data: taps, .. } = qt.forward_values(std::slice::from_ref(&x)).unwrap().remove(0) else {
+        panic!("int8 output")
+    };
+    // NHWC bytes: input pixel (b, y, x)'s tap (ky, kx) is output pixel (b, 2y + ky, 2x + kx).
+    for b in 0..2 {
+        for (yy, xx) in (0..5).flat_map(|y| (0..4).map(move |x| (y, x))) {
+            for t in 0..k * k {
+                let (oy, ox) = (yy * k + t / k, xx * k + t % k);
+                let at = ((b * 10 + oy) * 8 + ox) * oc;
+                let from = ((b * 5 + yy) * 4 + xx) * k * k * oc + t * oc;
+                assert_eq!(got[at..at + oc], taps[from..from + oc], "image {b}, pixel ({yy}, {xx}), tap {t}");
+            }
+        }
+    }
+    let db = sqnr_db(&float, &q.forward(&x).unwrap());
+    assert!(db > 30.0, "int8 SQNR {db:.1} dB");
+    assert_eq!(reload(&q).forward(&x).unwrap(), q.forward(&x).unwrap());
+    // Overlapping taps: float, with the reason in the plan.
+    let overlap = ConvTranspose2d { stride: [2, 2], ..ConvTranspose2d::new(ic, oc, 3) };
+    let q = quantize(model(Box::new(overlap)), &[2, 3, 5, 4]);
+    let Mode::Float(why) = q.plan().iter().find(|e| e.name == "up").unwrap().mode.clone() else {
+        panic!("overlapping taps run in float")
+    };
+    let why = why.to_string();
+    assert!(why.contains("float") && why.contains("stride"), "{why}");
+}

@@ -372,6 +372,25 @@ impl Writer<'_> {
                 let q = own(a)?;
                 (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
             }
+            "ConvTranspose2d" => {
+                // A 1x1 convolution of every tap's output, then ONNX's DepthToSpace (DCR:
+                // channel (ky * k + kx) * c + o goes to tap (ky, kx) of channel o).
+                let x = self.read(first, Some(in_q), name)?;
+                let (w, scales) = self.weight(name, a, true)?;
+                let b = self.bias(name, a, in_q.0, &scales)?;
+                let mut ins = vec![x.as_str(), w.as_str()];
+                if let Some(b) = &b {
+                    ins.push(b);
+                }
+                let z = format!("{name}.taps");
+                self.product("Conv2d", &format!("{name}/taps"), a, &ins, &z)?;
+                let z = self.activation(name, z, &a["activation"]);
+                let block = a["block"].as_i64().ok_or_else(|| err(format!("{name}: no block")))?;
+                let y = format!("{name}.y");
+                self.node("DepthToSpace", name, &[&z], &y, vec![attr_i("blocksize", block), attr_s("mode", "DCR")]);
+                let q = own(a)?;
+                (self.qdq(&y, name, q), Repr::Int8(q.0, q.1))
+            }
             "Add" | "Mul" | "Cat" | "MatMul" => {
                 let int8 = a["int8"].as_bool().unwrap_or(true);
                 let qs: Vec<(f32, i32)> = match a["qs"].as_array() {

@@ -36,7 +36,7 @@ pub const SUPPORTED: &[&str] = &[
     "Constant",
     "ConstantOfShape",
     "Conv",
-    "ConvTranspose (explicit pads; float)",
+    "ConvTranspose (explicit pads; int8 when the kernel equals the stride, float otherwise)",
     "Div (by a constant)",
     "Dropout",
     "Equal, Less, Greater, Mod, Neg, Reciprocal, Sqrt, Where (constants)",
@@ -1066,7 +1066,7 @@ impl Importer {
         self.layer(cx, "", Box::new(conv), &x)
     }
 
-    /// `ConvTranspose` of a computed NCHW value by a constant weight: a float
+    /// `ConvTranspose` of a computed NCHW value by a constant weight: a
     /// [`ConvTranspose2d`] (explicit `pads`; `auto_pad` and `output_shape` are refused by
     /// name).
     fn conv_transpose(&mut self, cx: &Cx<'_>) -> Result<Node> {

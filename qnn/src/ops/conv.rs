@@ -312,6 +312,15 @@ fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
 }
 
 impl ConvOp {
+    /// Its output channels, when it is a 1x1 convolution of stride 1 without padding or
+    /// groups.
+    pub(crate) fn pointwise_outputs(&self) -> Option<usize> {
+        let &[oc, kh, kw, _] = self.weights.shape() else { return None };
+        let g = self.geom;
+        let plain = g.stride == [1, 1] && g.padding == [0, 0] && g.groups == 1;
+        (kh == 1 && kw == 1 && plain).then_some(oc)
+    }
+
     /// Runs the convolution and then `add` on its output, fused
     /// ([`qkernels::PackedConv2d::forward_u8_add`]): the same bits as running it and then the
     /// addition. `other` is the addition's other operand and its position among the

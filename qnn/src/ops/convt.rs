@@ -1,5 +1,6 @@
-//! `nn.ConvTranspose2d` (ONNX `ConvTranspose`): the float layer. It has no int8 form, so a
-//! converted model runs it in float between automatic boundaries and the plan says so.
+//! `nn.ConvTranspose2d` (ONNX `ConvTranspose`): the float layer, and its int8 form for
+//! upsampling layers (kernel equal to the stride: a 1x1 convolution, then each tap's output
+//! moved to its pixel). Others run in float between automatic boundaries, and the plan says so.
 
 use std::any::Any;
 
@@ -7,11 +8,15 @@ use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
 use super::conv::{load_f32, save_f32};
-use super::{attrs, bad, parse, OpWriter};
+use super::{attrs, bad, nchw_of, parse, LowerCx, OpWriter, QOp};
 use crate::error::{NnError, Result};
+use crate::layers::Conv2d;
 use crate::layers::{nchw, shape_error, FusedAct};
 use crate::module::Module;
+use crate::quant::{out_buf, Run, Value};
 use crate::{FloatReason, Mode};
+use qkernels::QuantU8;
+use serde_json::Value as J;
 
 /// `nn.ConvTranspose2d`: each input pixel scatters its weights times itself into the output,
 /// `stride` apart; `padding` (top, left, bottom, right) crops the result, `output_padding`
@@ -99,6 +104,42 @@ impl ConvTranspose2d {
 const COLUMN_BLOCK: usize = 1 << 16;
 
 impl ConvTranspose2d {
+    /// The side `k` of its kernel when each output pixel comes from exactly one tap of one
+    /// input pixel: a `k x k` kernel at stride `k`, no padding, output padding, dilation or
+    /// groups (an upsampling layer).
+    fn pixel_block(&self) -> Option<usize> {
+        let &[_, _, kh, kw] = self.weight.shape() else { return None };
+        let plain = self.padding == [0; 4] && self.output_padding == [0, 0] && self.dilation == [1, 1];
+        (kh == kw && kh > 0 && self.stride == [kh, kw] && plain && self.groups == 1).then_some(kh)
+    }
+
+    /// The 1x1 convolution computing every tap's output for each input pixel: output
+    /// channel `(ky * k + kx) * out_channels + o` is tap `(ky, kx)` of output channel `o`
+    /// (ONNX `DepthToSpace`'s DCR order), with `o`'s bias.
+    fn as_pointwise(&self, k: usize) -> Conv2d {
+        let &[ic, oc, _, _] = self.weight.shape() else { unreachable!("checked by pixel_block") };
+        let w = self.weight.as_standard_layout();
+        let wv = w.as_slice().expect("standard layout");
+        let mut pw = vec![0.0f32; k * k * oc * ic];
+        for ci in 0..ic {
+            for o in 0..oc {
+                for t in 0..k * k {
+                    pw[(t * oc + o) * ic + ci] = wv[(ci * oc + o) * k * k + t];
+                }
+            }
+        }
+        let bias = self.bias.as_ref().map(|b| {
+            let v: Vec<f32> = (0..k * k).flat_map(|_| b.iter().copied()).collect();
+            ArrayD::from_shape_vec(IxDyn(&[k * k * oc]), v).expect("one per output channel")
+        });
+        Conv2d {
+            weight: ArrayD::from_shape_vec(IxDyn(&[k * k * oc, ic, 1, 1]), pw).expect("sizes computed above"),
+            bias,
+            geom: qkernels::Conv2dGeometry::default(),
+            activation: self.activation,
+        }
+    }
+
     /// The forward pass with blocks of input rows whose products hold about `block` values
     /// (at least one row).
     fn forward_in_blocks(&self, x: &ArrayD<f32>, block: usize) -> Result<ArrayD<f32>> {
@@ -212,7 +253,22 @@ impl Module for ConvTranspose2d {
     }
 
     fn lowering(&self) -> Mode {
-        Mode::Float(FloatReason::FloatOp { why: "transposed convolutions run in float (no int8 kernel)".into() })
+        if self.pixel_block().is_some() {
+            Mode::Int8
+        } else {
+            Mode::Float(FloatReason::FloatOp {
+                why: "transposed convolutions run in int8 only with a square kernel equal to their stride, no \
+                      padding, dilation or groups (each output pixel from one tap); this one runs in float"
+                    .into(),
+            })
+        }
+    }
+
+    fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        let Some(block) = self.pixel_block() else { unreachable!("lowered only where `lowering` says int8") };
+        let pointwise = self.as_pointwise(block);
+        let oc = pointwise.weight.shape()[0] / (block * block);
+        Ok(Box::new(ConvTransposeOp { conv: pointwise.lower(cx)?, block, oc }))
     }
 
     fn computes_images_apart(&self) -> bool {
@@ -240,6 +296,93 @@ impl Module for ConvTranspose2d {
         self
     }
 }
+
+/// [`ConvTranspose2d`] in int8, for an upsampling layer (kernel equal to the stride): the 1x1
+/// convolution of every tap's output (int8, requantized to the layer's output parameters),
+/// then each input pixel's `k x k` taps moved to their output pixels, `out_channels` bytes at
+/// a time. Each output element is one sum of the convolution, so the bytes are the int8
+/// convolution's.
+#[derive(Debug)]
+pub struct ConvTransposeOp {
+    conv: Box<dyn QOp>,
+    block: usize,
+    oc: usize,
+}
+
+impl QOp for ConvTransposeOp {
+    fn op_name(&self) -> &'static str {
+        OP.0
+    }
+
+    fn kernel(&self) -> Option<String> {
+        Some(format!(
+            "1x1 convolution then {0}x{0} pixel scatter: {1}",
+            self.block,
+            self.conv.kernel().unwrap_or_default()
+        ))
+    }
+
+    fn macs(&self, out_shape: &[usize]) -> Option<u64> {
+        // The 1x1 convolution's output holds as many elements as the layer's.
+        self.conv.macs(out_shape)
+    }
+
+    fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
+        let y = self.conv.run(args, in_q, run)?;
+        let Value::U8 { data, shape, q } = y else { unreachable!("the int8 convolution writes codes") };
+        let [n, _, h, w] = nchw_of(&shape, "ConvTranspose2d")?;
+        let (k, oc) = (self.block, self.oc);
+        let (oh, ow) = (h * k, w * k);
+        let mut out = out_buf(&[n, oh, ow, oc], run, "ConvTranspose2d")?;
+        // Input pixel (y, x)'s bytes hold tap (ky, kx)'s `oc` channels at (ky * k + kx) * oc.
+        for (p, px) in data.chunks_exact(k * k * oc).enumerate() {
+            let (b, y, x) = (p / (h * w), p / w % h, p % w);
+            for ky in 0..k {
+                let row = (b * oh + y * k + ky) * ow + x * k;
+                out[row * oc..(row + k) * oc].copy_from_slice(&px[ky * k * oc..(ky + 1) * k * oc]);
+            }
+        }
+        crate::scratch::give(data);
+        Ok(Value::U8 { data: out, shape: vec![n, oc, oh, ow], q })
+    }
+
+    fn out_q(&self) -> Option<QuantU8> {
+        self.conv.out_q()
+    }
+
+    fn quantizes_input(&self, k: usize, in_q: QuantU8) -> Option<QuantU8> {
+        self.conv.quantizes_input(k, in_q)
+    }
+
+    fn save(&self, node: &str, w: &mut OpWriter) -> Result<J> {
+        let mut j = self.conv.save(node, w)?;
+        j["block"] = J::from(self.block);
+        j["out_channels"] = J::from(self.oc);
+        Ok(j)
+    }
+
+    any_methods!();
+}
+
+/// The int8 op's saved name and loader: the 1x1 convolution's attributes, with the block and
+/// the channels.
+pub(crate) const OP: (&str, super::OpLoader) = ("ConvTranspose2d", |j, r, node| {
+    let size = |key: &str| {
+        j[key].as_u64().map(|v| v as usize).filter(|&v| v > 0).ok_or_else(|| {
+            bad(format!("{node}: the attributes of its ConvTranspose2d op need a positive '{key}', not {}", j[key]))
+        })
+    };
+    let (block, oc) = (size("block")?, size("out_channels")?);
+    let conv = (super::conv::OP.1)(j, r, node)?;
+    let cout = conv.as_any().downcast_ref::<super::conv::ConvOp>().and_then(super::conv::ConvOp::pointwise_outputs);
+    if cout.is_none() || block.checked_mul(block).and_then(|b| b.checked_mul(oc)) != cout {
+        return Err(bad(format!(
+            "{node}: a ConvTranspose2d of {oc} channels in {block}x{block} blocks needs a 1x1 convolution of \
+             {block}x{block}x{oc} outputs, not {cout:?}"
+        )));
+    }
+    Ok(Box::new(ConvTransposeOp { conv, block, oc }))
+});
 
 /// Its saved form (a float layer of a converted model).
 #[derive(Serialize, Deserialize)]

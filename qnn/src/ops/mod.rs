@@ -371,6 +371,7 @@ pub type Int8LayerLoader = fn(&J, &OpReader<'_>) -> Result<Box<dyn Int8Layer>>;
 /// The built-in ops by saved name, one entry per op file.
 pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     conv::OP,
+    convt::OP,
     linear::OP,
     linear::DYNAMIC_OP,
     activation::RELU,
