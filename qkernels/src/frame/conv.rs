@@ -563,7 +563,13 @@ impl PackedConv2d {
         }
         let k = self.kh * self.kw * icg;
         // About 128 KiB of im2col rows per chunk: produced and consumed while in L2.
-        let chunk = (131_072 / k).clamp(16, 4096).min(rows);
+        let mut chunk = (131_072 / k).clamp(16, 4096).min(rows);
+        // On several threads, a whole number of chunks per thread (each thread's share of
+        // the rows within one chunk of the others'), so that none waits on a last odd chunk.
+        if threads > 1 && rows.div_ceil(chunk) >= 2 * threads {
+            let even = rows.div_ceil(chunk).next_multiple_of(threads);
+            chunk = rows.div_ceil(even);
+        }
         let nchunks = rows.div_ceil(chunk);
         let run_chunk = |ci: usize, out_chunk: &mut [u8], gemm_threads: usize| -> Result<()> {
             let r0 = ci * chunk;

@@ -307,6 +307,42 @@ fn fused_residual_add_on_blocked_layers() {
     }
 }
 
+/// An im2col layer of five chunks of rows: on two threads they are evened out to six, on
+/// three they run one after the other with the GEMM's blocks shared; every thread count and
+/// instruction set gives the reference's bytes.
+#[test]
+fn im2col_chunks_shared_between_threads_match_the_reference() {
+    let mut next = crate::xorshift(0x5151_2727_9393_1313);
+    let (n, h, w, c, oc) = (1, 32, 32, 64, 24);
+    let case = ConvCase {
+        n,
+        h,
+        w,
+        c,
+        oc,
+        kh: 3,
+        kw: 3,
+        geom: Conv2dGeometry { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 1 },
+        x: (0..n * h * w * c).map(|_| (next() % 128) as u8).collect(),
+        za: 3,
+        sa: 0.02,
+        wt: (0..oc * 9 * c).map(|_| next() as i8).collect(),
+        sw: (0..oc).map(|_| 0.002 + (next() % 100) as f32 * 1e-4).collect(),
+        zw: vec![0; oc],
+        bias: Some((0..oc).map(|_| ((next() % 201) as f32 - 100.0) * 1e-2).collect()),
+        out: OutputQuant { scale: 0.6, zero_point: 128, activation: Activation::None },
+    };
+    let expected = case.reference().unwrap();
+    for isa in crate::isas_under_test() {
+        let packed = PackedConv2d::with_isa(isa, &case.weights(), case.bias.as_deref(), case.geom).unwrap();
+        for threads in 1..=3 {
+            let mut out = vec![0u8; expected.len()];
+            packed.forward_u8(&case.image(), case.out, &mut out, threads).unwrap();
+            assert_eq!(out, expected, "{isa} threads={threads}");
+        }
+    }
+}
+
 /// A wrong residual operand is an error naming the lengths.
 #[test]
 fn fused_residual_add_refuses_a_short_operand() {
