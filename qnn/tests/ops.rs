@@ -563,3 +563,51 @@ fn an_upsampling_transposed_convolution_runs_in_int8() {
     let why = why.to_string();
     assert!(why.contains("float") && why.contains("stride"), "{why}");
 }
+
+/// A depthwise 1x1 convolution whose channels share one weight and one bias (`x * k + b`
+/// with scalar constants, as ONNX imports it) runs as one table: each output code is the map
+/// of its input code's value, rounded once (no weight quantized); saved and loaded, the same.
+#[test]
+fn a_scalar_affine_map_runs_as_one_table() {
+    use qnn::layers::FusedAct;
+    let c = 6;
+    let mut stem = Conv2d::new(3, c, 3).padding(1);
+    zoo::randomize(&mut stem, 5);
+    let mut map = Conv2d { activation: FusedAct::Relu, ..Conv2d::new(c, c, 1).groups(c) };
+    map.weight.fill(0.633);
+    map.bias.as_mut().unwrap().fill(-0.547);
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let y = g.layer("stem", stem, x).unwrap();
+    let z = g.layer("map", map, y).unwrap();
+    g.output(y);
+    g.output(z);
+    let q = quantize(g.build().unwrap(), &[2, 3, 5, 4]);
+    let x = images(9, &[2, 3, 5, 4]);
+    let outs = q.forward_values(std::slice::from_ref(&x)).unwrap();
+    let (Value::U8 { data: a, q: qa, .. }, Value::U8 { data: b, q: qb, .. }) = (&outs[0], &outs[1]) else {
+        panic!("int8 outputs")
+    };
+    for (&i, &o) in a.iter().zip(b) {
+        let v = 0.633f32.mul_add(qa.scale * (i as i32 - qa.zero_point) as f32, -0.547).max(0.0);
+        let want = (v / qb.scale).round_ties_even() as i32 + qb.zero_point;
+        assert_eq!(o as i32, want.clamp(0, 255), "code {i}");
+    }
+    assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 20, "a spread of input codes");
+    // A table, not a convolution's kernel.
+    assert!(!q.kernels().iter().any(|(n, _)| *n == "map"), "{:?}", q.kernels());
+    let back = reload(&q).forward_values(std::slice::from_ref(&x)).unwrap();
+    assert_eq!(back[1].to_f32(), outs[1].to_f32());
+    // Channels of their own weights stay a convolution (after a ReLU, which keeps the map
+    // from folding into the convolution before it).
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let mut per_channel = Conv2d::new(c, c, 1).groups(c);
+    zoo::randomize(&mut per_channel, 3);
+    let y = g.layer("stem", Conv2d::new(3, c, 1), x).unwrap();
+    let y = g.layer("relu", ReLU, y).unwrap();
+    let z = g.layer("map", per_channel, y).unwrap();
+    g.output(z);
+    let q = quantize(g.build().unwrap(), &[2, 3, 5, 4]);
+    assert!(q.kernels().iter().any(|(n, k)| *n == "map" && k.contains("depthwise")), "{:?}", q.kernels());
+}

@@ -433,6 +433,27 @@ impl Writer<'_> {
             "Lut" => {
                 let x = self.read(first, Some(q_of(&a["in_q"])?), name)?;
                 let y = format!("{name}.y");
+                if let Some(af) = a["function"].get("affine") {
+                    // `activation(x * scale + shift)`: a scalar affine map's table.
+                    let num = |key: &str| {
+                        af[key]
+                            .as_f64()
+                            .map(|v| v as f32)
+                            .ok_or_else(|| err(format!("{name}: an affine table without {key}")))
+                    };
+                    let (scale, shift) = (num("scale")?, num("shift")?);
+                    let (sc, sh) = (
+                        self.float_scalar(&format!("{name}.map_factor"), scale),
+                        self.float_scalar(&format!("{name}.map_term"), shift),
+                    );
+                    let (m, z) = (format!("{name}.scaled"), format!("{name}.shifted"));
+                    self.node("Mul", &format!("{name}/Mul"), &[&x, &sc], &m, vec![]);
+                    self.node("Add", name, &[&m, &sh], &z, vec![]);
+                    let z = self.activation(name, z, &af["activation"]);
+                    self.node("Identity", &format!("{name}/out"), &[&z], &y, vec![]);
+                    let q = own(a)?;
+                    return Ok((self.qdq(&y, name, q), Repr::Int8(q.0, q.1)));
+                }
                 match a["function"].as_str().unwrap_or("") {
                     "hardswish" => self.node("HardSwish", name, &[&x], &y, vec![]),
                     "sigmoid" => self.node("Sigmoid", name, &[&x], &y, vec![]),

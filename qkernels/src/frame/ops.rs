@@ -576,6 +576,20 @@ pub enum UnaryOp {
     /// `x * sigmoid(x)` (SiLU, swish). PyTorch has no quantized SiLU; both tables compute it
     /// in f32 as `x / (1 + e^-x)`.
     Silu,
+    /// `clamp(scale * x + shift, min, max)` (one rounding: a fused multiply-add): a scalar
+    /// affine map with its activation (`min` and `max` infinite for none), as qnn runs a
+    /// depthwise 1x1 convolution whose channels share one weight and one bias. Both tables
+    /// are the same.
+    Affine {
+        /// The factor.
+        scale: f32,
+        /// The term added.
+        shift: f32,
+        /// The lower clamp.
+        min: f32,
+        /// The upper clamp.
+        max: f32,
+    },
 }
 
 /// `sqrt(2 / pi)`, as PyTorch spells it: `M_SQRT2 * M_2_SQRTPI * 0.5`.
@@ -646,6 +660,7 @@ impl UnaryOp {
                     ((x as f64).exp_m1() as f32) * a
                 }
             }
+            UnaryOp::Affine { scale, shift, min, max } => scale.mul_add(x, shift).max(min).min(max),
         }
     }
 
@@ -688,7 +703,7 @@ impl UnaryOp {
             // PyTorch's quantized elu writes an NCHW-contiguous result, so for channels-last
             // inputs (with more than one channel and one pixel) every element takes its scalar
             // loop; we always do.
-            UnaryOp::Elu(_) => UnaryTables::same(lut(&|q| self.eval(input.dequantize(q)))),
+            UnaryOp::Elu(_) | UnaryOp::Affine { .. } => UnaryTables::same(lut(&|q| self.eval(input.dequantize(q)))),
             _ => UnaryTables {
                 vector: lut(&|q| self.eval_vec(input.dequantize_vec(q))),
                 tail: lut(&|q| self.eval(input.dequantize(q))),

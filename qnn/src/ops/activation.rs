@@ -11,6 +11,7 @@ use serde_json::Value as J;
 
 use super::{attrs, bad, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::Result;
+use crate::layers::FusedAct;
 use crate::module::{FloatKernel, Module};
 use crate::quant::{quantized, Mode, Run, Value};
 use crate::scratch::{self, Input};
@@ -282,6 +283,21 @@ enum TableFn {
     Tanh,
     Gelu,
     GeluTanh,
+    /// `activation(scale * x + shift)`.
+    Affine {
+        scale: f32,
+        shift: f32,
+        activation: FusedAct,
+    },
+}
+
+/// The clamp bounds of a fused activation, infinite for none.
+pub(crate) fn act_bounds(a: FusedAct) -> (f32, f32) {
+    match a {
+        FusedAct::None => (f32::NEG_INFINITY, f32::INFINITY),
+        FusedAct::Relu => (0.0, f32::INFINITY),
+        FusedAct::Relu6 => (0.0, 6.0),
+    }
 }
 
 impl TableFn {
@@ -294,6 +310,12 @@ impl TableFn {
             UnaryOp::Tanh => TableFn::Tanh,
             UnaryOp::Gelu => TableFn::Gelu,
             UnaryOp::GeluTanh => TableFn::GeluTanh,
+            UnaryOp::Affine { scale, shift, min, max } => {
+                let activation = [FusedAct::None, FusedAct::Relu, FusedAct::Relu6]
+                    .into_iter()
+                    .find(|&a| act_bounds(a) == (min, max))?;
+                TableFn::Affine { scale, shift, activation }
+            }
             _ => return None,
         })
     }
@@ -306,6 +328,10 @@ impl TableFn {
             TableFn::Tanh => UnaryOp::Tanh,
             TableFn::Gelu => UnaryOp::Gelu,
             TableFn::GeluTanh => UnaryOp::GeluTanh,
+            TableFn::Affine { scale, shift, activation } => {
+                let (min, max) = act_bounds(activation);
+                UnaryOp::Affine { scale, shift, min, max }
+            }
         }
     }
 }

@@ -135,6 +135,21 @@ impl Conv2d {
         .map_err(op_err)
     }
 
+    /// The factor and the term of a depthwise 1x1 convolution of stride 1 without padding
+    /// whose channels all share one finite weight and one finite bias (`x * k + b` with scalar
+    /// constants, as ONNX imports it): a scalar affine map.
+    fn uniform_affine(&self) -> Option<(f32, f32)> {
+        let c = self.weight.shape().first().copied()?;
+        let g = self.geom;
+        let depthwise =
+            self.weight.shape() == [c, 1, 1, 1] && g.groups == c && g.stride == [1, 1] && g.padding == [0, 0];
+        let scale = *self.weight.iter().next()?;
+        let shift = self.bias.as_ref().map_or(Some(0.0), |b| b.iter().next().copied())?;
+        let same = |a: &ArrayD<f32>, v: f32| a.iter().all(|x| x.to_bits() == v.to_bits());
+        let uniform = same(&self.weight, scale) && self.bias.as_ref().is_none_or(|b| same(b, shift));
+        (depthwise && uniform && scale.is_finite() && shift.is_finite()).then_some((scale, shift))
+    }
+
     /// The weights as OHWI, the kernels' layout.
     pub fn weight_ohwi(&self) -> ArrayD<f32> {
         let s = self.weight.shape();
@@ -162,6 +177,13 @@ impl Module for Conv2d {
     }
 
     fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        if let Some((scale, shift)) = self.uniform_affine() {
+            // One weight and one bias for every channel: the same map on every code, one table
+            // (exact to the output's rounding; the weight quantized would lose up to half a step).
+            let (min, max) = super::activation::act_bounds(self.activation);
+            let op = qkernels::UnaryOp::Affine { scale, shift, min, max };
+            return Ok(Box::new(super::activation::LutOp::new(op, cx.in_q, cx.out_q())));
+        }
         let op_err = |e| crate::NnError::Op { module: cx.name.to_string(), source: e };
         let wq = quantize_weights(cx.name, &self.weight, cx.cfg)?;
         let ohwi = wq.int_repr().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
