@@ -548,9 +548,9 @@ impl Lut {
     }
 }
 
-/// The unary activations PyTorch quantizes, with the output parameters PyTorch uses when
-/// they are fixed (sigmoid, hardsigmoid: 1/256, 0; tanh: 1/128, 128; relu, relu6, gelu: the
-/// input's).
+/// The unary maps the lookup tables compute: the activations PyTorch quantizes, with the
+/// output parameters PyTorch uses when they are fixed (sigmoid, hardsigmoid: 1/256, 0; tanh:
+/// 1/128, 128; relu, relu6, gelu: the input's), SiLU, and a scalar affine map.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum UnaryOp {
     /// `max(x, 0)`.

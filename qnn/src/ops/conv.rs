@@ -150,6 +150,20 @@ impl Conv2d {
         (depthwise && uniform && scale.is_finite() && shift.is_finite()).then_some((scale, shift))
     }
 
+    /// The int8 convolution of its quantized weights (what [`Module::lower`] gives unless the
+    /// layer is a scalar affine map).
+    pub(crate) fn lower_conv(&self, cx: &LowerCx<'_>) -> Result<ConvOp> {
+        let op_err = |e| crate::NnError::Op { module: cx.name.to_string(), source: e };
+        let wq = quantize_weights(cx.name, &self.weight, cx.cfg)?;
+        let ohwi = wq.int_repr().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
+        let weights = QTensor::from_int_repr(ohwi, wq.params().clone(), wq.range()).map_err(op_err)?;
+        let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.iter().copied().collect());
+        let packed = Box::new(PackedConv2d::new(&weights, bias.as_deref(), self.geom).map_err(op_err)?);
+        let oq = cx.out_q();
+        let out = OutputQuant { scale: oq.scale, zero_point: oq.zero_point, activation: self.activation.kernel() };
+        Ok(ConvOp { packed, weights, bias, geom: self.geom, out, activation: self.activation })
+    }
+
     /// The weights as OHWI, the kernels' layout.
     pub fn weight_ohwi(&self) -> ArrayD<f32> {
         let s = self.weight.shape();
@@ -177,22 +191,16 @@ impl Module for Conv2d {
     }
 
     fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-        if let Some((scale, shift)) = self.uniform_affine() {
+        if let Some((scale, shift)) = self.uniform_affine().filter(|_| cx.cfg.weight_quantizer.is_none()) {
             // One weight and one bias for every channel: the same map on every code, one table
-            // (exact to the output's rounding; the weight quantized would lose up to half a step).
+            // (exact to the output's rounding; the weight quantized would lose up to half a
+            // step). No weight is quantized, so the weight observer has nothing to choose; a
+            // quantizer of the application's own is honoured on the convolution's path.
             let (min, max) = super::activation::act_bounds(self.activation);
             let op = qkernels::UnaryOp::Affine { scale, shift, min, max };
             return Ok(Box::new(super::activation::LutOp::new(op, cx.in_q, cx.out_q())));
         }
-        let op_err = |e| crate::NnError::Op { module: cx.name.to_string(), source: e };
-        let wq = quantize_weights(cx.name, &self.weight, cx.cfg)?;
-        let ohwi = wq.int_repr().permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
-        let weights = QTensor::from_int_repr(ohwi, wq.params().clone(), wq.range()).map_err(op_err)?;
-        let bias: Option<Vec<f32>> = self.bias.as_ref().map(|b| b.iter().copied().collect());
-        let packed = Box::new(PackedConv2d::new(&weights, bias.as_deref(), self.geom).map_err(op_err)?);
-        let oq = cx.out_q();
-        let out = OutputQuant { scale: oq.scale, zero_point: oq.zero_point, activation: self.activation.kernel() };
-        Ok(Box::new(ConvOp { packed, weights, bias, geom: self.geom, out, activation: self.activation }))
+        Ok(Box::new(self.lower_conv(cx)?))
     }
 
     fn computes_images_apart(&self) -> bool {

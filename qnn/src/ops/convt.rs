@@ -268,7 +268,7 @@ impl Module for ConvTranspose2d {
         let Some(block) = self.pixel_block() else { unreachable!("lowered only where `lowering` says int8") };
         let pointwise = self.as_pointwise(block);
         let oc = pointwise.weight.shape()[0] / (block * block);
-        Ok(Box::new(ConvTransposeOp { conv: pointwise.lower(cx)?, block, oc }))
+        Ok(Box::new(ConvTransposeOp { conv: Box::new(pointwise.lower_conv(cx)?), block, oc }))
     }
 
     fn computes_images_apart(&self) -> bool {
@@ -330,8 +330,9 @@ impl QOp for ConvTransposeOp {
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
         let y = self.conv.run(args, in_q, run)?;
         let Value::U8 { data, shape, q } = y else { unreachable!("the int8 convolution writes codes") };
-        let [n, _, h, w] = nchw_of(&shape, "ConvTranspose2d")?;
+        let [n, taps, h, w] = nchw_of(&shape, "ConvTranspose2d")?;
         let (k, oc) = (self.block, self.oc);
+        assert_eq!(taps, k * k * oc, "ConvTranspose2d: its 1x1 convolution's outputs (checked at loading)");
         let (oh, ow) = (h * k, w * k);
         let mut out = out_buf(&[n, oh, ow, oc], run, "ConvTranspose2d")?;
         // Input pixel (y, x)'s bytes hold tap (ky, kx)'s `oc` channels at (ky * k + kx) * oc.
