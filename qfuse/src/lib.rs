@@ -89,10 +89,77 @@ impl BatchNorm {
     fn inv_std(&self) -> Vec<f32> {
         self.running_var.iter().map(|&v| 1.0 / (v + self.eps).sqrt()).collect()
     }
+
+    /// PyTorch's convolution folding for `oc` channels (checked): the weights' factor
+    /// `gamma * rsqrt(var + eps)` per channel, and the new bias
+    /// `((b - mean) * rsqrt(var + eps)) * gamma + beta`, in that order, in f32.
+    fn conv_fold(&self, bias: Option<&[f32]>, oc: usize) -> (Vec<f32>, Vec<f32>) {
+        let inv = self.inv_std();
+        let gamma = self.weight.clone().unwrap_or_else(|| vec![1.0; oc]);
+        let beta = self.bias.clone().unwrap_or_else(|| vec![0.0; oc]);
+        let factor = gamma.iter().zip(&inv).map(|(g, i)| g * i).collect();
+        let b = bias_or_zeros(bias, oc);
+        let fb = (0..oc).map(|o| ((b[o] - self.running_mean[o]) * inv[o]) * gamma[o] + beta[o]).collect();
+        (factor, fb)
+    }
 }
 
 fn bias_or_zeros(bias: Option<&[f32]>, n: usize) -> Vec<f32> {
     bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec)
+}
+
+/// `w` with each output channel's weights (its first dimension) times `factor[o]`.
+fn scale_outputs(w: ArrayViewD<'_, f32>, factor: &[f32]) -> ArrayD<f32> {
+    let mut fw = w.to_owned();
+    for (o, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
+        row.mapv_inplace(|v| v * factor[o]);
+    }
+    fw
+}
+
+/// A transposed convolution's weights `[in, out / groups, kh, kw]` (`icg` inputs per group)
+/// with each output channel's weights times `factor[o]`: output channel `o` of group `g` is
+/// column `o - g * out / groups` of rows `g * icg ..`.
+fn scale_transposed_outputs(w: ArrayViewD<'_, f32>, icg: usize, factor: &[f32]) -> ArrayD<f32> {
+    let ocg = w.shape()[1];
+    let mut fw = w.to_owned();
+    for (i, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
+        let first = (i / icg) * ocg;
+        for (j, mut taps) in row.axis_iter_mut(Axis(0)).enumerate() {
+            taps.mapv_inplace(|v| v * factor[first + j]);
+        }
+    }
+    fw
+}
+
+/// The first two dimensions of 4-D weights (`layout` names them for the error), the first
+/// (`first`, for the error) divided into `groups` groups.
+fn grouped_dims(
+    op: &'static str,
+    w: &ArrayViewD<'_, f32>,
+    groups: usize,
+    layout: &str,
+    first: &str,
+) -> Result<(usize, usize)> {
+    let &[a, b, _, _] = w.shape() else {
+        return Err(QError::Unsupported {
+            op,
+            reason: format!("weights must be 4-D {layout}, got shape {:?}", w.shape()),
+        });
+    };
+    if groups == 0 || !a.is_multiple_of(groups) {
+        return Err(QError::Unsupported {
+            op,
+            reason: format!("{groups} groups do not divide the {a} {first} of weights of shape {:?}", w.shape()),
+        });
+    }
+    Ok((a, b))
+}
+
+/// `b[o] * scale[o] + shift[o]` for the `oc` channels of an optional bias.
+fn affine_bias(bias: Option<&[f32]>, oc: usize, scale: &[f32], shift: &[f32]) -> Vec<f32> {
+    let b = bias_or_zeros(bias, oc);
+    (0..oc).map(|o| b[o] * scale[o] + shift[o]).collect()
 }
 
 /// Folds `bn` into a convolution with weights `w` (`[out_channels, ...]`, any layout with
@@ -108,17 +175,8 @@ pub fn fuse_conv_bn(w: ArrayViewD<'_, f32>, bias: Option<&[f32]>, bn: &BatchNorm
     const OP: &str = "qfuse::fuse_conv_bn";
     let oc = check_weights(OP, &w, bias)?;
     bn.check(OP, oc, w.shape())?;
-    let inv = bn.inv_std();
-    let gamma = bn.weight.clone().unwrap_or_else(|| vec![1.0; oc]);
-    let beta = bn.bias.clone().unwrap_or_else(|| vec![0.0; oc]);
-    let factor: Vec<f32> = gamma.iter().zip(&inv).map(|(g, i)| g * i).collect();
-    let mut fw = w.to_owned();
-    for (o, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
-        row.mapv_inplace(|v| v * factor[o]);
-    }
-    let b = bias_or_zeros(bias, oc);
-    let fb = (0..oc).map(|o| ((b[o] - bn.running_mean[o]) * inv[o]) * gamma[o] + beta[o]).collect();
-    Ok((fw, fb))
+    let (factor, fb) = bn.conv_fold(bias, oc);
+    Ok((scale_outputs(w, &factor), fb))
 }
 
 /// Folds `bn` into a linear layer (`[out_features, in_features]`) and optional bias.
@@ -184,17 +242,12 @@ pub fn fold_output_affine(
     const OP: &str = "qfuse::fold_output_affine";
     let oc = check_weights(OP, &w, bias)?;
     check_affine(OP, oc, scale, shift, "output channel of the layer before it")?;
-    let mut fw = w.to_owned();
-    for (o, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
-        row.mapv_inplace(|v| v * scale[o]);
-    }
-    let b = bias_or_zeros(bias, oc);
-    Ok((fw, (0..oc).map(|o| b[o] * scale[o] + shift[o]).collect()))
+    Ok((scale_outputs(w, scale), affine_bias(bias, oc, scale, shift)))
 }
 
 /// Folds a per-channel affine map applied to a convolution's input,
-/// `x'[c] = x[c] * scale[c] + shift[c]`, into the convolution: weights `w` OIHW (`[out, in / groups, kh, kw]`) in
-/// `groups` groups, and optional bias. `w'[o][i] = w[o][i] * scale[c]` for the input channel
+/// `x'[c] = x[c] * scale[c] + shift[c]`, into the convolution: weights `w` OIHW
+/// (`[out, in / groups, kh, kw]`) in `groups` groups, and optional bias. `w'[o][i] = w[o][i] * scale[c]` for the input channel
 /// `c` that weight reads, `b'[o] = b[o] + sum over i, kh, kw of w[o][i] * shift[c]` (summed
 /// in f64, rounded once).
 ///
@@ -212,22 +265,8 @@ pub fn fold_input_affine(
     shift: &[f32],
 ) -> Result<(ArrayD<f32>, Vec<f32>)> {
     const OP: &str = "qfuse::fold_input_affine";
-    let oc = check_weights(OP, &w, bias)?;
-    let &[_, per_group, _, _] = w.shape() else {
-        return Err(QError::Unsupported {
-            op: OP,
-            reason: format!("convolution weights must be 4-D [out, in / groups, kh, kw], got shape {:?}", w.shape()),
-        });
-    };
-    if groups == 0 || !oc.is_multiple_of(groups) {
-        return Err(QError::Unsupported {
-            op: OP,
-            reason: format!(
-                "{groups} groups do not divide the {oc} output channels of weights of shape {:?}",
-                w.shape()
-            ),
-        });
-    }
+    check_weights(OP, &w, bias)?;
+    let (oc, per_group) = grouped_dims(OP, &w, groups, "[out, in / groups, kh, kw]", "output channels")?;
     check_affine(OP, per_group * groups, scale, shift, "input channel of the convolution after it")?;
     let out_per_group = oc / groups;
     let mut fw = w.to_owned();
@@ -285,25 +324,7 @@ pub fn fold_transposed_output_affine(
     shift: &[f32],
 ) -> Result<(ArrayD<f32>, Vec<f32>)> {
     const OP: &str = "qfuse::fold_transposed_output_affine";
-    let &[ic, ocg, _, _] = w.shape() else {
-        return Err(QError::Unsupported {
-            op: OP,
-            reason: format!(
-                "transposed convolution weights must be 4-D [in, out / groups, kh, kw], got shape {:?}",
-                w.shape()
-            ),
-        });
-    };
-    if groups == 0 || !ic.is_multiple_of(groups) {
-        return Err(QError::Unsupported {
-            op: OP,
-            reason: format!(
-                "{groups} groups do not divide the {ic} input channels of weights of shape {:?}",
-                w.shape()
-            ),
-        });
-    }
-    let oc = ocg * groups;
+    let (ic, oc) = transposed_dims(OP, &w, bias, groups)?;
     if let Some(b) = bias.filter(|b| b.len() != oc) {
         return Err(QError::ShapeMismatch {
             op: OP,
@@ -313,16 +334,29 @@ pub fn fold_transposed_output_affine(
         });
     }
     check_affine(OP, oc, scale, shift, "output channel of the layer before it")?;
-    let icg = ic / groups;
-    let mut fw = w.to_owned();
-    for (i, mut row) in fw.axis_iter_mut(Axis(0)).enumerate() {
-        let first = (i / icg) * ocg;
-        for (j, mut taps) in row.axis_iter_mut(Axis(0)).enumerate() {
-            taps.mapv_inplace(|v| v * scale[first + j]);
-        }
+    Ok((scale_transposed_outputs(w, ic / groups, scale), affine_bias(bias, oc, scale, shift)))
+}
+
+/// A transposed convolution's input and output channels, its weights checked as 4-D
+/// `[in, out / groups, kh, kw]` with `groups` dividing the inputs, and its bias (if any) as
+/// one value per output channel.
+fn transposed_dims(
+    op: &'static str,
+    w: &ArrayViewD<'_, f32>,
+    bias: Option<&[f32]>,
+    groups: usize,
+) -> Result<(usize, usize)> {
+    let (ic, ocg) = grouped_dims(op, w, groups, "[in, out / groups, kh, kw]", "input channels")?;
+    let oc = ocg * groups;
+    if let Some(b) = bias.filter(|b| b.len() != oc) {
+        return Err(QError::ShapeMismatch {
+            op,
+            expected: vec![oc],
+            actual: vec![b.len()],
+            hint: "the layer's bias must have one value per output channel",
+        });
     }
-    let b = bias_or_zeros(bias, oc);
-    Ok((fw, (0..oc).map(|o| b[o] * scale[o] + shift[o]).collect()))
+    Ok((ic, oc))
 }
 
 /// Folds `bn` into a transposed convolution with weights `w` (`[in, out / groups, kh, kw]`)
@@ -339,14 +373,8 @@ pub fn fuse_conv_transpose_bn(
     bn: &BatchNorm,
 ) -> Result<(ArrayD<f32>, Vec<f32>)> {
     const OP: &str = "qfuse::fuse_conv_transpose_bn";
-    let oc = w.shape().get(1).map_or(0, |&ocg| ocg * groups);
+    let (ic, oc) = transposed_dims(OP, &w, bias, groups)?;
     bn.check(OP, oc, w.shape())?;
-    let inv = bn.inv_std();
-    let gamma = bn.weight.clone().unwrap_or_else(|| vec![1.0; oc]);
-    let beta = bn.bias.clone().unwrap_or_else(|| vec![0.0; oc]);
-    let factor: Vec<f32> = gamma.iter().zip(&inv).map(|(g, i)| g * i).collect();
-    let (fw, _) = fold_transposed_output_affine(w, bias, groups, &factor, &vec![0.0; oc])?;
-    let b = bias_or_zeros(bias, oc);
-    let fb = (0..oc).map(|o| ((b[o] - bn.running_mean[o]) * inv[o]) * gamma[o] + beta[o]).collect();
-    Ok((fw, fb))
+    let (factor, fb) = bn.conv_fold(bias, oc);
+    Ok((scale_transposed_outputs(w, ic / groups, &factor), fb))
 }

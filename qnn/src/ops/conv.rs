@@ -331,6 +331,11 @@ pub(crate) fn load_weights(
 pub(crate) const OP: (&str, super::OpLoader) = ("Conv2d", load);
 
 fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
+    Ok(Box::new(load_conv(j, r, node)?))
+}
+
+/// A saved [`ConvOp`] (also the 1x1 convolution inside an int8 transposed convolution).
+pub(crate) fn load_conv(j: &J, r: &OpReader<'_>, node: &str) -> Result<ConvOp> {
     let a: ConvAttrs = parse(j, node, "Conv2d")?;
     let weights = load_weights(r, &a.weight, &a.scales, &a.zero_points, a.per_channel)?;
     let bias = a.bias.as_deref().map(|k| r.f32s(k).map(|v| v.1)).transpose()?;
@@ -338,7 +343,7 @@ fn load(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
     let packed = Box::new(PackedConv2d::new(&weights, bias.as_deref(), geom).map_err(|e| bad(format!("{node}: {e}")))?);
     let q = a.out_q.0;
     let out = OutputQuant { scale: q.scale, zero_point: q.zero_point, activation: a.activation.kernel() };
-    Ok(Box::new(ConvOp { packed, weights, bias, geom, out, activation: a.activation }))
+    Ok(ConvOp { packed, weights, bias, geom, out, activation: a.activation })
 }
 
 impl ConvOp {

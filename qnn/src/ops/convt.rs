@@ -2,12 +2,10 @@
 //! upsampling layers (kernel equal to the stride: a 1x1 convolution, then each tap's output
 //! moved to its pixel). Others run in float between automatic boundaries, and the plan says so.
 
-use std::any::Any;
-
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
-use super::conv::{load_f32, save_f32};
+use super::conv::{load_f32, save_f32, ConvOp};
 use super::{attrs, bad, nchw_of, parse, LowerCx, OpWriter, QOp};
 use crate::error::{NnError, Result};
 use crate::layers::Conv2d;
@@ -268,7 +266,7 @@ impl Module for ConvTranspose2d {
         let Some(block) = self.pixel_block() else { unreachable!("lowered only where `lowering` says int8") };
         let pointwise = self.as_pointwise(block);
         let oc = pointwise.weight.shape()[0] / (block * block);
-        Ok(Box::new(ConvTransposeOp { conv: Box::new(pointwise.lower_conv(cx)?), block, oc }))
+        Ok(Box::new(ConvTransposeOp { conv: pointwise.lower_conv(cx)?, block, oc }))
     }
 
     fn computes_images_apart(&self) -> bool {
@@ -288,13 +286,7 @@ impl Module for ConvTranspose2d {
         })))
     }
 
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
+    any_methods!();
 }
 
 /// [`ConvTranspose2d`] in int8, for an upsampling layer (kernel equal to the stride): the 1x1
@@ -304,7 +296,7 @@ impl Module for ConvTranspose2d {
 /// convolution's.
 #[derive(Debug)]
 pub struct ConvTransposeOp {
-    conv: Box<dyn QOp>,
+    conv: ConvOp,
     block: usize,
     oc: usize,
 }
@@ -374,8 +366,8 @@ pub(crate) const OP: (&str, super::OpLoader) = ("ConvTranspose2d", |j, r, node| 
         })
     };
     let (block, oc) = (size("block")?, size("out_channels")?);
-    let conv = (super::conv::OP.1)(j, r, node)?;
-    let cout = conv.as_any().downcast_ref::<super::conv::ConvOp>().and_then(super::conv::ConvOp::pointwise_outputs);
+    let conv = super::conv::load_conv(j, r, node)?;
+    let cout = conv.pointwise_outputs();
     if cout.is_none() || block.checked_mul(block).and_then(|b| b.checked_mul(oc)) != cout {
         return Err(bad(format!(
             "{node}: a ConvTranspose2d of {oc} channels in {block}x{block} blocks needs a 1x1 convolution of \
