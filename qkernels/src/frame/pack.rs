@@ -48,10 +48,11 @@ pub(crate) struct Avx2Pairs {
     pub max_input: u8,
     /// Set when the kernel reads `packed` two quads at a time and adds their `vpmaddubsw`
     /// outputs in i16 before widening to i32 (one `vpmaddwd` by ones for 64 products instead
-    /// of two): the quads whose pair sums could leave i16 that way, for some column of a
-    /// panel and inputs up to `max_input`, are zero in `packed` and run alone from here.
+    /// of two): each strip of two panels reads its whole quads in its own order, pairs first,
+    /// so that no pair's sums can leave i16 for inputs up to `max_input`; `packed` holds each
+    /// panel's quads in its strip's order.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub apart: Option<ApartQuads>,
+    pub order: Option<QuadOrder>,
     /// For rows with codes above `max_input` (8-bit activations), when few quads need it:
     /// `vpmaddubsw` one quad at a time on the full input range.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -70,15 +71,15 @@ pub(crate) struct FullRangeQuads {
     pub quads: Vec<u32>,
 }
 
-/// The quads of K that a panel multiplies on their own, outside its pairs of quads: for
-/// panel `p`, entries `start[p]..start[p + 1]`, each a quad index (`quads`) and its 8 x 4
-/// weight bytes (32 per entry, in `weights`).
+/// The order in which each strip of 16 columns (panels `2s` and `2s + 1`) reads the `k / 4`
+/// whole quads of K: position `t` of strip `s` is the quad at byte `offsets[s * (k / 4) + t]`
+/// of a row (4 x its index); positions `0..paired[s]` go two at a time (`t`, `t + 1` for even
+/// `t`), the rest one at a time. A partial last quad is not listed: it stays last.
 #[derive(Clone, Debug)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) struct ApartQuads {
-    pub start: Vec<u32>,
-    pub quads: Vec<u32>,
-    pub weights: Aligned<i8>,
+pub(crate) struct QuadOrder {
+    pub offsets: Vec<u32>,
+    pub paired: Vec<u32>,
 }
 
 /// A tier's GEMM layout of the weights, packed by its table (`GemmKernels::pack`); each

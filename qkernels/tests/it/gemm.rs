@@ -264,9 +264,10 @@ fn assert_avx2_exact(c: &Case, packed: &PackedWeights, what: &str) {
 }
 
 /// AVX2's pairs of quads summed in i16, at the edge: with inputs up to 129 (the bound a pair
-/// of weights 127 + 127 sets), a lane's four weights summing to 254 (or -254) stay paired
-/// (129 x 254 = 32766 fits in i16) and 255 (or -255) split the pair (the sum could wrap).
-/// Rows at the bound everywhere, and random rows below it, against the definition.
+/// of weights 127 + 127 sets), two quads pair only if every lane's four weights sum to at
+/// most 254 (or -254) (129 x 254 = 32766 fits in i16; 255 could wrap). Quads whose
+/// neighbours would overflow find other partners; rows at the bound everywhere, and random
+/// rows below it, against the definition.
 #[test]
 fn avx2_paired_quads_are_exact_at_the_edge_of_i16() {
     use qtensor::isa::Isa;
@@ -274,21 +275,8 @@ fn avx2_paired_quads_are_exact_at_the_edge_of_i16() {
         return;
     }
     let mut next = crate::xorshift(0x51f1_5ea5_e0c0_ffee);
-    let (m, k, n) = (11, 64, 16);
-    let mut w: Vec<i8> = (0..n * k).map(|_| ((next() % 41) as i32 - 20) as i8).collect();
-    // Sets lane `lane` (0: k % 4 in 0..2, 1: in 2..4) of quads 2h and 2h + 1 of column j.
-    let mut set = |j: usize, h: usize, lane: usize, v: [i8; 4]| {
-        for (i, q) in [2 * h, 2 * h + 1].into_iter().enumerate() {
-            let at = j * k + 4 * q + 2 * lane;
-            w[at..at + 2].copy_from_slice(&v[2 * i..2 * i + 2]);
-        }
-    };
-    set(0, 0, 0, [127, 127, 0, 0]); // the bound: 32767 / 254 = 129
-    set(3, 2, 1, [127, 100, 27, 0]); // 254: paired
-    set(9, 5, 0, [127, 127, 1, 0]); // 255: split
-    set(12, 6, 1, [-128, -126, 0, 0]); // -254: paired
-    set(14, 7, 0, [-128, -64, -63, 0]); // -255: split
-    let probe = Case {
+    let (m, k, n) = (11, 64, 24);
+    let probe = |w: Vec<i8>| Case {
         m,
         k,
         n,
@@ -302,19 +290,54 @@ fn avx2_paired_quads_are_exact_at_the_edge_of_i16() {
         bias: None,
         out: OutputQuant { scale: 1.0, zero_point: 0, activation: Activation::None },
     };
-    let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe)).unwrap();
-    assert_eq!(packed.pair_sums_up_to(), Some(129));
-    // 2 of the 2 panels x 8 pairs split.
-    assert!(
-        packed.kernel().contains("vpmaddubsw for input codes <= 129 (quads paired in i16, 12.5% of pairs split)"),
-        "{}",
-        packed.kernel()
-    );
-    for all_top in [true, false] {
-        let a: Vec<u8> = (0..m * k).map(|_| if all_top { 129 } else { (next() % 130) as u8 }).collect();
-        let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
-        assert_avx2_exact(&c, &packed, &format!("rows at the bound: {all_top}"));
+    let check = |probe: &Case, packed: &PackedWeights, next: &mut dyn FnMut() -> u64, what: &str| {
+        for all_top in [true, false] {
+            let a: Vec<u8> = (0..m * k).map(|_| if all_top { 129 } else { (next() % 130) as u8 }).collect();
+            let c = Case { a, za: (next() % 256) as i32, ..probe.clone() };
+            assert_avx2_exact(&c, packed, &format!("{what}, rows at the bound: {all_top}"));
+        }
+    };
+    // Sets lane `lane` (0: k % 4 in 0..2, 1: in 2..4) of quad q of column j.
+    let set = |w: &mut [i8], j: usize, q: usize, lane: usize, v: [i8; 2]| {
+        let at = j * k + 4 * q + 2 * lane;
+        w[at..at + 2].copy_from_slice(&v);
+    };
+    // Small weights, with quads 0..8 of column 0 at 127 + 127 in lane 0, and quads 8..16 at
+    // 0 there: in K's order every neighbour pair of the first half would overflow; in the
+    // strip's own order each heavy quad takes a light one, and none runs alone.
+    let mut w: Vec<i8> = (0..n * k).map(|_| ((next() % 41) as i32 - 20) as i8).collect();
+    for q in 0..16 {
+        set(&mut w, 0, q, 0, if q < 8 { [127, 127] } else { [0, -((next() % 20) as i8)] });
     }
+    // The edges in the second strip (columns 16..24): 254 and -254, which fit only beside
+    // a quad with no weight of their sign in that lane.
+    set(&mut w, 17, 3, 1, [127, 127]);
+    set(&mut w, 20, 6, 0, [-128, -126]);
+    let probe_a = probe(w);
+    let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe_a)).unwrap();
+    assert_eq!(packed.pair_sums_up_to(), Some(129));
+    assert!(packed.kernel().contains("(quads paired in i16, 0.0% alone)"), "{}", packed.kernel());
+    check(&probe_a, &packed, &mut next, "heavy quads paired with light ones");
+    // At the edge: quads 0..3 of column 5 at 127 + 127 in lane 1, the others at 1 + 0 there:
+    // 254 + 1 could wrap, so the three run alone, and of the other 13 six pairs leave one:
+    // 4 of the 32 quads of the two strips alone.
+    let mut w: Vec<i8> = (0..n * k).map(|_| ((next() % 41) as i32 - 20) as i8).collect();
+    for q in 0..16 {
+        set(&mut w, 5, q, 1, if q < 3 { [127, 127] } else { [1, 0] });
+    }
+    let probe_c = probe(w);
+    let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe_c)).unwrap();
+    assert!(packed.kernel().contains("(quads paired in i16, 12.5% alone)"), "{}", packed.kernel());
+    check(&probe_c, &packed, &mut next, "heavy quads alone");
+    // Every quad heavy in one lane of one column: no two fit together, so no pairs at all.
+    let mut w: Vec<i8> = (0..n * k).map(|_| ((next() % 41) as i32 - 20) as i8).collect();
+    for q in 0..16 {
+        set(&mut w, 5, q, 1, [127, (100 + next() % 28) as i8]);
+    }
+    let probe_b = probe(w);
+    let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe_b)).unwrap();
+    assert!(!packed.kernel().contains("paired"), "{}", packed.kernel());
+    check(&probe_b, &packed, &mut next, "no pairs");
 }
 
 /// AVX2's `vpmaddubsw` on full-range rows (codes above the pair bound, up to 255): a quad

@@ -6,7 +6,7 @@ use std::ptr;
 
 use super::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
 use crate::frame::gemm::{QMatrix, Tile, REQUANT_LIMIT};
-use crate::frame::pack::{ApartQuads, Avx2Pairs, FullRangeQuads};
+use crate::frame::pack::{Avx2Pairs, FullRangeQuads, QuadOrder};
 use crate::x86_64::FusedOut;
 
 /// Runs `$kernel::<MR, NV>$args` for the runtime `($mr, $nv)` and hands its accumulators
@@ -38,13 +38,15 @@ unsafe fn store_strip<const MR: usize, const NV: usize>(acc: &[[__m256i; NV]; MR
 
 /// Requantizes an AVX2 tile's accumulators (rows `i0..i0 + MR`, columns `j..j + lanes` of
 /// the fused output, `lanes <= 8 * NV`) on registers and stores the bytes: the arithmetic of
-/// [`epilogue_u8_avx2`] (hence of `requantize_scalar`), lane for lane.
+/// [`epilogue_u8_avx2`] (hence of `requantize_scalar`), lane for lane. A whole strip of 16
+/// columns is requantized inline, on the kernel's registers; others through
+/// [`requantize_part_avx2`].
 ///
 /// # Safety
 /// AVX2 and FMA available; the plan covers columns `j..j + lanes`; rows `i0..i0 + MR` and
 /// those columns lie inside the output (and the row sums, when the weights have zero points).
-#[target_feature(enable = "avx2,fma")]
-#[inline]
+/// No `target_feature` of its own, so that it inlines into its AVX2 callers.
+#[inline(always)]
 unsafe fn requantize_tile_avx2<const MR: usize, const NV: usize>(
     f: &FusedOut<'_>,
     acc: &[[__m256i; NV]; MR],
@@ -55,8 +57,25 @@ unsafe fn requantize_tile_avx2<const MR: usize, const NV: usize>(
     if NV == 2 && lanes == 2 * AVX2_LANES {
         // SAFETY: forwarded preconditions, with all 16 columns inside the plan.
         unsafe { requantize_strip16_avx2(f, acc, i0, j) };
-        return;
+    } else {
+        // SAFETY: forwarded preconditions.
+        unsafe { requantize_part_avx2(f, acc, i0, j, lanes) };
     }
+}
+
+/// [`requantize_tile_avx2`] for any strip, with masked loads of the plan and per-lane
+/// stores: a strip's columns past the output's last one are neither read nor written.
+///
+/// # Safety
+/// As [`requantize_tile_avx2`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn requantize_part_avx2<const MR: usize, const NV: usize>(
+    f: &FusedOut<'_>,
+    acc: &[[__m256i; NV]; MR],
+    i0: usize,
+    j: usize,
+    lanes: usize,
+) {
     let plan = f.plan;
     let (vzo, vlo, vhi) = (_mm256_set1_epi32(plan.zo), _mm256_set1_epi32(plan.lo), _mm256_set1_epi32(plan.hi));
     let (lim, nlim) = (_mm256_set1_ps(REQUANT_LIMIT), _mm256_set1_ps(-REQUANT_LIMIT));
@@ -123,50 +142,54 @@ unsafe fn requantize_tile_avx2<const MR: usize, const NV: usize>(
 /// `-REQUANT_LIMIT` followed by `lo` gives; above, the clamp to `REQUANT_LIMIT` stays.
 ///
 /// # Safety
-/// As [`requantize_tile_avx2`] with `lanes == 16` (so `NV == 2`).
-#[target_feature(enable = "avx2,fma")]
-#[inline]
+/// As [`requantize_tile_avx2`] with `lanes == 16` (so `NV == 2`). Inlined into its AVX2
+/// callers, as [`requantize_tile_avx2`].
+#[inline(always)]
 unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
     f: &FusedOut<'_>,
     acc: &[[__m256i; NV]; MR],
     i0: usize,
     j: usize,
 ) {
-    let plan = f.plan;
-    let lim = _mm256_set1_ps(REQUANT_LIMIT);
-    let vzo = _mm256_set1_epi32(plan.zo);
-    let (lo, hi) = (_mm_set1_epi8(plan.lo as u8 as i8), _mm_set1_epi8(plan.hi as u8 as i8));
-    // Dwords [A B A B | A' B' A' B'] after the packs, A / A' the first vector's low / high
-    // four bytes, B / B' the second's: gathered to A A' B B'.
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    // SAFETY: columns j..j + 16 are inside the plan (precondition).
-    let load = |v: usize| unsafe {
-        let jv = j + v * AVX2_LANES;
-        (
-            _mm256_loadu_si256(plan.colterm.as_ptr().add(jv).cast()),
-            _mm256_loadu_ps(plan.bias_term.as_ptr().add(jv)),
-            _mm256_loadu_ps(plan.bias_scale.as_ptr().add(jv)),
-            _mm256_loadu_ps(plan.mult.as_ptr().add(jv)),
-            if plan.has_zw { _mm256_loadu_si256(plan.zw.as_ptr().add(jv).cast()) } else { _mm256_setzero_si256() },
-        )
-    };
-    let consts = [load(0), load(1)];
-    for (r, accr) in acc.iter().enumerate() {
-        let i = i0 + r;
-        let mut q = [_mm256_setzero_si256(); 2];
-        for (v, &(colterm, bias, bscale, mult, zw)) in consts.iter().enumerate() {
-            let mut raw = _mm256_sub_epi32(accr[v], colterm);
-            if plan.has_zw {
-                raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
+    // SAFETY: AVX2 and FMA are available (precondition); the loads read columns j..j + 16
+    // of the plan and the store writes row i's, inside the output (precondition).
+    unsafe {
+        let plan = f.plan;
+        let lim = _mm256_set1_ps(REQUANT_LIMIT);
+        let vzo = _mm256_set1_epi32(plan.zo);
+        let (lo, hi) = (_mm_set1_epi8(plan.lo as u8 as i8), _mm_set1_epi8(plan.hi as u8 as i8));
+        // Dwords [A B A B | A' B' A' B'] after the packs, A / A' the first vector's low / high
+        // four bytes, B / B' the second's: gathered to A A' B B'.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        // Columns j..j + 16 are inside the plan (precondition).
+        let load = |v: usize| {
+            let jv = j + v * AVX2_LANES;
+            (
+                _mm256_loadu_si256(plan.colterm.as_ptr().add(jv).cast()),
+                _mm256_loadu_ps(plan.bias_term.as_ptr().add(jv)),
+                _mm256_loadu_ps(plan.bias_scale.as_ptr().add(jv)),
+                _mm256_loadu_ps(plan.mult.as_ptr().add(jv)),
+                if plan.has_zw { _mm256_loadu_si256(plan.zw.as_ptr().add(jv).cast()) } else { _mm256_setzero_si256() },
+            )
+        };
+        let consts = [load(0), load(1)];
+        for (r, accr) in acc.iter().enumerate() {
+            let i = i0 + r;
+            let mut q = [_mm256_setzero_si256(); 2];
+            for (v, &(colterm, bias, bscale, mult, zw)) in consts.iter().enumerate() {
+                let mut raw = _mm256_sub_epi32(accr[v], colterm);
+                if plan.has_zw {
+                    raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
+                }
+                let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
+                q[v] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(x, lim)), vzo);
             }
-            let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
-            q[v] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(x, lim)), vzo);
+            let w = _mm256_packs_epi32(q[0], q[1]);
+            let b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w, w), order);
+            let b = _mm_min_epu8(_mm_max_epu8(_mm256_castsi256_si128(b), lo), hi);
+            // Row i, columns j..j + 16 of the output (precondition).
+            _mm_storeu_si128(f.out.wrapping_add(i * f.ldc + j).cast(), b);
         }
-        let w = _mm256_packs_epi32(q[0], q[1]);
-        let b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w, w), order);
-        let b = _mm_min_epu8(_mm_max_epu8(_mm256_castsi256_si128(b), lo), hi);
-        // SAFETY: row i, columns j..j + 16 of the output (precondition).
-        unsafe { _mm_storeu_si128(f.out.wrapping_add(i * f.ldc + j).cast(), b) };
     }
 }
 
@@ -213,7 +236,7 @@ pub(crate) unsafe fn avx2_fused_rows(
         unsafe { widen_rows(a, f.r0, m, &mut wide) };
     }
     // Rows per `vpmaddubsw` tile: 3 two quads at a time (4 would spill a register), else 4.
-    let pair_rows = if pairs.is_some_and(|p| p.apart.is_some()) { 3 } else { 4 };
+    let pair_rows = if pairs.is_some_and(|p| p.order.is_some()) { 3 } else { 4 };
     let mut c0 = 0;
     while c0 < f.ncols {
         let nv = (f.ncols - c0).div_ceil(AVX2_LANES).min(2);
@@ -243,11 +266,12 @@ pub(crate) unsafe fn avx2_fused_rows(
                     let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
                     // SAFETY: the tile's rows and columns exist (preconditions); its codes were
                     // just checked against the pair packing's bound; the table covers mr <= 4,
-                    // nv <= 2; `apart` belongs to this packing.
+                    // nv <= 2; `order` belongs to this packing, and a strip of 16 columns
+                    // starts on an even panel.
                     unsafe {
-                        match &p.apart {
-                            Some(apart) => {
-                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, apart, panel), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                        match &p.order {
+                            Some(order) => {
+                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, order, panel), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
                                 (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                             }
                             None => {
@@ -449,34 +473,39 @@ unsafe fn avx2_pairs_kernel<const MR: usize, const NV: usize>(
 
 /// [`avx2_pairs_kernel`] two quads at a time: the two `vpmaddubsw` outputs of a row and
 /// vector are added in i16 (`vpaddw`, which wraps) and widened once, so 64 products take
-/// three multiplications instead of four. Exact because `pair_quads` moved apart every quad
-/// whose pair could leave i16 for inputs up to `max_input`: those are zero in the pairs and
-/// run alone at the end, from `apart`. A last odd quad and a partial one run alone too.
+/// three multiplications instead of four. The quads go in the strip's order (`order`): its
+/// pairs were chosen so that their sums stay inside i16 for inputs up to `max_input`, hence
+/// exact; the quads that fit no partner run alone after them, and a partial last quad last.
 ///
 /// # Safety
-/// As [`avx2_pairs_kernel`], with `b` the packing `pair_quads` returned `apart` for, pointing
-/// at panel `p`, and NV panels from `p` existing.
+/// As [`avx2_pairs_kernel`], with `b` the packing `order_quads` returned `order` for,
+/// pointing at panel `p`, and NV panels from `p` existing in the same strip of two.
 #[inline(always)]
 unsafe fn avx2_quads_kernel<const MR: usize, const NV: usize>(
     a: *const u8,
     lda: usize,
     k: usize,
     b: *const i8,
-    apart: &ApartQuads,
+    order: &QuadOrder,
     p: usize,
 ) -> [[__m256i; NV]; MR] {
     let panel = pairs_panel_len(k);
     let quad = 4 * AVX2_LANES;
+    let whole = k / 4;
+    debug_assert!(NV == 1 || p.is_multiple_of(2), "a tile of two panels starts a strip");
+    let strip = p / 2;
+    let offsets = &order.offsets[strip * whole..(strip + 1) * whole];
+    let paired = order.paired[strip] as usize;
     // SAFETY: AVX is available (precondition).
     let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
-    let whole = k / 4;
-    for h in 0..whole / 2 {
-        let g = 2 * h;
-        // SAFETY: AVX2 (precondition); panel v holds quads g and g + 1 (2 x 8 x 4 bytes);
-        // bytes 4g..4g + 8 <= k of each row exist.
+    for (h, pair) in offsets[..paired].chunks_exact(2).enumerate() {
+        let (o0, o1) = (pair[0] as usize, pair[1] as usize);
+        // SAFETY: AVX2 (precondition); panel v holds positions 2h and 2h + 1 (2 x 8 x 4
+        // bytes); each offset is 4 x a whole quad's index, so bytes o..o + 4 <= k of each row
+        // exist.
         unsafe {
             let ones = _mm256_set1_epi16(1);
-            let wq = b.add(g * quad);
+            let wq = b.add(2 * h * quad);
             let mut w0 = [_mm256_setzero_si256(); NV];
             let mut w1 = [_mm256_setzero_si256(); NV];
             for v in 0..NV {
@@ -484,9 +513,9 @@ unsafe fn avx2_quads_kernel<const MR: usize, const NV: usize>(
                 w1[v] = _mm256_loadu_si256(wq.add(v * panel + quad).cast());
             }
             for (r, accr) in acc.iter_mut().enumerate() {
-                let row = a.add(r * lda + 4 * g);
-                let b0 = _mm256_set1_epi32(ptr::read_unaligned(row.cast::<i32>()));
-                let b1 = _mm256_set1_epi32(ptr::read_unaligned(row.add(4).cast::<i32>()));
+                let row = a.add(r * lda);
+                let b0 = _mm256_set1_epi32(ptr::read_unaligned(row.add(o0).cast::<i32>()));
+                let b1 = _mm256_set1_epi32(ptr::read_unaligned(row.add(o1).cast::<i32>()));
                 for v in 0..NV {
                     let s = _mm256_add_epi16(_mm256_maddubs_epi16(b0, w0[v]), _mm256_maddubs_epi16(b1, w1[v]));
                     accr[v] = _mm256_add_epi32(accr[v], _mm256_madd_epi16(s, ones));
@@ -494,33 +523,16 @@ unsafe fn avx2_quads_kernel<const MR: usize, const NV: usize>(
             }
         }
     }
-    if whole % 2 == 1 {
-        let g = whole - 1;
-        // SAFETY: as in `avx2_pairs_kernel`.
+    for (t, &o) in offsets.iter().enumerate().skip(paired) {
+        let o = o as usize;
+        // SAFETY: as above, position t alone.
         unsafe {
-            pairs_step(&mut acc, b.add(g * quad), panel, |r| ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>()))
+            pairs_step(&mut acc, b.add(t * quad), panel, |r| ptr::read_unaligned(a.add(r * lda + o).cast::<i32>()))
         };
     }
     if !k.is_multiple_of(4) {
-        // SAFETY: as in `avx2_pairs_kernel`.
+        // SAFETY: as in `avx2_pairs_kernel`; the partial quad stays at position `whole`.
         unsafe { pairs_step(&mut acc, b.add(whole * quad), panel, |r| tail_quad(a.add(r * lda), k)) };
-    }
-    for v in 0..NV {
-        let entries = apart.start[p + v] as usize..apart.start[p + v + 1] as usize;
-        for e in entries {
-            let g = apart.quads[e] as usize;
-            // SAFETY: AVX2 (precondition); entry e's 32 weight bytes; quad g is whole, so
-            // bytes 4g..4g + 4 <= k of each row exist.
-            unsafe {
-                let mut one = [[_mm256_setzero_si256(); 1]; MR];
-                pairs_step(&mut one, apart.weights.as_ptr().add(e * quad), 0, |r| {
-                    ptr::read_unaligned(a.add(r * lda + 4 * g).cast::<i32>())
-                });
-                for r in 0..MR {
-                    acc[r][v] = _mm256_add_epi32(acc[r][v], one[r][0]);
-                }
-            }
-        }
     }
     acc
 }
@@ -721,12 +733,12 @@ pub(crate) unsafe fn avx2_tile(
             }
             Avx2Weights::Pairs(p) => {
                 let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
-                // SAFETY: forwarded preconditions; the table covers mr <= 4, nv <= 2; `apart`
-                // belongs to this packing.
+                // SAFETY: forwarded preconditions; the table covers mr <= 4, nv <= 2; `order`
+                // belongs to this packing, and `panel` is even when nv == 2.
                 unsafe {
-                    match &p.apart {
-                        Some(apart) => {
-                            dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, apart, panel), |acc| store_strip(&acc, &mut strip);
+                    match &p.order {
+                        Some(order) => {
+                            dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, order, panel), |acc| store_strip(&acc, &mut strip);
                             (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                         }
                         None => {

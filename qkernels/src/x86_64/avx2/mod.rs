@@ -15,7 +15,7 @@ use crate::frame::gemm::{QMatrix, Rows, SinkKind, Tile};
 use crate::frame::kernels::{AddKernel, Block, Kernels};
 use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
 use crate::x86_64::FusedOut;
-use pack::{full_range_quads, pack_avx2, pack_pairs, pair_quads, pair_safe_max, AVX2_LANES};
+use pack::{full_range_quads, order_quads, pack_avx2, pack_pairs, pair_safe_max, AVX2_LANES};
 
 // Every entry below runs only from a table of a tier that includes AVX2, which the registry
 // builds only on a CPU with AVX2 and FMA: the precondition of each `unsafe` kernel here.
@@ -43,8 +43,8 @@ fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
     debug_assert!(max_input >= 128);
     let mut packed = pack_pairs(raw, n, k);
     let full = full_range_quads(raw, n, k, max_input, &packed);
-    let apart = pair_quads(raw, n, k, max_input, &mut packed);
-    let pairs = Avx2Pairs { packed, max_input, apart, full };
+    let order = order_quads(raw, n, k, max_input, &mut packed);
+    let pairs = Avx2Pairs { packed, max_input, order, full };
     (Packed::Avx2(pack_avx2(raw, n, k)), Some(pairs))
 }
 
@@ -56,18 +56,19 @@ fn name(groups: &[PackedWeights]) -> String {
     }
     let lo = groups.iter().map(|w| pairs_of(w).max_input).min().unwrap_or(u8::MAX);
     let hi = groups.iter().map(|w| pairs_of(w).max_input).max().unwrap_or(u8::MAX);
-    // How many pairs of quads sum in i16 before widening (`pack::pair_quads`).
-    let (mut paired, mut split, mut pairs) = (0, 0, 0);
+    // How many whole quads pair in i16 before widening, and how many run alone
+    // (`pack::order_quads`), over the groups that pair.
+    let (mut ordered, mut alone, mut groups_paired) = (0, 0, 0);
     // Rows above the bound: `vpmaddubsw` with the quads that could saturate run exactly
     // (`pack::full_range_quads`).
     let (mut full, mut exact, mut quads) = (0, 0, 0);
     for w in groups {
         let p = pairs_of(w);
-        let all = w.k / 8 * w.n.div_ceil(AVX2_LANES);
-        pairs += all;
-        if let Some(apart) = &p.apart {
-            paired += all;
-            split += apart.quads.len();
+        let whole = w.k / 4 * w.n.div_ceil(2 * AVX2_LANES);
+        if let Some(order) = &p.order {
+            groups_paired += 1;
+            ordered += whole;
+            alone += whole - order.paired.iter().map(|&q| q as usize).sum::<usize>();
         }
         if let Some(f) = &p.full {
             full += 1;
@@ -76,12 +77,14 @@ fn name(groups: &[PackedWeights]) -> String {
         }
     }
     let share = |part: usize, whole: usize| 100.0 * part as f64 / whole.max(1) as f64;
-    let pairing = match paired {
+    let pairing = match groups_paired {
         0 => String::new(),
-        _ if paired == pairs => format!(" (quads paired in i16, {:.1}% of pairs split)", share(split, paired)),
-        _ => {
-            format!(" (quads paired in i16 in {paired} of {pairs} pairs, {:.1}% of those split)", share(split, paired))
-        }
+        g if g == groups.len() => format!(" (quads paired in i16, {:.1}% alone)", share(alone, ordered)),
+        _ => format!(
+            " (quads paired in i16 in {groups_paired} of {} groups, {:.1}% of their quads alone)",
+            groups.len(),
+            share(alone, ordered)
+        ),
     };
     let above = match full {
         0 => ", exact vpmaddwd above".to_string(),

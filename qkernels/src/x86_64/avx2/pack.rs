@@ -2,7 +2,7 @@
 //! and the bound under which the latter cannot saturate.
 
 use crate::frame::aligned::Aligned;
-use crate::frame::pack::{ApartQuads, FullRangeQuads};
+use crate::frame::pack::{FullRangeQuads, QuadOrder};
 
 /// Output channels per AVX2 panel (one ymm of i32 lanes).
 pub(crate) const AVX2_LANES: usize = 8;
@@ -68,66 +68,138 @@ pub(crate) fn pack_pairs(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
     out
 }
 
-/// Largest share of a layer's pairs of quads that may need one quad apart for the layer to
+/// Largest share of a layer's whole quads that may run alone, unpaired, for the layer to
 /// run two quads at a time: a pair costs three multiplications (two `vpmaddubsw`, one
-/// `vpmaddwd`) against four apart, and a quad apart two more, so pairing wins while at most
-/// half of the pairs split; a quarter keeps the loop over the quads apart a small part.
-pub(crate) const MAX_SPLIT_SHARE: f64 = 0.25;
+/// `vpmaddwd`) per row and panel against two per quad alone, and a tile of pairs takes three
+/// rows against the single-quad kernel's four; a quarter alone keeps pairing ahead.
+pub(crate) const MAX_ALONE_SHARE: f64 = 0.25;
+
+/// How many free quads a quad tries as its partner before it runs alone (bounds the packing
+/// time of layers whose weights leave few pairs possible).
+const PARTNER_TRIES: usize = 64;
 
 /// Makes `packed` (`pack_pairs` of `raw`) readable two whole quads at a time with their
-/// `vpmaddubsw` outputs added in i16: for each panel and each pair of quads `(2h, 2h + 1)`,
-/// when some column's four products of either 16-bit lane could leave i16 for inputs in
-/// `0..=max_input` (`max_input * Σ positive weights > 32767`, or the negative ones below
-/// -32768), the pair's second quad moves apart (zeroed in `packed`, listed in the result).
-/// Each quad alone is exact up to `max_input` (`pair_safe_max`). `None`, leaving `packed` as
-/// it was, when more than [`MAX_SPLIT_SHARE`] of the pairs would split or K has no pair.
-pub(crate) fn pair_quads(raw: &[i8], n: usize, k: usize, max_input: u8, packed: &mut [i8]) -> Option<ApartQuads> {
-    let pairs = k / 4 / 2;
-    let panels = n.div_ceil(AVX2_LANES);
-    if pairs == 0 {
+/// `vpmaddubsw` outputs added in i16, and says in which order ([`QuadOrder`]). Two quads
+/// may pair when, for every column of the strip (two panels) and each 16-bit lane, their
+/// four products cannot leave i16 for inputs in `0..=max_input` (`max_input * Σ positive
+/// weights <= 32767`, and the negative ones `>= -32768`); each quad alone is exact up to
+/// `max_input` (`pair_safe_max`). Per strip, the heaviest quad (largest lane sum) takes the
+/// lightest free quad that fits it, then the next heaviest, and so on; a quad that fits
+/// none of the lightest [`PARTNER_TRIES`] runs alone. Pairs go in the order of their first
+/// quad, then the quads alone, and each panel's quads of `packed` are moved to their
+/// positions. The sums are the same in any order (integers). `None`, leaving `packed` as it
+/// was, when more than [`MAX_ALONE_SHARE`] of the quads would run alone or K has no two
+/// whole quads.
+pub(crate) fn order_quads(raw: &[i8], n: usize, k: usize, max_input: u8, packed: &mut [i8]) -> Option<QuadOrder> {
+    let whole = k / 4;
+    if whole < 2 {
         return None;
     }
-    let a = max_input as i32;
-    let fits = |j: usize, h: usize, lane: usize| {
-        let row = &raw[j * k..(j + 1) * k];
-        let (mut pos, mut neg) = (0i32, 0i32);
-        for q in [2 * h, 2 * h + 1] {
-            for &w in &row[4 * q + 2 * lane..4 * q + 2 * lane + 2] {
-                pos += (w as i32).max(0);
-                neg += (w as i32).min(0);
+    let a = max_input.max(1) as i32;
+    let (cap_pos, cap_neg) = (i16::MAX as i32 / a, -(i16::MIN as i32) / a);
+    let strip_cols = 2 * AVX2_LANES;
+    let strips = n.div_ceil(strip_cols);
+    let mut offsets = Vec::with_capacity(strips * whole);
+    let mut paired = Vec::with_capacity(strips);
+    let mut alone_count = 0;
+    for s in 0..strips {
+        let cols = s * strip_cols..((s + 1) * strip_cols).min(n);
+        // Per quad, each lane's sum of positive weights, then of negative ones (negated).
+        let lanes = 2 * cols.len();
+        let mut sums = vec![0i32; whole * 2 * lanes];
+        for g in 0..whole {
+            let at = &mut sums[g * 2 * lanes..(g + 1) * 2 * lanes];
+            for (c, j) in cols.clone().enumerate() {
+                for lane in 0..2 {
+                    let w = &raw[j * k + 4 * g + 2 * lane..j * k + 4 * g + 2 * lane + 2];
+                    at[2 * c + lane] = w.iter().map(|&v| (v as i32).max(0)).sum();
+                    at[lanes + 2 * c + lane] = w.iter().map(|&v| -(v as i32).min(0)).sum();
+                }
             }
         }
-        a * pos <= i16::MAX as i32 && a * neg >= i16::MIN as i32
-    };
-    let mut split = vec![Vec::new(); panels];
-    for (p, list) in split.iter_mut().enumerate() {
-        let cols = p * AVX2_LANES..((p + 1) * AVX2_LANES).min(n);
-        for h in 0..pairs {
-            if !cols.clone().all(|j| fits(j, h, 0) && fits(j, h, 1)) {
-                list.push(2 * h + 1);
+        let sums_of = |g: usize| &sums[g * 2 * lanes..(g + 1) * 2 * lanes];
+        let fits = |g: usize, h: usize| {
+            let (x, y) = (sums_of(g), sums_of(h));
+            (0..lanes).all(|l| x[l] + y[l] <= cap_pos && x[lanes + l] + y[lanes + l] <= cap_neg)
+        };
+        // Neighbours in K that fit stay together (the rows are then read in order); the
+        // quads of the others pair among themselves. When that leaves more than a sixteenth
+        // alone and pairing all quads afresh leaves fewer, the fresh pairs win.
+        let load = |g: usize| sums_of(g).iter().copied().max().unwrap_or(0);
+        let mut pairs = Vec::new();
+        let mut pool = Vec::new();
+        for h in 0..whole / 2 {
+            if fits(2 * h, 2 * h + 1) {
+                pairs.push((2 * h, 2 * h + 1));
+            } else {
+                pool.extend([2 * h, 2 * h + 1]);
             }
         }
+        if whole % 2 == 1 {
+            pool.push(whole - 1);
+        }
+        let (more, mut alone) = greedy_pairs(pool, &load, &fits);
+        pairs.extend(more);
+        if alone.len() * 16 > whole {
+            let (fresh, fresh_alone) = greedy_pairs((0..whole).collect(), &load, &fits);
+            if fresh_alone.len() < alone.len() {
+                (pairs, alone) = (fresh, fresh_alone);
+            }
+        }
+        pairs.sort_unstable();
+        alone.sort_unstable();
+        alone_count += alone.len();
+        paired.push(2 * pairs.len() as u32);
+        offsets.extend(pairs.iter().flat_map(|&(g, h)| [g, h]).chain(alone).map(|g| 4 * g as u32));
     }
-    let count: usize = split.iter().map(Vec::len).sum();
-    if count as f64 > MAX_SPLIT_SHARE * (pairs * panels) as f64 {
+    if alone_count as f64 > MAX_ALONE_SHARE * (strips * whole) as f64 {
         return None;
     }
     let quad = 4 * AVX2_LANES;
-    let mut start = Vec::with_capacity(panels + 1);
-    let mut quads = Vec::with_capacity(count);
-    let mut weights = Aligned::zeroed(count * quad);
-    start.push(0);
-    for (p, list) in split.iter().enumerate() {
-        for &q in list {
-            let at = p * pairs_panel_len(k) + q * quad;
-            let e = quads.len();
-            weights[e * quad..(e + 1) * quad].copy_from_slice(&packed[at..at + quad]);
-            packed[at..at + quad].fill(0);
-            quads.push(q as u32);
+    for p in 0..n.div_ceil(AVX2_LANES) {
+        let order = &offsets[p / 2 * whole..(p / 2 + 1) * whole];
+        let base = p * pairs_panel_len(k);
+        let before = packed[base..base + whole * quad].to_vec();
+        for (t, &off) in order.iter().enumerate() {
+            let g = off as usize / 4;
+            packed[base + t * quad..base + (t + 1) * quad].copy_from_slice(&before[g * quad..(g + 1) * quad]);
         }
-        start.push(quads.len() as u32);
     }
-    Some(ApartQuads { start, quads, weights })
+    Some(QuadOrder { offsets, paired })
+}
+
+/// Pairs the quads of `pool`: the heaviest (`load`) first, each with the lightest free quad
+/// that `fits` it among the lightest [`PARTNER_TRIES`]; returns the pairs and the quads left
+/// alone.
+fn greedy_pairs(
+    mut pool: Vec<usize>,
+    load: &dyn Fn(usize) -> i32,
+    fits: &dyn Fn(usize, usize) -> bool,
+) -> (Vec<(usize, usize)>, Vec<usize>) {
+    pool.sort_by_key(|&g| (std::cmp::Reverse(load(g)), g));
+    let mut taken = vec![false; pool.iter().max().map_or(0, |&g| g + 1)];
+    let (mut pairs, mut alone) = (Vec::new(), Vec::new());
+    // The lightest free quad is at or before `light`.
+    let mut light = pool.len();
+    for i in 0..pool.len() {
+        let g = pool[i];
+        if std::mem::replace(&mut taken[g], true) {
+            continue;
+        }
+        while light > i + 1 && taken[pool[light - 1]] {
+            light -= 1;
+        }
+        let partner =
+            pool[i + 1..light].iter().rev().filter(|&&h| !taken[h]).take(PARTNER_TRIES).find(|&&h| fits(g, h));
+        match partner {
+            Some(&h) => {
+                taken[h] = true;
+                pairs.push((g.min(h), g.max(h)));
+            }
+            None => alone.push(g),
+        }
+    }
+    (pairs, alone)
 }
 
 /// Largest share of a layer's quads (over all panels) that may run exactly for the layer to
