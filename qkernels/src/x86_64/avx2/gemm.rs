@@ -161,18 +161,20 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
         // Dwords [A B A B | A' B' A' B'] after the packs, A / A' the first vector's low / high
         // four bytes, B / B' the second's: gathered to A A' B B'.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        // Columns j..j + 16 are inside the plan (precondition).
-        let load = |v: usize| {
+        // Columns j..j + 16 are inside the plan (precondition). A loop, not a closure: a
+        // closure would not inherit its caller's target features.
+        let zero = _mm256_setzero_si256();
+        let mut consts = [(zero, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), zero); 2];
+        for (v, c) in consts.iter_mut().enumerate() {
             let jv = j + v * AVX2_LANES;
-            (
+            *c = (
                 _mm256_loadu_si256(plan.colterm.as_ptr().add(jv).cast()),
                 _mm256_loadu_ps(plan.bias_term.as_ptr().add(jv)),
                 _mm256_loadu_ps(plan.bias_scale.as_ptr().add(jv)),
                 _mm256_loadu_ps(plan.mult.as_ptr().add(jv)),
-                if plan.has_zw { _mm256_loadu_si256(plan.zw.as_ptr().add(jv).cast()) } else { _mm256_setzero_si256() },
-            )
-        };
-        let consts = [load(0), load(1)];
+                if plan.has_zw { _mm256_loadu_si256(plan.zw.as_ptr().add(jv).cast()) } else { zero },
+            );
+        }
         for (r, accr) in acc.iter().enumerate() {
             let i = i0 + r;
             let mut q = [_mm256_setzero_si256(); 2];

@@ -83,13 +83,13 @@ const PARTNER_TRIES: usize = 64;
 /// may pair when, for every column of the strip (two panels) and each 16-bit lane, their
 /// four products cannot leave i16 for inputs in `0..=max_input` (`max_input * Σ positive
 /// weights <= 32767`, and the negative ones `>= -32768`); each quad alone is exact up to
-/// `max_input` (`pair_safe_max`). Per strip, the heaviest quad (largest lane sum) takes the
-/// lightest free quad that fits it, then the next heaviest, and so on; a quad that fits
-/// none of the lightest [`PARTNER_TRIES`] runs alone. Pairs go in the order of their first
-/// quad, then the quads alone, and each panel's quads of `packed` are moved to their
-/// positions. The sums are the same in any order (integers). `None`, leaving `packed` as it
-/// was, when more than [`MAX_ALONE_SHARE`] of the quads would run alone or K has no two
-/// whole quads.
+/// `max_input` (`pair_safe_max`). Per strip, neighbours in K (`2h`, `2h + 1`) that fit stay
+/// paired; the quads of the others pair among themselves by [`greedy_pairs`], or, when that
+/// leaves more than a sixteenth of the strip's quads alone, all quads afresh if that leaves
+/// fewer. Pairs go in the order of their first quad, then the quads alone, and each panel's
+/// quads of `packed` are moved to their positions. The sums are the same in any order
+/// (integers). `None`, leaving `packed` as it was, when more than [`MAX_ALONE_SHARE`] of the
+/// quads would run alone or K has no two whole quads.
 pub(crate) fn order_quads(raw: &[i8], n: usize, k: usize, max_input: u8, packed: &mut [i8]) -> Option<QuadOrder> {
     let whole = k / 4;
     if whole < 2 {
