@@ -494,7 +494,7 @@ unsafe fn avx2_quads_kernel<const MR: usize, const NV: usize>(
     let panel = pairs_panel_len(k);
     let quad = 4 * AVX2_LANES;
     let whole = k / 4;
-    debug_assert!(NV == 1 || p.is_multiple_of(2), "a tile of two panels starts a strip");
+    assert!(NV == 1 || p.is_multiple_of(2), "avx2_quads_kernel: a tile of two panels starts at odd panel {p}");
     let strip = p / 2;
     let offsets = &order.offsets[strip * whole..(strip + 1) * whole];
     let paired = order.paired[strip] as usize;
