@@ -13,7 +13,7 @@ use std::ops::Range;
 use qtensor::isa::Isa;
 
 use crate::frame::gemm::{Plan, QMatrix, Tile};
-use crate::frame::kernels::{AddKernel, DwPacked, DwWeights, Kernels};
+use crate::frame::kernels::{AddKernel, DwPacked, DwWeights, Kernels, PackFor};
 use crate::frame::pack::{pack_vnni, Avx2Pairs, Packed, PackedWeights};
 use gemm::{pack_mmla, pack_neon, ARM_LANES};
 
@@ -25,7 +25,7 @@ use gemm::{pack_mmla, pack_neon, ARM_LANES};
 /// every family, then the GEMM of `dotprod` and `i8mm`. `isa` is supported by this CPU.
 pub(crate) fn register(k: &mut Kernels, isa: Isa) {
     if isa.includes(Isa::Neon) {
-        k.gemm.pack = |raw, n, kk| (Packed::Neon(pack_neon(raw, n, kk)), None);
+        k.gemm.pack = |raw, n, kk, _| (Packed::Neon(pack_neon(raw, n, kk)), None);
         k.gemm.name = |_| "neon: smlal (widened to i16)".into();
         k.gemm.tile = tile;
         k.epilogue_u8 = requantize_row;
@@ -41,14 +41,14 @@ pub(crate) fn register(k: &mut Kernels, isa: Isa) {
         k.gemm.name = |_| "dotprod: sdot on the inputs' top bit flipped, corrected per column".into();
     }
     if isa.includes(Isa::I8mm) {
-        k.gemm.pack = |raw, n, kk| (Packed::Mmla(pack_mmla(raw, n, kk)), None);
+        k.gemm.pack = |raw, n, kk, _| (Packed::Mmla(pack_mmla(raw, n, kk)), None);
         k.gemm.name = |_| "i8mm: usmmla".into();
     }
 }
 
 /// The VNNI layout, and `128 * Σw` per column (the accumulators' start, which undoes the
 /// flip of the activations' top bit).
-fn pack_dot(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
+fn pack_dot(raw: &[i8], n: usize, k: usize, _purpose: PackFor) -> (Packed, Option<Avx2Pairs>) {
     let mut shift = vec![0i32; n.next_multiple_of(ARM_LANES)];
     for (j, s) in shift.iter_mut().take(n).enumerate() {
         *s = 128 * raw[j * k..(j + 1) * k].iter().map(|&w| w as i32).sum::<i32>();

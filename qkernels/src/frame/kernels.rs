@@ -19,7 +19,18 @@ use crate::frame::ops::QuantU8;
 use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
 
 /// See [`GemmKernels::pack`].
-pub(crate) type GemmPack = fn(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>);
+pub(crate) type GemmPack = fn(raw: &[i8], n: usize, k: usize, purpose: PackFor) -> (Packed, Option<Avx2Pairs>);
+
+/// What a packing serves, which says how much time it may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PackFor {
+    /// A layer's weights, packed once at conversion or load and read by every call: worth a
+    /// search for a faster layout (the AVX2 tier's quad order, `order_quads`).
+    Layer,
+    /// An operand computed at run time and read by one call (a matrix product's right
+    /// operand): packed in one pass, no search.
+    Call,
+}
 /// See [`DepthwiseKernels::pixel`].
 pub(crate) type DwPixel = unsafe fn(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, acc: &mut [i32], px: &mut [u8]);
 /// See [`DepthwiseKernels::run_inside`].
@@ -123,7 +134,8 @@ pub(crate) struct Block<'a> {
 
 /// The GEMM micro-kernels of a tier, and the layout they read.
 pub(crate) struct GemmKernels {
-    /// Packs row-major `[n, k]` weights into the layout `block` and `tile` read.
+    /// Packs row-major `[n, k]` weights into the layout `block` and `tile` read, for a
+    /// layer or for one call ([`PackFor`]); either packing gives the same sums.
     pub pack: GemmPack,
     /// The micro-kernel's name for the weights of one layer (one entry per group of a
     /// grouped convolution, all packed by this table), for plans and profiles.

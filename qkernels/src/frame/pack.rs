@@ -3,7 +3,7 @@
 use qtensor::isa::Isa;
 
 use crate::frame::aligned::Aligned;
-use crate::frame::kernels::Kernels;
+use crate::frame::kernels::{Kernels, PackFor};
 use qtensor::{QError, QParams, QTensor, Result};
 
 /// Largest reduction length K for which every int32 sum is exact: with u8 activations and i8
@@ -164,7 +164,7 @@ impl PackedWeights {
                 })
             }
         };
-        Ok(Self::build(isa, weights.as_slice().to_vec(), n, k, scales, zero_points, per_channel))
+        Ok(Self::build(isa, weights.as_slice().to_vec(), n, k, scales, zero_points, per_channel, PackFor::Layer))
     }
 
     /// Packs codes computed at run time: `[n, k]` row-major `i8` weights with one scale and
@@ -190,9 +190,10 @@ impl PackedWeights {
         if let Some(reason) = problem {
             return Err(QError::Unsupported { op: OP, reason });
         }
-        Ok(Self::build(isa, codes, n, k, vec![scale; n], vec![zero_point; n], false))
+        Ok(Self::build(isa, codes, n, k, vec![scale; n], vec![zero_point; n], false, PackFor::Call))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(
         isa: Isa,
         raw: Vec<i8>,
@@ -201,6 +202,7 @@ impl PackedWeights {
         scales: Vec<f32>,
         zero_points: Vec<i32>,
         per_channel: bool,
+        purpose: PackFor,
     ) -> Self {
         let col_offsets = (0..n)
             .map(|j| {
@@ -209,7 +211,7 @@ impl PackedWeights {
             })
             .collect();
         let kernels = crate::registry::kernels(isa);
-        let (packed, pairs) = (kernels.gemm.pack)(&raw, n, k);
+        let (packed, pairs) = (kernels.gemm.pack)(&raw, n, k, purpose);
         PackedWeights { n, k, kernels, scales, zero_points, per_channel, col_offsets, raw, packed, pairs }
     }
 

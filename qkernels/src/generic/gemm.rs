@@ -3,11 +3,11 @@
 use std::ops::Range;
 
 use crate::frame::gemm::{QMatrix, Tile, TILE_ROWS};
-use crate::frame::kernels::Block;
+use crate::frame::kernels::{Block, PackFor};
 use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
 
 /// The scalar kernel reads the row-major weights: nothing to pack.
-pub(crate) fn pack(_raw: &[i8], _n: usize, _k: usize) -> (Packed, Option<Avx2Pairs>) {
+pub(crate) fn pack(_raw: &[i8], _n: usize, _k: usize, _purpose: PackFor) -> (Packed, Option<Avx2Pairs>) {
     (Packed::None, None)
 }
 

@@ -105,6 +105,27 @@ fn codes_packed_at_run_time_match_a_tensor_and_are_checked() {
         gemm(&a, &from_codes, None, GemmOutput::I32 { data: &mut got, ldc: n }, 1).unwrap();
         assert_eq!(got, want, "{isa}");
     }
+    // Weights small enough for the AVX2 tier to pair quads in a layer's packing (a run-time
+    // packing does not search for pairs), rows within the pair bound and above it, u8 output.
+    let (m, n, k) = (7, 40, 64);
+    let codes: Vec<i8> = (0..n * k).map(|i| ((i * 29 + i / 7) % 81) as i8 - 40).collect();
+    let t = QTensor::from_int_repr(
+        ndarray::Array2::from_shape_vec((n, k), codes.clone()).unwrap(),
+        QParams::per_tensor(0.01, 3).unwrap(),
+        qtensor::QuantRange::full(qtensor::DType::I8),
+    )
+    .unwrap();
+    let x: Vec<u8> = (0..m * k).map(|i| if i < 4 * k { (i * 13 % 128) as u8 } else { (i * 53 % 256) as u8 }).collect();
+    let a = QMatrix { data: &x, m, k, lda: k, scale: 0.02, zero_point: 9 };
+    let quant = qkernels::OutputQuant { scale: 0.3, zero_point: 5, activation: qkernels::Activation::None };
+    for isa in crate::isas_under_test() {
+        let (mut want, mut got) = (vec![0u8; m * n], vec![0u8; m * n]);
+        let from_tensor = PackedWeights::with_isa(isa, &t).unwrap();
+        let from_codes = PackedWeights::from_codes(isa, codes.clone(), n, k, 0.01, 3).unwrap();
+        gemm(&a, &from_tensor, None, GemmOutput::U8 { data: &mut want, ldc: n, quant }, 1).unwrap();
+        gemm(&a, &from_codes, None, GemmOutput::U8 { data: &mut got, ldc: n, quant }, 1).unwrap();
+        assert_eq!(got, want, "{isa}");
+    }
     let isa = qtensor::isa::selected();
     let e = PackedWeights::from_codes(isa, vec![0; 10], 3, 4, 0.1, 0).unwrap_err().to_string();
     assert!(e.contains("10 codes for [n, k] = [3, 4]"), "{e}");

@@ -12,10 +12,10 @@ pub(crate) mod transpose;
 use std::ops::Range;
 
 use crate::frame::gemm::{QMatrix, Rows, SinkKind, Tile};
-use crate::frame::kernels::{AddKernel, Block, Kernels};
+use crate::frame::kernels::{AddKernel, Block, Kernels, PackFor};
 use crate::frame::pack::{Avx2Pairs, Packed, PackedWeights};
 use crate::x86_64::FusedOut;
-use pack::{full_range_quads, order_quads, pack_avx2, pack_pairs, pair_safe_max, AVX2_LANES};
+use pack::{full_range_quads, order_quads, pack_layouts, AVX2_LANES};
 
 // Every entry below runs only from a table of a tier that includes AVX2, which the registry
 // builds only on a CPU with AVX2 and FMA: the precondition of each `unsafe` kernel here.
@@ -37,15 +37,23 @@ pub(super) fn register(k: &mut Kernels) {
     k.lut = lut::lut;
 }
 
-/// The exact i16 layout and the `vpmaddubsw` panels with the layer's bound.
-fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
-    let max_input = pair_safe_max(raw, k);
+/// The exact i16 layout and the `vpmaddubsw` panels with the layer's bound; a layer's
+/// weights also get the full-range layout and the order of quads paired in i16 where they
+/// qualify, an operand packed for one call neither (the search for pairs would cost more
+/// than it saves on one product).
+fn pack(raw: &[i8], n: usize, k: usize, purpose: PackFor) -> (Packed, Option<Avx2Pairs>) {
+    // SAFETY: this table runs only on a CPU with AVX2; `raw` holds the n * k weights.
+    let (exact, mut packed, max_input) = unsafe { pack_layouts(raw, n, k) };
     debug_assert!(max_input >= 128);
-    let mut packed = pack_pairs(raw, n, k);
-    let full = full_range_quads(raw, n, k, max_input, &packed);
-    let order = order_quads(raw, n, k, max_input, &mut packed);
+    let (full, order) = match purpose {
+        PackFor::Layer => {
+            let full = full_range_quads(raw, n, k, max_input, &packed);
+            (full, order_quads(raw, n, k, max_input, &mut packed))
+        }
+        PackFor::Call => (None, None),
+    };
     let pairs = Avx2Pairs { packed, max_input, order, full };
-    (Packed::Avx2(pack_avx2(raw, n, k)), Some(pairs))
+    (Packed::Avx2(exact), Some(pairs))
 }
 
 /// Which kernel the layer's tiles take: `vpmaddubsw` for input codes up to the weights'
@@ -231,6 +239,26 @@ unsafe fn codes_within_sse41(row: &[u8], max: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A layer's packing searches for quads to pair in i16 (and a full-range layout where
+    /// few quads could saturate); an operand packed for one call gets neither, over the same
+    /// layouts and bound.
+    #[test]
+    fn a_call_packing_skips_the_search_for_pairs() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let (n, k) = (32, 64);
+        let raw: Vec<i8> = (0..n * k).map(|i| ((i * 29 + i / 7) % 81) as i8 - 40).collect();
+        let (Packed::Avx2(layer_exact), Some(layer)) = pack(&raw, n, k, PackFor::Layer) else { panic!("AVX2 layouts") };
+        let (Packed::Avx2(call_exact), Some(call)) = pack(&raw, n, k, PackFor::Call) else { panic!("AVX2 layouts") };
+        assert!(layer.order.is_some(), "weights this small pair in a layer's packing");
+        assert!(call.order.is_none() && call.full.is_none());
+        assert_eq!(&layer_exact[..], &call_exact[..]);
+        assert_eq!(layer.max_input, call.max_input);
+    }
+
     /// Every length up to 200 (the 64-, 32- and 16-byte steps, the overlapping last loads
     /// and the byte loop), with one code just above the bound at each position, and none.
     #[test]

@@ -12,6 +12,7 @@ pub(crate) const AVX2_LANES: usize = 8;
 /// row of `k` weights). At least 128 for any i8 weights (the worst pairs, `127 + 127` and
 /// `-128 - 128`, bound it at `32767 / 254 = 129` and `32768 / 256 = 128`), so 7-bit
 /// activations always qualify; 255 when no pair can saturate at all.
+#[cfg(test)]
 pub(crate) fn pair_safe_max(raw: &[i8], k: usize) -> u8 {
     let mut worst_pos = 0i32;
     let mut worst_neg = 0i32;
@@ -22,9 +23,86 @@ pub(crate) fn pair_safe_max(raw: &[i8], k: usize) -> u8 {
             worst_neg = worst_neg.min(w0.min(0) + w1.min(0));
         }
     }
+    safe_max_of(worst_pos, worst_neg)
+}
+
+/// [`pair_safe_max`] from the largest pair sum of positive weights and the smallest of
+/// negative ones.
+fn safe_max_of(worst_pos: i32, worst_neg: i32) -> u8 {
     let by_pos = if worst_pos > 0 { i16::MAX as i32 / worst_pos } else { 255 };
     let by_neg = if worst_neg < 0 { -(i16::MIN as i32) / -worst_neg } else { 255 };
     by_pos.min(by_neg).min(255) as u8
+}
+
+/// [`pack_avx2`], [`pack_pairs`] and [`pair_safe_max`] of the same weights in one pass, on
+/// AVX2: per panel and quad, the 8 columns' four bytes gathered into the `vpmaddubsw` block,
+/// a byte shuffle and two sign extensions give the exact layout's two vectors, and
+/// `vpmaddubsw` by ones gives the pair sums of the positive and of the negative weights. The
+/// same layouts and bound as the three scalar functions (a test compares them).
+///
+/// # Safety
+/// The CPU has AVX2; `raw` holds at least `n * k` weights.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn pack_layouts(raw: &[i8], n: usize, k: usize) -> (Aligned<i16>, Aligned<i8>, u8) {
+    use std::arch::x86_64::*;
+    assert!(raw.len() >= n * k, "pack_layouts: {} weights for [{n}, {k}]", raw.len());
+    let panels = n.div_ceil(AVX2_LANES);
+    let quads = k.div_ceil(4);
+    let mut exact = Aligned::<i16>::zeroed(panels * avx2_panel_len(k));
+    let mut pairs = Aligned::<i8>::zeroed(panels * pairs_panel_len(k));
+    // Within each 128-bit half (four columns): bytes 0 and 2 of each column's quad, then
+    // bytes 1 and 3.
+    let split = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+    );
+    let ones = _mm256_set1_epi8(1);
+    let zero = _mm256_setzero_si256();
+    let (mut worst_pos, mut worst_neg) = (zero, zero);
+    for p in 0..panels {
+        let cols = (n - p * AVX2_LANES).min(AVX2_LANES);
+        for g in 0..quads {
+            let mut lane = [0i32; AVX2_LANES];
+            for (c, q) in lane.iter_mut().enumerate().take(cols) {
+                let row = &raw[(p * AVX2_LANES + c) * k..][..k];
+                *q = if 4 * g + 4 <= k {
+                    // SAFETY: bytes 4g..4g + 4 of the row exist.
+                    unsafe { std::ptr::read_unaligned(row.as_ptr().add(4 * g).cast::<i32>()) }
+                } else {
+                    let mut b = [0i8; 4];
+                    b[..k - 4 * g].copy_from_slice(&row[4 * g..]);
+                    i32::from_le_bytes(b.map(|v| v as u8))
+                };
+            }
+            // SAFETY: `lane` holds 8 i32; the block's 32 bytes and the exact layout's 2 x 16
+            // i16 lie inside panel p's quad g of each layout.
+            unsafe {
+                let block = _mm256_loadu_si256(lane.as_ptr().cast());
+                _mm256_storeu_si256(pairs.as_mut_ptr().add(p * pairs_panel_len(k) + g * 4 * AVX2_LANES).cast(), block);
+                // Per half, its four columns' (w0, w2) then their (w1, w3); the qwords
+                // reordered so that every column's (w0, w2) come first.
+                let paired = _mm256_shuffle_epi8(block, split);
+                let whole = _mm256_permute4x64_epi64::<0b11_01_10_00>(paired);
+                let even = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(whole));
+                let odd = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(whole));
+                let at = exact.as_mut_ptr().add(p * avx2_panel_len(k) + g * 4 * AVX2_LANES);
+                _mm256_storeu_si256(at.cast(), even);
+                _mm256_storeu_si256(at.add(2 * AVX2_LANES).cast(), odd);
+                let pos = _mm256_maddubs_epi16(ones, _mm256_max_epi8(block, zero));
+                let neg = _mm256_maddubs_epi16(ones, _mm256_min_epi8(block, zero));
+                worst_pos = _mm256_max_epi16(worst_pos, pos);
+                worst_neg = _mm256_min_epi16(worst_neg, neg);
+            }
+        }
+    }
+    let (mut hi, mut lo) = ([0i16; 16], [0i16; 16]);
+    // SAFETY: 16 i16 each.
+    unsafe {
+        _mm256_storeu_si256(hi.as_mut_ptr().cast(), worst_pos);
+        _mm256_storeu_si256(lo.as_mut_ptr().cast(), worst_neg);
+    }
+    let (worst_pos, worst_neg) =
+        (hi.iter().copied().max().unwrap_or(0) as i32, lo.iter().copied().min().unwrap_or(0) as i32);
+    (exact, pairs, safe_max_of(worst_pos, worst_neg))
 }
 
 pub(crate) fn avx2_panel_len(k: usize) -> usize {
@@ -35,15 +113,20 @@ pub(crate) fn avx2_panel_len(k: usize) -> usize {
 /// even one holds `(w[4g], w[4g + 2])` of each column, the odd one `(w[4g + 1], w[4g + 3])`
 /// (0 past K): the pairs that masking and shifting a broadcast quad of activation bytes
 /// give (see `gemm::avx2_kernel`).
+#[cfg(test)]
 pub(crate) fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Aligned<i16> {
     let panels = n.div_ceil(AVX2_LANES);
     let mut out = Aligned::zeroed(panels * avx2_panel_len(k));
-    for j in 0..n {
+    for (j, row) in raw.chunks_exact(k).take(n).enumerate() {
         let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
-        let base = p * avx2_panel_len(k);
-        for kk in 0..k {
-            let (g, odd, half) = (kk / 4, kk % 2, (kk % 4) / 2);
-            out[base + g * 4 * AVX2_LANES + odd * 2 * AVX2_LANES + lane * 2 + half] = raw[j * k + kk] as i16;
+        let col = &mut out[p * avx2_panel_len(k) + lane * 2..];
+        // Byte kk of a quad goes to the even (kk = 0, 2) or odd (1, 3) vector, as the
+        // pair's first (kk < 2) or second value.
+        for (g, quad) in row.chunks(4).enumerate() {
+            let at = g * 4 * AVX2_LANES;
+            for (kk, &w) in quad.iter().enumerate() {
+                col[at + (kk % 2) * 2 * AVX2_LANES + kk / 2] = w as i16;
+            }
         }
     }
     out
@@ -55,14 +138,16 @@ pub(crate) fn pairs_panel_len(k: usize) -> usize {
 
 /// Panels of 8 columns; within a panel, per group of 4 k, 8 x 4 bytes (the VNNI layout on 8
 /// lanes), as `vpmaddubsw` reads them.
+#[cfg(test)]
 pub(crate) fn pack_pairs(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
     let panels = n.div_ceil(AVX2_LANES);
     let mut out = Aligned::zeroed(panels * pairs_panel_len(k));
-    for j in 0..n {
+    for (j, row) in raw.chunks_exact(k).take(n).enumerate() {
         let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
-        let base = p * pairs_panel_len(k);
-        for kk in 0..k {
-            out[base + (kk / 4) * 4 * AVX2_LANES + lane * 4 + kk % 4] = raw[j * k + kk];
+        let col = &mut out[p * pairs_panel_len(k) + lane * 4..];
+        for (g, quad) in row.chunks(4).enumerate() {
+            let at = g * 4 * AVX2_LANES;
+            col[at..at + quad.len()].copy_from_slice(quad);
         }
     }
     out
@@ -251,4 +336,41 @@ pub(crate) fn full_range_quads(raw: &[i8], n: usize, k: usize, max_input: u8, pa
         start.push(list.len() as u32);
     }
     Some(FullRangeQuads { packed: out, start, quads: list })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-pass AVX2 packing against the three scalar definitions, on shapes with partial
+    /// panels and partial quads, random weights and weights at the i8 extremes.
+    #[test]
+    fn pack_layouts_matches_the_scalar_packings() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for (n, k) in [(1, 1), (3, 5), (8, 4), (9, 7), (16, 64), (17, 147), (40, 27), (64, 130)] {
+            for kind in 0..3 {
+                let raw: Vec<i8> = (0..n * k)
+                    .map(|_| match kind {
+                        0 => next() as i8,
+                        1 => ((next() % 61) as i32 - 30) as i8,
+                        _ => [127i8, -128, 0][(next() % 3) as usize],
+                    })
+                    .collect();
+                // SAFETY: AVX2 detected above; raw holds n * k weights.
+                let (exact, pairs, max) = unsafe { pack_layouts(&raw, n, k) };
+                assert_eq!(&exact[..], &pack_avx2(&raw, n, k)[..], "exact layout, n {n} k {k} kind {kind}");
+                assert_eq!(&pairs[..], &pack_pairs(&raw, n, k)[..], "pair layout, n {n} k {k} kind {kind}");
+                assert_eq!(max, pair_safe_max(&raw, k), "bound, n {n} k {k} kind {kind}");
+            }
+        }
+    }
 }

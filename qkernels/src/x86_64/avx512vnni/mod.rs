@@ -11,7 +11,7 @@ pub(crate) mod min_max;
 use std::ops::Range;
 
 use crate::frame::gemm::{QMatrix, Rows, SinkKind, Tile, MC};
-use crate::frame::kernels::{AddKernel, Block, Kernels};
+use crate::frame::kernels::{AddKernel, Block, Kernels, PackFor};
 use crate::frame::pack::{pack_vnni, Avx2Pairs, Packed, PackedWeights, VNNI_LANES};
 use crate::x86_64::FusedOut;
 
@@ -41,7 +41,7 @@ pub(super) fn register(k: &mut Kernels) {
     k.f32.depthwise_pixel = fconv::depthwise_pixel;
 }
 
-fn pack(raw: &[i8], n: usize, k: usize) -> (Packed, Option<Avx2Pairs>) {
+fn pack(raw: &[i8], n: usize, k: usize, _purpose: PackFor) -> (Packed, Option<Avx2Pairs>) {
     (Packed::Vnni(pack_vnni(raw, n, k)), None)
 }
 
