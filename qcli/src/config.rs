@@ -44,6 +44,7 @@ pub const PRESETS: &[&str] = &[
     "dynamic",
     "dynamic-per-channel",
     "dynamic-per-token",
+    "dynamic-per-token-reduced",
     "none",
 ];
 
@@ -91,6 +92,7 @@ fn preset(name: &str) -> Result<Option<QConfig>, String> {
         "dynamic" => QConfig::pytorch_dynamic(),
         "dynamic-per-channel" => QConfig::pytorch_dynamic_per_channel(),
         "dynamic-per-token" => QConfig::dynamic_per_token(),
+        "dynamic-per-token-reduced" => QConfig::dynamic_per_token_reduced(),
         "none" => return Ok(None),
         p => match p.strip_prefix("percentile:").and_then(|v| v.parse::<f64>().ok()) {
             Some(v) if v > 0.0 && v <= 100.0 => QConfig::percentile(v),

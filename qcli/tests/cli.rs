@@ -71,15 +71,17 @@ fn quantize_run_report_and_export() {
     assert!(!o.status.success() && text(&o).contains("run `qrust quantize` on it first"), "{}", text(&o));
 
     // Dynamic quantization, no calibration data: the classifier dynamic, the rest in float.
-    let cfg = dir.join("dynamic.toml");
-    std::fs::write(&cfg, "preset = \"dynamic-per-token\"\n").unwrap();
-    let dynamic = dir.join("convnet.dynamic.safetensors");
-    let o = qrust(&["quantize", &model, "--config", cfg.to_str().unwrap(), "-o", dynamic.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("0 layers in int8, 1 dynamic"), "{}", text(&o));
-    assert!(text(&o).contains("dynamic quantization covers"), "{}", text(&o));
-    let o = qrust(&["run", dynamic.to_str().unwrap(), "--input", &input, "--profile"]);
-    assert!(o.status.success() && text(&o).contains("LinearDynamic"), "{}", text(&o));
+    for preset in ["dynamic-per-token", "dynamic-per-token-reduced"] {
+        let cfg = dir.join("dynamic.toml");
+        std::fs::write(&cfg, format!("preset = \"{preset}\"\n")).unwrap();
+        let dynamic = dir.join("convnet.dynamic.safetensors");
+        let o = qrust(&["quantize", &model, "--config", cfg.to_str().unwrap(), "-o", dynamic.to_str().unwrap()]);
+        assert!(o.status.success(), "{preset}: {}", text(&o));
+        assert!(text(&o).contains("0 layers in int8, 1 dynamic"), "{preset}: {}", text(&o));
+        assert!(text(&o).contains("dynamic quantization covers"), "{preset}: {}", text(&o));
+        let o = qrust(&["run", dynamic.to_str().unwrap(), "--input", &input, "--profile"]);
+        assert!(o.status.success() && text(&o).contains("LinearDynamic"), "{preset}: {}", text(&o));
+    }
     // Static layers without calibration data: the error says what is missing.
     let o = qrust(&["quantize", &model, "-o", dir.join("x.safetensors").to_str().unwrap()]);
     assert!(!o.status.success() && text(&o).contains("no --calib given"), "{}", text(&o));

@@ -777,7 +777,7 @@ fn fake_quantize_dynamic(x: &ArrayD<f32>, how: qobserve::Dynamic) -> qtensor::Re
     let mut out = vec![0.0f32; v.len()];
     let (row, reduce_range) = match how {
         qobserve::Dynamic::PerTensor { reduce_range } => (v.len().max(1), reduce_range),
-        qobserve::Dynamic::PerToken => (x.shape().last().copied().unwrap_or(1).max(1), false),
+        qobserve::Dynamic::PerToken { reduce_range } => (x.shape().last().copied().unwrap_or(1).max(1), reduce_range),
     };
     for (src, dst) in v.chunks(row).zip(out.chunks_mut(row)) {
         if src.iter().any(|t| t.is_nan()) {

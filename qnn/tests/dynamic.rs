@@ -64,7 +64,7 @@ fn a_dynamic_perceptron_is_pytorchs_bit_for_bit() {
     }
     // Simulation models the per-call input quantization: it tracks the int8 model (which
     // accumulates exactly where it rounds in f32), not the float one.
-    for cfg in [QConfig::pytorch_dynamic(), QConfig::dynamic_per_token()] {
+    for cfg in [QConfig::pytorch_dynamic(), QConfig::dynamic_per_token(), QConfig::dynamic_per_token_reduced()] {
         let mut p = prepare(mlp(), &QConfigMapping::new(cfg)).unwrap();
         let simulated = p.simulate(&x).unwrap();
         let int8 = p.convert().unwrap().forward(&x).unwrap();
@@ -74,8 +74,17 @@ fn a_dynamic_perceptron_is_pytorchs_bit_for_bit() {
     // Per token: each row keeps all 256 codes for its own range.
     let pt = sqnr_db(&float, &convert(QConfig::pytorch_dynamic_per_channel()).forward(&x).unwrap());
     let tok = sqnr_db(&float, &convert(QConfig::dynamic_per_token()).forward(&x).unwrap());
-    eprintln!("dynamic perceptron SQNR: per tensor (PyTorch) {pt:.2} dB, per token {tok:.2} dB");
+    // Over codes 0..=127 (PyTorch's range on x86): between the two, and saved as such.
+    let reduced = convert(QConfig::dynamic_per_token_reduced());
+    let red = sqnr_db(&float, &reduced.forward(&x).unwrap());
+    eprintln!("dynamic perceptron SQNR: per tensor (PyTorch) {pt:.2} dB, per token {tok:.2} dB, 7-bit {red:.2} dB");
     assert!(tok > pt + 3.0, "per token {tok:.2} dB against per tensor {pt:.2} dB");
+    assert!(
+        pt + 1.0 < red && red + 1.0 < tok,
+        "per token over 7 bits {red:.2} dB, per tensor {pt:.2}, per token {tok:.2}"
+    );
+    let back = QuantizedModel::from_bytes(&reduced.to_bytes().unwrap()).unwrap();
+    assert_eq!(back.forward(&x).unwrap(), reduced.forward(&x).unwrap());
 }
 
 /// Static int8 convolutions and a dynamic classifier in one model: the classifier reads the

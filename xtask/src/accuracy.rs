@@ -94,7 +94,7 @@ fn judge(
         _ => "-".into(),
     };
     println!(
-        "{:<26} {:>8.1}% {:>9.1} {:>9.1}%   {shown}",
+        "{:<30} {:>8.1}% {:>9.1} {:>9.1}%   {shown}",
         name,
         row.accuracy * 100.0,
         row.sqnr_db,
@@ -140,7 +140,7 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
     };
     println!(
-        "{:<26} {:>9} {:>9} {:>10}   {:<}",
+        "{:<30} {:>9} {:>9} {:>10}   {:<}",
         "qconfig", "accuracy", "SQNR dB", "agreement", "thresholds (accuracy, SQNR, agreement)"
     );
     let (mut failures, mut written) = (Vec::new(), serde_json::Map::new());
@@ -190,6 +190,7 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
         ("vit_smoothquant", QConfig::default(), Some(0.5)),
         ("vit_dynamic", QConfig::pytorch_dynamic_per_channel(), None),
         ("vit_dynamic_per_token", QConfig::dynamic_per_token(), None),
+        ("vit_dynamic_per_token_reduced", QConfig::dynamic_per_token_reduced(), None),
     ] {
         let mut graph = load_vit()?.graph;
         if let Some(alpha) = smooth {

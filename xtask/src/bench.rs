@@ -121,8 +121,16 @@ pub fn kernel_shapes() -> Vec<Shape> {
         dynamic("dynamic_linear_128x768x768", 768, Some(DynamicActivations::PerTensor { reduce_range: true })),
         dynamic("dynamic_linear_128x768x3072", 3072, Some(DynamicActivations::PerTensor { reduce_range: true })),
         // Per token (PyTorch has no such mode: its per-tensor layer is the peer).
-        dynamic("dynamic_per_token_linear_128x768x768", 768, Some(DynamicActivations::PerToken)),
-        dynamic("dynamic_per_token_linear_128x768x3072", 3072, Some(DynamicActivations::PerToken)),
+        dynamic(
+            "dynamic_per_token_linear_128x768x768",
+            768,
+            Some(DynamicActivations::PerToken { reduce_range: false }),
+        ),
+        dynamic(
+            "dynamic_per_token_linear_128x768x3072",
+            3072,
+            Some(DynamicActivations::PerToken { reduce_range: false }),
+        ),
         conv("resnet18_conv1_7x7s2", 3, 64, 224, 7, 2, 1),
         conv("resnet18_layer1_3x3", 64, 64, 56, 3, 1, 1),
         conv("resnet18_layer2_3x3", 128, 128, 28, 3, 1, 1),

@@ -65,10 +65,11 @@ fn items(model: &Spec, n: usize, seed: u64) -> Vec<ArrayD<f32>> {
 const FLAVOURS: [&str; 3] = ["pytorch_dynamic", "onnxruntime_dynamic", "onnxruntime_static"];
 
 /// Our quantizations: the record's suffix, what the table calls it, the configuration.
-fn configs() -> [(&'static str, &'static str, qobserve::QConfig); 2] {
+fn configs() -> [(&'static str, &'static str, qobserve::QConfig); 3] {
     [
         ("", "static int8 (default)", qobserve::QConfig::default()),
         ("_dynamic", "dynamic per token", qobserve::QConfig::dynamic_per_token()),
+        ("_dynamic_reduced", "dynamic per token, 7-bit", qobserve::QConfig::dynamic_per_token_reduced()),
     ]
 }
 
@@ -200,7 +201,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
     );
     let cols: String = FLAVOURS.iter().map(|f| format!(" {:>34}", format!("{f} ms / SQNR / ours/it"))).collect();
     println!(
-        "{:<26} {:<22} {:>7} {:>9} {:>8} {:>10}{cols}",
+        "{:<34} {:<24} {:>7} {:>9} {:>8} {:>10}{cols}",
         "model", "ours", "threads", "ours ms", "SQNR dB", "float err"
     );
     for (c, om) in ours.iter().enumerate() {
@@ -233,7 +234,7 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
                 });
             }
             println!(
-                "{:<26} {:<22} {:>7} {:>9.2} {:>8.2} {:>10}{cols}",
+                "{:<34} {:<24} {:>7} {:>9.2} {:>8.2} {:>10}{cols}",
                 format!("{name}{}", om.suffix),
                 om.what,
                 t,

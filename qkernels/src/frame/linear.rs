@@ -16,9 +16,13 @@ pub enum DynamicActivations {
         /// Codes 0..=127 instead of 0..=255.
         reduce_range: bool,
     },
-    /// One scale and zero point per row (per token), over 0..=255: an outlier in one token
-    /// costs the others nothing.
-    PerToken,
+    /// One scale and zero point per row (per token): an outlier in one token costs the
+    /// others nothing.
+    PerToken {
+        /// Codes 0..=127 instead of 0..=255: half the resolution, but the AVX2 tier then
+        /// sums pairs of products in 16 bits (PyTorch's reason for `reduce_range` on x86).
+        reduce_range: bool,
+    },
 }
 
 /// Minimum, maximum and the count of non-finite values (NaN and infinities) of `x`.
@@ -170,13 +174,13 @@ impl PackedLinear {
                 crate::frame::gemm::gemm_planned(&a, &self.weights, bias, Some(&plan), out, threads, None)?;
                 Ok(crate::QuantU8 { scale, zero_point })
             }
-            DynamicActivations::PerToken => {
+            DynamicActivations::PerToken { reduce_range } => {
                 // Each row quantized on its own; the GEMM takes each row's zero-point term
                 // and scale in its epilogue.
                 let mut params = Vec::with_capacity(m);
                 for (i, (row, q)) in x.chunks_exact(k).zip(xq.chunks_exact_mut(k)).enumerate() {
                     let (lo, hi) = range(row, i)?;
-                    let (scale, zero_point) = qtensor::choose_qparams_dynamic(lo, hi, false)?;
+                    let (scale, zero_point) = qtensor::choose_qparams_dynamic(lo, hi, reduce_range)?;
                     qtensor::kernels::quantize_slice(row, q, scale, zero_point, full)?;
                     params.push(crate::QuantU8 { scale, zero_point });
                 }

@@ -103,23 +103,27 @@ fn dynamic_linear_is_pytorchs_bit_for_bit_on_every_isa() {
 fn per_token_equals_each_row_on_its_own() {
     for c in fixture().linear.iter().filter(|c| c.m > 1) {
         let x: Vec<f32> = c.x.iter().map(|&v| f(v)).collect();
-        // The reference: each row alone through the per-tensor path (full range), scalar.
-        let scalar = layer(qtensor::isa::Isa::Scalar, c);
-        let mut want = vec![0.0; c.m * c.n];
-        let mut first = None;
-        for (row, w) in x.chunks_exact(c.k).zip(want.chunks_exact_mut(c.n)) {
-            let act = DynamicActivations::PerTensor { reduce_range: false };
-            let q = scalar.forward_dynamic(row, 1, w, act, c.relu, 1).unwrap();
-            first.get_or_insert(q);
-        }
-        for isa in crate::isas_under_test() {
-            let packed = layer(isa, c);
-            for threads in [1, 2] {
-                let mut y = vec![0.0; c.m * c.n];
-                let q = packed.forward_dynamic(&x, c.m, &mut y, DynamicActivations::PerToken, c.relu, threads).unwrap();
-                assert_eq!(Some(q), first, "{}: the first row's parameters", c.name);
-                let same = y.iter().zip(&want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
-                assert_eq!(same, y.len(), "{} {isa} threads={threads}", c.name);
+        for reduce_range in [false, true] {
+            // The reference: each row alone through the per-tensor path (the same range of
+            // codes), scalar.
+            let scalar = layer(qtensor::isa::Isa::Scalar, c);
+            let mut want = vec![0.0; c.m * c.n];
+            let mut first = None;
+            for (row, w) in x.chunks_exact(c.k).zip(want.chunks_exact_mut(c.n)) {
+                let act = DynamicActivations::PerTensor { reduce_range };
+                let q = scalar.forward_dynamic(row, 1, w, act, c.relu, 1).unwrap();
+                first.get_or_insert(q);
+            }
+            for isa in crate::isas_under_test() {
+                let packed = layer(isa, c);
+                for threads in [1, 2] {
+                    let mut y = vec![0.0; c.m * c.n];
+                    let act = DynamicActivations::PerToken { reduce_range };
+                    let q = packed.forward_dynamic(&x, c.m, &mut y, act, c.relu, threads).unwrap();
+                    assert_eq!(Some(q), first, "{}: the first row's parameters", c.name);
+                    let same = y.iter().zip(&want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+                    assert_eq!(same, y.len(), "{} {isa} threads={threads} reduce_range={reduce_range}", c.name);
+                }
             }
         }
     }
@@ -136,7 +140,7 @@ fn dynamic_linear_errors_name_the_row_and_the_shapes() {
     let e = packed.forward_dynamic(&x[1..], c.m, &mut y, act, false, 1).unwrap_err().to_string();
     assert!(e.contains("in_features") && e.contains(&format!("{}", c.k)), "{e}");
     x[2 * c.k + 3] = f32::NAN;
-    for act in [act, DynamicActivations::PerToken] {
+    for act in [act, DynamicActivations::PerToken { reduce_range: false }] {
         let e = packed.forward_dynamic(&x, c.m, &mut y, act, false, 1).unwrap_err().to_string();
         assert!(e.contains("input row 2 holds NaN"), "{e}");
     }
@@ -164,15 +168,18 @@ fn per_token_over_many_blocks_equals_each_row_on_its_own() {
             (0..m * k).map(|i| ((next() % 20001) as f32 / 10000.0 - 1.0) * (1 + (i / k) % 7) as f32 * 3.0).collect();
         let scalar = PackedLinear::with_isa(qtensor::isa::Isa::Scalar, &w, Some(&bias)).unwrap();
         let mut want = vec![0.0; m * n];
+        // 7-bit codes on the symmetric weights (where the AVX2 tier pairs products in 16 bits).
+        let reduce_range = symmetric;
         for (row, o) in x.chunks_exact(k).zip(want.chunks_exact_mut(n)) {
-            let act = DynamicActivations::PerTensor { reduce_range: false };
+            let act = DynamicActivations::PerTensor { reduce_range };
             scalar.forward_dynamic(row, 1, o, act, true, 1).unwrap();
         }
         for isa in crate::isas_under_test() {
             let packed = PackedLinear::with_isa(isa, &w, Some(&bias)).unwrap();
             for threads in [1, 2] {
                 let mut y = vec![0.0; m * n];
-                packed.forward_dynamic(&x, m, &mut y, DynamicActivations::PerToken, true, threads).unwrap();
+                let act = DynamicActivations::PerToken { reduce_range };
+                packed.forward_dynamic(&x, m, &mut y, act, true, threads).unwrap();
                 let same = y.iter().zip(&want).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
                 assert_eq!(same, y.len(), "{m}x{k}x{n} {isa} threads={threads}");
             }

@@ -124,7 +124,7 @@ impl Module for Linear {
     fn lower_dynamic(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
         let how = match cx.cfg.dynamic {
             Some(qobserve::Dynamic::PerTensor { reduce_range }) => DynamicActivations::PerTensor { reduce_range },
-            Some(qobserve::Dynamic::PerToken) => DynamicActivations::PerToken,
+            Some(qobserve::Dynamic::PerToken { reduce_range }) => DynamicActivations::PerToken { reduce_range },
             None => unreachable!("lowered dynamically only when configured so"),
         };
         let wq = quantize_weights(cx.name, &self.weight, cx.cfg)?;
@@ -290,6 +290,7 @@ enum SavedDynamic {
     PerTensor,
     PerTensorReduced,
     PerToken,
+    PerTokenReduced,
 }
 
 /// The saved form of a [`DynamicLinearOp`].
@@ -314,7 +315,8 @@ fn load_dynamic(j: &J, r: &OpReader<'_>, node: &str) -> Result<Box<dyn QOp>> {
     let how = match a.activations {
         SavedDynamic::PerTensor => DynamicActivations::PerTensor { reduce_range: false },
         SavedDynamic::PerTensorReduced => DynamicActivations::PerTensor { reduce_range: true },
-        SavedDynamic::PerToken => DynamicActivations::PerToken,
+        SavedDynamic::PerToken => DynamicActivations::PerToken { reduce_range: false },
+        SavedDynamic::PerTokenReduced => DynamicActivations::PerToken { reduce_range: true },
     };
     Ok(Box::new(DynamicLinearOp { packed: Box::new(packed), how, activation: a.activation }))
 }
@@ -353,7 +355,7 @@ impl QOp for DynamicLinearOp {
 
     fn images_apart(&self) -> bool {
         // Per tensor, one range spans the whole batch: its images are not independent.
-        self.how == DynamicActivations::PerToken
+        matches!(self.how, DynamicActivations::PerToken { .. })
     }
 
     fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, run: Run) -> Result<Value> {
@@ -380,7 +382,8 @@ impl QOp for DynamicLinearOp {
         let activations = match self.how {
             DynamicActivations::PerTensor { reduce_range: false } => SavedDynamic::PerTensor,
             DynamicActivations::PerTensor { reduce_range: true } => SavedDynamic::PerTensorReduced,
-            DynamicActivations::PerToken => SavedDynamic::PerToken,
+            DynamicActivations::PerToken { reduce_range: false } => SavedDynamic::PerToken,
+            DynamicActivations::PerToken { reduce_range: true } => SavedDynamic::PerTokenReduced,
         };
         Ok(attrs(&DynamicLinearAttrs {
             weight,
