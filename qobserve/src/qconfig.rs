@@ -173,7 +173,7 @@ pub enum Dynamic {
     /// One scale and zero point per row (token).
     PerToken {
         /// Codes 0..=127 instead of 0..=255 (on CPUs with AVX2 but not AVX-512 VNNI, the
-        /// int8 products then run about 1.7x as fast, at half the resolution).
+        /// int8 products then run about 1.5x as fast, at half the resolution).
         reduce_range: bool,
     },
 }
@@ -218,7 +218,7 @@ impl QConfig {
 
     /// [`QConfig::dynamic_per_token`] over codes 0..=127, as PyTorch's dynamic quantization
     /// reduces its range on x86: on CPUs with AVX2 but not AVX-512 VNNI the linear layers'
-    /// products then sum in 16-bit pairs (about 1.7x as fast there), for half the resolution
+    /// products then sum in 16-bit pairs (about 1.5x as fast there), for half the resolution
     /// per token. Elsewhere it only costs accuracy.
     pub fn dynamic_per_token_reduced() -> Self {
         QConfig { dynamic: Some(Dynamic::PerToken { reduce_range: true }), ..QConfig::pytorch_dynamic_per_channel() }

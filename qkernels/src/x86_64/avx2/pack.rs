@@ -26,7 +26,7 @@ pub(crate) fn pair_safe_max(raw: &[i8], k: usize) -> u8 {
     safe_max_of(worst_pos, worst_neg)
 }
 
-/// [`pair_safe_max`] from the largest pair sum of positive weights and the smallest of
+/// `pair_safe_max` from the largest pair sum of positive weights and the smallest of
 /// negative ones.
 fn safe_max_of(worst_pos: i32, worst_neg: i32) -> u8 {
     let by_pos = if worst_pos > 0 { i16::MAX as i32 / worst_pos } else { 255 };
@@ -34,11 +34,11 @@ fn safe_max_of(worst_pos: i32, worst_neg: i32) -> u8 {
     by_pos.min(by_neg).min(255) as u8
 }
 
-/// [`pack_avx2`], [`pack_pairs`] and [`pair_safe_max`] of the same weights in one pass, on
-/// AVX2: per panel and quad, the 8 columns' four bytes gathered into the `vpmaddubsw` block,
-/// a byte shuffle and two sign extensions give the exact layout's two vectors, and
-/// `vpmaddubsw` by ones gives the pair sums of the positive and of the negative weights. The
-/// same layouts and bound as the three scalar functions (a test compares them).
+/// `pack_avx2`, `pack_pairs` and `pair_safe_max` (the definitions, kept for the test) of the
+/// same weights in one pass on AVX2: per panel and quad, the 8 columns' four bytes gathered
+/// into the `vpmaddubsw` block, a byte shuffle and two sign extensions give the exact
+/// layout's two vectors, and `vpmaddubsw` by ones gives the pair sums of the positive and of
+/// the negative weights. The same layouts and bound as those three (a test compares them).
 ///
 /// # Safety
 /// The CPU has AVX2; `raw` holds at least `n * k` weights.
@@ -117,16 +117,12 @@ pub(crate) fn avx2_panel_len(k: usize) -> usize {
 pub(crate) fn pack_avx2(raw: &[i8], n: usize, k: usize) -> Aligned<i16> {
     let panels = n.div_ceil(AVX2_LANES);
     let mut out = Aligned::zeroed(panels * avx2_panel_len(k));
-    for (j, row) in raw.chunks_exact(k).take(n).enumerate() {
+    for j in 0..n {
         let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
-        let col = &mut out[p * avx2_panel_len(k) + lane * 2..];
-        // Byte kk of a quad goes to the even (kk = 0, 2) or odd (1, 3) vector, as the
-        // pair's first (kk < 2) or second value.
-        for (g, quad) in row.chunks(4).enumerate() {
-            let at = g * 4 * AVX2_LANES;
-            for (kk, &w) in quad.iter().enumerate() {
-                col[at + (kk % 2) * 2 * AVX2_LANES + kk / 2] = w as i16;
-            }
+        let base = p * avx2_panel_len(k);
+        for kk in 0..k {
+            let (g, odd, half) = (kk / 4, kk % 2, (kk % 4) / 2);
+            out[base + g * 4 * AVX2_LANES + odd * 2 * AVX2_LANES + lane * 2 + half] = raw[j * k + kk] as i16;
         }
     }
     out
@@ -142,12 +138,11 @@ pub(crate) fn pairs_panel_len(k: usize) -> usize {
 pub(crate) fn pack_pairs(raw: &[i8], n: usize, k: usize) -> Aligned<i8> {
     let panels = n.div_ceil(AVX2_LANES);
     let mut out = Aligned::zeroed(panels * pairs_panel_len(k));
-    for (j, row) in raw.chunks_exact(k).take(n).enumerate() {
+    for j in 0..n {
         let (p, lane) = (j / AVX2_LANES, j % AVX2_LANES);
-        let col = &mut out[p * pairs_panel_len(k) + lane * 4..];
-        for (g, quad) in row.chunks(4).enumerate() {
-            let at = g * 4 * AVX2_LANES;
-            col[at..at + quad.len()].copy_from_slice(quad);
+        let base = p * pairs_panel_len(k);
+        for kk in 0..k {
+            out[base + (kk / 4) * 4 * AVX2_LANES + lane * 4 + kk % 4] = raw[j * k + kk];
         }
     }
     out
