@@ -44,7 +44,7 @@ pub const SUPPORTED: &[&str] = &[
     "Flatten",
     "Gather (constants; a computed value at one constant index)",
     "Gemm",
-    "Gelu (and its Erf form)",
+    "Gelu (and its Erf and tanh forms)",
     "GlobalAveragePool",
     "GlobalMaxPool",
     "HardSigmoid (beta 0.5)",
@@ -277,6 +277,9 @@ struct Importer {
     /// The inputs' one symbolic size besides the batch: its name, the size imported, and the
     /// first input holding it with its axis (what a [`SeqConst`] reads).
     seq: Option<(String, usize, Tensor, usize)>,
+    /// The tanh forms of GELU written out ([`Importer::tanh_gelu_chains`]): the output of a
+    /// chain's first node -> its input and the outputs of its other nodes.
+    tanh_gelus: HashMap<String, (String, Vec<String>)>,
 }
 
 type Parts = (Vec<InputSpec>, Vec<String>, Vec<(String, String, Vec<String>)>, Graph);
@@ -353,6 +356,7 @@ impl Importer {
             absorbed: HashMap::new(),
             shuffle_checks: HashMap::new(),
             seq: None,
+            tanh_gelus: HashMap::new(),
         }
     }
 
@@ -494,6 +498,7 @@ impl Importer {
             return Err(OnnxError::Model("the model has no input that is not an initializer".into()));
         }
         let consumers = consumers(g);
+        self.tanh_gelus = self.tanh_gelu_chains(g, &consumers);
         let mut record = Vec::new();
         for (i, node) in g.node.iter().enumerate() {
             let op = node.op_type.clone().unwrap_or_default();
@@ -678,6 +683,16 @@ impl Importer {
                 if let Some(name) = cx.input(i) {
                     self.materialize(name)?;
                 }
+            }
+        }
+        if let Some((x, rest)) = cx.node.output.first().and_then(|o| self.tanh_gelus.get(o)).cloned() {
+            if let Some(Val::Node(xn)) = self.vals.get(&x).cloned() {
+                let y = self.layer(cx, "", Box::new(GELU { tanh: true }), &xn)?;
+                let out = cx.node.output[0].clone();
+                for o in rest {
+                    self.absorbed.insert(o, out.clone());
+                }
+                return Ok(vec![Val::Node(Node { rows_of: xn.rows_of.clone(), ..y })]);
             }
         }
         let one = |n: Node| Ok(vec![Val::Node(n)]);
@@ -1543,6 +1558,98 @@ impl Importer {
             return None;
         }
         Some(vec![erf.output[0].clone(), add.output[0].clone(), mul.output[0].clone(), half.output[0].clone()])
+    }
+
+    /// The tanh form of GELU as exporters write it before opset 20 (`Gelu` with
+    /// `approximate = "tanh"`), `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`:
+    /// PyTorch's (`x * (x * x)`, the half applied last) and Hugging Face's `gelu_new` (`Pow(x,
+    /// 3)`, `0.5 * x` first), each step's output read only by the next (`x` by any). Keyed by
+    /// the output of the chain's first node in the graph's order: `x` and the outputs of the
+    /// chain's other nodes (the last is the GELU's).
+    fn tanh_gelu_chains(
+        &self,
+        g: &GraphProto,
+        consumers: &HashMap<&str, Vec<usize>>,
+    ) -> HashMap<String, (String, Vec<String>)> {
+        const BETA: f32 = 0.797_884_6; // sqrt(2 / pi)
+        const KAPPA: f32 = 0.044_715;
+        let producer: HashMap<&str, usize> =
+            g.node.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i))).collect();
+        let near = |name: &str, want: f32| self.scalar_const(g, name).is_some_and(|v| (v - want).abs() <= 1e-4 * want);
+        // The node that writes `out`, when it is an `op` and `out` has no other reader than
+        // the chain's next step (and is not a graph output).
+        let made_by = |out: &str, op: &str| -> Option<usize> {
+            let &i = producer.get(out)?;
+            let n = &g.node[i];
+            let one_reader = consumers.get(out).is_some_and(|c| c.len() == 1);
+            (n.op_type.as_deref() == Some(op) && n.output.len() == 1 && one_reader && !is_graph_output(g, out))
+                .then_some(i)
+        };
+        // `k * v` (either order) written by node `i`: `v`.
+        let times = |i: usize, k: f32| -> Option<&str> {
+            match g.node[i].input.as_slice() {
+                [a, b] if near(b, k) => Some(a.as_str()),
+                [a, b] if near(a, k) => Some(b.as_str()),
+                _ => None,
+            }
+        };
+        // The nodes writing `x^3` into `cube`: `Pow(x, 3)`, or `x * (x * x)` in any order.
+        let cube_of = |cube: &str, x: &str| -> Option<Vec<usize>> {
+            if let Some(p) = made_by(cube, "Pow") {
+                let n = &g.node[p];
+                return (n.input.first().map(String::as_str) == Some(x) && near(n.input.get(1)?, 3.0)).then(|| vec![p]);
+            }
+            let m = made_by(cube, "Mul")?;
+            let sq = other_input(&g.node[m], x)?;
+            let s = made_by(sq, "Mul")?;
+            (g.node[s].input.iter().all(|v| v == x) && g.node[s].input.len() == 2).then(|| vec![m, s])
+        };
+        let mut found = HashMap::new();
+        for (ti, t) in g.node.iter().enumerate() {
+            if t.op_type.as_deref() != Some("Tanh") || t.output.len() != 1 {
+                continue;
+            }
+            let chain = (|| -> Option<(String, Vec<usize>)> {
+                // Backward: beta * (x + kappa * x^3).
+                let b = made_by(t.input.first()?, "Mul")?;
+                let a = made_by(times(b, BETA)?, "Add")?;
+                let [p, q] = g.node[a].input.as_slice() else { return None };
+                let (x, mut nodes) = [(p, q), (q, p)].into_iter().find_map(|(x, u)| {
+                    let k = made_by(u, "Mul")?;
+                    let mut nodes = cube_of(times(k, KAPPA)?, x)?;
+                    nodes.extend([k, a, b, ti]);
+                    Some((x.clone(), nodes))
+                })?;
+                // Forward: (1 + tanh) times x then 0.5, or times (0.5 * x).
+                let plus = sole_reader(g, consumers, &t.output[0], "Add")?;
+                if !near(other_input(plus, &t.output[0])?, 1.0) {
+                    return None;
+                }
+                let m = sole_reader(g, consumers, &plus.output[0], "Mul")?;
+                let h = other_input(m, &plus.output[0])?;
+                let index = |n: &NodeProto| g.node.iter().position(|k| std::ptr::eq(k, n));
+                nodes.extend([index(plus)?, index(m)?]);
+                if h == x {
+                    let half = sole_reader(g, consumers, &m.output[0], "Mul")?;
+                    if !near(other_input(half, &m.output[0])?, 0.5) {
+                        return None;
+                    }
+                    nodes.push(index(half)?);
+                } else {
+                    let hx = made_by(h, "Mul")?;
+                    if times(hx, 0.5)? != x {
+                        return None;
+                    }
+                    nodes.push(hx);
+                }
+                Some((x, nodes))
+            })();
+            let Some((x, nodes)) = chain else { continue };
+            let first = *nodes.iter().min().expect("a chain has nodes");
+            let rest = nodes.iter().filter(|&&i| i != first).map(|&i| g.node[i].output[0].clone()).collect();
+            found.insert(g.node[first].output[0].clone(), (x, rest));
+        }
+        found
     }
 
     fn layernorm(&mut self, cx: &Cx<'_>) -> Result<Node> {

@@ -204,6 +204,22 @@ class EncoderBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
+class GeluTanh(nn.Module):
+    """Tokens through linear layers with the tanh form of GELU written out twice: as PyTorch
+    exports ``nn.GELU(approximate="tanh")`` before opset 20, and as Hugging Face's
+    ``gelu_new`` (GPT-2) writes it."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(d, 2 * d), nn.Linear(2 * d, 2 * d), nn.Linear(2 * d, d)
+        self.gelu = nn.GELU(approximate="tanh")
+
+    def forward(self, x):
+        x = self.fc2(self.gelu(self.fc1(x)))
+        x = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        return self.fc3(x)
+
+
 def vit_tiny():
     """torchvision's VisionTransformer, tiny: 32 x 32 images in 8 x 8 patches, two encoder
     layers of 32 features and 4 heads (nn.MultiheadAttention), a class token and a positional
@@ -235,6 +251,7 @@ CASES = {
     "attention": (Attention, (6, 16), 17, "torchscript"),
     "encoder_block": (EncoderBlock, (6, 16), 17, "torchscript"),
     "vit": (vit_tiny, (3, 32, 32), 17, "torchscript"),
+    "gelu_tanh": (GeluTanh, (6, 16), 17, "torchscript"),
 }
 
 

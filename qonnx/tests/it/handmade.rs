@@ -846,6 +846,66 @@ fn hardswish_chains_import_as_one_op() {
     }
 }
 
+/// The tanh form of GELU written out imports as one `GELU`: as PyTorch exports
+/// `nn.GELU(approximate="tanh")` before opset 20 (`x * (x * x)`, the half last, constants
+/// first or second) and as Hugging Face's `gelu_new` (`Pow(x, 3)`, `0.5 * x` first); with
+/// another coefficient, or with a step also read elsewhere, the chain stays as written.
+/// Values match the formula.
+#[test]
+fn tanh_gelu_chains_import_as_one_op() {
+    let f = |name: &str, v: f32| floats(name, &[], vec![v]);
+    let consts = |kappa: f32| {
+        vec![f("beta", (2.0 / std::f32::consts::PI).sqrt()), f("kappa", kappa), f("one", 1.0), f("half", 0.5)]
+    };
+    let torch = vec![
+        node("Mul", "sq", &["x", "x"], &["sq"], vec![]),
+        node("Mul", "cube", &["x", "sq"], &["cube"], vec![]),
+        node("Mul", "k", &["kappa", "cube"], &["k"], vec![]),
+        node("Add", "s", &["x", "k"], &["s"], vec![]),
+        node("Mul", "inner", &["beta", "s"], &["inner"], vec![]),
+        node("Tanh", "tanh", &["inner"], &["t"], vec![]),
+        node("Add", "plus", &["one", "t"], &["p"], vec![]),
+        node("Mul", "xp", &["x", "p"], &["xp"], vec![]),
+        node("Mul", "y", &["half", "xp"], &["y"], vec![]),
+    ];
+    let mut pow_inits = consts(0.044715);
+    pow_inits.push(f("three", 3.0));
+    let hf = vec![
+        node("Mul", "hx", &["x", "half"], &["hx"], vec![]),
+        node("Pow", "cube", &["x", "three"], &["cube"], vec![]),
+        node("Mul", "k", &["cube", "kappa"], &["k"], vec![]),
+        node("Add", "s", &["k", "x"], &["s"], vec![]),
+        node("Mul", "inner", &["s", "beta"], &["inner"], vec![]),
+        node("Tanh", "tanh", &["inner"], &["t"], vec![]),
+        node("Add", "plus", &["t", "one"], &["p"], vec![]),
+        node("Mul", "y", &["hx", "p"], &["y"], vec![]),
+    ];
+    let gelu =
+        |v: f32, kappa: f32| 0.5 * v * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (v + kappa * v * v * v)).tanh());
+    let cases = [
+        (torch.clone(), consts(0.044715), 0.044715, true, None),
+        (hf, pow_inits, 0.044715, true, None),
+        (torch.clone(), consts(0.05), 0.05, false, None),
+        (torch, consts(0.044715), 0.044715, false, Some("t")),
+    ];
+    for (i, (nodes, inits, kappa, fused, also_out)) in cases.into_iter().enumerate() {
+        let bytes = model(17, value("x", &[None, Some(2), Some(3), Some(4)]), nodes, inits, "y");
+        let mut m = ModelProto::decode(&bytes[..]).unwrap();
+        if let Some(o) = also_out {
+            m.graph.as_mut().unwrap().output.push(value(o, &[]));
+        }
+        let q = qonnx::from_bytes(&m.encode_to_vec(), &ImportOptions::default()).unwrap();
+        let kinds: Vec<&str> = q.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+        assert_eq!(kinds == ["GELU"], fused, "graph {i}: {kinds:?}");
+        let x = ramp(&[2, 2, 3, 4]).mapv(|v| v * 3.0);
+        let y = q.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        for (g, &v) in y.iter().zip(x.iter()) {
+            let want = gelu(v, kappa);
+            assert!((g - want).abs() <= 2e-6 * want.abs().max(1.0), "graph {i}, x {v}: {g} against {want}");
+        }
+    }
+}
+
 /// `ConvTranspose` (stride 2, asymmetric pads, output padding, two groups, a bias) against
 /// the definition; `auto_pad` is refused by name.
 #[test]
