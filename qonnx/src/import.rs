@@ -27,7 +27,7 @@ use crate::tensor::{decode, Const, Data, BATCH, TOKENS};
 
 /// The op types of the default domain that import (constant-only ops fold at import).
 pub const SUPPORTED: &[&str] = &[
-    "Add (computed values; a constant per channel, a scalar, a constant of one image, or off images one that broadcasts against one item)",
+    "Add (computed values; a constant per channel, a scalar, a constant of one image, or one that broadcasts against one item: on images, one varying along height or width)",
     "AveragePool",
     "BatchNormalization",
     "Cast",
@@ -53,7 +53,7 @@ pub const SUPPORTED: &[&str] = &[
     "LayerNormalization (last axis; also written out as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div)",
     "MatMul",
     "MaxPool",
-    "Mul (computed values; by a constant per channel of an image, a scalar, or a constant that broadcasts against one item off images)",
+    "Mul (computed values; by a constant per channel of an image, a scalar, or a constant that broadcasts against one item: on images, one varying along height or width)",
     "Pad",
     "Range (constants)",
     "ReduceMean (spatial axes of NCHW, the last of [n, c, length])",
@@ -2995,9 +2995,11 @@ fn is_image_const(k: &Const, x: &Node) -> bool {
     let rest = &x.shape[1.min(x.shape.len())..];
     let image = k.shape.len() == x.shape.len() && k.shape.first() == Some(&1) && &k.shape[1..] == rest;
     let unbatched = k.shape.len() + 1 == x.shape.len() && k.shape == rest;
-    // Off images, any constant that broadcasts against one item (YOLOv8's anchors and strides,
-    // `[1, 2100]` against `[1, 4, 2100]`).
-    let broadcast = x.shape.len() != 4 && image_const_shape(k, x).is_some();
+    // Any constant that broadcasts against one item: off images (YOLOv8's anchors and strides,
+    // `[1, 2100]` against `[1, 4, 2100]`), and on rank 4 one that varies along the last two
+    // axes (a causal mask `[1, 1, s, s]` over attention scores `[n, heads, s, s]`; one value
+    // per channel is a depthwise scale instead).
+    let broadcast = image_const_shape(k, x).is_some_and(|s| x.shape.len() != 4 || s[2..].iter().any(|&d| d != 1));
     matches!(k.data, Data::F32(_))
         && k.len() > 1
         && x.shape.len() >= 2

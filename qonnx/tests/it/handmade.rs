@@ -281,8 +281,9 @@ fn settings_we_cannot_honour_are_errors() {
             &["not symmetric"],
         ),
         (
+            // Three values do not broadcast against [2, 4, 4] (four along the width would).
             vec![node("Mul", "scale", &["x", "k"], &["y"], vec![])],
-            vec![floats("k", &[4], vec![2.0; 4])],
+            vec![floats("k", &[3], vec![2.0; 3])],
             &["'scale'", "one value or one per channel"],
         ),
         (vec![node("Concat", "cat", &["x", "x"], &["y"], vec![int("axis", 0)])], vec![], &["'cat'", "axis 0", "batch"]),
@@ -554,6 +555,45 @@ fn constants_beside_computed_values_are_checked() {
     );
     let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
     assert!(e.contains("'take'") && e.contains("one constant index"), "{e}");
+}
+
+/// A constant causal mask `[1, 1, s, s]` added to attention scores `[n, heads, s, s]` (as
+/// GPT-2's export writes it) broadcasts over the batch and the heads, in float and in int8;
+/// a constant of one value per channel still scales channels (a depthwise 1x1 convolution).
+#[test]
+fn a_constant_mask_broadcasts_over_heads() {
+    let (heads, s) = (3usize, 5usize);
+    let mask: Vec<f32> = (0..s * s).map(|i| if i % s > i / s { -1e4 } else { 0.0 }).collect();
+    let bytes = model(
+        17,
+        value("x", &[None, Some(heads as i64), Some(s as i64), Some(s as i64)]),
+        vec![node("Add", "masked", &["x", "mask"], &["y"], vec![])],
+        vec![floats("mask", &[1, 1, s as i64, s as i64], mask.clone())],
+        "y",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+    assert!(!kinds.contains(&"Conv2d"), "{kinds:?}");
+    let x = ramp(&[2, heads, s, s]);
+    let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    for ((idx, &g), &v) in y.indexed_iter().zip(x.iter()) {
+        let want = v + mask[idx[2] * s + idx[3]];
+        assert!((g - want).abs() <= 1e-6 * want.abs().max(1.0), "{idx:?}: {g} against {want}");
+    }
+    let mut p = qnn::prepare(m.graph, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap();
+    p.calibrate(&x).unwrap();
+    let q = p.convert().unwrap().forward(&x).unwrap();
+    assert!(crate::sqnr_db(&q, &y) > 30.0, "{}", crate::sqnr_db(&q, &y));
+    let bytes = model(
+        17,
+        value("x", &[None, Some(3), Some(4), Some(4)]),
+        vec![node("Add", "shift", &["x", "k"], &["y"], vec![])],
+        vec![floats("k", &[1, 3, 1, 1], vec![0.5, -1.0, 2.0])],
+        "y",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+    assert_eq!(kinds, ["Conv2d"]);
 }
 
 /// Token ids (an INT64 input, given as f32 values) pick rows of an embedding table (`Gather`
