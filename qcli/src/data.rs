@@ -63,8 +63,16 @@ pub fn read(path: &Path, prep: &ImagePrep) -> Result<ArrayD<f32>, String> {
     }
     match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("npy") => {
-            let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
-            ArrayD::<f32>::read_npy(f).map_err(|e| format!("{shown}: {e} (qrust reads float32 arrays in C order)"))
+            let open = || std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"));
+            match ArrayD::<f32>::read_npy(open()?) {
+                Ok(a) => Ok(a),
+                Err(_) => match ArrayD::<i64>::read_npy(open()?) {
+                    Ok(a) => Ok(a.mapv(|v| v as f32)),
+                    Err(_) => ArrayD::<i32>::read_npy(open()?)
+                        .map(|a| a.mapv(|v| v as f32))
+                        .map_err(|e| format!("{shown}: {e} (qrust reads float32, int64 and int32 arrays in C order)")),
+                },
+            }
         }
         Some("npz") => {
             let f = std::fs::File::open(path).map_err(|e| format!("{shown}: {e}"))?;
@@ -72,8 +80,7 @@ pub fn read(path: &Path, prep: &ImagePrep) -> Result<ArrayD<f32>, String> {
             let names = z.names().map_err(|e| format!("{shown}: {e}"))?;
             let mut arrays = Vec::new();
             for n in &names {
-                let a: ArrayD<f32> = z.by_name(n).map_err(|e| format!("{shown}: array '{n}': {e}"))?;
-                arrays.push(a);
+                arrays.push(npz_array(&mut z, n, &shown)?);
             }
             if arrays.is_empty() {
                 return Err(format!("{shown}: no arrays"));
@@ -93,6 +100,24 @@ pub fn read(path: &Path, prep: &ImagePrep) -> Result<ArrayD<f32>, String> {
 }
 
 /// Splits along axis 0 into batches.
+/// Array `n` of an `.npz` as `f32`: float32 as it is, int64 and int32 (token ids) converted.
+fn npz_array<R: std::io::Read + std::io::Seek>(
+    z: &mut NpzReader<R>,
+    n: &str,
+    shown: &impl std::fmt::Display,
+) -> Result<ArrayD<f32>, String> {
+    match z.by_name::<ndarray::OwnedRepr<f32>, IxDyn>(n) {
+        Ok(a) => Ok(a),
+        Err(_) => match z.by_name::<ndarray::OwnedRepr<i64>, IxDyn>(n) {
+            Ok(a) => Ok(a.mapv(|v| v as f32)),
+            Err(_) => z
+                .by_name::<ndarray::OwnedRepr<i32>, IxDyn>(n)
+                .map(|a| a.mapv(|v| v as f32))
+                .map_err(|e| format!("{shown}: array '{n}': {e} (qrust reads float32, int64 and int32 arrays)")),
+        },
+    }
+}
+
 fn split(a: ArrayD<f32>, batch: usize) -> Vec<ArrayD<f32>> {
     let n = a.shape().first().copied().unwrap_or(0);
     (0..n)
@@ -153,17 +178,7 @@ pub fn read_inputs(path: &Path, names: &[String]) -> Result<Vec<ArrayD<f32>>, St
         if !have.contains(n) {
             return Err(format!("{shown}: no array '{n}' (it holds {}); {}", have.join(", "), hint()));
         }
-        let a = match z.by_name::<ndarray::OwnedRepr<f32>, ndarray::IxDyn>(n) {
-            Ok(a) => a,
-            Err(_) => match z.by_name::<ndarray::OwnedRepr<i64>, ndarray::IxDyn>(n) {
-                Ok(a) => a.mapv(|v| v as f32),
-                Err(_) => z
-                    .by_name::<ndarray::OwnedRepr<i32>, ndarray::IxDyn>(n)
-                    .map(|a| a.mapv(|v| v as f32))
-                    .map_err(|e| format!("{shown}: array '{n}': {e} (qrust reads float32, int64 and int32 arrays)"))?,
-            },
-        };
-        out.push(a);
+        out.push(npz_array(&mut z, n, &shown)?);
     }
     let items: Vec<usize> = out.iter().map(|a| a.shape().first().copied().unwrap_or(0)).collect();
     if items.windows(2).any(|w| w[0] != w[1]) {

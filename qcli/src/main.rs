@@ -190,7 +190,7 @@ impl ImageArgs {
         let three = |v: &[f32], what: &str| -> Result<[f32; 3], String> {
             v.try_into().map_err(|_| format!("--{what} takes three values (R, G, B), not {}", v.len()))
         };
-        let from_model = input.and_then(|s| (s.len() == 4 && s[1] == 3).then_some(s[2] as u32));
+        let from_model = input.and_then(|s| (s.len() == 4 && s[1] == 3).then(|| s[2] as u32));
         let crop = self.crop.or(from_model).unwrap_or(224);
         Ok(data::ImagePrep {
             resize: self.resize.unwrap_or((crop * 256).div_ceil(224)),

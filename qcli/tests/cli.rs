@@ -332,3 +332,48 @@ fn smooth_quant_on_a_vision_transformer() {
     assert!(!o.status.success() && text(&o).contains("give --calib"), "{}", text(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A model of one input of token ids (qonnx's GPT-2 fixture, `[1, 12]` INT64): an int64
+/// `.npy` or `.npz` runs it (the image options are not consulted for a rank-2 input), and
+/// calibration one item at a time quantizes it.
+#[test]
+fn token_ids_in_npy_and_npz_run_a_single_input_model() {
+    let dir = scratch("gpt2");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qonnx/tests/data/gpt2/model.onnx");
+    let model = model.to_str().unwrap();
+    let ids = ndarray::Array2::<i64>::from_shape_fn((1, 12), |(_, j)| (j as i64 * 7) % 100);
+    let npy = dir.join("ids.npy");
+    ndarray_npy::write_npy(&npy, &ids).unwrap();
+    let npz = dir.join("ids.npz");
+    let mut z = ndarray_npy::NpzWriter::new(std::fs::File::create(&npz).unwrap());
+    z.add_array("input_ids", &ids).unwrap();
+    z.finish().unwrap();
+    let (a, b) = (dir.join("a.npy"), dir.join("b.npy"));
+    for (input, out) in [(&npy, &a), (&npz, &b)] {
+        let o = qrust(&["run", model, "--input", input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let calib = dir.join("calib.npz");
+    let mut z = ndarray_npy::NpzWriter::new(std::fs::File::create(&calib).unwrap());
+    z.add_array(
+        "input_ids",
+        &ndarray::Array2::<i64>::from_shape_fn((4, 12), |(i, j)| (i as i64 * 31 + j as i64 * 3) % 100),
+    )
+    .unwrap();
+    z.finish().unwrap();
+    let int8 = dir.join("gpt2.int8.safetensors");
+    let o = qrust(&[
+        "quantize",
+        model,
+        "--calib",
+        calib.to_str().unwrap(),
+        "--batch-size",
+        "1",
+        "-o",
+        int8.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = qrust(&["run", int8.to_str().unwrap(), "--input", npy.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o).contains("[1, 12, 32]"), "{}", text(&o));
+}

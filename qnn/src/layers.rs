@@ -18,7 +18,7 @@ pub use crate::ops::scalar::MulScalar;
 pub use crate::ops::shape::{ChannelShuffle, Flatten, ImageRows, Permute, Reshape, RowsImage};
 pub use crate::ops::slice::{Slice, SliceRange};
 pub use crate::ops::softmax::Softmax;
-pub use crate::ops::stubs::{DeQuantStub, Dropout, Identity, QuantStub};
+pub use crate::ops::stubs::{DeQuantStub, Dropout, Identity, NanToZero, QuantStub};
 
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 

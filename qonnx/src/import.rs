@@ -14,9 +14,9 @@ use ndarray::{ArrayD, IxDyn};
 use qnn::layers::FusedAct;
 use qnn::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, ConvTranspose2d,
-    Embedding, Flatten, HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar, Pad2d,
-    PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SeqConst, SiLU, Sigmoid, Slice, SliceRange, Softmax, Tanh,
-    Upsample, UpsampleMode, GELU,
+    Embedding, Flatten, HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar,
+    NanToZero, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SeqConst, SiLU, Sigmoid, Slice, SliceRange,
+    Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
@@ -50,6 +50,7 @@ pub const SUPPORTED: &[&str] = &[
     "HardSigmoid (beta 0.5)",
     "HardSwish",
     "Identity",
+    "IsNaN (read only by Where(IsNaN(x), 0, x): x with its NaNs as 0)",
     "LayerNormalization (last axis; also written out as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div)",
     "MatMul",
     "MaxPool",
@@ -783,6 +784,25 @@ impl Importer {
                 self.unary(cx, Box::new(GELU { tanh }))
             }
             "Clip" => self.clip(cx),
+            "IsNaN" => {
+                // Where(IsNaN(x), 0, x): x with its NaNs as 0 (after attention's softmax).
+                let (x, out) = (cx.input(0).unwrap_or_default().to_string(), cx.node.output[0].clone());
+                let zero_where = sole_reader(g, consumers, &out, "Where").filter(|w| {
+                    w.input.len() == 3
+                        && w.input[0] == out
+                        && w.input[2] == x
+                        && self.scalar_const(g, &w.input[1]) == Some(0.0)
+                });
+                let (Some(w), Some(Val::Node(xn))) = (zero_where, self.vals.get(&x).cloned()) else {
+                    return Err(cx.err(
+                        "IsNaN is imported where only Where(IsNaN(x), 0, x) reads it, x computed (NaNs replaced \
+                         by 0)",
+                    ));
+                };
+                let y = self.layer(cx, "", Box::new(NanToZero), &xn)?;
+                self.absorbed.insert(w.output[0].clone(), out);
+                one(Node { rows_of: xn.rows_of.clone(), ..y })
+            }
             "Div" if self.gelu_chain(cx, g, consumers).is_some() => {
                 let end = self.gelu_chain(cx, g, consumers).expect("matched");
                 let r = self.unary(cx, Box::new(GELU { tanh: false }))?;

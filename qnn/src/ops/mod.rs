@@ -392,6 +392,7 @@ pub(crate) const BUILTIN: &[(&str, OpLoader)] = &[
     resize::OP,
     stubs::PASS,
     stubs::QUANTIZE,
+    stubs::NAN_TO_ZERO,
     add::OP,
     mul::OP,
     matmul::OP,

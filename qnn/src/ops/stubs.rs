@@ -1,7 +1,8 @@
 //! Layers that compute nothing: `Identity`, `Dropout` (at inference), and PyTorch's
 //! `QuantStub` / `DeQuantStub`, which mark where a quantized region starts and ends. In the
 //! converted model a `QuantStub` is an explicit quantize to its observed parameters, a
-//! `DeQuantStub` an explicit dequantize (its output is float).
+//! `DeQuantStub` an explicit dequantize (its output is float). Also `NanToZero`, which
+//! computes almost nothing: NaNs to 0 in float, codes unchanged in int8.
 
 use ndarray::ArrayD;
 use qkernels::QuantU8;
@@ -71,9 +72,76 @@ no_compute!(
     DeQuantStub, "DeQuantStub", Mode::Float(crate::FloatReason::RegionEnd)
 );
 
+/// `x` with its NaNs replaced by 0 (ONNX's `Where(IsNaN(x), 0, x)`, which exporters write
+/// after attention's softmax, for rows that a mask covers entirely). In int8 the codes pass
+/// unchanged: a quantized value holds no NaN.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NanToZero;
+
+fn nan_to_zero(v: f32) -> f32 {
+    if v.is_nan() {
+        0.0
+    } else {
+        v
+    }
+}
+
+impl Module for NanToZero {
+    fn kind(&self) -> &'static str {
+        "NanToZero"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(crate::layers::map_same_layout(x, nan_to_zero))
+    }
+    fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        x.mapv_inplace(nan_to_zero);
+        Ok(x)
+    }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(Ok(input.to_vec()))
+    }
+    fn lowering(&self) -> Mode {
+        Mode::Int8SameParams
+    }
+    fn lower(&self, _cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        Ok(Box::new(NanToZeroOp))
+    }
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
+        Some(Ok(J::Null))
+    }
+    any_methods!();
+}
+
+/// [`NanToZero`] in a converted model: codes pass through; a float value has its NaNs
+/// replaced by 0.
+#[derive(Debug, Clone, Copy)]
+pub struct NanToZeroOp;
+
+pub(crate) const NAN_TO_ZERO: (&str, super::OpLoader) = ("NanToZero", |_, _, _| Ok(Box::new(NanToZeroOp)));
+
+impl QOp for NanToZeroOp {
+    fn op_name(&self) -> &'static str {
+        NAN_TO_ZERO.0
+    }
+    fn run(&self, args: &mut Vec<Value>, _in_q: QuantU8, _run: Run) -> Result<Value> {
+        Ok(match args.pop().expect("one input") {
+            Value::F32(x) => Value::F32(NanToZero.forward_owned(x)?),
+            codes => codes,
+        })
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Result<J> {
+        Ok(J::Null)
+    }
+    any_methods!();
+}
+
 /// The float layers of this file a saved model's float fallbacks can hold.
 pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
     ("Identity", |_, _| Ok(Box::new(Identity))),
+    ("NanToZero", |_, _| Ok(Box::new(NanToZero))),
     ("Dropout", |_, _| Ok(Box::new(Dropout(0.0)))),
     ("QuantStub", |_, _| Ok(Box::new(QuantStub))),
     ("DeQuantStub", |_, _| Ok(Box::new(DeQuantStub))),

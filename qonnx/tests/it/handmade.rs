@@ -557,6 +557,45 @@ fn constants_beside_computed_values_are_checked() {
     assert!(e.contains("'take'") && e.contains("one constant index"), "{e}");
 }
 
+/// `Where(IsNaN(x), 0, x)` imports as one `NanToZero`: NaNs become 0, other values stay; an
+/// `IsNaN` read by anything else is an error naming the node.
+#[test]
+fn nan_to_zero_imports_as_one_op() {
+    let bytes = model(
+        17,
+        value("x", &[None, Some(3), Some(4)]),
+        vec![
+            node("Softmax", "p", &["x"], &["p"], vec![int("axis", -1)]),
+            node("IsNaN", "isnan", &["p"], &["n"], vec![]),
+            node("Where", "clean", &["n", "zero", "p"], &["y"], vec![]),
+        ],
+        vec![floats("zero", &[], vec![0.0])],
+        "y",
+    );
+    let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+    let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+    assert_eq!(kinds, ["Softmax", "NanToZero"]);
+    let mut x = ramp(&[2, 3, 4]);
+    x[[1, 2, 0]] = f32::NAN;
+    let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    for ((idx, &v), row) in y.indexed_iter().zip(0..) {
+        if idx[0] == 1 && idx[1] == 2 {
+            assert_eq!(v, 0.0, "{idx:?}: the row holding a NaN");
+        } else {
+            assert!(v.is_finite() && v > 0.0, "{idx:?} ({row}): {v}");
+        }
+    }
+    let bytes = model(
+        17,
+        value("x", &[None, Some(3), Some(4)]),
+        vec![node("IsNaN", "isnan", &["x"], &["n"], vec![]), node("Cast", "c", &["n"], &["y"], vec![int("to", 1)])],
+        vec![],
+        "y",
+    );
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("'isnan'") && e.contains("Where(IsNaN(x), 0, x)"), "{e}");
+}
+
 /// A constant causal mask `[1, 1, s, s]` added to attention scores `[n, heads, s, s]` (as
 /// GPT-2's export writes it) broadcasts over the batch and the heads, in float and in int8;
 /// a constant of one value per channel still scales channels (a depthwise 1x1 convolution).

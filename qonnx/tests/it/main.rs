@@ -8,6 +8,7 @@
 
 mod backend;
 mod dynamic;
+mod gpt2;
 mod handmade;
 mod models;
 mod sequence;

@@ -1,0 +1,48 @@
+//! Hugging Face's GPT-2 as PyTorch's dynamo exporter writes it (`scripts/onnx/qonnx_gpt2_fixture.py`):
+//! the tanh form of GELU, a constant causal mask over the scores and `Where(IsNaN(p), 0, p)`
+//! after each softmax import as one op each; float against ONNX Runtime's fp32, and int8.
+
+use ndarray::{ArrayD, Axis};
+use qnn::{prepare, QConfigMapping};
+use qobserve::QConfig;
+use qonnx::tensor::read_pb;
+use qonnx::ImportOptions;
+
+use crate::{data, rel_err, sqnr_db};
+
+fn read(file: &str) -> ArrayD<f32> {
+    read_pb(data().join("gpt2").join(file)).unwrap_or_else(|e| panic!("gpt2/{file}: {e}"))
+}
+
+#[test]
+fn gpt2_imports_and_quantizes() {
+    let m = qonnx::load(data().join("gpt2/model.onnx"), &ImportOptions::default()).unwrap();
+    let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+    let count = |k: &str| kinds.iter().filter(|&&x| x == k).count();
+    assert_eq!((count("GELU"), count("NanToZero"), count("Softmax")), (2, 2, 2), "{kinds:?}");
+    let x = read("input_ids.pb");
+    let want = read("last_hidden_state.pb");
+    let float = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+    let err = rel_err(&float, &want);
+    assert!(err <= 1e-5, "float output {err:e} from ONNX Runtime's (relative)");
+
+    // Static int8 calibrated one item at a time (the export fixes the batch at 1), and
+    // dynamic per token.
+    let calib = read("calib_input_ids.pb");
+    let mut p = prepare(m.graph, &QConfigMapping::new(QConfig::default())).unwrap();
+    for item in calib.axis_chunks_iter(Axis(0), 1) {
+        p.calibrate(&item.to_owned()).unwrap();
+    }
+    let q = p.convert().unwrap();
+    let kinds: Vec<(String, String)> = q.plan().iter().map(|e| (e.kind.to_string(), format!("{:?}", e.mode))).collect();
+    assert!(kinds.iter().any(|(k, mode)| k == "GELU" && mode == "Int8"), "{kinds:?}");
+    let y = q.forward(&x).unwrap();
+    let s = sqnr_db(&y, &want);
+    // Saved and loaded: the same bits.
+    assert_eq!(qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap().forward(&x).unwrap(), y);
+    let m = qonnx::load(data().join("gpt2/model.onnx"), &ImportOptions::default()).unwrap();
+    let d = prepare(m.graph, &QConfigMapping::new(QConfig::dynamic_per_token())).unwrap().convert().unwrap();
+    let sd = sqnr_db(&d.forward(&x).unwrap(), &want);
+    eprintln!("GPT-2 (2 layers): static int8 {s:.2} dB, dynamic per token {sd:.2} dB");
+    assert!(s > 25.0 && sd > 35.0, "static {s:.2} dB, dynamic per token {sd:.2} dB");
+}
