@@ -786,7 +786,10 @@ impl Importer {
             "Clip" => self.clip(cx),
             "IsNaN" => {
                 // Where(IsNaN(x), 0, x): x with its NaNs as 0 (after attention's softmax).
-                let (x, out) = (cx.input(0).unwrap_or_default().to_string(), cx.node.output[0].clone());
+                let x = cx.input(0).unwrap_or_default().to_string();
+                let Some(out) = cx.node.output.first().filter(|o| !o.is_empty()).cloned() else {
+                    return Err(cx.err("it has no output"));
+                };
                 let zero_where = sole_reader(g, consumers, &out, "Where").filter(|w| {
                     w.input.len() == 3
                         && w.input[0] == out
