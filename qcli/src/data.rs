@@ -99,7 +99,6 @@ pub fn read(path: &Path, prep: &ImagePrep) -> Result<ArrayD<f32>, String> {
     }
 }
 
-/// Splits along axis 0 into batches.
 /// Array `n` of an `.npz` as `f32`: float32 as it is, int64 and int32 (token ids) converted.
 fn npz_array<R: std::io::Read + std::io::Seek>(
     z: &mut NpzReader<R>,
@@ -118,6 +117,7 @@ fn npz_array<R: std::io::Read + std::io::Seek>(
     }
 }
 
+/// Splits along axis 0 into batches.
 fn split(a: ArrayD<f32>, batch: usize) -> Vec<ArrayD<f32>> {
     let n = a.shape().first().copied().unwrap_or(0);
     (0..n)

@@ -25,7 +25,8 @@ pub(crate) type GemmPack = fn(raw: &[i8], n: usize, k: usize, purpose: PackFor) 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum PackFor {
     /// A layer's weights, packed once at conversion or load and read by every call: worth a
-    /// search for a faster layout (the AVX2 tier's quad order, `order_quads`).
+    /// search for a faster layout (the AVX2 tier's quad order, `order_quads`, and its
+    /// full-range layout, `full_range_quads`).
     Layer,
     /// An operand computed at run time and read by one call (a matrix product's right
     /// operand): packed in one pass, no search.

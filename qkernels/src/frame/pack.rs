@@ -169,7 +169,9 @@ impl PackedWeights {
 
     /// Packs codes computed at run time: `[n, k]` row-major `i8` weights with one scale and
     /// zero point (a matrix product's right operand, transposed, its `u8` codes shifted to
-    /// `i8` with its zero point), for `isa` capped to what the CPU has.
+    /// `i8` with its zero point), for `isa` capped to what the CPU has. Packed for one use:
+    /// no search for a faster layout, which a layer's weights get ([`PackedWeights::new`]);
+    /// the sums are the same.
     ///
     /// # Errors
     /// `codes` not `n * k` long, `n` or `k` zero, `k > MAX_K`, a scale that is not finite and
