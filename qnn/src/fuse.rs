@@ -10,7 +10,7 @@
 use crate::error::{NnError, Result};
 use crate::graph::{readers, Graph, NodeOp, Tensor};
 use crate::layers::{
-    BatchNorm1d, BatchNorm2d, Conv2d, ConvTranspose2d, FusedAct, Identity, Linear, MulScalar, ReLU, ReLU6,
+    AddScalar, BatchNorm1d, BatchNorm2d, Conv2d, ConvTranspose2d, FusedAct, Identity, Linear, MulScalar, ReLU, ReLU6,
 };
 use crate::module::{join, walk, Concat, Module, Residual, Sequential};
 
@@ -343,7 +343,7 @@ fn find_seq<'a>(model: &'a mut Sequential, path: &str) -> Option<&'a mut Sequent
 /// conv or linear and ReLU, or batch-norm and ReLU, in which each node is the only reader of
 /// the one before it (and no graph output is taken in between), is folded into its first
 /// node; the others become `Identity` and keep their names. Then per-channel affine maps
-/// (`MulScalar`, or a depthwise 1x1 convolution of stride 1: ONNX's `x * k`, `x + k`,
+/// (`MulScalar`, `AddScalar`, or a depthwise 1x1 convolution of stride 1: ONNX's `x * k`, `x + k`,
 /// `x - k`, `x / k` with constants) fold into the convolution before them (when it has no
 /// activation; a transposed convolution too) or after them (when it has no padding, whose
 /// border would read zeros of the mapped value), under the same conditions; a map before a
@@ -404,12 +404,15 @@ fn fuse_chains(g: &mut Graph, done: &mut Vec<Fused>) -> Result<()> {
 }
 
 /// The per-channel affine map a layer computes, `y[c] = x[c] * scale[c] + shift[c]`, for
-/// `c` channels: a [`MulScalar`] (any channel count), or a depthwise 1x1 convolution of
+/// `c` channels: a [`MulScalar`] or an [`AddScalar`] (any channel count), or a depthwise 1x1 convolution of
 /// stride 1 without padding (what an ONNX `x * k`, `x + k`, `x - k` or `x / k` with a
 /// constant per channel imports as) of `c` channels. With its fused activation.
 fn affine_of(m: &dyn Module, c: usize) -> Option<(Vec<f32>, Vec<f32>, FusedAct)> {
     if let Some(k) = m.as_any().downcast_ref::<MulScalar>() {
         return Some((vec![k.factor; c], vec![0.0; c], FusedAct::None));
+    }
+    if let Some(k) = m.as_any().downcast_ref::<AddScalar>() {
+        return Some((vec![1.0; c], vec![k.value; c], FusedAct::None));
     }
     let conv = m.as_any().downcast_ref::<Conv2d>()?;
     let per_channel = conv.weight.shape() == [c, 1, 1, 1]

@@ -14,7 +14,7 @@ pub use crate::ops::linear::Linear;
 pub use crate::ops::pad::{Pad2d, PadMode};
 pub use crate::ops::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 pub use crate::ops::resize::{Upsample, UpsampleMode};
-pub use crate::ops::scalar::MulScalar;
+pub use crate::ops::scalar::{AddScalar, MulScalar};
 pub use crate::ops::shape::{ChannelShuffle, Flatten, ImageRows, Permute, Reshape, RowsImage};
 pub use crate::ops::slice::{Slice, SliceRange};
 pub use crate::ops::softmax::Softmax;

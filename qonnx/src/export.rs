@@ -353,6 +353,17 @@ impl Writer<'_> {
         };
         Ok(match op {
             "Identity" => self.vals[first].clone().ok_or_else(|| err(format!("{name}: input not computed")))?,
+            "NanToZero" => match in_repr {
+                Some(Repr::Float) => {
+                    let x = self.read(first, None, name)?;
+                    let (nan, zero) = (format!("{name}.isnan"), self.float_scalar(&format!("{name}.zero"), 0.0));
+                    self.node("IsNaN", &format!("{name}/IsNaN"), &[&x], &nan, vec![]);
+                    self.node("Where", name, &[&nan, &zero, &x], &out, vec![]);
+                    (out, Repr::Float)
+                }
+                // Codes pass through: a quantized value holds no NaN.
+                _ => self.vals[first].clone().ok_or_else(|| err(format!("{name}: input not computed")))?,
+            },
             "Quantize" => {
                 let x = self.read(first, None, name)?;
                 let q = own(a)?;
@@ -542,6 +553,13 @@ impl Writer<'_> {
             // Runtime's QDQ form for pools and data movement).
             "MaxPool2d" | "AvgPool2d" | "AdaptiveAvgPool2d" | "Flatten" | "Reshape" | "Permute" | "Slice" | "Pad2d"
             | "Upsample" | "ReLU" | "Hardtanh" | "ImageRows" | "RowsImage" | "ChannelShuffle" => {
+                // Shape ops pass a float value through as float (token ids before an
+                // embedding), as the converted model runs them.
+                if matches!(op, "Flatten" | "Reshape" | "Permute" | "Slice") && in_repr == Some(Repr::Float) {
+                    let x = self.read(first, None, name)?;
+                    self.same_params_op(name, op, a, &x, &out)?;
+                    return Ok((out, Repr::Float));
+                }
                 let x = self.read(first, Some(in_q), name)?;
                 let y = format!("{name}.y");
                 self.same_params_op(name, op, a, &x, &y)?;
@@ -760,6 +778,19 @@ impl Writer<'_> {
                 let c = self.float_scalar(&format!("{name}.factor"), factor);
                 self.node("Mul", name, &[x, &c], y, vec![]);
             }
+            "Embedding" => {
+                // Token ids arrive as f32 values (the graph's inputs are f32): cast, then
+                // pick rows (negative ids count from the end in both).
+                let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
+                let ids = format!("{name}.ids");
+                self.node("Cast", &format!("{name}/ids"), &[x], &ids, vec![attr_i("to", i64::from(dt::INT64))]);
+                self.node("Gather", name, &[&w, &ids], y, vec![attr_i("axis", 0)]);
+            }
+            "AddScalar" => {
+                let value = la["value"].as_f64().ok_or_else(|| err(format!("{name}: no value")))? as f32;
+                let c = self.float_scalar(&format!("{name}.value"), value);
+                self.node("Add", name, &[x, &c], y, vec![]);
+            }
             "LayerNorm" => {
                 let w = self.float_tensor(name, la["weight"].as_str().unwrap_or(""))?;
                 let b = self.float_tensor(name, la["bias"].as_str().unwrap_or(""))?;
@@ -806,7 +837,7 @@ impl Writer<'_> {
             }
             other => {
                 return Err(err(format!(
-                    "node '{name}' runs in float as a {other}; the export writes float Softmax, LayerNorm, MulScalar, \
+                    "node '{name}' runs in float as a {other}; the export writes float Softmax, LayerNorm, MulScalar, AddScalar, Embedding, \
                      Conv2d, ConvTranspose2d and Linear layers"
                 )))
             }

@@ -13,10 +13,10 @@ use std::path::Path;
 use ndarray::{ArrayD, IxDyn};
 use qnn::layers::FusedAct;
 use qnn::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d, ConvTranspose2d,
-    Embedding, Flatten, HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d, MulScalar,
-    NanToZero, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SeqConst, SiLU, Sigmoid, Slice, SliceRange,
-    Softmax, Tanh, Upsample, UpsampleMode, GELU,
+    AdaptiveAvgPool2d, AddScalar, AvgPool2d, BatchConst, BatchNorm1d, BatchNorm2d, ChannelShuffle, Conv2d,
+    ConvTranspose2d, Embedding, Flatten, HardSigmoid, Hardswish, Hardtanh, ImageRows, LayerNorm, Linear, MaxPool2d,
+    MulScalar, NanToZero, Pad2d, PadMode, Permute, ReLU, ReLU6, Reshape, RowsImage, SeqConst, SiLU, Sigmoid, Slice,
+    SliceRange, Softmax, Tanh, Upsample, UpsampleMode, GELU,
 };
 use qnn::qkernels::Conv2dGeometry;
 use qnn::{Graph, GraphBuilder, Module, Tensor};
@@ -1370,6 +1370,24 @@ impl Importer {
             }
             return self.layer(cx, "", Box::new(MulScalar { factor }), x);
         }
+        // A float scalar added to (or subtracted from, or minus) a value that is not NCHW:
+        // `AddScalar` (a table in int8). On NCHW values it becomes the per-channel map below,
+        // which folds into a neighbouring convolution.
+        let scalar_sum = matches!(op, "Add" | "Sum" | "Sub");
+        if k.len() == 1 && matches!(k.data, Data::F32(_)) && scalar_sum && x.shape.len() != 4 {
+            let v = k.to_f32()[0];
+            if !v.is_finite() {
+                return Err(cx.err(format!("a scalar constant of {v} added to a value is not finite")));
+            }
+            return match (op, const_first) {
+                ("Sub", false) => self.layer(cx, "", Box::new(AddScalar { value: -v }), x),
+                ("Sub", true) => {
+                    let neg = self.layer(cx, ":neg", Box::new(MulScalar { factor: -1.0 }), x)?;
+                    self.layer(cx, "", Box::new(AddScalar { value: v }), &neg)
+                }
+                _ => self.layer(cx, "", Box::new(AddScalar { value: v }), x),
+            };
+        }
         let c = x.shape.get(1).copied().unwrap_or(0);
         // (A scalar is spread over the channels: at most 2^24 of them.)
         let per_channel = x.shape.len() == 4
@@ -1378,7 +1396,7 @@ impl Importer {
         if !per_channel || matches!(k.data, Data::I64 { .. }) {
             return Err(cx.err(format!(
                 "a computed input of shape {:?} with a constant of shape {:?}: qonnx takes a float constant that \
-                 is one value or one per channel ([c, 1, 1]) of an NCHW value",
+                 is one value, or one per channel ([c, 1, 1]) of an NCHW value",
                 x.shape, k.shape
             )));
         }

@@ -451,14 +451,14 @@ fn depthwise_stride_two_shapes_match_the_reference() {
 
 /// Depthwise convolutions with stride 1 along the width (the row-interleaved and flat AVX-512
 /// kernels, the per-pixel kernel otherwise) on channel counts that do and do not divide 64,
-/// kernels up to 5 wide, both vertical strides and dilations, every ISA and 1-3 threads.
+/// kernels up to 7 wide, both vertical strides and dilations, every ISA and 1-3 threads.
 #[test]
 fn depthwise_unit_stride_shapes_match_the_reference() {
     let mut next = crate::xorshift(0x9e37_79b9_7f4a_7c15u64);
     let channels: &[usize] = if cfg!(miri) { &[3, 16] } else { &[1, 3, 16, 24, 32, 48, 96, 144, 150] };
     let mut checked = 0;
     for &c in channels {
-        for (kh, kw) in [(3, 3), (1, 1), (3, 1), (2, 4), (5, 3), (3, 5)] {
+        for (kh, kw) in [(3, 3), (1, 1), (3, 1), (2, 4), (5, 3), (3, 5), (5, 5), (7, 7)] {
             for (sh, dil) in [(1, 1), (2, 1), (1, 2)] {
                 let (n, h, w) = (2, 4 + (next() % 6) as usize, 4 + (next() % 9) as usize);
                 let geom = Conv2dGeometry { stride: [sh, 1], padding: [1, kw / 2], dilation: [dil, dil], groups: c };

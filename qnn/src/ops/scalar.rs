@@ -1,15 +1,23 @@
-//! `x * c` for a constant scalar `c` (`torch.mul(x, c)`, ONNX `Mul` or `Div` by a scalar
-//! constant on a value that is not an image: attention's `1 / sqrt(d)`). In float the
-//! product; in int8 PyTorch's `quantized::mul_scalar` (`qkernels::mul_scalar`): for `c > 0`
-//! the codes stay and the scale becomes `scale * c`, for `c < 0` the codes mirror
-//! (`255 - q`), for `c == 0` they are zeros. Exact, and nothing to observe: the output's
-//! parameters follow from the input's.
+//! Scalar constants on a value of any shape.
+//!
+//! - `x * c` ([`MulScalar`]: `torch.mul(x, c)`, ONNX `Mul` or `Div` by a scalar constant on a
+//!   value that is not an image: attention's `1 / sqrt(d)`). In float the product; in int8
+//!   PyTorch's `quantized::mul_scalar` (`qkernels::mul_scalar`): for `c > 0` the codes stay
+//!   and the scale becomes `scale * c`, for `c < 0` the codes mirror (`255 - q`), for `c ==
+//!   0` they are zeros. Exact, and nothing to observe: the output's parameters follow from
+//!   the input's.
+//! - `x + c` ([`AddScalar`]: `torch.add(x, c)`, ONNX `Add` or `Sub` of a scalar constant on
+//!   a value that is not an image). In float the sum; in int8 a lookup table from the input's
+//!   parameters to the observed output's, each code's value plus `c` rounded once (PyTorch's
+//!   `quantized::add_scalar` instead shifts the zero point by `c` rounded to the input's
+//!   step, which moves the sum by up to half a step).
 
 use ndarray::ArrayD;
-use qkernels::QuantU8;
+use qkernels::{QuantU8, UnaryOp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as J;
 
+use super::activation::LutOp;
 use super::{attrs, op_err, parse, LowerCx, OpWriter, QOp};
 use crate::error::{NnError, Result};
 use crate::module::Module;
@@ -82,6 +90,54 @@ impl Module for MulScalar {
     any_methods!();
 }
 
+/// `x + value`, `value` a finite constant.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AddScalar {
+    /// The constant.
+    pub value: f32,
+}
+
+impl Module for AddScalar {
+    fn kind(&self) -> &'static str {
+        "AddScalar"
+    }
+    fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let c = self.value;
+        Ok(crate::layers::map_same_layout(x, |v| v + c))
+    }
+    fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let c = self.value;
+        match x.as_slice_memory_order_mut() {
+            Some(s) => s.iter_mut().for_each(|v| *v += c),
+            None => x.mapv_inplace(|v| v + c),
+        }
+        Ok(x)
+    }
+    fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
+        Some(Ok(input.to_vec()))
+    }
+    fn lowering(&self) -> Mode {
+        Mode::Int8
+    }
+    fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
+        if !self.value.is_finite() {
+            return Err(NnError::Config {
+                module: String::new(),
+                reason: format!("AddScalar: the constant {} is not finite; give a finite constant", self.value),
+            });
+        }
+        let op = UnaryOp::Affine { scale: 1.0, shift: self.value, min: f32::NEG_INFINITY, max: f32::INFINITY };
+        Ok(Box::new(LutOp::new(op, cx.in_q, cx.out_q())))
+    }
+    fn computes_images_apart(&self) -> bool {
+        true
+    }
+    fn save(&self, _node: &str, _w: &mut OpWriter) -> Option<Result<J>> {
+        Some(Ok(attrs(self)))
+    }
+    any_methods!();
+}
+
 /// [`MulScalar`] in a converted model.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct MulScalarOp {
@@ -99,8 +155,10 @@ impl MulScalarOp {
 pub(crate) const OP: (&str, super::OpLoader) =
     ("MulScalar", |j, _, node| Ok(Box::new(parse::<MulScalarOp>(j, node, "MulScalar")?)));
 
-pub(crate) const LAYERS: &[(&str, super::LayerLoader)] =
-    &[("MulScalar", |j, _| Ok(Box::new(parse::<MulScalar>(j, "MulScalar", "MulScalar")?)))];
+pub(crate) const LAYERS: &[(&str, super::LayerLoader)] = &[
+    ("MulScalar", |j, _| Ok(Box::new(parse::<MulScalar>(j, "MulScalar", "MulScalar")?))),
+    ("AddScalar", |j, _| Ok(Box::new(parse::<AddScalar>(j, "AddScalar", "AddScalar")?))),
+];
 
 impl QOp for MulScalarOp {
     fn op_name(&self) -> &'static str {

@@ -1,6 +1,7 @@
 //! Hugging Face's GPT-2 as PyTorch's dynamo exporter writes it (`scripts/onnx/qonnx_gpt2_fixture.py`):
 //! the tanh form of GELU, a constant causal mask over the scores and `Where(IsNaN(p), 0, p)`
-//! after each softmax import as one op each; float against ONNX Runtime's fp32, and int8.
+//! after each softmax import as one op each; float against ONNX Runtime's fp32, int8, and the
+//! QDQ export.
 
 use ndarray::{ArrayD, Axis};
 use qnn::{prepare, QConfigMapping};
@@ -40,6 +41,19 @@ fn gpt2_imports_and_quantizes() {
     let s = sqnr_db(&y, &want);
     // Saved and loaded: the same bits.
     assert_eq!(qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap().forward(&x).unwrap(), y);
+    // The QDQ export: token ids stay float up to the embedding (a `Cast` and a `Gather`), the
+    // `NanToZero` steps vanish (codes pass through them).
+    let onnx = qonnx::export_qdq(&q, &[vec![1, 12]]).unwrap();
+    let g = onnx.graph.unwrap();
+    let input = g.input[0].name.clone().unwrap();
+    assert!(
+        g.node.iter().all(|n| n.op_type.as_deref() != Some("QuantizeLinear") || !n.input.contains(&input)),
+        "the token ids are quantized"
+    );
+    let ops: Vec<&str> = g.node.iter().filter_map(|n| n.op_type.as_deref()).collect();
+    let at = ops.iter().position(|&o| o == "Gather").expect("a Gather");
+    assert_eq!(ops[at - 1], "Cast");
+    assert!(!ops.contains(&"IsNaN") && !ops.contains(&"Where"), "{ops:?}");
     let m = qonnx::load(data().join("gpt2/model.onnx"), &ImportOptions::default()).unwrap();
     let d = prepare(m.graph, &QConfigMapping::new(QConfig::dynamic_per_token())).unwrap().convert().unwrap();
     let sd = sqnr_db(&d.forward(&x).unwrap(), &want);

@@ -284,7 +284,7 @@ fn settings_we_cannot_honour_are_errors() {
             // Three values do not broadcast against [2, 4, 4] (four along the width would).
             vec![node("Mul", "scale", &["x", "k"], &["y"], vec![])],
             vec![floats("k", &[3], vec![2.0; 3])],
-            &["'scale'", "one value or one per channel"],
+            &["'scale'", "one value, or one per channel"],
         ),
         (vec![node("Concat", "cat", &["x", "x"], &["y"], vec![int("axis", 0)])], vec![], &["'cat'", "axis 0", "batch"]),
     ];
@@ -633,6 +633,82 @@ fn a_constant_mask_broadcasts_over_heads() {
     let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
     let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
     assert_eq!(kinds, ["Conv2d"]);
+}
+
+/// A float scalar added to, subtracted from, or minus a value that is not NCHW (tokens `[n,
+/// t, d]`) imports as `AddScalar` (after a `MulScalar` of -1 for `k - x`): the formula in
+/// float; in int8 a table that keeps the SQNR of the input's own quantization, and survives
+/// saving and loading; a scalar that is not finite is an error naming the node.
+#[test]
+fn scalars_add_to_values_of_any_rank() {
+    for (op, const_first, k, f) in [
+        ("Add", false, 1.5f32, (|x: f32| x + 1.5) as fn(f32) -> f32),
+        ("Add", true, -0.75, |x| x - 0.75),
+        ("Sub", false, 2.0, |x| x - 2.0),
+        ("Sub", true, 0.5, |x| 0.5 - x),
+    ] {
+        let inputs = if const_first { ["k", "x"] } else { ["x", "k"] };
+        let bytes = model(
+            17,
+            value("x", &[None, Some(4), Some(6)]),
+            vec![node(op, "shift", &inputs, &["y"], vec![])],
+            vec![floats("k", &[], vec![k])],
+            "y",
+        );
+        let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+        let kinds: Vec<&str> = m.graph.node_kinds().iter().map(|(_, k)| *k).collect();
+        let want_kinds: &[&str] = if op == "Sub" && const_first { &["MulScalar", "AddScalar"] } else { &["AddScalar"] };
+        assert_eq!(kinds, want_kinds, "{op} const_first={const_first}");
+        let x = ramp(&[2, 4, 6]);
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        assert_eq!(y.shape(), x.shape());
+        for (&g, &v) in y.iter().zip(x.iter()) {
+            assert!((g - f(v)).abs() <= 1e-6, "{op} const_first={const_first}: {g} against {}", f(v));
+        }
+        let mut p = qnn::prepare(m.graph, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap();
+        p.calibrate(&x).unwrap();
+        let q = p.convert().unwrap();
+        let yq = q.forward(&x).unwrap();
+        // The ramp takes 11 values, each within half a step of the 8-bit grids.
+        assert!(crate::sqnr_db(&yq, &y) > 35.0, "{op}: {}", crate::sqnr_db(&yq, &y));
+        let path = std::env::temp_dir()
+            .join(format!("qonnx_add_scalar_{op}_{const_first}_{}.safetensors", std::process::id()));
+        q.save(&path).unwrap();
+        let back = qnn::QuantizedModel::load(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(back.forward(&x).unwrap(), yq, "{op}: after loading");
+        // The QDQ export writes the table's map, or the float layer, as an `Add` of the
+        // constant.
+        let adds = |q: &qnn::QuantizedModel| {
+            let onnx = qonnx::export_qdq(q, &[vec![2, 4, 6]]).unwrap();
+            let g = onnx.graph.unwrap();
+            let consts: Vec<f32> =
+                g.initializer.iter().filter(|t| t.dims.is_empty()).flat_map(|t| t.float_data.clone()).collect();
+            let n = g.node.iter().filter(|n| n.op_type.as_deref() == Some("Add")).count();
+            (n, consts)
+        };
+        let (n, consts) = adds(&q);
+        assert!(n == 1 && consts.contains(&(if op == "Sub" && !const_first { -k } else { k })), "{op}: {n} {consts:?}");
+        let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+        let mut mapping = qnn::QConfigMapping::new(qobserve::QConfig::default()).skip_kind("AddScalar");
+        if kinds.contains(&"MulScalar") {
+            mapping = mapping.skip_kind("MulScalar");
+        }
+        let mut p = qnn::prepare(m.graph, &mapping).unwrap();
+        p.calibrate(&x).unwrap();
+        let fq = p.convert().unwrap();
+        assert_eq!(fq.forward(&x).unwrap(), y, "{op}: the layers left in float");
+        assert_eq!(adds(&fq).0, 1, "{op}: float export");
+    }
+    let bytes = model(
+        17,
+        value("x", &[None, Some(4), Some(6)]),
+        vec![node("Add", "shift", &["x", "k"], &["y"], vec![])],
+        vec![floats("k", &[], vec![f32::INFINITY])],
+        "y",
+    );
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("'shift'") && e.contains("not finite"), "{e}");
 }
 
 /// Token ids (an INT64 input, given as f32 values) pick rows of an embedding table (`Gather`
