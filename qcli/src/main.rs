@@ -402,6 +402,41 @@ fn smooth(g: &mut qnn::Graph, batches: &[Vec<ArrayD<f32>>], alpha: f32) -> Resul
     Ok(())
 }
 
+/// The calibration batch size: `asked`, or, for a model whose inputs have no symbolic batch
+/// dimension and whose graph cannot take `asked` items (PyTorch's dynamo exporter writes
+/// batch 1 into its reshapes), the batch it fixes, said when it differs.
+fn calibration_batch(m: &qonnx::Imported, asked: usize) -> usize {
+    let Some(first) = m.inputs.first().filter(|_| m.inputs.iter().all(|i| !i.dynamic_batch)) else { return asked };
+    let fixed = first.shape.first().copied().unwrap_or(1).max(1);
+    let shapes: Vec<Vec<usize>> =
+        m.inputs.iter().map(|i| [&[asked.max(1)], i.shape.get(1..).unwrap_or(&[])].concat()).collect();
+    let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+    if fixed == asked || m.graph.value_info(&refs).is_ok() {
+        return asked;
+    }
+    {
+        say!(
+            "input '{}' fixes the batch at {fixed} (its first dimension is not symbolic, and the graph takes no other): calibrating {fixed} item{} at a time",
+            first.name,
+            if fixed == 1 { "" } else { "s" }
+        );
+    }
+    fixed
+}
+
+/// Checks that `items` calibration items make whole batches for a model whose batch size is
+/// fixed.
+fn whole_batches(m: &qonnx::Imported, items: usize, batch: usize) -> Result<(), String> {
+    if m.inputs.iter().any(|i| i.dynamic_batch) || batch <= 1 || items.is_multiple_of(batch) {
+        return Ok(());
+    }
+    Err(format!(
+        "the model's input '{}' fixes the batch at {batch}, and {items} calibration items do not make whole batches: \
+         give a multiple of {batch} items, or export the model with a symbolic batch dimension",
+        m.inputs[0].name
+    ))
+}
+
 fn quantize(
     path: &Path,
     calib: Option<&Path>,
@@ -409,7 +444,7 @@ fn quantize(
     shape: &ShapeArg,
     images: &ImageArgs,
 ) -> Result<(), String> {
-    let (output, config, batch_size, threads) = (o.output.clone(), o.config.as_deref(), o.batch_size, o.threads);
+    let (output, config, threads) = (o.output.clone(), o.config.as_deref(), o.threads);
     let t0 = Instant::now();
     let mut m = import(path, shape, calib)?;
     let mut by_op: HashMap<String, Vec<String>> = HashMap::new();
@@ -430,6 +465,7 @@ fn quantize(
         m.opset,
         t0.elapsed().as_secs_f64()
     );
+    let batch_size = calibration_batch(&m, o.batch_size);
     // A model of several inputs (token ids, a mask) calibrates on an .npz of one array per
     // input, batch by batch.
     if m.inputs.len() > 1 {
@@ -455,6 +491,7 @@ fn quantize(
                 calib.map(|c| c.display().to_string()).unwrap_or_default()
             ));
         }
+        whole_batches(&m, n, batch_size)?;
         let t1 = Instant::now();
         let batches = data::input_batches(&xs, batch_size);
         if let Some(alpha) = o.smooth_quant {
@@ -494,6 +531,7 @@ fn quantize(
         None => Vec::new(),
     };
     let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
+    whole_batches(&m, items, batch_size)?;
     let t1 = Instant::now();
     if let Some(alpha) = o.smooth_quant {
         let per_input: Vec<Vec<ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();

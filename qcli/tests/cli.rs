@@ -335,7 +335,7 @@ fn smooth_quant_on_a_vision_transformer() {
 
 /// A model of one input of token ids (qonnx's GPT-2 fixture, `[1, 12]` INT64): an int64
 /// `.npy` or `.npz` runs it (the image options are not consulted for a rank-2 input), and
-/// calibration one item at a time quantizes it.
+/// calibration one item at a time quantizes it, whether asked for or not (its batch is fixed).
 #[test]
 fn token_ids_in_npy_and_npz_run_a_single_input_model() {
     let dir = scratch("gpt2");
@@ -376,4 +376,10 @@ fn token_ids_in_npy_and_npz_run_a_single_input_model() {
     assert!(o.status.success(), "{}", text(&o));
     let o = qrust(&["run", int8.to_str().unwrap(), "--input", npy.to_str().unwrap()]);
     assert!(o.status.success() && text(&o).contains("[1, 12, 32]"), "{}", text(&o));
+    // The export fixes the batch at 1 in its reshapes: the default batch size calibrates
+    // one item at a time, says so, and gives the same model.
+    let default = dir.join("gpt2.default.int8.safetensors");
+    let o = qrust(&["quantize", model, "--calib", calib.to_str().unwrap(), "-o", default.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o).contains("fixes the batch at 1"), "{}", text(&o));
+    assert_eq!(std::fs::read(&default).unwrap(), std::fs::read(&int8).unwrap());
 }
