@@ -195,8 +195,113 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
     }
 }
 
-/// A whole block of `u8` output from dense rows on AVX2, requantized on registers (no raw
-/// tile in memory): strips of 16 columns. When `pairs` is given and every code of a tile's
+/// What an AVX2 block writes: requantized `u8`, or dequantized `f32` (then `FusedOut::out`
+/// points at `f32` values and `ldc` counts them), optionally through a ReLU, with per-row
+/// activation parameters and the weights' column offsets when each row has its own.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum FusedKind<'a> {
+    U8,
+    F32 { relu: bool, per_row: Option<(&'a [crate::QuantU8], &'a [i32])> },
+}
+
+/// Stores a tile's accumulators as `out` says: [`requantize_tile_avx2`] or
+/// [`dequantize_tile_avx2`].
+///
+/// # Safety
+/// As [`requantize_tile_avx2`] (for `f32` output, `f.out` holds `f32` values; with per-row
+/// parameters, they and the column offsets cover the tile's rows and columns). Inlined into
+/// its AVX2 callers.
+#[inline(always)]
+unsafe fn store_tile_avx2<const MR: usize, const NV: usize>(
+    f: &FusedOut<'_>,
+    acc: &[[__m256i; NV]; MR],
+    i0: usize,
+    j: usize,
+    lanes: usize,
+    out: FusedKind<'_>,
+) {
+    // SAFETY: forwarded preconditions.
+    unsafe {
+        match out {
+            FusedKind::U8 => requantize_tile_avx2(f, acc, i0, j, lanes),
+            FusedKind::F32 { relu, per_row } => dequantize_tile_avx2(f, acc, i0, j, lanes, relu, per_row),
+        }
+    }
+}
+
+/// Dequantizes an AVX2 tile's accumulators (rows `i0..i0 + MR`, columns `j..j + lanes`) to
+/// `f32` and stores them: `fma(raw, scale, bias)`, then `max(.., 0)` with `relu`, `raw` the
+/// exact sum less the plan's column term and the weights' zero-point term, and, with per-row
+/// parameters, less `zero_point[i] * col_offsets[j]` with `scale = scale[i] * ab_scale[j]`:
+/// `dequantize_row`'s arithmetic lane for lane, so the same bits. Masked loads and stores:
+/// columns past `lanes` are neither read nor written.
+///
+/// # Safety
+/// AVX2 and FMA available; as [`store_tile_avx2`] for `f32` output.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dequantize_tile_avx2<const MR: usize, const NV: usize>(
+    f: &FusedOut<'_>,
+    acc: &[[__m256i; NV]; MR],
+    i0: usize,
+    j: usize,
+    lanes: usize,
+    relu: bool,
+    per_row: Option<(&[crate::QuantU8], &[i32])>,
+) {
+    let plan = f.plan;
+    let out = f.out.cast::<f32>();
+    for v in 0..NV {
+        let jv = j + v * AVX2_LANES;
+        let n = lanes.saturating_sub(v * AVX2_LANES).min(AVX2_LANES);
+        if n == 0 {
+            break;
+        }
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        // SAFETY: masked loads touch only columns jv..jv + n of the plan and the offsets.
+        let (colterm, ab, bias, zw, offsets) = unsafe {
+            (
+                _mm256_maskload_epi32(plan.colterm.as_ptr().add(jv), mask),
+                _mm256_maskload_ps(plan.ab_scale.as_ptr().add(jv), mask),
+                _mm256_maskload_ps(plan.bias.as_ptr().add(jv), mask),
+                if plan.has_zw {
+                    _mm256_maskload_epi32(plan.zw.as_ptr().add(jv), mask)
+                } else {
+                    _mm256_setzero_si256()
+                },
+                match per_row {
+                    Some((_, o)) => _mm256_maskload_epi32(o.as_ptr().add(jv), mask),
+                    None => _mm256_setzero_si256(),
+                },
+            )
+        };
+        for (r, accr) in acc.iter().enumerate() {
+            let i = i0 + r;
+            // With per-row parameters this row's column term and scale replace the plan's
+            // (built for scale 1 and zero point 0).
+            let (colterm, scale) = match per_row {
+                Some((q, _)) => (
+                    _mm256_mullo_epi32(_mm256_set1_epi32(q[i].zero_point), offsets),
+                    _mm256_mul_ps(_mm256_set1_ps(q[i].scale), ab),
+                ),
+                None => (colterm, ab),
+            };
+            let mut raw = _mm256_sub_epi32(accr[v], colterm);
+            if plan.has_zw {
+                raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
+            }
+            let mut y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(raw), scale, bias);
+            if relu {
+                y = _mm256_max_ps(y, _mm256_setzero_ps());
+            }
+            // SAFETY: row i, columns jv..jv + n of the output (precondition), masked.
+            unsafe { _mm256_maskstore_ps(out.add(i * f.ldc + jv), mask, y) };
+        }
+    }
+}
+
+/// A whole block of `u8` (or `f32`) output from dense rows on AVX2, requantized (or
+/// dequantized) on registers (no raw tile in memory): strips of 16 columns. When `pairs` is given and every code of a tile's
 /// rows is within its bound, the tile takes `vpmaddubsw`: 3 rows two quads at a time where
 /// the packing pairs quads (4 rows would spill a register), else 4 rows a quad at a time.
 /// Otherwise 4 rows on the full-range layout where the packing has one, else 4 rows on the
@@ -210,6 +315,7 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn avx2_fused_rows(
     f: &FusedOut<'_>,
+    out: FusedKind<'_>,
     a: &QMatrix<'_>,
     m: usize,
     exact: &[i16],
@@ -256,7 +362,7 @@ pub(crate) unsafe fn avx2_fused_rows(
                 // SAFETY: the tile's rows and columns exist (preconditions); the full-range
                 // layout takes any codes; the table covers mr <= 4, nv <= 2.
                 unsafe {
-                    dispatch_avx2!(avx2_full_kernel, mr, nv, (ap, a.lda, k, bp, ep, full, panel), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                    dispatch_avx2!(avx2_full_kernel, mr, nv, (ap, a.lda, k, bp, ep, full, panel), |acc| store_tile_avx2(f, &acc, i, j, lanes, out);
                         (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                 }
                 r += mr;
@@ -273,11 +379,11 @@ pub(crate) unsafe fn avx2_fused_rows(
                     unsafe {
                         match &p.order {
                             Some(order) => {
-                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, order, panel), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, order, panel), |acc| store_tile_avx2(f, &acc, i, j, lanes, out);
                                 (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                             }
                             None => {
-                                dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                                dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| store_tile_avx2(f, &acc, i, j, lanes, out);
                                 (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                             }
                         }
@@ -291,7 +397,7 @@ pub(crate) unsafe fn avx2_fused_rows(
                     // SAFETY: as above, on the exact kernel over the widened rows r..r + mr
                     // (mr <= 4, nv <= 2).
                     unsafe {
-                        dispatch_avx2!(avx2_wide_kernel, mr, nv, (wp, ldw, k, bp), |acc| requantize_tile_avx2(f, &acc, i, j, lanes);
+                        dispatch_avx2!(avx2_wide_kernel, mr, nv, (wp, ldw, k, bp), |acc| store_tile_avx2(f, &acc, i, j, lanes, out);
                             (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                     }
                     r += mr;

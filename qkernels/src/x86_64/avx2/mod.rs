@@ -113,17 +113,23 @@ fn name(groups: &[PackedWeights]) -> String {
     }
 }
 
-/// `u8` output from dense rows, requantized on registers.
+/// `u8` output from dense rows, requantized on registers, or `f32`, dequantized on
+/// registers (`i32` output takes raw tiles).
 ///
 /// # Safety
 /// As `GemmKernels::block`.
 unsafe fn block(b: &Block<'_>) -> bool {
-    let (Packed::Avx2(exact), SinkKind::U8, Rows::Dense(a)) = (&b.w.packed, b.kind, b.src) else { return false };
+    let (Packed::Avx2(exact), Rows::Dense(a)) = (&b.w.packed, b.src) else { return false };
+    let out = match b.kind {
+        SinkKind::U8 => gemm::FusedKind::U8,
+        SinkKind::F32 { relu } => gemm::FusedKind::F32 { relu, per_row: b.per_row },
+        SinkKind::I32 => return false,
+    };
     let fused = FusedOut::of(b);
     let pairs = b.w.pairs.as_ref();
-    // SAFETY: AVX2 and FMA (the table's tier); rows, columns and output as the caller
-    // promised; `cols.start` is a multiple of 16.
-    unsafe { gemm::avx2_fused_rows(&fused, a, b.rows.len(), exact, pairs, b.w.k) };
+    // SAFETY: AVX2 and FMA (the table's tier); rows, columns, output and per-row parameters
+    // as the caller promised; `cols.start` is a multiple of 16.
+    unsafe { gemm::avx2_fused_rows(&fused, out, a, b.rows.len(), exact, pairs, b.w.k) };
     true
 }
 
