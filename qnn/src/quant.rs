@@ -1300,10 +1300,16 @@ fn float_attention_fusions(
 struct Attention {
     /// A `MulScalar` of the scores.
     scale: Option<usize>,
+    /// A `BatchConst` that reads the (scaled) scores for their batch size only and gives the
+    /// mask (a constant mask imported over computed scores: GPT-2's causal mask): computed
+    /// from the first product's batch size instead.
+    mask_const: Option<usize>,
     /// An int8 addition of a mask to the (scaled) scores: its node, the mask, and whether the
     /// scores are its first operand.
     mask: Option<(usize, Tensor, bool)>,
     softmax: usize,
+    /// A `NanToZero` of the probabilities (codes pass through it).
+    nan: Option<usize>,
     product: usize,
     /// The second product's right operand (`v`).
     v: Tensor,
@@ -1312,22 +1318,31 @@ struct Attention {
 impl Attention {
     /// The nodes it runs besides its first product, in order.
     fn inner(&self) -> impl Iterator<Item = usize> {
-        self.scale.into_iter().chain(self.mask.map(|m| m.0)).chain([self.softmax, self.product])
+        self.scale
+            .into_iter()
+            .chain(self.mask_const)
+            .chain(self.mask.map(|m| m.0))
+            .chain([self.softmax])
+            .chain(self.nan)
+            .chain([self.product])
     }
 }
 
 /// The attention patterns that run head by head in one step
 /// (`crate::ops::matmul::attention`, the same bytes as the ops one by one): an int8 product
 /// whose output only (optionally) a `MulScalar`, then (optionally) an int8 addition of a mask
-/// computed before the product, then an int8 softmax read, each the only reader of the step
-/// before, and whose softmax's output only another int8 product reads as its left operand,
-/// the right one (`v`) computed before the first product runs. No step's output is a graph
-/// output.
+/// computed before the product (or by a `BatchConst` that reads the scores for their batch
+/// size alone), then an int8 softmax read, each the only reader of the step before, and
+/// whose softmax's output (optionally through an int8 `NanToZero`) only another int8
+/// product reads as its left operand, the right one (`v`) computed before the first product
+/// runs. No step's output is a graph output.
 fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) -> (Vec<Option<Attention>>, Vec<bool>) {
     use crate::ops::add::AddOp;
+    use crate::ops::konst::BatchConstOp;
     use crate::ops::matmul::MatMulOp;
     use crate::ops::scalar::MulScalarOp;
     use crate::ops::softmax::SoftmaxOp;
+    use crate::ops::stubs::NanToZeroOp;
     let mut fused = vec![None; g.nodes.len()];
     let mut runs_in = vec![false; g.nodes.len()];
     let reader = last_readers(g);
@@ -1335,31 +1350,58 @@ fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) 
     let product = |i: usize| op(i).downcast_ref::<MatMulOp>().filter(|m| m.is_int8());
     // The only reader of a value that is not a graph output.
     let sole_reader = |t: Tensor| if readers[t.0] == 1 && !g.outputs.contains(&t) { reader[t.0] } else { None };
+    // The next step after the scores `t`: their only reader, or, of exactly two readers, the
+    // one that is not a `BatchConst` reading `t` alone whose output only one node reads
+    // (with that `BatchConst`).
+    let next_step = |t: Tensor| -> Option<(usize, Option<usize>)> {
+        if let Some(r) = sole_reader(t) {
+            return Some((r, None));
+        }
+        if readers[t.0] != 2 || g.outputs.contains(&t) {
+            return None;
+        }
+        let users: Vec<usize> = (0..g.nodes.len()).filter(|&k| g.nodes[k].inputs.contains(&t)).collect();
+        let konst = |k: usize| {
+            op(k).is::<BatchConstOp>() && g.nodes[k].inputs == [t] && sole_reader(g.nodes[k].output).is_some()
+        };
+        match users[..] {
+            [a, b] if konst(a) && !konst(b) => Some((b, Some(a))),
+            [a, b] if konst(b) && !konst(a) => Some((a, Some(b))),
+            _ => None,
+        }
+    };
     let before = |t: Tensor, i: usize| producer[t.0].is_none_or(|p| p < i);
     for (i, n) in g.nodes.iter().enumerate() {
         if product(i).is_none() || n.inputs.len() != 2 {
             continue;
         }
-        let Some(mut next) = sole_reader(n.output) else { continue };
+        let Some((mut next, mut mask_const)) = next_step(n.output) else { continue };
         let mut at = n.output;
-        let scale = (op(next).is::<MulScalarOp>() && g.nodes[next].inputs.len() == 1).then_some(next);
+        let scale =
+            (mask_const.is_none() && op(next).is::<MulScalarOp>() && g.nodes[next].inputs.len() == 1).then_some(next);
         if let Some(x) = scale {
             at = g.nodes[x].output;
-            let Some(r) = sole_reader(at) else { continue };
-            next = r;
+            let Some((r, k)) = next_step(at) else { continue };
+            (next, mask_const) = (r, k);
         }
         let an = &g.nodes[next];
         let mask = match op(next).downcast_ref::<AddOp>() {
             Some(add) if add.int8 && an.inputs.len() == 2 && an.inputs[0] != an.inputs[1] => {
                 let scores_first = an.inputs[0] == at;
                 let other = an.inputs[usize::from(scores_first)];
-                if !before(other, i) {
+                // A constant mask only from the `BatchConst` beside the scores; any other
+                // computed before the first product.
+                let from_const = mask_const.is_some_and(|k| g.nodes[k].output == other);
+                if mask_const.is_some() != from_const || !(from_const || before(other, i)) {
                     continue;
                 }
                 Some((next, other, scores_first))
             }
             _ => None,
         };
+        if mask.is_none() && mask_const.is_some() {
+            continue;
+        }
         if let Some((x, ..)) = mask {
             at = g.nodes[x].output;
             let Some(r) = sole_reader(at) else { continue };
@@ -1370,14 +1412,21 @@ fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) 
         if !op(s).is::<SoftmaxOp>() || sn.inputs.len() != 1 {
             continue;
         }
-        let Some(j) = sole_reader(sn.output) else { continue };
+        let Some(mut j) = sole_reader(sn.output) else { continue };
+        let mut probs = sn.output;
+        let nan = (op(j).is::<NanToZeroOp>() && g.nodes[j].inputs.len() == 1).then_some(j);
+        if let Some(x) = nan {
+            probs = g.nodes[x].output;
+            let Some(r) = sole_reader(probs) else { continue };
+            j = r;
+        }
         let jn = &g.nodes[j];
-        if product(j).is_none() || jn.inputs.len() != 2 || jn.inputs[0] != sn.output || jn.inputs[1] == sn.output {
+        if product(j).is_none() || jn.inputs.len() != 2 || jn.inputs[0] != probs || jn.inputs[1] == probs {
             continue;
         }
         let v = jn.inputs[1];
         if before(v, i) {
-            let f = Attention { scale, mask, softmax: s, product: j, v };
+            let f = Attention { scale, mask_const, mask, softmax: s, nan, product: j, v };
             for x in f.inner() {
                 runs_in[x] = true;
             }
@@ -1886,10 +1935,19 @@ impl QuantizedModel {
             }
             if let Some(f) = self.fused_attention[i] {
                 let (kt, q) = (take(vals, left, n.inputs[1]), take(vals, left, n.inputs[0]));
-                let mask = f.mask.map(|(_, t, _)| take(vals, left, t));
+                let scores = crate::ops::matmul::matmul_shape(q.shape(), kt.shape()).unwrap_or_default();
+                let mask = match (f.mask, f.mask_const) {
+                    // The constant mask for the scores' batch size, all its `BatchConst` reads.
+                    (Some(_), Some(k)) => {
+                        let batch = scores.first().copied().unwrap_or(1);
+                        let mut a = vec![Value::F32(ArrayD::zeros(IxDyn(&[batch])))];
+                        let kn = &g.nodes[k];
+                        Some(Self::node_step(step_of(kn), &mut a, run).map_err(|e| e.within(&kn.name))?)
+                    }
+                    (m, _) => m.map(|(_, t, _)| take(vals, left, t)),
+                };
                 let v = take(vals, left, f.v);
                 let start = timing.is_some().then(std::time::Instant::now);
-                let scores = crate::ops::matmul::matmul_shape(q.shape(), kt.shape()).unwrap_or_default();
                 let y = self.attention(i, f, (q, kt, v), mask, run)?;
                 if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
                     t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
@@ -2147,7 +2205,11 @@ impl QuantizedModel {
             scores = step(x, &mut args)?;
         }
         args.push(scores);
-        let p = step(f.softmax, &mut args)?;
+        let mut p = step(f.softmax, &mut args)?;
+        if let Some(x) = f.nan {
+            args.push(p);
+            p = step(x, &mut args)?;
+        }
         args.extend([p, v]);
         step(f.product, &mut args)
     }

@@ -39,6 +39,29 @@ fn gpt2_imports_and_quantizes() {
     assert!(kinds.iter().any(|(k, mode)| k == "GELU" && mode == "Int8"), "{kinds:?}");
     let y = q.forward(&x).unwrap();
     let s = sqnr_db(&y, &want);
+    // Attention runs head by head: the causal mask's `BatchConst` (which reads the scores for
+    // their batch size) and the `NanToZero` after the softmax run in the first product; the
+    // bytes are those of the same graph with the probabilities also an output (not fused).
+    let prof = q.profile(std::slice::from_ref(&x), 1).unwrap();
+    let runs_in = |n: &str| prof.iter().find(|t| t.name == n).unwrap().runs_in.clone();
+    for (first, inner) in [("node_MatMul_155", "node_Add_156:const"), ("node_MatMul_249", "node_IsNaN_252")] {
+        assert_eq!(runs_in(inner).as_deref(), Some(first), "{inner}");
+    }
+    let mut apart = qonnx::load(data().join("gpt2/model.onnx"), &ImportOptions::default()).unwrap().graph;
+    for n in ["node_IsNaN_158", "node_IsNaN_252"] {
+        apart.add_output(n).unwrap();
+    }
+    let mut p = prepare(apart, &QConfigMapping::new(QConfig::default())).unwrap();
+    for item in calib.axis_chunks_iter(Axis(0), 1) {
+        p.calibrate(&item.to_owned()).unwrap();
+    }
+    let apart = p.convert().unwrap();
+    assert!(apart.profile(std::slice::from_ref(&x), 1).unwrap().iter().all(|t| t.runs_in.is_none()));
+    let bytes = |q: &qnn::QuantizedModel| match q.forward_values(std::slice::from_ref(&x)).unwrap().remove(0) {
+        qnn::Value::U8 { data, .. } => data,
+        qnn::Value::F32(f) => f.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    assert_eq!(bytes(&q), bytes(&apart), "fused attention against its ops one by one");
     // Saved and loaded: the same bits.
     assert_eq!(qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap().forward(&x).unwrap(), y);
     // The QDQ export: token ids stay float up to the embedding (a `Cast` and a `Gather`), the
