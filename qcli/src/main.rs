@@ -414,13 +414,12 @@ fn calibration_batch(m: &qonnx::Imported, asked: usize) -> usize {
     if fixed == asked || m.graph.value_info(&refs).is_ok() {
         return asked;
     }
-    {
-        say!(
-            "input '{}' fixes the batch at {fixed} (its first dimension is not symbolic, and the graph takes no other): calibrating {fixed} item{} at a time",
-            first.name,
-            if fixed == 1 { "" } else { "s" }
-        );
-    }
+    say!(
+        "input '{}' fixes the batch at {fixed} (its first dimension is not symbolic, and the graph takes no other): \
+         calibrating {fixed} item{} at a time",
+        first.name,
+        if fixed == 1 { "" } else { "s" }
+    );
     fixed
 }
 

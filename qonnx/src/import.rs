@@ -39,7 +39,7 @@ pub const SUPPORTED: &[&str] = &[
     "ConvTranspose (explicit pads; int8 when the kernel equals the stride, float otherwise)",
     "Div (by a constant)",
     "Dropout",
-    "Equal, Less, Greater, Mod, Neg, Reciprocal, Sqrt, Where (constants)",
+    "Equal, Less, Greater, And, Or, Xor, Not, Mod, Neg, Reciprocal, Sqrt, Where (constants)",
     "Expand (constants)",
     "Flatten",
     "Gather (constants; a computed value at one constant index)",
@@ -924,7 +924,7 @@ impl Importer {
             }
             "Gather" if matches!(self.value(cx, 0)?, Val::Node(_)) => self.gather_computed(cx),
             "Gather" if matches!(self.value(cx, 1)?, Val::Node(_)) => self.embedding(cx),
-            "Sqrt" | "Neg" | "Reciprocal" => {
+            "Sqrt" | "Neg" | "Reciprocal" | "Not" => {
                 let c = self.konst(cx, 0, "input")?;
                 Ok(vec![Val::Const(fold_unary(cx, &c)?)])
             }
@@ -936,7 +936,7 @@ impl Importer {
                     .collect::<Result<_>>()?;
                 Ok(vec![Val::Const(fold_range(cx, &cs)?)])
             }
-            "Mod" | "Equal" | "Less" | "Greater" | "Where" | "Expand" => {
+            "Mod" | "Equal" | "Less" | "Greater" | "And" | "Or" | "Xor" | "Where" | "Expand" => {
                 let cs: Vec<Const> =
                     (0..cx.node.input.len()).map(|i| self.konst(cx, i, "input")).collect::<Result<_>>()?;
                 Ok(vec![Val::Const(fold_broadcast(cx, &cs)?)])
@@ -2826,9 +2826,12 @@ fn fold_binary(cx: &Cx<'_>, op: &str, a: &Const, b: &Const) -> Result<Const> {
     }
 }
 
-/// `c` with a float unary op applied (`Sqrt`, `Neg`, `Reciprocal`); `Neg` keeps integers.
+/// `c` with a float unary op applied (`Sqrt`, `Neg`, `Reciprocal`); `Neg` keeps integers;
+/// `Not` of booleans (held as integers 0 and 1).
 fn fold_unary(cx: &Cx<'_>, c: &Const) -> Result<Const> {
     match (cx.op(), c.as_i64()) {
+        ("Not", Some(v)) => Ok(Const::ints(c.shape.clone(), v.iter().map(|&a| i64::from(a == 0)).collect())),
+        ("Not", None) => Err(cx.err("Not of a float constant (it takes booleans)")),
         ("Neg", Some(v)) => {
             let v = v.iter().map(|&a| a.checked_neg().ok_or_else(|| cx.err(format!("-({a}) overflows"))));
             Ok(Const::ints(c.shape.clone(), v.collect::<Result<_>>()?))
@@ -3000,6 +3003,22 @@ fn fold_broadcast(cx: &Cx<'_>, cs: &[Const]) -> Result<Const> {
                 let (a, b) = (cs[0].to_f32(), cs[1].to_f32());
                 Ok(Const::floats(out, (0..n).map(|i| a[orders[0][i]] % b[orders[1][i]]).collect()))
             }
+        },
+        "And" | "Or" | "Xor" => match (ints(&cs[0]), ints(&cs[1])) {
+            (Some(a), Some(b)) => {
+                let v = (0..n)
+                    .map(|i| {
+                        let (p, q) = (a[orders[0][i]] != 0, b[orders[1][i]] != 0);
+                        i64::from(match op {
+                            "And" => p && q,
+                            "Or" => p || q,
+                            _ => p != q,
+                        })
+                    })
+                    .collect();
+                Ok(Const::ints(out, v))
+            }
+            _ => Err(cx.err(format!("{op} of float constants (it takes booleans)"))),
         },
         _ => {
             let cmp = |p: f64, q: f64| match op {

@@ -711,6 +711,54 @@ fn scalars_add_to_values_of_any_rank() {
     assert!(e.contains("'shift'") && e.contains("not finite"), "{e}");
 }
 
+/// Boolean constants fold through `And`, `Or`, `Xor` and `Not` (GPT-2's dynamo export builds
+/// its causal mask so): each result, cast to float and added to the input, is the truth table;
+/// a logical op on float constants is an error naming the node.
+#[test]
+fn boolean_constants_fold() {
+    let bools = |name: &str, v: [u8; 4]| TensorProto {
+        dims: vec![4],
+        data_type: Some(data_type::BOOL),
+        raw_data: Some(v.to_vec()),
+        name: Some(name.into()),
+        ..Default::default()
+    };
+    for (op, want) in [
+        ("And", [1.0, 0.0, 0.0, 0.0]),
+        ("Or", [1.0, 1.0, 1.0, 0.0]),
+        ("Xor", [0.0, 1.0, 1.0, 0.0]),
+        ("Not", [0.0, 0.0, 1.0, 1.0]),
+    ] {
+        let inputs: &[&str] = if op == "Not" { &["a"] } else { &["a", "b"] };
+        let bytes = model(
+            17,
+            value("x", &[None, Some(4)]),
+            vec![
+                node(op, "logic", inputs, &["m"], vec![]),
+                node("Cast", "cast", &["m"], &["f"], vec![int("to", i64::from(data_type::FLOAT))]),
+                node("Add", "add", &["x", "f"], &["y"], vec![]),
+            ],
+            vec![bools("a", [1, 1, 0, 0]), bools("b", [1, 0, 1, 0])],
+            "y",
+        );
+        let m = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap();
+        let x = ArrayD::zeros(IxDyn(&[2, 4]));
+        let y = m.graph.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        for row in y.outer_iter() {
+            assert_eq!(row.iter().copied().collect::<Vec<f32>>(), want, "{op}");
+        }
+    }
+    let bytes = model(
+        17,
+        value("x", &[None, Some(4)]),
+        vec![node("And", "logic", &["a", "b"], &["m"], vec![]), node("Add", "add", &["x", "m"], &["y"], vec![])],
+        vec![floats("a", &[4], vec![1.0; 4]), floats("b", &[4], vec![0.0; 4])],
+        "y",
+    );
+    let e = qonnx::from_bytes(&bytes, &ImportOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("'logic'") && e.contains("booleans"), "{e}");
+}
+
 /// Token ids (an INT64 input, given as f32 values) pick rows of an embedding table (`Gather`
 /// of a constant by computed indices), and an additive mask `[n, 1, 1, d]` is broadcast over
 /// `[n, 1, t, d]` (`Add` of two computed values whose shapes broadcast), at batch 1 and 2; a

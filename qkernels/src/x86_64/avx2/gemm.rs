@@ -300,11 +300,11 @@ unsafe fn dequantize_tile_avx2<const MR: usize, const NV: usize>(
     }
 }
 
-/// A whole block of `u8` (or `f32`) output from dense rows on AVX2, requantized (or
-/// dequantized) on registers (no raw tile in memory): strips of 16 columns. When `pairs` is given and every code of a tile's
-/// rows is within its bound, the tile takes `vpmaddubsw`: 3 rows two quads at a time where
-/// the packing pairs quads (4 rows would spill a register), else 4 rows a quad at a time.
-/// Otherwise 4 rows on the full-range layout where the packing has one, else 4 rows on the
+/// A whole block of `u8` (or `f32`, as `out` says) output from dense rows on AVX2,
+/// requantized (or dequantized) on registers (no raw tile in memory): strips of 16 columns.
+/// When `pairs` is given and every code of a tile's rows is within its bound, the tile
+/// takes `vpmaddubsw`: 3 rows two quads at a time where the packing pairs quads (4 rows
+/// would spill a register), else 4 rows a quad at a time. Otherwise 4 rows on the full-range layout where the packing has one, else 4 rows on the
 /// exact kernel, over the block's rows widened once (`widen_rows`). All give the same sums,
 /// so the bytes are the scalar path's.
 ///
