@@ -104,6 +104,16 @@ pub(crate) fn map_same_layout(x: &ArrayD<f32>, f: impl Fn(f32) -> f32) -> ArrayD
     laid_out_like(x, data)
 }
 
+/// `f` on every element, in place, over the memory in order when it is one block (a loop
+/// the compiler vectorises).
+#[inline(always)]
+pub(crate) fn map_in_place(x: &mut ArrayD<f32>, f: impl Fn(f32) -> f32) {
+    match x.as_slice_memory_order_mut() {
+        Some(s) => s.iter_mut().for_each(|v| *v = f(*v)),
+        None => x.mapv_inplace(f),
+    }
+}
+
 /// `f(pixel value, gate value)` over an NHWC-laid `[n, c, h, w]` operand and a per-channel
 /// `[n, c, 1, 1]` one (in either order), in NHWC order, when the big one is laid out so; the
 /// result keeps its layout. `None` for other shapes or layouts.

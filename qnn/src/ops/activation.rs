@@ -11,20 +11,10 @@ use serde_json::Value as J;
 
 use super::{attrs, bad, op_err, parse, LowerCx, OpReader, OpWriter, QOp, SavedQ};
 use crate::error::Result;
-use crate::layers::FusedAct;
+use crate::layers::{map_in_place as in_place, FusedAct};
 use crate::module::{FloatKernel, Module};
 use crate::quant::{quantized, Mode, Run, Value};
 use crate::scratch::{self, Input};
-
-/// `f` on every element, in place, over the memory in order when it is one block (a loop
-/// the compiler vectorises).
-#[inline(always)]
-fn in_place(x: &mut ArrayD<f32>, f: impl Fn(f32) -> f32) {
-    match x.as_slice_memory_order_mut() {
-        Some(s) => s.iter_mut().for_each(|v| *v = f(*v)),
-        None => x.mapv_inplace(f),
-    }
-}
 
 macro_rules! activation {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $f:expr, $int8:expr) => {

@@ -65,10 +65,7 @@ impl Module for MulScalar {
     }
     fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
         let c = self.factor;
-        match x.as_slice_memory_order_mut() {
-            Some(s) => s.iter_mut().for_each(|v| *v *= c),
-            None => x.mapv_inplace(|v| v * c),
-        }
+        crate::layers::map_in_place(&mut x, |v| v * c);
         Ok(x)
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
@@ -107,10 +104,7 @@ impl Module for AddScalar {
     }
     fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
         let c = self.value;
-        match x.as_slice_memory_order_mut() {
-            Some(s) => s.iter_mut().for_each(|v| *v += c),
-            None => x.mapv_inplace(|v| v + c),
-        }
+        crate::layers::map_in_place(&mut x, |v| v + c);
         Ok(x)
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {

@@ -94,7 +94,7 @@ impl Module for NanToZero {
         Ok(crate::layers::map_same_layout(x, nan_to_zero))
     }
     fn forward_owned(&self, mut x: ArrayD<f32>) -> Result<ArrayD<f32>> {
-        x.mapv_inplace(nan_to_zero);
+        crate::layers::map_in_place(&mut x, nan_to_zero);
         Ok(x)
     }
     fn output_shape(&self, input: &[usize]) -> Option<Result<Vec<usize>>> {
