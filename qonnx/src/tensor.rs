@@ -179,21 +179,30 @@ fn external_bytes(t: &TensorProto, name: &str, base: Option<&Path>) -> Result<Ve
     })?;
     let path = base.join(rel);
     let io = |source| OnnxError::Io { path: path.display().to_string(), source };
-    let bytes = std::fs::read(&path).map_err(io)?;
-    let start = usize::try_from(offset).ok().filter(|&o| o <= bytes.len());
-    let end = match (start, length) {
-        (Some(s), Some(l)) => usize::try_from(l).ok().and_then(|l| s.checked_add(l)).filter(|&e| e <= bytes.len()),
-        (Some(_), None) => Some(bytes.len()),
-        _ => None,
+    // Only the tensor's own range is read: a model keeps all its weights in one file, and
+    // reading the whole file once per tensor made import quadratic in the model's size.
+    let mut file = std::fs::File::open(&path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let end = match length {
+        Some(l) => offset.checked_add(l),
+        None => Some(size),
     };
-    match (start, end) {
-        (Some(s), Some(e)) => Ok(bytes[s..e].to_vec()),
-        _ => Err(OnnxError::Model(format!(
-            "tensor '{name}': external data offset {offset} length {length:?} reach past the end of '{}' ({} bytes)",
-            path.display(),
-            bytes.len()
-        ))),
+    let len = match end {
+        Some(e) if offset <= size && e <= size => usize::try_from(e - offset).ok(),
+        _ => None,
     }
+    .ok_or_else(|| {
+        OnnxError::Model(format!(
+            "tensor '{name}': external data offset {offset} length {length:?} reach past the end of '{}' ({size} \
+             bytes)",
+            path.display()
+        ))
+    })?;
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact(&mut bytes).map_err(io)?;
+    Ok(bytes)
 }
 
 /// Decodes a tensor. `base` is the model's folder, for external data.
