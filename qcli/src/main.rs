@@ -402,25 +402,22 @@ fn smooth(g: &mut qnn::Graph, batches: &[Vec<ArrayD<f32>>], alpha: f32) -> Resul
     Ok(())
 }
 
-/// The calibration batch size: `asked`, or, for a model whose inputs have no symbolic batch
-/// dimension and whose graph cannot take `asked` items (PyTorch's dynamo exporter writes
-/// batch 1 into its reshapes), the batch it fixes, said when it differs.
+/// The calibration batch size: `asked`, or, for a model whose graph takes one batch size
+/// alone (PyTorch's dynamo exporter writes batch 1 into its reshapes), that batch, said when
+/// it differs.
 fn calibration_batch(m: &qonnx::Imported, asked: usize) -> usize {
-    let Some(first) = m.inputs.first().filter(|_| m.inputs.iter().all(|i| !i.dynamic_batch)) else { return asked };
-    let fixed = first.shape.first().copied().unwrap_or(1).max(1);
-    let shapes: Vec<Vec<usize>> =
-        m.inputs.iter().map(|i| [&[asked.max(1)], i.shape.get(1..).unwrap_or(&[])].concat()).collect();
-    let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
-    if fixed == asked || m.graph.value_info(&refs).is_ok() {
-        return asked;
+    match m.graph.fixed_batch() {
+        Some(fixed) if fixed != asked => {
+            say!(
+                "input '{}' fixes the batch at {fixed} (its first dimension is not symbolic, and the graph takes no \
+                 other): calibrating {fixed} item{} at a time",
+                m.inputs[0].name,
+                if fixed == 1 { "" } else { "s" }
+            );
+            fixed
+        }
+        _ => asked,
     }
-    say!(
-        "input '{}' fixes the batch at {fixed} (its first dimension is not symbolic, and the graph takes no other): \
-         calibrating {fixed} item{} at a time",
-        first.name,
-        if fixed == 1 { "" } else { "s" }
-    );
-    fixed
 }
 
 /// Checks that `items` calibration items make whole batches for a model whose batch size is
@@ -676,7 +673,15 @@ fn run_model(
             vec![load_data(input, None, images)?]
         };
         if profile {
-            let nodes = q.profile(&xs, repeat.max(1)).map_err(|e| e.to_string())?;
+            // A model whose batch is fixed is profiled on its first batch.
+            let first: Vec<ArrayD<f32>> = match q.fixed_batch() {
+                Some(b) if xs.iter().any(|x| x.shape().first().is_some_and(|&n| n > b)) => {
+                    say!("profiling the first {b} item(s): the model's batch is fixed at {b}");
+                    xs.iter().map(|x| x.slice_axis(ndarray::Axis(0), (0..b).into()).to_owned()).collect()
+                }
+                _ => xs.clone(),
+            };
+            let nodes = q.profile(&first, repeat.max(1)).map_err(|e| e.to_string())?;
             print_profile(&nodes, repeat.max(1));
         }
         // The first output, of models with several.

@@ -382,4 +382,19 @@ fn token_ids_in_npy_and_npz_run_a_single_input_model() {
     let o = qrust(&["quantize", model, "--calib", calib.to_str().unwrap(), "-o", default.to_str().unwrap()]);
     assert!(o.status.success() && text(&o).contains("fixes the batch at 1"), "{}", text(&o));
     assert_eq!(std::fs::read(&default).unwrap(), std::fs::read(&int8).unwrap());
+    // Four items run one at a time, in float and in int8: each item's output is that of the
+    // item run alone.
+    let third = dir.join("third.npy");
+    ndarray_npy::write_npy(&third, &ndarray::Array2::<i64>::from_shape_fn((1, 12), |(_, j)| (62 + j as i64 * 3) % 100))
+        .unwrap();
+    for m in [model, int8.to_str().unwrap()] {
+        let (four, one) = (dir.join("four.npy"), dir.join("one.npy"));
+        let o = qrust(&["run", m, "--input", calib.to_str().unwrap(), "-o", four.to_str().unwrap()]);
+        assert!(o.status.success() && text(&o).contains("[4, 12, 32]"), "{m}: {}", text(&o));
+        let o = qrust(&["run", m, "--input", third.to_str().unwrap(), "-o", one.to_str().unwrap()]);
+        assert!(o.status.success(), "{m}: {}", text(&o));
+        let four: ndarray::ArrayD<f32> = ndarray_npy::read_npy(&four).unwrap();
+        let one: ndarray::ArrayD<f32> = ndarray_npy::read_npy(&one).unwrap();
+        assert_eq!(four.index_axis(ndarray::Axis(0), 2), one.index_axis(ndarray::Axis(0), 0), "{m}");
+    }
 }

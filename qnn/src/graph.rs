@@ -106,6 +106,9 @@ pub struct Graph<M = Box<dyn Module>> {
     pub(crate) outputs: Vec<Tensor>,
     /// The graph inputs' names, one per input.
     pub(crate) input_names: Vec<String>,
+    /// The one batch size the graph takes, when it takes no other (a model exported with its
+    /// batch written into its reshapes): more items run in chunks of it.
+    pub(crate) batch: Option<usize>,
     /// The layers' float kernels, prepared by the first [`Graph::run`] (or `forward`) and
     /// dropped by anything that can change a layer: every `&mut self` method.
     pub(crate) float: FloatCache,
@@ -239,6 +242,12 @@ impl<M> Graph<M> {
         self.outputs.len()
     }
 
+    /// The one batch size the graph takes, if it takes no other (see
+    /// [`Graph::set_fixed_batch`]).
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.batch
+    }
+
     /// The same graph with every layer mapped by `f` (in node order).
     pub(crate) fn map_layers<N>(self, mut f: impl FnMut(M) -> N) -> Graph<N> {
         Graph {
@@ -262,6 +271,7 @@ impl<M> Graph<M> {
             inputs: self.inputs,
             outputs: self.outputs,
             input_names: self.input_names,
+            batch: self.batch,
             float: FloatCache::default(),
         }
     }
@@ -555,13 +565,86 @@ impl Graph {
                 self.float.0.get_or_init(|| k).clone()
             }
         };
-        self.run_f32(inputs, Some((&kernels, 1)), |_, _| Ok(()))
+        match chunks(self.batch, inputs)? {
+            None => self.run_f32(inputs, Some((&kernels, 1)), |_, _| Ok(())),
+            Some(parts) => {
+                let mut outs = Vec::with_capacity(parts.len());
+                for range in parts {
+                    let xs: Vec<ArrayD<f32>> = inputs
+                        .iter()
+                        .map(|x| x.slice_axis(ndarray::Axis(0), range.clone().into()).to_owned())
+                        .collect();
+                    outs.push(self.run_f32(&xs, Some((&kernels, 1)), |_, _| Ok(()))?);
+                }
+                (0..self.outputs.len())
+                    .map(|k| {
+                        let views: Vec<_> = outs.iter().map(|o| o[k].view()).collect();
+                        ndarray::concatenate(ndarray::Axis(0), &views).map_err(|_| NnError::Shape {
+                            module: "(model output)".into(),
+                            kind: "graph",
+                            expected: format!(
+                                "output {k} of each chunk of {} items with the same shape past its first axis, to \
+                                 join the chunks",
+                                self.batch.unwrap_or(0)
+                            ),
+                            got: outs[0][k].shape().to_vec(),
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Declares that the graph takes batches of exactly `batch` items (`None`: any batch), as
+    /// a model exported with its batch written into its reshapes does. [`Graph::run`], and the
+    /// converted model's runs, then take any multiple of it, run in chunks of `batch` items
+    /// whose outputs are joined along the first axis; other counts are an error that says so.
+    /// The converted model keeps it, and saves it.
+    ///
+    /// # Errors
+    /// A batch of 0.
+    pub fn set_fixed_batch(&mut self, batch: Option<usize>) -> Result<()> {
+        if batch == Some(0) {
+            return Err(NnError::Config {
+                module: "Graph::set_fixed_batch".into(),
+                reason: "a batch of 0 items; give at least 1, or None for any batch".into(),
+            });
+        }
+        self.batch = batch;
+        Ok(())
     }
 
     /// Drops the prepared float kernels: a layer may change.
     pub(crate) fn touch(&mut self) {
         self.float = FloatCache::default();
     }
+}
+
+/// The ranges of items to run one at a time for a graph whose batch is fixed at `batch`,
+/// given `inputs` of another batch (`None`: run them as they are).
+///
+/// # Errors
+/// Inputs that do not hold the same number of items, or not a multiple of `batch`.
+pub(crate) fn chunks(batch: Option<usize>, inputs: &[ArrayD<f32>]) -> Result<Option<Vec<std::ops::Range<usize>>>> {
+    let Some(b) = batch else { return Ok(None) };
+    let items = |x: &ArrayD<f32>| x.shape().first().copied().unwrap_or(0);
+    let Some(n) = inputs.first().map(items) else { return Ok(None) };
+    if n == b {
+        return Ok(None);
+    }
+    if n == 0 || !n.is_multiple_of(b) || inputs.iter().any(|x| items(x) != n) {
+        return Err(NnError::Shape {
+            module: "(model input)".into(),
+            kind: "graph",
+            expected: format!(
+                "inputs of a multiple of {b} item(s), all of the same count: the model's batch is fixed at {b} (its \
+                 graph takes no other size, and runs more items {b} at a time); give a multiple of {b}, or export \
+                 the model with a symbolic batch dimension"
+            ),
+            got: inputs.iter().map(items).collect(),
+        });
+    }
+    Ok(Some((0..n).step_by(b).map(|s| s..s + b).collect()))
 }
 
 /// A graph is a module too: its layers are its children under their node names, so
@@ -630,6 +713,7 @@ pub(crate) fn view(model: &Sequential) -> Graph<LayerRef<'_>> {
         inputs: vec![Tensor(0)],
         outputs: vec![out],
         input_names: vec!["input".into()],
+        batch: None,
         float: FloatCache::default(),
     }
 }
@@ -915,6 +999,7 @@ impl GraphBuilder {
             inputs: self.inputs,
             outputs: self.outputs,
             input_names: self.input_names,
+            batch: None,
             float: FloatCache::default(),
         })
     }

@@ -755,6 +755,7 @@ impl Prepared {
             inputs: graph.inputs,
             outputs: graph.outputs,
             input_names: graph.input_names,
+            batch: graph.batch,
             float: Default::default(),
         };
         fuse_add_relu(&mut g);
@@ -1517,27 +1518,55 @@ fn reads_as_int8(step: &QStep, k: usize, q: QuantU8) -> bool {
     step.op.quantizes_input(k, step.in_q) == Some(q)
 }
 
-/// Joins the outputs of consecutive parts of a batch along dimension 0.
-fn join_batch(parts: Vec<Value>) -> Value {
+/// Joins output `k`'s values of consecutive parts of a batch along dimension 0.
+///
+/// # Errors
+/// Parts whose shapes differ past dimension 0 (an output with no batch dimension).
+fn join_batch(parts: Vec<Value>, k: usize) -> Result<Value> {
+    let shape = |v: &Value| match v {
+        Value::F32(a) => a.shape().to_vec(),
+        Value::U8 { shape, .. } => shape.clone(),
+    };
+    let first = parts.first().map(shape).unwrap_or_default();
+    let joinable = |v: &Value| {
+        let s = shape(v);
+        !s.is_empty() && s[1..] == first[1..] && std::mem::discriminant(v) == std::mem::discriminant(&parts[0])
+    };
+    if first.is_empty() || !parts.iter().all(joinable) {
+        return Err(NnError::Shape {
+            module: "(model output)".into(),
+            kind: "forward",
+            expected: format!(
+                "output {k} of each part of the batch with one shape past its first axis, to join the parts (the \
+                 model ran its items in parts: its batch is fixed, or it runs items apart on several threads)"
+            ),
+            got: first,
+        });
+    }
     if parts.iter().all(|p| matches!(p, Value::F32(_))) {
         let arrays: Vec<ArrayD<f32>> = parts.into_iter().map(Value::into_f32).collect();
         let views: Vec<_> = arrays.iter().map(ArrayD::view).collect();
-        return Value::F32(ndarray::concatenate(ndarray::Axis(0), &views).expect("parts of one batch"));
+        return Ok(Value::F32(ndarray::concatenate(ndarray::Axis(0), &views).expect("checked: one shape past axis 0")));
     }
     let mut iter = parts.into_iter();
     let Some(Value::U8 { mut data, mut shape, q }) = iter.next() else {
-        unreachable!("every op of a model gives every image the same kind of value")
+        unreachable!("checked: every part is of one kind")
     };
     for p in iter {
-        let Value::U8 { data: d, shape: s, q: pq } = p else {
-            unreachable!("every op of a model gives every image the same kind of value")
-        };
-        debug_assert!(pq == q && s[1..] == shape[1..], "parts of one batch");
+        let Value::U8 { data: d, shape: s, q: pq } = p else { unreachable!("checked: every part is of one kind") };
+        if pq != q {
+            return Err(NnError::Shape {
+                module: "(model output)".into(),
+                kind: "forward",
+                expected: format!("output {k} of each part of the batch with the same quantization parameters"),
+                got: s,
+            });
+        }
         data.extend_from_slice(&d);
         shape[0] += s[0];
         scratch::give(d);
     }
-    Value::U8 { data, shape, q }
+    Ok(Value::U8 { data, shape, q })
 }
 
 /// Calibration batches must hold values: an empty one would teach the observers nothing
@@ -1592,6 +1621,12 @@ impl QuantizedModel {
     /// The model's inputs' names, in the order [`QuantizedModel::forward_inputs`] takes them.
     pub fn input_names(&self) -> &[String] {
         &self.graph.input_names
+    }
+
+    /// The one batch size the model takes, if it takes no other ([`Graph::set_fixed_batch`]):
+    /// runs of a multiple of it go in chunks of it.
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.graph.batch
     }
 
     /// Threads one call runs on (default 1: one call, one core; serve concurrent requests
@@ -1832,32 +1867,38 @@ impl QuantizedModel {
         let batch = |x: &ArrayD<f32>| if x.ndim() >= 2 { x.shape()[0] } else { 0 };
         let images = batch(&xs[0]);
         let same_batch = xs.iter().all(|x| batch(x) == images);
+        // A model whose batch is fixed runs more items in chunks of that batch.
+        let fixed = crate::graph::chunks(self.graph.batch, xs)?;
         // One entry into the kernels' thread pool for the whole pass: the layers' parallel
         // kernels then run in place on the pool, not handed over (and waited for) one by one.
         qkernels::with_threads(threads, || {
-            if threads > 1 && images >= threads && same_batch && self.images_apart {
-                // Whole-model work per thread: no per-layer splits and joins at all.
-                use rayon::prelude::*;
-                let per = images.div_ceil(threads);
-                let one = Run { threads: 1, ..self.run };
-                let parts: Vec<usize> = (0..images).step_by(per).collect();
-                let outs = parts
-                    .into_par_iter()
-                    .map(|start| {
-                        let range = start..(start + per).min(images);
-                        let views: Vec<_> =
-                            xs.iter().map(|x| x.slice_axis(ndarray::Axis(0), range.clone().into())).collect();
-                        self.eval_inputs(&views, one)
-                    })
-                    .collect::<Result<Vec<Vec<Value>>>>()?;
-                let mut outs: Vec<std::vec::IntoIter<Value>> = outs.into_iter().map(Vec::into_iter).collect();
-                Ok((0..self.graph.outputs.len())
-                    .map(|_| join_batch(outs.iter_mut().map(|o| o.next().expect("one per output")).collect()))
-                    .collect())
-            } else {
-                let views: Vec<_> = xs.iter().map(ArrayD::view).collect();
-                self.eval_inputs(&views, self.run)
-            }
+            let parts = match fixed {
+                Some(parts) => parts,
+                None if threads > 1 && images >= threads && same_batch && self.images_apart => {
+                    // Whole-model work per thread: no per-layer splits and joins at all.
+                    let per = images.div_ceil(threads);
+                    (0..images).step_by(per).map(|s| s..(s + per).min(images)).collect()
+                }
+                None => {
+                    let views: Vec<_> = xs.iter().map(ArrayD::view).collect();
+                    return self.eval_inputs(&views, self.run);
+                }
+            };
+            use rayon::prelude::*;
+            // As many parts as threads or more: one thread each; fewer: each on all of them.
+            let run = if parts.len() >= threads { Run { threads: 1, ..self.run } } else { self.run };
+            let outs = parts
+                .into_par_iter()
+                .map(|range| {
+                    let views: Vec<_> =
+                        xs.iter().map(|x| x.slice_axis(ndarray::Axis(0), range.clone().into())).collect();
+                    self.eval_inputs(&views, run)
+                })
+                .collect::<Result<Vec<Vec<Value>>>>()?;
+            let mut outs: Vec<std::vec::IntoIter<Value>> = outs.into_iter().map(Vec::into_iter).collect();
+            (0..self.graph.outputs.len())
+                .map(|k| join_batch(outs.iter_mut().map(|o| o.next().expect("one per output")).collect(), k))
+                .collect()
         })
     }
 
@@ -2068,6 +2109,14 @@ impl QuantizedModel {
                 kind: "profile",
                 expected: format!("{} input arrays, one per graph input", self.graph.inputs.len()),
                 got: vec![xs.len()],
+            });
+        }
+        if let (Some(b), Some(_)) = (self.graph.batch, crate::graph::chunks(self.graph.batch, xs)?) {
+            return Err(NnError::Shape {
+                module: "(model input)".into(),
+                kind: "profile",
+                expected: format!("one batch of {b} item(s), the batch the model is fixed at"),
+                got: xs.iter().map(|x| x.shape().first().copied().unwrap_or(0)).collect(),
             });
         }
         let views: Vec<_> = xs.iter().map(ArrayD::view).collect();

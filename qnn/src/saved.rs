@@ -68,6 +68,9 @@ struct SavedGraph {
     input_q: Vec<SavedQ>,
     /// Per input, the custom integer range its codes are clamped to.
     input_ranges: Vec<Option<[u8; 2]>>,
+    /// The one batch size the model takes, if it takes no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
     plan: Vec<SavedPlan>,
     nodes: Vec<SavedNode>,
 }
@@ -138,6 +141,7 @@ impl QuantizedModel {
             outputs: g.outputs.iter().map(|t| t.0).collect(),
             input_q: self.input_q.iter().map(|&q| q.into()).collect(),
             input_ranges: self.input_ranges.clone(),
+            batch: g.batch,
             plan: self.plan.iter().map(saved_plan).collect(),
             nodes,
         };
@@ -242,7 +246,10 @@ impl QuantizedModel {
             return Err(bad("the plan does not list the nodes, in order".into()));
         }
         let input_names = desc.input_names;
-        let graph = Graph { values, nodes, inputs, outputs, input_names, float: Default::default() };
+        if desc.batch == Some(0) {
+            return Err(bad("a fixed batch of 0 items".into()));
+        }
+        let graph = Graph { values, nodes, inputs, outputs, input_names, batch: desc.batch, float: Default::default() };
         Ok(QuantizedModel::assemble(input_q, desc.input_ranges, graph, plan))
     }
 }

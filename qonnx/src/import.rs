@@ -117,6 +117,21 @@ pub struct InputSpec {
     pub sequence_axis: Option<usize>,
 }
 
+/// The batch size a graph takes alone: that of its inputs when none has a symbolic batch,
+/// all have the same first dimension, and shape inference refuses twice as many items
+/// (PyTorch's dynamo exporter writes the batch into the reshapes). `None` when it takes other
+/// batch sizes too (a fixed batch with only per-item ops after it runs any batch).
+fn fixed_batch(graph: &Graph, inputs: &[InputSpec]) -> Option<usize> {
+    let first = inputs.first()?;
+    let b = *first.shape.first()?;
+    if b == 0 || inputs.iter().any(|i| i.dynamic_batch || i.shape.len() < 2 || i.shape[0] != b) {
+        return None;
+    }
+    let shapes: Vec<Vec<usize>> = inputs.iter().map(|i| [&[2 * b], &i.shape[1..]].concat()).collect();
+    let refs: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+    graph.value_info(&refs).is_err().then_some(b)
+}
+
 /// An imported model: the float graph and what it was made from.
 #[derive(Debug)]
 pub struct Imported {
@@ -260,7 +275,10 @@ pub(crate) fn import(model: &ModelProto, base: Option<&Path>, opts: &ImportOptio
             }
         }
     };
-    let (inputs, outputs, nodes, graph) = parts;
+    let (inputs, outputs, nodes, mut graph) = parts;
+    if let Some(b) = fixed_batch(&graph, &inputs) {
+        graph.set_fixed_batch(Some(b))?;
+    }
     Ok(Imported { graph, inputs, outputs, opset, producer, nodes, sequence })
 }
 

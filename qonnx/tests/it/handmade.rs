@@ -1270,3 +1270,59 @@ fn scalar_maps_fold_and_a_transposed_convolution_exports() {
     assert_eq!(nodes[up].input.len(), 3, "the folded bias");
     assert_eq!(nodes[up + 1].op_type.as_deref(), Some("Relu"));
 }
+
+/// A model whose batch is written into its reshapes (as PyTorch's dynamo exporter writes
+/// it) takes that batch alone: more items run in chunks of it, in float and in int8, at one
+/// and two threads, and the saved model keeps it; a count that is no multiple of it is an
+/// error that says so. A fixed batch that the graph does not depend on is not recorded.
+#[test]
+fn a_fixed_batch_runs_in_chunks() {
+    let fixed = |dims: &[Option<i64>], to: Vec<i64>| {
+        model(
+            17,
+            value("x", dims),
+            vec![node("Reshape", "split", &["x", "to3"], &["r"], vec![]), node("Relu", "relu", &["r"], &["y"], vec![])],
+            vec![int64s("to3", to)],
+            "y",
+        )
+    };
+    let m = qonnx::from_bytes(&fixed(&[Some(2), Some(6)], vec![2, 3, 2]), &ImportOptions::default()).unwrap();
+    assert_eq!(m.graph.fixed_batch(), Some(2));
+    let x = ramp(&[6, 6]);
+    let want = x.mapv(|v| v.max(0.0)).into_shape_with_order(IxDyn(&[6, 3, 2])).unwrap();
+    assert_eq!(m.graph.run(std::slice::from_ref(&x)).unwrap()[0], want);
+    let e = m.graph.run(&[ramp(&[3, 6])]).unwrap_err().to_string();
+    assert!(e.contains("multiple of 2") && e.contains("fixed at 2"), "{e}");
+
+    let mut p = qnn::prepare(m.graph, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap();
+    p.calibrate(&ramp(&[2, 6])).unwrap();
+    let mut q = p.convert().unwrap();
+    assert_eq!(q.fixed_batch(), Some(2));
+    let parts: Vec<ArrayD<f32>> = (0..3)
+        .map(|k| q.forward(&x.slice_axis(ndarray::Axis(0), (2 * k..2 * k + 2).into()).to_owned()).unwrap())
+        .collect();
+    let views: Vec<_> = parts.iter().map(ArrayD::view).collect();
+    let joined = ndarray::concatenate(ndarray::Axis(0), &views).unwrap();
+    assert_eq!(q.forward(&x).unwrap(), joined);
+    for (a, b) in joined.iter().zip(&want) {
+        assert!((a - b).abs() < 0.01, "int8 {a} vs float {b}");
+    }
+    q.set_threads(2);
+    assert_eq!(q.forward(&x).unwrap(), joined, "two threads");
+    let e = q.forward(&ramp(&[5, 6])).unwrap_err().to_string();
+    assert!(e.contains("multiple of 2"), "{e}");
+    let e = q.profile(std::slice::from_ref(&x), 1).unwrap_err().to_string();
+    assert!(e.contains("one batch of 2"), "{e}");
+    let saved = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+    assert_eq!(saved.fixed_batch(), Some(2));
+    assert_eq!(saved.forward(&x).unwrap(), joined, "the same after save and load");
+
+    // A symbolic batch, or a fixed one that nothing depends on, takes any batch.
+    let m = qonnx::from_bytes(&fixed(&[None, Some(6)], vec![-1, 3, 2]), &ImportOptions::default()).unwrap();
+    assert_eq!(m.graph.fixed_batch(), None);
+    let relu =
+        model(17, value("x", &[Some(1), Some(6)]), vec![node("Relu", "relu", &["x"], &["y"], vec![])], vec![], "y");
+    let m = qonnx::from_bytes(&relu, &ImportOptions::default()).unwrap();
+    assert_eq!(m.graph.fixed_batch(), None);
+    assert_eq!(m.graph.run(&[ramp(&[3, 6])]).unwrap()[0].shape(), &[3, 6]);
+}
