@@ -129,13 +129,19 @@ impl Slice {
     /// [`Module::forward`], into a buffer of this thread's float pool.
     pub(crate) fn pooled(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let (axis, s, e, step) = self.bounds(x.shape())?;
-        let v = x.slice_axis(Axis(axis), NdSlice::new(s as isize, Some(e as isize), step as isize));
-        let mut data = crate::scratch::take_f32(v.len());
-        match v.as_slice() {
-            Some(src) => data.copy_from_slice(src),
-            None => data.iter_mut().zip(v.iter()).for_each(|(d, &s)| *d = s),
+        let picked: Vec<usize> = (s..e).step_by(step).collect();
+        let mut out = x.shape().to_vec();
+        out[axis] = picked.len();
+        let mut data = crate::scratch::take_f32(out.iter().product());
+        match x.as_slice() {
+            // Row-major: whole runs of the inner axes at a time.
+            Some(src) => pick_rows_into(src, x.shape(), axis, &picked, &mut data),
+            None => {
+                let v = x.slice_axis(Axis(axis), NdSlice::new(s as isize, Some(e as isize), step as isize));
+                data.iter_mut().zip(v.iter()).for_each(|(d, &s)| *d = s)
+            }
         }
-        Ok(ArrayD::from_shape_vec(v.raw_dim(), data).expect("the slice's length"))
+        Ok(ArrayD::from_shape_vec(out, data).expect("the slice's length"))
     }
 }
 
@@ -196,8 +202,18 @@ impl QOp for Slice {
 fn pick_rows(data: &[u8], shape: &[usize], axis: usize, picked: &[usize]) -> Vec<u8> {
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product();
-    let len = shape[axis];
     let mut y = crate::scratch::take(outer * picked.len() * inner);
+    pick_rows_into(data, shape, axis, picked, &mut y);
+    y
+}
+
+/// The indices `picked` of axis `axis` of row-major `data` of shape `shape`, into `y` (of
+/// their length).
+fn pick_rows_into<T: Copy>(data: &[T], shape: &[usize], axis: usize, picked: &[usize], y: &mut [T]) {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let len = shape[axis];
+    debug_assert_eq!(y.len(), outer * picked.len() * inner);
     // A run of consecutive indices is one block per outer index (channels of a pixel).
     let run = picked.first().filter(|&&f| picked.iter().enumerate().all(|(k, &i)| i == f + k));
     if let Some(&first) = run {
@@ -206,7 +222,7 @@ fn pick_rows(data: &[u8], shape: &[usize], axis: usize, picked: &[usize]) -> Vec
             let from = (b * len + first) * inner;
             dst.copy_from_slice(&data[from..from + block]);
         }
-        return y;
+        return;
     }
     let mut o = 0;
     for b in 0..outer {
@@ -216,5 +232,39 @@ fn pick_rows(data: &[u8], shape: &[usize], axis: usize, picked: &[usize]) -> Vec
             o += inner;
         }
     }
-    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    /// The float slice (whole runs copied from a row-major input) against ndarray's own
+    /// `slice_axis`, on every axis, with steps, ranges and pieces, and on a transposed
+    /// (not row-major) input.
+    #[test]
+    fn float_slices_match_ndarray() {
+        let x = ArrayD::from_shape_fn(IxDyn(&[2, 5, 3, 4]), |i| (i[0] * 1000 + i[1] * 100 + i[2] * 10 + i[3]) as f32);
+        let transposed = x.view().reversed_axes().into_owned();
+        assert!(transposed.as_slice().is_none(), "the other path");
+        for input in [&x, &transposed] {
+            for dim in 0..4i64 {
+                let len = input.shape()[dim as usize];
+                for range in [
+                    SliceRange::Range { start: 1, end: i64::MAX, step: 2 },
+                    SliceRange::Range { start: -2, end: -1, step: 1 },
+                    SliceRange::Range { start: 0, end: 1, step: 3 },
+                    SliceRange::Narrow { start: 1, len: len - 1 },
+                    SliceRange::Chunk { chunks: 2, index: 1 },
+                ] {
+                    let s = Slice { dim, range };
+                    let (axis, a, b, step) = s.bounds(input.shape()).unwrap();
+                    let want = input
+                        .slice_axis(Axis(axis), NdSlice::new(a as isize, Some(b as isize), step as isize))
+                        .to_owned();
+                    assert_eq!(s.forward(input).unwrap(), want, "{s:?} of {:?}", input.shape());
+                }
+            }
+        }
+    }
 }
