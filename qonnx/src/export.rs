@@ -846,6 +846,21 @@ impl Writer<'_> {
     }
 }
 
+/// Whether value `v` of the saved graph's `nodes` is read, and read only by float
+/// embeddings, directly or through float shape ops (token ids).
+fn token_ids(nodes: &[J], v: usize) -> bool {
+    let reads = |n: &&J| n["inputs"].as_array().is_some_and(|a| a.iter().any(|i| i.as_u64() == Some(v as u64)));
+    let readers: Vec<&J> = nodes.iter().filter(reads).collect();
+    !readers.is_empty()
+        && readers.iter().all(|n| match n["op"].as_str().unwrap_or("") {
+            "Float" => n["attrs"]["layer"].as_str() == Some("Embedding"),
+            "Reshape" | "Flatten" | "Permute" | "Slice" => {
+                n["output"].as_u64().is_some_and(|o| o as usize > v && token_ids(nodes, o as usize))
+            }
+            _ => false,
+        })
+}
+
 fn value_info(name: &str) -> ValueInfoProto {
     ValueInfoProto {
         name: Some(name.into()),
@@ -861,7 +876,9 @@ fn value_info(name: &str) -> ValueInfoProto {
 /// `DequantizeLinear` pairs with our scales and zero points, `int8` weights behind
 /// per-channel `DequantizeLinear`, `int32` biases of scale input x weight (the form ONNX
 /// Runtime fuses into its int8 kernels). `input_shapes` are declared on the inputs (their
-/// first dimension symbolic: any batch size).
+/// first dimension symbolic, any batch size, unless the model's batch is fixed:
+/// [`QuantizedModel::fixed_batch`]). An input read only by embeddings (through shape ops, if
+/// any) is declared `INT64`: token ids, as the original model took them.
 ///
 /// # Errors
 /// A node of a kind the export does not write (it names the node and lists what it writes).
@@ -887,21 +904,28 @@ pub fn export_qdq(q: &QuantizedModel, input_shapes: &[Vec<usize>]) -> Result<Mod
     let mut inputs = Vec::new();
     let names = g["input_names"].as_array().cloned().unwrap_or_default();
     let in_values = g["inputs"].as_array().cloned().unwrap_or_default();
+    let nodes = g["nodes"].as_array().cloned().unwrap_or_default();
     for (k, v) in in_values.iter().enumerate() {
         let v = v.as_u64().ok_or_else(|| err("bad input value"))? as usize;
         let name = names.get(k).and_then(J::as_str).unwrap_or("input").to_string();
         let mut vi = value_info(&name);
-        if let (Some(shape), Some(t)) = (input_shapes.get(k), vi.r#type.as_mut().and_then(|t| t.tensor_type.as_mut())) {
-            let dim = shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| crate::proto::Dimension {
-                    dim_value: (i > 0).then_some(d as i64),
-                    dim_param: (i == 0).then(|| "batch".to_string()),
-                    denotation: None,
-                })
-                .collect();
-            t.shape = Some(crate::proto::TensorShapeProto { dim });
+        if let Some(t) = vi.r#type.as_mut().and_then(|t| t.tensor_type.as_mut()) {
+            if token_ids(&nodes, v) {
+                t.elem_type = Some(dt::INT64);
+            }
+            if let Some(shape) = input_shapes.get(k) {
+                let fixed = q.fixed_batch();
+                let dim = shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| crate::proto::Dimension {
+                        dim_value: if i == 0 { fixed.map(|b| b as i64) } else { Some(d as i64) },
+                        dim_param: (i == 0 && fixed.is_none()).then(|| "batch".to_string()),
+                        denotation: None,
+                    })
+                    .collect();
+                t.shape = Some(crate::proto::TensorShapeProto { dim });
+            }
         }
         inputs.push(vi);
         let slot = w.vals.get_mut(v).ok_or_else(|| err("an input value out of range"))?;
@@ -909,7 +933,7 @@ pub fn export_qdq(q: &QuantizedModel, input_shapes: &[Vec<usize>]) -> Result<Mod
         // model's input parameters, `input_q`).
         *slot = Some((name.clone(), Repr::Float));
     }
-    for n in g["nodes"].as_array().cloned().unwrap_or_default() {
+    for n in nodes {
         let name = n["name"].as_str().unwrap_or("node").to_string();
         let op = n["op"].as_str().unwrap_or("").to_string();
         let ins: Vec<usize> = n["inputs"]

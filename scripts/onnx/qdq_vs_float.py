@@ -4,8 +4,8 @@ int8 output's.
 
     python scripts/onnx/qdq_vs_float.py float.onnx model.qdq.onnx inputs.npz ours.npy
 
-`inputs.npz` holds one array per input name (integer token ids included: the float model
-gets them as its declared type, the export as float); `ours.npy` is `qrust run
+`inputs.npz` holds one array per input name (integer token ids included: each model gets
+them as the type it declares); `ours.npy` is `qrust run
 model.int8.safetensors --input inputs.npz --output ours.npy`.
 """
 
@@ -28,7 +28,7 @@ def main():
     q = ort.InferenceSession(qdq_path, opts, providers=["CPUExecutionProvider"])
     dtype = lambda t: np.int64 if "int64" in t else np.int32 if "int32" in t else np.float32
     ref = f.run(None, {i.name: x[i.name].astype(dtype(i.type)) for i in f.get_inputs()})[0]
-    y = q.run(None, {i.name: x[i.name].astype(np.float32) for i in q.get_inputs()})[0]
+    y = q.run(None, {i.name: x[i.name].astype(dtype(i.type)) for i in q.get_inputs()})[0]
     ours = np.load(ours_path).reshape(ref.shape)
     print(f"ONNX Runtime on the QDQ export: {sqnr(y, ref):.2f} dB against the float model")
     print(f"ours (int8):                    {sqnr(ours, ref):.2f} dB")

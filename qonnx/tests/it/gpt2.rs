@@ -64,11 +64,16 @@ fn gpt2_imports_and_quantizes() {
     assert_eq!(bytes(&q), bytes(&apart), "fused attention against its ops one by one");
     // Saved and loaded: the same bits.
     assert_eq!(qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap().forward(&x).unwrap(), y);
-    // The QDQ export: token ids stay float up to the embedding (a `Cast` and a `Gather`), the
-    // `NanToZero` steps vanish (codes pass through them).
+    // The QDQ export: token ids are INT64, as the exported model took them, up to the
+    // embedding (a `Cast` and a `Gather`) and never quantized; the batch stays fixed at 1;
+    // the `NanToZero` steps vanish (codes pass through them).
     let onnx = qonnx::export_qdq(&q, &[vec![1, 12]]).unwrap();
     let g = onnx.graph.unwrap();
     let input = g.input[0].name.clone().unwrap();
+    let t = g.input[0].r#type.as_ref().unwrap().tensor_type.as_ref().unwrap();
+    assert_eq!(t.elem_type, Some(qonnx::proto::data_type::INT64));
+    let dims: Vec<Option<i64>> = t.shape.as_ref().unwrap().dim.iter().map(|d| d.dim_value).collect();
+    assert_eq!(dims, [Some(1), Some(12)]);
     assert!(
         g.node.iter().all(|n| n.op_type.as_deref() != Some("QuantizeLinear") || !n.input.contains(&input)),
         "the token ids are quantized"
