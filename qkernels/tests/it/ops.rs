@@ -309,13 +309,13 @@ fn flatten_follows_pytorch_order_and_errors_name_shapes() {
 }
 
 /// Byte transposes on every tier against the index arithmetic: sizes around the block sides
-/// (8 and 16, with overlapping last blocks), narrow matrices of 8 to 15 columns or rows
-/// (NHWC heads), and long ones; wrong buffer sizes are errors.
+/// (8 and 16, with overlapping last blocks), narrow matrices of 2 to 7 (small batches) and 8
+/// to 15 columns or rows (NHWC heads), and long ones; wrong buffer sizes are errors.
 #[test]
 fn transposes_on_every_tier_match_the_index_arithmetic() {
     let mut sizes: Vec<(usize, usize)> = Vec::new();
     for rows in (0..41).chain([63, 64, 65, 300]) {
-        for cols in [0, 1, 7, 8, 9, 12, 15, 16, 17, 31, 33, 40, 300] {
+        for cols in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 31, 33, 40, 300] {
             sizes.push((rows, cols));
         }
     }

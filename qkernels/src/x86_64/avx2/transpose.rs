@@ -1,5 +1,7 @@
 //! Byte matrices transposed in blocks of up to 16 x 16: four rounds of unpacks (bytes, then
-//! pairs, quads and halves of rows) turn sixteen loaded rows into sixteen columns.
+//! pairs, quads and halves of rows) turn sixteen loaded rows into sixteen columns. A side of
+//! 2 to 7 (a small batch moved past the other axes) is an interleave of that many rows, or
+//! its inverse, 16 columns at a time with byte shuffles.
 
 use std::arch::x86_64::*;
 
@@ -10,6 +12,20 @@ use crate::generic::transpose::{starts, transpose as generic};
 /// side of 8 to 15 is one narrower block across (an image's channels: 12 attention heads);
 /// smaller matrices go to the generic kernel.
 pub(crate) fn transpose(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    if (2..8).contains(&rows) && cols >= 16 {
+        assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "buffers hold rows x cols bytes");
+        // SAFETY: 2 <= rows < 8 and cols >= 16, the buffers hold rows x cols bytes (checked);
+        // this tier's table exists only on CPUs with AVX2.
+        unsafe { interleave(src, rows, cols, dst) };
+        return;
+    }
+    if (2..8).contains(&cols) && rows >= 16 {
+        assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "buffers hold rows x cols bytes");
+        // SAFETY: 2 <= cols < 8 and rows >= 16, the buffers hold rows x cols bytes (checked);
+        // this tier's table exists only on CPUs with AVX2.
+        unsafe { deinterleave(src, rows, cols, dst) };
+        return;
+    }
     if rows < 8 || cols < 8 || (rows < 16 && cols < 16) {
         generic(src, rows, cols, dst);
         return;
@@ -87,6 +103,83 @@ unsafe fn block(src: &[u8], cols: usize, (r, c): (usize, usize), (h, w): (usize,
             // SAFETY: `t` holds 16 bytes.
             unsafe { _mm_storeu_si128(t.as_mut_ptr().cast(), *col) };
             dst[at..at + h].copy_from_slice(&t[..h]);
+        }
+    }
+}
+
+/// Shuffle masks of a block of `k` (2 to 7) vectors of 16 bytes: `masks[o][i]` takes from
+/// vector `i` the bytes that output vector `o` holds, `from(o * 16 + b)` giving the vector and
+/// byte that output byte `b` of vector `o` comes from (0x80 elsewhere: a zero to OR with).
+fn masks(k: usize, from: impl Fn(usize) -> (usize, usize)) -> [[[u8; 16]; 7]; 7] {
+    let mut m = [[[0x80u8; 16]; 7]; 7];
+    for o in 0..k {
+        for b in 0..16 {
+            let (i, at) = from(o * 16 + b);
+            m[o][i][b] = at as u8;
+        }
+    }
+    m
+}
+
+/// `rows` (2 to 7) rows of `cols >= 16` bytes interleaved: output row `c` is column `c`, one
+/// byte from each row. 16 columns at a time (the last block overlapping the one before): the
+/// rows' 16 bytes each make `rows` output vectors, each an OR of one shuffle per row.
+///
+/// # Safety
+/// `2 <= rows < 8`, `cols >= 16`, `src` and `dst` hold `rows * cols` bytes, AVX2 is available.
+#[target_feature(enable = "avx2")]
+unsafe fn interleave(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    // Output byte p of a block is column p / rows of row p % rows.
+    let m = masks(rows, |p| (p % rows, p / rows));
+    // SAFETY: each mask is 16 bytes.
+    let m: [[__m128i; 7]; 7] =
+        std::array::from_fn(|o| std::array::from_fn(|i| unsafe { _mm_loadu_si128(m[o][i].as_ptr().cast()) }));
+    for c in starts(cols, 0, cols, 16) {
+        let mut x = [_mm_setzero_si128(); 7];
+        for (i, v) in x.iter_mut().enumerate().take(rows) {
+            // SAFETY: bytes c..c + 16 of row i: c + 16 <= cols by `starts`, i < rows.
+            *v = unsafe { _mm_loadu_si128(src.as_ptr().add(i * cols + c).cast()) };
+        }
+        for (o, mo) in m.iter().enumerate().take(rows) {
+            let mut y = _mm_setzero_si128();
+            for (v, mi) in x.iter().zip(mo).take(rows) {
+                y = _mm_or_si128(y, _mm_shuffle_epi8(*v, *mi));
+            }
+            // SAFETY: output bytes c * rows + 16 o .. + 16 lie below (c + 16) * rows <= rows * cols.
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(c * rows + 16 * o).cast(), y) };
+        }
+    }
+}
+
+/// The inverse of [`interleave`]: `rows >= 16` rows of `cols` (2 to 7) bytes into `cols` rows
+/// of `rows` bytes, 16 input rows (`16 * cols` consecutive bytes) at a time, the last block
+/// overlapping the one before.
+///
+/// # Safety
+/// `2 <= cols < 8`, `rows >= 16`, `src` and `dst` hold `rows * cols` bytes, AVX2 is available.
+#[target_feature(enable = "avx2")]
+unsafe fn deinterleave(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    // Output vector j, byte b, is row b, column j of the block: its byte b * cols + j.
+    let m = masks(cols, |p| {
+        let (j, b) = (p / 16, p % 16);
+        ((b * cols + j) / 16, (b * cols + j) % 16)
+    });
+    // SAFETY: each mask is 16 bytes.
+    let m: [[__m128i; 7]; 7] =
+        std::array::from_fn(|o| std::array::from_fn(|i| unsafe { _mm_loadu_si128(m[o][i].as_ptr().cast()) }));
+    for r in starts(rows, 0, rows, 16) {
+        let mut x = [_mm_setzero_si128(); 7];
+        for (k, v) in x.iter_mut().enumerate().take(cols) {
+            // SAFETY: bytes r * cols + 16 k .. + 16 lie below (r + 16) * cols <= rows * cols.
+            *v = unsafe { _mm_loadu_si128(src.as_ptr().add(r * cols + 16 * k).cast()) };
+        }
+        for (j, mj) in m.iter().enumerate().take(cols) {
+            let mut y = _mm_setzero_si128();
+            for (v, mk) in x.iter().zip(mj).take(cols) {
+                y = _mm_or_si128(y, _mm_shuffle_epi8(*v, *mk));
+            }
+            // SAFETY: row j of the output, bytes r..r + 16: r + 16 <= rows by `starts`, j < cols.
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(j * rows + r).cast(), y) };
         }
     }
 }
