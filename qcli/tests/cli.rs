@@ -397,4 +397,6 @@ fn token_ids_in_npy_and_npz_run_a_single_input_model() {
         let one: ndarray::ArrayD<f32> = ndarray_npy::read_npy(&one).unwrap();
         assert_eq!(four.index_axis(ndarray::Axis(0), 2), one.index_axis(ndarray::Axis(0), 0), "{m}");
     }
+    let o = qrust(&["report", model, int8.to_str().unwrap(), "--input", calib.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o).contains("node_layer_norm_4"), "{}", text(&o));
 }

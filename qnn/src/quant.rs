@@ -1128,8 +1128,23 @@ pub fn report_json(report: &[LayerReport]) -> String {
 
 /// `20 log10(|f| / |f - q|)`, infinite for identical tensors.
 pub fn sqnr_db(f: &ArrayD<f32>, q: &ArrayD<f32>) -> f64 {
+    let (signal, noise) = power_sums(f, q);
+    db(signal, noise)
+}
+
+/// A node's output powers in a report, `|f|^2` and `|f - q|^2` (`None` for a node that
+/// computes nothing), and its weights' SQNR.
+type NodePowers = (Option<(f64, f64)>, Option<f64>);
+
+/// `|f|^2` and `|f - q|^2`.
+fn power_sums(f: &ArrayD<f32>, q: &ArrayD<f32>) -> (f64, f64) {
     let signal: f64 = f.iter().map(|&v| (v as f64).powi(2)).sum();
     let noise: f64 = f.iter().zip(q.iter()).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    (signal, noise)
+}
+
+/// `10 log10(signal / noise)`, infinite when there is no noise.
+fn db(signal: f64, noise: f64) -> f64 {
     if noise == 0.0 {
         f64::INFINITY
     } else {
@@ -1796,6 +1811,52 @@ impl QuantizedModel {
                 got: vec![inputs.len()],
             });
         }
+        // A model whose batch is fixed compares its chunks, their powers summed.
+        let Some(parts) = crate::graph::chunks(g.batch, inputs)? else {
+            let sums = self.report_pass(float, inputs)?;
+            return Ok(self.layer_reports(&sums));
+        };
+        let mut total: Vec<NodePowers> = Vec::new();
+        for range in parts {
+            let xs: Vec<ArrayD<f32>> =
+                inputs.iter().map(|x| x.slice_axis(ndarray::Axis(0), range.clone().into()).to_owned()).collect();
+            let sums = self.report_pass(float, &xs)?;
+            if total.is_empty() {
+                total = sums;
+                continue;
+            }
+            for ((t, _), (p, _)) in total.iter_mut().zip(sums) {
+                *t = t.zip(p).map(|((s, n), (ps, pn))| (s + ps, n + pn));
+            }
+        }
+        Ok(self.layer_reports(&total))
+    }
+
+    /// The reports of the plan's layers from each node's output powers (signal, noise) and
+    /// weight SQNR.
+    fn layer_reports(&self, sums: &[NodePowers]) -> Vec<LayerReport> {
+        self.plan
+            .iter()
+            .zip(sums)
+            .map(|(entry, &(powers, weight))| LayerReport {
+                name: entry.name.clone(),
+                kind: entry.kind,
+                mode: entry.mode.clone(),
+                sqnr_db: powers.map(|(s, n)| db(s, n)),
+                weight_sqnr_db: weight,
+            })
+            .collect()
+    }
+
+    /// One pass of [`QuantizedModel::report_graph`]: per node, the powers of the float
+    /// output and of the int8 output's difference from it (`None` for nodes that compute
+    /// nothing), and the weights' SQNR.
+    fn report_pass<M: AsModule>(
+        &self,
+        float: &Graph<M>,
+        inputs: &[ArrayD<f32>],
+    ) -> Result<Vec<NodePowers>> {
+        let g = &self.graph;
         let run = Run { threads: 1, max_activation_bytes: usize::MAX };
         let mut fv: Vec<Option<ArrayD<f32>>> = vec![None; g.values];
         let mut qv: Vec<Option<Value>> = vec![None; g.values];
@@ -1806,7 +1867,7 @@ impl QuantizedModel {
         let mut out = Vec::with_capacity(g.nodes.len());
         // Values of additions that apply the ReLU after them themselves.
         let mut relu_sums = vec![false; g.values];
-        for ((f, n), entry) in float.nodes.iter().zip(&g.nodes).zip(&self.plan) {
+        for (f, n) in float.nodes.iter().zip(&g.nodes) {
             let fy = {
                 let xs: Vec<&ArrayD<f32>> = f.inputs.iter().map(|t| fv[t.0].as_ref().expect("computed")).collect();
                 crate::graph::node_forward(f, &xs)?
@@ -1817,24 +1878,18 @@ impl QuantizedModel {
             let fused_relu = step.op.as_any().downcast_ref::<AddOp>().is_some_and(|a| a.relu);
             relu_sums[n.output.0] = fused_relu;
             let sqnr = if fused_relu {
-                Some(sqnr_db(&fy.mapv(|v| v.max(0.0)), &qy.to_f32()))
+                Some(power_sums(&fy.mapv(|v| v.max(0.0)), &qy.to_f32()))
             } else if step.op.as_any().is::<PassOp>() {
                 // Nothing computed, unless it is the ReLU its addition applied.
-                relu_sums[n.inputs[0].0].then(|| sqnr_db(&fy, &qy.to_f32()))
+                relu_sums[n.inputs[0].0].then(|| power_sums(&fy, &qy.to_f32()))
             } else {
-                Some(sqnr_db(&fy, &qy.to_f32()))
+                Some(power_sums(&fy, &qy.to_f32()))
             };
             let weight = match &f.op {
                 NodeOp::Layer(m) => step.op.weight_sqnr(m.module()),
                 _ => None,
             };
-            out.push(LayerReport {
-                name: entry.name.clone(),
-                kind: entry.kind,
-                mode: entry.mode.clone(),
-                sqnr_db: sqnr,
-                weight_sqnr_db: weight,
-            });
+            out.push((sqnr, weight));
             fv[f.output.0] = Some(fy);
             qv[n.output.0] = Some(qy);
         }
