@@ -389,12 +389,20 @@ impl Prepared {
         self.batches
     }
 
-    /// Runs one calibration batch through the float model, feeding every observer.
+    /// Runs one calibration batch through the float model, feeding every observer (a model
+    /// whose batch is fixed, [`Graph::set_fixed_batch`], takes any multiple of it, as that
+    /// many batches).
     ///
     /// # Errors
     /// A batch the model cannot take, or non-finite values (the message names the tensor).
     pub fn calibrate(&mut self, x: &ArrayD<f32>) -> Result<()> {
         non_empty(x)?;
+        if let Some(parts) = crate::graph::chunks(self.graph.batch, std::slice::from_ref(x))? {
+            for r in parts {
+                self.calibrate(&x.slice_axis(ndarray::Axis(0), r.into()).to_owned())?;
+            }
+            return Ok(());
+        }
         run_batch(&self.graph, (&self.kernels, 1), &self.nodes, x, &mut self.obs)?;
         self.batches += 1;
         Ok(())
@@ -407,13 +415,22 @@ impl Prepared {
     /// As [`Prepared::calibrate`], or a wrong number of inputs.
     pub fn calibrate_inputs(&mut self, xs: &[ArrayD<f32>]) -> Result<()> {
         xs.iter().try_for_each(non_empty)?;
+        if let Some(parts) = crate::graph::chunks(self.graph.batch, xs)? {
+            for r in parts {
+                let part: Vec<ArrayD<f32>> =
+                    xs.iter().map(|x| x.slice_axis(ndarray::Axis(0), r.clone().into()).to_owned()).collect();
+                self.calibrate_inputs(&part)?;
+            }
+            return Ok(());
+        }
         run_batch_inputs(&self.graph, (&self.kernels, 1), &self.nodes, xs, &mut self.obs)?;
         self.batches += 1;
         Ok(())
     }
 
-    /// Calibrates on many batches, on `threads` threads, with a progress bar on a terminal.
-    /// The result is the one-thread result, whatever `threads` is:
+    /// Calibrates on many batches, on `threads` threads, with a progress bar on a terminal
+    /// (a model whose batch is fixed takes each batch as chunks of it). The result is the
+    /// one-thread result, whatever `threads` is:
     /// - When every observer merges exactly ([`Observer::merges_exactly`]: min-max and fixed
     ///   ones), up to `threads` workers take consecutive runs of batches, each with its own
     ///   observers, merged in batch order at the end.
@@ -429,6 +446,19 @@ impl Prepared {
     pub fn calibrate_batches(&mut self, batches: &[ArrayD<f32>], threads: usize) -> Result<()> {
         use std::io::IsTerminal;
         batches.iter().try_for_each(non_empty)?;
+        // A model whose batch is fixed takes each batch in chunks of it.
+        if let Some(b) = self.graph.batch.filter(|&b| batches.iter().any(|x| x.shape().first() != Some(&b))) {
+            let mut split = Vec::new();
+            for x in batches {
+                match crate::graph::chunks(Some(b), std::slice::from_ref(x))? {
+                    Some(parts) => {
+                        split.extend(parts.into_iter().map(|r| x.slice_axis(ndarray::Axis(0), r.into()).to_owned()))
+                    }
+                    None => split.push(x.clone()),
+                }
+            }
+            return self.calibrate_batches(&split, threads);
+        }
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(batches.len() as u64);
             b.set_style(
@@ -1851,11 +1881,7 @@ impl QuantizedModel {
     /// One pass of [`QuantizedModel::report_graph`]: per node, the powers of the float
     /// output and of the int8 output's difference from it (`None` for nodes that compute
     /// nothing), and the weights' SQNR.
-    fn report_pass<M: AsModule>(
-        &self,
-        float: &Graph<M>,
-        inputs: &[ArrayD<f32>],
-    ) -> Result<Vec<NodePowers>> {
+    fn report_pass<M: AsModule>(&self, float: &Graph<M>, inputs: &[ArrayD<f32>]) -> Result<Vec<NodePowers>> {
         let g = &self.graph;
         let run = Run { threads: 1, max_activation_bytes: usize::MAX };
         let mut fv: Vec<Option<ArrayD<f32>>> = vec![None; g.values];

@@ -1334,6 +1334,23 @@ fn a_fixed_batch_runs_in_chunks() {
     let relu = report.iter().find(|r| r.name == "mix").unwrap().sqnr_db.unwrap();
     let whole = qnn::sqnr_db(&float(&off_grid), &q.forward(&off_grid).unwrap());
     assert!(whole.is_finite() && (relu - whole).abs() < 1e-9, "report {relu} dB, whole output {whole} dB");
+    // Calibration takes a multiple of the batch too, as that many batches: the same model as
+    // calibrated chunk by chunk, or with the batches given at once.
+    let prepared = || {
+        let m = qonnx::from_bytes(&fixed(&[Some(2), Some(6)], vec![2, 3, 2]), &ImportOptions::default()).unwrap();
+        qnn::prepare(m.graph, &qnn::QConfigMapping::new(qobserve::QConfig::default())).unwrap()
+    };
+    let (mut whole, mut apart, mut listed) = (prepared(), prepared(), prepared());
+    whole.calibrate(&off_grid).unwrap();
+    for k in 0..3 {
+        apart.calibrate(&off_grid.slice_axis(ndarray::Axis(0), (2 * k..2 * k + 2).into()).to_owned()).unwrap();
+    }
+    listed.calibrate_batches(&[off_grid.clone(), x.clone()], 2).unwrap();
+    assert_eq!(whole.batches_seen(), 3);
+    assert_eq!(listed.batches_seen(), 6);
+    let (whole, apart) = (whole.convert().unwrap(), apart.convert().unwrap());
+    assert_eq!(whole.to_bytes().unwrap(), apart.to_bytes().unwrap());
+    assert!(listed.convert().is_ok());
     let saved = qnn::QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
     assert_eq!(saved.fixed_batch(), Some(2));
     assert_eq!(saved.forward(&x).unwrap(), joined, "the same after save and load");
