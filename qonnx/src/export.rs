@@ -849,16 +849,28 @@ impl Writer<'_> {
 /// Whether value `v` of the saved graph's `nodes` is read, and read only by float
 /// embeddings, directly or through float shape ops (token ids).
 fn token_ids(nodes: &[J], v: usize) -> bool {
-    let reads = |n: &&J| n["inputs"].as_array().is_some_and(|a| a.iter().any(|i| i.as_u64() == Some(v as u64)));
-    let readers: Vec<&J> = nodes.iter().filter(reads).collect();
-    !readers.is_empty()
-        && readers.iter().all(|n| match n["op"].as_str().unwrap_or("") {
-            "Float" => n["attrs"]["layer"].as_str() == Some("Embedding"),
-            "Reshape" | "Flatten" | "Permute" | "Slice" => {
-                n["output"].as_u64().is_some_and(|o| o as usize > v && token_ids(nodes, o as usize))
+    // The values still to check: `v`, then the outputs of the shape ops that read them.
+    let mut todo = vec![v];
+    while let Some(t) = todo.pop() {
+        let reads = |n: &&J| n["inputs"].as_array().is_some_and(|a| a.iter().any(|i| i.as_u64() == Some(t as u64)));
+        let mut read = false;
+        for n in nodes.iter().filter(reads) {
+            read = true;
+            match n["op"].as_str().unwrap_or("") {
+                "Float" if n["attrs"]["layer"].as_str() == Some("Embedding") => {}
+                "Reshape" | "Flatten" | "Permute" | "Slice" => match n["output"].as_u64() {
+                    // Outputs come after their inputs: the walk ends.
+                    Some(o) if o as usize > t => todo.push(o as usize),
+                    _ => return false,
+                },
+                _ => return false,
             }
-            _ => false,
-        })
+        }
+        if !read {
+            return false;
+        }
+    }
+    true
 }
 
 fn value_info(name: &str) -> ValueInfoProto {

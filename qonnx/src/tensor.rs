@@ -179,8 +179,8 @@ fn external_bytes(t: &TensorProto, name: &str, base: Option<&Path>) -> Result<Ve
     })?;
     let path = base.join(rel);
     let io = |source| OnnxError::Io { path: path.display().to_string(), source };
-    // Only the tensor's own range is read: a model keeps all its weights in one file, and
-    // reading the whole file once per tensor made import quadratic in the model's size.
+    // Only the tensor's own range is read: a model keeps all its weights in one file, which
+    // each of its tensors would otherwise read whole.
     let mut file = std::fs::File::open(&path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
     let end = match length {
