@@ -420,17 +420,17 @@ fn calibration_batch(m: &qonnx::Imported, asked: usize) -> usize {
     }
 }
 
-/// Checks that `items` calibration items make whole batches for a model whose batch size is
-/// fixed.
-fn whole_batches(m: &qonnx::Imported, items: usize, batch: usize) -> Result<(), String> {
-    if m.inputs.iter().any(|i| i.dynamic_batch) || batch <= 1 || items.is_multiple_of(batch) {
-        return Ok(());
+/// Checks that `items` calibration items make whole batches for a model whose graph takes
+/// one batch size alone.
+fn whole_batches(m: &qonnx::Imported, items: usize) -> Result<(), String> {
+    match m.graph.fixed_batch() {
+        Some(batch) if !items.is_multiple_of(batch) => Err(format!(
+            "the model's input '{}' fixes the batch at {batch}, and {items} calibration items do not make whole \
+             batches: give a multiple of {batch} items, or export the model with a symbolic batch dimension",
+            m.inputs[0].name
+        )),
+        _ => Ok(()),
     }
-    Err(format!(
-        "the model's input '{}' fixes the batch at {batch}, and {items} calibration items do not make whole batches: \
-         give a multiple of {batch} items, or export the model with a symbolic batch dimension",
-        m.inputs[0].name
-    ))
 }
 
 fn quantize(
@@ -487,7 +487,7 @@ fn quantize(
                 calib.map(|c| c.display().to_string()).unwrap_or_default()
             ));
         }
-        whole_batches(&m, n, batch_size)?;
+        whole_batches(&m, n)?;
         let t1 = Instant::now();
         let batches = data::input_batches(&xs, batch_size);
         if let Some(alpha) = o.smooth_quant {
@@ -527,7 +527,7 @@ fn quantize(
         None => Vec::new(),
     };
     let items: usize = batches.iter().map(|b| b.shape()[0]).sum();
-    whole_batches(&m, items, batch_size)?;
+    whole_batches(&m, items)?;
     let t1 = Instant::now();
     if let Some(alpha) = o.smooth_quant {
         let per_input: Vec<Vec<ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();

@@ -110,7 +110,8 @@ unsafe fn block(src: &[u8], cols: usize, (r, c): (usize, usize), (h, w): (usize,
 /// Shuffle masks of a block of `k` (2 to 7) vectors of 16 bytes: `masks[o][i]` takes from
 /// vector `i` the bytes that output vector `o` holds, `from(o * 16 + b)` giving the vector and
 /// byte that output byte `b` of vector `o` comes from (0x80 elsewhere: a zero to OR with).
-fn masks(k: usize, from: impl Fn(usize) -> (usize, usize)) -> [[[u8; 16]; 7]; 7] {
+#[target_feature(enable = "avx2")]
+fn masks(k: usize, from: impl Fn(usize) -> (usize, usize)) -> [[__m128i; 7]; 7] {
     let mut m = [[[0x80u8; 16]; 7]; 7];
     for o in 0..k {
         for b in 0..16 {
@@ -118,7 +119,21 @@ fn masks(k: usize, from: impl Fn(usize) -> (usize, usize)) -> [[[u8; 16]; 7]; 7]
             m[o][i][b] = at as u8;
         }
     }
-    m
+    // SAFETY: each mask is 16 bytes.
+    std::array::from_fn(|o| std::array::from_fn(|i| unsafe { _mm_loadu_si128(m[o][i].as_ptr().cast()) }))
+}
+
+/// A block's `k` output vectors from its `k` input vectors `x`: output `o` is the OR of each
+/// input `i` shuffled by `m[o][i]`.
+#[target_feature(enable = "avx2")]
+fn shuffled(x: &[__m128i; 7], m: &[[__m128i; 7]; 7], k: usize) -> [__m128i; 7] {
+    let mut y = [_mm_setzero_si128(); 7];
+    for (yo, mo) in y.iter_mut().zip(m).take(k) {
+        for (v, mi) in x.iter().zip(mo).take(k) {
+            *yo = _mm_or_si128(*yo, _mm_shuffle_epi8(*v, *mi));
+        }
+    }
+    y
 }
 
 /// `rows` (2 to 7) rows of `cols >= 16` bytes interleaved: output row `c` is column `c`, one
@@ -131,22 +146,15 @@ fn masks(k: usize, from: impl Fn(usize) -> (usize, usize)) -> [[[u8; 16]; 7]; 7]
 unsafe fn interleave(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
     // Output byte p of a block is column p / rows of row p % rows.
     let m = masks(rows, |p| (p % rows, p / rows));
-    // SAFETY: each mask is 16 bytes.
-    let m: [[__m128i; 7]; 7] =
-        std::array::from_fn(|o| std::array::from_fn(|i| unsafe { _mm_loadu_si128(m[o][i].as_ptr().cast()) }));
     for c in starts(cols, 0, cols, 16) {
         let mut x = [_mm_setzero_si128(); 7];
         for (i, v) in x.iter_mut().enumerate().take(rows) {
             // SAFETY: bytes c..c + 16 of row i: c + 16 <= cols by `starts`, i < rows.
             *v = unsafe { _mm_loadu_si128(src.as_ptr().add(i * cols + c).cast()) };
         }
-        for (o, mo) in m.iter().enumerate().take(rows) {
-            let mut y = _mm_setzero_si128();
-            for (v, mi) in x.iter().zip(mo).take(rows) {
-                y = _mm_or_si128(y, _mm_shuffle_epi8(*v, *mi));
-            }
+        for (o, y) in shuffled(&x, &m, rows).iter().enumerate().take(rows) {
             // SAFETY: output bytes c * rows + 16 o .. + 16 lie below (c + 16) * rows <= rows * cols.
-            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(c * rows + 16 * o).cast(), y) };
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(c * rows + 16 * o).cast(), *y) };
         }
     }
 }
@@ -164,22 +172,15 @@ unsafe fn deinterleave(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
         let (j, b) = (p / 16, p % 16);
         ((b * cols + j) / 16, (b * cols + j) % 16)
     });
-    // SAFETY: each mask is 16 bytes.
-    let m: [[__m128i; 7]; 7] =
-        std::array::from_fn(|o| std::array::from_fn(|i| unsafe { _mm_loadu_si128(m[o][i].as_ptr().cast()) }));
     for r in starts(rows, 0, rows, 16) {
         let mut x = [_mm_setzero_si128(); 7];
         for (k, v) in x.iter_mut().enumerate().take(cols) {
             // SAFETY: bytes r * cols + 16 k .. + 16 lie below (r + 16) * cols <= rows * cols.
             *v = unsafe { _mm_loadu_si128(src.as_ptr().add(r * cols + 16 * k).cast()) };
         }
-        for (j, mj) in m.iter().enumerate().take(cols) {
-            let mut y = _mm_setzero_si128();
-            for (v, mk) in x.iter().zip(mj).take(cols) {
-                y = _mm_or_si128(y, _mm_shuffle_epi8(*v, *mk));
-            }
+        for (j, y) in shuffled(&x, &m, cols).iter().enumerate().take(cols) {
             // SAFETY: row j of the output, bytes r..r + 16: r + 16 <= rows by `starts`, j < cols.
-            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(j * rows + r).cast(), y) };
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(j * rows + r).cast(), *y) };
         }
     }
 }
