@@ -12,6 +12,7 @@
 //! fusion = true
 //! pool_outputs = "observed"   # or "input" (PyTorch's choice)
 //! table_outputs = "auto"      # sigmoid / hard-sigmoid / tanh: "observed", "fixed" (PyTorch's grid) or auto
+//! residual = "int8"           # or "float": additions a LayerNorm reads, and those LayerNorms, in float
 //!
 //! [[rule]]                    # later rules win; names beat op types and kinds
 //! name = "/features/0/*"      # a node name, a name prefix ("/layer1" matches "/layer1/..."), or a glob
@@ -64,6 +65,7 @@ struct File {
     fusion: Option<bool>,
     pool_outputs: Option<String>,
     table_outputs: Option<String>,
+    residual: Option<String>,
     #[serde(default)]
     rule: Vec<Rule>,
 }
@@ -195,6 +197,11 @@ pub fn mapping(
         Some("input") => m = m.pool_outputs(qnn::PoolOutputs::InputParams),
         Some(o) => return Err(at(format!("pool_outputs '{o}': expected 'observed' or 'input'"))),
     }
+    match file.residual.as_deref() {
+        None | Some("int8") => {}
+        Some("float") => m = m.residual(qnn::ResidualStream::Float),
+        Some(r) => return Err(at(format!("residual '{r}': expected 'int8' or 'float'"))),
+    }
     match file.table_outputs.as_deref() {
         None | Some("auto") => {}
         Some("observed") => m = m.table_outputs(qnn::TableOutputs::Observed),
@@ -267,6 +274,14 @@ mod tests {
     }
 
     #[test]
+    fn the_residual_stream_is_int8_unless_asked() {
+        let none = HashMap::new();
+        assert_eq!(mapping(None, &none).unwrap().residual_stream(), qnn::ResidualStream::Int8);
+        let m = mapping(Some(("residual = \"float\"", "c.toml")), &none).unwrap();
+        assert_eq!(m.residual_stream(), qnn::ResidualStream::Float);
+    }
+
+    #[test]
     fn restricted_weights_use_127_codes_each_side() {
         let m = mapping(Some(("weight = \"per-channel-restricted\"", "c.toml")), &HashMap::new()).unwrap();
         match &m.resolve("/conv1/Conv", "Conv2d").unwrap().weight {
@@ -305,5 +320,7 @@ mod tests {
         assert!(e.contains("exactly one of"), "{e}");
         let e = mapping(Some(("presets = \"x86\"", "c.toml")), &none).unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
+        let e = mapping(Some(("residual = \"fp16\"", "c.toml")), &none).unwrap_err();
+        assert!(e.contains("residual 'fp16'") && e.contains("'float'"), "{e}");
     }
 }

@@ -333,6 +333,37 @@ fn smooth_quant_on_a_vision_transformer() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `residual = "float"` in the configuration: the digits ViT's residual additions and the
+/// LayerNorms reading them stay float, the plan says why, and the int8 model runs.
+#[test]
+fn a_float_residual_stream_on_a_vision_transformer() {
+    let dir = scratch("residual");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qnn/data/digits_vit/model.onnx");
+    let model = model.to_str().unwrap();
+    let calib = dir.join("calib.npy");
+    let x = ndarray::Array4::from_shape_fn((16, 1, 8, 8), |(n, _, h, w)| ((n * 64 + h * 8 + w) % 17) as f32 / 4.0);
+    ndarray_npy::write_npy(&calib, &x).unwrap();
+    let config = dir.join("residual.toml");
+    std::fs::write(&config, "residual = \"float\"\n").unwrap();
+    let out = dir.join("vit.int8.safetensors");
+    let (calib, out) = (calib.to_str().unwrap(), out.to_str().unwrap());
+    let o = qrust(&["quantize", model, "--calib", calib, "--config", config.to_str().unwrap(), "-o", out]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for node in ["/encoder/layers/encoder_layer_1/Add_1 (add)", "/encoder/ln/LayerNormalization (LayerNorm)"] {
+        assert!(t.contains(&format!("float: {node}: the residual stream stays float")), "{node}: {t}");
+    }
+    // Two blocks: the position embedding's addition and four residual ones, and the norms
+    // reading them.
+    assert_eq!(t.matches("the residual stream stays float").count(), 10, "{t}");
+    let o = qrust(&["run", out, "--input", calib]);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::write(&config, "residual = \"half\"\n").unwrap();
+    let o = qrust(&["quantize", model, "--calib", calib, "--config", config.to_str().unwrap(), "-o", out]);
+    assert!(!o.status.success() && text(&o).contains("residual 'half'"), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A model of one input of token ids (qonnx's GPT-2 fixture, `[1, 12]` INT64): an int64
 /// `.npy` or `.npz` runs it (the image options are not consulted for a rank-2 input), and
 /// calibration one item at a time quantizes it, whether asked for or not (its batch is fixed).

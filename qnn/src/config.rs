@@ -67,8 +67,26 @@ pub struct QConfigMapping {
     names: Vec<(Pattern, Option<QConfig>)>,
     pool_outputs: PoolOutputs,
     table_outputs: TableOutputs,
+    residual: ResidualStream,
     fusion: bool,
     strict: bool,
+}
+
+/// How the residual stream of a transformer runs: the additions whose output a `LayerNorm`
+/// reads, and those `LayerNorm`s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResidualStream {
+    /// As configured, like any addition and layer: int8 where the configuration says so
+    /// (qrust's default, and PyTorch's and ONNX Runtime's).
+    #[default]
+    Int8,
+    /// In float: each such addition adds its operands in float (an int8 operand is
+    /// dequantized), and the `LayerNorm` reading it normalizes the float sum; the layers
+    /// after it take its output quantized on their input's observed grid, as any float
+    /// module's. In int8 the stream has one scale for all tokens, and a `LayerNorm` scales
+    /// each token to unit variance, so a token of small norm comes out with the error of the
+    /// largest: float keeps it (ViT-B/16's class token, which its classifier reads).
+    Float,
 }
 
 /// The output parameters of average pools (`AvgPool2d`, `AdaptiveAvgPool2d`).
@@ -108,6 +126,7 @@ impl QConfigMapping {
             names: Vec::new(),
             pool_outputs: PoolOutputs::default(),
             table_outputs: TableOutputs::default(),
+            residual: ResidualStream::default(),
             fusion: true,
             strict: false,
         }
@@ -121,6 +140,7 @@ impl QConfigMapping {
             names: Vec::new(),
             pool_outputs: PoolOutputs::default(),
             table_outputs: TableOutputs::default(),
+            residual: ResidualStream::default(),
             fusion: true,
             strict: false,
         }
@@ -153,6 +173,19 @@ impl QConfigMapping {
     /// See [`QConfigMapping::table_outputs`].
     pub fn table_output_params(&self) -> TableOutputs {
         self.table_outputs
+    }
+
+    /// How the residual stream runs (default [`ResidualStream::Int8`]): [`ResidualStream::Float`] keeps
+    /// in float each addition that a `LayerNorm` reads directly, and that `LayerNorm`; the
+    /// plan gives them [`crate::FloatReason::Residual`].
+    pub fn residual(mut self, r: ResidualStream) -> Self {
+        self.residual = r;
+        self
+    }
+
+    /// See [`QConfigMapping::residual`].
+    pub fn residual_stream(&self) -> ResidualStream {
+        self.residual
     }
 
     /// Whether [`crate::prepare`] fuses the model first ([`crate::fuse_graph`]: conv / linear +

@@ -97,7 +97,7 @@ mod smooth;
 mod state;
 pub mod zoo;
 
-pub use config::{PoolOutputs, QConfigMapping, TableOutputs};
+pub use config::{PoolOutputs, QConfigMapping, ResidualStream, TableOutputs};
 pub use error::{NnError, Result};
 pub use fuse::{fuse, fuse_graph, fuse_modules, Fused};
 pub use graph::{ElemType, Graph, GraphBuilder, Layout, Tensor, ValueInfo};

@@ -82,6 +82,9 @@ pub enum FloatReason {
         /// Why int8 kernels cannot run it.
         why: String,
     },
+    /// Part of the residual stream, kept in float by [`crate::ResidualStream::Float`]: an
+    /// addition a `LayerNorm` reads, or a `LayerNorm` reading one.
+    Residual,
 }
 
 impl std::fmt::Display for FloatReason {
@@ -102,6 +105,10 @@ impl std::fmt::Display for FloatReason {
             FloatReason::SimulatedOnly { quantizer, why } => {
                 write!(f, "simulated only: its weights' quantizer ({quantizer}) has no int8 kernel ({why}); it runs in float on its quantized weights")
             }
+            FloatReason::Residual => write!(
+                f,
+                "the residual stream stays float (residual = float): an addition a LayerNorm reads, or that LayerNorm"
+            ),
         }
     }
 }
@@ -264,6 +271,9 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         plan.push(PlanEntry { name: n.name.clone(), kind, mode: mode.clone() });
         nodes.push(PNode { mode, cfg, obs: index, relu_after: false });
     }
+    if mapping.residual_stream() == crate::ResidualStream::Float {
+        float_residual(&graph, &mut nodes, &mut plan);
+    }
     let readers = readers(&graph);
     for i in 0..graph.nodes.len() {
         let out = graph.nodes[i].output;
@@ -325,6 +335,28 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         tables: mapping.table_output_params(),
         sim_weights: None,
     })
+}
+
+/// [`crate::ResidualStream::Float`]: each int8 addition whose output a `LayerNorm` reads directly
+/// runs in float, and so does each such `LayerNorm` that would run in int8.
+fn float_residual(graph: &Graph, nodes: &mut [PNode], plan: &mut [PlanEntry]) {
+    let mut producer = vec![None; graph.values];
+    for (i, n) in graph.nodes.iter().enumerate() {
+        producer[n.output.0] = Some(i);
+    }
+    let is_norm = |n: &Node<Box<dyn Module>>| matches!(&n.op, NodeOp::Layer(m) if m.as_any().is::<crate::ops::layernorm::LayerNorm>());
+    for (j, n) in graph.nodes.iter().enumerate() {
+        let Some(i) = n.inputs.first().and_then(|t| producer[t.0]) else { continue };
+        if !is_norm(n) || !matches!(graph.nodes[i].op, NodeOp::Add) {
+            continue;
+        }
+        for k in [i, j] {
+            if nodes[k].mode == Mode::Int8 && (k == i || matches!(nodes[i].mode, Mode::Float(_))) {
+                nodes[k].mode = Mode::Float(FloatReason::Residual);
+                plan[k].mode = Mode::Float(FloatReason::Residual);
+            }
+        }
+    }
 }
 
 /// One calibration batch, its float kernels on `threads` threads.

@@ -742,6 +742,70 @@ fn smooth_quant_moves_outliers_into_the_weights_and_keeps_the_function() {
     }
 }
 
+/// Two pre-norm blocks after an addition of two inputs (ViT's position embedding's), `r0 =
+/// x + x`, `r1 = r0 + fc1(ln1(r0))`, `r2 = r1 + fc2(ln2(r1))`, `ln3(r2)`, over tokens whose
+/// first one (a class token) is 100x smaller than the others.
+fn residual_stream() -> (Graph, Vec<ArrayD<f32>>, Vec<ArrayD<f32>>) {
+    let mut g = GraphBuilder::new();
+    let x = g.input("x");
+    let (mut fc1, mut fc2) = (Linear::new(32, 32), Linear::new(32, 32));
+    zoo::randomize(&mut fc1, 5);
+    zoo::randomize(&mut fc2, 6);
+    let r0 = g.add("r0", x, x).unwrap();
+    let h = g.layer("ln1", LayerNorm::new(32), r0).unwrap();
+    let a = g.layer("fc1", fc1, h).unwrap();
+    let r1 = g.add("r1", r0, a).unwrap();
+    let h = g.layer("ln2", LayerNorm::new(32), r1).unwrap();
+    let b = g.layer("fc2", fc2, h).unwrap();
+    let r2 = g.add("r2", r1, b).unwrap();
+    let y = g.layer("ln3", LayerNorm::new(32), r2).unwrap();
+    g.output(y);
+    let tokens = |seed: usize| {
+        let mut x = images(seed, &[2, 8, 32]).mapv(|v| 20.0 * v);
+        x.slice_mut(ndarray::s![.., 0, ..]).mapv_inplace(|v| v / 100.0);
+        x
+    };
+    (g.build().unwrap(), (0..4).map(|s| tokens(40 + s)).collect(), vec![tokens(90)])
+}
+
+/// `ResidualStream::Float` keeps the additions that norms read, and those norms, in float
+/// (the plan says why); the rest stays int8. The small first token, which an int8 stream
+/// quantizes on the grid of the large ones and its norm then scales up, keeps its precision.
+#[test]
+fn a_float_residual_stream_keeps_a_small_token_precise() {
+    let (_, batches, x) = residual_stream();
+    let float = residual_stream().0.run(&x).unwrap().swap_remove(0);
+    let token = |y: &ArrayD<f32>| y.slice(ndarray::s![.., 0, ..]).to_owned().into_dyn();
+    let mut sqnr = Vec::new();
+    for stream in [qnn::ResidualStream::Int8, qnn::ResidualStream::Float] {
+        let mut p = prepare(residual_stream().0, &QConfigMapping::new(QConfig::default()).residual(stream)).unwrap();
+        for b in &batches {
+            p.calibrate(b).unwrap();
+        }
+        let q = p.convert().unwrap();
+        let mode = |name: &str| q.plan().iter().find(|e| e.name == name).unwrap().mode.clone();
+        for name in ["r0", "r1", "r2", "ln1", "ln2", "ln3"] {
+            let want = match stream {
+                qnn::ResidualStream::Int8 => Mode::Int8,
+                qnn::ResidualStream::Float => Mode::Float(qnn::FloatReason::Residual),
+            };
+            assert_eq!(mode(name), want, "{name} with {stream:?}");
+        }
+        for name in ["fc1", "fc2"] {
+            assert_eq!(mode(name), Mode::Int8, "{name} with {stream:?}");
+        }
+        let y = q.forward(&x[0]).unwrap();
+        let back = QuantizedModel::from_bytes(&q.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.forward(&x[0]).unwrap(), y, "saved and loaded, {stream:?}");
+        sqnr.push((sqnr_db(&float, &y), sqnr_db(&token(&float), &token(&y))));
+    }
+    let [(all_int8, small_int8), (all_float, small_float)] = sqnr[..] else { unreachable!() };
+    assert!(
+        small_float > small_int8 + 10.0 && all_float >= all_int8,
+        "first token {small_int8:.1} -> {small_float:.1} dB, all {all_int8:.1} -> {all_float:.1} dB"
+    );
+}
+
 /// Concatenations along any dimension: image heights (dimension 2) in int8, each part
 /// dequantized and the whole quantized once; a join of values whose ranges differ more than
 /// 16x (a detector's box coordinates and class scores) runs in float, says why in the plan,

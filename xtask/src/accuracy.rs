@@ -1,7 +1,8 @@
 //! `cargo xtask accuracy`: the bundled digits model under every qconfig preset and every
 //! activation observer, and with its linear layers dynamically quantized; then the bundled
 //! digits ViT (`qnn/data/digits_vit/`, `scripts/models/digits_vit.py`) imported from ONNX, in
-//! static int8 (plain and after SmoothQuant) and dynamic (per tensor and per token): held-out
+//! static int8 (plain, with the residual stream in float, and after SmoothQuant) and dynamic
+//! (per tensor and per token): held-out
 //! accuracy, SQNR of the int8 logits against the float ones, top-1 agreement with the float
 //! model. Exits non-zero when a result falls below the thresholds committed in
 //! `xtask/accuracy-thresholds.json` (CI's accuracy regression gate), when the ViT's float
@@ -185,12 +186,14 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
     // SmoothQuant: static int8 after moving activation outliers into the weights, measured
     // on the calibration batches.
     let smooth_batches: Vec<Vec<ndarray::ArrayD<f32>>> = batches.iter().map(|b| vec![b.clone()]).collect();
-    for (name, qconfig, smooth) in [
-        ("vit_default", QConfig::default(), None),
-        ("vit_smoothquant", QConfig::default(), Some(0.5)),
-        ("vit_dynamic", QConfig::pytorch_dynamic_per_channel(), None),
-        ("vit_dynamic_per_token", QConfig::dynamic_per_token(), None),
-        ("vit_dynamic_per_token_reduced", QConfig::dynamic_per_token_reduced(), None),
+    let float_residual = |q: QConfig| QConfigMapping::new(q).residual(qnn::ResidualStream::Float);
+    for (name, mapping, smooth) in [
+        ("vit_default", QConfigMapping::new(QConfig::default()), None),
+        ("vit_float_residual", float_residual(QConfig::default()), None),
+        ("vit_smoothquant", QConfigMapping::new(QConfig::default()), Some(0.5)),
+        ("vit_dynamic", QConfigMapping::new(QConfig::pytorch_dynamic_per_channel()), None),
+        ("vit_dynamic_per_token", QConfigMapping::new(QConfig::dynamic_per_token()), None),
+        ("vit_dynamic_per_token_reduced", QConfigMapping::new(QConfig::dynamic_per_token_reduced()), None),
     ] {
         let mut graph = load_vit()?.graph;
         if let Some(alpha) = smooth {
@@ -210,7 +213,7 @@ pub fn run(root: &Path, write_thresholds: bool) -> Result<(), String> {
                 ratios.join(", ")
             );
         }
-        let mut prepared = prepare(graph, &QConfigMapping::new(qconfig)).map_err(|e| e.to_string())?;
+        let mut prepared = prepare(graph, &mapping).map_err(|e| e.to_string())?;
         for b in &batches {
             prepared.calibrate(b).map_err(|e| format!("{name}: {e}"))?;
         }

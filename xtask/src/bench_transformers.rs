@@ -1,6 +1,8 @@
 //! Transformers in `cargo xtask bench` (`--filter transformers`, with `--peers`): ViT-B/16 and
-//! BERT-base (sequences of 128 tokens) imported from ONNX and quantized two ways, static int8
-//! (our default configuration) and dynamic per token, against PyTorch's `quantize_dynamic`
+//! BERT-base (sequences of 128 tokens) imported from ONNX and quantized four ways, static int8
+//! (our default configuration), static int8 with the residual stream in float
+//! ([`qnn::ResidualStream::Float`]), and dynamic per token over 8-bit and 7-bit codes,
+//! against PyTorch's `quantize_dynamic`
 //! and ONNX Runtime's `quantize_dynamic` and `quantize_static` of the same model, timed
 //! alternately over rounds as the CNNs are.
 //!
@@ -65,11 +67,18 @@ fn items(model: &Spec, n: usize, seed: u64) -> Vec<ArrayD<f32>> {
 const FLAVOURS: [&str; 3] = ["pytorch_dynamic", "onnxruntime_dynamic", "onnxruntime_static"];
 
 /// Our quantizations: the record's suffix, what the table calls it, the configuration.
-fn configs() -> [(&'static str, &'static str, qobserve::QConfig); 3] {
+fn configs() -> [(&'static str, &'static str, qnn::QConfigMapping); 4] {
+    use qnn::QConfigMapping as M;
+    use qobserve::QConfig;
     [
-        ("", "static int8 (default)", qobserve::QConfig::default()),
-        ("_dynamic", "dynamic per token", qobserve::QConfig::dynamic_per_token()),
-        ("_dynamic_reduced", "dynamic per token, 7-bit", qobserve::QConfig::dynamic_per_token_reduced()),
+        ("", "static int8 (default)", M::new(QConfig::default())),
+        (
+            "_float_residual",
+            "static int8, float residual",
+            M::new(QConfig::default()).residual(qnn::ResidualStream::Float),
+        ),
+        ("_dynamic", "dynamic per token", M::new(QConfig::dynamic_per_token())),
+        ("_dynamic_reduced", "dynamic per token, 7-bit", M::new(QConfig::dynamic_per_token_reduced())),
     ]
 }
 
@@ -152,11 +161,10 @@ pub fn run(root: &Path, o: &Options<'_>, records: &mut Vec<Record>) -> Result<()
         let imported = qonnx::load(&path, &opts).map_err(|e| format!("{name}: {e}"))?;
         let reference = imported.graph.run(xq).map_err(|e| format!("{name}: {e}"))?.remove(0);
         let float_rel_err = rel_err_to_pb(&dir.join(format!("{name}.ort_f32.pb")), &reference);
-        for (suffix, what, qconfig) in configs() {
+        for (suffix, what, mapping) in configs() {
             // A fresh import per configuration (a graph is consumed by preparing it).
             let graph = qonnx::load(&path, &opts).map_err(|e| e.to_string())?.graph;
-            let mut p =
-                qnn::prepare(graph, &qnn::QConfigMapping::new(qconfig)).map_err(|e| format!("{name}{suffix}: {e}"))?;
+            let mut p = qnn::prepare(graph, &mapping).map_err(|e| format!("{name}{suffix}: {e}"))?;
             for i in 0..CALIBRATION_ITEMS {
                 let item: Vec<ArrayD<f32>> =
                     calib.iter().map(|x| x.slice_axis(Axis(0), ndarray::Slice::from(i..i + 1)).to_owned()).collect();
