@@ -1391,9 +1391,21 @@ struct Attention {
     product: usize,
     /// The second product's right operand (`v`).
     v: Tensor,
+    /// An int8 permutation swapping the last two axes of `k` into `kt` that only the first
+    /// product reads (directly, or through `key_scale`): skipped, the product packing `k` as
+    /// it is.
+    transpose: Option<usize>,
+    /// An int8 `MulScalar` between that permutation and the first product (ViT's export
+    /// scales `kt`): run on `k` instead (it changes the parameters, not the codes).
+    key_scale: Option<usize>,
 }
 
 impl Attention {
+    /// Whether node `x` runs in this attention step (its first product excepted).
+    fn runs(&self, x: usize) -> bool {
+        self.inner().any(|y| y == x) || self.transpose == Some(x) || self.key_scale == Some(x)
+    }
+
     /// The nodes it runs besides its first product, in order.
     fn inner(&self) -> impl Iterator<Item = usize> {
         self.scale
@@ -1504,14 +1516,48 @@ fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) 
         }
         let v = jn.inputs[1];
         if before(v, i) {
-            let f = Attention { scale, mask_const, mask, softmax: s, nan, product: j, v };
-            for x in f.inner() {
+            let (transpose, key_scale) = key_transpose(g, i, &sole_reader, producer);
+            let f = Attention { scale, mask_const, mask, softmax: s, nan, product: j, v, transpose, key_scale };
+            for x in f.inner().chain(transpose).chain(key_scale) {
                 runs_in[x] = true;
             }
             fused[i] = Some(f);
         }
     }
     (fused, runs_in)
+}
+
+/// For an int8 product `i` of attention, `q x kt`: the int8 permutation swapping the last two
+/// axes that gives `kt` (or the value an int8 `MulScalar` scales into `kt`), when the product
+/// alone reads its output (through that scaling alone) and `q` is not the same value; with
+/// it, that scaling.
+fn key_transpose(
+    g: &QGraph,
+    i: usize,
+    sole_reader: &dyn Fn(Tensor) -> Option<usize>,
+    producer: &[Option<usize>],
+) -> (Option<usize>, Option<usize>) {
+    use crate::ops::scalar::MulScalarOp;
+    use crate::ops::shape::Permute;
+    let n = &g.nodes[i];
+    let op = |p: usize| step_of(&g.nodes[p]).op.as_any();
+    let kt = n.inputs[1];
+    let key_scale = producer[kt.0]
+        .filter(|&p| sole_reader(kt) == Some(i) && op(p).is::<MulScalarOp>() && g.nodes[p].inputs.len() == 1);
+    let (kt, kt_reader) = match key_scale {
+        Some(p) => (g.nodes[p].inputs[0], p),
+        None => (kt, i),
+    };
+    let transpose = producer[kt.0].filter(|&p| {
+        sole_reader(kt) == Some(kt_reader)
+            && n.inputs[0] != n.inputs[1]
+            && g.nodes[p].inputs.len() == 1
+            && op(p).downcast_ref::<Permute>().is_some_and(|t| {
+                let r = t.dims.len();
+                r >= 3 && t.dims[..r - 2].iter().enumerate().all(|(a, &d)| a == d) && t.dims[r - 2..] == [r - 1, r - 2]
+            })
+    });
+    (transpose, key_scale.filter(|_| transpose.is_some()))
 }
 
 /// A convolution that runs the int8 addition which alone reads its output.
@@ -2075,12 +2121,10 @@ impl QuantizedModel {
                     // A transposition attention runs: its input's shape, the last two axes
                     // swapped (the input is still there, for the product to read).
                     let transposed = || {
-                        let f = self
-                            .fused_float_attention
-                            .iter()
-                            .flatten()
-                            .find(|f| f.transpose == Some(i) || f.key_scale == Some(i))?;
-                        let k = vals[g.nodes[f.transpose?].inputs[0].0].as_ref()?;
+                        let float = self.fused_float_attention.iter().flatten().map(|f| (f.transpose, f.key_scale));
+                        let int8 = self.fused_attention.iter().flatten().map(|f| (f.transpose, f.key_scale));
+                        let (p, _) = float.chain(int8).find(|&(p, x)| p == Some(i) || x == Some(i))?;
+                        let k = vals[g.nodes[p?].inputs[0].0].as_ref()?;
                         Some(crate::ops::matmul::swap_last_two(k.shape()))
                     };
                     t.push((0.0, inner.or(shape).or_else(transposed).unwrap_or_default()));
@@ -2088,8 +2132,14 @@ impl QuantizedModel {
                 continue;
             }
             if let Some(f) = self.fused_attention[i] {
-                let (kt, q) = (take(vals, left, n.inputs[1]), take(vals, left, n.inputs[0]));
-                let scores = crate::ops::matmul::matmul_shape(q.shape(), kt.shape()).unwrap_or_default();
+                // The key as the product reads it: `kt`, or `k` when its transposition runs here.
+                let key = f.transpose.map_or(n.inputs[1], |p| g.nodes[p].inputs[0]);
+                let (kt, q) = (take(vals, left, key), take(vals, left, n.inputs[0]));
+                let kt_shape = match f.transpose {
+                    Some(_) => crate::ops::matmul::swap_last_two(kt.shape()),
+                    None => kt.shape().to_vec(),
+                };
+                let scores = crate::ops::matmul::matmul_shape(q.shape(), &kt_shape).unwrap_or_default();
                 let mask = match (f.mask, f.mask_const) {
                     // The constant mask for the scores' batch size, all its `BatchConst` reads.
                     (Some(_), Some(k)) => {
@@ -2105,7 +2155,7 @@ impl QuantizedModel {
                 let y = self.attention(i, f, (q, kt, v), mask, run)?;
                 if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
                     t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
-                    for x in f.inner().filter(|&x| x != f.product) {
+                    for x in f.inner().filter(|&x| x != f.product && Some(x) != f.transpose && Some(x) != f.key_scale) {
                         inner_shapes.push((x, scores.clone()));
                     }
                 }
@@ -2265,11 +2315,8 @@ impl QuantizedModel {
                 let runs_in = self.runs_in_conv[i].map(|conv| self.graph.nodes[conv].name.clone());
                 let runs_in = runs_in.or_else(|| {
                     self.runs_in_attention[i].then(|| {
-                        let first = self
-                            .fused_attention
-                            .iter()
-                            .position(|f| f.is_some_and(|f| f.inner().any(|x| x == i)))
-                            .or_else(|| {
+                        let first =
+                            self.fused_attention.iter().position(|f| f.is_some_and(|f| f.runs(i))).or_else(|| {
                                 self.fused_float_attention.iter().position(|f| {
                                     f.is_some_and(|f| {
                                         f.softmax == i
@@ -2336,23 +2383,40 @@ impl QuantizedModel {
         });
         let add =
             f.mask.map(|(x, ..)| step_of(&g.nodes[x]).op.as_any().downcast_ref::<AddOp>().expect("found at assembly"));
-        let scores = matmul_shape(q.shape(), kt.shape());
-        let fits = attention_fits(q.shape(), kt.shape(), v.shape())
+        let step = |x: usize, args: &mut Vec<Value>| {
+            let n = &g.nodes[x];
+            Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))
+        };
+        // With the key's transposition here, `kt` holds `k`.
+        let kt_shape = match f.transpose {
+            Some(_) => crate::ops::matmul::swap_last_two(kt.shape()),
+            None => kt.shape().to_vec(),
+        };
+        let scores = matmul_shape(q.shape(), &kt_shape);
+        let fits = attention_fits(q.shape(), &kt_shape, v.shape())
             && softmax.over_last_axis(q.shape().len())
             && mask.as_ref().is_none_or(|m| scores.as_deref().is_some_and(|s| mask_fits(s, m.shape())));
+        let mut args = Vec::new();
         if fits {
             let mask = match (mask, add, f.mask) {
                 (Some(mask), Some(add), Some((_, _, scores_first))) => Some(MaskAdd { add, mask, scores_first }),
                 _ => None,
             };
-            return attention((first, softmax, second), Between { scale, mask }, q, kt, v, run)
+            let mut kt = kt;
+            if let Some(x) = f.key_scale {
+                // The scaling of `kt`, on `k`: the same codes, the same parameters.
+                args.push(kt);
+                kt = step(x, &mut args)?;
+            }
+            return attention((first, softmax, second), Between { scale, mask }, q, kt, f.transpose.is_some(), v, run)
                 .map_err(|e| e.within(&names()));
         }
-        let step = |x: usize, args: &mut Vec<Value>| {
-            let n = &g.nodes[x];
-            Self::node_step(step_of(n), args, run).map_err(|e| e.within(&n.name))
-        };
-        let mut args = vec![q, kt];
+        let mut kt = kt;
+        for x in f.transpose.into_iter().chain(f.key_scale) {
+            args.push(kt);
+            kt = step(x, &mut args)?;
+        }
+        args.extend([q, kt]);
         let mut scores = step(i, &mut args)?;
         if let Some(x) = f.scale {
             args.push(scores);

@@ -386,13 +386,20 @@ fn attention_products_of_two_computed_values_run_in_int8() {
 /// Attention over 4-D heads runs head by head in one step (the first product names the
 /// other two in the profile) and gives the same bytes as its three ops run one after the
 /// other, on one thread or two: the same graph with the softmax's output also a model output
-/// does not fuse. Keys shared by the batch (broadcast) run the three ops in turn, alike.
+/// does not fuse. Keys shared by the batch (broadcast) run the three ops in turn, alike. Keys
+/// given as `k` and transposed by a permutation of the last two axes, then maybe scaled by a
+/// constant (ViT's export), are packed as they are: the permutation and the scaling run in
+/// the first product too.
 #[test]
 fn fused_attention_gives_the_bytes_of_its_three_ops() {
-    use qnn::layers::Softmax;
-    let build = |expose: bool| {
+    use qnn::layers::{MulScalar, Permute, Softmax};
+    let build = |expose: bool, transpose_k: bool, scale_k: bool| {
         let mut g = GraphBuilder::new();
-        let (q, kt, v) = (g.input("q"), g.input("kt"), g.input("v"));
+        let (q, k, v) = (g.input("q"), g.input("k"), g.input("v"));
+        let mut kt = if transpose_k { g.layer("kt", Permute { dims: vec![0, 1, 3, 2] }, k).unwrap() } else { k };
+        if scale_k {
+            kt = g.layer("kscale", MulScalar { factor: 0.35 }, kt).unwrap();
+        }
         let s = g.matmul("scores", q, kt).unwrap();
         let p = g.layer("softmax", Softmax { dim: -1 }, s).unwrap();
         let o = g.matmul("context", p, v).unwrap();
@@ -402,8 +409,12 @@ fn fused_attention_gives_the_bytes_of_its_three_ops() {
         }
         g.build().unwrap()
     };
-    for kt_batch in [2, 1] {
-        let xs = [images(6, &[2, 3, 7, 4]), images(7, &[kt_batch, 3, 4, 9]), images(8, &[2, 3, 9, 5])];
+    for (kt_batch, transpose_k, scale_k) in
+        [(2, false, false), (1, false, false), (2, true, false), (2, true, true), (1, true, true), (2, false, true)]
+    {
+        let k_shape = if transpose_k { [kt_batch, 3, 9, 4] } else { [kt_batch, 3, 4, 9] };
+        let xs = [images(6, &[2, 3, 7, 4]), images(7, &k_shape), images(8, &[2, 3, 9, 5])];
+        let build = |expose: bool| build(expose, transpose_k, scale_k);
         let quantized = |expose: bool| {
             let mut p = prepare(build(expose), &QConfigMapping::new(QConfig::default())).unwrap();
             p.calibrate_inputs(&xs).unwrap();
@@ -426,6 +437,16 @@ fn fused_attention_gives_the_bytes_of_its_three_ops() {
         let runs_in = |n: &str| prof.iter().find(|t| t.name == n).unwrap().runs_in.clone();
         assert_eq!(runs_in("softmax").as_deref(), Some("scores"));
         assert_eq!(runs_in("context").as_deref(), Some("scores"));
+        if transpose_k {
+            assert_eq!(runs_in("kt").as_deref(), Some("scores"), "keys of batch {kt_batch}");
+            let kt = prof.iter().find(|t| t.name == "kt").unwrap();
+            assert_eq!(kt.out_shape, [kt_batch, 3, 4, 9], "the transposed keys' shape in the profile");
+        }
+        if scale_k {
+            // Scaled keys without the permutation stay a step of their own.
+            let want = transpose_k.then_some("scores");
+            assert_eq!(runs_in("kscale").as_deref(), want, "keys of batch {kt_batch}, transposed {transpose_k}");
+        }
         let prof = apart.profile(&xs, 1).unwrap();
         assert!(prof.iter().all(|t| t.runs_in.is_none()));
     }

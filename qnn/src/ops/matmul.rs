@@ -244,13 +244,16 @@ pub(crate) fn mask_fits(scores: &[usize], mask: &[usize]) -> bool {
 /// computed head by head with each head's scores kept in small buffers in logical order: the
 /// same arithmetic as the ops one after the other (the same bytes out), without moving the
 /// whole score tensor between its stored and logical orders at every step. On more than one
-/// thread the heads are shared out. The shapes must fit ([`attention_fits`], and
-/// [`mask_fits`] for a mask).
+/// thread the heads are shared out. With `key_is_k`, `kt` holds `k` itself (its last two axes
+/// swapped), which the first product packs as it is (the same bytes). The shapes must fit
+/// ([`attention_fits`], for `k`'s transpose, and [`mask_fits`] for a mask).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     (first, softmax, second): (&MatMulOp, &super::softmax::SoftmaxOp, &MatMulOp),
     between: Between<'_>,
     q: Value,
     kt: Value,
+    key_is_k: bool,
     v: Value,
     run: Run,
 ) -> Result<Value> {
@@ -261,7 +264,8 @@ pub(crate) fn attention(
     let (kd, kshape, kq) = quantized(kt, qb)?;
     let (vd, vshape, vq) = quantized(v, vb)?;
     let r = qshape.len();
-    let (m, k, n, d) = (qshape[r - 2], qshape[r - 1], kshape[r - 1], vshape[r - 1]);
+    let n = if key_is_k { kshape[r - 2] } else { kshape[r - 1] };
+    let (m, k, d) = (qshape[r - 2], qshape[r - 1], vshape[r - 1]);
     let mut out = qshape.clone();
     out[r - 1] = d;
     let len = budget(&out, 1, run, "attention")?;
@@ -294,7 +298,7 @@ pub(crate) fn attention(
         let (mut scores, mut probs, mut spare) = (scratch::take(m * n), scratch::take(m * n), scratch::take(m * n));
         let qh = (&qd[h * m * k..][..m * k], &[m, k][..], qq);
         let kh = (&kd[h * k * n..][..k * n], &[k, n][..], kq);
-        let done = matmul_u8(qh, kh, &[m, n], so, &mut scores, threads).and_then(|()| {
+        let done = matmul_u8(qh, kh, key_is_k, &[m, n], so, &mut scores, threads).and_then(|()| {
             let mut sq = so;
             if let Some(c) = between.scale {
                 sq = qkernels::mul_scalar(&scores, sq, c, &mut spare).map_err(op_err)?;
@@ -324,7 +328,7 @@ pub(crate) fn attention(
             qkernels::softmax_u8(&scores, sq, (m, n, 1), softmax.out_q(), &mut probs).map_err(op_err)?;
             let ph = (&probs[..], &[m, n][..], softmax.out_q());
             let vh = (&vd[h * n * d..][..n * d], &[n, d][..], vq);
-            matmul_u8(ph, vh, &[m, d], out_q, yh, threads)
+            matmul_u8(ph, vh, false, &[m, d], out_q, yh, threads)
         });
         scratch::give(scores);
         scratch::give(probs);
@@ -352,11 +356,14 @@ pub(crate) const OP: (&str, super::OpLoader) =
     ("MatMul", |j, _, node| Ok(Box::new(parse::<MatMulOp>(j, node, "MatMul")?)));
 
 /// `a x b` on codes: `a` (`[m, k]` per batch, parameters `qa`) times `b` (`[k, n]`, `qb`),
-/// requantized to `qo`, written into `y` (`[m, n]` per batch).
+/// requantized to `qo`, written into `y` (`[m, n]` per batch). With `b_transposed`, `db`
+/// holds each batch's `b` transposed (`[n, k]`, the packing's order; `bshape` still says
+/// `[.., k, n]`).
 #[allow(clippy::too_many_arguments)]
 fn matmul_u8(
     (da, ashape, qa): (&[u8], &[usize], QuantU8),
     (db, bshape, qb): (&[u8], &[usize], QuantU8),
+    b_transposed: bool,
     out: &[usize],
     qo: QuantU8,
     y: &mut [u8],
@@ -367,10 +374,16 @@ fn matmul_u8(
     // One batch: the right operand's codes as i8 weights, `b - 128` with zero point
     // `zb - 128` (so that `w - zw == b - zb` exactly), transposed to `[n, k]`.
     let batch = |(oa, ob): (usize, usize), yt: &mut [u8], threads: usize| -> Result<()> {
-        let mut bt = scratch::take(n * k);
-        transpose_bytes(&db[ob * k * n..][..k * n], k, n, &mut bt);
-        let codes: Vec<i8> = bt.iter().map(|&v| (v ^ 0x80) as i8).collect();
-        scratch::give(bt);
+        let b = &db[ob * k * n..][..k * n];
+        let codes: Vec<i8> = if b_transposed {
+            b.iter().map(|&v| (v ^ 0x80) as i8).collect()
+        } else {
+            let mut bt = scratch::take(n * k);
+            transpose_bytes(b, k, n, &mut bt);
+            let codes = bt.iter().map(|&v| (v ^ 0x80) as i8).collect();
+            scratch::give(bt);
+            codes
+        };
         let w = PackedWeights::from_codes(qtensor::isa::selected(), codes, n, k, qb.scale, qb.zero_point - 128)
             .map_err(op_err)?;
         let a = QMatrix { data: &da[oa * m * k..][..m * k], m, k, lda: k, scale: qa.scale, zero_point: qa.zero_point };
@@ -410,7 +423,7 @@ impl QOp for MatMulOp {
         let len = budget(&out, 1, run, "matmul")?;
         let (ad, bd) = (logical_vec(ad, &ashape), logical_vec(bd, &bshape));
         let mut y = scratch::take(len);
-        let done = matmul_u8((&ad, &ashape, aq), (&bd, &bshape, bq), &out, qo, &mut y, run.threads);
+        let done = matmul_u8((&ad, &ashape, aq), (&bd, &bshape, bq), false, &out, qo, &mut y, run.threads);
         scratch::give(ad);
         scratch::give(bd);
         done?;
@@ -483,7 +496,7 @@ mod tests {
             let (qa, qb) = (QuantU8 { scale: 0.02, zero_point: 131 }, QuantU8 { scale: 0.013, zero_point: 7 });
             let qo = QuantU8 { scale: 0.9, zero_point: 120 };
             let mut y = vec![0u8; out.iter().product()];
-            matmul_u8((&da, &ashape, qa), (&db, &bshape, qb), &out, qo, &mut y, 1).unwrap();
+            matmul_u8((&da, &ashape, qa), (&db, &bshape, qb), false, &out, qo, &mut y, 1).unwrap();
             let (m, k, n) = (out[out.len() - 2], ashape[ashape.len() - 1], out[out.len() - 1]);
             let mult = qa.scale * qb.scale / qo.scale;
             let mut clamped = 0;

@@ -98,6 +98,12 @@ unsafe fn block(src: &[u8], cols: usize, (r, c): (usize, usize), (h, w): (usize,
         if h == 16 {
             // SAFETY: row c + j of `dst`, bytes r..r + 16, inside it by the caller's contract.
             unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(at).cast(), *col) };
+        } else if at + 16 <= rows * cols {
+            // A side under 16 is the whole of `rows` (h = rows, r = 0): the 16 - h bytes past
+            // this output row are the start of the next ones, which later stores (j, then c,
+            // only increase) write with their own values; the last row's stays in `dst`.
+            // SAFETY: bytes at..at + 16 lie within the rows * cols that `dst` holds (checked).
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(at).cast(), *col) };
         } else {
             let mut t = [0u8; 16];
             // SAFETY: `t` holds 16 bytes.
