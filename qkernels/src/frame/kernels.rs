@@ -97,6 +97,9 @@ pub(crate) struct Kernels {
     pub add_u8: AddKernel,
     /// `out[i] = table[x[i]]` over `x.len() == out.len()` bytes.
     pub lut: fn(&[u8; 256], &[u8], &mut [u8]),
+    /// `out[i] = table[top - x[i]]` over `x.len() == out.len()` codes, each at most `top`
+    /// (a softmax row's exponentials by distance below its largest code).
+    pub lookup_below: fn(&[f32; 256], &[u8], u8, &mut [f32]),
     /// The minimum, maximum and count of non-finite values of `f32`s (the count may be any
     /// non-zero number when there is one); the generic entry is a loop compiled per tier,
     /// which takes the tier.

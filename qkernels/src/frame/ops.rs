@@ -950,6 +950,8 @@ pub fn softmax_u8(
         return Ok(());
     }
     let table: [f32; 256] = std::array::from_fn(|d| (-(d as f32) * q.scale).exp());
+    let isa = qtensor::isa::selected();
+    let lookup = crate::registry::kernels(isa).lookup_below;
     // Whole blocks of lanes, about 4096 values at a time: their probabilities in f32, then
     // quantized as any f32 slice is.
     let block = len * inner;
@@ -958,7 +960,7 @@ pub fn softmax_u8(
     let range = QuantRange::full(DType::U8);
     for (xs, os) in x.chunks(per).zip(out.chunks_mut(per)) {
         let e = &mut e[..xs.len()];
-        probabilities(qtensor::isa::selected(), xs, &table, (len, inner), e);
+        probabilities(isa, xs, &table, lookup, (len, inner), e);
         quantize_serial(e, os, qo, range)?;
     }
     Ok(())
@@ -966,15 +968,20 @@ pub fn softmax_u8(
 
 multiversion! {
     /// `exp(x - max) / sum` of each lane of `x` (whole blocks of `len * inner` codes), from
-    /// the table of `exp(-d * scale)`, into `e`.
-    fn probabilities(x: &[u8], table: &[f32; 256], lanes: (usize, usize), e: &mut [f32]) {
+    /// the table of `exp(-d * scale)`, into `e`; rows (`inner` 1) look their values up with
+    /// the tier's `lookup` (`Kernels::lookup_below`: the same entries on every tier).
+    fn probabilities(
+        x: &[u8],
+        table: &[f32; 256],
+        lookup: fn(&[f32; 256], &[u8], u8, &mut [f32]),
+        lanes: (usize, usize),
+        e: &mut [f32],
+    ) {
         let (len, inner) = lanes;
         if inner == 1 {
             for (row, e) in x.chunks_exact(len).zip(e.chunks_exact_mut(len)) {
                 let top = row.iter().copied().max().unwrap_or(0);
-                for (e, &v) in e.iter_mut().zip(row) {
-                    *e = table[(top - v) as usize];
-                }
+                lookup(table, row, top, e);
                 // Eight partial sums: a chain of dependent additions would bound the speed.
                 let mut part = [0f32; 8];
                 let mut chunks = e.chunks_exact(8);

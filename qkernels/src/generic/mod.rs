@@ -38,6 +38,7 @@ pub(crate) fn kernels() -> Kernels {
         },
         add_u8: AddKernel { lanes: 1, run: add::add_u8 },
         lut: lut::lut,
+        lookup_below: lut::lookup_below,
         min_max: min_max::min_max_lanes,
         transpose: transpose::transpose,
         f32: F32Kernels { tile: fconv::tile, depthwise_pixel: fconv::depthwise_pixel },

@@ -36,6 +36,7 @@ pub(super) fn register(k: &mut Kernels) {
     if is_x86_feature_detected!("avx512vbmi") {
         k.lut = lut::lut;
     }
+    k.lookup_below = lut::lookup_below;
     k.min_max = min_max::min_max;
     k.f32.tile = fconv::tile_avx512;
     k.f32.depthwise_pixel = fconv::depthwise_pixel;
