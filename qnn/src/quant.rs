@@ -2155,7 +2155,7 @@ impl QuantizedModel {
                 let y = self.attention(i, f, (q, kt, v), mask, run)?;
                 if let (Some(t), Some(start)) = (timing.as_deref_mut(), start) {
                     t.push((start.elapsed().as_secs_f64() * 1e3, scores.clone()));
-                    for x in f.inner().filter(|&x| x != f.product && Some(x) != f.transpose && Some(x) != f.key_scale) {
+                    for x in f.inner().filter(|&x| x != f.product) {
                         inner_shapes.push((x, scores.clone()));
                     }
                 }
