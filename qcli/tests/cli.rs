@@ -297,14 +297,21 @@ fn a_symbolic_sequence_length_takes_its_size_from_the_data_and_runs_at_others() 
 /// smoothed before calibration, the others listed with the reason; `report` smooths the
 /// float model the same way to compare; a bad alpha, or no calibration data to measure on,
 /// is an error that says so.
-#[test]
-fn smooth_quant_on_a_vision_transformer() {
-    let dir = scratch("smooth");
+/// A scratch folder named `name`, the bundled digits ViT's path, and 16 images for it written
+/// there as `calib.npy`.
+fn digits_vit(name: &str) -> (PathBuf, String, PathBuf) {
+    let dir = scratch(name);
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qnn/data/digits_vit/model.onnx");
-    let model = model.to_str().unwrap();
     let calib = dir.join("calib.npy");
     let x = ndarray::Array4::from_shape_fn((16, 1, 8, 8), |(n, _, h, w)| ((n * 64 + h * 8 + w) % 17) as f32 / 4.0);
     ndarray_npy::write_npy(&calib, &x).unwrap();
+    (dir, model.to_str().unwrap().to_string(), calib)
+}
+
+#[test]
+fn smooth_quant_on_a_vision_transformer() {
+    let (dir, model, calib) = digits_vit("smooth");
+    let model = model.as_str();
     let out = dir.join("vit.int8.safetensors");
     let args = ["quantize", model, "--calib", calib.to_str().unwrap(), "-o", out.to_str().unwrap()];
     let o = qrust(&[&args[..], &["--smooth-quant", "0.5"]].concat());
@@ -337,12 +344,8 @@ fn smooth_quant_on_a_vision_transformer() {
 /// LayerNorms reading them stay float, the plan says why, and the int8 model runs.
 #[test]
 fn a_float_residual_stream_on_a_vision_transformer() {
-    let dir = scratch("residual");
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qnn/data/digits_vit/model.onnx");
-    let model = model.to_str().unwrap();
-    let calib = dir.join("calib.npy");
-    let x = ndarray::Array4::from_shape_fn((16, 1, 8, 8), |(n, _, h, w)| ((n * 64 + h * 8 + w) % 17) as f32 / 4.0);
-    ndarray_npy::write_npy(&calib, &x).unwrap();
+    let (dir, model, calib) = digits_vit("residual");
+    let model = model.as_str();
     let config = dir.join("residual.toml");
     std::fs::write(&config, "residual = \"float\"\n").unwrap();
     let out = dir.join("vit.int8.safetensors");

@@ -1329,36 +1329,7 @@ fn float_attention_fusions(
         }
         let v = jn.inputs[1];
         if producer[v.0].is_none_or(|p| p < i) {
-            let kt = n.inputs[1];
-            let float_layer = |p: usize| {
-                op(p)
-                    .downcast_ref::<crate::ops::fallback::FloatOp>()
-                    .map(|f| f.0.as_any())
-                    .filter(|_| g.nodes[p].inputs.len() == 1)
-            };
-            // The scaling of `kt`, read by the product alone, and the value it scales.
-            let key_scale = producer[kt.0].filter(|&p| {
-                sole_reader(kt) == Some(i) && float_layer(p).is_some_and(|m| m.is::<crate::ops::scalar::MulScalar>())
-            });
-            let (kt, kt_reader) = match key_scale {
-                Some(p) => (g.nodes[p].inputs[0], p),
-                None => (kt, i),
-            };
-            let transpose = producer[kt.0].filter(|&p| {
-                sole_reader(kt) == Some(kt_reader)
-                    && n.inputs[0] != n.inputs[1]
-                    && g.nodes[p].inputs.len() == 1
-                    && op(p).downcast_ref::<crate::ops::fallback::FloatOp>().is_some_and(|f| {
-                        f.0.as_any().downcast_ref::<crate::ops::shape::Permute>().is_some_and(|t| {
-                            let r = t.dims.len();
-                            r >= 3
-                                && t.dims[..r - 2].iter().enumerate().all(|(a, &d)| a == d)
-                                && t.dims[r - 2..] == [r - 1, r - 2]
-                        })
-                    })
-            });
-            // The scaling runs in the product only with the permutation.
-            let key_scale = key_scale.filter(|_| transpose.is_some());
+            let (transpose, key_scale) = key_transpose(g, i, &sole_reader, producer, true);
             for p in transpose.into_iter().chain(key_scale) {
                 runs_in[p] = true;
             }
@@ -1516,7 +1487,7 @@ fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) 
         }
         let v = jn.inputs[1];
         if before(v, i) {
-            let (transpose, key_scale) = key_transpose(g, i, &sole_reader, producer);
+            let (transpose, key_scale) = key_transpose(g, i, &sole_reader, producer, false);
             let f = Attention { scale, mask_const, mask, softmax: s, nan, product: j, v, transpose, key_scale };
             for x in f.inner().chain(transpose).chain(key_scale) {
                 runs_in[x] = true;
@@ -1527,23 +1498,35 @@ fn attention_fusions(g: &QGraph, readers: &[usize], producer: &[Option<usize>]) 
     (fused, runs_in)
 }
 
-/// For an int8 product `i` of attention, `q x kt`: the int8 permutation swapping the last two
-/// axes that gives `kt` (or the value an int8 `MulScalar` scales into `kt`), when the product
-/// alone reads its output (through that scaling alone) and `q` is not the same value; with
-/// it, that scaling.
+/// For attention's first product `i`, `q x kt` (float ops with `float`, else int8 ones): the
+/// permutation swapping the last two axes that gives `kt` (or the value a `MulScalar` scales
+/// into `kt`), when the product alone reads its output (through that scaling alone) and `q`
+/// is not the same value; with it, that scaling (the scaling runs in the product only with
+/// the permutation).
 fn key_transpose(
     g: &QGraph,
     i: usize,
     sole_reader: &dyn Fn(Tensor) -> Option<usize>,
     producer: &[Option<usize>],
+    float: bool,
 ) -> (Option<usize>, Option<usize>) {
-    use crate::ops::scalar::MulScalarOp;
     use crate::ops::shape::Permute;
+    // Node `p` as a one-input layer of the wanted kind: a float op's module, or the int8 op.
+    let layer = |p: usize| -> Option<&dyn std::any::Any> {
+        let op = step_of(&g.nodes[p]).op.as_any();
+        let m = if float { op.downcast_ref::<FloatOp>()?.0.as_any() } else { op };
+        (g.nodes[p].inputs.len() == 1).then_some(m)
+    };
+    let is_scale = |m: &dyn std::any::Any| {
+        if float {
+            m.is::<crate::ops::scalar::MulScalar>()
+        } else {
+            m.is::<crate::ops::scalar::MulScalarOp>()
+        }
+    };
     let n = &g.nodes[i];
-    let op = |p: usize| step_of(&g.nodes[p]).op.as_any();
     let kt = n.inputs[1];
-    let key_scale = producer[kt.0]
-        .filter(|&p| sole_reader(kt) == Some(i) && op(p).is::<MulScalarOp>() && g.nodes[p].inputs.len() == 1);
+    let key_scale = producer[kt.0].filter(|&p| sole_reader(kt) == Some(i) && layer(p).is_some_and(is_scale));
     let (kt, kt_reader) = match key_scale {
         Some(p) => (g.nodes[p].inputs[0], p),
         None => (kt, i),
@@ -1551,8 +1534,7 @@ fn key_transpose(
     let transpose = producer[kt.0].filter(|&p| {
         sole_reader(kt) == Some(kt_reader)
             && n.inputs[0] != n.inputs[1]
-            && g.nodes[p].inputs.len() == 1
-            && op(p).downcast_ref::<Permute>().is_some_and(|t| {
+            && layer(p).and_then(|m| m.downcast_ref::<Permute>()).is_some_and(|t| {
                 let r = t.dims.len();
                 r >= 3 && t.dims[..r - 2].iter().enumerate().all(|(a, &d)| a == d) && t.dims[r - 2..] == [r - 1, r - 2]
             })
