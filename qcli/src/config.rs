@@ -13,6 +13,7 @@
 //! pool_outputs = "observed"   # or "input" (PyTorch's choice)
 //! table_outputs = "auto"      # sigmoid / hard-sigmoid / tanh: "observed", "fixed" (PyTorch's grid) or auto
 //! residual = "int8"           # or "float": additions a LayerNorm reads, and those LayerNorms, in float
+//! bias_correction = true      # false: int8 Conv / Linear biases as they are (PyTorch's and ONNX Runtime's)
 //!
 //! [[rule]]                    # later rules win; names beat op types and kinds
 //! name = "/features/0/*"      # a node name, a name prefix ("/layer1" matches "/layer1/..."), or a glob
@@ -66,6 +67,7 @@ struct File {
     pool_outputs: Option<String>,
     table_outputs: Option<String>,
     residual: Option<String>,
+    bias_correction: Option<bool>,
     #[serde(default)]
     rule: Vec<Rule>,
 }
@@ -192,6 +194,9 @@ pub fn mapping(
     if let Some(f) = file.fusion {
         m = m.fusion(f);
     }
+    if let Some(b) = file.bias_correction {
+        m = m.bias_correction(b);
+    }
     match file.pool_outputs.as_deref() {
         None | Some("observed") => {}
         Some("input") => m = m.pool_outputs(qnn::PoolOutputs::InputParams),
@@ -271,6 +276,15 @@ mod tests {
         assert!(matches!(m.resolve("/layer1/0/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Mse(_)));
         assert!(matches!(m.resolve("/add", "add").unwrap().activation, ObserverSpec::MinMax(_)));
         assert!(matches!(m.resolve("/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Histogram { .. }));
+    }
+
+    #[test]
+    fn biases_are_corrected_unless_asked() {
+        let none = HashMap::new();
+        assert!(mapping(None, &none).unwrap().corrects_bias());
+        assert!(!mapping(Some(("bias_correction = false", "c.toml")), &none).unwrap().corrects_bias());
+        let e = mapping(Some(("bias_correction = \"no\"", "c.toml")), &none).unwrap_err();
+        assert!(e.contains("bias_correction"), "{e}");
     }
 
     #[test]

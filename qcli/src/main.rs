@@ -579,6 +579,13 @@ fn print_plan(q: &QuantizedModel) {
     let float: Vec<_> = plan.iter().filter(|p| matches!(p.mode, Mode::Float(_))).collect();
     let dynamic = if dynamic > 0 { format!(", {dynamic} dynamic") } else { String::new() };
     say!("plan: {int8} layers in int8{dynamic}, {} in float, {pass} folded away", float.len());
+    let corrected = plan.iter().filter(|p| p.bias_corrected).count();
+    if corrected > 0 {
+        say!(
+            "  bias corrected: {corrected} layer(s) (their rounded weights' mean, measured on the calibration data, \
+             taken off their biases; bias_correction = false keeps them as they are)"
+        );
+    }
     for p in float {
         if let Mode::Float(why) = &p.mode {
             say!("  float: {} ({}): {why}", p.name, p.kind);

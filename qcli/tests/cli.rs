@@ -48,8 +48,24 @@ fn quantize_run_report_and_export() {
         int8.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    // The rule kept the classifier in float, and the plan says so.
+    // The rule kept the classifier in float, and the plan says so; the convolutions' biases
+    // were corrected.
     assert!(text(&o).contains("float: /fc/Gemm (Linear): kept in float by the configuration"), "{}", text(&o));
+    assert!(text(&o).contains("bias corrected: "), "{}", text(&o));
+    let plain = dir.join("rules_plain.toml");
+    std::fs::write(&plain, "bias_correction = false\n").unwrap();
+    let out = dir.join("plain.safetensors");
+    let o = qrust(&[
+        "quantize",
+        &model,
+        "--calib",
+        &calib,
+        "--config",
+        plain.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && !text(&o).contains("bias corrected"), "{}", text(&o));
 
     let out = dir.join("y.npy");
     let o = qrust(&["run", int8.to_str().unwrap(), "--input", &input, "-o", out.to_str().unwrap(), "--top", "3"]);

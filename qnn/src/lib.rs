@@ -80,6 +80,7 @@
 //! It depends on [`qtensor`], [`qkernels`], [`qobserve`] and [`qfuse`]; none of them depends
 //! on it.
 
+mod bias;
 mod config;
 mod error;
 pub mod fuse;

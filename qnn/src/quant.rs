@@ -10,6 +10,7 @@ use std::sync::Arc;
 use qobserve::{Affine, Fitted, Observed, Observer, QConfig};
 use qtensor::{QTensor, QuantRange};
 
+use crate::bias::{bias_of, TapSums};
 use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::nearest;
@@ -122,6 +123,9 @@ pub struct PlanEntry {
     pub kind: &'static str,
     /// How it runs.
     pub mode: Mode,
+    /// Whether conversion corrected its bias for the mean its rounded weights add
+    /// ([`crate::QConfigMapping::bias_correction`]).
+    pub bias_corrected: bool,
 }
 
 fn mode_of(m: &dyn Module, q: Option<&QConfig>) -> Mode {
@@ -206,6 +210,9 @@ pub struct Prepared {
     tables: crate::TableOutputs,
     /// Per node, its weights as simulation runs them (fitted once: weights do not change).
     sim_weights: Option<Vec<Option<ArrayD<f32>>>>,
+    /// Per node, the input taps bias correction sums (static int8 `Conv2d` and `Linear`
+    /// layers, when the mapping corrects biases).
+    taps: Vec<Option<TapSums>>,
 }
 
 /// How a node that is not a layer (an addition, product or concatenation) runs: in int8
@@ -268,12 +275,23 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         } else {
             None
         };
-        plan.push(PlanEntry { name: n.name.clone(), kind, mode: mode.clone() });
+        plan.push(PlanEntry { name: n.name.clone(), kind, mode: mode.clone(), bias_corrected: false });
         nodes.push(PNode { mode, cfg, obs: index, relu_after: false });
     }
     if mapping.residual_stream() == crate::ResidualStream::Float {
         float_residual(&graph, &mut nodes, &mut plan);
     }
+    let taps = graph
+        .nodes
+        .iter()
+        .zip(&nodes)
+        .map(|(n, p)| match (&n.op, p.cfg.as_ref()) {
+            (NodeOp::Layer(m), Some(cfg)) if mapping.corrects_bias() && p.mode == Mode::Int8 => {
+                TapSums::for_module(m.as_ref(), cfg)
+            }
+            _ => None,
+        })
+        .collect();
     let readers = readers(&graph);
     for i in 0..graph.nodes.len() {
         let out = graph.nodes[i].output;
@@ -334,6 +352,7 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         strict: mapping.is_strict(),
         tables: mapping.table_output_params(),
         sim_weights: None,
+        taps,
     })
 }
 
@@ -365,7 +384,7 @@ fn run_batch(
     (kernels, threads): (&FloatKernels, usize),
     nodes: &[PNode],
     x: &ArrayD<f32>,
-    obs: &mut [Box<dyn Observer>],
+    (obs, taps): (&mut [Box<dyn Observer>], &mut [Option<TapSums>]),
 ) -> Result<()> {
     if graph.inputs.len() != 1 {
         return Err(NnError::Shape {
@@ -378,7 +397,7 @@ fn run_batch(
             got: x.shape().to_vec(),
         });
     }
-    run_batch_inputs(graph, (kernels, threads), nodes, std::slice::from_ref(x), obs)
+    run_batch_inputs(graph, (kernels, threads), nodes, std::slice::from_ref(x), (obs, taps))
 }
 
 fn run_batch_inputs(
@@ -386,14 +405,19 @@ fn run_batch_inputs(
     (kernels, threads): (&FloatKernels, usize),
     nodes: &[PNode],
     xs: &[ArrayD<f32>],
-    obs: &mut [Box<dyn Observer>],
+    (obs, taps): (&mut [Box<dyn Observer>], &mut [Option<TapSums>]),
 ) -> Result<()> {
     // Inside the kernels' pool for the whole batch: each layer's kernel call runs in place.
     qkernels::with_threads(threads, || {
         for (o, x) in obs.iter_mut().zip(xs) {
             o.observe(x.view()).map_err(|e| NnError::Observe(e.for_tensor("model input")))?;
         }
-        graph.run_f32(xs, Some((kernels, threads)), |i, y| match nodes[i].obs {
+        // Bias correction's layers sum their input taps as they read them.
+        let taps_of = |i: usize, x: &ArrayD<f32>| match taps.get_mut(i).and_then(Option::as_mut) {
+            Some(t) => t.add(x, &graph.nodes[i].name).map(|()| None),
+            None => Ok(None),
+        };
+        graph.run_f32_with(xs, Some((kernels, threads)), taps_of, |i, y| match nodes[i].obs {
             Some(k) if nodes[i].relu_after => {
                 observe(obs[k].as_mut(), &graph.nodes[i].name, &crate::layers::map_same_layout(y, |v| v.max(0.0)))
             }
@@ -435,7 +459,7 @@ impl Prepared {
             }
             return Ok(());
         }
-        run_batch(&self.graph, (&self.kernels, 1), &self.nodes, x, &mut self.obs)?;
+        run_batch(&self.graph, (&self.kernels, 1), &self.nodes, x, (&mut self.obs, &mut self.taps))?;
         self.batches += 1;
         Ok(())
     }
@@ -455,7 +479,7 @@ impl Prepared {
             }
             return Ok(());
         }
-        run_batch_inputs(&self.graph, (&self.kernels, 1), &self.nodes, xs, &mut self.obs)?;
+        run_batch_inputs(&self.graph, (&self.kernels, 1), &self.nodes, xs, (&mut self.obs, &mut self.taps))?;
         self.batches += 1;
         Ok(())
     }
@@ -464,7 +488,7 @@ impl Prepared {
     /// (a model whose batch is fixed takes each batch as chunks of it). The result is the
     /// one-thread result, whatever `threads` is:
     /// - When every observer merges exactly ([`Observer::merges_exactly`]: min-max and fixed
-    ///   ones), up to `threads` workers take consecutive runs of batches, each with its own
+    ///   ones) and no bias is corrected ([`crate::QConfigMapping::bias_correction`]), up to `threads` workers take consecutive runs of batches, each with its own
     ///   observers, merged in batch order at the end.
     /// - Otherwise (histograms, moving averages, observers that do not say) one worker sees
     ///   every batch in order.
@@ -502,12 +526,14 @@ impl Prepared {
         // As many workers as there are batches, up to `threads`, each with its share of the
         // threads for its layers' kernels: one batch gets every thread.
         let threads = threads.max(1);
-        let exact = self.fresh.iter().all(|o| o.merges_exactly());
+        // Bias correction's sums are added in batch order: one worker, like observers
+        // that do not merge exactly.
+        let exact = self.fresh.iter().all(|o| o.merges_exactly()) && self.taps.iter().all(Option::is_none);
         let workers = if exact { threads.min(batches.len().max(1)) } else { 1 };
         let per_worker = threads / workers;
         if workers == 1 {
             for x in batches {
-                run_batch(&self.graph, (&self.kernels, per_worker), &self.nodes, x, &mut self.obs)?;
+                run_batch(&self.graph, (&self.kernels, per_worker), &self.nodes, x, (&mut self.obs, &mut self.taps))?;
                 self.batches += 1;
                 if let Some(b) = &bar {
                     b.inc(1);
@@ -524,7 +550,7 @@ impl Prepared {
                         let bar = bar.clone();
                         sc.spawn(move || -> Result<Vec<Box<dyn Observer>>> {
                             for x in chunk {
-                                run_batch(graph, (kernels, per_worker), nodes, x, &mut obs)?;
+                                run_batch(graph, (kernels, per_worker), nodes, x, (&mut obs, &mut []))?;
                                 if let Some(b) = &bar {
                                     b.inc(1);
                                 }
@@ -668,6 +694,23 @@ impl Prepared {
             }
         };
         let mut weights = self.sim_weights.take().expect("fitted above");
+        // Bias correction as conversion applies it, from the taps summed so far.
+        let mut biases: Vec<Option<Option<ArrayD<f32>>>> = Vec::with_capacity(self.graph.nodes.len());
+        for ((n, t), wq) in self.graph.nodes.iter_mut().zip(&self.taps).zip(&weights) {
+            biases.push(match (&mut n.op, t, wq) {
+                (NodeOp::Layer(m), Some(t), Some(wq)) => {
+                    let w = m.tensors().into_iter().find(|(k, _)| *k == "weight").map(|(_, w)| w.clone());
+                    match (w.and_then(|w| t.shift(&w, wq)), bias_of(m.as_mut())) {
+                        (Some(shift), Some(bias)) => {
+                            let b = crate::bias::corrected(bias.as_ref(), &shift);
+                            Some(bias.replace(b))
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            });
+        }
         swap(&mut self.graph, &mut weights);
         let graph = &self.graph;
         let nodes = &self.nodes;
@@ -690,6 +733,13 @@ impl Prepared {
         });
         swap(&mut self.graph, &mut weights);
         self.sim_weights = Some(weights);
+        for (n, old) in self.graph.nodes.iter_mut().zip(biases) {
+            if let (NodeOp::Layer(m), Some(old)) = (&mut n.op, old) {
+                if let Some(bias) = bias_of(m.as_mut()) {
+                    *bias = old;
+                }
+            }
+        }
         out
     }
 
@@ -719,7 +769,7 @@ impl Prepared {
                 });
             }
         }
-        let Prepared { mut graph, kernels, nodes, mut plan, obs, input_cfgs, tables, .. } = self;
+        let Prepared { mut graph, kernels, nodes, mut plan, obs, input_cfgs, tables, taps, .. } = self;
         // The parameters each value has (int8) or is quantized with when an int8 op reads it
         // (float): its producer's observed ones, or its input's for ops that keep them.
         let mut vq: Vec<Option<QuantU8>> = vec![None; graph.values];
@@ -752,6 +802,17 @@ impl Prepared {
                 if let Some(w) = w {
                     set_weight(m.as_mut(), fake_weights(&n.name, &w, cfg)?);
                 }
+            }
+        }
+        // Bias correction: each corrected layer's bias less the mean its rounded weights add.
+        for (((n, p), t), e) in graph.nodes.iter_mut().zip(&nodes).zip(&taps).zip(plan.iter_mut()) {
+            let (NodeOp::Layer(m), Some(t), Some(cfg)) = (&mut n.op, t, p.cfg.as_ref()) else { continue };
+            let Some(w) = m.tensors().into_iter().find(|(k, _)| *k == "weight").map(|(_, w)| w.clone()) else {
+                continue;
+            };
+            if let (Some(shift), Some(bias)) = (t.shift(&w, &fake_weights(&n.name, &w, cfg)?), bias_of(m.as_mut())) {
+                *bias = Some(crate::bias::corrected(bias.as_ref(), &shift));
+                e.bias_corrected = true;
             }
         }
         let q_of = |vq: &[Option<QuantU8>], t: Tensor| vq[t.0].expect("values are computed before they are read");

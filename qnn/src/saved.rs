@@ -46,6 +46,9 @@ struct SavedPlan {
     /// Why it runs in float.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<SavedReason>,
+    /// Whether conversion corrected its bias.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    bias_corrected: bool,
 }
 
 /// A float reason as saved: the enum, or the text files written before it existed carry.
@@ -83,7 +86,13 @@ fn saved_plan(e: &PlanEntry) -> SavedPlan {
         Mode::Dynamic => ("dynamic", None),
         Mode::Float(why) => ("float", Some(SavedReason::Reason(why.clone()))),
     };
-    SavedPlan { name: e.name.clone(), kind: e.kind.to_string(), mode: mode.into(), reason }
+    SavedPlan {
+        name: e.name.clone(),
+        kind: e.kind.to_string(),
+        mode: mode.into(),
+        reason,
+        bias_corrected: e.bias_corrected,
+    }
 }
 
 fn plan_entry(e: SavedPlan) -> Result<PlanEntry> {
@@ -98,7 +107,7 @@ fn plan_entry(e: SavedPlan) -> Result<PlanEntry> {
         ("float", None) => Mode::Float(FloatReason::FloatOp { why: "(no reason saved)".into() }),
         (other, _) => return Err(bad(format!("{}: unknown mode '{other}'", e.name))),
     };
-    Ok(PlanEntry { name: e.name, kind, mode })
+    Ok(PlanEntry { name: e.name, kind, mode, bias_corrected: e.bias_corrected })
 }
 
 impl QuantizedModel {

@@ -17,9 +17,13 @@ fn f32s(st: &SafeTensors<'_>, key: &str) -> ArrayD<f32> {
     ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
 }
 
-/// PyTorch's semantics: average pools keep their input's parameters.
+/// PyTorch's semantics: average pools keep their input's parameters, sigmoid-like tables
+/// their fixed grids, and biases are not corrected.
 fn pytorch_mapping(q: QConfig) -> QConfigMapping {
-    QConfigMapping::new(q).pool_outputs(qnn::PoolOutputs::InputParams).table_outputs(qnn::TableOutputs::Fixed)
+    QConfigMapping::new(q)
+        .pool_outputs(qnn::PoolOutputs::InputParams)
+        .table_outputs(qnn::TableOutputs::Fixed)
+        .bias_correction(false)
 }
 
 fn pytorch_minmax_qconfig() -> QConfig {

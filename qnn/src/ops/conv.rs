@@ -150,6 +150,13 @@ impl Conv2d {
         (depthwise && uniform && scale.is_finite() && shift.is_finite()).then_some((scale, shift))
     }
 
+    /// Whether its int8 form under `cfg` is one table of its scalar affine map (its weights
+    /// are not quantized): a scalar affine map without a weight quantizer of the
+    /// application's own.
+    pub(crate) fn runs_as_table(&self, cfg: &qobserve::QConfig) -> bool {
+        self.uniform_affine().is_some() && cfg.weight_quantizer.is_none()
+    }
+
     /// The int8 convolution of its quantized weights (what [`Module::lower`] gives unless the
     /// layer is a scalar affine map).
     pub(crate) fn lower_conv(&self, cx: &LowerCx<'_>) -> Result<ConvOp> {
@@ -191,7 +198,7 @@ impl Module for Conv2d {
     }
 
     fn lower(&self, cx: &LowerCx<'_>) -> Result<Box<dyn QOp>> {
-        if let Some((scale, shift)) = self.uniform_affine().filter(|_| cx.cfg.weight_quantizer.is_none()) {
+        if let Some((scale, shift)) = self.uniform_affine().filter(|_| self.runs_as_table(cx.cfg)) {
             // One weight and one bias for every channel: the same map on every code, one table
             // (exact to the output's rounding; the weight quantized would lose up to half a
             // step). No weight is quantized, so the weight observer has nothing to choose; a
