@@ -17,6 +17,10 @@ use crate::ops::conv::Conv2d;
 use crate::ops::linear::Linear;
 use crate::{NnError, Result};
 
+/// The fewest output positions (rows of a linear layer's input, images times output pixels
+/// of a convolution's) whose input means bias correction uses.
+pub(crate) const MIN_POSITIONS: f64 = 32.0;
+
 /// Where a layer's taps come from.
 #[derive(Clone, Copy, Debug)]
 enum Taps {
@@ -145,9 +149,11 @@ impl TapSums {
     }
 
     /// Per output channel, the mean shift `sum((w_q - w) * E[x])` of weights `w` (the
-    /// layer's, `[out, in]` or OIHW) rounded to `w_q`; `None` before any data.
+    /// layer's, `[out, in]` or OIHW) rounded to `w_q`; `None` when the taps were summed over
+    /// fewer than [`MIN_POSITIONS`] output positions (a classifier calibrated on a few items:
+    /// a mean of so few rows could move the bias by as much as it corrects).
     pub(crate) fn shift(&self, w: &ArrayD<f32>, wq: &ArrayD<f32>) -> Option<Vec<f64>> {
-        if self.count == 0.0 {
+        if self.count < MIN_POSITIONS {
             return None;
         }
         let out = w.shape()[0];
@@ -295,7 +301,7 @@ mod tests {
         // A linear layer on [batch, tokens, features]: the mean over every row.
         let mut lin = Linear::new(5, 3);
         lin.weight = values(7, &[3, 5]);
-        let x = values(9, &[2, 4, 5]);
+        let x = values(9, &[4, 8, 5]);
         let mut t = TapSums::for_module(&lin, &QConfig::default()).unwrap();
         t.add(&x, "fc").unwrap();
         let wq = lin.weight.mapv(|v| (v * 4.0).round() / 4.0);
@@ -303,14 +309,19 @@ mod tests {
         for (o, s) in shift.iter().enumerate() {
             let want: f64 = (0..5)
                 .map(|i| {
-                    let mean = x.index_axis(Axis(2), i).iter().map(|&v| f64::from(v)).sum::<f64>() / 8.0;
+                    let mean = x.index_axis(Axis(2), i).iter().map(|&v| f64::from(v)).sum::<f64>() / 32.0;
                     f64::from(wq[[o, i]] - lin.weight[[o, i]]) * mean
                 })
                 .sum();
             assert!((s - want).abs() < 1e-9, "output {o}: {s} against {want}");
         }
-        // No data, no shift; a wrong input is an error naming the layer.
-        assert!(TapSums::for_module(&lin, &QConfig::default()).unwrap().shift(&lin.weight, &wq).is_none());
+        // No data, or too few rows, no shift; a wrong input is an error naming the layer.
+        let mut few = TapSums::for_module(&lin, &QConfig::default()).unwrap();
+        assert!(few.shift(&lin.weight, &wq).is_none());
+        few.add(&values(2, &[31, 5]), "fc").unwrap();
+        assert!(few.shift(&lin.weight, &wq).is_none());
+        few.add(&values(3, &[1, 5]), "fc").unwrap();
+        assert!(few.shift(&lin.weight, &wq).is_some());
         let e = t.add(&values(1, &[2, 4]), "fc").unwrap_err().to_string();
         assert!(e.contains("fc") && e.contains("5 features"), "{e}");
     }

@@ -198,8 +198,10 @@ impl QConfigMapping {
     /// noise but no offset: torchvision's ResNets and MobileNetV2 gain 4.5-6 dB of output
     /// SQNR. The plan marks the corrected layers ([`crate::PlanEntry::bias_corrected`]).
     /// Off: the biases stay as they are, as PyTorch and ONNX Runtime leave them (use it to
-    /// reproduce PyTorch's results). Dynamic layers, whose inputs are not calibrated, and
-    /// layers in float are never corrected.
+    /// reproduce PyTorch's results). Dynamic layers, whose inputs are not calibrated,
+    /// layers in float, and layers whose calibration saw fewer than 32 output positions (a
+    /// classifier reading one row per item, calibrated on fewer than 32 items) are not
+    /// corrected.
     pub fn bias_correction(mut self, on: bool) -> Self {
         self.bias_correction = on;
         self
