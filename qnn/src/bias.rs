@@ -49,16 +49,9 @@ impl TapSums {
         let taps = if let Some(l) = a.downcast_ref::<Linear>() {
             Taps::Linear { k: *l.weight.shape().last()? }
         } else if let Some(c) = a.downcast_ref::<Conv2d>().filter(|c| !c.runs_as_table(cfg)) {
-            let s = c.weight.shape();
+            let &[_, icg, kh, kw] = c.weight.shape() else { return None };
             let g = &c.geom;
-            Taps::Conv {
-                c: s[1] * g.groups,
-                kh: s[2],
-                kw: s[3],
-                stride: g.stride,
-                padding: g.padding,
-                dilation: g.dilation,
-            }
+            Taps::Conv { c: icg * g.groups, kh, kw, stride: g.stride, padding: g.padding, dilation: g.dilation }
         } else {
             return None;
         };
@@ -190,22 +183,30 @@ fn finite(v: f32) -> f64 {
     }
 }
 
-/// The bias of `m`, when it is a `Conv2d` or `Linear`.
-pub(crate) fn bias_of(m: &mut dyn Module) -> Option<&mut Option<ArrayD<f32>>> {
+/// The weight and the bias of `m`, when it is a `Conv2d` or `Linear`.
+pub(crate) fn weight_and_bias(m: &mut dyn Module) -> Option<(&ArrayD<f32>, &mut Option<ArrayD<f32>>)> {
     let a = m.as_any_mut();
     if a.is::<Linear>() {
-        return a.downcast_mut::<Linear>().map(|l| &mut l.bias);
+        return a.downcast_mut::<Linear>().map(|l| (&l.weight, &mut l.bias));
     }
-    a.downcast_mut::<Conv2d>().map(|c| &mut c.bias)
+    a.downcast_mut::<Conv2d>().map(|c| (&c.weight, &mut c.bias))
 }
 
-/// `bias` (zeros when there is none, `shift.len()` of them) less `shift`.
-pub(crate) fn corrected(bias: Option<&ArrayD<f32>>, shift: &[f64]) -> ArrayD<f32> {
-    let mut b = bias.cloned().unwrap_or_else(|| ArrayD::zeros(ndarray::IxDyn(&[shift.len()])));
-    for (b, s) in b.iter_mut().zip(shift) {
+/// The bias `m` (a `Conv2d` or `Linear`) gets from `taps` with its weights rounded to `wq`
+/// (its bias, or zeros when it has none, less the shift), and where it goes; `None` for
+/// other layers and when the taps saw too few positions.
+pub(crate) fn corrected_bias<'m>(
+    m: &'m mut dyn Module,
+    taps: &TapSums,
+    wq: &ArrayD<f32>,
+) -> Option<(&'m mut Option<ArrayD<f32>>, ArrayD<f32>)> {
+    let (w, bias) = weight_and_bias(m)?;
+    let shift = taps.shift(w, wq)?;
+    let mut b = bias.clone().unwrap_or_else(|| ArrayD::zeros(ndarray::IxDyn(&[shift.len()])));
+    for (b, s) in b.iter_mut().zip(&shift) {
         *b = (f64::from(*b) - s) as f32;
     }
-    b
+    Some((bias, b))
 }
 
 #[cfg(test)]

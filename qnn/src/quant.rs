@@ -10,7 +10,7 @@ use std::sync::Arc;
 use qobserve::{Affine, Fitted, Observed, Observer, QConfig};
 use qtensor::{QTensor, QuantRange};
 
-use crate::bias::{bias_of, TapSums};
+use crate::bias::{corrected_bias, weight_and_bias, TapSums};
 use crate::config::QConfigMapping;
 use crate::error::{NnError, Result};
 use crate::fuse::nearest;
@@ -488,8 +488,9 @@ impl Prepared {
     /// (a model whose batch is fixed takes each batch as chunks of it). The result is the
     /// one-thread result, whatever `threads` is:
     /// - When every observer merges exactly ([`Observer::merges_exactly`]: min-max and fixed
-    ///   ones) and no bias is corrected ([`crate::QConfigMapping::bias_correction`]), up to `threads` workers take consecutive runs of batches, each with its own
-    ///   observers, merged in batch order at the end.
+    ///   ones) and no bias is corrected ([`crate::QConfigMapping::bias_correction`]), up to
+    ///   `threads` workers take consecutive runs of batches, each with its own observers,
+    ///   merged in batch order at the end.
     /// - Otherwise (histograms, moving averages, observers that do not say) one worker sees
     ///   every batch in order.
     ///
@@ -699,14 +700,7 @@ impl Prepared {
         for ((n, t), wq) in self.graph.nodes.iter_mut().zip(&self.taps).zip(&weights) {
             biases.push(match (&mut n.op, t, wq) {
                 (NodeOp::Layer(m), Some(t), Some(wq)) => {
-                    let w = m.tensors().into_iter().find(|(k, _)| *k == "weight").map(|(_, w)| w.clone());
-                    match (w.and_then(|w| t.shift(&w, wq)), bias_of(m.as_mut())) {
-                        (Some(shift), Some(bias)) => {
-                            let b = crate::bias::corrected(bias.as_ref(), &shift);
-                            Some(bias.replace(b))
-                        }
-                        _ => None,
-                    }
+                    corrected_bias(m.as_mut(), t, wq).map(|(slot, b)| slot.replace(b))
                 }
                 _ => None,
             });
@@ -735,7 +729,7 @@ impl Prepared {
         self.sim_weights = Some(weights);
         for (n, old) in self.graph.nodes.iter_mut().zip(biases) {
             if let (NodeOp::Layer(m), Some(old)) = (&mut n.op, old) {
-                if let Some(bias) = bias_of(m.as_mut()) {
+                if let Some((_, bias)) = weight_and_bias(m.as_mut()) {
                     *bias = old;
                 }
             }
@@ -807,11 +801,10 @@ impl Prepared {
         // Bias correction: each corrected layer's bias less the mean its rounded weights add.
         for (((n, p), t), e) in graph.nodes.iter_mut().zip(&nodes).zip(&taps).zip(plan.iter_mut()) {
             let (NodeOp::Layer(m), Some(t), Some(cfg)) = (&mut n.op, t, p.cfg.as_ref()) else { continue };
-            let Some(w) = m.tensors().into_iter().find(|(k, _)| *k == "weight").map(|(_, w)| w.clone()) else {
-                continue;
-            };
-            if let (Some(shift), Some(bias)) = (t.shift(&w, &fake_weights(&n.name, &w, cfg)?), bias_of(m.as_mut())) {
-                *bias = Some(crate::bias::corrected(bias.as_ref(), &shift));
+            let Some((w, _)) = weight_and_bias(m.as_mut()) else { continue };
+            let wq = fake_weights(&n.name, w, cfg)?;
+            if let Some((slot, b)) = corrected_bias(m.as_mut(), t, &wq) {
+                *slot = Some(b);
                 e.bias_corrected = true;
             }
         }
