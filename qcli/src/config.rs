@@ -26,6 +26,10 @@
 //! [[rule]]
 //! kind = "Conv2d"             # a qrust layer kind, as the report names them
 //! weight = "minmax"
+//!
+//! [[rule]]
+//! name = "/fc/Gemm"
+//! bias_correction = false     # alone in a rule: the configuration stays as the other rules say
 //! ```
 
 use std::collections::HashMap;
@@ -83,6 +87,7 @@ struct Rule {
     weight: Option<String>,
     #[serde(default)]
     skip: bool,
+    bias_correction: Option<bool>,
 }
 
 fn preset(name: &str) -> Result<Option<QConfig>, String> {
@@ -227,9 +232,19 @@ pub fn mapping(
             qconfig(r.preset.as_deref(), r.activation.as_deref(), r.weight.as_deref(), global.as_ref())
                 .map_err(|e| at(format!("rule {}: {e}", i + 1)))?
         };
-        let set = |m: QConfigMapping, name: &str| match &q {
-            Some(q) => m.set_name(name, q.clone()),
-            None => m.skip_name(name),
+        // A rule that only turns bias correction on or off leaves the configuration as it is.
+        let configures =
+            r.skip || r.preset.is_some() || r.activation.is_some() || r.weight.is_some() || r.bias_correction.is_none();
+        let set = |m: QConfigMapping, name: &str| {
+            let m = match (&q, configures) {
+                (_, false) => m,
+                (Some(q), true) => m.set_name(name, q.clone()),
+                (None, true) => m.skip_name(name),
+            };
+            match r.bias_correction {
+                Some(b) => m.bias_correction_name(name, b),
+                None => m,
+            }
         };
         if let Some(n) = &r.name {
             m = set(m, n);
@@ -243,10 +258,14 @@ pub fn mapping(
                 m = set(m, n);
             }
         } else if let Some(k) = &r.kind {
-            m = match &q {
-                Some(q) => m.set_kind(k, q.clone()),
-                None => m.skip_kind(k),
+            m = match (&q, configures) {
+                (_, false) => m,
+                (Some(q), true) => m.set_kind(k, q.clone()),
+                (None, true) => m.skip_kind(k),
             };
+            if let Some(b) = r.bias_correction {
+                m = m.bias_correction_kind(k, b);
+            }
         }
     }
     Ok(m)
@@ -285,6 +304,29 @@ mod tests {
         assert!(!mapping(Some(("bias_correction = false", "c.toml")), &none).unwrap().corrects_bias());
         let e = mapping(Some(("bias_correction = \"no\"", "c.toml")), &none).unwrap_err();
         assert!(e.contains("bias_correction"), "{e}");
+        // Per rule: by name, op and kind; names beat kinds; such a rule keeps the configuration.
+        let nodes: HashMap<String, Vec<String>> = [("Gemm".to_string(), vec!["/fc/Gemm".to_string()])].into();
+        let text = r#"
+            [[rule]]
+            name = "/layer1"
+            preset = "mse"
+            [[rule]]
+            kind = "Conv2d"
+            bias_correction = false
+            [[rule]]
+            name = "/layer1/0/conv1/Conv"
+            bias_correction = true
+            [[rule]]
+            op = "Gemm"
+            bias_correction = false
+        "#;
+        let m = mapping(Some((text, "c.toml")), &nodes).unwrap();
+        assert!(!m.corrects_bias_of("/conv1/Conv", "Conv2d") && !m.corrects_bias_of("/layer1/0/conv2/Conv", "Conv2d"));
+        assert!(m.corrects_bias_of("/layer1/0/conv1/Conv", "Conv2d"));
+        assert!(!m.corrects_bias_of("/fc/Gemm", "Linear") && m.corrects_bias_of("/other/Gemm", "Linear"));
+        assert!(matches!(m.resolve("/layer1/0/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Mse(_)));
+        assert!(matches!(m.resolve("/conv1/Conv", "Conv2d").unwrap().activation, ObserverSpec::Histogram { .. }));
+        assert!(m.resolve("/fc/Gemm", "Linear").is_some());
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct QConfigMapping {
     table_outputs: TableOutputs,
     residual: ResidualStream,
     bias_correction: bool,
+    /// Per-kind and per-name overrides of `bias_correction`.
+    bias_kinds: Vec<(String, bool)>,
+    bias_names: Vec<(Pattern, bool)>,
     fusion: bool,
     strict: bool,
 }
@@ -129,6 +132,8 @@ impl QConfigMapping {
             table_outputs: TableOutputs::default(),
             residual: ResidualStream::default(),
             bias_correction: true,
+            bias_kinds: Vec::new(),
+            bias_names: Vec::new(),
             fusion: true,
             strict: false,
         }
@@ -144,6 +149,8 @@ impl QConfigMapping {
             table_outputs: TableOutputs::default(),
             residual: ResidualStream::default(),
             bias_correction: true,
+            bias_kinds: Vec::new(),
+            bias_names: Vec::new(),
             fusion: true,
             strict: false,
         }
@@ -201,14 +208,42 @@ impl QConfigMapping {
     /// reproduce PyTorch's results). Dynamic layers, whose inputs are not calibrated,
     /// layers in float, and layers whose calibration saw fewer than 32 output positions (a
     /// classifier reading one row per item, calibrated on fewer than 32 items) are not
-    /// corrected.
+    /// corrected. Per module: [`QConfigMapping::bias_correction_kind`] and
+    /// [`QConfigMapping::bias_correction_name`].
     pub fn bias_correction(mut self, on: bool) -> Self {
         self.bias_correction = on;
         self
     }
 
-    /// See [`QConfigMapping::bias_correction`].
+    /// Bias correction on or off for the modules of this type (`"Conv2d"`, `"Linear"`),
+    /// over [`QConfigMapping::bias_correction`].
+    pub fn bias_correction_kind(mut self, kind: &str, on: bool) -> Self {
+        self.bias_kinds.push((kind.to_string(), on));
+        self
+    }
+
+    /// Bias correction on or off for the modules matching `pattern` (as
+    /// [`QConfigMapping::set_name`] matches), over the per-kind and global settings.
+    pub fn bias_correction_name(mut self, pattern: &str, on: bool) -> Self {
+        self.bias_names.push((Pattern::parse(pattern), on));
+        self
+    }
+
+    /// See [`QConfigMapping::bias_correction`] (the global setting).
     pub fn corrects_bias(&self) -> bool {
+        self.bias_correction
+    }
+
+    /// Whether module `name` of type `kind` gets its bias corrected (when it runs in static
+    /// int8): the last name override that matches, else the last one for its type, else the
+    /// global setting.
+    pub fn corrects_bias_of(&self, name: &str, kind: &str) -> bool {
+        if let Some((_, on)) = self.bias_names.iter().rev().find(|(p, _)| p.matches(name)) {
+            return *on;
+        }
+        if let Some((_, on)) = self.bias_kinds.iter().rev().find(|(k, _)| k == kind) {
+            return *on;
+        }
         self.bias_correction
     }
 
@@ -271,7 +306,7 @@ impl QConfigMapping {
 
     /// The name patterns, for checking them against a model.
     pub(crate) fn name_patterns(&self) -> impl Iterator<Item = (&str, bool)> {
-        self.names.iter().map(|(p, _)| match p {
+        self.names.iter().map(|(p, _)| p).chain(self.bias_names.iter().map(|(p, _)| p)).map(|p| match p {
             Pattern::Path(s) => (s.as_str(), false),
             Pattern::Glob(s) => (s.as_str(), true),
         })
@@ -280,7 +315,7 @@ impl QConfigMapping {
     /// Whether any module name matches.
     /// The kinds named by [`QConfigMapping::set_kind`] and [`QConfigMapping::skip_kind`].
     pub(crate) fn kind_names(&self) -> impl Iterator<Item = &str> {
-        self.kinds.iter().map(|(k, _)| k.as_str())
+        self.kinds.iter().map(|(k, _)| k.as_str()).chain(self.bias_kinds.iter().map(|(k, _)| k.as_str()))
     }
 
     pub(crate) fn pattern_matches_any(pattern: &str, glob_pattern: bool, names: &[String]) -> bool {

@@ -286,7 +286,9 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         .iter()
         .zip(&nodes)
         .map(|(n, p)| match (&n.op, p.cfg.as_ref()) {
-            (NodeOp::Layer(m), Some(cfg)) if mapping.corrects_bias() && p.mode == Mode::Int8 => {
+            (NodeOp::Layer(m), Some(cfg))
+                if p.mode == Mode::Int8 && mapping.corrects_bias_of(crate::graph::module_path(&n.name), m.kind()) =>
+            {
                 TapSums::for_module(m.as_ref(), cfg)
             }
             _ => None,

@@ -89,3 +89,23 @@ fn dynamic_and_float_layers_are_not_corrected() {
     let corrected: Vec<&str> = q.plan().iter().filter(|e| e.bias_corrected).map(|e| e.name.as_str()).collect();
     assert_eq!(corrected, ["dw", "pw"]);
 }
+
+#[test]
+fn bias_correction_is_chosen_per_module() {
+    let corrected = |mapping: QConfigMapping| {
+        let mut p = prepare(model(), &mapping).unwrap();
+        p.calibrate(&images(2, &[4, 3, 12, 12])).unwrap();
+        let q = p.convert().unwrap();
+        q.plan().iter().filter(|e| e.bias_corrected).map(|e| e.name.clone()).collect::<Vec<_>>()
+    };
+    let base = || QConfigMapping::new(QConfig::default());
+    // The classifier sees 4 rows here, fewer than the 32 a mean needs: never corrected.
+    assert_eq!(corrected(base()), ["stem", "dw", "pw"]);
+    assert_eq!(corrected(base().bias_correction_name("dw", false)), ["stem", "pw"]);
+    assert_eq!(corrected(base().bias_correction(false).bias_correction_kind("Conv2d", true)), ["stem", "dw", "pw"]);
+    let names_beat_kinds = base().bias_correction_kind("Conv2d", false).bias_correction_name("stem", true);
+    assert_eq!(corrected(names_beat_kinds), ["stem"]);
+    // A name no module has is an error, as for every name override.
+    let e = prepare(model(), &base().bias_correction_name("stme", false)).unwrap_err().to_string();
+    assert!(e.contains("stme") && e.contains("stem"), "{e}");
+}
