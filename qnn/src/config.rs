@@ -312,12 +312,13 @@ impl QConfigMapping {
         })
     }
 
-    /// Whether any module name matches.
-    /// The kinds named by [`QConfigMapping::set_kind`] and [`QConfigMapping::skip_kind`].
+    /// The kinds named by [`QConfigMapping::set_kind`], [`QConfigMapping::skip_kind`] and
+    /// [`QConfigMapping::bias_correction_kind`].
     pub(crate) fn kind_names(&self) -> impl Iterator<Item = &str> {
         self.kinds.iter().map(|(k, _)| k.as_str()).chain(self.bias_kinds.iter().map(|(k, _)| k.as_str()))
     }
 
+    /// Whether any module name matches.
     pub(crate) fn pattern_matches_any(pattern: &str, glob_pattern: bool, names: &[String]) -> bool {
         let p = if glob_pattern { Pattern::Glob(pattern.into()) } else { Pattern::Path(pattern.into()) };
         names.iter().any(|n| p.matches(n))

@@ -330,9 +330,9 @@ pub fn prepare(model: impl Into<Graph>, mapping: &QConfigMapping) -> Result<Prep
         return Err(NnError::Config {
             module: "(configuration)".into(),
             reason: format!(
-                "set_kind / skip_kind name the kind '{unknown}', which no module of this model has{}; kinds are \
-                 type names as PyTorch spells its classes (case-sensitive), and \"add\", \"mul\" and \"cat\" \
-                 for additions, products and concatenations; this model has {}",
+                "set_kind / skip_kind / bias_correction_kind name the kind '{unknown}', which no module of this \
+                 model has{}; kinds are type names as PyTorch spells its classes (case-sensitive), and \"add\", \
+                 \"mul\" and \"cat\" for additions, products and concatenations; this model has {}",
                 nearest(unknown, &kinds.iter().map(|k| k.to_string()).collect::<Vec<_>>())
                     .first()
                     .map_or(String::new(), |k| format!(" (did you mean '{k}'?)")),

@@ -108,4 +108,6 @@ fn bias_correction_is_chosen_per_module() {
     // A name no module has is an error, as for every name override.
     let e = prepare(model(), &base().bias_correction_name("stme", false)).unwrap_err().to_string();
     assert!(e.contains("stme") && e.contains("stem"), "{e}");
+    let e = prepare(model(), &base().bias_correction_kind("conv2d", false)).unwrap_err().to_string();
+    assert!(e.contains("bias_correction_kind") && e.contains("'Conv2d'"), "{e}");
 }
