@@ -141,19 +141,7 @@ impl QConfigMapping {
 
     /// Nothing quantized unless a type or name override says so.
     pub fn float() -> Self {
-        QConfigMapping {
-            global: None,
-            kinds: Vec::new(),
-            names: Vec::new(),
-            pool_outputs: PoolOutputs::default(),
-            table_outputs: TableOutputs::default(),
-            residual: ResidualStream::default(),
-            bias_correction: true,
-            bias_kinds: Vec::new(),
-            bias_names: Vec::new(),
-            fusion: true,
-            strict: false,
-        }
+        QConfigMapping { global: None, ..QConfigMapping::new(QConfig::default()) }
     }
 
     /// Quantize modules of this type (`"Conv2d"`, `"Linear"`, ...) with `q`.
@@ -199,10 +187,10 @@ impl QConfigMapping {
     }
 
     /// Bias correction (on by default): calibration also measures the mean of every input
-    /// tap of each static int8 `Conv2d` and `Linear` (per input channel and kernel position,
-    /// padding counted as zeros), and conversion subtracts from each output channel's bias
-    /// the mean its rounded weights add, `sum((w_q - w) * E[x])`. Weight rounding then adds
-    /// noise but no offset: torchvision's ResNets and MobileNetV2 gain 4.5-6 dB of output
+    /// tap of each static int8 `Linear` and `Conv2d` (one that runs as a convolution, not as
+    /// a scalar map's table; per input channel and kernel position, padding counted as
+    /// zeros), and conversion subtracts from each output channel's bias the mean its rounded
+    /// weights add, `sum((w_q - w) * E[x])`. Weight rounding then adds noise but no offset: torchvision's ResNets and MobileNetV2 gain 4.5-6 dB of output
     /// SQNR. The plan marks the corrected layers ([`crate::PlanEntry::bias_corrected`]).
     /// Off: the biases stay as they are, as PyTorch and ONNX Runtime leave them (use it to
     /// reproduce PyTorch's results). Dynamic layers, whose inputs are not calibrated,

@@ -383,6 +383,54 @@ fn attention_products_of_two_computed_values_run_in_int8() {
     assert!(sqnr_db(&f, &q.forward(&longer).unwrap()) > 20.0);
 }
 
+/// `softmax(q @ kt) @ v` over 4-D heads, `kt` being `k` permuted by its last two axes
+/// (`transpose_k`, node `kt`) and maybe scaled by a constant (`scale_k`, node `kscale`); with
+/// `expose` the softmax's output is a model output too, so the attention does not fuse.
+fn attention_graph(expose: bool, transpose_k: bool, scale_k: bool) -> Graph {
+    use qnn::layers::{MulScalar, Permute, Softmax};
+    let mut g = GraphBuilder::new();
+    let (q, k, v) = (g.input("q"), g.input("k"), g.input("v"));
+    let mut kt = if transpose_k { g.layer("kt", Permute { dims: vec![0, 1, 3, 2] }, k).unwrap() } else { k };
+    if scale_k {
+        kt = g.layer("kscale", MulScalar { factor: 0.35 }, kt).unwrap();
+    }
+    let s = g.matmul("scores", q, kt).unwrap();
+    let p = g.layer("softmax", Softmax { dim: -1 }, s).unwrap();
+    let o = g.matmul("context", p, v).unwrap();
+    g.output(o);
+    if expose {
+        g.output(p);
+    }
+    g.build().unwrap()
+}
+
+/// The profiles of [`attention_graph`] converted: `fused` runs the softmax and the second
+/// product inside the first (and the keys' permutation, which the profile shows at
+/// `kt_shape`, with the scaling after it); a scaling without the permutation stays a step of
+/// its own; `apart` runs every node on its own.
+fn assert_attention_profile(
+    (fused, apart): (&QuantizedModel, &QuantizedModel),
+    xs: &[ArrayD<f32>],
+    (kt_batch, transpose_k, scale_k): (usize, bool, bool),
+    kt_shape: [usize; 4],
+) {
+    let prof = fused.profile(xs, 1).unwrap();
+    let runs_in = |n: &str| prof.iter().find(|t| t.name == n).unwrap().runs_in.clone();
+    assert_eq!(runs_in("softmax").as_deref(), Some("scores"), "keys of batch {kt_batch}");
+    assert_eq!(runs_in("context").as_deref(), Some("scores"), "keys of batch {kt_batch}");
+    if transpose_k {
+        assert_eq!(runs_in("kt").as_deref(), Some("scores"), "keys of batch {kt_batch}");
+        let kt = prof.iter().find(|t| t.name == "kt").unwrap();
+        assert_eq!(kt.out_shape, kt_shape, "the transposed keys' shape in the profile");
+    }
+    if scale_k {
+        let want = transpose_k.then_some("scores");
+        assert_eq!(runs_in("kscale").as_deref(), want, "keys of batch {kt_batch}, transposed {transpose_k}");
+    }
+    let prof = apart.profile(xs, 1).unwrap();
+    assert!(prof.iter().all(|t| t.runs_in.is_none()));
+}
+
 /// Attention over 4-D heads runs head by head in one step (the first product names the
 /// other two in the profile) and gives the same bytes as its three ops run one after the
 /// other, on one thread or two: the same graph with the softmax's output also a model output
@@ -392,23 +440,7 @@ fn attention_products_of_two_computed_values_run_in_int8() {
 /// the first product too.
 #[test]
 fn fused_attention_gives_the_bytes_of_its_three_ops() {
-    use qnn::layers::{MulScalar, Permute, Softmax};
-    let build = |expose: bool, transpose_k: bool, scale_k: bool| {
-        let mut g = GraphBuilder::new();
-        let (q, k, v) = (g.input("q"), g.input("k"), g.input("v"));
-        let mut kt = if transpose_k { g.layer("kt", Permute { dims: vec![0, 1, 3, 2] }, k).unwrap() } else { k };
-        if scale_k {
-            kt = g.layer("kscale", MulScalar { factor: 0.35 }, kt).unwrap();
-        }
-        let s = g.matmul("scores", q, kt).unwrap();
-        let p = g.layer("softmax", Softmax { dim: -1 }, s).unwrap();
-        let o = g.matmul("context", p, v).unwrap();
-        g.output(o);
-        if expose {
-            g.output(p);
-        }
-        g.build().unwrap()
-    };
+    let build = attention_graph;
     for (kt_batch, transpose_k, scale_k) in
         [(2, false, false), (1, false, false), (2, true, false), (2, true, true), (1, true, true), (2, false, true)]
     {
@@ -433,22 +465,7 @@ fn fused_attention_gives_the_bytes_of_its_three_ops() {
         fused.set_threads(1);
         let float = build(false).run(&xs).unwrap().remove(0);
         assert!(sqnr_db(&float, &fused.forward_inputs(&xs).unwrap().remove(0)) > 25.0);
-        let prof = fused.profile(&xs, 1).unwrap();
-        let runs_in = |n: &str| prof.iter().find(|t| t.name == n).unwrap().runs_in.clone();
-        assert_eq!(runs_in("softmax").as_deref(), Some("scores"));
-        assert_eq!(runs_in("context").as_deref(), Some("scores"));
-        if transpose_k {
-            assert_eq!(runs_in("kt").as_deref(), Some("scores"), "keys of batch {kt_batch}");
-            let kt = prof.iter().find(|t| t.name == "kt").unwrap();
-            assert_eq!(kt.out_shape, [kt_batch, 3, 4, 9], "the transposed keys' shape in the profile");
-        }
-        if scale_k {
-            // Scaled keys without the permutation stay a step of their own.
-            let want = transpose_k.then_some("scores");
-            assert_eq!(runs_in("kscale").as_deref(), want, "keys of batch {kt_batch}, transposed {transpose_k}");
-        }
-        let prof = apart.profile(&xs, 1).unwrap();
-        assert!(prof.iter().all(|t| t.runs_in.is_none()));
+        assert_attention_profile((&fused, &apart), &xs, (kt_batch, transpose_k, scale_k), [kt_batch, 3, 4, 9]);
     }
 }
 
@@ -462,23 +479,7 @@ fn fused_attention_gives_the_bytes_of_its_three_ops() {
 /// transpose: the permutation and the scaling run in the first product too.
 #[test]
 fn fused_float_attention_gives_the_bits_of_its_three_ops() {
-    use qnn::layers::{MulScalar, Permute, Softmax};
-    let build = |expose: bool, transpose_k: bool, scale_k: bool| {
-        let mut g = GraphBuilder::new();
-        let (q, k, v) = (g.input("q"), g.input("k"), g.input("v"));
-        let mut kt = if transpose_k { g.layer("kt", Permute { dims: vec![0, 1, 3, 2] }, k).unwrap() } else { k };
-        if scale_k {
-            kt = g.layer("kscale", MulScalar { factor: 0.35 }, kt).unwrap();
-        }
-        let s = g.matmul("scores", q, kt).unwrap();
-        let p = g.layer("softmax", Softmax { dim: -1 }, s).unwrap();
-        let o = g.matmul("context", p, v).unwrap();
-        g.output(o);
-        if expose {
-            g.output(p);
-        }
-        g.build().unwrap()
-    };
+    let build = attention_graph;
     for (kt_batch, transpose_k, scale_k) in
         [(2, false, false), (1, false, false), (2, true, false), (2, true, true), (1, true, true), (2, false, true)]
     {
@@ -496,22 +497,7 @@ fn fused_float_attention_gives_the_bits_of_its_three_ops() {
         assert_eq!(bits(fused.forward_inputs(&xs).unwrap().remove(0)), want, "keys of batch {kt_batch}, two threads");
         fused.set_threads(1);
         assert_eq!(bits(build(false).run(&xs).unwrap().remove(0)), want, "keys of batch {kt_batch}: the float graph");
-        let prof = fused.profile(&xs, 1).unwrap();
-        let runs_in = |n: &str| prof.iter().find(|t| t.name == n).unwrap().runs_in.clone();
-        assert_eq!(runs_in("softmax").as_deref(), Some("scores"), "keys of batch {kt_batch}");
-        assert_eq!(runs_in("context").as_deref(), Some("scores"), "keys of batch {kt_batch}");
-        if transpose_k {
-            assert_eq!(runs_in("kt").as_deref(), Some("scores"), "keys of batch {kt_batch}");
-            let kt = prof.iter().find(|t| t.name == "kt").unwrap();
-            assert_eq!(kt.out_shape, [kt_batch, 3, 40, 33], "the transposed keys' shape in the profile");
-        }
-        if scale_k {
-            // Scaled keys without the permutation stay a step of their own.
-            let want = transpose_k.then_some("scores");
-            assert_eq!(runs_in("kscale").as_deref(), want, "keys of batch {kt_batch}, transposed {transpose_k}");
-        }
-        let prof = apart.profile(&xs, 1).unwrap();
-        assert!(prof.iter().all(|t| t.runs_in.is_none()));
+        assert_attention_profile((&fused, &apart), &xs, (kt_batch, transpose_k, scale_k), [kt_batch, 3, 40, 33]);
     }
 }
 
