@@ -816,14 +816,15 @@ impl PackedConv2d {
         // In the pool, so that the padding's rows are shared between its threads.
         crate::threads::run_with(threads, || {
             with_scratch(&SCRATCH, |buf| {
-                pad_image(x, g.padding, false, slack, threads > 1, buf);
-                run(buf);
+                let padded_len = pad_image(x, g.padding, false, slack, threads > 1, buf);
+                run(&buf[..padded_len]);
             })
         });
     }
 
-    /// The depthwise path for stride 1 along the width and kernels up to 5 x 4: pad the
-    /// input once. Each band of output rows (one per thread) goes through the row's 64-byte
+    /// The depthwise path for stride 1 along the width and kernels up to 5 x 4. Each band of
+    /// output rows (one per thread) pads the input rows it reads (zero point around them),
+    /// then goes through the row's 64-byte
     /// chunks class by class (chunks `classes` apart cover the same channels), a tile of them
     /// at a time, keeping the kx-interleaved form of the input rows that the current output
     /// row reads in a ring of `kh * dilation` slots: built once per input row and tile, read
@@ -857,11 +858,16 @@ impl PackedConv2d {
         let total = x.n * oh;
         let bands = threads.clamp(1, total.max(1));
         let per = total.div_ceil(bands).max(1);
-        with_scratch(&SCRATCH, |buf| {
-            // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, false, 64, threads > 1, buf);
-            let padded: &[u8] = buf;
-            let band = |(bi, out_band): (usize, &mut [u8])| {
+        let band = |(bi, out_band): (usize, &mut [u8])| {
+            // The padded rows this band's output rows read, padded here by the thread that
+            // reads them (no pass over the whole image first, and they stay in its cache).
+            let (o0, o1) = (bi * per, bi * per + out_band.len() / len);
+            let row0 = (o0 / oh) * hp + (o0 % oh) * g.stride[0];
+            let last = ((o1 - 1) / oh) * hp + ((o1 - 1) % oh) * g.stride[0] + (kh - 1) * g.dilation[0];
+            with_scratch(&SCRATCH, |buf| {
+                // 64 bytes of slack: the last chunk of a row may read past the row's end.
+                let padded_len = pad_rows(x, g.padding, false, row0..last + 1, 64, buf);
+                let padded: &[u8] = &buf[..padded_len];
                 with_scratch(&ROWS, |ring| {
                     ring.resize(slots * slot_len, 0);
                     // One pointer for the whole ring: slots are written and read through it.
@@ -893,7 +899,7 @@ impl PackedConv2d {
                                         // the slot holds 256 * count bytes.
                                         unsafe {
                                             (rk.build)(
-                                                padded[(b * hp + iy) * row_bytes + 64 * tile0..].as_ptr(),
+                                                padded[(b * hp + iy - row0) * row_bytes + 64 * tile0..].as_ptr(),
                                                 kw,
                                                 g.dilation[1] * c,
                                                 count,
@@ -927,17 +933,18 @@ impl PackedConv2d {
                         }
                     }
                 })
-            };
-            if bands > 1 {
-                out.par_chunks_mut(per * len).enumerate().for_each(band);
-            } else {
-                band((0, out));
-            }
-        });
+            })
+        };
+        if bands > 1 {
+            out.par_chunks_mut(per * len).enumerate().for_each(band);
+        } else {
+            band((0, out));
+        }
     }
 
-    /// The flat depthwise path: pad the whole input once (zero point around it), then run the
-    /// flat-row kernel on every output row. Stride 2 along the width pads each row split into
+    /// The flat depthwise path: groups of output rows each pad the input rows they read (zero
+    /// point around them), then run the flat-row kernel on every output row of the group.
+    /// Stride 2 along the width pads each row split into
     /// its even pixels, then its odd ones: output pixel `ox` reads column `2 ox + kx`, which is
     /// pixel `ox + kx / 2` of phase `kx % 2`, so every tap again advances `c` bytes per output
     /// pixel.
@@ -963,35 +970,47 @@ impl PackedConv2d {
         for (kx, col) in cols.iter_mut().enumerate().take(self.kw) {
             *col = if phased { (kx % 2) * wp.div_ceil(2) * c + (kx / 2) * c } else { kx * g.dilation[1] * c };
         }
-        with_scratch(&SCRATCH, |buf| {
-            // 64 bytes of slack: the last chunk of a row may read past the row's end.
-            pad_image(x, g.padding, phased, 64, parallel, buf);
-            let padded: &[u8] = buf;
-            let row = |(orow, out_row): (usize, &mut [u8])| {
-                let (b, oy) = (orow / oh, orow % oh);
-                let mut taps = [std::ptr::null::<u8>(); 64];
-                let (kh, kw) = (self.kh, self.kw); // kh * kw <= 64: packing checked
-                for ky in 0..kh {
-                    let iy = oy * g.stride[0] + ky * g.dilation[0];
-                    let start = &padded[(b * hp + iy) * row_bytes..];
-                    for kx in 0..kw {
-                        taps[ky * kw + kx] = start[cols[kx]..].as_ptr();
+        let (kh, kw) = (self.kh, self.kw); // kh * kw <= 64: packing checked
+                                           // Padded row index (over the batch) of output row `orow`'s first tap row.
+        let top = |orow: usize| (orow / oh) * hp + (orow % oh) * g.stride[0];
+        // Groups of output rows, each padding the input rows it reads just before reading
+        // them (while they are in cache; no pass over the whole image first), at least two
+        // groups per thread.
+        let total = x.n * oh;
+        let threads = if parallel { rayon::current_num_threads() } else { 1 };
+        let group = total.div_ceil(2 * threads).clamp(1, FLAT_GROUP_ROWS);
+        let run_group = |(gi, out_group): (usize, &mut [u8])| {
+            let o0 = gi * group;
+            let (first, last) = (top(o0), top(o0 + out_group.len() / (ow * c) - 1) + (kh - 1) * g.dilation[0]);
+            with_scratch(&SCRATCH, |buf| {
+                // 64 bytes of slack: the last chunk of a row may read past the row's end.
+                let padded_len = pad_rows(x, g.padding, phased, first..last + 1, 64, buf);
+                let padded: &[u8] = &buf[..padded_len];
+                for (i, out_row) in out_group.chunks_mut(ow * c).enumerate() {
+                    let at = top(o0 + i) - first;
+                    let mut taps = [std::ptr::null::<u8>(); 64];
+                    for ky in 0..kh {
+                        let start = &padded[(at + ky * g.dilation[0]) * row_bytes..];
+                        for kx in 0..kw {
+                            taps[ky * kw + kx] = start[cols[kx]..].as_ptr();
+                        }
                     }
+                    // SAFETY: `flat` weights exist only for a tier with the flat-row kernel.
+                    // Each tap starts inside a padded input row of the group's, and from it
+                    // ow * c bytes rounded up to 64 lie inside the padded rows plus their 64
+                    // bytes of slack: without phases, ow + (kw - 1) * dilation <= wp; with
+                    // them, pixel ox + kx / 2 of phase kx % 2 is column 2 ox + kx <= wp - 1
+                    // for ox < ow, and the even phase is followed by the odd one, the odd one
+                    // by the next row or the slack. `out_row` holds ow * c bytes.
+                    unsafe { flat_row(&taps[..kh * kw], c, weights, consts, ow * c, out_row.as_mut_ptr()) }
                 }
-                // SAFETY: `flat` weights exist only for a tier with the flat-row kernel. Each tap starts inside a padded input row, and from it ow * c bytes
-                // rounded up to 64 lie inside the padded image plus its 64 bytes of slack:
-                // without phases, ow + (kw - 1) * dilation <= wp; with them, pixel
-                // ox + kx / 2 of phase kx % 2 is column 2 ox + kx <= wp - 1 for ox < ow, and
-                // the even phase is followed by the odd one, the odd one by the next row or
-                // the slack. `out_row` holds ow * c bytes.
-                unsafe { flat_row(&taps[..kh * kw], c, weights, consts, ow * c, out_row.as_mut_ptr()) }
-            };
-            if parallel {
-                out.par_chunks_mut(ow * c).enumerate().for_each(row);
-            } else {
-                out.chunks_mut(ow * c).enumerate().for_each(row);
-            }
-        });
+            })
+        };
+        if parallel {
+            out.par_chunks_mut(group * ow * c).enumerate().for_each(run_group);
+        } else {
+            out.chunks_mut(group * ow * c).enumerate().for_each(run_group);
+        }
     }
 }
 
@@ -1096,44 +1115,92 @@ fn pack_depthwise_flat(taps: &PackedWeights) -> Aligned<i8> {
 /// height and width. With `phased`, every padded row holds its even pixels (columns 0, 2,
 /// ...; `wp.div_ceil(2)` of them) and then its odd ones, each pixel's `c` bytes together.
 /// With `parallel` (inside a pool of several threads), rows are shared between the threads.
-fn pad_image(x: &QImage<'_>, padding: [usize; 2], phased: bool, slack: usize, parallel: bool, buf: &mut Vec<u8>) {
-    let c = x.c;
+/// Returns the length written (`buf` may be longer).
+fn pad_image(
+    x: &QImage<'_>,
+    padding: [usize; 2],
+    phased: bool,
+    slack: usize,
+    parallel: bool,
+    buf: &mut Vec<u8>,
+) -> usize {
     let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
-    let zp = x.zero_point as u8;
-    // Every byte is written once below: no fill of the whole buffer first.
-    buf.resize(x.n * hp * wp * c + slack, 0);
-    let (row, side) = (wp * c, padding[1] * c);
-    let odd_at = wp.div_ceil(2) * c;
-    let fill = |(r, dst): (usize, &mut [u8])| {
-        let (b, py) = (r / hp, r % hp);
-        let Some(y) = py.checked_sub(padding[0]).filter(|&y| y < x.h) else {
-            dst.fill(zp);
-            return;
-        };
-        let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
-        if !phased {
-            dst[..side].fill(zp);
-            dst[side..side + x.w * c].copy_from_slice(src);
-            dst[side + x.w * c..].fill(zp);
-            return;
-        }
-        for px in 0..wp {
-            let at = (px % 2) * odd_at + (px / 2) * c;
-            match px.checked_sub(padding[1]).filter(|&ix| ix < x.w) {
-                Some(ix) => dst[at..at + c].copy_from_slice(&src[ix * c..(ix + 1) * c]),
-                None => dst[at..at + c].fill(zp),
-            }
-        }
-    };
-    let image = &mut buf[..x.n * hp * row];
+    let row = wp * x.c;
+    let len = x.n * hp * row + slack;
+    grow(buf, len);
+    let fill = |(r, dst): (usize, &mut [u8])| pad_row(x, padding, phased, r, dst);
+    let (image, tail) = buf[..len].split_at_mut(x.n * hp * row);
     // Below about 64 KiB a copy takes less than handing half of it to another thread.
     if parallel && row > 0 && image.len() >= 1 << 16 {
         image.par_chunks_mut(row).enumerate().for_each(fill);
     } else {
         image.chunks_exact_mut(row.max(1)).enumerate().for_each(fill);
     }
-    buf[x.n * hp * row..].fill(zp);
+    tail.fill(x.zero_point as u8);
+    len
 }
+
+/// Makes `buf` at least `len` bytes long. It never shrinks: the bytes a longer image left
+/// are overwritten, not filled again (growing fills every new byte).
+fn grow(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+}
+
+/// Rows `rows` of [`pad_image`]'s padded image (counted over the batch, `hp` per image) into
+/// `buf`, one after the other from its start, then `slack` bytes of the zero point: the rows
+/// one share of a layer's output reads, padded by the thread that reads them. Returns the
+/// length written (`buf` may be longer).
+fn pad_rows(
+    x: &QImage<'_>,
+    padding: [usize; 2],
+    phased: bool,
+    rows: std::ops::Range<usize>,
+    slack: usize,
+    buf: &mut Vec<u8>,
+) -> usize {
+    let row = (x.w + 2 * padding[1]) * x.c;
+    let len = rows.len() * row + slack;
+    grow(buf, len);
+    let (image, tail) = buf[..len].split_at_mut(rows.len() * row);
+    for (r, dst) in rows.zip(image.chunks_exact_mut(row.max(1))) {
+        pad_row(x, padding, phased, r, dst);
+    }
+    tail.fill(x.zero_point as u8);
+    len
+}
+
+/// Padded row `r` (counted over the batch) of [`pad_image`]'s image into `dst`.
+fn pad_row(x: &QImage<'_>, padding: [usize; 2], phased: bool, r: usize, dst: &mut [u8]) {
+    let c = x.c;
+    let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
+    let zp = x.zero_point as u8;
+    let (b, py) = (r / hp, r % hp);
+    let Some(y) = py.checked_sub(padding[0]).filter(|&y| y < x.h) else {
+        dst.fill(zp);
+        return;
+    };
+    let src = &x.data[((b * x.h + y) * x.w) * c..((b * x.h + y + 1) * x.w) * c];
+    let side = padding[1] * c;
+    if !phased {
+        dst[..side].fill(zp);
+        dst[side..side + x.w * c].copy_from_slice(src);
+        dst[side + x.w * c..].fill(zp);
+        return;
+    }
+    let odd_at = wp.div_ceil(2) * c;
+    for px in 0..wp {
+        let at = (px % 2) * odd_at + (px / 2) * c;
+        match px.checked_sub(padding[1]).filter(|&ix| ix < x.w) {
+            Some(ix) => dst[at..at + c].copy_from_slice(&src[ix * c..(ix + 1) * c]),
+            None => dst[at..at + c].fill(zp),
+        }
+    }
+}
+
+/// Most output rows the flat depthwise path computes from one padding of their input rows.
+const FLAT_GROUP_ROWS: usize = 8;
 
 /// Bytes past the im2col rows that [`copy_segment`] may spill into.
 const IM2COL_SLACK: usize = 64;

@@ -534,6 +534,9 @@ impl Sink<'_> {
 
 /// Rows per task block.
 pub(crate) const MC: usize = 96;
+/// Most weight bytes (`k * n`) for which threads share a GEMM's tasks row block by row
+/// block: each thread then reads all the weights, which should stay in its L2.
+const ROW_MAJOR_WEIGHTS: usize = 256 * 1024;
 /// Columns per task block.
 const NC: usize = 64;
 
@@ -702,8 +705,14 @@ fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Si
     let widths: Vec<usize> = (0..nblocks).map(|b| ((b + 1) * nc).min(w.n) - b * nc).collect();
     let mc = rows_per_block(m, &widths, if parallel { rayon::current_num_threads() } else { 1 });
     let mblocks = m.div_ceil(mc);
+    // One thread goes column block by column block, each block's weights staying in cache
+    // for all its rows. Threads sharing small weights go row block by row block instead:
+    // each thread's contiguous share of the tasks is then a band of rows, as the previous
+    // layer's shares were, so the rows it reads (and a residual it adds) are mostly the ones
+    // it wrote, still in its own cache.
+    let by_rows = parallel && mblocks > 1 && w.k * w.n <= ROW_MAJOR_WEIGHTS;
     let task = |t: usize| {
-        let (nb, mb) = (t / mblocks, t % mblocks);
+        let (nb, mb) = if by_rows { (t % nblocks, t / nblocks) } else { (t / mblocks, t % mblocks) };
         let rows = mb * mc..((mb + 1) * mc).min(m);
         let cols = nb * nc..((nb + 1) * nc).min(w.n);
         block(a, w, plan, rowsums, sink, rows, cols);

@@ -1098,33 +1098,72 @@ pub fn quantize_nchw_to_nhwc(
     if hw == 0 || c == 0 {
         return Ok(());
     }
-    // Quantize each plane a block at a time with the vectorised kernel (the same values as
-    // `quantize_scalar`) into a stack buffer, then interleave the bytes: no allocation.
-    const BLOCK: usize = 1024;
-    let mut block = [0u8; BLOCK];
+    // A block of pixels at a time: each channel's values quantized with the vectorised kernel
+    // (the same values as `quantize_scalar`) into `planes`, then interleaved into the block's
+    // NHWC bytes. Inside a pool of several threads, an image's blocks are shared out.
+    const BLOCK: usize = 512;
     let range = QuantRange::full(DType::U8);
-    for b in 0..n {
-        let dst = &mut out[b * c * hw..(b + 1) * c * hw];
+    let block = |b: usize, k: usize, dst: &mut [u8], planes: &mut Vec<u8>| -> Result<()> {
+        let (p0, len) = (k * BLOCK, dst.len() / c);
+        if planes.len() < c * BLOCK {
+            planes.resize(c * BLOCK, 0);
+        }
         for ch in 0..c {
-            let plane = &x[(b * c + ch) * hw..(b * c + ch + 1) * hw];
-            for (i, src) in plane.chunks(BLOCK).enumerate() {
-                let q8 = &mut block[..src.len()];
-                // NaN is found by the quantization itself: report it at its place in x.
-                qtensor::kernels::quantize_slice(src, q8, q.scale, q.zero_point, range).map_err(|e| match e {
-                    QError::NanInput { index, .. } => QError::NanInput {
-                        op: OP,
-                        index: (b * c + ch) * hw + i * BLOCK + index,
-                        shape: vec![n, c, h, w],
-                    },
+            let src = &x[(b * c + ch) * hw + p0..][..len];
+            let at = (b * c + ch) * hw + p0;
+            // NaN is found by the quantization itself: report it at its place in x.
+            qtensor::kernels::quantize_slice(src, &mut planes[ch * BLOCK..][..len], q.scale, q.zero_point, range)
+                .map_err(|e| match e {
+                    QError::NanInput { index, .. } => {
+                        QError::NanInput { op: OP, index: at + index, shape: vec![n, c, h, w] }
+                    }
                     other => other,
                 })?;
-                for (k, &v) in q8.iter().enumerate() {
-                    dst[(i * BLOCK + k) * c + ch] = v;
-                }
+        }
+        interleave(&planes[..c * BLOCK], BLOCK, dst);
+        Ok(())
+    };
+    let parallel = hw * c >= 1 << 16 && rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1;
+    for (b, image) in out.chunks_mut(c * hw).enumerate() {
+        if parallel {
+            use rayon::prelude::*;
+            image
+                .par_chunks_mut(c * BLOCK)
+                .enumerate()
+                .try_for_each_init(Vec::new, |planes, (k, dst)| block(b, k, dst, planes))?;
+        } else {
+            let mut planes = Vec::new();
+            for (k, dst) in image.chunks_mut(c * BLOCK).enumerate() {
+                block(b, k, dst, &mut planes)?;
             }
         }
     }
     Ok(())
+}
+
+/// Interleaves channel planes (`planes`, one every `stride` bytes) into pixels of
+/// `dst.len() / planes.len() * stride` channels: pixel `k`'s channel `ch` is
+/// `planes[ch * stride + k]`.
+fn interleave(planes: &[u8], stride: usize, dst: &mut [u8]) {
+    let c = planes.len() / stride;
+    let len = dst.len() / c;
+    let plane = |ch: usize| &planes[ch * stride..ch * stride + len];
+    match c {
+        1 => dst.copy_from_slice(plane(0)),
+        3 => {
+            let (r, g, b) = (plane(0), plane(1), plane(2));
+            for (((px, &r), &g), &b) in dst.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
+                px.copy_from_slice(&[r, g, b]);
+            }
+        }
+        _ => {
+            for ch in 0..c {
+                for (px, &v) in dst.chunks_exact_mut(c).zip(plane(ch)) {
+                    px[ch] = v;
+                }
+            }
+        }
+    }
 }
 
 /// Dequantizes NHWC `u8` straight into NCHW `f32` in one pass (the model output boundary):

@@ -354,3 +354,31 @@ fn max_pooling_gives_the_same_bytes_on_any_thread_count() {
         }
     }
 }
+
+#[test]
+fn quantizing_nchw_into_nhwc_is_the_formula_per_value_on_any_thread_count() {
+    // Channel counts with and without their own interleaving (1, 3, 4, 5), planes of a few
+    // pixels and of several 512-pixel blocks with a partial last one, batches of one and two;
+    // the largest shapes pass the size above which a pool's threads share an image.
+    let q = QuantU8 { scale: 0.037, zero_point: 11 };
+    for (n, c, h, w) in [(1, 1, 3, 5), (2, 3, 7, 9), (1, 3, 150, 151), (2, 4, 33, 71), (2, 5, 120, 117)] {
+        let len = n * c * h * w;
+        let x: Vec<f32> =
+            (0..len).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 20) as f32 * 0.01 - 12.0).collect();
+        let mut want = vec![0u8; len];
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    let v = x[(b * c + ch) * h * w + p];
+                    want[(b * h * w + p) * c + ch] =
+                        qtensor::kernels::quantize_scalar(v, 1.0 / q.scale, q.zero_point, 0, 255) as u8;
+                }
+            }
+        }
+        for threads in [1, 2, 3] {
+            let mut got = vec![0u8; len];
+            qkernels::with_threads(threads, || qkernels::quantize_nchw_to_nhwc(&x, (n, c, h, w), q, &mut got)).unwrap();
+            assert!(got == want, "n {n} c {c} h {h} w {w} threads {threads}");
+        }
+    }
+}
