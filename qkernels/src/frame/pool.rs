@@ -146,29 +146,50 @@ fn max_pool2d_on(isa: qtensor::isa::Isa, x: &QImage<'_>, p: &Pool2d, out: &mut [
 }
 
 multiversion! {
-    /// Output rows `first..` (counted over the batch's images) into `out`, whole rows.
+    /// Output rows `first..` (counted over the batch's images) into `out`, whole rows: for
+    /// each output row, the largest of its window's input rows first, whole rows at a time,
+    /// then the largest of each output pixel's window columns in that row. The padding is
+    /// skipped; a window with no input inside gives 0.
     fn max_pool_rows(x: &QImage<'_>, p: &Pool2d, ohw: (usize, usize), first: usize, out: &mut [u8]) {
+        /// `dst = max(dst, src)`, byte by byte (inlined into each tier's copy).
+        #[inline(always)]
+        fn max_into(dst: &mut [u8], src: &[u8]) {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = (*d).max(*s);
+            }
+        }
         let (c, (oh, ow)) = (x.c, ohw);
+        let row = x.w * c;
+        // The window rows' largest values, one input row long.
+        let mut rows_max = vec![0u8; row];
         for (r, orow) in out.chunks_exact_mut(ow * c).enumerate() {
             let (b, oy) = ((first + r) / oh, (first + r) % oh);
-            for ox in 0..ow {
-                let o = &mut orow[ox * c..][..c];
-                o.fill(0);
-                for ky in 0..p.kernel[0] {
-                    let iy = (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize;
-                    if iy < 0 || iy >= x.h as isize {
-                        continue;
-                    }
-                    for kx in 0..p.kernel[1] {
-                        let ix = (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize;
-                        if ix < 0 || ix >= x.w as isize {
-                            continue;
+            let image = &x.data[b * x.h * row..(b + 1) * x.h * row];
+            let mut inside = (0..p.kernel[0])
+                .map(|ky| (oy * p.stride[0] + ky * p.dilation[0]) as isize - p.padding[0] as isize)
+                .filter(|&iy| iy >= 0 && iy < x.h as isize)
+                .map(|iy| &image[iy as usize * row..(iy as usize + 1) * row]);
+            let Some(top) = inside.next() else {
+                orow.fill(0);
+                continue;
+            };
+            rows_max.copy_from_slice(top);
+            for src in inside {
+                max_into(&mut rows_max, src);
+            }
+            for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
+                let mut cols = (0..p.kernel[1])
+                    .map(|kx| (ox * p.stride[1] + kx * p.dilation[1]) as isize - p.padding[1] as isize)
+                    .filter(|&ix| ix >= 0 && ix < x.w as isize)
+                    .map(|ix| &rows_max[ix as usize * c..(ix as usize + 1) * c]);
+                match cols.next() {
+                    Some(left) => {
+                        o.copy_from_slice(left);
+                        for src in cols {
+                            max_into(o, src);
                         }
-                        let src = &x.data[((b * x.h + iy as usize) * x.w + ix as usize) * c..][..c];
-                        for (d, s) in o.iter_mut().zip(src) {
-                            *d = (*d).max(*s);
-                        }
                     }
+                    None => o.fill(0),
                 }
             }
         }
