@@ -85,9 +85,29 @@ pub(crate) fn take(len: usize) -> Vec<u8> {
     } else {
         // Every layer writes its whole output: keep the old bytes, fill only new ones.
         v.truncate(len);
-        v.resize(len, 0);
+        fill_to(&mut v, len);
     }
     v
+}
+
+/// New bytes of a buffer above which a pool's threads share filling them.
+const PARALLEL_FILL: usize = 256 << 10;
+
+/// Lengthens `v` to `len` bytes with zeros: inside a pool of several threads (a model run on
+/// several), a long stretch is filled by all of them rather than by the one that runs the
+/// graph while the others wait for its next layer.
+fn fill_to(v: &mut Vec<u8>, len: usize) {
+    let new = len.saturating_sub(v.len());
+    if new < PARALLEL_FILL || rayon::current_thread_index().is_none() || rayon::current_num_threads() < 2 {
+        v.resize(len, 0);
+        return;
+    }
+    use rayon::prelude::*;
+    v.reserve(new);
+    v.spare_capacity_mut()[..new].par_chunks_mut(64 << 10).for_each(|c| c.fill(std::mem::MaybeUninit::new(0)));
+    // SAFETY: the `new` bytes after the old length were just written, and `reserve` made
+    // room for them.
+    unsafe { v.set_len(len) };
 }
 
 /// Returns a buffer to this thread's pool (when full, it replaces a smaller one).
@@ -139,6 +159,26 @@ impl Drop for Input {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lengthening_keeps_the_old_bytes_and_zeroes_the_new_on_any_thread_count() {
+        for threads in [1, 2, 3] {
+            for (old, len) in
+                [(0, 10), (5000, 5000 + PARALLEL_FILL), (100, 3 * PARALLEL_FILL + 77), (PARALLEL_FILL, 10)]
+            {
+                let mut v: Vec<u8> = (0..old).map(|i| (i % 251) as u8 + 1).collect();
+                // Stale bytes past the length (as a shortened pooled buffer has) must not show.
+                v.reserve(len);
+                v.extend(std::iter::repeat_n(0xEE, len.saturating_sub(old)));
+                v.truncate(old);
+                qkernels::with_threads(threads, || fill_to(&mut v, len));
+                assert_eq!(v.len(), len, "threads {threads}, {old} -> {len}");
+                let kept = old.min(len);
+                assert!(v[..kept].iter().enumerate().all(|(i, &b)| b == (i % 251) as u8 + 1), "threads {threads}");
+                assert!(v[kept..].iter().all(|&b| b == 0), "threads {threads}, {old} -> {len}: new bytes not zero");
+            }
+        }
+    }
 
     #[test]
     fn buffers_are_reused_and_poisoned_in_debug_builds() {
