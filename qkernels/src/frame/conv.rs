@@ -824,11 +824,10 @@ impl PackedConv2d {
 
     /// The depthwise path for stride 1 along the width and kernels up to 5 x 4. Each band of
     /// output rows (one per thread) pads the input rows it reads (zero point around them),
-    /// then goes through the row's 64-byte
-    /// chunks class by class (chunks `classes` apart cover the same channels), a tile of them
-    /// at a time, keeping the kx-interleaved form of the input rows that the current output
-    /// row reads in a ring of `kh * dilation` slots: built once per input row and tile, read
-    /// by every output row that uses it.
+    /// then goes through the row's 64-byte chunks class by class (chunks `classes` apart
+    /// cover the same channels), a tile of them at a time, keeping the kx-interleaved form of
+    /// the input rows that the current output row reads in a ring of `kh * dilation` slots:
+    /// built once per input row and tile, read by every output row that uses it.
     #[allow(clippy::too_many_arguments)]
     fn forward_depthwise_rows(
         &self,
@@ -893,10 +892,12 @@ impl PackedConv2d {
                                     if held[slot] != b * hp + iy {
                                         // SAFETY: the weights were packed for this tier's row
                                         // kernel; every chunk starts below len in the input row,
-                                        // and the padded image with its 64 bytes of slack holds
-                                        // (kw - 1) * dilation * c + len rounded up to 64 bytes
-                                        // from the row's start (ow + (kw - 1) * dilation <= wp);
-                                        // the slot holds 256 * count bytes.
+                                        // one of the band's padded rows (row0..=last holds every
+                                        // row its output rows read), and those rows with their 64
+                                        // bytes of slack hold (kw - 1) * dilation * c + len
+                                        // rounded up to 64 bytes from the row's start
+                                        // (ow + (kw - 1) * dilation <= wp); the slot holds
+                                        // 256 * count bytes.
                                         unsafe {
                                             (rk.build)(
                                                 padded[(b * hp + iy - row0) * row_bytes + 64 * tile0..].as_ptr(),
@@ -944,10 +945,9 @@ impl PackedConv2d {
 
     /// The flat depthwise path: groups of output rows each pad the input rows they read (zero
     /// point around them), then run the flat-row kernel on every output row of the group.
-    /// Stride 2 along the width pads each row split into
-    /// its even pixels, then its odd ones: output pixel `ox` reads column `2 ox + kx`, which is
-    /// pixel `ox + kx / 2` of phase `kx % 2`, so every tap again advances `c` bytes per output
-    /// pixel.
+    /// Stride 2 along the width pads each row split into its even pixels, then its odd ones:
+    /// output pixel `ox` reads column `2 ox + kx`, which is pixel `ox + kx / 2` of phase
+    /// `kx % 2`, so every tap again advances `c` bytes per output pixel.
     #[allow(clippy::too_many_arguments)]
     fn forward_depthwise_flat(
         &self,
@@ -970,8 +970,9 @@ impl PackedConv2d {
         for (kx, col) in cols.iter_mut().enumerate().take(self.kw) {
             *col = if phased { (kx % 2) * wp.div_ceil(2) * c + (kx / 2) * c } else { kx * g.dilation[1] * c };
         }
-        let (kh, kw) = (self.kh, self.kw); // kh * kw <= 64: packing checked
-                                           // Padded row index (over the batch) of output row `orow`'s first tap row.
+        // kh * kw <= 64: packing checked.
+        let (kh, kw) = (self.kh, self.kw);
+        // Padded row index (over the batch) of output row `orow`'s first tap row.
         let top = |orow: usize| (orow / oh) * hp + (orow % oh) * g.stride[0];
         // Groups of output rows, each padding the input rows it reads just before reading
         // them (while they are in cache; no pass over the whole image first), at least two

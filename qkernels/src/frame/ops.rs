@@ -1141,9 +1141,8 @@ pub fn quantize_nchw_to_nhwc(
     Ok(())
 }
 
-/// Interleaves channel planes (`planes`, one every `stride` bytes) into pixels of
-/// `dst.len() / planes.len() * stride` channels: pixel `k`'s channel `ch` is
-/// `planes[ch * stride + k]`.
+/// Interleaves the `planes.len() / stride` channel planes of `planes` (each `stride` bytes
+/// long) into the pixels of `dst`: pixel `k`'s channel `ch` is `planes[ch * stride + k]`.
 fn interleave(planes: &[u8], stride: usize, dst: &mut [u8]) {
     let c = planes.len() / stride;
     let len = dst.len() / c;
