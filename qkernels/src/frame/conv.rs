@@ -975,11 +975,12 @@ impl PackedConv2d {
         // Padded row index (over the batch) of output row `orow`'s first tap row.
         let top = |orow: usize| (orow / oh) * hp + (orow % oh) * g.stride[0];
         // Groups of output rows, each padding the input rows it reads just before reading
-        // them (while they are in cache; no pass over the whole image first), at least two
-        // groups per thread.
+        // them (while they are in cache; no pass over the whole image first): up to 8 rows,
+        // as many groups for each thread (56 rows on two threads: 8 groups of 7, not 7 of 8).
         let total = x.n * oh;
         let threads = if parallel { rayon::current_num_threads() } else { 1 };
-        let group = total.div_ceil(2 * threads).clamp(1, FLAT_GROUP_ROWS);
+        let groups = total.div_ceil(FLAT_GROUP_ROWS).next_multiple_of(threads).min(total).max(1);
+        let group = total.div_ceil(groups);
         let run_group = |(gi, out_group): (usize, &mut [u8])| {
             let o0 = gi * group;
             let (first, last) = (top(o0), top(o0 + out_group.len() / (ow * c) - 1) + (kh - 1) * g.dilation[0]);
