@@ -816,7 +816,7 @@ impl PackedConv2d {
         // In the pool, so that the padding's rows are shared between its threads.
         crate::threads::run_with(threads, || {
             with_scratch(&SCRATCH, |buf| {
-                let padded_len = pad_image(x, g.padding, false, slack, threads > 1, buf);
+                let padded_len = pad_image(x, g.padding, slack, threads > 1, buf);
                 run(&buf[..padded_len]);
             })
         });
@@ -1114,30 +1114,20 @@ fn pack_depthwise_flat(taps: &PackedWeights) -> Aligned<i8> {
 
 /// Writes `x` into `buf` surrounded by `padding` rows and columns of its zero point (which
 /// stand for real zeros), followed by `slack` more bytes of it; layout NHWC with the padded
-/// height and width. With `phased`, every padded row holds its even pixels (columns 0, 2,
-/// ...; `wp.div_ceil(2)` of them) and then its odd ones, each pixel's `c` bytes together.
-/// With `parallel` (inside a pool of several threads), rows are shared between the threads.
-/// Returns the length written (`buf` may be longer).
-fn pad_image(
-    x: &QImage<'_>,
-    padding: [usize; 2],
-    phased: bool,
-    slack: usize,
-    parallel: bool,
-    buf: &mut Vec<u8>,
-) -> usize {
-    let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);
-    let row = wp * x.c;
-    let len = x.n * hp * row + slack;
-    grow(buf, len);
-    let fill = |(r, dst): (usize, &mut [u8])| pad_row(x, padding, phased, r, dst);
-    let (image, tail) = buf[..len].split_at_mut(x.n * hp * row);
+/// height and width ([`pad_row`] each row). With `parallel` (inside a pool of several
+/// threads), rows are shared between the threads. Returns the length written (`buf` may be
+/// longer).
+fn pad_image(x: &QImage<'_>, padding: [usize; 2], slack: usize, parallel: bool, buf: &mut Vec<u8>) -> usize {
+    let rows = x.n * (x.h + 2 * padding[0]);
+    let row = (x.w + 2 * padding[1]) * x.c;
     // Below about 64 KiB a copy takes less than handing half of it to another thread.
-    if parallel && row > 0 && image.len() >= 1 << 16 {
-        image.par_chunks_mut(row).enumerate().for_each(fill);
-    } else {
-        image.chunks_exact_mut(row.max(1)).enumerate().for_each(fill);
+    if !parallel || row == 0 || rows * row < 1 << 16 {
+        return pad_rows(x, padding, false, 0..rows, slack, buf);
     }
+    let len = rows * row + slack;
+    grow(buf, len);
+    let (image, tail) = buf[..len].split_at_mut(rows * row);
+    image.par_chunks_mut(row).enumerate().for_each(|(r, dst)| pad_row(x, padding, false, r, dst));
     tail.fill(x.zero_point as u8);
     len
 }
@@ -1150,10 +1140,10 @@ fn grow(buf: &mut Vec<u8>, len: usize) {
     }
 }
 
-/// Rows `rows` of [`pad_image`]'s padded image (counted over the batch, `hp` per image) into
-/// `buf`, one after the other from its start, then `slack` bytes of the zero point: the rows
-/// one share of a layer's output reads, padded by the thread that reads them. Returns the
-/// length written (`buf` may be longer).
+/// Padded rows `rows` (counted over the batch, `x.h + 2 * padding[0]` per image; each as
+/// [`pad_row`] writes it) into `buf`, one after the other from its start, then `slack` bytes
+/// of the zero point: the rows one share of a layer's output reads, padded by the thread that
+/// reads them. Returns the length written (`buf` may be longer).
 fn pad_rows(
     x: &QImage<'_>,
     padding: [usize; 2],
@@ -1173,7 +1163,10 @@ fn pad_rows(
     len
 }
 
-/// Padded row `r` (counted over the batch) of [`pad_image`]'s image into `dst`.
+/// Padded row `r` (counted over the batch) of `x` into `dst`: `padding[1]` pixels of the zero
+/// point, the image row, `padding[1]` more (rows of the top and bottom padding all zero
+/// point). With `phased`, the row holds its even pixels (columns 0, 2, ...; `wp.div_ceil(2)`
+/// of them) and then its odd ones, each pixel's `c` bytes together.
 fn pad_row(x: &QImage<'_>, padding: [usize; 2], phased: bool, r: usize, dst: &mut [u8]) {
     let c = x.c;
     let (hp, wp) = (x.h + 2 * padding[0], x.w + 2 * padding[1]);

@@ -1124,6 +1124,7 @@ pub fn quantize_nchw_to_nhwc(
         Ok(())
     };
     let parallel = hw * c >= 1 << 16 && rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1;
+    let mut planes = Vec::new();
     for (b, image) in out.chunks_mut(c * hw).enumerate() {
         if parallel {
             use rayon::prelude::*;
@@ -1132,7 +1133,6 @@ pub fn quantize_nchw_to_nhwc(
                 .enumerate()
                 .try_for_each_init(Vec::new, |planes, (k, dst)| block(b, k, dst, planes))?;
         } else {
-            let mut planes = Vec::new();
             for (k, dst) in image.chunks_mut(c * BLOCK).enumerate() {
                 block(b, k, dst, &mut planes)?;
             }
