@@ -2,6 +2,8 @@
 //! epilogue (zero-point corrections, bias, requantization, clamp) that writes `u8`, `i32` or
 //! `f32` straight to the output.
 
+use std::sync::atomic::AtomicU8;
+
 use qtensor::isa::Isa;
 use qtensor::{QError, Result};
 
@@ -411,7 +413,8 @@ pub(crate) fn gemm_planned(
         assert!(add.other.len() >= (a.m - 1) * sink.ldc + w.n, "gemm_planned: residual operand too short");
         sink.add = Some(add);
     }
-    crate::threads::run_with(threads, || drive(Rows::Dense(a), w, plan, &rowsums, &sink, threads > 1));
+    let memo = row_memo(w, a.m);
+    crate::threads::run_with(threads, || drive(Rows::Dense(a), w, plan, &rowsums, &memo, &sink, threads > 1));
     Ok(())
 }
 
@@ -442,7 +445,8 @@ pub(crate) fn gemm_f32_per_row(
     };
     let mut sink = Sink::new(GemmOutput::F32 { data: out, ldc: n, relu });
     sink.rows = Some(RowParams { q: rows, col_offsets: &w.col_offsets });
-    crate::threads::run_with(threads, || drive(Rows::Dense(&a0), w, plan, &rowsums, &sink, threads > 1));
+    let memo = row_memo(w, a.m);
+    crate::threads::run_with(threads, || drive(Rows::Dense(&a0), w, plan, &rowsums, &memo, &sink, threads > 1));
     Ok(())
 }
 
@@ -650,7 +654,7 @@ pub(crate) fn gemm_conv(
         "gemm_conv: residual operand too short"
     );
     let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc, add, rows: None };
-    crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &sink, threads > 1));
+    crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &[], &sink, threads > 1));
 }
 
 /// Rows per task block for `m` rows and the column blocks `cols` (their widths) on `threads`
@@ -695,7 +699,26 @@ pub(crate) fn rows_per_block(m: usize, cols: &[usize], threads: usize) -> usize 
     best.1
 }
 
-fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink<'_>, parallel: bool) {
+/// The [`Block::row_memo`] for `m` rows of A through `w`, all entries 0: one per row when
+/// the weights have an AVX2 pair bound below 255, none otherwise.
+fn row_memo(w: &PackedWeights, m: usize) -> Vec<AtomicU8> {
+    if w.pairs.as_ref().is_some_and(|p| p.max_input < u8::MAX) {
+        (0..m).map(|_| AtomicU8::new(0)).collect()
+    } else {
+        Vec::new()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    a: Rows<'_>,
+    w: &PackedWeights,
+    plan: &Plan,
+    rowsums: &[i32],
+    memo: &[AtomicU8],
+    sink: &Sink<'_>,
+    parallel: bool,
+) {
     let m = a.m();
     // Columns split evenly in whole 16-column panels, at most NC per block: 144 columns
     // make three blocks of 48 rather than 64 + 64 + 16, whose last tile would run at a third
@@ -715,7 +738,7 @@ fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Si
         let (nb, mb) = if by_rows { (t % nblocks, t / nblocks) } else { (t / mblocks, t % mblocks) };
         let rows = mb * mc..((mb + 1) * mc).min(m);
         let cols = nb * nc..((nb + 1) * nc).min(w.n);
-        block(a, w, plan, rowsums, sink, rows, cols);
+        block(a, w, plan, rowsums, memo, sink, rows, cols);
     };
     if parallel {
         crate::threads::share_tasks(mblocks * nblocks, task);
@@ -725,11 +748,13 @@ fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Si
 }
 
 /// Computes the output rows × cols (cols within one NC block).
+#[allow(clippy::too_many_arguments)]
 fn block(
     src: Rows<'_>,
     w: &PackedWeights,
     plan: &Plan,
     rowsums: &[i32],
+    row_memo: &[AtomicU8],
     sink: &Sink<'_>,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
@@ -740,6 +765,7 @@ fn block(
         w,
         plan,
         rowsums,
+        row_memo,
         kind: sink.kind,
         out: sink.ptr as *mut u8,
         ldc: sink.ldc,

@@ -249,8 +249,10 @@ impl PackedWeights {
     /// `vpmaddubsw` (pairs of products summed in 16 bits, which these weights cannot saturate
     /// up to it). It lies in 128..=255 for any weights, so 7-bit activations (`reduce_range`,
     /// as PyTorch's x86 configuration has) always take that kernel; with 8-bit activations, a
-    /// tile of rows whose codes all lie within it does, and any other runs the exact
-    /// `vpmaddwd` kernel. Both give the same bits. `None` on other tiers.
+    /// tile of rows whose codes all lie within it does, and so does one whose rows have few
+    /// codes above it (clamped to it, their excess then added exactly), where [`Self::kernel`]
+    /// says so; any other runs the exact `vpmaddwd` kernel. All give the same bits. `None` on
+    /// other tiers.
     pub fn pair_sums_up_to(&self) -> Option<u8> {
         self.pairs.as_ref().map(|p| p.max_input)
     }

@@ -684,7 +684,7 @@ fn avx2_kernel_names_give_the_pair_bound_of_each_group() {
     let isa = qtensor::isa::Isa::Avx2;
     let grouped = PackedConv2d::with_isa(isa, &q, None, Conv2dGeometry { groups: 2, ..Default::default() }).unwrap();
     assert!(
-        grouped.kernel().ends_with("avx2: vpmaddubsw for input codes <= 129..=255 (per group), exact vpmaddwd above"),
+        grouped.kernel().ends_with("avx2: vpmaddubsw for input codes <= 129..=255 (per group), above it vpmaddubsw on the codes clamped to it plus their excess on exact vpmaddwd (rows with at most K/8 such codes), else exact vpmaddwd"),
         "{}",
         grouped.kernel()
     );
@@ -697,7 +697,7 @@ fn avx2_kernel_names_give_the_pair_bound_of_each_group() {
     .unwrap();
     let one = PackedConv2d::with_isa(isa, &q4, None, Conv2dGeometry::default()).unwrap();
     assert!(
-        one.kernel().ends_with("avx2: vpmaddubsw for input codes <= 129, exact vpmaddwd above"),
+        one.kernel().ends_with("avx2: vpmaddubsw for input codes <= 129, above it vpmaddubsw on the codes clamped to it plus their excess on exact vpmaddwd (rows with at most K/8 such codes), else exact vpmaddwd"),
         "{}",
         one.kernel()
     );

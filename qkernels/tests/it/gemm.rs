@@ -389,6 +389,89 @@ fn avx2_full_range_rows_are_exact_at_the_edge_of_i16() {
     }
 }
 
+/// AVX2 rows with a few codes above the pair bound (without a full-range layout): the pair
+/// kernel on the codes clamped to the bound, each excess added exactly; rows with more than
+/// K / 8 such codes, and rows within the bound, in the same blocks (two row blocks, a partial
+/// last quad and panel, padded rows), with and without quads paired in i16, against the
+/// definition in `u8`, `f32` and `i32` output on 1 and 2 threads.
+#[test]
+fn avx2_rows_with_few_codes_above_the_bound_are_exact() {
+    use qtensor::isa::Isa;
+    if !Isa::Avx2.is_supported() {
+        return;
+    }
+    let mut next = crate::xorshift(0x7a3c_51e9_0d2b_c4f1);
+    let (m, k, n, lda_pad) = (150, 70, 21, 3);
+    // Uniform weights (no pairs of quads); and small negative ones with, in one quad of a
+    // column in 20, a 16-bit lane of 65 + 65 (which 255 would saturate, in too many of the
+    // panels' quads for a full-range layout), whose quads pair in i16 with the others.
+    let uniform: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
+    let mut trained: Vec<i8> = (0..n * k).map(|_| -((next() % 21) as i8)).collect();
+    for j in 0..n {
+        for g in 0..k / 4 {
+            if next().is_multiple_of(20) {
+                let at = j * k + 4 * g + 2 * (next() % 2) as usize;
+                trained[at..at + 2].copy_from_slice(&[65, 65]);
+            }
+        }
+    }
+    for (w, paired) in [(uniform, false), (trained, true)] {
+        let probe = Case {
+            m,
+            k,
+            n,
+            lda_pad,
+            a: Vec::new(),
+            w,
+            za: (next() % 256) as i32,
+            per_channel: true,
+            zw: vec![0; n],
+            sw: (0..n).map(|_| 0.001 + (next() % 1000) as f32 * 1e-4).collect(),
+            bias: Some((0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect()),
+            out: OutputQuant { scale: 30.0, zero_point: 100, activation: Activation::None },
+        };
+        let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe)).unwrap();
+        let bound = packed.pair_sums_up_to().unwrap();
+        let name = packed.kernel();
+        assert!(bound < u8::MAX && name.contains("clamped to it plus their excess"), "{name}");
+        assert_eq!(name.contains("quads paired in i16"), paired, "{name}");
+        let limit = k / 8;
+        let lda = k + lda_pad;
+        let mut a: Vec<u8> = (0..m * lda).map(|_| (next() % (bound as u64 + 1)) as u8).collect();
+        for r in 0..m {
+            // Row kinds: within the bound; 1, K / 8 and K / 8 + 1 codes above it (at the
+            // partial last quad too); all at 255.
+            let above = match r % 5 {
+                0 => 0,
+                1 => 1,
+                2 => limit,
+                3 => limit + 1,
+                _ => k,
+            };
+            let mut at: Vec<usize> = (0..k).collect();
+            for i in 0..above {
+                let j = i + (next() % (k - i) as u64) as usize;
+                at.swap(i, j);
+                a[r * lda + at[i]] = bound + 1 + (next() % (u8::MAX - bound) as u64) as u8;
+            }
+            if r % 10 == 1 {
+                a[r * lda + k - 1] = u8::MAX;
+            }
+        }
+        let c = Case { a, ..probe.clone() };
+        let raw = naive_raw(&c);
+        assert_avx2_exact(&c, &packed, &format!("paired quads: {paired}"));
+        for threads in 1..=2 {
+            assert_eq!(
+                run_u8(&c, Isa::Avx2, threads),
+                u8_reference(&c, &raw),
+                "u8, paired {paired}, {threads} threads"
+            );
+            assert_eq!(run_f32(&c, Isa::Avx2, false, threads), f32_reference(&c, &raw, false), "f32, paired {paired}");
+        }
+    }
+}
+
 /// Dequantized output: `fma(raw, 0.02 * sw[j], bias[j])`, then the ReLU.
 fn f32_reference(c: &Case, raw: &[i64], relu: bool) -> Vec<u32> {
     (0..c.m * c.n)

@@ -3,6 +3,8 @@
 
 use std::arch::x86_64::*;
 use std::ptr;
+use std::sync::atomic::AtomicU8;
+use std::sync::atomic::Ordering::Relaxed;
 
 use super::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
 use crate::frame::gemm::{QMatrix, Tile, REQUANT_LIMIT};
@@ -304,14 +306,20 @@ unsafe fn dequantize_tile_avx2<const MR: usize, const NV: usize>(
 /// requantized (or dequantized) on registers (no raw tile in memory): strips of 16 columns.
 /// When `pairs` is given and every code of a tile's rows is within its bound, the tile
 /// takes `vpmaddubsw`: 3 rows two quads at a time where the packing pairs quads (4 rows
-/// would spill a register), else 4 rows a quad at a time. Otherwise 4 rows on the full-range layout where the packing has one, else 4 rows on the
-/// exact kernel, over the block's rows widened once (`widen_rows`). All give the same sums,
-/// so the bytes are the scalar path's.
+/// would spill a register), else 4 rows a quad at a time. Otherwise 4 rows on the
+/// full-range layout where the packing has one. Without one, a row with at most K / 8 codes
+/// above the bound still takes `vpmaddubsw`, on a copy of the block's rows with those codes
+/// clamped to the bound, and each code's excess over the bound then meets its weights
+/// exactly (`vpmaddwd` on the exact layout, [`add_excess`]); other rows take the exact
+/// kernel, 4 at a time, over the block's rows widened once (`widen_rows`). All give the same
+/// sums, so the bytes are the scalar path's.
 ///
 /// # Safety
 /// AVX2 and FMA available; `exact` (and `pairs`) are the AVX2 packings of weights with this
 /// `k`; rows `f.r0..f.r0 + m` exist in `a`; as [`vnni_dense_rows`] for `f` (`f.j0` a
-/// multiple of 8).
+/// multiple of 8); `memo` is empty or has an entry, 0 or as this function set it, for each
+/// row of `a`, whose codes it may not see change.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn avx2_fused_rows(
     f: &FusedOut<'_>,
@@ -321,17 +329,66 @@ pub(crate) unsafe fn avx2_fused_rows(
     exact: &[i16],
     pairs: Option<&Avx2Pairs>,
     k: usize,
+    memo: &[AtomicU8],
 ) {
     // Which rows the pair kernel may take: one pass over the block's rows, shared by every
-    // strip of columns.
+    // strip of columns, and kept in `memo` (1: within, 2: not) for the other blocks of
+    // columns.
     assert!(m <= crate::frame::gemm::MC, "avx2_fused_rows: {m} rows exceed a block of {}", crate::frame::gemm::MC);
     let mut within = [false; crate::frame::gemm::MC];
     if let Some(&Avx2Pairs { max_input: max, .. }) = pairs {
         for (r, ok) in within[..m].iter_mut().enumerate() {
             let i = f.r0 + r;
-            *ok = max == u8::MAX || super::codes_within(&a.data[i * a.lda..i * a.lda + a.k], max);
+            *ok = match memo.get(i).map(|e| e.load(Relaxed)) {
+                _ if max == u8::MAX => true,
+                Some(known @ 1..=2) => known == 1,
+                seen => {
+                    let ok = super::codes_within(&a.data[i * a.lda..i * a.lda + a.k], max);
+                    if seen.is_some() {
+                        memo[i].store(if ok { 1 } else { 2 }, Relaxed);
+                    }
+                    ok
+                }
+            };
         }
     }
+    // Rows above the bound with few codes above it (without a full-range layout): their
+    // excess codes, row r's at `excess[starts[r]..starts[r + 1]]`, and the block's rows
+    // with those codes clamped, which the pair kernel then reads instead of `a`'s.
+    let mut starts = [0u32; crate::frame::gemm::MC + 1];
+    let (mut clamped, mut excess) = (Vec::new(), Vec::new());
+    let sparse = match pairs {
+        Some(&Avx2Pairs { max_input: max, full: None, .. }) if !within[..m].iter().all(|&ok| ok) => {
+            (clamped, excess) = SPARSE.with(|s| std::mem::take(&mut *s.borrow_mut()));
+            excess.clear();
+            let limit = k / SPARSE_SHARE;
+            for r in 0..m {
+                if !within[r] {
+                    let i = f.r0 + r;
+                    // SAFETY: AVX2 (precondition); the row's k codes exist.
+                    within[r] = unsafe { excess_codes(&a.data[i * a.lda..i * a.lda + k], max, limit, &mut excess) };
+                }
+                starts[r + 1] = excess.len() as u32;
+            }
+            let any = starts[m] > 0;
+            if any {
+                clamped.clear();
+                for r in 0..m {
+                    let i = f.r0 + r;
+                    clamped.extend_from_slice(&a.data[i * a.lda..i * a.lda + k]);
+                }
+                for r in 0..m {
+                    for e in &excess[starts[r] as usize..starts[r + 1] as usize] {
+                        clamped[r * k + e.kk as usize] = max;
+                    }
+                }
+            }
+            any
+        }
+        _ => false,
+    };
+    // Where the pair kernel reads the block's rows.
+    let (rows_at, lda) = if sparse { (clamped.as_ptr(), k) } else { (a.data[f.r0 * a.lda..].as_ptr(), a.lda) };
     // Rows for the exact kernel, widened once for every strip of columns.
     let needs_exact = pairs.is_none_or(|p| p.full.is_none()) && !within[..m].iter().all(|&ok| ok);
     let mut wide = if needs_exact { WIDE.with(|w| std::mem::take(&mut *w.borrow_mut())) } else { Vec::new() };
@@ -355,6 +412,8 @@ pub(crate) unsafe fn avx2_fused_rows(
             let i = f.r0 + r;
             let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(pair_rows)].iter().all(|&ok| ok));
             let ap = a.data[i * a.lda..].as_ptr();
+            // SAFETY: row r of the block, in `a` or in its clamped copy.
+            let pair_ap = unsafe { rows_at.add(r * lda) };
             if let (None, Some(full)) = (tile_pairs, pairs.and_then(|p| p.full.as_ref())) {
                 let mr = (m - r).min(4);
                 let bp = full.packed[panel * pairs_panel_len(k)..].as_ptr();
@@ -372,18 +431,33 @@ pub(crate) unsafe fn avx2_fused_rows(
                 Some(p) => {
                     let mr = (m - r).min(pair_rows);
                     let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
+                    let ep = exact[panel * avx2_panel_len(k)..].as_ptr();
+                    let tile_excess = (&excess[..], &starts[r..=r + mr]);
                     // SAFETY: the tile's rows and columns exist (preconditions); its codes were
-                    // just checked against the pair packing's bound; the table covers mr <= 4,
-                    // nv <= 2; `order` belongs to this packing, and a strip of 16 columns
-                    // starts on an even panel.
+                    // just checked against the pair packing's bound, or clamped to it in the
+                    // copy `pair_ap` points into, whose excess `add_excess` adds from the exact
+                    // layout's NV panels at `panel`; the table covers mr <= 4, nv <= 2; `order`
+                    // belongs to this packing, and a strip of 16 columns starts on an even panel.
                     unsafe {
                         match &p.order {
                             Some(order) => {
-                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (ap, a.lda, k, bp, order, panel), |acc| store_tile_avx2(f, &acc, i, j, lanes, out);
+                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (pair_ap, lda, k, bp, order, panel), |acc| {
+                                    let mut acc = acc;
+                                    if sparse {
+                                        add_excess(&mut acc, tile_excess, ep, avx2_panel_len(k));
+                                    }
+                                    store_tile_avx2(f, &acc, i, j, lanes, out)
+                                };
                                 (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                             }
                             None => {
-                                dispatch_avx2!(avx2_pairs_kernel, mr, nv, (ap, a.lda, k, bp), |acc| store_tile_avx2(f, &acc, i, j, lanes, out);
+                                dispatch_avx2!(avx2_pairs_kernel, mr, nv, (pair_ap, lda, k, bp), |acc| {
+                                    let mut acc = acc;
+                                    if sparse {
+                                        add_excess(&mut acc, tile_excess, ep, avx2_panel_len(k));
+                                    }
+                                    store_tile_avx2(f, &acc, i, j, lanes, out)
+                                };
                                 (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                             }
                         }
@@ -413,6 +487,93 @@ pub(crate) unsafe fn avx2_fused_rows(
                 *cur = wide;
             }
         });
+    }
+    if clamped.capacity() > 0 || excess.capacity() > 0 {
+        SPARSE.with(|s| *s.borrow_mut() = (clamped, excess));
+    }
+}
+
+/// A row takes the pair kernel on clamped codes plus their exact excess when at most
+/// `K / SPARSE_SHARE` of its codes lie above the bound: each excess code costs about as
+/// many instructions for 16 products as the pair kernel spends on 64, and the exact kernel
+/// takes about 1.7 times the pair kernel's time.
+pub(crate) const SPARSE_SHARE: usize = 8;
+
+/// A code above the pair bound: its index `kk` in the row, where its weights start in a
+/// panel of the exact layout (`pack_avx2`: quad `kk / 4`, the vector of its parity), and its
+/// excess over the bound as the i16 pair (excess, 0) or (0, excess) that meets its weight's
+/// half of each lane.
+#[derive(Clone, Copy, Debug)]
+struct Excess {
+    kk: u32,
+    at: u32,
+    pair: i32,
+}
+
+/// Appends an [`Excess`] for each code of `row` above `max`, in order; `false` (and `out`
+/// as it was) when more than `limit` are.
+///
+/// # Safety
+/// AVX2 available.
+#[target_feature(enable = "avx2")]
+unsafe fn excess_codes(row: &[u8], max: u8, limit: usize, out: &mut Vec<Excess>) -> bool {
+    let start = out.len();
+    let mut push = |kk: usize, code: u8| {
+        let (g, odd, half) = (kk / 4, kk % 2, (kk % 4) / 2);
+        let at = (g * 4 * AVX2_LANES + odd * 2 * AVX2_LANES) as u32;
+        out.push(Excess { kk: kk as u32, at, pair: ((code - max) as i32) << (16 * half) });
+        out.len() - start <= limit
+    };
+    let bound = _mm256_set1_epi8(max as i8);
+    let mut at = 0;
+    while at + 32 <= row.len() {
+        // SAFETY: bytes at..at + 32 of the row; AVX2 (precondition).
+        let over = unsafe { _mm256_subs_epu8(_mm256_loadu_si256(row.as_ptr().add(at).cast()), bound) };
+        let mut mask = !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(over, _mm256_setzero_si256())) as u32);
+        while mask != 0 {
+            let b = mask.trailing_zeros() as usize;
+            if !push(at + b, row[at + b]) {
+                out.truncate(start);
+                return false;
+            }
+            mask &= mask - 1;
+        }
+        at += 32;
+    }
+    for (kk, &code) in row.iter().enumerate().skip(at) {
+        if code > max && !push(kk, code) {
+            out.truncate(start);
+            return false;
+        }
+    }
+    true
+}
+
+/// Adds each excess code of a tile's rows (row r's at `excess[starts[r]..starts[r + 1]]`)
+/// times its weights to the row's sums: one `vpmaddwd` of the pair with the code's vector of
+/// the exact layout per panel, exact in i32 (at most 127 x 128).
+///
+/// # Safety
+/// AVX2 available; `ep` points at panel 0 of NV panels of the exact layout, `panel_len`
+/// i16 apart, for the K the excess codes were found in; `starts` has MR + 1 entries.
+#[inline(always)]
+unsafe fn add_excess<const MR: usize, const NV: usize>(
+    acc: &mut [[__m256i; NV]; MR],
+    (excess, starts): (&[Excess], &[u32]),
+    ep: *const i16,
+    panel_len: usize,
+) {
+    for (r, accr) in acc.iter_mut().enumerate() {
+        for e in &excess[starts[r] as usize..starts[r + 1] as usize] {
+            // SAFETY: AVX2 (precondition); `e.at` starts a 16-lane vector inside each panel.
+            unsafe {
+                let pair = _mm256_set1_epi32(e.pair);
+                for (v, a) in accr.iter_mut().enumerate() {
+                    let w = _mm256_loadu_si256(ep.add(v * panel_len + e.at as usize).cast());
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pair, w));
+                }
+            }
+        }
     }
 }
 
@@ -786,6 +947,8 @@ unsafe fn avx2_wide_kernel<const MR: usize, const NV: usize>(
 thread_local! {
     /// [`widen_rows`]'s output for the block [`avx2_fused_rows`] is running.
     static WIDE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The clamped copy of a block's rows and their excess codes, for [`avx2_fused_rows`].
+    static SPARSE: std::cell::RefCell<(Vec<u8>, Vec<Excess>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The AVX2 weights a tile reads: the exact i16 layout, or the `vpmaddubsw` one.

@@ -95,15 +95,16 @@ fn name(groups: &[PackedWeights]) -> String {
         ),
     };
     let above = match full {
-        0 => ", exact vpmaddwd above".to_string(),
+        0 => format!(", above it {}", sparse_above()),
         _ if full == groups.len() => {
             format!(", above it vpmaddubsw with {:.1}% of quads on exact vpmaddwd", share(exact, quads))
         }
         _ => format!(
-            ", above it vpmaddubsw with {:.1}% of quads on exact vpmaddwd in {full} of {} groups, exact vpmaddwd in \
-             the others",
+            ", above it vpmaddubsw with {:.1}% of quads on exact vpmaddwd in {full} of {} groups, in the others \
+             {}",
             share(exact, quads),
-            groups.len()
+            groups.len(),
+            sparse_above()
         ),
     };
     match (lo, hi) {
@@ -111,6 +112,16 @@ fn name(groups: &[PackedWeights]) -> String {
         (lo, hi) if lo == hi => format!("avx2: vpmaddubsw for input codes <= {lo}{pairing}{above}"),
         (lo, hi) => format!("avx2: vpmaddubsw for input codes <= {lo}..={hi} (per group){pairing}{above}"),
     }
+}
+
+/// What rows with codes above the bound take without a full-range layout, in `u8` and `f32`
+/// output (`gemm::avx2_fused_rows`; raw `i32` tiles take the exact kernel).
+fn sparse_above() -> String {
+    format!(
+        "vpmaddubsw on the codes clamped to it plus their excess on exact vpmaddwd (rows with at most K/{} such \
+         codes), else exact vpmaddwd",
+        gemm::SPARSE_SHARE
+    )
 }
 
 /// `u8` output from dense rows, requantized on registers, or `f32`, dequantized on
@@ -129,7 +140,7 @@ unsafe fn block(b: &Block<'_>) -> bool {
     let pairs = b.w.pairs.as_ref();
     // SAFETY: AVX2 and FMA (the table's tier); rows, columns, output and per-row parameters
     // as the caller promised; `cols.start` is a multiple of 16.
-    unsafe { gemm::avx2_fused_rows(&fused, out, a, b.rows.len(), exact, pairs, b.w.k) };
+    unsafe { gemm::avx2_fused_rows(&fused, out, a, b.rows.len(), exact, pairs, b.w.k, b.row_memo) };
     true
 }
 
