@@ -147,6 +147,48 @@ fn u8_reference(c: &Case, raw: &[i64]) -> Vec<u8> {
         .collect()
 }
 
+/// Output scales so small that the scaled sums leave i32's range (where a float-to-int
+/// conversion gives `i32::MIN`), and moderate ones: every tier clamps as the scalar formula
+/// does (large positive values to `hi`, negative ones to `lo`), on strips of 16 columns and
+/// partial ones, with and without a ReLU, on 1 and 2 threads.
+#[test]
+fn outputs_scaled_beyond_i32_saturate_on_every_isa() {
+    let mut next = crate::xorshift(0x3c6e_f372_fe94_f82b);
+    for (m, k, n) in [(7, 64, 32), (5, 40, 21)] {
+        for scale in [1e-12f32, 1e-7, 1e-3] {
+            for activation in [Activation::None, Activation::Relu] {
+                let c = Case {
+                    m,
+                    k,
+                    n,
+                    lda_pad: 0,
+                    a: (0..m * k).map(|_| (next() % 128) as u8).collect(),
+                    w: (0..n * k).map(|_| next() as i8).collect(),
+                    za: (next() % 128) as i32,
+                    per_channel: true,
+                    zw: vec![0; n],
+                    sw: (0..n).map(|_| 0.001 + (next() % 1000) as f32 * 1e-4).collect(),
+                    bias: Some((0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect()),
+                    out: OutputQuant { scale, zero_point: (next() % 256) as i32, activation },
+                };
+                let want = u8_reference(&c, &naive_raw(&c));
+                if scale < 1e-6 {
+                    let (lo, hi) = c.out.bounds();
+                    assert!(
+                        want.contains(&(lo as u8)) && want.contains(&(hi as u8)),
+                        "both saturations at scale {scale}"
+                    );
+                }
+                for isa in crate::isas_under_test() {
+                    for threads in 1..=2 {
+                        assert_eq!(run_u8(&c, isa, threads), want, "{m}x{k}x{n} scale {scale} {activation:?} {isa}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Blocks of 16 rows and more (the AMX tier's tiles): whole and partial tiles of rows, one to
 /// four panels of columns with partial last panels, K of whole 64-byte chunks, with a partial
 /// last chunk (of whole groups of four, or not), and shorter than one chunk; `u8`, `i32` and

@@ -137,11 +137,14 @@ unsafe fn requantize_part_avx2<const MR: usize, const NV: usize>(
 }
 
 /// [`requantize_tile_avx2`] for a whole strip of 16 columns: the plan's constants in plain
-/// loads, two vectors of each row packed to 16 bytes at once (`vpackssdw`, `vpackuswb`, one
-/// lane permute) and clamped to `[lo, hi]` as bytes, one 16-byte store per row. The same
-/// bytes as the scalar formula: a value below `-REQUANT_LIMIT` (or below `i32`'s range,
-/// which converts to `i32::MIN`) saturates to 0 and then to `lo`, as the scalar's clamp to
-/// `-REQUANT_LIMIT` followed by `lo` gives; above, the clamp to `REQUANT_LIMIT` stays.
+/// loads, two vectors of each row packed to 16 bytes at once (`vpackssdw`, the zero point
+/// added in i16 with saturation, `vpackuswb`, one lane permute) and clamped to `[lo, hi]` as
+/// bytes, one 16-byte store per row. The same bytes as the scalar formula: the saturations
+/// to i16 and then to `0..=255` clamp as adding the zero point in i32 and clamping would; a
+/// value below `-REQUANT_LIMIT` (or below `i32`'s range, which converts to `i32::MIN`)
+/// saturates to 0 and then to `lo`, as the scalar's clamp to `-REQUANT_LIMIT` followed by
+/// `lo` gives; above, the clamp to `REQUANT_LIMIT` stays, unless the plan is `clamp_free`
+/// (no value comes near it).
 ///
 /// # Safety
 /// As [`requantize_tile_avx2`] with `lanes == 16` (so `NV == 2`). Inlined into its AVX2
@@ -158,7 +161,9 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
     unsafe {
         let plan = f.plan;
         let lim = _mm256_set1_ps(REQUANT_LIMIT);
-        let vzo = _mm256_set1_epi32(plan.zo);
+        let clamp_free = plan.clamp_free;
+        debug_assert!((0..=255).contains(&plan.zo));
+        let vzo = _mm256_set1_epi16(plan.zo as i16);
         let (lo, hi) = (_mm_set1_epi8(plan.lo as u8 as i8), _mm_set1_epi8(plan.hi as u8 as i8));
         // Dwords [A B A B | A' B' A' B'] after the packs, A / A' the first vector's low / high
         // four bytes, B / B' the second's: gathered to A A' B B'.
@@ -186,9 +191,9 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
                     raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
                 }
                 let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
-                q[v] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(x, lim)), vzo);
+                q[v] = _mm256_cvtps_epi32(if clamp_free { x } else { _mm256_min_ps(x, lim) });
             }
-            let w = _mm256_packs_epi32(q[0], q[1]);
+            let w = _mm256_adds_epi16(_mm256_packs_epi32(q[0], q[1]), vzo);
             let b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w, w), order);
             let b = _mm_min_epu8(_mm_max_epu8(_mm256_castsi256_si128(b), lo), hi);
             // Row i, columns j..j + 16 of the output (precondition).
