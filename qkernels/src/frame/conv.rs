@@ -865,7 +865,7 @@ impl PackedConv2d {
             let last = ((o1 - 1) / oh) * hp + ((o1 - 1) % oh) * g.stride[0] + (kh - 1) * g.dilation[0];
             with_scratch(&SCRATCH, |buf| {
                 // 64 bytes of slack: the last chunk of a row may read past the row's end.
-                let padded_len = pad_rows(x, g.padding, false, row0..last + 1, 64, buf);
+                let padded_len = pad_rows(x, g.padding, false, row0..last + 1, 64, false, buf);
                 let padded: &[u8] = &buf[..padded_len];
                 with_scratch(&ROWS, |ring| {
                     ring.resize(slots * slot_len, 0);
@@ -986,7 +986,7 @@ impl PackedConv2d {
             let (first, last) = (top(o0), top(o0 + out_group.len() / (ow * c) - 1) + (kh - 1) * g.dilation[0]);
             with_scratch(&SCRATCH, |buf| {
                 // 64 bytes of slack: the last chunk of a row may read past the row's end.
-                let padded_len = pad_rows(x, g.padding, phased, first..last + 1, 64, buf);
+                let padded_len = pad_rows(x, g.padding, phased, first..last + 1, 64, false, buf);
                 let padded: &[u8] = &buf[..padded_len];
                 for (i, out_row) in out_group.chunks_mut(ow * c).enumerate() {
                     let at = top(o0 + i) - first;
@@ -1121,15 +1121,8 @@ fn pad_image(x: &QImage<'_>, padding: [usize; 2], slack: usize, parallel: bool, 
     let rows = x.n * (x.h + 2 * padding[0]);
     let row = (x.w + 2 * padding[1]) * x.c;
     // Below about 64 KiB a copy takes less than handing half of it to another thread.
-    if !parallel || row == 0 || rows * row < 1 << 16 {
-        return pad_rows(x, padding, false, 0..rows, slack, buf);
-    }
-    let len = rows * row + slack;
-    grow(buf, len);
-    let (image, tail) = buf[..len].split_at_mut(rows * row);
-    image.par_chunks_mut(row).enumerate().for_each(|(r, dst)| pad_row(x, padding, false, r, dst));
-    tail.fill(x.zero_point as u8);
-    len
+    let parallel = parallel && row > 0 && rows * row >= 1 << 16;
+    pad_rows(x, padding, false, 0..rows, slack, parallel, buf)
 }
 
 /// Makes `buf` at least `len` bytes long. It never shrinks: the bytes a longer image left
@@ -1143,21 +1136,28 @@ fn grow(buf: &mut Vec<u8>, len: usize) {
 /// Padded rows `rows` (counted over the batch, `x.h + 2 * padding[0]` per image; each as
 /// [`pad_row`] writes it) into `buf`, one after the other from its start, then `slack` bytes
 /// of the zero point: the rows one share of a layer's output reads, padded by the thread that
-/// reads them. Returns the length written (`buf` may be longer).
+/// reads them (with `parallel`, inside a pool, shared between its threads). Returns the
+/// length written (`buf` may be longer).
 fn pad_rows(
     x: &QImage<'_>,
     padding: [usize; 2],
     phased: bool,
     rows: std::ops::Range<usize>,
     slack: usize,
+    parallel: bool,
     buf: &mut Vec<u8>,
 ) -> usize {
     let row = (x.w + 2 * padding[1]) * x.c;
     let len = rows.len() * row + slack;
     grow(buf, len);
     let (image, tail) = buf[..len].split_at_mut(rows.len() * row);
-    for (r, dst) in rows.zip(image.chunks_exact_mut(row.max(1))) {
-        pad_row(x, padding, phased, r, dst);
+    let r0 = rows.start;
+    if parallel {
+        image.par_chunks_mut(row).enumerate().for_each(|(i, dst)| pad_row(x, padding, phased, r0 + i, dst));
+    } else {
+        for (r, dst) in rows.zip(image.chunks_exact_mut(row.max(1))) {
+            pad_row(x, padding, phased, r, dst);
+        }
     }
     tail.fill(x.zero_point as u8);
     len

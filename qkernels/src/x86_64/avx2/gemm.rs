@@ -436,8 +436,9 @@ pub(crate) unsafe fn avx2_fused_rows(
                 Some(p) => {
                     let mr = (m - r).min(pair_rows);
                     let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
-                    let ep = exact[panel * avx2_panel_len(k)..].as_ptr();
-                    let tile_excess = (&excess[..], &starts[r..=r + mr]);
+                    // The excess codes of the tile's rows, added from the exact layout.
+                    let tile_excess =
+                        sparse.then(|| (&excess[..], &starts[r..=r + mr], exact[panel * avx2_panel_len(k)..].as_ptr()));
                     // SAFETY: the tile's rows and columns exist (preconditions); its codes were
                     // just checked against the pair packing's bound, or clamped to it in the
                     // copy `pair_ap` points into, whose excess `add_excess` adds from the exact
@@ -446,23 +447,11 @@ pub(crate) unsafe fn avx2_fused_rows(
                     unsafe {
                         match &p.order {
                             Some(order) => {
-                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (pair_ap, lda, k, bp, order, panel), |acc| {
-                                    let mut acc = acc;
-                                    if sparse {
-                                        add_excess(&mut acc, tile_excess, ep, avx2_panel_len(k));
-                                    }
-                                    store_tile_avx2(f, &acc, i, j, lanes, out)
-                                };
+                                dispatch_avx2!(avx2_quads_kernel, mr, nv, (pair_ap, lda, k, bp, order, panel), |acc| store_pair_tile(f, acc, tile_excess, k, (i, j, lanes), out);
                                 (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                             }
                             None => {
-                                dispatch_avx2!(avx2_pairs_kernel, mr, nv, (pair_ap, lda, k, bp), |acc| {
-                                    let mut acc = acc;
-                                    if sparse {
-                                        add_excess(&mut acc, tile_excess, ep, avx2_panel_len(k));
-                                    }
-                                    store_tile_avx2(f, &acc, i, j, lanes, out)
-                                };
+                                dispatch_avx2!(avx2_pairs_kernel, mr, nv, (pair_ap, lda, k, bp), |acc| store_pair_tile(f, acc, tile_excess, k, (i, j, lanes), out);
                                 (1,1),(1,2),(2,1),(2,2),(3,1),(3,2),(4,1),(4,2))
                             }
                         }
@@ -552,6 +541,31 @@ unsafe fn excess_codes(row: &[u8], max: u8, limit: usize, out: &mut Vec<Excess>)
         }
     }
     true
+}
+
+/// Stores a pair-kernel tile's sums ([`store_tile_avx2`], rows from `i`, columns `j..j +
+/// lanes`), after adding the excess codes of its rows (`excess`, [`add_excess`]) when they
+/// were clamped.
+///
+/// # Safety
+/// As [`store_tile_avx2`] and, with `excess`, [`add_excess`] for this `k`. Inlined into its
+/// AVX2 callers.
+#[inline(always)]
+unsafe fn store_pair_tile<const MR: usize, const NV: usize>(
+    f: &FusedOut<'_>,
+    mut acc: [[__m256i; NV]; MR],
+    excess: Option<(&[Excess], &[u32], *const i16)>,
+    k: usize,
+    (i, j, lanes): (usize, usize, usize),
+    out: FusedKind<'_>,
+) {
+    // SAFETY: forwarded preconditions.
+    unsafe {
+        if let Some((excess, starts, ep)) = excess {
+            add_excess(&mut acc, (excess, starts), ep, avx2_panel_len(k));
+        }
+        store_tile_avx2(f, &acc, i, j, lanes, out)
+    }
 }
 
 /// Adds each excess code of a tile's rows (row r's at `excess[starts[r]..starts[r + 1]]`)
