@@ -514,6 +514,69 @@ fn avx2_rows_with_few_codes_above_the_bound_are_exact() {
     }
 }
 
+/// Blocks whose every row takes the pair kernel (within the bound, or with at most K / 8
+/// codes above it, clamped and their excess added) run strip by strip in two passes (sums,
+/// then requantization): `u8` output equal to the reference over several row blocks (the
+/// last ending in a partial tile of rows), whole and partial strips of columns, weights with
+/// and without zero points, quads paired and not.
+#[test]
+fn avx2_blocks_of_pair_rows_are_exact() {
+    use qtensor::isa::Isa;
+    if !Isa::Avx2.is_supported() {
+        return;
+    }
+    let mut next = crate::xorshift(0x3c6e_f372_fe94_f82b);
+    let (m, k, n, lda_pad) = (151, 70, 40, 5);
+    let uniform: Vec<i8> = (0..n * k).map(|_| next() as i8).collect();
+    let trained: Vec<i8> = (0..n * k).map(|_| ((next() % 41) as i8) - 20).collect();
+    for (w, paired) in [(uniform, false), (trained, true)] {
+        for zw in [vec![0; n], (0..n).map(|_| (next() % 7) as i32 - 3).collect()] {
+            let probe = Case {
+                m,
+                k,
+                n,
+                lda_pad,
+                a: Vec::new(),
+                w: w.clone(),
+                za: (next() % 256) as i32,
+                per_channel: true,
+                zw: zw.clone(),
+                sw: (0..n).map(|_| 0.001 + (next() % 1000) as f32 * 1e-4).collect(),
+                bias: Some((0..n).map(|_| ((next() % 2001) as f32 - 1000.0) * 1e-3).collect()),
+                out: OutputQuant { scale: 30.0, zero_point: 100, activation: Activation::None },
+            };
+            let packed = PackedWeights::with_isa(Isa::Avx2, &weights(&probe)).unwrap();
+            let bound = packed.pair_sums_up_to().unwrap();
+            let name = packed.kernel();
+            assert_eq!(name.contains("quads paired in i16"), paired, "{name}");
+            let lda = k + lda_pad;
+            for sparse in [false, true] {
+                let mut a: Vec<u8> = (0..m * lda).map(|_| (next() % (bound as u64 + 1)) as u8).collect();
+                if sparse && bound < u8::MAX {
+                    // Rows within the bound, or with 1 or K / 8 codes above it.
+                    for r in 0..m {
+                        let above = [0, 1, k / 8][r % 3];
+                        for _ in 0..above {
+                            let at = (next() % k as u64) as usize;
+                            a[r * lda + at] = bound + 1 + (next() % (u8::MAX - bound) as u64) as u8;
+                        }
+                    }
+                }
+                let c = Case { a, ..probe.clone() };
+                let raw = naive_raw(&c);
+                for threads in 1..=2 {
+                    assert_eq!(
+                        run_u8(&c, Isa::Avx2, threads),
+                        u8_reference(&c, &raw),
+                        "paired {paired}, zw {:?}, sparse {sparse}, {threads} threads",
+                        &zw[..3]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Dequantized output: `fma(raw, 0.02 * sw[j], bias[j])`, then the ReLU.
 fn f32_reference(c: &Case, raw: &[i64], relu: bool) -> Vec<u32> {
     (0..c.m * c.n)

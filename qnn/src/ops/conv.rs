@@ -354,6 +354,20 @@ pub(crate) fn load_conv(j: &J, r: &OpReader<'_>, node: &str) -> Result<ConvOp> {
 }
 
 impl ConvOp {
+    /// Runs the convolution on an int8 image (`shape` NCHW, stored NHWC).
+    fn forward_image(&self, data: &[u8], shape: &[usize], q: QuantU8, run: Run) -> Result<Value> {
+        let [n, _, h, w] = nchw_of(shape, "Conv2d")?;
+        let (oh, ow) = self.packed.output_hw(h, w).map_err(op_err)?;
+        let oc = self.packed.out_channels();
+        let mut y = out_buf(&[n, oh, ow, oc], run, "Conv2d")?;
+        self.packed.forward_u8(&Value::image(data, shape, q), self.out, &mut y, run.threads).map_err(op_err)?;
+        Ok(Value::U8 {
+            data: y,
+            shape: vec![n, oc, oh, ow],
+            q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point },
+        })
+    }
+
     /// Its output channels, when it is a 1x1 convolution of stride 1 without padding or
     /// groups.
     pub(crate) fn pointwise_outputs(&self) -> Option<usize> {
@@ -420,16 +434,16 @@ impl QOp for ConvOp {
     fn run(&self, args: &mut Vec<Value>, in_q: QuantU8, run: Run) -> Result<Value> {
         let (data, shape, q) = quantized(args.pop().expect("one input"), in_q)?;
         let data = Input::new(data);
-        let [n, _, h, w] = nchw_of(&shape, "Conv2d")?;
-        let (oh, ow) = self.packed.output_hw(h, w).map_err(op_err)?;
-        let oc = self.packed.out_channels();
-        let mut y = out_buf(&[n, oh, ow, oc], run, "Conv2d")?;
-        self.packed.forward_u8(&Value::image(&data, &shape, q), self.out, &mut y, run.threads).map_err(op_err)?;
-        Ok(Value::U8 {
-            data: y,
-            shape: vec![n, oc, oh, ow],
-            q: QuantU8 { scale: self.out.scale, zero_point: self.out.zero_point },
-        })
+        self.forward_image(&data, &shape, q, run)
+    }
+
+    /// An int8 input that other nodes still read (a residual block's input, read by its
+    /// first convolution and by its shortcut) is read where it is, not copied.
+    fn run_borrowed(&self, x: &Value, run: Run) -> Option<Result<Value>> {
+        match x {
+            Value::U8 { data, shape, q } => Some(self.forward_image(data, shape, *q, run)),
+            Value::F32(_) => None,
+        }
     }
 
     fn out_q(&self) -> Option<QuantU8> {

@@ -79,6 +79,8 @@ unsafe fn requantize_part_avx2<const MR: usize, const NV: usize>(
     lanes: usize,
 ) {
     let plan = f.plan;
+    // Read once (the byte stores below may alias the plan as far as the compiler knows).
+    let has_zw = plan.has_zw;
     let (vzo, vlo, vhi) = (_mm256_set1_epi32(plan.zo), _mm256_set1_epi32(plan.lo), _mm256_set1_epi32(plan.hi));
     let (lim, nlim) = (_mm256_set1_ps(REQUANT_LIMIT), _mm256_set1_ps(-REQUANT_LIMIT));
     // Byte 0 of each i32 lane, gathered into the low 4 bytes of each 128-bit half.
@@ -111,7 +113,7 @@ unsafe fn requantize_part_avx2<const MR: usize, const NV: usize>(
         for r in 0..MR {
             let i = i0 + r;
             let mut raw = _mm256_sub_epi32(acc[r][v], colterm);
-            if plan.has_zw {
+            if has_zw {
                 raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
             }
             let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
@@ -136,15 +138,7 @@ unsafe fn requantize_part_avx2<const MR: usize, const NV: usize>(
     }
 }
 
-/// [`requantize_tile_avx2`] for a whole strip of 16 columns: the plan's constants in plain
-/// loads, two vectors of each row packed to 16 bytes at once (`vpackssdw`, the zero point
-/// added in i16 with saturation, `vpackuswb`, one lane permute) and clamped to `[lo, hi]` as
-/// bytes, one 16-byte store per row. The same bytes as the scalar formula: the saturations
-/// to i16 and then to `0..=255` clamp as adding the zero point in i32 and clamping would; a
-/// value below `-REQUANT_LIMIT` (or below `i32`'s range, which converts to `i32::MIN`)
-/// saturates to 0 and then to `lo`, as the scalar's clamp to `-REQUANT_LIMIT` followed by
-/// `lo` gives; above, the clamp to `REQUANT_LIMIT` stays, unless the plan is `clamp_free`
-/// (no value comes near it).
+/// [`requantize_tile_avx2`] for a whole strip of 16 columns ([`Strip16`]).
 ///
 /// # Safety
 /// As [`requantize_tile_avx2`] with `lanes == 16` (so `NV == 2`). Inlined into its AVX2
@@ -156,48 +150,101 @@ unsafe fn requantize_strip16_avx2<const MR: usize, const NV: usize>(
     i0: usize,
     j: usize,
 ) {
-    // SAFETY: AVX2 and FMA are available (precondition); the loads read columns j..j + 16
-    // of the plan and the store writes row i's, inside the output (precondition).
-    unsafe {
-        let plan = f.plan;
-        let lim = _mm256_set1_ps(REQUANT_LIMIT);
-        let clamp_free = plan.clamp_free;
-        debug_assert!((0..=255).contains(&plan.zo));
-        let vzo = _mm256_set1_epi16(plan.zo as i16);
-        let (lo, hi) = (_mm_set1_epi8(plan.lo as u8 as i8), _mm_set1_epi8(plan.hi as u8 as i8));
-        // Dwords [A B A B | A' B' A' B'] after the packs, A / A' the first vector's low / high
-        // four bytes, B / B' the second's: gathered to A A' B B'.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        // Columns j..j + 16 are inside the plan (precondition). A loop, not a closure: a
-        // closure would not inherit its caller's target features.
-        let zero = _mm256_setzero_si256();
-        let mut consts = [(zero, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), zero); 2];
-        for (v, c) in consts.iter_mut().enumerate() {
-            let jv = j + v * AVX2_LANES;
-            *c = (
-                _mm256_loadu_si256(plan.colterm.as_ptr().add(jv).cast()),
-                _mm256_loadu_ps(plan.bias_term.as_ptr().add(jv)),
-                _mm256_loadu_ps(plan.bias_scale.as_ptr().add(jv)),
-                _mm256_loadu_ps(plan.mult.as_ptr().add(jv)),
-                if plan.has_zw { _mm256_loadu_si256(plan.zw.as_ptr().add(jv).cast()) } else { zero },
-            );
-        }
-        for (r, accr) in acc.iter().enumerate() {
-            let i = i0 + r;
-            let mut q = [_mm256_setzero_si256(); 2];
-            for (v, &(colterm, bias, bscale, mult, zw)) in consts.iter().enumerate() {
-                let mut raw = _mm256_sub_epi32(accr[v], colterm);
-                if plan.has_zw {
-                    raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
-                }
-                let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
-                q[v] = _mm256_cvtps_epi32(if clamp_free { x } else { _mm256_min_ps(x, lim) });
+    // SAFETY: forwarded preconditions.
+    unsafe { Strip16::load(f, j).store(acc, i0) }
+}
+
+/// The requantization of a strip of 16 columns `j..j + 16`, its constants loaded once for
+/// every tile of rows: the plan's constants in plain loads, two vectors of each row packed
+/// to 16 bytes at once (`vpackssdw`, the zero point added in i16 with saturation,
+/// `vpackuswb`, one lane permute) and clamped to `[lo, hi]` as bytes, one 16-byte store per
+/// row. The same bytes as the scalar formula: the saturations to i16 and then to `0..=255`
+/// clamp as adding the zero point in i32 and clamping would; a value below `-REQUANT_LIMIT`
+/// (or below `i32`'s range, which converts to `i32::MIN`) saturates to 0 and then to `lo`,
+/// as the scalar's clamp to `-REQUANT_LIMIT` followed by `lo` gives; above, the clamp to
+/// `REQUANT_LIMIT` stays, at infinity (changing no value) when the plan is `clamp_free` (no
+/// value comes near it).
+#[derive(Clone, Copy)]
+struct Strip16<'a> {
+    /// Per vector: column term, bias term, bias scale, multiplier, weight zero points.
+    consts: [(__m256i, __m256, __m256, __m256, __m256i); 2],
+    lim: __m256,
+    vzo: __m256i,
+    lo: __m128i,
+    hi: __m128i,
+    /// Activation row sums by global row, empty when the weights are symmetric.
+    rowsums: &'a [i32],
+    out: *mut u8,
+    ldc: usize,
+    j: usize,
+}
+
+impl<'a> Strip16<'a> {
+    /// # Safety
+    /// AVX2 available; columns `j..j + 16` lie inside the plan.
+    #[inline(always)]
+    unsafe fn load(f: &FusedOut<'a>, j: usize) -> Self {
+        // SAFETY: AVX2 (precondition); the loads read columns j..j + 16 of the plan.
+        unsafe {
+            let plan = f.plan;
+            debug_assert!((0..=255).contains(&plan.zo));
+            let zero = _mm256_setzero_si256();
+            let mut consts = [(zero, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), zero); 2];
+            // A loop, not a closure: a closure would not inherit its caller's target features.
+            for (v, c) in consts.iter_mut().enumerate() {
+                let jv = j + v * AVX2_LANES;
+                *c = (
+                    _mm256_loadu_si256(plan.colterm.as_ptr().add(jv).cast()),
+                    _mm256_loadu_ps(plan.bias_term.as_ptr().add(jv)),
+                    _mm256_loadu_ps(plan.bias_scale.as_ptr().add(jv)),
+                    _mm256_loadu_ps(plan.mult.as_ptr().add(jv)),
+                    if plan.has_zw { _mm256_loadu_si256(plan.zw.as_ptr().add(jv).cast()) } else { zero },
+                );
             }
-            let w = _mm256_adds_epi16(_mm256_packs_epi32(q[0], q[1]), vzo);
-            let b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w, w), order);
-            let b = _mm_min_epu8(_mm_max_epu8(_mm256_castsi256_si128(b), lo), hi);
-            // Row i, columns j..j + 16 of the output (precondition).
-            _mm_storeu_si128(f.out.wrapping_add(i * f.ldc + j).cast(), b);
+            Strip16 {
+                consts,
+                lim: _mm256_set1_ps(if plan.clamp_free { f32::INFINITY } else { REQUANT_LIMIT }),
+                vzo: _mm256_set1_epi16(plan.zo as i16),
+                lo: _mm_set1_epi8(plan.lo as u8 as i8),
+                hi: _mm_set1_epi8(plan.hi as u8 as i8),
+                rowsums: if plan.has_zw { f.rowsums } else { &[] },
+                out: f.out,
+                ldc: f.ldc,
+                j,
+            }
+        }
+    }
+
+    /// Requantizes and stores rows `i0..i0 + MR` of the strip.
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; `NV == 2`; rows `i0..i0 + MR` lie inside the output (and the
+    /// row sums, when the weights have zero points).
+    #[inline(always)]
+    unsafe fn store<const MR: usize, const NV: usize>(&self, acc: &[[__m256i; NV]; MR], i0: usize) {
+        debug_assert_eq!(NV, 2);
+        let rowsums = if self.rowsums.is_empty() { &[][..] } else { &self.rowsums[i0..i0 + MR] };
+        // SAFETY: AVX2 and FMA (precondition); the store writes row i's columns j..j + 16,
+        // inside the output (precondition).
+        unsafe {
+            // Dwords [A B A B | A' B' A' B'] after the packs, A / A' the first vector's low /
+            // high four bytes, B / B' the second's: gathered to A A' B B'.
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            for (r, accr) in acc.iter().enumerate() {
+                let mut q = [_mm256_setzero_si256(); 2];
+                for (v, &(colterm, bias, bscale, mult, zw)) in self.consts.iter().enumerate() {
+                    let mut raw = _mm256_sub_epi32(accr[v], colterm);
+                    if let Some(&s) = rowsums.get(r) {
+                        raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(s), zw));
+                    }
+                    let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
+                    q[v] = _mm256_cvtps_epi32(_mm256_min_ps(x, self.lim));
+                }
+                let w = _mm256_adds_epi16(_mm256_packs_epi32(q[0], q[1]), self.vzo);
+                let b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w, w), order);
+                let b = _mm_min_epu8(_mm_max_epu8(_mm256_castsi256_si128(b), self.lo), self.hi);
+                _mm_storeu_si128(self.out.wrapping_add((i0 + r) * self.ldc + self.j).cast(), b);
+            }
         }
     }
 }
@@ -257,6 +304,7 @@ unsafe fn dequantize_tile_avx2<const MR: usize, const NV: usize>(
     per_row: Option<(&[crate::QuantU8], &[i32])>,
 ) {
     let plan = f.plan;
+    let has_zw = plan.has_zw;
     let out = f.out.cast::<f32>();
     for v in 0..NV {
         let jv = j + v * AVX2_LANES;
@@ -294,7 +342,7 @@ unsafe fn dequantize_tile_avx2<const MR: usize, const NV: usize>(
                 None => (colterm, ab),
             };
             let mut raw = _mm256_sub_epi32(accr[v], colterm);
-            if plan.has_zw {
+            if has_zw {
                 raw = _mm256_sub_epi32(raw, _mm256_mullo_epi32(_mm256_set1_epi32(f.rowsums[i]), zw));
             }
             let mut y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(raw), scale, bias);
@@ -407,15 +455,132 @@ pub(crate) unsafe fn avx2_fused_rows(
     }
     // Rows per `vpmaddubsw` tile: 3 two quads at a time (4 would spill a register), else 4.
     let pair_rows = if pairs.is_some_and(|p| p.order.is_some()) { 3 } else { 4 };
+    // Whether every row of the block takes the pair kernel (checked once, not per tile).
+    let all_within = pairs.is_some() && within[..m].iter().all(|&ok| ok);
     let mut c0 = 0;
     while c0 < f.ncols {
         let nv = (f.ncols - c0).div_ceil(AVX2_LANES).min(2);
         let lanes = (f.ncols - c0).min(2 * AVX2_LANES);
         let (j, panel) = (f.j0 + c0, (f.j0 + c0) / AVX2_LANES);
+        // The common case, in two passes over the block's rows: every row on the pair kernel
+        // (within the bound, or clamped with its excess added), whole strips of 16 columns to
+        // `u8`. First the sums of every tile of rows (the strip's quad order read once), then
+        // their requantization (its constants read once), whose long chains of dependent
+        // instructions then overlap each other instead of delaying the next tile's products.
+        if let (true, FusedKind::U8, true, Some(p)) = (all_within, out, lanes == 2 * AVX2_LANES, pairs) {
+            let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
+            let mut sums = [[_mm256_setzero_si256(); 2]; crate::frame::gemm::MC];
+            // SAFETY: AVX2 and FMA (precondition); columns j..j + 16 lie inside the plan and
+            // the output (lanes == 16); rows f.r0..f.r0 + m exist in `a` or in its clamped copy
+            // (`rows_at`, `lda`), every one within the packing's bound (`all_within`: checked,
+            // or clamped to it); `offsets` and `paired` are this strip's of the packing's
+            // order; a row's excess codes meet the exact layout's two panels at `panel`.
+            unsafe {
+                match &p.order {
+                    Some(order) => {
+                        let whole = k / 4;
+                        assert!(panel.is_multiple_of(2), "avx2_fused_rows: a strip starts at odd panel {panel}");
+                        let strip = panel / 2;
+                        let offsets = &order.offsets[strip * whole..(strip + 1) * whole];
+                        let paired = order.paired[strip] as usize;
+                        let mut r = 0;
+                        while r + 3 <= m {
+                            sums[r..r + 3].copy_from_slice(&quads_core::<3, 2>(
+                                rows_at.add(r * lda),
+                                lda,
+                                k,
+                                bp,
+                                offsets,
+                                paired,
+                            ));
+                            r += 3;
+                        }
+                        match m - r {
+                            1 => sums[r..r + 1].copy_from_slice(&quads_core::<1, 2>(
+                                rows_at.add(r * lda),
+                                lda,
+                                k,
+                                bp,
+                                offsets,
+                                paired,
+                            )),
+                            2 => sums[r..r + 2].copy_from_slice(&quads_core::<2, 2>(
+                                rows_at.add(r * lda),
+                                lda,
+                                k,
+                                bp,
+                                offsets,
+                                paired,
+                            )),
+                            _ => {}
+                        }
+                    }
+                    None => {
+                        let mut r = 0;
+                        while r + 4 <= m {
+                            sums[r..r + 4].copy_from_slice(&avx2_pairs_kernel::<4, 2>(
+                                rows_at.add(r * lda),
+                                lda,
+                                k,
+                                bp,
+                            ));
+                            r += 4;
+                        }
+                        match m - r {
+                            1 => sums[r..r + 1].copy_from_slice(&avx2_pairs_kernel::<1, 2>(
+                                rows_at.add(r * lda),
+                                lda,
+                                k,
+                                bp,
+                            )),
+                            2 => sums[r..r + 2].copy_from_slice(&avx2_pairs_kernel::<2, 2>(
+                                rows_at.add(r * lda),
+                                lda,
+                                k,
+                                bp,
+                            )),
+                            3 => sums[r..r + 3].copy_from_slice(&avx2_pairs_kernel::<3, 2>(
+                                rows_at.add(r * lda),
+                                lda,
+                                k,
+                                bp,
+                            )),
+                            _ => {}
+                        }
+                    }
+                }
+                if sparse {
+                    let ep = exact[panel * avx2_panel_len(k)..].as_ptr();
+                    for (r, row) in sums[..m].iter_mut().enumerate() {
+                        if starts[r] < starts[r + 1] {
+                            let mut one = [*row];
+                            add_excess::<1, 2>(&mut one, (&excess, &starts[r..=r + 1]), ep, avx2_panel_len(k));
+                            *row = one[0];
+                        }
+                    }
+                }
+                let st = Strip16::load(f, j);
+                let mut r = 0;
+                while r + 4 <= m {
+                    st.store::<4, 2>(sums[r..r + 4].try_into().expect("four rows"), f.r0 + r);
+                    r += 4;
+                }
+                while r < m {
+                    st.store::<1, 2>(&[sums[r]], f.r0 + r);
+                    r += 1;
+                }
+            }
+            c0 += 2 * AVX2_LANES;
+            continue;
+        }
         let mut r = 0;
         while r < m {
             let i = f.r0 + r;
-            let tile_pairs = pairs.filter(|_| within[r..r + (m - r).min(pair_rows)].iter().all(|&ok| ok));
+            let tile_pairs = if all_within {
+                pairs
+            } else {
+                pairs.filter(|_| within[r..r + (m - r).min(pair_rows)].iter().all(|&ok| ok))
+            };
             let ap = a.data[i * a.lda..].as_ptr();
             // SAFETY: row r of the block, in `a` or in its clamped copy.
             let pair_ap = unsafe { rows_at.add(r * lda) };
@@ -777,13 +942,32 @@ unsafe fn avx2_quads_kernel<const MR: usize, const NV: usize>(
     order: &QuadOrder,
     p: usize,
 ) -> [[__m256i; NV]; MR] {
-    let panel = pairs_panel_len(k);
-    let quad = 4 * AVX2_LANES;
     let whole = k / 4;
     assert!(NV == 1 || p.is_multiple_of(2), "avx2_quads_kernel: a tile of two panels starts at odd panel {p}");
     let strip = p / 2;
     let offsets = &order.offsets[strip * whole..(strip + 1) * whole];
     let paired = order.paired[strip] as usize;
+    // SAFETY: forwarded preconditions; `offsets` and `paired` are the strip's.
+    unsafe { quads_core(a, lda, k, b, offsets, paired) }
+}
+
+/// [`avx2_quads_kernel`] with its strip's quad order given: `offsets` (4 x each whole quad's
+/// index, in the order the packing put them) and how many of them lead in pairs.
+///
+/// # Safety
+/// As [`avx2_quads_kernel`], `offsets` and `paired` the strip's of the packing's order.
+#[inline(always)]
+unsafe fn quads_core<const MR: usize, const NV: usize>(
+    a: *const u8,
+    lda: usize,
+    k: usize,
+    b: *const i8,
+    offsets: &[u32],
+    paired: usize,
+) -> [[__m256i; NV]; MR] {
+    let panel = pairs_panel_len(k);
+    let quad = 4 * AVX2_LANES;
+    let whole = k / 4;
     // SAFETY: AVX is available (precondition).
     let mut acc = [[unsafe { _mm256_setzero_si256() }; NV]; MR];
     for (h, pair) in offsets[..paired].chunks_exact(2).enumerate() {
