@@ -356,7 +356,9 @@ unsafe fn dequantize_tile_avx2<const MR: usize, const NV: usize>(
 }
 
 /// A whole block of `u8` (or `f32`, as `out` says) output from dense rows on AVX2,
-/// requantized (or dequantized) on registers (no raw tile in memory): strips of 16 columns.
+/// requantized (or dequantized) on registers: strips of 16 columns, tile by tile; where every
+/// row of the block takes `vpmaddubsw` and the output is `u8`, a whole strip's sums go to a
+/// stack buffer first and are requantized afterwards (`Strip16`).
 /// When `pairs` is given and every code of a tile's rows is within its bound, the tile
 /// takes `vpmaddubsw`: 3 rows two quads at a time where the packing pairs quads (4 rows
 /// would spill a register), else 4 rows a quad at a time. Otherwise 4 rows on the
