@@ -459,6 +459,9 @@ pub(crate) unsafe fn avx2_fused_rows(
     let pair_rows = if pairs.is_some_and(|p| p.order.is_some()) { 3 } else { 4 };
     // Whether every row of the block takes the pair kernel (checked once, not per tile).
     let all_within = pairs.is_some() && within[..m].iter().all(|&ok| ok);
+    // The two-pass strips' sums (below), zeroed once per block, not per strip: each strip
+    // writes rows 0..m before it reads them.
+    let mut sums = [[_mm256_setzero_si256(); 2]; crate::frame::gemm::MC];
     let mut c0 = 0;
     while c0 < f.ncols {
         let nv = (f.ncols - c0).div_ceil(AVX2_LANES).min(2);
@@ -471,7 +474,6 @@ pub(crate) unsafe fn avx2_fused_rows(
         // instructions then overlap each other instead of delaying the next tile's products.
         if let (true, FusedKind::U8, true, Some(p)) = (all_within, out, lanes == 2 * AVX2_LANES, pairs) {
             let bp = p.packed[panel * pairs_panel_len(k)..].as_ptr();
-            let mut sums = [[_mm256_setzero_si256(); 2]; crate::frame::gemm::MC];
             // SAFETY: AVX2 and FMA (precondition); columns j..j + 16 lie inside the plan and
             // the output (lanes == 16); rows f.r0..f.r0 + m exist in `a` or in its clamped copy
             // (`rows_at`, `lda`), every one within the packing's bound (`all_within`: checked,
