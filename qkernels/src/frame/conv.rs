@@ -11,7 +11,7 @@ use qtensor::{DType, QError, QParams, QTensor, QuantRange, Result};
 
 use crate::frame::aligned::Aligned;
 use crate::frame::gemm::{gemm_planned, BlockAdd, GemmOutput, OutputQuant, Plan, PlanCache, PlanKey, QMatrix};
-use crate::frame::kernels::{DwPacked, DwWeights, Kernels};
+use crate::frame::kernels::{DwPacked, DwWeights, Kernels, DW_PAIR_BLOCK};
 use crate::frame::ops::{vector_prefix, QuantU8, ResidualAdd};
 use crate::frame::pack::PackedWeights;
 
@@ -314,9 +314,10 @@ impl PackedConv2d {
                 format!("{how}, {}", (groups[0].kernels.gemm.name)(groups))
             }
             ConvKind::Implicit { w, .. } => format!("implicit im2col GEMM, {}", w.kernel()),
-            ConvKind::Depthwise { kernels, rows, flat, .. } => match (rows, flat) {
-                (Some(_), _) => format!("depthwise, {}: row-interleaved", kernels.isa.name()),
-                (None, Some(_)) => format!("depthwise, {}: flat rows", kernels.isa.name()),
+            ConvKind::Depthwise { kernels, rows, flat, packed, .. } => match (rows, flat, packed.describe()) {
+                (Some(_), _, _) => format!("depthwise, {}: row-interleaved", kernels.isa.name()),
+                (None, Some(_), _) => format!("depthwise, {}: flat rows", kernels.isa.name()),
+                (None, None, Some(how)) => format!("depthwise, {}: per pixel, {how}", kernels.isa.name()),
                 _ => format!("depthwise, {}", kernels.depthwise.name),
             },
         }
@@ -688,7 +689,9 @@ impl PackedConv2d {
     ) {
         let c = x.c;
         let dw = &kernels.depthwise;
-        let w = DwWeights { taps, packed, plan, za: x.zero_point };
+        // Per input row and block of a layout with block bounds, the largest code.
+        let bounds = packed.block_bounds();
+        let row_max = bounds.map_or_else(Vec::new, |b| block_maxima(x.data, x.n * x.h, x.w, c, b.len(), parallel));
         let t = self.kh * self.kw;
         let zp_row = vec![x.zero_point as u8; c.next_multiple_of(64)];
         let g = &self.geom;
@@ -713,8 +716,24 @@ impl PackedConv2d {
             let (b, oy) = (orow / oh, orow % oh);
             let img = &x.data[b * x.h * x.w * c..(b + 1) * x.h * x.w * c];
             let row_inside = inside(oy, g.stride[0], g.padding[0], g.dilation[0], self.kh, x.h);
+            // The blocks whose codes in the row's input rows are within their bounds, and of
+            // those the ones whose bound the zero point of padding taps is within too.
+            let (mut rows_within, mut pads_within) = (0u64, 0u64);
+            if let Some(bounds) = bounds {
+                let nb = bounds.len();
+                for (blk, &bound) in bounds.iter().enumerate().take(64) {
+                    let within = (0..self.kh).all(|ky| {
+                        let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.padding[0] as isize;
+                        iy < 0 || iy >= x.h as isize || row_max[(b * x.h + iy as usize) * nb + blk] <= bound
+                    });
+                    rows_within |= (within as u64) << blk;
+                    pads_within |= ((within && x.zero_point <= bound as i32) as u64) << blk;
+                }
+            }
+            let w = DwWeights { taps, packed, plan, za: x.zero_point, pair_blocks: pads_within };
             let run = match dw.run_inside {
                 Some(run_inside) if row_inside && cols_inside.start < cols_inside.end => {
+                    let w = DwWeights { pair_blocks: rows_within, ..w };
                     let first = ((oy * g.stride[0] - g.padding[0]) * x.w + cols_inside.start * sx - px0) * c;
                     // SAFETY: `packed` came from `kernels`' packing for these taps; every tap of
                     // the run's pixels lies inside the image, so its `c` bytes at `first +
@@ -1293,6 +1312,32 @@ fn implicit_layout(kh: usize, row: usize) -> (usize, usize) {
     } else {
         (row.next_multiple_of(4), 0)
     }
+}
+
+/// For each of `rows` rows of `w` pixels of `c` channels, the largest code of each of the
+/// first `blocks` blocks of [`DW_PAIR_BLOCK`] channels: `blocks` entries per row (rows shared
+/// between the pool's threads when `parallel`).
+fn block_maxima(data: &[u8], rows: usize, w: usize, c: usize, blocks: usize, parallel: bool) -> Vec<u8> {
+    let mut out = vec![0u8; rows * blocks];
+    let row_maxima = |(row, maxima): (usize, &mut [u8])| {
+        let pixels = data[row * w * c..(row + 1) * w * c].chunks_exact(c);
+        for (b, max) in maxima.iter_mut().enumerate() {
+            // Lane by lane over the row's pixels, then across the lanes.
+            let mut lanes = [0u8; DW_PAIR_BLOCK];
+            for px in pixels.clone() {
+                for (l, &v) in lanes.iter_mut().zip(&px[b * DW_PAIR_BLOCK..(b + 1) * DW_PAIR_BLOCK]) {
+                    *l = (*l).max(v);
+                }
+            }
+            *max = lanes.into_iter().fold(0, u8::max);
+        }
+    };
+    if parallel {
+        out.par_chunks_mut(blocks).enumerate().with_min_len(8).for_each(row_maxima);
+    } else {
+        out.chunks_mut(blocks).enumerate().for_each(row_maxima);
+    }
+    out
 }
 
 /// Greatest common divisor: `gcd(c, 64)` channels make one class of a depthwise layer's

@@ -180,7 +180,41 @@ pub(crate) enum DwPacked {
     Scalar,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     I8(Aligned<i8>),
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     I16(Aligned<i16>),
+    /// The AVX2 tier's layouts: the exact kernel's i16 tap pairs for every channel, and for
+    /// each whole block of [`DW_PAIR_BLOCK`] channels the byte pairs `vpmaddubsw` multiplies,
+    /// whose 16-bit sums cannot saturate while the block's input codes are at most its entry
+    /// of `bounds`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2 { exact: Aligned<i16>, bytes: Aligned<i8>, bounds: Vec<u8> },
+}
+
+/// Channels per block of a depthwise layout with per-block input bounds.
+pub(crate) const DW_PAIR_BLOCK: usize = 32;
+
+impl DwPacked {
+    /// Per whole block of [`DW_PAIR_BLOCK`] channels, the largest input code for which the
+    /// layout's faster path is exact, when it has one (the caller then says which blocks'
+    /// inputs are within them in [`DwWeights::pair_blocks`]).
+    pub(crate) fn block_bounds(&self) -> Option<&[u8]> {
+        match self {
+            Self::Avx2 { bounds, .. } if !bounds.is_empty() => Some(bounds),
+            _ => None,
+        }
+    }
+
+    /// How a layout with block bounds multiplies, for plans and profiles.
+    pub(crate) fn describe(&self) -> Option<String> {
+        self.block_bounds().map(|b| {
+            let (lo, hi) = (b.iter().min().copied().unwrap_or(0), b.iter().max().copied().unwrap_or(0));
+            let range = if lo == hi { format!("{lo}") } else { format!("{lo}-{hi}") };
+            format!(
+                "vpmaddubsw on tap pairs of 32-channel blocks whose input rows' codes are within the block's \
+                 bound ({range}), else exact vpmaddwd"
+            )
+        })
+    }
 }
 
 /// What a depthwise pixel kernel reads besides the input.
@@ -191,6 +225,10 @@ pub(crate) struct DwWeights<'a> {
     pub plan: &'a Plan,
     /// The input's zero point.
     pub za: i32,
+    /// For a layout with [`DwPacked::block_bounds`]: bit `b` set when no input code that the
+    /// call reads in channels `32b..32b + 32` exceeds block `b`'s bound (blocks past 64 take
+    /// the exact path); 0 otherwise.
+    pub pair_blocks: u64,
 }
 
 /// The depthwise kernels of a tier. The per-pixel one is every tier's; the row kernels

@@ -505,6 +505,52 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
     }
 }
 
+/// Depthwise blocks of 32 channels on AVX2 multiply tap pairs with `vpmaddubsw` where their
+/// input rows' codes are within the block's bound: 7-bit inputs with two rows per image of
+/// codes up to 255 in one block (every channel's first two taps 127, so those rows would
+/// saturate 16 bits), channel counts with and without a partial block, 3 x 3 (unrolled), 5 x 5
+/// and 2 x 3 kernels, strides 1 and 2; every ISA and 1-3 threads against the reference.
+#[test]
+fn depthwise_byte_pairs_match_the_reference_around_their_bounds() {
+    let mut next = crate::xorshift(0x51_7cc1_b727_220au64);
+    let mut checked = 0;
+    for c in [32usize, 72, 96, 160] {
+        for (kh, kw) in [(3, 3), (5, 5), (2, 3)] {
+            for stride in [1, 2] {
+                let (n, h, w) = (2, 9 + (next() % 4) as usize, 10 + (next() % 6) as usize);
+                let geom =
+                    Conv2dGeometry { stride: [stride, stride], padding: [kh / 2, kw / 2], dilation: [1, 1], groups: c };
+                let mut case = random_depthwise_case(&mut next, (n, h, w, c), (kh, kw), geom);
+                case.zw = vec![0; c];
+                for ch in 0..c {
+                    case.wt[ch * kh * kw] = 127;
+                    case.wt[ch * kh * kw + 1] = 127;
+                }
+                let (hot_rows, hot_block) = ([next() as usize % h, next() as usize % h], next() as usize % c.div_ceil(32));
+                for (i, v) in case.x.iter_mut().enumerate() {
+                    let (row, ch) = ((i / (w * c)) % h, i % c);
+                    *v = if hot_rows.contains(&row) && ch / 32 == hot_block { next() as u8 } else { (next() % 128) as u8 };
+                }
+                if qtensor::isa::Isa::Avx2.is_supported() {
+                    let packed =
+                        PackedConv2d::with_isa(qtensor::isa::Isa::Avx2, &case.weights(), None, case.geom).unwrap();
+                    assert!(
+                        packed.kernel().contains("vpmaddubsw on tap pairs of 32-channel blocks")
+                            && packed.kernel().contains("bound (12"),
+                        "{}",
+                        packed.kernel()
+                    );
+                }
+                let label = format!("c={c} k={kh}x{kw} stride={stride} hot rows {hot_rows:?} block {hot_block}");
+                if case_matches_on_every_isa(&case, &label) {
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+}
+
 /// Dense convolutions whose kernel rows (`kw * c` bytes) are not whole quads: the implicit
 /// im2col kernel reads 1- and 2-byte row tails gathered into shared quads (a 7x7 RGB input
 /// layer among them), rows with no whole quad at all, and the padded layouts it falls back to

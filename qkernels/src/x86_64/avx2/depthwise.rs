@@ -1,10 +1,11 @@
-//! The AVX2 per-pixel depthwise kernel for symmetric weights.
+//! The AVX2 per-pixel depthwise kernels for symmetric weights: exact `vpmaddwd` on tap pairs
+//! widened to 16 bits, and `vpmaddubsw` on byte pairs where no pair sum can saturate.
 
 use std::arch::x86_64::*;
 
 use crate::frame::aligned::Aligned;
 use crate::frame::gemm::{Plan, REQUANT_LIMIT};
-use crate::frame::kernels::{DwPacked, DwWeights};
+use crate::frame::kernels::{DwPacked, DwWeights, DW_PAIR_BLOCK as PAIR_BLOCK};
 use crate::frame::pack::PackedWeights;
 
 /// Channels per block of the AVX2 depthwise layout.
@@ -121,8 +122,8 @@ unsafe fn requantize16(plan: &Plan, acc0: __m256i, acc1: __m256i, j: usize, dst:
     unsafe { _mm_storeu_si128(dst.cast(), b) };
 }
 
-/// One output pixel of a depthwise convolution with symmetric weights, requantized: for
-/// every channel `Σ_t x_t[c] * w_t[c]` over the taps (padding taps point at a row of zero
+/// Channel blocks `blocks` (of 16) of one output pixel of a depthwise convolution with
+/// symmetric weights, requantized: for every channel `Σ_t x_t[c] * w_t[c]` over the taps (padding taps point at a row of zero
 /// points, which the plan's `za * Σ_t w_t` term cancels), then the plan's requantization, the
 /// `c` bytes written to `out`: the bytes `generic::depthwise::pixel` writes.
 ///
@@ -141,10 +142,11 @@ pub(crate) unsafe fn depthwise_avx2_pixel_u8<T: TapStarts + ?Sized>(
     packed: &[i16],
     plan: &Plan,
     out: &mut [u8],
+    blocks: std::ops::Range<usize>,
 ) {
     let t = taps.len();
     let pairs = t.div_ceil(2);
-    for b in 0..c.div_ceil(DW_BLOCK) {
+    for b in blocks {
         let at = DW_BLOCK * b;
         let valid = (c - at).min(DW_BLOCK);
         // SAFETY: as `depthwise_avx2_pixel` (precondition).
@@ -231,25 +233,111 @@ pub(crate) fn pack_depthwise_avx2(taps: &PackedWeights) -> Aligned<i16> {
     out
 }
 
-/// The table's packing: symmetric weights only (the kernel multiplies by `w`, not `w - zw`).
+/// Weight layout of the byte-pair kernel ([`pair_block_u8`]) for the whole blocks of 32
+/// channels, and per block the largest input code for which none of its 16-bit pair sums can
+/// saturate.
+/// Per block, per pair of taps `g`, 64 bytes: the weights of the two taps in the order
+/// `vpunpcklbw` (first 32 bytes) and `vpunpckhbw` (next 32) leave two 32-channel loads of
+/// the taps in: byte `16l + 2i + tt` of the first half is channel `16l + i`'s weight at tap
+/// `2g + tt` (`l` the 128-bit lane, `i < 8`), of the second half channel `16l + 8 + i`'s; 0
+/// past the last tap. A block's bound is `min(32767 / P, 32768 / N)` over its channels and
+/// pairs, `P` and `N` the sums of the pair's positive weights and of its negative weights'
+/// magnitudes (255 at most).
+fn pack_byte_pairs(taps: &PackedWeights) -> (Aligned<i8>, Vec<u8>) {
+    let (c, t) = (taps.n, taps.k);
+    let (blocks, pairs) = (c / PAIR_BLOCK, t.div_ceil(2));
+    let mut out = Aligned::zeroed(blocks * pairs * 2 * PAIR_BLOCK);
+    let mut bounds = vec![u8::MAX; blocks];
+    for ch in 0..blocks * PAIR_BLOCK {
+        let (b, i) = (ch / PAIR_BLOCK, ch % PAIR_BLOCK);
+        let (lane, half, at) = (i / 16, (i % 16) / 8, i % 8);
+        for g in 0..pairs {
+            let (mut pos, mut neg) = (0i32, 0i32);
+            for tt in 0..2 {
+                let tap = 2 * g + tt;
+                if tap < t {
+                    let v = taps.raw[ch * t + tap];
+                    out[(b * pairs + g) * 2 * PAIR_BLOCK + PAIR_BLOCK * half + 16 * lane + 2 * at + tt] = v;
+                    if v > 0 {
+                        pos += v as i32;
+                    } else {
+                        neg -= v as i32;
+                    }
+                }
+            }
+            let limit = [(pos, i16::MAX as i32), (neg, -(i16::MIN as i32))]
+                .into_iter()
+                .filter(|&(sum, _)| sum > 0)
+                .map(|(sum, room)| (room / sum).min(u8::MAX as i32) as u8);
+            bounds[b] = limit.fold(bounds[b], u8::min);
+        }
+    }
+    (out, bounds)
+}
+
+/// The table's packing: symmetric weights only (the kernels multiply by `w`, not `w - zw`).
 pub(crate) fn pack(taps: &PackedWeights) -> Option<DwPacked> {
-    taps.is_symmetric().then(|| DwPacked::I16(pack_depthwise_avx2(taps)))
+    taps.is_symmetric().then(|| {
+        let (bytes, bounds) = pack_byte_pairs(taps);
+        DwPacked::Avx2 { exact: pack_depthwise_avx2(taps), bytes, bounds }
+    })
 }
 
-/// The table's pixel entry.
+/// The table's pixel entry: as [`run_inside`], for one pixel whose taps are slices (padding
+/// taps a row of zero points).
 ///
 /// # Safety
-/// AVX2 and FMA available; as `DepthwiseKernels::pixel`.
+/// AVX2 and FMA available; as `DepthwiseKernels::pixel` (each bit of `w.pair_blocks` set only
+/// when the block's codes in every tap are within its bound).
 pub(crate) unsafe fn pixel(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, _acc: &mut [i32], px: &mut [u8]) {
-    let DwPacked::I16(packed) = w.packed else { unreachable!("packed by `pack`") };
     // SAFETY: forwarded preconditions.
-    unsafe { depthwise_avx2_pixel_u8(taps, c, packed, w.plan, px) }
+    unsafe { pixel_u8(taps, c, w, px) }
 }
 
-/// The table's entry for a run of pixels whose taps lie inside the image.
+/// [`pixel`]'s body, compiled for AVX2.
 ///
 /// # Safety
-/// AVX2 and FMA available; as `DepthwiseKernels::run_inside`.
+/// As [`pixel`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pixel_u8(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, px: &mut [u8]) {
+    let DwPacked::Avx2 { exact, bytes, bounds } = w.packed else { unreachable!("packed by `pack`") };
+    assert!(px.len() >= c && taps.iter().all(|t| t.len() >= c), "depthwise pixel: {c} channels");
+    let per_block = taps.len().div_ceil(2) * 2 * PAIR_BLOCK;
+    let (blocks, sub) = (bounds.len(), PAIR_BLOCK / DW_BLOCK);
+    assert!(blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block, "byte-pair depthwise: {} bytes", bytes.len());
+    for b in 0..blocks {
+        // SAFETY: forwarded preconditions; a set bit: no code of the block's taps exceeds its
+        // bound; the block's weights are `per_block` bytes at `b * per_block`; each tap holds
+        // `c >= 32 * (b + 1)` bytes.
+        unsafe {
+            if b < 64 && w.pair_blocks >> b & 1 == 1 {
+                let at = PAIR_BLOCK * b;
+                let tap = |t: usize| taps.get_unchecked(t).as_ptr().add(at);
+                let q = match taps.len() {
+                    9 => pair_sums::<9>(tap, 9, bytes[b * per_block..].as_ptr()),
+                    n => pair_sums::<0>(tap, n, bytes[b * per_block..].as_ptr()),
+                };
+                // Channels back in order (one pixel: cheaper than the constants reordered).
+                let (c0, c8) = (_mm256_permute2x128_si256::<0x20>(q[0], q[1]), _mm256_permute2x128_si256::<0x20>(q[2], q[3]));
+                let (c16, c24) = (_mm256_permute2x128_si256::<0x31>(q[0], q[1]), _mm256_permute2x128_si256::<0x31>(q[2], q[3]));
+                requantize16(w.plan, c0, c8, at, px.as_mut_ptr().add(at));
+                requantize16(w.plan, c16, c24, at + 16, px.as_mut_ptr().add(at + 16));
+            } else {
+                depthwise_avx2_pixel_u8(taps, c, exact, w.plan, px, sub * b..sub * (b + 1));
+            }
+        }
+    }
+    // SAFETY: forwarded preconditions.
+    unsafe { depthwise_avx2_pixel_u8(taps, c, exact, w.plan, px, sub * blocks..c.div_ceil(DW_BLOCK)) };
+}
+
+/// The table's entry for a run of pixels whose taps lie inside the image: each whole block of
+/// 32 channels whose inputs are within its bound (`w.pair_blocks`) through the byte-pair
+/// kernel, the other channels through the exact kernel.
+///
+/// # Safety
+/// AVX2 and FMA available; as `DepthwiseKernels::run_inside` (each bit of `w.pair_blocks`
+/// set only when the block's input codes are within its bound).
 pub(crate) unsafe fn run_inside(
     base: *const u8,
     step: usize,
@@ -259,12 +347,173 @@ pub(crate) unsafe fn run_inside(
     w: &DwWeights<'_>,
     out: &mut [u8],
 ) {
-    let DwPacked::I16(packed) = w.packed else { unreachable!("packed by `pack`") };
+    let DwPacked::Avx2 { exact, bytes, bounds } = w.packed else { unreachable!("packed by `pack`") };
+    assert!(out.len() >= count * c, "depthwise run: {} output bytes for {count} pixels of {c}", out.len());
+    let per_block = offsets.len().div_ceil(2) * 2 * PAIR_BLOCK;
+    let (blocks, sub) = (bounds.len(), PAIR_BLOCK / DW_BLOCK);
+    assert!(blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block, "byte-pair depthwise: {} bytes", bytes.len());
+    for b in 0..blocks {
+        // SAFETY: forwarded preconditions; a set bit: no input code of the block exceeds its
+        // bound; the block's weights are `per_block` bytes at `b * per_block`.
+        unsafe {
+            if b < 64 && w.pair_blocks >> b & 1 == 1 {
+                let wb = bytes[b * per_block..].as_ptr();
+                pair_block_u8(base, step, count, offsets, c, PAIR_BLOCK * b, wb, w.plan, out.as_mut_ptr());
+            } else {
+                depthwise_avx2_run_u8(base, step, count, offsets, c, exact, w.plan, out, sub * b..sub * (b + 1));
+            }
+        }
+    }
     // SAFETY: forwarded preconditions.
-    unsafe { depthwise_avx2_run_u8(base, step, count, offsets, c, packed, w.plan, out) }
+    unsafe { depthwise_avx2_run_u8(base, step, count, offsets, c, exact, w.plan, out, sub * blocks..c.div_ceil(DW_BLOCK)) };
 }
 
-/// `count` consecutive output pixels whose taps all lie inside the image: pixel `p`'s tap
+/// The requantization constants of one block of 32 channels in the order of [`pair_sums`]'
+/// four vectors: vector `k` holds channels `4k..4k + 4` in its low lane and `16 + 4k..16 +
+/// 4k + 4` in its high one.
+struct PairConsts {
+    colterm: [[i32; 8]; 4],
+    bias: [[f32; 8]; 4],
+    bscale: [[f32; 8]; 4],
+    mult: [[f32; 8]; 4],
+}
+
+impl PairConsts {
+    fn new(plan: &Plan, at: usize) -> Self {
+        let mut k = PairConsts { colterm: [[0; 8]; 4], bias: [[0.0; 8]; 4], bscale: [[0.0; 8]; 4], mult: [[0.0; 8]; 4] };
+        for v in 0..4 {
+            for l in 0..8 {
+                let ch = at + if l < 4 { 4 * v + l } else { 16 + 4 * v + l - 4 };
+                k.colterm[v][l] = plan.colterm[ch];
+                k.bias[v][l] = plan.bias_term[ch];
+                k.bscale[v][l] = plan.bias_scale[ch];
+                k.mult[v][l] = plan.mult[ch];
+            }
+        }
+        k
+    }
+}
+
+/// The sums over every tap of one pixel's 32 channels at `px` (tap `t` at `px + offsets[t]`),
+/// in [`PairConsts`]' order: two taps' bytes interleaved per channel (`vpunpcklbw` /
+/// `vpunpckhbw`), multiplied by the pair's weights in 16 bits (`vpmaddubsw`), then two
+/// pairs' 16-bit sums interleaved per channel (`vpunpcklwd` / `vpunpckhwd`) and added into
+/// 32 bits (`vpmaddwd` by ones).
+///
+/// Tap `t`'s 32 bytes start at `tap(t)`; `T` is the number of taps when it is not 0 (the
+/// loops then unroll), else `taps`.
+///
+/// # Safety
+/// AVX2 available; `T` is 0 or `taps`; `taps > 0`; 32 bytes readable at `tap(t)` for every
+/// tap `t < taps`; `w` holds the block's `taps.div_ceil(2)` groups of 64 bytes; no pair sum
+/// saturates (the input codes within the layout's bound).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pair_sums<const T: usize>(tap: impl Fn(usize) -> *const u8, taps: usize, w: *const i8) -> [__m256i; 4] {
+    let t = if T > 0 { T } else { taps };
+    let pairs = t.div_ceil(2);
+    let ones = _mm256_set1_epi16(1);
+    let prod = |g: usize| {
+        let (t0, t1) = (2 * g, (2 * g + 1).min(t - 1));
+        // SAFETY: t0, t1 < t; both taps' 32 bytes and the pair's 64 weight bytes are readable
+        // (precondition; past the last tap the weights are 0 and the last tap is read again).
+        unsafe {
+            let x0 = _mm256_loadu_si256(tap(t0).cast());
+            let x1 = _mm256_loadu_si256(tap(t1).cast());
+            let wl = _mm256_loadu_si256(w.add(g * 2 * PAIR_BLOCK).cast());
+            let wh = _mm256_loadu_si256(w.add(g * 2 * PAIR_BLOCK + PAIR_BLOCK).cast());
+            (
+                _mm256_maddubs_epi16(_mm256_unpacklo_epi8(x0, x1), wl),
+                _mm256_maddubs_epi16(_mm256_unpackhi_epi8(x0, x1), wh),
+            )
+        }
+    };
+    let mut q = [_mm256_setzero_si256(); 4];
+    let mut g = 0;
+    while g < pairs {
+        let (la, ha) = prod(g);
+        let (lb, hb) = if g + 1 < pairs { prod(g + 1) } else { (_mm256_setzero_si256(), _mm256_setzero_si256()) };
+        q[0] = _mm256_add_epi32(q[0], _mm256_madd_epi16(_mm256_unpacklo_epi16(la, lb), ones));
+        q[1] = _mm256_add_epi32(q[1], _mm256_madd_epi16(_mm256_unpackhi_epi16(la, lb), ones));
+        q[2] = _mm256_add_epi32(q[2], _mm256_madd_epi16(_mm256_unpacklo_epi16(ha, hb), ones));
+        q[3] = _mm256_add_epi32(q[3], _mm256_madd_epi16(_mm256_unpackhi_epi16(ha, hb), ones));
+        g += 2;
+    }
+    q
+}
+
+/// Requantizes one pixel's 32 sums in [`PairConsts`]' order and stores its 32 bytes at `dst`:
+/// per lane the arithmetic of [`requantize16`]; the packs (`vpackssdw` of vectors 0 and 1
+/// and of 2 and 3, then `vpackuswb`) put the channels back in order.
+///
+/// # Safety
+/// AVX2 and FMA available; 32 bytes writable at `dst`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn requantize32(k: &PairConsts, plan: &Plan, q: [__m256i; 4], dst: *mut u8) {
+    let lim = _mm256_set1_ps(REQUANT_LIMIT);
+    let vzo = _mm256_set1_epi32(plan.zo);
+    let one = |v: usize| {
+        // SAFETY: reads of the constants' 8-lane arrays.
+        let (colterm, bias, bscale, mult) = unsafe {
+            (
+                _mm256_loadu_si256(k.colterm[v].as_ptr().cast()),
+                _mm256_loadu_ps(k.bias[v].as_ptr()),
+                _mm256_loadu_ps(k.bscale[v].as_ptr()),
+                _mm256_loadu_ps(k.mult[v].as_ptr()),
+            )
+        };
+        let raw = _mm256_sub_epi32(q[v], colterm);
+        let x = _mm256_mul_ps(_mm256_fmadd_ps(bias, bscale, _mm256_cvtepi32_ps(raw)), mult);
+        _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(x, lim)), vzo)
+    };
+    let b = _mm256_packus_epi16(_mm256_packs_epi32(one(0), one(1)), _mm256_packs_epi32(one(2), one(3)));
+    let (lo, hi) = (_mm256_set1_epi8(plan.lo as u8 as i8), _mm256_set1_epi8(plan.hi as u8 as i8));
+    // SAFETY: 32 bytes writable at dst (precondition).
+    unsafe { _mm256_storeu_si256(dst.cast(), _mm256_min_epu8(_mm256_max_epu8(b, lo), hi)) };
+}
+
+/// Channels `at..at + 32` of `count` consecutive output pixels whose taps all lie inside the
+/// image (as [`depthwise_avx2_run_u8`]), on `vpmaddubsw`: the exact kernel's bytes when no
+/// input code exceeds the block's bound.
+///
+/// # Safety
+/// AVX2 and FMA available; every pixel's taps hold `c` readable bytes, those of channels
+/// `at..at + 32` at most the block's bound of [`pack_byte_pairs`], whose layout of the block
+/// `w` starts; `plan` covers the `c` channels; `out` holds `count * c` writable bytes.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pair_block_u8(
+    base: *const u8,
+    step: usize,
+    count: usize,
+    offsets: &[usize],
+    c: usize,
+    at: usize,
+    w: *const i8,
+    plan: &Plan,
+    out: *mut u8,
+) {
+    let k = PairConsts::new(plan, at);
+    for p in 0..count {
+        let px = base.wrapping_add(p * step + at);
+        // SAFETY: t < offsets.len() for every tap `pair_sums` reads.
+        let tap = |t: usize| px.wrapping_add(unsafe { *offsets.get_unchecked(t) });
+        // SAFETY: the pixel's taps hold channels at..at + 32, within the bound; the block's
+        // weights follow `w`; its output bytes are in `out` (preconditions). 3 x 3 kernels
+        // with their taps unrolled.
+        unsafe {
+            let q = match offsets.len() {
+                9 => pair_sums::<9>(tap, 9, w),
+                n => pair_sums::<0>(tap, n, w),
+            };
+            requantize32(&k, plan, q, out.add(p * c + at));
+        }
+    }
+}
+
+/// Channel blocks `blocks` (of 16) of `count` consecutive output pixels whose taps all lie
+/// inside the image: pixel `p`'s tap
 /// `t` at `base + p * step + offsets[t]`, its `c` bytes written at `out[p * c..]`. Each block
 /// of 16 channels goes over the run two pixels at a time, so the two pixels' sums and
 /// requantizations are independent chains the core overlaps (one pixel per call leaves
@@ -285,12 +534,13 @@ unsafe fn depthwise_avx2_run_u8(
     packed: &[i16],
     plan: &Plan,
     out: &mut [u8],
+    blocks: std::ops::Range<usize>,
 ) {
     assert!(out.len() >= count * c, "depthwise run: {} output bytes for {count} pixels of {c}", out.len());
     let pairs = offsets.len().div_ceil(2);
     let taps = |p: usize| TapOffsets { base: base.wrapping_add(p * step), offsets };
     let dst = out.as_mut_ptr();
-    for b in 0..c.div_ceil(DW_BLOCK) {
+    for b in blocks {
         let at = DW_BLOCK * b;
         let valid = (c - at).min(DW_BLOCK);
         let wb = &packed[b * pairs * 2 * DW_BLOCK..];
