@@ -514,7 +514,8 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
 fn depthwise_byte_pairs_match_the_reference_around_their_bounds() {
     let mut next = crate::xorshift(0x51_7cc1_b727_220au64);
     let mut checked = 0;
-    for c in [32usize, 72, 96, 160] {
+    let channels: &[usize] = if cfg!(miri) { &[32] } else { &[32, 72, 96, 160] };
+    for &c in channels {
         for (kh, kw) in [(3, 3), (5, 5), (2, 3)] {
             for stride in [1, 2] {
                 let (n, h, w) = (2, 9 + (next() % 4) as usize, 10 + (next() % 6) as usize);
@@ -548,7 +549,7 @@ fn depthwise_byte_pairs_match_the_reference_around_their_bounds() {
             }
         }
     }
-    assert!(checked >= 20, "{checked}");
+    assert!(checked >= 5 * channels.len(), "{checked}");
 }
 
 /// Dense convolutions whose kernel rows (`kw * c` bytes) are not whole quads: the implicit

@@ -315,6 +315,7 @@ unsafe fn pixel_u8(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, px: &mut [u8]) {
                 let tap = |t: usize| taps.get_unchecked(t).as_ptr().add(at);
                 let q = match taps.len() {
                     9 => pair_sums::<9>(tap, 9, bytes[b * per_block..].as_ptr()),
+                    25 => pair_sums::<25>(tap, 25, bytes[b * per_block..].as_ptr()),
                     n => pair_sums::<0>(tap, n, bytes[b * per_block..].as_ptr()),
                 };
                 // Channels back in order (one pixel: cheaper than the constants reordered).
@@ -500,11 +501,12 @@ unsafe fn pair_block_u8(
         // SAFETY: t < offsets.len() for every tap `pair_sums` reads.
         let tap = |t: usize| px.wrapping_add(unsafe { *offsets.get_unchecked(t) });
         // SAFETY: the pixel's taps hold channels at..at + 32, within the bound; the block's
-        // weights follow `w`; its output bytes are in `out` (preconditions). 3 x 3 kernels
-        // with their taps unrolled.
+        // weights follow `w`; its output bytes are in `out` (preconditions). 3 x 3 and 5 x 5
+        // kernels with their taps unrolled.
         unsafe {
             let q = match offsets.len() {
                 9 => pair_sums::<9>(tap, 9, w),
+                25 => pair_sums::<25>(tap, 25, w),
                 n => pair_sums::<0>(tap, n, w),
             };
             requantize32(&k, plan, q, out.add(p * c + at));
