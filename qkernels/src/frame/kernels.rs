@@ -185,9 +185,10 @@ pub(crate) enum DwPacked {
     /// The AVX2 tier's layouts: the exact kernel's i16 tap pairs for every channel, and for
     /// each whole block of [`DW_PAIR_BLOCK`] channels the byte pairs `vpmaddubsw` multiplies,
     /// whose 16-bit sums cannot saturate while the block's input codes are at most its entry
-    /// of `bounds`.
+    /// of `bounds`; for small kernels, each block's taps in the order it pairs them (`orders`,
+    /// `2 * ceil(taps / 2)` per block; empty: taps paired in order).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    Avx2 { exact: Aligned<i16>, bytes: Aligned<i8>, bounds: Vec<u8> },
+    Avx2 { exact: Aligned<i16>, bytes: Aligned<i8>, bounds: Vec<u8>, orders: Vec<u8> },
 }
 
 /// Channels per block of a depthwise layout with per-block input bounds.

@@ -527,17 +527,21 @@ fn depthwise_byte_pairs_match_the_reference_around_their_bounds() {
                     case.wt[ch * kh * kw] = 127;
                     case.wt[ch * kh * kw + 1] = 127;
                 }
-                let (hot_rows, hot_block) = ([next() as usize % h, next() as usize % h], next() as usize % c.div_ceil(32));
+                let (hot_rows, hot_block) =
+                    ([next() as usize % h, next() as usize % h], next() as usize % c.div_ceil(32));
                 for (i, v) in case.x.iter_mut().enumerate() {
                     let (row, ch) = ((i / (w * c)) % h, i % c);
-                    *v = if hot_rows.contains(&row) && ch / 32 == hot_block { next() as u8 } else { (next() % 128) as u8 };
+                    *v = if hot_rows.contains(&row) && ch / 32 == hot_block {
+                        next() as u8
+                    } else {
+                        (next() % 128) as u8
+                    };
                 }
                 if qtensor::isa::Isa::Avx2.is_supported() {
                     let packed =
                         PackedConv2d::with_isa(qtensor::isa::Isa::Avx2, &case.weights(), None, case.geom).unwrap();
                     assert!(
-                        packed.kernel().contains("vpmaddubsw on tap pairs of 32-channel blocks")
-                            && packed.kernel().contains("bound (12"),
+                        packed.kernel().contains("vpmaddubsw on tap pairs of 32-channel blocks"),
                         "{}",
                         packed.kernel()
                     );
@@ -550,6 +554,29 @@ fn depthwise_byte_pairs_match_the_reference_around_their_bounds() {
         }
     }
     assert!(checked >= 5 * channels.len(), "{checked}");
+    // 3 x 3 weights whose taps in order pair two large positive weights (bound 129), while
+    // pairing each positive tap with a negative one never saturates (bound 255): inputs of
+    // any code then take the byte pairs in every row.
+    for c in [32usize, 96] {
+        let geom = Conv2dGeometry { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: c };
+        let mut case = random_depthwise_case(&mut next, (2, 7, 9, c), (3, 3), geom);
+        case.zw = vec![0; c];
+        for ch in 0..c {
+            for tap in 0..9 {
+                let big = 100 + (next() % 28) as i8;
+                case.wt[ch * 9 + tap] = match tap {
+                    0..=3 => big,
+                    4..=7 => -big,
+                    _ => (next() % 11) as i8 - 5,
+                };
+            }
+        }
+        if qtensor::isa::Isa::Avx2.is_supported() {
+            let packed = PackedConv2d::with_isa(qtensor::isa::Isa::Avx2, &case.weights(), None, case.geom).unwrap();
+            assert!(packed.kernel().contains("bound (255)"), "{}", packed.kernel());
+        }
+        assert!(case_matches_on_every_isa(&case, &format!("c={c} paired across signs")));
+    }
 }
 
 /// Dense convolutions whose kernel rows (`kw * c` bytes) are not whole quads: the implicit

@@ -233,53 +233,126 @@ pub(crate) fn pack_depthwise_avx2(taps: &PackedWeights) -> Aligned<i16> {
     out
 }
 
+/// Most taps a block of the byte-pair layout pairs as suits its weights (every pairing of up
+/// to 10 taps, at most 945, is tried); larger kernels pair taps in order.
+pub(crate) const SEARCHED_TAPS: usize = 10;
+
+/// The largest input code for which taps `a` and `b` (`b == a`: tap `a` alone) of channels
+/// `chs` cannot saturate `vpmaddubsw`'s 16-bit pair sum: `min(32767 / P, 32768 / N)`, `P` and
+/// `N` the largest sums over the channels of the pair's positive weights and of its negative
+/// weights' magnitudes (255 at most).
+fn pair_limit(taps: &PackedWeights, chs: std::ops::Range<usize>, a: usize, b: usize) -> u8 {
+    let t = taps.k;
+    let (mut pos, mut neg) = (0i32, 0i32);
+    for ch in chs {
+        let ws = if a == b { vec![taps.raw[ch * t + a]] } else { vec![taps.raw[ch * t + a], taps.raw[ch * t + b]] };
+        pos = pos.max(ws.iter().map(|&w| (w as i32).max(0)).sum());
+        neg = neg.max(ws.iter().map(|&w| -(w as i32).min(0)).sum());
+    }
+    [(pos, i16::MAX as i32), (neg, -(i16::MIN as i32))]
+        .into_iter()
+        .filter(|&(sum, _)| sum > 0)
+        .map(|(sum, room)| (room / sum).min(u8::MAX as i32) as u8)
+        .fold(u8::MAX, u8::min)
+}
+
+/// The pairing of a block's `t <= SEARCHED_TAPS` taps with the largest bound (the smallest
+/// of its pairs' [`pair_limit`]s), as slots: pair `g` multiplies taps `slots[2g]` and
+/// `slots[2g + 1]`, a tap alone (odd `t`) fills both of its pair's slots. Neighbours in order
+/// unless another pairing's bound is larger.
+fn best_pairing(t: usize, limit: impl Fn(usize, usize) -> u8) -> (u8, Vec<usize>) {
+    let lim: Vec<Vec<u8>> = (0..t).map(|a| (0..t).map(|b| limit(a, b)).collect()).collect();
+    let in_order: Vec<(usize, usize)> = (0..t).step_by(2).map(|a| (a, (a + 1).min(t - 1))).collect();
+    let bound_of = |pairs: &[(usize, usize)]| pairs.iter().map(|&(a, b)| lim[a][b]).fold(u8::MAX, u8::min);
+    let mut best = (bound_of(&in_order), in_order);
+    // Pairs the taps of `rem` (a bit mask), the pairs so far in `stack` with bound `cur`.
+    fn pair_rest(
+        rem: u32,
+        cur: u8,
+        lim: &[Vec<u8>],
+        stack: &mut Vec<(usize, usize)>,
+        best: &mut (u8, Vec<(usize, usize)>),
+    ) {
+        if cur <= best.0 {
+            return;
+        }
+        if rem == 0 {
+            *best = (cur, stack.clone());
+            return;
+        }
+        let a = rem.trailing_zeros() as usize;
+        let mut others = rem & !(1 << a);
+        while others != 0 {
+            let b = others.trailing_zeros() as usize;
+            others &= others - 1;
+            stack.push((a, b));
+            pair_rest(rem & !(1 << a) & !(1 << b), cur.min(lim[a][b]), lim, stack, best);
+            stack.pop();
+        }
+    }
+    let all = (1u32 << t) - 1;
+    let mut stack = Vec::new();
+    if t % 2 == 0 {
+        pair_rest(all, u8::MAX, &lim, &mut stack, &mut best);
+    } else {
+        for alone in 0..t {
+            stack.push((alone, alone));
+            pair_rest(all & !(1 << alone), lim[alone][alone], &lim, &mut stack, &mut best);
+            stack.clear();
+        }
+    }
+    (best.0, best.1.iter().flat_map(|&(a, b)| [a, b]).collect())
+}
+
 /// Weight layout of the byte-pair kernel ([`pair_block_u8`]) for the whole blocks of 32
-/// channels, and per block the largest input code for which none of its 16-bit pair sums can
-/// saturate.
-/// Per block, per pair of taps `g`, 64 bytes: the weights of the two taps in the order
-/// `vpunpcklbw` (first 32 bytes) and `vpunpckhbw` (next 32) leave two 32-channel loads of
-/// the taps in: byte `16l + 2i + tt` of the first half is channel `16l + i`'s weight at tap
-/// `2g + tt` (`l` the 128-bit lane, `i < 8`), of the second half channel `16l + 8 + i`'s; 0
-/// past the last tap. A block's bound is `min(32767 / P, 32768 / N)` over its channels and
-/// pairs, `P` and `N` the sums of the pair's positive weights and of its negative weights'
-/// magnitudes (255 at most).
-fn pack_byte_pairs(taps: &PackedWeights) -> (Aligned<i8>, Vec<u8>) {
+/// channels; per block the largest input code for which none of its 16-bit pair sums can
+/// saturate; and, for kernels of at most [`SEARCHED_TAPS`] taps, per block the taps of each
+/// pair's two slots ([`best_pairing`]; larger kernels pair taps `2g` and `2g + 1`, the last
+/// tap of an odd count alone). Per block, per pair `g`, 64 bytes: the weights of the pair's
+/// two slots in the order `vpunpcklbw` (first 32 bytes) and `vpunpckhbw` (next 32) leave two
+/// 32-channel loads of the taps in: byte `16l + 2i + s` of the first half is channel `16l +
+/// i`'s weight at the pair's slot `s` (`l` the 128-bit lane, `i < 8`), of the second half
+/// channel `16l + 8 + i`'s; 0 for the second slot of a tap alone.
+fn pack_byte_pairs(taps: &PackedWeights) -> (Aligned<i8>, Vec<u8>, Vec<u8>) {
     let (c, t) = (taps.n, taps.k);
     let (blocks, pairs) = (c / PAIR_BLOCK, t.div_ceil(2));
     let mut out = Aligned::zeroed(blocks * pairs * 2 * PAIR_BLOCK);
-    let mut bounds = vec![u8::MAX; blocks];
-    for ch in 0..blocks * PAIR_BLOCK {
-        let (b, i) = (ch / PAIR_BLOCK, ch % PAIR_BLOCK);
-        let (lane, half, at) = (i / 16, (i % 16) / 8, i % 8);
-        for g in 0..pairs {
-            let (mut pos, mut neg) = (0i32, 0i32);
-            for tt in 0..2 {
-                let tap = 2 * g + tt;
-                if tap < t {
-                    let v = taps.raw[ch * t + tap];
-                    out[(b * pairs + g) * 2 * PAIR_BLOCK + PAIR_BLOCK * half + 16 * lane + 2 * at + tt] = v;
-                    if v > 0 {
-                        pos += v as i32;
-                    } else {
-                        neg -= v as i32;
-                    }
-                }
+    let (mut bounds, mut orders) = (Vec::with_capacity(blocks), Vec::new());
+    for b in 0..blocks {
+        let chs = b * PAIR_BLOCK..(b + 1) * PAIR_BLOCK;
+        let slots: Vec<usize> = if t <= SEARCHED_TAPS {
+            let (bound, slots) = best_pairing(t, |x, y| pair_limit(taps, chs.clone(), x, y));
+            bounds.push(bound);
+            orders.extend(slots.iter().map(|&s| s as u8));
+            slots
+        } else {
+            let slots: Vec<usize> = (0..2 * pairs).map(|s| if s % 2 == 1 && s == t { s - 1 } else { s }).collect();
+            bounds.push(
+                (0..pairs)
+                    .map(|g| pair_limit(taps, chs.clone(), slots[2 * g], slots[2 * g + 1]))
+                    .fold(u8::MAX, u8::min),
+            );
+            slots
+        };
+        for ch in chs {
+            let i = ch % PAIR_BLOCK;
+            let (lane, half, at) = (i / 16, (i % 16) / 8, i % 8);
+            for g in 0..pairs {
+                let (first, second) = (slots[2 * g], slots[2 * g + 1]);
+                let at_g = (b * pairs + g) * 2 * PAIR_BLOCK + PAIR_BLOCK * half + 16 * lane + 2 * at;
+                out[at_g] = taps.raw[ch * t + first];
+                out[at_g + 1] = if second == first { 0 } else { taps.raw[ch * t + second] };
             }
-            let limit = [(pos, i16::MAX as i32), (neg, -(i16::MIN as i32))]
-                .into_iter()
-                .filter(|&(sum, _)| sum > 0)
-                .map(|(sum, room)| (room / sum).min(u8::MAX as i32) as u8);
-            bounds[b] = limit.fold(bounds[b], u8::min);
         }
     }
-    (out, bounds)
+    (out, bounds, orders)
 }
 
 /// The table's packing: symmetric weights only (the kernels multiply by `w`, not `w - zw`).
 pub(crate) fn pack(taps: &PackedWeights) -> Option<DwPacked> {
     taps.is_symmetric().then(|| {
-        let (bytes, bounds) = pack_byte_pairs(taps);
-        DwPacked::Avx2 { exact: pack_depthwise_avx2(taps), bytes, bounds }
+        let (bytes, bounds, orders) = pack_byte_pairs(taps);
+        DwPacked::Avx2 { exact: pack_depthwise_avx2(taps), bytes, bounds, orders }
     })
 }
 
@@ -300,11 +373,24 @@ pub(crate) unsafe fn pixel(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, _acc: &m
 /// As [`pixel`].
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pixel_u8(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, px: &mut [u8]) {
-    let DwPacked::Avx2 { exact, bytes, bounds } = w.packed else { unreachable!("packed by `pack`") };
+    let DwPacked::Avx2 { exact, bytes, bounds, orders } = w.packed else { unreachable!("packed by `pack`") };
     assert!(px.len() >= c && taps.iter().all(|t| t.len() >= c), "depthwise pixel: {c} channels");
-    let per_block = taps.len().div_ceil(2) * 2 * PAIR_BLOCK;
+    let slots = 2 * taps.len().div_ceil(2);
+    let per_block = slots * PAIR_BLOCK;
+    assert!(orders.is_empty() || orders.len() == bounds.len() * slots, "byte-pair depthwise: {} slots", orders.len());
     let (blocks, sub) = (bounds.len(), PAIR_BLOCK / DW_BLOCK);
-    assert!(blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block, "byte-pair depthwise: {} bytes", bytes.len());
+    assert!(
+        blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block,
+        "byte-pair depthwise: {} bytes",
+        bytes.len()
+    );
+    // The taps' starts, for the blocks' pairings (kernels of at most SEARCHED_TAPS taps).
+    let mut tap_ptrs = [std::ptr::null::<u8>(); SEARCHED_TAPS];
+    if !orders.is_empty() {
+        for (p, t) in tap_ptrs.iter_mut().zip(taps) {
+            *p = t.as_ptr();
+        }
+    }
     for b in 0..blocks {
         // SAFETY: forwarded preconditions; a set bit: no code of the block's taps exceeds its
         // bound; the block's weights are `per_block` bytes at `b * per_block`; each tap holds
@@ -312,15 +398,27 @@ unsafe fn pixel_u8(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, px: &mut [u8]) {
         unsafe {
             if b < 64 && w.pair_blocks >> b & 1 == 1 {
                 let at = PAIR_BLOCK * b;
-                let tap = |t: usize| taps.get_unchecked(t).as_ptr().add(at);
-                let q = match taps.len() {
-                    9 => pair_sums::<9>(tap, 9, bytes[b * per_block..].as_ptr()),
-                    25 => pair_sums::<25>(tap, 25, bytes[b * per_block..].as_ptr()),
-                    n => pair_sums::<0>(tap, n, bytes[b * per_block..].as_ptr()),
+                let wb = bytes[b * per_block..].as_ptr();
+                let q = if orders.is_empty() {
+                    let tap = |t: usize| taps.get_unchecked(t).as_ptr().add(at);
+                    match taps.len() {
+                        25 => pair_sums::<25>(tap, 25, wb),
+                        n => pair_sums::<0>(tap, n, wb),
+                    }
+                } else {
+                    // The block's taps in its pairing's slots (orders name taps < taps.len()).
+                    let order = &orders[b * slots..(b + 1) * slots];
+                    let tap = |s: usize| tap_ptrs.get_unchecked(*order.get_unchecked(s) as usize).add(at);
+                    match slots {
+                        10 => pair_sums::<10>(tap, 10, wb),
+                        n => pair_sums::<0>(tap, n, wb),
+                    }
                 };
                 // Channels back in order (one pixel: cheaper than the constants reordered).
-                let (c0, c8) = (_mm256_permute2x128_si256::<0x20>(q[0], q[1]), _mm256_permute2x128_si256::<0x20>(q[2], q[3]));
-                let (c16, c24) = (_mm256_permute2x128_si256::<0x31>(q[0], q[1]), _mm256_permute2x128_si256::<0x31>(q[2], q[3]));
+                let (c0, c8) =
+                    (_mm256_permute2x128_si256::<0x20>(q[0], q[1]), _mm256_permute2x128_si256::<0x20>(q[2], q[3]));
+                let (c16, c24) =
+                    (_mm256_permute2x128_si256::<0x31>(q[0], q[1]), _mm256_permute2x128_si256::<0x31>(q[2], q[3]));
                 requantize16(w.plan, c0, c8, at, px.as_mut_ptr().add(at));
                 requantize16(w.plan, c16, c24, at + 16, px.as_mut_ptr().add(at + 16));
             } else {
@@ -348,25 +446,43 @@ pub(crate) unsafe fn run_inside(
     w: &DwWeights<'_>,
     out: &mut [u8],
 ) {
-    let DwPacked::Avx2 { exact, bytes, bounds } = w.packed else { unreachable!("packed by `pack`") };
+    let DwPacked::Avx2 { exact, bytes, bounds, orders } = w.packed else { unreachable!("packed by `pack`") };
     assert!(out.len() >= count * c, "depthwise run: {} output bytes for {count} pixels of {c}", out.len());
-    let per_block = offsets.len().div_ceil(2) * 2 * PAIR_BLOCK;
+    let slots = 2 * offsets.len().div_ceil(2);
+    let per_block = slots * PAIR_BLOCK;
+    assert!(orders.is_empty() || orders.len() == bounds.len() * slots, "byte-pair depthwise: {} slots", orders.len());
     let (blocks, sub) = (bounds.len(), PAIR_BLOCK / DW_BLOCK);
-    assert!(blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block, "byte-pair depthwise: {} bytes", bytes.len());
+    assert!(
+        blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block,
+        "byte-pair depthwise: {} bytes",
+        bytes.len()
+    );
     for b in 0..blocks {
         // SAFETY: forwarded preconditions; a set bit: no input code of the block exceeds its
         // bound; the block's weights are `per_block` bytes at `b * per_block`.
         unsafe {
             if b < 64 && w.pair_blocks >> b & 1 == 1 {
                 let wb = bytes[b * per_block..].as_ptr();
-                pair_block_u8(base, step, count, offsets, c, PAIR_BLOCK * b, wb, w.plan, out.as_mut_ptr());
+                if orders.is_empty() {
+                    pair_block_u8(base, step, count, offsets, c, PAIR_BLOCK * b, wb, w.plan, out.as_mut_ptr());
+                } else {
+                    // The block's tap offsets in its pairing's slots.
+                    let mut slot_offsets = [0usize; 2 * SEARCHED_TAPS];
+                    for (so, &o) in slot_offsets.iter_mut().zip(&orders[b * slots..(b + 1) * slots]) {
+                        *so = offsets[o as usize];
+                    }
+                    let slot_offsets = &slot_offsets[..slots];
+                    pair_block_u8(base, step, count, slot_offsets, c, PAIR_BLOCK * b, wb, w.plan, out.as_mut_ptr());
+                }
             } else {
                 depthwise_avx2_run_u8(base, step, count, offsets, c, exact, w.plan, out, sub * b..sub * (b + 1));
             }
         }
     }
     // SAFETY: forwarded preconditions.
-    unsafe { depthwise_avx2_run_u8(base, step, count, offsets, c, exact, w.plan, out, sub * blocks..c.div_ceil(DW_BLOCK)) };
+    unsafe {
+        depthwise_avx2_run_u8(base, step, count, offsets, c, exact, w.plan, out, sub * blocks..c.div_ceil(DW_BLOCK))
+    };
 }
 
 /// The requantization constants of one block of 32 channels in the order of [`pair_sums`]'
@@ -381,7 +497,8 @@ struct PairConsts {
 
 impl PairConsts {
     fn new(plan: &Plan, at: usize) -> Self {
-        let mut k = PairConsts { colterm: [[0; 8]; 4], bias: [[0.0; 8]; 4], bscale: [[0.0; 8]; 4], mult: [[0.0; 8]; 4] };
+        let mut k =
+            PairConsts { colterm: [[0; 8]; 4], bias: [[0.0; 8]; 4], bscale: [[0.0; 8]; 4], mult: [[0.0; 8]; 4] };
         for v in 0..4 {
             for l in 0..8 {
                 let ch = at + if l < 4 { 4 * v + l } else { 16 + 4 * v + l - 4 };
@@ -501,11 +618,11 @@ unsafe fn pair_block_u8(
         // SAFETY: t < offsets.len() for every tap `pair_sums` reads.
         let tap = |t: usize| px.wrapping_add(unsafe { *offsets.get_unchecked(t) });
         // SAFETY: the pixel's taps hold channels at..at + 32, within the bound; the block's
-        // weights follow `w`; its output bytes are in `out` (preconditions). 3 x 3 and 5 x 5
-        // kernels with their taps unrolled.
+        // weights follow `w`; its output bytes are in `out` (preconditions). 3 x 3 (in ten
+        // slots) and 5 x 5 kernels with their taps unrolled.
         unsafe {
             let q = match offsets.len() {
-                9 => pair_sums::<9>(tap, 9, w),
+                10 => pair_sums::<10>(tap, 10, w),
                 25 => pair_sums::<25>(tap, 25, w),
                 n => pair_sums::<0>(tap, n, w),
             };

@@ -494,66 +494,33 @@ pub(crate) unsafe fn avx2_fused_rows(
                         let paired = order.paired[strip] as usize;
                         let mut r = 0;
                         while r + 3 <= m {
-                            put(&mut sums, r, &quads_core::<3, 2>(
-                                rows_at.add(r * lda),
-                                lda,
-                                k,
-                                bp,
-                                offsets,
-                                paired,
-                            ));
+                            put(&mut sums, r, &quads_core::<3, 2>(rows_at.add(r * lda), lda, k, bp, offsets, paired));
                             r += 3;
                         }
                         match m - r {
-                            1 => put(&mut sums, r, &quads_core::<1, 2>(
-                                rows_at.add(r * lda),
-                                lda,
-                                k,
-                                bp,
-                                offsets,
-                                paired,
-                            )),
-                            2 => put(&mut sums, r, &quads_core::<2, 2>(
-                                rows_at.add(r * lda),
-                                lda,
-                                k,
-                                bp,
-                                offsets,
-                                paired,
-                            )),
+                            1 => put(
+                                &mut sums,
+                                r,
+                                &quads_core::<1, 2>(rows_at.add(r * lda), lda, k, bp, offsets, paired),
+                            ),
+                            2 => put(
+                                &mut sums,
+                                r,
+                                &quads_core::<2, 2>(rows_at.add(r * lda), lda, k, bp, offsets, paired),
+                            ),
                             _ => {}
                         }
                     }
                     None => {
                         let mut r = 0;
                         while r + 4 <= m {
-                            put(&mut sums, r, &avx2_pairs_kernel::<4, 2>(
-                                rows_at.add(r * lda),
-                                lda,
-                                k,
-                                bp,
-                            ));
+                            put(&mut sums, r, &avx2_pairs_kernel::<4, 2>(rows_at.add(r * lda), lda, k, bp));
                             r += 4;
                         }
                         match m - r {
-                            1 => put(&mut sums, r, &avx2_pairs_kernel::<1, 2>(
-                                rows_at.add(r * lda),
-                                lda,
-                                k,
-                                bp,
-                            )),
-                            2 => put(&mut sums, r, &avx2_pairs_kernel::<2, 2>(
-                                rows_at.add(r * lda),
-                                lda,
-                                k,
-                                bp,
-                            )),
-                            3 => put(&mut sums, r, &avx2_pairs_kernel::<3, 2>(
-                                rows_at.add(r * lda),
-                                lda,
-                                k,
-                                bp,
-                            )),
+                            1 => put(&mut sums, r, &avx2_pairs_kernel::<1, 2>(rows_at.add(r * lda), lda, k, bp)),
+                            2 => put(&mut sums, r, &avx2_pairs_kernel::<2, 2>(rows_at.add(r * lda), lda, k, bp)),
+                            3 => put(&mut sums, r, &avx2_pairs_kernel::<3, 2>(rows_at.add(r * lda), lda, k, bp)),
                             _ => {}
                         }
                     }
