@@ -245,9 +245,10 @@ fn pair_limit(taps: &PackedWeights, chs: std::ops::Range<usize>, a: usize, b: us
     let t = taps.k;
     let (mut pos, mut neg) = (0i32, 0i32);
     for ch in chs {
-        let ws = if a == b { vec![taps.raw[ch * t + a]] } else { vec![taps.raw[ch * t + a], taps.raw[ch * t + b]] };
-        pos = pos.max(ws.iter().map(|&w| (w as i32).max(0)).sum());
-        neg = neg.max(ws.iter().map(|&w| -(w as i32).min(0)).sum());
+        let wa = taps.raw[ch * t + a] as i32;
+        let wb = if a == b { 0 } else { taps.raw[ch * t + b] as i32 };
+        pos = pos.max(wa.max(0) + wb.max(0));
+        neg = neg.max(-(wa.min(0) + wb.min(0)));
     }
     [(pos, i16::MAX as i32), (neg, -(i16::MIN as i32))]
         .into_iter()
