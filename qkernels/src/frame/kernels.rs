@@ -229,6 +229,7 @@ pub(crate) struct DwWeights<'a> {
     /// For a layout with [`DwPacked::block_bounds`]: bit `b` set when no input code that the
     /// call reads in channels `32b..32b + 32` exceeds block `b`'s bound (blocks past 64 take
     /// the exact path); 0 otherwise.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub pair_blocks: u64,
 }
 

@@ -293,7 +293,7 @@ fn best_pairing(t: usize, limit: impl Fn(usize, usize) -> u8) -> (u8, Vec<usize>
     }
     let all = (1u32 << t) - 1;
     let mut stack = Vec::new();
-    if t % 2 == 0 {
+    if t.is_multiple_of(2) {
         pair_rest(all, u8::MAX, &lim, &mut stack, &mut best);
     } else {
         for alone in 0..t {
