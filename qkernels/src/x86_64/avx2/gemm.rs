@@ -459,8 +459,8 @@ pub(crate) unsafe fn avx2_fused_rows(
     let pair_rows = if pairs.is_some_and(|p| p.order.is_some()) { 3 } else { 4 };
     // Whether every row of the block takes the pair kernel (checked once, not per tile).
     let all_within = pairs.is_some() && within[..m].iter().all(|&ok| ok);
-    // The two-pass strips' sums (below), left uninitialised (6 KiB zeroed per block cost ~1%
-    // of MobileNetV2): each strip writes rows 0..m before it reads them.
+    // The two-pass strips' sums (below), left uninitialised rather than zeroing 6 KiB per
+    // block: each strip writes rows 0..m before it reads them.
     let mut sums = [std::mem::MaybeUninit::<[__m256i; 2]>::uninit(); crate::frame::gemm::MC];
     let put = |sums: &mut [std::mem::MaybeUninit<[__m256i; 2]>], r: usize, rows: &[[__m256i; 2]]| {
         for (d, &v) in sums[r..r + rows.len()].iter_mut().zip(rows) {
