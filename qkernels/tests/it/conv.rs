@@ -507,9 +507,10 @@ fn depthwise_unit_stride_shapes_match_the_reference() {
 
 /// Depthwise blocks of 32 channels on AVX2 multiply tap pairs with `vpmaddubsw` where their
 /// input rows' codes are within the block's bound: 7-bit inputs with two rows per image of
-/// codes up to 255 in one block (every channel's first two taps 127, so those rows would
-/// saturate 16 bits), channel counts with and without a partial block, 3 x 3 (unrolled), 5 x 5
-/// and 2 x 3 kernels, strides 1 and 2; every ISA and 1-3 threads against the reference.
+/// codes up to 255 in one block (every channel's first two taps 127, the others random, so
+/// some pairs of taps would saturate 16 bits in those rows, however the block pairs them),
+/// channel counts with and without a partial block, 3 x 3 (unrolled), 5 x 5 and 2 x 3
+/// kernels, strides 1 and 2; every ISA and 1-3 threads against the reference.
 #[test]
 fn depthwise_byte_pairs_match_the_reference_around_their_bounds() {
     let mut next = crate::xorshift(0x51_7cc1_b727_220au64);
