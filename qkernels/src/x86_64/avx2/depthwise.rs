@@ -357,6 +357,35 @@ pub(crate) fn pack(taps: &PackedWeights) -> Option<DwPacked> {
     })
 }
 
+/// The AVX2 depthwise layouts of a layer with `taps` taps and `c` channels, checked against
+/// each other: both kernel entries read them through this.
+struct PairLayout<'a> {
+    exact: &'a [i16],
+    bytes: &'a [i8],
+    orders: &'a [u8],
+    /// Whole blocks of 32 channels in the byte-pair layout.
+    blocks: usize,
+    /// Slots per block (two per pair of taps).
+    slots: usize,
+    /// Bytes of weights per block.
+    per_block: usize,
+}
+
+impl<'a> PairLayout<'a> {
+    fn of(packed: &'a DwPacked, taps: usize, c: usize) -> Self {
+        let DwPacked::Avx2 { exact, bytes, bounds, orders } = packed else { unreachable!("packed by `pack`") };
+        let (blocks, slots) = (bounds.len(), 2 * taps.div_ceil(2));
+        let per_block = slots * PAIR_BLOCK;
+        assert!(orders.is_empty() || orders.len() == blocks * slots, "byte-pair depthwise: {} slots", orders.len());
+        assert!(
+            blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block,
+            "byte-pair depthwise: {} bytes",
+            bytes.len()
+        );
+        PairLayout { exact, bytes, orders, blocks, slots, per_block }
+    }
+}
+
 /// The table's pixel entry: as [`run_inside`], for one pixel whose taps are slices (padding
 /// taps a row of zero points).
 ///
@@ -374,17 +403,9 @@ pub(crate) unsafe fn pixel(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, _acc: &m
 /// As [`pixel`].
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pixel_u8(taps: &[&[u8]], c: usize, w: &DwWeights<'_>, px: &mut [u8]) {
-    let DwPacked::Avx2 { exact, bytes, bounds, orders } = w.packed else { unreachable!("packed by `pack`") };
     assert!(px.len() >= c && taps.iter().all(|t| t.len() >= c), "depthwise pixel: {c} channels");
-    let slots = 2 * taps.len().div_ceil(2);
-    let per_block = slots * PAIR_BLOCK;
-    assert!(orders.is_empty() || orders.len() == bounds.len() * slots, "byte-pair depthwise: {} slots", orders.len());
-    let (blocks, sub) = (bounds.len(), PAIR_BLOCK / DW_BLOCK);
-    assert!(
-        blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block,
-        "byte-pair depthwise: {} bytes",
-        bytes.len()
-    );
+    let PairLayout { exact, bytes, orders, blocks, slots, per_block } = PairLayout::of(w.packed, taps.len(), c);
+    let sub = PAIR_BLOCK / DW_BLOCK;
     // The taps' starts, for the blocks' pairings (kernels of at most SEARCHED_TAPS taps).
     let mut tap_ptrs = [std::ptr::null::<u8>(); SEARCHED_TAPS];
     if !orders.is_empty() {
@@ -447,17 +468,9 @@ pub(crate) unsafe fn run_inside(
     w: &DwWeights<'_>,
     out: &mut [u8],
 ) {
-    let DwPacked::Avx2 { exact, bytes, bounds, orders } = w.packed else { unreachable!("packed by `pack`") };
     assert!(out.len() >= count * c, "depthwise run: {} output bytes for {count} pixels of {c}", out.len());
-    let slots = 2 * offsets.len().div_ceil(2);
-    let per_block = slots * PAIR_BLOCK;
-    assert!(orders.is_empty() || orders.len() == bounds.len() * slots, "byte-pair depthwise: {} slots", orders.len());
-    let (blocks, sub) = (bounds.len(), PAIR_BLOCK / DW_BLOCK);
-    assert!(
-        blocks * PAIR_BLOCK <= c && bytes.len() >= blocks * per_block,
-        "byte-pair depthwise: {} bytes",
-        bytes.len()
-    );
+    let PairLayout { exact, bytes, orders, blocks, slots, per_block } = PairLayout::of(w.packed, offsets.len(), c);
+    let sub = PAIR_BLOCK / DW_BLOCK;
     for b in 0..blocks {
         // SAFETY: forwarded preconditions; a set bit: no input code of the block exceeds its
         // bound; the block's weights are `per_block` bytes at `b * per_block`.
