@@ -433,9 +433,10 @@ fn avx2_full_range_rows_are_exact_at_the_edge_of_i16() {
 
 /// AVX2 rows with a few codes above the pair bound (without a full-range layout): the pair
 /// kernel on the codes clamped to the bound, each excess added exactly; rows with more than
-/// K / 8 such codes, and rows within the bound, in the same blocks (two row blocks, a partial
-/// last quad and panel, padded rows), with and without quads paired in i16, against the
-/// definition in `u8`, `f32` and `i32` output on 1 and 2 threads.
+/// K / 8 such codes, and rows within the bound, in the same blocks (two row blocks, two
+/// blocks of columns, whose second reads the first's verdict on each row, a partial last quad
+/// and panel, padded rows), with and without quads paired in i16, against the definition in
+/// `u8`, `f32` and `i32` output on 1 and 2 threads.
 #[test]
 fn avx2_rows_with_few_codes_above_the_bound_are_exact() {
     use qtensor::isa::Isa;
@@ -443,7 +444,7 @@ fn avx2_rows_with_few_codes_above_the_bound_are_exact() {
         return;
     }
     let mut next = crate::xorshift(0x7a3c_51e9_0d2b_c4f1);
-    let (m, k, n, lda_pad) = (150, 70, 21, 3);
+    let (m, k, n, lda_pad) = (150, 70, 85, 3);
     // Uniform weights (no pairs of quads); and small negative ones with, in one quad of a
     // column in 20, a 16-bit lane of 65 + 65 (which 255 would saturate, in too many of the
     // panels' quads for a full-range layout), whose quads pair in i16 with the others.

@@ -387,8 +387,8 @@ pub(crate) unsafe fn avx2_fused_rows(
     memo: &[AtomicU8],
 ) {
     // Which rows the pair kernel may take: one pass over the block's rows, shared by every
-    // strip of columns, and kept in `memo` (1: within, 2: not) for the other blocks of
-    // columns.
+    // strip of columns, and kept in `memo` (1: within, 2: not, 3: not, with more codes above
+    // the bound than the clamped copy takes) for the other blocks of columns.
     assert!(m <= crate::frame::gemm::MC, "avx2_fused_rows: {m} rows exceed a block of {}", crate::frame::gemm::MC);
     let mut within = [false; crate::frame::gemm::MC];
     if let Some(&Avx2Pairs { max_input: max, .. }) = pairs {
@@ -396,7 +396,7 @@ pub(crate) unsafe fn avx2_fused_rows(
             let i = f.r0 + r;
             *ok = match memo.get(i).map(|e| e.load(Relaxed)) {
                 _ if max == u8::MAX => true,
-                Some(known @ 1..=2) => known == 1,
+                Some(known @ 1..=3) => known == 1,
                 seen => {
                     let ok = super::codes_within(&a.data[i * a.lda..i * a.lda + a.k], max);
                     if seen.is_some() {
@@ -418,10 +418,17 @@ pub(crate) unsafe fn avx2_fused_rows(
             excess.clear();
             let limit = k / SPARSE_SHARE;
             for r in 0..m {
-                if !within[r] {
-                    let i = f.r0 + r;
+                let i = f.r0 + r;
+                // Rows another block of columns found with too many codes above the bound
+                // are not scanned again.
+                if !within[r] && memo.get(i).is_none_or(|e| e.load(Relaxed) != 3) {
                     // SAFETY: AVX2 (precondition); the row's k codes exist.
                     within[r] = unsafe { excess_codes(&a.data[i * a.lda..i * a.lda + k], max, limit, &mut excess) };
+                    if !within[r] {
+                        if let Some(e) = memo.get(i) {
+                            e.store(3, Relaxed);
+                        }
+                    }
                 }
                 starts[r + 1] = excess.len() as u32;
             }
@@ -648,42 +655,61 @@ struct Excess {
 }
 
 /// Appends an [`Excess`] for each code of `row` above `max`, in order; `false` (and `out`
-/// as it was) when more than `limit` are.
+/// as it was) when more than `limit` are, which a count of them finds first (32 codes at a
+/// time, stopping once past `limit`), before any is listed.
 ///
 /// # Safety
 /// AVX2 available.
 #[target_feature(enable = "avx2")]
 unsafe fn excess_codes(row: &[u8], max: u8, limit: usize, out: &mut Vec<Excess>) -> bool {
-    let start = out.len();
+    let bound = _mm256_set1_epi8(max as i8);
+    let (mut count, mut at) = (0, 0);
+    while at + 32 <= row.len() {
+        // SAFETY: bytes at..at + 32 of the row; AVX2 (precondition).
+        count += unsafe { codes_above(row.as_ptr().add(at), bound) }.count_ones() as usize;
+        if count > limit {
+            return false;
+        }
+        at += 32;
+    }
+    if count + row[at..].iter().filter(|&&c| c > max).count() > limit {
+        return false;
+    }
     let mut push = |kk: usize, code: u8| {
         let (g, odd, half) = (kk / 4, kk % 2, (kk % 4) / 2);
         let at = (g * 4 * AVX2_LANES + odd * 2 * AVX2_LANES) as u32;
         out.push(Excess { kk: kk as u32, at, pair: ((code - max) as i32) << (16 * half) });
-        out.len() - start <= limit
     };
-    let bound = _mm256_set1_epi8(max as i8);
     let mut at = 0;
     while at + 32 <= row.len() {
-        // SAFETY: bytes at..at + 32 of the row; AVX2 (precondition).
-        let over = unsafe { _mm256_subs_epu8(_mm256_loadu_si256(row.as_ptr().add(at).cast()), bound) };
-        let mut mask = !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(over, _mm256_setzero_si256())) as u32);
+        // SAFETY: as above.
+        let mut mask = unsafe { codes_above(row.as_ptr().add(at), bound) };
         while mask != 0 {
             let b = mask.trailing_zeros() as usize;
-            if !push(at + b, row[at + b]) {
-                out.truncate(start);
-                return false;
-            }
+            push(at + b, row[at + b]);
             mask &= mask - 1;
         }
         at += 32;
     }
     for (kk, &code) in row.iter().enumerate().skip(at) {
-        if code > max && !push(kk, code) {
-            out.truncate(start);
-            return false;
+        if code > max {
+            push(kk, code);
         }
     }
     true
+}
+
+/// One bit per code above the bound among the 32 at `p` (`bound` holds it in every byte).
+///
+/// # Safety
+/// AVX2 available; 32 bytes readable at `p`. Inlined into its AVX2 callers.
+#[inline(always)]
+unsafe fn codes_above(p: *const u8, bound: __m256i) -> u32 {
+    // SAFETY: AVX2 and the 32 bytes (preconditions).
+    unsafe {
+        let over = _mm256_subs_epu8(_mm256_loadu_si256(p.cast()), bound);
+        !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(over, _mm256_setzero_si256())) as u32)
+    }
 }
 
 /// Stores a pair-kernel tile's sums ([`store_tile_avx2`], rows from `i`, columns `j..j +
