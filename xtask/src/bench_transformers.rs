@@ -67,7 +67,7 @@ fn items(model: &Spec, n: usize, seed: u64) -> Vec<ArrayD<f32>> {
 const FLAVOURS: [&str; 3] = ["pytorch_dynamic", "onnxruntime_dynamic", "onnxruntime_static"];
 
 /// Our quantizations: the record's suffix, what the table calls it, the configuration.
-fn configs() -> [(&'static str, &'static str, qnn::QConfigMapping); 4] {
+fn configs() -> [(&'static str, &'static str, qnn::QConfigMapping); 5] {
     use qnn::QConfigMapping as M;
     use qobserve::QConfig;
     [
@@ -77,6 +77,9 @@ fn configs() -> [(&'static str, &'static str, qnn::QConfigMapping); 4] {
             "static int8, float residual",
             M::new(QConfig::default()).residual(qnn::ResidualStream::Float),
         ),
+        // PyTorch's x86 preset: 7-bit activations, whose products sum in 16-bit pairs on
+        // CPUs with AVX2 and no VNNI.
+        ("_x86", "static int8, x86 preset (7-bit)", M::new(QConfig::pytorch_x86())),
         ("_dynamic", "dynamic per token", M::new(QConfig::dynamic_per_token())),
         ("_dynamic_reduced", "dynamic per token, 7-bit", M::new(QConfig::dynamic_per_token_reduced())),
     ]

@@ -2,7 +2,8 @@
 //! epilogue (zero-point corrections, bias, requantization, clamp) that writes `u8`, `i32` or
 //! `f32` straight to the output.
 
-use std::sync::atomic::AtomicU8;
+use std::any::Any;
+use std::sync::OnceLock;
 
 use qtensor::isa::Isa;
 use qtensor::{QError, Result};
@@ -413,8 +414,7 @@ pub(crate) fn gemm_planned(
         assert!(add.other.len() >= (a.m - 1) * sink.ldc + w.n, "gemm_planned: residual operand too short");
         sink.add = Some(add);
     }
-    let memo = row_memo(w, a.m);
-    crate::threads::run_with(threads, || drive(Rows::Dense(a), w, plan, &rowsums, &memo, &sink, threads > 1));
+    crate::threads::run_with(threads, || drive(Rows::Dense(a), w, plan, &rowsums, &sink, threads > 1));
     Ok(())
 }
 
@@ -445,8 +445,7 @@ pub(crate) fn gemm_f32_per_row(
     };
     let mut sink = Sink::new(GemmOutput::F32 { data: out, ldc: n, relu });
     sink.rows = Some(RowParams { q: rows, col_offsets: &w.col_offsets });
-    let memo = row_memo(w, a.m);
-    crate::threads::run_with(threads, || drive(Rows::Dense(&a0), w, plan, &rowsums, &memo, &sink, threads > 1));
+    crate::threads::run_with(threads, || drive(Rows::Dense(&a0), w, plan, &rowsums, &sink, threads > 1));
     Ok(())
 }
 
@@ -654,7 +653,7 @@ pub(crate) fn gemm_conv(
         "gemm_conv: residual operand too short"
     );
     let sink = Sink { kind: SinkKind::U8, ptr: out.as_mut_ptr() as usize, ldc, add, rows: None };
-    crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &[], &sink, threads > 1));
+    crate::threads::run_with(threads, || drive(Rows::Conv(rows), w, plan, &[], &sink, threads > 1));
 }
 
 /// Rows per task block for `m` rows and the column blocks `cols` (their widths) on `threads`
@@ -699,26 +698,27 @@ pub(crate) fn rows_per_block(m: usize, cols: &[usize], threads: usize) -> usize 
     best.1
 }
 
-/// The [`Block::row_memo`] for `m` rows of A through `w`, all entries 0: one per row when
-/// the weights have an AVX2 pair bound below 255, none otherwise.
-fn row_memo(w: &PackedWeights, m: usize) -> Vec<AtomicU8> {
-    if w.pairs.as_ref().is_some_and(|p| p.max_input < u8::MAX) {
-        (0..m).map(|_| AtomicU8::new(0)).collect()
-    } else {
-        Vec::new()
+/// What a tier's block kernel works out once from the rows of A of one GEMM call and shares
+/// between its blocks of columns ([`Block::row_memo`]): by block of rows (`r0 /
+/// rows_per_block`), what the kernel derived from the block's rows (AVX2: which rows are
+/// within the pair bound, the ones above it clamped with their excess codes, the rows
+/// widened to i16), made by the first block of columns to need it. No entries unless the
+/// rows are dense and the weights have an AVX2 pair bound below 255.
+pub(crate) struct RowMemo {
+    pub blocks: Vec<OnceLock<Box<dyn Any + Send + Sync>>>,
+    pub rows_per_block: usize,
+}
+
+impl RowMemo {
+    fn new(a: &Rows<'_>, w: &PackedWeights, m: usize, mc: usize) -> Self {
+        let keep = matches!(a, Rows::Dense(_)) && w.pairs.as_ref().is_some_and(|p| p.max_input < u8::MAX);
+        let blocks = if keep { m.div_ceil(mc) } else { 0 };
+        RowMemo { blocks: (0..blocks).map(|_| OnceLock::new()).collect(), rows_per_block: mc }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn drive(
-    a: Rows<'_>,
-    w: &PackedWeights,
-    plan: &Plan,
-    rowsums: &[i32],
-    memo: &[AtomicU8],
-    sink: &Sink<'_>,
-    parallel: bool,
-) {
+fn drive(a: Rows<'_>, w: &PackedWeights, plan: &Plan, rowsums: &[i32], sink: &Sink<'_>, parallel: bool) {
     let m = a.m();
     // Columns split evenly in whole 16-column panels, at most NC per block: 144 columns
     // make three blocks of 48 rather than 64 + 64 + 16, whose last tile would run at a third
@@ -728,6 +728,7 @@ fn drive(
     let widths: Vec<usize> = (0..nblocks).map(|b| ((b + 1) * nc).min(w.n) - b * nc).collect();
     let mc = rows_per_block(m, &widths, if parallel { rayon::current_num_threads() } else { 1 });
     let mblocks = m.div_ceil(mc);
+    let memo = RowMemo::new(&a, w, m, mc);
     // One thread goes column block by column block, each block's weights staying in cache
     // for all its rows. Threads sharing small weights go row block by row block instead:
     // each thread's contiguous share of the tasks is then a band of rows, as the previous
@@ -738,7 +739,7 @@ fn drive(
         let (nb, mb) = if by_rows { (t % nblocks, t / nblocks) } else { (t / mblocks, t % mblocks) };
         let rows = mb * mc..((mb + 1) * mc).min(m);
         let cols = nb * nc..((nb + 1) * nc).min(w.n);
-        block(a, w, plan, rowsums, memo, sink, rows, cols);
+        block(a, w, plan, rowsums, &memo, sink, rows, cols);
     };
     if parallel {
         crate::threads::share_tasks(mblocks * nblocks, task);
@@ -754,7 +755,7 @@ fn block(
     w: &PackedWeights,
     plan: &Plan,
     rowsums: &[i32],
-    row_memo: &[AtomicU8],
+    row_memo: &RowMemo,
     sink: &Sink<'_>,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,

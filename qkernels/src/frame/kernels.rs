@@ -126,10 +126,9 @@ pub(crate) struct Block<'a> {
     pub plan: &'a Plan,
     /// Activation row sums by global row (empty when the weights are symmetric).
     pub rowsums: &'a [i32],
-    /// By global row, a fact about the row's codes that the tier's block kernel works out
-    /// once for every block of columns, 0 until a block has (AVX2: whether the codes are
-    /// within the pair bound). Empty when there is none to keep (`gemm::row_memo`).
-    pub row_memo: &'a [std::sync::atomic::AtomicU8],
+    /// What the tier's block kernel works out from the rows once for every block of
+    /// columns (`gemm::RowMemo`).
+    pub row_memo: &'a crate::frame::gemm::RowMemo,
     pub kind: SinkKind,
     /// The output's base (`u8`, `i32` or `f32` values as `kind` says) and row stride.
     pub out: *mut u8,

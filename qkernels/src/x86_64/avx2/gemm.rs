@@ -3,11 +3,9 @@
 
 use std::arch::x86_64::*;
 use std::ptr;
-use std::sync::atomic::AtomicU8;
-use std::sync::atomic::Ordering::Relaxed;
 
 use super::pack::{avx2_panel_len, pairs_panel_len, AVX2_LANES};
-use crate::frame::gemm::{QMatrix, Tile, REQUANT_LIMIT};
+use crate::frame::gemm::{QMatrix, RowMemo, Tile, REQUANT_LIMIT};
 use crate::frame::pack::{Avx2Pairs, FullRangeQuads, QuadOrder};
 use crate::x86_64::FusedOut;
 
@@ -366,14 +364,17 @@ unsafe fn dequantize_tile_avx2<const MR: usize, const NV: usize>(
 /// above the bound still takes `vpmaddubsw`, on a copy of the block's rows with those codes
 /// clamped to the bound, and each code's excess over the bound then meets its weights
 /// exactly (`vpmaddwd` on the exact layout, [`add_excess`]); other rows take the exact
-/// kernel, 4 at a time, over the block's rows widened once (`widen_rows`). All give the same
-/// sums, so the bytes are the scalar path's.
+/// kernel, 4 at a time, over the block's rows widened (`widen_rows`). All give the same
+/// sums, so the bytes are the scalar path's. Which rows take which kernel, the clamped copy
+/// and the widened rows ([`BlockRows`]) are worked out once per block of rows and kept in
+/// `memo` for the other blocks of columns.
 ///
 /// # Safety
 /// AVX2 and FMA available; `exact` (and `pairs`) are the AVX2 packings of weights with this
 /// `k`; rows `f.r0..f.r0 + m` exist in `a`; as [`vnni_dense_rows`] for `f` (`f.j0` a
-/// multiple of 8); `memo` is empty or has an entry, 0 or as this function set it, for each
-/// row of `a`, whose codes it may not see change.
+/// multiple of 8); `memo` is empty, or made for this call's rows of `a` (whose codes it may
+/// not see change), this packing and blocks of `memo.rows_per_block` rows, `f.r0` starting
+/// one, its entries empty or as this function filled them.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn avx2_fused_rows(
@@ -384,84 +385,29 @@ pub(crate) unsafe fn avx2_fused_rows(
     exact: &[i16],
     pairs: Option<&Avx2Pairs>,
     k: usize,
-    memo: &[AtomicU8],
+    memo: &RowMemo,
 ) {
-    // Which rows the pair kernel may take: one pass over the block's rows, shared by every
-    // strip of columns, and kept in `memo` (1: within, 2: not, 3: not, with more codes above
-    // the bound than the clamped copy takes) for the other blocks of columns.
     assert!(m <= crate::frame::gemm::MC, "avx2_fused_rows: {m} rows exceed a block of {}", crate::frame::gemm::MC);
-    let mut within = [false; crate::frame::gemm::MC];
-    if let Some(&Avx2Pairs { max_input: max, .. }) = pairs {
-        for (r, ok) in within[..m].iter_mut().enumerate() {
-            let i = f.r0 + r;
-            *ok = match memo.get(i).map(|e| e.load(Relaxed)) {
-                _ if max == u8::MAX => true,
-                Some(known @ 1..=3) => known == 1,
-                seen => {
-                    let ok = super::codes_within(&a.data[i * a.lda..i * a.lda + a.k], max);
-                    if seen.is_some() {
-                        memo[i].store(if ok { 1 } else { 2 }, Relaxed);
-                    }
-                    ok
-                }
-            };
+    // What the block's rows need besides themselves, worked out by the first block of
+    // columns to reach them and kept in `memo` for the others (or here, without one).
+    let local;
+    let rows: &BlockRows = match memo.blocks.get(f.r0 / memo.rows_per_block) {
+        Some(cell) => cell
+            // SAFETY: AVX2 (precondition); rows f.r0..f.r0 + m exist in `a`.
+            .get_or_init(|| Box::new(unsafe { block_rows(a, f.r0, m, pairs, k) }))
+            .downcast_ref::<BlockRows>()
+            .expect("avx2_fused_rows: the row memo holds this tier's block rows"),
+        None => {
+            // SAFETY: as above.
+            local = unsafe { block_rows(a, f.r0, m, pairs, k) };
+            &local
         }
-    }
-    // Rows above the bound with few codes above it (without a full-range layout): their
-    // excess codes, row r's at `excess[starts[r]..starts[r + 1]]`, and the block's rows
-    // with those codes clamped, which the pair kernel then reads instead of `a`'s.
-    let mut starts = [0u32; crate::frame::gemm::MC + 1];
-    let (mut clamped, mut excess) = (Vec::new(), Vec::new());
-    let sparse = match pairs {
-        Some(&Avx2Pairs { max_input: max, full: None, .. }) if !within[..m].iter().all(|&ok| ok) => {
-            (clamped, excess) = SPARSE.with(|s| std::mem::take(&mut *s.borrow_mut()));
-            excess.clear();
-            let limit = k / SPARSE_SHARE;
-            for r in 0..m {
-                let i = f.r0 + r;
-                // Rows another block of columns found with too many codes above the bound
-                // are not scanned again.
-                if !within[r] && memo.get(i).is_none_or(|e| e.load(Relaxed) != 3) {
-                    // SAFETY: AVX2 (precondition); the row's k codes exist.
-                    within[r] = unsafe { excess_codes(&a.data[i * a.lda..i * a.lda + k], max, limit, &mut excess) };
-                    if !within[r] {
-                        if let Some(e) = memo.get(i) {
-                            e.store(3, Relaxed);
-                        }
-                    }
-                }
-                starts[r + 1] = excess.len() as u32;
-            }
-            let any = starts[m] > 0;
-            if any {
-                clamped.clear();
-                for r in 0..m {
-                    let i = f.r0 + r;
-                    clamped.extend_from_slice(&a.data[i * a.lda..i * a.lda + k]);
-                }
-                for r in 0..m {
-                    for e in &excess[starts[r] as usize..starts[r + 1] as usize] {
-                        clamped[r * k + e.kk as usize] = max;
-                    }
-                }
-            }
-            any
-        }
-        _ => false,
     };
+    let BlockRows { within, starts, excess, clamped, wide } = rows;
+    let sparse = !clamped.is_empty();
     // Where the pair kernel reads the block's rows.
     let (rows_at, lda) = if sparse { (clamped.as_ptr(), k) } else { (a.data[f.r0 * a.lda..].as_ptr(), a.lda) };
-    // Rows for the exact kernel, widened once for every strip of columns.
-    let needs_exact = pairs.is_none_or(|p| p.full.is_none()) && !within[..m].iter().all(|&ok| ok);
-    let mut wide = if needs_exact { WIDE.with(|w| std::mem::take(&mut *w.borrow_mut())) } else { Vec::new() };
     let ldw = wide_len(k);
-    if needs_exact {
-        if wide.len() < m * ldw {
-            wide.resize(m * ldw, 0);
-        }
-        // SAFETY: AVX2 (precondition); rows f.r0..f.r0 + m exist; `wide` holds m rows.
-        unsafe { widen_rows(a, f.r0, m, &mut wide) };
-    }
     // Rows per `vpmaddubsw` tile: 3 two quads at a time (4 would spill a register), else 4.
     let pair_rows = if pairs.is_some_and(|p| p.order.is_some()) { 3 } else { 4 };
     // Whether every row of the block takes the pair kernel (checked once, not per tile).
@@ -624,17 +570,66 @@ pub(crate) unsafe fn avx2_fused_rows(
         }
         c0 += nv * AVX2_LANES;
     }
-    if needs_exact {
-        WIDE.with(|w| {
-            let mut cur = w.borrow_mut();
-            if cur.capacity() < wide.capacity() {
-                *cur = wide;
+}
+
+/// What a block of rows needs besides its codes, by row of the block: whether the pair
+/// kernel takes it (within the bound, or clamped to it: [`block_rows`]); the excess codes
+/// of the clamped ones, row r's at `excess[starts[r]..starts[r + 1]]`, and the block's rows
+/// with those codes clamped (empty when none is), which the pair kernel then reads instead
+/// of `a`'s; the rows widened for the exact kernel (empty when no row takes it).
+struct BlockRows {
+    within: Vec<bool>,
+    starts: Vec<u32>,
+    excess: Vec<Excess>,
+    clamped: Vec<u8>,
+    wide: Vec<u8>,
+}
+
+/// The [`BlockRows`] of rows `r0..r0 + m` of `a` for the AVX2 packing `pairs` of weights
+/// with this `k`: a pass over each row against the pair bound; for a row above it (without
+/// a full-range layout), its excess codes when at most `K / SPARSE_SHARE`; the clamped
+/// copy when some row has any; the widened rows when some row takes the exact kernel.
+///
+/// # Safety
+/// AVX2 available; rows `r0..r0 + m` exist in `a`.
+#[target_feature(enable = "avx2")]
+unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pairs>, k: usize) -> BlockRows {
+    let row = |r: usize| &a.data[(r0 + r) * a.lda..(r0 + r) * a.lda + k];
+    let mut within = vec![false; m];
+    if let Some(&Avx2Pairs { max_input: max, .. }) = pairs {
+        for (r, ok) in within.iter_mut().enumerate() {
+            *ok = max == u8::MAX || super::codes_within(row(r), max);
+        }
+    }
+    let mut starts = vec![0u32; m + 1];
+    let (mut clamped, mut excess) = (Vec::new(), Vec::new());
+    if let Some(&Avx2Pairs { max_input: max, full: None, .. }) = pairs {
+        let limit = k / SPARSE_SHARE;
+        for r in 0..m {
+            if !within[r] {
+                // SAFETY: AVX2 (precondition); the row's k codes exist.
+                within[r] = unsafe { excess_codes(row(r), max, limit, &mut excess) };
             }
-        });
+            starts[r + 1] = excess.len() as u32;
+        }
+        if !excess.is_empty() {
+            clamped.reserve(m * k);
+            for r in 0..m {
+                clamped.extend_from_slice(row(r));
+                for e in &excess[starts[r] as usize..starts[r + 1] as usize] {
+                    clamped[r * k + e.kk as usize] = max;
+                }
+            }
+        }
     }
-    if clamped.capacity() > 0 || excess.capacity() > 0 {
-        SPARSE.with(|s| *s.borrow_mut() = (clamped, excess));
+    let needs_exact = pairs.is_none_or(|p| p.full.is_none()) && !within.iter().all(|&ok| ok);
+    let mut wide = Vec::new();
+    if needs_exact {
+        wide.resize(m * wide_len(k), 0);
+        // SAFETY: AVX2 (precondition); the rows exist; `wide` holds m rows.
+        unsafe { widen_rows(a, r0, m, &mut wide) };
     }
+    BlockRows { within, starts, excess, clamped, wide }
 }
 
 /// A row takes the pair kernel on clamped codes plus their exact excess when at most
@@ -1149,13 +1144,6 @@ unsafe fn avx2_wide_kernel<const MR: usize, const NV: usize>(
         }
     }
     acc
-}
-
-thread_local! {
-    /// [`widen_rows`]'s output for the block [`avx2_fused_rows`] is running.
-    static WIDE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The clamped copy of a block's rows and their excess codes, for [`avx2_fused_rows`].
-    static SPARSE: std::cell::RefCell<(Vec<u8>, Vec<Excess>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The AVX2 weights a tile reads: the exact i16 layout, or the `vpmaddubsw` one.
