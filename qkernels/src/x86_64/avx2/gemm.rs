@@ -485,7 +485,7 @@ pub(crate) unsafe fn avx2_fused_rows(
                     for (r, row) in sums.iter_mut().enumerate() {
                         if starts[r] < starts[r + 1] {
                             let mut one = [*row];
-                            add_excess::<1, 2>(&mut one, (&excess, &starts[r..=r + 1]), ep, avx2_panel_len(k));
+                            add_excess::<1, 2>(&mut one, (excess, &starts[r..=r + 1]), ep, avx2_panel_len(k));
                             *row = one[0];
                         }
                     }
