@@ -704,6 +704,8 @@ pub(crate) fn rows_per_block(m: usize, cols: &[usize], threads: usize) -> usize 
 /// within the pair bound, the ones above it clamped with their excess codes, the rows
 /// widened to i16), made by the first block of columns to need it. No entries unless the
 /// rows are dense and the weights have an AVX2 pair bound below 255.
+// Read by the AVX2 block kernel (x86-64 only).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct RowMemo {
     pub blocks: Vec<OnceLock<Box<dyn Any + Send + Sync>>>,
     pub rows_per_block: usize,
