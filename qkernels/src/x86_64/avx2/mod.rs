@@ -48,7 +48,8 @@ fn pack(raw: &[i8], n: usize, k: usize, purpose: PackFor) -> (Packed, Option<Avx
     let (full, order) = match purpose {
         PackFor::Layer => {
             let full = full_range_quads(raw, n, k, max_input, &packed);
-            (full, order_quads(raw, n, k, max_input, &mut packed))
+            // SAFETY: as above.
+            (full, unsafe { order_quads(raw, n, k, max_input, &mut packed) })
         }
         PackFor::Call => (None, None),
     };

@@ -158,6 +158,10 @@ pub(crate) const MAX_ALONE_SHARE: f64 = 0.25;
 /// time of layers whose weights leave few pairs possible).
 const PARTNER_TRIES: usize = 64;
 
+/// Lane sums per quad of a strip in [`order_quads`]: two panels of 8 columns, two 16-bit
+/// lanes per column, a sum of positive and one of negative weights per lane.
+const QUAD_SUMS: usize = 2 * AVX2_LANES * 2 * 2;
+
 /// Makes `packed` (`pack_pairs` of `raw`) readable two whole quads at a time with their
 /// `vpmaddubsw` outputs added in i16, and says in which order ([`QuadOrder`]). Two quads
 /// may pair when, for every column of the strip (two panels) and each 16-bit lane, their
@@ -170,13 +174,25 @@ const PARTNER_TRIES: usize = 64;
 /// quads of `packed` are moved to their positions. The sums are the same in any order
 /// (integers). `None`, leaving `packed` as it was, when more than [`MAX_ALONE_SHARE`] of the
 /// quads would run alone or K has no two whole quads.
-pub(crate) fn order_quads(raw: &[i8], n: usize, k: usize, max_input: u8, packed: &mut [i8]) -> Option<QuadOrder> {
+///
+/// # Safety
+/// AVX2 available (the lane sums are compared 16 at a time).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn order_quads(
+    raw: &[i8],
+    n: usize,
+    k: usize,
+    max_input: u8,
+    packed: &mut [i8],
+) -> Option<QuadOrder> {
     let whole = k / 4;
     if whole < 2 {
         return None;
     }
     let a = max_input.max(1) as i32;
-    let (cap_pos, cap_neg) = (i16::MAX as i32 / a, -(i16::MIN as i32) / a);
+    // Per lane sum (below), the largest that fits: positive sums first, then negative ones.
+    let mut caps = [(i16::MAX as i32 / a) as i16; QUAD_SUMS];
+    caps[QUAD_SUMS / 2..].fill((-(i16::MIN as i32) / a) as i16);
     let strip_cols = 2 * AVX2_LANES;
     let strips = n.div_ceil(strip_cols);
     let mut offsets = Vec::with_capacity(strips * whole);
@@ -184,28 +200,34 @@ pub(crate) fn order_quads(raw: &[i8], n: usize, k: usize, max_input: u8, packed:
     let mut alone_count = 0;
     for s in 0..strips {
         let cols = s * strip_cols..((s + 1) * strip_cols).min(n);
-        // Per quad, each lane's sum of positive weights, then of negative ones (negated).
-        let lanes = 2 * cols.len();
-        let mut sums = vec![0i32; whole * 2 * lanes];
+        // Per quad, each 16-bit lane's sum of positive weights, then of negative ones
+        // (negated): at most 2 x 128, so two quads' sums stay far inside i16. Lanes of
+        // columns past the last are 0, which fits any bound.
+        let mut sums = vec![0i16; whole * QUAD_SUMS];
         for g in 0..whole {
-            let at = &mut sums[g * 2 * lanes..(g + 1) * 2 * lanes];
+            let at = &mut sums[g * QUAD_SUMS..(g + 1) * QUAD_SUMS];
             for (c, j) in cols.clone().enumerate() {
                 for lane in 0..2 {
                     let w = &raw[j * k + 4 * g + 2 * lane..j * k + 4 * g + 2 * lane + 2];
-                    at[2 * c + lane] = w.iter().map(|&v| (v as i32).max(0)).sum();
-                    at[lanes + 2 * c + lane] = w.iter().map(|&v| -(v as i32).min(0)).sum();
+                    at[2 * c + lane] = w.iter().map(|&v| (v as i16).max(0)).sum();
+                    at[QUAD_SUMS / 2 + 2 * c + lane] = w.iter().map(|&v| -(v as i16).min(0)).sum();
                 }
             }
         }
-        let sums_of = |g: usize| &sums[g * 2 * lanes..(g + 1) * 2 * lanes];
-        let fits = |g: usize, h: usize| {
-            let (x, y) = (sums_of(g), sums_of(h));
-            (0..lanes).all(|l| x[l] + y[l] <= cap_pos && x[lanes + l] + y[lanes + l] <= cap_neg)
+        let sums_of = |g: usize| -> &[i16; QUAD_SUMS] {
+            sums[g * QUAD_SUMS..(g + 1) * QUAD_SUMS].try_into().expect("a quad's sums")
         };
+        // Each quad's largest lane sum: two quads whose largest sums add up to at most the
+        // smaller bound fit without a look at their lanes.
+        let loads: Vec<i16> = (0..whole).map(|g| sums_of(g).iter().copied().max().unwrap_or(0)).collect();
+        let sure = caps[0].min(caps[QUAD_SUMS - 1]);
+        // SAFETY (the closure's): AVX2 (precondition).
+        let fits =
+            |g: usize, h: usize| loads[g] + loads[h] <= sure || unsafe { lanes_fit(sums_of(g), sums_of(h), &caps) };
         // Neighbours in K that fit stay together (the rows are then read in order); the
         // quads of the others pair among themselves. When that leaves more than a sixteenth
         // alone and pairing all quads afresh leaves fewer, the fresh pairs win.
-        let load = |g: usize| sums_of(g).iter().copied().max().unwrap_or(0);
+        let load = |g: usize| loads[g] as i32;
         let mut pairs = Vec::new();
         let mut pool = Vec::new();
         for h in 0..whole / 2 {
@@ -248,6 +270,27 @@ pub(crate) fn order_quads(raw: &[i8], n: usize, k: usize, max_input: u8, packed:
     Some(QuadOrder { offsets, paired })
 }
 
+/// Whether every lane of `x + y` is at most `caps`' (16 lanes at a time).
+///
+/// # Safety
+/// AVX2 available.
+#[target_feature(enable = "avx2")]
+unsafe fn lanes_fit(x: &[i16; QUAD_SUMS], y: &[i16; QUAD_SUMS], caps: &[i16; QUAD_SUMS]) -> bool {
+    use std::arch::x86_64::*;
+    let mut over = _mm256_setzero_si256();
+    for v in (0..QUAD_SUMS).step_by(16) {
+        // SAFETY: 16 i16 at v of each array (v + 16 <= QUAD_SUMS); AVX2 (precondition).
+        unsafe {
+            let sum = _mm256_add_epi16(
+                _mm256_loadu_si256(x.as_ptr().add(v).cast()),
+                _mm256_loadu_si256(y.as_ptr().add(v).cast()),
+            );
+            over = _mm256_or_si256(over, _mm256_cmpgt_epi16(sum, _mm256_loadu_si256(caps.as_ptr().add(v).cast())));
+        }
+    }
+    _mm256_testz_si256(over, over) == 1
+}
+
 /// Pairs the quads of `pool`: the heaviest (`load`) first, each with the lightest free quad
 /// that `fits` it among the lightest [`PARTNER_TRIES`]; returns the pairs and the quads left
 /// alone.
@@ -256,7 +299,7 @@ fn greedy_pairs(
     load: &dyn Fn(usize) -> i32,
     fits: &dyn Fn(usize, usize) -> bool,
 ) -> (Vec<(usize, usize)>, Vec<usize>) {
-    pool.sort_by_key(|&g| (std::cmp::Reverse(load(g)), g));
+    pool.sort_by_cached_key(|&g| (std::cmp::Reverse(load(g)), g));
     let mut taken = vec![false; pool.iter().max().map_or(0, |&g| g + 1)];
     let (mut pairs, mut alone) = (Vec::new(), Vec::new());
     // The lightest free quad is at or before `light`.
