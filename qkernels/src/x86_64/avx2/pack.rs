@@ -221,9 +221,10 @@ pub(crate) unsafe fn order_quads(
         // smaller bound fit without a look at their lanes.
         let loads: Vec<i16> = (0..whole).map(|g| sums_of(g).iter().copied().max().unwrap_or(0)).collect();
         let sure = caps[0].min(caps[QUAD_SUMS - 1]);
-        // SAFETY (the closure's): AVX2 (precondition).
-        let fits =
-            |g: usize, h: usize| loads[g] + loads[h] <= sure || unsafe { lanes_fit(sums_of(g), sums_of(h), &caps) };
+        let fits = |g: usize, h: usize| {
+            // SAFETY: AVX2 (precondition).
+            loads[g] + loads[h] <= sure || unsafe { lanes_fit(sums_of(g), sums_of(h), &caps) }
+        };
         // Neighbours in K that fit stay together (the rows are then read in order); the
         // quads of the others pair among themselves. When that leaves more than a sixteenth
         // alone and pairing all quads afresh leaves fewer, the fresh pairs win.
