@@ -434,8 +434,8 @@ fn avx2_full_range_rows_are_exact_at_the_edge_of_i16() {
 /// AVX2 rows with a few codes above the pair bound (without a full-range layout): the pair
 /// kernel on the codes clamped to the bound, each excess added exactly; rows with more than
 /// K / 8 such codes, and rows within the bound, in the same blocks (two row blocks, two
-/// blocks of columns, whose second reads the first's verdict on each row, a partial last quad
-/// and panel, padded rows), with and without quads paired in i16, against the definition in
+/// blocks of columns, whose second reads what the first worked out from the rows, a partial
+/// last quad and panel, padded rows), with and without quads paired in i16, against the definition in
 /// `u8`, `f32` and `i32` output on 1 and 2 threads.
 #[test]
 fn avx2_rows_with_few_codes_above_the_bound_are_exact() {

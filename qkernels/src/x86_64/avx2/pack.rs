@@ -192,7 +192,7 @@ pub(crate) unsafe fn order_quads(
     let a = max_input.max(1) as i32;
     // Per lane sum (below), the largest that fits: positive sums first, then negative ones.
     let mut caps = [(i16::MAX as i32 / a) as i16; QUAD_SUMS];
-    caps[QUAD_SUMS / 2..].fill((-(i16::MIN as i32) / a) as i16);
+    caps[QUAD_SUMS / 2..].fill((-(i16::MIN as i32) / a).min(i16::MAX as i32) as i16);
     let strip_cols = 2 * AVX2_LANES;
     let strips = n.div_ceil(strip_cols);
     let mut offsets = Vec::with_capacity(strips * whole);
