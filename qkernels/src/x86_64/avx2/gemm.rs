@@ -578,30 +578,36 @@ pub(crate) unsafe fn avx2_fused_rows(
 /// with those codes clamped (empty when none is), which the pair kernel then reads instead
 /// of `a`'s; the rows widened for the exact kernel (empty when no row takes it).
 struct BlockRows {
-    within: Vec<bool>,
-    starts: Vec<u32>,
+    within: [bool; crate::frame::gemm::MC],
+    starts: [u32; crate::frame::gemm::MC + 1],
     excess: Vec<Excess>,
     clamped: Vec<u8>,
     wide: Vec<u8>,
 }
 
 /// The [`BlockRows`] of rows `r0..r0 + m` of `a` for the AVX2 packing `pairs` of weights
-/// with this `k`: a pass over each row against the pair bound; for a row above it (without
+/// with this `k`: a pass over each row against the pair bound (one over the whole block when
+/// its rows are contiguous, then over each row only when some code is above); for a row
+/// above it (without
 /// a full-range layout), its excess codes when at most `K / SPARSE_SHARE`; the clamped
 /// copy when some row has any; the widened rows when some row takes the exact kernel.
 ///
 /// # Safety
-/// AVX2 available; rows `r0..r0 + m` exist in `a`.
+/// AVX2 available; rows `r0..r0 + m` exist in `a`; `m <= MC`.
 #[target_feature(enable = "avx2")]
 unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pairs>, k: usize) -> BlockRows {
     let row = |r: usize| &a.data[(r0 + r) * a.lda..(r0 + r) * a.lda + k];
-    let mut within = vec![false; m];
+    let mut within = [false; crate::frame::gemm::MC];
+    let mut starts = [0u32; crate::frame::gemm::MC + 1];
     if let Some(&Avx2Pairs { max_input: max, .. }) = pairs {
-        for (r, ok) in within.iter_mut().enumerate() {
-            *ok = max == u8::MAX || super::codes_within(row(r), max);
+        if max == u8::MAX || (a.lda == k && super::codes_within(&a.data[r0 * k..(r0 + m) * k], max)) {
+            within[..m].fill(true);
+            return BlockRows { within, starts, excess: Vec::new(), clamped: Vec::new(), wide: Vec::new() };
+        }
+        for (r, ok) in within[..m].iter_mut().enumerate() {
+            *ok = super::codes_within(row(r), max);
         }
     }
-    let mut starts = vec![0u32; m + 1];
     let (mut clamped, mut excess) = (Vec::new(), Vec::new());
     if let Some(&Avx2Pairs { max_input: max, full: None, .. }) = pairs {
         let limit = k / SPARSE_SHARE;
@@ -622,7 +628,7 @@ unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pa
             }
         }
     }
-    let needs_exact = pairs.is_none_or(|p| p.full.is_none()) && !within.iter().all(|&ok| ok);
+    let needs_exact = pairs.is_none_or(|p| p.full.is_none()) && !within[..m].iter().all(|&ok| ok);
     let mut wide = Vec::new();
     if needs_exact {
         wide.resize(m * wide_len(k), 0);
