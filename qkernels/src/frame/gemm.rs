@@ -702,12 +702,13 @@ pub(crate) fn rows_per_block(m: usize, cols: &[usize], threads: usize) -> usize 
 /// between its blocks of columns ([`Block::row_memo`]): by block of rows (`r0 /
 /// rows_per_block`), what the kernel derived from the block's rows (AVX2: which rows are
 /// within the pair bound, the ones above it clamped with their excess codes, the rows
-/// widened to i16), made by the first block of columns to need it. No entries unless the
-/// rows are dense and the weights have an AVX2 pair bound below 255.
+/// widened to i16; nothing when every row is within the bound), made by the first block of
+/// columns to need it. No entries unless the rows are dense and the weights have an AVX2
+/// pair bound below 255.
 // Read by the AVX2 block kernel (x86-64 only).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct RowMemo {
-    pub blocks: Vec<OnceLock<Box<dyn Any + Send + Sync>>>,
+    pub blocks: Vec<OnceLock<Option<Box<dyn Any + Send + Sync>>>>,
     pub rows_per_block: usize,
 }
 

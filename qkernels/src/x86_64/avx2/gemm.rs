@@ -1,6 +1,7 @@
 //! The AVX2 GEMM micro-kernels: the exact one (`vpmaddwd` on i16 pairs) and the
 //! `vpmaddubsw` one, raw tiles and whole blocks requantized on registers.
 
+use std::any::Any;
 use std::arch::x86_64::*;
 use std::ptr;
 
@@ -391,16 +392,29 @@ pub(crate) unsafe fn avx2_fused_rows(
     // What the block's rows need besides themselves, worked out by the first block of
     // columns to reach them and kept in `memo` for the others (or here, without one).
     let local;
-    let rows: &BlockRows = match memo.blocks.get(f.r0 / memo.rows_per_block) {
-        Some(cell) => cell
-            // SAFETY: AVX2 (precondition); rows f.r0..f.r0 + m exist in `a`.
-            .get_or_init(|| Box::new(unsafe { block_rows(a, f.r0, m, pairs, k) }))
-            .downcast_ref::<BlockRows>()
-            .expect("avx2_fused_rows: the row memo holds this tier's block rows"),
+    let kept: Option<&BlockRows> = match memo.blocks.get(f.r0 / memo.rows_per_block) {
+        Some(cell) => {
+            cell.get_or_init(|| {
+                // SAFETY: AVX2 (precondition); rows f.r0..f.r0 + m exist in `a`.
+                let kept = unsafe { block_rows(a, f.r0, m, pairs, k) };
+                kept.map(|b| Box::new(b) as Box<dyn Any + Send + Sync>)
+            })
+            .as_ref()
+            .map(|b| b.downcast_ref::<BlockRows>().expect("avx2_fused_rows: the row memo holds this tier's block rows"))
+        }
         None => {
             // SAFETY: as above.
             local = unsafe { block_rows(a, f.r0, m, pairs, k) };
-            &local
+            local.as_ref()
+        }
+    };
+    // Nothing kept: every row within the bound.
+    let every;
+    let rows = match kept {
+        Some(rows) => rows,
+        None => {
+            every = BlockRows::all_within(m);
+            &every
         }
     };
     let BlockRows { within, starts, excess, clamped, wide } = rows;
@@ -585,30 +599,79 @@ struct BlockRows {
     wide: Vec<u8>,
 }
 
+/// Buffers of dropped [`BlockRows`], which later blocks of rows take instead of allocating:
+/// a model's later calls then reuse its first call's (at most [`SPARE_MAX`] of each kind).
+static SPARE_BYTES: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+static SPARE_EXCESS: std::sync::Mutex<Vec<Vec<Excess>>> = std::sync::Mutex::new(Vec::new());
+const SPARE_MAX: usize = 16;
+
+/// An empty buffer from `pool`, or a new one.
+fn spare<T>(pool: &std::sync::Mutex<Vec<Vec<T>>>) -> Vec<T> {
+    let mut v = pool.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+    v.clear();
+    v
+}
+
+/// Gives `v` back to `pool` when it holds memory and the pool has room.
+fn give_back<T>(pool: &std::sync::Mutex<Vec<Vec<T>>>, v: Vec<T>) {
+    if v.capacity() > 0 {
+        let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() < SPARE_MAX {
+            p.push(v);
+        }
+    }
+}
+
+impl BlockRows {
+    /// A block of `m` rows all within the bound, with nothing else to keep.
+    fn all_within(m: usize) -> Self {
+        let mut within = [false; crate::frame::gemm::MC];
+        within[..m].fill(true);
+        BlockRows {
+            within,
+            starts: [0; crate::frame::gemm::MC + 1],
+            excess: Vec::new(),
+            clamped: Vec::new(),
+            wide: Vec::new(),
+        }
+    }
+}
+
+impl Drop for BlockRows {
+    fn drop(&mut self) {
+        give_back(&SPARE_EXCESS, std::mem::take(&mut self.excess));
+        give_back(&SPARE_BYTES, std::mem::take(&mut self.clamped));
+        give_back(&SPARE_BYTES, std::mem::take(&mut self.wide));
+    }
+}
+
 /// The [`BlockRows`] of rows `r0..r0 + m` of `a` for the AVX2 packing `pairs` of weights
 /// with this `k`: a pass over each row against the pair bound (one over the whole block when
 /// its rows are contiguous, then over each row only when some code is above); for a row
 /// above it (without
 /// a full-range layout), its excess codes when at most `K / SPARSE_SHARE`; the clamped
 /// copy when some row has any; the widened rows when some row takes the exact kernel.
+/// `None` when every row is within the bound (nothing to keep).
 ///
 /// # Safety
 /// AVX2 available; rows `r0..r0 + m` exist in `a`; `m <= MC`.
 #[target_feature(enable = "avx2")]
-unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pairs>, k: usize) -> BlockRows {
+unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pairs>, k: usize) -> Option<BlockRows> {
     let row = |r: usize| &a.data[(r0 + r) * a.lda..(r0 + r) * a.lda + k];
     let mut within = [false; crate::frame::gemm::MC];
     let mut starts = [0u32; crate::frame::gemm::MC + 1];
     if let Some(&Avx2Pairs { max_input: max, .. }) = pairs {
         if max == u8::MAX || (a.lda == k && super::codes_within(&a.data[r0 * k..(r0 + m) * k], max)) {
-            within[..m].fill(true);
-            return BlockRows { within, starts, excess: Vec::new(), clamped: Vec::new(), wide: Vec::new() };
+            return None;
         }
         for (r, ok) in within[..m].iter_mut().enumerate() {
             *ok = super::codes_within(row(r), max);
         }
+        if within[..m].iter().all(|&ok| ok) {
+            return None;
+        }
     }
-    let (mut clamped, mut excess) = (Vec::new(), Vec::new());
+    let (mut clamped, mut excess) = (Vec::new(), spare(&SPARE_EXCESS));
     if let Some(&Avx2Pairs { max_input: max, full: None, .. }) = pairs {
         let limit = k / SPARSE_SHARE;
         for r in 0..m {
@@ -619,6 +682,7 @@ unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pa
             starts[r + 1] = excess.len() as u32;
         }
         if !excess.is_empty() {
+            clamped = spare(&SPARE_BYTES);
             clamped.reserve(m * k);
             for r in 0..m {
                 clamped.extend_from_slice(row(r));
@@ -631,11 +695,12 @@ unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pa
     let needs_exact = pairs.is_none_or(|p| p.full.is_none()) && !within[..m].iter().all(|&ok| ok);
     let mut wide = Vec::new();
     if needs_exact {
+        wide = spare(&SPARE_BYTES);
         wide.resize(m * wide_len(k), 0);
         // SAFETY: AVX2 (precondition); the rows exist; `wide` holds m rows.
         unsafe { widen_rows(a, r0, m, &mut wide) };
     }
-    BlockRows { within, starts, excess, clamped, wide }
+    Some(BlockRows { within, starts, excess, clamped, wide })
 }
 
 /// A row takes the pair kernel on clamped codes plus their exact excess when at most
