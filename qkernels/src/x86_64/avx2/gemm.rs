@@ -671,8 +671,9 @@ unsafe fn block_rows(a: &QMatrix<'_>, r0: usize, m: usize, pairs: Option<&Avx2Pa
             return None;
         }
     }
-    let (mut clamped, mut excess) = (Vec::new(), spare(&SPARE_EXCESS));
+    let (mut clamped, mut excess) = (Vec::new(), Vec::new());
     if let Some(&Avx2Pairs { max_input: max, full: None, .. }) = pairs {
+        excess = spare(&SPARE_EXCESS);
         let limit = k / SPARSE_SHARE;
         for r in 0..m {
             if !within[r] {
@@ -773,7 +774,7 @@ unsafe fn excess_codes(row: &[u8], max: u8, limit: usize, out: &mut Vec<Excess>)
 unsafe fn codes_above(p: *const u8, bound: __m256i) -> u32 {
     // SAFETY: AVX2 and the 32 bytes (preconditions).
     unsafe {
-        let over = _mm256_subs_epu8(_mm256_loadu_si256(p.cast()), bound);
+        let over = super::excess(p, bound);
         !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(over, _mm256_setzero_si256())) as u32)
     }
 }

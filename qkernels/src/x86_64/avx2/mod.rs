@@ -189,6 +189,18 @@ pub(crate) fn codes_within(row: &[u8], max: u8) -> bool {
     unsafe { codes_within_sse41(row, max) }
 }
 
+/// How far each of the 32 bytes at `q` exceeds the bound (`bound` holds it in every byte; 0
+/// where a byte does not).
+///
+/// # Safety
+/// AVX2 available; 32 bytes readable at `q`. Inlined into its AVX2 callers.
+#[inline(always)]
+pub(super) unsafe fn excess(q: *const u8, bound: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded preconditions.
+    unsafe { _mm256_subs_epu8(_mm256_loadu_si256(q.cast()), bound) }
+}
+
 /// [`codes_within_sse41`] 64 bytes a step into two accumulators (the OR chain of one
 /// 16-byte accumulator held ResNets' rows at a byte per cycle).
 ///
@@ -201,15 +213,6 @@ unsafe fn codes_within_avx2(row: &[u8], max: u8) -> bool {
     let (mut o0, mut o1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
     let n = row.len();
     let p = row.as_ptr();
-    /// How far each of the 32 bytes at `q` exceeds the bound (0 where it does not).
-    ///
-    /// # Safety
-    /// AVX2 available; 32 bytes readable at `q`.
-    #[inline(always)]
-    unsafe fn excess(q: *const u8, bound: __m256i) -> __m256i {
-        // SAFETY: forwarded preconditions.
-        unsafe { _mm256_subs_epu8(_mm256_loadu_si256(q.cast()), bound) }
-    }
     let mut at = 0;
     // SAFETY: AVX2 (precondition); every read starts at most 32 bytes before the row's end
     // (at + 32 <= n, or n - 32 with n >= 32).
